@@ -1,0 +1,150 @@
+"""Turn one SCAN precomp split into a heiindex Parquet store (``heiindex ingest``).
+
+Streams the feature file block by block (bounded memory), tokenises and encodes the captions
+with the store's vocabulary, and writes the split atomically (see ``heiindex.store``).
+What this module must not do: train, encode with a model, or print (progress goes through the
+``progress`` flag; the CLI prints the summary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .errors import DataError
+from .precomp import PrecompSplit
+from .store import (
+    CAPTIONS_FILE,
+    FORMAT_VERSION,
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    ImageWriter,
+    atomic_dir,
+    file_sha256,
+    write_captions,
+    write_json,
+)
+from .vocab import Vocab
+
+__all__ = ["IngestSummary", "ingest", "resolve_vocab"]
+
+
+@dataclass
+class IngestSummary:
+    split: str
+    path: Path
+    n_images: int
+    n_captions: int
+    vocab_size: int
+    unknown_rate: float
+    unknown_words: dict[str, int]
+
+    def line(self) -> str:
+        return (
+            f"{self.split}: {self.n_images} images, {self.n_captions} captions, "
+            f"vocab {self.vocab_size}, unknown-word rate {100 * self.unknown_rate:.2f}% -> {self.path}"
+        )
+
+
+def resolve_vocab(out_root: Path, vocab: str | Path | Vocab | None, captions: list[str]) -> Vocab:
+    """The vocabulary for a new split of ``out_root``.
+
+    Given: used, and must agree with the root's ``vocab.json`` if one exists. Not given: the
+    root's ``vocab.json``; else one built from these captions (SCAN's count >= 4 rule).
+    """
+    existing_path = out_root / "vocab.json"
+    existing = Vocab.load(existing_path) if existing_path.exists() else None
+    if vocab is None:
+        return existing if existing is not None else Vocab.build(captions)
+    given = vocab if isinstance(vocab, Vocab) else Vocab.load(vocab)
+    if existing is not None and existing != given:
+        raise DataError(
+            existing_path,
+            "this store root already uses another vocabulary; ingest into a new --out folder "
+            "or pass no --vocab to reuse this one",
+        )
+    return given
+
+
+def ingest(
+    precomp_dir: str | Path,
+    split: str,
+    out_root: str | Path,
+    vocab: str | Path | Vocab | None = None,
+    regions: int | None = 36,
+    feature_dim: int | None = 2048,
+    block_images: int = 128,
+    progress: bool = False,
+) -> IngestSummary:
+    """Write ``out_root/{split}`` from ``precomp_dir``; return what was written.
+
+    Every input problem raises ``DataError`` before anything appears at ``out_root/{split}``.
+    """
+    out_root = Path(out_root)
+    src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
+    voc = resolve_vocab(out_root, vocab, list(src.captions))
+
+    encoded = [voc.encode(t) for t in src.captions]
+    n_tokens = sum(len(e.tokens) for e in encoded)
+    unknown: dict[str, int] = {}
+    for e in encoded:
+        for w in e.unknown:
+            unknown[w] = unknown.get(w, 0) + 1
+    unknown_rate = sum(unknown.values()) / max(1, n_tokens)
+
+    target = out_root / split
+    with atomic_dir(target) as tmp:
+        writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
+        bar = tqdm(total=src.n_images, unit="img", desc=f"ingest {split}", disable=not progress, leave=False)
+        try:
+            for start, block in src.iter_image_blocks(block_images):
+                writer.write(np.arange(start, start + len(block)), block)
+                bar.update(len(block))
+        finally:
+            images_sha = writer.close()
+            bar.close()
+        cap_ids = np.arange(src.n_captions)
+        captions_sha = write_captions(
+            tmp / CAPTIONS_FILE,
+            cap_ids,
+            cap_ids // src.captions_per_image,
+            list(src.captions),
+            [e.ids for e in encoded],
+        )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_by": f"heiindex {__version__}",
+            "split": split,
+            "source": {
+                "images": {"path": str(src.images_path.resolve()), "dtype": str(src.dtype), "rows": src.n_rows},
+                "captions": {"path": str(src.captions_path.resolve()), "sha256": src.captions_sha256()},
+            },
+            "images": {
+                "count": src.n_images,
+                "regions": src.regions,
+                "feature_dim": src.feature_dim,
+                "dtype": "float32",
+                "rows_per_image": src.rows_per_image,
+                "sha256": images_sha,
+            },
+            "captions": {
+                "count": src.n_captions,
+                "per_image": src.captions_per_image,
+                "tokens": n_tokens,
+                "sha256": captions_sha,
+            },
+            "vocab": {"size": len(voc), "sha256": voc.checksum, "unknown_rate": unknown_rate},
+        }
+        manifest["files"] = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+            for name in (IMAGES_FILE, CAPTIONS_FILE)
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
+        voc_path = out_root / "vocab.json"
+        if not voc_path.exists():
+            voc.save(voc_path)
+    return IngestSummary(split, target, src.n_images, src.n_captions, len(voc), unknown_rate, unknown)

@@ -1,0 +1,175 @@
+"""Reader for SCAN's "precomp" layout: ``{split}_ims.npy`` and ``{split}_caps.txt``.
+
+``{split}_ims.npy`` is float ``(n_rows, R, D)`` region features; ``{split}_caps.txt`` has one
+caption per line, ``captions_per_image`` (5) consecutive lines per image. Some releases store
+one feature row per caption (each image repeated); then ``rows_per_image`` is 5 and image ``i``
+is row ``5 i`` (SCAN calls this ``im_div``).
+
+The feature file is never loaded whole: its header is parsed once and each block of images is
+mapped, copied and unmapped, so resident memory stays at one block whatever the file size.
+What this module must not do: write anything, or know about Parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+__all__ = ["SPLITS", "PrecompSplit", "read_captions"]
+
+SPLITS = ("train", "dev", "test", "testall")
+_FLOAT_KINDS = ("float16", "float32", "float64")
+
+
+def read_captions(path: Path) -> list[str]:
+    """Caption lines of ``path``; undecodable bytes and empty lines raise ``DataError``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "caption file not found") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(path, f"line {line}: bytes are not valid UTF-8 ({exc.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline
+    out = []
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            raise DataError(path, f"line {i}: empty caption (every line must hold one caption)")
+        out.append(line.strip())
+    if not out:
+        raise DataError(path, "no captions")
+    return out
+
+
+@dataclass(frozen=True)
+class PrecompSplit:
+    """One split of a precomp folder, validated on open (header and captions only)."""
+
+    split: str
+    images_path: Path
+    captions_path: Path
+    captions: tuple[str, ...]
+    n_rows: int
+    regions: int
+    feature_dim: int
+    dtype: np.dtype
+    header_bytes: int
+    rows_per_image: int
+    captions_per_image: int
+
+    @property
+    def n_images(self) -> int:
+        return self.n_rows // self.rows_per_image
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        split: str,
+        regions: int | None = 36,
+        feature_dim: int | None = 2048,
+        captions_per_image: int = 5,
+    ) -> PrecompSplit:
+        """Open ``directory/{split}_ims.npy`` and ``{split}_caps.txt``.
+
+        ``regions``/``feature_dim``: the expected R and D (``None`` accepts any).
+        """
+        directory = Path(directory)
+        if split not in SPLITS:
+            raise DataError(directory, f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if not directory.is_dir():
+            raise DataError(directory, "precomp folder not found")
+        ims = directory / f"{split}_ims.npy"
+        caps = directory / f"{split}_caps.txt"
+        shape, dtype, header = _read_npy_header(ims)
+        if len(shape) != 3:
+            raise DataError(ims, f"feature array must have rank 3 (images, regions, features), got shape {shape}")
+        n_rows, r, d = shape
+        if regions is not None and r != regions:
+            raise DataError(ims, f"expected {regions} regions per image (axis 1), got {r}")
+        if feature_dim is not None and d != feature_dim:
+            raise DataError(ims, f"expected feature size {feature_dim} (axis 2), got {d}")
+        if n_rows == 0:
+            raise DataError(ims, "feature array has no rows")
+        captions = read_captions(caps)
+        n_caps = len(captions)
+        if n_caps == n_rows * captions_per_image:
+            rows_per_image = 1
+        elif n_caps == n_rows and n_rows % captions_per_image == 0:
+            rows_per_image = captions_per_image
+        else:
+            raise DataError(
+                caps,
+                f"{n_caps} captions do not fit {n_rows} feature rows of {ims.name}: expected "
+                f"{captions_per_image} captions per image ({n_rows * captions_per_image} lines), "
+                f"or one feature row per caption ({n_rows} lines)",
+            )
+        return cls(split, ims, caps, tuple(captions), n_rows, r, d, dtype, header, rows_per_image, captions_per_image)
+
+    def iter_image_blocks(self, block_images: int = 128) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_image_index, float32 (b, R, D))`` blocks in order.
+
+        Non-finite values raise ``DataError`` naming the image.
+        """
+        row_bytes = self.regions * self.feature_dim * self.dtype.itemsize
+        for start in range(0, self.n_images, block_images):
+            stop = min(self.n_images, start + block_images)
+            first_row = start * self.rows_per_image
+            n_rows = (stop - start - 1) * self.rows_per_image + 1
+            mm = np.memmap(
+                self.images_path,
+                dtype=self.dtype,
+                mode="r",
+                offset=self.header_bytes + first_row * row_bytes,
+                shape=(n_rows, self.regions, self.feature_dim),
+            )
+            block = np.array(mm[:: self.rows_per_image], dtype=np.float32)
+            del mm  # unmap: the pages leave this process's resident set
+            finite = np.isfinite(block).all(axis=(1, 2))
+            if not finite.all():
+                bad = start + int(np.flatnonzero(~finite)[0])
+                raise DataError(self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features")
+            yield start, block
+
+    def captions_sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.captions).encode()).hexdigest()
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    try:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            except (ValueError, OSError) as exc:
+                raise DataError(path, f"not a .npy array file ({exc})") from None
+            header = f.tell()
+    except FileNotFoundError:
+        raise DataError(path, "feature file not found") from None
+    if fortran:
+        raise DataError(path, "Fortran-ordered arrays are not supported; save with np.save of a C-ordered array")
+    if dtype.name not in _FLOAT_KINDS:
+        raise DataError(path, f"features must be float16/32/64, got dtype {dtype}")
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise DataError(path, f"file is truncated: {size} bytes, the header promises {expected}")
+    return tuple(int(s) for s in shape), dtype, header

@@ -1,0 +1,38 @@
+"""Caption tokenisation compatible with SCAN's vocabulary files.
+
+SCAN lower-cases a caption and splits it with NLTK's ``word_tokenize``, which first splits
+sentences with the punkt model (a download) and then runs the Treebank-style word tokenizer on
+each sentence. We use the same word tokenizer (``NLTKWordTokenizer``, rules only, no data
+files) and replace punkt by the one thing it does on captions: a period that ends a sentence
+inside the line becomes its own token. What this module must not do: map words to ids (that is
+``heiindex.vocab``).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from nltk.tokenize import NLTKWordTokenizer
+
+__all__ = ["tokenize"]
+
+# A period glued to a word and followed by more text ("grass. a dog"): punkt would end the
+# sentence there, so the period becomes a token. Abbreviations with inner periods ("u.s.") and
+# numbers ("1.5") keep theirs.
+_SENTENCE_END = re.compile(r"(?<!\.[a-z])(?<=[a-z)\]\"'])\.(?=\s+\S)")
+
+
+@lru_cache(maxsize=1)
+def _word_tokenizer() -> NLTKWordTokenizer:
+    return NLTKWordTokenizer()
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens of one caption, as SCAN's vocabulary expects them.
+
+    >>> tokenize("A dog's toy, on the grass.")
+    ['a', 'dog', "'s", 'toy', ',', 'on', 'the', 'grass', '.']
+    """
+    text = _SENTENCE_END.sub(" .", text.lower().strip())
+    return _word_tokenizer().tokenize(text)
