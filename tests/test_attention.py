@@ -1,0 +1,313 @@
+"""Parity tests of heiindex.attention against the per-pair SCAN reference (float64).
+
+Every raw_feature_norm x every aggregation x both cross-attention directions, for the
+exhaustive block scorer and for both candidate scorers, must match
+``tests/scan_reference.py`` to a relative error of 1e-10 elementwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from heiindex.attention import (
+    AttentionConfig,
+    region_gram,
+    score_block,
+    score_caption_candidates,
+    score_image_candidates,
+)
+
+
+def _load_reference():
+    # Load the reference module by path so the import works whether or not tests/ is a
+    # package and whatever pytest import mode is in use.
+    name = "scan_reference"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).with_name("scan_reference.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ref = _load_reference()
+
+RTOL = 1e-10
+TINY = 1e-300
+DTYPE = torch.float64
+
+LENGTHS = (1, 3, 7, 4, 7)  # ragged; padded to L_MAX with large random garbage
+L_MAX = 7
+N_IMGS = 4
+N_REGIONS = 6
+DIM = 8
+SEED = 20240607
+
+# Published SCAN settings, distinct per direction so a swapped lambda is caught.
+LAMBDAS = {"t2i": (6.0, 9.0), "i2t": (5.0, 4.0)}  # (lambda_lse, lambda_softmax)
+
+ALL_CASES = list(itertools.product(ref.CROSS_ATTNS, ref.RAW_FEATURE_NORMS, ref.AGGREGATIONS))
+CASE_IDS = [f"{c}-{n}-{a}" for c, n, a in ALL_CASES]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _cfg_kwargs(cross_attn, raw_feature_norm, agg):
+    lambda_lse, lambda_softmax = LAMBDAS[cross_attn]
+    return dict(cross_attn=cross_attn, raw_feature_norm=raw_feature_norm, agg=agg,
+                lambda_lse=lambda_lse, lambda_softmax=lambda_softmax)
+
+
+def _make_cfg(cross_attn, raw_feature_norm, agg):
+    return AttentionConfig(**_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+
+
+def _make_words(gen, lengths, l_max, d, garbage_scale=1e3, normalise=True):
+    """Padded captions: real words l2-normalised the SCAN way, padding = large garbage."""
+    n = len(lengths)
+    real = torch.randn(n, l_max, d, generator=gen, dtype=DTYPE)
+    if normalise:
+        real = ref.l2norm(real, -1)
+    garbage = garbage_scale * torch.randn(n, l_max, d, generator=gen, dtype=DTYPE)
+    mask = torch.arange(l_max)[None, :, None] < torch.tensor(lengths)[:, None, None]
+    return torch.where(mask, real, garbage)
+
+
+def _make_regions(gen, n_imgs, n_regions, d, normalise=True):
+    regions = torch.randn(n_imgs, n_regions, d, generator=gen, dtype=DTYPE)
+    return ref.l2norm(regions, -1) if normalise else regions
+
+
+@functools.cache
+def _data():
+    gen = torch.Generator().manual_seed(SEED)
+    words = _make_words(gen, LENGTHS, L_MAX, DIM)
+    lengths = torch.tensor(LENGTHS, dtype=torch.long)
+    regions = _make_regions(gen, N_IMGS, N_REGIONS, DIM)
+    return words, lengths, regions
+
+
+@functools.cache
+def _reference(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    out = ref.reference_matrix(words, lengths, regions,
+                               **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    # Guard on the test data itself: the relative check below is elementwise, so no
+    # reference score may sit so close to zero that 1e-10 relative becomes meaningless.
+    assert out.abs().min() > 1e-4, "test data gives a near-zero reference score"
+    return out
+
+
+def _assert_close(actual, expected, what=""):
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a Tensor, got {type(actual)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    actual = actual.detach().to("cpu", DTYPE)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite scores\n{actual}"
+    rel = (actual - expected).abs() / expected.abs().clamp_min(TINY)
+    worst = rel.max().item()
+    if worst > RTOL:
+        idx = tuple(int(i) for i in torch.nonzero(rel == rel.max())[0])
+        pytest.fail(
+            f"{what}: max elementwise relative error {worst:.3e} > {RTOL:.0e} at {idx}: "
+            f"got {actual[idx].item()!r}, reference {expected[idx].item()!r}")
+
+
+def _image_candidate_lists(gen, n_q, n_items):
+    """Candidate lists over images for each of n_q captions."""
+    perm = torch.stack([torch.randperm(n_items, generator=gen) for _ in range(n_q)])
+    rep = torch.randint(0, n_items, (n_q, 2 * n_items + 1), generator=gen)
+    rep[:, 1] = rep[:, 0]  # guaranteed repeated index in every row
+    rep[0, :] = n_items - 1  # one row made only of the same (last) index
+    single = torch.randint(0, n_items, (n_q, 1), generator=gen)
+    return {"permutation": perm, "repeats": rep, "single": single}
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", ALL_CASES, ids=CASE_IDS)
+def test_score_block_matches_reference(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
+    out = score_block(cfg, words, lengths, regions)
+    _assert_close(out, _reference(cross_attn, raw_feature_norm, agg), "score_block")
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", ALL_CASES, ids=CASE_IDS)
+def test_score_image_candidates_matches_reference(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
+    full = _reference(cross_attn, raw_feature_norm, agg)  # (n_caps, n_imgs)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    for kind, cand in _image_candidate_lists(gen, len(LENGTHS), N_IMGS).items():
+        out = score_image_candidates(cfg, words, lengths, regions, cand)
+        expected = torch.gather(full, 1, cand)  # expected[q, j] = full[q, cand[q, j]]
+        _assert_close(out, expected, f"score_image_candidates[{kind}]")
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", ALL_CASES, ids=CASE_IDS)
+def test_score_caption_candidates_matches_reference(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
+    full_t = _reference(cross_attn, raw_feature_norm, agg).T  # (n_imgs, n_caps)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    for kind, cand in _image_candidate_lists(gen, N_IMGS, len(LENGTHS)).items():
+        out = score_caption_candidates(cfg, regions, words, lengths, cand)
+        expected = torch.gather(full_t, 1, cand)  # expected[q, j] = full[cand[q, j], q]
+        _assert_close(out, expected, f"score_caption_candidates[{kind}]")
+
+
+def test_reference_cases_cover_the_spec():
+    assert len(ALL_CASES) == 7 * 4 * 2
+
+
+# ----------------------------------------------------------------------------- padding
+
+PADDING_CASES = [
+    ("t2i", "clipped_l2norm", "lse"),
+    ("t2i", "softmax", "mean"),
+    ("t2i", "l1norm", "max"),
+    ("i2t", "clipped_l2norm", "lse"),
+    ("i2t", "l2norm", "sum"),
+    ("i2t", "no_norm", "mean"),
+]
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PADDING_CASES,
+                         ids=[f"{c}-{n}-{a}" for c, n, a in PADDING_CASES])
+def test_padding_values_and_width_do_not_change_scores(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
+    base = score_block(cfg, words, lengths, regions).detach().to("cpu", DTYPE)
+    expected = _reference(cross_attn, raw_feature_norm, agg)
+    _assert_close(base, expected, "base")
+
+    gen = torch.Generator().manual_seed(SEED + 3)
+    mask = torch.arange(L_MAX)[None, :, None] < lengths[:, None, None]
+    # Same real words, different garbage (other sign/scale), same width.
+    other = torch.where(mask, words, -1e4 * torch.randn(words.shape, generator=gen, dtype=DTYPE))
+    _assert_close(score_block(cfg, other, lengths, regions), base, "different padding values")
+    # Zero padding.
+    zeros = torch.where(mask, words, torch.zeros_like(words))
+    _assert_close(score_block(cfg, zeros, lengths, regions), base, "zero padding")
+    # Wider padding: every caption, including the longest ones, now has garbage after it.
+    extra = 1e3 * torch.randn(words.shape[0], 3, DIM, generator=gen, dtype=DTYPE)
+    wider = torch.cat([words, extra], dim=1)
+    _assert_close(score_block(cfg, wider, lengths, regions), base, "wider padding")
+    # The candidate scorers see the same padding rules.
+    cand_img = torch.arange(N_IMGS).flip(0).repeat(len(LENGTHS), 1)
+    _assert_close(score_image_candidates(cfg, wider, lengths, regions, cand_img),
+                  torch.gather(base, 1, cand_img), "score_image_candidates, wider padding")
+    cand_cap = torch.arange(len(LENGTHS)).flip(0).repeat(N_IMGS, 1)
+    _assert_close(score_caption_candidates(cfg, regions, wider, lengths, cand_cap),
+                  torch.gather(base.T, 1, cand_cap), "score_caption_candidates, wider padding")
+
+
+# ----------------------------------------------------------------------------- gram
+
+
+def test_region_gram_is_regions_times_regions_transposed():
+    _, _, regions = _data()
+    gram = region_gram(regions)
+    expected = torch.einsum("nrd,nsd->nrs", regions, regions)
+    assert tuple(gram.shape) == (N_IMGS, N_REGIONS, N_REGIONS)
+    assert torch.allclose(gram.to(DTYPE), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg",
+                         [("t2i", "clipped_l2norm", "lse"), ("i2t", "clipped_l2norm", "lse"),
+                          ("t2i", "softmax", "max"), ("i2t", "l1norm", "mean")],
+                         ids=["t2i-clipped_l2norm-lse", "i2t-clipped_l2norm-lse",
+                              "t2i-softmax-max", "i2t-l1norm-mean"])
+def test_passed_gram_gives_same_scores_as_computed(cross_attn, raw_feature_norm, agg):
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
+    gram = region_gram(regions)
+    expected = _reference(cross_attn, raw_feature_norm, agg)
+
+    without = score_block(cfg, words, lengths, regions)
+    with_gram = score_block(cfg, words, lengths, regions, gram=gram)
+    _assert_close(without, expected, "score_block, gram=None")
+    _assert_close(with_gram, without.detach().to("cpu", DTYPE), "score_block, gram passed")
+
+    gen = torch.Generator().manual_seed(SEED + 4)
+    cand = _image_candidate_lists(gen, len(LENGTHS), N_IMGS)["repeats"]
+    _assert_close(score_image_candidates(cfg, words, lengths, regions, cand, gram=gram),
+                  torch.gather(expected, 1, cand), "score_image_candidates, gram passed")
+    cand = _image_candidate_lists(gen, N_IMGS, len(LENGTHS))["repeats"]
+    _assert_close(score_caption_candidates(cfg, regions, words, lengths, cand, gram=gram),
+                  torch.gather(expected.T, 1, cand), "score_caption_candidates, gram passed")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
+def test_unnormalised_inputs_match_reference(cross_attn):
+    """The reference divides by the actual vector norms in the cosine; inputs that are not
+    unit-length must still give the reference score (no hidden |w| = |v| = 1 assumption)."""
+    gen = torch.Generator().manual_seed(SEED + 5)
+    words = 3.0 * _make_words(gen, LENGTHS, L_MAX, DIM, normalise=False)
+    regions = 0.5 * _make_regions(gen, N_IMGS, N_REGIONS, DIM, normalise=False)
+    lengths = torch.tensor(LENGTHS, dtype=torch.long)
+    for raw_feature_norm, agg in [("clipped_l2norm", "lse"), ("softmax", "mean")]:
+        kwargs = _cfg_kwargs(cross_attn, raw_feature_norm, agg)
+        expected = ref.reference_matrix(words, lengths, regions, **kwargs)
+        out = score_block(AttentionConfig(**kwargs), words, lengths, regions)
+        _assert_close(out, expected, f"unnormalised {raw_feature_norm}/{agg}")
+
+
+def test_invalid_inputs_raise_value_error():
+    words, lengths, regions = _data()
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    cand_img = torch.zeros(len(LENGTHS), 2, dtype=torch.long)
+    cand_cap = torch.zeros(N_IMGS, 2, dtype=torch.long)
+    words_2d = words[0]
+    regions_2d = regions[0]
+    regions_bad_d = torch.randn(N_IMGS, N_REGIONS, DIM + 1, dtype=DTYPE)
+
+    bad_calls = {
+        "score_block words 2-D": lambda: score_block(cfg, words_2d, lengths[:1], regions),
+        "score_block regions 2-D": lambda: score_block(cfg, words, lengths, regions_2d),
+        "score_block words 4-D": lambda: score_block(cfg, words[None], lengths, regions),
+        "score_block mismatched d": lambda: score_block(cfg, words, lengths, regions_bad_d),
+        "score_image_candidates words 2-D":
+            lambda: score_image_candidates(cfg, words_2d, lengths[:1], regions, cand_img[:1]),
+        "score_image_candidates regions 2-D":
+            lambda: score_image_candidates(cfg, words, lengths, regions_2d, cand_img),
+        "score_image_candidates mismatched d":
+            lambda: score_image_candidates(cfg, words, lengths, regions_bad_d, cand_img),
+        "score_image_candidates candidates 1-D":
+            lambda: score_image_candidates(cfg, words, lengths, regions, cand_img[:, 0]),
+        "score_caption_candidates words 2-D":
+            lambda: score_caption_candidates(cfg, regions, words_2d, lengths[:1], cand_cap),
+        "score_caption_candidates regions 2-D":
+            lambda: score_caption_candidates(cfg, regions_2d, words, lengths, cand_cap[:1]),
+        "score_caption_candidates mismatched d":
+            lambda: score_caption_candidates(cfg, regions_bad_d, words, lengths, cand_cap),
+        "score_caption_candidates candidates 1-D":
+            lambda: score_caption_candidates(cfg, regions, words, lengths, cand_cap[:, 0]),
+        "region_gram regions 2-D": lambda: region_gram(regions_2d),
+    }
+    not_raised = []
+    for name, call in bad_calls.items():
+        try:
+            call()
+        except ValueError:
+            continue
+        except Exception as exc:  # report a wrong exception type, not just "not raised"
+            not_raised.append(f"{name}: raised {type(exc).__name__}: {exc}")
+        else:
+            not_raised.append(f"{name}: no exception")
+    assert not not_raised, "expected ValueError:\n" + "\n".join(not_raised)
