@@ -267,4 +267,6 @@ class SplitStore:
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
     ids = batch.column("image_id").to_numpy()
     feats = batch.column("features").values.to_numpy(zero_copy_only=False)
+    if not feats.flags.writeable:
+        feats = feats.copy()  # torch wants writable memory
     return ids, feats.reshape(len(ids), regions, feature_dim)

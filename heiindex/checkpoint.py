@@ -1,0 +1,108 @@
+"""Model folders: weights in safetensors, hyper-parameters and provenance in JSON.
+
+A model folder holds ``config.json`` (format version, ``ScanConfig``, the data manifest
+checksum it was trained on, training metrics), ``model.safetensors`` and ``vocab.json`` (SCAN
+format). Loading never unpickles anything: safetensors holds tensors only.
+What this module must not do: train or score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError
+from .model import ScanConfig, ScanModel
+from .store import atomic_dir, write_json
+from .vocab import Vocab
+
+__all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "save_model"]
+
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"
+
+
+@dataclass
+class LoadedModel:
+    model: ScanModel
+    vocab: Vocab
+    path: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def checksum(self) -> str:
+        return self.info["weights_sha256"]
+
+
+def model_checksum(model: ScanModel) -> str:
+    """SHA-256 of the weights (names, shapes and float32 bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | None = None) -> Path:
+    """Write a model folder atomically; ``extra`` (JSON) is stored under ``"info"``."""
+    path = Path(path)
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        vocab.save(tmp / VOCAB_FILE)
+        info = dict(extra or {})
+        info["weights_sha256"] = model_checksum(model)
+        info["vocab_sha256"] = vocab.checksum
+        write_json(tmp / CONFIG_FILE, {
+            "format_version": MODEL_FORMAT_VERSION,
+            "kind": "scan",
+            "model": model.config.to_dict(),
+            "info": info,
+        })
+    return path
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.exists():
+        raise DataError(cfg_path, "no model config here; is this a heiindex model folder?")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(cfg_path, f"not valid JSON ({exc})") from None
+    if raw.get("format_version") != MODEL_FORMAT_VERSION or raw.get("kind") != "scan":
+        raise DataError(cfg_path, f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan'")
+    try:
+        config = ScanConfig.from_dict(raw["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(cfg_path, f'field "model" is not a valid SCAN config ({exc})') from None
+    vocab = Vocab.load(path / VOCAB_FILE)
+    if len(vocab) != config.vocab_size:
+        raise DataError(path / VOCAB_FILE, f"{len(vocab)} words, the model config says {config.vocab_size}")
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        raise DataError(weights, "weights file missing")
+    model = ScanModel(config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as exc:
+        raise DataError(weights, f"weights do not fit the config ({exc})") from None
+    model.eval()
+    info = raw.get("info", {})
+    actual = model_checksum(model)
+    if info.get("weights_sha256") not in (None, actual):
+        raise DataError(weights, "weights checksum differs from config.json; the folder was modified")
+    info["weights_sha256"] = actual
+    return LoadedModel(model, vocab, path, info)

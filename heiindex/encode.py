@@ -1,0 +1,89 @@
+"""Encode a stored split with a matcher, block by block.
+
+``encode_split`` returns the projected region features of every image and the word features
+of every caption, kept in memory for what follows (evaluation, building an index): at d = 256,
+the 5,000 images of COCO 5K take 184 MB, and 25,000 captions of up to ~50 words about as
+much. Raw 2048-d region features are only ever held one block at a time.
+What this module must not do: score pairs or write files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .model import ScanModel
+from .store import CaptionTable, SplitStore
+
+__all__ = ["EncodedSplit", "encode_captions", "encode_images", "encode_split"]
+
+
+@dataclass
+class EncodedSplit:
+    """Encoded features of one split.
+
+    regions: (n_imgs, R, d); gram: (n_imgs, R, R); words: (n_caps, L, d); lengths: (n_caps,);
+    caption_image: (n_caps,) row of each caption's image in ``regions``.
+    """
+
+    image_ids: np.ndarray
+    regions: Tensor
+    gram: Tensor
+    words: Tensor
+    lengths: Tensor
+    caption_image: np.ndarray
+    captions: CaptionTable
+
+
+@torch.no_grad()
+def encode_images(model: ScanModel, store: SplitStore, block_images: int = 256, progress: bool = False,
+                  limit: int | None = None) -> tuple[np.ndarray, Tensor]:
+    """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``."""
+    n = store.n_images if limit is None else min(limit, store.n_images)
+    out = torch.empty((n, store.regions, model.config.embed_size))
+    ids = np.empty(n, dtype=np.int64)
+    pos = 0
+    bar = tqdm(total=n, unit="img", desc="encode images", disable=not progress, leave=False)
+    for block_ids, feats in store.iter_image_blocks(block_images):
+        take = min(len(block_ids), n - pos)
+        out[pos : pos + take] = model.encode_images(torch.from_numpy(feats[:take]))
+        ids[pos : pos + take] = block_ids[:take]
+        pos += take
+        bar.update(take)
+        if pos >= n:
+            break
+    bar.close()
+    return ids, out
+
+
+@torch.no_grad()
+def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024) -> Tensor:
+    """Word features ``(n_caps, L, d)`` of padded token ids ``(n_caps, L)``; zero at padding."""
+    tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+    out = torch.zeros((len(tok), tok.shape[1], model.config.embed_size))
+    for s in range(0, len(tok), block):
+        w = model.encode_captions(tok[s : s + block], lens[s : s + block])
+        out[s : s + block, : w.shape[1]] = w
+    return out
+
+
+def encode_split(model: ScanModel, store: SplitStore, max_images: int | None = None,
+                 progress: bool = False) -> EncodedSplit:
+    """Encode images and captions of ``store`` (the first ``max_images`` images and their captions)."""
+    model.eval()
+    ids, regions = encode_images(model, store, progress=progress, limit=max_images)
+    caps = store.captions()
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    keep = np.array([int(i) in row_of for i in caps.image_ids], dtype=bool)
+    if not keep.all():
+        caps = CaptionTable(caps.caption_ids[keep], caps.image_ids[keep], [t for t, k in zip(caps.texts, keep, strict=True) if k],
+                            caps.tokens[keep], caps.lengths[keep])
+    caption_image = np.array([row_of[int(i)] for i in caps.image_ids], dtype=np.int64)
+    words = encode_captions(model, caps.tokens, caps.lengths)
+    gram = torch.bmm(regions, regions.transpose(1, 2))
+    return EncodedSplit(ids, regions, gram, words, torch.from_numpy(caps.lengths), caption_image, caps)

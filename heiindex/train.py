@@ -1,0 +1,188 @@
+"""Training the SCAN matcher (``heiindex train``).
+
+Hinge triplet loss with margin, both directions, hardest negative in the batch ("max
+violation", VSE++) or the sum over negatives; pairs of the same image are never negatives.
+Adam with a step decay, gradient clipping, validation R@K on ``dev`` after each epoch, the
+best model kept, the last state kept for ``--resume``. Deterministic given the seed.
+
+Memory stays bounded: an epoch walks the training store's row groups in a shuffled order, a
+few at a time (``buffer_row_groups``), and batches the captions of the images in that buffer.
+What this module must not do: build indexes or answer queries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_model, save_model
+from .encode import encode_split
+from .errors import DataError
+from .model import ScanConfig, ScanModel
+from .scoring import evaluate_exhaustive
+from .store import SplitStore
+from .vocab import Vocab
+
+__all__ = ["TrainConfig", "contrastive_loss", "train"]
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_decay_epochs: int = 5  # lr /= 10 every this many epochs
+    grad_clip: float = 2.0
+    margin: float = 0.2
+    max_violation: bool = True
+    seed: int = 0
+    val_images: int = 1000
+    buffer_row_groups: int = 8
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def contrastive_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:
+    """Hinge triplet loss of a batch; ``scores[i, j]`` is caption i vs the image of caption j.
+
+    The positive of caption i is column i; columns holding the same image are not negatives.
+    """
+    pos = scores.diag()
+    same = image_ids[:, None] == image_ids[None, :]
+    cost_caption = (margin + scores - pos[None, :]).clamp(min=0).masked_fill(same, 0)  # image j vs caption i
+    cost_image = (margin + scores - pos[:, None]).clamp(min=0).masked_fill(same, 0)  # caption i vs image j
+    if max_violation:
+        return cost_caption.max(dim=0).values.sum() + cost_image.max(dim=1).values.sum()
+    return cost_caption.sum() + cost_image.sum()
+
+
+@dataclass
+class TrainResult:
+    best_rsum: float
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    out: Path | None = None
+
+
+def _batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
+    groups = rng.permutation(store.n_row_groups)
+    for g0 in range(0, len(groups), buffer_groups):
+        parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
+        ids = np.concatenate([p[0] for p in parts])
+        feats = np.concatenate([p[1] for p in parts])
+        row_of = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        row_of[ids] = np.arange(len(ids))
+        in_buf = np.flatnonzero(np.isin(caps.image_ids, ids))
+        rng.shuffle(in_buf)
+        for s in range(0, len(in_buf) - 1, batch_size):
+            ci = in_buf[s : s + batch_size]
+            if len(ci) < 2:
+                continue
+            rows = row_of[caps.image_ids[ci]]
+            yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci]
+
+
+def train(
+    store_root: str | Path,
+    out: str | Path,
+    model_config: ScanConfig | None = None,
+    config: TrainConfig = TrainConfig(),
+    train_split: str = "train",
+    val_split: str = "dev",
+    resume: bool = False,
+    progress: bool = False,
+    log=print,
+) -> TrainResult:
+    """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``."""
+    store_root, out = Path(store_root), Path(out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tr = SplitStore.open(store_root, train_split)
+    va = SplitStore.open(store_root, val_split)
+    vocab = Vocab.load(store_root / "vocab.json")
+    for s in (tr, va):
+        if s.manifest["vocab"]["sha256"] != vocab.checksum:
+            raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
+    caps = tr.captions()
+    data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
+
+    torch.manual_seed(config.seed)
+    state_path = out / "last" / STATE_FILE
+    start_epoch, history, best_rsum, best_epoch = 0, [], -1.0, -1
+    if resume and state_path.exists():
+        loaded = load_model(out / "last")
+        model = loaded.model
+        if model_config is not None and model_config != model.config:
+            raise DataError(out / "last", "cannot resume: its model config differs from the one given")
+        state = torch.load(state_path, weights_only=True)
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming after epoch {start_epoch} (best rsum {best_rsum:.2f} at epoch {best_epoch + 1})")
+    else:
+        model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab)))
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if model.config.vocab_size != len(vocab):
+        raise DataError(store_root / "vocab.json", f"{len(vocab)} words, the model expects {model.config.vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(start_epoch, config.epochs):
+        lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        rng = np.random.default_rng([config.seed, epoch])
+        n_batches = -(-tr.n_captions // config.batch_size)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for feats, tok, lens, img_ids in _batches(tr, caps, config.batch_size, rng, config.buffer_row_groups):
+            lens_t = torch.from_numpy(lens)
+            regions = model.encode_images(torch.from_numpy(feats))
+            words = model.encode_captions(torch.from_numpy(tok), lens_t)
+            scores = model.score(words, lens_t, regions)
+            loss = contrastive_loss(scores, torch.from_numpy(img_ids), config.margin, config.max_violation)
+            opt.zero_grad()
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            pairs += len(lens) ** 2
+            loss_sum += float(loss.detach())
+            steps += 1
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        model.eval()
+        res = evaluate_exhaustive(model, encode_split(model, va, max_images=config.val_images))
+        rsum = res.rsum
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(1, steps), "train_seconds": train_seconds,
+               "pairs_per_second": pairs / max(train_seconds, 1e-9), "dev_t2i": res.t2i.to_dict(),
+               "dev_i2t": res.i2t.to_dict(), "dev_rsum": rsum}
+        history.append(row)
+        log(f"epoch {epoch + 1}: loss {row['loss']:.3f}, dev t2i R@1 {res.t2i.r1:.1f} R@5 {res.t2i.r5:.1f} "
+            f"R@10 {res.t2i.r10:.1f} | i2t R@1 {res.i2t.r1:.1f} R@5 {res.i2t.r5:.1f} R@10 {res.i2t.r10:.1f} "
+            f"| rsum {rsum:.1f} ({train_seconds:.0f} s)")
+        info = {"data": data_info, "train": config.to_dict(), "epoch": epoch + 1, "dev": {
+            "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": rsum, "images": config.val_images}}
+        if rsum > best_rsum:
+            best_rsum, best_epoch = rsum, epoch
+            save_model(model, vocab, out / "best", info)
+        save_model(model, vocab, out / "last", info)
+        torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "best_rsum": best_rsum,
+                    "best_epoch": best_epoch, "torch_rng": torch.get_rng_state()}, state_path)
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return TrainResult(best_rsum, best_epoch, history, out)
