@@ -91,8 +91,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 class ImageWriter:
     """Streams ``(ids, features (b, R, D))`` blocks into ``images.parquet``, one row group each.
 
-    Keeps a running SHA-256 of the ids and float32 feature bytes, in order (the content checksum
-    of the manifest, independent of Parquet's encoding).
+    Keeps running SHA-256s of the ids and of the float32 feature bytes, in order, combined at
+    ``close`` (the content checksum of the manifest, independent of Parquet's encoding and of
+    the block size).
     """
 
     def __init__(self, path: Path, regions: int, feature_dim: int, extra: dict[str, pa.DataType] | None = None):
@@ -106,7 +107,8 @@ class ImageWriter:
         fields += [pa.field(k, t) for k, t in (extra or {}).items()]
         self.schema = pa.schema(fields, metadata={"regions": str(regions), "feature_dim": str(feature_dim)})
         self._writer = pq.ParquetWriter(path, self.schema, compression=_COMPRESSION)
-        self._sha = hashlib.sha256()
+        self._sha_ids = hashlib.sha256()
+        self._sha_features = hashlib.sha256()
         self.count = 0
 
     def write(self, ids: np.ndarray, features: np.ndarray, **extra: np.ndarray) -> None:
@@ -124,14 +126,14 @@ class ImageWriter:
             else:
                 cols.append(pa.array(value, type=typ))
         self._writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
-        self._sha.update(ids.tobytes())
-        self._sha.update(features.tobytes())
+        self._sha_ids.update(ids.tobytes())
+        self._sha_features.update(features.tobytes())
         self.count += len(ids)
 
     def close(self) -> str:
         """Finish the file; return the content checksum."""
         self._writer.close()
-        return self._sha.hexdigest()
+        return hashlib.sha256((self._sha_ids.hexdigest() + self._sha_features.hexdigest()).encode()).hexdigest()
 
 
 def write_captions(path: Path, caption_ids, image_ids, texts: list[str], tokens: list[list[int]]) -> str:

@@ -19,8 +19,13 @@ __all__ = ["tokenize"]
 
 # A period glued to a word and followed by more text ("grass. a dog"): punkt would end the
 # sentence there, so the period becomes a token. Abbreviations with inner periods ("u.s.") and
-# numbers ("1.5") keep theirs.
-_SENTENCE_END = re.compile(r"(?<!\.[a-z])(?<=[a-z)\]\"'])\.(?=\s+\S)")
+# numbers ("1.5") keep theirs, and so do the abbreviations punkt knows ("st.", "dr.") and initials.
+_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "st", "ave", "jr", "sr", "vs", "mt")
+_SENTENCE_END = re.compile(
+    "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS)  # punkt keeps "st." / "dr." whole
+    + r"(?<!\b[a-z])"  # and initials ("w.")
+    + r"(?<!\.[a-z])(?<=[a-z)\]\"'])\.(?=\s+\S)"
+)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,333 @@
+"""heiindex.ingest and ``heiindex ingest``: precomp split -> Parquet store, atomically.
+
+The CLI is exercised through click's ``CliRunner`` with real files in a tmp dir; the first test
+is the issue's acceptance test, verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+from heiindex import __version__
+from heiindex.errors import DataError
+from heiindex.ingest import ingest
+from heiindex.store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, MANIFEST_FILE, SplitStore, file_sha256
+from heiindex.vocab import SPECIALS, Vocab
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, ["ingest", *map(str, args)])
+
+
+def _manifest(root, split="test") -> dict:
+    return json.loads((root / split / MANIFEST_FILE).read_text())
+
+
+def _checksums(m: dict) -> dict:
+    return {
+        "images": m["images"]["sha256"],
+        "captions": m["captions"]["sha256"],
+        "vocab": m["vocab"]["sha256"],
+        "files": {k: v["sha256"] for k, v in m["files"].items()},
+    }
+
+
+def _no_leftovers(root, split="test"):
+    """Nothing of a failed ingest: no split folder, no temporary folder, no Parquet file."""
+    assert not (root / split).exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    assert list(root.rglob("*.parquet")) == []
+
+
+# -- the acceptance test ------------------------------------------------------------------
+
+
+def test_acceptance_cli_ingest_7_images_35_captions(make_precomp, tmp_path):
+    precomp, feats, caps = make_precomp(n_images=7, feature_dim=2048)
+    out = tmp_path / "O"
+    result = _run("--precomp", precomp, "--split", "test", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "test: 7 images, 35 captions" in result.output
+
+    images = pq.read_table(out / "test" / IMAGES_FILE)
+    captions = pq.read_table(out / "test" / CAPTIONS_FILE)
+    assert images.num_rows == 7
+    assert captions.num_rows == 35
+    assert images.column("image_id").to_pylist() == list(range(7))
+    got = np.asarray(images.column("features").combine_chunks().values).reshape(7, 36, 2048)
+    np.testing.assert_array_equal(got, feats)
+    assert captions.column("caption_id").to_pylist() == list(range(35))
+    assert captions.column("image_id").to_pylist() == [i // 5 for i in range(35)]
+    assert captions.column("text").to_pylist() == caps
+
+    vocab = Vocab.load(out / "vocab.json")
+    assert vocab == Vocab.build(caps)
+    assert len(vocab) == 29
+    assert captions.column("tokens").to_pylist() == [vocab.encode(c).ids for c in caps]
+
+    m = _manifest(out)
+    assert m["format_version"] == FORMAT_VERSION == 1
+    assert m["split"] == "test"
+    assert m["created_by"] == f"heiindex {__version__}"
+    assert m["images"] == {
+        "count": 7,
+        "regions": 36,
+        "feature_dim": 2048,
+        "dtype": "float32",
+        "rows_per_image": 1,
+        "sha256": m["images"]["sha256"],
+    }
+    assert m["captions"]["count"] == 35
+    assert m["captions"]["per_image"] == 5
+    assert m["captions"]["tokens"] == 420
+    assert m["source"]["images"] == {"path": str((precomp / "test_ims.npy").resolve()), "dtype": "float32", "rows": 7}
+    assert m["source"]["captions"]["path"] == str((precomp / "test_caps.txt").resolve())
+    assert m["vocab"]["size"] == 29
+    assert m["vocab"]["sha256"] == vocab.checksum
+    assert m["vocab"]["unknown_rate"] == pytest.approx(157 / 420)
+    for sha in (m["images"]["sha256"], m["captions"]["sha256"], m["source"]["captions"]["sha256"]):
+        assert len(sha) == 64 and int(sha, 16) >= 0
+    assert sorted(m["files"]) == [CAPTIONS_FILE, IMAGES_FILE]
+    for name, entry in m["files"].items():
+        assert entry["sha256"] == file_sha256(out / "test" / name)
+        assert entry["bytes"] == (out / "test" / name).stat().st_size
+
+    assert sorted(p.name for p in out.iterdir()) == ["test", "vocab.json"]
+    assert sorted(p.name for p in (out / "test").iterdir()) == [CAPTIONS_FILE, IMAGES_FILE, MANIFEST_FILE]
+
+    store = SplitStore.open(out, "test")
+    assert (store.n_images, store.n_captions, store.regions, store.feature_dim) == (7, 35, 36, 2048)
+
+
+def test_acceptance_36_caption_lines_fails_and_writes_nothing(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7, feature_dim=2048, n_captions=36)
+    out = tmp_path / "O"
+    out.mkdir()
+    result = _run("--precomp", precomp, "--split", "test", "--out", out)
+    assert result.exit_code != 0
+    assert str(precomp / "test_caps.txt") in result.output
+    assert "36 captions" in result.output
+    _no_leftovers(out)
+    assert list(out.iterdir()) == []
+
+
+def test_acceptance_36_caption_lines_into_missing_out(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7, feature_dim=2048, n_captions=36)
+    out = tmp_path / "O"
+    result = _run("--precomp", precomp, "--split", "test", "--out", out)
+    assert result.exit_code != 0
+    assert str(precomp / "test_caps.txt") in result.output
+    assert not (out / "test").exists()
+    assert list(tmp_path.rglob("*.parquet")) == []
+
+
+def test_second_ingest_gives_same_checksums(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7)
+    args = ("--precomp", precomp, "--split", "test", "--feature-dim", "8")
+    assert _run(*args, "--out", tmp_path / "O1").exit_code == 0
+    first = _checksums(_manifest(tmp_path / "O1"))
+    # again into the same root (replaces the split) and into a fresh root
+    assert _run(*args, "--out", tmp_path / "O1").exit_code == 0
+    assert _run(*args, "--out", tmp_path / "O2").exit_code == 0
+    assert _checksums(_manifest(tmp_path / "O1")) == first
+    assert _checksums(_manifest(tmp_path / "O2")) == first
+    assert sorted(p.name for p in (tmp_path / "O1").iterdir()) == ["test", "vocab.json"]
+
+
+def test_content_checksum_does_not_depend_on_block_size(make_precomp, tmp_path):
+    """The manifest's images.sha256 is a content checksum ("independent of Parquet's encoding"):
+    the same 7 images ingested in blocks of 2 or of 128 must give the same value."""
+    precomp, _, _ = make_precomp(n_images=7)
+    ingest(precomp, "test", tmp_path / "O2", feature_dim=8, block_images=2)
+    ingest(precomp, "test", tmp_path / "O128", feature_dim=8, block_images=128)
+    m2, m128 = _manifest(tmp_path / "O2"), _manifest(tmp_path / "O128")
+    assert m2["captions"]["sha256"] == m128["captions"]["sha256"]
+    assert m2["images"]["sha256"] == m128["images"]["sha256"]
+
+
+# -- library ------------------------------------------------------------------------------
+
+
+def test_library_ingest_with_scan_vocab(make_precomp, tmp_path, scan_vocab_path):
+    precomp, feats, caps = make_precomp(n_images=7)
+    summary = ingest(precomp, "test", tmp_path / "O", vocab=scan_vocab_path, feature_dim=8, block_images=3)
+    assert (summary.split, summary.n_images, summary.n_captions, summary.vocab_size) == ("test", 7, 35, 11352)
+    assert summary.path == tmp_path / "O" / "test"
+    assert summary.unknown_words == {"cloud-wreathed": 1, "inhales": 1, "goodness": 1}
+    assert summary.unknown_rate == pytest.approx(3 / 420)
+    assert summary.line() == (
+        f"test: 7 images, 35 captions, vocab 11352, unknown-word rate 0.71% -> {tmp_path / 'O' / 'test'}"
+    )
+    assert Vocab.load(tmp_path / "O" / "vocab.json") == Vocab.load(scan_vocab_path)
+
+    store = SplitStore.open(tmp_path / "O", "test")
+    assert store.n_row_groups == 3  # one per block of 3 images
+    np.testing.assert_array_equal(np.concatenate([f for _, f in store.iter_image_blocks(4)]), feats)
+    table = store.captions()
+    assert table.tokens[0, :17].tolist() == [1, 4, 34, 15, 4, 60, 952, 19, 4, 43, 5184, 19, 4, 1230, 600, 12, 2]
+    assert table.lengths[0] == 17
+    assert table.lengths.tolist() == [len(Vocab.load(scan_vocab_path).encode(c).ids) for c in caps]
+
+
+def test_library_ingest_one_row_per_caption(make_precomp, tmp_path):
+    precomp, feats, _ = make_precomp(n_images=7, rows_per_image=5)
+    summary = ingest(precomp, "test", tmp_path / "O", feature_dim=8)
+    assert (summary.n_images, summary.n_captions) == (7, 35)
+    m = _manifest(tmp_path / "O")
+    assert (m["images"]["count"], m["images"]["rows_per_image"], m["source"]["images"]["rows"]) == (7, 5, 35)
+    images = pq.read_table(tmp_path / "O" / "test" / IMAGES_FILE)
+    assert images.num_rows == 7
+    got = np.asarray(images.column("features").combine_chunks().values).reshape(7, 36, 8)
+    np.testing.assert_array_equal(got, feats)
+    assert pq.read_table(tmp_path / "O" / "test" / CAPTIONS_FILE).column("image_id").to_pylist() == [
+        i // 5 for i in range(35)
+    ]
+
+
+def test_library_bad_input_raises_and_writes_nothing(bad_precomp, tmp_path):
+    out = tmp_path / "O"
+    out.mkdir()
+    with pytest.raises(DataError) as info:
+        ingest(bad_precomp.folder, bad_precomp.split, out, feature_dim=bad_precomp.feature_dim, block_images=2)
+    assert info.value.path == bad_precomp.named
+    _no_leftovers(out, bad_precomp.split)
+    assert not (out / "vocab.json").exists()
+
+
+def test_failed_ingest_keeps_the_older_split(make_precomp, tmp_path):
+    good, _, _ = make_precomp("good", n_images=7)
+    out = tmp_path / "O"
+    ingest(good, "test", out, feature_dim=8)
+    before = {p.name: p.read_bytes() for p in (out / "test").iterdir()}
+    bad, _, _ = make_precomp("bad", n_images=7)
+    a = np.load(bad / "test_ims.npy")
+    a[5, 0, 0] = np.nan
+    np.save(bad / "test_ims.npy", a)
+    with pytest.raises(DataError, match="image 5"):
+        ingest(bad, "test", out, feature_dim=8, block_images=2)
+    assert {p.name: p.read_bytes() for p in (out / "test").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["test", "vocab.json"]
+
+
+# -- CLI: bad input -----------------------------------------------------------------------
+
+
+def test_cli_bad_input_exits_non_zero_and_names_the_file(bad_precomp, tmp_path):
+    out = tmp_path / "O"
+    out.mkdir()
+    result = _run(
+        "--precomp",
+        bad_precomp.folder,
+        "--split",
+        bad_precomp.split,
+        "--out",
+        out,
+        "--feature-dim",
+        str(bad_precomp.feature_dim),
+    )
+    assert result.exit_code != 0
+    if bad_precomp.name == "unknown_split":  # refused by click's choice before the library runs
+        assert result.exit_code == 2
+        assert "--split" in result.output
+    else:
+        assert result.exit_code == 2
+        assert f"Error: {bad_precomp.named}: " in result.output
+        assert bad_precomp.detail in result.output
+        assert "Traceback" not in result.output
+    _no_leftovers(out, bad_precomp.split)
+
+
+def test_cli_wrong_expected_feature_dim(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7)  # feature size 8, the CLI expects 2048 by default
+    result = _run("--precomp", precomp, "--split", "test", "--out", tmp_path / "O")
+    assert result.exit_code == 2
+    assert str(precomp / "test_ims.npy") in result.output
+    assert "expected feature size 2048 (axis 2), got 8" in result.output
+
+
+def test_cli_missing_vocab_file(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7)
+    result = _run(
+        "--precomp",
+        precomp,
+        "--split",
+        "test",
+        "--out",
+        tmp_path / "O",
+        "--feature-dim",
+        "8",
+        "--vocab",
+        tmp_path / "nope.json",
+    )
+    assert result.exit_code == 2
+    assert str(tmp_path / "nope.json") in result.output
+    assert not (tmp_path / "O" / "test").exists()
+
+
+# -- vocabulary across splits -------------------------------------------------------------
+
+
+def test_vocab_conflict_is_refused(make_precomp, tmp_path, scan_vocab_path):
+    test_dir, _, _ = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, dev_caps = make_precomp("d", split="dev", n_images=7, first_line=35)
+    out = tmp_path / "O"
+    assert (
+        _run(
+            "--precomp", test_dir, "--split", "test", "--out", out, "--feature-dim", "8", "--vocab", scan_vocab_path
+        ).exit_code
+        == 0
+    )
+    other = tmp_path / "other_vocab.json"
+    Vocab.build(dev_caps).save(other)
+    result = _run("--precomp", dev_dir, "--split", "dev", "--out", out, "--feature-dim", "8", "--vocab", other)
+    assert result.exit_code == 2
+    assert str(out / "vocab.json") in result.output
+    assert "another vocabulary" in result.output
+    assert not (out / "dev").exists()
+    assert Vocab.load(out / "vocab.json") == Vocab.load(scan_vocab_path)
+    # the same vocabulary again is accepted
+    assert (
+        _run(
+            "--precomp", dev_dir, "--split", "dev", "--out", out, "--feature-dim", "8", "--vocab", scan_vocab_path
+        ).exit_code
+        == 0
+    )
+    assert _manifest(out, "dev")["vocab"]["size"] == 11352
+
+
+def test_vocab_conflict_is_refused_by_the_library(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7)
+    out = tmp_path / "O"
+    ingest(precomp, "test", out, feature_dim=8)
+    with pytest.raises(DataError) as info:
+        ingest(precomp, "test", out, vocab=Vocab([*SPECIALS, "dog"]), feature_dim=8)
+    assert info.value.path == out / "vocab.json"
+
+
+def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, testall_lines):
+    test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, dev_caps = make_precomp("d", split="dev", n_images=7, first_line=35)
+    out = tmp_path / "O"
+    r1 = _run("--precomp", test_dir, "--split", "test", "--out", out, "--feature-dim", "8")
+    assert r1.exit_code == 0, r1.output
+    assert "vocab 29" in r1.output
+    built = Vocab.load(out / "vocab.json")
+    assert built == Vocab.build(test_caps)
+    vocab_bytes = (out / "vocab.json").read_bytes()
+
+    r2 = _run("--precomp", dev_dir, "--split", "dev", "--out", out, "--feature-dim", "8")
+    assert r2.exit_code == 0, r2.output
+    assert "dev: 7 images, 35 captions, vocab 29" in r2.output
+    assert (out / "vocab.json").read_bytes() == vocab_bytes
+    assert Vocab.build(dev_caps) != built  # dev alone would have built another vocabulary
+    m_test, m_dev = _manifest(out, "test"), _manifest(out, "dev")
+    assert m_dev["vocab"]["sha256"] == m_test["vocab"]["sha256"] == built.checksum
+    dev_tokens = pq.read_table(out / "dev" / CAPTIONS_FILE).column("tokens").to_pylist()
+    assert dev_tokens == [built.encode(c).ids for c in dev_caps]
+    assert sorted(p.name for p in out.iterdir()) == ["dev", "test", "vocab.json"]

@@ -1,0 +1,182 @@
+"""heiindex.precomp: reading SCAN precomp splits in bounded-memory blocks, refusing bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from heiindex.errors import DataError
+from heiindex.precomp import SPLITS, PrecompSplit, read_captions
+
+
+def _open(folder, split="test", feature_dim=8, regions=36):
+    return PrecompSplit.open(folder, split, regions=regions, feature_dim=feature_dim)
+
+
+def test_open_one_row_per_image(make_precomp, testall_lines):
+    folder, _, caps = make_precomp(n_images=7)
+    s = _open(folder)
+    assert (s.split, s.n_rows, s.n_images, s.n_captions) == ("test", 7, 7, 35)
+    assert (s.regions, s.feature_dim, s.dtype, s.rows_per_image, s.captions_per_image) == (36, 8, np.float32, 1, 5)
+    assert s.images_path == folder / "test_ims.npy"
+    assert s.captions_path == folder / "test_caps.txt"
+    assert s.captions == tuple(testall_lines[:35])
+    assert s.captions[0] == "A man with a red helmet on a small moped on a dirt road ."
+    assert s.header_bytes == 128  # numpy's version 1.0 header is padded to 128 bytes here
+
+
+def test_im_div_detected_when_each_image_is_repeated_per_caption(make_precomp):
+    folder, feats, _ = make_precomp(n_images=7, rows_per_image=5)
+    s = _open(folder)
+    assert (s.n_rows, s.n_images, s.n_captions, s.rows_per_image) == (35, 7, 35, 5)
+    blocks = list(s.iter_image_blocks(block_images=3))
+    assert [start for start, _ in blocks] == [0, 3, 6]
+    assert [b.shape for _, b in blocks] == [(3, 36, 8), (3, 36, 8), (1, 36, 8)]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), feats)
+    assert blocks[2][1][0, 35, 7] == np.float32(6 + 0.35 + 0.0007)
+
+
+def test_im_div_uses_first_row_of_each_group(tmp_path, testall_lines):
+    """Image i is row 5 i; the four repeats are not read."""
+    rows = np.zeros((10, 36, 4), np.float32)
+    rows[0], rows[5] = 1.0, 2.0
+    rows[1:5], rows[6:10] = -7.0, -9.0
+    np.save(tmp_path / "dev_ims.npy", rows)
+    (tmp_path / "dev_caps.txt").write_text("\n".join(testall_lines[:10]) + "\n")
+    s = PrecompSplit.open(tmp_path, "dev", feature_dim=4)
+    assert (s.n_images, s.rows_per_image) == (2, 5)
+    ((start, block),) = s.iter_image_blocks()
+    assert start == 0
+    assert block[:, 0, 0].tolist() == [1.0, 2.0]
+
+
+def test_five_rows_five_captions_is_one_image_repeated(tmp_path, testall_lines):
+    np.save(tmp_path / "test_ims.npy", np.ones((5, 36, 2), np.float32))
+    (tmp_path / "test_caps.txt").write_text("\n".join(testall_lines[:5]))  # no final newline
+    s = PrecompSplit.open(tmp_path, "test", feature_dim=2)
+    assert (s.n_images, s.n_captions, s.rows_per_image) == (1, 5, 5)
+
+
+@pytest.mark.parametrize("block_images", [1, 2, 3, 7, 128])
+def test_blocks_cover_all_images_in_order(make_precomp, block_images):
+    folder, feats, _ = make_precomp(n_images=7)
+    blocks = list(_open(folder).iter_image_blocks(block_images))
+    starts = [s for s, _ in blocks]
+    assert starts == list(range(0, 7, block_images))
+    for start, block in blocks:
+        assert block.dtype == np.float32
+        assert block.shape == (min(block_images, 7 - start), 36, 8)
+        np.testing.assert_array_equal(block, feats[start : start + len(block)])
+    assert sum(len(b) for _, b in blocks) == 7
+
+
+@pytest.mark.parametrize("rows_per_image", [1, 5])
+def test_iteration_never_loads_the_whole_file(make_precomp, monkeypatch, rows_per_image):
+    """No np.load; each memmap spans at most one block of rows; blocks are (block, R, D)."""
+    folder, feats, _ = make_precomp(n_images=7, rows_per_image=rows_per_image)
+    s = _open(folder)
+
+    def no_load(*a, **k):
+        raise AssertionError("np.load must not be used on the feature file")
+
+    real_memmap = np.memmap
+    mapped = []
+
+    def spy_memmap(*args, **kwargs):
+        mapped.append(kwargs["shape"])
+        return real_memmap(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", no_load)
+    monkeypatch.setattr(np, "fromfile", no_load)
+    monkeypatch.setattr(np, "memmap", spy_memmap)
+    blocks = list(s.iter_image_blocks(block_images=2))
+    assert [b.shape for _, b in blocks] == [(2, 36, 8)] * 3 + [(1, 36, 8)]
+    if rows_per_image == 1:
+        assert mapped == [(2, 36, 8)] * 3 + [(1, 36, 8)]
+    else:  # image i is row 5i: a block of 2 images maps rows 5i .. 5i+5
+        assert mapped == [(6, 36, 8)] * 3 + [(1, 36, 8)]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), feats)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_float_dtypes_are_read_as_float32(make_precomp, dtype):
+    folder, feats, _ = make_precomp(n_images=3, dtype=dtype)
+    s = _open(folder)
+    assert s.dtype == dtype
+    ((_, block),) = s.iter_image_blocks()
+    assert block.dtype == np.float32
+    np.testing.assert_array_equal(block, feats.astype(dtype).astype(np.float32))
+
+
+def test_any_shape_accepted_with_none(make_precomp):
+    folder, feats, _ = make_precomp(n_images=2, regions=5, feature_dim=3)
+    s = PrecompSplit.open(folder, "test", regions=None, feature_dim=None)
+    assert (s.regions, s.feature_dim) == (5, 3)
+    ((_, block),) = s.iter_image_blocks()
+    np.testing.assert_array_equal(block, feats)
+
+
+def test_captions_sha256_is_stable_and_content_based(make_precomp, tmp_path):
+    a, _, _ = make_precomp("a", n_images=2)
+    b, _, _ = make_precomp("b", n_images=2)
+    c, _, _ = make_precomp("c", n_images=2, first_line=10)
+    assert _open(a).captions_sha256() == _open(b).captions_sha256()
+    assert _open(a).captions_sha256() != _open(c).captions_sha256()
+
+
+def test_read_captions_strips_and_accepts_crlf(tmp_path):
+    p = tmp_path / "caps.txt"
+    p.write_bytes(b"  A dog .  \r\nA cat .\r\n")
+    assert read_captions(p) == ["A dog .", "A cat ."]
+
+
+def test_read_captions_refuses_an_empty_file(tmp_path):
+    p = tmp_path / "caps.txt"
+    p.write_bytes(b"")
+    with pytest.raises(DataError, match="no captions") as info:
+        read_captions(p)
+    assert info.value.path == p
+
+
+def test_splits():
+    assert SPLITS == ("train", "dev", "test", "testall")
+
+
+def test_bad_input_raises_data_error_naming_the_file(bad_precomp):
+    """Open and iterate: every malformed input of conftest.BAD_CASES is refused."""
+    with pytest.raises(DataError) as info:
+        s = PrecompSplit.open(bad_precomp.folder, bad_precomp.split, feature_dim=bad_precomp.feature_dim)
+        for _ in s.iter_image_blocks(block_images=2):
+            pass
+    assert info.value.path == bad_precomp.named
+    assert str(bad_precomp.named) in str(info.value)
+    assert bad_precomp.detail in str(info.value)
+
+
+def test_non_finite_found_in_a_later_block_names_the_image(make_precomp):
+    folder, _, _ = make_precomp(n_images=7, rows_per_image=5)
+    a = np.load(folder / "test_ims.npy")
+    a[25, 1, 1] = np.nan  # image 5
+    np.save(folder / "test_ims.npy", a)
+    s = _open(folder)
+    it = s.iter_image_blocks(block_images=2)
+    assert next(it)[0] == 0
+    assert next(it)[0] == 2
+    with pytest.raises(DataError, match=r"image 5 \(row 25\) has NaN or Inf"):
+        next(it)
+
+
+def test_fortran_order_refused(make_precomp):
+    folder, feats, _ = make_precomp(n_images=2)
+    np.save(folder / "test_ims.npy", np.asfortranarray(feats))
+    with pytest.raises(DataError, match="Fortran") as info:
+        _open(folder)
+    assert info.value.path == folder / "test_ims.npy"
+
+
+def test_zero_rows_refused(tmp_path):
+    np.save(tmp_path / "test_ims.npy", np.zeros((0, 36, 8), np.float32))
+    (tmp_path / "test_caps.txt").write_text("a dog\n")
+    with pytest.raises(DataError, match="no rows"):
+        _open(tmp_path)

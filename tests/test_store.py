@@ -1,0 +1,235 @@
+"""heiindex.store: Parquet writers, SplitStore reading, content checksums, atomic folders."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from heiindex.errors import DataError
+from heiindex.store import (
+    CAPTIONS_FILE,
+    FORMAT_VERSION,
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    ImageWriter,
+    SplitStore,
+    atomic_dir,
+    file_sha256,
+    write_captions,
+    write_json,
+)
+
+R, D = 4, 3
+TOKENS = [[1, 4, 5, 2], [1, 6, 2], [1, 4, 7, 8, 9, 2], [1, 2], [1, 10, 11, 2]]
+TEXTS = ["a dog", "cat", "a b c d", "", "e f"]
+
+
+def _feats(n: int, offset: int = 0) -> np.ndarray:
+    return np.arange(n * R * D, dtype=np.float32).reshape(n, R, D) + 1000 * offset
+
+
+def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
+    """images 0..4 in the given blocks, 5 captions (one per image); returns (images_sha, captions_sha)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    w = ImageWriter(folder / IMAGES_FILE, R, D)
+    feats = _feats(5)
+    for a, b in blocks:
+        w.write(np.arange(a, b), feats[a:b])
+    images_sha = w.close()
+    captions_sha = write_captions(folder / CAPTIONS_FILE, np.arange(5), np.arange(5), TEXTS, TOKENS)
+    write_json(
+        folder / MANIFEST_FILE,
+        {
+            "format_version": version,
+            "split": "test",
+            "images": {"count": 5, "regions": R, "feature_dim": D, "sha256": images_sha},
+            "captions": {"count": 5, "sha256": captions_sha},
+        },
+    )
+    return images_sha, captions_sha
+
+
+def test_image_writer_round_trip_through_split_store(tmp_path):
+    images_sha, captions_sha = _write_split(tmp_path / "test")
+    store = SplitStore.open(tmp_path, "test")
+    assert (store.split, store.n_images, store.n_captions, store.regions, store.feature_dim) == ("test", 5, 5, R, D)
+    assert store.n_row_groups == 2
+    assert store.vocab_path() == tmp_path / "vocab.json"
+
+    blocks = list(store.iter_image_blocks(block_images=2))
+    assert [ids.tolist() for ids, _ in blocks] == [[0, 1], [2, 3], [4]]
+    assert [f.shape for _, f in blocks] == [(2, R, D), (2, R, D), (1, R, D)]
+    assert all(f.dtype == np.float32 for _, f in blocks)
+    np.testing.assert_array_equal(np.concatenate([f for _, f in blocks]), _feats(5))
+
+    ids, f = store.read_row_group(1)
+    assert ids.tolist() == [3, 4]
+    np.testing.assert_array_equal(f, _feats(5)[3:5])
+    assert f[1, 3, 2] == 4 * R * D + 3 * D + 2  # image 4, region 3, feature 2
+
+    assert store.checksum == hashlib.sha256((images_sha + captions_sha).encode()).hexdigest()
+
+
+def test_images_parquet_schema(tmp_path):
+    _write_split(tmp_path / "test")
+    pf = pq.ParquetFile(tmp_path / "test" / IMAGES_FILE)
+    schema = pf.schema_arrow
+    assert schema.field("image_id").type == pa.int64()
+    assert schema.field("features").type == pa.list_(pa.float32(), R * D)
+    assert schema.metadata[b"regions"] == b"4" and schema.metadata[b"feature_dim"] == b"3"
+    assert pf.metadata.num_rows == 5
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [3, 2]
+
+
+def test_captions_round_trip_padding_and_lengths(tmp_path):
+    _write_split(tmp_path / "test")
+    caps = SplitStore.open(tmp_path, "test").captions()
+    assert len(caps) == 5
+    assert caps.caption_ids.tolist() == [0, 1, 2, 3, 4]
+    assert caps.image_ids.tolist() == [0, 1, 2, 3, 4]
+    assert caps.texts == TEXTS
+    assert caps.lengths.tolist() == [4, 3, 6, 2, 4]
+    assert caps.tokens.dtype == np.int64
+    assert caps.tokens.tolist() == [
+        [1, 4, 5, 2, 0, 0],
+        [1, 6, 2, 0, 0, 0],
+        [1, 4, 7, 8, 9, 2],
+        [1, 2, 0, 0, 0, 0],
+        [1, 10, 11, 2, 0, 0],
+    ]
+    table = pq.read_table(tmp_path / "test" / CAPTIONS_FILE)
+    assert table.schema.field("tokens").type == pa.list_(pa.int32())
+    assert table.column("tokens").to_pylist() == TOKENS
+
+
+def test_image_checksum_is_sha256_of_all_ids_and_all_features(tmp_path):
+    images_sha, _ = _write_split(tmp_path / "test")
+    ids = hashlib.sha256(np.arange(5, dtype=np.int64).tobytes()).hexdigest()
+    feats = hashlib.sha256(_feats(5).tobytes()).hexdigest()
+    assert images_sha == hashlib.sha256((ids + feats).encode()).hexdigest()
+
+
+def test_checksums_stable_across_writes(tmp_path):
+    a = _write_split(tmp_path / "a")
+    b = _write_split(tmp_path / "b")
+    assert a == b
+    assert all(len(x) == 64 for x in a)
+    for name in (IMAGES_FILE, CAPTIONS_FILE):
+        assert file_sha256(tmp_path / "a" / name) == file_sha256(tmp_path / "b" / name)
+    assert file_sha256(tmp_path / "a" / IMAGES_FILE, chunk=7) == file_sha256(tmp_path / "a" / IMAGES_FILE)
+
+
+def test_checksums_change_with_content(tmp_path):
+    base = write_captions(tmp_path / "c0.parquet", np.arange(5), np.arange(5), TEXTS, TOKENS)
+    other_tokens = [t[:] for t in TOKENS]
+    other_tokens[2][1] = 3
+    assert write_captions(tmp_path / "c1.parquet", np.arange(5), np.arange(5), TEXTS, other_tokens) != base
+    assert write_captions(tmp_path / "c2.parquet", np.arange(5), np.arange(5), [*TEXTS[:4], "e g"], TOKENS) != base
+    assert write_captions(tmp_path / "c3.parquet", np.arange(5), np.arange(5) // 2, TEXTS, TOKENS) != base
+
+    w0 = ImageWriter(tmp_path / "i0.parquet", R, D)
+    w0.write(np.arange(2), _feats(2))
+    w1 = ImageWriter(tmp_path / "i1.parquet", R, D)
+    changed = _feats(2)
+    changed[1, 2, 0] += 0.5
+    w1.write(np.arange(2), changed)
+    assert w0.close() != w1.close()
+    assert w0.count == w1.count == 2
+
+
+def test_image_writer_rejects_wrong_block_shape(tmp_path):
+    w = ImageWriter(tmp_path / "i.parquet", R, D)
+    with pytest.raises(ValueError):
+        w.write(np.arange(2), np.zeros((2, R, D + 1), np.float32))
+    w.close()
+
+
+def test_image_writer_extra_columns(tmp_path):
+    w = ImageWriter(tmp_path / "i.parquet", R, D, extra={"codes": pa.list_(pa.uint8(), 2), "label": pa.int32()})
+    w.write(np.arange(2), _feats(2), codes=np.array([[1, 2], [3, 4]], np.uint8), label=np.array([7, 8]))
+    w.close()
+    t = pq.read_table(tmp_path / "i.parquet")
+    assert t.column("codes").to_pylist() == [[1, 2], [3, 4]]
+    assert t.column("label").to_pylist() == [7, 8]
+
+
+# -- SplitStore refusing bad stores -------------------------------------------------------
+
+
+def test_split_store_without_manifest(tmp_path):
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataError, match="ingest") as info:
+        SplitStore.open(tmp_path, "test")
+    assert info.value.path == tmp_path / "test" / MANIFEST_FILE
+
+
+def test_split_store_wrong_format_version(tmp_path):
+    _write_split(tmp_path / "test", version=FORMAT_VERSION + 1)
+    with pytest.raises(DataError, match="format_version") as info:
+        SplitStore.open(tmp_path, "test")
+    assert info.value.path == tmp_path / "test" / MANIFEST_FILE
+
+
+def test_split_store_manifest_not_json(tmp_path):
+    _write_split(tmp_path / "test")
+    (tmp_path / "test" / MANIFEST_FILE).write_text("{oops")
+    with pytest.raises(DataError, match="not valid JSON"):
+        SplitStore.open(tmp_path, "test")
+
+
+def test_split_store_missing_file(tmp_path):
+    _write_split(tmp_path / "test")
+    (tmp_path / "test" / CAPTIONS_FILE).unlink()
+    with pytest.raises(DataError, match="store file missing") as info:
+        SplitStore.open(tmp_path, "test")
+    assert info.value.path == tmp_path / "test" / CAPTIONS_FILE
+
+
+# -- atomic_dir ---------------------------------------------------------------------------
+
+
+def test_atomic_dir_success_creates_target(tmp_path):
+    target = tmp_path / "root" / "test"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        assert not target.exists()
+        (tmp / "x.txt").write_text("new")
+    assert (target / "x.txt").read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["test"]
+
+
+def test_atomic_dir_replaces_older_target_on_success(tmp_path):
+    target = tmp_path / "test"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
+
+
+def test_atomic_dir_failure_leaves_no_partial_folder(tmp_path):
+    target = tmp_path / "test"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.parquet").write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
+    target = tmp_path / "test"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "old.txt").write_text("half-written")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
