@@ -50,5 +50,226 @@ def ingest(precomp: Path, split: str, out: Path, vocab: Path | None, regions: in
     click.echo(summary.line())
 
 
+def _store_root(store: Path | None) -> Path:
+    """The given store root, or the default coco-sim one (generated on first use)."""
+    if store is not None:
+        return store
+    from heiindex.default_data import ensure_coco_sim
+
+    return ensure_coco_sim(progress=True, log=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@handle_errors
+def prepare() -> None:
+    """Generate the default coco-sim data (real captions, SIMULATED image features) if missing."""
+    root = _store_root(None)
+    click.echo(f"coco-sim stores ready in {root}")
+
+
+@cli.command()
+@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lr-decay-epochs", type=int, default=5, show_default=True, help="Divide lr by 10 every N epochs.")
+@click.option("--embed-size", type=int, default=256, show_default=True)
+@click.option("--cross-attn", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
+@click.option("--raw-feature-norm", default="clipped_l2norm", show_default=True)
+@click.option("--agg", type=click.Choice(["lse", "mean", "max", "sum"]), default="lse", show_default=True)
+@click.option("--lambda-lse", type=float, default=6.0, show_default=True)
+@click.option("--lambda-softmax", type=float, default=9.0, show_default=True)
+@click.option("--margin", type=float, default=0.2, show_default=True)
+@click.option("--max-violation/--sum-violation", default=True, show_default=True, help="Hardest negative, or all.")
+@click.option("--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.")
+@handle_errors
+def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross_attn, raw_feature_norm, agg,
+          lambda_lse, lambda_softmax, margin, max_violation, val_images, seed, resume) -> None:
+    """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
+    from heiindex.attention import AttentionConfig
+    from heiindex.model import ScanConfig
+    from heiindex.train import TrainConfig
+    from heiindex.train import train as run_train
+    from heiindex.vocab import Vocab
+
+    root = _store_root(store)
+    vocab = Vocab.load(root / "vocab.json")
+    att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
+    mcfg = None if resume and (out / "last").exists() else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, attention=att)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=lr_decay_epochs, margin=margin,
+                       max_violation=max_violation, seed=seed, val_images=val_images)
+    res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
+    click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
+
+
+@cli.command("train-hash")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder (default: the coco-sim model).")
+@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--bits", type=int, default=128, show_default=True, help="Code length k (multiple of 8).")
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--rounds", type=int, default=2, show_default=True, help="Passes of freshly batched matcher scores.")
+@click.option("--val-candidates", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def train_hash_cmd(model_dir, store, out, bits, epochs, lr, rounds, val_candidates, seed) -> None:
+    """Train the HEI hash layers next to a frozen matcher."""
+    from heiindex.checkpoint import load_model
+    from heiindex.default_data import default_model_dir
+    from heiindex.hashing import HashConfig
+    from heiindex.train_hash import HashTrainConfig, train_hash
+
+    matcher = load_model(model_dir or default_model_dir())
+    hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size)
+    tcfg = HashTrainConfig(epochs=epochs, lr=lr, rounds=rounds, val_candidates=val_candidates, seed=seed)
+    res = train_hash(matcher, _store_root(store), out, hcfg, tcfg, progress=True, log=click.echo)
+    rec = res["dev_candidate_recall"]
+    click.echo(f"best epoch {res['best_epoch']}: dev candidate recall@{rec['n']} t2i {100 * rec['t2i']:.1f}% "
+               f"i2t {100 * rec['i2t']:.1f}%; hash module in {out}")
+
+
+@cli.command("import-scan")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--vocab", type=click.Path(path_type=Path), required=True, help="SCAN vocab JSON of that model.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="heiindex model folder to write.")
+@handle_errors
+def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
+    """Convert SCAN's model_best.pth.tar into a heiindex model folder (no arbitrary unpickling)."""
+    from heiindex.scan_import import import_scan_checkpoint
+
+    path = import_scan_checkpoint(checkpoint, vocab, out)
+    click.echo(f"imported {checkpoint} -> {path}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder (default: the coco-sim model).")
+@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def evaluate(model_dir, store, split, as_json) -> None:
+    """Exhaustive R@K of a matcher on a split (every caption against every image)."""
+    from heiindex.checkpoint import load_model
+    from heiindex.default_data import default_model_dir
+    from heiindex.encode import encode_split
+    from heiindex.scoring import evaluate_exhaustive
+    from heiindex.store import SplitStore
+
+    from .render import console, echo_json, recall_table
+
+    matcher = load_model(model_dir or default_model_dir())
+    st = SplitStore.open(_store_root(store), split)
+    res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, st, progress=True))
+    out = {"split": split, "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": res.rsum, "seconds": res.seconds}
+    if as_json:
+        echo_json(out)
+    else:
+        console.print(recall_table(f"{split}: exhaustive ({st.n_images} images, {st.n_captions} captions)",
+                                   [("text-to-image", out["t2i"]), ("image-to-text", out["i2t"])]))
+        click.echo(f"rsum {res.rsum:.1f}, {res.seconds:.1f} s")
+
+
+@cli.command()
+@click.option("--split", default="test", show_default=True)
+@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder.")
+@click.option("--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module folder.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT).")
+@click.option("--index", "index_type", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True)
+@click.option("--nlist", type=int, default=None, help="IVF lists (default sqrt(n)).")
+@click.option("--nprobe", type=int, default=8, show_default=True)
+@handle_errors
+def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe) -> None:
+    """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
+    from heiindex import default_data as dd
+    from heiindex.index import Index
+
+    root = _store_root(store)
+    out = out or dd.default_index_dir(split)
+    index = Index.build(root, split, model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir(), out,
+                        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True)
+    if store is None:
+        (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
+    m = index.manifest
+    click.echo(f"built {split}: {m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
+               f"{index_type} index -> {out}")
+
+
+def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None):
+    from heiindex import default_data as dd
+    from heiindex.index import Index
+
+    return Index.open(index_dir or dd.last_built_index(), model_dir, hash_dir)
+
+
+@cli.command()
+@click.argument("text", required=False)
+@click.option("--image", "image_id", type=int, default=None, help="Image id: find captions for it instead.")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None, help="Index folder (default: the last built).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher (must be the index's).")
+@click.option("--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module (must be the index's).")
+@click.option("--candidates", type=int, default=100, show_default=True, help="N: Hamming candidates to re-rank.")
+@click.option("--k", type=int, default=10, show_default=True, help="Results to show.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, as_json) -> None:
+    """Text-to-image search for TEXT, or image-to-text search with --image ID."""
+    from .render import console, echo_json, search_table
+
+    if (text is None) == (image_id is None):
+        raise click.UsageError("give a TEXT query or --image ID (one of them)")
+    index = _open_index(index_dir, model_dir, hash_dir)
+    res = index.search_image(image_id, k, candidates) if image_id is not None else index.search(text, k, candidates)
+    if as_json:
+        echo_json(res.to_dict())
+        return
+    console.print(search_table(res, image_id is not None))
+    if res.unknown_words:
+        click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
+    click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
+
+
+@cli.command()
+@click.option("--topk", type=int, default=100, show_default=True, help="N: Hamming candidates re-ranked.")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None, help="Index folder (default: the last built).")
+@click.option("--sweep", default=None, help="Comma-separated N values for a recall-versus-N table, e.g. 10,20,50,100,200.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG for the sweep (default: bench_sweep.png beside the index).")
+@click.option("--protocol", type=click.Choice(["auto", "full", "1k"]), default="auto", show_default=True,
+              help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def bench(topk, index_dir, sweep, plot, protocol, as_json) -> None:
+    """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings."""
+    from heiindex.bench import run_bench
+
+    from .render import bench_tables, console, echo_json
+
+    index = _open_index(index_dir, None, None)
+    sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
+    try:
+        res = run_bench(index, topk, sweep_list, protocol)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if sweep_list:
+        from heiindex.plot import plot_sweep
+
+        primary = res.get("5k") or res.get("full") or res.get("1k")
+        res["plot"] = str(plot_sweep(primary["sweep"], plot or index.path / "bench_sweep.png"))
+    if as_json:
+        echo_json(res)
+        return
+    for name in ("full", "5k", "1k"):
+        if name in res:
+            label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K", "1k": "COCO 1K (mean of 5 folds)"}[name]
+            for t in bench_tables(label, res[name]):
+                console.print(t)
+    if "plot" in res:
+        click.echo(f"sweep plot: {res['plot']}")
+
+
 if __name__ == "__main__":
     cli()

@@ -29,7 +29,7 @@ from .scoring import evaluate_exhaustive
 from .store import SplitStore
 from .vocab import Vocab
 
-__all__ = ["TrainConfig", "contrastive_loss", "train"]
+__all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]
 
 STATE_FILE = "train_state.pt"
 
@@ -74,7 +74,7 @@ class TrainResult:
     out: Path | None = None
 
 
-def _batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
+def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
     groups = rng.permutation(store.n_row_groups)
     for g0 in range(0, len(groups), buffer_groups):
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
@@ -148,7 +148,7 @@ def train(
         n_batches = -(-tr.n_captions // config.batch_size)
         bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for feats, tok, lens, img_ids in _batches(tr, caps, config.batch_size, rng, config.buffer_row_groups):
+        for feats, tok, lens, img_ids in iter_training_batches(tr, caps, config.batch_size, rng, config.buffer_row_groups):
             lens_t = torch.from_numpy(lens)
             regions = model.encode_images(torch.from_numpy(feats))
             words = model.encode_captions(torch.from_numpy(tok), lens_t)

@@ -1,0 +1,61 @@
+"""Rendering library results as rich tables (the CLI's only formatting code)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(soft_wrap=False, width=160)
+
+
+def echo_json(data) -> None:
+    print(json.dumps(data, indent=2, default=float))
+
+
+def search_table(result, image_query: bool) -> Table:
+    title = f"query image {result.query}" if image_query else f"query: {result.query!r}"
+    table = Table(title=title)
+    for col in ("rank", "id", "score", "hamming"):
+        table.add_column(col, justify="right")
+    table.add_column("caption" if image_query else "captions of the image")
+    for h in result.results:
+        text = h.text if image_query else "\n".join(h.captions or [])
+        table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", str(h.hamming), text)
+    return table
+
+
+def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    table = Table(title=title)
+    table.add_column("method")
+    for col in ("R@1", "R@5", "R@10", "medr", "meanr", "rsum", "seconds"):
+        table.add_column(col, justify="right")
+    for name, r in rows:
+        table.add_row(name, f"{r['r1']:.1f}", f"{r['r5']:.1f}", f"{r['r10']:.1f}", f"{r['medr']:.0f}",
+                      f"{r['meanr']:.1f}", f"{r['rsum']:.1f}", f"{r['seconds']:.2f}" if "seconds" in r else "")
+    return table
+
+
+def bench_tables(proto_name: str, res: dict) -> list[Table]:
+    tables = []
+    for direction, label in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
+        d = res[direction]
+        rows = [(k, d[k]) for k in ("exhaustive", "hei", "hamming") if k in d]
+        t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, "
+                         f"N = {res['candidates']})", rows)
+        extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
+        if "speedup" in d:
+            extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
+        t.caption = extra
+        tables.append(t)
+    if res.get("sweep"):
+        t = Table(title=f"{proto_name}: recall versus N")
+        for col in ("N", "t2i R@1", "t2i rsum", "t2i cand. recall", "i2t R@1", "i2t rsum", "i2t cand. recall"):
+            t.add_column(col, justify="right")
+        for row in res["sweep"]:
+            a, b = row["t2i"], row["i2t"]
+            t.add_row(str(row["candidates"]), f"{a['r1']:.1f}", f"{a['rsum']:.1f}", f"{100 * a['candidate_recall']:.1f}%",
+                      f"{b['r1']:.1f}", f"{b['rsum']:.1f}", f"{100 * b['candidate_recall']:.1f}%")
+        tables.append(t)
+    return tables

@@ -1,0 +1,172 @@
+"""``heiindex bench``: exhaustive attention vs HEI (Hamming top-N + re-rank) vs Hamming alone.
+
+For each protocol (the whole split; on ``testall`` also COCO 1K, the mean over 5 folds of
+1,000 images) and each direction: R@1/5/10, median and mean rank, rsum, the fraction of
+queries whose ground truth is among the N candidates, wall seconds of each stage and the
+speed-up of HEI over exhaustive. The exhaustive score matrix serves both directions, so each
+direction's exhaustive time is the time of that one matrix.
+What this module must not do: print (the CLI renders the returned dict).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .attention import score_caption_candidates, score_image_candidates
+from .evaluation import coco_folds, i2t_ranks, recall, t2i_ranks
+from .hamming import hamming_candidates, make_binary_index
+from .index import Index
+from .scoring import exhaustive_scores
+
+__all__ = ["run_bench"]
+
+
+def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Negative Hamming distances (q, n) as float32 scores (higher is nearer)."""
+    qb = np.unpackbits(q_codes, axis=1, bitorder="little").astype(np.float32) * 2 - 1
+    xb = np.unpackbits(x_codes, axis=1, bitorder="little").astype(np.float32) * 2 - 1
+    k = qb.shape[1]
+    out = np.empty((len(qb), len(xb)), dtype=np.float32)
+    for s in range(0, len(qb), block):
+        out[s : s + block] = -(k - qb[s : s + block] @ xb.T) / 2
+    return out
+
+
+@torch.no_grad()
+def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
+    """HEI in both directions over a subset (rows into the index's images / captions)."""
+    model = index.model
+    sub = index
+    regions, gram = sub.regions[img_rows], sub.gram[img_rows]
+    words, lengths = sub.words[cap_rows], sub.lengths[cap_rows]
+    row_in_sub = np.full(index.n_images, -1)
+    row_in_sub[img_rows] = np.arange(len(img_rows))
+    gt = row_in_sub[index.caption_image[cap_rows]]
+    img_codes, cap_codes = index.image_codes()[img_rows], index.caption_codes()[cap_rows]
+    out = {}
+    # text to image
+    t0 = time.perf_counter()
+    img_index = index.image_index if use_stored else make_binary_index(img_codes)
+    _, cand = hamming_candidates(img_index, cap_codes, n)
+    t_ham = time.perf_counter() - t0
+    scores = score_image_candidates(model.attention, words, lengths, regions, torch.from_numpy(cand), gram).numpy()
+    seconds = time.perf_counter() - t0
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, axis=1)
+    hit = ranked == gt[:, None]
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
+    out["t2i"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
+                  "candidate_recall": float(np.mean((cand == gt[:, None]).any(axis=1)))}
+    # image to text
+    t0 = time.perf_counter()
+    cap_index = index.caption_index if use_stored else make_binary_index(cap_codes)
+    _, ccand = hamming_candidates(cap_index, img_codes, n)
+    t_ham = time.perf_counter() - t0
+    scores = score_caption_candidates(model.attention, regions, words, lengths, torch.from_numpy(ccand), gram).numpy()
+    seconds = time.perf_counter() - t0
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked_img = gt[np.take_along_axis(ccand, order, axis=1)]
+    hit = ranked_img == np.arange(len(img_rows))[:, None]
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
+    out["i2t"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
+                  "candidate_recall": float(np.mean((gt[ccand] == np.arange(len(img_rows))[:, None]).any(axis=1)))}
+    out["gt"] = gt
+    out["codes"] = (img_codes, cap_codes)
+    return out
+
+
+def _protocol(index: Index, img_rows: np.ndarray, n: int, sweep: list[int], use_stored: bool,
+              exhaustive: bool = True) -> dict:
+    cap_mask = np.isin(index.caption_image, img_rows)
+    cap_rows = np.flatnonzero(cap_mask)
+    hei = _hei(index, img_rows, cap_rows, n, use_stored)
+    gt = hei["gt"]
+    img_codes, cap_codes = hei["codes"]
+    res: dict = {"images": int(len(img_rows)), "captions": int(len(cap_rows)), "candidates": n}
+    ex_scores, ex_seconds = None, None
+    if exhaustive:
+        enc = _Sub(index, img_rows, cap_rows)
+        t0 = time.perf_counter()
+        ex_scores = exhaustive_scores(index.model, enc)
+        ex_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ham = _hamming_scores(cap_codes, img_codes)
+    ham_seconds = time.perf_counter() - t0
+    for direction in ("t2i", "i2t"):
+        d = {}
+        if ex_scores is not None:
+            ranks = t2i_ranks(ex_scores, gt) if direction == "t2i" else i2t_ranks(ex_scores.T, gt)
+            d["exhaustive"] = {**recall(ranks).to_dict(), "seconds": ex_seconds}
+        d["hei"] = {**recall(hei[direction]["ranks"]).to_dict(), "seconds": hei[direction]["seconds"]}
+        hranks = t2i_ranks(ham, gt) if direction == "t2i" else i2t_ranks(ham.T, gt)
+        d["hamming"] = {**recall(hranks).to_dict(), "seconds": ham_seconds}
+        d["candidate_recall"] = hei[direction]["candidate_recall"]
+        if ex_seconds is not None:
+            d["speedup"] = ex_seconds / max(hei[direction]["seconds"], 1e-9)
+        res[direction] = d
+    if sweep:
+        rows = []
+        for m in sweep:
+            if m > min(len(img_rows), len(cap_rows)):
+                continue
+            h = _hei(index, img_rows, cap_rows, m, use_stored)
+            row = {"candidates": m}
+            for direction in ("t2i", "i2t"):
+                r = recall(h[direction]["ranks"])
+                row[direction] = {**r.to_dict(), "candidate_recall": h[direction]["candidate_recall"],
+                                  "seconds": h[direction]["seconds"]}
+            rows.append(row)
+        res["sweep"] = rows
+    return res
+
+
+class _Sub:
+    """The slice of an index's encoded features that one protocol scores."""
+
+    def __init__(self, index: Index, img_rows: np.ndarray, cap_rows: np.ndarray) -> None:
+        self.regions = index.regions[img_rows]
+        self.gram = index.gram[img_rows]
+        self.words = index.words[cap_rows]
+        self.lengths = index.lengths[cap_rows]
+
+
+def _mean_of(results: list[dict]) -> dict:
+    """Average numeric leaves of several protocol results (COCO 1K: mean over folds)."""
+    first = results[0]
+    out: dict = {}
+    for k, v in first.items():
+        if isinstance(v, dict):
+            out[k] = _mean_of([r[k] for r in results])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [r[k] for r in results]
+            out[k] = sum(vals) if k in ("seconds",) else float(np.mean(vals))
+        elif k != "sweep":
+            out[k] = v
+    return out
+
+
+def run_bench(index: Index, topk: int = 100, sweep: list[int] | None = None, protocols: str = "auto",
+              exhaustive: bool = True) -> dict:
+    """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
+    split has 5,000 images, as ``testall``), "full" or "1k"."""
+    if topk < 1 or topk > min(index.n_images, index.n_captions):
+        raise ValueError(f"--topk {topk} must lie in [1, {min(index.n_images, index.n_captions)}] for this index")
+    sweep = sorted(set(sweep or []))
+    out: dict = {"split": index.manifest["split"], "index": str(index.path), "bits": index.manifest["hash"]["bits"],
+                 "index_type": index.manifest["index"]["type"], "threads": torch.get_num_threads()}
+    all_rows = np.arange(index.n_images)
+    if protocols in ("auto", "full"):
+        name = "5k" if index.n_images == 5000 else "full"
+        out[name] = _protocol(index, all_rows, topk, sweep, use_stored=True, exhaustive=exhaustive)
+    if protocols == "1k" or (protocols == "auto" and index.n_images == 5000):
+        folds = [_protocol(index, np.arange(s, e), topk, [], use_stored=False, exhaustive=exhaustive)
+                 for s, e in coco_folds(index.n_images)]
+        out["1k"] = _mean_of(folds)
+        out["1k"]["folds"] = len(folds)
+    primary = out.get("5k") or out.get("full") or out["1k"]
+    for direction in ("t2i", "i2t"):
+        out[direction] = primary[direction]
+    return out

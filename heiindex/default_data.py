@@ -1,0 +1,95 @@
+"""The bundled default dataset, "coco-sim": real COCO captions, SIMULATED image features.
+
+Captions and SCAN's COCO vocabulary ship in ``data/coco-captions/``; the image features are
+generated on first use by ``heiindex.simulate`` (seeded, deterministic) and go through the
+same ingest path as real data. Splits: ``test`` = the first 1,000 images of COCO 5K
+``testall`` (COCO 1K fold 1), ``train`` = its other 4,000 images, ``dev`` = SCAN's dev images.
+Numbers on coco-sim are NOT comparable with published COCO numbers: the image side is made up.
+
+Where things live (``HEIINDEX_DATA`` overrides the data folder)::
+
+    data/coco-captions/              shipped captions and vocab
+    data/models/scan-coco-sim/       the default matcher (committed)
+    data/models/hash-coco-sim/       the default hash module (committed)
+    data/coco-sim/precomp/           generated SCAN-format features (git-ignored)
+    data/coco-sim/store/             ingested Parquet stores (git-ignored)
+    data/coco-sim/index/{split}/     built indexes (git-ignored)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .ingest import ingest
+from .simulate import SimConfig, write_coco_sim_precomp
+
+__all__ = [
+    "SPLITS",
+    "coco_sim_dir",
+    "data_dir",
+    "default_hash_dir",
+    "default_index_dir",
+    "default_model_dir",
+    "ensure_coco_sim",
+    "last_built_index",
+]
+
+SPLITS = ("train", "dev", "test")
+# Bump when the simulator's output changes, so cached data is regenerated.
+SIM_VERSION = 1
+
+
+def data_dir() -> Path:
+    env = os.environ.get("HEIINDEX_DATA")
+    if env:
+        return Path(env)
+    repo_data = Path(__file__).resolve().parent.parent / "data"
+    return repo_data if (repo_data / "coco-captions").exists() else Path.cwd() / "data"
+
+
+def coco_sim_dir() -> Path:
+    return data_dir() / "coco-sim"
+
+
+def default_model_dir() -> Path:
+    return data_dir() / "models" / "scan-coco-sim"
+
+
+def default_hash_dir() -> Path:
+    return data_dir() / "models" / "hash-coco-sim"
+
+
+def default_index_dir(split: str) -> Path:
+    return coco_sim_dir() / "index" / split
+
+
+def last_built_index() -> Path:
+    """The index the last ``build`` on the default data wrote (``test`` if none)."""
+    marker = coco_sim_dir() / "index" / "LAST"
+    return Path(marker.read_text().strip()) if marker.exists() else default_index_dir("test")
+
+
+def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:
+    """Generate and ingest coco-sim once; return its store root."""
+    root = coco_sim_dir()
+    store = root / "store"
+    stamp = root / "VERSION.json"
+    want = {"sim_version": SIM_VERSION, "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+    if stamp.exists() and json.loads(stamp.read_text()) == want and all(
+        (store / s / "manifest.json").exists() for s in SPLITS
+    ):
+        return store
+    captions = data_dir() / "coco-captions"
+    log("generating coco-sim (real COCO captions, simulated image features) ...")
+    write_coco_sim_precomp(captions, root / "precomp", config)
+    vocab = captions / "coco_precomp_vocab.json"
+    if (store / "vocab.json").exists():
+        (store / "vocab.json").unlink()
+    for split in SPLITS:
+        summary = ingest(root / "precomp", split, store, vocab=vocab, regions=config.regions,
+                         feature_dim=config.feature_dim, progress=progress)
+        log(summary.line())
+    stamp.write_text(json.dumps(want, indent=2) + "\n")
+    return store

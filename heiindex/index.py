@@ -1,0 +1,294 @@
+"""The HEI index of one split: hash codes in FAISS binary indexes plus what re-ranking needs.
+
+``Index.build`` encodes a stored split with the matcher, writes the projected region features
+and their Gram matrices (images) and the word features (captions) to Parquet, hashes both
+modalities and writes a FAISS binary index for each. ``Index.open(path).search("a dog")``
+codes the query, takes the top-N images by Hamming distance and re-ranks them with the
+matcher; ``search_image`` does the same from an image to captions.
+
+Folder layout::
+
+    manifest.json            format, split, counts, checksums of store, matcher and hash module
+    images.faiss             binary index of image codes (ids = image rows)
+    captions.faiss           binary index of caption codes (ids = caption rows)
+    image_features.parquet   image_id, features (projected regions, R*d float32), gram (R*R float32)
+    caption_features.parquet caption_id, image_id, text, tokens, words (len*d float32)
+
+What this module must not do: train, or compute metrics (``heiindex.bench``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .attention import score_caption_candidates, score_image_candidates
+from .checkpoint import LoadedModel, load_model
+from .encode import encode_captions
+from .errors import DataError, HeiindexError, ModelMismatchError
+from .hamming import hamming_candidates, load_binary_index, make_binary_index, save_binary_index
+from .hashing import pool_regions, pool_words
+from .store import ImageWriter, SplitStore, atomic_dir, write_json
+from .train_hash import LoadedHash, load_hash
+
+__all__ = ["Hit", "Index", "SearchResult"]
+
+INDEX_FORMAT_VERSION = 1
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    score: float
+    hamming: int
+    captions: list[str] | None = None
+    text: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"rank": self.rank, "id": self.id, "score": self.score, "hamming": self.hamming}
+        if self.captions is not None:
+            d["captions"] = self.captions
+        if self.text is not None:
+            d["text"] = self.text
+        return d
+
+
+@dataclass
+class SearchResult:
+    query: str | int
+    results: list[Hit]
+    unknown_words: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "unknown_words": self.unknown_words,
+                "results": [h.to_dict() for h in self.results]}
+
+
+def _hash_checksum(h: LoadedHash) -> str:
+    sha = hashlib.sha256()
+    for name, t in sorted(h.module.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(t.detach().float().numpy().tobytes())
+    return sha.hexdigest()
+
+
+class Index:
+    """An opened index: matcher, hash module, binary indexes and re-ranking features in memory."""
+
+    def __init__(self, path: Path, manifest: dict, matcher: LoadedModel, hasher: LoadedHash) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.matcher = matcher
+        self.hasher = hasher
+        self.image_index = load_binary_index(path / "images.faiss")
+        self.caption_index = load_binary_index(path / "captions.faiss")
+        r, d = manifest["regions"], manifest["embed_size"]
+        t = pq.read_table(path / "image_features.parquet")
+        self.image_ids = t.column("image_id").to_numpy()
+        self.regions = torch.from_numpy(_fixed(t.column("features")).reshape(-1, r, d))
+        self.gram = torch.from_numpy(_fixed(t.column("gram")).reshape(-1, r, r))
+        c = pq.read_table(path / "caption_features.parquet")
+        self.caption_ids = c.column("caption_id").to_numpy()
+        self.caption_image_ids = c.column("image_id").to_numpy()
+        self.texts = c.column("text").to_pylist()
+        words = c.column("words").combine_chunks()
+        lengths = np.diff(words.offsets.to_numpy()) // d
+        self.lengths = torch.from_numpy(lengths.astype(np.int64))
+        flat = words.values.to_numpy().reshape(-1, d)
+        self.words = torch.zeros((len(lengths), int(lengths.max()), d))
+        mask = torch.arange(self.words.shape[1])[None, :] < self.lengths[:, None]
+        self.words[mask] = torch.from_numpy(flat.copy())
+        row_of = {int(i): k for k, i in enumerate(self.image_ids)}
+        self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
+        self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
+        for j, row in enumerate(self.caption_image):
+            self.image_captions[row].append(j)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.caption_ids)
+
+    @property
+    def model(self):
+        return self.matcher.model
+
+    # -- building -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, store_root: str | Path, split: str, matcher: LoadedModel | str | Path, hasher: LoadedHash | str | Path,
+              out: str | Path, index_type: str = "flat", nlist: int | None = None, nprobe: int = 8,
+              block_images: int = 256, progress: bool = False) -> Index:
+        """Encode, hash and index ``store_root/split`` into ``out`` (written atomically)."""
+        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
+        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+        if hasher.info.get("matcher_sha256") != matcher.checksum:
+            raise ModelMismatchError(f"hash module {hasher.path} was trained next to another matcher than {matcher.path}")
+        store = SplitStore.open(store_root, split)
+        if store.manifest["vocab"]["sha256"] != matcher.vocab.checksum:
+            raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {matcher.path}")
+        model = matcher.model.eval()
+        d, r = model.config.embed_size, store.regions
+        out = Path(out)
+        with atomic_dir(out) as tmp, torch.no_grad():
+            writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
+            codes = []
+            bar = tqdm(total=store.n_images, unit="img", desc=f"encode {split} images", disable=not progress, leave=False)
+            for ids, feats in store.iter_image_blocks(block_images):
+                regions = model.encode_images(torch.from_numpy(feats))
+                gram = torch.bmm(regions, regions.transpose(1, 2))
+                writer.write(ids, regions.numpy(), gram=gram.numpy())
+                codes.append(hasher.module.codes(pool_regions(regions), "image"))
+                bar.update(len(ids))
+            bar.close()
+            writer.close()
+            img_codes = np.concatenate(codes)
+            caps = store.captions()
+            words = encode_captions(model, caps.tokens, caps.lengths)
+            lengths = torch.from_numpy(caps.lengths)
+            cap_codes = hasher.module.codes(pool_words(words, lengths), "text")
+            flat = [words[i, : caps.lengths[i]].reshape(-1).numpy() for i in range(len(caps))]
+            table = pa.table({
+                "caption_id": pa.array(caps.caption_ids), "image_id": pa.array(caps.image_ids),
+                "text": pa.array(caps.texts, type=pa.string()),
+                "tokens": pa.array([t[:n].tolist() for t, n in zip(caps.tokens, caps.lengths, strict=True)],
+                                   type=pa.list_(pa.int32())),
+                "words": pa.array(flat, type=pa.list_(pa.float32())),
+            })
+            pq.write_table(table, tmp / "caption_features.parquet", compression="zstd")
+            save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
+            save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
+            manifest = {
+                "format_version": INDEX_FORMAT_VERSION, "created_by": f"heiindex {__version__}", "split": split,
+                "store": {"path": str(store.path.resolve()), "checksum": store.checksum},
+                "matcher": {"path": str(matcher.path.resolve()), "sha256": matcher.checksum},
+                "hash": {"path": str(hasher.path.resolve()), "sha256": _hash_checksum(hasher),
+                         "bits": hasher.module.config.bits},
+                "index": {"type": index_type, "nlist": nlist, "nprobe": nprobe},
+                "n_images": int(store.n_images), "n_captions": int(len(caps)), "regions": r, "embed_size": d,
+            }
+            write_json(tmp / "manifest.json", manifest)
+        return cls.open(out, matcher, hasher)
+
+    @classmethod
+    def open(cls, path: str | Path, matcher: LoadedModel | str | Path | None = None,
+             hasher: LoadedHash | str | Path | None = None) -> Index:
+        """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
+        given ones must be the same (checksums), else ``ModelMismatchError``."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.exists():
+            raise DataError(mpath, "no index here; run `heiindex build` first")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+            raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
+        if matcher is None:
+            matcher = manifest["matcher"]["path"]
+        if not isinstance(matcher, LoadedModel):
+            matcher = load_model(matcher)
+        if matcher.checksum != manifest["matcher"]["sha256"]:
+            raise ModelMismatchError(
+                f"index {path} was built with matcher {manifest['matcher']['sha256'][:12]} "
+                f"({manifest['matcher']['path']}), not with {matcher.checksum[:12]} ({matcher.path}); "
+                "rebuild the index with this model")
+        if hasher is None:
+            hasher = manifest["hash"]["path"]
+        if not isinstance(hasher, LoadedHash):
+            hasher = load_hash(hasher)
+        if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
+            raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
+        return cls(path, manifest, matcher, hasher)
+
+    # -- queries ------------------------------------------------------------------------------
+    def _check_n(self, candidates: int, k: int, n_items: int, what: str) -> None:
+        if candidates < 1 or k < 1:
+            raise HeiindexError("--candidates and --k must be at least 1")
+        if candidates > n_items:
+            raise HeiindexError(f"--candidates {candidates} is larger than the {n_items} {what} in this index")
+        if k > candidates:
+            raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
+
+    @torch.no_grad()
+    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
+        """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``."""
+        t0 = time.perf_counter()
+        self._check_n(candidates, k, self.n_images, "images")
+        if not text or not text.strip():
+            raise HeiindexError("the query is empty")
+        enc = self.matcher.vocab.encode(text)
+        if not enc.tokens:
+            raise HeiindexError(f"the query {text!r} has no words")
+        if len(enc.unknown) == len(enc.tokens):
+            raise HeiindexError(f"no word of the query is in the model's vocabulary: {', '.join(enc.unknown)}")
+        tokens = torch.tensor([enc.ids])
+        lengths = torch.tensor([len(enc.ids)])
+        words = self.model.encode_captions(tokens, lengths)
+        code = self.hasher.module.codes(pool_words(words, lengths), "text")
+        dist, ids = hamming_candidates(self.image_index, code, candidates)
+        keep = ids[0] >= 0
+        dist, ids = dist[:, keep], ids[:, keep]
+        scores = score_image_candidates(self.model.attention, words, lengths, self.regions,
+                                        torch.from_numpy(ids), self.gram)[0].numpy()
+        order = np.argsort(-scores, kind="stable")[:k]
+        hits = [Hit(rank + 1, int(self.image_ids[ids[0, j]]), float(scores[j]), int(dist[0, j]),
+                    captions=[self.texts[c] for c in self.image_captions[ids[0, j]]])
+                for rank, j in enumerate(order)]
+        return SearchResult(text, hits, enc.unknown, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
+        """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
+        t0 = time.perf_counter()
+        self._check_n(candidates, k, self.n_captions, "captions")
+        rows = np.flatnonzero(self.image_ids == image_id)
+        if len(rows) == 0:
+            raise HeiindexError(f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})")
+        row = int(rows[0])
+        regions = self.regions[row : row + 1]
+        code = self.hasher.module.codes(pool_regions(regions), "image")
+        dist, ids = hamming_candidates(self.caption_index, code, candidates)
+        keep = ids[0] >= 0
+        dist, ids = dist[:, keep], ids[:, keep]
+        scores = score_caption_candidates(self.model.attention, regions, self.words, self.lengths,
+                                          torch.from_numpy(ids), self.gram[row : row + 1])[0].numpy()
+        order = np.argsort(-scores, kind="stable")[:k]
+        hits = [Hit(rank + 1, int(self.caption_ids[ids[0, j]]), float(scores[j]), int(dist[0, j]),
+                    text=self.texts[ids[0, j]]) for rank, j in enumerate(order)]
+        return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
+
+    # -- codes of what is stored (for the bench) -----------------------------------------------
+    @torch.no_grad()
+    def image_codes(self) -> np.ndarray:
+        return self.hasher.module.codes(pool_regions(self.regions), "image")
+
+    @torch.no_grad()
+    def caption_codes(self) -> np.ndarray:
+        return self.hasher.module.codes(pool_words(self.words, self.lengths), "text")
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), **{k: v for k, v in self.manifest.items() if k != "created_by"}}
+
+
+def _fixed(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    return arr.values.to_numpy(zero_copy_only=False).copy()
+
+
+# Kept for introspection in tests and the CLI's --json of build.
+def manifest_dict(index: Index) -> dict:
+    return asdict(index) if False else index.manifest

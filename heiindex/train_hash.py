@@ -1,0 +1,158 @@
+"""Training the HEI hash module next to a frozen matcher (``heiindex train-hash``).
+
+One pass over the training split (row-group buffers, bounded memory) records, for each batch,
+the pooled image and caption features and the frozen matcher's score matrix; the hash layers
+then train for many epochs on those records, which costs almost nothing beside the matcher's
+scoring. Validation: candidate recall@N on ``dev`` (the fraction of queries whose ground truth
+is among the N nearest codes), both directions; the best hash module is kept.
+What this module must not do: change the matcher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .checkpoint import LoadedModel
+from .encode import encode_split
+from .errors import DataError, ModelMismatchError
+from .hamming import hamming_candidates, make_binary_index
+from .hashing import HashConfig, HashModule, hash_loss, pool_regions, pool_words, scale_scores
+from .store import SplitStore, atomic_dir, write_json
+from .train import iter_training_batches
+
+__all__ = ["HashTrainConfig", "LoadedHash", "candidate_recall", "load_hash", "save_hash", "train_hash"]
+
+HASH_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HashTrainConfig:
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    rounds: int = 2  # passes over the training captions with fresh batches, each scored by the matcher
+    val_candidates: int = 100
+    seed: int = 0
+    buffer_row_groups: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedHash:
+    module: HashModule
+    info: dict
+    path: Path
+
+
+def save_hash(module: HashModule, path: Path, info: dict) -> None:
+    with atomic_dir(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / "hash.safetensors"))
+        write_json(tmp / "config.json", {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash",
+                                         "hash": module.config.to_dict(), "info": info})
+
+
+def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHash:
+    """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise DataError(cfg_path, "no hash module config here")
+    raw = json.loads(cfg_path.read_text())
+    if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
+        raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
+    module = HashModule(HashConfig(**raw["hash"]))
+    module.load_state_dict(load_file(str(path / "hash.safetensors")))
+    module.eval()
+    info = raw.get("info", {})
+    if matcher is not None and info.get("matcher_sha256") != matcher.checksum:
+        raise ModelMismatchError(
+            f"hash module {path} was trained next to matcher {info.get('matcher_sha256', '?')[:12]}, "
+            f"not {matcher.checksum[:12]} ({matcher.path})")
+    return LoadedHash(module, info, path)
+
+
+@torch.no_grad()
+def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
+    """Fraction of queries whose ground truth is among the ``n`` nearest codes, per direction."""
+    img_codes = module.codes(pool_regions(enc.regions), "image")
+    cap_codes = module.codes(pool_words(enc.words, enc.lengths), "text")
+    n = min(n, len(img_codes))
+    _, ids = hamming_candidates(make_binary_index(img_codes), cap_codes, n)
+    t2i = float(np.mean((ids == enc.caption_image[:, None]).any(axis=1)))
+    _, cids = hamming_candidates(make_binary_index(cap_codes), img_codes, min(n, len(cap_codes)))
+    hit = enc.caption_image[cids] == np.arange(len(img_codes))[:, None]
+    i2t = float(np.mean(hit.any(axis=1)))
+    return {"t2i": t2i, "i2t": i2t, "n": n}
+
+
+def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, hash_config: HashConfig | None = None,
+               config: HashTrainConfig = HashTrainConfig(), train_split: str = "train", val_split: str = "dev",
+               progress: bool = False, log=print) -> dict:
+    """Train hash layers on ``train_split`` next to the frozen ``matcher``; keep the best on ``val_split``."""
+    store_root = Path(store_root)
+    model = matcher.model.eval()
+    hash_config = hash_config or HashConfig(embed_size=model.config.embed_size)
+    if hash_config.embed_size != model.config.embed_size:
+        raise ValueError(f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}")
+    tr = SplitStore.open(store_root, train_split)
+    va = SplitStore.open(store_root, val_split)
+    caps = tr.captions()
+    torch.manual_seed(config.seed)
+
+    records = []
+    total = config.rounds * -(-tr.n_captions // config.batch_size)
+    bar = tqdm(total=total, desc="score training batches", disable=not progress, leave=False)
+    with torch.no_grad():
+        for r in range(config.rounds):
+            rng = np.random.default_rng([config.seed, 1000 + r])
+            for feats, tok, lens, img_ids in iter_training_batches(tr, caps, config.batch_size, rng,
+                                                                    config.buffer_row_groups):
+                lens_t = torch.from_numpy(lens)
+                regions = model.encode_images(torch.from_numpy(feats))
+                words = model.encode_captions(torch.from_numpy(tok), lens_t)
+                scores = model.score(words, lens_t, regions)  # (captions, images)
+                ids = torch.from_numpy(img_ids)
+                records.append((pool_regions(regions), pool_words(words, lens_t), ids, scores.T.contiguous()))
+                bar.update(1)
+    bar.close()
+
+    val_enc = encode_split(model, va)
+    module = HashModule(hash_config)
+    opt = torch.optim.Adam(module.parameters(), lr=config.lr)
+    best, history = None, []
+    gen = np.random.default_rng(config.seed)
+    for epoch in range(config.epochs):
+        module.train()
+        total_loss = 0.0
+        for i in gen.permutation(len(records)):
+            img_pool, cap_pool, ids, scores = records[i]
+            positive = ids[:, None] == ids[None, :]  # (images, captions) of this batch
+            target = scale_scores(scores, positive)
+            loss = hash_loss(module.relaxed(img_pool, "image"), module.relaxed(cap_pool, "text"), target, positive)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total_loss += float(loss.detach())
+        module.eval()
+        rec = candidate_recall(module, val_enc, config.val_candidates)
+        score = rec["t2i"] + rec["i2t"]
+        history.append({"epoch": epoch + 1, "loss": total_loss / len(records), "dev_candidate_recall": rec})
+        if best is None or score > best[0]:
+            best = (score, epoch + 1, {k: v.clone() for k, v in module.state_dict().items()}, rec)
+        if progress or epoch + 1 == config.epochs or (epoch + 1) % 10 == 0:
+            log(f"hash epoch {epoch + 1}: loss {total_loss / len(records):.4f}, dev candidate recall@{rec['n']} "
+                f"t2i {100 * rec['t2i']:.1f}% i2t {100 * rec['i2t']:.1f}%")
+    module.load_state_dict(best[2])
+    info = {"matcher_sha256": matcher.checksum, "matcher_path": str(matcher.path), "train": config.to_dict(),
+            "best_epoch": best[1], "dev_candidate_recall": best[3], "data": {"train": tr.checksum, "dev": va.checksum}}
+    save_hash(module, Path(out), info)
+    return {"best_epoch": best[1], "dev_candidate_recall": best[3], "history": history}
