@@ -15,13 +15,13 @@ from heiindex.errors import HeiindexError
 
 
 def handle_errors(func):
-    """Turn a ``HeiindexError`` into a one-line message and exit status 2."""
+    """Turn a ``HeiindexError`` or a rejected setting into a one-line message and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except HeiindexError as exc:
+        except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
 
@@ -82,15 +82,18 @@ def prepare() -> None:
 @click.option("--lambda-softmax", type=float, default=9.0, show_default=True)
 @click.option("--margin", type=float, default=0.2, show_default=True)
 @click.option("--max-violation/--sum-violation", default=True, show_default=True, help="Hardest negative, or all.")
+@click.option("--warmup-sum-epochs", type=int, default=1, show_default=True,
+              help="Epochs summing over all negatives before hardest negatives.")
 @click.option("--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.")
 @handle_errors
 def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross_attn, raw_feature_norm, agg,
-          lambda_lse, lambda_softmax, margin, max_violation, val_images, seed, resume) -> None:
+          lambda_lse, lambda_softmax, margin, max_violation, warmup_sum_epochs, val_images, seed, resume) -> None:
     """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
     from heiindex.attention import AttentionConfig
     from heiindex.model import ScanConfig
+    from heiindex.store import SplitStore
     from heiindex.train import TrainConfig
     from heiindex.train import train as run_train
     from heiindex.vocab import Vocab
@@ -98,9 +101,12 @@ def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross
     root = _store_root(store)
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
-    mcfg = None if resume and (out / "last").exists() else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, attention=att)
+    img_dim = SplitStore.open(root, "train").feature_dim
+    mcfg = None if resume and (out / "last").exists() else ScanConfig(
+        vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=lr_decay_epochs, margin=margin,
-                       max_violation=max_violation, seed=seed, val_images=val_images)
+                       max_violation=max_violation, warmup_sum_epochs=warmup_sum_epochs, seed=seed,
+                       val_images=val_images)
     res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
 
@@ -250,10 +256,7 @@ def bench(topk, index_dir, sweep, plot, protocol, as_json) -> None:
 
     index = _open_index(index_dir, None, None)
     sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
-    try:
-        res = run_bench(index, topk, sweep_list, protocol)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    res = run_bench(index, topk, sweep_list, protocol)
     if sweep_list:
         from heiindex.plot import plot_sweep
 

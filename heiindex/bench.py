@@ -35,6 +35,11 @@ def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048)
     return out
 
 
+def _masked(scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Scores with the slots FAISS left empty (id -1: an IVF/HNSW search found fewer than N) at -inf."""
+    return np.where(cand >= 0, scores, -np.inf)
+
+
 @torch.no_grad()
 def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions)."""
@@ -52,11 +57,12 @@ def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_s
     img_index = index.image_index if use_stored else make_binary_index(img_codes)
     _, cand = hamming_candidates(img_index, cap_codes, n)
     t_ham = time.perf_counter() - t0
-    scores = score_image_candidates(model.attention, words, lengths, regions, torch.from_numpy(cand), gram).numpy()
+    scores = _masked(score_image_candidates(model.attention, words, lengths, regions,
+                                            torch.from_numpy(np.maximum(cand, 0)), gram).numpy(), cand)
     seconds = time.perf_counter() - t0
     order = np.argsort(-scores, axis=1, kind="stable")
     ranked = np.take_along_axis(cand, order, axis=1)
-    hit = ranked == gt[:, None]
+    hit = (ranked == gt[:, None]) & (ranked >= 0)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
     out["t2i"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
                   "candidate_recall": float(np.mean((cand == gt[:, None]).any(axis=1)))}
@@ -65,14 +71,16 @@ def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_s
     cap_index = index.caption_index if use_stored else make_binary_index(cap_codes)
     _, ccand = hamming_candidates(cap_index, img_codes, n)
     t_ham = time.perf_counter() - t0
-    scores = score_caption_candidates(model.attention, regions, words, lengths, torch.from_numpy(ccand), gram).numpy()
+    scores = _masked(score_caption_candidates(model.attention, regions, words, lengths,
+                                              torch.from_numpy(np.maximum(ccand, 0)), gram).numpy(), ccand)
     seconds = time.perf_counter() - t0
     order = np.argsort(-scores, axis=1, kind="stable")
-    ranked_img = gt[np.take_along_axis(ccand, order, axis=1)]
-    hit = ranked_img == np.arange(len(img_rows))[:, None]
+    ranked_c = np.take_along_axis(ccand, order, axis=1)
+    hit = (gt[np.maximum(ranked_c, 0)] == np.arange(len(img_rows))[:, None]) & (ranked_c >= 0)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
     out["i2t"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
-                  "candidate_recall": float(np.mean((gt[ccand] == np.arange(len(img_rows))[:, None]).any(axis=1)))}
+                  "candidate_recall": float(np.mean(((gt[np.maximum(ccand, 0)] == np.arange(len(img_rows))[:, None])
+                                                      & (ccand >= 0)).any(axis=1)))}
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)
     return out

@@ -96,7 +96,11 @@ def load_model(path: str | Path) -> LoadedModel:
         raise DataError(weights, "weights file missing")
     model = ScanModel(config)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise DataError(weights, f"not a readable safetensors file ({exc})") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise DataError(weights, f"weights do not fit the config ({exc})") from None
     model.eval()

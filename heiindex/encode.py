@@ -47,7 +47,7 @@ def encode_images(model: ScanModel, store: SplitStore, block_images: int = 256, 
     out = torch.empty((n, store.regions, model.config.embed_size))
     ids = np.empty(n, dtype=np.int64)
     pos = 0
-    bar = tqdm(total=n, unit="img", desc="encode images", disable=not progress, leave=False)
+    bar = tqdm(total=n, unit="img", desc="encode images", disable=None if progress else True, leave=False)
     for block_ids, feats in store.iter_image_blocks(block_images):
         take = min(len(block_ids), n - pos)
         out[pos : pos + take] = model.encode_images(torch.from_numpy(feats[:take]))

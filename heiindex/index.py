@@ -148,7 +148,7 @@ class Index:
         with atomic_dir(out) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             codes = []
-            bar = tqdm(total=store.n_images, unit="img", desc=f"encode {split} images", disable=not progress, leave=False)
+            bar = tqdm(total=store.n_images, unit="img", desc=f"encode {split} images", disable=None if progress else True, leave=False)
             for ids, feats in store.iter_image_blocks(block_images):
                 regions = model.encode_images(torch.from_numpy(feats))
                 gram = torch.bmm(regions, regions.transpose(1, 2))

@@ -66,11 +66,21 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise DataError(cfg_path, "no hash module config here")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(cfg_path, f"not valid JSON ({exc})") from None
     if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
         raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
-    module = HashModule(HashConfig(**raw["hash"]))
-    module.load_state_dict(load_file(str(path / "hash.safetensors")))
+    try:
+        module = HashModule(HashConfig(**raw["hash"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
+    weights = path / "hash.safetensors"
+    try:
+        module.load_state_dict(load_file(str(weights)))
+    except Exception as exc:  # missing, corrupt (safetensors' own error) or wrong shapes
+        raise DataError(weights, f"cannot load hash weights ({exc})") from None
     module.eval()
     info = raw.get("info", {})
     if matcher is not None and info.get("matcher_sha256") != matcher.checksum:
@@ -110,7 +120,7 @@ def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, ha
 
     records = []
     total = config.rounds * -(-tr.n_captions // config.batch_size)
-    bar = tqdm(total=total, desc="score training batches", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="score training batches", disable=None if progress else True, leave=False)
     with torch.no_grad():
         for r in range(config.rounds):
             rng = np.random.default_rng([config.seed, 1000 + r])

@@ -1,0 +1,249 @@
+"""A tiny, learnable end-to-end set for the model/train/hash/index/bench/CLI tests.
+
+``write_learnable_precomp`` writes a SCAN precomp folder whose captions are real COCO lines
+(``data/coco-captions/testall_caps.txt``) and whose image features are made from those
+captions: every content word of the train captions gets a fixed random vector, and each of an
+image's regions shows (a multiple of) the vector of one of its captions' most frequent content
+words, plus noise. A matcher learns this (it beats chance after a few epochs), and the set is
+small enough to train on in seconds. The vocabulary is built from the set's captions.
+
+``get_pipeline`` builds, once per test session (cached in this module, so every test module
+that asks gets the same folders), a store root with train/dev/test, a matcher trained with
+``heiindex.train.train``, a second matcher trained with another seed (for mismatch tests), a
+hash module and a flat index of the test split. Test modules load this file by path and wrap
+``get_pipeline`` in a session fixture of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
+
+# Sizes of the main set: regions per image, raw feature size, images per split.
+REGIONS = 6
+FEATURE_DIM = 32
+SPLIT_IMAGES = {"train": 64, "dev": 24, "test": 24}
+EMBED_SIZE = 24
+WORD_DIM = 16
+BITS = 32
+TRAIN_EPOCHS = 8
+BATCH_SIZE = 16
+LR = 1e-2
+
+_WORD = re.compile(r"[a-z]+")
+
+
+@lru_cache(maxsize=1)
+def caption_lines() -> tuple[str, ...]:
+    return tuple(CAPTIONS.read_text(encoding="utf-8").split("\n")[:-1])
+
+
+def split_captions(splits: dict[str, int] = SPLIT_IMAGES) -> dict[str, list[str]]:
+    """Consecutive testall lines, 5 per image: train first, then dev, then test."""
+    lines = caption_lines()
+    out, pos = {}, 0
+    for split, n in splits.items():
+        out[split] = list(lines[pos : pos + 5 * n])
+        pos += 5 * n
+    return out
+
+
+def _content_words(caption: str, stop: set[str]) -> list[str]:
+    return [w for w in _WORD.findall(caption.lower()) if w not in stop and len(w) > 2]
+
+
+def make_features(captions: dict[str, list[str]], regions: int, feature_dim: int, noise: float = 0.3,
+                  seed: int = 0, words_per_region: int = 1) -> dict[str, np.ndarray]:
+    """float32 ``(n_images, regions, feature_dim)`` per split, built from each image's captions.
+
+    Stop words: words found in the captions of more than 15% of all images. Only content words
+    of the first split's captions (train) get a vector, drawn once (sorted word order, fixed
+    seed), so the same word means the same thing in every split and what dev/test images show
+    can be learnt. Region ``r`` of an image holds ``sqrt(count)`` times the vector of its
+    ``r``-th most frequent content word (with ``words_per_region > 1``, also the ``r + R``-th
+    ...); regions without a word hold noise only.
+    """
+    rng = np.random.default_rng(seed)
+    per_image = {s: [caps[i : i + 5] for i in range(0, len(caps), 5)] for s, caps in captions.items()}
+    n_images = sum(len(v) for v in per_image.values())
+    df: dict[str, int] = {}
+    for imgs in per_image.values():
+        for caps in imgs:
+            for w in {w for c in caps for w in _WORD.findall(c.lower())}:
+                df[w] = df.get(w, 0) + 1
+    stop = {w for w, n in df.items() if n > 0.15 * n_images}
+    first = next(iter(per_image.values()))
+    vocab = sorted({w for caps in first for c in caps for w in _content_words(c, stop)})
+    vectors = {w: v for w, v in zip(vocab, rng.standard_normal((len(vocab), feature_dim)), strict=True)}
+    out = {}
+    for split, imgs in per_image.items():
+        feats = np.zeros((len(imgs), regions, feature_dim))
+        for i, caps in enumerate(imgs):
+            counts: dict[str, int] = {}
+            for c in caps:
+                for w in _content_words(c, stop):
+                    if w in vectors:
+                        counts[w] = counts.get(w, 0) + 1
+            ranked = sorted(counts, key=lambda w: (-counts[w], w))
+            for j, w in enumerate(ranked[:words_per_region * regions]):
+                feats[i, j % regions] += np.sqrt(counts[w]) * vectors[w]
+        feats += noise * rng.standard_normal(feats.shape)
+        out[split] = feats.astype(np.float32)
+    return out
+
+
+def write_learnable_precomp(folder: Path, splits: dict[str, int] = SPLIT_IMAGES, regions: int = REGIONS,
+                            feature_dim: int = FEATURE_DIM, seed: int = 0) -> dict[str, list[str]]:
+    """Write ``{split}_ims.npy`` and ``{split}_caps.txt`` for each split; return the captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = split_captions(splits)
+    feats = make_features(captions, regions, feature_dim, seed=seed)
+    for split, caps in captions.items():
+        np.save(folder / f"{split}_ims.npy", feats[split])
+        (folder / f"{split}_caps.txt").write_text("\n".join(caps) + "\n", encoding="utf-8")
+    return captions
+
+
+def ingest_all(precomp: Path, root: Path, captions: dict[str, list[str]]) -> Path:
+    """Ingest every split into ``root`` with a vocabulary built from all the set's captions."""
+    from heiindex.ingest import ingest
+    from heiindex.vocab import Vocab
+
+    vocab = Vocab.build([c for caps in captions.values() for c in caps], min_count=2)
+    for split in captions:
+        ingest(precomp, split, root, vocab=vocab, regions=None, feature_dim=None)
+    return root
+
+
+def model_config(vocab_size: int, **kw):
+    from heiindex.model import ScanConfig
+
+    return ScanConfig(vocab_size=vocab_size, embed_size=kw.pop("embed_size", EMBED_SIZE),
+                      word_dim=kw.pop("word_dim", WORD_DIM), img_dim=kw.pop("img_dim", FEATURE_DIM), **kw)
+
+
+def train_config(**kw):
+    from heiindex.train import TrainConfig
+
+    base = {"epochs": TRAIN_EPOCHS, "batch_size": BATCH_SIZE, "lr": LR, "seed": 0, "val_images": 1000,
+            "lr_decay_epochs": 100}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*_args, **_kw) -> None:
+    pass
+
+
+@contextmanager
+def one_torch_thread():
+    """Run torch on one thread, restoring the previous count afterwards.
+
+    The tensors here are tiny; with two threads on a busy two-core machine, OpenMP's waiting
+    threads make the same work 10-50x slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class Pipeline:
+    """Everything the session built, on disk, plus what training returned."""
+
+    precomp: Path
+    root: Path
+    captions: dict[str, list[str]]
+    run_dir: Path  # train() output: best/, last/, history.json
+    model_dir: Path  # run_dir / "best"
+    other_model_dir: Path  # a matcher trained with another seed (same shapes)
+    hash_dir: Path
+    index_dir: Path
+    train_history: list[dict]
+    hash_result: dict
+
+    @property
+    def n_test_images(self) -> int:
+        return SPLIT_IMAGES["test"]
+
+
+_CACHE: dict = {}
+
+
+def get_pipeline(tmp_path_factory) -> Pipeline:
+    """Build (once per session) and return the shared pipeline."""
+    if "p" in _CACHE:
+        return _CACHE["p"]
+    with one_torch_thread():
+        _CACHE["p"] = _build_pipeline(tmp_path_factory)
+    return _CACHE["p"]
+
+
+def _build_pipeline(tmp_path_factory) -> Pipeline:
+    from heiindex.checkpoint import load_model
+    from heiindex.hashing import HashConfig
+    from heiindex.index import Index
+    from heiindex.train import train
+    from heiindex.train_hash import HashTrainConfig, train_hash
+    from heiindex.vocab import Vocab
+
+    base = tmp_path_factory.mktemp("pipeline")
+    precomp = base / "precomp"
+    captions = write_learnable_precomp(precomp)
+    root = ingest_all(precomp, base / "store", captions)
+    vocab = Vocab.load(root / "vocab.json")
+
+    run_dir = base / "run"
+    res = train(root, run_dir, model_config(len(vocab)), train_config(), log=quiet)
+    other = train(root, base / "run-other", model_config(len(vocab)), train_config(epochs=1, seed=7), log=quiet)
+    matcher = load_model(run_dir / "best")
+    hash_dir = base / "hash"
+    hres = train_hash(matcher, root, hash_dir, HashConfig(bits=BITS, embed_size=EMBED_SIZE),
+                      HashTrainConfig(epochs=15, batch_size=32, lr=1e-2, rounds=2, val_candidates=5), log=quiet)
+    index_dir = base / "index-test"
+    Index.build(root, "test", matcher, hash_dir, index_dir)
+    return Pipeline(precomp, root, captions, run_dir, run_dir / "best", other.out / "last", hash_dir, index_dir,
+                    res.history, hres)
+
+
+# -- a store with SCAN's feature size, for the CLI's ``train`` (which has no --img-dim) ------
+
+WIDE_SPLITS = {"train": 32, "dev": 16}
+WIDE_REGIONS = 4
+WIDE_FEATURE_DIM = 2048
+
+
+def get_wide_store(tmp_path_factory) -> Path:
+    """A train/dev store root with 2048-d features (4 regions per image), built once."""
+    if "wide" in _CACHE:
+        return _CACHE["wide"]
+    base = tmp_path_factory.mktemp("wide")
+    captions = write_learnable_precomp(base / "precomp", WIDE_SPLITS, WIDE_REGIONS, WIDE_FEATURE_DIM)
+    with one_torch_thread():
+        root = ingest_all(base / "precomp", base / "store", captions)
+    _CACHE["wide"] = root
+    return root
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, m) Hamming distances of packed uint8 codes, by unpacking and counting differing bits."""
+    ua = np.unpackbits(np.asarray(a, dtype=np.uint8), axis=1).astype(bool)
+    ub = np.unpackbits(np.asarray(b, dtype=np.uint8), axis=1).astype(bool)
+    return (ua[:, None, :] != ub[None, :, :]).sum(axis=2)
+

@@ -1,0 +1,189 @@
+"""heiindex.bench.run_bench: documented keys, exact agreement with exhaustive evaluation and
+with Hamming ranking, candidate recall, sweeps and the COCO 1K fold average."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import heiindex.bench as bench
+from heiindex.bench import run_bench
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_split
+from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
+from heiindex.index import Index
+from heiindex.scoring import evaluate_exhaustive
+from heiindex.store import SplitStore
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+METRICS = {"r1", "r5", "r10", "medr", "meanr", "rsum"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    return pf.get_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def index(pipe):
+    return Index.open(pipe.index_dir)
+
+
+@pytest.fixture(scope="module")
+def full_run(index):
+    return run_bench(index, topk=24, sweep=[1, 5, 24, 1000])
+
+
+@pytest.fixture(scope="module")
+def top5_run(index):
+    return run_bench(index, topk=5)
+
+
+@pytest.fixture(scope="module")
+def exhaustive(pipe):
+    m = load_model(pipe.model_dir)
+    return evaluate_exhaustive(m.model, encode_split(m.model, SplitStore.open(pipe.root, "test")))
+
+
+def _metrics(d: dict) -> dict:
+    return {k: d[k] for k in METRICS}
+
+
+def test_documented_keys(full_run, pipe):
+    assert set(full_run) == {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"}
+    assert full_run["split"] == "test" and full_run["bits"] == pf.BITS and full_run["index_type"] == "flat"
+    assert full_run["index"] == str(pipe.index_dir)
+    for direction in ("t2i", "i2t"):
+        d = full_run[direction]
+        assert d is full_run["full"][direction]
+        assert set(d) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup"}
+        for method in ("exhaustive", "hei", "hamming"):
+            assert set(d[method]) == METRICS | {"seconds"}
+            m = d[method]
+            assert m["rsum"] == m["r1"] + m["r5"] + m["r10"]
+            assert 0 <= m["r1"] <= m["r5"] <= m["r10"] <= 100
+            assert m["seconds"] >= 0
+        assert 0 <= d["candidate_recall"] <= 1
+        assert d["speedup"] == pytest.approx(d["exhaustive"]["seconds"] / max(d["hei"]["seconds"], 1e-9))
+    f = full_run["full"]
+    assert (f["images"], f["captions"], f["candidates"]) == (24, 120, 24)
+
+
+def test_exhaustive_is_the_exhaustive_evaluation(full_run, exhaustive):
+    assert _metrics(full_run["t2i"]["exhaustive"]) == exhaustive.t2i.to_dict()
+    assert _metrics(full_run["i2t"]["exhaustive"]) == exhaustive.i2t.to_dict()
+
+
+def test_with_every_image_a_candidate_hei_equals_exhaustive(full_run):
+    t2i = full_run["t2i"]
+    assert t2i["candidate_recall"] == 1.0
+    assert _metrics(t2i["hei"]) == _metrics(t2i["exhaustive"])
+
+
+def test_hamming_alone_ranks_by_code_distance(full_run, index):
+    dist = pf.hamming_by_hand(index.caption_codes(), index.image_codes())  # (captions, images)
+    gt = index.caption_image
+    assert _metrics(full_run["t2i"]["hamming"]) == recall(t2i_ranks(-dist, gt)).to_dict()
+    assert _metrics(full_run["i2t"]["hamming"]) == recall(i2t_ranks(-dist.T, gt)).to_dict()
+
+
+def test_few_candidates_bound_recall_by_candidate_recall(top5_run, index):
+    for direction in ("t2i", "i2t"):
+        d = top5_run[direction]
+        # five candidates: a ground truth is ranked within 5 exactly when it is a candidate
+        assert d["hei"]["r5"] == d["hei"]["r10"] == pytest.approx(100 * d["candidate_recall"])
+        assert d["hei"]["r1"] <= d["hei"]["r5"]
+    _, cand = index.image_index.search(index.caption_codes(), 5)
+    want = float(np.mean((cand == index.caption_image[:, None]).any(axis=1)))
+    assert top5_run["t2i"]["candidate_recall"] == want
+    _, ccand = index.caption_index.search(index.image_codes(), 5)
+    want = float(np.mean((index.caption_image[ccand] == np.arange(24)[:, None]).any(axis=1)))
+    assert top5_run["i2t"]["candidate_recall"] == want
+
+
+def test_sweep_rows(full_run, top5_run):
+    rows = full_run["full"]["sweep"]
+    assert [r["candidates"] for r in rows] == [1, 5, 24]  # 1000 > 24 images is left out
+    for r in rows:
+        assert set(r) == {"candidates", "t2i", "i2t"}
+        for direction in ("t2i", "i2t"):
+            assert set(r[direction]) == METRICS | {"candidate_recall", "seconds"}
+    one, five, every = rows
+    for direction in ("t2i", "i2t"):
+        d = one[direction]  # a single candidate: R@1 = R@5 = R@10 = candidate recall
+        assert d["r1"] == d["r5"] == d["r10"] == pytest.approx(100 * d["candidate_recall"])
+        assert _metrics(five[direction]) == _metrics(top5_run[direction]["hei"])
+        assert five[direction]["candidate_recall"] == top5_run[direction]["candidate_recall"]
+    assert _metrics(every["t2i"]) == _metrics(full_run["t2i"]["exhaustive"])
+    assert every["t2i"]["candidate_recall"] == 1.0
+    assert one["t2i"]["candidate_recall"] <= five["t2i"]["candidate_recall"] <= 1.0
+
+
+def test_without_exhaustive_there_is_no_speedup(index):
+    res = run_bench(index, topk=5, exhaustive=False)
+    for direction in ("t2i", "i2t"):
+        assert set(res[direction]) == {"hei", "hamming", "candidate_recall"}
+
+
+def test_1k_protocol_averages_folds(index, monkeypatch):
+    """COCO 1K is the mean over folds; with folds of 12 images, the mean of two 12-image runs."""
+    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    res = run_bench(index, topk=5, protocols="1k")
+    assert "full" not in res and res["1k"]["folds"] == 2
+    a = bench._protocol(index, np.arange(0, 12), 5, [], use_stored=False)
+    b = bench._protocol(index, np.arange(12, 24), 5, [], use_stored=False)
+    for direction in ("t2i", "i2t"):
+        for method in ("exhaustive", "hei", "hamming"):
+            for k in METRICS:
+                want = (a[direction][method][k] + b[direction][method][k]) / 2
+                assert res["1k"][direction][method][k] == pytest.approx(want, abs=1e-9), (direction, method, k)
+        assert res["1k"][direction]["candidate_recall"] == pytest.approx(
+            (a[direction]["candidate_recall"] + b[direction]["candidate_recall"]) / 2)
+    assert res["1k"]["images"] == 12 and res["1k"]["captions"] == 60
+    assert res["t2i"] is res["1k"]["t2i"]
+
+
+@pytest.mark.parametrize("topk", [0, 25])
+def test_topk_out_of_range(index, topk):
+    with pytest.raises(ValueError, match=r"--topk .* must lie in \[1, 24\] for this index"):
+        run_bench(index, topk=topk)
+
+
+def test_1k_protocol_needs_whole_folds(index):
+    with pytest.raises(ValueError, match="24 images do not split into folds of 1000"):
+        run_bench(index, topk=5, protocols="1k")
+
+
+def test_bench_of_an_ivf_index_that_returns_fewer_candidates(pipe, tmp_path):
+    """An IVF index probing 1 of 6 lists returns fewer than N ids for some queries (FAISS pads
+    with -1). ``Index.search`` drops those; the bench must count them as misses, not crash."""
+    ivf = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf", index_type="ivf",
+                      nlist=6, nprobe=1)
+    _, ids = ivf.image_index.search(ivf.caption_codes(), 24)
+    assert (ids < 0).any()  # the situation under test
+    res = run_bench(ivf, topk=24)
+    want = float(np.mean((ids == ivf.caption_image[:, None]).any(axis=1)))
+    assert res["t2i"]["candidate_recall"] == want
+    assert res["t2i"]["hei"]["r10"] <= 100 * want

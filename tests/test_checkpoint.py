@@ -1,0 +1,224 @@
+"""heiindex.checkpoint: model folders in safetensors + JSON, round trips and refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from heiindex.attention import AttentionConfig
+from heiindex.checkpoint import MODEL_FORMAT_VERSION, load_model, model_checksum, save_model
+from heiindex.errors import DataError
+from heiindex.model import ScanConfig, ScanModel
+from heiindex.vocab import SPECIALS, Vocab
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+VOCAB = Vocab(list(SPECIALS) + ["a", "dog", "on", "the", "grass", "cat", "sits", "red", "car", "."])
+
+
+def _model(seed: int = 0, **kw) -> ScanModel:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": len(VOCAB), "embed_size": 8, "word_dim": 6, "img_dim": 10,
+           "attention": AttentionConfig(lambda_softmax=4.0)}
+    cfg.update(kw)
+    return ScanModel(ScanConfig(**cfg)).eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 3, 10, generator=g)
+    ids = [VOCAB.encode(t).ids for t in ("a dog on the grass", "a red car", "the cat sits on a car")]
+    tokens = torch.tensor([i + [0] * (9 - len(i)) for i in ids])
+    return images, tokens, torch.tensor([len(i) for i in ids])
+
+
+@torch.no_grad()
+def _scores(model: ScanModel) -> torch.Tensor:
+    images, tokens, lengths = _inputs()
+    return model.score(model.encode_captions(tokens, lengths), lengths, model.encode_images(images))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model()
+    path = save_model(model, VOCAB, tmp_path / "m", extra={"note": "hello", "epoch": 3})
+    return model, path
+
+
+def _edit_config(path, fn) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+# -- round trip -------------------------------------------------------------------------------
+
+
+def test_round_trip_gives_identical_weights_and_scores(saved):
+    model, path = saved
+    loaded = load_model(path)
+    assert loaded.model.config == model.config
+    assert not loaded.model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    assert torch.equal(_scores(loaded.model), _scores(model))
+    assert loaded.vocab == VOCAB
+    assert loaded.path == path
+    assert loaded.checksum == model_checksum(model)
+    assert loaded.info["note"] == "hello" and loaded.info["epoch"] == 3
+    assert loaded.info["vocab_sha256"] == VOCAB.checksum
+
+
+def test_folder_holds_json_and_safetensors_only(saved, tmp_path):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["format_version"] == MODEL_FORMAT_VERSION == 1
+    assert cfg["kind"] == "scan"
+    assert cfg["model"] == model.config.to_dict()
+    assert cfg["info"]["weights_sha256"] == model_checksum(model)
+    assert Vocab.load(path / "vocab.json") == VOCAB
+
+    # safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes; no pickle
+    raw = (path / "model.safetensors").read_bytes()
+    assert raw[:1] != b"\x80" and raw[:2] != b"PK"  # neither a pickle stream nor a torch.save zip
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    assert set(header) == set(model.state_dict())
+    assert {v["dtype"] for v in header.values()} == {"F32"}
+    assert header["img_enc.fc.weight"]["shape"] == [8, 10]
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    model, path = saved
+
+    def refuse(*_a, **_k):
+        raise AssertionError("load_model must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = load_model(path)
+    assert torch.equal(_scores(loaded.model), _scores(model))
+
+
+def test_checksum_tracks_every_weight():
+    a, b = _model(0), _model(0)
+    assert model_checksum(a) == model_checksum(b)
+    with torch.no_grad():
+        b.txt_enc.rnn.bias_hh_l0_reverse[2] += 1e-6
+    assert model_checksum(a) != model_checksum(b)
+    assert model_checksum(_model(1)) != model_checksum(a)
+
+
+def test_save_replaces_an_older_folder(tmp_path):
+    path = tmp_path / "m"
+    save_model(_model(0), VOCAB, path)
+    save_model(_model(1), VOCAB, path)
+    assert load_model(path).checksum == model_checksum(_model(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_save_refuses_a_vocab_of_another_size(tmp_path):
+    with pytest.raises(ValueError, match="vocab has 14 words, the model 15"):
+        save_model(_model(vocab_size=15), VOCAB, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_tampered_weights_are_refused(saved):
+    _, path = saved
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    state["img_enc.fc.weight"][0, 0] += 0.5
+    save_file(state, str(weights))
+    with pytest.raises(DataError, match="checksum differs from config.json; the folder was modified") as e:
+        load_model(path)
+    assert e.value.path == weights
+
+
+def test_corrupt_weights_file_is_a_data_error(saved):
+    """A weights file that is not safetensors at all (truncated) must give DataError naming it."""
+    _, path = saved
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(DataError) as e:
+        load_model(path)
+    assert e.value.path == weights
+
+
+def test_weights_of_another_shape_are_refused(saved):
+    _, path = saved
+    _edit_config(path, lambda c: c["model"].update(embed_size=16))
+    with pytest.raises(DataError, match="weights do not fit the config") as e:
+        load_model(path)
+    assert e.value.path == path / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "edit, file, detail",
+    [
+        (lambda c: c["model"].update(vocab_size=99), "vocab.json", "14 words, the model config says 99"),
+        (lambda c: c["model"].update(bogus=1), "config.json", 'field "model" is not a valid SCAN config'),
+        (lambda c: c["model"]["attention"].update(agg="median"), "config.json", 'field "model" is not a valid SCAN config'),
+        (lambda c: c["model"].pop("vocab_size"), "config.json", 'field "model" is not a valid SCAN config'),
+        (lambda c: c.update(format_version=2), "config.json", "expected format_version 1 and kind 'scan'"),
+        (lambda c: c.update(kind="vse"), "config.json", "expected format_version 1 and kind 'scan'"),
+    ],
+    ids=["vocab_size", "unknown_field", "bad_attention", "missing_field", "format_version", "kind"],
+)
+def test_wrong_config_is_a_data_error(saved, edit, file, detail):
+    _, path = saved
+    _edit_config(path, edit)
+    with pytest.raises(DataError, match=detail) as e:
+        load_model(path)
+    assert e.value.path == path / file
+
+
+def test_missing_or_unreadable_files_are_data_errors(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(DataError, match="no model config here") as e:
+        load_model(tmp_path / "nowhere")
+    assert e.value.path == tmp_path / "nowhere" / "config.json"
+
+    (path / "model.safetensors").unlink()
+    with pytest.raises(DataError, match="weights file missing"):
+        load_model(path)
+
+    (path / "vocab.json").unlink()
+    with pytest.raises(DataError, match="vocab file not found"):
+        load_model(path)
+
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_model(path)

@@ -1,0 +1,272 @@
+"""The click commands through ``CliRunner``: build, query (table, --json, --image), bench (--json,
+--sweep with a PNG), train-hash, evaluate, and one-line errors for bad input.
+
+(``heiindex train`` is exercised in ``test_train.py``.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+from heiindex import default_data
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_split
+from heiindex.index import Index
+from heiindex.scoring import evaluate_exhaustive
+from heiindex.store import SplitStore
+from heiindex.train_hash import load_hash
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    return pf.get_pipeline(tmp_path_factory)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _ok(result):
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+def _clean_error(result, *details: str) -> None:
+    """Non-zero exit with a one-line ``Error: ...`` message, not a traceback."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output
+    assert "Error:" in result.output
+    for d in details:
+        assert d in result.output, result.output
+
+
+def _json(result) -> dict:
+    return json.loads(_ok(result).stdout)
+
+
+# -- build ------------------------------------------------------------------------------------
+
+
+def test_build(pipe, tmp_path):
+    marker = default_data.coco_sim_dir() / "index" / "LAST"
+    before = marker.read_text() if marker.exists() else None
+    out = tmp_path / "idx"
+    r = _ok(run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir,
+                "--out", out))
+    assert f"built test: 24 images, 120 captions, {pf.BITS}-bit codes, flat index -> {out}" in r.output
+    built, ref = Index.open(out), Index.open(pipe.index_dir)
+    assert built.manifest["matcher"] == ref.manifest["matcher"] and built.manifest["hash"] == ref.manifest["hash"]
+    np.testing.assert_array_equal(built.image_codes(), ref.image_codes())
+    assert built.search("a dog", 5, 10).to_dict() == ref.search("a dog", 5, 10).to_dict()
+    # an explicit --store never touches the default data's "last built" marker
+    assert (marker.read_text() if marker.exists() else None) == before
+
+
+def test_build_ivf(pipe, tmp_path):
+    r = _ok(run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir,
+                "--out", tmp_path / "ivf", "--index", "ivf", "--nlist", "3", "--nprobe", "3"))
+    assert "ivf index" in r.output
+    assert Index.open(tmp_path / "ivf").manifest["index"] == {"type": "ivf", "nlist": 3, "nprobe": 3}
+
+
+# -- query ------------------------------------------------------------------------------------
+
+
+def test_query_json_has_the_documented_keys_and_the_library_result(pipe):
+    d = _json(run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "4", "--candidates", "12",
+                  "--json"))
+    assert set(d) == {"query", "unknown_words", "results"}
+    assert d["query"] == "a man riding a motorcycle" and d["unknown_words"] == []
+    assert len(d["results"]) == 4
+    for i, h in enumerate(d["results"]):
+        assert set(h) == {"rank", "id", "score", "hamming", "captions"}
+        assert h["rank"] == i + 1 and len(h["captions"]) == 5
+    assert d == Index.open(pipe.index_dir).search("a man riding a motorcycle", 4, 12).to_dict()
+
+
+def test_query_table(pipe):
+    want = Index.open(pipe.index_dir).search("a man riding a motorcycle", 3, 12)
+    r = _ok(run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "3", "--candidates", "12"))
+    assert "query: 'a man riding a motorcycle'" in r.output
+    for col in ("rank", "id", "score", "hamming", "captions of the image"):
+        assert col in r.output
+    for h in want.results:
+        assert f"{h.score:.4f}" in r.output
+    assert "ms (Hamming top-12, re-ranked by the matcher)" in r.output
+    assert "unknown words" not in r.output
+
+
+def test_query_reports_unknown_words(pipe):
+    d = _json(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10", "--json"))
+    assert d["unknown_words"] == ["xyzzyq"]
+    r = _ok(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10"))
+    assert "unknown words (mapped to <unk>): xyzzyq" in r.output
+
+
+def test_query_image(pipe):
+    d = _json(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20", "--json"))
+    assert set(d) == {"query", "unknown_words", "results"}
+    assert d["query"] == 5 and d["unknown_words"] == []
+    assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "text"}] * 3
+    assert d == Index.open(pipe.index_dir).search_image(5, 3, 20).to_dict()
+    r = _ok(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
+    assert "query image 5" in r.output and d["results"][0]["text"][:30] in r.output
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+def test_bench_json(pipe):
+    d = _json(run("bench", "--index", pipe.index_dir, "--topk", "24", "--json"))
+    assert {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"} <= set(d)
+    for direction in ("t2i", "i2t"):
+        assert set(d[direction]) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup"}
+        for method in ("exhaustive", "hei", "hamming"):
+            assert {"r1", "r5", "r10", "rsum", "seconds"} <= set(d[direction][method])
+    for k in ("r1", "r5", "r10", "medr", "meanr", "rsum"):
+        assert d["t2i"]["hei"][k] == d["t2i"]["exhaustive"][k]
+    assert "plot" not in d
+
+
+def test_bench_sweep_writes_a_png(pipe, tmp_path):
+    png = tmp_path / "sweep.png"
+    d = _json(run("bench", "--index", pipe.index_dir, "--topk", "10", "--sweep", "1,5,10,24", "--plot", png, "--json"))
+    assert d["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert [row["candidates"] for row in d["full"]["sweep"]] == [1, 5, 10, 24]
+    assert not (pipe.index_dir / "bench_sweep.png").exists()
+
+
+def test_bench_tables(pipe, tmp_path):
+    r = _ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
+    for text in ("test (all images): text-to-image (24 images, 120 captions, N = 5)", "image-to-text",
+                 "exhaustive", "hei", "hamming", "candidate recall@5", "recall versus N", "sweep plot:"):
+        assert text in r.output, text
+
+
+# -- train-hash and evaluate ------------------------------------------------------------------
+
+
+def test_train_hash(pipe, tmp_path):
+    out = tmp_path / "h16"
+    r = _ok(run("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--out", out, "--bits", "16",
+                "--epochs", "3", "--rounds", "1", "--val-candidates", "5"))
+    assert "best epoch" in r.output and f"hash module in {out}" in r.output
+    matcher = load_model(pipe.model_dir)
+    h = load_hash(out, matcher)
+    assert h.module.config.bits == 16 and h.module.config.embed_size == pf.EMBED_SIZE
+    assert h.info["matcher_sha256"] == matcher.checksum
+    assert h.info["train"]["epochs"] == 3 and h.info["train"]["rounds"] == 1
+    assert 1 <= h.info["best_epoch"] <= 3
+    rec = h.info["dev_candidate_recall"]
+    assert rec["n"] == 5
+    assert f"dev candidate recall@5 t2i {100 * rec['t2i']:.1f}% i2t {100 * rec['i2t']:.1f}%" in r.output
+
+
+def test_train_hash_rejects_bits_not_a_multiple_of_8(pipe, tmp_path):
+    r = run("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--out", tmp_path / "h", "--bits", "12",
+            "--epochs", "1")
+    _clean_error(r, "multiple of 8")
+    assert not (tmp_path / "h").exists()
+
+
+def test_evaluate(pipe):
+    m = load_model(pipe.model_dir)
+    want = evaluate_exhaustive(m.model, encode_split(m.model, SplitStore.open(pipe.root, "test")))
+    d = _json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test", "--json"))
+    assert set(d) == {"split", "t2i", "i2t", "rsum", "seconds"}
+    assert d["split"] == "test"
+    assert d["t2i"] == want.t2i.to_dict() and d["i2t"] == want.i2t.to_dict()
+    assert d["rsum"] == want.rsum
+    r = _ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test"))
+    assert "test: exhaustive (24 images, 120 captions)" in r.output
+    assert f"rsum {want.rsum:.1f}" in r.output
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_query_without_an_index(tmp_path):
+    r = run("query", "a dog", "--index", tmp_path / "none")
+    assert r.exit_code == 2
+    _clean_error(r, "no index here; run `heiindex build` first", str(tmp_path / "none" / "manifest.json"))
+
+
+def test_bench_without_an_index(tmp_path):
+    r = run("bench", "--index", tmp_path / "none", "--topk", "5")
+    assert r.exit_code == 2
+    _clean_error(r, "no index here")
+
+
+def test_query_with_another_model(pipe):
+    r = run("query", "a dog", "--index", pipe.index_dir, "--model", pipe.other_model_dir, "--candidates", "10")
+    assert r.exit_code == 2
+    _clean_error(r, "rebuild the index with this model")
+
+
+def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
+    r = run("build", "--split", "test", "--store", pipe.root, "--model", pipe.other_model_dir, "--hash", pipe.hash_dir,
+            "--out", tmp_path / "x")
+    assert r.exit_code == 2
+    _clean_error(r, "was trained next to")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "args, detail",
+    [
+        (["a dog", "--candidates", "100"], "--candidates 100 is larger than the 24 images in this index"),
+        (["--image", "0", "--candidates", "500"], "--candidates 500 is larger than the 120 captions in this index"),
+        (["a dog", "--candidates", "5", "--k", "6"], "--k 6 is larger than --candidates 5"),
+        (["", "--candidates", "5", "--k", "3"], "the query is empty"),
+        (["   ", "--candidates", "5", "--k", "3"], "the query is empty"),
+        (["xyzzyq qwplk", "--candidates", "5", "--k", "3"],
+         "no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
+        (["--image", "77", "--candidates", "5", "--k", "3"], "image id 77 is not in this index"),
+    ],
+    ids=["candidates_images", "candidates_captions", "k", "empty", "blank", "all_unknown", "unknown_image"],
+)
+def test_query_errors(pipe, args, detail):
+    r = run("query", *args, "--index", pipe.index_dir)
+    assert r.exit_code == 2
+    _clean_error(r, detail)
+
+
+def test_query_needs_text_or_image(pipe):
+    for args in ([], ["a dog", "--image", "1"]):
+        r = run("query", *args, "--index", pipe.index_dir)
+        assert r.exit_code == 2
+        _clean_error(r, "give a TEXT query or --image ID")
+
+
+def test_bench_topk_too_large(pipe):
+    r = run("bench", "--index", pipe.index_dir, "--topk", "25")
+    assert r.exit_code == 2
+    _clean_error(r, "--topk 25 must lie in [1, 24]")

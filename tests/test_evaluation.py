@@ -1,0 +1,162 @@
+"""heiindex.evaluation on hand-made score matrices (exact R@K, medr, meanr), and scoring."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heiindex.attention import score_block
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_split
+from heiindex.evaluation import Recall, coco_folds, i2t_ranks, rank_from_candidates, recall, t2i_ranks
+from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
+from heiindex.store import SplitStore
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+def _scores_with_ranks(gt: list[int], ranks: list[int], n_imgs: int) -> np.ndarray:
+    """(n_caps, n_imgs) scores where caption q's ground truth ``gt[q]`` is the ``ranks[q]``-th best."""
+    rng = np.random.default_rng(0)
+    out = np.empty((len(gt), n_imgs))
+    for q, (g, r) in enumerate(zip(gt, ranks, strict=True)):
+        values = np.linspace(1.0, 0.0, n_imgs)  # distinct, best first
+        others = [i for i in rng.permutation(n_imgs) if i != g]
+        order = others[: r - 1] + [g] + others[r - 1 :]
+        out[q, order] = values
+    return out
+
+
+# -- text to image ----------------------------------------------------------------------------
+
+
+def test_t2i_ranks_and_recall_exact():
+    gt = [0, 3, 5, 1, 7, 2, 11, 4]
+    want = [1, 2, 5, 6, 10, 11, 3, 12]
+    scores = _scores_with_ranks(gt, want, 12)
+    ranks = t2i_ranks(scores, np.array(gt))
+    np.testing.assert_array_equal(ranks, want)
+    r = recall(ranks)
+    assert r.r1 == 100 * 1 / 8
+    assert r.r5 == 100 * 4 / 8  # ranks 1, 2, 5, 3
+    assert r.r10 == 100 * 6 / 8  # and 6, 10
+    assert r.medr == 5.0  # median of 1 2 3 5 6 10 11 12 is 5.5, floored as SCAN does
+    assert r.meanr == sum(want) / 8 == 6.25
+    assert r.rsum == r.r1 + r.r5 + r.r10 == 137.5
+    assert r.to_dict() == {"r1": 12.5, "r5": 50.0, "r10": 75.0, "medr": 5.0, "meanr": 6.25, "rsum": 137.5}
+
+
+def test_t2i_ties_count_against_the_ground_truth():
+    scores = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]])
+    np.testing.assert_array_equal(t2i_ranks(scores, np.array([0, 1, 2])), [2, 2, 3])
+
+
+def test_t2i_small_matrix_by_hand():
+    scores = np.array([
+        [0.9, 0.1, 0.2],  # gt 0: rank 1
+        [0.3, 0.5, 0.4],  # gt 0: rank 3
+        [0.2, 0.7, 0.1],  # gt 1: rank 1
+        [0.6, 0.5, 0.4],  # gt 2: rank 3
+    ])
+    ranks = t2i_ranks(scores, np.array([0, 0, 1, 2]))
+    np.testing.assert_array_equal(ranks, [1, 3, 1, 3])
+    assert recall(ranks) == Recall(r1=50.0, r5=100.0, r10=100.0, medr=2.0, meanr=2.0)
+
+
+# -- image to text ----------------------------------------------------------------------------
+
+
+def test_i2t_best_rank_of_the_images_captions():
+    gt = np.array([0, 0, 1, 1])  # captions 0, 1 of image 0; 2, 3 of image 1
+    scores = np.array([
+        [0.1, 0.8, 0.9, 0.2],  # image 0: order c2 c1 c3 c0 -> its captions at 4 and 2 -> 2
+        [0.7, 0.6, 0.5, 0.95],  # image 1: c3 first -> 1
+        [0.9, 0.8, 0.7, 0.6],  # image 2 has no caption -> inf
+    ])
+    ranks = i2t_ranks(scores, gt)
+    np.testing.assert_array_equal(ranks, [2, 1, np.inf])
+    r = recall(ranks)
+    assert r.r1 == pytest.approx(100 / 3) and r.r5 == pytest.approx(200 / 3) and r.r10 == pytest.approx(200 / 3)
+    assert r.medr == 2.0 and r.meanr == np.inf
+
+
+def test_i2t_on_a_larger_matrix_matches_a_per_image_count():
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((6, 30))
+    gt = np.repeat(np.arange(6), 5)
+    want = []
+    for i in range(6):
+        order = list(np.argsort(-scores[i]))
+        want.append(min(order.index(j) for j in np.flatnonzero(gt == i)) + 1)
+    np.testing.assert_array_equal(i2t_ranks(scores, gt), want)
+
+
+def test_recall_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no ranks"):
+        recall(np.array([]))
+
+
+# -- candidate lists and folds ----------------------------------------------------------------
+
+
+def test_rank_from_candidates():
+    cand = np.array([[3, 1, 2], [0, 5, 6], [7, 8, 9]])
+    np.testing.assert_array_equal(rank_from_candidates(cand, [{1}, {9}, {9, 8}]), [2, np.inf, 2])
+    np.testing.assert_array_equal(rank_from_candidates(cand, np.array([2, 0, 7])), [3, 1, 1])
+
+
+def test_coco_folds():
+    assert coco_folds(5000) == [(0, 1000), (1000, 2000), (2000, 3000), (3000, 4000), (4000, 5000)]
+    assert coco_folds(24, fold_size=8) == [(0, 8), (8, 16), (16, 24)]
+    with pytest.raises(ValueError, match="1500 images do not split into folds of 1000"):
+        coco_folds(1500)
+
+
+# -- exhaustive scoring of an encoded split ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enc_test(tmp_path_factory):
+    p = pf.get_pipeline(tmp_path_factory)
+    m = load_model(p.model_dir)
+    return m, encode_split(m.model, SplitStore.open(p.root, "test"))
+
+
+def test_exhaustive_scores_blocks_equal_one_block(enc_test):
+    m, enc = enc_test
+    whole = score_block(m.model.attention, enc.words, enc.lengths, enc.regions).numpy()
+    np.testing.assert_allclose(exhaustive_scores(m.model, enc, image_block=5), whole, rtol=0, atol=1e-6)
+    assert whole.shape == (120, 24)
+
+
+def test_evaluate_exhaustive_ranks_the_score_matrix(enc_test):
+    m, enc = enc_test
+    res = evaluate_exhaustive(m.model, enc)
+    assert res.t2i == recall(t2i_ranks(res.scores, enc.caption_image))
+    assert res.i2t == recall(i2t_ranks(res.scores.T, enc.caption_image))
+    assert res.rsum == res.t2i.rsum + res.i2t.rsum
+    np.testing.assert_array_equal(enc.caption_image, np.repeat(np.arange(24), 5))
+    assert res.seconds > 0
+    assert torch.equal(enc.gram, enc.regions @ enc.regions.transpose(1, 2))

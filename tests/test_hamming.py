@@ -1,0 +1,135 @@
+"""heiindex.hamming: FAISS binary indexes (flat, IVF, HNSW) over packed codes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from heiindex.errors import DataError
+from heiindex.hamming import (
+    INDEX_TYPES,
+    hamming_candidates,
+    load_binary_index,
+    make_binary_index,
+    save_binary_index,
+)
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+N, BYTES = 300, 8  # 300 random 64-bit codes: any two differ in about 32 bits
+
+
+@pytest.fixture(scope="module")
+def easy():
+    """Codes, and queries that are codes 0, 10, ... 290 with one or two bits flipped."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (N, BYTES), dtype=np.uint8)
+    rows = np.arange(0, N, 10)
+    queries = codes[rows].copy()
+    queries[:, 0] ^= 0b0000_0100  # one bit
+    queries[1::2, 5] ^= 0b1000_0000  # and a second one in every other query
+    return codes, queries, rows
+
+
+def _check_nearest(index, codes, queries, rows, n=5):
+    dist, ids = hamming_candidates(index, queries, n)
+    assert dist.shape == ids.shape == (len(queries), n)
+    np.testing.assert_array_equal(ids[:, 0], rows)  # the true nearest comes first
+    np.testing.assert_array_equal(dist[:, 0], np.where(np.arange(len(rows)) % 2, 2, 1))
+    valid = ids >= 0
+    by_hand = pf.hamming_by_hand(queries, codes)
+    for q in range(len(queries)):
+        np.testing.assert_array_equal(dist[q][valid[q]], by_hand[q, ids[q][valid[q]]])
+        assert list(dist[q][valid[q]]) == sorted(dist[q][valid[q]])
+
+
+@pytest.mark.parametrize("kind", INDEX_TYPES)
+def test_every_index_type_finds_the_true_nearest(easy, kind):
+    codes, queries, rows = easy
+    index = make_binary_index(codes, kind)
+    assert index.ntotal == N and index.d == 64
+    _check_nearest(index, codes, queries, rows)
+
+
+def test_flat_is_exact(easy):
+    codes, queries, _ = easy
+    dist, ids = hamming_candidates(make_binary_index(codes, "flat"), queries, N)
+    by_hand = pf.hamming_by_hand(queries, codes)
+    for q in range(len(queries)):
+        assert sorted(ids[q]) == list(range(N))
+        np.testing.assert_array_equal(dist[q], np.sort(by_hand[q]))
+
+
+def test_ivf_lists_and_probes(easy):
+    codes, queries, rows = easy
+    index = make_binary_index(codes, "ivf", nlist=10, nprobe=10)
+    assert isinstance(index, faiss.IndexBinaryIVF)
+    assert index.nlist == 10 and index.nprobe == 10
+    _check_nearest(index, codes, queries, rows)
+    assert make_binary_index(codes, "ivf").nlist == 17  # default: round(sqrt(300))
+    assert make_binary_index(codes[:20], "ivf", nlist=4, nprobe=8).nprobe == 4  # never more than nlist
+    with pytest.raises(ValueError, match="nlist 400 exceeds the number of codes 300"):
+        make_binary_index(codes, "ivf", nlist=400)
+
+
+@pytest.mark.parametrize("kind", INDEX_TYPES)
+def test_save_load_round_trip(easy, tmp_path, kind):
+    codes, queries, rows = easy
+    index = make_binary_index(codes, kind, nlist=10, nprobe=10)
+    save_binary_index(index, tmp_path / "x.faiss")
+    back = load_binary_index(tmp_path / "x.faiss")
+    assert back.ntotal == N and type(back) is type(index)
+    d1, i1 = hamming_candidates(index, queries, 7)
+    d2, i2 = hamming_candidates(back, queries, 7)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(i1, i2)
+    _check_nearest(back, codes, queries, rows)
+
+
+def test_load_refuses_missing_and_foreign_files(tmp_path):
+    with pytest.raises(DataError, match="binary index file missing"):
+        load_binary_index(tmp_path / "none.faiss")
+    (tmp_path / "junk.faiss").write_bytes(b"not an index at all" * 10)
+    with pytest.raises(DataError, match="not a FAISS binary index") as e:
+        load_binary_index(tmp_path / "junk.faiss")
+    assert e.value.path == tmp_path / "junk.faiss"
+
+
+def test_more_candidates_than_items_is_an_error(easy):
+    codes, queries, _ = easy
+    index = make_binary_index(codes[:12])
+    dist, ids = hamming_candidates(index, queries, 12)
+    assert sorted(ids[0]) == list(range(12))
+    with pytest.raises(ValueError, match="asked for 13 candidates, but the index holds only 12 items"):
+        hamming_candidates(index, queries, 13)
+
+
+def test_unknown_index_type(easy):
+    with pytest.raises(ValueError, match=r"index type must be one of \('flat', 'ivf', 'hnsw'\), got 'lsh'"):
+        make_binary_index(easy[0], "lsh")
+
+
+def test_code_length_follows_the_bytes():
+    codes = np.zeros((3, 4), dtype=np.uint8)
+    codes[1, 3] = 0xFF
+    index = make_binary_index(codes)
+    assert index.d == 32
+    dist, ids = hamming_candidates(index, codes[1:2], 3)
+    assert (int(ids[0, 0]), int(dist[0, 0])) == (1, 0)
+    assert sorted(dist[0, 1:].tolist()) == [8, 8]

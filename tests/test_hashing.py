@@ -1,0 +1,231 @@
+"""heiindex.hashing and heiindex.train_hash: code layout (as FAISS reads it), the HEI loss, score
+scaling, configs, hash folders and training next to a frozen matcher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_split
+from heiindex.errors import DataError, ModelMismatchError
+from heiindex.hashing import HashConfig, HashModule, hash_loss, pack_codes, pool_regions, pool_words, scale_scores
+from heiindex.store import SplitStore
+from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    return pf.get_pipeline(tmp_path_factory)
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+
+def test_pack_codes_bit_layout():
+    bits = torch.zeros(3, 16, dtype=torch.bool)
+    bits[0, 0] = bits[0, 3] = bits[0, 9] = True  # byte 0: 1 + 8; byte 1: bit 1 -> 2
+    bits[1, 15] = True  # byte 1, bit 7 -> 128
+    bits[2] = True
+    codes = pack_codes(bits)
+    assert codes.dtype == np.uint8 and codes.shape == (3, 2)
+    np.testing.assert_array_equal(codes, [[9, 2], [0, 128], [255, 255]])
+    np.testing.assert_array_equal(np.unpackbits(codes, axis=1, bitorder="little").astype(bool), bits.numpy())
+
+
+def test_faiss_hamming_distances_are_the_number_of_differing_bits():
+    g = torch.Generator().manual_seed(0)
+    db = torch.rand(40, 64, generator=g) > 0.5
+    q = torch.rand(7, 64, generator=g) > 0.5
+    by_hand = (q[:, None, :] != db[None, :, :]).sum(dim=2).numpy()  # popcount of the XOR, bit by bit
+    index = faiss.IndexBinaryFlat(64)
+    index.add(pack_codes(db))
+    dist, ids = index.search(pack_codes(q), 40)
+    for row in range(7):
+        np.testing.assert_array_equal(dist[row], by_hand[row, ids[row]])
+        assert sorted(ids[row]) == list(range(40))
+        assert list(dist[row]) == sorted(dist[row])
+    np.testing.assert_array_equal(pf.hamming_by_hand(pack_codes(q), pack_codes(db)), by_hand)
+    # one flipped bit is distance 1 wherever it sits, so the byte layout is the one FAISS reads
+    for bit in (0, 7, 8, 63):
+        flipped = db[:1].clone()
+        flipped[0, bit] = ~flipped[0, bit]
+        d, i = index.search(pack_codes(flipped), 1)
+        assert (int(d[0, 0]), int(i[0, 0])) == (1, 0)
+
+
+# -- the module -------------------------------------------------------------------------------
+
+
+def test_hash_module_codes_are_signs_of_the_relaxed_codes():
+    torch.manual_seed(0)
+    mod = HashModule(HashConfig(bits=24, embed_size=5))
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        relaxed_i, relaxed_t = mod.relaxed(x, "image"), mod.relaxed(x, "text")
+        torch.testing.assert_close(relaxed_i, torch.tanh(mod.image_hash(x)))
+        torch.testing.assert_close(relaxed_t, torch.tanh(mod.text_hash(x)))
+    ci, ct = mod.codes(x, "image"), mod.codes(x, "text")
+    assert ci.shape == ct.shape == (9, 3) and ci.dtype == np.uint8
+    np.testing.assert_array_equal(ci, pack_codes(relaxed_i > 0))
+    np.testing.assert_array_equal(ct, pack_codes(relaxed_t > 0))
+    assert not np.array_equal(ci, ct)  # separate layers per modality
+
+
+def test_pooling_means_over_regions_and_real_words_only():
+    regions = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    torch.testing.assert_close(pool_regions(regions), regions.mean(dim=1))
+    words = torch.randn(3, 5, 4)
+    lengths = torch.tensor([5, 2, 1])
+    garbage = words.clone()
+    garbage[1, 2:] = 1e6
+    garbage[2, 1:] = -7.0
+    got = pool_words(garbage, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got[i], words[i, :n].mean(dim=0))
+
+
+def test_hash_config_accepts_multiples_of_8_only():
+    for bits in (12, 0, 4, 1032, 127):
+        with pytest.raises(ValueError, match="multiple of 8 between 8 and 1024 bits"):
+            HashConfig(bits=bits)
+    assert HashConfig(bits=8).bits == 8 and HashConfig(bits=1024).bits == 1024
+    with pytest.raises(ValueError, match="pooling must be 'mean'"):
+        HashConfig(pooling="max")
+    assert HashConfig(bits=16, embed_size=24).to_dict() == {"bits": 16, "embed_size": 24, "pooling": "mean"}
+
+
+# -- loss and scaling -------------------------------------------------------------------------
+
+IMG = torch.tensor([[1.0, 0.5], [-0.5, 1.0]])
+TXT = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+POS = torch.tensor([[True, False], [False, True]])
+# h = IMG @ TXT.T / 2 = [[0.75, -0.25], [0.25, -0.5]]; matched term ((0.75-1)^2 + (-0.5-1)^2) / 2 = 1.15625
+
+
+def test_hash_loss_exact_with_one_violating_negative():
+    target = torch.tensor([[1.0, -0.5], [0.5, 1.0]])
+    # negatives: (0, 1) h = -0.25 > -0.5 violates by 0.25 -> 0.0625; (1, 0) h = 0.25 <= 0.5 does not
+    assert float(hash_loss(IMG, TXT, target, POS)) == 1.15625 + 0.0625
+
+
+def test_hash_loss_exact_without_violations_keeps_a_gradient():
+    target = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    img = IMG.clone().requires_grad_(True)
+    loss = hash_loss(img, TXT, target, POS)
+    assert float(loss.detach()) == 1.15625
+    loss.backward()
+    # d/dimg of mean((h_ii - 1)^2) with h = img @ txt.T / 2: row i gets (h_ii - 1) * txt_i / 2
+    want = torch.stack([(0.75 - 1) * TXT[0] / 2, (-0.5 - 1) * TXT[1] / 2])
+    torch.testing.assert_close(img.grad, want, atol=0, rtol=0)
+
+
+def test_hash_loss_averages_violations():
+    target = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    # both negatives violate: (-0.25 + 1)^2 = 0.5625 and (0.25 + 1)^2 = 1.5625, mean 1.0625
+    assert float(hash_loss(IMG, TXT, target, POS)) == 1.15625 + 1.0625
+
+
+def test_scale_scores_sends_min_to_minus_one_and_positive_mean_to_one():
+    scores = torch.tensor([[3.0, 0.0], [1.0, 3.0]])
+    torch.testing.assert_close(scale_scores(scores, POS), torch.tensor([[1.0, -1.0], [-1 / 3, 1.0]]))
+    # positives 2 and 4 (mean 3): 2 -> 1/3, 4 -> 5/3 clipped to 1, the minimum 0 -> -1
+    scores = torch.tensor([[2.0, 0.0], [1.5, 4.0]])
+    torch.testing.assert_close(scale_scores(scores, POS), torch.tensor([[1 / 3, -1.0], [0.0, 1.0]]))
+    # affine: shifting and scaling the matcher's scores changes nothing
+    torch.testing.assert_close(scale_scores(scores * 7 - 2, POS), scale_scores(scores, POS))
+
+
+# -- hash folders -----------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, pipe):
+    torch.manual_seed(1)
+    mod = HashModule(HashConfig(bits=16, embed_size=4))
+    save_hash(mod, tmp_path / "h", {"matcher_sha256": "abc"})
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "hash.safetensors"]
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg == {"format_version": 1, "kind": "hei-hash", "hash": {"bits": 16, "embed_size": 4, "pooling": "mean"},
+                   "info": {"matcher_sha256": "abc"}}
+    loaded = load_hash(tmp_path / "h")
+    x = torch.randn(5, 4)
+    np.testing.assert_array_equal(loaded.module.codes(x, "text"), mod.codes(x, "text"))
+    np.testing.assert_array_equal(loaded.module.codes(x, "image"), mod.codes(x, "image"))
+    with pytest.raises(ModelMismatchError, match="was trained next to matcher abc"):
+        load_hash(tmp_path / "h", load_model(pipe.model_dir))
+
+
+def test_load_hash_refusals(tmp_path, pipe):
+    with pytest.raises(DataError, match="no hash module config here"):
+        load_hash(tmp_path / "none")
+    with pytest.raises(DataError, match="expected kind 'hei-hash'"):
+        load_hash(pipe.model_dir)  # a matcher folder is not a hash folder
+
+
+# -- training next to the matcher -------------------------------------------------------------
+
+
+def test_trained_hash_folder_records_its_matcher_and_best_epoch(pipe):
+    matcher = load_model(pipe.model_dir)
+    h = load_hash(pipe.hash_dir, matcher)  # accepted next to its own matcher
+    assert h.module.config == HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE)
+    assert h.info["matcher_sha256"] == matcher.checksum
+    hist = pipe.hash_result["history"]
+    assert [r["epoch"] for r in hist] == list(range(1, 16))
+    scores = [r["dev_candidate_recall"]["t2i"] + r["dev_candidate_recall"]["i2t"] for r in hist]
+    best = int(np.argmax(scores))  # the first best
+    assert h.info["best_epoch"] == pipe.hash_result["best_epoch"] == best + 1
+    assert h.info["dev_candidate_recall"] == hist[best]["dev_candidate_recall"]
+    # the kept module reproduces its recorded dev candidate recall exactly
+    dev = encode_split(matcher.model, SplitStore.open(pipe.root, "dev"))
+    assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"]
+    with pytest.raises(ModelMismatchError):
+        load_hash(pipe.hash_dir, load_model(pipe.other_model_dir))
+
+
+def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
+    matcher = load_model(pipe.model_dir)
+    h = load_hash(pipe.hash_dir)
+    enc = encode_split(matcher.model, SplitStore.open(pipe.root, "test"))
+    full = candidate_recall(h.module, enc, 1000)
+    assert full["n"] == 24 and full["t2i"] == 1.0  # every image is a candidate
+    img = h.module.codes(pool_regions(enc.regions), "image")
+    cap = h.module.codes(pool_words(enc.words, enc.lengths), "text")
+    index = faiss.IndexBinaryFlat(pf.BITS)
+    index.add(img)
+    _, ids = index.search(cap, 3)
+    want = float(np.mean([enc.caption_image[q] in ids[q] for q in range(len(cap))]))
+    assert candidate_recall(h.module, enc, 3)["t2i"] == want
+
+
+def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
+    with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
+        train_hash(load_model(pipe.model_dir), pipe.root, tmp_path / "h", HashConfig(bits=16, embed_size=8),
+                   HashTrainConfig(epochs=1), log=pf.quiet)
+    assert not (tmp_path / "h").exists()

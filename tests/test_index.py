@@ -1,0 +1,304 @@
+"""heiindex.index: build, open, search (text to image), search_image (image to text), refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heiindex.attention import score_block
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_split
+from heiindex.errors import DataError, HeiindexError, ModelMismatchError
+from heiindex.hashing import HashConfig, pool_words
+from heiindex.index import Index
+from heiindex.ingest import ingest
+from heiindex.store import SplitStore
+from heiindex.train_hash import load_hash, save_hash
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    return pf.get_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def index(pipe):
+    return Index.open(pipe.index_dir)
+
+
+QUERIES = ("a man riding a motorcycle on a dirt road", "a kitchen with a sink", "two people on a beach",
+           "a plate of food", "a dog")
+
+
+@torch.no_grad()
+def _exhaustive_row(index: Index, text: str) -> np.ndarray:
+    """The matcher's score of ``text`` against every image of the index (one score_block row)."""
+    ids = index.matcher.vocab.encode(text).ids
+    tokens, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    words = index.model.encode_captions(tokens, lengths)
+    return score_block(index.model.attention, words, lengths, index.regions, index.gram)[0].numpy()
+
+
+@torch.no_grad()
+def _query_code(index: Index, text: str) -> np.ndarray:
+    ids = index.matcher.vocab.encode(text).ids
+    tokens, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    return index.hasher.module.codes(pool_words(index.model.encode_captions(tokens, lengths), lengths), "text")
+
+
+# -- what build writes ------------------------------------------------------------------------
+
+
+def test_build_writes_the_documented_folder(pipe, index):
+    names = sorted(p.name for p in pipe.index_dir.iterdir())
+    assert names == ["caption_features.parquet", "captions.faiss", "image_features.parquet", "images.faiss",
+                     "manifest.json"]
+    m = json.loads((pipe.index_dir / "manifest.json").read_text())
+    matcher = load_model(pipe.model_dir)
+    store = SplitStore.open(pipe.root, "test")
+    assert m["format_version"] == 1 and m["split"] == "test"
+    assert (m["n_images"], m["n_captions"], m["regions"], m["embed_size"]) == (24, 120, pf.REGIONS, pf.EMBED_SIZE)
+    assert m["matcher"]["sha256"] == matcher.checksum
+    assert m["store"]["checksum"] == store.checksum
+    assert m["hash"]["bits"] == pf.BITS
+    assert m["index"] == {"type": "flat", "nlist": None, "nprobe": 8}
+    assert (index.n_images, index.n_captions) == (24, 120)
+    assert index.image_index.ntotal == 24 and index.caption_index.ntotal == 120
+
+
+def test_stored_features_are_the_encoded_split(pipe, index):
+    matcher = load_model(pipe.model_dir)
+    enc = encode_split(matcher.model, SplitStore.open(pipe.root, "test"))
+    assert torch.equal(index.regions, enc.regions)
+    assert torch.equal(index.gram, enc.gram)
+    assert torch.equal(index.lengths, enc.lengths)
+    assert torch.equal(index.words, enc.words)
+    np.testing.assert_array_equal(index.caption_image, enc.caption_image)
+    assert index.texts == pipe.captions["test"]
+
+
+# -- text to image ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", QUERIES[:3])
+def test_search_returns_k_hits_sorted_with_true_hamming_distances(index, text):
+    res = index.search(text, k=5, candidates=10)
+    assert res.query == text and res.unknown_words == []
+    assert [h.rank for h in res.results] == [1, 2, 3, 4, 5]
+    scores = [h.score for h in res.results]
+    assert scores == sorted(scores, reverse=True)
+    ids = [h.id for h in res.results]
+    assert len(set(ids)) == 5 and set(ids) <= set(index.image_ids.tolist())
+    code = _query_code(index, text)
+    dist = pf.hamming_by_hand(code, index.image_codes())[0]
+    row_of = {int(i): r for r, i in enumerate(index.image_ids)}
+    tenth = np.sort(dist)[9]
+    for h in res.results:
+        assert h.hamming == dist[row_of[h.id]]
+        assert h.hamming <= tenth  # one of the 10 nearest codes
+        assert h.captions == [index.texts[c] for c in index.image_captions[row_of[h.id]]]
+        assert len(h.captions) == 5
+
+
+@pytest.mark.parametrize("text", QUERIES[:3])
+def test_search_scores_are_the_exhaustive_scores_of_the_candidates(index, text):
+    res = index.search(text, k=5, candidates=10)
+    full = _exhaustive_row(index, text)
+    row_of = {int(i): r for r, i in enumerate(index.image_ids)}
+    for h in res.results:
+        assert h.score == pytest.approx(float(full[row_of[h.id]]), abs=1e-5)
+    # the k hits are the k best of the 10 Hamming candidates
+    _, cand = index.image_index.search(_query_code(index, text), 10)
+    best = sorted(cand[0], key=lambda r: -full[r])[:5]
+    assert [row_of[h.id] for h in res.results] == best
+
+
+@pytest.mark.parametrize("text", QUERIES)
+def test_with_every_image_a_candidate_hei_equals_exhaustive(index, text):
+    res = index.search(text, k=10, candidates=index.n_images)
+    full = _exhaustive_row(index, text)
+    top = np.argsort(-full, kind="stable")[:10]
+    assert [h.id for h in res.results] == [int(index.image_ids[r]) for r in top]
+    np.testing.assert_allclose([h.score for h in res.results], full[top], atol=1e-5, rtol=0)
+
+
+def test_unknown_words_are_reported(index):
+    res = index.search("a man riding a xyzzyq motorcycle qwplk", k=3, candidates=24)
+    assert res.unknown_words == ["xyzzyq", "qwplk"]
+    assert res.to_dict()["unknown_words"] == ["xyzzyq", "qwplk"]
+    assert len(res.results) == 3
+
+
+def test_search_result_dict_has_the_documented_keys(index):
+    d = index.search("a dog", k=2, candidates=5).to_dict()
+    assert set(d) == {"query", "unknown_words", "results"}
+    assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "captions"}] * 2
+    d = index.search_image(3, k=2, candidates=5).to_dict()
+    assert d["query"] == 3
+    assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "text"}] * 2
+
+
+# -- image to text ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _exhaustive_column(index: Index, row: int) -> np.ndarray:
+    return score_block(index.model.attention, index.words, index.lengths, index.regions[row : row + 1],
+                       index.gram[row : row + 1])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("image_id", [0, 7, 23])
+def test_search_image_returns_captions_with_exhaustive_scores(index, image_id):
+    res = index.search_image(image_id, k=6, candidates=30)
+    assert res.query == image_id and res.unknown_words == []
+    assert [h.rank for h in res.results] == list(range(1, 7))
+    scores = [h.score for h in res.results]
+    assert scores == sorted(scores, reverse=True)
+    row = int(np.flatnonzero(index.image_ids == image_id)[0])
+    col = _exhaustive_column(index, row)
+    cap_row = {int(c): j for j, c in enumerate(index.caption_ids)}
+    dist = pf.hamming_by_hand(index.image_codes()[row : row + 1], index.caption_codes())[0]
+    for h in res.results:
+        j = cap_row[h.id]
+        assert h.text == index.texts[j]
+        assert h.score == pytest.approx(float(col[j]), abs=1e-5)
+        assert h.hamming == dist[j]
+        assert h.hamming <= np.sort(dist)[29]
+
+
+@pytest.mark.parametrize("image_id", [0, 11])
+def test_search_image_with_every_caption_a_candidate_equals_exhaustive(index, image_id):
+    res = index.search_image(image_id, k=10, candidates=index.n_captions)
+    col = _exhaustive_column(index, int(np.flatnonzero(index.image_ids == image_id)[0]))
+    top = np.argsort(-col, kind="stable")[:10]
+    assert [h.id for h in res.results] == [int(index.caption_ids[j]) for j in top]
+
+
+# -- other index types ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_ivf_and_hnsw_indexes_search_like_flat(pipe, index, tmp_path, kind):
+    other = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / kind, index_type=kind)
+    assert other.manifest["index"]["type"] == kind
+    for text in QUERIES[:2]:
+        a = index.search(text, k=10, candidates=24).to_dict()["results"]
+        b = other.search(text, k=10, candidates=24).to_dict()["results"]
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        assert [h["hamming"] for h in a] == [h["hamming"] for h in b]
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_open_without_an_index_folder(tmp_path):
+    with pytest.raises(DataError, match="no index here; run `heiindex build` first") as e:
+        Index.open(tmp_path / "nothing")
+    assert e.value.path == tmp_path / "nothing" / "manifest.json"
+
+
+def test_open_with_a_retrained_model_is_a_mismatch(pipe):
+    with pytest.raises(ModelMismatchError, match="rebuild the index with this model"):
+        Index.open(pipe.index_dir, pipe.other_model_dir)
+    Index.open(pipe.index_dir, pipe.model_dir, pipe.hash_dir)  # the right ones are accepted
+
+
+def test_open_with_another_hash_module_is_a_mismatch(pipe, tmp_path):
+    h = load_hash(pipe.hash_dir)
+    with torch.no_grad():
+        h.module.text_hash.bias += 0.01
+    save_hash(h.module, tmp_path / "h2", h.info)
+    with pytest.raises(ModelMismatchError, match="another hash module"):
+        Index.open(pipe.index_dir, hasher=tmp_path / "h2")
+
+
+def test_build_refuses_a_hash_module_of_another_matcher(pipe, tmp_path):
+    with pytest.raises(ModelMismatchError):
+        Index.build(pipe.root, "test", pipe.other_model_dir, pipe.hash_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_refuses_a_store_of_another_vocabulary(pipe, tmp_path):
+    caps = pf.split_captions({"test": 3})
+    feats = pf.make_features(caps, pf.REGIONS, pf.FEATURE_DIM)
+    (tmp_path / "pre").mkdir()
+    np.save(tmp_path / "pre" / "test_ims.npy", feats["test"])
+    (tmp_path / "pre" / "test_caps.txt").write_text("\n".join(caps["test"]) + "\n")
+    ingest(tmp_path / "pre", "test", tmp_path / "store", regions=None, feature_dim=None)  # its own vocab
+    with pytest.raises(ModelMismatchError, match="another vocabulary"):
+        Index.build(tmp_path / "store", "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
+    with pytest.raises(ValueError, match="code length must be a multiple of 8"):
+        HashConfig(bits=12, embed_size=pf.EMBED_SIZE)
+    # a hash folder that claims 12-bit codes is refused with that message before anything is written
+    shutil.copytree(pipe.hash_dir, tmp_path / "h12")
+    cfg = json.loads((tmp_path / "h12" / "config.json").read_text())
+    cfg["hash"]["bits"] = 12
+    (tmp_path / "h12" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ValueError, DataError), match="code length must be a multiple of 8"):
+        Index.build(pipe.root, "test", pipe.model_dir, tmp_path / "h12", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, detail",
+    [
+        ({"candidates": 25}, "--candidates 25 is larger than the 24 images in this index"),
+        ({"candidates": 0}, "--candidates and --k must be at least 1"),
+        ({"k": 0}, "--candidates and --k must be at least 1"),
+        ({"k": 11, "candidates": 10}, "--k 11 is larger than --candidates 10"),
+    ],
+)
+def test_bad_counts(index, kwargs, detail):
+    with pytest.raises(HeiindexError, match=detail):
+        index.search("a dog", **{"k": 5, "candidates": 10, **kwargs})
+
+
+def test_too_many_caption_candidates(index):
+    with pytest.raises(HeiindexError, match="--candidates 121 is larger than the 120 captions in this index"):
+        index.search_image(0, k=5, candidates=121)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_query(index, text):
+    with pytest.raises(HeiindexError, match="the query is empty"):
+        index.search(text, k=3, candidates=5)
+
+
+def test_query_of_unknown_words_only(index):
+    with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: xyzzyq, qwplk"):
+        index.search("xyzzyq qwplk", k=3, candidates=5)
+
+
+def test_search_image_of_an_unknown_id(index):
+    with pytest.raises(HeiindexError, match=r"image id 999 is not in this index \(ids 0..23\)"):
+        index.search_image(999, k=3, candidates=5)

@@ -1,0 +1,257 @@
+"""heiindex.train and ``heiindex train``: the hinge loss, batches, best/last folders, resume,
+determinism, and a trained model that beats chance on the tiny learnable set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+from heiindex.checkpoint import load_model, model_checksum
+from heiindex.encode import encode_split
+from heiindex.errors import DataError
+from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
+from heiindex.store import SplitStore
+from heiindex.train import contrastive_loss, iter_training_batches, train
+from heiindex.vocab import Vocab
+
+
+def _helpers():
+    name = "pipeline_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pf = _helpers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with pf.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    return pf.get_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def wide_store(tmp_path_factory):
+    return pf.get_wide_store(tmp_path_factory)
+
+
+def _vocab_size(root) -> int:
+    return len(Vocab.load(root / "vocab.json"))
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+# scores[i, j]: caption i against the image of caption j; the diagonal holds the positives.
+S = torch.tensor([
+    [0.90, 0.30, 0.60],
+    [0.85, 0.80, 0.75],
+    [0.20, 0.65, 0.70],
+], dtype=torch.float64)
+# margin 0.2; positives 0.9, 0.8, 0.7.
+# Images (columns) against negative captions: col 0: 0.15 (cap 1), 0 (cap 2); col 1: 0 (cap 0),
+#   0.05 (cap 2); col 2: 0.1 (cap 0), 0.25 (cap 1).
+# Captions (rows) against negative images: row 0: 0, 0; row 1: 0.25 (img 0), 0.15 (img 2);
+#   row 2: 0 (img 0), 0.15 (img 1).
+
+
+def test_contrastive_loss_max_violation_exact():
+    # hardest per image 0.15 + 0.05 + 0.25, hardest per caption 0 + 0.25 + 0.15
+    got = contrastive_loss(S, torch.tensor([0, 1, 2]), margin=0.2, max_violation=True)
+    assert float(got) == pytest.approx(0.85, abs=1e-12)
+
+
+def test_contrastive_loss_sum_exact():
+    # every violation: 0.15 + 0.05 + 0.1 + 0.25 + 0.25 + 0.15 + 0.15
+    got = contrastive_loss(S, torch.tensor([0, 1, 2]), margin=0.2, max_violation=False)
+    assert float(got) == pytest.approx(1.1, abs=1e-12)
+
+
+@pytest.mark.parametrize("max_violation, want", [(True, 0.6), (False, 0.7)])
+def test_contrastive_loss_never_uses_the_same_image_as_negative(max_violation, want):
+    # captions 0 and 1 describe the same image: the pairs (0, 1) and (1, 0), violations of 0.15
+    # and 0.25 with distinct ids, are not negatives any more
+    got = contrastive_loss(S, torch.tensor([4, 4, 9]), margin=0.2, max_violation=max_violation)
+    assert float(got) == pytest.approx(want, abs=1e-12)
+
+
+def test_contrastive_loss_zero_when_positives_win_by_the_margin():
+    s = torch.tensor([[1.0, 0.5], [0.7, 1.0]], dtype=torch.float64)
+    assert float(contrastive_loss(s, torch.tensor([0, 1]), 0.2, True)) == 0.0
+    # margin 0.4: caption 1 vs image 0 violates by 0.1 in both directions
+    assert float(contrastive_loss(s, torch.tensor([0, 1]), 0.4, True)) == pytest.approx(0.2, abs=1e-12)
+
+
+def test_contrastive_loss_gradient_reaches_only_the_hardest_negatives():
+    s = S.clone().requires_grad_(True)
+    contrastive_loss(s, torch.tensor([0, 1, 2]), 0.2, True).backward()
+    # hardest captions of images 0, 1, 2: s10, s21, s12 (+1 each, -1 on s00, s11, s22);
+    # hardest images of captions 1, 2: s10, s21 (+1 each, -1 on s11, s22); caption 0 has none.
+    want = torch.tensor([
+        [-1.0, 0.0, 0.0],
+        [2.0, -2.0, 1.0],
+        [0.0, 2.0, -2.0],
+    ], dtype=torch.float64)
+    torch.testing.assert_close(s.grad, want, atol=0, rtol=0)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def test_training_batches_cover_every_caption_once_with_its_image(pipe):
+    store = SplitStore.open(pipe.root, "train")
+    caps = store.captions()
+    all_feats = np.concatenate([f for _, f in store.iter_image_blocks()])
+    seen = []
+    for feats, tok, lens, img in iter_training_batches(store, caps, 16, np.random.default_rng(3), 8):
+        assert 2 <= len(lens) <= 16
+        np.testing.assert_array_equal(feats, all_feats[img])
+        for t, n, i in zip(tok, lens, img, strict=True):
+            rows = np.flatnonzero((caps.lengths == n) & (caps.image_ids == i))
+            match = [r for r in rows if np.array_equal(caps.tokens[r, :n], t[:n])]
+            assert match, "a batch row is not a caption of its image"
+            seen.append(match[0])
+    assert len(seen) == store.n_captions == 320
+    assert sorted(seen) == list(range(320))
+
+
+# -- training on the tiny set -----------------------------------------------------------------
+
+
+def test_training_beats_chance_and_keeps_the_best_epoch(pipe):
+    h = pipe.train_history
+    assert [r["epoch"] for r in h] == list(range(1, pf.TRAIN_EPOCHS + 1))
+    assert h[-1]["loss"] < h[0]["loss"] / 2
+    best = max(range(len(h)), key=lambda i: (h[i]["dev_rsum"], -i))
+    info = load_model(pipe.model_dir).info
+    assert info["epoch"] == best + 1
+    assert info["dev"]["rsum"] == h[best]["dev_rsum"]
+    assert json.loads((pipe.run_dir / "history.json").read_text()) == h
+    # chance on 24 images is a t2i rsum of about 67 and an i2t rsum of about 70 (5 captions each)
+    matcher = load_model(pipe.model_dir)
+    res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, SplitStore.open(pipe.root, "test")))
+    assert res.rsum > 180, res
+    assert res.t2i.r10 > 45  # chance: 41.7
+
+
+def test_best_model_reproduces_its_recorded_dev_metrics(pipe):
+    matcher = load_model(pipe.model_dir)
+    res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, SplitStore.open(pipe.root, "dev")))
+    assert res.t2i.to_dict() == matcher.info["dev"]["t2i"]
+    assert res.i2t.to_dict() == matcher.info["dev"]["i2t"]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(pipe, tmp_path):
+    vs = _vocab_size(pipe.root)
+    sums = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        train(pipe.root, tmp_path / name, pf.model_config(vs), pf.train_config(epochs=1, seed=seed), log=pf.quiet)
+        sums.append(load_model(tmp_path / name / "last").checksum)
+    assert sums[0] == sums[1]
+    assert sums[0] != sums[2]
+
+
+def test_resume_equals_an_uninterrupted_run(pipe, tmp_path):
+    vs = _vocab_size(pipe.root)
+    cfg = pf.model_config(vs)
+    straight = train(pipe.root, tmp_path / "s", cfg, pf.train_config(epochs=2, seed=5), log=pf.quiet)
+    train(pipe.root, tmp_path / "r", cfg, pf.train_config(epochs=1, seed=5), log=pf.quiet)
+    logs = []
+    resumed = train(pipe.root, tmp_path / "r", None, pf.train_config(epochs=2, seed=5), resume=True, log=logs.append)
+    assert logs[0].startswith("resuming after epoch 1")
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert load_model(tmp_path / "r" / "last").checksum == load_model(tmp_path / "s" / "last").checksum
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a["loss"] == b["loss"] and a["dev_rsum"] == b["dev_rsum"]
+
+
+def test_resume_refuses_another_model_config(pipe, tmp_path):
+    vs = _vocab_size(pipe.root)
+    train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+    with pytest.raises(DataError, match="cannot resume: its model config differs"):
+        train(pipe.root, tmp_path / "r", pf.model_config(vs, embed_size=8), pf.train_config(epochs=2), resume=True,
+              log=pf.quiet)
+
+
+def test_train_refuses_a_model_of_another_vocabulary_size(pipe, tmp_path):
+    with pytest.raises(DataError, match=r"\d+ words, the model expects 7"):
+        train(pipe.root, tmp_path / "x", pf.model_config(7), pf.train_config(epochs=1), log=pf.quiet)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def _cli_train(store, out, *extra):
+    args = ["train", "--store", str(store), "--out", str(out), "--batch-size", "16", "--lr", "0.01",
+            "--embed-size", "16", "--val-images", "100", *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
+    out = tmp_path / "run"
+    r = _cli_train(wide_store, out, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "epoch 1: loss" in r.output
+    assert "best dev rsum" in r.output and str(out / "best") in r.output
+    for sub in ("best", "last"):
+        assert {"config.json", "model.safetensors", "vocab.json"} <= {p.name for p in (out / sub).iterdir()}
+    assert (out / "last" / "train_state.pt").exists()
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+    best, last = load_model(out / "best"), load_model(out / "last")
+    assert best.model.config.embed_size == 16 and best.model.config.img_dim == pf.WIDE_FEATURE_DIM
+    assert best.checksum == last.checksum  # one epoch: the best is the last
+    dev = SplitStore.open(wide_store, "dev")
+    enc_best = encode_split(best.model, dev)
+    s_best = exhaustive_scores(best.model, enc_best)
+    s_last = exhaustive_scores(last.model, encode_split(last.model, dev))
+    np.testing.assert_array_equal(s_best, s_last)
+    res = evaluate_exhaustive(best.model, enc_best)  # the metrics recorded while training, exactly
+    assert res.t2i.to_dict() == best.info["dev"]["t2i"] and res.i2t.to_dict() == best.info["dev"]["i2t"]
+
+    r2 = _cli_train(wide_store, out, "--epochs", "2", "--resume")
+    assert r2.exit_code == 0, r2.output
+    assert "resuming after epoch 1" in r2.output
+    assert "epoch 2: loss" in r2.output and "epoch 1: loss" not in r2.output
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    last2 = load_model(out / "last")
+    assert last2.info["epoch"] == 2
+    assert last2.checksum != last.checksum
+    assert model_checksum(last2.model) == last2.checksum
+
+
+def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
+    """``heiindex ingest --feature-dim 32`` makes a valid store; ``heiindex train`` on it must build
+    its matcher with img_dim 32 (the store's), not SCAN's 2048."""
+    out = tmp_path / "run"
+    r = _cli_train(pipe.root, out, "--epochs", "1")
+    assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
+    assert load_model(out / "best").model.config.img_dim == pf.FEATURE_DIM
+
+
+def test_cli_train_is_deterministic(wide_store, tmp_path):
+    a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
+    b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert load_model(tmp_path / "a" / "last").checksum == load_model(tmp_path / "b" / "last").checksum
+    assert torch.equal(
+        load_model(tmp_path / "a" / "best").model.img_enc.fc.weight,
+        load_model(tmp_path / "b" / "best").model.img_enc.fc.weight,
+    )
