@@ -116,13 +116,15 @@ def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--bits", type=int, default=128, show_default=True, help="Code length k (multiple of 8).")
+@click.option("--pooling", type=click.Choice(["mean", "max", "attn"]), default="mean", show_default=True,
+              help="How region / word embeddings become one vector before hashing.")
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--rounds", type=int, default=2, show_default=True, help="Passes of freshly batched matcher scores.")
 @click.option("--val-candidates", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
-def train_hash_cmd(model_dir, store, out, bits, epochs, lr, rounds, val_candidates, seed) -> None:
+def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rounds, val_candidates, seed) -> None:
     """Train the HEI hash layers next to a frozen matcher."""
     from heiindex.checkpoint import load_model
     from heiindex.default_data import default_model_dir
@@ -130,7 +132,7 @@ def train_hash_cmd(model_dir, store, out, bits, epochs, lr, rounds, val_candidat
     from heiindex.train_hash import HashTrainConfig, train_hash
 
     matcher = load_model(model_dir or default_model_dir())
-    hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size)
+    hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
     tcfg = HashTrainConfig(epochs=epochs, lr=lr, rounds=rounds, val_candidates=val_candidates, seed=seed)
     res = train_hash(matcher, _store_root(store), out, hcfg, tcfg, progress=True, log=click.echo)
     rec = res["dev_candidate_recall"]

@@ -1,7 +1,8 @@
 """The HEI hash module: pooled instance features -> k-bit codes, and its loss.
 
-Pooling: the mean of an image's region embeddings and of a caption's real word embeddings
-(the frozen matcher's encoders). Hash layers: one ``Linear(d -> k)`` per modality, ``tanh``
+Pooling of the frozen matcher's region / real-word embeddings to one vector per instance:
+``mean``; ``max`` (per dimension); or ``attn``, weights from a softmax (temperature 10) of each
+item's cosine to the mean, a parameter-free form of attention pooling guided by the mean. Hash layers: one ``Linear(d -> k)`` per modality, ``tanh``
 while training, ``sign`` at inference; codes are packed to ``k / 8`` bytes, bit ``i`` set where
 the ``i``-th output is positive, the layout FAISS binary indexes read.
 
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HashConfig", "HashModule", "hash_loss", "pack_codes", "pool_regions", "pool_words", "scale_scores"]
+__all__ = ["POOLINGS", "HashConfig", "HashModule", "hash_loss", "pack_codes", "pool_regions", "pool_words",
+           "scale_scores"]
 
 
 @dataclass(frozen=True)
@@ -35,22 +37,41 @@ class HashConfig:
     def __post_init__(self) -> None:
         if self.bits % 8 or not 8 <= self.bits <= 1024:
             raise ValueError(f"code length must be a multiple of 8 between 8 and 1024 bits, got {self.bits}")
-        if self.pooling != "mean":
-            raise ValueError(f"pooling must be 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def pool_regions(regions: Tensor) -> Tensor:
-    """(n, R, d) -> (n, d): mean over regions."""
-    return regions.mean(dim=1)
+POOLINGS = ("mean", "max", "attn")
+_ATTN_TEMPERATURE = 10.0
 
 
-def pool_words(words: Tensor, lengths: Tensor) -> Tensor:
-    """(n, L, d) with real lengths (n,) -> (n, d): mean over real words."""
+def _pool(x: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """Pool (n, m, d) over m where ``mask`` (n, m) is True."""
+    m = mask[..., None].to(x.dtype)
+    mean = (x * m).sum(dim=1) / m.sum(dim=1)
+    if pooling == "mean":
+        return mean
+    if pooling == "max":
+        return x.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+    if pooling == "attn":  # weights from each item's cosine to the mean, softmax at temperature 10
+        cos = torch.nn.functional.cosine_similarity(x, mean[:, None, :], dim=-1)
+        w = torch.softmax((_ATTN_TEMPERATURE * cos).masked_fill(~mask, float("-inf")), dim=1)
+        return (w[..., None] * x).sum(dim=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def pool_regions(regions: Tensor, pooling: str = "mean") -> Tensor:
+    """(n, R, d) -> (n, d) over all regions."""
+    return _pool(regions, torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device), pooling)
+
+
+def pool_words(words: Tensor, lengths: Tensor, pooling: str = "mean") -> Tensor:
+    """(n, L, d) with real lengths (n,) -> (n, d) over the real words."""
     mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None].to(words.device)
-    return (words * mask[..., None]).sum(dim=1) / lengths[:, None].to(words.dtype)
+    return _pool(words, mask, pooling)
 
 
 class HashModule(nn.Module):
@@ -66,6 +87,22 @@ class HashModule(nn.Module):
         """tanh codes in (-1, 1) for training."""
         layer = self.image_hash if modality == "image" else self.text_hash
         return torch.tanh(layer(pooled))
+
+    def pool_images(self, regions: Tensor) -> Tensor:
+        return pool_regions(regions, self.config.pooling)
+
+    def pool_captions(self, words: Tensor, lengths: Tensor) -> Tensor:
+        return pool_words(words, lengths, self.config.pooling)
+
+    @torch.no_grad()
+    def image_codes(self, regions: Tensor) -> np.ndarray:
+        """Packed codes of encoded images (n, R, d)."""
+        return self.codes(self.pool_images(regions), "image")
+
+    @torch.no_grad()
+    def caption_codes(self, words: Tensor, lengths: Tensor) -> np.ndarray:
+        """Packed codes of encoded captions (n, L, d) with lengths (n,)."""
+        return self.codes(self.pool_captions(words, lengths), "text")
 
     @torch.no_grad()
     def codes(self, pooled: Tensor, modality: str) -> np.ndarray:

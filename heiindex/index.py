@@ -37,7 +37,6 @@ from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, load_binary_index, make_binary_index, save_binary_index
-from .hashing import pool_regions, pool_words
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
@@ -153,7 +152,7 @@ class Index:
                 regions = model.encode_images(torch.from_numpy(feats))
                 gram = torch.bmm(regions, regions.transpose(1, 2))
                 writer.write(ids, regions.numpy(), gram=gram.numpy())
-                codes.append(hasher.module.codes(pool_regions(regions), "image"))
+                codes.append(hasher.module.image_codes(regions))
                 bar.update(len(ids))
             bar.close()
             writer.close()
@@ -161,7 +160,7 @@ class Index:
             caps = store.captions()
             words = encode_captions(model, caps.tokens, caps.lengths)
             lengths = torch.from_numpy(caps.lengths)
-            cap_codes = hasher.module.codes(pool_words(words, lengths), "text")
+            cap_codes = hasher.module.caption_codes(words, lengths)
             flat = [words[i, : caps.lengths[i]].reshape(-1).numpy() for i in range(len(caps))]
             table = pa.table({
                 "caption_id": pa.array(caps.caption_ids), "image_id": pa.array(caps.image_ids),
@@ -238,7 +237,7 @@ class Index:
         tokens = torch.tensor([enc.ids])
         lengths = torch.tensor([len(enc.ids)])
         words = self.model.encode_captions(tokens, lengths)
-        code = self.hasher.module.codes(pool_words(words, lengths), "text")
+        code = self.hasher.module.caption_codes(words, lengths)
         dist, ids = hamming_candidates(self.image_index, code, candidates)
         keep = ids[0] >= 0
         dist, ids = dist[:, keep], ids[:, keep]
@@ -260,7 +259,7 @@ class Index:
             raise HeiindexError(f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})")
         row = int(rows[0])
         regions = self.regions[row : row + 1]
-        code = self.hasher.module.codes(pool_regions(regions), "image")
+        code = self.hasher.module.image_codes(regions)
         dist, ids = hamming_candidates(self.caption_index, code, candidates)
         keep = ids[0] >= 0
         dist, ids = dist[:, keep], ids[:, keep]
@@ -274,11 +273,11 @@ class Index:
     # -- codes of what is stored (for the bench) -----------------------------------------------
     @torch.no_grad()
     def image_codes(self) -> np.ndarray:
-        return self.hasher.module.codes(pool_regions(self.regions), "image")
+        return self.hasher.module.image_codes(self.regions)
 
     @torch.no_grad()
     def caption_codes(self) -> np.ndarray:
-        return self.hasher.module.codes(pool_words(self.words, self.lengths), "text")
+        return self.hasher.module.caption_codes(self.words, self.lengths)
 
     def describe(self) -> dict:
         return {"path": str(self.path), **{k: v for k, v in self.manifest.items() if k != "created_by"}}

@@ -27,7 +27,8 @@ from .hashing import HashConfig, HashModule, hash_loss, pool_regions, pool_words
 from .store import SplitStore, atomic_dir, write_json
 from .train import iter_training_batches
 
-__all__ = ["HashTrainConfig", "LoadedHash", "candidate_recall", "load_hash", "save_hash", "train_hash"]
+__all__ = ["HashTrainConfig", "LoadedHash", "candidate_recall", "collect_batches", "fit_hash", "load_hash", "save_hash",
+           "train_hash"]
 
 HASH_FORMAT_VERSION = 1
 
@@ -93,8 +94,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
 @torch.no_grad()
 def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
     """Fraction of queries whose ground truth is among the ``n`` nearest codes, per direction."""
-    img_codes = module.codes(pool_regions(enc.regions), "image")
-    cap_codes = module.codes(pool_words(enc.words, enc.lengths), "text")
+    img_codes = module.image_codes(enc.regions)
+    cap_codes = module.caption_codes(enc.words, enc.lengths)
     n = min(n, len(img_codes))
     _, ids = hamming_candidates(make_binary_index(img_codes), cap_codes, n)
     t2i = float(np.mean((ids == enc.caption_image[:, None]).any(axis=1)))
@@ -104,38 +105,37 @@ def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
     return {"t2i": t2i, "i2t": i2t, "n": n}
 
 
-def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, hash_config: HashConfig | None = None,
-               config: HashTrainConfig = HashTrainConfig(), train_split: str = "train", val_split: str = "dev",
-               progress: bool = False, log=print) -> dict:
-    """Train hash layers on ``train_split`` next to the frozen ``matcher``; keep the best on ``val_split``."""
-    store_root = Path(store_root)
-    model = matcher.model.eval()
-    hash_config = hash_config or HashConfig(embed_size=model.config.embed_size)
-    if hash_config.embed_size != model.config.embed_size:
-        raise ValueError(f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}")
-    tr = SplitStore.open(store_root, train_split)
-    va = SplitStore.open(store_root, val_split)
-    caps = tr.captions()
-    torch.manual_seed(config.seed)
+def collect_batches(model, store: SplitStore, config: HashTrainConfig, poolings: tuple[str, ...] = ("mean",),
+                    progress: bool = False) -> list[dict]:
+    """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher.
 
+    Each record: ``{"ids": (B,), "scores": (images B, captions B), pooling: (image (B, d), caption (B, d))}``.
+    """
+    caps = store.captions()
     records = []
-    total = config.rounds * -(-tr.n_captions // config.batch_size)
+    total = config.rounds * -(-store.n_captions // config.batch_size)
     bar = tqdm(total=total, desc="score training batches", disable=None if progress else True, leave=False)
     with torch.no_grad():
         for r in range(config.rounds):
             rng = np.random.default_rng([config.seed, 1000 + r])
-            for feats, tok, lens, img_ids in iter_training_batches(tr, caps, config.batch_size, rng,
+            for feats, tok, lens, img_ids in iter_training_batches(store, caps, config.batch_size, rng,
                                                                     config.buffer_row_groups):
                 lens_t = torch.from_numpy(lens)
                 regions = model.encode_images(torch.from_numpy(feats))
                 words = model.encode_captions(torch.from_numpy(tok), lens_t)
-                scores = model.score(words, lens_t, regions)  # (captions, images)
-                ids = torch.from_numpy(img_ids)
-                records.append((pool_regions(regions), pool_words(words, lens_t), ids, scores.T.contiguous()))
+                rec = {"ids": torch.from_numpy(img_ids), "scores": model.score(words, lens_t, regions).T.contiguous()}
+                for p in poolings:
+                    rec[p] = (pool_regions(regions, p), pool_words(words, lens_t, p))
+                records.append(rec)
                 bar.update(1)
     bar.close()
+    return records
 
-    val_enc = encode_split(model, va)
+
+def fit_hash(records: list[dict], val_enc, hash_config: HashConfig, config: HashTrainConfig,
+             progress: bool = False, log=print) -> tuple[HashModule, dict]:
+    """Train hash layers on collected batches; return the best module on ``val_enc`` and its record."""
+    torch.manual_seed(config.seed)
     module = HashModule(hash_config)
     opt = torch.optim.Adam(module.parameters(), lr=config.lr)
     best, history = None, []
@@ -144,7 +144,8 @@ def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, ha
         module.train()
         total_loss = 0.0
         for i in gen.permutation(len(records)):
-            img_pool, cap_pool, ids, scores = records[i]
+            img_pool, cap_pool = records[i][hash_config.pooling]
+            ids, scores = records[i]["ids"], records[i]["scores"]
             positive = ids[:, None] == ids[None, :]  # (images, captions) of this batch
             target = scale_scores(scores, positive)
             loss = hash_loss(module.relaxed(img_pool, "image"), module.relaxed(cap_pool, "text"), target, positive)
@@ -162,7 +163,24 @@ def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, ha
             log(f"hash epoch {epoch + 1}: loss {total_loss / len(records):.4f}, dev candidate recall@{rec['n']} "
                 f"t2i {100 * rec['t2i']:.1f}% i2t {100 * rec['i2t']:.1f}%")
     module.load_state_dict(best[2])
+    return module, {"best_epoch": best[1], "dev_candidate_recall": best[3], "history": history}
+
+
+def train_hash(matcher: LoadedModel, store_root: str | Path, out: str | Path, hash_config: HashConfig | None = None,
+               config: HashTrainConfig = HashTrainConfig(), train_split: str = "train", val_split: str = "dev",
+               progress: bool = False, log=print) -> dict:
+    """Train hash layers on ``train_split`` next to the frozen ``matcher``; keep the best on ``val_split``."""
+    store_root = Path(store_root)
+    model = matcher.model.eval()
+    hash_config = hash_config or HashConfig(embed_size=model.config.embed_size)
+    if hash_config.embed_size != model.config.embed_size:
+        raise ValueError(f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}")
+    tr = SplitStore.open(store_root, train_split)
+    va = SplitStore.open(store_root, val_split)
+    records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
+    module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
     info = {"matcher_sha256": matcher.checksum, "matcher_path": str(matcher.path), "train": config.to_dict(),
-            "best_epoch": best[1], "dev_candidate_recall": best[3], "data": {"train": tr.checksum, "dev": va.checksum}}
+            "best_epoch": result["best_epoch"], "dev_candidate_recall": result["dev_candidate_recall"],
+            "data": {"train": tr.checksum, "dev": va.checksum}}
     save_hash(module, Path(out), info)
-    return {"best_epoch": best[1], "dev_candidate_recall": best[3], "history": history}
+    return result

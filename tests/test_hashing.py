@@ -116,9 +116,25 @@ def test_hash_config_accepts_multiples_of_8_only():
         with pytest.raises(ValueError, match="multiple of 8 between 8 and 1024 bits"):
             HashConfig(bits=bits)
     assert HashConfig(bits=8).bits == 8 and HashConfig(bits=1024).bits == 1024
-    with pytest.raises(ValueError, match="pooling must be 'mean'"):
-        HashConfig(pooling="max")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        HashConfig(pooling="median")
+    assert HashConfig(pooling="max").pooling == "max"
     assert HashConfig(bits=16, embed_size=24).to_dict() == {"bits": 16, "embed_size": 24, "pooling": "mean"}
+
+
+def test_max_and_attn_pooling_exact_on_a_tiny_example():
+    # two items per instance, the second of instance 0 is padding for the captions
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]])
+    assert torch.equal(pool_regions(x, "max"), torch.tensor([[1.0, 1.0], [4.0, 2.0]]))
+    assert torch.equal(pool_words(x, torch.tensor([1, 2]), "max"), torch.tensor([[1.0, 0.0], [4.0, 2.0]]))
+    # attn: for instance 0 both items have the same cosine to the mean -> the mean itself
+    torch.testing.assert_close(pool_regions(x, "attn")[0], torch.tensor([0.5, 0.5]))
+    # one real word: attention puts all weight on it
+    torch.testing.assert_close(pool_words(x, torch.tensor([1, 2]), "attn")[0], torch.tensor([1.0, 0.0]))
+    # instance 1: mean (3, 1); cos to (2,2) = 0.894427, to (4,0) = 0.948683; softmax at temperature 10
+    c = torch.tensor([0.8944272, 0.9486833]) * 10
+    w = torch.softmax(c, 0)
+    torch.testing.assert_close(pool_regions(x, "attn")[1], w[0] * torch.tensor([2.0, 2.0]) + w[1] * torch.tensor([4.0, 0.0]))
 
 
 # -- loss and scaling -------------------------------------------------------------------------
