@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check heiindex cli tests benchmarks
+	$(BIN)/ruff format --check heiindex cli tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from heiindex.checkpoint import load_model
@@ -30,27 +31,39 @@ def main() -> None:
     ap.add_argument("--pooling", default="mean,attn,max")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument(
+        "--rank-weight", default="1.0", help="comma-separated weights of the ranking term (0: HEI loss only)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     matcher = load_model(args.model or default_model_dir())
     root = args.store or ensure_coco_sim()
     poolings = tuple(args.pooling.split(","))
     cfg = HashTrainConfig(epochs=args.epochs, val_candidates=args.candidates)
+    weights = [float(w) for w in args.rank_weight.split(",")]
     t0 = time.perf_counter()
     records = collect_batches(matcher.model, SplitStore.open(root, "train"), cfg, poolings)
     val = encode_split(matcher.model, SplitStore.open(root, "dev"))
     print(f"scored {len(records)} training batches in {time.perf_counter() - t0:.0f} s")
     rows = []
-    print(f"| k | pooling | dev t2i recall@{args.candidates} | dev i2t recall@{args.candidates} | best epoch |")
-    print("|---|---|---|---|---|")
+    print(
+        f"| k | pooling | rank weight | dev t2i recall@{args.candidates} | dev i2t recall@{args.candidates} | best epoch |"
+    )
+    print("|---|---|---|---|---|---|")
     for bits in (int(b) for b in args.bits.split(",")):
         for pooling in poolings:
-            hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
-            _, res = fit_hash(records, val, hcfg, cfg, log=lambda m: None)
-            rec = res["dev_candidate_recall"]
-            rows.append({"bits": bits, "pooling": pooling, **rec, "best_epoch": res["best_epoch"]})
-            print(f"| {bits} | {pooling} | {100 * rec['t2i']:.1f}% | {100 * rec['i2t']:.1f}% | {res['best_epoch']} |",
-                  flush=True)
+            for w in weights:
+                hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
+                _, res = fit_hash(records, val, hcfg, replace(cfg, rank_weight=w), log=lambda m: None)
+                rec = res["dev_candidate_recall"]
+                rows.append(
+                    {"bits": bits, "pooling": pooling, "rank_weight": w, **rec, "best_epoch": res["best_epoch"]}
+                )
+                print(
+                    f"| {bits} | {pooling} | {w:g} | {100 * rec['t2i']:.1f}% | {100 * rec['i2t']:.1f}% "
+                    f"| {res['best_epoch']} |",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -50,8 +50,20 @@ def main() -> None:
     t0 = time.perf_counter()
     ims = write_split(pre, args.images, 36, 2048)
     gen_s = time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "heiindex_cli.main", "ingest", "--precomp", str(pre), "--split", "test",
-           "--out", str(out), "--vocab", str(REPO / "data" / "coco-captions" / "coco_precomp_vocab.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "heiindex_cli.main",
+        "ingest",
+        "--precomp",
+        str(pre),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--vocab",
+        str(REPO / "data" / "coco-captions" / "coco_precomp_vocab.json"),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     ingest_s = time.perf_counter() - t0

@@ -66,14 +66,23 @@ def main() -> None:
     ref = reference_t2i(words[:n_ref], lengths[:n_ref], regions)
     ref_s = (time.perf_counter() - t0) * args.captions / n_ref
     err = float(((fast[:n_ref] - ref).abs() / ref.abs().clamp_min(1e-12)).max())
-    print(json.dumps({
-        "images": args.images, "captions": args.captions, "d": args.d, "threads": torch.get_num_threads(),
-        "heiindex_exhaustive_seconds": round(fast_s, 2),
-        "reference_loop_seconds": round(ref_s, 2),
-        "reference_extrapolated": n_ref < args.captions, "reference_query_fraction": n_ref / args.captions,
-        "speedup": round(ref_s / fast_s, 1),
-        "max_relative_difference_fp32": err,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "captions": args.captions,
+                "d": args.d,
+                "threads": torch.get_num_threads(),
+                "heiindex_exhaustive_seconds": round(fast_s, 2),
+                "reference_loop_seconds": round(ref_s, 2),
+                "reference_extrapolated": n_ref < args.captions,
+                "reference_query_fraction": n_ref / args.captions,
+                "speedup": round(ref_s / fast_s, 1),
+                "max_relative_difference_fp32": err,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

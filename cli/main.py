@@ -38,7 +38,12 @@ def cli() -> None:
 @click.option("--precomp", "precomp", required=True, type=click.Path(path_type=Path), help="SCAN precomp folder.")
 @click.option("--split", required=True, type=click.Choice(["train", "dev", "test", "testall"]))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store root to write into.")
-@click.option("--vocab", type=click.Path(path_type=Path), default=None, help="SCAN vocab JSON (default: the root's, else built from the captions).")
+@click.option(
+    "--vocab",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SCAN vocab JSON (default: the root's, else built from the captions).",
+)
 @click.option("--regions", type=int, default=36, show_default=True, help="Expected regions per image.")
 @click.option("--feature-dim", type=int, default=2048, show_default=True, help="Expected feature size.")
 @handle_errors
@@ -82,14 +87,37 @@ def prepare() -> None:
 @click.option("--lambda-softmax", type=float, default=9.0, show_default=True)
 @click.option("--margin", type=float, default=0.2, show_default=True)
 @click.option("--max-violation/--sum-violation", default=True, show_default=True, help="Hardest negative, or all.")
-@click.option("--warmup-sum-epochs", type=int, default=1, show_default=True,
-              help="Epochs summing over all negatives before hardest negatives.")
+@click.option(
+    "--warmup-sum-epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Epochs summing over all negatives before hardest negatives.",
+)
 @click.option("--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.")
 @handle_errors
-def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross_attn, raw_feature_norm, agg,
-          lambda_lse, lambda_softmax, margin, max_violation, warmup_sum_epochs, val_images, seed, resume) -> None:
+def train(
+    store,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    lr_decay_epochs,
+    embed_size,
+    cross_attn,
+    raw_feature_norm,
+    agg,
+    lambda_lse,
+    lambda_softmax,
+    margin,
+    max_violation,
+    warmup_sum_epochs,
+    val_images,
+    seed,
+    resume,
+) -> None:
     """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
     from heiindex.attention import AttentionConfig
     from heiindex.model import ScanConfig
@@ -102,29 +130,58 @@ def train(store, out, epochs, batch_size, lr, lr_decay_epochs, embed_size, cross
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
-    mcfg = None if resume and (out / "last").exists() else ScanConfig(
-        vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=lr_decay_epochs, margin=margin,
-                       max_violation=max_violation, warmup_sum_epochs=warmup_sum_epochs, seed=seed,
-                       val_images=val_images)
+    mcfg = (
+        None
+        if resume and (out / "last").exists()
+        else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
+    )
+    tcfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_decay_epochs=lr_decay_epochs,
+        margin=margin,
+        max_violation=max_violation,
+        warmup_sum_epochs=warmup_sum_epochs,
+        seed=seed,
+        val_images=val_images,
+    )
     res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
 
 
 @cli.command("train-hash")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder (default: the coco-sim model).")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Matcher folder (default: the coco-sim model).",
+)
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--bits", type=int, default=128, show_default=True, help="Code length k (multiple of 8).")
-@click.option("--pooling", type=click.Choice(["mean", "max", "attn"]), default="mean", show_default=True,
-              help="How region / word embeddings become one vector before hashing.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "max", "attn"]),
+    default="mean",
+    show_default=True,
+    help="How region / word embeddings become one vector before hashing.",
+)
 @click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option(
+    "--rank-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Weight of the code ranking term beside the HEI loss (0: the paper's loss alone).",
+)
 @click.option("--rounds", type=int, default=2, show_default=True, help="Passes of freshly batched matcher scores.")
 @click.option("--val-candidates", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
-def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rounds, val_candidates, seed) -> None:
+def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight, rounds, val_candidates, seed) -> None:
     """Train the HEI hash layers next to a frozen matcher."""
     from heiindex.checkpoint import load_model
     from heiindex.default_data import default_model_dir
@@ -133,11 +190,15 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rounds, val
 
     matcher = load_model(model_dir or default_model_dir())
     hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
-    tcfg = HashTrainConfig(epochs=epochs, lr=lr, rounds=rounds, val_candidates=val_candidates, seed=seed)
+    tcfg = HashTrainConfig(
+        epochs=epochs, lr=lr, rank_weight=rank_weight, rounds=rounds, val_candidates=val_candidates, seed=seed
+    )
     res = train_hash(matcher, _store_root(store), out, hcfg, tcfg, progress=True, log=click.echo)
     rec = res["dev_candidate_recall"]
-    click.echo(f"best epoch {res['best_epoch']}: dev candidate recall@{rec['n']} t2i {100 * rec['t2i']:.1f}% "
-               f"i2t {100 * rec['i2t']:.1f}%; hash module in {out}")
+    click.echo(
+        f"best epoch {res['best_epoch']}: dev candidate recall@{rec['n']} t2i {100 * rec['t2i']:.1f}% "
+        f"i2t {100 * rec['i2t']:.1f}%; hash module in {out}"
+    )
 
 
 @cli.command("import-scan")
@@ -154,7 +215,13 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder (default: the coco-sim model).")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Matcher folder (default: the coco-sim model).",
+)
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -176,8 +243,12 @@ def evaluate(model_dir, store, split, as_json) -> None:
     if as_json:
         echo_json(out)
     else:
-        console.print(recall_table(f"{split}: exhaustive ({st.n_images} images, {st.n_captions} captions)",
-                                   [("text-to-image", out["t2i"]), ("image-to-text", out["i2t"])]))
+        console.print(
+            recall_table(
+                f"{split}: exhaustive ({st.n_images} images, {st.n_captions} captions)",
+                [("text-to-image", out["t2i"]), ("image-to-text", out["i2t"])],
+            )
+        )
         click.echo(f"rsum {res.rsum:.1f}, {res.seconds:.1f} s")
 
 
@@ -186,7 +257,9 @@ def evaluate(model_dir, store, split, as_json) -> None:
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder.")
 @click.option("--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module folder.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT)."
+)
 @click.option("--index", "index_type", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True)
 @click.option("--nlist", type=int, default=None, help="IVF lists (default sqrt(n)).")
 @click.option("--nprobe", type=int, default=8, show_default=True)
@@ -198,13 +271,24 @@ def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe) -> 
 
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
-    index = Index.build(root, split, model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir(), out,
-                        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True)
+    index = Index.build(
+        root,
+        split,
+        model_dir or dd.default_model_dir(),
+        hash_dir or dd.default_hash_dir(),
+        out,
+        index_type=index_type,
+        nlist=nlist,
+        nprobe=nprobe,
+        progress=True,
+    )
     if store is None:
         (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
     m = index.manifest
-    click.echo(f"built {split}: {m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
-               f"{index_type} index -> {out}")
+    click.echo(
+        f"built {split}: {m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
+        f"{index_type} index -> {out}"
+    )
 
 
 def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None):
@@ -217,9 +301,19 @@ def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path |
 @cli.command()
 @click.argument("text", required=False)
 @click.option("--image", "image_id", type=int, default=None, help="Image id: find captions for it instead.")
-@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None, help="Index folder (default: the last built).")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher (must be the index's).")
-@click.option("--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module (must be the index's).")
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Index folder (default: the last built).",
+)
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher (must be the index's)."
+)
+@click.option(
+    "--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module (must be the index's)."
+)
 @click.option("--candidates", type=int, default=100, show_default=True, help="N: Hamming candidates to re-rank.")
 @click.option("--k", type=int, default=10, show_default=True, help="Results to show.")
 @click.option("--json", "as_json", is_flag=True)
@@ -243,11 +337,29 @@ def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, as_json
 
 @cli.command()
 @click.option("--topk", type=int, default=100, show_default=True, help="N: Hamming candidates re-ranked.")
-@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None, help="Index folder (default: the last built).")
-@click.option("--sweep", default=None, help="Comma-separated N values for a recall-versus-N table, e.g. 10,20,50,100,200.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG for the sweep (default: bench_sweep.png beside the index).")
-@click.option("--protocol", type=click.Choice(["auto", "full", "1k"]), default="auto", show_default=True,
-              help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.")
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Index folder (default: the last built).",
+)
+@click.option(
+    "--sweep", default=None, help="Comma-separated N values for a recall-versus-N table, e.g. 10,20,50,100,200."
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG for the sweep (default: bench_sweep.png beside the index).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["auto", "full", "1k"]),
+    default="auto",
+    show_default=True,
+    help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def bench(topk, index_dir, sweep, plot, protocol, as_json) -> None:

@@ -32,8 +32,16 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     for col in ("R@1", "R@5", "R@10", "medr", "meanr", "rsum", "seconds"):
         table.add_column(col, justify="right")
     for name, r in rows:
-        table.add_row(name, f"{r['r1']:.1f}", f"{r['r5']:.1f}", f"{r['r10']:.1f}", f"{r['medr']:.0f}",
-                      f"{r['meanr']:.1f}", f"{r['rsum']:.1f}", f"{r['seconds']:.2f}" if "seconds" in r else "")
+        table.add_row(
+            name,
+            f"{r['r1']:.1f}",
+            f"{r['r5']:.1f}",
+            f"{r['r10']:.1f}",
+            f"{r['medr']:.0f}",
+            f"{r['meanr']:.1f}",
+            f"{r['rsum']:.1f}",
+            f"{r['seconds']:.2f}" if "seconds" in r else "",
+        )
     return table
 
 
@@ -42,8 +50,9 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
     for direction, label in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
         d = res[direction]
         rows = [(k, d[k]) for k in ("exhaustive", "hei", "hamming") if k in d]
-        t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, "
-                         f"N = {res['candidates']})", rows)
+        t = recall_table(
+            f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, N = {res['candidates']})", rows
+        )
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
@@ -55,7 +64,14 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
             t.add_column(col, justify="right")
         for row in res["sweep"]:
             a, b = row["t2i"], row["i2t"]
-            t.add_row(str(row["candidates"]), f"{a['r1']:.1f}", f"{a['rsum']:.1f}", f"{100 * a['candidate_recall']:.1f}%",
-                      f"{b['r1']:.1f}", f"{b['rsum']:.1f}", f"{100 * b['candidate_recall']:.1f}%")
+            t.add_row(
+                str(row["candidates"]),
+                f"{a['r1']:.1f}",
+                f"{a['rsum']:.1f}",
+                f"{100 * a['candidate_recall']:.1f}%",
+                f"{b['r1']:.1f}",
+                f"{b['rsum']:.1f}",
+                f"{100 * b['candidate_recall']:.1f}%",
+            )
         tables.append(t)
     return tables

@@ -71,9 +71,7 @@ class AttentionConfig:
         if self.cross_attn not in CROSS_ATTN:
             raise ValueError(f"cross_attn must be one of {CROSS_ATTN}, got {self.cross_attn!r}")
         if self.raw_feature_norm not in RAW_FEATURE_NORMS:
-            raise ValueError(
-                f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}"
-            )
+            raise ValueError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         if self.lambda_softmax <= 0 or (self.agg == "lse" and self.lambda_lse <= 0):
@@ -360,9 +358,7 @@ def _prepare_words(words: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 def _check_regions(regions: Tensor, words: Tensor) -> None:
     _check_rank("regions", regions, 3)
     if regions.shape[-1] != words.shape[-1]:
-        raise ValueError(
-            f"feature size differs: words have d={words.shape[-1]}, regions d={regions.shape[-1]}"
-        )
+        raise ValueError(f"feature size differs: words have d={words.shape[-1]}, regions d={regions.shape[-1]}")
     if regions.dtype != words.dtype:
         raise ValueError(f"dtype differs: words {words.dtype}, regions {regions.dtype}")
 

@@ -57,37 +57,55 @@ def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_s
     img_index = index.image_index if use_stored else make_binary_index(img_codes)
     _, cand = hamming_candidates(img_index, cap_codes, n)
     t_ham = time.perf_counter() - t0
-    scores = _masked(score_image_candidates(model.attention, words, lengths, regions,
-                                            torch.from_numpy(np.maximum(cand, 0)), gram).numpy(), cand)
+    scores = _masked(
+        score_image_candidates(
+            model.attention, words, lengths, regions, torch.from_numpy(np.maximum(cand, 0)), gram
+        ).numpy(),
+        cand,
+    )
     seconds = time.perf_counter() - t0
     order = np.argsort(-scores, axis=1, kind="stable")
     ranked = np.take_along_axis(cand, order, axis=1)
     hit = (ranked == gt[:, None]) & (ranked >= 0)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
-    out["t2i"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
-                  "candidate_recall": float(np.mean((cand == gt[:, None]).any(axis=1)))}
+    out["t2i"] = {
+        "ranks": ranks,
+        "seconds": seconds,
+        "hamming_seconds": t_ham,
+        "candidate_recall": float(np.mean((cand == gt[:, None]).any(axis=1))),
+    }
     # image to text
     t0 = time.perf_counter()
     cap_index = index.caption_index if use_stored else make_binary_index(cap_codes)
     _, ccand = hamming_candidates(cap_index, img_codes, n)
     t_ham = time.perf_counter() - t0
-    scores = _masked(score_caption_candidates(model.attention, regions, words, lengths,
-                                              torch.from_numpy(np.maximum(ccand, 0)), gram).numpy(), ccand)
+    scores = _masked(
+        score_caption_candidates(
+            model.attention, regions, words, lengths, torch.from_numpy(np.maximum(ccand, 0)), gram
+        ).numpy(),
+        ccand,
+    )
     seconds = time.perf_counter() - t0
     order = np.argsort(-scores, axis=1, kind="stable")
     ranked_c = np.take_along_axis(ccand, order, axis=1)
     hit = (gt[np.maximum(ranked_c, 0)] == np.arange(len(img_rows))[:, None]) & (ranked_c >= 0)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
-    out["i2t"] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham,
-                  "candidate_recall": float(np.mean(((gt[np.maximum(ccand, 0)] == np.arange(len(img_rows))[:, None])
-                                                      & (ccand >= 0)).any(axis=1)))}
+    out["i2t"] = {
+        "ranks": ranks,
+        "seconds": seconds,
+        "hamming_seconds": t_ham,
+        "candidate_recall": float(
+            np.mean(((gt[np.maximum(ccand, 0)] == np.arange(len(img_rows))[:, None]) & (ccand >= 0)).any(axis=1))
+        ),
+    }
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)
     return out
 
 
-def _protocol(index: Index, img_rows: np.ndarray, n: int, sweep: list[int], use_stored: bool,
-              exhaustive: bool = True) -> dict:
+def _protocol(
+    index: Index, img_rows: np.ndarray, n: int, sweep: list[int], use_stored: bool, exhaustive: bool = True
+) -> dict:
     cap_mask = np.isin(index.caption_image, img_rows)
     cap_rows = np.flatnonzero(cap_mask)
     hei = _hei(index, img_rows, cap_rows, n, use_stored)
@@ -124,8 +142,11 @@ def _protocol(index: Index, img_rows: np.ndarray, n: int, sweep: list[int], use_
             row = {"candidates": m}
             for direction in ("t2i", "i2t"):
                 r = recall(h[direction]["ranks"])
-                row[direction] = {**r.to_dict(), "candidate_recall": h[direction]["candidate_recall"],
-                                  "seconds": h[direction]["seconds"]}
+                row[direction] = {
+                    **r.to_dict(),
+                    "candidate_recall": h[direction]["candidate_recall"],
+                    "seconds": h[direction]["seconds"],
+                }
             rows.append(row)
         res["sweep"] = rows
     return res
@@ -156,22 +177,30 @@ def _mean_of(results: list[dict]) -> dict:
     return out
 
 
-def run_bench(index: Index, topk: int = 100, sweep: list[int] | None = None, protocols: str = "auto",
-              exhaustive: bool = True) -> dict:
+def run_bench(
+    index: Index, topk: int = 100, sweep: list[int] | None = None, protocols: str = "auto", exhaustive: bool = True
+) -> dict:
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k"."""
     if topk < 1 or topk > min(index.n_images, index.n_captions):
         raise ValueError(f"--topk {topk} must lie in [1, {min(index.n_images, index.n_captions)}] for this index")
     sweep = sorted(set(sweep or []))
-    out: dict = {"split": index.manifest["split"], "index": str(index.path), "bits": index.manifest["hash"]["bits"],
-                 "index_type": index.manifest["index"]["type"], "threads": torch.get_num_threads()}
+    out: dict = {
+        "split": index.manifest["split"],
+        "index": str(index.path),
+        "bits": index.manifest["hash"]["bits"],
+        "index_type": index.manifest["index"]["type"],
+        "threads": torch.get_num_threads(),
+    }
     all_rows = np.arange(index.n_images)
     if protocols in ("auto", "full"):
         name = "5k" if index.n_images == 5000 else "full"
         out[name] = _protocol(index, all_rows, topk, sweep, use_stored=True, exhaustive=exhaustive)
     if protocols == "1k" or (protocols == "auto" and index.n_images == 5000):
-        folds = [_protocol(index, np.arange(s, e), topk, [], use_stored=False, exhaustive=exhaustive)
-                 for s, e in coco_folds(index.n_images)]
+        folds = [
+            _protocol(index, np.arange(s, e), topk, [], use_stored=False, exhaustive=exhaustive)
+            for s, e in coco_folds(index.n_images)
+        ]
         out["1k"] = _mean_of(folds)
         out["1k"]["folds"] = len(folds)
     primary = out.get("5k") or out.get("full") or out["1k"]

@@ -63,12 +63,15 @@ def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | N
         info = dict(extra or {})
         info["weights_sha256"] = model_checksum(model)
         info["vocab_sha256"] = vocab.checksum
-        write_json(tmp / CONFIG_FILE, {
-            "format_version": MODEL_FORMAT_VERSION,
-            "kind": "scan",
-            "model": model.config.to_dict(),
-            "info": info,
-        })
+        write_json(
+            tmp / CONFIG_FILE,
+            {
+                "format_version": MODEL_FORMAT_VERSION,
+                "kind": "scan",
+                "model": model.config.to_dict(),
+                "info": info,
+            },
+        )
     return path
 
 

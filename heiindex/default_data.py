@@ -77,8 +77,10 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
     store = root / "store"
     stamp = root / "VERSION.json"
     want = {"sim_version": SIM_VERSION, "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
-    if stamp.exists() and json.loads(stamp.read_text()) == want and all(
-        (store / s / "manifest.json").exists() for s in SPLITS
+    if (
+        stamp.exists()
+        and json.loads(stamp.read_text()) == want
+        and all((store / s / "manifest.json").exists() for s in SPLITS)
     ):
         return store
     captions = data_dir() / "coco-captions"
@@ -88,8 +90,15 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
     if (store / "vocab.json").exists():
         (store / "vocab.json").unlink()
     for split in SPLITS:
-        summary = ingest(root / "precomp", split, store, vocab=vocab, regions=config.regions,
-                         feature_dim=config.feature_dim, progress=progress)
+        summary = ingest(
+            root / "precomp",
+            split,
+            store,
+            vocab=vocab,
+            regions=config.regions,
+            feature_dim=config.feature_dim,
+            progress=progress,
+        )
         log(summary.line())
     stamp.write_text(json.dumps(want, indent=2) + "\n")
     return store

@@ -40,8 +40,9 @@ class EncodedSplit:
 
 
 @torch.no_grad()
-def encode_images(model: ScanModel, store: SplitStore, block_images: int = 256, progress: bool = False,
-                  limit: int | None = None) -> tuple[np.ndarray, Tensor]:
+def encode_images(
+    model: ScanModel, store: SplitStore, block_images: int = 256, progress: bool = False, limit: int | None = None
+) -> tuple[np.ndarray, Tensor]:
     """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``."""
     n = store.n_images if limit is None else min(limit, store.n_images)
     out = torch.empty((n, store.regions, model.config.embed_size))
@@ -72,8 +73,9 @@ def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, b
     return out
 
 
-def encode_split(model: ScanModel, store: SplitStore, max_images: int | None = None,
-                 progress: bool = False) -> EncodedSplit:
+def encode_split(
+    model: ScanModel, store: SplitStore, max_images: int | None = None, progress: bool = False
+) -> EncodedSplit:
     """Encode images and captions of ``store`` (the first ``max_images`` images and their captions)."""
     model.eval()
     ids, regions = encode_images(model, store, progress=progress, limit=max_images)
@@ -81,8 +83,13 @@ def encode_split(model: ScanModel, store: SplitStore, max_images: int | None = N
     row_of = {int(i): r for r, i in enumerate(ids)}
     keep = np.array([int(i) in row_of for i in caps.image_ids], dtype=bool)
     if not keep.all():
-        caps = CaptionTable(caps.caption_ids[keep], caps.image_ids[keep], [t for t, k in zip(caps.texts, keep, strict=True) if k],
-                            caps.tokens[keep], caps.lengths[keep])
+        caps = CaptionTable(
+            caps.caption_ids[keep],
+            caps.image_ids[keep],
+            [t for t, k in zip(caps.texts, keep, strict=True) if k],
+            caps.tokens[keep],
+            caps.lengths[keep],
+        )
     caption_image = np.array([row_of[int(i)] for i in caps.image_ids], dtype=np.int64)
     words = encode_captions(model, caps.tokens, caps.lengths)
     gram = torch.bmm(regions, regions.transpose(1, 2))

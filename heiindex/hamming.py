@@ -20,8 +20,9 @@ __all__ = ["INDEX_TYPES", "hamming_candidates", "load_binary_index", "make_binar
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 
 
-def make_binary_index(codes: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8,
-                      hnsw_m: int = 16) -> faiss.IndexBinary:
+def make_binary_index(
+    codes: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 16
+) -> faiss.IndexBinary:
     """An index over ``codes`` (n, k/8) uint8; ids are row numbers."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8

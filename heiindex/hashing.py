@@ -24,8 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["POOLINGS", "HashConfig", "HashModule", "hash_loss", "pack_codes", "pool_regions", "pool_words",
-           "scale_scores"]
+__all__ = [
+    "POOLINGS",
+    "HashConfig",
+    "HashModule",
+    "code_ranking_loss",
+    "hash_loss",
+    "pack_codes",
+    "pool_regions",
+    "pool_words",
+    "scale_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,20 @@ def scale_scores(scores: Tensor, positive: Tensor) -> Tensor:
     hi = scores[positive].mean()
     span = (hi - lo).clamp_min(1e-6)
     return (2 * (scores - lo) / span - 1).clamp(-1, 1)
+
+
+def code_ranking_loss(img_codes: Tensor, txt_codes: Tensor, positive: Tensor, margin: float = 0.2) -> Tensor:
+    """Hinge triplet loss on code similarities, summed over negatives, averaged over pairs.
+
+    img_codes (n, k) and txt_codes (n, k) are aligned: row i of each is a matched pair (the
+    diagonal of ``positive``). Not part of the HEI paper's loss: added because it ranks the
+    true match above the others directly, which is what candidate recall measures.
+    """
+    h = img_codes @ txt_codes.T / img_codes.shape[1]
+    d = h.diag()
+    cost_txt = (margin + h - d[:, None]).clamp(min=0).masked_fill(positive, 0)  # image i vs caption j
+    cost_img = (margin + h - d[None, :]).clamp(min=0).masked_fill(positive, 0)  # caption j vs image i
+    return (cost_txt.sum() + cost_img.sum()) / h.shape[0]
 
 
 def hash_loss(img_codes: Tensor, txt_codes: Tensor, target: Tensor, positive: Tensor) -> Tensor:

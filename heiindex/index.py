@@ -71,8 +71,11 @@ class SearchResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "unknown_words": self.unknown_words,
-                "results": [h.to_dict() for h in self.results]}
+        return {
+            "query": self.query,
+            "unknown_words": self.unknown_words,
+            "results": [h.to_dict() for h in self.results],
+        }
 
 
 def _hash_checksum(h: LoadedHash) -> str:
@@ -130,24 +133,44 @@ class Index:
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, store_root: str | Path, split: str, matcher: LoadedModel | str | Path, hasher: LoadedHash | str | Path,
-              out: str | Path, index_type: str = "flat", nlist: int | None = None, nprobe: int = 8,
-              block_images: int = 256, progress: bool = False) -> Index:
+    def build(
+        cls,
+        store_root: str | Path,
+        split: str,
+        matcher: LoadedModel | str | Path,
+        hasher: LoadedHash | str | Path,
+        out: str | Path,
+        index_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        block_images: int = 256,
+        progress: bool = False,
+    ) -> Index:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically)."""
         matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
         hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
-            raise ModelMismatchError(f"hash module {hasher.path} was trained next to another matcher than {matcher.path}")
+            raise ModelMismatchError(
+                f"hash module {hasher.path} was trained next to another matcher than {matcher.path}"
+            )
         store = SplitStore.open(store_root, split)
         if store.manifest["vocab"]["sha256"] != matcher.vocab.checksum:
-            raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {matcher.path}")
+            raise ModelMismatchError(
+                f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
+            )
         model = matcher.model.eval()
         d, r = model.config.embed_size, store.regions
         out = Path(out)
         with atomic_dir(out) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             codes = []
-            bar = tqdm(total=store.n_images, unit="img", desc=f"encode {split} images", disable=None if progress else True, leave=False)
+            bar = tqdm(
+                total=store.n_images,
+                unit="img",
+                desc=f"encode {split} images",
+                disable=None if progress else True,
+                leave=False,
+            )
             for ids, feats in store.iter_image_blocks(block_images):
                 regions = model.encode_images(torch.from_numpy(feats))
                 gram = torch.bmm(regions, regions.transpose(1, 2))
@@ -162,31 +185,48 @@ class Index:
             lengths = torch.from_numpy(caps.lengths)
             cap_codes = hasher.module.caption_codes(words, lengths)
             flat = [words[i, : caps.lengths[i]].reshape(-1).numpy() for i in range(len(caps))]
-            table = pa.table({
-                "caption_id": pa.array(caps.caption_ids), "image_id": pa.array(caps.image_ids),
-                "text": pa.array(caps.texts, type=pa.string()),
-                "tokens": pa.array([t[:n].tolist() for t, n in zip(caps.tokens, caps.lengths, strict=True)],
-                                   type=pa.list_(pa.int32())),
-                "words": pa.array(flat, type=pa.list_(pa.float32())),
-            })
+            table = pa.table(
+                {
+                    "caption_id": pa.array(caps.caption_ids),
+                    "image_id": pa.array(caps.image_ids),
+                    "text": pa.array(caps.texts, type=pa.string()),
+                    "tokens": pa.array(
+                        [t[:n].tolist() for t, n in zip(caps.tokens, caps.lengths, strict=True)],
+                        type=pa.list_(pa.int32()),
+                    ),
+                    "words": pa.array(flat, type=pa.list_(pa.float32())),
+                }
+            )
             pq.write_table(table, tmp / "caption_features.parquet", compression="zstd")
             save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
             save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
             manifest = {
-                "format_version": INDEX_FORMAT_VERSION, "created_by": f"heiindex {__version__}", "split": split,
+                "format_version": INDEX_FORMAT_VERSION,
+                "created_by": f"heiindex {__version__}",
+                "split": split,
                 "store": {"path": str(store.path.resolve()), "checksum": store.checksum},
                 "matcher": {"path": str(matcher.path.resolve()), "sha256": matcher.checksum},
-                "hash": {"path": str(hasher.path.resolve()), "sha256": _hash_checksum(hasher),
-                         "bits": hasher.module.config.bits},
+                "hash": {
+                    "path": str(hasher.path.resolve()),
+                    "sha256": _hash_checksum(hasher),
+                    "bits": hasher.module.config.bits,
+                },
                 "index": {"type": index_type, "nlist": nlist, "nprobe": nprobe},
-                "n_images": int(store.n_images), "n_captions": int(len(caps)), "regions": r, "embed_size": d,
+                "n_images": int(store.n_images),
+                "n_captions": int(len(caps)),
+                "regions": r,
+                "embed_size": d,
             }
             write_json(tmp / "manifest.json", manifest)
         return cls.open(out, matcher, hasher)
 
     @classmethod
-    def open(cls, path: str | Path, matcher: LoadedModel | str | Path | None = None,
-             hasher: LoadedHash | str | Path | None = None) -> Index:
+    def open(
+        cls,
+        path: str | Path,
+        matcher: LoadedModel | str | Path | None = None,
+        hasher: LoadedHash | str | Path | None = None,
+    ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
         given ones must be the same (checksums), else ``ModelMismatchError``."""
         path = Path(path)
@@ -195,7 +235,9 @@ class Index:
             raise DataError(mpath, "no index here; run `heiindex build` first")
         manifest = json.loads(mpath.read_text())
         if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-            raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
+            raise DataError(
+                mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}"
+            )
         if matcher is None:
             matcher = manifest["matcher"]["path"]
         if not isinstance(matcher, LoadedModel):
@@ -204,7 +246,8 @@ class Index:
             raise ModelMismatchError(
                 f"index {path} was built with matcher {manifest['matcher']['sha256'][:12]} "
                 f"({manifest['matcher']['path']}), not with {matcher.checksum[:12]} ({matcher.path}); "
-                "rebuild the index with this model")
+                "rebuild the index with this model"
+            )
         if hasher is None:
             hasher = manifest["hash"]["path"]
         if not isinstance(hasher, LoadedHash):
@@ -241,12 +284,20 @@ class Index:
         dist, ids = hamming_candidates(self.image_index, code, candidates)
         keep = ids[0] >= 0
         dist, ids = dist[:, keep], ids[:, keep]
-        scores = score_image_candidates(self.model.attention, words, lengths, self.regions,
-                                        torch.from_numpy(ids), self.gram)[0].numpy()
+        scores = score_image_candidates(
+            self.model.attention, words, lengths, self.regions, torch.from_numpy(ids), self.gram
+        )[0].numpy()
         order = np.argsort(-scores, kind="stable")[:k]
-        hits = [Hit(rank + 1, int(self.image_ids[ids[0, j]]), float(scores[j]), int(dist[0, j]),
-                    captions=[self.texts[c] for c in self.image_captions[ids[0, j]]])
-                for rank, j in enumerate(order)]
+        hits = [
+            Hit(
+                rank + 1,
+                int(self.image_ids[ids[0, j]]),
+                float(scores[j]),
+                int(dist[0, j]),
+                captions=[self.texts[c] for c in self.image_captions[ids[0, j]]],
+            )
+            for rank, j in enumerate(order)
+        ]
         return SearchResult(text, hits, enc.unknown, time.perf_counter() - t0)
 
     @torch.no_grad()
@@ -256,18 +307,29 @@ class Index:
         self._check_n(candidates, k, self.n_captions, "captions")
         rows = np.flatnonzero(self.image_ids == image_id)
         if len(rows) == 0:
-            raise HeiindexError(f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})")
+            raise HeiindexError(
+                f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})"
+            )
         row = int(rows[0])
         regions = self.regions[row : row + 1]
         code = self.hasher.module.image_codes(regions)
         dist, ids = hamming_candidates(self.caption_index, code, candidates)
         keep = ids[0] >= 0
         dist, ids = dist[:, keep], ids[:, keep]
-        scores = score_caption_candidates(self.model.attention, regions, self.words, self.lengths,
-                                          torch.from_numpy(ids), self.gram[row : row + 1])[0].numpy()
+        scores = score_caption_candidates(
+            self.model.attention, regions, self.words, self.lengths, torch.from_numpy(ids), self.gram[row : row + 1]
+        )[0].numpy()
         order = np.argsort(-scores, kind="stable")[:k]
-        hits = [Hit(rank + 1, int(self.caption_ids[ids[0, j]]), float(scores[j]), int(dist[0, j]),
-                    text=self.texts[ids[0, j]]) for rank, j in enumerate(order)]
+        hits = [
+            Hit(
+                rank + 1,
+                int(self.caption_ids[ids[0, j]]),
+                float(scores[j]),
+                int(dist[0, j]),
+                text=self.texts[ids[0, j]],
+            )
+            for rank, j in enumerate(order)
+        ]
         return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
 
     # -- codes of what is stored (for the bench) -----------------------------------------------

@@ -99,7 +99,9 @@ def ingest(
     target = out_root / split
     with atomic_dir(target) as tmp:
         writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
-        bar = tqdm(total=src.n_images, unit="img", desc=f"ingest {split}", disable=None if progress else True, leave=False)
+        bar = tqdm(
+            total=src.n_images, unit="img", desc=f"ingest {split}", disable=None if progress else True, leave=False
+        )
         try:
             for start, block in src.iter_image_blocks(block_images):
                 writer.write(np.arange(start, start + len(block)), block)

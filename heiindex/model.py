@@ -78,8 +78,15 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """Token ids ``(b, L)`` with lengths ``(b,)`` -> word features ``(b, L, d)`` (zero padding)."""
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
-                 bi_gru: bool = True, no_txtnorm: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        word_dim: int,
+        embed_size: int,
+        num_layers: int = 1,
+        bi_gru: bool = True,
+        no_txtnorm: bool = False,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bi_gru)
@@ -106,8 +113,9 @@ class ScanModel(nn.Module):
         super().__init__()
         self.config = config
         self.img_enc = ImageEncoder(config.img_dim, config.embed_size, config.no_imgnorm)
-        self.txt_enc = TextEncoder(config.vocab_size, config.word_dim, config.embed_size,
-                                   config.num_layers, config.bi_gru, config.no_txtnorm)
+        self.txt_enc = TextEncoder(
+            config.vocab_size, config.word_dim, config.embed_size, config.num_layers, config.bi_gru, config.no_txtnorm
+        )
 
     @property
     def attention(self) -> AttentionConfig:

@@ -21,7 +21,12 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for direction, style in (("t2i", "-"), ("i2t", "--")):
         ax.plot(ns, [r[direction]["r1"] for r in rows], style + "o", label=f"{direction} R@1 (HEI)")
-        ax.plot(ns, [100 * r[direction]["candidate_recall"] for r in rows], style + "s", label=f"{direction} candidate recall")
+        ax.plot(
+            ns,
+            [100 * r[direction]["candidate_recall"] for r in rows],
+            style + "s",
+            label=f"{direction} candidate recall",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("N (Hamming candidates re-ranked)")
     ax.set_ylabel("%")

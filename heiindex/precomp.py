@@ -143,7 +143,9 @@ class PrecompSplit:
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 bad = start + int(np.flatnonzero(~finite)[0])
-                raise DataError(self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features")
+                raise DataError(
+                    self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features"
+                )
             yield start, block
 
     def captions_sha256(self) -> str:

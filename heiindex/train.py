@@ -142,8 +142,10 @@ def train(
     if model.config.vocab_size != len(vocab):
         raise DataError(store_root / "vocab.json", f"{len(vocab)} words, the model expects {model.config.vocab_size}")
     if model.config.img_dim != tr.feature_dim:
-        raise DataError(tr.path / "manifest.json",
-                        f"features have size {tr.feature_dim}, the model expects img_dim {model.config.img_dim}")
+        raise DataError(
+            tr.path / "manifest.json",
+            f"features have size {tr.feature_dim}, the model expects img_dim {model.config.img_dim}",
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     for epoch in range(start_epoch, config.epochs):
@@ -153,9 +155,13 @@ def train(
         model.train()
         rng = np.random.default_rng([config.seed, epoch])
         n_batches = -(-tr.n_captions // config.batch_size)
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False)
+        bar = tqdm(
+            total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False
+        )
         t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for feats, tok, lens, img_ids in iter_training_batches(tr, caps, config.batch_size, rng, config.buffer_row_groups):
+        for feats, tok, lens, img_ids in iter_training_batches(
+            tr, caps, config.batch_size, rng, config.buffer_row_groups
+        ):
             lens_t = torch.from_numpy(lens)
             regions = model.encode_images(torch.from_numpy(feats))
             words = model.encode_captions(torch.from_numpy(tok), lens_t)
@@ -177,20 +183,41 @@ def train(
         model.eval()
         res = evaluate_exhaustive(model, encode_split(model, va, max_images=config.val_images))
         rsum = res.rsum
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(1, steps), "train_seconds": train_seconds,
-               "pairs_per_second": pairs / max(train_seconds, 1e-9), "dev_t2i": res.t2i.to_dict(),
-               "dev_i2t": res.i2t.to_dict(), "dev_rsum": rsum}
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": loss_sum / max(1, steps),
+            "train_seconds": train_seconds,
+            "pairs_per_second": pairs / max(train_seconds, 1e-9),
+            "dev_t2i": res.t2i.to_dict(),
+            "dev_i2t": res.i2t.to_dict(),
+            "dev_rsum": rsum,
+        }
         history.append(row)
-        log(f"epoch {epoch + 1}: loss {row['loss']:.3f}, dev t2i R@1 {res.t2i.r1:.1f} R@5 {res.t2i.r5:.1f} "
+        log(
+            f"epoch {epoch + 1}: loss {row['loss']:.3f}, dev t2i R@1 {res.t2i.r1:.1f} R@5 {res.t2i.r5:.1f} "
             f"R@10 {res.t2i.r10:.1f} | i2t R@1 {res.i2t.r1:.1f} R@5 {res.i2t.r5:.1f} R@10 {res.i2t.r10:.1f} "
-            f"| rsum {rsum:.1f} ({train_seconds:.0f} s)")
-        info = {"data": data_info, "train": config.to_dict(), "epoch": epoch + 1, "dev": {
-            "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": rsum, "images": config.val_images}}
+            f"| rsum {rsum:.1f} ({train_seconds:.0f} s)"
+        )
+        info = {
+            "data": data_info,
+            "train": config.to_dict(),
+            "epoch": epoch + 1,
+            "dev": {"t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": rsum, "images": config.val_images},
+        }
         if rsum > best_rsum:
             best_rsum, best_epoch = rsum, epoch
             save_model(model, vocab, out / "best", info)
         save_model(model, vocab, out / "last", info)
-        torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "best_rsum": best_rsum,
-                    "best_epoch": best_epoch, "torch_rng": torch.get_rng_state()}, state_path)
+        torch.save(
+            {
+                "epoch": epoch,
+                "optimizer": opt.state_dict(),
+                "best_rsum": best_rsum,
+                "best_epoch": best_epoch,
+                "torch_rng": torch.get_rng_state(),
+            },
+            state_path,
+        )
         (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return TrainResult(best_rsum, best_epoch, history, out)

@@ -60,8 +60,14 @@ def _content_words(caption: str, stop: set[str]) -> list[str]:
     return [w for w in _WORD.findall(caption.lower()) if w not in stop and len(w) > 2]
 
 
-def make_features(captions: dict[str, list[str]], regions: int, feature_dim: int, noise: float = 0.3,
-                  seed: int = 0, words_per_region: int = 1) -> dict[str, np.ndarray]:
+def make_features(
+    captions: dict[str, list[str]],
+    regions: int,
+    feature_dim: int,
+    noise: float = 0.3,
+    seed: int = 0,
+    words_per_region: int = 1,
+) -> dict[str, np.ndarray]:
     """float32 ``(n_images, regions, feature_dim)`` per split, built from each image's captions.
 
     Stop words: words found in the captions of more than 15% of all images. Only content words
@@ -93,15 +99,20 @@ def make_features(captions: dict[str, list[str]], regions: int, feature_dim: int
                     if w in vectors:
                         counts[w] = counts.get(w, 0) + 1
             ranked = sorted(counts, key=lambda w: (-counts[w], w))
-            for j, w in enumerate(ranked[:words_per_region * regions]):
+            for j, w in enumerate(ranked[: words_per_region * regions]):
                 feats[i, j % regions] += np.sqrt(counts[w]) * vectors[w]
         feats += noise * rng.standard_normal(feats.shape)
         out[split] = feats.astype(np.float32)
     return out
 
 
-def write_learnable_precomp(folder: Path, splits: dict[str, int] = SPLIT_IMAGES, regions: int = REGIONS,
-                            feature_dim: int = FEATURE_DIM, seed: int = 0) -> dict[str, list[str]]:
+def write_learnable_precomp(
+    folder: Path,
+    splits: dict[str, int] = SPLIT_IMAGES,
+    regions: int = REGIONS,
+    feature_dim: int = FEATURE_DIM,
+    seed: int = 0,
+) -> dict[str, list[str]]:
     """Write ``{split}_ims.npy`` and ``{split}_caps.txt`` for each split; return the captions."""
     folder.mkdir(parents=True, exist_ok=True)
     captions = split_captions(splits)
@@ -126,15 +137,26 @@ def ingest_all(precomp: Path, root: Path, captions: dict[str, list[str]]) -> Pat
 def model_config(vocab_size: int, **kw):
     from heiindex.model import ScanConfig
 
-    return ScanConfig(vocab_size=vocab_size, embed_size=kw.pop("embed_size", EMBED_SIZE),
-                      word_dim=kw.pop("word_dim", WORD_DIM), img_dim=kw.pop("img_dim", FEATURE_DIM), **kw)
+    return ScanConfig(
+        vocab_size=vocab_size,
+        embed_size=kw.pop("embed_size", EMBED_SIZE),
+        word_dim=kw.pop("word_dim", WORD_DIM),
+        img_dim=kw.pop("img_dim", FEATURE_DIM),
+        **kw,
+    )
 
 
 def train_config(**kw):
     from heiindex.train import TrainConfig
 
-    base = {"epochs": TRAIN_EPOCHS, "batch_size": BATCH_SIZE, "lr": LR, "seed": 0, "val_images": 1000,
-            "lr_decay_epochs": 100}
+    base = {
+        "epochs": TRAIN_EPOCHS,
+        "batch_size": BATCH_SIZE,
+        "lr": LR,
+        "seed": 0,
+        "val_images": 1000,
+        "lr_decay_epochs": 100,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -211,12 +233,19 @@ def _build_pipeline(tmp_path_factory) -> Pipeline:
     other = train(root, base / "run-other", model_config(len(vocab)), train_config(epochs=1, seed=7), log=quiet)
     matcher = load_model(run_dir / "best")
     hash_dir = base / "hash"
-    hres = train_hash(matcher, root, hash_dir, HashConfig(bits=BITS, embed_size=EMBED_SIZE),
-                      HashTrainConfig(epochs=15, batch_size=32, lr=1e-2, rounds=2, val_candidates=5), log=quiet)
+    hres = train_hash(
+        matcher,
+        root,
+        hash_dir,
+        HashConfig(bits=BITS, embed_size=EMBED_SIZE),
+        HashTrainConfig(epochs=15, batch_size=32, lr=1e-2, rounds=2, val_candidates=5),
+        log=quiet,
+    )
     index_dir = base / "index-test"
     Index.build(root, "test", matcher, hash_dir, index_dir)
-    return Pipeline(precomp, root, captions, run_dir, run_dir / "best", other.out / "last", hash_dir, index_dir,
-                    res.history, hres)
+    return Pipeline(
+        precomp, root, captions, run_dir, run_dir / "best", other.out / "last", hash_dir, index_dir, res.history, hres
+    )
 
 
 # -- a store with SCAN's feature size, for the CLI's ``train`` (which has no --img-dim) ------
@@ -246,4 +275,3 @@ def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ua = np.unpackbits(np.asarray(a, dtype=np.uint8), axis=1).astype(bool)
     ub = np.unpackbits(np.asarray(b, dtype=np.uint8), axis=1).astype(bool)
     return (ua[:, None, :] != ub[None, :, :]).sum(axis=2)
-

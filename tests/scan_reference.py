@@ -55,8 +55,7 @@ def _leaky_relu(X: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.leaky_relu(X, negative_slope=0.1)
 
 
-def func_attention(query: torch.Tensor, context: torch.Tensor, raw_feature_norm: str,
-                   smooth: float) -> torch.Tensor:
+def func_attention(query: torch.Tensor, context: torch.Tensor, raw_feature_norm: str, smooth: float) -> torch.Tensor:
     """One pair of SCAN's func_attention.
 
     query (Lq, d), context (Ls, d) -> weighted context (Lq, d).
@@ -103,9 +102,15 @@ def aggregate(r: torch.Tensor, agg: str, lambda_lse: float) -> float:
     raise ValueError(f"unknown agg: {agg!r}")
 
 
-def reference_score(words: torch.Tensor, regions: torch.Tensor, cross_attn: str,
-                    raw_feature_norm: str, agg: str, lambda_lse: float,
-                    lambda_softmax: float) -> float:
+def reference_score(
+    words: torch.Tensor,
+    regions: torch.Tensor,
+    cross_attn: str,
+    raw_feature_norm: str,
+    agg: str,
+    lambda_lse: float,
+    lambda_softmax: float,
+) -> float:
     """SCAN score of one caption (already sliced to its real words, (L_real, d)) against one
     image ((R, d))."""
     words = torch.as_tensor(words, dtype=torch.float64)
@@ -130,9 +135,17 @@ def reference_score(words: torch.Tensor, regions: torch.Tensor, cross_attn: str,
     return out
 
 
-def reference_matrix(words: torch.Tensor, lengths, regions: torch.Tensor, *,
-                     cross_attn: str, raw_feature_norm: str, agg: str, lambda_lse: float,
-                     lambda_softmax: float) -> torch.Tensor:
+def reference_matrix(
+    words: torch.Tensor,
+    lengths,
+    regions: torch.Tensor,
+    *,
+    cross_attn: str,
+    raw_feature_norm: str,
+    agg: str,
+    lambda_lse: float,
+    lambda_softmax: float,
+) -> torch.Tensor:
     """(n_caps, n_imgs) float64 matrix of reference scores, one pair at a time.
 
     words (n_caps, L_max, d) padded, lengths (n_caps,) real word counts, regions
@@ -149,6 +162,12 @@ def reference_matrix(words: torch.Tensor, lengths, regions: torch.Tensor, *,
         cap = words[i, : lengths[i]]
         for j in range(n_imgs):
             out[i, j] = reference_score(
-                cap, regions[j], cross_attn=cross_attn, raw_feature_norm=raw_feature_norm,
-                agg=agg, lambda_lse=lambda_lse, lambda_softmax=lambda_softmax)
+                cap,
+                regions[j],
+                cross_attn=cross_attn,
+                raw_feature_norm=raw_feature_norm,
+                agg=agg,
+                lambda_lse=lambda_lse,
+                lambda_softmax=lambda_softmax,
+            )
     return out

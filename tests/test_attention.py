@@ -64,8 +64,13 @@ CASE_IDS = [f"{c}-{n}-{a}" for c, n, a in ALL_CASES]
 
 def _cfg_kwargs(cross_attn, raw_feature_norm, agg):
     lambda_lse, lambda_softmax = LAMBDAS[cross_attn]
-    return dict(cross_attn=cross_attn, raw_feature_norm=raw_feature_norm, agg=agg,
-                lambda_lse=lambda_lse, lambda_softmax=lambda_softmax)
+    return dict(
+        cross_attn=cross_attn,
+        raw_feature_norm=raw_feature_norm,
+        agg=agg,
+        lambda_lse=lambda_lse,
+        lambda_softmax=lambda_softmax,
+    )
 
 
 def _make_cfg(cross_attn, raw_feature_norm, agg):
@@ -100,8 +105,7 @@ def _data():
 @functools.cache
 def _reference(cross_attn, raw_feature_norm, agg):
     words, lengths, regions = _data()
-    out = ref.reference_matrix(words, lengths, regions,
-                               **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    out = ref.reference_matrix(words, lengths, regions, **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
     # Guard on the test data itself: the relative check below is elementwise, so no
     # reference score may sit so close to zero that 1e-10 relative becomes meaningless.
     assert out.abs().min() > 1e-4, "test data gives a near-zero reference score"
@@ -111,7 +115,8 @@ def _reference(cross_attn, raw_feature_norm, agg):
 def _assert_close(actual, expected, what=""):
     assert isinstance(actual, torch.Tensor), f"{what}: expected a Tensor, got {type(actual)}"
     assert tuple(actual.shape) == tuple(expected.shape), (
-        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    )
     actual = actual.detach().to("cpu", DTYPE)
     assert torch.isfinite(actual).all(), f"{what}: non-finite scores\n{actual}"
     rel = (actual - expected).abs() / expected.abs().clamp_min(TINY)
@@ -120,7 +125,8 @@ def _assert_close(actual, expected, what=""):
         idx = tuple(int(i) for i in torch.nonzero(rel == rel.max())[0])
         pytest.fail(
             f"{what}: max elementwise relative error {worst:.3e} > {RTOL:.0e} at {idx}: "
-            f"got {actual[idx].item()!r}, reference {expected[idx].item()!r}")
+            f"got {actual[idx].item()!r}, reference {expected[idx].item()!r}"
+        )
 
 
 def _image_candidate_lists(gen, n_q, n_items):
@@ -184,8 +190,9 @@ PADDING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PADDING_CASES,
-                         ids=[f"{c}-{n}-{a}" for c, n, a in PADDING_CASES])
+@pytest.mark.parametrize(
+    "cross_attn,raw_feature_norm,agg", PADDING_CASES, ids=[f"{c}-{n}-{a}" for c, n, a in PADDING_CASES]
+)
 def test_padding_values_and_width_do_not_change_scores(cross_attn, raw_feature_norm, agg):
     words, lengths, regions = _data()
     cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
@@ -207,11 +214,17 @@ def test_padding_values_and_width_do_not_change_scores(cross_attn, raw_feature_n
     _assert_close(score_block(cfg, wider, lengths, regions), base, "wider padding")
     # The candidate scorers see the same padding rules.
     cand_img = torch.arange(N_IMGS).flip(0).repeat(len(LENGTHS), 1)
-    _assert_close(score_image_candidates(cfg, wider, lengths, regions, cand_img),
-                  torch.gather(base, 1, cand_img), "score_image_candidates, wider padding")
+    _assert_close(
+        score_image_candidates(cfg, wider, lengths, regions, cand_img),
+        torch.gather(base, 1, cand_img),
+        "score_image_candidates, wider padding",
+    )
     cand_cap = torch.arange(len(LENGTHS)).flip(0).repeat(N_IMGS, 1)
-    _assert_close(score_caption_candidates(cfg, regions, wider, lengths, cand_cap),
-                  torch.gather(base.T, 1, cand_cap), "score_caption_candidates, wider padding")
+    _assert_close(
+        score_caption_candidates(cfg, regions, wider, lengths, cand_cap),
+        torch.gather(base.T, 1, cand_cap),
+        "score_caption_candidates, wider padding",
+    )
 
 
 # ----------------------------------------------------------------------------- gram
@@ -225,11 +238,16 @@ def test_region_gram_is_regions_times_regions_transposed():
     assert torch.allclose(gram.to(DTYPE), expected, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg",
-                         [("t2i", "clipped_l2norm", "lse"), ("i2t", "clipped_l2norm", "lse"),
-                          ("t2i", "softmax", "max"), ("i2t", "l1norm", "mean")],
-                         ids=["t2i-clipped_l2norm-lse", "i2t-clipped_l2norm-lse",
-                              "t2i-softmax-max", "i2t-l1norm-mean"])
+@pytest.mark.parametrize(
+    "cross_attn,raw_feature_norm,agg",
+    [
+        ("t2i", "clipped_l2norm", "lse"),
+        ("i2t", "clipped_l2norm", "lse"),
+        ("t2i", "softmax", "max"),
+        ("i2t", "l1norm", "mean"),
+    ],
+    ids=["t2i-clipped_l2norm-lse", "i2t-clipped_l2norm-lse", "t2i-softmax-max", "i2t-l1norm-mean"],
+)
 def test_passed_gram_gives_same_scores_as_computed(cross_attn, raw_feature_norm, agg):
     words, lengths, regions = _data()
     cfg = _make_cfg(cross_attn, raw_feature_norm, agg)
@@ -243,11 +261,17 @@ def test_passed_gram_gives_same_scores_as_computed(cross_attn, raw_feature_norm,
 
     gen = torch.Generator().manual_seed(SEED + 4)
     cand = _image_candidate_lists(gen, len(LENGTHS), N_IMGS)["repeats"]
-    _assert_close(score_image_candidates(cfg, words, lengths, regions, cand, gram=gram),
-                  torch.gather(expected, 1, cand), "score_image_candidates, gram passed")
+    _assert_close(
+        score_image_candidates(cfg, words, lengths, regions, cand, gram=gram),
+        torch.gather(expected, 1, cand),
+        "score_image_candidates, gram passed",
+    )
     cand = _image_candidate_lists(gen, N_IMGS, len(LENGTHS))["repeats"]
-    _assert_close(score_caption_candidates(cfg, regions, words, lengths, cand, gram=gram),
-                  torch.gather(expected.T, 1, cand), "score_caption_candidates, gram passed")
+    _assert_close(
+        score_caption_candidates(cfg, regions, words, lengths, cand, gram=gram),
+        torch.gather(expected.T, 1, cand),
+        "score_caption_candidates, gram passed",
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -282,22 +306,28 @@ def test_invalid_inputs_raise_value_error():
         "score_block regions 2-D": lambda: score_block(cfg, words, lengths, regions_2d),
         "score_block words 4-D": lambda: score_block(cfg, words[None], lengths, regions),
         "score_block mismatched d": lambda: score_block(cfg, words, lengths, regions_bad_d),
-        "score_image_candidates words 2-D":
-            lambda: score_image_candidates(cfg, words_2d, lengths[:1], regions, cand_img[:1]),
-        "score_image_candidates regions 2-D":
-            lambda: score_image_candidates(cfg, words, lengths, regions_2d, cand_img),
-        "score_image_candidates mismatched d":
-            lambda: score_image_candidates(cfg, words, lengths, regions_bad_d, cand_img),
-        "score_image_candidates candidates 1-D":
-            lambda: score_image_candidates(cfg, words, lengths, regions, cand_img[:, 0]),
-        "score_caption_candidates words 2-D":
-            lambda: score_caption_candidates(cfg, regions, words_2d, lengths[:1], cand_cap),
-        "score_caption_candidates regions 2-D":
-            lambda: score_caption_candidates(cfg, regions_2d, words, lengths, cand_cap[:1]),
-        "score_caption_candidates mismatched d":
-            lambda: score_caption_candidates(cfg, regions_bad_d, words, lengths, cand_cap),
-        "score_caption_candidates candidates 1-D":
-            lambda: score_caption_candidates(cfg, regions, words, lengths, cand_cap[:, 0]),
+        "score_image_candidates words 2-D": lambda: score_image_candidates(
+            cfg, words_2d, lengths[:1], regions, cand_img[:1]
+        ),
+        "score_image_candidates regions 2-D": lambda: score_image_candidates(cfg, words, lengths, regions_2d, cand_img),
+        "score_image_candidates mismatched d": lambda: score_image_candidates(
+            cfg, words, lengths, regions_bad_d, cand_img
+        ),
+        "score_image_candidates candidates 1-D": lambda: score_image_candidates(
+            cfg, words, lengths, regions, cand_img[:, 0]
+        ),
+        "score_caption_candidates words 2-D": lambda: score_caption_candidates(
+            cfg, regions, words_2d, lengths[:1], cand_cap
+        ),
+        "score_caption_candidates regions 2-D": lambda: score_caption_candidates(
+            cfg, regions_2d, words, lengths, cand_cap[:1]
+        ),
+        "score_caption_candidates mismatched d": lambda: score_caption_candidates(
+            cfg, regions_bad_d, words, lengths, cand_cap
+        ),
+        "score_caption_candidates candidates 1-D": lambda: score_caption_candidates(
+            cfg, regions, words, lengths, cand_cap[:, 0]
+        ),
         "region_gram regions 2-D": lambda: region_gram(regions_2d),
     }
     not_raised = []

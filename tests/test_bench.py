@@ -160,7 +160,8 @@ def test_1k_protocol_averages_folds(index, monkeypatch):
                 want = (a[direction][method][k] + b[direction][method][k]) / 2
                 assert res["1k"][direction][method][k] == pytest.approx(want, abs=1e-9), (direction, method, k)
         assert res["1k"][direction]["candidate_recall"] == pytest.approx(
-            (a[direction]["candidate_recall"] + b[direction]["candidate_recall"]) / 2)
+            (a[direction]["candidate_recall"] + b[direction]["candidate_recall"]) / 2
+        )
     assert res["1k"]["images"] == 12 and res["1k"]["captions"] == 60
     assert res["t2i"] is res["1k"]["t2i"]
 
@@ -179,8 +180,9 @@ def test_1k_protocol_needs_whole_folds(index):
 def test_bench_of_an_ivf_index_that_returns_fewer_candidates(pipe, tmp_path):
     """An IVF index probing 1 of 6 lists returns fewer than N ids for some queries (FAISS pads
     with -1). ``Index.search`` drops those; the bench must count them as misses, not crash."""
-    ivf = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf", index_type="ivf",
-                      nlist=6, nprobe=1)
+    ivf = Index.build(
+        pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf", index_type="ivf", nlist=6, nprobe=1
+    )
     _, ids = ivf.image_index.search(ivf.caption_codes(), 24)
     assert (ids < 0).any()  # the situation under test
     res = run_bench(ivf, topk=24)

@@ -38,13 +38,19 @@ def _one_thread():
     with pf.one_torch_thread():
         yield
 
+
 VOCAB = Vocab(list(SPECIALS) + ["a", "dog", "on", "the", "grass", "cat", "sits", "red", "car", "."])
 
 
 def _model(seed: int = 0, **kw) -> ScanModel:
     torch.manual_seed(seed)
-    cfg = {"vocab_size": len(VOCAB), "embed_size": 8, "word_dim": 6, "img_dim": 10,
-           "attention": AttentionConfig(lambda_softmax=4.0)}
+    cfg = {
+        "vocab_size": len(VOCAB),
+        "embed_size": 8,
+        "word_dim": 6,
+        "img_dim": 10,
+        "attention": AttentionConfig(lambda_softmax=4.0),
+    }
     cfg.update(kw)
     return ScanModel(ScanConfig(**cfg)).eval()
 
@@ -190,7 +196,11 @@ def test_weights_of_another_shape_are_refused(saved):
     [
         (lambda c: c["model"].update(vocab_size=99), "vocab.json", "14 words, the model config says 99"),
         (lambda c: c["model"].update(bogus=1), "config.json", 'field "model" is not a valid SCAN config'),
-        (lambda c: c["model"]["attention"].update(agg="median"), "config.json", 'field "model" is not a valid SCAN config'),
+        (
+            lambda c: c["model"]["attention"].update(agg="median"),
+            "config.json",
+            'field "model" is not a valid SCAN config',
+        ),
         (lambda c: c["model"].pop("vocab_size"), "config.json", 'field "model" is not a valid SCAN config'),
         (lambda c: c.update(format_version=2), "config.json", "expected format_version 1 and kind 'scan'"),
         (lambda c: c.update(kind="vse"), "config.json", "expected format_version 1 and kind 'scan'"),

@@ -78,8 +78,21 @@ def test_build(pipe, tmp_path):
     marker = default_data.coco_sim_dir() / "index" / "LAST"
     before = marker.read_text() if marker.exists() else None
     out = tmp_path / "idx"
-    r = _ok(run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir,
-                "--out", out))
+    r = _ok(
+        run(
+            "build",
+            "--split",
+            "test",
+            "--store",
+            pipe.root,
+            "--model",
+            pipe.model_dir,
+            "--hash",
+            pipe.hash_dir,
+            "--out",
+            out,
+        )
+    )
     assert f"built test: 24 images, 120 captions, {pf.BITS}-bit codes, flat index -> {out}" in r.output
     built, ref = Index.open(out), Index.open(pipe.index_dir)
     assert built.manifest["matcher"] == ref.manifest["matcher"] and built.manifest["hash"] == ref.manifest["hash"]
@@ -90,8 +103,27 @@ def test_build(pipe, tmp_path):
 
 
 def test_build_ivf(pipe, tmp_path):
-    r = _ok(run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir,
-                "--out", tmp_path / "ivf", "--index", "ivf", "--nlist", "3", "--nprobe", "3"))
+    r = _ok(
+        run(
+            "build",
+            "--split",
+            "test",
+            "--store",
+            pipe.root,
+            "--model",
+            pipe.model_dir,
+            "--hash",
+            pipe.hash_dir,
+            "--out",
+            tmp_path / "ivf",
+            "--index",
+            "ivf",
+            "--nlist",
+            "3",
+            "--nprobe",
+            "3",
+        )
+    )
     assert "ivf index" in r.output
     assert Index.open(tmp_path / "ivf").manifest["index"] == {"type": "ivf", "nlist": 3, "nprobe": 3}
 
@@ -100,8 +132,9 @@ def test_build_ivf(pipe, tmp_path):
 
 
 def test_query_json_has_the_documented_keys_and_the_library_result(pipe):
-    d = _json(run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "4", "--candidates", "12",
-                  "--json"))
+    d = _json(
+        run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "4", "--candidates", "12", "--json")
+    )
     assert set(d) == {"query", "unknown_words", "results"}
     assert d["query"] == "a man riding a motorcycle" and d["unknown_words"] == []
     assert len(d["results"]) == 4
@@ -166,8 +199,16 @@ def test_bench_sweep_writes_a_png(pipe, tmp_path):
 
 def test_bench_tables(pipe, tmp_path):
     r = _ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
-    for text in ("test (all images): text-to-image (24 images, 120 captions, N = 5)", "image-to-text",
-                 "exhaustive", "hei", "hamming", "candidate recall@5", "recall versus N", "sweep plot:"):
+    for text in (
+        "test (all images): text-to-image (24 images, 120 captions, N = 5)",
+        "image-to-text",
+        "exhaustive",
+        "hei",
+        "hamming",
+        "candidate recall@5",
+        "recall versus N",
+        "sweep plot:",
+    ):
         assert text in r.output, text
 
 
@@ -176,8 +217,25 @@ def test_bench_tables(pipe, tmp_path):
 
 def test_train_hash(pipe, tmp_path):
     out = tmp_path / "h16"
-    r = _ok(run("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--out", out, "--bits", "16",
-                "--epochs", "3", "--rounds", "1", "--val-candidates", "5"))
+    r = _ok(
+        run(
+            "train-hash",
+            "--model",
+            pipe.model_dir,
+            "--store",
+            pipe.root,
+            "--out",
+            out,
+            "--bits",
+            "16",
+            "--epochs",
+            "3",
+            "--rounds",
+            "1",
+            "--val-candidates",
+            "5",
+        )
+    )
     assert "best epoch" in r.output and f"hash module in {out}" in r.output
     matcher = load_model(pipe.model_dir)
     h = load_hash(out, matcher)
@@ -191,8 +249,19 @@ def test_train_hash(pipe, tmp_path):
 
 
 def test_train_hash_rejects_bits_not_a_multiple_of_8(pipe, tmp_path):
-    r = run("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--out", tmp_path / "h", "--bits", "12",
-            "--epochs", "1")
+    r = run(
+        "train-hash",
+        "--model",
+        pipe.model_dir,
+        "--store",
+        pipe.root,
+        "--out",
+        tmp_path / "h",
+        "--bits",
+        "12",
+        "--epochs",
+        "1",
+    )
     _clean_error(r, "multiple of 8")
     assert not (tmp_path / "h").exists()
 
@@ -232,8 +301,19 @@ def test_query_with_another_model(pipe):
 
 
 def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
-    r = run("build", "--split", "test", "--store", pipe.root, "--model", pipe.other_model_dir, "--hash", pipe.hash_dir,
-            "--out", tmp_path / "x")
+    r = run(
+        "build",
+        "--split",
+        "test",
+        "--store",
+        pipe.root,
+        "--model",
+        pipe.other_model_dir,
+        "--hash",
+        pipe.hash_dir,
+        "--out",
+        tmp_path / "x",
+    )
     assert r.exit_code == 2
     _clean_error(r, "was trained next to")
     assert not (tmp_path / "x").exists()
@@ -247,8 +327,10 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
         (["a dog", "--candidates", "5", "--k", "6"], "--k 6 is larger than --candidates 5"),
         (["", "--candidates", "5", "--k", "3"], "the query is empty"),
         (["   ", "--candidates", "5", "--k", "3"], "the query is empty"),
-        (["xyzzyq qwplk", "--candidates", "5", "--k", "3"],
-         "no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
+        (
+            ["xyzzyq qwplk", "--candidates", "5", "--k", "3"],
+            "no word of the query is in the model's vocabulary: xyzzyq, qwplk",
+        ),
         (["--image", "77", "--candidates", "5", "--k", "3"], "image id 77 is not in this index"),
     ],
     ids=["candidates_images", "candidates_captions", "k", "empty", "blank", "all_unknown", "unknown_image"],

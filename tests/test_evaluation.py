@@ -74,12 +74,14 @@ def test_t2i_ties_count_against_the_ground_truth():
 
 
 def test_t2i_small_matrix_by_hand():
-    scores = np.array([
-        [0.9, 0.1, 0.2],  # gt 0: rank 1
-        [0.3, 0.5, 0.4],  # gt 0: rank 3
-        [0.2, 0.7, 0.1],  # gt 1: rank 1
-        [0.6, 0.5, 0.4],  # gt 2: rank 3
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.2],  # gt 0: rank 1
+            [0.3, 0.5, 0.4],  # gt 0: rank 3
+            [0.2, 0.7, 0.1],  # gt 1: rank 1
+            [0.6, 0.5, 0.4],  # gt 2: rank 3
+        ]
+    )
     ranks = t2i_ranks(scores, np.array([0, 0, 1, 2]))
     np.testing.assert_array_equal(ranks, [1, 3, 1, 3])
     assert recall(ranks) == Recall(r1=50.0, r5=100.0, r10=100.0, medr=2.0, meanr=2.0)
@@ -90,11 +92,13 @@ def test_t2i_small_matrix_by_hand():
 
 def test_i2t_best_rank_of_the_images_captions():
     gt = np.array([0, 0, 1, 1])  # captions 0, 1 of image 0; 2, 3 of image 1
-    scores = np.array([
-        [0.1, 0.8, 0.9, 0.2],  # image 0: order c2 c1 c3 c0 -> its captions at 4 and 2 -> 2
-        [0.7, 0.6, 0.5, 0.95],  # image 1: c3 first -> 1
-        [0.9, 0.8, 0.7, 0.6],  # image 2 has no caption -> inf
-    ])
+    scores = np.array(
+        [
+            [0.1, 0.8, 0.9, 0.2],  # image 0: order c2 c1 c3 c0 -> its captions at 4 and 2 -> 2
+            [0.7, 0.6, 0.5, 0.95],  # image 1: c3 first -> 1
+            [0.9, 0.8, 0.7, 0.6],  # image 2 has no caption -> inf
+        ]
+    )
     ranks = i2t_ranks(scores, gt)
     np.testing.assert_array_equal(ranks, [2, 1, np.inf])
     r = recall(ranks)

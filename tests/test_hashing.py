@@ -16,7 +16,16 @@ import torch
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import DataError, ModelMismatchError
-from heiindex.hashing import HashConfig, HashModule, hash_loss, pack_codes, pool_regions, pool_words, scale_scores
+from heiindex.hashing import (
+    HashConfig,
+    HashModule,
+    code_ranking_loss,
+    hash_loss,
+    pack_codes,
+    pool_regions,
+    pool_words,
+    scale_scores,
+)
 from heiindex.store import SplitStore
 from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
 
@@ -134,7 +143,9 @@ def test_max_and_attn_pooling_exact_on_a_tiny_example():
     # instance 1: mean (3, 1); cos to (2,2) = 0.894427, to (4,0) = 0.948683; softmax at temperature 10
     c = torch.tensor([0.8944272, 0.9486833]) * 10
     w = torch.softmax(c, 0)
-    torch.testing.assert_close(pool_regions(x, "attn")[1], w[0] * torch.tensor([2.0, 2.0]) + w[1] * torch.tensor([4.0, 0.0]))
+    torch.testing.assert_close(
+        pool_regions(x, "attn")[1], w[0] * torch.tensor([2.0, 2.0]) + w[1] * torch.tensor([4.0, 0.0])
+    )
 
 
 # -- loss and scaling -------------------------------------------------------------------------
@@ -187,8 +198,12 @@ def test_save_load_round_trip(tmp_path, pipe):
     save_hash(mod, tmp_path / "h", {"matcher_sha256": "abc"})
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "hash.safetensors"]
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())
-    assert cfg == {"format_version": 1, "kind": "hei-hash", "hash": {"bits": 16, "embed_size": 4, "pooling": "mean"},
-                   "info": {"matcher_sha256": "abc"}}
+    assert cfg == {
+        "format_version": 1,
+        "kind": "hei-hash",
+        "hash": {"bits": 16, "embed_size": 4, "pooling": "mean"},
+        "info": {"matcher_sha256": "abc"},
+    }
     loaded = load_hash(tmp_path / "h")
     x = torch.randn(5, 4)
     np.testing.assert_array_equal(loaded.module.codes(x, "text"), mod.codes(x, "text"))
@@ -242,6 +257,22 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
 
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
     with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
-        train_hash(load_model(pipe.model_dir), pipe.root, tmp_path / "h", HashConfig(bits=16, embed_size=8),
-                   HashTrainConfig(epochs=1), log=pf.quiet)
+        train_hash(
+            load_model(pipe.model_dir),
+            pipe.root,
+            tmp_path / "h",
+            HashConfig(bits=16, embed_size=8),
+            HashTrainConfig(epochs=1),
+            log=pf.quiet,
+        )
     assert not (tmp_path / "h").exists()
+
+
+def test_code_ranking_loss_exact():
+    # h = IMG @ TXT.T / 2 = [[0.75, -0.25], [0.25, -0.5]], diagonal (0.75, -0.5), margin 0.2
+    # image 0 vs caption 1: 0.2 - 0.25 - 0.75 < 0 -> 0; image 1 vs caption 0: 0.2 + 0.25 + 0.5 = 0.95
+    # caption 0 vs image 1: 0.2 + 0.25 - 0.75 < 0 -> 0; caption 1 vs image 0: 0.2 - 0.25 + 0.5 = 0.45
+    loss = code_ranking_loss(IMG, TXT, POS, margin=0.2)
+    assert loss.item() == pytest.approx((0.95 + 0.45) / 2)
+    # same-image pairs are never negatives
+    assert code_ranking_loss(IMG, TXT, torch.ones(2, 2, dtype=torch.bool)).item() == 0.0

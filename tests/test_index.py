@@ -52,8 +52,13 @@ def index(pipe):
     return Index.open(pipe.index_dir)
 
 
-QUERIES = ("a man riding a motorcycle on a dirt road", "a kitchen with a sink", "two people on a beach",
-           "a plate of food", "a dog")
+QUERIES = (
+    "a man riding a motorcycle on a dirt road",
+    "a kitchen with a sink",
+    "two people on a beach",
+    "a plate of food",
+    "a dog",
+)
 
 
 @torch.no_grad()
@@ -77,8 +82,13 @@ def _query_code(index: Index, text: str) -> np.ndarray:
 
 def test_build_writes_the_documented_folder(pipe, index):
     names = sorted(p.name for p in pipe.index_dir.iterdir())
-    assert names == ["caption_features.parquet", "captions.faiss", "image_features.parquet", "images.faiss",
-                     "manifest.json"]
+    assert names == [
+        "caption_features.parquet",
+        "captions.faiss",
+        "image_features.parquet",
+        "images.faiss",
+        "manifest.json",
+    ]
     m = json.loads((pipe.index_dir / "manifest.json").read_text())
     matcher = load_model(pipe.model_dir)
     store = SplitStore.open(pipe.root, "test")
@@ -169,8 +179,9 @@ def test_search_result_dict_has_the_documented_keys(index):
 
 @torch.no_grad()
 def _exhaustive_column(index: Index, row: int) -> np.ndarray:
-    return score_block(index.model.attention, index.words, index.lengths, index.regions[row : row + 1],
-                       index.gram[row : row + 1])[:, 0].numpy()
+    return score_block(
+        index.model.attention, index.words, index.lengths, index.regions[row : row + 1], index.gram[row : row + 1]
+    )[:, 0].numpy()
 
 
 @pytest.mark.parametrize("image_id", [0, 7, 23])

@@ -34,6 +34,7 @@ def _one_thread():
     with pf.one_torch_thread():
         yield
 
+
 ATOL = 1e-6
 
 
@@ -50,11 +51,13 @@ def _model(seed: int, **kw) -> ScanModel:
 
 def _captions():
     """Three captions of real lengths 4, 2, 6, padded to 9 with non-zero garbage ids."""
-    tokens = torch.tensor([
-        [1, 5, 7, 2, 9, 9, 9, 9, 9],
-        [1, 2, 4, 4, 4, 4, 4, 4, 4],
-        [1, 8, 11, 12, 13, 2, 17, 17, 17],
-    ])
+    tokens = torch.tensor(
+        [
+            [1, 5, 7, 2, 9, 9, 9, 9, 9],
+            [1, 2, 4, 4, 4, 4, 4, 4, 4],
+            [1, 8, 11, 12, 13, 2, 17, 17, 17],
+        ]
+    )
     return tokens, torch.tensor([4, 2, 6])
 
 
@@ -182,10 +185,17 @@ def test_score_is_the_attention_score_of_the_config():
 def test_parameter_names_match_scan_state_dicts():
     names = set(_model(0).state_dict())
     assert names == {
-        "img_enc.fc.weight", "img_enc.fc.bias", "txt_enc.embed.weight",
-        "txt_enc.rnn.weight_ih_l0", "txt_enc.rnn.weight_hh_l0", "txt_enc.rnn.bias_ih_l0", "txt_enc.rnn.bias_hh_l0",
-        "txt_enc.rnn.weight_ih_l0_reverse", "txt_enc.rnn.weight_hh_l0_reverse",
-        "txt_enc.rnn.bias_ih_l0_reverse", "txt_enc.rnn.bias_hh_l0_reverse",
+        "img_enc.fc.weight",
+        "img_enc.fc.bias",
+        "txt_enc.embed.weight",
+        "txt_enc.rnn.weight_ih_l0",
+        "txt_enc.rnn.weight_hh_l0",
+        "txt_enc.rnn.bias_ih_l0",
+        "txt_enc.rnn.bias_hh_l0",
+        "txt_enc.rnn.weight_ih_l0_reverse",
+        "txt_enc.rnn.weight_hh_l0_reverse",
+        "txt_enc.rnn.bias_ih_l0_reverse",
+        "txt_enc.rnn.bias_hh_l0_reverse",
     }
     m = _model(0)
     assert m.img_enc.fc.weight.shape == (6, 10)
@@ -199,8 +209,13 @@ def test_parameter_names_match_scan_state_dicts():
 def test_config_round_trips_through_json():
     cfg = _tiny_config(no_imgnorm=True, attention=AttentionConfig("i2t", "l1norm", "max", 5.0, 4.0))
     d = json.loads(json.dumps(cfg.to_dict()))
-    assert d["attention"] == {"cross_attn": "i2t", "raw_feature_norm": "l1norm", "agg": "max",
-                              "lambda_lse": 5.0, "lambda_softmax": 4.0}
+    assert d["attention"] == {
+        "cross_attn": "i2t",
+        "raw_feature_norm": "l1norm",
+        "agg": "max",
+        "lambda_lse": 5.0,
+        "lambda_softmax": 4.0,
+    }
     assert ScanConfig.from_dict(d) == cfg
     assert ScanConfig.from_dict({"vocab_size": 7}) == ScanConfig(vocab_size=7)
 

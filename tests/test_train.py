@@ -59,11 +59,14 @@ def _vocab_size(root) -> int:
 # -- the loss ---------------------------------------------------------------------------------
 
 # scores[i, j]: caption i against the image of caption j; the diagonal holds the positives.
-S = torch.tensor([
-    [0.90, 0.30, 0.60],
-    [0.85, 0.80, 0.75],
-    [0.20, 0.65, 0.70],
-], dtype=torch.float64)
+S = torch.tensor(
+    [
+        [0.90, 0.30, 0.60],
+        [0.85, 0.80, 0.75],
+        [0.20, 0.65, 0.70],
+    ],
+    dtype=torch.float64,
+)
 # margin 0.2; positives 0.9, 0.8, 0.7.
 # Images (columns) against negative captions: col 0: 0.15 (cap 1), 0 (cap 2); col 1: 0 (cap 0),
 #   0.05 (cap 2); col 2: 0.1 (cap 0), 0.25 (cap 1).
@@ -103,11 +106,14 @@ def test_contrastive_loss_gradient_reaches_only_the_hardest_negatives():
     contrastive_loss(s, torch.tensor([0, 1, 2]), 0.2, True).backward()
     # hardest captions of images 0, 1, 2: s10, s21, s12 (+1 each, -1 on s00, s11, s22);
     # hardest images of captions 1, 2: s10, s21 (+1 each, -1 on s11, s22); caption 0 has none.
-    want = torch.tensor([
-        [-1.0, 0.0, 0.0],
-        [2.0, -2.0, 1.0],
-        [0.0, 2.0, -2.0],
-    ], dtype=torch.float64)
+    want = torch.tensor(
+        [
+            [-1.0, 0.0, 0.0],
+            [2.0, -2.0, 1.0],
+            [0.0, 2.0, -2.0],
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(s.grad, want, atol=0, rtol=0)
 
 
@@ -185,8 +191,14 @@ def test_resume_refuses_another_model_config(pipe, tmp_path):
     vs = _vocab_size(pipe.root)
     train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
     with pytest.raises(DataError, match="cannot resume: its model config differs"):
-        train(pipe.root, tmp_path / "r", pf.model_config(vs, embed_size=8), pf.train_config(epochs=2), resume=True,
-              log=pf.quiet)
+        train(
+            pipe.root,
+            tmp_path / "r",
+            pf.model_config(vs, embed_size=8),
+            pf.train_config(epochs=2),
+            resume=True,
+            log=pf.quiet,
+        )
 
 
 def test_train_refuses_a_model_of_another_vocabulary_size(pipe, tmp_path):
@@ -198,8 +210,22 @@ def test_train_refuses_a_model_of_another_vocabulary_size(pipe, tmp_path):
 
 
 def _cli_train(store, out, *extra):
-    args = ["train", "--store", str(store), "--out", str(out), "--batch-size", "16", "--lr", "0.01",
-            "--embed-size", "16", "--val-images", "100", *extra]
+    args = [
+        "train",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--embed-size",
+        "16",
+        "--val-images",
+        "100",
+        *extra,
+    ]
     return CliRunner().invoke(cli, args)
 
 
