@@ -1,0 +1,44 @@
+"""The bundled coco-sim test split: real captions, simulated features, through the real ingest path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from heiindex.default_data import data_dir, default_hash_dir, default_model_dir
+from heiindex.ingest import ingest
+from heiindex.precomp import read_captions
+from heiindex.simulate import SimConfig, simulate_images
+
+CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "coco-captions"
+
+
+def _make_test_split(root: Path) -> dict:
+    lines = read_captions(CAPTIONS / "testall_caps.txt")[:5000]  # the first 1,000 images: COCO 1K fold 1
+    pre = root / "precomp"
+    pre.mkdir(parents=True)
+    (pre / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    simulate_images(lines, pre / "test_ims.npy", SimConfig())
+    ingest(pre, "test", root / "store", vocab=CAPTIONS / "coco_precomp_vocab.json")
+    return json.loads((root / "store" / "test" / "manifest.json").read_text())
+
+
+def test_coco_sim_test_split_is_1000_images_5000_captions_and_reproducible(tmp_path):
+    a = _make_test_split(tmp_path / "a")
+    b = _make_test_split(tmp_path / "b")
+    assert a["images"]["count"] == 1000 and a["captions"]["count"] == 5000
+    assert (a["images"]["regions"], a["images"]["feature_dim"]) == (36, 2048)
+    assert pq.read_metadata(tmp_path / "a" / "store" / "test" / "images.parquet").num_rows == 1000
+    assert pq.read_metadata(tmp_path / "a" / "store" / "test" / "captions.parquet").num_rows == 5000
+    for part in ("images", "captions"):
+        assert a[part]["sha256"] == b[part]["sha256"]
+    for name in ("images.parquet", "captions.parquet"):
+        assert a["files"][name]["sha256"] == b["files"][name]["sha256"]
+
+
+def test_default_paths_point_into_the_repository():
+    assert (data_dir() / "coco-captions" / "testall_caps.txt").exists()
+    assert (default_model_dir() / "model.safetensors").exists()
+    assert (default_hash_dir() / "hash.safetensors").exists()
