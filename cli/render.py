@@ -37,8 +37,8 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             f"{r['r1']:.1f}",
             f"{r['r5']:.1f}",
             f"{r['r10']:.1f}",
-            f"{r['medr']:.0f}",
-            f"{r['meanr']:.1f}",
+            "-" if r["medr"] is None else f"{r['medr']:.0f}",
+            "-" if r["meanr"] is None else f"{r['meanr']:.1f}",
             f"{r['rsum']:.1f}",
             f"{r['seconds']:.2f}" if "seconds" in r else "",
         )
@@ -56,6 +56,8 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
+        if d["hei"]["meanr"] is None:
+            extra += "\n(mean rank '-': some ground truth is outside the N candidates)"
         t.caption = extra
         tables.append(t)
     if res.get("sweep"):

@@ -169,6 +169,8 @@ def _mean_of(results: list[dict]) -> dict:
     for k, v in first.items():
         if isinstance(v, dict):
             out[k] = _mean_of([r[k] for r in results])
+        elif any(r[k] is None for r in results):
+            out[k] = None  # an infinite rank in some fold
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             vals = [r[k] for r in results]
             out[k] = sum(vals) if k in ("seconds",) else float(np.mean(vals))

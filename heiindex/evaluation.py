@@ -7,6 +7,7 @@ captions (SCAN's protocol). Ranks are 1-based. What this module must not do: sco
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,7 +28,9 @@ class Recall:
         return self.r1 + self.r5 + self.r10
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """Plain JSON: a median or mean rank that is infinite (some ground truth was never
+        retrieved, as when it is not among HEI's N candidates) becomes ``None``."""
+        d = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
         d["rsum"] = self.rsum
         return d
 

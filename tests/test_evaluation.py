@@ -164,3 +164,12 @@ def test_evaluate_exhaustive_ranks_the_score_matrix(enc_test):
     np.testing.assert_array_equal(enc.caption_image, np.repeat(np.arange(24), 5))
     assert res.seconds > 0
     assert torch.equal(enc.gram, enc.regions @ enc.regions.transpose(1, 2))
+
+
+def test_infinite_ranks_become_none_in_plain_json():
+    import json
+
+    d = recall(np.array([1.0, np.inf, 3.0])).to_dict()
+    assert d["medr"] == 3.0 and d["meanr"] is None
+    assert d["r1"] == pytest.approx(100 / 3) and d["rsum"] == pytest.approx(100 / 3 + 2 * 200 / 3)
+    json.loads(json.dumps(d, allow_nan=False))
