@@ -49,7 +49,8 @@ AGGREGATIONS = ("lse", "mean", "max", "sum")
 CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
-DEFAULT_MAX_ELEMENTS = 8_000_000
+# Gathers use index_select, which copies rows ~2x faster than advanced indexing on CPU.
+DEFAULT_MAX_ELEMENTS = 500_000  # small blocks stay in cache: fastest on 2 cores of 250K..8M
 
 
 @dataclass(frozen=True)
@@ -265,12 +266,12 @@ def score_image_candidates(
         m = mask[q0 : q0 + step]
         q = w.shape[0]
         idx = candidates[q0 : q0 + q]
-        reg = regions[idx.reshape(-1)].view(q, n_cand * r, d)  # gathered candidate regions
+        reg = regions.index_select(0, idx.reshape(-1)).view(q, n_cand * r, d)  # gathered candidate regions
         if cfg.cross_attn == "t2i":
             sims = torch.bmm(reg, w.transpose(1, 2)).view(q * n_cand, r, 1, length)
             m_pairs = m.repeat_interleave(n_cand, dim=0).unsqueeze(1)  # (q*N, 1, L)
             wn = w.norm(dim=-1).repeat_interleave(n_cand, dim=0).unsqueeze(1)
-            g = gram[idx.reshape(-1)]
+            g = gram.index_select(0, idx.reshape(-1))
             out[q0 : q0 + q] = _t2i_core(cfg, sims, m_pairs, wn, g).view(q, n_cand)
         else:
             sims = torch.bmm(w, reg.transpose(1, 2)).view(q, length, n_cand, r)
@@ -313,7 +314,7 @@ def score_caption_candidates(
         reg = regions[q0 : q0 + step]
         q = reg.shape[0]
         idx = candidates[q0 : q0 + q].reshape(-1)
-        w = words[idx]  # (q*N, L, d) gathered candidate captions
+        w = words.index_select(0, idx)  # (q*N, L, d) gathered candidate captions
         m = mask[idx]
         if cfg.cross_attn == "t2i":
             sims = torch.bmm(reg, w.view(q, n_cand * length, d).transpose(1, 2))  # (q, R, N*L)
