@@ -3,11 +3,8 @@ with Hamming ranking, candidate recall, sweeps and the COCO 1K fold average."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 import heiindex.bench as bench
@@ -18,19 +15,6 @@ from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
 from heiindex.store import SplitStore
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 METRICS = {"r1", "r5", "r10", "medr", "meanr", "rsum"}
 

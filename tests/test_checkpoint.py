@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import struct
-import sys
-from pathlib import Path
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,19 +16,6 @@ from heiindex.checkpoint import MODEL_FORMAT_VERSION, load_model, model_checksum
 from heiindex.errors import DataError
 from heiindex.model import ScanConfig, ScanModel
 from heiindex.vocab import SPECIALS, Vocab
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 
 @pytest.fixture(autouse=True, scope="module")

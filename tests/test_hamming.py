@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import faiss
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 from heiindex.errors import DataError
@@ -18,19 +15,6 @@ from heiindex.hamming import (
     make_binary_index,
     save_binary_index,
 )
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 N, BYTES = 300, 8  # 300 random 64-bit codes: any two differ in about 32 bits
 

@@ -3,13 +3,11 @@ scaling, configs, hash folders and training next to a frozen matcher."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import faiss
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 
@@ -28,19 +26,6 @@ from heiindex.hashing import (
 )
 from heiindex.store import SplitStore
 from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 
 @pytest.fixture(autouse=True, scope="module")

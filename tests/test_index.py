@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 
@@ -21,19 +19,6 @@ from heiindex.index import Index
 from heiindex.ingest import ingest
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash, save_hash
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,12 +3,10 @@ determinism, and a trained model that beats chance on the tiny learnable set."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,19 +19,6 @@ from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
 from heiindex.train import contrastive_loss, iter_training_batches, train
 from heiindex.vocab import Vocab
-
-
-def _helpers():
-    name = "pipeline_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-pf = _helpers()
 
 
 @pytest.fixture(autouse=True, scope="module")
