@@ -97,19 +97,17 @@ def region_gram(regions: Tensor) -> Tensor:
 def _t2i_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, word_norm: Tensor, gram: Tensor) -> Tensor:
     """Words attend over regions.
 
-    sims: (B, R, C, L) raw word.region similarities, zero at padded words.
-    word_mask, word_norm: broadcastable to (B, C, L). gram: (B, R, R).
-    Returns (B, C).
+    sims: (B, C, L, R) raw word.region similarities, zero at padded words; the softmax axis
+    (regions) is last, so the costly reductions run over contiguous memory.
+    word_mask, word_norm: broadcastable to (B, C, L). gram: (B, R, R). Returns (B, C).
     """
-    b, r, c, length = sims.shape
-    mask = word_mask.unsqueeze(1)  # (B|1, 1, C, L)
-    attn = _raw_norm(cfg.raw_feature_norm, sims, mask, dim=3)
-    # Softmax over regions (dim 1) of the scaled, normalised similarities.
-    prob = torch.softmax(attn * cfg.lambda_softmax, dim=1)
+    b, c, length, r = sims.shape
+    attn = _raw_norm(cfg.raw_feature_norm, sims, word_mask.unsqueeze(-1), dim=2)  # over words
+    prob = torch.softmax(attn * cfg.lambda_softmax, dim=-1)  # over regions
     del attn
-    dot = (prob * sims).sum(dim=1)  # (B, C, L) = w_l . c_l
-    quad = torch.bmm(gram, prob.reshape(b, r, c * length)).view(b, r, c, length)
-    ctx_sq = (quad * prob).sum(dim=1)  # (B, C, L) = |c_l|^2
+    dot = (prob * sims).sum(dim=-1)  # (B, C, L) = w_l . c_l
+    quad = torch.bmm(prob.reshape(b, c * length, r), gram).view(b, c, length, r)  # P G (G symmetric)
+    ctx_sq = (quad * prob).sum(dim=-1)  # (B, C, L) = |c_l|^2
     del quad, prob
     rel = dot / (word_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(_EPS)
     return _aggregate(cfg, rel, word_mask.expand_as(rel))
@@ -118,21 +116,20 @@ def _t2i_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, word_norm: 
 def _i2t_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, region_norm: Tensor, word_gram: Tensor) -> Tensor:
     """Regions attend over (real) words.
 
-    sims: (C, L, B, R) raw word.region similarities, zero at padded words.
-    word_mask: (C, L) bool. region_norm: broadcastable to (C, B, R). word_gram: (C, L, L).
-    Returns (C, B).
+    sims: (C, B, R, L) raw word.region similarities, zero at padded words; the softmax axis
+    (words) is last. word_mask: (C, L) bool. region_norm: broadcastable to (C, B, R).
+    word_gram: (C, L, L). Returns (C, B).
     """
-    c, length, b, r = sims.shape
-    mask = word_mask.view(c, length, 1, 1)
-    # The norm runs over the query axis, here the regions (dim 3); every region is real.
-    attn = _raw_norm(cfg.raw_feature_norm, sims, None, dim=3)
-    logits = (attn * cfg.lambda_softmax).masked_fill(~mask, float("-inf"))
+    c, b, r, length = sims.shape
+    # The norm runs over the query axis, here the regions (dim 2); every region is real.
+    attn = _raw_norm(cfg.raw_feature_norm, sims, None, dim=2)
+    logits = (attn * cfg.lambda_softmax).masked_fill(~word_mask.view(c, 1, 1, length), float("-inf"))
     del attn
-    prob = torch.softmax(logits, dim=1)  # over words
+    prob = torch.softmax(logits, dim=-1)  # over words
     del logits
-    dot = (prob * sims).sum(dim=1)  # (C, B, R) = v_r . c_r
-    quad = torch.bmm(word_gram, prob.reshape(c, length, b * r)).view(c, length, b, r)
-    ctx_sq = (quad * prob).sum(dim=1)  # (C, B, R)
+    dot = (prob * sims).sum(dim=-1)  # (C, B, R) = v_r . c_r
+    quad = torch.bmm(prob.reshape(c, b * r, length), word_gram).view(c, b, r, length)
+    ctx_sq = (quad * prob).sum(dim=-1)  # (C, B, R)
     del quad, prob
     rel = dot / (region_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(_EPS)
     return _aggregate(cfg, rel, None)
@@ -212,22 +209,27 @@ def score_block(
         word_norm = words.norm(dim=-1)
     else:
         region_norm = regions.norm(dim=-1)
-    for i0 in range(0, n_imgs, img_step):
-        reg = regions[i0 : i0 + img_step]
-        b = reg.shape[0]
-        reg_flat = reg.reshape(b * r, -1)
-        for c0 in range(0, n_caps, cap_step):
-            w = words[c0 : c0 + cap_step]
-            c = w.shape[0]
-            m = mask[c0 : c0 + cap_step]
-            w_flat = w.reshape(c * length, -1)
+    # Captions outer, images inner: a chunk of captions stays in cache while the regions stream
+    # past it (the other order re-reads every caption's words once per image block).
+    for c0 in range(0, n_caps, cap_step):
+        w = words[c0 : c0 + cap_step]
+        c = w.shape[0]
+        m = mask[c0 : c0 + cap_step]
+        w_flat = w.reshape(c * length, -1)
+        w_t = w.transpose(1, 2)
+        if cfg.cross_attn == "t2i":
+            wn = word_norm[c0 : c0 + c].unsqueeze(0)
+        else:
+            wg = torch.bmm(w, w_t)
+        for i0 in range(0, n_imgs, img_step):
+            reg = regions[i0 : i0 + img_step]
+            b = reg.shape[0]
             if cfg.cross_attn == "t2i":
-                sims = (reg_flat @ w_flat.T).view(b, r, c, length)
-                block = _t2i_core(cfg, sims, m.unsqueeze(0), word_norm[c0 : c0 + c].unsqueeze(0), gram[i0 : i0 + b])
+                sims = (w_flat @ reg.reshape(b * r, -1).T).view(c, length, b, r).permute(2, 0, 1, 3)
+                block = _t2i_core(cfg, sims, m.unsqueeze(0), wn, gram[i0 : i0 + b])
                 out[c0 : c0 + c, i0 : i0 + b] = block.T
             else:
-                sims = (w_flat @ reg_flat.T).view(c, length, b, r)
-                wg = torch.bmm(w, w.transpose(1, 2))
+                sims = torch.matmul(reg.reshape(b * r, -1), w_t).view(c, b, r, length)
                 block = _i2t_core(cfg, sims, m, region_norm[i0 : i0 + b].unsqueeze(0), wg)
                 out[c0 : c0 + c, i0 : i0 + b] = block
     return out
@@ -268,13 +270,14 @@ def score_image_candidates(
         idx = candidates[q0 : q0 + q]
         reg = regions.index_select(0, idx.reshape(-1)).view(q, n_cand * r, d)  # gathered candidate regions
         if cfg.cross_attn == "t2i":
-            sims = torch.bmm(reg, w.transpose(1, 2)).view(q * n_cand, r, 1, length)
+            sims = torch.bmm(w, reg.transpose(1, 2)).view(q, length, n_cand, r)
+            sims = sims.permute(0, 2, 1, 3).reshape(q * n_cand, 1, length, r)  # pairs, L x R each
             m_pairs = m.repeat_interleave(n_cand, dim=0).unsqueeze(1)  # (q*N, 1, L)
             wn = w.norm(dim=-1).repeat_interleave(n_cand, dim=0).unsqueeze(1)
             g = gram.index_select(0, idx.reshape(-1))
             out[q0 : q0 + q] = _t2i_core(cfg, sims, m_pairs, wn, g).view(q, n_cand)
         else:
-            sims = torch.bmm(w, reg.transpose(1, 2)).view(q, length, n_cand, r)
+            sims = torch.bmm(reg, w.transpose(1, 2)).view(q, n_cand, r, length)
             wg = torch.bmm(w, w.transpose(1, 2))
             rn = region_norm[idx]  # (q, N, R)
             out[q0 : q0 + q] = _i2t_core(cfg, sims, m, rn, wg)
@@ -317,13 +320,12 @@ def score_caption_candidates(
         w = words.index_select(0, idx)  # (q*N, L, d) gathered candidate captions
         m = mask[idx]
         if cfg.cross_attn == "t2i":
-            sims = torch.bmm(reg, w.view(q, n_cand * length, d).transpose(1, 2))  # (q, R, N*L)
-            sims = sims.view(q, r, n_cand, length)
+            sims = torch.bmm(w.view(q, n_cand * length, d), reg.transpose(1, 2)).view(q, n_cand, length, r)
             wn = word_norm[idx].view(q, n_cand, length)
             out[q0 : q0 + q] = _t2i_core(cfg, sims, m.view(q, n_cand, length), wn, gram[q0 : q0 + q])
         else:
-            sims = torch.bmm(w.view(q, n_cand * length, d), reg.transpose(1, 2))  # (q, N*L, R)
-            sims = sims.view(q * n_cand, length, 1, r)
+            sims = torch.bmm(reg, w.view(q, n_cand * length, d).transpose(1, 2)).view(q, r, n_cand, length)
+            sims = sims.permute(0, 2, 1, 3).reshape(q * n_cand, 1, r, length)  # pairs, R x L each
             wg = torch.bmm(w, w.transpose(1, 2))
             rn = region_norm[q0 : q0 + q].repeat_interleave(n_cand, dim=0).unsqueeze(1)  # (q*N, 1, R)
             out[q0 : q0 + q] = _i2t_core(cfg, sims, m, rn, wg).view(q, n_cand)
