@@ -4,9 +4,10 @@ One pass over the training split (row-group buffers, bounded memory) records, fo
 the pooled image and caption features and the frozen matcher's score matrix; the hash layers
 then train for many epochs on those records, which costs almost nothing beside the matcher's
 scoring. The loss is HEI's plus, by default, a hinge ranking term on the code similarities
-(``rank_weight``): on coco-sim dev it raised candidate recall@100 at 64 bits from 84.5% to
-89.5% (t2i) and from 89.7% to 95.6% (i2t). Validation: candidate recall@N on ``dev`` (the fraction of queries whose ground truth
-is among the N nearest codes), both directions; the best hash module is kept.
+(``rank_weight``): on coco-sim dev, 128 bits, it raised candidate recall@100 from 79.7% to
+92.2% (t2i) and from 85.7% to 96.4% (i2t) (``benchmarks/hash_grid.py``, table in
+``benchmarks/RESULTS.md``). Validation: candidate recall@N on ``dev`` (the fraction of queries
+whose ground truth is among the N nearest codes), both directions; the best module is kept.
 What this module must not do: change the matcher.
 """
 
