@@ -251,3 +251,24 @@ def bad_precomp(request, make_precomp) -> BadCase:
     case = BAD_CASES[request.param](folder)
     assert case.name == request.param
     return case
+
+
+# -- the small trained pipeline shared by the model, training, hash, index, bench and CLI tests --
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread per test module: on a shared 2-core machine two threads were seen to
+    turn seconds into minutes."""
+    import pipeline_fixtures
+
+    with pipeline_fixtures.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    """Stores, two trained matchers, a hash module and an index of a small learnable set."""
+    import pipeline_fixtures
+
+    return pipeline_fixtures.get_pipeline(tmp_path_factory)

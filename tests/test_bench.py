@@ -19,17 +19,6 @@ from heiindex.store import SplitStore
 METRICS = {"r1", "r5", "r10", "medr", "meanr", "rsum"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    return pf.get_pipeline(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def index(pipe):
     return Index.open(pipe.index_dir)

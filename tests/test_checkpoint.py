@@ -6,7 +6,6 @@ import json
 import pickle
 import struct
 
-import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,13 +15,6 @@ from heiindex.checkpoint import MODEL_FORMAT_VERSION, load_model, model_checksum
 from heiindex.errors import DataError
 from heiindex.model import ScanConfig, ScanModel
 from heiindex.vocab import SPECIALS, Vocab
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
 
 VOCAB = Vocab(list(SPECIALS) + ["a", "dog", "on", "the", "grass", "cat", "sits", "red", "car", "."])
 

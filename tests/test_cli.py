@@ -22,17 +22,6 @@ from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    return pf.get_pipeline(tmp_path_factory)
-
-
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 

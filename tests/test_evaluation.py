@@ -15,12 +15,6 @@ from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
 def _scores_with_ranks(gt: list[int], ranks: list[int], n_imgs: int) -> np.ndarray:
     """(n_caps, n_imgs) scores where caption q's ground truth ``gt[q]`` is the ``ranks[q]``-th best."""
     rng = np.random.default_rng(0)

@@ -27,18 +27,6 @@ from heiindex.hashing import (
 from heiindex.store import SplitStore
 from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    return pf.get_pipeline(tmp_path_factory)
-
-
 # -- packing ----------------------------------------------------------------------------------
 
 

@@ -21,17 +21,6 @@ from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash, save_hash
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    return pf.get_pipeline(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def index(pipe):
     return Index.open(pipe.index_dir)

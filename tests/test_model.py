@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 from torch import nn
 
 from heiindex.attention import AttentionConfig, score_block
 from heiindex.model import Ensemble, ImageEncoder, ScanConfig, ScanModel, TextEncoder, l2norm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
 
 ATOL = 1e-6
 

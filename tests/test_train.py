@@ -21,17 +21,6 @@ from heiindex.train import contrastive_loss, iter_training_batches, train
 from heiindex.vocab import Vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with pf.one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    return pf.get_pipeline(tmp_path_factory)
-
-
 @pytest.fixture(scope="session")
 def wide_store(tmp_path_factory):
     return pf.get_wide_store(tmp_path_factory)
