@@ -160,7 +160,7 @@ def train(
 )
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--bits", type=int, default=128, show_default=True, help="Code length k (multiple of 8).")
+@click.option("--bits", type=int, default=256, show_default=True, help="Code length k (multiple of 8).")
 @click.option(
     "--pooling",
     type=click.Choice(["mean", "max", "attn"]),
@@ -168,7 +168,7 @@ def train(
     show_default=True,
     help="How region / word embeddings become one vector before hashing.",
 )
-@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--epochs", type=int, default=80, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option(
     "--rank-weight",

@@ -39,7 +39,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class HashConfig:
-    bits: int = 128
+    bits: int = 256
     embed_size: int = 256
     pooling: str = "mean"
 

@@ -46,7 +46,7 @@ HASH_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class HashTrainConfig:
-    epochs: int = 40
+    epochs: int = 80
     batch_size: int = 128
     lr: float = 3e-3
     rank_weight: float = 1.0  # weight of code_ranking_loss beside the HEI loss (0: the paper's loss alone)
