@@ -44,9 +44,8 @@ def _masked(scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
 def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions)."""
     model = index.model
-    sub = index
-    regions, gram = sub.regions[img_rows], sub.gram[img_rows]
-    words, lengths = sub.words[cap_rows], sub.lengths[cap_rows]
+    regions, gram = index.regions[img_rows], index.gram[img_rows]
+    words, lengths = index.words[cap_rows], index.lengths[cap_rows]
     row_in_sub = np.full(index.n_images, -1)
     row_in_sub[img_rows] = np.arange(len(img_rows))
     gt = row_in_sub[index.caption_image[cap_rows]]

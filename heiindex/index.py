@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -341,15 +341,7 @@ class Index:
     def caption_codes(self) -> np.ndarray:
         return self.hasher.module.caption_codes(self.words, self.lengths)
 
-    def describe(self) -> dict:
-        return {"path": str(self.path), **{k: v for k, v in self.manifest.items() if k != "created_by"}}
-
 
 def _fixed(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks()
     return arr.values.to_numpy(zero_copy_only=False).copy()
-
-
-# Kept for introspection in tests and the CLI's --json of build.
-def manifest_dict(index: Index) -> dict:
-    return asdict(index) if False else index.manifest
