@@ -28,6 +28,8 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
             label=f"{direction} candidate recall",
         )
     ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
     ax.set_xlabel("N (Hamming candidates re-ranked)")
     ax.set_ylabel("%")
     ax.grid(True, alpha=0.3)
