@@ -40,63 +40,47 @@ def _masked(scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.where(cand >= 0, scores, -np.inf)
 
 
+def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, float]:
+    """Re-ranked candidate lists -> (1-based rank of the first relevant item, ``inf`` if none;
+    the fraction of queries with a relevant item among the candidates). Empty slots (-1) never count."""
+    relevant = relevant & (cand >= 0)
+    order = np.argsort(-_masked(scores, cand), axis=1, kind="stable")
+    hit = np.take_along_axis(relevant, order, axis=1)
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
+    return ranks, float(np.mean(relevant.any(axis=1)))
+
+
 @torch.no_grad()
 def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions)."""
-    model = index.model
+    att = index.model.attention
     regions, gram = index.regions[img_rows], index.gram[img_rows]
     words, lengths = index.words[cap_rows], index.lengths[cap_rows]
     row_in_sub = np.full(index.n_images, -1)
     row_in_sub[img_rows] = np.arange(len(img_rows))
     gt = row_in_sub[index.caption_image[cap_rows]]
     img_codes, cap_codes = index.image_codes()[img_rows], index.caption_codes()[cap_rows]
+    image_of_row = np.arange(len(img_rows))[:, None]
     out = {}
-    # text to image
-    t0 = time.perf_counter()
-    img_index = index.image_index if use_stored else make_binary_index(img_codes)
-    _, cand = hamming_candidates(img_index, cap_codes, n)
-    t_ham = time.perf_counter() - t0
-    scores = _masked(
-        score_image_candidates(
-            model.attention, words, lengths, regions, torch.from_numpy(np.maximum(cand, 0)), gram
-        ).numpy(),
-        cand,
-    )
-    seconds = time.perf_counter() - t0
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(cand, order, axis=1)
-    hit = (ranked == gt[:, None]) & (ranked >= 0)
-    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
-    out["t2i"] = {
-        "ranks": ranks,
-        "seconds": seconds,
-        "hamming_seconds": t_ham,
-        "candidate_recall": float(np.mean((cand == gt[:, None]).any(axis=1))),
-    }
-    # image to text
-    t0 = time.perf_counter()
-    cap_index = index.caption_index if use_stored else make_binary_index(cap_codes)
-    _, ccand = hamming_candidates(cap_index, img_codes, n)
-    t_ham = time.perf_counter() - t0
-    scores = _masked(
-        score_caption_candidates(
-            model.attention, regions, words, lengths, torch.from_numpy(np.maximum(ccand, 0)), gram
-        ).numpy(),
-        ccand,
-    )
-    seconds = time.perf_counter() - t0
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked_c = np.take_along_axis(ccand, order, axis=1)
-    hit = (gt[np.maximum(ranked_c, 0)] == np.arange(len(img_rows))[:, None]) & (ranked_c >= 0)
-    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
-    out["i2t"] = {
-        "ranks": ranks,
-        "seconds": seconds,
-        "hamming_seconds": t_ham,
-        "candidate_recall": float(
-            np.mean(((gt[np.maximum(ccand, 0)] == np.arange(len(img_rows))[:, None]) & (ccand >= 0)).any(axis=1))
-        ),
-    }
+    for direction in ("t2i", "i2t"):
+        t0 = time.perf_counter()
+        if direction == "t2i":  # captions search the image codes
+            searched = index.image_index if use_stored else make_binary_index(img_codes)
+            _, cand = hamming_candidates(searched, cap_codes, n)
+        else:  # images search the caption codes
+            searched = index.caption_index if use_stored else make_binary_index(cap_codes)
+            _, cand = hamming_candidates(searched, img_codes, n)
+        t_ham = time.perf_counter() - t0
+        safe = torch.from_numpy(np.maximum(cand, 0))
+        if direction == "t2i":
+            scores = score_image_candidates(att, words, lengths, regions, safe, gram).numpy()
+            relevant = cand == gt[:, None]
+        else:
+            scores = score_caption_candidates(att, regions, words, lengths, safe, gram).numpy()
+            relevant = gt[np.maximum(cand, 0)] == image_of_row
+        seconds = time.perf_counter() - t0
+        ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
+        out[direction] = {"ranks": ranks, "seconds": seconds, "hamming_seconds": t_ham, "candidate_recall": cand_recall}
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)
     return out

@@ -94,6 +94,8 @@ class Index:
         self.manifest = manifest
         self.matcher = matcher
         self.hasher = hasher
+        self._image_codes: np.ndarray | None = None
+        self._caption_codes: np.ndarray | None = None
         self.image_index = load_binary_index(path / "images.faiss")
         self.caption_index = load_binary_index(path / "captions.faiss")
         r, d = manifest["regions"], manifest["embed_size"]
@@ -333,13 +335,17 @@ class Index:
         return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
-    @torch.no_grad()
     def image_codes(self) -> np.ndarray:
-        return self.hasher.module.image_codes(self.regions)
+        """Codes of every stored image (computed once per opened index)."""
+        if self._image_codes is None:
+            self._image_codes = self.hasher.module.image_codes(self.regions)
+        return self._image_codes
 
-    @torch.no_grad()
     def caption_codes(self) -> np.ndarray:
-        return self.hasher.module.caption_codes(self.words, self.lengths)
+        """Codes of every stored caption (computed once per opened index)."""
+        if self._caption_codes is None:
+            self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
+        return self._caption_codes
 
 
 def _fixed(col: pa.ChunkedArray) -> np.ndarray:
