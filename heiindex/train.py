@@ -3,8 +3,8 @@
 Hinge triplet loss with margin, both directions, hardest negative in the batch ("max
 violation", VSE++) or the sum over negatives; pairs of the same image are never negatives.
 By default the first epoch sums over all negatives: from a random start every pair scores
-about the same and hardest-negative training stalls (seen on coco-sim: R@1 at chance after
-an epoch), while the summed loss moves at once; hardest negatives take over from epoch 2.
+about the same and hardest-negative training stalls (seen on coco-sim: dev R@1 at chance after
+an epoch of `heiindex train --warmup-sum-epochs 0`), while the summed loss moves at once; hardest negatives take over from epoch 2.
 Adam with a step decay, gradient clipping, validation R@K on ``dev`` after each epoch, the
 best model kept, the last state kept for ``--resume``. Deterministic given the seed.
 
