@@ -28,6 +28,24 @@ def handle_errors(func):
     return wrapper
 
 
+def path_option(*names: str, help: str):
+    """An optional path flag (``None`` when not given)."""
+    return click.option(*names, type=click.Path(path_type=Path), default=None, help=help)
+
+
+store_option = path_option("--store", help="Store root (default: coco-sim).")
+index_dir_option = path_option("--index", "index_dir", help="Index folder (default: the last built).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def model_option(help: str = "Matcher folder (default: the coco-sim model)."):
+    return path_option("--model", "model_dir", help=help)
+
+
+def hash_option(help: str = "Hash module folder (default: the coco-sim one)."):
+    return path_option("--hash", "hash_dir", help=help)
+
+
 @click.group()
 @click.version_option(package_name="heiindex")
 def cli() -> None:
@@ -73,7 +91,7 @@ def prepare() -> None:
 
 
 @cli.command()
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@store_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
 @click.option("--epochs", type=int, default=8, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -151,14 +169,8 @@ def train(
 
 
 @cli.command("train-hash")
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Matcher folder (default: the coco-sim model).",
-)
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@model_option()
+@store_option
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--bits", type=int, default=256, show_default=True, help="Code length k (multiple of 8).")
 @click.option(
@@ -215,16 +227,10 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Matcher folder (default: the coco-sim model).",
-)
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
+@model_option()
+@store_option
 @click.option("--split", default="test", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def evaluate(model_dir, store, split, as_json) -> None:
     """Exhaustive R@K of a matcher on a split (every caption against every image)."""
@@ -254,9 +260,9 @@ def evaluate(model_dir, store, split, as_json) -> None:
 
 @cli.command()
 @click.option("--split", default="test", show_default=True)
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Store root (default: coco-sim).")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher folder.")
-@click.option("--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module folder.")
+@store_option
+@model_option()
+@hash_option()
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT)."
 )
@@ -301,22 +307,12 @@ def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path |
 @cli.command()
 @click.argument("text", required=False)
 @click.option("--image", "image_id", type=int, default=None, help="Image id: find captions for it instead.")
-@click.option(
-    "--index",
-    "index_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Index folder (default: the last built).",
-)
-@click.option(
-    "--model", "model_dir", type=click.Path(path_type=Path), default=None, help="Matcher (must be the index's)."
-)
-@click.option(
-    "--hash", "hash_dir", type=click.Path(path_type=Path), default=None, help="Hash module (must be the index's)."
-)
+@index_dir_option
+@model_option("Matcher (must be the index's).")
+@hash_option("Hash module (must be the index's).")
 @click.option("--candidates", type=int, default=100, show_default=True, help="N: Hamming candidates to re-rank.")
 @click.option("--k", type=int, default=10, show_default=True, help="Results to show.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, as_json) -> None:
     """Text-to-image search for TEXT, or image-to-text search with --image ID."""
@@ -337,13 +333,7 @@ def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, as_json
 
 @cli.command()
 @click.option("--topk", type=int, default=100, show_default=True, help="N: Hamming candidates re-ranked.")
-@click.option(
-    "--index",
-    "index_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Index folder (default: the last built).",
-)
+@index_dir_option
 @click.option(
     "--sweep", default=None, help="Comma-separated N values for a recall-versus-N table, e.g. 10,20,50,100,200."
 )
@@ -360,7 +350,7 @@ def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, as_json
     show_default=True,
     help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def bench(topk, index_dir, sweep, plot, protocol, as_json) -> None:
     """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings."""
