@@ -180,6 +180,19 @@ def _aggregate(cfg: AttentionConfig, rel: Tensor, mask: Tensor | None) -> Tensor
 # ---------------------------------------------------------------------------------------------
 
 
+def _direction_inputs(
+    cfg: AttentionConfig, words: Tensor, regions: Tensor, gram: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """What each attention direction needs besides the similarities: t2i the region Gram
+    matrices and the word norms, i2t the region norms (its word Gram matrices are per chunk)."""
+    if cfg.cross_attn == "t2i":
+        if gram is None:
+            gram = region_gram(regions)
+        _check_gram(gram, regions)
+        return gram, words.norm(dim=-1), None
+    return gram, None, regions.norm(dim=-1)
+
+
 def score_block(
     cfg: AttentionConfig,
     words: Tensor,
@@ -202,13 +215,7 @@ def score_block(
     out = words.new_empty((n_caps, n_imgs))
     cap_step = max(1, min(n_caps, 128))
     img_step = max(1, max_elements // max(1, cap_step * r * length))
-    if cfg.cross_attn == "t2i":
-        if gram is None:
-            gram = region_gram(regions)
-        _check_gram(gram, regions)
-        word_norm = words.norm(dim=-1)
-    else:
-        region_norm = regions.norm(dim=-1)
+    gram, word_norm, region_norm = _direction_inputs(cfg, words, regions, gram)
     # Captions outer, images inner: a chunk of captions stays in cache while the regions stream
     # past it (the other order re-reads every caption's words once per image block).
     for c0 in range(0, n_caps, cap_step):
@@ -257,12 +264,7 @@ def score_image_candidates(
     r = regions.shape[1]
     out = words.new_empty((n_q, n_cand))
     step = max(1, max_elements // max(1, n_cand * r * length))
-    if cfg.cross_attn == "t2i":
-        if gram is None:
-            gram = region_gram(regions)
-        _check_gram(gram, regions)
-    else:
-        region_norm = regions.norm(dim=-1)
+    gram, _, region_norm = _direction_inputs(cfg, words, regions, gram)
     for q0 in range(0, n_q, step):
         w = words[q0 : q0 + step]
         m = mask[q0 : q0 + step]
@@ -306,13 +308,7 @@ def score_caption_candidates(
     n_cand = candidates.shape[1]
     out = regions.new_empty((n_q, n_cand))
     step = max(1, max_elements // max(1, n_cand * r * length))
-    if cfg.cross_attn == "t2i":
-        if gram is None:
-            gram = region_gram(regions)
-        _check_gram(gram, regions)
-        word_norm = words.norm(dim=-1)
-    else:
-        region_norm = regions.norm(dim=-1)
+    gram, word_norm, region_norm = _direction_inputs(cfg, words, regions, gram)
     for q0 in range(0, n_q, step):
         reg = regions[q0 : q0 + step]
         q = reg.shape[0]
