@@ -198,6 +198,13 @@ class SplitStore:
         for p in (self.images_path, self.captions_path):
             if not p.exists():
                 raise DataError(p, "store file missing")
+        self._images_pf: pq.ParquetFile | None = None
+
+    def _images_file(self) -> pq.ParquetFile:
+        """The images file, opened (footer parsed) once: training reads it row group by row group."""
+        if self._images_pf is None:
+            self._images_pf = pq.ParquetFile(self.images_path)
+        return self._images_pf
 
     @classmethod
     def open(cls, root: str | Path, split: str) -> SplitStore:
@@ -235,17 +242,17 @@ class SplitStore:
 
     def iter_image_blocks(self, block_images: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(image_ids (b,), features float32 (b, R, D))`` in store order."""
-        pf = pq.ParquetFile(self.images_path)
+        pf = self._images_file()
         for batch in pf.iter_batches(batch_size=block_images, columns=["image_id", "features"]):
             yield _image_batch(batch, self.regions, self.feature_dim)
 
     @property
     def n_row_groups(self) -> int:
-        return pq.ParquetFile(self.images_path).num_row_groups
+        return self._images_file().num_row_groups
 
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored block: ``(image_ids, features (b, R, D))`` (for shuffled training passes)."""
-        table = pq.ParquetFile(self.images_path).read_row_group(i, columns=["image_id", "features"])
+        table = self._images_file().read_row_group(i, columns=["image_id", "features"])
         return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
 
     def captions(self) -> CaptionTable:
