@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from heiindex.attention import (
+    DEFAULT_MAX_ELEMENTS,
     AttentionConfig,
     region_gram,
     score_block,
     score_caption_candidates,
     score_image_candidates,
+    score_pairs,
 )
 
 
@@ -329,6 +331,18 @@ def test_invalid_inputs_raise_value_error():
             cfg, regions, words, lengths, cand_cap[:, 0]
         ),
         "region_gram regions 2-D": lambda: region_gram(regions_2d),
+        "score_pairs index out of range": lambda: score_pairs(
+            cfg, words, lengths, regions, torch.tensor([0]), torch.tensor([N_IMGS])
+        ),
+        "score_pairs negative index": lambda: score_pairs(
+            cfg, words, lengths, regions, torch.tensor([-1]), torch.tensor([0])
+        ),
+        "score_pairs unequal index lengths": lambda: score_pairs(
+            cfg, words, lengths, regions, torch.tensor([0, 1]), torch.tensor([0])
+        ),
+        "score_pairs 2-D index": lambda: score_pairs(
+            cfg, words, lengths, regions, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+        ),
     }
     not_raised = []
     for name, call in bad_calls.items():
@@ -341,3 +355,67 @@ def test_invalid_inputs_raise_value_error():
         else:
             not_raised.append(f"{name}: no exception")
     assert not not_raised, "expected ValueError:\n" + "\n".join(not_raised)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+# A set large enough for the pair scorer's grouping to matter: many captions of many lengths
+# (several length buckets), images with long runs of pairs (one matrix product each) and
+# images with one or two pairs (gathered regions), and chunks cut inside a bucket.
+PAIR_LENGTHS = (1, 2, 3, 5, 8, 9, 12, 13, 17, 3, 8, 12, 2, 17, 5, 9, 13, 1, 12, 8)
+PAIR_L_MAX = 19
+PAIR_IMGS = 5
+PAIR_CASES = [
+    ("t2i", "clipped_l2norm", "lse"),
+    ("t2i", "softmax", "max"),
+    ("t2i", "clipped", "mean"),
+    ("i2t", "clipped_l2norm", "lse"),
+    ("i2t", "l1norm", "sum"),
+    ("i2t", "softmax", "mean"),
+]
+
+
+@functools.cache
+def _pair_data():
+    gen = torch.Generator().manual_seed(SEED + 7)
+    words = _make_words(gen, PAIR_LENGTHS, PAIR_L_MAX, DIM)
+    regions = _make_regions(gen, PAIR_IMGS, N_REGIONS, DIM)
+    lengths = torch.tensor(PAIR_LENGTHS, dtype=torch.long)
+    # Image 0 paired with every caption twice (long runs), image 1 with every caption once,
+    # images 2-4 with a few captions each (runs shorter than the gather threshold).
+    caps = [*range(len(PAIR_LENGTHS))] * 3 + [0, 5, 8, 19, 4]
+    imgs = [0] * len(PAIR_LENGTHS) * 2 + [1] * len(PAIR_LENGTHS) + [2, 3, 3, 4, 2]
+    perm = torch.randperm(len(caps), generator=gen)
+    return words, lengths, regions, torch.tensor(caps)[perm], torch.tensor(imgs)[perm]
+
+
+@pytest.mark.parametrize("max_elements", [DEFAULT_MAX_ELEMENTS, 200], ids=["one-chunk", "small-chunks"])
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PAIR_CASES, ids=[f"{c}-{n}-{a}" for c, n, a in PAIR_CASES])
+def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_elements):
+    words, lengths, regions, caps, imgs = _pair_data()
+    kwargs = _cfg_kwargs(cross_attn, raw_feature_norm, agg)
+    full = ref.reference_matrix(words, lengths, regions, **kwargs)
+    cfg = AttentionConfig(**kwargs)
+    out = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=max_elements)
+    _assert_close(out, full[caps, imgs], "score_pairs")
+    gram = region_gram(regions)
+    out = score_pairs(cfg, words, lengths, regions, caps, imgs, gram=gram, max_elements=max_elements)
+    _assert_close(out, full[caps, imgs], "score_pairs, gram passed")
+    # The block scorer sorts captions by length into chunks: check it on this set too.
+    _assert_close(score_block(cfg, words, lengths, regions, max_elements=max_elements), full, "score_block")
+
+
+def test_score_pairs_of_no_pairs_is_empty():
+    words, lengths, regions = _data()
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    empty = torch.zeros(0, dtype=torch.long)
+    assert tuple(score_pairs(cfg, words, lengths, regions, empty, empty).shape) == (0,)
+
+
+def test_score_pairs_leaves_inputs_unchanged():
+    words, lengths, regions, caps, imgs = _pair_data()
+    before = words.clone()
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    score_pairs(cfg, words, lengths, regions, caps, imgs)
+    score_block(cfg, words, lengths, regions)
+    assert torch.equal(words, before), "the scorers must not write into the caller's padding"
