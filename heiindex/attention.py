@@ -22,7 +22,9 @@ already-encoded word features ``(n_caps, L, d)`` and region features ``(n_imgs, 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -99,7 +101,9 @@ def region_gram(regions: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _t2i_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, word_norm: Tensor, gram: Tensor) -> Tensor:
+def _t2i_core(
+    cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, word_norm: Tensor, gram: Tensor | Callable[[Tensor], Tensor]
+) -> Tensor:
     """Words attend over regions.
 
     sims: (B, C, L, R) raw word.region similarities, zero at padded words (the l1/l2 norms over
@@ -112,7 +116,10 @@ def _t2i_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, word_norm: 
     prob = torch.softmax(logits, dim=-1)  # over regions
     del logits
     dot = _rowdot(prob, sims)  # (B, C, L) = w_l . c_l
-    quad = torch.bmm(prob.reshape(b, c * length, r), gram).view(b, c, length, r)  # P G (G symmetric)
+    if callable(gram):
+        quad = gram(prob)
+    else:
+        quad = torch.bmm(prob.reshape(b, c * length, r), gram).view(b, c, length, r)  # P G (G symmetric)
     ctx_sq = _rowdot(quad, prob)  # (B, C, L) = |c_l|^2
     del quad, prob
     rel = dot / (word_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(_EPS)
@@ -302,15 +309,21 @@ def score_pairs(
         ci, ii = caption_index.index_select(0, sel), image_index.index_select(0, sel)
         length = int(pair_len.index_select(0, sel).max())
         w, m = _gather_words(words, lengths, ci, length)
-        sims = _pair_sims(w, regions, ii).masked_fill_(~m.unsqueeze(-1), 0.0)  # (P, L, R)
+        runs = _Runs(ii)
+        sims = runs.product(w, regions.transpose(1, 2)).masked_fill_(~m.unsqueeze(-1), 0.0)  # (P, L, R)
         n = sims.shape[0]
-        # Per-image inputs only for this chunk's images: a query must not touch the whole set.
-        uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
         if cfg.cross_attn == "t2i":
-            g = region_gram(regions.index_select(0, uniq)) if gram is None else gram.index_select(0, uniq)
+            if gram is None:  # only this chunk's images: a query must not touch the whole set
+                uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
+                g, image_of = region_gram(regions.index_select(0, uniq)), torch.full((regions.shape[0],), -1)
+                image_of[uniq] = torch.arange(len(uniq))
+            else:
+                g, image_of = gram, None
             wn = w.norm(dim=-1).unsqueeze(1)
-            block = _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), wn, g.index_select(0, inverse))
+            quad = partial(runs.product_nd, per_image=g, images=image_of)
+            block = _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), wn, quad)
         else:
+            uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
             wg = _word_gram(w, m)
             rn = regions.index_select(0, uniq).norm(dim=-1).index_select(0, inverse).unsqueeze(1)  # (P, 1, R)
             block = _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg)
@@ -390,30 +403,49 @@ def _word_gram(w: Tensor, mask: Tensor) -> Tensor:
     return wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
 
 
-def _pair_sims(w: Tensor, regions: Tensor, image_rows: Tensor) -> Tensor:
-    """Raw similarities (P, L, R) of each pair's words ``w[p]`` with ``regions[image_rows[p]]``.
+class _Runs:
+    """Pairs sorted by image, split into runs of one image each.
 
-    ``image_rows`` is sorted, so each image's pairs form a run: a long run is one matrix
-    product against that image's regions; short runs are gathered and done in one batch."""
-    n, length, d = w.shape
-    r = regions.shape[1]
-    sims = w.new_empty((n, length, r))
-    images, counts = torch.unique_consecutive(image_rows, return_counts=True)
-    short = []
-    start = 0
-    for img, cnt in zip(images.tolist(), counts.tolist(), strict=True):
-        if cnt >= _MIN_RUN:
+    A run of at least ``_MIN_RUN`` pairs gets one matrix product against its image's data; the
+    pairs of shorter runs are gathered into one batched product."""
+
+    def __init__(self, image_rows: Tensor) -> None:
+        self.image_rows = image_rows
+        images, counts = torch.unique_consecutive(image_rows, return_counts=True)
+        self.long: list[tuple[int, int, int]] = []  # (start, count, image)
+        short: list[int] = []
+        start = 0
+        for img, cnt in zip(images.tolist(), counts.tolist(), strict=True):
+            if cnt >= _MIN_RUN:
+                self.long.append((start, cnt, img))
+            else:
+                short.extend(range(start, start + cnt))
+            start += cnt
+        self.short = torch.tensor(short, dtype=torch.long, device=image_rows.device) if short else None
+
+    def product(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:
+        """``out[p] = x[p] @ per_image[images[p]]`` for x (P, L, k) and per_image (n, k, m).
+
+        ``images`` maps the pairs' image rows to rows of ``per_image`` (default: the same)."""
+        n, length, k = x.shape
+        m = per_image.shape[-1]
+        out = x.new_empty((n, length, m))
+        for start, cnt, img in self.long:
+            row = img if images is None else int(images[img])
             torch.mm(
-                w[start : start + cnt].view(cnt * length, d), regions[img].T, out=sims[start : start + cnt].view(-1, r)
+                x[start : start + cnt].view(cnt * length, k), per_image[row], out=out[start : start + cnt].view(-1, m)
             )
-        else:
-            short.extend(range(start, start + cnt))
-        start += cnt
-    if short:
-        rows = torch.tensor(short, dtype=torch.long, device=w.device)
-        reg = regions.index_select(0, image_rows.index_select(0, rows))
-        sims[rows] = torch.bmm(w.index_select(0, rows), reg.transpose(1, 2))
-    return sims
+        if self.short is not None:
+            rows = self.image_rows.index_select(0, self.short)
+            if images is not None:
+                rows = images.index_select(0, rows)
+            out[self.short] = torch.bmm(x.index_select(0, self.short), per_image.index_select(0, rows))
+        return out
+
+    def product_nd(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:
+        """``product`` for x of shape (P, ..., k): the middle axes are flattened and restored."""
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        return self.product(flat, per_image, images).view(*x.shape[:-1], per_image.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
