@@ -30,6 +30,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .packed import PackedWords
+
 __all__ = [
     "AGGREGATIONS",
     "RAW_FEATURE_NORMS",
@@ -203,7 +205,7 @@ def _aggregate(cfg: AttentionConfig, rel: Tensor, mask: Tensor | None) -> Tensor
 
 def score_block(
     cfg: AttentionConfig,
-    words: Tensor,
+    words: Tensor | PackedWords,
     lengths: Tensor,
     regions: Tensor,
     gram: Tensor | None = None,
@@ -211,8 +213,9 @@ def score_block(
 ) -> Tensor:
     """Scores of every caption against every image.
 
-    words: (n_caps, L, d), padded beyond ``lengths``; lengths: (n_caps,) real word counts >= 1;
-    regions: (n_imgs, R, d); gram: optional ``region_gram(regions)`` (n_imgs, R, R).
+    words: (n_caps, L, d), padded beyond ``lengths``, or the same captions as ``PackedWords``;
+    lengths: (n_caps,) real word counts >= 1; regions: (n_imgs, R, d); gram: optional
+    ``region_gram(regions)`` (n_imgs, R, R).
     Returns (n_caps, n_imgs). Captions are taken in order of length, in chunks padded only to
     their own longest caption (COCO captions average ~13 tokens but run to 40 or more), and
     no intermediate holds more than about ``max_elements`` pair-word-region entries.
@@ -221,7 +224,7 @@ def score_block(
     _check_regions(regions, words)
     n_caps = words.shape[0]
     n_imgs, r, _ = regions.shape
-    out = words.new_empty((n_caps, n_imgs))
+    out = torch.empty((n_caps, n_imgs), dtype=words.dtype, device=words.device)
     if cfg.cross_attn == "t2i":
         if gram is None:
             gram = region_gram(regions)
@@ -261,7 +264,7 @@ def score_block(
 
 def score_pairs(
     cfg: AttentionConfig,
-    words: Tensor,
+    words: Tensor | PackedWords,
     lengths: Tensor,
     regions: Tensor,
     caption_index: Tensor,
@@ -271,7 +274,7 @@ def score_pairs(
 ) -> Tensor:
     """Scores of arbitrary (caption, image) pairs.
 
-    words: (n_caps, L, d) padded beyond ``lengths``; regions: (n_imgs, R, d); caption_index,
+    words: (n_caps, L, d) padded beyond ``lengths``, or ``PackedWords``; regions: (n_imgs, R, d); caption_index,
     image_index: (P,) rows of each pair. Returns (P,) with
     ``out[p] == score_block(...)[caption_index[p], image_index[p]]``.
 
@@ -290,7 +293,7 @@ def score_pairs(
             f"caption_index and image_index must have the same length, got {len(caption_index)} and {len(image_index)}"
         )
     n_pairs, r = caption_index.shape[0], regions.shape[1]
-    out = words.new_empty((n_pairs,))
+    out = torch.empty((n_pairs,), dtype=words.dtype, device=words.device)
     if n_pairs == 0:
         return out
     if gram is not None:
@@ -340,7 +343,7 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
 
 def _score_pair_chunk(
     cfg: AttentionConfig,
-    words: Tensor,
+    words: Tensor | PackedWords,
     lengths: Tensor,
     regions: Tensor,
     gram: Tensor | None,
@@ -372,7 +375,7 @@ def _score_pair_chunk(
 
 def score_image_candidates(
     cfg: AttentionConfig,
-    words: Tensor,
+    words: Tensor | PackedWords,
     lengths: Tensor,
     regions: Tensor,
     candidates: Tensor,
@@ -384,7 +387,7 @@ def score_image_candidates(
     words: (n_q, L, d); lengths: (n_q,); regions: (n_imgs, R, d); candidates: (n_q, N) image
     indices. Returns (n_q, N) with ``out[q, j] == score_block(...)[q, candidates[q, j]]``.
     """
-    _check_rank("words", words, 3)
+    _check_words_rank(words)
     candidates = _check_candidates(candidates, words.shape[0], regions.shape[0], "images")
     n_q, n_cand = candidates.shape
     caption_index = torch.arange(n_q).repeat_interleave(n_cand)
@@ -395,7 +398,7 @@ def score_image_candidates(
 def score_caption_candidates(
     cfg: AttentionConfig,
     regions: Tensor,
-    words: Tensor,
+    words: Tensor | PackedWords,
     lengths: Tensor,
     candidates: Tensor,
     gram: Tensor | None = None,
@@ -429,7 +432,7 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
     captions (reused against every image); the pair scorer, which uses each gathered caption
     once, masks the similarities and word Gram matrices instead (L x R and L x L entries per
     caption rather than L x d)."""
-    w = words[:, :length].index_select(0, rows)
+    w = words.gather(rows, length) if isinstance(words, PackedWords) else words[:, :length].index_select(0, rows)
     m = torch.arange(length, device=words.device).unsqueeze(0) < lengths.index_select(0, rows).unsqueeze(1)
     return w, m
 
@@ -503,13 +506,20 @@ def _check_words(words: Tensor, lengths: Tensor) -> Tensor:
 
     Padding is never trusted: what is computed from it is masked (see ``_gather_words``), so
     garbage there cannot reach a score and the caller's tensor is never copied whole."""
-    _check_rank("words", words, 3)
+    _check_words_rank(words)
     lengths = torch.as_tensor(lengths, device=words.device)
     if lengths.shape != (words.shape[0],):
         raise ValueError(f"lengths must have shape ({words.shape[0]},), got {tuple(lengths.shape)}")
+    if isinstance(words, PackedWords) and not torch.equal(lengths.long(), words.lengths):
+        raise ValueError("lengths differ from the packed words' own lengths")
     if words.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > words.shape[1]):
         raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
     return lengths.long()
+
+
+def _check_words_rank(words: Tensor | PackedWords) -> None:
+    if not isinstance(words, PackedWords):
+        _check_rank("words", words, 3)
 
 
 def _check_index(index: Tensor, n_items: int, name: str, what: str) -> Tensor:

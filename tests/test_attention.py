@@ -25,6 +25,7 @@ from heiindex.attention import (
     score_image_candidates,
     score_pairs,
 )
+from heiindex.packed import PackedWords
 
 
 def _load_reference():
@@ -389,13 +390,15 @@ def _pair_data():
     return words, lengths, regions, torch.tensor(caps)[perm], torch.tensor(imgs)[perm]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("max_elements", [DEFAULT_MAX_ELEMENTS, 200], ids=["one-chunk", "small-chunks"])
 @pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PAIR_CASES, ids=[f"{c}-{n}-{a}" for c, n, a in PAIR_CASES])
-def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_elements):
+def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_elements, packed):
     words, lengths, regions, caps, imgs = _pair_data()
-    kwargs = _cfg_kwargs(cross_attn, raw_feature_norm, agg)
-    full = ref.reference_matrix(words, lengths, regions, **kwargs)
-    cfg = AttentionConfig(**kwargs)
+    full = ref.reference_matrix(words, lengths, regions, **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    if packed:
+        words = PackedWords.from_padded(words, lengths)
+    cfg = AttentionConfig(**_cfg_kwargs(cross_attn, raw_feature_norm, agg))
     out = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=max_elements)
     _assert_close(out, full[caps, imgs], "score_pairs")
     gram = region_gram(regions)
@@ -403,6 +406,40 @@ def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_el
     _assert_close(out, full[caps, imgs], "score_pairs, gram passed")
     # The block scorer sorts captions by length into chunks: check it on this set too.
     _assert_close(score_block(cfg, words, lengths, regions, max_elements=max_elements), full, "score_block")
+    cand = imgs[: len(PAIR_LENGTHS) * 3].view(len(PAIR_LENGTHS), 3)
+    _assert_close(
+        score_image_candidates(cfg, words, lengths, regions, cand, max_elements=max_elements),
+        torch.gather(full, 1, cand),
+        "score_image_candidates",
+    )
+    cand = caps[: PAIR_IMGS * 6].view(PAIR_IMGS, 6)
+    _assert_close(
+        score_caption_candidates(cfg, regions, words, lengths, cand, max_elements=max_elements),
+        torch.gather(full.T, 1, cand),
+        "score_caption_candidates",
+    )
+
+
+def test_packed_words_round_trip_and_errors():
+    words, lengths, _, _, _ = _pair_data()
+    packed = PackedWords.from_padded(words, lengths)
+    assert tuple(packed.shape) == (len(PAIR_LENGTHS), max(PAIR_LENGTHS), DIM)
+    assert packed.flat.shape == (sum(PAIR_LENGTHS), DIM)
+    mask = torch.arange(PAIR_L_MAX)[None, :, None] < lengths[:, None, None]
+    zero_padded = torch.where(mask, words, torch.zeros_like(words))[:, : max(PAIR_LENGTHS)]
+    assert torch.equal(packed.padded(), zero_padded)
+    rows = torch.tensor([3, 0, 3])
+    assert torch.equal(packed.gather(rows, 4), zero_padded[rows, :4])  # longer captions are cut
+    with pytest.raises(ValueError, match="sum to"):
+        PackedWords(packed.flat[:-1], lengths)
+    with pytest.raises(ValueError, match="at least one word"):
+        PackedWords(packed.flat, torch.cat([lengths[:-1], torch.tensor([0])]))
+    with pytest.raises(ValueError, match="2-D"):
+        PackedWords(words, lengths)
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    _, _, regions, caps, imgs = _pair_data()
+    with pytest.raises(ValueError, match="packed words' own lengths"):
+        score_pairs(cfg, packed, lengths.flip(0), regions, caps, imgs)
 
 
 def test_score_pairs_of_no_pairs_is_empty():

@@ -1,0 +1,95 @@
+"""Caption word features without padding.
+
+What this module is for: holding the word features of many captions as one flat
+``(total_words, d)`` tensor plus offsets, so that a split's captions cost their real words in
+memory rather than ``n_caps x longest caption``. COCO captions average ~13 tokens but reach 52
+in the 5K test set: padded, 25,000 captions at d = 1024 take 5.3 GB; packed, 1.4 GB.
+
+The attention scorers accept a ``PackedWords`` wherever they accept padded words; they only
+ever ask for a gathered, zero-padded block of some captions (``gather``).
+What it must not do: score, encode, or read files.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["PackedWords"]
+
+
+class PackedWords:
+    """Word features of ``n`` captions, caption ``i`` being rows ``offsets[i]:offsets[i + 1]``.
+
+    ``shape`` is that of the equivalent padded tensor, ``(n, longest, d)``.
+    """
+
+    def __init__(self, flat: Tensor, lengths: Tensor) -> None:
+        if not isinstance(flat, Tensor) or flat.dim() != 2:
+            raise ValueError(f"flat word features must be a 2-D tensor (total_words, d), got {_shape(flat)}")
+        lengths = torch.as_tensor(lengths, device=flat.device).long()
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths must be one-dimensional, got shape {tuple(lengths.shape)}")
+        if lengths.numel() and int(lengths.min()) < 1:
+            raise ValueError("every caption must have at least one word (lengths >= 1)")
+        total = int(lengths.sum())
+        if total != flat.shape[0]:
+            raise ValueError(f"lengths sum to {total} words but flat has {flat.shape[0]} rows")
+        # One zero row after the last word: gathers point padding there and come back zeroed.
+        self._flat = torch.cat([flat, flat.new_zeros((1, flat.shape[1]))])
+        self.lengths = lengths
+        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=flat.device)
+        self.offsets[1:] = torch.cumsum(lengths, 0)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        self.shape = torch.Size((len(lengths), longest, flat.shape[1]))
+
+    @classmethod
+    def from_padded(cls, words: Tensor, lengths: Tensor) -> PackedWords:
+        """Pack padded words ``(n, L, d)``; whatever sits beyond each length is dropped."""
+        lengths = torch.as_tensor(lengths, device=words.device).long()
+        if words.dim() != 3 or lengths.shape != (words.shape[0],):
+            raise ValueError(f"expected words (n, L, d) and lengths (n,), got {_shape(words)} and {_shape(lengths)}")
+        if lengths.numel() and int(lengths.max()) > words.shape[1]:
+            raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
+        mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return cls(words[mask], lengths)
+
+    @property
+    def flat(self) -> Tensor:
+        """The ``(total_words, d)`` word features."""
+        return self._flat[:-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._flat.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._flat.device
+
+    def dim(self) -> int:
+        return 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def to(self, *args, **kwargs) -> PackedWords:
+        """A copy on another device or dtype (``Tensor.to`` arguments)."""
+        flat = self.flat.to(*args, **kwargs)
+        return PackedWords(flat, self.lengths.to(flat.device))
+
+    def gather(self, rows: Tensor, length: int) -> Tensor:
+        """Words of captions ``rows`` as a ``(len(rows), length, d)`` tensor, zero beyond each
+        caption's end (a caption longer than ``length`` is cut)."""
+        pos = torch.arange(length, device=self.device).unsqueeze(0)
+        lens = self.lengths.index_select(0, rows).unsqueeze(1)
+        idx = torch.where(pos < lens, self.offsets.index_select(0, rows).unsqueeze(1) + pos, self._flat.shape[0] - 1)
+        return self._flat.index_select(0, idx.view(-1)).view(len(rows), length, -1)
+
+    def padded(self) -> Tensor:
+        """The equivalent zero-padded ``(n, longest, d)`` tensor."""
+        return self.gather(torch.arange(len(self), device=self.device), self.shape[1])
+
+
+def _shape(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
