@@ -1,8 +1,8 @@
 """Exhaustive SCAN scoring: heiindex's batched exact form against SCAN's per-caption loop.
 
-The baseline is written here from the formula the way SCAN's evaluation computes it: for each
-caption, over shards of 128 images, expand the caption, attend (materialising the attended
-context vectors), cosine, aggregate. It lives only in this file. Both run on the same random
+The baseline (``benchmarks/reference.py``) is written from the formula the way SCAN's
+evaluation computes it: for each caption, over shards of 128 images, expand the caption, attend
+(materialising the attended context vectors), cosine, aggregate. Both run on the same random
 features (1,000 images x 36 regions, 5,000 captions with COCO-like lengths, d = 256 by
 default) in one process; the baseline scores a subset of the captions and is extrapolated
 linearly (its cost is linear in the number of captions), which the output says.
@@ -17,31 +17,9 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
+from reference import l2norm, reference_t2i  # benchmarks/reference.py
 
 from heiindex.attention import AttentionConfig, region_gram, score_block
-
-
-def l2norm(x, dim, eps=1e-8):
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
-
-
-def reference_t2i(words, lengths, regions, lambda_softmax=9.0, lambda_lse=6.0, shard=128):
-    """SCAN's xattn_score_t2i (clipped_l2norm, LogSumExp), per caption over image shards."""
-    n_caps, n_imgs = words.shape[0], regions.shape[0]
-    out = torch.empty(n_caps, n_imgs)
-    for s in range(0, n_imgs, shard):
-        ims = regions[s : s + shard]
-        b = ims.shape[0]
-        for i in range(n_caps):
-            cap = words[i, : lengths[i]].unsqueeze(0).repeat(b, 1, 1)  # (b, L, d)
-            attn = torch.bmm(ims, cap.transpose(1, 2))  # (b, R, L)
-            attn = l2norm(F.leaky_relu(attn, 0.1), 2)
-            attn = torch.softmax(attn.transpose(1, 2) * lambda_softmax, dim=2)  # (b, L, R)
-            context = torch.bmm(attn, ims)  # (b, L, d)
-            rel = F.cosine_similarity(cap, context, dim=2)
-            out[i, s : s + b] = torch.logsumexp(rel * lambda_lse, dim=1) / lambda_lse
-    return out
 
 
 def main() -> None:

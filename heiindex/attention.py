@@ -61,6 +61,7 @@ DEFAULT_MAX_ELEMENTS = 500_000  # small blocks stay in cache: fastest on 2 cores
 # Re-ranking: an image with at least this many pairs in a chunk gets its own matrix product;
 # fewer, and its regions are gathered into one batched product with the other short runs.
 _MIN_RUN = 4
+_SHORT_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,17 @@ def score_block(
     else:
         region_norm = regions.norm(dim=-1)
     order = torch.argsort(lengths, stable=True)
-    cap_step = max(1, min(n_caps, 128))
     # Captions outer, images inner: a chunk of captions stays in cache while the regions stream
-    # past it (the other order re-reads every caption's words once per image block).
-    for c0 in range(0, n_caps, cap_step):
-        rows = order[c0 : c0 + cap_step]
+    # past it (the other order re-reads every caption's words once per image block). A chunk
+    # holds up to 128 captions of one length bucket, so few captions are padded little too.
+    buckets = _length_bucket(lengths.index_select(0, order)).tolist()
+    c0 = 0
+    while c0 < n_caps:
+        c1 = min(n_caps, c0 + 128)
+        if buckets[c1 - 1] != buckets[c0]:
+            c1 = bisect_right(buckets, buckets[c0], c0, c1)
+        rows = order[c0:c1]
+        c0 = c1
         length = int(lengths[rows[-1]])  # the chunk's longest caption
         w, m = _gather_words(words, lengths, rows, length)
         # Zero the padding once per chunk: every image block then gets exact zeros there.
@@ -352,23 +359,41 @@ def _score_pair_chunk(
     length: int,
 ) -> Tensor:
     """Scores of one chunk of pairs (caption rows ``ci``, image rows ``ii`` sorted) whose
-    captions have at most ``length`` words."""
-    w, m = _gather_words(words, lengths, ci, length)
+    captions have at most ``length`` words.
+
+    Words are gathered one group of pairs at a time (``_Runs``), never for the whole chunk: at
+    d = 1024 a chunk's words would be tens of MB, and a fresh allocation that size costs more in
+    page faults than the copy itself (glibc serves blocks over 32 MB with a new mapping)."""
+    n, r = len(ci), regions.shape[1]
     runs = _Runs(ii)
-    sims = runs.product(w, regions.transpose(1, 2)).masked_fill_(~m.unsqueeze(-1), 0.0)  # (P, L, R)
-    n = sims.shape[0]
-    if cfg.cross_attn == "t2i":
+    m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
+    sims = regions.new_empty((n, length, r))
+    t2i = cfg.cross_attn == "t2i"
+    wn = regions.new_empty((n, length)) if t2i else None
+    wg = None if t2i else regions.new_empty((n, length, length))
+    for sel, img in runs.groups:
+        w, _ = _gather_words(words, lengths, ci[sel], length)
+        if img is not None:
+            torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
+        else:
+            sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2))
+        if t2i:
+            wn[sel] = w.norm(dim=-1)
+        else:
+            wg[sel] = torch.bmm(w, w.transpose(1, 2))
+    sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
+    if t2i:
         if gram is None:  # only this chunk's images: a query must not touch the whole set
             uniq = torch.unique_consecutive(ii)
             g, image_of = region_gram(regions.index_select(0, uniq)), torch.full((regions.shape[0],), -1)
             image_of[uniq] = torch.arange(len(uniq))
         else:
             g, image_of = gram, None
-        wn = w.norm(dim=-1).unsqueeze(1)
         quad = partial(runs.product_nd, per_image=g, images=image_of)
-        return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), wn, quad).view(n)
+        return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), wn.unsqueeze(1), quad).view(n)
     uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
-    wg = _word_gram(w, m)
+    pad = ~m
+    wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
     rn = regions.index_select(0, uniq).norm(dim=-1).index_select(0, inverse).unsqueeze(1)  # (P, 1, R)
     return _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg).view(n)
 
@@ -437,32 +462,28 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
     return w, m
 
 
-def _word_gram(w: Tensor, mask: Tensor) -> Tensor:
-    """(C, L, L) Gram matrices of each caption's words, zero in the rows and columns of padding."""
-    wg = torch.bmm(w, w.transpose(1, 2))
-    pad = ~mask
-    return wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
-
-
 class _Runs:
-    """Pairs sorted by image, split into runs of one image each.
+    """Pairs sorted by image, split into groups that share one matrix product each.
 
-    A run of at least ``_MIN_RUN`` pairs gets one matrix product against its image's data; the
-    pairs of shorter runs are gathered into one batched product."""
+    A run of at least ``_MIN_RUN`` pairs of one image is a group (a slice of the pairs); the
+    pairs of shorter runs are batched, ``_SHORT_BATCH`` at a time, into groups (index tensors)
+    whose image data is gathered per pair."""
 
     def __init__(self, image_rows: Tensor) -> None:
         self.image_rows = image_rows
         images, counts = torch.unique_consecutive(image_rows, return_counts=True)
-        self.long: list[tuple[int, int, int]] = []  # (start, count, image)
+        self.groups: list[tuple[slice | Tensor, int | None]] = []
         short: list[int] = []
         start = 0
         for img, cnt in zip(images.tolist(), counts.tolist(), strict=True):
             if cnt >= _MIN_RUN:
-                self.long.append((start, cnt, img))
+                self.groups.append((slice(start, start + cnt), img))
             else:
                 short.extend(range(start, start + cnt))
             start += cnt
-        self.short = torch.tensor(short, dtype=torch.long, device=image_rows.device) if short else None
+        for s in range(0, len(short), _SHORT_BATCH):
+            rows = torch.tensor(short[s : s + _SHORT_BATCH], dtype=torch.long, device=image_rows.device)
+            self.groups.append((rows, None))
 
     def product(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:
         """``out[p] = x[p] @ per_image[images[p]]`` for x (P, L, k) and per_image (n, k, m).
@@ -471,16 +492,16 @@ class _Runs:
         n, length, k = x.shape
         m = per_image.shape[-1]
         out = x.new_empty((n, length, m))
-        for start, cnt, img in self.long:
-            row = img if images is None else int(images[img])
-            torch.mm(
-                x[start : start + cnt].view(cnt * length, k), per_image[row], out=out[start : start + cnt].view(-1, m)
-            )
-        if self.short is not None:
-            rows = self.image_rows.index_select(0, self.short)
-            if images is not None:
-                rows = images.index_select(0, rows)
-            out[self.short] = torch.bmm(x.index_select(0, self.short), per_image.index_select(0, rows))
+        for sel, img in self.groups:
+            if img is not None:
+                row = img if images is None else int(images[img])
+                cnt = sel.stop - sel.start
+                torch.mm(x[sel].view(cnt * length, k), per_image[row], out=out[sel].view(-1, m))
+            else:
+                rows = self.image_rows.index_select(0, sel)
+                if images is not None:
+                    rows = images.index_select(0, rows)
+                out[sel] = torch.bmm(x.index_select(0, sel), per_image.index_select(0, rows))
         return out
 
     def product_nd(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:

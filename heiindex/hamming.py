@@ -1,9 +1,10 @@
-"""Hamming search over packed binary codes with FAISS binary indexes.
+"""Hamming search over packed binary codes with FAISS binary indexes, or with torch.
 
 ``make_binary_index`` builds an ``IndexBinaryFlat`` (exact), ``IndexBinaryIVF`` (inverted lists
 over a binary k-means, ``nlist``/``nprobe``) or ``IndexBinaryHNSW`` (graph), and
-``hamming_candidates`` returns the top-N ids and distances. What this module must not do:
-know about models or captions.
+``hamming_candidates`` returns the top-N ids and distances. ``TorchBinaryIndex`` is the exact
+search on any torch device (the GPU path when no faiss-gpu is installed), with the same
+``search`` interface. What this module must not do: know about models or captions.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from .errors import DataError
 
-__all__ = ["INDEX_TYPES", "hamming_candidates", "load_binary_index", "make_binary_index", "save_binary_index"]
+__all__ = [
+    "INDEX_TYPES",
+    "TorchBinaryIndex",
+    "hamming_candidates",
+    "load_binary_index",
+    "make_binary_index",
+    "save_binary_index",
+]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 
@@ -46,7 +55,59 @@ def make_binary_index(
     return index
 
 
-def hamming_candidates(index: faiss.IndexBinary, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+class TorchBinaryIndex:
+    """Exact Hamming search with torch, on any device.
+
+    Codes become +-1 vectors and ``hamming = (k - x . y) / 2``, one matrix product per block:
+    every product and partial sum is a small integer, exact in float32 and, for k <= 2048, in
+    float16 (used on GPUs). Ties at equal distance may be ordered differently from FAISS.
+    """
+
+    def __init__(self, codes: np.ndarray, device: str | torch.device = "cpu", block: int = 1 << 20) -> None:
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if codes.ndim != 2:
+            raise ValueError(f"codes must be (n, k/8) uint8, got shape {codes.shape}")
+        self.device = torch.device(device)
+        self.bits = codes.shape[1] * 8
+        self.dtype = torch.float16 if self.device.type == "cuda" and self.bits <= 2048 else torch.float32
+        self.block = block
+        self._signs = _signs(torch.from_numpy(codes).to(self.device), self.dtype)  # (n, k)
+
+    @property
+    def ntotal(self) -> int:
+        return self._signs.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.bits
+
+    def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances (q, n) int32, ids (q, n) int64)``, nearest first."""
+        q = _signs(torch.from_numpy(np.ascontiguousarray(query_codes, dtype=np.uint8)).to(self.device), self.dtype)
+        n = min(n, self.ntotal)
+        best_s = best_i = None
+        for s in range(0, self.ntotal, self.block):  # db blocks bound the (q, block) score matrix
+            sims = (q @ self._signs[s : s + self.block].T).float()
+            top_s, top_i = torch.topk(sims, min(n, sims.shape[1]), dim=1)
+            top_i += s
+            if best_s is not None:
+                top_s, pick = torch.topk(torch.cat([best_s, top_s], 1), n, dim=1)
+                top_i = torch.gather(torch.cat([best_i, top_i], 1), 1, pick)
+            best_s, best_i = top_s, top_i
+        dist = ((self.bits - best_s) / 2).round().to(torch.int32)
+        return dist.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+
+
+def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed little-endian bytes (n, k/8) -> +-1 (n, k) in ``dtype``."""
+    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    bits = (codes.unsqueeze(-1) >> shifts) & 1  # bit i of byte j is code bit 8 j + i
+    return bits.reshape(codes.shape[0], -1).to(dtype) * 2 - 1
+
+
+def hamming_candidates(
+    index: faiss.IndexBinary | TorchBinaryIndex, query_codes: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``n`` by Hamming distance: ``(distances (q, n) int32, ids (q, n) int64)``, nearest first."""
     if n > index.ntotal:
         raise ValueError(f"asked for {n} candidates, but the index holds only {index.ntotal} items")
