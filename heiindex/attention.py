@@ -320,11 +320,14 @@ def score_pairs(
         chunks.append(order[p0:p1])
         p0 = p1
 
+    # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
+    norms = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else None
+
     def run(sel: Tensor) -> None:
         ci, ii = caption_index.index_select(0, sel), image_index.index_select(0, sel)
-        out[sel] = _score_pair_chunk(
-            cfg, words, lengths, regions, gram, ci, ii, int(pair_len.index_select(0, sel).max())
-        )
+        length = int(pair_len.index_select(0, sel).max())
+        wn = None if norms is None else norms[0].index_select(0, norms[1].index_select(0, ci))[:, :length]
+        out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn)
 
     _for_each(run, chunks)
     return out
@@ -357,9 +360,10 @@ def _score_pair_chunk(
     ci: Tensor,
     ii: Tensor,
     length: int,
+    word_norm: Tensor | None,
 ) -> Tensor:
     """Scores of one chunk of pairs (caption rows ``ci``, image rows ``ii`` sorted) whose
-    captions have at most ``length`` words.
+    captions have at most ``length`` words; ``word_norm`` (P, length) for t2i attention.
 
     Words are gathered one group of pairs at a time (``_Runs``), never for the whole chunk: at
     d = 1024 a chunk's words would be tens of MB, and a fresh allocation that size costs more in
@@ -369,17 +373,14 @@ def _score_pair_chunk(
     m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
     sims = regions.new_empty((n, length, r))
     t2i = cfg.cross_attn == "t2i"
-    wn = regions.new_empty((n, length)) if t2i else None
     wg = None if t2i else regions.new_empty((n, length, length))
     for sel, img in runs.groups:
-        w, _ = _gather_words(words, lengths, ci[sel], length)
+        w = _gather_words_only(words, ci[sel], length)
         if img is not None:
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
         else:
             sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2))
-        if t2i:
-            wn[sel] = w.norm(dim=-1)
-        else:
+        if not t2i:
             wg[sel] = torch.bmm(w, w.transpose(1, 2))
     sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
     if t2i:
@@ -390,7 +391,7 @@ def _score_pair_chunk(
         else:
             g, image_of = gram, None
         quad = partial(runs.product_nd, per_image=g, images=image_of)
-        return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), wn.unsqueeze(1), quad).view(n)
+        return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), word_norm.unsqueeze(1), quad).view(n)
     uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
     pad = ~m
     wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
@@ -450,6 +451,29 @@ def _length_bucket(lengths: Tensor) -> Tensor:
     return torch.div(lengths + step - 1, step, rounding_mode="floor") * step
 
 
+def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int) -> Tensor:
+    """Words of ``rows`` cut to ``length`` positions (padding as stored: see ``_gather_words``)."""
+    return words.gather(rows, length) if isinstance(words, PackedWords) else words[:, :length].index_select(0, rows)
+
+
+def _word_norms(words: Tensor | PackedWords, lengths: Tensor, caption_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Norms of the words of every caption in ``caption_index``, each computed once.
+
+    Returns ``(norms (U, L), slot (n_caps,))``: caption ``c``'s norms are ``norms[slot[c]]``.
+    Only captions that occur are read (a single query touches only its own candidates)."""
+    used = torch.zeros(words.shape[0], dtype=torch.bool, device=caption_index.device)
+    used[caption_index] = True
+    uniq = used.nonzero().squeeze(1)
+    slot = torch.full((words.shape[0],), -1, dtype=torch.long, device=caption_index.device)
+    slot[uniq] = torch.arange(len(uniq), device=caption_index.device)
+    length = int(lengths.index_select(0, uniq).max())
+    norms = torch.empty((len(uniq), length), dtype=words.dtype, device=words.device)
+    step = max(1, (1 << 22) // (length * words.shape[2]))  # ~16 MB of gathered words at a time
+    for s in range(0, len(uniq), step):
+        norms[s : s + step] = _gather_words_only(words, uniq[s : s + step], length).norm(dim=-1)
+    return norms, slot
+
+
 def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Words of ``rows`` cut to ``length`` positions, and the mask of real words.
 
@@ -457,7 +481,7 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
     captions (reused against every image); the pair scorer, which uses each gathered caption
     once, masks the similarities and word Gram matrices instead (L x R and L x L entries per
     caption rather than L x d)."""
-    w = words.gather(rows, length) if isinstance(words, PackedWords) else words[:, :length].index_select(0, rows)
+    w = _gather_words_only(words, rows, length)
     m = torch.arange(length, device=words.device).unsqueeze(0) < lengths.index_select(0, rows).unsqueeze(1)
     return w, m
 
