@@ -32,11 +32,11 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .attention import score_caption_candidates, score_image_candidates
 from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
-from .hamming import hamming_candidates, load_binary_index, make_binary_index, save_binary_index
+from .hamming import load_binary_index, make_binary_index, save_binary_index
+from .search import captions_for_image, encode_text, images_for_text
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
@@ -272,35 +272,21 @@ class Index:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``."""
         t0 = time.perf_counter()
         self._check_n(candidates, k, self.n_images, "images")
-        if not text or not text.strip():
-            raise HeiindexError("the query is empty")
-        enc = self.matcher.vocab.encode(text)
-        if not enc.tokens:
-            raise HeiindexError(f"the query {text!r} has no words")
-        if len(enc.unknown) == len(enc.tokens):
-            raise HeiindexError(f"no word of the query is in the model's vocabulary: {', '.join(enc.unknown)}")
-        tokens = torch.tensor([enc.ids])
-        lengths = torch.tensor([len(enc.ids)])
-        words = self.model.encode_captions(tokens, lengths)
-        code = self.hasher.module.caption_codes(words, lengths)
-        dist, ids = hamming_candidates(self.image_index, code, candidates)
-        keep = ids[0] >= 0
-        dist, ids = dist[:, keep], ids[:, keep]
-        scores = score_image_candidates(
-            self.model.attention, words, lengths, self.regions, torch.from_numpy(ids), self.gram
-        )[0].numpy()
-        order = np.argsort(-scores, kind="stable")[:k]
+        query = encode_text(self.model, self.matcher.vocab, text)
+        ranked = images_for_text(
+            self.model, self.hasher.module, self.image_index, self.regions, self.gram, query, k, candidates
+        )
         hits = [
             Hit(
                 rank + 1,
-                int(self.image_ids[ids[0, j]]),
-                float(scores[j]),
-                int(dist[0, j]),
-                captions=[self.texts[c] for c in self.image_captions[ids[0, j]]],
+                int(self.image_ids[row]),
+                float(score),
+                int(dist),
+                captions=[self.texts[c] for c in self.image_captions[row]],
             )
-            for rank, j in enumerate(order)
+            for rank, (row, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
         ]
-        return SearchResult(text, hits, enc.unknown, time.perf_counter() - t0)
+        return SearchResult(text, hits, query.unknown, time.perf_counter() - t0)
 
     @torch.no_grad()
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
@@ -313,24 +299,20 @@ class Index:
                 f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})"
             )
         row = int(rows[0])
-        regions = self.regions[row : row + 1]
-        code = self.hasher.module.image_codes(regions)
-        dist, ids = hamming_candidates(self.caption_index, code, candidates)
-        keep = ids[0] >= 0
-        dist, ids = dist[:, keep], ids[:, keep]
-        scores = score_caption_candidates(
-            self.model.attention, regions, self.words, self.lengths, torch.from_numpy(ids), self.gram[row : row + 1]
-        )[0].numpy()
-        order = np.argsort(-scores, kind="stable")[:k]
+        ranked = captions_for_image(
+            self.model,
+            self.hasher.module,
+            self.caption_index,
+            self.words,
+            self.lengths,
+            self.regions[row : row + 1],
+            self.gram[row : row + 1],
+            k,
+            candidates,
+        )
         hits = [
-            Hit(
-                rank + 1,
-                int(self.caption_ids[ids[0, j]]),
-                float(scores[j]),
-                int(dist[0, j]),
-                text=self.texts[ids[0, j]],
-            )
-            for rank, j in enumerate(order)
+            Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
+            for rank, (c, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
         ]
         return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
 

@@ -117,3 +117,37 @@ def test_code_length_follows_the_bytes():
     dist, ids = hamming_candidates(index, codes[1:2], 3)
     assert (int(ids[0, 0]), int(dist[0, 0])) == (1, 0)
     assert sorted(dist[0, 1:].tolist()) == [8, 8]
+
+
+# ----------------------------------------------------------------------------- torch search
+
+
+def test_torch_index_matches_faiss_flat_up_to_ties(easy):
+    from heiindex.hamming import TorchBinaryIndex
+
+    codes, queries, rows = easy
+    rng = np.random.default_rng(1)
+    more = rng.integers(0, 256, (40, BYTES), dtype=np.uint8)
+    all_queries = np.concatenate([queries, more])
+    flat = make_binary_index(codes, "flat")
+    for block in (1 << 20, 64):  # one block, and several merged blocks
+        index = TorchBinaryIndex(codes, block=block)
+        assert index.ntotal == N and index.d == BYTES * 8
+        _check_nearest(index, codes, queries, rows)
+        d_torch, i_torch = hamming_candidates(index, all_queries, 25)
+        d_faiss, _ = hamming_candidates(flat, all_queries, 25)
+        # The same distances in the same order; ids may differ only among equal distances.
+        np.testing.assert_array_equal(d_torch, d_faiss)
+        by_hand = pf.hamming_by_hand(all_queries, codes)
+        np.testing.assert_array_equal(np.take_along_axis(by_hand, i_torch, axis=1), d_torch)
+        assert all(len(set(r)) == len(r) for r in i_torch)  # no id twice
+
+
+def test_torch_index_rejects_bad_codes_and_too_many_candidates():
+    from heiindex.hamming import TorchBinaryIndex
+
+    with pytest.raises(ValueError, match="codes must be"):
+        TorchBinaryIndex(np.zeros(8, dtype=np.uint8))
+    index = TorchBinaryIndex(np.zeros((3, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="only 3 items"):
+        hamming_candidates(index, np.zeros((1, 2), dtype=np.uint8), 4)

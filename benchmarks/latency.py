@@ -1,0 +1,134 @@
+"""Latency of one text query against 5,000 images, N = 100: encoding + Hamming + re-rank.
+
+By default at COCO-5K size on synthetic data: 5,000 images x 36 random unit-length regions at
+d = 1024, a SCAN matcher and a 256-bit hash module with random weights (the work per query does
+not depend on the weights), FAISS IndexBinaryFlat over the image codes, and real COCO 5K
+captions as the queries. With ``--index DIR`` it times ``Index.search`` on a built index
+instead (e.g. ``data/coco-sim/index/test``: 1,000 images, d = 256). Both run the same pipeline
+(``heiindex.search``). Each query is timed alone after a warm-up; the output gives p50 / p90 /
+p99 and the median of each stage.
+
+    python benchmarks/latency.py [--images 5000] [--d 1024] [--queries 200] [--device cpu|cuda]
+    python benchmarks/latency.py --index data/coco-sim/index/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heiindex.attention import region_gram
+from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
+from heiindex.hashing import HashConfig, HashModule
+from heiindex.model import ScanConfig, ScanModel
+from heiindex.search import encode_text, images_for_text
+from heiindex.vocab import Vocab
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
+VOCAB = REPO / "data" / "coco-captions" / "coco_precomp_vocab.json"
+
+
+def percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {f"p{p}_ms": round(float(np.percentile(a, p)), 2) for p in (50, 90, 99)} | {
+        "mean_ms": round(float(a.mean()), 2),
+        "min_ms": round(float(a.min()), 2),
+        "max_ms": round(float(a.max()), 2),
+    }
+
+
+def synthetic(args, queries: list[str]) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    vocab = Vocab.load(VOCAB)
+    model = ScanModel(ScanConfig(vocab_size=len(vocab), embed_size=args.d)).to(device).eval()
+    hasher = HashModule(HashConfig(bits=args.bits, embed_size=args.d)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    regions = torch.randn(args.images, 36, args.d, generator=g)
+    regions = (regions / regions.norm(dim=-1, keepdim=True)).to(device)
+    gram = region_gram(regions)
+    codes = hasher.image_codes(regions)
+    index = TorchBinaryIndex(codes, device) if device.type == "cuda" else make_binary_index(codes)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    stages: dict[str, list[float]] = {"total": [], "encode": [], "hamming": [], "hamming_and_rerank": []}
+    for i, text in enumerate(queries[: args.warmup] + queries):
+        sync()
+        t0 = time.perf_counter()
+        q = encode_text(model, vocab, text)
+        sync()
+        t1 = time.perf_counter()
+        images_for_text(model, hasher, index, regions, gram, q, args.k, args.candidates)
+        sync()
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            stages["total"].append((t2 - t0) * 1e3)
+            stages["encode"].append((t1 - t0) * 1e3)
+            stages["hamming_and_rerank"].append((t2 - t1) * 1e3)
+            code = hasher.caption_codes(q.words, q.lengths)
+            t3 = time.perf_counter()
+            hamming_candidates(index, code, args.candidates)
+            stages["hamming"].append((time.perf_counter() - t3) * 1e3)
+    return {
+        "setup": f"synthetic: {args.images} images x 36 regions, d = {args.d}, {args.bits}-bit codes, random weights",
+        "latency": percentiles(stages["total"]),
+        "stage_p50_ms": {k: round(float(np.median(v)), 2) for k, v in stages.items() if k != "total"},
+    }
+
+
+def built_index(args, queries: list[str]) -> dict:
+    from heiindex.index import Index
+
+    index = Index.open(args.index)
+    ms = []
+    for i, text in enumerate(queries[: args.warmup] + queries):
+        t0 = time.perf_counter()
+        index.search(text, k=args.k, candidates=args.candidates)
+        if i >= args.warmup:
+            ms.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "setup": f"Index.search on {args.index}: {index.n_images} images, d = {index.manifest['embed_size']}",
+        "latency": percentiles(ms),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--bits", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--index", help="time Index.search on this built index instead of synthetic data")
+    ap.add_argument("--json", dest="json_file")
+    args = ap.parse_args()
+    lines = CAPTIONS.read_text().splitlines()
+    queries = lines[:: max(1, len(lines) // args.queries)][: args.queries]  # spread over the 5K images
+    with torch.no_grad():
+        result = built_index(args, queries) if args.index else synthetic(args, queries)
+    result |= {
+        "queries": len(queries),
+        "candidates": args.candidates,
+        "k": args.k,
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_file:
+        Path(args.json_file).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
