@@ -225,13 +225,15 @@ def score_block(
     _check_regions(regions, words)
     n_caps = words.shape[0]
     n_imgs, r, _ = regions.shape
-    out = torch.empty((n_caps, n_imgs), dtype=words.dtype, device=words.device)
+    acc = _acc_dtype(words.dtype)
+    out = torch.empty((n_caps, n_imgs), dtype=acc, device=words.device)
     if cfg.cross_attn == "t2i":
         if gram is None:
             gram = region_gram(regions)
         _check_gram(gram, regions)
+        gram = gram.to(acc)
     else:
-        region_norm = regions.norm(dim=-1)
+        region_norm = regions.to(acc).norm(dim=-1)
     order = torch.argsort(lengths, stable=True)
     # Captions outer, images inner: a chunk of captions stays in cache while the regions stream
     # past it (the other order re-reads every caption's words once per image block). A chunk
@@ -253,17 +255,17 @@ def score_block(
         w_flat = w.view(c * length, -1)
         w_t = w.transpose(1, 2)
         if cfg.cross_attn == "t2i":
-            wn = w.norm(dim=-1).unsqueeze(0)
+            wn = w.to(acc).norm(dim=-1).unsqueeze(0)
         else:
-            wg = torch.bmm(w, w_t)
+            wg = torch.bmm(w, w_t).to(acc)
         for i0 in range(0, n_imgs, img_step):
             reg = regions[i0 : i0 + img_step]
             b = reg.shape[0]
             if cfg.cross_attn == "t2i":
-                sims = (w_flat @ reg.reshape(b * r, -1).T).view(c, length, b, r).permute(2, 0, 1, 3)
+                sims = (w_flat @ reg.reshape(b * r, -1).T).to(acc).view(c, length, b, r).permute(2, 0, 1, 3)
                 block = _t2i_core(cfg, sims, m.unsqueeze(0), wn, gram[i0 : i0 + b]).T
             else:
-                sims = torch.matmul(reg.reshape(b * r, -1), w_t).view(c, b, r, length)
+                sims = torch.matmul(reg.reshape(b * r, -1), w_t).to(acc).view(c, b, r, length)
                 block = _i2t_core(cfg, sims, m, region_norm[i0 : i0 + b].unsqueeze(0), wg)
             out[rows, i0 : i0 + b] = block
     return out
@@ -300,7 +302,7 @@ def score_pairs(
             f"caption_index and image_index must have the same length, got {len(caption_index)} and {len(image_index)}"
         )
     n_pairs, r = caption_index.shape[0], regions.shape[1]
-    out = torch.empty((n_pairs,), dtype=words.dtype, device=words.device)
+    out = torch.empty((n_pairs,), dtype=_acc_dtype(words.dtype), device=words.device)
     if n_pairs == 0:
         return out
     if gram is not None:
@@ -371,31 +373,34 @@ def _score_pair_chunk(
     n, r = len(ci), regions.shape[1]
     runs = _Runs(ii)
     m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
-    sims = regions.new_empty((n, length, r))
+    acc = _acc_dtype(regions.dtype)
+    sims = regions.new_empty((n, length, r), dtype=acc)
     t2i = cfg.cross_attn == "t2i"
-    wg = None if t2i else regions.new_empty((n, length, length))
+    wg = None if t2i else regions.new_empty((n, length, length), dtype=acc)
     for sel, img in runs.groups:
         w = _gather_words_only(words, ci[sel], length)
-        if img is not None:
+        if img is not None and acc == regions.dtype:
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
+        elif img is not None:
+            sims[sel] = (w.view(-1, w.shape[-1]) @ regions[img].T).view(-1, length, r)
         else:
-            sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2))
+            sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2)).to(acc)
         if not t2i:
-            wg[sel] = torch.bmm(w, w.transpose(1, 2))
+            wg[sel] = torch.bmm(w, w.transpose(1, 2)).to(acc)
     sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
     if t2i:
         if gram is None:  # only this chunk's images: a query must not touch the whole set
             uniq = torch.unique_consecutive(ii)
-            g, image_of = region_gram(regions.index_select(0, uniq)), torch.full((regions.shape[0],), -1)
+            g, image_of = region_gram(regions.index_select(0, uniq)).to(acc), torch.full((regions.shape[0],), -1)
             image_of[uniq] = torch.arange(len(uniq))
         else:
-            g, image_of = gram, None
+            g, image_of = gram.to(acc), None
         quad = partial(runs.product_nd, per_image=g, images=image_of)
         return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), word_norm.unsqueeze(1), quad).view(n)
     uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
     pad = ~m
     wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
-    rn = regions.index_select(0, uniq).norm(dim=-1).index_select(0, inverse).unsqueeze(1)  # (P, 1, R)
+    rn = regions.index_select(0, uniq).to(acc).norm(dim=-1).index_select(0, inverse).unsqueeze(1)  # (P, 1, R)
     return _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg).view(n)
 
 
@@ -443,6 +448,12 @@ def score_caption_candidates(
     return scores.view(n_q, n_cand)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of everything after the similarity products: features may be stored in 16 bits
+    (half the memory traffic, fast matrix units), the softmax, norms and sums stay in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _length_bucket(lengths: Tensor) -> Tensor:
     """Group key for caption lengths: exact up to 7 words, then steps of about a quarter of the
     length, so that a chunk padded to its longest caption wastes at most ~25% (and usually far
@@ -467,10 +478,10 @@ def _word_norms(words: Tensor | PackedWords, lengths: Tensor, caption_index: Ten
     slot = torch.full((words.shape[0],), -1, dtype=torch.long, device=caption_index.device)
     slot[uniq] = torch.arange(len(uniq), device=caption_index.device)
     length = int(lengths.index_select(0, uniq).max())
-    norms = torch.empty((len(uniq), length), dtype=words.dtype, device=words.device)
+    norms = torch.empty((len(uniq), length), dtype=_acc_dtype(words.dtype), device=words.device)
     step = max(1, (1 << 22) // (length * words.shape[2]))  # ~16 MB of gathered words at a time
     for s in range(0, len(uniq), step):
-        norms[s : s + step] = _gather_words_only(words, uniq[s : s + step], length).norm(dim=-1)
+        norms[s : s + step] = _gather_words_only(words, uniq[s : s + step], length).to(norms.dtype).norm(dim=-1)
     return norms, slot
 
 
@@ -525,7 +536,7 @@ class _Runs:
                 rows = self.image_rows.index_select(0, sel)
                 if images is not None:
                     rows = images.index_select(0, rows)
-                out[sel] = torch.bmm(x.index_select(0, sel), per_image.index_select(0, rows))
+                out[sel] = torch.bmm(x.index_select(0, sel), per_image.index_select(0, rows)).to(out.dtype)
         return out
 
     def product_nd(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:

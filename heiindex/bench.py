@@ -54,8 +54,10 @@ def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarr
 def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions)."""
     att = index.model.attention
-    regions, gram = index.regions[img_rows], index.gram[img_rows]
-    words, lengths = index.words[cap_rows], index.lengths[cap_rows]
+    dev = index.regions.device
+    img_t, cap_t = torch.from_numpy(img_rows).to(dev), torch.from_numpy(cap_rows).to(dev)
+    regions, gram = index.regions[img_t], index.gram[img_t]
+    words, lengths = index.words[cap_t], index.lengths[cap_t]
     row_in_sub = np.full(index.n_images, -1)
     row_in_sub[img_rows] = np.arange(len(img_rows))
     gt = row_in_sub[index.caption_image[cap_rows]]
@@ -71,12 +73,12 @@ def _hei(index: Index, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_s
             searched = index.caption_index if use_stored else make_binary_index(cap_codes)
             _, cand = hamming_candidates(searched, img_codes, n)
         t_ham = time.perf_counter() - t0
-        safe = torch.from_numpy(np.maximum(cand, 0))
+        safe = torch.from_numpy(np.maximum(cand, 0)).to(regions.device)
         if direction == "t2i":
-            scores = score_image_candidates(att, words, lengths, regions, safe, gram).numpy()
+            scores = score_image_candidates(att, words, lengths, regions, safe, gram).float().cpu().numpy()
             relevant = cand == gt[:, None]
         else:
-            scores = score_caption_candidates(att, regions, words, lengths, safe, gram).numpy()
+            scores = score_caption_candidates(att, regions, words, lengths, safe, gram).float().cpu().numpy()
             relevant = gt[np.maximum(cand, 0)] == image_of_row
         seconds = time.perf_counter() - t0
         ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
@@ -139,10 +141,12 @@ class _Sub:
     """The slice of an index's encoded features that one protocol scores."""
 
     def __init__(self, index: Index, img_rows: np.ndarray, cap_rows: np.ndarray) -> None:
-        self.regions = index.regions[img_rows]
-        self.gram = index.gram[img_rows]
-        self.words = index.words[cap_rows]
-        self.lengths = index.lengths[cap_rows]
+        dev = index.regions.device
+        img_t, cap_t = torch.from_numpy(img_rows).to(dev), torch.from_numpy(cap_rows).to(dev)
+        self.regions = index.regions[img_t]
+        self.gram = index.gram[img_t]
+        self.words = index.words[cap_t]
+        self.lengths = index.lengths[cap_t]
 
 
 def _mean_of(results: list[dict]) -> dict:
@@ -176,6 +180,8 @@ def run_bench(
         "bits": index.manifest["hash"]["bits"],
         "index_type": index.manifest["index"]["type"],
         "threads": torch.get_num_threads(),
+        "device": str(index.regions.device),
+        "dtype": getattr(index, "dtype", "float32"),
     }
     all_rows = np.arange(index.n_images)
     if protocols in ("auto", "full"):

@@ -63,12 +63,14 @@ def encode_images(
 
 @torch.no_grad()
 def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024) -> Tensor:
-    """Word features ``(n_caps, L, d)`` of padded token ids ``(n_caps, L)``; zero at padding."""
+    """Word features ``(n_caps, L, d)`` of padded token ids ``(n_caps, L)``; zero at padding.
+    Encoding runs where the model is; the result is on the CPU."""
+    dev = next(model.parameters()).device
     tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
     out = torch.zeros((len(tok), tok.shape[1], model.config.embed_size))
     for s in range(0, len(tok), block):
-        w = model.encode_captions(tok[s : s + block], lens[s : s + block])
+        w = model.encode_captions(tok[s : s + block].to(dev), lens[s : s + block].to(dev)).cpu()
         out[s : s + block, : w.shape[1]] = w
     return out
 

@@ -30,9 +30,17 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 
 
 def make_binary_index(
-    codes: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 16
+    codes: np.ndarray,
+    kind: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = 8,
+    hnsw_m: int = 16,
+    ef_search: int = 128,
 ) -> faiss.IndexBinary:
-    """An index over ``codes`` (n, k/8) uint8; ids are row numbers."""
+    """An index over ``codes`` (n, k/8) uint8; ids are row numbers.
+
+    ``ef_search`` is HNSW's search breadth; it must be at least the number of candidates asked
+    for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
     if kind == "flat":
@@ -49,6 +57,7 @@ def make_binary_index(
         index.nprobe = min(nprobe, nlist)
     elif kind == "hnsw":
         index = faiss.IndexBinaryHNSW(bits, hnsw_m)
+        index.hnsw.efSearch = ef_search
     else:
         raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
     index.add(codes)
@@ -96,6 +105,28 @@ class TorchBinaryIndex:
             best_s, best_i = top_s, top_i
         dist = ((self.bits - best_s) / 2).round().to(torch.int32)
         return dist.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+
+
+def index_on_device(index: faiss.IndexBinary, device: str | torch.device) -> faiss.IndexBinary | TorchBinaryIndex:
+    """The same codes, searched on ``device``: unchanged on CPU; on a GPU, faiss-gpu's
+    ``GpuIndexBinaryFlat`` when faiss-gpu is installed (``pip install heiindex[gpu]``), else
+    ``TorchBinaryIndex``. Both are exact, so an IVF or HNSW index becomes exact on the GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return index
+    codes = stored_codes(index)
+    if device.type == "cuda" and hasattr(faiss, "GpuIndexBinaryFlat") and faiss.get_num_gpus() > 0:
+        gpu = faiss.GpuIndexBinaryFlat(faiss.StandardGpuResources(), index.d)
+        gpu.add(codes)
+        return gpu
+    return TorchBinaryIndex(codes, device)
+
+
+def stored_codes(index: faiss.IndexBinary) -> np.ndarray:
+    """The ``(ntotal, k/8)`` codes held by a FAISS binary index, row i = id i."""
+    if index.ntotal == 0:
+        return np.zeros((0, index.code_size), np.uint8)
+    return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.uint8).reshape(index.ntotal, index.code_size)
 
 
 def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

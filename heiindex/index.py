@@ -35,7 +35,7 @@ from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
-from .hamming import load_binary_index, make_binary_index, save_binary_index
+from .hamming import index_on_device, load_binary_index, make_binary_index, save_binary_index
 from .search import captions_for_image, encode_text, images_for_text
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
@@ -43,6 +43,7 @@ from .train_hash import LoadedHash, load_hash
 __all__ = ["Hit", "Index", "SearchResult"]
 
 INDEX_FORMAT_VERSION = 1
+DTYPES = ("float32", "tf32", "bfloat16")
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _hash_checksum(h: LoadedHash) -> str:
     sha = hashlib.sha256()
     for name, t in sorted(h.module.state_dict().items()):
         sha.update(name.encode())
-        sha.update(t.detach().float().numpy().tobytes())
+        sha.update(t.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
 
 
@@ -147,8 +148,10 @@ class Index:
         nprobe: int = 8,
         block_images: int = 256,
         progress: bool = False,
+        device: str = "cpu",
     ) -> Index:
-        """Encode, hash and index ``store_root/split`` into ``out`` (written atomically)."""
+        """Encode, hash and index ``store_root/split`` into ``out`` (written atomically);
+        ``device`` is where the encoding and hashing run."""
         matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
         hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
@@ -160,7 +163,11 @@ class Index:
             raise ModelMismatchError(
                 f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
             )
-        model = matcher.model.eval()
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise HeiindexError(f"device {device!r} asked for, but torch sees no CUDA device")
+        model = matcher.model.eval().to(dev)
+        hasher.module.to(dev)
         d, r = model.config.embed_size, store.regions
         out = Path(out)
         with atomic_dir(out) as tmp, torch.no_grad():
@@ -174,9 +181,9 @@ class Index:
                 leave=False,
             )
             for ids, feats in store.iter_image_blocks(block_images):
-                regions = model.encode_images(torch.from_numpy(feats))
+                regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = torch.bmm(regions, regions.transpose(1, 2))
-                writer.write(ids, regions.numpy(), gram=gram.numpy())
+                writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
                 codes.append(hasher.module.image_codes(regions))
                 bar.update(len(ids))
             bar.close()
@@ -185,7 +192,7 @@ class Index:
             caps = store.captions()
             words = encode_captions(model, caps.tokens, caps.lengths)
             lengths = torch.from_numpy(caps.lengths)
-            cap_codes = hasher.module.caption_codes(words, lengths)
+            cap_codes = hasher.module.caption_codes(words.to(dev), lengths.to(dev))
             flat = [words[i, : caps.lengths[i]].reshape(-1).numpy() for i in range(len(caps))]
             table = pa.table(
                 {
@@ -228,9 +235,12 @@ class Index:
         path: str | Path,
         matcher: LoadedModel | str | Path | None = None,
         hasher: LoadedHash | str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
-        given ones must be the same (checksums), else ``ModelMismatchError``."""
+        given ones must be the same (checksums), else ``ModelMismatchError``. ``device`` and
+        ``dtype`` are where and in what precision queries and the bench run (see ``to``)."""
         path = Path(path)
         mpath = path / "manifest.json"
         if not mpath.exists():
@@ -256,7 +266,33 @@ class Index:
             hasher = load_hash(hasher)
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
-        return cls(path, manifest, matcher, hasher)
+        return cls(path, manifest, matcher, hasher).to(device, dtype)
+
+    def to(self, device: str = "cpu", dtype: str = "float32") -> Index:
+        """Run queries and the bench on ``device`` ("cpu", "cuda", "cuda:1", ...).
+
+        ``dtype``: "float32" (exact; the default), "tf32" (float32 storage, TF32 matrix products
+        on NVIDIA GPUs) or "bfloat16" (features stored in 16 bits: half the memory traffic; the
+        softmax, norms and sums stay float32). Hamming search moves to the device too
+        (``heiindex.hamming.index_on_device``)."""
+        if dtype not in DTYPES:
+            raise HeiindexError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise HeiindexError(f"device {device!r} asked for, but torch sees no CUDA device")
+        if dtype == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.matcher.model.to(dev)
+        self.hasher.module.to(dev)
+        self.regions = self.regions.to(dev, store)
+        self.gram = self.gram.to(dev)
+        self.words = self.words.to(dev, store)
+        self.lengths = self.lengths.to(dev)
+        self.image_index = index_on_device(self.image_index, dev)
+        self.caption_index = index_on_device(self.caption_index, dev)
+        self.device, self.dtype = dev, dtype
+        return self
 
     # -- queries ------------------------------------------------------------------------------
     def _check_n(self, candidates: int, k: int, n_items: int, what: str) -> None:
@@ -320,13 +356,13 @@ class Index:
     def image_codes(self) -> np.ndarray:
         """Codes of every stored image (computed once per opened index)."""
         if self._image_codes is None:
-            self._image_codes = self.hasher.module.image_codes(self.regions)
+            self._image_codes = self.hasher.module.image_codes(self.regions.float())
         return self._image_codes
 
     def caption_codes(self) -> np.ndarray:
         """Codes of every stored caption (computed once per opened index)."""
         if self._caption_codes is None:
-            self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
+            self._caption_codes = self.hasher.module.caption_codes(self.words.float(), self.lengths)
         return self._caption_codes
 
 

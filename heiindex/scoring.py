@@ -39,7 +39,8 @@ def exhaustive_scores(model: ScanModel, enc: EncodedSplit, image_block: int = 10
     out = np.empty((enc.words.shape[0], n_imgs), dtype=np.float32)
     for s in range(0, n_imgs, image_block):
         e = min(n_imgs, s + image_block)
-        out[:, s:e] = score_block(model.attention, enc.words, enc.lengths, enc.regions[s:e], enc.gram[s:e]).numpy()
+        block = score_block(model.attention, enc.words, enc.lengths, enc.regions[s:e], enc.gram[s:e])
+        out[:, s:e] = block.float().cpu().numpy()
     return out
 
 

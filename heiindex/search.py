@@ -74,7 +74,8 @@ def images_for_text(
     code = hasher.caption_codes(query.words, query.lengths)
     dist, ids = _kept(*hamming_candidates(image_index, code, candidates))
     cand = torch.from_numpy(ids).to(regions.device)
-    scores = score_image_candidates(model.attention, query.words, query.lengths, regions, cand, gram)
+    words = query.words.to(regions.dtype)  # the stored features' precision (see Index.to)
+    scores = score_image_candidates(model.attention, words, query.lengths, regions, cand, gram)
     return _top(scores[0].float().cpu().numpy(), ids[0], dist[0], k)
 
 
@@ -91,7 +92,7 @@ def captions_for_image(
     candidates: int,
 ) -> Ranked:
     """Image to text for one encoded image ``regions`` (1, R, d) with its ``gram`` (1, R, R)."""
-    code = hasher.image_codes(regions)
+    code = hasher.image_codes(regions.float())
     dist, ids = _kept(*hamming_candidates(caption_index, code, candidates))
     cand = torch.from_numpy(ids).to(regions.device)
     scores = score_caption_candidates(model.attention, regions, words, lengths, cand, gram)

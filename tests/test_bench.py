@@ -45,7 +45,8 @@ def _metrics(d: dict) -> dict:
 
 
 def test_documented_keys(full_run, pipe):
-    assert set(full_run) == {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"}
+    assert set(full_run) == {"split", "index", "bits", "index_type", "threads", "device", "dtype", "full", "t2i", "i2t"}
+    assert full_run["device"] == "cpu" and full_run["dtype"] == "float32"
     assert full_run["split"] == "test" and full_run["bits"] == pf.BITS and full_run["index_type"] == "flat"
     assert full_run["index"] == str(pipe.index_dir)
     for direction in ("t2i", "i2t"):

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
+import torch
 from click.testing import CliRunner
 from heiindex_cli.main import cli
 
@@ -326,3 +327,21 @@ def test_bench_topk_too_large(pipe):
     r = run("bench", "--index", pipe.index_dir, "--topk", "25")
     assert r.exit_code == 2
     _clean_error(r, "--topk 25 must lie in [1, 24]")
+
+
+def test_query_and_bench_take_device_and_dtype(pipe):
+    d = _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--dtype", "bfloat16", "--json"))
+    want = Index.open(pipe.index_dir, dtype="bfloat16").search("a dog", 10, 12).to_dict()
+    assert d == want
+    b = _json(
+        run("bench", "--index", pipe.index_dir, "--topk", "5", "--device", "cpu", "--dtype", "bfloat16", "--json")
+    )
+    assert b["device"] == "cpu" and b["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(pipe):
+    for cmd in (["query", "a dog"], ["bench"]):
+        r = run(*cmd, "--index", pipe.index_dir, "--device", "cuda")
+        assert r.exit_code == 2
+        _clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")

@@ -151,3 +151,13 @@ def test_torch_index_rejects_bad_codes_and_too_many_candidates():
     index = TorchBinaryIndex(np.zeros((3, 2), dtype=np.uint8))
     with pytest.raises(ValueError, match="only 3 items"):
         hamming_candidates(index, np.zeros((1, 2), dtype=np.uint8), 4)
+
+
+@pytest.mark.parametrize("kind", INDEX_TYPES)
+def test_stored_codes_are_the_added_codes(easy, kind):
+    from heiindex.hamming import index_on_device, stored_codes
+
+    codes, _, _ = easy
+    index = make_binary_index(codes, kind, nlist=4)
+    np.testing.assert_array_equal(stored_codes(index), codes)
+    assert index_on_device(index, "cpu") is index  # CPU keeps the FAISS index as it is

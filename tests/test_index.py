@@ -287,3 +287,35 @@ def test_query_of_unknown_words_only(index):
 def test_search_image_of_an_unknown_id(index):
     with pytest.raises(HeiindexError, match=r"image id 999 is not in this index \(ids 0..23\)"):
         index.search_image(999, k=3, candidates=5)
+
+
+# ----------------------------------------------------------------------------- device / dtype
+
+
+def test_bfloat16_scores_within_1e_2_and_recall_unchanged(pipe, index):
+    """Features stored in bfloat16: scores within 1e-2 relative of float32, R@K of the bench unchanged."""
+    from heiindex.bench import run_bench
+
+    half = Index.open(pipe.index_dir, dtype="bfloat16")
+    assert half.regions.dtype == torch.bfloat16 and half.dtype == "bfloat16"
+    for text in ("a dog on the grass", "a red bus"):
+        exact, approx = index.search(text, k=10, candidates=20), half.search(text, k=10, candidates=20)
+        by_id = {h.id: h.score for h in exact.results}
+        shared = [h for h in approx.results if h.id in by_id]
+        assert len(shared) >= 8
+        for h in shared:
+            assert abs(h.score - by_id[h.id]) <= 1e-2 * abs(by_id[h.id])
+    full, low = run_bench(index, topk=24), run_bench(half, topk=24)
+    assert low["dtype"] == "bfloat16"
+    for direction in ("t2i", "i2t"):
+        for method in ("exhaustive", "hei"):
+            for key in ("r1", "r5", "r10"):
+                assert low[direction][method][key] == full[direction][method][key], (direction, method, key)
+
+
+def test_bad_device_and_dtype_are_clear_errors(pipe):
+    if not torch.cuda.is_available():
+        with pytest.raises(HeiindexError, match="no CUDA device"):
+            Index.open(pipe.index_dir, device="cuda")
+    with pytest.raises(HeiindexError, match="dtype must be one of"):
+        Index.open(pipe.index_dir, dtype="float16")
