@@ -56,12 +56,36 @@ AGGREGATIONS = ("lse", "mean", "max", "sum")
 CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
-# Gathers use index_select, which copies rows ~2x faster than advanced indexing on CPU.
-DEFAULT_MAX_ELEMENTS = 500_000  # small blocks stay in cache: fastest on 2 cores of 250K..8M
-# Re-ranking: an image with at least this many pairs in a chunk gets its own matrix product;
-# fewer, and its regions are gathered into one batched product with the other short runs.
-_MIN_RUN = 4
-_SHORT_BATCH = 64
+DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 cores of 250K..8M
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """How work is cut, per device kind.
+
+    max_elements: default size of one similarity block. min_run: an image with at least this
+    many pairs in a chunk gets its own matrix product, fewer and its regions are gathered into a
+    batched product, ``short_batch`` pairs at a time. gather_bytes: most bytes of gathered
+    features one chunk of pairs may hold.
+    """
+
+    max_elements: int
+    min_run: float
+    short_batch: int
+    gather_bytes: float
+
+
+_POLICIES = {
+    # CPU: per-image products read each image's regions once; words are gathered per group.
+    "cpu": _Policy(DEFAULT_MAX_ELEMENTS, 4, 64, float("inf")),
+    # GPU: kernel launches, not bytes, are the cost: big blocks, and every chunk of pairs is one
+    # gathered batched product (a few GB/s of gather is nothing next to HBM bandwidth).
+    "cuda": _Policy(1 << 27, float("inf"), 1 << 62, float(1 << 30)),
+}
+
+
+def _policy(device: torch.device) -> _Policy:
+    return _POLICIES.get(device.type, _POLICIES["cpu"])
 
 
 @dataclass(frozen=True)
@@ -210,7 +234,7 @@ def score_block(
     lengths: Tensor,
     regions: Tensor,
     gram: Tensor | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> Tensor:
     """Scores of every caption against every image.
 
@@ -219,10 +243,12 @@ def score_block(
     ``region_gram(regions)`` (n_imgs, R, R).
     Returns (n_caps, n_imgs). Captions are taken in order of length, in chunks padded only to
     their own longest caption (COCO captions average ~13 tokens but run to 40 or more), and
-    no intermediate holds more than about ``max_elements`` pair-word-region entries.
+    no intermediate holds more than about ``max_elements`` pair-word-region entries (default:
+    the device's, see ``_POLICIES``).
     """
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
+    max_elements = max_elements or _policy(regions.device).max_elements
     n_caps = words.shape[0]
     n_imgs, r, _ = regions.shape
     acc = _acc_dtype(words.dtype)
@@ -279,7 +305,7 @@ def score_pairs(
     caption_index: Tensor,
     image_index: Tensor,
     gram: Tensor | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> Tensor:
     """Scores of arbitrary (caption, image) pairs.
 
@@ -290,8 +316,9 @@ def score_pairs(
     The cost per pair stays close to that of ``score_block``: pairs are grouped by caption
     length (so no chunk is padded to the longest caption of the whole set) and then by image,
     so that one image's regions are read once for all of its pairs in a chunk and only the
-    (smaller) words are gathered per pair. Images with fewer than ``_MIN_RUN`` pairs in a chunk
-    have their regions gathered instead, which is cheaper than many tiny products.
+    (smaller) words are gathered per pair. Images with few pairs in a chunk have their regions
+    gathered instead, which is cheaper than many tiny products (on a GPU, every pair's: see
+    ``_POLICIES``).
     """
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
@@ -307,6 +334,10 @@ def score_pairs(
         return out
     if gram is not None:
         _check_gram(gram, regions)
+    policy = _policy(regions.device)
+    max_elements = max_elements or policy.max_elements
+    pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
+    max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
     bucket = _length_bucket(pair_len)
     order = torch.argsort(bucket * regions.shape[0] + image_index, stable=True)
@@ -315,7 +346,7 @@ def score_pairs(
     p0 = 0
     while p0 < n_pairs:
         # A chunk: pairs of one length bucket, small enough for max_elements.
-        step = max(1, max_elements // (bucket_sorted[p0] * r))
+        step = max(1, min(max_pairs, max_elements // (bucket_sorted[p0] * r)))
         p1 = min(n_pairs, p0 + step)
         if bucket_sorted[p1 - 1] != bucket_sorted[p0]:
             p1 = bisect_right(bucket_sorted, bucket_sorted[p0], p0, p1)
@@ -371,7 +402,7 @@ def _score_pair_chunk(
     d = 1024 a chunk's words would be tens of MB, and a fresh allocation that size costs more in
     page faults than the copy itself (glibc serves blocks over 32 MB with a new mapping)."""
     n, r = len(ci), regions.shape[1]
-    runs = _Runs(ii)
+    runs = _Runs(ii, _policy(regions.device))
     m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
     acc = _acc_dtype(regions.dtype)
     sims = regions.new_empty((n, length, r), dtype=acc)
@@ -411,7 +442,7 @@ def score_image_candidates(
     regions: Tensor,
     candidates: Tensor,
     gram: Tensor | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> Tensor:
     """Each caption against its own candidate images (text-to-image re-ranking).
 
@@ -433,7 +464,7 @@ def score_caption_candidates(
     lengths: Tensor,
     candidates: Tensor,
     gram: Tensor | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> Tensor:
     """Each image against its own candidate captions (image-to-text re-ranking).
 
@@ -500,24 +531,24 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
 class _Runs:
     """Pairs sorted by image, split into groups that share one matrix product each.
 
-    A run of at least ``_MIN_RUN`` pairs of one image is a group (a slice of the pairs); the
-    pairs of shorter runs are batched, ``_SHORT_BATCH`` at a time, into groups (index tensors)
+    A run of at least ``policy.min_run`` pairs of one image is a group (a slice of the pairs);
+    the pairs of shorter runs are batched, ``policy.short_batch`` at a time, into groups (index tensors)
     whose image data is gathered per pair."""
 
-    def __init__(self, image_rows: Tensor) -> None:
+    def __init__(self, image_rows: Tensor, policy: _Policy) -> None:
         self.image_rows = image_rows
         images, counts = torch.unique_consecutive(image_rows, return_counts=True)
         self.groups: list[tuple[slice | Tensor, int | None]] = []
         short: list[int] = []
         start = 0
         for img, cnt in zip(images.tolist(), counts.tolist(), strict=True):
-            if cnt >= _MIN_RUN:
+            if cnt >= policy.min_run:
                 self.groups.append((slice(start, start + cnt), img))
             else:
                 short.extend(range(start, start + cnt))
             start += cnt
-        for s in range(0, len(short), _SHORT_BATCH):
-            rows = torch.tensor(short[s : s + _SHORT_BATCH], dtype=torch.long, device=image_rows.device)
+        for s in range(0, len(short), policy.short_batch):
+            rows = torch.tensor(short[s : s + policy.short_batch], dtype=torch.long, device=image_rows.device)
             self.groups.append((rows, None))
 
     def product(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:

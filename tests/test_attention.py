@@ -456,3 +456,19 @@ def test_score_pairs_leaves_inputs_unchanged():
     score_pairs(cfg, words, lengths, regions, caps, imgs)
     score_block(cfg, words, lengths, regions)
     assert torch.equal(words, before), "the scorers must not write into the caller's padding"
+
+
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PAIR_CASES[:1] + PAIR_CASES[3:4], ids=["t2i", "i2t"])
+def test_gpu_work_policy_gives_the_same_scores(monkeypatch, cross_attn, raw_feature_norm, agg):
+    """The GPU policy (every chunk one gathered batched product, chunks bounded by gathered
+    bytes) runs here on CPU tensors: it must give the reference scores too."""
+    import heiindex.attention as attention
+
+    words, lengths, regions, caps, imgs = _pair_data()
+    full = ref.reference_matrix(words, lengths, regions, **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    cfg = AttentionConfig(**_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    small = attention._Policy(1 << 27, float("inf"), 1 << 62, float(8 * (N_REGIONS + PAIR_L_MAX) * DIM * 8))
+    for policy in (attention._POLICIES["cuda"], small):  # one chunk; chunks of 8 pairs
+        monkeypatch.setattr(attention, "_policy", lambda device, p=policy: p)
+        _assert_close(score_pairs(cfg, words, lengths, regions, caps, imgs), full[caps, imgs], "score_pairs")
+        _assert_close(score_block(cfg, words, lengths, regions), full, "score_block")
