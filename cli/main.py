@@ -276,9 +276,16 @@ def evaluate(model_dir, store, split, as_json) -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT)."
 )
-@click.option("--index", "index_type", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True)
-@click.option("--nlist", type=int, default=None, help="IVF lists (default sqrt(n)).")
-@click.option("--nprobe", type=int, default=8, show_default=True)
+@click.option(
+    "--index",
+    "index_type",
+    type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact flat search up to 2M codes, IVF (4096 lists, nprobe 64) above.",
+)
+@click.option("--nlist", type=int, default=None, help="IVF lists (default sqrt(n); 4096 for auto).")
+@click.option("--nprobe", type=int, default=None, help="IVF lists probed per query (default 8; 64 for auto).")
 @click.option("--device", default="cpu", show_default=True, help="Where encoding and hashing run: cpu, cuda, ...")
 @handle_errors
 def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device) -> None:
@@ -305,8 +312,18 @@ def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, dev
     m = index.manifest
     click.echo(
         f"built {split}: {m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
-        f"{index_type} index -> {out}"
+        f"{_index_kinds(m['index'])} -> {out}"
     )
+
+
+def _index_kinds(spec: dict) -> str:
+    """'flat index', or for auto what it chose per modality."""
+    chosen = {spec[m]["type"] for m in ("images", "captions")}
+    if spec["type"] != "auto":
+        return f"{spec['type']} index"
+    if len(chosen) == 1:
+        return f"auto: {chosen.pop()} index"
+    return f"auto: {spec['images']['type']} index for images, {spec['captions']['type']} for captions"
 
 
 def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None, device="cpu", dtype="float32"):

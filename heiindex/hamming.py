@@ -27,22 +27,46 @@ __all__ = [
 ]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+# ``--index auto``, from benchmarks/hamming.py on the 2-core machine (benchmarks/RESULTS.md):
+# exact flat search costs ~1-2 ms per query per million codes and needs no training, so it is
+# used up to AUTO_FLAT_MAX codes; above, IVF with AUTO_NLIST lists probed AUTO_NPROBE at a time.
+AUTO_FLAT_MAX = 2_000_000
+AUTO_NLIST = 4096
+AUTO_NPROBE = 64
+
+
+def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
+    """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
+    ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF."""
+    if kind == "auto":
+        if n_codes <= AUTO_FLAT_MAX:
+            return {"type": "flat", "nlist": None, "nprobe": None}
+        return {"type": "ivf", "nlist": nlist or AUTO_NLIST, "nprobe": nprobe or AUTO_NPROBE}
+    if kind not in INDEX_TYPES:
+        raise ValueError(f"index type must be one of {(*INDEX_TYPES, 'auto')}, got {kind!r}")
+    if kind == "ivf":
+        return {"type": "ivf", "nlist": nlist or max(1, int(round(np.sqrt(n_codes)))), "nprobe": nprobe or 8}
+    return {"type": kind, "nlist": None, "nprobe": None}
 
 
 def make_binary_index(
     codes: np.ndarray,
     kind: str = "flat",
     nlist: int | None = None,
-    nprobe: int = 8,
+    nprobe: int | None = None,
     hnsw_m: int = 16,
     ef_search: int = 128,
 ) -> faiss.IndexBinary:
-    """An index over ``codes`` (n, k/8) uint8; ids are row numbers.
+    """An index over ``codes`` (n, k/8) uint8; ids are row numbers. ``kind``: flat, ivf, hnsw or
+    auto (``resolve_index_kind``).
 
     ``ef_search`` is HNSW's search breadth; it must be at least the number of candidates asked
     for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
+    if kind == "auto":
+        chosen = resolve_index_kind(kind, len(codes), nlist, nprobe)
+        kind, nlist, nprobe = chosen["type"], chosen["nlist"], chosen["nprobe"] or nprobe
     if kind == "flat":
         index = faiss.IndexBinaryFlat(bits)
     elif kind == "ivf":
@@ -54,7 +78,7 @@ def make_binary_index(
         index.own_fields = True
         quantizer.this.disown()
         index.train(codes)
-        index.nprobe = min(nprobe, nlist)
+        index.nprobe = min(nprobe or 8, nlist)
     elif kind == "hnsw":
         index = faiss.IndexBinaryHNSW(bits, hnsw_m)
         index.hnsw.efSearch = ef_search

@@ -35,7 +35,13 @@ from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
-from .hamming import index_on_device, load_binary_index, make_binary_index, save_binary_index
+from .hamming import (
+    index_on_device,
+    load_binary_index,
+    make_binary_index,
+    resolve_index_kind,
+    save_binary_index,
+)
 from .search import captions_for_image, encode_text, images_for_text
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
@@ -145,7 +151,7 @@ class Index:
         out: str | Path,
         index_type: str = "flat",
         nlist: int | None = None,
-        nprobe: int = 8,
+        nprobe: int | None = None,
         block_images: int = 256,
         progress: bool = False,
         device: str = "cpu",
@@ -220,7 +226,13 @@ class Index:
                     "sha256": _hash_checksum(hasher),
                     "bits": hasher.module.config.bits,
                 },
-                "index": {"type": index_type, "nlist": nlist, "nprobe": nprobe},
+                "index": {
+                    "type": index_type,
+                    "nlist": nlist,
+                    "nprobe": nprobe,
+                    "images": resolve_index_kind(index_type, len(img_codes), nlist, nprobe),
+                    "captions": resolve_index_kind(index_type, len(cap_codes), nlist, nprobe),
+                },
                 "n_images": int(store.n_images),
                 "n_captions": int(len(caps)),
                 "regions": r,

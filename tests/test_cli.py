@@ -68,7 +68,7 @@ def test_build(pipe, tmp_path):
             out,
         )
     )
-    assert f"built test: 24 images, 120 captions, {pf.BITS}-bit codes, flat index -> {out}" in r.output
+    assert f"built test: 24 images, 120 captions, {pf.BITS}-bit codes, auto: flat index -> {out}" in r.output
     built, ref = Index.open(out), Index.open(pipe.index_dir)
     assert built.manifest["matcher"] == ref.manifest["matcher"] and built.manifest["hash"] == ref.manifest["hash"]
     np.testing.assert_array_equal(built.image_codes(), ref.image_codes())
@@ -100,7 +100,8 @@ def test_build_ivf(pipe, tmp_path):
         )
     )
     assert "ivf index" in r.output
-    assert Index.open(tmp_path / "ivf").manifest["index"] == {"type": "ivf", "nlist": 3, "nprobe": 3}
+    ivf = {"type": "ivf", "nlist": 3, "nprobe": 3}
+    assert Index.open(tmp_path / "ivf").manifest["index"] == {**ivf, "images": ivf, "captions": ivf}
 
 
 # -- query ------------------------------------------------------------------------------------

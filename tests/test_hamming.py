@@ -161,3 +161,33 @@ def test_stored_codes_are_the_added_codes(easy, kind):
     index = make_binary_index(codes, kind, nlist=4)
     np.testing.assert_array_equal(stored_codes(index), codes)
     assert index_on_device(index, "cpu") is index  # CPU keeps the FAISS index as it is
+
+
+def test_auto_is_flat_up_to_the_threshold_and_ivf_above():
+    from heiindex.hamming import AUTO_FLAT_MAX, AUTO_NLIST, AUTO_NPROBE, resolve_index_kind
+
+    assert resolve_index_kind("auto", AUTO_FLAT_MAX) == {"type": "flat", "nlist": None, "nprobe": None}
+    above = {"type": "ivf", "nlist": AUTO_NLIST, "nprobe": AUTO_NPROBE}
+    assert resolve_index_kind("auto", AUTO_FLAT_MAX + 1) == above
+    assert resolve_index_kind("auto", AUTO_FLAT_MAX + 1, nlist=64, nprobe=4)["nlist"] == 64
+    assert resolve_index_kind("ivf", 10_000) == {"type": "ivf", "nlist": 100, "nprobe": 8}
+    assert resolve_index_kind("hnsw", 10)["type"] == "hnsw"
+    with pytest.raises(ValueError, match="index type must be one of"):
+        resolve_index_kind("lsh", 10)
+
+
+def test_auto_index_below_the_threshold_is_flat(easy):
+    codes, queries, rows = easy
+    index = make_binary_index(codes, "auto")
+    assert isinstance(index, faiss.IndexBinaryFlat)
+    _check_nearest(index, codes, queries, rows)
+
+
+def test_auto_index_above_the_threshold_is_ivf(monkeypatch, easy):
+    import heiindex.hamming as hamming
+
+    codes, _, _ = easy
+    monkeypatch.setattr(hamming, "AUTO_FLAT_MAX", 100)
+    monkeypatch.setattr(hamming, "AUTO_NLIST", 4)
+    index = make_binary_index(codes, "auto")
+    assert isinstance(index, faiss.IndexBinaryIVF) and index.nlist == 4 and index.nprobe == 4

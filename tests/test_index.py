@@ -71,7 +71,8 @@ def test_build_writes_the_documented_folder(pipe, index):
     assert m["matcher"]["sha256"] == matcher.checksum
     assert m["store"]["checksum"] == store.checksum
     assert m["hash"]["bits"] == pf.BITS
-    assert m["index"] == {"type": "flat", "nlist": None, "nprobe": 8}
+    flat = {"type": "flat", "nlist": None, "nprobe": None}
+    assert m["index"] == {**flat, "images": flat, "captions": flat}
     assert (index.n_images, index.n_captions) == (24, 120)
     assert index.image_index.ntotal == 24 and index.caption_index.ntotal == 120
 
@@ -319,3 +320,10 @@ def test_bad_device_and_dtype_are_clear_errors(pipe):
             Index.open(pipe.index_dir, device="cuda")
     with pytest.raises(HeiindexError, match="dtype must be one of"):
         Index.open(pipe.index_dir, dtype="float16")
+
+
+def test_manifest_records_what_auto_chose(pipe, tmp_path):
+    built = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "auto", index_type="auto")
+    spec = built.manifest["index"]
+    assert spec["type"] == "auto"
+    assert spec["images"]["type"] == spec["captions"]["type"] == "flat"  # 24 images, 120 captions
