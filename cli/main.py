@@ -287,14 +287,45 @@ def evaluate(model_dir, store, split, as_json) -> None:
 @click.option("--nlist", type=int, default=None, help="IVF lists (default sqrt(n); 4096 for auto).")
 @click.option("--nprobe", type=int, default=None, help="IVF lists probed per query (default 8; 64 for auto).")
 @click.option("--device", default="cpu", show_default=True, help="Where encoding and hashing run: cpu, cuda, ...")
+@click.option(
+    "--shards",
+    type=int,
+    default=None,
+    help="Write S self-contained shards (contiguous image ranges) and a top manifest.",
+)
 @handle_errors
-def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device) -> None:
+def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device, shards) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
     from heiindex.index import Index
 
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
+    if shards is not None:
+        from heiindex.shards import build_shards
+
+        sharded = build_shards(
+            root,
+            split,
+            model_dir or dd.default_model_dir(),
+            hash_dir or dd.default_hash_dir(),
+            out,
+            shards,
+            index_type=index_type,
+            nlist=nlist,
+            nprobe=nprobe,
+            progress=True,
+            device=device,
+        )
+        if store is None:
+            (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
+        m = sharded.manifest
+        sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
+        click.echo(
+            f"built {split}: {m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards "
+            f"({sizes} images) -> {out}"
+        )
+        return
     index = Index.build(
         root,
         split,
@@ -329,8 +360,11 @@ def _index_kinds(spec: dict) -> str:
 def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None, device="cpu", dtype="float32"):
     from heiindex import default_data as dd
     from heiindex.index import Index
+    from heiindex.shards import ShardedIndex, is_sharded
 
-    return Index.open(index_dir or dd.last_built_index(), model_dir, hash_dir, device=device, dtype=dtype)
+    path = index_dir or dd.last_built_index()
+    opener = ShardedIndex.open if is_sharded(path) else Index.open
+    return opener(path, model_dir, hash_dir, device=device, dtype=dtype)
 
 
 @cli.command()
@@ -393,6 +427,8 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, as_json) -> Non
 
     index = _open_index(index_dir, None, None, device, dtype)
     sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
+    if not hasattr(index, "regions"):  # a ShardedIndex
+        raise HeiindexError(f"{index.path} is a sharded build; bench runs on an unsharded one (build without --shards)")
     res = run_bench(index, topk, sweep_list, protocol)
     if sweep_list:
         from heiindex.plot import plot_sweep

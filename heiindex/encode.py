@@ -85,13 +85,7 @@ def encode_split(
     row_of = {int(i): r for r, i in enumerate(ids)}
     keep = np.array([int(i) in row_of for i in caps.image_ids], dtype=bool)
     if not keep.all():
-        caps = CaptionTable(
-            caps.caption_ids[keep],
-            caps.image_ids[keep],
-            [t for t, k in zip(caps.texts, keep, strict=True) if k],
-            caps.tokens[keep],
-            caps.lengths[keep],
-        )
+        caps = caps.subset(keep)
     caption_image = np.array([row_of[int(i)] for i in caps.image_ids], dtype=np.int64)
     words = encode_captions(model, caps.tokens, caps.lengths)
     gram = torch.bmm(regions, regions.transpose(1, 2))

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__
@@ -42,7 +43,7 @@ from .hamming import (
     resolve_index_kind,
     save_binary_index,
 )
-from .search import captions_for_image, encode_text, images_for_text
+from .search import EncodedQuery, captions_for_image, encode_text, images_for_text
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
@@ -155,9 +156,11 @@ class Index:
         block_images: int = 256,
         progress: bool = False,
         device: str = "cpu",
+        image_rows: tuple[int, int] | None = None,
     ) -> Index:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically);
-        ``device`` is where the encoding and hashing run."""
+        ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
+        store's images a..b-1 and their captions (one shard of a sharded build)."""
         matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
         hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
@@ -175,18 +178,29 @@ class Index:
         model = matcher.model.eval().to(dev)
         hasher.module.to(dev)
         d, r = model.config.embed_size, store.regions
+        first, stop = image_rows or (0, store.n_images)
+        if not 0 <= first < stop <= store.n_images:
+            raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
         with atomic_dir(out) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             codes = []
             bar = tqdm(
-                total=store.n_images,
+                total=stop - first,
                 unit="img",
                 desc=f"encode {split} images",
                 disable=None if progress else True,
                 leave=False,
             )
+            kept_ids = []
+            row = 0
             for ids, feats in store.iter_image_blocks(block_images):
+                lo, hi = max(first - row, 0), min(stop - row, len(ids))
+                row += len(ids)
+                if lo >= hi:
+                    continue
+                ids, feats = ids[lo:hi], feats[lo:hi]
+                kept_ids.append(ids)
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = torch.bmm(regions, regions.transpose(1, 2))
                 writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
@@ -196,6 +210,8 @@ class Index:
             writer.close()
             img_codes = np.concatenate(codes)
             caps = store.captions()
+            if image_rows is not None:
+                caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
             words = encode_captions(model, caps.tokens, caps.lengths)
             lengths = torch.from_numpy(caps.lengths)
             cap_codes = hasher.module.caption_codes(words.to(dev), lengths.to(dev))
@@ -233,11 +249,13 @@ class Index:
                     "images": resolve_index_kind(index_type, len(img_codes), nlist, nprobe),
                     "captions": resolve_index_kind(index_type, len(cap_codes), nlist, nprobe),
                 },
-                "n_images": int(store.n_images),
+                "n_images": int(stop - first),
                 "n_captions": int(len(caps)),
                 "regions": r,
                 "embed_size": d,
             }
+            if image_rows is not None:
+                manifest["store_rows"] = [int(first), int(stop)]
             write_json(tmp / "manifest.json", manifest)
         return cls.open(out, matcher, hasher)
 
@@ -258,6 +276,8 @@ class Index:
         if not mpath.exists():
             raise DataError(mpath, "no index here; run `heiindex build` first")
         manifest = json.loads(mpath.read_text())
+        if manifest.get("kind") == "sharded":
+            raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         if manifest.get("format_version") != INDEX_FORMAT_VERSION:
             raise DataError(
                 mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}"
@@ -321,10 +341,16 @@ class Index:
         t0 = time.perf_counter()
         self._check_n(candidates, k, self.n_images, "images")
         query = encode_text(self.model, self.matcher.vocab, text)
+        hits = self.search_encoded(query, k, candidates)
+        return SearchResult(text, hits, query.unknown, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def search_encoded(self, query: EncodedQuery, k: int, candidates: int) -> list[Hit]:
+        """``search`` for a caption already encoded (``heiindex.search.encode_text``)."""
         ranked = images_for_text(
             self.model, self.hasher.module, self.image_index, self.regions, self.gram, query, k, candidates
         )
-        hits = [
+        return [
             Hit(
                 rank + 1,
                 int(self.image_ids[row]),
@@ -334,35 +360,47 @@ class Index:
             )
             for rank, (row, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
         ]
-        return SearchResult(text, hits, query.unknown, time.perf_counter() - t0)
 
     @torch.no_grad()
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
         t0 = time.perf_counter()
         self._check_n(candidates, k, self.n_captions, "captions")
-        rows = np.flatnonzero(self.image_ids == image_id)
-        if len(rows) == 0:
+        features = self.image_features(image_id)
+        if features is None:
             raise HeiindexError(
                 f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})"
             )
+        hits = self.search_regions(*features, k, candidates)
+        return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
+
+    def image_features(self, image_id: int) -> tuple[Tensor, Tensor] | None:
+        """The stored image's encoded regions (1, R, d) and Gram matrix (1, R, R), or None."""
+        rows = np.flatnonzero(self.image_ids == image_id)
+        if len(rows) == 0:
+            return None
         row = int(rows[0])
+        return self.regions[row : row + 1], self.gram[row : row + 1]
+
+    @torch.no_grad()
+    def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[Hit]:
+        """Captions of this index for an encoded image (which may be stored elsewhere, e.g. in
+        another shard): Hamming top-``candidates`` over the caption codes, re-ranked, top ``k``."""
         ranked = captions_for_image(
             self.model,
             self.hasher.module,
             self.caption_index,
             self.words,
             self.lengths,
-            self.regions[row : row + 1],
-            self.gram[row : row + 1],
+            regions.to(self.regions.device, self.regions.dtype),
+            gram.to(self.gram.device),
             k,
             candidates,
         )
-        hits = [
+        return [
             Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
             for rank, (c, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
         ]
-        return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:

@@ -177,6 +177,17 @@ class CaptionTable:
     def __len__(self) -> int:
         return len(self.caption_ids)
 
+    def subset(self, keep: np.ndarray) -> CaptionTable:
+        """The captions where the boolean mask ``keep`` is true, in order."""
+        keep = np.asarray(keep, dtype=bool)
+        return CaptionTable(
+            self.caption_ids[keep],
+            self.image_ids[keep],
+            [t for t, k in zip(self.texts, keep, strict=True) if k],
+            self.tokens[keep],
+            self.lengths[keep],
+        )
+
 
 class SplitStore:
     """Read access to one ingested split (``ROOT/{split}``)."""

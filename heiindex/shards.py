@@ -1,0 +1,212 @@
+"""Sharded HEI indexes: S self-contained shards of one split, searched and merged by score.
+
+What this module is for: ``build_shards`` cuts a split's images into S contiguous ranges and
+builds one ordinary index per range (its FAISS binary indexes, Parquet features and manifest;
+each image's captions live in the image's shard), plus a top-level manifest. ``ShardedIndex``
+answers a query by asking every shard for its own Hamming top-N, re-ranked by the matcher,
+and merging the shards' top-k by matcher score.
+
+Why the merge is never worse than one unsharded index: the global Hamming top-N is contained
+in the union of the shards' top-N (an item among the N nearest of all is among the N nearest
+of its own shard), and every candidate is scored exactly, so the merged top-k scores are at
+least those of the unsharded top-k, rank by rank. They coincide whenever the unsharded top-k
+are also the best-scored items of that union; they differ only when a shard's extra
+candidates (items the global top-N cut off) score higher, and then the sharded answer is the
+better one. With N at least the shard size every shard is scored exhaustively and the merged
+top-k equals exhaustive attention's top-k.
+
+What it must not do: start processes or talk to a cluster (``heiindex.ray_engine`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import LoadedModel, load_model
+from .errors import DataError, HeiindexError
+from .index import Hit, Index, SearchResult
+from .search import encode_text
+from .store import SplitStore, atomic_dir, write_json
+from .train_hash import LoadedHash, load_hash
+
+__all__ = ["ShardedIndex", "build_shards", "is_sharded", "merge_hits", "shard_bounds"]
+
+SHARDED_FORMAT_VERSION = 1
+
+
+def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of near-equal size, one per shard."""
+    if not 1 <= shards <= n_images:
+        raise HeiindexError(f"--shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}")
+    edges = np.linspace(0, n_images, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def build_shards(
+    store_root: str | Path,
+    split: str,
+    matcher: LoadedModel | str | Path,
+    hasher: LoadedHash | str | Path,
+    out: str | Path,
+    shards: int,
+    index_type: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    progress: bool = False,
+    device: str = "cpu",
+) -> ShardedIndex:
+    """Build ``shards`` shard indexes of ``store_root/split`` under ``out`` (written atomically:
+    a failure leaves no half-built folder)."""
+    matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
+    hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+    store = SplitStore.open(store_root, split)
+    bounds = shard_bounds(store.n_images, shards)
+    out = Path(out)
+    entries = []
+    with atomic_dir(out) as tmp:
+        for i, (a, b) in enumerate(bounds):
+            name = f"shard-{i:03d}"
+            shard = Index.build(
+                store_root,
+                split,
+                matcher,
+                hasher,
+                tmp / name,
+                index_type=index_type,
+                nlist=nlist,
+                nprobe=nprobe,
+                progress=progress,
+                device=device,
+                image_rows=(a, b),
+            )
+            entries.append(
+                {"path": name, "store_rows": [a, b], "n_images": shard.n_images, "n_captions": shard.n_captions}
+            )
+        first = json.loads((tmp / entries[0]["path"] / "manifest.json").read_text())
+        write_json(
+            tmp / "manifest.json",
+            {
+                "format_version": SHARDED_FORMAT_VERSION,
+                "kind": "sharded",
+                "created_by": f"heiindex {__version__}",
+                "split": split,
+                "store": first["store"],
+                "matcher": first["matcher"],
+                "hash": first["hash"],
+                "n_images": sum(e["n_images"] for e in entries),
+                "n_captions": sum(e["n_captions"] for e in entries),
+                "shards": entries,
+            },
+        )
+    return ShardedIndex.open(out, matcher, hasher)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` holds a sharded build (its manifest says ``"kind": "sharded"``)."""
+    mpath = Path(path) / "manifest.json"
+    if not mpath.exists():
+        return False
+    try:
+        return json.loads(mpath.read_text()).get("kind") == "sharded"
+    except json.JSONDecodeError:
+        return False
+
+
+def read_manifest(path: str | Path) -> dict:
+    mpath = Path(path) / "manifest.json"
+    if not mpath.exists():
+        raise DataError(mpath, "no index here; run `heiindex build` first")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("kind") != "sharded" or manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise DataError(mpath, f"not a sharded build of format_version {SHARDED_FORMAT_VERSION}")
+    return manifest
+
+
+def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
+    """The best ``k`` of the shards' hits by matcher score (ties: earlier shard, then its rank),
+    renumbered from 1."""
+    flat = [(-h.score, s, h.rank, h) for s, hits in enumerate(per_shard) for h in hits]
+    flat.sort(key=lambda t: t[:3])
+    out = []
+    for rank, (_, _, _, h) in enumerate(flat[:k]):
+        out.append(Hit(rank + 1, h.id, h.score, h.hamming, captions=h.captions, text=h.text))
+    return out
+
+
+class ShardedIndex:
+    """All shards of a sharded build opened in this process, sharing one matcher and hash module."""
+
+    def __init__(self, path: Path, manifest: dict, shards: list[Index]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.shards = shards
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        matcher: LoadedModel | str | Path | None = None,
+        hasher: LoadedHash | str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> ShardedIndex:
+        path = Path(path)
+        manifest = read_manifest(path)
+        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher or manifest["matcher"]["path"])
+        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher or manifest["hash"]["path"])
+        shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
+        return cls(path, manifest, shards)
+
+    @property
+    def n_images(self) -> int:
+        return sum(s.n_images for s in self.shards)
+
+    @property
+    def n_captions(self) -> int:
+        return sum(s.n_captions for s in self.shards)
+
+    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
+        """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
+        re-ranked, merged by score."""
+        t0 = time.perf_counter()
+        sizes = [s.n_images for s in self.shards]
+        _check_n(candidates, k, sizes, "images")
+        first = self.shards[0]
+        query = encode_text(first.model, first.matcher.vocab, text)
+        per_shard = [
+            s.search_encoded(query, min(k, candidates, n), min(candidates, n))
+            for s, n in zip(self.shards, sizes, strict=True)
+        ]
+        return SearchResult(text, merge_hits(per_shard, k), query.unknown, time.perf_counter() - t0)
+
+    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
+        """Captions for a stored image: its features come from its own shard, every shard
+        searches and re-ranks its own captions, the results are merged by score."""
+        t0 = time.perf_counter()
+        _check_n(candidates, k, [s.n_captions for s in self.shards], "captions")
+        features = next((f for f in (s.image_features(image_id) for s in self.shards) if f is not None), None)
+        if features is None:
+            raise HeiindexError(f"image id {image_id} is not in this index")
+        per_shard = [
+            s.search_regions(*features, min(k, candidates, s.n_captions), min(candidates, s.n_captions))
+            for s in self.shards
+            if s.n_captions
+        ]
+        return SearchResult(int(image_id), merge_hits(per_shard, k), [], time.perf_counter() - t0)
+
+
+def _check_n(candidates: int, k: int, sizes: list[int], what: str) -> None:
+    """N and k over shards: N per shard (capped at each shard's size), k over the merge."""
+    if candidates < 1 or k < 1:
+        raise HeiindexError("--candidates and --k must be at least 1")
+    if candidates > sum(sizes):
+        raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
+    pooled = sum(min(candidates, n) for n in sizes)
+    if k > pooled:
+        raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")

@@ -1,0 +1,120 @@
+"""heiindex.shards: sharded builds, and queries over them that match the unsharded index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pytest
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+from heiindex.errors import HeiindexError
+from heiindex.hamming import hamming_candidates
+from heiindex.index import Index
+from heiindex.shards import ShardedIndex, build_shards, is_sharded, shard_bounds
+
+QUERIES = ["a dog on the grass", "a man riding a motorcycle", "a red bus on the street", "two cats"]
+SHARDS = 3  # 24 images -> 8 per shard, 40 captions per shard
+
+
+@pytest.fixture(scope="module")
+def index(pipe):
+    return Index.open(pipe.index_dir)
+
+
+@pytest.fixture(scope="module")
+def sharded(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "test"
+    return build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, SHARDS, index_type="flat")
+
+
+def test_layout_and_manifest(sharded, index):
+    m = json.loads((sharded.path / "manifest.json").read_text())
+    assert m["kind"] == "sharded" and m["split"] == "test" and is_sharded(sharded.path)
+    assert [e["store_rows"] for e in m["shards"]] == [[0, 8], [8, 16], [16, 24]]
+    assert (m["n_images"], m["n_captions"]) == (24, 120)
+    ids = []
+    for e, shard in zip(m["shards"], sharded.shards, strict=True):
+        assert (sharded.path / e["path"] / "images.faiss").exists()  # self-contained
+        assert (shard.n_images, shard.n_captions) == (8, 40)
+        assert set(shard.caption_image_ids) == set(shard.image_ids)  # an image's captions sit with it
+        ids.extend(shard.image_ids)
+    np.testing.assert_array_equal(ids, index.image_ids)
+    assert m["matcher"] == index.manifest["matcher"] and m["hash"] == index.manifest["hash"]
+
+
+def _pairs(result):
+    return [(h.id, round(h.score, 5)) for h in result.results]
+
+
+@pytest.mark.parametrize("text", QUERIES)
+def test_candidates_at_least_the_shard_size_give_the_exhaustive_top_k(sharded, index, text):
+    got = sharded.search(text, k=10, candidates=8)  # 8 = every image of a shard
+    want = index.search(text, k=10, candidates=24)  # every image: exhaustive
+    assert _pairs(got) == _pairs(want)
+    assert [h.rank for h in got.results] == list(range(1, 11))
+    assert got.results[0].captions == want.results[0].captions
+
+
+@pytest.mark.parametrize("text", QUERIES)
+def test_fewer_candidates_never_worse_and_equal_where_candidates_coincide(sharded, index, text):
+    n, k = 4, 4
+    got, want = sharded.search(text, k=k, candidates=n), index.search(text, k=k, candidates=n)
+    # rank by rank, the merged scores are at least the unsharded ones (superset of candidates)
+    for a, b in zip(got.results, want.results, strict=True):
+        assert a.score >= b.score - 1e-6
+    # where the merged top-k all lie among the global Hamming top-n, the answers are the same
+    code = index.hasher.module.caption_codes(*_encoded(index, text))
+    _, global_top = hamming_candidates(index.image_index, code, n)
+    global_ids = set(index.image_ids[global_top[0]])
+    if {h.id for h in got.results} <= global_ids:
+        assert _pairs(got) == _pairs(want)
+
+
+def _encoded(index, text):
+    from heiindex.search import encode_text
+
+    q = encode_text(index.model, index.matcher.vocab, text)
+    return q.words, q.lengths
+
+
+@pytest.mark.parametrize("image_id", [0, 9, 23])
+def test_search_image_over_shards_matches_exhaustive(pipe, sharded, index, image_id):
+    image_id = int(index.image_ids[image_id])
+    got = sharded.search_image(image_id, k=10, candidates=40)  # every caption of each shard
+    want = index.search_image(image_id, k=10, candidates=120)
+    assert _pairs(got) == _pairs(want)
+    assert [h.text for h in got.results] == [h.text for h in want.results]
+
+
+def test_errors(pipe, sharded, tmp_path):
+    with pytest.raises(HeiindexError, match=r"--shards must lie in \[1, 24\]"):
+        build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", 25)
+    assert not (tmp_path / "x").exists()  # nothing written half-way
+    with pytest.raises(HeiindexError, match="not in this index"):
+        sharded.search_image(10_000)
+    with pytest.raises(HeiindexError, match="larger than the 24 images"):
+        sharded.search("a dog", k=5, candidates=25)
+    with pytest.raises(HeiindexError, match="is a sharded build"):
+        Index.open(sharded.path)
+    assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+
+
+def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
+    out = tmp_path / "cli-shards"
+    args = ["build", "--split", "test", "--store", str(pipe.root), "--model", str(pipe.model_dir)]
+    r = CliRunner().invoke(cli, [*args, "--hash", str(pipe.hash_dir), "--out", str(out), "--shards", "2"])
+    assert r.exit_code == 0, r.output
+    assert f"built test: 24 images, 120 captions in 2 shards (12, 12 images) -> {out}" in r.output
+    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(out), "--candidates", "12", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    want = index.search("a dog", k=10, candidates=24).to_dict()
+    assert [(h["id"], round(h["score"], 5)) for h in got["results"]] == [
+        (h["id"], round(h["score"], 5)) for h in want["results"]
+    ]
+    r = CliRunner().invoke(cli, ["bench", "--index", str(out)])
+    assert r.exit_code == 2 and "is a sharded build" in r.output
+    assert isinstance(ShardedIndex.open(out), ShardedIndex) and pf.BITS
