@@ -39,6 +39,17 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 device_option = click.option(
     "--device", default="cpu", show_default=True, help="Where queries and scoring run: cpu, cuda, cuda:1, ..."
 )
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: one Ray actor per shard of a sharded build.",
+)
+address_option = click.option(
+    "--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray started for this command."
+)
+threads_option = click.option("--threads", type=int, default=1, show_default=True, help="torch threads per Ray actor.")
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(["float32", "tf32", "bfloat16"]),
@@ -357,6 +368,17 @@ def _index_kinds(spec: dict) -> str:
     return f"auto: {spec['images']['type']} index for images, {spec['captions']['type']} for captions"
 
 
+def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
+    from heiindex import default_data as dd
+    from heiindex.ray_engine import RayShardedIndex
+    from heiindex.shards import is_sharded
+
+    path = index_dir or dd.last_built_index()
+    if not is_sharded(path):
+        raise HeiindexError(f"{path} is not a sharded build; the Ray engine serves those (heiindex build --shards S)")
+    return RayShardedIndex(path, address=address, threads=threads, detached=detached)
+
+
 def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None, device="cpu", dtype="float32"):
     from heiindex import default_data as dd
     from heiindex.index import Index
@@ -377,15 +399,23 @@ def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path |
 @click.option("--k", type=int, default=10, show_default=True, help="Results to show.")
 @device_option
 @dtype_option
+@engine_option
+@address_option
+@threads_option
 @json_option
 @handle_errors
-def query(text, image_id, index_dir, model_dir, hash_dir, candidates, k, device, dtype, as_json) -> None:
+def query(
+    text, image_id, index_dir, model_dir, hash_dir, candidates, k, device, dtype, engine, address, threads, as_json
+) -> None:
     """Text-to-image search for TEXT, or image-to-text search with --image ID."""
     from .render import console, echo_json, search_table
 
     if (text is None) == (image_id is None):
         raise click.UsageError("give a TEXT query or --image ID (one of them)")
-    index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
+    if engine == "ray":
+        index = _ray_index(index_dir, address, threads)
+    else:
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
     res = index.search_image(image_id, k, candidates) if image_id is not None else index.search(text, k, candidates)
     if as_json:
         echo_json(res.to_dict())
@@ -445,6 +475,30 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, as_json) -> Non
                 console.print(t)
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
+
+
+@cli.command()
+@index_dir_option
+@click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True)
+@click.option("--address", default="auto", show_default=True, help="The running Ray cluster (ray start --head).")
+@threads_option
+@click.option("--stop", is_flag=True, help="Stop the actors serving this index instead.")
+@handle_errors
+def serve(index_dir, engine, address, threads, stop) -> None:
+    """Serve a sharded build on a Ray cluster: one detached actor per shard, found by name by
+    later `heiindex query --engine ray --address ...` calls."""
+    from heiindex import default_data as dd
+
+    if stop:
+        from heiindex.ray_engine import stop_served
+
+        n = stop_served(index_dir or dd.last_built_index(), address)
+        click.echo(f"stopped {n} shard actors")
+        return
+    index = _ray_index(index_dir, address, threads, detached=True)
+    for i, info in enumerate(index.infos):
+        click.echo(f"shard {i}: actor {index.actor_name(i)} (pid {info['pid']}, {info['n_images']} images)")
+    click.echo(f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --address {address}")
 
 
 if __name__ == "__main__":

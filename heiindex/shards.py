@@ -35,7 +35,7 @@ from .search import encode_text
 from .store import SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["ShardedIndex", "build_shards", "is_sharded", "merge_hits", "shard_bounds"]
+__all__ = ["ShardedIndex", "build_shards", "check_counts", "is_sharded", "merge_hits", "read_manifest", "shard_bounds"]
 
 SHARDED_FORMAT_VERSION = 1
 
@@ -176,7 +176,7 @@ class ShardedIndex:
         re-ranked, merged by score."""
         t0 = time.perf_counter()
         sizes = [s.n_images for s in self.shards]
-        _check_n(candidates, k, sizes, "images")
+        check_counts(candidates, k, sizes, "images")
         first = self.shards[0]
         query = encode_text(first.model, first.matcher.vocab, text)
         per_shard = [
@@ -189,7 +189,7 @@ class ShardedIndex:
         """Captions for a stored image: its features come from its own shard, every shard
         searches and re-ranks its own captions, the results are merged by score."""
         t0 = time.perf_counter()
-        _check_n(candidates, k, [s.n_captions for s in self.shards], "captions")
+        check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
         features = next((f for f in (s.image_features(image_id) for s in self.shards) if f is not None), None)
         if features is None:
             raise HeiindexError(f"image id {image_id} is not in this index")
@@ -201,7 +201,7 @@ class ShardedIndex:
         return SearchResult(int(image_id), merge_hits(per_shard, k), [], time.perf_counter() - t0)
 
 
-def _check_n(candidates: int, k: int, sizes: list[int], what: str) -> None:
+def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> None:
     """N and k over shards: N per shard (capped at each shard's size), k over the merge."""
     if candidates < 1 or k < 1:
         raise HeiindexError("--candidates and --k must be at least 1")

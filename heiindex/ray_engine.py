@@ -1,0 +1,202 @@
+"""Sharded indexes served by Ray: one actor per shard, queries scattered and merged by score.
+
+What this module is for: ``RayShardedIndex`` opens a sharded build (``heiindex.shards``) as one
+Ray actor per shard, placed by Ray over the cluster's nodes. A text query goes to every actor
+(each encodes it, takes its own Hamming top-N and re-ranks it); an image query first fetches the
+image's features from the shard that holds it, then sends them to every actor. The driver merges
+the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
+in-process ``ShardedIndex`` answer.
+
+Threads: Ray starts workers with ``OMP_NUM_THREADS=1``; each actor sets torch's thread count
+explicitly (``threads``), and heiindex sets ``OMP_WAIT_POLICY=PASSIVE`` on import so that more
+than one thread per actor does not spin against the others.
+
+Faults: actors restart (``max_restarts``) and reload their shard from its files; a query whose
+shard dies under it raises ``HeiindexError`` naming the shard (never a silent partial answer);
+the next query is served by the restarted actor.
+
+Every node must see the shard folders at the same path (local copies or shared storage).
+What it must not do: build indexes or compute scores itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from .errors import HeiindexError
+from .index import Hit, SearchResult
+from .shards import check_counts, merge_hits, read_manifest
+
+__all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
+
+NAMESPACE = "heiindex"
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - the extra is part of the dev install
+        raise HeiindexError("the Ray engine needs Ray: pip install 'heiindex[ray]'") from None
+    return ray
+
+
+class _ShardServer:
+    """One shard in one process (the body of the Ray actor)."""
+
+    def __init__(self, shard_path: str, threads: int) -> None:
+        import torch
+
+        from .index import Index
+
+        torch.set_num_threads(threads)
+        self.index = Index.open(shard_path)
+        self.pid = os.getpid()
+
+    def info(self) -> dict:
+        import torch
+
+        return {"pid": self.pid, "threads": torch.get_num_threads(), "n_images": self.index.n_images}
+
+    def search(self, text: str, k: int, candidates: int) -> tuple[list[Hit], list[str]]:
+        from .search import encode_text
+
+        idx = self.index
+        query = encode_text(idx.model, idx.matcher.vocab, text)
+        n = min(candidates, idx.n_images)
+        return idx.search_encoded(query, min(k, n), n), query.unknown
+
+    def image_features(self, image_id: int):
+        found = self.index.image_features(image_id)
+        return None if found is None else (found[0].float().cpu().numpy(), found[1].float().cpu().numpy())
+
+    def search_regions(self, regions, gram, k: int, candidates: int) -> list[Hit]:
+        import torch
+
+        idx = self.index
+        n = min(candidates, idx.n_captions)
+        return idx.search_regions(torch.from_numpy(regions), torch.from_numpy(gram), min(k, n), n)
+
+    def crash(self) -> None:
+        """End this actor's process at once (fault tests: Ray restarts it)."""
+        os._exit(1)
+
+
+class RayShardedIndex:
+    """A sharded build served by Ray actors.
+
+    ``address``: a running cluster ("auto", "ray://host:10001", ...); None starts a local Ray in
+    this process. ``threads``: torch threads per actor. ``detached``: actors outlive this driver
+    (``heiindex serve``); later drivers with the same index path find them by name.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        address: str | None = None,
+        threads: int = 1,
+        detached: bool = False,
+        max_restarts: int = 3,
+        start_timeout: float = 300.0,
+    ) -> None:
+        ray = _ray()
+        self.path = Path(path).resolve()
+        self.manifest = read_manifest(self.path)
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+            else:
+                try:
+                    ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
+                except ConnectionError as exc:
+                    raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+        actor_cls = ray.remote(_ShardServer)
+        options = {
+            # No CPU reservation (a reservation the cluster cannot meet leaves an actor pending
+            # for ever); SPREAD places the shards over the nodes, threads are set explicitly.
+            "num_cpus": 0,
+            "scheduling_strategy": "SPREAD",
+            "max_restarts": max_restarts,
+            "max_task_retries": 0,  # a task on a dying actor fails loudly, it is not re-run
+            "namespace": NAMESPACE,
+            "get_if_exists": True,
+        }
+        if detached:
+            options["lifetime"] = "detached"
+        self.actors = [
+            actor_cls.options(name=self.actor_name(i), **options).remote(str(self.path / e["path"]), threads)
+            for i, e in enumerate(self.manifest["shards"])
+        ]
+        self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
+
+    def actor_name(self, i: int) -> str:
+        digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:12]
+        return f"shard-{digest}-{i:03d}"
+
+    def _gather(self, futures: list, what: str, timeout: float | None = None) -> list:
+        ray = _ray()
+        out = []
+        for i, f in enumerate(futures):
+            try:
+                out.append(ray.get(f, timeout=timeout))
+            except ray.exceptions.GetTimeoutError:
+                raise HeiindexError(
+                    f"shard {i} did not answer within {timeout:.0f} s during {what}: "
+                    "can every node read the shard folders and import heiindex?"
+                ) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                path = self.path / self.manifest["shards"][i]["path"]
+                raise HeiindexError(
+                    f"shard {i} ({path}) failed during {what}: its actor died ({type(exc).__name__}); "
+                    "Ray restarts it from its files, run the query again"
+                ) from None
+        return out
+
+    @property
+    def n_images(self) -> int:
+        return int(self.manifest["n_images"])
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.manifest["n_captions"])
+
+    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
+        t0 = time.perf_counter()
+        check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
+        replies = self._gather([a.search.remote(text, k, candidates) for a in self.actors], "the query")
+        hits = merge_hits([r[0] for r in replies], k)
+        return SearchResult(text, hits, replies[0][1], time.perf_counter() - t0)
+
+    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
+        t0 = time.perf_counter()
+        check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
+        found = self._gather([a.image_features.remote(int(image_id)) for a in self.actors], "the image lookup")
+        features = next((f for f in found if f is not None), None)
+        if features is None:
+            raise HeiindexError(f"image id {image_id} is not in this index")
+        ray = _ray()
+        regions, gram = ray.put(features[0]), ray.put(features[1])
+        replies = self._gather(
+            [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
+        )
+        return SearchResult(int(image_id), merge_hits(replies, k), [], time.perf_counter() - t0)
+
+
+def stop_served(path: str | Path, address: str | None) -> int:
+    """Kill the detached actors ``heiindex serve`` started for ``path``; returns how many."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    stopped = 0
+    for i in range(len(manifest["shards"])):
+        try:
+            ray.kill(ray.get_actor(f"shard-{digest}-{i:03d}", namespace=NAMESPACE))
+            stopped += 1
+        except ValueError:
+            continue
+    return stopped

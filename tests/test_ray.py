@@ -1,0 +1,113 @@
+"""heiindex.ray_engine against a real local Ray instance: item-for-item equality with the
+in-process sharded index, explicit threads per actor, and a shard actor that dies mid-query."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from heiindex.errors import HeiindexError  # noqa: E402
+from heiindex.ray_engine import RayShardedIndex  # noqa: E402
+from heiindex.shards import build_shards  # noqa: E402
+
+QUERIES = ["a dog on the grass", "a man riding a motorcycle", "two cats"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="heiindex-tests")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sharded(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray-shards") / "test"
+    return build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, 3, index_type="flat")
+
+
+@pytest.fixture(scope="module")
+def served(local_ray, sharded):
+    return RayShardedIndex(sharded.path, threads=1)
+
+
+def _items(result):
+    return [(h.rank, h.id, h.score, h.hamming, h.captions, h.text) for h in result.results]
+
+
+def test_one_actor_per_shard_with_explicit_threads(served):
+    assert len(served.actors) == 3
+    assert [i["n_images"] for i in served.infos] == [8, 8, 8]
+    assert all(i["threads"] == 1 for i in served.infos)
+    assert len({i["pid"] for i in served.infos}) == 3  # separate processes
+
+
+@pytest.mark.parametrize("text", QUERIES)
+@pytest.mark.parametrize("candidates", [4, 8])
+def test_text_queries_equal_in_process_item_for_item(served, sharded, text, candidates):
+    got, want = served.search(text, 10, candidates), sharded.search(text, 10, candidates)
+    assert _items(got) == _items(want)
+    assert got.unknown_words == want.unknown_words
+
+
+@pytest.mark.parametrize("image_id", [0, 11, 23])
+def test_image_queries_equal_in_process_item_for_item(served, sharded, image_id):
+    image_id = int(sharded.shards[image_id // 8].image_ids[image_id % 8])
+    assert _items(served.search_image(image_id, 5, 10)) == _items(sharded.search_image(image_id, 5, 10))
+
+
+def test_errors_are_the_in_process_ones(served):
+    with pytest.raises(HeiindexError, match="not in this index"):
+        served.search_image(10_000)
+    with pytest.raises(HeiindexError, match="larger than the 24 images"):
+        served.search("a dog", 5, 25)
+
+
+def test_a_shard_that_dies_mid_query_is_a_clear_error_then_restarts(served, sharded):
+    served.actors[1].crash.remote()  # queued before the query's task: the actor dies under it
+    with pytest.raises(HeiindexError, match=r"shard 1 \(.*shard-001\) failed during the query: its actor died"):
+        served.search("a dog on the grass", 10, 8)
+    deadline = time.monotonic() + 60
+    while True:  # Ray restarts the actor, which reloads its shard from its files
+        try:
+            got = served.search("a dog on the grass", 10, 8)
+            break
+        except HeiindexError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert _items(got) == _items(sharded.search("a dog on the grass", 10, 8))
+
+
+def test_cli_query_with_the_ray_engine(served, sharded, pipe):
+    import json
+
+    from click.testing import CliRunner
+    from heiindex_cli.main import cli
+
+    args = ["query", "a dog", "--index", str(sharded.path), "--engine", "ray", "--candidates", "6", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == sharded.search("a dog", 10, 6).to_dict()
+    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(pipe.index_dir), "--engine", "ray"])
+    assert r.exit_code == 2 and "is not a sharded build" in r.output
+
+
+def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from heiindex_cli.main import cli
+
+    copy = tmp_path / "served"
+    shutil.copytree(sharded.path, copy)
+    r = CliRunner().invoke(cli, ["serve", "--index", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("shard ") >= 3 and f"serving {copy.resolve()} on Ray" in r.output
+    names = [line.split()[3] for line in r.output.splitlines() if line.startswith("shard ")]
+    assert all(ray.get_actor(n, namespace="heiindex") for n in names)
+    r = CliRunner().invoke(cli, ["serve", "--index", str(copy), "--stop"])
+    assert r.exit_code == 0 and "stopped 3 shard actors" in r.output
