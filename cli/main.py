@@ -50,6 +50,13 @@ address_option = click.option(
     "--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray started for this command."
 )
 threads_option = click.option("--threads", type=int, default=1, show_default=True, help="torch threads per Ray actor.")
+codes_option = click.option(
+    "--codes",
+    type=click.Choice(["faiss", "milvus"]),
+    default=None,
+    help="Where the hash codes are searched: the index's FAISS files or a Milvus server (--uri).",
+)
+uri_option = click.option("--uri", default=None, help="Milvus server, e.g. http://127.0.0.1:19530.")
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(["float32", "tf32", "bfloat16"]),
@@ -304,14 +311,21 @@ def evaluate(model_dir, store, split, as_json) -> None:
     default=None,
     help="Write S self-contained shards (contiguous image ranges) and a top manifest.",
 )
+@codes_option
+@uri_option
+@click.option("--milvus-index", type=click.Choice(["BIN_FLAT", "BIN_IVF_FLAT"]), default="BIN_FLAT", show_default=True)
 @handle_errors
-def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device, shards) -> None:
+def build(
+    split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device, shards, codes, uri, milvus_index
+) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
     from heiindex.index import Index
 
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
+    if shards is not None and codes == "milvus":
+        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
     if shards is not None:
         from heiindex.shards import build_shards
 
@@ -348,6 +362,9 @@ def build(split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, dev
         nprobe=nprobe,
         progress=True,
         device=device,
+        codes=codes or "faiss",
+        uri=uri,
+        milvus_index=milvus_index,
     )
     if store is None:
         (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
@@ -379,14 +396,23 @@ def _ray_index(index_dir: Path | None, address: str | None, threads: int, detach
     return RayShardedIndex(path, address=address, threads=threads, detached=detached)
 
 
-def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path | None, device="cpu", dtype="float32"):
+def _open_index(
+    index_dir: Path | None,
+    model_dir: Path | None,
+    hash_dir: Path | None,
+    device="cpu",
+    dtype="float32",
+    codes=None,
+    uri=None,
+):
     from heiindex import default_data as dd
     from heiindex.index import Index
     from heiindex.shards import ShardedIndex, is_sharded
 
     path = index_dir or dd.last_built_index()
-    opener = ShardedIndex.open if is_sharded(path) else Index.open
-    return opener(path, model_dir, hash_dir, device=device, dtype=dtype)
+    if is_sharded(path):
+        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
+    return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
 
 
 @cli.command()
@@ -402,10 +428,26 @@ def _open_index(index_dir: Path | None, model_dir: Path | None, hash_dir: Path |
 @engine_option
 @address_option
 @threads_option
+@codes_option
+@uri_option
 @json_option
 @handle_errors
 def query(
-    text, image_id, index_dir, model_dir, hash_dir, candidates, k, device, dtype, engine, address, threads, as_json
+    text,
+    image_id,
+    index_dir,
+    model_dir,
+    hash_dir,
+    candidates,
+    k,
+    device,
+    dtype,
+    engine,
+    address,
+    threads,
+    codes,
+    uri,
+    as_json,
 ) -> None:
     """Text-to-image search for TEXT, or image-to-text search with --image ID."""
     from .render import console, echo_json, search_table
@@ -415,7 +457,7 @@ def query(
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
-        index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
     res = index.search_image(image_id, k, candidates) if image_id is not None else index.search(text, k, candidates)
     if as_json:
         echo_json(res.to_dict())

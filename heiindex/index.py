@@ -157,10 +157,17 @@ class Index:
         progress: bool = False,
         device: str = "cpu",
         image_rows: tuple[int, int] | None = None,
+        codes: str = "faiss",
+        uri: str | None = None,
+        milvus_index: str = "BIN_FLAT",
     ) -> Index:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically);
         ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
-        store's images a..b-1 and their captions (one shard of a sharded build)."""
+        store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
+        also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
+        FAISS files are written either way."""
+        if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
+            raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
         matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
         hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
@@ -184,7 +191,7 @@ class Index:
         out = Path(out)
         with atomic_dir(out) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
-            codes = []
+            code_blocks = []
             bar = tqdm(
                 total=stop - first,
                 unit="img",
@@ -204,11 +211,11 @@ class Index:
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = torch.bmm(regions, regions.transpose(1, 2))
                 writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
-                codes.append(hasher.module.image_codes(regions))
+                code_blocks.append(hasher.module.image_codes(regions))
                 bar.update(len(ids))
             bar.close()
             writer.close()
-            img_codes = np.concatenate(codes)
+            img_codes = np.concatenate(code_blocks)
             caps = store.captions()
             if image_rows is not None:
                 caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
@@ -256,6 +263,13 @@ class Index:
             }
             if image_rows is not None:
                 manifest["store_rows"] = [int(first), int(stop)]
+            if codes == "milvus":
+                from .milvus_codes import collection_names, upload_codes
+
+                key = hashlib.sha256(json.dumps([str(out.resolve()), manifest], sort_keys=True).encode()).hexdigest()
+                names = collection_names(key)
+                upload_codes(uri, names, {"images": img_codes, "captions": cap_codes}, milvus_index)
+                manifest["codes"] = {"store": "milvus", "uri": uri, "collections": names, "index_type": milvus_index}
             write_json(tmp / "manifest.json", manifest)
         return cls.open(out, matcher, hasher)
 
@@ -267,10 +281,15 @@ class Index:
         hasher: LoadedHash | str | Path | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        codes: str | None = None,
+        uri: str | None = None,
     ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
         given ones must be the same (checksums), else ``ModelMismatchError``. ``device`` and
-        ``dtype`` are where and in what precision queries and the bench run (see ``to``)."""
+        ``dtype`` are where and in what precision queries and the bench run (see ``to``).
+        ``codes``: where Hamming candidates come from, "faiss" (the index's files) or "milvus"
+        (the collections the build wrote, at ``uri`` or the URI it was built with); default: as
+        built."""
         path = Path(path)
         mpath = path / "manifest.json"
         if not mpath.exists():
@@ -298,7 +317,23 @@ class Index:
             hasher = load_hash(hasher)
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
-        return cls(path, manifest, matcher, hasher).to(device, dtype)
+        index = cls(path, manifest, matcher, hasher)
+        built = manifest.get("codes", {"store": "faiss"})
+        if (codes or built["store"]) == "milvus":
+            if built["store"] != "milvus":
+                raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+            from .milvus_codes import MilvusCodes
+
+            server = uri or built["uri"]
+            index.image_index = MilvusCodes(server, built["collections"]["images"])
+            index.caption_index = MilvusCodes(server, built["collections"]["captions"])
+            index.codes_store = f"milvus {server}"
+            if device != "cpu":
+                raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
+            return index.to(device, dtype)
+        elif codes not in (None, "faiss"):
+            raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
+        return index.to(device, dtype)
 
     def to(self, device: str = "cpu", dtype: str = "float32") -> Index:
         """Run queries and the bench on ``device`` ("cpu", "cuda", "cuda:1", ...).

@@ -1,0 +1,110 @@
+"""Hash codes of a build kept in Milvus, a shared vector database (optional: heiindex[milvus]).
+
+What this module is for: ``upload_codes`` writes a build's image and caption codes into two
+Milvus collections (BINARY_VECTOR fields, metric HAMMING, index BIN_FLAT or BIN_IVF_FLAT), and
+``MilvusCodes`` searches one of them with the interface of a FAISS binary index (``ntotal``,
+``search(codes, n)``), so ``Index`` fetches its Hamming candidates from Milvus while features
+and re-ranking stay in heiindex's own Parquet files. Row ids in Milvus are the index's rows.
+
+Searches use ``consistency_level="Bounded"`` (Strong added ~200 ms per search in a trial).
+What it must not do: score, or hold features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .errors import HeiindexError
+
+__all__ = ["MILVUS_INDEX_TYPES", "MilvusCodes", "collection_names", "upload_codes"]
+
+MILVUS_INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
+_BATCH = 10_000
+
+
+def _pymilvus():
+    try:
+        import pymilvus
+    except ImportError:
+        raise HeiindexError("Milvus codes need pymilvus: pip install 'heiindex[milvus]'") from None
+    return pymilvus
+
+
+def _connect(uri: str, timeout: float = 5.0) -> str:
+    """An alias connected to ``uri`` (http://host:port); a clear error naming it when unreachable."""
+    pm = _pymilvus()
+    alias = "heiindex-" + hashlib.sha256(uri.encode()).hexdigest()[:8]
+    if pm.connections.has_connection(alias):
+        return alias
+    try:
+        pm.connections.connect(alias=alias, uri=uri, timeout=timeout)
+    except Exception as exc:  # pymilvus raises its own exception types per version
+        raise HeiindexError(f"cannot reach the Milvus server at {uri}: {type(exc).__name__}: {exc}") from None
+    return alias
+
+
+def collection_names(index_checksum: str) -> dict[str, str]:
+    """Collection names of one build: derived from its manifest, so rebuilds never collide."""
+    return {m: f"heiindex_{index_checksum[:16]}_{m}" for m in ("images", "captions")}
+
+
+def upload_codes(uri: str, names: dict[str, str], codes: dict[str, np.ndarray], kind: str = "BIN_FLAT") -> None:
+    """Write ``codes["images"]`` and ``codes["captions"]`` (uint8, (n, k/8)) to Milvus, replacing
+    collections of the same names, index them with ``kind`` and load them for search."""
+    if kind not in MILVUS_INDEX_TYPES:
+        raise HeiindexError(f"Milvus index type must be one of {MILVUS_INDEX_TYPES}, got {kind!r}")
+    pm = _pymilvus()
+    alias = _connect(uri)
+    for modality, name in names.items():
+        data = np.ascontiguousarray(codes[modality], dtype=np.uint8)
+        if pm.utility.has_collection(name, using=alias):
+            pm.utility.drop_collection(name, using=alias)
+        fields = [
+            pm.FieldSchema("row", pm.DataType.INT64, is_primary=True),
+            pm.FieldSchema("code", pm.DataType.BINARY_VECTOR, dim=data.shape[1] * 8),
+        ]
+        col = pm.Collection(name, pm.CollectionSchema(fields, description=f"heiindex {modality} codes"), using=alias)
+        for s in range(0, len(data), _BATCH):
+            block = data[s : s + _BATCH]
+            col.insert([list(range(s, s + len(block))), [c.tobytes() for c in block]])
+        col.flush()
+        params = {} if kind == "BIN_FLAT" else {"nlist": max(1, min(4096, int(np.sqrt(len(data)))))}
+        col.create_index("code", {"index_type": kind, "metric_type": "HAMMING", "params": params})
+        col.load()
+
+
+class MilvusCodes:
+    """One collection of codes, searched like a FAISS binary index."""
+
+    def __init__(self, uri: str, name: str, nprobe: int = 16) -> None:
+        pm = _pymilvus()
+        self.uri, self.name, self.nprobe = uri, name, nprobe
+        alias = _connect(uri)
+        if not pm.utility.has_collection(name, using=alias):
+            raise HeiindexError(f"Milvus at {uri} has no collection {name!r}; build with --codes milvus --uri {uri}")
+        self._col = pm.Collection(name, using=alias)
+        self._col.load()
+        self.ntotal = int(self._col.num_entities)
+
+    def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances (q, n) int32, rows (q, n) int64)``, nearest first; -1 where Milvus
+        returned fewer than n."""
+        q = np.ascontiguousarray(query_codes, dtype=np.uint8)
+        try:
+            res = self._col.search(
+                [c.tobytes() for c in q],
+                "code",
+                {"metric_type": "HAMMING", "params": {"nprobe": self.nprobe}},
+                limit=n,
+                consistency_level="Bounded",
+            )
+        except Exception as exc:
+            raise HeiindexError(f"Milvus search at {self.uri} failed: {type(exc).__name__}: {exc}") from None
+        dist = np.full((len(q), n), np.iinfo(np.int32).max, dtype=np.int32)
+        ids = np.full((len(q), n), -1, dtype=np.int64)
+        for i, hits in enumerate(res):
+            for j, h in enumerate(hits):
+                ids[i, j], dist[i, j] = h.id, int(round(h.distance))
+        return dist, ids

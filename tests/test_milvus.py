@@ -1,0 +1,99 @@
+"""heiindex.milvus_codes against a real Milvus server (the embedded standalone one the `milvus`
+package ships, started here): candidates equal FAISS IndexBinaryFlat's up to ties, queries
+equal the FAISS-backed index, and a server that is down is a clear error naming its URI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pytest
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+milvus = pytest.importorskip("milvus")
+pytest.importorskip("pymilvus")
+
+from heiindex.errors import HeiindexError  # noqa: E402
+from heiindex.hamming import hamming_candidates  # noqa: E402
+from heiindex.index import Index  # noqa: E402
+from heiindex.milvus_codes import MilvusCodes  # noqa: E402
+
+QUERIES = ["a dog on the grass", "a man riding a motorcycle", "two cats"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = milvus.default_server
+    srv.set_base_dir(str(tmp_path_factory.mktemp("milvus")))
+    srv.config.set("common.gracefulStopTimeout", 1)
+    srv.config.set("common.session.ttl", 5)
+    srv.start()
+    yield f"http://127.0.0.1:{srv.listen_port}"
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def built(pipe, server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("milvus-index") / "test"
+    return Index.build(
+        pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, index_type="flat", codes="milvus", uri=server
+    )
+
+
+def test_manifest_and_collections(built, server):
+    codes = built.manifest["codes"]
+    assert codes["store"] == "milvus" and codes["uri"] == server and codes["index_type"] == "BIN_FLAT"
+    assert isinstance(built.image_index, MilvusCodes) and isinstance(built.caption_index, MilvusCodes)
+    assert (built.image_index.ntotal, built.caption_index.ntotal) == (24, 120)
+
+
+def test_candidates_equal_faiss_flat_up_to_ties(built, pipe):
+    faiss_index = Index.open(built.path, codes="faiss")
+    for searched, queries in (
+        ((built.image_index, faiss_index.image_index), faiss_index.caption_codes()),
+        ((built.caption_index, faiss_index.caption_index), faiss_index.image_codes()),
+    ):
+        d_m, i_m = hamming_candidates(searched[0], queries, 10)
+        d_f, _ = hamming_candidates(searched[1], queries, 10)
+        np.testing.assert_array_equal(d_m, d_f)  # same distances, rank by rank
+        codes = faiss_index.image_codes() if searched[1] is faiss_index.image_index else faiss_index.caption_codes()
+        true = pf.hamming_by_hand(queries, codes)
+        np.testing.assert_array_equal(np.take_along_axis(true, i_m, axis=1), d_m)  # ids carry those distances
+
+
+@pytest.mark.parametrize("text", QUERIES)
+def test_queries_equal_the_faiss_backed_index(built, text):
+    faiss_index = Index.open(built.path, codes="faiss")
+    got, want = built.search(text, 10, 24), faiss_index.search(text, 10, 24)  # all images: no ties left
+    assert [(h.id, h.score, h.hamming) for h in got.results] == [(h.id, h.score, h.hamming) for h in want.results]
+    got, want = (
+        built.search_image(int(built.image_ids[3]), 5, 120),
+        faiss_index.search_image(int(built.image_ids[3]), 5, 120),
+    )
+    assert [(h.id, h.score) for h in got.results] == [(h.id, h.score) for h in want.results]
+
+
+def test_cli_build_and_query_with_milvus(pipe, server, tmp_path):
+    out = tmp_path / "cli-milvus"
+    args = ["build", "--split", "test", "--store", str(pipe.root), "--model", str(pipe.model_dir)]
+    args += ["--hash", str(pipe.hash_dir), "--out", str(out), "--codes", "milvus", "--uri", server]
+    r = CliRunner().invoke(cli, [*args, "--milvus-index", "BIN_IVF_FLAT"])
+    assert r.exit_code == 0, r.output
+    assert Index.open(out).manifest["codes"]["index_type"] == "BIN_IVF_FLAT"
+    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(out), "--candidates", "24", "--json"])
+    assert r.exit_code == 0, r.output
+    want = Index.open(out, codes="faiss").search("a dog", 10, 24).to_dict()
+    assert json.loads(r.output) == want
+
+
+def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path):
+    down = "http://127.0.0.1:1"
+    with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1"):
+        Index.open(built.path, codes="milvus", uri=down)
+    with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1"):
+        Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", codes="milvus", uri=down)
+    assert not (tmp_path / "x").exists()  # nothing written half-way
+    with pytest.raises(HeiindexError, match="built without Milvus codes"):
+        Index.open(pipe.index_dir, codes="milvus", uri=down)
