@@ -38,6 +38,12 @@ def recall_at(ids: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sum(hits) / truth.size)
 
 
+def timed_search(index, xq: np.ndarray, topk: int, truth: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    _, ids = index.search(xq, topk)
+    return {"search_s": time.perf_counter() - t0, "recall": recall_at(ids, truth)}
+
+
 def make_codes(rng: np.random.Generator, n: int, bits: int, structure: str, centres=None) -> np.ndarray:
     """n packed codes, in blocks so that 10M codes never need a 10M x bits boolean array."""
     out = np.empty((n, bits // 8), dtype=np.uint8)
@@ -108,21 +114,15 @@ def main() -> None:
                     build = time.perf_counter() - t0
                     for nprobe in (int(x) for x in args.nprobe.split(",")):
                         ivf.nprobe = nprobe
-                        t0 = time.perf_counter()
-                        _, ids = ivf.search(xq, args.topk)
-                        search = time.perf_counter() - t0
-                        name = f"ivf nlist={nlist} nprobe={nprobe}"
-                        record(**common, index=name, build_s=build, search_s=search, recall=recall_at(ids, truth))
+                        searched = timed_search(ivf, xq, args.topk, truth)
+                        record(**common, index=f"ivf nlist={nlist} nprobe={nprobe}", build_s=build, **searched)
                     del ivf
                 if not args.no_hnsw:
                     t0 = time.perf_counter()
                     hnsw = make_binary_index(xb, "hnsw", hnsw_m=args.hnsw_m)
                     build = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    _, ids = hnsw.search(xq, args.topk)
-                    search = time.perf_counter() - t0
-                    name = f"hnsw M={args.hnsw_m}"
-                    record(**common, index=name, build_s=build, search_s=search, recall=recall_at(ids, truth))
+                    searched = timed_search(hnsw, xq, args.topk, truth)
+                    record(**common, index=f"hnsw M={args.hnsw_m}", build_s=build, **searched)
                     del hnsw
     if args.omp_check:
         n, bits = int(args.codes.split(",")[0]), int(args.bits.split(",")[0])

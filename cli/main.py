@@ -49,7 +49,13 @@ engine_option = click.option(
 address_option = click.option(
     "--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray started for this command."
 )
-threads_option = click.option("--threads", type=int, default=1, show_default=True, help="torch threads per Ray actor.")
+threads_option = click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch threads per Ray actor (default: as many as this process uses, so that scores are "
+    "summed in the same order as in-process and match to the last bit).",
+)
 codes_option = click.option(
     "--codes",
     type=click.Choice(["faiss", "milvus"]),
@@ -386,6 +392,8 @@ def _index_kinds(spec: dict) -> str:
 
 
 def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
+    import torch
+
     from heiindex import default_data as dd
     from heiindex.ray_engine import RayShardedIndex
     from heiindex.shards import is_sharded
@@ -393,7 +401,7 @@ def _ray_index(index_dir: Path | None, address: str | None, threads: int, detach
     path = index_dir or dd.last_built_index()
     if not is_sharded(path):
         raise HeiindexError(f"{path} is not a sharded build; the Ray engine serves those (heiindex build --shards S)")
-    return RayShardedIndex(path, address=address, threads=threads, detached=detached)
+    return RayShardedIndex(path, address=address, threads=threads or torch.get_num_threads(), detached=detached)
 
 
 def _open_index(
