@@ -497,18 +497,37 @@ def query(
 )
 @device_option
 @dtype_option
+@engine_option
+@address_option
+@threads_option
 @json_option
 @handle_errors
-def bench(topk, index_dir, sweep, plot, protocol, device, dtype, as_json) -> None:
-    """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings."""
+def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address, threads, as_json) -> None:
+    """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings.
+
+    On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
+    --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
     from heiindex.bench import run_bench
 
     from .render import bench_tables, console, echo_json
 
-    index = _open_index(index_dir, None, None, device, dtype)
+    if engine == "ray":
+        index = _ray_index(index_dir, address, threads)
+    else:
+        index = _open_index(index_dir, None, None, device, dtype)
     sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
-    if not hasattr(index, "regions"):  # a ShardedIndex
-        raise HeiindexError(f"{index.path} is a sharded build; bench runs on an unsharded one (build without --shards)")
+    if not hasattr(index, "regions"):  # a sharded build, in process or on Ray
+        from heiindex.shards import run_sharded_bench
+
+        if sweep_list:
+            raise HeiindexError("--sweep runs on an unsharded build")
+        res = run_sharded_bench(index, topk)
+        if as_json:
+            echo_json(res)
+            return
+        for t in bench_tables(f"{res['split']} ({res['shards']} shards, {res['engine']})", res):
+            console.print(t)
+        return
     res = run_bench(index, topk, sweep_list, protocol)
     if sweep_list:
         from heiindex.plot import plot_sweep

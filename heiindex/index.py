@@ -33,10 +33,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__
+from .attention import score_caption_candidates, score_image_candidates
 from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
+    hamming_candidates,
     index_on_device,
     load_binary_index,
     make_binary_index,
@@ -436,6 +438,52 @@ class Index:
             Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
             for rank, (c, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
         ]
+
+    # -- batches of queries against this index (the sharded bench) ----------------------------
+    @torch.no_grad()
+    def candidates_for_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int):
+        """For each caption (padded token ids, lengths): this index's Hamming top-``n`` images,
+        re-ranked. Returns ``(rows (q, n), scores (q, n), hamming (q, n))``, rows -1 where an
+        approximate index found fewer."""
+        words = encode_captions(self.model, tokens, lengths)
+        lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+        codes = self.hasher.module.caption_codes(words.to(self.regions.device), lens.to(self.regions.device))
+        dist, ids = hamming_candidates(self.image_index, codes, n)
+        safe = torch.from_numpy(np.maximum(ids, 0)).to(self.regions.device)
+        scores = score_image_candidates(
+            self.model.attention, words.to(self.regions.device, self.regions.dtype), lens, self.regions, safe, self.gram
+        )
+        return ids, scores.float().cpu().numpy(), dist
+
+    @torch.no_grad()
+    def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int):
+        """For each encoded image (regions (q, R, d), gram (q, R, R)): this index's Hamming
+        top-``n`` captions, re-ranked; as ``candidates_for_captions``."""
+        regions = regions.to(self.regions.device, self.regions.dtype)
+        codes = self.hasher.module.image_codes(regions.float())
+        dist, ids = hamming_candidates(self.caption_index, codes, n)
+        safe = torch.from_numpy(np.maximum(ids, 0)).to(self.regions.device)
+        scores = score_caption_candidates(
+            self.model.attention, regions, self.words, self.lengths, safe, gram.to(self.gram.device)
+        )
+        return ids, scores.float().cpu().numpy(), dist
+
+    def bench_meta(self) -> dict:
+        """What the sharded bench needs to know of this index's items."""
+        return {
+            "image_ids": self.image_ids,
+            "caption_image_ids": self.caption_image_ids,
+            "tokens": self._tokens(),
+            "lengths": self.lengths.cpu().numpy(),
+        }
+
+    def _tokens(self) -> np.ndarray:
+        col = pq.read_table(self.path / "caption_features.parquet", columns=["tokens"]).column("tokens")
+        lists = col.to_pylist()
+        out = np.zeros((len(lists), max((len(t) for t in lists), default=1)), dtype=np.int64)
+        for i, t in enumerate(lists):
+            out[i, : len(t)] = t
+        return out
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:

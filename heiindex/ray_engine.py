@@ -79,6 +79,21 @@ class _ShardServer:
         n = min(candidates, idx.n_captions)
         return idx.search_regions(torch.from_numpy(regions), torch.from_numpy(gram), min(k, n), n)
 
+    def bench_meta(self) -> dict:
+        return self.index.bench_meta()
+
+    def candidates_for_captions(self, tokens, lengths, n: int):
+        return self.index.candidates_for_captions(tokens, lengths, min(n, self.index.n_images))
+
+    def features(self):
+        return self.index.regions.float().cpu().numpy(), self.index.gram.float().cpu().numpy()
+
+    def candidates_for_images(self, regions, gram, n: int):
+        import torch
+
+        idx = self.index
+        return idx.candidates_for_images(torch.from_numpy(regions), torch.from_numpy(gram), min(n, idx.n_captions))
+
     def crash(self) -> None:
         """End this actor's process at once (fault tests: Ray restarts it)."""
         os._exit(1)
@@ -161,6 +176,24 @@ class RayShardedIndex:
     @property
     def n_captions(self) -> int:
         return int(self.manifest["n_captions"])
+
+    # -- the sharded bench (heiindex.shards.run_sharded_bench): every shard at once -------------
+    def bench_metas(self) -> list[dict]:
+        return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
+
+    def bench_captions(self, tokens, lengths, n: int) -> list:
+        ray = _ray()
+        tok, lens = ray.put(tokens), ray.put(lengths)
+        return self._gather([a.candidates_for_captions.remote(tok, lens, n) for a in self.actors], "the bench")
+
+    def bench_images(self, n: int) -> list:
+        import numpy as np
+
+        ray = _ray()
+        feats = self._gather([a.features.remote() for a in self.actors], "the bench")
+        regions = ray.put(np.concatenate([f[0] for f in feats]))
+        gram = ray.put(np.concatenate([f[1] for f in feats]))
+        return self._gather([a.candidates_for_images.remote(regions, gram, n) for a in self.actors], "the bench")
 
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .checkpoint import LoadedModel, load_model
@@ -35,7 +36,16 @@ from .search import encode_text
 from .store import SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["ShardedIndex", "build_shards", "check_counts", "is_sharded", "merge_hits", "read_manifest", "shard_bounds"]
+__all__ = [
+    "ShardedIndex",
+    "build_shards",
+    "check_counts",
+    "is_sharded",
+    "merge_hits",
+    "read_manifest",
+    "run_sharded_bench",
+    "shard_bounds",
+]
 
 SHARDED_FORMAT_VERSION = 1
 
@@ -171,6 +181,18 @@ class ShardedIndex:
     def n_captions(self) -> int:
         return sum(s.n_captions for s in self.shards)
 
+    # -- the sharded bench (run_sharded_bench) ---------------------------------------------
+    def bench_metas(self) -> list[dict]:
+        return [s.bench_meta() for s in self.shards]
+
+    def bench_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int) -> list:
+        return [s.candidates_for_captions(tokens, lengths, min(n, s.n_images)) for s in self.shards]
+
+    def bench_images(self, n: int) -> list:
+        regions = torch.cat([s.regions for s in self.shards])
+        gram = torch.cat([s.gram for s in self.shards])
+        return [s.candidates_for_images(regions, gram, min(n, s.n_captions)) for s in self.shards]
+
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
         re-ranked, merged by score."""
@@ -210,3 +232,76 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> None:
     pooled = sum(min(candidates, n) for n in sizes)
     if k > pooled:
         raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench of a sharded build (in process or on Ray: both give per-shard batches)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_sharded_bench(engine, topk: int = 100) -> dict:
+    """HEI and Hamming-alone R@K, both directions, over a sharded build.
+
+    ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``; each shard answers
+    every query of a direction in one batch (on Ray, all shards at once), with its own Hamming
+    top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
+    ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
+    index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
+    """
+    from .bench import _ranks_of_first_hit
+    from .evaluation import recall
+
+    metas = engine.bench_metas()
+    img_sizes = [len(m["image_ids"]) for m in metas]
+    cap_sizes = [len(m["caption_image_ids"]) for m in metas]
+    if topk < 1:
+        raise HeiindexError("--topk must be at least 1")
+    image_ids = np.concatenate([m["image_ids"] for m in metas])
+    row_of = {int(i): r for r, i in enumerate(image_ids)}
+    caption_image = np.array([row_of[int(i)] for m in metas for i in m["caption_image_ids"]])
+    width = max(m["tokens"].shape[1] for m in metas)
+    tokens = np.concatenate([np.pad(m["tokens"], ((0, 0), (0, width - m["tokens"].shape[1]))) for m in metas])
+    lengths = np.concatenate([m["lengths"] for m in metas])
+    img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
+
+    t0 = time.perf_counter()
+    per_shard = engine.bench_captions(tokens, lengths, topk)
+    t2i = _merge_candidates(per_shard, img_off)
+    t_t2i = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_shard = engine.bench_images(topk)
+    i2t = _merge_candidates(per_shard, cap_off)
+    t_i2t = time.perf_counter() - t0
+
+    out = {
+        "split": engine.manifest["split"],
+        "index": str(engine.path),
+        "shards": len(metas),
+        "engine": type(engine).__name__,
+        "images": int(len(image_ids)),
+        "captions": int(len(caption_image)),
+        "candidates": topk,
+    }
+    for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
+        if direction == "t2i":
+            relevant = cand == caption_image[:, None]
+        else:
+            relevant = (caption_image[np.maximum(cand, 0)] == np.arange(len(image_ids))[:, None]) & (cand >= 0)
+        ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
+        ham_ranks, _ = _ranks_of_first_hit(cand, -dist.astype(np.float64), relevant)
+        out[direction] = {
+            "hei": {**recall(ranks).to_dict(), "seconds": seconds},
+            "hamming": {**recall(ham_ranks).to_dict(), "seconds": None},
+            "candidate_recall": cand_recall,
+        }
+    return out
+
+
+def _merge_candidates(per_shard: list, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shard-local (rows, scores, hamming) per shard -> global rows side by side (-1 kept)."""
+    rows = [np.where(ids >= 0, ids + offsets[s], -1) for s, (ids, _, _) in enumerate(per_shard)]
+    return (
+        np.concatenate(rows, 1),
+        np.concatenate([p[1] for p in per_shard], 1),
+        np.concatenate([p[2] for p in per_shard], 1),
+    )

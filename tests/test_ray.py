@@ -111,3 +111,16 @@ def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
     assert all(ray.get_actor(n, namespace="heiindex") for n in names)
     r = CliRunner().invoke(cli, ["serve", "--index", str(copy), "--stop"])
     assert r.exit_code == 0 and "stopped 3 shard actors" in r.output
+
+
+def test_bench_on_ray_equals_in_process(served, sharded):
+    from heiindex.shards import run_sharded_bench
+
+    got, want = run_sharded_bench(served, topk=6), run_sharded_bench(sharded, topk=6)
+    assert got["engine"] == "RayShardedIndex" and want["engine"] == "ShardedIndex"
+    for direction in ("t2i", "i2t"):
+        assert got[direction]["candidate_recall"] == want[direction]["candidate_recall"]
+        for method in ("hei", "hamming"):
+            a = {k: v for k, v in got[direction][method].items() if k != "seconds"}
+            b = {k: v for k, v in want[direction][method].items() if k != "seconds"}
+            assert a == b, (direction, method)

@@ -13,7 +13,7 @@ from heiindex_cli.main import cli
 from heiindex.errors import HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
-from heiindex.shards import ShardedIndex, build_shards, is_sharded, shard_bounds
+from heiindex.shards import ShardedIndex, build_shards, is_sharded, run_sharded_bench, shard_bounds
 
 QUERIES = ["a dog on the grass", "a man riding a motorcycle", "a red bus on the street", "two cats"]
 SHARDS = 3  # 24 images -> 8 per shard, 40 captions per shard
@@ -115,6 +115,39 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
     assert [(h["id"], round(h["score"], 5)) for h in got["results"]] == [
         (h["id"], round(h["score"], 5)) for h in want["results"]
     ]
-    r = CliRunner().invoke(cli, ["bench", "--index", str(out)])
-    assert r.exit_code == 2 and "is a sharded build" in r.output
-    assert isinstance(ShardedIndex.open(out), ShardedIndex) and pf.BITS
+    r = CliRunner().invoke(cli, ["bench", "--index", str(out), "--topk", "12", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert _no_seconds(d) == _no_seconds(run_sharded_bench(ShardedIndex.open(out), 12))
+    assert (
+        d["shards"] == 2 and d["engine"] == "ShardedIndex" and set(d["t2i"]) == {"hei", "hamming", "candidate_recall"}
+    )
+    r = CliRunner().invoke(cli, ["bench", "--index", str(out), "--topk", "12", "--sweep", "5,10"])
+    assert r.exit_code == 2 and "--sweep runs on an unsharded build" in r.output
+    assert pf.BITS
+
+
+def _no_seconds(res: dict) -> dict:
+    res = json.loads(json.dumps(res))
+    for direction in ("t2i", "i2t"):
+        for method in ("hei", "hamming"):
+            res[direction][method]["seconds"] = None
+    return res
+
+
+def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
+    """With N at least a shard's size every shard scores all its items: HEI's R@K over the
+    merged shards are exhaustive attention's (from the unsharded bench)."""
+    from heiindex.bench import run_bench
+
+    full = run_bench(Index.open(pipe.index_dir), topk=24)
+    res = run_sharded_bench(sharded, topk=8)  # 8 images, 40 captions per shard
+    assert res["t2i"]["candidate_recall"] == 1.0
+    for key in ("r1", "r5", "r10", "medr", "meanr"):
+        assert res["t2i"]["hei"][key] == pytest.approx(full["t2i"]["exhaustive"][key])
+    res = run_sharded_bench(sharded, topk=40)
+    assert res["i2t"]["candidate_recall"] == 1.0
+    for key in ("r1", "r5", "r10", "medr", "meanr"):
+        assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
+    with pytest.raises(HeiindexError, match="--topk must be at least 1"):
+        run_sharded_bench(sharded, topk=0)
