@@ -330,55 +330,25 @@ def build(
 
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
-    if shards is not None and codes == "milvus":
-        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
+    models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
+    common = dict(index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device)
     if shards is not None:
         from heiindex.shards import build_shards
 
-        sharded = build_shards(
-            root,
-            split,
-            model_dir or dd.default_model_dir(),
-            hash_dir or dd.default_hash_dir(),
-            out,
-            shards,
-            index_type=index_type,
-            nlist=nlist,
-            nprobe=nprobe,
-            progress=True,
-            device=device,
-        )
-        if store is None:
-            (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
-        m = sharded.manifest
+        if codes == "milvus":
+            raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
+        m = build_shards(root, split, *models, out, shards, **common).manifest
         sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
-        click.echo(
-            f"built {split}: {m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards "
-            f"({sizes} images) -> {out}"
-        )
-        return
-    index = Index.build(
-        root,
-        split,
-        model_dir or dd.default_model_dir(),
-        hash_dir or dd.default_hash_dir(),
-        out,
-        index_type=index_type,
-        nlist=nlist,
-        nprobe=nprobe,
-        progress=True,
-        device=device,
-        codes=codes or "faiss",
-        uri=uri,
-        milvus_index=milvus_index,
-    )
+        what = f"{m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards ({sizes} images)"
+    else:
+        m = Index.build(
+            root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common
+        ).manifest
+        what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
+        what += _index_kinds(m["index"])
     if store is None:
-        (dd.coco_sim_dir() / "index" / "LAST").write_text(str(Path(out).resolve()) + "\n")
-    m = index.manifest
-    click.echo(
-        f"built {split}: {m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
-        f"{_index_kinds(m['index'])} -> {out}"
-    )
+        dd.mark_last_built(out)
+    click.echo(f"built {split}: {what} -> {out}")
 
 
 def _index_kinds(spec: dict) -> str:

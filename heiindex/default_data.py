@@ -65,10 +65,19 @@ def default_index_dir(split: str) -> Path:
     return coco_sim_dir() / "index" / split
 
 
+def _last_marker() -> Path:
+    return coco_sim_dir() / "index" / "LAST"
+
+
 def last_built_index() -> Path:
     """The index the last ``build`` on the default data wrote (``test`` if none)."""
-    marker = coco_sim_dir() / "index" / "LAST"
+    marker = _last_marker()
     return Path(marker.read_text().strip()) if marker.exists() else default_index_dir("test")
+
+
+def mark_last_built(path: Path) -> None:
+    """Record ``path`` as the index the last ``build`` on the default data wrote."""
+    _last_marker().write_text(str(Path(path).resolve()) + "\n")
 
 
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:
