@@ -16,7 +16,8 @@ vectors of size d. Padding words (beyond ``lengths``) are ignored exactly as SCA
 (SCAN slices each caption to its real words).
 
 What it must not do: hold model weights, encode features, or pick candidates. Inputs are
-already-encoded word features ``(n_caps, L, d)`` and region features ``(n_imgs, R, d)``.
+already-encoded word features ``(n_caps, L, d)`` (padded, or ``PackedWords``) and region
+features ``(n_imgs, R, d)``.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def _t2i_core(
 
     sims: (B, C, L, R) raw word.region similarities, zero at padded words (the l1/l2 norms over
     words rely on it); the softmax axis (regions) is last, so the costly reductions run over
-    contiguous memory. word_mask, word_norm: broadcastable to (B, C, L). gram: (B, R, R).
-    Returns (B, C).
+    contiguous memory. word_mask, word_norm: broadcastable to (B, C, L). gram: (B, R, R), or a
+    function mapping the attention probabilities (B, C, L, R) to their product with each image's
+    Gram matrix (the pair scorer, whose pairs share Gram matrices by image runs). Returns (B, C).
     """
     b, c, length, r = sims.shape
     logits = _scaled_raw_norm(cfg, sims, word_mask.unsqueeze(-1), dim=2)  # norm over words
@@ -354,12 +356,12 @@ def score_pairs(
         p0 = p1
 
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
-    norms = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else None
+    norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
 
     def run(sel: Tensor) -> None:
         ci, ii = caption_index.index_select(0, sel), image_index.index_select(0, sel)
         length = int(pair_len.index_select(0, sel).max())
-        wn = None if norms is None else norms[0].index_select(0, norms[1].index_select(0, ci))[:, :length]
+        wn = None if norms is None else norms.index_select(0, slot.index_select(0, sel))[:, :length]
         out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn)
 
     _for_each(run, chunks)
@@ -398,9 +400,10 @@ def _score_pair_chunk(
     """Scores of one chunk of pairs (caption rows ``ci``, image rows ``ii`` sorted) whose
     captions have at most ``length`` words; ``word_norm`` (P, length) for t2i attention.
 
-    Words are gathered one group of pairs at a time (``_Runs``), never for the whole chunk: at
-    d = 1024 a chunk's words would be tens of MB, and a fresh allocation that size costs more in
-    page faults than the copy itself (glibc serves blocks over 32 MB with a new mapping)."""
+    On CPU, words are gathered one group of pairs at a time (``_Runs``), not for the whole
+    chunk: at d = 1024 a chunk's words would be tens of MB, and a fresh allocation that size costs
+    more in page faults than the copy itself (glibc serves blocks over 32 MB with a new mapping).
+    (The GPU policy makes each chunk one group, bounded by ``gather_bytes``.)"""
     n, r = len(ci), regions.shape[1]
     runs = _Runs(ii, _policy(regions.device))
     m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
@@ -408,7 +411,7 @@ def _score_pair_chunk(
     sims = regions.new_empty((n, length, r), dtype=acc)
     t2i = cfg.cross_attn == "t2i"
     wg = None if t2i else regions.new_empty((n, length, length), dtype=acc)
-    for sel, img in runs.groups:
+    for sel, img, _ in runs.groups:
         w = _gather_words_only(words, ci[sel], length)
         if img is not None and acc == regions.dtype:
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
@@ -419,19 +422,15 @@ def _score_pair_chunk(
         if not t2i:
             wg[sel] = torch.bmm(w, w.transpose(1, 2)).to(acc)
     sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
+    # Per-image inputs only for this chunk's images: a query must not touch the whole set.
+    chunk_regions = regions.index_select(0, runs.images)
     if t2i:
-        if gram is None:  # only this chunk's images: a query must not touch the whole set
-            uniq = torch.unique_consecutive(ii)
-            g, image_of = region_gram(regions.index_select(0, uniq)).to(acc), torch.full((regions.shape[0],), -1)
-            image_of[uniq] = torch.arange(len(uniq))
-        else:
-            g, image_of = gram.to(acc), None
-        quad = partial(runs.product_nd, per_image=g, images=image_of)
+        g = region_gram(chunk_regions) if gram is None else gram.index_select(0, runs.images)
+        quad = partial(runs.product_nd, per_image=g.to(acc))
         return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), word_norm.unsqueeze(1), quad).view(n)
-    uniq, inverse = torch.unique_consecutive(ii, return_inverse=True)
     pad = ~m
     wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
-    rn = regions.index_select(0, uniq).to(acc).norm(dim=-1).index_select(0, inverse).unsqueeze(1)  # (P, 1, R)
+    rn = chunk_regions.to(acc).norm(dim=-1).index_select(0, runs.inverse).unsqueeze(1)  # (P, 1, R)
     return _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg).view(n)
 
 
@@ -501,13 +500,9 @@ def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int) -
 def _word_norms(words: Tensor | PackedWords, lengths: Tensor, caption_index: Tensor) -> tuple[Tensor, Tensor]:
     """Norms of the words of every caption in ``caption_index``, each computed once.
 
-    Returns ``(norms (U, L), slot (n_caps,))``: caption ``c``'s norms are ``norms[slot[c]]``.
-    Only captions that occur are read (a single query touches only its own candidates)."""
-    used = torch.zeros(words.shape[0], dtype=torch.bool, device=caption_index.device)
-    used[caption_index] = True
-    uniq = used.nonzero().squeeze(1)
-    slot = torch.full((words.shape[0],), -1, dtype=torch.long, device=caption_index.device)
-    slot[uniq] = torch.arange(len(uniq), device=caption_index.device)
+    Returns ``(norms (U, L), slot (P,))``: pair ``p``'s caption has norms ``norms[slot[p]]``.
+    Only the captions that occur are touched (a single query costs its candidates, not the set)."""
+    uniq, slot = torch.unique(caption_index, return_inverse=True)
     length = int(lengths.index_select(0, uniq).max())
     norms = torch.empty((len(uniq), length), dtype=_acc_dtype(words.dtype), device=words.device)
     step = max(1, (1 << 22) // (length * words.shape[2]))  # ~16 MB of gathered words at a time
@@ -537,43 +532,36 @@ class _Runs:
 
     def __init__(self, image_rows: Tensor, policy: _Policy) -> None:
         self.image_rows = image_rows
-        images, counts = torch.unique_consecutive(image_rows, return_counts=True)
-        self.groups: list[tuple[slice | Tensor, int | None]] = []
+        # images: the chunk's distinct images in order; inverse: each pair's position in it.
+        self.images, self.inverse, counts = torch.unique_consecutive(
+            image_rows, return_inverse=True, return_counts=True
+        )
+        self.groups: list[tuple[slice | Tensor, int | None, int]] = []  # (pairs, image, its position)
         short: list[int] = []
         start = 0
-        for img, cnt in zip(images.tolist(), counts.tolist(), strict=True):
+        for pos, (img, cnt) in enumerate(zip(self.images.tolist(), counts.tolist(), strict=True)):
             if cnt >= policy.min_run:
-                self.groups.append((slice(start, start + cnt), img))
+                self.groups.append((slice(start, start + cnt), img, pos))
             else:
                 short.extend(range(start, start + cnt))
             start += cnt
         for s in range(0, len(short), policy.short_batch):
             rows = torch.tensor(short[s : s + policy.short_batch], dtype=torch.long, device=image_rows.device)
-            self.groups.append((rows, None))
+            self.groups.append((rows, None, -1))
 
-    def product(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:
-        """``out[p] = x[p] @ per_image[images[p]]`` for x (P, L, k) and per_image (n, k, m).
-
-        ``images`` maps the pairs' image rows to rows of ``per_image`` (default: the same)."""
-        n, length, k = x.shape
-        m = per_image.shape[-1]
-        out = x.new_empty((n, length, m))
-        for sel, img in self.groups:
+    def product_nd(self, x: Tensor, per_image: Tensor) -> Tensor:
+        """``out[p] = x[p] @ per_image[inverse[p]]`` for x (P, ..., k) and per_image (len(images), k, m),
+        one matrix of ``per_image`` per distinct image of the chunk."""
+        n, k, m = x.shape[0], x.shape[-1], per_image.shape[-1]
+        flat = x.reshape(n, -1, k)
+        out = x.new_empty((n, flat.shape[1], m))
+        for sel, img, pos in self.groups:
             if img is not None:
-                row = img if images is None else int(images[img])
-                cnt = sel.stop - sel.start
-                torch.mm(x[sel].view(cnt * length, k), per_image[row], out=out[sel].view(-1, m))
+                torch.mm(flat[sel].reshape(-1, k), per_image[pos], out=out[sel].view(-1, m))
             else:
-                rows = self.image_rows.index_select(0, sel)
-                if images is not None:
-                    rows = images.index_select(0, rows)
-                out[sel] = torch.bmm(x.index_select(0, sel), per_image.index_select(0, rows)).to(out.dtype)
-        return out
-
-    def product_nd(self, x: Tensor, per_image: Tensor, images: Tensor | None = None) -> Tensor:
-        """``product`` for x of shape (P, ..., k): the middle axes are flattened and restored."""
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        return self.product(flat, per_image, images).view(*x.shape[:-1], per_image.shape[-1])
+                per_pair = per_image.index_select(0, self.inverse.index_select(0, sel))
+                out[sel] = torch.bmm(flat.index_select(0, sel), per_pair).to(out.dtype)
+        return out.view(*x.shape[:-1], m)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe
             return {"type": "flat", "nlist": None, "nprobe": None}
         return {"type": "ivf", "nlist": nlist or AUTO_NLIST, "nprobe": nprobe or AUTO_NPROBE}
     if kind not in INDEX_TYPES:
-        raise ValueError(f"index type must be one of {(*INDEX_TYPES, 'auto')}, got {kind!r}")
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
     if kind == "ivf":
         return {"type": "ivf", "nlist": nlist or max(1, int(round(np.sqrt(n_codes)))), "nprobe": nprobe or 8}
     return {"type": kind, "nlist": None, "nprobe": None}
@@ -64,13 +64,11 @@ def make_binary_index(
     for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
-    if kind == "auto":
-        chosen = resolve_index_kind(kind, len(codes), nlist, nprobe)
-        kind, nlist, nprobe = chosen["type"], chosen["nlist"], chosen["nprobe"] or nprobe
+    chosen = resolve_index_kind(kind, len(codes), nlist, nprobe)  # the defaults live there
+    kind, nlist, nprobe = chosen["type"], chosen["nlist"], chosen["nprobe"]
     if kind == "flat":
         index = faiss.IndexBinaryFlat(bits)
     elif kind == "ivf":
-        nlist = nlist or max(1, int(round(np.sqrt(len(codes)))))
         if nlist > len(codes):
             raise ValueError(f"nlist {nlist} exceeds the number of codes {len(codes)}")
         quantizer = faiss.IndexBinaryFlat(bits)
@@ -78,12 +76,10 @@ def make_binary_index(
         index.own_fields = True
         quantizer.this.disown()
         index.train(codes)
-        index.nprobe = min(nprobe or 8, nlist)
-    elif kind == "hnsw":
+        index.nprobe = min(nprobe, nlist)
+    else:  # hnsw
         index = faiss.IndexBinaryHNSW(bits, hnsw_m)
         index.hnsw.efSearch = ef_search
-    else:
-        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
     index.add(codes)
     return index
 

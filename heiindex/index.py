@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__
-from .attention import score_caption_candidates, score_image_candidates
+from .attention import region_gram, score_caption_candidates, score_image_candidates
 from .checkpoint import LoadedModel, load_model
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
@@ -211,7 +211,7 @@ class Index:
                 ids, feats = ids[lo:hi], feats[lo:hi]
                 kept_ids.append(ids)
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
-                gram = torch.bmm(regions, regions.transpose(1, 2))
+                gram = region_gram(regions)
                 writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
                 code_blocks.append(hasher.module.image_codes(regions))
                 bar.update(len(ids))

@@ -67,9 +67,6 @@ class PackedWords:
     def device(self) -> torch.device:
         return self._flat.device
 
-    def dim(self) -> int:
-        return 3
-
     def __len__(self) -> int:
         return self.shape[0]
 
