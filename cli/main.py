@@ -362,7 +362,6 @@ def _index_kinds(spec: dict) -> str:
 
 
 def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
-    import torch
 
     from heiindex import default_data as dd
     from heiindex.ray_engine import RayShardedIndex
@@ -371,7 +370,7 @@ def _ray_index(index_dir: Path | None, address: str | None, threads: int, detach
     path = index_dir or dd.last_built_index()
     if not is_sharded(path):
         raise HeiindexError(f"{path} is not a sharded build; the Ray engine serves those (heiindex build --shards S)")
-    return RayShardedIndex(path, address=address, threads=threads or torch.get_num_threads(), detached=detached)
+    return RayShardedIndex(path, address=address, threads=threads, detached=detached)
 
 
 def _open_index(
@@ -389,6 +388,8 @@ def _open_index(
 
     path = index_dir or dd.last_built_index()
     if is_sharded(path):
+        if codes == "milvus":
+            raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
         return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
     return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
 

@@ -152,6 +152,21 @@ class Index:
         matcher: LoadedModel | str | Path,
         hasher: LoadedHash | str | Path,
         out: str | Path,
+        **options,
+    ) -> Index:
+        """Write the index of ``store_root/split`` into ``out`` (``write``, same options) and open it."""
+        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
+        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+        cls.write(store_root, split, matcher, hasher, out, **options)
+        return cls.open(out, matcher, hasher)
+
+    @staticmethod
+    def write(
+        store_root: str | Path,
+        split: str,
+        matcher: LoadedModel | str | Path,
+        hasher: LoadedHash | str | Path,
+        out: str | Path,
         index_type: str = "flat",
         nlist: int | None = None,
         nprobe: int | None = None,
@@ -162,8 +177,9 @@ class Index:
         codes: str = "faiss",
         uri: str | None = None,
         milvus_index: str = "BIN_FLAT",
-    ) -> Index:
-        """Encode, hash and index ``store_root/split`` into ``out`` (written atomically);
+    ) -> dict:
+        """Encode, hash and index ``store_root/split`` into ``out`` (written atomically); returns
+        the manifest written.
         ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
         store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
         also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
@@ -204,6 +220,8 @@ class Index:
             kept_ids = []
             row = 0
             for ids, feats in store.iter_image_blocks(block_images):
+                if row >= stop:  # a shard's range is done: the rest of the store is not read
+                    break
                 lo, hi = max(first - row, 0), min(stop - row, len(ids))
                 row += len(ids)
                 if lo >= hi:
@@ -273,7 +291,7 @@ class Index:
                 upload_codes(uri, names, {"images": img_codes, "captions": cap_codes}, milvus_index)
                 manifest["codes"] = {"store": "milvus", "uri": uri, "collections": names, "index_type": milvus_index}
             write_json(tmp / "manifest.json", manifest)
-        return cls.open(out, matcher, hasher)
+        return manifest
 
     @classmethod
     def open(
@@ -319,22 +337,21 @@ class Index:
             hasher = load_hash(hasher)
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
-        index = cls(path, manifest, matcher, hasher)
         built = manifest.get("codes", {"store": "faiss"})
-        if (codes or built["store"]) == "milvus":
-            if built["store"] != "milvus":
-                raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+        source = codes or built["store"]
+        if source not in ("faiss", "milvus"):
+            raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
+        if source == "milvus" and built["store"] != "milvus":
+            raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+        if source == "milvus" and device != "cpu":
+            raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
+        index = cls(path, manifest, matcher, hasher)
+        if source == "milvus":
             from .milvus_codes import MilvusCodes
 
             server = uri or built["uri"]
             index.image_index = MilvusCodes(server, built["collections"]["images"])
             index.caption_index = MilvusCodes(server, built["collections"]["captions"])
-            index.codes_store = f"milvus {server}"
-            if device != "cpu":
-                raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
-            return index.to(device, dtype)
-        elif codes not in (None, "faiss"):
-            raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
         return index.to(device, dtype)
 
     def to(self, device: str = "cpu", dtype: str = "float32") -> Index:
@@ -442,9 +459,10 @@ class Index:
     # -- batches of queries against this index (the sharded bench) ----------------------------
     @torch.no_grad()
     def candidates_for_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int):
-        """For each caption (padded token ids, lengths): this index's Hamming top-``n`` images,
-        re-ranked. Returns ``(rows (q, n), scores (q, n), hamming (q, n))``, rows -1 where an
-        approximate index found fewer."""
+        """For each caption (padded token ids, lengths): this index's Hamming top-``n`` images
+        (at most all of them), re-ranked. Returns ``(rows (q, n), scores (q, n), hamming (q, n))``,
+        rows -1 where an approximate index found fewer."""
+        n = min(n, self.n_images)
         words = encode_captions(self.model, tokens, lengths)
         lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
         codes = self.hasher.module.caption_codes(words.to(self.regions.device), lens.to(self.regions.device))
@@ -458,7 +476,8 @@ class Index:
     @torch.no_grad()
     def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int):
         """For each encoded image (regions (q, R, d), gram (q, R, R)): this index's Hamming
-        top-``n`` captions, re-ranked; as ``candidates_for_captions``."""
+        top-``n`` captions (at most all of them), re-ranked; as ``candidates_for_captions``."""
+        n = min(n, self.n_captions)
         regions = regions.to(self.regions.device, self.regions.dtype)
         codes = self.hasher.module.image_codes(regions.float())
         dist, ids = hamming_candidates(self.caption_index, codes, n)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import Hit, SearchResult
-from .shards import check_counts, merge_hits, read_manifest
+from .shards import check_counts, merge_hits, read_manifest, shard_search_regions, shard_search_text
 
 __all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
 
@@ -63,10 +63,8 @@ class _ShardServer:
     def search(self, text: str, k: int, candidates: int) -> tuple[list[Hit], list[str]]:
         from .search import encode_text
 
-        idx = self.index
-        query = encode_text(idx.model, idx.matcher.vocab, text)
-        n = min(candidates, idx.n_images)
-        return idx.search_encoded(query, min(k, n), n), query.unknown
+        query = encode_text(self.index.model, self.index.matcher.vocab, text)
+        return shard_search_text(self.index, query, k, candidates), query.unknown
 
     def image_features(self, image_id: int):
         found = self.index.image_features(image_id)
@@ -75,15 +73,13 @@ class _ShardServer:
     def search_regions(self, regions, gram, k: int, candidates: int) -> list[Hit]:
         import torch
 
-        idx = self.index
-        n = min(candidates, idx.n_captions)
-        return idx.search_regions(torch.from_numpy(regions), torch.from_numpy(gram), min(k, n), n)
+        return shard_search_regions(self.index, torch.from_numpy(regions), torch.from_numpy(gram), k, candidates)
 
     def bench_meta(self) -> dict:
         return self.index.bench_meta()
 
     def candidates_for_captions(self, tokens, lengths, n: int):
-        return self.index.candidates_for_captions(tokens, lengths, min(n, self.index.n_images))
+        return self.index.candidates_for_captions(tokens, lengths, n)
 
     def features(self):
         return self.index.regions.float().cpu().numpy(), self.index.gram.float().cpu().numpy()
@@ -91,8 +87,7 @@ class _ShardServer:
     def candidates_for_images(self, regions, gram, n: int):
         import torch
 
-        idx = self.index
-        return idx.candidates_for_images(torch.from_numpy(regions), torch.from_numpy(gram), min(n, idx.n_captions))
+        return self.index.candidates_for_images(torch.from_numpy(regions), torch.from_numpy(gram), n)
 
     def crash(self) -> None:
         """End this actor's process at once (fault tests: Ray restarts it)."""
@@ -103,7 +98,8 @@ class RayShardedIndex:
     """A sharded build served by Ray actors.
 
     ``address``: a running cluster ("auto", "ray://host:10001", ...); None starts a local Ray in
-    this process. ``threads``: torch threads per actor. ``detached``: actors outlive this driver
+    this process. ``threads``: torch threads per actor (default: this process's count, so that
+    products are summed in the same order and scores match in-process ones to the last bit). ``detached``: actors outlive this driver
     (``heiindex serve``); later drivers with the same index path find them by name.
     """
 
@@ -111,12 +107,15 @@ class RayShardedIndex:
         self,
         path: str | Path,
         address: str | None = None,
-        threads: int = 1,
+        threads: int | None = None,
         detached: bool = False,
         max_restarts: int = 3,
         start_timeout: float = 300.0,
     ) -> None:
+        import torch
+
         ray = _ray()
+        threads = threads or torch.get_num_threads()
         self.path = Path(path).resolve()
         self.manifest = read_manifest(self.path)
         if not ray.is_initialized():
@@ -147,8 +146,7 @@ class RayShardedIndex:
         self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
 
     def actor_name(self, i: int) -> str:
-        digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:12]
-        return f"shard-{digest}-{i:03d}"
+        return _actor_name(self.path, i)
 
     def _gather(self, futures: list, what: str, timeout: float | None = None) -> list:
         ray = _ray()
@@ -224,12 +222,16 @@ def stop_served(path: str | Path, address: str | None) -> int:
         ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
     path = Path(path).resolve()
     manifest = read_manifest(path)
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
     stopped = 0
     for i in range(len(manifest["shards"])):
         try:
-            ray.kill(ray.get_actor(f"shard-{digest}-{i:03d}", namespace=NAMESPACE))
+            ray.kill(ray.get_actor(_actor_name(path, i), namespace=NAMESPACE))
             stopped += 1
         except ValueError:
             continue
     return stopped
+
+
+def _actor_name(path: Path, i: int) -> str:
+    """The name of the actor serving shard ``i`` of the build at (resolved) ``path``."""
+    return f"shard-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}-{i:03d}"

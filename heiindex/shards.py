@@ -6,7 +6,8 @@ each image's captions live in the image's shard), plus a top-level manifest. ``S
 answers a query by asking every shard for its own Hamming top-N, re-ranked by the matcher,
 and merging the shards' top-k by matcher score.
 
-Why the merge is never worse than one unsharded index: the global Hamming top-N is contained
+Why the merge is never worse than one unsharded index (with exact, flat shard indexes; IVF or
+HNSW shards may miss candidates, as an approximate unsharded index may): the global Hamming top-N is contained
 in the union of the shards' top-N (an item among the N nearest of all is among the N nearest
 of its own shard), and every candidate is scored exactly, so the merged top-k scores are at
 least those of the unsharded top-k, rank by rank. They coincide whenever the unsharded top-k
@@ -32,7 +33,7 @@ from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .errors import DataError, HeiindexError
 from .index import Hit, Index, SearchResult
-from .search import encode_text
+from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
@@ -78,11 +79,11 @@ def build_shards(
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
     out = Path(out)
-    entries = []
+    entries, manifests = [], []
     with atomic_dir(out) as tmp:
         for i, (a, b) in enumerate(bounds):
             name = f"shard-{i:03d}"
-            shard = Index.build(
+            m = Index.write(
                 store_root,
                 split,
                 matcher,
@@ -95,10 +96,10 @@ def build_shards(
                 device=device,
                 image_rows=(a, b),
             )
+            manifests.append(m)
             entries.append(
-                {"path": name, "store_rows": [a, b], "n_images": shard.n_images, "n_captions": shard.n_captions}
+                {"path": name, "store_rows": [a, b], "n_images": m["n_images"], "n_captions": m["n_captions"]}
             )
-        first = json.loads((tmp / entries[0]["path"] / "manifest.json").read_text())
         write_json(
             tmp / "manifest.json",
             {
@@ -106,9 +107,9 @@ def build_shards(
                 "kind": "sharded",
                 "created_by": f"heiindex {__version__}",
                 "split": split,
-                "store": first["store"],
-                "matcher": first["matcher"],
-                "hash": first["hash"],
+                "store": manifests[0]["store"],
+                "matcher": manifests[0]["matcher"],
+                "hash": manifests[0]["hash"],
                 "n_images": sum(e["n_images"] for e in entries),
                 "n_captions": sum(e["n_captions"] for e in entries),
                 "shards": entries,
@@ -186,25 +187,21 @@ class ShardedIndex:
         return [s.bench_meta() for s in self.shards]
 
     def bench_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int) -> list:
-        return [s.candidates_for_captions(tokens, lengths, min(n, s.n_images)) for s in self.shards]
+        return [s.candidates_for_captions(tokens, lengths, n) for s in self.shards]
 
     def bench_images(self, n: int) -> list:
         regions = torch.cat([s.regions for s in self.shards])
         gram = torch.cat([s.gram for s in self.shards])
-        return [s.candidates_for_images(regions, gram, min(n, s.n_captions)) for s in self.shards]
+        return [s.candidates_for_images(regions, gram, n) for s in self.shards]
 
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
         re-ranked, merged by score."""
         t0 = time.perf_counter()
-        sizes = [s.n_images for s in self.shards]
-        check_counts(candidates, k, sizes, "images")
+        check_counts(candidates, k, [s.n_images for s in self.shards], "images")
         first = self.shards[0]
         query = encode_text(first.model, first.matcher.vocab, text)
-        per_shard = [
-            s.search_encoded(query, min(k, candidates, n), min(candidates, n))
-            for s, n in zip(self.shards, sizes, strict=True)
-        ]
+        per_shard = [shard_search_text(s, query, k, candidates) for s in self.shards]
         return SearchResult(text, merge_hits(per_shard, k), query.unknown, time.perf_counter() - t0)
 
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
@@ -215,12 +212,20 @@ class ShardedIndex:
         features = next((f for f in (s.image_features(image_id) for s in self.shards) if f is not None), None)
         if features is None:
             raise HeiindexError(f"image id {image_id} is not in this index")
-        per_shard = [
-            s.search_regions(*features, min(k, candidates, s.n_captions), min(candidates, s.n_captions))
-            for s in self.shards
-            if s.n_captions
-        ]
+        per_shard = [shard_search_regions(s, *features, k, candidates) for s in self.shards]
         return SearchResult(int(image_id), merge_hits(per_shard, k), [], time.perf_counter() - t0)
+
+
+def shard_search_text(shard: Index, query: EncodedQuery, k: int, candidates: int) -> list[Hit]:
+    """One shard's part of a text query: N and k capped at the shard's size."""
+    n = min(candidates, shard.n_images)
+    return shard.search_encoded(query, min(k, n), n)
+
+
+def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[Hit]:
+    """One shard's part of an image query (a shard without captions has nothing to add)."""
+    n = min(candidates, shard.n_captions)
+    return shard.search_regions(regions, gram, min(k, n), n) if n else []
 
 
 def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> None:
