@@ -98,6 +98,7 @@ def main() -> None:
         for bits in (int(b) for b in args.bits.split(",")):
             for structure in args.structure.split(","):
                 rng = np.random.default_rng(0)
+                # drawn for both kinds, so each kind's codes come from the stream the recorded runs used
                 centres = rng.integers(0, 256, (CENTRES, bits // 8), dtype=np.uint8)
                 xb = make_codes(rng, n, bits, structure, centres)
                 xq = make_codes(rng, args.queries, bits, structure, centres)
@@ -140,7 +141,7 @@ def main() -> None:
             flush=True,
         )
     print(f"faiss {faiss.__version__}, {args.queries} queries, top-{args.topk}, torch loaded")
-    print("| codes | bits | codes kind | index | build s | search s | recall@100 vs flat |")
+    print(f"| codes | bits | codes kind | index | build s | search s | recall@{args.topk} vs flat |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -88,7 +88,7 @@ def synthetic(args, queries: list[str]) -> dict:
 def built_index(args, queries: list[str]) -> dict:
     from heiindex.index import Index
 
-    index = Index.open(args.index)
+    index = Index.open(args.index, device=args.device)
     ms = []
     for i, text in enumerate(queries[: args.warmup] + queries):
         t0 = time.perf_counter()

@@ -275,7 +275,7 @@ def main() -> None:
         "images": args.images if not args.precomp else None,
         "captions": args.images * CAPS_PER_IMAGE if not args.precomp else None,
         "d": args.d if not args.precomp else None,
-        "bits": args.bits,
+        "bits": args.bits if not args.precomp else "from the hash module",
         "topk": args.topk,
         "stages": results,
     }

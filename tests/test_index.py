@@ -231,11 +231,7 @@ def test_build_refuses_a_hash_module_of_another_matcher(pipe, tmp_path):
 
 
 def test_build_refuses_a_store_of_another_vocabulary(pipe, tmp_path):
-    caps = pf.split_captions({"test": 3})
-    feats = pf.make_features(caps, pf.REGIONS, pf.FEATURE_DIM)
-    (tmp_path / "pre").mkdir()
-    np.save(tmp_path / "pre" / "test_ims.npy", feats["test"])
-    (tmp_path / "pre" / "test_caps.txt").write_text("\n".join(caps["test"]) + "\n")
+    pf.write_learnable_precomp(tmp_path / "pre", {"test": 3})
     ingest(tmp_path / "pre", "test", tmp_path / "store", regions=None, feature_dim=None)  # its own vocab
     with pytest.raises(ModelMismatchError, match="another vocabulary"):
         Index.build(tmp_path / "store", "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x")
