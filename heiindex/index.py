@@ -458,19 +458,16 @@ class Index:
 
     # -- batches of queries against this index (the sharded bench) ----------------------------
     @torch.no_grad()
-    def candidates_for_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int):
-        """For each caption (padded token ids, lengths): this index's Hamming top-``n`` images
-        (at most all of them), re-ranked. Returns ``(rows (q, n), scores (q, n), hamming (q, n))``,
-        rows -1 where an approximate index found fewer."""
+    def candidates_for_captions(self, words: Tensor, lengths: Tensor, n: int):
+        """For each encoded caption (words (q, L, d) padded, lengths (q,)): this index's Hamming
+        top-``n`` images (at most all of them), re-ranked. Returns ``(rows (q, n), scores (q, n),
+        hamming (q, n))``, rows -1 where an approximate index found fewer."""
         n = min(n, self.n_images)
-        words = encode_captions(self.model, tokens, lengths)
-        lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
-        codes = self.hasher.module.caption_codes(words.to(self.regions.device), lens.to(self.regions.device))
-        dist, ids = hamming_candidates(self.image_index, codes, n)
-        safe = torch.from_numpy(np.maximum(ids, 0)).to(self.regions.device)
-        scores = score_image_candidates(
-            self.model.attention, words.to(self.regions.device, self.regions.dtype), lens, self.regions, safe, self.gram
-        )
+        dev = self.regions.device
+        words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
+        dist, ids = hamming_candidates(self.image_index, self.hasher.module.caption_codes(words.float(), lengths), n)
+        safe = torch.from_numpy(np.maximum(ids, 0)).to(dev)
+        scores = score_image_candidates(self.model.attention, words, lengths, self.regions, safe, self.gram)
         return ids, scores.float().cpu().numpy(), dist
 
     @torch.no_grad()
@@ -489,20 +486,7 @@ class Index:
 
     def bench_meta(self) -> dict:
         """What the sharded bench needs to know of this index's items."""
-        return {
-            "image_ids": self.image_ids,
-            "caption_image_ids": self.caption_image_ids,
-            "tokens": self._tokens(),
-            "lengths": self.lengths.cpu().numpy(),
-        }
-
-    def _tokens(self) -> np.ndarray:
-        col = pq.read_table(self.path / "caption_features.parquet", columns=["tokens"]).column("tokens")
-        lists = col.to_pylist()
-        out = np.zeros((len(lists), max((len(t) for t in lists), default=1)), dtype=np.int64)
-        for i, t in enumerate(lists):
-            out[i, : len(t)] = t
-        return out
+        return {"image_ids": self.image_ids, "caption_image_ids": self.caption_image_ids}
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:

@@ -78,11 +78,16 @@ class _ShardServer:
     def bench_meta(self) -> dict:
         return self.index.bench_meta()
 
-    def candidates_for_captions(self, tokens, lengths, n: int):
-        return self.index.candidates_for_captions(tokens, lengths, n)
+    def candidates_for_captions(self, words, lengths, n: int):
+        import torch
+
+        return self.index.candidates_for_captions(torch.from_numpy(words), torch.from_numpy(lengths), n)
 
     def features(self):
         return self.index.regions.float().cpu().numpy(), self.index.gram.float().cpu().numpy()
+
+    def caption_features(self):
+        return self.index.words.float().cpu().numpy(), self.index.lengths.cpu().numpy()
 
     def candidates_for_images(self, regions, gram, n: int):
         import torch
@@ -179,10 +184,15 @@ class RayShardedIndex:
     def bench_metas(self) -> list[dict]:
         return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
 
-    def bench_captions(self, tokens, lengths, n: int) -> list:
+    def bench_captions(self, n: int) -> list:
+        import numpy as np
+
         ray = _ray()
-        tok, lens = ray.put(tokens), ray.put(lengths)
-        return self._gather([a.candidates_for_captions.remote(tok, lens, n) for a in self.actors], "the bench")
+        feats = self._gather([a.caption_features.remote() for a in self.actors], "the bench")
+        width = max(f[0].shape[1] for f in feats)
+        words = ray.put(np.concatenate([np.pad(f[0], ((0, 0), (0, width - f[0].shape[1]), (0, 0))) for f in feats]))
+        lengths = ray.put(np.concatenate([f[1] for f in feats]))
+        return self._gather([a.candidates_for_captions.remote(words, lengths, n) for a in self.actors], "the bench")
 
     def bench_images(self, n: int) -> list:
         import numpy as np

@@ -186,8 +186,10 @@ class ShardedIndex:
     def bench_metas(self) -> list[dict]:
         return [s.bench_meta() for s in self.shards]
 
-    def bench_captions(self, tokens: np.ndarray, lengths: np.ndarray, n: int) -> list:
-        return [s.candidates_for_captions(tokens, lengths, n) for s in self.shards]
+    def bench_captions(self, n: int) -> list:
+        words = _concat_padded([s.words for s in self.shards])
+        lengths = torch.cat([s.lengths for s in self.shards])
+        return [s.candidates_for_captions(words, lengths, n) for s in self.shards]
 
     def bench_images(self, n: int) -> list:
         regions = torch.cat([s.regions for s in self.shards])
@@ -247,8 +249,9 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> None:
 def run_sharded_bench(engine, topk: int = 100) -> dict:
     """HEI and Hamming-alone R@K, both directions, over a sharded build.
 
-    ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``; each shard answers
-    every query of a direction in one batch (on Ray, all shards at once), with its own Hamming
+    ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``. The queries are
+    the stored encoded captions and images of all shards (as ``heiindex bench`` uses one index's);
+    each shard answers every query of a direction in one batch (on Ray, all shards at once), with its own Hamming
     top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
     ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
     index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
@@ -264,13 +267,10 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     image_ids = np.concatenate([m["image_ids"] for m in metas])
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     caption_image = np.array([row_of[int(i)] for m in metas for i in m["caption_image_ids"]])
-    width = max(m["tokens"].shape[1] for m in metas)
-    tokens = np.concatenate([np.pad(m["tokens"], ((0, 0), (0, width - m["tokens"].shape[1]))) for m in metas])
-    lengths = np.concatenate([m["lengths"] for m in metas])
     img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
 
     t0 = time.perf_counter()
-    per_shard = engine.bench_captions(tokens, lengths, topk)
+    per_shard = engine.bench_captions(topk)
     t2i = _merge_candidates(per_shard, img_off)
     t_t2i = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -300,6 +300,12 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
             "candidate_recall": cand_recall,
         }
     return out
+
+
+def _concat_padded(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Padded word features (n_i, L_i, d) of several indexes as one (sum n_i, max L_i, d) tensor."""
+    width = max(b.shape[1] for b in blocks)
+    return torch.cat([torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b in blocks])
 
 
 def _merge_candidates(per_shard: list, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
