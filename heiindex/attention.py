@@ -267,13 +267,8 @@ def score_block(
     # past it (the other order re-reads every caption's words once per image block). A chunk
     # holds up to 128 captions of one length bucket, so few captions are padded little too.
     buckets = _length_bucket(lengths.index_select(0, order)).tolist()
-    c0 = 0
-    while c0 < n_caps:
-        c1 = min(n_caps, c0 + 128)
-        if buckets[c1 - 1] != buckets[c0]:
-            c1 = bisect_right(buckets, buckets[c0], c0, c1)
+    for c0, c1 in _bucket_chunks(buckets, lambda bucket: 128):
         rows = order[c0:c1]
-        c0 = c1
         length = int(lengths[rows[-1]])  # the chunk's longest caption
         w, m = _gather_words(words, lengths, rows, length)
         # Zero the padding once per chunk: every image block then gets exact zeros there.
@@ -344,16 +339,11 @@ def score_pairs(
     bucket = _length_bucket(pair_len)
     order = torch.argsort(bucket * regions.shape[0] + image_index, stable=True)
     bucket_sorted = bucket.index_select(0, order).tolist()
-    chunks = []
-    p0 = 0
-    while p0 < n_pairs:
-        # A chunk: pairs of one length bucket, small enough for max_elements.
-        step = max(1, min(max_pairs, max_elements // (bucket_sorted[p0] * r)))
-        p1 = min(n_pairs, p0 + step)
-        if bucket_sorted[p1 - 1] != bucket_sorted[p0]:
-            p1 = bisect_right(bucket_sorted, bucket_sorted[p0], p0, p1)
-        chunks.append(order[p0:p1])
-        p0 = p1
+    # A chunk: pairs of one length bucket, small enough for max_elements and gather_bytes.
+    chunks = [
+        order[p0:p1]
+        for p0, p1 in _bucket_chunks(bucket_sorted, lambda b: max(1, min(max_pairs, max_elements // (b * r))))
+    ]
 
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
     norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
@@ -482,6 +472,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of everything after the similarity products: features may be stored in 16 bits
     (half the memory traffic, fast matrix units), the softmax, norms and sums stay in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _bucket_chunks(buckets: list[int], step: Callable[[int], int]) -> list[tuple[int, int]]:
+    """Cut a sorted list of length buckets into ``(start, stop)`` chunks of one bucket each, of at
+    most ``step(bucket)`` items."""
+    chunks, start = [], 0
+    while start < len(buckets):
+        stop = min(len(buckets), start + step(buckets[start]))
+        if buckets[stop - 1] != buckets[start]:
+            stop = bisect_right(buckets, buckets[start], start, stop)
+        chunks.append((start, stop))
+        start = stop
+    return chunks
 
 
 def _length_bucket(lengths: Tensor) -> Tensor:
