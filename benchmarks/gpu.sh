@@ -1,31 +1,103 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one call on the lent GPU machine (H100/H200, Python 3.12, torch with
-# CUDA; no network there).
+# The GPU checks and benchmarks in one call on the lent GPU machine (H100/H200, Python 3.12,
+# torch with CUDA; no network there).
 #
 # Here, once (downloads the two wheels the GPU image lacks, faiss-cpu and nltk, into .whl/,
 # which git ignores):
 #     bash benchmarks/gpu.sh --fetch-wheels
 # Then through the device tool, from the repo root:
 #     run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
-# It writes scale_float32.json, scale_bfloat16.json, latency.json and gpu.txt to $OUT (the
-# device tool's output folder), or to benchmarks/gpu-out/ when OUT is unset.
 #
-# scale.py on the GPU scores every caption exhaustively (no extrapolation) but still times the
-# reference loop on a subset (it is launch-bound: 25,000 captions x 40 shards of kernels).
-set -euo pipefail
+# Steps, most important first; each has its own time cap and the whole run stops starting new
+# steps after GPU_BUDGET_S seconds (default 470), so what finished always comes back:
+#   1. the CUDA tests (`pytest -k cuda`: float64 parity of every scorer on the GPU, the torch
+#      Hamming search against FAISS, Index / CLI answers on the GPU against the CPU's);
+#   2. coco-sim test split (simulated image features; generated here, byte-identical to the
+#      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`;
+#   3. benchmarks/scale.py (COCO-5K size, random features) in float32: every caption scored
+#      exhaustively (no extrapolation; the reference loop is still timed on 100 captions);
+#   4. benchmarks/latency.py on the GPU;
+#   5. bench and scale.py in bfloat16; 6. the same bench on this machine's CPU (baseline).
+# Output in $OUT (the device tool's folder; benchmarks/gpu-out/ when OUT is unset): gpu.log
+# (every step's output and its wall seconds) and one JSON per bench or benchmark.
+#
+# A dry run of the script's plumbing on a machine without a GPU (small sizes, CPU only):
+#     GPU_DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl faiss-cpu==1.15.1 nltk==3.10.4
-    exit 0
+    exit
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/gpu-out}"
 mkdir -p "$out"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch; print("torch", torch.__version__)'; } | tee "$out/gpu.txt"
-python3 benchmarks/scale.py --device cuda --exhaustive-queries 25000 --reference-queries 100 --json "$out/scale_float32.json"
-python3 benchmarks/scale.py --device cuda --dtype bfloat16 --stages exhaustive,hei --exhaustive-queries 25000 \
-    --json "$out/scale_bfloat16.json"
-python3 benchmarks/latency.py --device cuda --json "$out/latency.json"
+log="$out/gpu.log"
+budget="${GPU_BUDGET_S:-470}"
+start=$SECONDS
+
+export PY="${PYTHON:-python3}" PYTHONUNBUFFERED=1 sim=/tmp/coco-sim-test
+if [ -n "${GPU_DRY_RUN:-}" ]; then
+    dev=cpu scale_size=(--images 200 --d 64) lat_size=(--images 200 --d 64 --queries 20)
+else
+    dev=cuda scale_size=() lat_size=()
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "wheel install failed" >>"$log"; exit 1; }
+    ln -sfn "$PWD/cli" /tmp/site/heiindex_cli # the CLI package, as pyproject.toml maps it
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+hx() { "$PY" -c 'from heiindex_cli.main import cli; cli(prog_name="heiindex")' "$@"; }
+
+# step NAME CAP_SECONDS COMMAND...: run with a time cap inside what is left of the budget.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((budget - (SECONDS - start)))
+    if [ "$left" -lt 15 ]; then
+        echo "=== $name: skipped, budget spent" | tee -a "$log"
+        return
+    fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    echo "=== $name (cap $cap s)" >>"$log"
+    local t0=$SECONDS rc=0
+    timeout "$cap" bash -c '"$@"' _ "$@" >>"$log" 2>&1 || rc=$?
+    echo "=== $name: rc $rc, $((SECONDS - t0)) s" | tee -a "$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; "$PY" -c 'import torch; print("torch", torch.__version__)'; } >>"$log" 2>&1
+
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda and not without" \
+    tests/test_attention.py tests/test_hamming.py tests/test_index.py tests/test_cli.py
+
+gen_test_split() {
+    "$PY" - "$sim/precomp" <<'EOF'
+import sys
+from pathlib import Path
+from heiindex.simulate import CAPTIONS_PER_IMAGE, TEST_IMAGES, read_captions, simulate_images
+out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+lines = read_captions(Path("data/coco-captions/testall_caps.txt"))[: TEST_IMAGES * CAPTIONS_PER_IMAGE]
+(out / "test_caps.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+simulate_images(lines, out / "test_ims.npy")
+EOF
+    hx ingest --precomp "$sim/precomp" --split test --out "$sim/store" --vocab data/coco-captions/coco_precomp_vocab.json
+}
+bench() { # bench JSON_FILE [options]: the coco-sim test bench at N = 100
+    local f=$1
+    shift
+    hx bench --index "$sim/index" --topk 100 --json "$@" >"$f"
+}
+export -f hx gen_test_split bench
+
+step coco-sim-test-split 60 gen_test_split
+step build 90 hx build --store "$sim/store" --split test --out "$sim/index" --device $dev
+step query 30 hx query "a dog on grass" --index "$sim/index" --device $dev --json
+step bench-$dev 90 bench "$out/bench_$dev.json" --device $dev
+step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --exhaustive-queries 25000 --reference-queries 100 \
+    "${scale_size[@]}" --json "$out/scale_float32.json"
+step latency 60 "$PY" benchmarks/latency.py --device $dev "${lat_size[@]}" --json "$out/latency.json"
+step bench-$dev-bf16 60 bench "$out/bench_${dev}_bf16.json" --device $dev --dtype bfloat16
+step scale-bfloat16 90 "$PY" benchmarks/scale.py --device $dev --dtype bfloat16 --stages exhaustive,hei \
+    --exhaustive-queries 25000 "${scale_size[@]}" --json "$out/scale_bfloat16.json"
+step bench-cpu 120 bench "$out/bench_cpu.json" --device cpu
+echo "total $((SECONDS - start)) s" | tee -a "$log"

@@ -472,3 +472,53 @@ def test_gpu_work_policy_gives_the_same_scores(monkeypatch, cross_attn, raw_feat
         monkeypatch.setattr(attention, "_policy", lambda device, p=policy: p)
         _assert_close(score_pairs(cfg, words, lengths, regions, caps, imgs), full[caps, imgs], "score_pairs")
         _assert_close(score_block(cfg, words, lengths, regions), full, "score_block")
+
+
+# ----------------------------------------------------------------------------- on a CUDA device
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PAIR_CASES, ids=[f"{c}-{n}-{a}" for c, n, a in PAIR_CASES])
+def test_cuda_float64_scores_match_reference(cross_attn, raw_feature_norm, agg, packed):
+    """Every scorer with its inputs on the GPU (the GPU work policy, device-side gathers and
+    grouping), in float64: the reference scores to 1e-10, as on CPU."""
+    words, lengths, regions, caps, imgs = _pair_data()
+    full = ref.reference_matrix(words, lengths, regions, **_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    cfg = AttentionConfig(**_cfg_kwargs(cross_attn, raw_feature_norm, agg))
+    dev = torch.device("cuda")
+    w, n, r, c, i = (t.to(dev) for t in (words, lengths, regions, caps, imgs))
+    if packed:
+        w = PackedWords.from_padded(w, n)
+    _assert_close(score_pairs(cfg, w, n, r, c, i), full[caps, imgs], "score_pairs on cuda")
+    _assert_close(score_block(cfg, w, n, r), full, "score_block on cuda")
+    cand = imgs[: len(PAIR_LENGTHS) * 3].view(len(PAIR_LENGTHS), 3)
+    _assert_close(
+        score_image_candidates(cfg, w, n, r, cand.to(dev)), torch.gather(full, 1, cand), "image candidates on cuda"
+    )
+    cand = caps[: PAIR_IMGS * 6].view(PAIR_IMGS, 6)
+    _assert_close(
+        score_caption_candidates(cfg, r, w, n, cand.to(dev)),
+        torch.gather(full.T, 1, cand),
+        "caption candidates on cuda",
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
+def test_cuda_float32_scores_match_cpu(cross_attn):
+    """float32 on the GPU (TF32 off) against float32 on CPU: within 1e-5 relative."""
+    words, lengths, regions, caps, imgs = _pair_data()
+    cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+    w, r = words.float(), regions.float()
+    cpu = score_pairs(cfg, w, lengths, r, caps, imgs)
+    gpu = score_pairs(cfg, w.cuda(), lengths.cuda(), r.cuda(), caps.cuda(), imgs.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        score_block(cfg, w.cuda(), lengths.cuda(), r.cuda()).cpu(),
+        score_block(cfg, w, lengths, r),
+        rtol=1e-5,
+        atol=1e-6,
+    )

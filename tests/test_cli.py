@@ -346,3 +346,41 @@ def test_cuda_without_a_gpu_is_a_clear_error(pipe):
         r = run(*cmd, "--index", pipe.index_dir, "--device", "cuda")
         assert r.exit_code == 2
         _clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+def test_query_and_bench_on_cuda(pipe, tmp_path):
+    d = _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--device", "cuda", "--json"))
+    assert d == Index.open(pipe.index_dir, device="cuda").search("a dog", 10, 12).to_dict()
+    b = _json(run("bench", "--index", pipe.index_dir, "--topk", "5", "--device", "cuda", "--json"))
+    assert b["device"].startswith("cuda") and b["t2i"]["hei"]["seconds"] > 0
+    out = tmp_path / "built-on-cuda"
+    r = run(
+        "build",
+        "--store",
+        pipe.root,
+        "--split",
+        "test",
+        "--model",
+        pipe.model_dir,
+        "--hash",
+        pipe.hash_dir,
+        "--out",
+        out,
+        "--device",
+        "cuda",
+    )
+    assert r.exit_code == 0, r.output
+    # A GPU encoding may round the last bits differently and so flip a code bit that sits near
+    # zero; with all 24 images as candidates the codes cannot change the answer or its scores.
+    got = {
+        h["id"]: h["score"]
+        for h in _json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))["results"]
+    }
+    want = {
+        h["id"]: h["score"]
+        for h in _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "24", "--json"))["results"]
+    }
+    assert got.keys() == want.keys()
+    for i in got:
+        assert abs(got[i] - want[i]) <= 1e-5 * max(1.0, abs(want[i]))

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
+import torch
 
 from heiindex.errors import DataError
 from heiindex.hamming import (
@@ -191,3 +192,23 @@ def test_auto_index_above_the_threshold_is_ivf(monkeypatch, easy):
     monkeypatch.setattr(hamming, "AUTO_NLIST", 4)
     index = make_binary_index(codes, "auto")
     assert isinstance(index, faiss.IndexBinaryIVF) and index.nlist == 4 and index.nprobe == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+def test_torch_index_on_cuda_matches_faiss_flat_up_to_ties(easy):
+    """float16 +-1 products on the GPU: the distances FAISS finds, exactly (small integers)."""
+    from heiindex.hamming import TorchBinaryIndex, index_on_device
+
+    codes, queries, rows = easy
+    more = np.random.default_rng(2).integers(0, 256, (40, BYTES), dtype=np.uint8)
+    all_queries = np.concatenate([queries, more])
+    flat = make_binary_index(codes, "flat")
+    d_faiss, _ = hamming_candidates(flat, all_queries, 25)
+    on_gpu = index_on_device(flat, "cuda")
+    if not hasattr(faiss, "GpuIndexBinaryFlat"):  # faiss-cpu: the torch search, in float16
+        assert isinstance(on_gpu, TorchBinaryIndex) and on_gpu.dtype == torch.float16
+    for index in (on_gpu, TorchBinaryIndex(codes, "cuda", block=64)):
+        _check_nearest(index, codes, queries, rows)
+        d_gpu, i_gpu = hamming_candidates(index, all_queries, 25)
+        np.testing.assert_array_equal(d_gpu, d_faiss)
+        np.testing.assert_array_equal(np.take_along_axis(pf.hamming_by_hand(all_queries, codes), i_gpu, axis=1), d_gpu)

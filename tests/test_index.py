@@ -318,6 +318,49 @@ def test_bad_device_and_dtype_are_clear_errors(pipe):
         Index.open(pipe.index_dir, dtype="float16")
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+
+
+@needs_cuda
+def test_cuda_index_answers_as_on_cpu(pipe, index):
+    """On the GPU (float32, TF32 off) queries both ways and the bench give the CPU's answers:
+    the same ids and Hamming distances, scores within 1e-5 relative, the same R@K."""
+    from heiindex.bench import run_bench
+
+    gpu = Index.open(pipe.index_dir, device="cuda")
+    assert gpu.regions.is_cuda and gpu.words.is_cuda and gpu.device.type == "cuda"
+    pairs = [(index.search(t, k=10, candidates=20), gpu.search(t, k=10, candidates=20)) for t in QUERIES]
+    pairs += [(index.search_image(i, k=10, candidates=40), gpu.search_image(i, k=10, candidates=40)) for i in (0, 7)]
+    for cpu_res, gpu_res in pairs:
+        # ties in Hamming distance may be cut differently at the N-th candidate: compare the
+        # hits both found, and require nearly all of them
+        by_id = {h.id: h for h in cpu_res.results}
+        shared = [h for h in gpu_res.results if h.id in by_id]
+        assert len(shared) >= 8, (cpu_res.query, [h.id for h in cpu_res.results], [h.id for h in gpu_res.results])
+        for h in shared:
+            assert h.hamming == by_id[h.id].hamming
+            assert abs(h.score - by_id[h.id].score) <= 1e-5 * max(1.0, abs(by_id[h.id].score))
+    full, on_gpu = run_bench(index, topk=24), run_bench(gpu, topk=24)  # topk = all 24 images: no ties cut
+    assert on_gpu["device"].startswith("cuda")
+    for direction in ("t2i", "i2t"):
+        for key in ("r1", "r5", "r10"):
+            assert on_gpu[direction]["exhaustive"][key] == full[direction]["exhaustive"][key], (direction, key)
+            assert on_gpu[direction]["hei"][key] == full[direction]["hei"][key], (direction, key)
+
+
+@needs_cuda
+def test_cuda_bfloat16_scores_within_1e_2(pipe, index):
+    half = Index.open(pipe.index_dir, device="cuda", dtype="bfloat16")
+    assert half.regions.dtype == torch.bfloat16 and half.regions.is_cuda
+    for text in ("a dog on the grass", "a red bus"):
+        exact, approx = index.search(text, k=10, candidates=24), half.search(text, k=10, candidates=24)
+        by_id = {h.id: h.score for h in exact.results}
+        shared = [h for h in approx.results if h.id in by_id]
+        assert len(shared) >= 8
+        for h in shared:
+            assert abs(h.score - by_id[h.id]) <= 1e-2 * abs(by_id[h.id])
+
+
 def test_manifest_records_what_auto_chose(pipe, tmp_path):
     built = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "auto", index_type="auto")
     spec = built.manifest["index"]
