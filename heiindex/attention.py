@@ -441,7 +441,7 @@ def score_image_candidates(
     _check_words_rank(words)
     candidates = _check_candidates(candidates, words.shape[0], regions.shape[0], "images")
     n_q, n_cand = candidates.shape
-    caption_index = torch.arange(n_q).repeat_interleave(n_cand)
+    caption_index = torch.arange(n_q, device=candidates.device).repeat_interleave(n_cand)
     scores = score_pairs(cfg, words, lengths, regions, caption_index, candidates.reshape(-1), gram, max_elements)
     return scores.view(n_q, n_cand)
 
@@ -463,7 +463,7 @@ def score_caption_candidates(
     _check_rank("regions", regions, 3)
     candidates = _check_candidates(candidates, regions.shape[0], words.shape[0], "captions")
     n_q, n_cand = candidates.shape
-    image_index = torch.arange(n_q).repeat_interleave(n_cand)
+    image_index = torch.arange(n_q, device=candidates.device).repeat_interleave(n_cand)
     scores = score_pairs(cfg, words, lengths, regions, candidates.reshape(-1), image_index, gram, max_elements)
     return scores.view(n_q, n_cand)
 
