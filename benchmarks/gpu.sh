@@ -17,9 +17,12 @@
 #   3. benchmarks/scale.py (COCO-5K size, random features) in float32: every caption scored
 #      exhaustively (no extrapolation; the reference loop is still timed on 100 captions);
 #   4. benchmarks/latency.py on the GPU (synthetic COCO-5K size, and the coco-sim index);
-#   5. bench and scale.py in bfloat16; 6. the same bench on this machine's CPU (baseline).
+#   5. bench and scale.py in bfloat16; HEI with the old 1 GiB re-ranking chunks (scale-gather);
+#   6. the same bench on this machine's CPU (baseline).
 # Output in $OUT (the device tool's folder; benchmarks/gpu-out/ when OUT is unset): gpu.log
-# (every step's output and its wall seconds) and one JSON per bench or benchmark.
+# (every step's output and its wall seconds) and one JSON per bench or benchmark (8 files at
+# most come back). GPU_STEPS=tests,bench-cuda,... runs only the steps named; SCALE_STAGES
+# narrows scale-float32 (e.g. to hei).
 #
 # A dry run of the script's plumbing on a machine without a GPU (small sizes, CPU only):
 #     GPU_DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu.sh
@@ -49,10 +52,14 @@ else
 fi
 hx() { "$PY" -c 'from heiindex_cli.main import cli; cli(prog_name="heiindex")' "$@"; }
 
-# step NAME CAP_SECONDS COMMAND...: run with a time cap inside what is left of the budget.
+# step NAME CAP_SECONDS COMMAND...: run with a time cap inside what is left of the budget
+# (only the steps named in GPU_STEPS, comma-separated, when it is set).
 step() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "${GPU_STEPS:-}" ] && [[ ",$GPU_STEPS," != *",$name,"* ]]; then
+        return
+    fi
     local left=$((budget - (SECONDS - start)))
     if [ "$left" -lt 15 ]; then
         echo "=== $name: skipped, budget spent" | tee -a "$log"
@@ -93,11 +100,13 @@ step coco-sim-test-split 60 gen_test_split
 step build 90 hx build --store "$sim/store" --split test --out "$sim/index" --device $dev
 step query 30 hx query "a dog on grass" --index "$sim/index" --device $dev --json
 step bench-$dev 90 bench "$out/bench_$dev.json" --device $dev
-step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --exhaustive-queries 25000 --reference-queries 100 \
+step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --stages "${SCALE_STAGES:-reference,exhaustive,hei}" \
+    --exhaustive-queries 25000 --reference-queries 100 \
     "${scale_size[@]}" --json "$out/scale_float32.json"
 step latency 60 "$PY" benchmarks/latency.py --device $dev "${lat_size[@]}" --json "$out/latency.json"
 step latency-index 60 "$PY" benchmarks/latency.py --index "$sim/index" --device $dev --json "$out/latency_index.json"
 step bench-$dev-bf16 60 bench "$out/bench_${dev}_bf16.json" --device $dev --dtype bfloat16
+step scale-gather 120 "$PY" benchmarks/scale.py --device $dev --stages hei --gpu-gather-gb 1 "${scale_size[@]}"
 step scale-bfloat16 90 "$PY" benchmarks/scale.py --device $dev --dtype bfloat16 --stages exhaustive,hei \
     --exhaustive-queries 25000 "${scale_size[@]}" --json "$out/scale_bfloat16.json"
 step bench-cpu 120 bench "$out/bench_cpu.json" --device cpu

@@ -119,6 +119,12 @@ def run_stage(args) -> dict:
     from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
     from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
 
+    if args.gpu_gather_gb:
+        from dataclasses import replace
+
+        from heiindex import attention
+
+        attention._POLICIES["cuda"] = replace(attention._POLICIES["cuda"], gather_bytes=args.gpu_gather_gb * 2**30)
     t_load = time.perf_counter()
     feats = precomp_features(args) if args.precomp else random_features(args)
     regions, words, lengths, img_codes, cap_codes, caption_image, att = feats
@@ -248,6 +254,11 @@ def main() -> None:
     ap.add_argument("--model", help="model folder for --precomp (default: the bundled coco-sim model)")
     ap.add_argument("--hash", help="hash folder for --precomp (default: the bundled coco-sim hash module)")
     ap.add_argument("--stages", default="reference,exhaustive,hei")
+    ap.add_argument(
+        "--gpu-gather-gb",
+        type=float,
+        help="bytes of gathered features per re-ranking chunk on a GPU, in GiB (default: the library's rule)",
+    )
     ap.add_argument("--json", dest="json_file", help="also write the summary here")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -277,6 +288,7 @@ def main() -> None:
         "d": args.d if not args.precomp else None,
         "bits": args.bits if not args.precomp else "from the hash module",
         "topk": args.topk,
+        "gpu_gather_gb": args.gpu_gather_gb,
         "stages": results,
     }
     text = json.dumps(summary, indent=2)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from heiindex.device import PRECISIONS
 from heiindex.errors import HeiindexError
 
 
@@ -65,7 +66,7 @@ codes_option = click.option(
 uri_option = click.option("--uri", default=None, help="Milvus server, e.g. http://127.0.0.1:19530.")
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["float32", "tf32", "bfloat16"]),
+    type=click.Choice(PRECISIONS),
     default="float32",
     show_default=True,
     help="float32 is exact; tf32 / bfloat16 trade ~1e-3 relative score error for speed on GPUs.",

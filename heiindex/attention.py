@@ -22,10 +22,11 @@ features ``(n_imgs, R, d)``.
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -58,6 +59,9 @@ CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
 DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 cores of 250K..8M
+# GPU re-ranking: gathered features per chunk of pairs. With 1 GiB an H200 re-ranked 2.5M COCO-5K
+# pairs (d = 1024) in 860 chunks: 2.6 s, 1.0 us a pair against 67 ns in exhaustive block scoring.
+GPU_GATHER_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,28 @@ _POLICIES = {
     # CPU: per-image products read each image's regions once; words are gathered per group.
     "cpu": _Policy(DEFAULT_MAX_ELEMENTS, 4, 64, float("inf")),
     # GPU: kernel launches, not bytes, are the cost: big blocks, and every chunk of pairs is one
-    # gathered batched product (a few GB/s of gather is nothing next to HBM bandwidth).
-    "cuda": _Policy(1 << 27, float("inf"), 1 << 62, float(1 << 30)),
+    # gathered batched product (a few GB/s of gather is nothing next to HBM bandwidth). Its
+    # gather_bytes is the most a chunk gathers; _policy lowers it to an eighth of a small card.
+    "cuda": _Policy(1 << 27, float("inf"), 1 << 62, float(GPU_GATHER_BYTES)),
 }
 
 
 def _policy(device: torch.device) -> _Policy:
+    if device.type == "cuda":
+        return _cuda_policy(device.index if device.index is not None else torch.cuda.current_device())
     return _POLICIES.get(device.type, _POLICIES["cpu"])
+
+
+@functools.cache
+def _cuda_policy(index: int) -> _Policy:
+    total = torch.cuda.get_device_properties(index).total_memory
+    base = _POLICIES["cuda"]
+    return replace(base, gather_bytes=gpu_gather_bytes(total, base.gather_bytes))
+
+
+def gpu_gather_bytes(total_memory: int, most: float = GPU_GATHER_BYTES) -> float:
+    """Bytes of gathered pair features one re-ranking chunk may hold on a GPU with ``total_memory``."""
+    return float(min(most, total_memory // 8))
 
 
 @dataclass(frozen=True)
@@ -540,6 +559,9 @@ class _Runs:
             image_rows, return_inverse=True, return_counts=True
         )
         self.groups: list[tuple[slice | Tensor, int | None, int]] = []  # (pairs, image, its position)
+        if policy.min_run == float("inf") and len(image_rows) <= policy.short_batch:  # the GPU's: one group
+            self.groups.append((torch.arange(len(image_rows), device=image_rows.device), None, -1))
+            return
         short: list[int] = []
         start = 0
         for pos, (img, cnt) in enumerate(zip(self.images.tolist(), counts.tolist(), strict=True)):

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from . import __version__
 from .attention import region_gram, score_caption_candidates, score_image_candidates
 from .checkpoint import LoadedModel, load_model
+from .device import resolve_device, set_precision
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
@@ -52,7 +53,6 @@ from .train_hash import LoadedHash, load_hash
 __all__ = ["Hit", "Index", "SearchResult"]
 
 INDEX_FORMAT_VERSION = 1
-DTYPES = ("float32", "tf32", "bfloat16")
 
 
 @dataclass
@@ -197,9 +197,8 @@ class Index:
             raise ModelMismatchError(
                 f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
             )
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise HeiindexError(f"device {device!r} asked for, but torch sees no CUDA device")
+        dev = resolve_device(device)
+        set_precision("float32")  # codes and stored features from exact float32 encoding
         model = matcher.model.eval().to(dev)
         hasher.module.to(dev)
         d, r = model.config.embed_size, store.regions
@@ -343,6 +342,8 @@ class Index:
             raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
         if source == "milvus" and built["store"] != "milvus":
             raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+        resolve_device(device)  # before the features are read
+        set_precision(dtype)
         if source == "milvus" and device != "cpu":
             raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
         index = cls(path, manifest, matcher, hasher)
@@ -361,13 +362,8 @@ class Index:
         on NVIDIA GPUs) or "bfloat16" (features stored in 16 bits: half the memory traffic; the
         softmax, norms and sums stay float32). Hamming search moves to the device too
         (``heiindex.hamming.index_on_device``)."""
-        if dtype not in DTYPES:
-            raise HeiindexError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise HeiindexError(f"device {device!r} asked for, but torch sees no CUDA device")
-        if dtype == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
+        dev = resolve_device(device)
+        set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)

@@ -522,3 +522,10 @@ def test_cuda_float32_scores_match_cpu(cross_attn):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_gpu_gather_budget_is_an_eighth_of_a_small_card_and_capped():
+    from heiindex.attention import GPU_GATHER_BYTES, gpu_gather_bytes
+
+    assert gpu_gather_bytes(16 << 30) == 2 << 30  # a 16 GiB card: 2 GiB of gathered features a chunk
+    assert gpu_gather_bytes(141 << 30) == GPU_GATHER_BYTES == 8 << 30  # H200: the cap

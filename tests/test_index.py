@@ -366,3 +366,20 @@ def test_manifest_records_what_auto_chose(pipe, tmp_path):
     spec = built.manifest["index"]
     assert spec["type"] == "auto"
     assert spec["images"]["type"] == spec["captions"]["type"] == "flat"  # 24 images, 120 captions
+
+
+def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
+    from heiindex.device import set_precision
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_precision("tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        for exact in ("float32", "bfloat16"):  # cuDNN's switch is on by default: float32 turns it off
+            set_precision("tf32")
+            set_precision(exact)
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(HeiindexError, match="dtype must be one of float32, tf32, bfloat16, got 'float16'"):
+            set_precision("float16")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
