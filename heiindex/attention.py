@@ -59,8 +59,8 @@ CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
 DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 cores of 250K..8M
-# GPU re-ranking: gathered features per chunk of pairs. With 1 GiB an H200 re-ranked 2.5M COCO-5K
-# pairs (d = 1024) in 860 chunks: 2.6 s, 1.0 us a pair against 67 ns in exhaustive block scoring.
+# GPU re-ranking: gathered features per chunk of pairs. An H200 re-ranked 2.5M COCO-5K t2i pairs
+# (d = 1024) in 1.21 s with 1 GiB chunks, 0.89 s with 8 GiB (benchmarks/RESULTS.md, GPU).
 GPU_GATHER_BYTES = 8 << 30
 
 
