@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from .attention import score_caption_candidates, score_image_candidates
 from .evaluation import coco_folds, i2t_ranks, recall, t2i_ranks
-from .hamming import hamming_candidates, make_binary_index
+from .hamming import make_binary_index
 from .index import Index
 from .scoring import exhaustive_scores
+from .search import rerank_captions, rerank_images
 
 __all__ = ["run_bench"]
 
@@ -35,16 +35,12 @@ def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048)
     return out
 
 
-def _masked(scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Scores with the slots FAISS left empty (id -1: an IVF/HNSW search found fewer than N) at -inf."""
-    return np.where(cand >= 0, scores, -np.inf)
-
-
 def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, float]:
     """Re-ranked candidate lists -> (1-based rank of the first relevant item, ``inf`` if none;
-    the fraction of queries with a relevant item among the candidates). Empty slots (-1) never count."""
+    the fraction of queries with a relevant item among the candidates). Empty slots (id -1, score
+    -inf as ``heiindex.search.Candidates`` leaves them) never count."""
     relevant = relevant & (cand >= 0)
-    order = np.argsort(-_masked(scores, cand), axis=1, kind="stable")
+    order = np.argsort(-scores, axis=1, kind="stable")
     hit = np.take_along_axis(relevant, order, axis=1)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
     return ranks, float(np.mean(relevant.any(axis=1)))
@@ -54,7 +50,6 @@ def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarr
 def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions; ``sub``
     holds their features)."""
-    att = index.model.attention
     regions, gram, words, lengths = sub.regions, sub.gram, sub.words, sub.lengths
     row_in_sub = np.full(index.n_images, -1)
     row_in_sub[img_rows] = np.arange(len(img_rows))
@@ -66,16 +61,11 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
         t0 = time.perf_counter()
         if direction == "t2i":  # captions search the image codes
             searched = index.image_index if use_stored else make_binary_index(img_codes)
-            _, cand = hamming_candidates(searched, cap_codes, n)
+            cand, scores, _ = rerank_images(index.model, searched, cap_codes, words, lengths, regions, gram, n)
+            relevant = cand == gt[:, None]
         else:  # images search the caption codes
             searched = index.caption_index if use_stored else make_binary_index(cap_codes)
-            _, cand = hamming_candidates(searched, img_codes, n)
-        safe = torch.from_numpy(np.maximum(cand, 0)).to(regions.device)
-        if direction == "t2i":
-            scores = score_image_candidates(att, words, lengths, regions, safe, gram).float().cpu().numpy()
-            relevant = cand == gt[:, None]
-        else:
-            scores = score_caption_candidates(att, regions, words, lengths, safe, gram).float().cpu().numpy()
+            cand, scores, _ = rerank_captions(index.model, searched, img_codes, regions, gram, words, lengths, n)
             relevant = gt[np.maximum(cand, 0)] == image_of_row
         seconds = time.perf_counter() - t0
         ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)

@@ -33,20 +33,19 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__
-from .attention import region_gram, score_caption_candidates, score_image_candidates
+from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import resolve_device, set_precision
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
-    hamming_candidates,
     index_on_device,
     load_binary_index,
     make_binary_index,
     resolve_index_kind,
     save_binary_index,
 )
-from .search import EncodedQuery, captions_for_image, encode_text, images_for_text
+from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
@@ -456,29 +455,22 @@ class Index:
     @torch.no_grad()
     def candidates_for_captions(self, words: Tensor, lengths: Tensor, n: int):
         """For each encoded caption (words (q, L, d) padded, lengths (q,)): this index's Hamming
-        top-``n`` images (at most all of them), re-ranked. Returns ``(rows (q, n), scores (q, n),
-        hamming (q, n))``, rows -1 where an approximate index found fewer."""
+        top-``n`` images (at most all of them), re-ranked: ``heiindex.search.Candidates`` (rows -1
+        and scores -inf where an approximate index found fewer)."""
         n = min(n, self.n_images)
         dev = self.regions.device
         words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
-        dist, ids = hamming_candidates(self.image_index, self.hasher.module.caption_codes(words.float(), lengths), n)
-        safe = torch.from_numpy(np.maximum(ids, 0)).to(dev)
-        scores = score_image_candidates(self.model.attention, words, lengths, self.regions, safe, self.gram)
-        return ids, scores.float().cpu().numpy(), dist
+        codes = self.hasher.module.caption_codes(words.float(), lengths)
+        return rerank_images(self.model, self.image_index, codes, words, lengths, self.regions, self.gram, n)
 
     @torch.no_grad()
     def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int):
         """For each encoded image (regions (q, R, d), gram (q, R, R)): this index's Hamming
         top-``n`` captions (at most all of them), re-ranked; as ``candidates_for_captions``."""
         n = min(n, self.n_captions)
-        regions = regions.to(self.regions.device, self.regions.dtype)
+        regions, gram = regions.to(self.regions.device, self.regions.dtype), gram.to(self.gram.device)
         codes = self.hasher.module.image_codes(regions.float())
-        dist, ids = hamming_candidates(self.caption_index, codes, n)
-        safe = torch.from_numpy(np.maximum(ids, 0)).to(self.regions.device)
-        scores = score_caption_candidates(
-            self.model.attention, regions, self.words, self.lengths, safe, gram.to(self.gram.device)
-        )
-        return ids, scores.float().cpu().numpy(), dist
+        return rerank_captions(self.model, self.caption_index, codes, regions, gram, self.words, self.lengths, n)
 
     def bench_meta(self) -> dict:
         """What the sharded bench needs to know of this index's items."""

@@ -1,15 +1,18 @@
 """The two HEI query pipelines, on features held in memory.
 
-What this module is for: text to images (encode the caption, code it, Hamming top-N over the
-image codes, re-rank the N with the matcher, keep the top k) and image to text (the same from
-an encoded image over the caption codes). ``Index.search`` / ``Index.search_image`` and
-``benchmarks/latency.py`` share them, so the latency measured is the latency served.
+What this module is for: text to images (code the encoded captions, Hamming top-N over the
+image codes, re-rank the N with the matcher) and image to text (the same from encoded images
+over the caption codes). ``rerank_images`` / ``rerank_captions`` do it for a batch of queries
+and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray) and the
+single-query ``images_for_text`` / ``captions_for_image`` (``Index.search``, ``search_image``,
+``benchmarks/latency.py``) share, so the latency measured is the latency served.
 What it must not do: read files, or format results for people (``heiindex.index``, the CLI).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +26,16 @@ from .model import ScanModel
 from .packed import PackedWords
 from .vocab import Vocab
 
-__all__ = ["EncodedQuery", "Ranked", "captions_for_image", "encode_text", "images_for_text"]
+__all__ = [
+    "Candidates",
+    "EncodedQuery",
+    "Ranked",
+    "captions_for_image",
+    "encode_text",
+    "images_for_text",
+    "rerank_captions",
+    "rerank_images",
+]
 
 
 @dataclass
@@ -59,6 +71,40 @@ def encode_text(model: ScanModel, vocab: Vocab, text: str) -> EncodedQuery:
     return EncodedQuery(words, lengths, list(enc.unknown))
 
 
+class Candidates(NamedTuple):
+    """Hamming top-N of a batch of queries, re-ranked by the matcher. ``ids`` (q, N): rows into
+    the searched set, -1 in the slots an approximate index left empty; ``scores`` (q, N) float32,
+    -inf in those slots; ``hamming`` (q, N): Hamming distances of the candidates' codes."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    hamming: np.ndarray
+
+
+@torch.no_grad()
+def rerank_images(model: ScanModel, image_index, codes: np.ndarray, words, lengths, regions, gram, n) -> Candidates:
+    """Text to image for a batch of encoded captions (``words`` (q, L, d) in the regions' dtype,
+    ``lengths`` (q,)) with their packed ``codes``: the ``n`` nearest image codes, re-ranked."""
+    dist, ids = hamming_candidates(image_index, codes, n)
+    safe = torch.from_numpy(np.maximum(ids, 0)).to(regions.device)
+    scores = score_image_candidates(model.attention, words, lengths, regions, safe, gram)
+    return Candidates(ids, _empty_slots(ids, scores), dist)
+
+
+@torch.no_grad()
+def rerank_captions(model: ScanModel, caption_index, codes: np.ndarray, regions, gram, words, lengths, n) -> Candidates:
+    """Image to text for a batch of encoded images (``regions`` (q, R, d), ``gram`` (q, R, R))
+    with their packed ``codes``: the ``n`` nearest caption codes, re-ranked."""
+    dist, ids = hamming_candidates(caption_index, codes, n)
+    safe = torch.from_numpy(np.maximum(ids, 0)).to(regions.device)
+    scores = score_caption_candidates(model.attention, regions, words, lengths, safe, gram)
+    return Candidates(ids, _empty_slots(ids, scores), dist)
+
+
+def _empty_slots(ids: np.ndarray, scores: Tensor) -> np.ndarray:
+    return np.where(ids >= 0, scores.float().cpu().numpy(), -np.inf).astype(np.float32)
+
+
 @torch.no_grad()
 def images_for_text(
     model: ScanModel,
@@ -72,11 +118,8 @@ def images_for_text(
 ) -> Ranked:
     """Text to image: Hamming top-``candidates`` over the image codes, re-ranked, top ``k``."""
     code = hasher.caption_codes(query.words, query.lengths)
-    dist, ids = _kept(*hamming_candidates(image_index, code, candidates))
-    cand = torch.from_numpy(ids).to(regions.device)
     words = query.words.to(regions.dtype)  # the stored features' precision (see Index.to)
-    scores = score_image_candidates(model.attention, words, query.lengths, regions, cand, gram)
-    return _top(scores[0].float().cpu().numpy(), ids[0], dist[0], k)
+    return _top(rerank_images(model, image_index, code, words, query.lengths, regions, gram, candidates), k)
 
 
 @torch.no_grad()
@@ -93,18 +136,12 @@ def captions_for_image(
 ) -> Ranked:
     """Image to text for one encoded image ``regions`` (1, R, d) with its ``gram`` (1, R, R)."""
     code = hasher.image_codes(regions.float())
-    dist, ids = _kept(*hamming_candidates(caption_index, code, candidates))
-    cand = torch.from_numpy(ids).to(regions.device)
-    scores = score_caption_candidates(model.attention, regions, words, lengths, cand, gram)
-    return _top(scores[0].float().cpu().numpy(), ids[0], dist[0], k)
+    return _top(rerank_captions(model, caption_index, code, regions, gram, words, lengths, candidates), k)
 
 
-def _kept(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the empty slots (id -1) an approximate index leaves when it finds fewer than N."""
-    keep = ids[0] >= 0
-    return dist[:, keep], ids[:, keep]
-
-
-def _top(scores: np.ndarray, ids: np.ndarray, dist: np.ndarray, k: int) -> Ranked:
+def _top(found: Candidates, k: int) -> Ranked:
+    """The best ``k`` of one query's candidates; empty slots are dropped."""
+    keep = found.ids[0] >= 0
+    scores, ids, dist = found.scores[0][keep], found.ids[0][keep], found.hamming[0][keep]
     order = np.argsort(-scores, kind="stable")[:k]
     return Ranked(ids[order], scores[order], dist[order])

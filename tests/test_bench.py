@@ -167,3 +167,8 @@ def test_bench_of_an_ivf_index_that_returns_fewer_candidates(pipe, tmp_path):
     want = float(np.mean((ids == ivf.caption_image[:, None]).any(axis=1)))
     assert res["t2i"]["candidate_recall"] == want
     assert res["t2i"]["hei"]["r10"] <= 100 * want
+    # the batched pipeline the bench, Index.candidates_* and the shards share: empty slots are
+    # -1 with score -inf, the others the matcher's scores of the ids found
+    found = ivf.candidates_for_captions(ivf.words[:40], ivf.lengths[:40], 24)
+    assert (found.ids < 0).any() and (found.ids >= 0).any()
+    assert np.isneginf(found.scores[found.ids < 0]).all() and np.isfinite(found.scores[found.ids >= 0]).all()
