@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pipeline_fixtures as pf
 import pytest
 import torch
-from click.testing import CliRunner
-from heiindex_cli.main import cli
+from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex import default_data
 from heiindex.checkpoint import load_model
@@ -22,30 +19,6 @@ from heiindex.scoring import evaluate_exhaustive
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _ok(result):
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    return result
-
-
-def _clean_error(result, *details: str) -> None:
-    """Non-zero exit with a one-line ``Error: ...`` message, not a traceback."""
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    assert "Traceback" not in result.output
-    assert "Error:" in result.output
-    for d in details:
-        assert d in result.output, result.output
-
-
-def _json(result) -> dict:
-    return json.loads(_ok(result).stdout)
-
-
 # -- build ------------------------------------------------------------------------------------
 
 
@@ -53,21 +26,7 @@ def test_build(pipe, tmp_path):
     marker = default_data.coco_sim_dir() / "index" / "LAST"
     before = marker.read_text() if marker.exists() else None
     out = tmp_path / "idx"
-    r = _ok(
-        run(
-            "build",
-            "--split",
-            "test",
-            "--store",
-            pipe.root,
-            "--model",
-            pipe.model_dir,
-            "--hash",
-            pipe.hash_dir,
-            "--out",
-            out,
-        )
-    )
+    r = ok(build(pipe, out))
     assert f"built test: 24 images, 120 captions, {pf.BITS}-bit codes, auto: flat index -> {out}" in r.output
     built, ref = Index.open(out), Index.open(pipe.index_dir)
     assert built.manifest["matcher"] == ref.manifest["matcher"] and built.manifest["hash"] == ref.manifest["hash"]
@@ -78,27 +37,7 @@ def test_build(pipe, tmp_path):
 
 
 def test_build_ivf(pipe, tmp_path):
-    r = _ok(
-        run(
-            "build",
-            "--split",
-            "test",
-            "--store",
-            pipe.root,
-            "--model",
-            pipe.model_dir,
-            "--hash",
-            pipe.hash_dir,
-            "--out",
-            tmp_path / "ivf",
-            "--index",
-            "ivf",
-            "--nlist",
-            "3",
-            "--nprobe",
-            "3",
-        )
-    )
+    r = ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "3", "--nprobe", "3"))
     assert "ivf index" in r.output
     ivf = {"type": "ivf", "nlist": 3, "nprobe": 3}
     assert Index.open(tmp_path / "ivf").manifest["index"] == {**ivf, "images": ivf, "captions": ivf}
@@ -108,7 +47,7 @@ def test_build_ivf(pipe, tmp_path):
 
 
 def test_query_json_has_the_documented_keys_and_the_library_result(pipe):
-    d = _json(
+    d = as_json(
         run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "4", "--candidates", "12", "--json")
     )
     assert set(d) == {"query", "unknown_words", "results"}
@@ -122,7 +61,7 @@ def test_query_json_has_the_documented_keys_and_the_library_result(pipe):
 
 def test_query_table(pipe):
     want = Index.open(pipe.index_dir).search("a man riding a motorcycle", 3, 12)
-    r = _ok(run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "3", "--candidates", "12"))
+    r = ok(run("query", "a man riding a motorcycle", "--index", pipe.index_dir, "--k", "3", "--candidates", "12"))
     assert "query: 'a man riding a motorcycle'" in r.output
     for col in ("rank", "id", "score", "hamming", "captions of the image"):
         assert col in r.output
@@ -133,19 +72,19 @@ def test_query_table(pipe):
 
 
 def test_query_reports_unknown_words(pipe):
-    d = _json(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10", "--json"))
+    d = as_json(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10", "--json"))
     assert d["unknown_words"] == ["xyzzyq"]
-    r = _ok(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10"))
+    r = ok(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10"))
     assert "unknown words (mapped to <unk>): xyzzyq" in r.output
 
 
 def test_query_image(pipe):
-    d = _json(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20", "--json"))
+    d = as_json(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20", "--json"))
     assert set(d) == {"query", "unknown_words", "results"}
     assert d["query"] == 5 and d["unknown_words"] == []
     assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "text"}] * 3
     assert d == Index.open(pipe.index_dir).search_image(5, 3, 20).to_dict()
-    r = _ok(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
+    r = ok(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
     assert "query image 5" in r.output and d["results"][0]["text"][:30] in r.output
 
 
@@ -153,7 +92,7 @@ def test_query_image(pipe):
 
 
 def test_bench_json(pipe):
-    d = _json(run("bench", "--index", pipe.index_dir, "--topk", "24", "--json"))
+    d = as_json(run("bench", "--index", pipe.index_dir, "--topk", "24", "--json"))
     assert {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"} <= set(d)
     for direction in ("t2i", "i2t"):
         assert set(d[direction]) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup"}
@@ -166,7 +105,9 @@ def test_bench_json(pipe):
 
 def test_bench_sweep_writes_a_png(pipe, tmp_path):
     png = tmp_path / "sweep.png"
-    d = _json(run("bench", "--index", pipe.index_dir, "--topk", "10", "--sweep", "1,5,10,24", "--plot", png, "--json"))
+    d = as_json(
+        run("bench", "--index", pipe.index_dir, "--topk", "10", "--sweep", "1,5,10,24", "--plot", png, "--json")
+    )
     assert d["plot"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert [row["candidates"] for row in d["full"]["sweep"]] == [1, 5, 10, 24]
@@ -174,7 +115,7 @@ def test_bench_sweep_writes_a_png(pipe, tmp_path):
 
 
 def test_bench_tables(pipe, tmp_path):
-    r = _ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
+    r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
     for text in (
         "test (all images): text-to-image (24 images, 120 captions, N = 5)",
         "image-to-text",
@@ -193,7 +134,7 @@ def test_bench_tables(pipe, tmp_path):
 
 def test_train_hash(pipe, tmp_path):
     out = tmp_path / "h16"
-    r = _ok(
+    r = ok(
         run(
             "train-hash",
             "--model",
@@ -238,19 +179,19 @@ def test_train_hash_rejects_bits_not_a_multiple_of_8(pipe, tmp_path):
         "--epochs",
         "1",
     )
-    _clean_error(r, "multiple of 8")
+    clean_error(r, "multiple of 8")
     assert not (tmp_path / "h").exists()
 
 
 def test_evaluate(pipe):
     m = load_model(pipe.model_dir)
     want = evaluate_exhaustive(m.model, encode_split(m.model, SplitStore.open(pipe.root, "test")))
-    d = _json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test", "--json"))
+    d = as_json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test", "--json"))
     assert set(d) == {"split", "t2i", "i2t", "rsum", "seconds"}
     assert d["split"] == "test"
     assert d["t2i"] == want.t2i.to_dict() and d["i2t"] == want.i2t.to_dict()
     assert d["rsum"] == want.rsum
-    r = _ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test"))
+    r = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test"))
     assert "test: exhaustive (24 images, 120 captions)" in r.output
     assert f"rsum {want.rsum:.1f}" in r.output
 
@@ -261,19 +202,19 @@ def test_evaluate(pipe):
 def test_query_without_an_index(tmp_path):
     r = run("query", "a dog", "--index", tmp_path / "none")
     assert r.exit_code == 2
-    _clean_error(r, "no index here; run `heiindex build` first", str(tmp_path / "none" / "manifest.json"))
+    clean_error(r, "no index here; run `heiindex build` first", str(tmp_path / "none" / "manifest.json"))
 
 
 def test_bench_without_an_index(tmp_path):
     r = run("bench", "--index", tmp_path / "none", "--topk", "5")
     assert r.exit_code == 2
-    _clean_error(r, "no index here")
+    clean_error(r, "no index here")
 
 
 def test_query_with_another_model(pipe):
     r = run("query", "a dog", "--index", pipe.index_dir, "--model", pipe.other_model_dir, "--candidates", "10")
     assert r.exit_code == 2
-    _clean_error(r, "rebuild the index with this model")
+    clean_error(r, "rebuild the index with this model")
 
 
 def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
@@ -291,7 +232,7 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
         tmp_path / "x",
     )
     assert r.exit_code == 2
-    _clean_error(r, "was trained next to")
+    clean_error(r, "was trained next to")
     assert not (tmp_path / "x").exists()
 
 
@@ -314,27 +255,27 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
 def test_query_errors(pipe, args, detail):
     r = run("query", *args, "--index", pipe.index_dir)
     assert r.exit_code == 2
-    _clean_error(r, detail)
+    clean_error(r, detail)
 
 
 def test_query_needs_text_or_image(pipe):
     for args in ([], ["a dog", "--image", "1"]):
         r = run("query", *args, "--index", pipe.index_dir)
         assert r.exit_code == 2
-        _clean_error(r, "give a TEXT query or --image ID")
+        clean_error(r, "give a TEXT query or --image ID")
 
 
 def test_bench_topk_too_large(pipe):
     r = run("bench", "--index", pipe.index_dir, "--topk", "25")
     assert r.exit_code == 2
-    _clean_error(r, "--topk 25 must lie in [1, 24]")
+    clean_error(r, "--topk 25 must lie in [1, 24]")
 
 
 def test_query_and_bench_take_device_and_dtype(pipe):
-    d = _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--dtype", "bfloat16", "--json"))
+    d = as_json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--dtype", "bfloat16", "--json"))
     want = Index.open(pipe.index_dir, dtype="bfloat16").search("a dog", 10, 12).to_dict()
     assert d == want
-    b = _json(
+    b = as_json(
         run("bench", "--index", pipe.index_dir, "--topk", "5", "--device", "cpu", "--dtype", "bfloat16", "--json")
     )
     assert b["device"] == "cpu" and b["dtype"] == "bfloat16"
@@ -345,41 +286,27 @@ def test_cuda_without_a_gpu_is_a_clear_error(pipe):
     for cmd in (["query", "a dog"], ["bench"]):
         r = run(*cmd, "--index", pipe.index_dir, "--device", "cuda")
         assert r.exit_code == 2
-        _clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
+        clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
 def test_query_and_bench_on_cuda(pipe, tmp_path):
-    d = _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--device", "cuda", "--json"))
+    d = as_json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--device", "cuda", "--json"))
     assert d == Index.open(pipe.index_dir, device="cuda").search("a dog", 10, 12).to_dict()
-    b = _json(run("bench", "--index", pipe.index_dir, "--topk", "5", "--device", "cuda", "--json"))
+    b = as_json(run("bench", "--index", pipe.index_dir, "--topk", "5", "--device", "cuda", "--json"))
     assert b["device"].startswith("cuda") and b["t2i"]["hei"]["seconds"] > 0
     out = tmp_path / "built-on-cuda"
-    r = run(
-        "build",
-        "--store",
-        pipe.root,
-        "--split",
-        "test",
-        "--model",
-        pipe.model_dir,
-        "--hash",
-        pipe.hash_dir,
-        "--out",
-        out,
-        "--device",
-        "cuda",
-    )
+    r = build(pipe, out, "--device", "cuda")
     assert r.exit_code == 0, r.output
     # A GPU encoding may round the last bits differently and so flip a code bit that sits near
     # zero; with all 24 images as candidates the codes cannot change the answer or its scores.
     got = {
         h["id"]: h["score"]
-        for h in _json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))["results"]
+        for h in as_json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))["results"]
     }
     want = {
         h["id"]: h["score"]
-        for h in _json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "24", "--json"))["results"]
+        for h in as_json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "24", "--json"))["results"]
     }
     assert got.keys() == want.keys()
     for i in got:

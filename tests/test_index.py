@@ -289,6 +289,17 @@ def test_search_image_of_an_unknown_id(index):
 # ----------------------------------------------------------------------------- device / dtype
 
 
+def _assert_same_hits(exact, approx, rtol: float, same_hamming: bool = False) -> None:
+    """At least 8 of the top-10 hits shared (ties in Hamming distance may be cut differently at
+    the N-th candidate), each with the same score within ``rtol`` (relative; 1e-6 absolute)."""
+    by_id = {h.id: h for h in exact.results}
+    shared = [h for h in approx.results if h.id in by_id]
+    assert len(shared) >= 8, (exact.query, [h.id for h in exact.results], [h.id for h in approx.results])
+    for h in shared:
+        assert abs(h.score - by_id[h.id].score) <= rtol * abs(by_id[h.id].score) + 1e-6, (exact.query, h.id)
+        assert not same_hamming or h.hamming == by_id[h.id].hamming
+
+
 def test_bfloat16_scores_within_1e_2_and_recall_unchanged(pipe, index):
     """Features stored in bfloat16: scores within 1e-2 relative of float32, R@K of the bench unchanged."""
     from heiindex.bench import run_bench
@@ -296,12 +307,7 @@ def test_bfloat16_scores_within_1e_2_and_recall_unchanged(pipe, index):
     half = Index.open(pipe.index_dir, dtype="bfloat16")
     assert half.regions.dtype == torch.bfloat16 and half.dtype == "bfloat16"
     for text in ("a dog on the grass", "a red bus"):
-        exact, approx = index.search(text, k=10, candidates=20), half.search(text, k=10, candidates=20)
-        by_id = {h.id: h.score for h in exact.results}
-        shared = [h for h in approx.results if h.id in by_id]
-        assert len(shared) >= 8
-        for h in shared:
-            assert abs(h.score - by_id[h.id]) <= 1e-2 * abs(by_id[h.id])
+        _assert_same_hits(index.search(text, k=10, candidates=20), half.search(text, k=10, candidates=20), 1e-2)
     full, low = run_bench(index, topk=24), run_bench(half, topk=24)
     assert low["dtype"] == "bfloat16"
     for direction in ("t2i", "i2t"):
@@ -332,14 +338,7 @@ def test_cuda_index_answers_as_on_cpu(pipe, index):
     pairs = [(index.search(t, k=10, candidates=20), gpu.search(t, k=10, candidates=20)) for t in QUERIES]
     pairs += [(index.search_image(i, k=10, candidates=40), gpu.search_image(i, k=10, candidates=40)) for i in (0, 7)]
     for cpu_res, gpu_res in pairs:
-        # ties in Hamming distance may be cut differently at the N-th candidate: compare the
-        # hits both found, and require nearly all of them
-        by_id = {h.id: h for h in cpu_res.results}
-        shared = [h for h in gpu_res.results if h.id in by_id]
-        assert len(shared) >= 8, (cpu_res.query, [h.id for h in cpu_res.results], [h.id for h in gpu_res.results])
-        for h in shared:
-            assert h.hamming == by_id[h.id].hamming
-            assert abs(h.score - by_id[h.id].score) <= 1e-5 * max(1.0, abs(by_id[h.id].score))
+        _assert_same_hits(cpu_res, gpu_res, 1e-5, same_hamming=True)
     full, on_gpu = run_bench(index, topk=24), run_bench(gpu, topk=24)  # topk = all 24 images: no ties cut
     assert on_gpu["device"].startswith("cuda")
     for direction in ("t2i", "i2t"):
@@ -353,12 +352,7 @@ def test_cuda_bfloat16_scores_within_1e_2(pipe, index):
     half = Index.open(pipe.index_dir, device="cuda", dtype="bfloat16")
     assert half.regions.dtype == torch.bfloat16 and half.regions.is_cuda
     for text in ("a dog on the grass", "a red bus"):
-        exact, approx = index.search(text, k=10, candidates=24), half.search(text, k=10, candidates=24)
-        by_id = {h.id: h.score for h in exact.results}
-        shared = [h for h in approx.results if h.id in by_id]
-        assert len(shared) >= 8
-        for h in shared:
-            assert abs(h.score - by_id[h.id]) <= 1e-2 * abs(by_id[h.id])
+        _assert_same_hits(index.search(text, k=10, candidates=24), half.search(text, k=10, candidates=24), 1e-2)
 
 
 def test_manifest_records_what_auto_chose(pipe, tmp_path):

@@ -4,13 +4,10 @@ equal the FAISS-backed index, and a server that is down is a clear error naming 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
-from click.testing import CliRunner
-from heiindex_cli.main import cli
+from cli_helpers import as_json, build, ok, run
 
 milvus = pytest.importorskip("milvus")
 pytest.importorskip("pymilvus")
@@ -77,15 +74,10 @@ def test_queries_equal_the_faiss_backed_index(built, text):
 
 def test_cli_build_and_query_with_milvus(pipe, server, tmp_path):
     out = tmp_path / "cli-milvus"
-    args = ["build", "--split", "test", "--store", str(pipe.root), "--model", str(pipe.model_dir)]
-    args += ["--hash", str(pipe.hash_dir), "--out", str(out), "--codes", "milvus", "--uri", server]
-    r = CliRunner().invoke(cli, [*args, "--milvus-index", "BIN_IVF_FLAT"])
-    assert r.exit_code == 0, r.output
+    ok(build(pipe, out, "--codes", "milvus", "--uri", server, "--milvus-index", "BIN_IVF_FLAT"))
     assert Index.open(out).manifest["codes"]["index_type"] == "BIN_IVF_FLAT"
-    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(out), "--candidates", "24", "--json"])
-    assert r.exit_code == 0, r.output
-    want = Index.open(out, codes="faiss").search("a dog", 10, 24).to_dict()
-    assert json.loads(r.output) == want
+    got = as_json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))
+    assert got == Index.open(out, codes="faiss").search("a dog", 10, 24).to_dict()
 
 
 def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path):

@@ -9,6 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from cli_helpers import as_json, ok, run  # noqa: E402
+
 from heiindex.errors import HeiindexError  # noqa: E402
 from heiindex.ray_engine import RayShardedIndex  # noqa: E402
 from heiindex.shards import build_shards  # noqa: E402
@@ -83,33 +85,22 @@ def test_a_shard_that_dies_mid_query_is_a_clear_error_then_restarts(served, shar
 
 
 def test_cli_query_with_the_ray_engine(served, sharded, pipe):
-    import json
-
-    from click.testing import CliRunner
-    from heiindex_cli.main import cli
-
-    args = ["query", "a dog", "--index", str(sharded.path), "--engine", "ray", "--candidates", "6", "--json"]
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.output) == sharded.search("a dog", 10, 6).to_dict()
-    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(pipe.index_dir), "--engine", "ray"])
+    got = as_json(run("query", "a dog", "--index", sharded.path, "--engine", "ray", "--candidates", "6", "--json"))
+    assert got == sharded.search("a dog", 10, 6).to_dict()
+    r = run("query", "a dog", "--index", pipe.index_dir, "--engine", "ray")
     assert r.exit_code == 2 and "is not a sharded build" in r.output
 
 
 def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
     import shutil
 
-    from click.testing import CliRunner
-    from heiindex_cli.main import cli
-
     copy = tmp_path / "served"
     shutil.copytree(sharded.path, copy)
-    r = CliRunner().invoke(cli, ["serve", "--index", str(copy)])
-    assert r.exit_code == 0, r.output
+    r = ok(run("serve", "--index", copy))
     assert r.output.count("shard ") >= 3 and f"serving {copy.resolve()} on Ray" in r.output
     names = [line.split()[3] for line in r.output.splitlines() if line.startswith("shard ")]
     assert all(ray.get_actor(n, namespace="heiindex") for n in names)
-    r = CliRunner().invoke(cli, ["serve", "--index", str(copy), "--stop"])
+    r = run("serve", "--index", copy, "--stop")
     assert r.exit_code == 0 and "stopped 3 shard actors" in r.output
 
 

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from heiindex_cli.main import cli
+from cli_helpers import as_json, build, ok, run
 
 from heiindex.errors import HeiindexError
 from heiindex.hamming import hamming_candidates
@@ -107,25 +106,19 @@ def test_errors(pipe, sharded, tmp_path):
 
 def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
     out = tmp_path / "cli-shards"
-    args = ["build", "--split", "test", "--store", str(pipe.root), "--model", str(pipe.model_dir)]
-    r = CliRunner().invoke(cli, [*args, "--hash", str(pipe.hash_dir), "--out", str(out), "--shards", "2"])
-    assert r.exit_code == 0, r.output
+    r = ok(build(pipe, out, "--shards", "2"))
     assert f"built test: 24 images, 120 captions in 2 shards (12, 12 images) -> {out}" in r.output
-    r = CliRunner().invoke(cli, ["query", "a dog", "--index", str(out), "--candidates", "12", "--json"])
-    assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
+    got = as_json(run("query", "a dog", "--index", out, "--candidates", "12", "--json"))
     want = index.search("a dog", k=10, candidates=24).to_dict()
     assert [(h["id"], round(h["score"], 5)) for h in got["results"]] == [
         (h["id"], round(h["score"], 5)) for h in want["results"]
     ]
-    r = CliRunner().invoke(cli, ["bench", "--index", str(out), "--topk", "12", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = as_json(run("bench", "--index", out, "--topk", "12", "--json"))
     assert _no_seconds(d) == _no_seconds(run_sharded_bench(ShardedIndex.open(out), 12))
     assert (
         d["shards"] == 2 and d["engine"] == "ShardedIndex" and set(d["t2i"]) == {"hei", "hamming", "candidate_recall"}
     )
-    r = CliRunner().invoke(cli, ["bench", "--index", str(out), "--topk", "12", "--sweep", "5,10"])
+    r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10")
     assert r.exit_code == 2 and "--sweep runs on an unsharded build" in r.output
 
 

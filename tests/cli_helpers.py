@@ -1,0 +1,38 @@
+"""Running ``heiindex`` commands in-process (click's CliRunner) and reading their results; shared
+by the CLI, shard, Ray and Milvus tests."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from heiindex_cli.main import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+def clean_error(result, *details: str) -> None:
+    """Non-zero exit with a one-line ``Error: ...`` message, not a traceback."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output
+    assert "Error:" in result.output
+    for d in details:
+        assert d in result.output, result.output
+
+
+def as_json(result) -> dict:
+    return json.loads(ok(result).stdout)
+
+
+def build(pipe, out, *extra):
+    """``heiindex build`` of the test pipeline's test split into ``out``."""
+    common = ("--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
+    return run("build", *common, "--out", out, *extra)
