@@ -132,8 +132,8 @@ class _Sub:
         img_t, cap_t = torch.from_numpy(img_rows).to(dev), torch.from_numpy(cap_rows).to(dev)
         self.regions = index.regions[img_t]
         self.gram = index.gram[img_t]
-        self.words = index.words[cap_t]
-        self.lengths = index.lengths[cap_t]
+        self.words = index.words.select(cap_t)
+        self.lengths = self.words.lengths
 
 
 def _mean_of(results: list[dict]) -> dict:

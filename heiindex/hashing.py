@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .packed import PackedWords
+
 __all__ = [
     "POOLINGS",
     "HashConfig",
@@ -109,9 +111,18 @@ class HashModule(nn.Module):
         return self.codes(self.pool_images(regions), "image")
 
     @torch.no_grad()
-    def caption_codes(self, words: Tensor, lengths: Tensor) -> np.ndarray:
-        """Packed codes of encoded captions (n, L, d) with lengths (n,)."""
-        return self.codes(self.pool_captions(words, lengths), "text")
+    def caption_codes(self, words: Tensor | PackedWords, lengths: Tensor, block: int = 4096) -> np.ndarray:
+        """Packed codes of encoded captions: padded words (n, L, d) with lengths (n,), or
+        ``PackedWords`` (padded ``block`` captions at a time, so memory stays bounded)."""
+        if not isinstance(words, PackedWords):
+            return self.codes(self.pool_captions(words.float(), lengths), "text")
+        lengths = words.lengths
+        out = []
+        for s in range(0, len(words), block):
+            rows = torch.arange(s, min(s + block, len(words)), device=words.device)
+            width = int(lengths[s : s + block].max())
+            out.append(self.codes(self.pool_captions(words.gather(rows, width).float(), lengths[rows]), "text"))
+        return np.concatenate(out) if out else np.zeros((0, self.config.bits // 8), np.uint8)
 
     @torch.no_grad()
     def codes(self, pooled: Tensor, modality: str) -> np.ndarray:

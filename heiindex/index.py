@@ -45,6 +45,7 @@ from .hamming import (
     resolve_index_kind,
     save_binary_index,
 )
+from .packed import PackedWords
 from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
 from .store import ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
@@ -119,10 +120,8 @@ class Index:
         words = c.column("words").combine_chunks()
         lengths = np.diff(words.offsets.to_numpy()) // d
         self.lengths = torch.from_numpy(lengths.astype(np.int64))
-        flat = words.values.to_numpy().reshape(-1, d)
-        self.words = torch.zeros((len(lengths), int(lengths.max()), d))
-        mask = torch.arange(self.words.shape[1])[None, :] < self.lengths[:, None]
-        self.words[mask] = torch.from_numpy(flat.copy())
+        # packed: a split's captions cost their real words, not n x the longest caption
+        self.words = PackedWords(torch.from_numpy(words.values.to_numpy().reshape(-1, d).copy()), self.lengths)
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
@@ -453,14 +452,14 @@ class Index:
 
     # -- batches of queries against this index (the sharded bench) ----------------------------
     @torch.no_grad()
-    def candidates_for_captions(self, words: Tensor, lengths: Tensor, n: int):
-        """For each encoded caption (words (q, L, d) padded, lengths (q,)): this index's Hamming
+    def candidates_for_captions(self, words: Tensor | PackedWords, lengths: Tensor, n: int):
+        """For each encoded caption (words (q, L, d) padded or packed, lengths (q,)): this index's Hamming
         top-``n`` images (at most all of them), re-ranked: ``heiindex.search.Candidates`` (rows -1
         and scores -inf where an approximate index found fewer)."""
         n = min(n, self.n_images)
         dev = self.regions.device
         words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
-        codes = self.hasher.module.caption_codes(words.float(), lengths)
+        codes = self.hasher.module.caption_codes(words, lengths)
         return rerank_images(self.model, self.image_index, codes, words, lengths, self.regions, self.gram, n)
 
     @torch.no_grad()
@@ -486,7 +485,7 @@ class Index:
     def caption_codes(self) -> np.ndarray:
         """Codes of every stored caption (computed once per opened index)."""
         if self._caption_codes is None:
-            self._caption_codes = self.hasher.module.caption_codes(self.words.float(), self.lengths)
+            self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
         return self._caption_codes
 
 

@@ -83,6 +83,23 @@ class PackedWords:
         idx = torch.where(pos < lens, self.offsets.index_select(0, rows).unsqueeze(1) + pos, self._flat.shape[0] - 1)
         return self._flat.index_select(0, idx.view(-1)).view(len(rows), length, -1)
 
+    def select(self, rows: Tensor) -> PackedWords:
+        """The captions ``rows``, in that order, as a new ``PackedWords`` (their words copied)."""
+        rows = torch.as_tensor(rows, device=self.device).long()
+        lens = self.lengths.index_select(0, rows)
+        starts = self.offsets.index_select(0, rows)
+        first_of_row = torch.cumsum(lens, 0) - lens  # where each caption starts in the selection
+        pos = torch.arange(int(lens.sum()), device=self.device)
+        idx = torch.repeat_interleave(starts - first_of_row, lens) + pos
+        return PackedWords(self._flat.index_select(0, idx), lens)
+
+    @classmethod
+    def cat(cls, parts: list[PackedWords]) -> PackedWords:
+        """The captions of ``parts`` one after another."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return cls(torch.cat([p.flat for p in parts]), torch.cat([p.lengths for p in parts]))
+
     def padded(self) -> Tensor:
         """The equivalent zero-padded ``(n, longest, d)`` tensor."""
         return self.gather(torch.arange(len(self), device=self.device), self.shape[1])

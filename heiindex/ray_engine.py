@@ -81,13 +81,17 @@ class _ShardServer:
     def candidates_for_captions(self, words, lengths, n: int):
         import torch
 
-        return self.index.candidates_for_captions(torch.from_numpy(words), torch.from_numpy(lengths), n)
+        from .packed import PackedWords
+
+        packed = PackedWords(torch.from_numpy(words), torch.from_numpy(lengths))
+        return self.index.candidates_for_captions(packed, packed.lengths, n)
 
     def features(self):
         return self.index.regions.float().cpu().numpy(), self.index.gram.float().cpu().numpy()
 
     def caption_features(self):
-        return self.index.words.float().cpu().numpy(), self.index.lengths.cpu().numpy()
+        """This shard's caption words, packed: (total_words, d) float32 and lengths."""
+        return self.index.words.flat.float().cpu().numpy(), self.index.lengths.cpu().numpy()
 
     def candidates_for_images(self, regions, gram, n: int):
         import torch
@@ -189,8 +193,7 @@ class RayShardedIndex:
 
         ray = _ray()
         feats = self._gather([a.caption_features.remote() for a in self.actors], "the bench")
-        width = max(f[0].shape[1] for f in feats)
-        words = ray.put(np.concatenate([np.pad(f[0], ((0, 0), (0, width - f[0].shape[1]), (0, 0))) for f in feats]))
+        words = ray.put(np.concatenate([f[0] for f in feats]))  # packed: no padding travels
         lengths = ray.put(np.concatenate([f[1] for f in feats]))
         return self._gather([a.candidates_for_captions.remote(words, lengths, n) for a in self.actors], "the bench")
 

@@ -33,6 +33,7 @@ from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .errors import DataError, HeiindexError
 from .index import Hit, Index, SearchResult
+from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
@@ -187,9 +188,8 @@ class ShardedIndex:
         return [s.bench_meta() for s in self.shards]
 
     def bench_captions(self, n: int) -> list:
-        words = _concat_padded([s.words for s in self.shards])
-        lengths = torch.cat([s.lengths for s in self.shards])
-        return [s.candidates_for_captions(words, lengths, n) for s in self.shards]
+        words = PackedWords.cat([s.words for s in self.shards])
+        return [s.candidates_for_captions(words, words.lengths, n) for s in self.shards]
 
     def bench_images(self, n: int) -> list:
         regions = torch.cat([s.regions for s in self.shards])
@@ -300,12 +300,6 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
             "candidate_recall": cand_recall,
         }
     return out
-
-
-def _concat_padded(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Padded word features (n_i, L_i, d) of several indexes as one (sum n_i, max L_i, d) tensor."""
-    width = max(b.shape[1] for b in blocks)
-    return torch.cat([torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b in blocks])
 
 
 def _merge_candidates(per_shard: list, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

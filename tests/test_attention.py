@@ -430,6 +430,13 @@ def test_packed_words_round_trip_and_errors():
     assert torch.equal(packed.padded(), zero_padded)
     rows = torch.tensor([3, 0, 3])
     assert torch.equal(packed.gather(rows, 4), zero_padded[rows, :4])  # longer captions are cut
+    some = packed.select(torch.tensor([7, 0, 7, 19]))  # any order, repeats allowed
+    assert some.lengths.tolist() == [PAIR_LENGTHS[i] for i in (7, 0, 7, 19)]
+    assert torch.equal(some.padded(), zero_padded[[7, 0, 7, 19], : max(PAIR_LENGTHS[i] for i in (7, 0, 7, 19))])
+    assert len(packed.select(torch.tensor([], dtype=torch.long))) == 0
+    both = PackedWords.cat([some, packed])
+    assert both.lengths.tolist() == some.lengths.tolist() + list(PAIR_LENGTHS)
+    assert torch.equal(both.flat, torch.cat([some.flat, packed.flat]))
     with pytest.raises(ValueError, match="sum to"):
         PackedWords(packed.flat[:-1], lengths)
     with pytest.raises(ValueError, match="at least one word"):

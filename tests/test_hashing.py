@@ -80,6 +80,24 @@ def test_hash_module_codes_are_signs_of_the_relaxed_codes():
     assert not np.array_equal(ci, ct)  # separate layers per modality
 
 
+@pytest.mark.parametrize("pooling", ["mean", "max", "attn"])
+def test_caption_codes_of_packed_words_equal_the_padded_ones(pooling):
+    """Packed captions are coded ``block`` at a time: the codes of padded captions, in order."""
+    from heiindex.packed import PackedWords
+
+    torch.manual_seed(1)
+    mod = HashModule(HashConfig(bits=16, embed_size=6, pooling=pooling))
+    lengths = torch.tensor([3, 1, 7, 2, 2, 5, 1])
+    words = torch.randn(7, 7, 6) * (torch.arange(7)[None, :, None] < lengths[:, None, None])
+    want = mod.caption_codes(words, lengths)
+    packed = PackedWords.from_padded(words, lengths)
+    for block in (1, 3, 4096):
+        np.testing.assert_array_equal(mod.caption_codes(packed, lengths, block=block), want)
+    np.testing.assert_array_equal(
+        mod.caption_codes(packed.to(torch.bfloat16), lengths), mod.caption_codes(words.bfloat16(), lengths)
+    )
+
+
 def test_pooling_means_over_regions_and_real_words_only():
     regions = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
     torch.testing.assert_close(pool_regions(regions), regions.mean(dim=1))
