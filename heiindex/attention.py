@@ -32,7 +32,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .packed import PackedWords
+from .packed import PackedWords, word_mask
 
 __all__ = [
     "AGGREGATIONS",
@@ -415,7 +415,7 @@ def _score_pair_chunk(
     (The GPU policy makes each chunk one group, bounded by ``gather_bytes``.)"""
     n, r = len(ci), regions.shape[1]
     runs = _Runs(ii, _policy(regions.device))
-    m = torch.arange(length, device=ci.device).unsqueeze(0) < lengths.index_select(0, ci).unsqueeze(1)
+    m = word_mask(lengths.index_select(0, ci), length)
     acc = _acc_dtype(regions.dtype)
     sims = regions.new_empty((n, length, r), dtype=acc)
     t2i = cfg.cross_attn == "t2i"
@@ -541,7 +541,7 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
     once, masks the similarities and word Gram matrices instead (L x R and L x L entries per
     caption rather than L x d)."""
     w = _gather_words_only(words, rows, length)
-    m = torch.arange(length, device=words.device).unsqueeze(0) < lengths.index_select(0, rows).unsqueeze(1)
+    m = word_mask(lengths.index_select(0, rows), length)
     return w, m
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .packed import PackedWords
+from .packed import PackedWords, word_mask
 
 __all__ = [
     "POOLINGS",
@@ -81,7 +81,7 @@ def pool_regions(regions: Tensor, pooling: str = "mean") -> Tensor:
 
 def pool_words(words: Tensor, lengths: Tensor, pooling: str = "mean") -> Tensor:
     """(n, L, d) with real lengths (n,) -> (n, d) over the real words."""
-    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None].to(words.device)
+    mask = word_mask(lengths.to(words.device), words.shape[1])
     return _pool(words, mask, pooling)
 
 

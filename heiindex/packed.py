@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PackedWords"]
+__all__ = ["PackedWords", "word_mask"]
 
 
 class PackedWords:
@@ -51,7 +51,7 @@ class PackedWords:
             raise ValueError(f"expected words (n, L, d) and lengths (n,), got {_shape(words)} and {_shape(lengths)}")
         if lengths.numel() and int(lengths.max()) > words.shape[1]:
             raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
-        mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)
+        mask = word_mask(lengths, words.shape[1])
         return cls(words[mask], lengths)
 
     @property
@@ -103,6 +103,11 @@ class PackedWords:
     def padded(self) -> Tensor:
         """The equivalent zero-padded ``(n, longest, d)`` tensor."""
         return self.gather(torch.arange(len(self), device=self.device), self.shape[1])
+
+
+def word_mask(lengths: Tensor, width: int) -> Tensor:
+    """``(n, width)`` bool, True at the real words of captions with ``lengths`` (n,)."""
+    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 def _shape(x: object) -> str:
