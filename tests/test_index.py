@@ -202,6 +202,27 @@ def test_ivf_and_hnsw_indexes_search_like_flat(pipe, index, tmp_path, kind):
         assert [h["hamming"] for h in a] == [h["hamming"] for h in b]
 
 
+def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
+    """IVF probing 1 of 4 lists finds only some of the nearest codes: the answer must be the
+    matcher's best of exactly those candidates, with their true Hamming distances."""
+    ivf = Index.build(
+        pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf1", index_type="ivf", nlist=4, nprobe=1
+    )
+    row_of = {int(i): r for r, i in enumerate(ivf.image_ids)}
+    missed = 0
+    for text in QUERIES:
+        code = _query_code(ivf, text)
+        _, found = ivf.image_index.search(code, 8)
+        found = found[0][found[0] >= 0]
+        dist = pf.hamming_by_hand(code, ivf.image_codes())[0]
+        missed += len(set(np.argsort(dist, kind="stable")[:8]) - set(found))
+        res = ivf.search(text, k=min(5, len(found)), candidates=8)
+        full = _exhaustive_row(ivf, text)
+        assert [row_of[h.id] for h in res.results] == sorted(found, key=lambda r: -full[r])[: len(res.results)]
+        assert [h.hamming for h in res.results] == [dist[row_of[h.id]] for h in res.results]
+    assert missed > 0  # the situation under test: the approximate index differs from flat
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 
