@@ -125,6 +125,7 @@ def run_stage(args) -> dict:
         from heiindex import attention
 
         attention._POLICIES["cuda"] = replace(attention._POLICIES["cuda"], gather_bytes=args.gpu_gather_gb * 2**30)
+        attention._cuda_policy.cache_clear()  # the per-card policy is derived from the patched base
     t_load = time.perf_counter()
     if args.features_file:  # --precomp: ingested, encoded and hashed once by the driver
         feats = torch.load(args.features_file, weights_only=False)

@@ -37,10 +37,10 @@ def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048)
 
 def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, float]:
     """Re-ranked candidate lists -> (1-based rank of the first relevant item, ``inf`` if none;
-    the fraction of queries with a relevant item among the candidates). Empty slots (id -1, score
-    -inf as ``heiindex.search.Candidates`` leaves them) never count."""
+    the fraction of queries with a relevant item among the candidates). Empty slots (id -1) rank
+    last whatever their score: FAISS gives them INT_MAX distances in IVF but INT_MIN in HNSW."""
     relevant = relevant & (cand >= 0)
-    order = np.argsort(-scores, axis=1, kind="stable")
+    order = np.argsort(-np.where(cand >= 0, scores, -np.inf), axis=1, kind="stable")
     hit = np.take_along_axis(relevant, order, axis=1)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
     return ranks, float(np.mean(relevant.any(axis=1)))

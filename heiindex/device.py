@@ -13,7 +13,7 @@ from .errors import HeiindexError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "set_precision"]
+__all__ = ["PRECISIONS", "check_precision", "resolve_device", "set_precision"]
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
@@ -28,17 +28,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def check_precision(dtype: str) -> None:
+    if dtype not in PRECISIONS:
+        raise HeiindexError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+
+
 def set_precision(dtype: str) -> None:
     """Set torch's TF32 switches for ``dtype``: on for "tf32", off otherwise.
 
     Both switches matter on NVIDIA GPUs: cuBLAS's (matrix products; off by default) and cuDNN's
     (on by default, and it covers the text encoder's GRU). With cuDNN's left on, a float32 query
     encoded on an H200 scored 3e-5 away from the same query encoded on CPU; with both off, float32
-    on the GPU agrees with the CPU to float32 rounding. The switches are process-wide: the last
-    ``Index.to`` or GPU build decides them.
+    on the GPU agrees with the CPU to float32 rounding. The switches are process-wide (torch has
+    no per-tensor form): ``Index.to`` with a CUDA device and a build on a CUDA device set them;
+    CPU work leaves them alone.
     """
-    if dtype not in PRECISIONS:
-        raise HeiindexError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+    check_precision(dtype)
     import torch
 
     tf32 = dtype == "tf32"

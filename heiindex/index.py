@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import __version__
 from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
-from .device import resolve_device, set_precision
+from .device import check_precision, resolve_device, set_precision
 from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
@@ -196,7 +196,8 @@ class Index:
                 f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
             )
         dev = resolve_device(device)
-        set_precision("float32")  # codes and stored features from exact float32 encoding
+        if dev.type == "cuda":
+            set_precision("float32")  # codes and stored features from exact float32 encoding
         model = matcher.model.eval().to(dev)
         hasher.module.to(dev)
         d, r = model.config.embed_size, store.regions
@@ -341,7 +342,7 @@ class Index:
         if source == "milvus" and built["store"] != "milvus":
             raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
         resolve_device(device)  # before the features are read
-        set_precision(dtype)
+        check_precision(dtype)
         if source == "milvus" and device != "cpu":
             raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
         index = cls(path, manifest, matcher, hasher)
@@ -361,7 +362,9 @@ class Index:
         softmax, norms and sums stay float32). Hamming search moves to the device too
         (``heiindex.hamming.index_on_device``)."""
         dev = resolve_device(device)
-        set_precision(dtype)
+        check_precision(dtype)
+        if dev.type == "cuda":
+            set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)

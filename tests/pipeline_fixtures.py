@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
@@ -163,6 +165,10 @@ def train_config(**kw):
 
 def quiet(*_args, **_kw) -> None:
     pass
+
+
+# GPU-only tests: skipped where torch sees no CUDA device (CI); benchmarks/gpu.sh runs them.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
 
 
 @contextmanager

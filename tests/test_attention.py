@@ -13,6 +13,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 
@@ -483,10 +484,8 @@ def test_gpu_work_policy_gives_the_same_scores(monkeypatch, cross_attn, raw_feat
 
 # ----------------------------------------------------------------------------- on a CUDA device
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
 
-
-@needs_cuda
+@pf.needs_cuda
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cross_attn,raw_feature_norm,agg", PAIR_CASES, ids=[f"{c}-{n}-{a}" for c, n, a in PAIR_CASES])
 def test_cuda_float64_scores_match_reference(cross_attn, raw_feature_norm, agg, packed):
@@ -513,10 +512,13 @@ def test_cuda_float64_scores_match_reference(cross_attn, raw_feature_norm, agg, 
     )
 
 
-@needs_cuda
+@pf.needs_cuda
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
 def test_cuda_float32_scores_match_cpu(cross_attn):
     """float32 on the GPU (TF32 off) against float32 on CPU: within 1e-5 relative."""
+    from heiindex.device import set_precision
+
+    set_precision("float32")
     words, lengths, regions, caps, imgs = _pair_data()
     cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
     w, r = words.float(), regions.float()
@@ -531,8 +533,14 @@ def test_cuda_float32_scores_match_cpu(cross_attn):
     )
 
 
-def test_gpu_gather_budget_is_an_eighth_of_a_small_card_and_capped():
-    from heiindex.attention import GPU_GATHER_BYTES, gpu_gather_bytes
+def test_gpu_gather_budget_is_an_eighth_of_a_small_card_and_capped(monkeypatch):
+    import types
 
-    assert gpu_gather_bytes(16 << 30) == 2 << 30  # a 16 GiB card: 2 GiB of gathered features a chunk
-    assert gpu_gather_bytes(141 << 30) == GPU_GATHER_BYTES == 8 << 30  # H200: the cap
+    import heiindex.attention as attention
+
+    assert attention.gpu_gather_bytes(16 << 30) == 2 << 30  # a 16 GiB card: 2 GiB of gathered features a chunk
+    assert attention.gpu_gather_bytes(141 << 30) == attention.GPU_GATHER_BYTES == 8 << 30  # H200: the cap
+    # the CUDA policy takes it from the card's memory (uncached call: no GPU needed)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=16 << 30))
+    policy = attention._cuda_policy.__wrapped__(0)
+    assert policy.gather_bytes == 2 << 30 and policy.min_run == attention._POLICIES["cuda"].min_run

@@ -174,3 +174,14 @@ def test_bench_of_an_ivf_index_that_returns_fewer_candidates(pipe, tmp_path):
     found = ivf.candidates_for_captions(first, first.lengths, 24)
     assert (found.ids < 0).any() and (found.ids >= 0).any()
     assert np.isneginf(found.scores[found.ids < 0]).all() and np.isfinite(found.scores[found.ids >= 0]).all()
+
+
+def test_empty_slots_rank_last_whatever_their_score():
+    """FAISS pads missing results with id -1 and distance INT_MAX (IVF) or INT_MIN (HNSW): ranked
+    by -distance, an HNSW pad would come first unless empty slots are masked."""
+    cand = np.array([[5, -1, -1], [-1, 2, 9]])
+    relevant = np.array([[True, False, False], [True, True, False]])  # a pad marked relevant never counts
+    for pad in (np.iinfo(np.int32).max, np.iinfo(np.int32).min):
+        dist = np.array([[3, pad, pad], [pad, 4, 1]], dtype=np.int64)
+        ranks, recall_ = bench._ranks_of_first_hit(cand, -dist.astype(np.float64), relevant)
+        assert ranks.tolist() == [1.0, 2.0] and recall_ == 1.0

@@ -289,7 +289,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(pipe):
         clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+@pf.needs_cuda
 def test_query_and_bench_on_cuda(pipe, tmp_path):
     d = as_json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", "12", "--device", "cuda", "--json"))
     assert d == Index.open(pipe.index_dir, device="cuda").search("a dog", 10, 12).to_dict()

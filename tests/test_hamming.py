@@ -194,7 +194,7 @@ def test_auto_index_above_the_threshold_is_ivf(monkeypatch, easy):
     assert isinstance(index, faiss.IndexBinaryIVF) and index.nlist == 4 and index.nprobe == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+@pf.needs_cuda
 def test_torch_index_on_cuda_matches_faiss_flat_up_to_ties(easy):
     """float16 +-1 products on the GPU: the distances FAISS finds, exactly (small integers)."""
     from heiindex.hamming import TorchBinaryIndex, index_on_device

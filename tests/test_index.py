@@ -347,13 +347,12 @@ def test_bad_device_and_dtype_are_clear_errors(pipe):
         Index.open(pipe.index_dir, dtype="float16")
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
-
-
-@needs_cuda
+@pf.needs_cuda
 def test_cuda_index_answers_as_on_cpu(pipe, index):
-    """On the GPU (float32, TF32 off) queries both ways and the bench give the CPU's answers:
-    the same ids and Hamming distances, scores within 1e-5 relative, the same R@K."""
+    """On the GPU (float32, TF32 off) queries both ways and the bench give the CPU's answers: at
+    least 8 of the top 10 ids shared (ties at the N-th Hamming distance may be cut differently by
+    the torch search), each with the same Hamming distance and its score within 1e-5 relative;
+    the same R@K."""
     from heiindex.bench import run_bench
 
     gpu = Index.open(pipe.index_dir, device="cuda")
@@ -370,7 +369,7 @@ def test_cuda_index_answers_as_on_cpu(pipe, index):
             assert on_gpu[direction]["hei"][key] == full[direction]["hei"][key], (direction, key)
 
 
-@needs_cuda
+@pf.needs_cuda
 def test_cuda_bfloat16_scores_within_1e_2(pipe, index):
     half = Index.open(pipe.index_dir, device="cuda", dtype="bfloat16")
     assert half.regions.dtype == torch.bfloat16 and half.regions.is_cuda
