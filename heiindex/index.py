@@ -88,6 +88,18 @@ class SearchResult:
         }
 
 
+def load_models(
+    manifest: dict, matcher: LoadedModel | str | Path | None, hasher: LoadedHash | str | Path | None
+) -> tuple[LoadedModel, LoadedHash]:
+    """The matcher and hash module given (loaded from a folder if given as one), else the ones
+    the manifest of a build names."""
+    if not isinstance(matcher, LoadedModel):
+        matcher = load_model(matcher or manifest["matcher"]["path"])
+    if not isinstance(hasher, LoadedHash):
+        hasher = load_hash(hasher or manifest["hash"]["path"])
+    return matcher, hasher
+
+
 def _hash_checksum(h: LoadedHash) -> str:
     sha = hashlib.sha256()
     for name, t in sorted(h.module.state_dict().items()):
@@ -319,20 +331,13 @@ class Index:
             raise DataError(
                 mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}"
             )
-        if matcher is None:
-            matcher = manifest["matcher"]["path"]
-        if not isinstance(matcher, LoadedModel):
-            matcher = load_model(matcher)
+        matcher, hasher = load_models(manifest, matcher, hasher)
         if matcher.checksum != manifest["matcher"]["sha256"]:
             raise ModelMismatchError(
                 f"index {path} was built with matcher {manifest['matcher']['sha256'][:12]} "
                 f"({manifest['matcher']['path']}), not with {matcher.checksum[:12]} ({matcher.path}); "
                 "rebuild the index with this model"
             )
-        if hasher is None:
-            hasher = manifest["hash"]["path"]
-        if not isinstance(hasher, LoadedHash):
-            hasher = load_hash(hasher)
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
         built = manifest.get("codes", {"store": "faiss"})

@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .errors import DataError, HeiindexError
-from .index import Hit, Index, SearchResult
+from .index import Hit, Index, SearchResult, load_models
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
@@ -170,8 +170,7 @@ class ShardedIndex:
     ) -> ShardedIndex:
         path = Path(path)
         manifest = read_manifest(path)
-        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher or manifest["matcher"]["path"])
-        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher or manifest["hash"]["path"])
+        matcher, hasher = load_models(manifest, matcher, hasher)
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)
 
