@@ -215,7 +215,7 @@ def train(
     show_default=True,
     help="How region / word embeddings become one vector before hashing.",
 )
-@click.option("--epochs", type=int, default=80, show_default=True)
+@click.option("--epochs", type=int, default=160, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option(
     "--rank-weight",
@@ -224,7 +224,7 @@ def train(
     show_default=True,
     help="Weight of the code ranking term beside the HEI loss (0: the paper's loss alone).",
 )
-@click.option("--rounds", type=int, default=2, show_default=True, help="Passes of freshly batched matcher scores.")
+@click.option("--rounds", type=int, default=4, show_default=True, help="Passes of freshly batched matcher scores.")
 @click.option("--val-candidates", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors

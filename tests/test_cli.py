@@ -311,3 +311,24 @@ def test_query_and_bench_on_cuda(pipe, tmp_path):
     assert got.keys() == want.keys()
     for i in got:
         assert abs(got[i] - want[i]) <= 1e-5 * max(1.0, abs(want[i]))
+
+
+def test_train_hash_defaults_are_the_library_defaults():
+    """The CLI writes its defaults out (it imports torch only when a command runs): they must
+    stay those of HashTrainConfig / HashConfig, which made the committed module."""
+    from heiindex_cli.main import cli
+
+    from heiindex.hashing import HashConfig
+    from heiindex.train_hash import HashTrainConfig
+
+    params = {p.name: p.default for p in cli.commands["train-hash"].params}
+    lib = HashTrainConfig()
+    assert (params["epochs"], params["rounds"], params["lr"], params["rank_weight"], params["seed"]) == (
+        lib.epochs,
+        lib.rounds,
+        lib.lr,
+        lib.rank_weight,
+        lib.seed,
+    )
+    assert (params["bits"], params["pooling"]) == (HashConfig().bits, HashConfig().pooling)
+    assert params["val_candidates"] == lib.val_candidates
