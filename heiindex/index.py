@@ -131,9 +131,9 @@ class Index:
         self.texts = c.column("text").to_pylist()
         words = c.column("words").combine_chunks()
         lengths = np.diff(words.offsets.to_numpy()) // d
-        self.lengths = torch.from_numpy(lengths.astype(np.int64))
+        lengths = torch.from_numpy(lengths.astype(np.int64))
         # packed: a split's captions cost their real words, not n x the longest caption
-        self.words = PackedWords(torch.from_numpy(words.values.to_numpy().reshape(-1, d).copy()), self.lengths)
+        self.words = PackedWords(torch.from_numpy(words.values.to_numpy().reshape(-1, d).copy()), lengths)
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
@@ -359,6 +359,11 @@ class Index:
             index.caption_index = MilvusCodes(server, built["collections"]["captions"])
         return index.to(device, dtype)
 
+    @property
+    def lengths(self) -> Tensor:
+        """Word counts of the stored captions (those of ``words``)."""
+        return self.words.lengths
+
     def to(self, device: str = "cpu", dtype: str = "float32") -> Index:
         """Run queries and the bench on ``device`` ("cpu", "cuda", "cuda:1", ...).
 
@@ -376,7 +381,6 @@ class Index:
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
-        self.lengths = self.lengths.to(dev)
         self.image_index = index_on_device(self.image_index, dev)
         self.caption_index = index_on_device(self.caption_index, dev)
         self.device, self.dtype = dev, dtype
