@@ -4,7 +4,8 @@ Encodes train/dev/test with the frozen matcher once (regions (n, 36, d), words (
 scores ``--rounds`` passes of shuffled 128-caption training batches (caption indices into the
 encoded train split, their images, the (images, captions) matcher score matrix), as
 ``collect_batches`` does but keeping indices so any pooling / region-level model can train on
-the same records. Written to ``--out`` (default /tmp/hash-exp-cache).
+the same records. Written to ``--out`` (default ``$HASH_EXP_CACHE``, else /tmp/hash-exp-cache),
+where ``benchmarks/hash_exp*.py`` read it.
 
     python benchmarks/hash_exp_cache.py --rounds 4
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hash_exp import CACHE  # benchmarks/ is on sys.path when this script runs
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_model_dir, ensure_coco_sim
@@ -38,7 +40,7 @@ def save_split(enc, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/hash-exp-cache"))
+    ap.add_argument("--out", type=Path, default=CACHE, help="default: $HASH_EXP_CACHE or /tmp/hash-exp-cache")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
