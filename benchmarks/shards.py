@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from heiindex import default_data as dd
-from heiindex.shards import ShardedIndex, build_shards
+from heiindex.shards import ShardedIndex, write_shards
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
@@ -68,7 +68,7 @@ def main() -> None:
         for s in (int(x) for x in args.shards.split(",")):
             out = Path(tmp) / f"shards-{s}"
             t0 = time.perf_counter()
-            build_shards(root, "test", dd.default_model_dir(), dd.default_hash_dir(), out, s, index_type="flat")
+            write_shards(root, "test", dd.default_model_dir(), dd.default_hash_dir(), out, s, index_type="flat")
             build_s = time.perf_counter() - t0
             local = ShardedIndex.open(out)
             timed(local, queries[: args.warmup], args.k, args.candidates)

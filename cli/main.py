@@ -334,17 +334,15 @@ def build(
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
     common = dict(index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device)
     if shards is not None:
-        from heiindex.shards import build_shards
+        from heiindex.shards import write_shards
 
         if codes == "milvus":
             raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
-        m = build_shards(root, split, *models, out, shards, **common).manifest
+        m = write_shards(root, split, *models, out, shards, **common)
         sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
         what = f"{m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards ({sizes} images)"
     else:
-        m = Index.build(
-            root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common
-        ).manifest
+        m = Index.write(root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common)
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     if store is None:
@@ -480,6 +478,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
     from heiindex.bench import run_bench
+    from heiindex.index import Index
 
     from .render import bench_tables, console, echo_json
 
@@ -488,7 +487,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     else:
         index = _open_index(index_dir, None, None, device, dtype)
     sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
-    if not hasattr(index, "regions"):  # a sharded build, in process or on Ray
+    if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 
         if sweep_list:

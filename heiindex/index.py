@@ -88,6 +88,16 @@ class SearchResult:
         }
 
 
+def load_bound_models(
+    matcher: LoadedModel | str | Path, hasher: LoadedHash | str | Path
+) -> tuple[LoadedModel, LoadedHash]:
+    """For a build: the matcher and the hash module trained next to it, loaded where given as
+    folders (a hash module of another matcher is refused)."""
+    matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
+    hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+    return matcher, hasher
+
+
 def load_models(
     manifest: dict, matcher: LoadedModel | str | Path | None, hasher: LoadedHash | str | Path | None
 ) -> tuple[LoadedModel, LoadedHash]:
@@ -165,8 +175,7 @@ class Index:
         **options,
     ) -> Index:
         """Write the index of ``store_root/split`` into ``out`` (``write``, same options) and open it."""
-        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
-        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+        matcher, hasher = load_bound_models(matcher, hasher)
         cls.write(store_root, split, matcher, hasher, out, **options)
         return cls.open(out, matcher, hasher)
 
@@ -196,8 +205,7 @@ class Index:
         FAISS files are written either way."""
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
-        matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
-        hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+        matcher, hasher = load_bound_models(matcher, hasher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
             raise ModelMismatchError(
                 f"hash module {hasher.path} was trained next to another matcher than {matcher.path}"

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import LoadedModel, load_model
+from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
-from .index import Hit, Index, SearchResult, load_models
+from .index import Hit, Index, SearchResult, load_bound_models, load_models
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
-from .train_hash import LoadedHash, load_hash
+from .train_hash import LoadedHash
 
 __all__ = [
     "ShardedIndex",
@@ -47,6 +47,7 @@ __all__ = [
     "read_manifest",
     "run_sharded_bench",
     "shard_bounds",
+    "write_shards",
 ]
 
 SHARDED_FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def build_shards(
+def write_shards(
     store_root: str | Path,
     split: str,
     matcher: LoadedModel | str | Path,
@@ -72,11 +73,10 @@ def build_shards(
     nprobe: int | None = None,
     progress: bool = False,
     device: str = "cpu",
-) -> ShardedIndex:
-    """Build ``shards`` shard indexes of ``store_root/split`` under ``out`` (written atomically:
-    a failure leaves no half-built folder)."""
-    matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
-    hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+) -> dict:
+    """Write ``shards`` shard indexes of ``store_root/split`` under ``out`` (atomically: a failure
+    leaves no half-built folder); returns the top-level manifest written."""
+    matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
     out = Path(out)
@@ -101,21 +101,34 @@ def build_shards(
             entries.append(
                 {"path": name, "store_rows": [a, b], "n_images": m["n_images"], "n_captions": m["n_captions"]}
             )
-        write_json(
-            tmp / "manifest.json",
-            {
-                "format_version": SHARDED_FORMAT_VERSION,
-                "kind": "sharded",
-                "created_by": f"heiindex {__version__}",
-                "split": split,
-                "store": manifests[0]["store"],
-                "matcher": manifests[0]["matcher"],
-                "hash": manifests[0]["hash"],
-                "n_images": sum(e["n_images"] for e in entries),
-                "n_captions": sum(e["n_captions"] for e in entries),
-                "shards": entries,
-            },
-        )
+        manifest = {
+            "format_version": SHARDED_FORMAT_VERSION,
+            "kind": "sharded",
+            "created_by": f"heiindex {__version__}",
+            "split": split,
+            "store": manifests[0]["store"],
+            "matcher": manifests[0]["matcher"],
+            "hash": manifests[0]["hash"],
+            "n_images": sum(e["n_images"] for e in entries),
+            "n_captions": sum(e["n_captions"] for e in entries),
+            "shards": entries,
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def build_shards(
+    store_root: str | Path,
+    split: str,
+    matcher: LoadedModel | str | Path,
+    hasher: LoadedHash | str | Path,
+    out: str | Path,
+    shards: int,
+    **options,
+) -> ShardedIndex:
+    """``write_shards`` (same options), then open the result."""
+    matcher, hasher = load_bound_models(matcher, hasher)
+    write_shards(store_root, split, matcher, hasher, out, shards, **options)
     return ShardedIndex.open(out, matcher, hasher)
 
 

@@ -216,9 +216,11 @@ def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
         found = found[0][found[0] >= 0]
         dist = pf.hamming_by_hand(code, ivf.image_codes())[0]
         missed += len(set(np.argsort(dist, kind="stable")[:8]) - set(found))
-        res = ivf.search(text, k=min(5, len(found)), candidates=8)
+        k = min(5, len(found))
+        res = ivf.search(text, k=k, candidates=8)
         full = _exhaustive_row(ivf, text)
-        assert [row_of[h.id] for h in res.results] == sorted(found, key=lambda r: -full[r])[: len(res.results)]
+        assert len(res.results) == k
+        assert [row_of[h.id] for h in res.results] == sorted(found, key=lambda r: -full[r])[:k]
         assert [h.hamming for h in res.results] == [dist[row_of[h.id]] for h in res.results]
     assert missed > 0  # the situation under test: the approximate index differs from flat
 
@@ -339,12 +341,15 @@ def test_bfloat16_scores_within_1e_2_and_recall_unchanged(pipe, index):
                 assert low[direction][method][key] == full[direction][method][key], (direction, method, key)
 
 
-def test_bad_device_and_dtype_are_clear_errors(pipe):
-    if not torch.cuda.is_available():
-        with pytest.raises(HeiindexError, match="no CUDA device"):
-            Index.open(pipe.index_dir, device="cuda")
+def test_a_bad_dtype_is_a_clear_error(pipe):
     with pytest.raises(HeiindexError, match="dtype must be one of"):
         Index.open(pipe.index_dir, dtype="float16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(pipe):
+    with pytest.raises(HeiindexError, match="no CUDA device"):
+        Index.open(pipe.index_dir, device="cuda")
 
 
 @pf.needs_cuda

@@ -99,6 +99,7 @@ def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
     r = ok(run("serve", "--index", copy))
     assert r.output.count("shard ") >= 3 and f"serving {copy.resolve()} on Ray" in r.output
     names = [line.split()[3] for line in r.output.splitlines() if line.startswith("shard ")]
+    assert len(names) == 3  # one actor per shard
     assert all(ray.get_actor(n, namespace="heiindex") for n in names)
     r = run("serve", "--index", copy, "--stop")
     assert r.exit_code == 0 and "stopped 3 shard actors" in r.output
