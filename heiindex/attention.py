@@ -432,13 +432,13 @@ def _score_pair_chunk(
             wg[sel] = torch.bmm(w, w.transpose(1, 2)).to(acc)
     sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
     # Per-image inputs only for this chunk's images: a query must not touch the whole set.
-    chunk_regions = regions.index_select(0, runs.images)
     if t2i:
-        g = region_gram(chunk_regions) if gram is None else gram.index_select(0, runs.images)
+        g = region_gram(regions.index_select(0, runs.images)) if gram is None else gram.index_select(0, runs.images)
         quad = partial(runs.product_nd, per_image=g.to(acc))
         return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), word_norm.unsqueeze(1), quad).view(n)
     pad = ~m
     wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
+    chunk_regions = regions.index_select(0, runs.images)
     rn = chunk_regions.to(acc).norm(dim=-1).index_select(0, runs.inverse).unsqueeze(1)  # (P, 1, R)
     return _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg).view(n)
 
@@ -553,26 +553,21 @@ class _Runs:
     whose image data is gathered per pair."""
 
     def __init__(self, image_rows: Tensor, policy: _Policy) -> None:
-        self.image_rows = image_rows
         # images: the chunk's distinct images in order; inverse: each pair's position in it.
         self.images, self.inverse, counts = torch.unique_consecutive(
             image_rows, return_inverse=True, return_counts=True
         )
         self.groups: list[tuple[slice | Tensor, int | None, int]] = []  # (pairs, image, its position)
-        if policy.min_run == float("inf") and len(image_rows) <= policy.short_batch:  # the GPU's: one group
-            self.groups.append((torch.arange(len(image_rows), device=image_rows.device), None, -1))
-            return
-        short: list[int] = []
-        start = 0
-        for pos, (img, cnt) in enumerate(zip(self.images.tolist(), counts.tolist(), strict=True)):
-            if cnt >= policy.min_run:
-                self.groups.append((slice(start, start + cnt), img, pos))
-            else:
-                short.extend(range(start, start + cnt))
-            start += cnt
+        long_run = counts >= policy.min_run
+        if bool(long_run.any()):  # only the long runs are walked in Python
+            starts = (torch.cumsum(counts, 0) - counts).tolist()
+            for pos in torch.nonzero(long_run).squeeze(1).tolist():
+                cnt = int(counts[pos])
+                self.groups.append((slice(starts[pos], starts[pos] + cnt), int(self.images[pos]), pos))
+        # the pairs of short runs, in order, as index tensors (the GPU policy: every pair)
+        short = torch.nonzero(torch.repeat_interleave(~long_run, counts)).squeeze(1)
         for s in range(0, len(short), policy.short_batch):
-            rows = torch.tensor(short[s : s + policy.short_batch], dtype=torch.long, device=image_rows.device)
-            self.groups.append((rows, None, -1))
+            self.groups.append((short[s : s + policy.short_batch], None, -1))
 
     def product_nd(self, x: Tensor, per_image: Tensor) -> Tensor:
         """``out[p] = x[p] @ per_image[inverse[p]]`` for x (P, ..., k) and per_image (len(images), k, m),

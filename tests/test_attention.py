@@ -543,4 +543,20 @@ def test_gpu_gather_budget_is_an_eighth_of_a_small_card_and_capped(monkeypatch):
     # the CUDA policy takes it from the card's memory (uncached call: no GPU needed)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=16 << 30))
     policy = attention._cuda_policy.__wrapped__(0)
-    assert policy.gather_bytes == 2 << 30 and policy.min_run == attention._POLICIES["cuda"].min_run
+    assert policy.gather_bytes == 2 << 30
+
+
+def test_runs_group_long_runs_by_image_and_batch_the_short_ones():
+    """Pairs sorted by image: runs of >= min_run pairs become one slice each, in order; the pairs
+    of shorter runs are batched short_batch at a time, in order; every pair is in one group."""
+    import heiindex.attention as attention
+
+    rows = torch.tensor([0, 0, 0, 2, 5, 5, 5, 5, 7, 8, 8, 9])  # runs of 3, 1, 4, 1, 2, 1
+    runs = attention._Runs(rows, attention._Policy(1, 3, 2, 1.0))
+    assert runs.images.tolist() == [0, 2, 5, 7, 8, 9]
+    long_groups = [(g.start, g.stop, img, pos) for g, img, pos in runs.groups if isinstance(g, slice)]
+    assert long_groups == [(0, 3, 0, 0), (4, 8, 5, 2)]
+    short = [g.tolist() for g, img, pos in runs.groups if not isinstance(g, slice)]
+    assert short == [[3, 8], [9, 10], [11]] and all(img is None for g, img, _ in runs.groups[2:])
+    gpu = attention._Runs(rows, attention._POLICIES["cuda"])  # no run is long: one group of every pair
+    assert [g.tolist() for g, _, _ in gpu.groups] == [list(range(12))]
