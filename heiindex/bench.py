@@ -61,11 +61,15 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
         t0 = time.perf_counter()
         if direction == "t2i":  # captions search the image codes
             searched = index.image_index if use_stored else make_binary_index(img_codes)
-            cand, scores, _ = rerank_images(index.model, searched, cap_codes, words, lengths, regions, gram, n)
+            cand, scores, _ = rerank_images(
+                index.model, searched, cap_codes, words=words, lengths=lengths, regions=regions, gram=gram, n=n
+            )
             relevant = cand == gt[:, None]
         else:  # images search the caption codes
             searched = index.caption_index if use_stored else make_binary_index(cap_codes)
-            cand, scores, _ = rerank_captions(index.model, searched, img_codes, regions, gram, words, lengths, n)
+            cand, scores, _ = rerank_captions(
+                index.model, searched, img_codes, regions=regions, gram=gram, words=words, lengths=lengths, n=n
+            )
             relevant = gt[np.maximum(cand, 0)] == image_of_row
         seconds = time.perf_counter() - t0
         ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)

@@ -480,7 +480,9 @@ class Index:
         dev = self.regions.device
         words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
         codes = self.hasher.module.caption_codes(words, lengths)
-        return rerank_images(self.model, self.image_index, codes, words, lengths, self.regions, self.gram, n)
+        return rerank_images(
+            self.model, self.image_index, codes, words=words, lengths=lengths, regions=self.regions, gram=self.gram, n=n
+        )
 
     @torch.no_grad()
     def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int):
@@ -489,7 +491,16 @@ class Index:
         n = min(n, self.n_captions)
         regions, gram = regions.to(self.regions.device, self.regions.dtype), gram.to(self.gram.device)
         codes = self.hasher.module.image_codes(regions.float())
-        return rerank_captions(self.model, self.caption_index, codes, regions, gram, self.words, self.lengths, n)
+        return rerank_captions(
+            self.model,
+            self.caption_index,
+            codes,
+            regions=regions,
+            gram=gram,
+            words=self.words,
+            lengths=self.lengths,
+            n=n,
+        )
 
     def bench_meta(self) -> dict:
         """What the sharded bench needs to know of this index's items."""

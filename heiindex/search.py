@@ -82,7 +82,9 @@ class Candidates(NamedTuple):
 
 
 @torch.no_grad()
-def rerank_images(model: ScanModel, image_index, codes: np.ndarray, words, lengths, regions, gram, n) -> Candidates:
+def rerank_images(
+    model: ScanModel, image_index, codes: np.ndarray, *, words, lengths, regions, gram, n: int
+) -> Candidates:
     """Text to image for a batch of encoded captions (``words`` (q, L, d) in the regions' dtype,
     ``lengths`` (q,)) with their packed ``codes``: the ``n`` nearest image codes, re-ranked."""
     dist, ids = hamming_candidates(image_index, codes, n)
@@ -92,7 +94,9 @@ def rerank_images(model: ScanModel, image_index, codes: np.ndarray, words, lengt
 
 
 @torch.no_grad()
-def rerank_captions(model: ScanModel, caption_index, codes: np.ndarray, regions, gram, words, lengths, n) -> Candidates:
+def rerank_captions(
+    model: ScanModel, caption_index, codes: np.ndarray, *, regions, gram, words, lengths, n: int
+) -> Candidates:
     """Image to text for a batch of encoded images (``regions`` (q, R, d), ``gram`` (q, R, R))
     with their packed ``codes``: the ``n`` nearest caption codes, re-ranked."""
     dist, ids = hamming_candidates(caption_index, codes, n)
@@ -119,7 +123,12 @@ def images_for_text(
     """Text to image: Hamming top-``candidates`` over the image codes, re-ranked, top ``k``."""
     code = hasher.caption_codes(query.words, query.lengths)
     words = query.words.to(regions.dtype)  # the stored features' precision (see Index.to)
-    return _top(rerank_images(model, image_index, code, words, query.lengths, regions, gram, candidates), k)
+    return _top(
+        rerank_images(
+            model, image_index, code, words=words, lengths=query.lengths, regions=regions, gram=gram, n=candidates
+        ),
+        k,
+    )
 
 
 @torch.no_grad()
@@ -136,7 +145,12 @@ def captions_for_image(
 ) -> Ranked:
     """Image to text for one encoded image ``regions`` (1, R, d) with its ``gram`` (1, R, R)."""
     code = hasher.image_codes(regions.float())
-    return _top(rerank_captions(model, caption_index, code, regions, gram, words, lengths, candidates), k)
+    return _top(
+        rerank_captions(
+            model, caption_index, code, regions=regions, gram=gram, words=words, lengths=lengths, n=candidates
+        ),
+        k,
+    )
 
 
 def _top(found: Candidates, k: int) -> Ranked:
