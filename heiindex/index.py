@@ -36,7 +36,6 @@ from . import __version__
 from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import check_precision, resolve_device, set_precision
-from .encode import encode_captions
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
     index_on_device,
@@ -45,9 +44,11 @@ from .hamming import (
     resolve_index_kind,
     save_binary_index,
 )
-from .packed import PackedWords
+from .hashing import HashModule
+from .model import ScanModel
+from .packed import PackedWords, word_mask
 from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
-from .store import ImageWriter, SplitStore, atomic_dir, write_json
+from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult"]
@@ -190,6 +191,7 @@ class Index:
         nlist: int | None = None,
         nprobe: int | None = None,
         block_images: int = 256,
+        block_captions: int = 1024,
         progress: bool = False,
         device: str = "cpu",
         image_rows: tuple[int, int] | None = None,
@@ -199,12 +201,16 @@ class Index:
     ) -> dict:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically); returns
         the manifest written.
+        Images and captions are encoded, hashed and written a block at a time (``block_images``,
+        ``block_captions``): memory holds one block of features plus the codes.
         ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
         store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
         also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
         FAISS files are written either way."""
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
+        if block_images < 1 or block_captions < 1:
+            raise HeiindexError(f"block sizes must be at least 1, got {block_images} images, {block_captions} captions")
         matcher, hasher = load_bound_models(matcher, hasher)
         if hasher.info.get("matcher_sha256") != matcher.checksum:
             raise ModelMismatchError(
@@ -257,23 +263,9 @@ class Index:
             caps = store.captions()
             if image_rows is not None:
                 caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
-            words = encode_captions(model, caps.tokens, caps.lengths)
-            lengths = torch.from_numpy(caps.lengths)
-            cap_codes = hasher.module.caption_codes(words.to(dev), lengths.to(dev))
-            flat = [words[i, : caps.lengths[i]].reshape(-1).numpy() for i in range(len(caps))]
-            table = pa.table(
-                {
-                    "caption_id": pa.array(caps.caption_ids),
-                    "image_id": pa.array(caps.image_ids),
-                    "text": pa.array(caps.texts, type=pa.string()),
-                    "tokens": pa.array(
-                        [t[:n].tolist() for t, n in zip(caps.tokens, caps.lengths, strict=True)],
-                        type=pa.list_(pa.int32()),
-                    ),
-                    "words": pa.array(flat, type=pa.list_(pa.float32())),
-                }
+            cap_codes = _write_caption_features(
+                tmp / "caption_features.parquet", model, hasher.module, caps, dev, block_captions
             )
-            pq.write_table(table, tmp / "caption_features.parquet", compression="zstd")
             save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
             save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
             manifest = {
@@ -518,6 +510,49 @@ class Index:
         if self._caption_codes is None:
             self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
         return self._caption_codes
+
+
+_CAPTION_SCHEMA = pa.schema(
+    [
+        ("caption_id", pa.int64()),
+        ("image_id", pa.int64()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.int32())),
+        ("words", pa.list_(pa.float32())),
+    ]
+)
+
+
+def _write_caption_features(
+    path: Path, model: ScanModel, hasher: HashModule, caps: CaptionTable, dev: torch.device, block: int
+) -> np.ndarray:
+    """Encode and hash ``caps`` ``block`` captions at a time, appending each block's real words
+    (flattened, ``len * d`` floats a caption) to ``path``; returns the packed codes."""
+    codes = [np.zeros((0, hasher.config.bits // 8), dtype=np.uint8)]
+    with pq.ParquetWriter(path, _CAPTION_SCHEMA, compression="zstd") as writer:
+        for s in range(0, len(caps), block):
+            lens = caps.lengths[s : s + block]
+            tokens = caps.tokens[s : s + block, : int(lens.max())]
+            lens_t = torch.from_numpy(lens).to(dev)
+            words = model.encode_captions(torch.from_numpy(tokens).to(dev), lens_t)  # (b, longest, d)
+            codes.append(hasher.caption_codes(words, lens_t))
+            real = word_mask(lens_t, words.shape[1])
+            flat = words[real].cpu().numpy().reshape(-1)
+            columns = {
+                "caption_id": pa.array(caps.caption_ids[s : s + block], type=pa.int64()),
+                "image_id": pa.array(caps.image_ids[s : s + block], type=pa.int64()),
+                "text": pa.array(caps.texts[s : s + block], type=pa.string()),
+                "tokens": _lists(tokens[real.cpu().numpy()].astype(np.int32), lens),
+                "words": _lists(flat, lens * words.shape[2]),
+            }
+            writer.write_table(pa.table(columns, schema=_CAPTION_SCHEMA))
+    return np.concatenate(codes)
+
+
+def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
+    """A list array of consecutive runs of ``values`` (run ``i`` has ``sizes[i]`` items)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values))
 
 
 def _fixed(col: pa.ChunkedArray) -> np.ndarray:

@@ -7,13 +7,15 @@ import shutil
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from heiindex.attention import score_block
 from heiindex.checkpoint import load_model
-from heiindex.encode import encode_split
+from heiindex.encode import encode_captions, encode_images, encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
+from heiindex.hamming import stored_codes
 from heiindex.hashing import HashConfig, pool_words
 from heiindex.index import Index
 from heiindex.ingest import ingest
@@ -88,6 +90,35 @@ def test_stored_features_are_the_encoded_split(pipe, index):
     assert torch.equal(index.words.padded(), enc.words[:, : index.words.shape[1]])
     np.testing.assert_array_equal(index.caption_image, enc.caption_image)
     assert index.texts == pipe.captions["test"]
+
+
+def test_small_blocks_write_what_the_encoders_give_in_those_blocks(pipe, tmp_path):
+    """Captions 7 at a time, images 5 at a time: the stored words, regions and codes are those of
+    ``encode_captions`` / ``encode_images`` with the same blocks (a block's size can change the
+    encoders' last bits), hashed all at once; ids, texts and tokens are the default build's."""
+    out = tmp_path / "blocks"
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, block_images=5, block_captions=7)
+    got, default = (pq.read_table(p / "caption_features.parquet") for p in (out, pipe.index_dir))
+    assert got.drop_columns("words").equals(default.drop_columns("words"))
+    assert pq.ParquetFile(out / "caption_features.parquet").num_row_groups == 18  # ceil(120 / 7)
+    assert pq.ParquetFile(out / "image_features.parquet").num_row_groups == 5  # ceil(24 / 5)
+    model, store = load_model(pipe.model_dir).model, SplitStore.open(pipe.root, "test")
+    caps = store.captions()
+    words = encode_captions(model, caps.tokens, caps.lengths, block=7)
+    stored = got.column("words").to_pylist()
+    assert len(stored) == 120
+    for i, w in enumerate(stored):
+        np.testing.assert_array_equal(np.asarray(w, dtype=np.float32), words[i, : caps.lengths[i]].reshape(-1).numpy())
+    image_ids, regions = encode_images(model, store, block_images=5)
+    built, hasher = Index.open(out), load_hash(pipe.hash_dir).module
+    np.testing.assert_array_equal(built.image_ids, image_ids)
+    assert torch.equal(built.regions, regions)
+    np.testing.assert_array_equal(
+        stored_codes(built.caption_index), hasher.caption_codes(words, torch.from_numpy(caps.lengths))
+    )
+    np.testing.assert_array_equal(stored_codes(built.image_index), hasher.image_codes(regions))
+    with pytest.raises(HeiindexError, match="block sizes must be at least 1"):
+        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, block_captions=0)
 
 
 # -- text to image ----------------------------------------------------------------------------
