@@ -63,6 +63,7 @@ class Exp:
     noise: float = 0.0  # training augmentation: gaussian noise (std, relative to feature norm) on pooled inputs
     wd: float = 0.0  # AdamW weight decay (0: Adam)
     seed: int = 0
+    train_images: int = 0  # keep only the records' rows of the first n training images (0: all); data scaling
     note: str = ""
 
 
@@ -101,6 +102,10 @@ CONFIGS: dict[str, Exp] = {
     "base256_wd1e2": Exp(wd=1e-2),
     "meanmax_rd3_wd2": Exp(img="meanmax", txt="meanmax", rdrop=0.3, wdrop=0.2),
     "mq4_rd3_wd2": Exp(img="mq", K=4, rdrop=0.3, wdrop=0.2),
+    "r4_n1000": Exp(rounds=4, train_images=1000),  # data scaling: 1/4 and 1/2 of the training images
+    "r4_n2000": Exp(rounds=4, train_images=2000),
+    "r4_n2000_s1": Exp(rounds=4, train_images=2000, seed=1),
+    "r4_n3000": Exp(rounds=4, train_images=3000),
     "base64": Exp(bits=64),
     "base128": Exp(bits=128),
     "base1024": Exp(bits=1024),
@@ -121,10 +126,19 @@ def load_split(name: str) -> dict:
     return d
 
 
-def load_records(rounds: int) -> list[dict]:
+def load_records(rounds: int, train_images: int = 0) -> list[dict]:
     recs = []
     for r in range(rounds):
         recs += torch.load(CACHE / f"round{r}.pt")
+    if train_images:  # each record keeps only its rows (and score rows / columns) of the first n images
+        kept = []
+        for rec in recs:
+            keep = rec["imgs"] < train_images
+            if int(keep.sum()) >= 2:
+                kept.append(
+                    {"caps": rec["caps"][keep], "imgs": rec["imgs"][keep], "scores": rec["scores"][keep][:, keep]}
+                )
+        recs = kept
     return recs
 
 
@@ -409,15 +423,15 @@ def main() -> None:
     test = load_split("test") if args.test else None
     if args.check_faiss:
         check_faiss(dev)
-    records_by_rounds: dict[int, list] = {}
+    records_by_rounds: dict[tuple[int, int], list] = {}
     for name in args.configs.split(","):
         e = CONFIGS[name]
         if args.epochs:
             e = replace(e, epochs=args.epochs)
-        if e.rounds not in records_by_rounds:
-            records_by_rounds[e.rounds] = load_records(e.rounds)
+        if (e.rounds, e.train_images) not in records_by_rounds:
+            records_by_rounds[e.rounds, e.train_images] = load_records(e.rounds, e.train_images)
         print(f"{name}: {e}", flush=True)
-        model, res = train(e, tr, dev, records_by_rounds[e.rounds], log=lambda m: print(m, flush=True))
+        model, res = train(e, tr, dev, records_by_rounds[e.rounds, e.train_images], log=lambda m: print(m, flush=True))
         row = {
             "name": name,
             "exp": e.__dict__,
