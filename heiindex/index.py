@@ -198,6 +198,7 @@ class Index:
         codes: str = "faiss",
         uri: str | None = None,
         milvus_index: str = "BIN_FLAT",
+        captions: CaptionTable | None = None,
     ) -> dict:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically); returns
         the manifest written.
@@ -206,7 +207,8 @@ class Index:
         ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
         store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
         also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
-        FAISS files are written either way."""
+        FAISS files are written either way. ``captions``: the split's captions already read
+        (``SplitStore.captions``), so that the shards of one build read them once."""
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
         if block_images < 1 or block_captions < 1:
@@ -220,6 +222,10 @@ class Index:
         if store.manifest["vocab"]["sha256"] != matcher.vocab.checksum:
             raise ModelMismatchError(
                 f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
+            )
+        if captions is not None and len(captions) != store.n_captions:
+            raise HeiindexError(
+                f"captions given hold {len(captions)} captions; store {store.path} has {store.n_captions}"
             )
         dev = resolve_device(device)
         if dev.type == "cuda":
@@ -242,15 +248,7 @@ class Index:
                 leave=False,
             )
             kept_ids = []
-            row = 0
-            for ids, feats in store.iter_image_blocks(block_images):
-                if row >= stop:  # a shard's range is done: the rest of the store is not read
-                    break
-                lo, hi = max(first - row, 0), min(stop - row, len(ids))
-                row += len(ids)
-                if lo >= hi:
-                    continue
-                ids, feats = ids[lo:hi], feats[lo:hi]
+            for ids, feats in store.iter_image_blocks(block_images, first, stop):  # a shard reads its rows only
                 kept_ids.append(ids)
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = region_gram(regions)
@@ -260,7 +258,7 @@ class Index:
             bar.close()
             writer.close()
             img_codes = np.concatenate(code_blocks)
-            caps = store.captions()
+            caps = store.captions() if captions is None else captions
             if image_rows is not None:
                 caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
             cap_codes = _write_caption_features(

@@ -79,6 +79,7 @@ def write_shards(
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
+    captions = store.captions()  # read once for all shards
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out) as tmp:
@@ -96,6 +97,7 @@ def write_shards(
                 progress=progress,
                 device=device,
                 image_rows=(a, b),
+                captions=captions,
             )
             manifests.append(m)
             entries.append(

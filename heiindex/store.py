@@ -251,11 +251,45 @@ class SplitStore:
     def vocab_path(self) -> Path:
         return self.path.parent / "vocab.json"
 
-    def iter_image_blocks(self, block_images: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(image_ids (b,), features float32 (b, R, D))`` in store order."""
+    def iter_image_blocks(
+        self, block_images: int = 256, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(image_ids (b,), features float32 (b, R, D))`` of the image rows
+        ``start..stop-1`` (default: all) in store order, ``block_images`` rows a block (the last
+        may be shorter). Row groups that end before ``start`` are not read (their row counts come
+        from the file's metadata); the one holding ``start`` is read from its first row."""
+        stop = self.n_images if stop is None else stop
+        if block_images < 1 or not 0 <= start <= stop <= self.n_images:
+            raise ValueError(
+                f"need block_images >= 1 and 0 <= start <= stop <= {self.n_images}, "
+                f"got block_images={block_images}, start={start}, stop={stop}"
+            )
+        if start == stop:
+            return
         pf = self._images_file()
-        for batch in pf.iter_batches(batch_size=block_images, columns=["image_id", "features"]):
-            yield _image_batch(batch, self.regions, self.feature_dim)
+        ends = np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        first = int(np.searchsorted(ends, start, side="right"))  # the row group holding row `start`
+        skip = start - (int(ends[first - 1]) if first else 0)  # its rows before `start`
+        left = stop - start
+        pending = None  # rows read but not yet yielded (less than a block)
+        groups = range(first, pf.num_row_groups)
+        for batch in pf.iter_batches(batch_size=block_images, row_groups=groups, columns=["image_id", "features"]):
+            if left == 0:
+                break
+            drop = min(skip, batch.num_rows)
+            skip -= drop
+            batch = batch.slice(drop, left)
+            left -= batch.num_rows
+            table = pa.Table.from_batches([batch])
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            while pending.num_rows >= block_images:
+                yield self._block(pending.slice(0, block_images))
+                pending = pending.slice(block_images)
+        if pending is not None and pending.num_rows:
+            yield self._block(pending)
+
+    def _block(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
 
     @property
     def n_row_groups(self) -> int:
@@ -286,7 +320,7 @@ class SplitStore:
 
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
     ids = batch.column("image_id").to_numpy()
-    feats = batch.column("features").values.to_numpy(zero_copy_only=False)
+    feats = batch.column("features").flatten().to_numpy(zero_copy_only=False)  # flatten: a slice's own values
     if not feats.flags.writeable:
         feats = feats.copy()  # torch wants writable memory
     return ids, feats.reshape(len(ids), regions, feature_dim)

@@ -11,7 +11,15 @@ from cli_helpers import as_json, build, ok, run
 from heiindex.errors import HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
-from heiindex.shards import ShardedIndex, build_shards, is_sharded, run_sharded_bench, shard_bounds
+from heiindex.shards import (
+    ShardedIndex,
+    build_shards,
+    is_sharded,
+    run_sharded_bench,
+    shard_bounds,
+    write_shards,
+)
+from heiindex.store import SplitStore
 
 QUERIES = ["a dog on the grass", "a man riding a motorcycle", "a red bus on the street", "two cats"]
 SHARDS = 3  # 24 images -> 8 per shard, 40 captions per shard
@@ -102,6 +110,30 @@ def test_errors(pipe, sharded, tmp_path):
     with pytest.raises(HeiindexError, match="is a sharded build"):
         Index.open(sharded.path)
     assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+
+
+def test_write_shards_reads_the_captions_once_and_each_shard_its_own_rows(pipe, tmp_path, monkeypatch):
+    calls = {"captions": 0, "rows": []}
+    read_captions, read_blocks = SplitStore.captions, SplitStore.iter_image_blocks
+
+    def captions(self):
+        calls["captions"] += 1
+        return read_captions(self)
+
+    def blocks(self, block_images=256, start=0, stop=None):
+        calls["rows"].append((start, stop))
+        return read_blocks(self, block_images, start, stop)
+
+    monkeypatch.setattr(SplitStore, "captions", captions)
+    monkeypatch.setattr(SplitStore, "iter_image_blocks", blocks)
+    m = write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", SHARDS, index_type="flat")
+    assert calls == {"captions": 1, "rows": [(0, 8), (8, 16), (16, 24)]}
+    assert [(e["n_images"], e["n_captions"]) for e in m["shards"]] == [(8, 40)] * 3
+    store = SplitStore.open(pipe.root, "test")
+    few = read_captions(store).subset(np.arange(120) < 5)
+    with pytest.raises(HeiindexError, match=r"captions given hold 5 captions; store .* has 120"):
+        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", captions=few)
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):

@@ -33,10 +33,12 @@ def _feats(n: int, offset: int = 0) -> np.ndarray:
 
 
 def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
-    """images 0..4 in the given blocks, 5 captions (one per image); returns (images_sha, captions_sha)."""
+    """images 0..n-1 in the given blocks (row groups), 5 captions (one per image of 0..4);
+    returns (images_sha, captions_sha)."""
     folder.mkdir(parents=True, exist_ok=True)
     w = ImageWriter(folder / IMAGES_FILE, R, D)
-    feats = _feats(5)
+    n = blocks[-1][1]
+    feats = _feats(n)
     for a, b in blocks:
         w.write(np.arange(a, b), feats[a:b])
     images_sha = w.close()
@@ -46,7 +48,7 @@ def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
         {
             "format_version": version,
             "split": "test",
-            "images": {"count": 5, "regions": R, "feature_dim": D, "sha256": images_sha},
+            "images": {"count": n, "regions": R, "feature_dim": D, "sha256": images_sha},
             "captions": {"count": 5, "sha256": captions_sha},
         },
     )
@@ -72,6 +74,51 @@ def test_image_writer_round_trip_through_split_store(tmp_path):
     assert f[1, 3, 2] == 4 * R * D + 3 * D + 2  # image 4, region 3, feature 2
 
     assert store.checksum == hashlib.sha256((images_sha + captions_sha).encode()).hexdigest()
+
+
+def _blocks_from(store, block, start, stop=None, monkeypatch=None):
+    """(ids per block, features stacked, the row groups the reader was asked for)."""
+    pf = store._images_file()
+    asked = []
+    read = pf.iter_batches
+
+    def spy(*args, row_groups=None, **kw):
+        asked.append(list(row_groups))
+        return read(*args, row_groups=row_groups, **kw)
+
+    monkeypatch.setattr(pf, "iter_batches", spy)
+    blocks = list(store.iter_image_blocks(block, start=start, stop=stop))
+    feats = np.concatenate([f for _, f in blocks]) if blocks else np.zeros((0, R, D), np.float32)
+    return [ids.tolist() for ids, _ in blocks], feats, asked
+
+
+def test_image_blocks_from_a_row_with_row_groups_smaller_than_a_block(tmp_path, monkeypatch):
+    _write_split(tmp_path / "test", blocks=((0, 2), (2, 4), (4, 6), (6, 8), (8, 10)))
+    store = SplitStore.open(tmp_path, "test")
+    ids, feats, asked = _blocks_from(store, 3, 5, monkeypatch=monkeypatch)
+    assert ids == [[5, 6, 7], [8, 9]]
+    assert asked == [[2, 3, 4]]  # the two row groups before row 5 are not read
+    np.testing.assert_array_equal(feats, _feats(10)[5:])
+    ids, feats, asked = _blocks_from(store, 3, 4, 9, monkeypatch=monkeypatch)
+    assert ids == [[4, 5, 6], [7, 8]] and asked == [[2, 3, 4]]
+    np.testing.assert_array_equal(feats, _feats(10)[4:9])
+
+
+def test_image_blocks_from_a_row_with_row_groups_larger_than_a_block(tmp_path, monkeypatch):
+    _write_split(tmp_path / "test", blocks=((0, 6), (6, 10)))
+    store = SplitStore.open(tmp_path, "test")
+    ids, feats, asked = _blocks_from(store, 2, 7, monkeypatch=monkeypatch)
+    assert ids == [[7, 8], [9]] and asked == [[1]]
+    np.testing.assert_array_equal(feats, _feats(10)[7:])
+    ids, feats, asked = _blocks_from(store, 2, 3, 8, monkeypatch=monkeypatch)  # across the boundary
+    assert ids == [[3, 4], [5, 6], [7]] and asked == [[0, 1]]
+    np.testing.assert_array_equal(feats, _feats(10)[3:8])
+    assert f"{feats[4, 3, 2]:.0f}" == str(7 * R * D + 3 * D + 2)  # image 7, region 3, feature 2
+    assert _blocks_from(store, 4, 6, 6, monkeypatch=monkeypatch)[0] == []
+    assert [i.tolist() for i, _ in store.iter_image_blocks(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for kwargs in ({"start": 4, "stop": 3}, {"stop": 11}, {"start": -1}, {"block_images": 0}):
+        with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
+            list(store.iter_image_blocks(**kwargs))
 
 
 def test_images_parquet_schema(tmp_path):
