@@ -122,15 +122,20 @@ def _hash_checksum(h: LoadedHash) -> str:
 class Index:
     """An opened index: matcher, hash module, binary indexes and re-ranking features in memory."""
 
-    def __init__(self, path: Path, manifest: dict, matcher: LoadedModel, hasher: LoadedHash) -> None:
+    def __init__(
+        self, path: Path, manifest: dict, matcher: LoadedModel, hasher: LoadedHash, code_indexes: tuple | None = None
+    ) -> None:
+        """``code_indexes``: (images, captions) searched for Hamming candidates (e.g.
+        ``heiindex.milvus_codes.MilvusCodes``); default: the FAISS files of ``path``."""
         self.path = path
         self.manifest = manifest
         self.matcher = matcher
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
-        self.image_index = load_binary_index(path / "images.faiss")
-        self.caption_index = load_binary_index(path / "captions.faiss")
+        if code_indexes is None:
+            code_indexes = (load_binary_index(path / "images.faiss"), load_binary_index(path / "captions.faiss"))
+        self.image_index, self.caption_index = code_indexes
         r, d = manifest["regions"], manifest["embed_size"]
         t = pq.read_table(path / "image_features.parquet")
         self.image_ids = t.column("image_id").to_numpy()
@@ -348,14 +353,13 @@ class Index:
         check_precision(dtype)
         if source == "milvus" and device != "cpu":
             raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
-        index = cls(path, manifest, matcher, hasher)
-        if source == "milvus":
+        code_indexes = None  # the FAISS files
+        if source == "milvus":  # the FAISS files are not read
             from .milvus_codes import MilvusCodes
 
             server = uri or built["uri"]
-            index.image_index = MilvusCodes(server, built["collections"]["images"])
-            index.caption_index = MilvusCodes(server, built["collections"]["captions"])
-        return index.to(device, dtype)
+            code_indexes = tuple(MilvusCodes(server, built["collections"][m]) for m in ("images", "captions"))
+        return cls(path, manifest, matcher, hasher, code_indexes).to(device, dtype)
 
     @property
     def lengths(self) -> Tensor:

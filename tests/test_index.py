@@ -259,6 +259,44 @@ def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
 # -- refusals ---------------------------------------------------------------------------------
 
 
+def test_milvus_codes_open_without_reading_the_faiss_files(pipe, index, tmp_path, monkeypatch):
+    """A build with codes in Milvus (a stand-in class here, searching this index's FAISS codes)
+    opens and answers with its FAISS files gone; asked for FAISS codes, it names the missing file."""
+    import heiindex.milvus_codes as milvus_codes
+
+    out = tmp_path / "milvus-built"
+    shutil.copytree(pipe.index_dir, out)
+    for name in ("images.faiss", "captions.faiss"):
+        (out / name).unlink()
+    m = json.loads((out / "manifest.json").read_text())
+    collections = {"images": "c-images", "captions": "c-captions"}
+    m["codes"] = {"store": "milvus", "uri": "http://milvus:19530", "collections": collections, "index_type": "BIN_FLAT"}
+    (out / "manifest.json").write_text(json.dumps(m))
+
+    class StandIn:
+        def __init__(self, uri, name):
+            self.uri, self.name = uri, name
+            self.faiss = index.image_index if name == "c-images" else index.caption_index
+            self.ntotal = self.faiss.ntotal
+
+        def search(self, codes, n):
+            return self.faiss.search(codes, n)
+
+    monkeypatch.setattr(milvus_codes, "MilvusCodes", StandIn)
+    opened = Index.open(out)
+    assert (opened.image_index.uri, opened.image_index.name, opened.caption_index.name) == (
+        "http://milvus:19530",
+        "c-images",
+        "c-captions",
+    )
+    assert opened.search("a dog", k=5, candidates=10).to_dict() == index.search("a dog", k=5, candidates=10).to_dict()
+    assert opened.search_image(int(index.image_ids[3]), k=5, candidates=10).to_dict() == (
+        index.search_image(int(index.image_ids[3]), k=5, candidates=10).to_dict()
+    )
+    with pytest.raises(DataError, match="images.faiss: binary index file missing"):
+        Index.open(out, codes="faiss")
+
+
 def test_open_without_an_index_folder(tmp_path):
     with pytest.raises(DataError, match="no index here; run `heiindex build` first") as e:
         Index.open(tmp_path / "nothing")
