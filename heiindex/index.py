@@ -145,11 +145,8 @@ class Index:
         self.caption_ids = c.column("caption_id").to_numpy()
         self.caption_image_ids = c.column("image_id").to_numpy()
         self.texts = c.column("text").to_pylist()
-        words = c.column("words").combine_chunks()
-        lengths = np.diff(words.offsets.to_numpy()) // d
-        lengths = torch.from_numpy(lengths.astype(np.int64))
         # packed: a split's captions cost their real words, not n x the longest caption
-        self.words = PackedWords(torch.from_numpy(words.values.to_numpy().reshape(-1, d).copy()), lengths)
+        self.words = _packed_words(c.column("words"), d)
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
@@ -555,6 +552,19 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
     """A list array of consecutive runs of ``values`` (run ``i`` has ``sizes[i]`` items)."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values))
+
+
+def _packed_words(col: pa.ChunkedArray, d: int) -> PackedWords:
+    """The words column (a list of ``len * d`` floats per caption, in row groups) copied once,
+    chunk by chunk, into the packed words' own tensor (zero row included)."""
+    lengths = np.concatenate([np.diff(chunk.offsets.to_numpy()) // d for chunk in col.chunks] or [np.zeros(0)])
+    rows = torch.zeros((int(lengths.sum()) + 1, d))
+    out, pos = rows.numpy(), 0
+    for chunk in col.chunks:
+        values = chunk.flatten().to_numpy().reshape(-1, d)  # flatten: this chunk's own words
+        out[pos : pos + len(values)] = values
+        pos += len(values)
+    return PackedWords._wrap(rows, torch.from_numpy(lengths.astype(np.int64)))
 
 
 def _fixed(col: pa.ChunkedArray) -> np.ndarray:

@@ -27,32 +27,44 @@ class PackedWords:
     def __init__(self, flat: Tensor, lengths: Tensor) -> None:
         if not isinstance(flat, Tensor) or flat.dim() != 2:
             raise ValueError(f"flat word features must be a 2-D tensor (total_words, d), got {_shape(flat)}")
-        lengths = torch.as_tensor(lengths, device=flat.device).long()
-        if lengths.dim() != 1:
-            raise ValueError(f"lengths must be one-dimensional, got shape {tuple(lengths.shape)}")
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError("every caption must have at least one word (lengths >= 1)")
+        lengths = _checked_lengths(lengths, flat.device)
         total = int(lengths.sum())
         if total != flat.shape[0]:
             raise ValueError(f"lengths sum to {total} words but flat has {flat.shape[0]} rows")
         # One zero row after the last word: gathers point padding there and come back zeroed.
-        self._flat = torch.cat([flat, flat.new_zeros((1, flat.shape[1]))])
+        self._adopt(torch.cat([flat, flat.new_zeros((1, flat.shape[1]))]), lengths)
+
+    @classmethod
+    def _wrap(cls, rows: Tensor, lengths: Tensor) -> PackedWords:
+        """The captions of ``lengths`` over ``rows`` ``(total_words + 1, d)``, whose last row is
+        already the zero row: taken as they are, not copied (for the methods here and readers in
+        this package that build that tensor anyway; the constructor checks, this does not)."""
+        words = cls.__new__(cls)
+        words._adopt(rows, lengths)
+        return words
+
+    def _adopt(self, rows: Tensor, lengths: Tensor) -> None:
+        self._flat = rows
         self.lengths = lengths
-        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=flat.device)
+        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=rows.device)
         self.offsets[1:] = torch.cumsum(lengths, 0)
         longest = int(lengths.max()) if lengths.numel() else 0
-        self.shape = torch.Size((len(lengths), longest, flat.shape[1]))
+        self.shape = torch.Size((len(lengths), longest, rows.shape[1]))
 
     @classmethod
     def from_padded(cls, words: Tensor, lengths: Tensor) -> PackedWords:
         """Pack padded words ``(n, L, d)``; whatever sits beyond each length is dropped."""
-        lengths = torch.as_tensor(lengths, device=words.device).long()
-        if words.dim() != 3 or lengths.shape != (words.shape[0],):
+        if not isinstance(words, Tensor) or words.dim() != 3:
+            raise ValueError(f"expected words (n, L, d), got {_shape(words)}")
+        lengths = _checked_lengths(lengths, words.device)
+        if lengths.shape != (words.shape[0],):
             raise ValueError(f"expected words (n, L, d) and lengths (n,), got {_shape(words)} and {_shape(lengths)}")
         if lengths.numel() and int(lengths.max()) > words.shape[1]:
             raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
-        mask = word_mask(lengths, words.shape[1])
-        return cls(words[mask], lengths)
+        real = word_mask(lengths, words.shape[1]).view(-1).nonzero().squeeze(1)
+        rows = words.new_zeros((len(real) + 1, words.shape[2]))
+        torch.index_select(words.reshape(-1, words.shape[2]), 0, real, out=rows[:-1])  # no second copy
+        return cls._wrap(rows, lengths)
 
     @property
     def flat(self) -> Tensor:
@@ -71,9 +83,10 @@ class PackedWords:
         return self.shape[0]
 
     def to(self, *args, **kwargs) -> PackedWords:
-        """A copy on another device or dtype (``Tensor.to`` arguments)."""
-        flat = self.flat.to(*args, **kwargs)
-        return PackedWords(flat, self.lengths.to(flat.device))
+        """A copy on another device or dtype (``Tensor.to`` arguments); as ``Tensor.to``, the
+        same words (not copied) where nothing changes."""
+        rows = self._flat.to(*args, **kwargs)
+        return PackedWords._wrap(rows, self.lengths.to(rows.device))
 
     def gather(self, rows: Tensor, length: int) -> Tensor:
         """Words of captions ``rows`` as a ``(len(rows), length, d)`` tensor, zero beyond each
@@ -91,14 +104,16 @@ class PackedWords:
         first_of_row = torch.cumsum(lens, 0) - lens  # where each caption starts in the selection
         pos = torch.arange(int(lens.sum()), device=self.device)
         idx = torch.repeat_interleave(starts - first_of_row, lens) + pos
-        return PackedWords(self._flat.index_select(0, idx), lens)
+        idx = torch.cat([idx, idx.new_full((1,), self._flat.shape[0] - 1)])  # and the zero row
+        return PackedWords._wrap(self._flat.index_select(0, idx), lens)
 
     @classmethod
     def cat(cls, parts: list[PackedWords]) -> PackedWords:
         """The captions of ``parts`` one after another."""
         if not parts:
             raise ValueError("nothing to concatenate")
-        return cls(torch.cat([p.flat for p in parts]), torch.cat([p.lengths for p in parts]))
+        zero = parts[0]._flat[-1:]
+        return cls._wrap(torch.cat([*(p.flat for p in parts), zero]), torch.cat([p.lengths for p in parts]))
 
     def padded(self) -> Tensor:
         """The equivalent zero-padded ``(n, longest, d)`` tensor."""
@@ -108,6 +123,15 @@ class PackedWords:
 def word_mask(lengths: Tensor, width: int) -> Tensor:
     """``(n, width)`` bool, True at the real words of captions with ``lengths`` (n,)."""
     return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def _checked_lengths(lengths, device: torch.device) -> Tensor:
+    lengths = torch.as_tensor(lengths, device=device).long()
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {tuple(lengths.shape)}")
+    if lengths.numel() and int(lengths.min()) < 1:
+        raise ValueError("every caption must have at least one word (lengths >= 1)")
+    return lengths
 
 
 def _shape(x: object) -> str:

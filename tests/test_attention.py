@@ -16,6 +16,7 @@ from pathlib import Path
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from heiindex.attention import (
     DEFAULT_MAX_ELEMENTS,
@@ -448,6 +449,47 @@ def test_packed_words_round_trip_and_errors():
     _, _, regions, caps, imgs = _pair_data()
     with pytest.raises(ValueError, match="packed words' own lengths"):
         score_pairs(cfg, packed, lengths.flip(0), regions, caps, imgs)
+
+
+class _WordSizedStorages(TorchDispatchMode):
+    """The storages of the op results of at least ``numel`` elements seen while active."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.storages = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_packed_words_are_copied_once_and_keep_their_zero_row():
+    """from_padded, select, cat and to write the words into the tensor they return, zero row
+    included (no second, concatenated copy); ``to`` without a change copies nothing."""
+    words, lengths, _, _, _ = _pair_data()
+    total = sum(PAIR_LENGTHS)
+    packed = PackedWords.from_padded(words, lengths)
+    rows = torch.arange(len(PAIR_LENGTHS)).flip(0)
+    steps = {
+        "from_padded": lambda: PackedWords.from_padded(words, lengths),
+        "select": lambda: packed.select(rows),
+        "cat": lambda: PackedWords.cat([packed, packed]),
+        "to": lambda: packed.to(torch.float32 if packed.dtype == torch.float64 else torch.float64),
+    }
+    inputs = {t.untyped_storage().data_ptr() for t in (words, packed._flat)}
+    for name, step in steps.items():
+        with _WordSizedStorages(total * DIM) as seen:
+            got = step()
+        assert seen.storages - inputs == {got._flat.untyped_storage().data_ptr()}, name  # one new tensor
+        n = 2 * total if name == "cat" else total
+        assert got._flat.shape == (n + 1, DIM) and not got._flat[-1].any(), name
+    assert torch.equal(packed.select(rows).padded(), packed.padded()[rows])
+    assert torch.equal(PackedWords.cat([packed, packed]).flat, torch.cat([packed.flat, packed.flat]))
+    same = packed.to(packed.dtype)
+    assert same.flat.data_ptr() == packed.flat.data_ptr() and torch.equal(same.offsets, packed.offsets)
 
 
 def test_score_pairs_of_no_pairs_is_empty():
