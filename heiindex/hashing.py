@@ -113,9 +113,16 @@ class HashModule(nn.Module):
     @torch.no_grad()
     def caption_codes(self, words: Tensor | PackedWords, lengths: Tensor, block: int = 4096) -> np.ndarray:
         """Packed codes of encoded captions: padded words (n, L, d) with lengths (n,), or
-        ``PackedWords`` (padded ``block`` captions at a time, so memory stays bounded)."""
+        ``PackedWords`` (padded ``block`` captions at a time, so memory stays bounded) with
+        their own lengths (others are a ``ValueError``, as in ``heiindex.attention``)."""
         if not isinstance(words, PackedWords):
             return self.codes(self.pool_captions(words.float(), lengths), "text")
+        given = torch.as_tensor(lengths, device=words.device).long()
+        if given.shape != words.lengths.shape or not torch.equal(given, words.lengths):
+            raise ValueError(
+                f"lengths (shape {tuple(given.shape)}) differ from the packed words' own lengths "
+                f"(shape {tuple(words.lengths.shape)})"
+            )
         lengths = words.lengths
         out = []
         for s in range(0, len(words), block):
