@@ -364,11 +364,8 @@ def _ray_index(index_dir: Path | None, address: str | None, threads: int, detach
 
     from heiindex import default_data as dd
     from heiindex.ray_engine import RayShardedIndex
-    from heiindex.shards import is_sharded
 
     path = index_dir or dd.last_built_index()
-    if not is_sharded(path):
-        raise HeiindexError(f"{path} is not a sharded build; the Ray engine serves those (heiindex build --shards S)")
     return RayShardedIndex(path, address=address, threads=threads, detached=detached)
 
 
@@ -383,13 +380,14 @@ def _open_index(
 ):
     from heiindex import default_data as dd
     from heiindex.index import Index
-    from heiindex.shards import ShardedIndex, is_sharded
+    from heiindex.shards import ShardedIndex, sharded_manifest
 
     path = index_dir or dd.last_built_index()
-    if is_sharded(path):
+    manifest = sharded_manifest(path)
+    if manifest is not None:
         if codes == "milvus":
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
-        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
+        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype, manifest=manifest)
     return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
 
 

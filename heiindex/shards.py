@@ -42,11 +42,11 @@ __all__ = [
     "ShardedIndex",
     "build_shards",
     "check_counts",
-    "is_sharded",
     "merge_hits",
     "read_manifest",
     "run_sharded_bench",
     "shard_bounds",
+    "sharded_manifest",
     "write_shards",
 ]
 
@@ -134,24 +134,37 @@ def build_shards(
     return ShardedIndex.open(out, matcher, hasher)
 
 
-def is_sharded(path: str | Path) -> bool:
-    """Whether ``path`` holds a sharded build (its manifest says ``"kind": "sharded"``)."""
-    mpath = Path(path) / "manifest.json"
-    if not mpath.exists():
-        return False
-    try:
-        return json.loads(mpath.read_text()).get("kind") == "sharded"
-    except json.JSONDecodeError:
-        return False
-
-
-def read_manifest(path: str | Path) -> dict:
+def sharded_manifest(path: str | Path) -> dict | None:
+    """The manifest of the sharded build at ``path`` (read once, for telling sharded from
+    unsharded and for opening); ``None`` where ``path`` holds an unsharded index. ``DataError``,
+    naming the manifest, where there is none, it is not JSON, or it is of another format_version."""
     mpath = Path(path) / "manifest.json"
     if not mpath.exists():
         raise DataError(mpath, "no index here; run `heiindex build` first")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("kind") != "sharded" or manifest.get("format_version") != SHARDED_FORMAT_VERSION:
-        raise DataError(mpath, f"not a sharded build of format_version {SHARDED_FORMAT_VERSION}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(mpath, f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(mpath, f"manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("kind") != "sharded":
+        return None
+    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise DataError(
+            mpath,
+            f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
+        )
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """``sharded_manifest``, where ``path`` must hold a sharded build."""
+    manifest = sharded_manifest(path)
+    if manifest is None:
+        raise DataError(
+            Path(path) / "manifest.json",
+            "the index here is not a sharded build (heiindex build --shards S writes one; the Ray engine serves those)",
+        )
     return manifest
 
 
@@ -182,9 +195,12 @@ class ShardedIndex:
         hasher: LoadedHash | str | Path | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        manifest: dict | None = None,
     ) -> ShardedIndex:
+        """Open every shard of the build at ``path``; ``manifest``: its manifest if already read
+        (``sharded_manifest``)."""
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = manifest or read_manifest(path)
         matcher, hasher = load_models(manifest, matcher, hasher)
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from cli_helpers import as_json, build, ok, run
 
-from heiindex.errors import HeiindexError
+from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
 from heiindex.shards import (
     ShardedIndex,
     build_shards,
-    is_sharded,
+    read_manifest,
     run_sharded_bench,
     shard_bounds,
+    sharded_manifest,
     write_shards,
 )
 from heiindex.store import SplitStore
@@ -38,7 +39,7 @@ def sharded(pipe, tmp_path_factory):
 
 def test_layout_and_manifest(sharded, index):
     m = json.loads((sharded.path / "manifest.json").read_text())
-    assert m["kind"] == "sharded" and m["split"] == "test" and is_sharded(sharded.path)
+    assert m["kind"] == "sharded" and m["split"] == "test" and sharded_manifest(sharded.path) == m
     assert [e["store_rows"] for e in m["shards"]] == [[0, 8], [8, 16], [16, 24]]
     assert (m["n_images"], m["n_captions"]) == (24, 120)
     ids = []
@@ -134,6 +135,25 @@ def test_write_shards_reads_the_captions_once_and_each_shard_its_own_rows(pipe, 
     with pytest.raises(HeiindexError, match=r"captions given hold 5 captions; store .* has 120"):
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", captions=few)
     assert not (tmp_path / "x").exists()
+
+
+def test_one_manifest_read_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
+    assert sharded_manifest(pipe.index_dir) is None  # an unsharded index
+    assert read_manifest(sharded.path) == sharded.manifest
+    with pytest.raises(DataError, match=r"index-test/manifest.json: the index here is not a sharded build"):
+        read_manifest(pipe.index_dir)
+    with pytest.raises(DataError, match=r"nothing/manifest.json: no index here; run `heiindex build` first"):
+        sharded_manifest(tmp_path / "nothing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for text, detail in (
+        ("{", r"bad/manifest.json: manifest is not valid JSON"),
+        ("[1]", r"bad/manifest.json: manifest must be a JSON object, got list"),
+        ('{"kind": "sharded", "format_version": 9}', r"sharded build of format_version 9, expected 1"),
+    ):
+        (bad / "manifest.json").write_text(text)
+        with pytest.raises(DataError, match=detail):
+            sharded_manifest(bad)
 
 
 def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
