@@ -21,7 +21,7 @@ from .index import Index
 from .scoring import exhaustive_scores
 from .search import rerank_captions, rerank_images
 
-__all__ = ["run_bench"]
+__all__ = ["candidate_metrics", "run_bench"]
 
 
 def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048) -> np.ndarray:
@@ -46,6 +46,32 @@ def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarr
     return ranks, float(np.mean(relevant.any(axis=1)))
 
 
+def _relevant(direction: str, cand: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
+    """``(q, n)`` bool: candidate ``cand[i, j]`` is a ground truth of query ``i``, empty slots
+    (-1) never. ``caption_image``: the image row of each caption row. "t2i": the queries are
+    the captions (in order), the candidates image rows; "i2t": the queries are the image rows
+    0..q-1, the candidates caption rows."""
+    if direction == "t2i":
+        return (cand == caption_image[:, None]) & (cand >= 0)
+    return (caption_image[np.maximum(cand, 0)] == np.arange(len(cand))[:, None]) & (cand >= 0)
+
+
+def candidate_metrics(
+    direction: str, cand: np.ndarray, scores: np.ndarray, hamming: np.ndarray, caption_image: np.ndarray, seconds
+) -> dict:
+    """Of candidate lists ``cand`` (q, n) with matcher ``scores`` and ``hamming`` distances:
+    R@K ranked by score ("hei", taking ``seconds``), R@K ranked by Hamming distance alone
+    ("hamming") and the fraction of queries with a ground truth among the candidates."""
+    relevant = _relevant(direction, cand, caption_image)
+    ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
+    ham_ranks, _ = _ranks_of_first_hit(cand, -hamming.astype(np.float64), relevant)
+    return {
+        "hei": {**recall(ranks).to_dict(), "seconds": seconds},
+        "hamming": {**recall(ham_ranks).to_dict(), "seconds": None},
+        "candidate_recall": cand_recall,
+    }
+
+
 @torch.no_grad()
 def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions; ``sub``
@@ -55,7 +81,6 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
     row_in_sub[img_rows] = np.arange(len(img_rows))
     gt = row_in_sub[index.caption_image[cap_rows]]
     img_codes, cap_codes = index.image_codes()[img_rows], index.caption_codes()[cap_rows]
-    image_of_row = np.arange(len(img_rows))[:, None]
     out = {}
     for direction in ("t2i", "i2t"):
         t0 = time.perf_counter()
@@ -64,15 +89,13 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
             cand, scores, _ = rerank_images(
                 index.model, searched, cap_codes, words=words, lengths=lengths, regions=regions, gram=gram, n=n
             )
-            relevant = cand == gt[:, None]
         else:  # images search the caption codes
             searched = index.caption_index if use_stored else make_binary_index(cap_codes)
             cand, scores, _ = rerank_captions(
                 index.model, searched, img_codes, regions=regions, gram=gram, words=words, lengths=lengths, n=n
             )
-            relevant = gt[np.maximum(cand, 0)] == image_of_row
         seconds = time.perf_counter() - t0
-        ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
+        ranks, cand_recall = _ranks_of_first_hit(cand, scores, _relevant(direction, cand, gt))
         out[direction] = {"ranks": ranks, "seconds": seconds, "candidate_recall": cand_recall}
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)

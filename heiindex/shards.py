@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .index import Hit, Index, SearchResult, load_bound_models, load_models
@@ -286,9 +287,6 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
     index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
     """
-    from .bench import _ranks_of_first_hit
-    from .evaluation import recall
-
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]
@@ -318,17 +316,7 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
         "candidates": topk,
     }
     for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
-        if direction == "t2i":
-            relevant = cand == caption_image[:, None]
-        else:
-            relevant = (caption_image[np.maximum(cand, 0)] == np.arange(len(image_ids))[:, None]) & (cand >= 0)
-        ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
-        ham_ranks, _ = _ranks_of_first_hit(cand, -dist.astype(np.float64), relevant)
-        out[direction] = {
-            "hei": {**recall(ranks).to_dict(), "seconds": seconds},
-            "hamming": {**recall(ham_ranks).to_dict(), "seconds": None},
-            "candidate_recall": cand_recall,
-        }
+        out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)
     return out
 
 

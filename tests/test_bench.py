@@ -185,3 +185,26 @@ def test_empty_slots_rank_last_whatever_their_score():
         dist = np.array([[3, pad, pad], [pad, 4, 1]], dtype=np.int64)
         ranks, recall_ = bench._ranks_of_first_hit(cand, -dist.astype(np.float64), relevant)
         assert ranks.tolist() == [1.0, 2.0] and recall_ == 1.0
+
+
+def test_candidate_metrics_rank_by_score_and_by_hamming_and_never_count_a_pad():
+    """The sharded bench's metrics of merged candidate lists, by hand. Captions 0-3 show images
+    0, 0, 1, 2; pads are id -1 with an IVF (INT_MAX) or HNSW (INT_MIN) distance."""
+    caption_image = np.array([0, 0, 1, 2])
+    big, small = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    cand = np.array([[1, 0], [0, -1], [2, 0], [1, 0]])  # t2i: image rows per caption
+    scores = np.array([[0.9, 0.5], [0.2, -np.inf], [0.1, 0.3], [0.8, 0.7]])
+    dist = np.array([[4, 1], [3, big], [2, 5], [1, 2]])
+    got = bench.candidate_metrics("t2i", cand, scores, dist, caption_image, 1.5)
+    # ranks by score 2, 1, inf, inf; by Hamming distance 1, 1, inf, inf
+    assert (got["hei"]["r1"], got["hei"]["r5"], got["hei"]["seconds"]) == (25.0, 50.0, 1.5)
+    assert (got["hamming"]["r1"], got["hamming"]["r5"], got["hamming"]["seconds"]) == (50.0, 50.0, None)
+    assert got["candidate_recall"] == 0.5
+    cand = np.array([[2, -1], [2, 3], [3, -1]])  # i2t: caption rows per image; a pad would read caption 0
+    scores = np.array([[0.5, -np.inf], [0.1, 0.6], [0.2, -np.inf]])
+    dist = np.array([[1, small], [2, 3], [4, small]])
+    got = bench.candidate_metrics("i2t", cand, scores, dist, caption_image, 0.5)
+    # ranks by score inf, 2, 1; by Hamming distance inf, 1, 1
+    assert (got["hei"]["r1"], got["hei"]["r5"]) == pytest.approx((100 / 3, 200 / 3))
+    assert (got["hamming"]["r1"], got["hamming"]["r5"]) == pytest.approx((200 / 3, 200 / 3))
+    assert got["candidate_recall"] == pytest.approx(2 / 3)
