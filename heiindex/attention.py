@@ -601,6 +601,8 @@ def _check_words(words: Tensor, lengths: Tensor) -> Tensor:
 
     Padding is never trusted: what is computed from it is masked (see ``_gather_words``), so
     garbage there cannot reach a score and the caller's tensor is never copied whole."""
+    if isinstance(words, PackedWords) and lengths is words.lengths:
+        return lengths  # checked when the PackedWords was made; no device sync per query
     _check_words_rank(words)
     lengths = torch.as_tensor(lengths, device=words.device)
     if lengths.shape != (words.shape[0],):

@@ -449,6 +449,11 @@ def test_packed_words_round_trip_and_errors():
     _, _, regions, caps, imgs = _pair_data()
     with pytest.raises(ValueError, match="packed words' own lengths"):
         score_pairs(cfg, packed, lengths.flip(0), regions, caps, imgs)
+    # The packed words' own lengths object skips the checks (checked when packed): same scores.
+    assert torch.equal(
+        score_pairs(cfg, packed, packed.lengths, regions, caps, imgs),
+        score_pairs(cfg, packed, lengths.clone(), regions, caps, imgs),
+    )
 
 
 class _WordSizedStorages(TorchDispatchMode):
