@@ -52,6 +52,8 @@ def main() -> None:
         print(f"{args.split} {name}: t2i {100 * r['t2i']:.1f} i2t {100 * r['i2t']:.1f}", flush=True)
         if not args.real:
             continue
+        if model.e.K != 1 or model.e.Kt != 1:
+            raise SystemExit(f"--real ranks single-code modules; {name} has {model.e.K} / {model.e.Kt} codes per item")
         model.eval()
         with torch.no_grad():
             img = torch.tanh(model.image_out(split)[:, 0])

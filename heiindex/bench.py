@@ -60,8 +60,10 @@ def candidate_metrics(
     direction: str, cand: np.ndarray, scores: np.ndarray, hamming: np.ndarray, caption_image: np.ndarray, seconds
 ) -> dict:
     """Of candidate lists ``cand`` (q, n) with matcher ``scores`` and ``hamming`` distances:
-    R@K ranked by score ("hei", taking ``seconds``), R@K ranked by Hamming distance alone
-    ("hamming") and the fraction of queries with a ground truth among the candidates."""
+    R@K ranked by score ("hei", taking ``seconds``), R@K ranked by Hamming distance within the
+    candidates ("hamming") and the fraction of queries with a ground truth among the candidates.
+    The sharded bench's figures; the unsharded bench ranks every item by Hamming distance for
+    "hamming" (same R@1/5/10 for n >= 10; its median and mean ranks are over all items)."""
     relevant = _relevant(direction, cand, caption_image)
     ranks, cand_recall = _ranks_of_first_hit(cand, scores, relevant)
     ham_ranks, _ = _ranks_of_first_hit(cand, -hamming.astype(np.float64), relevant)

@@ -118,10 +118,16 @@ class HashModule(nn.Module):
         if not isinstance(words, PackedWords):
             return self.codes(self.pool_captions(words.float(), lengths), "text")
         given = torch.as_tensor(lengths, device=words.device).long()
-        if given.shape != words.lengths.shape or not torch.equal(given, words.lengths):
+        if given.shape != words.lengths.shape:
             raise ValueError(
                 f"lengths (shape {tuple(given.shape)}) differ from the packed words' own lengths "
                 f"(shape {tuple(words.lengths.shape)})"
+            )
+        if not torch.equal(given, words.lengths):
+            i = int((given != words.lengths).nonzero()[0, 0])
+            raise ValueError(
+                f"lengths differ from the packed words' own lengths: caption {i} has "
+                f"{int(words.lengths[i])} words, lengths say {int(given[i])}"
             )
         lengths = words.lengths
         out = []

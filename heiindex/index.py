@@ -51,7 +51,7 @@ from .search import EncodedQuery, captions_for_image, encode_text, images_for_te
 from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["Hit", "Index", "SearchResult"]
+__all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
 
 INDEX_FORMAT_VERSION = 1
 
@@ -111,6 +111,21 @@ def load_models(
     return matcher, hasher
 
 
+def read_index_manifest(path: str | Path) -> dict:
+    """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
+    naming it, where there is none or it is not a JSON object."""
+    mpath = Path(path) / "manifest.json"
+    if not mpath.exists():
+        raise DataError(mpath, "no index here; run `heiindex build` first")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(mpath, f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(mpath, f"manifest must be a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
 def _hash_checksum(h: LoadedHash) -> str:
     sha = hashlib.sha256()
     for name, t in sorted(h.module.state_dict().items()):
@@ -135,18 +150,26 @@ class Index:
         self._caption_codes: np.ndarray | None = None
         if code_indexes is None:
             code_indexes = (load_binary_index(path / "images.faiss"), load_binary_index(path / "captions.faiss"))
+        if len(code_indexes) != 2:
+            raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
         r, d = manifest["regions"], manifest["embed_size"]
-        t = pq.read_table(path / "image_features.parquet")
-        self.image_ids = t.column("image_id").to_numpy()
-        self.regions = torch.from_numpy(_fixed(t.column("features")).reshape(-1, r, d))
-        self.gram = torch.from_numpy(_fixed(t.column("gram")).reshape(-1, r, r))
-        c = pq.read_table(path / "caption_features.parquet")
+        # Features are copied a row group at a time into the tensors kept, never held whole as
+        # Arrow columns beside them.
+        images = path / "image_features.parquet"
+        self.image_ids = pq.read_table(images, columns=["image_id"]).column("image_id").to_numpy()
+        n = len(self.image_ids)
+        self.regions = torch.from_numpy(_read_rows(images, "features", np.empty((n, r, d), np.float32)))
+        self.gram = torch.from_numpy(_read_rows(images, "gram", np.empty((n, r, r), np.float32)))
+        captions = path / "caption_features.parquet"
+        c = pq.read_table(captions, columns=["caption_id", "image_id", "text", "tokens"])
         self.caption_ids = c.column("caption_id").to_numpy()
         self.caption_image_ids = c.column("image_id").to_numpy()
         self.texts = c.column("text").to_pylist()
+        lengths = np.diff(c.column("tokens").combine_chunks().offsets.to_numpy()).astype(np.int64)
         # packed: a split's captions cost their real words, not n x the longest caption
-        self.words = _packed_words(c.column("words"), d)
+        self.words = _packed_words(captions, lengths, d)
+        pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
@@ -225,9 +248,10 @@ class Index:
             raise ModelMismatchError(
                 f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
             )
-        if captions is not None and len(captions) != store.n_captions:
+        if captions is not None and captions.source != store.manifest["captions"]["sha256"]:
             raise HeiindexError(
-                f"captions given hold {len(captions)} captions; store {store.path} has {store.n_captions}"
+                f"the captions given ({len(captions)}) are not all the captions of store {store.path} "
+                f"({store.n_captions}); pass SplitStore.captions() of that store"
             )
         dev = resolve_device(device)
         if dev.type == "cuda":
@@ -313,18 +337,17 @@ class Index:
         dtype: str = "float32",
         codes: str | None = None,
         uri: str | None = None,
+        manifest: dict | None = None,
     ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
         given ones must be the same (checksums), else ``ModelMismatchError``. ``device`` and
         ``dtype`` are where and in what precision queries and the bench run (see ``to``).
         ``codes``: where Hamming candidates come from, "faiss" (the index's files) or "milvus"
         (the collections the build wrote, at ``uri`` or the URI it was built with); default: as
-        built."""
+        built. ``manifest``: the index's manifest if already read (``read_index_manifest``)."""
         path = Path(path)
         mpath = path / "manifest.json"
-        if not mpath.exists():
-            raise DataError(mpath, "no index here; run `heiindex build` first")
-        manifest = json.loads(mpath.read_text())
+        manifest = read_index_manifest(path) if manifest is None else manifest
         if manifest.get("kind") == "sharded":
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         if manifest.get("format_version") != INDEX_FORMAT_VERSION:
@@ -511,6 +534,7 @@ class Index:
         return self._caption_codes
 
 
+_MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(
     [
         ("caption_id", pa.int64()),
@@ -535,16 +559,19 @@ def _write_caption_features(
             lens_t = torch.from_numpy(lens).to(dev)
             words = model.encode_captions(torch.from_numpy(tokens).to(dev), lens_t)  # (b, longest, d)
             codes.append(hasher.caption_codes(words, lens_t))
-            real = word_mask(lens_t, words.shape[1])
-            flat = words[real].cpu().numpy().reshape(-1)
-            columns = {
-                "caption_id": pa.array(caps.caption_ids[s : s + block], type=pa.int64()),
-                "image_id": pa.array(caps.image_ids[s : s + block], type=pa.int64()),
-                "text": pa.array(caps.texts[s : s + block], type=pa.string()),
-                "tokens": _lists(tokens[real.cpu().numpy()].astype(np.int32), lens),
-                "words": _lists(flat, lens * words.shape[2]),
-            }
-            writer.write_table(pa.table(columns, schema=_CAPTION_SCHEMA))
+            words, real = words.cpu().numpy(), word_mask(lens_t, words.shape[1]).cpu().numpy()
+            # A list column's offsets are int32: a table holds under 2^31 floats of words.
+            step = max(1, _MAX_LIST_VALUES // (words.shape[1] * words.shape[2]))
+            for a in range(0, len(lens), step):
+                b, rows = min(a + step, len(lens)), slice(s + a, s + min(a + step, len(lens)))
+                columns = {
+                    "caption_id": pa.array(caps.caption_ids[rows], type=pa.int64()),
+                    "image_id": pa.array(caps.image_ids[rows], type=pa.int64()),
+                    "text": pa.array(caps.texts[rows], type=pa.string()),
+                    "tokens": _lists(tokens[a:b][real[a:b]].astype(np.int32), lens[a:b]),
+                    "words": _lists(words[a:b][real[a:b]].reshape(-1), lens[a:b] * words.shape[2]),
+                }
+                writer.write_table(pa.table(columns, schema=_CAPTION_SCHEMA))
     return np.concatenate(codes)
 
 
@@ -554,19 +581,38 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values))
 
 
-def _packed_words(col: pa.ChunkedArray, d: int) -> PackedWords:
-    """The words column (a list of ``len * d`` floats per caption, in row groups) copied once,
-    chunk by chunk, into the packed words' own tensor (zero row included)."""
-    lengths = np.concatenate([np.diff(chunk.offsets.to_numpy()) // d for chunk in col.chunks] or [np.zeros(0)])
+def _read_rows(path: Path, column: str, out: np.ndarray) -> np.ndarray:
+    """The fixed-size float list ``column`` of ``path`` copied into ``out`` (a row of it per file
+    row), a row group at a time."""
+    pf, flat, pos = pq.ParquetFile(path), out.reshape(len(out), -1), 0
+    for i in range(pf.num_row_groups):
+        for chunk in pf.read_row_group(i, columns=[column]).column(column).chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
+            if pos + len(chunk) > len(flat) or values.size != len(chunk) * flat.shape[1]:
+                raise DataError(
+                    path, f'column "{column}" does not hold {flat.shape[1]} floats for each of {len(flat)} rows'
+                )
+            flat[pos : pos + len(chunk)] = values.reshape(len(chunk), -1)
+            pos += len(chunk)
+    if pos != len(flat):
+        raise DataError(path, f'column "{column}" has {pos} rows, expected {len(flat)}')
+    return out
+
+
+def _packed_words(path: Path, lengths: np.ndarray, d: int) -> PackedWords:
+    """The words column of ``path`` (``len * d`` floats per caption, ``len`` its token count)
+    copied a row group at a time into the packed words' own tensor (zero row included)."""
     rows = torch.zeros((int(lengths.sum()) + 1, d))
-    out, pos = rows.numpy(), 0
-    for chunk in col.chunks:
-        values = chunk.flatten().to_numpy().reshape(-1, d)  # flatten: this chunk's own words
-        out[pos : pos + len(values)] = values
-        pos += len(values)
-    return PackedWords._wrap(rows, torch.from_numpy(lengths.astype(np.int64)))
-
-
-def _fixed(col: pa.ChunkedArray) -> np.ndarray:
-    arr = col.combine_chunks()
-    return arr.values.to_numpy(zero_copy_only=False).copy()
+    out, pf, caption, pos = rows.numpy(), pq.ParquetFile(path), 0, 0
+    for i in range(pf.num_row_groups):
+        for chunk in pf.read_row_group(i, columns=["words"]).column("words").chunks:
+            sizes = np.diff(chunk.offsets.to_numpy())
+            want = lengths[caption : caption + len(chunk)] * d
+            if not np.array_equal(sizes, want):
+                raise DataError(path, f'column "words": each caption must hold d = {d} floats per token')
+            values = chunk.flatten().to_numpy()  # flatten: this chunk's own words
+            out[pos : pos + len(values) // d] = values.reshape(-1, d)
+            caption, pos = caption + len(chunk), pos + len(values) // d
+    if caption != len(lengths):
+        raise DataError(path, f'column "words" has {caption} captions, expected {len(lengths)}')
+    return PackedWords._wrap(rows, torch.from_numpy(lengths))

@@ -62,6 +62,8 @@ class PackedWords:
         if lengths.numel() and int(lengths.max()) > words.shape[1]:
             raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
         real = word_mask(lengths, words.shape[1]).view(-1).nonzero().squeeze(1)
+        if words.requires_grad and torch.is_grad_enabled():  # autograd has no out= index_select
+            return cls(words.reshape(-1, words.shape[2]).index_select(0, real), lengths)
         rows = words.new_zeros((len(real) + 1, words.shape[2]))
         torch.index_select(words.reshape(-1, words.shape[2]), 0, real, out=rows[:-1])  # no second copy
         return cls._wrap(rows, lengths)

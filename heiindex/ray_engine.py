@@ -123,10 +123,10 @@ class RayShardedIndex:
     ) -> None:
         import torch
 
+        self.path = Path(path).resolve()
+        self.manifest = read_manifest(self.path)  # before Ray: an unsharded index is refused as such
         ray = _ray()
         threads = threads or torch.get_num_threads()
-        self.path = Path(path).resolve()
-        self.manifest = read_manifest(self.path)
         if not ray.is_initialized():
             if address is None:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
@@ -230,11 +230,11 @@ class RayShardedIndex:
 
 def stop_served(path: str | Path, address: str | None) -> int:
     """Kill the detached actors ``heiindex serve`` started for ``path``; returns how many."""
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
-    path = Path(path).resolve()
-    manifest = read_manifest(path)
     stopped = 0
     for i in range(len(manifest["shards"])):
         try:

@@ -21,7 +21,6 @@ What it must not do: start processes or talk to a cluster (``heiindex.ray_engine
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +32,7 @@ from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
-from .index import Hit, Index, SearchResult, load_bound_models, load_models
+from .index import Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
@@ -135,32 +134,25 @@ def build_shards(
     return ShardedIndex.open(out, matcher, hasher)
 
 
-def sharded_manifest(path: str | Path) -> dict | None:
+def sharded_manifest(path: str | Path, manifest: dict | None = None) -> dict | None:
     """The manifest of the sharded build at ``path`` (read once, for telling sharded from
     unsharded and for opening); ``None`` where ``path`` holds an unsharded index. ``DataError``,
-    naming the manifest, where there is none, it is not JSON, or it is of another format_version."""
-    mpath = Path(path) / "manifest.json"
-    if not mpath.exists():
-        raise DataError(mpath, "no index here; run `heiindex build` first")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(mpath, f"manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(mpath, f"manifest must be a JSON object, got {type(manifest).__name__}")
+    naming the manifest, where there is none, it is not a JSON object, or it is of another
+    format_version. ``manifest``: the one already read (``read_index_manifest``), to check."""
+    manifest = read_index_manifest(path) if manifest is None else manifest
     if manifest.get("kind") != "sharded":
         return None
     if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
         raise DataError(
-            mpath,
+            Path(path) / "manifest.json",
             f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
         )
     return manifest
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, manifest: dict | None = None) -> dict:
     """``sharded_manifest``, where ``path`` must hold a sharded build."""
-    manifest = sharded_manifest(path)
+    manifest = sharded_manifest(path, manifest)
     if manifest is None:
         raise DataError(
             Path(path) / "manifest.json",
@@ -201,7 +193,7 @@ class ShardedIndex:
         """Open every shard of the build at ``path``; ``manifest``: its manifest if already read
         (``sharded_manifest``)."""
         path = Path(path)
-        manifest = manifest or read_manifest(path)
+        manifest = read_manifest(path, manifest)
         matcher, hasher = load_models(manifest, matcher, hasher)
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)

@@ -173,6 +173,7 @@ class CaptionTable:
     texts: list[str]
     tokens: np.ndarray
     lengths: np.ndarray
+    source: str | None = None  # the store's captions sha256 where these are all its captions
 
     def __len__(self) -> int:
         return len(self.caption_ids)
@@ -269,13 +270,12 @@ class SplitStore:
         pf = self._images_file()
         ends = np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
         first = int(np.searchsorted(ends, start, side="right"))  # the row group holding row `start`
+        last = int(np.searchsorted(ends, stop - 1, side="right"))  # the one holding row `stop - 1`
         skip = start - (int(ends[first - 1]) if first else 0)  # its rows before `start`
         left = stop - start
         pending = None  # rows read but not yet yielded (less than a block)
-        groups = range(first, pf.num_row_groups)
+        groups = range(first, last + 1)
         for batch in pf.iter_batches(batch_size=block_images, row_groups=groups, columns=["image_id", "features"]):
-            if left == 0:
-                break
             drop = min(skip, batch.num_rows)
             skip -= drop
             batch = batch.slice(drop, left)
@@ -285,6 +285,8 @@ class SplitStore:
             while pending.num_rows >= block_images:
                 yield self._block(pending.slice(0, block_images))
                 pending = pending.slice(block_images)
+            if left == 0:  # not one batch more is decoded
+                break
         if pending is not None and pending.num_rows:
             yield self._block(pending)
 
@@ -315,6 +317,7 @@ class SplitStore:
             texts=table.column("text").to_pylist(),
             tokens=padded,
             lengths=lengths,
+            source=self.manifest["captions"]["sha256"],
         )
 
 

@@ -436,6 +436,11 @@ def test_packed_words_round_trip_and_errors():
     assert some.lengths.tolist() == [PAIR_LENGTHS[i] for i in (7, 0, 7, 19)]
     assert torch.equal(some.padded(), zero_padded[[7, 0, 7, 19], : max(PAIR_LENGTHS[i] for i in (7, 0, 7, 19))])
     assert len(packed.select(torch.tensor([], dtype=torch.long))) == 0
+    grad = words.clone().requires_grad_(True)  # packing words that need gradients keeps them
+    packed_grad = PackedWords.from_padded(grad, lengths)
+    assert torch.equal(packed_grad.flat, packed.flat)
+    packed_grad.flat.sum().backward()
+    assert torch.equal(grad.grad, mask.expand_as(words).float())
     both = PackedWords.cat([some, packed])
     assert both.lengths.tolist() == some.lengths.tolist() + list(PAIR_LENGTHS)
     assert torch.equal(both.flat, torch.cat([some.flat, packed.flat]))

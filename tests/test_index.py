@@ -121,6 +121,42 @@ def test_small_blocks_write_what_the_encoders_give_in_those_blocks(pipe, tmp_pat
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, block_captions=0)
 
 
+def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
+    """Words are copied a row group at a time into a tensor sized from the tokens column: a
+    caption whose words are not d floats per token is named, not read past."""
+    import pyarrow as pa
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pipe.index_dir, bad)
+    table = pq.read_table(bad / "caption_features.parquet")
+    words = table.column("words").to_pylist()
+    words[3] = words[3][:-1]  # one float short
+    i = table.schema.get_field_index("words")
+    table = table.set_column(i, "words", pa.array(words, type=pa.list_(pa.float32())))
+    pq.write_table(table, bad / "caption_features.parquet")
+    with pytest.raises(
+        DataError, match=r'caption_features.parquet: column "words": each caption must hold d = \d+ floats per token'
+    ):
+        Index.open(bad)
+
+
+def test_caption_tables_stay_under_the_list_offsets_limit(pipe, tmp_path, monkeypatch):
+    """A block whose words would overflow a list column's int32 offsets is written as several
+    tables: here a limit of 3 captions' worth (at the block's longest) splits each block of 7."""
+    import heiindex.index as index_module
+
+    d = load_model(pipe.model_dir).model.config.embed_size
+    longest = max(SplitStore.open(pipe.root, "test").captions().lengths)
+    monkeypatch.setattr(index_module, "_MAX_LIST_VALUES", 3 * longest * d)
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "split", block_captions=7)
+    monkeypatch.undo()
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "whole", block_captions=7)
+    split, whole = (pq.ParquetFile(tmp_path / p / "caption_features.parquet") for p in ("split", "whole"))
+    assert whole.num_row_groups == 18 and split.num_row_groups > 18
+    assert all(split.metadata.row_group(i).num_rows <= 7 for i in range(split.num_row_groups))
+    assert split.read().equals(whole.read())
+
+
 # -- text to image ----------------------------------------------------------------------------
 
 
