@@ -9,7 +9,6 @@ What this module must not do: train or score.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DataError
 from .model import ScanConfig, ScanModel
-from .store import atomic_dir, write_json
+from .store import atomic_dir, read_json_object, write_json
 from .vocab import Vocab
 
 __all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "save_model"]
@@ -79,12 +78,7 @@ def load_model(path: str | Path) -> LoadedModel:
     """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
     path = Path(path)
     cfg_path = path / CONFIG_FILE
-    if not cfg_path.exists():
-        raise DataError(cfg_path, "no model config here; is this a heiindex model folder?")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(cfg_path, f"not valid JSON ({exc})") from None
+    raw = read_json_object(cfg_path, "no model config here; is this a heiindex model folder?")
     if raw.get("format_version") != MODEL_FORMAT_VERSION or raw.get("kind") != "scan":
         raise DataError(cfg_path, f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan'")
     try:

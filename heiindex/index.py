@@ -48,7 +48,7 @@ from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
-from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, write_json
+from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, read_json_object, write_json
 from .train_hash import LoadedHash, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
@@ -114,16 +114,7 @@ def load_models(
 def read_index_manifest(path: str | Path) -> dict:
     """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
     naming it, where there is none or it is not a JSON object."""
-    mpath = Path(path) / "manifest.json"
-    if not mpath.exists():
-        raise DataError(mpath, "no index here; run `heiindex build` first")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(mpath, f"manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(mpath, f"manifest must be a JSON object, got {type(manifest).__name__}")
-    return manifest
+    return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
 
 
 def _hash_checksum(h: LoadedHash) -> str:

@@ -60,6 +60,20 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in ``path``; ``DataError`` naming it where it is missing (``missing`` says
+    what to do), not valid JSON, or not an object."""
+    if not path.exists():
+        raise DataError(path, missing)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(path, f"must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -196,12 +210,9 @@ class SplitStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_FILE
-        if not manifest_path.exists():
-            raise DataError(manifest_path, "no store manifest here; run `heiindex ingest` for this split first")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(manifest_path, f"manifest is not valid JSON ({exc})") from None
+        self.manifest = read_json_object(
+            manifest_path, "no store manifest here; run `heiindex ingest` for this split first"
+        )
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")

@@ -13,7 +13,6 @@ What this module must not do: change the matcher.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .encode import encode_split
 from .errors import DataError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
-from .store import SplitStore, atomic_dir, write_json
+from .store import SplitStore, atomic_dir, read_json_object, write_json
 from .train import iter_training_batches
 
 __all__ = [
@@ -79,12 +78,7 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
     path = Path(path)
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise DataError(cfg_path, "no hash module config here")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(cfg_path, f"not valid JSON ({exc})") from None
+    raw = read_json_object(cfg_path, "no hash module config here")
     if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
         raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
     try:

@@ -209,3 +209,6 @@ def test_missing_or_unreadable_files_are_data_errors(saved, tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_model(path)
+    (path / "config.json").write_text('"scan"')  # JSON, but not an object
+    with pytest.raises(DataError, match="config.json: must hold a JSON object, got str"):
+        load_model(path)

@@ -215,6 +215,12 @@ def test_load_hash_refusals(tmp_path, pipe):
         load_hash(tmp_path / "none")
     with pytest.raises(DataError, match="expected kind 'hei-hash'"):
         load_hash(pipe.model_dir)  # a matcher folder is not a hash folder
+    for text, detail in (("{", "not valid JSON"), ("[1]", "must hold a JSON object, got list")):
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        (bad / "config.json").write_text(text)
+        with pytest.raises(DataError, match=rf"bad/config.json: {detail}"):
+            load_hash(bad)
 
 
 # -- training next to the matcher -------------------------------------------------------------

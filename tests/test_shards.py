@@ -150,8 +150,8 @@ def test_one_manifest_read_tells_sharded_from_unsharded(pipe, sharded, tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
     for text, detail in (
-        ("{", r"bad/manifest.json: manifest is not valid JSON"),
-        ("[1]", r"bad/manifest.json: manifest must be a JSON object, got list"),
+        ("{", r"bad/manifest.json: not valid JSON"),
+        ("[1]", r"bad/manifest.json: must hold a JSON object, got list"),
         ('{"kind": "sharded", "format_version": 9}', r"sharded build of format_version 9, expected 1"),
     ):
         (bad / "manifest.json").write_text(text)

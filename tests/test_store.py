@@ -239,6 +239,9 @@ def test_split_store_manifest_not_json(tmp_path):
     (tmp_path / "test" / MANIFEST_FILE).write_text("{oops")
     with pytest.raises(DataError, match="not valid JSON"):
         SplitStore.open(tmp_path, "test")
+    (tmp_path / "test" / MANIFEST_FILE).write_text("[]")
+    with pytest.raises(DataError, match="must hold a JSON object, got list"):
+        SplitStore.open(tmp_path, "test")
 
 
 def test_split_store_missing_file(tmp_path):
