@@ -575,7 +575,7 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
 def _read_rows(path: Path, column: str, out: np.ndarray) -> np.ndarray:
     """The fixed-size float list ``column`` of ``path`` copied into ``out`` (a row of it per file
     row), a row group at a time."""
-    pf, flat, pos = pq.ParquetFile(path), out.reshape(len(out), -1), 0
+    pf, flat, pos = pq.ParquetFile(path, pre_buffer=False), out.reshape(len(out), -1), 0
     for i in range(pf.num_row_groups):
         for chunk in pf.read_row_group(i, columns=[column]).column(column).chunks:
             values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
@@ -594,7 +594,7 @@ def _packed_words(path: Path, lengths: np.ndarray, d: int) -> PackedWords:
     """The words column of ``path`` (``len * d`` floats per caption, ``len`` its token count)
     copied a row group at a time into the packed words' own tensor (zero row included)."""
     rows = torch.zeros((int(lengths.sum()) + 1, d))
-    out, pf, caption, pos = rows.numpy(), pq.ParquetFile(path), 0, 0
+    out, pf, caption, pos = rows.numpy(), pq.ParquetFile(path, pre_buffer=False), 0, 0
     for i in range(pf.num_row_groups):
         for chunk in pf.read_row_group(i, columns=["words"]).column("words").chunks:
             sizes = np.diff(chunk.offsets.to_numpy())

@@ -226,7 +226,9 @@ class SplitStore:
     def _images_file(self) -> pq.ParquetFile:
         """The images file, opened (footer parsed) once: training reads it row group by row group."""
         if self._images_pf is None:
-            self._images_pf = pq.ParquetFile(self.images_path)
+            # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
+            # ends, so reading a split held all of its features (benchmarks/build_memory.py)
+            self._images_pf = pq.ParquetFile(self.images_path, pre_buffer=False)
         return self._images_pf
 
     @classmethod
@@ -296,6 +298,9 @@ class SplitStore:
             while pending.num_rows >= block_images:
                 yield self._block(pending.slice(0, block_images))
                 pending = pending.slice(block_images)
+            # Keep no slice of what was yielded: a table's slices hold its chunks' buffers, so
+            # concatenating onto them kept every batch read alive (RSS grew with the split).
+            pending = pending.combine_chunks() if pending.num_rows else None
             if left == 0:  # not one batch more is decoded
                 break
         if pending is not None and pending.num_rows:

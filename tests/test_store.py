@@ -32,6 +32,10 @@ def _feats(n: int, offset: int = 0) -> np.ndarray:
     return np.arange(n * R * D, dtype=np.float32).reshape(n, R, D) + 1000 * offset
 
 
+def _five_captions():
+    return np.arange(5), np.arange(5), TEXTS, TOKENS
+
+
 def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
     """images 0..n-1 in the given blocks (row groups), 5 captions (one per image of 0..4);
     returns (images_sha, captions_sha)."""
@@ -42,7 +46,7 @@ def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
     for a, b in blocks:
         w.write(np.arange(a, b), feats[a:b])
     images_sha = w.close()
-    captions_sha = write_captions(folder / CAPTIONS_FILE, np.arange(5), np.arange(5), TEXTS, TOKENS)
+    captions_sha = write_captions(folder / CAPTIONS_FILE, *_five_captions())
     write_json(
         folder / MANIFEST_FILE,
         {
@@ -132,6 +136,32 @@ def test_image_blocks_from_a_row_with_row_groups_larger_than_a_block(tmp_path, m
     for kwargs in ({"start": 4, "stop": 3}, {"stop": 11}, {"start": -1}, {"block_images": 0}):
         with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
             list(store.iter_image_blocks(**kwargs))
+
+
+def test_a_pass_over_the_images_holds_one_block_not_the_file(tmp_path):
+    """Reading a split block by block keeps Arrow's live memory near one row group and one block:
+    with pyarrow's pre_buffer on, every row group read stayed cached until the pass ended."""
+    folder, regions, dim, n = tmp_path / "test", 36, 256, 256
+    folder.mkdir()
+    w = ImageWriter(folder / IMAGES_FILE, regions, dim)
+    feats = np.random.default_rng(0).random((n, regions, dim), dtype=np.float32)  # incompressible
+    for a in range(0, n, 4):  # 64 row groups of 147 KB: 9.4 MB
+        w.write(np.arange(a, a + 4), feats[a : a + 4])
+    write_json(
+        folder / MANIFEST_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "split": "test",
+            "images": {"count": n, "regions": regions, "feature_dim": dim, "sha256": w.close()},
+            "captions": {"count": 5, "sha256": write_captions(folder / CAPTIONS_FILE, *_five_captions())},
+        },
+    )
+    store, base, live = SplitStore.open(tmp_path, "test"), pa.total_allocated_bytes(), []
+    for ids, block in store.iter_image_blocks(block_images=8):
+        np.testing.assert_array_equal(block, feats[ids])
+        live.append(pa.total_allocated_bytes() - base)
+    assert len(live) == 32
+    assert max(live) < feats.nbytes / 4, f"Arrow held {max(live)} bytes of a {feats.nbytes}-byte file"
 
 
 def test_images_parquet_schema(tmp_path):
