@@ -30,7 +30,7 @@ def save_split(enc, path: Path) -> None:
     torch.save(
         {
             "regions": enc.regions.contiguous(),
-            "words": enc.words.contiguous(),
+            "words": enc.words.padded(),
             "lengths": enc.lengths.clone(),
             "caption_image": torch.from_numpy(enc.caption_image),
         },

@@ -36,7 +36,7 @@ def main() -> None:
     out = {}
     for pooling in POOLINGS:
         img = torch.nn.functional.normalize(pool_regions(enc.regions, pooling), dim=-1)
-        cap = torch.nn.functional.normalize(pool_words(enc.words, enc.lengths, pooling), dim=-1)
+        cap = torch.nn.functional.normalize(pool_words(enc.words.padded(), enc.lengths, pooling), dim=-1)
         ranks = t2i_ranks((cap @ img.T).numpy(), enc.caption_image)
         out[pooling] = {
             f"t2i_recall@{args.n}": float(np.mean(ranks <= args.n)),

@@ -85,7 +85,6 @@ def precomp_features(args):
     from heiindex.default_data import default_hash_dir, default_model_dir
     from heiindex.encode import encode_split
     from heiindex.ingest import ingest
-    from heiindex.packed import PackedWords
     from heiindex.store import SplitStore
     from heiindex.train_hash import load_hash
 
@@ -97,8 +96,7 @@ def precomp_features(args):
     with torch.no_grad():
         img_codes = hasher.module.image_codes(enc.regions)
         cap_codes = hasher.module.caption_codes(enc.words, enc.lengths)
-    words = PackedWords.from_padded(enc.words, enc.lengths)
-    return enc.regions, words, enc.lengths, img_codes, cap_codes, enc.caption_image, matcher.model.attention
+    return enc.regions, enc.words, enc.lengths, img_codes, cap_codes, enc.caption_image, matcher.model.attention
 
 
 # --------------------------------------------------------------------------------- stages

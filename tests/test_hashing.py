@@ -251,7 +251,7 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
     full = candidate_recall(h.module, enc, 1000)
     assert full["n"] == 24 and full["t2i"] == 1.0  # every image is a candidate
     img = h.module.codes(pool_regions(enc.regions), "image")
-    cap = h.module.codes(pool_words(enc.words, enc.lengths), "text")
+    cap = h.module.codes(pool_words(enc.words.padded(), enc.lengths), "text")
     index = faiss.IndexBinaryFlat(pf.BITS)
     index.add(img)
     _, ids = index.search(cap, 3)

@@ -87,7 +87,11 @@ def test_stored_features_are_the_encoded_split(pipe, index):
     assert torch.equal(index.gram, enc.gram)
     assert torch.equal(index.lengths, enc.lengths)
     assert isinstance(index.words, PackedWords)  # held without padding
-    assert torch.equal(index.words.padded(), enc.words[:, : index.words.shape[1]])
+    assert torch.equal(index.words.padded(), enc.words.padded())
+    caps = enc.captions  # packed block by block, the same words as the padded encoder's
+    padded = encode_captions(matcher.model, caps.tokens, caps.lengths)
+    assert torch.equal(enc.words.padded(), padded[:, : enc.words.shape[1]])
+    assert enc.lengths is enc.words.lengths and enc.words.flat.shape == (int(caps.lengths.sum()), pf.EMBED_SIZE)
     np.testing.assert_array_equal(index.caption_image, enc.caption_image)
     assert index.texts == pipe.captions["test"]
 
