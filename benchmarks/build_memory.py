@@ -86,11 +86,10 @@ def run_child(args: list[str], pythonpath: Path | None) -> dict:
     import os
 
     env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True, cwd=REPO
-    )
+    env["PYTHONPATH"] = str(pythonpath or REPO)  # this checkout's package, or a compared tree's
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"child {' '.join(args)} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

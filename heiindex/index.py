@@ -242,7 +242,7 @@ class Index:
         if captions is not None and captions.source != store.manifest["captions"]["sha256"]:
             raise HeiindexError(
                 f"the captions given ({len(captions)}) are not all the captions of store {store.path} "
-                f"({store.n_captions}); pass SplitStore.captions() of that store"
+                f"({store.n_captions}; their checksum differs); pass SplitStore.captions() of that store"
             )
         dev = resolve_device(device)
         if dev.type == "cuda":
@@ -575,7 +575,7 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
 def _read_rows(path: Path, column: str, out: np.ndarray) -> np.ndarray:
     """The fixed-size float list ``column`` of ``path`` copied into ``out`` (a row of it per file
     row), a row group at a time."""
-    pf, flat, pos = pq.ParquetFile(path, pre_buffer=False), out.reshape(len(out), -1), 0
+    pf, flat, pos = pq.ParquetFile(path, pre_buffer=False), out.reshape(len(out), int(np.prod(out.shape[1:]))), 0
     for i in range(pf.num_row_groups):
         for chunk in pf.read_row_group(i, columns=[column]).column(column).chunks:
             values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
@@ -583,7 +583,7 @@ def _read_rows(path: Path, column: str, out: np.ndarray) -> np.ndarray:
                 raise DataError(
                     path, f'column "{column}" does not hold {flat.shape[1]} floats for each of {len(flat)} rows'
                 )
-            flat[pos : pos + len(chunk)] = values.reshape(len(chunk), -1)
+            flat[pos : pos + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
             pos += len(chunk)
     if pos != len(flat):
         raise DataError(path, f'column "{column}" has {pos} rows, expected {len(flat)}')
@@ -599,8 +599,16 @@ def _packed_words(path: Path, lengths: np.ndarray, d: int) -> PackedWords:
         for chunk in pf.read_row_group(i, columns=["words"]).column("words").chunks:
             sizes = np.diff(chunk.offsets.to_numpy())
             want = lengths[caption : caption + len(chunk)] * d
-            if not np.array_equal(sizes, want):
-                raise DataError(path, f'column "words": each caption must hold d = {d} floats per token')
+            if len(want) < len(chunk):
+                raise DataError(path, f'column "words" holds more captions than the {len(lengths)} of column "tokens"')
+            bad = np.flatnonzero(sizes != want)
+            if len(bad):
+                i = caption + int(bad[0])
+                raise DataError(
+                    path,
+                    f'column "words": caption row {i} holds {sizes[bad[0]]} floats, expected {want[bad[0]]} '
+                    f"({lengths[i]} tokens x d = {d})",
+                )
             values = chunk.flatten().to_numpy()  # flatten: this chunk's own words
             out[pos : pos + len(values) // d] = values.reshape(-1, d)
             caption, pos = caption + len(chunk), pos + len(values) // d

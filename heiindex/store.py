@@ -66,9 +66,11 @@ def read_json_object(path: Path, missing: str) -> dict:
     if not path.exists():
         raise DataError(path, missing)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(path, f"not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise DataError(path, f"must hold a JSON object, got {type(data).__name__}")
     return data
@@ -270,8 +272,9 @@ class SplitStore:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(image_ids (b,), features float32 (b, R, D))`` of the image rows
         ``start..stop-1`` (default: all) in store order, ``block_images`` rows a block (the last
-        may be shorter). Row groups that end before ``start`` are not read (their row counts come
-        from the file's metadata); the one holding ``start`` is read from its first row."""
+        may be shorter). Only the row groups holding those rows are read (their row counts come
+        from the file's metadata); the one holding ``start`` is read from its first row.
+        ``DataError`` where the file holds fewer rows than the manifest's count."""
         stop = self.n_images if stop is None else stop
         if block_images < 1 or not 0 <= start <= stop <= self.n_images:
             raise ValueError(
@@ -282,6 +285,11 @@ class SplitStore:
             return
         pf = self._images_file()
         ends = np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        if not len(ends) or int(ends[-1]) < stop:
+            raise DataError(
+                self.images_path,
+                f"holds {int(ends[-1]) if len(ends) else 0} image rows; the manifest's images.count says {self.n_images}",
+            )
         first = int(np.searchsorted(ends, start, side="right"))  # the row group holding row `start`
         last = int(np.searchsorted(ends, stop - 1, side="right"))  # the one holding row `stop - 1`
         skip = start - (int(ends[first - 1]) if first else 0)  # its rows before `start`
@@ -298,9 +306,6 @@ class SplitStore:
             while pending.num_rows >= block_images:
                 yield self._block(pending.slice(0, block_images))
                 pending = pending.slice(block_images)
-            # Keep no slice of what was yielded: a table's slices hold its chunks' buffers, so
-            # concatenating onto them kept every batch read alive (RSS grew with the split).
-            pending = pending.combine_chunks() if pending.num_rows else None
             if left == 0:  # not one batch more is decoded
                 break
         if pending is not None and pending.num_rows:

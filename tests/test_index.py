@@ -134,30 +134,40 @@ def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
     shutil.copytree(pipe.index_dir, bad)
     table = pq.read_table(bad / "caption_features.parquet")
     words = table.column("words").to_pylist()
+    n3 = len(words[3])
     words[3] = words[3][:-1]  # one float short
     i = table.schema.get_field_index("words")
     table = table.set_column(i, "words", pa.array(words, type=pa.list_(pa.float32())))
     pq.write_table(table, bad / "caption_features.parquet")
+    tokens = n3 // pf.EMBED_SIZE
     with pytest.raises(
-        DataError, match=r'caption_features.parquet: column "words": each caption must hold d = \d+ floats per token'
+        DataError,
+        match=rf'caption_features.parquet: column "words": caption row 3 holds {n3 - 1} floats, expected {n3} '
+        rf"\({tokens} tokens x d = {pf.EMBED_SIZE}\)",
     ):
         Index.open(bad)
 
 
 def test_caption_tables_stay_under_the_list_offsets_limit(pipe, tmp_path, monkeypatch):
     """A block whose words would overflow a list column's int32 offsets is written as several
-    tables: here a limit of 3 captions' worth (at the block's longest) splits each block of 7."""
+    tables: with a limit of 3 x (the split's longest caption) x d, a block of 7 captions whose
+    longest is L goes in tables of (3 x longest) // L captions each."""
     import heiindex.index as index_module
 
     d = load_model(pipe.model_dir).model.config.embed_size
-    longest = max(SplitStore.open(pipe.root, "test").captions().lengths)
+    lengths = SplitStore.open(pipe.root, "test").captions().lengths
+    longest = int(lengths.max())
     monkeypatch.setattr(index_module, "_MAX_LIST_VALUES", 3 * longest * d)
+    want = []  # rows of each table written
+    for s in range(0, len(lengths), 7):
+        n, step = len(lengths[s : s + 7]), (3 * longest) // int(lengths[s : s + 7].max())
+        want += [min(step, n - a) for a in range(0, n, step)]
     Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "split", block_captions=7)
     monkeypatch.undo()
     Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "whole", block_captions=7)
     split, whole = (pq.ParquetFile(tmp_path / p / "caption_features.parquet") for p in ("split", "whole"))
-    assert whole.num_row_groups == 18 and split.num_row_groups > 18
-    assert all(split.metadata.row_group(i).num_rows <= 7 for i in range(split.num_row_groups))
+    assert whole.num_row_groups == 18 and len(want) > 18
+    assert [split.metadata.row_group(i).num_rows for i in range(split.num_row_groups)] == want
     assert split.read().equals(whole.read())
 
 

@@ -116,17 +116,3 @@ def test_bench_on_ray_equals_in_process(served, sharded):
             a = {k: v for k, v in got[direction][method].items() if k != "seconds"}
             b = {k: v for k, v in want[direction][method].items() if k != "seconds"}
             assert a == b, (direction, method)
-
-
-def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
-    import heiindex.ray_engine as engine
-    from heiindex.errors import DataError
-
-    def no_ray():
-        raise HeiindexError("the Ray engine needs Ray: pip install 'heiindex[ray]'")
-
-    monkeypatch.setattr(engine, "_ray", no_ray)
-    with pytest.raises(DataError, match="the index here is not a sharded build"):
-        RayShardedIndex(pipe.index_dir)
-    with pytest.raises(DataError, match="the index here is not a sharded build"):
-        engine.stop_served(pipe.index_dir, None)

@@ -204,3 +204,18 @@ def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
         assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
     with pytest.raises(HeiindexError, match="--topk must be at least 1"):
         run_sharded_bench(sharded, topk=0)
+
+
+def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
+    """Where Ray is not installed (so outside test_ray.py, which skips then), an unsharded index
+    is still refused as such: the manifest is read before Ray is imported."""
+    import heiindex.ray_engine as engine
+
+    def no_ray():
+        raise HeiindexError("the Ray engine needs Ray: pip install 'heiindex[ray]'")
+
+    monkeypatch.setattr(engine, "_ray", no_ray)
+    with pytest.raises(DataError, match="the index here is not a sharded build"):
+        engine.RayShardedIndex(pipe.index_dir)
+    with pytest.raises(DataError, match="the index here is not a sharded build"):
+        engine.stop_served(pipe.index_dir, None)

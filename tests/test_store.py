@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -264,6 +265,15 @@ def test_split_store_wrong_format_version(tmp_path):
     assert info.value.path == tmp_path / "test" / MANIFEST_FILE
 
 
+def test_image_rows_missing_from_the_file_are_named(tmp_path):
+    _write_split(tmp_path / "test")  # 5 rows
+    manifest = json.loads((tmp_path / "test" / MANIFEST_FILE).read_text())
+    manifest["images"]["count"] = 7
+    write_json(tmp_path / "test" / MANIFEST_FILE, manifest)
+    with pytest.raises(DataError, match=r"images.parquet: holds 5 image rows; the manifest's images.count says 7"):
+        list(SplitStore.open(tmp_path, "test").iter_image_blocks(4))
+
+
 def test_split_store_manifest_not_json(tmp_path):
     _write_split(tmp_path / "test")
     (tmp_path / "test" / MANIFEST_FILE).write_text("{oops")
@@ -271,6 +281,13 @@ def test_split_store_manifest_not_json(tmp_path):
         SplitStore.open(tmp_path, "test")
     (tmp_path / "test" / MANIFEST_FILE).write_text("[]")
     with pytest.raises(DataError, match="must hold a JSON object, got list"):
+        SplitStore.open(tmp_path, "test")
+    (tmp_path / "test" / MANIFEST_FILE).write_bytes(b'{"split": "\xff"}')  # not UTF-8
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        SplitStore.open(tmp_path, "test")
+    (tmp_path / "test" / MANIFEST_FILE).unlink()
+    (tmp_path / "test" / MANIFEST_FILE).mkdir()
+    with pytest.raises(DataError, match="manifest.json: cannot be read"):
         SplitStore.open(tmp_path, "test")
 
 
