@@ -210,10 +210,10 @@ def train(
 @click.option("--bits", type=int, default=256, show_default=True, help="Code length k (multiple of 8).")
 @click.option(
     "--pooling",
-    type=click.Choice(["mean", "max", "attn"]),
+    type=click.Choice(["mean", "max", "attn", "query"]),
     default="mean",
     show_default=True,
-    help="How region / word embeddings become one vector before hashing.",
+    help="How region / word embeddings become one vector before hashing (query: words by a learned query).",
 )
 @click.option("--epochs", type=int, default=160, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)

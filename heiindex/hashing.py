@@ -1,8 +1,10 @@
 """The HEI hash module: pooled instance features -> k-bit codes, and its loss.
 
 Pooling of the frozen matcher's region / real-word embeddings to one vector per instance:
-``mean``; ``max`` (per dimension); or ``attn``, weights from a softmax (temperature 10) of each
-item's cosine to the mean, a parameter-free form of attention pooling guided by the mean. Hash layers: one ``Linear(d -> k)`` per modality, ``tanh``
+``mean``; ``max`` (per dimension); ``attn``, weights from a softmax (temperature 10) of each
+item's cosine to the mean, a parameter-free form of attention pooling guided by the mean; or
+``query``, regions by their mean and words by a learned attention query ``q`` (weights
+``softmax(word . q)`` over the real words; ``q`` trained with the hash layers, initial norm 5). Hash layers: one ``Linear(d -> k)`` per modality, ``tanh``
 while training, ``sign`` at inference; codes are packed to ``k / 8`` bytes, bit ``i`` set where
 the ``i``-th output is positive, the layout FAISS binary indexes read.
 
@@ -55,8 +57,9 @@ class HashConfig:
         return asdict(self)
 
 
-POOLINGS = ("mean", "max", "attn")
+POOLINGS = ("mean", "max", "attn", "query")
 _ATTN_TEMPERATURE = 10.0
+_QUERY_NORM = 5.0  # the learned query's initial norm (benchmarks/hash_exp.py's q_scale)
 
 
 def _pool(x: Tensor, mask: Tensor, pooling: str) -> Tensor:
@@ -71,6 +74,8 @@ def _pool(x: Tensor, mask: Tensor, pooling: str) -> Tensor:
         cos = torch.nn.functional.cosine_similarity(x, mean[:, None, :], dim=-1)
         w = torch.softmax((_ATTN_TEMPERATURE * cos).masked_fill(~mask, float("-inf")), dim=1)
         return (w[..., None] * x).sum(dim=1)
+    if pooling == "query":
+        raise ValueError("'query' pooling is learned: pool with HashModule.pool_images / pool_captions")
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
@@ -86,13 +91,17 @@ def pool_words(words: Tensor, lengths: Tensor, pooling: str = "mean") -> Tensor:
 
 
 class HashModule(nn.Module):
-    """``image_hash`` and ``text_hash``: ``Linear(d -> k)`` each."""
+    """``image_hash`` and ``text_hash``: ``Linear(d -> k)`` each; with ``query`` pooling also
+    ``word_query`` (d,), the learned query that pools the words."""
 
     def __init__(self, config: HashConfig) -> None:
         super().__init__()
         self.config = config
         self.image_hash = nn.Linear(config.embed_size, config.bits)
         self.text_hash = nn.Linear(config.embed_size, config.bits)
+        if config.pooling == "query":
+            q = torch.randn(config.embed_size)
+            self.word_query = nn.Parameter(q / q.norm() * _QUERY_NORM)
 
     def relaxed(self, pooled: Tensor, modality: str) -> Tensor:
         """tanh codes in (-1, 1) for training."""
@@ -100,10 +109,14 @@ class HashModule(nn.Module):
         return torch.tanh(layer(pooled))
 
     def pool_images(self, regions: Tensor) -> Tensor:
-        return pool_regions(regions, self.config.pooling)
+        return pool_regions(regions, "mean" if self.config.pooling == "query" else self.config.pooling)
 
     def pool_captions(self, words: Tensor, lengths: Tensor) -> Tensor:
-        return pool_words(words, lengths, self.config.pooling)
+        if self.config.pooling != "query":
+            return pool_words(words, lengths, self.config.pooling)
+        mask = word_mask(lengths.to(words.device), words.shape[1])
+        logits = (words @ self.word_query.to(words.dtype)).masked_fill(~mask, float("-inf"))
+        return (torch.softmax(logits, dim=1).unsqueeze(-1) * words).sum(dim=1)
 
     @torch.no_grad()
     def image_codes(self, regions: Tensor) -> np.ndarray:

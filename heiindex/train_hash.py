@@ -119,7 +119,8 @@ def collect_batches(
 ) -> list[dict]:
     """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher.
 
-    Each record: ``{"ids": (B,), "scores": (images B, captions B), pooling: (image (B, d), caption (B, d))}``.
+    Each record: ``{"ids": (B,), "scores": (images B, captions B), pooling: (image (B, d), caption (B, d))}``;
+    for the learned ``query`` pooling the caption entry is ``(words (B, L, d), lengths (B,))``.
     """
     caps = store.captions()
     records = []
@@ -136,7 +137,10 @@ def collect_batches(
                 words = model.encode_captions(torch.from_numpy(tok), lens_t)
                 rec = {"ids": torch.from_numpy(img_ids), "scores": model.score(words, lens_t, regions).T.contiguous()}
                 for p in poolings:
-                    rec[p] = (pool_regions(regions, p), pool_words(words, lens_t, p))
+                    if p == "query":  # learned: the words are pooled while training, so kept whole
+                        rec[p] = (pool_regions(regions, "mean"), (words, lens_t))
+                    else:
+                        rec[p] = (pool_regions(regions, p), pool_words(words, lens_t, p))
                 records.append(rec)
                 bar.update(1)
     bar.close()
@@ -157,6 +161,8 @@ def fit_hash(
         total_loss = 0.0
         for i in gen.permutation(len(records)):
             img_pool, cap_pool = records[i][hash_config.pooling]
+            if hash_config.pooling == "query":
+                cap_pool = module.pool_captions(*cap_pool)
             ids, scores = records[i]["ids"], records[i]["scores"]
             positive = ids[:, None] == ids[None, :]  # (images, captions) of this batch
             target = scale_scores(scores, positive)

@@ -80,7 +80,7 @@ def test_hash_module_codes_are_signs_of_the_relaxed_codes():
     assert not np.array_equal(ci, ct)  # separate layers per modality
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max", "attn"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "attn", "query"])
 def test_caption_codes_of_packed_words_equal_the_padded_ones(pooling):
     """Packed captions are coded ``block`` at a time: the codes of padded captions, in order."""
     from heiindex.packed import PackedWords
@@ -144,6 +144,23 @@ def test_max_and_attn_pooling_exact_on_a_tiny_example():
     torch.testing.assert_close(
         pool_regions(x, "attn")[1], w[0] * torch.tensor([2.0, 2.0]) + w[1] * torch.tensor([4.0, 0.0])
     )
+
+
+def test_query_pooling_exact_on_a_tiny_example():
+    """Regions by their mean; words by softmax(word . q) over the real words only."""
+    mod = HashModule(HashConfig(bits=8, embed_size=2, pooling="query"))
+    assert torch.allclose(mod.word_query.norm(), torch.tensor(5.0))  # initial norm
+    with torch.no_grad():
+        mod.word_query.copy_(torch.tensor([1.0, 0.0]))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]])
+    torch.testing.assert_close(mod.pool_images(x), x.mean(dim=1))
+    got = mod.pool_captions(torch.cat([x, torch.full((2, 1, 2), 1e6)], 1), torch.tensor([1, 2]))
+    w = torch.softmax(torch.tensor([2.0, 4.0]), 0)  # instance 1: word . q = 2, 4
+    torch.testing.assert_close(got, torch.stack([x[0, 0], w[0] * x[1, 0] + w[1] * x[1, 1]]))
+    got.sum().backward()  # the query learns
+    assert mod.word_query.grad is not None and bool(mod.word_query.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="'query' pooling is learned"):
+        pool_words(x, torch.tensor([1, 2]), "query")
 
 
 # -- loss and scaling -------------------------------------------------------------------------
@@ -257,6 +274,26 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
     _, ids = index.search(cap, 3)
     want = float(np.mean([enc.caption_image[q] in ids[q] for q in range(len(cap))]))
     assert candidate_recall(h.module, enc, 3)["t2i"] == want
+
+
+def test_train_hash_with_query_pooling_learns_the_query_and_records_its_recall(pipe, tmp_path):
+    matcher = load_model(pipe.model_dir)
+    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling="query")
+    res = train_hash(
+        matcher,
+        pipe.root,
+        tmp_path / "hq",
+        cfg,
+        HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5),
+        log=lambda *_: None,
+    )
+    h = load_hash(tmp_path / "hq", matcher)
+    assert h.module.config == cfg and h.module.word_query.shape == (pf.EMBED_SIZE,)
+    torch.manual_seed(0)  # the query's initial value, as train_hash draws it (seed 0)
+    untrained = HashModule(cfg).word_query
+    assert not torch.equal(h.module.word_query, untrained)  # trained, and saved with the layers
+    dev = encode_split(matcher.model, SplitStore.open(pipe.root, "dev"))
+    assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
 
 
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
