@@ -601,14 +601,12 @@ def _check_words(words: Tensor, lengths: Tensor) -> Tensor:
 
     Padding is never trusted: what is computed from it is masked (see ``_gather_words``), so
     garbage there cannot reach a score and the caller's tensor is never copied whole."""
-    if isinstance(words, PackedWords) and lengths is words.lengths:
-        return lengths  # checked when the PackedWords was made; no device sync per query
+    if isinstance(words, PackedWords):  # checked when packed; the same object costs no device sync
+        return words.own_lengths(lengths)
     _check_words_rank(words)
     lengths = torch.as_tensor(lengths, device=words.device)
     if lengths.shape != (words.shape[0],):
         raise ValueError(f"lengths must have shape ({words.shape[0]},), got {tuple(lengths.shape)}")
-    if isinstance(words, PackedWords) and not torch.equal(lengths.long(), words.lengths):
-        raise ValueError("lengths differ from the packed words' own lengths")
     if words.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > words.shape[1]):
         raise ValueError(f"lengths must lie in [1, {words.shape[1]}]")
     return lengths.long()

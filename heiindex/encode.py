@@ -10,6 +10,7 @@ What this module must not do: score pairs or write files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,14 @@ from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .store import CaptionTable, SplitStore
 
-__all__ = ["EncodedSplit", "encode_captions", "encode_captions_packed", "encode_images", "encode_split"]
+__all__ = [
+    "EncodedSplit",
+    "encode_captions",
+    "encode_captions_packed",
+    "encode_images",
+    "encode_split",
+    "iter_caption_blocks",
+]
 
 
 @dataclass
@@ -67,16 +75,27 @@ def encode_images(
 
 
 @torch.no_grad()
+def iter_caption_blocks(
+    model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(first row, words (b, L_b, d), lengths (b,))``, ``block`` captions at a time, encoded
+    where the model is (and left there); each block's tokens are cut to its longest caption."""
+    dev = next(model.parameters()).device
+    lengths = np.asarray(lengths, dtype=np.int64)
+    for s in range(0, len(lengths), block):
+        lens = lengths[s : s + block]
+        tok = torch.from_numpy(np.asarray(tokens[s : s + block, : int(lens.max())], dtype=np.int64))
+        lens_t = torch.from_numpy(lens).to(dev)
+        yield s, model.encode_captions(tok.to(dev), lens_t), lens_t
+
+
+@torch.no_grad()
 def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024) -> Tensor:
     """Word features ``(n_caps, L, d)`` of padded token ids ``(n_caps, L)``; zero at padding.
     Encoding runs where the model is; the result is on the CPU."""
-    dev = next(model.parameters()).device
-    tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
-    out = torch.zeros((len(tok), tok.shape[1], model.config.embed_size))
-    for s in range(0, len(tok), block):
-        w = model.encode_captions(tok[s : s + block].to(dev), lens[s : s + block].to(dev)).cpu()
-        out[s : s + block, : w.shape[1]] = w
+    out = torch.zeros((len(tokens), np.shape(tokens)[1], model.config.embed_size))
+    for s, w, _ in iter_caption_blocks(model, tokens, lengths, block):
+        out[s : s + len(w), : w.shape[1]] = w.cpu()
     return out
 
 
@@ -84,14 +103,11 @@ def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, b
 def encode_captions_packed(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024) -> PackedWords:
     """``encode_captions``, packed: each block's real words are copied into one tensor of the
     split's real words (on the CPU), so the padded ``(n_caps, L, d)`` tensor never exists."""
-    dev = next(model.parameters()).device
-    tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
     rows = torch.zeros((int(lens.sum()) + 1, model.config.embed_size))  # and the zero row
     pos = 0
-    for s in range(0, len(tok), block):
-        w = model.encode_captions(tok[s : s + block].to(dev), lens[s : s + block].to(dev)).cpu()
-        real = w[word_mask(lens[s : s + block], w.shape[1])]
+    for _, w, block_lens in iter_caption_blocks(model, tokens, lengths, block):
+        real = w[word_mask(block_lens, w.shape[1])].cpu()
         rows[pos : pos + len(real)] = real
         pos += len(real)
     return PackedWords._wrap(rows, lens)

@@ -130,19 +130,7 @@ class HashModule(nn.Module):
         their own lengths (others are a ``ValueError``, as in ``heiindex.attention``)."""
         if not isinstance(words, PackedWords):
             return self.codes(self.pool_captions(words.float(), lengths), "text")
-        given = torch.as_tensor(lengths, device=words.device).long()
-        if given.shape != words.lengths.shape:
-            raise ValueError(
-                f"lengths (shape {tuple(given.shape)}) differ from the packed words' own lengths "
-                f"(shape {tuple(words.lengths.shape)})"
-            )
-        if not torch.equal(given, words.lengths):
-            i = int((given != words.lengths).nonzero()[0, 0])
-            raise ValueError(
-                f"lengths differ from the packed words' own lengths: caption {i} has "
-                f"{int(words.lengths[i])} words, lengths say {int(given[i])}"
-            )
-        lengths = words.lengths
+        lengths = words.own_lengths(lengths)
         out = []
         for s in range(0, len(words), block):
             rows = torch.arange(s, min(s + block, len(words)), device=words.device)

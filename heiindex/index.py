@@ -36,6 +36,7 @@ from . import __version__
 from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import check_precision, resolve_device, set_precision
+from .encode import iter_caption_blocks
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
     index_on_device,
@@ -279,7 +280,7 @@ class Index:
             if image_rows is not None:
                 caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
             cap_codes = _write_caption_features(
-                tmp / "caption_features.parquet", model, hasher.module, caps, dev, block_captions
+                tmp / "caption_features.parquet", model, hasher.module, caps, block_captions
             )
             save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
             save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
@@ -538,17 +539,15 @@ _CAPTION_SCHEMA = pa.schema(
 
 
 def _write_caption_features(
-    path: Path, model: ScanModel, hasher: HashModule, caps: CaptionTable, dev: torch.device, block: int
+    path: Path, model: ScanModel, hasher: HashModule, caps: CaptionTable, block: int
 ) -> np.ndarray:
     """Encode and hash ``caps`` ``block`` captions at a time, appending each block's real words
     (flattened, ``len * d`` floats a caption) to ``path``; returns the packed codes."""
     codes = [np.zeros((0, hasher.config.bits // 8), dtype=np.uint8)]
     with pq.ParquetWriter(path, _CAPTION_SCHEMA, compression="zstd") as writer:
-        for s in range(0, len(caps), block):
+        for s, words, lens_t in iter_caption_blocks(model, caps.tokens, caps.lengths, block):
             lens = caps.lengths[s : s + block]
-            tokens = caps.tokens[s : s + block, : int(lens.max())]
-            lens_t = torch.from_numpy(lens).to(dev)
-            words = model.encode_captions(torch.from_numpy(tokens).to(dev), lens_t)  # (b, longest, d)
+            tokens = caps.tokens[s : s + block, : words.shape[1]]
             codes.append(hasher.caption_codes(words, lens_t))
             words, real = words.cpu().numpy(), word_mask(lens_t, words.shape[1]).cpu().numpy()
             # A list column's offsets are int32: a table holds under 2^31 floats of words.

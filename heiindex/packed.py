@@ -90,6 +90,25 @@ class PackedWords:
         rows = self._flat.to(*args, **kwargs)
         return PackedWords._wrap(rows, self.lengths.to(rows.device))
 
+    def own_lengths(self, lengths: Tensor) -> Tensor:
+        """``self.lengths``, where ``lengths`` (given beside these words, as the scorers and the
+        hash module take them) are the same; ``ValueError`` naming the first difference else."""
+        if lengths is self.lengths:
+            return self.lengths
+        given = torch.as_tensor(lengths, device=self.device).long()
+        if given.shape != self.lengths.shape:
+            raise ValueError(
+                f"lengths (shape {tuple(given.shape)}) differ from the packed words' own lengths "
+                f"(shape {tuple(self.lengths.shape)})"
+            )
+        if not torch.equal(given, self.lengths):
+            i = int((given != self.lengths).nonzero()[0, 0])
+            raise ValueError(
+                f"lengths differ from the packed words' own lengths: caption {i} has "
+                f"{int(self.lengths[i])} words, lengths say {int(given[i])}"
+            )
+        return self.lengths
+
     def gather(self, rows: Tensor, length: int) -> Tensor:
         """Words of captions ``rows`` as a ``(len(rows), length, d)`` tensor, zero beyond each
         caption's end (a caption longer than ``length`` is cut)."""
