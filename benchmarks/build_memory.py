@@ -140,7 +140,16 @@ def main() -> None:
             }
             for rev in args.compare
         }
-        report = {"images": args.images, **setup, "results": results, "peak_rss_ratio_this_over": ratios}
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+        report = {
+            "images": args.images,
+            **setup,
+            "this_checkout": {"commit": commit, "uncommitted_changes": dirty},
+            "results": results,
+            "peak_rss_ratio_this_over": ratios,
+        }
         print(json.dumps(report, indent=2))
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -71,7 +71,7 @@ def main() -> None:
         P = Q[:, :b] if b <= 256 else G[:, :b]
         wc = torch.sign(W @ P)
         rc = torch.sign(R @ P)
-        S = maxsim(wc, rc)  # ties counted pessimistically: strictly better items only
+        S = maxsim(wc, rc)  # ties counted optimistically: only strictly better items rank ahead
         t2i, i2t = recall(S)
         print(
             f"{args.split} binary MaxSim {b} bits: t2i {t2i:.1f} i2t {i2t:.1f} ({time.perf_counter() - t0:.0f} s)",

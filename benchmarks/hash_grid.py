@@ -32,6 +32,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="passes of scored batches (2: the RESULTS table; train-hash's default is 4)",
+    )
+    ap.add_argument(
         "--rank-weight", default="1.0", help="comma-separated weights of the ranking term (0: HEI loss only)"
     )
     ap.add_argument("--json", type=Path, default=None)
@@ -39,7 +45,7 @@ def main() -> None:
     matcher = load_model(args.model or default_model_dir())
     root = args.store or ensure_coco_sim()
     poolings = tuple(args.pooling.split(","))
-    cfg = HashTrainConfig(epochs=args.epochs, val_candidates=args.candidates)
+    cfg = HashTrainConfig(epochs=args.epochs, val_candidates=args.candidates, rounds=args.rounds)
     weights = [float(w) for w in args.rank_weight.split(",")]
     t0 = time.perf_counter()
     records = collect_batches(matcher.model, SplitStore.open(root, "train"), cfg, poolings)

@@ -285,7 +285,7 @@ def test_train_hash_with_query_pooling_learns_the_query_and_records_its_recall(p
         tmp_path / "hq",
         cfg,
         HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5),
-        log=lambda *_: None,
+        log=pf.quiet,
     )
     h = load_hash(tmp_path / "hq", matcher)
     assert h.module.config == cfg and h.module.word_query.shape == (pf.EMBED_SIZE,)
