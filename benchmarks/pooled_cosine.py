@@ -34,7 +34,7 @@ def main() -> None:
     model = load_model(args.model or default_model_dir()).model
     enc = encode_split(model, SplitStore.open(args.store or ensure_coco_sim(), args.split))
     out = {}
-    for pooling in POOLINGS:
+    for pooling in (p for p in POOLINGS if p != "query"):  # query pooling is learned
         img = torch.nn.functional.normalize(pool_regions(enc.regions, pooling), dim=-1)
         cap = torch.nn.functional.normalize(pool_words(enc.words.padded(), enc.lengths, pooling), dim=-1)
         ranks = t2i_ranks((cap @ img.T).numpy(), enc.caption_image)

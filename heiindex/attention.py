@@ -559,11 +559,12 @@ class _Runs:
         )
         self.groups: list[tuple[slice | Tensor, int | None, int]] = []  # (pairs, image, its position)
         long_run = counts >= policy.min_run
-        if bool(long_run.any()):  # only the long runs are walked in Python
-            starts = (torch.cumsum(counts, 0) - counts).tolist()
-            for pos in torch.nonzero(long_run).squeeze(1).tolist():
-                cnt = int(counts[pos])
-                self.groups.append((slice(starts[pos], starts[pos] + cnt), int(self.images[pos]), pos))
+        pos = torch.nonzero(long_run).squeeze(1)  # only the long runs are walked in Python
+        starts = torch.cumsum(counts, 0) - counts
+        for p, a, cnt, image in zip(
+            pos.tolist(), starts[pos].tolist(), counts[pos].tolist(), self.images[pos].tolist(), strict=True
+        ):
+            self.groups.append((slice(a, a + cnt), image, p))
         # the pairs of short runs, in order, as index tensors (the GPU policy: every pair)
         short = torch.nonzero(torch.repeat_interleave(~long_run, counts)).squeeze(1)
         for s in range(0, len(short), policy.short_batch):

@@ -62,14 +62,11 @@ def encode_images(
     ids = np.empty(n, dtype=np.int64)
     pos = 0
     bar = tqdm(total=n, unit="img", desc="encode images", disable=None if progress else True, leave=False)
-    for block_ids, feats in store.iter_image_blocks(block_images):
-        take = min(len(block_ids), n - pos)
-        out[pos : pos + take] = model.encode_images(torch.from_numpy(feats[:take]).to(dev)).cpu()
-        ids[pos : pos + take] = block_ids[:take]
-        pos += take
-        bar.update(take)
-        if pos >= n:
-            break
+    for block_ids, feats in store.iter_image_blocks(block_images, 0, n):
+        out[pos : pos + len(block_ids)] = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
+        ids[pos : pos + len(block_ids)] = block_ids
+        pos += len(block_ids)
+        bar.update(len(block_ids))
     bar.close()
     return ids, out
 

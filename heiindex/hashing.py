@@ -80,7 +80,8 @@ def _pool(x: Tensor, mask: Tensor, pooling: str) -> Tensor:
 
 
 def pool_regions(regions: Tensor, pooling: str = "mean") -> Tensor:
-    """(n, R, d) -> (n, d) over all regions."""
+    """(n, R, d) -> (n, d) over all regions (``query`` pooling pools regions by their mean)."""
+    pooling = "mean" if pooling == "query" else pooling
     return _pool(regions, torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device), pooling)
 
 
@@ -109,7 +110,7 @@ class HashModule(nn.Module):
         return torch.tanh(layer(pooled))
 
     def pool_images(self, regions: Tensor) -> Tensor:
-        return pool_regions(regions, "mean" if self.config.pooling == "query" else self.config.pooling)
+        return pool_regions(regions, self.config.pooling)
 
     def pool_captions(self, words: Tensor, lengths: Tensor) -> Tensor:
         if self.config.pooling != "query":

@@ -96,7 +96,10 @@ def load_bound_models(
     """For a build: the matcher and the hash module trained next to it, loaded where given as
     folders (a hash module of another matcher is refused)."""
     matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
-    hasher = hasher if isinstance(hasher, LoadedHash) else load_hash(hasher, matcher)
+    if not isinstance(hasher, LoadedHash):
+        hasher = load_hash(hasher, matcher)
+    elif hasher.info.get("matcher_sha256") != matcher.checksum:
+        raise ModelMismatchError(f"hash module {hasher.path} was trained next to another matcher than {matcher.path}")
     return matcher, hasher
 
 
@@ -231,10 +234,6 @@ class Index:
         if block_images < 1 or block_captions < 1:
             raise HeiindexError(f"block sizes must be at least 1, got {block_images} images, {block_captions} captions")
         matcher, hasher = load_bound_models(matcher, hasher)
-        if hasher.info.get("matcher_sha256") != matcher.checksum:
-            raise ModelMismatchError(
-                f"hash module {hasher.path} was trained next to another matcher than {matcher.path}"
-            )
         store = SplitStore.open(store_root, split)
         if store.manifest["vocab"]["sha256"] != matcher.vocab.checksum:
             raise ModelMismatchError(

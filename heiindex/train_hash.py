@@ -136,11 +136,11 @@ def collect_batches(
                 regions = model.encode_images(torch.from_numpy(feats))
                 words = model.encode_captions(torch.from_numpy(tok), lens_t)
                 rec = {"ids": torch.from_numpy(img_ids), "scores": model.score(words, lens_t, regions).T.contiguous()}
-                for p in poolings:
-                    if p == "query":  # learned: the words are pooled while training, so kept whole
-                        rec[p] = (pool_regions(regions, "mean"), (words, lens_t))
-                    else:
-                        rec[p] = (pool_regions(regions, p), pool_words(words, lens_t, p))
+                for p in poolings:  # a learned (query) pooling pools the words while training: kept whole
+                    rec[p] = (
+                        pool_regions(regions, p),
+                        (words, lens_t) if p == "query" else pool_words(words, lens_t, p),
+                    )
                 records.append(rec)
                 bar.update(1)
     bar.close()
