@@ -477,25 +477,30 @@ class Index:
 
     # -- batches of queries against this index (the sharded bench) ----------------------------
     @torch.no_grad()
-    def candidates_for_captions(self, words: Tensor | PackedWords, lengths: Tensor, n: int):
+    def candidates_for_captions(
+        self, words: Tensor | PackedWords, lengths: Tensor, n: int, codes: np.ndarray | None = None
+    ):
         """For each encoded caption (words (q, L, d) padded or packed, lengths (q,)): this index's Hamming
         top-``n`` images (at most all of them), re-ranked: ``heiindex.search.Candidates`` (rows -1
-        and scores -inf where an approximate index found fewer)."""
+        and scores -inf where an approximate index found fewer). ``codes``: the captions' codes
+        where already computed (else hashed here)."""
         n = min(n, self.n_images)
         dev = self.regions.device
         words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
-        codes = self.hasher.module.caption_codes(words, lengths)
+        if codes is None:
+            codes = self.hasher.module.caption_codes(words, lengths)
         return rerank_images(
             self.model, self.image_index, codes, words=words, lengths=lengths, regions=self.regions, gram=self.gram, n=n
         )
 
     @torch.no_grad()
-    def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int):
+    def candidates_for_images(self, regions: Tensor, gram: Tensor, n: int, codes: np.ndarray | None = None):
         """For each encoded image (regions (q, R, d), gram (q, R, R)): this index's Hamming
         top-``n`` captions (at most all of them), re-ranked; as ``candidates_for_captions``."""
         n = min(n, self.n_captions)
         regions, gram = regions.to(self.regions.device, self.regions.dtype), gram.to(self.gram.device)
-        codes = self.hasher.module.image_codes(regions.float())
+        if codes is None:
+            codes = self.hasher.module.image_codes(regions.float())
         return rerank_captions(
             self.model,
             self.caption_index,

@@ -210,14 +210,18 @@ class ShardedIndex:
     def bench_metas(self) -> list[dict]:
         return [s.bench_meta() for s in self.shards]
 
+    # Every shard answers every query: the queries' codes are the shards' own (cached), hashed
+    # once, not once per shard.
     def bench_captions(self, n: int) -> list:
         words = PackedWords.cat([s.words for s in self.shards])
-        return [s.candidates_for_captions(words, words.lengths, n) for s in self.shards]
+        codes = np.concatenate([s.caption_codes() for s in self.shards])
+        return [s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards]
 
     def bench_images(self, n: int) -> list:
         regions = torch.cat([s.regions for s in self.shards])
         gram = torch.cat([s.gram for s in self.shards])
-        return [s.candidates_for_images(regions, gram, n) for s in self.shards]
+        codes = np.concatenate([s.image_codes() for s in self.shards])
+        return [s.candidates_for_images(regions, gram, n, codes) for s in self.shards]
 
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
