@@ -172,6 +172,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @contextmanager
+def kept_tf32_switches():
+    """Restores torch's two process-wide TF32 switches, which ``set_precision`` flips."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@contextmanager
 def one_torch_thread():
     """Run torch on one thread, restoring the previous count afterwards.
 

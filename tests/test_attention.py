@@ -572,19 +572,20 @@ def test_cuda_float32_scores_match_cpu(cross_attn):
     """float32 on the GPU (TF32 off) against float32 on CPU: within 1e-5 relative."""
     from heiindex.device import set_precision
 
-    set_precision("float32")
-    words, lengths, regions, caps, imgs = _pair_data()
-    cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
-    w, r = words.float(), regions.float()
-    cpu = score_pairs(cfg, w, lengths, r, caps, imgs)
-    gpu = score_pairs(cfg, w.cuda(), lengths.cuda(), r.cuda(), caps.cuda(), imgs.cuda()).cpu()
-    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        score_block(cfg, w.cuda(), lengths.cuda(), r.cuda()).cpu(),
-        score_block(cfg, w, lengths, r),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    with pf.kept_tf32_switches():
+        set_precision("float32")
+        words, lengths, regions, caps, imgs = _pair_data()
+        cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+        w, r = words.float(), regions.float()
+        cpu = score_pairs(cfg, w, lengths, r, caps, imgs)
+        gpu = score_pairs(cfg, w.cuda(), lengths.cuda(), r.cuda(), caps.cuda(), imgs.cuda()).cpu()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            score_block(cfg, w.cuda(), lengths.cuda(), r.cuda()).cpu(),
+            score_block(cfg, w, lengths, r),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_gpu_gather_budget_is_an_eighth_of_a_small_card_and_capped(monkeypatch):

@@ -517,8 +517,7 @@ def test_manifest_records_what_auto_chose(pipe, tmp_path):
 def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
     from heiindex.device import set_precision
 
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
+    with pf.kept_tf32_switches():
         set_precision("tf32")
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         for exact in ("float32", "bfloat16"):  # cuDNN's switch is on by default: float32 turns it off
@@ -527,5 +526,3 @@ def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         with pytest.raises(HeiindexError, match="dtype must be one of float32, tf32, bfloat16, got 'float16'"):
             set_precision("float16")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
