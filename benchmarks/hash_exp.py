@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from heiindex.hashing import scale_scores  # the HEI scale of the matcher's scores, as fit_hash uses it
+
 CACHE = Path(os.environ.get("HASH_EXP_CACHE", "/tmp/hash-exp-cache"))  # benchmarks/hash_exp_cache.py --out
 
 
@@ -207,11 +209,6 @@ def similarity(ic: Tensor, tc: Tensor, agg: str, tau: float) -> Tensor:
     if agg == "max":
         return h.amax(-1)
     return (torch.softmax(h / tau, dim=-1) * h).sum(-1)
-
-
-def scale_scores(scores: Tensor, positive: Tensor) -> Tensor:
-    lo, hi = scores.min(), scores[positive].mean()
-    return (2 * (scores - lo) / (hi - lo).clamp_min(1e-6) - 1).clamp(-1, 1)
 
 
 def hei_loss(h: Tensor, target: Tensor, positive: Tensor, scored: Tensor) -> Tensor:
