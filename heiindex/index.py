@@ -151,11 +151,8 @@ class Index:
         r, d = manifest["regions"], manifest["embed_size"]
         # Features are copied a row group at a time into the tensors kept, never held whole as
         # Arrow columns beside them.
-        images = path / "image_features.parquet"
-        self.image_ids = pq.read_table(images, columns=["image_id"]).column("image_id").to_numpy()
-        n = len(self.image_ids)
-        self.regions = torch.from_numpy(_read_rows(images, "features", np.empty((n, r, d), np.float32)))
-        self.gram = torch.from_numpy(_read_rows(images, "gram", np.empty((n, r, r), np.float32)))
+        ids, regions, gram = _read_images(path / "image_features.parquet", r, d)
+        self.image_ids, self.regions, self.gram = ids, torch.from_numpy(regions), torch.from_numpy(gram)
         captions = path / "caption_features.parquet"
         c = pq.read_table(captions, columns=["caption_id", "image_id", "text", "tokens"])
         self.caption_ids = c.column("caption_id").to_numpy()
@@ -575,31 +572,42 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values))
 
 
-def _read_rows(path: Path, column: str, out: np.ndarray) -> np.ndarray:
-    """The fixed-size float list ``column`` of ``path`` copied into ``out`` (a row of it per file
-    row), a row group at a time."""
-    pf, flat, pos = pq.ParquetFile(path, pre_buffer=False), out.reshape(len(out), int(np.prod(out.shape[1:]))), 0
-    for i in range(pf.num_row_groups):
-        for chunk in pf.read_row_group(i, columns=[column]).column(column).chunks:
-            values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
-            if pos + len(chunk) > len(flat) or values.size != len(chunk) * flat.shape[1]:
-                raise DataError(
-                    path, f'column "{column}" does not hold {flat.shape[1]} floats for each of {len(flat)} rows'
-                )
-            flat[pos : pos + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
-            pos += len(chunk)
-    if pos != len(flat):
-        raise DataError(path, f'column "{column}" has {pos} rows, expected {len(flat)}')
-    return out
+def _row_groups(path: Path, columns: list[str]):
+    """``(rows, tables)``: the file's row count and its row groups of ``columns``, read one at a
+    time (no pre-buffering: a row group read is released when the next is read)."""
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    return pf.metadata.num_rows, (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
+
+
+def _read_images(path: Path, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image_id`` (n,), ``features`` (n, r, d) and ``gram`` (n, r, r) of an index's images file,
+    read in one pass, a row group at a time, into the arrays returned."""
+    n, tables = _row_groups(path, ["image_id", "features", "gram"])
+    ids, out = [], {"features": np.empty((n, r, d), np.float32), "gram": np.empty((n, r, r), np.float32)}
+    pos = 0
+    for table in tables:
+        ids.append(table.column("image_id").to_numpy())
+        for column, array in out.items():
+            flat, at = array.reshape(n, -1), pos
+            for chunk in table.column(column).chunks:
+                values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
+                if values.size != len(chunk) * flat.shape[1]:
+                    raise DataError(
+                        path, f'column "{column}" does not hold {flat.shape[1]} floats for each of its rows'
+                    )
+                flat[at : at + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
+                at += len(chunk)
+        pos += table.num_rows
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), out["features"], out["gram"]
 
 
 def _packed_words(path: Path, lengths: np.ndarray, d: int) -> PackedWords:
     """The words column of ``path`` (``len * d`` floats per caption, ``len`` its token count)
     copied a row group at a time into the packed words' own tensor (zero row included)."""
     rows = torch.zeros((int(lengths.sum()) + 1, d))
-    out, pf, caption, pos = rows.numpy(), pq.ParquetFile(path, pre_buffer=False), 0, 0
-    for i in range(pf.num_row_groups):
-        for chunk in pf.read_row_group(i, columns=["words"]).column("words").chunks:
+    out, caption, pos = rows.numpy(), 0, 0
+    for table in _row_groups(path, ["words"])[1]:
+        for chunk in table.column("words").chunks:
             sizes = np.diff(chunk.offsets.to_numpy())
             want = lengths[caption : caption + len(chunk)] * d
             if len(want) < len(chunk):

@@ -125,6 +125,39 @@ def test_small_blocks_write_what_the_encoders_give_in_those_blocks(pipe, tmp_pat
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, block_captions=0)
 
 
+def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, tmp_path, monkeypatch):
+    """Ids, features and Gram matrices come from one pass over the images file, a row group at a
+    time; a Gram column that does not hold r x r floats a row is named, not reshaped."""
+    import pyarrow as pa
+
+    import heiindex.index as index_module
+
+    opened = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(index_module.pq, "ParquetFile", lambda p, **kw: opened.append(str(p)) or real(p, **kw))
+    built = Index.open(pipe.index_dir)
+    monkeypatch.undo()
+    assert [p for p in opened if p.endswith("image_features.parquet")] == [
+        str(pipe.index_dir / "image_features.parquet")
+    ]
+    table = pq.read_table(pipe.index_dir / "image_features.parquet")
+    np.testing.assert_array_equal(built.image_ids, table.column("image_id").to_numpy())
+    r = built.gram.shape[1]
+    want = np.asarray(table.column("gram").to_pylist(), dtype=np.float32).reshape(-1, r, r)
+    np.testing.assert_array_equal(built.gram.numpy(), want)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pipe.index_dir, bad)
+    short = [row[:-1] for row in table.column("gram").to_pylist()]
+    i = table.schema.get_field_index("gram")
+    table = table.set_column(i, "gram", pa.array(short, type=pa.list_(pa.float32(), r * r - 1)))
+    pq.write_table(table, bad / "image_features.parquet")
+    with pytest.raises(
+        DataError, match=rf'image_features.parquet: column "gram" does not hold {r * r} floats for each of its rows'
+    ):
+        Index.open(bad)
+
+
 def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
     """Words are copied a row group at a time into a tensor sized from the tokens column: a
     caption whose words are not d floats per token is named, not read past."""
