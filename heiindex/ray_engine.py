@@ -78,25 +78,28 @@ class _ShardServer:
     def bench_meta(self) -> dict:
         return self.index.bench_meta()
 
-    def candidates_for_captions(self, words, lengths, n: int):
+    def candidates_for_captions(self, words, lengths, codes, n: int):
         import torch
 
         from .packed import PackedWords
 
         packed = PackedWords(torch.from_numpy(words), torch.from_numpy(lengths))
-        return self.index.candidates_for_captions(packed, packed.lengths, n)
+        return self.index.candidates_for_captions(packed, packed.lengths, n, codes)
 
     def features(self):
-        return self.index.regions.float().cpu().numpy(), self.index.gram.float().cpu().numpy()
+        """This shard's images: regions, Gram matrices (float32) and their codes."""
+        index = self.index
+        return index.regions.float().cpu().numpy(), index.gram.float().cpu().numpy(), index.image_codes()
 
     def caption_features(self):
-        """This shard's caption words, packed: (total_words, d) float32 and lengths."""
-        return self.index.words.flat.float().cpu().numpy(), self.index.lengths.cpu().numpy()
+        """This shard's captions: words packed ((total_words, d) float32), lengths and codes."""
+        index = self.index
+        return index.words.flat.float().cpu().numpy(), index.lengths.cpu().numpy(), index.caption_codes()
 
-    def candidates_for_images(self, regions, gram, n: int):
+    def candidates_for_images(self, regions, gram, codes, n: int):
         import torch
 
-        return self.index.candidates_for_images(torch.from_numpy(regions), torch.from_numpy(gram), n)
+        return self.index.candidates_for_images(torch.from_numpy(regions), torch.from_numpy(gram), n, codes)
 
     def crash(self) -> None:
         """End this actor's process at once (fault tests: Ray restarts it)."""
@@ -195,7 +198,10 @@ class RayShardedIndex:
         feats = self._gather([a.caption_features.remote() for a in self.actors], "the bench")
         words = ray.put(np.concatenate([f[0] for f in feats]))  # packed: no padding travels
         lengths = ray.put(np.concatenate([f[1] for f in feats]))
-        return self._gather([a.candidates_for_captions.remote(words, lengths, n) for a in self.actors], "the bench")
+        codes = ray.put(np.concatenate([f[2] for f in feats]))  # each shard hashed its own, once
+        return self._gather(
+            [a.candidates_for_captions.remote(words, lengths, codes, n) for a in self.actors], "the bench"
+        )
 
     def bench_images(self, n: int) -> list:
         import numpy as np
@@ -204,7 +210,8 @@ class RayShardedIndex:
         feats = self._gather([a.features.remote() for a in self.actors], "the bench")
         regions = ray.put(np.concatenate([f[0] for f in feats]))
         gram = ray.put(np.concatenate([f[1] for f in feats]))
-        return self._gather([a.candidates_for_images.remote(regions, gram, n) for a in self.actors], "the bench")
+        codes = ray.put(np.concatenate([f[2] for f in feats]))
+        return self._gather([a.candidates_for_images.remote(regions, gram, codes, n) for a in self.actors], "the bench")
 
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         t0 = time.perf_counter()
