@@ -1,5 +1,5 @@
 """Running ``heiindex`` commands in-process (click's CliRunner) and reading their results; shared
-by the CLI, shard, Ray and Milvus tests."""
+by the CLI, ingest, train, shard, Ray and Milvus tests."""
 
 from __future__ import annotations
 

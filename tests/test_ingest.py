@@ -11,8 +11,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-from heiindex_cli.main import cli
+from cli_helpers import run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex import __version__
 from heiindex.errors import DataError
@@ -21,8 +20,8 @@ from heiindex.store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, MANIFEST_
 from heiindex.vocab import SPECIALS, Vocab
 
 
-def _run(*args: str):
-    return CliRunner().invoke(cli, ["ingest", *map(str, args)])
+def _run(*args):
+    return run("ingest", *args)
 
 
 def _manifest(root, split="test") -> dict:

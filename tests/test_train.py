@@ -9,8 +9,7 @@ import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
-from click.testing import CliRunner
-from heiindex_cli.main import cli
+from cli_helpers import run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
@@ -184,23 +183,8 @@ def test_train_refuses_a_model_of_another_vocabulary_size(pipe, tmp_path):
 
 
 def _cli_train(store, out, *extra):
-    args = [
-        "train",
-        "--store",
-        str(store),
-        "--out",
-        str(out),
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.01",
-        "--embed-size",
-        "16",
-        "--val-images",
-        "100",
-        *extra,
-    ]
-    return CliRunner().invoke(cli, args)
+    small = ("--batch-size", 16, "--lr", 0.01, "--embed-size", 16, "--val-images", 100)
+    return run("train", "--store", store, "--out", out, *small, *extra)
 
 
 def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
