@@ -386,6 +386,8 @@ class Index:
         if dev.type == "cuda":
             set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        if store != self.regions.dtype:  # stored items' codes (the bench's queries) from full-precision features
+            self.image_codes(), self.caption_codes()
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
         self.regions = self.regions.to(dev, store)
@@ -515,13 +517,13 @@ class Index:
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:
-        """Codes of every stored image (computed once per opened index)."""
+        """Codes of every stored image (computed once per opened index, before any cast to bfloat16)."""
         if self._image_codes is None:
             self._image_codes = self.hasher.module.image_codes(self.regions.float())
         return self._image_codes
 
     def caption_codes(self) -> np.ndarray:
-        """Codes of every stored caption (computed once per opened index)."""
+        """Codes of every stored caption (computed once per opened index, before any cast to bfloat16)."""
         if self._caption_codes is None:
             self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
         return self._caption_codes

@@ -16,7 +16,7 @@ from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions, encode_images, encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
 from heiindex.hamming import stored_codes
-from heiindex.hashing import HashConfig, pool_words
+from heiindex.hashing import HashConfig
 from heiindex.index import Index
 from heiindex.ingest import ingest
 from heiindex.packed import PackedWords
@@ -51,7 +51,8 @@ def _exhaustive_row(index: Index, text: str) -> np.ndarray:
 def _query_code(index: Index, text: str) -> np.ndarray:
     ids = index.matcher.vocab.encode(text).ids
     tokens, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
-    return index.hasher.module.codes(pool_words(index.model.encode_captions(tokens, lengths), lengths), "text")
+    module = index.hasher.module
+    return module.codes(module.pool_captions(index.model.encode_captions(tokens, lengths), lengths), "text")
 
 
 # -- what build writes ------------------------------------------------------------------------
@@ -484,19 +485,26 @@ def _assert_same_hits(exact, approx, rtol: float, same_hamming: bool = False) ->
 
 
 def test_bfloat16_scores_within_1e_2_and_recall_unchanged(pipe, index):
-    """Features stored in bfloat16: scores within 1e-2 relative of float32, R@K of the bench unchanged."""
+    """Features stored in bfloat16: scores within 1e-2 relative of float32; the bench's queries
+    keep the codes the build stored (hashed before the cast), so its candidates are the same, and
+    each R@K moves by at most one query (rounding may swap two near-tied scores)."""
     from heiindex.bench import run_bench
 
     half = Index.open(pipe.index_dir, dtype="bfloat16")
     assert half.regions.dtype == torch.bfloat16 and half.dtype == "bfloat16"
+    np.testing.assert_array_equal(half.image_codes(), stored_codes(index.image_index))
+    np.testing.assert_array_equal(half.caption_codes(), stored_codes(index.caption_index))
     for text in ("a dog on the grass", "a red bus"):
         _assert_same_hits(index.search(text, k=10, candidates=20), half.search(text, k=10, candidates=20), 1e-2)
     full, low = run_bench(index, topk=24), run_bench(half, topk=24)
     assert low["dtype"] == "bfloat16"
+    queries = {"t2i": index.n_captions, "i2t": index.n_images}
     for direction in ("t2i", "i2t"):
+        assert low[direction]["candidate_recall"] == full[direction]["candidate_recall"]
         for method in ("exhaustive", "hei"):
             for key in ("r1", "r5", "r10"):
-                assert low[direction][method][key] == full[direction][method][key], (direction, method, key)
+                moved = abs(low[direction][method][key] - full[direction][method][key])
+                assert moved <= 100 / queries[direction] + 1e-9, (direction, method, key)
 
 
 def test_a_bad_dtype_is_a_clear_error(pipe):
