@@ -211,11 +211,11 @@ def train(
 @click.option(
     "--pooling",
     type=click.Choice(["mean", "max", "attn", "query"]),
-    default="mean",
+    default="query",
     show_default=True,
     help="How region / word embeddings become one vector before hashing (query: words by a learned query).",
 )
-@click.option("--epochs", type=int, default=160, show_default=True)
+@click.option("--epochs", type=int, default=80, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option(
     "--rank-weight",

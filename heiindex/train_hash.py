@@ -45,7 +45,7 @@ HASH_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class HashTrainConfig:
-    epochs: int = 160  # coco-sim: 80 left the best epoch at the last one (benchmarks/RESULTS.md)
+    epochs: int = 80  # coco-sim, query pooling: best dev epoch 64 (mean pooling needed 160; benchmarks/RESULTS.md)
     batch_size: int = 128
     lr: float = 3e-3
     rank_weight: float = 1.0  # weight of code_ranking_loss beside the HEI loss (0: the paper's loss alone)
@@ -115,7 +115,11 @@ def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
 
 
 def collect_batches(
-    model, store: SplitStore, config: HashTrainConfig, poolings: tuple[str, ...] = ("mean",), progress: bool = False
+    model,
+    store: SplitStore,
+    config: HashTrainConfig,
+    poolings: tuple[str, ...] = (HashConfig.pooling,),
+    progress: bool = False,
 ) -> list[dict]:
     """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher.
 

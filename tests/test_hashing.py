@@ -126,7 +126,7 @@ def test_hash_config_accepts_multiples_of_8_only():
     with pytest.raises(ValueError, match="pooling must be one of"):
         HashConfig(pooling="median")
     assert HashConfig(pooling="max").pooling == "max"
-    assert HashConfig(bits=16, embed_size=24).to_dict() == {"bits": 16, "embed_size": 24, "pooling": "mean"}
+    assert HashConfig(bits=16, embed_size=24).to_dict() == {"bits": 16, "embed_size": 24, "pooling": "query"}
 
 
 def test_max_and_attn_pooling_exact_on_a_tiny_example():
@@ -209,17 +209,18 @@ def test_scale_scores_sends_min_to_minus_one_and_positive_mean_to_one():
 
 def test_save_load_round_trip(tmp_path, pipe):
     torch.manual_seed(1)
-    mod = HashModule(HashConfig(bits=16, embed_size=4))
+    mod = HashModule(HashConfig(bits=16, embed_size=4))  # query pooling: a learned word query besides the layers
     save_hash(mod, tmp_path / "h", {"matcher_sha256": "abc"})
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "hash.safetensors"]
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())
     assert cfg == {
         "format_version": 1,
         "kind": "hei-hash",
-        "hash": {"bits": 16, "embed_size": 4, "pooling": "mean"},
+        "hash": {"bits": 16, "embed_size": 4, "pooling": "query"},
         "info": {"matcher_sha256": "abc"},
     }
     loaded = load_hash(tmp_path / "h")
+    assert torch.equal(loaded.module.word_query, mod.word_query)
     x = torch.randn(5, 4)
     np.testing.assert_array_equal(loaded.module.codes(x, "text"), mod.codes(x, "text"))
     np.testing.assert_array_equal(loaded.module.codes(x, "image"), mod.codes(x, "image"))
@@ -268,7 +269,7 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
     full = candidate_recall(h.module, enc, 1000)
     assert full["n"] == 24 and full["t2i"] == 1.0  # every image is a candidate
     img = h.module.codes(pool_regions(enc.regions), "image")
-    cap = h.module.codes(pool_words(enc.words.padded(), enc.lengths), "text")
+    cap = h.module.codes(h.module.pool_captions(enc.words.padded(), enc.lengths), "text")
     index = faiss.IndexBinaryFlat(pf.BITS)
     index.add(img)
     _, ids = index.search(cap, 3)
