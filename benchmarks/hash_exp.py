@@ -66,6 +66,9 @@ class Exp:
     wd: float = 0.0  # AdamW weight decay (0: Adam)
     seed: int = 0
     train_images: int = 0  # keep only the records' rows of the first n training images (0: all); data scaling
+    kd: float = 0.0  # weight of a listwise distillation term: KL(softmax(scores / kd_ts) || softmax(h / kd_th)), both directions
+    kd_ts: float = 0.025  # temperature on the matcher's scores (coco-sim batch scores: std ~0.06, range ~0.5)
+    kd_th: float = 0.1  # temperature on the code similarity (range 2: about 4x the scores' range)
     note: str = ""
 
 
@@ -111,6 +114,9 @@ CONFIGS: dict[str, Exp] = {
     "r4_n2000": Exp(rounds=4, train_images=2000),
     "r4_n2000_s1": Exp(rounds=4, train_images=2000, seed=1),
     "r4_n3000": Exp(rounds=4, train_images=3000),
+    "kd1_r4": Exp(rounds=4, kd=1.0),  # listwise distillation of each scored batch, beside HEI + ranking
+    "kd1_txtmq": Exp(txt="mq", Kt=1, rounds=4, kd=1.0),
+    "kd1_txtmq_ts05": Exp(txt="mq", Kt=1, rounds=4, kd=1.0, kd_ts=0.05, kd_th=0.2),
     "base64": Exp(bits=64),
     "base128": Exp(bits=128),
     "base1024": Exp(bits=1024),
@@ -215,6 +221,17 @@ def hei_loss(h: Tensor, target: Tensor, positive: Tensor, scored: Tensor) -> Ten
     matched = ((h[positive] - 1) ** 2).mean()
     viol = scored & ~positive & (h > target)
     return matched + (((h - target)[viol] ** 2).mean() if bool(viol.any()) else h.sum() * 0)
+
+
+def kd_loss(h: Tensor, scores: Tensor, ts: float, th: float) -> Tensor:
+    """Listwise distillation of one scored batch (images, captions): for each caption the matcher's
+    softmax over the batch's images is the target of the codes' softmax, and the same per image."""
+    kl = torch.nn.functional.kl_div
+    t2i = kl(
+        torch.log_softmax(h / th, 0).T, torch.log_softmax(scores / ts, 0).T, log_target=True, reduction="batchmean"
+    )
+    i2t = kl(torch.log_softmax(h / th, 1), torch.log_softmax(scores / ts, 1), log_target=True, reduction="batchmean")
+    return t2i + i2t
 
 
 def rank_loss(h: Tensor, h_pos_i: Tensor, h_pos_t: Tensor, positive: Tensor, margin: float, hardest: float):
@@ -357,6 +374,12 @@ def train(e: Exp, tr: dict, dev: dict, records: list[dict], log=print) -> tuple[
                     scored[o : o + m, o : o + m] = True
                     o += m
                 loss = loss + hei_loss(h, target, positive, scored)
+            if e.kd:
+                o = 0
+                for r in recs:
+                    m = len(r["caps"])
+                    loss = loss + e.kd * kd_loss(h[o : o + m, o : o + m], r["scores"], e.kd_ts, e.kd_th) / len(recs)
+                    o += m
             if e.rank_weight:
                 hp = h.diag()
                 if bank:
