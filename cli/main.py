@@ -379,16 +379,15 @@ def _open_index(
     uri=None,
 ):
     from heiindex import default_data as dd
-    from heiindex.index import Index, read_index_manifest
+    from heiindex.index import Index
     from heiindex.shards import ShardedIndex, sharded_manifest
 
     path = index_dir or dd.last_built_index()
-    manifest = read_index_manifest(path)  # read once, for both kinds
-    if sharded_manifest(path, manifest) is not None:
+    if sharded_manifest(path) is not None:
         if codes == "milvus":
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
-        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype, manifest=manifest)
-    return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri, manifest=manifest)
+        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
+    return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
 
 
 @cli.command()

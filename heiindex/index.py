@@ -325,17 +325,16 @@ class Index:
         dtype: str = "float32",
         codes: str | None = None,
         uri: str | None = None,
-        manifest: dict | None = None,
     ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
         given ones must be the same (checksums), else ``ModelMismatchError``. ``device`` and
         ``dtype`` are where and in what precision queries and the bench run (see ``to``).
         ``codes``: where Hamming candidates come from, "faiss" (the index's files) or "milvus"
         (the collections the build wrote, at ``uri`` or the URI it was built with); default: as
-        built. ``manifest``: the index's manifest if already read (``read_index_manifest``)."""
+        built."""
         path = Path(path)
         mpath = path / "manifest.json"
-        manifest = read_index_manifest(path) if manifest is None else manifest
+        manifest = read_index_manifest(path)
         if manifest.get("kind") == "sharded":
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         if manifest.get("format_version") != INDEX_FORMAT_VERSION:

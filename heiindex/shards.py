@@ -134,12 +134,11 @@ def build_shards(
     return ShardedIndex.open(out, matcher, hasher)
 
 
-def sharded_manifest(path: str | Path, manifest: dict | None = None) -> dict | None:
-    """The manifest of the sharded build at ``path`` (read once, for telling sharded from
-    unsharded and for opening); ``None`` where ``path`` holds an unsharded index. ``DataError``,
-    naming the manifest, where there is none, it is not a JSON object, or it is of another
-    format_version. ``manifest``: the one already read (``read_index_manifest``), to check."""
-    manifest = read_index_manifest(path) if manifest is None else manifest
+def sharded_manifest(path: str | Path) -> dict | None:
+    """The manifest of the sharded build at ``path``; ``None`` where ``path`` holds an unsharded
+    index. ``DataError``, naming the manifest, where there is none, it is not a JSON object, or it
+    is of another format_version."""
+    manifest = read_index_manifest(path)
     if manifest.get("kind") != "sharded":
         return None
     if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
@@ -150,9 +149,9 @@ def sharded_manifest(path: str | Path, manifest: dict | None = None) -> dict | N
     return manifest
 
 
-def read_manifest(path: str | Path, manifest: dict | None = None) -> dict:
+def read_manifest(path: str | Path) -> dict:
     """``sharded_manifest``, where ``path`` must hold a sharded build."""
-    manifest = sharded_manifest(path, manifest)
+    manifest = sharded_manifest(path)
     if manifest is None:
         raise DataError(
             Path(path) / "manifest.json",
@@ -188,12 +187,10 @@ class ShardedIndex:
         hasher: LoadedHash | str | Path | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        manifest: dict | None = None,
     ) -> ShardedIndex:
-        """Open every shard of the build at ``path``; ``manifest``: its manifest if already read
-        (``sharded_manifest``)."""
+        """Open every shard of the build at ``path``."""
         path = Path(path)
-        manifest = read_manifest(path, manifest)
+        manifest = read_manifest(path)
         matcher, hasher = load_models(manifest, matcher, hasher)
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)
