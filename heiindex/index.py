@@ -386,7 +386,8 @@ class Index:
             set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         if store != self.regions.dtype:  # stored items' codes (the bench's queries) from full-precision features
-            self.image_codes(), self.caption_codes()
+            self.image_codes()
+            self.caption_codes()
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
         self.regions = self.regions.to(dev, store)
@@ -589,7 +590,7 @@ def _read_images(path: Path, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np
     for table in tables:
         ids.append(table.column("image_id").to_numpy())
         for column, array in out.items():
-            flat, at = array.reshape(n, -1), pos
+            flat, at = array.reshape(n, int(np.prod(array.shape[1:]))), pos
             for chunk in table.column(column).chunks:
                 values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
                 if values.size != len(chunk) * flat.shape[1]:
