@@ -100,6 +100,8 @@ CONFIGS: dict[str, Exp] = {
     "txtmq_256": Exp(txt="mq", Kt=1, rounds=4),  # a learned attention query pools the words; images mean-pooled
     "txtmq_256_s1": Exp(txt="mq", Kt=1, rounds=4, seed=1),
     "mq1_txtmq_256": Exp(img="mq", K=1, txt="mq", Kt=1, rounds=4),  # both sides pooled by a learned query
+    "txtmq2_256": Exp(txt="mq", Kt=2, rounds=4),  # 2 codes per caption (query side only; the index keeps one per image)
+    "txtmq4_256": Exp(txt="mq", Kt=4, rounds=4),
     "base256_rd3": Exp(rdrop=0.3),
     "base256_rd3_wd2": Exp(rdrop=0.3, wdrop=0.2),
     "base256_rd5_wd3": Exp(rdrop=0.5, wdrop=0.3),
