@@ -576,8 +576,12 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
 
 def _row_groups(path: Path, columns: list[str]):
     """``(rows, tables)``: the file's row count and its row groups of ``columns``, read one at a
-    time (no pre-buffering: a row group read is released when the next is read)."""
+    time (no pre-buffering: a row group read is released when the next is read). A column the
+    file lacks is a ``DataError``."""
     pf = pq.ParquetFile(path, pre_buffer=False)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(pf.schema_arrow.names)})')
     return pf.metadata.num_rows, (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
 
 
@@ -588,14 +592,18 @@ def _read_images(path: Path, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np
     ids, out = [], {"features": np.empty((n, r, d), np.float32), "gram": np.empty((n, r, r), np.float32)}
     pos = 0
     for table in tables:
+        if table.column("image_id").null_count:
+            raise DataError(path, 'column "image_id" has empty (null) ids')
         ids.append(table.column("image_id").to_numpy())
         for column, array in out.items():
             flat, at = array.reshape(n, int(np.prod(array.shape[1:]))), pos
             for chunk in table.column(column).chunks:
+                t = chunk.type  # fixed-size lists of the width expected: rows can't hide a short one
                 values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
-                if values.size != len(chunk) * flat.shape[1]:
+                fixed = pa.types.is_fixed_size_list(t) and t.list_size == flat.shape[1]
+                if not fixed or values.size != len(chunk) * flat.shape[1]:  # the size: null rows
                     raise DataError(
-                        path, f'column "{column}" does not hold {flat.shape[1]} floats for each of its rows'
+                        path, f'column "{column}" does not hold {flat.shape[1]} floats for each of its rows ({t})'
                     )
                 flat[at : at + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
                 at += len(chunk)
