@@ -140,7 +140,7 @@ def test_write_shards_reads_the_captions_once_and_each_shard_its_own_rows(pipe, 
         assert not (tmp_path / "x").exists()
 
 
-def test_one_manifest_read_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
+def test_the_manifest_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
     assert sharded_manifest(pipe.index_dir) is None  # an unsharded index
     assert read_manifest(sharded.path) == sharded.manifest
     with pytest.raises(DataError, match=r"index-test/manifest.json: the index here is not a sharded build"):
@@ -204,6 +204,26 @@ def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
         assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
     with pytest.raises(HeiindexError, match="--topk must be at least 1"):
         run_sharded_bench(sharded, topk=0)
+
+
+def test_sharded_bench_hashes_each_stored_item_once(sharded, monkeypatch):
+    """The sharded bench's queries are the shards' stored items: each shard hashes its own once
+    (cached) and every shard searches with those codes, instead of hashing every query again."""
+    from heiindex.hashing import HashModule
+
+    calls = {"caption_codes": 0, "image_codes": 0}
+    for name in calls:
+        real = getattr(HashModule, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(HashModule, name, counted)
+    fresh = ShardedIndex.open(sharded.path)  # no codes cached yet
+    run_sharded_bench(fresh, topk=5)
+    run_sharded_bench(fresh, topk=6)
+    assert calls == {"caption_codes": SHARDS, "image_codes": SHARDS}
 
 
 def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
