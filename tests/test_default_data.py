@@ -42,3 +42,16 @@ def test_default_paths_point_into_the_repository():
     assert (data_dir() / "coco-captions" / "testall_caps.txt").exists()
     assert (default_model_dir() / "model.safetensors").exists()
     assert (default_hash_dir() / "hash.safetensors").exists()
+
+
+def test_committed_hash_module_is_what_train_hash_defaults_make():
+    """`heiindex train-hash --out DIR` reproduces data/models/hash-coco-sim: its recorded hash and
+    training settings are the library's (and so the CLI's, tests/test_cli.py) defaults."""
+    from heiindex.checkpoint import load_model
+    from heiindex.hashing import HashConfig
+    from heiindex.train_hash import HashTrainConfig
+
+    cfg = json.loads((default_hash_dir() / "config.json").read_text())
+    embed = load_model(default_model_dir()).model.config.embed_size
+    assert cfg["hash"] == HashConfig(embed_size=embed).to_dict()
+    assert cfg["info"]["train"] == HashTrainConfig().to_dict()
