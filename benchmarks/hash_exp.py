@@ -118,7 +118,6 @@ CONFIGS: dict[str, Exp] = {
     "r4_n3000": Exp(rounds=4, train_images=3000),
     "kd1_r4": Exp(rounds=4, kd=1.0),  # listwise distillation of each scored batch, beside HEI + ranking
     "kd1_txtmq": Exp(txt="mq", Kt=1, rounds=4, kd=1.0),
-    "kd1_txtmq_ts05": Exp(txt="mq", Kt=1, rounds=4, kd=1.0, kd_ts=0.05, kd_th=0.2),
     "base64": Exp(bits=64),
     "base128": Exp(bits=128),
     "base1024": Exp(bits=1024),
@@ -486,9 +485,9 @@ def check_faiss(dev: dict) -> None:
     from heiindex.train_hash import load_hash
 
     mod = load_hash(default_hash_dir()).module
-    with torch.no_grad():
-        ic = (mod.image_hash(dev["r_mean"]) > 0).float() * 2 - 1
-        tc = (mod.text_hash(dev["w_mean"]) > 0).float() * 2 - 1
+    with torch.no_grad():  # the module's own pooling (the default's words: a learned query)
+        ic = (mod.image_hash(mod.pool_images(dev["regions"])) > 0).float() * 2 - 1
+        tc = (mod.text_hash(mod.pool_captions(dev["words"], dev["lengths"])) > 0).float() * 2 - 1
     mine = recall_from_codes(ic[:, None], tc[:, None], dev["caption_image"])
     from types import SimpleNamespace
 
