@@ -385,11 +385,13 @@ class Index:
         if dev.type == "cuda":
             set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        if store != self.regions.dtype:  # stored items' codes (the bench's queries) from full-precision features
-            self.image_codes()
-            self.caption_codes()
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
+        if store != self.regions.dtype:
+            # the stored items' codes (the bench's queries): hashed on the device before a cast rounds the features
+            self.regions, self.words = self.regions.to(dev), self.words.to(dev)
+            self.image_codes()
+            self.caption_codes()
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
