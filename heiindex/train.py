@@ -79,6 +79,9 @@ class TrainResult:
 
 
 def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
+    """Shuffled batches of at most ``batch_size`` captions with their images, drawn from buffers of
+    ``buffer_groups`` row groups at a time: ``(image features (B, R, D), tokens (B, L), lengths
+    (B,), image ids (B,), caption rows (B,) into ``caps``)``; every caption once per pass."""
     groups = rng.permutation(store.n_row_groups)
     for g0 in range(0, len(groups), buffer_groups):
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
@@ -93,7 +96,7 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
             if len(ci) < 2:
                 continue
             rows = row_of[caps.image_ids[ci]]
-            yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci]
+            yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci], ci
 
 
 def train(
@@ -159,7 +162,7 @@ def train(
             total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False
         )
         t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for feats, tok, lens, img_ids in iter_training_batches(
+        for feats, tok, lens, img_ids, _ in iter_training_batches(
             tr, caps, config.batch_size, rng, config.buffer_row_groups
         ):
             lens_t = torch.from_numpy(lens)

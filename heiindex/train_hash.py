@@ -1,18 +1,21 @@
 """Training the HEI hash module next to a frozen matcher (``heiindex train-hash``).
 
-One pass over the training split (row-group buffers, bounded memory) records, for each batch,
-the pooled image and caption features and the frozen matcher's score matrix; the hash layers
-then train for many epochs on those records, which costs almost nothing beside the matcher's
-scoring. The loss is HEI's plus, by default, a hinge ranking term on the code similarities
-(``rank_weight``): on coco-sim dev, 128 bits, it raised candidate recall@100 from 79.7% to
-92.2% (t2i) and from 85.7% to 96.4% (i2t) (``benchmarks/hash_grid.py``, table in
-``benchmarks/RESULTS.md``). Validation: candidate recall@N on ``dev`` (the fraction of queries
-whose ground truth is among the N nearest codes), both directions; the best module is kept.
+``rounds`` passes over the training split (row-group buffers) record, for each batch, the frozen
+matcher's score matrix and which images and captions it holds; each image's and caption's
+features are kept once (pooled, or for the learned query pooling the caption's words, in a
+memory-mapped temporary file). The hash layers then train for many epochs on those records,
+which costs little beside the matcher's scoring. The loss is HEI's plus, by default, a hinge
+ranking term on the code similarities (``rank_weight``): on coco-sim dev, 128 bits, it raised
+candidate recall@100 from 79.7% to 92.2% (t2i) and from 85.7% to 96.4% (i2t)
+(``benchmarks/hash_grid.py``, table in ``benchmarks/RESULTS.md``). Validation: candidate
+recall@N on ``dev`` (the fraction of queries whose ground truth is among the N nearest codes),
+both directions; the best module is kept.
 What this module must not do: change the matcher.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,10 +29,12 @@ from .encode import encode_split
 from .errors import DataError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
+from .packed import PackedWords
 from .store import SplitStore, atomic_dir, read_json_object, write_json
 from .train import iter_training_batches
 
 __all__ = [
+    "HashRecords",
     "HashTrainConfig",
     "LoadedHash",
     "candidate_recall",
@@ -114,45 +119,105 @@ def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
     return {"t2i": t2i, "i2t": i2t, "n": n}
 
 
+@dataclass
+class HashRecords:
+    """Training batches scored by the frozen matcher, and the features the hash layers train on.
+
+    ``batches``: one dict per batch, ``{"ids": image ids (B,), "scores": (images B, captions B),
+    "images": rows of ``images`` (B,), "captions": caption rows (B,)}``. Features are kept once per
+    image and caption, not once per batch and round: ``images[pooling]`` (n_images, d) pooled
+    regions; ``captions[pooling]`` (n_captions, d) pooled words for the parameter-free poolings;
+    ``words``, for the learned ``query`` pooling, every caption's encoded words, packed, in a
+    memory-mapped temporary file (``TMPDIR``): real COCO's 566K training captions at d = 1024 are
+    about 30 GB of words, which the operating system pages in and out as training reads them.
+    """
+
+    batches: list[dict]
+    images: dict[str, torch.Tensor]
+    captions: dict[str, torch.Tensor]
+    words: PackedWords | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def features(self, batch: dict, module: HashModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled (image (B, d), caption (B, d)) inputs of ``batch`` for ``module``'s pooling; a
+        learned pooling runs here, so that its gradient reaches the module."""
+        pooling = module.config.pooling
+        img = self.images[pooling][batch["images"]]
+        if pooling != "query":
+            return img, self.captions[pooling][batch["captions"]]
+        rows = torch.from_numpy(batch["captions"])
+        lengths = self.words.lengths[rows]
+        return img, module.pool_captions(self.words.gather(rows, int(lengths.max())), lengths)
+
+
+def _word_file(lengths: np.ndarray, d: int) -> PackedWords:
+    """Zeroed packed words for captions of ``lengths`` over an unlinked temporary file, mapped."""
+    rows = np.memmap(
+        tempfile.TemporaryFile(prefix="heiindex-words-"), np.float32, "w+", shape=(int(lengths.sum()) + 1, d)
+    )
+    return PackedWords._wrap(torch.from_numpy(rows), torch.from_numpy(lengths.astype(np.int64)))
+
+
 def collect_batches(
     model,
     store: SplitStore,
     config: HashTrainConfig,
     poolings: tuple[str, ...] = (HashConfig.pooling,),
     progress: bool = False,
-) -> list[dict]:
-    """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher.
-
-    Each record: ``{"ids": (B,), "scores": (images B, captions B), pooling: (image (B, d), caption (B, d))}``;
-    for the learned ``query`` pooling the caption entry is ``(words (B, L, d), lengths (B,))``.
-    """
+) -> HashRecords:
+    """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher,
+    and keep each image's and caption's features the first time a batch holds it."""
     caps = store.captions()
-    records = []
+    image_ids = np.unique(caps.image_ids)
+    d = model.config.embed_size
+    images = {p: torch.zeros((len(image_ids), d)) for p in poolings}
+    captions = {p: torch.zeros((len(caps), d)) for p in poolings if p != "query"}
+    words = _word_file(caps.lengths, d) if "query" in poolings else None
+    image_seen, caption_seen = np.zeros(len(image_ids), bool), np.zeros(len(caps), bool)
+    batches = []
     total = config.rounds * -(-store.n_captions // config.batch_size)
     bar = tqdm(total=total, desc="score training batches", disable=None if progress else True, leave=False)
     with torch.no_grad():
         for r in range(config.rounds):
             rng = np.random.default_rng([config.seed, 1000 + r])
-            for feats, tok, lens, img_ids in iter_training_batches(
+            for feats, tok, lens, img_ids, cap_rows in iter_training_batches(
                 store, caps, config.batch_size, rng, config.buffer_row_groups
             ):
                 lens_t = torch.from_numpy(lens)
                 regions = model.encode_images(torch.from_numpy(feats))
-                words = model.encode_captions(torch.from_numpy(tok), lens_t)
-                rec = {"ids": torch.from_numpy(img_ids), "scores": model.score(words, lens_t, regions).T.contiguous()}
-                for p in poolings:  # a learned (query) pooling pools the words while training: kept whole
-                    rec[p] = (
-                        pool_regions(regions, p),
-                        (words, lens_t) if p == "query" else pool_words(words, lens_t, p),
+                encoded = model.encode_captions(torch.from_numpy(tok), lens_t)
+                img_rows = np.searchsorted(image_ids, img_ids)
+                batches.append(
+                    {
+                        "ids": torch.from_numpy(img_ids),
+                        "scores": model.score(encoded, lens_t, regions).T.contiguous(),
+                        "images": img_rows,
+                        "captions": cap_rows,
+                    }
+                )
+                new_img = np.flatnonzero(~image_seen[img_rows])  # an image repeats within a batch: same rows
+                new_cap = np.flatnonzero(~caption_seen[cap_rows])
+                for p in poolings:
+                    images[p][img_rows[new_img]] = pool_regions(regions[new_img], p)
+                    if p != "query":
+                        captions[p][cap_rows[new_cap]] = pool_words(encoded[new_cap], lens_t[new_cap], p)
+                if words is not None and len(new_cap):
+                    sel = PackedWords.from_padded(encoded[new_cap], lens_t[new_cap])
+                    starts = words.offsets[torch.from_numpy(cap_rows[new_cap])]
+                    dest = torch.repeat_interleave(starts - (sel.offsets[:-1]), sel.lengths) + torch.arange(
+                        len(sel.flat)
                     )
-                records.append(rec)
+                    words._flat[dest] = sel.flat
+                image_seen[img_rows], caption_seen[cap_rows] = True, True
                 bar.update(1)
     bar.close()
-    return records
+    return HashRecords(batches, images, captions, words)
 
 
 def fit_hash(
-    records: list[dict], val_enc, hash_config: HashConfig, config: HashTrainConfig, progress: bool = False, log=print
+    records: HashRecords, val_enc, hash_config: HashConfig, config: HashTrainConfig, progress: bool = False, log=print
 ) -> tuple[HashModule, dict]:
     """Train hash layers on collected batches; return the best module on ``val_enc`` and its record."""
     torch.manual_seed(config.seed)
@@ -164,10 +229,9 @@ def fit_hash(
         module.train()
         total_loss = 0.0
         for i in gen.permutation(len(records)):
-            img_pool, cap_pool = records[i][hash_config.pooling]
-            if hash_config.pooling == "query":
-                cap_pool = module.pool_captions(*cap_pool)
-            ids, scores = records[i]["ids"], records[i]["scores"]
+            batch = records.batches[i]
+            img_pool, cap_pool = records.features(batch, module)
+            ids, scores = batch["ids"], batch["scores"]
             positive = ids[:, None] == ids[None, :]  # (images, captions) of this batch
             target = scale_scores(scores, positive)
             img_codes, txt_codes = module.relaxed(img_pool, "image"), module.relaxed(cap_pool, "text")

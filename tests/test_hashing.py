@@ -297,6 +297,37 @@ def test_train_hash_with_query_pooling_learns_the_query_and_records_its_recall(p
     assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
 
 
+def test_training_records_keep_each_image_and_caption_once_as_encoded(pipe):
+    """collect_batches keeps pooled features per image and caption (mean) and every caption's
+    words once (query), equal to encoding them directly; batches point at them by row."""
+    from heiindex.train_hash import collect_batches
+
+    matcher = load_model(pipe.model_dir)
+    model = matcher.model.eval()
+    store = SplitStore.open(pipe.root, "train")
+    caps = store.captions()
+    cfg = HashTrainConfig(batch_size=32, rounds=2)
+    recs = collect_batches(model, store, cfg, ("mean", "query"))
+    assert len(recs) == 2 * -(-len(caps) // 32) and set(recs.captions) == {"mean"}
+    image_ids = np.unique(caps.image_ids)
+    for batch in recs.batches:  # rows and ids agree; every caption once per round
+        np.testing.assert_array_equal(image_ids[batch["images"]], batch["ids"].numpy())
+        np.testing.assert_array_equal(caps.image_ids[batch["captions"]], batch["ids"].numpy())
+    rows = np.concatenate([b["captions"] for b in recs.batches])
+    assert sorted(rows.tolist()) == sorted(2 * list(range(len(caps))))
+    with torch.no_grad():
+        lens = torch.from_numpy(caps.lengths)
+        words = model.encode_captions(torch.from_numpy(caps.tokens), lens)
+        regions = torch.cat([model.encode_images(torch.from_numpy(f)) for _, f in store.iter_image_blocks()])
+    block_ids = np.concatenate([i for i, _ in store.iter_image_blocks()])
+    order = np.searchsorted(image_ids, block_ids)
+    torch.testing.assert_close(recs.images["mean"][order], pool_regions(regions, "mean"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recs.images["query"], recs.images["mean"])  # query pooling: regions by the mean
+    torch.testing.assert_close(recs.captions["mean"], pool_words(words, lens, "mean"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recs.words.padded(), words[:, : int(lens.max())], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recs.words.lengths, lens)
+
+
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
     with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
         train_hash(
