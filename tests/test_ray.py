@@ -116,3 +116,16 @@ def test_bench_on_ray_equals_in_process(served, sharded):
             a = {k: v for k, v in got[direction][method].items() if k != "seconds"}
             b = {k: v for k, v in want[direction][method].items() if k != "seconds"}
             assert a == b, (direction, method)
+
+
+def test_bench_actors_send_their_cached_codes(served, sharded):
+    """For the bench each actor sends its shard's features with the codes its shard hashed once
+    (the driver hands all of them to every actor), equal to the in-process shards' codes."""
+    import numpy as np
+
+    for actor, shard in zip(served.actors, sharded.shards, strict=True):
+        words, lengths, caption_codes = ray.get(actor.caption_features.remote())
+        regions, gram, image_codes = ray.get(actor.features.remote())
+        np.testing.assert_array_equal(caption_codes, shard.caption_codes())
+        np.testing.assert_array_equal(image_codes, shard.image_codes())
+        assert len(words) == int(lengths.sum()) and len(regions) == len(gram) == len(image_codes)
