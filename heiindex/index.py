@@ -387,11 +387,8 @@ class Index:
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
-        if store != self.regions.dtype:
-            # the stored items' codes (the bench's queries): hashed on the device before a cast rounds the features
-            self.regions, self.words = self.regions.to(dev), self.words.to(dev)
-            self.image_codes()
-            self.caption_codes()
+        if store != self.regions.dtype:  # the stored items' codes (the bench's queries), before a cast rounds them
+            self._hash_stored(dev)
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
@@ -529,6 +526,23 @@ class Index:
         if self._caption_codes is None:
             self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
         return self._caption_codes
+
+    @torch.no_grad()
+    def _hash_stored(self, dev: torch.device, block: int = 4096) -> None:
+        """Cache the stored items' codes not cached yet, hashed on ``dev`` (where the hash module
+        is) ``block`` items at a time from the features as they are: the device never holds more
+        than a block of them in full precision."""
+        module, empty = self.hasher.module, np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
+        if self._image_codes is None:
+            n = len(self.regions)
+            parts = [module.image_codes(self.regions[s : s + block].to(dev).float()) for s in range(0, n, block)]
+            self._image_codes = np.concatenate(parts) if parts else empty
+        if self._caption_codes is None:
+            parts = []
+            for s in range(0, len(self.words), block):
+                part = self.words.select(torch.arange(s, min(s + block, len(self.words)))).to(dev)
+                parts.append(module.caption_codes(part, part.lengths))
+            self._caption_codes = np.concatenate(parts) if parts else empty
 
 
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)

@@ -536,6 +536,18 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
                 assert moved <= 100 / queries[direction] + 1e-9, (direction, method, key)
 
 
+def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe):
+    """Index.to's pre-cast hashing goes a block of items at a time (so a GPU never holds all the
+    features in full precision): blocks of 5 give the codes the build stored; cached ones stay."""
+    opened = Index.open(pipe.index_dir)
+    opened._hash_stored(torch.device("cpu"), block=5)
+    np.testing.assert_array_equal(opened.image_codes(), stored_codes(opened.image_index))
+    np.testing.assert_array_equal(opened.caption_codes(), stored_codes(opened.caption_index))
+    cached = opened.image_codes()
+    opened._hash_stored(torch.device("cpu"), block=3)
+    assert opened.image_codes() is cached
+
+
 def test_a_bad_dtype_is_a_clear_error(pipe):
     with pytest.raises(HeiindexError, match="dtype must be one of"):
         Index.open(pipe.index_dir, dtype="float16")
@@ -573,6 +585,9 @@ def test_cuda_index_answers_as_on_cpu(pipe, index):
 def test_cuda_bfloat16_scores_within_1e_2(pipe, index):
     half = Index.open(pipe.index_dir, device="cuda", dtype="bfloat16")
     assert half.regions.dtype == torch.bfloat16 and half.regions.is_cuda
+    full = Index.open(pipe.index_dir, device="cuda")  # the stored items hashed before the cast, on the GPU
+    np.testing.assert_array_equal(half.image_codes(), full.image_codes())
+    np.testing.assert_array_equal(half.caption_codes(), full.caption_codes())
     for text in ("a dog on the grass", "a red bus"):
         _assert_same_hits(index.search(text, k=10, candidates=24), half.search(text, k=10, candidates=24), 1e-2)
 
