@@ -3,8 +3,8 @@
 Encodes train/dev/test with the frozen matcher once (regions (n, 36, d), words (n, L, d)) and
 scores ``--rounds`` passes of shuffled 128-caption training batches (caption indices into the
 encoded train split, their images, the (images, captions) matcher score matrix), as
-``collect_batches`` does but keeping indices so any pooling / region-level model can train on
-the same records. Written to ``--out`` (default ``$HASH_EXP_CACHE``, else /tmp/hash-exp-cache),
+``collect_batches`` does, but with uniformly shuffled batches and the whole encoded regions and
+words kept, so that any pooling / region-level model can train on the same records. Written to ``--out`` (default ``$HASH_EXP_CACHE``, else /tmp/hash-exp-cache),
 where ``benchmarks/hash_exp*.py`` read it.
 
     python benchmarks/hash_exp_cache.py --rounds 4

@@ -81,7 +81,9 @@ class TrainResult:
 def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
     """Shuffled batches of at most ``batch_size`` captions with their images, drawn from buffers of
     ``buffer_groups`` row groups at a time: ``(image features (B, R, D), tokens (B, L), lengths
-    (B,), image ids (B,), caption rows (B,) into ``caps``)``; every caption once per pass."""
+    (B,), image ids (B,), caption rows (B,) into ``caps``)``; every caption at most once per pass
+    (a buffer whose captions leave one over after its full batches drops that one: a batch needs
+    two)."""
     groups = rng.permutation(store.n_row_groups)
     for g0 in range(0, len(groups), buffer_groups):
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]

@@ -326,6 +326,41 @@ def test_training_records_keep_each_image_and_caption_once_as_encoded(pipe):
     torch.testing.assert_close(recs.captions["mean"], pool_words(words, lens, "mean"), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recs.words.padded(), words[:, : int(lens.max())], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recs.words.lengths, lens)
+    # what fit_hash trains on: a batch's features, pooled as the module pools its own items
+    row_of_id = {int(i): k for k, i in enumerate(block_ids)}
+    for pooling in ("mean", "query"):
+        module = HashModule(HashConfig(bits=16, embed_size=pf.EMBED_SIZE, pooling=pooling))
+        for batch in recs.batches[:3]:
+            img, cap = recs.features(batch, module)
+            own = regions[[row_of_id[int(i)] for i in batch["ids"]]]
+            torch.testing.assert_close(img, pool_regions(own, "mean"), rtol=1e-5, atol=1e-6)
+            rows = torch.from_numpy(batch["captions"])
+            want = module.pool_captions(words[rows], lens[rows])
+            torch.testing.assert_close(cap, want, rtol=1e-5, atol=1e-6)
+
+
+def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkeypatch):
+    import errno
+    import os
+
+    from heiindex.errors import HeiindexError
+    from heiindex.train_hash import _word_file
+
+    words = _word_file(np.array([2, 3]), 4)
+    assert words.flat.shape == (5, 4) and float(words._flat.abs().sum()) == 0  # zeroed, zero row included
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(HeiindexError, match=r"cannot reserve 0.0 GB .*No space left on device.*set TMPDIR"):
+        _word_file(np.array([2, 3]), 4)
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)  # a file system that cannot reserve: mapped anyway
+    assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
 
 
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
