@@ -175,10 +175,16 @@ def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(
 
     ids, feats, gram = _read_images(write("empty.parquet", [], [], []), 1, 2)
     assert ids.shape == (0,) and feats.shape == (0, 1, 2) and gram.shape == (0, 1, 1)
-    ids, feats, gram = _read_images(write("ok.parquet", [7, 9], [[1, 2], [3, 4]], [[5], [6]]), 1, 2)
-    np.testing.assert_array_equal(ids, [7, 9])
-    np.testing.assert_array_equal(feats.reshape(2, 2), [[1, 2], [3, 4]])
-    np.testing.assert_array_equal(gram.reshape(2), [5, 6])
+    ok = write("ok.parquet", [7, 9, 4], [[1, 2], [3, 4], [5, 6]], [[5], [6], [7]])
+    pq.write_table(pq.read_table(ok), ok, row_group_size=1)  # three row groups
+    assert pq.ParquetFile(ok).num_row_groups == 3
+    ids, feats, gram = _read_images(ok, 1, 2)
+    np.testing.assert_array_equal(ids, [7, 9, 4])
+    np.testing.assert_array_equal(feats.reshape(3, 2), [[1, 2], [3, 4], [5, 6]])
+    np.testing.assert_array_equal(gram.reshape(3), [5, 6, 7])
+    null_row = write("nullrow.parquet", [7, 9], [[1, 2], None], [[5], [6]])  # flatten() would skip it
+    with pytest.raises(DataError, match='nullrow.parquet: column "features" does not hold 2 floats'):
+        _read_images(null_row, 1, 2)
     ragged = write("ragged.parquet", [7, 9], [[1, 2, 3], [4]], [[5], [6]], pa.list_(pa.float32()))  # 3 + 1 = 2 x 2
     with pytest.raises(DataError, match='ragged.parquet: column "features" does not hold 2 floats for each'):
         _read_images(ragged, 1, 2)

@@ -129,3 +129,39 @@ def test_bench_actors_send_their_cached_codes(served, sharded):
         np.testing.assert_array_equal(caption_codes, shard.caption_codes())
         np.testing.assert_array_equal(image_codes, shard.image_codes())
         assert len(words) == int(lengths.sum()) and len(regions) == len(gram) == len(image_codes)
+
+
+def test_bench_driver_hands_every_actor_all_shards_codes(local_ray, sharded):
+    """RayShardedIndex.bench_captions / bench_images give each actor the codes the shards sent
+    (concatenated in shard order), so no actor hashes the queries again: checked with stand-in
+    actors that record what reaches them."""
+    import numpy as np
+
+    got = []
+
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            return ray.put(self.fn(*args))
+
+    class StandIn:
+        def __init__(self, shard):
+            self.caption_features = Method(
+                lambda: (shard.words.flat.numpy(), shard.lengths.numpy(), shard.caption_codes())
+            )
+            self.features = Method(lambda: (shard.regions.numpy(), shard.gram.numpy(), shard.image_codes()))
+            self.candidates_for_captions = Method(lambda w, n_, codes, n: got.append(("t2i", ray.get(codes))))
+            self.candidates_for_images = Method(lambda r, g, codes, n: got.append(("i2t", ray.get(codes))))
+
+    driver = RayShardedIndex.__new__(RayShardedIndex)
+    driver.path, driver.manifest = sharded.path, sharded.manifest
+    driver.actors = [StandIn(s) for s in sharded.shards]
+    driver.bench_captions(5)
+    driver.bench_images(5)
+    captions = np.concatenate([s.caption_codes() for s in sharded.shards])
+    images = np.concatenate([s.image_codes() for s in sharded.shards])
+    assert [d for d, _ in got] == ["t2i"] * 3 + ["i2t"] * 3
+    for direction, codes in got:
+        np.testing.assert_array_equal(codes, captions if direction == "t2i" else images)

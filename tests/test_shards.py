@@ -211,19 +211,19 @@ def test_sharded_bench_hashes_each_stored_item_once(sharded, monkeypatch):
     (cached) and every shard searches with those codes, instead of hashing every query again."""
     from heiindex.hashing import HashModule
 
-    calls = {"caption_codes": 0, "image_codes": 0}
+    calls = {"caption_codes": [], "image_codes": []}  # items hashed per call
     for name in calls:
         real = getattr(HashModule, name)
 
-        def counted(self, *args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(self, *args, **kwargs)
+        def counted(self, items, *args, _real=real, _name=name, **kwargs):
+            calls[_name].append(len(items))
+            return _real(self, items, *args, **kwargs)
 
         monkeypatch.setattr(HashModule, name, counted)
     fresh = ShardedIndex.open(sharded.path)  # no codes cached yet
     run_sharded_bench(fresh, topk=5)
     run_sharded_bench(fresh, topk=6)
-    assert calls == {"caption_codes": SHARDS, "image_codes": SHARDS}
+    assert calls == {"caption_codes": [40] * SHARDS, "image_codes": [8] * SHARDS}  # each shard its own items
 
 
 def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
