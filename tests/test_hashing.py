@@ -297,6 +297,25 @@ def test_train_hash_with_query_pooling_learns_the_query_and_records_its_recall(p
     assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
 
 
+def test_train_hash_with_mean_pooling_keeps_no_query_and_records_its_recall(pipe, tmp_path):
+    """The parameter-free poolings (mean: the pre-default) still train end to end: pooled
+    caption vectors from the records, no learned query saved, the recorded recall reproduced."""
+    matcher = load_model(pipe.model_dir)
+    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling="mean")
+    res = train_hash(
+        matcher,
+        pipe.root,
+        tmp_path / "hm",
+        cfg,
+        HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5),
+        log=pf.quiet,
+    )
+    h = load_hash(tmp_path / "hm", matcher)
+    assert h.module.config == cfg and not hasattr(h.module, "word_query")
+    dev = encode_split(matcher.model, SplitStore.open(pipe.root, "dev"))
+    assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
+
+
 def test_training_records_keep_each_image_and_caption_once_as_encoded(pipe):
     """collect_batches keeps pooled features per image and caption (mean) and every caption's
     words once (query), equal to encoding them directly; batches point at them by row."""
