@@ -81,9 +81,9 @@ class TrainResult:
 def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.random.Generator, buffer_groups: int):
     """Shuffled batches of at most ``batch_size`` captions with their images, drawn from buffers of
     ``buffer_groups`` row groups at a time: ``(image features (B, R, D), tokens (B, L), lengths
-    (B,), image ids (B,), caption rows (B,) into ``caps``)``; every caption at most once per pass
-    (a buffer whose captions leave one over after its full batches drops that one: a batch needs
-    two)."""
+    (B,), image ids (B,), caption rows (B,) into ``caps``)``; every caption once per pass (a
+    caption left over alone after a buffer's full batches joins the last of them, since a batch
+    needs two; a buffer of one caption is skipped)."""
     groups = rng.permutation(store.n_row_groups)
     for g0 in range(0, len(groups), buffer_groups):
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
@@ -93,8 +93,11 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
         row_of[ids] = np.arange(len(ids))
         in_buf = np.flatnonzero(np.isin(caps.image_ids, ids))
         rng.shuffle(in_buf)
-        for s in range(0, len(in_buf) - 1, batch_size):
-            ci = in_buf[s : s + batch_size]
+        starts = list(range(0, len(in_buf), batch_size))
+        if len(starts) > 1 and len(in_buf) % batch_size == 1:
+            starts.pop()  # the lone last caption joins the batch before it
+        for s, e in zip(starts, [*starts[1:], len(in_buf)], strict=True):
+            ci = in_buf[s:e]
             if len(ci) < 2:
                 continue
             rows = row_of[caps.image_ids[ci]]
