@@ -277,41 +277,28 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
     assert candidate_recall(h.module, enc, 3)["t2i"] == want
 
 
-def test_train_hash_with_query_pooling_learns_the_query_and_records_its_recall(pipe, tmp_path):
+@pytest.mark.parametrize("pooling", ["query", "mean"])
+def test_train_hash_trains_each_pooling_and_records_its_recall(pipe, tmp_path, pooling):
+    """The learned query (the default) is trained and saved with the layers; a parameter-free
+    pooling (mean) trains from pooled records and saves no query; either reproduces its recall."""
     matcher = load_model(pipe.model_dir)
-    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling="query")
+    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling=pooling)
     res = train_hash(
         matcher,
         pipe.root,
-        tmp_path / "hq",
+        tmp_path / "h",
         cfg,
         HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5),
         log=pf.quiet,
     )
-    h = load_hash(tmp_path / "hq", matcher)
-    assert h.module.config == cfg and h.module.word_query.shape == (pf.EMBED_SIZE,)
-    torch.manual_seed(0)  # the query's initial value, as train_hash draws it (seed 0)
-    untrained = HashModule(cfg).word_query
-    assert not torch.equal(h.module.word_query, untrained)  # trained, and saved with the layers
-    dev = encode_split(matcher.model, SplitStore.open(pipe.root, "dev"))
-    assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
-
-
-def test_train_hash_with_mean_pooling_keeps_no_query_and_records_its_recall(pipe, tmp_path):
-    """The parameter-free poolings (mean: the pre-default) still train end to end: pooled
-    caption vectors from the records, no learned query saved, the recorded recall reproduced."""
-    matcher = load_model(pipe.model_dir)
-    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling="mean")
-    res = train_hash(
-        matcher,
-        pipe.root,
-        tmp_path / "hm",
-        cfg,
-        HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5),
-        log=pf.quiet,
-    )
-    h = load_hash(tmp_path / "hm", matcher)
-    assert h.module.config == cfg and not hasattr(h.module, "word_query")
+    h = load_hash(tmp_path / "h", matcher)
+    assert h.module.config == cfg
+    if pooling == "query":
+        assert h.module.word_query.shape == (pf.EMBED_SIZE,)
+        torch.manual_seed(0)  # the query's initial value, as train_hash draws it (seed 0)
+        assert not torch.equal(h.module.word_query, HashModule(cfg).word_query)  # trained, and saved
+    else:
+        assert not hasattr(h.module, "word_query")
     dev = encode_split(matcher.model, SplitStore.open(pipe.root, "dev"))
     assert candidate_recall(h.module, dev, 5) == h.info["dev_candidate_recall"] == res["dev_candidate_recall"]
 
