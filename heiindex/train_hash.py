@@ -147,6 +147,8 @@ class HashRecords:
         """Pooled (image (B, d), caption (B, d)) inputs of ``batch`` for ``module``'s pooling; a
         learned pooling runs here, so that its gradient reaches the module."""
         pooling = module.config.pooling
+        if pooling not in self.images:
+            raise ValueError(f"these records were collected for poolings {sorted(self.images)}, not {pooling!r}")
         img = self.images[pooling][batch["images"]]
         if pooling != "query":
             return img, self.captions[pooling][batch["captions"]]
@@ -217,13 +219,11 @@ def collect_batches(
                     images[p][img_rows[new_img]] = pool_regions(regions[new_img], p)
                     if p != "query":
                         captions[p][cap_rows[new_cap]] = pool_words(encoded[new_cap], lens_t[new_cap], p)
-                if words is not None and len(new_cap):
+                if words is not None and len(new_cap):  # caption c's words: rows offsets[c] onwards
                     sel = PackedWords.from_padded(encoded[new_cap], lens_t[new_cap])
                     starts = words.offsets[torch.from_numpy(cap_rows[new_cap])]
-                    dest = torch.repeat_interleave(starts - (sel.offsets[:-1]), sel.lengths) + torch.arange(
-                        len(sel.flat)
-                    )
-                    words._flat[dest] = sel.flat
+                    within = torch.arange(len(sel.flat)) - torch.repeat_interleave(sel.offsets[:-1], sel.lengths)
+                    words.flat[torch.repeat_interleave(starts, sel.lengths) + within] = sel.flat  # (a view)
                 image_seen[img_rows], caption_seen[cap_rows] = True, True
                 bar.update(1)
     bar.close()

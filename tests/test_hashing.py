@@ -332,6 +332,8 @@ def test_training_records_keep_each_image_and_caption_once_as_encoded(pipe):
     torch.testing.assert_close(recs.captions["mean"], pool_words(words, lens, "mean"), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recs.words.padded(), words[:, : int(lens.max())], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recs.words.lengths, lens)
+    with pytest.raises(ValueError, match=r"collected for poolings \['mean', 'query'\], not 'max'"):
+        recs.features(recs.batches[0], HashModule(HashConfig(bits=16, embed_size=pf.EMBED_SIZE, pooling="max")))
     # what fit_hash trains on: a batch's features, pooled as the module pools its own items
     row_of_id = {int(i): k for k, i in enumerate(block_ids)}
     for pooling in ("mean", "query"):
