@@ -388,7 +388,8 @@ class Index:
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
         if store != self.regions.dtype:  # the stored items' codes (the bench's queries), before a cast rounds them
-            self._hash_stored(dev)
+            self.image_codes()
+            self.caption_codes()
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
@@ -516,35 +517,37 @@ class Index:
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:
-        """Codes of every stored image (computed once per opened index, before any cast to bfloat16)."""
+        """Codes of every stored image, hashed once per opened index (``to`` hashes them before
+        a cast to bfloat16 can round the features)."""
         if self._image_codes is None:
-            self._image_codes = self.hasher.module.image_codes(self.regions.float())
+            module = self.hasher.module
+            self._image_codes = self._hash_in_blocks(
+                len(self.regions), lambda s, e, dev: module.image_codes(self.regions[s:e].to(dev).float())
+            )
         return self._image_codes
 
     def caption_codes(self) -> np.ndarray:
-        """Codes of every stored caption (computed once per opened index, before any cast to bfloat16)."""
+        """Codes of every stored caption, hashed once per opened index (as ``image_codes``)."""
         if self._caption_codes is None:
-            self._caption_codes = self.hasher.module.caption_codes(self.words, self.lengths)
+            module = self.hasher.module
+
+            def block(s: int, e: int, dev: torch.device) -> np.ndarray:
+                part = self.words.select(torch.arange(s, e, device=self.words.device)).to(dev)
+                return module.caption_codes(part, part.lengths)
+
+            self._caption_codes = self._hash_in_blocks(len(self.words), block)
         return self._caption_codes
 
     @torch.no_grad()
-    def _hash_stored(self, dev: torch.device, block: int = 4096) -> None:
-        """Cache the stored items' codes not cached yet, hashed on ``dev`` (where the hash module
-        is) ``block`` items at a time from the features as they are: the device never holds more
-        than a block of them in full precision."""
-        module, empty = self.hasher.module, np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
-        if self._image_codes is None:
-            n = len(self.regions)
-            parts = [module.image_codes(self.regions[s : s + block].to(dev).float()) for s in range(0, n, block)]
-            self._image_codes = np.concatenate(parts) if parts else empty
-        if self._caption_codes is None:
-            parts = []
-            for s in range(0, len(self.words), block):
-                part = self.words.select(torch.arange(s, min(s + block, len(self.words)))).to(dev)
-                parts.append(module.caption_codes(part, part.lengths))
-            self._caption_codes = np.concatenate(parts) if parts else empty
+    def _hash_in_blocks(self, n: int, codes_of) -> np.ndarray:
+        """``codes_of(start, stop, device)`` for ``_HASH_BLOCK`` items at a time, on the hash
+        module's device: wherever the features are, it holds at most a block of them in float32."""
+        dev, block = next(self.hasher.module.parameters()).device, _HASH_BLOCK
+        parts = [codes_of(s, min(s + block, n), dev) for s in range(0, n, block)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
 
 
+_HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(
     [

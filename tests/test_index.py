@@ -542,15 +542,21 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
                 assert moved <= 100 / queries[direction] + 1e-9, (direction, method, key)
 
 
-def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe):
-    """Index.to's pre-cast hashing goes a block of items at a time (so a GPU never holds all the
+def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, monkeypatch):
+    """The stored items are hashed a block of items at a time (so a GPU never holds all the
     features in full precision): blocks of 5 give the codes the build stored; cached ones stay."""
+    import heiindex.index as index_module
+
+    monkeypatch.setattr(index_module, "_HASH_BLOCK", 5)
     opened = Index.open(pipe.index_dir)
-    opened._hash_stored(torch.device("cpu"), block=5)
+    module, sizes = opened.hasher.module, []
+    real = module.image_codes
+    monkeypatch.setattr(module, "image_codes", lambda regions: sizes.append(len(regions)) or real(regions))
     np.testing.assert_array_equal(opened.image_codes(), stored_codes(opened.image_index))
+    assert sizes == [5, 5, 5, 5, 4]  # 24 images
     np.testing.assert_array_equal(opened.caption_codes(), stored_codes(opened.caption_index))
     cached = opened.image_codes()
-    opened._hash_stored(torch.device("cpu"), block=3)
+    monkeypatch.setattr(index_module, "_HASH_BLOCK", 3)
     assert opened.image_codes() is cached
 
 
