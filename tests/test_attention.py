@@ -458,7 +458,6 @@ def test_packed_words_round_trip_and_errors():
     want = score_pairs(cfg, packed, lengths.clone(), regions, caps, imgs)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "equal", lambda *_: pytest.fail("own lengths were compared"))
-        assert torch.equal.__name__ == "<lambda>"
         got = score_pairs(cfg, packed, packed.lengths, regions, caps, imgs)
     assert torch.equal(got, want)
 

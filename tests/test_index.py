@@ -549,12 +549,13 @@ def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, monkeypatc
 
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 5)
     opened = Index.open(pipe.index_dir)
-    module, sizes = opened.hasher.module, []
-    real = module.image_codes
-    monkeypatch.setattr(module, "image_codes", lambda regions: sizes.append(len(regions)) or real(regions))
+    module, sizes = opened.hasher.module, {"image": [], "text": []}
+    real_image, real_text = module.image_codes, module.caption_codes
+    monkeypatch.setattr(module, "image_codes", lambda r: sizes["image"].append(len(r)) or real_image(r))
+    monkeypatch.setattr(module, "caption_codes", lambda w, n: sizes["text"].append(len(w)) or real_text(w, n))
     np.testing.assert_array_equal(opened.image_codes(), stored_codes(opened.image_index))
-    assert sizes == [5, 5, 5, 5, 4]  # 24 images
     np.testing.assert_array_equal(opened.caption_codes(), stored_codes(opened.caption_index))
+    assert sizes == {"image": [5, 5, 5, 5, 4], "text": [5] * 24}  # 24 images, 120 captions
     cached = opened.image_codes()
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 3)
     assert opened.image_codes() is cached

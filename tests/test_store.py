@@ -82,16 +82,14 @@ def test_image_writer_round_trip_through_split_store(tmp_path):
 
 
 def _blocks_from(store, block, start, stop=None, monkeypatch=None):
-    """(ids per block, features stacked, the row groups the reader was asked for); the rows of
-    the batches decoded are appended to ``asked`` as a last item ``("rows", n)``."""
+    """(ids per block, features stacked, the row groups the reader was asked for, the rows of
+    the batches it decoded)."""
     pf = store._images_file()
-    asked = []
+    asked, decoded = [], [0]
     read = pf.iter_batches
 
     def spy(*args, row_groups=None, **kw):
         asked.append(list(row_groups))
-        decoded = [0]
-        asked.append(("rows", decoded))
         for batch in read(*args, row_groups=row_groups, **kw):
             decoded[0] += batch.num_rows
             yield batch
@@ -99,39 +97,37 @@ def _blocks_from(store, block, start, stop=None, monkeypatch=None):
     monkeypatch.setattr(pf, "iter_batches", spy)
     blocks = list(store.iter_image_blocks(block, start=start, stop=stop))
     feats = np.concatenate([f for _, f in blocks]) if blocks else np.zeros((0, R, D), np.float32)
-    asked = [a if isinstance(a, list) else ("rows", a[1][0]) for a in asked]
-    return [ids.tolist() for ids, _ in blocks], feats, asked
+    return [ids.tolist() for ids, _ in blocks], feats, asked, decoded[0]
 
 
 def test_image_blocks_from_a_row_with_row_groups_smaller_than_a_block(tmp_path, monkeypatch):
     _write_split(tmp_path / "test", blocks=((0, 2), (2, 4), (4, 6), (6, 8), (8, 10)))
     store = SplitStore.open(tmp_path, "test")
-    ids, feats, asked = _blocks_from(store, 3, 5, monkeypatch=monkeypatch)
+    ids, feats, asked, rows = _blocks_from(store, 3, 5, monkeypatch=monkeypatch)
     assert ids == [[5, 6, 7], [8, 9]]
-    assert asked == [[2, 3, 4], ("rows", 6)]  # the two row groups before row 5 are not read
+    assert (asked, rows) == ([[2, 3, 4]], 6)  # the two row groups before row 5 are not read
     np.testing.assert_array_equal(feats, _feats(10)[5:])
-    ids, feats, asked = _blocks_from(store, 3, 4, 9, monkeypatch=monkeypatch)
-    assert ids == [[4, 5, 6], [7, 8]] and asked == [[2, 3, 4], ("rows", 6)]
+    ids, feats, asked, rows = _blocks_from(store, 3, 4, 9, monkeypatch=monkeypatch)
+    assert ids == [[4, 5, 6], [7, 8]] and (asked, rows) == ([[2, 3, 4]], 6)
     np.testing.assert_array_equal(feats, _feats(10)[4:9])
-    ids, feats, asked = _blocks_from(store, 3, 0, 4, monkeypatch=monkeypatch)
-    assert ids == [[0, 1, 2], [3]] and asked == [[0, 1], ("rows", 4)]  # nothing after row 3 is read
+    ids, feats, asked, rows = _blocks_from(store, 3, 0, 4, monkeypatch=monkeypatch)
+    assert ids == [[0, 1, 2], [3]] and (asked, rows) == ([[0, 1]], 4)  # nothing after row 3 is read
     np.testing.assert_array_equal(feats, _feats(10)[:4])
 
 
 def test_image_blocks_from_a_row_with_row_groups_larger_than_a_block(tmp_path, monkeypatch):
     _write_split(tmp_path / "test", blocks=((0, 6), (6, 10)))
     store = SplitStore.open(tmp_path, "test")
-    ids, feats, asked = _blocks_from(store, 2, 7, monkeypatch=monkeypatch)
-    assert ids == [[7, 8], [9]] and asked == [[1], ("rows", 4)]
+    ids, feats, asked, rows = _blocks_from(store, 2, 7, monkeypatch=monkeypatch)
+    assert ids == [[7, 8], [9]] and (asked, rows) == ([[1]], 4)
     np.testing.assert_array_equal(feats, _feats(10)[7:])
-    ids, feats, asked = _blocks_from(store, 2, 3, 8, monkeypatch=monkeypatch)  # across the boundary
-    assert ids == [[3, 4], [5, 6], [7]] and asked == [[0, 1], ("rows", 8)]  # batches of 2 to row 7
-    ids, feats, asked = _blocks_from(store, 2, 1, 3, monkeypatch=monkeypatch)
-    assert ids == [[1, 2]] and asked == [[0], ("rows", 4)]  # no batch past the one holding row 2
-    np.testing.assert_array_equal(feats, _feats(10)[1:3])
-    ids, feats, asked = _blocks_from(store, 2, 3, 8, monkeypatch=monkeypatch)
+    ids, feats, asked, rows = _blocks_from(store, 2, 3, 8, monkeypatch=monkeypatch)  # across the boundary
+    assert ids == [[3, 4], [5, 6], [7]] and (asked, rows) == ([[0, 1]], 8)  # batches of 2 to row 7
     np.testing.assert_array_equal(feats, _feats(10)[3:8])
     assert f"{feats[4, 3, 2]:.0f}" == str(7 * R * D + 3 * D + 2)  # image 7, region 3, feature 2
+    ids, feats, asked, rows = _blocks_from(store, 2, 1, 3, monkeypatch=monkeypatch)
+    assert ids == [[1, 2]] and (asked, rows) == ([[0]], 4)  # no batch past the one holding row 2
+    np.testing.assert_array_equal(feats, _feats(10)[1:3])
     assert _blocks_from(store, 4, 6, 6, monkeypatch=monkeypatch)[0] == []
     assert [i.tolist() for i, _ in store.iter_image_blocks(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     for kwargs in ({"start": 4, "stop": 3}, {"stop": 11}, {"start": -1}, {"block_images": 0}):
