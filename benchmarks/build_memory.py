@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -87,7 +88,6 @@ def child(step: str, work: Path, out: Path) -> None:
 
 
 def run_child(args: list[str], pythonpath: Path | None) -> dict:
-    import os
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(pythonpath or REPO)  # this checkout's package, or a compared tree's

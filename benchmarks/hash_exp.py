@@ -138,6 +138,14 @@ def load_split(name: str) -> dict:
     return d
 
 
+def load_module(name: str, models: Path = CACHE / "models") -> Hasher:
+    """A module saved by ``--save`` (``models/name.pt``), in eval mode."""
+    ck = torch.load(Path(models) / f"{name}.pt")
+    model = Hasher(Exp(**ck["exp"]))
+    model.load_state_dict(ck["state"])
+    return model.eval()
+
+
 def load_records(rounds: int, train_images: int = 0) -> list[dict]:
     recs = []
     for r in range(rounds):
@@ -436,7 +444,12 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also report the test split for each config")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=CACHE / "results.jsonl")
-    ap.add_argument("--save", type=Path, default=None, help="folder to save each trained module's state")
+    ap.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="folder to save each trained module's state (the others read CACHE/models)",
+    )
     ap.add_argument(
         "--check-faiss", action="store_true", help="check the evaluator against FAISS on the default module"
     )

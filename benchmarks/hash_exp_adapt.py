@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
-from hash_exp import CACHE, Exp, Hasher, codes, kd_loss, load_split, recall_from_codes
+from hash_exp import CACHE, codes, kd_loss, load_module, load_split, recall_from_codes
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_model_dir
@@ -28,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="dev")
     ap.add_argument("--module", default="txtmq_256")
+    ap.add_argument("--models", type=Path, default=CACHE / "models", help="where hash_exp.py --save put it")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -35,10 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tr, db = load_split("train"), load_split(args.split)
-    ck = torch.load(CACHE / "models" / f"{args.module}.pt")
-    base = Hasher(Exp(**ck["exp"]))
-    base.load_state_dict(ck["state"])
-    base.eval()
+    base = load_module(args.module, args.models)
     if base.e.K != 1 or base.e.Kt != 1:
         raise SystemExit("single-code modules only")
     r = recall_from_codes(*codes(base, db), db["caption_image"])
@@ -71,7 +70,7 @@ def main() -> None:
         for i in torch.randperm(len(batches), generator=gen):
             imgs, caps, scores = batches[int(i)]
             img = torch.tanh(model.image_out(db, imgs))[:, 0]
-            loss = kd_loss(img @ txt[caps].T / img.shape[1], scores, 0.025, 0.1)
+            loss = kd_loss(img @ txt[caps].T / img.shape[1], scores, base.e.kd_ts, base.e.kd_th)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from hash_exp import CACHE, Exp, Hasher, codes, load_split, recall_from_codes
+from hash_exp import CACHE, codes, load_module, load_split, recall_from_codes
 from torch import Tensor
 
 
@@ -45,9 +45,7 @@ def main() -> None:
     split = load_split(args.split)
     cap_img = split["caption_image"]
     for name in args.names:
-        ck = torch.load(f"{args.models}/{name}.pt")
-        model = Hasher(Exp(**ck["exp"]))
-        model.load_state_dict(ck["state"])
+        model = load_module(name, args.models)
         r = recall_from_codes(*codes(model, split), cap_img)
         print(f"{args.split} {name}: t2i {100 * r['t2i']:.1f} i2t {100 * r['i2t']:.1f}", flush=True)
         if not args.real:

@@ -120,12 +120,10 @@ def main() -> None:
 
 def cascade(args, name: str, S: torch.Tensor, ci: torch.Tensor) -> None:
     """Hash top-M (exact Hamming, ties by row id) -> MaxSim top-100 inside the M, both directions."""
-    from hash_exp import Exp, Hasher, codes, load_split
+    from hash_exp import codes, load_module, load_split
 
     split = load_split(args.split)
-    ck = torch.load(f"{CACHE}/models/{name}.pt")
-    model = Hasher(Exp(**ck["exp"]))
-    model.load_state_dict(ck["state"])
+    model = load_module(name)
     ic, tc = codes(model, split)
     b = ic.shape[-1]
     dist = (b - torch.einsum("ikb,jlb->jikl", ic, tc).flatten(2).amax(-1)) / 2  # (captions, images)
