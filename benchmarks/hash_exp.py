@@ -18,6 +18,9 @@ by row id, as FAISS's flat index does) is < N; checked against ``candidate_recal
 the committed default module.
 
     python benchmarks/hash_exp.py --configs base256,mq4_256 [--epochs 80] [--test]
+
+Each trained module's state goes to ``--save`` (default ``CACHE/models``), where
+``hash_exp_eval.py``, ``hash_exp_maxsim.py --cascade`` and ``hash_exp_adapt.py`` read it.
 """
 
 from __future__ import annotations
@@ -447,8 +450,8 @@ def main() -> None:
     ap.add_argument(
         "--save",
         type=Path,
-        default=None,
-        help="folder to save each trained module's state (the others read CACHE/models)",
+        default=CACHE / "models",
+        help="folder for each trained module's state, where hash_exp_eval / _maxsim / _adapt look by default",
     )
     ap.add_argument(
         "--check-faiss", action="store_true", help="check the evaluator against FAISS on the default module"
@@ -479,9 +482,8 @@ def main() -> None:
         }
         if test is not None:
             row["test"] = recall_from_codes(*codes(model, test), test["caption_image"])
-        if args.save:
-            args.save.mkdir(parents=True, exist_ok=True)
-            torch.save({"exp": e.__dict__, "state": model.state_dict()}, args.save / f"{name}.pt")
+        args.save.mkdir(parents=True, exist_ok=True)
+        torch.save({"exp": e.__dict__, "state": model.state_dict()}, args.save / f"{name}.pt")
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         ts = f" test t2i {100 * row['test']['t2i']:.1f} i2t {100 * row['test']['i2t']:.1f}" if test is not None else ""
