@@ -491,7 +491,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         index = _ray_index(index_dir, address, threads)
     else:
         index = _open_index(index_dir, None, None, device, dtype)
-    sweep_list = [int(x) for x in sweep.split(",")] if sweep else None
+    sweep_list = _sweep_values(sweep) if sweep else None
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 
@@ -520,6 +520,19 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
                 console.print(t)
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
+
+
+def _sweep_values(text: str) -> list[int]:
+    """``--sweep 10,20,50`` -> [10, 20, 50]; anything but whole numbers is refused by name."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise HeiindexError(
+                f"--sweep {text!r}: {part.strip()!r} is not a whole number (expected N values such as 10,20,50,100)"
+            ) from None
+    return values
 
 
 @cli.command()

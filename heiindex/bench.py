@@ -137,8 +137,6 @@ def _protocol(
     if sweep:
         rows = []
         for m in sweep:
-            if m > min(len(img_rows), len(cap_rows)):
-                continue
             h = _hei(index, sub, img_rows, cap_rows, m, use_stored)
             row = {"candidates": m}
             for direction in ("t2i", "i2t"):
@@ -166,20 +164,42 @@ class _Sub:
 
 
 def _mean_of(results: list[dict]) -> dict:
-    """Average numeric leaves of several protocol results (COCO 1K: mean over folds)."""
+    """Average numeric leaves of several protocol results (COCO 1K: mean over folds); seconds
+    are summed, a count every fold shares (images, candidates) is kept as it is, and sweep rows
+    are averaged row by row (every fold has the same rows)."""
     first = results[0]
     out: dict = {}
     for k, v in first.items():
         if isinstance(v, dict):
             out[k] = _mean_of([r[k] for r in results])
+        elif k == "sweep":
+            out[k] = [_mean_of([r[k][i] for r in results]) for i in range(len(v))]
         elif any(r[k] is None for r in results):
             out[k] = None  # an infinite rank in some fold
+        elif isinstance(v, int) and not isinstance(v, bool) and all(r[k] == v for r in results):
+            out[k] = v
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             vals = [r[k] for r in results]
             out[k] = sum(vals) if k in ("seconds",) else float(np.mean(vals))
-        elif k != "sweep":
+        else:
             out[k] = v
     return out
+
+
+def _check_depths(index: Index, topk: int, sweep: list[int], full: bool, folds: list[tuple[int, int]]) -> None:
+    """``--topk`` and every ``--sweep`` value must lie in [1, the smallest set a protocol ranks]:
+    the whole split (``full``) and / or each COCO 1K fold (its images, its captions)."""
+    limit = min(index.n_images, index.n_captions) if full else None
+    fold_limit = min(
+        (min(e - s, int(np.isin(index.caption_image, np.arange(s, e)).sum())) for s, e in folds), default=None
+    )
+    why = ""
+    if fold_limit is not None and (limit is None or fold_limit < limit):
+        limit, why = fold_limit, " (a COCO 1K fold's size; --protocol full benches only the whole split)"
+    for option, values in (("--topk", [topk]), ("--sweep", sweep)):
+        for n in values:
+            if n < 1 or n > limit:
+                raise ValueError(f"{option} {n} must lie in [1, {limit}] for this index{why}")
 
 
 def run_bench(
@@ -187,9 +207,12 @@ def run_bench(
 ) -> dict:
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k"."""
-    if topk < 1 or topk > min(index.n_images, index.n_captions):
-        raise ValueError(f"--topk {topk} must lie in [1, {min(index.n_images, index.n_captions)}] for this index")
+    if protocols not in ("auto", "full", "1k"):
+        raise ValueError(f'protocols must be "auto", "full" or "1k", got {protocols!r}')
     sweep = sorted(set(sweep or []))
+    full = protocols in ("auto", "full")
+    folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and index.n_images == 5000) else []
+    _check_depths(index, topk, sweep, full, folds)
     out: dict = {
         "split": index.manifest["split"],
         "index": str(index.path),
@@ -199,17 +222,15 @@ def run_bench(
         "device": str(index.regions.device),
         "dtype": getattr(index, "dtype", "float32"),
     }
-    all_rows = np.arange(index.n_images)
-    if protocols in ("auto", "full"):
+    if full:
         name = "5k" if index.n_images == 5000 else "full"
-        out[name] = _protocol(index, all_rows, topk, sweep, use_stored=True, exhaustive=exhaustive)
-    if protocols == "1k" or (protocols == "auto" and index.n_images == 5000):
-        folds = [
-            _protocol(index, np.arange(s, e), topk, [], use_stored=False, exhaustive=exhaustive)
-            for s, e in coco_folds(index.n_images)
+        out[name] = _protocol(index, np.arange(index.n_images), topk, sweep, use_stored=True, exhaustive=exhaustive)
+    if folds:
+        runs = [
+            _protocol(index, np.arange(s, e), topk, sweep, use_stored=False, exhaustive=exhaustive) for s, e in folds
         ]
-        out["1k"] = _mean_of(folds)
-        out["1k"]["folds"] = len(folds)
+        out["1k"] = _mean_of(runs)
+        out["1k"]["folds"] = len(runs)
     primary = out.get("5k") or out.get("full") or out["1k"]
     for direction in ("t2i", "i2t"):
         out[direction] = primary[direction]

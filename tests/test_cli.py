@@ -114,6 +114,33 @@ def test_bench_sweep_writes_a_png(pipe, tmp_path):
     assert not (pipe.index_dir / "bench_sweep.png").exists()
 
 
+def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monkeypatch):
+    """--protocol 1k --sweep ended in a KeyError traceback: the folds ran no sweep."""
+    import heiindex.bench
+
+    monkeypatch.setattr(heiindex.bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    png = tmp_path / "folds.png"
+    args = ("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "3,12", "--protocol", "1k", "--plot", png)
+    d = as_json(run(*args, "--json"))
+    assert [row["candidates"] for row in d["1k"]["sweep"]] == [3, 12] and d["plot"] == str(png)
+    assert "recall versus N" in ok(run(*args)).output
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("10,abc", "--sweep '10,abc': 'abc' is not a whole number (expected N values such as 10,20,50,100)"),
+        ("5,", "--sweep '5,': '' is not a whole number"),
+        ("0,5", "--sweep 0 must lie in [1, 24] for this index"),
+        ("5,25", "--sweep 25 must lie in [1, 24] for this index"),
+    ],
+)
+def test_bench_bad_sweep(pipe, sweep, message):
+    r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", sweep)
+    assert r.exit_code == 2
+    clean_error(r, message)
+
+
 def test_bench_tables(pipe, tmp_path):
     r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
     for text in (
