@@ -183,10 +183,11 @@ def train(
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
+    resuming = resume and (out / "last").exists()
+    if resuming:  # the saved model's shape holds; an option given to change it is refused, not ignored
+        _check_resumed_shape(out / "last", embed_size=embed_size, **att.to_dict())
     mcfg = (
-        None
-        if resume and (out / "last").exists()
-        else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
+        None if resuming else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
     )
     tcfg = TrainConfig(
         epochs=epochs,
@@ -201,6 +202,25 @@ def train(
     )
     res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
+
+
+def _check_resumed_shape(last: Path, **given) -> None:
+    """Options given on the command line (not left at their defaults) that differ from the model
+    ``--resume`` continues: a ``HeiindexError`` naming each."""
+    from click.core import ParameterSource
+
+    from heiindex.checkpoint import load_model
+
+    ctx = click.get_current_context()
+    saved = load_model(last).model.config
+    have = {"embed_size": saved.embed_size, **saved.attention.to_dict()}
+    diff = [
+        f"--{name.replace('_', '-')} {value} (it has {have[name]})"
+        for name, value in given.items()
+        if name in ctx.params and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and value != have[name]
+    ]
+    if diff:
+        raise HeiindexError(f"--resume continues the model in {last}, which cannot change: " + "; ".join(diff))
 
 
 @cli.command("train-hash")
@@ -287,6 +307,7 @@ def evaluate(model_dir, store, split, as_json) -> None:
 
     matcher = load_model(model_dir or default_model_dir())
     st = SplitStore.open(_store_root(store), split)
+    matcher.check_store(st)
     res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, st, progress=True))
     out = {"split": split, "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": res.rsum, "seconds": res.seconds}
     if as_json:

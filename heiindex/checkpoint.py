@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
+from .errors import DataError, ModelMismatchError
 from .model import ScanConfig, ScanModel
-from .store import atomic_dir, read_json_object, write_json
+from .store import SplitStore, atomic_dir, read_json_object, write_json
 from .vocab import Vocab
 
 __all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "save_model"]
@@ -26,6 +26,8 @@ MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"
+STATE_FILE = "train_state.pt"  # heiindex.train keeps its optimizer state beside the last model
+MODEL_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, STATE_FILE)  # what a model folder holds
 
 
 @dataclass
@@ -38,6 +40,17 @@ class LoadedModel:
     @property
     def checksum(self) -> str:
         return self.info["weights_sha256"]
+
+    def check_store(self, store: SplitStore) -> None:
+        """Refuse a store split this model cannot encode: tokenised with another vocabulary (its
+        token ids would name other words), or with region features of another size."""
+        if store.manifest["vocab"]["sha256"] != self.vocab.checksum:
+            raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {self.path}")
+        if store.feature_dim != self.model.config.img_dim:
+            raise ModelMismatchError(
+                f"store {store.path} has region features of size {store.feature_dim}, "
+                f"model {self.path} takes {self.model.config.img_dim}"
+            )
 
 
 def model_checksum(model: ScanModel) -> str:
@@ -55,7 +68,7 @@ def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | N
     path = Path(path)
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, "a model", MODEL_ENTRIES) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         vocab.save(tmp / VOCAB_FILE)

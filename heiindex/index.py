@@ -232,10 +232,7 @@ class Index:
             raise HeiindexError(f"block sizes must be at least 1, got {block_images} images, {block_captions} captions")
         matcher, hasher = load_bound_models(matcher, hasher)
         store = SplitStore.open(store_root, split)
-        if store.manifest["vocab"]["sha256"] != matcher.vocab.checksum:
-            raise ModelMismatchError(
-                f"store {store.path} was tokenised with another vocabulary than model {matcher.path}"
-            )
+        matcher.check_store(store)
         if captions is not None and captions.source != store.manifest["captions"]["sha256"]:
             raise HeiindexError(
                 f"the captions given ({len(captions)}) are not all the captions of store {store.path} "
@@ -251,7 +248,7 @@ class Index:
         if not 0 <= first < stop <= store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
-        with atomic_dir(out) as tmp, torch.no_grad():
+        with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
             bar = tqdm(
@@ -547,6 +544,17 @@ class Index:
         return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
 
 
+# What an index folder holds, unsharded or sharded (so that either can be rebuilt over the other),
+# with the sweep plot ``heiindex bench`` writes beside it by default.
+INDEX_ENTRIES = (
+    "manifest.json",
+    "image_features.parquet",
+    "caption_features.parquet",
+    "images.faiss",
+    "captions.faiss",
+    "shard-[0-9]*",
+    "bench_sweep.png",
+)
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(

@@ -97,7 +97,7 @@ def ingest(
     unknown_rate = sum(unknown.values()) / max(1, n_tokens)
 
     target = out_root / split
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "a store split", (IMAGES_FILE, CAPTIONS_FILE, MANIFEST_FILE)) as tmp:
         writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
         bar = tqdm(
             total=src.n_images, unit="img", desc=f"ingest {split}", disable=None if progress else True, leave=False

@@ -32,7 +32,7 @@ from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
-from .index import Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
+from .index import INDEX_ENTRIES, Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
@@ -82,7 +82,7 @@ def write_shards(
     captions = store.captions()  # read once for all shards
     out = Path(out)
     entries, manifests = [], []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp:
         for i, (a, b) in enumerate(bounds):
             name = f"shard-{i:03d}"
             m = Index.write(

@@ -51,6 +51,7 @@ import numpy as np
 
 from .errors import DataError
 from .precomp import read_captions
+from .store import check_replaceable
 from .tokenizer import tokenize
 
 __all__ = [
@@ -580,7 +581,7 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
             testall_path,
             f"{len(testall)} lines: need more than {TEST_IMAGES * cpi} ({TEST_IMAGES} test images, the rest train)",
         )
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE))
 
     splits = {"train": testall[TEST_IMAGES * cpi :], "dev": dev, "test": testall[: TEST_IMAGES * cpi]}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +599,7 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
             "images": counts,
         }
         (tmp_dir / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _check_replaceable(out_dir)
+        check_replaceable(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE))
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, old / "previous")
@@ -610,16 +611,3 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return counts
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise DataError(out_dir, "exists and is not a folder")
-    other = sorted(p.name for p in out_dir.iterdir() if p.name not in (*_SPLIT_FILES, _META_FILE))
-    if other:
-        raise DataError(
-            out_dir,
-            f"exists and holds files coco-sim does not write ({', '.join(other[:5])}); remove them or choose another folder",
-        )

@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "ImageWriter",
     "SplitStore",
     "atomic_dir",
+    "check_replaceable",
     "file_sha256",
     "write_captions",
     "write_json",
@@ -81,17 +83,23 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is left as it was.
+    On any exception the temporary folder is removed and ``target`` is left as it was. An
+    existing ``target`` is replaced only if ``check_replaceable`` allows it (a folder holding
+    nothing but what ``kind`` writes, the ``replaces`` patterns), checked before the work and
+    again before the swap: an ``--out`` that names an input, a file or an unrelated folder is
+    refused, not deleted.
     """
     target = Path(target)
+    check_replaceable(target, kind, replaces)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
+        check_replaceable(target, kind, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,6 +110,22 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:
+    """A ``DataError`` unless ``target`` is absent, or a folder whose entries all match one of the
+    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there)."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise DataError(target, f"exists and is not a folder; {kind} is written as a folder (choose another path)")
+    other = sorted(p.name for p in target.iterdir() if not any(fnmatch(p.name, pat) for pat in replaces))
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise DataError(
+            target,
+            f"exists and holds what {kind} does not write ({shown}); remove them or choose another folder",
+        )
 
 
 class ImageWriter:

@@ -24,17 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model, save_model
+from .checkpoint import MODEL_ENTRIES, STATE_FILE, load_model, save_model
 from .encode import encode_split
 from .errors import DataError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
-from .store import SplitStore
+from .store import SplitStore, check_replaceable
 from .vocab import Vocab
 
 __all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]
-
-STATE_FILE = "train_state.pt"
 
 
 @dataclass(frozen=True)
@@ -117,6 +115,10 @@ def train(
 ) -> TrainResult:
     """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``."""
     store_root, out = Path(store_root), Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "exists and is not a folder; a training run is written as a folder (best/, last/)")
+    for folder in (out / "best", out / "last"):  # refused now, not after the first epoch
+        check_replaceable(folder, "a model", MODEL_ENTRIES)
     if config.threads:
         torch.set_num_threads(config.threads)
     tr = SplitStore.open(store_root, train_split)

@@ -32,7 +32,7 @@ from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
-from .store import SplitStore, atomic_dir, read_json_object, write_json
+from .store import SplitStore, atomic_dir, check_replaceable, read_json_object, write_json
 from .train import iter_training_batches
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 HASH_FORMAT_VERSION = 1
+HASH_ENTRIES = ("hash.safetensors", "config.json")  # what a hash module folder holds
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class LoadedHash:
 
 
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
-    with atomic_dir(Path(path)) as tmp:
+    with atomic_dir(Path(path), "a hash module", HASH_ENTRIES) as tmp:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / "hash.safetensors"))
         write_json(
             tmp / "config.json",
@@ -290,6 +291,9 @@ def train_hash(
         raise ValueError(f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}")
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
+    for store in (tr, va):
+        matcher.check_store(store)
+    check_replaceable(Path(out), "a hash module", HASH_ENTRIES)  # before the work, not after it
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
     module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
     info = {

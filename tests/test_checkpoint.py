@@ -212,3 +212,27 @@ def test_missing_or_unreadable_files_are_data_errors(saved, tmp_path):
     (path / "config.json").write_text('"scan"')  # JSON, but not an object
     with pytest.raises(DataError, match="config.json: must hold a JSON object, got str"):
         load_model(path)
+
+
+# -- a model against a store --------------------------------------------------------------------
+
+
+def test_check_store_refuses_another_vocabulary_or_feature_size(saved):
+    """evaluate and train-hash encoded a store tokenised with another vocabulary (its ids name
+    other words) and reported numbers; a feature size mismatch was a matmul RuntimeError."""
+    from types import SimpleNamespace
+
+    from heiindex.errors import ModelMismatchError
+
+    loaded = load_model(saved[1])
+
+    def store(sha: str, dim: int):
+        return SimpleNamespace(
+            path=saved[1].parent / "store" / "test", manifest={"vocab": {"sha256": sha}}, feature_dim=dim
+        )
+
+    loaded.check_store(store(VOCAB.checksum, 10))  # fits: no error
+    with pytest.raises(ModelMismatchError, match=r"store .*test was tokenised with another vocabulary than model .*m$"):
+        loaded.check_store(store("0" * 64, 10))
+    with pytest.raises(ModelMismatchError, match=r"test has region features of size 2048, model .*m takes 10$"):
+        loaded.check_store(store(VOCAB.checksum, 2048))

@@ -244,6 +244,59 @@ def test_query_with_another_model(pipe):
     clean_error(r, "rebuild the index with this model")
 
 
+def test_build_refuses_an_out_it_would_destroy(pipe, tmp_path):
+    """--out naming the input store, one of its splits, a file or an unrelated folder replaced it
+    without a word (the store's vocab and every split deleted); now each is refused and kept."""
+    before = sorted(p.name for p in pipe.root.iterdir())
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep")
+    a_file = tmp_path / "test_caps.txt"
+    a_file.write_text("a caption\n")
+    for out, message in (
+        (pipe.root, "exists and holds what an index does not write (dev, test, train, vocab.json)"),
+        (pipe.root / "test", "exists and holds what an index does not write (captions.parquet, images.parquet)"),
+        (notes, "exists and holds what an index does not write (notes.txt)"),
+        (a_file, "exists and is not a folder; an index is written as a folder"),
+    ):
+        r = build(pipe, out)
+        assert r.exit_code == 2
+        clean_error(r, str(out), message)
+    assert sorted(p.name for p in pipe.root.iterdir()) == before
+    assert (notes / "notes.txt").read_text() == "keep" and a_file.read_text() == "a caption\n"
+    # an index folder is replaced by a rebuild, sharded or not, and so is the sweep plot beside it
+    out = tmp_path / "index"
+    ok(build(pipe, out))
+    (out / "bench_sweep.png").write_bytes(b"png")
+    ok(build(pipe, out, "--shards", "2"))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000", "shard-001"]
+    ok(build(pipe, out))
+
+
+def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_path):
+    """evaluate and train-hash ran on a store tokenised with another vocabulary (numbers from
+    the wrong words); build refused it. All three now refuse it, before any work."""
+    import pipeline_fixtures
+
+    wide = pipeline_fixtures.get_wide_store(tmp_path_factory)  # its own vocabulary, 2048-d features
+    for args in (
+        ("evaluate", "--split", "dev"),
+        ("train-hash", "--out", tmp_path / "h", "--epochs", "1"),
+        ("build", "--split", "dev", "--hash", pipe.hash_dir, "--out", tmp_path / "i"),
+    ):
+        r = run(*args, "--store", wide, "--model", pipe.model_dir)
+        assert r.exit_code == 2, args
+        clean_error(r, "was tokenised with another vocabulary than model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_train_hash_refuses_a_model_folder_as_out(pipe):
+    r = run("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", pipe.model_dir, "--epochs", "1")
+    assert r.exit_code == 2
+    clean_error(r, "exists and holds what a hash module does not write (model.safetensors, vocab.json)")
+    assert (pipe.model_dir / "model.safetensors").exists()
+
+
 def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
     r = run(
         "build",

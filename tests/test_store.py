@@ -19,6 +19,7 @@ from heiindex.store import (
     ImageWriter,
     SplitStore,
     atomic_dir,
+    check_replaceable,
     file_sha256,
     write_captions,
     write_json,
@@ -312,10 +313,53 @@ def test_atomic_dir_replaces_older_target_on_success(tmp_path):
     target = tmp_path / "test"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "a test output", ("*.txt",)) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
+
+
+def test_atomic_dir_refuses_what_it_would_not_write(tmp_path):
+    """An --out naming a file, an input or someone's folder was replaced (and deleted) without a
+    word; now it is refused before the work starts, and left as it was."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    (folder / "model.safetensors").write_text("ours")
+    ran = []
+    with pytest.raises(DataError, match=r"mine: exists and holds what a model does not write \(notes.txt\)"):
+        with atomic_dir(folder, "a model", ("model.safetensors", "config.json")):
+            ran.append(True)
+    a_file = tmp_path / "vocab.json"
+    a_file.write_text("{}")
+    with pytest.raises(DataError, match=r"vocab.json: exists and is not a folder; a model is written as a folder"):
+        with atomic_dir(a_file, "a model", ("*",)):
+            ran.append(True)
+    assert not ran
+    assert (folder / "notes.txt").read_text() == "keep" and a_file.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "vocab.json"]
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(7):
+        (many / f"f{i}").write_text("")
+    with pytest.raises(DataError, match=r"\(f0, f1, f2, f3, f4 and 2 more\)"):
+        check_replaceable(many, "an index", ())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_replaceable(empty, "an index", ())  # an empty folder is fine
+
+
+def test_atomic_dir_checks_again_before_the_swap(tmp_path):
+    """Something that appears in the target while the work runs stops the swap; the new output
+    is discarded and the target keeps what it holds."""
+    target = tmp_path / "index"
+    with pytest.raises(DataError, match="late.txt"):
+        with atomic_dir(target, "an index", ("manifest.json",)) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            target.mkdir()
+            (target / "late.txt").write_text("arrived meanwhile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert sorted(p.name for p in target.iterdir()) == ["late.txt"]
 
 
 def test_atomic_dir_failure_leaves_no_partial_folder(tmp_path):
@@ -333,7 +377,7 @@ def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
     target.mkdir()
     (target / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, "a test output", ("old.txt",)) as tmp:
             (tmp / "old.txt").write_text("half-written")
             raise KeyboardInterrupt
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]

@@ -9,7 +9,7 @@ import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
-from cli_helpers import run  # tests/ is on sys.path (pytest rootdir-relative import)
+from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
@@ -221,6 +221,29 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     assert last2.info["epoch"] == 2
     assert last2.checksum != last.checksum
     assert model_checksum(last2.model) == last2.checksum
+
+    # An option that would change the saved model's shape is refused, not silently ignored.
+    r3 = _cli_train(wide_store, out, "--epochs", "3", "--resume", "--embed-size", "32", "--agg", "mean")
+    assert r3.exit_code == 2
+    clean_error(
+        r3, f"--resume continues the model in {out / 'last'}", "--embed-size 32 (it has 16); --agg mean (it has lse)"
+    )
+    assert load_model(out / "last").checksum == last2.checksum
+
+
+def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
+    a_file = tmp_path / "run.txt"
+    a_file.write_text("keep")
+    r = _cli_train(wide_store, a_file, "--epochs", "1")
+    assert r.exit_code == 2
+    clean_error(r, "run.txt: exists and is not a folder")
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "best" / "notes.txt").write_text("keep")
+    r = _cli_train(wide_store, tmp_path / "run", "--epochs", "1")
+    assert r.exit_code == 2
+    clean_error(r, "best: exists and holds what a model does not write (notes.txt)")
+    assert "epoch 1" not in r.output  # refused before training
+    assert a_file.read_text() == "keep" and (tmp_path / "run" / "best" / "notes.txt").read_text() == "keep"
 
 
 def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
