@@ -536,7 +536,11 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         return
     for name in ("full", "5k", "1k"):
         if name in res:
-            label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K", "1k": "COCO 1K (mean of 5 folds)"}[name]
+            label = {
+                "full": f"{res['split']} (all images)",
+                "5k": "COCO 5K",
+                "1k": f"COCO 1K (mean of {res['1k'].get('folds')} folds)",
+            }[name]
             for t in bench_tables(label, res[name]):
                 console.print(t)
     if "plot" in res:

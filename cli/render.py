@@ -40,9 +40,17 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             "-" if r["medr"] is None else f"{r['medr']:.0f}",
             "-" if r["meanr"] is None else f"{r['meanr']:.1f}",
             f"{r['rsum']:.1f}",
-            f"{r['seconds']:.2f}" if "seconds" in r else "",
+            _seconds(r),
         )
     return table
+
+
+def _seconds(r: dict) -> str:
+    """A stage's seconds; "-" where it has none of its own (the sharded bench times HEI and
+    Hamming ranking together), blank where the table has no timings."""
+    if "seconds" not in r:
+        return ""
+    return "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
 
 
 def bench_tables(proto_name: str, res: dict) -> list[Table]:

@@ -283,8 +283,9 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]
-    if topk < 1:
-        raise HeiindexError("--topk must be at least 1")
+    limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
+    if not 1 <= topk <= limit:
+        raise HeiindexError(f"--topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     caption_image = np.array([row_of[int(i)] for m in metas for i in m["caption_image_ids"]])

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from cli_helpers import as_json, build, ok, run
+from cli_helpers import as_json, build, clean_error, ok, run
 
 from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
@@ -178,6 +178,15 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
     )
     r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10")
     assert r.exit_code == 2 and "--sweep runs on an unsharded build" in r.output
+    # the tables (they failed on the Hamming row, which has no seconds of its own here)
+    text = ok(run("bench", "--index", out, "--topk", "12")).output
+    assert "test (2 shards, ShardedIndex): text-to-image (24 images, 120" in text  # the title wraps
+    assert "image-to-text" in text and "candidate recall@12" in text
+    hamming_rows = [line for line in text.splitlines() if "hamming" in line]
+    assert len(hamming_rows) == 2 and all(line.rstrip(" │|").endswith("-") for line in hamming_rows), hamming_rows
+    r = run("bench", "--index", out, "--topk", "121")
+    assert r.exit_code == 2
+    clean_error(r, "--topk 121 must lie in [1, 120] for this index (its images or captions)")
 
 
 def _no_seconds(res: dict) -> dict:
@@ -202,7 +211,7 @@ def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
     assert res["i2t"]["candidate_recall"] == 1.0
     for key in ("r1", "r5", "r10", "medr", "meanr"):
         assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
-    with pytest.raises(HeiindexError, match="--topk must be at least 1"):
+    with pytest.raises(HeiindexError, match=r"--topk 0 must lie in \[1, 120\]"):
         run_sharded_bench(sharded, topk=0)
 
 
