@@ -19,12 +19,20 @@ PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; a CUDA device without a GPU is a clear error."""
+    """``device`` as a ``torch.device``: "cpu" or "cuda[:N]"; anything else (another kind, a
+    malformed name, a CUDA device without a GPU or beyond the GPUs there) is a clear error."""
     import torch
 
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise HeiindexError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HeiindexError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HeiindexError(f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
     return dev
 
 

@@ -361,6 +361,16 @@ def test_query_and_bench_take_device_and_dtype(pipe):
     assert b["device"] == "cpu" and b["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "", "meta"])
+def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device):
+    """These were RuntimeError tracebacks from torch.device (or, for "meta", a failure later)."""
+    for cmd in (["query", "a dog"], ["bench", "--topk", "5"], ["build", "--split", "test", "--out", tmp_path / "i"]):
+        index = [] if cmd[0] == "build" else ["--index", pipe.index_dir]
+        r = run(*cmd, *index, "--device", device)
+        assert r.exit_code == 2, cmd
+        clean_error(r, f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
 def test_cuda_without_a_gpu_is_a_clear_error(pipe):
     for cmd in (["query", "a dog"], ["bench"]):
