@@ -358,6 +358,9 @@ def build(
     from heiindex import default_data as dd
     from heiindex.index import Index
 
+    for flag, value in (("--nlist", nlist), ("--nprobe", nprobe)):
+        if value is not None and index_type not in ("ivf", "auto"):
+            raise HeiindexError(f"{flag} sets up IVF indexes (--index ivf, or auto at scale), not --index {index_type}")
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
@@ -536,11 +539,8 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         return
     for name in ("full", "5k", "1k"):
         if name in res:
-            label = {
-                "full": f"{res['split']} (all images)",
-                "5k": "COCO 5K",
-                "1k": f"COCO 1K (mean of {res['1k'].get('folds')} folds)",
-            }[name]
+            label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K"}.get(name)
+            label = label or f"COCO 1K (mean of {res[name]['folds']} folds)"
             for t in bench_tables(label, res[name]):
                 console.print(t)
     if "plot" in res:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .packed import PackedWords, word_mask
+from .settings import require
 
 __all__ = [
     "AGGREGATIONS",
@@ -130,8 +131,8 @@ class AttentionConfig:
             raise ValueError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
-        if self.lambda_softmax <= 0 or (self.agg == "lse" and self.lambda_lse <= 0):
-            raise ValueError("lambda_softmax and lambda_lse must be positive")
+        require("lambda_softmax", self.lambda_softmax, above=0)
+        require("lambda_lse", self.lambda_lse, above=0 if self.agg == "lse" else None)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .settings import require
 
 __all__ = [
     "INDEX_TYPES",
@@ -37,7 +38,11 @@ AUTO_NPROBE = 64
 
 def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
     """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
-    ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF."""
+    ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF.
+    ``nlist`` / ``nprobe``, where given, are whole numbers >= 1 (ignored where no IVF is built)."""
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None:
+            require(name, value, at_least=1, integer=True)
     if kind == "auto":
         if n_codes <= AUTO_FLAT_MAX:
             return {"type": "flat", "nlist": None, "nprobe": None}

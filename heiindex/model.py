@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import AttentionConfig, region_gram, score_block, score_caption_candidates, score_image_candidates
+from .settings import require
 
 __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
 
@@ -42,6 +43,10 @@ class ScanConfig:
     no_imgnorm: bool = False
     no_txtnorm: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_size", "word_dim", "img_dim", "num_layers"):
+            require(name, getattr(self, name), at_least=1, integer=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)

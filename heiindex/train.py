@@ -29,6 +29,7 @@ from .encode import encode_split
 from .errors import DataError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
+from .settings import require
 from .store import SplitStore, check_replaceable
 from .vocab import Vocab
 
@@ -49,6 +50,18 @@ class TrainConfig:
     val_images: int = 1000
     buffer_row_groups: int = 8
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "lr_decay_epochs", "val_images", "buffer_row_groups"):
+            require(name, getattr(self, name), at_least=1, integer=True)
+        require("batch_size", self.batch_size, at_least=2, integer=True)  # a caption needs a negative
+        require("warmup_sum_epochs", self.warmup_sum_epochs, at_least=0, integer=True)
+        require("seed", self.seed, at_least=0, integer=True)
+        require("lr", self.lr, above=0)
+        require("grad_clip", self.grad_clip, above=0)
+        require("margin", self.margin, at_least=0)
+        if self.threads is not None:
+            require("threads", self.threads, at_least=1, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

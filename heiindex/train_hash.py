@@ -32,6 +32,7 @@ from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
+from .settings import require
 from .store import SplitStore, atomic_dir, check_replaceable, read_json_object, write_json
 from .train import iter_training_batches
 
@@ -61,6 +62,14 @@ class HashTrainConfig:
     val_candidates: int = 100
     seed: int = 0
     buffer_row_groups: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "rounds", "val_candidates", "buffer_row_groups"):
+            require(name, getattr(self, name), at_least=1, integer=True)
+        require("batch_size", self.batch_size, at_least=2, integer=True)  # a caption needs a negative
+        require("seed", self.seed, at_least=0, integer=True)
+        require("lr", self.lr, above=0)
+        require("rank_weight", self.rank_weight, at_least=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

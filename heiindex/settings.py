@@ -1,0 +1,33 @@
+"""Range checks for numeric settings (training and model configs).
+
+What this module is for: one message shape for a setting out of range, so that a NaN learning
+rate, a batch of one or zero epochs is refused by name when a config is made (by the library
+or by the CLI's flags) instead of training on garbage or failing deep inside torch.
+What it must not do: know any particular config.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+__all__ = ["require"]
+
+
+def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
+    """A ``ValueError`` naming ``name`` unless ``value`` is a finite number (a whole number where
+    ``integer``), at least ``at_least`` and greater than ``above`` where given."""
+    kind = Integral if integer else Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
+    if not ok:
+        want = ["a whole number" if integer else "a finite number"]
+        if at_least is not None:
+            want.append(f"at least {_num(at_least)}")
+        if above is not None:
+            want.append(f"greater than {_num(above)}")
+        raise ValueError(f"{name} must be {', '.join(want)}, got {value!r}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

@@ -1,0 +1,102 @@
+"""heiindex.settings.require and the configs that use it: a setting out of range is refused by
+name when the config is made (NaN learning rates trained NaN models, a batch of one trained
+nothing, zero epochs failed after the scoring pass, a negative nlist was a FAISS TypeError)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
+
+from heiindex.attention import AttentionConfig
+from heiindex.hamming import resolve_index_kind
+from heiindex.model import ScanConfig
+from heiindex.settings import require
+from heiindex.train import TrainConfig
+from heiindex.train_hash import HashTrainConfig
+
+
+def test_require():
+    require("n", 3, at_least=1, integer=True)
+    require("x", 0.5, above=0)
+    for value, kw, message in (
+        (0, {"at_least": 1, "integer": True}, "n must be a whole number, at least 1, got 0"),
+        (2.5, {"integer": True}, "n must be a whole number, got 2.5"),
+        (True, {"integer": True}, "n must be a whole number, got True"),
+        (math.nan, {"above": 0}, "n must be a finite number, greater than 0, got nan"),
+        (math.inf, {}, "n must be a finite number, got inf"),
+        (0.0, {"above": 0}, "n must be a finite number, greater than 0, got 0.0"),
+        ("3", {}, "n must be a finite number, got '3'"),
+        (-0.5, {"at_least": 0.25}, "n must be a finite number, at least 0.25, got -0.5"),
+    ):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            require("n", value, **kw)
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "value", "message"),
+    [
+        (TrainConfig, "epochs", 0, "epochs must be a whole number, at least 1"),
+        (TrainConfig, "batch_size", 1, "batch_size must be a whole number, at least 2"),
+        (TrainConfig, "lr", math.nan, "lr must be a finite number, greater than 0"),
+        (TrainConfig, "lr_decay_epochs", 0, "lr_decay_epochs must be a whole number, at least 1"),
+        (TrainConfig, "margin", math.nan, "margin must be a finite number, at least 0"),
+        (TrainConfig, "val_images", -3, "val_images must be a whole number, at least 1"),
+        (TrainConfig, "threads", 0, "threads must be a whole number, at least 1"),
+        (TrainConfig, "seed", -1, "seed must be a whole number, at least 0"),
+        (HashTrainConfig, "epochs", 0, "epochs must be a whole number, at least 1"),
+        (HashTrainConfig, "rounds", 0, "rounds must be a whole number, at least 1"),
+        (HashTrainConfig, "val_candidates", 0, "val_candidates must be a whole number, at least 1"),
+        (HashTrainConfig, "rank_weight", math.nan, "rank_weight must be a finite number, at least 0"),
+        (HashTrainConfig, "lr", -1.0, "lr must be a finite number, greater than 0"),
+        (
+            lambda **kw: ScanConfig(vocab_size=10, **kw),
+            "embed_size",
+            -4,
+            "embed_size must be a whole number, at least 1",
+        ),
+        (AttentionConfig, "lambda_softmax", math.nan, "lambda_softmax must be a finite number, greater than 0"),
+        (AttentionConfig, "lambda_lse", 0.0, "lambda_lse must be a finite number, greater than 0"),
+    ],
+)
+def test_configs_refuse_settings_out_of_range(make, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make(**{field: value})
+
+
+def test_lambda_lse_is_free_where_lse_is_not_used():
+    AttentionConfig(agg="mean", lambda_lse=0.0)
+
+
+def test_ivf_settings():
+    assert resolve_index_kind("ivf", 100, nlist=4, nprobe=2) == {"type": "ivf", "nlist": 4, "nprobe": 2}
+    with pytest.raises(ValueError, match="nlist must be a whole number, at least 1, got 0"):
+        resolve_index_kind("ivf", 100, nlist=0)
+    with pytest.raises(ValueError, match="nprobe must be a whole number, at least 1, got -1"):
+        resolve_index_kind("auto", 100, nprobe=-1)
+
+
+def test_the_cli_names_the_setting(pipe, tmp_path):
+    for args, message in (
+        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--lr", "nan"), "lr must be a finite number"),
+        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--batch-size", "1"), "batch_size must be"),
+        (
+            ("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", tmp_path / "h", "--epochs", "0"),
+            "epochs must be a whole number, at least 1, got 0",
+        ),
+        (
+            ("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
+            + ("--out", tmp_path / "i", "--index", "ivf", "--nlist", "-3"),
+            "nlist must be a whole number, at least 1, got -3",
+        ),
+        (
+            ("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
+            + ("--out", tmp_path / "i", "--index", "flat", "--nlist", "7"),
+            "--nlist sets up IVF indexes (--index ivf, or auto at scale), not --index flat",
+        ),
+    ):
+        r = run(*args)
+        assert r.exit_code == 2, args
+        clean_error(r, message)
+    assert list(tmp_path.iterdir()) == []
