@@ -32,7 +32,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HeiindexError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise HeiindexError(f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+        raise HeiindexError(
+            f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices"
+        )
     return dev
 
 
