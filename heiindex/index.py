@@ -121,6 +121,29 @@ def read_index_manifest(path: str | Path) -> dict:
     return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
 
 
+# The fields Index.open reads from an unsharded index's manifest, and what each holds.
+_INDEX_FIELDS = {"split": str, "matcher": dict, "hash": dict, "index": dict, "regions": int, "embed_size": int}
+_MODEL_FIELDS = {"path": str, "sha256": str}
+
+
+def _check_index_manifest(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the manifest and the field unless it is an index's (a store split's
+    manifest.json, an easy folder to give by mistake, is named as such)."""
+    if "images" in manifest and "captions" in manifest and "matcher" not in manifest:
+        raise DataError(mpath, "is a store split's manifest, not an index's: give the folder `heiindex build` wrote")
+    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+        raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
+    fields = [(name, manifest.get(name), kind) for name, kind in _INDEX_FIELDS.items()]
+    fields += [
+        (f"{part}.{name}", (manifest.get(part) or {}).get(name), kind)
+        for part in ("matcher", "hash")
+        for name, kind in _MODEL_FIELDS.items()
+    ]
+    for name, value, kind in fields:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(mpath, f'field "{name}" is missing or not of type {kind.__name__} (got {value!r})')
+
+
 def _hash_checksum(h: LoadedHash) -> str:
     sha = hashlib.sha256()
     for name, t in sorted(h.module.state_dict().items()):
@@ -143,7 +166,8 @@ class Index:
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
-        if code_indexes is None:
+        faiss_files = code_indexes is None
+        if faiss_files:
             code_indexes = (load_binary_index(path / "images.faiss"), load_binary_index(path / "captions.faiss"))
         if len(code_indexes) != 2:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
@@ -163,7 +187,20 @@ class Index:
         self.words = _packed_words(captions, lengths, d)
         pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
+        orphan = [j for j, i in enumerate(self.caption_image_ids) if int(i) not in row_of]
+        if orphan:
+            raise DataError(
+                captions,
+                f"caption row {orphan[0]} (and {len(orphan) - 1} more) names image_id "
+                f"{int(self.caption_image_ids[orphan[0]])}, which image_features.parquet does not hold",
+            )
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
+        for name, index, n in (
+            ("images", self.image_index, self.n_images),
+            ("captions", self.caption_index, self.n_captions),
+        ):
+            if faiss_files and index.ntotal != n:  # e.g. the two files swapped, or one from another build
+                raise DataError(path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {n} {name}")
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
         for j, row in enumerate(self.caption_image):
             self.image_captions[row].append(j)
@@ -334,10 +371,7 @@ class Index:
         manifest = read_index_manifest(path)
         if manifest.get("kind") == "sharded":
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
-        if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-            raise DataError(
-                mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}"
-            )
+        _check_index_manifest(manifest, mpath)
         matcher, hasher = load_models(manifest, matcher, hasher)
         if matcher.checksum != manifest["matcher"]["sha256"]:
             raise ModelMismatchError(
@@ -605,6 +639,8 @@ def _row_groups(path: Path, columns: list[str]):
     """``(rows, tables)``: the file's row count and its row groups of ``columns``, read one at a
     time (no pre-buffering: a row group read is released when the next is read). A column the
     file lacks is a ``DataError``."""
+    if not path.is_file():
+        raise DataError(path, "missing: this index is incomplete (build it again)")
     pf = pq.ParquetFile(path, pre_buffer=False)
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:

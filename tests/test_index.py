@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -624,3 +625,68 @@ def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         with pytest.raises(HeiindexError, match="dtype must be one of float32, tf32, bfloat16, got 'float16'"):
             set_precision("float16")
+
+
+# -- a damaged or mistaken index folder ---------------------------------------------------------
+
+
+def _copy_index(pipe, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(pipe.index_dir, out)
+    return out
+
+
+def test_a_store_split_given_as_an_index_is_named(pipe):
+    """It was KeyError 'matcher' (a split's manifest.json passed the format_version check)."""
+    with pytest.raises(DataError, match=r"test/manifest.json: is a store split's manifest, not an index's"):
+        Index.open(pipe.root / "test")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "detail"),
+    [
+        ("regions", None, r'field "regions" is missing or not of type int \(got None\)'),
+        ("embed_size", "256", r"field \"embed_size\" is missing or not of type int \(got '256'\)"),
+        ("matcher", {"path": "m"}, r'field "matcher.sha256" is missing or not of type str \(got None\)'),
+        ("hash", [], r'field "hash" is missing or not of type dict \(got \[\]\)'),
+    ],
+)
+def test_a_manifest_field_missing_or_mistyped_is_named(pipe, tmp_path, field, value, detail):
+    out = _copy_index(pipe, tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    if value is None:
+        del m[field]
+    else:
+        m[field] = value
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"copy/manifest.json: " + detail):
+        Index.open(out)
+
+
+def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_path):
+    out = _copy_index(pipe, tmp_path)
+    (out / "image_features.parquet").unlink()
+    with pytest.raises(DataError, match=r"copy/image_features.parquet: missing: this index is incomplete"):
+        Index.open(out)
+    shutil.rmtree(out)
+    out = _copy_index(pipe, tmp_path)
+    images, captions = out / "images.faiss", out / "captions.faiss"
+    images.rename(out / "x")
+    captions.rename(images)
+    (out / "x").rename(captions)  # swapped: image search failed obscurely, caption search answered wrongly
+    with pytest.raises(DataError, match=r"copy/images.faiss: holds 120 codes, but the index has 24 images"):
+        Index.open(out)
+
+
+def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
+    """A build over such a store succeeded and every query then failed with KeyError."""
+    out = _copy_index(pipe, tmp_path)
+    table = pq.read_table(out / "caption_features.parquet")
+    ids = table.column("image_id").to_numpy().copy()
+    ids[7] = 10**6
+    table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids))
+    pq.write_table(table, out / "caption_features.parquet")
+    with pytest.raises(
+        DataError, match=r"caption_features.parquet: caption row 7 \(and 0 more\) names image_id 1000000"
+    ):
+        Index.open(out)
