@@ -511,11 +511,17 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
 
     from .render import bench_tables, console, echo_json
 
+    sweep_list = _sweep_values(sweep) if sweep else None
+    if plot is not None:  # before the index is read and the bench runs
+        from heiindex.plot import check_plot_path
+
+        if not sweep_list:
+            raise HeiindexError("--plot draws the --sweep table; give --sweep too")
+        check_plot_path(plot)
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
         index = _open_index(index_dir, None, None, device, dtype)
-    sweep_list = _sweep_values(sweep) if sweep else None
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_sweep"]
+from .errors import HeiindexError
+
+__all__ = ["check_plot_path", "plot_sweep"]
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """``path`` if a PNG can be written there: it ends in .png and its folder exists (checked
+    before a bench runs, not after it; matplotlib would add ".png" to a path without a suffix
+    and refuse other suffixes)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise HeiindexError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
+    if not path.parent.is_dir():
+        raise HeiindexError(f"--plot {path}: no folder {path.parent} to write it in")
+    if path.is_dir():
+        raise HeiindexError(f"--plot {path}: is a folder; give a file path ending in .png")
+    return path
 
 
 def plot_sweep(rows: list[dict], path: str | Path) -> Path:
-    """Write a PNG: R@1 and candidate recall of both directions against N."""
+    """Write a PNG: R@1 and candidate recall of both directions against N (``path`` as
+    ``check_plot_path`` allows)."""
     try:
         import matplotlib
 
@@ -16,7 +33,7 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError("plots need matplotlib: pip install 'heiindex[plot]'") from exc
-    path = Path(path)
+    path = check_plot_path(path)
     ns = [r["candidates"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for direction, style in (("t2i", "-"), ("i2t", "--")):
@@ -35,6 +52,6 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path

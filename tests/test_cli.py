@@ -142,6 +142,26 @@ def test_bench_bad_sweep(pipe, sweep, message):
     clean_error(r, message)
 
 
+def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
+    """A plot path matplotlib would rename (no suffix: it adds .png, and the output named the
+    path asked for) or refuse (another suffix, a missing folder) is refused before the bench."""
+    import heiindex.bench
+
+    monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    for plot, message in (
+        (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
+        (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
+        (tmp_path / "nodir" / "p.png", f"no folder {tmp_path / 'nodir'} to write it in"),
+    ):
+        r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
+        assert r.exit_code == 2
+        clean_error(r, f"--plot {plot}: {message}")
+    r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
+    assert r.exit_code == 2
+    clean_error(r, "--plot draws the --sweep table; give --sweep too")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_tables(pipe, tmp_path):
     r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
     for text in (
