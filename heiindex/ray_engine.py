@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import Hit, SearchResult
+from .settings import require
 from .shards import check_counts, merge_hits, read_manifest, shard_search_regions, shard_search_text
 
 __all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
@@ -128,16 +129,10 @@ class RayShardedIndex:
 
         self.path = Path(path).resolve()
         self.manifest = read_manifest(self.path)  # before Ray: an unsharded index is refused as such
-        ray = _ray()
+        if threads is not None:  # checked here: an actor that fails on it reads as "actor died"
+            require("threads", threads, at_least=1, integer=True)
         threads = threads or torch.get_num_threads()
-        if not ray.is_initialized():
-            if address is None:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
-            else:
-                try:
-                    ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
-                except ConnectionError as exc:
-                    raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+        ray = _connect(address)
         actor_cls = ray.remote(_ShardServer)
         options = {
             # No CPU reservation (a reservation the cluster cannot meet leaves an actor pending
@@ -239,9 +234,7 @@ def stop_served(path: str | Path, address: str | None) -> int:
     """Kill the detached actors ``heiindex serve`` started for ``path``; returns how many."""
     path = Path(path).resolve()
     manifest = read_manifest(path)
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
+    ray = _connect(address)
     stopped = 0
     for i in range(len(manifest["shards"])):
         try:
@@ -250,6 +243,22 @@ def stop_served(path: str | Path, address: str | None) -> int:
         except ValueError:
             continue
     return stopped
+
+
+def _connect(address: str | None):
+    """The ``ray`` module, initialised: on the cluster at ``address`` (a clear error where none
+    answers there), or on a local Ray started for this process where ``address`` is None."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    if address is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+        return ray
+    try:
+        ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
+    except ConnectionError as exc:
+        raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+    return ray
 
 
 def _actor_name(path: Path, i: int) -> str:

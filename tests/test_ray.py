@@ -165,3 +165,25 @@ def test_bench_driver_hands_every_actor_all_shards_codes(local_ray, sharded):
     assert [d for d, _ in got] == ["t2i"] * 3 + ["i2t"] * 3
     for direction, codes in got:
         np.testing.assert_array_equal(codes, captions if direction == "t2i" else images)
+
+
+def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
+    """--threads -2 reached the actors and read as "actor died"; serve --stop without a cluster
+    was a ConnectionError traceback. Both are named before any actor starts."""
+    import heiindex.ray_engine as engine
+
+    class NoCluster:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise ConnectionError(f"no cluster at {kwargs['address']}")
+
+    with pytest.raises(ValueError, match="threads must be a whole number, at least 1, got -2"):
+        RayShardedIndex(sharded.path, address="auto", threads=-2)
+    monkeypatch.setattr(engine, "_ray", lambda: NoCluster)
+    for call in (lambda: engine.stop_served(sharded.path, "auto"), lambda: RayShardedIndex(sharded.path, "auto")):
+        with pytest.raises(HeiindexError, match="cannot reach a Ray cluster at 'auto': no cluster at auto"):
+            call()
