@@ -49,7 +49,7 @@ from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
-from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, read_json_object, write_json
+from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, check_fields, read_json_object, write_json
 from .train_hash import LoadedHash, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
@@ -122,8 +122,16 @@ def read_index_manifest(path: str | Path) -> dict:
 
 
 # The fields Index.open reads from an unsharded index's manifest, and what each holds.
-_INDEX_FIELDS = {"split": str, "matcher": dict, "hash": dict, "index": dict, "regions": int, "embed_size": int}
-_MODEL_FIELDS = {"path": str, "sha256": str}
+_INDEX_FIELDS = {
+    "split": str,
+    "index": dict,
+    "regions": int,
+    "embed_size": int,
+    "matcher.path": str,
+    "matcher.sha256": str,
+    "hash.path": str,
+    "hash.sha256": str,
+}
 
 
 def _check_index_manifest(manifest: dict, mpath: Path) -> None:
@@ -133,15 +141,7 @@ def _check_index_manifest(manifest: dict, mpath: Path) -> None:
         raise DataError(mpath, "is a store split's manifest, not an index's: give the folder `heiindex build` wrote")
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
-    fields = [(name, manifest.get(name), kind) for name, kind in _INDEX_FIELDS.items()]
-    fields += [
-        (f"{part}.{name}", (manifest.get(part) or {}).get(name), kind)
-        for part in ("matcher", "hash")
-        for name, kind in _MODEL_FIELDS.items()
-    ]
-    for name, value, kind in fields:
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise DataError(mpath, f'field "{name}" is missing or not of type {kind.__name__} (got {value!r})')
+    check_fields(mpath, manifest, _INDEX_FIELDS)
 
 
 def _hash_checksum(h: LoadedHash) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "ImageWriter",
     "SplitStore",
     "atomic_dir",
+    "check_fields",
     "check_replaceable",
     "file_sha256",
     "write_captions",
@@ -76,6 +77,18 @@ def read_json_object(path: Path, missing: str) -> dict:
     if not isinstance(data, dict):
         raise DataError(path, f"must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_fields(path: Path, data: dict, spec: dict[str, type]) -> None:
+    """``DataError`` naming ``path`` and the first field of ``spec`` (dotted paths into nested
+    objects, e.g. ``"images.count"``) that ``data`` lacks or holds with another type (a bool is
+    not an int)."""
+    for name, kind in spec.items():
+        value = data
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(path, f'field "{name}" is missing or not of type {kind.__name__} (got {value!r})')
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -230,6 +243,21 @@ class CaptionTable:
         )
 
 
+# The manifest fields SplitStore reads, and what each holds.
+_STORE_FIELDS = {
+    "split": str,
+    "images.count": int,
+    "images.regions": int,
+    "images.feature_dim": int,
+    "images.sha256": str,
+    "captions.count": int,
+    "captions.sha256": str,
+    "vocab.sha256": str,
+    "vocab.size": int,
+}
+_CAPTION_COLUMNS = ("caption_id", "image_id", "text", "tokens")
+
+
 class SplitStore:
     """Read access to one ingested split (``ROOT/{split}``)."""
 
@@ -242,6 +270,7 @@ class SplitStore:
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")
+        check_fields(manifest_path, self.manifest, _STORE_FIELDS)
         self.images_path = self.path / IMAGES_FILE
         self.captions_path = self.path / CAPTIONS_FILE
         for p in (self.images_path, self.captions_path):
@@ -254,7 +283,12 @@ class SplitStore:
         if self._images_pf is None:
             # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
             # ends, so reading a split held all of its features (benchmarks/build_memory.py)
-            self._images_pf = pq.ParquetFile(self.images_path, pre_buffer=False)
+            pf = pq.ParquetFile(self.images_path, pre_buffer=False)
+            names = pf.schema_arrow.names
+            missing = [c for c in ("image_id", "features") if c not in names]
+            if missing:
+                raise DataError(self.images_path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
+            self._images_pf = pf
         return self._images_pf
 
     @classmethod
@@ -348,10 +382,27 @@ class SplitStore:
         return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
 
     def captions(self) -> CaptionTable:
-        table = pq.read_table(self.captions_path)
+        """The split's captions; ``DataError`` naming the file where a column is missing, the row
+        count is not the manifest's, or a token id lies outside the split's vocabulary."""
+        names = pq.read_schema(self.captions_path).names
+        missing = [c for c in _CAPTION_COLUMNS if c not in names]
+        if missing:
+            raise DataError(self.captions_path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
+        table = pq.read_table(self.captions_path, columns=list(_CAPTION_COLUMNS))
+        if table.num_rows != self.n_captions:
+            raise DataError(
+                self.captions_path,
+                f"holds {table.num_rows} captions; the manifest's captions.count says {self.n_captions}",
+            )
         tok = table.column("tokens").combine_chunks()
         offsets = tok.offsets.to_numpy()
         values = tok.values.to_numpy()
+        size = int(self.manifest["vocab"]["size"])
+        if values.size and (int(values.min()) < 0 or int(values.max()) >= size):
+            bad = int(values.max()) if int(values.max()) >= size else int(values.min())
+            raise DataError(
+                self.captions_path, f'column "tokens" holds id {bad}, outside the vocabulary of {size} words'
+            )
         lengths = np.diff(offsets).astype(np.int64)
         padded = np.zeros((len(lengths), int(lengths.max(initial=1))), dtype=np.int64)
         mask = np.arange(padded.shape[1])[None, :] < lengths[:, None]

@@ -648,7 +648,7 @@ def test_a_store_split_given_as_an_index_is_named(pipe):
         ("regions", None, r'field "regions" is missing or not of type int \(got None\)'),
         ("embed_size", "256", r"field \"embed_size\" is missing or not of type int \(got '256'\)"),
         ("matcher", {"path": "m"}, r'field "matcher.sha256" is missing or not of type str \(got None\)'),
-        ("hash", [], r'field "hash" is missing or not of type dict \(got \[\]\)'),
+        ("hash", [], r'field "hash.path" is missing or not of type str \(got None\)'),
     ],
 )
 def test_a_manifest_field_missing_or_mistyped_is_named(pipe, tmp_path, field, value, detail):

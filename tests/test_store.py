@@ -38,6 +38,17 @@ def _five_captions():
     return np.arange(5), np.arange(5), TEXTS, TOKENS
 
 
+def _manifest(n, regions, dim, images_sha, captions_sha, version=FORMAT_VERSION) -> dict:
+    """A split manifest for n images and the five captions (token ids below 12)."""
+    return {
+        "format_version": version,
+        "split": "test",
+        "images": {"count": n, "regions": regions, "feature_dim": dim, "sha256": images_sha},
+        "captions": {"count": 5, "sha256": captions_sha},
+        "vocab": {"sha256": "0" * 64, "size": 12},
+    }
+
+
 def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
     """images 0..n-1 in the given blocks (row groups), 5 captions (one per image of 0..4);
     returns (images_sha, captions_sha)."""
@@ -49,15 +60,7 @@ def _write_split(folder, blocks=((0, 3), (3, 5)), version=FORMAT_VERSION):
         w.write(np.arange(a, b), feats[a:b])
     images_sha = w.close()
     captions_sha = write_captions(folder / CAPTIONS_FILE, *_five_captions())
-    write_json(
-        folder / MANIFEST_FILE,
-        {
-            "format_version": version,
-            "split": "test",
-            "images": {"count": n, "regions": R, "feature_dim": D, "sha256": images_sha},
-            "captions": {"count": 5, "sha256": captions_sha},
-        },
-    )
+    write_json(folder / MANIFEST_FILE, _manifest(n, R, D, images_sha, captions_sha, version))
     return images_sha, captions_sha
 
 
@@ -145,15 +148,8 @@ def test_a_pass_over_the_images_holds_one_block_not_the_file(tmp_path):
     feats = np.random.default_rng(0).random((n, regions, dim), dtype=np.float32)  # incompressible
     for a in range(0, n, 4):  # 64 row groups of 147 KB: 9.4 MB
         w.write(np.arange(a, a + 4), feats[a : a + 4])
-    write_json(
-        folder / MANIFEST_FILE,
-        {
-            "format_version": FORMAT_VERSION,
-            "split": "test",
-            "images": {"count": n, "regions": regions, "feature_dim": dim, "sha256": w.close()},
-            "captions": {"count": 5, "sha256": write_captions(folder / CAPTIONS_FILE, *_five_captions())},
-        },
-    )
+    captions_sha = write_captions(folder / CAPTIONS_FILE, *_five_captions())
+    write_json(folder / MANIFEST_FILE, _manifest(n, regions, dim, w.close(), captions_sha))
     store, base, live = SplitStore.open(tmp_path, "test"), pa.total_allocated_bytes(), []
     for ids, block in store.iter_image_blocks(block_images=8):
         np.testing.assert_array_equal(block, feats[ids])
@@ -286,6 +282,52 @@ def test_split_store_manifest_not_json(tmp_path):
     (tmp_path / "test" / MANIFEST_FILE).mkdir()
     with pytest.raises(DataError, match="manifest.json: cannot be read"):
         SplitStore.open(tmp_path, "test")
+
+
+@pytest.mark.parametrize(
+    ("edit", "detail"),
+    [
+        (lambda m: m.pop("images"), r'field "images.count" is missing or not of type int \(got None\)'),
+        (
+            lambda m: m["captions"].update(count="5"),
+            r"field \"captions.count\" is missing or not of type int \(got '5'\)",
+        ),
+        (lambda m: m.pop("vocab"), r'field "vocab.sha256" is missing'),
+    ],
+)
+def test_split_store_manifest_fields_are_named(tmp_path, edit, detail):
+    """These were KeyErrors, or "invalid literal for int()", wherever a field was first read."""
+    _write_split(tmp_path / "test")
+    manifest = json.loads((tmp_path / "test" / MANIFEST_FILE).read_text())
+    edit(manifest)
+    write_json(tmp_path / "test" / MANIFEST_FILE, manifest)
+    with pytest.raises(DataError, match=r"test/manifest.json: " + detail):
+        SplitStore.open(tmp_path, "test")
+
+
+def test_split_store_captions_are_checked_against_the_manifest(tmp_path):
+    folder = tmp_path / "test"
+    _write_split(folder)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["captions"]["count"] = 4  # fewer than the file's 5: the store read a subset without a word
+    write_json(folder / MANIFEST_FILE, manifest)
+    with pytest.raises(DataError, match=r"captions.parquet: holds 5 captions; the manifest's captions.count says 4"):
+        SplitStore.open(tmp_path, "test").captions()
+    manifest["captions"]["count"], manifest["vocab"]["size"] = 5, 11  # token id 11 is then outside it
+    write_json(folder / MANIFEST_FILE, manifest)
+    with pytest.raises(DataError, match=r'captions.parquet: column "tokens" holds id 11, outside the vocabulary of 11'):
+        SplitStore.open(tmp_path, "test").captions()
+    pq.write_table(pq.read_table(folder / CAPTIONS_FILE).drop_columns(["tokens"]), folder / CAPTIONS_FILE)
+    with pytest.raises(DataError, match=r'captions.parquet: no column "tokens" \(columns: caption_id, image_id, text'):
+        SplitStore.open(tmp_path, "test").captions()
+
+
+def test_split_store_images_file_without_features_is_named(tmp_path):
+    folder = tmp_path / "test"
+    _write_split(folder)
+    pq.write_table(pq.read_table(folder / IMAGES_FILE).drop_columns(["features"]), folder / IMAGES_FILE)
+    with pytest.raises(DataError, match=r'images.parquet: no column "features" \(columns: image_id\)'):
+        list(SplitStore.open(tmp_path, "test").iter_image_blocks(2))
 
 
 def test_split_store_missing_file(tmp_path):
