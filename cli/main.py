@@ -16,7 +16,8 @@ from heiindex.errors import HeiindexError
 
 
 def handle_errors(func):
-    """Turn a ``HeiindexError`` or a rejected setting into a one-line message and exit status 2."""
+    """Turn a ``HeiindexError``, a rejected setting or a file the system refused into a one-line
+    message and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -24,6 +25,10 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a folder where a file was expected, no permission, a full disk, ...
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
 
     return wrapper

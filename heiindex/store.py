@@ -42,7 +42,9 @@ __all__ = [
     "SplitStore",
     "atomic_dir",
     "check_fields",
+    "check_output",
     "check_replaceable",
+    "check_writable",
     "file_sha256",
     "write_captions",
     "write_json",
@@ -106,7 +108,7 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     refused, not deleted.
     """
     target = Path(target)
-    check_replaceable(target, kind, replaces)
+    check_output(target, kind, replaces)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     tmp.chmod(0o755)
@@ -123,6 +125,29 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(target: Path, kind: str, replaces: Collection[str]) -> None:
+    """Where a command will write ``kind`` as a folder: ``DataError`` naming ``target`` unless it
+    can be written (``check_writable``) and replaced (``check_replaceable``). Commands that
+    work for long before writing call it first, so that a bad ``--out`` fails at once."""
+    check_writable(target)
+    check_replaceable(target, kind, replaces)
+
+
+def check_writable(target: Path) -> None:
+    """``DataError`` naming ``target`` unless a folder can be made there: its nearest existing
+    ancestor is a folder that accepts new entries (probed with a temporary folder, removed at
+    once; nothing is left behind)."""
+    parent = Path(target).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(target, f"cannot be written: {parent} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".heiindex-probe-", dir=parent))
+    except OSError as exc:
+        raise DataError(target, f"cannot be written in {parent} ({exc.strerror or exc})") from None
 
 
 def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:

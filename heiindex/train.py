@@ -30,7 +30,7 @@ from .errors import DataError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
 from .settings import require
-from .store import SplitStore, check_replaceable
+from .store import SplitStore, check_output
 from .vocab import Vocab
 
 __all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]
@@ -131,7 +131,7 @@ def train(
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder; a training run is written as a folder (best/, last/)")
     for folder in (out / "best", out / "last"):  # refused now, not after the first epoch
-        check_replaceable(folder, "a model", MODEL_ENTRIES)
+        check_output(folder, "a model", MODEL_ENTRIES)
     if config.threads:
         torch.set_num_threads(config.threads)
     tr = SplitStore.open(store_root, train_split)

@@ -33,7 +33,7 @@ from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
 from .settings import require
-from .store import SplitStore, atomic_dir, check_replaceable, read_json_object, write_json
+from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
 from .train import iter_training_batches
 
 __all__ = [
@@ -302,7 +302,7 @@ def train_hash(
     va = SplitStore.open(store_root, val_split)
     for store in (tr, va):
         matcher.check_store(store)
-    check_replaceable(Path(out), "a hash module", HASH_ENTRIES)  # before the work, not after it
+    check_output(Path(out), "a hash module", HASH_ENTRIES)  # before the work, not after it
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
     module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
     info = {

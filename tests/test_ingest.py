@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from cli_helpers import run  # tests/ is on sys.path (pytest rootdir-relative import)
+from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex import __version__
 from heiindex.errors import DataError
@@ -250,6 +250,21 @@ def test_cli_wrong_expected_feature_dim(make_precomp, tmp_path):
     assert "expected feature size 2048 (axis 2), got 8" in result.output
 
 
+def test_splits_of_another_feature_size_are_refused_in_one_store(make_precomp, tmp_path):
+    """ingest put 8-d and 16-d splits into one root; a model can encode only one of them."""
+    a, _, _ = make_precomp("a", split="test", n_images=7, feature_dim=8)
+    b, _, _ = make_precomp("b", split="dev", n_images=7, feature_dim=16)
+    ingest(a, "test", tmp_path / "O", regions=None, feature_dim=None)
+    with pytest.raises(
+        DataError, match=r"test/manifest.json: split test of this store has 36 x 8 region features; dev has 36 x 16"
+    ):
+        ingest(b, "dev", tmp_path / "O", regions=None, feature_dim=None)
+    assert sorted(p.name for p in (tmp_path / "O").iterdir()) == ["test", "vocab.json"]
+    c, _, _ = make_precomp("c", split="test", n_images=7, feature_dim=16)
+    ingest(c, "test", tmp_path / "O", regions=None, feature_dim=None)  # the split itself may change shape
+    assert SplitStore.open(tmp_path / "O", "test").feature_dim == 16
+
+
 def test_cli_missing_vocab_file(make_precomp, tmp_path):
     precomp, _, _ = make_precomp(n_images=7)
     result = _run(
@@ -267,6 +282,22 @@ def test_cli_missing_vocab_file(make_precomp, tmp_path):
     assert result.exit_code == 2
     assert str(tmp_path / "nope.json") in result.output
     assert not (tmp_path / "O" / "test").exists()
+
+
+def test_cli_a_folder_where_a_file_is_expected_is_a_clear_error(make_precomp, tmp_path):
+    """--vocab naming a folder was an IsADirectoryError traceback (any OSError now ends in one
+    line naming the path), and an --out under a file a FileExistsError."""
+    precomp, _, _ = make_precomp(n_images=7)
+    (tmp_path / "vocab").mkdir()
+    args = ("--precomp", precomp, "--split", "test", "--feature-dim", "8")
+    r = _run(*args, "--out", tmp_path / "O", "--vocab", tmp_path / "vocab")
+    assert r.exit_code == 2
+    clean_error(r, f"{tmp_path / 'vocab'}: Is a directory")
+    (tmp_path / "file").write_text("")
+    r = _run(*args, "--out", tmp_path / "file")
+    assert r.exit_code == 2
+    clean_error(r, f"{tmp_path / 'file' / 'test'}: cannot be written: {tmp_path / 'file'} is not a folder")
+    assert not (tmp_path / "O").exists() and (tmp_path / "file").read_text() == ""
 
 
 # -- vocabulary across splits -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,9 @@ from heiindex.store import (
     ImageWriter,
     SplitStore,
     atomic_dir,
+    check_output,
     check_replaceable,
+    check_writable,
     file_sha256,
     write_captions,
     write_json,
@@ -389,6 +392,20 @@ def test_atomic_dir_refuses_what_it_would_not_write(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     check_replaceable(empty, "an index", ())  # an empty folder is fine
+
+
+def test_an_output_that_cannot_be_written_is_named_before_the_work(tmp_path):
+    """An --out under a file, or where the system refuses a folder, failed only when the output
+    was written (for train-hash: after all the training)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(DataError, match=rf"file/index/x: cannot be written: {a_file} is not a folder"):
+        check_output(a_file / "index" / "x", "an index", ())
+    with pytest.raises(DataError, match=r"/proc/heiindex-x: cannot be written in /proc"):
+        with atomic_dir(Path("/proc/heiindex-x"), "an index", ()):
+            pytest.fail("the work ran")
+    check_writable(tmp_path / "new" / "deeper")  # absent folders are made when written: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe left nothing
 
 
 def test_atomic_dir_checks_again_before_the_swap(tmp_path):
