@@ -23,6 +23,7 @@ from .store import (
     IMAGES_FILE,
     MANIFEST_FILE,
     ImageWriter,
+    SplitStore,
     atomic_dir,
     file_sha256,
     write_captions,
@@ -70,6 +71,21 @@ def resolve_vocab(out_root: Path, vocab: str | Path | Vocab | None, captions: li
     return given
 
 
+def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int) -> None:
+    """A store root holds one dataset: every split's images have the same regions and feature
+    size (one model encodes them all). ``DataError`` naming the first other split that differs."""
+    if not out_root.is_dir():
+        return
+    for other in sorted(p for p in out_root.iterdir() if p.name != split and (p / MANIFEST_FILE).is_file()):
+        store = SplitStore(other)
+        if (store.regions, store.feature_dim) != (regions, feature_dim):
+            raise DataError(
+                other / MANIFEST_FILE,
+                f"split {other.name} of this store has {store.regions} x {store.feature_dim} region features; "
+                f"{split} has {regions} x {feature_dim} (ingest it into another --out)",
+            )
+
+
 def ingest(
     precomp_dir: str | Path,
     split: str,
@@ -86,6 +102,7 @@ def ingest(
     """
     out_root = Path(out_root)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
+    _check_same_shape(out_root, split, src.regions, src.feature_dim)
     voc = resolve_vocab(out_root, vocab, list(src.captions))
 
     encoded = [voc.encode(t) for t in src.captions]
