@@ -86,11 +86,7 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
     store = root / "store"
     stamp = root / "VERSION.json"
     want = {"sim_version": SIM_VERSION, "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
-    if (
-        stamp.exists()
-        and json.loads(stamp.read_text()) == want
-        and all((store / s / "manifest.json").exists() for s in SPLITS)
-    ):
+    if _stamp(stamp) == want and all((store / s / "manifest.json").exists() for s in SPLITS):
         return store
     captions = data_dir() / "coco-captions"
     log("generating coco-sim (real COCO captions, simulated image features) ...")
@@ -111,3 +107,12 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
         log(summary.line())
     stamp.write_text(json.dumps(want, indent=2) + "\n")
     return store
+
+
+def _stamp(path: Path) -> dict | None:
+    """What the coco-sim stamp records; None where it is missing or unreadable (a damaged stamp
+    only means the generated data is regenerated)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

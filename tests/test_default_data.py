@@ -57,3 +57,16 @@ def test_committed_hash_module_records_the_train_hash_defaults():
     assert cfg["info"]["matcher_sha256"] == matcher.checksum
     assert cfg["hash"] == HashConfig(embed_size=matcher.model.config.embed_size).to_dict()
     assert cfg["info"]["train"] == HashTrainConfig().to_dict()
+
+
+def test_a_damaged_coco_sim_stamp_means_regenerate(tmp_path):
+    """A corrupt VERSION.json was "Error: Expecting property name ..." naming no file; it only
+    marks generated data, so ensure_coco_sim now treats it as stale and regenerates."""
+    from heiindex.default_data import _stamp
+
+    stamp = tmp_path / "VERSION.json"
+    assert _stamp(stamp) is None
+    stamp.write_text("{oops")
+    assert _stamp(stamp) is None
+    stamp.write_text('{"sim_version": 3}')
+    assert _stamp(stamp) == {"sim_version": 3}
