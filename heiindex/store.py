@@ -368,7 +368,7 @@ class SplitStore:
             return
         pf = self._images_file()
         ends = np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-        if not len(ends) or int(ends[-1]) < stop:
+        if (int(ends[-1]) if len(ends) else 0) != self.n_images:  # more rows would be left out without a word
             raise DataError(
                 self.images_path,
                 f"holds {int(ends[-1]) if len(ends) else 0} image rows; the manifest's images.count says {self.n_images}",

@@ -268,6 +268,10 @@ def test_image_rows_missing_from_the_file_are_named(tmp_path):
     write_json(tmp_path / "test" / MANIFEST_FILE, manifest)
     with pytest.raises(DataError, match=r"images.parquet: holds 5 image rows; the manifest's images.count says 7"):
         list(SplitStore.open(tmp_path, "test").iter_image_blocks(4))
+    manifest["images"]["count"] = 4  # fewer: the fifth image was left out of every pass
+    write_json(tmp_path / "test" / MANIFEST_FILE, manifest)
+    with pytest.raises(DataError, match=r"images.parquet: holds 5 image rows; the manifest's images.count says 4"):
+        list(SplitStore.open(tmp_path, "test").iter_image_blocks(4))
 
 
 def test_split_store_manifest_not_json(tmp_path):
