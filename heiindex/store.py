@@ -109,6 +109,7 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     """
     target = Path(target)
     check_output(target, kind, replaces)
+    made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     tmp.chmod(0o755)
@@ -117,6 +118,11 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
         check_replaceable(target, kind, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
         raise
     old = None
     if target.exists():

@@ -433,6 +433,12 @@ def test_atomic_dir_failure_leaves_no_partial_folder(tmp_path):
             raise RuntimeError("boom")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+    deep = tmp_path / "root" / "deeper" / "test"  # the folders made for it go too (an empty root was left)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(deep):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
 
 
 def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
