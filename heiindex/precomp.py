@@ -174,4 +174,6 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     size = path.stat().st_size
     if size < expected:
         raise DataError(path, f"file is truncated: {size} bytes, the header promises {expected}")
+    if size > expected:  # e.g. arrays appended to one file: the header's shape is not the whole file
+        raise DataError(path, f"{size - expected} bytes after the array the header describes ({expected} bytes)")
     return tuple(int(s) for s in shape), dtype, header

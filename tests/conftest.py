@@ -202,6 +202,12 @@ def _truncated_npy(folder: Path) -> BadCase:
     return BadCase("truncated_npy", folder, "test", _ims(folder), "file is truncated")
 
 
+def _trailing_bytes(folder: Path) -> BadCase:
+    with _ims(folder).open("ab") as f:
+        f.write(b"\0" * 64)
+    return BadCase("trailing_bytes", folder, "test", _ims(folder), "64 bytes after the array the header describes")
+
+
 def _truncated_header(folder: Path) -> BadCase:
     raw = _ims(folder).read_bytes()
     _ims(folder).write_bytes(raw[:20])
@@ -237,6 +243,7 @@ BAD_CASES = {
         _bad_bytes,
         _unknown_split,
         _truncated_npy,
+        _trailing_bytes,
         _truncated_header,
         _not_npy,
         _int_dtype,
