@@ -363,9 +363,6 @@ def build(
     from heiindex import default_data as dd
     from heiindex.index import Index
 
-    for flag, value in (("--nlist", nlist), ("--nprobe", nprobe)):
-        if value is not None and index_type not in ("ivf", "auto"):
-            raise HeiindexError(f"{flag} sets up IVF indexes (--index ivf, or auto at scale), not --index {index_type}")
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())

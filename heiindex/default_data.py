@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .ingest import ingest
@@ -94,6 +95,9 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
     vocab = captions / "coco_precomp_vocab.json"
     if (store / "vocab.json").exists():
         (store / "vocab.json").unlink()
+    for split in SPLITS:  # generated data, all re-ingested: a changed feature size must not meet the old splits
+        if (store / split).is_dir():
+            shutil.rmtree(store / split)
     for split in SPLITS:
         summary = ingest(
             root / "precomp",

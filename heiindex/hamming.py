@@ -36,6 +36,18 @@ AUTO_NLIST = 4096
 AUTO_NPROBE = 64
 
 
+def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> None:
+    """What a build asks for, checked before any encoding: a known ``kind``, and ``nlist`` /
+    ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale)."""
+    if kind != "auto" and kind not in INDEX_TYPES:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None:
+            require(name, value, at_least=1, integer=True)
+            if kind not in ("ivf", "auto"):
+                raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
+
+
 def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
     """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
     ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF.

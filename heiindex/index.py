@@ -39,6 +39,7 @@ from .device import check_precision, resolve_device, set_precision
 from .encode import iter_caption_blocks
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
+    check_index_options,
     index_on_device,
     load_binary_index,
     make_binary_index,
@@ -127,6 +128,8 @@ _INDEX_FIELDS = {
     "index": dict,
     "regions": int,
     "embed_size": int,
+    "n_images": int,
+    "n_captions": int,
     "matcher.path": str,
     "matcher.sha256": str,
     "hash.path": str,
@@ -172,6 +175,15 @@ class Index:
         if len(code_indexes) != 2:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
+        counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
+        for name, index in (("images", self.image_index), ("captions", self.caption_index)):
+            if faiss_files and index.ntotal != counts[name]:  # e.g. the two files swapped, or one from another build
+                raise DataError(
+                    path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
+                )
+        for name in ("image_features.parquet", "caption_features.parquet"):  # before either is read
+            if not (path / name).is_file():
+                raise DataError(path / name, "missing: this index is incomplete (build it again)")
         r, d = manifest["regions"], manifest["embed_size"]
         # Features are copied a row group at a time into the tensors kept, never held whole as
         # Arrow columns beside them.
@@ -195,12 +207,11 @@ class Index:
                 f"{int(self.caption_image_ids[orphan[0]])}, which image_features.parquet does not hold",
             )
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
-        for name, index, n in (
-            ("images", self.image_index, self.n_images),
-            ("captions", self.caption_index, self.n_captions),
-        ):
-            if faiss_files and index.ntotal != n:  # e.g. the two files swapped, or one from another build
-                raise DataError(path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {n} {name}")
+        for name, n, file in (("images", self.n_images, "image"), ("captions", self.n_captions, "caption")):
+            if n != counts[name]:
+                raise DataError(
+                    path / f"{file}_features.parquet", f"holds {n} {name}; manifest.json says {counts[name]}"
+                )
         self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
         for j, row in enumerate(self.caption_image):
             self.image_captions[row].append(j)
@@ -265,6 +276,7 @@ class Index:
         (``SplitStore.captions``), so that the shards of one build read them once."""
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
+        check_index_options(index_type, nlist, nprobe)  # before any encoding
         if block_images < 1 or block_captions < 1:
             raise HeiindexError(f"block sizes must be at least 1, got {block_images} images, {block_captions} captions")
         matcher, hasher = load_bound_models(matcher, hasher)

@@ -8,6 +8,7 @@ What this module must not do: train, encode with a model, or print (progress goe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from .store import (
     IMAGES_FILE,
     MANIFEST_FILE,
     ImageWriter,
-    SplitStore,
     atomic_dir,
     file_sha256,
     write_captions,
@@ -76,13 +76,19 @@ def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int
     size (one model encodes them all). ``DataError`` naming the first other split that differs."""
     if not out_root.is_dir():
         return
-    for other in sorted(p for p in out_root.iterdir() if p.name != split and (p / MANIFEST_FILE).is_file()):
-        store = SplitStore(other)
-        if (store.regions, store.feature_dim) != (regions, feature_dim):
+    for other in sorted(out_root.iterdir()):
+        if other.name == split or other.name.startswith(".") or not (other / MANIFEST_FILE).is_file():
+            continue
+        try:  # only the shape is read: other folders (an index kept here, an older format) are not splits to judge
+            images = json.loads((other / MANIFEST_FILE).read_text())["images"]
+            shape = (int(images["regions"]), int(images["feature_dim"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if shape != (regions, feature_dim):
             raise DataError(
                 other / MANIFEST_FILE,
-                f"split {other.name} of this store has {store.regions} x {store.feature_dim} region features; "
-                f"{split} has {regions} x {feature_dim} (ingest it into another --out)",
+                f"split {other.name} of this store has {shape[0]} x {shape[1]} region features; "
+                f"{split} has {regions} x {feature_dim} (ingest it into another --out, or remove {other.name})",
             )
 
 

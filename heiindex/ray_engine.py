@@ -231,10 +231,11 @@ class RayShardedIndex:
 
 
 def stop_served(path: str | Path, address: str | None) -> int:
-    """Kill the detached actors ``heiindex serve`` started for ``path``; returns how many."""
+    """Kill the detached actors ``heiindex serve`` started for ``path`` on the cluster at ``address``
+    (None: the one running here, as Ray's "auto"); returns how many."""
     path = Path(path).resolve()
     manifest = read_manifest(path)
-    ray = _connect(address)
+    ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
     stopped = 0
     for i in range(len(manifest["shards"])):
         try:

@@ -32,6 +32,7 @@ from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
+from .hamming import check_index_options
 from .index import INDEX_ENTRIES, Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
@@ -76,6 +77,7 @@ def write_shards(
 ) -> dict:
     """Write ``shards`` shard indexes of ``store_root/split`` under ``out`` (atomically: a failure
     leaves no half-built folder); returns the top-level manifest written."""
+    check_index_options(index_type, nlist, nprobe)  # before any encoding
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)

@@ -108,6 +108,8 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     refused, not deleted.
     """
     target = Path(target)
+    if target.is_symlink():  # write where it points: swapping the link itself would leave it dangling beside
+        target = target.resolve()
     check_output(target, kind, replaces)
     made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +365,7 @@ class SplitStore:
         ``start..stop-1`` (default: all) in store order, ``block_images`` rows a block (the last
         may be shorter). Only the row groups holding those rows are read (their row counts come
         from the file's metadata); the one holding ``start`` is read from its first row.
-        ``DataError`` where the file holds fewer rows than the manifest's count."""
+        ``DataError`` where the file holds another number of rows than the manifest's count."""
         stop = self.n_images if stop is None else stop
         if block_images < 1 or not 0 <= start <= stop <= self.n_images:
             raise ValueError(

@@ -58,7 +58,7 @@ class TrainConfig:
         require("warmup_sum_epochs", self.warmup_sum_epochs, at_least=0, integer=True)
         require("seed", self.seed, at_least=0, integer=True)
         require("lr", self.lr, above=0)
-        require("grad_clip", self.grad_clip, above=0)
+        require("grad_clip", self.grad_clip, at_least=0)  # 0: no clipping
         require("margin", self.margin, at_least=0)
         if self.threads is not None:
             require("threads", self.threads, at_least=1, integer=True)

@@ -664,11 +664,12 @@ def test_a_manifest_field_missing_or_mistyped_is_named(pipe, tmp_path, field, va
 
 
 def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_path):
-    out = _copy_index(pipe, tmp_path)
-    (out / "image_features.parquet").unlink()
-    with pytest.raises(DataError, match=r"copy/image_features.parquet: missing: this index is incomplete"):
-        Index.open(out)
-    shutil.rmtree(out)
+    for name in ("image_features.parquet", "caption_features.parquet"):
+        out = _copy_index(pipe, tmp_path)
+        (out / name).unlink()
+        with pytest.raises(DataError, match=rf"copy/{name}: missing: this index is incomplete"):
+            Index.open(out)
+        shutil.rmtree(out)
     out = _copy_index(pipe, tmp_path)
     images, captions = out / "images.faiss", out / "captions.faiss"
     images.rename(out / "x")

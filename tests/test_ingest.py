@@ -260,6 +260,8 @@ def test_splits_of_another_feature_size_are_refused_in_one_store(make_precomp, t
     ):
         ingest(b, "dev", tmp_path / "O", regions=None, feature_dim=None)
     assert sorted(p.name for p in (tmp_path / "O").iterdir()) == ["test", "vocab.json"]
+    (tmp_path / "O" / "index").mkdir()  # a folder with another kind of manifest.json is not a split to judge
+    (tmp_path / "O" / "index" / "manifest.json").write_text('{"matcher": {}}')
     c, _, _ = make_precomp("c", split="test", n_images=7, feature_dim=16)
     ingest(c, "test", tmp_path / "O", regions=None, feature_dim=None)  # the split itself may change shape
     assert SplitStore.open(tmp_path / "O", "test").feature_dim == 16

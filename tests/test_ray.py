@@ -184,6 +184,10 @@ def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
     with pytest.raises(ValueError, match="threads must be a whole number, at least 1, got -2"):
         RayShardedIndex(sharded.path, address="auto", threads=-2)
     monkeypatch.setattr(engine, "_ray", lambda: NoCluster)
-    for call in (lambda: engine.stop_served(sharded.path, "auto"), lambda: RayShardedIndex(sharded.path, "auto")):
+    for call in (
+        lambda: engine.stop_served(sharded.path, "auto"),
+        lambda: engine.stop_served(sharded.path, None),  # the cluster running here, not a fresh local Ray
+        lambda: RayShardedIndex(sharded.path, "auto"),
+    ):
         with pytest.raises(HeiindexError, match="cannot reach a Ray cluster at 'auto': no cluster at auto"):
             call()

@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex.attention import AttentionConfig
-from heiindex.hamming import resolve_index_kind
+from heiindex.hamming import check_index_options, resolve_index_kind
 from heiindex.model import ScanConfig
 from heiindex.settings import require
 from heiindex.train import TrainConfig
@@ -65,8 +65,9 @@ def test_configs_refuse_settings_out_of_range(make, field, value, message):
         make(**{field: value})
 
 
-def test_lambda_lse_is_free_where_lse_is_not_used():
+def test_lambda_lse_is_free_where_lse_is_not_used_and_grad_clip_0_means_none():
     AttentionConfig(agg="mean", lambda_lse=0.0)
+    TrainConfig(grad_clip=0.0)
 
 
 def test_ivf_settings():
@@ -75,6 +76,29 @@ def test_ivf_settings():
         resolve_index_kind("ivf", 100, nlist=0)
     with pytest.raises(ValueError, match="nprobe must be a whole number, at least 1, got -1"):
         resolve_index_kind("auto", 100, nprobe=-1)
+
+
+def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypatch):
+    """A bad nlist failed only when the FAISS index was made, after the whole split was encoded."""
+    import heiindex.index
+    import heiindex.shards
+    from heiindex.index import Index
+    from heiindex.shards import write_shards
+
+    cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not index type 'hnsw'"))
+    monkeypatch.setattr(heiindex.index, "ImageWriter", lambda *a, **k: pytest.fail("encoding started"))
+    for kind, nlist, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i", index_type=kind, nlist=nlist)
+    monkeypatch.setattr(heiindex.shards.Index, "write", lambda *a, **k: pytest.fail("a shard was written"))
+    for kind, nlist, message in cases:
+        with pytest.raises(ValueError, match=message):
+            write_shards(
+                pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2, index_type=kind, nlist=nlist
+            )
+    with pytest.raises(ValueError, match="index type must be one of"):
+        check_index_options("ivff", None, None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_cli_names_the_setting(pipe, tmp_path):
@@ -93,7 +117,7 @@ def test_the_cli_names_the_setting(pipe, tmp_path):
         (
             ("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
             + ("--out", tmp_path / "i", "--index", "flat", "--nlist", "7"),
-            "--nlist sets up IVF indexes (--index ivf, or auto at scale), not --index flat",
+            "nlist sets up IVF indexes (ivf, or auto at scale), not index type 'flat'",
         ),
     ):
         r = run(*args)

@@ -412,6 +412,18 @@ def test_an_output_that_cannot_be_written_is_named_before_the_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe left nothing
 
 
+def test_atomic_dir_writes_where_a_symlink_points(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "manifest.json").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with atomic_dir(link, "an index", ("manifest.json",)) as tmp:
+        (tmp / "manifest.json").write_text("new")
+    assert link.is_symlink() and (link / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_atomic_dir_checks_again_before_the_swap(tmp_path):
     """Something that appears in the target while the work runs stops the swap; the new output
     is discarded and the target keeps what it holds."""
