@@ -16,6 +16,7 @@ What this module must not do: build indexes or answer queries.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,9 +129,10 @@ def train(
 ) -> TrainResult:
     """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``."""
     store_root, out = Path(store_root), Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(out, "exists and is not a folder; a training run is written as a folder (best/, last/)")
-    for folder in (out / "best", out / "last"):  # refused now, not after the first epoch
+    # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
+    # the hidden leftovers of their swaps); a file or any other folder is not written into
+    check_output(out, "a training run", ("best", "last", "history.json", ".*"))
+    for folder in (out / "best", out / "last"):
         check_output(folder, "a model", MODEL_ENTRIES)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -242,5 +244,7 @@ def train(
             },
             state_path,
         )
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        tmp = out / ".history.json.partial"
+        tmp.write_text(json.dumps(history, indent=2) + "\n")
+        os.replace(tmp, out / "history.json")  # whole or not at all, as best/ and last/
     return TrainResult(best_rsum, best_epoch, history, out)

@@ -244,6 +244,14 @@ def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
     clean_error(r, "best: exists and holds what a model does not write (notes.txt)")
     assert "epoch 1" not in r.output  # refused before training
     assert a_file.read_text() == "keep" and (tmp_path / "run" / "best" / "notes.txt").read_text() == "keep"
+    mine = tmp_path / "mine"  # a folder of the user's, or the input store root: not a run folder to write into
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for out in (mine, wide_store):
+        r = _cli_train(wide_store, out, "--epochs", "1")
+        assert r.exit_code == 2
+        clean_error(r, f"{out}: exists and holds what a training run does not write")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
