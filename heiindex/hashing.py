@@ -50,7 +50,7 @@ class HashConfig:
 
     def __post_init__(self) -> None:
         if self.bits % 8 or not 8 <= self.bits <= 1024:
-            raise ValueError(f"code length must be a multiple of 8 between 8 and 1024 bits, got {self.bits}")
+            raise ValueError(f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 

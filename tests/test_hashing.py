@@ -120,7 +120,9 @@ def test_pooling_means_over_regions_and_real_words_only():
 
 def test_hash_config_accepts_multiples_of_8_only():
     for bits in (12, 0, 4, 1032, 127):
-        with pytest.raises(ValueError, match="multiple of 8 between 8 and 1024 bits"):
+        with pytest.raises(
+            ValueError, match=r"bits \(the code length k\) must be a multiple of 8 between 8 and 1024, got"
+        ):
             HashConfig(bits=bits)
     assert HashConfig(bits=8).bits == 8 and HashConfig(bits=1024).bits == 1024
     with pytest.raises(ValueError, match="pooling must be one of"):

@@ -459,14 +459,14 @@ def test_build_refuses_a_store_of_another_vocabulary(pipe, tmp_path):
 
 
 def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
-    with pytest.raises(ValueError, match="code length must be a multiple of 8"):
+    with pytest.raises(ValueError, match=r"bits \(the code length k\) must be a multiple of 8"):
         HashConfig(bits=12, embed_size=pf.EMBED_SIZE)
     # a hash folder that claims 12-bit codes is refused with that message before anything is written
     shutil.copytree(pipe.hash_dir, tmp_path / "h12")
     cfg = json.loads((tmp_path / "h12" / "config.json").read_text())
     cfg["hash"]["bits"] = 12
     (tmp_path / "h12" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises((ValueError, DataError), match="code length must be a multiple of 8"):
+    with pytest.raises((ValueError, DataError), match=r"bits \(the code length k\) must be a multiple of 8"):
         Index.build(pipe.root, "test", pipe.model_dir, tmp_path / "h12", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
