@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -255,11 +256,25 @@ def _connect(address: str | None):
     if address is None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
         return ray
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
     except ConnectionError as exc:
         raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a TCP connection within
+    ``timeout`` seconds: Ray itself retries an unreachable one for minutes before it fails.
+    ``auto`` and other forms are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
 
 
 def _actor_name(path: Path, i: int) -> str:

@@ -191,3 +191,22 @@ def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
     ):
         with pytest.raises(HeiindexError, match="cannot reach a Ray cluster at 'auto': no cluster at auto"):
             call()
+
+
+def test_an_address_nothing_answers_on_fails_fast():
+    """serve --address notahost:1 waited inside Ray for more than 300 s before failing."""
+    import socket
+
+    from heiindex.ray_engine import _check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "no-such-host.invalid:6379"):
+        with pytest.raises(HeiindexError, match=f"cannot reach a Ray cluster at '{address}'"):
+            _check_reachable(address)
+    with socket.socket() as s:  # one that listens is fine, and "auto" is Ray's to resolve
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    _check_reachable("auto")
