@@ -361,8 +361,10 @@ def build(
 ) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
+    from heiindex.hamming import check_index_options
     from heiindex.index import Index
 
+    check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())

@@ -265,9 +265,10 @@ def _connect(address: str | None):
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) address must accept a TCP connection within
-    ``timeout`` seconds: Ray itself retries an unreachable one for minutes before it fails.
-    ``auto`` and other forms are left to Ray."""
+    """A ``host:port`` (or ``ray://host:port``) address must resolve and accept a TCP connection
+    (the connection attempt is bounded by ``timeout`` seconds; the name lookup by the system's
+    resolver): Ray itself retries an unreachable one for minutes before it fails. ``auto`` and
+    other forms are left to Ray."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
         return

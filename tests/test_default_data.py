@@ -70,3 +70,20 @@ def test_a_damaged_coco_sim_stamp_means_regenerate(tmp_path):
     assert _stamp(stamp) is None
     stamp.write_text('{"sim_version": 3}')
     assert _stamp(stamp) == {"sim_version": 3}
+
+
+def test_coco_sim_regenerates_after_a_change_of_feature_size(tmp_path, monkeypatch):
+    """Regenerating with another feature size re-ingests every split; the old splits must not
+    block it (ingest refuses a store root that mixes shapes)."""
+    from heiindex.default_data import ensure_coco_sim
+    from heiindex.store import SplitStore
+
+    (tmp_path / "coco-captions").symlink_to(CAPTIONS)
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path))
+    small = SimConfig(regions=2, feature_dim=8, clutter_regions=0, background_regions=0)
+    store = ensure_coco_sim(small, log=lambda *_: None)
+    assert SplitStore.open(store, "train").feature_dim == 8
+    store = ensure_coco_sim(
+        SimConfig(regions=2, feature_dim=4, clutter_regions=0, background_regions=0), log=lambda *_: None
+    )
+    assert {SplitStore.open(store, s).feature_dim for s in ("train", "dev", "test")} == {4}

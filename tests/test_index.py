@@ -679,6 +679,21 @@ def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_
         Index.open(out)
 
 
+def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, tmp_path):
+    out = _copy_index(pipe, tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    m["n_images"], m["n_captions"] = 25, 120  # the FAISS files must agree with it to get this far
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"copy/images.faiss: holds 24 codes, but the index has 25 images"):
+        Index.open(out)
+    table = pq.read_table(out / "caption_features.parquet")
+    pq.write_table(table.slice(0, 119), out / "caption_features.parquet")  # one caption short of the manifest
+    m["n_images"] = 24
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"copy/caption_features.parquet: holds 119 captions; manifest.json says 120"):
+        Index.open(out)
+
+
 def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
     """A build over such a store succeeded and every query then failed with KeyError."""
     out = _copy_index(pipe, tmp_path)

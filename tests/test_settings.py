@@ -101,6 +101,16 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_path):
+    """build --index flat --nlist 7 on a fresh checkout generated coco-sim (minutes) before refusing."""
+    import cli.main
+
+    monkeypatch.setattr(cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
+    r = run("build", "--split", "test", "--out", tmp_path / "i", "--index", "flat", "--nlist", "7")
+    assert r.exit_code == 2
+    clean_error(r, "nlist sets up IVF indexes (ivf, or auto at scale), not index type 'flat'")
+
+
 def test_the_cli_names_the_setting(pipe, tmp_path):
     for args, message in (
         (("train", "--store", pipe.root, "--out", tmp_path / "t", "--lr", "nan"), "lr must be a finite number"),
