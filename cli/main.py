@@ -594,5 +594,27 @@ def serve(index_dir, engine, address, threads, stop) -> None:
     click.echo(f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --address {address}")
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def verify(path, as_json) -> None:
+    """Check a store (root or split) or an index (sharded or not) against the file sizes and
+    SHA-256s its manifests record; exit status 2 where a file changed or is missing."""
+    from heiindex.verify import verify as run_verify
+
+    from .render import console, echo_json, verify_table
+
+    checks = run_verify(path)
+    if as_json:
+        echo_json({"path": str(path), "files": [c.to_dict() for c in checks]})
+    else:
+        console.print(verify_table(path, checks))
+    bad = [c for c in checks if c.status in ("changed", "missing")]
+    if bad:
+        click.echo(f"Error: {len(bad)} of {len(checks)} files differ from what their manifests record", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     cli()

@@ -45,6 +45,15 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     return table
 
 
+def verify_table(path, checks) -> Table:
+    table = Table(title=f"verify {path}")
+    for col in ("file", "status", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(str(c.path), c.status, c.detail)
+    return table
+
+
 def _seconds(r: dict) -> str:
     """A stage's seconds; "-" where it has none of its own (the sharded bench times HEI and
     Hamming ranking together), blank where the table has no timings."""

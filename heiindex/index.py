@@ -50,7 +50,16 @@ from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
-from .store import CaptionTable, ImageWriter, SplitStore, atomic_dir, check_fields, read_json_object, write_json
+from .store import (
+    CaptionTable,
+    ImageWriter,
+    SplitStore,
+    atomic_dir,
+    check_fields,
+    file_record,
+    read_json_object,
+    write_json,
+)
 from .train_hash import LoadedHash, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
@@ -351,6 +360,7 @@ class Index:
             }
             if image_rows is not None:
                 manifest["store_rows"] = [int(first), int(stop)]
+            manifest["files"] = {name: file_record(tmp / name) for name in _INDEX_FILES}  # heiindex verify
             if codes == "milvus":
                 from .milvus_codes import collection_names, upload_codes
 
@@ -590,17 +600,10 @@ class Index:
         return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
 
 
+_INDEX_FILES = ("image_features.parquet", "caption_features.parquet", "images.faiss", "captions.faiss")
 # What an index folder holds, unsharded or sharded (so that either can be rebuilt over the other),
 # with the sweep plot ``heiindex bench`` writes beside it by default.
-INDEX_ENTRIES = (
-    "manifest.json",
-    "image_features.parquet",
-    "caption_features.parquet",
-    "images.faiss",
-    "captions.faiss",
-    "shard-[0-9]*",
-    "bench_sweep.png",
-)
+INDEX_ENTRIES = ("manifest.json", *_INDEX_FILES, "shard-[0-9]*", "bench_sweep.png")
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(

@@ -25,7 +25,7 @@ from .store import (
     MANIFEST_FILE,
     ImageWriter,
     atomic_dir,
-    file_sha256,
+    file_record,
     write_captions,
     write_json,
 )
@@ -164,10 +164,7 @@ def ingest(
             },
             "vocab": {"size": len(voc), "sha256": voc.checksum, "unknown_rate": unknown_rate},
         }
-        manifest["files"] = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-            for name in (IMAGES_FILE, CAPTIONS_FILE)
-        }
+        manifest["files"] = {name: file_record(tmp / name) for name in (IMAGES_FILE, CAPTIONS_FILE)}
         write_json(tmp / MANIFEST_FILE, manifest)
         voc_path = out_root / "vocab.json"
         if not voc_path.exists():

@@ -45,6 +45,7 @@ __all__ = [
     "check_output",
     "check_replaceable",
     "check_writable",
+    "file_record",
     "file_sha256",
     "write_captions",
     "write_json",
@@ -63,6 +64,12 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while data := f.read(chunk):
             h.update(data)
     return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """``{"bytes", "sha256"}`` of a file, as manifests record the files they describe
+    (``heiindex verify`` checks them)."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def read_json_object(path: Path, missing: str) -> dict:

@@ -1,0 +1,72 @@
+"""Check the files of a store or an index against the sizes and SHA-256s their manifests record.
+
+What this module is for: telling whether multi-GB features copied between machines, or kept on
+a disk for months, are still the bytes that were ingested or built; a changed byte in a
+features file would otherwise only show as wrong scores. It reads every recorded file once.
+What it must not do: repair, rewrite or open anything as a store or an index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+from .store import MANIFEST_FILE, file_sha256, read_json_object
+
+__all__ = ["FileCheck", "verify"]
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One recorded file: ``status`` is "ok", "changed", "missing" or "unrecorded" (a manifest
+    from a heiindex that recorded no checksums; ``path`` is then the manifest)."""
+
+    path: Path
+    status: str
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "status": self.status, "detail": self.detail}
+
+
+def verify(path: str | Path) -> list[FileCheck]:
+    """Every recorded file under ``path``: a store root (each split), a store split, an index, or
+    a sharded index (each shard). ``DataError`` where ``path`` is none of these."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists() and (path / "vocab.json").is_file():  # a store root
+        splits = sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+        if not splits:
+            raise DataError(path, "a store root without splits: nothing to verify")
+        return [check for split in splits for check in verify(split)]
+    manifest = read_json_object(manifest_path, "no manifest.json here: not a store, a store split or an index")
+    if manifest.get("kind") == "sharded":
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards
+        ):
+            raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
+        return [check for shard in shards for check in verify(path / shard["path"])]
+    files = manifest.get("files")
+    if files is None:
+        return [FileCheck(manifest_path, "unrecorded", "no file checksums recorded (written by an older heiindex)")]
+    if not isinstance(files, dict):
+        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
+    return [_check(path / name, record, manifest_path) for name, record in sorted(files.items())]
+
+
+def _check(path: Path, record, manifest_path: Path) -> FileCheck:
+    if not (
+        isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
+    ):
+        raise DataError(manifest_path, f'field "files.{path.name}" must hold "bytes" and "sha256", got {record!r}')
+    if not path.is_file():
+        return FileCheck(path, "missing", "recorded in the manifest, not on disk")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return FileCheck(path, "changed", f"{size:,} bytes, {record['bytes']:,} recorded")
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        return FileCheck(path, "changed", f"SHA-256 {digest[:12]}..., {record['sha256'][:12]}... recorded")
+    return FileCheck(path, "ok", f"{size:,} bytes, SHA-256 as recorded")

@@ -1,0 +1,86 @@
+"""heiindex verify: the files of a store and of an index (sharded or not) against the sizes and
+SHA-256s their manifests record; a changed byte, a truncation and a missing file are each named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
+
+from heiindex.errors import DataError
+from heiindex.verify import verify
+
+
+def _flip_a_byte(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_store_split_and_root(pipe, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    checks = verify(root)
+    assert [(c.path.parent.name, c.path.name, c.status) for c in checks] == [
+        (split, name, "ok") for split in ("dev", "test", "train") for name in ("captions.parquet", "images.parquet")
+    ]
+    _flip_a_byte(root / "test" / "images.parquet")  # same size: only the SHA-256 tells
+    (root / "dev" / "captions.parquet").write_bytes((root / "dev" / "captions.parquet").read_bytes()[:-10])
+    (root / "train" / "images.parquet").unlink()
+    got = {(c.path.parent.name, c.path.name): (c.status, c.detail) for c in verify(root)}
+    assert got[("test", "images.parquet")][0] == "changed" and "SHA-256" in got[("test", "images.parquet")][1]
+    assert got[("dev", "captions.parquet")][0] == "changed" and "bytes" in got[("dev", "captions.parquet")][1]
+    assert got[("train", "images.parquet")][0] == "missing"
+    assert got[("test", "captions.parquet")][0] == "ok"
+    assert [c.status for c in verify(root / "test")] == ["ok", "changed"]
+
+
+def test_an_index_and_a_sharded_build(pipe, tmp_path):
+    out = tmp_path / "copy"
+    ok(build(pipe, out))
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m["files"]) == [
+        "caption_features.parquet",
+        "captions.faiss",
+        "image_features.parquet",
+        "images.faiss",
+    ]
+    assert {c.status for c in verify(out)} == {"ok"}
+    _flip_a_byte(out / "captions.faiss")
+    assert {c.path.name: c.status for c in verify(out)}["captions.faiss"] == "changed"
+    sharded = tmp_path / "sharded"
+    ok(build(pipe, sharded, "--shards", "2"))
+    checks = verify(sharded)
+    assert len(checks) == 8 and {c.path.parent.name for c in checks} == {"shard-000", "shard-001"}
+    assert {c.status for c in checks} == {"ok"}
+
+
+def test_what_cannot_be_verified_is_said(pipe, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(pipe.index_dir, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m.pop("files", None)  # as an index built before checksums were recorded
+    (old / "manifest.json").write_text(json.dumps(m))
+    [check] = verify(old)
+    assert (check.path.name, check.status) == ("manifest.json", "unrecorded")
+    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+        verify(tmp_path / "nothing")
+    m["files"] = {"images.faiss": {"bytes": "12"}}
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r'field "files.images.faiss" must hold "bytes" and "sha256"'):
+        verify(old)
+
+
+def test_cli(pipe, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    d = as_json(run("verify", root, "--json"))
+    assert d["path"] == str(root) and len(d["files"]) == 6 and {f["status"] for f in d["files"]} == {"ok"}
+    assert "ok" in ok(run("verify", root / "test")).output
+    _flip_a_byte(root / "test" / "images.parquet")
+    r = run("verify", root)
+    assert r.exit_code == 2
+    clean_error(r, "1 of 6 files differ from what their manifests record")
+    assert "changed" in r.output
