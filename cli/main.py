@@ -550,7 +550,9 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     for name in ("full", "5k", "1k"):
         if name in res:
             label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K"}.get(name)
-            label = label or f"COCO 1K (mean of {res[name]['folds']} folds)"
+            if label is None:  # COCO 1K
+                folds = res[name]["folds"]
+                label = f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
             for t in bench_tables(label, res[name]):
                 console.print(t)
     if "plot" in res:
