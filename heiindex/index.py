@@ -306,6 +306,9 @@ class Index:
         if not 0 <= first < stop <= store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
+        if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
+            captions = store.captions() if captions is None else captions
+            store.check_caption_images(captions)
         with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []

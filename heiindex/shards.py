@@ -82,6 +82,7 @@ def write_shards(
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
     captions = store.captions()  # read once for all shards
+    store.check_caption_images(captions)
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp:

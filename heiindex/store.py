@@ -416,6 +416,19 @@ class SplitStore:
     def n_row_groups(self) -> int:
         return self._images_file().num_row_groups
 
+    def check_caption_images(self, captions: CaptionTable) -> None:
+        """``DataError`` naming the captions file unless every caption's image_id is an image of
+        this split (ingest writes such stores; a hand-made one may not be: a build dropped the
+        captions of a sharded split and wrote an index no query could use)."""
+        ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+        orphan = np.flatnonzero(~np.isin(captions.image_ids, ids))
+        if len(orphan):
+            raise DataError(
+                self.captions_path,
+                f"caption row {int(orphan[0])} (and {len(orphan) - 1} more) names image_id "
+                f"{int(captions.image_ids[orphan[0]])}, which {IMAGES_FILE} does not hold",
+            )
+
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored block: ``(image_ids, features (b, R, D))`` (for shuffled training passes)."""
         table = self._images_file().read_row_group(i, columns=["image_id", "features"])

@@ -706,3 +706,23 @@ def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
         DataError, match=r"caption_features.parquet: caption row 7 \(and 0 more\) names image_id 1000000"
     ):
         Index.open(out)
+
+
+def test_a_store_whose_captions_name_a_missing_image_is_not_built(pipe, tmp_path):
+    """A hand-made store like this was built: unsharded into an index no query could open, sharded
+    with those captions dropped without a word. Now both builds refuse it before any encoding."""
+    from heiindex.shards import write_shards
+
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    path = root / "test" / "captions.parquet"
+    table = pq.read_table(path)
+    ids = table.column("image_id").to_numpy().copy()
+    ids[[3, 50]] = 10**6
+    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids)), path)
+    detail = r"test/captions.parquet: caption row 3 \(and 1 more\) names image_id 1000000, which images.parquet"
+    with pytest.raises(DataError, match=detail):
+        Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")
+    with pytest.raises(DataError, match=detail):
+        write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
