@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import HeiindexError
+from .errors import DataError, HeiindexError
+from .store import check_writable
 
 __all__ = ["check_plot_path", "plot_sweep"]
 
@@ -20,6 +21,10 @@ def check_plot_path(path: str | Path) -> Path:
         raise HeiindexError(f"--plot {path}: no folder {path.parent} to write it in")
     if path.is_dir():
         raise HeiindexError(f"--plot {path}: is a folder; give a file path ending in .png")
+    try:
+        check_writable(path)  # a folder that refuses new files (read-only, /proc, ...)
+    except DataError as exc:
+        raise HeiindexError(f"--plot {exc}") from None
     return path
 
 

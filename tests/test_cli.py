@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pipeline_fixtures as pf
 import pytest
@@ -154,6 +156,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "nodir" / "p.png", f"no folder {tmp_path / 'nodir'} to write it in"),
+        (Path("/proc/p.png"), "cannot be written in /proc"),
     ):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         assert r.exit_code == 2
