@@ -55,9 +55,11 @@ from .store import (
     ImageWriter,
     SplitStore,
     atomic_dir,
+    check_caption_image_ids,
     check_fields,
     file_record,
     read_json_object,
+    require_columns,
     write_json,
 )
 from .train_hash import LoadedHash, load_hash
@@ -185,11 +187,12 @@ class Index:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
         counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
-        for name, index in (("images", self.image_index), ("captions", self.caption_index)):
-            if faiss_files and index.ntotal != counts[name]:  # e.g. the two files swapped, or one from another build
-                raise DataError(
-                    path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
-                )
+        if faiss_files:  # e.g. the two files swapped, or one from another build
+            for name, index in (("images", self.image_index), ("captions", self.caption_index)):
+                if index.ntotal != counts[name]:
+                    raise DataError(
+                        path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
+                    )
         for name in ("image_features.parquet", "caption_features.parquet"):  # before either is read
             if not (path / name).is_file():
                 raise DataError(path / name, "missing: this index is incomplete (build it again)")
@@ -207,14 +210,8 @@ class Index:
         # packed: a split's captions cost their real words, not n x the longest caption
         self.words = _packed_words(captions, lengths, d)
         pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
+        check_caption_image_ids(captions, self.caption_image_ids, self.image_ids, "image_features.parquet")
         row_of = {int(i): k for k, i in enumerate(self.image_ids)}
-        orphan = [j for j, i in enumerate(self.caption_image_ids) if int(i) not in row_of]
-        if orphan:
-            raise DataError(
-                captions,
-                f"caption row {orphan[0]} (and {len(orphan) - 1} more) names image_id "
-                f"{int(self.caption_image_ids[orphan[0]])}, which image_features.parquet does not hold",
-            )
         self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
         for name, n, file in (("images", self.n_images, "image"), ("captions", self.n_captions, "caption")):
             if n != counts[name]:
@@ -657,12 +654,8 @@ def _row_groups(path: Path, columns: list[str]):
     """``(rows, tables)``: the file's row count and its row groups of ``columns``, read one at a
     time (no pre-buffering: a row group read is released when the next is read). A column the
     file lacks is a ``DataError``."""
-    if not path.is_file():
-        raise DataError(path, "missing: this index is incomplete (build it again)")
     pf = pq.ParquetFile(path, pre_buffer=False)
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(pf.schema_arrow.names)})')
+    require_columns(path, pf, columns)
     return pf.metadata.num_rows, (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
 
 

@@ -41,12 +41,14 @@ __all__ = [
     "ImageWriter",
     "SplitStore",
     "atomic_dir",
+    "check_caption_image_ids",
     "check_fields",
     "check_output",
     "check_replaceable",
     "check_writable",
     "file_record",
     "file_sha256",
+    "require_columns",
     "write_captions",
     "write_json",
 ]
@@ -64,6 +66,26 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while data := f.read(chunk):
             h.update(data)
     return h.hexdigest()
+
+
+def require_columns(path: Path, pf: pq.ParquetFile, columns) -> None:
+    """``DataError`` naming ``path`` and the first of ``columns`` its Parquet schema lacks."""
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
+
+
+def check_caption_image_ids(path: Path, caption_image_ids: np.ndarray, image_ids: np.ndarray, images: str) -> None:
+    """``DataError`` naming the captions file ``path`` unless every caption's image id is one of
+    ``image_ids`` (those of the file named ``images``)."""
+    orphan = np.flatnonzero(~np.isin(caption_image_ids, image_ids))
+    if len(orphan):
+        raise DataError(
+            path,
+            f"caption row {int(orphan[0])} (and {len(orphan) - 1} more) names image_id "
+            f"{int(caption_image_ids[orphan[0]])}, which {images} does not hold",
+        )
 
 
 def file_record(path: Path) -> dict:
@@ -324,10 +346,7 @@ class SplitStore:
             # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
             # ends, so reading a split held all of its features (benchmarks/build_memory.py)
             pf = pq.ParquetFile(self.images_path, pre_buffer=False)
-            names = pf.schema_arrow.names
-            missing = [c for c in ("image_id", "features") if c not in names]
-            if missing:
-                raise DataError(self.images_path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
+            require_columns(self.images_path, pf, ("image_id", "features"))
             self._images_pf = pf
         return self._images_pf
 
@@ -421,13 +440,7 @@ class SplitStore:
         this split (ingest writes such stores; a hand-made one may not be: a build dropped the
         captions of a sharded split and wrote an index no query could use)."""
         ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
-        orphan = np.flatnonzero(~np.isin(captions.image_ids, ids))
-        if len(orphan):
-            raise DataError(
-                self.captions_path,
-                f"caption row {int(orphan[0])} (and {len(orphan) - 1} more) names image_id "
-                f"{int(captions.image_ids[orphan[0]])}, which {IMAGES_FILE} does not hold",
-            )
+        check_caption_image_ids(self.captions_path, captions.image_ids, ids, IMAGES_FILE)
 
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored block: ``(image_ids, features (b, R, D))`` (for shuffled training passes)."""
@@ -437,11 +450,9 @@ class SplitStore:
     def captions(self) -> CaptionTable:
         """The split's captions; ``DataError`` naming the file where a column is missing, the row
         count is not the manifest's, or a token id lies outside the split's vocabulary."""
-        names = pq.read_schema(self.captions_path).names
-        missing = [c for c in _CAPTION_COLUMNS if c not in names]
-        if missing:
-            raise DataError(self.captions_path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
-        table = pq.read_table(self.captions_path, columns=list(_CAPTION_COLUMNS))
+        pf = pq.ParquetFile(self.captions_path)  # one footer parse for the schema and the read
+        require_columns(self.captions_path, pf, _CAPTION_COLUMNS)
+        table = pf.read(columns=list(_CAPTION_COLUMNS))
         if table.num_rows != self.n_captions:
             raise DataError(
                 self.captions_path,
