@@ -39,28 +39,30 @@ AUTO_NPROBE = 64
 def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> None:
     """What a build asks for, checked before any encoding: a known ``kind``, and ``nlist`` /
     ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale)."""
+    _check_kind_and_sizes(kind, nlist, nprobe)
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None and kind not in ("ivf", "auto"):
+            raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
+
+
+def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> None:
+    """A known index ``kind`` (or auto); ``nlist`` / ``nprobe``, where given, whole numbers >= 1."""
     if kind != "auto" and kind not in INDEX_TYPES:
         raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None:
             require(name, value, at_least=1, integer=True)
-            if kind not in ("ivf", "auto"):
-                raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
 
 
 def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
     """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
     ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF.
     ``nlist`` / ``nprobe``, where given, are whole numbers >= 1 (ignored where no IVF is built)."""
-    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
-        if value is not None:
-            require(name, value, at_least=1, integer=True)
+    _check_kind_and_sizes(kind, nlist, nprobe)
     if kind == "auto":
         if n_codes <= AUTO_FLAT_MAX:
             return {"type": "flat", "nlist": None, "nprobe": None}
         return {"type": "ivf", "nlist": nlist or AUTO_NLIST, "nprobe": nprobe or AUTO_NPROBE}
-    if kind not in INDEX_TYPES:
-        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
     if kind == "ivf":
         return {"type": "ivf", "nlist": nlist or max(1, int(round(np.sqrt(n_codes)))), "nprobe": nprobe or 8}
     return {"type": kind, "nlist": None, "nprobe": None}
