@@ -53,12 +53,10 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr_decay_epochs", "val_images", "buffer_row_groups"):
+        require_loop_settings(self)
+        for name in ("lr_decay_epochs", "val_images"):
             require(name, getattr(self, name), at_least=1, integer=True)
-        require("batch_size", self.batch_size, at_least=2, integer=True)  # a caption needs a negative
         require("warmup_sum_epochs", self.warmup_sum_epochs, at_least=0, integer=True)
-        require("seed", self.seed, at_least=0, integer=True)
-        require("lr", self.lr, above=0)
         require("grad_clip", self.grad_clip, at_least=0)  # 0: no clipping
         require("margin", self.margin, at_least=0)
         if self.threads is not None:
@@ -66,6 +64,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def require_loop_settings(config) -> None:
+    """The settings every training loop here shares (``TrainConfig``, ``HashTrainConfig``):
+    epochs and buffered row groups >= 1, batches of >= 2 captions (a caption needs a negative),
+    a seed >= 0, a learning rate > 0."""
+    for name in ("epochs", "buffer_row_groups"):
+        require(name, getattr(config, name), at_least=1, integer=True)
+    require("batch_size", config.batch_size, at_least=2, integer=True)
+    require("seed", config.seed, at_least=0, integer=True)
+    require("lr", config.lr, above=0)
 
 
 def contrastive_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_
 from .packed import PackedWords
 from .settings import require
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
-from .train import iter_training_batches
+from .train import iter_training_batches, require_loop_settings
 
 __all__ = [
     "HashRecords",
@@ -64,11 +64,9 @@ class HashTrainConfig:
     buffer_row_groups: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "rounds", "val_candidates", "buffer_row_groups"):
+        require_loop_settings(self)
+        for name in ("rounds", "val_candidates"):
             require(name, getattr(self, name), at_least=1, integer=True)
-        require("batch_size", self.batch_size, at_least=2, integer=True)  # a caption needs a negative
-        require("seed", self.seed, at_least=0, integer=True)
-        require("lr", self.lr, above=0)
         require("rank_weight", self.rank_weight, at_least=0)
 
     def to_dict(self) -> dict:
