@@ -60,8 +60,9 @@ def test_committed_hash_module_records_the_train_hash_defaults():
 
 
 def test_a_damaged_coco_sim_stamp_means_regenerate(tmp_path):
-    """A corrupt VERSION.json was "Error: Expecting property name ..." naming no file; it only
-    marks generated data, so ensure_coco_sim now treats it as stale and regenerates."""
+    """A corrupt VERSION.json was "Error: Expecting property name ..." naming no file. _stamp now
+    reads it as None, which never equals what ensure_coco_sim wants, so the data is regenerated
+    (the regeneration itself: test_coco_sim_regenerates_after_a_change_of_feature_size)."""
     from heiindex.default_data import _stamp
 
     stamp = tmp_path / "VERSION.json"

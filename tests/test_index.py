@@ -130,7 +130,6 @@ def test_small_blocks_write_what_the_encoders_give_in_those_blocks(pipe, tmp_pat
 def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, tmp_path, monkeypatch):
     """Ids, features and Gram matrices come from one pass over the images file, a row group at a
     time; a Gram column that does not hold r x r floats a row is named, not reshaped."""
-    import pyarrow as pa
 
     import heiindex.index as index_module
 
@@ -163,7 +162,6 @@ def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, t
 def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(tmp_path):
     """_read_images on crafted files (r = 1, d = 2): an empty file gives empty arrays; rows of
     varying length (even when their total fits), a missing column or null ids are DataErrors."""
-    import pyarrow as pa
 
     from heiindex.index import _read_images
 
@@ -198,7 +196,6 @@ def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(
 def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
     """Words are copied a row group at a time into a tensor sized from the tokens column: a
     caption whose words are not d floats per token is named, not read past."""
-    import pyarrow as pa
 
     bad = tmp_path / "bad"
     shutil.copytree(pipe.index_dir, bad)
