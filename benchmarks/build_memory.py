@@ -88,7 +88,6 @@ def child(step: str, work: Path, out: Path) -> None:
 
 
 def run_child(args: list[str], pythonpath: Path | None) -> dict:
-
     env = dict(os.environ)
     env["PYTHONPATH"] = str(pythonpath or REPO)  # this checkout's package, or a compared tree's
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -36,6 +37,7 @@ def main() -> None:
         "re-ranked by binary MaxSim to 100",
     )
     ap.add_argument("--m", default="200,300,500")
+    ap.add_argument("--models", type=Path, default=CACHE / "models", help="where hash_exp.py --save put them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -123,7 +125,7 @@ def cascade(args, name: str, S: torch.Tensor, ci: torch.Tensor) -> None:
     from hash_exp import codes, load_module, load_split
 
     split = load_split(args.split)
-    model = load_module(name)
+    model = load_module(name, args.models)
     ic, tc = codes(model, split)
     b = ic.shape[-1]
     dist = (b - torch.einsum("ikb,jlb->jikl", ic, tc).flatten(2).amax(-1)) / 2  # (captions, images)
