@@ -214,15 +214,16 @@ def _check_resumed_shape(last: Path, **given) -> None:
     ``--resume`` continues: a ``HeiindexError`` naming each."""
     from click.core import ParameterSource
 
-    from heiindex.checkpoint import load_model
+    from heiindex.checkpoint import read_model_config
 
     ctx = click.get_current_context()
-    saved = load_model(last).model.config
+    saved, _ = read_model_config(last)  # the shape only: the weights are loaded once, by train
     have = {"embed_size": saved.embed_size, **saved.attention.to_dict()}
+    given = {name: value for name, value in given.items() if name in ctx.params}  # fields with no flag: not given
     diff = [
         f"--{name.replace('_', '-')} {value} (it has {have[name]})"
         for name, value in given.items()
-        if name in ctx.params and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and value != have[name]
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and value != have[name]
     ]
     if diff:
         raise HeiindexError(f"--resume continues the model in {last}, which cannot change: " + "; ".join(diff))

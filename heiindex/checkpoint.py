@@ -20,14 +20,15 @@ from .model import ScanConfig, ScanModel
 from .store import SplitStore, atomic_dir, read_json_object, write_json
 from .vocab import Vocab
 
-__all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "save_model"]
+__all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "read_model_config", "save_model"]
 
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"
 STATE_FILE = "train_state.pt"  # heiindex.train keeps its optimizer state beside the last model
-MODEL_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, STATE_FILE)  # what a model folder holds
+# what a model folder holds: the kind and entries atomic_dir / check_output take
+MODEL_OUTPUT = ("a model", (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, STATE_FILE))
 
 
 @dataclass
@@ -68,7 +69,7 @@ def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | N
     path = Path(path)
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
-    with atomic_dir(path, "a model", MODEL_ENTRIES) as tmp:
+    with atomic_dir(path, *MODEL_OUTPUT) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         vocab.save(tmp / VOCAB_FILE)
@@ -87,17 +88,23 @@ def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | N
     return path
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
-    path = Path(path)
-    cfg_path = path / CONFIG_FILE
+def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
+    """The ``ScanConfig`` of a model folder and its whole config.json, without the weights
+    (``load_model`` reads them; a resumed run only needs the shape)."""
+    cfg_path = Path(path) / CONFIG_FILE
     raw = read_json_object(cfg_path, "no model config here; is this a heiindex model folder?")
     if raw.get("format_version") != MODEL_FORMAT_VERSION or raw.get("kind") != "scan":
         raise DataError(cfg_path, f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan'")
     try:
-        config = ScanConfig.from_dict(raw["model"])
+        return ScanConfig.from_dict(raw["model"]), raw
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(cfg_path, f'field "model" is not a valid SCAN config ({exc})') from None
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
+    path = Path(path)
+    config, raw = read_model_config(path)
     vocab = Vocab.load(path / VOCAB_FILE)
     if len(vocab) != config.vocab_size:
         raise DataError(path / VOCAB_FILE, f"{len(vocab)} words, the model config says {config.vocab_size}")

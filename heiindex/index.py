@@ -303,10 +303,10 @@ class Index:
         if not 0 <= first < stop <= store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
+        captions = store.captions() if captions is None else captions
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
-            captions = store.captions() if captions is None else captions
             store.check_caption_images(captions)
-        with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp, torch.no_grad():
+        with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
             bar = tqdm(
@@ -327,7 +327,7 @@ class Index:
             bar.close()
             writer.close()
             img_codes = np.concatenate(code_blocks)
-            caps = store.captions() if captions is None else captions
+            caps = captions
             if image_rows is not None:
                 caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
             cap_codes = _write_caption_features(
@@ -603,7 +603,7 @@ class Index:
 _INDEX_FILES = ("image_features.parquet", "caption_features.parquet", "images.faiss", "captions.faiss")
 # What an index folder holds, unsharded or sharded (so that either can be rebuilt over the other),
 # with the sweep plot ``heiindex bench`` writes beside it by default.
-INDEX_ENTRIES = ("manifest.json", *_INDEX_FILES, "shard-[0-9]*", "bench_sweep.png")
+INDEX_OUTPUT = ("an index", ("manifest.json", *_INDEX_FILES, "shard-[0-9]*", "bench_sweep.png"))
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(

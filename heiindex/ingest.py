@@ -26,6 +26,7 @@ from .store import (
     ImageWriter,
     atomic_dir,
     file_record,
+    manifest_folders,
     write_captions,
     write_json,
 )
@@ -76,8 +77,8 @@ def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int
     size (one model encodes them all). ``DataError`` naming the first other split that differs."""
     if not out_root.is_dir():
         return
-    for other in sorted(out_root.iterdir()):
-        if other.name == split or other.name.startswith(".") or not (other / MANIFEST_FILE).is_file():
+    for other in manifest_folders(out_root):
+        if other.name == split:
             continue
         try:  # only the shape is read: other folders (an index kept here, an older format) are not splits to judge
             images = json.loads((other / MANIFEST_FILE).read_text())["images"]

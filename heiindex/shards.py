@@ -33,7 +33,7 @@ from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .hamming import check_index_options
-from .index import INDEX_ENTRIES, Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
+from .index import INDEX_OUTPUT, Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
 from .packed import PackedWords
 from .search import EncodedQuery, encode_text
 from .store import SplitStore, atomic_dir, write_json
@@ -85,7 +85,7 @@ def write_shards(
     store.check_caption_images(captions)
     out = Path(out)
     entries, manifests = [], []
-    with atomic_dir(out, "an index", INDEX_ENTRIES) as tmp:
+    with atomic_dir(out, *INDEX_OUTPUT) as tmp:
         for i, (a, b) in enumerate(bounds):
             name = f"shard-{i:03d}"
             m = Index.write(

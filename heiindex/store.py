@@ -48,6 +48,7 @@ __all__ = [
     "check_writable",
     "file_record",
     "file_sha256",
+    "manifest_folders",
     "require_columns",
     "write_captions",
     "write_json",
@@ -66,6 +67,12 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while data := f.read(chunk):
             h.update(data)
     return h.hexdigest()
+
+
+def manifest_folders(root: Path) -> list[Path]:
+    """The folders of ``root`` that hold a manifest (store splits, indexes kept beside them), by
+    name; hidden ones (the leftovers of atomic swaps) are not listed."""
+    return sorted(p for p in Path(root).iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
 
 
 def require_columns(path: Path, pf: pq.ParquetFile, columns) -> None:

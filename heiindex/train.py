@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import MODEL_ENTRIES, STATE_FILE, load_model, save_model
+from .checkpoint import MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import encode_split
 from .errors import DataError
 from .model import ScanConfig, ScanModel
@@ -142,7 +142,7 @@ def train(
     # the hidden leftovers of their swaps); a file or any other folder is not written into
     check_output(out, "a training run", ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*"))
     for folder in (out / "best", out / "last"):
-        check_output(folder, "a model", MODEL_ENTRIES)
+        check_output(folder, *MODEL_OUTPUT)
     if config.threads:
         torch.set_num_threads(config.threads)
     tr = SplitStore.open(store_root, train_split)

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 HASH_FORMAT_VERSION = 1
-HASH_ENTRIES = ("hash.safetensors", "config.json")  # what a hash module folder holds
+HASH_OUTPUT = ("a hash module", ("hash.safetensors", "config.json"))  # kind and entries (atomic_dir)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class LoadedHash:
 
 
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
-    with atomic_dir(Path(path), "a hash module", HASH_ENTRIES) as tmp:
+    with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / "hash.safetensors"))
         write_json(
             tmp / "config.json",
@@ -300,7 +300,7 @@ def train_hash(
     va = SplitStore.open(store_root, val_split)
     for store in (tr, va):
         matcher.check_store(store)
-    check_output(Path(out), "a hash module", HASH_ENTRIES)  # before the work, not after it
+    check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
     module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
     info = {

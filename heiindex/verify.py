@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .store import MANIFEST_FILE, file_sha256, read_json_object
+from .store import MANIFEST_FILE, file_sha256, manifest_folders, read_json_object
 
 __all__ = ["FileCheck", "verify"]
 
@@ -36,7 +36,7 @@ def verify(path: str | Path) -> list[FileCheck]:
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists() and (path / "vocab.json").is_file():  # a store root
-        splits = sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+        splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
         return [check for split in splits for check in verify(split)]
