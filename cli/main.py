@@ -178,6 +178,7 @@ def train(
 ) -> None:
     """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
     from heiindex.attention import AttentionConfig
+    from heiindex.checkpoint import STATE_FILE
     from heiindex.model import ScanConfig
     from heiindex.store import SplitStore
     from heiindex.train import TrainConfig
@@ -188,7 +189,7 @@ def train(
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
-    resuming = resume and (out / "last").exists()
+    resuming = resume and (out / "last" / STATE_FILE).exists()  # as heiindex.train decides it
     if resuming:  # the saved model's shape holds; an option given to change it is refused, not ignored
         _check_resumed_shape(out / "last", embed_size=embed_size, **att.to_dict())
     mcfg = (

@@ -231,6 +231,17 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     assert load_model(out / "last").checksum == last2.checksum
 
 
+def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, tmp_path):
+    """The CLI called a run resumable when last/ existed, the library only when last/ holds the
+    optimizer state: with last/ but no state, training started fresh from the default shape and
+    --embed-size was dropped."""
+    (tmp_path / "run" / "last").mkdir(parents=True)
+    r = _cli_train(wide_store, tmp_path / "run", "--epochs", "1", "--resume")  # --embed-size 16 among the options
+    assert r.exit_code == 0, r.output
+    assert "resuming" not in r.output
+    assert load_model(tmp_path / "run" / "last").model.config.embed_size == 16
+
+
 def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
     a_file = tmp_path / "run.txt"
     a_file.write_text("keep")
