@@ -6,10 +6,12 @@ not depend on the weights), FAISS IndexBinaryFlat over the image codes, and real
 captions as the queries. With ``--index DIR`` it times ``Index.search`` on a built index
 instead (e.g. ``data/coco-sim/index/test``: 1,000 images, d = 256). Both run the same pipeline
 (``heiindex.search``). Each query is timed alone after a warm-up; the output gives p50 / p90 /
-p99 and the median of each stage.
+p99 and the median of each stage. ``--batch B`` also times the same queries searched B at a time
+(``Index.search_many``'s path: each batch encoded, hashed and re-ranked together) and reports the
+time per query, after one warm-up batch.
 
-    python benchmarks/latency.py [--images 5000] [--d 1024] [--queries 200] [--device cpu|cuda]
-    python benchmarks/latency.py --index data/coco-sim/index/test
+    python benchmarks/latency.py [--images 5000] [--d 1024] [--queries 200] [--batch 100] [--device cpu|cuda]
+    python benchmarks/latency.py --index data/coco-sim/index/test [--batch 100]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from heiindex.attention import region_gram
 from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
 from heiindex.hashing import HashConfig, HashModule
 from heiindex.model import ScanConfig, ScanModel
-from heiindex.search import encode_text, images_for_text
+from heiindex.search import check_queries, encode_queries, encode_text, images_for_text
 from heiindex.vocab import Vocab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,11 +82,33 @@ def synthetic(args, queries: list[str]) -> dict:
             t3 = time.perf_counter()
             hamming_candidates(index, code, args.candidates)
             stages["hamming"].append((time.perf_counter() - t3) * 1e3)
-    return {
+    result = {
         "setup": f"synthetic: {args.images} images x 36 regions, d = {args.d}, {args.bits}-bit codes, random weights",
         "latency": percentiles(stages["total"]),
         "stage_p50_ms": {k: round(float(np.median(v)), 2) for k, v in stages.items() if k != "total"},
     }
+    if args.batch:
+
+        def search_batch(texts: list[str]) -> None:
+            q = encode_queries(model, check_queries(vocab, texts))
+            images_for_text(model, hasher, index, regions, gram, q, args.k, args.candidates)
+            sync()
+
+        result["batched"] = batched(args, queries, search_batch)
+    return result
+
+
+def batched(args, queries: list[str], search_batch) -> dict:
+    """Milliseconds per query when ``queries`` are searched ``args.batch`` at a time (one warm-up
+    batch first), in each of 3 passes."""
+    search_batch(queries[: args.batch])
+    passes = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for s in range(0, len(queries), args.batch):
+            search_batch(queries[s : s + args.batch])
+        passes.append((time.perf_counter() - t0) * 1e3 / len(queries))
+    return {"batch": args.batch, "ms_per_query_passes": [round(p, 3) for p in passes]}
 
 
 def built_index(args, queries: list[str]) -> dict:
@@ -97,10 +121,15 @@ def built_index(args, queries: list[str]) -> dict:
         index.search(text, k=args.k, candidates=args.candidates)
         if i >= args.warmup:
             ms.append((time.perf_counter() - t0) * 1e3)
-    return {
+    result = {
         "setup": f"Index.search on {args.index}: {index.n_images} images, d = {index.manifest['embed_size']}",
         "latency": percentiles(ms),
     }
+    if args.batch:
+        result["batched"] = batched(
+            args, queries, lambda texts: list(index.search_many(texts, args.k, args.candidates, batch=args.batch))
+        )
+    return result
 
 
 def main() -> None:
@@ -112,6 +141,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=0, help="also time the queries searched this many at a time")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--index", help="time Index.search on this built index instead of synthetic data")
     ap.add_argument("--json", dest="json_file")

@@ -6,7 +6,9 @@ Nothing here computes anything the library cannot do from Python.
 from __future__ import annotations
 
 import functools
+import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -431,6 +433,13 @@ def _open_index(
 @cli.command()
 @click.argument("text", required=False)
 @click.option("--image", "image_id", type=int, default=None, help="Image id: find captions for it instead.")
+@click.option(
+    "--file",
+    "queries_file",
+    type=click.File("rb"),
+    default=None,
+    help="Text queries, one per line ('-': standard input), searched in batches; with --json, one JSON object a line.",
+)
 @index_dir_option
 @model_option("Matcher (must be the index's).")
 @hash_option("Hash module (must be the index's).")
@@ -448,6 +457,7 @@ def _open_index(
 def query(
     text,
     image_id,
+    queries_file,
     index_dir,
     model_dir,
     hash_dir,
@@ -462,15 +472,23 @@ def query(
     uri,
     as_json,
 ) -> None:
-    """Text-to-image search for TEXT, or image-to-text search with --image ID."""
+    """Text-to-image search for TEXT, image-to-text search with --image ID, or text-to-image
+    search for every line of --file."""
     from .render import console, echo_json, search_table
 
-    if (text is None) == (image_id is None):
-        raise click.UsageError("give a TEXT query or --image ID (one of them)")
+    if sum(x is not None for x in (text, image_id, queries_file)) != 1:
+        raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
+    if queries_file is not None:
+        name = getattr(queries_file, "name", None)
+        name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
+        lines = _query_lines(queries_file, name)
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
+    if queries_file is not None:
+        _query_file(index, name, lines, k, candidates, as_json)
+        return
     res = index.search_image(image_id, k, candidates) if image_id is not None else index.search(text, k, candidates)
     if as_json:
         echo_json(res.to_dict())
@@ -479,6 +497,42 @@ def query(
     if res.unknown_words:
         click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
     click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
+
+
+def _query_lines(file, name: str) -> list[str]:
+    """The lines of a --file of queries (UTF-8; line ends and a byte-order mark dropped)."""
+    data = file.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HeiindexError(f"{name}: not UTF-8 text (byte {exc.start}); give one query per line") from None
+    lines = text.splitlines()
+    if not lines:
+        raise HeiindexError(f"{name} holds no queries: give one query per line")
+    return lines
+
+
+def _query_file(index, name: str, lines: list[str], k: int, candidates: int, as_json: bool) -> None:
+    """Every line of a --file searched (all checked first), each result printed as its batch ends."""
+    from tqdm import tqdm
+
+    from .render import console, search_table
+
+    t0 = time.perf_counter()
+    results = index.search_many(lines, k, candidates, where=lambda i: f"{name} line {i + 1}")
+    for res in tqdm(results, total=len(lines), unit="query", desc="search", disable=None, leave=False):
+        if as_json:
+            click.echo(json.dumps(res.to_dict(), default=float))
+            continue
+        console.print(search_table(res, False))
+        if res.unknown_words:
+            click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
+    if not as_json:
+        seconds = time.perf_counter() - t0
+        click.echo(
+            f"{len(lines)} queries in {seconds:.2f} s ({seconds * 1000 / len(lines):.1f} ms a query; "
+            f"Hamming top-{candidates}, re-ranked by the matcher)"
+        )
 
 
 @cli.command()

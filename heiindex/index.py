@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,16 @@ from .hamming import (
 from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords, word_mask
-from .search import EncodedQuery, captions_for_image, encode_text, images_for_text, rerank_captions, rerank_images
+from .search import (
+    EncodedQueries,
+    captions_for_image,
+    check_batch,
+    check_queries,
+    encode_queries,
+    images_for_text,
+    rerank_captions,
+    rerank_images,
+)
 from .store import (
     CaptionTable,
     ImageWriter,
@@ -67,6 +77,9 @@ from .train_hash import LoadedHash, load_hash
 __all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
 
 INDEX_FORMAT_VERSION = 1
+# Text queries encoded, hashed and re-ranked together by search_many: 256 x 100 candidate pairs
+# and 256 captions' words at a time.
+QUERY_BATCH = 256
 
 
 @dataclass
@@ -463,27 +476,54 @@ class Index:
     @torch.no_grad()
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``."""
-        t0 = time.perf_counter()
+        return next(self.search_many([text], k, candidates))
+
+    def search_many(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        candidates: int = 100,
+        batch: int = QUERY_BATCH,
+        where: Callable[[int], str] | None = None,
+    ) -> Iterator[SearchResult]:
+        """``search`` for many captions, in order, ``batch`` at a time (each batch encoded, hashed
+        and re-ranked together; ``list()`` it for all results). Every text is checked before any
+        is searched: empty or all-unknown ones are refused together, named by ``where(position)``
+        (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
+        texts = check_batch(texts, batch)
         self._check_n(candidates, k, self.n_images, "images")
-        query = encode_text(self.model, self.matcher.vocab, text)
-        hits = self.search_encoded(query, k, candidates)
-        return SearchResult(text, hits, query.unknown, time.perf_counter() - t0)
+        encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
+        return self._search_batches(texts, encoded, k, candidates, batch)
+
+    def _search_batches(self, texts, encoded, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
+        for start in range(0, len(encoded), batch):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                queries = encode_queries(self.model, encoded[start : start + batch])
+                hits = self.search_encoded(queries, k, candidates)
+            seconds = (time.perf_counter() - t0) / len(queries)
+            for text, found, unknown in zip(texts[start : start + batch], hits, queries.unknown, strict=True):
+                yield SearchResult(text, found, unknown, seconds)
 
     @torch.no_grad()
-    def search_encoded(self, query: EncodedQuery, k: int, candidates: int) -> list[Hit]:
-        """``search`` for a caption already encoded (``heiindex.search.encode_text``)."""
+    def search_encoded(self, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
+        """``search`` for captions already encoded (``heiindex.search.encode_queries``): each
+        query's hits."""
         ranked = images_for_text(
-            self.model, self.hasher.module, self.image_index, self.regions, self.gram, query, k, candidates
+            self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates
         )
         return [
-            Hit(
-                rank + 1,
-                int(self.image_ids[row]),
-                float(score),
-                int(dist),
-                captions=[self.texts[c] for c in self.image_captions[row]],
-            )
-            for rank, (row, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
+            [
+                Hit(
+                    rank + 1,
+                    int(self.image_ids[row]),
+                    float(score),
+                    int(dist),
+                    captions=[self.texts[c] for c in self.image_captions[row]],
+                )
+                for rank, (row, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
+            ]
+            for r in ranked
         ]
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
 """Sharded indexes served by Ray: one actor per shard, queries scattered and merged by score.
 
 What this module is for: ``RayShardedIndex`` opens a sharded build (``heiindex.shards``) as one
-Ray actor per shard, placed by Ray over the cluster's nodes. A text query goes to every actor
-(each encodes it, takes its own Hamming top-N and re-ranks it); an image query first fetches the
+Ray actor per shard, placed by Ray over the cluster's nodes. A batch of text queries (one query is a
+batch of one) is checked by one actor, then goes to every actor (each encodes it, takes its own
+Hamming top-N and re-ranks it); an image query first fetches the
 image's features from the shard that holds it, then sends them to every actor. The driver merges
 the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
 in-process ``ShardedIndex`` answer.
@@ -25,12 +26,21 @@ import hashlib
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import HeiindexError
-from .index import Hit, SearchResult
+from .index import QUERY_BATCH, Hit, SearchResult
+from .search import check_batch, refuse_queries
 from .settings import require
-from .shards import check_counts, merge_hits, read_manifest, shard_search_regions, shard_search_text
+from .shards import (
+    batch_results,
+    check_counts,
+    merge_hits,
+    read_manifest,
+    shard_search_regions,
+    shard_search_text,
+)
 
 __all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
 
@@ -62,11 +72,17 @@ class _ShardServer:
 
         return {"pid": self.pid, "threads": torch.get_num_threads(), "n_images": self.index.n_images}
 
-    def search(self, text: str, k: int, candidates: int) -> tuple[list[Hit], list[str]]:
-        from .search import encode_text
+    def query_problems(self, texts: list[str]) -> list[tuple[int, str]]:
+        from .search import query_problems
 
-        query = encode_text(self.index.model, self.index.matcher.vocab, text)
-        return shard_search_text(self.index, query, k, candidates), query.unknown
+        return query_problems(self.index.matcher.vocab, texts)[1]
+
+    def search_many(self, texts: list[str], k: int, candidates: int) -> tuple[list[list[Hit]], list[list[str]]]:
+        """This shard's hits for each of a batch of text queries, and their unknown words."""
+        from .search import check_queries, encode_queries
+
+        queries = encode_queries(self.index.model, check_queries(self.index.matcher.vocab, texts))
+        return shard_search_text(self.index, queries, k, candidates), queries.unknown
 
     def image_features(self, image_id: int):
         found = self.index.image_features(image_id)
@@ -173,6 +189,11 @@ class RayShardedIndex:
                     f"shard {i} ({path}) failed during {what}: its actor died ({type(exc).__name__}); "
                     "Ray restarts it from its files, run the query again"
                 ) from None
+            except ray.exceptions.RayTaskError as exc:  # the actor refused the request: its message alone
+                if isinstance(exc.cause, HeiindexError):
+                    _settle(futures[i + 1 :])
+                    raise HeiindexError(str(exc.cause)) from None
+                raise
         return out
 
     @property
@@ -210,11 +231,32 @@ class RayShardedIndex:
         return self._gather([a.candidates_for_images.remote(regions, gram, codes, n) for a in self.actors], "the bench")
 
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
-        t0 = time.perf_counter()
+        return next(self.search_many([text], k, candidates))
+
+    def search_many(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        candidates: int = 100,
+        batch: int = QUERY_BATCH,
+        where: Callable[[int], str] | None = None,
+    ) -> Iterator[SearchResult]:
+        """``ShardedIndex.search_many`` on the actors: every text is checked before any is searched,
+        then each batch goes to all shards at once and is merged here. (Texts that fit in one batch
+        are checked by each actor as it searches, which costs no extra round trip.)"""
+        texts = check_batch(texts, batch)
         check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
-        replies = self._gather([a.search.remote(text, k, candidates) for a in self.actors], "the query")
-        hits = merge_hits([r[0] for r in replies], k)
-        return SearchResult(text, hits, replies[0][1], time.perf_counter() - t0)
+        if len(texts) > batch or where is not None:
+            problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
+            refuse_queries(problems, len(texts), where)
+        return self._search_batches(texts, k, candidates, batch)
+
+    def _search_batches(self, texts: list[str], k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
+        for start in range(0, len(texts), batch):
+            t0 = time.perf_counter()
+            part = texts[start : start + batch]
+            replies = self._gather([a.search_many.remote(part, k, candidates) for a in self.actors], "the query")
+            yield from batch_results(part, [r[0] for r in replies], replies[0][1], k, t0)
 
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         t0 = time.perf_counter()
@@ -229,6 +271,17 @@ class RayShardedIndex:
             [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
         )
         return SearchResult(int(image_id), merge_hits(replies, k), [], time.perf_counter() - t0)
+
+
+def _settle(futures: list) -> None:
+    """Wait for and drop the replies of the other shards to a request one shard refused (every shard
+    refuses the same input; an error reply never fetched is logged by Ray as unhandled)."""
+    ray = _ray()
+    for f in futures:
+        try:
+            ray.get(f)
+        except ray.exceptions.RayError:
+            pass
 
 
 def stop_served(path: str | Path, address: str | None) -> int:

@@ -3,14 +3,18 @@
 What this module is for: text to images (code the encoded captions, Hamming top-N over the
 image codes, re-rank the N with the matcher) and image to text (the same from encoded images
 over the caption codes). ``rerank_images`` / ``rerank_captions`` do it for a batch of queries
-and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray) and the
-single-query ``images_for_text`` / ``captions_for_image`` (``Index.search``, ``search_image``,
-``benchmarks/latency.py``) share, so the latency measured is the latency served.
+and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray),
+``images_for_text`` (``Index.search`` and ``search_many``: one query is a batch of one) and
+``captions_for_image`` (``search_image``) share; ``benchmarks/latency.py`` times the same calls,
+so the latency measured is the latency served. Text queries are checked here (``check_queries``:
+empty or all-unknown ones are refused, all of a batch before any is searched) and encoded
+together (``encode_queries``).
 What it must not do: read files, or format results for people (``heiindex.index``, the CLI).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,25 +28,37 @@ from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords
-from .vocab import Vocab
+from .settings import require
+from .vocab import Encoded, Vocab
 
 __all__ = [
     "Candidates",
-    "EncodedQuery",
+    "EncodedQueries",
     "Ranked",
     "captions_for_image",
+    "check_batch",
+    "check_queries",
+    "encode_queries",
     "encode_text",
     "images_for_text",
+    "query_problems",
+    "refuse_queries",
     "rerank_captions",
     "rerank_images",
 ]
 
 
 @dataclass
-class EncodedQuery:
-    words: Tensor  # (1, L, d)
-    lengths: Tensor  # (1,)
-    unknown: list[str]
+class EncodedQueries:
+    """A batch of encoded text queries: ``words`` (q, L, d), zero beyond ``lengths`` (q,);
+    ``unknown``: the out-of-vocabulary words of each query (mapped to ``<unk>``)."""
+
+    words: Tensor
+    lengths: Tensor
+    unknown: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.unknown)
 
 
 @dataclass
@@ -55,20 +71,69 @@ class Ranked:
     hamming: np.ndarray
 
 
+def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded], list[tuple[int, str]]]:
+    """Each text as ids, and ``(position, problem)`` for each text that cannot be a query:
+    empty, no words, or no word in ``vocab``."""
+    encoded, problems = [], []
+    for i, text in enumerate(texts):
+        enc = vocab.encode(text) if isinstance(text, str) and text.strip() else None
+        if not isinstance(text, str):
+            problems.append((i, f"a query must be a string, got {type(text).__name__}"))
+        elif enc is None:
+            problems.append((i, "the query is empty"))
+        elif not enc.tokens:
+            problems.append((i, f"the query {text!r} has no words"))
+        elif len(enc.unknown) == len(enc.tokens):
+            problems.append((i, f"no word of the query is in the model's vocabulary: {', '.join(enc.unknown)}"))
+        encoded.append(enc)
+    return encoded, problems
+
+
+def refuse_queries(problems: list[tuple[int, str]], n: int, where: Callable[[int], str] | None = None) -> None:
+    """Raise one error naming the refused queries (the first five), if there are any. A single
+    query's problem is the message itself; in a batch each is named by ``where(position)``
+    (default ``"query {position + 1}"``)."""
+    if not problems:
+        return
+    if n == 1:
+        raise HeiindexError(problems[0][1])
+    where = where or (lambda i: f"query {i + 1}")
+    named = "; ".join(f"{where(i)}: {problem}" for i, problem in problems[:5])
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise HeiindexError(f"{len(problems)} of {n} queries refused (nothing was searched): {named}{more}")
+
+
+def check_batch(texts: Sequence[str], batch: int) -> list[str]:
+    """The texts of a ``search_many`` as a list; one string (a likely slip for a list of one) and a
+    batch size below 1 are refused."""
+    if isinstance(texts, str):
+        raise HeiindexError("search_many takes a list of queries, not one string (use search)")
+    require("batch", batch, at_least=1, integer=True)
+    return list(texts)
+
+
+def check_queries(vocab: Vocab, texts: Sequence[str], where: Callable[[int], str] | None = None) -> list[Encoded]:
+    """``texts`` as ids; any text that cannot be a query is refused (``refuse_queries``)."""
+    encoded, problems = query_problems(vocab, texts)
+    refuse_queries(problems, len(texts), where)
+    return encoded
+
+
 @torch.no_grad()
-def encode_text(model: ScanModel, vocab: Vocab, text: str) -> EncodedQuery:
-    """Word features of a caption; empty or all-unknown captions are refused with a clear error."""
-    if not text or not text.strip():
-        raise HeiindexError("the query is empty")
-    enc = vocab.encode(text)
-    if not enc.tokens:
-        raise HeiindexError(f"the query {text!r} has no words")
-    if len(enc.unknown) == len(enc.tokens):
-        raise HeiindexError(f"no word of the query is in the model's vocabulary: {', '.join(enc.unknown)}")
+def encode_queries(model: ScanModel, encoded: Sequence[Encoded]) -> EncodedQueries:
+    """Word features of checked queries (``check_queries``), encoded together where the model is."""
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(enc.ids)], device=device)
-    words = model.encode_captions(torch.tensor([enc.ids], device=device), lengths)
-    return EncodedQuery(words, lengths, list(enc.unknown))
+    lengths = torch.tensor([len(e.ids) for e in encoded], device=device)
+    tokens = torch.zeros((len(encoded), int(lengths.max())), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        tokens[row, : len(e.ids)] = torch.tensor(e.ids)
+    words = model.encode_captions(tokens.to(device), lengths)
+    return EncodedQueries(words, lengths, [list(e.unknown) for e in encoded])
+
+
+def encode_text(model: ScanModel, vocab: Vocab, text: str) -> EncodedQueries:
+    """One caption as a batch of one query; an empty or all-unknown caption is refused."""
+    return encode_queries(model, check_queries(vocab, [text]))
 
 
 class Candidates(NamedTuple):
@@ -116,19 +181,18 @@ def images_for_text(
     image_index,
     regions: Tensor,
     gram: Tensor,
-    query: EncodedQuery,
+    queries: EncodedQueries,
     k: int,
     candidates: int,
-) -> Ranked:
-    """Text to image: Hamming top-``candidates`` over the image codes, re-ranked, top ``k``."""
-    code = hasher.caption_codes(query.words, query.lengths)
-    words = query.words.to(regions.dtype)  # the stored features' precision (see Index.to)
-    return _top(
-        rerank_images(
-            model, image_index, code, words=words, lengths=query.lengths, regions=regions, gram=gram, n=candidates
-        ),
-        k,
+) -> list[Ranked]:
+    """Text to image for each query: Hamming top-``candidates`` over the image codes,
+    re-ranked, top ``k``."""
+    codes = hasher.caption_codes(queries.words, queries.lengths)
+    words = queries.words.to(regions.dtype)  # the stored features' precision (see Index.to)
+    found = rerank_images(
+        model, image_index, codes, words=words, lengths=queries.lengths, regions=regions, gram=gram, n=candidates
     )
+    return [_top(found, k, q) for q in range(len(queries))]
 
 
 @torch.no_grad()
@@ -153,9 +217,9 @@ def captions_for_image(
     )
 
 
-def _top(found: Candidates, k: int) -> Ranked:
-    """The best ``k`` of one query's candidates; empty slots are dropped."""
-    keep = found.ids[0] >= 0
-    scores, ids, dist = found.scores[0][keep], found.ids[0][keep], found.hamming[0][keep]
+def _top(found: Candidates, k: int, q: int = 0) -> Ranked:
+    """The best ``k`` of query ``q``'s candidates; empty slots are dropped."""
+    keep = found.ids[q] >= 0
+    scores, ids, dist = found.scores[q][keep], found.ids[q][keep], found.hamming[q][keep]
     order = np.argsort(-scores, kind="stable")[:k]
     return Ranked(ids[order], scores[order], dist[order])

@@ -22,7 +22,7 @@ What it must not do: start processes or talk to a cluster (``heiindex.ray_engine
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,18 @@ from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .hamming import check_index_options
-from .index import INDEX_OUTPUT, Hit, Index, SearchResult, load_bound_models, load_models, read_index_manifest
+from .index import (
+    INDEX_OUTPUT,
+    QUERY_BATCH,
+    Hit,
+    Index,
+    SearchResult,
+    load_bound_models,
+    load_models,
+    read_index_manifest,
+)
 from .packed import PackedWords
-from .search import EncodedQuery, encode_text
+from .search import EncodedQueries, check_batch, check_queries, encode_queries
 from .store import SplitStore, atomic_dir, write_json
 from .train_hash import LoadedHash
 
@@ -226,12 +235,30 @@ class ShardedIndex:
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
         re-ranked, merged by score."""
-        t0 = time.perf_counter()
+        return next(self.search_many([text], k, candidates))
+
+    def search_many(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        candidates: int = 100,
+        batch: int = QUERY_BATCH,
+        where: Callable[[int], str] | None = None,
+    ) -> Iterator[SearchResult]:
+        """``search`` for many captions, in order, ``batch`` at a time, as ``Index.search_many``:
+        each batch is encoded once and searched by every shard."""
+        texts = check_batch(texts, batch)
         check_counts(candidates, k, [s.n_images for s in self.shards], "images")
         first = self.shards[0]
-        query = encode_text(first.model, first.matcher.vocab, text)
-        per_shard = [shard_search_text(s, query, k, candidates) for s in self.shards]
-        return SearchResult(text, merge_hits(per_shard, k), query.unknown, time.perf_counter() - t0)
+        encoded = check_queries(first.matcher.vocab, texts, where)  # all of them, before any search
+        return self._search_batches(texts, encoded, k, candidates, batch)
+
+    def _search_batches(self, texts, encoded, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
+        for start in range(0, len(encoded), batch):
+            t0 = time.perf_counter()
+            queries = encode_queries(self.shards[0].model, encoded[start : start + batch])
+            per_shard = [shard_search_text(s, queries, k, candidates) for s in self.shards]
+            yield from batch_results(texts[start : start + batch], per_shard, queries.unknown, k, t0)
 
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         """Captions for a stored image: its features come from its own shard, every shard
@@ -245,10 +272,22 @@ class ShardedIndex:
         return SearchResult(int(image_id), merge_hits(per_shard, k), [], time.perf_counter() - t0)
 
 
-def shard_search_text(shard: Index, query: EncodedQuery, k: int, candidates: int) -> list[Hit]:
-    """One shard's part of a text query: N and k capped at the shard's size."""
+def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
+    """One shard's part of a batch of text queries (each query's hits): N and k capped at the
+    shard's size."""
     n = min(candidates, shard.n_images)
-    return shard.search_encoded(query, min(k, n), n)
+    return shard.search_encoded(queries, min(k, n), n)
+
+
+def batch_results(
+    texts: list[str], per_shard: list[list[list[Hit]]], unknown: list[list[str]], k: int, t0: float
+) -> Iterator[SearchResult]:
+    """Each query's shard hits merged by score (``merge_hits``), as results; the batch's time since
+    ``t0`` shared equally."""
+    merged = [merge_hits([hits[q] for hits in per_shard], k) for q in range(len(texts))]
+    seconds = (time.perf_counter() - t0) / max(1, len(texts))
+    for text, hits, words in zip(texts, merged, unknown, strict=True):
+        yield SearchResult(text, hits, words, seconds)
 
 
 def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[Hit]:

@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from heiindex_cli.main import cli
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+def run(*args, input: str | None = None):
+    """``heiindex ARGS`` in this process; ``input``: what it reads as standard input."""
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
 def ok(result):

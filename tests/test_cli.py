@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,55 @@ def test_query_image(pipe):
     assert d == Index.open(pipe.index_dir).search_image(5, 3, 20).to_dict()
     r = ok(run("query", "--image", "5", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
     assert "query image 5" in r.output and d["results"][0]["text"][:30] in r.output
+
+
+QUERY_LINES = ["a man riding a motorcycle", "a dog xyzzyq", "two people on a beach"]
+
+
+def test_query_file_prints_one_json_object_a_line_as_the_library_answers(pipe, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(QUERY_LINES) + "\n")
+    r = ok(run("query", "--file", queries, "--index", pipe.index_dir, "--k", "4", "--candidates", "12", "--json"))
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    index = Index.open(pipe.index_dir)
+    assert got == [res.to_dict() for res in index.search_many(QUERY_LINES, 4, 12)]
+    assert [d["query"] for d in got] == QUERY_LINES and got[1]["unknown_words"] == ["xyzzyq"]
+    for d, text in zip(got, QUERY_LINES, strict=True):  # and as one query at a time
+        assert [h["id"] for h in d["results"]] == [h.id for h in index.search(text, 4, 12).results]
+
+
+def test_query_file_from_standard_input_as_tables(pipe):
+    r = ok(
+        run(
+            *("query", "--file", "-", "--index", pipe.index_dir, "--k", "2", "--candidates", "12"),
+            input="\ufeff" + "\r\n".join(QUERY_LINES),  # a byte-order mark and Windows line ends
+        )
+    )
+    index = Index.open(pipe.index_dir)
+    for text in QUERY_LINES:
+        assert f"query: {text!r}" in r.output
+        assert f"{index.search(text, 2, 12).results[0].score:.4f}" in r.output
+    assert "unknown words (mapped to <unk>): xyzzyq" in r.output
+    assert "3 queries in " in r.output and "ms a query; Hamming top-12, re-ranked by the matcher)" in r.output
+
+
+@pytest.mark.parametrize(
+    "content, detail",
+    [
+        (b"a dog\n\ntwo cats\n", "QUERIES line 2: the query is empty"),
+        (b"a dog\nxyzzyq qwplk\n", "QUERIES line 2: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
+        (b"", "QUERIES holds no queries: give one query per line"),
+        (b"a dog\n\xff\xfe\n", "QUERIES: not UTF-8 text (byte 6)"),
+    ],
+    ids=["blank_line", "all_unknown", "empty_file", "not_utf8"],
+)
+def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detail):
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes(content)
+    r = run("query", "--file", queries, "--index", pipe.index_dir, "--candidates", "5", "--k", "3", "--json")
+    assert r.exit_code == 2
+    clean_error(r, detail.replace("QUERIES", str(queries)))
+    assert r.stdout.count("{") == 0  # nothing printed before the refusal
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -374,11 +424,13 @@ def test_query_errors(pipe, args, detail):
     clean_error(r, detail)
 
 
-def test_query_needs_text_or_image(pipe):
-    for args in ([], ["a dog", "--image", "1"]):
+def test_query_needs_text_or_image_or_file(pipe, tmp_path):
+    queries = tmp_path / "q.txt"
+    queries.write_text("a dog\n")
+    for args in ([], ["a dog", "--image", "1"], ["a dog", "--file", queries], ["--image", "1", "--file", queries]):
         r = run("query", *args, "--index", pipe.index_dir)
         assert r.exit_code == 2
-        clean_error(r, "give a TEXT query or --image ID")
+        clean_error(r, "give a TEXT query, --image ID or --file FILE (one of them)")
 
 
 def test_bench_topk_too_large(pipe):

@@ -302,6 +302,66 @@ def test_search_result_dict_has_the_documented_keys(index):
     assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "text"}] * 2
 
 
+def _items(result) -> list[tuple]:
+    return [(h.rank, h.id, h.hamming, h.captions) for h in result.results]
+
+
+def test_search_many_answers_each_query_as_search_does(index):
+    texts = [*QUERIES, "a man riding a xyzzyq motorcycle"]
+    got = list(index.search_many(texts, k=4, candidates=12, batch=2))  # 3 batches, the last one short
+    assert [r.query for r in got] == texts
+    for res, text in zip(got, texts, strict=True):
+        want = index.search(text, k=4, candidates=12)
+        assert _items(res) == _items(want)
+        assert [h.score for h in res.results] == pytest.approx([h.score for h in want.results], rel=1e-5, abs=1e-6)
+        assert res.unknown_words == want.unknown_words
+    assert got[-1].unknown_words == ["xyzzyq"]
+
+
+def test_search_many_of_captions_of_different_lengths_equals_exhaustive(index):
+    """One batch pads the shorter captions to the longest: padding must not reach any score."""
+    got = list(index.search_many(list(QUERIES), k=10, candidates=index.n_images))
+    for res, text in zip(got, QUERIES, strict=True):
+        full = _exhaustive_row(index, text)
+        top = np.argsort(-full, kind="stable")[:10]
+        assert [h.id for h in res.results] == [int(index.image_ids[r]) for r in top]
+        np.testing.assert_allclose([h.score for h in res.results], full[top], atol=1e-5, rtol=0)
+
+
+def test_search_many_refuses_bad_queries_together_before_searching_any(index, monkeypatch):
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before every query was checked")
+
+    monkeypatch.setattr("heiindex.index.encode_queries", no_search)
+    texts = ["a dog", "", "xyzzyq qwplk", "two cats"]
+    with pytest.raises(HeiindexError) as err:
+        index.search_many(texts, k=3, candidates=5, where=lambda i: f"q.txt line {i + 1}")  # not even iterated
+    assert str(err.value) == (
+        "2 of 4 queries refused (nothing was searched): q.txt line 2: the query is empty; "
+        "q.txt line 3: no word of the query is in the model's vocabulary: xyzzyq, qwplk"
+    )
+    with pytest.raises(HeiindexError, match=r"^7 of 8 queries refused .*query 6: the query is empty; and 2 more$"):
+        index.search_many(["a dog"] + [""] * 7, k=3, candidates=5)
+
+
+@pytest.mark.parametrize(
+    "texts, kwargs, error, detail",
+    [
+        ("a dog", {}, HeiindexError, "search_many takes a list of queries, not one string"),
+        (["a dog"], {"batch": 0}, ValueError, "batch must be a whole number, at least 1, got 0"),
+        (["a dog"], {"candidates": 25}, HeiindexError, "--candidates 25 is larger than the 24 images in this index"),
+        (["a dog", None], {}, HeiindexError, "query 2: a query must be a string, got NoneType"),
+    ],
+)
+def test_search_many_bad_arguments(index, texts, kwargs, error, detail):
+    with pytest.raises(error, match=detail):
+        index.search_many(texts, **{"k": 3, "candidates": 5, **kwargs})
+
+
+def test_search_many_of_no_queries_is_empty(index):
+    assert list(index.search_many([], k=3, candidates=5)) == []
+
+
 # -- image to text ----------------------------------------------------------------------------
 
 

@@ -61,11 +61,37 @@ def test_image_queries_equal_in_process_item_for_item(served, sharded, image_id)
     assert _items(served.search_image(image_id, 5, 10)) == _items(sharded.search_image(image_id, 5, 10))
 
 
+def test_search_many_equals_in_process_item_for_item(served, sharded):
+    texts = [*QUERIES, "a dog xyzzyq"]
+    got = list(served.search_many(texts, 5, 4, batch=2))
+    want = list(sharded.search_many(texts, 5, 4, batch=2))
+    assert [r.query for r in got] == texts
+    assert [_items(r) for r in got] == [_items(r) for r in want]
+    assert [r.unknown_words for r in got] == [r.unknown_words for r in want] and got[-1].unknown_words == ["xyzzyq"]
+
+
+def test_search_many_refuses_bad_queries_before_any_shard_searches(served):
+    with pytest.raises(HeiindexError) as err:
+        served.search_many(["a dog", "", "xyzzyq"], 5, 4, where=lambda i: f"q.txt line {i + 1}")
+    assert str(err.value) == (
+        "2 of 3 queries refused (nothing was searched): q.txt line 2: the query is empty; "
+        "q.txt line 3: no word of the query is in the model's vocabulary: xyzzyq"
+    )
+
+
 def test_errors_are_the_in_process_ones(served):
     with pytest.raises(HeiindexError, match="not in this index"):
         served.search_image(10_000)
     with pytest.raises(HeiindexError, match="larger than the 24 images"):
         served.search("a dog", 5, 25)
+    # refused by the actors themselves (one batch): their message alone, as in process
+    for texts, sharded_texts in ((["  "], "the query is empty"), (["a dog", ""], "query 2: the query is empty")):
+        with pytest.raises(HeiindexError) as err:
+            list(served.search_many(texts, 5, 4))
+        assert str(err.value).endswith(sharded_texts) and "Traceback" not in str(err.value)
+    with pytest.raises(HeiindexError) as err:
+        served.search("xyzzyq", 5, 4)
+    assert str(err.value) == "no word of the query is in the model's vocabulary: xyzzyq"
 
 
 def test_a_shard_that_dies_mid_query_is_a_clear_error_then_restarts(served, sharded):

@@ -84,6 +84,29 @@ def test_fewer_candidates_merge_the_union_and_are_never_worse(sharded, index, te
     assert [h.score for h in got.results] == pytest.approx([exact[i] for i in best], rel=1e-6)
 
 
+def test_search_many_over_shards_answers_each_query_as_search_does(sharded):
+    got = list(sharded.search_many(QUERIES, k=6, candidates=4, batch=3))  # 2 batches, the last one short
+    assert [r.query for r in got] == QUERIES
+    for res, text in zip(got, QUERIES, strict=True):
+        want = sharded.search(text, k=6, candidates=4)
+        assert [(h.rank, h.id, h.hamming, h.captions) for h in res.results] == [
+            (h.rank, h.id, h.hamming, h.captions) for h in want.results
+        ]
+        assert [h.score for h in res.results] == pytest.approx([h.score for h in want.results], rel=1e-5, abs=1e-6)
+    with pytest.raises(HeiindexError, match=r"^1 of 2 queries refused \(nothing was searched\): query 2: the query"):
+        sharded.search_many(["a dog", " "], k=3, candidates=4)
+    with pytest.raises(HeiindexError, match="--k 13 is larger than the 12 candidates the shards return together"):
+        sharded.search_many(QUERIES, k=13, candidates=4)
+
+
+def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(QUERIES) + "\n")
+    r = ok(run("query", "--file", queries, "--index", sharded.path, "--k", "3", "--candidates", "4", "--json"))
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert got == [res.to_dict() for res in sharded.search_many(QUERIES, k=3, candidates=4)]
+
+
 def _encoded(index, text):
     from heiindex.search import encode_text
 
