@@ -240,3 +240,30 @@ def test_candidate_metrics_rank_by_score_and_by_hamming_and_never_count_a_pad():
     assert (got["hei"]["r1"], got["hei"]["r5"]) == pytest.approx((100 / 3, 200 / 3))
     assert (got["hamming"]["r1"], got["hamming"]["r5"]) == pytest.approx((200 / 3, 200 / 3))
     assert got["candidate_recall"] == pytest.approx(2 / 3)
+
+
+def test_folds_are_averaged_but_their_seconds_summed():
+    """COCO 1K: R@K, ranks, recall and speed-up are means over the folds, seconds their sum, a
+    count every fold shares is kept, an infinite rank in any fold stays None, sweep rows row by row."""
+    from heiindex.bench import _mean_of
+
+    fold = [
+        {
+            "images": 1000,
+            "t2i": {"hei": {"r1": 40.0, "medr": 2.0, "meanr": None, "seconds": 1.5}, "speedup": 6.0},
+            "sweep": [{"n": 10, "t2i": 0.5}, {"n": 20, "t2i": 0.75}],
+            "dtype": "float32",
+        },
+        {
+            "images": 1000,
+            "t2i": {"hei": {"r1": 50.0, "medr": 3.0, "meanr": 4.0, "seconds": 2.25}, "speedup": 8.0},
+            "sweep": [{"n": 10, "t2i": 0.25}, {"n": 20, "t2i": 1.0}],
+            "dtype": "float32",
+        },
+    ]
+    assert _mean_of(fold) == {
+        "images": 1000,
+        "t2i": {"hei": {"r1": 45.0, "medr": 2.5, "meanr": None, "seconds": 3.75}, "speedup": 7.0},
+        "sweep": [{"n": 10, "t2i": 0.375}, {"n": 20, "t2i": 0.875}],
+        "dtype": "float32",
+    }

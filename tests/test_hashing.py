@@ -276,7 +276,13 @@ def test_candidate_recall_counts_ground_truth_among_the_nearest_codes(pipe):
     index.add(img)
     _, ids = index.search(cap, 3)
     want = float(np.mean([enc.caption_image[q] in ids[q] for q in range(len(cap))]))
-    assert candidate_recall(h.module, enc, 3)["t2i"] == want
+    got = candidate_recall(h.module, enc, 3)
+    assert got["t2i"] == want
+    captions = faiss.IndexBinaryFlat(pf.BITS)  # and image to text: any of the image's 5 captions
+    captions.add(cap)
+    _, cids = captions.search(img, 3)
+    want_i2t = float(np.mean([i in enc.caption_image[cids[i]] for i in range(len(img))]))
+    assert got["i2t"] == want_i2t and 0 < want_i2t < 1  # a nearest-only count would differ
 
 
 @pytest.mark.parametrize("pooling", ["query", "mean"])
