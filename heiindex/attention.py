@@ -32,7 +32,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .packed import PackedWords, word_mask
+from .packed import PackedWords, integer_tensor, word_mask
 from .settings import require
 
 __all__ = [
@@ -606,7 +606,7 @@ def _check_words(words: Tensor, lengths: Tensor) -> Tensor:
     if isinstance(words, PackedWords):  # checked when packed; the same object costs no device sync
         return words.own_lengths(lengths)
     _check_words_rank(words)
-    lengths = torch.as_tensor(lengths, device=words.device)
+    lengths = integer_tensor("lengths", lengths, words.device)
     if lengths.shape != (words.shape[0],):
         raise ValueError(f"lengths must have shape ({words.shape[0]},), got {tuple(lengths.shape)}")
     if words.shape[0] and (int(lengths.min()) < 1 or int(lengths.max()) > words.shape[1]):
@@ -620,16 +620,18 @@ def _check_words_rank(words: Tensor | PackedWords) -> None:
 
 
 def _check_index(index: Tensor, n_items: int, name: str, what: str) -> Tensor:
-    index = torch.as_tensor(index)
+    index = integer_tensor(name, index)
     if index.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(index.shape)}")
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_items):
         raise ValueError(f"{name} must lie in [0, {n_items}) ({what})")
-    return index.long()
+    return index
 
 
 def _check_regions(regions: Tensor, words: Tensor) -> None:
     _check_rank("regions", regions, 3)
+    if not regions.is_floating_point():
+        raise ValueError(f"regions must be floating-point features, got {regions.dtype}")
     if regions.shape[-1] != words.shape[-1]:
         raise ValueError(f"feature size differs: words have d={words.shape[-1]}, regions d={regions.shape[-1]}")
     if regions.dtype != words.dtype:
@@ -643,9 +645,9 @@ def _check_gram(gram: Tensor, regions: Tensor) -> None:
 
 
 def _check_candidates(candidates: Tensor, n_q: int, n_items: int, what: str) -> Tensor:
-    candidates = torch.as_tensor(candidates)
+    candidates = integer_tensor("candidates", candidates)
     if candidates.dim() != 2 or candidates.shape[0] != n_q:
         raise ValueError(f"candidates must have shape ({n_q}, N), got {tuple(candidates.shape)}")
     if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= n_items):
         raise ValueError(f"candidate indices must lie in [0, {n_items}) ({what})")
-    return candidates.long()
+    return candidates

@@ -24,6 +24,7 @@ __all__ = [
     "hamming_candidates",
     "load_binary_index",
     "make_binary_index",
+    "packed_codes",
     "save_binary_index",
 ]
 
@@ -80,8 +81,12 @@ def make_binary_index(
     auto (``resolve_index_kind``).
 
     ``ef_search`` is HNSW's search breadth; it must be at least the number of candidates asked
-    for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10)."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10). ``hnsw_m``,
+    the links per node, must be at least 2 (FAISS crashes the process on 0 or 1)."""
+    codes = packed_codes("codes", codes)
+    if kind == "hnsw":
+        hnsw_m = require("hnsw_m", hnsw_m, at_least=2, integer=True)
+        ef_search = require("ef_search", ef_search, at_least=1, integer=True)
     bits = codes.shape[1] * 8
     chosen = resolve_index_kind(kind, len(codes), nlist, nprobe)  # the defaults live there
     kind, nlist, nprobe = chosen["type"], chosen["nlist"], chosen["nprobe"]
@@ -112,13 +117,11 @@ class TorchBinaryIndex:
     """
 
     def __init__(self, codes: np.ndarray, device: str | torch.device = "cpu", block: int = 1 << 20) -> None:
-        codes = np.ascontiguousarray(codes, dtype=np.uint8)
-        if codes.ndim != 2:
-            raise ValueError(f"codes must be (n, k/8) uint8, got shape {codes.shape}")
+        codes = packed_codes("codes", codes)
         self.device = torch.device(device)
         self.bits = codes.shape[1] * 8
         self.dtype = torch.float16 if self.device.type == "cuda" and self.bits <= 2048 else torch.float32
-        self.block = block
+        self.block = require("block", block, at_least=1, integer=True)
         self._signs = _signs(torch.from_numpy(codes).to(self.device), self.dtype)  # (n, k)
 
     @property
@@ -131,8 +134,11 @@ class TorchBinaryIndex:
 
     def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(distances (q, n) int32, ids (q, n) int64)``, nearest first."""
-        q = _signs(torch.from_numpy(np.ascontiguousarray(query_codes, dtype=np.uint8)).to(self.device), self.dtype)
-        n = min(n, self.ntotal)
+        query_codes = packed_codes("query codes", query_codes, self.bits // 8)
+        n = min(require("n", n, at_least=1, integer=True), self.ntotal)
+        if len(query_codes) == 0 or n == 0:
+            return np.empty((len(query_codes), n), dtype=np.int32), np.empty((len(query_codes), n), dtype=np.int64)
+        q = _signs(torch.from_numpy(query_codes).to(self.device), self.dtype)
         best_s = best_i = None
         for s in range(0, self.ntotal, self.block):  # db blocks bound the (q, block) score matrix
             sims = (q @ self._signs[s : s + self.block].T).float()
@@ -178,12 +184,27 @@ def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def hamming_candidates(
     index: faiss.IndexBinary | TorchBinaryIndex, query_codes: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``n`` by Hamming distance: ``(distances (q, n) int32, ids (q, n) int64)``, nearest first."""
+    """Top-``n`` by Hamming distance: ``(distances (q, n) int32, ids (q, n) int64)``, nearest first.
+    ``query_codes``: (q, k/8) uint8, as wide as the index's codes."""
+    n = require("candidates", n, at_least=1, integer=True)
     if n > index.ntotal:
         raise ValueError(f"asked for {n} candidates, but the index holds only {index.ntotal} items")
-    query_codes = np.ascontiguousarray(query_codes, dtype=np.uint8)
+    query_codes = packed_codes("query codes", query_codes, index.d // 8)
     dist, ids = index.search(query_codes, n)
     return dist, ids
+
+
+def packed_codes(name: str, codes: np.ndarray, width: int | None = None) -> np.ndarray:
+    """``codes`` as contiguous (n, k/8) uint8 rows of packed bits (``numpy.packbits``, what the hash
+    module gives), ``width`` bytes wide where given. Other dtypes are refused, not wrapped to bytes."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] == 0:
+        raise ValueError(
+            f"{name} must be packed bits, an (n, k/8) uint8 array (numpy.packbits), got {codes.dtype} of shape {codes.shape}"
+        )
+    if width is not None and codes.shape[1] != width:
+        raise ValueError(f"{name} are {codes.shape[1] * 8}-bit, the index holds {width * 8}-bit codes")
+    return np.ascontiguousarray(codes)
 
 
 def save_binary_index(index: faiss.IndexBinary, path: Path) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .packed import PackedWords, word_mask
+from .settings import require
 
 __all__ = [
     "POOLINGS",
@@ -49,6 +50,8 @@ class HashConfig:
     pooling: str = "query"  # coco-sim: +0.5 / +0.1 test candidate recall over mean pooling (benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:
+        require("bits", self.bits, integer=True)
+        require("embed_size", self.embed_size, at_least=1, integer=True)
         if self.bits % 8 or not 8 <= self.bits <= 1024:
             raise ValueError(f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}")
         if self.pooling not in POOLINGS:

@@ -54,12 +54,15 @@ from .search import (
     EncodedQueries,
     captions_for_image,
     check_batch,
+    check_image_id,
     check_queries,
+    check_query_counts,
     encode_queries,
     images_for_text,
     rerank_captions,
     rerank_images,
 )
+from .settings import require
 from .store import (
     CaptionTable,
     ImageWriter,
@@ -296,8 +299,12 @@ class Index:
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
         check_index_options(index_type, nlist, nprobe)  # before any encoding
-        if block_images < 1 or block_captions < 1:
-            raise HeiindexError(f"block sizes must be at least 1, got {block_images} images, {block_captions} captions")
+        block_images = require("block_images", block_images, at_least=1, integer=True)
+        block_captions = require("block_captions", block_captions, at_least=1, integer=True)
+        if image_rows is not None:
+            if len(image_rows) != 2:
+                raise HeiindexError(f"image_rows must be (first, stop), got {image_rows!r}")
+            image_rows = tuple(require("image_rows", v, at_least=0, integer=True) for v in image_rows)
         matcher, hasher = load_bound_models(matcher, hasher)
         store = SplitStore.open(store_root, split)
         matcher.check_store(store)
@@ -312,13 +319,21 @@ class Index:
         model = matcher.model.eval().to(dev)
         hasher.module.to(dev)
         d, r = model.config.embed_size, store.regions
-        first, stop = image_rows or (0, store.n_images)
-        if not 0 <= first < stop <= store.n_images:
+        first, stop = (0, store.n_images) if image_rows is None else image_rows
+        if not first < stop:
+            raise HeiindexError(f"image rows {first}..{stop} hold no image (give first < stop)")
+        if stop > store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
         captions = store.captions() if captions is None else captions
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
             store.check_caption_images(captions)
+        counts = {"images": stop - first} if image_rows is not None else {"images": stop, "captions": len(captions)}
+        for what, n in counts.items():  # IVF needs a code per list: known before any encoding
+            chosen = resolve_index_kind(index_type, n, nlist, nprobe)
+            if chosen["type"] == "ivf" and chosen["nlist"] > n:
+                rows = f" (image rows {first}..{stop})" if image_rows is not None else ""
+                raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{rows}")
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
@@ -417,6 +432,12 @@ class Index:
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
         built = manifest.get("codes", {"store": "faiss"})
+        mpath = Path(path) / "manifest.json"
+        check_fields(mpath, {"codes": built}, {"codes.store": str})
+        if built["store"] == "milvus":
+            check_fields(
+                mpath, manifest, {f"codes.{f}": str for f in ("uri", "collections.images", "collections.captions")}
+            )
         source = codes or built["store"]
         if source not in ("faiss", "milvus"):
             raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
@@ -444,13 +465,19 @@ class Index:
 
         ``dtype``: "float32" (exact; the default), "tf32" (float32 storage, TF32 matrix products
         on NVIDIA GPUs) or "bfloat16" (features stored in 16 bits: half the memory traffic; the
-        softmax, norms and sums stay float32). Hamming search moves to the device too
-        (``heiindex.hamming.index_on_device``)."""
+        softmax, norms and sums stay float32; the float32 features are not kept, so going back to
+        float32 needs ``Index.open`` again, and is refused here). Hamming search moves to the device
+        too (``heiindex.hamming.index_on_device``)."""
         dev = resolve_device(device)
         check_precision(dtype)
         if dev.type == "cuda":
             set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        if self.regions.dtype == torch.bfloat16 and store != torch.bfloat16:
+            raise HeiindexError(
+                f"this index's features were rounded to bfloat16 by an earlier to(); for {dtype} open it again "
+                f"(Index.open({str(self.path)!r}, dtype={dtype!r}))"
+            )
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
         if store != self.regions.dtype:  # the stored items' codes (the bench's queries), before a cast rounds them
@@ -465,13 +492,14 @@ class Index:
         return self
 
     # -- queries ------------------------------------------------------------------------------
-    def _check_n(self, candidates: int, k: int, n_items: int, what: str) -> None:
-        if candidates < 1 or k < 1:
-            raise HeiindexError("--candidates and --k must be at least 1")
+    def _check_n(self, candidates: int, k: int, n_items: int, what: str) -> tuple[int, int]:
+        """``candidates`` and ``k`` as ints, checked against this index's ``n_items``."""
+        candidates, k = check_query_counts(candidates, k)
         if candidates > n_items:
             raise HeiindexError(f"--candidates {candidates} is larger than the {n_items} {what} in this index")
         if k > candidates:
             raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
+        return candidates, k
 
     @torch.no_grad()
     def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
@@ -491,7 +519,7 @@ class Index:
         is searched: empty or all-unknown ones are refused together, named by ``where(position)``
         (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
         texts = check_batch(texts, batch)
-        self._check_n(candidates, k, self.n_images, "images")
+        candidates, k = self._check_n(candidates, k, self.n_images, "images")
         encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -530,7 +558,8 @@ class Index:
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
         t0 = time.perf_counter()
-        self._check_n(candidates, k, self.n_captions, "captions")
+        candidates, k = self._check_n(candidates, k, self.n_captions, "captions")
+        image_id = check_image_id(image_id)
         features = self.image_features(image_id)
         if features is None:
             raise HeiindexError(

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import DataError
 from .precomp import PrecompSplit
+from .settings import require
 from .store import (
     CAPTIONS_FILE,
     FORMAT_VERSION,
@@ -107,6 +108,7 @@ def ingest(
 
     Every input problem raises ``DataError`` before anything appears at ``out_root/{split}``.
     """
+    block_images = require("block_images", block_images, at_least=1, integer=True)
     out_root = Path(out_root)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)

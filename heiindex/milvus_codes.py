@@ -87,6 +87,7 @@ class MilvusCodes:
         self._col = pm.Collection(name, using=alias)
         self._col.load()
         self.ntotal = int(self._col.num_entities)
+        self.d = next(int(f.params["dim"]) for f in self._col.schema.fields if f.name == "code")  # bits
 
     def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(distances (q, n) int32, rows (q, n) int64)``, nearest first; -1 where Milvus

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PackedWords", "word_mask"]
+__all__ = ["PackedWords", "integer_tensor", "word_mask"]
 
 
 class PackedWords:
@@ -95,7 +95,7 @@ class PackedWords:
         hash module take them) are the same; ``ValueError`` naming the first difference else."""
         if lengths is self.lengths:
             return self.lengths
-        given = torch.as_tensor(lengths, device=self.device).long()
+        given = integer_tensor("lengths", lengths, self.device)
         if given.shape != self.lengths.shape:
             raise ValueError(
                 f"lengths (shape {tuple(given.shape)}) differ from the packed words' own lengths "
@@ -146,8 +146,17 @@ def word_mask(lengths: Tensor, width: int) -> Tensor:
     return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def integer_tensor(name: str, x, device: torch.device | None = None) -> Tensor:
+    """``x`` as a long tensor; floats and bools are refused (a length of 2.7 or an index of 1.9 is
+    a caller's slip, not a number to cut down)."""
+    t = torch.as_tensor(x, device=device)
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name} must hold whole numbers (an integer dtype), got {t.dtype}")
+    return t.long()
+
+
 def _checked_lengths(lengths, device: torch.device) -> Tensor:
-    lengths = torch.as_tensor(lengths, device=device).long()
+    lengths = integer_tensor("lengths", lengths, device)
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be one-dimensional, got shape {tuple(lengths.shape)}")
     if lengths.numel() and int(lengths.min()) < 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .settings import require
 
 __all__ = ["SPLITS", "PrecompSplit", "read_captions"]
 
@@ -126,6 +127,7 @@ class PrecompSplit:
 
         Non-finite values raise ``DataError`` naming the image.
         """
+        block_images = require("block_images", block_images, at_least=1, integer=True)
         row_bytes = self.regions * self.feature_dim * self.dtype.itemsize
         for start in range(0, self.n_images, block_images):
             stop = min(self.n_images, start + block_images)

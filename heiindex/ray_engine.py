@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import QUERY_BATCH, Hit, SearchResult
-from .search import check_batch, refuse_queries
+from .search import check_batch, check_image_id, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
@@ -245,7 +245,7 @@ class RayShardedIndex:
         then each batch goes to all shards at once and is merged here. (Texts that fit in one batch
         are checked by each actor as it searches, which costs no extra round trip.)"""
         texts = check_batch(texts, batch)
-        check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
+        candidates, k = check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
             refuse_queries(problems, len(texts), where)
@@ -260,8 +260,9 @@ class RayShardedIndex:
 
     def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         t0 = time.perf_counter()
-        check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
-        found = self._gather([a.image_features.remote(int(image_id)) for a in self.actors], "the image lookup")
+        candidates, k = check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
+        image_id = check_image_id(image_id)
+        found = self._gather([a.image_features.remote(image_id) for a in self.actors], "the image lookup")
         features = next((f for f in found if f is not None), None)
         if features is None:
             raise HeiindexError(f"image id {image_id} is not in this index")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,9 @@ __all__ = [
     "Ranked",
     "captions_for_image",
     "check_batch",
+    "check_image_id",
     "check_queries",
+    "check_query_counts",
     "encode_queries",
     "encode_text",
     "images_for_text",
@@ -106,10 +109,28 @@ def refuse_queries(problems: list[tuple[int, str]], n: int, where: Callable[[int
 def check_batch(texts: Sequence[str], batch: int) -> list[str]:
     """The texts of a ``search_many`` as a list; one string (a likely slip for a list of one) and a
     batch size below 1 are refused."""
-    if isinstance(texts, str):
+    if isinstance(texts, str | bytes):
         raise HeiindexError("search_many takes a list of queries, not one string (use search)")
     require("batch", batch, at_least=1, integer=True)
     return list(texts)
+
+
+def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
+    """``candidates`` (N) and ``k`` of a query as ints: whole numbers (a numpy integer is one; a bool
+    or 2.0 is not), at least 1."""
+    for name, value in (("--candidates", candidates), ("--k", k)):
+        if not isinstance(value, Integral) or isinstance(value, bool):
+            raise HeiindexError(f"{name} must be a whole number, got {value!r}")
+    if candidates < 1 or k < 1:
+        raise HeiindexError("--candidates and --k must be at least 1")
+    return int(candidates), int(k)
+
+
+def check_image_id(image_id: int) -> int:
+    """An image id to search from, as an int (a numpy integer is one; a bool, "3" or 3.0 is not)."""
+    if not isinstance(image_id, Integral) or isinstance(image_id, bool):
+        raise HeiindexError(f"an image id is a whole number, got {image_id!r}")
+    return int(image_id)
 
 
 def check_queries(vocab: Vocab, texts: Sequence[str], where: Callable[[int], str] | None = None) -> list[Encoded]:

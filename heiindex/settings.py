@@ -16,7 +16,9 @@ __all__ = ["require"]
 
 def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
     """A ``ValueError`` naming ``name`` unless ``value`` is a finite number (a whole number where
-    ``integer``), at least ``at_least`` and greater than ``above`` where given."""
+    ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least`` and greater
+    than ``above`` where given. Returns ``value``; a whole number as a Python ``int`` (what FAISS's
+    and Python's slicing take)."""
     kind = Integral if integer else Real
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
@@ -27,6 +29,7 @@ def require(name: str, value, *, at_least: float | None = None, above: float | N
         if above is not None:
             want.append(f"greater than {_num(above)}")
         raise ValueError(f"{name} must be {', '.join(want)}, got {value!r}")
+    return int(value) if integer else value
 
 
 def _num(x: float) -> str:

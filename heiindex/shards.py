@@ -44,8 +44,9 @@ from .index import (
     read_index_manifest,
 )
 from .packed import PackedWords
-from .search import EncodedQueries, check_batch, check_queries, encode_queries
-from .store import SplitStore, atomic_dir, write_json
+from .search import EncodedQueries, check_batch, check_image_id, check_queries, check_query_counts, encode_queries
+from .settings import require
+from .store import SplitStore, atomic_dir, check_fields, write_json
 from .train_hash import LoadedHash
 
 __all__ = [
@@ -65,6 +66,7 @@ SHARDED_FORMAT_VERSION = 1
 
 def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of near-equal size, one per shard."""
+    shards = require("shards", shards, integer=True)
     if not 1 <= shards <= n_images:
         raise HeiindexError(f"--shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}")
     edges = np.linspace(0, n_images, shards + 1).round().astype(int)
@@ -158,7 +160,27 @@ def sharded_manifest(path: str | Path) -> dict | None:
             Path(path) / "manifest.json",
             f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
         )
+    mpath = Path(path) / "manifest.json"
+    check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
+    check_shard_entries(mpath, manifest["shards"])
+    for entry in manifest["shards"]:
+        check_fields(mpath, entry, {"n_images": int, "n_captions": int})
     return manifest
+
+
+def check_shard_entries(mpath: Path, entries: list) -> None:
+    """A sharded manifest's ``shards``: at least one ``{"path": NAME}``, each NAME a distinct folder
+    directly inside the build (what ``write_shards`` writes), so that nothing outside it is read."""
+    if not entries:
+        raise DataError(mpath, 'field "shards" lists no shard')
+    seen = set()
+    for i, entry in enumerate(entries):
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
+        if name in seen:
+            raise DataError(mpath, f'field "shards[{i}].path" names shard {name!r} a second time')
+        seen.add(name)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -248,7 +270,7 @@ class ShardedIndex:
         """``search`` for many captions, in order, ``batch`` at a time, as ``Index.search_many``:
         each batch is encoded once and searched by every shard."""
         texts = check_batch(texts, batch)
-        check_counts(candidates, k, [s.n_images for s in self.shards], "images")
+        candidates, k = check_counts(candidates, k, [s.n_images for s in self.shards], "images")
         first = self.shards[0]
         encoded = check_queries(first.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
@@ -264,7 +286,8 @@ class ShardedIndex:
         """Captions for a stored image: its features come from its own shard, every shard
         searches and re-ranks its own captions, the results are merged by score."""
         t0 = time.perf_counter()
-        check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
+        candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
+        image_id = check_image_id(image_id)
         features = next((f for f in (s.image_features(image_id) for s in self.shards) if f is not None), None)
         if features is None:
             raise HeiindexError(f"image id {image_id} is not in this index")
@@ -296,15 +319,15 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -
     return shard.search_regions(regions, gram, min(k, n), n) if n else []
 
 
-def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> None:
-    """N and k over shards: N per shard (capped at each shard's size), k over the merge."""
-    if candidates < 1 or k < 1:
-        raise HeiindexError("--candidates and --k must be at least 1")
+def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:
+    """N and k over shards, as ints: N per shard (capped at each shard's size), k over the merge."""
+    candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
         raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
     pooled = sum(min(candidates, n) for n in sizes)
     if k > pooled:
         raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
+    return candidates, k
 
 
 # ---------------------------------------------------------------------------------------------

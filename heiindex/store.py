@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import DataError
+from .settings import require
 
 __all__ = [
     "CAPTIONS_FILE",
@@ -400,11 +401,10 @@ class SplitStore:
         from the file's metadata); the one holding ``start`` is read from its first row.
         ``DataError`` where the file holds another number of rows than the manifest's count."""
         stop = self.n_images if stop is None else stop
-        if block_images < 1 or not 0 <= start <= stop <= self.n_images:
-            raise ValueError(
-                f"need block_images >= 1 and 0 <= start <= stop <= {self.n_images}, "
-                f"got block_images={block_images}, start={start}, stop={stop}"
-            )
+        block_images = require("block_images", block_images, at_least=1, integer=True)
+        start, stop = require("start", start, integer=True), require("stop", stop, integer=True)
+        if not 0 <= start <= stop <= self.n_images:
+            raise ValueError(f"need 0 <= start <= stop <= {self.n_images}, got start={start}, stop={stop}")
         if start == stop:
             return
         pf = self._images_file()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .shards import check_shard_entries
 from .store import MANIFEST_FILE, file_sha256, manifest_folders, read_json_object
 
 __all__ = ["FileCheck", "verify"]
@@ -43,20 +44,22 @@ def verify(path: str | Path) -> list[FileCheck]:
     manifest = read_json_object(manifest_path, "no manifest.json here: not a store, a store split or an index")
     if manifest.get("kind") == "sharded":
         shards = manifest.get("shards")
-        if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards
-        ):
+        if not isinstance(shards, list):
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
+        check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         return [check for shard in shards for check in verify(path / shard["path"])]
     files = manifest.get("files")
     if files is None:
         return [FileCheck(manifest_path, "unrecorded", "no file checksums recorded (written by an older heiindex)")]
     if not isinstance(files, dict):
         raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
-    return [_check(path / name, record, manifest_path) for name, record in sorted(files.items())]
+    return [_check(path, name, record, manifest_path) for name, record in sorted(files.items())]
 
 
-def _check(path: Path, record, manifest_path: Path) -> FileCheck:
+def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:  # nothing outside the folder
+        raise DataError(manifest_path, f'field "files" must name files in this folder, got {name!r}')
+    path = folder / name
     if not (
         isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
     ):

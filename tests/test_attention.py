@@ -360,6 +360,33 @@ def test_invalid_inputs_raise_value_error():
     assert not not_raised, "expected ValueError:\n" + "\n".join(not_raised)
 
 
+def test_indices_and_lengths_must_be_integers_not_floats_or_bools():
+    """A float index of 1.9 or a length of 2.7 used to be cut down to 1 and 2 without a word, and
+    bools read as 0 / 1."""
+    words, lengths, regions = _data()
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    two = torch.tensor([0, 1])
+    calls = {
+        "caption_index": lambda: score_pairs(cfg, words, lengths, regions, two.double(), two),
+        "image_index": lambda: score_pairs(cfg, words, lengths, regions, two, torch.tensor([True, False])),
+        "candidates": lambda: score_image_candidates(cfg, words, lengths, regions, torch.ones(len(LENGTHS), 2)),
+        "lengths": lambda: score_block(cfg, words, lengths.double() - 0.3, regions),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"^{name} must hold whole numbers \\(an integer dtype\\), got torch"):
+            call()
+    packed = PackedWords.from_padded(words, lengths)
+    with pytest.raises(ValueError, match="lengths must hold whole numbers"):
+        score_block(cfg, packed, lengths.double(), regions)
+    with pytest.raises(ValueError, match="lengths must hold whole numbers"):
+        PackedWords.from_padded(words, lengths.double())
+    with pytest.raises(ValueError, match="regions must be floating-point features, got torch.int64"):
+        score_block(cfg, words.long(), lengths, regions.long())  # (words and regions share one dtype)
+    # integer dtypes of any width are taken
+    want = score_pairs(cfg, words, lengths, regions, two, two)
+    torch.testing.assert_close(score_pairs(cfg, words, lengths.int(), regions, two.int(), two.short()), want)
+
+
 # ----------------------------------------------------------------------------- pairs
 
 # A set large enough for the pair scorer's grouping to matter: many captions of many lengths

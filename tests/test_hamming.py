@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -118,6 +120,50 @@ def test_code_length_follows_the_bytes():
     dist, ids = hamming_candidates(index, codes[1:2], 3)
     assert (int(ids[0, 0]), int(dist[0, 0])) == (1, 0)
     assert sorted(dist[0, 1:].tolist()) == [8, 8]
+
+
+@pytest.mark.parametrize(
+    "codes, detail",
+    [
+        (np.zeros((3, 2), dtype=np.int64), "got int64 of shape (3, 2)"),  # would wrap 256 to 0, not refuse
+        (np.zeros((3, 2), dtype=np.float32), "got float32 of shape (3, 2)"),
+        (np.zeros(8, dtype=np.uint8), "got uint8 of shape (8,)"),
+        (np.zeros((3, 0), dtype=np.uint8), "got uint8 of shape (3, 0)"),
+    ],
+)
+def test_codes_must_be_packed_bytes(codes, detail):
+    from heiindex.hamming import TorchBinaryIndex
+
+    for make in (make_binary_index, TorchBinaryIndex):
+        with pytest.raises(
+            ValueError, match=r"codes must be packed bits, an \(n, k/8\) uint8 array .*" + re.escape(detail)
+        ):
+            make(codes)
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_query_codes_and_counts_are_checked_before_the_search(easy, kind):
+    from heiindex.hamming import TorchBinaryIndex
+
+    codes, queries, _ = easy
+    index = make_binary_index(codes) if kind == "flat" else TorchBinaryIndex(codes)
+    with pytest.raises(ValueError, match="query codes are 32-bit, the index holds 64-bit codes"):
+        hamming_candidates(index, queries[:, :4], 5)
+    with pytest.raises(ValueError, match="query codes must be packed bits"):
+        hamming_candidates(index, queries.astype(np.int64), 5)
+    for n in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="candidates must be a whole number, at least 1, got"):
+            hamming_candidates(index, queries, n)
+    dist, ids = hamming_candidates(index, queries, np.int64(5))  # a numpy count is a count (FAISS needs int)
+    np.testing.assert_array_equal(dist, hamming_candidates(index, queries, 5)[0])
+    dist, ids = index.search(queries[:0], 5)  # no queries: empty answers
+    assert dist.shape == ids.shape == (0, 5)
+
+
+@pytest.mark.parametrize("hnsw_m, ef_search, detail", [(0, 16, "hnsw_m"), (1, 16, "hnsw_m"), (16, 0, "ef_search")])
+def test_hnsw_settings_faiss_crashes_on_are_refused(easy, hnsw_m, ef_search, detail):
+    with pytest.raises(ValueError, match=f"{detail} must be a whole number, at least"):
+        make_binary_index(easy[0], "hnsw", hnsw_m=hnsw_m, ef_search=ef_search)  # FAISS: abort, hang or -1s
 
 
 # ----------------------------------------------------------------------------- torch search

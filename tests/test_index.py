@@ -123,8 +123,18 @@ def test_small_blocks_write_what_the_encoders_give_in_those_blocks(pipe, tmp_pat
         stored_codes(built.caption_index), hasher.caption_codes(words, torch.from_numpy(caps.lengths))
     )
     np.testing.assert_array_equal(stored_codes(built.image_index), hasher.image_codes(regions))
-    with pytest.raises(HeiindexError, match="block sizes must be at least 1"):
-        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, block_captions=0)
+    for bad, detail in (
+        ({"block_captions": 0}, "block_captions must be a whole number, at least 1, got 0"),
+        ({"block_images": True}, "block_images must be a whole number, at least 1, got True"),
+        ({"block_images": 2.0}, "block_images must be a whole number, at least 1, got 2.0"),
+        ({"image_rows": ()}, r"image_rows must be \(first, stop\), got \(\)"),
+        ({"image_rows": (True, 5)}, "image_rows must be a whole number, at least 0, got True"),
+        ({"image_rows": (5, 5)}, r"image rows 5..5 hold no image \(give first < stop\)"),
+        ({"image_rows": (5, 25)}, "image rows 5..25 outside the store's 0..24"),
+    ):
+        with pytest.raises((HeiindexError, ValueError), match=detail):
+            Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", **bad)
+        assert not (tmp_path / "x").exists()
 
 
 def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, tmp_path, monkeypatch):
@@ -457,7 +467,7 @@ def test_milvus_codes_open_without_reading_the_faiss_files(pipe, index, tmp_path
         def __init__(self, uri, name):
             self.uri, self.name = uri, name
             self.faiss = index.image_index if name == "c-images" else index.caption_index
-            self.ntotal = self.faiss.ntotal
+            self.ntotal, self.d = self.faiss.ntotal, self.faiss.d
 
         def search(self, codes, n):
             return self.faiss.search(codes, n)
@@ -515,9 +525,41 @@ def test_build_refuses_a_store_of_another_vocabulary(pipe, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_ivf_lists_beyond_the_items_are_refused_before_any_encoding(pipe, tmp_path, monkeypatch):
+    from heiindex.model import ScanModel
+    from heiindex.shards import write_shards
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded before the IVF options were checked")
+
+    monkeypatch.setattr(ScanModel, "encode_images", no_encoding)
+    with pytest.raises(HeiindexError, match="--nlist 25 exceeds the 24 images to index"):
+        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", index_type="ivf", nlist=25)
+    with pytest.raises(HeiindexError, match=r"--nlist 9 exceeds the 8 images to index \(image rows 0..8\)"):
+        write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", 3, index_type="ivf", nlist=9)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_malformed_codes_field_is_named(pipe, tmp_path):
+    out = tmp_path / "codes"
+    shutil.copytree(pipe.index_dir, out)
+    m = json.loads((out / "manifest.json").read_text())
+    for codes, field in (
+        ({"uri": "http://x"}, "codes.store"),
+        ({"store": "milvus", "collections": {"images": "a", "captions": "b"}}, "codes.uri"),
+        ({"store": "milvus", "uri": "http://x", "collections": ["a"]}, "codes.collections.images"),
+    ):
+        (out / "manifest.json").write_text(json.dumps({**m, "codes": codes}))
+        with pytest.raises(DataError, match=f'manifest.json: field "{field}" is missing or not of type str'):
+            Index.open(out)
+
+
 def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
     with pytest.raises(ValueError, match=r"bits \(the code length k\) must be a multiple of 8"):
         HashConfig(bits=12, embed_size=pf.EMBED_SIZE)
+    for bad in (16.0, "16", True):
+        with pytest.raises(ValueError, match=f"bits must be a whole number, got {bad!r}"):
+            HashConfig(bits=bad, embed_size=pf.EMBED_SIZE)
     # a hash folder that claims 12-bit codes is refused with that message before anything is written
     shutil.copytree(pipe.hash_dir, tmp_path / "h12")
     cfg = json.loads((tmp_path / "h12" / "config.json").read_text())
@@ -558,6 +600,32 @@ def test_query_of_unknown_words_only(index):
         index.search("xyzzyq qwplk", k=3, candidates=5)
 
 
+@pytest.mark.parametrize("bad", [True, 2.0, "3", None])
+def test_counts_and_image_ids_must_be_whole_numbers(index, bad):
+    with pytest.raises(HeiindexError, match=r"--k must be a whole number, got"):
+        index.search("a dog", k=bad, candidates=5)
+    with pytest.raises(HeiindexError, match=r"--candidates must be a whole number, got"):
+        index.search_image(0, k=3, candidates=bad)
+    with pytest.raises(HeiindexError, match=r"an image id is a whole number, got"):
+        index.search_image(bad if bad is not None else [1], k=3, candidates=5)
+
+
+def test_numpy_counts_and_ids_are_whole_numbers(index):
+    """What a caller's arrays give (FAISS's search takes only a Python int)."""
+    want = index.search("a dog", k=3, candidates=5).to_dict()
+    assert index.search("a dog", k=np.int64(3), candidates=np.int64(5)).to_dict() == want
+    image_id = index.image_ids[4]  # a numpy integer
+    assert (
+        index.search_image(image_id, np.int32(3), np.int64(5)).to_dict()
+        == index.search_image(int(image_id), 3, 5).to_dict()
+    )
+
+
+def test_search_many_refuses_bytes_as_one_query(index):
+    with pytest.raises(HeiindexError, match="search_many takes a list of queries, not one string"):
+        index.search_many(b"a dog", k=3, candidates=5)
+
+
 def test_search_image_of_an_unknown_id(index):
     with pytest.raises(HeiindexError, match=r"image id 999 is not in this index \(ids 0..23\)"):
         index.search_image(999, k=3, candidates=5)
@@ -591,6 +659,11 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
         _assert_same_hits(index.search(text, k=10, candidates=20), half.search(text, k=10, candidates=20), 1e-2)
     full, low = run_bench(index, topk=24), run_bench(half, topk=24)
     assert low["dtype"] == "bfloat16"
+    with pytest.raises(
+        HeiindexError, match=r"features were rounded to bfloat16 by an earlier to\(\); for float32 open"
+    ):
+        half.to("cpu", "float32")  # it would keep the rounded features and call them float32
+    assert half.to("cpu", "bfloat16").regions.dtype == torch.bfloat16
     queries = {"t2i": index.n_captions, "i2t": index.n_images}
     for direction in ("t2i", "i2t"):
         assert low[direction]["candidate_recall"] == full[direction]["candidate_recall"]

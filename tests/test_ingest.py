@@ -150,6 +150,15 @@ def test_content_checksum_does_not_depend_on_block_size(make_precomp, tmp_path):
     assert m2["images"]["sha256"] == m128["images"]["sha256"]
 
 
+@pytest.mark.parametrize("block", [0, -1, True, 2.5])
+def test_block_size_must_be_a_whole_number_of_images(make_precomp, tmp_path, block):
+    """-1 used to write a store of no image rows whose manifest counted 7 (and verify passed it)."""
+    precomp, _, _ = make_precomp(n_images=7)
+    with pytest.raises(ValueError, match=f"block_images must be a whole number, at least 1, got {block}"):
+        ingest(precomp, "test", tmp_path / "O", feature_dim=8, block_images=block)
+    assert not (tmp_path / "O").exists()
+
+
 # -- library ------------------------------------------------------------------------------
 
 

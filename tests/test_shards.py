@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import as_json, build, clean_error, ok, run
 
 from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
+from heiindex.packed import PackedWords
 from heiindex.shards import (
     ShardedIndex,
     build_shards,
@@ -134,6 +136,23 @@ def test_errors(pipe, sharded, tmp_path):
     with pytest.raises(HeiindexError, match="is a sharded build"):
         Index.open(sharded.path)
     assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match=f"shards must be a whole number, got {bad}"):
+            shard_bounds(10, bad)
+    with pytest.raises(HeiindexError, match=r"--shards must lie in \[1, 10\]"):
+        shard_bounds(10, 0)
+
+
+@pytest.mark.parametrize("text", QUERIES[:2])
+def test_more_candidates_than_one_shard_holds_cap_each_shard_at_its_size(sharded, index, text):
+    """N = 12 over shards of 8 images (40 captions): each shard scores all it holds, so the merge
+    is exhaustive attention's top-k (the total, 24 images / 120 captions, bounds N)."""
+    want = _pairs(index.search(text, k=10, candidates=24))
+    assert _pairs(sharded.search(text, k=10, candidates=12)) == want
+    assert [_pairs(r) for r in sharded.search_many([text], k=10, candidates=12)] == [want]
+    image_id = int(index.image_ids[5])
+    got = sharded.search_image(image_id, k=10, candidates=60)
+    assert _pairs(got) == _pairs(index.search_image(image_id, k=10, candidates=120))
 
 
 def test_write_shards_reads_the_captions_once_and_each_shard_its_own_rows(pipe, tmp_path, monkeypatch):
@@ -183,6 +202,25 @@ def test_the_manifest_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
         if "sharded" not in text:  # one reader for both kinds: Index.open says the same
             with pytest.raises(DataError, match=detail):
                 Index.open(bad)
+
+
+def test_sharded_bench_candidate_recall_is_that_of_each_shards_own_candidates(sharded):
+    """Below a shard's size (N = 3 of 8 images, 40 captions) the queries' codes matter: the bench's
+    candidate recall is recomputed here from every shard hashing the queries itself."""
+    res = run_sharded_bench(sharded, 3)
+    words = PackedWords.cat([s.words for s in sharded.shards])
+    regions, gram = torch.cat([s.regions for s in sharded.shards]), torch.cat([s.gram for s in sharded.shards])
+    image_ids = np.concatenate([s.image_ids for s in sharded.shards])
+    caption_image_ids = np.concatenate([s.caption_image_ids for s in sharded.shards])
+    t2i, i2t = np.zeros(len(caption_image_ids), bool), np.zeros(len(image_ids), bool)
+    for s in sharded.shards:
+        found = s.candidates_for_captions(words, words.lengths, 3)  # codes=None: hashed here
+        t2i |= (s.image_ids[found.ids] == caption_image_ids[:, None]).any(axis=1)
+        found = s.candidates_for_images(regions, gram, 3)
+        i2t |= (s.caption_image_ids[found.ids] == image_ids[:, None]).any(axis=1)
+    assert 0 < t2i.mean() < 1 and 0 < i2t.mean() < 1
+    assert res["t2i"]["candidate_recall"] == pytest.approx(t2i.mean(), abs=1e-12)
+    assert res["i2t"]["candidate_recall"] == pytest.approx(i2t.mean(), abs=1e-12)
 
 
 def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):

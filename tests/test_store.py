@@ -137,8 +137,15 @@ def test_image_blocks_from_a_row_with_row_groups_larger_than_a_block(tmp_path, m
     np.testing.assert_array_equal(feats, _feats(10)[1:3])
     assert _blocks_from(store, 4, 6, 6, monkeypatch=monkeypatch)[0] == []
     assert [i.tolist() for i, _ in store.iter_image_blocks(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    for kwargs in ({"start": 4, "stop": 3}, {"stop": 11}, {"start": -1}, {"block_images": 0}):
+    for kwargs in ({"start": 4, "stop": 3}, {"stop": 11}, {"start": -1}):
         with pytest.raises(ValueError, match="0 <= start <= stop <= 10"):
+            list(store.iter_image_blocks(**kwargs))
+    for kwargs, name in (
+        ({"block_images": 0}, "block_images"),
+        ({"block_images": 2.0}, "block_images"),
+        ({"start": 1.5}, "start"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
             list(store.iter_image_blocks(**kwargs))
 
 
@@ -230,8 +237,9 @@ def test_checksums_change_with_content(tmp_path):
 
 def test_image_writer_rejects_wrong_block_shape(tmp_path):
     w = ImageWriter(tmp_path / "i.parquet", R, D)
-    with pytest.raises(ValueError):
-        w.write(np.arange(2), np.zeros((2, R, D + 1), np.float32))
+    for shape in ((2, R, D + 1), (2, D, R)):  # a transposed block has the right size, not the right shape
+        with pytest.raises(ValueError, match=rf"block shape \({shape[1]}, {shape[2]}\) != \({R}, {D}\)"):
+            w.write(np.arange(2), np.zeros(shape, np.float32))
     w.close()
 
 

@@ -71,6 +71,44 @@ def test_what_cannot_be_verified_is_said(pipe, tmp_path):
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match=r'field "files.images.faiss" must hold "bytes" and "sha256"'):
         verify(old)
+    record = {"bytes": 1, "sha256": "0" * 64}
+    for name in ("../../etc/hostname", "/etc/hostname", "", ".", "sub/images.faiss"):  # only this folder's files
+        m["files"] = {name: record}
+        (old / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(DataError, match=f'field "files" must name files in this folder, got {name!r}'):
+            verify(old)
+
+
+def test_a_sharded_manifest_names_its_own_distinct_shard_folders(pipe, tmp_path):
+    """A shard path "." made verify recurse for ever; "../x" or an absolute path read files outside
+    the build, and a shard listed twice was counted twice by ShardedIndex.open."""
+    from heiindex.shards import ShardedIndex
+
+    sharded = tmp_path / "sharded"
+    ok(build(pipe, sharded, "--shards", "2"))
+    good = json.loads((sharded / "manifest.json").read_text())
+    cases = [
+        (
+            [{**good["shards"][0], "path": p}],
+            rf'field "shards\[0\].path" must name a folder inside the build, got {p!r}',
+        )
+        for p in (".", "..", "../index-test", "/tmp", "", 3)
+    ]
+    cases += [
+        ([good["shards"][0], good["shards"][0]], r'field "shards\[1\].path" names shard \'shard-000\' a second time'),
+        ([], 'field "shards" lists no shard'),
+    ]
+    for shards, detail in cases:
+        (sharded / "manifest.json").write_text(json.dumps({**good, "shards": shards}))
+        for read in (verify, ShardedIndex.open):
+            with pytest.raises(DataError, match=detail):
+                read(sharded)
+    (sharded / "manifest.json").write_text(json.dumps({**good, "shards": [{"path": "shard-000"}]}))
+    with pytest.raises(DataError, match='field "n_images" is missing or not of type int'):
+        ShardedIndex.open(sharded)  # (verify reads the files only)
+    (sharded / "manifest.json").write_text(json.dumps({**good, "matcher": {}}))
+    with pytest.raises(DataError, match='field "matcher.path" is missing or not of type str'):
+        ShardedIndex.open(sharded)
 
 
 def test_cli(pipe, tmp_path):
