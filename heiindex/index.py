@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,8 @@ from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import (
     EncodedQueries,
+    TextSearch,
     captions_for_image,
-    check_batch,
     check_image_id,
     check_queries,
     check_query_counts,
@@ -80,9 +80,6 @@ from .train_hash import LoadedHash, load_hash
 __all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
 
 INDEX_FORMAT_VERSION = 1
-# Text queries encoded, hashed and re-ranked together by search_many: 256 x 100 candidate pairs
-# and 256 captions' words at a time.
-QUERY_BATCH = 256
 
 
 @dataclass
@@ -182,7 +179,7 @@ def _hash_checksum(h: LoadedHash) -> str:
     return sha.hexdigest()
 
 
-class Index:
+class Index(TextSearch):
     """An opened index: matcher, hash module, binary indexes and re-ranking features in memory."""
 
     def __init__(
@@ -501,24 +498,7 @@ class Index:
             raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
         return candidates, k
 
-    @torch.no_grad()
-    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
-        """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``."""
-        return next(self.search_many([text], k, candidates))
-
-    def search_many(
-        self,
-        texts: Sequence[str],
-        k: int = 10,
-        candidates: int = 100,
-        batch: int = QUERY_BATCH,
-        where: Callable[[int], str] | None = None,
-    ) -> Iterator[SearchResult]:
-        """``search`` for many captions, in order, ``batch`` at a time (each batch encoded, hashed
-        and re-ranked together; ``list()`` it for all results). Every text is checked before any
-        is searched: empty or all-unknown ones are refused together, named by ``where(position)``
-        (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
-        texts = check_batch(texts, batch)
+    def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         candidates, k = self._check_n(candidates, k, self.n_images, "images")
         encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)

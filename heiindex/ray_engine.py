@@ -26,12 +26,12 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import HeiindexError
-from .index import QUERY_BATCH, Hit, SearchResult
-from .search import check_batch, check_image_id, refuse_queries
+from .index import Hit, SearchResult
+from .search import TextSearch, check_image_id, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
@@ -124,7 +124,7 @@ class _ShardServer:
         os._exit(1)
 
 
-class RayShardedIndex:
+class RayShardedIndex(TextSearch):
     """A sharded build served by Ray actors.
 
     ``address``: a running cluster ("auto", "ray://host:10001", ...); None starts a local Ray in
@@ -230,21 +230,10 @@ class RayShardedIndex:
         codes = ray.put(np.concatenate([f[2] for f in feats]))
         return self._gather([a.candidates_for_images.remote(regions, gram, codes, n) for a in self.actors], "the bench")
 
-    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
-        return next(self.search_many([text], k, candidates))
-
-    def search_many(
-        self,
-        texts: Sequence[str],
-        k: int = 10,
-        candidates: int = 100,
-        batch: int = QUERY_BATCH,
-        where: Callable[[int], str] | None = None,
-    ) -> Iterator[SearchResult]:
-        """``ShardedIndex.search_many`` on the actors: every text is checked before any is searched,
-        then each batch goes to all shards at once and is merged here. (Texts that fit in one batch
-        are checked by each actor as it searches, which costs no extra round trip.)"""
-        texts = check_batch(texts, batch)
+    def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
+        """Every text is checked before any is searched, then each batch goes to all shards at once
+        and is merged here. (Texts that fit in one batch are checked by each actor as it searches,
+        which costs no extra round trip.)"""
         candidates, k = check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]

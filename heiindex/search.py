@@ -14,7 +14,7 @@ What it must not do: read files, or format results for people (``heiindex.index`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import NamedTuple
@@ -33,9 +33,11 @@ from .settings import require
 from .vocab import Encoded, Vocab
 
 __all__ = [
+    "QUERY_BATCH",
     "Candidates",
     "EncodedQueries",
     "Ranked",
+    "TextSearch",
     "captions_for_image",
     "check_batch",
     "check_image_id",
@@ -49,6 +51,39 @@ __all__ = [
     "rerank_captions",
     "rerank_images",
 ]
+
+
+# Text queries encoded, hashed and re-ranked together by search_many: 256 x N candidate pairs and
+# 256 captions' words at a time.
+QUERY_BATCH = 256
+
+
+class TextSearch:
+    """``search`` and ``search_many`` over one text path, for ``Index``, ``ShardedIndex`` and
+    ``RayShardedIndex``: each implements ``_search_texts(texts, k, candidates, batch, where)``, which
+    checks everything at once (raising before any search) and returns the generator of results."""
+
+    def search(self, text: str, k: int = 10, candidates: int = 100):
+        """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
+        (a ``SearchResult``)."""
+        return next(self.search_many([text], k, candidates))
+
+    def search_many(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        candidates: int = 100,
+        batch: int = QUERY_BATCH,
+        where: Callable[[int], str] | None = None,
+    ) -> Iterator:
+        """``search`` for many captions, in order, ``batch`` at a time (each batch encoded, hashed
+        and re-ranked together; ``list()`` it for all results). Every text is checked before any
+        is searched: empty or all-unknown ones are refused together, named by ``where(position)``
+        (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
+        return self._search_texts(check_batch(texts, batch), k, candidates, batch, where)
+
+    def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator:
+        raise NotImplementedError
 
 
 @dataclass

@@ -22,7 +22,7 @@ What it must not do: start processes or talk to a cluster (``heiindex.ray_engine
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ from .errors import DataError, HeiindexError
 from .hamming import check_index_options
 from .index import (
     INDEX_OUTPUT,
-    QUERY_BATCH,
     Hit,
     Index,
     SearchResult,
@@ -44,7 +43,7 @@ from .index import (
     read_index_manifest,
 )
 from .packed import PackedWords
-from .search import EncodedQueries, check_batch, check_image_id, check_queries, check_query_counts, encode_queries
+from .search import EncodedQueries, TextSearch, check_image_id, check_queries, check_query_counts, encode_queries
 from .settings import require
 from .store import SplitStore, atomic_dir, check_fields, write_json
 from .train_hash import LoadedHash
@@ -205,7 +204,7 @@ def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
     return out
 
 
-class ShardedIndex:
+class ShardedIndex(TextSearch):
     """All shards of a sharded build opened in this process, sharing one matcher and hash module."""
 
     def __init__(self, path: Path, manifest: dict, shards: list[Index]) -> None:
@@ -254,25 +253,11 @@ class ShardedIndex:
         codes = np.concatenate([s.image_codes() for s in self.shards])
         return [s.candidates_for_images(regions, gram, n, codes) for s in self.shards]
 
-    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
-        """Images for a caption: each shard's Hamming top-``candidates`` (at most its size),
-        re-ranked, merged by score."""
-        return next(self.search_many([text], k, candidates))
-
-    def search_many(
-        self,
-        texts: Sequence[str],
-        k: int = 10,
-        candidates: int = 100,
-        batch: int = QUERY_BATCH,
-        where: Callable[[int], str] | None = None,
-    ) -> Iterator[SearchResult]:
-        """``search`` for many captions, in order, ``batch`` at a time, as ``Index.search_many``:
-        each batch is encoded once and searched by every shard."""
-        texts = check_batch(texts, batch)
+    def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
+        """Each batch is encoded once and searched by every shard (its own Hamming top-``candidates``,
+        at most its size), the shards' hits merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_images for s in self.shards], "images")
-        first = self.shards[0]
-        encoded = check_queries(first.matcher.vocab, texts, where)  # all of them, before any search
+        encoded = check_queries(self.shards[0].matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
     def _search_batches(self, texts, encoded, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
