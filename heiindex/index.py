@@ -295,6 +295,10 @@ class Index(TextSearch):
         (``SplitStore.captions``), so that the shards of one build read them once."""
         if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
             raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
+        if codes == "faiss" and uri is not None:
+            raise HeiindexError(
+                "--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files"
+            )
         check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
         block_captions = require("block_captions", block_captions, at_least=1, integer=True)

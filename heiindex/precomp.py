@@ -91,6 +91,9 @@ class PrecompSplit:
         ``regions``/``feature_dim``: the expected R and D (``None`` accepts any).
         """
         directory = Path(directory)
+        for name, value in (("regions", regions), ("feature_dim", feature_dim)):
+            if value is not None:
+                require(name, value, at_least=1, integer=True)
         if split not in SPLITS:
             raise DataError(directory, f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if not directory.is_dir():

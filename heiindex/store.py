@@ -451,7 +451,10 @@ class SplitStore:
 
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored block: ``(image_ids, features (b, R, D))`` (for shuffled training passes)."""
-        table = self._images_file().read_row_group(i, columns=["image_id", "features"])
+        pf = self._images_file()
+        if not 0 <= require("row group", i, integer=True) < pf.num_row_groups:
+            raise ValueError(f"row group {i} outside the {pf.num_row_groups} of {self.images_path}")
+        table = pf.read_row_group(i, columns=["image_id", "features"])
         return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
 
     def captions(self) -> CaptionTable:

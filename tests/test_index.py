@@ -540,6 +540,12 @@ def test_ivf_lists_beyond_the_items_are_refused_before_any_encoding(pipe, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+def test_a_milvus_uri_without_milvus_codes_is_refused(pipe, tmp_path):
+    with pytest.raises(HeiindexError, match="--uri names the Milvus server of --codes milvus"):
+        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", uri="http://127.0.0.1:19530")
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_malformed_codes_field_is_named(pipe, tmp_path):
     out = tmp_path / "codes"
     shutil.copytree(pipe.index_dir, out)

@@ -25,6 +25,14 @@ def test_open_one_row_per_image(make_precomp, testall_lines):
     assert s.header_bytes == 128  # numpy's version 1.0 header is padded to 128 bytes here
 
 
+def test_expected_shape_must_be_whole_numbers(make_precomp):
+    folder, _, _ = make_precomp(n_images=2)
+    with pytest.raises(ValueError, match="regions must be a whole number, at least 1, got '36'"):
+        PrecompSplit.open(folder, "test", regions="36", feature_dim=8)  # read "expected 36 regions, got 36"
+    with pytest.raises(ValueError, match="feature_dim must be a whole number, at least 1, got 0"):
+        PrecompSplit.open(folder, "test", feature_dim=0)
+
+
 def test_im_div_detected_when_each_image_is_repeated_per_caption(make_precomp):
     folder, feats, _ = make_precomp(n_images=7, rows_per_image=5)
     s = _open(folder)

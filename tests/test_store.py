@@ -84,6 +84,9 @@ def test_image_writer_round_trip_through_split_store(tmp_path):
     assert ids.tolist() == [3, 4]
     np.testing.assert_array_equal(f, _feats(5)[3:5])
     assert f[1, 3, 2] == 4 * R * D + 3 * D + 2  # image 4, region 3, feature 2
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=f"row group {bad} outside the 2 of .*images.parquet"):
+            store.read_row_group(bad)
 
     assert store.checksum == hashlib.sha256((images_sha + captions_sha).encode()).hexdigest()
 
