@@ -46,20 +46,22 @@ def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> Non
             raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
 
 
-def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> None:
-    """A known index ``kind`` (or auto); ``nlist`` / ``nprobe``, where given, whole numbers >= 1."""
+def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> tuple[int | None, int | None]:
+    """A known index ``kind`` (or auto); ``nlist`` / ``nprobe``, where given, whole numbers >= 1
+    (returned as ints: FAISS takes no numpy integer)."""
     if kind != "auto" and kind not in INDEX_TYPES:
         raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
-    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
-        if value is not None:
-            require(name, value, at_least=1, integer=True)
+    return tuple(
+        None if value is None else require(name, value, at_least=1, integer=True)
+        for name, value in (("nlist", nlist), ("nprobe", nprobe))
+    )
 
 
 def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
     """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
     ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF.
     ``nlist`` / ``nprobe``, where given, are whole numbers >= 1 (ignored where no IVF is built)."""
-    _check_kind_and_sizes(kind, nlist, nprobe)
+    nlist, nprobe = _check_kind_and_sizes(kind, nlist, nprobe)
     if kind == "auto":
         if n_codes <= AUTO_FLAT_MAX:
             return {"type": "flat", "nlist": None, "nprobe": None}

@@ -50,8 +50,8 @@ class HashConfig:
     pooling: str = "query"  # coco-sim: +0.5 / +0.1 test candidate recall over mean pooling (benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:
-        require("bits", self.bits, integer=True)
-        require("embed_size", self.embed_size, at_least=1, integer=True)
+        object.__setattr__(self, "bits", require("bits", self.bits, integer=True))  # a numpy int: an int
+        object.__setattr__(self, "embed_size", require("embed_size", self.embed_size, at_least=1, integer=True))
         if self.bits % 8 or not 8 <= self.bits <= 1024:
             raise ValueError(f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}")
         if self.pooling not in POOLINGS:

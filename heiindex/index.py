@@ -193,6 +193,7 @@ class Index(TextSearch):
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
+        self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
             code_indexes = (load_binary_index(path / "images.faiss"), load_binary_index(path / "captions.faiss"))
@@ -461,23 +462,25 @@ class Index(TextSearch):
         """Word counts of the stored captions (those of ``words``)."""
         return self.words.lengths
 
-    def to(self, device: str = "cpu", dtype: str = "float32") -> Index:
+    def to(self, device: str = "cpu", dtype: str | None = None) -> Index:
         """Run queries and the bench on ``device`` ("cpu", "cuda", "cuda:1", ...).
 
-        ``dtype``: "float32" (exact; the default), "tf32" (float32 storage, TF32 matrix products
-        on NVIDIA GPUs) or "bfloat16" (features stored in 16 bits: half the memory traffic; the
-        softmax, norms and sums stay float32; the float32 features are not kept, so going back to
-        float32 needs ``Index.open`` again, and is refused here). Hamming search moves to the device
-        too (``heiindex.hamming.index_on_device``)."""
+        ``dtype``: None (keep the current one), "float32" (exact; what ``Index.open`` gives by
+        default), "tf32" (float32 storage, TF32 matrix products on NVIDIA GPUs) or "bfloat16"
+        (features stored in 16 bits: half the memory traffic; the softmax, norms and sums stay
+        float32; the float32 features are not kept, so going back to float32 needs ``Index.open``
+        again, and is refused here). Hamming search moves to the device too
+        (``heiindex.hamming.index_on_device``)."""
         dev = resolve_device(device)
+        dtype = self.dtype if dtype is None else dtype
         check_precision(dtype)
         if dev.type == "cuda":
             set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         if self.regions.dtype == torch.bfloat16 and store != torch.bfloat16:
             raise HeiindexError(
-                f"this index's features were rounded to bfloat16 by an earlier to(); for {dtype} open it again "
-                f"(Index.open({str(self.path)!r}, dtype={dtype!r}))"
+                f"this index's features are held in bfloat16 (rounded when opened or moved with that dtype); "
+                f"for {dtype} open it again (Index.open({str(self.path)!r}, dtype={dtype!r}))"
             )
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)

@@ -1,10 +1,11 @@
 """Sharded indexes served by Ray: one actor per shard, queries scattered and merged by score.
 
 What this module is for: ``RayShardedIndex`` opens a sharded build (``heiindex.shards``) as one
-Ray actor per shard, placed by Ray over the cluster's nodes. A batch of text queries (one query is a
-batch of one) is checked by one actor, then goes to every actor (each encodes it, takes its own
-Hamming top-N and re-ranks it); an image query first fetches the
-image's features from the shard that holds it, then sends them to every actor. The driver merges
+Ray actor per shard, placed by Ray over the cluster's nodes. A batch of text queries (one query
+is a batch of one) goes to every actor: each checks and encodes it, takes its own Hamming top-N
+and re-ranks it (texts of more than one batch are checked by one actor before any is searched).
+An image query first fetches the image's features from the shard that holds it, then sends them
+to every actor. The driver merges
 the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
 in-process ``ShardedIndex`` answer.
 
@@ -232,13 +233,16 @@ class RayShardedIndex(TextSearch):
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Every text is checked before any is searched, then each batch goes to all shards at once
-        and is merged here. (Texts that fit in one batch are checked by each actor as it searches,
-        which costs no extra round trip.)"""
+        and is merged here. Texts that fit in one batch are checked by the actors as they search
+        them, here and now (no extra round trip; a refusal is raised by this call, as in process);
+        more batches are checked by one actor first."""
         candidates, k = check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
             refuse_queries(problems, len(texts), where)
-        return self._search_batches(texts, k, candidates, batch)
+            return self._search_batches(texts, k, candidates, batch)
+        answered = list(self._search_batches(texts, k, candidates, batch))  # one batch at most
+        return iter(answered)
 
     def _search_batches(self, texts: list[str], k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
         for start in range(0, len(texts), batch):

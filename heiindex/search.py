@@ -109,9 +109,9 @@ class Ranked:
     hamming: np.ndarray
 
 
-def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded], list[tuple[int, str]]]:
-    """Each text as ids, and ``(position, problem)`` for each text that cannot be a query:
-    empty, no words, or no word in ``vocab``."""
+def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | None], list[tuple[int, str]]]:
+    """Each text as ids (None where it is not a non-empty string), and ``(position, problem)`` for
+    each text that cannot be a query: empty, no words, or no word in ``vocab``."""
     encoded, problems = [], []
     for i, text in enumerate(texts):
         enc = vocab.encode(text) if isinstance(text, str) and text.strip() else None
@@ -129,11 +129,11 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded], l
 
 def refuse_queries(problems: list[tuple[int, str]], n: int, where: Callable[[int], str] | None = None) -> None:
     """Raise one error naming the refused queries (the first five), if there are any. A single
-    query's problem is the message itself; in a batch each is named by ``where(position)``
-    (default ``"query {position + 1}"``)."""
+    query's problem is the message itself (unless ``where`` names it); in a batch each is named by
+    ``where(position)`` (default ``"query {position + 1}"``)."""
     if not problems:
         return
-    if n == 1:
+    if n == 1 and where is None:
         raise HeiindexError(problems[0][1])
     where = where or (lambda i: f"query {i + 1}")
     named = "; ".join(f"{where(i)}: {problem}" for i, problem in problems[:5])

@@ -45,7 +45,7 @@ from .index import (
 from .packed import PackedWords
 from .search import EncodedQueries, TextSearch, check_image_id, check_queries, check_query_counts, encode_queries
 from .settings import require
-from .store import SplitStore, atomic_dir, check_fields, write_json
+from .store import SplitStore, atomic_dir, check_fields, check_shard_entries, write_json
 from .train_hash import LoadedHash
 
 __all__ = [
@@ -161,25 +161,8 @@ def sharded_manifest(path: str | Path) -> dict | None:
         )
     mpath = Path(path) / "manifest.json"
     check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
-    check_shard_entries(mpath, manifest["shards"])
-    for entry in manifest["shards"]:
-        check_fields(mpath, entry, {"n_images": int, "n_captions": int})
+    check_shard_entries(mpath, manifest["shards"], counts=True)
     return manifest
-
-
-def check_shard_entries(mpath: Path, entries: list) -> None:
-    """A sharded manifest's ``shards``: at least one ``{"path": NAME}``, each NAME a distinct folder
-    directly inside the build (what ``write_shards`` writes), so that nothing outside it is read."""
-    if not entries:
-        raise DataError(mpath, 'field "shards" lists no shard')
-    seen = set()
-    for i, entry in enumerate(entries):
-        name = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
-        if name in seen:
-            raise DataError(mpath, f'field "shards[{i}].path" names shard {name!r} a second time')
-        seen.add(name)
 
 
 def read_manifest(path: str | Path) -> dict:

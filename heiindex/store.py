@@ -46,7 +46,9 @@ __all__ = [
     "check_fields",
     "check_output",
     "check_replaceable",
+    "check_shard_entries",
     "check_writable",
+    "entry_name",
     "file_record",
     "file_sha256",
     "manifest_folders",
@@ -128,6 +130,32 @@ def check_fields(path: Path, data: dict, spec: dict[str, type]) -> None:
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             raise DataError(path, f'field "{name}" is missing or not of type {kind.__name__} (got {value!r})')
+
+
+def entry_name(name) -> bool:
+    """Whether ``name`` names one entry directly inside a folder (not "", "." or "..", no path
+    separator, not absolute): what a manifest may name, so that nothing outside is read."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
+def check_shard_entries(mpath: Path, entries: list, counts: bool = False) -> None:
+    """A sharded manifest's ``shards``: at least one ``{"path": NAME}``, each NAME a distinct folder
+    directly inside the build (what ``heiindex.shards.write_shards`` writes); with ``counts``, each
+    also with whole-number ``n_images`` and ``n_captions``."""
+    if not entries:
+        raise DataError(mpath, 'field "shards" lists no shard')
+    seen = set()
+    for i, entry in enumerate(entries):
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not entry_name(name):
+            raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
+        if name in seen:
+            raise DataError(mpath, f'field "shards[{i}].path" names shard {name!r} a second time')
+        seen.add(name)
+        for field in ("n_images", "n_captions") if counts else ():
+            value = entry.get(field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DataError(mpath, f'field "shards[{i}].{field}" is missing or not of type int (got {value!r})')
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .shards import check_shard_entries
-from .store import MANIFEST_FILE, file_sha256, manifest_folders, read_json_object
+from .store import MANIFEST_FILE, check_shard_entries, entry_name, file_sha256, manifest_folders, read_json_object
 
 __all__ = ["FileCheck", "verify"]
 
@@ -57,7 +56,7 @@ def verify(path: str | Path) -> list[FileCheck]:
 
 
 def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:
-    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:  # nothing outside the folder
+    if not entry_name(name):  # nothing outside the folder
         raise DataError(manifest_path, f'field "files" must name files in this folder, got {name!r}')
     path = folder / name
     if not (

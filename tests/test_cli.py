@@ -121,6 +121,15 @@ def test_query_file_from_standard_input_as_tables(pipe):
     assert "3 queries in " in r.output and "ms a query; Hamming top-12, re-ranked by the matcher)" in r.output
 
 
+def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
+    """A form feed or U+2028 inside a line is part of the query, not a line end: "line N" must
+    stay the file's line N."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a dog\fon grass\ntwo\u2028cats\r\n", encoding="utf-8")
+    r = ok(run("query", "--file", queries, "--index", pipe.index_dir, "--k", "2", "--candidates", "5", "--json"))
+    assert [json.loads(line)["query"] for line in r.stdout.splitlines()] == ["a dog\fon grass", "two\u2028cats"]
+
+
 @pytest.mark.parametrize(
     "content, detail",
     [
@@ -128,8 +137,10 @@ def test_query_file_from_standard_input_as_tables(pipe):
         (b"a dog\nxyzzyq qwplk\n", "QUERIES line 2: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
         (b"", "QUERIES holds no queries: give one query per line"),
         (b"a dog\n\xff\xfe\n", "QUERIES: not UTF-8 text (byte 6)"),
+        (b"\n", "1 of 1 queries refused (nothing was searched): QUERIES line 1: the query is empty"),
+        (b"xyzzyq qwplk", "QUERIES line 1: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
     ],
-    ids=["blank_line", "all_unknown", "empty_file", "not_utf8"],
+    ids=["blank_line", "all_unknown", "empty_file", "not_utf8", "one_blank_line", "one_unknown_line"],
 )
 def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detail):
     queries = tmp_path / "queries.txt"

@@ -160,6 +160,12 @@ def test_query_codes_and_counts_are_checked_before_the_search(easy, kind):
     assert dist.shape == ids.shape == (0, 5)
 
 
+def test_numpy_index_settings_are_whole_numbers(easy):
+    """FAISS takes no numpy integer: nlist and nprobe from numpy arrive as ints."""
+    index = make_binary_index(easy[0], "ivf", nlist=np.int64(4), nprobe=np.int32(2))
+    assert (index.nlist, index.nprobe) == (4, 2)
+
+
 @pytest.mark.parametrize("hnsw_m, ef_search, detail", [(0, 16, "hnsw_m"), (1, 16, "hnsw_m"), (16, 0, "ef_search")])
 def test_hnsw_settings_faiss_crashes_on_are_refused(easy, hnsw_m, ef_search, detail):
     with pytest.raises(ValueError, match=f"{detail} must be a whole number, at least"):

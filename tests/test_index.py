@@ -368,6 +368,24 @@ def test_search_many_bad_arguments(index, texts, kwargs, error, detail):
         index.search_many(texts, **{"k": 3, "candidates": 5, **kwargs})
 
 
+def test_a_batch_shares_its_time_equally(index, monkeypatch):
+    """``seconds`` of each result: its batch's wall time over the batch's size (a clock that
+    advances 6 s per reading: every batch takes 6 s)."""
+    import heiindex.index as index_module
+    import heiindex.shards as shards_module
+
+    def clock(*readings):
+        it = iter(readings)
+        return type("T", (), {"perf_counter": staticmethod(lambda: next(it))})
+
+    monkeypatch.setattr(index_module, "time", clock(0, 6, 10, 16))
+    got = list(index.search_many(["a dog", "two cats", "a red bus"], k=2, candidates=5, batch=2))
+    assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
+    monkeypatch.setattr(shards_module, "time", clock(30))  # a sharded batch of 3 that began at 24
+    got = shards_module.batch_results(["a", "b", "c"], [[[], [], []]], [[], [], []], 2, t0=24)
+    assert [r.seconds for r in got] == [2.0, 2.0, 2.0]
+
+
 def test_search_many_of_no_queries_is_empty(index):
     assert list(index.search_many([], k=3, candidates=5)) == []
 
@@ -566,6 +584,8 @@ def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
     for bad in (16.0, "16", True):
         with pytest.raises(ValueError, match=f"bits must be a whole number, got {bad!r}"):
             HashConfig(bits=bad, embed_size=pf.EMBED_SIZE)
+    cfg = HashConfig(bits=np.int64(64), embed_size=np.int64(pf.EMBED_SIZE))  # kept as ints: JSON-ready
+    assert type(cfg.bits) is int and json.loads(json.dumps(cfg.to_dict()))["bits"] == 64
     # a hash folder that claims 12-bit codes is refused with that message before anything is written
     shutil.copytree(pipe.hash_dir, tmp_path / "h12")
     cfg = json.loads((tmp_path / "h12" / "config.json").read_text())
@@ -666,10 +686,12 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
     full, low = run_bench(index, topk=24), run_bench(half, topk=24)
     assert low["dtype"] == "bfloat16"
     with pytest.raises(
-        HeiindexError, match=r"features were rounded to bfloat16 by an earlier to\(\); for float32 open"
+        HeiindexError,
+        match=r"features are held in bfloat16 \(rounded when opened or moved with that dtype\); for float32",
     ):
         half.to("cpu", "float32")  # it would keep the rounded features and call them float32
     assert half.to("cpu", "bfloat16").regions.dtype == torch.bfloat16
+    assert half.to("cpu").dtype == "bfloat16" and half.regions.dtype == torch.bfloat16  # a move keeps the dtype
     queries = {"t2i": index.n_captions, "i2t": index.n_images}
     for direction in ("t2i", "i2t"):
         assert low[direction]["candidate_recall"] == full[direction]["candidate_recall"]

@@ -79,6 +79,15 @@ def test_search_many_refuses_bad_queries_before_any_shard_searches(served):
     )
 
 
+def test_search_many_refuses_at_the_call_in_one_batch_or_several(served):
+    """As in process: a bad text is refused by the call itself, before any result; over several
+    batches (a bad third text, batch=1) before the first batch is searched."""
+    with pytest.raises(HeiindexError, match="query 2: the query is empty"):
+        served.search_many(["a dog", ""], 5, 4)  # not iterated
+    with pytest.raises(HeiindexError, match="1 of 3 queries refused .*query 3: the query is empty"):
+        served.search_many(["a dog", "two cats", ""], 5, 4, batch=1)
+
+
 def test_errors_are_the_in_process_ones(served):
     with pytest.raises(HeiindexError, match="not in this index"):
         served.search_image(10_000)
