@@ -369,6 +369,8 @@ def build(
     from heiindex.index import Index
 
     check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
+    if uri is not None and codes != "milvus":
+        raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())

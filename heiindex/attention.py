@@ -268,6 +268,7 @@ def score_block(
     no intermediate holds more than about ``max_elements`` pair-word-region entries (default:
     the device's, see ``_POLICIES``).
     """
+    _check_cfg(cfg)
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
     max_elements = max_elements or _policy(regions.device).max_elements
@@ -337,6 +338,7 @@ def score_pairs(
     gathered instead, which is cheaper than many tiny products (on a GPU, every pair's: see
     ``_POLICIES``).
     """
+    _check_cfg(cfg)
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
     caption_index = _check_index(caption_index, words.shape[0], "caption_index", "captions")
@@ -591,6 +593,11 @@ class _Runs:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_cfg(cfg: AttentionConfig) -> None:
+    if not isinstance(cfg, AttentionConfig):
+        raise ValueError(f"cfg must be an AttentionConfig, got {type(cfg).__name__}")
+
+
 def _check_rank(name: str, x: Tensor, rank: int) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -632,6 +639,8 @@ def _check_regions(regions: Tensor, words: Tensor) -> None:
     _check_rank("regions", regions, 3)
     if not regions.is_floating_point():
         raise ValueError(f"regions must be floating-point features, got {regions.dtype}")
+    if regions.shape[1] == 0:
+        raise ValueError(f"regions must hold at least one region per image, got shape {tuple(regions.shape)}")
     if regions.shape[-1] != words.shape[-1]:
         raise ValueError(f"feature size differs: words have d={words.shape[-1]}, regions d={regions.shape[-1]}")
     if regions.dtype != words.dtype:
@@ -640,6 +649,8 @@ def _check_regions(regions: Tensor, words: Tensor) -> None:
 
 def _check_gram(gram: Tensor, regions: Tensor) -> None:
     n, r, _ = regions.shape
+    if not isinstance(gram, Tensor):
+        raise ValueError(f"gram must be a torch.Tensor (region_gram(regions)), got {type(gram).__name__}")
     if tuple(gram.shape) != (n, r, r):
         raise ValueError(f"gram must have shape {(n, r, r)}, got {tuple(gram.shape)}")
 

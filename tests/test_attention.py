@@ -380,6 +380,12 @@ def test_indices_and_lengths_must_be_integers_not_floats_or_bools():
         score_block(cfg, packed, lengths.double(), regions)
     with pytest.raises(ValueError, match="lengths must hold whole numbers"):
         PackedWords.from_padded(words, lengths.double())
+    with pytest.raises(ValueError, match="cfg must be an AttentionConfig, got NoneType"):
+        score_pairs(None, words, lengths, regions, two, two)
+    with pytest.raises(ValueError, match=r"gram must be a torch.Tensor \(region_gram\(regions\)\), got ndarray"):
+        score_block(cfg, words, lengths, regions, region_gram(regions).numpy())
+    with pytest.raises(ValueError, match="regions must hold at least one region per image"):
+        score_block(cfg, words, lengths, regions[:, :0])
     with pytest.raises(ValueError, match="regions must be floating-point features, got torch.int64"):
         score_block(cfg, words.long(), lengths, regions.long())  # (words and regions share one dtype)
     # integer dtypes of any width are taken

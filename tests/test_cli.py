@@ -435,6 +435,14 @@ def test_query_errors(pipe, args, detail):
     clean_error(r, detail)
 
 
+def test_build_refuses_a_milvus_uri_without_milvus_codes(pipe, tmp_path):
+    for extra in ((), ("--shards", "2")):
+        r = build(pipe, tmp_path / "x", "--uri", "http://127.0.0.1:19530", *extra)
+        assert r.exit_code == 2
+        clean_error(r, "--uri names the Milvus server of --codes milvus")
+        assert not (tmp_path / "x").exists()
+
+
 def test_query_needs_text_or_image_or_file(pipe, tmp_path):
     queries = tmp_path / "q.txt"
     queries.write_text("a dog\n")
