@@ -434,7 +434,13 @@ def _open_index(
 
 @cli.command()
 @click.argument("text", required=False)
-@click.option("--image", "image_id", type=int, default=None, help="Image id: find captions for it instead.")
+@click.option(
+    "--image",
+    "image_ids",
+    type=int,
+    multiple=True,
+    help="Image id: find captions for it instead (repeat for several: searched in batches, printed as --file).",
+)
 @click.option(
     "--file",
     "queries_file",
@@ -458,7 +464,7 @@ def _open_index(
 @handle_errors
 def query(
     text,
-    image_id,
+    image_ids,
     queries_file,
     index_dir,
     model_dir,
@@ -474,11 +480,11 @@ def query(
     uri,
     as_json,
 ) -> None:
-    """Text-to-image search for TEXT, image-to-text search with --image ID, or text-to-image
-    search for every line of --file."""
+    """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
+    text-to-image search for every line of --file."""
     from .render import console, echo_json, search_table
 
-    if sum(x is not None for x in (text, image_id, queries_file)) != 1:
+    if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
         raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
     if queries_file is not None:
         name = getattr(queries_file, "name", None)
@@ -489,13 +495,17 @@ def query(
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
     if queries_file is not None:
-        _query_file(index, name, lines, k, candidates, as_json)
+        where = lambda i: f"{name} line {i + 1}"  # noqa: E731
+        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), candidates, as_json, False)
         return
-    res = index.search_image(image_id, k, candidates) if image_id is not None else index.search(text, k, candidates)
+    if len(image_ids) > 1:
+        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), candidates, as_json, True)
+        return
+    res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
         echo_json(res.to_dict())
         return
-    console.print(search_table(res, image_id is not None))
+    console.print(search_table(res, bool(image_ids)))
     if res.unknown_words:
         click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
     click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
@@ -517,25 +527,25 @@ def _query_lines(file, name: str) -> list[str]:
     return lines
 
 
-def _query_file(index, name: str, lines: list[str], k: int, candidates: int, as_json: bool) -> None:
-    """Every line of a --file searched (all checked first), each result printed as its batch ends."""
+def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bool) -> None:
+    """Results of several queries (all checked before the first came), each printed as its batch
+    ends: a table each, or one JSON object a line."""
     from tqdm import tqdm
 
     from .render import console, search_table
 
     t0 = time.perf_counter()
-    results = index.search_many(lines, k, candidates, where=lambda i: f"{name} line {i + 1}")
-    for res in tqdm(results, total=len(lines), unit="query", desc="search", disable=None, leave=False):
+    for res in tqdm(results, total=n, unit="query", desc="search", disable=None, leave=False):
         if as_json:
             click.echo(json.dumps(res.to_dict(), default=float))
             continue
-        console.print(search_table(res, False))
+        console.print(search_table(res, image_query))
         if res.unknown_words:
             click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
     if not as_json:
         seconds = time.perf_counter() - t0
         click.echo(
-            f"{len(lines)} queries in {seconds:.2f} s ({seconds * 1000 / len(lines):.1f} ms a query; "
+            f"{n} queries in {seconds:.2f} s ({seconds * 1000 / n:.1f} ms a query; "
             f"Hamming top-{candidates}, re-ranked by the matcher)"
         )
 

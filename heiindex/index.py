@@ -4,7 +4,8 @@
 and their Gram matrices (images) and the word features (captions) to Parquet, hashes both
 modalities and writes a FAISS binary index for each. ``Index.open(path).search("a dog")``
 codes the query, takes the top-N images by Hamming distance and re-ranks them with the
-matcher; ``search_image`` does the same from an image to captions.
+matcher; ``search_image`` does the same from an image to captions, and ``search_many`` /
+``search_images`` do either for many queries, a batch at a time (``heiindex.search.BatchSearch``).
 
 Folder layout::
 
@@ -51,14 +52,14 @@ from .hashing import HashModule
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import (
+    BatchSearch,
     EncodedQueries,
-    TextSearch,
-    captions_for_image,
-    check_image_id,
+    captions_for_images,
     check_queries,
     check_query_counts,
     encode_queries,
     images_for_text,
+    refuse_unknown_images,
     rerank_captions,
     rerank_images,
 )
@@ -179,7 +180,7 @@ def _hash_checksum(h: LoadedHash) -> str:
     return sha.hexdigest()
 
 
-class Index(TextSearch):
+class Index(BatchSearch):
     """An opened index: matcher, hash module, binary indexes and re-ranking features in memory."""
 
     def __init__(
@@ -193,6 +194,7 @@ class Index(TextSearch):
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
+        self._row_of: dict[int, int] | None = None  # image id -> row, made on the first image query
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
@@ -541,33 +543,40 @@ class Index(TextSearch):
             for r in ranked
         ]
 
-    @torch.no_grad()
-    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
-        """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
-        t0 = time.perf_counter()
+    def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         candidates, k = self._check_n(candidates, k, self.n_captions, "captions")
-        image_id = check_image_id(image_id)
-        features = self.image_features(image_id)
-        if features is None:
-            raise HeiindexError(
-                f"image id {image_id} is not in this index (ids {self.image_ids.min()}..{self.image_ids.max()})"
-            )
-        hits = self.search_regions(*features, k, candidates)
-        return SearchResult(int(image_id), hits, [], time.perf_counter() - t0)
+        rows = self.image_rows(image_ids)
+        refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), self.image_ids)
+        return self._image_batches(image_ids, rows, k, candidates, batch)
+
+    def _image_batches(self, image_ids: list[int], rows: np.ndarray, k: int, candidates: int, batch: int):
+        for start in range(0, len(rows), batch):
+            t0 = time.perf_counter()
+            sel = torch.from_numpy(rows[start : start + batch]).to(self.regions.device)
+            hits = self.search_regions(self.regions.index_select(0, sel), self.gram.index_select(0, sel), k, candidates)
+            seconds = (time.perf_counter() - t0) / len(sel)
+            for image_id, found in zip(image_ids[start : start + batch], hits, strict=True):
+                yield SearchResult(image_id, found, [], seconds)
+
+    def image_rows(self, image_ids: list[int]) -> np.ndarray:
+        """The row of each of ``image_ids`` in this index, -1 where it holds no such image."""
+        if self._row_of is None:
+            self._row_of = {int(i): r for r, i in enumerate(self.image_ids)}
+        return np.array([self._row_of.get(i, -1) for i in image_ids], dtype=np.int64)
 
     def image_features(self, image_id: int) -> tuple[Tensor, Tensor] | None:
         """The stored image's encoded regions (1, R, d) and Gram matrix (1, R, R), or None."""
-        rows = np.flatnonzero(self.image_ids == image_id)
-        if len(rows) == 0:
+        row = int(self.image_rows([image_id])[0])
+        if row < 0:
             return None
-        row = int(rows[0])
         return self.regions[row : row + 1], self.gram[row : row + 1]
 
     @torch.no_grad()
-    def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[Hit]:
-        """Captions of this index for an encoded image (which may be stored elsewhere, e.g. in
-        another shard): Hamming top-``candidates`` over the caption codes, re-ranked, top ``k``."""
-        ranked = captions_for_image(
+    def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[list[Hit]]:
+        """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
+        (q, R, R), which may be stored elsewhere (e.g. in another shard): Hamming top-``candidates``
+        over the caption codes, re-ranked, top ``k``; each image's hits."""
+        ranked = captions_for_images(
             self.model,
             self.hasher.module,
             self.caption_index,
@@ -579,8 +588,11 @@ class Index(TextSearch):
             candidates,
         )
         return [
-            Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
-            for rank, (c, score, dist) in enumerate(zip(ranked.rows, ranked.scores, ranked.hamming, strict=True))
+            [
+                Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
+                for rank, (c, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
+            ]
+            for r in ranked
         ]
 
     # -- batches of queries against this index (the sharded bench) ----------------------------

@@ -4,9 +4,9 @@ What this module is for: ``RayShardedIndex`` opens a sharded build (``heiindex.s
 Ray actor per shard, placed by Ray over the cluster's nodes. A batch of text queries (one query
 is a batch of one) goes to every actor: each checks and encodes it, takes its own Hamming top-N
 and re-ranks it (texts of more than one batch are checked by one actor before any is searched).
-An image query first fetches the image's features from the shard that holds it, then sends them
-to every actor. The driver merges
-the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
+A batch of image queries first asks every actor which of the ids it holds (unknown ids are
+refused before any search), fetches each image's features from its shard, then sends the batch to
+every actor. The driver merges the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
 in-process ``ShardedIndex`` answer.
 
 Threads: Ray starts workers with ``OMP_NUM_THREADS=1``; each actor sets torch's thread count
@@ -32,12 +32,11 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import Hit, SearchResult
-from .search import TextSearch, check_image_id, refuse_queries
+from .search import BatchSearch, refuse_queries, refuse_unknown_images
 from .settings import require
 from .shards import (
     batch_results,
     check_counts,
-    merge_hits,
     read_manifest,
     shard_search_regions,
     shard_search_text,
@@ -85,11 +84,21 @@ class _ShardServer:
         queries = encode_queries(self.index.model, check_queries(self.index.matcher.vocab, texts))
         return shard_search_text(self.index, queries, k, candidates), queries.unknown
 
-    def image_features(self, image_id: int):
-        found = self.index.image_features(image_id)
-        return None if found is None else (found[0].float().cpu().numpy(), found[1].float().cpu().numpy())
+    def image_rows(self, image_ids: list[int]):
+        return self.index.image_rows(image_ids)
 
-    def search_regions(self, regions, gram, k: int, candidates: int) -> list[Hit]:
+    def image_features(self, rows):
+        """The encoded regions and Gram matrices (float32) of this shard's image ``rows``."""
+        import torch
+
+        sel = torch.from_numpy(rows).to(self.index.regions.device)
+        index = self.index
+        return (
+            index.regions.index_select(0, sel).float().cpu().numpy(),
+            index.gram.index_select(0, sel).float().cpu().numpy(),
+        )
+
+    def search_regions(self, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
         import torch
 
         return shard_search_regions(self.index, torch.from_numpy(regions), torch.from_numpy(gram), k, candidates)
@@ -125,7 +134,7 @@ class _ShardServer:
         os._exit(1)
 
 
-class RayShardedIndex(TextSearch):
+class RayShardedIndex(BatchSearch):
     """A sharded build served by Ray actors.
 
     ``address``: a running cluster ("auto", "ray://host:10001", ...); None starts a local Ray in
@@ -251,20 +260,43 @@ class RayShardedIndex(TextSearch):
             replies = self._gather([a.search_many.remote(part, k, candidates) for a in self.actors], "the query")
             yield from batch_results(part, [r[0] for r in replies], replies[0][1], k, t0)
 
-    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
-        t0 = time.perf_counter()
+    def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
+        """Each image's features come from the actor of its shard, then each batch goes to all
+        shards at once and is merged here; unknown ids are refused before any search."""
+        import numpy as np
+
         candidates, k = check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
-        image_id = check_image_id(image_id)
-        found = self._gather([a.image_features.remote(image_id) for a in self.actors], "the image lookup")
-        features = next((f for f in found if f is not None), None)
-        if features is None:
-            raise HeiindexError(f"image id {image_id} is not in this index")
+        rows = np.stack(self._gather([a.image_rows.remote(image_ids) for a in self.actors], "the image lookup"))
+        held = rows >= 0
+        refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
+        shard_of = held.argmax(axis=0)
+        return self._image_batches(image_ids, shard_of, rows[shard_of, np.arange(len(image_ids))], k, candidates, batch)
+
+    def _image_batches(self, image_ids, shard_of, rows, k: int, candidates: int, batch: int):
+        import numpy as np
+
         ray = _ray()
-        regions, gram = ray.put(features[0]), ray.put(features[1])
-        replies = self._gather(
-            [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
-        )
-        return SearchResult(int(image_id), merge_hits(replies, k), [], time.perf_counter() - t0)
+        for start in range(0, len(image_ids), batch):
+            t0 = time.perf_counter()
+            part, shards, part_rows = (
+                image_ids[start : start + batch],
+                shard_of[start : start + batch],
+                rows[start : start + batch],
+            )
+            asked = [np.flatnonzero(shards == s) for s in range(len(self.actors))]  # positions each shard holds
+            futures = [
+                a.image_features.remote(part_rows[pos]) for a, pos in zip(self.actors, asked, strict=True) if len(pos)
+            ]
+            found = self._gather(futures, "the image lookup")
+            regions = np.empty((len(part), *found[0][0].shape[1:]), dtype=np.float32)
+            gram = np.empty((len(part), *found[0][1].shape[1:]), dtype=np.float32)
+            for pos, (r, g) in zip([p for p in asked if len(p)], found, strict=True):
+                regions[pos], gram[pos] = r, g
+            regions, gram = ray.put(regions), ray.put(gram)
+            replies = self._gather(
+                [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
+            )
+            yield from batch_results(part, replies, [[] for _ in part], k, t0)
 
 
 def _settle(futures: list) -> None:

@@ -5,7 +5,7 @@ image codes, re-rank the N with the matcher) and image to text (the same from en
 over the caption codes). ``rerank_images`` / ``rerank_captions`` do it for a batch of queries
 and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray),
 ``images_for_text`` (``Index.search`` and ``search_many``: one query is a batch of one) and
-``captions_for_image`` (``search_image``) share; ``benchmarks/latency.py`` times the same calls,
+``captions_for_images`` (``search_image`` and ``search_images``) share; ``benchmarks/latency.py`` times the same calls,
 so the latency measured is the latency served. Text queries are checked here (``check_queries``:
 empty or all-unknown ones are refused, all of a batch before any is searched) and encoded
 together (``encode_queries``).
@@ -14,7 +14,7 @@ What it must not do: read files, or format results for people (``heiindex.index`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import NamedTuple
@@ -34,13 +34,13 @@ from .vocab import Encoded, Vocab
 
 __all__ = [
     "QUERY_BATCH",
+    "BatchSearch",
     "Candidates",
     "EncodedQueries",
     "Ranked",
-    "TextSearch",
-    "captions_for_image",
+    "captions_for_images",
     "check_batch",
-    "check_image_id",
+    "check_image_ids",
     "check_queries",
     "check_query_counts",
     "encode_queries",
@@ -48,6 +48,7 @@ __all__ = [
     "images_for_text",
     "query_problems",
     "refuse_queries",
+    "refuse_unknown_images",
     "rerank_captions",
     "rerank_images",
 ]
@@ -58,10 +59,12 @@ __all__ = [
 QUERY_BATCH = 256
 
 
-class TextSearch:
-    """``search`` and ``search_many`` over one text path, for ``Index``, ``ShardedIndex`` and
-    ``RayShardedIndex``: each implements ``_search_texts(texts, k, candidates, batch, where)``, which
-    checks everything at once (raising before any search) and returns the generator of results."""
+class BatchSearch:
+    """``search`` / ``search_many`` (text to image) and ``search_image`` / ``search_images`` (image to
+    text) for ``Index``, ``ShardedIndex`` and ``RayShardedIndex``, one query being a batch of one.
+    Each class implements ``_search_texts(texts, k, candidates, batch, where)`` and
+    ``_search_images(ids, k, candidates, batch)``, which check everything at once (raising before
+    any search) and return the generator of results."""
 
     def search(self, text: str, k: int = 10, candidates: int = 100):
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
@@ -82,7 +85,19 @@ class TextSearch:
         (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
         return self._search_texts(check_batch(texts, batch), k, candidates, batch, where)
 
+    def search_image(self, image_id: int, k: int = 10, candidates: int = 100):
+        """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
+        return next(self.search_images([image_id], k, candidates))
+
+    def search_images(self, image_ids: Sequence[int], k: int = 10, candidates: int = 100, batch: int = QUERY_BATCH):
+        """``search_image`` for many stored images, in order, ``batch`` at a time; every id is
+        checked before any is searched (ids not in the index are refused together)."""
+        return self._search_images(check_image_ids(image_ids, batch), k, candidates, batch)
+
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator:
+        raise NotImplementedError
+
+    def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator:
         raise NotImplementedError
 
 
@@ -161,11 +176,28 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     return int(candidates), int(k)
 
 
-def check_image_id(image_id: int) -> int:
-    """An image id to search from, as an int (a numpy integer is one; a bool, "3" or 3.0 is not)."""
-    if not isinstance(image_id, Integral) or isinstance(image_id, bool):
-        raise HeiindexError(f"an image id is a whole number, got {image_id!r}")
-    return int(image_id)
+def check_image_ids(image_ids: Sequence[int], batch: int) -> list[int]:
+    """The ids of a ``search_images`` as ints (a numpy integer is one; a bool, "3" or 3.0 is not)."""
+    if isinstance(image_ids, str | bytes) or not isinstance(image_ids, Iterable):
+        raise HeiindexError(f"search_images takes a list of image ids, got {type(image_ids).__name__}")
+    require("batch", batch, at_least=1, integer=True)
+    ids = list(image_ids)
+    for image_id in ids:
+        if not isinstance(image_id, Integral) or isinstance(image_id, bool):
+            raise HeiindexError(f"an image id is a whole number, got {image_id!r}")
+    return [int(i) for i in ids]
+
+
+def refuse_unknown_images(missing: list[int], n: int, known: np.ndarray | None = None) -> None:
+    """Raise one error naming the ``missing`` ids (the first five) of ``n`` asked for, if any, with
+    the span of the ``known`` ids where given."""
+    if not missing:
+        return
+    span = "" if known is None else f" (ids {known.min()}..{known.max()})" if len(known) else " (no images)"
+    if n == 1:
+        raise HeiindexError(f"image id {missing[0]} is not in this index{span}")
+    named = ", ".join(str(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise HeiindexError(f"{len(missing)} of {n} image ids are not in this index{span}; nothing was searched: {named}")
 
 
 def check_queries(vocab: Vocab, texts: Sequence[str], where: Callable[[int], str] | None = None) -> list[Encoded]:
@@ -252,7 +284,7 @@ def images_for_text(
 
 
 @torch.no_grad()
-def captions_for_image(
+def captions_for_images(
     model: ScanModel,
     hasher: HashModule,
     caption_index,
@@ -262,15 +294,14 @@ def captions_for_image(
     gram: Tensor,
     k: int,
     candidates: int,
-) -> Ranked:
-    """Image to text for one encoded image ``regions`` (1, R, d) with its ``gram`` (1, R, R)."""
-    code = hasher.image_codes(regions.float())
-    return _top(
-        rerank_captions(
-            model, caption_index, code, regions=regions, gram=gram, words=words, lengths=lengths, n=candidates
-        ),
-        k,
+) -> list[Ranked]:
+    """Image to text for each encoded image of ``regions`` (q, R, d) with its ``gram`` (q, R, R):
+    Hamming top-``candidates`` over the caption codes, re-ranked, top ``k``."""
+    codes = hasher.image_codes(regions.float())
+    found = rerank_captions(
+        model, caption_index, codes, regions=regions, gram=gram, words=words, lengths=lengths, n=candidates
     )
+    return [_top(found, k, q) for q in range(len(regions))]
 
 
 def _top(found: Candidates, k: int, q: int = 0) -> Ranked:

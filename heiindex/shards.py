@@ -43,7 +43,14 @@ from .index import (
     read_index_manifest,
 )
 from .packed import PackedWords
-from .search import EncodedQueries, TextSearch, check_image_id, check_queries, check_query_counts, encode_queries
+from .search import (
+    BatchSearch,
+    EncodedQueries,
+    check_queries,
+    check_query_counts,
+    encode_queries,
+    refuse_unknown_images,
+)
 from .settings import require
 from .store import SplitStore, atomic_dir, check_fields, check_shard_entries, write_json
 from .train_hash import LoadedHash
@@ -187,7 +194,7 @@ def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
     return out
 
 
-class ShardedIndex(TextSearch):
+class ShardedIndex(BatchSearch):
     """All shards of a sharded build opened in this process, sharing one matcher and hash module."""
 
     def __init__(self, path: Path, manifest: dict, shards: list[Index]) -> None:
@@ -250,17 +257,27 @@ class ShardedIndex(TextSearch):
             per_shard = [shard_search_text(s, queries, k, candidates) for s in self.shards]
             yield from batch_results(texts[start : start + batch], per_shard, queries.unknown, k, t0)
 
-    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
-        """Captions for a stored image: its features come from its own shard, every shard
-        searches and re-ranks its own captions, the results are merged by score."""
-        t0 = time.perf_counter()
+    def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
+        """Each image's features come from its own shard; every shard searches and re-ranks its own
+        captions for a batch of images at once, the results are merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
-        image_id = check_image_id(image_id)
-        features = next((f for f in (s.image_features(image_id) for s in self.shards) if f is not None), None)
-        if features is None:
-            raise HeiindexError(f"image id {image_id} is not in this index")
-        per_shard = [shard_search_regions(s, *features, k, candidates) for s in self.shards]
-        return SearchResult(int(image_id), merge_hits(per_shard, k), [], time.perf_counter() - t0)
+        rows = [s.image_rows(image_ids) for s in self.shards]  # per shard: -1 where not its image
+        held = np.stack(rows) >= 0
+        missing = [i for i, found in zip(image_ids, held.any(axis=0), strict=True) if not found]
+        refuse_unknown_images(missing, len(image_ids), np.concatenate([s.image_ids for s in self.shards]))
+        shard_of = held.argmax(axis=0)
+        return self._image_batches(
+            image_ids, [(int(s), int(rows[s][q])) for q, s in enumerate(shard_of)], k, candidates, batch
+        )
+
+    def _image_batches(self, image_ids, places, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
+        for start in range(0, len(image_ids), batch):
+            t0 = time.perf_counter()
+            part = places[start : start + batch]
+            regions = torch.cat([self.shards[s].regions[r : r + 1] for s, r in part])
+            gram = torch.cat([self.shards[s].gram[r : r + 1] for s, r in part])
+            per_shard = [shard_search_regions(s, regions, gram, k, candidates) for s in self.shards]
+            yield from batch_results(image_ids[start : start + batch], per_shard, [[] for _ in part], k, t0)
 
 
 def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
@@ -271,20 +288,21 @@ def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates:
 
 
 def batch_results(
-    texts: list[str], per_shard: list[list[list[Hit]]], unknown: list[list[str]], k: int, t0: float
+    queries: list, per_shard: list[list[list[Hit]]], unknown: list[list[str]], k: int, t0: float
 ) -> Iterator[SearchResult]:
-    """Each query's shard hits merged by score (``merge_hits``), as results; the batch's time since
-    ``t0`` shared equally."""
-    merged = [merge_hits([hits[q] for hits in per_shard], k) for q in range(len(texts))]
-    seconds = (time.perf_counter() - t0) / max(1, len(texts))
-    for text, hits, words in zip(texts, merged, unknown, strict=True):
-        yield SearchResult(text, hits, words, seconds)
+    """Each query's (text or image id) shard hits merged by score (``merge_hits``), as results; the
+    batch's time since ``t0`` shared equally."""
+    merged = [merge_hits([hits[q] for hits in per_shard], k) for q in range(len(queries))]
+    seconds = (time.perf_counter() - t0) / max(1, len(queries))
+    for query, hits, words in zip(queries, merged, unknown, strict=True):
+        yield SearchResult(query, hits, words, seconds)
 
 
-def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[Hit]:
-    """One shard's part of an image query (a shard without captions has nothing to add)."""
+def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
+    """One shard's part of a batch of image queries (each image's hits; a shard without captions
+    has nothing to add): N and k capped at the shard's size."""
     n = min(candidates, shard.n_captions)
-    return shard.search_regions(regions, gram, min(k, n), n) if n else []
+    return shard.search_regions(regions, gram, min(k, n), n) if n else [[] for _ in range(len(regions))]
 
 
 def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:

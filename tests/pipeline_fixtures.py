@@ -291,3 +291,23 @@ def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ua = np.unpackbits(np.asarray(a, dtype=np.uint8), axis=1).astype(bool)
     ub = np.unpackbits(np.asarray(b, dtype=np.uint8), axis=1).astype(bool)
     return (ua[:, None, :] != ub[None, :, :]).sum(axis=2)
+
+
+def assert_same_answer(got, want) -> None:
+    """Two ``SearchResult``s of one query by different paths (a batch and a batch of one, shards
+    and Ray): the same hits rank by rank, scores equal up to float rounding of batched products."""
+    import pytest
+
+    assert got.query == want.query and got.unknown_words == want.unknown_words
+    assert [(h.rank, h.id, h.hamming, h.captions, h.text) for h in got.results] == [
+        (h.rank, h.id, h.hamming, h.captions, h.text) for h in want.results
+    ]
+    assert [h.score for h in got.results] == pytest.approx([h.score for h in want.results], rel=1e-5, abs=1e-6)
+
+
+def assert_exhaustive_top(result, full: np.ndarray, item_ids: np.ndarray) -> None:
+    """``result``'s hits are the best of ``full`` (the matcher's scores of every item, whose ids are
+    ``item_ids``), in order, with those scores."""
+    top = np.argsort(-full, kind="stable")[: len(result.results)]
+    assert [h.id for h in result.results] == [int(item_ids[r]) for r in top]
+    np.testing.assert_allclose([h.score for h in result.results], full[top], atol=1e-5, rtol=0)

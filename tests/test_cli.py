@@ -121,6 +121,32 @@ def test_query_file_from_standard_input_as_tables(pipe):
     assert "3 queries in " in r.output and "ms a query; Hamming top-12, re-ranked by the matcher)" in r.output
 
 
+def test_query_several_images_prints_one_json_object_a_line(pipe):
+    r = ok(
+        run(
+            "query",
+            "--image",
+            "5",
+            "--image",
+            "0",
+            "--index",
+            pipe.index_dir,
+            "--k",
+            "3",
+            "--candidates",
+            "20",
+            "--json",
+        )
+    )
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert got == [res.to_dict() for res in Index.open(pipe.index_dir).search_images([5, 0], 3, 20)]
+    r = ok(run("query", "--image", "5", "--image", "0", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
+    assert "query image 5" in r.output and "query image 0" in r.output and "2 queries in " in r.output
+    r = run("query", "--image", "5", "--image", "77", "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
+    assert r.exit_code == 2
+    clean_error(r, "1 of 2 image ids are not in this index (ids 0..23); nothing was searched: 77")
+
+
 def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
     """A form feed or U+2028 inside a line is part of the query, not a line end: "line N" must
     stay the file's line N."""

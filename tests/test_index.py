@@ -312,19 +312,12 @@ def test_search_result_dict_has_the_documented_keys(index):
     assert [set(h) for h in d["results"]] == [{"rank", "id", "score", "hamming", "text"}] * 2
 
 
-def _items(result) -> list[tuple]:
-    return [(h.rank, h.id, h.hamming, h.captions) for h in result.results]
-
-
 def test_search_many_answers_each_query_as_search_does(index):
     texts = [*QUERIES, "a man riding a xyzzyq motorcycle"]
     got = list(index.search_many(texts, k=4, candidates=12, batch=2))  # 3 batches, the last one short
     assert [r.query for r in got] == texts
     for res, text in zip(got, texts, strict=True):
-        want = index.search(text, k=4, candidates=12)
-        assert _items(res) == _items(want)
-        assert [h.score for h in res.results] == pytest.approx([h.score for h in want.results], rel=1e-5, abs=1e-6)
-        assert res.unknown_words == want.unknown_words
+        pf.assert_same_answer(res, index.search(text, k=4, candidates=12))
     assert got[-1].unknown_words == ["xyzzyq"]
 
 
@@ -332,10 +325,7 @@ def test_search_many_of_captions_of_different_lengths_equals_exhaustive(index):
     """One batch pads the shorter captions to the longest: padding must not reach any score."""
     got = list(index.search_many(list(QUERIES), k=10, candidates=index.n_images))
     for res, text in zip(got, QUERIES, strict=True):
-        full = _exhaustive_row(index, text)
-        top = np.argsort(-full, kind="stable")[:10]
-        assert [h.id for h in res.results] == [int(index.image_ids[r]) for r in top]
-        np.testing.assert_allclose([h.score for h in res.results], full[top], atol=1e-5, rtol=0)
+        pf.assert_exhaustive_top(res, _exhaustive_row(index, text), index.image_ids)
 
 
 def test_search_many_refuses_bad_queries_together_before_searching_any(index, monkeypatch):
@@ -650,6 +640,32 @@ def test_numpy_counts_and_ids_are_whole_numbers(index):
 def test_search_many_refuses_bytes_as_one_query(index):
     with pytest.raises(HeiindexError, match="search_many takes a list of queries, not one string"):
         index.search_many(b"a dog", k=3, candidates=5)
+
+
+def test_search_images_answers_each_image_as_search_image_does(index):
+    ids = [int(i) for i in index.image_ids[[0, 5, 9, 23, 5]]]  # a repeat is answered twice
+    got = list(index.search_images(ids, k=4, candidates=20, batch=2))  # 3 batches, the last one short
+    assert [r.query for r in got] == ids
+    for res, image_id in zip(got, ids, strict=True):
+        pf.assert_same_answer(res, index.search_image(image_id, k=4, candidates=20))
+
+
+def test_search_images_with_every_caption_a_candidate_equals_exhaustive(index):
+    rows = [2, 7, 19]
+    got = list(index.search_images([int(index.image_ids[r]) for r in rows], k=10, candidates=index.n_captions))
+    for res, row in zip(got, rows, strict=True):
+        pf.assert_exhaustive_top(res, _exhaustive_column(index, row), index.caption_ids)
+
+
+def test_search_images_refuses_unknown_and_bad_ids_before_searching(index, monkeypatch):
+    monkeypatch.setattr(index, "search_regions", lambda *a: pytest.fail("searched before every id was checked"))
+    with pytest.raises(HeiindexError) as err:
+        index.search_images([0, 77, 3, 99], k=3, candidates=5)  # not iterated
+    assert str(err.value) == "2 of 4 image ids are not in this index (ids 0..23); nothing was searched: 77, 99"
+    for bad, detail in ((["3"], "an image id is a whole number, got '3'"), ("3", "a list of image ids, got str")):
+        with pytest.raises(HeiindexError, match=detail):
+            index.search_images(bad, k=3, candidates=5)
+    assert list(index.search_images([], k=3, candidates=5)) == []
 
 
 def test_search_image_of_an_unknown_id(index):

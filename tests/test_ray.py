@@ -88,6 +88,16 @@ def test_search_many_refuses_at_the_call_in_one_batch_or_several(served):
         served.search_many(["a dog", "two cats", ""], 5, 4, batch=1)
 
 
+def test_search_images_equals_in_process_item_for_item(served, sharded):
+    ids = [int(i) for s in sharded.shards for i in s.image_ids[[0, 5]]]  # two of each shard
+    got = list(served.search_images(ids, 5, 10, batch=4))
+    want = list(sharded.search_images(ids, 5, 10, batch=4))
+    assert [r.query for r in got] == ids
+    assert [_items(r) for r in got] == [_items(r) for r in want]
+    with pytest.raises(HeiindexError, match="^1 of 2 image ids are not in this index; nothing was searched: 10000$"):
+        served.search_images([ids[0], 10_000], 5, 10)
+
+
 def test_errors_are_the_in_process_ones(served):
     with pytest.raises(HeiindexError, match="not in this index"):
         served.search_image(10_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pipeline_fixtures as pf
 import pytest
 import torch
 from cli_helpers import as_json, build, clean_error, ok, run
@@ -90,15 +91,21 @@ def test_search_many_over_shards_answers_each_query_as_search_does(sharded):
     got = list(sharded.search_many(QUERIES, k=6, candidates=4, batch=3))  # 2 batches, the last one short
     assert [r.query for r in got] == QUERIES
     for res, text in zip(got, QUERIES, strict=True):
-        want = sharded.search(text, k=6, candidates=4)
-        assert [(h.rank, h.id, h.hamming, h.captions) for h in res.results] == [
-            (h.rank, h.id, h.hamming, h.captions) for h in want.results
-        ]
-        assert [h.score for h in res.results] == pytest.approx([h.score for h in want.results], rel=1e-5, abs=1e-6)
+        pf.assert_same_answer(res, sharded.search(text, k=6, candidates=4))
     with pytest.raises(HeiindexError, match=r"^1 of 2 queries refused \(nothing was searched\): query 2: the query"):
         sharded.search_many(["a dog", " "], k=3, candidates=4)
     with pytest.raises(HeiindexError, match="--k 13 is larger than the 12 candidates the shards return together"):
         sharded.search_many(QUERIES, k=13, candidates=4)
+
+
+def test_search_images_over_shards_answers_each_image_as_search_image_does(sharded, index):
+    ids = [int(i) for i in index.image_ids[[1, 12, 23, 8]]]  # images of all three shards
+    got = list(sharded.search_images(ids, k=6, candidates=12, batch=3))
+    assert [r.query for r in got] == ids
+    for res, image_id in zip(got, ids, strict=True):
+        pf.assert_same_answer(res, sharded.search_image(image_id, k=6, candidates=12))
+    with pytest.raises(HeiindexError, match=r"^2 of 3 image ids are not in this index \(ids 0..23\); nothing"):
+        sharded.search_images([ids[0], 500, 600], k=3, candidates=4)
 
 
 def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
