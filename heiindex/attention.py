@@ -358,14 +358,19 @@ def score_pairs(
     pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
     max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
-    bucket = _length_bucket(pair_len)
-    order = torch.argsort(bucket * regions.shape[0] + image_index, stable=True)
-    bucket_sorted = bucket.index_select(0, order).tolist()
-    # A chunk: pairs of one length bucket, small enough for max_elements and gather_bytes.
-    chunks = [
-        order[p0:p1]
-        for p0, p1 in _bucket_chunks(bucket_sorted, lambda b: max(1, min(max_pairs, max_elements // (b * r))))
-    ]
+    if n_pairs <= max_pairs and n_pairs * int(pair_len.max()) * r <= max_elements:
+        # Few pairs (one query's candidates): one chunk padded to the longest caption. Each chunk
+        # costs a few dozen small kernels, more than the padding saves here (and no thread pool).
+        chunks = [torch.argsort(image_index, stable=True)]
+    else:
+        bucket = _length_bucket(pair_len)
+        order = torch.argsort(bucket * regions.shape[0] + image_index, stable=True)
+        bucket_sorted = bucket.index_select(0, order).tolist()
+        # A chunk: pairs of one length bucket, small enough for max_elements and gather_bytes.
+        chunks = [
+            order[p0:p1]
+            for p0, p1 in _bucket_chunks(bucket_sorted, lambda b: max(1, min(max_pairs, max_elements // (b * r))))
+        ]
 
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
     norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
