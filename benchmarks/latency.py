@@ -4,8 +4,8 @@ By default at COCO-5K size on synthetic data: 5,000 images x 36 random unit-leng
 d = 1024, a SCAN matcher and a 256-bit hash module with random weights (the work per query does
 not depend on the weights), FAISS IndexBinaryFlat over the image codes, and real COCO 5K
 captions as the queries. With ``--index DIR`` it times ``Index.search`` on a built index
-instead (e.g. ``data/coco-sim/index/test``: 1,000 images, d = 256). Both run the same pipeline
-(``heiindex.search``). Each query is timed alone after a warm-up; the output gives p50 / p90 /
+instead (e.g. ``data/coco-sim/index/test``: 1,000 images, d = 256), and ``Index.search_image``
+(image to text) for as many of its images. Both run the same pipeline (``heiindex.search``). Each query is timed alone after a warm-up; the output gives p50 / p90 /
 p99 and the median of each stage. ``--batch B`` also times the same queries searched B at a time
 (``Index.search_many``'s path: each batch encoded, hashed and re-ranked together) and reports the
 time per query, after one warm-up batch.
@@ -112,22 +112,34 @@ def batched(args, queries: list[str], search_batch) -> dict:
 
 
 def built_index(args, queries: list[str]) -> dict:
+    """``Index.search`` for each text query, and ``Index.search_image`` for as many stored images
+    (spread over the index), one at a time after the warm-up; with ``--batch``, both batched too."""
     from heiindex.index import Index
 
     index = Index.open(args.index, device=args.device)
-    ms = []
-    for i, text in enumerate(queries[: args.warmup] + queries):
-        t0 = time.perf_counter()
-        index.search(text, k=args.k, candidates=args.candidates)
-        if i >= args.warmup:
-            ms.append((time.perf_counter() - t0) * 1e3)
+    step = max(1, index.n_images // len(queries))
+    image_ids = [int(i) for i in index.image_ids[::step][: len(queries)]]
+
+    def one_at_a_time(search, items) -> dict:
+        ms = []
+        for i, item in enumerate(items[: args.warmup] + items):
+            t0 = time.perf_counter()
+            search(item)
+            if i >= args.warmup:
+                ms.append((time.perf_counter() - t0) * 1e3)
+        return percentiles(ms)
+
     result = {
         "setup": f"Index.search on {args.index}: {index.n_images} images, d = {index.manifest['embed_size']}",
-        "latency": percentiles(ms),
+        "latency": one_at_a_time(lambda text: index.search(text, args.k, args.candidates), queries),
+        "image_latency": one_at_a_time(lambda i: index.search_image(i, args.k, args.candidates), image_ids),
     }
     if args.batch:
         result["batched"] = batched(
             args, queries, lambda texts: list(index.search_many(texts, args.k, args.candidates, batch=args.batch))
+        )
+        result["image_batched"] = batched(
+            args, image_ids, lambda ids: list(index.search_images(ids, args.k, args.candidates, batch=args.batch))
         )
     return result
 
