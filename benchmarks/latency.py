@@ -130,7 +130,8 @@ def built_index(args, queries: list[str]) -> dict:
         return percentiles(ms)
 
     result = {
-        "setup": f"Index.search on {args.index}: {index.n_images} images, d = {index.manifest['embed_size']}",
+        "setup": f"Index.search ({len(queries)} texts) and Index.search_image ({len(image_ids)} images) on "
+        f"{args.index}: {index.n_images} images, d = {index.manifest['embed_size']}",
         "latency": one_at_a_time(lambda text: index.search(text, args.k, args.candidates), queries),
         "image_latency": one_at_a_time(lambda i: index.search_image(i, args.k, args.candidates), image_ids),
     }
@@ -155,7 +156,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--batch", type=int, default=0, help="also time the queries searched this many at a time")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--index", help="time Index.search on this built index instead of synthetic data")
+    ap.add_argument(
+        "--index", help="time Index.search and Index.search_image on this built index instead of synthetic data"
+    )
     ap.add_argument("--json", dest="json_file")
     args = ap.parse_args()
     lines = CAPTIONS.read_text().splitlines()

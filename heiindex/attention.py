@@ -63,6 +63,9 @@ DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 
 # GPU re-ranking: gathered features per chunk of pairs. An H200 re-ranked 2.5M COCO-5K t2i pairs
 # (d = 1024) in 1.21 s with 1 GiB chunks, 0.89 s with 8 GiB (benchmarks/RESULTS.md, GPU).
 GPU_GATHER_BYTES = 8 << 30
+# Pair sets up to this size (one query's candidates, N <= 512) are scored as one chunk padded to
+# their longest caption rather than one chunk per caption-length bucket.
+ONE_CHUNK_PAIRS = 512
 
 
 @dataclass(frozen=True)
@@ -358,9 +361,10 @@ def score_pairs(
     pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
     max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
-    if n_pairs <= max_pairs and n_pairs * int(pair_len.max()) * r <= max_elements:
+    if n_pairs <= min(max_pairs, ONE_CHUNK_PAIRS) and n_pairs * int(pair_len.max()) * r <= max_elements:
         # Few pairs (one query's candidates): one chunk padded to the longest caption. Each chunk
         # costs a few dozen small kernels, more than the padding saves here (and no thread pool).
+        # Batches of queries keep one chunk per length bucket, where padding would cost more.
         chunks = [torch.argsort(image_index, stable=True)]
     else:
         bucket = _length_bucket(pair_len)

@@ -194,7 +194,7 @@ class Index(BatchSearch):
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
-        self._row_of: dict[int, int] | None = None  # image id -> row, made on the first image query
+        self._id_order: np.ndarray | None = None  # rows in image-id order, made on the first image query
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
@@ -559,17 +559,15 @@ class Index(BatchSearch):
                 yield SearchResult(image_id, found, [], seconds)
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
-        """The row of each of ``image_ids`` in this index, -1 where it holds no such image."""
-        if self._row_of is None:
-            self._row_of = {int(i): r for r, i in enumerate(self.image_ids)}
-        return np.array([self._row_of.get(i, -1) for i in image_ids], dtype=np.int64)
-
-    def image_features(self, image_id: int) -> tuple[Tensor, Tensor] | None:
-        """The stored image's encoded regions (1, R, d) and Gram matrix (1, R, R), or None."""
-        row = int(self.image_rows([image_id])[0])
-        if row < 0:
-            return None
-        return self.regions[row : row + 1], self.gram[row : row + 1]
+        """The row of each of ``image_ids`` in this index, -1 where it holds no such image (a sorted
+        copy of the ids, made on the first image query, is searched: 8 bytes an image)."""
+        if self._id_order is None:
+            self._id_order = np.argsort(self.image_ids, kind="stable")
+        sorted_ids = self.image_ids[self._id_order]
+        ids = np.asarray(image_ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(sorted_ids, ids), max(0, len(sorted_ids) - 1))
+        found = (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        return np.where(found, self._id_order[at] if len(sorted_ids) else -1, -1).astype(np.int64)
 
     @torch.no_grad()
     def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[list[Hit]]:

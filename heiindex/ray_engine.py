@@ -182,10 +182,13 @@ class RayShardedIndex(BatchSearch):
     def actor_name(self, i: int) -> str:
         return _actor_name(self.path, i)
 
-    def _gather(self, futures: list, what: str, timeout: float | None = None) -> list:
+    def _gather(self, futures: list, what: str, timeout: float | None = None, shards: list[int] | None = None) -> list:
+        """The replies, in order; ``shards``: the shard of each future where not one per shard, in
+        order (an error names the shard that failed)."""
         ray = _ray()
         out = []
-        for i, f in enumerate(futures):
+        for pos, f in enumerate(futures):
+            i = pos if shards is None else shards[pos]
             try:
                 out.append(ray.get(f, timeout=timeout))
             except ray.exceptions.GetTimeoutError:
@@ -201,7 +204,7 @@ class RayShardedIndex(BatchSearch):
                 ) from None
             except ray.exceptions.RayTaskError as exc:  # the actor refused the request: its message alone
                 if isinstance(exc.cause, HeiindexError):
-                    _settle(futures[i + 1 :])
+                    _settle(futures[pos + 1 :])
                     raise HeiindexError(str(exc.cause)) from None
                 raise
         return out
@@ -266,6 +269,8 @@ class RayShardedIndex(BatchSearch):
         import numpy as np
 
         candidates, k = check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
+        if not image_ids:
+            return iter([])
         rows = np.stack(self._gather([a.image_rows.remote(image_ids) for a in self.actors], "the image lookup"))
         held = rows >= 0
         refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
@@ -283,14 +288,15 @@ class RayShardedIndex(BatchSearch):
                 shard_of[start : start + batch],
                 rows[start : start + batch],
             )
-            asked = [np.flatnonzero(shards == s) for s in range(len(self.actors))]  # positions each shard holds
+            holders = [s for s in range(len(self.actors)) if (shards == s).any()]
+            asked = [np.flatnonzero(shards == s) for s in holders]  # the positions each holder answers for
             futures = [
-                a.image_features.remote(part_rows[pos]) for a, pos in zip(self.actors, asked, strict=True) if len(pos)
+                self.actors[s].image_features.remote(part_rows[pos]) for s, pos in zip(holders, asked, strict=True)
             ]
-            found = self._gather(futures, "the image lookup")
+            found = self._gather(futures, "the image lookup", shards=holders)
             regions = np.empty((len(part), *found[0][0].shape[1:]), dtype=np.float32)
             gram = np.empty((len(part), *found[0][1].shape[1:]), dtype=np.float32)
-            for pos, (r, g) in zip([p for p in asked if len(p)], found, strict=True):
+            for pos, (r, g) in zip(asked, found, strict=True):
                 regions[pos], gram[pos] = r, g
             regions, gram = ray.put(regions), ray.put(gram)
             replies = self._gather(

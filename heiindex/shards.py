@@ -264,7 +264,7 @@ class ShardedIndex(BatchSearch):
         rows = [s.image_rows(image_ids) for s in self.shards]  # per shard: -1 where not its image
         held = np.stack(rows) >= 0
         missing = [i for i, found in zip(image_ids, held.any(axis=0), strict=True) if not found]
-        refuse_unknown_images(missing, len(image_ids), np.concatenate([s.image_ids for s in self.shards]))
+        refuse_unknown_images(missing, len(image_ids))  # as RayShardedIndex words it
         shard_of = held.argmax(axis=0)
         return self._image_batches(
             image_ids, [(int(s), int(rows[s][q])) for q, s in enumerate(shard_of)], k, candidates, batch

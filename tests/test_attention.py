@@ -393,6 +393,42 @@ def test_indices_and_lengths_must_be_integers_not_floats_or_bools():
     torch.testing.assert_close(score_pairs(cfg, words, lengths.int(), regions, two.int(), two.short()), want)
 
 
+def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkeypatch):
+    """One query's candidates (at most ONE_CHUNK_PAIRS pairs within the element budget) are one
+    chunk padded to the longest caption; more pairs, or a smaller budget, are cut by length bucket
+    with every chunk within max_elements (the parity tests check the scores of both)."""
+    import heiindex.attention as attention
+
+    words, lengths, regions = _data()
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    chunks = []
+    real = attention._score_pair_chunk
+
+    def counted(cfg, words, lengths, regions, gram, ci, ii, length, wn):
+        chunks.append((len(ci), length))
+        return real(cfg, words, lengths, regions, gram, ci, ii, length, wn)
+
+    monkeypatch.setattr(attention, "_score_pair_chunk", counted)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks in this thread, in order
+    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
+    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    score_pairs(cfg, words, lengths, regions, caps, imgs)
+    assert chunks == [(len(caps), max(LENGTHS))]
+    chunks.clear()
+    score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
+    assert len(chunks) > 1 and all(n * length * N_REGIONS <= 200 or n == 1 for n, length in chunks)
+    chunks.clear()
+    many = attention.ONE_CHUNK_PAIRS + 1
+    score_pairs(cfg, words, lengths, regions, torch.arange(many) % len(LENGTHS), torch.arange(many) % N_IMGS)
+    assert len(chunks) == len(set(_length_bucket_of(LENGTHS))) and sum(n for n, _ in chunks) == many
+
+
+def _length_bucket_of(lengths) -> list[int]:
+    from heiindex.attention import _length_bucket
+
+    return _length_bucket(torch.tensor(lengths)).tolist()
+
+
 # ----------------------------------------------------------------------------- pairs
 
 # A set large enough for the pair scorer's grouping to matter: many captions of many lengths

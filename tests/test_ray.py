@@ -129,6 +129,26 @@ def test_a_shard_that_dies_mid_query_is_a_clear_error_then_restarts(served, shar
     assert _items(got) == _items(sharded.search("a dog on the grass", 10, 8))
 
 
+def test_a_dead_shard_in_an_image_lookup_is_named_by_its_own_number(served, sharded):
+    """Only the shards holding a batch's images are asked for features: the error still names the
+    shard that died, not its place among those asked."""
+    ids = [int(i) for i in sharded.shards[2].image_ids[:2]]
+    results = served.search_images(ids, 5, 10)  # every shard asked which ids it holds: shard 2 alone
+    served.actors[2].crash.remote()  # dies before the feature request queued behind it
+    with pytest.raises(HeiindexError, match=r"shard 2 \(.*shard-002\) failed during the image lookup"):
+        list(results)
+    deadline = time.monotonic() + 60
+    while True:  # let Ray restart it before the next test
+        try:
+            got = list(served.search_images(ids, 5, 10))
+            break
+        except HeiindexError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert [_items(r) for r in got] == [_items(r) for r in sharded.search_images(ids, 5, 10)]
+
+
 def test_cli_query_with_the_ray_engine(served, sharded, pipe):
     got = as_json(run("query", "a dog", "--index", sharded.path, "--engine", "ray", "--candidates", "6", "--json"))
     assert got == sharded.search("a dog", 10, 6).to_dict()
