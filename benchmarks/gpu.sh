@@ -16,7 +16,8 @@
 #      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`;
 #   3. benchmarks/scale.py (COCO-5K size, random features) in float32: every caption scored
 #      exhaustively (no extrapolation; the reference loop is still timed on 100 captions);
-#   4. benchmarks/latency.py on the GPU (synthetic COCO-5K size, and the coco-sim index);
+#   4. benchmarks/latency.py on the GPU (synthetic COCO-5K size, and the coco-sim index: text and
+#      image queries, one at a time and in batches of 100);
 #   5. bench and scale.py in bfloat16; HEI with the old 1 GiB re-ranking chunks (scale-gather);
 #   6. the same bench on this machine's CPU (baseline).
 # Output in $OUT (the device tool's folder; benchmarks/gpu-out/ when OUT is unset): gpu.log
@@ -103,8 +104,8 @@ step bench-$dev 90 bench "$out/bench_$dev.json" --device $dev
 step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --stages "${SCALE_STAGES:-reference,exhaustive,hei}" \
     --exhaustive-queries 25000 --reference-queries 100 \
     "${scale_size[@]}" --json "$out/scale_float32.json"
-step latency 60 "$PY" benchmarks/latency.py --device $dev "${lat_size[@]}" --json "$out/latency.json"
-step latency-index 60 "$PY" benchmarks/latency.py --index "$sim/index" --device $dev --json "$out/latency_index.json"
+step latency 60 "$PY" benchmarks/latency.py --device $dev --batch 100 "${lat_size[@]}" --json "$out/latency.json"
+step latency-index 60 "$PY" benchmarks/latency.py --index "$sim/index" --device $dev --batch 100 --json "$out/latency_index.json"
 step bench-$dev-bf16 60 bench "$out/bench_${dev}_bf16.json" --device $dev --dtype bfloat16
 step scale-gather 120 "$PY" benchmarks/scale.py --device $dev --stages hei --gpu-gather-gb 1 "${scale_size[@]}"
 step scale-bfloat16 90 "$PY" benchmarks/scale.py --device $dev --dtype bfloat16 --stages exhaustive,hei \
