@@ -7,8 +7,8 @@ captions as the queries. With ``--index DIR`` it times ``Index.search`` on a bui
 instead (e.g. ``data/coco-sim/index/test``: 1,000 images, d = 256), and ``Index.search_image``
 (image to text) for as many of its images. Both run the same pipeline (``heiindex.search``). Each query is timed alone after a warm-up; the output gives p50 / p90 /
 p99 and the median of each stage. ``--batch B`` also times the same queries searched B at a time
-(``Index.search_many``'s path: each batch encoded, hashed and re-ranked together) and reports the
-time per query, after one warm-up batch.
+(``Index.search_many``'s path: each batch encoded, hashed and re-ranked together; with ``--index``
+the images too, by ``search_images``) and reports the time per query, after one warm-up batch.
 
     python benchmarks/latency.py [--images 5000] [--d 1024] [--queries 200] [--batch 100] [--device cpu|cuda]
     python benchmarks/latency.py --index data/coco-sim/index/test [--batch 100]

@@ -339,8 +339,9 @@ def score_pairs(
     so that one image's regions are read once for all of its pairs in a chunk and only the
     (smaller) words are gathered per pair. Images with few pairs in a chunk have their regions
     gathered instead, which is cheaper than many tiny products (on a GPU, every pair's: see
-    ``_POLICIES``). A set of at most ``ONE_CHUNK_PAIRS`` pairs (one query's candidates) is one
-    chunk padded to its longest caption: there, per-chunk overhead costs more than padding.
+    ``_POLICIES``). A set of at most ``ONE_CHUNK_PAIRS`` pairs that fits one chunk's budget (such
+    as one query's 100 candidates) is one chunk padded to its longest caption: there, per-chunk
+    overhead costs more than padding.
     """
     _check_cfg(cfg)
     lengths = _check_words(words, lengths)

@@ -194,7 +194,7 @@ class Index(BatchSearch):
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
-        self._id_order: np.ndarray | None = None  # rows in image-id order, made on the first image query
+        self._ids_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids ascending, their rows), lazily
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
@@ -559,15 +559,17 @@ class Index(BatchSearch):
                 yield SearchResult(image_id, found, [], seconds)
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
-        """The row of each of ``image_ids`` in this index, -1 where it holds no such image (a sorted
-        copy of the ids, made on the first image query, is searched: 8 bytes an image)."""
-        if self._id_order is None:
-            self._id_order = np.argsort(self.image_ids, kind="stable")
-        sorted_ids = self.image_ids[self._id_order]
+        """The row of each of ``image_ids`` in this index, -1 where it holds no such image (the ids
+        sorted, with their rows, are made on the first image query: 16 bytes an image)."""
+        if self._ids_sorted is None:
+            order = np.argsort(self.image_ids, kind="stable")
+            self._ids_sorted = (self.image_ids[order], order)
+        sorted_ids, order = self._ids_sorted
         ids = np.asarray(image_ids, dtype=np.int64)
-        at = np.minimum(np.searchsorted(sorted_ids, ids), max(0, len(sorted_ids) - 1))
-        found = (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
-        return np.where(found, self._id_order[at] if len(sorted_ids) else -1, -1).astype(np.int64)
+        if not len(sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return np.where(sorted_ids[at] == ids, order[at], -1).astype(np.int64)
 
     @torch.no_grad()
     def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[list[Hit]]:

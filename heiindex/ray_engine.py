@@ -3,7 +3,8 @@
 What this module is for: ``RayShardedIndex`` opens a sharded build (``heiindex.shards``) as one
 Ray actor per shard, placed by Ray over the cluster's nodes. A batch of text queries (one query
 is a batch of one) goes to every actor: each checks and encodes it, takes its own Hamming top-N
-and re-ranks it (texts of more than one batch are checked by one actor before any is searched).
+and re-ranks it (texts of more than one batch, or named for their errors by ``where``, as
+``query --file`` does, are checked by one actor first, before any is searched).
 A batch of image queries first asks every actor which of the ids it holds (unknown ids are
 refused before any search), fetches each image's features from its shard, then sends the batch to
 every actor. The driver merges the shards' top-k by score (``heiindex.shards.merge_hits``), so the answer is item for item the
@@ -245,9 +246,10 @@ class RayShardedIndex(BatchSearch):
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Every text is checked before any is searched, then each batch goes to all shards at once
-        and is merged here. Texts that fit in one batch are checked by the actors as they search
-        them, here and now (no extra round trip; a refusal is raised by this call, as in process);
-        more batches are checked by one actor first."""
+        and is merged here. Texts that fit in one batch, with no ``where``, are checked by the
+        actors as they search them, here and now (no extra round trip; a refusal is raised by this
+        call, as in process); more batches, or a ``where`` to name them by, are checked by one actor
+        first, and searched as the results are read."""
         candidates, k = check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]

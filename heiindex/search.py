@@ -6,9 +6,9 @@ over the caption codes). ``rerank_images`` / ``rerank_captions`` do it for a bat
 and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray),
 ``images_for_text`` (``Index.search`` and ``search_many``: one query is a batch of one) and
 ``captions_for_images`` (``search_image`` and ``search_images``) share; ``benchmarks/latency.py`` times the same calls,
-so the latency measured is the latency served. Text queries are checked here (``check_queries``:
-empty or all-unknown ones are refused, all of a batch before any is searched) and encoded
-together (``encode_queries``).
+so the latency measured is the latency served. Queries are checked here, all of a request before
+any is searched (``check_queries``: empty or all-unknown texts; ``check_image_ids``), and texts
+are encoded together (``encode_queries``).
 What it must not do: read files, or format results for people (``heiindex.index``, the CLI).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .model import ScanModel
 from .packed import PackedWords
 from .settings import require
 from .vocab import Encoded, Vocab
+
+if TYPE_CHECKING:  # heiindex.index imports this module
+    from .index import SearchResult
 
 __all__ = [
     "QUERY_BATCH",
@@ -54,9 +57,10 @@ __all__ = [
 ]
 
 
-# Text queries encoded, hashed and re-ranked together by search_many: 256 x N candidate pairs and
-# 256 captions' words at a time.
+# Queries searched together by search_many (encoded, hashed and re-ranked: 256 captions' words and
+# 256 x N candidate pairs at a time) and by search_images (256 images' regions).
 QUERY_BATCH = 256
+_INT64 = (-(2**63), 2**63 - 1)  # image ids are stored as int64
 
 
 class BatchSearch:
@@ -66,7 +70,7 @@ class BatchSearch:
     ``_search_images(ids, k, candidates, batch)``, which check everything at once (raising before
     any search) and return the generator of results."""
 
-    def search(self, text: str, k: int = 10, candidates: int = 100):
+    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
         (a ``SearchResult``)."""
         return next(self.search_many([text], k, candidates))
@@ -78,18 +82,20 @@ class BatchSearch:
         candidates: int = 100,
         batch: int = QUERY_BATCH,
         where: Callable[[int], str] | None = None,
-    ) -> Iterator:
+    ) -> Iterator[SearchResult]:
         """``search`` for many captions, in order, ``batch`` at a time (each batch encoded, hashed
         and re-ranked together; ``list()`` it for all results). Every text is checked before any
         is searched: empty or all-unknown ones are refused together, named by ``where(position)``
         (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
         return self._search_texts(check_batch(texts, batch), k, candidates, batch, where)
 
-    def search_image(self, image_id: int, k: int = 10, candidates: int = 100):
+    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
         """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
         return next(self.search_images([image_id], k, candidates))
 
-    def search_images(self, image_ids: Sequence[int], k: int = 10, candidates: int = 100, batch: int = QUERY_BATCH):
+    def search_images(
+        self, image_ids: Sequence[int], k: int = 10, candidates: int = 100, batch: int = QUERY_BATCH
+    ) -> Iterator[SearchResult]:
         """``search_image`` for many stored images, in order, ``batch`` at a time; every id is
         checked before any is searched (ids not in the index are refused together)."""
         return self._search_images(check_image_ids(image_ids, batch), k, candidates, batch)
@@ -183,8 +189,8 @@ def check_image_ids(image_ids: Sequence[int], batch: int) -> list[int]:
     require("batch", batch, at_least=1, integer=True)
     ids = list(image_ids)
     for image_id in ids:
-        if not isinstance(image_id, Integral) or isinstance(image_id, bool):
-            raise HeiindexError(f"an image id is a whole number, got {image_id!r}")
+        if not isinstance(image_id, Integral) or isinstance(image_id, bool) or not _INT64[0] <= image_id <= _INT64[1]:
+            raise HeiindexError(f"an image id is a whole number of 64 bits, got {image_id!r}")
     return [int(i) for i in ids]
 
 
@@ -304,7 +310,7 @@ def captions_for_images(
     return [_top(found, k, q) for q in range(len(regions))]
 
 
-def _top(found: Candidates, k: int, q: int = 0) -> Ranked:
+def _top(found: Candidates, k: int, q: int) -> Ranked:
     """The best ``k`` of query ``q``'s candidates; empty slots are dropped."""
     keep = found.ids[q] >= 0
     scores, ids, dist = found.scores[q][keep], found.ids[q][keep], found.hamming[q][keep]

@@ -57,12 +57,15 @@ from .train_hash import LoadedHash
 
 __all__ = [
     "ShardedIndex",
+    "batch_results",
     "build_shards",
     "check_counts",
     "merge_hits",
     "read_manifest",
     "run_sharded_bench",
     "shard_bounds",
+    "shard_search_regions",
+    "shard_search_text",
     "sharded_manifest",
     "write_shards",
 ]

@@ -118,7 +118,9 @@ def test_query_file_from_standard_input_as_tables(pipe):
         assert f"query: {text!r}" in r.output
         assert f"{index.search(text, 2, 12).results[0].score:.4f}" in r.output
     assert "unknown words (mapped to <unk>): xyzzyq" in r.output
-    assert "3 queries in " in r.output and "ms a query; Hamming top-12, re-ranked by the matcher)" in r.output
+    assert (
+        "3 queries in " in r.output and "ms a query (Hamming top-12, re-ranked by the matcher, in batches)" in r.output
+    )
 
 
 def test_query_several_images_prints_one_json_object_a_line(pipe):
@@ -145,6 +147,9 @@ def test_query_several_images_prints_one_json_object_a_line(pipe):
     r = run("query", "--image", "5", "--image", "77", "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
     assert r.exit_code == 2
     clean_error(r, "1 of 2 image ids are not in this index (ids 0..23); nothing was searched: 77")
+    r = run("query", "--image", str(2**63), "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
+    assert r.exit_code == 2
+    clean_error(r, f"an image id is a whole number of 64 bits, got {2**63}")
 
 
 def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):

@@ -622,7 +622,7 @@ def test_counts_and_image_ids_must_be_whole_numbers(index, bad):
         index.search("a dog", k=bad, candidates=5)
     with pytest.raises(HeiindexError, match=r"--candidates must be a whole number, got"):
         index.search_image(0, k=3, candidates=bad)
-    with pytest.raises(HeiindexError, match=r"an image id is a whole number, got"):
+    with pytest.raises(HeiindexError, match=r"an image id is a whole number of 64 bits, got"):
         index.search_image(bad if bad is not None else [1], k=3, candidates=5)
 
 
@@ -662,7 +662,11 @@ def test_search_images_refuses_unknown_and_bad_ids_before_searching(index, monke
     with pytest.raises(HeiindexError) as err:
         index.search_images([0, 77, 3, 99], k=3, candidates=5)  # not iterated
     assert str(err.value) == "2 of 4 image ids are not in this index (ids 0..23); nothing was searched: 77, 99"
-    for bad, detail in ((["3"], "an image id is a whole number, got '3'"), ("3", "a list of image ids, got str")):
+    for bad, detail in (
+        (["3"], "an image id is a whole number of 64 bits, got '3'"),
+        ([2**63], f"an image id is a whole number of 64 bits, got {2**63}"),
+        ("3", "a list of image ids, got str"),
+    ):
         with pytest.raises(HeiindexError, match=detail):
             index.search_images(bad, k=3, candidates=5)
     assert list(index.search_images([], k=3, candidates=5)) == []
