@@ -753,7 +753,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(pipe):
 
 @pf.needs_cuda
 def test_cuda_index_answers_as_on_cpu(pipe, index):
-    """On the GPU (float32, TF32 off) queries both ways and the bench give the CPU's answers: at
+    """On the GPU (float32, TF32 off) queries both ways, one at a time and in batches, and the bench
+    give the CPU's answers: at
     least 8 of the top 10 ids shared (ties at the N-th Hamming distance may be cut differently by
     the torch search), each with the same Hamming distance and its score within 1e-5 relative;
     the same R@K."""
@@ -763,6 +764,10 @@ def test_cuda_index_answers_as_on_cpu(pipe, index):
     assert gpu.regions.is_cuda and gpu.words.device.type == "cuda" and gpu.device.type == "cuda"
     pairs = [(index.search(t, k=10, candidates=20), gpu.search(t, k=10, candidates=20)) for t in QUERIES]
     pairs += [(index.search_image(i, k=10, candidates=40), gpu.search_image(i, k=10, candidates=40)) for i in (0, 7)]
+    pairs += list(zip(index.search_many(QUERIES, 10, 20), gpu.search_many(QUERIES, 10, 20, batch=2), strict=True))
+    pairs += list(
+        zip(index.search_images([0, 7, 9], 10, 40), gpu.search_images([0, 7, 9], 10, 40, batch=2), strict=True)
+    )
     for cpu_res, gpu_res in pairs:
         _assert_same_hits(cpu_res, gpu_res, 1e-5, same_hamming=True)
     full, on_gpu = run_bench(index, topk=24), run_bench(gpu, topk=24)  # topk = all 24 images: no ties cut
