@@ -85,8 +85,12 @@ class _ShardServer:
         queries = encode_queries(self.index.model, check_queries(self.index.matcher.vocab, texts))
         return shard_search_text(self.index, queries, k, candidates), queries.unknown
 
-    def image_rows(self, image_ids: list[int]):
-        return self.index.image_rows(image_ids)
+    def lookup_images(self, image_ids: list[int], features: bool):
+        """This shard's row of each id (-1 where not its image) and, with ``features``, the features
+        of the ids it holds, in order (one round trip for a request of one batch)."""
+        rows = self.index.image_rows(image_ids)
+        held = rows[rows >= 0]
+        return rows, self.image_features(held) if features and len(held) else None
 
     def image_features(self, rows):
         """The encoded regions and Gram matrices (float32) of this shard's image ``rows``."""
@@ -266,23 +270,33 @@ class RayShardedIndex(BatchSearch):
             yield from batch_results(part, [r[0] for r in replies], replies[0][1], k, t0)
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
-        """Each image's features come from the actor of its shard, then each batch goes to all
-        shards at once and is merged here; unknown ids are refused before any search."""
+        """Every actor says which ids it holds (unknown ids are refused before any search; for a
+        request of one batch it sends their features in the same reply), each image's features come
+        from its shard, then each batch goes to all shards at once and is merged here."""
         import numpy as np
 
+        t0 = time.perf_counter()
         candidates, k = check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
         if not image_ids:
             return iter([])
-        rows = np.stack(self._gather([a.image_rows.remote(image_ids) for a in self.actors], "the image lookup"))
+        one_batch = len(image_ids) <= batch
+        replies = self._gather([a.lookup_images.remote(image_ids, one_batch) for a in self.actors], "the image lookup")
+        rows = np.stack([r[0] for r in replies])
         held = rows >= 0
         refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
         shard_of = held.argmax(axis=0)
-        return self._image_batches(image_ids, shard_of, rows[shard_of, np.arange(len(image_ids))], k, candidates, batch)
+        own_rows = rows[shard_of, np.arange(len(image_ids))]
+        if not one_batch:
+            return self._image_batches(image_ids, shard_of, own_rows, k, candidates, batch)
+        regions, gram = self._assemble(
+            len(image_ids),
+            [(np.flatnonzero(shard_of == s), np.flatnonzero(held[s]), reply[1]) for s, reply in enumerate(replies)],
+        )
+        return iter(list(self._search_batch(image_ids, regions, gram, k, candidates, t0)))
 
     def _image_batches(self, image_ids, shard_of, rows, k: int, candidates: int, batch: int):
         import numpy as np
 
-        ray = _ray()
         for start in range(0, len(image_ids), batch):
             t0 = time.perf_counter()
             part, shards, part_rows = (
@@ -296,15 +310,37 @@ class RayShardedIndex(BatchSearch):
                 self.actors[s].image_features.remote(part_rows[pos]) for s, pos in zip(holders, asked, strict=True)
             ]
             found = self._gather(futures, "the image lookup", shards=holders)
-            regions = np.empty((len(part), *found[0][0].shape[1:]), dtype=np.float32)
-            gram = np.empty((len(part), *found[0][1].shape[1:]), dtype=np.float32)
-            for pos, (r, g) in zip(asked, found, strict=True):
-                regions[pos], gram[pos] = r, g
-            regions, gram = ray.put(regions), ray.put(gram)
-            replies = self._gather(
-                [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
+            regions, gram = self._assemble(
+                len(part),
+                [(pos, pos, f) for pos, f in zip(asked, found, strict=True)],  # listed as asked
             )
-            yield from batch_results(part, replies, [[] for _ in part], k, t0)
+            yield from self._search_batch(part, regions, gram, k, candidates, t0)
+
+    @staticmethod
+    def _assemble(n: int, parts: list) -> tuple:
+        """One batch's features from the shards' replies: ``parts`` holds, per shard, the batch
+        positions it answers for, the positions its features are listed for, and those features
+        (regions, gram) or None."""
+        import numpy as np
+
+        regions = gram = None
+        for want, listed, feats in parts:
+            if not len(want):
+                continue
+            if regions is None:
+                regions = np.empty((n, *feats[0].shape[1:]), dtype=np.float32)
+                gram = np.empty((n, *feats[1].shape[1:]), dtype=np.float32)
+            at = np.searchsorted(listed, want)  # where each wanted position sits in the shard's list
+            regions[want], gram[want] = feats[0][at], feats[1][at]
+        return regions, gram
+
+    def _search_batch(self, image_ids, regions, gram, k: int, candidates: int, t0: float):
+        ray = _ray()
+        regions, gram = ray.put(regions), ray.put(gram)
+        replies = self._gather(
+            [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
+        )
+        yield from batch_results(image_ids, replies, [[] for _ in image_ids], k, t0)
 
 
 def _settle(futures: list) -> None:

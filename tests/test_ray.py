@@ -88,10 +88,13 @@ def test_search_many_refuses_at_the_call_in_one_batch_or_several(served):
         served.search_many(["a dog", "two cats", ""], 5, 4, batch=1)
 
 
-def test_search_images_equals_in_process_item_for_item(served, sharded):
-    ids = [int(i) for s in sharded.shards for i in s.image_ids[[0, 5]]]  # two of each shard
-    got = list(served.search_images(ids, 5, 10, batch=4))
-    want = list(sharded.search_images(ids, 5, 10, batch=4))
+@pytest.mark.parametrize("batch", [4, 256], ids=["batches", "one-batch"])
+def test_search_images_equals_in_process_item_for_item(served, sharded, batch):
+    """In batches the features are fetched per batch; in one batch they come with the lookup."""
+    ids = [int(i) for s in sharded.shards for i in s.image_ids[[5, 0]]]  # two of each shard
+    ids = ids[::2] + ids[1::2]  # the shards interleaved
+    got = list(served.search_images(ids, 5, 10, batch=batch))
+    want = list(sharded.search_images(ids, 5, 10, batch=batch))
     assert [r.query for r in got] == ids
     assert [_items(r) for r in got] == [_items(r) for r in want]
     with pytest.raises(HeiindexError, match="^1 of 2 image ids are not in this index; nothing was searched: 10000$"):
@@ -133,7 +136,7 @@ def test_a_dead_shard_in_an_image_lookup_is_named_by_its_own_number(served, shar
     """Only the shards holding a batch's images are asked for features: the error still names the
     shard that died, not its place among those asked."""
     ids = [int(i) for i in sharded.shards[2].image_ids[:2]]
-    results = served.search_images(ids, 5, 10)  # every shard asked which ids it holds: shard 2 alone
+    results = served.search_images(ids, 5, 10, batch=1)  # shards asked which ids they hold; fetched per batch
     served.actors[2].crash.remote()  # dies before the feature request queued behind it
     with pytest.raises(HeiindexError, match=r"shard 2 \(.*shard-002\) failed during the image lookup"):
         list(results)
