@@ -54,7 +54,6 @@ from .packed import PackedWords, word_mask
 from .search import (
     BatchSearch,
     EncodedQueries,
-    captions_for_images,
     check_queries,
     check_query_counts,
     encode_queries,
@@ -62,6 +61,7 @@ from .search import (
     refuse_unknown_images,
     rerank_captions,
     rerank_images,
+    top_k,
 )
 from .settings import require
 from .store import (
@@ -227,16 +227,15 @@ class Index(BatchSearch):
         self.words = _packed_words(captions, lengths, d)
         pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
         check_caption_image_ids(captions, self.caption_image_ids, self.image_ids, "image_features.parquet")
-        row_of = {int(i): k for k, i in enumerate(self.image_ids)}
-        self.caption_image = np.array([row_of[int(i)] for i in self.caption_image_ids], dtype=np.int64)
+        self.caption_image = self.image_rows(self.caption_image_ids)  # every one found: checked above
         for name, n, file in (("images", self.n_images, "image"), ("captions", self.n_captions, "caption")):
             if n != counts[name]:
                 raise DataError(
                     path / f"{file}_features.parquet", f"holds {n} {name}; manifest.json says {counts[name]}"
                 )
-        self.image_captions: list[list[int]] = [[] for _ in self.image_ids]
-        for j, row in enumerate(self.caption_image):
-            self.image_captions[row].append(j)
+        by_image = np.argsort(self.caption_image, kind="stable")  # caption rows grouped by image, in order
+        ends = np.cumsum(np.bincount(self.caption_image, minlength=len(self.image_ids)))
+        self.image_captions: list[list[int]] = [part.tolist() for part in np.split(by_image, ends[:-1])]
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -359,11 +358,10 @@ class Index(BatchSearch):
             bar.close()
             writer.close()
             img_codes = np.concatenate(code_blocks)
-            caps = captions
-            if image_rows is not None:
-                caps = caps.subset(np.isin(caps.image_ids, np.concatenate(kept_ids)))
+            if image_rows is not None:  # a shard's captions: those of its images
+                captions = captions.subset(np.isin(captions.image_ids, np.concatenate(kept_ids)))
             cap_codes = _write_caption_features(
-                tmp / "caption_features.parquet", model, hasher.module, caps, block_captions
+                tmp / "caption_features.parquet", model, hasher.module, captions, block_captions
             )
             save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
             save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
@@ -386,7 +384,7 @@ class Index(BatchSearch):
                     "captions": resolve_index_kind(index_type, len(cap_codes), nlist, nprobe),
                 },
                 "n_images": int(stop - first),
-                "n_captions": int(len(caps)),
+                "n_captions": int(len(captions)),
                 "regions": r,
                 "embed_size": d,
             }
@@ -436,7 +434,6 @@ class Index(BatchSearch):
         if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
         built = manifest.get("codes", {"store": "faiss"})
-        mpath = Path(path) / "manifest.json"
         check_fields(mpath, {"codes": built}, {"codes.store": str})
         if built["store"] == "milvus":
             check_fields(
@@ -576,17 +573,8 @@ class Index(BatchSearch):
         """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
         (q, R, R), which may be stored elsewhere (e.g. in another shard): Hamming top-``candidates``
         over the caption codes, re-ranked, top ``k``; each image's hits."""
-        ranked = captions_for_images(
-            self.model,
-            self.hasher.module,
-            self.caption_index,
-            self.words,
-            self.lengths,
-            regions.to(self.regions.device, self.regions.dtype),
-            gram.to(self.gram.device),
-            k,
-            candidates,
-        )
+        found = self.candidates_for_images(regions, gram, candidates)
+        ranked = [top_k(found, k, q) for q in range(len(regions))]
         return [
             [
                 Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])

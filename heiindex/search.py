@@ -3,10 +3,10 @@
 What this module is for: text to images (code the encoded captions, Hamming top-N over the
 image codes, re-rank the N with the matcher) and image to text (the same from encoded images
 over the caption codes). ``rerank_images`` / ``rerank_captions`` do it for a batch of queries
-and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray),
-``images_for_text`` (``Index.search`` and ``search_many``: one query is a batch of one) and
-``captions_for_images`` (``search_image`` and ``search_images``) share; ``benchmarks/latency.py`` times the same calls,
-so the latency measured is the latency served. Queries are checked here, all of a request before
+and are the one implementation that the bench, ``Index.candidates_for_*`` (shards, Ray, and
+``search_image`` / ``search_images``) and ``images_for_text`` (``Index.search`` and
+``search_many``: one query is a batch of one) share; ``top_k`` takes each query's best.
+``benchmarks/latency.py`` times the same calls, so the latency measured is the latency served. Queries are checked here, all of a request before
 any is searched (``check_queries``: empty or all-unknown texts; ``check_image_ids``), and texts
 are encoded together (``encode_queries``).
 What it must not do: read files, or format results for people (``heiindex.index``, the CLI).
@@ -28,7 +28,6 @@ from .errors import HeiindexError
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
-from .packed import PackedWords
 from .settings import require
 from .vocab import Encoded, Vocab
 
@@ -41,7 +40,6 @@ __all__ = [
     "Candidates",
     "EncodedQueries",
     "Ranked",
-    "captions_for_images",
     "check_batch",
     "check_image_ids",
     "check_queries",
@@ -54,6 +52,7 @@ __all__ = [
     "refuse_unknown_images",
     "rerank_captions",
     "rerank_images",
+    "top_k",
 ]
 
 
@@ -286,31 +285,10 @@ def images_for_text(
     found = rerank_images(
         model, image_index, codes, words=words, lengths=queries.lengths, regions=regions, gram=gram, n=candidates
     )
-    return [_top(found, k, q) for q in range(len(queries))]
+    return [top_k(found, k, q) for q in range(len(queries))]
 
 
-@torch.no_grad()
-def captions_for_images(
-    model: ScanModel,
-    hasher: HashModule,
-    caption_index,
-    words: Tensor | PackedWords,
-    lengths: Tensor,
-    regions: Tensor,
-    gram: Tensor,
-    k: int,
-    candidates: int,
-) -> list[Ranked]:
-    """Image to text for each encoded image of ``regions`` (q, R, d) with its ``gram`` (q, R, R):
-    Hamming top-``candidates`` over the caption codes, re-ranked, top ``k``."""
-    codes = hasher.image_codes(regions.float())
-    found = rerank_captions(
-        model, caption_index, codes, regions=regions, gram=gram, words=words, lengths=lengths, n=candidates
-    )
-    return [_top(found, k, q) for q in range(len(regions))]
-
-
-def _top(found: Candidates, k: int, q: int) -> Ranked:
+def top_k(found: Candidates, k: int, q: int) -> Ranked:
     """The best ``k`` of query ``q``'s candidates; empty slots are dropped."""
     keep = found.ids[q] >= 0
     scores, ids, dist = found.scores[q][keep], found.ids[q][keep], found.hamming[q][keep]
