@@ -78,7 +78,7 @@ from .store import (
 )
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["Hit", "Index", "SearchResult", "read_index_manifest"]
+__all__ = ["Hit", "Index", "SearchResult", "read_index_manifest", "timed_results"]
 
 INDEX_FORMAT_VERSION = 1
 
@@ -114,6 +114,14 @@ class SearchResult:
             "unknown_words": self.unknown_words,
             "results": [h.to_dict() for h in self.results],
         }
+
+
+def timed_results(queries: list, hits: list[list[Hit]], unknown: list[list[str]] | None, t0: float):
+    """One batch's ``SearchResult``s (text queries with their unknown words, or image ids), each
+    with the batch's time since ``t0`` shared equally."""
+    seconds = (time.perf_counter() - t0) / max(1, len(queries))
+    for q, (query, found) in enumerate(zip(queries, hits, strict=True)):
+        yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds)
 
 
 def load_bound_models(
@@ -515,9 +523,7 @@ class Index(BatchSearch):
             with torch.no_grad():
                 queries = encode_queries(self.model, encoded[start : start + batch])
                 hits = self.search_encoded(queries, k, candidates)
-            seconds = (time.perf_counter() - t0) / len(queries)
-            for text, found, unknown in zip(texts[start : start + batch], hits, queries.unknown, strict=True):
-                yield SearchResult(text, found, unknown, seconds)
+            yield from timed_results(texts[start : start + batch], hits, queries.unknown, t0)
 
     @torch.no_grad()
     def search_encoded(self, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
@@ -551,9 +557,7 @@ class Index(BatchSearch):
             t0 = time.perf_counter()
             sel = torch.from_numpy(rows[start : start + batch]).to(self.regions.device)
             hits = self.search_regions(self.regions.index_select(0, sel), self.gram.index_select(0, sel), k, candidates)
-            seconds = (time.perf_counter() - t0) / len(sel)
-            for image_id, found in zip(image_ids[start : start + batch], hits, strict=True):
-                yield SearchResult(image_id, found, [], seconds)
+            yield from timed_results(image_ids[start : start + batch], hits, None, t0)
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
         """The row of each of ``image_ids`` in this index, -1 where it holds no such image (the ids

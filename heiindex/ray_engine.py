@@ -33,11 +33,12 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import Hit, SearchResult
-from .search import BatchSearch, refuse_queries, refuse_unknown_images
+from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
     check_counts,
+    locate_images,
     read_manifest,
     shard_search_regions,
     shard_search_text,
@@ -281,16 +282,12 @@ class RayShardedIndex(BatchSearch):
             return iter([])
         one_batch = len(image_ids) <= batch
         replies = self._gather([a.lookup_images.remote(image_ids, one_batch) for a in self.actors], "the image lookup")
-        rows = np.stack([r[0] for r in replies])
-        held = rows >= 0
-        refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
-        shard_of = held.argmax(axis=0)
-        own_rows = rows[shard_of, np.arange(len(image_ids))]
+        shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies])
         if not one_batch:
             return self._image_batches(image_ids, shard_of, own_rows, k, candidates, batch)
         regions, gram = self._assemble(
             len(image_ids),
-            [(np.flatnonzero(shard_of == s), np.flatnonzero(held[s]), reply[1]) for s, reply in enumerate(replies)],
+            [(np.flatnonzero(shard_of == s), np.flatnonzero(r[0] >= 0), r[1]) for s, r in enumerate(replies)],
         )
         return iter(list(self._search_batch(image_ids, regions, gram, k, candidates, t0)))
 
@@ -340,7 +337,7 @@ class RayShardedIndex(BatchSearch):
         replies = self._gather(
             [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
         )
-        yield from batch_results(image_ids, replies, [[] for _ in image_ids], k, t0)
+        yield from batch_results(image_ids, replies, None, k, t0)
 
 
 def _settle(futures: list) -> None:

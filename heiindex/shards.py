@@ -41,6 +41,7 @@ from .index import (
     load_bound_models,
     load_models,
     read_index_manifest,
+    timed_results,
 )
 from .packed import PackedWords
 from .search import (
@@ -60,6 +61,7 @@ __all__ = [
     "batch_results",
     "build_shards",
     "check_counts",
+    "locate_images",
     "merge_hits",
     "read_manifest",
     "run_sharded_bench",
@@ -264,13 +266,9 @@ class ShardedIndex(BatchSearch):
         """Each image's features come from its own shard; every shard searches and re-ranks its own
         captions for a batch of images at once, the results are merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
-        rows = [s.image_rows(image_ids) for s in self.shards]  # per shard: -1 where not its image
-        held = np.stack(rows) >= 0
-        missing = [i for i, found in zip(image_ids, held.any(axis=0), strict=True) if not found]
-        refuse_unknown_images(missing, len(image_ids))  # as RayShardedIndex words it
-        shard_of = held.argmax(axis=0)
+        shard_of, rows = locate_images(image_ids, [s.image_rows(image_ids) for s in self.shards])
         return self._image_batches(
-            image_ids, [(int(s), int(rows[s][q])) for q, s in enumerate(shard_of)], k, candidates, batch
+            image_ids, list(zip(shard_of.tolist(), rows.tolist(), strict=True)), k, candidates, batch
         )
 
     def _image_batches(self, image_ids, places, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
@@ -280,7 +278,7 @@ class ShardedIndex(BatchSearch):
             regions = torch.cat([self.shards[s].regions[r : r + 1] for s, r in part])
             gram = torch.cat([self.shards[s].gram[r : r + 1] for s, r in part])
             per_shard = [shard_search_regions(s, regions, gram, k, candidates) for s in self.shards]
-            yield from batch_results(image_ids[start : start + batch], per_shard, [[] for _ in part], k, t0)
+            yield from batch_results(image_ids[start : start + batch], per_shard, None, k, t0)
 
 
 def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
@@ -291,14 +289,22 @@ def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates:
 
 
 def batch_results(
-    queries: list, per_shard: list[list[list[Hit]]], unknown: list[list[str]], k: int, t0: float
+    queries: list, per_shard: list[list[list[Hit]]], unknown: list[list[str]] | None, k: int, t0: float
 ) -> Iterator[SearchResult]:
-    """Each query's (text or image id) shard hits merged by score (``merge_hits``), as results; the
-    batch's time since ``t0`` shared equally."""
+    """Each query's (text or image id) shard hits merged by score (``merge_hits``), as results
+    (``heiindex.index.timed_results``)."""
     merged = [merge_hits([hits[q] for hits in per_shard], k) for q in range(len(queries))]
-    seconds = (time.perf_counter() - t0) / max(1, len(queries))
-    for query, hits, words in zip(queries, merged, unknown, strict=True):
-        yield SearchResult(query, hits, words, seconds)
+    return timed_results(queries, merged, unknown, t0)
+
+
+def locate_images(image_ids: list[int], rows_per_shard: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The shard holding each image and its row there, from each shard's rows of ``image_ids`` (-1
+    where not its image); ids no shard holds are refused together."""
+    rows = np.stack(rows_per_shard)
+    held = rows >= 0
+    refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
+    shard_of = held.argmax(axis=0)
+    return shard_of, rows[shard_of, np.arange(len(image_ids))]
 
 
 def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
