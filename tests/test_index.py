@@ -371,7 +371,10 @@ def test_a_batch_shares_its_time_equally(index, monkeypatch):
     monkeypatch.setattr(index_module, "time", clock(0, 6, 10, 16))
     got = list(index.search_many(["a dog", "two cats", "a red bus"], k=2, candidates=5, batch=2))
     assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
-    monkeypatch.setattr(shards_module, "time", clock(30))  # a sharded batch of 3 that began at 24
+    monkeypatch.setattr(index_module, "time", clock(0, 6, 10, 16))  # and image queries
+    got = list(index.search_images([0, 1, 2], k=2, candidates=5, batch=2))
+    assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
+    monkeypatch.setattr(index_module, "time", clock(30))  # a sharded batch of 3 that began at 24
     got = shards_module.batch_results(["a", "b", "c"], [[[], [], []]], [[], [], []], 2, t0=24)
     assert [r.seconds for r in got] == [2.0, 2.0, 2.0]
 
