@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from heiindex.device import PRECISIONS
+from heiindex.device import PRECISIONS, resolve_device
 from heiindex.errors import HeiindexError
 
 
@@ -369,6 +369,7 @@ def build(
     from heiindex.index import Index
 
     check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
+    resolve_device(device)
     if uri is not None and codes != "milvus":
         raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
     root = _store_root(store)
