@@ -6,7 +6,6 @@ Nothing here computes anything the library cannot do from Python.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -366,12 +365,11 @@ def build(
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
     from heiindex.hamming import check_index_options
-    from heiindex.index import Index
+    from heiindex.index import Index, check_codes_options
 
     check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
     resolve_device(device)
-    if uri is not None and codes != "milvus":
-        raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
+    check_codes_options(codes or "faiss", uri)
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
@@ -488,7 +486,7 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
-    from .render import console, echo_json, search_table
+    from .render import echo_json, print_result
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
         raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
@@ -511,9 +509,7 @@ def query(
     if as_json:
         echo_json(res.to_dict())
         return
-    console.print(search_table(res, bool(image_ids)))
-    if res.unknown_words:
-        click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
+    print_result(res, bool(image_ids))
     click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
 
 
@@ -538,17 +534,15 @@ def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bo
     ends: a table each, or one JSON object a line."""
     from tqdm import tqdm
 
-    from .render import console, search_table
+    from .render import echo_json, print_result
 
     t0, searched = time.perf_counter(), 0.0
     for res in tqdm(results, total=n, unit="query", desc="search", disable=None, leave=False):
         searched += res.seconds  # the search alone, not the printing
         if as_json:
-            click.echo(json.dumps(res.to_dict(), default=float))
-            continue
-        console.print(search_table(res, image_query))
-        if res.unknown_words:
-            click.echo(f"unknown words (mapped to <unk>): {', '.join(res.unknown_words)}")
+            echo_json(res.to_dict(), line=True)
+        else:
+            print_result(res, image_query)
     if not as_json:
         click.echo(
             f"{n} queries in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
@@ -690,9 +684,8 @@ def verify(path, as_json) -> None:
     else:
         console.print(verify_table(path, checks))
     bad = [c for c in checks if c.status in ("changed", "missing")]
-    if bad:
-        click.echo(f"Error: {len(bad)} of {len(checks)} files differ from what their manifests record", err=True)
-        sys.exit(2)
+    if bad:  # handle_errors prints it and exits with status 2
+        raise HeiindexError(f"{len(bad)} of {len(checks)} files differ from what their manifests record")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,16 @@ from rich.table import Table
 console = Console(soft_wrap=False, width=160)
 
 
-def echo_json(data) -> None:
-    print(json.dumps(data, indent=2, default=float))
+def echo_json(data, line: bool = False) -> None:
+    """``data`` as indented JSON, or as one line (``line``: JSON Lines, one object a query)."""
+    print(json.dumps(data, indent=None if line else 2, default=float))
+
+
+def print_result(result, image_query: bool) -> None:
+    """One query's hits as a table, and the query's unknown words if any."""
+    console.print(search_table(result, image_query))
+    if result.unknown_words:
+        print(f"unknown words (mapped to <unk>): {', '.join(result.unknown_words)}")
 
 
 def search_table(result, image_query: bool) -> Table:

@@ -78,7 +78,7 @@ from .store import (
 )
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["Hit", "Index", "SearchResult", "read_index_manifest", "timed_results"]
+__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "read_index_manifest", "timed_results"]
 
 INDEX_FORMAT_VERSION = 1
 
@@ -114,6 +114,15 @@ class SearchResult:
             "unknown_words": self.unknown_words,
             "results": [h.to_dict() for h in self.results],
         }
+
+
+def check_codes_options(codes: str, uri: str | None) -> None:
+    """Where a build writes its codes: "faiss" (the index's files only), or "milvus" with the
+    server ``uri`` (a URI without Milvus codes would be ignored, so it is refused)."""
+    if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
+        raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
+    if codes == "faiss" and uri is not None:
+        raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
 
 
 def timed_results(queries: list, hits: list[list[Hit]], unknown: list[list[str]] | None, t0: float):
@@ -303,12 +312,7 @@ class Index(BatchSearch):
         also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
         FAISS files are written either way. ``captions``: the split's captions already read
         (``SplitStore.captions``), so that the shards of one build read them once."""
-        if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
-            raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
-        if codes == "faiss" and uri is not None:
-            raise HeiindexError(
-                "--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files"
-            )
+        check_codes_options(codes, uri)
         check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
         block_captions = require("block_captions", block_captions, at_least=1, integer=True)
