@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 
-from heiindex.bench import _Sub
+from heiindex.bench import _Sub, candidate_ranks
 from heiindex.evaluation import i2t_ranks, t2i_ranks
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
@@ -32,12 +32,14 @@ def hamming_ranks(ix: Index, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]
     """Per direction: the 1-based rank of the ground truth in the Hamming ranking of every item
     (t2i per caption, i2t per image: its best-ranked caption), and the spread of each query's
     top ``n`` distances (distance of the ``n``-th minus that of the first)."""
-    dist, img = hamming_candidates(ix.image_index, ix.caption_codes(), ix.n_images)
-    t2i = np.argmax(img == ix.caption_image[:, None], axis=1) + 1.0
-    out = {"t2i": (t2i, dist[:, n - 1] - dist[:, 0])}
-    dist, cap = hamming_candidates(ix.caption_index, ix.image_codes(), ix.n_captions)
-    hit = ix.caption_image[cap] == np.arange(ix.n_images)[:, None]
-    out["i2t"] = (np.argmax(hit, axis=1) + 1.0, dist[:, n - 1] - dist[:, 0])
+    out = {}
+    for direction, index, codes, n_items in (
+        ("t2i", ix.image_index, ix.caption_codes(), ix.n_images),
+        ("i2t", ix.caption_index, ix.image_codes(), ix.n_captions),
+    ):
+        dist, cand = hamming_candidates(index, codes, n_items)
+        ranks, _ = candidate_ranks(direction, cand, -dist.astype(np.float64), ix.caption_image)
+        out[direction] = (ranks, dist[:, n - 1] - dist[:, 0])
     return out
 
 

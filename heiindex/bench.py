@@ -21,7 +21,7 @@ from .index import Index
 from .scoring import exhaustive_scores
 from .search import rerank_captions, rerank_images
 
-__all__ = ["candidate_metrics", "run_bench"]
+__all__ = ["candidate_metrics", "candidate_ranks", "run_bench"]
 
 
 def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048) -> np.ndarray:
@@ -44,6 +44,14 @@ def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarr
     hit = np.take_along_axis(relevant, order, axis=1)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)
     return ranks, float(np.mean(relevant.any(axis=1)))
+
+
+def candidate_ranks(
+    direction: str, cand: np.ndarray, scores: np.ndarray, caption_image: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Of candidate lists ``cand`` (q, n) ranked by ``scores``: the 1-based rank of each query's
+    first ground truth (``inf`` if none is among them) and the fraction of queries with one."""
+    return _ranks_of_first_hit(cand, scores, _relevant(direction, cand, caption_image))
 
 
 def _relevant(direction: str, cand: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
@@ -97,7 +105,7 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
                 index.model, searched, img_codes, regions=regions, gram=gram, words=words, lengths=lengths, n=n
             )
         seconds = time.perf_counter() - t0
-        ranks, cand_recall = _ranks_of_first_hit(cand, scores, _relevant(direction, cand, gt))
+        ranks, cand_recall = candidate_ranks(direction, cand, scores, gt)
         out[direction] = {"ranks": ranks, "seconds": seconds, "candidate_recall": cand_recall}
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)
