@@ -33,6 +33,11 @@ def as_json(result) -> dict:
     return json.loads(ok(result).stdout)
 
 
+def json_lines(result) -> list[dict]:
+    """The objects a successful command printed one a line (JSON Lines)."""
+    return [json.loads(line) for line in ok(result).stdout.splitlines()]
+
+
 def build(pipe, out, *extra):
     """``heiindex build`` of the test pipeline's test split into ``out``."""
     common = ("--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)

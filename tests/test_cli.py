@@ -5,14 +5,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pipeline_fixtures as pf
 import pytest
 import torch
-from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
+from cli_helpers import (  # tests/ is on sys.path (pytest rootdir-relative import)
+    as_json,
+    build,
+    clean_error,
+    json_lines,
+    ok,
+    run,
+)
 
 from heiindex import default_data
 from heiindex.checkpoint import load_model
@@ -97,8 +103,9 @@ QUERY_LINES = ["a man riding a motorcycle", "a dog xyzzyq", "two people on a bea
 def test_query_file_prints_one_json_object_a_line_as_the_library_answers(pipe, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(QUERY_LINES) + "\n")
-    r = ok(run("query", "--file", queries, "--index", pipe.index_dir, "--k", "4", "--candidates", "12", "--json"))
-    got = [json.loads(line) for line in r.stdout.splitlines()]
+    got = json_lines(
+        run("query", "--file", queries, "--index", pipe.index_dir, "--k", "4", "--candidates", "12", "--json")
+    )
     index = Index.open(pipe.index_dir)
     assert got == [res.to_dict() for res in index.search_many(QUERY_LINES, 4, 12)]
     assert [d["query"] for d in got] == QUERY_LINES and got[1]["unknown_words"] == ["xyzzyq"]
@@ -124,25 +131,10 @@ def test_query_file_from_standard_input_as_tables(pipe):
 
 
 def test_query_several_images_prints_one_json_object_a_line(pipe):
-    r = ok(
-        run(
-            "query",
-            "--image",
-            "5",
-            "--image",
-            "0",
-            "--index",
-            pipe.index_dir,
-            "--k",
-            "3",
-            "--candidates",
-            "20",
-            "--json",
-        )
-    )
-    got = [json.loads(line) for line in r.stdout.splitlines()]
+    image_args = ("--image", "5", "--image", "0", "--index", pipe.index_dir, "--k", "3", "--candidates", "20")
+    got = json_lines(run("query", *image_args, "--json"))
     assert got == [res.to_dict() for res in Index.open(pipe.index_dir).search_images([5, 0], 3, 20)]
-    r = ok(run("query", "--image", "5", "--image", "0", "--index", pipe.index_dir, "--k", "3", "--candidates", "20"))
+    r = ok(run("query", *image_args))
     assert "query image 5" in r.output and "query image 0" in r.output and "2 queries in " in r.output
     r = run("query", "--image", "5", "--image", "77", "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
     assert r.exit_code == 2
@@ -152,13 +144,39 @@ def test_query_several_images_prints_one_json_object_a_line(pipe):
     clean_error(r, f"an image id is a whole number of 64 bits, got {2**63}")
 
 
+def test_query_file_footer_gives_the_search_time_not_the_printing(pipe, monkeypatch):
+    """Three queries in one batch the search clock says took 3 s: 1000 ms a query, whatever the
+    tables took to print."""
+    import heiindex.index
+
+    readings = iter((0, 3))
+    monkeypatch.setattr(heiindex.index, "time", type("T", (), {"perf_counter": staticmethod(lambda: next(readings))}))
+    r = ok(
+        run(
+            "query",
+            "--file",
+            "-",
+            "--index",
+            pipe.index_dir,
+            "--k",
+            "2",
+            "--candidates",
+            "5",
+            input="a dog\ntwo cats\na red bus\n",
+        )
+    )
+    assert "the search 1000.0 ms a query (Hamming top-5" in r.output
+
+
 def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
     """A form feed or U+2028 inside a line is part of the query, not a line end: "line N" must
     stay the file's line N."""
     queries = tmp_path / "queries.txt"
     queries.write_text("a dog\fon grass\ntwo\u2028cats\r\n", encoding="utf-8")
-    r = ok(run("query", "--file", queries, "--index", pipe.index_dir, "--k", "2", "--candidates", "5", "--json"))
-    assert [json.loads(line)["query"] for line in r.stdout.splitlines()] == ["a dog\fon grass", "two\u2028cats"]
+    got = json_lines(
+        run("query", "--file", queries, "--index", pipe.index_dir, "--k", "2", "--candidates", "5", "--json")
+    )
+    assert [d["query"] for d in got] == ["a dog\fon grass", "two\u2028cats"]
 
 
 @pytest.mark.parametrize(
@@ -395,13 +413,13 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
     the wrong words); build refused it. All three now refuse it, before any work."""
     import pipeline_fixtures
 
+    import heiindex.encode
     import heiindex.index
-    import heiindex.scoring
     import heiindex.train_hash
 
     for module, name in (
         (heiindex.train_hash, "collect_batches"),
-        (heiindex.scoring, "evaluate_exhaustive"),
+        (heiindex.encode, "encode_split"),  # evaluate's first work
         (heiindex.index, "ImageWriter"),
     ):
         monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))

@@ -8,7 +8,7 @@ import numpy as np
 import pipeline_fixtures as pf
 import pytest
 import torch
-from cli_helpers import as_json, build, clean_error, ok, run
+from cli_helpers import as_json, build, clean_error, json_lines, ok, run
 
 from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
@@ -113,8 +113,9 @@ def test_search_images_over_shards_answers_each_image_as_search_image_does(shard
 def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(QUERIES) + "\n")
-    r = ok(run("query", "--file", queries, "--index", sharded.path, "--k", "3", "--candidates", "4", "--json"))
-    got = [json.loads(line) for line in r.stdout.splitlines()]
+    got = json_lines(
+        run("query", "--file", queries, "--index", sharded.path, "--k", "3", "--candidates", "4", "--json")
+    )
     assert got == [res.to_dict() for res in sharded.search_many(QUERIES, k=3, candidates=4)]
 
 
