@@ -559,9 +559,13 @@ class Index(BatchSearch):
     def _image_batches(self, image_ids: list[int], rows: np.ndarray, k: int, candidates: int, batch: int):
         for start in range(0, len(rows), batch):
             t0 = time.perf_counter()
-            sel = torch.from_numpy(rows[start : start + batch]).to(self.regions.device)
-            hits = self.search_regions(self.regions.index_select(0, sel), self.gram.index_select(0, sel), k, candidates)
+            hits = self.search_regions(*self.image_features(rows[start : start + batch]), k, candidates)
             yield from timed_results(image_ids[start : start + batch], hits, None, t0)
+
+    def image_features(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The encoded regions (q, R, d) and Gram matrices (q, R, R) of this index's image ``rows``."""
+        sel = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.regions.device)
+        return self.regions.index_select(0, sel), self.gram.index_select(0, sel)
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
         """The row of each of ``image_ids`` in this index, -1 where it holds no such image (the ids

@@ -95,14 +95,8 @@ class _ShardServer:
 
     def image_features(self, rows):
         """The encoded regions and Gram matrices (float32) of this shard's image ``rows``."""
-        import torch
-
-        sel = torch.from_numpy(rows).to(self.index.regions.device)
-        index = self.index
-        return (
-            index.regions.index_select(0, sel).float().cpu().numpy(),
-            index.gram.index_select(0, sel).float().cpu().numpy(),
-        )
+        regions, gram = self.index.image_features(rows)
+        return regions.float().cpu().numpy(), gram.float().cpu().numpy()
 
     def search_regions(self, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
         import torch
