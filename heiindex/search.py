@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Integral
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -28,7 +27,7 @@ from .errors import HeiindexError
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
-from .settings import require
+from .settings import is_whole, require
 from .vocab import Encoded, Vocab
 
 if TYPE_CHECKING:  # heiindex.index imports this module
@@ -174,7 +173,7 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     """``candidates`` (N) and ``k`` of a query as ints: whole numbers (a numpy integer is one; a bool
     or 2.0 is not), at least 1."""
     for name, value in (("--candidates", candidates), ("--k", k)):
-        if not isinstance(value, Integral) or isinstance(value, bool):
+        if not is_whole(value):
             raise HeiindexError(f"{name} must be a whole number, got {value!r}")
     if candidates < 1 or k < 1:
         raise HeiindexError("--candidates and --k must be at least 1")
@@ -188,7 +187,7 @@ def check_image_ids(image_ids: Sequence[int], batch: int) -> list[int]:
     require("batch", batch, at_least=1, integer=True)
     ids = list(image_ids)
     for image_id in ids:
-        if not isinstance(image_id, Integral) or isinstance(image_id, bool) or not _INT64[0] <= image_id <= _INT64[1]:
+        if not is_whole(image_id) or not _INT64[0] <= image_id <= _INT64[1]:
             raise HeiindexError(f"an image id is a whole number of 64 bits, got {image_id!r}")
     return [int(i) for i in ids]
 

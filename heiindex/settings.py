@@ -11,7 +11,12 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["require"]
+__all__ = ["is_whole", "require"]
+
+
+def is_whole(value) -> bool:
+    """A whole number: an int or a numpy integer, not a bool (True is not a count) and not 3.0."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
@@ -19,8 +24,8 @@ def require(name: str, value, *, at_least: float | None = None, above: float | N
     ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least`` and greater
     than ``above`` where given. Returns ``value``; a whole number as a Python ``int`` (what FAISS's
     and Python's slicing take)."""
-    kind = Integral if integer else Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_whole(value) if integer else isinstance(value, Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
     ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
     if not ok:
         want = ["a whole number" if integer else "a finite number"]
