@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from heiindex.hashing import scale_scores  # the HEI scale of the matcher's scores, as fit_hash uses it
 
 CACHE = Path(os.environ.get("HASH_EXP_CACHE", "/tmp/hash-exp-cache"))  # benchmarks/hash_exp_cache.py --out
+MODELS = CACHE / "models"  # where trained modules are saved and the study scripts read them
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def load_split(name: str) -> dict:
     return d
 
 
-def load_module(name: str, models: Path = CACHE / "models") -> Hasher:
+def load_module(name: str, models: Path = MODELS) -> Hasher:
     """A module saved by ``--save`` (``models/name.pt``), in eval mode."""
     ck = torch.load(Path(models) / f"{name}.pt")
     model = Hasher(Exp(**ck["exp"]))
@@ -450,7 +451,7 @@ def main() -> None:
     ap.add_argument(
         "--save",
         type=Path,
-        default=CACHE / "models",
+        default=MODELS,
         help="folder for each trained module's state, where hash_exp_eval / _maxsim / _adapt look by default",
     )
     ap.add_argument(

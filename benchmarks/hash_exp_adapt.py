@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from hash_exp import CACHE, codes, kd_loss, load_module, load_split, recall_from_codes
+from hash_exp import MODELS, codes, kd_loss, load_module, load_split, recall_from_codes
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_model_dir
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="dev")
     ap.add_argument("--module", default="txtmq_256")
-    ap.add_argument("--models", type=Path, default=CACHE / "models", help="where hash_exp.py --save put it")
+    ap.add_argument("--models", type=Path, default=MODELS, help="where hash_exp.py --save put it")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)

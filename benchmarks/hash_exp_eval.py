@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from hash_exp import CACHE, codes, load_module, load_split, recall_from_codes
+from hash_exp import MODELS, codes, load_module, load_split, recall_from_codes
 from torch import Tensor
 
 
@@ -37,7 +37,7 @@ def recall_from_similarity(sim: Tensor, cap_img: Tensor, n: int = 100) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="test")
-    ap.add_argument("--models", type=str, default=str(CACHE / "models"))
+    ap.add_argument("--models", type=str, default=str(MODELS))
     ap.add_argument("--real", action="store_true", help="also rank without binarising (single-code modules)")
     ap.add_argument("names", nargs="+")
     args = ap.parse_args()

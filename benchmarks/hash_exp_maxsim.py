@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from hash_exp import CACHE
+from hash_exp import CACHE, MODELS
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         "re-ranked by binary MaxSim to 100",
     )
     ap.add_argument("--m", default="200,300,500")
-    ap.add_argument("--models", type=Path, default=CACHE / "models", help="where hash_exp.py --save put them")
+    ap.add_argument("--models", type=Path, default=MODELS, help="where hash_exp.py --save put them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -154,13 +154,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=0, help="also time the queries searched this many at a time")
+    ap.add_argument(
+        "--batch", type=int, default=0, help="also time the queries searched this many at a time (0: do not)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--index", help="time Index.search and Index.search_image on this built index instead of synthetic data"
     )
     ap.add_argument("--json", dest="json_file")
     args = ap.parse_args()
+    if args.batch < 0:
+        ap.error("--batch must be 0 (off) or a positive batch size")
     lines = CAPTIONS.read_text().splitlines()
     queries = lines[:: max(1, len(lines) // args.queries)][: args.queries]  # spread over the 5K images
     with torch.no_grad():
