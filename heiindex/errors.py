@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DataError", "HeiindexError", "ModelMismatchError"]
+__all__ = ["DataError", "HeiindexError", "ModelMismatchError", "name_some"]
+
+
+def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:
+    """The first ``limit`` of ``items`` joined by ``sep``, then how many more there are: how an
+    error names a long list of bad entries ("a, b, c, d, e and 7 more")."""
+    more = f"{'; and' if sep == '; ' else ' and'} {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
 
 
 class HeiindexError(Exception):

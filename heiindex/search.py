@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .attention import score_caption_candidates, score_image_candidates
-from .errors import HeiindexError
+from .errors import HeiindexError, name_some
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
@@ -155,9 +155,8 @@ def refuse_queries(problems: list[tuple[int, str]], n: int, where: Callable[[int
     if n == 1 and where is None:
         raise HeiindexError(problems[0][1])
     where = where or (lambda i: f"query {i + 1}")
-    named = "; ".join(f"{where(i)}: {problem}" for i, problem in problems[:5])
-    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-    raise HeiindexError(f"{len(problems)} of {n} queries refused (nothing was searched): {named}{more}")
+    named = name_some([f"{where(i)}: {problem}" for i, problem in problems], sep="; ")
+    raise HeiindexError(f"{len(problems)} of {n} queries refused (nothing was searched): {named}")
 
 
 def check_batch(texts: Sequence[str], batch: int) -> list[str]:
@@ -200,7 +199,7 @@ def refuse_unknown_images(missing: list[int], n: int, known: np.ndarray | None =
     span = "" if known is None else f" (ids {known.min()}..{known.max()})" if len(known) else " (no images)"
     if n == 1:
         raise HeiindexError(f"image id {missing[0]} is not in this index{span}")
-    named = ", ".join(str(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    named = name_some([str(i) for i in missing])
     raise HeiindexError(f"{len(missing)} of {n} image ids are not in this index{span}; nothing was searched: {named}")
 
 

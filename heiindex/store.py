@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from .errors import DataError, name_some
 from .settings import require
 
 __all__ = [
@@ -232,10 +232,9 @@ def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> Non
         raise DataError(target, f"exists and is not a folder; {kind} is written as a folder (choose another path)")
     other = sorted(p.name for p in target.iterdir() if not any(fnmatch(p.name, pat) for pat in replaces))
     if other:
-        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         raise DataError(
             target,
-            f"exists and holds what {kind} does not write ({shown}); remove them or choose another folder",
+            f"exists and holds what {kind} does not write ({name_some(other)}); remove them or choose another folder",
         )
 
 

@@ -670,6 +670,9 @@ def test_search_images_refuses_unknown_and_bad_ids_before_searching(index, monke
     with pytest.raises(HeiindexError) as err:
         index.search_images([0, 77, 3, 99], k=3, candidates=5)  # not iterated
     assert str(err.value) == "2 of 4 image ids are not in this index (ids 0..23); nothing was searched: 77, 99"
+    with pytest.raises(HeiindexError) as err:  # the first five named, then a count
+        index.search_images([0, *range(100, 107)], k=3, candidates=5)
+    assert str(err.value).endswith("nothing was searched: 100, 101, 102, 103, 104 and 2 more")
     for bad, detail in (
         (["3"], "an image id is a whole number of 64 bits, got '3'"),
         ([2**63], f"an image id is a whole number of 64 bits, got {2**63}"),
