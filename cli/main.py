@@ -401,13 +401,17 @@ def _index_kinds(spec: dict) -> str:
     return f"auto: {spec['images']['type']} index for images, {spec['captions']['type']} for captions"
 
 
-def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
-
+def _index_path(index_dir: Path | None) -> Path:
+    """``--index``, or the index the last ``build`` wrote."""
     from heiindex import default_data as dd
+
+    return index_dir or dd.last_built_index()
+
+
+def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
     from heiindex.ray_engine import RayShardedIndex
 
-    path = index_dir or dd.last_built_index()
-    return RayShardedIndex(path, address=address, threads=threads, detached=detached)
+    return RayShardedIndex(_index_path(index_dir), address=address, threads=threads, detached=detached)
 
 
 def _open_index(
@@ -419,11 +423,10 @@ def _open_index(
     codes=None,
     uri=None,
 ):
-    from heiindex import default_data as dd
     from heiindex.index import Index
     from heiindex.shards import ShardedIndex, sharded_manifest
 
-    path = index_dir or dd.last_built_index()
+    path = _index_path(index_dir)
     if sharded_manifest(path) is not None:
         if codes == "milvus":
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
@@ -583,6 +586,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
     from heiindex.bench import run_bench
     from heiindex.index import Index
+    from heiindex.shards import sharded_manifest
 
     from .render import bench_tables, console, echo_json
 
@@ -593,6 +597,8 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         if not sweep_list:
             raise HeiindexError("--plot draws the --sweep table; give --sweep too")
         check_plot_path(plot)
+    if sweep_list and (engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None):
+        raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
@@ -600,8 +606,6 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 
-        if sweep_list:
-            raise HeiindexError("--sweep runs on an unsharded build")
         res = run_sharded_bench(index, topk)
         if as_json:
             echo_json(res)
@@ -653,12 +657,10 @@ def _sweep_values(text: str) -> list[int]:
 def serve(index_dir, engine, address, threads, stop) -> None:
     """Serve a sharded build on a Ray cluster: one detached actor per shard, found by name by
     later `heiindex query --engine ray --address ...` calls."""
-    from heiindex import default_data as dd
-
     if stop:
         from heiindex.ray_engine import stop_served
 
-        n = stop_served(index_dir or dd.last_built_index(), address)
+        n = stop_served(_index_path(index_dir), address)
         click.echo(f"stopped {n} shard actors")
         return
     index = _ray_index(index_dir, address, threads, detached=True)

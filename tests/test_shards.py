@@ -233,7 +233,9 @@ def test_sharded_bench_candidate_recall_is_that_of_each_shards_own_candidates(sh
     assert res["i2t"]["candidate_recall"] == pytest.approx(i2t.mean(), abs=1e-12)
 
 
-def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
+def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch):
+    from heiindex import ray_engine
+
     out = tmp_path / "cli-shards"
     r = ok(build(pipe, out, "--shards", "2"))
     assert f"built test: 24 images, 120 captions in 2 shards (12, 12 images) -> {out}" in r.output
@@ -247,8 +249,12 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path):
     assert (
         d["shards"] == 2 and d["engine"] == "ShardedIndex" and set(d["t2i"]) == {"hei", "hamming", "candidate_recall"}
     )
-    r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10")
-    assert r.exit_code == 2 and "--sweep runs on an unsharded build" in r.output
+    with monkeypatch.context() as m:  # refused before any shard is read, or any Ray actor started
+        m.setattr(ShardedIndex, "open", lambda *a, **k: pytest.fail("shards read before --sweep was refused"))
+        m.setattr(ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started before --sweep was refused"))
+        for engine in ("local", "ray"):
+            r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10", "--engine", engine)
+            assert r.exit_code == 2 and "--sweep runs on an unsharded build, in this process" in r.output
     # the tables (they failed on the Hamming row, which has no seconds of its own here)
     text = ok(run("bench", "--index", out, "--topk", "12")).output
     assert "test (2 shards, ShardedIndex): text-to-image (24 images, 120" in text  # the title wraps
