@@ -72,8 +72,8 @@ from .store import (
     check_caption_image_ids,
     check_fields,
     file_record,
+    open_parquet,
     read_json_object,
-    require_columns,
     write_json,
 )
 from .train_hash import LoadedHash, load_hash
@@ -226,30 +226,29 @@ class Index(BatchSearch):
                     raise DataError(
                         path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
                     )
-        for name in ("image_features.parquet", "caption_features.parquet"):  # before either is read
-            if not (path / name).is_file():
-                raise DataError(path / name, "missing: this index is incomplete (build it again)")
+        opened = {}  # each file's footer read once, for the checks here and for the reads below
+        for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
+            if not (path / file).is_file():  # before either is read
+                raise DataError(path / file, "missing: this index is incomplete (build it again)")
+            pf = opened[name] = open_parquet(path / file, _INDEX_COLUMNS[name], pre_buffer=False)
+            if pf.metadata.num_rows != counts[name]:  # from the footer: before any feature is read
+                raise DataError(path / file, f"holds {pf.metadata.num_rows} {name}; manifest.json says {counts[name]}")
         r, d = manifest["regions"], manifest["embed_size"]
         # Features are copied a row group at a time into the tensors kept, never held whole as
         # Arrow columns beside them.
-        ids, regions, gram = _read_images(path / "image_features.parquet", r, d)
+        ids, regions, gram = _read_images(path / "image_features.parquet", r, d, opened["images"])
         self.image_ids, self.regions, self.gram = ids, torch.from_numpy(regions), torch.from_numpy(gram)
         captions = path / "caption_features.parquet"
-        c = pq.read_table(captions, columns=["caption_id", "image_id", "text", "tokens"])
+        c = opened["captions"].read(columns=["caption_id", "image_id", "text", "tokens"])
         self.caption_ids = c.column("caption_id").to_numpy()
         self.caption_image_ids = c.column("image_id").to_numpy()
         self.texts = c.column("text").to_pylist()
         lengths = np.diff(c.column("tokens").combine_chunks().offsets.to_numpy()).astype(np.int64)
         # packed: a split's captions cost their real words, not n x the longest caption
-        self.words = _packed_words(captions, lengths, d)
+        self.words = _packed_words(captions, lengths, d, opened["captions"])
         pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
         check_caption_image_ids(captions, self.caption_image_ids, self.image_ids, "image_features.parquet")
         self.caption_image = self.image_rows(self.caption_image_ids)  # every one found: checked above
-        for name, n, file in (("images", self.n_images, "image"), ("captions", self.n_captions, "caption")):
-            if n != counts[name]:
-                raise DataError(
-                    path / f"{file}_features.parquet", f"holds {n} {name}; manifest.json says {counts[name]}"
-                )
         by_image = np.argsort(self.caption_image, kind="stable")  # caption rows grouped by image, in order
         ends = np.cumsum(np.bincount(self.caption_image, minlength=len(self.image_ids)))
         self.image_captions: list[list[int]] = [part.tolist() for part in np.split(by_image, ends[:-1])]
@@ -718,19 +717,26 @@ def _lists(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values))
 
 
-def _row_groups(path: Path, columns: list[str]):
+_INDEX_COLUMNS = {
+    "images": ["image_id", "features", "gram"],
+    "captions": ["caption_id", "image_id", "text", "tokens", "words"],
+}
+
+
+def _row_groups(path: Path, columns: list[str], pf: pq.ParquetFile | None = None):
     """``(rows, tables)``: the file's row count and its row groups of ``columns``, read one at a
     time (no pre-buffering: a row group read is released when the next is read). A column the
-    file lacks is a ``DataError``."""
-    pf = pq.ParquetFile(path, pre_buffer=False)
-    require_columns(path, pf, columns)
+    file lacks is a ``DataError``. ``pf``: the file already opened (with ``pre_buffer=False``)."""
+    pf = pf or open_parquet(path, columns, pre_buffer=False)
     return pf.metadata.num_rows, (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
 
 
-def _read_images(path: Path, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_images(
+    path: Path, r: int, d: int, pf: pq.ParquetFile | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``image_id`` (n,), ``features`` (n, r, d) and ``gram`` (n, r, r) of an index's images file,
     read in one pass, a row group at a time, into the arrays returned."""
-    n, tables = _row_groups(path, ["image_id", "features", "gram"])
+    n, tables = _row_groups(path, _INDEX_COLUMNS["images"], pf)
     ids, out = [], {"features": np.empty((n, r, d), np.float32), "gram": np.empty((n, r, r), np.float32)}
     pos = 0
     for table in tables:
@@ -753,12 +759,12 @@ def _read_images(path: Path, r: int, d: int) -> tuple[np.ndarray, np.ndarray, np
     return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), out["features"], out["gram"]
 
 
-def _packed_words(path: Path, lengths: np.ndarray, d: int) -> PackedWords:
+def _packed_words(path: Path, lengths: np.ndarray, d: int, pf: pq.ParquetFile | None = None) -> PackedWords:
     """The words column of ``path`` (``len * d`` floats per caption, ``len`` its token count)
     copied a row group at a time into the packed words' own tensor (zero row included)."""
     rows = torch.zeros((int(lengths.sum()) + 1, d))
     out, caption, pos = rows.numpy(), 0, 0
-    for table in _row_groups(path, ["words"])[1]:
+    for table in _row_groups(path, ["words"], pf)[1]:
         for chunk in table.column("words").chunks:
             sizes = np.diff(chunk.offsets.to_numpy())
             want = lengths[caption : caption + len(chunk)] * d

@@ -52,7 +52,7 @@ __all__ = [
     "file_record",
     "file_sha256",
     "manifest_folders",
-    "require_columns",
+    "open_parquet",
     "write_captions",
     "write_json",
 ]
@@ -78,12 +78,19 @@ def manifest_folders(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
 
 
-def require_columns(path: Path, pf: pq.ParquetFile, columns) -> None:
-    """``DataError`` naming ``path`` and the first of ``columns`` its Parquet schema lacks."""
+def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetFile:
+    """``path`` opened as Parquet (its footer read, nothing else). A ``DataError`` names ``path``
+    where it is not Parquet or is cut short (pyarrow's own message names no file), and the first
+    of ``columns`` its schema lacks."""
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=pre_buffer)
+    except pa.ArrowException as exc:
+        raise DataError(path, f"not a readable Parquet file ({exc})") from exc
     names = pf.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
+    return pf
 
 
 def check_caption_image_ids(path: Path, caption_image_ids: np.ndarray, image_ids: np.ndarray, images: str) -> None:
@@ -380,9 +387,7 @@ class SplitStore:
         if self._images_pf is None:
             # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
             # ends, so reading a split held all of its features (benchmarks/build_memory.py)
-            pf = pq.ParquetFile(self.images_path, pre_buffer=False)
-            require_columns(self.images_path, pf, ("image_id", "features"))
-            self._images_pf = pf
+            self._images_pf = open_parquet(self.images_path, ("image_id", "features"), pre_buffer=False)
         return self._images_pf
 
     @classmethod
@@ -487,14 +492,13 @@ class SplitStore:
     def captions(self) -> CaptionTable:
         """The split's captions; ``DataError`` naming the file where a column is missing, the row
         count is not the manifest's, or a token id lies outside the split's vocabulary."""
-        pf = pq.ParquetFile(self.captions_path)  # one footer parse for the schema and the read
-        require_columns(self.captions_path, pf, _CAPTION_COLUMNS)
-        table = pf.read(columns=list(_CAPTION_COLUMNS))
-        if table.num_rows != self.n_captions:
+        pf = open_parquet(self.captions_path, _CAPTION_COLUMNS)  # one footer parse for the schema and the read
+        if pf.metadata.num_rows != self.n_captions:  # before the read
             raise DataError(
                 self.captions_path,
-                f"holds {table.num_rows} captions; the manifest's captions.count says {self.n_captions}",
+                f"holds {pf.metadata.num_rows} captions; the manifest's captions.count says {self.n_captions}",
             )
+        table = pf.read(columns=list(_CAPTION_COLUMNS))
         tok = table.column("tokens").combine_chunks()
         offsets = tok.offsets.to_numpy()
         values = tok.values.to_numpy()

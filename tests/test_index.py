@@ -888,6 +888,18 @@ def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, 
         Index.open(out)
 
 
+def test_features_files_are_checked_from_their_footers_before_they_are_read(pipe, tmp_path, monkeypatch):
+    out = _copy_index(pipe, tmp_path)
+    monkeypatch.setattr("heiindex.index._read_images", lambda *a: pytest.fail("features read before the check"))
+    table = pq.read_table(out / "image_features.parquet")
+    pq.write_table(table.slice(0, 23), out / "image_features.parquet")
+    with pytest.raises(DataError, match=r"copy/image_features.parquet: holds 23 images; manifest.json says 24"):
+        Index.open(out)
+    (out / "image_features.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"copy/image_features.parquet: not a readable Parquet file \(Parquet magic"):
+        Index.open(out)
+
+
 def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
     """A build over such a store succeeded and every query then failed with KeyError."""
     out = _copy_index(pipe, tmp_path)

@@ -348,6 +348,17 @@ def test_split_store_images_file_without_features_is_named(tmp_path):
         list(SplitStore.open(tmp_path, "test").iter_image_blocks(2))
 
 
+def test_split_store_files_that_are_not_parquet_are_named(tmp_path):
+    folder = tmp_path / "test"
+    _write_split(folder)
+    (folder / CAPTIONS_FILE).write_bytes(b"PAR1 cut short")
+    with pytest.raises(DataError, match=r"test/captions.parquet: not a readable Parquet file \("):
+        SplitStore.open(tmp_path, "test").captions()
+    (folder / IMAGES_FILE).write_bytes(b"")
+    with pytest.raises(DataError, match=r"test/images.parquet: not a readable Parquet file \("):
+        list(SplitStore.open(tmp_path, "test").iter_image_blocks(2))
+
+
 def test_split_store_missing_file(tmp_path):
     _write_split(tmp_path / "test")
     (tmp_path / "test" / CAPTIONS_FILE).unlink()
