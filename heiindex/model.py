@@ -53,6 +53,17 @@ class ScanConfig:
         d["attention"] = self.attention.to_dict()
         return d
 
+    def changes_from(self, other: ScanConfig, label: str = "other:") -> list[str]:
+        """Each field where this config differs from ``other``, as "name value (label value)";
+        attention fields are named as in ``to_dict`` (e.g. "lambda_softmax")."""
+
+        def flat(config: ScanConfig) -> dict:
+            d = config.to_dict()
+            return {**{k: v for k, v in d.items() if k != "attention"}, **d["attention"]}
+
+        mine, theirs = flat(self), flat(other)
+        return [f"{name} {mine[name]} ({label} {theirs[name]})" for name in mine if mine[name] != theirs[name]]
+
     @classmethod
     def from_dict(cls, d: dict) -> ScanConfig:
         d = dict(d)

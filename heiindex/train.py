@@ -161,7 +161,8 @@ def train(
         loaded = load_model(out / "last")
         model = loaded.model
         if model_config is not None and model_config != model.config:
-            raise DataError(out / "last", "cannot resume: its model config differs from the one given")
+            changes = "; ".join(model_config.changes_from(model.config, "it has"))
+            raise DataError(out / "last", f"cannot resume: its model config differs from the one given: {changes}")
         state = torch.load(state_path, weights_only=True)
         start_epoch = int(state["epoch"]) + 1
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []

@@ -4,6 +4,7 @@ determinism, and a trained model that beats chance on the tiny learnable set."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -11,6 +12,7 @@ import pytest
 import torch
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
+from heiindex.attention import AttentionConfig
 from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
 from heiindex.errors import DataError
@@ -165,11 +167,14 @@ def test_resume_equals_an_uninterrupted_run(pipe, tmp_path):
 def test_resume_refuses_another_model_config(pipe, tmp_path):
     vs = _vocab_size(pipe.root)
     train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
-    with pytest.raises(DataError, match="cannot resume: its model config differs"):
+    changed = "embed_size 8 (it has 24); lambda_softmax 4.0 (it has 9.0)"
+    with pytest.raises(
+        DataError, match=f"r/last: cannot resume: its model config differs from the one given: {re.escape(changed)}$"
+    ):
         train(
             pipe.root,
             tmp_path / "r",
-            pf.model_config(vs, embed_size=8),
+            pf.model_config(vs, embed_size=8, attention=AttentionConfig(lambda_softmax=4.0)),
             pf.train_config(epochs=2),
             resume=True,
             log=pf.quiet,
