@@ -315,8 +315,7 @@ def evaluate(model_dir, store, split, as_json) -> None:
 
     matcher = load_model(model_dir or default_model_dir())
     st = SplitStore.open(_store_root(store), split)
-    matcher.check_store(st)
-    res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, st, progress=True))
+    res = evaluate_exhaustive(matcher.model, encode_split(matcher, st, progress=True))  # checks the store first
     out = {"split": split, "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": res.rsum, "seconds": res.seconds}
     if as_json:
         echo_json(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .encode import check_encodable
 from .errors import DataError, ModelMismatchError
 from .model import ScanConfig, ScanModel
 from .store import SplitStore, atomic_dir, read_json_object, write_json
@@ -47,11 +48,7 @@ class LoadedModel:
         token ids would name other words), or with region features of another size."""
         if store.manifest["vocab"]["sha256"] != self.vocab.checksum:
             raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {self.path}")
-        if store.feature_dim != self.model.config.img_dim:
-            raise ModelMismatchError(
-                f"store {store.path} has region features of size {store.feature_dim}, "
-                f"model {self.path} takes {self.model.config.img_dim}"
-            )
+        check_encodable(self.model, store, f"model {self.path}")
 
 
 def model_checksum(model: ScanModel) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +20,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .attention import region_gram
+from .errors import ModelMismatchError
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .store import CaptionTable, SplitStore
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedModel
 
 __all__ = [
     "EncodedSplit",
@@ -110,10 +115,37 @@ def encode_captions_packed(model: ScanModel, tokens: np.ndarray, lengths: np.nda
     return PackedWords._wrap(rows, lens)
 
 
+def check_encodable(model: ScanModel, store: SplitStore, name: str = "the model") -> None:
+    """``ModelMismatchError`` unless ``model`` can encode ``store``: region features of its
+    ``img_dim``, and a vocabulary no larger than its own (a bare model has no vocabulary to
+    compare words with; ``LoadedModel.check_store`` compares checksums)."""
+    if store.feature_dim != model.config.img_dim:
+        raise ModelMismatchError(
+            f"store {store.path} has region features of size {store.feature_dim}, {name} takes {model.config.img_dim}"
+        )
+    words = int(store.manifest["vocab"]["size"])
+    if words > model.config.vocab_size:
+        raise ModelMismatchError(
+            f"store {store.path} was tokenised with a vocabulary of {words} words, "
+            f"{name} knows {model.config.vocab_size}"
+        )
+
+
 def encode_split(
-    model: ScanModel, store: SplitStore, max_images: int | None = None, progress: bool = False
+    model: ScanModel | LoadedModel, store: SplitStore, max_images: int | None = None, progress: bool = False
 ) -> EncodedSplit:
-    """Encode images and captions of ``store`` (the first ``max_images`` images and their captions)."""
+    """Encode images and captions of ``store`` (the first ``max_images`` images and their captions).
+
+    ``model``: a ``LoadedModel`` (from ``checkpoint.load_model``) is first checked against the
+    store (``LoadedModel.check_store``: the same vocabulary, the same feature size); a bare
+    ``ScanModel`` by ``check_encodable`` (feature size, vocabulary size)."""
+    from .checkpoint import LoadedModel  # here: checkpoint imports this module
+
+    if isinstance(model, LoadedModel):
+        model.check_store(store)
+        model = model.model
+    else:
+        check_encodable(model, store)
     model.eval()
     ids, regions = encode_images(model, store, progress=progress, limit=max_images)
     caps = store.captions()

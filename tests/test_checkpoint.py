@@ -228,7 +228,7 @@ def test_check_store_refuses_another_vocabulary_or_feature_size(saved):
 
     def store(sha: str, dim: int):
         return SimpleNamespace(
-            path=saved[1].parent / "store" / "test", manifest={"vocab": {"sha256": sha}}, feature_dim=dim
+            path=saved[1].parent / "store" / "test", manifest={"vocab": {"sha256": sha, "size": 5}}, feature_dim=dim
         )
 
     loaded.check_store(store(VOCAB.checksum, 10))  # fits: no error
@@ -236,3 +236,27 @@ def test_check_store_refuses_another_vocabulary_or_feature_size(saved):
         loaded.check_store(store("0" * 64, 10))
     with pytest.raises(ModelMismatchError, match=r"test has region features of size 2048, model .*m takes 10$"):
         loaded.check_store(store(VOCAB.checksum, 2048))
+
+
+def test_encode_split_checks_the_store_first(saved):
+    """A Python caller of encode_split was not stopped: a store of another vocabulary encoded
+    silently, one of a larger vocabulary was an IndexError in the embedding."""
+    from types import SimpleNamespace
+
+    from heiindex.encode import encode_split
+    from heiindex.errors import ModelMismatchError
+
+    loaded = load_model(saved[1])
+    n = loaded.model.config.vocab_size
+
+    def store(sha: str, size: int, dim: int):  # no data: any encoding would fail on it
+        return SimpleNamespace(path="st/test", manifest={"vocab": {"sha256": sha, "size": size}}, feature_dim=dim)
+
+    with pytest.raises(ModelMismatchError, match="tokenised with another vocabulary than model"):
+        encode_split(loaded, store("0" * 64, n, 10))
+    for bad, detail in (
+        (store("0" * 64, n + 1, 10), f"st/test was tokenised with a vocabulary of {n + 1} words, the model knows {n}$"),
+        (store("0" * 64, n, 2048), "st/test has region features of size 2048, the model takes 10$"),
+    ):
+        with pytest.raises(ModelMismatchError, match=detail):
+            encode_split(loaded.model, bad)  # a bare model: no vocabulary to compare, but the sizes

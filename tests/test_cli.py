@@ -419,7 +419,7 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
 
     for module, name in (
         (heiindex.train_hash, "collect_batches"),
-        (heiindex.encode, "encode_split"),  # evaluate's first work
+        (heiindex.encode, "encode_images"),  # evaluate's first work after encode_split's check
         (heiindex.index, "ImageWriter"),
     ):
         monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
