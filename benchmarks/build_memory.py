@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from provenance import REPO, checkout  # benchmarks/ is on sys.path when a script here runs
+
 VOCAB = REPO / "data" / "coco-captions" / "coco_precomp_vocab.json"
 
 
@@ -143,13 +144,10 @@ def main() -> None:
             }
             for rev in args.compare
         }
-        git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
         report = {
             "images": args.images,
             **setup,
-            "this_checkout": {"commit": commit, "uncommitted_changes": dirty},
+            "this_checkout": checkout(),
             "results": results,
             "peak_rss_ratio_this_over": ratios,
         }

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -301,6 +302,7 @@ def main() -> None:
         "topk": args.topk,
         "gpu_gather_gb": args.gpu_gather_gb,
         "stages": results,
+        "checkout": checkout(),
     }
     text = json.dumps(summary, indent=2)
     print(text)
