@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from .evaluation import coco_folds, i2t_ranks, recall, t2i_ranks
+from .evaluation import check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
 from .scoring import exhaustive_scores
@@ -40,6 +40,7 @@ def _ranks_of_first_hit(cand: np.ndarray, scores: np.ndarray, relevant: np.ndarr
     the fraction of queries with a relevant item among the candidates). Empty slots (id -1) rank
     last whatever their score: FAISS gives them INT_MAX distances in IVF but INT_MIN in HNSW."""
     relevant = relevant & (cand >= 0)
+    check_finite(scores[cand >= 0])  # a NaN would sort last: a diverged model's ranks, reported
     order = np.argsort(-np.where(cand >= 0, scores, -np.inf), axis=1, kind="stable")
     hit = np.take_along_axis(relevant, order, axis=1)
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, np.inf)

@@ -12,7 +12,21 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Recall", "coco_folds", "i2t_ranks", "rank_from_candidates", "recall", "t2i_ranks"]
+from .errors import HeiindexError
+
+__all__ = ["Recall", "check_finite", "coco_folds", "i2t_ranks", "rank_from_candidates", "recall", "t2i_ranks"]
+
+
+def check_finite(scores: np.ndarray) -> None:
+    """``HeiindexError`` unless every score is finite. A NaN compares false with everything, so
+    a NaN score matrix ranked every text-to-image ground truth first (R@1 100) and a diverged
+    model looked perfect."""
+    bad = scores.size - int(np.count_nonzero(np.isfinite(scores)))
+    if bad:
+        raise HeiindexError(
+            f"{bad} of {scores.size} matcher scores are NaN or infinite: the model's weights or the "
+            "features it was given hold NaN or inf, so no ranking can be reported"
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     Ties count against the ground truth (an equal score ranks above it).
     """
     scores = np.asarray(scores)
+    check_finite(scores)
     gt_score = scores[np.arange(len(gt)), gt]
     return (scores >= gt_score[:, None]).sum(axis=1).astype(np.float64)
 
@@ -57,6 +72,7 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def i2t_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """scores (n_imgs, n_caps), gt (n_caps,) image per caption -> (n_imgs,) best rank of its captions."""
     scores = np.asarray(scores)
+    check_finite(scores)
     n_imgs = scores.shape[0]
     out = np.full(n_imgs, np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")

@@ -103,6 +103,29 @@ def test_recall_of_nothing_is_an_error():
 # -- candidate lists and folds ----------------------------------------------------------------
 
 
+def test_scores_that_are_not_finite_are_refused():
+    """NaN compares false with everything: t2i_ranks gave every caption rank 0 (R@1 100) for a
+    NaN score matrix, so a diverged model looked perfect."""
+    from heiindex.bench import candidate_ranks
+    from heiindex.errors import HeiindexError
+
+    scores = np.random.default_rng(0).random((6, 3)).astype(np.float32)
+    gt = np.array([0, 0, 1, 1, 2, 2])
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = scores.copy()
+        broken[4, 1] = bad
+        with pytest.raises(HeiindexError, match=r"^1 of 18 matcher scores are NaN or infinite"):
+            t2i_ranks(broken, gt)
+        with pytest.raises(HeiindexError, match=r"^1 of 18 matcher scores are NaN or infinite"):
+            i2t_ranks(broken.T, gt)
+    cand = np.array([[0, 1, -1], [2, 0, -1]])  # re-ranked candidates, one empty slot each (score -inf)
+    ranked = np.array([[0.5, 0.2, -np.inf], [0.4, 0.3, -np.inf]], dtype=np.float32)
+    assert candidate_ranks("t2i", cand, ranked, gt[:2])[0].tolist() == [1.0, 2.0]  # empty slots: not refused
+    ranked[1, 0] = np.nan
+    with pytest.raises(HeiindexError, match=r"^1 of 4 matcher scores are NaN or infinite"):
+        candidate_ranks("t2i", cand, ranked, gt[:2])
+
+
 def test_rank_from_candidates():
     cand = np.array([[3, 1, 2], [0, 5, 6], [7, 8, 9]])
     np.testing.assert_array_equal(rank_from_candidates(cand, [{1}, {9}, {9, 8}]), [2, np.inf, 2])
