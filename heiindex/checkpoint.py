@@ -98,6 +98,14 @@ def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
         raise DataError(cfg_path, f'field "model" is not a valid SCAN config ({exc})') from None
 
 
+def check_finite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """``DataError`` naming ``path`` and the first tensor of ``state`` holding NaN or inf: such a
+    model scores NaN, which no ranking can use."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DataError(path, f'tensor "{name}" holds NaN or inf values (saved by a run that diverged?)')
+
+
 def load_model(path: str | Path) -> LoadedModel:
     """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
     path = Path(path)
@@ -113,6 +121,7 @@ def load_model(path: str | Path) -> LoadedModel:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise DataError(weights, f"not a readable safetensors file ({exc})") from None
+    check_finite_weights(weights, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

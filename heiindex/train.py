@@ -16,6 +16,7 @@ What this module must not do: build indexes or answer queries.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import encode_split
-from .errors import DataError
+from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
 from .settings import require
@@ -125,6 +126,20 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
             yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci], ci
 
 
+def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str) -> float:
+    """The loss of a training step as a float; ``HeiindexError`` where it is NaN or infinite
+    (before the optimizer step: the weights stay finite), naming the epoch and batch and what
+    ``kept`` (what earlier epochs wrote). A diverged run otherwise went on with NaN weights, and
+    NaN scores rank every ground truth first (``evaluation.check_finite`` now refuses them)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise HeiindexError(
+            f"training diverged: the loss is {value} at epoch {epoch + 1}, batch {step + 1}; {kept} "
+            "(a lower --lr may help)"
+        )
+    return value
+
+
 def train(
     store_root: str | Path,
     out: str | Path,
@@ -203,15 +218,18 @@ def train(
             scores = model.score(words, lens_t, regions)
             hardest = config.max_violation and epoch >= config.warmup_sum_epochs
             loss = contrastive_loss(scores, torch.from_numpy(img_ids), config.margin, hardest)
+            value = finite_loss(
+                loss, epoch, steps, f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
+            )
             opt.zero_grad()
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
             pairs += len(lens) ** 2
-            loss_sum += float(loss.detach())
+            loss_sum += value
             steps += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
             bar.update(1)
         bar.close()
         train_seconds = time.perf_counter() - t0

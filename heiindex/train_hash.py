@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, check_finite_weights
 from .encode import encode_split
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
@@ -34,7 +34,7 @@ from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_
 from .packed import PackedWords
 from .settings import require
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
-from .train import iter_training_batches, require_loop_settings
+from .train import finite_loss, iter_training_batches, require_loop_settings
 
 __all__ = [
     "HashRecords",
@@ -102,9 +102,11 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
         raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
     weights = path / "hash.safetensors"
     try:
-        module.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        module.load_state_dict(state)
     except Exception as exc:  # missing, corrupt (safetensors' own error) or wrong shapes
         raise DataError(weights, f"cannot load hash weights ({exc})") from None
+    check_finite_weights(weights, state)
     module.eval()
     info = raw.get("info", {})
     if matcher is not None and info.get("matcher_sha256") != matcher.checksum:
@@ -250,7 +252,7 @@ def fit_hash(
     for epoch in range(config.epochs):
         module.train()
         total_loss = 0.0
-        for i in gen.permutation(len(records)):
+        for step, i in enumerate(gen.permutation(len(records))):
             batch = records.batches[i]
             img_pool, cap_pool = records.features(batch, module)
             ids, scores = batch["ids"], batch["scores"]
@@ -260,10 +262,10 @@ def fit_hash(
             loss = hash_loss(img_codes, txt_codes, target, positive)
             if config.rank_weight:
                 loss = loss + config.rank_weight * code_ranking_loss(img_codes, txt_codes, positive)
+            total_loss += finite_loss(loss, epoch, step, "no hash module was written")
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total_loss += float(loss.detach())
         module.eval()
         rec = candidate_recall(module, val_enc, config.val_candidates)
         score = rec["t2i"] + rec["i2t"]

@@ -160,6 +160,19 @@ def test_corrupt_weights_file_is_a_data_error(saved):
     assert e.value.path == weights
 
 
+def test_weights_holding_nan_are_refused_by_name(saved):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(state)[1]
+    state[name][0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(DataError, match=rf'model.safetensors: tensor "{name}" holds NaN or inf values'):
+        load_model(path)
+
+
 def test_weights_of_another_shape_are_refused(saved):
     _, path = saved
     _edit_config(path, lambda c: c["model"].update(embed_size=16))

@@ -13,7 +13,7 @@ import torch
 
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
-from heiindex.errors import DataError, ModelMismatchError
+from heiindex.errors import DataError, HeiindexError, ModelMismatchError
 from heiindex.hashing import (
     HashConfig,
     HashModule,
@@ -243,6 +243,15 @@ def test_load_hash_refusals(tmp_path, pipe):
             load_hash(bad)
 
 
+def test_load_hash_refuses_weights_holding_inf(tmp_path):
+    mod = HashModule(HashConfig(bits=16, embed_size=4))
+    with torch.no_grad():
+        mod.image_hash.bias[3] = float("inf")
+    save_hash(mod, tmp_path / "h", {})
+    with pytest.raises(DataError, match=r'h/hash.safetensors: tensor "image_hash.bias" holds NaN or inf values'):
+        load_hash(tmp_path / "h")
+
+
 # -- training next to the matcher -------------------------------------------------------------
 
 
@@ -377,6 +386,19 @@ def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkey
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)  # a file system that cannot reserve: mapped anyway
     assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
+
+
+def test_train_hash_stops_when_the_loss_is_not_finite(pipe, tmp_path, monkeypatch):
+    import heiindex.train_hash as th
+
+    real = th.hash_loss
+    monkeypatch.setattr(th, "hash_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE)
+    tcfg = HashTrainConfig(epochs=3, batch_size=32, lr=1e-2, rounds=1, val_candidates=5)
+    detail = "the loss is nan at epoch 1, batch 1; no hash module was written"
+    with pytest.raises(HeiindexError, match=f"^training diverged: {detail}"):
+        train_hash(load_model(pipe.model_dir), pipe.root, tmp_path / "h", cfg, tcfg, log=pf.quiet)
+    assert not (tmp_path / "h").exists()
 
 
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):

@@ -15,7 +15,7 @@ from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdi
 from heiindex.attention import AttentionConfig
 from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
-from heiindex.errors import DataError
+from heiindex.errors import DataError, HeiindexError
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
 from heiindex.train import contrastive_loss, iter_training_batches, train
@@ -179,6 +179,23 @@ def test_resume_refuses_another_model_config(pipe, tmp_path):
             resume=True,
             log=pf.quiet,
         )
+
+
+def test_training_stops_when_the_loss_is_not_finite_and_keeps_the_epochs_before(pipe, tmp_path, monkeypatch):
+    """A diverged run went on with NaN weights, and NaN scores ranked every caption's image first:
+    it was saved as the best model."""
+    import heiindex.train as tr
+
+    evaluated = []
+    real_loss, real_eval = tr.contrastive_loss, tr.evaluate_exhaustive
+    monkeypatch.setattr(tr, "evaluate_exhaustive", lambda *a: evaluated.append(1) or real_eval(*a))
+    monkeypatch.setattr(tr, "contrastive_loss", lambda *a: real_loss(*a) * (float("inf") if evaluated else 1.0))
+    out = tmp_path / "r"
+    with pytest.raises(HeiindexError, match=r"^training diverged: the loss is inf at epoch 2, batch 1; .*r/best and"):
+        train(pipe.root, out, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1]
+    for folder in ("best", "last"):
+        assert load_model(out / folder).info["epoch"] == 1  # finite weights: load_model refuses NaN
 
 
 def test_train_refuses_a_model_of_another_vocabulary_size(pipe, tmp_path):
