@@ -12,9 +12,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import HeiindexError
+from .errors import HeiindexError, name_some
 
-__all__ = ["Recall", "check_finite", "coco_folds", "i2t_ranks", "rank_from_candidates", "recall", "t2i_ranks"]
+__all__ = [
+    "Recall",
+    "check_captioned",
+    "check_finite",
+    "coco_folds",
+    "i2t_ranks",
+    "rank_from_candidates",
+    "recall",
+    "t2i_ranks",
+]
 
 
 def check_finite(scores: np.ndarray) -> None:
@@ -69,20 +78,41 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return (scores >= gt_score[:, None]).sum(axis=1).astype(np.float64)
 
 
-def i2t_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """scores (n_imgs, n_caps), gt (n_caps,) image per caption -> (n_imgs,) best rank of its captions."""
+def check_captioned(gt: np.ndarray, n_imgs: int) -> np.ndarray:
+    """The number of captions of each of ``n_imgs`` images (``gt``: the image row of each
+    caption); ``HeiindexError`` where a caption names no such row, or an image has no caption:
+    image-to-text has no ground truth to rank for it (it counted as a miss, lowering R@K)."""
+    gt = np.asarray(gt)
+    if len(gt) and (gt.min() < 0 or gt.max() >= n_imgs):
+        raise HeiindexError(f"a caption's image row lies outside the {n_imgs} images ranked")
+    counts = np.bincount(gt, minlength=n_imgs)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise HeiindexError(
+            f"{len(empty)} of {n_imgs} images have no caption (image rows {name_some([str(r) for r in empty])}); "
+            "image-to-text recall needs at least one per image"
+        )
+    return counts
+
+
+def i2t_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarray:
+    """scores (n_imgs, n_caps), gt (n_caps,) image row of each caption -> (n_imgs,) rank of each
+    image's best-ranked caption: 1 + the captions of other images that score at least as high as
+    its best one (ties count against the ground truth, as in ``t2i_ranks``). Every image must
+    have a caption (``check_captioned``). Rows are compared ``block`` images at a time."""
     scores = np.asarray(scores)
     check_finite(scores)
-    n_imgs = scores.shape[0]
-    out = np.full(n_imgs, np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    pos = np.empty_like(order)
-    rows = np.arange(n_imgs)[:, None]
-    pos[rows, order] = np.arange(scores.shape[1])[None, :]
-    for j, i in enumerate(gt):
-        if 0 <= i < n_imgs:
-            out[i] = min(out[i], pos[i, j] + 1)
-    return out
+    n_imgs, n_caps = scores.shape
+    gt = np.asarray(gt)
+    check_captioned(gt, n_imgs)
+    own = scores[gt, np.arange(n_caps)]  # each caption's score against its own image
+    best = np.full(n_imgs, -np.inf)
+    np.maximum.at(best, gt, own)
+    ties_own = np.bincount(gt, weights=own == best[gt], minlength=n_imgs)  # its captions at its best score
+    at_least = np.empty(n_imgs)
+    for s in range(0, n_imgs, block):
+        at_least[s : s + block] = (scores[s : s + block] >= best[s : s + block, None]).sum(axis=1)
+    return at_least - ties_own + 1
 
 
 def rank_from_candidates(candidates: np.ndarray, relevant: list[set[int]] | np.ndarray) -> np.ndarray:

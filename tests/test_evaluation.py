@@ -10,6 +10,7 @@ import torch
 from heiindex.attention import score_block
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
+from heiindex.errors import HeiindexError
 from heiindex.evaluation import Recall, coco_folds, i2t_ranks, rank_from_candidates, recall, t2i_ranks
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
@@ -74,14 +75,32 @@ def test_i2t_best_rank_of_the_images_captions():
         [
             [0.1, 0.8, 0.9, 0.2],  # image 0: order c2 c1 c3 c0 -> its captions at 4 and 2 -> 2
             [0.7, 0.6, 0.5, 0.95],  # image 1: c3 first -> 1
-            [0.9, 0.8, 0.7, 0.6],  # image 2 has no caption -> inf
         ]
     )
     ranks = i2t_ranks(scores, gt)
-    np.testing.assert_array_equal(ranks, [2, 1, np.inf])
+    np.testing.assert_array_equal(ranks, [2, 1])
     r = recall(ranks)
-    assert r.r1 == pytest.approx(100 / 3) and r.r5 == pytest.approx(200 / 3) and r.r10 == pytest.approx(200 / 3)
-    assert r.medr == 2.0 and r.meanr == np.inf
+    assert (r.r1, r.r5, r.r10, r.medr, r.meanr) == (50.0, 100.0, 100.0, 1.0, 1.5)
+
+
+def test_i2t_ties_count_against_the_ground_truth():
+    """A stable sort let the lower caption row win a tie: a constant model got i2t R@1 25 on
+    4 images of 2 captions (and the Hamming-alone baseline, full of ties, was flattered)."""
+    gt = np.repeat(np.arange(4), 2)
+    np.testing.assert_array_equal(i2t_ranks(np.zeros((4, 8)), gt), [7, 7, 7, 7])  # 1 + the 6 others
+    scores = np.array([[0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1]] * 4)
+    # image 0: its captions 0, 1 and caption 2 tie at the top -> 2; image 1: caption 2 at 0.5, behind 0, 1 -> 3;
+    # images 2, 3: their best, 0.1, ties with the other images' 3 captions at 0.1 and is behind the 3 at 0.5 -> 7
+    np.testing.assert_array_equal(i2t_ranks(scores, gt), [2, 3, 7, 7])
+
+
+def test_i2t_refuses_images_without_a_caption():
+    """An image with no caption counted as a miss (rank inf), lowering R@K with nothing to find."""
+    scores = np.zeros((3, 4))
+    with pytest.raises(HeiindexError, match=r"^1 of 3 images have no caption \(image rows 2\)"):
+        i2t_ranks(scores, np.array([0, 0, 1, 1]))
+    with pytest.raises(HeiindexError, match="a caption's image row lies outside the 3 images"):
+        i2t_ranks(scores, np.array([0, 1, 2, 3]))
 
 
 def test_i2t_on_a_larger_matrix_matches_a_per_image_count():
@@ -107,7 +126,6 @@ def test_scores_that_are_not_finite_are_refused():
     """NaN compares false with everything: t2i_ranks gave every caption rank 0 (R@1 100) for a
     NaN score matrix, so a diverged model looked perfect."""
     from heiindex.bench import candidate_ranks
-    from heiindex.errors import HeiindexError
 
     scores = np.random.default_rng(0).random((6, 3)).astype(np.float32)
     gt = np.array([0, 0, 1, 1, 2, 2])
@@ -124,6 +142,24 @@ def test_scores_that_are_not_finite_are_refused():
     ranked[1, 0] = np.nan
     with pytest.raises(HeiindexError, match=r"^1 of 4 matcher scores are NaN or infinite"):
         candidate_ranks("t2i", cand, ranked, gt[:2])
+
+
+def test_candidate_ranks_count_ties_against_the_ground_truth():
+    """HEI's ranks took the first of tied candidates in FAISS's order: two images with the same
+    features gave HEI R@1 14 where exhaustive attention, scoring the same pairs, gave 0."""
+    from heiindex.bench import candidate_ranks
+
+    cand = np.array([[3, 0, 1, -1], [0, 3, 1, 2]])
+    scores = np.array([[0.5, 0.5, 0.2, 9.0], [0.5, 0.5, 0.2, 0.1]], dtype=np.float32)  # 9.0: an empty slot's
+    ranks, found = candidate_ranks("t2i", cand, scores, np.array([0, 0]))
+    assert ranks.tolist() == [2.0, 2.0] and found == 1.0  # in either order, the tie counts against it
+    ranks, found = candidate_ranks("t2i", cand, scores, np.array([2, 1]))
+    assert ranks.tolist() == [np.inf, 3.0] and found == 0.5
+    # image to text: each image's best caption; its own captions tied with it do not count
+    caption_image = np.array([0, 0, 1, 1])
+    cand = np.array([[2, 0, 1, 3], [0, 1, 2, 3]])
+    scores = np.array([[0.7, 0.7, 0.7, 0.1], [0.9, 0.1, 0.1, 0.1]], dtype=np.float32)
+    assert candidate_ranks("i2t", cand, scores, caption_image)[0].tolist() == [2.0, 3.0]
 
 
 def test_rank_from_candidates():
