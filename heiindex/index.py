@@ -70,6 +70,7 @@ from .store import (
     SplitStore,
     atomic_dir,
     check_caption_image_ids,
+    check_distinct,
     check_fields,
     file_record,
     open_parquet,
@@ -247,6 +248,8 @@ class Index(BatchSearch):
         # packed: a split's captions cost their real words, not n x the longest caption
         self.words = _packed_words(captions, lengths, d, opened["captions"])
         pa.default_memory_pool().release_unused()  # Arrow's pool keeps what the reads used (137 MB at coco-sim test)
+        check_distinct(path / "image_features.parquet", self.image_ids, "image_id")
+        check_distinct(captions, self.caption_ids, "caption_id")
         check_caption_image_ids(captions, self.caption_image_ids, self.image_ids, "image_features.parquet")
         self.caption_image = self.image_rows(self.caption_image_ids)  # every one found: checked above
         by_image = np.argsort(self.caption_image, kind="stable")  # caption rows grouped by image, in order
@@ -341,7 +344,7 @@ class Index(BatchSearch):
         out = Path(out)
         captions = store.captions() if captions is None else captions
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
-            store.check_caption_images(captions)
+            store.check_ids(captions)
         counts = {"images": stop - first} if image_rows is not None else {"images": stop, "captions": len(captions)}
         for what, n in counts.items():  # IVF needs a code per list: known before any encoding
             chosen = resolve_index_kind(index_type, n, nlist, nprobe)

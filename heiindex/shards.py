@@ -104,7 +104,7 @@ def write_shards(
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
     captions = store.captions()  # read once for all shards
-    store.check_caption_images(captions)
+    store.check_ids(captions)
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out, *INDEX_OUTPUT) as tmp:

@@ -43,6 +43,7 @@ __all__ = [
     "SplitStore",
     "atomic_dir",
     "check_caption_image_ids",
+    "check_distinct",
     "check_fields",
     "check_output",
     "check_replaceable",
@@ -91,6 +92,19 @@ def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetF
     if missing:
         raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
     return pf
+
+
+def check_distinct(path: Path, ids: np.ndarray, column: str) -> None:
+    """``DataError`` naming ``path`` and ``column`` where one id stands on two rows: each image
+    (caption) needs its own id, or captions are graded against, and results name, the wrong one."""
+    values, counts = np.unique(ids, return_counts=True)
+    repeated = values[counts > 1]
+    if len(repeated):
+        raise DataError(
+            path,
+            f'column "{column}" repeats {len(repeated)} ids ({name_some([str(int(v)) for v in repeated])}); '
+            "each row needs its own id",
+        )
 
 
 def check_caption_image_ids(path: Path, caption_image_ids: np.ndarray, image_ids: np.ndarray, images: str) -> None:
@@ -474,11 +488,15 @@ class SplitStore:
     def n_row_groups(self) -> int:
         return self._images_file().num_row_groups
 
-    def check_caption_images(self, captions: CaptionTable) -> None:
-        """``DataError`` naming the captions file unless every caption's image_id is an image of
-        this split (ingest writes such stores; a hand-made one may not be: a build dropped the
-        captions of a sharded split and wrote an index no query could use)."""
+    def check_ids(self, captions: CaptionTable) -> None:
+        """``DataError`` naming the file unless image ids and caption ids are each distinct and
+        every caption's image_id is an image of this split (ingest writes such stores; a
+        hand-made one may not be: a build dropped the captions of a sharded split and wrote an
+        index no query could use; a repeated image id gave its captions to one of its rows in
+        the index and to the other in evaluation)."""
         ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+        check_distinct(self.images_path, ids, "image_id")
+        check_distinct(self.captions_path, captions.caption_ids, "caption_id")
         check_caption_image_ids(self.captions_path, captions.image_ids, ids, IMAGES_FILE)
 
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -111,8 +111,7 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
         ids = np.concatenate([p[0] for p in parts])
         feats = np.concatenate([p[1] for p in parts])
-        row_of = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-        row_of[ids] = np.arange(len(ids))
+        by_id = np.argsort(ids, kind="stable")  # a buffer's rows by image id (negative ids too)
         in_buf = np.flatnonzero(np.isin(caps.image_ids, ids))
         rng.shuffle(in_buf)
         starts = list(range(0, len(in_buf), batch_size))
@@ -122,7 +121,7 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
             ci = in_buf[s:e]
             if len(ci) < 2:
                 continue
-            rows = row_of[caps.image_ids[ci]]
+            rows = by_id[np.searchsorted(ids, caps.image_ids[ci], sorter=by_id)]  # each one in the buffer
             yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci], ci
 
 
@@ -167,6 +166,7 @@ def train(
         if s.manifest["vocab"]["sha256"] != vocab.checksum:
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
     caps = tr.captions()
+    tr.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
 
     torch.manual_seed(config.seed)

@@ -196,6 +196,7 @@ def collect_batches(
     """Score ``config.rounds`` passes of freshly shuffled training batches with the frozen matcher,
     and keep each image's and caption's features the first time a batch holds it."""
     caps = store.captions()
+    store.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
     image_ids = np.unique(caps.image_ids)
     d = model.config.embed_size
     images = {p: torch.zeros((len(image_ids), d)) for p in poolings}

@@ -914,6 +914,34 @@ def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
         Index.open(out)
 
 
+def test_repeated_ids_are_refused_by_the_build_and_by_open(pipe, tmp_path):
+    """An image id on two rows was built: the index gave its captions to the first row, evaluation
+    to the last, so the two graded against different images."""
+    from heiindex.shards import write_shards
+
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    path = root / "test" / "images.parquet"
+    table = pq.read_table(path)
+    ids = table.column("image_id").to_numpy().copy()
+    ids[1] = ids[0]
+    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids)), path)
+    detail = rf'test/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\); each row needs its own id'
+    with pytest.raises(DataError, match=detail):
+        Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")
+    with pytest.raises(DataError, match=detail):
+        write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    out = _copy_index(pipe, tmp_path)
+    table = pq.read_table(out / "caption_features.parquet")
+    ids = table.column("caption_id").to_numpy().copy()
+    ids[[4, 8, 9]] = ids[3]
+    table = table.set_column(table.schema.get_field_index("caption_id"), "caption_id", pa.array(ids))
+    pq.write_table(table, out / "caption_features.parquet")
+    with pytest.raises(DataError, match=rf'caption_features.parquet: column "caption_id" repeats 1 ids \({ids[3]}\)'):
+        Index.open(out)
+
+
 def test_a_store_whose_captions_name_a_missing_image_is_not_built(pipe, tmp_path):
     """A hand-made store like this was built: unsharded into an index no query could open, sharded
     with those captions dropped without a word. Now both builds refuse it before any encoding."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -112,6 +115,35 @@ def test_training_batches_cover_every_caption_once_with_its_image(pipe, batch):
         seen += rows.tolist()
     assert len(seen) == store.n_captions == 320
     assert sorted(seen) == list(range(320))
+
+
+def test_training_batches_pair_captions_with_their_images_whatever_the_ids():
+    """Ids are int64: a negative one was wrapped onto another image's row (a lookup table
+    indexed by id), so its captions trained against that image's features."""
+    from types import SimpleNamespace
+
+    ids = np.array([-1, 7, 2, 30])
+    feats = np.array([10.0, 11.0, 12.0, 13.0], dtype=np.float32).reshape(4, 1, 1)  # row r holds 10 + r
+    store = SimpleNamespace(n_row_groups=1, read_row_group=lambda g: (ids, feats))
+    image_ids = np.array([-1, -1, 7, 2, 30, 30])
+    caps = SimpleNamespace(image_ids=image_ids, tokens=np.zeros((6, 3), np.int64), lengths=np.full(6, 3))
+    got = {}
+    for f, _, _, img, _ in iter_training_batches(store, caps, 8, np.random.default_rng(0), 4):
+        got.update(zip(img.tolist(), f[:, 0, 0].tolist(), strict=True))
+    assert got == {-1: 10.0, 7: 11.0, 2: 12.0, 30: 13.0}
+
+
+def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    path = root / "train" / "captions.parquet"
+    table = pq.read_table(path)
+    ids = table.column("caption_id").to_numpy().copy()
+    ids[5] = ids[9]
+    pq.write_table(table.set_column(table.schema.get_field_index("caption_id"), "caption_id", pa.array(ids)), path)
+    with pytest.raises(DataError, match=rf'train/captions.parquet: column "caption_id" repeats 1 ids \({ids[9]}\)'):
+        train(root, tmp_path / "r", pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=1), log=pf.quiet)
+    assert not (tmp_path / "r").exists()
 
 
 # -- training on the tiny set -----------------------------------------------------------------
