@@ -135,7 +135,7 @@ class PrecompSplit:
         for start in range(0, self.n_images, block_images):
             stop = min(self.n_images, start + block_images)
             first_row = start * self.rows_per_image
-            n_rows = (stop - start - 1) * self.rows_per_image + 1
+            n_rows = (stop - start) * self.rows_per_image  # every row of these images (mapped, not read)
             mm = np.memmap(
                 self.images_path,
                 dtype=self.dtype,
@@ -144,6 +144,8 @@ class PrecompSplit:
                 shape=(n_rows, self.regions, self.feature_dim),
             )
             block = np.array(mm[:: self.rows_per_image], dtype=np.float32)
+            if self.rows_per_image > 1:
+                self._check_repeated(mm, start)
             del mm  # unmap: the pages leave this process's resident set
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
@@ -152,6 +154,23 @@ class PrecompSplit:
                     self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features"
                 )
             yield start, block
+
+    def _check_repeated(self, mm: np.ndarray, start: int) -> None:
+        """In the one-row-per-caption layout each image's row stands ``rows_per_image`` times in a
+        row. That layout is told apart from five captions per row by counts alone, so a file of
+        distinct rows with as many captions (one caption per image) was read as every fifth image.
+        Compared here: each row's first region (a page or two of each row, not the whole file)."""
+        k = self.rows_per_image
+        groups = np.asarray(mm[:, 0, :]).reshape(-1, k, self.feature_dim)
+        differs = np.flatnonzero((groups != groups[:, :1]).any(axis=(1, 2)))
+        if len(differs):
+            image = start + int(differs[0])
+            raise DataError(
+                self.images_path,
+                f"rows {image * k}..{image * k + k - 1} differ, but with {self.n_rows} rows and as many captions "
+                f"each image's row should stand {k} times in a row (one row per caption); for one image per row "
+                f"give {k} captions per image ({self.n_rows * k} lines)",
+            )
 
     def captions_sha256(self) -> str:
         return hashlib.sha256("\n".join(self.captions).encode()).hexdigest()

@@ -45,17 +45,29 @@ def test_im_div_detected_when_each_image_is_repeated_per_caption(make_precomp):
 
 
 def test_im_div_uses_first_row_of_each_group(tmp_path, testall_lines):
-    """Image i is row 5 i; the four repeats are not read."""
+    """Image i is row 5 i; of its four repeats only the first region is read, to check them."""
     rows = np.zeros((10, 36, 4), np.float32)
-    rows[0], rows[5] = 1.0, 2.0
-    rows[1:5], rows[6:10] = -7.0, -9.0
+    rows[0:5], rows[5:10] = 1.0, 2.0
+    rows[1:5, 1:], rows[6:10, 1:] = -7.0, -9.0  # not compared: only region 0 of a repeat is
     np.save(tmp_path / "dev_ims.npy", rows)
     (tmp_path / "dev_caps.txt").write_text("\n".join(testall_lines[:10]) + "\n")
     s = PrecompSplit.open(tmp_path, "dev", feature_dim=4)
     assert (s.n_images, s.rows_per_image) == (2, 5)
     ((start, block),) = s.iter_image_blocks()
     assert start == 0
-    assert block[:, 0, 0].tolist() == [1.0, 2.0]
+    assert block[:, 0, 0].tolist() == [1.0, 2.0] and block[:, 1, 0].tolist() == [1.0, 2.0]
+
+
+def test_rows_that_are_not_repeated_are_not_read_as_one_per_caption(tmp_path, testall_lines):
+    """10 rows and 10 captions fit the one-row-per-caption layout by count alone: 10 distinct
+    images with a caption each were ingested as 2 images, their captions given to those two."""
+    rows = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 36, 4), np.float32)
+    rows[5:10] = 5.0  # the second image repeated; the first not
+    np.save(tmp_path / "dev_ims.npy", rows)
+    (tmp_path / "dev_caps.txt").write_text("\n".join(testall_lines[:10]) + "\n")
+    s = PrecompSplit.open(tmp_path, "dev", feature_dim=4)
+    with pytest.raises(DataError, match=r"dev_ims.npy: rows 0..4 differ, but with 10 rows and as many captions"):
+        list(s.iter_image_blocks())
 
 
 def test_five_rows_five_captions_is_one_image_repeated(tmp_path, testall_lines):
@@ -101,8 +113,8 @@ def test_iteration_never_loads_the_whole_file(make_precomp, monkeypatch, rows_pe
     assert [b.shape for _, b in blocks] == [(2, 36, 8)] * 3 + [(1, 36, 8)]
     if rows_per_image == 1:
         assert mapped == [(2, 36, 8)] * 3 + [(1, 36, 8)]
-    else:  # image i is row 5i: a block of 2 images maps rows 5i .. 5i+5
-        assert mapped == [(6, 36, 8)] * 3 + [(1, 36, 8)]
+    else:  # image i is row 5i: a block of 2 images maps its 10 rows (reads 2 whole, and region 0 of each)
+        assert mapped == [(10, 36, 8)] * 3 + [(5, 36, 8)]
     monkeypatch.undo()
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), feats)
 
