@@ -561,13 +561,25 @@ class Index(BatchSearch):
     def _image_batches(self, image_ids: list[int], rows: np.ndarray, k: int, candidates: int, batch: int):
         for start in range(0, len(rows), batch):
             t0 = time.perf_counter()
-            hits = self.search_regions(*self.image_features(rows[start : start + batch]), k, candidates)
+            regions, gram, codes = self.image_features(rows[start : start + batch])
+            hits = self.search_regions(regions, gram, k, candidates, codes)
             yield from timed_results(image_ids[start : start + batch], hits, None, t0)
 
-    def image_features(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
-        """The encoded regions (q, R, d) and Gram matrices (q, R, R) of this index's image ``rows``."""
-        sel = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.regions.device)
-        return self.regions.index_select(0, sel), self.gram.index_select(0, sel)
+    def image_features(self, rows: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray]:
+        """The encoded regions (q, R, d), Gram matrices (q, R, R) and codes (q, k/8) of this
+        index's image ``rows``. The codes are the stored images' own (``image_codes``, hashed
+        before a bfloat16 cast could round the features) where already hashed, else hashed from
+        these features now (float32: the same codes), so a query by a stored image searches with
+        the code the index and the bench hold."""
+        rows = np.asarray(rows, dtype=np.int64)
+        sel = torch.from_numpy(rows).to(self.regions.device)
+        regions, gram = self.regions.index_select(0, sel), self.gram.index_select(0, sel)
+        if self._image_codes is not None:
+            codes = self._image_codes[rows]
+        else:
+            with torch.no_grad():
+                codes = self.hasher.module.image_codes(regions.float())
+        return regions, gram, codes
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
         """The row of each of ``image_ids`` in this index, -1 where it holds no such image (the ids
@@ -583,11 +595,14 @@ class Index(BatchSearch):
         return np.where(sorted_ids[at] == ids, order[at], -1).astype(np.int64)
 
     @torch.no_grad()
-    def search_regions(self, regions: Tensor, gram: Tensor, k: int, candidates: int) -> list[list[Hit]]:
+    def search_regions(
+        self, regions: Tensor, gram: Tensor, k: int, candidates: int, codes: np.ndarray | None = None
+    ) -> list[list[Hit]]:
         """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
         (q, R, R), which may be stored elsewhere (e.g. in another shard): Hamming top-``candidates``
-        over the caption codes, re-ranked, top ``k``; each image's hits."""
-        found = self.candidates_for_images(regions, gram, candidates)
+        over the caption codes, re-ranked, top ``k``; each image's hits. ``codes``: the images'
+        codes where known (``image_features`` gives them), else hashed from ``regions``."""
+        found = self.candidates_for_images(regions, gram, candidates, codes)
         ranked = [top_k(found, k, q) for q in range(len(regions))]
         return [
             [

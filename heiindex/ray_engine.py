@@ -94,14 +94,15 @@ class _ShardServer:
         return rows, self.image_features(held) if features and len(held) else None
 
     def image_features(self, rows):
-        """The encoded regions and Gram matrices (float32) of this shard's image ``rows``."""
-        regions, gram = self.index.image_features(rows)
-        return regions.float().cpu().numpy(), gram.float().cpu().numpy()
+        """The encoded regions and Gram matrices (float32) and the codes of this shard's image
+        ``rows`` (``Index.image_features``)."""
+        regions, gram, codes = self.index.image_features(rows)
+        return regions.float().cpu().numpy(), gram.float().cpu().numpy(), codes
 
-    def search_regions(self, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
+    def search_regions(self, regions, gram, k: int, candidates: int, codes=None) -> list[list[Hit]]:
         import torch
 
-        return shard_search_regions(self.index, torch.from_numpy(regions), torch.from_numpy(gram), k, candidates)
+        return shard_search_regions(self.index, torch.from_numpy(regions), torch.from_numpy(gram), k, candidates, codes)
 
     def bench_meta(self) -> dict:
         return self.index.bench_meta()
@@ -279,11 +280,11 @@ class RayShardedIndex(BatchSearch):
         shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies])
         if not one_batch:
             return self._image_batches(image_ids, shard_of, own_rows, k, candidates, batch)
-        regions, gram = self._assemble(
+        feats = self._assemble(
             len(image_ids),
             [(np.flatnonzero(shard_of == s), np.flatnonzero(r[0] >= 0), r[1]) for s, r in enumerate(replies)],
         )
-        return iter(list(self._search_batch(image_ids, regions, gram, k, candidates, t0)))
+        return iter(list(self._search_batch(image_ids, feats, k, candidates, t0)))
 
     def _image_batches(self, image_ids, shard_of, rows, k: int, candidates: int, batch: int):
         import numpy as np
@@ -301,35 +302,35 @@ class RayShardedIndex(BatchSearch):
                 self.actors[s].image_features.remote(part_rows[pos]) for s, pos in zip(holders, asked, strict=True)
             ]
             found = self._gather(futures, "the image lookup", shards=holders)
-            regions, gram = self._assemble(
+            feats = self._assemble(
                 len(part),
                 [(pos, pos, f) for pos, f in zip(asked, found, strict=True)],  # listed as asked
             )
-            yield from self._search_batch(part, regions, gram, k, candidates, t0)
+            yield from self._search_batch(part, feats, k, candidates, t0)
 
     @staticmethod
     def _assemble(n: int, parts: list) -> tuple:
         """One batch's features from the shards' replies: ``parts`` holds, per shard, the batch
         positions it answers for, the positions its features are listed for, and those features
-        (regions, gram) or None."""
+        (regions, gram, codes) or None. Returns (regions, gram, codes) of the ``n`` images."""
         import numpy as np
 
-        regions = gram = None
+        out = None
         for want, listed, feats in parts:
             if not len(want):
                 continue
-            if regions is None:
-                regions = np.empty((n, *feats[0].shape[1:]), dtype=np.float32)
-                gram = np.empty((n, *feats[1].shape[1:]), dtype=np.float32)
+            if out is None:
+                out = tuple(np.empty((n, *f.shape[1:]), dtype=f.dtype) for f in feats)
             at = np.searchsorted(listed, want)  # where each wanted position sits in the shard's list
-            regions[want], gram[want] = feats[0][at], feats[1][at]
-        return regions, gram
+            for whole, f in zip(out, feats, strict=True):
+                whole[want] = f[at]
+        return out
 
-    def _search_batch(self, image_ids, regions, gram, k: int, candidates: int, t0: float):
+    def _search_batch(self, image_ids, feats: tuple, k: int, candidates: int, t0: float):
         ray = _ray()
-        regions, gram = ray.put(regions), ray.put(gram)
+        regions, gram, codes = (ray.put(f) for f in feats)
         replies = self._gather(
-            [a.search_regions.remote(regions, gram, k, candidates) for a in self.actors], "the image query"
+            [a.search_regions.remote(regions, gram, k, candidates, codes) for a in self.actors], "the image query"
         )
         yield from batch_results(image_ids, replies, None, k, t0)
 

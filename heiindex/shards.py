@@ -274,11 +274,22 @@ class ShardedIndex(BatchSearch):
     def _image_batches(self, image_ids, places, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
         for start in range(0, len(image_ids), batch):
             t0 = time.perf_counter()
-            part = places[start : start + batch]
-            regions = torch.cat([self.shards[s].regions[r : r + 1] for s, r in part])
-            gram = torch.cat([self.shards[s].gram[r : r + 1] for s, r in part])
-            per_shard = [shard_search_regions(s, regions, gram, k, candidates) for s in self.shards]
+            regions, gram, codes = self._features(places[start : start + batch])
+            per_shard = [shard_search_regions(s, regions, gram, k, candidates, codes) for s in self.shards]
             yield from batch_results(image_ids[start : start + batch], per_shard, None, k, t0)
+
+    def _features(self, places: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Regions, Gram matrices and codes of the images at ``places`` ((shard, row) each), in
+        order: one ``Index.image_features`` call per shard holding any of them."""
+        shard_of, rows = (np.array(column, dtype=np.int64) for column in zip(*places, strict=True))
+        at, parts = [], []
+        for s in np.unique(shard_of):
+            pos = np.flatnonzero(shard_of == s)
+            at.append(pos)
+            parts.append(self.shards[int(s)].image_features(rows[pos]))
+        back = torch.from_numpy(np.argsort(np.concatenate(at)))  # listed by shard -> in the batch's order
+        regions, gram = (torch.cat([p[i] for p in parts])[back.to(parts[0][i].device)] for i in (0, 1))
+        return regions, gram, np.concatenate([p[2] for p in parts])[back.numpy()]
 
 
 def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
@@ -307,11 +318,12 @@ def locate_images(image_ids: list[int], rows_per_shard: list[np.ndarray]) -> tup
     return shard_of, rows[shard_of, np.arange(len(image_ids))]
 
 
-def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int) -> list[list[Hit]]:
+def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, codes=None) -> list[list[Hit]]:
     """One shard's part of a batch of image queries (each image's hits; a shard without captions
-    has nothing to add): N and k capped at the shard's size."""
+    has nothing to add): N and k capped at the shard's size. ``codes``: the images' own codes
+    (``Index.image_features``)."""
     n = min(candidates, shard.n_captions)
-    return shard.search_regions(regions, gram, min(k, n), n) if n else [[] for _ in range(len(regions))]
+    return shard.search_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
 
 
 def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:

@@ -110,6 +110,20 @@ def test_search_images_over_shards_answers_each_image_as_search_image_does(shard
         sharded.search_images([ids[0], 500, 600], k=3, candidates=4)
 
 
+def test_image_queries_over_shards_search_with_each_images_stored_code(pipe, tmp_path):
+    sharded = build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", SHARDS, index_type="flat")
+    owner = sharded.shards[1]
+    codes = owner.image_codes().copy()
+    owner._image_codes[2] = codes[0]  # a stand-in code for the image at row 2 of shard 1
+    ids = [int(owner.image_ids[2]), int(sharded.shards[0].image_ids[4])]
+    got = list(sharded.search_images(ids, k=40, candidates=40))
+    want = np.concatenate([s.caption_codes() for s in sharded.shards])
+    caption_ids = np.concatenate([s.caption_ids for s in sharded.shards])
+    for res, code in zip(got, (codes[0], sharded.shards[0].image_codes()[4]), strict=True):
+        rows = [int(np.flatnonzero(caption_ids == h.id)[0]) for h in res.results]
+        assert [h.hamming for h in res.results] == np.unpackbits(want[rows] ^ code, axis=1).sum(axis=1).tolist()
+
+
 def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(QUERIES) + "\n")
