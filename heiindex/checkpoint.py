@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .encode import check_encodable
 from .errors import DataError, ModelMismatchError
@@ -61,14 +61,20 @@ def model_checksum(model: ScanModel) -> str:
     return h.hexdigest()
 
 
+def write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``state`` as a safetensors file at ``path``, with the permissions of any other file written
+    here (safetensors' own ``save_file`` creates it readable by its owner only, so a model
+    shared with other accounts, e.g. Ray workers, could not be read)."""
+    path.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+
+
 def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | None = None) -> Path:
     """Write a model folder atomically; ``extra`` (JSON) is stored under ``"info"``."""
     path = Path(path)
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
     with atomic_dir(path, *MODEL_OUTPUT) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        write_weights(model.state_dict(), tmp / WEIGHTS_FILE)
         vocab.save(tmp / VOCAB_FILE)
         info = dict(extra or {})
         info["weights_sha256"] = model_checksum(model)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoint import LoadedModel, check_finite_weights
+from .checkpoint import LoadedModel, check_finite_weights, write_weights
 from .encode import encode_split
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
@@ -82,7 +82,7 @@ class LoadedHash:
 
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
     with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / "hash.safetensors"))
+        write_weights(module.state_dict(), tmp / "hash.safetensors")
         write_json(
             tmp / "config.json",
             {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash", "hash": module.config.to_dict(), "info": info},

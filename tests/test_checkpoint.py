@@ -87,6 +87,8 @@ def test_folder_holds_json_and_safetensors_only(saved, tmp_path):
     assert cfg["model"] == model.config.to_dict()
     assert cfg["info"]["weights_sha256"] == model_checksum(model)
     assert Vocab.load(path / "vocab.json") == VOCAB
+    # the weights as readable as the other files (safetensors' save_file made them owner-only)
+    assert len({(path / name).stat().st_mode for name in ("config.json", "model.safetensors", "vocab.json")}) == 1
 
     # safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes; no pickle
     raw = (path / "model.safetensors").read_bytes()

@@ -214,6 +214,7 @@ def test_save_load_round_trip(tmp_path, pipe):
     mod = HashModule(HashConfig(bits=16, embed_size=4))  # query pooling: a learned word query besides the layers
     save_hash(mod, tmp_path / "h", {"matcher_sha256": "abc"})
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "hash.safetensors"]
+    assert (tmp_path / "h" / "hash.safetensors").stat().st_mode == (tmp_path / "h" / "config.json").stat().st_mode
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())
     assert cfg == {
         "format_version": 1,
