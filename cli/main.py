@@ -153,9 +153,11 @@ def prepare() -> None:
     show_default=True,
     help="Epochs summing over all negatives before hardest negatives.",
 )
-@click.option("--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation.")
+@click.option(
+    "--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation (at most)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last (where there is none: start, saying so).")
 @handle_errors
 def train(
     store,

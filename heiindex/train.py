@@ -187,6 +187,8 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         log(f"resuming after epoch {start_epoch} (best rsum {best_rsum:.2f} at epoch {best_epoch + 1})")
     else:
+        if resume:
+            log(f"nothing to resume in {out / 'last'}: training from the first epoch")
         model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab)))
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     if model.config.vocab_size != len(vocab):
@@ -196,8 +198,7 @@ def train(
             tr.path / "manifest.json",
             f"features have size {tr.feature_dim}, the model expects img_dim {model.config.img_dim}",
         )
-    out.mkdir(parents=True, exist_ok=True)
-
+    # out/ itself is made by the first save (a run that fails in its first epoch leaves nothing)
     for epoch in range(start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
         for g in opt.param_groups:
@@ -256,7 +257,12 @@ def train(
             "data": data_info,
             "train": config.to_dict(),
             "epoch": epoch + 1,
-            "dev": {"t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": rsum, "images": config.val_images},
+            "dev": {
+                "t2i": res.t2i.to_dict(),
+                "i2t": res.i2t.to_dict(),
+                "rsum": rsum,
+                "images": min(config.val_images, va.n_images),
+            },
         }
         if rsum > best_rsum:
             best_rsum, best_epoch = rsum, epoch

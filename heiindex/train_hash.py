@@ -304,6 +304,11 @@ def train_hash(
     for store in (tr, va):
         matcher.check_store(store)
     check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
+    if config.val_candidates >= va.n_images:  # every image a candidate: t2i recall 100%, selecting nothing
+        raise HeiindexError(
+            f"--val-candidates {config.val_candidates} must be below the {va.n_images} images of the "
+            f"{val_split} split it validates on (at {va.n_images} every image is a candidate)"
+        )
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
     module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
     info = {

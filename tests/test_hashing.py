@@ -402,6 +402,16 @@ def test_train_hash_stops_when_the_loss_is_not_finite(pipe, tmp_path, monkeypatc
     assert not (tmp_path / "h").exists()
 
 
+def test_train_hash_refuses_validation_depths_that_take_every_dev_image(pipe, tmp_path):
+    """--val-candidates was capped at the dev images: recall@N was then 100% t2i every epoch, and
+    the best epoch was chosen on that."""
+    cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE)
+    for n in (24, 200):
+        with pytest.raises(HeiindexError, match=f"^--val-candidates {n} must be below the 24 images of the dev split"):
+            train_hash(load_model(pipe.model_dir), pipe.root, tmp_path / "h", cfg, HashTrainConfig(val_candidates=n))
+    assert not (tmp_path / "h").exists()
+
+
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
     with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
         train_hash(

@@ -167,6 +167,7 @@ def test_training_beats_chance_and_keeps_the_best_epoch(pipe):
 
 def test_best_model_reproduces_its_recorded_dev_metrics(pipe):
     matcher = load_model(pipe.model_dir)
+    assert matcher.info["dev"]["images"] == pf.SPLIT_IMAGES["dev"] == 24  # those used, not --val-images 1000
     res = evaluate_exhaustive(matcher.model, encode_split(matcher.model, SplitStore.open(pipe.root, "dev")))
     assert res.t2i.to_dict() == matcher.info["dev"]["t2i"]
     assert res.i2t.to_dict() == matcher.info["dev"]["i2t"]
@@ -190,6 +191,9 @@ def test_resume_equals_an_uninterrupted_run(pipe, tmp_path):
     logs = []
     resumed = train(pipe.root, tmp_path / "r", None, pf.train_config(epochs=2, seed=5), resume=True, log=logs.append)
     assert logs[0].startswith("resuming after epoch 1")
+    logs = []  # nothing to resume: said, then a fresh run
+    train(pipe.root, tmp_path / "n", cfg, pf.train_config(epochs=1, seed=5), resume=True, log=logs.append)
+    assert logs[0] == f"nothing to resume in {tmp_path / 'n' / 'last'}: training from the first epoch"
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert load_model(tmp_path / "r" / "last").checksum == load_model(tmp_path / "s" / "last").checksum
     for a, b in zip(straight.history, resumed.history, strict=True):
@@ -222,6 +226,12 @@ def test_training_stops_when_the_loss_is_not_finite_and_keeps_the_epochs_before(
     real_loss, real_eval = tr.contrastive_loss, tr.evaluate_exhaustive
     monkeypatch.setattr(tr, "evaluate_exhaustive", lambda *a: evaluated.append(1) or real_eval(*a))
     monkeypatch.setattr(tr, "contrastive_loss", lambda *a: real_loss(*a) * (float("inf") if evaluated else 1.0))
+    first = tmp_path / "first"
+    with monkeypatch.context() as m:  # diverged in the first epoch: no folder is left behind
+        m.setattr(tr, "contrastive_loss", lambda *a: real_loss(*a) * float("nan"))
+        with pytest.raises(HeiindexError, match=r"^training diverged: the loss is nan at epoch 1, batch 1"):
+            train(pipe.root, first, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
+    assert not first.exists()
     out = tmp_path / "r"
     with pytest.raises(HeiindexError, match=r"^training diverged: the loss is inf at epoch 2, batch 1; .*r/best and"):
         train(pipe.root, out, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
