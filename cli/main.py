@@ -6,6 +6,7 @@ Nothing here computes anything the library cannot do from Python.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def handle_errors(func):
         except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except BrokenPipeError:  # the reader went away (`heiindex bench --json | head`): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
+            sys.exit(1)
         except OSError as exc:  # a folder where a file was expected, no permission, a full disk, ...
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
@@ -409,6 +413,23 @@ def _index_path(index_dir: Path | None) -> Path:
     return index_dir or dd.last_built_index()
 
 
+def _check_engine_options(engine: str, address, threads, **local) -> None:
+    """Options that would be silently unused: ``--address`` and ``--threads`` without
+    ``--engine ray``, and with it the in-process ones given in ``local`` (name: value, None or
+    the default where not given)."""
+    if engine != "ray":
+        for name, value in (("--address", address), ("--threads", threads)):
+            if value is not None:
+                raise click.UsageError(f"{name} is for --engine ray (the shards' Ray actors)")
+        return
+    given = [name for name, value in local.items() if value not in (None, "cpu", "float32")]
+    if given:
+        flags = ", ".join(f"--{name}" for name in given)
+        raise click.UsageError(
+            f"{flags}: not used with --engine ray (each actor opens its shard on the CPU, in float32)"
+        )
+
+
 def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
     from heiindex.ray_engine import RayShardedIndex
 
@@ -498,6 +519,7 @@ def query(
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
+    _check_engine_options(engine, address, threads, device=device, dtype=dtype, codes=codes, uri=uri)
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
@@ -549,7 +571,7 @@ def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bo
             print_result(res, image_query)
     if not as_json:
         click.echo(
-            f"{n} queries in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
+            f"{n} quer{'y' if n == 1 else 'ies'} in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
             f"a query (Hamming top-{candidates}, re-ranked by the matcher, in batches)"
         )
 
@@ -564,7 +586,7 @@ def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bo
     "--plot",
     type=click.Path(path_type=Path),
     default=None,
-    help="PNG for the sweep (default: bench_sweep.png beside the index).",
+    help="PNG for the sweep (default: bench_sweep.png in the index folder, replaced by a later build there).",
 )
 @click.option(
     "--protocol",
@@ -598,6 +620,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         if not sweep_list:
             raise HeiindexError("--plot draws the --sweep table; give --sweep too")
         check_plot_path(plot)
+    _check_engine_options(engine, address, threads, device=device, dtype=dtype)
     if sweep_list and (engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None):
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
     if engine == "ray":

@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import HeiindexError
 from .ingest import ingest
 from .simulate import SimConfig, write_coco_sim_precomp
 
@@ -73,7 +74,14 @@ def _last_marker() -> Path:
 def last_built_index() -> Path:
     """The index the last ``build`` on the default data wrote (``test`` if none)."""
     marker = _last_marker()
-    return Path(marker.read_text().strip()) if marker.exists() else default_index_dir("test")
+    if not marker.exists():
+        return default_index_dir("test")
+    path = Path(marker.read_text().strip())
+    if not path.exists():  # else "no index here; run heiindex build first", as if none had been built
+        raise HeiindexError(
+            f"the last build on the default data wrote {path}, which is gone: give --index DIR, or build again"
+        )
+    return path
 
 
 def mark_last_built(path: Path) -> None:

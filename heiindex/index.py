@@ -458,6 +458,8 @@ class Index(BatchSearch):
             raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
         if source == "milvus" and built["store"] != "milvus":
             raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+        if uri is not None and source != "milvus":  # it would be ignored
+            raise HeiindexError(f"--uri names a Milvus server, but the codes of {path} are searched in its FAISS files")
         resolve_device(device)  # before the features are read
         check_precision(dtype)
         if source == "milvus" and device != "cpu":

@@ -174,8 +174,9 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     for name, value in (("--candidates", candidates), ("--k", k)):
         if not is_whole(value):
             raise HeiindexError(f"{name} must be a whole number, got {value!r}")
-    if candidates < 1 or k < 1:
-        raise HeiindexError("--candidates and --k must be at least 1")
+    for name, value in (("--candidates", candidates), ("--k", k)):
+        if value < 1:
+            raise HeiindexError(f"{name} must be at least 1, got {value}")
     return int(candidates), int(k)
 
 

@@ -35,6 +35,12 @@ def verify(path: str | Path) -> list[FileCheck]:
     a sharded index (each shard). ``DataError`` where ``path`` is none of these."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists() and (path / "config.json").is_file():  # a model or hash module folder
+        raise DataError(
+            path,
+            "a model or hash module folder: verify checks stores and indexes (a matcher's weights are "
+            "checked against its config.json whenever it is loaded)",
+        )
     if not manifest_path.exists() and (path / "vocab.json").is_file():  # a store root
         splits = manifest_folders(path)
         if not splits:

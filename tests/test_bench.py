@@ -184,7 +184,9 @@ def test_1k_protocol_averages_the_sweep_over_folds(index, monkeypatch):
 
 
 def test_1k_protocol_needs_whole_folds(index):
-    with pytest.raises(ValueError, match="24 images do not split into folds of 1000"):
+    with pytest.raises(
+        ValueError, match=r"COCO 1K \(--protocol 1k\) needs whole folds of 1000 images; this split has 24"
+    ):
         run_bench(index, topk=5, protocols="1k")
 
 

@@ -475,13 +475,47 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
             "no word of the query is in the model's vocabulary: xyzzyq, qwplk",
         ),
         (["--image", "77", "--candidates", "5", "--k", "3"], "image id 77 is not in this index"),
+        (["a dog", "--k", "0"], "--k must be at least 1, got 0"),
+        (["a dog", "--uri", "http://127.0.0.1:1"], "--uri names a Milvus server, but the codes of"),
     ],
-    ids=["candidates_images", "candidates_captions", "k", "empty", "blank", "all_unknown", "unknown_image"],
+    ids=[
+        "candidates_images",
+        "candidates_captions",
+        "k",
+        "empty",
+        "blank",
+        "all_unknown",
+        "unknown_image",
+        "k_zero",
+        "uri_without_milvus",
+    ],
 )
 def test_query_errors(pipe, args, detail):
     r = run("query", *args, "--index", pipe.index_dir)
     assert r.exit_code == 2
     clean_error(r, detail)
+
+
+@pytest.mark.parametrize(
+    "command, args, detail",
+    [
+        ("query", ["a dog", "--address", "auto"], "--address is for --engine ray"),
+        ("query", ["a dog", "--threads", "2"], "--threads is for --engine ray"),
+        ("bench", ["--threads", "2"], "--threads is for --engine ray"),
+        ("query", ["a dog", "--engine", "ray", "--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
+        ("bench", ["--engine", "ray", "--device", "cuda"], "--device: not used with --engine ray"),
+        ("query", ["a dog", "--engine", "ray", "--codes", "faiss"], "--codes: not used with --engine ray"),
+    ],
+)
+def test_options_that_would_go_unused_are_refused(pipe, monkeypatch, command, args, detail):
+    """They were accepted and did nothing; refused before any index is opened or Ray started."""
+    import heiindex.index
+    import heiindex.ray_engine
+
+    monkeypatch.setattr(heiindex.index.Index, "open", lambda *a, **k: pytest.fail("opened"))
+    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
+    r = run(command, *args, "--index", pipe.index_dir)
+    assert r.exit_code == 2 and detail in r.output
 
 
 def test_build_refuses_a_milvus_uri_without_milvus_codes(pipe, tmp_path):
@@ -582,3 +616,20 @@ def test_train_hash_defaults_are_the_library_defaults():
     )
     assert (params["bits"], params["pooling"]) == (HashConfig().bits, HashConfig().pooling)
     assert params["val_candidates"] == lib.val_candidates
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`heiindex bench --json | head` printed "Error: Broken pipe"; a command whose reader has gone
+    now exits 1 with nothing on stderr."""
+    import subprocess
+    import sys
+
+    code = (
+        "from heiindex_cli.main import handle_errors\n"
+        "@handle_errors\n"
+        "def command():\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "command()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (1, "")

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from heiindex import default_data as dd
 from heiindex.default_data import data_dir, default_hash_dir, default_model_dir
+from heiindex.errors import HeiindexError
 from heiindex.ingest import ingest
 from heiindex.precomp import read_captions
 from heiindex.simulate import SimConfig, simulate_images
@@ -88,3 +91,18 @@ def test_coco_sim_regenerates_after_a_change_of_feature_size(tmp_path, monkeypat
         SimConfig(regions=2, feature_dim=4, clutter_regions=0, background_regions=0), log=lambda *_: None
     )
     assert {SplitStore.open(store, s).feature_dim for s in ("train", "dev", "test")} == {4}
+
+
+def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypatch):
+    """The marker kept pointing at a removed --out, and plain `heiindex query` then said "no index
+    here; run heiindex build first" though the default index was there."""
+    monkeypatch.setattr(dd, "coco_sim_dir", lambda: tmp_path)
+    assert dd.last_built_index() == dd.default_index_dir("test")  # no marker: the default
+    (tmp_path / "index").mkdir()
+    dd.mark_last_built(tmp_path / "mine")
+    with pytest.raises(
+        HeiindexError, match=f"the last build on the default data wrote {tmp_path / 'mine'}, which is gone"
+    ):
+        dd.last_built_index()
+    (tmp_path / "mine").mkdir()
+    assert dd.last_built_index() == tmp_path / "mine"

@@ -594,8 +594,8 @@ def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
     "kwargs, detail",
     [
         ({"candidates": 25}, "--candidates 25 is larger than the 24 images in this index"),
-        ({"candidates": 0}, "--candidates and --k must be at least 1"),
-        ({"k": 0}, "--candidates and --k must be at least 1"),
+        ({"candidates": 0}, "--candidates must be at least 1, got 0"),
+        ({"k": 0}, "--k must be at least 1, got 0"),
         ({"k": 11, "candidates": 10}, "--k 11 is larger than --candidates 10"),
     ],
 )

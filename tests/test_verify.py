@@ -67,6 +67,9 @@ def test_what_cannot_be_verified_is_said(pipe, tmp_path):
     assert (check.path.name, check.status) == ("manifest.json", "unrecorded")
     with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
         verify(tmp_path / "nothing")
+    for folder in (pipe.model_dir, pipe.hash_dir):  # a model's vocab.json made it "a store root without splits"
+        with pytest.raises(DataError, match="a model or hash module folder: verify checks stores and indexes"):
+            verify(folder)
     m["files"] = {"images.faiss": {"bytes": "12"}}
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match=r'field "files.images.faiss" must hold "bytes" and "sha256"'):
