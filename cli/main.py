@@ -26,7 +26,7 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_as_flag(exc)}", err=True)
             sys.exit(2)
         except BrokenPipeError:  # the reader went away (`heiindex bench --json | head`): nothing to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
@@ -37,6 +37,20 @@ def handle_errors(func):
             sys.exit(2)
 
     return wrapper
+
+
+def _as_flag(exc: Exception) -> str:
+    """The message of ``exc``; a setting the library names ("epochs must be ...") named by this
+    command's flag for it ("--epochs must be ...") where it has one."""
+    from heiindex.settings import SettingError
+
+    ctx = click.get_current_context(silent=True)
+    message = str(exc)
+    if isinstance(exc, SettingError) and ctx is not None and message.startswith(exc.setting):
+        for param in ctx.command.params:
+            if param.name == exc.setting and isinstance(param, click.Option):
+                return param.opts[0] + message[len(exc.setting) :]
+    return message
 
 
 def path_option(*names: str, help: str):

@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["is_whole", "require"]
+__all__ = ["SettingError", "is_whole", "require"]
+
+
+class SettingError(ValueError):
+    """A setting out of range; ``setting`` is its name (the CLI names the flag that set it)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def is_whole(value) -> bool:
@@ -33,7 +41,7 @@ def require(name: str, value, *, at_least: float | None = None, above: float | N
             want.append(f"at least {_num(at_least)}")
         if above is not None:
             want.append(f"greater than {_num(above)}")
-        raise ValueError(f"{name} must be {', '.join(want)}, got {value!r}")
+        raise SettingError(name, f"{name} must be {', '.join(want)}, got {value!r}")
     return int(value) if integer else value
 
 

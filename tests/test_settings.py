@@ -112,17 +112,19 @@ def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_pat
 
 
 def test_the_cli_names_the_setting(pipe, tmp_path):
+    """By its flag: "batch_size must be" named the library's field, not --batch-size."""
     for args, message in (
-        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--lr", "nan"), "lr must be a finite number"),
-        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--batch-size", "1"), "batch_size must be"),
+        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--lr", "nan"), "--lr must be a finite number"),
+        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--batch-size", "1"), "--batch-size must be"),
+        (("train", "--store", pipe.root, "--out", tmp_path / "t", "--val-images", "0"), "--val-images must be"),
         (
             ("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", tmp_path / "h", "--epochs", "0"),
-            "epochs must be a whole number, at least 1, got 0",
+            "--epochs must be a whole number, at least 1, got 0",
         ),
         (
             ("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
             + ("--out", tmp_path / "i", "--index", "ivf", "--nlist", "-3"),
-            "nlist must be a whole number, at least 1, got -3",
+            "--nlist must be a whole number, at least 1, got -3",
         ),
     ):
         r = run(*args)
