@@ -35,9 +35,11 @@ def search_table(result, image_query: bool) -> Table:
 
 
 def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    """R@K rows; a seconds column where any row has its own time (evaluate's rows share one)."""
+    timed = any("seconds" in r for _, r in rows)
     table = Table(title=title)
     table.add_column("method")
-    for col in ("R@1", "R@5", "R@10", "medr", "meanr", "rsum", "seconds"):
+    for col in ("R@1", "R@5", "R@10", "medr", "meanr", "rsum", *(("seconds",) if timed else ())):
         table.add_column(col, justify="right")
     for name, r in rows:
         table.add_row(
@@ -48,7 +50,7 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             "-" if r["medr"] is None else f"{r['medr']:.0f}",
             "-" if r["meanr"] is None else f"{r['meanr']:.1f}",
             f"{r['rsum']:.1f}",
-            _seconds(r),
+            *((_seconds(r),) if timed else ()),
         )
     return table
 
@@ -64,10 +66,8 @@ def verify_table(path, checks) -> Table:
 
 def _seconds(r: dict) -> str:
     """A stage's seconds; "-" where it has none of its own (the sharded bench times HEI and
-    Hamming ranking together), blank where the table has no timings."""
-    if "seconds" not in r:
-        return ""
-    return "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+    Hamming ranking together)."""
+    return "-" if r.get("seconds") is None else f"{r['seconds']:.2f}"
 
 
 def bench_tables(proto_name: str, res: dict) -> list[Table]:

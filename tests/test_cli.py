@@ -356,6 +356,7 @@ def test_evaluate(pipe):
     r = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test"))
     assert "test: exhaustive (24 images, 120 captions)" in r.output
     assert f"rsum {want.rsum:.1f}" in r.output
+    assert "seconds" not in r.output  # the one time is in the footer: no empty column
 
 
 # -- errors -----------------------------------------------------------------------------------
