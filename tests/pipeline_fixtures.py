@@ -286,6 +286,19 @@ def get_wide_store(tmp_path_factory) -> Path:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def edit_column(path: Path, column: str, edit) -> np.ndarray:
+    """Rewrite the integer ``column`` of the Parquet file ``path`` as ``edit`` leaves a copy of
+    it (a crafted bad input); returns the values written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    values = table.column(column).to_numpy().copy()
+    edit(values)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), path)
+    return values
+
+
 def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n, m) Hamming distances of packed uint8 codes, by unpacking and counting differing bits."""
     ua = np.unpackbits(np.asarray(a, dtype=np.uint8), axis=1).astype(bool)

@@ -925,11 +925,7 @@ def test_features_files_are_checked_from_their_footers_before_they_are_read(pipe
 def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
     """A build over such a store succeeded and every query then failed with KeyError."""
     out = _copy_index(pipe, tmp_path)
-    table = pq.read_table(out / "caption_features.parquet")
-    ids = table.column("image_id").to_numpy().copy()
-    ids[7] = 10**6
-    table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids))
-    pq.write_table(table, out / "caption_features.parquet")
+    pf.edit_column(out / "caption_features.parquet", "image_id", lambda ids: ids.__setitem__(7, 10**6))
     with pytest.raises(
         DataError, match=r"caption_features.parquet: caption row 7 \(and 0 more\) names image_id 1000000"
     ):
@@ -939,27 +935,14 @@ def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
 def test_repeated_ids_are_refused_by_the_build_and_by_open(pipe, tmp_path):
     """An image id on two rows was built: the index gave its captions to the first row, evaluation
     to the last, so the two graded against different images."""
-    from heiindex.shards import write_shards
-
     root = tmp_path / "store"
     shutil.copytree(pipe.root, root)
-    path = root / "test" / "images.parquet"
-    table = pq.read_table(path)
-    ids = table.column("image_id").to_numpy().copy()
-    ids[1] = ids[0]
-    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids)), path)
-    detail = rf'test/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\); each row needs its own id'
-    with pytest.raises(DataError, match=detail):
-        Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")
-    with pytest.raises(DataError, match=detail):
-        write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    ids = pf.edit_column(root / "test" / "images.parquet", "image_id", lambda ids: ids.__setitem__(1, ids[0]))
+    _both_builds_refuse(
+        pipe, root, tmp_path, rf'test/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\); each'
+    )
     out = _copy_index(pipe, tmp_path)
-    table = pq.read_table(out / "caption_features.parquet")
-    ids = table.column("caption_id").to_numpy().copy()
-    ids[[4, 8, 9]] = ids[3]
-    table = table.set_column(table.schema.get_field_index("caption_id"), "caption_id", pa.array(ids))
-    pq.write_table(table, out / "caption_features.parquet")
+    ids = pf.edit_column(out / "caption_features.parquet", "caption_id", lambda ids: ids.__setitem__([4, 8, 9], ids[3]))
     with pytest.raises(DataError, match=rf'caption_features.parquet: column "caption_id" repeats 1 ids \({ids[3]}\)'):
         Index.open(out)
 
@@ -967,16 +950,18 @@ def test_repeated_ids_are_refused_by_the_build_and_by_open(pipe, tmp_path):
 def test_a_store_whose_captions_name_a_missing_image_is_not_built(pipe, tmp_path):
     """A hand-made store like this was built: unsharded into an index no query could open, sharded
     with those captions dropped without a word. Now both builds refuse it before any encoding."""
-    from heiindex.shards import write_shards
-
     root = tmp_path / "store"
     shutil.copytree(pipe.root, root)
-    path = root / "test" / "captions.parquet"
-    table = pq.read_table(path)
-    ids = table.column("image_id").to_numpy().copy()
-    ids[[3, 50]] = 10**6
-    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids)), path)
+    pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__([3, 50], 10**6))
     detail = r"test/captions.parquet: caption row 3 \(and 1 more\) names image_id 1000000, which images.parquet"
+    _both_builds_refuse(pipe, root, tmp_path, detail)
+
+
+def _both_builds_refuse(pipe, root, tmp_path, detail: str) -> None:
+    """The store at ``root`` is refused, naming ``detail``, by a build and a sharded build, which
+    write nothing beside it."""
+    from heiindex.shards import write_shards
+
     with pytest.raises(DataError, match=detail):
         Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")
     with pytest.raises(DataError, match=detail):

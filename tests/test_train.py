@@ -9,8 +9,6 @@ import shutil
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -136,11 +134,7 @@ def test_training_batches_pair_captions_with_their_images_whatever_the_ids():
 def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(pipe.root, root)
-    path = root / "train" / "captions.parquet"
-    table = pq.read_table(path)
-    ids = table.column("caption_id").to_numpy().copy()
-    ids[5] = ids[9]
-    pq.write_table(table.set_column(table.schema.get_field_index("caption_id"), "caption_id", pa.array(ids)), path)
+    ids = pf.edit_column(root / "train" / "captions.parquet", "caption_id", lambda ids: ids.__setitem__(5, ids[9]))
     with pytest.raises(DataError, match=rf'train/captions.parquet: column "caption_id" repeats 1 ids \({ids[9]}\)'):
         train(root, tmp_path / "r", pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=1), log=pf.quiet)
     assert not (tmp_path / "r").exists()
