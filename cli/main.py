@@ -540,16 +540,16 @@ def query(
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
     if queries_file is not None:
         where = lambda i: f"{name} line {i + 1}"  # noqa: E731
-        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), candidates, as_json, False)
+        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), candidates, k, as_json, False)
         return
     if len(image_ids) > 1:
-        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), candidates, as_json, True)
+        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), candidates, k, as_json, True)
         return
     res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
         echo_json(res.to_dict())
         return
-    print_result(res, bool(image_ids))
+    print_result(res, bool(image_ids), k)
     click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
 
 
@@ -569,7 +569,7 @@ def _query_lines(file, name: str) -> list[str]:
     return lines
 
 
-def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bool) -> None:
+def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_query: bool) -> None:
     """Results of several queries (all checked before the first came), each printed as its batch
     ends: a table each, or one JSON object a line."""
     from tqdm import tqdm
@@ -582,7 +582,7 @@ def _print_many(results, n: int, candidates: int, as_json: bool, image_query: bo
         if as_json:
             echo_json(res.to_dict(), line=True)
         else:
-            print_result(res, image_query)
+            print_result(res, image_query, k)
     if not as_json:
         click.echo(
             f"{n} quer{'y' if n == 1 else 'ies'} in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "

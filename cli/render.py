@@ -15,11 +15,17 @@ def echo_json(data, line: bool = False) -> None:
     print(json.dumps(data, indent=None if line else 2, default=float))
 
 
-def print_result(result, image_query: bool) -> None:
-    """One query's hits as a table, and the query's unknown words if any."""
+def print_result(result, image_query: bool, k: int) -> None:
+    """One query's hits as a table, the query's unknown words if any, and a line where fewer
+    than the ``k`` asked for came back."""
     console.print(search_table(result, image_query))
     if result.unknown_words:
         print(f"unknown words (mapped to <unk>): {', '.join(result.unknown_words)}")
+    if len(result.results) < k:  # an approximate index's search can come back short
+        print(
+            f"{len(result.results)} of the {k} results asked for: the index's approximate search (IVF or HNSW) "
+            "returned fewer candidates (an IVF index built with a larger --nprobe probes more lists)"
+        )
 
 
 def search_table(result, image_query: bool) -> Table:

@@ -52,6 +52,18 @@ def test_build_ivf(pipe, tmp_path):
     assert Index.open(tmp_path / "ivf").manifest["index"] == {**ivf, "images": ivf, "captions": ivf}
 
 
+def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
+    """An IVF index probing one list of 8 finds fewer than 20 of 24 images; the table was just
+    shorter than --k, with nothing said."""
+    ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "8", "--nprobe", "1"))
+    found = Index.open(tmp_path / "ivf").search("a dog", k=20, candidates=20).results
+    assert 0 < len(found) < 20
+    r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "20", "--candidates", "20"))
+    assert f"{len(found)} of the 20 results asked for: the index's approximate search (IVF or HNSW)" in r.output
+    r = ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "20", "--candidates", "20"))  # flat: all 20
+    assert "results asked for" not in r.output
+
+
 # -- query ------------------------------------------------------------------------------------
 
 
