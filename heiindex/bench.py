@@ -228,6 +228,7 @@ def run_bench(
     full = protocols in ("auto", "full")
     folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and index.n_images == 5000) else []
     _check_depths(index, topk, sweep, full, folds)
+    check_captioned(index.caption_image, index.n_images)  # before any pass, not after the first
     out: dict = {
         "split": index.manifest["split"],
         "index": str(index.path),

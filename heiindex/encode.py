@@ -146,9 +146,10 @@ def encode_split(
         model = model.model
     else:
         check_encodable(model, store)
+    caps = store.captions()
+    store.check_ids(caps, every_image_captioned=True)  # one row per id, and each image has ground truth
     model.eval()
     ids, regions = encode_images(model, store, progress=progress, limit=max_images)
-    caps = store.captions()
     row_of = {int(i): r for r, i in enumerate(ids)}
     keep = np.array([int(i) in row_of for i in caps.image_ids], dtype=bool)
     if not keep.all():

@@ -32,6 +32,7 @@ from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
+from .evaluation import check_captioned
 from .hamming import check_index_options
 from .index import (
     INDEX_OUTPUT,
@@ -361,6 +362,7 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     image_ids = np.concatenate([m["image_ids"] for m in metas])
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     caption_image = np.array([row_of[int(i)] for m in metas for i in m["caption_image_ids"]])
+    check_captioned(caption_image, len(image_ids))  # before any pass, not after the first
     img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
 
     t0 = time.perf_counter()

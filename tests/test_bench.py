@@ -269,3 +269,26 @@ def test_folds_are_averaged_but_their_seconds_summed():
         "sweep": [{"n": 10, "t2i": 0.375}, {"n": 20, "t2i": 0.875}],
         "dtype": "float32",
     }
+
+
+def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_path, monkeypatch):
+    """Such a build serves queries, but i2t recall would count the image a miss: the bench refused
+    it only after the text-to-image pass (and the sharded bench after both directions' searches)."""
+    import shutil
+
+    from heiindex.errors import HeiindexError
+    from heiindex.shards import ShardedIndex, build_shards, run_sharded_bench
+
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1]))
+    Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")  # a gallery may hold such images
+    build_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
+    monkeypatch.setattr(bench, "_hei", lambda *a: pytest.fail("a pass began"))
+    monkeypatch.setattr(ShardedIndex, "bench_captions", lambda *a: pytest.fail("a pass began"))
+    for go in (
+        lambda: run_bench(Index.open(tmp_path / "i"), 5),
+        lambda: run_sharded_bench(ShardedIndex.open(tmp_path / "s"), 5),
+    ):
+        with pytest.raises(HeiindexError, match=r"^1 of 24 images have no caption \(image rows 0\)"):
+            go()
