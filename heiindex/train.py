@@ -125,15 +125,16 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
             yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci], ci
 
 
-def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str) -> float:
-    """The loss of a training step as a float; ``HeiindexError`` where it is NaN or infinite
-    (before the optimizer step: the weights stay finite), naming the epoch and batch and what
-    ``kept`` (what earlier epochs wrote). A diverged run otherwise went on with NaN weights, and
-    NaN scores rank every ground truth first (``evaluation.check_finite`` now refuses them)."""
+def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str, what: str = "the loss") -> float:
+    """The loss (or ``what`` else) of a training step as a float; ``HeiindexError`` where it is
+    NaN or infinite (before the optimizer step: the weights stay finite), naming the epoch and
+    batch and what ``kept`` (what earlier epochs wrote). A diverged run otherwise went on with
+    NaN weights, and NaN scores rank every ground truth first (``evaluation.check_finite`` now
+    refuses them)."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise HeiindexError(
-            f"training diverged: the loss is {value} at epoch {epoch + 1}, batch {step + 1}; {kept} "
+            f"training diverged: {what} is {value} at epoch {epoch + 1}, batch {step + 1}; {kept} "
             "(a lower --lr may help)"
         )
     return value
@@ -220,13 +221,13 @@ def train(
             scores = model.score(words, lens_t, regions)
             hardest = config.max_violation and epoch >= config.warmup_sum_epochs
             loss = contrastive_loss(scores, torch.from_numpy(img_ids), config.margin, hardest)
-            value = finite_loss(
-                loss, epoch, steps, f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
-            )
+            kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
+            value = finite_loss(loss, epoch, steps, kept)
             opt.zero_grad()
             loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            # the gradients' norm (clipped to grad_clip where set): a finite loss can still give inf
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+            finite_loss(norm, epoch, steps, kept, "the gradient norm")
             opt.step()
             pairs += len(lens) ** 2
             loss_sum += value

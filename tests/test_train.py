@@ -131,12 +131,32 @@ def test_training_batches_pair_captions_with_their_images_whatever_the_ids():
     assert got == {-1: 10.0, 7: 11.0, 2: 12.0, 30: 13.0}
 
 
-def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path):
+def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypatch):
+    import heiindex.train as tr
+
+    monkeypatch.setattr(tr, "iter_training_batches", lambda *a: pytest.fail("an epoch began"))
     root = tmp_path / "store"
     shutil.copytree(pipe.root, root)
     ids = pf.edit_column(root / "train" / "captions.parquet", "caption_id", lambda ids: ids.__setitem__(5, ids[9]))
+    cfg = pf.model_config(_vocab_size(pipe.root))
     with pytest.raises(DataError, match=rf'train/captions.parquet: column "caption_id" repeats 1 ids \({ids[9]}\)'):
-        train(root, tmp_path / "r", pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=1), log=pf.quiet)
+        train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
+    shutil.copy(pipe.root / "train" / "captions.parquet", root / "train" / "captions.parquet")
+    # the dev split: a repeated image id left one row without captions, refused only after an epoch
+    ids = pf.edit_column(root / "dev" / "images.parquet", "image_id", lambda ids: ids.__setitem__(1, ids[0]))
+    with pytest.raises(DataError, match=rf'dev/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\)'):
+        train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
+    shutil.copy(pipe.root / "dev" / "images.parquet", root / "dev" / "images.parquet")
+    # a dev image without a caption: recall would count it a miss
+    caption_image = pf.edit_column(
+        root / "dev" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1])
+    )
+    bare = SplitStore.open(root, "dev")._images_file().read(columns=["image_id"]).column("image_id").to_numpy()[0]
+    assert bare not in caption_image
+    with pytest.raises(
+        DataError, match=rf"dev/captions.parquet: 1 images of images.parquet have no caption here \(image_id {bare}\)"
+    ):
+        train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     assert not (tmp_path / "r").exists()
 
 
@@ -226,6 +246,10 @@ def test_training_stops_when_the_loss_is_not_finite_and_keeps_the_epochs_before(
         with pytest.raises(HeiindexError, match=r"^training diverged: the loss is nan at epoch 1, batch 1"):
             train(pipe.root, first, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
     assert not first.exists()
+    with monkeypatch.context() as m:  # a finite loss whose gradient is not: sqrt at 0, times abs' 0
+        m.setattr(tr, "contrastive_loss", lambda s, *a: real_loss(s, *a) + torch.sqrt((s - s.detach()).abs().sum()))
+        with pytest.raises(HeiindexError, match=r"^training diverged: the gradient norm is nan at epoch 1, batch 1"):
+            train(pipe.root, first, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
     out = tmp_path / "r"
     with pytest.raises(HeiindexError, match=r"^training diverged: the loss is inf at epoch 2, batch 1; .*r/best and"):
         train(pipe.root, out, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
