@@ -144,15 +144,15 @@ class PrecompSplit:
                 shape=(n_rows, self.regions, self.feature_dim),
             )
             block = np.array(mm[:: self.rows_per_image], dtype=np.float32)
-            if self.rows_per_image > 1:
-                self._check_repeated(mm, start)
-            del mm  # unmap: the pages leave this process's resident set
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 bad = start + int(np.flatnonzero(~finite)[0])
                 raise DataError(
                     self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features"
                 )
+            if self.rows_per_image > 1:  # after the NaN check: NaN differs from itself
+                self._check_repeated(mm, start)
+            del mm  # unmap: the pages leave this process's resident set
             yield start, block
 
     def _check_repeated(self, mm: np.ndarray, start: int) -> None:

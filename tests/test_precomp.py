@@ -174,10 +174,11 @@ def test_bad_input_raises_data_error_naming_the_file(bad_precomp):
     assert bad_precomp.detail in str(info.value)
 
 
-def test_non_finite_found_in_a_later_block_names_the_image(make_precomp):
+@pytest.mark.parametrize("region", [1, 0])  # 0: the region the repeats are compared on (NaN != NaN)
+def test_non_finite_found_in_a_later_block_names_the_image(make_precomp, region):
     folder, _, _ = make_precomp(n_images=7, rows_per_image=5)
     a = np.load(folder / "test_ims.npy")
-    a[25, 1, 1] = np.nan  # image 5
+    a[25:30, region, 1] = np.nan  # image 5, in each of its repeated rows
     np.save(folder / "test_ims.npy", a)
     s = _open(folder)
     it = s.iter_image_blocks(block_images=2)
