@@ -464,7 +464,7 @@ def _open_index(
 
     path = _index_path(index_dir)
     if sharded_manifest(path) is not None:
-        if codes == "milvus":
+        if codes == "milvus" or uri is not None:
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
         return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
     return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
@@ -533,7 +533,9 @@ def query(
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
-    _check_engine_options(engine, address, threads, device=device, dtype=dtype, codes=codes, uri=uri)
+    _check_engine_options(
+        engine, address, threads, model=model_dir, hash=hash_dir, device=device, dtype=dtype, codes=codes, uri=uri
+    )
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
@@ -635,8 +637,11 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
             raise HeiindexError("--plot draws the --sweep table; give --sweep too")
         check_plot_path(plot)
     _check_engine_options(engine, address, threads, device=device, dtype=dtype)
-    if sweep_list and (engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None):
+    sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
+    if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
+    if sharded and protocol == "1k":
+        raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
