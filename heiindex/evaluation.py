@@ -20,7 +20,6 @@ __all__ = [
     "check_finite",
     "coco_folds",
     "i2t_ranks",
-    "rank_from_candidates",
     "recall",
     "t2i_ranks",
 ]
@@ -113,24 +112,6 @@ def i2t_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarr
     for s in range(0, n_imgs, block):
         at_least[s : s + block] = (scores[s : s + block] >= best[s : s + block, None]).sum(axis=1)
     return at_least - ties_own + 1
-
-
-def rank_from_candidates(candidates: np.ndarray, relevant: list[set[int]] | np.ndarray) -> np.ndarray:
-    """1-based rank of the first relevant item in each ranked candidate list (``inf`` if absent).
-
-    candidates: (n_q, N) item ids, best first; relevant: for each query its set of relevant ids
-    (or an (n_q,) array of single ids).
-    """
-    candidates = np.asarray(candidates)
-    out = np.full(len(candidates), np.inf)
-    for q, row in enumerate(candidates):
-        rel = relevant[q]
-        rel = rel if isinstance(rel, set) else {int(rel)}
-        for pos, item in enumerate(row):
-            if int(item) in rel:
-                out[q] = pos + 1
-                break
-    return out
 
 
 def coco_folds(n_images: int, fold_size: int = 1000) -> list[tuple[int, int]]:

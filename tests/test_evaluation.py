@@ -11,7 +11,7 @@ from heiindex.attention import score_block
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import HeiindexError
-from heiindex.evaluation import Recall, coco_folds, i2t_ranks, rank_from_candidates, recall, t2i_ranks
+from heiindex.evaluation import Recall, coco_folds, i2t_ranks, recall, t2i_ranks
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
 
@@ -160,12 +160,6 @@ def test_candidate_ranks_count_ties_against_the_ground_truth():
     cand = np.array([[2, 0, 1, 3], [0, 1, 2, 3]])
     scores = np.array([[0.7, 0.7, 0.7, 0.1], [0.9, 0.1, 0.1, 0.1]], dtype=np.float32)
     assert candidate_ranks("i2t", cand, scores, caption_image)[0].tolist() == [2.0, 3.0]
-
-
-def test_rank_from_candidates():
-    cand = np.array([[3, 1, 2], [0, 5, 6], [7, 8, 9]])
-    np.testing.assert_array_equal(rank_from_candidates(cand, [{1}, {9}, {9, 8}]), [2, np.inf, 2])
-    np.testing.assert_array_equal(rank_from_candidates(cand, np.array([2, 0, 7])), [3, 1, 1])
 
 
 def test_coco_folds():
