@@ -147,7 +147,8 @@ def encode_split(
     else:
         check_encodable(model, store)
     caps = store.captions()
-    store.check_ids(caps, every_image_captioned=True)  # one row per id, and each image has ground truth
+    n = store.n_images if max_images is None else max_images
+    store.check_ids(caps, captioned=n)  # one row per id, and each image evaluated has ground truth
     model.eval()
     ids, regions = encode_images(model, store, progress=progress, limit=max_images)
     row_of = {int(i): r for r, i in enumerate(ids)}

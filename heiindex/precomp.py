@@ -150,7 +150,7 @@ class PrecompSplit:
                 raise DataError(
                     self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features"
                 )
-            if self.rows_per_image > 1:  # after the NaN check: NaN differs from itself
+            if self.rows_per_image > 1:
                 self._check_repeated(mm, start)
             del mm  # unmap: the pages leave this process's resident set
             yield start, block
@@ -162,6 +162,11 @@ class PrecompSplit:
         Compared here: each row's first region (a page or two of each row, not the whole file)."""
         k = self.rows_per_image
         groups = np.asarray(mm[:, 0, :]).reshape(-1, k, self.feature_dim)
+        finite = np.isfinite(groups).all(axis=2)  # a NaN differs from itself: named as what it is
+        if not finite.all():
+            image, repeat = (int(x[0]) for x in np.nonzero(~finite))
+            row = (start + image) * k + repeat
+            raise DataError(self.images_path, f"image {start + image} (row {row}) has NaN or Inf features")
         differs = np.flatnonzero((groups != groups[:, :1]).any(axis=(1, 2)))
         if len(differs):
             image = start + int(differs[0])

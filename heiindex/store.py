@@ -488,25 +488,25 @@ class SplitStore:
     def n_row_groups(self) -> int:
         return self._images_file().num_row_groups
 
-    def check_ids(self, captions: CaptionTable, every_image_captioned: bool = False) -> None:
+    def check_ids(self, captions: CaptionTable, captioned: int = 0) -> None:
         """``DataError`` naming the file unless image ids and caption ids are each distinct and
         every caption's image_id is an image of this split (ingest writes such stores; a
         hand-made one may not be: a build dropped the captions of a sharded split and wrote an
         index no query could use; a repeated image id gave its captions to one of its rows in
-        the index and to the other in evaluation). ``every_image_captioned``: also every image
-        has a caption, as recall needs (an index may hold images no caption describes)."""
+        the index and to the other in evaluation). ``captioned``: the first that many images
+        must each have a caption, as recall over them needs (an index may hold images no
+        caption describes)."""
         ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
         check_distinct(self.images_path, ids, "image_id")
         check_distinct(self.captions_path, captions.caption_ids, "caption_id")
         check_caption_image_ids(self.captions_path, captions.image_ids, ids, IMAGES_FILE)
-        if every_image_captioned:
-            bare = ids[~np.isin(ids, captions.image_ids)]
-            if len(bare):
-                raise DataError(
-                    self.captions_path,
-                    f"{len(bare)} images of {IMAGES_FILE} have no caption here (image_id "
-                    f"{name_some([str(int(i)) for i in bare])}); recall is measured over captioned images",
-                )
+        bare = ids[:captioned][~np.isin(ids[:captioned], captions.image_ids)]
+        if len(bare):
+            raise DataError(
+                self.captions_path,
+                f"{len(bare)} of the {min(captioned, len(ids))} images evaluated have no caption (image_id "
+                f"{name_some([str(int(i)) for i in bare])}); image-to-text recall needs at least one per image",
+            )
 
     def read_row_group(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored block: ``(image_ids, features (b, R, D))`` (for shuffled training passes)."""

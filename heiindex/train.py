@@ -168,7 +168,7 @@ def train(
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
     caps = tr.captions()
     tr.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
-    va.check_ids(va.captions(), every_image_captioned=True)  # now, not after the first epoch
+    va.check_ids(va.captions(), captioned=config.val_images)  # now, not after the first epoch
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
 
     torch.manual_seed(config.seed)

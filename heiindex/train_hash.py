@@ -304,7 +304,7 @@ def train_hash(
     for store in (tr, va):
         matcher.check_store(store)
     check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
-    va.check_ids(va.captions(), every_image_captioned=True)  # its recall picks the best epoch
+    va.check_ids(va.captions(), captioned=va.n_images)  # its recall picks the best epoch
     if config.val_candidates >= va.n_images:  # every image a candidate: t2i recall 100%, selecting nothing
         raise HeiindexError(
             f"--val-candidates {config.val_candidates} must be below the {va.n_images} images of the "

@@ -174,17 +174,19 @@ def test_bad_input_raises_data_error_naming_the_file(bad_precomp):
     assert bad_precomp.detail in str(info.value)
 
 
-@pytest.mark.parametrize("region", [1, 0])  # 0: the region the repeats are compared on (NaN != NaN)
-def test_non_finite_found_in_a_later_block_names_the_image(make_precomp, region):
+@pytest.mark.parametrize(
+    "rows, region, row", [(slice(25, 30), 1, 25), (slice(25, 30), 0, 25), (slice(27, 28), 0, 27)]
+)  # region 0: the one the repeats are compared on (NaN != NaN); row 27: a repeat, not the row read
+def test_non_finite_found_in_a_later_block_names_the_image(make_precomp, rows, region, row):
     folder, _, _ = make_precomp(n_images=7, rows_per_image=5)
     a = np.load(folder / "test_ims.npy")
-    a[25:30, region, 1] = np.nan  # image 5, in each of its repeated rows
+    a[rows, region, 1] = np.nan  # image 5
     np.save(folder / "test_ims.npy", a)
     s = _open(folder)
     it = s.iter_image_blocks(block_images=2)
     assert next(it)[0] == 0
     assert next(it)[0] == 2
-    with pytest.raises(DataError, match=r"image 5 \(row 25\) has NaN or Inf"):
+    with pytest.raises(DataError, match=rf"image 5 \(row {row}\) has NaN or Inf"):
         next(it)
 
 

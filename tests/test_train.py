@@ -147,16 +147,17 @@ def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypa
     with pytest.raises(DataError, match=rf'dev/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\)'):
         train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     shutil.copy(pipe.root / "dev" / "images.parquet", root / "dev" / "images.parquet")
-    # a dev image without a caption: recall would count it a miss
-    caption_image = pf.edit_column(
-        root / "dev" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1])
-    )
-    bare = SplitStore.open(root, "dev")._images_file().read(columns=["image_id"]).column("image_id").to_numpy()[0]
-    assert bare not in caption_image
+    # a dev image without a caption: recall would count it a miss (unless --val-images leaves it out)
+    dev_ids = SplitStore.open(root, "dev")._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+    path = root / "dev" / "captions.parquet"
+    pf.edit_column(path, "image_id", lambda ids: ids.__setitem__(ids == dev_ids[-1], dev_ids[0]))  # the last one bare
     with pytest.raises(
-        DataError, match=rf"dev/captions.parquet: 1 images of images.parquet have no caption here \(image_id {bare}\)"
+        DataError,
+        match=rf"dev/captions.parquet: 1 of the 24 images evaluated have no caption \(image_id {dev_ids[-1]}\)",
     ):
         train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
+    with pytest.raises(pytest.fail.Exception, match="an epoch began"):  # the first 23 only: accepted
+        train(root, tmp_path / "r", cfg, pf.train_config(epochs=1, val_images=23), log=pf.quiet)
     assert not (tmp_path / "r").exists()
 
 
@@ -248,8 +249,13 @@ def test_training_stops_when_the_loss_is_not_finite_and_keeps_the_epochs_before(
     assert not first.exists()
     with monkeypatch.context() as m:  # a finite loss whose gradient is not: sqrt at 0, times abs' 0
         m.setattr(tr, "contrastive_loss", lambda s, *a: real_loss(s, *a) + torch.sqrt((s - s.detach()).abs().sum()))
-        with pytest.raises(HeiindexError, match=r"^training diverged: the gradient norm is nan at epoch 1, batch 1"):
-            train(pipe.root, first, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
+        for clip in (2.0, 0.0):  # 0: no clipping, the norm is still checked
+            with pytest.raises(
+                HeiindexError, match=r"^training diverged: the gradient norm is nan at epoch 1, batch 1"
+            ):
+                cfg = pf.train_config(epochs=3, grad_clip=clip)
+                train(pipe.root, first, pf.model_config(_vocab_size(pipe.root)), cfg, log=pf.quiet)
+            assert not first.exists()
     out = tmp_path / "r"
     with pytest.raises(HeiindexError, match=r"^training diverged: the loss is inf at epoch 2, batch 1; .*r/best and"):
         train(pipe.root, out, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=3), log=pf.quiet)
