@@ -114,6 +114,15 @@ def test_i2t_on_a_larger_matrix_matches_a_per_image_count():
     np.testing.assert_array_equal(i2t_ranks(scores, gt), want)
 
 
+def test_recall_figures_print_without_float_noise():
+    """--json printed "r5": 73.61999999999999 and "rsum": 197.83999999999997."""
+    import json
+
+    ranks = np.array([1.0] * 2144 + [5.0] * 1495 + [10.0] * 470 + [50.0] * 891)  # coco-sim's t2i counts
+    d = recall(ranks).to_dict()
+    assert json.dumps([d["r1"], d["r5"], d["r10"], d["rsum"]]) == "[42.88, 72.78, 82.18, 197.84]"
+
+
 def test_recall_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no ranks"):
         recall(np.array([]))
