@@ -23,8 +23,8 @@ __all__ = ["tokenize"]
 _ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "st", "ave", "jr", "sr", "vs", "mt")
 _SENTENCE_END = re.compile(
     "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS)  # punkt keeps "st." / "dr." whole
-    + r"(?<!\b[a-z])"  # and initials ("w.")
-    + r"(?<!\.[a-z])(?<=[a-z)\]\"'])\.(?=\s+\S)"
+    + r"(?<!\b[^\W\d_])"  # and initials ("w.")
+    + r"(?<!\.[^\W\d_])(?<=[^\W\d_)\]\"'])\.(?=\s+\S)"  # letters: any alphabet's ("café. a dog")
 )
 
 

@@ -126,6 +126,10 @@ def test_contractions_split_like_treebank(text, tokens):
         ("the U.S. flag. a dog", ["the", "u.s.", "flag", ".", "a", "dog"]),
         # A number keeps its decimal point; a final period is split off.
         ("a 1.5 liter bottle.", ["a", "1.5", "liter", "bottle", "."]),
+        # Letters of any alphabet end a sentence (the rule knew a-z only: "café." stayed one word)
+        ("A café. a dog sits", ["a", "café", ".", "a", "dog", "sits"]),
+        ("a résumé. yes", ["a", "résumé", ".", "yes"]),
+        ("é. smith sits", ["é.", "smith", "sits"]),  # an initial, as "w."
     ],
 )
 def test_period_ending_a_sentence_mid_line(text, tokens):
