@@ -137,5 +137,7 @@ def load_model(path: str | Path) -> LoadedModel:
     actual = model_checksum(model)
     if info.get("weights_sha256") not in (None, actual):
         raise DataError(weights, "weights checksum differs from config.json; the folder was modified")
+    if info.get("vocab_sha256") not in (None, vocab.checksum):  # a changed vocab.json re-maps every query word
+        raise DataError(path / VOCAB_FILE, "vocabulary checksum differs from config.json; the folder was modified")
     info["weights_sha256"] = actual
     return LoadedModel(model, vocab, path, info)

@@ -38,14 +38,15 @@ def verify(path: str | Path) -> list[FileCheck]:
     if not manifest_path.exists() and (path / "config.json").is_file():  # a model or hash module folder
         raise DataError(
             path,
-            "a model or hash module folder: verify checks stores and indexes (a matcher's weights are "
+            "a model or hash module folder: verify checks stores and indexes (a matcher's weights and vocabulary are "
             "checked against its config.json whenever it is loaded)",
         )
     if not manifest_path.exists() and (path / "vocab.json").is_file():  # a store root
         splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
-        return [check for split in splits for check in verify(split)]
+        checks = [check for split in splits for check in verify(split) if check.path.name != "vocab.json"]
+        return checks + [_vocab_check(path, splits)]
     manifest = read_json_object(manifest_path, "no manifest.json here: not a store, a store split or an index")
     if manifest.get("kind") == "sharded":
         shards = manifest.get("shards")
@@ -58,7 +59,28 @@ def verify(path: str | Path) -> list[FileCheck]:
         return [FileCheck(manifest_path, "unrecorded", "no file checksums recorded (written by an older heiindex)")]
     if not isinstance(files, dict):
         raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
-    return [_check(path, name, record, manifest_path) for name, record in sorted(files.items())]
+    checks = [_check(path, name, record, manifest_path) for name, record in sorted(files.items())]
+    if "vocab" in manifest:  # a store split: its ids are read through the root's vocab.json
+        checks.append(_vocab_check(path.parent, [path]))
+    return checks
+
+
+def _vocab_check(root: Path, splits: list[Path]) -> FileCheck:
+    """The store root's ``vocab.json`` against the vocabulary each split records it was tokenised
+    with: a changed word list re-maps every id (the splits' own files still check "ok")."""
+    from .vocab import Vocab  # here: verify reads no torch or FAISS, nor this unless a store is checked
+
+    path = root / "vocab.json"
+    if not path.is_file():
+        return FileCheck(path, "missing", "the vocabulary the splits were tokenised with")
+    have = Vocab.load(path).checksum
+    for split in splits:
+        want = read_json_object(split / MANIFEST_FILE, "no manifest.json here").get("vocab", {}).get("sha256")
+        if want != have:
+            return FileCheck(
+                path, "changed", f"vocabulary {have[:12]}..., split {split.name} records {str(want)[:12]}..."
+            )
+    return FileCheck(path, "ok", f"the vocabulary all {len(splits)} splits record")
 
 
 def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:

@@ -162,6 +162,21 @@ def test_corrupt_weights_file_is_a_data_error(saved):
     assert e.value.path == weights
 
 
+def test_a_changed_vocabulary_file_is_refused(saved):
+    """Two words swapped in a model folder's vocab.json loaded silently, and every query with
+    either word was encoded as the other."""
+    _, path = saved
+    words = json.loads((path / "vocab.json").read_text())
+    idx = words["word2idx"]
+    idx["dog"], idx["cat"] = idx["cat"], idx["dog"]
+    words["idx2word"] = {str(i): w for w, i in idx.items()}
+    (path / "vocab.json").write_text(json.dumps(words))
+    with pytest.raises(
+        DataError, match="vocab.json: vocabulary checksum differs from config.json; the folder was modified"
+    ):
+        load_model(path)
+
+
 def test_weights_holding_nan_are_refused_by_name(saved):
     from safetensors.torch import load_file, save_file
 

@@ -25,7 +25,7 @@ def test_a_store_split_and_root(pipe, tmp_path):
     checks = verify(root)
     assert [(c.path.parent.name, c.path.name, c.status) for c in checks] == [
         (split, name, "ok") for split in ("dev", "test", "train") for name in ("captions.parquet", "images.parquet")
-    ]
+    ] + [("store", "vocab.json", "ok")]
     _flip_a_byte(root / "test" / "images.parquet")  # same size: only the SHA-256 tells
     (root / "dev" / "captions.parquet").write_bytes((root / "dev" / "captions.parquet").read_bytes()[:-10])
     (root / "train" / "images.parquet").unlink()
@@ -34,7 +34,23 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert got[("dev", "captions.parquet")][0] == "changed" and "bytes" in got[("dev", "captions.parquet")][1]
     assert got[("train", "images.parquet")][0] == "missing"
     assert got[("test", "captions.parquet")][0] == "ok"
-    assert [c.status for c in verify(root / "test")] == ["ok", "changed"]
+    assert [c.status for c in verify(root / "test")] == ["ok", "changed", "ok"]  # and the root's vocab.json
+
+
+def test_a_changed_store_vocabulary_is_reported(pipe, tmp_path):
+    """Every file checked "ok" after vocab.json had two words swapped, which re-maps their ids."""
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    words = json.loads((root / "vocab.json").read_text())
+    idx = words["word2idx"]
+    a, b = sorted(w for w in idx if w.isalpha())[:2]
+    idx[a], idx[b] = idx[b], idx[a]
+    words["idx2word"] = {str(i): w for w, i in idx.items()}
+    (root / "vocab.json").write_text(json.dumps(words))
+    for target in (root, root / "dev"):
+        [check] = [c for c in verify(target) if c.path.name == "vocab.json"]
+        assert check.status == "changed" and "records" in check.detail
+        assert {c.status for c in verify(target) if c.path.name != "vocab.json"} == {"ok"}
 
 
 def test_an_index_and_a_sharded_build(pipe, tmp_path):
@@ -118,10 +134,10 @@ def test_cli(pipe, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(pipe.root, root)
     d = as_json(run("verify", root, "--json"))
-    assert d["path"] == str(root) and len(d["files"]) == 6 and {f["status"] for f in d["files"]} == {"ok"}
+    assert d["path"] == str(root) and len(d["files"]) == 7 and {f["status"] for f in d["files"]} == {"ok"}
     assert "ok" in ok(run("verify", root / "test")).output
     _flip_a_byte(root / "test" / "images.parquet")
     r = run("verify", root)
     assert r.exit_code == 2
-    clean_error(r, "1 of 6 files differ from what their manifests record")
+    clean_error(r, "1 of 7 files differ from what their manifests record")
     assert "changed" in r.output
