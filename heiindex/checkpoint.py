@@ -15,13 +15,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .encode import check_encodable
 from .errors import DataError, ModelMismatchError
 from .model import ScanConfig, ScanModel
 from .store import SplitStore, atomic_dir, read_json_object, write_json
 from .vocab import Vocab
 
-__all__ = ["MODEL_FORMAT_VERSION", "LoadedModel", "load_model", "model_checksum", "read_model_config", "save_model"]
+__all__ = [
+    "MODEL_FORMAT_VERSION",
+    "LoadedModel",
+    "check_encodable",
+    "load_model",
+    "model_checksum",
+    "read_model_config",
+    "save_model",
+]
 
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -49,6 +56,22 @@ class LoadedModel:
         if store.manifest["vocab"]["sha256"] != self.vocab.checksum:
             raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {self.path}")
         check_encodable(self.model, store, f"model {self.path}")
+
+
+def check_encodable(model: ScanModel, store: SplitStore, name: str = "the model") -> None:
+    """``ModelMismatchError`` unless ``model`` can encode ``store``: region features of its
+    ``img_dim``, and a vocabulary no larger than its own (a bare model has no vocabulary to
+    compare words with; ``LoadedModel.check_store`` compares checksums)."""
+    if store.feature_dim != model.config.img_dim:
+        raise ModelMismatchError(
+            f"store {store.path} has region features of size {store.feature_dim}, {name} takes {model.config.img_dim}"
+        )
+    words = int(store.manifest["vocab"]["size"])
+    if words > model.config.vocab_size:
+        raise ModelMismatchError(
+            f"store {store.path} was tokenised with a vocabulary of {words} words, "
+            f"{name} knows {model.config.vocab_size}"
+        )
 
 
 def model_checksum(model: ScanModel) -> str:

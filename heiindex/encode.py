@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,19 +19,17 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .attention import region_gram
-from .errors import ModelMismatchError
+from .checkpoint import LoadedModel, check_encodable
 from .model import ScanModel
 from .packed import PackedWords, word_mask
-from .store import CaptionTable, SplitStore
-
-if TYPE_CHECKING:
-    from .checkpoint import LoadedModel
+from .store import CaptionTable, SplitStore, rows_of, sorted_ids
 
 __all__ = [
     "EncodedSplit",
     "encode_captions",
     "encode_captions_packed",
     "encode_images",
+    "check_split",
     "encode_split",
     "iter_caption_blocks",
 ]
@@ -115,47 +112,42 @@ def encode_captions_packed(model: ScanModel, tokens: np.ndarray, lengths: np.nda
     return PackedWords._wrap(rows, lens)
 
 
-def check_encodable(model: ScanModel, store: SplitStore, name: str = "the model") -> None:
-    """``ModelMismatchError`` unless ``model`` can encode ``store``: region features of its
-    ``img_dim``, and a vocabulary no larger than its own (a bare model has no vocabulary to
-    compare words with; ``LoadedModel.check_store`` compares checksums)."""
-    if store.feature_dim != model.config.img_dim:
-        raise ModelMismatchError(
-            f"store {store.path} has region features of size {store.feature_dim}, {name} takes {model.config.img_dim}"
-        )
-    words = int(store.manifest["vocab"]["size"])
-    if words > model.config.vocab_size:
-        raise ModelMismatchError(
-            f"store {store.path} was tokenised with a vocabulary of {words} words, "
-            f"{name} knows {model.config.vocab_size}"
-        )
-
-
-def encode_split(
-    model: ScanModel | LoadedModel, store: SplitStore, max_images: int | None = None, progress: bool = False
-) -> EncodedSplit:
-    """Encode images and captions of ``store`` (the first ``max_images`` images and their captions).
-
-    ``model``: a ``LoadedModel`` (from ``checkpoint.load_model``) is first checked against the
-    store (``LoadedModel.check_store``: the same vocabulary, the same feature size); a bare
-    ``ScanModel`` by ``check_encodable`` (feature size, vocabulary size)."""
-    from .checkpoint import LoadedModel  # here: checkpoint imports this module
-
+def check_split(
+    model: ScanModel | LoadedModel, store: SplitStore, max_images: int | None = None
+) -> tuple[ScanModel, CaptionTable]:
+    """The bare model and ``store``'s captions, once both are checked for evaluation: a
+    ``LoadedModel`` against the store by ``LoadedModel.check_store`` (the same vocabulary, the same
+    feature size), a bare ``ScanModel`` by ``check_encodable`` (feature size, vocabulary size);
+    distinct ids, and a caption for each of the first ``max_images`` images (``check_ids``)."""
     if isinstance(model, LoadedModel):
         model.check_store(store)
         model = model.model
     else:
         check_encodable(model, store)
-    caps = store.captions()
-    n = store.n_images if max_images is None else max_images
-    store.check_ids(caps, captioned=n)  # one row per id, and each image evaluated has ground truth
+    captions = store.captions()
+    store.check_ids(captions, captioned=store.n_images if max_images is None else max_images)
+    return model, captions
+
+
+def encode_split(
+    model: ScanModel | LoadedModel,
+    store: SplitStore,
+    max_images: int | None = None,
+    progress: bool = False,
+    captions: CaptionTable | None = None,
+) -> EncodedSplit:
+    """Encode images and captions of ``store`` (the first ``max_images`` images and their captions),
+    checked first by ``check_split``. ``captions``: what ``check_split`` returned for this store
+    and ``max_images``, where a loop encodes the split again and again (train's dev split): then
+    ``model`` is the bare model it returned and nothing is read or checked twice."""
+    if captions is None:
+        model, captions = check_split(model, store, max_images)
     model.eval()
     ids, regions = encode_images(model, store, progress=progress, limit=max_images)
-    row_of = {int(i): r for r, i in enumerate(ids)}
-    keep = np.array([int(i) in row_of for i in caps.image_ids], dtype=bool)
-    if not keep.all():
-        caps = caps.subset(keep)
-    caption_image = np.array([row_of[int(i)] for i in caps.image_ids], dtype=np.int64)
-    words = encode_captions_packed(model, caps.tokens, caps.lengths)
+    caption_image = rows_of(sorted_ids(ids), captions.image_ids)
+    if (caption_image < 0).any():
+        captions = captions.subset(caption_image >= 0)
+        caption_image = caption_image[caption_image >= 0]
+    words = encode_captions_packed(model, captions.tokens, captions.lengths)
     gram = region_gram(regions)
-    return EncodedSplit(ids, regions, gram, words, words.lengths, caption_image, caps)
+    return EncodedSplit(ids, regions, gram, words, words.lengths, caption_image, captions)

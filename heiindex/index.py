@@ -75,6 +75,8 @@ from .store import (
     file_record,
     open_parquet,
     read_json_object,
+    rows_of,
+    sorted_ids,
     write_json,
 )
 from .train_hash import LoadedHash, load_hash
@@ -212,7 +214,7 @@ class Index(BatchSearch):
         self.hasher = hasher
         self._image_codes: np.ndarray | None = None
         self._caption_codes: np.ndarray | None = None
-        self._ids_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids ascending, their rows), lazily
+        self._ids_sorted: tuple[np.ndarray, np.ndarray] | None = None  # store.sorted_ids, made once
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
@@ -585,16 +587,10 @@ class Index(BatchSearch):
 
     def image_rows(self, image_ids: list[int]) -> np.ndarray:
         """The row of each of ``image_ids`` in this index, -1 where it holds no such image (the ids
-        sorted, with their rows, are made on the first image query: 16 bytes an image)."""
+        sorted once, when first needed: ``Index.open`` needs them for the captions' images)."""
         if self._ids_sorted is None:
-            order = np.argsort(self.image_ids, kind="stable")
-            self._ids_sorted = (self.image_ids[order], order)
-        sorted_ids, order = self._ids_sorted
-        ids = np.asarray(image_ids, dtype=np.int64)
-        if not len(sorted_ids):
-            return np.full(len(ids), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return np.where(sorted_ids[at] == ids, order[at], -1).astype(np.int64)
+            self._ids_sorted = sorted_ids(self.image_ids)
+        return rows_of(self._ids_sorted, image_ids)
 
     @torch.no_grad()
     def search_regions(

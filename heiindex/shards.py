@@ -54,7 +54,7 @@ from .search import (
     refuse_unknown_images,
 )
 from .settings import require
-from .store import SplitStore, atomic_dir, check_fields, check_shard_entries, write_json
+from .store import SplitStore, atomic_dir, check_fields, check_shard_entries, rows_of, sorted_ids, write_json
 from .train_hash import LoadedHash
 
 __all__ = [
@@ -360,8 +360,7 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     if not 1 <= topk <= limit:
         raise HeiindexError(f"--topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])
-    row_of = {int(i): r for r, i in enumerate(image_ids)}
-    caption_image = np.array([row_of[int(i)] for m in metas for i in m["caption_image_ids"]])
+    caption_image = rows_of(sorted_ids(image_ids), np.concatenate([m["caption_image_ids"] for m in metas]))
     check_captioned(caption_image, len(image_ids))  # before any pass, not after the first
     img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
 

@@ -44,6 +44,8 @@ __all__ = [
     "atomic_dir",
     "check_caption_image_ids",
     "check_distinct",
+    "rows_of",
+    "sorted_ids",
     "check_fields",
     "check_output",
     "check_replaceable",
@@ -92,6 +94,23 @@ def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetF
     if missing:
         raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
     return pf
+
+
+def sorted_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids ascending, the row of each)``: what ``rows_of`` searches (16 bytes an id)."""
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
+
+
+def rows_of(ids: tuple[np.ndarray, np.ndarray], wanted) -> np.ndarray:
+    """The row of each of ``wanted`` among distinct ids (``sorted_ids`` of them), -1 where absent:
+    a sorted search, for any int64 ids (negative ones too) and without a Python loop."""
+    ascending, order = ids
+    wanted = np.asarray(wanted, dtype=np.int64)
+    if not len(ascending):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ascending, wanted), len(ascending) - 1)
+    return np.where(ascending[at] == wanted, order[at], -1).astype(np.int64)
 
 
 def check_distinct(path: Path, ids: np.ndarray, column: str) -> None:

@@ -27,12 +27,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import MODEL_OUTPUT, STATE_FILE, load_model, save_model
-from .encode import encode_split
+from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
 from .settings import require
-from .store import SplitStore, check_output
+from .store import SplitStore, check_output, rows_of, sorted_ids
 from .vocab import Vocab
 
 __all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]
@@ -111,7 +111,7 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
         parts = [store.read_row_group(int(g)) for g in groups[g0 : g0 + buffer_groups]]
         ids = np.concatenate([p[0] for p in parts])
         feats = np.concatenate([p[1] for p in parts])
-        by_id = np.argsort(ids, kind="stable")  # a buffer's rows by image id (negative ids too)
+        by_id = sorted_ids(ids)  # a buffer's rows by image id
         in_buf = np.flatnonzero(np.isin(caps.image_ids, ids))
         rng.shuffle(in_buf)
         starts = list(range(0, len(in_buf), batch_size))
@@ -121,7 +121,7 @@ def iter_training_batches(store: SplitStore, caps, batch_size: int, rng: np.rand
             ci = in_buf[s:e]
             if len(ci) < 2:
                 continue
-            rows = by_id[np.searchsorted(ids, caps.image_ids[ci], sorter=by_id)]  # each one in the buffer
+            rows = rows_of(by_id, caps.image_ids[ci])  # each one in the buffer
             yield feats[rows], caps.tokens[ci], caps.lengths[ci], caps.image_ids[ci], ci
 
 
@@ -168,7 +168,6 @@ def train(
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
     caps = tr.captions()
     tr.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
-    va.check_ids(va.captions(), captioned=config.val_images)  # now, not after the first epoch
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
 
     torch.manual_seed(config.seed)
@@ -200,6 +199,8 @@ def train(
             tr.path / "manifest.json",
             f"features have size {tr.feature_dim}, the model expects img_dim {model.config.img_dim}",
         )
+    # the dev split, read and checked once (not after the first epoch, nor again each epoch)
+    _, val_captions = check_split(model, va, config.val_images)
     # out/ itself is made by the first save (a run that fails in its first epoch leaves nothing)
     for epoch in range(start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
@@ -237,7 +238,7 @@ def train(
         bar.close()
         train_seconds = time.perf_counter() - t0
         model.eval()
-        res = evaluate_exhaustive(model, encode_split(model, va, max_images=config.val_images))
+        res = evaluate_exhaustive(model, encode_split(model, va, config.val_images, captions=val_captions))
         rsum = res.rsum
         row = {
             "epoch": epoch + 1,

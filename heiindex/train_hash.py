@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
-from .encode import encode_split
+from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
@@ -304,14 +304,16 @@ def train_hash(
     for store in (tr, va):
         matcher.check_store(store)
     check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
-    va.check_ids(va.captions(), captioned=va.n_images)  # its recall picks the best epoch
+    _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
     if config.val_candidates >= va.n_images:  # every image a candidate: t2i recall 100%, selecting nothing
         raise HeiindexError(
             f"--val-candidates {config.val_candidates} must be below the {va.n_images} images of the "
             f"{val_split} split it validates on (at {va.n_images} every image is a candidate)"
         )
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
-    module, result = fit_hash(records, encode_split(model, va), hash_config, config, progress, log)
+    module, result = fit_hash(
+        records, encode_split(model, va, captions=val_captions), hash_config, config, progress, log
+    )
     info = {
         "matcher_sha256": matcher.checksum,
         "matcher_path": str(matcher.path),
