@@ -45,42 +45,59 @@ def verify(path: str | Path) -> list[FileCheck]:
         splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
-        checks = [check for split in splits for check in verify(split) if check.path.name != "vocab.json"]
-        return checks + [_vocab_check(path, splits)]
-    manifest = read_json_object(manifest_path, "no manifest.json here: not a store, a store split or an index")
+        manifests = {folder: _read_manifest(folder / MANIFEST_FILE) for folder in splits}
+        checks = [check for folder, manifest in manifests.items() for check in _folder_checks(folder, manifest)]
+        tokenised = {folder.name: m for folder, m in manifests.items() if "vocab" in m}  # not an index beside them
+        return checks + ([_vocab_check(path, tokenised)] if tokenised else [])
+    manifest = _read_manifest(manifest_path)
+    checks = _folder_checks(path, manifest)
+    if "vocab" in manifest:  # a store split: its ids are read through the root's vocab.json
+        checks.append(_vocab_check(path.parent, {path.name: manifest}))
+    return checks
+
+
+def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
+    """The files ``manifest`` (of ``folder``) records, or each shard's for a sharded build."""
+    manifest_path = folder / MANIFEST_FILE
     if manifest.get("kind") == "sharded":
         shards = manifest.get("shards")
         if not isinstance(shards, list):
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
-        return [check for shard in shards for check in verify(path / shard["path"])]
+        return [check for shard in shards for check in verify(folder / shard["path"])]
+    return _recorded_files(folder, manifest)
+
+
+def _read_manifest(path: Path) -> dict:
+    return read_json_object(path, "no manifest.json here: not a store, a store split or an index")
+
+
+def _recorded_files(folder: Path, manifest: dict) -> list[FileCheck]:
+    """The files ``manifest`` (of ``folder``) records, each checked."""
+    manifest_path = folder / MANIFEST_FILE
     files = manifest.get("files")
     if files is None:
         return [FileCheck(manifest_path, "unrecorded", "no file checksums recorded (written by an older heiindex)")]
     if not isinstance(files, dict):
         raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
-    checks = [_check(path, name, record, manifest_path) for name, record in sorted(files.items())]
-    if "vocab" in manifest:  # a store split: its ids are read through the root's vocab.json
-        checks.append(_vocab_check(path.parent, [path]))
-    return checks
+    return [_check(folder, name, record, manifest_path) for name, record in sorted(files.items())]
 
 
-def _vocab_check(root: Path, splits: list[Path]) -> FileCheck:
-    """The store root's ``vocab.json`` against the vocabulary each split records it was tokenised
-    with: a changed word list re-maps every id (the splits' own files still check "ok")."""
+def _vocab_check(root: Path, manifests: dict[str, dict]) -> FileCheck:
+    """The store root's ``vocab.json`` against the vocabulary each split's manifest (by split
+    name) records it was tokenised with: a changed word list re-maps every id (the splits' own
+    files still check "ok")."""
     from .vocab import Vocab  # here: verify reads no torch or FAISS, nor this unless a store is checked
 
     path = root / "vocab.json"
     if not path.is_file():
         return FileCheck(path, "missing", "the vocabulary the splits were tokenised with")
     have = Vocab.load(path).checksum
-    for split in splits:
-        want = read_json_object(split / MANIFEST_FILE, "no manifest.json here").get("vocab", {}).get("sha256")
+    for name, manifest in manifests.items():
+        want = manifest.get("vocab", {}).get("sha256")
         if want != have:
-            return FileCheck(
-                path, "changed", f"vocabulary {have[:12]}..., split {split.name} records {str(want)[:12]}..."
-            )
-    return FileCheck(path, "ok", f"the vocabulary all {len(splits)} splits record")
+            return FileCheck(path, "changed", f"vocabulary {have[:12]}..., split {name} records {str(want)[:12]}...")
+    return FileCheck(path, "ok", f"the vocabulary all {len(manifests)} splits record")
 
 
 def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:

@@ -37,6 +37,16 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert [c.status for c in verify(root / "test")] == ["ok", "changed", "ok"]  # and the root's vocab.json
 
 
+def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
+    """Its manifest records no vocabulary, which the store root's vocab check took for a change."""
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    shutil.copytree(pipe.index_dir, root / "index")
+    checks = verify(root)
+    assert {c.status for c in checks} == {"ok"}
+    assert {c.path.parent.name for c in checks} == {"dev", "test", "train", "index", "store"}
+
+
 def test_a_changed_store_vocabulary_is_reported(pipe, tmp_path):
     """Every file checked "ok" after vocab.json had two words swapped, which re-maps their ids."""
     root = tmp_path / "store"
