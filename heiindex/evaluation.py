@@ -77,21 +77,19 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return (scores >= gt_score[:, None]).sum(axis=1).astype(np.float64)
 
 
-def check_captioned(gt: np.ndarray, n_imgs: int) -> np.ndarray:
-    """The number of captions of each of ``n_imgs`` images (``gt``: the image row of each
-    caption); ``HeiindexError`` where a caption names no such row, or an image has no caption:
-    image-to-text has no ground truth to rank for it (it counted as a miss, lowering R@K)."""
+def check_captioned(gt: np.ndarray, n_imgs: int) -> None:
+    """``HeiindexError`` where a caption (``gt``: the image row of each) names none of the
+    ``n_imgs`` images, or an image has no caption: image-to-text has no ground truth to rank for
+    it (it counted as a miss, lowering R@K)."""
     gt = np.asarray(gt)
     if len(gt) and (gt.min() < 0 or gt.max() >= n_imgs):
         raise HeiindexError(f"a caption's image row lies outside the {n_imgs} images ranked")
-    counts = np.bincount(gt, minlength=n_imgs)
-    empty = np.flatnonzero(counts == 0)
+    empty = np.flatnonzero(np.bincount(gt, minlength=n_imgs) == 0)
     if len(empty):
         raise HeiindexError(
             f"{len(empty)} of {n_imgs} images have no caption (image rows {name_some([str(r) for r in empty])}); "
             "image-to-text recall needs at least one per image"
         )
-    return counts
 
 
 def i2t_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarray:

@@ -268,21 +268,19 @@ class ShardedIndex(BatchSearch):
         captions for a batch of images at once, the results are merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
         shard_of, rows = locate_images(image_ids, [s.image_rows(image_ids) for s in self.shards])
-        return self._image_batches(
-            image_ids, list(zip(shard_of.tolist(), rows.tolist(), strict=True)), k, candidates, batch
-        )
+        return self._image_batches(image_ids, shard_of, rows, k, candidates, batch)
 
-    def _image_batches(self, image_ids, places, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
+    def _image_batches(self, image_ids, shard_of, rows, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
         for start in range(0, len(image_ids), batch):
             t0 = time.perf_counter()
-            regions, gram, codes = self._features(places[start : start + batch])
+            part = slice(start, start + batch)
+            regions, gram, codes = self._features(shard_of[part], rows[part])
             per_shard = [shard_search_regions(s, regions, gram, k, candidates, codes) for s in self.shards]
-            yield from batch_results(image_ids[start : start + batch], per_shard, None, k, t0)
+            yield from batch_results(image_ids[part], per_shard, None, k, t0)
 
-    def _features(self, places: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Regions, Gram matrices and codes of the images at ``places`` ((shard, row) each), in
+    def _features(self, shard_of: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Regions, Gram matrices and codes of the images at ``rows`` of shards ``shard_of``, in
         order: one ``Index.image_features`` call per shard holding any of them."""
-        shard_of, rows = (np.array(column, dtype=np.int64) for column in zip(*places, strict=True))
         at, parts = [], []
         for s in np.unique(shard_of):
             pos = np.flatnonzero(shard_of == s)
