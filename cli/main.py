@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
 from heiindex.errors import HeiindexError
@@ -199,10 +200,9 @@ def train(
 ) -> None:
     """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
     from heiindex.attention import AttentionConfig
-    from heiindex.checkpoint import STATE_FILE
     from heiindex.model import ScanConfig
     from heiindex.store import SplitStore
-    from heiindex.train import TrainConfig
+    from heiindex.train import TrainConfig, resumable
     from heiindex.train import train as run_train
     from heiindex.vocab import Vocab
 
@@ -210,9 +210,9 @@ def train(
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
-    resuming = resume and (out / "last" / STATE_FILE).exists()  # as heiindex.train decides it
+    resuming = resume and resumable(out)
     if resuming:  # the saved model's shape holds; an option given to change it is refused, not ignored
-        _check_resumed_shape(out / "last", embed_size=embed_size, **att.to_dict())
+        _check_resumed_shape(out / "last")
     mcfg = (
         None if resuming else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
     )
@@ -231,24 +231,30 @@ def train(
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
 
 
-def _check_resumed_shape(last: Path, **given) -> None:
+def _check_resumed_shape(last: Path) -> None:
     """Options given on the command line (not left at their defaults) that differ from the model
     ``--resume`` continues: a ``HeiindexError`` naming each."""
-    from click.core import ParameterSource
-
     from heiindex.checkpoint import read_model_config
 
-    ctx = click.get_current_context()
+    params = click.get_current_context().params
     saved, _ = read_model_config(last)  # the shape only: the weights are loaded once, by train
     have = {"embed_size": saved.embed_size, **saved.attention.to_dict()}
-    given = {name: value for name, value in given.items() if name in ctx.params}  # fields with no flag: not given
     diff = [
-        f"--{name.replace('_', '-')} {value} (it has {have[name]})"
-        for name, value in given.items()
-        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and value != have[name]
+        f"{p.opts[0]} {params[p.name]} (it has {have[p.name]})" for p in _given(*have) if params[p.name] != have[p.name]
     ]
     if diff:
         raise HeiindexError(f"--resume continues the model in {last}, which cannot change: " + "; ".join(diff))
+
+
+def _given(*names: str) -> list[click.Parameter]:
+    """The current command's parameters among ``names`` given on the command line (not left at
+    their defaults), in the command's order."""
+    ctx = click.get_current_context()
+    return [
+        p
+        for p in ctx.command.params
+        if p.name in names and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT
+    ]
 
 
 @cli.command("train-hash")
@@ -427,18 +433,15 @@ def _index_path(index_dir: Path | None) -> Path:
     return index_dir or dd.last_built_index()
 
 
-def _check_engine_options(engine: str, address, threads, **local) -> None:
+def _check_engine_options(engine: str, *local: str) -> None:
     """Options that would be silently unused: ``--address`` and ``--threads`` without
-    ``--engine ray``, and with it the in-process ones given in ``local`` (name: value, None or
-    the default where not given)."""
-    if engine != "ray":
-        for name, value in (("--address", address), ("--threads", threads)):
-            if value is not None:
-                raise click.UsageError(f"{name} is for --engine ray (the shards' Ray actors)")
-        return
-    given = [name for name, value in local.items() if value not in (None, "cpu", "float32")]
+    ``--engine ray``, and with it the in-process ones named in ``local`` (parameter names)."""
+    given = _given("address", "threads") if engine != "ray" else []
     if given:
-        flags = ", ".join(f"--{name}" for name in given)
+        raise click.UsageError(f"{given[0].opts[0]} is for --engine ray (the shards' Ray actors)")
+    given = _given(*local) if engine == "ray" else []
+    if given:
+        flags = ", ".join(p.opts[0] for p in given)
         raise click.UsageError(
             f"{flags}: not used with --engine ray (each actor opens its shard on the CPU, in float32)"
         )
@@ -533,9 +536,7 @@ def query(
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
-    _check_engine_options(
-        engine, address, threads, model=model_dir, hash=hash_dir, device=device, dtype=dtype, codes=codes, uri=uri
-    )
+    _check_engine_options(engine, "model_dir", "hash_dir", "device", "dtype", "codes", "uri")
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
@@ -636,7 +637,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         if not sweep_list:
             raise HeiindexError("--plot draws the --sweep table; give --sweep too")
         check_plot_path(plot)
-    _check_engine_options(engine, address, threads, device=device, dtype=dtype)
+    _check_engine_options(engine, "device", "dtype")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read

@@ -140,6 +140,11 @@ def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str, what: str 
     return value
 
 
+def resumable(out: str | Path) -> bool:
+    """Whether ``out`` holds a run that ``train(resume=True)`` continues (its last state)."""
+    return (Path(out) / "last" / STATE_FILE).exists()
+
+
 def train(
     store_root: str | Path,
     out: str | Path,
@@ -173,7 +178,7 @@ def train(
     torch.manual_seed(config.seed)
     state_path = out / "last" / STATE_FILE
     start_epoch, history, best_rsum, best_epoch = 0, [], -1.0, -1
-    if resume and state_path.exists():
+    if resume and resumable(out):
         loaded = load_model(out / "last")
         model = loaded.model
         if model_config is not None and model_config != model.config:
