@@ -395,6 +395,10 @@ def build(
     check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
     resolve_device(device)
     check_codes_options(codes or "faiss", uri)
+    if shards is not None and codes == "milvus":
+        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
+    if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
+        raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
@@ -402,8 +406,6 @@ def build(
     if shards is not None:
         from heiindex.shards import write_shards
 
-        if codes == "milvus":
-            raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
         m = write_shards(root, split, *models, out, shards, **common)
         sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
         what = f"{m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards ({sizes} images)"

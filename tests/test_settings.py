@@ -111,6 +111,30 @@ def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_pat
     clean_error(r, "nlist sets up IVF indexes (ivf, or auto at scale), not index type 'flat'")
 
 
+def test_build_refuses_unusable_milvus_options_before_the_default_data(monkeypatch, tmp_path):
+    """--shards with --codes milvus was refused only after the data (on a fresh checkout, coco-sim
+    generated first); --milvus-index without Milvus codes was ignored."""
+    import heiindex_cli.main
+
+    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
+    for args, detail in (
+        (
+            ("--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1"),
+            "--codes milvus is for an unsharded build",
+        ),
+        (
+            (
+                "--milvus-index",
+                "BIN_IVF_FLAT",
+            ),
+            "--milvus-index sets the Milvus index of --codes milvus",
+        ),
+        (("--shards", "2", "--milvus-index", "BIN_FLAT"), "--milvus-index sets the Milvus index of --codes milvus"),
+    ):
+        r = run("build", "--split", "test", "--out", tmp_path / "i", *args)
+        assert r.exit_code == 2 and detail in r.output, args
+
+
 def test_the_cli_names_the_setting(pipe, tmp_path):
     """By its flag: "batch_size must be" named the library's field, not --batch-size."""
     for args, message in (
