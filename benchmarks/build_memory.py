@@ -147,7 +147,7 @@ def main() -> None:
         report = {
             "images": args.images,
             **setup,
-            "this_checkout": checkout(),
+            "this_checkout": checkout(REPO / "heiindex"),
             "results": results,
             "peak_rss_ratio_this_over": ratios,
         }

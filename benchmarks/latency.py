@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
+from provenance import REPO, checkout  # benchmarks/ is on sys.path when a script here runs
 
 from heiindex.attention import region_gram
 from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
@@ -32,7 +32,6 @@ from heiindex.model import ScanConfig, ScanModel
 from heiindex.search import check_queries, encode_queries, encode_text, images_for_text
 from heiindex.vocab import Vocab
 
-REPO = Path(__file__).resolve().parent.parent
 CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
 VOCAB = REPO / "data" / "coco-captions" / "coco_precomp_vocab.json"
 

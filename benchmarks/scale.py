@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
+from provenance import REPO, checkout  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
 REGIONS = 36
 CAPS_PER_IMAGE = 5
