@@ -286,6 +286,35 @@ def get_wide_store(tmp_path_factory) -> Path:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def copy_store(pipe, tmp_path: Path) -> Path:
+    """A copy of the pipeline's store root at ``tmp_path / "store"``, to damage."""
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    return root
+
+
+def swap_words(vocab_json: Path, a: str | None = None, b: str | None = None) -> None:
+    """Swap the ids of words ``a`` and ``b`` (by default the first two alphabetic words) in a SCAN
+    vocab JSON file: same size, another mapping."""
+    import json
+
+    words = json.loads(vocab_json.read_text())
+    idx = words["word2idx"]
+    if a is None:
+        a, b = sorted(w for w in idx if w.isalpha())[:2]
+    idx[a], idx[b] = idx[b], idx[a]
+    words["idx2word"] = {str(i): w for w, i in idx.items()}
+    vocab_json.write_text(json.dumps(words))
+
+
+def fake_clock(*readings: float):
+    """A stand-in for the ``time`` module whose ``perf_counter`` returns ``readings`` in turn."""
+    it = iter(readings)
+    return type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(it))})
+
+
 def edit_column(path: Path, column: str, edit) -> np.ndarray:
     """Rewrite the integer ``column`` of the Parquet file ``path`` as ``edit`` leaves a copy of
     it (a crafted bad input); returns the values written."""
@@ -297,6 +326,13 @@ def edit_column(path: Path, column: str, edit) -> np.ndarray:
     edit(values)
     pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), path)
     return values
+
+
+def hamming_of_hits(caption_ids: np.ndarray, caption_codes: np.ndarray, code: np.ndarray, result) -> list[int]:
+    """The Hamming distances from ``code`` to the captions an image query's ``result`` holds
+    (by caption id, among ``caption_ids`` with their ``caption_codes``)."""
+    rows = [int(np.flatnonzero(caption_ids == h.id)[0]) for h in result.results]
+    return hamming_by_hand(code[None, :], caption_codes[rows])[0].tolist()
 
 
 def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:

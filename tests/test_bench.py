@@ -274,13 +274,11 @@ def test_folds_are_averaged_but_their_seconds_summed():
 def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_path, monkeypatch):
     """Such a build serves queries, but i2t recall would count the image a miss: the bench refused
     it only after the text-to-image pass (and the sharded bench after both directions' searches)."""
-    import shutil
 
     from heiindex.errors import HeiindexError
     from heiindex.shards import ShardedIndex, build_shards, run_sharded_bench
 
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1]))
     Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")  # a gallery may hold such images
     build_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)

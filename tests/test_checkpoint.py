@@ -6,6 +6,7 @@ import json
 import pickle
 import struct
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -166,11 +167,7 @@ def test_a_changed_vocabulary_file_is_refused(saved):
     """Two words swapped in a model folder's vocab.json loaded silently, and every query with
     either word was encoded as the other."""
     _, path = saved
-    words = json.loads((path / "vocab.json").read_text())
-    idx = words["word2idx"]
-    idx["dog"], idx["cat"] = idx["cat"], idx["dog"]
-    words["idx2word"] = {str(i): w for w, i in idx.items()}
-    (path / "vocab.json").write_text(json.dumps(words))
+    pf.swap_words(path / "vocab.json", "dog", "cat")
     with pytest.raises(
         DataError, match="vocab.json: vocabulary checksum differs from config.json; the folder was modified"
     ):

@@ -161,8 +161,7 @@ def test_query_file_footer_gives_the_search_time_not_the_printing(pipe, monkeypa
     tables took to print."""
     import heiindex.index
 
-    readings = iter((0, 3))
-    monkeypatch.setattr(heiindex.index, "time", type("T", (), {"perf_counter": staticmethod(lambda: next(readings))}))
+    monkeypatch.setattr(heiindex.index, "time", pf.fake_clock(0, 3))
     r = ok(
         run(
             "query",

@@ -361,21 +361,17 @@ def test_search_many_bad_arguments(index, texts, kwargs, error, detail):
 
 def test_a_batch_shares_its_time_equally(index, monkeypatch):
     """``seconds`` of each result: its batch's wall time over the batch's size (a clock that
-    advances 6 s per reading: every batch takes 6 s)."""
+    reads 0, 6, 10, 16: each batch spans 6 s)."""
     import heiindex.index as index_module
     import heiindex.shards as shards_module
 
-    def clock(*readings):
-        it = iter(readings)
-        return type("T", (), {"perf_counter": staticmethod(lambda: next(it))})
-
-    monkeypatch.setattr(index_module, "time", clock(0, 6, 10, 16))
+    monkeypatch.setattr(index_module, "time", pf.fake_clock(0, 6, 10, 16))
     got = list(index.search_many(["a dog", "two cats", "a red bus"], k=2, candidates=5, batch=2))
     assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
-    monkeypatch.setattr(index_module, "time", clock(0, 6, 10, 16))  # and image queries
+    monkeypatch.setattr(index_module, "time", pf.fake_clock(0, 6, 10, 16))  # and image queries
     got = list(index.search_images([0, 1, 2], k=2, candidates=5, batch=2))
     assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
-    monkeypatch.setattr(index_module, "time", clock(30))  # a sharded batch of 3 that began at 24
+    monkeypatch.setattr(index_module, "time", pf.fake_clock(30))  # a sharded batch of 3 that began at 24
     got = shards_module.batch_results(["a", "b", "c"], [[[], [], []]], [[], [], []], 2, t0=24)
     assert [r.seconds for r in got] == [2.0, 2.0, 2.0]
 
@@ -559,8 +555,7 @@ def test_a_milvus_uri_without_milvus_codes_is_refused(pipe, tmp_path):
 
 
 def test_a_malformed_codes_field_is_named(pipe, tmp_path):
-    out = tmp_path / "codes"
-    shutil.copytree(pipe.index_dir, out)
+    out = _copy_index(pipe, tmp_path)
     m = json.loads((out / "manifest.json").read_text())
     for codes, field in (
         ({"uri": "http://x"}, "codes.store"),
@@ -657,8 +652,7 @@ def test_search_images_with_every_caption_a_candidate_equals_exhaustive(index):
 
 
 def _hamming_of_hits(index: Index, code: np.ndarray, res) -> list[int]:
-    rows = [int(np.flatnonzero(index.caption_ids == h.id)[0]) for h in res.results]
-    return np.unpackbits(index.caption_codes()[rows] ^ code, axis=1).sum(axis=1).tolist()
+    return pf.hamming_of_hits(index.caption_ids, index.caption_codes(), code, res)
 
 
 def test_an_image_query_searches_with_the_stored_image_code(pipe):
@@ -935,8 +929,7 @@ def test_captions_of_an_image_the_index_lacks_are_named(pipe, tmp_path):
 def test_repeated_ids_are_refused_by_the_build_and_by_open(pipe, tmp_path):
     """An image id on two rows was built: the index gave its captions to the first row, evaluation
     to the last, so the two graded against different images."""
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     ids = pf.edit_column(root / "test" / "images.parquet", "image_id", lambda ids: ids.__setitem__(1, ids[0]))
     _both_builds_refuse(
         pipe, root, tmp_path, rf'test/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\); each'
@@ -950,8 +943,7 @@ def test_repeated_ids_are_refused_by_the_build_and_by_open(pipe, tmp_path):
 def test_a_store_whose_captions_name_a_missing_image_is_not_built(pipe, tmp_path):
     """A hand-made store like this was built: unsharded into an index no query could open, sharded
     with those captions dropped without a word. Now both builds refuse it before any encoding."""
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__([3, 50], 10**6))
     detail = r"test/captions.parquet: caption row 3 \(and 1 more\) names image_id 1000000, which images.parquet"
     _both_builds_refuse(pipe, root, tmp_path, detail)

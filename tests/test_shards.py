@@ -117,11 +117,10 @@ def test_image_queries_over_shards_search_with_each_images_stored_code(pipe, tmp
     owner._image_codes[2] = codes[0]  # a stand-in code for the image at row 2 of shard 1
     ids = [int(owner.image_ids[2]), int(sharded.shards[0].image_ids[4])]
     got = list(sharded.search_images(ids, k=40, candidates=40))
-    want = np.concatenate([s.caption_codes() for s in sharded.shards])
+    caption_codes = np.concatenate([s.caption_codes() for s in sharded.shards])
     caption_ids = np.concatenate([s.caption_ids for s in sharded.shards])
     for res, code in zip(got, (codes[0], sharded.shards[0].image_codes()[4]), strict=True):
-        rows = [int(np.flatnonzero(caption_ids == h.id)[0]) for h in res.results]
-        assert [h.hamming for h in res.results] == np.unpackbits(want[rows] ^ code, axis=1).sum(axis=1).tolist()
+        assert [h.hamming for h in res.results] == pf.hamming_of_hits(caption_ids, caption_codes, code, res)
 
 
 def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
@@ -229,8 +228,10 @@ def test_the_manifest_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
 
 
 def test_sharded_bench_candidate_recall_is_that_of_each_shards_own_candidates(sharded):
-    """Below a shard's size (N = 3 of 8 images, 40 captions) the queries' codes matter: the bench's
-    candidate recall is recomputed here from every shard hashing the queries itself."""
+    """Below a shard's size (N = 3 of 8 images, 40 captions): the bench's candidate recall is the
+    union of each shard's own top-N, recomputed here from every shard hashing the queries itself
+    (the bench uses the stored codes). What this checks is the merge and the ground-truth count;
+    each shard's top-N search is the one the other tests here check against exhaustive scores."""
     res = run_sharded_bench(sharded, 3)
     words = PackedWords.cat([s.words for s in sharded.shards])
     regions, gram = torch.cat([s.regions for s in sharded.shards]), torch.cat([s.gram for s in sharded.shards])

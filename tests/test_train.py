@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
+import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -135,8 +136,7 @@ def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypa
     import heiindex.train as tr
 
     monkeypatch.setattr(tr, "iter_training_batches", lambda *a: pytest.fail("an epoch began"))
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     ids = pf.edit_column(root / "train" / "captions.parquet", "caption_id", lambda ids: ids.__setitem__(5, ids[9]))
     cfg = pf.model_config(_vocab_size(pipe.root))
     with pytest.raises(DataError, match=rf'train/captions.parquet: column "caption_id" repeats 1 ids \({ids[9]}\)'):
@@ -148,7 +148,7 @@ def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypa
         train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     shutil.copy(pipe.root / "dev" / "images.parquet", root / "dev" / "images.parquet")
     # a dev image without a caption: recall would count it a miss (unless --val-images leaves it out)
-    dev_ids = SplitStore.open(root, "dev")._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+    dev_ids = pq.read_table(root / "dev" / "images.parquet", columns=["image_id"]).column("image_id").to_numpy()
     path = root / "dev" / "captions.parquet"
     pf.edit_column(path, "image_id", lambda ids: ids.__setitem__(ids == dev_ids[-1], dev_ids[0]))  # the last one bare
     with pytest.raises(

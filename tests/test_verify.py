@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -20,8 +21,7 @@ def _flip_a_byte(path) -> None:
 
 
 def test_a_store_split_and_root(pipe, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     checks = verify(root)
     assert [(c.path.parent.name, c.path.name, c.status) for c in checks] == [
         (split, name, "ok") for split in ("dev", "test", "train") for name in ("captions.parquet", "images.parquet")
@@ -39,8 +39,7 @@ def test_a_store_split_and_root(pipe, tmp_path):
 
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
     """Its manifest records no vocabulary, which the store root's vocab check took for a change."""
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     shutil.copytree(pipe.index_dir, root / "index")
     checks = verify(root)
     assert {c.status for c in checks} == {"ok"}
@@ -49,14 +48,8 @@ def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
 
 def test_a_changed_store_vocabulary_is_reported(pipe, tmp_path):
     """Every file checked "ok" after vocab.json had two words swapped, which re-maps their ids."""
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
-    words = json.loads((root / "vocab.json").read_text())
-    idx = words["word2idx"]
-    a, b = sorted(w for w in idx if w.isalpha())[:2]
-    idx[a], idx[b] = idx[b], idx[a]
-    words["idx2word"] = {str(i): w for w, i in idx.items()}
-    (root / "vocab.json").write_text(json.dumps(words))
+    root = pf.copy_store(pipe, tmp_path)
+    pf.swap_words(root / "vocab.json")
     for target in (root, root / "dev"):
         [check] = [c for c in verify(target) if c.path.name == "vocab.json"]
         assert check.status == "changed" and "records" in check.detail
@@ -141,8 +134,7 @@ def test_a_sharded_manifest_names_its_own_distinct_shard_folders(pipe, tmp_path)
 
 
 def test_cli(pipe, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     d = as_json(run("verify", root, "--json"))
     assert d["path"] == str(root) and len(d["files"]) == 7 and {f["status"] for f in d["files"]} == {"ok"}
     assert "ok" in ok(run("verify", root / "test")).output
