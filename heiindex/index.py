@@ -47,6 +47,7 @@ from .hamming import (
     make_binary_index,
     resolve_index_kind,
     save_binary_index,
+    stored_codes,
 )
 from .hashing import HashModule
 from .model import ScanModel
@@ -224,11 +225,20 @@ class Index(BatchSearch):
         self.image_index, self.caption_index = code_indexes
         counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
         if faiss_files:  # e.g. the two files swapped, or one from another build
+            bits = hasher.module.config.bits
             for name, index in (("images", self.image_index), ("captions", self.caption_index)):
                 if index.ntotal != counts[name]:
                     raise DataError(
                         path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
                     )
+                if index.d != bits:
+                    raise DataError(
+                        path / f"{name}.faiss", f"holds {index.d}-bit codes, but the hash module gives {bits}"
+                    )
+            # The stored items' codes as the build wrote them, whichever device hashed them: the
+            # bench's queries and a query by a stored image search with the codes the index holds.
+            self._image_codes = stored_codes(self.image_index)
+            self._caption_codes = stored_codes(self.caption_index)
         opened = {}  # each file's footer read once, for the checks here and for the reads below
         for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
             if not (path / file).is_file():  # before either is read
@@ -501,7 +511,7 @@ class Index(BatchSearch):
             )
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
-        if store != self.regions.dtype:  # the stored items' codes (the bench's queries), before a cast rounds them
+        if store != self.regions.dtype:  # Milvus-searched: hash the stored items before a cast rounds them
             self.image_codes()
             self.caption_codes()
         self.regions = self.regions.to(dev, store)
@@ -571,10 +581,10 @@ class Index(BatchSearch):
 
     def image_features(self, rows: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray]:
         """The encoded regions (q, R, d), Gram matrices (q, R, R) and codes (q, k/8) of this
-        index's image ``rows``. The codes are the stored images' own (``image_codes``, hashed
-        before a bfloat16 cast could round the features) where already hashed, else hashed from
-        these features now (float32: the same codes), so a query by a stored image searches with
-        the code the index and the bench hold."""
+        index's image ``rows``. The codes are the stored images' own (``image_codes``) where known,
+        else (an index searched in Milvus, before ``image_codes`` was called) hashed from these
+        features now in float32, so a query by a stored image searches with the code the index
+        and the bench hold."""
         rows = np.asarray(rows, dtype=np.int64)
         sel = torch.from_numpy(rows).to(self.regions.device)
         regions, gram = self.regions.index_select(0, sel), self.gram.index_select(0, sel)
@@ -653,8 +663,11 @@ class Index(BatchSearch):
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:
-        """Codes of every stored image, hashed once per opened index (``to`` hashes them before
-        a cast to bfloat16 can round the features)."""
+        """Codes of every stored image, (n_images, k/8) uint8: those the build wrote into
+        ``images.faiss``, read when the index was opened (an index built on a GPU keeps them on a
+        CPU, bit for bit). An index searched in Milvus, opened without reading its FAISS files,
+        hashes its stored features once instead (``to`` does so before a cast to bfloat16 can
+        round them)."""
         if self._image_codes is None:
             module = self.hasher.module
             self._image_codes = self._hash_in_blocks(
@@ -663,7 +676,7 @@ class Index(BatchSearch):
         return self._image_codes
 
     def caption_codes(self) -> np.ndarray:
-        """Codes of every stored caption, hashed once per opened index (as ``image_codes``)."""
+        """Codes of every stored caption, from ``captions.faiss`` (as ``image_codes``)."""
         if self._caption_codes is None:
             module = self.hasher.module
 

@@ -748,13 +748,15 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
                 assert moved <= 100 / queries[direction] + 1e-9, (direction, method, key)
 
 
-def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, monkeypatch):
-    """The stored items are hashed a block of items at a time (so a GPU never holds all the
-    features in full precision): blocks of 5 give the codes the build stored; cached ones stay."""
+def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, index, monkeypatch):
+    """Searched elsewhere (Milvus: FAISS files not read), the stored items are hashed a block of
+    items at a time (so a GPU never holds all the features in full precision): blocks of 5 give
+    the codes the build stored; cached ones stay."""
     import heiindex.index as index_module
 
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 5)
-    opened = Index.open(pipe.index_dir)
+    elsewhere = (index.image_index, index.caption_index)  # stand-ins for Milvus collections
+    opened = Index(pipe.index_dir, index.manifest, index.matcher, index.hasher, code_indexes=elsewhere)
     module, sizes = opened.hasher.module, {"image": [], "text": []}
     real_image, real_text = module.image_codes, module.caption_codes
     monkeypatch.setattr(module, "image_codes", lambda r: sizes["image"].append(len(r)) or real_image(r))
@@ -765,6 +767,44 @@ def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, monkeypatc
     cached = opened.image_codes()
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 3)
     assert opened.image_codes() is cached
+
+
+def test_stored_codes_are_read_from_the_faiss_files(pipe, tmp_path):
+    """The stored items' codes are those the build wrote into its FAISS files, not the hash
+    module's codes of the stored features now (they may differ by a bit when a GPU built the
+    index): an image query searches with the file's code, bit for bit, as the bench's queries do
+    (``image_codes`` / ``caption_codes``). Text queries are hashed as always. Files of another
+    code width are refused by name."""
+    from heiindex.hamming import make_binary_index, save_binary_index
+
+    out = tmp_path / "flipped"
+    shutil.copytree(pipe.index_dir, out)
+    fresh = Index.open(pipe.index_dir)
+    image_codes, caption_codes = fresh.image_codes().copy(), fresh.caption_codes().copy()
+    image_codes[3, 0] ^= 1  # one bit of image row 3, one of caption row 0
+    caption_codes[0, 0] ^= 1
+    save_binary_index(make_binary_index(image_codes, "flat", None, None), out / "images.faiss")
+    save_binary_index(make_binary_index(caption_codes, "flat", None, None), out / "captions.faiss")
+    opened = Index.open(out)
+    np.testing.assert_array_equal(opened.image_codes(), image_codes)
+    np.testing.assert_array_equal(opened.caption_codes(), caption_codes)
+    with torch.no_grad():
+        rehashed = opened.hasher.module.image_codes(opened.regions[3:4])
+    assert not np.array_equal(rehashed, image_codes[3:4])  # the file's code is not what hashing gives now
+    row = 3
+    res = opened.search_image(int(opened.image_ids[row]), k=5, candidates=20)
+    assert [h.hamming for h in res.results] == _hamming_of_hits(opened, image_codes[row], res)
+    # all 24 images as candidates: the same hits and scores; only image row 3's distance moves, by 1
+    now, before = opened.search("a dog", k=24, candidates=24), fresh.search("a dog", k=24, candidates=24)
+    assert [(h.id, h.score) for h in now.results] == [(h.id, h.score) for h in before.results]
+    moved = {h.id: abs(h.hamming - b.hamming) for h, b in zip(now.results, before.results, strict=True)}
+    assert moved == {int(i): int(i == opened.image_ids[row]) for i in opened.image_ids}
+
+    assert image_codes.shape[1] * 8 == pf.BITS == 32
+    narrow = make_binary_index(image_codes[:, :2], "flat", None, None)  # 16-bit codes beside a 32-bit module
+    save_binary_index(narrow, out / "images.faiss")
+    with pytest.raises(DataError, match=r"images\.faiss: holds 16-bit codes, but the hash module gives 32"):
+        Index.open(out)
 
 
 def test_a_bad_dtype_is_a_clear_error(pipe):
