@@ -3,6 +3,9 @@
 python benchmarks/hash_exp_eval.py --split test base256 mq2_256 mq4_256
 python benchmarks/hash_exp_eval.py --split test --real base256_e160   # what binarising costs
 
+A name joining modules with "+" (``txtmq_256+txtmq_256_s1``) ranks their codes side by side, an
+ensemble: the Hamming distance over the joined codes is the sum of each module's.
+
 ``--real`` (single-code modules) adds rankings without the sign: the query side real-valued
 against binary codes (asymmetric: tanh of the text output for t2i, of the image output for
 i2t), and real-valued tanh outputs on both sides (cosine-like dot products).
@@ -45,11 +48,15 @@ def main() -> None:
     split = load_split(args.split)
     cap_img = split["caption_image"]
     for name in args.names:
-        model = load_module(name, args.models)
-        r = recall_from_codes(*codes(model, split), cap_img)
+        parts = [load_module(part, args.models) for part in name.split("+")]
+        if len(parts) > 1 and any(m.e.K != 1 or m.e.Kt != 1 for m in parts):
+            raise SystemExit(f"{name}: an ensemble joins single-code modules")
+        joined = [codes(m, split) for m in parts]
+        r = recall_from_codes(*(torch.cat([c[side] for c in joined], -1) for side in (0, 1)), cap_img)
         print(f"{args.split} {name}: t2i {100 * r['t2i']:.1f} i2t {100 * r['i2t']:.1f}", flush=True)
-        if not args.real:
+        if not args.real or len(parts) > 1:
             continue
+        model = parts[0]
         if model.e.K != 1 or model.e.Kt != 1:
             raise SystemExit(f"--real ranks single-code modules; {name} has {model.e.K} / {model.e.Kt} codes per item")
         model.eval()
