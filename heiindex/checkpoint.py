@@ -91,12 +91,18 @@ def write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     path.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
 
 
-def save_model(model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | None = None) -> Path:
-    """Write a model folder atomically; ``extra`` (JSON) is stored under ``"info"``."""
+def save_model(
+    model: ScanModel, vocab: Vocab, path: str | Path, extra: dict | None = None, state: dict | None = None
+) -> Path:
+    """Write a model folder atomically; ``extra`` (JSON) is stored under ``"info"``. ``state``:
+    the training state to keep beside the weights (``STATE_FILE``, ``torch.save``), swapped in
+    with them, so a folder never holds weights of one epoch and the state of another."""
     path = Path(path)
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
     with atomic_dir(path, *MODEL_OUTPUT) as tmp:
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
         write_weights(model.state_dict(), tmp / WEIGHTS_FILE)
         vocab.save(tmp / VOCAB_FILE)
         info = dict(extra or {})

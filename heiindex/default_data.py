@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import HeiindexError
 from .ingest import ingest
 from .simulate import SimConfig, write_coco_sim_precomp
@@ -86,7 +87,8 @@ def last_built_index() -> Path:
 
 def mark_last_built(path: Path) -> None:
     """Record ``path`` as the index the last ``build`` on the default data wrote."""
-    _last_marker().write_text(str(Path(path).resolve()) + "\n")
+    with atomic_file(_last_marker()) as tmp:
+        tmp.write_text(str(Path(path).resolve()) + "\n")
 
 
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:
@@ -117,7 +119,8 @@ def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log
             progress=progress,
         )
         log(summary.line())
-    stamp.write_text(json.dumps(want, indent=2) + "\n")
+    with atomic_file(stamp) as tmp:
+        tmp.write_text(json.dumps(want, indent=2) + "\n")
     return store
 
 

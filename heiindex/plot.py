@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import DataError, HeiindexError
 from .store import check_writable
 
@@ -11,9 +12,10 @@ __all__ = ["check_plot_path", "plot_sweep"]
 
 
 def check_plot_path(path: str | Path) -> Path:
-    """``path`` if a PNG can be written there: it ends in .png and its folder exists (checked
-    before a bench runs, not after it; matplotlib would add ".png" to a path without a suffix
-    and refuse other suffixes)."""
+    """``path`` if a PNG can be written there: it ends in .png, its folder exists, and it is new
+    or a PNG already (an earlier plot, replaced; any other file is refused). Checked before a
+    bench runs, not after it; matplotlib would add ".png" to a path without a suffix and refuse
+    other suffixes."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise HeiindexError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
@@ -21,6 +23,8 @@ def check_plot_path(path: str | Path) -> Path:
         raise HeiindexError(f"--plot {path}: no folder {path.parent} to write it in")
     if path.is_dir():
         raise HeiindexError(f"--plot {path}: is a folder; give a file path ending in .png")
+    if path.exists() and not _is_png(path):  # an earlier plot is replaced; anything else is the user's
+        raise HeiindexError(f"--plot {path}: exists and is not a PNG; the plot would replace it (choose another path)")
     try:
         check_writable(path)  # a folder that refuses new files (read-only, /proc, ...)
     except DataError as exc:
@@ -57,6 +61,12 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    with atomic_file(path) as tmp:  # a kill while writing leaves the earlier plot, not half a PNG
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"

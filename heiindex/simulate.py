@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import clear_leftovers, scratch, swap_in
 from .errors import DataError
 from .precomp import read_captions
 from .store import check_replaceable
@@ -585,7 +585,8 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
 
     splits = {"train": testall[TEST_IMAGES * cpi :], "dev": dev, "test": testall[: TEST_IMAGES * cpi]}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    clear_leftovers(out_dir)  # of a run killed mid-way
+    tmp_dir = scratch(out_dir)
     table = _ConceptTable(config)  # shared: the splits have most concepts in common
     try:
         for split, lines in splits.items():
@@ -600,13 +601,7 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
         }
         (tmp_dir / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         check_replaceable(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, out_dir)
+        swap_in(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -7,9 +7,9 @@ Layout of a store root (``heiindex ingest --out ROOT``)::
     ROOT/{split}/captions.parquet caption_id int64, image_id int64, text string, tokens list<int32>
     ROOT/{split}/manifest.json    sources, shapes, dtypes, counts, checksums, format version
 
-Files are written by streaming, one row group per block of images, into a temporary folder
-beside the target that is renamed into place only once complete; a failure leaves no partial
-output and an older store of that split untouched. Readers go row group by row group.
+Files are written by streaming, one row group per block of images, into a scratch folder
+beside the target that is swapped into place only once complete (``heiindex.atomic``); a
+failure leaves no partial output and an older store of that split untouched. Readers go row group by row group.
 What this module must not do: parse precomp files or tokenise text.
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import clear_leftovers, scratch, swap_in
 from .errors import DataError, name_some
 from .settings import require
 
@@ -204,10 +205,12 @@ def write_json(path: Path, data: dict) -> None:
 
 @contextmanager
 def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str] = ()) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
+    """Yield a fresh scratch folder beside ``target``; on success it replaces ``target`` in one
+    step (``heiindex.atomic.swap_in``).
 
-    On any exception the temporary folder is removed and ``target`` is left as it was. An
-    existing ``target`` is replaced only if ``check_replaceable`` allows it (a folder holding
+    On any exception the scratch folder is removed and ``target`` is left as it was; what a
+    killed earlier run left beside ``target`` is cleared first (``heiindex.atomic.clear_leftovers``).
+    An existing ``target`` is replaced only if ``check_replaceable`` allows it (a folder holding
     nothing but what ``kind`` writes, the ``replaces`` patterns), checked before the work and
     again before the swap: an ``--out`` that names an input, a file or an unrelated folder is
     refused, not deleted.
@@ -215,14 +218,16 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     target = Path(target)
     if target.is_symlink():  # write where it points: swapping the link itself would leave it dangling beside
         target = target.resolve()
+    clear_leftovers(target)
     check_output(target, kind, replaces)
     made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = scratch(target)
     tmp.chmod(0o755)
     try:
         yield tmp
         check_replaceable(target, kind, replaces)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:
@@ -231,13 +236,6 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
             except OSError:
                 break
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output(target: Path, kind: str, replaces: Collection[str]) -> None:

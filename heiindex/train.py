@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import MODEL_OUTPUT, STATE_FILE, load_model, save_model
+from .atomic import atomic_file
+from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
@@ -141,8 +141,30 @@ def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str, what: str 
 
 
 def resumable(out: str | Path) -> bool:
-    """Whether ``out`` holds a run that ``train(resume=True)`` continues (its last state)."""
-    return (Path(out) / "last" / STATE_FILE).exists()
+    """Whether ``out`` holds a run that ``train(resume=True)`` continues: a model in ``last/`` (its
+    training state is read, and refused by name if missing or damaged, by ``read_state``)."""
+    return (Path(out) / "last" / CONFIG_FILE).is_file()
+
+
+_STATE_FIELDS = ("epoch", "optimizer", "best_rsum", "best_epoch", "torch_rng")
+
+
+def read_state(last: Path) -> dict:
+    """The training state kept in ``last/`` (``STATE_FILE``); ``DataError`` naming it where it is
+    missing, unreadable or incomplete, since resuming without it would start again from the first
+    epoch and replace ``best/``."""
+    path = Path(last) / STATE_FILE
+    again = "train without --resume to start again (best/ and last/ are then replaced)"
+    if not path.is_file():
+        raise DataError(path, f"missing, so this run cannot be resumed; {again}")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises EOFError, RuntimeError, UnpicklingError, ... on a damaged file
+        raise DataError(path, f"cannot be read ({type(exc).__name__}: {exc}); {again}") from None
+    missing = [f for f in _STATE_FIELDS if not isinstance(state, dict) or f not in state]
+    if missing:
+        raise DataError(path, f"lacks {', '.join(missing)}; {again}")
+    return state
 
 
 def train(
@@ -176,7 +198,6 @@ def train(
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
 
     torch.manual_seed(config.seed)
-    state_path = out / "last" / STATE_FILE
     start_epoch, history, best_rsum, best_epoch = 0, [], -1.0, -1
     if resume and resumable(out):
         loaded = load_model(out / "last")
@@ -184,9 +205,13 @@ def train(
         if model_config is not None and model_config != model.config:
             changes = "; ".join(model_config.changes_from(model.config, "it has"))
             raise DataError(out / "last", f"cannot resume: its model config differs from the one given: {changes}")
-        state = torch.load(state_path, weights_only=True)
+        state = read_state(out / "last")
         start_epoch = int(state["epoch"]) + 1
-        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        if "history" in state:
+            history = json.loads(state["history"])
+        else:  # a run saved before the state kept its history: the epochs up to the state's
+            saved = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+            history = [row for row in saved if row["epoch"] <= start_epoch]
         best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         opt.load_state_dict(state["optimizer"])
@@ -272,21 +297,21 @@ def train(
                 "images": min(config.val_images, va.n_images),
             },
         }
+        # best/ first, then last/ with the state to resume from (the history included) in the
+        # same swap: a run killed between any two steps resumes from a consistent last/, and
+        # redoing an epoch that already reached best/ gives the same model again
         if rsum > best_rsum:
             best_rsum, best_epoch = rsum, epoch
             save_model(model, vocab, out / "best", info)
-        save_model(model, vocab, out / "last", info)
-        torch.save(
-            {
-                "epoch": epoch,
-                "optimizer": opt.state_dict(),
-                "best_rsum": best_rsum,
-                "best_epoch": best_epoch,
-                "torch_rng": torch.get_rng_state(),
-            },
-            state_path,
-        )
-        tmp = out / ".history.json.partial"
-        tmp.write_text(json.dumps(history, indent=2) + "\n")
-        os.replace(tmp, out / "history.json")  # whole or not at all, as best/ and last/
+        state = {
+            "epoch": epoch,
+            "optimizer": opt.state_dict(),
+            "best_rsum": best_rsum,
+            "best_epoch": best_epoch,
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(history),
+        }
+        save_model(model, vocab, out / "last", info, state=state)
+        with atomic_file(out / "history.json") as tmp:  # a copy to read; the state's is the one resumed
+            tmp.write_text(json.dumps(history, indent=2) + "\n")
     return TrainResult(best_rsum, best_epoch, history, out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import leftovers, leftovers_in
 from .errors import DataError
 from .store import MANIFEST_FILE, check_shard_entries, entry_name, file_sha256, manifest_folders, read_json_object
 
@@ -20,7 +21,8 @@ __all__ = ["FileCheck", "verify"]
 @dataclass(frozen=True)
 class FileCheck:
     """One recorded file: ``status`` is "ok", "changed", "missing" or "unrecorded" (a manifest
-    from a heiindex that recorded no checksums; ``path`` is then the manifest)."""
+    from a heiindex that recorded no checksums; ``path`` is then the manifest); or "leftover",
+    a scratch folder or file an interrupted run left (``heiindex.atomic``), not part of the data."""
 
     path: Path
     status: str
@@ -32,8 +34,24 @@ class FileCheck:
 
 def verify(path: str | Path) -> list[FileCheck]:
     """Every recorded file under ``path``: a store root (each split), a store split, an index, or
-    a sharded index (each shard). ``DataError`` where ``path`` is none of these."""
+    a sharded index (each shard). ``DataError`` where ``path`` is none of these. What interrupted
+    runs left beside ``path`` or in it (a store root's splits are written there) is listed last,
+    as "leftover"."""
     path = Path(path)
+    checks = _checks(path)
+    found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
+    return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+
+
+def _leftover_detail(path: Path) -> str:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        f"left by an interrupted run ({size / 1e6:,.1f} MB), not part of the data; "
+        "the next write of the same output removes it, or delete it"
+    )
+
+
+def _checks(path: Path) -> list[FileCheck]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists() and (path / "config.json").is_file():  # a model or hash module folder
         raise DataError(

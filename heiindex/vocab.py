@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import DataError
 from .tokenizer import tokenize
 
@@ -108,9 +108,8 @@ class Vocab:
             "idx2word": {str(i): w for i, w in enumerate(self.words)},
             "idx": len(self.words),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(data, ensure_ascii=False))
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:

@@ -235,6 +235,10 @@ def test_bench_sweep_writes_a_png(pipe, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert [row["candidates"] for row in d["full"]["sweep"]] == [1, 5, 10, 24]
     assert not (pipe.index_dir / "bench_sweep.png").exists()
+    before = png.stat().st_ino  # an earlier plot is replaced by a new file swapped in whole
+    as_json(run("bench", "--index", pipe.index_dir, "--topk", "10", "--sweep", "1,24", "--plot", png, "--json"))
+    assert png.stat().st_ino != before and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.png"]  # no scratch file left
 
 
 def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monkeypatch):
@@ -272,11 +276,14 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     import heiindex.bench
 
     monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    notes = tmp_path / "notes.png"  # the user's file, named .png: not overwritten
+    notes.write_text("my notes")
     for plot, message in (
         (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "nodir" / "p.png", f"no folder {tmp_path / 'nodir'} to write it in"),
         (Path("/proc/p.png"), "cannot be written in /proc"),
+        (notes, "exists and is not a PNG; the plot would replace it (choose another path)"),
     ):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         assert r.exit_code == 2
@@ -284,7 +291,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
     assert r.exit_code == 2
     clean_error(r, "--plot draws the --sweep table; give --sweep too")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
 
 
 def test_bench_tables(pipe, tmp_path):

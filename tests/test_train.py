@@ -320,9 +320,9 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
 
 
 def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, tmp_path):
-    """The CLI called a run resumable when last/ existed, the library only when last/ holds the
-    optimizer state: with last/ but no state, training started fresh from the default shape and
-    --embed-size was dropped."""
+    """A last/ without a model in it (here empty) is nothing to resume: training starts fresh with
+    the options given (the CLI and the library once disagreed on this, and --embed-size was
+    dropped). A last/ holding a model but no state is refused (the test below)."""
     (tmp_path / "run" / "last").mkdir(parents=True)
     r = _cli_train(wide_store, tmp_path / "run", "--epochs", "1", "--resume")  # --embed-size 16 among the options
     assert r.exit_code == 0, r.output
@@ -371,3 +371,70 @@ def test_cli_train_is_deterministic(wide_store, tmp_path):
         load_model(tmp_path / "a" / "best").model.img_enc.fc.weight,
         load_model(tmp_path / "b" / "best").model.img_enc.fc.weight,
     )
+
+
+def test_a_run_killed_after_saving_last_resumes_to_the_same_models(wide_store, tmp_path):
+    """A real SIGKILL right after epoch 2's last/ was swapped in, before history.json was written
+    (the optimizer state used to be written after that swap, so the new last/ had none and
+    --resume trained again from the first epoch): the state and the history travel in last/, so
+    --resume goes on with epoch 3 and ends with the models and history of a run never killed."""
+    import subprocess
+    import sys
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    code = (
+        "import os, signal, sys\n"
+        "import torch\n"
+        "torch.set_num_threads(1)  # as the tests run (conftest): the same sums, so the same weights\n"
+        "import heiindex.train as t\n"
+        "real = t.save_model\n"
+        "def save(model, vocab, path, info, state=None):\n"
+        "    real(model, vocab, path, info, state=state)\n"
+        "    if path.name == 'last' and info['epoch'] == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "t.save_model = save\n"
+        "from heiindex_cli.main import cli\n"
+        "cli(sys.argv[1:])\n"
+    )
+    small = ["--batch-size", "16", "--lr", "0.01", "--embed-size", "16", "--val-images", "100"]
+    args = ["train", "--store", str(wide_store), "--out", str(killed), *small, "--epochs", "3"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    assert load_model(killed / "last").info["epoch"] == 2
+    assert [row["epoch"] for row in json.loads((killed / "history.json").read_text())] == [1]
+
+    r = _cli_train(wide_store, killed, "--epochs", "3", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming after epoch 2" in r.output and "epoch 1: loss" not in r.output
+    assert _cli_train(wide_store, whole, "--epochs", "3").exit_code == 0
+    for sub in ("best", "last"):
+        assert load_model(killed / sub).checksum == load_model(whole / sub).checksum, sub
+    rows = [json.loads((run_dir / "history.json").read_text()) for run_dir in (killed, whole)]
+    assert [row["epoch"] for row in rows[0]] == [1, 2, 3]
+    assert [row["dev_rsum"] for row in rows[0]] == [row["dev_rsum"] for row in rows[1]]
+
+
+def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_state(wide_store, tmp_path):
+    """The history resumed is the one kept in last/'s state (history.json is a copy to read, here
+    removed); a last/ whose state is missing, empty or cut short is refused by name instead of
+    training again from the first epoch, which would replace best/."""
+    out = tmp_path / "run"
+    assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
+    (out / "history.json").unlink()
+    r = _cli_train(wide_store, out, "--epochs", "2", "--resume")
+    assert r.exit_code == 0, r.output
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+    state = out / "last" / "train_state.pt"
+    whole = state.read_bytes()
+    best = load_model(out / "best").checksum
+    for damage, expected in (
+        (lambda: state.unlink(), "missing, so this run cannot be resumed"),
+        (lambda: state.write_bytes(b""), "cannot be read (EOFError"),
+        (lambda: state.write_bytes(whole[: len(whole) // 2]), "cannot be read (RuntimeError"),
+    ):
+        damage()
+        r = _cli_train(wide_store, out, "--epochs", "3", "--resume")
+        assert r.exit_code == 2, r.output
+        clean_error(r, f"{state}: {expected}", "train without --resume to start again")
+        assert "epoch 1: loss" not in r.output and load_model(out / "best").checksum == best

@@ -37,6 +37,26 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert [c.status for c in verify(root / "test")] == ["ok", "changed", "ok"]  # and the root's vocab.json
 
 
+def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
+    """A store root's split scratch (inside it) and an index's (beside it) are listed last, as
+    leftovers, not as changed data: the exit status stays 0."""
+    root = pf.copy_store(pipe, tmp_path)
+    index = tmp_path / "index"
+    shutil.copytree(pipe.index_dir, index)
+    split_scratch = root / ".test.partial-somehost-12345-abcd"
+    split_scratch.mkdir()
+    (split_scratch / "images.parquet").write_bytes(b"x" * 2_000_000)
+    index_scratch = tmp_path / ".index.old-somehost-12345-efgh"
+    index_scratch.mkdir()
+    checks = verify(root)
+    assert [c.status for c in checks[:-1]] == ["ok"] * 7
+    assert (checks[-1].path, checks[-1].status) == (split_scratch, "leftover")
+    assert checks[-1].detail.startswith("left by an interrupted run (2.0 MB), not part of the data")
+    assert [(c.path, c.status) for c in verify(index)][-1] == (index_scratch, "leftover")
+    r = ok(run("verify", root, "--json"))
+    assert as_json(r)["files"][-1]["status"] == "leftover"
+
+
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
     """Its manifest records no vocabulary, which the store root's vocab check took for a change."""
     root = pf.copy_store(pipe, tmp_path)
