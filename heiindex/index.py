@@ -71,11 +71,14 @@ from .store import (
     SplitStore,
     atomic_dir,
     check_caption_image_ids,
+    check_column_finite,
     check_distinct,
     check_fields,
     file_record,
     open_parquet,
+    read_guarded,
     read_json_object,
+    reading,
     rows_of,
     sorted_ids,
     write_json,
@@ -252,7 +255,8 @@ class Index(BatchSearch):
         ids, regions, gram = _read_images(path / "image_features.parquet", r, d, opened["images"])
         self.image_ids, self.regions, self.gram = ids, torch.from_numpy(regions), torch.from_numpy(gram)
         captions = path / "caption_features.parquet"
-        c = opened["captions"].read(columns=["caption_id", "image_id", "text", "tokens"])
+        with reading(captions):
+            c = opened["captions"].read(columns=["caption_id", "image_id", "text", "tokens"])
         self.caption_ids = c.column("caption_id").to_numpy()
         self.caption_image_ids = c.column("image_id").to_numpy()
         self.texts = c.column("text").to_pylist()
@@ -757,7 +761,8 @@ def _row_groups(path: Path, columns: list[str], pf: pq.ParquetFile | None = None
     time (no pre-buffering: a row group read is released when the next is read). A column the
     file lacks is a ``DataError``. ``pf``: the file already opened (with ``pre_buffer=False``)."""
     pf = pf or open_parquet(path, columns, pre_buffer=False)
-    return pf.metadata.num_rows, (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
+    tables = (pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups))
+    return pf.metadata.num_rows, read_guarded(tables, path)
 
 
 def _read_images(
@@ -782,6 +787,7 @@ def _read_images(
                     raise DataError(
                         path, f'column "{column}" does not hold {flat.shape[1]} floats for each of its rows ({t})'
                     )
+                check_column_finite(path, column, values)
                 flat[at : at + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
                 at += len(chunk)
         pos += table.num_rows
@@ -808,6 +814,7 @@ def _packed_words(path: Path, lengths: np.ndarray, d: int, pf: pq.ParquetFile | 
                     f"({lengths[i]} tokens x d = {d})",
                 )
             values = chunk.flatten().to_numpy()  # flatten: this chunk's own words
+            check_column_finite(path, "words", values)
             out[pos : pos + len(values) // d] = values.reshape(-1, d)
             caption, pos = caption + len(chunk), pos + len(values) // d
     if caption != len(lengths):

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -48,6 +48,7 @@ __all__ = [
     "rows_of",
     "sorted_ids",
     "check_fields",
+    "check_column_finite",
     "check_output",
     "check_replaceable",
     "check_shard_entries",
@@ -57,6 +58,8 @@ __all__ = [
     "file_sha256",
     "manifest_folders",
     "open_parquet",
+    "read_guarded",
+    "reading",
     "write_captions",
     "write_json",
 ]
@@ -95,6 +98,47 @@ def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetF
     if missing:
         raise DataError(path, f'no column "{missing[0]}" (columns: {", ".join(names)})')
     return pf
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn what pyarrow raises while decoding ``path`` (a damaged page, a short read: its own
+    message names no file) into a ``DataError`` naming it."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            path, f"cannot be read ({' '.join(str(exc).split())}); `heiindex verify` compares it with its checksum"
+        ) from exc
+
+
+def read_guarded(items: Iterable, path: Path) -> Iterator:
+    """The items of ``items`` (pyarrow row groups or batches of ``path``, decoded lazily), each
+    read under ``reading(path)``."""
+    with reading(path):
+        it = iter(items)
+    while True:
+        with reading(path):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def check_column_finite(path: Path, column: str, values: np.ndarray, ids: np.ndarray | None = None) -> None:
+    """``DataError`` naming ``path`` and ``column`` where ``values`` (one block of the column) holds
+    NaN or inf: a damaged page can decode to them without an error, and they would pass into
+    every score. ``ids``: the block's row ids (first dimension of ``values``), to name one."""
+    if np.isfinite(values).all():
+        return
+    where = ""
+    if ids is not None:
+        bad = ~np.isfinite(values.reshape(len(ids), -1)).all(axis=1)
+        where = f" (image_id {name_some([str(int(i)) for i in ids[bad]])})"
+    raise DataError(
+        path, f'column "{column}" holds NaN or infinite values{where}; `heiindex verify` tells whether it is damaged'
+    )
 
 
 def sorted_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -483,7 +527,8 @@ class SplitStore:
         left = stop - start
         pending = None  # rows read but not yet yielded (less than a block)
         groups = range(first, last + 1)
-        for batch in pf.iter_batches(batch_size=block_images, row_groups=groups, columns=["image_id", "features"]):
+        batches = pf.iter_batches(batch_size=block_images, row_groups=groups, columns=["image_id", "features"])
+        for batch in read_guarded(batches, self.images_path):
             drop = min(skip, batch.num_rows)
             skip -= drop
             batch = batch.slice(drop, left)
@@ -499,7 +544,7 @@ class SplitStore:
             yield self._block(pending)
 
     def _block(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
+        return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim, self.images_path)
 
     @property
     def n_row_groups(self) -> int:
@@ -513,7 +558,8 @@ class SplitStore:
         the index and to the other in evaluation). ``captioned``: the first that many images
         must each have a caption, as recall over them needs (an index may hold images no
         caption describes)."""
-        ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+        with reading(self.images_path):
+            ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
         check_distinct(self.images_path, ids, "image_id")
         check_distinct(self.captions_path, captions.caption_ids, "caption_id")
         check_caption_image_ids(self.captions_path, captions.image_ids, ids, IMAGES_FILE)
@@ -530,8 +576,9 @@ class SplitStore:
         pf = self._images_file()
         if not 0 <= require("row group", i, integer=True) < pf.num_row_groups:
             raise ValueError(f"row group {i} outside the {pf.num_row_groups} of {self.images_path}")
-        table = pf.read_row_group(i, columns=["image_id", "features"])
-        return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim)
+        with reading(self.images_path):
+            table = pf.read_row_group(i, columns=["image_id", "features"])
+        return _image_batch(table.combine_chunks().to_batches()[0], self.regions, self.feature_dim, self.images_path)
 
     def captions(self) -> CaptionTable:
         """The split's captions; ``DataError`` naming the file where a column is missing, the row
@@ -542,7 +589,8 @@ class SplitStore:
                 self.captions_path,
                 f"holds {pf.metadata.num_rows} captions; the manifest's captions.count says {self.n_captions}",
             )
-        table = pf.read(columns=list(_CAPTION_COLUMNS))
+        with reading(self.captions_path):
+            table = pf.read(columns=list(_CAPTION_COLUMNS))
         tok = table.column("tokens").combine_chunks()
         offsets = tok.offsets.to_numpy()
         values = tok.values.to_numpy()
@@ -566,9 +614,10 @@ class SplitStore:
         )
 
 
-def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
     ids = batch.column("image_id").to_numpy()
     feats = batch.column("features").flatten().to_numpy(zero_copy_only=False)  # flatten: a slice's own values
+    check_column_finite(path, "features", feats, ids)
     if not feats.flags.writeable:
         feats = feats.copy()  # torch wants writable memory
     return ids, feats.reshape(len(ids), regions, feature_dim)

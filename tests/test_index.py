@@ -999,3 +999,71 @@ def _both_builds_refuse(pipe, root, tmp_path, detail: str) -> None:
     with pytest.raises(DataError, match=detail):
         write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def _rewrite_floats(path, column: str, at: int) -> None:
+    """``path`` written again with value ``at`` of the float list ``column`` set to NaN (as a
+    damaged page can decode without an error), its row groups kept."""
+    pfile = pq.ParquetFile(path)
+    groups = [pfile.metadata.row_group(i).num_rows for i in range(pfile.num_row_groups)]
+    table = pq.read_table(path)
+    chunk = table.column(column).combine_chunks()
+    values = chunk.flatten().to_numpy(zero_copy_only=False).copy()
+    values[at] = np.nan
+    offsets = chunk.offsets if hasattr(chunk, "offsets") else None
+    if offsets is None:
+        fixed = pa.FixedSizeListArray.from_arrays(pa.array(values), chunk.type.list_size)
+    else:
+        fixed = pa.ListArray.from_arrays(offsets, pa.array(values))
+    table = table.set_column(table.schema.get_field_index(column), column, fixed)
+    pq.write_table(table, path, row_group_size=groups[0])
+
+
+def _damage_a_page_header(path) -> None:
+    """Overwrite the start of the last row group's first data page: pyarrow fails to decode it,
+    with a message of its own that names no file."""
+    meta = pq.ParquetFile(path).metadata
+    group = meta.row_group(meta.num_row_groups - 1)
+    col = group.column(group.num_columns - 1)
+    raw = bytearray(path.read_bytes())
+    raw[col.data_page_offset : col.data_page_offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+
+
+def test_non_finite_or_undecodable_features_are_refused_by_file(pipe, tmp_path):
+    """A build from a store whose features hold NaN (a damaged page can decode to it) or whose
+    page cannot be decoded is refused naming the file (and the image), before anything is
+    written; so is opening an index whose features hold NaN."""
+    from types import SimpleNamespace
+
+    from cli_helpers import build as cli_build
+
+    root = pf.copy_store(pipe, tmp_path)
+    images = root / "test" / "images.parquet"
+    ids = pq.read_table(images, columns=["image_id"]).column("image_id").to_numpy()
+    per_image = len(pq.read_table(images, columns=["features"]).column("features")[0])
+    _rewrite_floats(images, "features", 5 * per_image + 7)  # image row 5
+    store = SplitStore.open(root, "test")
+    with pytest.raises(
+        DataError, match=rf'images\.parquet: column "features" holds NaN or infinite values \(image_id {ids[5]}\)'
+    ):
+        list(store.iter_image_blocks())
+    r = cli_build(SimpleNamespace(root=root, model_dir=pipe.model_dir, hash_dir=pipe.hash_dir), tmp_path / "idx")
+    assert r.exit_code == 2 and "holds NaN or infinite values" in r.output and str(images) in r.output
+    assert not (tmp_path / "idx").exists() and not list(tmp_path.glob(".idx.*"))
+
+    root2 = pf.copy_store(pipe, tmp_path / "second")
+    _damage_a_page_header(root2 / "test" / "images.parquet")
+    with pytest.raises(DataError, match=r"images\.parquet: cannot be read \(.*\); `heiindex verify` compares"):
+        list(SplitStore.open(root2, "test").iter_image_blocks())
+
+    index = tmp_path / "index"
+    shutil.copytree(pipe.index_dir, index)
+    _rewrite_floats(index / "image_features.parquet", "gram", 3)
+    with pytest.raises(DataError, match=r'image_features\.parquet: column "gram" holds NaN or infinite values'):
+        Index.open(index)
+    shutil.rmtree(index)
+    shutil.copytree(pipe.index_dir, index)
+    _rewrite_floats(index / "caption_features.parquet", "words", 11)
+    with pytest.raises(DataError, match=r'caption_features\.parquet: column "words" holds NaN or infinite values'):
+        Index.open(index)
