@@ -37,6 +37,14 @@ def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, **files: 
     return _folder(target.with_name(f".{target.name}.{role}-{host}-{pid}-x1y2"), **files)
 
 
+def _killed(target: Path, body: str) -> None:
+    """Run ``body`` in a new Python process (``import os, signal, sys`` done, the target as
+    ``sys.argv[1]``, ``atomic_dir`` imported) and check that it ended by SIGKILL."""
+    code = "import os, signal, sys\nfrom heiindex.store import atomic_dir\n" + body
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+
+
 def test_swap_in_replaces_an_existing_folder_by_one_exchange(tmp_path, monkeypatch):
     """Where the file system exchanges two paths in one step, the old target is never moved
     aside (no os.replace at all): there is no moment without a target."""
@@ -102,15 +110,12 @@ def test_atomic_dir_clears_what_a_killed_run_left(tmp_path):
     """A real SIGKILL inside atomic_dir leaves its scratch folder and the old target as it was;
     the next write of the same target removes the scratch."""
     target = _folder(tmp_path / "out", **{"a.txt": "old"})
-    code = (
-        "import os, signal, sys\n"
-        "from heiindex.store import atomic_dir\n"
+    _killed(
+        target,
         "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
         "    (tmp / 'a.txt').write_text('half')\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n",
     )
-    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == -9, done.stderr
     assert _contents(target) == {"a.txt": "old"}
     (left,) = leftovers(target)
     assert _contents(left) == {"a.txt": "half"}
@@ -123,10 +128,9 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
     """Without the exchange, a real SIGKILL after the old target was moved aside and before the
     new one was put in place leaves no target; the next write puts the old one back first."""
     target = _folder(tmp_path / "out", **{"a.txt": "old"})
-    code = (
-        "import os, signal, sys\n"
+    _killed(
+        target,
         "import heiindex.atomic as atomic\n"
-        "from heiindex.store import atomic_dir\n"
         "atomic.exchange = lambda a, b: False\n"
         "real = os.replace\n"
         "def replace(src, dst):\n"
@@ -135,10 +139,8 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "os.replace = replace\n"
         "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
-        "    (tmp / 'a.txt').write_text('new')\n"
+        "    (tmp / 'a.txt').write_text('new')\n",
     )
-    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == -9, done.stderr
     assert not target.exists() and len(leftovers(target)) == 2
     with pytest.raises(RuntimeError, match="stop"), atomic_dir(target, "a test output", ("*.txt",)):
         raise RuntimeError("stop")  # cleared first, then the work fails: the old one stays
