@@ -21,7 +21,9 @@ from .index import Index
 from .scoring import exhaustive_scores
 from .search import rerank_captions, rerank_images
 
-__all__ = ["candidate_metrics", "candidate_ranks", "run_bench"]
+__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "run_bench"]
+
+COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is benched as COCO 5K and 1K
 
 
 def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048) -> np.ndarray:
@@ -226,7 +228,8 @@ def run_bench(
         raise ValueError(f'protocols must be "auto", "full" or "1k", got {protocols!r}')
     sweep = sorted(set(sweep or []))
     full = protocols in ("auto", "full")
-    folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and index.n_images == 5000) else []
+    coco_5k = index.n_images == COCO_5K_IMAGES
+    folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
     _check_depths(index, topk, sweep, full, folds)
     check_captioned(index.caption_image, index.n_images)  # before any pass, not after the first
     out: dict = {
@@ -239,7 +242,7 @@ def run_bench(
         "dtype": getattr(index, "dtype", "float32"),
     }
     if full:
-        name = "5k" if index.n_images == 5000 else "full"
+        name = "5k" if coco_5k else "full"
         out[name] = _protocol(index, np.arange(index.n_images), topk, sweep, use_stored=True, exhaustive=exhaustive)
     if folds:
         runs = [

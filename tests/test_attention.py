@@ -217,19 +217,23 @@ def test_padding_values_and_width_do_not_change_scores(cross_attn, raw_feature_n
     extra = 1e3 * torch.randn(words.shape[0], 3, DIM, generator=gen, dtype=DTYPE)
     wider = torch.cat([words, extra], dim=1)
     _assert_close(score_block(cfg, wider, lengths, regions), base, "wider padding")
+    # NaN padding (0 x NaN is NaN: only masking keeps it out, never a multiplication by a zero weight)
+    nan = torch.where(mask, words, torch.full_like(words, float("nan")))
+    _assert_close(score_block(cfg, nan, lengths, regions), base, "NaN padding")
     # The candidate scorers see the same padding rules.
     cand_img = torch.arange(N_IMGS).flip(0).repeat(len(LENGTHS), 1)
-    _assert_close(
-        score_image_candidates(cfg, wider, lengths, regions, cand_img),
-        torch.gather(base, 1, cand_img),
-        "score_image_candidates, wider padding",
-    )
     cand_cap = torch.arange(len(LENGTHS)).flip(0).repeat(N_IMGS, 1)
-    _assert_close(
-        score_caption_candidates(cfg, regions, wider, lengths, cand_cap),
-        torch.gather(base.T, 1, cand_cap),
-        "score_caption_candidates, wider padding",
-    )
+    for padded, name in ((wider, "wider padding"), (nan, "NaN padding")):
+        _assert_close(
+            score_image_candidates(cfg, padded, lengths, regions, cand_img),
+            torch.gather(base, 1, cand_img),
+            f"score_image_candidates, {name}",
+        )
+        _assert_close(
+            score_caption_candidates(cfg, regions, padded, lengths, cand_cap),
+            torch.gather(base.T, 1, cand_cap),
+            f"score_caption_candidates, {name}",
+        )
 
 
 # ----------------------------------------------------------------------------- gram
@@ -358,6 +362,14 @@ def test_invalid_inputs_raise_value_error():
         else:
             not_raised.append(f"{name}: no exception")
     assert not not_raised, "expected ValueError:\n" + "\n".join(not_raised)
+
+
+def test_caption_lengths_must_lie_between_one_and_the_padded_width():
+    """An empty caption has nothing to attend with; one longer than its padding would read past it."""
+    words, regions = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    for lengths in ([0, 2], [2, 4]):
+        with pytest.raises(ValueError, match=r"^lengths must lie in \[1, 3\]$"):
+            score_block(AttentionConfig(), words, torch.tensor(lengths), regions)
 
 
 def test_indices_and_lengths_must_be_integers_not_floats_or_bools():

@@ -12,6 +12,7 @@ import heiindex.bench as bench
 from heiindex.bench import run_bench
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
+from heiindex.errors import HeiindexError
 from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
@@ -263,19 +264,48 @@ def test_folds_are_averaged_but_their_seconds_summed():
             "dtype": "float32",
         },
     ]
-    assert _mean_of(fold) == {
+    mean = _mean_of(fold)
+    assert mean == {
         "images": 1000,
         "t2i": {"hei": {"r1": 45.0, "medr": 2.5, "meanr": None, "seconds": 3.75}, "speedup": 7.0},
         "sweep": [{"n": 10, "t2i": 0.375}, {"n": 20, "t2i": 0.875}],
         "dtype": "float32",
     }
+    assert type(mean["images"]) is int  # 1000 in the JSON, not 1000.0 (== alone cannot tell)
+
+
+def test_a_5000_image_split_is_benched_as_coco_5k_and_1k(index, monkeypatch):
+    """--protocol auto on a COCO-5K-sized split (here the 24-image set made that size) runs the
+    whole split as "5k" and the 1K folds, reports the 5K figures at the top, and checks --topk
+    against a fold's size."""
+    monkeypatch.setattr(bench, "COCO_5K_IMAGES", 24)
+    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    res = run_bench(index, topk=5)
+    assert "full" not in res and res["1k"]["folds"] == 2 and res["5k"]["images"] == 24
+    assert res["t2i"] is res["5k"]["t2i"] and res["i2t"] is res["5k"]["i2t"]
+    with pytest.raises(ValueError, match=r"--topk 13 must lie in \[1, 12\] for this index \(a COCO 1K fold's size"):
+        run_bench(index, topk=13)
+
+
+def test_hamming_scores_over_several_blocks():
+    """Negative Hamming distances of 8-bit codes, computed 2 queries at a time (COCO 5K's 25,000
+    captions are 13 blocks of the default 2,048)."""
+    q = np.array([[0], [255], [15], [1], [3]], dtype=np.uint8)
+    x = np.array([[0], [255]], dtype=np.uint8)
+    want = np.array([[0, -8], [-8, 0], [-4, -4], [-1, -7], [-2, -6]], dtype=np.float32)
+    np.testing.assert_array_equal(bench._hamming_scores(q, x, block=2), want)
+
+
+def test_candidate_ranks_refuse_an_uncaptioned_image_query():
+    """Image 2 has no caption: image-to-text ranks would count it a miss; refused by name."""
+    cand = np.array([[0, 1], [2, 0], [1, 2]])
+    with pytest.raises(HeiindexError, match=r"1 of 3 images have no caption \(image rows 2\)"):
+        bench.candidate_ranks("i2t", cand, np.ones((3, 2)), np.array([0, 0, 1]))
 
 
 def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_path, monkeypatch):
     """Such a build serves queries, but i2t recall would count the image a miss: the bench refused
     it only after the text-to-image pass (and the sharded bench after both directions' searches)."""
-
-    from heiindex.errors import HeiindexError
     from heiindex.shards import ShardedIndex, build_shards, run_sharded_bench
 
     root = pf.copy_store(pipe, tmp_path)

@@ -99,8 +99,9 @@ def test_i2t_refuses_images_without_a_caption():
     scores = np.zeros((3, 4))
     with pytest.raises(HeiindexError, match=r"^1 of 3 images have no caption \(image rows 2\)"):
         i2t_ranks(scores, np.array([0, 0, 1, 1]))
-    with pytest.raises(HeiindexError, match="a caption's image row lies outside the 3 images"):
-        i2t_ranks(scores, np.array([0, 1, 2, 3]))
+    for gt in ([0, 1, 2, 3], [0, 1, 2, -1]):  # past the last image, and before the first
+        with pytest.raises(HeiindexError, match="a caption's image row lies outside the 3 images"):
+            i2t_ranks(scores, np.array(gt))
 
 
 def test_i2t_on_a_larger_matrix_matches_a_per_image_count():
@@ -112,6 +113,7 @@ def test_i2t_on_a_larger_matrix_matches_a_per_image_count():
         order = list(np.argsort(-scores[i]))
         want.append(min(order.index(j) for j in np.flatnonzero(gt == i)) + 1)
     np.testing.assert_array_equal(i2t_ranks(scores, gt), want)
+    np.testing.assert_array_equal(i2t_ranks(scores, gt, block=4), want)  # 6 images in blocks of 4 (COCO 5K: of 1024)
 
 
 def test_recall_figures_print_without_float_noise():
@@ -121,6 +123,8 @@ def test_recall_figures_print_without_float_noise():
     ranks = np.array([1.0] * 2144 + [5.0] * 1495 + [10.0] * 470 + [50.0] * 891)  # coco-sim's t2i counts
     d = recall(ranks).to_dict()
     assert json.dumps([d["r1"], d["r5"], d["r10"], d["rsum"]]) == "[42.88, 72.78, 82.18, 197.84]"
+    ranks = np.array([1.0] * 101 + [5.0] * 101 + [10.0] * 101 + [50.0] * 697)  # R@K 10.1, 20.2, 30.3
+    assert recall(ranks).to_dict()["rsum"] == 60.6 and 10.1 + 20.2 + 30.3 != 60.6
 
 
 def test_recall_of_nothing_is_an_error():

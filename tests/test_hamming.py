@@ -206,6 +206,28 @@ def test_torch_index_rejects_bad_codes_and_too_many_candidates():
         hamming_candidates(index, np.zeros((1, 2), dtype=np.uint8), 4)
 
 
+def test_torch_index_returns_every_item_when_asked_for_all():
+    from heiindex.hamming import TorchBinaryIndex
+
+    codes = np.arange(10, dtype=np.uint8)[:, None]
+    dist, ids = TorchBinaryIndex(codes).search(codes[:2], 10)
+    assert dist.shape == ids.shape == (2, 10)
+    assert sorted(ids[0].tolist()) == sorted(ids[1].tolist()) == list(range(10))
+    np.testing.assert_array_equal(dist[0], np.sort(pf.hamming_by_hand(codes[:1], codes)[0]))
+
+
+def test_index_settings_reach_faiss():
+    """ef_search is HNSW's search breadth (FAISS's default 16 would cut candidate recall beyond
+    16); nlist may equal the number of codes; the IVF default is the rounded square root."""
+    from heiindex.hamming import resolve_index_kind
+
+    codes = np.arange(8, dtype=np.uint8)[:, None]
+    assert make_binary_index(codes, "hnsw", ef_search=200).hnsw.efSearch == 200
+    assert make_binary_index(codes, "hnsw").hnsw.efSearch == 128
+    assert make_binary_index(codes, "ivf", nlist=8).nlist == 8
+    assert [resolve_index_kind("ivf", n)["nlist"] for n in (13, 12, 1)] == [4, 3, 1]  # sqrt 3.61, 3.46, 1
+
+
 @pytest.mark.parametrize("kind", INDEX_TYPES)
 def test_stored_codes_are_the_added_codes(easy, kind):
     from heiindex.hamming import index_on_device, stored_codes

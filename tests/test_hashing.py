@@ -11,6 +11,7 @@ import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative
 import pytest
 import torch
 
+import heiindex.train_hash as th
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
@@ -190,6 +191,18 @@ def test_hash_loss_exact_without_violations_keeps_a_gradient():
     torch.testing.assert_close(img.grad, want, atol=0, rtol=0)
 
 
+def test_hash_loss_a_tie_is_not_a_violation():
+    target = torch.tensor([[1.0, -0.25], [-1.0, 1.0]])
+    # (0, 1): h = -0.25 equals its target, no violation; (1, 0): (0.25 + 1)^2 = 1.5625, the only one
+    assert float(hash_loss(IMG, TXT, target, POS)) == 1.15625 + 1.5625
+
+
+def test_hash_loss_never_counts_a_matched_pair_as_unmatched():
+    target = torch.tensor([[0.25, -0.5], [0.5, 1.0]])
+    # matched (0, 0): h = 0.75 above its target 0.25, but it is a positive; only (0, 1) violates
+    assert float(hash_loss(IMG, TXT, target, POS)) == 1.15625 + 0.0625
+
+
 def test_hash_loss_averages_violations():
     target = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
     # both negatives violate: (-0.25 + 1)^2 = 0.5625 and (0.25 + 1)^2 = 1.5625, mean 1.0625
@@ -204,6 +217,61 @@ def test_scale_scores_sends_min_to_minus_one_and_positive_mean_to_one():
     torch.testing.assert_close(scale_scores(scores, POS), torch.tensor([[1 / 3, -1.0], [0.0, 1.0]]))
     # affine: shifting and scaling the matcher's scores changes nothing
     torch.testing.assert_close(scale_scores(scores * 7 - 2, POS), scale_scores(scores, POS))
+    # a batch scored all alike has no span: every target is -1, not NaN (0 / 0)
+    torch.testing.assert_close(scale_scores(torch.full((2, 2), 3.0), POS), -torch.ones(2, 2))
+
+
+# -- the training loop (fit_hash) on made-up scored batches -----------------------------------
+
+
+def _records(ids_per_batch: list[list[int]], d: int = 8) -> th.HashRecords:
+    """Scored batches of the given image ids (one caption per entry), random features and scores."""
+    g = torch.Generator().manual_seed(0)
+    batches, caption = [], 0
+    for ids in ids_per_batch:
+        b = len(ids)
+        rows = np.arange(caption, caption + b)
+        batches.append(
+            {
+                "ids": torch.tensor(ids),
+                "scores": torch.rand((b, b), generator=g),
+                "images": np.array(ids),
+                "captions": rows,
+            }
+        )
+        caption += b
+    n_images = max(max(ids) for ids in ids_per_batch) + 1
+    return th.HashRecords(
+        batches, {"mean": torch.randn(n_images, d, generator=g)}, {"mean": torch.randn(caption, d, generator=g)}
+    )
+
+
+def _fit(monkeypatch, records: th.HashRecords, epochs: int = 1, rank_weight: float = 1.0) -> dict:
+    """fit_hash with a dev recall that is the same every epoch."""
+    monkeypatch.setattr(th, "candidate_recall", lambda module, enc, n: {"t2i": 0.5, "i2t": 0.5, "n": 5})
+    config = HashTrainConfig(epochs=epochs, rank_weight=rank_weight, batch_size=4)
+    return th.fit_hash(records, None, HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet)[1]
+
+
+def test_fit_hash_pairs_every_caption_with_every_entry_of_its_image(monkeypatch):
+    """Two captions of image 7 in one batch are both positives of it, not negatives of each other."""
+    seen, real = [], th.hash_loss
+    monkeypatch.setattr(th, "hash_loss", lambda i, t, target, pos: seen.append(pos.clone()) or real(i, t, target, pos))
+    _fit(monkeypatch, _records([[7, 7, 3]]))
+    assert seen[0].tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_fit_hash_weighs_the_ranking_term_and_records_the_mean_loss(monkeypatch):
+    """Loss = HEI loss + rank_weight x ranking loss (here 0 and 1 in every batch), and the epoch's
+    recorded loss is the mean over its 3 batches: 0.5, not 1.0 (weight dropped) or 1.5 (a sum)."""
+    monkeypatch.setattr(th, "hash_loss", lambda i, t, target, pos: i.sum() * 0)
+    monkeypatch.setattr(th, "code_ranking_loss", lambda i, t, pos: i.sum() * 0 + 1.0)
+    history = _fit(monkeypatch, _records([[0, 1], [2, 3], [4, 5]]), rank_weight=0.5)["history"]
+    assert history[0]["loss"] == 0.5
+
+
+def test_fit_hash_keeps_the_first_of_equally_good_epochs(monkeypatch):
+    assert _fit(monkeypatch, _records([[0, 1]]), epochs=3)["best_epoch"] == 1
 
 
 # -- hash folders -----------------------------------------------------------------------------
@@ -431,5 +499,6 @@ def test_code_ranking_loss_exact():
     # caption 0 vs image 1: 0.2 + 0.25 - 0.75 < 0 -> 0; caption 1 vs image 0: 0.2 - 0.25 + 0.5 = 0.45
     loss = code_ranking_loss(IMG, TXT, POS, margin=0.2)
     assert loss.item() == pytest.approx((0.95 + 0.45) / 2)
+    assert code_ranking_loss(IMG, TXT, POS).item() == loss.item()  # 0.2 is the default fit_hash relies on
     # same-image pairs are never negatives
     assert code_ranking_loss(IMG, TXT, torch.ones(2, 2, dtype=torch.bool)).item() == 0.0

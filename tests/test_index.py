@@ -1067,3 +1067,16 @@ def test_non_finite_or_undecodable_features_are_refused_by_file(pipe, tmp_path):
     _rewrite_floats(index / "caption_features.parquet", "words", 11)
     with pytest.raises(DataError, match=r'caption_features\.parquet: column "words" holds NaN or infinite values'):
         Index.open(index)
+
+
+def test_top_k_keeps_the_nearer_of_tied_candidates_and_drops_empty_slots():
+    """Candidates arrive nearest first; of equal matcher scores the nearer stays ahead (a stable
+    sort: numpy's default sort is stable only up to 16 items, here 61). Empty slots never count."""
+    from heiindex.search import Candidates, top_k
+
+    ids = np.append(np.arange(60), -1)[None, :]
+    scores = np.append(np.tile(np.float32([0.5, 0.5, 0.2]), 20), -np.inf)[None, :].astype(np.float32)
+    ranked = top_k(Candidates(ids, scores, np.arange(61)[None, :]), 6, 0)
+    assert ranked.rows.tolist() == ranked.hamming.tolist() == [0, 1, 3, 4, 6, 7]
+    assert ranked.scores.tolist() == [0.5] * 6
+    assert top_k(Candidates(ids, scores, np.arange(61)[None, :]), 100, 0).rows.tolist()[-1] == 59

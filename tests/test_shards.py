@@ -16,6 +16,7 @@ from heiindex.index import Index
 from heiindex.packed import PackedWords
 from heiindex.shards import (
     ShardedIndex,
+    _merge_candidates,
     build_shards,
     read_manifest,
     run_sharded_bench,
@@ -99,7 +100,9 @@ def test_search_many_over_shards_answers_each_query_as_search_does(sharded):
 
 
 def test_search_images_over_shards_answers_each_image_as_search_image_does(sharded, index):
-    ids = [int(i) for i in index.image_ids[[1, 12, 23, 8]]]  # images of all three shards
+    # images of all three shards; the first batch holds shards 1, 2, 0: their features, gathered
+    # shard by shard, must be put back in the batch's order
+    ids = [int(i) for i in index.image_ids[[12, 23, 1, 8]]]
     got = list(sharded.search_images(ids, k=6, candidates=12, batch=3))
     assert [r.query for r in got] == ids
     for res, image_id in zip(got, ids, strict=True):
@@ -344,3 +347,49 @@ def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
         engine.RayShardedIndex(pipe.index_dir)
     with pytest.raises(DataError, match="the index here is not a sharded build"):
         engine.stop_served(pipe.index_dir, None)
+
+
+class _TwoShards:
+    """A bench engine of two shards with uneven captions: shard 0 holds images 10 (captions 0-2)
+    and 11 (caption 3), shard 1 image 12 (caption 4). Its candidates are made up: each caption's
+    own image and each image's own caption come first, from the shard holding it."""
+
+    manifest, path = {"split": "test"}, "two-shards"
+
+    def bench_metas(self):
+        return [
+            {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11])},
+            {"image_ids": np.array([12]), "caption_image_ids": np.array([12])},
+        ]
+
+    def bench_captions(self, n):  # 5 caption queries, one candidate per shard (local rows)
+        own = (np.array([[0], [0], [0], [1], [0]]), np.array([[1.0], [1.0], [1.0], [1.0], [-1.0]]), np.zeros((5, 1)))
+        other = (np.zeros((5, 1), int), np.array([[-1.0], [-1.0], [-1.0], [-1.0], [1.0]]), np.zeros((5, 1)))
+        return [own, other]
+
+    def bench_images(self, n):  # 3 image queries; image 12's caption is row 0 of shard 1, global row 4
+        own = (np.array([[0], [3], [0]]), np.array([[1.0], [1.0], [-1.0]]), np.zeros((3, 1)))
+        other = (np.array([[0], [0], [0]]), np.array([[-1.0], [-1.0], [1.0]]), np.zeros((3, 1)))
+        return [own, other]
+
+
+def test_sharded_bench_offsets_rows_by_each_shards_own_counts_and_times_each_direction(monkeypatch):
+    """Shard 1's caption rows start after shard 0's 4 captions (not 2 images x 5), and each
+    direction is timed by its own clock readings."""
+    import heiindex.shards as shards_module
+
+    monkeypatch.setattr(shards_module, "time", pf.fake_clock(0, 1, 10, 13))
+    out = run_sharded_bench(_TwoShards(), topk=1)
+    for direction in ("t2i", "i2t"):
+        assert out[direction]["candidate_recall"] == 1.0 and out[direction]["hei"]["r1"] == 100.0, direction
+    assert (out["t2i"]["hei"]["seconds"], out["i2t"]["hei"]["seconds"]) == (1, 3)
+
+
+def test_merged_candidates_keep_empty_slots_empty():
+    """An IVF or HNSW shard may return fewer than N (-1): shifted by the shard's offset it would
+    become the previous shard's last item and could count as a hit."""
+    empty = np.zeros((1, 2))
+    rows, _, _ = _merge_candidates(
+        [(np.array([[0, -1]]), empty, empty), (np.array([[1, -1]]), empty, empty)], [0, 2, 4]
+    )
+    assert rows.tolist() == [[0, -1, 3, -1]]
