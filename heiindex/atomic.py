@@ -1,18 +1,21 @@
 """Putting a finished output in place in one step, and clearing what killed runs left behind.
 
 Every command writes its output (a store split, a model, an index, coco-sim, a plot) into a
-scratch folder or file beside the target, named ``.NAME.partial-HOST-PID-XXXX``. When it is
-complete, ``swap_in`` puts it in place: a new target is one rename; an existing one is
-exchanged with it by one ``renameat2(RENAME_EXCHANGE)`` (Linux), so that at no moment is there
-no target, then the old one is removed. Where the exchange is not available (another OS, a
-file system without it) the old target is first moved aside as ``.NAME.old-HOST-PID-XXXX``.
+scratch folder or file beside the target, named ``.NAME.partial-HOST-NS-PID-XXXX`` (NS: the
+process's PID namespace, so that containers sharing a host name and a volume are told apart).
+When it is complete, ``swap_in`` puts it in place: a new target is one rename; on Linux an
+existing one is exchanged with it by one ``renameat2(RENAME_EXCHANGE)``, so that at no moment
+is there no target, then the old one is removed. Where the exchange is refused (another OS, a
+file system or sandbox without it) the old target is first moved aside as
+``.NAME.old-HOST-NS-PID-XXXX``: between the two renames there is no target.
 
 A run killed mid-way (SIGKILL, power loss) cannot remove its scratch. ``clear_leftovers``, called
-before the next write of the same target, removes the leftovers of runs on this host whose
-process is gone, and, where such a run was killed between moving the old target aside and
-putting the new one in place, moves the old one back first. Leftovers of live processes, or of
-other hosts (a shared file system), are left alone. ``leftovers`` lists them (``heiindex
-verify`` reports them).
+before the next write of the same target, removes the leftovers of runs whose process is gone
+(same host, same PID namespace, no such process), and, where such a run was killed between
+moving the old target aside and putting the new one in place, moves the old one back first.
+Leftovers of live processes, of other hosts or namespaces, and every leftover on Windows (where
+a process cannot be probed safely) are left alone. ``leftovers`` lists them (``heiindex verify``
+reports them).
 
 What this module must not do: decide whether a target may be replaced (``heiindex.store``'s
 ``check_replaceable``) or know what the files hold.
@@ -21,65 +24,114 @@ What this module must not do: decide whether a target may be replaced (``heiinde
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_file", "clear_leftovers", "exchange", "leftovers", "leftovers_in", "scratch", "swap_in"]
+__all__ = [
+    "atomic_file",
+    "clear_leftovers",
+    "exchange",
+    "is_scratch",
+    "leftovers",
+    "leftovers_in",
+    "scratch",
+    "swap_in",
+]
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS, Windows): one namespace
+        return "0"
+
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-# .NAME.partial-HOST-PID-XXXX or .NAME.old-HOST-PID-XXXX (the suffix from tempfile)
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[^-]+$")
+_NS = _pid_namespace()
+# .NAME.partial-HOST-NS-PID-XXXX or .NAME.old-HOST-NS-PID-XXXX (XXXX from tempfile: no "-")
+_LEFTOVER = re.compile(
+    r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<ns>\d+)-(?P<pid>\d+)-[^-]+$"
+)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def is_scratch(name: str) -> bool:
+    """Whether ``name`` is that of a scratch or set-aside path (``scratch``), whoever made it."""
+    return _LEFTOVER.match(name) is not None
+
+
 def scratch(target: Path, folder: bool = True, role: str = "partial") -> Path:
     """A new, empty scratch folder (or file, ``folder=False``) beside ``target``, named so that
-    ``clear_leftovers`` can tell whose it is."""
+    ``clear_leftovers`` can tell whose it is; readable as any new file or folder (the umask's
+    permissions, where ``tempfile`` makes them owner-only)."""
     target = Path(target)
-    prefix = f".{target.name}.{role}-{_HOST}-{os.getpid()}-"
+    prefix = f".{target.name}.{role}-{_HOST}-{_NS}-{os.getpid()}-"
     if folder:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        path.chmod(0o777 & ~_umask())
+        return path
     fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
     os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())
     return Path(name)
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it back
+    would change it for other threads meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def exchange(a: Path, b: Path) -> bool:
-    """Swap the two existing paths ``a`` and ``b`` in one step; False where this system cannot
-    (nothing moved then)."""
+    """Swap the two existing paths ``a`` and ``b`` in one step (Linux's ``renameat2``); False,
+    nothing moved, where this system refuses it for any reason (no such call, a file system or
+    a seccomp sandbox without it): the caller falls back to two renames, which report a real
+    problem (a missing path, no permission) themselves."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # a C library without it
         return False
     renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+    renameat2.restype = ctypes.c_int
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def swap_in(new: Path, target: Path) -> None:
     """Put the finished ``new`` (a scratch beside ``target``) in place of ``target``, replacing
     what is there; ``new`` is gone afterwards. On any failure ``target`` is as it was."""
     new, target = Path(new), Path(target)
-    if not target.exists() and not target.is_symlink():
+    if target.is_symlink():  # replacing the link would leave what it points to as it was
+        raise ValueError(f"swap_in takes the path a link points to, not the link {target}")
+    if not target.exists():
         os.replace(new, target)
         return
     if exchange(new, target):  # `new` now holds the old target
         _remove(new)
         return
     old = scratch(target, folder=target.is_dir(), role="old")
-    os.replace(target, old)
+    try:
+        os.replace(target, old)
+    except BaseException:
+        _remove(old)
+        raise
     try:
         os.replace(new, target)
     except BaseException:
@@ -89,16 +141,20 @@ def swap_in(new: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path, mode: int = 0o644) -> Iterator[Path]:
+def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a scratch file beside ``target`` to write; once the block ends without an exception
-    it replaces ``target`` (a file's rename is one step everywhere), with permissions ``mode``.
-    On an exception it is removed and ``target`` is as it was."""
+    it replaces ``target`` (a file's rename is one step everywhere), keeping an existing file's
+    permissions (else the umask's). A symlinked ``target`` is written where it points. On an
+    exception the scratch is removed and ``target`` is as it was."""
     target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
     clear_leftovers(target)
     tmp = scratch(target, folder=False)
     try:
         yield tmp
-        tmp.chmod(mode)
+        if target.exists():
+            tmp.chmod(target.stat().st_mode & 0o7777)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -146,9 +202,10 @@ def clear_leftovers(target: Path) -> list[Path]:
 
 
 def _dead(path: Path) -> bool:
-    """Whether the run that named ``path`` was on this host and its process is gone."""
+    """Whether the run that named ``path`` was on this host, in this PID namespace, and its
+    process is gone. Never on Windows, where ``os.kill(pid, 0)`` would end the process."""
     m = _LEFTOVER.match(path.name)
-    if m is None or m["host"] != _HOST:
+    if m is None or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
         return False
     pid = int(m["pid"])
     if pid == os.getpid():

@@ -565,11 +565,14 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
 
     Splits: ``test`` = the first 1,000 images of testall, ``train`` = the rest of testall,
     ``dev`` = dev. Writes ``{split}_caps.txt`` (the caption lines, copied), ``{split}_ims.npy``
-    and ``coco_sim.json`` (the config and simulator version) into a temporary folder beside
-    ``out_dir``, then renames it to ``out_dir``. An existing ``out_dir`` is replaced only if it
-    holds nothing but these files. Returns ``{split: n_images}``.
+    and ``coco_sim.json`` (the config and simulator version) into a scratch folder beside
+    ``out_dir``, then swaps it in (``heiindex.atomic``; a symlinked ``out_dir`` is written where
+    it points). An existing ``out_dir`` is replaced only if it holds nothing but these files.
+    Returns ``{split: n_images}``.
     """
     captions_dir, out_dir = Path(captions_dir), Path(out_dir)
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()
     testall_path, dev_path = captions_dir / "testall_caps.txt", captions_dir / "dev_caps.txt"
     testall, dev = read_captions(testall_path), read_captions(dev_path)
     cpi = CAPTIONS_PER_IMAGE

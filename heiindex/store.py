@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import clear_leftovers, scratch, swap_in
+from .atomic import clear_leftovers, is_scratch, scratch, swap_in
 from .errors import DataError, name_some
 from .settings import require
 
@@ -267,7 +267,6 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = scratch(target)
-    tmp.chmod(0o755)
     try:
         yield tmp
         check_replaceable(target, kind, replaces)
@@ -312,7 +311,12 @@ def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> Non
         return
     if not target.is_dir():
         raise DataError(target, f"exists and is not a folder; {kind} is written as a folder (choose another path)")
-    other = sorted(p.name for p in target.iterdir() if not any(fnmatch(p.name, pat) for pat in replaces))
+    other = sorted(
+        p.name
+        for p in target.iterdir()
+        if not is_scratch(p.name)  # what a killed write inside it left (a plot): replaced with it
+        and not any(fnmatch(p.name, pat) for pat in replaces)
+    )
     if other:
         raise DataError(
             target,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_file
+from .atomic import atomic_file, clear_leftovers
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
@@ -142,7 +142,11 @@ def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str, what: str 
 
 def resumable(out: str | Path) -> bool:
     """Whether ``out`` holds a run that ``train(resume=True)`` continues: a model in ``last/`` (its
-    training state is read, and refused by name if missing or damaged, by ``read_state``)."""
+    training state is read, and refused by name if missing or damaged, by ``read_state``). A
+    ``last/`` or ``best/`` that a run killed between two renames left moved aside (where the
+    one-step exchange is refused; ``heiindex.atomic``) is put back first."""
+    for folder in ("best", "last"):
+        clear_leftovers(Path(out) / folder)
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 

@@ -32,9 +32,9 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, **files: str) -> Path:
-    """A folder named as ``scratch`` names them, of ``pid`` on ``host``."""
-    return _folder(target.with_name(f".{target.name}.{role}-{host}-{pid}-x1y2"), **files)
+def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, ns: str = atomic._NS, **files: str) -> Path:
+    """A folder named as ``scratch`` names them, of ``pid`` on ``host`` in PID namespace ``ns``."""
+    return _folder(target.with_name(f".{target.name}.{role}-{host}-{ns}-{pid}-x1y2"), **files)
 
 
 def _killed(target: Path, body: str) -> None:
@@ -82,25 +82,27 @@ def test_swap_in_without_exchange_moves_the_old_aside_and_puts_it_back_on_failur
     with pytest.raises(OSError, match="disk went away"):
         swap_in(new, target)
     assert _contents(target) == {"new": "2"}  # the old one is back
-    assert calls[0][0] == "out" and calls[0][1].startswith(f".out.old-{atomic._HOST}-{os.getpid()}-")
+    assert calls[0][0] == "out" and calls[0][1].startswith(f".out.old-{atomic._HOST}-{atomic._NS}-{os.getpid()}-")
 
 
 def test_clear_leftovers_removes_dead_runs_scratch_and_puts_a_set_aside_target_back(tmp_path):
     """Of a dead run on this host: scratch removed; an old target set aside while the target is
-    missing (killed mid-swap) put back. A live process's, another host's and another target's
-    are kept."""
+    missing (killed mid-swap) put back. A live process's, another host's, another PID
+    namespace's (a container sharing the host name: its pid means nothing here) and another
+    target's are kept."""
     target = tmp_path / "out"
     dead = _dead_pid()
     partial = _left(target, "partial", dead, new="half")
     old = _left(target, "old", dead, good="1")
     live = _left(target, "partial", os.getpid(), mine="x")
     elsewhere = _left(target, "partial", dead, host="otherhost", theirs="y")
+    container = _left(target, "partial", dead, ns="1", theirs="z")
     other = _left(tmp_path / "other", "partial", dead, z="z")
-    assert leftovers(target) == sorted([partial, old, live, elsewhere])
+    assert leftovers(target) == sorted([partial, old, live, elsewhere, container])
     assert sorted(clear_leftovers(target)) == sorted([partial, old])
     assert _contents(target) == {"good": "1"}
     assert not partial.exists() and not old.exists()
-    assert live.exists() and elsewhere.exists() and other.exists()
+    assert live.exists() and elsewhere.exists() and container.exists() and other.exists()
     old_again = _left(target, "old", dead, stale="1")
     assert clear_leftovers(target) == [old_again]  # the target exists: a set-aside one is only removed
     assert _contents(target) == {"good": "1"} and not old_again.exists()
@@ -147,6 +149,29 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
     assert _contents(target) == {"a.txt": "old"} and leftovers(target) == []
 
 
+def test_a_refused_exchange_falls_back_to_two_renames(tmp_path):
+    """renameat2 refused for any reason (here a missing path; a seccomp sandbox answers EPERM) is
+    no exchange: the caller's two renames do the work, or report the real problem."""
+    a = _folder(tmp_path / "a")
+    assert exchange(a, tmp_path / "missing") is False
+    assert a.exists() and not (tmp_path / "missing").exists()
+
+
+def test_swap_in_refuses_a_link_and_cleans_up_a_failed_first_rename(tmp_path, monkeypatch):
+    real = _folder(tmp_path / "real", a="1")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    new = scratch(link)
+    with pytest.raises(ValueError, match="not the link"):
+        swap_in(new, link)
+    assert link.is_symlink() and _contents(real) == {"a": "1"}
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(PermissionError("no")))
+    with pytest.raises(PermissionError):
+        swap_in(scratch(real), real)
+    assert [p for p in leftovers(real) if ".old-" in p.name] == []  # the set-aside name is not left
+
+
 def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "plot.png"
     target.write_text("before")
@@ -154,7 +179,31 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert target.read_text() == "before" and leftovers(target) == []
+    target.chmod(0o640)  # an existing file keeps its permissions
     with atomic_file(target) as tmp:
         tmp.write_text("after")
     assert target.read_text() == "after" and leftovers(target) == []
-    assert target.stat().st_mode & 0o777 == 0o644
+    assert target.stat().st_mode & 0o777 == 0o640
+    old_mask = os.umask(0o027)  # a new file gets the umask's, not tempfile's owner-only 0600
+    try:
+        with atomic_file(tmp_path / "new.png") as tmp:
+            tmp.write_text("new")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+    link = tmp_path / "link.png"  # a link is followed: what it points to is replaced, the link kept
+    link.symlink_to(target)
+    with atomic_file(link) as tmp:
+        tmp.write_text("through the link")
+    assert link.is_symlink() and target.read_text() == "through the link"
+
+
+def test_a_scratch_left_inside_an_output_does_not_block_its_replacement(tmp_path):
+    """A bench killed while writing its plot into an index folder leaves the plot's scratch there;
+    the next build of that folder replaces it, scratch and all, instead of refusing it as a
+    file of the user's."""
+    target = _folder(tmp_path / "index", **{"manifest.json": "{}"})
+    _left(target / "bench_sweep.png", "partial", _dead_pid(), half="png")
+    with atomic_dir(target, "an index", ("manifest.json",)) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert _contents(target) == {"manifest.json": "{}"}

@@ -414,6 +414,26 @@ def test_a_run_killed_after_saving_last_resumes_to_the_same_models(wide_store, t
     assert [row["dev_rsum"] for row in rows[0]] == [row["dev_rsum"] for row in rows[1]]
 
 
+def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_path):
+    """Where the one-step exchange is refused, a kill between the two renames of last/ leaves it
+    moved aside as .last.old-HOST-NS-PID-...: --resume puts it back and goes on from it, instead
+    of training again from the first epoch and replacing best/."""
+    import subprocess
+    import sys
+
+    from heiindex import atomic
+
+    out = tmp_path / "run"
+    assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid whose process is gone: the killed run's
+    (out / "last").rename(out / f".last.old-{atomic._HOST}-{atomic._NS}-{child.pid}-abcd")
+    r = _cli_train(wide_store, out, "--epochs", "2", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
+
+
 def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_state(wide_store, tmp_path):
     """The history resumed is the one kept in last/'s state (history.json is a copy to read, here
     removed); a last/ whose state is missing, empty or cut short is refused by name instead of

@@ -43,10 +43,10 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     index = tmp_path / "index"
     shutil.copytree(pipe.index_dir, index)
-    split_scratch = root / ".test.partial-somehost-12345-abcd"
+    split_scratch = root / ".test.partial-somehost-4026531836-12345-abcd"
     split_scratch.mkdir()
     (split_scratch / "images.parquet").write_bytes(b"x" * 2_000_000)
-    index_scratch = tmp_path / ".index.old-somehost-12345-efgh"
+    index_scratch = tmp_path / ".index.old-somehost-4026531836-12345-efgh"
     index_scratch.mkdir()
     checks = verify(root)
     assert [c.status for c in checks[:-1]] == ["ok"] * 7
