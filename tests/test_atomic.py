@@ -207,3 +207,33 @@ def test_a_scratch_left_inside_an_output_does_not_block_its_replacement(tmp_path
     with atomic_dir(target, "an index", ("manifest.json",)) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert _contents(target) == {"manifest.json": "{}"}
+
+
+def test_the_newest_set_aside_target_comes_back(tmp_path):
+    """Of two old targets a dead run set aside, the one set aside last is put back."""
+    target = tmp_path / "out"
+    for name, mtime in (("older", 1_000_000), ("newer", 2_000_000)):
+        old = _left(target, "old", _dead_pid(), which=name)
+        os.utime(old, (mtime, mtime))
+    clear_leftovers(target)
+    assert _contents(target) == {"which": "newer"} and leftovers(target) == []
+
+
+def test_a_run_of_another_user_is_alive(tmp_path, monkeypatch):
+    """os.kill(pid, 0) refused with PermissionError: the process exists (another user's)."""
+
+    def refuse(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "kill", refuse)
+    assert atomic._dead(_left(tmp_path / "out", "partial", 999999)) is False
+    monkeypatch.setattr(atomic.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    assert atomic._dead(_left(tmp_path / "out", "partial", 999998)) is True  # the same name, gone: dead
+
+
+def test_removing_a_symlinked_leftover_removes_the_link_only(tmp_path):
+    real = _folder(tmp_path / "real", keep="1")
+    link = tmp_path / f".out.partial-{atomic._HOST}-{atomic._NS}-{_dead_pid()}-x1y2"
+    link.symlink_to(real)
+    assert clear_leftovers(tmp_path / "out") == [link]
+    assert not link.is_symlink() and _contents(real) == {"keep": "1"}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pipeline_fixtures as pf
@@ -19,6 +20,7 @@ from cli_helpers import (  # tests/ is on sys.path (pytest rootdir-relative impo
     ok,
     run,
 )
+from rich.console import Console
 
 from heiindex import default_data
 from heiindex.checkpoint import load_model
@@ -653,3 +655,132 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
+    root = pf.copy_store(pipe, tmp_path)
+    (root / "test" / "captions.parquet").unlink()
+    r = run("verify", root / "test")
+    assert r.exit_code == 2, r.output
+    assert "files differ from what their manifests record" in r.output
+
+
+def test_train_names_the_best_epoch_counting_from_one(pipe, tmp_path):
+    r = run(
+        "train",
+        "--store",
+        pipe.root,
+        "--out",
+        tmp_path / "r",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--embed-size",
+        "8",
+        "--val-images",
+        "24",
+    )
+    assert r.exit_code == 0, r.output
+    assert "at epoch 1; model in" in r.output
+
+
+def test_train_passes_lr_decay_and_warmup_on(pipe, tmp_path, monkeypatch):
+    import heiindex.train as tr
+
+    got = {}
+
+    def fake_train(root, out, mcfg, tcfg, **kw):
+        got["tcfg"] = tcfg
+        return SimpleNamespace(best_rsum=0.0, best_epoch=0)
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    r = run(
+        "train", "--store", pipe.root, "--out", tmp_path / "r", "--lr-decay-epochs", "3", "--warmup-sum-epochs", "0"
+    )
+    assert r.exit_code == 0, r.output
+    assert (got["tcfg"].lr_decay_epochs, got["tcfg"].warmup_sum_epochs) == (3, 0)
+
+
+def test_default_candidates_and_topk_are_100():
+    from heiindex_cli.main import cli
+
+    def default(cmd, name):
+        return next(p.default for p in cli.commands[cmd].params if p.name == name)
+
+    assert default("query", "candidates") == 100
+    assert default("bench", "topk") == 100
+
+
+def _text(*tables) -> str:
+    c = Console(record=True, width=220)
+    for t in tables:
+        c.print(t)
+    return c.export_text()
+
+
+def _row(r1, r5, r10, rsum, seconds=None, meanr=3.0):
+    d = {"r1": r1, "r5": r5, "r10": r10, "medr": 1.0, "meanr": meanr, "rsum": rsum}
+    if seconds is not None:
+        d["seconds"] = seconds
+    return d
+
+
+def test_four_hits_of_five_asked_for_are_said(capsys):
+    from heiindex_cli.render import print_result
+
+    from heiindex.index import Hit, SearchResult
+
+    hits = [Hit(i + 1, i, 1.0, 0, captions=["c"]) for i in range(4)]
+    print_result(SearchResult("q", hits), False, 5)
+    assert "4 of the 5 results asked for" in capsys.readouterr().out
+
+
+def test_recall_table_columns():
+    from heiindex_cli.render import recall_table
+
+    out = _text(recall_table("t", [("hei", _row(11.0, 22.0, 33.0, 66.0, seconds=1.234))]))
+    line = next(line for line in out.splitlines() if "hei" in line)
+    cells = [c.strip() for c in line.split("│") if c.strip()]
+    assert cells == ["hei", "11.0", "22.0", "33.0", "1", "3.0", "66.0", "1.23"]
+
+
+def test_a_text_query_lists_every_caption_of_an_image():
+    from heiindex_cli.render import search_table
+
+    from heiindex.index import Hit, SearchResult
+
+    out = _text(search_table(SearchResult("q", [Hit(1, 7, 0.5, 3, captions=["first cap", "second cap"])]), False))
+    assert "first cap" in out and "second cap" in out
+
+
+def test_bench_tables_show_each_figure_in_its_column():
+    from heiindex_cli.render import bench_tables
+
+    def side(rsum):
+        return {
+            "exhaustive": _row(1, 2, 3, rsum),
+            "hei": _row(1, 2, 3, rsum, meanr=None),
+            "hamming": _row(1, 2, 3, rsum),
+            "candidate_recall": 0.987,
+        }
+
+    res = {
+        "images": 10,
+        "captions": 50,
+        "candidates": 5,
+        "t2i": side(6.0),
+        "i2t": side(7.0),
+        "sweep": [
+            {
+                "candidates": 5,
+                "t2i": {"r1": 1.0, "rsum": 6.0, "candidate_recall": 0.5},
+                "i2t": {"r1": 2.0, "rsum": 7.0, "candidate_recall": 0.25},
+            }
+        ],
+    }
+    tables = bench_tables("p", res)
+    assert tables[0].caption.startswith("candidate recall@5: 98.7%")
+    assert "(mean rank '-': some ground truth is outside the N candidates)" in tables[0].caption
+    sweep = next(line for line in _text(tables[2]).splitlines() if line.strip().startswith("│ 5"))
+    assert [c.strip() for c in sweep.split("│") if c.strip()] == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]

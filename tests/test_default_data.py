@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pyarrow.parquet as pq
 import pytest
 
@@ -106,3 +109,47 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
         dd.last_built_index()
     (tmp_path / "mine").mkdir()
     assert dd.last_built_index() == tmp_path / "mine"
+
+
+def test_HEIINDEX_DATA_names_the_data_folder(tmp_path, monkeypatch):
+    from heiindex.default_data import data_dir
+
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+
+
+def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
+    from heiindex import default_data as dd
+
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel" / "idx").mkdir(parents=True)
+    (tmp_path / "data" / "coco-sim" / "index").mkdir(parents=True)
+    dd.mark_last_built(Path("rel/idx"))
+    monkeypatch.chdir("/")
+    assert dd.last_built_index() == tmp_path / "rel" / "idx"
+
+
+def test_a_missing_split_is_generated_again_despite_the_stamp(tmp_path, monkeypatch):
+    from heiindex import default_data as dd
+    from heiindex.simulate import SimConfig
+
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path))
+    calls = []
+
+    def fake_ingest(pre, split, store, **kw):
+        calls.append(split)
+        (Path(store) / split).mkdir(parents=True, exist_ok=True)
+        (Path(store) / split / "manifest.json").write_text("{}")
+        return SimpleNamespace(line=lambda: split)
+
+    monkeypatch.setattr(dd, "write_coco_sim_precomp", lambda *a: calls.append("precomp"))
+    monkeypatch.setattr(dd, "ingest", fake_ingest)
+    dd.ensure_coco_sim(SimConfig(), log=pf.quiet)
+    assert calls == ["precomp", "train", "dev", "test"]
+    calls.clear()
+    dd.ensure_coco_sim(SimConfig(), log=pf.quiet)
+    assert calls == []  # stamped and whole: nothing done
+    shutil.rmtree(tmp_path / "coco-sim" / "store" / "dev")
+    dd.ensure_coco_sim(SimConfig(), log=pf.quiet)
+    assert calls == ["precomp", "train", "dev", "test"]

@@ -1080,3 +1080,37 @@ def test_top_k_keeps_the_nearer_of_tied_candidates_and_drops_empty_slots():
     assert ranked.rows.tolist() == ranked.hamming.tolist() == [0, 1, 3, 4, 6, 7]
     assert ranked.scores.tolist() == [0.5] * 6
     assert top_k(Candidates(ids, scores, np.arange(61)[None, :]), 100, 0).rows.tolist()[-1] == 59
+
+
+def test_encoding_the_first_images_keeps_only_their_captions(pipe):
+    from heiindex.checkpoint import load_model
+    from heiindex.encode import encode_split
+    from heiindex.store import SplitStore
+
+    store = SplitStore.open(pipe.root, "test")
+    enc = encode_split(load_model(pipe.model_dir), store, max_images=10)
+    assert len(enc.captions) == 50 and enc.words.shape[0] == 50
+    assert enc.caption_image.min() >= 0 and enc.caption_image.max() == 9
+
+
+@pytest.fixture(scope="module")
+def uneven_index(pipe, tmp_path_factory):
+    """The test split with the last image's captions given to the first: 10 captions, then none."""
+    import pyarrow.parquet as pq
+
+    from heiindex.index import Index
+
+    tmp = tmp_path_factory.mktemp("uneven")
+    root = pf.copy_store(pipe, tmp)
+    ids = pq.read_table(root / "test" / "images.parquet", columns=["image_id"]).column("image_id").to_numpy()
+    pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda v: v.__setitem__(v == ids[-1], ids[0]))
+    return Index.build(root, "test", pipe.model_dir, pipe.hash_dir, tmp / "index"), ids
+
+
+def test_an_image_keeps_all_its_captions_and_one_without_any_is_found(uneven_index):
+    index, ids = uneven_index
+    assert len(index.image_captions) == 24
+    assert len(index.image_captions[0]) == 10 and index.image_captions[23] == []
+    hits = {h.id: h for h in index.search("a dog", k=24, candidates=24).results}
+    assert len(hits[int(ids[0])].captions) == 10
+    assert hits[int(ids[-1])].captions == []

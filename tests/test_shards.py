@@ -393,3 +393,11 @@ def test_merged_candidates_keep_empty_slots_empty():
         [(np.array([[0, -1]]), empty, empty), (np.array([[1, -1]]), empty, empty)], [0, 2, 4]
     )
     assert rows.tolist() == [[0, -1, 3, -1]]
+
+
+def test_each_shard_manifest_records_its_store_rows(pipe, tmp_path):
+    from heiindex.shards import write_shards
+
+    m = write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 3, index_type="flat")
+    got = [json.loads((tmp_path / "s" / e["path"] / "manifest.json").read_text())["store_rows"] for e in m["shards"]]
+    assert got == [[0, 8], [8, 16], [16, 24]]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 from heiindex import simulate as sim
@@ -283,3 +284,55 @@ def test_write_coco_sim_precomp_refuses_short_testall(testall, tmp_path):
     with pytest.raises(DataError, match="more than 5000"):
         write_coco_sim_precomp(src, tmp_path / "out", SMALL)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("word, want", [("gas", "gas"), ("vies", "vie"), ("buzzes", "buzz")])
+def test_normalize_word(word, want):
+    from heiindex.simulate import normalize_word
+
+    assert normalize_word(word) == want
+
+
+def test_sim_config_bounds():
+    from heiindex.simulate import CLUTTER_CONCEPTS, SimConfig
+
+    with pytest.raises(ValueError, match="concept_density"):
+        SimConfig(concept_density=0)
+    too_many = len(CLUTTER_CONCEPTS) // 2 + 1
+    with pytest.raises(ValueError, match="clutter_regions"):
+        SimConfig(clutter_regions=too_many, regions=too_many + 20)
+
+
+def test_simulated_features_are_pinned_for_version_1(tmp_path):
+    from heiindex.precomp import read_captions
+    from heiindex.simulate import SimConfig, simulate_images
+
+    lines = read_captions(pf.CAPTIONS)[:10]
+    simulate_images(lines, tmp_path / "x.npy", SimConfig(regions=16, feature_dim=64))
+    digest = hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest()
+    assert digest == PINNED_SIM_SHA
+
+
+PINNED_SIM_SHA = "114590f20041c2cf0cf471c3d5fe3870282bdb9b8415402bdc3aedcf7d6f79da"
+
+
+def test_a_file_put_in_the_output_during_the_build_is_kept(tmp_path, monkeypatch):
+    import heiindex.simulate as sim
+
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    lines = list(pf.caption_lines()[:15])
+    (caps / "testall_caps.txt").write_text("\n".join(lines[:10]) + "\n")
+    (caps / "dev_caps.txt").write_text("\n".join(lines[10:15]) + "\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sim, "TEST_IMAGES", 1)
+
+    def fake(lines, path, *a):
+        path.write_bytes(b"x")
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(sim, "_simulate_images", fake)
+    with pytest.raises(DataError, match="notes.txt"):
+        sim.write_coco_sim_precomp(caps, out)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_precomp  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.store import (
@@ -486,3 +487,112 @@ def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert (target / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
+
+
+def _small_store(tmp_path: Path, n_images: int = 7) -> Path:
+    from heiindex.ingest import ingest
+
+    write_precomp(tmp_path / "pre", n_images=n_images)
+    ingest(tmp_path / "pre", "test", tmp_path / "root", regions=36, feature_dim=8)
+    return tmp_path / "root"
+
+
+def test_a_bool_count_in_a_store_manifest_is_refused(tmp_path):
+    from heiindex.store import SplitStore
+
+    root = _small_store(tmp_path)
+    m = json.loads((root / "test" / "manifest.json").read_text())
+    m["images"]["count"] = True
+    (root / "test" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r'field "images.count" is missing or not of type int \(got True\)'):
+        SplitStore.open(root, "test")
+
+
+def test_a_backslash_name_is_not_an_entry_name():
+    from heiindex.store import entry_name
+
+    assert entry_name("shard-0") is True
+    assert entry_name("..\\outside") is False
+    assert entry_name("a\\b") is False
+
+
+def test_shard_counts_must_not_be_bools(tmp_path):
+    from heiindex.store import check_shard_entries
+
+    with pytest.raises(DataError, match=r'field "shards\[0\].n_images" is missing or not of type int \(got True\)'):
+        check_shard_entries(tmp_path / "manifest.json", [{"path": "s0", "n_images": True, "n_captions": 5}], True)
+
+
+def test_a_dangling_symlink_is_not_replaceable(tmp_path):
+    from heiindex.store import check_replaceable
+
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="exists and is not a folder"):
+        check_replaceable(link, "coco-sim", ("*.npy",))
+
+
+def test_captions_checksum_tells_where_texts_and_token_lists_split(tmp_path):
+    from heiindex.store import write_captions
+
+    ids, img = [0, 1], [0, 0]
+    base = write_captions(tmp_path / "a.parquet", ids, img, ["ab", "c"], [[1, 2], [3]])
+    texts = write_captions(tmp_path / "b.parquet", ids, img, ["a", "bc"], [[1, 2], [3]])
+    tokens = write_captions(tmp_path / "c.parquet", ids, img, ["ab", "c"], [[1], [2, 3]])
+    assert base != texts
+    assert base != tokens
+
+
+def test_the_last_evaluated_image_without_a_caption_is_refused(tmp_path):
+    from heiindex.store import SplitStore
+
+    store = SplitStore.open(_small_store(tmp_path), "test")
+    caps = store.captions()
+    bare_last = caps.subset(caps.image_ids != 6)
+    with pytest.raises(DataError, match=r"1 of the 7 images evaluated have no caption \(image_id 6\)"):
+        store.check_ids(bare_last, captioned=7)
+
+
+def _rewrite_tokens(root: Path, edit) -> None:
+    import pyarrow.parquet as pq
+
+    from heiindex.store import write_captions
+
+    path = root / "test" / "captions.parquet"
+    t = pq.read_table(path)
+    tokens = edit(t.column("tokens").to_pylist())
+    write_captions(
+        path, t.column("caption_id").to_numpy(), t.column("image_id").to_numpy(), t.column("text").to_pylist(), tokens
+    )
+
+
+def test_a_negative_token_id_is_refused(tmp_path):
+    from heiindex.store import SplitStore
+
+    root = _small_store(tmp_path)
+
+    def negative(tokens):
+        tokens[0][1] = -1
+        return tokens
+
+    _rewrite_tokens(root, negative)
+    with pytest.raises(DataError, match=r'column "tokens" holds id -1, outside the vocabulary'):
+        SplitStore.open(root, "test").captions()
+
+
+def test_captions_without_tokens_pad_to_one_column(tmp_path):
+    from heiindex.store import SplitStore
+
+    root = _small_store(tmp_path)
+    _rewrite_tokens(root, lambda tokens: [[] for _ in tokens])
+    caps = SplitStore.open(root, "test").captions()
+    assert caps.tokens.shape == (35, 1)
+
+
+def test_hidden_folders_are_not_manifest_folders(tmp_path):
+    from heiindex.store import manifest_folders
+
+    for name in ("test", ".test.partial-otherhost-1-x1y2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    assert [p.name for p in manifest_folders(tmp_path)] == ["test"]

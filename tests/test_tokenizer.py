@@ -168,3 +168,9 @@ def test_unknown_word_rate_of_testall_below_one_percent(testall_lines, scan_word
     assert n_tokens == 56291
     assert n_unknown == 230
     assert n_unknown / n_tokens < 0.01
+
+
+def test_mt_keeps_its_period_as_punkt_does():
+    from heiindex.tokenizer import tokenize
+
+    assert tokenize("a view of mt. fuji in japan") == ["a", "view", "of", "mt.", "fuji", "in", "japan"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -458,3 +459,149 @@ def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_sta
         assert r.exit_code == 2, r.output
         clean_error(r, f"{state}: {expected}", "train without --resume to start again")
         assert "epoch 1: loss" not in r.output and load_model(out / "best").checksum == best
+
+
+def test_a_buffer_of_one_caption_gives_no_batch():
+    from heiindex.train import iter_training_batches
+
+    store = SimpleNamespace(n_row_groups=1, read_row_group=lambda g: (np.array([5]), np.ones((1, 1, 1), np.float32)))
+    caps = SimpleNamespace(image_ids=np.array([5]), tokens=np.zeros((1, 3), np.int64), lengths=np.array([3]))
+    assert list(iter_training_batches(store, caps, 4, np.random.default_rng(0), 1)) == []
+
+
+def test_a_batch_of_one_caption_is_refused():
+    from heiindex.train import TrainConfig
+
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=1)
+
+
+def test_a_state_without_its_rng_is_refused(tmp_path):
+    from heiindex.train import read_state
+
+    torch.save({"epoch": 0, "optimizer": {}, "best_rsum": 1.0, "best_epoch": 0}, tmp_path / "train_state.pt")
+    with pytest.raises(DataError, match="lacks torch_rng"):
+        read_state(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def spied_run(pipe, tmp_path_factory):
+    """Two epochs, lr decayed after each, summed negatives in the first: what each step saw."""
+    import heiindex.train as tr
+    from heiindex.vocab import Vocab
+
+    mp = pytest.MonkeyPatch()
+    events = {"flags": {}, "losses": {}, "clip": [], "pairs": {}, "rows": []}
+    orig_batches, orig_loss, orig_finite, orig_clip = (
+        tr.iter_training_batches,
+        tr.contrastive_loss,
+        tr.finite_loss,
+        torch.nn.utils.clip_grad_norm_,
+    )
+
+    def batches(*a, **kw):
+        rows = []
+        events["rows"].append(rows)
+        for item in orig_batches(*a, **kw):
+            rows.extend(item[4].tolist())
+            yield item
+
+    def loss(scores, ids, margin, max_violation):
+        events["flags"].setdefault(len(events["rows"]), []).append(max_violation)
+        events["pairs"][len(events["rows"])] = events["pairs"].get(len(events["rows"]), 0) + len(scores) ** 2
+        return orig_loss(scores, ids, margin, max_violation)
+
+    def finite(value, epoch, step, kept, what="the loss"):
+        out = orig_finite(value, epoch, step, kept, what)
+        if what == "the loss":
+            events["losses"].setdefault(epoch, []).append(out)
+        return out
+
+    def clip(params, max_norm, *a, **kw):
+        events["clip"].append(max_norm)
+        return orig_clip(params, max_norm, *a, **kw)
+
+    mp.setattr(tr, "iter_training_batches", batches)
+    mp.setattr(tr, "contrastive_loss", loss)
+    mp.setattr(tr, "finite_loss", finite)
+    mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    try:
+        vs = len(Vocab.load(pipe.root / "vocab.json"))
+        cfg = pf.train_config(epochs=2, lr_decay_epochs=1, warmup_sum_epochs=1, grad_clip=1.5)
+        res = tr.train(pipe.root, tmp_path_factory.mktemp("spied") / "run", pf.model_config(vs), cfg, log=pf.quiet)
+    finally:
+        mp.undo()
+    return res, events
+
+
+def test_lr_decays_after_lr_decay_epochs(spied_run):
+    res, _ = spied_run
+    assert [r["lr"] for r in res.history] == pytest.approx([pf.LR, pf.LR * 0.1])
+
+
+def test_the_first_warmup_epoch_sums_and_the_next_takes_the_hardest(spied_run):
+    _, ev = spied_run
+    assert set(ev["flags"][1]) == {False} and set(ev["flags"][2]) == {True}
+
+
+def test_the_loss_recorded_is_the_mean_of_the_epochs_batch_losses(spied_run):
+    res, ev = spied_run
+    for row, epoch in zip(res.history, (0, 1), strict=True):
+        assert row["loss"] == pytest.approx(sum(ev["losses"][epoch]) / len(ev["losses"][epoch]), rel=1e-12)
+
+
+def test_gradients_are_clipped_to_grad_clip(spied_run):
+    _, ev = spied_run
+    assert ev["clip"] and set(ev["clip"]) == {1.5}
+
+
+def test_pairs_per_second_counts_b_squared_pairs_a_batch(spied_run):
+    res, ev = spied_run
+    for row, epoch in zip(res.history, (1, 2), strict=True):
+        assert row["pairs_per_second"] * row["train_seconds"] == pytest.approx(ev["pairs"][epoch], rel=1e-9)
+
+
+def test_each_epoch_shuffles_the_captions_anew(spied_run):
+    _, ev = spied_run
+    first, second = ev["rows"]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_an_epoch_that_only_ties_the_best_does_not_replace_it(pipe, tmp_path):
+    from heiindex.checkpoint import load_model
+    from heiindex.train import train
+    from heiindex.vocab import Vocab
+
+    vs = len(Vocab.load(pipe.root / "vocab.json"))
+    res = train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=2, lr=1e-30), log=pf.quiet)
+    assert res.history[0]["dev_rsum"] == res.history[1]["dev_rsum"]  # nothing learnt: a tie
+    assert res.best_epoch == 0
+    assert load_model(tmp_path / "r" / "best").info["epoch"] == 1
+
+
+def test_a_state_without_history_resumes_with_the_saved_epochs(pipe, tmp_path):
+    from heiindex.train import train
+    from heiindex.vocab import Vocab
+
+    vs = len(Vocab.load(pipe.root / "vocab.json"))
+    cfg = pf.model_config(vs)
+    train(pipe.root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
+    path = tmp_path / "r" / "last" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["history"]  # as a run saved before the state kept its history
+    torch.save(state, path)
+    res = train(pipe.root, tmp_path / "r", None, pf.train_config(epochs=2), resume=True, log=pf.quiet)
+    assert [r["epoch"] for r in res.history] == [1, 2]
+
+
+def test_a_split_tokenised_with_another_vocabulary_is_refused(pipe, tmp_path):
+    from heiindex.train import train
+    from heiindex.vocab import Vocab
+
+    root = pf.copy_store(pipe, tmp_path)
+    m = json.loads((root / "train" / "manifest.json").read_text())
+    m["vocab"]["sha256"] = "0" * 64
+    (root / "train" / "manifest.json").write_text(json.dumps(m))
+    vs = len(Vocab.load(root / "vocab.json"))
+    with pytest.raises(DataError, match="split was encoded with another vocabulary than vocab.json"):
+        train(root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)

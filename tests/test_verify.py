@@ -9,6 +9,7 @@ import shutil
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
+from conftest import write_precomp  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.verify import verify
@@ -163,3 +164,51 @@ def test_cli(pipe, tmp_path):
     assert r.exit_code == 2
     clean_error(r, "1 of 7 files differ from what their manifests record")
     assert "changed" in r.output
+
+
+def test_a_store_root_without_splits_is_refused(tmp_path):
+    from heiindex.verify import verify
+
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(DataError, match="a store root without splits"):
+        verify(tmp_path)
+
+
+def test_files_that_is_not_an_object_is_refused(tmp_path):
+    from heiindex.verify import verify
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": []}))
+    with pytest.raises(DataError, match='field "files" must be an object, got list'):
+        verify(tmp_path)
+
+
+def test_a_record_with_bytes_as_text_is_refused(tmp_path):
+    from heiindex.verify import verify
+
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"bytes": "3", "sha256": "x"}}}))
+    with pytest.raises(DataError, match='field "files.a.bin" must hold "bytes" and "sha256"'):
+        verify(tmp_path)
+
+
+def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
+    from heiindex.ingest import ingest
+    from heiindex.verify import verify
+
+    for split in ("dev", "test"):
+        write_precomp(tmp_path / "pre", split=split, n_images=7)
+        ingest(tmp_path / "pre", split, tmp_path / "root", regions=36, feature_dim=8)
+    m = json.loads((tmp_path / "root" / "test" / "manifest.json").read_text())
+    m["vocab"]["sha256"] = "0" * 64
+    (tmp_path / "root" / "test" / "manifest.json").write_text(json.dumps(m))
+    vocab = [c for c in verify(tmp_path / "root") if c.path.name == "vocab.json"]
+    assert [c.status for c in vocab] == ["changed"]
+    assert "split test records 000000000000" in vocab[0].detail
+
+
+def test_a_folder_where_a_recorded_file_was_is_missing(tmp_path):
+    from heiindex.verify import verify
+
+    (tmp_path / "a.bin").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"bytes": 3, "sha256": "x"}}}))
+    assert [c.status for c in verify(tmp_path)] == ["missing"]
