@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_file, clear_leftovers
+from .atomic import atomic_file, clear_leftovers, leftovers
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
@@ -144,9 +144,17 @@ def resumable(out: str | Path) -> bool:
     """Whether ``out`` holds a run that ``train(resume=True)`` continues: a model in ``last/`` (its
     training state is read, and refused by name if missing or damaged, by ``read_state``). A
     ``last/`` or ``best/`` that a run killed between two renames left moved aside (where the
-    one-step exchange is refused; ``heiindex.atomic``) is put back first."""
+    one-step exchange is refused; ``heiindex.atomic``) is put back first, or, left by another
+    host's or container's run, refused by name (resuming without it would start over)."""
     for folder in ("best", "last"):
         clear_leftovers(Path(out) / folder)
+        aside = [p for p in leftovers(Path(out) / folder) if ".old-" in p.name]
+        if aside and not (Path(out) / folder).exists():  # another host's or container's run: maybe alive
+            raise DataError(
+                aside[0],
+                f"holds {folder}/ as a run killed while replacing it left it (another host or container: "
+                f"not put back here); if that run is gone, rename it to {Path(out) / folder} and resume",
+            )
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 

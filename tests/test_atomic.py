@@ -191,6 +191,13 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     finally:
         os.umask(old_mask)
     assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+    old_mask = os.umask(0o027)  # so does an output folder (tempfile's scratch folders are 0700)
+    try:
+        with atomic_dir(tmp_path / "folder", "a test output", ()) as tmp:
+            (tmp / "a.txt").write_text("a")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
     link = tmp_path / "link.png"  # a link is followed: what it points to is replaced, the link kept
     link.symlink_to(target)
     with atomic_file(link) as tmp:
@@ -212,7 +219,7 @@ def test_a_scratch_left_inside_an_output_does_not_block_its_replacement(tmp_path
 def test_the_newest_set_aside_target_comes_back(tmp_path):
     """Of two old targets a dead run set aside, the one set aside last is put back."""
     target = tmp_path / "out"
-    for name, mtime in (("older", 1_000_000), ("newer", 2_000_000)):
+    for name, mtime in (("newer", 2_000_000), ("older", 1_000_000)):  # made first: not last by name
         old = _left(target, "old", _dead_pid(), which=name)
         os.utime(old, (mtime, mtime))
     clear_leftovers(target)

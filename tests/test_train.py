@@ -426,13 +426,25 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
 
     out = tmp_path / "run"
     assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # a pid whose process is gone: the killed run's
-    (out / "last").rename(out / f".last.old-{atomic._HOST}-{atomic._NS}-{child.pid}-abcd")
+    best = load_model(out / "best").checksum
+    for folder in ("last", "best"):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # a pid whose process is gone: the killed run's
+        (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{child.pid}-abcd")
+        r = _cli_train(wide_store, out, "--epochs", "1", "--resume")  # nothing left to train
+        assert r.exit_code == 0, r.output
+        assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
+        assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
+        assert load_model(out / "best").checksum == best
+
+    # moved aside by a run in another container (same host name): maybe alive, so not put back
+    # here; refused by name rather than trained again from the first epoch
+    aside = out / f".last.old-{atomic._HOST}-1-7-abcd"
+    (out / "last").rename(aside)
     r = _cli_train(wide_store, out, "--epochs", "2", "--resume")
-    assert r.exit_code == 0, r.output
-    assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
-    assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
+    assert r.exit_code == 2
+    clean_error(r, f"{aside}: holds last/ as a run killed while replacing it left it", f"rename it to {out / 'last'}")
+    assert "epoch 1: loss" not in r.output and load_model(out / "best").checksum == best
 
 
 def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_state(wide_store, tmp_path):
