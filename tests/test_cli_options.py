@@ -1,0 +1,400 @@
+"""What the CLI passes on to the library, and refusals and defaults a user would not notice going
+wrong: each command's library call is replaced by a spy, so these run in well under a second."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from cli_helpers import as_json, clean_error, ok, run
+
+
+class _Opened(Exception):
+    """Raised by a spy once it has recorded its call: nothing further needs to run."""
+
+
+def _spy_ray(monkeypatch, got: dict):
+    """``RayShardedIndex`` replaced by a recorder of what it was given."""
+    import heiindex.ray_engine
+
+    def fake(path, address=None, threads=None, detached=False):
+        got.update(path=path, address=address, threads=threads, detached=detached)
+        return SimpleNamespace(
+            path=path,
+            infos=[{"pid": 11, "n_images": 12}],
+            actor_name=lambda i: f"actor-{i}",
+            search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}),
+        )
+
+    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", fake)
+
+
+def test_query_and_bench_on_ray_pass_address_and_threads_to_the_actors(pipe, monkeypatch):
+    """`--engine ray --address ... --threads N` would otherwise start a local Ray, or actors with
+    another thread count (scores summed in another order), and say nothing."""
+    import heiindex.shards
+
+    got: dict = {}
+    _spy_ray(monkeypatch, got)
+    ray = ("--engine", "ray", "--address", "10.0.0.1:6379", "--threads", "3", "--index", pipe.index_dir)
+    assert as_json(run("query", "a dog", *ray, "--json")) == {"query": "a dog"}
+    assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
+    got.clear()
+    monkeypatch.setattr(heiindex.shards, "run_sharded_bench", lambda index, topk: {"topk": topk})
+    assert as_json(run("bench", "--topk", "7", *ray, "--json")) == {"topk": 7}
+    assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
+
+
+def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(pipe, monkeypatch):
+    """`heiindex serve` serves on the cluster `ray start --head` runs (address auto) with actors
+    that outlive the command; otherwise the actors die with it and later queries find none."""
+    import heiindex.ray_engine
+
+    got: dict = {}
+    _spy_ray(monkeypatch, got)
+    r = ok(run("serve", "--index", pipe.index_dir))
+    assert (got["address"], got["detached"]) == ("auto", True)
+    assert "shard 0: actor actor-0 (pid 11, 12 images)" in r.output
+    assert "on Ray at auto; stop with: heiindex serve --stop --address auto" in r.output
+    stopped: dict = {}
+    monkeypatch.setattr(heiindex.ray_engine, "stop_served", lambda path, address: stopped.update(address=address) or 2)
+    r = ok(run("serve", "--stop", "--index", pipe.index_dir, "--address", "10.0.0.1:6379"))
+    assert stopped == {"address": "10.0.0.1:6379"} and "stopped 2 shard actors" in r.output
+
+
+@pytest.mark.parametrize(
+    "command, args, detail",
+    [
+        ("query", ["a dog", "--uri", "http://127.0.0.1:1"], "--uri: not used with --engine ray"),
+        ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
+        ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
+    ],
+)
+def test_in_process_options_are_refused_with_ray(pipe, monkeypatch, command, args, detail):
+    """Each Ray actor opens its shard on the CPU in float32 with FAISS codes: a --uri or --dtype
+    given with --engine ray was accepted and did nothing."""
+    import heiindex.ray_engine
+
+    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
+    r = run(command, *args, "--engine", "ray", "--index", pipe.index_dir)
+    assert r.exit_code == 2 and detail in r.output
+
+
+def test_query_opens_the_index_in_float32_and_with_the_codes_asked_for(pipe, monkeypatch):
+    """float32 is the exact default (tf32 would shift scores by ~1e-3 on a GPU, unseen on a CPU);
+    --codes milvus --uri must reach the index, or the FAISS files answer instead of the server."""
+    import heiindex.index
+
+    got: dict = {}
+
+    def fake_open(path, model_dir=None, hash_dir=None, **kw):
+        got.update(kw)
+        raise _Opened
+
+    monkeypatch.setattr(heiindex.index.Index, "open", fake_open)
+    assert isinstance(run("query", "a dog", "--index", pipe.index_dir).exception, _Opened)
+    assert (got["dtype"], got["device"], got["codes"], got["uri"]) == ("float32", "cpu", None, None)
+    got.clear()
+    r = run("query", "a dog", "--index", pipe.index_dir, "--codes", "milvus", "--uri", "http://127.0.0.1:1")
+    assert isinstance(r.exception, _Opened)
+    assert (got["codes"], got["uri"]) == ("milvus", "http://127.0.0.1:1")
+    got.clear()
+    assert isinstance(run("bench", "--index", pipe.index_dir).exception, _Opened)
+    assert got["dtype"] == "float32"
+
+
+def _spy_bench(monkeypatch, got: dict, res: dict):
+    import heiindex.bench
+
+    def fake(index, topk, sweep, protocol):
+        got.update(topk=topk, sweep=sweep, protocol=protocol)
+        return res
+
+    monkeypatch.setattr(heiindex.bench, "run_bench", fake)
+
+
+def test_bench_runs_the_auto_protocol_by_default(pipe, monkeypatch):
+    """auto adds the COCO 1K folds on a 5,000-image split; a default of full would drop them."""
+    got: dict = {}
+    _spy_bench(monkeypatch, got, {"split": "test"})
+    ok(run("bench", "--index", pipe.index_dir, "--json"))
+    assert got == {"topk": 100, "sweep": None, "protocol": "auto"}
+
+
+def test_bench_sweep_plot_goes_in_the_index_folder_by_default(pipe, monkeypatch):
+    """Without --plot the sweep's PNG is the index's bench_sweep.png (as --plot's help says), not
+    a file in whatever folder the command ran from."""
+    import heiindex.plot
+    from heiindex.index import Index
+
+    sweep = [{"candidates": 5}]
+    _spy_bench(monkeypatch, {}, {"split": "test", "full": {"sweep": sweep}})
+    drawn: dict = {}
+    monkeypatch.setattr(heiindex.plot, "plot_sweep", lambda rows, path: drawn.update(rows=rows, path=path) or path)
+    d = as_json(run("bench", "--index", pipe.index_dir, "--sweep", "5", "--json"))
+    want = Index.open(pipe.index_dir).path / "bench_sweep.png"
+    assert drawn == {"rows": sweep, "path": want} and d["plot"] == str(want)
+
+
+def _row(rsum):
+    return {"r1": 1.0, "r5": 2.0, "r10": 3.0, "medr": 1.0, "meanr": 2.0, "rsum": rsum, "seconds": 0.5}
+
+
+def _side(rsum):
+    return {"exhaustive": _row(rsum), "hei": _row(rsum), "hamming": _row(rsum), "candidate_recall": 1.0}
+
+
+def test_bench_on_a_5k_split_prints_the_5k_and_the_1k_tables(pipe, monkeypatch):
+    """On testall the whole split is reported as "5k" (there is no "full"): its tables must be
+    printed beside the 1K folds', not silently left out."""
+    proto = {"images": 24, "captions": 120, "candidates": 5, "t2i": _side(6.0), "i2t": _side(7.0)}
+    res = {"split": "testall", "5k": proto, "1k": {**proto, "folds": 5}, "t2i": proto["t2i"], "i2t": proto["i2t"]}
+    _spy_bench(monkeypatch, {}, res)
+    text = ok(run("bench", "--index", pipe.index_dir, "--topk", "5")).output
+    assert "COCO 5K: text-to-image" in text and "COCO 1K (mean of 5 folds): text-to-image" in text
+
+
+def _spy_evaluate(monkeypatch):
+    import heiindex.scoring
+
+    def recalls(r1):
+        return SimpleNamespace(to_dict=lambda: {**_row(r1 * 3), "r1": r1})
+
+    res = SimpleNamespace(t2i=recalls(11.0), i2t=recalls(44.0), rsum=165.0, seconds=0.25)
+    monkeypatch.setattr(heiindex.scoring, "evaluate_exhaustive", lambda model, enc: res)
+
+
+def test_evaluate_tables_each_direction_in_its_row_and_defaults_to_the_test_split(pipe, monkeypatch):
+    """The text-to-image row must show text-to-image recalls (not image-to-text's); with no
+    --split the test split is evaluated, as --help says."""
+    _spy_evaluate(monkeypatch)
+    text = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root)).output
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "-to-" in line and "│" in line}
+    assert "11.0" in rows["text-to-image"] and "44.0" in rows["image-to-text"]
+    assert "test: exhaustive (24 images, 120 captions)" in text
+    assert as_json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--json"))["split"] == "test"
+
+
+def _spy_build(monkeypatch, got: dict):
+    """Index.write and write_shards replaced by recorders; any device accepted."""
+    import heiindex_cli.main
+
+    import heiindex.index
+    import heiindex.shards
+
+    def fake_write(root, split, matcher, hasher, out, **kw):
+        got.update(kw, split=split)
+        spec = {"type": "flat", "images": {"type": "flat"}, "captions": {"type": "flat"}}
+        return {"n_images": 2, "n_captions": 10, "hash": {"bits": 8}, "index": spec}
+
+    def fake_shards(root, split, matcher, hasher, out, shards, **kw):
+        got.update(kw, split=split, shards=shards)
+        return {"n_images": 2, "n_captions": 10, "shards": [{"n_images": 1}, {"n_images": 1}]}
+
+    monkeypatch.setattr(heiindex_cli.main, "resolve_device", lambda device: device)
+    monkeypatch.setattr(heiindex.index.Index, "write", staticmethod(fake_write))
+    monkeypatch.setattr(heiindex.shards, "write_shards", fake_shards)
+
+
+def test_build_passes_its_options_to_the_writer(pipe, tmp_path, monkeypatch):
+    """--device, --nlist / --nprobe and --milvus-index must reach the index writer (sharded or
+    not); the default split is test."""
+    got: dict = {}
+    _spy_build(monkeypatch, got)
+    common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
+    ok(run("build", *common, "--device", "cuda:1", "--index", "ivf", "--nlist", "6", "--nprobe", "2"))
+    assert (got["split"], got["device"], got["index_type"], got["nlist"], got["nprobe"]) == (
+        "test",
+        "cuda:1",
+        "ivf",
+        6,
+        2,
+    )
+    got.clear()
+    ok(run("build", *common, "--device", "cuda:1", "--shards", "2"))
+    assert (got["device"], got["shards"]) == ("cuda:1", 2)
+    got.clear()
+    milvus = ("--codes", "milvus", "--uri", "http://127.0.0.1:1", "--milvus-index", "BIN_IVF_FLAT")
+    ok(run("build", *common, *milvus))
+    assert (got["codes"], got["uri"], got["milvus_index"]) == ("milvus", "http://127.0.0.1:1", "BIN_IVF_FLAT")
+
+
+def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe, tmp_path, monkeypatch):
+    """A sharded build keeps its codes in FAISS files: --codes milvus with --shards, or a
+    --milvus-index without --codes milvus, was written as FAISS files without a word."""
+    import heiindex.index
+    import heiindex.shards
+
+    monkeypatch.setattr(heiindex.index.Index, "write", lambda *a, **k: pytest.fail("written"))
+    monkeypatch.setattr(heiindex.shards, "write_shards", lambda *a, **k: pytest.fail("written"))
+    common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
+    r = run("build", *common, "--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1")
+    assert r.exit_code == 2
+    clean_error(r, "--codes milvus is for an unsharded build")
+    for extra in ((), ("--shards", "2")):
+        r = run("build", *common, "--milvus-index", "BIN_IVF_FLAT", *extra)
+        assert r.exit_code == 2 and "--milvus-index sets the Milvus index of --codes milvus" in r.output
+    assert not (tmp_path / "i").exists()
+
+
+def test_a_default_sharded_build_becomes_the_last_built(pipe, tmp_path, monkeypatch):
+    """`heiindex build --shards 2` on the default data must be what a later `heiindex query`
+    (no --index) searches, as an unsharded build is."""
+    import heiindex_cli.main
+
+    import heiindex.default_data
+
+    marked: list = []
+    _spy_build(monkeypatch, {})
+    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: store or pipe.root)
+    monkeypatch.setattr(heiindex.default_data, "mark_last_built", marked.append)
+    out = tmp_path / "i"
+    for extra in ((), ("--shards", "2")):
+        ok(run("build", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", out, *extra))
+    assert marked == [out, out]
+
+
+def test_auto_names_each_modalitys_index_where_they_differ():
+    """auto may choose flat for the images and IVF for the captions; the build line named one."""
+    from heiindex_cli.main import _index_kinds
+
+    spec = {"type": "auto", "images": {"type": "flat"}, "captions": {"type": "ivf"}}
+    assert _index_kinds(spec) == "auto: flat index for images, ivf for captions"
+    assert _index_kinds({**spec, "captions": {"type": "flat"}}) == "auto: flat index"
+
+
+def test_queries_from_standard_input_are_named_so_and_one_is_one_query(pipe):
+    """An error in a --file - query names "standard input line N"; one query's footer says
+    "1 query", not "1 queries"."""
+    args = ("query", "--file", "-", "--index", pipe.index_dir, "--k", "2", "--candidates", "5")
+    r = run(*args, input="a dog\n\n")
+    assert r.exit_code == 2
+    clean_error(r, "standard input line 2: the query is empty")
+    assert "1 query in " in ok(run(*args, input="a dog\n")).output
+
+
+def test_ingest_passes_its_options_and_takes_testall(tmp_path, monkeypatch):
+    """--vocab, --regions and --feature-dim reach the ingest (defaults 36 and 2048, SCAN's), and
+    the 5,000-image testall split is one a user can ingest."""
+    import heiindex.ingest
+
+    got: list = []
+
+    def fake(precomp, split, out, **kw):
+        got.append({"split": split, **kw})
+        return SimpleNamespace(line=lambda: "ingested")
+
+    monkeypatch.setattr(heiindex.ingest, "ingest", fake)
+    base = ("ingest", "--precomp", tmp_path / "p", "--out", tmp_path / "o")
+    ok(run(*base, "--split", "testall", "--vocab", tmp_path / "v.json", "--regions", "6", "--feature-dim", "8"))
+    ok(run(*base, "--split", "test"))
+    assert [(g["split"], g["vocab"], g["regions"], g["feature_dim"]) for g in got] == [
+        ("testall", tmp_path / "v.json", 6, 8),
+        ("test", None, 36, 2048),
+    ]
+
+
+def test_train_defaults_are_the_library_defaults():
+    """The CLI writes its defaults out: they must stay TrainConfig's and AttentionConfig's (and
+    ScanConfig's embed size), which the README's figures were trained with."""
+    from heiindex_cli.main import cli
+
+    from heiindex.attention import AttentionConfig
+    from heiindex.model import ScanConfig
+    from heiindex.train import TrainConfig
+
+    params = {p.name: p.default for p in cli.commands["train"].params}
+    lib, att = TrainConfig(), AttentionConfig()
+    for name in ("epochs", "batch_size", "lr", "lr_decay_epochs", "margin", "max_violation", "warmup_sum_epochs"):
+        assert params[name] == getattr(lib, name), name
+    assert (params["seed"], params["val_images"]) == (lib.seed, lib.val_images)
+    for name in ("cross_attn", "raw_feature_norm", "agg", "lambda_lse", "lambda_softmax"):
+        assert params[name] == getattr(att, name), name
+    assert params["embed_size"] == ScanConfig(vocab_size=1).embed_size
+
+
+def test_train_passes_every_option_on(pipe, tmp_path, monkeypatch):
+    """Each option given to `heiindex train` must reach the model or loop configuration."""
+    import heiindex.train as tr
+
+    got: dict = {}
+
+    def fake_train(root, out, mcfg, tcfg, **kw):
+        got.update(mcfg=mcfg, tcfg=tcfg)
+        return SimpleNamespace(best_rsum=0.0, best_epoch=0)
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    ok(
+        run(
+            *("train", "--store", pipe.root, "--out", tmp_path / "r", "--epochs", "3", "--batch-size", "16"),
+            *("--lr", "0.01", "--embed-size", "12", "--cross-attn", "i2t", "--agg", "mean"),
+            *("--lambda-lse", "4.0", "--lambda-softmax", "5.0", "--margin", "0.3", "--sum-violation"),
+            *("--val-images", "20", "--seed", "7"),
+        )
+    )
+    t, m = got["tcfg"], got["mcfg"]
+    assert (t.epochs, t.batch_size, t.lr, t.margin, t.max_violation, t.val_images, t.seed) == (
+        3,
+        16,
+        0.01,
+        0.3,
+        False,
+        20,
+        7,
+    )
+    a = m.attention
+    assert (m.embed_size, a.cross_attn, a.agg, a.lambda_lse, a.lambda_softmax) == (12, "i2t", "mean", 4.0, 5.0)
+
+
+def test_train_hash_passes_every_option_on(pipe, tmp_path, monkeypatch):
+    """--pooling, --lr, --rank-weight and --seed must reach the hash training."""
+    import heiindex.train_hash
+
+    got: dict = {}
+
+    def fake(matcher, root, out, hcfg, tcfg, **kw):
+        got.update(hcfg=hcfg, tcfg=tcfg)
+        return {"best_epoch": 1, "dev_candidate_recall": {"n": 5, "t2i": 0.5, "i2t": 0.25}}
+
+    monkeypatch.setattr(heiindex.train_hash, "train_hash", fake)
+    args = ("--pooling", "mean", "--lr", "0.01", "--rank-weight", "0.5", "--seed", "9", "--bits", "16")
+    r = ok(run("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--out", tmp_path / "h", *args))
+    h, t = got["hcfg"], got["tcfg"]
+    assert (h.bits, h.pooling, t.lr, t.rank_weight, t.seed) == (16, "mean", 0.01, 0.5, 9)
+    assert "dev candidate recall@5 t2i 50.0% i2t 25.0%" in r.output
+
+
+def test_resume_checks_only_the_shape_options_given(pipe, tmp_path, monkeypatch):
+    """`heiindex train --resume` with no shape option continues the saved model; comparing the
+    defaults too refused every run not trained with them ("--embed-size 256 (it has 24)")."""
+    import pipeline_fixtures as pf
+
+    import heiindex.train as tr
+    from heiindex.vocab import Vocab
+
+    out = tmp_path / "r"
+    vocab_size = len(Vocab.load(pipe.root / "vocab.json"))
+    tr.train(pipe.root, out, pf.model_config(vocab_size), pf.train_config(epochs=1), log=pf.quiet)
+    monkeypatch.setattr(tr, "train", lambda *a, **k: SimpleNamespace(best_rsum=0.0, best_epoch=1))
+    ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume"))
+    ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume", "--embed-size", pf.EMBED_SIZE))
+    r = run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume", "--embed-size", "8")
+    assert r.exit_code == 2
+    clean_error(r, f"--embed-size 8 (it has {pf.EMBED_SIZE})")
+
+
+def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
+    """`heiindex query --dtype bfloat16` on a sharded build scored in float32 without a word."""
+    import heiindex.shards
+
+    got: dict = {}
+
+    def fake_open(path, model_dir=None, hash_dir=None, **kw):
+        got.update(kw)
+        raise _Opened
+
+    monkeypatch.setattr(heiindex.shards, "sharded_manifest", lambda path: {"shards": []})
+    monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", fake_open)
+    r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
+    assert isinstance(r.exception, _Opened)
+    assert got == {"device": "cpu", "dtype": "bfloat16"}
