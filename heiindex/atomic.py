@@ -42,6 +42,7 @@ __all__ = [
     "leftovers",
     "leftovers_in",
     "scratch",
+    "set_aside",
     "swap_in",
 ]
 
@@ -174,6 +175,11 @@ def leftovers(target: Path) -> list[Path]:
     return sorted(found)
 
 
+def set_aside(target: Path) -> list[Path]:
+    """The leftovers of ``target`` that are an old ``target`` moved aside by a killed swap."""
+    return [p for p in leftovers(target) if _LEFTOVER.match(p.name)["role"] == "old"]
+
+
 def leftovers_in(folder: Path) -> list[Path]:
     """Every scratch or set-aside path directly inside ``folder`` (any target's)."""
     folder = Path(folder)
@@ -189,7 +195,7 @@ def clear_leftovers(target: Path) -> list[Path]:
     done = []
     stale = [p for p in leftovers(target) if _dead(p)]
     if not target.exists() and not target.is_symlink():
-        olds = [p for p in stale if _LEFTOVER.match(p.name)["role"] == "old"]
+        olds = [p for p in set_aside(target) if p in stale]
         if olds:  # killed during a swap without exchange: the previous output comes back
             newest = max(olds, key=lambda p: p.stat().st_mtime)
             os.replace(newest, target)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_file, clear_leftovers, leftovers
+from .atomic import atomic_file, clear_leftovers, set_aside
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
@@ -148,7 +148,7 @@ def resumable(out: str | Path) -> bool:
     host's or container's run, refused by name (resuming without it would start over)."""
     for folder in ("best", "last"):
         clear_leftovers(Path(out) / folder)
-        aside = [p for p in leftovers(Path(out) / folder) if ".old-" in p.name]
+        aside = set_aside(Path(out) / folder)
         if aside and not (Path(out) / folder).exists():  # another host's or container's run: maybe alive
             raise DataError(
                 aside[0],
