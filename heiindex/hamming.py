@@ -154,14 +154,17 @@ class TorchBinaryIndex:
         return dist.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
 
 
-def index_on_device(index: faiss.IndexBinary, device: str | torch.device) -> faiss.IndexBinary | TorchBinaryIndex:
+def index_on_device(
+    index: faiss.IndexBinary, device: str | torch.device, codes: np.ndarray | None = None
+) -> faiss.IndexBinary | TorchBinaryIndex:
     """The same codes, searched on ``device``: unchanged on CPU; on a GPU, faiss-gpu's
     ``GpuIndexBinaryFlat`` when faiss-gpu is installed (``pip install heiindex[gpu]``), else
-    ``TorchBinaryIndex``. Both are exact, so an IVF or HNSW index becomes exact on the GPU."""
+    ``TorchBinaryIndex``. Both are exact, so an IVF or HNSW index becomes exact on the GPU.
+    ``codes``: the index's codes where the caller holds them already (``stored_codes``)."""
     device = torch.device(device)
     if device.type == "cpu":
         return index
-    codes = stored_codes(index)
+    codes = stored_codes(index) if codes is None else codes
     if device.type == "cuda" and hasattr(faiss, "GpuIndexBinaryFlat") and faiss.get_num_gpus() > 0:
         gpu = faiss.GpuIndexBinaryFlat(faiss.StandardGpuResources(), index.d)
         gpu.add(codes)

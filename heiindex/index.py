@@ -521,8 +521,8 @@ class Index(BatchSearch):
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
-        self.image_index = index_on_device(self.image_index, dev)
-        self.caption_index = index_on_device(self.caption_index, dev)
+        self.image_index = index_on_device(self.image_index, dev, self._image_codes)  # read when opened
+        self.caption_index = index_on_device(self.caption_index, dev, self._caption_codes)
         self.device, self.dtype = dev, dtype
         return self
 
