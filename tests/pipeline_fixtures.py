@@ -360,3 +360,13 @@ def assert_exhaustive_top(result, full: np.ndarray, item_ids: np.ndarray) -> Non
     top = np.argsort(-full, kind="stable")[: len(result.results)]
     assert [h.id for h in result.results] == [int(item_ids[r]) for r in top]
     np.testing.assert_allclose([h.score for h in result.results], full[top], atol=1e-5, rtol=0)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped): a killed run's, for leftover names."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 import heiindex.atomic as atomic
@@ -23,13 +24,6 @@ def _folder(path: Path, **files: str) -> Path:
 
 def _contents(path: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(path.iterdir())}
-
-
-def _dead_pid() -> int:
-    """The pid of a process that has ended (and was reaped)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, ns: str = atomic._NS, **files: str) -> Path:
@@ -91,7 +85,7 @@ def test_clear_leftovers_removes_dead_runs_scratch_and_puts_a_set_aside_target_b
     namespace's (a container sharing the host name: its pid means nothing here) and another
     target's are kept."""
     target = tmp_path / "out"
-    dead = _dead_pid()
+    dead = pf.dead_pid()
     partial = _left(target, "partial", dead, new="half")
     old = _left(target, "old", dead, good="1")
     live = _left(target, "partial", os.getpid(), mine="x")
@@ -210,7 +204,7 @@ def test_a_scratch_left_inside_an_output_does_not_block_its_replacement(tmp_path
     the next build of that folder replaces it, scratch and all, instead of refusing it as a
     file of the user's."""
     target = _folder(tmp_path / "index", **{"manifest.json": "{}"})
-    _left(target / "bench_sweep.png", "partial", _dead_pid(), half="png")
+    _left(target / "bench_sweep.png", "partial", pf.dead_pid(), half="png")
     with atomic_dir(target, "an index", ("manifest.json",)) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert _contents(target) == {"manifest.json": "{}"}
@@ -220,7 +214,7 @@ def test_the_newest_set_aside_target_comes_back(tmp_path):
     """Of two old targets a dead run set aside, the one set aside last is put back."""
     target = tmp_path / "out"
     for name, mtime in (("newer", 2_000_000), ("older", 1_000_000)):  # made first: not last by name
-        old = _left(target, "old", _dead_pid(), which=name)
+        old = _left(target, "old", pf.dead_pid(), which=name)
         os.utime(old, (mtime, mtime))
     clear_leftovers(target)
     assert _contents(target) == {"which": "newer"} and leftovers(target) == []
@@ -240,7 +234,7 @@ def test_a_run_of_another_user_is_alive(tmp_path, monkeypatch):
 
 def test_removing_a_symlinked_leftover_removes_the_link_only(tmp_path):
     real = _folder(tmp_path / "real", keep="1")
-    link = tmp_path / f".out.partial-{atomic._HOST}-{atomic._NS}-{_dead_pid()}-x1y2"
+    link = tmp_path / f".out.partial-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-x1y2"
     link.symlink_to(real)
     assert clear_leftovers(tmp_path / "out") == [link]
     assert not link.is_symlink() and _contents(real) == {"keep": "1"}

@@ -419,18 +419,13 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
     """Where the one-step exchange is refused, a kill between the two renames of last/ leaves it
     moved aside as .last.old-HOST-NS-PID-...: --resume puts it back and goes on from it, instead
     of training again from the first epoch and replacing best/."""
-    import subprocess
-    import sys
-
     from heiindex import atomic
 
     out = tmp_path / "run"
     assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
     best = load_model(out / "best").checksum
     for folder in ("last", "best"):
-        child = subprocess.Popen([sys.executable, "-c", "pass"])
-        child.wait()  # a pid whose process is gone: the killed run's
-        (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{child.pid}-abcd")
+        (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd")
         r = _cli_train(wide_store, out, "--epochs", "1", "--resume")  # nothing left to train
         assert r.exit_code == 0, r.output
         assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
