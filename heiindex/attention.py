@@ -365,7 +365,7 @@ def score_pairs(
     pair_len = lengths.index_select(0, caption_index)
     if n_pairs <= min(max_pairs, ONE_CHUNK_PAIRS) and n_pairs * int(pair_len.max()) * r <= max_elements:
         # Few pairs (one query's candidates): one chunk padded to the longest caption. Each chunk
-        # costs a few dozen small kernels, more than the padding saves here (and no thread pool).
+        # costs a few dozen small kernels, more than the padding saves here.
         # Batches of queries keep one chunk per length bucket, where padding would cost more.
         chunks = [torch.argsort(image_index, stable=True)]
     else:
@@ -392,19 +392,21 @@ def score_pairs(
 
 
 def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
-    """Run ``fn`` on every chunk; on CPU, on as many threads as torch uses.
+    """Run ``fn`` on every chunk: on torch's own threads, one chunk after another, except with
+    exactly two CPU threads, where two single-threaded workers take a chunk each.
 
-    A re-ranking chunk is many small products (one per image run) that torch's own threads
-    barely split, so two chunks at once use two cores where one chunk cannot (measured on the
-    2-core machine: re-ranking scaled ~1.2x from one to two torch threads, block scoring ~1.7x;
-    with one chunk per thread re-ranking scaled ~1.7x). Each worker runs torch single-threaded
-    (the setting is per thread, the caller's is untouched). Chunks write disjoint outputs."""
-    workers = torch.get_num_threads()
-    if workers <= 1 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
+    Measured on coco-sim test (``benchmarks/threads.py``; RESULTS.md, "CPU threads"): with two
+    threads on the 2-core machine, two workers were ~9% faster than one chunk at a time. On a
+    16-core machine one chunk at a time on 16 threads was fastest (HEI 2.2 + 0.7 s), ahead of two
+    workers of 8 threads (2.6 + 1.2 s) and of one single-threaded worker per thread (4.7 + 2.6 s,
+    which the library used to do); with 4 threads, one chunk at a time too. Chunks write disjoint
+    outputs; a worker's thread setting is its own, the caller's is untouched.
+    (``benchmarks/threads.py`` swaps other pools in here to compare.)"""
+    if torch.get_num_threads() != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
         for sel in chunks:
             fn(sel)
         return
-    with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ThreadPoolExecutor(max_workers=2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for result in pool.map(fn, chunks):
             del result
 

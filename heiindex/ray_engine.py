@@ -11,8 +11,8 @@ every actor. The driver merges the shards' top-k by score (``heiindex.shards.mer
 in-process ``ShardedIndex`` answer.
 
 Threads: Ray starts workers with ``OMP_NUM_THREADS=1``; each actor sets torch's thread count
-explicitly (``threads``), and heiindex sets ``OMP_WAIT_POLICY=PASSIVE`` on import so that more
-than one thread per actor does not spin against the others.
+explicitly (``threads``), and heiindex's OpenMP defaults (set on import: short spins, then sleep;
+see ``heiindex/__init__.py``) keep more than one thread per actor from spinning against the others.
 
 Faults: actors restart (``max_restarts``) and reload their shard from its files; a query whose
 shard dies under it raises ``HeiindexError`` naming the shard (never a silent partial answer);

@@ -435,6 +435,46 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
     assert len(chunks) == len(set(_length_bucket_of(LENGTHS))) and sum(n for n, _ in chunks) == many
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
+    """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
+    scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
+    other count they run in the caller's thread. The caller's thread count is untouched."""
+    import threading
+
+    import heiindex.attention as attention
+
+    words, lengths, regions = _data()
+    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
+    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    ran_in = []
+    real = attention._score_pair_chunk
+
+    def spied(*args):
+        ran_in.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(attention, "_score_pair_chunk", spied)
+    for cross_attn in ("t2i", "i2t"):
+        cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+        want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)  # one thread (conftest)
+        assert set(ran_in) == {(True, 1)} and len(ran_in) > 2
+        ran_in.clear()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+        if threads == 2:  # each chunk summed by one thread, as with one thread
+            assert torch.equal(got, want)
+        else:  # torch's threads may split a sum differently
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert set(ran_in) == ({(False, 1)} if threads == 2 else {(True, threads)})
+        ran_in.clear()
+
+
 def _length_bucket_of(lengths) -> list[int]:
     from heiindex.attention import _length_bucket
 

@@ -1,0 +1,153 @@
+"""How HEI re-ranking and exhaustive scoring scale with CPU threads, on one built index.
+
+Re-ranking runs its chunks one after another on torch's threads, or with exactly two threads on
+two single-threaded workers (``attention._for_each``). This
+script times, in one process, the bench's HEI pass (both directions, N candidates, the whole
+split) that way and with thread pools swapped in, and the exhaustive pass, so that the ratios
+come from one run on one machine:
+
+    python benchmarks/threads.py --index data/coco-sim/index/test --threads 16,8,4,2,1
+
+Configurations (``--configs``, comma-separated, each run at every ``--threads`` count T):
+``library`` (as the library is), ``serial`` (one chunk at a time on T threads),
+``workers:W`` (W chunks at once, each worker on T // W torch threads; ``workers:all`` is one
+single-threaded worker per thread, the library before 2026-11-27), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
+rows, ``concurrency`` is the time summed inside the chunks over the wall time: how many chunks
+ran at once, on average.
+
+heiindex is imported first, as the CLI does, so that its OpenMP defaults (``OMP_WAIT_POLICY``,
+``GOMP_SPINCOUNT``: see ``heiindex/__init__.py``) reach torch's and faiss's runtimes; set either
+variable to measure another policy.
+"""
+
+from __future__ import annotations
+
+import heiindex  # noqa: F401  # isort: skip  (first: sets OpenMP defaults before torch loads OpenMP)
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from heiindex import attention
+from heiindex.bench import _hei, _Sub
+from heiindex.index import Index
+from heiindex.scoring import exhaustive_scores
+
+_FOR_EACH = attention._for_each
+
+
+def _serial(fn, chunks):
+    """One chunk at a time on torch's threads."""
+    for sel in chunks:
+        fn(sel)
+
+
+def _pool(workers: int):
+    """A ``_for_each`` that runs ``workers`` chunks at once, each on torch threads // workers."""
+
+    def for_each(fn, chunks):
+        threads = torch.get_num_threads()
+        w = min(workers, threads, len(chunks))
+        if w <= 1:
+            _serial(fn, chunks)
+            return
+        with ThreadPoolExecutor(max_workers=w, initializer=torch.set_num_threads, initargs=(threads // w,)) as pool:
+            for result in pool.map(fn, chunks):
+                del result
+
+    return for_each
+
+
+def _hei_row(index: Index, sub: _Sub, topk: int, for_each) -> dict:
+    stats = {"inside": 0.0, "chunks": 0}
+
+    def timed_for_each(fn, chunks):
+        def timed(sel):
+            t0 = time.perf_counter()
+            fn(sel)
+            stats["inside"] += time.perf_counter() - t0
+            stats["chunks"] += 1
+
+        for_each(timed, chunks)
+
+    attention._for_each = timed_for_each
+    try:
+        h = _hei(index, sub, np.arange(index.n_images), np.arange(len(index.caption_image)), topk, True)
+    finally:
+        attention._for_each = _FOR_EACH
+    t2i, i2t = h["t2i"]["seconds"], h["i2t"]["seconds"]
+    return {
+        "t2i": round(t2i, 3),
+        "i2t": round(i2t, 3),
+        "chunks": stats["chunks"],
+        "concurrency": round(stats["inside"] / max(t2i + i2t, 1e-9), 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--threads", default="16,8,4,2,1")
+    ap.add_argument("--configs", default="library,serial,workers:all,workers:2,exhaustive")
+    ap.add_argument(
+        "--exhaustive-threads", default="", help="thread counts for the exhaustive pass (default: the first)"
+    )
+    ap.add_argument("--topk", type=int, default=100)
+    ap.add_argument("--no-warmup", action="store_true", help="time the first pass too, as a fresh `bench` does")
+    ap.add_argument("--budget", type=float, default=1e9, help="start no new configuration after this many seconds")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    start = time.perf_counter()
+    index = Index.open(a.index)
+    sub = _Sub(index, np.arange(index.n_images), np.arange(len(index.caption_image)))
+    threads = [int(t) for t in a.threads.split(",")]
+    ex_threads = [int(t) for t in a.exhaustive_threads.split(",")] if a.exhaustive_threads else threads[:1]
+    meta = {
+        "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "torch": torch.__version__,
+        "index": a.index,
+        "topk": a.topk,
+        "warmup": not a.no_warmup,
+    }
+    print(json.dumps(meta), flush=True)
+    if not a.no_warmup:
+        _hei_row(index, sub, min(a.topk, 20), _FOR_EACH)
+    rows = []
+    for config in a.configs.split(","):
+        for t in ex_threads if config == "exhaustive" else threads:
+            if time.perf_counter() - start > a.budget:
+                print("budget spent", flush=True)
+                break
+            torch.set_num_threads(t)
+            row = {"config": config, "threads": t}
+            if config == "exhaustive":
+                t0 = time.perf_counter()
+                exhaustive_scores(index.model, sub)
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+            else:
+                name, _, arg = config.partition(":")
+                if name == "library" and not arg:
+                    for_each = _FOR_EACH
+                elif name == "serial" and not arg:
+                    for_each = _serial
+                elif name == "workers" and (arg == "all" or arg.isdigit()):
+                    for_each = _pool(t if arg == "all" else int(arg))
+                else:
+                    raise SystemExit(f"unknown configuration {config!r}")
+                row.update(_hei_row(index, sub, a.topk, for_each))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if a.json:  # after every row, so that a run stopped at its time limit keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump({**meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
