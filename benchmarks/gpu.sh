@@ -19,7 +19,8 @@
 #   4. benchmarks/latency.py on the GPU (synthetic COCO-5K size, and the coco-sim index: text and
 #      image queries, one at a time and in batches of 100);
 #   5. bench and scale.py in bfloat16; HEI with the old 1 GiB re-ranking chunks (scale-gather);
-#   6. the same bench on this machine's CPU (baseline).
+#   6. the same bench on this machine's CPU (baseline), and benchmarks/threads.py there (how
+#      re-ranking's chunks use the CPU's threads; in gpu.log only).
 # Output in $OUT (the device tool's folder; benchmarks/gpu-out/ when OUT is unset): gpu.log
 # (every step's output and its wall seconds) and one JSON per bench or benchmark (8 files at
 # most come back). GPU_STEPS=tests,bench-cuda,... runs only the steps named; SCALE_STAGES
@@ -43,9 +44,9 @@ start=$SECONDS
 
 export PY="${PYTHON:-python3}" PYTHONUNBUFFERED=1 sim=/tmp/coco-sim-test
 if [ -n "${GPU_DRY_RUN:-}" ]; then
-    dev=cpu scale_size=(--images 200 --d 64) lat_size=(--images 200 --d 64 --queries 20)
+    dev=cpu scale_size=(--images 200 --d 64) lat_size=(--images 200 --d 64 --queries 20) cpu_threads=2
 else
-    dev=cuda scale_size=() lat_size=()
+    dev=cuda scale_size=() lat_size=() cpu_threads="$(nproc),4,2"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || { echo "wheel install failed" >>"$log"; exit 1; }
     ln -sfn "$PWD/cli" /tmp/site/heiindex_cli # the CLI package, as pyproject.toml maps it
@@ -111,4 +112,6 @@ step scale-gather 120 "$PY" benchmarks/scale.py --device $dev --stages hei --gpu
 step scale-bfloat16 90 "$PY" benchmarks/scale.py --device $dev --dtype bfloat16 --stages exhaustive,hei \
     --exhaustive-queries 25000 "${scale_size[@]}" --json "$out/scale_bfloat16.json"
 step bench-cpu 120 bench "$out/bench_cpu.json" --device cpu
+step threads-cpu 90 "$PY" benchmarks/threads.py --index "$sim/index" --threads "$cpu_threads" \
+    --configs library,serial,workers:2,workers:all --budget 60
 echo "total $((SECONDS - start)) s" | tee -a "$log"
