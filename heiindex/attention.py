@@ -400,15 +400,28 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     16-core machine one chunk at a time on 16 threads was fastest (HEI 2.2 + 0.7 s), ahead of two
     workers of 8 threads (2.6 + 1.2 s) and of one single-threaded worker per thread (4.7 + 2.6 s,
     which the library used to do); with 4 threads, one chunk at a time too. Chunks write disjoint
-    outputs; a worker's thread setting is its own, the caller's is untouched.
-    (``benchmarks/threads.py`` swaps other pools in here to compare.)"""
-    if torch.get_num_threads() != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
+    outputs. Workers run under the caller's grad and inference modes (both are per thread: an
+    ``out`` made under ``torch.inference_mode`` cannot be written outside it). A worker's
+    ``set_num_threads(1)`` also sets torch's default for threads that start later, so the
+    caller's count is set again afterwards. (``benchmarks/threads.py`` swaps other pools in here
+    to compare.)"""
+    threads = torch.get_num_threads()
+    if threads != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
         for sel in chunks:
             fn(sel)
         return
-    with ThreadPoolExecutor(max_workers=2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for result in pool.map(fn, chunks):
-            del result
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(sel: Tensor) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(sel)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for result in pool.map(run, chunks):
+                del result
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _score_pair_chunk(

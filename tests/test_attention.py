@@ -475,6 +475,37 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         ran_in.clear()
 
 
+def test_pool_workers_keep_the_callers_modes_and_thread_count():
+    """With two torch threads (the pool): a call under torch.inference_mode works (its output
+    is an inference tensor that only inference mode may write), no_grad reaches the workers,
+    and threads started afterwards still get two torch threads, not the workers' one."""
+    import threading
+
+    words, lengths, regions = _data()
+    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
+    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
+        assert got.is_inference() and torch.equal(got, want)
+        with torch.no_grad():
+            got = score_pairs(cfg, words.clone().requires_grad_(True), lengths, regions, caps, imgs, max_elements=200)
+        assert not got.requires_grad and torch.equal(got, want)
+        graded = score_pairs(cfg, words.clone().requires_grad_(True), lengths, regions, caps, imgs, max_elements=200)
+        assert graded.requires_grad  # and outside no_grad the workers record the graph
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _length_bucket_of(lengths) -> list[int]:
     from heiindex.attention import _length_bucket
 
