@@ -113,5 +113,5 @@ step scale-bfloat16 90 "$PY" benchmarks/scale.py --device $dev --dtype bfloat16 
     --exhaustive-queries 25000 "${scale_size[@]}" --json "$out/scale_bfloat16.json"
 step bench-cpu 120 bench "$out/bench_cpu.json" --device cpu
 step threads-cpu 90 "$PY" benchmarks/threads.py --index "$sim/index" --threads "$cpu_threads" \
-    --configs library,serial,workers:2,workers:all --budget 60
+    --configs library,workers:all,serial,workers:2 --budget 60
 echo "total $((SECONDS - start)) s" | tee -a "$log"

@@ -27,6 +27,7 @@ import heiindex  # noqa: F401  # isort: skip  (first: sets OpenMP defaults befor
 import argparse
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,13 +66,15 @@ def _pool(workers: int):
 
 def _hei_row(index: Index, sub: _Sub, topk: int, for_each) -> dict:
     stats = {"inside": 0.0, "chunks": 0}
+    lock = threading.Lock()  # workers add to the sums
 
     def timed_for_each(fn, chunks):
         def timed(sel):
             t0 = time.perf_counter()
             fn(sel)
-            stats["inside"] += time.perf_counter() - t0
-            stats["chunks"] += 1
+            with lock:
+                stats["inside"] += time.perf_counter() - t0
+                stats["chunks"] += 1
 
         for_each(timed, chunks)
 
