@@ -396,11 +396,11 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     exactly two CPU threads, where two single-threaded workers take a chunk each.
 
     Measured on coco-sim test (``benchmarks/threads.py``; RESULTS.md, "CPU threads"): with two
-    threads on the 2-core machine, two workers were ~9% faster than one chunk at a time. On a
-    16-core machine one chunk at a time on 16 threads was fastest (HEI 2.2 + 0.7 s), ahead of two
-    workers of 8 threads (2.6 + 1.2 s) and of one single-threaded worker per thread (4.7 + 2.6 s,
-    which the library used to do); with 4 threads, one chunk at a time too. Chunks write disjoint
-    outputs. Workers run under the caller's grad and inference modes (both are per thread: an
+    threads on the 2-core machine, two workers were ~10% faster than one chunk at a time (ahead
+    in each of three alternated pairs). On a 16-core machine one chunk at a time on 16 threads
+    was fastest (HEI 2.2 + 0.7 s), ahead of two workers of 8 threads (2.6 + 1.2 s) and of one
+    single-threaded worker per thread (4.7 + 2.6 s, which the library used to do); with 4
+    threads, one chunk at a time too. Chunks write disjoint outputs. Workers run under the caller's grad and inference modes (both are per thread: an
     ``out`` made under ``torch.inference_mode`` cannot be written outside it). A worker's
     ``set_num_threads(1)`` also sets torch's default for threads that start later, so the
     caller's count is set again afterwards. (``benchmarks/threads.py`` swaps other pools in here
