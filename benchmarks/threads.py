@@ -13,7 +13,8 @@ Configurations (``--configs``, comma-separated, each run at every ``--threads`` 
 ``workers:W`` (W chunks at once, each worker on T // W torch threads; ``workers:all`` is one
 single-threaded worker per thread, the library before 2026-11-27), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
 rows, ``concurrency`` is the time summed inside the chunks over the wall time: how many chunks
-ran at once, on average.
+ran at once, on average. At the end come the ratios, per thread count: each configuration's time
+over ``library``'s, and the exhaustive time over ``library``'s HEI time.
 
 heiindex is imported first, as the CLI does, so that its OpenMP defaults (``OMP_WAIT_POLICY``,
 ``GOMP_SPINCOUNT``: see ``heiindex/__init__.py``) reach torch's and faiss's runtimes; set either
@@ -92,6 +93,25 @@ def _hei_row(index: Index, sub: _Sub, topk: int, for_each) -> dict:
     }
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per thread count: each HEI configuration's mean time (t2i + i2t, over its passes) as a
+    multiple of ``library``'s, and the exhaustive pass's time over ``library``'s HEI time (the
+    bench's speed-up, both directions together). Only counts that have a ``library`` row."""
+    totals: dict[tuple[int, str], list[float]] = {}
+    for row in rows:
+        seconds = row["seconds"] if row["config"] == "exhaustive" else row["t2i"] + row["i2t"]
+        totals.setdefault((row["threads"], row["config"]), []).append(seconds)
+    out = []
+    for (t, config), values in sorted(totals.items()):
+        base = totals.get((t, "library"))
+        if base is None or config == "library":
+            continue
+        mean, lib = sum(values) / len(values), sum(base) / len(base)
+        key = "exhaustive_over_library_hei" if config == "exhaustive" else "time_vs_library"
+        out.append({"threads": t, "config": config, key: round(mean / lib, 3)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", required=True)
@@ -149,7 +169,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if a.json:  # after every row, so that a run stopped at its time limit keeps what it measured
                 with open(a.json, "w") as f:
-                    json.dump({**meta, "rows": rows}, f, indent=1)
+                    json.dump({**meta, "rows": rows, "ratios": ratios(rows)}, f, indent=1)
+    for r in ratios(rows):
+        print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":
