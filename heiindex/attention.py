@@ -449,8 +449,10 @@ def _score_pair_chunk(
     sims = regions.new_empty((n, length, r), dtype=acc)
     t2i = cfg.cross_attn == "t2i"
     wg = None if t2i else regions.new_empty((n, length, length), dtype=acc)
+    packed = isinstance(words, PackedWords)
+    word_rows = words.gather_index(ci, length) if packed else None  # once for the chunk's groups
     for sel, img, _ in runs.groups:
-        w = _gather_words_only(words, ci[sel], length)
+        w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
         if img is not None and acc == regions.dtype:
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
         elif img is not None:
@@ -459,14 +461,18 @@ def _score_pair_chunk(
             sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2)).to(acc)
         if not t2i:
             wg[sel] = torch.bmm(w, w.transpose(1, 2)).to(acc)
-    sims.masked_fill_(~m.unsqueeze(-1), 0.0)  # padding, whatever it held, contributes nothing
+    # Padding contributes nothing. Padded words may hold anything, so their similarities are
+    # zeroed; packed words come back as the exact zero row, whose similarities are zero already.
+    if not packed:
+        sims.masked_fill_(~m.unsqueeze(-1), 0.0)
     # Per-image inputs only for this chunk's images: a query must not touch the whole set.
     if t2i:
         g = region_gram(regions.index_select(0, runs.images)) if gram is None else gram.index_select(0, runs.images)
         quad = partial(runs.product_nd, per_image=g.to(acc))
         return _t2i_core(cfg, sims.unsqueeze(1), m.unsqueeze(1), word_norm.unsqueeze(1), quad).view(n)
     pad = ~m
-    wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
+    if not packed:
+        wg.masked_fill_(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0)
     chunk_regions = regions.index_select(0, runs.images)
     rn = chunk_regions.to(acc).norm(dim=-1).index_select(0, runs.inverse).unsqueeze(1)  # (P, 1, R)
     return _i2t_core(cfg, sims.transpose(1, 2).unsqueeze(1), m, rn, wg).view(n)

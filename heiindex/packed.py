@@ -112,10 +112,18 @@ class PackedWords:
     def gather(self, rows: Tensor, length: int) -> Tensor:
         """Words of captions ``rows`` as a ``(len(rows), length, d)`` tensor, zero beyond each
         caption's end (a caption longer than ``length`` is cut)."""
+        return self.take(self.gather_index(rows, length))
+
+    def gather_index(self, rows: Tensor, length: int) -> Tensor:
+        """``(len(rows), length)`` row numbers for ``take``: each caption's words, then the zero
+        row. Computed once, sliced many times: a scorer gathers a chunk's captions group by group."""
         pos = torch.arange(length, device=self.device).unsqueeze(0)
         lens = self.lengths.index_select(0, rows).unsqueeze(1)
-        idx = torch.where(pos < lens, self.offsets.index_select(0, rows).unsqueeze(1) + pos, self._flat.shape[0] - 1)
-        return self._flat.index_select(0, idx.view(-1)).view(len(rows), length, -1)
+        return torch.where(pos < lens, self.offsets.index_select(0, rows).unsqueeze(1) + pos, self._flat.shape[0] - 1)
+
+    def take(self, index: Tensor) -> Tensor:
+        """The word rows ``index`` (from ``gather_index``) as an ``(*index.shape, d)`` tensor."""
+        return self._flat.index_select(0, index.reshape(-1)).view(*index.shape, -1)
 
     def select(self, rows: Tensor) -> PackedWords:
         """The captions ``rows``, in that order, as a new ``PackedWords`` (their words copied)."""

@@ -574,6 +574,29 @@ def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_el
     )
 
 
+def test_packed_padding_is_the_exact_zero_row_for_every_way_of_making_packed_words():
+    """The pair scorer leaves packed words' padding unmasked: gathered padding must be the exact
+    zero row (its similarities are then exactly zero), however the words were packed. The rows
+    padding points at are the last, zero row; ``take(gather_index)`` equals ``gather``."""
+    words, lengths, _, _, _ = _pair_data()  # padded with large random garbage
+    packed = PackedWords.from_padded(words, lengths)
+    made = {
+        "from_padded": packed,
+        "constructor": PackedWords(packed.flat.clone(), lengths),
+        "select": packed.select(torch.arange(len(lengths))),
+        "cat": PackedWords.cat([packed.select(torch.tensor([0])), packed.select(torch.arange(1, len(lengths)))]),
+        "to": packed.to(torch.float32),
+    }
+    rows = torch.tensor([3, 0, 19, 3])
+    for how, p in made.items():
+        index = p.gather_index(rows, PAIR_L_MAX)
+        pad = torch.arange(PAIR_L_MAX)[None, :] >= p.lengths[rows][:, None]
+        assert pad.any() and bool((index[pad] == p.flat.shape[0]).all()), how  # the row after the words
+        got = p.take(index)
+        assert torch.equal(got, p.gather(rows, PAIR_L_MAX)), how
+        assert bool((got[pad] == 0).all()) and not bool(torch.signbit(got[pad]).any()), how
+
+
 def test_packed_words_round_trip_and_errors():
     words, lengths, _, _, _ = _pair_data()
     packed = PackedWords.from_padded(words, lengths)
