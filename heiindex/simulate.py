@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -48,10 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import clear_leftovers, scratch, swap_in
 from .errors import DataError
 from .precomp import read_captions
-from .store import check_replaceable
+from .store import atomic_dir
 from .tokenizer import tokenize
 
 __all__ = [
@@ -566,13 +564,11 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
     Splits: ``test`` = the first 1,000 images of testall, ``train`` = the rest of testall,
     ``dev`` = dev. Writes ``{split}_caps.txt`` (the caption lines, copied), ``{split}_ims.npy``
     and ``coco_sim.json`` (the config and simulator version) into a scratch folder beside
-    ``out_dir``, then swaps it in (``heiindex.atomic``; a symlinked ``out_dir`` is written where
-    it points). An existing ``out_dir`` is replaced only if it holds nothing but these files.
-    Returns ``{split: n_images}``.
+    ``out_dir``, then swaps it in (``heiindex.store.atomic_dir``: a symlinked ``out_dir`` is
+    written where it points, and an existing one is replaced only if it holds nothing but these
+    files). Returns ``{split: n_images}``.
     """
     captions_dir, out_dir = Path(captions_dir), Path(out_dir)
-    if out_dir.is_symlink():
-        out_dir = out_dir.resolve()
     testall_path, dev_path = captions_dir / "testall_caps.txt", captions_dir / "dev_caps.txt"
     testall, dev = read_captions(testall_path), read_captions(dev_path)
     cpi = CAPTIONS_PER_IMAGE
@@ -584,14 +580,9 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
             testall_path,
             f"{len(testall)} lines: need more than {TEST_IMAGES * cpi} ({TEST_IMAGES} test images, the rest train)",
         )
-    check_replaceable(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE))
-
     splits = {"train": testall[TEST_IMAGES * cpi :], "dev": dev, "test": testall[: TEST_IMAGES * cpi]}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(out_dir)  # of a run killed mid-way
-    tmp_dir = scratch(out_dir)
     table = _ConceptTable(config)  # shared: the splits have most concepts in common
-    try:
+    with atomic_dir(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE)) as tmp_dir:
         for split, lines in splits.items():
             (tmp_dir / f"{split}_caps.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             _simulate_images(lines, tmp_dir / f"{split}_ims.npy", config, cpi, 256, table)
@@ -603,9 +594,4 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
             "images": counts,
         }
         (tmp_dir / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check_replaceable(out_dir, "coco-sim", (*_SPLIT_FILES, _META_FILE))
-        swap_in(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return counts
