@@ -30,7 +30,6 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -57,10 +56,8 @@ def _pool(workers: int):
         w = min(workers, threads, len(chunks))
         if w <= 1:
             _serial(fn, chunks)
-            return
-        with ThreadPoolExecutor(max_workers=w, initializer=torch.set_num_threads, initargs=(threads // w,)) as pool:
-            for result in pool.map(fn, chunks):
-                del result
+        else:
+            attention._pool_map(fn, chunks, workers=w, threads_each=threads // w)
 
     return for_each
 

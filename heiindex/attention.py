@@ -393,23 +393,29 @@ def score_pairs(
 
 def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     """Run ``fn`` on every chunk: on torch's own threads, one chunk after another, except with
-    exactly two CPU threads, where two single-threaded workers take a chunk each.
+    exactly two CPU threads, where two single-threaded workers take a chunk each
+    (``_pool_map``). Chunks write disjoint outputs.
 
     Measured on coco-sim test (``benchmarks/threads.py``; RESULTS.md, "CPU threads"): with two
     threads on the 2-core machine, two workers were ~10% faster than one chunk at a time (ahead
     in each of three alternated pairs). On a 16-core machine one chunk at a time on 16 threads
     was fastest (HEI 2.2 + 0.7 s), ahead of two workers of 8 threads (2.6 + 1.2 s) and of one
     single-threaded worker per thread (4.7 + 2.6 s, which the library used to do); with 4
-    threads, one chunk at a time too. Chunks write disjoint outputs. Workers run under the caller's grad and inference modes (both are per thread: an
-    ``out`` made under ``torch.inference_mode`` cannot be written outside it). A worker's
-    ``set_num_threads(1)`` also sets torch's default for threads that start later, so the
-    caller's count is set again afterwards. (``benchmarks/threads.py`` swaps other pools in here
-    to compare.)"""
-    threads = torch.get_num_threads()
-    if threads != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
+    threads, one chunk at a time too."""
+    if torch.get_num_threads() != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
         for sel in chunks:
             fn(sel)
         return
+    _pool_map(fn, chunks, workers=2, threads_each=1)
+
+
+def _pool_map(fn: Callable[[Tensor], None], chunks: list[Tensor], workers: int, threads_each: int) -> None:
+    """Run ``fn`` on every chunk on ``workers`` threads, each running torch on ``threads_each``
+    threads (``benchmarks/threads.py`` compares other counts through it). Workers run under the
+    caller's grad and inference modes (both are per thread: an output made under
+    ``torch.inference_mode`` cannot be written outside it). A worker's ``set_num_threads`` also
+    sets torch's default for threads that start later, so the caller's count is set again after."""
+    threads = torch.get_num_threads()
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(sel: Tensor) -> None:
@@ -417,7 +423,9 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
             fn(sel)
 
     try:
-        with ThreadPoolExecutor(max_workers=2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ThreadPoolExecutor(
+            max_workers=workers, initializer=torch.set_num_threads, initargs=(threads_each,)
+        ) as pool:
             for result in pool.map(run, chunks):
                 del result
     finally:
