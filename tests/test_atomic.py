@@ -143,9 +143,9 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path):
     assert _contents(target) == {"a.txt": "old"} and leftovers(target) == []
 
 
-def test_a_refused_exchange_falls_back_to_two_renames(tmp_path):
+def test_exchange_reports_a_refusal_as_false_and_moves_nothing(tmp_path):
     """renameat2 refused for any reason (here a missing path; a seccomp sandbox answers EPERM) is
-    no exchange: the caller's two renames do the work, or report the real problem."""
+    no exchange, not an error: swap_in then falls back to two renames (tested on their own)."""
     a = _folder(tmp_path / "a")
     assert exchange(a, tmp_path / "missing") is False
     assert a.exists() and not (tmp_path / "missing").exists()

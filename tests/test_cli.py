@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pipeline_fixtures as pf
@@ -663,43 +662,6 @@ def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     r = run("verify", root / "test")
     assert r.exit_code == 2, r.output
     assert "files differ from what their manifests record" in r.output
-
-
-def test_train_names_the_best_epoch_counting_from_one(pipe, tmp_path):
-    r = run(
-        "train",
-        "--store",
-        pipe.root,
-        "--out",
-        tmp_path / "r",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--embed-size",
-        "8",
-        "--val-images",
-        "24",
-    )
-    assert r.exit_code == 0, r.output
-    assert "at epoch 1; model in" in r.output
-
-
-def test_train_passes_lr_decay_and_warmup_on(pipe, tmp_path, monkeypatch):
-    import heiindex.train as tr
-
-    got = {}
-
-    def fake_train(root, out, mcfg, tcfg, **kw):
-        got["tcfg"] = tcfg
-        return SimpleNamespace(best_rsum=0.0, best_epoch=0)
-
-    monkeypatch.setattr(tr, "train", fake_train)
-    r = run(
-        "train", "--store", pipe.root, "--out", tmp_path / "r", "--lr-decay-epochs", "3", "--warmup-sum-epochs", "0"
-    )
-    assert r.exit_code == 0, r.output
-    assert (got["tcfg"].lr_decay_epochs, got["tcfg"].warmup_sum_epochs) == (3, 0)
 
 
 def test_default_candidates_and_topk_are_100():

@@ -329,10 +329,11 @@ def test_train_passes_every_option_on(pipe, tmp_path, monkeypatch):
             *("train", "--store", pipe.root, "--out", tmp_path / "r", "--epochs", "3", "--batch-size", "16"),
             *("--lr", "0.01", "--embed-size", "12", "--cross-attn", "i2t", "--agg", "mean"),
             *("--lambda-lse", "4.0", "--lambda-softmax", "5.0", "--margin", "0.3", "--sum-violation"),
-            *("--val-images", "20", "--seed", "7"),
+            *("--val-images", "20", "--seed", "7", "--lr-decay-epochs", "3", "--warmup-sum-epochs", "0"),
         )
     )
     t, m = got["tcfg"], got["mcfg"]
+    assert (t.lr_decay_epochs, t.warmup_sum_epochs) == (3, 0)
     assert (t.epochs, t.batch_size, t.lr, t.margin, t.max_violation, t.val_images, t.seed) == (
         3,
         16,
@@ -367,14 +368,14 @@ def test_train_hash_passes_every_option_on(pipe, tmp_path, monkeypatch):
 def test_resume_checks_only_the_shape_options_given(pipe, tmp_path, monkeypatch):
     """`heiindex train --resume` with no shape option continues the saved model; comparing the
     defaults too refused every run not trained with them ("--embed-size 256 (it has 24)")."""
+    import shutil
+
     import pipeline_fixtures as pf
 
     import heiindex.train as tr
-    from heiindex.vocab import Vocab
 
     out = tmp_path / "r"
-    vocab_size = len(Vocab.load(pipe.root / "vocab.json"))
-    tr.train(pipe.root, out, pf.model_config(vocab_size), pf.train_config(epochs=1), log=pf.quiet)
+    shutil.copytree(pipe.run_dir, out)  # a trained run: last/ with its state
     monkeypatch.setattr(tr, "train", lambda *a, **k: SimpleNamespace(best_rsum=0.0, best_epoch=1))
     ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume"))
     ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume", "--embed-size", pf.EMBED_SIZE))

@@ -395,9 +395,7 @@ def test_merged_candidates_keep_empty_slots_empty():
     assert rows.tolist() == [[0, -1, 3, -1]]
 
 
-def test_each_shard_manifest_records_its_store_rows(pipe, tmp_path):
-    from heiindex.shards import write_shards
-
-    m = write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 3, index_type="flat")
-    got = [json.loads((tmp_path / "s" / e["path"] / "manifest.json").read_text())["store_rows"] for e in m["shards"]]
+def test_each_shard_manifest_records_its_store_rows(sharded):
+    m = json.loads((sharded.path / "manifest.json").read_text())
+    got = [json.loads((sharded.path / e["path"] / "manifest.json").read_text())["store_rows"] for e in m["shards"]]
     assert got == [[0, 8], [8, 16], [16, 24]]

@@ -284,6 +284,7 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     assert r.exit_code == 0, r.output
     assert "epoch 1: loss" in r.output
     assert "best dev rsum" in r.output and str(out / "best") in r.output
+    assert "at epoch 1; model in" in r.output  # epochs named counting from one
     for sub in ("best", "last"):
         assert {"config.json", "model.safetensors", "vocab.json"} <= {p.name for p in (out / sub).iterdir()}
     assert (out / "last" / "train_state.pt").exists()
