@@ -496,7 +496,6 @@ def test_a_state_without_its_rng_is_refused(tmp_path):
 def spied_run(pipe, tmp_path_factory):
     """Two epochs, lr decayed after each, summed negatives in the first: what each step saw."""
     import heiindex.train as tr
-    from heiindex.vocab import Vocab
 
     mp = pytest.MonkeyPatch()
     events = {"flags": {}, "losses": {}, "clip": [], "pairs": {}, "rows": []}
@@ -534,7 +533,7 @@ def spied_run(pipe, tmp_path_factory):
     mp.setattr(tr, "finite_loss", finite)
     mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     try:
-        vs = len(Vocab.load(pipe.root / "vocab.json"))
+        vs = _vocab_size(pipe.root)
         cfg = pf.train_config(epochs=2, lr_decay_epochs=1, warmup_sum_epochs=1, grad_clip=1.5)
         res = tr.train(pipe.root, tmp_path_factory.mktemp("spied") / "run", pf.model_config(vs), cfg, log=pf.quiet)
     finally:
@@ -578,9 +577,8 @@ def test_each_epoch_shuffles_the_captions_anew(spied_run):
 def test_an_epoch_that_only_ties_the_best_does_not_replace_it(pipe, tmp_path):
     from heiindex.checkpoint import load_model
     from heiindex.train import train
-    from heiindex.vocab import Vocab
 
-    vs = len(Vocab.load(pipe.root / "vocab.json"))
+    vs = _vocab_size(pipe.root)
     res = train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=2, lr=1e-30), log=pf.quiet)
     assert res.history[0]["dev_rsum"] == res.history[1]["dev_rsum"]  # nothing learnt: a tie
     assert res.best_epoch == 0
@@ -589,9 +587,8 @@ def test_an_epoch_that_only_ties_the_best_does_not_replace_it(pipe, tmp_path):
 
 def test_a_state_without_history_resumes_with_the_saved_epochs(pipe, tmp_path):
     from heiindex.train import train
-    from heiindex.vocab import Vocab
 
-    vs = len(Vocab.load(pipe.root / "vocab.json"))
+    vs = _vocab_size(pipe.root)
     cfg = pf.model_config(vs)
     train(pipe.root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     path = tmp_path / "r" / "last" / "train_state.pt"
