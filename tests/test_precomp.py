@@ -209,11 +209,10 @@ def test_zero_rows_refused(tmp_path):
 
 
 def test_distinct_rows_with_one_caption_each_are_refused_when_not_a_multiple_of_5(make_precomp):
-    from heiindex.precomp import PrecompSplit
 
     folder, _, _ = make_precomp(n_images=7, n_captions=7)
     with pytest.raises(DataError, match="7 captions do not fit 7 feature rows"):
-        PrecompSplit.open(folder, "test", regions=36, feature_dim=8)
+        _open(folder)
 
 
 def test_rows_that_differ_in_a_later_block_are_named_by_their_file_rows(tmp_path):
@@ -229,8 +228,7 @@ def test_rows_that_differ_in_a_later_block_are_named_by_their_file_rows(tmp_path
 
 
 def test_source_captions_sha256_is_of_the_lines_joined_by_newlines(make_precomp):
-    from heiindex.precomp import PrecompSplit
 
     folder, _, caps = make_precomp(n_images=2)
-    split = PrecompSplit.open(folder, "test", regions=36, feature_dim=8)
+    split = _open(folder)
     assert split.captions_sha256() == hashlib.sha256("\n".join(caps).encode()).hexdigest()
