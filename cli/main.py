@@ -464,14 +464,17 @@ def _open_index(
     codes=None,
     uri=None,
 ):
-    from heiindex.index import Index
-    from heiindex.shards import ShardedIndex, sharded_manifest
+    from heiindex.index_manifest import sharded_manifest
 
     path = _index_path(index_dir)
-    if sharded_manifest(path) is not None:
+    if sharded_manifest(path) is not None:  # a missing index is told before torch and FAISS are imported
         if codes == "milvus" or uri is not None:
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
+        from heiindex.shards import ShardedIndex
+
         return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
+    from heiindex.index import Index
+
     return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
 
 
@@ -626,9 +629,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
 
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
-    from heiindex.bench import run_bench
-    from heiindex.index import Index
-    from heiindex.shards import sharded_manifest
+    from heiindex.index_manifest import sharded_manifest
 
     from .render import bench_tables, console, echo_json
 
@@ -649,6 +650,9 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         index = _ray_index(index_dir, address, threads)
     else:
         index = _open_index(index_dir, None, None, device, dtype)
+    from heiindex.bench import run_bench
+    from heiindex.index import Index
+
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 

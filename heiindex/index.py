@@ -50,6 +50,7 @@ from .hamming import (
     stored_codes,
 )
 from .hashing import HashModule
+from .index_manifest import read_index_manifest
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import (
@@ -77,7 +78,6 @@ from .store import (
     file_record,
     open_parquet,
     read_guarded,
-    read_json_object,
     reading,
     rows_of,
     sorted_ids,
@@ -85,7 +85,7 @@ from .store import (
 )
 from .train_hash import LoadedHash, load_hash
 
-__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "read_index_manifest", "timed_results"]
+__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
 
 INDEX_FORMAT_VERSION = 1
 
@@ -163,12 +163,6 @@ def load_models(
     if not isinstance(hasher, LoadedHash):
         hasher = load_hash(hasher or manifest["hash"]["path"])
     return matcher, hasher
-
-
-def read_index_manifest(path: str | Path) -> dict:
-    """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
-    naming it, where there is none or it is not a JSON object."""
-    return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
 
 
 # The fields Index.open reads from an unsharded index's manifest, and what each holds.

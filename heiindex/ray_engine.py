@@ -33,13 +33,13 @@ from pathlib import Path
 
 from .errors import HeiindexError
 from .index import Hit, SearchResult
+from .index_manifest import read_sharded_manifest
 from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
     check_counts,
     locate_images,
-    read_manifest,
     shard_search_regions,
     shard_search_text,
 )
@@ -156,7 +156,7 @@ class RayShardedIndex(BatchSearch):
         import torch
 
         self.path = Path(path).resolve()
-        self.manifest = read_manifest(self.path)  # before Ray: an unsharded index is refused as such
+        self.manifest = read_sharded_manifest(self.path)  # before Ray: an unsharded index is refused as such
         if threads is not None:  # checked here: an actor that fails on it reads as "actor died"
             require("threads", threads, at_least=1, integer=True)
         threads = threads or torch.get_num_threads()
@@ -350,7 +350,7 @@ def stop_served(path: str | Path, address: str | None) -> int:
     """Kill the detached actors ``heiindex serve`` started for ``path`` on the cluster at ``address``
     (None: the one running here, as Ray's "auto"); returns how many."""
     path = Path(path).resolve()
-    manifest = read_manifest(path)
+    manifest = read_sharded_manifest(path)
     ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
     stopped = 0
     for i in range(len(manifest["shards"])):

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
-from .errors import DataError, HeiindexError
+from .errors import HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options
 from .index import (
@@ -41,9 +41,9 @@ from .index import (
     SearchResult,
     load_bound_models,
     load_models,
-    read_index_manifest,
     timed_results,
 )
+from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest
 from .packed import PackedWords
 from .search import (
     BatchSearch,
@@ -54,7 +54,7 @@ from .search import (
     refuse_unknown_images,
 )
 from .settings import require
-from .store import SplitStore, atomic_dir, check_fields, check_shard_entries, rows_of, sorted_ids, write_json
+from .store import SplitStore, atomic_dir, rows_of, sorted_ids, write_json
 from .train_hash import LoadedHash
 
 __all__ = [
@@ -64,16 +64,12 @@ __all__ = [
     "check_counts",
     "locate_images",
     "merge_hits",
-    "read_manifest",
     "run_sharded_bench",
     "shard_bounds",
     "shard_search_regions",
     "shard_search_text",
-    "sharded_manifest",
     "write_shards",
 ]
-
-SHARDED_FORMAT_VERSION = 1
 
 
 def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
@@ -160,35 +156,6 @@ def build_shards(
     return ShardedIndex.open(out, matcher, hasher)
 
 
-def sharded_manifest(path: str | Path) -> dict | None:
-    """The manifest of the sharded build at ``path``; ``None`` where ``path`` holds an unsharded
-    index. ``DataError``, naming the manifest, where there is none, it is not a JSON object, or it
-    is of another format_version."""
-    manifest = read_index_manifest(path)
-    if manifest.get("kind") != "sharded":
-        return None
-    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
-        raise DataError(
-            Path(path) / "manifest.json",
-            f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
-        )
-    mpath = Path(path) / "manifest.json"
-    check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
-    check_shard_entries(mpath, manifest["shards"], counts=True)
-    return manifest
-
-
-def read_manifest(path: str | Path) -> dict:
-    """``sharded_manifest``, where ``path`` must hold a sharded build."""
-    manifest = sharded_manifest(path)
-    if manifest is None:
-        raise DataError(
-            Path(path) / "manifest.json",
-            "the index here is not a sharded build (heiindex build --shards S writes one; the Ray engine serves those)",
-        )
-    return manifest
-
-
 def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
     """The best ``k`` of the shards' hits by matcher score (ties: earlier shard, then its rank),
     renumbered from 1."""
@@ -219,7 +186,7 @@ class ShardedIndex(BatchSearch):
     ) -> ShardedIndex:
         """Open every shard of the build at ``path``."""
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = read_sharded_manifest(path)
         matcher, hasher = load_models(manifest, matcher, hasher)
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)

@@ -386,6 +386,7 @@ def test_resume_checks_only_the_shape_options_given(pipe, tmp_path, monkeypatch)
 
 def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
     """`heiindex query --dtype bfloat16` on a sharded build scored in float32 without a word."""
+    import heiindex.index_manifest
     import heiindex.shards
 
     got: dict = {}
@@ -394,7 +395,7 @@ def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
         got.update(kw)
         raise _Opened
 
-    monkeypatch.setattr(heiindex.shards, "sharded_manifest", lambda path: {"shards": []})
+    monkeypatch.setattr(heiindex.index_manifest, "sharded_manifest", lambda path: {"shards": []})
     monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", fake_open)
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
     assert isinstance(r.exception, _Opened)

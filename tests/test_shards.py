@@ -13,15 +13,14 @@ from cli_helpers import as_json, build, clean_error, json_lines, ok, run
 from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
+from heiindex.index_manifest import read_sharded_manifest, sharded_manifest
 from heiindex.packed import PackedWords
 from heiindex.shards import (
     ShardedIndex,
     _merge_candidates,
     build_shards,
-    read_manifest,
     run_sharded_bench,
     shard_bounds,
-    sharded_manifest,
     write_shards,
 )
 from heiindex.store import SplitStore
@@ -210,9 +209,9 @@ def test_write_shards_reads_the_captions_once_and_each_shard_its_own_rows(pipe, 
 
 def test_the_manifest_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
     assert sharded_manifest(pipe.index_dir) is None  # an unsharded index
-    assert read_manifest(sharded.path) == sharded.manifest
+    assert read_sharded_manifest(sharded.path) == sharded.manifest
     with pytest.raises(DataError, match=r"index-test/manifest.json: the index here is not a sharded build"):
-        read_manifest(pipe.index_dir)
+        read_sharded_manifest(pipe.index_dir)
     with pytest.raises(DataError, match=r"nothing/manifest.json: no index here; run `heiindex build` first"):
         sharded_manifest(tmp_path / "nothing")
     bad = tmp_path / "bad"
