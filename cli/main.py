@@ -562,16 +562,11 @@ def query(
 
 
 def _query_lines(file, name: str) -> list[str]:
-    """The lines of a --file of queries (UTF-8; \n or \r\n line ends and a byte-order mark
-    dropped), so that "line N" in a message is the file's line N."""
-    data = file.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise HeiindexError(f"{name}: not UTF-8 text (byte {exc.start}); give one query per line") from None
-    lines = [line.removesuffix("\r") for line in text.split("\n")]  # line ends only: not \f, \v, U+2028...
-    if lines[-1] == "":
-        lines.pop()  # after the last line end
+    """The lines of a --file of queries (``heiindex.textlines``), so that "line N" in a message
+    is the file's line N."""
+    from heiindex.textlines import text_lines
+
+    lines = text_lines(file.read(), name)
     if not lines:
         raise HeiindexError(f"{name} holds no queries: give one query per line")
     return lines

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import DataError
 from .settings import require
+from .textlines import text_lines
 
 __all__ = ["SPLITS", "PrecompSplit", "read_captions"]
 
@@ -34,17 +35,9 @@ def read_captions(path: Path) -> list[str]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, "caption file not found") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(path, f"line {line}: bytes are not valid UTF-8 ({exc.reason})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the file's final newline
+    lines = text_lines(raw, path)
     out = []
     for i, line in enumerate(lines, 1):
-        line = line.rstrip("\r")
         if not line.strip():
             raise DataError(path, f"line {i}: empty caption (every line must hold one caption)")
         out.append(line.strip())

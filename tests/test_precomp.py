@@ -154,6 +154,13 @@ def test_read_captions_strips_and_accepts_crlf(tmp_path):
     assert read_captions(p) == ["A dog .", "A cat ."]
 
 
+def test_read_captions_drops_a_byte_order_mark(tmp_path):
+    """Editors on Windows save one; it stayed on the first caption, which tokenised to <unk>."""
+    p = tmp_path / "caps.txt"
+    p.write_bytes("A dog .\nA cat .\n".encode("utf-8-sig"))
+    assert read_captions(p) == ["A dog .", "A cat ."]
+
+
 def test_read_captions_refuses_an_empty_file(tmp_path):
     p = tmp_path / "caps.txt"
     p.write_bytes(b"")
