@@ -115,7 +115,12 @@ def _vocab_check(root: Path, manifests: dict[str, dict]) -> FileCheck:
         want = manifest.get("vocab", {}).get("sha256")
         if want != have:
             return FileCheck(path, "changed", f"vocabulary {have[:12]}..., split {name} records {str(want)[:12]}...")
-    return FileCheck(path, "ok", f"the vocabulary all {len(manifests)} splits record")
+    # By name: nothing records which splits a root had, so a deleted split shows only by its absence here.
+    names = sorted(manifests)
+    splits = (
+        f"split {names[0]} records" if len(names) == 1 else f"splits {', '.join(names[:-1])} and {names[-1]} record"
+    )
+    return FileCheck(path, "ok", f"the vocabulary {splits}")
 
 
 def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:

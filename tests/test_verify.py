@@ -27,6 +27,7 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert [(c.path.parent.name, c.path.name, c.status) for c in checks] == [
         (split, name, "ok") for split in ("dev", "test", "train") for name in ("captions.parquet", "images.parquet")
     ] + [("store", "vocab.json", "ok")]
+    assert checks[-1].detail == "the vocabulary splits dev, test and train record"  # a deleted split shows here
     _flip_a_byte(root / "test" / "images.parquet")  # same size: only the SHA-256 tells
     (root / "dev" / "captions.parquet").write_bytes((root / "dev" / "captions.parquet").read_bytes()[:-10])
     (root / "train" / "images.parquet").unlink()
@@ -36,6 +37,7 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert got[("train", "images.parquet")][0] == "missing"
     assert got[("test", "captions.parquet")][0] == "ok"
     assert [c.status for c in verify(root / "test")] == ["ok", "changed", "ok"]  # and the root's vocab.json
+    assert verify(root / "test")[-1].detail == "the vocabulary split test records"
 
 
 def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
