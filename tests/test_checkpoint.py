@@ -290,19 +290,10 @@ def test_encode_split_checks_the_store_first(saved):
             encode_split(loaded.model, bad)  # a bare model: no vocabulary to compare, but the sizes
 
 
-def _tiny_model():
-    from heiindex.model import ScanConfig, ScanModel
-    from heiindex.vocab import SPECIALS, Vocab
-
-    vocab = Vocab([*SPECIALS, "dog", "cat"])
-    torch.manual_seed(0)
-    return ScanModel(ScanConfig(vocab_size=len(vocab), embed_size=8, word_dim=6, img_dim=4)), vocab
-
-
 def test_model_checksum_hashes_names_shapes_and_float32_bytes():
     from heiindex.checkpoint import model_checksum
 
-    model, _ = _tiny_model()
+    model = _model()
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -314,8 +305,8 @@ def test_model_checksum_hashes_names_shapes_and_float32_bytes():
 def test_a_model_folder_without_a_recorded_checksum_still_has_one(tmp_path):
     from heiindex.checkpoint import load_model, model_checksum, save_model
 
-    model, vocab = _tiny_model()
-    save_model(model, vocab, tmp_path / "m")
+    model = _model()
+    save_model(model, VOCAB, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     del cfg["info"]["weights_sha256"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
