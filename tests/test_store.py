@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_precomp  # tests/ is on sys.path
+from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.store import (
@@ -489,18 +489,10 @@ def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
 
 
-def _small_store(tmp_path: Path, n_images: int = 7) -> Path:
-    from heiindex.ingest import ingest
-
-    write_precomp(tmp_path / "pre", n_images=n_images)
-    ingest(tmp_path / "pre", "test", tmp_path / "root", regions=36, feature_dim=8)
-    return tmp_path / "root"
-
-
 def test_a_bool_count_in_a_store_manifest_is_refused(tmp_path):
     from heiindex.store import SplitStore
 
-    root = _small_store(tmp_path)
+    root = small_store(tmp_path)
     m = json.loads((root / "test" / "manifest.json").read_text())
     m["images"]["count"] = True
     (root / "test" / "manifest.json").write_text(json.dumps(m))
@@ -546,7 +538,7 @@ def test_captions_checksum_tells_where_texts_and_token_lists_split(tmp_path):
 def test_the_last_evaluated_image_without_a_caption_is_refused(tmp_path):
     from heiindex.store import SplitStore
 
-    store = SplitStore.open(_small_store(tmp_path), "test")
+    store = SplitStore.open(small_store(tmp_path), "test")
     caps = store.captions()
     bare_last = caps.subset(caps.image_ids != 6)
     with pytest.raises(DataError, match=r"1 of the 7 images evaluated have no caption \(image_id 6\)"):
@@ -569,7 +561,7 @@ def _rewrite_tokens(root: Path, edit) -> None:
 def test_a_negative_token_id_is_refused(tmp_path):
     from heiindex.store import SplitStore
 
-    root = _small_store(tmp_path)
+    root = small_store(tmp_path)
 
     def negative(tokens):
         tokens[0][1] = -1
@@ -583,7 +575,7 @@ def test_a_negative_token_id_is_refused(tmp_path):
 def test_captions_without_tokens_pad_to_one_column(tmp_path):
     from heiindex.store import SplitStore
 
-    root = _small_store(tmp_path)
+    root = small_store(tmp_path)
     _rewrite_tokens(root, lambda tokens: [[] for _ in tokens])
     caps = SplitStore.open(root, "test").captions()
     assert caps.tokens.shape == (35, 1)

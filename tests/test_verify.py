@@ -9,7 +9,7 @@ import shutil
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
-from conftest import write_precomp  # tests/ is on sys.path
+from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.verify import verify
@@ -194,16 +194,13 @@ def test_a_record_with_bytes_as_text_is_refused(tmp_path):
 
 
 def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
-    from heiindex.ingest import ingest
     from heiindex.verify import verify
 
-    for split in ("dev", "test"):
-        write_precomp(tmp_path / "pre", split=split, n_images=7)
-        ingest(tmp_path / "pre", split, tmp_path / "root", regions=36, feature_dim=8)
-    m = json.loads((tmp_path / "root" / "test" / "manifest.json").read_text())
+    root = small_store(tmp_path, ("dev", "test"))
+    m = json.loads((root / "test" / "manifest.json").read_text())
     m["vocab"]["sha256"] = "0" * 64
-    (tmp_path / "root" / "test" / "manifest.json").write_text(json.dumps(m))
-    vocab = [c for c in verify(tmp_path / "root") if c.path.name == "vocab.json"]
+    (root / "test" / "manifest.json").write_text(json.dumps(m))
+    vocab = [c for c in verify(root) if c.path.name == "vocab.json"]
     assert [c.status for c in vocab] == ["changed"]
     assert "split test records 000000000000" in vocab[0].detail
 
