@@ -38,6 +38,25 @@ def json_lines(result) -> list[dict]:
     return [json.loads(line) for line in ok(result).stdout.splitlines()]
 
 
+def recall_row(r1, r5, r10, rsum, *, medr=1.0, meanr=3.0, seconds=None) -> dict:
+    """One row of recalls as the evaluate and bench results hold it (``seconds`` only if given)."""
+    d = {"r1": r1, "r5": r5, "r10": r10, "medr": medr, "meanr": meanr, "rsum": rsum}
+    if seconds is not None:
+        d["seconds"] = seconds
+    return d
+
+
+def bench_side(*, candidate_recall=1.0, hei=(), **row) -> dict:
+    """One direction (t2i or i2t) of a bench result: ``recall_row(**row)`` for the exhaustive,
+    hei and hamming rows, ``hei`` (a dict) overriding fields of the hei row."""
+    return {
+        "exhaustive": recall_row(**row),
+        "hei": recall_row(**{**row, **dict(hei)}),
+        "hamming": recall_row(**row),
+        "candidate_recall": candidate_recall,
+    }
+
+
 def build(pipe, out, *extra):
     """``heiindex build`` of the test pipeline's test split into ``out``."""
     common = ("--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)

@@ -13,10 +13,12 @@ import pytest
 import torch
 from cli_helpers import (  # tests/ is on sys.path (pytest rootdir-relative import)
     as_json,
+    bench_side,
     build,
     clean_error,
     json_lines,
     ok,
+    recall_row,
     run,
 )
 from rich.console import Console
@@ -700,13 +702,6 @@ def _text(*tables) -> str:
     return c.export_text()
 
 
-def _row(r1, r5, r10, rsum, seconds=None, meanr=3.0):
-    d = {"r1": r1, "r5": r5, "r10": r10, "medr": 1.0, "meanr": meanr, "rsum": rsum}
-    if seconds is not None:
-        d["seconds"] = seconds
-    return d
-
-
 def test_four_hits_of_five_asked_for_are_said(capsys):
     from heiindex_cli.render import print_result
 
@@ -720,7 +715,7 @@ def test_four_hits_of_five_asked_for_are_said(capsys):
 def test_recall_table_columns():
     from heiindex_cli.render import recall_table
 
-    out = _text(recall_table("t", [("hei", _row(11.0, 22.0, 33.0, 66.0, seconds=1.234))]))
+    out = _text(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, seconds=1.234))]))
     line = next(line for line in out.splitlines() if "hei" in line)
     cells = [c.strip() for c in line.split("│") if c.strip()]
     assert cells == ["hei", "11.0", "22.0", "33.0", "1", "3.0", "66.0", "1.23"]
@@ -739,12 +734,7 @@ def test_bench_tables_show_each_figure_in_its_column():
     from heiindex_cli.render import bench_tables
 
     def side(rsum):
-        return {
-            "exhaustive": _row(1, 2, 3, rsum),
-            "hei": _row(1, 2, 3, rsum, meanr=None),
-            "hamming": _row(1, 2, 3, rsum),
-            "candidate_recall": 0.987,
-        }
+        return bench_side(r1=1, r5=2, r10=3, rsum=rsum, hei={"meanr": None}, candidate_recall=0.987)
 
     res = {
         "images": 10,

@@ -6,11 +6,22 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from cli_helpers import as_json, clean_error, ok, run
+from cli_helpers import as_json, bench_side, clean_error, ok, recall_row, run
 
 
 class _Opened(Exception):
     """Raised by a spy once it has recorded its call: nothing further needs to run."""
+
+
+def _spy_open(got: dict):
+    """An ``open(path, model_dir, hash_dir, **kw)`` (Index's or ShardedIndex's) that records
+    ``kw`` in ``got`` and raises _Opened."""
+
+    def fake_open(path, model_dir=None, hash_dir=None, **kw):
+        got.update(kw)
+        raise _Opened
+
+    return fake_open
 
 
 def _spy_ray(monkeypatch, got: dict):
@@ -87,11 +98,7 @@ def test_query_opens_the_index_in_float32_and_with_the_codes_asked_for(pipe, mon
 
     got: dict = {}
 
-    def fake_open(path, model_dir=None, hash_dir=None, **kw):
-        got.update(kw)
-        raise _Opened
-
-    monkeypatch.setattr(heiindex.index.Index, "open", fake_open)
+    monkeypatch.setattr(heiindex.index.Index, "open", _spy_open(got))
     assert isinstance(run("query", "a dog", "--index", pipe.index_dir).exception, _Opened)
     assert (got["dtype"], got["device"], got["codes"], got["uri"]) == ("float32", "cpu", None, None)
     got.clear()
@@ -136,12 +143,11 @@ def test_bench_sweep_plot_goes_in_the_index_folder_by_default(pipe, monkeypatch)
     assert drawn == {"rows": sweep, "path": want} and d["plot"] == str(want)
 
 
-def _row(rsum):
-    return {"r1": 1.0, "r5": 2.0, "r10": 3.0, "medr": 1.0, "meanr": 2.0, "rsum": rsum, "seconds": 0.5}
+_ROW = {"r1": 1.0, "r5": 2.0, "r10": 3.0, "meanr": 2.0, "seconds": 0.5}  # recall_row's fields but rsum
 
 
 def _side(rsum):
-    return {"exhaustive": _row(rsum), "hei": _row(rsum), "hamming": _row(rsum), "candidate_recall": 1.0}
+    return bench_side(**_ROW, rsum=rsum)
 
 
 def test_bench_on_a_5k_split_prints_the_5k_and_the_1k_tables(pipe, monkeypatch):
@@ -158,7 +164,7 @@ def _spy_evaluate(monkeypatch):
     import heiindex.scoring
 
     def recalls(r1):
-        return SimpleNamespace(to_dict=lambda: {**_row(r1 * 3), "r1": r1})
+        return SimpleNamespace(to_dict=lambda: {**recall_row(**_ROW, rsum=r1 * 3), "r1": r1})
 
     res = SimpleNamespace(t2i=recalls(11.0), i2t=recalls(44.0), rsum=165.0, seconds=0.25)
     monkeypatch.setattr(heiindex.scoring, "evaluate_exhaustive", lambda model, enc: res)
@@ -391,12 +397,8 @@ def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
 
     got: dict = {}
 
-    def fake_open(path, model_dir=None, hash_dir=None, **kw):
-        got.update(kw)
-        raise _Opened
-
     monkeypatch.setattr(heiindex.index_manifest, "sharded_manifest", lambda path: {"shards": []})
-    monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", fake_open)
+    monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", _spy_open(got))
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
     assert isinstance(r.exception, _Opened)
     assert got == {"device": "cpu", "dtype": "bfloat16"}
