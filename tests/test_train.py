@@ -13,7 +13,7 @@ import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
+from cli_helpers import clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex.attention import AttentionConfig
 from heiindex.checkpoint import load_model, model_checksum
@@ -280,8 +280,7 @@ def _cli_train(store, out, *extra):
 
 def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     out = tmp_path / "run"
-    r = _cli_train(wide_store, out, "--epochs", "1")
-    assert r.exit_code == 0, r.output
+    r = ok(_cli_train(wide_store, out, "--epochs", "1"))
     assert "epoch 1: loss" in r.output
     assert "best dev rsum" in r.output and str(out / "best") in r.output
     assert "at epoch 1; model in" in r.output  # epochs named counting from one
@@ -301,8 +300,7 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     res = evaluate_exhaustive(best.model, enc_best)  # the metrics recorded while training, exactly
     assert res.t2i.to_dict() == best.info["dev"]["t2i"] and res.i2t.to_dict() == best.info["dev"]["i2t"]
 
-    r2 = _cli_train(wide_store, out, "--epochs", "2", "--resume")
-    assert r2.exit_code == 0, r2.output
+    r2 = ok(_cli_train(wide_store, out, "--epochs", "2", "--resume"))
     assert "resuming after epoch 1" in r2.output
     assert "epoch 2: loss" in r2.output and "epoch 1: loss" not in r2.output
     history = json.loads((out / "history.json").read_text())
@@ -326,8 +324,7 @@ def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, 
     the options given (the CLI and the library once disagreed on this, and --embed-size was
     dropped). A last/ holding a model but no state is refused (the test below)."""
     (tmp_path / "run" / "last").mkdir(parents=True)
-    r = _cli_train(wide_store, tmp_path / "run", "--epochs", "1", "--resume")  # --embed-size 16 among the options
-    assert r.exit_code == 0, r.output
+    r = ok(_cli_train(wide_store, tmp_path / "run", "--epochs", "1", "--resume"))  # --embed-size 16 among the options
     assert "resuming" not in r.output
     assert load_model(tmp_path / "run" / "last").model.config.embed_size == 16
 
@@ -359,15 +356,15 @@ def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
     """``heiindex ingest --feature-dim 32`` makes a valid store; ``heiindex train`` on it must build
     its matcher with img_dim 32 (the store's), not SCAN's 2048."""
     out = tmp_path / "run"
-    r = _cli_train(pipe.root, out, "--epochs", "1")
-    assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
+    ok(_cli_train(pipe.root, out, "--epochs", "1"))
     assert load_model(out / "best").model.config.img_dim == pf.FEATURE_DIM
 
 
 def test_cli_train_is_deterministic(wide_store, tmp_path):
     a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
     b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
-    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    ok(a)
+    ok(b)
     assert load_model(tmp_path / "a" / "last").checksum == load_model(tmp_path / "b" / "last").checksum
     assert torch.equal(
         load_model(tmp_path / "a" / "best").model.img_enc.fc.weight,
@@ -405,10 +402,9 @@ def test_a_run_killed_after_saving_last_resumes_to_the_same_models(wide_store, t
     assert load_model(killed / "last").info["epoch"] == 2
     assert [row["epoch"] for row in json.loads((killed / "history.json").read_text())] == [1]
 
-    r = _cli_train(wide_store, killed, "--epochs", "3", "--resume")
-    assert r.exit_code == 0, r.output
+    r = ok(_cli_train(wide_store, killed, "--epochs", "3", "--resume"))
     assert "resuming after epoch 2" in r.output and "epoch 1: loss" not in r.output
-    assert _cli_train(wide_store, whole, "--epochs", "3").exit_code == 0
+    ok(_cli_train(wide_store, whole, "--epochs", "3"))
     for sub in ("best", "last"):
         assert load_model(killed / sub).checksum == load_model(whole / sub).checksum, sub
     rows = [json.loads((run_dir / "history.json").read_text()) for run_dir in (killed, whole)]
@@ -423,12 +419,11 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
     from heiindex import atomic
 
     out = tmp_path / "run"
-    assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
+    ok(_cli_train(wide_store, out, "--epochs", "1"))
     best = load_model(out / "best").checksum
     for folder in ("last", "best"):
         (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd")
-        r = _cli_train(wide_store, out, "--epochs", "1", "--resume")  # nothing left to train
-        assert r.exit_code == 0, r.output
+        r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume"))  # nothing left to train
         assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
         assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
         assert load_model(out / "best").checksum == best
@@ -448,10 +443,9 @@ def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_sta
     removed); a last/ whose state is missing, empty or cut short is refused by name instead of
     training again from the first epoch, which would replace best/."""
     out = tmp_path / "run"
-    assert _cli_train(wide_store, out, "--epochs", "1").exit_code == 0
+    ok(_cli_train(wide_store, out, "--epochs", "1"))
     (out / "history.json").unlink()
-    r = _cli_train(wide_store, out, "--epochs", "2", "--resume")
-    assert r.exit_code == 0, r.output
+    r = ok(_cli_train(wide_store, out, "--epochs", "2", "--resume"))
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
 
     state = out / "last" / "train_state.pt"
