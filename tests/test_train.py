@@ -488,7 +488,8 @@ def test_a_state_without_its_rng_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def spied_run(pipe, tmp_path_factory):
-    """Two epochs, lr decayed after each, summed negatives in the first: what each step saw."""
+    """Two epochs, lr decayed after each, summed negatives in the first: what each step saw,
+    keyed by the epoch counting from one (as the history names it)."""
     import heiindex.train as tr
 
     mp = pytest.MonkeyPatch()
@@ -508,14 +509,15 @@ def spied_run(pipe, tmp_path_factory):
             yield item
 
     def loss(scores, ids, margin, max_violation):
-        events["flags"].setdefault(len(events["rows"]), []).append(max_violation)
-        events["pairs"][len(events["rows"])] = events["pairs"].get(len(events["rows"]), 0) + len(scores) ** 2
+        epoch = len(events["rows"])  # the epochs whose batches have begun: this one, counting from one
+        events["flags"].setdefault(epoch, []).append(max_violation)
+        events["pairs"][epoch] = events["pairs"].get(epoch, 0) + len(scores) ** 2
         return orig_loss(scores, ids, margin, max_violation)
 
     def finite(value, epoch, step, kept, what="the loss"):
         out = orig_finite(value, epoch, step, kept, what)
         if what == "the loss":
-            events["losses"].setdefault(epoch, []).append(out)
+            events["losses"].setdefault(epoch + 1, []).append(out)  # train counts epochs from 0
         return out
 
     def clip(params, max_norm, *a, **kw):
@@ -547,7 +549,7 @@ def test_the_first_warmup_epoch_sums_and_the_next_takes_the_hardest(spied_run):
 
 def test_the_loss_recorded_is_the_mean_of_the_epochs_batch_losses(spied_run):
     res, ev = spied_run
-    for row, epoch in zip(res.history, (0, 1), strict=True):
+    for row, epoch in zip(res.history, (1, 2), strict=True):
         assert row["loss"] == pytest.approx(sum(ev["losses"][epoch]) / len(ev["losses"][epoch]), rel=1e-12)
 
 
