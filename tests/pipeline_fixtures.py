@@ -188,8 +188,6 @@ def one_torch_thread():
     The tensors here are tiny; with two threads on a busy two-core machine, OpenMP's waiting
     threads make the same work 10-50x slower.
     """
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -345,8 +343,6 @@ def hamming_by_hand(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def assert_same_answer(got, want) -> None:
     """Two ``SearchResult``s of one query by different paths (a batch and a batch of one, shards
     and Ray): the same hits rank by rank, scores equal up to float rounding of batched products."""
-    import pytest
-
     assert got.query == want.query and got.unknown_words == want.unknown_words
     assert [(h.rank, h.id, h.hamming, h.captions, h.text) for h in got.results] == [
         (h.rank, h.id, h.hamming, h.captions, h.text) for h in want.results

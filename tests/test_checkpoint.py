@@ -176,8 +176,6 @@ def test_a_changed_vocabulary_file_is_refused(saved):
 
 
 def test_weights_holding_nan_are_refused_by_name(saved):
-    from safetensors.torch import load_file, save_file
-
     _, path = saved
     weights = path / "model.safetensors"
     state = load_file(str(weights))
@@ -291,8 +289,6 @@ def test_encode_split_checks_the_store_first(saved):
 
 
 def test_model_checksum_hashes_names_shapes_and_float32_bytes():
-    from heiindex.checkpoint import model_checksum
-
     model = _model()
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -303,8 +299,6 @@ def test_model_checksum_hashes_names_shapes_and_float32_bytes():
 
 
 def test_a_model_folder_without_a_recorded_checksum_still_has_one(tmp_path):
-    from heiindex.checkpoint import load_model, model_checksum, save_model
-
     model = _model()
     save_model(model, VOCAB, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

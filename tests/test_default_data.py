@@ -112,15 +112,11 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
 
 
 def test_HEIINDEX_DATA_names_the_data_folder(tmp_path, monkeypatch):
-    from heiindex.default_data import data_dir
-
     monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path))
     assert data_dir() == tmp_path
 
 
 def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
-    from heiindex import default_data as dd
-
     monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel" / "idx").mkdir(parents=True)
@@ -131,9 +127,6 @@ def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
 
 
 def test_a_missing_split_is_generated_again_despite_the_stamp(tmp_path, monkeypatch):
-    from heiindex import default_data as dd
-    from heiindex.simulate import SimConfig
-
     monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path))
     calls = []
 

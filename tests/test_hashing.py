@@ -437,7 +437,6 @@ def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkey
     import errno
     import os
 
-    from heiindex.errors import HeiindexError
     from heiindex.train_hash import _word_file
 
     words = _word_file(np.array([2, 3]), 4)
@@ -458,8 +457,6 @@ def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkey
 
 
 def test_train_hash_stops_when_the_loss_is_not_finite(pipe, tmp_path, monkeypatch):
-    import heiindex.train_hash as th
-
     real = th.hash_loss
     monkeypatch.setattr(th, "hash_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE)

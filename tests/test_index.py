@@ -1085,10 +1085,6 @@ def test_top_k_keeps_the_nearer_of_tied_candidates_and_drops_empty_slots():
 
 
 def test_encoding_the_first_images_keeps_only_their_captions(pipe):
-    from heiindex.checkpoint import load_model
-    from heiindex.encode import encode_split
-    from heiindex.store import SplitStore
-
     store = SplitStore.open(pipe.root, "test")
     enc = encode_split(load_model(pipe.model_dir), store, max_images=10)
     assert len(enc.captions) == 50 and enc.words.shape[0] == 50
@@ -1098,10 +1094,6 @@ def test_encoding_the_first_images_keeps_only_their_captions(pipe):
 @pytest.fixture(scope="module")
 def uneven_index(pipe, tmp_path_factory):
     """The test split with the last image's captions given to the first: 10 captions, then none."""
-    import pyarrow.parquet as pq
-
-    from heiindex.index import Index
-
     tmp = tmp_path_factory.mktemp("uneven")
     root = pf.copy_store(pipe, tmp)
     ids = pq.read_table(root / "test" / "images.parquet", columns=["image_id"]).column("image_id").to_numpy()

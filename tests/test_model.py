@@ -225,8 +225,6 @@ def test_ensemble_needs_a_member():
 
 
 def test_word_embeddings_start_uniform_in_plus_minus_0_1_as_scan():
-    from heiindex.model import ScanConfig, ScanModel
-
     torch.manual_seed(0)
     model = ScanModel(ScanConfig(vocab_size=6, embed_size=8, word_dim=6, img_dim=4))
     assert float(model.txt_enc.embed.weight.detach().abs().max()) <= 0.1
@@ -234,8 +232,6 @@ def test_word_embeddings_start_uniform_in_plus_minus_0_1_as_scan():
 
 @pytest.mark.parametrize("field", ["vocab_size", "embed_size", "word_dim", "img_dim", "num_layers"])
 def test_zero_sizes_are_refused(field):
-    from heiindex.model import ScanConfig
-
     kw = {"vocab_size": 10, field: 0}
     with pytest.raises(ValueError, match=field):
         ScanConfig(**kw)

@@ -223,8 +223,6 @@ def test_distinct_rows_with_one_caption_each_are_refused_when_not_a_multiple_of_
 
 
 def test_rows_that_differ_in_a_later_block_are_named_by_their_file_rows(tmp_path):
-    from heiindex.precomp import PrecompSplit
-
     write_precomp(tmp_path, n_images=3, rows_per_image=5)
     rows = np.load(tmp_path / "test_ims.npy")
     rows[12, 0, 0] += 1.0  # image 2, its third repeat

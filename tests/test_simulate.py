@@ -288,14 +288,10 @@ def test_write_coco_sim_precomp_refuses_short_testall(testall, tmp_path):
 
 @pytest.mark.parametrize("word, want", [("gas", "gas"), ("vies", "vie"), ("buzzes", "buzz")])
 def test_normalize_word(word, want):
-    from heiindex.simulate import normalize_word
-
     assert normalize_word(word) == want
 
 
 def test_sim_config_bounds():
-    from heiindex.simulate import CLUTTER_CONCEPTS, SimConfig
-
     with pytest.raises(ValueError, match="concept_density"):
         SimConfig(concept_density=0)
     too_many = len(CLUTTER_CONCEPTS) // 2 + 1
@@ -304,9 +300,6 @@ def test_sim_config_bounds():
 
 
 def test_simulated_features_are_pinned_for_version_1(tmp_path):
-    from heiindex.precomp import read_captions
-    from heiindex.simulate import SimConfig, simulate_images
-
     lines = read_captions(pf.CAPTIONS)[:10]
     simulate_images(lines, tmp_path / "x.npy", SimConfig(regions=16, feature_dim=64))
     digest = hashlib.sha256((tmp_path / "x.npy").read_bytes()).hexdigest()
@@ -317,8 +310,6 @@ PINNED_SIM_SHA = "114590f20041c2cf0cf471c3d5fe3870282bdb9b8415402bdc3aedcf7d6f79
 
 
 def test_a_file_put_in_the_output_during_the_build_is_kept(tmp_path, monkeypatch):
-    import heiindex.simulate as sim
-
     caps = tmp_path / "caps"
     caps.mkdir()
     lines = list(pf.caption_lines()[:15])

@@ -490,8 +490,6 @@ def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
 
 
 def test_a_bool_count_in_a_store_manifest_is_refused(tmp_path):
-    from heiindex.store import SplitStore
-
     root = small_store(tmp_path)
     m = json.loads((root / "test" / "manifest.json").read_text())
     m["images"]["count"] = True
@@ -516,8 +514,6 @@ def test_shard_counts_must_not_be_bools(tmp_path):
 
 
 def test_a_dangling_symlink_is_not_replaceable(tmp_path):
-    from heiindex.store import check_replaceable
-
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "nowhere")
     with pytest.raises(DataError, match="exists and is not a folder"):
@@ -525,8 +521,6 @@ def test_a_dangling_symlink_is_not_replaceable(tmp_path):
 
 
 def test_captions_checksum_tells_where_texts_and_token_lists_split(tmp_path):
-    from heiindex.store import write_captions
-
     ids, img = [0, 1], [0, 0]
     base = write_captions(tmp_path / "a.parquet", ids, img, ["ab", "c"], [[1, 2], [3]])
     texts = write_captions(tmp_path / "b.parquet", ids, img, ["a", "bc"], [[1, 2], [3]])
@@ -536,8 +530,6 @@ def test_captions_checksum_tells_where_texts_and_token_lists_split(tmp_path):
 
 
 def test_the_last_evaluated_image_without_a_caption_is_refused(tmp_path):
-    from heiindex.store import SplitStore
-
     store = SplitStore.open(small_store(tmp_path), "test")
     caps = store.captions()
     bare_last = caps.subset(caps.image_ids != 6)
@@ -546,10 +538,6 @@ def test_the_last_evaluated_image_without_a_caption_is_refused(tmp_path):
 
 
 def _rewrite_tokens(root: Path, edit) -> None:
-    import pyarrow.parquet as pq
-
-    from heiindex.store import write_captions
-
     path = root / "test" / "captions.parquet"
     t = pq.read_table(path)
     tokens = edit(t.column("tokens").to_pylist())
@@ -559,8 +547,6 @@ def _rewrite_tokens(root: Path, edit) -> None:
 
 
 def test_a_negative_token_id_is_refused(tmp_path):
-    from heiindex.store import SplitStore
-
     root = small_store(tmp_path)
 
     def negative(tokens):
@@ -573,8 +559,6 @@ def test_a_negative_token_id_is_refused(tmp_path):
 
 
 def test_captions_without_tokens_pad_to_one_column(tmp_path):
-    from heiindex.store import SplitStore
-
     root = small_store(tmp_path)
     _rewrite_tokens(root, lambda tokens: [[] for _ in tokens])
     caps = SplitStore.open(root, "test").captions()

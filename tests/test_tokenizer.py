@@ -171,6 +171,4 @@ def test_unknown_word_rate_of_testall_below_one_percent(testall_lines, scan_word
 
 
 def test_mt_keeps_its_period_as_punkt_does():
-    from heiindex.tokenizer import tokenize
-
     assert tokenize("a view of mt. fuji in japan") == ["a", "view", "of", "mt.", "fuji", "in", "japan"]

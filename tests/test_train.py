@@ -120,8 +120,6 @@ def test_training_batches_cover_every_caption_once_with_its_image(pipe, batch):
 def test_training_batches_pair_captions_with_their_images_whatever_the_ids():
     """Ids are int64: a negative one was wrapped onto another image's row (a lookup table
     indexed by id), so its captions trained against that image's features."""
-    from types import SimpleNamespace
-
     ids = np.array([-1, 7, 2, 30])
     feats = np.array([10.0, 11.0, 12.0, 13.0], dtype=np.float32).reshape(4, 1, 1)  # row r holds 10 + r
     store = SimpleNamespace(n_row_groups=1, read_row_group=lambda g: (ids, feats))
@@ -464,8 +462,6 @@ def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_sta
 
 
 def test_a_buffer_of_one_caption_gives_no_batch():
-    from heiindex.train import iter_training_batches
-
     store = SimpleNamespace(n_row_groups=1, read_row_group=lambda g: (np.array([5]), np.ones((1, 1, 1), np.float32)))
     caps = SimpleNamespace(image_ids=np.array([5]), tokens=np.zeros((1, 3), np.int64), lengths=np.array([3]))
     assert list(iter_training_batches(store, caps, 4, np.random.default_rng(0), 1)) == []
@@ -571,9 +567,6 @@ def test_each_epoch_shuffles_the_captions_anew(spied_run):
 
 
 def test_an_epoch_that_only_ties_the_best_does_not_replace_it(pipe, tmp_path):
-    from heiindex.checkpoint import load_model
-    from heiindex.train import train
-
     vs = _vocab_size(pipe.root)
     res = train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=2, lr=1e-30), log=pf.quiet)
     assert res.history[0]["dev_rsum"] == res.history[1]["dev_rsum"]  # nothing learnt: a tie
@@ -582,8 +575,6 @@ def test_an_epoch_that_only_ties_the_best_does_not_replace_it(pipe, tmp_path):
 
 
 def test_a_state_without_history_resumes_with_the_saved_epochs(pipe, tmp_path):
-    from heiindex.train import train
-
     vs = _vocab_size(pipe.root)
     cfg = pf.model_config(vs)
     train(pipe.root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
@@ -596,9 +587,6 @@ def test_a_state_without_history_resumes_with_the_saved_epochs(pipe, tmp_path):
 
 
 def test_a_split_tokenised_with_another_vocabulary_is_refused(pipe, tmp_path):
-    from heiindex.train import train
-    from heiindex.vocab import Vocab
-
     root = pf.copy_store(pipe, tmp_path)
     m = json.loads((root / "train" / "manifest.json").read_text())
     m["vocab"]["sha256"] = "0" * 64

@@ -169,24 +169,18 @@ def test_cli(pipe, tmp_path):
 
 
 def test_a_store_root_without_splits_is_refused(tmp_path):
-    from heiindex.verify import verify
-
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(DataError, match="a store root without splits"):
         verify(tmp_path)
 
 
 def test_files_that_is_not_an_object_is_refused(tmp_path):
-    from heiindex.verify import verify
-
     (tmp_path / "manifest.json").write_text(json.dumps({"files": []}))
     with pytest.raises(DataError, match='field "files" must be an object, got list'):
         verify(tmp_path)
 
 
 def test_a_record_with_bytes_as_text_is_refused(tmp_path):
-    from heiindex.verify import verify
-
     (tmp_path / "a.bin").write_bytes(b"abc")
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"bytes": "3", "sha256": "x"}}}))
     with pytest.raises(DataError, match='field "files.a.bin" must hold "bytes" and "sha256"'):
@@ -194,8 +188,6 @@ def test_a_record_with_bytes_as_text_is_refused(tmp_path):
 
 
 def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
-    from heiindex.verify import verify
-
     root = small_store(tmp_path, ("dev", "test"))
     m = json.loads((root / "test" / "manifest.json").read_text())
     m["vocab"]["sha256"] = "0" * 64
@@ -206,8 +198,6 @@ def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
 
 
 def test_a_folder_where_a_recorded_file_was_is_missing(tmp_path):
-    from heiindex.verify import verify
-
     (tmp_path / "a.bin").mkdir()
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"bytes": 3, "sha256": "x"}}}))
     assert [c.status for c in verify(tmp_path)] == ["missing"]

@@ -299,8 +299,6 @@ def test_missing_vocab_file_raises_data_error(tmp_path):
 
 
 def test_bool_ids_in_a_vocab_file_are_refused(tmp_path):
-    from heiindex.vocab import Vocab
-
     p = tmp_path / "v.json"
     p.write_text(json.dumps({"word2idx": {"<pad>": False, "<start>": True, "<end>": 2, "<unk>": 3}}))
     with pytest.raises(DataError, match="every value must be an integer id"):
@@ -308,13 +306,9 @@ def test_bool_ids_in_a_vocab_file_are_refused(tmp_path):
 
 
 def test_vocab_checksum_tells_where_words_split():
-    from heiindex.vocab import SPECIALS, Vocab
-
     assert Vocab([*SPECIALS, "ab", "c"]).checksum != Vocab([*SPECIALS, "a", "bc"]).checksum
 
 
 def test_saved_vocab_keeps_non_ascii_words_as_text(tmp_path):
-    from heiindex.vocab import SPECIALS, Vocab
-
     Vocab([*SPECIALS, "café"]).save(tmp_path / "v.json")
     assert '"café"' in (tmp_path / "v.json").read_text(encoding="utf-8")
