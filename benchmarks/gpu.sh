@@ -13,7 +13,9 @@
 #   1. the CUDA tests (`pytest -k cuda`: float64 parity of every scorer on the GPU, the torch
 #      Hamming search against FAISS, Index / CLI answers on the GPU against the CPU's);
 #   2. coco-sim test split (simulated image features; generated here, byte-identical to the
-#      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`;
+#      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`, and
+#      benchmarks/profile_rerank.py (first HEI pass against later ones, and where a warm one's
+#      time goes; in gpu.log only);
 #   3. benchmarks/scale.py (COCO-5K size, random features) in float32: every caption scored
 #      exhaustively (no extrapolation; the reference loop is still timed on 100 captions);
 #   4. benchmarks/latency.py on the GPU (synthetic COCO-5K size, and the coco-sim index: text and
@@ -45,8 +47,9 @@ start=$SECONDS
 export PY="${PYTHON:-python3}" PYTHONUNBUFFERED=1 sim=/tmp/coco-sim-test
 if [ -n "${GPU_DRY_RUN:-}" ]; then
     dev=cpu scale_size=(--images 200 --d 64) lat_size=(--images 200 --d 64 --queries 20) cpu_threads=2
+    prof_args=(--repeats 1 --exhaustive 0 --threads 1)
 else
-    dev=cuda scale_size=() lat_size=() cpu_threads="$(nproc),4,2"
+    dev=cuda scale_size=() lat_size=() cpu_threads="$(nproc),4,2" prof_args=()
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || { echo "wheel install failed" >>"$log"; exit 1; }
     ln -sfn "$PWD/cli" /tmp/site/heiindex_cli # the CLI package, as pyproject.toml maps it
@@ -102,6 +105,7 @@ step coco-sim-test-split 60 gen_test_split
 step build 90 hx build --store "$sim/store" --split test --out "$sim/index" --device $dev
 step query 30 hx query "a dog on grass" --index "$sim/index" --device $dev --json
 step bench-$dev 90 bench "$out/bench_$dev.json" --device $dev
+step profile-rerank 60 "$PY" benchmarks/profile_rerank.py --index "$sim/index" --device $dev "${prof_args[@]}"
 step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --stages "${SCALE_STAGES:-reference,exhaustive,hei}" \
     --exhaustive-queries 25000 --reference-queries 100 \
     "${scale_size[@]}" --json "$out/scale_float32.json"
