@@ -24,6 +24,7 @@ What this module must not do: decide whether a target may be replaced (``heiinde
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -104,15 +105,24 @@ def exchange(a: Path, b: Path) -> bool:
     nothing moved, where this system refuses it for any reason (no such call, a file system or
     a seccomp sandbox without it): the caller falls back to two renames, which report a real
     problem (a missing path, no permission) themselves."""
-    if not sys.platform.startswith("linux"):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+@functools.cache
+def _renameat2():
+    """The C library's ``renameat2``, looked up once; None off Linux or where the library lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):  # a C library without it
-        return False
+        return None
     renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     renameat2.restype = ctypes.c_int
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return renameat2
 
 
 def swap_in(new: Path, target: Path) -> None:
