@@ -15,8 +15,9 @@ of the process) or paid per chunk or per Python step. This script tells them apa
    HEI pass is much slower than the later ones, the bench's speed-up is measuring a warm-up.
    (``--exhaustive``, 0 for none).
 2. ``torch.profiler`` over one more pass of each direction: the ``--top`` operators by their own
-   time (the device's on a GPU, else the CPU's), how many chunks of pairs and operators ran, and
-   on a GPU how many kernels were launched and how many times the host waited for the device.
+   time (the device's on a GPU, else the CPU's), how many chunks of pairs ran and how many
+   operators were called from Python (not counting those they call), and on a GPU how many
+   kernels were launched and how many times the host waited for the device.
 
 ``--policy cuda --device cpu --threads 1 --repeats 0 --exhaustive 0`` counts, on a CPU, the chunks
 and operators of the GPU's way of cutting the pairs (its times there mean nothing).
@@ -82,8 +83,10 @@ def _profiled(direction: str, index: Index, sub: _Sub, topk: int, device: torch.
     attention._for_each = lambda fn, sels: (chunks.append(len(sels)), for_each(fn, sels))
     try:
         with profile(activities=activities) as prof:
+            _sync(device)
             t0 = time.perf_counter()
             call()
+            _sync(device)
             seconds = time.perf_counter() - t0
     finally:
         attention._for_each = for_each
@@ -92,21 +95,21 @@ def _profiled(direction: str, index: Index, sub: _Sub, topk: int, device: torch.
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
 
     def own(e) -> float:
-        return float(getattr(e, key, 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(getattr(e, key, 0.0))
 
-    ops = [e for e in events if e.key.startswith("aten::")]
     ranked = sorted(events, key=own, reverse=True)[:top]
     summary = {
         "profiled": direction,
         "seconds_under_profiler": round(seconds, 4),
         "chunks": sum(chunks),
-        "aten_calls": sum(e.count for e in ops),
+        # Operators called from Python, not those they call in turn.
+        "aten_calls": sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None),
         "top": [{"name": e.key, "calls": e.count, "own_ms": round(own(e) / 1e3, 3)} for e in ranked],
     }
     if on_gpu:
         calls = {e.key: e.count for e in events}
         summary["kernel_launches"] = sum(n for k, n in calls.items() if "LaunchKernel" in k)
-        summary["host_waits"] = sum(n for k, n in calls.items() if "Synchronize" in k or k == "cudaMemcpyAsync")
+        summary["host_waits"] = sum(n for k, n in calls.items() if "Synchronize" in k)
     return summary
 
 

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
-from heiindex.errors import HeiindexError
+from heiindex.errors import DataError, HeiindexError
 
 
 def handle_errors(func):
@@ -566,7 +566,10 @@ def _query_lines(file, name: str) -> list[str]:
     is the file's line N."""
     from heiindex.textlines import text_lines
 
-    lines = text_lines(file.read(), name)
+    try:
+        lines = text_lines(file.read(), name)
+    except DataError as exc:  # named as the queries' own errors are: "FILE line N: ...", the name as given
+        raise HeiindexError(f"{name} {exc.problem}") from None
     if not lines:
         raise HeiindexError(f"{name} holds no queries: give one query per line")
     return lines

@@ -7,6 +7,7 @@ or blank line means for it.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from .errors import DataError
@@ -20,12 +21,13 @@ def text_lines(data: bytes, name: str | Path) -> list[str]:
     or U+2028, which may stand inside a line), one "\\r" before each line end dropped, and no
     empty line after the file's final line end. ``DataError`` naming ``name`` and the line where
     the bytes are not UTF-8."""
+    data = data.removeprefix(codecs.BOM_UTF8)  # here, not by decoding "utf-8-sig": error offsets count from it
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(name, f"line {line}: bytes are not valid UTF-8 ({exc.reason})") from None
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    lines = text.split("\n")
     if lines[-1] == "":
-        lines.pop()  # after the final line end
-    return lines
+        lines.pop()  # after the final line end (a lone "\r" there is a line)
+    return [line.removesuffix("\r") for line in lines]

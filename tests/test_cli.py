@@ -199,7 +199,7 @@ def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
         (b"a dog\n\ntwo cats\n", "QUERIES line 2: the query is empty"),
         (b"a dog\nxyzzyq qwplk\n", "QUERIES line 2: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
         (b"", "QUERIES holds no queries: give one query per line"),
-        (b"a dog\n\xff\xfe\n", "QUERIES: line 2: bytes are not valid UTF-8 (invalid start byte)"),
+        (b"a dog\n\xff\xfe\n", "QUERIES line 2: bytes are not valid UTF-8 (invalid start byte)"),
         (b"\n", "1 of 1 queries refused (nothing was searched): QUERIES line 1: the query is empty"),
         (b"xyzzyq qwplk", "QUERIES line 1: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
     ],
