@@ -26,6 +26,7 @@ from .store import (
     MANIFEST_FILE,
     ImageWriter,
     atomic_dir,
+    check_store_root,
     file_record,
     manifest_folders,
     write_captions,
@@ -110,6 +111,7 @@ def ingest(
     """
     block_images = require("block_images", block_images, at_least=1, integer=True)
     out_root = Path(out_root)
+    check_store_root(out_root)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)
     voc = resolve_vocab(out_root, vocab, list(src.captions))

@@ -48,6 +48,7 @@ __all__ = [
     "check_distinct",
     "check_fields",
     "check_output",
+    "check_store_root",
     "check_replaceable",
     "check_shard_entries",
     "check_writable",
@@ -302,6 +303,35 @@ def check_writable(target: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".heiindex-probe-", dir=parent))
     except OSError as exc:
         raise DataError(target, f"cannot be written in {parent} ({exc.strerror or exc})") from None
+
+
+def check_store_root(root: Path) -> None:
+    """Where a split is ingested into ``root``: a ``DataError`` naming it unless it is absent or a
+    store root, a folder holding nothing but ``vocab.json``, folders with a manifest (its splits,
+    indexes kept beside them), hidden entries and what killed writes left. An index, a split, a
+    model folder, the precomp folder or a folder of the user's own is refused, not written into."""
+    root = Path(root)
+    if not root.exists() and not root.is_symlink():
+        return
+    if not root.is_dir():
+        raise DataError(root, "exists and is not a folder; a store root is a folder (choose another path)")
+    if (root / MANIFEST_FILE).exists():
+        raise DataError(
+            root,
+            f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; --out names the folder "
+            "that holds a store's splits (or a new one)",
+        )
+    other = sorted(
+        p.name
+        for p in root.iterdir()
+        if not (p.name == "vocab.json" or p.name.startswith(".") or (p.is_dir() and (p / MANIFEST_FILE).is_file()))
+    )
+    if other:
+        raise DataError(
+            root,
+            f"holds what a store root does not ({name_some(other)}); a store root holds vocab.json and its "
+            "splits' folders: choose a new folder or a store root",
+        )
 
 
 def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:

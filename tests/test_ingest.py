@@ -298,8 +298,49 @@ def test_cli_a_folder_where_a_file_is_expected_is_a_clear_error(make_precomp, tm
     (tmp_path / "file").write_text("")
     r = _run(*args, "--out", tmp_path / "file")
     assert r.exit_code == 2
-    clean_error(r, f"{tmp_path / 'file' / 'test'}: cannot be written: {tmp_path / 'file'} is not a folder")
+    clean_error(r, f"{tmp_path / 'file'}: exists and is not a folder; a store root is a folder")
     assert not (tmp_path / "O").exists() and (tmp_path / "file").read_text() == ""
+
+
+def test_an_out_that_is_not_a_store_root_is_refused_and_left_as_it_was(make_precomp, tmp_path):
+    """ingest wrote a split and a vocab.json into an index, a store split, a model folder or the
+    precomp folder itself (each then refused by every other command), and into a folder of the
+    user's own."""
+    precomp, _, _ = make_precomp(n_images=7)
+    args = ("--precomp", precomp, "--split", "test", "--feature-dim", "8")
+    store = tmp_path / "store"
+    ok(_run(*args, "--out", store))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "vocab.json").write_text("{}")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "notes.txt").write_text("mine")
+    cases = {
+        store / "test": "holds a manifest.json, so it is a store split or an index, not a store root",
+        tmp_path / "model": "holds what a store root does not (config.json)",
+        precomp: "holds what a store root does not (test_caps.txt, test_ims.npy)",
+        tmp_path / "own": "holds what a store root does not (notes.txt)",
+    }
+    for out, detail in cases.items():
+        before = sorted(p.name for p in out.iterdir())
+        r = _run(*args, "--out", out)
+        assert r.exit_code == 2
+        clean_error(r, f"{out}: {detail}")
+        assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(DataError, match="holds a manifest.json"):
+        ingest(precomp, "test", store / "test", feature_dim=8)
+
+
+def test_a_store_root_may_keep_an_index_and_hidden_files_beside_its_splits(make_precomp, tmp_path):
+    test_dir, _, _ = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, _ = make_precomp("d", split="dev", n_images=7, first_line=35)
+    store = tmp_path / "store"
+    ingest(test_dir, "test", store, feature_dim=8)
+    (store / "index").mkdir()
+    (store / "index" / MANIFEST_FILE).write_text("{}")
+    (store / ".DS_Store").write_text("")
+    ingest(dev_dir, "dev", store, feature_dim=8)
+    assert sorted(p.name for p in store.iterdir()) == [".DS_Store", "dev", "index", "test", "vocab.json"]
 
 
 # -- vocabulary across splits -------------------------------------------------------------
