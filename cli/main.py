@@ -631,7 +631,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
 
     from .render import bench_tables, console, echo_json
 
-    sweep_list = _sweep_values(sweep) if sweep else None
+    sweep_list = _sweep_values(sweep) if sweep is not None else None  # --sweep '' is refused, not ignored
     if plot is not None:  # before the index is read and the bench runs
         from heiindex.plot import check_plot_path
 

@@ -264,6 +264,7 @@ def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monke
     [
         ("10,abc", "--sweep '10,abc': 'abc' is not a whole number (expected N values such as 10,20,50,100)"),
         ("5,", "--sweep '5,': '' is not a whole number"),
+        ("", "--sweep '': '' is not a whole number"),  # was ignored: a bench without the sweep asked for
         ("0,5", "--sweep 0 must lie in [1, 24] for this index"),
     ],
 )
