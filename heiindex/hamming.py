@@ -60,15 +60,18 @@ def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> t
 def resolve_index_kind(kind: str, n_codes: int, nlist: int | None = None, nprobe: int | None = None) -> dict:
     """The index ``make_binary_index`` builds for ``kind`` over ``n_codes`` codes:
     ``{"type", "nlist", "nprobe"}``. ``auto`` is flat up to ``AUTO_FLAT_MAX`` codes, else IVF.
-    ``nlist`` / ``nprobe``, where given, are whole numbers >= 1 (ignored where no IVF is built)."""
+    ``nlist`` / ``nprobe``, where given, are whole numbers >= 1 (ignored where no IVF is built);
+    ``nprobe`` is at most ``nlist``, as the index searches (``make_binary_index``)."""
     nlist, nprobe = _check_kind_and_sizes(kind, nlist, nprobe)
+    if kind not in ("auto", "ivf"):
+        return {"type": kind, "nlist": None, "nprobe": None}
+    if kind == "auto" and n_codes <= AUTO_FLAT_MAX:
+        return {"type": "flat", "nlist": None, "nprobe": None}
     if kind == "auto":
-        if n_codes <= AUTO_FLAT_MAX:
-            return {"type": "flat", "nlist": None, "nprobe": None}
-        return {"type": "ivf", "nlist": nlist or AUTO_NLIST, "nprobe": nprobe or AUTO_NPROBE}
-    if kind == "ivf":
-        return {"type": "ivf", "nlist": nlist or max(1, int(round(np.sqrt(n_codes)))), "nprobe": nprobe or 8}
-    return {"type": kind, "nlist": None, "nprobe": None}
+        nlist, nprobe = nlist or AUTO_NLIST, nprobe or AUTO_NPROBE
+    else:
+        nlist, nprobe = nlist or max(1, int(round(np.sqrt(n_codes)))), nprobe or 8
+    return {"type": "ivf", "nlist": nlist, "nprobe": min(nprobe, nlist)}  # as the index will search (recorded so)
 
 
 def make_binary_index(

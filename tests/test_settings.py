@@ -72,6 +72,9 @@ def test_lambda_lse_is_free_where_lse_is_not_used_and_grad_clip_0_means_none():
 
 def test_ivf_settings():
     assert resolve_index_kind("ivf", 100, nlist=4, nprobe=2) == {"type": "ivf", "nlist": 4, "nprobe": 2}
+    # As the index searches: a manifest recorded nprobe 50 for an index probing its 10 lists.
+    assert resolve_index_kind("ivf", 100, nlist=10, nprobe=50) == {"type": "ivf", "nlist": 10, "nprobe": 10}
+    assert resolve_index_kind("ivf", 16) == {"type": "ivf", "nlist": 4, "nprobe": 4}  # default nprobe 8
     with pytest.raises(ValueError, match="nlist must be a whole number, at least 1, got 0"):
         resolve_index_kind("ivf", 100, nlist=0)
     with pytest.raises(ValueError, match="nprobe must be a whole number, at least 1, got -1"):
