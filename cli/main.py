@@ -733,9 +733,12 @@ def verify(path, as_json) -> None:
         echo_json({"path": str(path), "files": [c.to_dict() for c in checks]})
     else:
         console.print(verify_table(path, checks))
-    bad = [c for c in checks if c.status in ("changed", "missing")]
+    bad = [c for c in checks if c.status in ("changed", "missing", "invalid")]
     if bad:  # handle_errors prints it and exits with status 2
-        raise HeiindexError(f"{len(bad)} of {len(checks)} files differ from what their manifests record")
+        raise HeiindexError(
+            f"{len(bad)} of {len(checks)} files differ from what their manifests record, or are manifests "
+            "heiindex cannot read"
+        )
 
 
 if __name__ == "__main__":

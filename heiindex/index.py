@@ -50,7 +50,7 @@ from .hamming import (
     stored_codes,
 )
 from .hashing import HashModule
-from .index_manifest import read_index_manifest
+from .index_manifest import INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .search import (
@@ -86,8 +86,6 @@ from .store import (
 from .train_hash import LoadedHash, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
-
-INDEX_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -163,31 +161,6 @@ def load_models(
     if not isinstance(hasher, LoadedHash):
         hasher = load_hash(hasher or manifest["hash"]["path"])
     return matcher, hasher
-
-
-# The fields Index.open reads from an unsharded index's manifest, and what each holds.
-_INDEX_FIELDS = {
-    "split": str,
-    "index": dict,
-    "regions": int,
-    "embed_size": int,
-    "n_images": int,
-    "n_captions": int,
-    "matcher.path": str,
-    "matcher.sha256": str,
-    "hash.path": str,
-    "hash.sha256": str,
-}
-
-
-def _check_index_manifest(manifest: dict, mpath: Path) -> None:
-    """``DataError`` naming the manifest and the field unless it is an index's (a store split's
-    manifest.json, an easy folder to give by mistake, is named as such)."""
-    if "images" in manifest and "captions" in manifest and "matcher" not in manifest:
-        raise DataError(mpath, "is a store split's manifest, not an index's: give the folder `heiindex build` wrote")
-    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-        raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
-    check_fields(mpath, manifest, _INDEX_FIELDS)
 
 
 def _hash_checksum(h: LoadedHash) -> str:
@@ -447,7 +420,7 @@ class Index(BatchSearch):
         manifest = read_index_manifest(path)
         if manifest.get("kind") == "sharded":
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
-        _check_index_manifest(manifest, mpath)
+        check_index_manifest(manifest, mpath)
         matcher, hasher = load_models(manifest, matcher, hasher)
         if matcher.checksum != manifest["matcher"]["sha256"]:
             raise ModelMismatchError(

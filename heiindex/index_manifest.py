@@ -4,8 +4,9 @@ What this module is for: the commands that open an index (``query``, ``bench``) 
 missing index, a sharded build and a malformed top-level manifest apart. Reading that one JSON
 file takes milliseconds; importing the matcher's and FAISS's modules takes seconds, and a user
 who named the wrong folder should not wait for them to be told so.
-What it must not do: check an unsharded index's own fields or files (``heiindex.index`` does,
-on open) or open shards (``heiindex.shards``).
+``heiindex.verify`` checks manifests with the same functions the loaders use.
+What it must not do: read an index's other files (``heiindex.index`` does, on open) or open
+shards (``heiindex.shards``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,47 @@ from pathlib import Path
 from .errors import DataError
 from .store import check_fields, check_shard_entries, read_json_object
 
-__all__ = ["SHARDED_FORMAT_VERSION", "read_index_manifest", "read_sharded_manifest", "sharded_manifest"]
+__all__ = [
+    "INDEX_FORMAT_VERSION",
+    "SHARDED_FORMAT_VERSION",
+    "check_index_manifest",
+    "read_index_manifest",
+    "read_sharded_manifest",
+    "sharded_manifest",
+]
 
+INDEX_FORMAT_VERSION = 1
 SHARDED_FORMAT_VERSION = 1
+
+# The fields Index.open reads from an unsharded index's manifest, and what each holds.
+_INDEX_FIELDS = {
+    "split": str,
+    "index": dict,
+    "regions": int,
+    "embed_size": int,
+    "n_images": int,
+    "n_captions": int,
+    "matcher.path": str,
+    "matcher.sha256": str,
+    "hash.path": str,
+    "hash.sha256": str,
+}
 
 
 def read_index_manifest(path: str | Path) -> dict:
     """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
     naming it, where there is none or it is not a JSON object."""
     return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
+
+
+def check_index_manifest(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the manifest and the field unless it is an unsharded index's (a store
+    split's manifest.json, an easy folder to give by mistake, is named as such)."""
+    if "images" in manifest and "captions" in manifest and "matcher" not in manifest:
+        raise DataError(mpath, "is a store split's manifest, not an index's: give the folder `heiindex build` wrote")
+    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+        raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
+    check_fields(mpath, manifest, _INDEX_FIELDS)
 
 
 def sharded_manifest(path: str | Path) -> dict | None:

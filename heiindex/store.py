@@ -48,6 +48,7 @@ __all__ = [
     "check_distinct",
     "check_fields",
     "check_output",
+    "check_store_manifest",
     "check_store_root",
     "check_replaceable",
     "check_shard_entries",
@@ -471,6 +472,14 @@ _STORE_FIELDS = {
 _CAPTION_COLUMNS = ("caption_id", "image_id", "text", "tokens")
 
 
+def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
+    """``DataError`` naming the manifest and the field unless it is a store split's, of this format."""
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")
+    check_fields(manifest_path, manifest, _STORE_FIELDS)
+
+
 class SplitStore:
     """Read access to one ingested split (``ROOT/{split}``)."""
 
@@ -480,10 +489,7 @@ class SplitStore:
         self.manifest = read_json_object(
             manifest_path, "no store manifest here; run `heiindex ingest` for this split first"
         )
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")
-        check_fields(manifest_path, self.manifest, _STORE_FIELDS)
+        check_store_manifest(self.manifest, manifest_path)
         self.images_path = self.path / IMAGES_FILE
         self.captions_path = self.path / CAPTIONS_FILE
         for p in (self.images_path, self.captions_path):

@@ -13,7 +13,16 @@ from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
-from .store import MANIFEST_FILE, check_shard_entries, entry_name, file_sha256, manifest_folders, read_json_object
+from .index_manifest import check_index_manifest
+from .store import (
+    MANIFEST_FILE,
+    check_shard_entries,
+    check_store_manifest,
+    entry_name,
+    file_sha256,
+    manifest_folders,
+    read_json_object,
+)
 
 __all__ = ["FileCheck", "verify"]
 
@@ -21,8 +30,10 @@ __all__ = ["FileCheck", "verify"]
 @dataclass(frozen=True)
 class FileCheck:
     """One recorded file: ``status`` is "ok", "changed", "missing" or "unrecorded" (a manifest
-    from a heiindex that recorded no checksums; ``path`` is then the manifest); or "leftover",
-    a scratch folder or file an interrupted run left (``heiindex.atomic``), not part of the data."""
+    from a heiindex that recorded no checksums; ``path`` is then the manifest); "invalid", a
+    manifest the commands reading it would refuse (``detail`` says why, as they would); or
+    "leftover", a scratch folder or file an interrupted run left (``heiindex.atomic``), not part
+    of the data."""
 
     path: Path
     status: str
@@ -59,7 +70,8 @@ def _checks(path: Path) -> list[FileCheck]:
             "a model or hash module folder: verify checks stores and indexes (a matcher's weights and vocabulary are "
             "checked against its config.json whenever it is loaded)",
         )
-    if not manifest_path.exists() and (path / "vocab.json").is_file():  # a store root
+    # A store root, known by its vocabulary or by its splits (vocab.json may be the file lost).
+    if not manifest_path.exists() and path.is_dir() and ((path / "vocab.json").is_file() or manifest_folders(path)):
         splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
@@ -83,7 +95,23 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         return [check for shard in shards for check in verify(folder / shard["path"])]
+    try:
+        _check_manifest(manifest, manifest_path)
+    except DataError as exc:  # reported with the files, which may still be the bytes recorded
+        invalid = [FileCheck(manifest_path, "invalid", exc.problem)]
+        return invalid + (_recorded_files(folder, manifest) if "files" in manifest else [])
     return _recorded_files(folder, manifest)
+
+
+def _check_manifest(manifest: dict, manifest_path: Path) -> None:
+    """The checks of the loaders that read ``manifest``: an index's (it names its matcher) or a
+    store split's."""
+    if "matcher" in manifest:
+        check_index_manifest(manifest, manifest_path)
+    elif "images" in manifest or "captions" in manifest:
+        check_store_manifest(manifest, manifest_path)
+    else:
+        raise DataError(manifest_path, 'neither an index\'s nor a store split\'s: no "matcher", "images" or "captions"')
 
 
 def _read_manifest(path: Path) -> dict:

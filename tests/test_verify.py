@@ -200,4 +200,41 @@ def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
 def test_a_folder_where_a_recorded_file_was_is_missing(tmp_path):
     (tmp_path / "a.bin").mkdir()
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": {"bytes": 3, "sha256": "x"}}}))
-    assert [c.status for c in verify(tmp_path)] == ["missing"]
+    assert [c.status for c in verify(tmp_path)] == ["invalid", "missing"]  # a bare manifest; its file still checked
+
+
+def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path):
+    """verify said ok (or "written by an older heiindex") for manifests every command refuses."""
+    index = tmp_path / "index"
+    shutil.copytree(pipe.index_dir, index)
+    m = json.loads((index / "manifest.json").read_text())
+    (index / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+    checks = verify(index)
+    assert (checks[0].path.name, checks[0].status, checks[0].detail) == (
+        "manifest.json",
+        "invalid",
+        "format_version 99, expected 1",
+    )
+    assert {c.status for c in checks[1:]} == {"ok"}  # its files are still the bytes recorded
+    (index / "manifest.json").write_text("{}")
+    [check] = verify(index)
+    assert check.status == "invalid" and 'no "matcher", "images" or "captions"' in check.detail
+    root = small_store(tmp_path / "s", ("dev", "test"))
+    m = json.loads((root / "dev" / "manifest.json").read_text())
+    del m["vocab"]
+    (root / "dev" / "manifest.json").write_text(json.dumps(m))
+    got = {(c.path.parent.name, c.path.name): c for c in verify(root)}
+    assert got[("dev", "manifest.json")].status == "invalid"
+    assert 'field "vocab.sha256" is missing' in got[("dev", "manifest.json")].detail
+    r = run("verify", root)
+    assert r.exit_code == 2
+    clean_error(r, "files differ from what their manifests record, or are manifests heiindex cannot read")
+
+
+def test_a_store_root_that_lost_its_vocabulary_is_still_verified(tmp_path):
+    """It was "no manifest.json here: not a store", where verifying one of its splits said what was missing."""
+    root = small_store(tmp_path, ("dev", "test"))
+    (root / "vocab.json").unlink()
+    checks = verify(root)
+    assert [(c.path.name, c.status) for c in checks][-1] == ("vocab.json", "missing")
+    assert {c.status for c in checks[:-1]} == {"ok"} and len(checks) == 5
