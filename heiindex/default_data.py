@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from .atomic import atomic_file
-from .errors import HeiindexError
+from .errors import DataError, HeiindexError
 from .ingest import ingest
 from .simulate import SimConfig, write_coco_sim_precomp
 
@@ -77,7 +77,17 @@ def last_built_index() -> Path:
     marker = _last_marker()
     if not marker.exists():
         return default_index_dir("test")
-    path = Path(marker.read_text().strip())
+    try:
+        text = marker.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not text:  # "" would be the current folder
+        raise DataError(
+            marker,
+            "should name the index the last build on the default data wrote, and names none: give --index DIR, "
+            "or build again (which rewrites it)",
+        )
+    path = Path(text)
     if not path.exists():  # else "no index here; run heiindex build first", as if none had been built
         raise HeiindexError(
             f"the last build on the default data wrote {path}, which is gone: give --index DIR, or build again"

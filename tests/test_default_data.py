@@ -13,7 +13,7 @@ import pytest
 
 from heiindex import default_data as dd
 from heiindex.default_data import data_dir, default_hash_dir, default_model_dir
-from heiindex.errors import HeiindexError
+from heiindex.errors import DataError, HeiindexError
 from heiindex.ingest import ingest
 from heiindex.precomp import read_captions
 from heiindex.simulate import SimConfig, simulate_images
@@ -109,6 +109,12 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
         dd.last_built_index()
     (tmp_path / "mine").mkdir()
     assert dd.last_built_index() == tmp_path / "mine"
+    marker = tmp_path / "index" / "LAST"
+    for damaged in (b"", b"\n", b"\xff\xfe"):  # "" was the current folder; bad bytes a codec error naming no file
+        marker.write_bytes(damaged)
+        with pytest.raises(DataError, match="should name the index the last build on the default data wrote") as e:
+            dd.last_built_index()
+        assert e.value.path == marker
 
 
 def test_HEIINDEX_DATA_names_the_data_folder(tmp_path, monkeypatch):
