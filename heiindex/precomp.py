@@ -136,13 +136,18 @@ class PrecompSplit:
                 offset=self.header_bytes + first_row * row_bytes,
                 shape=(n_rows, self.regions, self.feature_dim),
             )
-            block = np.array(mm[:: self.rows_per_image], dtype=np.float32)
+            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: named below
+                block = np.array(mm[:: self.rows_per_image], dtype=np.float32)
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
-                bad = start + int(np.flatnonzero(~finite)[0])
-                raise DataError(
-                    self.images_path, f"image {bad} (row {bad * self.rows_per_image}) has NaN or Inf features"
+                bad = int(np.flatnonzero(~finite)[0])
+                row = (start + bad) * self.rows_per_image
+                what = (
+                    "values beyond float32's range (about 3.4e38)"
+                    if np.isfinite(mm[bad * self.rows_per_image]).all()
+                    else "NaN or Inf features"
                 )
+                raise DataError(self.images_path, f"image {start + bad} (row {row}) has {what}")
             if self.rows_per_image > 1:
                 self._check_repeated(mm, start)
             del mm  # unmap: the pages leave this process's resident set
@@ -184,7 +189,10 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             except (ValueError, OSError) as exc:
-                raise DataError(path, f"not a .npy array file ({exc})") from None
+                detail = str(exc)
+                if "malformed node" in detail:  # ast's message, which names its node objects
+                    detail = "its header is not a dictionary of plain values"
+                raise DataError(path, f"not a .npy array file ({detail})") from None
             header = f.tell()
     except FileNotFoundError:
         raise DataError(path, "feature file not found") from None

@@ -184,6 +184,15 @@ def _inf(folder: Path) -> BadCase:
     return BadCase("inf", folder, "test", _ims(folder), "image 6 (row 6) has NaN or Inf")
 
 
+def _beyond_float32(folder: Path) -> BadCase:
+    """A float64 file's value that float32 cannot hold: it became inf, with numpy's overflow
+    warning printed, and was called NaN or Inf."""
+    a = np.load(_ims(folder)).astype(np.float64)
+    a[3, 5, 2] = 1e39
+    np.save(_ims(folder), a)
+    return BadCase("beyond_float32", folder, "test", _ims(folder), "image 3 (row 3) has values beyond float32's range")
+
+
 def _empty_line(folder: Path) -> BadCase:
     lines = _caps(folder).read_text().split("\n")[:-1]
     lines[2] = "   "
@@ -231,6 +240,13 @@ def _not_npy(folder: Path) -> BadCase:
     return BadCase("not_npy", folder, "test", _ims(folder), "not a .npy array file")
 
 
+def _header_not_literal(folder: Path) -> BadCase:
+    """numpy's parse error named ast's node objects ("<ast.Name object at 0x7f...>")."""
+    raw = _ims(folder).read_bytes()
+    _ims(folder).write_bytes(raw.replace(b"'descr': '<f4'", b"'descr': fooo "))
+    return BadCase("header_not_literal", folder, "test", _ims(folder), "its header is not a dictionary of plain values")
+
+
 def _int_dtype(folder: Path) -> BadCase:
     np.save(_ims(folder), np.zeros((7, 36, 8), np.int32))
     return BadCase("int_dtype", folder, "test", _ims(folder), "features must be float16/32/64")
@@ -250,6 +266,7 @@ BAD_CASES = {
         _wrong_feature_dim,
         _nan,
         _inf,
+        _beyond_float32,
         _empty_line,
         _blank_line_at_end,
         _bad_bytes,
@@ -258,6 +275,7 @@ BAD_CASES = {
         _trailing_bytes,
         _truncated_header,
         _not_npy,
+        _header_not_literal,
         _int_dtype,
     )
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -174,8 +175,10 @@ def test_splits():
 
 
 def test_bad_input_raises_data_error_naming_the_file(bad_precomp):
-    """Open and iterate: every malformed input of conftest.BAD_CASES is refused."""
-    with pytest.raises(DataError) as info:
+    """Open and iterate: every malformed input of conftest.BAD_CASES is refused (with no warning
+    printed beside the message)."""
+    with pytest.raises(DataError) as info, warnings.catch_warnings():
+        warnings.simplefilter("error")
         s = PrecompSplit.open(bad_precomp.folder, bad_precomp.split, feature_dim=bad_precomp.feature_dim)
         for _ in s.iter_image_blocks(block_images=2):
             pass
