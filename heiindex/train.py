@@ -229,6 +229,11 @@ def train(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         log(f"resuming after epoch {start_epoch} (best rsum {best_rsum:.2f} at epoch {best_epoch + 1})")
+        if start_epoch >= config.epochs:
+            done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}"
+            log(
+                f"nothing left to train: the run has done {done}, --epochs asks for {config.epochs} (raise it to go on)"
+            )
     else:
         if resume:
             log(f"nothing to resume in {out / 'last'}: training from the first epoch")

@@ -423,6 +423,7 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
         (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd")
         r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume"))  # nothing left to train
         assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
+        assert "nothing left to train: the run has done 1 epoch, --epochs asks for 1 (raise it to go on)" in r.output
         assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
         assert load_model(out / "best").checksum == best
 
