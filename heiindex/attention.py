@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .packed import PackedWords, integer_tensor, word_mask
-from .settings import require
+from .settings import SettingError, require
 
 __all__ = [
     "AGGREGATIONS",
@@ -129,11 +129,14 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.cross_attn not in CROSS_ATTN:
-            raise ValueError(f"cross_attn must be one of {CROSS_ATTN}, got {self.cross_attn!r}")
+            raise SettingError("cross_attn", f"cross_attn must be one of {CROSS_ATTN}, got {self.cross_attn!r}")
         if self.raw_feature_norm not in RAW_FEATURE_NORMS:
-            raise ValueError(f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}")
+            raise SettingError(
+                "raw_feature_norm",
+                f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}",
+            )
         if self.agg not in AGGREGATIONS:
-            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+            raise SettingError("agg", f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         require("lambda_softmax", self.lambda_softmax, above=0)
         require("lambda_lse", self.lambda_lse, above=0 if self.agg == "lse" else None)
 

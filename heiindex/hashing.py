@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .packed import PackedWords, word_mask
-from .settings import require
+from .settings import SettingError, require
 
 __all__ = [
     "POOLINGS",
@@ -53,9 +53,11 @@ class HashConfig:
         object.__setattr__(self, "bits", require("bits", self.bits, integer=True))  # a numpy int: an int
         object.__setattr__(self, "embed_size", require("embed_size", self.embed_size, at_least=1, integer=True))
         if self.bits % 8 or not 8 <= self.bits <= 1024:
-            raise ValueError(f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}")
+            raise SettingError(
+                "bits", f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}"
+            )
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise SettingError("pooling", f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +82,7 @@ def _pool(x: Tensor, mask: Tensor, pooling: str) -> Tensor:
         return (w[..., None] * x).sum(dim=1)
     if pooling == "query":
         raise ValueError("'query' pooling is learned: pool with HashModule.pool_images / pool_captions")
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    raise SettingError("pooling", f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 def pool_regions(regions: Tensor, pooling: str = "mean") -> Tensor:

@@ -349,7 +349,8 @@ def test_train_hash(pipe, tmp_path):
     assert f"dev candidate recall@5 t2i {100 * rec['t2i']:.1f}% i2t {100 * rec['i2t']:.1f}%" in r.output
 
 
-def test_train_hash_rejects_bits_not_a_multiple_of_8(pipe, tmp_path):
+def test_a_bad_setting_is_refused_by_its_flag(pipe, tmp_path):
+    """train-hash --bits 12 (the issue's k not a multiple of 8), train --raw-feature-norm bogus."""
     r = run(
         "train-hash",
         "--model",
@@ -363,8 +364,12 @@ def test_train_hash_rejects_bits_not_a_multiple_of_8(pipe, tmp_path):
         "--epochs",
         "1",
     )
-    clean_error(r, "multiple of 8")
+    clean_error(r, "--bits (the code length k) must be a multiple of 8")  # by its flag, not "bits"
     assert not (tmp_path / "h").exists()
+    r = run("train", "--store", pipe.root, "--out", tmp_path / "t", "--raw-feature-norm", "bogus", "--epochs", "1")
+    assert r.exit_code == 2
+    clean_error(r, "--raw-feature-norm must be one of")
+    assert not (tmp_path / "t").exists()
 
 
 def test_evaluate(pipe):
