@@ -332,7 +332,11 @@ class Index(BatchSearch):
         for what, n in counts.items():  # IVF needs a code per list: known before any encoding
             chosen = resolve_index_kind(index_type, n, nlist, nprobe)
             if chosen["type"] == "ivf" and chosen["nlist"] > n:
-                rows = f" (image rows {first}..{stop})" if image_rows is not None else ""
+                rows = (
+                    f" in its shard (image rows {first} to {stop - 1}; --nlist applies to each shard)"
+                    if image_rows is not None
+                    else ""
+                )
                 raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{rows}")
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})

@@ -543,7 +543,10 @@ def test_ivf_lists_beyond_the_items_are_refused_before_any_encoding(pipe, tmp_pa
     monkeypatch.setattr(ScanModel, "encode_images", no_encoding)
     with pytest.raises(HeiindexError, match="--nlist 25 exceeds the 24 images to index"):
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", index_type="ivf", nlist=25)
-    with pytest.raises(HeiindexError, match=r"--nlist 9 exceeds the 8 images to index \(image rows 0..8\)"):
+    with pytest.raises(
+        HeiindexError,
+        match=r"--nlist 9 exceeds the 8 images to index in its shard \(image rows 0 to 7; --nlist applies to each shard\)",
+    ):
         write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", 3, index_type="ivf", nlist=9)
     assert not (tmp_path / "x").exists()
 
