@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention import score_caption_candidates, score_image_candidates
+from .attention import score_pairs
 from .errors import HeiindexError, name_some
 from .hamming import hamming_candidates
 from .hashing import HashModule
@@ -245,9 +245,8 @@ def rerank_images(
     """Text to image for a batch of encoded captions (``words`` (q, L, d) in the regions' dtype,
     ``lengths`` (q,)) with their packed ``codes``: the ``n`` nearest image codes, re-ranked."""
     dist, ids = hamming_candidates(image_index, codes, n)
-    safe = torch.from_numpy(np.maximum(ids, 0)).to(regions.device)
-    scores = score_image_candidates(model.attention, words, lengths, regions, safe, gram)
-    return Candidates(ids, _empty_slots(ids, scores), dist)
+    score = lambda query, item: score_pairs(model.attention, words, lengths, regions, query, item, gram)  # noqa: E731
+    return Candidates(ids, _candidate_scores(ids, score, regions.device), dist)
 
 
 @torch.no_grad()
@@ -257,13 +256,20 @@ def rerank_captions(
     """Image to text for a batch of encoded images (``regions`` (q, R, d), ``gram`` (q, R, R))
     with their packed ``codes``: the ``n`` nearest caption codes, re-ranked."""
     dist, ids = hamming_candidates(caption_index, codes, n)
-    safe = torch.from_numpy(np.maximum(ids, 0)).to(regions.device)
-    scores = score_caption_candidates(model.attention, regions, words, lengths, safe, gram)
-    return Candidates(ids, _empty_slots(ids, scores), dist)
+    score = lambda query, item: score_pairs(model.attention, words, lengths, regions, item, query, gram)  # noqa: E731
+    return Candidates(ids, _candidate_scores(ids, score, regions.device), dist)
 
 
-def _empty_slots(ids: np.ndarray, scores: Tensor) -> np.ndarray:
-    return np.where(ids >= 0, scores.float().cpu().numpy(), -np.inf).astype(np.float32)
+def _candidate_scores(ids: np.ndarray, score: Callable[[Tensor, Tensor], Tensor], device) -> np.ndarray:
+    """The matcher's scores (q, N) float32 of each query's candidates ``ids``, ``score(query rows,
+    item rows)`` scoring the pairs; -inf in the slots an approximate index left empty (-1), which
+    are not scored (with IVF's few probes they can be most slots, and were all scored as item 0)."""
+    valid = ids >= 0
+    query, _ = np.nonzero(valid)  # row-major: each query's candidates in order, as a full (q, N) set
+    got = score(torch.from_numpy(query).to(device), torch.from_numpy(ids[valid]).to(device))
+    out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    out[valid] = got.float().cpu().numpy()
+    return out
 
 
 @torch.no_grad()

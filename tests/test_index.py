@@ -454,6 +454,36 @@ def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
     assert missed > 0  # the situation under test: the approximate index differs from flat
 
 
+def test_the_slots_an_approximate_index_left_empty_are_not_scored(pipe, tmp_path, monkeypatch):
+    """Every empty slot (-1) was scored as item 0: with IVF probing 1 of 4 lists most of the N
+    slots are empty, and item 0 drew most of the pairs. Only found candidates are scored now,
+    each exactly as when every slot was scored (both directions)."""
+    import heiindex.search as search
+    from heiindex.attention import score_caption_candidates, score_image_candidates
+
+    ivf = Index.build(
+        pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf1", index_type="ivf", nlist=4, nprobe=1
+    )
+    scored = []
+    real = search.score_pairs
+    monkeypatch.setattr(search, "score_pairs", lambda *a, **k: scored.append(len(a[4])) or real(*a, **k))
+    att, words, lengths, regions, gram = ivf.model.attention, ivf.words, ivf.words.lengths, ivf.regions, ivf.gram
+    t2i = search.rerank_images(
+        ivf.model, ivf.image_index, ivf.caption_codes(), words=words, lengths=lengths, regions=regions, gram=gram, n=24
+    )
+    i2t = search.rerank_captions(
+        ivf.model, ivf.caption_index, ivf.image_codes(), regions=regions, gram=gram, words=words, lengths=lengths, n=24
+    )
+    empty_t2i, empty_i2t = t2i.ids < 0, i2t.ids < 0
+    assert empty_t2i.mean() > 0.5 and empty_i2t.any()  # the situation under test (caption lists hold ~30)
+    assert scored == [int((~empty_t2i).sum()), int((~empty_i2t).sum())]
+    assert np.isneginf(t2i.scores[empty_t2i]).all() and np.isneginf(i2t.scores[empty_i2t]).all()
+    every_t2i = score_image_candidates(att, words, lengths, regions, torch.from_numpy(np.maximum(t2i.ids, 0)), gram)
+    every_i2t = score_caption_candidates(att, regions, words, lengths, torch.from_numpy(np.maximum(i2t.ids, 0)), gram)
+    np.testing.assert_allclose(t2i.scores[~empty_t2i], every_t2i.numpy()[~empty_t2i], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(i2t.scores[~empty_i2t], every_i2t.numpy()[~empty_i2t], rtol=0, atol=1e-6)
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 
