@@ -98,7 +98,7 @@ def last_built_index() -> Path:
 def mark_last_built(path: Path) -> None:
     """Record ``path`` as the index the last ``build`` on the default data wrote."""
     with atomic_file(_last_marker()) as tmp:
-        tmp.write_text(str(Path(path).resolve()) + "\n")
+        tmp.write_text(str(Path(path).resolve()) + "\n", encoding="utf-8")  # as last_built_index reads it
 
 
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:

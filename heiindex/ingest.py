@@ -111,7 +111,7 @@ def ingest(
     """
     block_images = require("block_images", block_images, at_least=1, integer=True)
     out_root = Path(out_root)
-    check_store_root(out_root)
+    check_store_root(out_root, split)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)
     voc = resolve_vocab(out_root, vocab, list(src.captions))

@@ -306,13 +306,16 @@ def check_writable(target: Path) -> None:
         raise DataError(target, f"cannot be written in {parent} ({exc.strerror or exc})") from None
 
 
-def check_store_root(root: Path) -> None:
-    """Where a split is ingested into ``root``: a ``DataError`` naming it unless it is absent or a
-    store root, a folder holding nothing but ``vocab.json``, folders with a manifest (its splits,
-    indexes kept beside them), hidden entries and what killed writes left. An index, a split, a
+def check_store_root(root: Path, split: str) -> None:
+    """Where ``split`` is ingested into ``root``: a ``DataError`` naming it unless it is absent or
+    a store root, a folder holding nothing but ``vocab.json``, folders with a manifest (its splits,
+    indexes kept beside them), hidden entries, ``lost+found`` (a file system's top folder) and the
+    split's own folder (``atomic_dir`` decides whether that may be replaced). An index, a split, a
     model folder, the precomp folder or a folder of the user's own is refused, not written into."""
     root = Path(root)
-    if not root.exists() and not root.is_symlink():
+    if root.is_symlink() and not root.exists():
+        raise DataError(root, f"is a link to {os.readlink(root)}, which does not exist; a store root is a folder")
+    if not root.exists():
         return
     if not root.is_dir():
         raise DataError(root, "exists and is not a folder; a store root is a folder (choose another path)")
@@ -322,10 +325,11 @@ def check_store_root(root: Path) -> None:
             f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; --out names the folder "
             "that holds a store's splits (or a new one)",
         )
+    allowed = {"vocab.json", "lost+found", split}
     other = sorted(
         p.name
         for p in root.iterdir()
-        if not (p.name == "vocab.json" or p.name.startswith(".") or (p.is_dir() and (p / MANIFEST_FILE).is_file()))
+        if not (p.name in allowed or p.name.startswith(".") or (p.is_dir() and (p / MANIFEST_FILE).is_file()))
     )
     if other:
         raise DataError(

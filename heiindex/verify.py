@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
-from .index_manifest import check_index_manifest
+from .index_manifest import check_index_manifest, sharded_manifest
 from .store import (
     MANIFEST_FILE,
     check_shard_entries,
@@ -70,8 +70,7 @@ def _checks(path: Path) -> list[FileCheck]:
             "a model or hash module folder: verify checks stores and indexes (a matcher's weights and vocabulary are "
             "checked against its config.json whenever it is loaded)",
         )
-    # A store root, known by its vocabulary or by its splits (vocab.json may be the file lost).
-    if not manifest_path.exists() and path.is_dir() and ((path / "vocab.json").is_file() or manifest_folders(path)):
+    if not manifest_path.exists() and path.is_dir() and _store_root(path):
         splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
@@ -94,13 +93,35 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
         if not isinstance(shards, list):
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
-        return [check for shard in shards for check in verify(folder / shard["path"])]
+        invalid = _invalid(lambda: sharded_manifest(folder), manifest_path)
+        return invalid + [check for shard in shards for check in verify(folder / shard["path"])]
+    invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
+    if invalid and "files" not in manifest:
+        return invalid
+    return invalid + _recorded_files(folder, manifest)  # files may still be the bytes recorded
+
+
+def _store_root(path: Path) -> bool:
+    """A store root: known by its vocabulary, or (vocab.json may be the file lost) by a split's
+    manifest, which records the vocabulary (an index's does not)."""
+    if (path / "vocab.json").is_file():
+        return True
+    for folder in manifest_folders(path):
+        try:
+            if "vocab" in read_json_object(folder / MANIFEST_FILE, ""):
+                return True
+        except DataError:
+            continue
+    return False
+
+
+def _invalid(check, manifest_path: Path) -> list[FileCheck]:
+    """``[]`` where ``check()`` passes, else the manifest reported "invalid" with its reason."""
     try:
-        _check_manifest(manifest, manifest_path)
-    except DataError as exc:  # reported with the files, which may still be the bytes recorded
-        invalid = [FileCheck(manifest_path, "invalid", exc.problem)]
-        return invalid + (_recorded_files(folder, manifest) if "files" in manifest else [])
-    return _recorded_files(folder, manifest)
+        check()
+    except DataError as exc:
+        return [FileCheck(manifest_path, "invalid", exc.problem)]
+    return []
 
 
 def _check_manifest(manifest: dict, manifest_path: Path) -> None:

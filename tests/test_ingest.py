@@ -339,8 +339,23 @@ def test_a_store_root_may_keep_an_index_and_hidden_files_beside_its_splits(make_
     (store / "index").mkdir()
     (store / "index" / MANIFEST_FILE).write_text("{}")
     (store / ".DS_Store").write_text("")
+    (store / "lost+found").mkdir()  # a store root at the top of a file system
     ingest(dev_dir, "dev", store, feature_dim=8)
-    assert sorted(p.name for p in store.iterdir()) == [".DS_Store", "dev", "index", "test", "vocab.json"]
+    assert sorted(p.name for p in store.iterdir()) == [".DS_Store", "dev", "index", "lost+found", "test", "vocab.json"]
+    # The split being written may be there without its manifest (a repair), or empty.
+    (store / "test" / MANIFEST_FILE).unlink()
+    ingest(test_dir, "test", store, feature_dim=8)
+    assert (store / "test" / MANIFEST_FILE).is_file()
+    (store / "train").mkdir()
+    ingest(make_precomp("r", split="train", n_images=7, first_line=70)[0], "train", store, feature_dim=8)
+    assert (store / "train" / MANIFEST_FILE).is_file()
+
+
+def test_a_link_to_nothing_as_out_is_named_as_such(make_precomp, tmp_path):
+    precomp, _, _ = make_precomp(n_images=7)
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=f"is a link to {tmp_path / 'gone'}, which does not exist"):
+        ingest(precomp, "test", tmp_path / "link", feature_dim=8)
 
 
 # -- vocabulary across splits -------------------------------------------------------------

@@ -4,6 +4,7 @@ SHA-256s their manifests record; a changed byte, a truncation and a missing file
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -148,12 +149,19 @@ def test_a_sharded_manifest_names_its_own_distinct_shard_folders(pipe, tmp_path)
         for read in (verify, ShardedIndex.open):
             with pytest.raises(DataError, match=detail):
                 read(sharded)
-    (sharded / "manifest.json").write_text(json.dumps({**good, "shards": [{"path": "shard-000"}]}))
-    with pytest.raises(DataError, match=r'field "shards\[0\].n_images" is missing or not of type int'):
-        ShardedIndex.open(sharded)  # (verify reads the files only)
-    (sharded / "manifest.json").write_text(json.dumps({**good, "matcher": {}}))
-    with pytest.raises(DataError, match='field "matcher.path" is missing or not of type str'):
-        ShardedIndex.open(sharded)
+    # What ShardedIndex.open refuses, verify reports "invalid" (and still checks the shards' files).
+    for bad, detail in (
+        ({**good, "shards": [{"path": "shard-000"}]}, 'field "shards[0].n_images" is missing or not of type int'),
+        ({**good, "matcher": {}}, 'field "matcher.path" is missing or not of type str'),
+        ({**good, "format_version": 99}, "sharded build of format_version 99, expected 1"),
+    ):
+        (sharded / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=re.escape(detail)):
+            ShardedIndex.open(sharded)
+        checks = verify(sharded)
+        assert (checks[0].path, checks[0].status) == (sharded / "manifest.json", "invalid")
+        assert checks[0].detail.startswith(detail)
+        assert {c.status for c in checks[1:]} == {"ok"}
 
 
 def test_cli(pipe, tmp_path):
@@ -229,6 +237,14 @@ def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path
     r = run("verify", root)
     assert r.exit_code == 2
     clean_error(r, "files differ from what their manifests record, or are manifests heiindex cannot read")
+
+
+def test_a_folder_of_indexes_is_not_a_store_root(pipe, tmp_path):
+    """A folder holding only indexes (data/coco-sim/index: test/ and LAST) was taken for a store root."""
+    shutil.copytree(pipe.index_dir, tmp_path / "indexes" / "test")
+    (tmp_path / "indexes" / "LAST").write_text("x")
+    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+        verify(tmp_path / "indexes")
 
 
 def test_a_store_root_that_lost_its_vocabulary_is_still_verified(tmp_path):
