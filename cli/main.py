@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +112,16 @@ def hash_option(help: str = "Hash module folder (default: the coco-sim one)."):
 @click.version_option(package_name="heiindex")
 def cli() -> None:
     """Fast cross-attention image-text retrieval (HEI hash codes + SCAN re-ranking)."""
+    exit_on_sigterm()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, `docker stop`, a job scheduler's time limit) ends a command as Ctrl-C
+    does: the output being written is removed (``heiindex.atomic``), where the signal's default
+    left its scratch folder for the next run to clear. Exit status 143, the signal's own. Only
+    the command line does this: a library user's process keeps its own handlers."""
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @cli.command()

@@ -683,6 +683,34 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     assert (done.returncode, done.stderr) == (1, "")
 
 
+def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
+    """`kill PID`, `docker stop` or a job scheduler's limit left the output's scratch folder for
+    the next run to clear; any command now exits 143 as Ctrl-C would, writing nothing."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    code = (
+        "import os, signal, sys, time\n"
+        "from heiindex_cli.main import cli\n"
+        "from heiindex.store import atomic_dir\n"
+        "try:\n"
+        "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)  # any command installs it\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
+        "    (tmp / 'a.txt').write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "a.txt").read_text() == "old"
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+
+
 def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     (root / "test" / "captions.parquet").unlink()
