@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .packed import PackedWords, integer_tensor, word_mask
-from .settings import SettingError, require
+from .settings import SettingError, settle
 
 __all__ = [
     "AGGREGATIONS",
@@ -137,8 +137,8 @@ class AttentionConfig:
             )
         if self.agg not in AGGREGATIONS:
             raise SettingError("agg", f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
-        require("lambda_softmax", self.lambda_softmax, above=0)
-        require("lambda_lse", self.lambda_lse, above=0 if self.agg == "lse" else None)
+        settle(self, "lambda_softmax", above=0)
+        settle(self, "lambda_lse", above=0 if self.agg == "lse" else None)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,13 +37,15 @@ AUTO_NLIST = 4096
 AUTO_NPROBE = 64
 
 
-def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> None:
+def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> tuple[int | None, int | None]:
     """What a build asks for, checked before any encoding: a known ``kind``, and ``nlist`` /
-    ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale)."""
-    _check_kind_and_sizes(kind, nlist, nprobe)
+    ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale).
+    Returns ``(nlist, nprobe)`` as Python ints (a manifest records them as JSON), None where not given."""
+    nlist, nprobe = _check_kind_and_sizes(kind, nlist, nprobe)
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and kind not in ("ivf", "auto"):
             raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
+    return nlist, nprobe
 
 
 def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> tuple[int | None, int | None]:

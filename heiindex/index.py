@@ -298,7 +298,7 @@ class Index(BatchSearch):
         FAISS files are written either way. ``captions``: the split's captions already read
         (``SplitStore.captions``), so that the shards of one build read them once."""
         check_codes_options(codes, uri)
-        check_index_options(index_type, nlist, nprobe)  # before any encoding
+        nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
         block_captions = require("block_captions", block_captions, at_least=1, integer=True)
         if image_rows is not None:

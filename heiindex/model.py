@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import AttentionConfig, region_gram, score_block, score_caption_candidates, score_image_candidates
-from .settings import require
+from .settings import settle
 
 __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
 
@@ -46,7 +46,7 @@ class ScanConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_size", "word_dim", "img_dim", "num_layers"):
-            require(name, getattr(self, name), at_least=1, integer=True)
+            settle(self, name, at_least=1, integer=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)

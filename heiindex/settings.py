@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["SettingError", "is_whole", "require"]
+__all__ = ["SettingError", "is_whole", "require", "settle"]
 
 
 class SettingError(ValueError):
@@ -30,8 +30,8 @@ def is_whole(value) -> bool:
 def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
     """A ``ValueError`` naming ``name`` unless ``value`` is a finite number (a whole number where
     ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least`` and greater
-    than ``above`` where given. Returns ``value``; a whole number as a Python ``int`` (what FAISS's
-    and Python's slicing take)."""
+    than ``above`` where given. Returns ``value`` as a Python ``int`` (what FAISS and Python's
+    slicing take) or ``float``."""
     ok = is_whole(value) if integer else isinstance(value, Real) and not isinstance(value, bool)
     ok = ok and math.isfinite(value)
     ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
@@ -42,7 +42,14 @@ def require(name: str, value, *, at_least: float | None = None, above: float | N
         if above is not None:
             want.append(f"greater than {_num(above)}")
         raise SettingError(name, f"{name} must be {', '.join(want)}, got {value!r}")
-    return int(value) if integer else value
+    return int(value) if integer else float(value)
+
+
+def settle(config, name: str, **checks) -> None:
+    """``require`` for field ``name`` of the frozen dataclass ``config``, storing what it returns: a
+    numpy number becomes a Python int or float, so that the config can be written as JSON (and
+    torch, which takes no numpy integer for a layer size, is given an int)."""
+    object.__setattr__(config, name, require(name, getattr(config, name), **checks))
 
 
 def _num(x: float) -> str:

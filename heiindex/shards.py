@@ -96,7 +96,7 @@ def write_shards(
 ) -> dict:
     """Write ``shards`` shard indexes of ``store_root/split`` under ``out`` (atomically: a failure
     leaves no half-built folder); returns the top-level manifest written."""
-    check_index_options(index_type, nlist, nprobe)  # before any encoding
+    nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)

@@ -31,7 +31,7 @@ from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
 from .scoring import evaluate_exhaustive
-from .settings import require
+from .settings import settle
 from .store import SplitStore, check_output, rows_of, sorted_ids
 from .vocab import Vocab
 
@@ -56,12 +56,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require_loop_settings(self)
         for name in ("lr_decay_epochs", "val_images"):
-            require(name, getattr(self, name), at_least=1, integer=True)
-        require("warmup_sum_epochs", self.warmup_sum_epochs, at_least=0, integer=True)
-        require("grad_clip", self.grad_clip, at_least=0)  # 0: no clipping
-        require("margin", self.margin, at_least=0)
+            settle(self, name, at_least=1, integer=True)
+        settle(self, "warmup_sum_epochs", at_least=0, integer=True)
+        settle(self, "grad_clip", at_least=0)  # 0: no clipping
+        settle(self, "margin", at_least=0)
         if self.threads is not None:
-            require("threads", self.threads, at_least=1, integer=True)
+            settle(self, "threads", at_least=1, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,10 +72,10 @@ def require_loop_settings(config) -> None:
     epochs and buffered row groups >= 1, batches of >= 2 captions (a caption needs a negative),
     a seed >= 0, a learning rate > 0."""
     for name in ("epochs", "buffer_row_groups"):
-        require(name, getattr(config, name), at_least=1, integer=True)
-    require("batch_size", config.batch_size, at_least=2, integer=True)
-    require("seed", config.seed, at_least=0, integer=True)
-    require("lr", config.lr, above=0)
+        settle(config, name, at_least=1, integer=True)
+    settle(config, "batch_size", at_least=2, integer=True)
+    settle(config, "seed", at_least=0, integer=True)
+    settle(config, "lr", above=0)
 
 
 def contrastive_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
-from .settings import require
+from .settings import settle
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
@@ -66,8 +66,8 @@ class HashTrainConfig:
     def __post_init__(self) -> None:
         require_loop_settings(self)
         for name in ("rounds", "val_candidates"):
-            require(name, getattr(self, name), at_least=1, integer=True)
-        require("rank_weight", self.rank_weight, at_least=0)
+            settle(self, name, at_least=1, integer=True)
+        settle(self, "rank_weight", at_least=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

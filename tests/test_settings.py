@@ -4,8 +4,10 @@ nothing, zero epochs failed after the scoring pass, a negative nlist was a FAISS
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -63,6 +65,23 @@ def test_require():
 def test_configs_refuse_settings_out_of_range(make, field, value, message):
     with pytest.raises(ValueError, match=message):
         make(**{field: value})
+
+
+def test_numpy_numbers_in_configs_are_stored_as_python_numbers():
+    """A numpy int or float was checked and kept as it was: writing the config at the end of a
+    training run failed ("int64 is not JSON serializable"), and a numpy layer size failed in torch."""
+    configs = (
+        TrainConfig(epochs=np.int64(2), lr=np.float32(1e-3), margin=np.float64(0.1), threads=np.int32(1)),
+        HashTrainConfig(epochs=np.int64(1), seed=np.int64(0), lr=np.float32(3e-3), rank_weight=np.float16(1)),
+        ScanConfig(vocab_size=np.int64(10), embed_size=np.int64(32)),
+        AttentionConfig(lambda_softmax=np.float32(9), lambda_lse=np.int64(6)),
+    )
+    for config in configs:
+        json.dumps(config.to_dict())
+        for value in config.to_dict().values():
+            assert not isinstance(value, np.generic), (config, value)
+    assert check_index_options("ivf", np.int64(4), np.int32(2)) == (4, 2)
+    assert [type(v) for v in check_index_options("ivf", np.int64(4), np.int32(2))] == [int, int]
 
 
 def test_lambda_lse_is_free_where_lse_is_not_used_and_grad_clip_0_means_none():
