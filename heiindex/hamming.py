@@ -120,7 +120,7 @@ class TorchBinaryIndex:
 
     Codes become +-1 vectors and ``hamming = (k - x . y) / 2``, one matrix product per block:
     every product and partial sum is a small integer, exact in float32 and, for k <= 2048, in
-    float16 (used on GPUs). Ties at equal distance may be ordered differently from FAISS.
+    float16 (used on GPUs). Answers equal FAISS's ``IndexBinaryFlat``'s, ties included.
     """
 
     def __init__(self, codes: np.ndarray, device: str | torch.device = "cpu", block: int = 1 << 20) -> None:
@@ -140,23 +140,29 @@ class TorchBinaryIndex:
         return self.bits
 
     def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(distances (q, n) int32, ids (q, n) int64)``, nearest first."""
+        """``(distances (q, n) int32, ids (q, n) int64)``, nearest first and, at equal distance,
+        lowest id first; slots beyond the codes held get id -1 and distance 2**31 - 1. All as
+        FAISS's ``IndexBinaryFlat`` answers."""
         query_codes = packed_codes("query codes", query_codes, self.bits // 8)
-        n = min(require("n", n, at_least=1, integer=True), self.ntotal)
-        if len(query_codes) == 0 or n == 0:
-            return np.empty((len(query_codes), n), dtype=np.int32), np.empty((len(query_codes), n), dtype=np.int64)
+        n = require("n", n, at_least=1, integer=True)
+        m = min(n, self.ntotal)  # found; the rest of the n slots are empty
+        dist = np.full((len(query_codes), n), np.iinfo(np.int32).max, dtype=np.int32)
+        ids = np.full((len(query_codes), n), -1, dtype=np.int64)
+        if len(query_codes) == 0 or m == 0:
+            return dist, ids
         q = _signs(torch.from_numpy(query_codes).to(self.device), self.dtype)
-        best_s = best_i = None
+        # One int64 key per pair, distance * ntotal + id: its order is (distance, id), FAISS's.
+        best = None
         for s in range(0, self.ntotal, self.block):  # db blocks bound the (q, block) score matrix
             sims = (q @ self._signs[s : s + self.block].T).float()
-            top_s, top_i = torch.topk(sims, min(n, sims.shape[1]), dim=1)
-            top_i += s
-            if best_s is not None:
-                top_s, pick = torch.topk(torch.cat([best_s, top_s], 1), n, dim=1)
-                top_i = torch.gather(torch.cat([best_i, top_i], 1), 1, pick)
-            best_s, best_i = top_s, top_i
-        dist = ((self.bits - best_s) / 2).round().to(torch.int32)
-        return dist.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+            keys = sims.neg_().add_(self.bits).div_(2).round_().long()  # Hamming distances, in place
+            keys.mul_(self.ntotal).add_(torch.arange(s, s + keys.shape[1], device=self.device))
+            if best is not None:
+                keys = torch.cat([best, keys], 1)
+            best = torch.topk(keys, min(m, keys.shape[1]), dim=1, largest=False).values  # sorted, smallest first
+        best = best.cpu().numpy()
+        dist[:, :m], ids[:, :m] = best // self.ntotal, best % self.ntotal
+        return dist, ids
 
 
 def index_on_device(
@@ -188,7 +194,7 @@ def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed little-endian bytes (n, k/8) -> +-1 (n, k) in ``dtype``."""
     shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
     bits = (codes.unsqueeze(-1) >> shifts) & 1  # bit i of byte j is code bit 8 j + i
-    return bits.reshape(codes.shape[0], -1).to(dtype) * 2 - 1
+    return bits.reshape(codes.shape[0], codes.shape[1] * 8).to(dtype) * 2 - 1
 
 
 def hamming_candidates(
