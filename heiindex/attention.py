@@ -464,8 +464,12 @@ def _score_pair_chunk(
     word_rows = words.gather_index(ci, length) if packed else None  # once for the chunk's groups
     for sel, img, _ in runs.groups:
         w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
-        if img is not None and acc == regions.dtype:
-            torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))
+        if (
+            img is not None
+            and acc == regions.dtype
+            and not (torch.is_grad_enabled() and (w.requires_grad or regions.requires_grad))
+        ):
+            torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))  # out=: no autograd
         elif img is not None:
             sims[sel] = (w.view(-1, w.shape[-1]) @ regions[img].T).view(-1, length, r)
         else:
@@ -622,9 +626,12 @@ class _Runs:
         n, k, m = x.shape[0], x.shape[-1], per_image.shape[-1]
         flat = x.reshape(n, -1, k)
         out = x.new_empty((n, flat.shape[1], m))
+        graph = torch.is_grad_enabled() and (x.requires_grad or per_image.requires_grad)
         for sel, img, pos in self.groups:
-            if img is not None:
-                torch.mm(flat[sel].reshape(-1, k), per_image[pos], out=out[sel].view(-1, m))
+            if img is not None and not graph:
+                torch.mm(flat[sel].reshape(-1, k), per_image[pos], out=out[sel].view(-1, m))  # out=: no autograd
+            elif img is not None:
+                out[sel] = (flat[sel].reshape(-1, k) @ per_image[pos]).view(-1, flat.shape[1], m)
             else:
                 per_pair = per_image.index_select(0, self.inverse.index_select(0, sel))
                 out[sel] = torch.bmm(flat.index_select(0, sel), per_pair).to(out.dtype)

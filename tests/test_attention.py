@@ -475,6 +475,22 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         ran_in.clear()
 
 
+@pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
+def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cross_attn):
+    """Pairs of one image take the per-image product, written with out=, which autograd refuses
+    ("functions with out=... arguments don't support automatic differentiation"); pairs spread
+    over images took another path and worked."""
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+    caps = torch.arange(len(LENGTHS)).repeat(4)  # 20 pairs, every one with image 0
+    imgs = torch.zeros_like(caps)
+    leaf = words.clone().requires_grad_(True)
+    score_pairs(cfg, leaf, lengths, regions, caps, imgs).sum().backward()
+    want = words.clone().requires_grad_(True)
+    score_block(cfg, want, lengths, regions)[caps, imgs].sum().backward()
+    torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=1e-10)
+
+
 def test_pool_workers_keep_the_callers_modes_and_thread_count():
     """With two torch threads (the pool): a call under torch.inference_mode works (its output
     is an inference tensor that only inference mode may write), no_grad reaches the workers,
