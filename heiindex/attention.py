@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .packed import PackedWords, integer_tensor, word_mask
-from .settings import SettingError, settle
+from .settings import SettingError, require, settle
 
 __all__ = [
     "AGGREGATIONS",
@@ -92,6 +92,11 @@ _POLICIES = {
     # gather_bytes is the most a chunk gathers; _policy lowers it to an eighth of a small card.
     "cuda": _Policy(1 << 27, float("inf"), 1 << 62, float(GPU_GATHER_BYTES)),
 }
+
+
+def _max_elements(given: int | None, device: torch.device) -> int:
+    """A block size given to a scorer (a whole number >= 1), or the device's default."""
+    return _policy(device).max_elements if given is None else require("max_elements", given, at_least=1, integer=True)
 
 
 def _policy(device: torch.device) -> _Policy:
@@ -277,7 +282,7 @@ def score_block(
     _check_cfg(cfg)
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
-    max_elements = max_elements or _policy(regions.device).max_elements
+    max_elements = _max_elements(max_elements, regions.device)
     n_caps = words.shape[0]
     n_imgs, r, _ = regions.shape
     acc = _acc_dtype(words.dtype)
@@ -362,7 +367,7 @@ def score_pairs(
     if gram is not None:
         _check_gram(gram, regions)
     policy = _policy(regions.device)
-    max_elements = max_elements or policy.max_elements
+    max_elements = _max_elements(max_elements, regions.device)
     pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
     max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
@@ -703,6 +708,8 @@ def _check_gram(gram: Tensor, regions: Tensor) -> None:
         raise ValueError(f"gram must be a torch.Tensor (region_gram(regions)), got {type(gram).__name__}")
     if tuple(gram.shape) != (n, r, r):
         raise ValueError(f"gram must have shape {(n, r, r)}, got {tuple(gram.shape)}")
+    if not gram.is_floating_point():
+        raise ValueError(f"gram must be floating-point (region_gram(regions)), got {gram.dtype}")
 
 
 def _check_candidates(candidates: Tensor, n_q: int, n_items: int, what: str) -> Tensor:

@@ -22,6 +22,7 @@ from .attention import region_gram
 from .checkpoint import LoadedModel, check_encodable
 from .model import ScanModel
 from .packed import PackedWords, word_mask
+from .settings import require
 from .store import CaptionTable, SplitStore, rows_of, sorted_ids
 
 __all__ = [
@@ -58,7 +59,10 @@ def encode_images(
     model: ScanModel, store: SplitStore, block_images: int = 256, progress: bool = False, limit: int | None = None
 ) -> tuple[np.ndarray, Tensor]:
     """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``."""
-    n = store.n_images if limit is None else min(limit, store.n_images)
+    if isinstance(model, LoadedModel):  # as encode_split takes one
+        model = model.model
+    block_images = require("block_images", block_images, at_least=1, integer=True)
+    n = store.n_images if limit is None else min(require("limit", limit, at_least=1, integer=True), store.n_images)
     dev = next(model.parameters()).device  # encoding runs where the model is; the result is on the CPU
     out = torch.empty((n, store.regions, model.config.embed_size))
     ids = np.empty(n, dtype=np.int64)
@@ -79,6 +83,7 @@ def iter_caption_blocks(
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """``(first row, words (b, L_b, d), lengths (b,))``, ``block`` captions at a time, encoded
     where the model is (and left there); each block's tokens are cut to its longest caption."""
+    block = require("block", block, at_least=1, integer=True)
     dev = next(model.parameters()).device
     lengths = np.asarray(lengths, dtype=np.int64)
     for s in range(0, len(lengths), block):
@@ -140,6 +145,8 @@ def encode_split(
     checked first by ``check_split``. ``captions``: what ``check_split`` returned for this store
     and ``max_images``, where a loop encodes the split again and again (train's dev split): then
     ``model`` is the bare model it returned and nothing is read or checked twice."""
+    if max_images is not None:
+        max_images = require("max_images", max_images, at_least=1, integer=True)
     if captions is None:
         model, captions = check_split(model, store, max_images)
     model.eval()

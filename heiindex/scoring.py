@@ -16,6 +16,7 @@ from .attention import score_block
 from .encode import EncodedSplit
 from .evaluation import Recall, i2t_ranks, recall, t2i_ranks
 from .model import ScanModel
+from .settings import require
 
 __all__ = ["ExhaustiveResult", "exhaustive_scores", "evaluate_exhaustive"]
 
@@ -35,6 +36,7 @@ class ExhaustiveResult:
 @torch.no_grad()
 def exhaustive_scores(model: ScanModel, enc: EncodedSplit, image_block: int = 1024) -> np.ndarray:
     """All (n_caps, n_imgs) scores, computed in image blocks."""
+    image_block = require("image_block", image_block, at_least=1, integer=True)
     n_imgs = enc.regions.shape[0]
     out = np.empty((enc.words.shape[0], n_imgs), dtype=np.float32)
     for s in range(0, n_imgs, image_block):

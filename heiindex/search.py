@@ -165,7 +165,10 @@ def check_batch(texts: Sequence[str], batch: int) -> list[str]:
     if isinstance(texts, str | bytes):
         raise HeiindexError("search_many takes a list of queries, not one string (use search)")
     require("batch", batch, at_least=1, integer=True)
-    return list(texts)
+    try:
+        return list(texts)
+    except TypeError:
+        raise HeiindexError(f"search_many takes a list of queries, got {type(texts).__name__}") from None
 
 
 def check_query_counts(candidates: int, k: int) -> tuple[int, int]:

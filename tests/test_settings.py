@@ -178,3 +178,38 @@ def test_the_cli_names_the_setting(pipe, tmp_path):
         assert r.exit_code == 2, args
         clean_error(r, message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_library_sizes_and_inputs_are_refused_by_name(pipe):
+    """Each was a raw torch or Python error ("negative dimension", "range() arg 3 must not be
+    zero", "'NoneType' object is not iterable"), or an integer Gram matrix scored silently."""
+    import torch
+
+    from heiindex.attention import region_gram, score_pairs
+    from heiindex.checkpoint import load_model
+    from heiindex.encode import encode_captions, encode_images, encode_split
+    from heiindex.errors import HeiindexError
+    from heiindex.index import Index
+    from heiindex.scoring import exhaustive_scores
+    from heiindex.store import SplitStore
+
+    loaded, store = load_model(pipe.model_dir), SplitStore.open(pipe.root, "test")
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match=f"max_images must be a whole number, at least 1, got {bad!r}"):
+            encode_split(loaded, store, max_images=bad)
+    ids, regions = encode_images(loaded, store, limit=3)  # a LoadedModel, as encode_split takes
+    assert len(ids) == 3 and regions.shape[0] == 3
+    enc = encode_split(loaded, store, max_images=4)
+    with pytest.raises(ValueError, match="image_block must be a whole number, at least 1, got 0"):
+        exhaustive_scores(loaded.model, enc, image_block=0)
+    with pytest.raises(ValueError, match="block must be a whole number, at least 1, got 0"):
+        encode_captions(loaded.model, enc.captions.tokens, enc.captions.lengths, block=0)
+    pairs = torch.zeros(2, dtype=torch.long)
+    att, words, lengths = loaded.model.attention, enc.words, enc.lengths
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ValueError, match="max_elements must be a whole number, at least 1"):
+            score_pairs(att, words, lengths, enc.regions, pairs, pairs, max_elements=bad)
+    with pytest.raises(ValueError, match="gram must be floating-point"):
+        score_pairs(att, words, lengths, enc.regions, pairs, pairs, region_gram(enc.regions).long())
+    with pytest.raises(HeiindexError, match="search_many takes a list of queries, got NoneType"):
+        Index.open(pipe.index_dir).search_many(None)
