@@ -477,7 +477,10 @@ _CAPTION_COLUMNS = ("caption_id", "image_id", "text", "tokens")
 
 
 def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
-    """``DataError`` naming the manifest and the field unless it is a store split's, of this format."""
+    """``DataError`` naming the manifest and the field unless it is a store split's, of this format
+    (an index's manifest.json, an easy folder to give by mistake, is named as such)."""
+    if "matcher" in manifest or manifest.get("kind") == "sharded":
+        raise DataError(manifest_path, "is an index's manifest, not a store split's: give the store root and split")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")

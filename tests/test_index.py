@@ -925,6 +925,12 @@ def test_a_store_split_given_as_an_index_is_named(pipe):
         Index.open(pipe.root / "test")
 
 
+def test_an_index_given_as_a_store_split_is_named(pipe):
+    """It was 'field "images.count" is missing' (an index's manifest has the same format_version)."""
+    with pytest.raises(DataError, match=r"manifest.json: is an index's manifest, not a store split's"):
+        SplitStore(pipe.index_dir)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "detail"),
     [
