@@ -20,6 +20,7 @@ __all__ = [
     "INDEX_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "check_index_manifest",
+    "check_sharded_manifest",
     "read_index_manifest",
     "read_sharded_manifest",
     "sharded_manifest",
@@ -66,7 +67,13 @@ def sharded_manifest(path: str | Path) -> dict | None:
     manifest = read_index_manifest(path)
     if manifest.get("kind") != "sharded":
         return None
-    mpath = Path(path) / "manifest.json"
+    check_sharded_manifest(manifest, Path(path) / "manifest.json")
+    return manifest
+
+
+def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the manifest and the field unless it is a sharded build's top-level
+    manifest of this format (its shard entries included)."""
     if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
         raise DataError(
             mpath,
@@ -74,7 +81,6 @@ def sharded_manifest(path: str | Path) -> dict | None:
         )
     check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
     check_shard_entries(mpath, manifest["shards"], counts=True)
-    return manifest
 
 
 def read_sharded_manifest(path: str | Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
-from .index_manifest import check_index_manifest, sharded_manifest
+from .index_manifest import check_index_manifest, check_sharded_manifest
 from .store import (
     MANIFEST_FILE,
     check_shard_entries,
@@ -93,7 +93,7 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
         if not isinstance(shards, list):
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
-        invalid = _invalid(lambda: sharded_manifest(folder), manifest_path)
+        invalid = _invalid(lambda: check_sharded_manifest(manifest, manifest_path), manifest_path)
         return invalid + [check for shard in shards for check in verify(folder / shard["path"])]
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
