@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .packed import PackedWords, word_mask
-from .settings import SettingError, require
+from .settings import SettingError, settle
 
 __all__ = [
     "POOLINGS",
@@ -50,8 +50,8 @@ class HashConfig:
     pooling: str = "query"  # coco-sim: +0.5 / +0.1 test candidate recall over mean pooling (benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", require("bits", self.bits, integer=True))  # a numpy int: an int
-        object.__setattr__(self, "embed_size", require("embed_size", self.embed_size, at_least=1, integer=True))
+        settle(self, "bits", integer=True)  # a numpy int: an int
+        settle(self, "embed_size", at_least=1, integer=True)
         if self.bits % 8 or not 8 <= self.bits <= 1024:
             raise SettingError(
                 "bits", f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}"
