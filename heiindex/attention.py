@@ -94,9 +94,15 @@ _POLICIES = {
 }
 
 
-def _max_elements(given: int | None, device: torch.device) -> int:
-    """A block size given to a scorer (a whole number >= 1), or the device's default."""
-    return _policy(device).max_elements if given is None else require("max_elements", given, at_least=1, integer=True)
+def _max_elements(given: int | None, policy: _Policy) -> int:
+    """A block size given to a scorer (a whole number >= 1), or the device policy's default."""
+    return policy.max_elements if given is None else require("max_elements", given, at_least=1, integer=True)
+
+
+def _records_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on ``tensors`` here: then no product may write into
+    a given ``out=`` tensor."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _policy(device: torch.device) -> _Policy:
@@ -282,7 +288,7 @@ def score_block(
     _check_cfg(cfg)
     lengths = _check_words(words, lengths)
     _check_regions(regions, words)
-    max_elements = _max_elements(max_elements, regions.device)
+    max_elements = _max_elements(max_elements, _policy(regions.device))
     n_caps = words.shape[0]
     n_imgs, r, _ = regions.shape
     acc = _acc_dtype(words.dtype)
@@ -367,7 +373,7 @@ def score_pairs(
     if gram is not None:
         _check_gram(gram, regions)
     policy = _policy(regions.device)
-    max_elements = _max_elements(max_elements, regions.device)
+    max_elements = _max_elements(max_elements, policy)
     pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
     max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
@@ -469,11 +475,7 @@ def _score_pair_chunk(
     word_rows = words.gather_index(ci, length) if packed else None  # once for the chunk's groups
     for sel, img, _ in runs.groups:
         w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
-        if (
-            img is not None
-            and acc == regions.dtype
-            and not (torch.is_grad_enabled() and (w.requires_grad or regions.requires_grad))
-        ):
+        if img is not None and acc == regions.dtype and not _records_graph(w, regions):
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))  # out=: no autograd
         elif img is not None:
             sims[sel] = (w.view(-1, w.shape[-1]) @ regions[img].T).view(-1, length, r)
@@ -631,7 +633,7 @@ class _Runs:
         n, k, m = x.shape[0], x.shape[-1], per_image.shape[-1]
         flat = x.reshape(n, -1, k)
         out = x.new_empty((n, flat.shape[1], m))
-        graph = torch.is_grad_enabled() and (x.requires_grad or per_image.requires_grad)
+        graph = _records_graph(x, per_image)
         for sel, img, pos in self.groups:
             if img is not None and not graph:
                 torch.mm(flat[sel].reshape(-1, k), per_image[pos], out=out[sel].view(-1, m))  # out=: no autograd
