@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 import torch
+from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
 from torch.profiler import ProfilerActivity, profile
 
 from heiindex import attention
@@ -68,7 +69,8 @@ def _exhaustive(index: Index, sub: _Sub, device: torch.device) -> float:
 
 
 def _rerank(direction: str, index: Index, sub: _Sub, topk: int):
-    """The bench's re-ranking call of one direction over the whole split (``_hei``'s, untimed)."""
+    """The bench's re-ranking call of one direction over the whole split, as ``bench._hei`` makes it
+    (keep the two alike: ``_hei`` also ranks the results, which is not profiled here)."""
     feats = {"words": sub.words, "lengths": sub.lengths, "regions": sub.regions, "gram": sub.gram, "n": topk}
     if direction == "t2i":
         return lambda: rerank_images(index.model, index.image_index, index.caption_codes(), **feats)
@@ -143,7 +145,7 @@ def main() -> None:
     index = Index.open(a.index, device=device)
     sub = _Sub(index, np.arange(index.n_images), np.arange(len(index.caption_image)))
     lines = [{"index": a.index, "device": str(device), "policy": a.policy, "torch": torch.__version__}]
-    lines[0]["threads"] = torch.get_num_threads()
+    lines[0].update(threads=torch.get_num_threads(), checkout=checkout())
     lines += _passes(index, sub, a.topk, a.repeats, device)
     if a.exhaustive:
         lines.append({"exhaustive_seconds": [_exhaustive(index, sub, device) for _ in range(a.exhaustive)]})

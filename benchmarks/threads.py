@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 import torch
+from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
 
 from heiindex import attention
 from heiindex.bench import _hei, _Sub
@@ -135,38 +136,39 @@ def main() -> None:
         "index": a.index,
         "topk": a.topk,
         "warmup": not a.no_warmup,
+        "checkout": checkout(),
     }
     print(json.dumps(meta), flush=True)
     if not a.no_warmup:
         _hei_row(index, sub, min(a.topk, 20), _FOR_EACH)
     rows = []
-    for config in a.configs.split(","):
-        for t in ex_threads if config == "exhaustive" else threads:
-            if time.perf_counter() - start > a.budget:
-                print("budget spent", flush=True)
-                break
-            torch.set_num_threads(t)
-            row = {"config": config, "threads": t}
-            if config == "exhaustive":
-                t0 = time.perf_counter()
-                exhaustive_scores(index.model, sub)
-                row["seconds"] = round(time.perf_counter() - t0, 3)
+    plan = [(c, t) for c in a.configs.split(",") for t in (ex_threads if c == "exhaustive" else threads)]
+    for config, t in plan:
+        if time.perf_counter() - start > a.budget:
+            print("budget spent", flush=True)  # once: every later row would start after it too
+            break
+        torch.set_num_threads(t)
+        row = {"config": config, "threads": t}
+        if config == "exhaustive":
+            t0 = time.perf_counter()
+            exhaustive_scores(index.model, sub)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+        else:
+            name, _, arg = config.partition(":")
+            if name == "library" and not arg:
+                for_each = _FOR_EACH
+            elif name == "serial" and not arg:
+                for_each = _serial
+            elif name == "workers" and (arg == "all" or arg.isdigit()):
+                for_each = _pool(t if arg == "all" else int(arg))
             else:
-                name, _, arg = config.partition(":")
-                if name == "library" and not arg:
-                    for_each = _FOR_EACH
-                elif name == "serial" and not arg:
-                    for_each = _serial
-                elif name == "workers" and (arg == "all" or arg.isdigit()):
-                    for_each = _pool(t if arg == "all" else int(arg))
-                else:
-                    raise SystemExit(f"unknown configuration {config!r}")
-                row.update(_hei_row(index, sub, a.topk, for_each))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if a.json:  # after every row, so that a run stopped at its time limit keeps what it measured
-                with open(a.json, "w") as f:
-                    json.dump({**meta, "rows": rows, "ratios": ratios(rows)}, f, indent=1)
+                raise SystemExit(f"unknown configuration {config!r}")
+            row.update(_hei_row(index, sub, a.topk, for_each))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:  # after every row, so that a run stopped at its time limit keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({**meta, "rows": rows, "ratios": ratios(rows)}, f, indent=1)
     for r in ratios(rows):
         print(json.dumps(r), flush=True)
 
