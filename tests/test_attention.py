@@ -439,7 +439,8 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
 def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
     """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
     scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
-    other count they run in the caller's thread. The caller's thread count is untouched."""
+    other count they run in the caller's thread. (What the pool leaves for threads started later:
+    test_pool_workers_keep_the_callers_modes_and_thread_count.)"""
     import threading
 
     import heiindex.attention as attention
@@ -464,7 +465,6 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         torch.set_num_threads(threads)
         try:
             got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-            assert torch.get_num_threads() == threads
         finally:
             torch.set_num_threads(before)
         if threads == 2:  # each chunk summed by one thread, as with one thread

@@ -159,11 +159,20 @@ def test_build_refuses_unusable_milvus_options_before_the_default_data(monkeypat
 
 
 def test_the_cli_names_the_setting(pipe, tmp_path):
-    """By its flag: "batch_size must be" named the library's field, not --batch-size."""
+    """By its flag: "batch_size must be" named the library's field, not --batch-size (also for the
+    settings the configs check themselves: --bits 12 is the HEI issue's k not a multiple of 8)."""
     for args, message in (
         (("train", "--store", pipe.root, "--out", tmp_path / "t", "--lr", "nan"), "--lr must be a finite number"),
         (("train", "--store", pipe.root, "--out", tmp_path / "t", "--batch-size", "1"), "--batch-size must be"),
         (("train", "--store", pipe.root, "--out", tmp_path / "t", "--val-images", "0"), "--val-images must be"),
+        (
+            ("train", "--store", pipe.root, "--out", tmp_path / "t", "--raw-feature-norm", "bogus"),
+            "--raw-feature-norm must be one of",
+        ),
+        (
+            ("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", tmp_path / "h", "--bits", "12"),
+            "--bits (the code length k) must be a multiple of 8",
+        ),
         (
             ("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", tmp_path / "h", "--epochs", "0"),
             "--epochs must be a whole number, at least 1, got 0",

@@ -398,6 +398,8 @@ def test_merged_candidates_keep_empty_slots_empty():
 
 
 def test_each_shard_manifest_records_its_store_rows(sharded):
-    m = json.loads((sharded.path / "manifest.json").read_text())
-    got = [json.loads((sharded.path / e["path"] / "manifest.json").read_text())["store_rows"] for e in m["shards"]]
+    got = [
+        json.loads((sharded.path / e["path"] / "manifest.json").read_text())["store_rows"]
+        for e in sharded.manifest["shards"]
+    ]
     assert got == [[0, 8], [8, 16], [16, 24]]
