@@ -175,7 +175,19 @@ def test_hnsw_settings_faiss_crashes_on_are_refused(easy, hnsw_m, ef_search, det
 # ----------------------------------------------------------------------------- torch search
 
 
-def test_torch_index_answers_as_faiss_flat_ties_included(easy):
+def _assert_answers_as_flat(codes, queries, ns, block=1 << 20) -> None:
+    """TorchBinaryIndex over ``codes`` gives FAISS flat's distances and ids, order included."""
+    from heiindex.hamming import TorchBinaryIndex
+
+    index, flat = TorchBinaryIndex(codes, block=block), make_binary_index(codes, "flat")
+    for n in ns:
+        got, want = index.search(queries, n), flat.search(queries, n)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("block", [1 << 20, 64, 7])  # one block, and several merged (7: under half of 25)
+def test_torch_index_answers_as_faiss_flat_ties_included(easy, block):
     """Ties were ordered differently from FAISS (4,126 of 5,000 coco-sim caption queries got
     another 100-candidate set), so a GPU without faiss-gpu answered otherwise than the CPU; and
     blocks fewer than half the candidates asked for failed ("selected index k out of range")."""
@@ -183,34 +195,21 @@ def test_torch_index_answers_as_faiss_flat_ties_included(easy):
 
     codes, queries, rows = easy
     rng = np.random.default_rng(1)
-    more = rng.integers(0, 256, (40, BYTES), dtype=np.uint8)
-    all_queries = np.concatenate([queries, more])
+    all_queries = np.concatenate([queries, rng.integers(0, 256, (40, BYTES), dtype=np.uint8)])
     few_bits = rng.integers(0, 256, (300, 1), dtype=np.uint8)  # 8 bits over 300 codes: ties everywhere
-    for block in (1 << 20, 64, 7):  # one block, and several merged blocks (7: under half of 25)
-        index = TorchBinaryIndex(codes, block=block)
-        assert index.ntotal == N and index.d == BYTES * 8
-        _check_nearest(index, codes, queries, rows)
-        for n in (1, 25):
-            got, want = index.search(all_queries, n), make_binary_index(codes, "flat").search(all_queries, n)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
-        for n in (5, 100, 300):
-            got = TorchBinaryIndex(few_bits, block=block).search(few_bits[:20], n)
-            want = make_binary_index(few_bits, "flat").search(few_bits[:20], n)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
+    index = TorchBinaryIndex(codes, block=block)
+    assert index.ntotal == N and index.d == BYTES * 8
+    _check_nearest(index, codes, queries, rows)
+    _assert_answers_as_flat(codes, all_queries, (1, 25), block)
+    _assert_answers_as_flat(few_bits, few_bits[:20], (5, 100, 300), block)
 
 
 def test_torch_index_pads_as_faiss_where_it_holds_fewer_codes_than_asked_for():
     """Slots beyond the codes held: id -1 and the largest int32 distance, as FAISS; an empty
     index failed ("cannot reshape tensor of 0 elements")."""
-    from heiindex.hamming import TorchBinaryIndex
-
     codes = np.arange(3, dtype=np.uint8)[:, None]
     for held in (codes, codes[:0]):
-        got, want = TorchBinaryIndex(held).search(codes[:2], 5), make_binary_index(held, "flat").search(codes[:2], 5)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
+        _assert_answers_as_flat(held, codes[:2], (5,))
 
 
 def test_torch_index_rejects_bad_codes_and_too_many_candidates():
