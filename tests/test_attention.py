@@ -107,6 +107,11 @@ def _data():
     return words, lengths, regions
 
 
+def _all_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption and image rows of every pair of ``_data()``, caption-major."""
+    return torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS), torch.arange(N_IMGS).repeat(len(LENGTHS))
+
+
 @functools.cache
 def _reference(cross_attn, raw_feature_norm, agg):
     words, lengths, regions = _data()
@@ -422,8 +427,7 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
 
     monkeypatch.setattr(attention, "_score_pair_chunk", counted)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks in this thread, in order
-    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
-    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    caps, imgs = _all_pairs()
     score_pairs(cfg, words, lengths, regions, caps, imgs)
     assert chunks == [(len(caps), max(LENGTHS))]
     chunks.clear()
@@ -446,8 +450,7 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
     import heiindex.attention as attention
 
     words, lengths, regions = _data()
-    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
-    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    caps, imgs = _all_pairs()
     ran_in = []
     real = attention._score_pair_chunk
 
@@ -498,8 +501,7 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count():
     import threading
 
     words, lengths, regions = _data()
-    caps = torch.arange(len(LENGTHS)).repeat_interleave(N_IMGS)
-    imgs = torch.arange(N_IMGS).repeat(len(LENGTHS))
+    caps, imgs = _all_pairs()
     cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
     want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
     before = torch.get_num_threads()
