@@ -735,7 +735,8 @@ def serve(index_dir, engine, address, threads, stop) -> None:
 @handle_errors
 def verify(path, as_json) -> None:
     """Check a store (root or split) or an index (sharded or not) against the file sizes and
-    SHA-256s its manifests record; exit status 2 where a file changed or is missing."""
+    SHA-256s its manifests record; exit status 2 where a file changed or is missing, or a manifest
+    is one the commands reading it would refuse ("invalid")."""
     from heiindex.verify import verify as run_verify
 
     from .render import console, echo_json, verify_table
