@@ -59,6 +59,7 @@ from .search import (
     check_queries,
     check_query_counts,
     encode_queries,
+    id_span,
     images_for_text,
     refuse_unknown_images,
     rerank_captions,
@@ -544,7 +545,9 @@ class Index(BatchSearch):
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         candidates, k = self._check_n(candidates, k, self.n_captions, "captions")
         rows = self.image_rows(image_ids)
-        refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), self.image_ids)
+        refuse_unknown_images(
+            [i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [id_span(self.image_ids)]
+        )
         return self._image_batches(image_ids, rows, k, candidates, batch)
 
     def _image_batches(self, image_ids: list[int], rows: np.ndarray, k: int, candidates: int, batch: int):

@@ -72,7 +72,14 @@ class _ShardServer:
     def info(self) -> dict:
         import torch
 
-        return {"pid": self.pid, "threads": torch.get_num_threads(), "n_images": self.index.n_images}
+        from .search import id_span
+
+        return {
+            "pid": self.pid,
+            "threads": torch.get_num_threads(),
+            "n_images": self.index.n_images,
+            "image_span": id_span(self.index.image_ids),
+        }
 
     def query_problems(self, texts: list[str]) -> list[tuple[int, str]]:
         from .search import query_problems
@@ -277,7 +284,7 @@ class RayShardedIndex(BatchSearch):
             return iter([])
         one_batch = len(image_ids) <= batch
         replies = self._gather([a.lookup_images.remote(image_ids, one_batch) for a in self.actors], "the image lookup")
-        shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies])
+        shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies], [i["image_span"] for i in self.infos])
         if not one_batch:
             return self._image_batches(image_ids, shard_of, own_rows, k, candidates, batch)
         feats = self._assemble(

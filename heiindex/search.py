@@ -48,6 +48,7 @@ __all__ = [
     "images_for_text",
     "query_problems",
     "refuse_queries",
+    "id_span",
     "refuse_unknown_images",
     "rerank_captions",
     "rerank_images",
@@ -195,12 +196,20 @@ def check_image_ids(image_ids: Sequence[int], batch: int) -> list[int]:
     return [int(i) for i in ids]
 
 
-def refuse_unknown_images(missing: list[int], n: int, known: np.ndarray | None = None) -> None:
+def id_span(ids: np.ndarray) -> tuple[int, int] | None:
+    """The smallest and largest of ``ids``; None where there are none."""
+    return (int(ids.min()), int(ids.max())) if len(ids) else None
+
+
+def refuse_unknown_images(missing: list[int], n: int, spans: Sequence[Sequence[int] | None] | None = None) -> None:
     """Raise one error naming the ``missing`` ids (the first five) of ``n`` asked for, if any, with
-    the span of the ``known`` ids where given."""
+    the span of the index's ids where given: ``spans`` holds ``id_span`` of each part (shard)."""
     if not missing:
         return
-    span = "" if known is None else f" (ids {known.min()}..{known.max()})" if len(known) else " (no images)"
+    span = ""
+    if spans is not None:
+        held = [s for s in spans if s is not None]
+        span = f" (ids {min(s[0] for s in held)}..{max(s[1] for s in held)})" if held else " (no images)"
     if n == 1:
         raise HeiindexError(f"image id {missing[0]} is not in this index{span}")
     named = name_some([str(i) for i in missing])

@@ -22,7 +22,7 @@ What it must not do: start processes or talk to a cluster (``heiindex.ray_engine
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from .search import (
     check_queries,
     check_query_counts,
     encode_queries,
+    id_span,
     refuse_unknown_images,
 )
 from .settings import require
@@ -234,7 +235,9 @@ class ShardedIndex(BatchSearch):
         """Each image's features come from its own shard; every shard searches and re-ranks its own
         captions for a batch of images at once, the results are merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
-        shard_of, rows = locate_images(image_ids, [s.image_rows(image_ids) for s in self.shards])
+        shard_of, rows = locate_images(
+            image_ids, [s.image_rows(image_ids) for s in self.shards], [id_span(s.image_ids) for s in self.shards]
+        )
         return self._image_batches(image_ids, shard_of, rows, k, candidates, batch)
 
     def _image_batches(self, image_ids, shard_of, rows, k: int, candidates: int, batch: int) -> Iterator[SearchResult]:
@@ -274,12 +277,15 @@ def batch_results(
     return timed_results(queries, merged, unknown, t0)
 
 
-def locate_images(image_ids: list[int], rows_per_shard: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def locate_images(
+    image_ids: list[int], rows_per_shard: list[np.ndarray], spans: list[Sequence[int] | None]
+) -> tuple[np.ndarray, np.ndarray]:
     """The shard holding each image and its row there, from each shard's rows of ``image_ids`` (-1
-    where not its image); ids no shard holds are refused together."""
+    where not its image); ids no shard holds are refused together, with the span of the ids the
+    shards hold (``spans``: each shard's ``id_span``)."""
     rows = np.stack(rows_per_shard)
     held = rows >= 0
-    refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids))
+    refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids), spans)
     shard_of = held.argmax(axis=0)
     return shard_of, rows[shard_of, np.arange(len(image_ids))]
 

@@ -737,6 +737,18 @@ def test_search_image_of_an_unknown_id(index):
         index.search_image(999, k=3, candidates=5)
 
 
+def test_unknown_images_are_refused_with_the_span_of_every_part():
+    """A sharded build's span runs over its shards; a shard without images adds nothing."""
+    from heiindex.search import id_span, refuse_unknown_images
+
+    assert id_span(np.array([7, 3, 9])) == (3, 9) and id_span(np.array([], dtype=np.int64)) is None
+    refuse_unknown_images([], 2, [None])  # nothing missing: nothing refused
+    for spans, span in (([None, (5, 9), [0, 3]], " (ids 0..9)"), ([None], " (no images)"), (None, "")):
+        with pytest.raises(HeiindexError) as err:
+            refuse_unknown_images([12], 1, spans)
+        assert str(err.value) == f"image id 12 is not in this index{span}"
+
+
 # ----------------------------------------------------------------------------- device / dtype
 
 
