@@ -11,7 +11,9 @@ come from one run on one machine:
 Configurations (``--configs``, comma-separated, each run at every ``--threads`` count T):
 ``library`` (as the library is), ``serial`` (one chunk at a time on T threads),
 ``workers:W`` (W chunks at once, each worker on T // W torch threads; ``workers:all`` is one
-single-threaded worker per thread, the library before 2026-11-27), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
+single-threaded worker per thread, the library before 2026-11-27), ``torch-set:W`` (the same,
+each worker setting its count with ``torch.set_num_threads``, the library before 2026-11-28;
+``heiindex.omp_threads`` says why it no longer does), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
 rows, ``concurrency`` is the time summed inside the chunks over the wall time: how many chunks
 ran at once, on average. At the end come the ratios, per thread count: each configuration's time
 over ``library``'s, and the exhaustive time over ``library``'s HEI time.
@@ -30,6 +32,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,6 +62,32 @@ def _pool(workers: int):
             _serial(fn, chunks)
         else:
             attention._pool_map(fn, chunks, workers=w, threads_each=threads // w)
+
+    return for_each
+
+
+def _torch_set_pool(workers: int):
+    """``_pool``, each worker setting its count with ``torch.set_num_threads`` (which also sets the
+    process default: the caller's count is set again after)."""
+
+    def for_each(fn, chunks):
+        threads = torch.get_num_threads()
+        w = min(workers, threads, len(chunks))
+        if w <= 1:
+            _serial(fn, chunks)
+            return
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run(sel):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                fn(sel)
+
+        try:
+            with ThreadPoolExecutor(w, initializer=torch.set_num_threads, initargs=(threads // w,)) as pool:
+                for result in pool.map(run, chunks):
+                    del result
+        finally:
+            torch.set_num_threads(threads)
 
     return for_each
 
@@ -161,6 +190,8 @@ def main() -> None:
                 for_each = _serial
             elif name == "workers" and (arg == "all" or arg.isdigit()):
                 for_each = _pool(t if arg == "all" else int(arg))
+            elif name == "torch-set" and arg.isdigit():
+                for_each = _torch_set_pool(int(arg))
             else:
                 raise SystemExit(f"unknown configuration {config!r}")
             row.update(_hei_row(index, sub, a.topk, for_each))

@@ -32,6 +32,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from . import omp_threads
 from .packed import PackedWords, integer_tensor, word_mask
 from .settings import SettingError, require, settle
 
@@ -408,7 +409,8 @@ def score_pairs(
 def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     """Run ``fn`` on every chunk: on torch's own threads, one chunk after another, except with
     exactly two CPU threads, where two single-threaded workers take a chunk each
-    (``_pool_map``). Chunks write disjoint outputs.
+    (``_pool_map``), if torch's OpenMP runtime can set a thread's count for that thread alone
+    (``omp_threads``). Chunks write disjoint outputs.
 
     Measured on coco-sim test (``benchmarks/threads.py``; RESULTS.md, "CPU threads"): with two
     threads on the 2-core machine, two workers were ~10% faster than one chunk at a time (ahead
@@ -416,7 +418,12 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     was fastest (HEI 2.2 + 0.7 s), ahead of two workers of 8 threads (2.6 + 1.2 s) and of one
     single-threaded worker per thread (4.7 + 2.6 s, which the library used to do); with 4
     threads, one chunk at a time too."""
-    if torch.get_num_threads() != 2 or len(chunks) <= 1 or chunks[0].device.type != "cpu":
+    if (
+        torch.get_num_threads() != 2
+        or len(chunks) <= 1
+        or chunks[0].device.type != "cpu"
+        or omp_threads.thread_local_setter() is None
+    ):
         for sel in chunks:
             fn(sel)
         return
@@ -425,25 +432,22 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
 
 def _pool_map(fn: Callable[[Tensor], None], chunks: list[Tensor], workers: int, threads_each: int) -> None:
     """Run ``fn`` on every chunk on ``workers`` threads, each running torch on ``threads_each``
-    threads (``benchmarks/threads.py`` compares other counts through it). Workers run under the
-    caller's grad and inference modes (both are per thread: an output made under
-    ``torch.inference_mode`` cannot be written outside it). A worker's ``set_num_threads`` also
-    sets torch's default for threads that start later, so the caller's count is set again after."""
-    threads = torch.get_num_threads()
+    threads (``benchmarks/threads.py`` compares other counts through it). Workers set their count
+    for themselves alone (``omp_threads.set_worker_threads``): ``torch.set_num_threads`` would also
+    change the default of every thread whose first torch call falls while they run. Workers run
+    under the caller's grad and inference modes (both are per thread: an output made under
+    ``torch.inference_mode`` cannot be written outside it)."""
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(sel: Tensor) -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             fn(sel)
 
-    try:
-        with ThreadPoolExecutor(
-            max_workers=workers, initializer=torch.set_num_threads, initargs=(threads_each,)
-        ) as pool:
-            for result in pool.map(run, chunks):
-                del result
-    finally:
-        torch.set_num_threads(threads)
+    with ThreadPoolExecutor(
+        max_workers=workers, initializer=omp_threads.set_worker_threads, initargs=(threads_each,)
+    ) as pool:
+        for result in pool.map(run, chunks):
+            del result
 
 
 def _score_pair_chunk(

@@ -478,6 +478,35 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         ran_in.clear()
 
 
+def test_chunks_run_in_the_callers_thread_where_no_per_thread_count_is_found(monkeypatch):
+    """Where torch's OpenMP runtime offers no per-thread count (omp_threads), two threads run the
+    chunks one at a time in the caller's thread, on its two threads."""
+    import threading
+
+    import heiindex.attention as attention
+    import heiindex.omp_threads as omp_threads
+
+    monkeypatch.setattr(omp_threads, "thread_local_setter", lambda: None)
+    words, lengths, regions = _data()
+    caps, imgs = _all_pairs()
+    ran_in = []
+    real = attention._score_pair_chunk
+
+    def spied(*args):
+        ran_in.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(attention, "_score_pair_chunk", spied)
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
+    finally:
+        torch.set_num_threads(before)
+    assert set(ran_in) == {(True, 2)} and len(ran_in) > 2
+
+
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
 def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cross_attn):
     """Pairs of one image take the per-image product, written with out=, which autograd refuses
@@ -494,12 +523,27 @@ def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cros
     torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=1e-10)
 
 
-def test_pool_workers_keep_the_callers_modes_and_thread_count():
+def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     """With two torch threads (the pool): a call under torch.inference_mode works (its output
     is an inference tensor that only inference mode may write), no_grad reaches the workers,
-    and threads started afterwards still get two torch threads, not the workers' one."""
+    and threads started while the workers run, or afterwards, still get two torch threads, not
+    the workers' one (torch.set_num_threads in a worker gave them one)."""
     import threading
 
+    import heiindex.attention as attention
+
+    started_during = []
+    real = attention._score_pair_chunk
+
+    def spied(*args):
+        if threading.current_thread() is not threading.main_thread() and not started_during:
+            started_during.append(torch.get_num_threads())  # the worker's own: one
+            other = threading.Thread(target=lambda: started_during.append(torch.get_num_threads()))
+            other.start()
+            other.join()
+        return real(*args)
+
+    monkeypatch.setattr(attention, "_score_pair_chunk", spied)
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
     cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
@@ -520,6 +564,7 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count():
         later.start()
         later.join()
         assert seen == [2] and torch.get_num_threads() == 2
+        assert started_during == [1, 2]
     finally:
         torch.set_num_threads(before)
 
