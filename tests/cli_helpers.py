@@ -20,8 +20,9 @@ def ok(result):
 
 
 def clean_error(result, *details: str) -> None:
-    """Non-zero exit with a one-line ``Error: ...`` message, not a traceback."""
-    assert result.exit_code != 0
+    """Exit status 2 (every refusal's, heiindex's and click's) with a one-line ``Error: ...``
+    message, not a traceback."""
+    assert result.exit_code == 2, f"exit status {result.exit_code}: {result.output}"
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     assert "Traceback" not in result.output
     assert "Error:" in result.output

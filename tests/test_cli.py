@@ -152,10 +152,8 @@ def test_query_several_images_prints_one_json_object_a_line(pipe):
     r = ok(run("query", *image_args))
     assert "query image 5" in r.output and "query image 0" in r.output and "2 queries in " in r.output
     r = run("query", "--image", "5", "--image", "77", "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
-    assert r.exit_code == 2
     clean_error(r, "1 of 2 image ids are not in this index (ids 0..23); nothing was searched: 77")
     r = run("query", "--image", str(2**63), "--index", pipe.index_dir, "--candidates", "5", "--k", "3")
-    assert r.exit_code == 2
     clean_error(r, f"an image id is a whole number of 64 bits, got {2**63}")
 
 
@@ -209,7 +207,6 @@ def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detai
     queries = tmp_path / "queries.txt"
     queries.write_bytes(content)
     r = run("query", "--file", queries, "--index", pipe.index_dir, "--candidates", "5", "--k", "3", "--json")
-    assert r.exit_code == 2
     clean_error(r, detail.replace("QUERIES", str(queries)))
     assert r.stdout.count("{") == 0  # nothing printed before the refusal
 
@@ -270,7 +267,6 @@ def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monke
 )
 def test_bench_bad_sweep(pipe, sweep, message):
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", sweep)
-    assert r.exit_code == 2
     clean_error(r, message)
 
 
@@ -290,10 +286,8 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         (notes, "exists and is not a PNG; the plot would replace it (choose another path)"),
     ):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
-        assert r.exit_code == 2
         clean_error(r, f"--plot {plot}: {message}")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
-    assert r.exit_code == 2
     clean_error(r, "--plot draws the --sweep table; give --sweep too")
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
 
@@ -368,13 +362,11 @@ def test_evaluate(pipe):
 
 def test_query_without_an_index(tmp_path):
     r = run("query", "a dog", "--index", tmp_path / "none")
-    assert r.exit_code == 2
     clean_error(r, "no index here; run `heiindex build` first", str(tmp_path / "none" / "manifest.json"))
 
 
 def test_bench_without_an_index(tmp_path):
     r = run("bench", "--index", tmp_path / "none", "--topk", "5")
-    assert r.exit_code == 2
     clean_error(r, "no index here")
 
 
@@ -399,7 +391,6 @@ def test_a_missing_index_is_told_before_torch_and_faiss_are_imported(tmp_path):
 
 def test_query_with_another_model(pipe):
     r = run("query", "a dog", "--index", pipe.index_dir, "--model", pipe.other_model_dir, "--candidates", "10")
-    assert r.exit_code == 2
     clean_error(r, "rebuild the index with this model")
 
 
@@ -419,7 +410,6 @@ def test_build_refuses_an_out_it_would_destroy(pipe, tmp_path):
         (a_file, "exists and is not a folder; an index is written as a folder"),
     ):
         r = build(pipe, out)
-        assert r.exit_code == 2
         clean_error(r, str(out), message)
     assert sorted(p.name for p in pipe.root.iterdir()) == before
     assert (notes / "notes.txt").read_text() == "keep" and a_file.read_text() == "a caption\n"
@@ -455,14 +445,12 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
         ("build", "--split", "dev", "--hash", pipe.hash_dir, "--out", tmp_path / "i"),
     ):
         r = run(*args, "--store", wide, "--model", pipe.model_dir)
-        assert r.exit_code == 2, args
         clean_error(r, "was tokenised with another vocabulary than model")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_train_hash_refuses_a_model_folder_as_out(pipe):
     r = run("train-hash", "--store", pipe.root, "--model", pipe.model_dir, "--out", pipe.model_dir, "--epochs", "1")
-    assert r.exit_code == 2
     clean_error(r, "exists and holds what a hash module does not write (model.safetensors, vocab.json)")
     assert (pipe.model_dir / "model.safetensors").exists()
 
@@ -481,7 +469,6 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
         "--out",
         tmp_path / "x",
     )
-    assert r.exit_code == 2
     clean_error(r, "was trained next to")
     assert not (tmp_path / "x").exists()
 
@@ -516,7 +503,6 @@ def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
 )
 def test_query_errors(pipe, args, detail):
     r = run("query", *args, "--index", pipe.index_dir)
-    assert r.exit_code == 2
     clean_error(r, detail)
 
 
@@ -540,14 +526,12 @@ def test_options_that_would_go_unused_are_refused(pipe, monkeypatch, command, ar
     monkeypatch.setattr(heiindex.index.Index, "open", lambda *a, **k: pytest.fail("opened"))
     monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
     r = run(command, *args, "--index", pipe.index_dir)
-    assert r.exit_code == 2
     clean_error(r, detail)
 
 
 def test_build_refuses_a_milvus_uri_without_milvus_codes(pipe, tmp_path):
     for extra in ((), ("--shards", "2")):
         r = build(pipe, tmp_path / "x", "--uri", "http://127.0.0.1:19530", *extra)
-        assert r.exit_code == 2
         clean_error(r, "--uri names the Milvus server of --codes milvus")
         assert not (tmp_path / "x").exists()
 
@@ -557,13 +541,11 @@ def test_query_needs_text_or_image_or_file(pipe, tmp_path):
     queries.write_text("a dog\n")
     for args in ([], ["a dog", "--image", "1"], ["a dog", "--file", queries], ["--image", "1", "--file", queries]):
         r = run("query", *args, "--index", pipe.index_dir)
-        assert r.exit_code == 2
         clean_error(r, "give a TEXT query, --image ID or --file FILE (one of them)")
 
 
 def test_bench_topk_too_large(pipe):
     r = run("bench", "--index", pipe.index_dir, "--topk", "25")
-    assert r.exit_code == 2
     clean_error(r, "--topk 25 must lie in [1, 24]")
 
 
@@ -587,7 +569,6 @@ def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device,
     for cmd in (["query", "a dog"], ["bench", "--topk", "5"], ["build", "--split", "test", "--out", tmp_path / "i"]):
         index = [] if cmd[0] == "build" else ["--index", pipe.index_dir]
         r = run(*cmd, *index, "--device", device)
-        assert r.exit_code == 2, cmd
         clean_error(r, f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
@@ -595,7 +576,6 @@ def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device,
 def test_cuda_without_a_gpu_is_a_clear_error(pipe):
     for cmd in (["query", "a dog"], ["bench"]):
         r = run(*cmd, "--index", pipe.index_dir, "--device", "cuda")
-        assert r.exit_code == 2
         clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
 
 
@@ -692,7 +672,6 @@ def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     (root / "test" / "captions.parquet").unlink()
     r = run("verify", root / "test")
-    assert r.exit_code == 2, r.output
     clean_error(r, "files differ from what their manifests record")
 
 

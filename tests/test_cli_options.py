@@ -88,7 +88,6 @@ def test_in_process_options_are_refused_with_ray(pipe, monkeypatch, command, arg
 
     monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
     r = run(command, *args, "--engine", "ray", "--index", pipe.index_dir)
-    assert r.exit_code == 2
     clean_error(r, detail)
 
 
@@ -236,11 +235,9 @@ def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe,
     monkeypatch.setattr(heiindex.shards, "write_shards", lambda *a, **k: pytest.fail("written"))
     common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
     r = run("build", *common, "--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1")
-    assert r.exit_code == 2
     clean_error(r, "--codes milvus is for an unsharded build")
     for extra in ((), ("--shards", "2")):
         r = run("build", *common, "--milvus-index", "BIN_IVF_FLAT", *extra)
-        assert r.exit_code == 2
         clean_error(r, "--milvus-index sets the Milvus index of --codes milvus")
     assert not (tmp_path / "i").exists()
 
@@ -276,7 +273,6 @@ def test_queries_from_standard_input_are_named_so_and_one_is_one_query(pipe):
     "1 query", not "1 queries"."""
     args = ("query", "--file", "-", "--index", pipe.index_dir, "--k", "2", "--candidates", "5")
     r = run(*args, input="a dog\n\n")
-    assert r.exit_code == 2
     clean_error(r, "standard input line 2: the query is empty")
     assert "1 query in " in ok(run(*args, input="a dog\n")).output
 
@@ -388,7 +384,6 @@ def test_resume_checks_only_the_shape_options_given(pipe, tmp_path, monkeypatch)
     ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume"))
     ok(run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume", "--embed-size", pf.EMBED_SIZE))
     r = run("train", "--store", pipe.root, "--out", out, "--epochs", "2", "--resume", "--embed-size", "8")
-    assert r.exit_code == 2
     clean_error(r, f"--embed-size 8 (it has {pf.EMBED_SIZE})")
 
 

@@ -1101,7 +1101,6 @@ def test_non_finite_or_undecodable_features_are_refused_by_file(pipe, tmp_path):
     ):
         list(store.iter_image_blocks())
     r = cli_build(SimpleNamespace(root=root, model_dir=pipe.model_dir, hash_dir=pipe.hash_dir), tmp_path / "idx")
-    assert r.exit_code == 2
     clean_error(r, "holds NaN or infinite values", str(images))
     assert not (tmp_path / "idx").exists() and not list(tmp_path.glob(".idx.*"))
 

@@ -271,13 +271,10 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
         m.setattr(ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started before --sweep was refused"))
         for engine in ("local", "ray"):
             r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10", "--engine", engine)
-            assert r.exit_code == 2
             clean_error(r, "--sweep runs on an unsharded build, in this process")
             r = run("bench", "--index", out, "--topk", "12", "--protocol", "1k", "--engine", engine)  # was ignored
-            assert r.exit_code == 2
             clean_error(r, "--protocol 1k runs on an unsharded build")
         r = run("query", "a dog", "--index", out, "--uri", "http://127.0.0.1:1")  # was ignored
-        assert r.exit_code == 2
         clean_error(r, "is a sharded build: its shards keep their codes in FAISS files")
     # the tables (they failed on the Hamming row, which has no seconds of its own here)
     text = ok(run("bench", "--index", out, "--topk", "12")).output
@@ -286,7 +283,6 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     hamming_rows = [line for line in text.splitlines() if "hamming" in line]
     assert len(hamming_rows) == 2 and all(line.rstrip(" │|").endswith("-") for line in hamming_rows), hamming_rows
     r = run("bench", "--index", out, "--topk", "121")
-    assert r.exit_code == 2
     clean_error(r, "--topk 121 must lie in [1, 120] for this index (its images or captions)")
 
 

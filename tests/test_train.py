@@ -310,7 +310,6 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
 
     # An option that would change the saved model's shape is refused, not silently ignored.
     r3 = _cli_train(wide_store, out, "--epochs", "3", "--resume", "--embed-size", "32", "--agg", "mean")
-    assert r3.exit_code == 2
     clean_error(
         r3, f"--resume continues the model in {out / 'last'}", "--embed-size 32 (it has 16); --agg mean (it has lse)"
     )
@@ -331,12 +330,10 @@ def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
     a_file = tmp_path / "run.txt"
     a_file.write_text("keep")
     r = _cli_train(wide_store, a_file, "--epochs", "1")
-    assert r.exit_code == 2
     clean_error(r, "run.txt: exists and is not a folder")
     (tmp_path / "run" / "best").mkdir(parents=True)
     (tmp_path / "run" / "best" / "notes.txt").write_text("keep")
     r = _cli_train(wide_store, tmp_path / "run", "--epochs", "1")
-    assert r.exit_code == 2
     clean_error(r, "best: exists and holds what a model does not write (notes.txt)")
     assert "epoch 1" not in r.output  # refused before training
     assert a_file.read_text() == "keep" and (tmp_path / "run" / "best" / "notes.txt").read_text() == "keep"
@@ -345,7 +342,6 @@ def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
     (mine / "notes.txt").write_text("keep")
     for out in (mine, wide_store):
         r = _cli_train(wide_store, out, "--epochs", "1")
-        assert r.exit_code == 2
         clean_error(r, f"{out}: exists and holds what a training run does not write")
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
@@ -432,7 +428,6 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
     aside = out / f".last.old-{atomic._HOST}-1-7-abcd"
     (out / "last").rename(aside)
     r = _cli_train(wide_store, out, "--epochs", "2", "--resume")
-    assert r.exit_code == 2
     clean_error(r, f"{aside}: holds last/ as a run killed while replacing it left it", f"rename it to {out / 'last'}")
     assert "epoch 1: loss" not in r.output and load_model(out / "best").checksum == best
 
@@ -457,7 +452,6 @@ def test_resume_takes_the_history_from_last_and_refuses_a_missing_or_damaged_sta
     ):
         damage()
         r = _cli_train(wide_store, out, "--epochs", "3", "--resume")
-        assert r.exit_code == 2, r.output
         clean_error(r, f"{state}: {expected}", "train without --resume to start again")
         assert "epoch 1: loss" not in r.output and load_model(out / "best").checksum == best
 

@@ -171,7 +171,6 @@ def test_cli(pipe, tmp_path):
     assert "ok" in ok(run("verify", root / "test")).output
     _flip_a_byte(root / "test" / "images.parquet")
     r = run("verify", root)
-    assert r.exit_code == 2
     clean_error(r, "1 of 7 files differ from what their manifests record")
     assert "changed" in r.output
 
@@ -235,7 +234,6 @@ def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path
     assert got[("dev", "manifest.json")].status == "invalid"
     assert 'field "vocab.sha256" is missing' in got[("dev", "manifest.json")].detail
     r = run("verify", root)
-    assert r.exit_code == 2
     clean_error(r, "files differ from what their manifests record, or are manifests heiindex cannot read")
 
 
