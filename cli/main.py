@@ -11,23 +11,26 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
-from heiindex.errors import DataError, HeiindexError
+from heiindex.errors import DataError, HeiindexError, LeftoverWarning
 
 
 def handle_errors(func):
     """Turn a ``HeiindexError``, a rejected setting or a file the system refused into a one-line
-    message and exit status 2."""
+    message and exit status 2; a ``LeftoverWarning`` into a "Warning: ..." line."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # which restores the handler replaced here
+                warnings.showwarning = _leftover_as_line(warnings.showwarning)
+                return func(*args, **kwargs)
         except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
             click.echo(f"Error: {_as_flag(exc)}", err=True)
             sys.exit(2)
@@ -40,6 +43,19 @@ def handle_errors(func):
             sys.exit(2)
 
     return wrapper
+
+
+def _leftover_as_line(show):
+    """``warnings.showwarning`` printing a ``LeftoverWarning`` as one "Warning: ..." line on
+    standard error, and any other warning through ``show``."""
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LeftoverWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return shown
 
 
 def _as_flag(exc: Exception) -> str:

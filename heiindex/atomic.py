@@ -31,9 +31,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import LeftoverWarning
 
 __all__ = [
     "atomic_file",
@@ -135,7 +138,7 @@ def swap_in(new: Path, target: Path) -> None:
         os.replace(new, target)
         return
     if exchange(new, target):  # `new` now holds the old target
-        _remove(new)
+        _remove_replaced(new, target)
         return
     old = scratch(target, folder=target.is_dir(), role="old")
     try:
@@ -148,7 +151,20 @@ def swap_in(new: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
+    _remove_replaced(old, target)
+
+
+def _remove_replaced(old: Path, target: Path) -> None:
+    """Remove the ``old`` content that ``target`` replaced, warning where some of it stays."""
     _remove(old)
+    if old.exists() or old.is_symlink():
+        warnings.warn(
+            LeftoverWarning(
+                f"{target} was written, but the {target.name} it replaced could not all be removed: what is left "
+                f"is in {old} (`heiindex verify` lists it; the next write of {target.name} tries again)"
+            ),
+            stacklevel=3,
+        )
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DataError", "HeiindexError", "ModelMismatchError", "name_some"]
+__all__ = ["DataError", "HeiindexError", "LeftoverWarning", "ModelMismatchError", "name_some"]
 
 
 def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:
@@ -33,3 +33,8 @@ class DataError(HeiindexError):
 
 class ModelMismatchError(HeiindexError):
     """An index, store or checkpoint was made with another model or data than the one given."""
+
+
+class LeftoverWarning(UserWarning):
+    """An output was written in full, but what it replaced could not all be removed (a file the
+    system refuses to delete, such as one marked immutable). The message names what is left."""

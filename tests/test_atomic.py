@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -12,6 +13,7 @@ import pytest
 
 import heiindex.atomic as atomic
 from heiindex.atomic import atomic_file, clear_leftovers, exchange, leftovers, scratch, swap_in
+from heiindex.errors import LeftoverWarning
 from heiindex.store import atomic_dir
 
 
@@ -77,6 +79,41 @@ def test_swap_in_without_exchange_moves_the_old_aside_and_puts_it_back_on_failur
         swap_in(new, target)
     assert _contents(target) == {"new": "2"}  # the old one is back
     assert calls[0][0] == "out" and calls[0][1].startswith(f".out.old-{atomic._HOST}-{atomic._NS}-{os.getpid()}-")
+
+
+@pytest.mark.parametrize("exchanged", [True, False])
+def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(tmp_path, monkeypatch, exchanged):
+    """A file the system will not delete (immutable, say) stays in the replaced output: the new
+    output is in place, and a LeftoverWarning names the folder left, which verify lists."""
+    if not exchanged:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    real = atomic._remove
+
+    def keeps_stuck(path: Path) -> None:  # removes all but the file named "stuck"
+        for p in path.iterdir():
+            if p.name != "stuck":
+                real(p)
+
+    monkeypatch.setattr(atomic, "_remove", keeps_stuck)
+    target = _folder(tmp_path / "out", stuck="1", other="2")
+    new = scratch(target)
+    (new / "new").write_text("3")
+    with pytest.warns(LeftoverWarning) as caught:
+        swap_in(new, target)
+    assert _contents(target) == {"new": "3"}
+    (left,) = leftovers(target)
+    assert _contents(left) == {"stuck": "1"}
+    assert str(caught[0].message) == (
+        f"{target} was written, but the out it replaced could not all be removed: what is left is in {left} "
+        "(`heiindex verify` lists it; the next write of out tries again)"
+    )
+    monkeypatch.setattr(atomic, "_remove", real)
+    new = scratch(target)
+    (new / "newer").write_text("4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all removed: no warning
+        swap_in(new, target)
+    assert _contents(target) == {"newer": "4"}
 
 
 def test_clear_leftovers_removes_dead_runs_scratch_and_puts_a_set_aside_target_back(tmp_path):

@@ -455,6 +455,24 @@ def test_train_hash_refuses_a_model_folder_as_out(pipe):
     assert (pipe.model_dir / "model.safetensors").exists()
 
 
+def test_build_over_an_index_it_cannot_all_remove_warns_in_one_line(pipe, tmp_path, monkeypatch):
+    """The new index is written and the command succeeds; the old one's remains are named."""
+    import heiindex.atomic as atomic
+
+    out = tmp_path / "idx"
+    ok(build(pipe, out))
+    monkeypatch.setattr(atomic, "_remove", lambda path: None)  # nothing of the old index goes
+    r = ok(build(pipe, out))
+    (left,) = atomic.leftovers(out)
+    assert (
+        f"Warning: {out} was written, but the idx it replaced could not all be removed: what is left is in {left}"
+        in r.output
+    )
+    assert "LeftoverWarning" not in r.output and Index.open(out).n_images == 24
+    listed = as_json(run("verify", out, "--json"))["files"]
+    assert {"path": str(left), "status": "leftover"}.items() <= listed[-1].items()
+
+
 def test_build_with_a_hash_module_of_another_model(pipe, tmp_path):
     r = run(
         "build",
