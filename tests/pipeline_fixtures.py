@@ -182,18 +182,23 @@ def kept_tf32_switches():
 
 
 @contextmanager
+def torch_threads(count: int):
+    """Run torch on ``count`` threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def one_torch_thread():
     """Run torch on one thread, restoring the previous count afterwards.
 
     The tensors here are tiny; with two threads on a busy two-core machine, OpenMP's waiting
     threads make the same work 10-50x slower.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 @dataclass

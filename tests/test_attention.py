@@ -439,18 +439,12 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
     assert len(chunks) == len(set(_length_bucket_of(LENGTHS))) and sum(n for n, _ in chunks) == many
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
-    """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
-    scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
-    other count they run in the caller's thread. (What the pool leaves for threads started later:
-    test_pool_workers_keep_the_callers_modes_and_thread_count.)"""
+def _spy_chunks(monkeypatch) -> list[tuple[bool, int]]:
+    """The chunks re-ranking scores, from now on: (in the main thread?, its torch thread count)."""
     import threading
 
     import heiindex.attention as attention
 
-    words, lengths, regions = _data()
-    caps, imgs = _all_pairs()
     ran_in = []
     real = attention._score_pair_chunk
 
@@ -459,17 +453,25 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         return real(*args)
 
     monkeypatch.setattr(attention, "_score_pair_chunk", spied)
+    return ran_in
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
+    """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
+    scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
+    other count they run in the caller's thread. (What the pool leaves for threads started later:
+    test_pool_workers_keep_the_callers_modes_and_thread_count.)"""
+    words, lengths, regions = _data()
+    caps, imgs = _all_pairs()
+    ran_in = _spy_chunks(monkeypatch)
     for cross_attn in ("t2i", "i2t"):
         cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
         want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)  # one thread (conftest)
         assert set(ran_in) == {(True, 1)} and len(ran_in) > 2
         ran_in.clear()
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with pf.torch_threads(threads):
             got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-        finally:
-            torch.set_num_threads(before)
         if threads == 2:  # each chunk summed by one thread, as with one thread
             assert torch.equal(got, want)
         else:  # torch's threads may split a sum differently
@@ -481,29 +483,14 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
 def test_chunks_run_in_the_callers_thread_where_no_per_thread_count_is_found(monkeypatch):
     """Where torch's OpenMP runtime offers no per-thread count (omp_threads), two threads run the
     chunks one at a time in the caller's thread, on its two threads."""
-    import threading
-
-    import heiindex.attention as attention
     import heiindex.omp_threads as omp_threads
 
     monkeypatch.setattr(omp_threads, "thread_local_setter", lambda: None)
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
-    ran_in = []
-    real = attention._score_pair_chunk
-
-    def spied(*args):
-        ran_in.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-        return real(*args)
-
-    monkeypatch.setattr(attention, "_score_pair_chunk", spied)
-    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-    finally:
-        torch.set_num_threads(before)
+    ran_in = _spy_chunks(monkeypatch)
+    with pf.torch_threads(2):
+        score_pairs(_make_cfg("t2i", "clipped_l2norm", "lse"), words, lengths, regions, caps, imgs, max_elements=200)
     assert set(ran_in) == {(True, 2)} and len(ran_in) > 2
 
 
@@ -548,9 +535,7 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     caps, imgs = _all_pairs()
     cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
     want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with pf.torch_threads(2):
         with torch.inference_mode():
             got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
         assert got.is_inference() and torch.equal(got, want)
@@ -565,8 +550,6 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
         later.join()
         assert seen == [2] and torch.get_num_threads() == 2
         assert started_during == [1, 2]
-    finally:
-        torch.set_num_threads(before)
 
 
 def _length_bucket_of(lengths) -> list[int]:

@@ -2,6 +2,7 @@
 
 import threading
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 import torch
 
@@ -18,10 +19,8 @@ def _in_thread(fn):
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with pf.torch_threads(2):
+        yield
 
 
 def test_linux_wheel_torch_has_a_per_thread_setter():
