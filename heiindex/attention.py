@@ -409,7 +409,7 @@ def score_pairs(
 def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     """Run ``fn`` on every chunk: on torch's own threads, one chunk after another, except with
     exactly two CPU threads, where two single-threaded workers take a chunk each
-    (``_pool_map``), if torch's OpenMP runtime can set a thread's count for that thread alone
+    (``_pool_map``), where a thread's torch count can be set for that thread alone
     (``omp_threads``). Chunks write disjoint outputs.
 
     Measured on coco-sim test (``benchmarks/threads.py``; RESULTS.md, "CPU threads"): with two

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from heiindex import omp_threads
 from heiindex.attention import (
     DEFAULT_MAX_ELEMENTS,
     AttentionConfig,
@@ -456,12 +457,17 @@ def _spy_chunks(monkeypatch) -> list[tuple[bool, int]]:
     return ran_in
 
 
+NO_WORKERS = omp_threads.thread_local_setter() is None  # no per-thread torch count found: no workers
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
     """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
     scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
     other count they run in the caller's thread. (What the pool leaves for threads started later:
     test_pool_workers_keep_the_callers_modes_and_thread_count.)"""
+    if threads == 2 and NO_WORKERS:
+        pytest.skip("no per-thread torch thread count on this install")
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
     ran_in = _spy_chunks(monkeypatch)
@@ -481,10 +487,8 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
 
 
 def test_chunks_run_in_the_callers_thread_where_no_per_thread_count_is_found(monkeypatch):
-    """Where torch's OpenMP runtime offers no per-thread count (omp_threads), two threads run the
-    chunks one at a time in the caller's thread, on its two threads."""
-    import heiindex.omp_threads as omp_threads
-
+    """Where no per-thread torch count is found (omp_threads), two threads run the chunks one at
+    a time in the caller's thread, on its two threads."""
     monkeypatch.setattr(omp_threads, "thread_local_setter", lambda: None)
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
@@ -510,6 +514,7 @@ def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cros
     torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=1e-10)
 
 
+@pytest.mark.skipif(NO_WORKERS, reason="no per-thread torch thread count on this install")
 def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     """With two torch threads (the pool): a call under torch.inference_mode works (its output
     is an inference tensor that only inference mode may write), no_grad reaches the workers,
