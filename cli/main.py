@@ -28,7 +28,8 @@ def handle_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            with warnings.catch_warnings():  # which restores the handler replaced here
+            with warnings.catch_warnings():  # which restores the handler and filters changed here
+                warnings.simplefilter("always", LeftoverWarning)  # a line, even under -W error
                 warnings.showwarning = _leftover_as_line(warnings.showwarning)
                 return func(*args, **kwargs)
         except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)

@@ -155,16 +155,24 @@ def swap_in(new: Path, target: Path) -> None:
 
 
 def _remove_replaced(old: Path, target: Path) -> None:
-    """Remove the ``old`` content that ``target`` replaced, warning where some of it stays."""
+    """Remove the ``old`` content that ``target`` replaced, warning where some of it stays. What
+    stays is left under a scratch name ("partial"), never a set-aside one ("old"), which
+    ``clear_leftovers`` would put back as the output were ``target`` missing later."""
     _remove(old)
-    if old.exists() or old.is_symlink():
-        warnings.warn(
-            LeftoverWarning(
-                f"{target} was written, but the {target.name} it replaced could not all be removed: what is left "
-                f"is in {old} (`heiindex verify` lists it; the next write of {target.name} tries again)"
-            ),
-            stacklevel=3,
-        )
+    if not (old.exists() or old.is_symlink()):
+        return
+    left = old
+    if _LEFTOVER.match(old.name)["role"] == "old":
+        left = scratch(target, folder=old.is_dir())
+        try:
+            os.replace(old, left)  # onto the empty scratch made for the name
+        except OSError:
+            _remove(left)
+            left = old
+    warnings.warn(
+        LeftoverWarning(f"{target} was written, but what it replaced could not all be deleted: the rest is in {left}"),
+        stacklevel=3,
+    )
 
 
 @contextmanager

@@ -37,4 +37,7 @@ class ModelMismatchError(HeiindexError):
 
 class LeftoverWarning(UserWarning):
     """An output was written in full, but what it replaced could not all be removed (a file the
-    system refuses to delete, such as one marked immutable). The message names what is left."""
+    system refuses to delete, such as one marked immutable). The message names the folder left,
+    a scratch name beside the output. It is issued once the new output is in place: where
+    warnings are turned into errors, the exception comes after the output was replaced (the
+    command line always prints it as a "Warning:" line)."""

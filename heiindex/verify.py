@@ -57,8 +57,8 @@ def verify(path: str | Path) -> list[FileCheck]:
 def _leftover_detail(path: Path) -> str:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     return (
-        f"left by an interrupted run ({size / 1e6:,.1f} MB), not part of the data; "
-        "the next write of the same output removes it, or delete it"
+        f"left by an interrupted run or a replaced output that could not all be deleted ({size / 1e6:,.1f} MB), "
+        "not part of the data; delete it (the next write of the same output also tries)"
     )
 
 

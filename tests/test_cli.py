@@ -457,15 +457,19 @@ def test_train_hash_refuses_a_model_folder_as_out(pipe):
 
 def test_build_over_an_index_it_cannot_all_remove_warns_in_one_line(pipe, tmp_path, monkeypatch):
     """The new index is written and the command succeeds; the old one's remains are named."""
+    import warnings
+
     import heiindex.atomic as atomic
 
     out = tmp_path / "idx"
     ok(build(pipe, out))
     monkeypatch.setattr(atomic, "_remove", lambda path: None)  # nothing of the old index goes
-    r = ok(build(pipe, out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under python -W error: still a line, not a traceback
+        r = ok(build(pipe, out))
     (left,) = atomic.leftovers(out)
     assert (
-        f"Warning: {out} was written, but the idx it replaced could not all be removed: what is left is in {left}"
+        f"Warning: {out} was written, but what it replaced could not all be deleted: the rest is in {left}\n"
         in r.output
     )
     assert "LeftoverWarning" not in r.output and Index.open(out).n_images == 24

@@ -55,7 +55,9 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     checks = verify(root)
     assert [c.status for c in checks[:-1]] == ["ok"] * 7
     assert (checks[-1].path, checks[-1].status) == (split_scratch, "leftover")
-    assert checks[-1].detail.startswith("left by an interrupted run (2.0 MB), not part of the data")
+    assert checks[-1].detail.startswith(
+        "left by an interrupted run or a replaced output that could not all be deleted (2.0 MB), not part of the data"
+    )
     assert [(c.path, c.status) for c in verify(index)][-1] == (index_scratch, "leftover")
     r = ok(run("verify", root, "--json"))
     assert as_json(r)["files"][-1]["status"] == "leftover"
