@@ -284,7 +284,9 @@ class RayShardedIndex(BatchSearch):
             return iter([])
         one_batch = len(image_ids) <= batch
         replies = self._gather([a.lookup_images.remote(image_ids, one_batch) for a in self.actors], "the image lookup")
-        shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies], [i["image_span"] for i in self.infos])
+        # actors that an older heiindex started report no span: the refusal then gives none
+        spans = [i["image_span"] for i in self.infos] if all("image_span" in i for i in self.infos) else None
+        shard_of, own_rows = locate_images(image_ids, [r[0] for r in replies], spans)
         if not one_batch:
             return self._image_batches(image_ids, shard_of, own_rows, k, candidates, batch)
         feats = self._assemble(

@@ -278,11 +278,11 @@ def batch_results(
 
 
 def locate_images(
-    image_ids: list[int], rows_per_shard: list[np.ndarray], spans: list[Sequence[int] | None]
+    image_ids: list[int], rows_per_shard: list[np.ndarray], spans: list[Sequence[int] | None] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The shard holding each image and its row there, from each shard's rows of ``image_ids`` (-1
     where not its image); ids no shard holds are refused together, with the span of the ids the
-    shards hold (``spans``: each shard's ``id_span``)."""
+    shards hold (``spans``: each shard's ``id_span``; None: not known)."""
     rows = np.stack(rows_per_shard)
     held = rows >= 0
     refuse_unknown_images([i for i, h in zip(image_ids, held.any(axis=0), strict=True) if not h], len(image_ids), spans)

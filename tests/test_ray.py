@@ -103,9 +103,14 @@ def test_search_images_equals_in_process_item_for_item(served, sharded, batch):
         served.search_images([ids[0], 10_000], 5, 10)
 
 
-def test_errors_are_the_in_process_ones(served):
+def test_errors_are_the_in_process_ones(served, monkeypatch):
     with pytest.raises(HeiindexError, match=r"^image id 10000 is not in this index \(ids 0..23\)$"):
         served.search_image(10_000)
+    # actors an older heiindex started report no span: refused all the same, without one
+    monkeypatch.setattr(served, "infos", [{k: v for k, v in i.items() if k != "image_span"} for i in served.infos])
+    with pytest.raises(HeiindexError, match=r"^image id 10000 is not in this index$"):
+        served.search_image(10_000)
+    assert len(served.search_image(0, 3, 4).results) == 3  # and known ids are searched
     with pytest.raises(HeiindexError, match="larger than the 24 images"):
         served.search("a dog", 5, 25)
     # refused by the actors themselves (one batch): their message alone, as in process
