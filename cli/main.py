@@ -661,12 +661,14 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     from .render import bench_tables, console, echo_json
 
     sweep_list = _sweep_values(sweep) if sweep is not None else None  # --sweep '' is refused, not ignored
-    if plot is not None:  # before the index is read and the bench runs
-        from heiindex.plot import check_plot_path
+    if plot is not None and not sweep_list:
+        raise HeiindexError("--plot draws the --sweep table; give --sweep too")
+    if sweep_list:  # before the index is read and the bench runs
+        from heiindex.plot import check_plot_path, require_matplotlib
 
-        if not sweep_list:
-            raise HeiindexError("--plot draws the --sweep table; give --sweep too")
-        check_plot_path(plot)
+        require_matplotlib()
+        if plot is not None:
+            check_plot_path(plot)
     _check_engine_options(engine, "device", "dtype")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:

@@ -8,7 +8,7 @@ from .atomic import atomic_file
 from .errors import DataError, HeiindexError
 from .store import check_writable
 
-__all__ = ["check_plot_path", "plot_sweep"]
+__all__ = ["check_plot_path", "plot_sweep", "require_matplotlib"]
 
 
 def check_plot_path(path: str | Path) -> Path:
@@ -32,16 +32,25 @@ def check_plot_path(path: str | Path) -> Path:
     return path
 
 
-def plot_sweep(rows: list[dict], path: str | Path) -> Path:
-    """Write a PNG: R@1 and candidate recall of both directions against N (``path`` as
-    ``check_plot_path`` allows)."""
+def require_matplotlib():
+    """``matplotlib.pyplot`` (drawing to files only), or a ``HeiindexError`` saying how to install
+    it: checked before a bench with a sweep runs, not after it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("plots need matplotlib: pip install 'heiindex[plot]'") from exc
+    except ImportError:
+        raise HeiindexError(
+            "the --sweep plot needs matplotlib, which is not installed: pip install 'heiindex[plot]'"
+        ) from None
+    return plt
+
+
+def plot_sweep(rows: list[dict], path: str | Path) -> Path:
+    """Write a PNG: R@1 and candidate recall of both directions against N (``path`` as
+    ``check_plot_path`` allows)."""
+    plt = require_matplotlib()
     path = check_plot_path(path)
     ns = [r["candidates"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -292,6 +292,18 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
 
 
+def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkeypatch):
+    """An install without the plot extra: told at once, not after the whole bench has run."""
+    import sys
+
+    import heiindex.bench
+
+    monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then fails
+    r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5")
+    clean_error(r, "the --sweep plot needs matplotlib, which is not installed: pip install 'heiindex[plot]'")
+
+
 def test_bench_tables(pipe, tmp_path):
     r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5,24", "--plot", tmp_path / "s.png"))
     for text in (
