@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import HeiindexError
+from .settings import SettingError
 
 if TYPE_CHECKING:
     import torch
@@ -28,19 +28,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise HeiindexError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+        raise SettingError("device", f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HeiindexError(f"device {str(device)!r} asked for, but torch sees no CUDA device")
+        raise SettingError("device", f"device {str(device)!r} asked for, but torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise HeiindexError(
-            f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices"
+        raise SettingError(
+            "device", f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices"
         )
     return dev
 
 
 def check_precision(dtype: str) -> None:
     if dtype not in PRECISIONS:
-        raise HeiindexError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+        raise SettingError("dtype", f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
 
 
 def set_precision(dtype: str) -> None:

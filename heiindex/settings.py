@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+from .errors import HeiindexError
+
 __all__ = ["SettingError", "is_whole", "require", "settle"]
 
 
-class SettingError(ValueError):
-    """A setting out of range; ``setting`` is its name (the CLI names the flag that set it)."""
+class SettingError(HeiindexError, ValueError):
+    """A setting out of range; ``setting`` is its name (the CLI names the flag that set it). A
+    ``HeiindexError`` as every refusal is, and a ``ValueError`` as it was before it was one."""
 
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(message)

@@ -603,14 +603,14 @@ def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device,
     for cmd in (["query", "a dog"], ["bench", "--topk", "5"], ["build", "--split", "test", "--out", tmp_path / "i"]):
         index = [] if cmd[0] == "build" else ["--index", pipe.index_dir]
         r = run(*cmd, *index, "--device", device)
-        clean_error(r, f"device must be cpu, cuda or cuda:N, got {device!r}")
+        clean_error(r, f"Error: --device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
 def test_cuda_without_a_gpu_is_a_clear_error(pipe):
     for cmd in (["query", "a dog"], ["bench"]):
         r = run(*cmd, "--index", pipe.index_dir, "--device", "cuda")
-        clean_error(r, "device 'cuda' asked for, but torch sees no CUDA device")
+        clean_error(r, "Error: --device 'cuda' asked for, but torch sees no CUDA device")
 
 
 @pf.needs_cuda

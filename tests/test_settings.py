@@ -219,3 +219,18 @@ def test_library_sizes_and_inputs_are_refused_by_name(pipe):
         score_pairs(att, words, lengths, enc.regions, pairs, pairs, region_gram(enc.regions).long())
     with pytest.raises(HeiindexError, match="search_many takes a list of queries, got NoneType"):
         Index.open(pipe.index_dir).search_many(None)
+
+
+def test_a_setting_error_is_a_heiindex_error_and_a_value_error():
+    """One except HeiindexError catches every refusal; code that caught ValueError still does."""
+    from heiindex.device import check_precision, resolve_device
+    from heiindex.errors import HeiindexError
+    from heiindex.settings import SettingError
+
+    for refuse in (lambda: require("epochs", 0, at_least=1, integer=True), lambda: resolve_device("tpu")):
+        with pytest.raises(SettingError) as err:
+            refuse()
+        assert isinstance(err.value, HeiindexError) and isinstance(err.value, ValueError)
+    with pytest.raises(SettingError) as err:
+        check_precision("float16")
+    assert err.value.setting == "dtype"
