@@ -156,19 +156,23 @@ def swap_in(new: Path, target: Path) -> None:
 
 def _remove_replaced(old: Path, target: Path) -> None:
     """Remove the ``old`` content that ``target`` replaced, warning where some of it stays. What
-    stays is left under a scratch name ("partial"), never a set-aside one ("old"), which
-    ``clear_leftovers`` would put back as the output were ``target`` missing later."""
+    stays is renamed from a set-aside name ("old") to a scratch one ("partial"), as
+    ``clear_leftovers`` would put a set-aside one back as the output were ``target`` missing
+    later; only where that rename fails too does it keep the set-aside name (the warning names
+    it). Never raises: the new output is in place."""
     _remove(old)
     if not (old.exists() or old.is_symlink()):
         return
     left = old
-    if _LEFTOVER.match(old.name)["role"] == "old":
-        left = scratch(target, folder=old.is_dir())
+    if (m := _LEFTOVER.match(old.name)) is not None and m["role"] == "old":
+        named = None
         try:
-            os.replace(old, left)  # onto the empty scratch made for the name
+            named = scratch(target, folder=old.is_dir())
+            os.replace(old, named)  # onto the empty scratch made for the name
+            left = named
         except OSError:
-            _remove(left)
-            left = old
+            if named is not None:
+                _remove(named)
     warnings.warn(
         LeftoverWarning(f"{target} was written, but what it replaced could not all be deleted: the rest is in {left}"),
         stacklevel=3,

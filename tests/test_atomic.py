@@ -81,6 +81,57 @@ def test_swap_in_without_exchange_moves_the_old_aside_and_puts_it_back_on_failur
     assert calls[0][0] == "out" and calls[0][1].startswith(f".out.old-{atomic._HOST}-{atomic._NS}-{os.getpid()}-")
 
 
+def _keep_stuck(monkeypatch):
+    """Make atomic._remove delete all but files named "stuck" (and a folder only once empty);
+    returns the real one."""
+    real = atomic._remove
+
+    def keeps_stuck(path: Path) -> None:
+        if path.is_dir():
+            for p in path.iterdir():
+                if p.name != "stuck":
+                    real(p)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.name != "stuck":
+            real(path)
+
+    monkeypatch.setattr(atomic, "_remove", keeps_stuck)
+    return real
+
+
+@pytest.mark.parametrize("fails", ["rename", "scratch"])
+def test_the_remains_keep_their_set_aside_name_only_where_renaming_them_fails(tmp_path, monkeypatch, fails):
+    """Without the exchange, the remains are renamed from .old to a scratch name; where that
+    rename (or making the name) fails, they keep .old, the warning names that, nothing else is
+    left, and swap_in does not raise: the new output is in place."""
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    _keep_stuck(monkeypatch)
+    target = _folder(tmp_path / "out", stuck="1")
+    new = scratch(target)
+    (new / "new").write_text("2")
+    real_replace, real_scratch = os.replace, atomic.scratch
+
+    def replace(src, dst):
+        if fails == "rename" and Path(src).name.startswith(".out.old-"):
+            raise OSError("rename refused")
+        real_replace(src, dst)
+
+    def refused_scratch(t, folder=True, role="partial"):
+        if fails == "scratch" and role == "partial":
+            raise OSError("disk full")
+        return real_scratch(t, folder, role)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(atomic, "scratch", refused_scratch)
+    with pytest.warns(LeftoverWarning) as caught:
+        swap_in(new, target)
+    assert _contents(target) == {"new": "2"}
+    (left,) = leftovers(target)
+    assert left.name.startswith(".out.old-") and _contents(left) == {"stuck": "1"}
+    assert str(caught[0].message).endswith(f"the rest is in {left}")
+
+
 @pytest.mark.parametrize("exchanged", [True, False])
 def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(tmp_path, monkeypatch, exchanged):
     """A file the system will not delete (immutable, say) stays in the replaced output: the new
@@ -89,14 +140,7 @@ def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(tmp_path,
     be, were the output missing)."""
     if not exchanged:
         monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
-    real = atomic._remove
-
-    def keeps_stuck(path: Path) -> None:  # removes all but the file named "stuck"
-        for p in path.iterdir():
-            if p.name != "stuck":
-                real(p)
-
-    monkeypatch.setattr(atomic, "_remove", keeps_stuck)
+    real = _keep_stuck(monkeypatch)
     target = _folder(tmp_path / "out", stuck="1", other="2")
     new = scratch(target)
     (new / "new").write_text("3")
