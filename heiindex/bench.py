@@ -20,6 +20,7 @@ from .hamming import make_binary_index
 from .index import Index
 from .scoring import exhaustive_scores
 from .search import rerank_captions, rerank_images
+from .settings import SettingError
 
 __all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "run_bench"]
 
@@ -216,7 +217,7 @@ def _check_depths(index: Index, topk: int, sweep: list[int], full: bool, folds: 
     for option, values in (("--topk", [topk]), ("--sweep", sweep)):
         for n in values:
             if n < 1 or n > limit:
-                raise ValueError(f"{option} {n} must lie in [1, {limit}] for this index{why}")
+                raise SettingError(option.lstrip("-"), f"{option} {n} must lie in [1, {limit}] for this index{why}")
 
 
 def run_bench(
@@ -225,7 +226,7 @@ def run_bench(
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k"."""
     if protocols not in ("auto", "full", "1k"):
-        raise ValueError(f'protocols must be "auto", "full" or "1k", got {protocols!r}')
+        raise SettingError("protocols", f'protocols must be "auto", "full" or "1k", got {protocols!r}')
     sweep = sorted(set(sweep or []))
     full = protocols in ("auto", "full")
     coco_5k = index.n_images == COCO_5K_IMAGES

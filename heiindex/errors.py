@@ -30,6 +30,9 @@ class DataError(HeiindexError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickled as made (a Ray actor's refusal reaches the driver whole)
+        return type(self), (self.path, self.problem)
+
 
 class ModelMismatchError(HeiindexError):
     """An index, store or checkpoint was made with another model or data than the one given."""

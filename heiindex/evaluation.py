@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import HeiindexError, name_some
+from .settings import SettingError
 
 __all__ = [
     "Recall",
@@ -115,5 +116,7 @@ def i2t_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarr
 def coco_folds(n_images: int, fold_size: int = 1000) -> list[tuple[int, int]]:
     """Image ranges of COCO 1K evaluation: consecutive folds of 1,000 images of ``testall``."""
     if n_images % fold_size:
-        raise ValueError(f"COCO 1K (--protocol 1k) needs whole folds of {fold_size} images; this split has {n_images}")
+        raise SettingError(
+            "protocol", f"COCO 1K (--protocol 1k) needs whole folds of {fold_size} images; this split has {n_images}"
+        )
     return [(s, s + fold_size) for s in range(0, n_images, fold_size)]

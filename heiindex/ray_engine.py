@@ -210,10 +210,10 @@ class RayShardedIndex(BatchSearch):
                     f"shard {i} ({path}) failed during {what}: its actor died ({type(exc).__name__}); "
                     "Ray restarts it from its files, run the query again"
                 ) from None
-            except ray.exceptions.RayTaskError as exc:  # the actor refused the request: its message alone
+            except ray.exceptions.RayTaskError as exc:  # the actor refused the request: its error alone
                 if isinstance(exc.cause, HeiindexError):
                     _settle(futures[pos + 1 :])
-                    raise HeiindexError(str(exc.cause)) from None
+                    raise exc.cause from None  # as raised there (a DataError keeps its path)
                 raise
         return out
 

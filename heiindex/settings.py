@@ -24,6 +24,9 @@ class SettingError(HeiindexError, ValueError):
         super().__init__(message)
         self.setting = setting
 
+    def __reduce__(self):  # pickled as made (a Ray actor's refusal reaches the driver whole)
+        return type(self), (self.setting, str(self))
+
 
 def is_whole(value) -> bool:
     """A whole number: an int or a numpy integer, not a bool (True is not a count) and not 3.0."""

@@ -148,7 +148,7 @@ def test_1k_protocol_averages_folds(index, monkeypatch):
 
 @pytest.mark.parametrize("topk", [0, 25])
 def test_topk_out_of_range(index, topk):
-    with pytest.raises(ValueError, match=r"--topk .* must lie in \[1, 24\] for this index"):
+    with pytest.raises(HeiindexError, match=r"--topk .* must lie in \[1, 24\] for this index"):
         run_bench(index, topk=topk)
 
 
@@ -156,7 +156,7 @@ def test_topk_out_of_range(index, topk):
 def test_sweep_value_out_of_range(index, n):
     """A sweep value beyond the set is refused by name, as --topk is (it used to be left out of
     the table without a word, and 0 failed deep inside FAISS)."""
-    with pytest.raises(ValueError, match=rf"--sweep {n} must lie in \[1, 24\] for this index$"):
+    with pytest.raises(HeiindexError, match=rf"--sweep {n} must lie in \[1, 24\] for this index$"):
         run_bench(index, topk=5, sweep=[5, n])
 
 
@@ -166,7 +166,7 @@ def test_depths_are_checked_against_the_1k_folds(index, monkeypatch):
         run_bench(index, topk=5, sweep=[13], protocols="1k")
     with pytest.raises(ValueError, match=r"--topk 13 must lie in \[1, 12\]"):
         run_bench(index, topk=13, protocols="1k")
-    with pytest.raises(ValueError, match='protocols must be "auto", "full" or "1k"'):
+    with pytest.raises(HeiindexError, match='protocols must be "auto", "full" or "1k"'):
         run_bench(index, topk=5, protocols="5k")
 
 

@@ -179,7 +179,7 @@ def test_candidate_ranks_count_ties_against_the_ground_truth():
 def test_coco_folds():
     assert coco_folds(5000) == [(0, 1000), (1000, 2000), (2000, 3000), (3000, 4000), (4000, 5000)]
     assert coco_folds(24, fold_size=8) == [(0, 8), (8, 16), (16, 24)]
-    with pytest.raises(ValueError, match="needs whole folds of 1000 images; this split has 1500"):
+    with pytest.raises(HeiindexError, match="needs whole folds of 1000 images; this split has 1500"):
         coco_folds(1500)
 
 

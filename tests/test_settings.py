@@ -234,3 +234,16 @@ def test_a_setting_error_is_a_heiindex_error_and_a_value_error():
     with pytest.raises(SettingError) as err:
         check_precision("float16")
     assert err.value.setting == "dtype"
+
+
+def test_refusals_pickle_as_made():
+    """A Ray actor's refusal crosses to the driver by pickle: SettingError and DataError came back
+    as "Failed to deserialize exception" (their __init__ takes two arguments)."""
+    import pickle
+
+    from heiindex.errors import DataError
+    from heiindex.settings import SettingError
+
+    for err in (SettingError("k", "k must be at least 1"), DataError("/x/manifest.json", 'field "n" is missing')):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
