@@ -663,18 +663,20 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     sweep_list = _sweep_values(sweep) if sweep is not None else None  # --sweep '' is refused, not ignored
     if plot is not None and not sweep_list:
         raise HeiindexError("--plot draws the --sweep table; give --sweep too")
-    if sweep_list:  # before the index is read and the bench runs
-        from heiindex.plot import check_plot_path, require_matplotlib
+    if plot is not None:  # before the index is read and the bench runs
+        from heiindex.plot import check_plot_path
 
-        require_matplotlib()
-        if plot is not None:
-            check_plot_path(plot)
+        check_plot_path(plot)
     _check_engine_options(engine, "device", "dtype")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
     if sharded and protocol == "1k":
         raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
+    if sweep_list:  # before the bench runs
+        from heiindex.plot import require_matplotlib
+
+        require_matplotlib()
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:

@@ -40,9 +40,9 @@ def require_matplotlib():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as exc:
         raise HeiindexError(
-            "the --sweep plot needs matplotlib, which is not installed: pip install 'heiindex[plot]'"
+            f"the --sweep plot needs matplotlib, which cannot be imported ({exc}): pip install 'heiindex[plot]'"
         ) from None
     return plt
 
