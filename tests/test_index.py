@@ -1158,3 +1158,32 @@ def test_an_image_keeps_all_its_captions_and_one_without_any_is_found(uneven_ind
     hits = {h.id: h for h in index.search("a dog", k=24, candidates=24).results}
     assert len(hits[int(ids[0])].captions) == 10
     assert hits[int(ids[-1])].captions == []
+
+
+def test_threads_searching_one_index_at_once_get_what_they_get_alone(index):
+    """A server's request threads share one opened Index: text, image and batched searches run
+    at once answer as they do one after another (scores to the bit), and leave torch's thread
+    count as it was."""
+    import threading
+
+    texts = ["a dog", "a red car", "two people on a beach", "a plate of food", "a cat on a sofa", "a dog on grass"]
+    ids = [int(i) for i in index.image_ids[:6]]
+
+    def answers(part: int) -> list:
+        mine_t, mine_i = texts[part::3], ids[part::3]
+        return (
+            [index.search(t, 5, 10).to_dict() for t in mine_t]
+            + [index.search_image(i, 5, 10).to_dict() for i in mine_i]
+            + [r.to_dict()["results"] for r in index.search_many(mine_t, 5, 10)]
+        )
+
+    want = [answers(part) for part in range(3)]
+    before = torch.get_num_threads()
+    got: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, answers(p))) for p in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [got[p] for p in range(3)] == want
+    assert torch.get_num_threads() == before
