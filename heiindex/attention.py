@@ -477,7 +477,16 @@ def _score_pair_chunk(
     wg = None if t2i else regions.new_empty((n, length, length), dtype=acc)
     packed = isinstance(words, PackedWords)
     word_rows = words.gather_index(ci, length) if packed else None  # once for the chunk's groups
+    # The fast path's per-group work is a slice, a gather and one product into 2-D views made
+    # once per chunk: a chunk has dozens of groups, and each tensor view costs a dispatch.
+    fast = packed and t2i and acc == regions.dtype and not _records_graph(words.flat, regions)
+    if fast:
+        rows_1d, sims_2d, regions_t = word_rows.view(-1), sims.view(n * length, r), regions.transpose(1, 2)
     for sel, img, _ in runs.groups:
+        if fast and img is not None:
+            span = slice(sel.start * length, sel.stop * length)
+            torch.mm(words.take(rows_1d[span]), regions_t[img], out=sims_2d[span])  # out=: no autograd
+            continue
         w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
         if img is not None and acc == regions.dtype and not _records_graph(w, regions):
             torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))  # out=: no autograd
@@ -638,9 +647,12 @@ class _Runs:
         flat = x.reshape(n, -1, k)
         out = x.new_empty((n, flat.shape[1], m))
         graph = _records_graph(x, per_image)
+        rows = flat.shape[1]
+        flat_2d, out_2d = flat.reshape(n * rows, k), out.view(n * rows, m)  # views once, sliced per group
         for sel, img, pos in self.groups:
             if img is not None and not graph:
-                torch.mm(flat[sel].reshape(-1, k), per_image[pos], out=out[sel].view(-1, m))  # out=: no autograd
+                span = slice(sel.start * rows, sel.stop * rows)
+                torch.mm(flat_2d[span], per_image[pos], out=out_2d[span])  # out=: no autograd
             elif img is not None:
                 out[sel] = (flat[sel].reshape(-1, k) @ per_image[pos]).view(-1, flat.shape[1], m)
             else:
