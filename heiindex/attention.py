@@ -106,6 +106,15 @@ def _records_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, into: bool) -> None:
+    """``out[...] = a @ b``: written straight into ``out`` where ``into`` (the dtypes agree and
+    autograd records nothing: ``out=`` has no autograd), else computed and copied (cast) there."""
+    if into:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def _policy(device: torch.device) -> _Policy:
     if device.type == "cuda":
         return _cuda_policy(device.index if device.index is not None else torch.cuda.current_device())
@@ -477,22 +486,20 @@ def _score_pair_chunk(
     wg = None if t2i else regions.new_empty((n, length, length), dtype=acc)
     packed = isinstance(words, PackedWords)
     word_rows = words.gather_index(ci, length) if packed else None  # once for the chunk's groups
-    # The fast path's per-group work is a slice, a gather and one product into 2-D views made
-    # once per chunk: a chunk has dozens of groups, and each tensor view costs a dispatch.
-    fast = packed and t2i and acc == regions.dtype and not _records_graph(words.flat, regions)
-    if fast:
-        rows_1d, sims_2d, regions_t = word_rows.view(-1), sims.view(n * length, r), regions.transpose(1, 2)
+    # An image group's words and similarities are slices of 2-D views made once per chunk: a
+    # chunk has dozens of groups, and each tensor view costs a dispatch.
+    d = regions.shape[2]
+    rows_1d = word_rows.view(-1) if packed else None
+    sims_2d, regions_t = sims.view(n * length, r), regions.transpose(1, 2)
+    into = acc == regions.dtype and not _records_graph(words.flat if packed else words, regions)
     for sel, img, _ in runs.groups:
-        if fast and img is not None:
+        if img is not None:
             span = slice(sel.start * length, sel.stop * length)
-            torch.mm(words.take(rows_1d[span]), regions_t[img], out=sims_2d[span])  # out=: no autograd
-            continue
-        w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
-        if img is not None and acc == regions.dtype and not _records_graph(w, regions):
-            torch.mm(w.view(-1, w.shape[-1]), regions[img].T, out=sims[sel].view(-1, r))  # out=: no autograd
-        elif img is not None:
-            sims[sel] = (w.view(-1, w.shape[-1]) @ regions[img].T).view(-1, length, r)
+            w2 = words.take(rows_1d[span]) if packed else _gather_words_only(words, ci[sel], length).reshape(-1, d)
+            _mm_into(sims_2d[span], w2, regions_t[img], into)
+            w = w2.view(-1, length, d)
         else:
+            w = words.take(word_rows[sel]) if packed else _gather_words_only(words, ci[sel], length)
             sims[sel] = torch.bmm(w, regions.index_select(0, ii.index_select(0, sel)).transpose(1, 2)).to(acc)
         if not t2i:
             wg[sel] = torch.bmm(w, w.transpose(1, 2)).to(acc)
@@ -646,15 +653,13 @@ class _Runs:
         n, k, m = x.shape[0], x.shape[-1], per_image.shape[-1]
         flat = x.reshape(n, -1, k)
         out = x.new_empty((n, flat.shape[1], m))
-        graph = _records_graph(x, per_image)
+        into = not _records_graph(x, per_image)
         rows = flat.shape[1]
         flat_2d, out_2d = flat.reshape(n * rows, k), out.view(n * rows, m)  # views once, sliced per group
         for sel, img, pos in self.groups:
-            if img is not None and not graph:
+            if img is not None:
                 span = slice(sel.start * rows, sel.stop * rows)
-                torch.mm(flat_2d[span], per_image[pos], out=out_2d[span])  # out=: no autograd
-            elif img is not None:
-                out[sel] = (flat[sel].reshape(-1, k) @ per_image[pos]).view(-1, flat.shape[1], m)
+                _mm_into(out_2d[span], flat_2d[span], per_image[pos], into)
             else:
                 per_pair = per_image.index_select(0, self.inverse.index_select(0, sel))
                 out[sel] = torch.bmm(flat.index_select(0, sel), per_pair).to(out.dtype)
