@@ -222,6 +222,7 @@ class Index(BatchSearch):
         # Arrow columns beside them.
         ids, regions, gram = _read_images(path / "image_features.parquet", r, d, opened["images"])
         self.image_ids, self.regions, self.gram = ids, torch.from_numpy(regions), torch.from_numpy(gram)
+        self.image_span = id_span(ids)  # named when an unknown image id is refused
         captions = path / "caption_features.parquet"
         with reading(captions):
             c = opened["captions"].read(columns=["caption_id", "image_id", "text", "tokens"])
@@ -545,9 +546,7 @@ class Index(BatchSearch):
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         candidates, k = self._check_n(candidates, k, self.n_captions, "captions")
         rows = self.image_rows(image_ids)
-        refuse_unknown_images(
-            [i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [id_span(self.image_ids)]
-        )
+        refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [self.image_span])
         return self._image_batches(image_ids, rows, k, candidates, batch)
 
     def _image_batches(self, image_ids: list[int], rows: np.ndarray, k: int, candidates: int, batch: int):

@@ -72,13 +72,11 @@ class _ShardServer:
     def info(self) -> dict:
         import torch
 
-        from .search import id_span
-
         return {
             "pid": self.pid,
             "threads": torch.get_num_threads(),
             "n_images": self.index.n_images,
-            "image_span": id_span(self.index.image_ids),
+            "image_span": self.index.image_span,
         }
 
     def query_problems(self, texts: list[str]) -> list[tuple[int, str]]:

@@ -51,7 +51,6 @@ from .search import (
     check_queries,
     check_query_counts,
     encode_queries,
-    id_span,
     refuse_unknown_images,
 )
 from .settings import require
@@ -236,7 +235,7 @@ class ShardedIndex(BatchSearch):
         captions for a batch of images at once, the results are merged by score."""
         candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
         shard_of, rows = locate_images(
-            image_ids, [s.image_rows(image_ids) for s in self.shards], [id_span(s.image_ids) for s in self.shards]
+            image_ids, [s.image_rows(image_ids) for s in self.shards], [s.image_span for s in self.shards]
         )
         return self._image_batches(image_ids, shard_of, rows, k, candidates, batch)
 
