@@ -3,11 +3,11 @@
 Loads ``heiindex/attention.py`` as it was at ``--against REV`` (``git show``) beside the current
 one (its relative imports resolve to this checkout's other modules), then times both directions'
 re-ranking of the bench (every caption against its N Hamming candidates, every image likewise) on
-a built index, alternating the two versions: process CPU time, torch on one thread, minimum and
+a built flat index (whose candidate slots are never empty), alternating the two versions: process CPU time, torch on one thread, minimum and
 median of ``--passes`` passes each. The scores of the two must be equal (else it says how far
 apart they are). Ratios from one run, as the benchmarks here report them:
 
-    python benchmarks/rerank_ab.py --index data/coco-sim/index/test --against 8748f0c
+    python benchmarks/rerank_ab.py --index data/coco-sim/index/test --against 8748f0c [--json FILE]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--against", required=True, help="the earlier commit (any git revision)")
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--passes", type=int, default=6)
+    ap.add_argument("--json", default=None, help="also write the result to this file")
     a = ap.parse_args()
     torch.set_num_threads(1)
     old = _attention_at(a.against)
@@ -76,9 +77,14 @@ def main() -> None:
         times["against"].append(s_old)
         times["now"].append(s_new)
         max_diff = max(max_diff, float((a_old - a_new).abs().max()), float((b_old - b_new).abs().max()))
+    rev = subprocess.run(["git", "rev-parse", a.against], cwd=REPO, capture_output=True, text=True, check=True)
     out = {
         "against": a.against,
+        "against_commit": rev.stdout.strip(),
         "index": a.index,
+        "topk": a.topk,
+        "passes": a.passes,
+        "torch": torch.__version__,
         "pairs": int(t2i.numel() + i2t.numel()),
         "cpu_seconds": {
             k: {"min": round(min(v), 3), "median": round(statistics.median(v), 3)} for k, v in times.items()
@@ -90,6 +96,9 @@ def main() -> None:
         "checkout": checkout(),
     }
     print(json.dumps(out, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

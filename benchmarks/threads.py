@@ -10,10 +10,11 @@ come from one run on one machine:
 
 Configurations (``--configs``, comma-separated, each run at every ``--threads`` count T):
 ``library`` (as the library is), ``serial`` (one chunk at a time on T threads),
-``workers:W`` (W chunks at once, each worker on T // W torch threads; ``workers:all`` is one
-single-threaded worker per thread, the library before 2026-11-27), ``torch-set:W`` (the same,
-each worker setting its count with ``torch.set_num_threads``, the library before 2026-11-28;
-``heiindex.omp_threads`` says why it no longer does), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
+``workers:W`` (W chunks at once, each worker on T // W torch threads, set for itself alone
+through ``heiindex.omp_threads``; ``workers:all``, one worker per thread, was the library's way
+from ef4d83d to 5b4693e, with counts set as ``torch-set:T`` sets them), ``torch-set:W`` (the same, each worker setting its count with
+``torch.set_num_threads``, as the library's workers did before c10a763; ``heiindex.omp_threads``
+says why they no longer do), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
 rows, ``concurrency`` is the time summed inside the chunks over the wall time: how many chunks
 ran at once, on average. At the end come the ratios, per thread count: each configuration's time
 over ``library``'s, and the exhaustive time over ``library``'s HEI time.
@@ -32,18 +33,18 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from provenance import checkout  # benchmarks/ is on sys.path when a script here runs
 
-from heiindex import attention
+from heiindex import attention, omp_threads
 from heiindex.bench import _hei, _Sub
 from heiindex.index import Index
 from heiindex.scoring import exhaustive_scores
 
 _FOR_EACH = attention._for_each
+_SET_WORKER_THREADS = omp_threads.set_worker_threads
 
 
 def _serial(fn, chunks):
@@ -67,26 +68,18 @@ def _pool(workers: int):
 
 
 def _torch_set_pool(workers: int):
-    """``_pool``, each worker setting its count with ``torch.set_num_threads`` (which also sets the
-    process default: the caller's count is set again after)."""
+    """``_pool``, each worker setting its count with ``torch.set_num_threads``, as the library's
+    workers did before c10a763 (which also sets the process default: the caller's count is set
+    again after)."""
+    pool = _pool(workers)
 
     def for_each(fn, chunks):
         threads = torch.get_num_threads()
-        w = min(workers, threads, len(chunks))
-        if w <= 1:
-            _serial(fn, chunks)
-            return
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-        def run(sel):
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                fn(sel)
-
         try:
-            with ThreadPoolExecutor(w, initializer=torch.set_num_threads, initargs=(threads // w,)) as pool:
-                for result in pool.map(run, chunks):
-                    del result
+            omp_threads.set_worker_threads = torch.set_num_threads  # the pool's initializer, for this call
+            pool(fn, chunks)
         finally:
+            omp_threads.set_worker_threads = _SET_WORKER_THREADS
             torch.set_num_threads(threads)
 
     return for_each
@@ -189,6 +182,8 @@ def main() -> None:
             elif name == "serial" and not arg:
                 for_each = _serial
             elif name == "workers" and (arg == "all" or arg.isdigit()):
+                if omp_threads.thread_local_setter() is None:
+                    raise SystemExit(f"{config}: no per-thread torch thread count on this install (torch-set:W runs)")
                 for_each = _pool(t if arg == "all" else int(arg))
             elif name == "torch-set" and arg.isdigit():
                 for_each = _torch_set_pool(int(arg))
