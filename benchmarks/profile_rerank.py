@@ -32,6 +32,7 @@ import heiindex  # noqa: F401  # isort: skip  (first: sets OpenMP defaults befor
 import argparse
 import json
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,10 +40,9 @@ from provenance import checkout  # benchmarks/ is on sys.path when a script here
 from torch.profiler import ProfilerActivity, profile
 
 from heiindex import attention
-from heiindex.bench import _hei, _Sub
+from heiindex.bench import _hei, _Sub, rerank_direction
 from heiindex.index import Index
 from heiindex.scoring import exhaustive_scores
-from heiindex.search import rerank_captions, rerank_images
 
 
 def _sync(device: torch.device) -> None:
@@ -68,18 +68,10 @@ def _exhaustive(index: Index, sub: _Sub, device: torch.device) -> float:
     return round(time.perf_counter() - t0, 4)
 
 
-def _rerank(direction: str, index: Index, sub: _Sub, topk: int):
-    """The bench's re-ranking call of one direction over the whole split, as ``bench._hei`` makes it
-    (keep the two alike: ``_hei`` also ranks the results, which is not profiled here)."""
-    feats = {"words": sub.words, "lengths": sub.lengths, "regions": sub.regions, "gram": sub.gram, "n": topk}
-    if direction == "t2i":
-        return lambda: rerank_images(index.model, index.image_index, index.caption_codes(), **feats)
-    return lambda: rerank_captions(index.model, index.caption_index, index.image_codes(), **feats)
-
-
 def _profiled(direction: str, index: Index, sub: _Sub, topk: int, device: torch.device, top: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    call = _rerank(direction, index, sub, topk)
+    codes = index.image_codes(), index.caption_codes()
+    call = partial(rerank_direction, direction, index, sub, *codes, topk, True)  # the bench's call, unranked
     chunks = []
     for_each = attention._for_each
     attention._for_each = lambda fn, sels: (chunks.append(len(sels)), for_each(fn, sels))

@@ -22,7 +22,7 @@ from .scoring import exhaustive_scores
 from .search import rerank_captions, rerank_images
 from .settings import SettingError
 
-__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "run_bench"]
+__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench"]
 
 COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is benched as COCO 5K and 1K
 
@@ -93,10 +93,23 @@ def candidate_metrics(
 
 
 @torch.no_grad()
+def rerank_direction(
+    direction: str, index: Index, sub: _Sub, img_codes: np.ndarray, cap_codes: np.ndarray, n: int, use_stored: bool
+):
+    """One direction of the HEI pass: the queries' codes search the other side's (the index's own
+    binary index where ``use_stored``, else one made of the subset's codes), and the matcher
+    re-ranks the ``n`` candidates (``Candidates``)."""
+    feats = {"words": sub.words, "lengths": sub.lengths, "regions": sub.regions, "gram": sub.gram, "n": n}
+    if direction == "t2i":  # captions search the image codes
+        searched = index.image_index if use_stored else make_binary_index(img_codes)
+        return rerank_images(index.model, searched, cap_codes, **feats)
+    searched = index.caption_index if use_stored else make_binary_index(cap_codes)  # images search caption codes
+    return rerank_captions(index.model, searched, img_codes, **feats)
+
+
 def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n: int, use_stored: bool) -> dict:
     """HEI in both directions over a subset (rows into the index's images / captions; ``sub``
     holds their features)."""
-    regions, gram, words, lengths = sub.regions, sub.gram, sub.words, sub.lengths
     row_in_sub = np.full(index.n_images, -1)
     row_in_sub[img_rows] = np.arange(len(img_rows))
     gt = row_in_sub[index.caption_image[cap_rows]]
@@ -104,16 +117,7 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
     out = {}
     for direction in ("t2i", "i2t"):
         t0 = time.perf_counter()
-        if direction == "t2i":  # captions search the image codes
-            searched = index.image_index if use_stored else make_binary_index(img_codes)
-            cand, scores, _ = rerank_images(
-                index.model, searched, cap_codes, words=words, lengths=lengths, regions=regions, gram=gram, n=n
-            )
-        else:  # images search the caption codes
-            searched = index.caption_index if use_stored else make_binary_index(cap_codes)
-            cand, scores, _ = rerank_captions(
-                index.model, searched, img_codes, regions=regions, gram=gram, words=words, lengths=lengths, n=n
-            )
+        cand, scores, _ = rerank_direction(direction, index, sub, img_codes, cap_codes, n, use_stored)
         seconds = time.perf_counter() - t0
         ranks, cand_recall = candidate_ranks(direction, cand, scores, gt)
         out[direction] = {"ranks": ranks, "seconds": seconds, "candidate_recall": cand_recall}
