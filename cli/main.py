@@ -32,7 +32,7 @@ def handle_errors(func):
                 warnings.simplefilter("always", LeftoverWarning)  # a line, even under -W error
                 warnings.showwarning = _leftover_as_line(warnings.showwarning)
                 return func(*args, **kwargs)
-        except (HeiindexError, ValueError) as exc:  # ValueError: a setting out of range (e.g. --bits 12)
+        except (HeiindexError, ValueError) as exc:  # ValueError: an argument check below the settings
             click.echo(f"Error: {_as_flag(exc)}", err=True)
             sys.exit(2)
         except BrokenPipeError:  # the reader went away (`heiindex bench --json | head`): nothing to say

@@ -56,7 +56,11 @@ class EncodedSplit:
 
 @torch.no_grad()
 def encode_images(
-    model: ScanModel, store: SplitStore, block_images: int = 256, progress: bool = False, limit: int | None = None
+    model: ScanModel | LoadedModel,
+    store: SplitStore,
+    block_images: int = 256,
+    progress: bool = False,
+    limit: int | None = None,
 ) -> tuple[np.ndarray, Tensor]:
     """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``."""
     if isinstance(model, LoadedModel):  # as encode_split takes one

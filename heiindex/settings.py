@@ -34,7 +34,7 @@ def is_whole(value) -> bool:
 
 
 def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
-    """A ``ValueError`` naming ``name`` unless ``value`` is a finite number (a whole number where
+    """A ``SettingError`` naming ``name`` unless ``value`` is a finite number (a whole number where
     ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least`` and greater
     than ``above`` where given. Returns ``value`` as a Python ``int`` (what FAISS and Python's
     slicing take) or ``float``."""
