@@ -17,6 +17,7 @@ hash module and a flat index of the test split. Test modules load this file by p
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from heiindex import omp_threads
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTIONS = REPO / "data" / "coco-captions" / "testall_caps.txt"
@@ -169,6 +172,20 @@ def quiet(*_args, **_kw) -> None:
 
 # GPU-only tests: skipped where torch sees no CUDA device (CI); benchmarks/gpu.sh runs them.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+# Tests of re-ranking's two workers: skipped where no per-thread torch thread count is found
+# (heiindex.omp_threads), as the library then runs no workers.
+needs_thread_local_setter = pytest.mark.skipif(
+    omp_threads.thread_local_setter() is None, reason="no per-thread torch thread count found on this install"
+)
+
+
+def in_thread(fn):
+    """What ``fn()`` returns when called in a new thread (started and joined here)."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
 
 
 @contextmanager

@@ -457,17 +457,19 @@ def _spy_chunks(monkeypatch) -> list[tuple[bool, int]]:
     return ran_in
 
 
-NO_WORKERS = omp_threads.thread_local_setter() is None  # no per-thread torch count found: no workers
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads):
+@pytest.mark.parametrize(
+    "threads, setter",
+    [pytest.param(2, True, marks=pf.needs_thread_local_setter), (3, True), (2, False)],
+)
+def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads(monkeypatch, threads, setter):
     """With two torch threads, re-ranking chunks run on two pool workers of one thread each (the
     scores equal the one-thread scores to the bit, since each chunk is summed alone); with any
-    other count they run in the caller's thread. (What the pool leaves for threads started later:
+    other count, or where no per-thread torch count is found (``setter`` False: omp_threads), they
+    run in the caller's thread, on its threads. (What the pool leaves for threads started later:
     test_pool_workers_keep_the_callers_modes_and_thread_count.)"""
-    if threads == 2 and NO_WORKERS:
-        pytest.skip("no per-thread torch thread count on this install")
+    if not setter:
+        monkeypatch.setattr(omp_threads, "thread_local_setter", lambda: None)
+    workers = threads == 2 and setter
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
     ran_in = _spy_chunks(monkeypatch)
@@ -478,24 +480,12 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
         ran_in.clear()
         with pf.torch_threads(threads):
             got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-        if threads == 2:  # each chunk summed by one thread, as with one thread
+        if workers:  # each chunk summed by one thread, as with one thread
             assert torch.equal(got, want)
         else:  # torch's threads may split a sum differently
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        assert set(ran_in) == ({(False, 1)} if threads == 2 else {(True, threads)})
+        assert set(ran_in) == ({(False, 1)} if workers else {(True, threads)})
         ran_in.clear()
-
-
-def test_chunks_run_in_the_callers_thread_where_no_per_thread_count_is_found(monkeypatch):
-    """Where no per-thread torch count is found (omp_threads), two threads run the chunks one at
-    a time in the caller's thread, on its two threads."""
-    monkeypatch.setattr(omp_threads, "thread_local_setter", lambda: None)
-    words, lengths, regions = _data()
-    caps, imgs = _all_pairs()
-    ran_in = _spy_chunks(monkeypatch)
-    with pf.torch_threads(2):
-        score_pairs(_make_cfg("t2i", "clipped_l2norm", "lse"), words, lengths, regions, caps, imgs, max_elements=200)
-    assert set(ran_in) == {(True, 2)} and len(ran_in) > 2
 
 
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
@@ -514,7 +504,7 @@ def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cros
     torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=1e-10)
 
 
-@pytest.mark.skipif(NO_WORKERS, reason="no per-thread torch thread count on this install")
+@pf.needs_thread_local_setter
 def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     """With two torch threads (the pool): a call under torch.inference_mode works (its output
     is an inference tensor that only inference mode may write), no_grad reaches the workers,
@@ -525,14 +515,12 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     import heiindex.attention as attention
 
     started_during = []
+    first = threading.Lock()  # the two workers: only the first to get here records
     real = attention._score_pair_chunk
 
     def spied(*args):
-        if threading.current_thread() is not threading.main_thread() and not started_during:
-            started_during.append(torch.get_num_threads())  # the worker's own: one
-            other = threading.Thread(target=lambda: started_during.append(torch.get_num_threads()))
-            other.start()
-            other.join()
+        if threading.current_thread() is not threading.main_thread() and first.acquire(blocking=False):
+            started_during.extend([torch.get_num_threads(), pf.in_thread(torch.get_num_threads)])  # its own: one
         return real(*args)
 
     monkeypatch.setattr(attention, "_score_pair_chunk", spied)
@@ -549,11 +537,7 @@ def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
         assert not got.requires_grad and torch.equal(got, want)
         graded = score_pairs(cfg, words.clone().requires_grad_(True), lengths, regions, caps, imgs, max_elements=200)
         assert graded.requires_grad  # and outside no_grad the workers record the graph
-        seen = []
-        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        later.start()
-        later.join()
-        assert seen == [2] and torch.get_num_threads() == 2
+        assert pf.in_thread(torch.get_num_threads) == 2 and torch.get_num_threads() == 2
         assert started_during == [1, 2]
 
 

@@ -1162,8 +1162,8 @@ def test_an_image_keeps_all_its_captions_and_one_without_any_is_found(uneven_ind
 
 def test_threads_searching_one_index_at_once_get_what_they_get_alone(index):
     """A server's request threads share one opened Index: text, image and batched searches run
-    at once answer as they do one after another (scores to the bit), and leave torch's thread
-    count as it was."""
+    at once answer as they do one after another (scores to the bit). (What re-ranking's workers
+    leave of torch's thread counts: test_omp_threads, and test_attention's pool tests.)"""
     import threading
 
     texts = ["a dog", "a red car", "two people on a beach", "a plate of food", "a cat on a sofa", "a dog on grass"]
@@ -1178,7 +1178,6 @@ def test_threads_searching_one_index_at_once_get_what_they_get_alone(index):
         )
 
     want = [answers(part) for part in range(3)]
-    before = torch.get_num_threads()
     got: dict[int, list] = {}
     threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, answers(p))) for p in range(3)]
     for thread in threads:
@@ -1186,4 +1185,3 @@ def test_threads_searching_one_index_at_once_get_what_they_get_alone(index):
     for thread in threads:
         thread.join()
     assert [got[p] for p in range(3)] == want
-    assert torch.get_num_threads() == before

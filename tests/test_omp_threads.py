@@ -11,19 +11,7 @@ import torch
 
 from heiindex import omp_threads
 
-
-def _in_thread(fn):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join()
-    return out[0]
-
-
 LINUX_X86 = sys.platform == "linux" and platform.machine() == "x86_64"
-needs_setter = pytest.mark.skipif(
-    omp_threads.thread_local_setter() is None, reason="no per-thread torch thread count found on this install"
-)
 
 
 @pytest.fixture
@@ -38,7 +26,7 @@ def test_linux_wheel_torch_has_a_per_thread_setter_with_mkl():
     assert omp_threads.thread_local_setter() is not None and omp_threads._mkl_pair() is not None
 
 
-@needs_setter
+@pf.needs_thread_local_setter
 def test_worker_count_stays_in_the_worker(two_threads):
     """The worker runs on one thread (torch's count, and MKL's where torch holds MKL); a thread
     started while it runs, the caller, and a thread started after it ends keep two."""
@@ -50,19 +38,19 @@ def test_worker_count_stays_in_the_worker(two_threads):
 
     def worker():
         omp_threads.set_worker_threads(1)
-        return counts(), _in_thread(counts)
+        return counts(), pf.in_thread(counts)
 
     want_two = (2, 2 if mkl else None)
-    assert _in_thread(worker) == ((1, 1 if mkl else None), want_two)
-    assert counts() == want_two and _in_thread(counts) == want_two
+    assert pf.in_thread(worker) == ((1, 1 if mkl else None), want_two)
+    assert counts() == want_two and pf.in_thread(counts) == want_two
 
 
-@needs_setter
+@pf.needs_thread_local_setter
 def test_torch_set_num_threads_in_a_thread_is_what_the_check_refuses(two_threads):
     """The check that picks a setter refuses torch.set_num_threads (it changes the default of
     threads started later) and a setter that does nothing; it accepts OpenMP's own."""
     assert not omp_threads._acts_on_this_thread_only(torch.set_num_threads, torch.get_num_threads)
-    assert _in_thread(torch.get_num_threads) == 1  # what the check saw: the default it changed
+    assert pf.in_thread(torch.get_num_threads) == 1  # what the check saw: the default it changed
     torch.set_num_threads(2)
     assert not omp_threads._acts_on_this_thread_only(lambda count: None, torch.get_num_threads)
     assert omp_threads._acts_on_this_thread_only(omp_threads._openmp_setters()[0], torch.get_num_threads)
@@ -74,7 +62,7 @@ def test_set_worker_threads_refuses_without_a_setter(monkeypatch):
         omp_threads.set_worker_threads(1)
 
 
-@needs_setter
+@pf.needs_thread_local_setter
 def test_threads_asking_at_once_get_the_one_checked_setter(monkeypatch):
     """The check runs once per process, however many threads ask for the setter together."""
     monkeypatch.setattr(omp_threads, "_checked_setter", functools.cache(omp_threads._checked_setter.__wrapped__))
