@@ -100,16 +100,21 @@ def _keep_stuck(monkeypatch):
     return real
 
 
-@pytest.mark.parametrize("fails", ["rename", "scratch"])
-def test_the_remains_keep_their_set_aside_name_only_where_renaming_them_fails(tmp_path, monkeypatch, fails):
-    """Without the exchange, the remains are renamed from .old to a scratch name; where that
-    rename (or making the name) fails, they keep .old, the warning names that, nothing else is
-    left, and swap_in does not raise: the new output is in place."""
-    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+@pytest.mark.parametrize(
+    "exchanged, fails, left_as",
+    [(True, None, "partial"), (False, None, "partial"), (False, "rename", "old"), (False, "scratch", "old")],
+)
+def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(
+    tmp_path, monkeypatch, exchanged, fails, left_as
+):
+    """A file the system will not delete (immutable, say) stays in the replaced output: the new
+    output is in place, swap_in does not raise, and a LeftoverWarning names the one folder left.
+    On both paths it is left under a scratch name ("partial"), never put back as the output (a
+    set-aside "old" one would be, were the output missing); only where renaming it, or making
+    the name, fails does it keep the set-aside name."""
+    if not exchanged:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     _keep_stuck(monkeypatch)
-    target = _folder(tmp_path / "out", stuck="1")
-    new = scratch(target)
-    (new / "new").write_text("2")
     real_replace, real_scratch = os.replace, atomic.scratch
 
     def replace(src, dst):
@@ -122,44 +127,30 @@ def test_the_remains_keep_their_set_aside_name_only_where_renaming_them_fails(tm
             raise OSError("disk full")
         return real_scratch(t, folder, role)
 
+    target = _folder(tmp_path / "out", stuck="1", other="2")
+    new = scratch(target)
+    (new / "new").write_text("3")
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(atomic, "scratch", refused_scratch)
     with pytest.warns(LeftoverWarning) as caught:
         swap_in(new, target)
-    assert _contents(target) == {"new": "2"}
-    (left,) = leftovers(target)
-    assert left.name.startswith(".out.old-") and _contents(left) == {"stuck": "1"}
-    assert str(caught[0].message).endswith(f"the rest is in {left}")
-
-
-@pytest.mark.parametrize("exchanged", [True, False])
-def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(tmp_path, monkeypatch, exchanged):
-    """A file the system will not delete (immutable, say) stays in the replaced output: the new
-    output is in place, and a LeftoverWarning names the folder left. On both paths it is left
-    under a scratch name, which is never put back as the output (a set-aside "old" one would
-    be, were the output missing)."""
-    if not exchanged:
-        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
-    real = _keep_stuck(monkeypatch)
-    target = _folder(tmp_path / "out", stuck="1", other="2")
-    new = scratch(target)
-    (new / "new").write_text("3")
-    with pytest.warns(LeftoverWarning) as caught:
-        swap_in(new, target)
     assert _contents(target) == {"new": "3"}
     (left,) = leftovers(target)
-    assert _contents(left) == {"stuck": "1"} and left.name.startswith(".out.partial-")
+    assert _contents(left) == {"stuck": "1"} and left.name.startswith(f".out.{left_as}-")
     assert (
         str(caught[0].message)
         == f"{target} was written, but what it replaced could not all be deleted: the rest is in {left}"
     )
-    monkeypatch.setattr(atomic, "_remove", real)
+
+
+def test_swap_in_that_removes_all_it_replaced_warns_nothing(tmp_path):
+    target = _folder(tmp_path / "out", old="1")
     new = scratch(target)
-    (new / "newer").write_text("4")
+    (new / "new").write_text("2")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # all removed: no warning
+        warnings.simplefilter("error")
         swap_in(new, target)
-    assert _contents(target) == {"newer": "4"}
+    assert _contents(target) == {"new": "2"} and leftovers(target) == []
 
 
 def test_clear_leftovers_removes_dead_runs_scratch_and_puts_a_set_aside_target_back(tmp_path):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -294,8 +296,6 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
 
 def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkeypatch):
     """An install without the plot extra: told at once, not after the whole bench has run."""
-    import sys
-
     import heiindex.bench
 
     monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
@@ -387,9 +387,6 @@ def test_bench_without_an_index(tmp_path):
 def test_a_missing_index_is_told_before_torch_and_faiss_are_imported(tmp_path):
     """Importing the matcher's and FAISS's modules took ~3.5 s of a 4 s wait to hear that the
     folder named holds no index; the top-level manifest is now read first."""
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
@@ -662,9 +659,6 @@ def test_train_hash_defaults_are_the_library_defaults():
 def test_a_reader_that_goes_away_ends_the_command_quietly():
     """`heiindex bench --json | head` printed "Error: Broken pipe"; a command whose reader has gone
     now exits 1 with nothing on stderr."""
-    import subprocess
-    import sys
-
     code = (
         "from heiindex_cli.main import handle_errors\n"
         "@handle_errors\n"
@@ -679,9 +673,6 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
 def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
     """`kill PID`, `docker stop` or a job scheduler's limit left the output's scratch folder for
     the next run to clear; any command now exits 143 as Ctrl-C would, writing nothing."""
-    import subprocess
-    import sys
-
     target = tmp_path / "out"
     target.mkdir()
     (target / "a.txt").write_text("old")

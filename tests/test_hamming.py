@@ -13,6 +13,7 @@ import torch
 from heiindex.errors import DataError
 from heiindex.hamming import (
     INDEX_TYPES,
+    TorchBinaryIndex,
     hamming_candidates,
     load_binary_index,
     make_binary_index,
@@ -132,8 +133,6 @@ def test_code_length_follows_the_bytes():
     ],
 )
 def test_codes_must_be_packed_bytes(codes, detail):
-    from heiindex.hamming import TorchBinaryIndex
-
     for make in (make_binary_index, TorchBinaryIndex):
         with pytest.raises(
             ValueError, match=r"codes must be packed bits, an \(n, k/8\) uint8 array .*" + re.escape(detail)
@@ -143,8 +142,6 @@ def test_codes_must_be_packed_bytes(codes, detail):
 
 @pytest.mark.parametrize("kind", ["flat", "torch"])
 def test_query_codes_and_counts_are_checked_before_the_search(easy, kind):
-    from heiindex.hamming import TorchBinaryIndex
-
     codes, queries, _ = easy
     index = make_binary_index(codes) if kind == "flat" else TorchBinaryIndex(codes)
     with pytest.raises(ValueError, match="query codes are 32-bit, the index holds 64-bit codes"):
@@ -177,8 +174,6 @@ def test_hnsw_settings_faiss_crashes_on_are_refused(easy, hnsw_m, ef_search, det
 
 def _assert_answers_as_flat(codes, queries, ns, block=1 << 20) -> None:
     """TorchBinaryIndex over ``codes`` gives FAISS flat's distances and ids, order included."""
-    from heiindex.hamming import TorchBinaryIndex
-
     index, flat = TorchBinaryIndex(codes, block=block), make_binary_index(codes, "flat")
     for n in ns:
         got, want = index.search(queries, n), flat.search(queries, n)
@@ -191,8 +186,6 @@ def test_torch_index_answers_as_faiss_flat_ties_included(easy, block):
     """Ties were ordered differently from FAISS (4,126 of 5,000 coco-sim caption queries got
     another 100-candidate set), so a GPU without faiss-gpu answered otherwise than the CPU; and
     blocks fewer than half the candidates asked for failed ("selected index k out of range")."""
-    from heiindex.hamming import TorchBinaryIndex
-
     codes, queries, rows = easy
     rng = np.random.default_rng(1)
     all_queries = np.concatenate([queries, rng.integers(0, 256, (40, BYTES), dtype=np.uint8)])
@@ -213,8 +206,6 @@ def test_torch_index_pads_as_faiss_where_it_holds_fewer_codes_than_asked_for():
 
 
 def test_torch_index_rejects_bad_codes_and_too_many_candidates():
-    from heiindex.hamming import TorchBinaryIndex
-
     with pytest.raises(ValueError, match="codes must be"):
         TorchBinaryIndex(np.zeros(8, dtype=np.uint8))
     index = TorchBinaryIndex(np.zeros((3, 2), dtype=np.uint8))
@@ -223,8 +214,6 @@ def test_torch_index_rejects_bad_codes_and_too_many_candidates():
 
 
 def test_torch_index_returns_every_item_when_asked_for_all():
-    from heiindex.hamming import TorchBinaryIndex
-
     codes = np.arange(10, dtype=np.uint8)[:, None]
     dist, ids = TorchBinaryIndex(codes).search(codes[:2], 10)
     assert dist.shape == ids.shape == (2, 10)

@@ -222,7 +222,7 @@ def test_failed_ingest_keeps_the_older_split(make_precomp, tmp_path):
 # -- CLI: bad input -----------------------------------------------------------------------
 
 
-def test_cli_bad_input_exits_non_zero_and_names_the_file(bad_precomp, tmp_path):
+def test_cli_bad_input_exits_2_and_names_the_file(bad_precomp, tmp_path):
     out = tmp_path / "O"
     out.mkdir()
     result = _run(
@@ -236,9 +236,10 @@ def test_cli_bad_input_exits_non_zero_and_names_the_file(bad_precomp, tmp_path):
         str(bad_precomp.feature_dim),
     )
     if bad_precomp.name == "unknown_split":  # refused by click's choice before the library runs
-        clean_error(result, "--split")
+        details = ("--split",)
     else:
-        clean_error(result, f"Error: {bad_precomp.named}: ", bad_precomp.detail)
+        details = (f"Error: {bad_precomp.named}: ", bad_precomp.detail)
+    clean_error(result, *details)
     _no_leftovers(out, bad_precomp.split)
 
 

@@ -219,7 +219,6 @@ def test_zero_rows_refused(tmp_path):
 
 
 def test_distinct_rows_with_one_caption_each_are_refused_when_not_a_multiple_of_5(make_precomp):
-
     folder, _, _ = make_precomp(n_images=7, n_captions=7)
     with pytest.raises(DataError, match="7 captions do not fit 7 feature rows"):
         _open(folder)
@@ -230,13 +229,12 @@ def test_rows_that_differ_in_a_later_block_are_named_by_their_file_rows(tmp_path
     rows = np.load(tmp_path / "test_ims.npy")
     rows[12, 0, 0] += 1.0  # image 2, its third repeat
     np.save(tmp_path / "test_ims.npy", rows)
-    split = PrecompSplit.open(tmp_path, "test", regions=36, feature_dim=8)
+    split = _open(tmp_path)
     with pytest.raises(DataError, match=r"rows 10\.\.14 differ"):
         list(split.iter_image_blocks(block_images=1))
 
 
 def test_source_captions_sha256_is_of_the_lines_joined_by_newlines(make_precomp):
-
     folder, _, caps = make_precomp(n_images=2)
     split = _open(folder)
     assert split.captions_sha256() == hashlib.sha256("\n".join(caps).encode()).hexdigest()

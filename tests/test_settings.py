@@ -12,9 +12,10 @@ import pytest
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex.attention import AttentionConfig
+from heiindex.errors import HeiindexError
 from heiindex.hamming import check_index_options, resolve_index_kind
 from heiindex.model import ScanConfig
-from heiindex.settings import require
+from heiindex.settings import SettingError, require
 from heiindex.train import TrainConfig
 from heiindex.train_hash import HashTrainConfig
 
@@ -80,8 +81,7 @@ def test_numpy_numbers_in_configs_are_stored_as_python_numbers():
         json.dumps(config.to_dict())
         for value in config.to_dict().values():
             assert not isinstance(value, np.generic), (config, value)
-    assert check_index_options("ivf", np.int64(4), np.int32(2)) == (4, 2)
-    assert [type(v) for v in check_index_options("ivf", np.int64(4), np.int32(2))] == [int, int]
+    assert [(type(v), v) for v in check_index_options("ivf", np.int64(4), np.int32(2))] == [(int, 4), (int, 2)]
 
 
 def test_lambda_lse_is_free_where_lse_is_not_used_and_grad_clip_0_means_none():
@@ -194,7 +194,6 @@ def test_library_sizes_and_inputs_are_refused_by_name(pipe):
     from heiindex.attention import region_gram, score_pairs
     from heiindex.checkpoint import load_model
     from heiindex.encode import encode_captions, encode_images, encode_split
-    from heiindex.errors import HeiindexError
     from heiindex.index import Index
     from heiindex.scoring import exhaustive_scores
     from heiindex.store import SplitStore
@@ -224,8 +223,6 @@ def test_library_sizes_and_inputs_are_refused_by_name(pipe):
 def test_a_setting_error_is_a_heiindex_error_and_a_value_error():
     """One except HeiindexError catches every refusal; code that caught ValueError still does."""
     from heiindex.device import check_precision, resolve_device
-    from heiindex.errors import HeiindexError
-    from heiindex.settings import SettingError
 
     for refuse in (lambda: require("epochs", 0, at_least=1, integer=True), lambda: resolve_device("tpu")):
         with pytest.raises(SettingError) as err:
@@ -242,7 +239,6 @@ def test_refusals_pickle_as_made():
     import pickle
 
     from heiindex.errors import DataError
-    from heiindex.settings import SettingError
 
     for err in (SettingError("k", "k must be at least 1"), DataError("/x/manifest.json", 'field "n" is missing')):
         back = pickle.loads(pickle.dumps(err))
