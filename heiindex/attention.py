@@ -23,6 +23,7 @@ features ``(n_imgs, R, d)``.
 from __future__ import annotations
 
 import functools
+import threading
 from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -405,11 +406,13 @@ def score_pairs(
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
     norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
 
+    scratch = _Scratch(regions)
+
     def run(sel: Tensor) -> None:
         ci, ii = caption_index.index_select(0, sel), image_index.index_select(0, sel)
         length = int(pair_len.index_select(0, sel).max())
         wn = None if norms is None else norms.index_select(0, slot.index_select(0, sel))[:, :length]
-        out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn)
+        out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn, scratch)
 
     _for_each(run, chunks)
     return out
@@ -469,6 +472,7 @@ def _score_pair_chunk(
     ii: Tensor,
     length: int,
     word_norm: Tensor | None,
+    scratch: _Scratch,
 ) -> Tensor:
     """Scores of one chunk of pairs (caption rows ``ci``, image rows ``ii`` sorted) whose
     captions have at most ``length`` words; ``word_norm`` (P, length) for t2i attention.
@@ -491,11 +495,17 @@ def _score_pair_chunk(
     d = regions.shape[2]
     rows_1d = word_rows.view(-1) if packed else None
     sims_2d, regions_t = sims.view(n * length, r), regions.transpose(1, 2)
-    into = acc == regions.dtype and not _records_graph(words.flat if packed else words, regions)
+    # Without autograd, gathered words go into one reused buffer and products straight into sims.
+    reuse = not _records_graph(words.flat if packed else words, regions)
+    into = reuse and acc == regions.dtype
     for sel, img, _ in runs.groups:
         if img is not None:
             span = slice(sel.start * length, sel.stop * length)
-            w2 = words.take(rows_1d[span]) if packed else _gather_words_only(words, ci[sel], length).reshape(-1, d)
+            buf = scratch.rows(span.stop - span.start, d) if reuse else None
+            if packed:
+                w2 = words.take(rows_1d[span], out=buf)
+            else:
+                w2 = _gather_words_only(words, ci[sel], length, buf).reshape(-1, d)
             _mm_into(sims_2d[span], w2, regions_t[img], into)
             w = w2.view(-1, length, d)
         else:
@@ -591,9 +601,16 @@ def _length_bucket(lengths: Tensor) -> Tensor:
     return torch.div(lengths + step - 1, step, rounding_mode="floor") * step
 
 
-def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int) -> Tensor:
-    """Words of ``rows`` cut to ``length`` positions (padding as stored: see ``_gather_words``)."""
-    return words.gather(rows, length) if isinstance(words, PackedWords) else words[:, :length].index_select(0, rows)
+def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
+    """Words of ``rows`` cut to ``length`` positions (padding as stored: see ``_gather_words``);
+    with ``out`` (a contiguous ``(len(rows) * length, d)`` tensor of padded words), written
+    there and returned 2-D as ``out``."""
+    if isinstance(words, PackedWords):
+        return words.gather(rows, length)
+    if out is None:
+        return words[:, :length].index_select(0, rows)
+    torch.index_select(words[:, :length], 0, rows, out=out.view(len(rows), length, -1))
+    return out
 
 
 def _word_norms(words: Tensor | PackedWords, lengths: Tensor, caption_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -620,6 +637,23 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
     w = _gather_words_only(words, rows, length)
     m = word_mask(lengths.index_select(0, rows), length)
     return w, m
+
+
+class _Scratch:
+    """One gather buffer per thread, reused by every image group of one scoring call. A fresh
+    tensor per group (as before) made re-ranking about 4% slower on coco-sim test, one thread
+    (``benchmarks/rerank_ab.py``), with as many page faults: the reused buffer stays in cache."""
+
+    def __init__(self, like: Tensor) -> None:
+        self._like = like
+        self._local = threading.local()
+
+    def rows(self, n: int, d: int) -> Tensor:
+        """A contiguous ``(n, d)`` tensor of ``like``'s dtype and device (contents undefined)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape[1] != d or buf.shape[0] < n:  # grows, never shrinks
+            buf = self._local.buf = self._like.new_empty((n, d))
+        return buf[:n]
 
 
 class _Runs:

@@ -121,9 +121,14 @@ class PackedWords:
         lens = self.lengths.index_select(0, rows).unsqueeze(1)
         return torch.where(pos < lens, self.offsets.index_select(0, rows).unsqueeze(1) + pos, self._flat.shape[0] - 1)
 
-    def take(self, index: Tensor) -> Tensor:
-        """The word rows ``index`` (from ``gather_index``) as an ``(*index.shape, d)`` tensor."""
-        return self._flat.index_select(0, index.reshape(-1)).view(*index.shape, -1)
+    def take(self, index: Tensor, out: Tensor | None = None) -> Tensor:
+        """The word rows ``index`` (from ``gather_index``) as an ``(*index.shape, d)`` tensor,
+        written into ``out`` (``(index.numel(), d)``, contiguous) where given."""
+        flat_index = index.reshape(-1)
+        if out is None:
+            return self._flat.index_select(0, flat_index).view(*index.shape, -1)
+        torch.index_select(self._flat, 0, flat_index, out=out)
+        return out.view(*index.shape, -1)
 
     def select(self, rows: Tensor) -> PackedWords:
         """The captions ``rows``, in that order, as a new ``PackedWords`` (their words copied)."""

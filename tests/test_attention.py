@@ -422,9 +422,9 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
     chunks = []
     real = attention._score_pair_chunk
 
-    def counted(cfg, words, lengths, regions, gram, ci, ii, length, wn):
+    def counted(cfg, words, lengths, regions, gram, ci, ii, length, *rest):
         chunks.append((len(ci), length))
-        return real(cfg, words, lengths, regions, gram, ci, ii, length, wn)
+        return real(cfg, words, lengths, regions, gram, ci, ii, length, *rest)
 
     monkeypatch.setattr(attention, "_score_pair_chunk", counted)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks in this thread, in order
@@ -629,6 +629,9 @@ def test_packed_padding_is_the_exact_zero_row_for_every_way_of_making_packed_wor
         assert pad.any() and bool((index[pad] == p.flat.shape[0]).all()), how  # the row after the words
         got = p.take(index)
         assert torch.equal(got, p.gather(rows, PAIR_L_MAX)), how
+        buf = torch.full((index.numel(), DIM), float("nan"), dtype=p.flat.dtype)
+        into = p.take(index, out=buf)
+        assert into.data_ptr() == buf.data_ptr() and torch.equal(into, got), how
         assert bool((got[pad] == 0).all()) and not bool(torch.signbit(got[pad]).any()), how
 
 
@@ -670,6 +673,28 @@ def test_packed_words_round_trip_and_errors():
         mp.setattr(torch, "equal", lambda *_: pytest.fail("own lengths were compared"))
         got = score_pairs(cfg, packed, packed.lengths, regions, caps, imgs)
     assert torch.equal(got, want)
+
+
+def test_scratch_rows_reuse_one_buffer_per_thread_and_grow_when_needed():
+    """The pair scorer's gather buffer: a smaller request is a view of the same storage, a larger
+    one replaces it (never shrinks it), and each thread has its own."""
+    import threading
+
+    from heiindex.attention import _Scratch
+
+    scratch = _Scratch(torch.zeros(1, dtype=torch.float64))
+    big = scratch.rows(10, 4)
+    assert big.shape == (10, 4) and big.dtype == torch.float64 and big.is_contiguous()
+    small = scratch.rows(3, 4)
+    assert small.shape == (3, 4) and small.data_ptr() == big.data_ptr()
+    bigger = scratch.rows(12, 4)
+    assert bigger.shape == (12, 4) and scratch.rows(10, 4).data_ptr() == bigger.data_ptr()
+    assert scratch.rows(2, 5).shape == (2, 5)  # another feature size: a new buffer
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch.rows(3, 5).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != scratch.rows(3, 5).data_ptr()
 
 
 class _WordSizedStorages(TorchDispatchMode):
