@@ -640,9 +640,10 @@ def _gather_words(words: Tensor, lengths: Tensor, rows: Tensor, length: int) -> 
 
 
 class _Scratch:
-    """One gather buffer per thread, reused by every image group of one scoring call. A fresh
-    tensor per group (as before) made re-ranking about 4% slower on coco-sim test, one thread
-    (``benchmarks/rerank_ab.py``), with as many page faults: the reused buffer stays in cache."""
+    """One gather buffer per thread, reused by every image group of one scoring call: it stays
+    in cache, where a fresh tensor per group need not. Single-threaded re-ranking of coco-sim test
+    took 1-3% less CPU time with it, on the medians of four alternated runs
+    (``benchmarks/rerank_ab.py``; RESULTS.md, "CPU threads"), with as many page faults."""
 
     def __init__(self, like: Tensor) -> None:
         self._like = like
