@@ -16,6 +16,7 @@ hash module and a flat index of the test split. Test modules load this file by p
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from contextlib import contextmanager
@@ -333,6 +334,15 @@ def fake_clock(*readings: float):
     """A stand-in for the ``time`` module whose ``perf_counter`` returns ``readings`` in turn."""
     it = iter(readings)
     return type("FakeTime", (), {"perf_counter": staticmethod(lambda: next(it))})
+
+
+@contextmanager
+def edited_json(path: Path):
+    """The JSON document at ``path``, written back as the ``with`` body leaves it (a crafted
+    manifest or config)."""
+    doc = json.loads(path.read_text())
+    yield doc
+    path.write_text(json.dumps(doc))
 
 
 def edit_column(path: Path, column: str, edit) -> np.ndarray:

@@ -56,9 +56,8 @@ def saved(tmp_path):
 
 
 def _edit_config(path, fn) -> None:
-    cfg = json.loads((path / "config.json").read_text())
-    fn(cfg)
-    (path / "config.json").write_text(json.dumps(cfg))
+    with pf.edited_json(path / "config.json") as cfg:
+        fn(cfg)
 
 
 # -- round trip -------------------------------------------------------------------------------
@@ -301,7 +300,6 @@ def test_model_checksum_hashes_names_shapes_and_float32_bytes():
 def test_a_model_folder_without_a_recorded_checksum_still_has_one(tmp_path):
     model = _model()
     save_model(model, VOCAB, tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    del cfg["info"]["weights_sha256"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pf.edited_json(tmp_path / "m" / "config.json") as cfg:
+        del cfg["info"]["weights_sha256"]
     assert load_model(tmp_path / "m").checksum == model_checksum(model)

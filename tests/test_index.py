@@ -496,10 +496,14 @@ def test_milvus_codes_open_without_reading_the_faiss_files(pipe, index, tmp_path
     shutil.copytree(pipe.index_dir, out)
     for name in ("images.faiss", "captions.faiss"):
         (out / name).unlink()
-    m = json.loads((out / "manifest.json").read_text())
     collections = {"images": "c-images", "captions": "c-captions"}
-    m["codes"] = {"store": "milvus", "uri": "http://milvus:19530", "collections": collections, "index_type": "BIN_FLAT"}
-    (out / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(out / "manifest.json") as m:
+        m["codes"] = {
+            "store": "milvus",
+            "uri": "http://milvus:19530",
+            "collections": collections,
+            "index_type": "BIN_FLAT",
+        }
 
     class StandIn:
         def __init__(self, uri, name):
@@ -610,9 +614,8 @@ def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
     assert type(cfg.bits) is int and json.loads(json.dumps(cfg.to_dict()))["bits"] == 64
     # a hash folder that claims 12-bit codes is refused with that message before anything is written
     shutil.copytree(pipe.hash_dir, tmp_path / "h12")
-    cfg = json.loads((tmp_path / "h12" / "config.json").read_text())
-    cfg["hash"]["bits"] = 12
-    (tmp_path / "h12" / "config.json").write_text(json.dumps(cfg))
+    with pf.edited_json(tmp_path / "h12" / "config.json") as cfg:
+        cfg["hash"]["bits"] = 12
     with pytest.raises((ValueError, DataError), match=r"bits \(the code length k\) must be a multiple of 8"):
         Index.build(pipe.root, "test", pipe.model_dir, tmp_path / "h12", tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -954,12 +957,11 @@ def test_an_index_given_as_a_store_split_is_named(pipe):
 )
 def test_a_manifest_field_missing_or_mistyped_is_named(pipe, tmp_path, field, value, detail):
     out = _copy_index(pipe, tmp_path)
-    m = json.loads((out / "manifest.json").read_text())
-    if value is None:
-        del m[field]
-    else:
-        m[field] = value
-    (out / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(out / "manifest.json") as m:
+        if value is None:
+            del m[field]
+        else:
+            m[field] = value
     with pytest.raises(DataError, match=r"copy/manifest.json: " + detail):
         Index.open(out)
 
@@ -982,9 +984,8 @@ def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_
 
 def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, tmp_path):
     out = _copy_index(pipe, tmp_path)
-    m = json.loads((out / "manifest.json").read_text())
-    m["n_images"], m["n_captions"] = 25, 120  # the FAISS files must agree with it to get this far
-    (out / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(out / "manifest.json") as m:
+        m["n_images"], m["n_captions"] = 25, 120  # the FAISS files must agree with it to get this far
     with pytest.raises(DataError, match=r"copy/images.faiss: holds 24 codes, but the index has 25 images"):
         Index.open(out)
     table = pq.read_table(out / "caption_features.parquet")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -491,9 +492,8 @@ def test_atomic_dir_failure_keeps_older_target_intact(tmp_path):
 
 def test_a_bool_count_in_a_store_manifest_is_refused(tmp_path):
     root = small_store(tmp_path)
-    m = json.loads((root / "test" / "manifest.json").read_text())
-    m["images"]["count"] = True
-    (root / "test" / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["images"]["count"] = True
     with pytest.raises(DataError, match=r'field "images.count" is missing or not of type int \(got True\)'):
         SplitStore.open(root, "test")
 

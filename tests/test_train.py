@@ -583,9 +583,8 @@ def test_a_state_without_history_resumes_with_the_saved_epochs(pipe, tmp_path):
 
 def test_a_split_tokenised_with_another_vocabulary_is_refused(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
-    m = json.loads((root / "train" / "manifest.json").read_text())
-    m["vocab"]["sha256"] = "0" * 64
-    (root / "train" / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(root / "train" / "manifest.json") as m:
+        m["vocab"]["sha256"] = "0" * 64
     vs = _vocab_size(root)
     with pytest.raises(DataError, match="split was encoded with another vocabulary than vocab.json"):
         train(root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)

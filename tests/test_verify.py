@@ -198,9 +198,8 @@ def test_a_record_with_bytes_as_text_is_refused(tmp_path):
 
 def test_every_split_of_a_root_is_checked_against_its_vocab(tmp_path):
     root = small_store(tmp_path, ("dev", "test"))
-    m = json.loads((root / "test" / "manifest.json").read_text())
-    m["vocab"]["sha256"] = "0" * 64
-    (root / "test" / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["vocab"]["sha256"] = "0" * 64
     vocab = [c for c in verify(root) if c.path.name == "vocab.json"]
     assert [c.status for c in vocab] == ["changed"]
     assert "split test records 000000000000" in vocab[0].detail
@@ -229,9 +228,8 @@ def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path
     [check] = verify(index)
     assert check.status == "invalid" and 'no "matcher", "images" or "captions"' in check.detail
     root = small_store(tmp_path / "s", ("dev", "test"))
-    m = json.loads((root / "dev" / "manifest.json").read_text())
-    del m["vocab"]
-    (root / "dev" / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(root / "dev" / "manifest.json") as m:
+        del m["vocab"]
     got = {(c.path.parent.name, c.path.name): c for c in verify(root)}
     assert got[("dev", "manifest.json")].status == "invalid"
     assert 'field "vocab.sha256" is missing' in got[("dev", "manifest.json")].detail
