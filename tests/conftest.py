@@ -72,14 +72,14 @@ def write_precomp(
     return feats, caps
 
 
-def small_store(tmp_path: Path, splits: tuple[str, ...] = ("test",), n_images: int = 7) -> Path:
+def small_store(tmp_path: Path, splits: tuple[str, ...] = ("test",)) -> Path:
     """A store root ``tmp_path / "root"`` ingested from precomp folders written under
-    ``tmp_path / "pre"``: one split of ``n_images`` images (36 x 8 features, 5 captions each) per
-    name in ``splits``."""
+    ``tmp_path / "pre"``: one split of 7 images (36 x 8 features, 5 captions each) per name in
+    ``splits``."""
     from heiindex.ingest import ingest
 
     for split in splits:
-        write_precomp(tmp_path / "pre", split=split, n_images=n_images)
+        write_precomp(tmp_path / "pre", split=split, n_images=7)
         ingest(tmp_path / "pre", split, tmp_path / "root", regions=36, feature_dim=8)
     return tmp_path / "root"
 

@@ -431,12 +431,16 @@ def test_ivf_and_hnsw_indexes_search_like_flat(pipe, index, tmp_path, kind):
         assert [h["hamming"] for h in a] == [h["hamming"] for h in b]
 
 
-def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
+@pytest.fixture(scope="module")
+def ivf(pipe, tmp_path_factory):
+    """The test split in an IVF index probing 1 of its 4 lists: most nearest codes are missed."""
+    out = tmp_path_factory.mktemp("ivf1") / "index"
+    return Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, index_type="ivf", nlist=4, nprobe=1)
+
+
+def test_an_approximate_index_reranks_what_it_found(ivf):
     """IVF probing 1 of 4 lists finds only some of the nearest codes: the answer must be the
     matcher's best of exactly those candidates, with their true Hamming distances."""
-    ivf = Index.build(
-        pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf1", index_type="ivf", nlist=4, nprobe=1
-    )
     row_of = {int(i): r for r, i in enumerate(ivf.image_ids)}
     missed = 0
     for text in QUERIES:
@@ -454,16 +458,13 @@ def test_an_approximate_index_reranks_what_it_found(pipe, tmp_path):
     assert missed > 0  # the situation under test: the approximate index differs from flat
 
 
-def test_the_slots_an_approximate_index_left_empty_are_not_scored(pipe, tmp_path, monkeypatch):
+def test_the_slots_an_approximate_index_left_empty_are_not_scored(ivf, monkeypatch):
     """Every empty slot (-1) was scored as item 0: with IVF probing 1 of 4 lists most of the N
     slots are empty, and item 0 drew most of the pairs. Only found candidates are scored now,
     each exactly as when every slot was scored (both directions)."""
     import heiindex.search as search
     from heiindex.attention import score_caption_candidates, score_image_candidates
 
-    ivf = Index.build(
-        pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf1", index_type="ivf", nlist=4, nprobe=1
-    )
     scored = []
     real = search.score_pairs
     monkeypatch.setattr(search, "score_pairs", lambda *a, **k: scored.append(len(a[4])) or real(*a, **k))
