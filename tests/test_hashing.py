@@ -83,7 +83,8 @@ def test_hash_module_codes_are_signs_of_the_relaxed_codes():
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "attn", "query"])
 def test_caption_codes_of_packed_words_equal_the_padded_ones(pooling):
-    """Packed captions are coded ``block`` at a time: the codes of padded captions, in order."""
+    """Packed captions are coded ``block`` at a time, in order of length: the codes of padded
+    captions, in the captions' order."""
     from heiindex.packed import PackedWords
 
     torch.manual_seed(1)
