@@ -646,23 +646,29 @@ class Index(BatchSearch):
         hashes its stored features once instead (``to`` does so before a cast to bfloat16 can
         round them)."""
         if self._image_codes is None:
-            module = self.hasher.module
-            self._image_codes = self._hash_in_blocks(
-                len(self.regions), lambda s, e, dev: module.image_codes(self.regions[s:e].to(dev).float())
-            )
+            self._image_codes = self.hash_images(self.regions)
         return self._image_codes
 
     def caption_codes(self) -> np.ndarray:
         """Codes of every stored caption, from ``captions.faiss`` (as ``image_codes``)."""
         if self._caption_codes is None:
-            module = self.hasher.module
-
-            def block(s: int, e: int, dev: torch.device) -> np.ndarray:
-                part = self.words.select(torch.arange(s, e, device=self.words.device)).to(dev)
-                return module.caption_codes(part, part.lengths)
-
-            self._caption_codes = self._hash_in_blocks(len(self.words), block)
+            self._caption_codes = self.hash_captions(self.words)
         return self._caption_codes
+
+    def hash_images(self, regions: Tensor) -> np.ndarray:
+        """Codes of encoded images ``(n, R, d)`` (wherever they are), with this index's hash module."""
+        module = self.hasher.module
+        return self._hash_in_blocks(len(regions), lambda s, e, dev: module.image_codes(regions[s:e].to(dev).float()))
+
+    def hash_captions(self, words: PackedWords) -> np.ndarray:
+        """Codes of encoded captions (packed words, wherever they are), with this index's hash module."""
+        module = self.hasher.module
+
+        def block(s: int, e: int, dev: torch.device) -> np.ndarray:
+            part = words.select(torch.arange(s, e, device=words.device)).to(dev)
+            return module.caption_codes(part, part.lengths)
+
+        return self._hash_in_blocks(len(words), block)
 
     @torch.no_grad()
     def _hash_in_blocks(self, n: int, codes_of) -> np.ndarray:
