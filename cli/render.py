@@ -53,12 +53,19 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             f"{r['r1']:.1f}",
             f"{r['r5']:.1f}",
             f"{r['r10']:.1f}",
-            "-" if r["medr"] is None else f"{r['medr']:.0f}",
+            _medr(r["medr"]),
             "-" if r["meanr"] is None else f"{r['meanr']:.1f}",
             f"{r['rsum']:.1f}",
             *((_seconds(r),) if timed else ()),
         )
     return table
+
+
+def _medr(medr: float | None) -> str:
+    """A median rank: whole as it is; COCO 1K's mean over folds can fall between (1.5, not 2)."""
+    if medr is None:
+        return "-"
+    return f"{medr:.0f}" if float(medr).is_integer() else f"{medr:.1f}"
 
 
 def verify_table(path, checks) -> Table:

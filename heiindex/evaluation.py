@@ -72,7 +72,11 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
     Ties count against the ground truth (an equal score ranks above it).
     """
-    scores = np.asarray(scores)
+    scores, gt = np.asarray(scores), np.asarray(gt)
+    if scores.ndim != 2 or gt.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be (n_caps, n_imgs) and gt (n_caps,), got {scores.shape} and {gt.shape}")
+    if len(gt) and (gt.min() < 0 or gt.max() >= scores.shape[1]):
+        raise ValueError(f"gt must hold image indices in [0, {scores.shape[1]}), got {gt.min()}..{gt.max()}")
     check_finite(scores)
     gt_score = scores[np.arange(len(gt)), gt]
     return (scores >= gt_score[:, None]).sum(axis=1).astype(np.float64)

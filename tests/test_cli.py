@@ -736,6 +736,10 @@ def test_recall_table_columns():
     line = next(line for line in out.splitlines() if "hei" in line)
     cells = [c.strip() for c in line.split("│") if c.strip()]
     assert cells == ["hei", "11.0", "22.0", "33.0", "1", "3.0", "66.0", "1.23"]
+    for medr, shown in ((1.5, "1.5"), (2.5, "2.5"), (None, "-")):  # COCO 1K's mean median ranks (not "2")
+        out = _text(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, medr=medr))]))
+        line = next(line for line in out.splitlines() if "hei" in line)
+        assert [c.strip() for c in line.split("│") if c.strip()][4] == shown
 
 
 def test_a_text_query_lists_every_caption_of_an_image():

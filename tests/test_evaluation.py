@@ -52,6 +52,16 @@ def test_t2i_ties_count_against_the_ground_truth():
     np.testing.assert_array_equal(t2i_ranks(scores, np.array([0, 1, 2])), [2, 2, 3])
 
 
+def test_t2i_refuses_a_ground_truth_outside_the_images():
+    """A ground truth of -1 used to rank the last image's score, silently."""
+    scores = np.array([[0.1, 0.9], [0.8, 0.2]])
+    for gt in ([-1, 0], [0, 2]):
+        with pytest.raises(ValueError, match=r"gt must hold image indices in \[0, 2\)"):
+            t2i_ranks(scores, np.array(gt))
+    with pytest.raises(ValueError, match=r"gt \(n_caps,\)"):
+        t2i_ranks(scores, np.array([0, 1, 1]))
+
+
 def test_t2i_small_matrix_by_hand():
     scores = np.array(
         [
