@@ -93,8 +93,10 @@ def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetF
     of ``columns`` its schema lacks."""
     try:
         pf = pq.ParquetFile(path, pre_buffer=pre_buffer)
-    except pa.ArrowException as exc:
-        raise DataError(path, f"not a readable Parquet file ({exc})") from exc
+    except (pa.ArrowException, OSError) as exc:  # a damaged footer is an OSError ("Couldn't deserialize thrift")
+        if isinstance(exc, FileNotFoundError):
+            raise DataError(path, "missing") from exc
+        raise DataError(path, f"not a readable Parquet file ({_arrow_message(exc)})") from exc
     names = pf.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -110,8 +112,14 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
-            path, f"cannot be read ({' '.join(str(exc).split())}); `heiindex verify` compares it with its checksum"
+            path, f"cannot be read ({_arrow_message(exc)}); `heiindex verify` compares it with its checksum"
         ) from exc
+
+
+def _arrow_message(exc: BaseException) -> str:
+    """pyarrow's message on one line, with the raw bytes a damaged file puts in it escaped."""
+    text = " ".join(str(exc).split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def read_guarded(items: Iterable, path: Path) -> Iterator:

@@ -361,6 +361,19 @@ def test_split_store_files_that_are_not_parquet_are_named(tmp_path):
         list(SplitStore.open(tmp_path, "test").iter_image_blocks(2))
 
 
+def test_a_parquet_file_with_a_damaged_footer_is_named(tmp_path):
+    """pyarrow raises a plain OSError for a footer it cannot decode, with raw bytes in its
+    message: it named no file and printed a control byte."""
+    folder = tmp_path / "test"
+    _write_split(folder)
+    data = bytearray((folder / CAPTIONS_FILE).read_bytes())
+    data[-40:-8] = bytes([0x0F] * 32)  # the end of the footer's metadata; the length and PAR1 stay
+    (folder / CAPTIONS_FILE).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"test/captions.parquet: not a readable Parquet file \(") as info:
+        SplitStore.open(tmp_path, "test").captions()
+    assert str(info.value).isprintable()
+
+
 def test_split_store_missing_file(tmp_path):
     _write_split(tmp_path / "test")
     (tmp_path / "test" / CAPTIONS_FILE).unlink()
