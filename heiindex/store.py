@@ -349,7 +349,19 @@ def check_store_root(root: Path, split: str) -> None:
 
 def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:
     """A ``DataError`` unless ``target`` is absent, or a folder whose entries all match one of the
-    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there)."""
+    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there). An output replaces
+    its folder whole, by a rename beside it: never the current folder (``--out .``: its scratch
+    folder would be made inside it) or one holding it, nor a mount point (the rename fails, after
+    the work, with "Device or resource busy")."""
+    where = Path(os.path.abspath(target))
+    cwd = Path.cwd()
+    if where == cwd or where in cwd.parents:
+        what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
+        raise DataError(target, f"is {what}; {kind} replaces its folder whole: give a new folder inside it")
+    if os.path.ismount(where):
+        raise DataError(
+            target, f"is a mount point, which cannot be replaced as {kind} replaces its folder: give a folder inside it"
+        )
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir():

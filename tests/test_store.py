@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -524,6 +525,24 @@ def test_shard_counts_must_not_be_bools(tmp_path):
 
     with pytest.raises(DataError, match=r'field "shards\[0\].n_images" is missing or not of type int \(got True\)'):
         check_shard_entries(tmp_path / "manifest.json", [{"path": "s0", "n_images": True, "n_captions": 5}], True)
+
+
+def test_the_current_folder_and_a_mount_point_are_not_replaceable(tmp_path, monkeypatch):
+    """--out . used to run the whole job, then refuse its own scratch folder, made inside the
+    target; a mount point failed at the rename, after the work. Both are refused before it."""
+    inner = tmp_path / "out" / "inner"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "out")
+    for given in (Path("."), Path(""), tmp_path / "out"):
+        with pytest.raises(DataError, match=r"is the current folder; an index replaces its folder whole"):
+            check_output(given, "an index", ("*.faiss",))
+    monkeypatch.chdir(inner)
+    with pytest.raises(DataError, match=r"is a folder holding the current folder \(.*inner\)"):
+        check_output(Path(".."), "an index", ("*.faiss",))
+    check_output(Path("new"), "an index", ("*.faiss",))  # a new folder inside it is fine
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == tmp_path / "mnt")
+    with pytest.raises(DataError, match=r"mnt: is a mount point"):
+        check_output(tmp_path / "mnt", "an index", ("*.faiss",))
 
 
 def test_a_dangling_symlink_is_not_replaceable(tmp_path):
