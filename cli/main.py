@@ -694,12 +694,17 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         for t in bench_tables(f"{res['split']} ({res['shards']} shards, {res['engine']})", res):
             console.print(t)
         return
+    default_plot = index.path / "bench_sweep.png"
+    if sweep_list and plot is None:  # before the bench runs, as an explicit --plot is
+        from heiindex.plot import check_plot_path
+
+        check_plot_path(default_plot, "the default sweep plot (give --plot PATH for another)")
     res = run_bench(index, topk, sweep_list, protocol)
     if sweep_list:
         from heiindex.plot import plot_sweep
 
         primary = res.get("5k") or res.get("full") or res.get("1k")
-        res["plot"] = str(plot_sweep(primary["sweep"], plot or index.path / "bench_sweep.png"))
+        res["plot"] = str(plot_sweep(primary["sweep"], plot or default_plot))
     if as_json:
         echo_json(res)
         return

@@ -11,24 +11,24 @@ from .store import check_writable
 __all__ = ["check_plot_path", "plot_sweep", "require_matplotlib"]
 
 
-def check_plot_path(path: str | Path) -> Path:
+def check_plot_path(path: str | Path, label: str = "--plot") -> Path:
     """``path`` if a PNG can be written there: it ends in .png, its folder exists, and it is new
     or a PNG already (an earlier plot, replaced; any other file is refused). Checked before a
     bench runs, not after it; matplotlib would add ".png" to a path without a suffix and refuse
-    other suffixes."""
+    other suffixes. ``label`` names the path in errors (the option, or the default's)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise HeiindexError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
+        raise HeiindexError(f"{label} {path}: the plot is a PNG; give a path ending in .png")
     if not path.parent.is_dir():
-        raise HeiindexError(f"--plot {path}: no folder {path.parent} to write it in")
+        raise HeiindexError(f"{label} {path}: no folder {path.parent} to write it in")
     if path.is_dir():
-        raise HeiindexError(f"--plot {path}: is a folder; give a file path ending in .png")
+        raise HeiindexError(f"{label} {path}: is a folder; give a file path ending in .png")
     if path.exists() and not _is_png(path):  # an earlier plot is replaced; anything else is the user's
-        raise HeiindexError(f"--plot {path}: exists and is not a PNG; the plot would replace it (choose another path)")
+        raise HeiindexError(f"{label} {path}: exists and is not a PNG; the plot would replace it (choose another path)")
     try:
         check_writable(path)  # a folder that refuses new files (read-only, /proc, ...)
     except DataError as exc:
-        raise HeiindexError(f"--plot {exc}") from None
+        raise HeiindexError(f"{label} {exc}") from None
     return path
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,14 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
     clean_error(r, "--plot draws the --sweep table; give --sweep too")
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
+    # Without --plot, the default path in the index folder is checked before the bench too (a
+    # read-only shared index threw the results away after the whole bench).
+    index = tmp_path / "index"
+    shutil.copytree(pipe.index_dir, index)
+    (index / "bench_sweep.png").write_text("not a plot")
+    r = run("bench", "--index", index, "--topk", "5", "--sweep", "5")
+    want = f"the default sweep plot (give --plot PATH for another) {index / 'bench_sweep.png'}: exists and is not a PNG"
+    clean_error(r, want)
 
 
 def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkeypatch):
