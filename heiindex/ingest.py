@@ -54,17 +54,35 @@ class IngestSummary:
         )
 
 
-def resolve_vocab(out_root: Path, vocab: str | Path | Vocab | None, captions: list[str]) -> Vocab:
+def resolve_vocab(
+    out_root: Path, vocab: str | Path | Vocab | None, captions: list[str], split: str | None = None
+) -> Vocab:
     """The vocabulary for a new split of ``out_root``.
 
     Given: used, and must agree with the root's ``vocab.json`` if one exists. Not given: the
-    root's ``vocab.json``; else one built from these captions (SCAN's count >= 4 rule).
+    root's ``vocab.json``; else one built from these captions (SCAN's count >= 4 rule). Where
+    ``vocab.json`` is missing but other splits than ``split`` remain, the vocabulary must be the
+    one they record: a new one would leave the root with splits of two vocabularies.
     """
     existing_path = out_root / "vocab.json"
     existing = Vocab.load(existing_path) if existing_path.exists() else None
+    recorded = {} if existing is not None else _recorded_vocabs(out_root, split)
     if vocab is None:
+        if recorded:
+            raise DataError(
+                existing_path,
+                f"missing, but split(s) {', '.join(recorded)} of this store were tokenised with vocabulary "
+                f"{_one_of(recorded)}: pass that vocabulary (the model's vocab.json) with --vocab, or ingest "
+                "into a new --out folder",
+            )
         return existing if existing is not None else Vocab.build(captions)
     given = vocab if isinstance(vocab, Vocab) else Vocab.load(vocab)
+    if recorded and set(recorded.values()) != {given.checksum}:
+        raise DataError(
+            existing_path,
+            f"missing, and split(s) {', '.join(recorded)} of this store record vocabulary {_one_of(recorded)}, "
+            f"not the --vocab given ({given.checksum[:12]}...)",
+        )
     if existing is not None and existing != given:
         raise DataError(
             existing_path,
@@ -72,6 +90,25 @@ def resolve_vocab(out_root: Path, vocab: str | Path | Vocab | None, captions: li
             "or pass no --vocab to reuse this one",
         )
     return given
+
+
+def _recorded_vocabs(out_root: Path, split: str | None) -> dict[str, str]:
+    """``{split name: vocabulary sha256}`` recorded by the store splits of ``out_root`` other than
+    ``split`` (other folders, such as an index kept there, are skipped, as in ``_check_same_shape``)."""
+    out = {}
+    for other in manifest_folders(out_root) if out_root.is_dir() else []:
+        if other.name == split:
+            continue
+        try:
+            out[other.name] = str(json.loads((other / MANIFEST_FILE).read_text())["vocab"]["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _one_of(recorded: dict[str, str]) -> str:
+    """The vocabulary checksum(s) of ``recorded``, shortened."""
+    return " / ".join(sorted({f"{sha[:12]}..." for sha in recorded.values()}))
 
 
 def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int) -> None:
@@ -114,7 +151,7 @@ def ingest(
     check_store_root(out_root, split)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)
-    voc = resolve_vocab(out_root, vocab, list(src.captions))
+    voc = resolve_vocab(out_root, vocab, list(src.captions), split)
 
     encoded = [voc.encode(t) for t in src.captions]
     n_tokens = sum(len(e.tokens) for e in encoded)

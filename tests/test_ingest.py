@@ -381,6 +381,35 @@ def test_vocab_conflict_is_refused_by_the_library(make_precomp, tmp_path):
     assert info.value.path == out / "vocab.json"
 
 
+def test_a_root_that_lost_its_vocab_keeps_its_splits_vocabulary(make_precomp, tmp_path):
+    """With vocab.json gone but a split left, ingest built a new vocabulary from the new split's
+    captions and left the root with two (verify then failed). It needs the recorded one."""
+    test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, _ = make_precomp("d", split="dev", n_images=7, first_line=35)
+    out = tmp_path / "O"
+    ingest(test_dir, "test", out, feature_dim=8)
+    built = Vocab.load(out / "vocab.json")
+    saved = tmp_path / "saved_vocab.json"
+    built.save(saved)
+    (out / "vocab.json").unlink()
+    with pytest.raises(
+        DataError,
+        match=rf"missing, but split\(s\) test of this store were tokenised with vocabulary {built.checksum[:12]}",
+    ) as info:
+        ingest(dev_dir, "dev", out, feature_dim=8)
+    assert info.value.path == out / "vocab.json" and not (out / "dev").exists()
+    with pytest.raises(DataError, match=r"record vocabulary .*, not the --vocab given"):
+        ingest(dev_dir, "dev", out, vocab=Vocab([*SPECIALS, "dog"]), feature_dim=8)
+    ingest(dev_dir, "dev", out, vocab=saved, feature_dim=8)  # the recorded one is accepted
+    assert _manifest(out, "dev")["vocab"]["sha256"] == built.checksum
+    # Re-ingesting the only split builds a new vocabulary, as into a new root: nothing else uses it.
+    alone = tmp_path / "alone"
+    ingest(test_dir, "test", alone, feature_dim=8)
+    (alone / "vocab.json").unlink()
+    ingest(test_dir, "test", alone, feature_dim=8)
+    assert Vocab.load(alone / "vocab.json") == Vocab.build(test_caps)
+
+
 def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, testall_lines):
     test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
     dev_dir, _, dev_caps = make_precomp("d", split="dev", n_images=7, first_line=35)
