@@ -15,6 +15,7 @@ What this module must not do: parse precomp files or tokenise text.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -281,14 +282,25 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
         yield tmp
         check_replaceable(target, kind, replaces)
         swap_in(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:
             try:
                 folder.rmdir()  # only if still empty
             except OSError:
                 break
+        if isinstance(exc, OSError) and _out_of_space(exc):  # pyarrow's message names no file
+            raise DataError(
+                target, f"could not be written: no space left on its disk ({_arrow_message(exc)}); nothing was replaced"
+            ) from exc
         raise
+
+
+def _out_of_space(exc: OSError) -> bool:
+    """A full disk or quota, as Python raises it (errno) or pyarrow does (errno in the text)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+        f"[errno {code}]" in str(exc).lower() for code in (errno.ENOSPC, errno.EDQUOT)
+    )
 
 
 def check_output(target: Path, kind: str, replaces: Collection[str]) -> None:

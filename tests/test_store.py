@@ -406,6 +406,30 @@ def test_atomic_dir_replaces_older_target_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),  # pyarrow's
+    ],
+)
+def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, error):
+    """A full disk while writing said "Error writing bytes to file" with no file named."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(
+        DataError, match=r"out: could not be written: no space left on its disk \(.*\); nothing was replaced"
+    ):
+        with atomic_dir(target, "a test output", ("*.txt",)) as tmp:
+            (tmp / "a.txt").write_text("new")
+            raise error
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "old"
+    with pytest.raises(OSError, match="Permission denied"):  # other errors pass as they are
+        with atomic_dir(target, "a test output", ("*.txt",)):
+            raise PermissionError(13, "Permission denied")
+
+
 def test_atomic_dir_refuses_what_it_would_not_write(tmp_path):
     """An --out naming a file, an input or someone's folder was replaced (and deleted) without a
     word; now it is refused before the work starts, and left as it was."""
