@@ -153,15 +153,31 @@ def load_bound_models(
 
 
 def load_models(
-    manifest: dict, matcher: LoadedModel | str | Path | None, hasher: LoadedHash | str | Path | None
+    manifest: dict,
+    matcher: LoadedModel | str | Path | None,
+    hasher: LoadedHash | str | Path | None,
+    mpath: Path | None = None,
 ) -> tuple[LoadedModel, LoadedHash]:
     """The matcher and hash module given (loaded from a folder if given as one), else the ones
-    the manifest of a build names."""
+    the manifest of a build (at ``mpath``) names: a ``DataError`` naming the manifest where such
+    a folder is not there (an index copied to another machine, a model moved)."""
     if not isinstance(matcher, LoadedModel):
-        matcher = load_model(matcher or manifest["matcher"]["path"])
+        matcher = load_model(matcher or _recorded_folder(manifest, "matcher", "--model DIR", mpath))
     if not isinstance(hasher, LoadedHash):
-        hasher = load_hash(hasher or manifest["hash"]["path"])
+        hasher = load_hash(hasher or _recorded_folder(manifest, "hash", "--hash DIR", mpath))
     return matcher, hasher
+
+
+def _recorded_folder(manifest: dict, key: str, option: str, mpath: Path | None) -> str:
+    folder = manifest[key]["path"]
+    if mpath is not None and not Path(folder).exists():
+        what = "matcher" if key == "matcher" else "hash module"
+        raise DataError(
+            mpath,
+            f"records its {what} at {folder}, which is not there (moved, or the build was made elsewhere): "
+            f"give the folder with {option}",
+        )
+    return folder
 
 
 def _hash_checksum(h: LoadedHash) -> str:
@@ -427,7 +443,7 @@ class Index(BatchSearch):
         if manifest.get("kind") == "sharded":
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         check_index_manifest(manifest, mpath)
-        matcher, hasher = load_models(manifest, matcher, hasher)
+        matcher, hasher = load_models(manifest, matcher, hasher, mpath)
         if matcher.checksum != manifest["matcher"]["sha256"]:
             raise ModelMismatchError(
                 f"index {path} was built with matcher {manifest['matcher']['sha256'][:12]} "

@@ -187,7 +187,7 @@ class ShardedIndex(BatchSearch):
         """Open every shard of the build at ``path``."""
         path = Path(path)
         manifest = read_sharded_manifest(path)
-        matcher, hasher = load_models(manifest, matcher, hasher)
+        matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)
 

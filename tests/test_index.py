@@ -536,6 +536,22 @@ def test_open_without_an_index_folder(tmp_path):
     assert e.value.path == tmp_path / "nothing" / "manifest.json"
 
 
+def test_an_index_whose_recorded_models_moved_says_so_and_opens_with_them_given(pipe, tmp_path):
+    """An index copied to another machine, or whose models moved, said only "no hash module
+    config here" about a path the user never gave."""
+    out = tmp_path / "copy"
+    shutil.copytree(pipe.index_dir, out)
+    with pf.edited_json(out / "manifest.json") as m:
+        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    with pytest.raises(
+        DataError, match=r"manifest.json: records its matcher at .*gone-model, which is not there .*--model DIR"
+    ):
+        Index.open(out)
+    with pytest.raises(DataError, match=r"records its hash module at .*gone-hash, which is not there .*--hash DIR"):
+        Index.open(out, pipe.model_dir)
+    assert Index.open(out, pipe.model_dir, pipe.hash_dir).n_images == pipe.n_test_images
+
+
 def test_open_with_a_retrained_model_is_a_mismatch(pipe):
     with pytest.raises(ModelMismatchError, match="rebuild the index with this model"):
         Index.open(pipe.index_dir, pipe.other_model_dir)
