@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
-from .errors import HeiindexError
+from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options
 from .index import (
@@ -187,6 +187,13 @@ class ShardedIndex(BatchSearch):
         """Open every shard of the build at ``path``."""
         path = Path(path)
         manifest = read_sharded_manifest(path)
+        for e in manifest["shards"]:
+            if not (path / e["path"] / "manifest.json").is_file():
+                raise DataError(
+                    path / "manifest.json",
+                    f"records shard {e['path']}, which is missing (no {path / e['path'] / 'manifest.json'}): "
+                    "build the sharded index again (heiindex build --shards S)",
+                )
         matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
         return cls(path, manifest, shards)

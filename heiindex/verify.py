@@ -94,11 +94,21 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         invalid = _invalid(lambda: check_sharded_manifest(manifest, manifest_path), manifest_path)
-        return invalid + [check for shard in shards for check in verify(folder / shard["path"])]
+        return invalid + [check for shard in shards for check in _shard_checks(folder, shard["path"])]
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
         return invalid
     return invalid + _recorded_files(folder, manifest)  # files may still be the bytes recorded
+
+
+def _shard_checks(build: Path, shard: str) -> list[FileCheck]:
+    """A shard's files, or "missing" for a shard the build records whose manifest is not there
+    (the other shards are still checked)."""
+    if not (build / shard / MANIFEST_FILE).is_file():
+        return [
+            FileCheck(build / shard / MANIFEST_FILE, "missing", f"shard {shard}, recorded in {build / MANIFEST_FILE}")
+        ]
+    return verify(build / shard)
 
 
 def _store_root(path: Path) -> bool:

@@ -100,6 +100,17 @@ def test_an_index_and_a_sharded_build(pipe, tmp_path):
     checks = verify(sharded)
     assert len(checks) == 8 and {c.path.parent.name for c in checks} == {"shard-000", "shard-001"}
     assert {c.status for c in checks} == {"ok"}
+    # A missing shard is reported as such, and the other shards are still checked (verify
+    # stopped at it with "no manifest.json here").
+    shutil.rmtree(sharded / "shard-000")
+    checks = verify(sharded)
+    assert [(c.path.parent.name, c.path.name, c.status) for c in checks][0] == ("shard-000", "manifest.json", "missing")
+    assert checks[0].detail == f"shard shard-000, recorded in {sharded / 'manifest.json'}"
+    assert len(checks) == 5 and {c.status for c in checks[1:]} == {"ok"}
+    from heiindex.shards import ShardedIndex
+
+    with pytest.raises(DataError, match=r"manifest.json: records shard shard-000, which is missing .*--shards S"):
+        ShardedIndex.open(sharded)
 
 
 def test_what_cannot_be_verified_is_said(pipe, tmp_path):
