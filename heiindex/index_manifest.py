@@ -47,6 +47,8 @@ _INDEX_FIELDS = {
 def read_index_manifest(path: str | Path) -> dict:
     """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
     naming it, where there is none or it is not a JSON object."""
+    if Path(path).is_file():
+        raise DataError(path, "is a file; give the index folder that holds it")
     return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
 
 

@@ -546,7 +546,17 @@ class SplitStore:
 
     @classmethod
     def open(cls, root: str | Path, split: str) -> SplitStore:
-        return cls(Path(root) / split)
+        """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
+        root = Path(root)
+        if not (root / split).exists() and (root / MANIFEST_FILE).is_file():
+            try:
+                found = json.loads((root / MANIFEST_FILE).read_text())
+                given = found["split"] if "vocab" in found else None  # an index's manifest names a split too
+            except (OSError, ValueError, TypeError, KeyError):
+                given = None
+            if given is not None:
+                raise DataError(root, f"is store split {given!r}, not a store root: give the folder that holds it")
+        return cls(root / split)
 
     @property
     def split(self) -> str:

@@ -49,6 +49,8 @@ def verify(path: str | Path) -> list[FileCheck]:
     runs left beside ``path`` or in it (a store root's splits are written there) is listed last,
     as "leftover"."""
     path = Path(path)
+    if path.is_file():
+        raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
     checks = _checks(path)
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]

@@ -113,6 +113,25 @@ def test_an_index_and_a_sharded_build(pipe, tmp_path):
         ShardedIndex.open(sharded)
 
 
+def test_a_file_or_a_split_given_for_a_folder_or_a_root_is_named_as_such(pipe, tmp_path):
+    """A manifest given for its folder said ".../manifest.json/manifest.json: no manifest.json
+    here"; a split given as --store ".../test/test/manifest.json: no store manifest here"."""
+    from heiindex.index_manifest import read_index_manifest
+    from heiindex.store import SplitStore
+
+    manifest = pipe.index_dir / "manifest.json"
+    with pytest.raises(DataError, match=r"index-test/manifest.json: is a file; give the folder that holds it"):
+        verify(manifest)
+    with pytest.raises(DataError, match=r"manifest.json: is a file; give the index folder that holds it"):
+        read_index_manifest(manifest)
+    with pytest.raises(
+        DataError, match=r"test: is store split 'test', not a store root: give the folder that holds it"
+    ):
+        SplitStore.open(pipe.root / "test", "test")
+    with pytest.raises(DataError, match=r"no store manifest here"):  # an index's folder is no split
+        SplitStore.open(pipe.index_dir, "test")
+
+
 def test_what_cannot_be_verified_is_said(pipe, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(pipe.index_dir, old)
