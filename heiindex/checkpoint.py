@@ -125,6 +125,10 @@ def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
     (``load_model`` reads them; a resumed run only needs the shape)."""
     cfg_path = Path(path) / CONFIG_FILE
     raw = read_json_object(cfg_path, "no model config here; is this a heiindex model folder?")
+    if raw.get("kind") == "hei-hash":
+        raise DataError(
+            cfg_path, "is a hash module's config (kind 'hei-hash'), not a matcher's: give the matcher's folder"
+        )
     if raw.get("format_version") != MODEL_FORMAT_VERSION or raw.get("kind") != "scan":
         raise DataError(cfg_path, f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan'")
     try:

@@ -94,6 +94,10 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     path = Path(path)
     cfg_path = path / "config.json"
     raw = read_json_object(cfg_path, "no hash module config here")
+    if raw.get("kind") == "scan":
+        raise DataError(
+            cfg_path, "is a matcher's config (kind 'scan'), not a hash module's: give the hash module's folder"
+        )
     if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
         raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
     try:

@@ -4,6 +4,7 @@ scaling, configs, hash folders and training next to a frozen matcher."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import faiss
 import numpy as np
@@ -303,8 +304,15 @@ def test_save_load_round_trip(tmp_path, pipe):
 def test_load_hash_refusals(tmp_path, pipe):
     with pytest.raises(DataError, match="no hash module config here"):
         load_hash(tmp_path / "none")
-    with pytest.raises(DataError, match="expected kind 'hei-hash'"):
+    with pytest.raises(DataError, match="is a matcher's config \\(kind 'scan'\\), not a hash module's"):
         load_hash(pipe.model_dir)  # a matcher folder is not a hash folder
+    with pytest.raises(DataError, match="is a hash module's config \\(kind 'hei-hash'\\), not a matcher's"):
+        load_model(pipe.hash_dir)  # nor the reverse
+    shutil.copytree(pipe.hash_dir, tmp_path / "vse")
+    with pf.edited_json(tmp_path / "vse" / "config.json") as cfg:
+        cfg["kind"] = "vse"
+    with pytest.raises(DataError, match="expected kind 'hei-hash'"):
+        load_hash(tmp_path / "vse")
     for text, detail in (("{", "not valid JSON"), ("[1]", "must hold a JSON object, got list")):
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)
