@@ -7,6 +7,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from heiindex.errors import name_some, shown
+
 console = Console(soft_wrap=False, width=160)
 
 
@@ -20,7 +22,7 @@ def print_result(result, image_query: bool, k: int) -> None:
     than the ``k`` asked for came back."""
     console.print(search_table(result, image_query))
     if result.unknown_words:
-        print(f"unknown words (mapped to <unk>): {', '.join(result.unknown_words)}")
+        print(f"unknown words (mapped to <unk>): {name_some([shown(w) for w in result.unknown_words], limit=20)}")
     if len(result.results) < k:  # an approximate index's search can come back short
         print(
             f"{len(result.results)} of the {k} results asked for: the index's approximate search (IVF or HNSW) "

@@ -15,6 +15,13 @@ def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:
     return sep.join(items[:limit]) + more
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """``text`` as a message shows a piece of user input: with its invisible characters escaped
+    (a zero-width space made "a\u200bdog" read as "adog") and cut at ``limit`` characters."""
+    out = text if text.isprintable() else repr(text)[1:-1]
+    return out if len(out) <= limit else f"{out[: limit - 3]}... ({len(text):,} characters)"
+
+
 class HeiindexError(Exception):
     """Base class: a problem the user can fix, with a message that says how."""
 

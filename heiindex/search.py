@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .attention import score_pairs
-from .errors import HeiindexError, name_some
+from .errors import HeiindexError, name_some, shown
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
@@ -140,9 +140,10 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
         elif enc is None:
             problems.append((i, "the query is empty"))
         elif not enc.tokens:
-            problems.append((i, f"the query {text!r} has no words"))
+            problems.append((i, f"the query '{shown(text)}' has no words"))
         elif len(enc.unknown) == len(enc.tokens):
-            problems.append((i, f"no word of the query is in the model's vocabulary: {', '.join(enc.unknown)}"))
+            words = name_some([shown(w) for w in enc.unknown])
+            problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
         encoded.append(enc)
     return encoded, problems
 

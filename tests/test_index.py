@@ -666,6 +666,15 @@ def test_empty_query(index, text):
 def test_query_of_unknown_words_only(index):
     with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: xyzzyq, qwplk"):
         index.search("xyzzyq qwplk", k=3, candidates=5)
+    # A 100,000-character word was echoed whole; invisible characters printed raw ("a\u200bdog"
+    # showed as "adog"); thousands of unknown words were all listed.
+    with pytest.raises(HeiindexError) as info:
+        index.search("q" * 100_000, k=3, candidates=5)
+    assert str(info.value).endswith(f"vocabulary: {'q' * 37}... (100,000 characters)")
+    with pytest.raises(HeiindexError, match=r"vocabulary: xyzzy\\u200bq$"):
+        index.search("xyzzy\u200bq", k=3, candidates=5)
+    with pytest.raises(HeiindexError, match=r"vocabulary: qa, qb, qc, qd, qe and 2 more$"):
+        index.search("qa qb qc qd qe qf qg", k=3, candidates=5)
 
 
 @pytest.mark.parametrize("bad", [True, 2.0, "3", None])
