@@ -14,7 +14,9 @@ Configurations (``--configs``, comma-separated, each run at every ``--threads`` 
 through ``heiindex.omp_threads``; ``workers:all``, one worker per thread, was the library's way
 from ef4d83d to 5b4693e, with counts set as ``torch-set:T`` sets them), ``torch-set:W`` (the same, each worker setting its count with
 ``torch.set_num_threads``, as the library's workers did before c10a763; ``heiindex.omp_threads``
-says why they no longer do), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts). For the HEI
+says why they no longer do), ``exhaustive`` (every pair, at the ``--exhaustive-threads`` counts;
+since 0801d32 its chunks of captions take the same workers as re-ranking's with two threads) and
+``exhaustive-serial`` (its chunks one at a time on torch's threads, as before). For the HEI
 rows, ``concurrency`` is the time summed inside the chunks over the wall time: how many chunks
 ran at once, on average. At the end come the ratios, per thread count: each configuration's time
 over ``library``'s, and the exhaustive time over ``library``'s HEI time.
@@ -119,7 +121,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     bench's speed-up, both directions together). Only counts that have a ``library`` row."""
     totals: dict[tuple[int, str], list[float]] = {}
     for row in rows:
-        seconds = row["seconds"] if row["config"] == "exhaustive" else row["t2i"] + row["i2t"]
+        seconds = row["seconds"] if row["config"].startswith("exhaustive") else row["t2i"] + row["i2t"]
         totals.setdefault((row["threads"], row["config"]), []).append(seconds)
     out = []
     for (t, config), values in sorted(totals.items()):
@@ -127,7 +129,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         if base is None or config == "library":
             continue
         mean, lib = sum(values) / len(values), sum(base) / len(base)
-        key = "exhaustive_over_library_hei" if config == "exhaustive" else "time_vs_library"
+        key = f"{config.replace('-', '_')}_over_library_hei" if config.startswith("exhaustive") else "time_vs_library"
         out.append({"threads": t, "config": config, key: round(mean / lib, 3)})
     return out
 
@@ -164,17 +166,21 @@ def main() -> None:
     if not a.no_warmup:
         _hei_row(index, sub, min(a.topk, 20), _FOR_EACH)
     rows = []
-    plan = [(c, t) for c in a.configs.split(",") for t in (ex_threads if c == "exhaustive" else threads)]
+    plan = [(c, t) for c in a.configs.split(",") for t in (ex_threads if c.startswith("exhaustive") else threads)]
     for config, t in plan:
         if time.perf_counter() - start > a.budget:
             print("budget spent", flush=True)  # once: every later row would start after it too
             break
         torch.set_num_threads(t)
         row = {"config": config, "threads": t}
-        if config == "exhaustive":
-            t0 = time.perf_counter()
-            exhaustive_scores(index.model, sub)
-            row["seconds"] = round(time.perf_counter() - t0, 3)
+        if config in ("exhaustive", "exhaustive-serial"):
+            attention._for_each = _FOR_EACH if config == "exhaustive" else _serial
+            try:
+                t0 = time.perf_counter()
+                exhaustive_scores(index.model, sub)
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+            finally:
+                attention._for_each = _FOR_EACH
         else:
             name, _, arg = config.partition(":")
             if name == "library" and not arg:

@@ -448,7 +448,10 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     in each of three alternated pairs). On a 16-core machine one chunk at a time on 16 threads
     was fastest (HEI 2.2 + 0.7 s), ahead of two workers of 8 threads (2.6 + 1.2 s) and of one
     single-threaded worker per thread (4.7 + 2.6 s, which the library used to do); with 4
-    threads, one chunk at a time too."""
+    threads, one chunk at a time too. Exhaustive scoring (``score_block``) with two workers took
+    15.4-18.9 s against 19.3-23.3 s on torch's two threads (four alternated passes), and under
+    another process's load 28-37 s against 46-90 s (three passes, two workers on halves of the
+    images; RESULTS.md, "CPU threads")."""
     if (
         torch.get_num_threads() != 2
         or len(chunks) <= 1
