@@ -644,6 +644,13 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
     show_default=True,
     help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.",
 )
+@click.option(
+    "--repeats",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Time HEI and exhaustive scoring R times, alternately, and report the medians (a noisy machine).",
+)
 @device_option
 @dtype_option
 @engine_option
@@ -651,7 +658,7 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
 @threads_option
 @json_option
 @handle_errors
-def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address, threads, as_json) -> None:
+def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine, address, threads, as_json) -> None:
     """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings.
 
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
@@ -671,6 +678,8 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
+    if sharded and repeats != 1:
+        raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
     if sharded and protocol == "1k":
         raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
     if sweep_list:  # before the bench runs
@@ -699,7 +708,7 @@ def bench(topk, index_dir, sweep, plot, protocol, device, dtype, engine, address
         from heiindex.plot import check_plot_path
 
         check_plot_path(default_plot, "the default sweep plot (give --plot PATH for another)")
-    res = run_bench(index, topk, sweep_list, protocol)
+    res = run_bench(index, topk, sweep_list, protocol, repeats=repeats)
     if sweep_list:
         from heiindex.plot import plot_sweep
 

@@ -151,6 +151,24 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
     np.testing.assert_array_equal(real_images(index, index.regions), index.image_codes())
 
 
+def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
+    """--repeats R: HEI and exhaustive are timed R times, alternately; seconds are the medians,
+    seconds_each every pass, the speed-up the medians' ratio; the figures are the first pass's."""
+    res = run_bench(index, topk=5, repeats=3)
+    for direction in ("t2i", "i2t"):
+        d = res[direction]
+        for stage in ("exhaustive", "hei"):
+            each = d[stage]["seconds_each"]
+            assert len(each) == 3 and d[stage]["seconds"] == float(np.median(each)), (direction, stage)
+            assert _metrics(d[stage]) == _metrics(top5_run[direction][stage])
+        assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
+        assert d["exhaustive"]["seconds_each"] == res["t2i"]["exhaustive"]["seconds_each"]  # one matrix, both
+        assert "seconds_each" not in top5_run[direction]["hei"]  # one pass: the documented keys only
+    for bad in (0, 1.5, True):
+        with pytest.raises(HeiindexError, match="repeats must be a whole number"):
+            run_bench(index, topk=5, repeats=bad)
+
+
 def test_without_exhaustive_there_is_no_speedup(index):
     res = run_bench(index, topk=5, exhaustive=False)
     for direction in ("t2i", "i2t"):
@@ -293,13 +311,33 @@ def test_folds_are_averaged_but_their_seconds_summed():
     fold = [
         {
             "images": 1000,
-            "t2i": {"hei": {"r1": 40.0, "r10": 95.46, "medr": 2.0, "meanr": None, "seconds": 1.5}, "speedup": 6.0},
+            "t2i": {
+                "hei": {
+                    "r1": 40.0,
+                    "r10": 95.46,
+                    "medr": 2.0,
+                    "meanr": None,
+                    "seconds": 1.5,
+                    "seconds_each": [1.5, 2.0],
+                },
+                "speedup": 6.0,
+            },
             "sweep": [{"n": 10, "t2i": 0.5}, {"n": 20, "t2i": 0.75}],
             "dtype": "float32",
         },
         {
             "images": 1000,
-            "t2i": {"hei": {"r1": 50.0, "r10": 95.5, "medr": 3.0, "meanr": 4.0, "seconds": 2.25}, "speedup": 8.0},
+            "t2i": {
+                "hei": {
+                    "r1": 50.0,
+                    "r10": 95.5,
+                    "medr": 3.0,
+                    "meanr": 4.0,
+                    "seconds": 2.25,
+                    "seconds_each": [2.5, 2.25],
+                },
+                "speedup": 8.0,
+            },
             "sweep": [{"n": 10, "t2i": 0.25}, {"n": 20, "t2i": 1.0}],
             "dtype": "float32",
         },
@@ -307,7 +345,10 @@ def test_folds_are_averaged_but_their_seconds_summed():
     mean = _mean_of(fold)
     assert mean == {
         "images": 1000,
-        "t2i": {"hei": {"r1": 45.0, "r10": 95.48, "medr": 2.5, "meanr": None, "seconds": 3.75}, "speedup": 7.0},
+        "t2i": {
+            "hei": {"r1": 45.0, "r10": 95.48, "medr": 2.5, "meanr": None, "seconds": 3.75, "seconds_each": [4.0, 4.25]},
+            "speedup": 7.0,
+        },
         "sweep": [{"n": 10, "t2i": 0.375}, {"n": 20, "t2i": 0.875}],
         "dtype": "float32",
     }

@@ -785,3 +785,6 @@ def test_bench_tables_show_each_figure_in_its_column():
     assert "(mean rank '-': some ground truth is outside the N candidates)" in tables[0].caption
     sweep = next(line for line in _text(tables[2]).splitlines() if line.strip().startswith("│ 5"))
     assert [c.strip() for c in sweep.split("│") if c.strip()] == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]
+    assert "median" not in tables[0].caption
+    res["t2i"]["hei"]["seconds_each"] = [1.0, 2.0, 3.0]  # --repeats 3
+    assert "(seconds: the median of 3 passes of each stage, alternated)" in bench_tables("p", res)[0].caption

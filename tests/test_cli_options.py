@@ -79,6 +79,7 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
         ("query", ["a dog", "--uri", "http://127.0.0.1:1"], "--uri: not used with --engine ray"),
         ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
+        ("bench", ["--repeats", "2"], "--repeats runs on an unsharded build"),
     ],
 )
 def test_in_process_options_are_refused_with_ray(pipe, monkeypatch, command, args, detail):
@@ -113,8 +114,8 @@ def test_query_opens_the_index_in_float32_and_with_the_codes_asked_for(pipe, mon
 def _spy_bench(monkeypatch, got: dict, res: dict):
     import heiindex.bench
 
-    def fake(index, topk, sweep, protocol):
-        got.update(topk=topk, sweep=sweep, protocol=protocol)
+    def fake(index, topk, sweep, protocol, repeats):
+        got.update(topk=topk, sweep=sweep, protocol=protocol, repeats=repeats)
         return res
 
     monkeypatch.setattr(heiindex.bench, "run_bench", fake)
@@ -125,7 +126,14 @@ def test_bench_runs_the_auto_protocol_by_default(pipe, monkeypatch):
     got: dict = {}
     _spy_bench(monkeypatch, got, {"split": "test"})
     ok(run("bench", "--index", pipe.index_dir, "--json"))
-    assert got == {"topk": 100, "sweep": None, "protocol": "auto"}
+    assert got == {"topk": 100, "sweep": None, "protocol": "auto", "repeats": 1}
+    got.clear()
+    ok(run("bench", "--index", pipe.index_dir, "--repeats", "3", "--json"))
+    assert got["repeats"] == 3
+
+
+def test_bench_repeats_below_one_is_refused_by_its_flag(pipe):
+    clean_error(run("bench", "--index", pipe.index_dir, "--repeats", "0"), "--repeats must be a whole number")
 
 
 def test_bench_sweep_plot_goes_in_the_index_folder_by_default(pipe, monkeypatch):
