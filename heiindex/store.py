@@ -303,12 +303,14 @@ def _out_of_space(exc: OSError) -> bool:
     )
 
 
-def check_output(target: Path, kind: str, replaces: Collection[str]) -> None:
+def check_output(target: Path, kind: str, replaces: Collection[str], whole: bool = True) -> None:
     """Where a command will write ``kind`` as a folder: ``DataError`` naming ``target`` unless it
     can be written (``check_writable``) and replaced (``check_replaceable``). Commands that
-    work for long before writing call it first, so that a bad ``--out`` fails at once."""
+    work for long before writing call it first, so that a bad ``--out`` fails at once.
+    ``whole``: the folder is swapped in whole (``atomic_dir``); a training run, which writes
+    inside its folder, may be the current folder or a mount point."""
     check_writable(target)
-    check_replaceable(target, kind, replaces)
+    check_replaceable(target, kind, replaces, whole)
 
 
 def check_writable(target: Path) -> None:
@@ -359,21 +361,15 @@ def check_store_root(root: Path, split: str) -> None:
         )
 
 
-def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:
+def check_replaceable(target: Path, kind: str, replaces: Collection[str], whole: bool = True) -> None:
     """A ``DataError`` unless ``target`` is absent, or a folder whose entries all match one of the
     ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there). An output replaces
-    its folder whole, by a rename beside it: never the current folder (``--out .``: its scratch
-    folder would be made inside it) or one holding it, nor a mount point (the rename fails, after
-    the work, with "Device or resource busy")."""
-    where = Path(os.path.abspath(target))
-    cwd = Path.cwd()
-    if where == cwd or where in cwd.parents:
-        what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
-        raise DataError(target, f"is {what}; {kind} replaces its folder whole: give a new folder inside it")
-    if os.path.ismount(where):
-        raise DataError(
-            target, f"is a mount point, which cannot be replaced as {kind} replaces its folder: give a folder inside it"
-        )
+    its folder whole (``whole``), by a rename beside it: never the current folder (``--out .``:
+    its scratch folder would be made inside it) or one holding it, nor a mount point (the rename
+    fails, after the work, with "Device or resource busy"). Paths are compared as resolved (a
+    symlink to the current folder is it)."""
+    if whole:
+        _check_swappable(target, kind)
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir():
@@ -388,6 +384,18 @@ def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> Non
         raise DataError(
             target,
             f"exists and holds what {kind} does not write ({name_some(other)}); remove them or choose another folder",
+        )
+
+
+def _check_swappable(target: Path, kind: str) -> None:
+    """``check_replaceable``'s refusal of the current folder, a folder holding it and a mount point."""
+    where, cwd = Path(target).resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
+        raise DataError(target, f"is {what}; {kind} replaces its folder whole: give a new folder inside it")
+    if os.path.ismount(where):
+        raise DataError(
+            target, f"is a mount point, which cannot be replaced as {kind} replaces its folder: give a folder inside it"
         )
 
 

@@ -194,7 +194,8 @@ def train(
     store_root, out = Path(store_root), Path(out)
     # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
     # the hidden leftovers of their swaps); a file or any other folder is not written into
-    check_output(out, "a training run", ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*"))
+    run_files = ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*")
+    check_output(out, "a training run", run_files, whole=False)  # written inside, never swapped whole
     for folder in (out / "best", out / "last"):
         check_output(folder, *MODEL_OUTPUT)
     if config.threads:

@@ -564,9 +564,14 @@ def test_the_current_folder_and_a_mount_point_are_not_replaceable(tmp_path, monk
     with pytest.raises(DataError, match=r"is a folder holding the current folder \(.*inner\)"):
         check_output(Path(".."), "an index", ("*.faiss",))
     check_output(Path("new"), "an index", ("*.faiss",))  # a new folder inside it is fine
+    (tmp_path / "link").symlink_to(inner)  # the current folder by another name
+    with pytest.raises(DataError, match=r"link: is the current folder"):
+        check_output(tmp_path / "link", "an index", ("*.faiss",))
+    check_output(Path("."), "a training run", ("best", "last"), whole=False)  # written inside, never swapped
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == tmp_path / "mnt")
     with pytest.raises(DataError, match=r"mnt: is a mount point"):
         check_output(tmp_path / "mnt", "an index", ("*.faiss",))
+    check_output(tmp_path / "mnt", "a training run", ("best", "last"), whole=False)
 
 
 def test_a_dangling_symlink_is_not_replaceable(tmp_path):

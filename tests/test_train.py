@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -344,6 +345,22 @@ def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
         r = _cli_train(wide_store, out, "--epochs", "1")
         clean_error(r, f"{out}: exists and holds what a training run does not write")
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_folder_may_be_the_current_folder(pipe, tmp_path, monkeypatch):
+    """A training run writes inside its folder (best/, last/, history.json), never swaps it whole:
+    the refusal of the current folder that outputs swapped in whole get must not reach it."""
+    import heiindex.train as train_module
+
+    class Checked(Exception):
+        pass
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    monkeypatch.setattr(train_module.SplitStore, "open", lambda *a: (_ for _ in ()).throw(Checked()))
+    with pytest.raises(Checked):  # past the output checks, at the first read of the store
+        train(pipe.root, Path("."), pf.model_config(10), pf.train_config(epochs=1), log=pf.quiet)
 
 
 def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
