@@ -294,7 +294,8 @@ def score_block(
     Returns (n_caps, n_imgs). Captions are taken in order of length, in chunks padded only to
     their own longest caption (COCO captions average ~13 tokens but run to 40 or more), and
     no intermediate holds more than about ``max_elements`` pair-word-region entries (default:
-    the device's, see ``_POLICIES``).
+    the device's, see ``_POLICIES``); with exactly two CPU threads two chunks are scored at once
+    (``_for_each``), so twice that at the peak, as in ``score_pairs``.
     """
     _check_cfg(cfg)
     lengths = _check_words(words, lengths)
@@ -625,10 +626,12 @@ def _length_bucket(lengths: Tensor) -> Tensor:
 
 def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
     """Words of ``rows`` cut to ``length`` positions (padding as stored: see ``_gather_words``);
-    with ``out`` (a contiguous ``(len(rows) * length, d)`` tensor of padded words), written
-    there and returned 2-D as ``out``."""
+    with ``out`` (a contiguous ``(len(rows) * length, d)`` tensor), written there and returned 2-D
+    as ``out``."""
     if isinstance(words, PackedWords):
-        return words.gather(rows, length)
+        if out is None:
+            return words.gather(rows, length)
+        return words.take(words.gather_index(rows, length).view(-1), out=out)
     if out is None:
         return words[:, :length].index_select(0, rows)
     torch.index_select(words[:, :length], 0, rows, out=out.view(len(rows), length, -1))

@@ -151,6 +151,17 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
     np.testing.assert_array_equal(real_images(index, index.regions), index.image_codes())
 
 
+def test_repeats_over_1k_folds_report_the_median_of_the_passes_summed_over_folds(index, monkeypatch):
+    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    res = run_bench(index, topk=5, protocols="1k", repeats=3)
+    for direction in ("t2i", "i2t"):
+        d = res["1k"][direction]
+        for stage in ("exhaustive", "hei"):
+            assert len(d[stage]["seconds_each"]) == 3
+            assert d[stage]["seconds"] == float(np.median(d[stage]["seconds_each"]))
+        assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
+
+
 def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
     """--repeats R: HEI and exhaustive are timed R times, alternately; seconds are the medians,
     seconds_each every pass, the speed-up the medians' ratio; the figures are the first pass's."""
