@@ -664,6 +664,7 @@ def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
     from heiindex.index_manifest import sharded_manifest
+    from heiindex.settings import require
 
     from .render import bench_tables, console, echo_json
 
@@ -678,6 +679,7 @@ def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
+    require("repeats", repeats, at_least=1, integer=True)  # its range before the build's kind
     if sharded and repeats != 1:
         raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
     if sharded and protocol == "1k":

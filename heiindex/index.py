@@ -681,7 +681,7 @@ class Index(BatchSearch):
         module = self.hasher.module
 
         def block(s: int, e: int, dev: torch.device) -> np.ndarray:
-            whole = s == 0 and e == len(words)  # no copy: a query batch, the bench's queries
+            whole = s == 0 and e == len(words)  # no copy where one block is the whole set (a query batch)
             part = (words if whole else words.select(torch.arange(s, e, device=words.device))).to(dev)
             return module.caption_codes(part, part.lengths)
 

@@ -272,7 +272,7 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     """
     target = Path(target)
     if target.is_symlink():  # write where it points: swapping the link itself would leave it dangling beside
-        target = target.resolve()
+        target = _resolved(target)
     clear_leftovers(target)
     check_output(target, kind, replaces)
     made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
@@ -387,9 +387,18 @@ def check_replaceable(target: Path, kind: str, replaces: Collection[str], whole:
         )
 
 
+def _resolved(target: Path) -> Path:
+    """``target`` with its symlinks resolved; a ``DataError`` naming it for a symlink loop (Python
+    raises RuntimeError or OSError there, by version)."""
+    try:
+        return Path(target).resolve()
+    except (RuntimeError, OSError) as exc:
+        raise DataError(target, f"cannot be resolved ({exc}): a symlink loop? Give another path") from None
+
+
 def _check_swappable(target: Path, kind: str) -> None:
     """``check_replaceable``'s refusal of the current folder, a folder holding it and a mount point."""
-    where, cwd = Path(target).resolve(), Path.cwd().resolve()
+    where, cwd = _resolved(target), Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
         what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
         raise DataError(target, f"is {what}; {kind} replaces its folder whole: give a new folder inside it")

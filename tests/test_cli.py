@@ -787,4 +787,5 @@ def test_bench_tables_show_each_figure_in_its_column():
     assert [c.strip() for c in sweep.split("│") if c.strip()] == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]
     assert "median" not in tables[0].caption
     res["t2i"]["hei"]["seconds_each"] = [1.0, 2.0, 3.0]  # --repeats 3
-    assert "(seconds: the median of 3 passes of each stage, alternated)" in bench_tables("p", res)[0].caption
+    caption = bench_tables("p", res)[0].caption
+    assert "(HEI and exhaustive seconds: the median of 3 passes, alternated; Hamming: one pass)" in caption

@@ -132,8 +132,13 @@ def test_bench_runs_the_auto_protocol_by_default(pipe, monkeypatch):
     assert got["repeats"] == 3
 
 
-def test_bench_repeats_below_one_is_refused_by_its_flag(pipe):
+def test_bench_repeats_below_one_is_refused_by_its_flag(pipe, monkeypatch):
+    import heiindex.ray_engine
+
     clean_error(run("bench", "--index", pipe.index_dir, "--repeats", "0"), "--repeats must be a whole number")
+    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
+    r = run("bench", "--index", pipe.index_dir, "--repeats", "0", "--engine", "ray")  # its range first
+    clean_error(r, "--repeats must be a whole number")
 
 
 def test_bench_sweep_plot_goes_in_the_index_folder_by_default(pipe, monkeypatch):

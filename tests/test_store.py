@@ -568,6 +568,10 @@ def test_the_current_folder_and_a_mount_point_are_not_replaceable(tmp_path, monk
     with pytest.raises(DataError, match=r"link: is the current folder"):
         check_output(tmp_path / "link", "an index", ("*.faiss",))
     check_output(Path("."), "a training run", ("best", "last"), whole=False)  # written inside, never swapped
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    with pytest.raises(DataError, match=r"loop: cannot be resolved .*a symlink loop\?"):  # not a RuntimeError
+        check_output(tmp_path / "loop", "an index", ("*.faiss",))
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == tmp_path / "mnt")
     with pytest.raises(DataError, match=r"mnt: is a mount point"):
         check_output(tmp_path / "mnt", "an index", ("*.faiss",))
