@@ -343,7 +343,7 @@ def score_block(
             out[rows, i0 : i0 + b] = block
 
     chunks = [order[c0:c1] for c0, c1 in _bucket_chunks(buckets, lambda bucket: 128)]
-    _run_chunks(run, chunks, _records_graph(_word_tensor(words), regions, *([] if gram is None else [gram])))
+    _run_chunks(run, chunks, _scoring_graph(words, regions, gram))
     return out
 
 
@@ -418,7 +418,7 @@ def score_pairs(
         wn = None if norms is None else norms.index_select(0, slot.index_select(0, sel))[:, :length]
         out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn, scratch)
 
-    _run_chunks(run, chunks, _records_graph(_word_tensor(words), regions, *([] if gram is None else [gram])))
+    _run_chunks(run, chunks, _scoring_graph(words, regions, gram))
     return out
 
 
@@ -426,11 +426,17 @@ def _word_tensor(words: Tensor | PackedWords) -> Tensor:
     return words.flat if isinstance(words, PackedWords) else words
 
 
+def _scoring_graph(words: Tensor | PackedWords, regions: Tensor, gram: Tensor | None = None) -> bool:
+    """Whether autograd records a scoring of these features."""
+    return _records_graph(_word_tensor(words), regions, *([] if gram is None else [gram]))
+
+
 def _run_chunks(fn: Callable[[Tensor], None], chunks: list[Tensor], graph: bool) -> None:
     """``_for_each``, except where autograd records the scoring (``graph``): then one chunk after
     another in this thread. Chunks write into one output tensor, and autograd's bookkeeping of a
     tensor written in place from two threads at once is not thread-safe: two workers gave wrong
-    gradients in 5 of 20 runs of a 6,000-pair set, silently."""
+    gradients, silently, in 1 to 11 of 20 runs of a 6,000-pair set
+    (``benchmarks/autograd_workers.py``)."""
     if graph:
         for sel in chunks:
             fn(sel)
@@ -450,9 +456,8 @@ def _for_each(fn: Callable[[Tensor], None], chunks: list[Tensor]) -> None:
     was fastest (HEI 2.2 + 0.7 s), ahead of two workers of 8 threads (2.6 + 1.2 s) and of one
     single-threaded worker per thread (4.7 + 2.6 s, which the library used to do); with 4
     threads, one chunk at a time too. Exhaustive scoring (``score_block``) with two workers took
-    15.4-18.9 s against 19.3-23.3 s on torch's two threads (four alternated passes), and under
-    another process's load 28-37 s against 46-90 s (three passes, two workers on halves of the
-    images; RESULTS.md, "CPU threads")."""
+    18.7 s against 20.4 s on torch's two threads (means of three alternated passes:
+    ``benchmarks/threads.py`` with ``exhaustive,exhaustive-serial``; RESULTS.md, "CPU threads")."""
     if (
         torch.get_num_threads() != 2
         or len(chunks) <= 1
@@ -519,7 +524,7 @@ def _score_pair_chunk(
     rows_1d = word_rows.view(-1) if packed else None
     sims_2d, regions_t = sims.view(n * length, r), regions.transpose(1, 2)
     # Without autograd, gathered words go into one reused buffer and products straight into sims.
-    reuse = not _records_graph(_word_tensor(words), regions)
+    reuse = not _scoring_graph(words, regions)
     into = reuse and acc == regions.dtype
     for sel, img, _ in runs.groups:
         if img is not None:
@@ -626,12 +631,11 @@ def _length_bucket(lengths: Tensor) -> Tensor:
 
 def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
     """Words of ``rows`` cut to ``length`` positions (padding as stored: see ``_gather_words``);
-    with ``out`` (a contiguous ``(len(rows) * length, d)`` tensor), written there and returned 2-D
-    as ``out``."""
+    for padded words with ``out`` (a contiguous ``(len(rows) * length, d)`` tensor), written there
+    and returned 2-D as ``out`` (the pair scorer takes packed words into its buffer itself, from
+    row numbers computed once per chunk: ``PackedWords.take``)."""
     if isinstance(words, PackedWords):
-        if out is None:
-            return words.gather(rows, length)
-        return words.take(words.gather_index(rows, length).view(-1), out=out)
+        return words.gather(rows, length)
     if out is None:
         return words[:, :length].index_select(0, rows)
     torch.index_select(words[:, :length], 0, rows, out=out.view(len(rows), length, -1))
