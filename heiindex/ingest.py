@@ -9,8 +9,10 @@ What this module must not do: train, encode with a model, or print (progress goe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -35,6 +37,8 @@ from .store import (
 from .vocab import Vocab
 
 __all__ = ["IngestSummary", "ingest", "resolve_vocab"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,18 +96,23 @@ def resolve_vocab(
     return given
 
 
-def _recorded_vocabs(out_root: Path, split: str | None) -> dict[str, str]:
-    """``{split name: vocabulary sha256}`` recorded by the store splits of ``out_root`` other than
-    ``split`` (other folders, such as an index kept there, are skipped, as in ``_check_same_shape``)."""
-    out = {}
+def _other_splits(out_root: Path, split: str | None, read: Callable[[dict], T]) -> Iterator[tuple[Path, T]]:
+    """``(folder, read(its manifest))`` for each folder of ``out_root`` with a manifest, other than
+    ``split``'s, where ``read`` finds what it reads: other folders (an index kept here, an older
+    format) are not splits to judge."""
     for other in manifest_folders(out_root) if out_root.is_dir() else []:
         if other.name == split:
             continue
         try:
-            out[other.name] = str(json.loads((other / MANIFEST_FILE).read_text())["vocab"]["sha256"])
+            value = read(json.loads((other / MANIFEST_FILE).read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return out
+        yield other, value
+
+
+def _recorded_vocabs(out_root: Path, split: str | None) -> dict[str, str]:
+    """``{split name: vocabulary sha256}`` recorded by the store splits of ``out_root`` other than ``split``."""
+    return {f.name: sha for f, sha in _other_splits(out_root, split, lambda m: str(m["vocab"]["sha256"]))}
 
 
 def _one_of(recorded: dict[str, str]) -> str:
@@ -114,16 +123,11 @@ def _one_of(recorded: dict[str, str]) -> str:
 def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int) -> None:
     """A store root holds one dataset: every split's images have the same regions and feature
     size (one model encodes them all). ``DataError`` naming the first other split that differs."""
-    if not out_root.is_dir():
-        return
-    for other in manifest_folders(out_root):
-        if other.name == split:
-            continue
-        try:  # only the shape is read: other folders (an index kept here, an older format) are not splits to judge
-            images = json.loads((other / MANIFEST_FILE).read_text())["images"]
-            shape = (int(images["regions"]), int(images["feature_dim"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+
+    def shape_of(manifest: dict) -> tuple[int, int]:
+        return int(manifest["images"]["regions"]), int(manifest["images"]["feature_dim"])
+
+    for other, shape in _other_splits(out_root, split, shape_of):
         if shape != (regions, feature_dim):
             raise DataError(
                 other / MANIFEST_FILE,
