@@ -135,6 +135,13 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
     return out
 
 
+def _timed(fn, *args):
+    """``(fn(*args), its wall seconds)``."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
 def _protocol(
     index: Index,
     img_rows: np.ndarray,
@@ -151,27 +158,19 @@ def _protocol(
     gt = hei["gt"]
     img_codes, cap_codes = hei["codes"]
     res: dict = {"images": int(len(img_rows)), "captions": int(len(cap_rows)), "candidates": n}
-    ex_scores, ex_seconds = None, None
-    if exhaustive:
-        t0 = time.perf_counter()
-        ex_scores = exhaustive_scores(index.model, sub)
-        ex_seconds = time.perf_counter() - t0
+    ex_scores, ex_seconds = _timed(exhaustive_scores, index.model, sub) if exhaustive else (None, None)
     runs = {"exhaustive": [ex_seconds], "t2i": [hei["t2i"]["seconds"]], "i2t": [hei["i2t"]["seconds"]]}
     for _ in range(repeats - 1):  # timed again, alternately, on a noisy machine (the ranks are the first pass's)
         again = _hei(index, sub, img_rows, cap_rows, n, use_stored)
-        runs["t2i"].append(again["t2i"]["seconds"])
-        runs["i2t"].append(again["i2t"]["seconds"])
+        for direction in ("t2i", "i2t"):
+            runs[direction].append(again[direction]["seconds"])
         if exhaustive:
-            t0 = time.perf_counter()
-            exhaustive_scores(index.model, sub)
-            runs["exhaustive"].append(time.perf_counter() - t0)
+            runs["exhaustive"].append(_timed(exhaustive_scores, index.model, sub)[1])
     if repeats > 1:
         ex_seconds = float(np.median(runs["exhaustive"])) if exhaustive else None
         for direction in ("t2i", "i2t"):
             hei[direction]["seconds"] = float(np.median(runs[direction]))
-    t0 = time.perf_counter()
-    ham = _hamming_scores(cap_codes, img_codes)
-    ham_seconds = time.perf_counter() - t0
+    ham, ham_seconds = _timed(_hamming_scores, cap_codes, img_codes)
     for direction in ("t2i", "i2t"):
         d = {}
         if ex_scores is not None:
