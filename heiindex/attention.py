@@ -410,7 +410,8 @@ def score_pairs(
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
     norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
 
-    scratch = _Scratch(regions)
+    graph = _scoring_graph(words, regions, gram)
+    scratch = None if graph else _Scratch(regions)  # reused buffers only where autograd records nothing
 
     def run(sel: Tensor) -> None:
         ci, ii = caption_index.index_select(0, sel), image_index.index_select(0, sel)
@@ -418,7 +419,7 @@ def score_pairs(
         wn = None if norms is None else norms.index_select(0, slot.index_select(0, sel))[:, :length]
         out[sel] = _score_pair_chunk(cfg, words, lengths, regions, gram, ci, ii, length, wn, scratch)
 
-    _run_chunks(run, chunks, _scoring_graph(words, regions, gram))
+    _run_chunks(run, chunks, graph)
     return out
 
 
@@ -500,7 +501,7 @@ def _score_pair_chunk(
     ii: Tensor,
     length: int,
     word_norm: Tensor | None,
-    scratch: _Scratch,
+    scratch: _Scratch | None,
 ) -> Tensor:
     """Scores of one chunk of pairs (caption rows ``ci``, image rows ``ii`` sorted) whose
     captions have at most ``length`` words; ``word_norm`` (P, length) for t2i attention.
@@ -523,8 +524,9 @@ def _score_pair_chunk(
     d = regions.shape[2]
     rows_1d = word_rows.view(-1) if packed else None
     sims_2d, regions_t = sims.view(n * length, r), regions.transpose(1, 2)
-    # Without autograd, gathered words go into one reused buffer and products straight into sims.
-    reuse = not _scoring_graph(words, regions)
+    # Without autograd (``scratch`` given), gathered words go into one reused buffer and products
+    # straight into sims.
+    reuse = scratch is not None
     into = reuse and acc == regions.dtype
     for sel, img, _ in runs.groups:
         if img is not None:

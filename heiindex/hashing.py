@@ -145,8 +145,8 @@ class HashModule(nn.Module):
         order = torch.argsort(lengths, stable=True)
         for s in range(0, len(words), block):
             rows = order[s : s + block]
-            width = int(lengths.index_select(0, rows).max())
-            pooled = self.pool_captions(words.gather(rows, width).float(), lengths.index_select(0, rows))
+            lens = lengths.index_select(0, rows)
+            pooled = self.pool_captions(words.gather(rows, int(lens.max())).float(), lens)
             out[rows.cpu().numpy()] = self.codes(pooled, "text")
         return out
 
