@@ -307,10 +307,14 @@ def check_output(target: Path, kind: str, replaces: Collection[str], whole: bool
     """Where a command will write ``kind`` as a folder: ``DataError`` naming ``target`` unless it
     can be written (``check_writable``) and replaced (``check_replaceable``). Commands that
     work for long before writing call it first, so that a bad ``--out`` fails at once.
-    ``whole``: the folder is swapped in whole (``atomic_dir``); a training run, which writes
-    inside its folder, may be the current folder or a mount point."""
+    ``whole``: the folder is swapped in whole (``atomic_dir``), so it may be neither the current
+    folder (``--out .``: its scratch folder would be made inside it), nor one holding it, nor a
+    mount point (the rename fails, after the work, with "Device or resource busy"); paths are
+    compared as resolved. A training run, which writes inside its folder, may be any of them."""
     check_writable(target)
-    check_replaceable(target, kind, replaces, whole)
+    if whole:
+        _check_swappable(target, kind)
+    check_replaceable(target, kind, replaces)
 
 
 def check_writable(target: Path) -> None:
@@ -361,15 +365,9 @@ def check_store_root(root: Path, split: str) -> None:
         )
 
 
-def check_replaceable(target: Path, kind: str, replaces: Collection[str], whole: bool = True) -> None:
+def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:
     """A ``DataError`` unless ``target`` is absent, or a folder whose entries all match one of the
-    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there). An output replaces
-    its folder whole (``whole``), by a rename beside it: never the current folder (``--out .``:
-    its scratch folder would be made inside it) or one holding it, nor a mount point (the rename
-    fails, after the work, with "Device or resource busy"). Paths are compared as resolved (a
-    symlink to the current folder is it)."""
-    if whole:
-        _check_swappable(target, kind)
+    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there)."""
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir():
@@ -397,7 +395,7 @@ def _resolved(target: Path) -> Path:
 
 
 def _check_swappable(target: Path, kind: str) -> None:
-    """``check_replaceable``'s refusal of the current folder, a folder holding it and a mount point."""
+    """``check_output``'s refusal of the current folder, a folder holding it and a mount point."""
     where, cwd = _resolved(target), Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
         what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
