@@ -73,6 +73,11 @@ def sharded_manifest(path: str | Path) -> dict | None:
     return manifest
 
 
+def shard_missing(build: Path, shard: str) -> bool:
+    """Whether the shard folder ``shard`` that the sharded build at ``build`` records holds no manifest."""
+    return not (Path(build) / shard / "manifest.json").is_file()
+
+
 def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
     """``DataError`` naming the manifest and the field unless it is a sharded build's top-level
     manifest of this format (its shard entries included)."""

@@ -43,7 +43,7 @@ from .index import (
     load_models,
     timed_results,
 )
-from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest
+from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
 from .packed import PackedWords
 from .search import (
     BatchSearch,
@@ -188,7 +188,7 @@ class ShardedIndex(BatchSearch):
         path = Path(path)
         manifest = read_sharded_manifest(path)
         for e in manifest["shards"]:
-            if not (path / e["path"] / "manifest.json").is_file():
+            if shard_missing(path, e["path"]):
                 raise DataError(
                     path / "manifest.json",
                     f"records shard {e['path']}, which is missing (no {path / e['path'] / 'manifest.json'}): "

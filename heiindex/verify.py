@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
-from .index_manifest import check_index_manifest, check_sharded_manifest
+from .index_manifest import check_index_manifest, check_sharded_manifest, shard_missing
 from .store import (
     MANIFEST_FILE,
     check_shard_entries,
@@ -106,7 +106,7 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
 def _shard_checks(build: Path, shard: str) -> list[FileCheck]:
     """A shard's files, or "missing" for a shard the build records whose manifest is not there
     (the other shards are still checked)."""
-    if not (build / shard / MANIFEST_FILE).is_file():
+    if shard_missing(build, shard):
         return [
             FileCheck(build / shard / MANIFEST_FILE, "missing", f"shard {shard}, recorded in {build / MANIFEST_FILE}")
         ]
