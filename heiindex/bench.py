@@ -142,6 +142,22 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def _seconds_of(passes: list[float]) -> dict:
+    """A stage's ``seconds`` (its one pass), with ``seconds_each`` where it ran several (``--repeats``)."""
+    return {"seconds": passes[0], **({"seconds_each": passes} if len(passes) > 1 else {})}
+
+
+def _settle_timing(d: dict) -> None:
+    """One direction's timing figures: each stage's seconds the median of its passes where it
+    ran several (``seconds_each``; over COCO 1K folds, summed pass by pass), and the speed-up of
+    HEI over exhaustive from them, where exhaustive ran."""
+    for stage in ("exhaustive", "hei"):
+        if "seconds_each" in d.get(stage, {}):
+            d[stage]["seconds"] = float(np.median(d[stage]["seconds_each"]))
+    if "exhaustive" in d:
+        d["speedup"] = d["exhaustive"]["seconds"] / max(d["hei"]["seconds"], 1e-9)
+
+
 def _protocol(
     index: Index,
     img_rows: np.ndarray,
@@ -159,6 +175,7 @@ def _protocol(
     img_codes, cap_codes = hei["codes"]
     res: dict = {"images": int(len(img_rows)), "captions": int(len(cap_rows)), "candidates": n}
     ex_scores, ex_seconds = _timed(exhaustive_scores, index.model, sub) if exhaustive else (None, None)
+    # The seconds of every pass of each stage; _settle_timing turns them into the figures.
     runs = {"exhaustive": [ex_seconds], "t2i": [hei["t2i"]["seconds"]], "i2t": [hei["i2t"]["seconds"]]}
     for _ in range(repeats - 1):  # timed again, alternately, on a noisy machine (the ranks are the first pass's)
         again = _hei(index, sub, img_rows, cap_rows, n, use_stored)
@@ -166,26 +183,17 @@ def _protocol(
             runs[direction].append(again[direction]["seconds"])
         if exhaustive:
             runs["exhaustive"].append(_timed(exhaustive_scores, index.model, sub)[1])
-    if repeats > 1:
-        ex_seconds = float(np.median(runs["exhaustive"])) if exhaustive else None
-        for direction in ("t2i", "i2t"):
-            hei[direction]["seconds"] = float(np.median(runs[direction]))
     ham, ham_seconds = _timed(_hamming_scores, cap_codes, img_codes)
     for direction in ("t2i", "i2t"):
         d = {}
         if ex_scores is not None:
             ranks = t2i_ranks(ex_scores, gt) if direction == "t2i" else i2t_ranks(ex_scores.T, gt)
-            d["exhaustive"] = {**recall(ranks).to_dict(), "seconds": ex_seconds}
-            if repeats > 1:
-                d["exhaustive"]["seconds_each"] = runs["exhaustive"]
-        d["hei"] = {**recall(hei[direction]["ranks"]).to_dict(), "seconds": hei[direction]["seconds"]}
-        if repeats > 1:
-            d["hei"]["seconds_each"] = runs[direction]
+            d["exhaustive"] = {**recall(ranks).to_dict(), **_seconds_of(runs["exhaustive"])}
+        d["hei"] = {**recall(hei[direction]["ranks"]).to_dict(), **_seconds_of(runs[direction])}
         hranks = t2i_ranks(ham, gt) if direction == "t2i" else i2t_ranks(ham.T, gt)
         d["hamming"] = {**recall(hranks).to_dict(), "seconds": ham_seconds}
         d["candidate_recall"] = hei[direction]["candidate_recall"]
-        if ex_seconds is not None:
-            d["speedup"] = ex_seconds / max(hei[direction]["seconds"], 1e-9)
+        _settle_timing(d)
         res[direction] = d
     if sweep:
         rows = []
@@ -303,13 +311,8 @@ def run_bench(
         out["1k"]["folds"] = len(runs)
         # The folds search flat indexes of their own codes, whatever the stored index's type.
         out["1k"]["index_type"] = "flat"
-        for direction in ("t2i", "i2t"):
-            d = out["1k"][direction]
-            for stage in ("exhaustive", "hei"):
-                if "seconds_each" in d.get(stage, {}):  # --repeats: the median of the passes' sums
-                    d[stage]["seconds"] = float(np.median(d[stage]["seconds_each"]))
-            if exhaustive:  # the speed-up of the summed seconds, not the mean of the folds' ratios
-                d["speedup"] = d["exhaustive"]["seconds"] / max(d["hei"]["seconds"], 1e-9)
+        for direction in ("t2i", "i2t"):  # from the summed seconds, not the mean of the folds' ratios
+            _settle_timing(out["1k"][direction])
     primary = out.get("5k") or out.get("full") or out["1k"]
     for direction in ("t2i", "i2t"):
         out[direction] = primary[direction]
