@@ -477,35 +477,29 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
     workers = threads == 2 and setter
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
-    ran_in = _spy_chunks(monkeypatch)
-    for cross_attn in ("t2i", "i2t"):
-        cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
-        want = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)  # one thread (conftest)
-        assert set(ran_in) == {(True, 1)} and len(ran_in) > 2
-        ran_in.clear()
-        with pf.torch_threads(threads):
-            got = score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200)
-        if workers:  # each chunk summed by one thread, as with one thread
-            assert torch.equal(got, want)
-        else:  # torch's threads may split a sum differently
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        assert set(ran_in) == ({(False, 1)} if workers else {(True, threads)})
-        ran_in.clear()
-    # The block scorer (exhaustive scoring) cuts its captions into chunks the same way.
-    ran_in = _spy_chunks(monkeypatch, "_t2i_core", "_i2t_core")
-    for cross_attn in ("t2i", "i2t"):
-        cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
-        want = score_block(cfg, words, lengths, regions, max_elements=200)
-        assert set(ran_in) == {(True, 1)} and len(ran_in) > 2
-        ran_in.clear()
-        with pf.torch_threads(threads):
-            got = score_block(cfg, words, lengths, regions, max_elements=200)
-        if workers:
-            assert torch.equal(got, want)
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        assert set(ran_in) == ({(False, 1)} if workers else {(True, threads)})
-        ran_in.clear()
+    scorers = {  # the chunks spied on: the pair scorer's; the block scorer's (exhaustive) each call the cores
+        "pairs": (
+            ("_score_pair_chunk",),
+            lambda cfg: score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200),
+        ),
+        "block": (("_t2i_core", "_i2t_core"), lambda cfg: score_block(cfg, words, lengths, regions, max_elements=200)),
+    }
+    for name, (spied, score) in scorers.items():
+        with pytest.MonkeyPatch.context() as mp:
+            ran_in = _spy_chunks(mp, *spied)
+            for cross_attn in ("t2i", "i2t"):
+                cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+                want = score(cfg)  # one thread (conftest)
+                assert set(ran_in) == {(True, 1)} and len(ran_in) > 2, name
+                ran_in.clear()
+                with pf.torch_threads(threads):
+                    got = score(cfg)
+                if workers:  # each chunk summed by one thread, as with one thread
+                    assert torch.equal(got, want), name
+                else:  # torch's threads may split a sum differently
+                    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+                assert set(ran_in) == ({(False, 1)} if workers else {(True, threads)}), name
+                ran_in.clear()
 
 
 @pf.needs_thread_local_setter
@@ -730,8 +724,6 @@ def test_packed_words_round_trip_and_errors():
 def test_scratch_rows_reuse_one_buffer_per_thread_and_grow_when_needed():
     """The pair scorer's gather buffer: a smaller request is a view of the same storage, a larger
     one replaces it (never shrinks it), and each thread has its own."""
-    import threading
-
     from heiindex.attention import _Scratch
 
     scratch = _Scratch(torch.zeros(1, dtype=torch.float64))
@@ -741,12 +733,10 @@ def test_scratch_rows_reuse_one_buffer_per_thread_and_grow_when_needed():
     assert small.shape == (3, 4) and small.data_ptr() == big.data_ptr()
     bigger = scratch.rows(12, 4)
     assert bigger.shape == (12, 4) and scratch.rows(10, 4).data_ptr() == bigger.data_ptr()
-    assert scratch.rows(2, 5).shape == (2, 5)  # another feature size: a new buffer
-    other = []
-    thread = threading.Thread(target=lambda: other.append(scratch.rows(3, 5).data_ptr()))
-    thread.start()
-    thread.join()
-    assert other[0] != scratch.rows(3, 5).data_ptr()
+    other_d = scratch.rows(2, 5)  # another feature size: a new buffer (bigger's storage is still alive)
+    assert other_d.shape == (2, 5) and other_d.data_ptr() != bigger.data_ptr()
+    mine = scratch.rows(3, 5)  # alive while the other thread takes its own
+    assert pf.in_thread(lambda: scratch.rows(3, 5).data_ptr()) != mine.data_ptr()
 
 
 class _WordSizedStorages(TorchDispatchMode):

@@ -151,15 +151,20 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
     np.testing.assert_array_equal(real_images(index, index.regions), index.image_codes())
 
 
+def _assert_medians(d: dict, passes: int) -> None:
+    """One direction of a --repeats bench: each stage's seconds the median of its ``passes``
+    passes, the speed-up the medians' ratio."""
+    for stage in ("exhaustive", "hei"):
+        each = d[stage]["seconds_each"]
+        assert len(each) == passes and d[stage]["seconds"] == float(np.median(each)), stage
+    assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
+
+
 def test_repeats_over_1k_folds_report_the_median_of_the_passes_summed_over_folds(index, monkeypatch):
     monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
     res = run_bench(index, topk=5, protocols="1k", repeats=3)
     for direction in ("t2i", "i2t"):
-        d = res["1k"][direction]
-        for stage in ("exhaustive", "hei"):
-            assert len(d[stage]["seconds_each"]) == 3
-            assert d[stage]["seconds"] == float(np.median(d[stage]["seconds_each"]))
-        assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
+        _assert_medians(res["1k"][direction], 3)
 
 
 def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
@@ -168,11 +173,9 @@ def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
     res = run_bench(index, topk=5, repeats=3)
     for direction in ("t2i", "i2t"):
         d = res[direction]
+        _assert_medians(d, 3)
         for stage in ("exhaustive", "hei"):
-            each = d[stage]["seconds_each"]
-            assert len(each) == 3 and d[stage]["seconds"] == float(np.median(each)), (direction, stage)
             assert _metrics(d[stage]) == _metrics(top5_run[direction][stage])
-        assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
         assert d["exhaustive"]["seconds_each"] == res["t2i"]["exhaustive"]["seconds_each"]  # one matrix, both
         assert "seconds_each" not in top5_run[direction]["hei"]  # one pass: the documented keys only
     for bad in (0, 1.5, True):

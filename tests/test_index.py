@@ -539,8 +539,7 @@ def test_open_without_an_index_folder(tmp_path):
 def test_an_index_whose_recorded_models_moved_says_so_and_opens_with_them_given(pipe, tmp_path):
     """An index copied to another machine, or whose models moved, said only "no hash module
     config here" about a path the user never gave."""
-    out = tmp_path / "copy"
-    shutil.copytree(pipe.index_dir, out)
+    out = _copy_index(pipe, tmp_path)
     with pf.edited_json(out / "manifest.json") as m:
         m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
     with pytest.raises(
