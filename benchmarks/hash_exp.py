@@ -73,6 +73,12 @@ class Exp:
     kd: float = 0.0  # weight of a listwise distillation term: KL(softmax(scores / kd_ts) || softmax(h / kd_th)), both directions
     kd_ts: float = 0.025  # temperature on the matcher's scores (coco-sim batch scores: std ~0.06, range ~0.5)
     kd_th: float = 0.1  # temperature on the code similarity (range 2: about 4x the scores' range)
+    mix: float = (
+        0.0  # weight of the loss on mixed images (hash_exp_mix.py: two training images' regions mixed, matcher-scored)
+    )
+    mix_loss: str = (
+        "kd"  # kd (listwise, as kd) | mse (code similarity to the scaled score, both sides) | hei (one-sided)
+    )
     note: str = ""
 
 
@@ -122,6 +128,10 @@ CONFIGS: dict[str, Exp] = {
     "r4_n3000": Exp(rounds=4, train_images=3000),
     "kd1_r4": Exp(rounds=4, kd=1.0),  # listwise distillation of each scored batch, beside HEI + ranking
     "kd1_txtmq": Exp(txt="mq", Kt=1, rounds=4, kd=1.0),
+    "mixkd_r4": Exp(rounds=4, mix=1.0),  # function matching on mixed images (hash_exp_mix.py)
+    "mixmse_r4": Exp(rounds=4, mix=1.0, mix_loss="mse"),
+    "mixhei_r4": Exp(rounds=4, mix=1.0, mix_loss="hei"),
+    "mixmse_txtmq": Exp(txt="mq", Kt=1, rounds=4, mix=1.0, mix_loss="mse"),
     "base64": Exp(bits=64),
     "base128": Exp(bits=128),
     "base1024": Exp(bits=1024),
@@ -148,6 +158,14 @@ def load_module(name: str, models: Path = MODELS) -> Hasher:
     model = Hasher(Exp(**ck["exp"]))
     model.load_state_dict(ck["state"])
     return model.eval()
+
+
+def load_mixes(rounds: int) -> list[dict]:
+    """hash_exp_mix.py's mixed images, aligned with ``load_records(rounds)``."""
+    mixes = []
+    for r in range(rounds):
+        mixes += torch.load(CACHE / f"mix{r}.pt")
+    return mixes
 
 
 def load_records(rounds: int, train_images: int = 0) -> list[dict]:
@@ -346,7 +364,25 @@ def augmented_batch(e: Exp, tr: dict, imgs: Tensor, caps: Tensor) -> tuple[dict,
     return img, txt
 
 
-def train(e: Exp, tr: dict, dev: dict, records: list[dict], log=print) -> tuple[Hasher, dict]:
+def mix_term(e: Exp, model: Hasher, tr: dict, rec: dict, mix: dict, tc: Tensor, positive: Tensor) -> Tensor:
+    """Loss of the codes of one record's mixed images against its captions' codes ``tc``, the
+    matcher's scores of those pairs as the target, scaled by the real batch's min and matched mean."""
+    from hash_exp_mix import mixed_regions
+
+    reg = mixed_regions(tr["regions"], rec["imgs"], mix["partner"], mix["mask"])
+    ic = torch.tanh(model.img(reg.mean(1), reg.amax(1), reg if e.img == "mq" else None, None))
+    h = similarity(ic, tc, e.agg, e.tau)
+    if e.mix_loss == "kd":
+        return kd_loss(h, mix["scores"], e.kd_ts, e.kd_th)
+    lo, hi = rec["scores"].min(), rec["scores"][positive].mean()
+    target = (2 * (mix["scores"] - lo) / (hi - lo).clamp_min(1e-6) - 1).clamp(-1, 1)
+    if e.mix_loss == "mse":
+        return ((h - target) ** 2).mean()
+    viol = h > target
+    return ((h - target)[viol] ** 2).mean() if bool(viol.any()) else h.sum() * 0
+
+
+def train(e: Exp, tr: dict, dev: dict, records: list[dict], log=print, mixes: list[dict] | None = None):
     torch.manual_seed(e.seed)
     model = Hasher(e)
     opt = (
@@ -421,6 +457,9 @@ def train(e: Exp, tr: dict, dev: dict, records: list[dict], log=print) -> tuple[
                 else:
                     rl = rank_loss(h, hp, hp, positive, e.margin, e.hardest)
                 loss = loss + e.rank_weight * rl
+            if e.mix:
+                i = int(perm[s])
+                loss = loss + e.mix * mix_term(e, model, tr, records[i], mixes[i], tc, positive)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -472,7 +511,16 @@ def main() -> None:
         if (e.rounds, e.train_images) not in records_by_rounds:
             records_by_rounds[e.rounds, e.train_images] = load_records(e.rounds, e.train_images)
         print(f"{name}: {e}", flush=True)
-        model, res = train(e, tr, dev, records_by_rounds[e.rounds, e.train_images], log=lambda m: print(m, flush=True))
+        if e.mix and (e.group != 1 or e.train_images or e.rdrop or e.wdrop or e.noise or e.bank):
+            raise SystemExit(f"{name}: mixed images need group 1, all training images and no other augmentation")
+        model, res = train(
+            e,
+            tr,
+            dev,
+            records_by_rounds[e.rounds, e.train_images],
+            log=lambda m: print(m, flush=True),
+            mixes=load_mixes(e.rounds) if e.mix else None,
+        )
         row = {
             "name": name,
             "exp": e.__dict__,
