@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import clear_leftovers, is_scratch, scratch, swap_in
-from .errors import DataError, name_some
+from .errors import DataError, name_some, shown
 from .settings import require
 
 __all__ = [
@@ -72,6 +72,7 @@ IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"
 MANIFEST_FILE = "manifest.json"
 _COMPRESSION = "zstd"
+_ARROW_MESSAGE_LIMIT = 300  # characters of a pyarrow message an error quotes (they run to about 150)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -118,9 +119,9 @@ def reading(path: Path) -> Iterator[None]:
 
 
 def _arrow_message(exc: BaseException) -> str:
-    """pyarrow's message on one line, with the raw bytes a damaged file puts in it escaped."""
-    text = " ".join(str(exc).split())
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    """pyarrow's message on one line, with the raw bytes a damaged file puts in it escaped as
+    ``shown`` escapes user input (``\\x0f``, ``\\u200b``)."""
+    return shown(" ".join(str(exc).split()), limit=_ARROW_MESSAGE_LIMIT)
 
 
 def read_guarded(items: Iterable, path: Path) -> Iterator:

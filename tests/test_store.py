@@ -22,6 +22,7 @@ from heiindex.store import (
     MANIFEST_FILE,
     ImageWriter,
     SplitStore,
+    _arrow_message,
     atomic_dir,
     check_output,
     check_replaceable,
@@ -638,3 +639,11 @@ def test_hidden_folders_are_not_manifest_folders(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text("{}")
     assert [p.name for p in manifest_folders(tmp_path)] == ["test"]
+
+
+def test_pyarrow_messages_are_quoted_on_one_line_with_raw_characters_escaped():
+    """A damaged file's bytes reach pyarrow's message; the error quotes it the way it quotes user
+    input (a character above U+00FF used to read as '\\x200b', which is not its code)."""
+    exc = OSError("bad\x0fbyte\n  and\u200bspace")
+    assert _arrow_message(exc) == "bad\\x0fbyte and\\u200bspace"
+    assert _arrow_message(OSError("x" * 1000)).endswith("... (1,000 characters)")
