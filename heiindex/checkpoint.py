@@ -54,7 +54,10 @@ class LoadedModel:
         """Refuse a store split this model cannot encode: tokenised with another vocabulary (its
         token ids would name other words), or with region features of another size."""
         if store.manifest["vocab"]["sha256"] != self.vocab.checksum:
-            raise ModelMismatchError(f"store {store.path} was tokenised with another vocabulary than model {self.path}")
+            raise ModelMismatchError(
+                f"store {store.path} was tokenised with another vocabulary than model {self.path}: ingest the "
+                f"precomp split into a new store with --vocab {self.path / VOCAB_FILE}, or train a model on this store"
+            )
         check_encodable(self.model, store, f"model {self.path}")
 
 
@@ -124,7 +127,10 @@ def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
     """The ``ScanConfig`` of a model folder and its whole config.json, without the weights
     (``load_model`` reads them; a resumed run only needs the shape)."""
     cfg_path = Path(path) / CONFIG_FILE
-    raw = read_json_object(cfg_path, "no model config here; is this a heiindex model folder?")
+    missing = "no model config here; is this a heiindex model folder?"
+    if (Path(path) / "best" / CONFIG_FILE).exists():  # a `train` run folder, given for its model
+        missing = f"no model config here: this is a training run; give its best model, {Path(path) / 'best'}"
+    raw = read_json_object(cfg_path, missing)
     if raw.get("kind") == "hei-hash":
         raise DataError(
             cfg_path, "is a hash module's config (kind 'hei-hash'), not a matcher's: give the matcher's folder"

@@ -116,7 +116,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     if matcher is not None and info.get("matcher_sha256") != matcher.checksum:
         raise ModelMismatchError(
             f"hash module {path} was trained next to matcher {info.get('matcher_sha256', '?')[:12]}, "
-            f"not {matcher.checksum[:12]} ({matcher.path})"
+            f"not {matcher.checksum[:12]} ({matcher.path}): train one next to it (`heiindex train-hash --model "
+            f"{matcher.path} --out DIR`) and give that folder with --hash"
         )
     return LoadedHash(module, info, path)
 

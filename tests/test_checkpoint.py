@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
 import struct
 
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -223,6 +224,14 @@ def test_missing_or_unreadable_files_are_data_errors(saved, tmp_path):
         load_model(tmp_path / "nowhere")
     assert e.value.path == tmp_path / "nowhere" / "config.json"
 
+    run = tmp_path / "run"  # a `train` run folder: its models are in best/ and last/
+    shutil.copytree(path, run / "best")
+    with pytest.raises(
+        DataError, match=f"no model config here: this is a training run; give its best model, {run / 'best'}$"
+    ):
+        load_model(run)
+    assert load_model(run / "best").checksum
+
     (path / "model.safetensors").unlink()
     with pytest.raises(DataError, match="weights file missing"):
         load_model(path)
@@ -257,8 +266,11 @@ def test_check_store_refuses_another_vocabulary_or_feature_size(saved):
         )
 
     loaded.check_store(store(VOCAB.checksum, 10))  # fits: no error
-    with pytest.raises(ModelMismatchError, match=r"store .*test was tokenised with another vocabulary than model .*m$"):
+    with pytest.raises(
+        ModelMismatchError, match=r"store .*test was tokenised with another vocabulary than model .*m: "
+    ) as info:
         loaded.check_store(store("0" * 64, 10))
+    assert str(info.value).endswith(f"with --vocab {loaded.path / 'vocab.json'}, or train a model on this store")
     with pytest.raises(ModelMismatchError, match=r"test has region features of size 2048, model .*m takes 10$"):
         loaded.check_store(store(VOCAB.checksum, 2048))
 

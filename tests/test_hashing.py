@@ -297,8 +297,11 @@ def test_save_load_round_trip(tmp_path, pipe):
     x = torch.randn(5, 4)
     np.testing.assert_array_equal(loaded.module.codes(x, "text"), mod.codes(x, "text"))
     np.testing.assert_array_equal(loaded.module.codes(x, "image"), mod.codes(x, "image"))
-    with pytest.raises(ModelMismatchError, match="was trained next to matcher abc"):
+    with pytest.raises(ModelMismatchError, match="was trained next to matcher abc") as info:
         load_hash(tmp_path / "h", load_model(pipe.model_dir))
+    assert f"(`heiindex train-hash --model {pipe.model_dir} --out DIR`) and give that folder with --hash" in str(
+        info.value
+    )
 
 
 def test_load_hash_refusals(tmp_path, pipe):
