@@ -651,6 +651,8 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
     show_default=True,
     help="Time HEI and exhaustive scoring R times, alternately, and report the medians (a noisy machine).",
 )
+@model_option("Matcher (must be the index's; for an index whose recorded folder has moved).")
+@hash_option("Hash module (must be the index's).")
 @device_option
 @dtype_option
 @engine_option
@@ -658,7 +660,22 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
 @threads_option
 @json_option
 @handle_errors
-def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine, address, threads, as_json) -> None:
+def bench(
+    topk,
+    index_dir,
+    sweep,
+    plot,
+    protocol,
+    repeats,
+    model_dir,
+    hash_dir,
+    device,
+    dtype,
+    engine,
+    address,
+    threads,
+    as_json,
+) -> None:
     """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings.
 
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
@@ -675,7 +692,7 @@ def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine
         from heiindex.plot import check_plot_path
 
         check_plot_path(plot)
-    _check_engine_options(engine, "device", "dtype")
+    _check_engine_options(engine, "model_dir", "hash_dir", "device", "dtype")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
@@ -691,7 +708,7 @@ def bench(topk, index_dir, sweep, plot, protocol, repeats, device, dtype, engine
     if engine == "ray":
         index = _ray_index(index_dir, address, threads)
     else:
-        index = _open_index(index_dir, None, None, device, dtype)
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
     from heiindex.bench import run_bench
     from heiindex.index import Index
 

@@ -229,6 +229,22 @@ def test_bench_json(pipe):
     assert "plot" not in d
 
 
+def test_bench_takes_the_models_of_an_index_whose_recorded_folders_moved(pipe, tmp_path):
+    """The refusal told `bench` to give --model DIR, an option only `query` had."""
+    moved = tmp_path / "copy"
+    shutil.copytree(pipe.index_dir, moved)
+    with pf.edited_json(moved / "manifest.json") as m:
+        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    clean_error(run("bench", "--index", moved, "--topk", "5"), "which is not there", "give the folder with --model DIR")
+    given = as_json(
+        run("bench", "--index", moved, "--topk", "5", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--json")
+    )
+    recorded = as_json(run("bench", "--index", pipe.index_dir, "--topk", "5", "--json"))
+    for direction in ("t2i", "i2t"):
+        assert given[direction]["candidate_recall"] == recorded[direction]["candidate_recall"]
+        assert given[direction]["hei"]["rsum"] == recorded[direction]["hei"]["rsum"]
+
+
 def test_bench_sweep_writes_a_png(pipe, tmp_path):
     png = tmp_path / "sweep.png"
     d = as_json(
