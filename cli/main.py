@@ -526,8 +526,13 @@ def _open_index(
 @index_dir_option
 @model_option("Matcher (must be the index's).")
 @hash_option("Hash module (must be the index's).")
-@click.option("--candidates", type=int, default=100, show_default=True, help="N: Hamming candidates to re-rank.")
-@click.option("--k", type=int, default=10, show_default=True, help="Results to show.")
+@click.option(
+    "--candidates",
+    type=int,
+    default=None,
+    help="N: Hamming candidates to re-rank.  [default: 100, or every item where the index holds fewer]",
+)
+@click.option("--k", type=int, default=None, help="Results to show.  [default: 10, or N where smaller]")
 @device_option
 @dtype_option
 @engine_option
@@ -575,6 +580,7 @@ def query(
         index = _ray_index(index_dir, address, threads)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
+    candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
     if queries_file is not None:
         where = lambda i: f"{name} line {i + 1}"  # noqa: E731
         _print_many(index.search_many(lines, k, candidates, where=where), len(lines), candidates, k, as_json, False)

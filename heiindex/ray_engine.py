@@ -223,6 +223,9 @@ class RayShardedIndex(BatchSearch):
     def n_captions(self) -> int:
         return int(self.manifest["n_captions"])
 
+    def shard_sizes(self, image_query: bool) -> list[int]:
+        return [int(e["n_captions" if image_query else "n_images"]) for e in self.manifest["shards"]]
+
     # -- the sharded bench (heiindex.shards.run_sharded_bench): every shard at once -------------
     def bench_metas(self) -> list[dict]:
         return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
@@ -255,7 +258,7 @@ class RayShardedIndex(BatchSearch):
         actors as they search them, here and now (no extra round trip; a refusal is raised by this
         call, as in process); more batches, or a ``where`` to name them by, are checked by one actor
         first, and searched as the results are read."""
-        candidates, k = check_counts(candidates, k, [e["n_images"] for e in self.manifest["shards"]], "images")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images")
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
             refuse_queries(problems, len(texts), where)
@@ -277,7 +280,7 @@ class RayShardedIndex(BatchSearch):
         import numpy as np
 
         t0 = time.perf_counter()
-        candidates, k = check_counts(candidates, k, [e["n_captions"] for e in self.manifest["shards"]], "captions")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions")
         if not image_ids:
             return iter([])
         one_batch = len(image_ids) <= batch

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # heiindex.index imports this module
     from .index import SearchResult
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_K",
     "QUERY_BATCH",
     "BatchSearch",
     "Candidates",
@@ -43,6 +45,7 @@ __all__ = [
     "check_image_ids",
     "check_queries",
     "check_query_counts",
+    "default_counts",
     "encode_queries",
     "encode_text",
     "id_span",
@@ -59,6 +62,8 @@ __all__ = [
 # Queries searched together by search_many (encoded, hashed and re-ranked: 256 captions' words and
 # 256 x N candidate pairs at a time) and by search_images (256 images' regions).
 QUERY_BATCH = 256
+DEFAULT_CANDIDATES = 100  # N, Hamming candidates re-ranked, where a query does not say
+DEFAULT_K = 10  # results returned, where a query does not say
 _INT64 = (-(2**63), 2**63 - 1)  # image ids are stored as int64
 
 
@@ -69,16 +74,17 @@ class BatchSearch:
     ``_search_images(ids, k, candidates, batch)``, which check everything at once (raising before
     any search) and return the generator of results."""
 
-    def search(self, text: str, k: int = 10, candidates: int = 100) -> SearchResult:
+    def search(self, text: str, k: int | None = None, candidates: int | None = None) -> SearchResult:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
-        (a ``SearchResult``)."""
+        (a ``SearchResult``). By default N is 100 and k 10, each capped at what there is
+        (``default_counts``); an N or k given is refused where the index cannot fill it."""
         return next(self.search_many([text], k, candidates))
 
     def search_many(
         self,
         texts: Sequence[str],
-        k: int = 10,
-        candidates: int = 100,
+        k: int | None = None,
+        candidates: int | None = None,
         batch: int = QUERY_BATCH,
         where: Callable[[int], str] | None = None,
     ) -> Iterator[SearchResult]:
@@ -86,18 +92,34 @@ class BatchSearch:
         and re-ranked together; ``list()`` it for all results). Every text is checked before any
         is searched: empty or all-unknown ones are refused together, named by ``where(position)``
         (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
+        candidates, k = self.query_counts(candidates, k, image_query=False)
         return self._search_texts(check_batch(texts, batch), k, candidates, batch, where)
 
-    def search_image(self, image_id: int, k: int = 10, candidates: int = 100) -> SearchResult:
+    def search_image(self, image_id: int, k: int | None = None, candidates: int | None = None) -> SearchResult:
         """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
         return next(self.search_images([image_id], k, candidates))
 
     def search_images(
-        self, image_ids: Sequence[int], k: int = 10, candidates: int = 100, batch: int = QUERY_BATCH
+        self,
+        image_ids: Sequence[int],
+        k: int | None = None,
+        candidates: int | None = None,
+        batch: int = QUERY_BATCH,
     ) -> Iterator[SearchResult]:
         """``search_image`` for many stored images, in order, ``batch`` at a time; every id is
         checked before any is searched (ids not in the index are refused together)."""
+        candidates, k = self.query_counts(candidates, k, image_query=True)
         return self._search_images(check_image_ids(image_ids, batch), k, candidates, batch)
+
+    def query_counts(self, candidates: int | None, k: int | None, image_query: bool) -> tuple[int, int]:
+        """N and k of a text query (``image_query`` False) or an image query where not given
+        (None): ``default_counts`` over this index's items, a sharded build's pooled."""
+        return default_counts(candidates, k, self.shard_sizes(image_query))
+
+    def shard_sizes(self, image_query: bool) -> list[int]:
+        """What each shard holds of the items a query searches: captions for an image query, else
+        images (an unsharded index is one shard)."""
+        return [self.n_captions if image_query else self.n_images]
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator:
         raise NotImplementedError
@@ -171,6 +193,19 @@ def check_batch(texts: Sequence[str], batch: int) -> list[str]:
         return list(texts)
     except TypeError:
         raise HeiindexError(f"search_many takes a list of queries, got {type(texts).__name__}") from None
+
+
+def default_counts(candidates: int | None, k: int | None, sizes: list[int]) -> tuple[int, int]:
+    """N and k of a query where not given (None), over shards holding ``sizes`` items (one for an
+    unsharded index): N = ``DEFAULT_CANDIDATES``, or every item where there are fewer; k =
+    ``DEFAULT_K``, or the candidates the shards return together (N from each, at most its size)
+    where fewer. Given values are returned as they are, to be checked (and refused where the
+    index cannot fill them)."""
+    if candidates is None:
+        candidates = min(DEFAULT_CANDIDATES, sum(sizes))
+    if k is None:
+        k = min(DEFAULT_K, sum(min(candidates, n) for n in sizes)) if is_whole(candidates) else DEFAULT_K
+    return candidates, k
 
 
 def check_query_counts(candidates: int, k: int) -> tuple[int, int]:

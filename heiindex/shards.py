@@ -206,6 +206,9 @@ class ShardedIndex(BatchSearch):
     def n_captions(self) -> int:
         return sum(s.n_captions for s in self.shards)
 
+    def shard_sizes(self, image_query: bool) -> list[int]:
+        return [s.n_captions if image_query else s.n_images for s in self.shards]
+
     # -- the sharded bench (run_sharded_bench) ---------------------------------------------
     def bench_metas(self) -> list[dict]:
         return [s.bench_meta() for s in self.shards]
@@ -226,7 +229,7 @@ class ShardedIndex(BatchSearch):
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Each batch is encoded once and searched by every shard (its own Hamming top-``candidates``,
         at most its size), the shards' hits merged by score."""
-        candidates, k = check_counts(candidates, k, [s.n_images for s in self.shards], "images")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images")
         encoded = check_queries(self.shards[0].matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -240,7 +243,7 @@ class ShardedIndex(BatchSearch):
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         """Each image's features come from its own shard; every shard searches and re-ranks its own
         captions for a batch of images at once, the results are merged by score."""
-        candidates, k = check_counts(candidates, k, [s.n_captions for s in self.shards], "captions")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions")
         shard_of, rows = locate_images(
             image_ids, [s.image_rows(image_ids) for s in self.shards], [s.image_span for s in self.shards]
         )

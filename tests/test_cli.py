@@ -31,6 +31,7 @@ from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
+from heiindex.search import default_counts
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash
 
@@ -733,8 +734,43 @@ def test_default_candidates_and_topk_are_100():
     def default(cmd, name):
         return next(p.default for p in cli.commands[cmd].params if p.name == name)
 
-    assert default("query", "candidates") == 100
     assert default("bench", "topk") == 100
+    assert default_counts(None, None, [5000]) == (100, 10)  # query's --candidates and --k, not given
+
+
+@pytest.mark.parametrize(
+    "given, sizes, expected",
+    [
+        ((None, None), [5000], (100, 10)),
+        ((None, None), [24], (24, 10)),  # an index under 100 items: all of them
+        ((None, None), [4], (4, 4)),
+        ((5, None), [5000], (5, 5)),  # k follows a smaller N given
+        ((None, 3), [24], (24, 3)),
+        ((200, 20), [24], (200, 20)),  # given values stay, to be refused by name
+        ((2.0, None), [24], (2.0, 10)),
+        ((None, None), [30, 40, 50], (100, 10)),  # shards: N over the build, k over the pooled candidates
+        ((None, None), [2, 3], (5, 5)),
+        ((3, None), [2, 3, 4], (3, 8)),  # 2 + 3 + 3 candidates come back together
+    ],
+)
+def test_default_counts_cap_at_what_the_index_holds(given, sizes, expected):
+    assert default_counts(*given, sizes) == expected
+
+
+def test_query_defaults_fit_an_index_under_100_images(pipe):
+    """`query "a dog"` on a first small index was refused: "--candidates 100 is larger than the 20
+    images in this index", an option the user never gave."""
+    n = pipe.n_test_images
+    assert n < 100
+    r = ok(run("query", "a dog", "--index", pipe.index_dir))
+    assert f"(Hamming top-{n}, re-ranked by the matcher)" in r.output
+    hits = as_json(run("query", "a dog", "--index", pipe.index_dir, "--json"))["results"]
+    every = as_json(run("query", "a dog", "--index", pipe.index_dir, "--candidates", n, "--k", 10, "--json"))
+    assert hits == every["results"] and len(hits) == 10
+    clean_error(
+        run("query", "a dog", "--index", pipe.index_dir, "--candidates", n + 1), f"--candidates {n + 1} is larger"
+    )
+    assert Index.open(pipe.index_dir).search("a dog").to_dict()["results"] == hits
 
 
 def _text(*tables) -> str:

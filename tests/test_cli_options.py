@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 from cli_helpers import as_json, bench_side, clean_error, ok, recall_row, run
 
+from heiindex.search import default_counts
+
 
 class _Opened(Exception):
     """Raised by a spy once it has recorded its call: nothing further needs to run."""
@@ -35,6 +37,7 @@ def _spy_ray(monkeypatch, got: dict):
             infos=[{"pid": 11, "n_images": 12}],
             actor_name=lambda i: f"actor-{i}",
             search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}),
+            query_counts=lambda candidates, k, image_query: default_counts(candidates, k, [12]),
         )
 
     monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", fake)
