@@ -125,6 +125,21 @@ def hash_option(help: str = "Hash module folder (default: the coco-sim one)."):
     return path_option("--hash", "hash_dir", help=help)
 
 
+class IndexTypeChoice(click.Choice):
+    """build's --index: the index type. Elsewhere --index is an index folder, so a path given here
+    is answered with the option that takes build's folder."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            if isinstance(value, str) and ("/" in value or os.sep in value or Path(value).exists()):
+                self.fail(
+                    f"{value!r} looks like a folder: build's --index is the index type; write to a folder with --out"
+                )
+            raise
+
+
 @click.group()
 @click.version_option(package_name="heiindex")
 def cli() -> None:
@@ -395,7 +410,7 @@ def evaluate(model_dir, store, split, as_json) -> None:
 @click.option(
     "--index",
     "index_type",
-    type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
+    type=IndexTypeChoice(["auto", "flat", "ivf", "hnsw"]),
     default="auto",
     show_default=True,
     help="auto: exact flat search up to 2M codes, IVF (4096 lists, nprobe 64) above.",

@@ -89,8 +89,10 @@ def last_built_index() -> Path:
         )
     path = Path(text)
     if not path.exists():  # else "no index here; run heiindex build first", as if none had been built
+        default = default_index_dir("test")
+        there = f" (the default one, {default}, is there)" if (default / "manifest.json").exists() else ""
         raise HeiindexError(
-            f"the last build on the default data wrote {path}, which is gone: give --index DIR, or build again"
+            f"the last build on the default data wrote {path}, which is gone: give --index DIR{there}, or build again"
         )
     return path
 

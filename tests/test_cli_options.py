@@ -411,3 +411,17 @@ def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
     assert isinstance(r.exception, _Opened)
     assert got == {"device": "cpu", "dtype": "bfloat16"}
+
+
+def test_build_index_given_a_folder_points_to_out(tmp_path):
+    """--index is a folder for query, bench and serve, but the index type for build: a folder given
+    there got only click's list of types."""
+    r = run("build", "--index", tmp_path / "idx")
+    assert r.exit_code == 2
+    assert (
+        f"'{tmp_path / 'idx'}' looks like a folder: build's --index is the index type; write to a folder with --out"
+        in (" ".join(r.output.split()))
+    )
+    r = run("build", "--index", "flatt")
+    assert r.exit_code == 2 and "'flatt' is not one of 'auto', 'flat', 'ivf', 'hnsw'" in r.output
+    assert "--out" not in r.output.split("Error:")[1]

@@ -103,9 +103,13 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
     assert dd.last_built_index() == dd.default_index_dir("test")  # no marker: the default
     (tmp_path / "index").mkdir()
     dd.mark_last_built(tmp_path / "mine")
-    with pytest.raises(
-        HeiindexError, match=f"the last build on the default data wrote {tmp_path / 'mine'}, which is gone"
-    ):
+    gone = f"the last build on the default data wrote {tmp_path / 'mine'}, which is gone: give --index DIR"
+    with pytest.raises(HeiindexError, match=f"{gone}, or build again$"):
+        dd.last_built_index()
+    default = dd.default_index_dir("test")  # the default place holds an index: named as one to give
+    default.mkdir()
+    (default / "manifest.json").write_text("{}")
+    with pytest.raises(HeiindexError, match=rf"{gone} \(the default one, {default}, is there\), or build again$"):
         dd.last_built_index()
     (tmp_path / "mine").mkdir()
     assert dd.last_built_index() == tmp_path / "mine"
