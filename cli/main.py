@@ -613,13 +613,15 @@ def query(
 
 def _query_lines(file, name: str) -> list[str]:
     """The lines of a --file of queries (``heiindex.textlines``), so that "line N" in a message
-    is the file's line N."""
+    is the file's line N, without blank lines at the end (one answer a line before them)."""
     from heiindex.textlines import text_lines
 
     try:
         lines = text_lines(file.read(), name)
     except DataError as exc:  # named as the queries' own errors are: "FILE line N: ...", the name as given
         raise HeiindexError(f"{name} {exc.problem}") from None
+    while lines and not lines[-1].strip():  # blank lines an editor left at the end: no queries, nothing moved
+        lines.pop()
     if not lines:
         raise HeiindexError(f"{name} holds no queries: give one query per line")
     return lines

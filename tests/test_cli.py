@@ -195,6 +195,16 @@ def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
     assert [d["query"] for d in got] == ["a dog\fon grass", "two\u2028cats"]
 
 
+def test_query_file_leaves_out_blank_lines_at_its_end(pipe, tmp_path):
+    """An editor's final blank line refused the whole file ("line 3: the query is empty")."""
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes(b"a dog\ntwo cats\n\n \r\n")
+    args = ("--index", pipe.index_dir, "--k", "2", "--candidates", "5", "--json")
+    got = json_lines(run("query", "--file", queries, *args))
+    assert [d["query"] for d in got] == ["a dog", "two cats"]
+    assert got == [as_json(run("query", text, *args)) for text in ("a dog", "two cats")]
+
+
 @pytest.mark.parametrize(
     "content, detail",
     [
@@ -202,10 +212,11 @@ def test_query_file_lines_end_at_line_ends_only(pipe, tmp_path):
         (b"a dog\nxyzzyq qwplk\n", "QUERIES line 2: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
         (b"", "QUERIES holds no queries: give one query per line"),
         (b"a dog\n\xff\xfe\n", "QUERIES line 2: bytes are not valid UTF-8 (invalid start byte)"),
-        (b"\n", "1 of 1 queries refused (nothing was searched): QUERIES line 1: the query is empty"),
+        (b"\n", "QUERIES holds no queries: give one query per line"),  # blank lines at the end are left out
+        (b"  \n\t\r\n", "QUERIES holds no queries: give one query per line"),
         (b"xyzzyq qwplk", "QUERIES line 1: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
     ],
-    ids=["blank_line", "all_unknown", "empty_file", "not_utf8", "one_blank_line", "one_unknown_line"],
+    ids=["blank_line", "all_unknown", "empty_file", "not_utf8", "one_blank_line", "blank_lines", "one_unknown_line"],
 )
 def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detail):
     queries = tmp_path / "queries.txt"
