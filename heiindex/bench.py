@@ -267,6 +267,13 @@ def _check_depths(index: Index, topk: int, sweep: list[int], full: bool, folds: 
                 raise SettingError(option.lstrip("-"), f"{option} {n} must lie in [1, {limit}] for this index{why}")
 
 
+def searched_type(spec: dict) -> str:
+    """The FAISS index type a build's queries search, from its manifest's ``"index"``: what
+    ``auto`` chose ("flat"), or each modality's where they differ ("ivf (images), flat (captions)")."""
+    images, captions = (spec.get(m, {}).get("type", spec["type"]) for m in ("images", "captions"))
+    return images if images == captions else f"{images} (images), {captions} (captions)"
+
+
 def run_bench(
     index: Index,
     topk: int = 100,
@@ -292,7 +299,7 @@ def run_bench(
         "split": index.manifest["split"],
         "index": str(index.path),
         "bits": index.manifest["hash"]["bits"],
-        "index_type": index.manifest["index"]["type"],
+        "index_type": searched_type(index.manifest["index"]),
         "threads": torch.get_num_threads(),
         "device": str(index.regions.device),
         "dtype": getattr(index, "dtype", "float32"),

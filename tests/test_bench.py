@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import heiindex.bench as bench
-from heiindex.bench import run_bench
+from heiindex.bench import run_bench, searched_type
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import HeiindexError
@@ -415,3 +415,12 @@ def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_
     ):
         with pytest.raises(HeiindexError, match=r"^1 of 24 images have no caption \(image rows 0\)"):
             go()
+
+
+def test_the_bench_names_the_index_type_searched_not_the_one_asked():
+    """An `auto` build said "index_type": "auto" in `bench --json`, not what it searched."""
+    auto = {"type": "auto", "nlist": None, "nprobe": None}
+    assert searched_type({**auto, "images": {"type": "flat"}, "captions": {"type": "flat"}}) == "flat"
+    mixed = {**auto, "images": {"type": "flat"}, "captions": {"type": "ivf"}}
+    assert searched_type(mixed) == "flat (images), ivf (captions)"
+    assert searched_type({"type": "hnsw", "images": {"type": "hnsw"}, "captions": {"type": "hnsw"}}) == "hnsw"
