@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .atomic import clear_leftovers, is_scratch, scratch, swap_in
 from .errors import DataError, name_some, shown
+from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
 
 __all__ = [
@@ -535,6 +536,14 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     check_fields(manifest_path, manifest, _STORE_FIELDS)
 
 
+def _is_store_split(folder: Path) -> bool:
+    """Whether ``folder`` holds a store split's manifest (an index beside the splits has one too)."""
+    try:
+        return "vocab" in json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class SplitStore:
     """Read access to one ingested split (``ROOT/{split}``)."""
 
@@ -572,6 +581,10 @@ class SplitStore:
                 given = None
             if given is not None:
                 raise DataError(root, f"is store split {given!r}, not a store root: give the folder that holds it")
+        if not (root / split).exists() and root.is_dir() and not (root / MANIFEST_FILE).exists():
+            held = [p.name for p in sorted(root.iterdir()) if _is_store_split(p)]
+            hint = f"; `heiindex ingest --split {split}` writes it" if split in PRECOMP_SPLITS else ""
+            raise DataError(root / split, f"no such split in this store (it holds: {', '.join(held) or 'none'}){hint}")
         return cls(root / split)
 
     @property

@@ -647,3 +647,21 @@ def test_pyarrow_messages_are_quoted_on_one_line_with_raw_characters_escaped():
     exc = OSError("bad\x0fbyte\n  and\u200bspace")
     assert _arrow_message(exc) == "bad\\x0fbyte and\\u200bspace"
     assert _arrow_message(OSError("x" * 1000)).endswith("... (1,000 characters)")
+
+
+def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
+    """`evaluate --split testall` on coco-sim said "no store manifest here; run `heiindex ingest`
+    for this split first", and `--split foo` the same, though ingest takes no split foo."""
+    _write_split(tmp_path / "test")
+    (tmp_path / "index-test").mkdir()  # an index kept beside the splits is no split
+    (tmp_path / "index-test" / MANIFEST_FILE).write_text('{"matcher": {}}')
+    with pytest.raises(
+        DataError, match=r"no such split in this store \(it holds: test\); `heiindex ingest --split testall` writes it$"
+    ) as e:
+        SplitStore.open(tmp_path, "testall")
+    assert e.value.path == tmp_path / "testall"
+    with pytest.raises(DataError, match=r"foo: no such split in this store \(it holds: test\)$"):
+        SplitStore.open(tmp_path, "foo")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"foo: no such split in this store \(it holds: none\)$"):
+        SplitStore.open(tmp_path / "empty", "foo")
