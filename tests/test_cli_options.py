@@ -284,9 +284,10 @@ def test_queries_from_standard_input_are_named_so_and_one_is_one_query(pipe):
     """An error in a --file - query names "standard input line N"; one query's footer says
     "1 query", not "1 queries"."""
     args = ("query", "--file", "-", "--index", pipe.index_dir, "--k", "2", "--candidates", "5")
-    r = run(*args, input="a dog\n\n")
+    r = run(*args, input="a dog\n\ntwo cats\n")
     clean_error(r, "standard input line 2: the query is empty")
     assert "1 query in " in ok(run(*args, input="a dog\n")).output
+    assert "1 query in " in ok(run(*args, input="a dog\n\n")).output  # a blank last line is no query
 
 
 def test_ingest_passes_its_options_and_takes_testall(tmp_path, monkeypatch):
