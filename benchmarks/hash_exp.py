@@ -73,12 +73,10 @@ class Exp:
     kd: float = 0.0  # weight of a listwise distillation term: KL(softmax(scores / kd_ts) || softmax(h / kd_th)), both directions
     kd_ts: float = 0.025  # temperature on the matcher's scores (coco-sim batch scores: std ~0.06, range ~0.5)
     kd_th: float = 0.1  # temperature on the code similarity (range 2: about 4x the scores' range)
-    mix: float = (
-        0.0  # weight of the loss on mixed images (hash_exp_mix.py: two training images' regions mixed, matcher-scored)
-    )
-    mix_loss: str = (
-        "kd"  # kd (listwise, as kd) | mse (code similarity to the scaled score, both sides) | hei (one-sided)
-    )
+    # weight of the loss on mixed images (hash_exp_mix.py: two training images' regions mixed, matcher-scored)
+    mix: float = 0.0
+    mix_loss: str = "kd"  # kd (listwise, as kd) | mse (similarity to the scaled score, both sides) | hei (one-sided)
+    shared: bool = False  # one hash layer for both modalities (the matcher's regions and words share one space)
     note: str = ""
 
 
@@ -132,6 +130,7 @@ CONFIGS: dict[str, Exp] = {
     "mixmse_r4": Exp(rounds=4, mix=1.0, mix_loss="mse"),
     "mixhei_r4": Exp(rounds=4, mix=1.0, mix_loss="hei"),
     "mixmse_txtmq": Exp(txt="mq", Kt=1, rounds=4, mix=1.0, mix_loss="mse"),
+    "shared_r4": Exp(rounds=4, shared=True),  # one hash layer for both modalities
     "base64": Exp(bits=64),
     "base128": Exp(bits=128),
     "base1024": Exp(bits=1024),
@@ -222,6 +221,8 @@ class Hasher(nn.Module):
         self.e = e
         self.img = Side(e.img, e.K, e.bits, e.head, e.hidden, e.q_scale, e.mq_mean)
         self.txt = Side(e.txt, e.Kt, e.bits, e.head, e.hidden, e.q_scale, False)
+        if e.shared:
+            self.txt.head = self.img.head
 
     def image_out(self, split: dict, idx: Tensor | None = None) -> Tensor:
         sel = (lambda t: t) if idx is None else (lambda t: t[idx])
