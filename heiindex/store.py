@@ -536,12 +536,14 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     check_fields(manifest_path, manifest, _STORE_FIELDS)
 
 
-def _is_store_split(folder: Path) -> bool:
-    """Whether ``folder`` holds a store split's manifest (an index beside the splits has one too)."""
+def _split_named(folder: Path) -> str | None:
+    """The split a store split's manifest in ``folder`` names; None where there is none (an
+    index's manifest names a split too, but records no vocabulary)."""
     try:
-        return "vocab" in json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+        found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return found["split"] if "vocab" in found else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 class SplitStore:
@@ -573,17 +575,16 @@ class SplitStore:
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
         root = Path(root)
-        if not (root / split).exists() and (root / MANIFEST_FILE).is_file():
-            try:
-                found = json.loads((root / MANIFEST_FILE).read_text())
-                given = found["split"] if "vocab" in found else None  # an index's manifest names a split too
-            except (OSError, ValueError, TypeError, KeyError):
-                given = None
-            if given is not None:
-                raise DataError(root, f"is store split {given!r}, not a store root: give the folder that holds it")
+        if not (root / split).exists() and (given := _split_named(root)) is not None:
+            raise DataError(root, f"is store split {given!r}, not a store root: give the folder that holds it")
         if not (root / split).exists() and root.is_dir() and not (root / MANIFEST_FILE).exists():
-            held = [p.name for p in sorted(root.iterdir()) if _is_store_split(p)]
-            hint = f"; `heiindex ingest --split {split}` writes it" if split in PRECOMP_SPLITS else ""
+            held = [p.name for p in manifest_folders(root) if _split_named(p) is not None]
+            hint = (
+                f"; from a SCAN precomp folder that has it, `heiindex ingest --precomp DIR --split {split} --out {root}` "
+                "writes it"
+                if split in PRECOMP_SPLITS
+                else ""
+            )
             raise DataError(root / split, f"no such split in this store (it holds: {', '.join(held) or 'none'}){hint}")
         return cls(root / split)
 

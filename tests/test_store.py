@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -655,8 +656,11 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
     _write_split(tmp_path / "test")
     (tmp_path / "index-test").mkdir()  # an index kept beside the splits is no split
     (tmp_path / "index-test" / MANIFEST_FILE).write_text('{"matcher": {}}')
+    shutil.copytree(tmp_path / "test", tmp_path / ".test.old-host-1-2-abc")  # an interrupted swap's leftover
     with pytest.raises(
-        DataError, match=r"no such split in this store \(it holds: test\); `heiindex ingest --split testall` writes it$"
+        DataError,
+        match=r"no such split in this store \(it holds: test\); from a SCAN precomp folder that has it, "
+        rf"`heiindex ingest --precomp DIR --split testall --out {tmp_path}` writes it$",
     ) as e:
         SplitStore.open(tmp_path, "testall")
     assert e.value.path == tmp_path / "testall"
