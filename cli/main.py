@@ -545,9 +545,11 @@ def _open_index(
     "--candidates",
     type=int,
     default=None,
-    help="N: Hamming candidates to re-rank.  [default: 100, or every item where the index holds fewer]",
+    help="N: Hamming candidates to re-rank.  [default: 100 (or --k where larger), or every item where fewer]",
 )
-@click.option("--k", type=int, default=None, help="Results to show.  [default: 10, or N where smaller]")
+@click.option(
+    "--k", type=int, default=None, help="Results to show.  [default: 10, or what the candidates hold where fewer]"
+)
 @device_option
 @dtype_option
 @engine_option

@@ -76,8 +76,9 @@ class BatchSearch:
 
     def search(self, text: str, k: int | None = None, candidates: int | None = None) -> SearchResult:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
-        (a ``SearchResult``). By default N is 100 and k 10, each capped at what there is
-        (``default_counts``); an N or k given is refused where the index cannot fill it."""
+        (a ``SearchResult``). By default N is 100 (or k where larger) and k 10, each capped at
+        what there is (``default_counts``); an N or k given is refused where the index cannot
+        fill it."""
         return next(self.search_many([text], k, candidates))
 
     def search_many(
@@ -114,7 +115,7 @@ class BatchSearch:
     def query_counts(self, candidates: int | None, k: int | None, image_query: bool) -> tuple[int, int]:
         """N and k of a text query (``image_query`` False) or an image query where not given
         (None): ``default_counts`` over this index's items, a sharded build's pooled."""
-        return default_counts(candidates, k, self.shard_sizes(image_query))
+        return default_counts(candidates, k, self.shard_sizes(image_query), "captions" if image_query else "images")
 
     def shard_sizes(self, image_query: bool) -> list[int]:
         """What each shard holds of the items a query searches: captions for an image query, else
@@ -195,14 +196,18 @@ def check_batch(texts: Sequence[str], batch: int) -> list[str]:
         raise HeiindexError(f"search_many takes a list of queries, got {type(texts).__name__}") from None
 
 
-def default_counts(candidates: int | None, k: int | None, sizes: list[int]) -> tuple[int, int]:
+def default_counts(candidates: int | None, k: int | None, sizes: list[int], what: str = "items") -> tuple[int, int]:
     """N and k of a query where not given (None), over shards holding ``sizes`` items (one for an
-    unsharded index): N = ``DEFAULT_CANDIDATES``, or every item where there are fewer; k =
-    ``DEFAULT_K``, or the candidates the shards return together (N from each, at most its size)
-    where fewer. Given values are returned as they are, to be checked (and refused where the
-    index cannot fill them)."""
+    unsharded index), ``what`` they are: N = ``DEFAULT_CANDIDATES`` (or k where k is larger), or
+    every item where there are fewer; k = ``DEFAULT_K``, or the candidates the shards return
+    together (N from each, at most its size) where fewer. A k given that the items cannot fill
+    is refused here when N was not given (naming the items, not an N the caller never gave);
+    given values are otherwise returned as they are, to be checked."""
+    total = sum(sizes)
     if candidates is None:
-        candidates = min(DEFAULT_CANDIDATES, sum(sizes))
+        if is_whole(k) and k > total:
+            raise HeiindexError(f"--k {k} is larger than the {total} {what} in this index")
+        candidates = min(max(DEFAULT_CANDIDATES, k if is_whole(k) else 0), total)
     if k is None:
         k = min(DEFAULT_K, sum(min(candidates, n) for n in sizes)) if is_whole(candidates) else DEFAULT_K
     return candidates, k

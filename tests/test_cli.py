@@ -29,6 +29,7 @@ from rich.console import Console
 from heiindex import default_data
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
+from heiindex.errors import HeiindexError
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
 from heiindex.search import default_counts
@@ -746,7 +747,9 @@ def test_default_candidates_and_topk_are_100():
         return next(p.default for p in cli.commands[cmd].params if p.name == name)
 
     assert default("bench", "topk") == 100
-    assert default_counts(None, None, [5000]) == (100, 10)  # query's --candidates and --k, not given
+    # query's --candidates and --k are left to the library's defaults (default_counts): 100 and 10 at most
+    assert default("query", "candidates") is None and default("query", "k") is None
+    assert default_counts(None, None, [5000]) == (100, 10)
 
 
 @pytest.mark.parametrize(
@@ -762,10 +765,21 @@ def test_default_candidates_and_topk_are_100():
         ((None, None), [30, 40, 50], (100, 10)),  # shards: N over the build, k over the pooled candidates
         ((None, None), [2, 3], (5, 5)),
         ((3, None), [2, 3, 4], (3, 8)),  # 2 + 3 + 3 candidates come back together
+        ((None, 150), [5000], (150, 150)),  # a k above 100 given alone: N follows it
+        ((None, 110), [60, 60], (110, 110)),
     ],
 )
 def test_default_counts_cap_at_what_the_index_holds(given, sizes, expected):
     assert default_counts(*given, sizes) == expected
+
+
+def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
+    """`search("a dog", k=25)` on 24 images said "--k 25 is larger than --candidates 24", an N
+    never given."""
+    with pytest.raises(HeiindexError, match=r"^--k 25 is larger than the 24 images in this index$"):
+        default_counts(None, 25, [24], "images")
+    with pytest.raises(HeiindexError, match=r"^--k 121 is larger than the 120 captions in this index$"):
+        default_counts(None, 121, [30, 40, 50], "captions")
 
 
 def test_query_defaults_fit_an_index_under_100_images(pipe):
