@@ -463,13 +463,10 @@ def build(
 
 
 def _index_kinds(spec: dict) -> str:
-    """'flat index', or for auto what it chose per modality."""
-    chosen = {spec[m]["type"] for m in ("images", "captions")}
-    if spec["type"] != "auto":
-        return f"{spec['type']} index"
-    if len(chosen) == 1:
-        return f"auto: {chosen.pop()} index"
-    return f"auto: {spec['images']['type']} index for images, {spec['captions']['type']} for captions"
+    """'flat index', or for auto what it chose ("auto: flat index", per modality where they differ)."""
+    from heiindex.bench import searched_type
+
+    return f"{spec['type']} index" if spec["type"] != "auto" else f"auto: {searched_type(spec)} index"
 
 
 def _index_path(index_dir: Path | None) -> Path:

@@ -274,6 +274,16 @@ def searched_type(spec: dict) -> str:
     return images if images == captions else f"{images} (images), {captions} (captions)"
 
 
+def _searched(index: Index) -> str:
+    """What the bench's Hamming searches go through: the Milvus index type where the codes are
+    searched on a Milvus server, else the FAISS type (``searched_type``)."""
+    from .milvus_codes import MilvusCodes  # pymilvus is imported only when a server is used
+
+    if isinstance(index.image_index, MilvusCodes):
+        return f"milvus {index.manifest['codes']['index_type']}"
+    return searched_type(index.manifest["index"])
+
+
 def run_bench(
     index: Index,
     topk: int = 100,
@@ -299,7 +309,7 @@ def run_bench(
         "split": index.manifest["split"],
         "index": str(index.path),
         "bits": index.manifest["hash"]["bits"],
-        "index_type": searched_type(index.manifest["index"]),
+        "index_type": _searched(index),
         "threads": torch.get_num_threads(),
         "device": str(index.regions.device),
         "dtype": getattr(index, "dtype", "float32"),

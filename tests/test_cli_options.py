@@ -276,7 +276,7 @@ def test_auto_names_each_modalitys_index_where_they_differ():
     from heiindex_cli.main import _index_kinds
 
     spec = {"type": "auto", "images": {"type": "flat"}, "captions": {"type": "ivf"}}
-    assert _index_kinds(spec) == "auto: flat index for images, ivf for captions"
+    assert _index_kinds(spec) == "auto: flat (images), ivf (captions) index"
     assert _index_kinds({**spec, "captions": {"type": "flat"}}) == "auto: flat index"
 
 

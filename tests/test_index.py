@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from heiindex.attention import score_block
+from heiindex.bench import run_bench
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions, encode_images, encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
@@ -936,6 +937,7 @@ def test_manifest_records_what_auto_chose(pipe, tmp_path):
     spec = built.manifest["index"]
     assert spec["type"] == "auto"
     assert spec["images"]["type"] == spec["captions"]["type"] == "flat"  # 24 images, 120 captions
+    assert run_bench(built, topk=5)["index_type"] == "flat"  # what was searched; it said "auto"
 
 
 def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
