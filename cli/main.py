@@ -135,7 +135,7 @@ class IndexTypeChoice(click.Choice):
         except click.BadParameter:
             if isinstance(value, str) and ("/" in value or os.sep in value or Path(value).exists()):
                 self.fail(
-                    f"{value!r} looks like a folder: build's --index is the index type; write to a folder with --out"
+                    f"{value!r} looks like a path: build's --index is the index type; write to a folder with --out"
                 )
             raise
 

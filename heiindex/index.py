@@ -84,7 +84,7 @@ from .store import (
     sorted_ids,
     write_json,
 )
-from .train_hash import LoadedHash, load_hash
+from .train_hash import LoadedHash, check_trained_next_to, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
 
@@ -147,8 +147,8 @@ def load_bound_models(
     matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
     if not isinstance(hasher, LoadedHash):
         hasher = load_hash(hasher, matcher)
-    elif hasher.info.get("matcher_sha256") != matcher.checksum:
-        raise ModelMismatchError(f"hash module {hasher.path} was trained next to another matcher than {matcher.path}")
+    else:
+        check_trained_next_to(hasher.info, hasher.path, matcher)
     return matcher, hasher
 
 

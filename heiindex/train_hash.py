@@ -89,6 +89,18 @@ def save_hash(module: HashModule, path: Path, info: dict) -> None:
         )
 
 
+def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) -> None:
+    """``ModelMismatchError`` unless the hash module at ``path`` (its recorded ``info``) was trained
+    next to ``matcher``, saying the two ways out."""
+    trained = info.get("matcher_sha256")
+    if trained != matcher.checksum:
+        raise ModelMismatchError(
+            f"hash module {path} was trained next to matcher {(trained or '?')[:12]}, not {matcher.checksum[:12]} "
+            f"({matcher.path}): give the matcher it was trained next to with --model, or train a hash module "
+            f"next to this one (`heiindex train-hash --model {matcher.path} --out DIR`) and give it with --hash"
+        )
+
+
 def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHash:
     """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
     path = Path(path)
@@ -113,12 +125,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     check_finite_weights(weights, state)
     module.eval()
     info = raw.get("info", {})
-    if matcher is not None and info.get("matcher_sha256") != matcher.checksum:
-        raise ModelMismatchError(
-            f"hash module {path} was trained next to matcher {info.get('matcher_sha256', '?')[:12]}, "
-            f"not {matcher.checksum[:12]} ({matcher.path}): train one next to it (`heiindex train-hash --model "
-            f"{matcher.path} --out DIR`) and give that folder with --hash"
-        )
+    if matcher is not None:
+        check_trained_next_to(info, path, matcher)
     return LoadedHash(module, info, path)
 
 

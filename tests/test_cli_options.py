@@ -420,7 +420,7 @@ def test_build_index_given_a_folder_points_to_out(tmp_path):
     r = run("build", "--index", tmp_path / "idx")
     assert r.exit_code == 2
     assert (
-        f"'{tmp_path / 'idx'}' looks like a folder: build's --index is the index type; write to a folder with --out"
+        f"'{tmp_path / 'idx'}' looks like a path: build's --index is the index type; write to a folder with --out"
         in (" ".join(r.output.split()))
     )
     r = run("build", "--index", "flatt")

@@ -299,8 +299,9 @@ def test_save_load_round_trip(tmp_path, pipe):
     np.testing.assert_array_equal(loaded.module.codes(x, "image"), mod.codes(x, "image"))
     with pytest.raises(ModelMismatchError, match="was trained next to matcher abc") as info:
         load_hash(tmp_path / "h", load_model(pipe.model_dir))
-    assert f"(`heiindex train-hash --model {pipe.model_dir} --out DIR`) and give that folder with --hash" in str(
-        info.value
+    assert str(info.value).endswith(
+        f"({pipe.model_dir}): give the matcher it was trained next to with --model, or train a hash module next "
+        f"to this one (`heiindex train-hash --model {pipe.model_dir} --out DIR`) and give it with --hash"
     )
 
 
