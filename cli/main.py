@@ -648,7 +648,12 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
 
 
 @cli.command()
-@click.option("--topk", type=int, default=100, show_default=True, help="N: Hamming candidates re-ranked.")
+@click.option(
+    "--topk",
+    type=int,
+    default=None,
+    help="N: Hamming candidates re-ranked.  [default: 100, or the largest the index allows where smaller]",
+)
 @index_dir_option
 @click.option(
     "--sweep", default=None, help="Comma-separated N values for a recall-versus-N table, e.g. 10,20,50,100,200."

@@ -19,7 +19,7 @@ from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, re
 from .hamming import make_binary_index
 from .index import Index
 from .scoring import exhaustive_scores
-from .search import rerank_captions, rerank_images
+from .search import DEFAULT_CANDIDATES, rerank_captions, rerank_images
 from .settings import SettingError, require
 
 __all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench"]
@@ -251,16 +251,20 @@ def _mean_of(results: list[dict]) -> dict:
     return out
 
 
-def _check_depths(index: Index, topk: int, sweep: list[int], full: bool, folds: list[tuple[int, int]]) -> None:
-    """``--topk`` and every ``--sweep`` value must lie in [1, the smallest set a protocol ranks]:
-    the whole split (``full``) and / or each COCO 1K fold (its images, its captions)."""
+def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tuple[int, str]:
+    """The largest N the bench can rank: the smallest set a protocol ranks, the whole split
+    (``full``) and / or each COCO 1K fold (its images, its captions); and why, where a fold sets it."""
     limit = min(index.n_images, index.n_captions) if full else None
     fold_limit = min(
         (min(e - s, int(np.isin(index.caption_image, np.arange(s, e)).sum())) for s, e in folds), default=None
     )
-    why = ""
     if fold_limit is not None and (limit is None or fold_limit < limit):
-        limit, why = fold_limit, " (a COCO 1K fold's size; --protocol full benches only the whole split)"
+        return fold_limit, " (a COCO 1K fold's size; --protocol full benches only the whole split)"
+    return limit, ""
+
+
+def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
+    """``--topk`` and every ``--sweep`` value must lie in [1, ``limit``]."""
     for option, values in (("--topk", [topk]), ("--sweep", sweep)):
         for n in values:
             if n < 1 or n > limit:
@@ -286,7 +290,7 @@ def _searched(index: Index) -> str:
 
 def run_bench(
     index: Index,
-    topk: int = 100,
+    topk: int | None = None,
     sweep: list[int] | None = None,
     protocols: str = "auto",
     exhaustive: bool = True,
@@ -295,7 +299,8 @@ def run_bench(
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k". ``repeats``: how many times HEI and
     exhaustive scoring are timed, alternately; each stage's ``seconds`` (and the speed-up) are
-    then the median, and ``seconds_each`` lists every pass."""
+    then the median, and ``seconds_each`` lists every pass. ``topk``: N, the candidates HEI
+    re-ranks; by default 100, or the largest the index allows where that is smaller."""
     repeats = require("repeats", repeats, at_least=1, integer=True)
     if protocols not in ("auto", "full", "1k"):
         raise SettingError("protocols", f'protocols must be "auto", "full" or "1k", got {protocols!r}')
@@ -303,7 +308,9 @@ def run_bench(
     full = protocols in ("auto", "full")
     coco_5k = index.n_images == COCO_5K_IMAGES
     folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
-    _check_depths(index, topk, sweep, full, folds)
+    limit, why = _depth_limit(index, full, folds)
+    topk = min(DEFAULT_CANDIDATES, limit) if topk is None else topk
+    _check_depths(topk, sweep, limit, why)
     check_captioned(index.caption_image, index.n_images)  # before any pass, not after the first
     out: dict = {
         "split": index.manifest["split"],

@@ -46,6 +46,7 @@ from .index import (
 from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
 from .packed import PackedWords
 from .search import (
+    DEFAULT_CANDIDATES,
     BatchSearch,
     EncodedQueries,
     check_queries,
@@ -323,7 +324,7 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sharded_bench(engine, topk: int = 100) -> dict:
+def run_sharded_bench(engine, topk: int | None = None) -> dict:
     """HEI and Hamming-alone R@K, both directions, over a sharded build.
 
     ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``. The queries are
@@ -332,11 +333,13 @@ def run_sharded_bench(engine, topk: int = 100) -> dict:
     top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
     ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
     index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
+    ``topk`` by default: 100, or the largest the build allows where that is smaller.
     """
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]
     limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
+    topk = min(DEFAULT_CANDIDATES, limit) if topk is None else topk
     if not 1 <= topk <= limit:
         raise HeiindexError(f"--topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])

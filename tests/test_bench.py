@@ -216,6 +216,14 @@ def test_1k_protocol_averages_folds(index, monkeypatch):
         assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
 
 
+def test_topk_defaults_to_100_or_the_largest_the_index_allows(index):
+    """`heiindex bench` on a first small index was refused for a --topk 100 never given."""
+    res = run_bench(index, sweep=[5])
+    assert res["full"]["candidates"] == 24  # 24 images, 120 captions
+    assert res["full"]["t2i"]["candidate_recall"] == 1.0  # every image a candidate (i2t: 24 of 120 captions)
+    assert run_bench(index, topk=7)["full"]["candidates"] == 7
+
+
 @pytest.mark.parametrize("topk", [0, 25])
 def test_topk_out_of_range(index, topk):
     with pytest.raises(HeiindexError, match=r"--topk .* must lie in \[1, 24\] for this index"):

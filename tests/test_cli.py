@@ -746,8 +746,8 @@ def test_default_candidates_and_topk_are_100():
     def default(cmd, name):
         return next(p.default for p in cli.commands[cmd].params if p.name == name)
 
-    assert default("bench", "topk") == 100
-    # query's --candidates and --k are left to the library's defaults (default_counts): 100 and 10 at most
+    # bench's --topk, query's --candidates and --k are left to the library's defaults: 100 and 10 at most
+    assert default("bench", "topk") is None
     assert default("query", "candidates") is None and default("query", "k") is None
     assert default_counts(None, None, [5000]) == (100, 10)
 

@@ -130,7 +130,7 @@ def test_bench_runs_the_auto_protocol_by_default(pipe, monkeypatch):
     got: dict = {}
     _spy_bench(monkeypatch, got, {"split": "test"})
     ok(run("bench", "--index", pipe.index_dir, "--json"))
-    assert got == {"topk": 100, "sweep": None, "protocol": "auto", "repeats": 1}
+    assert got == {"topk": None, "sweep": None, "protocol": "auto", "repeats": 1}  # None: run_bench's 100 at most
     got.clear()
     ok(run("bench", "--index", pipe.index_dir, "--repeats", "3", "--json"))
     assert got["repeats"] == 3
