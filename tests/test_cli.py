@@ -805,6 +805,15 @@ def _text(*tables) -> str:
     return c.export_text()
 
 
+def _row_cells(table, starts: str) -> list[str]:
+    """The cells of the first row of ``table`` whose first cell starts with ``starts``."""
+    for line in _text(table).splitlines():
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        if cells and cells[0].startswith(starts):
+            return cells
+    raise AssertionError(f"no row starting {starts!r}")
+
+
 def test_four_hits_of_five_asked_for_are_said(capsys):
     from heiindex_cli.render import print_result
 
@@ -818,14 +827,12 @@ def test_four_hits_of_five_asked_for_are_said(capsys):
 def test_recall_table_columns():
     from heiindex_cli.render import recall_table
 
-    out = _text(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, seconds=1.234))]))
-    line = next(line for line in out.splitlines() if "hei" in line)
-    cells = [c.strip() for c in line.split("│") if c.strip()]
+    cells = _row_cells(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, seconds=1.234))]), "hei")
     assert cells == ["hei", "11.0", "22.0", "33.0", "1", "3.0", "66.0", "1.23"]
     for medr, shown in ((1.5, "1.5"), (2.5, "2.5"), (None, "-")):  # COCO 1K's mean median ranks (not "2")
-        out = _text(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, medr=medr))]))
-        line = next(line for line in out.splitlines() if "hei" in line)
-        assert [c.strip() for c in line.split("│") if c.strip()][4] == shown
+        assert (
+            _row_cells(recall_table("t", [("hei", recall_row(11.0, 22.0, 33.0, 66.0, medr=medr))]), "hei")[4] == shown
+        )
 
 
 def test_a_text_query_lists_every_caption_of_an_image():
@@ -860,8 +867,7 @@ def test_bench_tables_show_each_figure_in_its_column():
     tables = bench_tables("p", res)
     assert tables[0].caption.startswith("candidate recall@5: 98.7%")
     assert "(mean rank '-': some ground truth is outside the N candidates)" in tables[0].caption
-    sweep = next(line for line in _text(tables[2]).splitlines() if line.strip().startswith("│ 5"))
-    assert [c.strip() for c in sweep.split("│") if c.strip()] == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]
+    assert _row_cells(tables[2], "5") == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]
     assert "median" not in tables[0].caption
     res["t2i"]["hei"]["seconds_each"] = [1.0, 2.0, 3.0]  # --repeats 3
     caption = bench_tables("p", res)[0].caption
