@@ -50,6 +50,7 @@ __all__ = [
     "encode_text",
     "id_span",
     "images_for_text",
+    "pooled_candidates",
     "query_problems",
     "refuse_queries",
     "refuse_unknown_images",
@@ -209,8 +210,14 @@ def default_counts(candidates: int | None, k: int | None, sizes: list[int], what
             raise HeiindexError(f"--k {k} is larger than the {total} {what} in this index")
         candidates = min(max(DEFAULT_CANDIDATES, k if is_whole(k) else 0), total)
     if k is None:
-        k = min(DEFAULT_K, sum(min(candidates, n) for n in sizes)) if is_whole(candidates) else DEFAULT_K
+        k = min(DEFAULT_K, pooled_candidates(candidates, sizes)) if is_whole(candidates) else DEFAULT_K
     return candidates, k
+
+
+def pooled_candidates(candidates: int, sizes: list[int]) -> int:
+    """How many candidates shards holding ``sizes`` items return together for N = ``candidates``
+    (each at most its size); an unsharded index is one shard."""
+    return sum(min(candidates, n) for n in sizes)
 
 
 def check_query_counts(candidates: int, k: int) -> tuple[int, int]:

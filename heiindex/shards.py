@@ -52,6 +52,7 @@ from .search import (
     check_queries,
     check_query_counts,
     encode_queries,
+    pooled_candidates,
     refuse_unknown_images,
 )
 from .settings import require
@@ -313,7 +314,7 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[
     candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
         raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
-    pooled = sum(min(candidates, n) for n in sizes)
+    pooled = pooled_candidates(candidates, sizes)
     if k > pooled:
         raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
     return candidates, k
