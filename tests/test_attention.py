@@ -462,6 +462,19 @@ def _spy_chunks(monkeypatch, *names: str) -> list[tuple[bool, int]]:
     return ran_in
 
 
+def _chunked_scorers(lengths, caps, imgs) -> dict:
+    """Both scorers as ``score(cfg, words, regions)`` over ``_data``'s shapes (the pairs ``caps``,
+    ``imgs``; small blocks, so several chunks), with the functions each chunk calls (the pair
+    scorer's chunk; the block scorer's chunks each call the cores), for ``_spy_chunks``."""
+    return {
+        "pairs": (
+            ("_score_pair_chunk",),
+            lambda cfg, w, r: score_pairs(cfg, w, lengths, r, caps, imgs, max_elements=200),
+        ),
+        "block": (("_t2i_core", "_i2t_core"), lambda cfg, w, r: score_block(cfg, w, lengths, r, max_elements=200)),
+    }
+
+
 @pytest.mark.parametrize(
     "threads, setter",
     [pytest.param(2, True, marks=pf.needs_thread_local_setter), (3, True), (2, False)],
@@ -477,23 +490,16 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
     workers = threads == 2 and setter
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
-    scorers = {  # the chunks spied on: the pair scorer's; the block scorer's (exhaustive) each call the cores
-        "pairs": (
-            ("_score_pair_chunk",),
-            lambda cfg: score_pairs(cfg, words, lengths, regions, caps, imgs, max_elements=200),
-        ),
-        "block": (("_t2i_core", "_i2t_core"), lambda cfg: score_block(cfg, words, lengths, regions, max_elements=200)),
-    }
-    for name, (spied, score) in scorers.items():
+    for name, (spied, score) in _chunked_scorers(lengths, caps, imgs).items():
         with pytest.MonkeyPatch.context() as mp:
             ran_in = _spy_chunks(mp, *spied)
             for cross_attn in ("t2i", "i2t"):
                 cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
-                want = score(cfg)  # one thread (conftest)
+                want = score(cfg, words, regions)  # one thread (conftest)
                 assert set(ran_in) == {(True, 1)} and len(ran_in) > 2, name
                 ran_in.clear()
                 with pf.torch_threads(threads):
-                    got = score(cfg)
+                    got = score(cfg, words, regions)
                 if workers:  # each chunk summed by one thread, as with one thread
                     assert torch.equal(got, want), name
                 else:  # torch's threads may split a sum differently
@@ -503,35 +509,33 @@ def test_chunks_run_on_two_single_threaded_workers_only_with_exactly_two_threads
 
 
 @pf.needs_thread_local_setter
+@pytest.mark.parametrize("trainable", ["words", "regions"])
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
-def test_chunks_run_in_this_thread_while_autograd_records(monkeypatch, cross_attn):
-    """With two torch threads but features that need gradients, both scorers run their chunks
-    one after another in the caller's thread: autograd's bookkeeping of the one output tensor
-    that two workers wrote gave wrong gradients in 5 of 20 runs of a 6,000-pair set. The
-    gradients equal the one-thread ones."""
+def test_chunks_run_in_this_thread_while_autograd_records(cross_attn, trainable):
+    """With two torch threads but features that need gradients (either side alone), both scorers
+    run their chunks one after another in the caller's thread: autograd's bookkeeping of the one
+    output tensor that two workers wrote gave wrong gradients in 5 of 20 runs of a 6,000-pair
+    set. The gradients equal the one-thread ones."""
     words, lengths, regions = _data()
     caps, imgs = _all_pairs()
     cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
 
     def grads(score):
-        w, r = words.clone().requires_grad_(True), regions.clone().requires_grad_(True)
-        out = score(w, r)
+        leaf = (words if trainable == "words" else regions).clone().requires_grad_(True)
+        w, r = (leaf, regions) if trainable == "words" else (words, leaf)
+        out = score(cfg, w, r)
         (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
-        return out.detach(), w.grad, r.grad
+        return out.detach(), leaf.grad
 
-    scorers = {
-        "pairs": lambda w, r: score_pairs(cfg, w, lengths, r, caps, imgs, max_elements=200),
-        "block": lambda w, r: score_block(cfg, w, lengths, r, max_elements=200),
-    }
-    for name, score in scorers.items():
+    for name, (spied, score) in _chunked_scorers(lengths, caps, imgs).items():
         want = grads(score)
-        ran_in = _spy_chunks(monkeypatch, "_score_pair_chunk", "_t2i_core", "_i2t_core")
-        with pf.torch_threads(2):
-            got = grads(score)
+        with pytest.MonkeyPatch.context() as mp:
+            ran_in = _spy_chunks(mp, *spied)
+            with pf.torch_threads(2):
+                got = grads(score)
         assert set(ran_in) == {(True, 2)} and len(ran_in) > 2, name
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
