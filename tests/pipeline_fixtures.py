@@ -307,6 +307,19 @@ def get_wide_store(tmp_path_factory) -> Path:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def index_with_moved_models(pipe, tmp_path: Path) -> Path:
+    """A copy of the pipeline's index at ``tmp_path / "copy"`` whose manifest records its matcher
+    and hash module at folders that are not there (``gone-model``, ``gone-hash``): an index copied
+    to another machine, or whose models moved."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(pipe.index_dir, out)
+    with edited_json(out / "manifest.json") as m:
+        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    return out
+
+
 def copy_store(pipe, tmp_path: Path) -> Path:
     """A copy of the pipeline's store root at ``tmp_path / "store"``, to damage."""
     import shutil

@@ -147,7 +147,13 @@ def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(
     )
 
 
-def test_swap_in_that_removes_all_it_replaced_warns_nothing(tmp_path):
+@pytest.mark.parametrize("exchanged", [True, False])
+def test_swap_in_that_removes_all_it_replaced_warns_nothing(tmp_path, monkeypatch, exchanged):
+    """On both paths (the exchange, and the fallback that moves the old output aside)."""
+    if exchanged and not exchange(_folder(tmp_path / "a"), _folder(tmp_path / "b")):
+        pytest.skip("this file system cannot exchange two paths in one step")
+    if not exchanged:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     target = _folder(tmp_path / "out", old="1")
     new = scratch(target)
     (new / "new").write_text("2")

@@ -29,10 +29,8 @@ from rich.console import Console
 from heiindex import default_data
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
-from heiindex.errors import HeiindexError
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
-from heiindex.search import default_counts
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash
 
@@ -244,10 +242,7 @@ def test_bench_json(pipe):
 
 def test_bench_takes_the_models_of_an_index_whose_recorded_folders_moved(pipe, tmp_path):
     """The refusal told `bench` to give --model DIR, an option only `query` had."""
-    moved = tmp_path / "copy"
-    shutil.copytree(pipe.index_dir, moved)
-    with pf.edited_json(moved / "manifest.json") as m:
-        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    moved = pf.index_with_moved_models(pipe, tmp_path)
     clean_error(run("bench", "--index", moved, "--topk", "5"), "which is not there", "give the folder with --model DIR")
     given = as_json(
         run("bench", "--index", moved, "--topk", "5", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--json")
@@ -740,46 +735,16 @@ def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     clean_error(r, "files differ from what their manifests record")
 
 
-def test_default_candidates_and_topk_are_100():
+def test_query_and_bench_counts_are_left_to_the_library():
+    """bench's --topk, query's --candidates and --k default to None: the library's defaults (100
+    and 10, capped at what the index holds: heiindex.search.default_counts, run_bench)."""
     from heiindex_cli.main import cli
 
     def default(cmd, name):
         return next(p.default for p in cli.commands[cmd].params if p.name == name)
 
-    # bench's --topk, query's --candidates and --k are left to the library's defaults: 100 and 10 at most
     assert default("bench", "topk") is None
     assert default("query", "candidates") is None and default("query", "k") is None
-    assert default_counts(None, None, [5000]) == (100, 10)
-
-
-@pytest.mark.parametrize(
-    "given, sizes, expected",
-    [
-        ((None, None), [5000], (100, 10)),
-        ((None, None), [24], (24, 10)),  # an index under 100 items: all of them
-        ((None, None), [4], (4, 4)),
-        ((5, None), [5000], (5, 5)),  # k follows a smaller N given
-        ((None, 3), [24], (24, 3)),
-        ((200, 20), [24], (200, 20)),  # given values stay, to be refused by name
-        ((2.0, None), [24], (2.0, 10)),
-        ((None, None), [30, 40, 50], (100, 10)),  # shards: N over the build, k over the pooled candidates
-        ((None, None), [2, 3], (5, 5)),
-        ((3, None), [2, 3, 4], (3, 8)),  # 2 + 3 + 3 candidates come back together
-        ((None, 150), [5000], (150, 150)),  # a k above 100 given alone: N follows it
-        ((None, 110), [60, 60], (110, 110)),
-    ],
-)
-def test_default_counts_cap_at_what_the_index_holds(given, sizes, expected):
-    assert default_counts(*given, sizes) == expected
-
-
-def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
-    """`search("a dog", k=25)` on 24 images said "--k 25 is larger than --candidates 24", an N
-    never given."""
-    with pytest.raises(HeiindexError, match=r"^--k 25 is larger than the 24 images in this index$"):
-        default_counts(None, 25, [24], "images")
-    with pytest.raises(HeiindexError, match=r"^--k 121 is larger than the 120 captions in this index$"):
-        default_counts(None, 121, [30, 40, 50], "captions")
 
 
 def test_query_defaults_fit_an_index_under_100_images(pipe):

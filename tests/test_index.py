@@ -22,6 +22,7 @@ from heiindex.hashing import HashConfig
 from heiindex.index import Index
 from heiindex.ingest import ingest
 from heiindex.packed import PackedWords
+from heiindex.search import default_counts
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash, save_hash
 
@@ -540,9 +541,7 @@ def test_open_without_an_index_folder(tmp_path):
 def test_an_index_whose_recorded_models_moved_says_so_and_opens_with_them_given(pipe, tmp_path):
     """An index copied to another machine, or whose models moved, said only "no hash module
     config here" about a path the user never gave."""
-    out = _copy_index(pipe, tmp_path)
-    with pf.edited_json(out / "manifest.json") as m:
-        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    out = pf.index_with_moved_models(pipe, tmp_path)
     with pytest.raises(
         DataError, match=r"manifest.json: records its matcher at .*gone-model, which is not there .*--model DIR"
     ):
@@ -939,7 +938,7 @@ def test_manifest_records_what_auto_chose(pipe, tmp_path):
     spec = built.manifest["index"]
     assert spec["type"] == "auto"
     assert spec["images"]["type"] == spec["captions"]["type"] == "flat"  # 24 images, 120 captions
-    assert run_bench(built, topk=5)["index_type"] == "flat"  # what was searched; it said "auto"
+    assert run_bench(built, topk=5, exhaustive=False)["index_type"] == "flat"  # what was searched; it said "auto"
 
 
 def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
@@ -1021,8 +1020,8 @@ def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, 
         Index.open(out)
     table = pq.read_table(out / "caption_features.parquet")
     pq.write_table(table.slice(0, 119), out / "caption_features.parquet")  # one caption short of the manifest
-    m["n_images"] = 24
-    (out / "manifest.json").write_text(json.dumps(m))
+    with pf.edited_json(out / "manifest.json") as m:
+        m["n_images"] = 24
     with pytest.raises(DataError, match=r"copy/caption_features.parquet: holds 119 captions; manifest.json says 120"):
         Index.open(out)
 
@@ -1217,3 +1216,33 @@ def test_threads_searching_one_index_at_once_get_what_they_get_alone(index):
     for thread in threads:
         thread.join()
     assert [got[p] for p in range(3)] == want
+
+
+@pytest.mark.parametrize(
+    "given, sizes, expected",
+    [
+        ((None, None), [5000], (100, 10)),
+        ((None, None), [24], (24, 10)),  # an index under 100 items: all of them
+        ((None, None), [4], (4, 4)),
+        ((5, None), [5000], (5, 5)),  # k follows a smaller N given
+        ((None, 3), [24], (24, 3)),
+        ((200, 20), [24], (200, 20)),  # given values stay, to be refused by name
+        ((2.0, None), [24], (2.0, 10)),
+        ((None, None), [30, 40, 50], (100, 10)),  # shards: N over the build, k over the pooled candidates
+        ((None, None), [2, 3], (5, 5)),
+        ((3, None), [2, 3, 4], (3, 8)),  # 2 + 3 + 3 candidates come back together
+        ((None, 150), [5000], (150, 150)),  # a k above 100 given alone: N follows it
+        ((None, 110), [60, 60], (110, 110)),
+    ],
+)
+def test_default_counts_cap_at_what_the_index_holds(given, sizes, expected):
+    assert default_counts(*given, sizes) == expected
+
+
+def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
+    """`search("a dog", k=25)` on 24 images said "--k 25 is larger than --candidates 24", an N
+    never given."""
+    with pytest.raises(HeiindexError, match=r"^--k 25 is larger than the 24 images in this index$"):
+        default_counts(None, 25, [24], "images")
+    with pytest.raises(HeiindexError, match=r"^--k 121 is larger than the 120 captions in this index$"):
+        default_counts(None, 121, [30, 40, 50], "captions")

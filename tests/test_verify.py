@@ -13,6 +13,7 @@ from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys
 from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
+from heiindex.shards import ShardedIndex
 from heiindex.verify import verify
 
 
@@ -104,11 +105,13 @@ def test_an_index_and_a_sharded_build(pipe, tmp_path):
     # stopped at it with "no manifest.json here").
     shutil.rmtree(sharded / "shard-000")
     checks = verify(sharded)
-    assert [(c.path.parent.name, c.path.name, c.status) for c in checks][0] == ("shard-000", "manifest.json", "missing")
+    assert (checks[0].path.parent.name, checks[0].path.name, checks[0].status) == (
+        "shard-000",
+        "manifest.json",
+        "missing",
+    )
     assert checks[0].detail == f"shard shard-000, recorded in {sharded / 'manifest.json'}"
     assert len(checks) == 5 and {c.status for c in checks[1:]} == {"ok"}
-    from heiindex.shards import ShardedIndex
-
     with pytest.raises(DataError, match=r"manifest.json: records shard shard-000, which is missing .*--shards S"):
         ShardedIndex.open(sharded)
 
