@@ -28,8 +28,9 @@ from hash_exp import CONFIGS, codes, load_records, load_split, recall_from_codes
 HELD = 4  # which of an image's five captions is held out
 
 
-def drop_held_out(records: list[dict], cap_img: torch.Tensor) -> list[dict]:
-    """Each record without the rows (caption, its image, their score row and column) of a held-out caption."""
+def drop_held_out(records: list[dict]) -> list[dict]:
+    """Each record without the rows (caption, its image, their score row and column) of a held-out
+    caption (an image's five captions are rows 5i..5i+4 of the encoded train split, as on coco-sim)."""
     kept = []
     for rec in records:
         keep = rec["caps"] % 5 != HELD
@@ -61,7 +62,9 @@ def main() -> None:
     if args.epochs:
         e = replace(e, epochs=args.epochs)
     tr, dev = load_split("train"), load_split("dev")
-    records = drop_held_out(load_records(e.rounds), tr["caption_image"])
+    if e.mix:
+        raise SystemExit(f"{args.config}: mixed-image configs train through hash_exp.py only")
+    records = drop_held_out(load_records(e.rounds))
     model, res = train(e, tr, dev, records, log=lambda m: print(m, flush=True))
     row = {
         "config": args.config,

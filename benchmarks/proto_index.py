@@ -28,35 +28,26 @@ from pathlib import Path
 
 import torch
 from hash_exp import CACHE  # benchmarks/ is on sys.path when this script runs
+from hash_exp_proto import caption_outputs, unit
 
 from heiindex.attention import score_pairs
 from heiindex.hamming import make_binary_index, save_binary_index
 from heiindex.hashing import pack_codes
 from heiindex.index import Index
-from heiindex.store import file_sha256
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+from heiindex.store import file_record
 
 
 @torch.no_grad()
 def prototype_codes(index: Index, train: dict, k: int, alpha: float, preselect: int) -> tuple:
     """Packed (images, bits / 8) codes, and the seconds the work took beside the encoding."""
     t0 = time.perf_counter()
-    mod = index.hasher.module.eval()
-    img = mod.image_hash(mod.pool_images(index.regions.float()))
-    words, lengths = train["words"], train["lengths"]
-    txt = torch.cat(
-        [
-            torch.tanh(mod.text_hash(mod.pool_captions(words[s : s + 2500], lengths[s : s + 2500])))
-            for s in range(0, len(lengths), 2500)
-        ]
-    )
+    mod, regions = index.hasher.module.eval(), index.regions.float()
+    img = mod.image_hash(mod.pool_images(regions))
+    txt = torch.tanh(caption_outputs(mod, train))
     near = (torch.where(img > 0, 1.0, -1.0) @ torch.where(txt > 0, 1.0, -1.0).T).topk(preselect, dim=1).indices
     img_rows = torch.arange(len(img)).repeat_interleave(preselect)
     scores = score_pairs(
-        index.model.attention, words, lengths, index.regions.float(), near.reshape(-1), img_rows, index.gram
+        index.model.attention, train["words"], train["lengths"], regions, near.reshape(-1), img_rows, index.gram
     ).view(len(img), preselect)
     top = near.gather(1, scores.topk(k, dim=1).indices)  # (images, k) training caption rows
     mixed = alpha * unit(img) + (1 - alpha) * unit(txt[top].mean(1))
@@ -82,7 +73,7 @@ def main() -> None:
     path = args.out / "images.faiss"
     save_binary_index(make_binary_index(codes, "flat"), path)
     manifest = json.loads((args.out / "manifest.json").read_text())
-    manifest["files"]["images.faiss"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest["files"]["images.faiss"] = file_record(path)
     manifest["research"] = (
         f"images.faiss: prototype codes (benchmarks/proto_index.py, K {args.k}, alpha {args.alpha}, "
         f"preselect {args.preselect}) of {args.index}"
