@@ -464,7 +464,7 @@ def build(
 
 def _index_kinds(spec: dict) -> str:
     """'flat index', or for auto what it chose ("auto: flat index", per modality where they differ)."""
-    from heiindex.bench import searched_type
+    from heiindex.index_manifest import searched_type
 
     return f"{spec['type']} index" if spec["type"] != "auto" else f"auto: {searched_type(spec)} index"
 

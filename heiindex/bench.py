@@ -18,6 +18,7 @@ import torch
 from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
+from .index_manifest import searched_type
 from .scoring import exhaustive_scores
 from .search import DEFAULT_CANDIDATES, rerank_captions, rerank_images
 from .settings import SettingError, require
@@ -269,13 +270,6 @@ def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
         for n in values:
             if n < 1 or n > limit:
                 raise SettingError(option.lstrip("-"), f"{option} {n} must lie in [1, {limit}] for this index{why}")
-
-
-def searched_type(spec: dict) -> str:
-    """The FAISS index type a build's queries search, from its manifest's ``"index"``: what
-    ``auto`` chose ("flat"), or each modality's where they differ ("ivf (images), flat (captions)")."""
-    images, captions = (spec.get(m, {}).get("type", spec["type"]) for m in ("images", "captions"))
-    return images if images == captions else f"{images} (images), {captions} (captions)"
 
 
 def _searched(index: Index) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "check_sharded_manifest",
     "read_index_manifest",
     "read_sharded_manifest",
+    "searched_type",
     "sharded_manifest",
 ]
 
@@ -99,3 +100,10 @@ def read_sharded_manifest(path: str | Path) -> dict:
             "the index here is not a sharded build (heiindex build --shards S writes one; the Ray engine serves those)",
         )
     return manifest
+
+
+def searched_type(spec: dict) -> str:
+    """The FAISS index type a build's queries search, from its manifest's ``"index"``: what
+    ``auto`` chose ("flat"), or each modality's where they differ ("ivf (images), flat (captions)")."""
+    images, captions = (spec.get(m, {}).get("type", spec["type"]) for m in ("images", "captions"))
+    return images if images == captions else f"{images} (images), {captions} (captions)"

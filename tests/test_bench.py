@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import heiindex.bench as bench
-from heiindex.bench import run_bench, searched_type
+from heiindex.bench import run_bench
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import HeiindexError
 from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
 from heiindex.index import Index
+from heiindex.index_manifest import searched_type
 from heiindex.scoring import evaluate_exhaustive
 from heiindex.store import SplitStore
 
