@@ -424,12 +424,33 @@ def evaluate(model_dir, store, split, as_json) -> None:
     default=None,
     help="Write S self-contained shards (contiguous image ranges) and a top manifest.",
 )
+@click.option(
+    "--prototypes",
+    "prototype_split",
+    default=None,
+    metavar="SPLIT",
+    help="Give each image a code made partly of the codes of SPLIT's captions (such as train) that the "
+    "matcher ranks highest for it: better Hamming candidates for new images (README, 'Prototype image codes').",
+)
 @codes_option
 @uri_option
 @click.option("--milvus-index", type=click.Choice(["BIN_FLAT", "BIN_IVF_FLAT"]), default="BIN_FLAT", show_default=True)
 @handle_errors
 def build(
-    split, store, model_dir, hash_dir, out, index_type, nlist, nprobe, device, shards, codes, uri, milvus_index
+    split,
+    store,
+    model_dir,
+    hash_dir,
+    out,
+    index_type,
+    nlist,
+    nprobe,
+    device,
+    shards,
+    prototype_split,
+    codes,
+    uri,
+    milvus_index,
 ) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
@@ -443,10 +464,17 @@ def build(
         raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
     if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
         raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
+    prototypes = None
+    if prototype_split is not None:
+        from heiindex.prototypes import PrototypeConfig, check_describing_split
+
+        prototypes = PrototypeConfig(split=prototype_split)
+        check_describing_split(prototypes, split)  # before coco-sim may be generated
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
     common = dict(index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device)
+    common["prototypes"] = prototypes
     if shards is not None:
         from heiindex.shards import write_shards
 
@@ -457,6 +485,8 @@ def build(
         m = Index.write(root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common)
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
+    if prototypes is not None:
+        what += f", image codes with {prototype_split} prototypes"
     if store is None:
         dd.mark_last_built(out)
     click.echo(f"built {split}: {what} -> {out}")
@@ -746,7 +776,8 @@ def bench(
         if as_json:
             echo_json(res)
             return
-        for t in bench_tables(f"{res['split']} ({res['shards']} shards, {res['engine']})", res):
+        label = f"{res['split']} ({res['shards']} shards, {res['engine']})" + _prototype_label(res)
+        for t in bench_tables(label, res):
             console.print(t)
         return
     default_plot = index.path / "bench_sweep.png"
@@ -769,10 +800,15 @@ def bench(
             if label is None:  # COCO 1K
                 folds = res[name]["folds"]
                 label = f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
-            for t in bench_tables(label, res[name]):
+            for t in bench_tables(label + _prototype_label(res), res[name]):
                 console.print(t)
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
+
+
+def _prototype_label(res: dict) -> str:
+    """The bench tables' note of an index whose images have prototype codes (else empty)."""
+    return f", image codes with {res['prototypes']['split']} prototypes" if res.get("prototypes") else ""
 
 
 def _sweep_values(text: str) -> list[int]:

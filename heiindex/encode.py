@@ -88,13 +88,20 @@ def iter_caption_blocks(
     """``(first row, words (b, L_b, d), lengths (b,))``, ``block`` captions at a time, encoded
     where the model is (and left there); each block's tokens are cut to its longest caption."""
     block = require("block", block, at_least=1, integer=True)
-    dev = next(model.parameters()).device
     lengths = np.asarray(lengths, dtype=np.int64)
     for s in range(0, len(lengths), block):
-        lens = lengths[s : s + block]
-        tok = torch.from_numpy(np.asarray(tokens[s : s + block, : int(lens.max())], dtype=np.int64))
-        lens_t = torch.from_numpy(lens).to(dev)
-        yield s, model.encode_captions(tok.to(dev), lens_t), lens_t
+        yield s, *encode_caption_block(model, tokens[s : s + block], lengths[s : s + block])
+
+
+@torch.no_grad()
+def encode_caption_block(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray) -> tuple[Tensor, Tensor]:
+    """``(words (b, L, d), lengths (b,))`` of one block of padded token ids ``(b, >= L)``, cut to
+    its longest caption ``L`` and encoded where the model is (and left there)."""
+    dev = next(model.parameters()).device
+    lens = np.asarray(lengths, dtype=np.int64)
+    tok = torch.from_numpy(np.asarray(tokens[:, : int(lens.max())], dtype=np.int64))
+    lens_t = torch.from_numpy(lens).to(dev)
+    return model.encode_captions(tok.to(dev), lens_t), lens_t
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from .hashing import HashModule
 from .index_manifest import INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
 from .model import ScanModel
 from .packed import PackedWords, word_mask
+from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     BatchSearch,
     EncodedQueries,
@@ -226,6 +227,8 @@ class Index(BatchSearch):
             # bench's queries and a query by a stored image search with the codes the index holds.
             self._image_codes = stored_codes(self.image_index)
             self._caption_codes = stored_codes(self.caption_index)
+        elif "prototypes" in manifest:  # codes searched elsewhere, and not the image features' own
+            self._image_codes = stored_codes(load_binary_index(path / "images.faiss"))
         opened = {}  # each file's footer read once, for the checks here and for the reads below
         for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
             if not (path / file).is_file():  # before either is read
@@ -305,6 +308,8 @@ class Index(BatchSearch):
         uri: str | None = None,
         milvus_index: str = "BIN_FLAT",
         captions: CaptionTable | None = None,
+        prototypes: PrototypeConfig | CaptionBank | None = None,
+        describe_images_block: int = 2048,
     ) -> dict:
         """Encode, hash and index ``store_root/split`` into ``out`` (written atomically); returns
         the manifest written.
@@ -314,7 +319,11 @@ class Index(BatchSearch):
         store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
         also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
         FAISS files are written either way. ``captions``: the split's captions already read
-        (``SplitStore.captions``), so that the shards of one build read them once."""
+        (``SplitStore.captions``), so that the shards of one build read them once.
+        ``prototypes``: give the images prototype codes made from another split's captions
+        (``heiindex.prototypes``; a ``CaptionBank`` already made, so that shards make it once);
+        images are then described ``describe_images_block`` at a time, each block one more
+        encoding pass over that split's captions."""
         check_codes_options(codes, uri)
         nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
@@ -323,6 +332,9 @@ class Index(BatchSearch):
             if len(image_rows) != 2:
                 raise HeiindexError(f"image_rows must be (first, stop), got {image_rows!r}")
             image_rows = tuple(require("image_rows", v, at_least=0, integer=True) for v in image_rows)
+        describe_images_block = require("describe_images_block", describe_images_block, at_least=1, integer=True)
+        if prototypes is not None:
+            check_describing_split(prototypes, split)
         matcher, hasher = load_bound_models(matcher, hasher)
         store = SplitStore.open(store_root, split)
         matcher.check_store(store)
@@ -356,9 +368,12 @@ class Index(BatchSearch):
                     else ""
                 )
                 raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{rows}")
+        if isinstance(prototypes, PrototypeConfig):  # before anything is written
+            prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
+            pending = PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks)
             bar = tqdm(
                 total=stop - first,
                 unit="img",
@@ -372,9 +387,13 @@ class Index(BatchSearch):
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = region_gram(regions)
                 writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
-                code_blocks.append(hasher.module.image_codes(regions))
+                if prototypes is None:
+                    code_blocks.append(hasher.module.image_codes(regions))
+                else:  # described a few blocks at a time, in order
+                    pending.add(regions, gram)
                 bar.update(len(ids))
             bar.close()
+            pending.flush()
             writer.close()
             img_codes = np.concatenate(code_blocks)
             if image_rows is not None:  # a shard's captions: those of its images
@@ -407,6 +426,8 @@ class Index(BatchSearch):
                 "regions": r,
                 "embed_size": d,
             }
+            if prototypes is not None:  # absent: each image's own code
+                manifest["prototypes"] = prototypes.manifest_entry()
             if image_rows is not None:
                 manifest["store_rows"] = [int(first), int(stop)]
             manifest["files"] = {name: file_record(tmp / name) for name in _INDEX_FILES}  # heiindex verify
@@ -660,7 +681,9 @@ class Index(BatchSearch):
         ``images.faiss``, read when the index was opened (an index built on a GPU keeps them on a
         CPU, bit for bit). An index searched in Milvus, opened without reading its FAISS files,
         hashes its stored features once instead (``to`` does so before a cast to bfloat16 can
-        round them)."""
+        round them), except where the build gave the images prototype codes
+        (``heiindex.prototypes``): those are read from ``images.faiss``, as the features alone
+        cannot give them."""
         if self._image_codes is None:
             self._image_codes = self.hash_images(self.regions)
         return self._image_codes

@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
+from .device import resolve_device, set_precision
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options
@@ -45,6 +46,7 @@ from .index import (
 )
 from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
 from .packed import PackedWords
+from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     DEFAULT_CANDIDATES,
     BatchSearch,
@@ -95,15 +97,26 @@ def write_shards(
     nprobe: int | None = None,
     progress: bool = False,
     device: str = "cpu",
+    prototypes: PrototypeConfig | None = None,
 ) -> dict:
     """Write ``shards`` shard indexes of ``store_root/split`` under ``out`` (atomically: a failure
-    leaves no half-built folder); returns the top-level manifest written."""
+    leaves no half-built folder); returns the top-level manifest written. ``prototypes``: as
+    ``Index.write``'s; the describing captions are hashed once for all shards, and each shard
+    describes its images with them (a shard's image codes are those of the unsharded build)."""
     nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)
     captions = store.captions()  # read once for all shards
     store.check_ids(captions)
+    if prototypes is not None:  # the describing captions hashed once, where the shards encode
+        check_describing_split(prototypes, split)
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            set_precision("float32")  # as Index.write encodes
+        matcher.model.eval().to(dev)
+        hasher.module.to(dev)
+        prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out, *INDEX_OUTPUT) as tmp:
@@ -122,6 +135,7 @@ def write_shards(
                 device=device,
                 image_rows=(a, b),
                 captions=captions,
+                prototypes=prototypes,
             )
             manifests.append(m)
             entries.append(
@@ -135,6 +149,7 @@ def write_shards(
             "store": manifests[0]["store"],
             "matcher": manifests[0]["matcher"],
             "hash": manifests[0]["hash"],
+            **({"prototypes": manifests[0]["prototypes"]} if prototypes is not None else {}),
             "n_images": sum(e["n_images"] for e in entries),
             "n_captions": sum(e["n_captions"] for e in entries),
             "shards": entries,
@@ -365,6 +380,7 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
         "images": int(len(image_ids)),
         "captions": int(len(caption_image)),
         "candidates": topk,
+        "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
     }
     for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
         out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)

@@ -1,0 +1,224 @@
+"""Prototype image codes: database images described by the captions of another split.
+
+Caption codes generalise to new captions far better than image codes to new images (on coco-sim,
+new captions of training images find them 98% of the time by Hamming top-100, new images are
+found 94-95% of the time; ``benchmarks/RESULTS.md``, the hash study). At build time the database
+images are known, and the frozen matcher can score them against the captions of another split
+(the training split). Each image's code then takes a share of the caption side's outputs for the
+captions the matcher ranks highest for it:
+
+    code = sign(weight * u(h_img) + (1 - weight) * u(mean over its top k captions of tanh(h_txt)))
+
+``h_img`` / ``h_txt`` are the hash layers' pre-sign outputs and ``u`` scales a vector to unit
+norm. The matcher scores only each image's ``preselect`` Hamming-nearest captions (by the
+image's own code), so a build costs ``images x preselect`` matcher pairs, not ``images x
+captions``. Nothing is trained: the hash module and the matcher stay as they are, and the
+caption codes are unchanged. A new image hashed at query time (``Index.search_regions``) gets
+its plain code: there are no captions scored for it.
+
+Memory: the describing split's captions are held as token ids (``SplitStore.captions``), packed
+codes and tanh outputs (``4 * bits`` bytes a caption: 1 KB at 256 bits, 580 MB for COCO's 566K
+training captions); their word features are encoded a block at a time, never held whole. Images
+are described ``block`` at a time; each such block is one more encoding pass over the captions.
+
+What this module must not do: write files (``heiindex.index`` does), or train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .attention import score_pairs
+from .checkpoint import LoadedModel
+from .encode import encode_caption_block, iter_caption_blocks
+from .errors import HeiindexError
+from .hamming import hamming_candidates, make_binary_index
+from .hashing import pack_codes
+from .settings import require
+from .store import SplitStore
+from .train_hash import LoadedHash
+
+__all__ = [
+    "CaptionBank",
+    "PendingImages",
+    "PrototypeConfig",
+    "caption_bank",
+    "check_describing_split",
+    "describe_images",
+]
+
+
+@dataclass(frozen=True)
+class PrototypeConfig:
+    """``split``: the store split whose captions describe the images (never the split indexed);
+    ``k``: captions averaged per image; ``weight``: the share of the image's own output;
+    ``preselect``: Hamming-nearest captions the matcher scores per image. The defaults were
+    chosen on coco-sim dev (``benchmarks/hash_exp_proto.py``; dev t2i candidate recall@100 is flat
+    at 96.0-96.1% for k 10 to 100 and weight 0.65 to 0.75, against 95.2% for plain codes)."""
+
+    split: str = "train"
+    k: int = 10
+    weight: float = 0.7
+    preselect: int = 300
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split, str) or not self.split:
+            raise HeiindexError(f"prototypes: split must name a store split, got {self.split!r}")
+        require("prototype k", self.k, at_least=1, integer=True)
+        require("prototype preselect", self.preselect, at_least=1, integer=True)
+        if self.preselect < self.k:
+            raise HeiindexError(
+                f"prototypes: preselect ({self.preselect}) must be at least k ({self.k}): "
+                "the top k captions are chosen among the preselected ones"
+            )
+        weight = require("prototype weight", self.weight, at_least=0.0)
+        if not weight < 1.0:
+            raise HeiindexError(
+                f"prototypes: weight must be below 1 (1 keeps each image's own code: build without prototypes), "
+                f"got {self.weight}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionBank:
+    """The describing split's captions, hashed: their token ids in order of length (so that an
+    encoded block is padded to about its own captions' length), packed codes and tanh outputs."""
+
+    def __init__(self, config: PrototypeConfig, store: SplitStore, tokens, lengths, codes, outputs, block: int) -> None:
+        self.config, self.store, self.block = config, store, block
+        self.tokens, self.lengths = tokens, lengths
+        self.codes, self.outputs = codes, outputs
+        self.index = make_binary_index(codes, "flat")  # the Hamming preselection
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def manifest_entry(self) -> dict:
+        """What an index's manifest records of its image codes' prototypes."""
+        return {**self.config.to_dict(), "store_checksum": self.store.checksum, "captions": len(self)}
+
+
+@torch.no_grad()
+def caption_bank(
+    store_root: str | Path,
+    config: PrototypeConfig,
+    matcher: LoadedModel,
+    hasher: LoadedHash,
+    block: int = 1024,
+    progress: bool = False,
+) -> CaptionBank:
+    """Encode and hash the captions of ``store_root/config.split``, a block at a time, where the
+    matcher and the hash module are."""
+    block = require("block", block, at_least=1, integer=True)
+    store = SplitStore.open(store_root, config.split)
+    matcher.check_store(store)
+    captions = store.captions()
+    if not len(captions):
+        raise HeiindexError(f"store split {store.path} holds no captions to describe images with")
+    order = np.argsort(captions.lengths, kind="stable")
+    tokens, lengths = captions.tokens[order], np.asarray(captions.lengths[order], dtype=np.int64)
+    del captions  # texts and ids are not needed
+    module, bits = hasher.module, hasher.module.config.bits
+    codes = np.empty((len(lengths), bits // 8), np.uint8)
+    outputs = torch.empty((len(lengths), bits))
+    bar = tqdm(
+        total=len(lengths),
+        unit="cap",
+        desc=f"hash {config.split} captions",
+        disable=None if progress else True,
+        leave=False,
+    )
+    for s, words, lens in iter_caption_blocks(matcher.model, tokens, lengths, block):
+        pre = module.text_hash(module.pool_captions(words, lens))
+        codes[s : s + len(lens)] = pack_codes(pre > 0)
+        outputs[s : s + len(lens)] = torch.tanh(pre).cpu()
+        bar.update(len(lens))
+    bar.close()
+    return CaptionBank(config, store, tokens, lengths, codes, outputs, block)
+
+
+def check_describing_split(prototypes: PrototypeConfig | CaptionBank, split: str) -> None:
+    """Refuse to describe a split's images with its own captions: they are what the bench
+    measures with, and candidate recall would count them twice."""
+    describing = prototypes.split if isinstance(prototypes, PrototypeConfig) else prototypes.config.split
+    if describing == split:
+        raise HeiindexError(
+            f"prototypes: the captions of {split} would describe its own images, and the bench measures with "
+            "them; describe the images with another split's captions (such as train)"
+        )
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def describe_images(
+    bank: CaptionBank, matcher: LoadedModel, hasher: LoadedHash, regions: Tensor, gram: Tensor | None = None
+) -> np.ndarray:
+    """Packed prototype codes ``(n, bits/8)`` of encoded images ``regions`` (n, R, d) (``gram``:
+    their Gram matrices, or None), scored where the regions are. One encoding pass over the bank's
+    blocks that hold a preselected caption; ``n x preselect`` pairs scored."""
+    cfg, module, model = bank.config, hasher.module, matcher.model
+    n, dev = regions.shape[0], regions.device
+    own = module.image_hash(module.pool_images(regions))  # (n, bits), pre-sign
+    m = min(cfg.preselect, len(bank))
+    _, near = hamming_candidates(bank.index, pack_codes(own > 0), m)  # (n, m) bank rows
+    flat = near.reshape(-1)
+    image_of = np.repeat(np.arange(n), m)
+    order = np.argsort(flat, kind="stable")  # the pairs by caption: each block's pairs are a slice
+    by_caption = flat[order]
+    scores = np.empty(n * m, np.float32)
+    for s in range(0, len(bank), bank.block):
+        a, b = np.searchsorted(by_caption, [s, s + bank.block])
+        if a == b:  # no image preselected a caption of this block: not encoded
+            continue
+        sel = order[a:b]
+        words, lens = encode_caption_block(model, bank.tokens[s : s + bank.block], bank.lengths[s : s + bank.block])
+        caption_index = torch.from_numpy(flat[sel] - s).to(dev)
+        image_index = torch.from_numpy(image_of[sel]).to(dev)
+        got = score_pairs(model.attention, words, lens, regions, caption_index, image_index, gram)
+        scores[sel] = got.float().cpu().numpy()
+    top = torch.from_numpy(scores.reshape(n, m)).topk(min(cfg.k, m), dim=1).indices.numpy()
+    rows = torch.from_numpy(np.take_along_axis(near, top, axis=1))  # (n, k) bank rows
+    prototype = bank.outputs[rows].mean(dim=1).to(dev)
+    mixed = cfg.weight * _unit(own.float()) + (1.0 - cfg.weight) * _unit(prototype)
+    return pack_codes(mixed > 0)
+
+
+class PendingImages:
+    """Encoded images collected until ``block`` of them (or ``flush``), then described together
+    and their codes appended to ``out``: one pass over the bank's captions per ``block`` images,
+    at most ``block`` images' regions held."""
+
+    def __init__(self, bank: CaptionBank | None, matcher: LoadedModel, hasher: LoadedHash, block: int, out: list):
+        self.bank, self.matcher, self.hasher, self.block, self.out = bank, matcher, hasher, block, out
+        self.regions: list[Tensor] = []
+        self.gram: list[Tensor] = []
+        self.count = 0
+
+    def add(self, regions: Tensor, gram: Tensor) -> None:
+        while len(regions):  # a build block larger than what ``block`` has left is split
+            take = self.block - self.count
+            self.regions.append(regions[:take])
+            self.gram.append(gram[:take])
+            self.count += len(self.regions[-1])
+            regions, gram = regions[take:], gram[take:]
+            if self.count == self.block:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        regions = torch.cat(self.regions) if len(self.regions) > 1 else self.regions[0]
+        gram = torch.cat(self.gram) if len(self.gram) > 1 else self.gram[0]
+        self.regions, self.gram, self.count = [], [], 0
+        self.out.append(describe_images(self.bank, self.matcher, self.hasher, regions, gram))

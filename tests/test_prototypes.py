@@ -1,0 +1,202 @@
+"""heiindex.prototypes: image codes made partly of the training captions the matcher ranks highest,
+and the builds (plain, sharded, CLI) that write them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pipeline_fixtures as pf
+import pytest
+import torch
+from cli_helpers import as_json, build, clean_error, ok, run
+
+from heiindex.checkpoint import load_model
+from heiindex.encode import encode_captions
+from heiindex.errors import HeiindexError
+from heiindex.hamming import load_binary_index, stored_codes
+from heiindex.hashing import pack_codes
+from heiindex.index import Index
+from heiindex.prototypes import PendingImages, PrototypeConfig, caption_bank, describe_images
+from heiindex.shards import write_shards
+from heiindex.train_hash import load_hash
+
+TRAIN_CAPTIONS = 5 * pf.SPLIT_IMAGES["train"]  # 320
+SMALL = PrototypeConfig(k=3, weight=0.6, preselect=40)
+
+
+@pytest.fixture(scope="module")
+def models(pipe):
+    return load_model(pipe.model_dir), load_hash(pipe.hash_dir)
+
+
+@pytest.fixture(scope="module")
+def plain(pipe):
+    return Index.open(pipe.index_dir)
+
+
+@pytest.fixture(scope="module")
+def bank(pipe, models):
+    return caption_bank(pipe.root, SMALL, *models, block=64)
+
+
+@pytest.fixture(scope="module")
+def built(pipe, models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("proto") / "test"
+    Index.write(pipe.root, "test", *models, out, index_type="flat", prototypes=SMALL, describe_images_block=10)
+    return out
+
+
+def _reference(bank, models, regions: torch.Tensor, cfg: PrototypeConfig, scored: np.ndarray) -> np.ndarray:
+    """The codes by the formula, from the full (images, captions) score matrix of ``score_block``,
+    the matcher scoring only the captions where ``scored`` (n, captions) is true."""
+    matcher, hasher = models
+    module = hasher.module
+    words = encode_captions(matcher.model, bank.tokens, bank.lengths)
+    with torch.no_grad():
+        scores = matcher.model.score(words, torch.from_numpy(bank.lengths), regions).T  # (images, captions)
+        outputs = torch.tanh(module.text_hash(module.pool_captions(words, torch.from_numpy(bank.lengths))))
+        own = module.image_hash(module.pool_images(regions))
+    scores = scores.masked_fill(~torch.from_numpy(scored), float("-inf"))
+    top = scores.topk(cfg.k, dim=1).indices
+    proto = outputs[top].mean(dim=1)
+    unit = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+    return pack_codes(cfg.weight * unit(own) + (1 - cfg.weight) * unit(proto) > 0)
+
+
+def test_the_bank_holds_every_training_caption_hashed_as_the_index_hashes_captions(bank, models):
+    matcher, hasher = models
+    assert len(bank) == TRAIN_CAPTIONS
+    assert np.all(np.diff(bank.lengths) >= 0)  # in order of length
+    words = encode_captions(matcher.model, bank.tokens, bank.lengths)
+    lengths = torch.from_numpy(bank.lengths)
+    np.testing.assert_array_equal(bank.codes, hasher.module.caption_codes(words, lengths))
+    with torch.no_grad():
+        pre = hasher.module.text_hash(hasher.module.pool_captions(words, lengths))
+    torch.testing.assert_close(bank.outputs, torch.tanh(pre))
+    entry = bank.manifest_entry()
+    assert entry == {"split": "train", "k": 3, "weight": 0.6, "preselect": 40, "captions": TRAIN_CAPTIONS,
+                     "store_checksum": bank.store.checksum}  # fmt: skip
+
+
+def test_codes_follow_the_formula_when_every_caption_is_scored(pipe, models, plain):
+    cfg = PrototypeConfig(k=4, weight=0.5, preselect=TRAIN_CAPTIONS)
+    every = caption_bank(pipe.root, cfg, *models, block=100)
+    got = describe_images(every, *models, plain.regions, plain.gram)
+    scored = np.ones((plain.n_images, TRAIN_CAPTIONS), dtype=bool)
+    want = _reference(every, models, plain.regions, cfg, scored)
+    np.testing.assert_array_equal(got, want)
+    assert (got != plain.image_codes()).any(axis=1).sum() >= plain.n_images // 2  # the prototypes move most codes
+
+
+def test_only_the_hamming_nearest_captions_are_scored(pipe, models, plain):
+    # preselect == k: the top k are the k Hamming-nearest captions, whatever the matcher says of them
+    cfg = PrototypeConfig(k=5, weight=0.5, preselect=5)
+    near_bank = caption_bank(pipe.root, cfg, *models)
+    got = describe_images(near_bank, *models, plain.regions, plain.gram)
+    dist = pf.hamming_by_hand(plain.image_codes(), near_bank.codes)
+    order = np.argsort(dist, axis=1, kind="stable")
+    kth, next_ = np.take_along_axis(dist, order[:, 4:6], axis=1).T
+    clear = kth < next_  # images whose 5 nearest captions are not tied with a sixth (32-bit codes tie often)
+    assert clear.sum() >= 5
+    scored = np.zeros(dist.shape, dtype=bool)
+    np.put_along_axis(scored, order[:, :5], True, axis=1)
+    want = _reference(near_bank, models, plain.regions, cfg, scored)
+    np.testing.assert_array_equal(got[clear], want[clear])
+
+
+def test_images_described_in_blocks_get_the_codes_of_one_pass(bank, models, plain):
+    whole = describe_images(bank, *models, plain.regions, plain.gram)
+    out: list = []
+    pending = PendingImages(bank, *models, 5, out)
+    for s in range(0, plain.n_images, 7):  # build blocks of 7 against describing blocks of 5
+        pending.add(plain.regions[s : s + 7], plain.gram[s : s + 7])
+    pending.flush()
+    assert [len(c) for c in out] == [5, 5, 5, 5, 4]
+    np.testing.assert_array_equal(np.concatenate(out), whole)
+
+
+def test_a_build_writes_the_prototype_codes_and_records_them(built, bank, models, plain):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["prototypes"] == bank.manifest_entry()
+    assert "prototypes" not in json.loads((plain.path / "manifest.json").read_text())
+    images = stored_codes(load_binary_index(built / "images.faiss"))
+    np.testing.assert_array_equal(images, describe_images(bank, *models, plain.regions, plain.gram))
+    captions = stored_codes(load_binary_index(built / "captions.faiss"))
+    np.testing.assert_array_equal(captions, plain.caption_codes())  # the caption side is untouched
+    index = Index.open(built)
+    np.testing.assert_array_equal(index.image_codes(), images)
+    hits = index.search("a dog on the grass", k=3, candidates=10).results
+    assert len(hits) == 3
+    codes = index.hasher.module.caption_codes(*_query_words(index, "a dog on the grass"))
+    # the Hamming distances shown are to the prototype codes searched
+    assert [h.hamming for h in hits] == pf.hamming_by_hand(codes, images[index.image_rows([h.id for h in hits])])[
+        0
+    ].tolist()
+
+
+def _query_words(index: Index, text: str):
+    from heiindex.search import encode_text
+
+    q = encode_text(index.model, index.matcher.vocab, text)
+    return q.words, q.lengths
+
+
+def test_codes_searched_elsewhere_still_come_from_the_build(built, models):
+    # An index whose codes are searched outside its FAISS files (Milvus) cannot hash its images'
+    # prototype codes from their features: it reads them from images.faiss.
+    manifest = json.loads((built / "manifest.json").read_text())
+    searched = (load_binary_index(built / "images.faiss"), load_binary_index(built / "captions.faiss"))
+    index = Index(built, manifest, *models, code_indexes=searched)
+    np.testing.assert_array_equal(index.image_codes(), stored_codes(searched[0]))
+    assert (index.image_codes() != index.hash_images(index.regions)).any()
+
+
+def test_shards_get_the_codes_of_the_unsharded_build(pipe, models, built, tmp_path):
+    m = write_shards(pipe.root, "test", *models, tmp_path / "sharded", 3, index_type="flat", prototypes=SMALL)
+    assert m["prototypes"] == json.loads((built / "manifest.json").read_text())["prototypes"]
+    parts = [stored_codes(load_binary_index(tmp_path / "sharded" / e["path"] / "images.faiss")) for e in m["shards"]]
+    np.testing.assert_array_equal(np.concatenate(parts), stored_codes(load_binary_index(built / "images.faiss")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, "prototype k"),
+        ({"k": 5, "preselect": 4}, "preselect (4) must be at least k (5)"),
+        ({"weight": 1.0}, "weight must be below 1"),
+        ({"weight": -0.1}, "prototype weight"),
+        ({"split": ""}, "split must name a store split"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(HeiindexError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PrototypeConfig(**kwargs)
+
+
+def test_a_split_is_not_described_by_its_own_captions(pipe, models, tmp_path):
+    with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
+        Index.write(pipe.root, "test", *models, tmp_path / "x", prototypes=PrototypeConfig(split="test"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
+    out = tmp_path / "cli-proto"
+    res = ok(build(pipe, out, "--prototypes", "train"))
+    assert "image codes with train prototypes" in res.output
+    entry = json.loads((out / "manifest.json").read_text())["prototypes"]
+    assert entry["split"] == "train" and entry == {**PrototypeConfig().to_dict(), **entry}
+    bench = as_json(run("bench", "--index", out, "--topk", "10", "--json"))
+    assert bench["prototypes"] == entry
+    assert as_json(run("bench", "--index", pipe.index_dir, "--topk", "10", "--json"))["prototypes"] is None
+    table = ok(run("bench", "--index", out, "--topk", "10")).output
+    assert "image codes with train prototypes" in table
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [("test", "would describe its own images"), ("nope", "no such split in this store (it holds: dev, test, train)")],
+)
+def test_cli_refuses_a_describing_split_it_cannot_use(pipe, tmp_path, split, message):
+    clean_error(build(pipe, tmp_path / "x", "--prototypes", split), message)
+    assert not (tmp_path / "x").exists()
