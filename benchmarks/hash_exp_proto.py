@@ -78,6 +78,12 @@ def main() -> None:
         default=0,
         help="the matcher ranks only each image's M nearest training captions by Hamming distance (0: all)",
     )
+    ap.add_argument(
+        "--multi",
+        action="store_true",
+        help="K + 1 codes per image instead: its own, and its own mixed with each top-K caption's output "
+        "(an image's distance is its nearest code's)",
+    )
     args = ap.parse_args()
     tr, db = load_split("train"), load_split(args.split)
     scores = train_caption_scores(args.split, db, tr)
@@ -94,8 +100,11 @@ def main() -> None:
         w = torch.softmax(top / args.tau, dim=1) if args.tau else torch.full_like(top, 1 / k)
         proto = (w[..., None] * txt_tr[idx]).sum(1)
         for alpha in (float(v) for v in args.alpha.split(",")):
-            mixed = alpha * unit(img) + (1 - alpha) * unit(proto)
-            img_codes = torch.where(mixed > 0, 1.0, -1.0)[:, None]
+            if args.multi:
+                mixed = torch.cat([unit(img)[:, None], alpha * unit(img)[:, None] + (1 - alpha) * unit(txt_tr[idx])], 1)
+            else:
+                mixed = (alpha * unit(img) + (1 - alpha) * unit(proto))[:, None]
+            img_codes = torch.where(mixed > 0, 1.0, -1.0)
             r = recall_from_codes(img_codes, cap_codes, db["caption_image"])
             print(f"{args.split} K {k} alpha {alpha}: t2i {100 * r['t2i']:.1f} i2t {100 * r['i2t']:.1f}", flush=True)
 
