@@ -373,7 +373,7 @@ class Index(BatchSearch):
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
-            pending = PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks)
+            pending = PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks, progress)
             bar = tqdm(
                 total=stop - first,
                 unit="img",

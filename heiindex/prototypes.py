@@ -162,11 +162,17 @@ def _unit(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def describe_images(
-    bank: CaptionBank, matcher: LoadedModel, hasher: LoadedHash, regions: Tensor, gram: Tensor | None = None
+    bank: CaptionBank,
+    matcher: LoadedModel,
+    hasher: LoadedHash,
+    regions: Tensor,
+    gram: Tensor | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Packed prototype codes ``(n, bits/8)`` of encoded images ``regions`` (n, R, d) (``gram``:
     their Gram matrices, or None), scored where the regions are. One encoding pass over the bank's
-    blocks that hold a preselected caption; ``n x preselect`` pairs scored."""
+    blocks that hold a preselected caption; ``n x preselect`` pairs scored (``progress``: a bar
+    over them)."""
     cfg, module, model = bank.config, hasher.module, matcher.model
     n, dev = regions.shape[0], regions.device
     own = module.image_hash(module.pool_images(regions))  # (n, bits), pre-sign
@@ -177,6 +183,13 @@ def describe_images(
     order = np.argsort(flat, kind="stable")  # the pairs by caption: each block's pairs are a slice
     by_caption = flat[order]
     scores = np.empty(n * m, np.float32)
+    bar = tqdm(
+        total=n * m,
+        unit="pair",
+        desc=f"score {n} images x {bank.config.split} captions",
+        disable=None if progress else True,
+        leave=False,
+    )
     for s in range(0, len(bank), bank.block):
         a, b = np.searchsorted(by_caption, [s, s + bank.block])
         if a == b:  # no image preselected a caption of this block: not encoded
@@ -187,6 +200,8 @@ def describe_images(
         image_index = torch.from_numpy(image_of[sel]).to(dev)
         got = score_pairs(model.attention, words, lens, regions, caption_index, image_index, gram)
         scores[sel] = got.float().cpu().numpy()
+        bar.update(len(sel))
+    bar.close()
     top = torch.from_numpy(scores.reshape(n, m)).topk(min(cfg.k, m), dim=1).indices.numpy()
     rows = torch.from_numpy(np.take_along_axis(near, top, axis=1))  # (n, k) bank rows
     prototype = bank.outputs[rows].mean(dim=1).to(dev)
@@ -199,8 +214,17 @@ class PendingImages:
     and their codes appended to ``out``: one pass over the bank's captions per ``block`` images,
     at most ``block`` images' regions held."""
 
-    def __init__(self, bank: CaptionBank | None, matcher: LoadedModel, hasher: LoadedHash, block: int, out: list):
+    def __init__(
+        self,
+        bank: CaptionBank | None,
+        matcher: LoadedModel,
+        hasher: LoadedHash,
+        block: int,
+        out: list,
+        progress: bool = False,
+    ) -> None:
         self.bank, self.matcher, self.hasher, self.block, self.out = bank, matcher, hasher, block, out
+        self.progress = progress
         self.regions: list[Tensor] = []
         self.gram: list[Tensor] = []
         self.count = 0
@@ -221,4 +245,4 @@ class PendingImages:
         regions = torch.cat(self.regions) if len(self.regions) > 1 else self.regions[0]
         gram = torch.cat(self.gram) if len(self.gram) > 1 else self.gram[0]
         self.regions, self.gram, self.count = [], [], 0
-        self.out.append(describe_images(self.bank, self.matcher, self.hasher, regions, gram))
+        self.out.append(describe_images(self.bank, self.matcher, self.hasher, regions, gram, self.progress))

@@ -200,3 +200,15 @@ def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
 def test_cli_refuses_a_describing_split_it_cannot_use(pipe, tmp_path, split, message):
     clean_error(build(pipe, tmp_path / "x", "--prototypes", split), message)
     assert not (tmp_path / "x").exists()
+
+
+@pf.needs_cuda
+def test_a_cuda_build_gives_about_the_cpu_codes(pipe, models, built, tmp_path):
+    # A GPU rounds the encodings and scores differently in the last bits: a code bit near zero,
+    # or the k-th caption among near-equal scores, may flip. Most codes must stay the same.
+    out = tmp_path / "cuda"
+    Index.write(pipe.root, "test", *models, out, index_type="flat", prototypes=SMALL, device="cuda")
+    gpu = stored_codes(load_binary_index(out / "images.faiss"))
+    cpu = stored_codes(load_binary_index(built / "images.faiss"))
+    bits = pf.hamming_by_hand(gpu, cpu).diagonal()
+    assert (bits == 0).sum() >= 18 and bits.max() <= 8, bits
