@@ -212,23 +212,18 @@ class Index(BatchSearch):
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
         counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
+        bits = hasher.module.config.bits
         if faiss_files:  # e.g. the two files swapped, or one from another build
-            bits = hasher.module.config.bits
             for name, index in (("images", self.image_index), ("captions", self.caption_index)):
-                if index.ntotal != counts[name]:
-                    raise DataError(
-                        path / f"{name}.faiss", f"holds {index.ntotal} codes, but the index has {counts[name]} {name}"
-                    )
-                if index.d != bits:
-                    raise DataError(
-                        path / f"{name}.faiss", f"holds {index.d}-bit codes, but the hash module gives {bits}"
-                    )
+                _check_code_file(path / f"{name}.faiss", index, counts[name], name, bits)
             # The stored items' codes as the build wrote them, whichever device hashed them: the
             # bench's queries and a query by a stored image search with the codes the index holds.
             self._image_codes = stored_codes(self.image_index)
             self._caption_codes = stored_codes(self.caption_index)
         elif "prototypes" in manifest:  # codes searched elsewhere, and not the image features' own
-            self._image_codes = stored_codes(load_binary_index(path / "images.faiss"))
+            images = load_binary_index(path / "images.faiss")
+            _check_code_file(path / "images.faiss", images, counts["images"], "images", bits)
+            self._image_codes = stored_codes(images)
         opened = {}  # each file's footer read once, for the checks here and for the reads below
         for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
             if not (path / file).is_file():  # before either is read
@@ -359,17 +354,11 @@ class Index(BatchSearch):
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
             store.check_ids(captions)
         counts = {"images": stop - first} if image_rows is not None else {"images": stop, "captions": len(captions)}
-        for what, n in counts.items():  # IVF needs a code per list: known before any encoding
-            chosen = resolve_index_kind(index_type, n, nlist, nprobe)
-            if chosen["type"] == "ivf" and chosen["nlist"] > n:
-                rows = (
-                    f" in its shard (image rows {first} to {stop - 1}; --nlist applies to each shard)"
-                    if image_rows is not None
-                    else ""
-                )
-                raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{rows}")
+        check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
+        if prototypes is not None:
+            check_describing_split(prototypes, split, store)
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
@@ -734,6 +723,30 @@ _CAPTION_SCHEMA = pa.schema(
         ("words", pa.list_(pa.float32())),
     ]
 )
+
+
+def _check_code_file(path: Path, index, count: int, what: str, bits: int) -> None:
+    """``DataError`` naming a FAISS file that does not hold ``count`` codes of ``bits`` bits."""
+    if index.ntotal != count:
+        raise DataError(path, f"holds {index.ntotal} codes, but the index has {count} {what}")
+    if index.d != bits:
+        raise DataError(path, f"holds {index.d}-bit codes, but the hash module gives {bits}")
+
+
+def check_lists_filled(
+    index_type: str, nlist: int | None, nprobe: int | None, counts: dict[str, int], rows: tuple[int, int] | None
+) -> None:
+    """IVF needs a code per list: refuse an ``nlist`` above the ``counts`` of items to index
+    (``{"images": n, ...}``), before any encoding; ``rows``: the store's image rows of a shard."""
+    for what, n in counts.items():
+        chosen = resolve_index_kind(index_type, n, nlist, nprobe)
+        if chosen["type"] == "ivf" and chosen["nlist"] > n:
+            where = (
+                ""
+                if rows is None
+                else f" in its shard (image rows {rows[0]} to {rows[1] - 1}; --nlist applies to each shard)"
+            )
+            raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
 
 
 def _write_caption_features(

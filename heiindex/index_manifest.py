@@ -20,6 +20,7 @@ __all__ = [
     "INDEX_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "check_index_manifest",
+    "check_prototypes_entry",
     "check_sharded_manifest",
     "read_index_manifest",
     "read_sharded_manifest",
@@ -61,6 +62,25 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
+    check_prototypes_entry(manifest, mpath)
+
+
+# An index's record of its prototype image codes (heiindex.prototypes), where it has one.
+_PROTOTYPE_FIELDS = {
+    "prototypes.split": str,
+    "prototypes.k": int,
+    "prototypes.preselect": int,
+    "prototypes.weight": (int, float),
+    "prototypes.captions": int,
+    "prototypes.store_checksum": str,
+}
+
+
+def check_prototypes_entry(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the manifest and the field where a ``"prototypes"`` entry is there
+    but not what a build writes (absent: each image has its own code)."""
+    if "prototypes" in manifest:
+        check_fields(mpath, manifest, _PROTOTYPE_FIELDS)
 
 
 def sharded_manifest(path: str | Path) -> dict | None:
@@ -88,6 +108,7 @@ def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
             f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
         )
     check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
+    check_prototypes_entry(manifest, mpath)
     check_shard_entries(mpath, manifest["shards"], counts=True)
 
 

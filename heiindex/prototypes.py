@@ -16,10 +16,10 @@ captions``. Nothing is trained: the hash module and the matcher stay as they are
 caption codes are unchanged. A new image hashed at query time (``Index.search_regions``) gets
 its plain code: there are no captions scored for it.
 
-Memory: the describing split's captions are held as token ids (``SplitStore.captions``), packed
-codes and tanh outputs (``4 * bits`` bytes a caption: 1 KB at 256 bits, 580 MB for COCO's 566K
-training captions); their word features are encoded a block at a time, never held whole. Images
-are described ``block`` at a time; each such block is one more encoding pass over the captions.
+Memory: the describing split's captions are held as int32 token ids padded to their longest,
+packed codes and tanh outputs (``4 * bits`` bytes a caption: 1 KB at 256 bits); their word
+features are encoded a block at a time, never held whole. Images are described ``block`` at a
+time; each such block is one more encoding pass over the captions.
 
 What this module must not do: write files (``heiindex.index`` does), or train.
 """
@@ -59,8 +59,9 @@ class PrototypeConfig:
     """``split``: the store split whose captions describe the images (never the split indexed);
     ``k``: captions averaged per image; ``weight``: the share of the image's own output;
     ``preselect``: Hamming-nearest captions the matcher scores per image. The defaults were
-    chosen on coco-sim dev (``benchmarks/hash_exp_proto.py``; dev t2i candidate recall@100 is flat
-    at 96.0-96.1% for k 10 to 100 and weight 0.65 to 0.75, against 95.2% for plain codes)."""
+    chosen on coco-sim dev by ``benchmarks/hash_exp_proto.py``: with every training caption
+    scored, t2i candidate recall@100 is 95.8-96.1% for k 10 to 100 and weight 0.65 to 0.75
+    (95.2% with plain codes); these defaults, 300 preselected, give 95.7% (i2t 98.7%, plain 99.0%)."""
 
     split: str = "train"
     k: int = 10
@@ -102,8 +103,10 @@ class CaptionBank:
         return len(self.lengths)
 
     def manifest_entry(self) -> dict:
-        """What an index's manifest records of its image codes' prototypes."""
-        return {**self.config.to_dict(), "store_checksum": self.store.checksum, "captions": len(self)}
+        """What an index's manifest records of its image codes' prototypes (the split as the
+        store names it)."""
+        entry = {**self.config.to_dict(), "store_checksum": self.store.checksum, "captions": len(self)}
+        return {**entry, "split": self.store.manifest["split"]}
 
 
 @torch.no_grad()
@@ -118,13 +121,17 @@ def caption_bank(
     """Encode and hash the captions of ``store_root/config.split``, a block at a time, where the
     matcher and the hash module are."""
     block = require("block", block, at_least=1, integer=True)
-    store = SplitStore.open(store_root, config.split)
-    matcher.check_store(store)
+    try:
+        store = SplitStore.open(store_root, config.split)
+        matcher.check_store(store)
+    except HeiindexError as exc:  # named as the describing split, not the one indexed
+        raise HeiindexError(f"prototypes split {config.split!r}: {exc}") from None
     captions = store.captions()
     if not len(captions):
-        raise HeiindexError(f"store split {store.path} holds no captions to describe images with")
+        raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
     order = np.argsort(captions.lengths, kind="stable")
-    tokens, lengths = captions.tokens[order], np.asarray(captions.lengths[order], dtype=np.int64)
+    # int32 token ids (half the store's int64): with the codes and tanh outputs, what is kept
+    tokens, lengths = captions.tokens[order].astype(np.int32), np.asarray(captions.lengths[order], dtype=np.int64)
     del captions  # texts and ids are not needed
     module, bits = hasher.module, hasher.module.config.bits
     codes = np.empty((len(lengths), bits // 8), np.uint8)
@@ -145,14 +152,18 @@ def caption_bank(
     return CaptionBank(config, store, tokens, lengths, codes, outputs, block)
 
 
-def check_describing_split(prototypes: PrototypeConfig | CaptionBank, split: str) -> None:
+def check_describing_split(prototypes: PrototypeConfig | CaptionBank, split: str, store: SplitStore | None = None):
     """Refuse to describe a split's images with its own captions: they are what the bench
-    measures with, and candidate recall would count them twice."""
+    measures with, and candidate recall would count them twice. Compared by name, and where
+    ``store`` (the split indexed) and a bank are given, by folder (a name such as ``./test``)."""
     describing = prototypes.split if isinstance(prototypes, PrototypeConfig) else prototypes.config.split
-    if describing == split:
+    same = describing == split
+    if store is not None and isinstance(prototypes, CaptionBank):
+        same = same or prototypes.store.path.resolve() == store.path.resolve()
+    if same:
         raise HeiindexError(
             f"prototypes: the captions of {split} would describe its own images, and the bench measures with "
-            "them; describe the images with another split's captions (such as train)"
+            f"them; describe the images with the captions of a split other than {split}"
         )
 
 

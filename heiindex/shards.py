@@ -40,6 +40,7 @@ from .index import (
     Hit,
     Index,
     SearchResult,
+    check_lists_filled,
     load_bound_models,
     load_models,
     timed_results,
@@ -110,6 +111,8 @@ def write_shards(
     captions = store.captions()  # read once for all shards
     store.check_ids(captions)
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
+        for a, b in bounds:  # what each shard's Index.write checks first, before the captions are hashed
+            check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
         check_describing_split(prototypes, split)
         dev = resolve_device(device)
         if dev.type == "cuda":
@@ -117,6 +120,7 @@ def write_shards(
         matcher.model.eval().to(dev)
         hasher.module.to(dev)
         prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)
+        check_describing_split(prototypes, split, store)
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out, *INDEX_OUTPUT) as tmp:

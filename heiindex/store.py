@@ -218,7 +218,7 @@ def read_json_object(path: Path, missing: str) -> dict:
     return data
 
 
-def check_fields(path: Path, data: dict, spec: dict[str, type]) -> None:
+def check_fields(path: Path, data: dict, spec: dict[str, type | tuple[type, ...]]) -> None:
     """``DataError`` naming ``path`` and the first field of ``spec`` (dotted paths into nested
     objects, e.g. ``"images.count"``) that ``data`` lacks or holds with another type (a bool is
     not an int)."""
@@ -227,7 +227,8 @@ def check_fields(path: Path, data: dict, spec: dict[str, type]) -> None:
         for part in name.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise DataError(path, f'field "{name}" is missing or not of type {kind.__name__} (got {value!r})')
+            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            raise DataError(path, f'field "{name}" is missing or not of type {names} (got {value!r})')
 
 
 def entry_name(name) -> bool:

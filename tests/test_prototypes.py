@@ -11,9 +11,11 @@ import pytest
 import torch
 from cli_helpers import as_json, build, clean_error, ok, run
 
+from heiindex import shards
+from heiindex.bench import run_bench
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions
-from heiindex.errors import HeiindexError
+from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import load_binary_index, stored_codes
 from heiindex.hashing import pack_codes
 from heiindex.index import Index
@@ -80,7 +82,7 @@ def test_the_bank_holds_every_training_caption_hashed_as_the_index_hashes_captio
 
 
 def test_codes_follow_the_formula_when_every_caption_is_scored(pipe, models, plain):
-    cfg = PrototypeConfig(k=4, weight=0.5, preselect=TRAIN_CAPTIONS)
+    cfg = PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS)  # asymmetric: a swapped mix would fail
     every = caption_bank(pipe.root, cfg, *models, block=100)
     got = describe_images(every, *models, plain.regions, plain.gram)
     scored = np.ones((plain.n_images, TRAIN_CAPTIONS), dtype=bool)
@@ -91,7 +93,7 @@ def test_codes_follow_the_formula_when_every_caption_is_scored(pipe, models, pla
 
 def test_only_the_hamming_nearest_captions_are_scored(pipe, models, plain):
     # preselect == k: the top k are the k Hamming-nearest captions, whatever the matcher says of them
-    cfg = PrototypeConfig(k=5, weight=0.5, preselect=5)
+    cfg = PrototypeConfig(k=5, weight=0.3, preselect=5)
     near_bank = caption_bank(pipe.root, cfg, *models)
     got = describe_images(near_bank, *models, plain.regions, plain.gram)
     dist = pf.hamming_by_hand(plain.image_codes(), near_bank.codes)
@@ -185,7 +187,8 @@ def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
     res = ok(build(pipe, out, "--prototypes", "train"))
     assert "image codes with train prototypes" in res.output
     entry = json.loads((out / "manifest.json").read_text())["prototypes"]
-    assert entry["split"] == "train" and entry == {**PrototypeConfig().to_dict(), **entry}
+    defaults = PrototypeConfig().to_dict()
+    assert {key: entry[key] for key in defaults} == defaults and defaults["split"] == "train"
     bench = as_json(run("bench", "--index", out, "--topk", "10", "--json"))
     assert bench["prototypes"] == entry
     assert as_json(run("bench", "--index", pipe.index_dir, "--topk", "10", "--json"))["prototypes"] is None
@@ -195,7 +198,15 @@ def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
 
 @pytest.mark.parametrize(
     "split, message",
-    [("test", "would describe its own images"), ("nope", "no such split in this store (it holds: dev, test, train)")],
+    [
+        (
+            "test",
+            "would describe its own images, and the bench measures with them; describe the images with the captions of a split other than test",
+        ),
+        ("./test", "would describe its own images"),  # the same folder by another name
+        ("nope", "prototypes split 'nope': "),
+        ("nope", "no such split in this store (it holds: dev, test, train)"),
+    ],
 )
 def test_cli_refuses_a_describing_split_it_cannot_use(pipe, tmp_path, split, message):
     clean_error(build(pipe, tmp_path / "x", "--prototypes", split), message)
@@ -212,3 +223,58 @@ def test_a_cuda_build_gives_about_the_cpu_codes(pipe, models, built, tmp_path):
     cpu = stored_codes(load_binary_index(built / "images.faiss"))
     bits = pf.hamming_by_hand(gpu, cpu).diagonal()
     assert (bits == 0).sum() >= 18 and bits.max() <= 8, bits
+
+
+def test_the_bench_searches_with_the_prototype_codes(built, plain):
+    # The two indexes differ only in images.faiss: a bench that hashed the stored images again
+    # would give the prototype build the plain build's image-to-text Hamming ranking.
+    proto, base = (run_bench(Index.open(p), topk=5, exhaustive=False) for p in (built, plain.path))
+    assert proto["prototypes"]["k"] == SMALL.k and base["prototypes"] is None
+    assert proto["i2t"]["hamming"] != base["i2t"]["hamming"]
+    assert proto["t2i"]["hamming"] != base["t2i"]["hamming"]
+
+
+def test_a_split_named_by_another_path_is_still_its_own(pipe, models, tmp_path):
+    with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
+        Index.write(pipe.root, "test", *models, tmp_path / "x", prototypes=PrototypeConfig(split="./test"))
+    with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
+        write_shards(pipe.root, "test", *models, tmp_path / "y", 2, prototypes=PrototypeConfig(split="test/"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_codes_read_for_a_milvus_search_are_checked(built, models, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shutil.copy(copy / "captions.faiss", copy / "images.faiss")  # 120 codes for 24 images
+    manifest = json.loads((copy / "manifest.json").read_text())
+    searched = (load_binary_index(built / "images.faiss"), load_binary_index(built / "captions.faiss"))
+    with pytest.raises(DataError, match=r"images\.faiss: holds 120 codes, but the index has 24 images"):
+        Index(copy, manifest, *models, code_indexes=searched)
+
+
+@pytest.mark.parametrize("field, value", [("prototypes", "train"), ("prototypes.k", 2.5), ("prototypes.weight", None)])
+def test_a_malformed_prototypes_record_is_named(built, tmp_path, field, value):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    with pf.edited_json(copy / "manifest.json") as m:
+        if "." in field:
+            m["prototypes"][field.split(".")[1]] = value
+        else:
+            m["prototypes"] = value
+    shown = field if "." in field else "prototypes.split"
+    with pytest.raises(DataError, match=f'field "{shown}" is missing or not of type'):
+        Index.open(copy)
+    clean_error(run("bench", "--index", copy, "--topk", "5"), "manifest.json", f'field "{shown}"')
+
+
+def test_a_sharded_build_checks_its_lists_before_hashing_captions(pipe, models, tmp_path, monkeypatch):
+    def not_yet(*_a, **_k):
+        raise AssertionError("the captions were hashed before --nlist was checked")
+
+    monkeypatch.setattr(shards, "caption_bank", not_yet)
+    with pytest.raises(HeiindexError, match="--nlist 10 exceeds the 8 images to index in its shard"):
+        write_shards(pipe.root, "test", *models, tmp_path / "s", 3, index_type="ivf", nlist=10, prototypes=SMALL)
