@@ -10,7 +10,14 @@ another ``Index.open`` on what it wrote; each reports its wall seconds and its o
 (``ru_maxrss``, after the imports, which are counted too). Ratios are this checkout's figures
 over each compared revision's, from the same run.
 
+``--bank-images N`` also ingests a ``train`` split of N images (random features as the test
+split's; only its captions are used: 5 N, COCO 5K's repeated) and measures a third step, ``Index.write``
+with prototype image codes described by those captions (``heiindex.prototypes``), this checkout
+only: what the captions cost beside a plain build (their tokens, codes and tanh outputs are
+kept; their words are encoded a block at a time).
+
     python benchmarks/build_memory.py [--images 5000] [--d 1024] [--compare e01e4fc] [--json FILE]
+    python benchmarks/build_memory.py --images 1000 --d 256 --bank-images 20000
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from provenance import REPO, checkout  # benchmarks/ is on sys.path when a scrip
 VOCAB = REPO / "data" / "coco-captions" / "coco_precomp_vocab.json"
 
 
-def prepare(work: Path, images: int, d: int) -> None:
+def prepare(work: Path, images: int, d: int, bank_images: int = 0) -> None:
     """Precomp split -> store; a random matcher and a hash module bound to it (in a child process)."""
     import torch
     from ingest_memory import write_split  # benchmarks/ is on sys.path when this script runs
@@ -46,6 +53,12 @@ def prepare(work: Path, images: int, d: int) -> None:
     write_split(work / "precomp", images, 36, 2048)
     ingest(work / "precomp", "test", work / "store", vocab=VOCAB)
     shutil.rmtree(work / "precomp")
+    if bank_images:  # the describing split: its captions matter, its images do not
+        write_split(work / "precomp", bank_images, 36, 2048)
+        for kind in ("ims.npy", "caps.txt"):
+            (work / "precomp" / f"test_{kind}").rename(work / "precomp" / f"train_{kind}")
+        ingest(work / "precomp", "train", work / "store", vocab=VOCAB)
+        shutil.rmtree(work / "precomp")
     torch.manual_seed(0)
     vocab = Vocab.load(VOCAB)
     save_model(ScanModel(ScanConfig(vocab_size=len(vocab), embed_size=d)), vocab, work / "model")
@@ -55,7 +68,7 @@ def prepare(work: Path, images: int, d: int) -> None:
         work / "hash",
         {"matcher_sha256": matcher.checksum},
     )
-    print(json.dumps({"captions": 5 * images, "d": d}))
+    print(json.dumps({"captions": 5 * images, "d": d, "bank_captions": 5 * bank_images}))
 
 
 def child(step: str, work: Path, out: Path) -> None:
@@ -64,8 +77,11 @@ def child(step: str, work: Path, out: Path) -> None:
     from heiindex.index import Index
 
     t0 = time.perf_counter()
-    if step == "write":
-        Index.write(work / "store", "test", work / "model", work / "hash", out)
+    if step in ("write", "write-proto"):
+        from heiindex.prototypes import PrototypeConfig
+
+        prototypes = PrototypeConfig(split="train") if step == "write-proto" else None
+        Index.write(work / "store", "test", work / "model", work / "hash", out, prototypes=prototypes)
         extra = {}
     else:
         index = Index.open(out)
@@ -104,11 +120,12 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], help="a git revision to measure beside this checkout")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed after")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--child", choices=["prepare", "write", "open"], help=argparse.SUPPRESS)
+    ap.add_argument("--bank-images", type=int, default=0, help="also measure a prototype build (see above)")
+    ap.add_argument("--child", choices=["prepare", "write", "write-proto", "open"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "prepare":
-        return prepare(args.workdir, args.images, args.d)
+        return prepare(args.workdir, args.images, args.d, args.bank_images)
     if args.child:
         return child(args.child, args.workdir, args.out)
 
@@ -117,7 +134,9 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         setup = run_child(
-            ["--child", "prepare", "--workdir", str(work), "--images", str(args.images), "--d", str(args.d)], None
+            ["--child", "prepare", "--workdir", str(work), "--images", str(args.images), "--d", str(args.d)]
+            + ["--bank-images", str(args.bank_images)],
+            None,
         )
         print(f"prepared {args.images} images, d = {args.d} in {time.perf_counter() - t0:.0f} s", flush=True)
         for rev in args.compare:
@@ -134,6 +153,9 @@ def main() -> None:
                 "write": run_child(["--child", "write", *base], tree),
                 "open": run_child(["--child", "open", *base], tree),
             }
+            if args.bank_images and tree is None:
+                shutil.rmtree(out)
+                results[name]["write-proto"] = run_child(["--child", "write-proto", *base], tree)
             print(name, json.dumps(results[name]), flush=True)
             shutil.rmtree(out)
         mine = results["this checkout"]
