@@ -11,7 +11,8 @@
 # Steps, most important first; each has its own time cap and the whole run stops starting new
 # steps after GPU_BUDGET_S seconds (default 470), so what finished always comes back:
 #   1. the CUDA tests (`pytest -k cuda`: float64 parity of every scorer on the GPU, the torch
-#      Hamming search against FAISS, Index / CLI answers on the GPU against the CPU's), and
+#      Hamming search against FAISS, Index / CLI answers on the GPU against the CPU's, prototype
+#      image codes built on the GPU against the CPU's), and
 #      tests/test_omp_threads.py (per-thread torch thread counts in the CUDA build);
 #   2. coco-sim test split (simulated image features; generated here, byte-identical to the
 #      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`, and
@@ -81,7 +82,7 @@ step() {
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; "$PY" -c 'import torch; print("torch", torch.__version__)'; } >>"$log" 2>&1
 
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda and not without" \
-    tests/test_attention.py tests/test_hamming.py tests/test_index.py tests/test_cli.py
+    tests/test_attention.py tests/test_hamming.py tests/test_index.py tests/test_cli.py tests/test_prototypes.py
 # the per-thread torch thread count (heiindex.omp_threads) with the CUDA build's OpenMP and MKL
 step omp-threads 30 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_omp_threads.py
 
