@@ -8,7 +8,6 @@ What this module must not do: train, encode with a model, or print (progress goe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from .store import (
     atomic_dir,
     check_store_root,
     file_record,
-    manifest_folders,
+    store_splits,
     write_captions,
     write_json,
 )
@@ -97,15 +96,15 @@ def resolve_vocab(
 
 
 def _other_splits(out_root: Path, split: str | None, read: Callable[[dict], T]) -> Iterator[tuple[Path, T]]:
-    """``(folder, read(its manifest))`` for each folder of ``out_root`` with a manifest, other than
-    ``split``'s, where ``read`` finds what it reads: other folders (an index kept here, an older
-    format) are not splits to judge."""
-    for other in manifest_folders(out_root) if out_root.is_dir() else []:
+    """``(folder, read(its manifest))`` for each store split of ``out_root`` other than ``split``,
+    where ``read`` finds what it reads: other folders (an index kept here, an older format) are
+    not splits to judge."""
+    for other, manifest in store_splits(out_root) if out_root.is_dir() else []:
         if other.name == split:
             continue
         try:
-            value = read(json.loads((other / MANIFEST_FILE).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
+            value = read(manifest)
+        except (ValueError, KeyError, TypeError):
             continue
         yield other, value
 

@@ -537,14 +537,20 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     check_fields(manifest_path, manifest, _STORE_FIELDS)
 
 
-def _split_named(folder: Path) -> str | None:
-    """The split a store split's manifest in ``folder`` names; None where there is none (an
-    index's manifest names a split too, but records no vocabulary)."""
+def store_split_manifest(folder: Path) -> dict | None:
+    """The manifest of the store split in ``folder``; None where there is none, it is not a JSON
+    object, or it records no vocabulary (an index's manifest names a split too, but no vocabulary)."""
     try:
         found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-        return found["split"] if "vocab" in found else None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) and "vocab" in found else None
+
+
+def store_splits(root: Path) -> list[tuple[Path, dict]]:
+    """``(folder, manifest)`` of each store split of the store root ``root``, by name (indexes
+    kept beside them and hidden leftovers are not splits)."""
+    return [(f, m) for f in manifest_folders(root) if (m := store_split_manifest(f)) is not None]
 
 
 class SplitStore:
@@ -576,10 +582,11 @@ class SplitStore:
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
         root = Path(root)
-        if not (root / split).exists() and (given := _split_named(root)) is not None:
-            raise DataError(root, f"is store split {given!r}, not a store root: give the folder that holds it")
+        if not (root / split).exists() and (given := store_split_manifest(root)) is not None:
+            name = given.get("split", root.name)
+            raise DataError(root, f"is store split {name!r}, not a store root: give the folder that holds it")
         if not (root / split).exists() and root.is_dir() and not (root / MANIFEST_FILE).exists():
-            held = [p.name for p in manifest_folders(root) if _split_named(p) is not None]
+            held = [p.name for p, _ in store_splits(root)]
             hint = (
                 f"; from a SCAN precomp folder that has it, `heiindex ingest --precomp DIR --split {split} --out {root}` "
                 "writes it"

@@ -22,6 +22,7 @@ from .store import (
     file_sha256,
     manifest_folders,
     read_json_object,
+    store_splits,
 )
 
 __all__ = ["FileCheck", "verify"]
@@ -116,15 +117,7 @@ def _shard_checks(build: Path, shard: str) -> list[FileCheck]:
 def _store_root(path: Path) -> bool:
     """A store root: known by its vocabulary, or (vocab.json may be the file lost) by a split's
     manifest, which records the vocabulary (an index's does not)."""
-    if (path / "vocab.json").is_file():
-        return True
-    for folder in manifest_folders(path):
-        try:
-            if "vocab" in read_json_object(folder / MANIFEST_FILE, ""):
-                return True
-        except DataError:
-            continue
-    return False
+    return (path / "vocab.json").is_file() or bool(store_splits(path))
 
 
 def _invalid(check, manifest_path: Path) -> list[FileCheck]:
