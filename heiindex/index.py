@@ -57,8 +57,8 @@ from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_ban
 from .search import (
     BatchSearch,
     EncodedQueries,
+    check_counts,
     check_queries,
-    check_query_counts,
     encode_queries,
     id_span,
     images_for_text,
@@ -526,17 +526,8 @@ class Index(BatchSearch):
         return self
 
     # -- queries ------------------------------------------------------------------------------
-    def _check_n(self, candidates: int, k: int, n_items: int, what: str) -> tuple[int, int]:
-        """``candidates`` and ``k`` as ints, checked against this index's ``n_items``."""
-        candidates, k = check_query_counts(candidates, k)
-        if candidates > n_items:
-            raise HeiindexError(f"--candidates {candidates} is larger than the {n_items} {what} in this index")
-        if k > candidates:
-            raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
-        return candidates, k
-
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
-        candidates, k = self._check_n(candidates, k, self.n_images, "images")
+        candidates, k = check_counts(candidates, k, [self.n_images], "images")
         encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -570,7 +561,7 @@ class Index(BatchSearch):
         ]
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
-        candidates, k = self._check_n(candidates, k, self.n_captions, "captions")
+        candidates, k = check_counts(candidates, k, [self.n_captions], "captions")
         rows = self.image_rows(image_ids)
         refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [self.image_span])
         return self._image_batches(image_ids, rows, k, candidates, batch)

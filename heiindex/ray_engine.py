@@ -34,11 +34,10 @@ from pathlib import Path
 from .errors import HeiindexError
 from .index import Hit, SearchResult
 from .index_manifest import read_sharded_manifest
-from .search import BatchSearch, refuse_queries
+from .search import BatchSearch, check_counts, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
-    check_counts,
     locate_images,
     shard_search_regions,
     shard_search_text,

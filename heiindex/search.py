@@ -232,6 +232,21 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     return int(candidates), int(k)
 
 
+def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:
+    """N and k of a query over an index of one or more shards of ``sizes`` items, as ints: N at
+    most the items (each shard returns up to N, capped at its size), k at most the candidates
+    the shards return together."""
+    candidates, k = check_query_counts(candidates, k)
+    if candidates > sum(sizes):
+        raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
+    if len(sizes) == 1 and k > candidates:
+        raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
+    pooled = pooled_candidates(candidates, sizes)
+    if k > pooled:
+        raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
+    return candidates, k
+
+
 def check_image_ids(image_ids: Sequence[int], batch: int) -> list[int]:
     """The ids of a ``search_images`` as ints (a numpy integer is one; a bool, "3" or 3.0 is not)."""
     if isinstance(image_ids, str | bytes) or not isinstance(image_ids, Iterable):

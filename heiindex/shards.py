@@ -52,10 +52,9 @@ from .search import (
     DEFAULT_CANDIDATES,
     BatchSearch,
     EncodedQueries,
+    check_counts,
     check_queries,
-    check_query_counts,
     encode_queries,
-    pooled_candidates,
     refuse_unknown_images,
 )
 from .settings import require
@@ -66,7 +65,6 @@ __all__ = [
     "ShardedIndex",
     "batch_results",
     "build_shards",
-    "check_counts",
     "locate_images",
     "merge_hits",
     "run_sharded_bench",
@@ -326,17 +324,6 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, c
     (``Index.image_features``)."""
     n = min(candidates, shard.n_captions)
     return shard.search_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
-
-
-def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:
-    """N and k over shards, as ints: N per shard (capped at each shard's size), k over the merge."""
-    candidates, k = check_query_counts(candidates, k)
-    if candidates > sum(sizes):
-        raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
-    pooled = pooled_candidates(candidates, sizes)
-    if k > pooled:
-        raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
-    return candidates, k
 
 
 # ---------------------------------------------------------------------------------------------
