@@ -333,6 +333,8 @@ class Index(BatchSearch):
         matcher, hasher = load_bound_models(matcher, hasher)
         store = SplitStore.open(store_root, split)
         matcher.check_store(store)
+        if prototypes is not None:  # by folder, before the describing captions are read
+            check_describing_split(prototypes, split, store)
         if captions is not None and captions.source != store.manifest["captions"]["sha256"]:
             raise HeiindexError(
                 f"the captions given ({len(captions)}) are not all the captions of store {store.path} "
@@ -357,8 +359,6 @@ class Index(BatchSearch):
         check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
-        if prototypes is not None:
-            check_describing_split(prototypes, split, store)
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
@@ -527,7 +527,7 @@ class Index(BatchSearch):
 
     # -- queries ------------------------------------------------------------------------------
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
-        candidates, k = check_counts(candidates, k, [self.n_images], "images")
+        candidates, k = check_counts(candidates, k, [self.n_images], "images", sharded=False)
         encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -561,7 +561,7 @@ class Index(BatchSearch):
         ]
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
-        candidates, k = check_counts(candidates, k, [self.n_captions], "captions")
+        candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
         rows = self.image_rows(image_ids)
         refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [self.image_span])
         return self._image_batches(image_ids, rows, k, candidates, batch)

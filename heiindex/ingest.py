@@ -29,7 +29,8 @@ from .store import (
     atomic_dir,
     check_store_root,
     file_record,
-    store_splits,
+    manifest_folders,
+    manifest_object,
     write_captions,
     write_json,
 )
@@ -96,11 +97,11 @@ def resolve_vocab(
 
 
 def _other_splits(out_root: Path, split: str | None, read: Callable[[dict], T]) -> Iterator[tuple[Path, T]]:
-    """``(folder, read(its manifest))`` for each store split of ``out_root`` other than ``split``,
-    where ``read`` finds what it reads: other folders (an index kept here, an older format) are
-    not splits to judge."""
-    for other, manifest in store_splits(out_root) if out_root.is_dir() else []:
-        if other.name == split:
+    """``(folder, read(its manifest))`` for each folder of ``out_root`` with a manifest, other than
+    ``split``'s, where ``read`` finds what it reads: other folders (an index kept here, an older
+    format) are not splits to judge."""
+    for other in manifest_folders(out_root) if out_root.is_dir() else []:
+        if other.name == split or (manifest := manifest_object(other)) is None:
             continue
         try:
             value = read(manifest)

@@ -130,8 +130,10 @@ def caption_bank(
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
     order = np.argsort(captions.lengths, kind="stable")
-    # int32 token ids (half the store's int64): with the codes and tanh outputs, what is kept
-    tokens, lengths = captions.tokens[order].astype(np.int32), np.asarray(captions.lengths[order], dtype=np.int64)
+    # int32 token ids (half the store's int64): with the codes and tanh outputs, what is kept;
+    # narrowed before the reordering copy, so that no second int64 array is made
+    tokens = captions.tokens.astype(np.int32)[order]
+    lengths = np.asarray(captions.lengths[order], dtype=np.int64)
     del captions  # texts and ids are not needed
     module, bits = hasher.module, hasher.module.config.bits
     codes = np.empty((len(lengths), bits // 8), np.uint8)
@@ -155,11 +157,15 @@ def caption_bank(
 def check_describing_split(prototypes: PrototypeConfig | CaptionBank, split: str, store: SplitStore | None = None):
     """Refuse to describe a split's images with its own captions: they are what the bench
     measures with, and candidate recall would count them twice. Compared by name, and where
-    ``store`` (the split indexed) and a bank are given, by folder (a name such as ``./test``)."""
-    describing = prototypes.split if isinstance(prototypes, PrototypeConfig) else prototypes.config.split
-    same = describing == split
-    if store is not None and isinstance(prototypes, CaptionBank):
-        same = same or prototypes.store.path.resolve() == store.path.resolve()
+    ``store`` (the split indexed, in the same store root) is given, by folder (a name such as
+    ``./test``), before any caption is read."""
+    config = prototypes if isinstance(prototypes, PrototypeConfig) else prototypes.config
+    same = config.split == split
+    if store is not None:
+        folder = (
+            (store.path.parent / config.split) if isinstance(prototypes, PrototypeConfig) else prototypes.store.path
+        )
+        same = same or folder.resolve() == store.path.resolve()
     if same:
         raise HeiindexError(
             f"prototypes: the captions of {split} would describe its own images, and the bench measures with "

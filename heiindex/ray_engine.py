@@ -257,7 +257,7 @@ class RayShardedIndex(BatchSearch):
         actors as they search them, here and now (no extra round trip; a refusal is raised by this
         call, as in process); more batches, or a ``where`` to name them by, are checked by one actor
         first, and searched as the results are read."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images", sharded=True)
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
             refuse_queries(problems, len(texts), where)
@@ -279,7 +279,7 @@ class RayShardedIndex(BatchSearch):
         import numpy as np
 
         t0 = time.perf_counter()
-        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions", sharded=True)
         if not image_ids:
             return iter([])
         one_batch = len(image_ids) <= batch

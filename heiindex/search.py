@@ -232,14 +232,14 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     return int(candidates), int(k)
 
 
-def check_counts(candidates: int, k: int, sizes: list[int], what: str) -> tuple[int, int]:
-    """N and k of a query over an index of one or more shards of ``sizes`` items, as ints: N at
-    most the items (each shard returns up to N, capped at its size), k at most the candidates
-    the shards return together."""
+def check_counts(candidates: int, k: int, sizes: list[int], what: str, sharded: bool) -> tuple[int, int]:
+    """N and k of a query over an index (``sizes``: its item count) or a sharded build (its
+    shards' item counts), as ints: N at most the items (each shard returns up to N, capped at
+    its size), k at most the candidates the shards return together."""
     candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
         raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
-    if len(sizes) == 1 and k > candidates:
+    if not sharded and k > candidates:
         raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
     pooled = pooled_candidates(candidates, sizes)
     if k > pooled:

@@ -111,14 +111,13 @@ def write_shards(
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         for a, b in bounds:  # what each shard's Index.write checks first, before the captions are hashed
             check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
-        check_describing_split(prototypes, split)
+        check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         dev = resolve_device(device)
         if dev.type == "cuda":
             set_precision("float32")  # as Index.write encodes
         matcher.model.eval().to(dev)
         hasher.module.to(dev)
         prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)
-        check_describing_split(prototypes, split, store)
     out = Path(out)
     entries, manifests = [], []
     with atomic_dir(out, *INDEX_OUTPUT) as tmp:
@@ -248,7 +247,7 @@ class ShardedIndex(BatchSearch):
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Each batch is encoded once and searched by every shard (its own Hamming top-``candidates``,
         at most its size), the shards' hits merged by score."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images", sharded=True)
         encoded = check_queries(self.shards[0].matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -262,7 +261,7 @@ class ShardedIndex(BatchSearch):
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         """Each image's features come from its own shard; every shard searches and re-ranks its own
         captions for a batch of images at once, the results are merged by score."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions")
+        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions", sharded=True)
         shard_of, rows = locate_images(
             image_ids, [s.image_rows(image_ids) for s in self.shards], [s.image_span for s in self.shards]
         )

@@ -537,14 +537,21 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     check_fields(manifest_path, manifest, _STORE_FIELDS)
 
 
-def store_split_manifest(folder: Path) -> dict | None:
-    """The manifest of the store split in ``folder``; None where there is none, it is not a JSON
-    object, or it records no vocabulary (an index's manifest names a split too, but no vocabulary)."""
+def manifest_object(folder: Path) -> dict | None:
+    """The manifest in ``folder`` where it is a JSON object, else None."""
     try:
         found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return found if isinstance(found, dict) and "vocab" in found else None
+    return found if isinstance(found, dict) else None
+
+
+def store_split_manifest(folder: Path) -> dict | None:
+    """The manifest of the store split in ``folder``; None where there is none, it is not a JSON
+    object, or it names no split or records no vocabulary (an index's manifest names a split too,
+    but no vocabulary)."""
+    found = manifest_object(folder)
+    return found if found is not None and "vocab" in found and isinstance(found.get("split"), str) else None
 
 
 def store_splits(root: Path) -> list[tuple[Path, dict]]:
@@ -583,8 +590,7 @@ class SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
         root = Path(root)
         if not (root / split).exists() and (given := store_split_manifest(root)) is not None:
-            name = given.get("split", root.name)
-            raise DataError(root, f"is store split {name!r}, not a store root: give the folder that holds it")
+            raise DataError(root, f"is store split {given['split']!r}, not a store root: give the folder that holds it")
         if not (root / split).exists() and root.is_dir() and not (root / MANIFEST_FILE).exists():
             held = [p.name for p, _ in store_splits(root)]
             hint = (

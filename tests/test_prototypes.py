@@ -76,6 +76,7 @@ def test_the_bank_holds_every_training_caption_hashed_as_the_index_hashes_captio
     with torch.no_grad():
         pre = hasher.module.text_hash(hasher.module.pool_captions(words, lengths))
     torch.testing.assert_close(bank.outputs, torch.tanh(pre))
+    assert bank.tokens.dtype == np.int32  # half the store's int64, as the memory figures assume
     entry = bank.manifest_entry()
     assert entry == {"split": "train", "k": 3, "weight": 0.6, "preselect": 40, "captions": TRAIN_CAPTIONS,
                      "store_checksum": bank.store.checksum}  # fmt: skip
@@ -278,3 +279,35 @@ def test_a_sharded_build_checks_its_lists_before_hashing_captions(pipe, models, 
     monkeypatch.setattr(shards, "caption_bank", not_yet)
     with pytest.raises(HeiindexError, match="--nlist 10 exceeds the 8 images to index in its shard"):
         write_shards(pipe.root, "test", *models, tmp_path / "s", 3, index_type="ivf", nlist=10, prototypes=SMALL)
+
+
+def test_the_record_names_the_split_as_the_store_does(pipe, models, tmp_path):
+    m = Index.write(
+        pipe.root, "test", *models, tmp_path / "x", prototypes=PrototypeConfig(split="./train", k=2, preselect=4)
+    )
+    assert m["prototypes"]["split"] == "train"
+
+
+def test_the_own_folder_is_refused_before_any_caption_is_hashed(pipe, models, tmp_path, monkeypatch):
+    import heiindex.index
+
+    def not_yet(*_a, **_k):
+        raise AssertionError("the captions were hashed before the folder was compared")
+
+    monkeypatch.setattr(heiindex.index, "caption_bank", not_yet)
+    monkeypatch.setattr(shards, "caption_bank", not_yet)
+    with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
+        Index.write(pipe.root, "test", *models, tmp_path / "x", prototypes=PrototypeConfig(split="./test"))
+    with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
+        write_shards(pipe.root, "test", *models, tmp_path / "y", 2, prototypes=PrototypeConfig(split="test/"))
+
+
+def test_a_sharded_build_with_a_malformed_record_is_named(pipe, models, tmp_path):
+    from heiindex.shards import ShardedIndex
+
+    out = tmp_path / "sharded"
+    write_shards(pipe.root, "test", *models, out, 2, index_type="flat", prototypes=SMALL)
+    with pf.edited_json(out / "manifest.json") as m:
+        m["prototypes"]["preselect"] = "300"
+    with pytest.raises(DataError, match='field "prototypes.preselect" is missing or not of type int'):
+        ShardedIndex.open(out)

@@ -400,3 +400,10 @@ def test_each_shard_manifest_records_its_store_rows(sharded):
         for e in sharded.manifest["shards"]
     ]
     assert got == [[0, 8], [8, 16], [16, 24]]
+
+
+def test_one_shard_names_k_against_what_the_shards_return(pipe, tmp_path):
+    # A build of one shard is still a sharded build: its k message is the shards', as with more.
+    one = build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", 1, index_type="flat")
+    with pytest.raises(HeiindexError, match="--k 6 is larger than the 5 candidates the shards return together"):
+        one.search("a dog", k=6, candidates=5)

@@ -669,3 +669,21 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"foo: no such split in this store \(it holds: none\)$"):
         SplitStore.open(tmp_path / "empty", "foo")
+
+
+@pytest.mark.parametrize("split", [None, "absent"])
+def test_a_manifest_without_a_split_name_is_not_a_store_split(pipe, tmp_path, split):
+    # A manifest that records a vocabulary but names no split (missing or null) makes its folder
+    # neither a split to list nor a split given for the root.
+    root = tmp_path / "store"
+    shutil.copytree(pipe.root, root)
+    with pf.edited_json(root / "dev" / "manifest.json") as m:
+        if split is None:
+            m["split"] = None
+        else:
+            del m["split"]
+    with pytest.raises(DataError, match=r"no such split in this store \(it holds: test, train\)"):
+        SplitStore.open(root, "nope")
+    with pytest.raises(DataError) as err:
+        SplitStore.open(root / "dev", "x")
+    assert "is store split" not in str(err.value)
