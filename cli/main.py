@@ -432,6 +432,16 @@ def evaluate(model_dir, store, split, as_json) -> None:
     help="Give each image a code made partly of the codes of SPLIT's captions (such as train) that the "
     "matcher ranks highest for it: better Hamming candidates for new images (README, 'Prototype image codes').",
 )
+@click.option("--prototype-k", type=int, default=None, help="With --prototypes: captions averaged per image [10].")
+@click.option(
+    "--prototype-weight", type=float, default=None, help="With --prototypes: the share of the image's own code [0.7]."
+)
+@click.option(
+    "--prototype-preselect",
+    type=int,
+    default=None,
+    help="With --prototypes: Hamming-nearest captions the matcher scores per image [300].",
+)
 @codes_option
 @uri_option
 @click.option("--milvus-index", type=click.Choice(["BIN_FLAT", "BIN_IVF_FLAT"]), default="BIN_FLAT", show_default=True)
@@ -448,6 +458,9 @@ def build(
     device,
     shards,
     prototype_split,
+    prototype_k,
+    prototype_weight,
+    prototype_preselect,
     codes,
     uri,
     milvus_index,
@@ -465,10 +478,13 @@ def build(
     if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
         raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
     prototypes = None
+    tuning = {"k": prototype_k, "weight": prototype_weight, "preselect": prototype_preselect}
+    if prototype_split is None and (given := _given("prototype_k", "prototype_weight", "prototype_preselect")):
+        raise click.UsageError(f"{given[0].opts[0]} tunes the codes of --prototypes SPLIT; give --prototypes too")
     if prototype_split is not None:
         from heiindex.prototypes import PrototypeConfig, check_describing_split
 
-        prototypes = PrototypeConfig(split=prototype_split)
+        prototypes = PrototypeConfig(split=prototype_split, **{f: v for f, v in tuning.items() if v is not None})
         check_describing_split(prototypes, split)  # before coco-sim may be generated
     root = _store_root(store)
     out = out or dd.default_index_dir(split)

@@ -71,14 +71,14 @@ class PrototypeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.split, str) or not self.split:
             raise HeiindexError(f"prototypes: split must name a store split, got {self.split!r}")
-        require("prototype k", self.k, at_least=1, integer=True)
-        require("prototype preselect", self.preselect, at_least=1, integer=True)
+        require("prototype_k", self.k, at_least=1, integer=True)
+        require("prototype_preselect", self.preselect, at_least=1, integer=True)
         if self.preselect < self.k:
             raise HeiindexError(
                 f"prototypes: preselect ({self.preselect}) must be at least k ({self.k}): "
                 "the top k captions are chosen among the preselected ones"
             )
-        weight = require("prototype weight", self.weight, at_least=0.0)
+        weight = require("prototype_weight", self.weight, at_least=0.0)
         if not weight < 1.0:
             raise HeiindexError(
                 f"prototypes: weight must be below 1 (1 keeps each image's own code: build without prototypes), "

@@ -165,10 +165,10 @@ def test_shards_get_the_codes_of_the_unsharded_build(pipe, models, built, tmp_pa
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, "prototype k"),
+        ({"k": 0}, "prototype_k must be"),
         ({"k": 5, "preselect": 4}, "preselect (4) must be at least k (5)"),
         ({"weight": 1.0}, "weight must be below 1"),
-        ({"weight": -0.1}, "prototype weight"),
+        ({"weight": -0.1}, "prototype_weight must be"),
         ({"split": ""}, "split must name a store split"),
     ],
 )
@@ -311,3 +311,32 @@ def test_a_sharded_build_with_a_malformed_record_is_named(pipe, models, tmp_path
         m["prototypes"]["preselect"] = "300"
     with pytest.raises(DataError, match='field "prototypes.preselect" is missing or not of type int'):
         ShardedIndex.open(out)
+
+
+def test_cli_tunes_the_prototypes(pipe, built, tmp_path):
+    out = tmp_path / "tuned"
+    ok(build(pipe, out, "--prototypes", "train", "--prototype-k", "3", "--prototype-weight", "0.6",
+             "--prototype-preselect", "40"))  # fmt: skip
+    entry = json.loads((out / "manifest.json").read_text())["prototypes"]
+    assert (entry["k"], entry["weight"], entry["preselect"]) == (SMALL.k, SMALL.weight, SMALL.preselect)
+    # the library's build with the same settings wrote the same codes
+    np.testing.assert_array_equal(
+        stored_codes(load_binary_index(out / "images.faiss")), stored_codes(load_binary_index(built / "images.faiss"))
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prototypes", "train", "--prototype-k", "0"], "--prototype-k must be a whole number, at least 1, got 0"),
+        (["--prototypes", "train", "--prototype-weight", "1"], "weight must be below 1"),
+        (
+            ["--prototypes", "train", "--prototype-k", "50", "--prototype-preselect", "40"],
+            "preselect (40) must be at least k (50)",
+        ),
+        (["--prototype-k", "3"], "--prototype-k tunes the codes of --prototypes SPLIT; give --prototypes too"),
+    ],
+)
+def test_cli_refuses_bad_tuning(pipe, tmp_path, args, message):
+    clean_error(build(pipe, tmp_path / "x", *args), message)
+    assert not (tmp_path / "x").exists()
