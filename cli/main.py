@@ -536,10 +536,24 @@ def _check_engine_options(engine: str, *local: str) -> None:
         )
 
 
-def _ray_index(index_dir: Path | None, address: str | None, threads: int, detached: bool = False):
+def _ray_index(
+    index_dir: Path | None,
+    address: str | None,
+    threads: int,
+    detached: bool = False,
+    model_dir: Path | None = None,
+    hash_dir: Path | None = None,
+):
     from heiindex.ray_engine import RayShardedIndex
 
-    return RayShardedIndex(_index_path(index_dir), address=address, threads=threads, detached=detached)
+    return RayShardedIndex(
+        _index_path(index_dir),
+        address=address,
+        threads=threads,
+        detached=detached,
+        model_dir=model_dir,
+        hash_dir=hash_dir,
+    )
 
 
 def _open_index(
@@ -635,9 +649,9 @@ def query(
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
-    _check_engine_options(engine, "model_dir", "hash_dir", "device", "dtype", "codes", "uri")
+    _check_engine_options(engine, "device", "dtype", "codes", "uri")
     if engine == "ray":
-        index = _ray_index(index_dir, address, threads)
+        index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
     candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
@@ -765,7 +779,7 @@ def bench(
         from heiindex.plot import check_plot_path
 
         check_plot_path(plot)
-    _check_engine_options(engine, "model_dir", "hash_dir", "device", "dtype")
+    _check_engine_options(engine, "device", "dtype")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
@@ -779,7 +793,7 @@ def bench(
 
         require_matplotlib()
     if engine == "ray":
-        index = _ray_index(index_dir, address, threads)
+        index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
     from heiindex.bench import run_bench
@@ -846,17 +860,21 @@ def _sweep_values(text: str) -> list[int]:
 @click.option("--address", default="auto", show_default=True, help="The running Ray cluster (ray start --head).")
 @threads_option
 @click.option("--stop", is_flag=True, help="Stop the actors serving this index instead.")
+@model_option("Matcher folder for the actors, where the build's has moved (the same path on every node).")
+@hash_option("Hash module folder for the actors, where the build's has moved (the same path on every node).")
 @handle_errors
-def serve(index_dir, engine, address, threads, stop) -> None:
+def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> None:
     """Serve a sharded build on a Ray cluster: one detached actor per shard, found by name by
     later `heiindex query --engine ray --address ...` calls."""
     if stop:
         from heiindex.ray_engine import stop_served
 
+        if given := _given("model_dir", "hash_dir"):
+            raise click.UsageError(f"{given[0].opts[0]}: not used with --stop")
         n = stop_served(_index_path(index_dir), address)
         click.echo(f"stopped {n} shard actors")
         return
-    index = _ray_index(index_dir, address, threads, detached=True)
+    index = _ray_index(index_dir, address, threads, detached=True, model_dir=model_dir, hash_dir=hash_dir)
     for i, info in enumerate(index.infos):
         click.echo(f"shard {i}: actor {index.actor_name(i)} (pid {info['pid']}, {info['n_images']} images)")
     click.echo(f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --address {address}")

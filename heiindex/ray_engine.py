@@ -59,18 +59,29 @@ def _ray():
 class _ShardServer:
     """One shard in one process (the body of the Ray actor)."""
 
-    def __init__(self, shard_path: str, threads: int) -> None:
+    def __init__(
+        self, shard_path: str, threads: int, model_dir: str | None = None, hash_dir: str | None = None
+    ) -> None:
         import torch
 
         from .index import Index
 
         torch.set_num_threads(threads)
-        self.index = Index.open(shard_path)
         self.pid = os.getpid()
+        # A refusal here (models moved, a damaged file) is kept for ``info``, the driver's first
+        # call: raised from the constructor, it reads on the driver as "the actor died", and Ray
+        # would start it again and again.
+        self.refused: HeiindexError | None = None
+        try:
+            self.index = Index.open(shard_path, model_dir, hash_dir)
+        except HeiindexError as exc:
+            self.index, self.refused = None, exc
 
     def info(self) -> dict:
         import torch
 
+        if self.refused is not None:
+            raise self.refused
         return {
             "pid": self.pid,
             "threads": torch.get_num_threads(),
@@ -146,6 +157,9 @@ class RayShardedIndex(BatchSearch):
     this process. ``threads``: torch threads per actor (default: this process's count, so that
     products are summed in the same order and scores match in-process ones to the last bit). ``detached``: actors outlive this driver
     (``heiindex serve``); later drivers with the same index path find them by name.
+    ``model_dir`` / ``hash_dir``: the matcher and hash module folders for every actor to open
+    where the ones the build recorded have moved (the same path on every node); they must be
+    the recorded ones by checksum. Actors already serving the index keep what they opened.
     """
 
     def __init__(
@@ -156,6 +170,8 @@ class RayShardedIndex(BatchSearch):
         detached: bool = False,
         max_restarts: int = 3,
         start_timeout: float = 300.0,
+        model_dir: str | Path | None = None,
+        hash_dir: str | Path | None = None,
     ) -> None:
         import torch
 
@@ -178,11 +194,19 @@ class RayShardedIndex(BatchSearch):
         }
         if detached:
             options["lifetime"] = "detached"
+        # Folders for the actors to open, absolute: an actor's working directory is not this one's.
+        models = [None if f is None else str(Path(f).resolve()) for f in (model_dir, hash_dir)]
         self.actors = [
-            actor_cls.options(name=self.actor_name(i), **options).remote(str(self.path / e["path"]), threads)
+            actor_cls.options(name=self.actor_name(i), **options).remote(str(self.path / e["path"]), threads, *models)
             for i, e in enumerate(self.manifest["shards"])
         ]
-        self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
+        try:
+            self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
+        except HeiindexError:  # a shard refused to open: its actors serve nothing, and would be found again by name
+            for actor in self.actors:
+                ray.kill(actor)
+            _wait_unnamed(ray, [self.actor_name(i) for i in range(len(self.actors))])
+            raise
 
     def actor_name(self, i: int) -> str:
         return _actor_name(self.path, i)
@@ -342,6 +366,19 @@ class RayShardedIndex(BatchSearch):
             [a.search_regions.remote(regions, gram, k, candidates, codes) for a in self.actors], "the image query"
         )
         yield from batch_results(image_ids, replies, None, k, t0)
+
+
+def _wait_unnamed(ray, names: list[str], timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` s) until no actor holds ``names``: a killed actor keeps its name
+    until Ray has ended it, and a driver started at once would be handed the dying one."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.05)
 
 
 def _settle(futures: list) -> None:

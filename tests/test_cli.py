@@ -581,7 +581,6 @@ def test_query_errors(pipe, args, detail):
         ("query", ["a dog", "--engine", "ray", "--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--engine", "ray", "--device", "cuda"], "--device: not used with --engine ray"),
         ("query", ["a dog", "--engine", "ray", "--codes", "faiss"], "--codes: not used with --engine ray"),
-        ("query", ["a dog", "--engine", "ray", "--model", "m", "--hash", "h"], "--model, --hash: not used with"),
     ],
 )
 def test_options_that_would_go_unused_are_refused(pipe, monkeypatch, command, args, detail):

@@ -9,9 +9,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import pipeline_fixtures as pf  # noqa: E402
 from cli_helpers import as_json, clean_error, ok, run  # noqa: E402
 
-from heiindex.errors import HeiindexError  # noqa: E402
+from heiindex.errors import DataError, HeiindexError  # noqa: E402
 from heiindex.ray_engine import RayShardedIndex  # noqa: E402
 from heiindex.shards import build_shards  # noqa: E402
 
@@ -285,3 +286,32 @@ def test_an_address_nothing_answers_on_fails_fast():
         s.listen()
         _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
     _check_reachable("auto")
+
+
+def _with_moved_models(sharded, tmp_path):
+    """A copy of the sharded build whose manifests record matcher and hash folders that are gone."""
+    import shutil
+
+    copy = tmp_path / "moved"
+    shutil.copytree(sharded.path, copy)
+    for manifest in [copy / "manifest.json", *sorted(copy.glob("shard-*/manifest.json"))]:
+        with pf.edited_json(manifest) as m:
+            m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    return copy
+
+
+def test_moved_models_are_named_and_can_be_given(local_ray, sharded, pipe, tmp_path):
+    copy = _with_moved_models(sharded, tmp_path)
+    # The actors' refusal comes back as theirs (it used to read "its actor died"), and fast.
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="records its matcher at .*gone-model.*give the folder with --model DIR"):
+        RayShardedIndex(copy, threads=1)
+    assert time.perf_counter() - t0 < 60
+    moved = RayShardedIndex(copy, threads=1, model_dir=pipe.model_dir, hash_dir=pipe.hash_dir)
+    for text in QUERIES:
+        assert _items(moved.search(text, 5, 4)) == _items(sharded.search(text, 5, 4))
+    got = as_json(
+        run("query", "a dog", "--index", copy, "--engine", "ray", "--model", pipe.model_dir, "--hash", pipe.hash_dir,
+            "--candidates", "6", "--json")
+    )  # fmt: skip
+    assert got == sharded.search("a dog", 10, 6).to_dict()
