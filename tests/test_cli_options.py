@@ -3,6 +3,7 @@ wrong: each command's library call is replaced by a spy, so these run in well un
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,8 +31,8 @@ def _spy_ray(monkeypatch, got: dict):
     """``RayShardedIndex`` replaced by a recorder of what it was given."""
     import heiindex.ray_engine
 
-    def fake(path, address=None, threads=None, detached=False):
-        got.update(path=path, address=address, threads=threads, detached=detached)
+    def fake(path, address=None, threads=None, detached=False, model_dir=None, hash_dir=None):
+        got.update(path=path, address=address, threads=threads, detached=detached, models=(model_dir, hash_dir))
         return SimpleNamespace(
             path=path,
             infos=[{"pid": 11, "n_images": 12}],
@@ -57,6 +58,12 @@ def test_query_and_bench_on_ray_pass_address_and_threads_to_the_actors(pipe, mon
     monkeypatch.setattr(heiindex.shards, "run_sharded_bench", lambda index, topk: {"topk": topk})
     assert as_json(run("bench", "--topk", "7", *ray, "--json")) == {"topk": 7}
     assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
+    assert got["models"] == (None, None)
+    # moved models: the folders go to the actors
+    for command in (("query", "a dog"), ("bench", "--topk", "7")):
+        got.clear()
+        ok(run(*command, *ray, "--model", "/m", "--hash", "/h", "--json"))
+        assert got["models"] == (Path("/m"), Path("/h"))
 
 
 def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(pipe, monkeypatch):
@@ -66,14 +73,15 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
 
     got: dict = {}
     _spy_ray(monkeypatch, got)
-    r = ok(run("serve", "--index", pipe.index_dir))
-    assert (got["address"], got["detached"]) == ("auto", True)
+    r = ok(run("serve", "--index", pipe.index_dir, "--model", "/m", "--hash", "/h"))
+    assert (got["address"], got["detached"], got["models"]) == ("auto", True, (Path("/m"), Path("/h")))
     assert "shard 0: actor actor-0 (pid 11, 12 images)" in r.output
     assert "on Ray at auto; stop with: heiindex serve --stop --address auto" in r.output
     stopped: dict = {}
     monkeypatch.setattr(heiindex.ray_engine, "stop_served", lambda path, address: stopped.update(address=address) or 2)
     r = ok(run("serve", "--stop", "--index", pipe.index_dir, "--address", "10.0.0.1:6379"))
     assert stopped == {"address": "10.0.0.1:6379"} and "stopped 2 shard actors" in r.output
+    clean_error(run("serve", "--stop", "--index", pipe.index_dir, "--model", "/m"), "--model: not used with --stop")
 
 
 @pytest.mark.parametrize(
