@@ -57,7 +57,6 @@ from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_ban
 from .search import (
     BatchSearch,
     EncodedQueries,
-    check_counts,
     check_queries,
     encode_queries,
     id_span,
@@ -527,7 +526,6 @@ class Index(BatchSearch):
 
     # -- queries ------------------------------------------------------------------------------
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
-        candidates, k = check_counts(candidates, k, [self.n_images], "images", sharded=False)
         encoded = check_queries(self.matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -561,7 +559,6 @@ class Index(BatchSearch):
         ]
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
-        candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
         rows = self.image_rows(image_ids)
         refuse_unknown_images([i for i, r in zip(image_ids, rows, strict=True) if r < 0], len(rows), [self.image_span])
         return self._image_batches(image_ids, rows, k, candidates, batch)

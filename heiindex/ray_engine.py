@@ -34,7 +34,7 @@ from pathlib import Path
 from .errors import HeiindexError
 from .index import Hit, SearchResult
 from .index_manifest import read_sharded_manifest
-from .search import BatchSearch, check_counts, refuse_queries
+from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
@@ -162,6 +162,8 @@ class RayShardedIndex(BatchSearch):
     the recorded ones by checksum. Actors already serving the index keep what they opened.
     """
 
+    sharded = True
+
     def __init__(
         self,
         path: str | Path,
@@ -281,7 +283,6 @@ class RayShardedIndex(BatchSearch):
         actors as they search them, here and now (no extra round trip; a refusal is raised by this
         call, as in process); more batches, or a ``where`` to name them by, are checked by one actor
         first, and searched as the results are read."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images", sharded=True)
         if len(texts) > batch or where is not None:
             problems = self._gather([self.actors[0].query_problems.remote(texts)], "the query check")[0]
             refuse_queries(problems, len(texts), where)
@@ -303,7 +304,6 @@ class RayShardedIndex(BatchSearch):
         import numpy as np
 
         t0 = time.perf_counter()
-        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions", sharded=True)
         if not image_ids:
             return iter([])
         one_batch = len(image_ids) <= batch

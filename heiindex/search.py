@@ -73,7 +73,10 @@ class BatchSearch:
     text) for ``Index``, ``ShardedIndex`` and ``RayShardedIndex``, one query being a batch of one.
     Each class implements ``_search_texts(texts, k, candidates, batch, where)`` and
     ``_search_images(ids, k, candidates, batch)``, which check everything at once (raising before
-    any search) and return the generator of results."""
+    any search) and return the generator of results; N and k reach them checked
+    (``check_counts``, over ``shard_sizes``). ``sharded``: a sharded build, however many shards."""
+
+    sharded = False
 
     def search(self, text: str, k: int | None = None, candidates: int | None = None) -> SearchResult:
         """Images for a caption: Hamming top-``candidates``, re-ranked by the matcher, top ``k``
@@ -95,7 +98,9 @@ class BatchSearch:
         is searched: empty or all-unknown ones are refused together, named by ``where(position)``
         (default "query 3"). A result's ``seconds`` is its batch's time shared equally."""
         candidates, k = self.query_counts(candidates, k, image_query=False)
-        return self._search_texts(check_batch(texts, batch), k, candidates, batch, where)
+        texts = check_batch(texts, batch)
+        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images", self.sharded)
+        return self._search_texts(texts, k, candidates, batch, where)
 
     def search_image(self, image_id: int, k: int | None = None, candidates: int | None = None) -> SearchResult:
         """Captions for a stored image: Hamming top-``candidates``, re-ranked, top ``k``."""
@@ -111,7 +116,9 @@ class BatchSearch:
         """``search_image`` for many stored images, in order, ``batch`` at a time; every id is
         checked before any is searched (ids not in the index are refused together)."""
         candidates, k = self.query_counts(candidates, k, image_query=True)
-        return self._search_images(check_image_ids(image_ids, batch), k, candidates, batch)
+        image_ids = check_image_ids(image_ids, batch)
+        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions", self.sharded)
+        return self._search_images(image_ids, k, candidates, batch)
 
     def query_counts(self, candidates: int | None, k: int | None, image_query: bool) -> tuple[int, int]:
         """N and k of a text query (``image_query`` False) or an image query where not given
@@ -239,11 +246,10 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str, sharded: 
     candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
         raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
-    if not sharded and k > candidates:
-        raise HeiindexError(f"--k {k} is larger than --candidates {candidates}")
-    pooled = pooled_candidates(candidates, sizes)
+    pooled = pooled_candidates(candidates, sizes)  # N itself for an unsharded index
     if k > pooled:
-        raise HeiindexError(f"--k {k} is larger than the {pooled} candidates the shards return together")
+        limit = f"the {pooled} candidates the shards return together" if sharded else f"--candidates {candidates}"
+        raise HeiindexError(f"--k {k} is larger than {limit}")
     return candidates, k
 
 

@@ -52,7 +52,6 @@ from .search import (
     DEFAULT_CANDIDATES,
     BatchSearch,
     EncodedQueries,
-    check_counts,
     check_queries,
     encode_queries,
     refuse_unknown_images,
@@ -188,6 +187,8 @@ def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
 class ShardedIndex(BatchSearch):
     """All shards of a sharded build opened in this process, sharing one matcher and hash module."""
 
+    sharded = True
+
     def __init__(self, path: Path, manifest: dict, shards: list[Index]) -> None:
         self.path = path
         self.manifest = manifest
@@ -247,7 +248,6 @@ class ShardedIndex(BatchSearch):
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Each batch is encoded once and searched by every shard (its own Hamming top-``candidates``,
         at most its size), the shards' hits merged by score."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(False), "images", sharded=True)
         encoded = check_queries(self.shards[0].matcher.vocab, texts, where)  # all of them, before any search
         return self._search_batches(texts, encoded, k, candidates, batch)
 
@@ -261,7 +261,6 @@ class ShardedIndex(BatchSearch):
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         """Each image's features come from its own shard; every shard searches and re-ranks its own
         captions for a batch of images at once, the results are merged by score."""
-        candidates, k = check_counts(candidates, k, self.shard_sizes(True), "captions", sharded=True)
         shard_of, rows = locate_images(
             image_ids, [s.image_rows(image_ids) for s in self.shards], [s.image_span for s in self.shards]
         )
