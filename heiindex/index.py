@@ -200,8 +200,6 @@ class Index(BatchSearch):
         self.manifest = manifest
         self.matcher = matcher
         self.hasher = hasher
-        self._image_codes: np.ndarray | None = None
-        self._caption_codes: np.ndarray | None = None
         self._ids_sorted: tuple[np.ndarray, np.ndarray] | None = None  # store.sorted_ids, made once
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
@@ -211,18 +209,18 @@ class Index(BatchSearch):
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
         counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
-        bits = hasher.module.config.bits
-        if faiss_files:  # e.g. the two files swapped, or one from another build
-            for name, index in (("images", self.image_index), ("captions", self.caption_index)):
-                _check_code_file(path / f"{name}.faiss", index, counts[name], name, bits)
-            # The stored items' codes as the build wrote them, whichever device hashed them: the
-            # bench's queries and a query by a stored image search with the codes the index holds.
-            self._image_codes = stored_codes(self.image_index)
-            self._caption_codes = stored_codes(self.caption_index)
-        elif "prototypes" in manifest:  # codes searched elsewhere, and not the image features' own
-            images = load_binary_index(path / "images.faiss")
-            _check_code_file(path / "images.faiss", images, counts["images"], "images", bits)
-            self._image_codes = stored_codes(images)
+        # The stored items' codes as the build wrote them, whichever device hashed them: the
+        # bench's queries and a query by a stored image search with the codes the index holds.
+        # Checked against the counts (e.g. the two files swapped, or one from another build). An
+        # index searched elsewhere (Milvus) hashes its features instead, except prototype image
+        # codes, which the features cannot give: those are read from images.faiss all the same.
+        stored = {"images": self.image_index, "captions": self.caption_index} if faiss_files else {}
+        if not faiss_files and "prototypes" in manifest:
+            stored["images"] = load_binary_index(path / "images.faiss")
+        for name, index in stored.items():
+            _check_code_file(path / f"{name}.faiss", index, counts[name], name, hasher.module.config.bits)
+        self._image_codes: np.ndarray | None = stored_codes(stored["images"]) if "images" in stored else None
+        self._caption_codes: np.ndarray | None = stored_codes(stored["captions"]) if "captions" in stored else None
         opened = {}  # each file's footer read once, for the checks here and for the reads below
         for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
             if not (path / file).is_file():  # before either is read
@@ -339,11 +337,8 @@ class Index(BatchSearch):
                 f"the captions given ({len(captions)}) are not all the captions of store {store.path} "
                 f"({store.n_captions}; their checksum differs); pass SplitStore.captions() of that store"
             )
-        dev = resolve_device(device)
-        if dev.type == "cuda":
-            set_precision("float32")  # codes and stored features from exact float32 encoding
-        model = matcher.model.eval().to(dev)
-        hasher.module.to(dev)
+        dev = models_on(matcher, hasher, device)
+        model = matcher.model
         d, r = model.config.embed_size, store.regions
         first, stop = (0, store.n_images) if image_rows is None else image_rows
         if not first < stop:
@@ -361,7 +356,11 @@ class Index(BatchSearch):
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
-            pending = PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks, progress)
+            pending = (
+                None
+                if prototypes is None
+                else PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks, progress)
+            )
             bar = tqdm(
                 total=stop - first,
                 unit="img",
@@ -375,13 +374,14 @@ class Index(BatchSearch):
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 gram = region_gram(regions)
                 writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
-                if prototypes is None:
+                if pending is None:
                     code_blocks.append(hasher.module.image_codes(regions))
                 else:  # described a few blocks at a time, in order
                     pending.add(regions, gram)
                 bar.update(len(ids))
             bar.close()
-            pending.flush()
+            if pending is not None:
+                pending.flush()
             writer.close()
             img_codes = np.concatenate(code_blocks)
             if image_rows is not None:  # a shard's captions: those of its images
@@ -711,6 +711,17 @@ _CAPTION_SCHEMA = pa.schema(
         ("words", pa.list_(pa.float32())),
     ]
 )
+
+
+def models_on(matcher: LoadedModel, hasher: LoadedHash, device: str) -> torch.device:
+    """Move a build's matcher (in eval mode) and hash module to ``device``; on a GPU, matrix
+    products in exact float32, so that codes and stored features are those of float32 encoding."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        set_precision("float32")
+    matcher.model.eval().to(dev)
+    hasher.module.to(dev)
+    return dev
 
 
 def _check_code_file(path: Path, index, count: int, what: str, bits: int) -> None:

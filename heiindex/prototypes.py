@@ -233,7 +233,7 @@ class PendingImages:
 
     def __init__(
         self,
-        bank: CaptionBank | None,
+        bank: CaptionBank,
         matcher: LoadedModel,
         hasher: LoadedHash,
         block: int,

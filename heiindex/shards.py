@@ -31,7 +31,6 @@ import torch
 from . import __version__
 from .bench import candidate_metrics
 from .checkpoint import LoadedModel
-from .device import resolve_device, set_precision
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options
@@ -43,6 +42,7 @@ from .index import (
     check_lists_filled,
     load_bound_models,
     load_models,
+    models_on,
     timed_results,
 )
 from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
@@ -111,11 +111,7 @@ def write_shards(
         for a, b in bounds:  # what each shard's Index.write checks first, before the captions are hashed
             check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
-        dev = resolve_device(device)
-        if dev.type == "cuda":
-            set_precision("float32")  # as Index.write encodes
-        matcher.model.eval().to(dev)
-        hasher.module.to(dev)
+        models_on(matcher, hasher, device)  # where and as Index.write encodes
         prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)
     out = Path(out)
     entries, manifests = [], []
