@@ -29,6 +29,7 @@ from hash_exp import CACHE, load_split, recall_from_codes
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_hash_dir, default_model_dir
+from heiindex.prototypes import unit
 from heiindex.train_hash import load_hash
 
 
@@ -47,11 +48,6 @@ def train_caption_scores(split: str, db: dict, tr: dict) -> torch.Tensor:
     torch.save(scores, path)
     print(f"scored {scores.shape[0]} images x {n} training captions in {time.perf_counter() - t0:.0f} s", flush=True)
     return scores
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """``x`` scaled to unit norm along its last axis."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def caption_outputs(mod, split: dict) -> torch.Tensor:
@@ -85,6 +81,8 @@ def main() -> None:
         "(an image's distance is its nearest code's)",
     )
     args = ap.parse_args()
+    if args.multi and args.tau:
+        ap.error("--tau weights a prototype; --multi mixes each caption's output on its own (give one)")
     tr, db = load_split("train"), load_split(args.split)
     scores = train_caption_scores(args.split, db, tr)
     mod = load_hash(default_hash_dir()).module.eval()

@@ -489,8 +489,9 @@ def build(
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
-    common = dict(index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device)
-    common["prototypes"] = prototypes
+    common = dict(
+        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device, prototypes=prototypes
+    )
     if shards is not None:
         from heiindex.shards import write_shards
 
@@ -501,8 +502,7 @@ def build(
         m = Index.write(root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common)
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
-    if prototypes is not None:
-        what += f", image codes with {prototype_split} prototypes"
+    what += _prototype_label(m)
     if store is None:
         dd.mark_last_built(out)
     click.echo(f"built {split}: {what} -> {out}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DataError
-from .store import check_fields, check_shard_entries, read_json_object
+from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object
 
 __all__ = [
     "INDEX_FORMAT_VERSION",
@@ -96,7 +96,7 @@ def sharded_manifest(path: str | Path) -> dict | None:
 
 def shard_missing(build: Path, shard: str) -> bool:
     """Whether the shard folder ``shard`` that the sharded build at ``build`` records holds no manifest."""
-    return not (Path(build) / shard / "manifest.json").is_file()
+    return not (Path(build) / shard / MANIFEST_FILE).is_file()
 
 
 def check_sharded_manifest(manifest: dict, mpath: Path) -> None:

@@ -589,9 +589,11 @@ class SplitStore:
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
         root = Path(root)
-        if not (root / split).exists() and (given := store_split_manifest(root)) is not None:
+        if (root / split).exists():
+            return cls(root / split)
+        if (given := store_split_manifest(root)) is not None:
             raise DataError(root, f"is store split {given['split']!r}, not a store root: give the folder that holds it")
-        if not (root / split).exists() and root.is_dir() and not (root / MANIFEST_FILE).exists():
+        if root.is_dir() and not (root / MANIFEST_FILE).exists():
             held = [p.name for p, _ in store_splits(root)]
             hint = (
                 f"; from a SCAN precomp folder that has it, `heiindex ingest --precomp DIR --split {split} --out {root}` "
