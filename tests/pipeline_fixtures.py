@@ -307,17 +307,27 @@ def get_wide_store(tmp_path_factory) -> Path:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def index_with_moved_models(pipe, tmp_path: Path) -> Path:
-    """A copy of the pipeline's index at ``tmp_path / "copy"`` whose manifest records its matcher
-    and hash module at folders that are not there (``gone-model``, ``gone-hash``): an index copied
-    to another machine, or whose models moved."""
+def index_with_moved_models(pipe, tmp_path: Path, source: Path | None = None) -> Path:
+    """A copy of the pipeline's index (or of the index or sharded build at ``source``) at
+    ``tmp_path / "copy"`` whose manifests (a sharded build's top one and its shards') record
+    its matcher and hash module at folders that are not there (``gone-model``, ``gone-hash``):
+    an index copied to another machine, or whose models moved."""
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(pipe.index_dir, out)
-    with edited_json(out / "manifest.json") as m:
-        m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
+    shutil.copytree(source or pipe.index_dir, out)
+    for manifest in [out / "manifest.json", *sorted(out.glob("shard-*/manifest.json"))]:
+        with edited_json(manifest) as m:
+            m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
     return out
+
+
+def encoded_text(index, text: str):
+    """``(words, lengths)`` of one text query, encoded by ``index``'s matcher."""
+    from heiindex.search import encode_text
+
+    q = encode_text(index.model, index.matcher.vocab, text)
+    return q.words, q.lengths
 
 
 def copy_store(pipe, tmp_path: Path) -> Path:

@@ -44,9 +44,7 @@ def _killed(target: Path, body: str) -> None:
 def test_swap_in_replaces_an_existing_folder_by_one_exchange(tmp_path, monkeypatch):
     """Where the file system exchanges two paths in one step, the old target is never moved
     aside (no os.replace at all): there is no moment without a target."""
-    a, b = _folder(tmp_path / "a"), _folder(tmp_path / "b")
-    if not exchange(a, b):
-        pytest.skip("this file system cannot exchange two paths in one step")
+    _take_path(tmp_path, monkeypatch, exchanged=True)
     target = _folder(tmp_path / "out", old="1", gone="x")
     new = scratch(target)
     (new / "new").write_text("2")
@@ -100,6 +98,15 @@ def _keep_stuck(monkeypatch):
     return real
 
 
+def _take_path(tmp_path: Path, monkeypatch, exchanged: bool) -> None:
+    """Make swap_in exchange the two paths in one step (skipped where the file system cannot) or
+    take the fallback that moves the old output aside."""
+    if exchanged and not exchange(_folder(tmp_path / "a"), _folder(tmp_path / "b")):
+        pytest.skip("this file system cannot exchange two paths in one step")
+    if not exchanged:
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+
+
 @pytest.mark.parametrize(
     "exchanged, fails, left_as",
     [(True, None, "partial"), (False, None, "partial"), (False, "rename", "old"), (False, "scratch", "old")],
@@ -112,10 +119,7 @@ def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(
     On both paths it is left under a scratch name ("partial"), never put back as the output (a
     set-aside "old" one would be, were the output missing); only where renaming it, or making
     the name, fails does it keep the set-aside name."""
-    if exchanged and not exchange(_folder(tmp_path / "a"), _folder(tmp_path / "b")):
-        pytest.skip("this file system cannot exchange two paths in one step")
-    if not exchanged:
-        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    _take_path(tmp_path, monkeypatch, exchanged)
     _keep_stuck(monkeypatch)
     real_replace, real_scratch = os.replace, atomic.scratch
 
@@ -150,13 +154,12 @@ def test_swap_in_warns_where_the_replaced_output_cannot_all_be_removed(
 @pytest.mark.parametrize("exchanged", [True, False])
 def test_swap_in_that_removes_all_it_replaced_warns_nothing(tmp_path, monkeypatch, exchanged):
     """On both paths (the exchange, and the fallback that moves the old output aside)."""
-    if exchanged and not exchange(_folder(tmp_path / "a"), _folder(tmp_path / "b")):
-        pytest.skip("this file system cannot exchange two paths in one step")
-    if not exchanged:
-        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    _take_path(tmp_path, monkeypatch, exchanged)
     target = _folder(tmp_path / "out", old="1")
     new = scratch(target)
     (new / "new").write_text("2")
+    if exchanged:  # the exchange path moves nothing aside: the fallback would pass the same checks
+        monkeypatch.setattr(os, "replace", lambda src, dst: pytest.fail(f"moved aside: {src}"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         swap_in(new, target)

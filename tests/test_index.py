@@ -686,6 +686,9 @@ def test_counts_and_image_ids_must_be_whole_numbers(index, bad):
         index.search_image(0, k=3, candidates=bad)
     with pytest.raises(HeiindexError, match=r"an image id is a whole number of 64 bits, got"):
         index.search_image(bad, k=3, candidates=5)
+
+
+def test_a_list_is_not_an_image_id(index):
     with pytest.raises(HeiindexError, match=r"an image id is a whole number of 64 bits, got \[1\]"):
         index.search_image([1], k=3, candidates=5)
 

@@ -288,20 +288,8 @@ def test_an_address_nothing_answers_on_fails_fast():
     _check_reachable("auto")
 
 
-def _with_moved_models(sharded, tmp_path):
-    """A copy of the sharded build whose manifests record matcher and hash folders that are gone."""
-    import shutil
-
-    copy = tmp_path / "moved"
-    shutil.copytree(sharded.path, copy)
-    for manifest in [copy / "manifest.json", *sorted(copy.glob("shard-*/manifest.json"))]:
-        with pf.edited_json(manifest) as m:
-            m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")
-    return copy
-
-
 def test_moved_models_are_named_and_can_be_given(local_ray, sharded, pipe, tmp_path):
-    copy = _with_moved_models(sharded, tmp_path)
+    copy = pf.index_with_moved_models(pipe, tmp_path, sharded.path)
     # The actors' refusal comes back as theirs (it used to read "its actor died"), and fast.
     t0 = time.perf_counter()
     with pytest.raises(DataError, match="records its matcher at .*gone-model.*give the folder with --model DIR"):

@@ -76,7 +76,7 @@ def test_fewer_candidates_merge_the_union_and_are_never_worse(sharded, index, te
     for a, b in zip(got.results, want.results, strict=True):
         assert a.score >= b.score - 1e-6
     # the merged top-k are exactly the best-scored of the union of the shards' Hamming top-n
-    code = index.hasher.module.caption_codes(*_encoded(index, text))
+    code = index.hasher.module.caption_codes(*pf.encoded_text(index, text))
     union = set()
     for shard in sharded.shards:
         _, top = hamming_candidates(shard.image_index, code, n)
@@ -132,13 +132,6 @@ def test_cli_query_file_on_a_sharded_build(sharded, tmp_path):
         run("query", "--file", queries, "--index", sharded.path, "--k", "3", "--candidates", "4", "--json")
     )
     assert got == [res.to_dict() for res in sharded.search_many(QUERIES, k=3, candidates=4)]
-
-
-def _encoded(index, text):
-    from heiindex.search import encode_text
-
-    q = encode_text(index.model, index.matcher.vocab, text)
-    return q.words, q.lengths
 
 
 @pytest.mark.parametrize("image_id", [0, 9, 23])

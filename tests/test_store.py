@@ -675,8 +675,7 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
 def test_a_manifest_without_a_split_name_is_not_a_store_split(pipe, tmp_path, split):
     # A manifest that records a vocabulary but names no split (missing or null) makes its folder
     # neither a split to list nor a split given for the root.
-    root = tmp_path / "store"
-    shutil.copytree(pipe.root, root)
+    root = pf.copy_store(pipe, tmp_path)
     with pf.edited_json(root / "dev" / "manifest.json") as m:
         if split is None:
             m["split"] = None
