@@ -68,6 +68,7 @@ from .search import (
 )
 from .settings import require
 from .store import (
+    MANIFEST_FILE,
     CaptionTable,
     ImageWriter,
     SplitStore,
@@ -77,6 +78,7 @@ from .store import (
     check_distinct,
     check_fields,
     file_record,
+    file_sha256,
     open_parquet,
     read_guarded,
     reading,
@@ -204,7 +206,10 @@ class Index(BatchSearch):
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
         if faiss_files:
-            code_indexes = (load_binary_index(path / "images.faiss"), load_binary_index(path / "captions.faiss"))
+            code_indexes = (
+                _load_code_file(path, "images.faiss", manifest),
+                _load_code_file(path, "captions.faiss", manifest),
+            )
         if len(code_indexes) != 2:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
@@ -216,7 +221,7 @@ class Index(BatchSearch):
         # codes, which the features cannot give: those are read from images.faiss all the same.
         stored = {"images": self.image_index, "captions": self.caption_index} if faiss_files else {}
         if not faiss_files and "prototypes" in manifest:
-            stored["images"] = load_binary_index(path / "images.faiss")
+            stored["images"] = _load_code_file(path, "images.faiss", manifest)
         for name, index in stored.items():
             _check_code_file(path / f"{name}.faiss", index, counts[name], name, hasher.module.config.bits)
         self._image_codes: np.ndarray | None = stored_codes(stored["images"]) if "images" in stored else None
@@ -722,6 +727,26 @@ def models_on(matcher: LoadedModel, hasher: LoadedHash, device: str) -> torch.de
     matcher.model.eval().to(dev)
     hasher.module.to(dev)
     return dev
+
+
+def _load_code_file(folder: Path, name: str, manifest: dict):
+    """The FAISS file ``name`` of an index folder, refused (``DataError`` naming it) where its
+    SHA-256 is not the one the manifest records for it: FAISS reads a file whose codes were
+    damaged or replaced without complaint, and the index would then search with them. Hashing
+    costs one more read of a file FAISS reads whole anyway (about 0.1 s per 200 MB here). An index
+    written by a heiindex that recorded no checksums is read unchecked, as ``verify`` reports it."""
+    path = folder / name
+    record = manifest.get("files", {}).get(name) if isinstance(manifest.get("files"), dict) else None
+    recorded = record.get("sha256") if isinstance(record, dict) else None
+    if isinstance(recorded, str) and path.is_file():
+        digest = file_sha256(path)
+        if digest != recorded:
+            raise DataError(
+                path,
+                f"changed since the index was built: its SHA-256 is {digest[:12]}..., {MANIFEST_FILE} "
+                f"records {recorded[:12]}... (heiindex verify {folder} lists every changed file; build the index again)",
+            )
+    return load_binary_index(path)
 
 
 def _check_code_file(path: Path, index, count: int, what: str, bits: int) -> None:

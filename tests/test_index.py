@@ -865,6 +865,11 @@ def test_stored_codes_are_read_from_the_faiss_files(pipe, tmp_path):
     caption_codes[0, 0] ^= 1
     save_binary_index(make_binary_index(image_codes, "flat", None, None), out / "images.faiss")
     save_binary_index(make_binary_index(caption_codes, "flat", None, None), out / "captions.faiss")
+    # Files that differ from what manifest.json records are refused (a damaged file would be
+    # searched without complaint); a build that wrote these codes would record them.
+    with pytest.raises(DataError, match=r"flipped/images\.faiss: changed since the index was built: its SHA-256"):
+        Index.open(out)
+    _record_files(out, "images.faiss", "captions.faiss")
     opened = Index.open(out)
     np.testing.assert_array_equal(opened.image_codes(), image_codes)
     np.testing.assert_array_equal(opened.caption_codes(), caption_codes)
@@ -883,6 +888,7 @@ def test_stored_codes_are_read_from_the_faiss_files(pipe, tmp_path):
     assert image_codes.shape[1] * 8 == pf.BITS == 32
     narrow = make_binary_index(image_codes[:, :2], "flat", None, None)  # 16-bit codes beside a 32-bit module
     save_binary_index(narrow, out / "images.faiss")
+    _record_files(out, "images.faiss")
     with pytest.raises(DataError, match=r"images\.faiss: holds 16-bit codes, but the hash module gives 32"):
         Index.open(out)
 
@@ -967,6 +973,14 @@ def _copy_index(pipe, tmp_path):
     return out
 
 
+def _record_files(folder, *names):
+    """Record ``names``' current checksums in ``folder``'s manifest, as a build that wrote them would."""
+    from heiindex.store import file_record
+
+    with pf.edited_json(folder / "manifest.json") as m:
+        m["files"].update({name: file_record(folder / name) for name in names})
+
+
 def test_a_store_split_given_as_an_index_is_named(pipe):
     """It was KeyError 'matcher' (a split's manifest.json passed the format_version check)."""
     with pytest.raises(DataError, match=r"test/manifest.json: is a store split's manifest, not an index's"):
@@ -1011,8 +1025,37 @@ def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_
     images.rename(out / "x")
     captions.rename(images)
     (out / "x").rename(captions)  # swapped: image search failed obscurely, caption search answered wrongly
+    with pytest.raises(DataError, match=r"copy/images.faiss: changed since the index was built"):
+        Index.open(out)
+    # An index whose manifest records no checksums (an older heiindex) still gets the count check.
+    with pf.edited_json(out / "manifest.json") as m:
+        del m["files"]
     with pytest.raises(DataError, match=r"copy/images.faiss: holds 120 codes, but the index has 24 images"):
         Index.open(out)
+
+
+def test_a_damaged_code_file_is_refused_at_open_and_verify_names_it(pipe, tmp_path):
+    """One flipped bit in a code (same size, same count, a valid FAISS file) was searched with,
+    silently, until ``heiindex verify`` ran. Both files are checked against manifest.json; the
+    feature files are left to verify (reading them twice would double the open's cost)."""
+    from heiindex.verify import verify
+
+    for name in ("images.faiss", "captions.faiss"):
+        out = _copy_index(pipe, tmp_path)
+        data = bytearray((out / name).read_bytes())
+        data[-3] ^= 0x10  # inside the last code
+        (out / name).write_bytes(bytes(data))
+        with pytest.raises(
+            DataError,
+            match=rf"copy/{name}: changed since the index was built: its SHA-256 is [0-9a-f]{{12}}\.\.\., manifest\.json records [0-9a-f]{{12}}\.\.\. \(heiindex verify .*copy lists every changed file",
+        ):
+            Index.open(out)
+        assert [(c.path.name, c.status) for c in verify(out) if c.status != "ok"] == [(name, "changed")]
+        shutil.rmtree(out)
+    out = _copy_index(pipe, tmp_path)  # a manifest entry that is not an object: read unchecked, as verify reports it
+    with pf.edited_json(out / "manifest.json") as m:
+        m["files"]["images.faiss"] = "x"
+    assert Index.open(out).n_images == 24
 
 
 def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, tmp_path):
