@@ -107,9 +107,12 @@ def write_shards(
     bounds = shard_bounds(store.n_images, shards)
     captions = store.captions()  # read once for all shards
     store.check_ids(captions)
+    # What each shard's Index.write checks first, for every shard before the first one is
+    # encoded (and before describing captions are hashed): the last, smallest shard could fail
+    # after the others were built.
+    for a, b in bounds:
+        check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
-        for a, b in bounds:  # what each shard's Index.write checks first, before the captions are hashed
-            check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes
         prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)

@@ -400,3 +400,23 @@ def test_one_shard_names_k_against_what_the_shards_return(pipe, tmp_path):
     one = build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", 1, index_type="flat")
     with pytest.raises(HeiindexError, match="--k 6 is larger than the 5 candidates the shards return together"):
         one.search("a dog", k=6, candidates=5)
+
+
+def test_nlist_is_checked_for_every_shard_before_the_first_is_encoded(pipe, tmp_path, monkeypatch):
+    """24 images in 5 shards: one of them holds 4 images, the others 5. ``--nlist 5`` fits all but
+    that one, which was found only after the shards before it had been encoded and hashed."""
+    from heiindex import shards
+
+    def not_yet(*_a, **_k):
+        raise AssertionError("a shard was encoded before --nlist was checked for all of them")
+
+    (a, b), *_ = [(a, b) for a, b in shards.shard_bounds(24, 5) if b - a == 4]
+    assert a > 0  # a shard that the old check reached only after others
+    monkeypatch.setattr(shards.Index, "write", not_yet)
+    with pytest.raises(
+        HeiindexError, match=rf"--nlist 5 exceeds the 4 images to index in its shard \(image rows {a} to {b - 1};"
+    ):
+        shards.write_shards(
+            pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 5, index_type="ivf", nlist=5
+        )
+    assert not (tmp_path / "s").exists()
