@@ -18,19 +18,20 @@ import click
 from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
-from heiindex.errors import DataError, HeiindexError, LeftoverWarning
+from heiindex.errors import DataError, HeiindexError, HeiindexWarning
 
 
 def handle_errors(func):
     """Turn a ``HeiindexError``, a rejected setting or a file the system refused into a one-line
-    message and exit status 2; a ``LeftoverWarning`` into a "Warning: ..." line."""
+    message and exit status 2; a ``HeiindexWarning`` (such as ``LeftoverWarning``) into a
+    "Warning: ..." line."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             with warnings.catch_warnings():  # which restores the handler and filters changed here
-                warnings.simplefilter("always", LeftoverWarning)  # a line, even under -W error
-                warnings.showwarning = _leftover_as_line(warnings.showwarning)
+                warnings.simplefilter("always", HeiindexWarning)  # a line, even under -W error
+                warnings.showwarning = _warning_as_line(warnings.showwarning)
                 return func(*args, **kwargs)
         except (HeiindexError, ValueError) as exc:  # ValueError: an argument check below the settings
             click.echo(f"Error: {_as_flag(exc)}", err=True)
@@ -46,12 +47,12 @@ def handle_errors(func):
     return wrapper
 
 
-def _leftover_as_line(show):
-    """``warnings.showwarning`` printing a ``LeftoverWarning`` as one "Warning: ..." line on
+def _warning_as_line(show):
+    """``warnings.showwarning`` printing a ``HeiindexWarning`` as one "Warning: ..." line on
     standard error, and any other warning through ``show``."""
 
     def shown(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, LeftoverWarning):
+        if issubclass(category, HeiindexWarning):
             click.echo(f"Warning: {message}", err=True)
         else:
             show(message, category, filename, lineno, file, line)

@@ -45,7 +45,17 @@ class ModelMismatchError(HeiindexError):
     """An index, store or checkpoint was made with another model or data than the one given."""
 
 
-class LeftoverWarning(UserWarning):
+class HeiindexWarning(UserWarning):
+    """Something the user should know that does not stop the command (the command line prints
+    each as one "Warning: ..." line on standard error, even where warnings are made errors)."""
+
+
+class SparseListsWarning(HeiindexWarning):
+    """An IVF index was trained with fewer codes per list than FAISS advises for its centroids
+    (``heiindex.hamming.make_binary_index``); the message says which index and what to pass."""
+
+
+class LeftoverWarning(HeiindexWarning):
     """An output was written in full, but what it replaced could not all be removed (a file the
     system refuses to delete, such as one marked immutable). The message names the folder left,
     a scratch name beside the output. It is issued once the new output is in place: where

@@ -9,13 +9,14 @@ search on any torch device (the GPU path when no faiss-gpu is installed), with t
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, SparseListsWarning
 from .settings import require
 
 __all__ = [
@@ -83,9 +84,11 @@ def make_binary_index(
     nprobe: int | None = None,
     hnsw_m: int = 16,
     ef_search: int = 128,
+    name: str = "codes",
 ) -> faiss.IndexBinary:
     """An index over ``codes`` (n, k/8) uint8; ids are row numbers. ``kind``: flat, ivf, hnsw or
-    auto (``resolve_index_kind``).
+    auto (``resolve_index_kind``). ``name`` says what the codes are in a ``SparseListsWarning``
+    (an IVF index with fewer codes per list than FAISS advises).
 
     ``ef_search`` is HNSW's search breadth; it must be at least the number of candidates asked
     for, or HNSW returns fewer good ones (FAISS's default, 16, is meant for top-10). ``hnsw_m``,
@@ -106,6 +109,7 @@ def make_binary_index(
         index = faiss.IndexBinaryIVF(quantizer, bits, nlist)
         index.own_fields = True
         quantizer.this.disown()
+        _warn_sparse_lists(index, len(codes), name)
         index.train(codes)
         index.nprobe = min(nprobe, nlist)
     else:  # hnsw
@@ -113,6 +117,26 @@ def make_binary_index(
         index.hnsw.efSearch = ef_search
     index.add(codes)
     return index
+
+
+def _warn_sparse_lists(index, n_codes: int, name: str) -> None:
+    """Warn (``SparseListsWarning``) where ``n_codes`` are too few to train ``index``'s lists by
+    FAISS's own rule (``cp.min_points_per_centroid`` codes per list, 39), and keep FAISS from
+    printing its own line about it on standard error, in the middle of a build's progress bars.
+    The lists are trained all the same: only the warning moves."""
+    nlist, least = index.nlist, index.cp.min_points_per_centroid
+    if n_codes >= nlist * least:
+        return
+    fix = f"--nlist {n_codes // least} or less, or --index flat," if n_codes >= least else "--index flat"
+    warnings.warn(
+        SparseListsWarning(
+            f"IVF index of {n_codes} {name} in {nlist} lists: {n_codes / nlist:.1f} per list, fewer than the "
+            f"{least} FAISS advises for training their centroids, so queries may miss more candidates than "
+            f"they need to. {fix} avoids it"
+        ),
+        stacklevel=3,
+    )
+    index.cp.min_points_per_centroid = 1  # FAISS's own warning, said once above
 
 
 class TorchBinaryIndex:

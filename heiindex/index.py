@@ -394,8 +394,10 @@ class Index(BatchSearch):
             cap_codes = _write_caption_features(
                 tmp / "caption_features.parquet", model, hasher.module, captions, block_captions
             )
-            save_binary_index(make_binary_index(img_codes, index_type, nlist, nprobe), tmp / "images.faiss")
-            save_binary_index(make_binary_index(cap_codes, index_type, nlist, nprobe), tmp / "captions.faiss")
+            where = split if image_rows is None else f"{split} (image rows {first} to {stop - 1})"
+            for item_codes, what in ((img_codes, "images"), (cap_codes, "captions")):
+                made = make_binary_index(item_codes, index_type, nlist, nprobe, name=f"{what} of {where}")
+                save_binary_index(made, tmp / f"{what}.faiss")
             manifest = {
                 "format_version": INDEX_FORMAT_VERSION,
                 "created_by": f"heiindex {__version__}",

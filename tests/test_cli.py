@@ -52,8 +52,16 @@ def test_build(pipe, tmp_path):
 
 
 def test_build_ivf(pipe, tmp_path):
-    r = ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "3", "--nprobe", "3"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under python -W error: still a line, and the build goes on
+        r = ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "3", "--nprobe", "3"))
     assert "ivf index" in r.output
+    # 24 images in 3 lists is fewer than FAISS's 39 per list (120 captions too): said once each, in a line
+    assert "Warning: IVF index of 24 images of test in 3 lists: 8.0 per list, fewer than the 39" in r.output
+    assert "Warning: IVF index of 120 captions of test in 3 lists: 40.0" not in r.output
+    assert "WARNING clustering" not in r.output and "SparseListsWarning" not in r.output
     ivf = {"type": "ivf", "nlist": 3, "nprobe": 3}
     assert Index.open(tmp_path / "ivf").manifest["index"] == {**ivf, "images": ivf, "captions": ivf}
 

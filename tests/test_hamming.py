@@ -18,6 +18,7 @@ from heiindex.hamming import (
     load_binary_index,
     make_binary_index,
     save_binary_index,
+    stored_codes,
 )
 
 N, BYTES = 300, 8  # 300 random 64-bit codes: any two differ in about 32 bits
@@ -74,6 +75,37 @@ def test_ivf_lists_and_probes(easy):
     assert make_binary_index(codes[:20], "ivf", nlist=4, nprobe=8).nprobe == 4  # never more than nlist
     with pytest.raises(ValueError, match="nlist 400 exceeds the number of codes 300"):
         make_binary_index(codes, "ivf", nlist=400)
+
+
+def test_too_few_codes_per_list_warn_once_in_python_and_train_the_same_lists(easy, capfd):
+    """FAISS printed its own "WARNING clustering 1000 points to 32 centroids" line on standard
+    error, in the middle of a build's progress bars; now one ``SparseListsWarning`` says it,
+    naming the codes and the --nlist that would do, and the lists are trained as before."""
+    import warnings
+
+    from heiindex.errors import SparseListsWarning
+
+    codes = easy[0]  # 300 codes: 39 per list is FAISS's rule, so up to 7 lists
+    with pytest.warns(SparseListsWarning) as caught:
+        index = make_binary_index(codes, "ivf", nlist=10, name="images of test")
+    assert [str(w.message) for w in caught] == [
+        "IVF index of 300 images of test in 10 lists: 30.0 per list, fewer than the 39 FAISS advises for "
+        "training their centroids, so queries may miss more candidates than they need to. "
+        "--nlist 7 or less, or --index flat, avoids it"
+    ]
+    assert "WARNING" not in capfd.readouterr().err
+    quantizer = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    plain = faiss.IndexBinaryIVF(quantizer, codes.shape[1] * 8, 10)  # FAISS's own settings: it prints
+    plain.train(codes)
+    assert "WARNING clustering 300 points to 10 centroids" in capfd.readouterr().err
+    np.testing.assert_array_equal(stored_codes(index.quantizer), stored_codes(plain.quantizer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_binary_index(codes, "ivf", nlist=7).nlist == 7  # 42.9 per list: nothing to say
+    with pytest.warns(
+        SparseListsWarning, match=r"IVF index of 20 codes in 1 lists: 20\.0 per list, .* to\. --index flat avoids it$"
+    ):
+        make_binary_index(codes[:20], "ivf", nlist=1)  # no --nlist would do
 
 
 @pytest.mark.parametrize("kind", INDEX_TYPES)
