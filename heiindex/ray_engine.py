@@ -394,18 +394,22 @@ def _settle(futures: list) -> None:
 
 def stop_served(path: str | Path, address: str | None) -> int:
     """Kill the detached actors ``heiindex serve`` started for ``path`` on the cluster at ``address``
-    (None: the one running here, as Ray's "auto"); returns how many."""
+    (None: the one running here, as Ray's "auto"); returns how many. Returns once their names are
+    free (at most ~10 s), so that a ``serve`` right after it starts new actors instead of finding
+    the dying ones."""
     path = Path(path).resolve()
     manifest = read_sharded_manifest(path)
     ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
-    stopped = 0
+    stopped = []
     for i in range(len(manifest["shards"])):
+        name = _actor_name(path, i)
         try:
-            ray.kill(ray.get_actor(_actor_name(path, i), namespace=NAMESPACE))
-            stopped += 1
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
         except ValueError:
             continue
-    return stopped
+        stopped.append(name)
+    _wait_unnamed(ray, stopped)
+    return len(stopped)
 
 
 def _connect(address: str | None):

@@ -167,8 +167,14 @@ def test_cli_query_with_the_ray_engine(served, sharded, pipe):
     clean_error(r, "is not a sharded build")
 
 
-def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
+def test_cli_serve_then_stop(local_ray, sharded, tmp_path, monkeypatch):
     import shutil
+
+    from heiindex import ray_engine
+
+    waited = []  # stop_served waits for the killed actors' names (on local Ray here they go at once)
+    real_wait = ray_engine._wait_unnamed
+    monkeypatch.setattr(ray_engine, "_wait_unnamed", lambda r, names: waited.append(list(names)) or real_wait(r, names))
 
     copy = tmp_path / "served"
     shutil.copytree(sharded.path, copy)
@@ -179,6 +185,12 @@ def test_cli_serve_then_stop(local_ray, sharded, tmp_path):
     assert all(ray.get_actor(n, namespace="heiindex") for n in names)
     r = run("serve", "--index", copy, "--stop")
     assert r.exit_code == 0 and "stopped 3 shard actors" in r.output
+    assert waited == [names]
+    for n in names:  # gone when --stop returns: a serve right after it starts new actors
+        with pytest.raises(ValueError):
+            ray.get_actor(n, namespace="heiindex")
+    ok(run("serve", "--index", copy))
+    assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
 
 
 def test_bench_on_ray_equals_in_process(served, sharded):
