@@ -15,9 +15,12 @@ of the process) or paid per chunk or per Python step. This script tells them apa
    HEI pass is much slower than the later ones, the bench's speed-up is measuring a warm-up.
    (``--exhaustive``, 0 for none).
 2. ``torch.profiler`` over one more pass of each direction: the ``--top`` operators by their own
-   time (the device's on a GPU, else the CPU's), how many chunks of pairs ran and how many
-   operators were called from Python (not counting those they call), and on a GPU how many
-   kernels were launched and how many times the host waited for the device.
+   time (the device's on a GPU, else the CPU's), also per re-ranked pair, how many chunks of
+   pairs ran and how many operators were called from Python (not counting those they call), and
+   on a GPU how many kernels were launched and how many times the host waited for the device.
+   ``--profile-exhaustive`` profiles one exhaustive pass the same way, to compare the two per
+   pair (on a CPU with exactly two threads the chunks run on worker threads the profiler does
+   not see: pass ``--threads 1``, as in RESULTS.md, "CPU threads").
 
 ``--policy cuda --device cpu --threads 1 --repeats 0 --exhaustive 0`` counts, on a CPU, the chunks
 and operators of the GPU's way of cutting the pairs (its times there mean nothing).
@@ -69,9 +72,16 @@ def _exhaustive(index: Index, sub: _Sub, device: torch.device) -> float:
 
 
 def _profiled(direction: str, index: Index, sub: _Sub, topk: int, device: torch.device, top: int) -> dict:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     codes = index.image_codes(), index.caption_codes()
     call = partial(rerank_direction, direction, index, sub, *codes, topk, True)  # the bench's call, unranked
+    pairs = topk * (len(sub.lengths) if direction == "t2i" else len(sub.regions))
+    return {"profiled": direction, **_profile(call, device, top, pairs)}
+
+
+def _profile(call, device: torch.device, top: int, pairs: int) -> dict:
+    """``call()`` under ``torch.profiler``: its seconds, chunks, operator calls, and the ``top``
+    operators by own time, also per scored pair (``pairs``), to compare passes of different sizes."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     chunks = []
     for_each = attention._for_each
     attention._for_each = lambda fn, sels: (chunks.append(len(sels)), for_each(fn, sels))
@@ -93,12 +103,16 @@ def _profiled(direction: str, index: Index, sub: _Sub, topk: int, device: torch.
 
     ranked = sorted(events, key=own, reverse=True)[:top]
     summary = {
-        "profiled": direction,
         "seconds_under_profiler": round(seconds, 4),
+        "pairs": pairs,
+        "us_per_pair": round(seconds / pairs * 1e6, 3),
         "chunks": sum(chunks),
         # Operators called from Python, not those they call in turn.
         "aten_calls": sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None),
-        "top": [{"name": e.key, "calls": e.count, "own_ms": round(own(e) / 1e3, 3)} for e in ranked],
+        "top": [
+            {"name": e.key, "calls": e.count, "own_ms": round(own(e) / 1e3, 3), "us_per_pair": round(own(e) / pairs, 3)}
+            for e in ranked
+        ],
     }
     if on_gpu:
         calls = {e.key: e.count for e in events}
@@ -127,6 +141,11 @@ def main() -> None:
         default="device",
         help="cuda: on a CPU, cut re-ranking into chunks as on a GPU (to count its chunks and operators)",
     )
+    ap.add_argument(
+        "--profile-exhaustive",
+        action="store_true",
+        help="also profile one exhaustive pass (every caption against every image), to compare per pair",
+    )
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -142,6 +161,11 @@ def main() -> None:
     if a.exhaustive:
         lines.append({"exhaustive_seconds": [_exhaustive(index, sub, device) for _ in range(a.exhaustive)]})
     lines += [_profiled(d, index, sub, a.topk, device, a.top) for d in ("t2i", "i2t")]
+    if a.profile_exhaustive:
+        pairs = len(sub.lengths) * len(sub.regions)
+        lines.append(
+            {"profiled": "exhaustive", **_profile(partial(exhaustive_scores, index.model, sub), device, a.top, pairs)}
+        )
     for line in lines:
         print(json.dumps(line), flush=True)
     if a.json:
