@@ -28,10 +28,11 @@ import hashlib
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import HeiindexError
+from .errors import HeiindexError, HeiindexWarning, name_some
 from .index import Hit, SearchResult
 from .index_manifest import read_sharded_manifest
 from .search import BatchSearch, refuse_queries
@@ -368,17 +369,23 @@ class RayShardedIndex(BatchSearch):
         yield from batch_results(image_ids, replies, None, k, t0)
 
 
-def _wait_unnamed(ray, names: list[str], timeout: float = 10.0) -> None:
+def _wait_unnamed(ray, names: list[str], timeout: float = 10.0) -> list[str]:
     """Wait (at most ``timeout`` s) until no actor holds ``names``: a killed actor keeps its name
-    until Ray has ended it, and a driver started at once would be handed the dying one."""
+    until Ray has ended it, and a driver started at once would be handed the dying one. Returns
+    the names still held when the time ran out."""
     deadline = time.monotonic() + timeout
+    held = []
     for name in names:
-        while time.monotonic() < deadline:
+        while True:
             try:
                 ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
                 break
+            if time.monotonic() >= deadline:
+                held.append(name)
+                break
             time.sleep(0.05)
+    return held
 
 
 def _settle(futures: list) -> None:
@@ -408,7 +415,15 @@ def stop_served(path: str | Path, address: str | None) -> int:
         except ValueError:
             continue
         stopped.append(name)
-    _wait_unnamed(ray, stopped)
+    held = _wait_unnamed(ray, stopped)
+    if held:
+        warnings.warn(
+            HeiindexWarning(
+                f"Ray had not yet ended {len(held)} of the {len(stopped)} actors stopped ({name_some(held)}); "
+                "a serve started before they end would be handed them: wait a moment before serving again"
+            ),
+            stacklevel=2,
+        )
     return len(stopped)
 
 

@@ -315,3 +315,39 @@ def test_moved_models_are_named_and_can_be_given(local_ray, sharded, pipe, tmp_p
             "--candidates", "6", "--json")
     )  # fmt: skip
     assert got == sharded.search("a dog", 10, 6).to_dict()
+
+
+def test_stop_warns_where_ray_keeps_a_stopped_actors_name(local_ray, sharded, tmp_path, monkeypatch):
+    """_wait_unnamed gave up after 10 s without a word, and serve --stop returned as if the names
+    were free. Here Ray's answer is held back: the stop still counts the actors, and says so."""
+    import shutil
+    import warnings
+
+    from heiindex import ray_engine
+
+    copy = tmp_path / "served"
+    shutil.copytree(sharded.path, copy)
+    ok(run("serve", "--index", copy))
+    names = [ray_engine._actor_name(copy.resolve(), i) for i in range(3)]
+    monkeypatch.setattr(ray_engine, "_wait_unnamed", lambda r, given: list(given)[1:])  # two still held
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ray_engine.stop_served(copy, None) == 3
+    assert [str(w.message) for w in caught] == [
+        f"Ray had not yet ended 2 of the 3 actors stopped ({names[1]}, {names[2]}); a serve started before "
+        "they end would be handed them: wait a moment before serving again"
+    ]
+
+
+def test_wait_unnamed_returns_the_names_still_held_when_time_runs_out(local_ray):
+    from heiindex import ray_engine
+
+    live = (
+        ray.remote(type("Live", (), {"ping": lambda self: 1})).options(name="held-name", namespace="heiindex").remote()
+    )
+    ray.get(live.ping.remote())
+    try:
+        assert ray_engine._wait_unnamed(ray, ["held-name", "no-such-name"], timeout=0.2) == ["held-name"]
+    finally:
+        ray.kill(live)
+    assert ray_engine._wait_unnamed(ray, ["held-name"], timeout=10) == []
