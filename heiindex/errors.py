@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DataError", "HeiindexError", "LeftoverWarning", "ModelMismatchError", "name_some"]
+__all__ = [
+    "DataError",
+    "HeiindexError",
+    "HeiindexWarning",
+    "LeftoverWarning",
+    "ModelMismatchError",
+    "SparseListsWarning",
+    "name_some",
+]
 
 
 def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:

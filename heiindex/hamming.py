@@ -127,10 +127,12 @@ def _warn_sparse_lists(index, n_codes: int, name: str) -> None:
     nlist, least = index.nlist, index.cp.min_points_per_centroid
     if n_codes >= nlist * least:
         return
-    fix = f"--nlist {n_codes // least} or less, or --index flat," if n_codes >= least else "--index flat"
+    most = n_codes // least
+    fix = "--index flat" if most < 1 else f"--nlist {most}{' or less' if most > 1 else ''}, or --index flat,"
+    lists = f"{nlist} list" if nlist == 1 else f"{nlist} lists"
     warnings.warn(
         SparseListsWarning(
-            f"IVF index of {n_codes} {name} in {nlist} lists: {n_codes / nlist:.1f} per list, fewer than the "
+            f"IVF index of {n_codes} {name} in {lists}: {n_codes / nlist:.1f} per list, fewer than the "
             f"{least} FAISS advises for training their centroids, so queries may miss more candidates than "
             f"they need to. {fix} avoids it"
         ),
@@ -251,10 +253,15 @@ def save_binary_index(index: faiss.IndexBinary, path: Path) -> None:
     faiss.write_index_binary(index, str(path))
 
 
-def load_binary_index(path: Path) -> faiss.IndexBinary:
-    if not Path(path).exists():
+def load_binary_index(path: Path, data: bytes | None = None) -> faiss.IndexBinary:
+    """The FAISS binary index in ``path``, or in ``data``, that file's bytes already read (the
+    caller checks them against a checksum); ``DataError`` naming ``path`` where it is missing or
+    not such an index."""
+    if data is None and not Path(path).exists():
         raise DataError(path, "binary index file missing")
     try:
+        if data is not None:
+            return faiss.deserialize_index_binary(np.frombuffer(data, dtype=np.uint8))
         return faiss.read_index_binary(str(path))
     except RuntimeError as exc:
         raise DataError(path, f"not a FAISS binary index ({exc})") from None

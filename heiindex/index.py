@@ -78,10 +78,10 @@ from .store import (
     check_distinct,
     check_fields,
     file_record,
-    file_sha256,
     open_parquet,
     read_guarded,
     reading,
+    recorded_file,
     rows_of,
     sorted_ids,
     write_json,
@@ -205,25 +205,21 @@ class Index(BatchSearch):
         self._ids_sorted: tuple[np.ndarray, np.ndarray] | None = None  # store.sorted_ids, made once
         self.device, self.dtype = torch.device("cpu"), "float32"  # as read; Index.to moves them
         faiss_files = code_indexes is None
+        counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
+        bits = hasher.module.config.bits
         if faiss_files:
-            code_indexes = (
-                _load_code_file(path, "images.faiss", manifest),
-                _load_code_file(path, "captions.faiss", manifest),
-            )
+            code_indexes = tuple(_load_code_file(path, what, manifest, counts[what], bits) for what in counts)
         if len(code_indexes) != 2:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
         self.image_index, self.caption_index = code_indexes
-        counts = {"images": manifest["n_images"], "captions": manifest["n_captions"]}
         # The stored items' codes as the build wrote them, whichever device hashed them: the
-        # bench's queries and a query by a stored image search with the codes the index holds.
-        # Checked against the counts (e.g. the two files swapped, or one from another build). An
-        # index searched elsewhere (Milvus) hashes its features instead, except prototype image
-        # codes, which the features cannot give: those are read from images.faiss all the same.
+        # bench's queries and a query by a stored image search with the codes the index holds
+        # (each file checked by _load_code_file). An index searched elsewhere (Milvus) hashes its
+        # features instead, except prototype image codes, which the features cannot give: those
+        # are read from images.faiss all the same.
         stored = {"images": self.image_index, "captions": self.caption_index} if faiss_files else {}
         if not faiss_files and "prototypes" in manifest:
-            stored["images"] = _load_code_file(path, "images.faiss", manifest)
-        for name, index in stored.items():
-            _check_code_file(path / f"{name}.faiss", index, counts[name], name, hasher.module.config.bits)
+            stored["images"] = _load_code_file(path, "images", manifest, counts["images"], bits)
         self._image_codes: np.ndarray | None = stored_codes(stored["images"]) if "images" in stored else None
         self._caption_codes: np.ndarray | None = stored_codes(stored["captions"]) if "captions" in stored else None
         opened = {}  # each file's footer read once, for the checks here and for the reads below
@@ -354,7 +350,10 @@ class Index(BatchSearch):
         captions = store.captions() if captions is None else captions
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
             store.check_ids(captions)
-        counts = {"images": stop - first} if image_rows is not None else {"images": stop, "captions": len(captions)}
+        if image_rows is None:
+            counts = {"images": stop, "captions": len(captions)}
+        else:  # a shard: its images' captions
+            counts = {"images": stop - first, "captions": captions.count_of(store.image_id_column()[first:stop])}
         check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
@@ -731,32 +730,30 @@ def models_on(matcher: LoadedModel, hasher: LoadedHash, device: str) -> torch.de
     return dev
 
 
-def _load_code_file(folder: Path, name: str, manifest: dict):
-    """The FAISS file ``name`` of an index folder, refused (``DataError`` naming it) where its
-    SHA-256 is not the one the manifest records for it: FAISS reads a file whose codes were
-    damaged or replaced without complaint, and the index would then search with them. Hashing
-    costs one more read of a file FAISS reads whole anyway (about 0.1 s per 200 MB here). An index
-    written by a heiindex that recorded no checksums is read unchecked, as ``verify`` reports it."""
-    path = folder / name
-    record = manifest.get("files", {}).get(name) if isinstance(manifest.get("files"), dict) else None
-    recorded = record.get("sha256") if isinstance(record, dict) else None
-    if isinstance(recorded, str) and path.is_file():
-        digest = file_sha256(path)
-        if digest != recorded:
-            raise DataError(
-                path,
-                f"changed since the index was built: its SHA-256 is {digest[:12]}..., {MANIFEST_FILE} "
-                f"records {recorded[:12]}... (heiindex verify {folder} lists every changed file; build the index again)",
-            )
-    return load_binary_index(path)
-
-
-def _check_code_file(path: Path, index, count: int, what: str, bits: int) -> None:
-    """``DataError`` naming a FAISS file that does not hold ``count`` codes of ``bits`` bits."""
+def _load_code_file(folder: Path, what: str, manifest: dict, count: int, bits: int):
+    """``folder``'s ``{what}.faiss`` (``what``: images or captions), read once. ``DataError``
+    naming it where it does not hold ``count`` codes of ``bits`` bits (e.g. the two files swapped,
+    or one from another build), then where its SHA-256 is not the one ``manifest`` records: FAISS
+    reads a file whose codes were damaged without complaint, and the index would search with them.
+    Hashing costs 0.1-0.2 s per 200 MB here, of a file read whole anyway. Read unchecked where the
+    manifest records no files at all (an older heiindex, as ``verify`` reports it); a malformed
+    record is refused as ``verify`` refuses it."""
+    path = folder / f"{what}.faiss"
+    record = recorded_file(folder / MANIFEST_FILE, manifest, path.name)
+    data = path.read_bytes() if path.is_file() else None
+    index = load_binary_index(path, data)
     if index.ntotal != count:
         raise DataError(path, f"holds {index.ntotal} codes, but the index has {count} {what}")
     if index.d != bits:
         raise DataError(path, f"holds {index.d}-bit codes, but the hash module gives {bits}")
+    digest = hashlib.sha256(data).hexdigest()
+    if record is not None and digest != record["sha256"]:
+        raise DataError(
+            path,
+            f"changed since the index was built: its SHA-256 is {digest[:12]}..., {MANIFEST_FILE} "
+            f"records {record['sha256'][:12]}... (heiindex verify {folder} lists every changed file; build the index again)",
+        )
+    return index
 
 
 def check_lists_filled(

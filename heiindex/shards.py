@@ -107,11 +107,13 @@ def write_shards(
     bounds = shard_bounds(store.n_images, shards)
     captions = store.captions()  # read once for all shards
     store.check_ids(captions)
-    # What each shard's Index.write checks first, for every shard before the first one is
-    # encoded (and before describing captions are hashed): the last, smallest shard could fail
-    # after the others were built.
+    # What each shard's Index.write checks first (its images and their captions), for every
+    # shard before the first one is encoded (and before describing captions are hashed): a
+    # smaller shard could fail after the ones before it were built.
+    ids = store.image_id_column()
     for a, b in bounds:
-        check_lists_filled(index_type, nlist, nprobe, {"images": b - a}, (a, b))
+        counts = {"images": b - a, "captions": captions.count_of(ids[a:b])}
+        check_lists_filled(index_type, nlist, nprobe, counts, (a, b))
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes

@@ -48,6 +48,7 @@ __all__ = [
     "check_caption_image_ids",
     "check_column_finite",
     "check_distinct",
+    "check_file_record",
     "check_fields",
     "check_output",
     "check_replaceable",
@@ -62,6 +63,7 @@ __all__ = [
     "open_parquet",
     "read_guarded",
     "reading",
+    "recorded_file",
     "rows_of",
     "sorted_ids",
     "write_captions",
@@ -200,6 +202,27 @@ def file_record(path: Path) -> dict:
     """``{"bytes", "sha256"}`` of a file, as manifests record the files they describe
     (``heiindex verify`` checks them)."""
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def recorded_file(manifest_path: Path, manifest: dict, name: str) -> dict | None:
+    """``manifest``'s record ``{"bytes", "sha256"}`` of the file ``name`` (``file_record``), or
+    None where the manifest records no files at all (written by an older heiindex). ``DataError``
+    naming ``manifest_path`` where "files" is not an object or this record is missing or malformed."""
+    files = manifest.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
+    return check_file_record(manifest_path, name, files.get(name))
+
+
+def check_file_record(manifest_path: Path, name: str, record) -> dict:
+    """``record`` where it is a ``file_record``; else ``DataError`` naming the manifest's field."""
+    if not (
+        isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
+    ):
+        raise DataError(manifest_path, f'field "files.{name}" must hold "bytes" and "sha256", got {record!r}')
+    return record
 
 
 def read_json_object(path: Path, missing: str) -> dict:
@@ -499,6 +522,10 @@ class CaptionTable:
     def __len__(self) -> int:
         return len(self.caption_ids)
 
+    def count_of(self, image_ids: np.ndarray) -> int:
+        """How many of these captions describe one of ``image_ids``."""
+        return int(np.isin(self.image_ids, image_ids).sum())
+
     def subset(self, keep: np.ndarray) -> CaptionTable:
         """The captions where the boolean mask ``keep`` is true, in order."""
         keep = np.asarray(keep, dtype=bool)
@@ -685,6 +712,11 @@ class SplitStore:
     def n_row_groups(self) -> int:
         return self._images_file().num_row_groups
 
+    def image_id_column(self) -> np.ndarray:
+        """Every image's id, in row order (the one column read)."""
+        with reading(self.images_path):
+            return self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+
     def check_ids(self, captions: CaptionTable, captioned: int = 0) -> None:
         """``DataError`` naming the file unless image ids and caption ids are each distinct and
         every caption's image_id is an image of this split (ingest writes such stores; a
@@ -693,8 +725,7 @@ class SplitStore:
         the index and to the other in evaluation). ``captioned``: the first that many images
         must each have a caption, as recall over them needs (an index may hold images no
         caption describes)."""
-        with reading(self.images_path):
-            ids = self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+        ids = self.image_id_column()
         check_distinct(self.images_path, ids, "image_id")
         check_distinct(self.captions_path, captions.caption_ids, "caption_id")
         check_caption_image_ids(self.captions_path, captions.image_ids, ids, IMAGES_FILE)

@@ -16,6 +16,7 @@ from .errors import DataError
 from .index_manifest import check_index_manifest, check_sharded_manifest, shard_missing
 from .store import (
     MANIFEST_FILE,
+    check_file_record,
     check_shard_entries,
     check_store_manifest,
     entry_name,
@@ -181,10 +182,7 @@ def _check(folder: Path, name: str, record, manifest_path: Path) -> FileCheck:
     if not entry_name(name):  # nothing outside the folder
         raise DataError(manifest_path, f'field "files" must name files in this folder, got {name!r}')
     path = folder / name
-    if not (
-        isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
-    ):
-        raise DataError(manifest_path, f'field "files.{path.name}" must hold "bytes" and "sha256", got {record!r}')
+    check_file_record(manifest_path, path.name, record)
     if not path.is_file():
         return FileCheck(path, "missing", "recorded in the manifest, not on disk")
     size = path.stat().st_size

@@ -103,9 +103,13 @@ def test_too_few_codes_per_list_warn_once_in_python_and_train_the_same_lists(eas
         warnings.simplefilter("error")
         assert make_binary_index(codes, "ivf", nlist=7).nlist == 7  # 42.9 per list: nothing to say
     with pytest.warns(
-        SparseListsWarning, match=r"IVF index of 20 codes in 1 lists: 20\.0 per list, .* to\. --index flat avoids it$"
+        SparseListsWarning, match=r"IVF index of 20 codes in 1 list: 20\.0 per list, .* to\. --index flat avoids it$"
     ):
         make_binary_index(codes[:20], "ivf", nlist=1)  # no --nlist would do
+    with pytest.warns(
+        SparseListsWarning, match=r"IVF index of 60 codes in 2 lists: .* to\. --nlist 1, or --index flat, avoids it$"
+    ):
+        make_binary_index(codes[:60], "ivf", nlist=2)
 
 
 @pytest.mark.parametrize("kind", INDEX_TYPES)

@@ -888,7 +888,6 @@ def test_stored_codes_are_read_from_the_faiss_files(pipe, tmp_path):
     assert image_codes.shape[1] * 8 == pf.BITS == 32
     narrow = make_binary_index(image_codes[:, :2], "flat", None, None)  # 16-bit codes beside a 32-bit module
     save_binary_index(narrow, out / "images.faiss")
-    _record_files(out, "images.faiss")
     with pytest.raises(DataError, match=r"images\.faiss: holds 16-bit codes, but the hash module gives 32"):
         Index.open(out)
 
@@ -1025,13 +1024,8 @@ def test_missing_features_and_swapped_or_foreign_code_files_are_named(pipe, tmp_
     images.rename(out / "x")
     captions.rename(images)
     (out / "x").rename(captions)  # swapped: image search failed obscurely, caption search answered wrongly
-    with pytest.raises(DataError, match=r"copy/images.faiss: changed since the index was built"):
-        Index.open(out)
-    # An index whose manifest records no checksums (an older heiindex) still gets the count check.
-    with pf.edited_json(out / "manifest.json") as m:
-        del m["files"]
     with pytest.raises(DataError, match=r"copy/images.faiss: holds 120 codes, but the index has 24 images"):
-        Index.open(out)
+        Index.open(out)  # the count is checked before the checksum: it says more
 
 
 def test_a_damaged_code_file_is_refused_at_open_and_verify_names_it(pipe, tmp_path):
@@ -1052,10 +1046,22 @@ def test_a_damaged_code_file_is_refused_at_open_and_verify_names_it(pipe, tmp_pa
             Index.open(out)
         assert [(c.path.name, c.status) for c in verify(out) if c.status != "ok"] == [(name, "changed")]
         shutil.rmtree(out)
-    out = _copy_index(pipe, tmp_path)  # a manifest entry that is not an object: read unchecked, as verify reports it
+    # An index whose manifest records no files (an older heiindex) is read unchecked, as verify
+    # reports it ("unrecorded"); a malformed record is refused as verify refuses it.
+    out = _copy_index(pipe, tmp_path)
+    data = bytearray((out / "images.faiss").read_bytes())
+    data[-3] ^= 0x10
+    (out / "images.faiss").write_bytes(bytes(data))
     with pf.edited_json(out / "manifest.json") as m:
-        m["files"]["images.faiss"] = "x"
+        files = m.pop("files")
     assert Index.open(out).n_images == 24
+    for bad, field in (({**files, "images.faiss": "x"}, "files.images.faiss"), ([], "files")):
+        with pf.edited_json(out / "manifest.json") as m:
+            m["files"] = bad
+        with pytest.raises(DataError, match=rf'copy/manifest\.json: field "{field}" must'):
+            Index.open(out)
+        with pytest.raises(DataError, match=rf'copy/manifest\.json: field "{field}" must'):
+            verify(out)
 
 
 def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, tmp_path):

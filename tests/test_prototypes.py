@@ -230,10 +230,13 @@ def test_codes_read_for_a_milvus_search_are_checked(built, models, tmp_path):
     shutil.copy(copy / "captions.faiss", copy / "images.faiss")  # 120 codes for 24 images
     manifest = json.loads((copy / "manifest.json").read_text())
     searched = (load_binary_index(built / "images.faiss"), load_binary_index(built / "captions.faiss"))
-    with pytest.raises(DataError, match=r"copy/images\.faiss: changed since the index was built"):
-        Index(copy, manifest, *models, code_indexes=searched)
-    del manifest["files"]  # no checksums recorded (an older heiindex): the count is still checked
     with pytest.raises(DataError, match=r"images\.faiss: holds 120 codes, but the index has 24 images"):
+        Index(copy, manifest, *models, code_indexes=searched)
+    shutil.copy(built / "images.faiss", copy / "images.faiss")
+    data = bytearray((copy / "images.faiss").read_bytes())
+    data[-3] ^= 0x10  # one bit of a code: the count is right, the checksum is not
+    (copy / "images.faiss").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"copy/images\.faiss: changed since the index was built"):
         Index(copy, manifest, *models, code_indexes=searched)
 
 

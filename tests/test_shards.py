@@ -420,3 +420,38 @@ def test_nlist_is_checked_for_every_shard_before_the_first_is_encoded(pipe, tmp_
             pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 5, index_type="ivf", nlist=5
         )
     assert not (tmp_path / "s").exists()
+
+
+def test_a_shard_whose_images_have_few_captions_is_refused_before_any_is_encoded(pipe, tmp_path, monkeypatch):
+    """A store may hold images that no caption describes: a shard can then have fewer captions
+    than --nlist while it has enough images. That was found after every shard was encoded, by a
+    FAISS-level ValueError that named no shard."""
+    from heiindex import shards
+
+    root = pf.copy_store(pipe, tmp_path)
+    ids = SplitStore.open(root, "test").image_id_column()
+    (a, b), *_ = [(a, b) for a, b in shards.shard_bounds(24, 4) if a > 0]  # a shard after the first: 6 images
+    keep = ids[a]  # its first image keeps 2 of its captions; the rest of its captions describe image ids[0]
+
+    def move(image_ids):
+        inside = np.isin(image_ids, ids[a:b])
+        inside[np.flatnonzero(image_ids == keep)[:2]] = False
+        image_ids[inside] = ids[0]
+
+    pf.edit_column(root / "test" / "captions.parquet", "image_id", move)
+
+    def not_yet(*_a, **_k):
+        raise AssertionError("a shard was encoded before --nlist was checked for all of them")
+
+    monkeypatch.setattr(shards.Index, "write", not_yet)
+    with pytest.raises(
+        HeiindexError, match=rf"--nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
+    ):
+        shards.write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 4, index_type="ivf", nlist=5)
+    monkeypatch.undo()
+    with pytest.raises(
+        HeiindexError, match=rf"--nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
+    ):
+        Index.write(
+            root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", index_type="ivf", nlist=5, image_rows=(a, b)
+        )
