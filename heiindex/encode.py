@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .attention import region_gram
 from .checkpoint import LoadedModel, check_encodable
 from .model import ScanModel
 from .packed import PackedWords, word_mask
+from .progress import progress_bar
 from .settings import require
 from .store import CaptionTable, SplitStore, rows_of, sorted_ids
 
@@ -71,7 +71,7 @@ def encode_images(
     out = torch.empty((n, store.regions, model.config.embed_size))
     ids = np.empty(n, dtype=np.int64)
     pos = 0
-    bar = tqdm(total=n, unit="img", desc="encode images", disable=None if progress else True, leave=False)
+    bar = progress_bar(n, "encode images", progress, unit="img")
     for block_ids, feats in store.iter_image_blocks(block_images, 0, n):
         out[pos : pos + len(block_ids)] = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
         ids[pos : pos + len(block_ids)] = block_ids

@@ -32,7 +32,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from . import __version__
 from .attention import region_gram
@@ -53,6 +52,7 @@ from .hashing import HashModule
 from .index_manifest import INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
 from .model import ScanModel
 from .packed import PackedWords, word_mask
+from .progress import progress_bar
 from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     BatchSearch,
@@ -365,13 +365,7 @@ class Index(BatchSearch):
                 if prototypes is None
                 else PendingImages(prototypes, matcher, hasher, describe_images_block, code_blocks, progress)
             )
-            bar = tqdm(
-                total=stop - first,
-                unit="img",
-                desc=f"encode {split} images",
-                disable=None if progress else True,
-                leave=False,
-            )
+            bar = progress_bar(stop - first, f"encode {split} images", progress, unit="img")
             kept_ids = []
             for ids, feats in store.iter_image_blocks(block_images, first, stop):  # a shard reads its rows only
                 kept_ids.append(ids)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from . import __version__
 from .errors import DataError
 from .precomp import PrecompSplit
+from .progress import progress_bar
 from .settings import require
 from .store import (
     CAPTIONS_FILE,
@@ -168,9 +168,7 @@ def ingest(
     target = out_root / split
     with atomic_dir(target, "a store split", (IMAGES_FILE, CAPTIONS_FILE, MANIFEST_FILE)) as tmp:
         writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
-        bar = tqdm(
-            total=src.n_images, unit="img", desc=f"ingest {split}", disable=None if progress else True, leave=False
-        )
+        bar = progress_bar(src.n_images, f"ingest {split}", progress, unit="img")
         try:
             for start, block in src.iter_image_blocks(block_images):
                 writer.write(np.arange(start, start + len(block)), block)

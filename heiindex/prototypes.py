@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .attention import score_pairs
 from .checkpoint import LoadedModel
@@ -40,6 +39,7 @@ from .encode import encode_caption_block, iter_caption_blocks
 from .errors import HeiindexError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import pack_codes
+from .progress import progress_bar
 from .settings import require
 from .store import SplitStore
 from .train_hash import LoadedHash
@@ -140,13 +140,7 @@ def caption_bank(
     module, bits = hasher.module, hasher.module.config.bits
     codes = np.empty((len(lengths), bits // 8), np.uint8)
     outputs = torch.empty((len(lengths), bits))
-    bar = tqdm(
-        total=len(lengths),
-        unit="cap",
-        desc=f"hash {config.split} captions",
-        disable=None if progress else True,
-        leave=False,
-    )
+    bar = progress_bar(len(lengths), f"hash {config.split} captions", progress, unit="cap")
     for s, words, lens in iter_caption_blocks(matcher.model, tokens, lengths, block):
         pre = module.text_hash(module.pool_captions(words, lens))
         codes[s : s + len(lens)] = pack_codes(pre > 0)
@@ -203,13 +197,7 @@ def describe_images(
     order = np.argsort(flat, kind="stable")  # the pairs by caption: each block's pairs are a slice
     by_caption = flat[order]
     scores = np.empty(n * m, np.float32)
-    bar = tqdm(
-        total=n * m,
-        unit="pair",
-        desc=f"score {n} images x {bank.config.split} captions",
-        disable=None if progress else True,
-        leave=False,
-    )
+    bar = progress_bar(n * m, f"score {n} images x {bank.config.split} captions", progress, unit="pair")
     for s in range(0, len(bank), bank.block):
         a, b = np.searchsorted(by_caption, [s, s + bank.block])
         if a == b:  # no image preselected a caption of this block: not encoded

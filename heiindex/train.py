@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .atomic import atomic_file, clear_leftovers, set_aside
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
+from .progress import progress_bar
 from .scoring import evaluate_exhaustive
 from .settings import settle
 from .store import SplitStore, check_output, rows_of, sorted_ids
@@ -257,9 +257,7 @@ def train(
         model.train()
         rng = np.random.default_rng([config.seed, epoch])
         n_batches = -(-tr.n_captions // config.batch_size)
-        bar = tqdm(
-            total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False
-        )
+        bar = progress_bar(n_batches, f"epoch {epoch + 1}/{config.epochs}", progress)
         t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for feats, tok, lens, img_ids, _ in iter_training_batches(
             tr, caps, config.batch_size, rng, config.buffer_row_groups

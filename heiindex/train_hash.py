@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
 from .encode import check_split, encode_split
@@ -32,6 +31,7 @@ from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
+from .progress import progress_bar
 from .settings import settle
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
 from .train import finite_loss, iter_training_batches, require_loop_settings
@@ -218,7 +218,7 @@ def collect_batches(
     image_seen, caption_seen = np.zeros(len(image_ids), bool), np.zeros(len(caps), bool)
     batches = []
     total = config.rounds * -(-store.n_captions // config.batch_size)
-    bar = tqdm(total=total, desc="score training batches", disable=None if progress else True, leave=False)
+    bar = progress_bar(total, "score training batches", progress)
     with torch.no_grad():
         for r in range(config.rounds):
             rng = np.random.default_rng([config.seed, 1000 + r])
