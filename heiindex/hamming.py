@@ -263,5 +263,5 @@ def load_binary_index(path: Path, data: bytes | None = None) -> faiss.IndexBinar
         if data is not None:
             return faiss.deserialize_index_binary(np.frombuffer(data, dtype=np.uint8))
         return faiss.read_index_binary(str(path))
-    except RuntimeError as exc:
-        raise DataError(path, f"not a FAISS binary index ({exc})") from None
+    except (RuntimeError, MemoryError) as exc:  # MemoryError: a damaged header's size (std::bad_alloc)
+        raise DataError(path, f"not a FAISS binary index ({type(exc).__name__}: {exc})") from None

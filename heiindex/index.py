@@ -49,7 +49,7 @@ from .hamming import (
     stored_codes,
 )
 from .hashing import HashModule
-from .index_manifest import INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
+from .index_manifest import INDEX_FILES, INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .progress import progress_bar
@@ -418,7 +418,7 @@ class Index(BatchSearch):
                 manifest["prototypes"] = prototypes.manifest_entry()
             if image_rows is not None:
                 manifest["store_rows"] = [int(first), int(stop)]
-            manifest["files"] = {name: file_record(tmp / name) for name in _INDEX_FILES}  # heiindex verify
+            manifest["files"] = {name: file_record(tmp / name) for name in INDEX_FILES}  # heiindex verify
             if codes == "milvus":
                 from .milvus_codes import collection_names, upload_codes
 
@@ -696,10 +696,9 @@ class Index(BatchSearch):
         return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
 
 
-_INDEX_FILES = ("image_features.parquet", "caption_features.parquet", "images.faiss", "captions.faiss")
 # What an index folder holds, unsharded or sharded (so that either can be rebuilt over the other),
 # with the sweep plot ``heiindex bench`` writes beside it by default.
-INDEX_OUTPUT = ("an index", ("manifest.json", *_INDEX_FILES, "shard-[0-9]*", "bench_sweep.png"))
+INDEX_OUTPUT = ("an index", ("manifest.json", *INDEX_FILES, "shard-[0-9]*", "bench_sweep.png"))
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(
@@ -729,25 +728,36 @@ def _load_code_file(folder: Path, what: str, manifest: dict, count: int, bits: i
     naming it where it does not hold ``count`` codes of ``bits`` bits (e.g. the two files swapped,
     or one from another build), then where its SHA-256 is not the one ``manifest`` records: FAISS
     reads a file whose codes were damaged without complaint, and the index would search with them.
-    Hashing costs 0.1-0.2 s per 200 MB here, of a file read whole anyway. Read unchecked where the
-    manifest records no files at all (an older heiindex, as ``verify`` reports it); a malformed
-    record is refused as ``verify`` refuses it."""
+    Where FAISS cannot read the file at all, a checksum that differs is what is said (a damaged
+    header); the count says more of a file that reads. Hashing costs 0.1-0.2 s per 200 MB here, of
+    a file read whole anyway. Read unchecked where the manifest records no files at all (an older
+    heiindex, as ``verify`` reports it); a malformed record is refused as ``verify`` refuses it."""
     path = folder / f"{what}.faiss"
     record = recorded_file(folder / MANIFEST_FILE, manifest, path.name)
     data = path.read_bytes() if path.is_file() else None
-    index = load_binary_index(path, data)
+    digest = None if data is None else hashlib.sha256(data).hexdigest()
+    changed = record is not None and digest is not None and digest != record["sha256"]
+    try:
+        index = load_binary_index(path, data)
+    except DataError:
+        if changed:
+            raise _changed_file(path, digest, record["sha256"]) from None
+        raise
     if index.ntotal != count:
         raise DataError(path, f"holds {index.ntotal} codes, but the index has {count} {what}")
     if index.d != bits:
         raise DataError(path, f"holds {index.d}-bit codes, but the hash module gives {bits}")
-    digest = hashlib.sha256(data).hexdigest()
-    if record is not None and digest != record["sha256"]:
-        raise DataError(
-            path,
-            f"changed since the index was built: its SHA-256 is {digest[:12]}..., {MANIFEST_FILE} "
-            f"records {record['sha256'][:12]}... (heiindex verify {folder} lists every changed file; build the index again)",
-        )
+    if changed:
+        raise _changed_file(path, digest, record["sha256"])
     return index
+
+
+def _changed_file(path: Path, digest: str, recorded: str) -> DataError:
+    return DataError(
+        path,
+        f"changed since the index was built: its SHA-256 is {digest[:12]}..., {MANIFEST_FILE} "
+        f"records {recorded[:12]}... (heiindex verify {path.parent} lists every changed file; build the index again)",
+    )
 
 
 def check_lists_filled(
@@ -763,6 +773,11 @@ def check_lists_filled(
                 if rows is None
                 else f" in its shard (image rows {rows[0]} to {rows[1] - 1}; --nlist applies to each shard)"
             )
+            if n == 0:  # whatever --nlist is (or none was given): an IVF index needs a code per list
+                shard = "" if rows is None else f" in its shard (image rows {rows[0]} to {rows[1] - 1})"
+                raise HeiindexError(
+                    f"no {what} to index{shard}: an IVF index needs some (--index flat, or fewer shards)"
+                )
             raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
 
 

@@ -17,6 +17,7 @@ from .errors import DataError
 from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object
 
 __all__ = [
+    "INDEX_FILES",
     "INDEX_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "check_index_manifest",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 INDEX_FORMAT_VERSION = 1
+# The files of an unsharded index, each recorded in its manifest's "files" (heiindex verify).
+INDEX_FILES = ("image_features.parquet", "caption_features.parquet", "images.faiss", "captions.faiss")
 SHARDED_FORMAT_VERSION = 1
 
 # The fields Index.open reads from an unsharded index's manifest, and what each holds.
@@ -63,6 +66,13 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
     check_prototypes_entry(manifest, mpath)
+    files = manifest.get("files")  # absent: written by a heiindex that recorded none
+    if files is not None:
+        if not isinstance(files, dict):
+            raise DataError(mpath, f'field "files" must be an object, got {type(files).__name__}')
+        missing = [name for name in INDEX_FILES if name not in files]
+        if missing:
+            raise DataError(mpath, f'field "files" records no {", ".join(missing)} (a build records all four)')
 
 
 # An index's record of its prototype image codes (heiindex.prototypes), where it has one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -1062,6 +1063,35 @@ def test_a_damaged_code_file_is_refused_at_open_and_verify_names_it(pipe, tmp_pa
             Index.open(out)
         with pytest.raises(DataError, match=rf'copy/manifest\.json: field "{field}" must'):
             verify(out)
+    # A record that leaves a file out: refused by open, "invalid" in verify (which still checks the rest).
+    with pf.edited_json(out / "manifest.json") as m:
+        m["files"] = {k: v for k, v in files.items() if k != "images.faiss"}
+    left_out = 'field "files" records no images.faiss (a build records all four)'
+    with pytest.raises(DataError, match=re.escape(f"copy/manifest.json: {left_out}")):
+        Index.open(out)
+    assert [(c.path.name, c.status, c.detail) for c in verify(out) if c.status != "ok"] == [
+        ("manifest.json", "invalid", left_out)
+    ]
+
+
+def test_a_damaged_header_is_named_not_a_crash(pipe, tmp_path):
+    """FAISS reads the size of a file's code list from its header: a damaged one made it
+    allocate 2^60 bytes and raise MemoryError (std::bad_alloc), a traceback from the command
+    line. The file's checksum, which differs, is what is said; without checksums recorded, that
+    it is not a FAISS binary index."""
+    from cli_helpers import clean_error, run
+
+    out = _copy_index(pipe, tmp_path)
+    data = bytearray((out / "images.faiss").read_bytes())
+    data[22:30] = (2**60).to_bytes(8, "little")  # IndexBinaryFlat: the byte count of its codes
+    (out / "images.faiss").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"copy/images\.faiss: changed since the index was built"):
+        Index.open(out)
+    clean_error(run("query", "a dog", "--index", out), "images.faiss: changed since the index was built")
+    with pf.edited_json(out / "manifest.json") as m:
+        del m["files"]
+    with pytest.raises(DataError, match=r"copy/images\.faiss: not a FAISS binary index \(MemoryError"):
+        Index.open(out)
 
 
 def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, tmp_path):

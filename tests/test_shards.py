@@ -455,3 +455,16 @@ def test_a_shard_whose_images_have_few_captions_is_refused_before_any_is_encoded
         Index.write(
             root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", index_type="ivf", nlist=5, image_rows=(a, b)
         )
+
+
+def test_a_shard_with_no_captions_is_named_as_such_without_an_nlist():
+    """With no --nlist given, the message said '--nlist 1 exceeds the 0 captions'."""
+    from heiindex.index import check_lists_filled
+
+    with pytest.raises(
+        HeiindexError,
+        match=r"^no captions to index in its shard \(image rows 6 to 11\): an IVF index needs some \(--index flat, or fewer shards\)$",
+    ):
+        check_lists_filled("ivf", None, None, {"images": 6, "captions": 0}, (6, 12))
+    with pytest.raises(HeiindexError, match=r"^--nlist 2 exceeds the 1 captions to index in its shard"):
+        check_lists_filled("ivf", 2, None, {"images": 6, "captions": 1}, (6, 12))
