@@ -34,6 +34,7 @@ import heiindex  # noqa: F401  # isort: skip  (first: sets OpenMP defaults befor
 
 import argparse
 import json
+import sys
 import time
 from functools import partial
 
@@ -157,6 +158,12 @@ def main() -> None:
     sub = _Sub(index, np.arange(index.n_images), np.arange(len(index.caption_image)))
     lines = [{"index": a.index, "device": str(device), "policy": a.policy, "torch": torch.__version__}]
     lines[0].update(threads=torch.get_num_threads(), checkout=checkout())
+    if device.type == "cpu" and torch.get_num_threads() == 2:
+        print(
+            "note: with exactly 2 torch threads, scoring runs on two worker threads the profiler does not "
+            "see (heiindex.attention._for_each): the profiles below miss most operators; pass --threads 1",
+            file=sys.stderr,
+        )
     lines += _passes(index, sub, a.topk, a.repeats, device)
     if a.exhaustive:
         lines.append({"exhaustive_seconds": [_exhaustive(index, sub, device) for _ in range(a.exhaustive)]})

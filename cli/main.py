@@ -690,12 +690,12 @@ def _query_lines(file, name: str) -> list[str]:
 def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_query: bool) -> None:
     """Results of several queries (all checked before the first came), each printed as its batch
     ends: a table each, or one JSON object a line."""
-    from tqdm import tqdm
+    from heiindex.progress import progress_bar
 
     from .render import echo_json, print_result
 
     t0, searched = time.perf_counter(), 0.0
-    for res in tqdm(results, total=n, unit="query", desc="search", disable=None, leave=False):
+    for res in progress_bar(n, "search", True, unit="query", iterable=results):
         searched += res.seconds  # the search alone, not the printing
         if as_json:
             echo_json(res.to_dict(), line=True)

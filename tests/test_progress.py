@@ -27,3 +27,9 @@ def test_a_bar_is_drawn_only_where_asked_and_on_a_terminal(monkeypatch):
     bar.update(10)
     bar.close()
     assert sys.stderr.getvalue() == ""
+
+
+def test_a_bar_over_an_iterable_yields_it_whole(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert list(progress_bar(3, "search", True, unit="query", iterable=iter("abc"))) == ["a", "b", "c"]
+    assert "search:" in sys.stderr.getvalue() and "query" in sys.stderr.getvalue()
