@@ -352,8 +352,8 @@ class Index(BatchSearch):
             store.check_ids(captions)
         if image_rows is None:
             counts = {"images": stop, "captions": len(captions)}
-        else:  # a shard: its images' captions
-            counts = {"images": stop - first, "captions": captions.count_of(store.image_id_column()[first:stop])}
+        else:
+            counts = shard_counts(captions, store.image_id_column(), first, stop)
         check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
@@ -767,18 +767,21 @@ def check_lists_filled(
     (``{"images": n, ...}``), before any encoding; ``rows``: the store's image rows of a shard."""
     for what, n in counts.items():
         chosen = resolve_index_kind(index_type, n, nlist, nprobe)
-        if chosen["type"] == "ivf" and chosen["nlist"] > n:
-            where = (
-                ""
-                if rows is None
-                else f" in its shard (image rows {rows[0]} to {rows[1] - 1}; --nlist applies to each shard)"
+        if chosen["type"] != "ivf" or chosen["nlist"] <= n:
+            continue
+        shard = "" if rows is None else f" in its shard (image rows {rows[0]} to {rows[1] - 1}"
+        if n == 0:  # whatever --nlist is (or none was given): an IVF index needs a code per list
+            raise HeiindexError(
+                f"no {what} to index{shard and shard + ')'}: an IVF index needs some (--index flat, or fewer shards)"
             )
-            if n == 0:  # whatever --nlist is (or none was given): an IVF index needs a code per list
-                shard = "" if rows is None else f" in its shard (image rows {rows[0]} to {rows[1] - 1})"
-                raise HeiindexError(
-                    f"no {what} to index{shard}: an IVF index needs some (--index flat, or fewer shards)"
-                )
-            raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+        where = shard and shard + "; --nlist applies to each shard)"
+        raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+
+
+def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop: int) -> dict[str, int]:
+    """What a shard of the store's image rows ``first``..``stop - 1`` indexes: its images, and the
+    ``captions`` of the split that describe them (``image_ids``: the store's, in row order)."""
+    return {"images": stop - first, "captions": captions.count_of(image_ids[first:stop])}
 
 
 def _write_caption_features(

@@ -43,6 +43,7 @@ from .index import (
     load_bound_models,
     load_models,
     models_on,
+    shard_counts,
     timed_results,
 )
 from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
@@ -112,8 +113,7 @@ def write_shards(
     # smaller shard could fail after the ones before it were built.
     ids = store.image_id_column()
     for a, b in bounds:
-        counts = {"images": b - a, "captions": captions.count_of(ids[a:b])}
-        check_lists_filled(index_type, nlist, nprobe, counts, (a, b))
+        check_lists_filled(index_type, nlist, nprobe, shard_counts(captions, ids, a, b), (a, b))
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes
