@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DataError
-from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object
+from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object, recorded_files
 
 __all__ = [
     "INDEX_FILES",
@@ -66,13 +66,10 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
     check_prototypes_entry(manifest, mpath)
-    files = manifest.get("files")  # absent: written by a heiindex that recorded none
-    if files is not None:
-        if not isinstance(files, dict):
-            raise DataError(mpath, f'field "files" must be an object, got {type(files).__name__}')
-        missing = [name for name in INDEX_FILES if name not in files]
-        if missing:
-            raise DataError(mpath, f'field "files" records no {", ".join(missing)} (a build records all four)')
+    files = recorded_files(mpath, manifest)  # None: written by a heiindex that recorded none
+    missing = [name for name in INDEX_FILES if files is not None and name not in files]
+    if missing:
+        raise DataError(mpath, f'field "files" records no {", ".join(missing)} (a build records all four)')
 
 
 # An index's record of its prototype image codes (heiindex.prototypes), where it has one.

@@ -64,6 +64,7 @@ __all__ = [
     "read_guarded",
     "reading",
     "recorded_file",
+    "recorded_files",
     "rows_of",
     "sorted_ids",
     "write_captions",
@@ -204,16 +205,21 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def recorded_files(manifest_path: Path, manifest: dict) -> dict | None:
+    """``manifest``'s ``"files"`` (name -> ``file_record``), or None where it records none (written
+    by an older heiindex); ``DataError`` naming ``manifest_path`` where it is not an object."""
+    files = manifest.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
+    return files
+
+
 def recorded_file(manifest_path: Path, manifest: dict, name: str) -> dict | None:
     """``manifest``'s record ``{"bytes", "sha256"}`` of the file ``name`` (``file_record``), or
-    None where the manifest records no files at all (written by an older heiindex). ``DataError``
-    naming ``manifest_path`` where "files" is not an object or this record is missing or malformed."""
-    files = manifest.get("files")
-    if files is None:
-        return None
-    if not isinstance(files, dict):
-        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
-    return check_file_record(manifest_path, name, files.get(name))
+    None where the manifest records no files at all. ``DataError`` naming ``manifest_path`` where
+    "files" is not an object or this record is missing or malformed."""
+    files = recorded_files(manifest_path, manifest)
+    return None if files is None else check_file_record(manifest_path, name, files.get(name))
 
 
 def check_file_record(manifest_path: Path, name: str, record) -> dict:

@@ -23,6 +23,7 @@ from .store import (
     file_sha256,
     manifest_folders,
     read_json_object,
+    recorded_files,
     store_splits,
 )
 
@@ -148,11 +149,9 @@ def _read_manifest(path: Path) -> dict:
 def _recorded_files(folder: Path, manifest: dict) -> list[FileCheck]:
     """The files ``manifest`` (of ``folder``) records, each checked."""
     manifest_path = folder / MANIFEST_FILE
-    files = manifest.get("files")
+    files = recorded_files(manifest_path, manifest)
     if files is None:
         return [FileCheck(manifest_path, "unrecorded", "no file checksums recorded (written by an older heiindex)")]
-    if not isinstance(files, dict):
-        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
     return [_check(folder, name, record, manifest_path) for name, record in sorted(files.items())]
 
 
