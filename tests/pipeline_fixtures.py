@@ -307,15 +307,29 @@ def get_wide_store(tmp_path_factory) -> Path:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def copy_index(source: Path, tmp_path: Path) -> Path:
+    """A copy of the index (or sharded build) at ``source`` at ``tmp_path / "copy"``, to damage."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    return out
+
+
+def flip_bit(path: Path, at: int = -3, mask: int = 0x10) -> None:
+    """Flip one bit of the file ``path`` in place (by default inside a FAISS file's last code):
+    the same size, another content."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def index_with_moved_models(pipe, tmp_path: Path, source: Path | None = None) -> Path:
     """A copy of the pipeline's index (or of the index or sharded build at ``source``) at
     ``tmp_path / "copy"`` whose manifests (a sharded build's top one and its shards') record
     its matcher and hash module at folders that are not there (``gone-model``, ``gone-hash``):
     an index copied to another machine, or whose models moved."""
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(source or pipe.index_dir, out)
+    out = copy_index(source or pipe.index_dir, tmp_path)
     for manifest in [out / "manifest.json", *sorted(out.glob("shard-*/manifest.json"))]:
         with edited_json(manifest) as m:
             m["matcher"]["path"], m["hash"]["path"] = str(tmp_path / "gone-model"), str(tmp_path / "gone-hash")

@@ -218,8 +218,9 @@ def test_1k_protocol_averages_folds(index, monkeypatch):
         assert d["speedup"] == d["exhaustive"]["seconds"] / d["hei"]["seconds"]
 
 
-def test_topk_defaults_to_100_or_the_largest_the_index_allows(index):
-    """`heiindex bench` on a first small index was refused for a --topk 100 never given."""
+def test_topk_defaults_to_the_largest_the_index_allows_below_100(index):
+    """`heiindex bench` on a first small index was refused for a --topk 100 never given (the
+    default of 100 itself: test_shards, run_sharded_bench on the sharded build)."""
     res = run_bench(index)
     assert res["full"]["candidates"] == 24  # 24 images, 120 captions
     assert res["full"]["t2i"]["candidate_recall"] == 1.0  # every image a candidate (i2t: 24 of 120 captions)
