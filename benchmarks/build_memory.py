@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--child", choices=["prepare", "write", "write-proto", "open"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bank_images < 0:
+        ap.error(f"--bank-images must be 0 (no prototype build) or more, got {args.bank_images}")
     if args.child == "prepare":
         return prepare(args.workdir, args.images, args.d, args.bank_images)
     if args.child:

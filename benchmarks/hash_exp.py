@@ -377,6 +377,8 @@ def mix_term(e: Exp, model: Hasher, tr: dict, rec: dict, mix: dict, tc: Tensor, 
     h = similarity(ic, tc, e.agg, e.tau)
     if e.mix_loss == "kd":
         return kd_loss(h, mix["scores"], e.kd_ts, e.kd_th)
+    if e.mix_loss != "mse":
+        raise ValueError(f"mix_loss must be 'kd' or 'mse', got {e.mix_loss!r}")
     lo, hi = rec["scores"].min(), rec["scores"][positive].mean()
     target = (2 * (mix["scores"] - lo) / (hi - lo).clamp_min(1e-6) - 1).clamp(-1, 1)
     return ((h - target) ** 2).mean()  # mse

@@ -83,6 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.multi and args.tau:
         ap.error("--tau weights a prototype; --multi mixes each caption's output on its own (give one)")
+    if args.preselect and max(int(v) for v in args.k.split(",")) > args.preselect:
+        ap.error(f"--k must be at most --preselect {args.preselect}: the top k are chosen among the preselected")
     tr, db = load_split("train"), load_split(args.split)
     scores = train_caption_scores(args.split, db, tr)
     mod = load_hash(default_hash_dir()).module.eval()
