@@ -171,6 +171,20 @@ def quiet(*_args, **_kw) -> None:
     pass
 
 
+def forbid(monkeypatch, why: str, *targets) -> None:
+    """Make each of ``targets`` (``"module.name"``, or ``(owner, "name")``) fail the test with
+    ``why`` if it is called: for tests that something is checked before work starts."""
+
+    def refuse(*_a, **_k):
+        raise AssertionError(why)
+
+    for target in targets:
+        if isinstance(target, str):
+            monkeypatch.setattr(target, refuse)
+        else:
+            monkeypatch.setattr(*target, refuse)
+
+
 # GPU-only tests: skipped where torch sees no CUDA device (CI); benchmarks/gpu.sh runs them.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
 # Tests of re-ranking's two workers: skipped where no per-thread torch thread count is found

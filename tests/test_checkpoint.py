@@ -106,13 +106,8 @@ def test_folder_holds_json_and_safetensors_only(saved, tmp_path):
 def test_loading_never_unpickles(saved, monkeypatch):
     model, path = saved
 
-    def refuse(*_a, **_k):
-        raise AssertionError("load_model must not unpickle")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+    why = "load_model must not unpickle"
+    pf.forbid(monkeypatch, why, (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"))
     loaded = load_model(path)
     assert torch.equal(_scores(loaded.model), _scores(model))
 

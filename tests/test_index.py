@@ -332,10 +332,7 @@ def test_search_many_of_captions_of_different_lengths_equals_exhaustive(index):
 
 
 def test_search_many_refuses_bad_queries_together_before_searching_any(index, monkeypatch):
-    def no_search(*args, **kwargs):
-        raise AssertionError("searched before every query was checked")
-
-    monkeypatch.setattr("heiindex.index.encode_queries", no_search)
+    pf.forbid(monkeypatch, "searched before every query was checked", "heiindex.index.encode_queries")
     texts = ["a dog", "", "xyzzyq qwplk", "two cats"]
     with pytest.raises(HeiindexError) as err:
         index.search_many(texts, k=3, candidates=5, where=lambda i: f"q.txt line {i + 1}")  # not even iterated
@@ -590,10 +587,7 @@ def test_ivf_lists_beyond_the_items_are_refused_before_any_encoding(pipe, tmp_pa
     from heiindex.model import ScanModel
     from heiindex.shards import write_shards
 
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("encoded before the IVF options were checked")
-
-    monkeypatch.setattr(ScanModel, "encode_images", no_encoding)
+    pf.forbid(monkeypatch, "encoded before the IVF options were checked", (ScanModel, "encode_images"))
     with pytest.raises(HeiindexError, match="--nlist 25 exceeds the 24 images to index"):
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", index_type="ivf", nlist=25)
     with pytest.raises(

@@ -257,10 +257,7 @@ def test_a_malformed_prototypes_record_is_named(built, tmp_path, field, value):
 
 
 def test_a_sharded_build_checks_its_lists_before_hashing_captions(pipe, models, tmp_path, monkeypatch):
-    def not_yet(*_a, **_k):
-        raise AssertionError("the captions were hashed before --nlist was checked")
-
-    monkeypatch.setattr(shards, "caption_bank", not_yet)
+    pf.forbid(monkeypatch, "the captions were hashed before --nlist was checked", (shards, "caption_bank"))
     with pytest.raises(HeiindexError, match="--nlist 10 exceeds the 8 images to index in its shard"):
         write_shards(pipe.root, "test", *models, tmp_path / "s", 3, index_type="ivf", nlist=10, prototypes=SMALL)
 
@@ -276,11 +273,12 @@ def test_the_record_names_the_split_as_the_store_does(pipe, models, tmp_path):
 def test_a_split_is_not_described_by_its_own_captions(pipe, models, tmp_path, monkeypatch, split):
     import heiindex.index
 
-    def not_yet(*_a, **_k):
-        raise AssertionError("the captions were hashed before the folder was compared")
-
-    monkeypatch.setattr(heiindex.index, "caption_bank", not_yet)
-    monkeypatch.setattr(shards, "caption_bank", not_yet)
+    pf.forbid(
+        monkeypatch,
+        "the captions were hashed before the folder was compared",
+        (heiindex.index, "caption_bank"),
+        (shards, "caption_bank"),
+    )
     with pytest.raises(HeiindexError, match="captions of test would describe its own images"):
         Index.write(pipe.root, "test", *models, tmp_path / "x", prototypes=PrototypeConfig(split=split))
     with pytest.raises(HeiindexError, match="captions of test would describe its own images"):

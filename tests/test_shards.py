@@ -407,12 +407,9 @@ def test_nlist_is_checked_for_every_shard_before_the_first_is_encoded(pipe, tmp_
     that one, which was found only after the shards before it had been encoded and hashed."""
     from heiindex import shards
 
-    def not_yet(*_a, **_k):
-        raise AssertionError("a shard was encoded before --nlist was checked for all of them")
-
     (a, b), *_ = [(a, b) for a, b in shards.shard_bounds(24, 5) if b - a == 4]
     assert a > 0  # a shard that the old check reached only after others
-    monkeypatch.setattr(shards.Index, "write", not_yet)
+    pf.forbid(monkeypatch, "a shard was encoded before --nlist was checked for all of them", (shards.Index, "write"))
     with pytest.raises(
         HeiindexError, match=rf"--nlist 5 exceeds the 4 images to index in its shard \(image rows {a} to {b - 1};"
     ):
@@ -440,10 +437,7 @@ def test_a_shard_whose_images_have_few_captions_is_refused_before_any_is_encoded
 
     pf.edit_column(root / "test" / "captions.parquet", "image_id", move)
 
-    def not_yet(*_a, **_k):
-        raise AssertionError("a shard was encoded before --nlist was checked for all of them")
-
-    monkeypatch.setattr(shards.Index, "write", not_yet)
+    pf.forbid(monkeypatch, "a shard was encoded before --nlist was checked for all of them", (shards.Index, "write"))
     with pytest.raises(
         HeiindexError, match=rf"--nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
     ):
