@@ -20,7 +20,7 @@ from .hamming import make_binary_index
 from .index import Index
 from .index_manifest import searched_type
 from .scoring import exhaustive_scores
-from .search import DEFAULT_CANDIDATES, rerank_captions, rerank_images
+from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
 
 __all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench"]
@@ -305,7 +305,7 @@ def run_bench(
     coco_5k = index.n_images == COCO_5K_IMAGES
     folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
     limit, why = _depth_limit(index, full, folds)
-    topk = min(DEFAULT_CANDIDATES, limit) if topk is None else topk
+    topk = bench_depth(topk, limit)
     _check_depths(topk, sweep, limit, why)
     check_captioned(index.caption_image, index.n_images)  # before any pass, not after the first
     out: dict = {

@@ -41,6 +41,7 @@ __all__ = [
     "Candidates",
     "EncodedQueries",
     "Ranked",
+    "bench_depth",
     "check_batch",
     "check_image_ids",
     "check_queries",
@@ -219,6 +220,12 @@ def default_counts(candidates: int | None, k: int | None, sizes: list[int], what
     if k is None:
         k = min(DEFAULT_K, pooled_candidates(candidates, sizes)) if is_whole(candidates) else DEFAULT_K
     return candidates, k
+
+
+def bench_depth(topk: int | None, limit: int) -> int:
+    """N of a bench: ``topk`` where given (to be checked against ``limit``), else
+    ``DEFAULT_CANDIDATES``, or ``limit`` (the most the index allows) where that is smaller."""
+    return min(DEFAULT_CANDIDATES, limit) if topk is None else topk
 
 
 def pooled_candidates(candidates: int, sizes: list[int]) -> int:

@@ -50,9 +50,9 @@ from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard
 from .packed import PackedWords
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
-    DEFAULT_CANDIDATES,
     BatchSearch,
     EncodedQueries,
+    bench_depth,
     check_queries,
     encode_queries,
     refuse_unknown_images,
@@ -345,7 +345,7 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]
     limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
-    topk = min(DEFAULT_CANDIDATES, limit) if topk is None else topk
+    topk = bench_depth(topk, limit)
     if not 1 <= topk <= limit:
         raise HeiindexError(f"--topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])

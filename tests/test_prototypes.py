@@ -191,7 +191,6 @@ def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
             "test",
             "would describe its own images, and the bench measures with them; describe the images with the captions of a split other than test",
         ),
-        ("./test", "would describe its own images"),  # the same folder by another name
         ("nope", ("prototypes split 'nope': ", "no such split in this store (it holds: dev, test, train)")),
     ],
 )
