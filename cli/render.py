@@ -60,7 +60,7 @@ def recall_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             f"{r['rsum']:.1f}",
             *((_seconds(r),) if timed else ()),
         )
-    return table
+    return _fitted(table)
 
 
 def _medr(medr: float | None) -> str:
@@ -102,7 +102,7 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         if d["hei"]["meanr"] is None:
             extra += "\n(mean rank '-': some ground truth is outside the N candidates)"
         t.caption = extra
-        tables.append(t)
+        tables.append(_fitted(t))
     if res.get("sweep"):
         t = Table(title=f"{proto_name}: recall versus N")
         for col in ("N", "t2i R@1", "t2i rsum", "t2i cand. recall", "i2t R@1", "i2t rsum", "i2t cand. recall"):
@@ -118,5 +118,13 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
                 f"{b['rsum']:.1f}",
                 f"{100 * b['candidate_recall']:.1f}%",
             )
-        tables.append(t)
+        tables.append(_fitted(t))
     return tables
+
+
+def _fitted(table: Table) -> Table:
+    """``table`` at least as wide as its title and each line of its caption: rich wraps both to
+    the table's width, which cut the bench's titles mid-phrase."""
+    lines = [table.title or "", *(table.caption or "").splitlines()]
+    table.min_width = max(len(line) for line in lines) + 2  # the caption's centring keeps a margin
+    return table

@@ -357,6 +357,8 @@ def test_bench_tables(pipe, tmp_path):
         "hei",
         "hamming",
         "candidate recall@5",
+        "HEI speed-up over exhaustive:",
+        "(mean rank '-': some ground truth is outside the N candidates)",
         "recall versus N",
         "sweep plot:",
     ):
