@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -61,16 +62,21 @@ def _warning_as_line(show):
 
 
 def _as_flag(exc: Exception) -> str:
-    """The message of ``exc``; a setting the library names ("epochs must be ...") named by this
-    command's flag for it ("--epochs must be ...") where it has one."""
+    """The message of ``exc``; the settings the library names ("epochs must be ...") named by
+    this command's flags for them ("--epochs must be ...") where it has them: the setting that
+    begins the message, and the others it names (``SettingError.also``) wherever they stand."""
     from heiindex.settings import SettingError
 
     ctx = click.get_current_context(silent=True)
     message = str(exc)
-    if isinstance(exc, SettingError) and ctx is not None and message.startswith(exc.setting):
-        for param in ctx.command.params:
-            if param.name == exc.setting and isinstance(param, click.Option):
-                return param.opts[0] + message[len(exc.setting) :]
+    if not isinstance(exc, SettingError) or ctx is None:
+        return message
+    flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+    if message.startswith(exc.setting) and exc.setting in flags:
+        message = flags[exc.setting] + message[len(exc.setting) :]
+    for name in exc.also:
+        if name in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
     return message
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, SparseListsWarning
-from .settings import require
+from .settings import SettingError, require
 
 __all__ = [
     "INDEX_TYPES",
@@ -45,7 +45,11 @@ def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> tup
     nlist, nprobe = _check_kind_and_sizes(kind, nlist, nprobe)
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and kind not in ("ivf", "auto"):
-            raise ValueError(f"{name} sets up IVF indexes (ivf, or auto at scale), not index type {kind!r}")
+            raise SettingError(
+                name,
+                f"{name} sets up IVF indexes (index_type ivf, or auto at scale), not index_type {kind!r}",
+                also=("index_type",),
+            )
     return nlist, nprobe
 
 

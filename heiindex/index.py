@@ -66,7 +66,7 @@ from .search import (
     rerank_images,
     top_k,
 )
-from .settings import require
+from .settings import SettingError, require
 from .store import (
     MANIFEST_FILE,
     CaptionTable,
@@ -128,7 +128,9 @@ def check_codes_options(codes: str, uri: str | None) -> None:
     """Where a build writes its codes: "faiss" (the index's files only), or "milvus" with the
     server ``uri`` (a URI without Milvus codes would be ignored, so it is refused)."""
     if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
-        raise HeiindexError("codes must be 'faiss', or 'milvus' with a server URI (--uri)")
+        raise SettingError(
+            "codes", f"codes must be 'faiss', or 'milvus' with a server URI (uri), got {codes!r}", also=("uri",)
+        )
     if codes == "faiss" and uri is not None:
         raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
 

@@ -40,7 +40,7 @@ from .errors import HeiindexError
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import pack_codes
 from .progress import progress_bar
-from .settings import require
+from .settings import SettingError, require
 from .store import SplitStore
 from .train_hash import LoadedHash
 
@@ -76,15 +76,18 @@ class PrototypeConfig:
         require("prototype_k", self.k, at_least=1, integer=True)
         require("prototype_preselect", self.preselect, at_least=1, integer=True)
         if self.preselect < self.k:
-            raise HeiindexError(
-                f"prototypes: preselect ({self.preselect}) must be at least k ({self.k}): "
-                "the top k captions are chosen among the preselected ones"
+            raise SettingError(
+                "prototype_k",
+                f"prototype_k {self.k} exceeds prototype_preselect ({self.preselect}): "
+                "the top k captions are chosen among the preselected ones",
+                also=("prototype_preselect",),
             )
         weight = require("prototype_weight", self.weight, at_least=0.0)
         if not weight < 1.0:
-            raise HeiindexError(
-                f"prototypes: weight must be below 1 (1 keeps each image's own code: build without prototypes), "
-                f"got {self.weight}"
+            raise SettingError(
+                "prototype_weight",
+                "prototype_weight must be below 1 (1 keeps each image's own code: build without prototypes), "
+                f"got {self.weight}",
             )
 
     def to_dict(self) -> dict:

@@ -17,15 +17,17 @@ __all__ = ["SettingError", "is_whole", "require", "settle"]
 
 
 class SettingError(HeiindexError, ValueError):
-    """A setting out of range; ``setting`` is its name (the CLI names the flag that set it). A
-    ``HeiindexError`` as every refusal is, and a ``ValueError`` as it was before it was one."""
+    """A setting out of range; ``setting`` is its name, and ``also`` the names of other settings
+    the message names (the CLI names the flags that set them). A ``HeiindexError`` as every
+    refusal is, and a ``ValueError`` as it was before it was one."""
 
-    def __init__(self, setting: str, message: str) -> None:
+    def __init__(self, setting: str, message: str, also: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.setting = setting
+        self.also = tuple(also)
 
     def __reduce__(self):  # pickled as made (a Ray actor's refusal reaches the driver whole)
-        return type(self), (self.setting, str(self))
+        return type(self), (self.setting, str(self), self.also)
 
 
 def is_whole(value) -> bool:

@@ -256,6 +256,8 @@ def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe,
     common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
     r = run("build", *common, "--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1")
     clean_error(r, "--codes milvus is for an unsharded build")
+    r = run("build", *common, "--codes", "milvus")  # named by the flags, not the library's arguments
+    clean_error(r, "Error: --codes must be 'faiss', or 'milvus' with a server URI (--uri), got 'milvus'")
     for extra in ((), ("--shards", "2")):
         r = run("build", *common, "--milvus-index", "BIN_IVF_FLAT", *extra)
         clean_error(r, "--milvus-index sets the Milvus index of --codes milvus")

@@ -160,8 +160,8 @@ def test_shards_get_the_codes_of_the_unsharded_build(pipe, models, built, tmp_pa
     "kwargs, message",
     [
         ({"k": 0}, "prototype_k must be"),
-        ({"k": 5, "preselect": 4}, "preselect (4) must be at least k (5)"),
-        ({"weight": 1.0}, "weight must be below 1"),
+        ({"k": 5, "preselect": 4}, "prototype_k 5 exceeds prototype_preselect (4)"),
+        ({"weight": 1.0}, "prototype_weight must be below 1"),
         ({"weight": -0.1}, "prototype_weight must be"),
         ({"split": ""}, "split must name a store split"),
     ],
@@ -312,10 +312,14 @@ def test_cli_tunes_the_prototypes(pipe, built, tmp_path):
     "args, message",
     [
         (["--prototypes", "train", "--prototype-k", "0"], "--prototype-k must be a whole number, at least 1, got 0"),
-        (["--prototypes", "train", "--prototype-weight", "1"], "weight must be below 1"),
+        (["--prototypes", "train", "--prototype-weight", "1"], "Error: --prototype-weight must be below 1"),
         (
             ["--prototypes", "train", "--prototype-k", "50", "--prototype-preselect", "40"],
-            "preselect (40) must be at least k (50)",
+            "Error: --prototype-k 50 exceeds --prototype-preselect (40): the top k captions",
+        ),
+        (
+            ["--prototypes", "train", "--prototype-k", "400"],
+            "Error: --prototype-k 400 exceeds --prototype-preselect (300)",
         ),
         (["--prototype-k", "3"], "--prototype-k tunes the codes of --prototypes SPLIT; give --prototypes too"),
     ],

@@ -107,7 +107,7 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     from heiindex.index import Index
     from heiindex.shards import write_shards
 
-    cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not index type 'hnsw'"))
+    cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not index_type 'hnsw'"))
     monkeypatch.setattr(heiindex.index, "ImageWriter", lambda *a, **k: pytest.fail("encoding started"))
     for kind, nlist, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -129,7 +129,7 @@ def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_pat
 
     monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
     r = run("build", "--split", "test", "--out", tmp_path / "i", "--index", "flat", "--nlist", "7")
-    clean_error(r, "nlist sets up IVF indexes (ivf, or auto at scale), not index type 'flat'")
+    clean_error(r, "Error: --nlist sets up IVF indexes (--index ivf, or auto at scale), not --index 'flat'")
 
 
 def test_build_refuses_unusable_milvus_options_before_the_default_data(monkeypatch, tmp_path):
@@ -240,6 +240,10 @@ def test_refusals_pickle_as_made():
 
     from heiindex.errors import DataError
 
-    for err in (SettingError("k", "k must be at least 1"), DataError("/x/manifest.json", 'field "n" is missing')):
+    for err in (
+        SettingError("k", "k must be at least 1"),
+        SettingError("k", "k 5 exceeds preselect (4)", also=("preselect",)),
+        DataError("/x/manifest.json", 'field "n" is missing'),
+    ):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
