@@ -648,7 +648,7 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
-    from .render import echo_json, print_result
+    from .render import print_json_result, print_result
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
         raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
@@ -671,7 +671,7 @@ def query(
         return
     res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
-        echo_json(res.to_dict())
+        print_json_result(res, k)
         return
     print_result(res, bool(image_ids), k)
     click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
@@ -698,13 +698,13 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
     ends: a table each, or one JSON object a line."""
     from heiindex.progress import progress_bar
 
-    from .render import echo_json, print_result
+    from .render import print_json_result, print_result
 
     t0, searched = time.perf_counter(), 0.0
     for res in progress_bar(n, "search", True, unit="query", iterable=results):
         searched += res.seconds  # the search alone, not the printing
         if as_json:
-            echo_json(res.to_dict(), line=True)
+            print_json_result(res, k, line=True)
         else:
             print_result(res, image_query, k)
     if not as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -17,17 +18,35 @@ def echo_json(data, line: bool = False) -> None:
     print(json.dumps(data, indent=None if line else 2, default=float))
 
 
+def print_json_result(result, k: int, line: bool = False) -> None:
+    """One query's result as JSON on standard output; where fewer than the ``k`` asked for came
+    back, the ``shortfall`` line on standard error (the JSON stays as documented)."""
+    echo_json(result.to_dict(), line)
+    if note := shortfall(result, k):
+        print(f"Warning: query {result.query!r}: {note}", file=sys.stderr)
+
+
 def print_result(result, image_query: bool, k: int) -> None:
-    """One query's hits as a table, the query's unknown words if any, and a line where fewer
-    than the ``k`` asked for came back."""
+    """One query's hits as a table, the query's unknown words if any, and the ``shortfall`` line
+    where fewer than the ``k`` asked for came back."""
     console.print(search_table(result, image_query))
     if result.unknown_words:
         print(f"unknown words (mapped to <unk>): {name_some([shown(w) for w in result.unknown_words], limit=20)}")
-    if len(result.results) < k:  # an approximate index's search can come back short
-        print(
-            f"{len(result.results)} of the {k} results asked for: the index's approximate search (IVF or HNSW) "
-            "returned fewer candidates (an IVF index built with a larger --nprobe probes more lists)"
-        )
+    if note := shortfall(result, k):
+        print(note)
+
+
+def shortfall(result, k: int) -> str | None:
+    """Why ``result`` holds fewer than ``k`` hits, or None where it holds them all. Only an
+    approximate index's search comes back short (the counts asked for are checked against the
+    index's size before any search)."""
+    if len(result.results) >= k:
+        return None
+    return (
+        f"{len(result.results)} of the {k} results asked for: the index's approximate search returned fewer "
+        "candidates (IVF probes --nprobe of its lists: an index built with a larger --nprobe probes more; "
+        "HNSW's graph search may not reach every item; --index flat searches them all)"
+    )
 
 
 def search_table(result, image_query: bool) -> Table:
@@ -96,6 +115,11 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
+        if "candidates_found" in d and d["candidates_found"] < d["candidate_slots"]:
+            extra += (
+                f"\n(an approximate index: {d['candidates_found']:.1f} of {d['candidate_slots']} candidate slots "
+                "found on average, and re-ranked)"
+            )
         if "seconds_each" in d["hei"]:
             passes = len(d["hei"]["seconds_each"])
             extra += f"\n(HEI and exhaustive seconds: the median of {passes} passes, alternated; Hamming: one pass)"

@@ -90,7 +90,15 @@ def candidate_metrics(
         "hei": {**recall(ranks).to_dict(), "seconds": seconds},
         "hamming": {**recall(ham_ranks).to_dict(), "seconds": None},
         "candidate_recall": cand_recall,
+        **candidates_found(cand),
     }
+
+
+def candidates_found(cand: np.ndarray) -> dict:
+    """How full candidate lists ``cand`` (q, slots) are: ``"candidate_slots"``, and
+    ``"candidates_found"``, the mean per query of the slots not left empty (-1) by an approximate
+    index's search; only those are re-ranked."""
+    return {"candidate_slots": int(cand.shape[1]), "candidates_found": float((cand >= 0).sum(1).mean())}
 
 
 @torch.no_grad()
@@ -132,7 +140,7 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
         cand, scores, _ = rerank_direction(direction, index, sub, img_codes, cap_codes, n, use_stored)
         seconds = time.perf_counter() - t0
         ranks, cand_recall = candidate_ranks(direction, cand, scores, gt)
-        out[direction] = {"ranks": ranks, "seconds": seconds, "candidate_recall": cand_recall}
+        out[direction] = {"ranks": ranks, "seconds": seconds, "candidate_recall": cand_recall, **candidates_found(cand)}
     out["gt"] = gt
     out["codes"] = (img_codes, cap_codes)
     return out
@@ -196,6 +204,7 @@ def _protocol(
         hranks = t2i_ranks(ham, gt) if direction == "t2i" else i2t_ranks(ham.T, gt)
         d["hamming"] = {**recall(hranks).to_dict(), "seconds": ham_seconds}
         d["candidate_recall"] = hei[direction]["candidate_recall"]
+        d.update({key: hei[direction][key] for key in ("candidate_slots", "candidates_found")})
         _settle_timing(d)
         res[direction] = d
     if sweep:
@@ -208,6 +217,7 @@ def _protocol(
                 row[direction] = {
                     **r.to_dict(),
                     "candidate_recall": h[direction]["candidate_recall"],
+                    "candidates_found": h[direction]["candidates_found"],
                     "seconds": h[direction]["seconds"],
                 }
             rows.append(row)

@@ -20,6 +20,7 @@ from heiindex.scoring import evaluate_exhaustive
 from heiindex.store import SplitStore
 
 METRICS = {"r1", "r5", "r10", "medr", "meanr", "rsum"}
+FOUND = {"candidate_slots", "candidates_found"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_documented_keys(full_run, pipe):
     for direction in ("t2i", "i2t"):
         d = full_run[direction]
         assert d is full_run["full"][direction]
-        assert set(d) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup"}
+        assert set(d) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup", *FOUND}
+        assert d["candidate_slots"] == d["candidates_found"] == full_run["full"]["candidates"]  # flat: every slot
         for method in ("exhaustive", "hei", "hamming"):
             assert set(d[method]) == METRICS | {"seconds"}
             m = d[method]
@@ -107,7 +109,8 @@ def test_sweep_rows(full_run, top5_run):
     for r in rows:
         assert set(r) == {"candidates", "t2i", "i2t"}
         for direction in ("t2i", "i2t"):
-            assert set(r[direction]) == METRICS | {"candidate_recall", "seconds"}
+            assert set(r[direction]) == METRICS | {"candidate_recall", "candidates_found", "seconds"}
+            assert r[direction]["candidates_found"] == r["candidates"]
     one, five, every = rows
     for direction in ("t2i", "i2t"):
         d = one[direction]  # a single candidate: R@1 = R@5 = R@10 = candidate recall
@@ -188,7 +191,7 @@ def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
 def test_without_exhaustive_there_is_no_speedup(index):
     res = run_bench(index, topk=5, exhaustive=False)
     for direction in ("t2i", "i2t"):
-        assert set(res[direction]) == {"hei", "hamming", "candidate_recall"}
+        assert set(res[direction]) == {"hei", "hamming", "candidate_recall", *FOUND}
 
 
 def test_1k_protocol_averages_folds(index, monkeypatch):

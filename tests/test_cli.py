@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -74,9 +75,25 @@ def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
     found = Index.open(tmp_path / "ivf").search("a dog", k=20, candidates=20).results
     assert 0 < len(found) < 20
     r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "20", "--candidates", "20"))
-    assert f"{len(found)} of the 20 results asked for: the index's approximate search (IVF or HNSW)" in r.output
-    r = ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "20", "--candidates", "20"))  # flat: all 20
-    assert "results asked for" not in r.output
+    note = f"{len(found)} of the 20 results asked for: the index's approximate search returned fewer candidates"
+    assert note in r.stdout and "an index built with a larger --nprobe probes more" in r.stdout
+    # --json keeps its documented shape on standard output and says it on standard error (it said nothing)
+    r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "20", "--candidates", "20", "--json"))
+    assert len(json.loads(r.stdout)["results"]) == len(found)
+    assert r.stderr.startswith(f"Warning: query 'a dog': {note}") and r.stderr.count("\n") == 1
+    with_file = ("--file", "-", "--k", "20", "--candidates", "20", "--json")
+    r = ok(run("query", "--index", tmp_path / "ivf", *with_file, input="a dog\na cat\n"))
+    assert [len(json.loads(line)["results"]) for line in r.stdout.splitlines()][0] == len(found)
+    assert f"Warning: query 'a dog': {note}" in r.stderr
+    for extra in ((), ("--json",)):
+        r = ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "20", "--candidates", "20", *extra))
+        assert "results asked for" not in r.output  # flat: all 20
+    # the bench says how many of its N candidates the search found (it reported N = 20 and said nothing)
+    d = as_json(run("bench", "--index", tmp_path / "ivf", "--topk", "20", "--json"))["t2i"]
+    assert d["candidate_slots"] == 20 and 0 < d["candidates_found"] < 20
+    table = ok(run("bench", "--index", tmp_path / "ivf", "--topk", "20")).output
+    assert f"(an approximate index: {d['candidates_found']:.1f} of 20 candidate slots found on average" in table
+    assert "an approximate index" not in ok(run("bench", "--index", pipe.index_dir, "--topk", "20")).output
 
 
 # -- query ------------------------------------------------------------------------------------
@@ -241,7 +258,15 @@ def test_bench_json(pipe):
     d = as_json(run("bench", "--index", pipe.index_dir, "--topk", "24", "--json"))
     assert {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"} <= set(d)
     for direction in ("t2i", "i2t"):
-        assert set(d[direction]) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup"}
+        assert set(d[direction]) == {
+            "exhaustive",
+            "hei",
+            "hamming",
+            "candidate_recall",
+            "speedup",
+            "candidate_slots",
+            "candidates_found",
+        }
         for method in ("exhaustive", "hei", "hamming"):
             assert {"r1", "r5", "r10", "rsum", "seconds"} <= set(d[direction][method])
     for k in ("r1", "r5", "r10", "medr", "meanr", "rsum"):

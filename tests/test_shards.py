@@ -256,9 +256,9 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     ]
     d = as_json(run("bench", "--index", out, "--topk", "12", "--json"))
     assert _no_seconds(d) == _no_seconds(run_sharded_bench(ShardedIndex.open(out), 12))
-    assert (
-        d["shards"] == 2 and d["engine"] == "ShardedIndex" and set(d["t2i"]) == {"hei", "hamming", "candidate_recall"}
-    )
+    assert d["shards"] == 2 and d["engine"] == "ShardedIndex"
+    assert set(d["t2i"]) == {"hei", "hamming", "candidate_recall", "candidate_slots", "candidates_found"}
+    assert d["t2i"]["candidate_slots"] == d["t2i"]["candidates_found"] == 24  # 12 from each shard
     with monkeypatch.context() as m:  # refused before any shard is read, or any Ray actor started
         m.setattr(ShardedIndex, "open", lambda *a, **k: pytest.fail("shards read before --sweep was refused"))
         m.setattr(ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started before --sweep was refused"))
