@@ -109,9 +109,8 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
     for direction, label in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
         d = res[direction]
         rows = [(k, d[k]) for k in ("exhaustive", "hei", "hamming") if k in d]
-        t = recall_table(
-            f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, N = {res['candidates']})", rows
-        )
+        depth = f"N = {res['candidates']}" + (" from each shard" if "shards" in res else "")  # capped at its size
+        t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, {depth})", rows)
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"

@@ -271,7 +271,7 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
         clean_error(r, "is a sharded build: its shards keep their codes in FAISS files")
     # the tables (they failed on the Hamming row, which has no seconds of its own here)
     text = ok(run("bench", "--index", out, "--topk", "12")).output
-    assert "test (2 shards, ShardedIndex): text-to-image (24 images, 120 captions, N = 12)" in text  # one line
+    assert "test (2 shards, ShardedIndex): text-to-image (24 images, 120 captions, N = 12 from each shard)" in text
     assert "image-to-text" in text and "candidate recall@12" in text
     hamming_rows = [line for line in text.splitlines() if "hamming" in line]
     assert len(hamming_rows) == 2 and all(line.rstrip(" │|").endswith("-") for line in hamming_rows), hamming_rows
