@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import leftovers
 from .errors import DataError
 from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object, recorded_files
 
@@ -52,9 +53,14 @@ _INDEX_FIELDS = {
 def read_index_manifest(path: str | Path) -> dict:
     """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
     naming it, where there is none or it is not a JSON object."""
-    if Path(path).is_file():
+    path = Path(path)
+    if path.is_file():
         raise DataError(path, "is a file; give the index folder that holds it")
-    return read_json_object(Path(path) / "manifest.json", "no index here; run `heiindex build` first")
+    if not path.exists():
+        left = leftovers(path)
+        why = f" (a build writing it was interrupted: {left[0].name} is left beside it)" if left else ""
+        raise DataError(path, f"no such folder{why}; give a folder `heiindex build` wrote, or build it")
+    return read_json_object(path / "manifest.json", "no index here; run `heiindex build` first")
 
 
 def check_index_manifest(manifest: dict, mpath: Path) -> None:

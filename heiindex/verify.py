@@ -54,6 +54,12 @@ def verify(path: str | Path) -> list[FileCheck]:
     path = Path(path)
     if path.is_file():
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
+    if not path.exists() and not path.is_symlink() and (found := leftovers(path)):
+        # an output a killed run never finished: its scratch folder is all there is to list
+        missing = FileCheck(path, "missing", "no such folder: a run writing it was interrupted (leftovers below)")
+        return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+    if not path.exists():
+        raise DataError(path, "no such folder; give a store root or split, or an index")
     checks = _checks(path)
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]

@@ -445,12 +445,15 @@ def test_evaluate(pipe):
 
 def test_query_without_an_index(tmp_path):
     r = run("query", "a dog", "--index", tmp_path / "none")
-    clean_error(r, "no index here; run `heiindex build` first", str(tmp_path / "none" / "manifest.json"))
+    clean_error(r, f"Error: {tmp_path / 'none'}: no such folder; give a folder `heiindex build` wrote, or build it")
+    (tmp_path / "empty").mkdir()
+    r = run("query", "a dog", "--index", tmp_path / "empty")
+    clean_error(r, f"Error: {tmp_path / 'empty' / 'manifest.json'}: no index here; run `heiindex build` first")
 
 
 def test_bench_without_an_index(tmp_path):
     r = run("bench", "--index", tmp_path / "none", "--topk", "5")
-    clean_error(r, "no index here")
+    clean_error(r, "none: no such folder")
 
 
 def test_a_missing_index_is_told_before_torch_and_faiss_are_imported(tmp_path):
@@ -462,7 +465,7 @@ def test_a_missing_index_is_told_before_torch_and_faiss_are_imported(tmp_path):
         "from heiindex_cli.main import cli\n"
         f"for args in (['query', 'a dog'], ['bench']):\n"
         f"    r = CliRunner().invoke(cli, args + ['--index', {str(tmp_path / 'none')!r}])\n"
-        "    assert r.exit_code == 2 and 'no index here' in r.output, r.output\n"
+        "    assert r.exit_code == 2 and 'no such folder' in r.output, r.output\n"
         "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -531,9 +531,19 @@ def test_milvus_codes_open_without_reading_the_faiss_files(pipe, index, tmp_path
 
 
 def test_open_without_an_index_folder(tmp_path):
-    with pytest.raises(DataError, match="no index here; run `heiindex build` first") as e:
+    with pytest.raises(DataError, match="no such folder; give a folder `heiindex build` wrote, or build it") as e:
         Index.open(tmp_path / "nothing")
-    assert e.value.path == tmp_path / "nothing" / "manifest.json"
+    assert e.value.path == tmp_path / "nothing"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no index here; run `heiindex build` first") as e:
+        Index.open(tmp_path / "empty")
+    assert e.value.path == tmp_path / "empty" / "manifest.json"
+    # a build killed before its output was put in place left only its scratch folder: named
+    (tmp_path / ".nothing.partial-host-1-2-abcd").mkdir()
+    with pytest.raises(
+        DataError, match=r"no such folder \(a build writing it was interrupted: \.nothing\.partial-host"
+    ):
+        Index.open(tmp_path / "nothing")
 
 
 def test_an_index_whose_recorded_models_moved_says_so_and_opens_with_them_given(pipe, tmp_path):

@@ -205,7 +205,7 @@ def test_the_manifest_tells_sharded_from_unsharded(pipe, sharded, tmp_path):
     assert read_sharded_manifest(sharded.path) == sharded.manifest
     with pytest.raises(DataError, match=r"index-test/manifest.json: the index here is not a sharded build"):
         read_sharded_manifest(pipe.index_dir)
-    with pytest.raises(DataError, match=r"nothing/manifest.json: no index here; run `heiindex build` first"):
+    with pytest.raises(DataError, match=r"nothing: no such folder; give a folder `heiindex build` wrote"):
         sharded_manifest(tmp_path / "nothing")
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -62,6 +62,14 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     assert [(c.path, c.status) for c in verify(index)][-1] == (index_scratch, "leftover")
     r = ok(run("verify", root, "--json"))
     assert as_json(r)["files"][-1]["status"] == "leftover"
+    # a build killed before it put its output in place: the folder is missing, its scratch listed
+    # (verify said only "no manifest.json here")
+    shutil.rmtree(index)
+    checks = verify(index)
+    assert [(c.path, c.status) for c in checks] == [(index, "missing"), (index_scratch, "leftover")]
+    assert checks[0].detail == "no such folder: a run writing it was interrupted (leftovers below)"
+    r = run("verify", index, "--json")
+    assert r.exit_code == 2 and [f["status"] for f in json.loads(r.stdout)["files"]] == ["missing", "leftover"]
 
 
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
@@ -143,8 +151,11 @@ def test_what_cannot_be_verified_is_said(pipe, tmp_path):
     (old / "manifest.json").write_text(json.dumps(m))
     [check] = verify(old)
     assert (check.path.name, check.status) == ("manifest.json", "unrecorded")
-    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+    with pytest.raises(DataError, match="nothing: no such folder; give a store root or split, or an index"):
         verify(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+        verify(tmp_path / "empty")
     for folder in (pipe.model_dir, pipe.hash_dir):  # a model's vocab.json made it "a store root without splits"
         with pytest.raises(DataError, match="a model or hash module folder: verify checks stores and indexes"):
             verify(folder)
