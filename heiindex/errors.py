@@ -63,6 +63,11 @@ class SparseListsWarning(HeiindexWarning):
     (``heiindex.hamming.make_binary_index``); the message says which index and what to pass."""
 
 
+class UnusedSettingWarning(HeiindexWarning):
+    """A setting given that the command had no use for (``--nlist`` where ``--index auto`` built
+    flat indexes); the message says which and why."""
+
+
 class LeftoverWarning(HeiindexWarning):
     """An output was written in full, but what it replaced could not all be removed (a file the
     system refuses to delete, such as one marked immutable). The message names the folder left,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,9 @@ from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import check_precision, resolve_device, set_precision
 from .encode import iter_caption_blocks
-from .errors import DataError, HeiindexError, ModelMismatchError
+from .errors import DataError, HeiindexError, ModelMismatchError, UnusedSettingWarning
 from .hamming import (
+    AUTO_FLAT_MAX,
     check_index_options,
     index_on_device,
     load_binary_index,
@@ -357,6 +359,8 @@ class Index(BatchSearch):
         else:
             counts = shard_counts(captions, store.image_id_column(), first, stop)
         check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
+        if image_rows is None:  # a sharded build says it once, for all its shards (write_shards)
+            warn_unused_lists(index_type, nlist, nprobe, counts)
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
         with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
@@ -778,6 +782,22 @@ def check_lists_filled(
             )
         where = shard and shard + "; --nlist applies to each shard)"
         raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+
+
+def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: dict[str, int]) -> None:
+    """``UnusedSettingWarning`` where ``--nlist`` / ``--nprobe`` were given to ``--index auto`` and
+    neither of its indexes (``counts`` of items) is large enough to be IVF: they were recorded and
+    built into nothing, without a word."""
+    given = [f"--{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
+    if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts.values()):
+        return
+    warnings.warn(
+        UnusedSettingWarning(
+            f"{' and '.join(given)} not used: --index auto built flat indexes (exact; it builds IVF above "
+            f"{AUTO_FLAT_MAX:,} codes); --index ivf builds IVF indexes at any size"
+        ),
+        stacklevel=2,
+    )
 
 
 def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop: int) -> dict[str, int]:

@@ -45,6 +45,7 @@ from .index import (
     models_on,
     shard_counts,
     timed_results,
+    warn_unused_lists,
 )
 from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
 from .packed import PackedWords
@@ -112,8 +113,10 @@ def write_shards(
     # shard before the first one is encoded (and before describing captions are hashed): a
     # smaller shard could fail after the ones before it were built.
     ids = store.image_id_column()
-    for a, b in bounds:
-        check_lists_filled(index_type, nlist, nprobe, shard_counts(captions, ids, a, b), (a, b))
+    counts = [shard_counts(captions, ids, a, b) for a, b in bounds]
+    for (a, b), shard in zip(bounds, counts, strict=True):
+        check_lists_filled(index_type, nlist, nprobe, shard, (a, b))
+    warn_unused_lists(index_type, nlist, nprobe, {f"{w} {i}": n for i, c in enumerate(counts) for w, n in c.items()})
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes

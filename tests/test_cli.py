@@ -68,6 +68,18 @@ def test_build_ivf(pipe, tmp_path, capfd):
     assert Index.open(tmp_path / "ivf").manifest["index"] == {**ivf, "images": ivf, "captions": ivf}
 
 
+def test_lists_given_to_an_auto_index_that_builds_flat_are_said_unused(pipe, tmp_path):
+    """--index auto (the default) builds flat indexes below 2M codes: --nlist was recorded and used
+    for nothing, without a word."""
+    r = ok(build(pipe, tmp_path / "a", "--nlist", "4", "--nprobe", "2"))
+    assert r.output.count("Warning: --nlist 4 and --nprobe 2 not used: --index auto built flat indexes") == 1
+    assert Index.open(tmp_path / "a").manifest["index"]["images"]["type"] == "flat"
+    r = ok(build(pipe, tmp_path / "s", "--nlist", "4", "--shards", "2"))  # once, not once a shard
+    assert r.output.count("Warning: --nlist 4 not used: --index auto built flat indexes (exact;") == 1
+    for extra in ((), ("--index", "ivf", "--nlist", "4")):
+        assert "not used" not in ok(build(pipe, tmp_path / f"b{len(extra)}", *extra)).output
+
+
 def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
     """An IVF index probing one list of 8 finds fewer than 20 of 24 images; the table was just
     shorter than --k, with nothing said."""
