@@ -26,6 +26,7 @@ What this module must not do: write files (``heiindex.index`` does), or train.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from torch import Tensor
 from .attention import score_pairs
 from .checkpoint import LoadedModel
 from .encode import encode_caption_block, iter_caption_blocks
-from .errors import HeiindexError
+from .errors import HeiindexError, UnusedSettingWarning
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import pack_codes
 from .progress import progress_bar
@@ -134,6 +135,17 @@ def caption_bank(
     captions = store.captions()
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
+    if config.preselect > len(captions):  # each image scores all of them, averages min(k, all)
+        capped = [f"--prototype-preselect {config.preselect}"]
+        capped += [f"--prototype-k {config.k}"] if config.k > len(captions) else []
+        warnings.warn(
+            UnusedSettingWarning(
+                f"{' and '.join(capped)} exceed{'s' if len(capped) == 1 else ''} the {len(captions)} captions of "
+                f"prototypes split {config.split!r}: the matcher scores all of them for each image"
+                + (f", and all {len(captions)} are averaged" if config.k > len(captions) else "")
+            ),
+            stacklevel=2,
+        )
     order = np.argsort(captions.lengths, kind="stable")
     # int32 token ids (half the store's int64): with the codes and tanh outputs, what is kept;
     # narrowed before the reordering copy, so that no second int64 array is made

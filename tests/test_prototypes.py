@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pipeline_fixtures as pf
@@ -16,7 +17,7 @@ from heiindex import shards
 from heiindex.bench import run_bench
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions
-from heiindex.errors import DataError, HeiindexError
+from heiindex.errors import DataError, HeiindexError, UnusedSettingWarning
 from heiindex.hamming import load_binary_index, stored_codes
 from heiindex.hashing import pack_codes
 from heiindex.index import Index
@@ -91,6 +92,28 @@ def test_codes_follow_the_formula_when_every_caption_is_scored(pipe, models, pla
     want = _reference(every, models, plain.regions, cfg, scored)
     np.testing.assert_array_equal(got, want)
     assert (got != plain.image_codes()).any(axis=1).sum() >= plain.n_images // 2  # the prototypes move most codes
+
+
+def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
+    """A preselection (or k) above the describing split's captions was capped without a word, and
+    the manifest recorded the value asked for."""
+    cfg = PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS + 1)
+    with pytest.warns(UnusedSettingWarning) as seen:
+        over = caption_bank(pipe.root, cfg, *models, block=100)
+    assert [str(w.message) for w in seen] == [
+        f"--prototype-preselect {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
+        "'train': the matcher scores all of them for each image"
+    ]
+    exact = caption_bank(pipe.root, PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS), *models, block=100)
+    np.testing.assert_array_equal(  # the same codes as with every caption preselected
+        describe_images(over, *models, plain.regions, plain.gram),
+        describe_images(exact, *models, plain.regions, plain.gram),
+    )
+    with pytest.warns(UnusedSettingWarning, match=r"and --prototype-k 400 exceed the 320 captions .* all 320 are"):
+        caption_bank(pipe.root, PrototypeConfig(k=400, preselect=500), *models, block=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing said where the captions suffice
+        caption_bank(pipe.root, PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS), *models, block=100)
 
 
 def test_only_the_hamming_nearest_captions_are_scored(pipe, models, plain):
