@@ -120,7 +120,10 @@ dtype_option = click.option(
     type=click.Choice(PRECISIONS),
     default="float32",
     show_default=True,
-    help="float32 is exact; tf32 / bfloat16 trade ~1e-3 relative score error for speed on GPUs.",
+    help=(
+        "float32 is exact; tf32 / bfloat16 trade ~1e-3 relative score error for speed on GPUs "
+        "(bfloat16 features change the scores on a CPU too; tf32 changes nothing there)."
+    ),
 )
 
 
@@ -165,7 +168,12 @@ def exit_on_sigterm() -> None:
 
 @cli.command()
 @click.option("--precomp", "precomp", required=True, type=click.Path(path_type=Path), help="SCAN precomp folder.")
-@click.option("--split", required=True, type=click.Choice(["train", "dev", "test", "testall"]))
+@click.option(
+    "--split",
+    required=True,
+    type=click.Choice(["train", "dev", "test", "testall"]),
+    help="The precomp split to convert (its *_ims.npy, *_caps.txt and ids).",
+)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store root to write into.")
 @click.option(
     "--vocab",
@@ -204,17 +212,37 @@ def prepare() -> None:
 @cli.command()
 @store_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
-@click.option("--epochs", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the training split.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Image-caption pairs per step.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate.")
 @click.option("--lr-decay-epochs", type=int, default=5, show_default=True, help="Divide lr by 10 every N epochs.")
-@click.option("--embed-size", type=int, default=256, show_default=True)
-@click.option("--cross-attn", type=click.Choice(["t2i", "i2t"]), default="t2i", show_default=True)
-@click.option("--raw-feature-norm", default="clipped_l2norm", show_default=True)
-@click.option("--agg", type=click.Choice(["lse", "mean", "max", "sum"]), default="lse", show_default=True)
-@click.option("--lambda-lse", type=float, default=6.0, show_default=True)
-@click.option("--lambda-softmax", type=float, default=9.0, show_default=True)
-@click.option("--margin", type=float, default=0.2, show_default=True)
+@click.option(
+    "--embed-size", type=int, default=256, show_default=True, help="Joint embedding size of regions and words."
+)
+@click.option(
+    "--cross-attn",
+    type=click.Choice(["t2i", "i2t"]),
+    default="t2i",
+    show_default=True,
+    help="t2i: words attend over regions; i2t: regions over words (SCAN's two directions).",
+)
+@click.option(
+    "--raw-feature-norm",
+    default="clipped_l2norm",
+    show_default=True,
+    help="SCAN's norm of the similarities before the softmax: clipped_l2norm, l2norm, softmax, clipped_l1norm, "
+    "l1norm, clipped, no_norm.",
+)
+@click.option(
+    "--agg",
+    type=click.Choice(["lse", "mean", "max", "sum"]),
+    default="lse",
+    show_default=True,
+    help="How the per-word (per-region) relevances become the pair score.",
+)
+@click.option("--lambda-lse", type=float, default=6.0, show_default=True, help="Temperature of --agg lse.")
+@click.option("--lambda-softmax", type=float, default=9.0, show_default=True, help="Inverse temperature of attention.")
+@click.option("--margin", type=float, default=0.2, show_default=True, help="Margin of the hinge triplet loss.")
 @click.option("--max-violation/--sum-violation", default=True, show_default=True, help="Hardest negative, or all.")
 @click.option(
     "--warmup-sum-epochs",
@@ -226,7 +254,7 @@ def prepare() -> None:
 @click.option(
     "--val-images", type=int, default=1000, show_default=True, help="Dev images used for validation (at most)."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last (where there is none: start, saying so).")
 @handle_errors
 def train(
@@ -311,7 +339,12 @@ def _given(*names: str) -> list[click.Parameter]:
 @cli.command("train-hash")
 @model_option()
 @store_option
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Hash module folder to write (give it to build --hash).",
+)
 @click.option("--bits", type=int, default=256, show_default=True, help="Code length k (multiple of 8).")
 @click.option(
     "--pooling",
@@ -329,7 +362,7 @@ def _given(*names: str) -> list[click.Parameter]:
     help="Passes over the scored batches; the best dev epoch is kept (coco-sim: query pooling's best was 64, "
     "mean pooling's 120 of 160).",
 )
-@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
 @click.option(
     "--rank-weight",
     type=float,
@@ -338,8 +371,14 @@ def _given(*names: str) -> list[click.Parameter]:
     help="Weight of the code ranking term beside the HEI loss (0: the paper's loss alone).",
 )
 @click.option("--rounds", type=int, default=4, show_default=True, help="Passes of freshly batched matcher scores.")
-@click.option("--val-candidates", type=int, default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--val-candidates",
+    type=int,
+    default=100,
+    show_default=True,
+    help="N of the dev candidate recall@N that picks the best epoch.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
 @handle_errors
 def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight, rounds, val_candidates, seed) -> None:
     """Train the HEI hash layers next to a frozen matcher."""
@@ -377,7 +416,7 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
 @cli.command()
 @model_option()
 @store_option
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="The store split to score exhaustively.")
 @json_option
 @handle_errors
 def evaluate(model_dir, store, split, as_json) -> None:
@@ -407,7 +446,7 @@ def evaluate(model_dir, store, split, as_json) -> None:
 
 
 @cli.command()
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="The store split to index (its images and captions).")
 @store_option
 @model_option()
 @hash_option()
@@ -451,7 +490,13 @@ def evaluate(model_dir, store, split, as_json) -> None:
 )
 @codes_option
 @uri_option
-@click.option("--milvus-index", type=click.Choice(["BIN_FLAT", "BIN_IVF_FLAT"]), default="BIN_FLAT", show_default=True)
+@click.option(
+    "--milvus-index",
+    type=click.Choice(["BIN_FLAT", "BIN_IVF_FLAT"]),
+    default="BIN_FLAT",
+    show_default=True,
+    help="With --codes milvus: the index type of the server's collections.",
+)
 @handle_errors
 def build(
     split,
@@ -863,7 +908,7 @@ def _sweep_values(text: str) -> list[int]:
 
 @cli.command()
 @index_dir_option
-@click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True)
+@click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True, help="What serves the shards.")
 @click.option("--address", default="auto", show_default=True, help="The running Ray cluster (ray start --head).")
 @threads_option
 @click.option("--stop", is_flag=True, help="Stop the actors serving this index instead.")

@@ -131,7 +131,9 @@ def _load(checkpoint: Path) -> object:
             return torch.load(checkpoint, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        # "Unsupported global: GLOBAL x.Y was not an allowed global ...", or, where a module is
+        # blocked, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", msg, re.I)
         if found:
             what = f" (it needs {found.group(1)})"
             raise DataError(
@@ -140,7 +142,9 @@ def _load(checkpoint: Path) -> object:
                 f"{what}; refusing to unpickle it, as that could run arbitrary code",
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", msg, re.S)
-        detail_text = _short(detail.group(1)) if detail else _short(msg)
+        # never torch's own advice (to load with weights_only=False, which could run code)
+        said = [p.strip() for p in msg.split("\n\n") if p.strip() and "weights_only" not in p]
+        detail_text = _short(detail.group(1) if detail else said[0] if said else "torch refused to read it safely")
         raise DataError(checkpoint, f"not a PyTorch checkpoint file that can be read safely ({detail_text})") from None
     except OSError as exc:
         raise DataError(checkpoint, f"cannot be read ({exc.strerror or exc})") from None

@@ -436,3 +436,18 @@ def test_build_index_given_a_folder_points_to_out(tmp_path):
     r = run("build", "--index", "flatt")
     assert r.exit_code == 2 and "'flatt' is not one of 'auto', 'flat', 'ivf', 'hnsw'" in r.output
     assert "--out" not in r.output.split("Error:")[1]
+
+
+def test_every_option_says_what_it_does():
+    """Options of train, train-hash, ingest, evaluate, build and serve showed only their default."""
+    import click
+
+    from heiindex_cli.main import cli
+
+    bare = [
+        (name, p.opts[0])
+        for name, cmd in cli.commands.items()
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.help
+    ]
+    assert bare == []

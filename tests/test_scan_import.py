@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import pathlib
 from pathlib import Path
 
@@ -259,6 +260,14 @@ class Hostile:
         return (_record, ("hostile object was unpickled",))
 
 
+class FromABlockedModule:
+    """Unpickled, it would call os.getcwd (harmless here): torch blocks the os module outright, and
+    says so in another form ("unsupported GLOBAL posix.getcwd whose module posix is blocked")."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
 class CustomStateDict(collections.OrderedDict):
     """A state-dict container that is not a plain OrderedDict: not allowed."""
 
@@ -297,6 +306,10 @@ BAD_CHECKPOINTS = {
     "hostile_object": (
         lambda raw: {**raw, "Eiters": Hostile()},
         ["contains objects other than tensors and argparse.Namespace", "_record"],
+    ),
+    "blocked_module": (  # the message quoted torch's advice to load with weights_only=False
+        lambda raw: {**raw, "Eiters": FromABlockedModule()},
+        ["contains objects other than tensors and argparse.Namespace (it needs posix.getcwd); refusing to unpickle"],
     ),
     "custom_ordereddict": (
         lambda raw: {**raw, "model": [CustomStateDict(raw["model"][0]), raw["model"][1]]},
@@ -405,6 +418,7 @@ def test_malformed_checkpoint(files, case):
     assert err.path == ckpt and str(ckpt) in str(err)
     for text in expected:
         assert text in str(err), (text, str(err))
+    assert "weights_only" not in str(err)  # never torch's advice to unpickle anyway
     assert UNPICKLED == []
     assert_nothing_written(out)
 
