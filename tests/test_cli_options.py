@@ -37,7 +37,7 @@ def _spy_ray(monkeypatch, got: dict):
             path=path,
             infos=[{"pid": 11, "n_images": 12}],
             actor_name=lambda i: f"actor-{i}",
-            search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}),
+            search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}, results=[None] * k),
             query_counts=lambda candidates, k, image_query: default_counts(candidates, k, [12]),
         )
 
@@ -441,7 +441,6 @@ def test_build_index_given_a_folder_points_to_out(tmp_path):
 def test_every_option_says_what_it_does():
     """Options of train, train-hash, ingest, evaluate, build and serve showed only their default."""
     import click
-
     from heiindex_cli.main import cli
 
     bare = [
