@@ -538,6 +538,13 @@ def build(
 
         prototypes = PrototypeConfig(split=prototype_split, **{f: v for f, v in tuning.items() if v is not None})
         check_describing_split(prototypes, split)  # before coco-sim may be generated
+    default_store = dd.coco_sim_dir() / "store"
+    if out is None and store is not None and store.resolve() != default_store.resolve():
+        # the default folder is the default data's index, which query and bench then served
+        raise click.UsageError(
+            f"--store {store} needs --out INDEX: without it the index would replace the default data's, "
+            f"{dd.default_index_dir(split)}"
+        )
     root = _store_root(store)
     out = out or dd.default_index_dir(split)
     models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())

@@ -489,6 +489,21 @@ def test_query_with_another_model(pipe):
     clean_error(r, "rebuild the index with this model")
 
 
+def test_a_build_of_another_store_needs_its_own_out(pipe, tmp_path, monkeypatch):
+    """--store without --out wrote over the default data's index (data/coco-sim/index/test), which
+    query and bench without --index then served with the other store's items."""
+    from heiindex import default_data
+
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "data"))
+    r = run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
+    clean_error(
+        r,
+        f"--store {pipe.root} needs --out INDEX: without it the index would replace the default data's, "
+        f"{default_data.default_index_dir('test')}",
+    )
+    assert not (tmp_path / "data").exists()
+
+
 def test_build_refuses_an_out_it_would_destroy(pipe, tmp_path):
     """--out naming the input store, one of its splits, a file or an unrelated folder replaced it
     without a word (the store's vocab and every split deleted); now each is refused and kept."""
