@@ -74,8 +74,9 @@ class PrototypeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.split, str) or not self.split:
             raise HeiindexError(f"prototypes: split must name a store split, got {self.split!r}")
-        require("prototype_k", self.k, at_least=1, integer=True)
-        require("prototype_preselect", self.preselect, at_least=1, integer=True)
+        # stored as Python numbers (a numpy one reached the manifest's JSON, failing the build at its end)
+        object.__setattr__(self, "k", require("prototype_k", self.k, at_least=1, integer=True))
+        object.__setattr__(self, "preselect", require("prototype_preselect", self.preselect, at_least=1, integer=True))
         if self.preselect < self.k:
             raise SettingError(
                 "prototype_k",
@@ -83,8 +84,8 @@ class PrototypeConfig:
                 "the top k captions are chosen among the preselected ones",
                 also=("prototype_preselect",),
             )
-        weight = require("prototype_weight", self.weight, at_least=0.0)
-        if not weight < 1.0:
+        object.__setattr__(self, "weight", require("prototype_weight", self.weight, at_least=0.0))
+        if not self.weight < 1.0:
             raise SettingError(
                 "prototype_weight",
                 "prototype_weight must be below 1 (1 keeps each image's own code: build without prototypes), "

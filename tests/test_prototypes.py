@@ -179,6 +179,15 @@ def test_shards_get_the_codes_of_the_unsharded_build(pipe, models, built, tmp_pa
     np.testing.assert_array_equal(np.concatenate(parts), stored_codes(load_binary_index(built / "images.faiss")))
 
 
+def test_numpy_settings_are_taken_as_python_numbers(pipe, models, tmp_path):
+    """np.int64 / np.float32 settings passed the checks and reached manifest.json, whose JSON
+    writer failed at the very end of the build."""
+    cfg = PrototypeConfig(k=np.int64(3), weight=np.float32(0.5), preselect=np.int64(40))
+    assert [type(v) for v in (cfg.k, cfg.weight, cfg.preselect)] == [int, float, int]
+    m = Index.write(pipe.root, "test", *models, tmp_path / "x", prototypes=cfg)
+    assert (m["prototypes"]["k"], m["prototypes"]["weight"], m["prototypes"]["preselect"]) == (3, 0.5, 40)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
