@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from .errors import HeiindexError
 from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
@@ -276,6 +277,16 @@ def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tupl
     return limit, ""
 
 
+def _sweep_values(sweep) -> list[int]:
+    """The N values of ``sweep`` (None: none) as Python ints; ``SettingError`` naming "sweep"
+    where it is not a collection of whole numbers."""
+    if sweep is None:
+        return []
+    if isinstance(sweep, (str, bytes)) or not hasattr(sweep, "__iter__"):
+        raise SettingError("sweep", f"sweep must be a list of whole numbers (the N values), got {sweep!r}")
+    return [require("sweep", n, integer=True) for n in sweep]
+
+
 def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
     """``--topk`` and every ``--sweep`` value must lie in [1, ``limit``]."""
     for option, values in (("--topk", [topk]), ("--sweep", sweep)):
@@ -307,10 +318,14 @@ def run_bench(
     exhaustive scoring are timed, alternately; each stage's ``seconds`` (and the speed-up) are
     then the median, and ``seconds_each`` lists every pass. ``topk``: N, the candidates HEI
     re-ranks; by default 100, or the largest the index allows where that is smaller."""
+    if getattr(index, "sharded", False):
+        raise HeiindexError("run_bench benches one index; bench a sharded build with heiindex.shards.run_sharded_bench")
     repeats = require("repeats", repeats, at_least=1, integer=True)
     if protocols not in ("auto", "full", "1k"):
         raise SettingError("protocols", f'protocols must be "auto", "full" or "1k", got {protocols!r}')
-    sweep = sorted(set(sweep or []))
+    # checked before any pass: a float sweep value failed after the whole bench, named "candidates"
+    topk = None if topk is None else require("topk", topk, integer=True)
+    sweep = sorted(set(_sweep_values(sweep)))
     full = protocols in ("auto", "full")
     coco_5k = index.n_images == COCO_5K_IMAGES
     folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []

@@ -3,6 +3,8 @@ with Hamming ranking, candidate recall, sweeps and the COCO 1K fold average."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
@@ -17,6 +19,7 @@ from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
 from heiindex.index import Index
 from heiindex.index_manifest import searched_type
 from heiindex.scoring import evaluate_exhaustive
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 
 METRICS = {"r1", "r5", "r10", "medr", "meanr", "rsum"}
@@ -186,6 +189,26 @@ def test_repeats_time_both_stages_again_and_report_the_medians(index, top5_run):
     for bad in (0, 1.5, True):
         with pytest.raises(HeiindexError, match="repeats must be a whole number"):
             run_bench(index, topk=5, repeats=bad)
+
+
+def test_bad_depths_are_refused_by_name_before_any_pass(index, monkeypatch):
+    """A float sweep value failed after the whole bench (exhaustive scoring included), named
+    "candidates"; a string, a number or an array as the sweep were raw TypeErrors and ValueErrors."""
+    import heiindex.bench
+
+    monkeypatch.setattr(heiindex.bench, "_hei", lambda *a, **k: pytest.fail("a pass ran"))
+    for kwargs, message in (
+        ({"topk": 5, "sweep": [2, 4.5]}, "sweep must be a whole number, got 4.5"),
+        ({"topk": 5.0}, "topk must be a whole number, got 5.0"),
+        ({"topk": "5"}, "topk must be a whole number, got '5'"),
+        ({"sweep": 5}, "sweep must be a list of whole numbers (the N values), got 5"),
+        ({"sweep": "5,10"}, "sweep must be a list of whole numbers (the N values), got '5,10'"),
+    ):
+        with pytest.raises(SettingError, match=re.escape(message)):
+            run_bench(index, **kwargs)
+    monkeypatch.undo()
+    got = run_bench(index, topk=np.int64(5), sweep=np.array([2, 4]), exhaustive=False)
+    assert got["full"]["candidates"] == 5 and [r["candidates"] for r in got["full"]["sweep"]] == [2, 4]
 
 
 def test_without_exhaustive_there_is_no_speedup(index):

@@ -40,6 +40,13 @@ def sharded(pipe, tmp_path_factory):
     return build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, SHARDS, index_type="flat")
 
 
+def test_the_unsharded_bench_points_to_the_sharded_one(sharded):
+    from heiindex.bench import run_bench
+
+    with pytest.raises(HeiindexError, match="bench a sharded build with heiindex.shards.run_sharded_bench"):
+        run_bench(sharded)  # an AttributeError on caption_image
+
+
 def test_layout_and_manifest(sharded, index):
     m = json.loads((sharded.path / "manifest.json").read_text())
     assert m["kind"] == "sharded" and m["split"] == "test" and sharded_manifest(sharded.path) == m
