@@ -59,6 +59,7 @@ from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_ban
 from .search import (
     BatchSearch,
     EncodedQueries,
+    check_counts,
     check_queries,
     encode_queries,
     id_span,
@@ -604,9 +605,12 @@ class Index(BatchSearch):
         self, regions: Tensor, gram: Tensor, k: int, candidates: int, codes: np.ndarray | None = None
     ) -> list[list[Hit]]:
         """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
-        (q, R, R), which may be stored elsewhere (e.g. in another shard): Hamming top-``candidates``
-        over the caption codes, re-ranked, top ``k``; each image's hits. ``codes``: the images'
-        codes where known (``image_features`` gives them), else hashed from ``regions``."""
+        (q, R, R), which may be stored elsewhere (e.g. in another shard), or a new image's
+        (``encode_images``): Hamming top-``candidates`` over the caption codes, re-ranked, top
+        ``k``; each image's hits. ``codes``: the images' codes where known (``image_features``
+        gives them), else hashed from ``regions``."""
+        candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
+        self._check_encoded_images(regions, gram)
         found = self.candidates_for_images(regions, gram, candidates, codes)
         ranked = [top_k(found, k, q) for q in range(len(regions))]
         return [
@@ -616,6 +620,37 @@ class Index(BatchSearch):
             ]
             for r in ranked
         ]
+
+    @torch.no_grad()
+    def encode_images(self, features: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """New images' raw region features ``(q, R, img_dim)``, as a store holds them, encoded by
+        the matcher where this index runs: ``(regions, gram)`` for ``search_regions``."""
+        want = (self.regions.shape[1], self.model.config.img_dim)
+        if isinstance(features, np.ndarray):
+            features = torch.from_numpy(features)
+        if not isinstance(features, Tensor) or features.dim() != 3 or tuple(features.shape[1:]) != want:
+            shape = tuple(features.shape) if hasattr(features, "shape") else type(features).__name__
+            raise HeiindexError(f"features must be (images, {want[0]}, {want[1]}) region features, got {shape}")
+        if not features.is_floating_point() or not bool(torch.isfinite(features).all()):
+            raise HeiindexError("features must be finite floating-point numbers (NaN or inf found, or not floats)")
+        regions = self.model.encode_images(features.to(self.regions.device, torch.float32))
+        return regions.to(self.regions.dtype), region_gram(regions)
+
+    def _check_encoded_images(self, regions, gram) -> None:
+        """``HeiindexError`` unless ``regions`` (q, R, d) and ``gram`` (q, R, R) are finite float
+        tensors of this index's region count and embedding size."""
+        r, d = self.regions.shape[1], self.regions.shape[2]
+        for name, x, tail in (("regions", regions, (r, d)), ("gram", gram, (r, r))):
+            if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != tail:
+                shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+                raise HeiindexError(
+                    f"{name} must be a tensor (images, {', '.join(map(str, tail))}): encoded images "
+                    f"(Index.encode_images gives them from raw features), got {shape}"
+                )
+            if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+                raise HeiindexError(f"{name} must hold finite floating-point numbers (NaN or inf found, or not floats)")
+        if len(regions) != len(gram):
+            raise HeiindexError(f"regions and gram must hold the same images, got {len(regions)} and {len(gram)}")
 
     # -- batches of queries against this index (the sharded bench) ----------------------------
     @torch.no_grad()

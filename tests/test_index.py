@@ -1324,3 +1324,40 @@ def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
         default_counts(None, 25, [24], "images")
     with pytest.raises(HeiindexError, match=r"^--k 121 is larger than the 120 captions in this index$"):
         default_counts(None, 121, [30, 40, 50], "captions")
+
+
+def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
+    """search_regions is how a new image is queried: nothing public encoded raw features for it,
+    and it checked none of its arguments (k -1 returned N - 1 hits, NaN features ranked silently)."""
+    ids, feats = next(SplitStore.open(pipe.root, "test").iter_image_blocks(2))
+    regions, gram = index.encode_images(feats)  # numpy, as a store holds them
+    rows = index.image_rows(list(ids))
+    torch.testing.assert_close(regions, index.regions[torch.from_numpy(rows)])
+    got = index.search_regions(regions, gram, 3, 10)
+    want = [index.search_image(int(i), k=3, candidates=10).results for i in ids]
+    assert [[(h.id, h.hamming) for h in hits] for hits in got] == [[(h.id, h.hamming) for h in w] for w in want]
+    for hits, w in zip(got, want, strict=True):
+        assert [h.score for h in hits] == pytest.approx([h.score for h in w], abs=1e-5)
+    for k, candidates, message in (
+        (-1, 10, "--k must be at least 1, got -1"),
+        (0, 10, "--k must be at least 1, got 0"),
+        (3.0, 10, "--k must be a whole number, got 3.0"),
+        (11, 10, "--k 11 is larger than --candidates 10"),
+        (3, 121, "--candidates 121 is larger than the 120 captions in this index"),
+    ):
+        with pytest.raises(HeiindexError, match=re.escape(message)):
+            index.search_regions(regions, gram, k, candidates)
+    bad_regions = (
+        (regions * float("nan"), "regions must hold finite floating-point numbers"),
+        (torch.from_numpy(feats), f"regions must be a tensor (images, {regions.shape[1]}, {regions.shape[2]})"),
+        (regions.numpy(), "regions must be a tensor"),
+    )
+    for bad, message in bad_regions:
+        with pytest.raises(HeiindexError, match=re.escape(message)):
+            index.search_regions(bad, gram, 3, 10)
+    with pytest.raises(HeiindexError, match="regions and gram must hold the same images, got 2 and 1"):
+        index.search_regions(regions, gram[:1], 3, 10)
+    with pytest.raises(HeiindexError, match=re.escape("features must be (images, ")):
+        index.encode_images(feats[:, :, :-1])
+    with pytest.raises(HeiindexError, match="features must be finite floating-point numbers"):
+        index.encode_images(feats * np.nan)
