@@ -295,7 +295,7 @@ def train(
     mcfg = (
         None if resuming else ScanConfig(vocab_size=len(vocab), embed_size=embed_size, img_dim=img_dim, attention=att)
     )
-    tcfg = TrainConfig(
+    settings = dict(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -306,6 +306,9 @@ def train(
         seed=seed,
         val_images=val_images,
     )
+    if resuming:  # the run's own settings, where the command line gives none (not the defaults)
+        settings.update(_resumed_settings(out / "last", settings))
+    tcfg = TrainConfig(**settings)
     res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
 
@@ -323,6 +326,28 @@ def _check_resumed_shape(last: Path) -> None:
     ]
     if diff:
         raise HeiindexError(f"--resume continues the model in {last}, which cannot change: " + "; ".join(diff))
+
+
+def _resumed_settings(last: Path, settings: dict) -> dict:
+    """The training settings of the run in ``last`` for those of ``settings`` not given on the
+    command line, said in a line where they differ from the defaults: a resumed run went on with
+    the defaults (batch 128 where it had trained with 16) without a word."""
+    from heiindex.checkpoint import read_model_config
+
+    _, raw = read_model_config(last)
+    saved = raw.get("info", {}).get("train", {})
+    given = {p.name for p in _given(*settings)}
+    kept = {name: saved[name] for name in settings if name not in given and name in saved}
+    params = {p.name: p for p in click.get_current_context().command.params}
+
+    def shown(name: str, value) -> str:  # a boolean flag by its on or off form
+        p = params[name]
+        return (p.opts[0] if value else p.secondary_opts[0]) if isinstance(value, bool) else f"{p.opts[0]} {value}"
+
+    changed = [shown(n, v) for n, v in kept.items() if v != settings[n]]
+    if changed:
+        click.echo(f"resuming with the run's own {', '.join(changed)} (give an option to change it)")
+    return kept
 
 
 def _given(*names: str) -> list[click.Parameter]:

@@ -316,6 +316,17 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     )
     assert load_model(out / "last").checksum == last2.checksum
 
+    # Options left out go on as the run had them, not at the defaults (batch 128, lr 2e-4), and say so.
+    r4 = ok(run("train", "--store", wide_store, "--out", out, "--epochs", "3", "--resume", "--lr", "0.005"))
+    assert "resuming with the run's own --batch-size 16, --val-images 100 (give an option to change it)" in r4.output
+    train_info = load_model(out / "last").info["train"]
+    assert (train_info["batch_size"], train_info["lr"], train_info["val_images"], train_info["epochs"]) == (
+        16,
+        0.005,
+        100,
+        3,
+    )
+
 
 def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, tmp_path):
     """A last/ without a model in it (here empty) is nothing to resume: training starts fresh with
