@@ -172,7 +172,7 @@ def exit_on_sigterm() -> None:
     "--split",
     required=True,
     type=click.Choice(["train", "dev", "test", "testall"]),
-    help="The precomp split to convert (its *_ims.npy, *_caps.txt and ids).",
+    help="The precomp split to convert: SPLIT_ims.npy and SPLIT_caps.txt (image ids are the rows' numbers).",
 )
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store root to write into.")
 @click.option(

@@ -68,6 +68,11 @@ class UnusedSettingWarning(HeiindexWarning):
     flat indexes); the message says which and why."""
 
 
+class VocabularyWarning(HeiindexWarning):
+    """A store split tokenised with a vocabulary that may not suit it: built from a split other
+    than train, or leaving many of its words unknown (``heiindex.ingest``)."""
+
+
 class LeftoverWarning(HeiindexWarning):
     """An output was written in full, but what it replaced could not all be removed (a file the
     system refuses to delete, such as one marked immutable). The message names the folder left,

@@ -7,6 +7,7 @@ is the issue's acceptance test, verbatim.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ import pytest
 from cli_helpers import clean_error, ok, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from heiindex import __version__
-from heiindex.errors import DataError
+from heiindex.errors import DataError, VocabularyWarning
 from heiindex.ingest import ingest
 from heiindex.store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, MANIFEST_FILE, SplitStore, file_sha256
 from heiindex.vocab import SPECIALS, Vocab
@@ -169,6 +170,12 @@ def test_library_ingest_with_scan_vocab(make_precomp, tmp_path, scan_vocab_path)
         f"test: 7 images, 35 captions, vocab 11352, unknown-word rate 0.71% -> {tmp_path / 'O' / 'test'}"
     )
     assert Vocab.load(tmp_path / "O" / "vocab.json") == Vocab.load(scan_vocab_path)
+    with warnings.catch_warnings():  # a given vocabulary leaving 0.71% unknown: nothing to say
+        warnings.simplefilter("error")
+        ingest(precomp, "test", tmp_path / "P", vocab=scan_vocab_path, feature_dim=8)
+    with pytest.warns(VocabularyWarning) as seen:  # a train split builds the vocabulary SCAN would
+        ingest(make_precomp("tr", split="train", n_images=7)[0], "train", tmp_path / "T", feature_dim=8)
+    assert [str(w.message)[:5] for w in seen] == ["37.4%"]  # only the unknown words' share
 
     store = SplitStore.open(tmp_path / "O", "test")
     assert store.n_row_groups == 3  # one per block of 3 images
@@ -416,12 +423,16 @@ def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, t
     out = tmp_path / "O"
     r1 = ok(_run("--precomp", test_dir, "--split", "test", "--out", out, "--feature-dim", "8"))
     assert "vocab 29" in r1.output
+    # said: the store's vocabulary now comes from test, and leaves many of these words unknown
+    assert "Warning: the store's vocabulary (29 words) was built from the test captions; SCAN builds it" in r1.output
+    assert "Warning: 37.4% of the test captions' words are not in the vocabulary and encode as <unk>" in r1.output
     built = Vocab.load(out / "vocab.json")
     assert built == Vocab.build(test_caps)
     vocab_bytes = (out / "vocab.json").read_bytes()
 
     r2 = ok(_run("--precomp", dev_dir, "--split", "dev", "--out", out, "--feature-dim", "8"))
     assert "dev: 7 images, 35 captions, vocab 29" in r2.output
+    assert "was built from" not in r2.output  # reused, not built
     assert (out / "vocab.json").read_bytes() == vocab_bytes
     assert Vocab.build(dev_caps) != built  # dev alone would have built another vocabulary
     m_test, m_dev = _manifest(out, "test"), _manifest(out, "dev")
