@@ -414,10 +414,18 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight
 
     matcher = load_model(model_dir or default_model_dir())
     hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
+    root = _store_root(store)
+    if not _given("val_candidates"):  # the default, 100, selects nothing on a dev split of <= 100 images
+        from heiindex.store import SplitStore
+
+        n_dev = SplitStore.open(root, "dev").n_images
+        if val_candidates >= n_dev:
+            val_candidates = max(1, n_dev // 10)
+            click.echo(f"--val-candidates {val_candidates}: a tenth of the {n_dev} dev images (100 needs more)")
     tcfg = HashTrainConfig(
         epochs=epochs, lr=lr, rank_weight=rank_weight, rounds=rounds, val_candidates=val_candidates, seed=seed
     )
-    res = train_hash(matcher, _store_root(store), out, hcfg, tcfg, progress=True, log=click.echo)
+    res = train_hash(matcher, root, out, hcfg, tcfg, progress=True, log=click.echo)
     rec = res["dev_candidate_recall"]
     click.echo(
         f"best epoch {res['best_epoch']}: dev candidate recall@{rec['n']} t2i {100 * rec['t2i']:.1f}% "

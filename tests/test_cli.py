@@ -438,6 +438,17 @@ def test_train_hash(pipe, tmp_path):
     assert f"dev candidate recall@5 t2i {100 * rec['t2i']:.1f}% i2t {100 * rec['i2t']:.1f}%" in r.output
 
 
+def test_train_hash_fits_its_default_depth_to_a_small_dev_split(pipe, tmp_path):
+    """The default --val-candidates 100 was refused on a dev split of 100 images or fewer, which
+    the user had not asked for; a value given is still refused there."""
+    common = ("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--bits", "16", "--epochs", "1")
+    r = ok(run(*common, "--rounds", "1", "--out", tmp_path / "h"))
+    assert "--val-candidates 2: a tenth of the 24 dev images (100 needs more)" in r.output
+    assert "dev candidate recall@2 " in r.output
+    r = run(*common, "--val-candidates", "100", "--out", tmp_path / "g")
+    clean_error(r, "--val-candidates 100 must be below the 24 images of the dev split")
+
+
 def test_evaluate(pipe):
     m = load_model(pipe.model_dir)
     want = evaluate_exhaustive(m.model, encode_split(m.model, SplitStore.open(pipe.root, "test")))
