@@ -294,7 +294,7 @@ class Index(BatchSearch):
         matcher: LoadedModel | str | Path,
         hasher: LoadedHash | str | Path,
         out: str | Path,
-        index_type: str = "flat",
+        index_type: str = "auto",
         nlist: int | None = None,
         nprobe: int | None = None,
         block_images: int = 256,

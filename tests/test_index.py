@@ -80,7 +80,8 @@ def test_build_writes_the_documented_folder(pipe, index):
     assert m["store"]["checksum"] == store.checksum
     assert m["hash"]["bits"] == pf.BITS
     flat = {"type": "flat", "nlist": None, "nprobe": None}
-    assert m["index"] == {**flat, "images": flat, "captions": flat}
+    # the library's default is the command line's, auto: flat at this size
+    assert m["index"] == {**flat, "type": "auto", "images": flat, "captions": flat}
     assert (index.n_images, index.n_captions) == (24, 120)
     assert index.image_index.ntotal == 24 and index.caption_index.ntotal == 120
 
