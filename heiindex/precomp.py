@@ -30,12 +30,15 @@ _FLOAT_KINDS = ("float16", "float32", "float64")
 
 
 def read_captions(path: Path) -> list[str]:
-    """Caption lines of ``path``; undecodable bytes and empty lines raise ``DataError``."""
+    """Caption lines of ``path``; undecodable bytes and empty lines raise ``DataError``, except
+    blank lines at the end (an editor's, as ``query --file`` takes them: no caption moves)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, "caption file not found") from None
     lines = text_lines(raw, path)
+    while lines and not lines[-1].strip():
+        lines.pop()
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -200,12 +200,6 @@ def _empty_line(folder: Path) -> BadCase:
     return BadCase("empty_line", folder, "test", _caps(folder), "line 3: empty caption")
 
 
-def _blank_line_at_end(folder: Path) -> BadCase:
-    with open(_caps(folder), "a", encoding="utf-8") as f:
-        f.write("\n")
-    return BadCase("blank_line_at_end", folder, "test", _caps(folder), "line 36: empty caption")
-
-
 def _bad_bytes(folder: Path) -> BadCase:
     raw = _caps(folder).read_bytes().split(b"\n")
     raw[11] = raw[11][:5] + b"\xff\xfe" + raw[11][5:]
@@ -268,7 +262,6 @@ BAD_CASES = {
         _inf,
         _beyond_float32,
         _empty_line,
-        _blank_line_at_end,
         _bad_bytes,
         _unknown_split,
         _truncated_npy,

@@ -164,10 +164,22 @@ def test_read_captions_drops_a_byte_order_mark(tmp_path):
 
 def test_read_captions_refuses_an_empty_file(tmp_path):
     p = tmp_path / "caps.txt"
-    p.write_bytes(b"")
-    with pytest.raises(DataError, match="no captions") as info:
+    for content in (b"", b"\n\n"):
+        p.write_bytes(content)
+        with pytest.raises(DataError, match="no captions") as info:
+            read_captions(p)
+        assert info.value.path == p
+
+
+def test_read_captions_takes_blank_lines_at_the_end_only(tmp_path):
+    """An editor's blank lines after the last caption were refused ("line 36: empty caption"),
+    where query --file takes them; one between captions would move every caption after it."""
+    p = tmp_path / "caps.txt"
+    p.write_bytes(b"A dog .\nA cat .\n\n  \r\n")
+    assert read_captions(p) == ["A dog .", "A cat ."]
+    p.write_bytes(b"A dog .\n\nA cat .\n")
+    with pytest.raises(DataError, match="line 2: empty caption"):
         read_captions(p)
-    assert info.value.path == p
 
 
 def test_splits():
