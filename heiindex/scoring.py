@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from .attention import score_block
+from .checkpoint import LoadedModel
 from .encode import EncodedSplit
+from .errors import HeiindexError
 from .evaluation import Recall, i2t_ranks, recall, t2i_ranks
 from .model import ScanModel
 from .settings import require
@@ -34,8 +36,10 @@ class ExhaustiveResult:
 
 
 @torch.no_grad()
-def exhaustive_scores(model: ScanModel, enc: EncodedSplit, image_block: int = 1024) -> np.ndarray:
-    """All (n_caps, n_imgs) scores, computed in image blocks."""
+def exhaustive_scores(model: ScanModel | LoadedModel, enc: EncodedSplit, image_block: int = 1024) -> np.ndarray:
+    """All (n_caps, n_imgs) scores, computed in image blocks. ``model``: the matcher that encoded
+    ``enc`` (a ``ScanModel``, or the ``LoadedModel`` ``encode_split`` takes)."""
+    model = _scan_model(model, enc)
     image_block = require("image_block", image_block, at_least=1, integer=True)
     n_imgs = enc.regions.shape[0]
     out = np.empty((enc.words.shape[0], n_imgs), dtype=np.float32)
@@ -46,7 +50,21 @@ def exhaustive_scores(model: ScanModel, enc: EncodedSplit, image_block: int = 10
     return out
 
 
-def evaluate_exhaustive(model: ScanModel, enc: EncodedSplit) -> ExhaustiveResult:
+def _scan_model(model, enc: EncodedSplit) -> ScanModel:
+    """The ``ScanModel`` of ``model`` (itself, or a ``LoadedModel``'s), refused where it cannot
+    have encoded ``enc`` (another embedding size): its attention settings would score them."""
+    model = model.model if isinstance(model, LoadedModel) else model
+    if not isinstance(model, ScanModel):
+        raise HeiindexError(f"model must be a ScanModel or a LoadedModel (load_model), got {type(model).__name__}")
+    if enc.regions.shape[-1] != model.config.embed_size:
+        raise HeiindexError(
+            f"the split was encoded with embedding size {enc.regions.shape[-1]}, this model's is "
+            f"{model.config.embed_size}: score it with the model that encoded it"
+        )
+    return model
+
+
+def evaluate_exhaustive(model: ScanModel | LoadedModel, enc: EncodedSplit) -> ExhaustiveResult:
     t0 = time.perf_counter()
     scores = exhaustive_scores(model, enc)
     seconds = time.perf_counter() - t0

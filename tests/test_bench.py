@@ -461,3 +461,18 @@ def test_the_bench_names_the_index_type_searched_not_the_one_asked():
     mixed = {**auto, "images": {"type": "flat"}, "captions": {"type": "ivf"}}
     assert searched_type(mixed) == "flat (images), ivf (captions)"
     assert searched_type({"type": "hnsw", "images": {"type": "hnsw"}, "captions": {"type": "hnsw"}}) == "hnsw"
+
+
+def test_exhaustive_evaluation_takes_the_loaded_model_encode_split_takes(pipe, exhaustive):
+    """encode_split takes load_model's result; evaluate_exhaustive took only its .model (an
+    AttributeError), and a model of another embedding size scored the split without a word."""
+    m = load_model(pipe.model_dir)
+    enc = encode_split(m, SplitStore.open(pipe.root, "test"))
+    assert evaluate_exhaustive(m, enc).rsum == exhaustive.rsum
+    other = pf.model_config(len(m.vocab), embed_size=pf.EMBED_SIZE * 2)
+    from heiindex.model import ScanModel
+
+    with pytest.raises(HeiindexError, match=f"encoded with embedding size {pf.EMBED_SIZE}, this model's is"):
+        evaluate_exhaustive(ScanModel(other), enc)
+    with pytest.raises(HeiindexError, match="model must be a ScanModel or a LoadedModel"):
+        evaluate_exhaustive(str(pipe.model_dir), enc)
