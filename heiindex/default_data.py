@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from .atomic import atomic_file
-from .errors import DataError, HeiindexError
+from .errors import DataError, HeiindexError, LastBuiltWarning
 from .ingest import ingest
 from .simulate import SimConfig, write_coco_sim_precomp
 
@@ -98,9 +99,22 @@ def last_built_index() -> Path:
 
 
 def mark_last_built(path: Path) -> None:
-    """Record ``path`` as the index the last ``build`` on the default data wrote."""
-    with atomic_file(_last_marker()) as tmp:
-        tmp.write_text(str(Path(path).resolve()) + "\n", encoding="utf-8")  # as last_built_index reads it
+    """Record ``path`` as the index the last ``build`` on the default data wrote. Where the marker
+    cannot be written (a read-only data folder), the index stands: a ``LastBuiltWarning`` says so
+    (a build with ``--out`` failed after writing its index, on a checkout with no index folder yet)."""
+    marker = _last_marker()
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(marker) as tmp:
+            tmp.write_text(str(Path(path).resolve()) + "\n", encoding="utf-8")  # as last_built_index reads it
+    except OSError as exc:
+        warnings.warn(
+            LastBuiltWarning(
+                f"{path} is built, but {marker} could not record it as the last build ({exc.strerror or exc}): "
+                "give query and bench --index"
+            ),
+            stacklevel=2,
+        )
 
 
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:

@@ -73,6 +73,11 @@ class VocabularyWarning(HeiindexWarning):
     than train, or leaving many of its words unknown (``heiindex.ingest``)."""
 
 
+class LastBuiltWarning(HeiindexWarning):
+    """A build on the default data wrote its index but could not record it as the last one built
+    (``heiindex.default_data.mark_last_built``)."""
+
+
 class LeftoverWarning(HeiindexWarning):
     """An output was written in full, but what it replaced could not all be removed (a file the
     system refuses to delete, such as one marked immutable). The message names the folder left,

@@ -13,7 +13,7 @@ import pytest
 
 from heiindex import default_data as dd
 from heiindex.default_data import data_dir, default_hash_dir, default_model_dir
-from heiindex.errors import DataError, HeiindexError
+from heiindex.errors import DataError, HeiindexError, LastBuiltWarning
 from heiindex.ingest import ingest
 from heiindex.precomp import read_captions
 from heiindex.simulate import SimConfig, simulate_images
@@ -119,6 +119,19 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
         with pytest.raises(DataError, match="should name the index the last build on the default data wrote") as e:
             dd.last_built_index()
         assert e.value.path == marker
+
+
+def test_the_marker_is_written_where_no_index_folder_is_yet(tmp_path, monkeypatch):
+    """A fresh checkout's first build with --out wrote its index, then failed with exit 2 on the
+    marker's scratch file (data/coco-sim/index/ did not exist); a read-only one the same way."""
+    monkeypatch.setattr(dd, "coco_sim_dir", lambda: tmp_path / "coco-sim")
+    (tmp_path / "mine").mkdir()
+    dd.mark_last_built(tmp_path / "mine")
+    assert dd.last_built_index() == tmp_path / "mine"
+    monkeypatch.setattr(dd, "coco_sim_dir", lambda: tmp_path / "file" / "coco-sim")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(LastBuiltWarning, match=f"{tmp_path / 'mine'} is built, but .* could not record it"):
+        dd.mark_last_built(tmp_path / "mine")
 
 
 def test_HEIINDEX_DATA_names_the_data_folder(tmp_path, monkeypatch):
