@@ -51,7 +51,13 @@ from .hamming import (
     stored_codes,
 )
 from .hashing import HashModule
-from .index_manifest import INDEX_FILES, INDEX_FORMAT_VERSION, check_index_manifest, read_index_manifest
+from .index_manifest import (
+    INDEX_FILES,
+    INDEX_FORMAT_VERSION,
+    check_index_manifest,
+    read_index_manifest,
+    refuse_shard_folder,
+)
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .progress import progress_bar
@@ -352,6 +358,8 @@ class Index(BatchSearch):
         if stop > store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
         out = Path(out)
+        if image_rows is None:  # a shard is written by write_shards, inside its build's scratch
+            refuse_shard_folder(out)
         captions = store.captions() if captions is None else captions
         if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
             store.check_ids(captions)

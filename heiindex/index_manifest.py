@@ -15,7 +15,14 @@ from pathlib import Path
 
 from .atomic import leftovers
 from .errors import DataError
-from .store import MANIFEST_FILE, check_fields, check_shard_entries, read_json_object, recorded_files
+from .store import (
+    MANIFEST_FILE,
+    check_fields,
+    check_shard_entries,
+    manifest_object,
+    read_json_object,
+    recorded_files,
+)
 
 __all__ = [
     "INDEX_FILES",
@@ -110,6 +117,36 @@ def sharded_manifest(path: str | Path) -> dict | None:
 def shard_missing(build: Path, shard: str) -> bool:
     """Whether the shard folder ``shard`` that the sharded build at ``build`` records holds no manifest."""
     return not (Path(build) / shard / MANIFEST_FILE).is_file()
+
+
+def refuse_shard_folder(out: Path) -> None:
+    """``DataError`` where ``out`` is a shard folder of a sharded build: an unsharded index written
+    there was served as that shard (``check_shard_entry`` now refuses it when the build opens)."""
+    build = Path(out).absolute().parent
+    manifest = manifest_object(build)
+    shards = manifest.get("shards") if manifest and manifest.get("kind") == "sharded" else None
+    if isinstance(shards, list) and any(isinstance(e, dict) and e.get("path") == Path(out).name for e in shards):
+        raise DataError(
+            out,
+            f"is shard {Path(out).name} of the sharded build {build}: build that again "
+            f"(heiindex build --shards S --out {build}), or give another --out",
+        )
+
+
+def check_shard_entry(build: Path, entry: dict, shard_manifest: dict) -> None:
+    """``DataError`` naming the shard's manifest unless it is the shard the build's ``entry``
+    records: the same store rows and counts (a plain build written over a shard folder was served
+    as that shard, its images twice, and verify passed it)."""
+    held = {"store_rows": shard_manifest.get("store_rows")}
+    held.update({k: shard_manifest.get(k) for k in ("n_images", "n_captions")})
+    want = {k: entry.get(k) for k in held if k in entry}
+    if {k: held[k] for k in want} != want:
+        shown = lambda d: ", ".join(f"{k} {d[k]}" for k in want)  # noqa: E731
+        raise DataError(
+            Path(build) / entry["path"] / MANIFEST_FILE,
+            f"is not the shard {build / MANIFEST_FILE} records ({shown(want)}; it holds {shown(held)}): "
+            "was another index written here? build the sharded index again (heiindex build --shards S)",
+        )
 
 
 def check_sharded_manifest(manifest: dict, mpath: Path) -> None:

@@ -47,7 +47,7 @@ from .index import (
     timed_results,
     warn_unused_lists,
 )
-from .index_manifest import SHARDED_FORMAT_VERSION, read_sharded_manifest, shard_missing
+from .index_manifest import SHARDED_FORMAT_VERSION, check_shard_entry, read_sharded_manifest, shard_missing
 from .packed import PackedWords
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
@@ -219,6 +219,8 @@ class ShardedIndex(BatchSearch):
                 )
         matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
         shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
+        for entry, shard in zip(manifest["shards"], shards, strict=True):
+            check_shard_entry(path, entry, shard.manifest)
         return cls(path, manifest, shards)
 
     @property

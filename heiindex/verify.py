@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
-from .index_manifest import check_index_manifest, check_sharded_manifest, shard_missing
+from .index_manifest import check_index_manifest, check_shard_entry, check_sharded_manifest, shard_missing
 from .store import (
     MANIFEST_FILE,
     check_file_record,
@@ -22,6 +22,7 @@ from .store import (
     entry_name,
     file_sha256,
     manifest_folders,
+    manifest_object,
     read_json_object,
     recorded_files,
     store_splits,
@@ -105,21 +106,27 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         invalid = _invalid(lambda: check_sharded_manifest(manifest, manifest_path), manifest_path)
-        return invalid + [check for shard in shards for check in _shard_checks(folder, shard["path"])]
+        return invalid + [check for shard in shards for check in _shard_checks(folder, shard)]
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
         return invalid
     return invalid + _recorded_files(folder, manifest)  # files may still be the bytes recorded
 
 
-def _shard_checks(build: Path, shard: str) -> list[FileCheck]:
+def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:
     """A shard's files, or "missing" for a shard the build records whose manifest is not there
-    (the other shards are still checked)."""
+    (the other shards are still checked); its manifest "invalid" where it is not the shard the
+    build records (``check_shard_entry``)."""
+    shard = entry["path"]
     if shard_missing(build, shard):
         return [
             FileCheck(build / shard / MANIFEST_FILE, "missing", f"shard {shard}, recorded in {build / MANIFEST_FILE}")
         ]
-    return verify(build / shard)
+    mpath = build / shard / MANIFEST_FILE
+    shard_manifest = manifest_object(build / shard)
+    if shard_manifest is None:  # unreadable: the shard's own check says so
+        return verify(build / shard)
+    return _invalid(lambda: check_shard_entry(build, entry, shard_manifest), mpath) + verify(build / shard)
 
 
 def _store_root(path: Path) -> bool:

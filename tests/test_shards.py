@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pipeline_fixtures as pf
@@ -469,3 +470,27 @@ def test_a_shard_with_no_captions_is_named_as_such_without_an_nlist():
         check_lists_filled("ivf", None, None, {"images": 6, "captions": 0}, (6, 12))
     with pytest.raises(HeiindexError, match=r"^--nlist 2 exceeds the 1 captions to index in its shard"):
         check_lists_filled("ivf", 2, None, {"images": 6, "captions": 1}, (6, 12))
+
+
+def test_an_index_written_over_a_shard_is_refused(pipe, sharded, tmp_path):
+    """A plain build over shard-001 was accepted, the sharded build then served every image of the
+    split twice over (202 and 321 twice in a top 6), and verify passed it."""
+    import shutil
+
+    from heiindex.verify import verify
+
+    build_dir = tmp_path / "s"
+    shutil.copytree(sharded.path, build_dir)
+    with pytest.raises(DataError, match=f"is shard shard-001 of the sharded build {build_dir}: build that again"):
+        Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, build_dir / "shard-001")
+    r = build(pipe, build_dir / "shard-001")
+    clean_error(r, "is shard shard-001 of the sharded build")
+    # as an older heiindex, or a copy by hand, would have left it
+    shutil.rmtree(build_dir / "shard-001")
+    shutil.copytree(pipe.index_dir, build_dir / "shard-001")
+    mpath = build_dir / "shard-001" / "manifest.json"
+    message = f"is not the shard {build_dir / 'manifest.json'} records (store_rows [8, 16], n_images 8, n_captions 40; "
+    with pytest.raises(DataError, match=re.escape(f"{mpath}: {message}it holds store_rows None, n_images 24")):
+        ShardedIndex.open(build_dir)
+    checks = [c for c in verify(build_dir) if c.status != "ok"]
+    assert [(c.path, c.status) for c in checks] == [(mpath, "invalid")] and checks[0].detail.startswith(message)
