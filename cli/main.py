@@ -969,7 +969,10 @@ def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> Non
     index = _ray_index(index_dir, address, threads, detached=True, model_dir=model_dir, hash_dir=hash_dir)
     for i, info in enumerate(index.infos):
         click.echo(f"shard {i}: actor {index.actor_name(i)} (pid {info['pid']}, {info['n_images']} images)")
-    click.echo(f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --address {address}")
+    click.echo(
+        f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --index {index.path} "
+        f"--address {address}"
+    )
 
 
 @cli.command()

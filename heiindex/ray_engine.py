@@ -69,6 +69,9 @@ class _ShardServer:
 
         torch.set_num_threads(threads)
         self.pid = os.getpid()
+        # which build of the shard this actor serves: a rebuild of the folder changes it, and a
+        # later driver that finds this actor by name must not be served the old one
+        self.manifest_sha256 = _manifest_sha256(Path(shard_path))
         # A refusal here (models moved, a damaged file) is kept for ``info``, the driver's first
         # call: raised from the constructor, it reads on the driver as "the actor died", and Ray
         # would start it again and again.
@@ -88,6 +91,7 @@ class _ShardServer:
             "threads": torch.get_num_threads(),
             "n_images": self.index.n_images,
             "image_span": self.index.image_span,
+            "manifest_sha256": self.manifest_sha256,
         }
 
     def query_problems(self, texts: list[str]) -> list[tuple[int, str]]:
@@ -210,6 +214,24 @@ class RayShardedIndex(BatchSearch):
                 ray.kill(actor)
             _wait_unnamed(ray, [self.actor_name(i) for i in range(len(self.actors))])
             raise
+        self._refuse_stale(address)
+
+    def _refuse_stale(self, address: str | None) -> None:
+        """``HeiindexError`` where actors found by name (``heiindex serve``'s) opened another build
+        of their shard than the folder now holds: after a rebuild they answered from the old one,
+        missing a third of the images, without a word."""
+        stale = [
+            i
+            for i, (info, e) in enumerate(zip(self.infos, self.manifest["shards"], strict=True))
+            if info.get("manifest_sha256") != _manifest_sha256(self.path / e["path"])
+        ]
+        if stale:
+            at = f" --address {address}" if address else ""
+            raise HeiindexError(
+                f"the Ray actors serving shard{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} of "
+                f"{self.path} opened an earlier build of it: stop them (heiindex serve --stop --index {self.path}{at}) "
+                "and serve the build again"
+            )
 
     def actor_name(self, i: int) -> str:
         return _actor_name(self.path, i)
@@ -408,13 +430,20 @@ def stop_served(path: str | Path, address: str | None) -> int:
     manifest = read_sharded_manifest(path)
     ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
     stopped = []
-    for i in range(len(manifest["shards"])):
+    i = 0
+    # every shard the build records, and beyond them those of an earlier build of more shards
+    # (a 3-shard build's shard 2 outlived a rebuild into 2 shards and its stop)
+    while True:
         name = _actor_name(path, i)
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
         except ValueError:
+            if i >= len(manifest["shards"]):
+                break
+            i += 1
             continue
         stopped.append(name)
+        i += 1
     held = _wait_unnamed(ray, stopped)
     if held:
         warnings.warn(
@@ -456,6 +485,14 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
+
+
+def _manifest_sha256(shard: Path) -> str | None:
+    """The SHA-256 of a shard folder's manifest (which build of it is there), None where unreadable."""
+    try:
+        return hashlib.sha256((shard / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _actor_name(path: Path, i: int) -> str:

@@ -76,7 +76,7 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
     r = ok(run("serve", "--index", pipe.index_dir, "--model", "/m", "--hash", "/h"))
     assert (got["address"], got["detached"], got["models"]) == ("auto", True, (Path("/m"), Path("/h")))
     assert "shard 0: actor actor-0 (pid 11, 12 images)" in r.output
-    assert "on Ray at auto; stop with: heiindex serve --stop --address auto" in r.output
+    assert f"on Ray at auto; stop with: heiindex serve --stop --index {pipe.index_dir} --address auto" in r.output
     stopped: dict = {}
     monkeypatch.setattr(heiindex.ray_engine, "stop_served", lambda path, address: stopped.update(address=address) or 2)
     r = ok(run("serve", "--stop", "--index", pipe.index_dir, "--address", "10.0.0.1:6379"))

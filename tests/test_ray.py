@@ -3,6 +3,7 @@ in-process sharded index, explicit threads per actor, and a shard actor that die
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -191,6 +192,29 @@ def test_cli_serve_then_stop(local_ray, sharded, tmp_path, monkeypatch):
             ray.get_actor(n, namespace="heiindex")
     ok(run("serve", "--index", copy))
     assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
+
+
+def test_actors_of_an_earlier_build_are_refused_and_all_stopped(local_ray, sharded, pipe, tmp_path):
+    """Actors `serve` left running answered from the build they had opened after the folder was
+    rebuilt (into 2 shards: a third of the images missing, without a word), and --stop then ended
+    only the 2 shards the new build records, leaving the old third one running."""
+    import shutil
+
+    from heiindex.shards import write_shards
+
+    copy = tmp_path / "served"
+    shutil.copytree(sharded.path, copy)
+    ok(run("serve", "--index", copy))
+    write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, copy, 2, index_type="flat")
+    stale = f"the Ray actors serving shards 0, 1 of {copy.resolve()} opened an earlier build of it: stop them"
+    with pytest.raises(HeiindexError, match=re.escape(stale)):
+        RayShardedIndex(copy)
+    clean_error(run("query", "a dog", "--index", copy, "--engine", "ray"), stale)
+    assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
+    fresh = RayShardedIndex(copy)  # new actors, of the build now there
+    assert [i["n_images"] for i in fresh.infos] == [12, 12]
+    for actor in fresh.actors:
+        ray.kill(actor)
 
 
 def test_bench_on_ray_equals_in_process(served, sharded):
