@@ -460,8 +460,23 @@ class Index(BatchSearch):
         ``dtype`` are where and in what precision queries and the bench run (see ``to``).
         ``codes``: where Hamming candidates come from, "faiss" (the index's files) or "milvus"
         (the collections the build wrote, at ``uri`` or the URI it was built with); default: as
-        built."""
-        path = Path(path)
+        built.
+
+        A rebuild may swap the folder while it is read (the manifest of one build, a code file
+        of the next: refused as "changed since the index was built"); where the manifest changed
+        meanwhile, the open is tried again, up to three times."""
+        path, args = Path(path), (matcher, hasher, device, dtype, codes, uri)
+        for _ in range(2):
+            before = _manifest_bytes(path)
+            try:
+                return cls._open_once(path, *args)
+            except DataError:
+                if before is None or _manifest_bytes(path) == before:  # not a swap: the error stands
+                    raise
+        return cls._open_once(path, *args)
+
+    @classmethod
+    def _open_once(cls, path: Path, matcher, hasher, device: str, dtype: str, codes, uri) -> Index:
         mpath = path / "manifest.json"
         manifest = read_index_manifest(path)
         if manifest.get("kind") == "sharded":
@@ -825,6 +840,14 @@ def check_lists_filled(
             )
         where = shard and shard + "; --nlist applies to each shard)"
         raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+
+
+def _manifest_bytes(path: Path) -> bytes | None:
+    """The bytes of the index manifest at ``path`` (which build is there), None where unreadable."""
+    try:
+        return (path / "manifest.json").read_bytes()
+    except OSError:
+        return None
 
 
 def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: dict[str, int]) -> None:

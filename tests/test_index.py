@@ -1362,3 +1362,31 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
         index.encode_images(feats[:, :, :-1])
     with pytest.raises(HeiindexError, match="features must be finite floating-point numbers"):
         index.encode_images(feats * np.nan)
+
+
+def test_an_open_that_a_rebuild_swaps_under_is_tried_again(pipe, tmp_path, monkeypatch):
+    """A rebuild swapped the folder between the open's reading of the manifest and of a code file:
+    the open refused the index as damaged ("changed since the index was built"); one of 89 opens
+    in a loop during rebuilds did."""
+    import shutil
+
+    import heiindex.index
+
+    target, other = tmp_path / "t", tmp_path / "hnsw"
+    shutil.copytree(pipe.index_dir, target)
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
+    real, swaps = heiindex.index.load_binary_index, []
+
+    def swap_first(*args, **kwargs):
+        if not swaps:  # the rebuild lands now: the manifest already read is the old build's
+            swaps.append(1)
+            shutil.rmtree(target)
+            shutil.copytree(other, target)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heiindex.index, "load_binary_index", swap_first)
+    opened = Index.open(target)
+    assert swaps == [1] and opened.manifest["index"]["type"] == "hnsw"  # the new build, whole
+    pf.flip_bit(target / "images.faiss")  # damage with no rebuild is still refused at once
+    with pytest.raises(DataError, match="images.faiss: changed since the index was built"):
+        Index.open(target)
