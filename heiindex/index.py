@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,7 @@ from .store import (
     check_distinct,
     check_fields,
     file_record,
+    manifest_object,
     open_parquet,
     read_guarded,
     reading,
@@ -372,7 +375,7 @@ class Index(BatchSearch):
             warn_unused_lists(index_type, nlist, nprobe, counts)
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
-        with atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
+        with _milvus_builds(out, codes == "milvus") as uploaded, atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
             pending = (
@@ -435,10 +438,13 @@ class Index(BatchSearch):
                 manifest["store_rows"] = [int(first), int(stop)]
             manifest["files"] = {name: file_record(tmp / name) for name in INDEX_FILES}  # heiindex verify
             if codes == "milvus":
-                from .milvus_codes import collection_names, upload_codes
+                from .milvus_codes import check_server, collection_names, upload_codes
 
-                key = hashlib.sha256(json.dumps([str(out.resolve()), manifest], sort_keys=True).encode()).hexdigest()
-                names = collection_names(key)
+                unique = os.urandom(8).hex()  # a rebuild of the same index must not write the collections it searches
+                key = [str(out.resolve()), manifest, unique]
+                names = collection_names(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest())
+                check_server(uri)  # a server that is down: an error, and no collections to drop
+                uploaded.append((uri, names))  # dropped again if the build fails from here on
                 upload_codes(uri, names, {"images": img_codes, "captions": cap_codes}, milvus_index)
                 manifest["codes"] = {"store": "milvus", "uri": uri, "collections": names, "index_type": milvus_index}
             write_json(tmp / "manifest.json", manifest)
@@ -840,6 +846,21 @@ def check_lists_filled(
             )
         where = shard and shard + "; --nlist applies to each shard)"
         raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+
+
+@contextmanager
+def _milvus_builds(out: Path, milvus: bool):
+    """``heiindex.milvus_codes.replaced_collections`` where this build (``milvus``) or the index at
+    ``out`` it replaces keeps codes in Milvus (pymilvus is imported only then), else a list
+    nothing reads."""
+    manifest = manifest_object(out) if out.is_dir() else None
+    if milvus or isinstance(manifest, dict) and isinstance(manifest.get("codes"), dict):
+        from .milvus_codes import replaced_collections
+
+        with replaced_collections(out) as uploaded:
+            yield uploaded
+    else:
+        yield []
 
 
 def _manifest_bytes(path: Path) -> bytes | None:

@@ -13,12 +13,24 @@ What it must not do: score, or hold features.
 from __future__ import annotations
 
 import hashlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from .errors import HeiindexError
+from .errors import HeiindexError, LeftoverWarning
 
-__all__ = ["MILVUS_INDEX_TYPES", "MilvusCodes", "collection_names", "upload_codes"]
+__all__ = [
+    "MILVUS_INDEX_TYPES",
+    "MilvusCodes",
+    "check_server",
+    "collection_names",
+    "drop_collections",
+    "replaced_collections",
+    "upload_codes",
+]
 
 MILVUS_INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
 _BATCH = 10_000
@@ -26,7 +38,9 @@ _BATCH = 10_000
 
 def _pymilvus():
     try:
-        import pymilvus
+        with warnings.catch_warnings():  # pymilvus 2.3's own import of pkg_resources: two lines on every command
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            import pymilvus
     except ImportError:
         raise HeiindexError("Milvus codes need pymilvus: pip install 'heiindex[milvus]'") from None
     return pymilvus
@@ -45,9 +59,58 @@ def _connect(uri: str, timeout: float = 5.0) -> str:
     return alias
 
 
+def check_server(uri: str) -> None:
+    """``HeiindexError`` naming ``uri`` unless a Milvus server answers there."""
+    _connect(uri)
+
+
 def collection_names(index_checksum: str) -> dict[str, str]:
-    """Collection names of one build: derived from its manifest, so rebuilds never collide."""
+    """Collection names of one build, from a key of its own (``Index.write`` hashes its output
+    path, its manifest and a random part): a rebuild writes new collections, never the ones the
+    index it replaces still searches."""
     return {m: f"heiindex_{index_checksum[:16]}_{m}" for m in ("images", "captions")}
+
+
+def drop_collections(uri: str, names: dict[str, str]) -> None:
+    """Drop a build's collections where they exist (a replaced or failed build's). Best effort: a
+    ``LeftoverWarning`` names what could not be dropped."""
+    try:
+        pm = _pymilvus()
+        alias = _connect(uri)
+        for name in names.values():
+            if pm.utility.has_collection(name, using=alias):
+                pm.utility.drop_collection(name, using=alias)
+    except Exception as exc:  # a server gone meanwhile: the build itself stands
+        warnings.warn(
+            LeftoverWarning(
+                f"Milvus collections {', '.join(names.values())} at {uri} could not be dropped "
+                f"({type(exc).__name__}: {exc}); drop them by hand"
+            ),
+            stacklevel=2,
+        )
+
+
+@contextmanager
+def replaced_collections(out: Path) -> Iterator[list[tuple[str, dict[str, str]]]]:
+    """Around a build of the index at ``out``: yields a list for the build to add each
+    ``(uri, names)`` it uploads. When the build fails they are dropped (the index at ``out``, which
+    still searches its own, is untouched); when it succeeds, the collections of the index it
+    replaced are dropped (they served a folder that is gone: a process that opened it must open
+    the new build)."""
+    from .store import manifest_object
+
+    old = manifest_object(Path(out)) if Path(out).is_dir() else None
+    codes = old.get("codes") if isinstance(old, dict) else None
+    replaced = (codes.get("uri"), codes.get("collections")) if isinstance(codes, dict) else None
+    uploaded: list[tuple[str, dict[str, str]]] = []
+    try:
+        yield uploaded
+    except BaseException:
+        for uri, names in uploaded:
+            drop_collections(uri, names)
+        raise
+    if replaced and isinstance(replaced[0], str) and isinstance(replaced[1], dict) and replaced not in uploaded:
+        drop_collections(*replaced)
 
 
 def upload_codes(uri: str, names: dict[str, str], codes: dict[str, np.ndarray], kind: str = "BIN_FLAT") -> None:
@@ -84,9 +147,14 @@ class MilvusCodes:
         alias = _connect(uri)
         if not pm.utility.has_collection(name, using=alias):
             raise HeiindexError(f"Milvus at {uri} has no collection {name!r}; build with --codes milvus --uri {uri}")
-        self._col = pm.Collection(name, using=alias)
-        self._col.load()
-        self.ntotal = int(self._col.num_entities)
+        try:
+            self._col = pm.Collection(name, using=alias)
+            self._col.load()
+            self.ntotal = int(self._col.num_entities)
+        except pm.exceptions.MilvusException as exc:  # e.g. a collection left without its index
+            raise HeiindexError(
+                f"Milvus at {uri} cannot serve collection {name!r} ({exc}); build the index again"
+            ) from None
         self.d = next(int(f.params["dim"]) for f in self._col.schema.fields if f.name == "code")  # bits
 
     def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

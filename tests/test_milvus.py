@@ -96,3 +96,35 @@ def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing written half-way
     with pytest.raises(HeiindexError, match="built without Milvus codes"):
         Index.open(pipe.index_dir, codes="milvus", uri=down)
+
+
+def test_a_rebuild_writes_new_collections_and_drops_the_old_ones(pipe, server, tmp_path, monkeypatch):
+    """A rebuild dropped and wrote again the very collections the index it replaces searched (their
+    names came from its path and manifest), before its folder was swapped in: Ctrl-C left the old
+    index without a Milvus index (a raw MilvusException on every query), and queries failed for
+    seconds during any rebuild. The replaced build's collections were never dropped either."""
+    from pymilvus import connections, utility
+
+    import heiindex.index
+
+    out = tmp_path / "m"
+    build = dict(index_type="flat", codes="milvus", uri=server)
+    first = Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, **build)["codes"]["collections"]
+    second = Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, **build)["codes"]["collections"]
+    assert set(first.values()).isdisjoint(second.values())
+    connections.connect(alias="t", uri=server)
+    assert not any(utility.has_collection(n, using="t") for n in first.values())  # the replaced build's
+    assert all(utility.has_collection(n, using="t") for n in second.values())
+
+    def fail(*_a, **_k):
+        raise RuntimeError("interrupted after the upload")
+
+    before = set(utility.list_collections(using="t"))
+    with monkeypatch.context() as m:  # a build that fails after its upload
+        m.setattr(heiindex.index, "write_json", fail)
+        with pytest.raises(RuntimeError, match="interrupted after the upload"):
+            Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, **build)
+    assert set(utility.list_collections(using="t")) == before  # its own collections dropped again
+    kept = Index.open(out)  # the index there still searches its own collections
+    assert kept.manifest["codes"]["collections"] == second and len(kept.search("a dog", 5, 10).results) == 5
+    connections.disconnect("t")
