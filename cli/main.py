@@ -747,19 +747,21 @@ def query(
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
     candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
+    # a sharded build: each shard's top N (capped at its size), all re-ranked
+    depth = f"Hamming top-{candidates}" + (" from each shard" if index.sharded else "")
     if queries_file is not None:
         where = lambda i: f"{name} line {i + 1}"  # noqa: E731
-        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), candidates, k, as_json, False)
+        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), depth, k, as_json, False)
         return
     if len(image_ids) > 1:
-        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), candidates, k, as_json, True)
+        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), depth, k, as_json, True)
         return
     res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
         print_json_result(res, k)
         return
     print_result(res, bool(image_ids), k)
-    click.echo(f"{res.seconds * 1000:.1f} ms (Hamming top-{candidates}, re-ranked by the matcher)")
+    click.echo(f"{res.seconds * 1000:.1f} ms ({depth}, re-ranked by the matcher)")
 
 
 def _query_lines(file, name: str) -> list[str]:
@@ -778,7 +780,7 @@ def _query_lines(file, name: str) -> list[str]:
     return lines
 
 
-def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_query: bool) -> None:
+def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query: bool) -> None:
     """Results of several queries (all checked before the first came), each printed as its batch
     ends: a table each, or one JSON object a line."""
     from heiindex.progress import progress_bar
@@ -795,7 +797,7 @@ def _print_many(results, n: int, candidates: int, k: int, as_json: bool, image_q
     if not as_json:
         click.echo(
             f"{n} quer{'y' if n == 1 else 'ies'} in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
-            f"a query (Hamming top-{candidates}, re-ranked by the matcher, in batches)"
+            f"a query ({depth}, re-ranked by the matcher, in batches)"
         )
 
 

@@ -332,6 +332,10 @@ class Index(BatchSearch):
         images are then described ``describe_images_block`` at a time, each block one more
         encoding pass over that split's captions."""
         check_codes_options(codes, uri)
+        if codes == "milvus":  # a server that is down: said before the encoding, not after it
+            from .milvus_codes import check_server
+
+            check_server(uri)
         nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
         block_captions = require("block_captions", block_captions, at_least=1, integer=True)

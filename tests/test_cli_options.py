@@ -35,6 +35,7 @@ def _spy_ray(monkeypatch, got: dict):
         got.update(path=path, address=address, threads=threads, detached=detached, models=(model_dir, hash_dir))
         return SimpleNamespace(
             path=path,
+            sharded=True,
             infos=[{"pid": 11, "n_images": 12}],
             actor_name=lambda i: f"actor-{i}",
             search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}, results=[None] * k),
