@@ -77,7 +77,7 @@ from .search import (
     rerank_images,
     top_k,
 )
-from .settings import SettingError, require
+from .settings import SettingError, require, require_name, require_path
 from .store import (
     MANIFEST_FILE,
     CaptionTable,
@@ -344,6 +344,8 @@ class Index(BatchSearch):
                 raise HeiindexError(f"image_rows must be (first, stop), got {image_rows!r}")
             image_rows = tuple(require("image_rows", v, at_least=0, integer=True) for v in image_rows)
         describe_images_block = require("describe_images_block", describe_images_block, at_least=1, integer=True)
+        store_root, out = require_path("store_root", store_root), require_path("out", out)
+        split = require_name("split", split)
         if prototypes is not None:
             check_describing_split(prototypes, split)
         matcher, hasher = load_bound_models(matcher, hasher)
@@ -475,7 +477,7 @@ class Index(BatchSearch):
         A rebuild may swap the folder while it is read (the manifest of one build, a code file
         of the next: refused as "changed since the index was built"); where the manifest changed
         meanwhile, the open is tried again, up to three times."""
-        path, args = Path(path), (matcher, hasher, device, dtype, codes, uri)
+        path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
         for _ in range(2):
             before = _manifest_bytes(path)
             try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .atomic import leftovers
 from .errors import DataError
+from .settings import require_path
 from .store import (
     MANIFEST_FILE,
     check_fields,
@@ -60,7 +61,7 @@ _INDEX_FIELDS = {
 def read_index_manifest(path: str | Path) -> dict:
     """The parsed ``manifest.json`` of the index (sharded or not) at ``path``; ``DataError``,
     naming it, where there is none or it is not a JSON object."""
-    path = Path(path)
+    path = require_path("path", path)
     if path.is_file():
         raise DataError(path, "is a file; give the index folder that holds it")
     if not path.exists():

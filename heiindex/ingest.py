@@ -20,7 +20,7 @@ from . import __version__
 from .errors import DataError, VocabularyWarning
 from .precomp import PrecompSplit
 from .progress import progress_bar
-from .settings import require
+from .settings import require, require_path
 from .store import (
     CAPTIONS_FILE,
     FORMAT_VERSION,
@@ -157,7 +157,8 @@ def ingest(
     Every input problem raises ``DataError`` before anything appears at ``out_root/{split}``.
     """
     block_images = require("block_images", block_images, at_least=1, integer=True)
-    out_root = Path(out_root)
+    out_root = require_path("out_root", out_root)
+    precomp_dir = require_path("precomp_dir", precomp_dir)
     check_store_root(out_root, split)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)

@@ -9,11 +9,13 @@ What it must not do: know any particular config.
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
+from pathlib import Path
 
 from .errors import HeiindexError
 
-__all__ = ["SettingError", "is_whole", "require", "settle"]
+__all__ = ["SettingError", "is_whole", "require", "require_name", "require_path", "settle"]
 
 
 class SettingError(HeiindexError, ValueError):
@@ -51,6 +53,21 @@ def require(name: str, value, *, at_least: float | None = None, above: float | N
             want.append(f"greater than {_num(above)}")
         raise SettingError(name, f"{name} must be {', '.join(want)}, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def require_path(name: str, value) -> Path:
+    """``value`` as a ``Path``; a ``SettingError`` naming ``name`` unless it is a non-empty str or
+    path-like (None reached pathlib as a bare TypeError)."""
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise SettingError(name, f"{name} must be a path (str or pathlib.Path), got {value!r}")
+
+
+def require_name(name: str, value) -> str:
+    """``value`` where it is a non-empty str (a split's name), else a ``SettingError`` naming ``name``."""
+    if isinstance(value, str) and value:
+        return value
+    raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
 
 
 def settle(config, name: str, **checks) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from .atomic import leftovers, leftovers_in
 from .errors import DataError
 from .index_manifest import check_index_manifest, check_shard_entry, check_sharded_manifest, shard_missing
+from .settings import require_path
 from .store import (
     MANIFEST_FILE,
     check_file_record,
@@ -52,7 +53,7 @@ def verify(path: str | Path) -> list[FileCheck]:
     a sharded index (each shard). ``DataError`` where ``path`` is none of these. What interrupted
     runs left beside ``path`` or in it (a store root's splits are written there) is listed last,
     as "leftover"."""
-    path = Path(path)
+    path = require_path("path", path)
     if path.is_file():
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
     if not path.exists() and not path.is_symlink() and (found := leftovers(path)):

@@ -247,3 +247,26 @@ def test_refusals_pickle_as_made():
     ):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
+
+
+def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path):
+    """None as a folder reached pathlib as a bare TypeError ("expected str, bytes or os.PathLike
+    object"), and None as a split as "unsupported operand type(s) for /"."""
+    from heiindex.index import Index
+    from heiindex.ingest import ingest
+    from heiindex.verify import verify
+
+    models = (pipe.model_dir, pipe.hash_dir)
+    for call, name in (
+        (lambda: Index.open(None), "path"),
+        (lambda: verify(None), "path"),
+        (lambda: Index.write(pipe.root, "test", *models, None), "out"),
+        (lambda: Index.write(None, "test", *models, tmp_path / "x"), "store_root"),
+        (lambda: ingest(None, "test", tmp_path / "s"), "precomp_dir"),
+        (lambda: ingest(tmp_path, "test", ""), "out_root"),
+    ):
+        with pytest.raises(SettingError, match=f"^{name} must be a path \\(str or pathlib.Path\\), got "):
+            call()
+    with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
+        Index.write(pipe.root, None, *models, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
