@@ -25,8 +25,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from .index_manifest import (
     read_index_manifest,
     refuse_shard_folder,
 )
+from .milvus_codes import check_server, collection_names, replaced_collections, upload_codes  # pymilvus: lazily
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .progress import progress_bar
@@ -89,7 +89,7 @@ from .store import (
     check_distinct,
     check_fields,
     file_record,
-    manifest_object,
+    manifest_digest,
     open_parquet,
     read_guarded,
     reading,
@@ -333,8 +333,6 @@ class Index(BatchSearch):
         encoding pass over that split's captions."""
         check_codes_options(codes, uri)
         if codes == "milvus":  # a server that is down: said before the encoding, not after it
-            from .milvus_codes import check_server
-
             check_server(uri)
         nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
         block_images = require("block_images", block_images, at_least=1, integer=True)
@@ -366,22 +364,19 @@ class Index(BatchSearch):
             raise HeiindexError(f"image rows {first}..{stop} hold no image (give first < stop)")
         if stop > store.n_images:
             raise HeiindexError(f"image rows {first}..{stop} outside the store's 0..{store.n_images}")
-        out = Path(out)
-        if image_rows is None:  # a shard is written by write_shards, inside its build's scratch
-            refuse_shard_folder(out)
         captions = store.captions() if captions is None else captions
-        if image_rows is None:  # before any encoding (a shard's captions: checked by write_shards)
+        if image_rows is None:  # all before any encoding
+            refuse_shard_folder(out)  # a shard is written by write_shards, inside its build's scratch
             store.check_ids(captions)
-        if image_rows is None:
             counts = {"images": stop, "captions": len(captions)}
-        else:
+            check_lists_filled(index_type, nlist, nprobe, counts, None)
+            warn_unused_lists(index_type, nlist, nprobe, counts.values())
+        else:  # a shard's captions and lists: checked, and said once for all shards, by write_shards
             counts = shard_counts(captions, store.image_id_column(), first, stop)
-        check_lists_filled(index_type, nlist, nprobe, counts, None if image_rows is None else (first, stop))
-        if image_rows is None:  # a sharded build says it once, for all its shards (write_shards)
-            warn_unused_lists(index_type, nlist, nprobe, counts)
+            check_lists_filled(index_type, nlist, nprobe, counts, (first, stop))
         if isinstance(prototypes, PrototypeConfig):  # before anything is written
             prototypes = caption_bank(store_root, prototypes, matcher, hasher, block_captions, progress)
-        with _milvus_builds(out, codes == "milvus") as uploaded, atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
+        with replaced_collections(out) as uploaded, atomic_dir(out, *INDEX_OUTPUT) as tmp, torch.no_grad():
             writer = ImageWriter(tmp / "image_features.parquet", r, d, extra={"gram": pa.list_(pa.float32(), r * r)})
             code_blocks = []
             pending = (
@@ -444,8 +439,6 @@ class Index(BatchSearch):
                 manifest["store_rows"] = [int(first), int(stop)]
             manifest["files"] = {name: file_record(tmp / name) for name in INDEX_FILES}  # heiindex verify
             if codes == "milvus":
-                from .milvus_codes import check_server, collection_names, upload_codes
-
                 unique = os.urandom(8).hex()  # a rebuild of the same index must not write the collections it searches
                 key = [str(out.resolve()), manifest, unique]
                 names = collection_names(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest())
@@ -479,11 +472,11 @@ class Index(BatchSearch):
         meanwhile, the open is tried again, up to three times."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
         for _ in range(2):
-            before = _manifest_bytes(path)
+            before = manifest_digest(path)
             try:
                 return cls._open_once(path, *args)
             except DataError:
-                if before is None or _manifest_bytes(path) == before:  # not a swap: the error stands
+                if before is None or manifest_digest(path) == before:  # not a swap: the error stands
                     raise
         return cls._open_once(path, *args)
 
@@ -609,7 +602,7 @@ class Index(BatchSearch):
         for start in range(0, len(rows), batch):
             t0 = time.perf_counter()
             regions, gram, codes = self.image_features(rows[start : start + batch])
-            hits = self.search_regions(regions, gram, k, candidates, codes)
+            hits = self.rank_regions(regions, gram, k, candidates, codes)  # stored features, counts checked
             yield from timed_results(image_ids[start : start + batch], hits, None, t0)
 
     def image_features(self, rows: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray]:
@@ -646,6 +639,14 @@ class Index(BatchSearch):
         gives them), else hashed from ``regions``."""
         candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
         self._check_encoded_images(regions, gram)
+        return self.rank_regions(regions, gram, k, candidates, codes)
+
+    @torch.no_grad()
+    def rank_regions(
+        self, regions: Tensor, gram: Tensor, k: int, candidates: int, codes: np.ndarray | None = None
+    ) -> list[list[Hit]]:
+        """``search_regions`` without its checks, for callers whose inputs are checked already
+        (stored features, counts checked once per query batch, not once per batch and shard)."""
         found = self.candidates_for_images(regions, gram, candidates, codes)
         ranked = [top_k(found, k, q) for q in range(len(regions))]
         return [
@@ -854,35 +855,12 @@ def check_lists_filled(
         raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
 
 
-@contextmanager
-def _milvus_builds(out: Path, milvus: bool):
-    """``heiindex.milvus_codes.replaced_collections`` where this build (``milvus``) or the index at
-    ``out`` it replaces keeps codes in Milvus (pymilvus is imported only then), else a list
-    nothing reads."""
-    manifest = manifest_object(out) if out.is_dir() else None
-    if milvus or isinstance(manifest, dict) and isinstance(manifest.get("codes"), dict):
-        from .milvus_codes import replaced_collections
-
-        with replaced_collections(out) as uploaded:
-            yield uploaded
-    else:
-        yield []
-
-
-def _manifest_bytes(path: Path) -> bytes | None:
-    """The bytes of the index manifest at ``path`` (which build is there), None where unreadable."""
-    try:
-        return (path / "manifest.json").read_bytes()
-    except OSError:
-        return None
-
-
-def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: dict[str, int]) -> None:
+def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: Iterable[int]) -> None:
     """``UnusedSettingWarning`` where ``--nlist`` / ``--nprobe`` were given to ``--index auto`` and
-    neither of its indexes (``counts`` of items) is large enough to be IVF: they were recorded and
-    built into nothing, without a word."""
+    none of its indexes (``counts``: the items of each) is large enough to be IVF: they were
+    recorded and built into nothing, without a word."""
     given = [f"--{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
-    if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts.values()):
+    if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts):
         return
     warnings.warn(
         UnusedSettingWarning(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HeiindexError, LeftoverWarning
+from .store import manifest_object
 
 __all__ = [
     "MILVUS_INDEX_TYPES",
@@ -97,11 +98,9 @@ def replaced_collections(out: Path) -> Iterator[list[tuple[str, dict[str, str]]]
     still searches its own, is untouched); when it succeeds, the collections of the index it
     replaced are dropped (they served a folder that is gone: a process that opened it must open
     the new build)."""
-    from .store import manifest_object
-
-    old = manifest_object(Path(out)) if Path(out).is_dir() else None
-    codes = old.get("codes") if isinstance(old, dict) else None
-    replaced = (codes.get("uri"), codes.get("collections")) if isinstance(codes, dict) else None
+    codes = (manifest_object(Path(out)) or {}).get("codes")  # None: no index there, or FAISS codes only
+    ok = isinstance(codes, dict) and isinstance(codes.get("uri"), str) and isinstance(codes.get("collections"), dict)
+    replaced = (codes["uri"], codes["collections"]) if ok else None
     uploaded: list[tuple[str, dict[str, str]]] = []
     try:
         yield uploaded
@@ -109,7 +108,7 @@ def replaced_collections(out: Path) -> Iterator[list[tuple[str, dict[str, str]]]
         for uri, names in uploaded:
             drop_collections(uri, names)
         raise
-    if replaced and isinstance(replaced[0], str) and isinstance(replaced[1], dict) and replaced not in uploaded:
+    if replaced and replaced not in uploaded:
         drop_collections(*replaced)
 
 

@@ -43,6 +43,7 @@ from .shards import (
     shard_search_regions,
     shard_search_text,
 )
+from .store import manifest_digest
 
 __all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
 
@@ -71,7 +72,7 @@ class _ShardServer:
         self.pid = os.getpid()
         # which build of the shard this actor serves: a rebuild of the folder changes it, and a
         # later driver that finds this actor by name must not be served the old one
-        self.manifest_sha256 = _manifest_sha256(Path(shard_path))
+        self.manifest_sha256 = manifest_digest(Path(shard_path))
         # A refusal here (models moved, a damaged file) is kept for ``info``, the driver's first
         # call: raised from the constructor, it reads on the driver as "the actor died", and Ray
         # would start it again and again.
@@ -223,7 +224,7 @@ class RayShardedIndex(BatchSearch):
         stale = [
             i
             for i, (info, e) in enumerate(zip(self.infos, self.manifest["shards"], strict=True))
-            if info.get("manifest_sha256") != _manifest_sha256(self.path / e["path"])
+            if info.get("manifest_sha256") != manifest_digest(self.path / e["path"])
         ]
         if stale:
             at = f" --address {address}" if address else ""
@@ -485,14 +486,6 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
-
-
-def _manifest_sha256(shard: Path) -> str | None:
-    """The SHA-256 of a shard folder's manifest (which build of it is there), None where unreadable."""
-    try:
-        return hashlib.sha256((shard / "manifest.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _actor_name(path: Path, i: int) -> str:

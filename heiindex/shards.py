@@ -116,7 +116,7 @@ def write_shards(
     counts = [shard_counts(captions, ids, a, b) for a, b in bounds]
     for (a, b), shard in zip(bounds, counts, strict=True):
         check_lists_filled(index_type, nlist, nprobe, shard, (a, b))
-    warn_unused_lists(index_type, nlist, nprobe, {f"{w} {i}": n for i, c in enumerate(counts) for w, n in c.items()})
+    warn_unused_lists(index_type, nlist, nprobe, [n for shard in counts for n in shard.values()])
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes
@@ -218,9 +218,10 @@ class ShardedIndex(BatchSearch):
                     "build the sharded index again (heiindex build --shards S)",
                 )
         matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
-        shards = [Index.open(path / e["path"], matcher, hasher, device=device, dtype=dtype) for e in manifest["shards"]]
-        for entry, shard in zip(manifest["shards"], shards, strict=True):
-            check_shard_entry(path, entry, shard.manifest)
+        shards = []
+        for entry in manifest["shards"]:  # each checked as it opens: a wrong one before the rest are read
+            shards.append(Index.open(path / entry["path"], matcher, hasher, device=device, dtype=dtype))
+            check_shard_entry(path, entry, shards[-1].manifest)
         return cls(path, manifest, shards)
 
     @property
@@ -327,7 +328,7 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, c
     has nothing to add): N and k capped at the shard's size. ``codes``: the images' own codes
     (``Index.image_features``)."""
     n = min(candidates, shard.n_captions)
-    return shard.search_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
+    return shard.rank_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
 
 
 # ---------------------------------------------------------------------------------------------

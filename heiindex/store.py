@@ -570,6 +570,15 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     check_fields(manifest_path, manifest, _STORE_FIELDS)
 
 
+def manifest_digest(folder: Path) -> str | None:
+    """The SHA-256 of ``folder``'s manifest (which build is there: a rebuild changes it), None
+    where it cannot be read."""
+    try:
+        return file_sha256(Path(folder) / MANIFEST_FILE)
+    except OSError:
+        return None
+
+
 def manifest_object(folder: Path) -> dict | None:
     """The manifest in ``folder`` where it is a JSON object, else None."""
     try:
