@@ -115,6 +115,18 @@ codes_option = click.option(
     help="Where the hash codes are searched: the index's FAISS files or a Milvus server (--uri).",
 )
 uri_option = click.option("--uri", default=None, help="Milvus server, e.g. http://127.0.0.1:19530.")
+search_nprobe_option = click.option(
+    "--nprobe",
+    type=int,
+    default=None,
+    help="IVF lists probed per query, in place of the build's (at most its --nlist): more finds more, more slowly.",
+)
+ef_search_option = click.option(
+    "--ef-search",
+    type=int,
+    default=None,
+    help="HNSW's search breadth, in place of the build's 128: larger finds more of the nearest codes, more slowly.",
+)
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(PRECISIONS),
@@ -624,7 +636,8 @@ def _check_engine_options(engine: str, *local: str) -> None:
     if given:
         flags = ", ".join(p.opts[0] for p in given)
         raise click.UsageError(
-            f"{flags}: not used with --engine ray (each actor opens its shard on the CPU, in float32)"
+            f"{flags}: not used with --engine ray (each actor opens its shard as built: on the CPU, in float32, "
+            "searching as the build set)"
         )
 
 
@@ -656,6 +669,8 @@ def _open_index(
     dtype="float32",
     codes=None,
     uri=None,
+    nprobe=None,
+    ef_search=None,
 ):
     from heiindex.index_manifest import sharded_manifest
 
@@ -665,10 +680,14 @@ def _open_index(
             raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
         from heiindex.shards import ShardedIndex
 
-        return ShardedIndex.open(path, model_dir, hash_dir, device=device, dtype=dtype)
+        return ShardedIndex.open(
+            path, model_dir, hash_dir, device=device, dtype=dtype, nprobe=nprobe, ef_search=ef_search
+        )
     from heiindex.index import Index
 
-    return Index.open(path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri)
+    return Index.open(
+        path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri, nprobe=nprobe, ef_search=ef_search
+    )
 
 
 @cli.command()
@@ -706,6 +725,8 @@ def _open_index(
 @threads_option
 @codes_option
 @uri_option
+@search_nprobe_option
+@ef_search_option
 @click.option(
     "--json",
     "as_json",
@@ -729,6 +750,8 @@ def query(
     threads,
     codes,
     uri,
+    nprobe,
+    ef_search,
     as_json,
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
@@ -741,11 +764,11 @@ def query(
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
-    _check_engine_options(engine, "device", "dtype", "codes", "uri")
+    _check_engine_options(engine, "device", "dtype", "codes", "uri", "nprobe", "ef_search")
     if engine == "ray":
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
-        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri)
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
     candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
     # a sharded build: each shard's top N (capped at its size), all re-ranked
     depth = f"Hamming top-{candidates}" + (" from each shard" if index.sharded else "")
@@ -839,6 +862,8 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
 @engine_option
 @address_option
 @threads_option
+@search_nprobe_option
+@ef_search_option
 @json_option
 @handle_errors
 def bench(
@@ -855,6 +880,8 @@ def bench(
     engine,
     address,
     threads,
+    nprobe,
+    ef_search,
     as_json,
 ) -> None:
     """Exhaustive attention vs HEI vs Hamming alone, both directions, with timings.
@@ -873,7 +900,7 @@ def bench(
         from heiindex.plot import check_plot_path
 
         check_plot_path(plot)
-    _check_engine_options(engine, "device", "dtype")
+    _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
@@ -889,7 +916,7 @@ def bench(
     if engine == "ray":
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
-        index = _open_index(index_dir, model_dir, hash_dir, device, dtype)
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, nprobe=nprobe, ef_search=ef_search)
     from heiindex.bench import run_bench
     from heiindex.index import Index
 

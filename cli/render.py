@@ -44,8 +44,8 @@ def shortfall(result, k: int) -> str | None:
         return None
     return (
         f"{len(result.results)} of the {k} results asked for: the index's approximate search returned fewer "
-        "candidates (IVF probes --nprobe of its lists: an index built with a larger --nprobe probes more; "
-        "HNSW's graph search may not reach every item; --index flat searches them all)"
+        "candidates (a larger --nprobe probes more of IVF's lists, a larger --ef-search widens HNSW's "
+        "graph search; --index flat searches every item)"
     )
 
 
@@ -117,7 +117,7 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         if "candidates_found" in d and d["candidates_found"] < d["candidate_slots"]:
             extra += (
                 f"\n(an approximate index: {d['candidates_found']:.1f} of {d['candidate_slots']} candidate slots "
-                "found on average, and re-ranked)"
+                "found on average, and re-ranked; --nprobe or --ef-search searches more widely)"
             )
         if "seconds_each" in d["hei"]:
             passes = len(d["hei"]["seconds_each"])

@@ -338,6 +338,7 @@ def run_bench(
         "index": str(index.path),
         "bits": index.manifest["hash"]["bits"],
         "index_type": _searched(index),
+        "search_breadth": index.search_breadth(),  # what the IVF / HNSW searches used ({}: exact)
         "prototypes": index.manifest.get("prototypes"),  # None: each image's own code
         "threads": torch.get_num_threads(),
         "device": str(index.regions.device),

@@ -2,7 +2,9 @@
 
 ``make_binary_index`` builds an ``IndexBinaryFlat`` (exact), ``IndexBinaryIVF`` (inverted lists
 over a binary k-means, ``nlist``/``nprobe``) or ``IndexBinaryHNSW`` (graph), and
-``hamming_candidates`` returns the top-N ids and distances. ``TorchBinaryIndex`` is the exact
+``hamming_candidates`` returns the top-N ids and distances; ``set_search_breadth`` changes how widely
+an opened approximate index searches (IVF's ``nprobe``, HNSW's ``efSearch``), without a rebuild.
+``TorchBinaryIndex`` is the exact
 search on any torch device (the GPU path when no faiss-gpu is installed), with the same
 ``search`` interface. What this module must not do: know about models or captions.
 """
@@ -16,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import DataError, SparseListsWarning
+from .errors import DataError, SparseListsWarning, UnusedSettingWarning
 from .settings import SettingError, require
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "make_binary_index",
     "packed_codes",
     "save_binary_index",
+    "search_breadth",
+    "set_search_breadth",
 ]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
@@ -121,6 +125,70 @@ def make_binary_index(
         index.hnsw.efSearch = ef_search
     index.add(codes)
     return index
+
+
+def search_breadth(index) -> dict:
+    """How widely ``index`` searches now: ``{"nlist", "nprobe"}`` for an IVF index (FAISS's, or a
+    Milvus ``BIN_IVF_FLAT`` collection: ``heiindex.milvus_codes.MilvusCodes``), ``{"ef_search"}``
+    for HNSW, ``{}`` for an exact search (flat, ``TorchBinaryIndex``, a GPU index)."""
+    if isinstance(index, faiss.IndexBinaryIVF):
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    if isinstance(index, faiss.IndexBinaryHNSW):
+        return {"ef_search": int(index.hnsw.efSearch)}
+    if getattr(index, "nlist", None) is not None:  # a Milvus IVF collection
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    return {}
+
+
+def set_search_breadth(indexes: dict, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """From now on, search each approximate index of ``indexes`` (what it holds -> index) with
+    ``nprobe`` IVF lists probed per query and HNSW's ``ef_search``; None keeps the build's. A larger
+    value finds more of the true Hamming neighbours, more slowly. Every value is checked before
+    any is set: ``SettingError`` for one that is not a whole number >= 1, or an ``nprobe`` above an
+    index's lists (naming it). A value that no index of ``indexes`` has a use for (an exact
+    index, or HNSW given ``nprobe``) is said in an ``UnusedSettingWarning``."""
+    nprobe, ef_search = check_breadth(nprobe, ef_search)
+    now = {name: search_breadth(index) for name, index in indexes.items()}
+    for name, breadth in now.items():
+        if nprobe is not None and "nlist" in breadth and nprobe > breadth["nlist"]:
+            raise SettingError(
+                "nprobe", f"nprobe {nprobe} exceeds the {breadth['nlist']} lists of the index of the {name}"
+            )
+    used = set()
+    for name, index in indexes.items():
+        if nprobe is not None and "nprobe" in now[name]:
+            index.nprobe = nprobe
+            used.add("nprobe")
+        if ef_search is not None and "ef_search" in now[name]:
+            index.hnsw.efSearch = ef_search
+            used.add("ef_search")
+    given = {"nprobe": nprobe, "ef_search": ef_search}
+    unused = [f"--{n.replace('_', '-')} {v}" for n, v in given.items() if v is not None and n not in used]
+    if unused:
+        kinds = sorted({_kind_name(index) for index in indexes.values()})
+        warnings.warn(
+            UnusedSettingWarning(
+                f"{' and '.join(unused)} not used: the index searches {' and '.join(kinds)} "
+                "(--nprobe sets how many IVF lists are probed, --ef-search HNSW's search breadth)"
+            ),
+            stacklevel=2,
+        )
+
+
+def check_breadth(nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
+    """``nprobe`` / ``ef_search`` for ``set_search_breadth``: None, or a whole number >= 1
+    (``SettingError`` naming it); checked by ``Index.open`` before the index is read."""
+    nprobe = None if nprobe is None else require("nprobe", nprobe, at_least=1, integer=True)
+    ef_search = None if ef_search is None else require("ef_search", ef_search, at_least=1, integer=True)
+    return nprobe, ef_search
+
+
+def _kind_name(index) -> str:
+    """What kind of search ``index`` makes, in a few words (``set_search_breadth``'s warning)."""
+    breadth = search_breadth(index)
+    if "nlist" in breadth:
+        return "IVF lists"
+    return "an HNSW graph" if breadth else "exactly (flat)"
 
 
 def _warn_sparse_lists(index, n_codes: int, name: str) -> None:

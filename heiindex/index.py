@@ -43,12 +43,15 @@ from .encode import iter_caption_blocks
 from .errors import DataError, HeiindexError, ModelMismatchError, UnusedSettingWarning
 from .hamming import (
     AUTO_FLAT_MAX,
+    check_breadth,
     check_index_options,
     index_on_device,
     load_binary_index,
     make_binary_index,
     resolve_index_kind,
     save_binary_index,
+    search_breadth,
+    set_search_breadth,
     stored_codes,
 )
 from .hashing import HashModule
@@ -459,26 +462,30 @@ class Index(BatchSearch):
         dtype: str = "float32",
         codes: str | None = None,
         uri: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Index:
         """Open a built index. Without ``matcher``/``hasher`` the ones it was built with are loaded;
         given ones must be the same (checksums), else ``ModelMismatchError``. ``device`` and
         ``dtype`` are where and in what precision queries and the bench run (see ``to``).
         ``codes``: where Hamming candidates come from, "faiss" (the index's files) or "milvus"
         (the collections the build wrote, at ``uri`` or the URI it was built with); default: as
-        built.
+        built. ``nprobe`` / ``ef_search``: how widely an IVF / HNSW index searches, in place of
+        the build's (``set_search_breadth``).
 
         A rebuild may swap the folder while it is read (the manifest of one build, a code file
         of the next: refused as "changed since the index was built"); where the manifest changed
         meanwhile, the open is tried again, up to three times."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
+        nprobe, ef_search = check_breadth(nprobe, ef_search)  # before anything is read
         for _ in range(2):
             before = manifest_digest(path)
             try:
-                return cls._open_once(path, *args)
+                return cls._open_once(path, *args).set_search_breadth(nprobe, ef_search)
             except DataError:
                 if before is None or manifest_digest(path) == before:  # not a swap: the error stands
                     raise
-        return cls._open_once(path, *args)
+        return cls._open_once(path, *args).set_search_breadth(nprobe, ef_search)
 
     @classmethod
     def _open_once(cls, path: Path, matcher, hasher, device: str, dtype: str, codes, uri) -> Index:
@@ -500,7 +507,9 @@ class Index(BatchSearch):
         check_fields(mpath, {"codes": built}, {"codes.store": str})
         if built["store"] == "milvus":
             check_fields(
-                mpath, manifest, {f"codes.{f}": str for f in ("uri", "collections.images", "collections.captions")}
+                mpath,
+                manifest,
+                {f"codes.{f}": str for f in ("uri", "index_type", "collections.images", "collections.captions")},
             )
         source = codes or built["store"]
         if source not in ("faiss", "milvus"):
@@ -518,8 +527,31 @@ class Index(BatchSearch):
             from .milvus_codes import MilvusCodes
 
             server = uri or built["uri"]
-            code_indexes = tuple(MilvusCodes(server, built["collections"][m]) for m in ("images", "captions"))
+            code_indexes = tuple(
+                MilvusCodes(server, built["collections"][m], built["index_type"]) for m in ("images", "captions")
+            )
         return cls(path, manifest, matcher, hasher, code_indexes).to(device, dtype)
+
+    def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> Index:
+        """Search an approximate index more (or less) widely from now on, without a rebuild:
+        ``nprobe`` IVF lists probed per query (at most the index's lists; FAISS or a Milvus
+        ``BIN_IVF_FLAT`` collection), ``ef_search`` HNSW's search breadth (the build sets 128). None
+        keeps the build's. A setting neither index has a use for (flat indexes; any index on a
+        GPU, searched exactly) is said in an ``UnusedSettingWarning``. ``search_breadth`` tells
+        what each index uses."""
+        if nprobe is not None or ef_search is not None:
+            named = {f"{what} of {self.path}": index for what, index in self.hamming_indexes().items()}
+            set_search_breadth(named, nprobe, ef_search)
+        return self
+
+    def search_breadth(self) -> dict:
+        """How widely each code index searches now: ``{"images": {...}, "captions": {...}}``, each
+        ``{"nlist", "nprobe"}`` (IVF), ``{"ef_search"}`` (HNSW) or ``{}`` (exact)."""
+        return {what: search_breadth(index) for what, index in self.hamming_indexes().items()}
+
+    def hamming_indexes(self) -> dict:
+        """What Hamming candidates are searched in: {"images": index, "captions": index}."""
+        return {"images": self.image_index, "captions": self.caption_index}
 
     @property
     def lengths(self) -> Tensor:
@@ -726,8 +758,12 @@ class Index(BatchSearch):
         )
 
     def bench_meta(self) -> dict:
-        """What the sharded bench needs to know of this index's items."""
-        return {"image_ids": self.image_ids, "caption_image_ids": self.caption_image_ids}
+        """What the sharded bench needs to know of this index: its items, and how widely it searches."""
+        return {
+            "image_ids": self.image_ids,
+            "caption_image_ids": self.caption_image_ids,
+            "search_breadth": self.search_breadth(),
+        }
 
     # -- codes of what is stored (for the bench) -----------------------------------------------
     def image_codes(self) -> np.ndarray:

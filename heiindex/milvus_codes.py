@@ -132,17 +132,25 @@ def upload_codes(uri: str, names: dict[str, str], codes: dict[str, np.ndarray], 
             block = data[s : s + _BATCH]
             col.insert([list(range(s, s + len(block))), [c.tobytes() for c in block]])
         col.flush()
-        params = {} if kind == "BIN_FLAT" else {"nlist": max(1, min(4096, int(np.sqrt(len(data)))))}
+        params = {} if kind == "BIN_FLAT" else {"nlist": milvus_nlist(len(data))}
         col.create_index("code", {"index_type": kind, "metric_type": "HAMMING", "params": params})
         col.load()
 
 
-class MilvusCodes:
-    """One collection of codes, searched like a FAISS binary index."""
+def milvus_nlist(n: int) -> int:
+    """The lists of a ``BIN_IVF_FLAT`` collection of ``n`` codes, as ``upload_codes`` makes it."""
+    return max(1, min(4096, int(np.sqrt(n))))
 
-    def __init__(self, uri: str, name: str, nprobe: int = 16) -> None:
+
+class MilvusCodes:
+    """One collection of codes, searched like a FAISS binary index. ``kind``: its Milvus index
+    type (the manifest's ``codes.index_type``); a ``BIN_IVF_FLAT`` collection has ``nlist`` lists
+    and probes ``nprobe`` of them (at most ``nlist``), ``heiindex.hamming.set_search_breadth``
+    changes it; ``nlist`` is None for ``BIN_FLAT``, an exact search."""
+
+    def __init__(self, uri: str, name: str, kind: str = "BIN_FLAT", nprobe: int = 16) -> None:
         pm = _pymilvus()
-        self.uri, self.name, self.nprobe = uri, name, nprobe
+        self.uri, self.name, self.kind = uri, name, kind
         alias = _connect(uri)
         if not pm.utility.has_collection(name, using=alias):
             raise HeiindexError(f"Milvus at {uri} has no collection {name!r}; build with --codes milvus --uri {uri}")
@@ -155,6 +163,8 @@ class MilvusCodes:
                 f"Milvus at {uri} cannot serve collection {name!r} ({exc}); build the index again"
             ) from None
         self.d = next(int(f.params["dim"]) for f in self._col.schema.fields if f.name == "code")  # bits
+        self.nlist = milvus_nlist(self.ntotal) if kind == "BIN_IVF_FLAT" else None
+        self.nprobe = nprobe if self.nlist is None else min(nprobe, self.nlist)
 
     def search(self, query_codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(distances (q, n) int32, rows (q, n) int64)``, nearest first; -1 where Milvus

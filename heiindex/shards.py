@@ -33,7 +33,7 @@ from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
-from .hamming import check_index_options
+from .hamming import check_breadth, check_index_options, set_search_breadth
 from .index import (
     INDEX_OUTPUT,
     Hit,
@@ -206,9 +206,13 @@ class ShardedIndex(BatchSearch):
         hasher: LoadedHash | str | Path | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> ShardedIndex:
-        """Open every shard of the build at ``path``."""
+        """Open every shard of the build at ``path``; ``nprobe`` / ``ef_search`` as
+        ``Index.open``'s, for every shard (``set_search_breadth``)."""
         path = Path(path)
+        nprobe, ef_search = check_breadth(nprobe, ef_search)  # before any shard is read
         manifest = read_sharded_manifest(path)
         for e in manifest["shards"]:
             if shard_missing(path, e["path"]):
@@ -222,7 +226,23 @@ class ShardedIndex(BatchSearch):
         for entry in manifest["shards"]:  # each checked as it opens: a wrong one before the rest are read
             shards.append(Index.open(path / entry["path"], matcher, hasher, device=device, dtype=dtype))
             check_shard_entry(path, entry, shards[-1].manifest)
-        return cls(path, manifest, shards)
+        return cls(path, manifest, shards).set_search_breadth(nprobe, ef_search)
+
+    def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> ShardedIndex:
+        """``Index.set_search_breadth`` for every shard: each value checked against every shard
+        before any is set, and one ``UnusedSettingWarning`` where no shard has a use for it."""
+        if nprobe is not None or ef_search is not None:
+            named = {
+                f"{what} of {shard.path}": index
+                for shard in self.shards
+                for what, index in shard.hamming_indexes().items()
+            }
+            set_search_breadth(named, nprobe, ef_search)
+        return self
+
+    def search_breadth(self) -> list[dict]:
+        """``Index.search_breadth`` of each shard, in shard order."""
+        return [shard.search_breadth() for shard in self.shards]
 
     @property
     def n_images(self) -> int:
@@ -377,6 +397,7 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
         "captions": int(len(caption_image)),
         "candidates": topk,
         "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
+        "search_breadth": [m["search_breadth"] for m in metas],  # each shard's (Index.search_breadth)
     }
     for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
         out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)

@@ -52,7 +52,20 @@ def _metrics(d: dict) -> dict:
 
 
 def test_documented_keys(full_run, pipe):
-    keys = {"split", "index", "bits", "index_type", "prototypes", "threads", "device", "dtype", "full", "t2i", "i2t"}
+    keys = {
+        "split",
+        "index",
+        "bits",
+        "index_type",
+        "search_breadth",
+        "prototypes",
+        "threads",
+        "device",
+        "dtype",
+        "full",
+        "t2i",
+        "i2t",
+    }
     assert set(full_run) == keys and full_run["prototypes"] is None
     assert full_run["device"] == "cpu" and full_run["dtype"] == "float32"
     assert full_run["split"] == "test" and full_run["bits"] == pf.BITS and full_run["index_type"] == "flat"

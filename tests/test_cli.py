@@ -32,6 +32,7 @@ from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash
 
@@ -88,7 +89,7 @@ def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
     assert 0 < len(found) < 20
     r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "20", "--candidates", "20"))
     note = f"{len(found)} of the 20 results asked for: the index's approximate search returned fewer candidates"
-    assert note in r.stdout and "an index built with a larger --nprobe probes more" in r.stdout
+    assert note in r.stdout and "a larger --nprobe probes more of IVF's lists" in r.stdout
     # --json keeps its documented shape on standard output and says it on standard error (it said nothing)
     r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "20", "--candidates", "20", "--json"))
     assert len(json.loads(r.stdout)["results"]) == len(found)
@@ -106,6 +107,51 @@ def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
     table = ok(run("bench", "--index", tmp_path / "ivf", "--topk", "20")).output
     assert f"(an approximate index: {d['candidates_found']:.1f} of 20 candidate slots found on average" in table
     assert "an approximate index" not in ok(run("bench", "--index", pipe.index_dir, "--topk", "20")).output
+
+
+def test_nprobe_at_query_time_searches_more_lists_without_a_rebuild(pipe, tmp_path):
+    """--nprobe was a build setting only: an IVF index that came back short had to be rebuilt.
+    query and bench now take it (and --ef-search for HNSW) for the searches they make."""
+    ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "8", "--nprobe", "1"))
+    flat = Index.open(pipe.index_dir).search("a dog", k=20, candidates=20)
+    every = ("--k", "20", "--candidates", "20", "--json")
+    d = as_json(run("query", "a dog", "--index", tmp_path / "ivf", "--nprobe", "8", *every))
+    assert [(h["id"], h["hamming"]) for h in d["results"]] == [(h.id, h.hamming) for h in flat.results]
+    # the bench finds every slot, and says what it probed; the build's own setting stays as recorded
+    b = as_json(run("bench", "--index", tmp_path / "ivf", "--topk", "20", "--nprobe", "8", "--json"))
+    assert b["t2i"]["candidates_found"] == b["i2t"]["candidates_found"] == 20
+    assert b["search_breadth"] == {"images": {"nlist": 8, "nprobe": 8}, "captions": {"nlist": 8, "nprobe": 8}}
+    assert Index.open(tmp_path / "ivf").search_breadth()["images"] == {"nlist": 8, "nprobe": 1}
+    assert as_json(run("bench", "--index", pipe.index_dir, "--topk", "5", "--json"))["search_breadth"] == {
+        "images": {},
+        "captions": {},
+    }
+    # beyond the index's lists: refused by the flag, naming the index; given to a flat index: said unused
+    r = run("query", "a dog", "--index", tmp_path / "ivf", "--nprobe", "9")
+    assert r.exit_code == 2
+    assert f"Error: --nprobe 9 exceeds the 8 lists of the index of the images of {tmp_path / 'ivf'}" in r.output
+    r = ok(run("query", "a dog", "--index", pipe.index_dir, "--nprobe", "4", "--ef-search", "64"))
+    assert "Warning: --nprobe 4 and --ef-search 64 not used: the index searches exactly (flat)" in r.output
+    for flag in ("--nprobe", "--ef-search"):
+        r = run("bench", "--index", tmp_path / "ivf", flag, "0")
+        assert r.exit_code == 2 and f"Error: {flag} must be a whole number, at least 1, got 0" in r.output
+    with pytest.raises(SettingError, match="^ef_search must be"):  # before the index is read: not "no such folder"
+        Index.open(tmp_path / "nowhere", ef_search=0)
+
+
+def test_ef_search_sets_hnsw_search_breadth(pipe, tmp_path):
+    ok(build(pipe, tmp_path / "hnsw", "--index", "hnsw"))
+    assert Index.open(tmp_path / "hnsw").search_breadth() == {
+        "images": {"ef_search": 128},
+        "captions": {"ef_search": 128},
+    }
+    index = Index.open(tmp_path / "hnsw", ef_search=300)
+    assert index.search_breadth() == {"images": {"ef_search": 300}, "captions": {"ef_search": 300}}
+    want = Index.open(pipe.index_dir).search("a dog", k=5, candidates=24)
+    assert [h.id for h in index.search("a dog", k=5, candidates=24).results] == [h.id for h in want.results]
+    r = ok(run("query", "a dog", "--index", tmp_path / "hnsw", "--nprobe", "2", "--ef-search", "40"))
+    assert "Warning: --nprobe 2 not used: the index searches an HNSW graph" in r.output
+    assert "--ef-search" not in r.output.split("not used")[0].split("Warning:")[-1]
 
 
 # -- query ------------------------------------------------------------------------------------
@@ -658,6 +704,8 @@ def test_query_errors(pipe, args, detail):
         ("query", ["a dog", "--engine", "ray", "--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--engine", "ray", "--device", "cuda"], "--device: not used with --engine ray"),
         ("query", ["a dog", "--engine", "ray", "--codes", "faiss"], "--codes: not used with --engine ray"),
+        ("query", ["a dog", "--engine", "ray", "--nprobe", "2"], "--nprobe: not used with --engine ray"),
+        ("bench", ["--engine", "ray", "--ef-search", "64"], "--ef-search: not used with --engine ray"),
     ],
 )
 def test_options_that_would_go_unused_are_refused(pipe, monkeypatch, command, args, detail):

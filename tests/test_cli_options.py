@@ -422,7 +422,7 @@ def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
     monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", _spy_open(got))
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
     assert isinstance(r.exception, _Opened)
-    assert got == {"device": "cpu", "dtype": "bfloat16"}
+    assert got == {"device": "cpu", "dtype": "bfloat16", "nprobe": None, "ef_search": None}
 
 
 def test_build_index_given_a_folder_points_to_out(tmp_path):

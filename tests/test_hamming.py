@@ -10,7 +10,7 @@ import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative
 import pytest
 import torch
 
-from heiindex.errors import DataError
+from heiindex.errors import DataError, UnusedSettingWarning
 from heiindex.hamming import (
     INDEX_TYPES,
     TorchBinaryIndex,
@@ -18,8 +18,11 @@ from heiindex.hamming import (
     load_binary_index,
     make_binary_index,
     save_binary_index,
+    search_breadth,
+    set_search_breadth,
     stored_codes,
 )
+from heiindex.settings import SettingError
 
 N, BYTES = 300, 8  # 300 random 64-bit codes: any two differ in about 32 bits
 
@@ -327,3 +330,24 @@ def test_torch_index_on_cuda_matches_faiss_flat_up_to_ties(easy):
         d_gpu, i_gpu = hamming_candidates(index, all_queries, 25)
         np.testing.assert_array_equal(d_gpu, d_faiss)
         np.testing.assert_array_equal(np.take_along_axis(pf.hamming_by_hand(all_queries, codes), i_gpu, axis=1), d_gpu)
+
+
+def test_search_breadth_of_each_kind_and_its_checks():
+    codes = np.random.default_rng(3).integers(0, 256, (400, 8), dtype=np.uint8)
+    ivf, hnsw = make_binary_index(codes, "ivf", nlist=10, nprobe=2), make_binary_index(codes, "hnsw")
+    exact = [make_binary_index(codes, "flat"), TorchBinaryIndex(codes)]
+    assert [search_breadth(i) for i in (ivf, hnsw, *exact)] == [{"nlist": 10, "nprobe": 2}, {"ef_search": 128}, {}, {}]
+    set_search_breadth({"a": ivf, "b": hnsw}, nprobe=10, ef_search=400)
+    assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})
+    # with nprobe = nlist, IVF answers as the flat index does (distances; ids may tie)
+    d_ivf, _ = ivf.search(codes[:5], 30)
+    d_flat, _ = exact[0].search(codes[:5], 30)
+    np.testing.assert_array_equal(d_ivf, d_flat)
+    for bad in (0, True, 2.0, -1):  # checked before any is set
+        with pytest.raises(SettingError, match=r"^nprobe must be a whole number"):
+            set_search_breadth({"a": ivf}, nprobe=bad)
+    with pytest.raises(SettingError, match=r"^nprobe 11 exceeds the 10 lists of the index of the a$"):
+        set_search_breadth({"a": ivf, "b": hnsw}, nprobe=11, ef_search=7)
+    assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})
+    with pytest.warns(UnusedSettingWarning, match=r"^--ef-search 9 not used: the index searches exactly \(flat\)"):
+        set_search_breadth({"flat": exact[0], "gpu-like": exact[1]}, ef_search=9)

@@ -508,7 +508,8 @@ def test_milvus_codes_open_without_reading_the_faiss_files(pipe, index, tmp_path
         }
 
     class StandIn:
-        def __init__(self, uri, name):
+        def __init__(self, uri, name, kind):
+            assert kind == "BIN_FLAT"  # the manifest's codes.index_type
             self.uri, self.name = uri, name
             self.faiss = index.image_index if name == "c-images" else index.caption_index
             self.ntotal, self.d = self.faiss.ntotal, self.faiss.d
@@ -621,7 +622,11 @@ def test_a_malformed_codes_field_is_named(pipe, tmp_path):
     for codes, field in (
         ({"uri": "http://x"}, "codes.store"),
         ({"store": "milvus", "collections": {"images": "a", "captions": "b"}}, "codes.uri"),
-        ({"store": "milvus", "uri": "http://x", "collections": ["a"]}, "codes.collections.images"),
+        ({"store": "milvus", "uri": "http://x", "collections": {"images": "a", "captions": "b"}}, "codes.index_type"),
+        (
+            {"store": "milvus", "uri": "http://x", "index_type": "BIN_FLAT", "collections": ["a"]},
+            "codes.collections.images",
+        ),
     ):
         (out / "manifest.json").write_text(json.dumps({**m, "codes": codes}))
         with pytest.raises(DataError, match=f'manifest.json: field "{field}" is missing or not of type str'):

@@ -85,6 +85,11 @@ def test_cli_build_and_query_with_milvus(pipe, server, tmp_path):
     assert Index.open(out).manifest["codes"]["index_type"] == "BIN_IVF_FLAT"
     got = as_json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))
     assert got == Index.open(out, codes="faiss").search("a dog", 10, 24).to_dict()
+    # a BIN_IVF_FLAT collection of 24 codes has 4 lists; it probed 16 (beyond them) and took no --nprobe
+    assert Index.open(out).search_breadth()["images"] == {"nlist": 4, "nprobe": 4}
+    assert Index.open(out, nprobe=1).search_breadth()["images"] == {"nlist": 4, "nprobe": 1}
+    r = run("query", "a dog", "--index", out, "--nprobe", "5")
+    assert r.exit_code == 2 and "Error: --nprobe 5 exceeds the 4 lists of the index of the images of" in r.output
 
 
 def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path, monkeypatch):

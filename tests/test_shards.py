@@ -360,8 +360,8 @@ class _TwoShards:
 
     def bench_metas(self):
         return [
-            {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11])},
-            {"image_ids": np.array([12]), "caption_image_ids": np.array([12])},
+            {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11]), "search_breadth": {}},
+            {"image_ids": np.array([12]), "caption_image_ids": np.array([12]), "search_breadth": {}},
         ]
 
     def bench_captions(self, n):  # 5 caption queries, one candidate per shard (local rows)
@@ -496,3 +496,24 @@ def test_an_index_written_over_a_shard_is_refused(pipe, sharded, tmp_path):
         ShardedIndex.open(build_dir)
     checks = [c for c in verify(build_dir) if c.status != "ok"]
     assert [(c.path, c.status) for c in checks] == [(mpath, "invalid")] and checks[0].detail.startswith(message)
+
+
+def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, tmp_path):
+    """--nprobe / --ef-search at query time reach each shard's indexes; a value above one shard's
+    lists is refused before any is set; given to flat shards, one warning, not one a shard."""
+    from heiindex.errors import UnusedSettingWarning
+
+    out = tmp_path / "s"
+    ok(build(pipe, out, "--shards", "2", "--index", "ivf", "--nlist", "3", "--nprobe", "1"))
+    index = ShardedIndex.open(out, nprobe=3)
+    assert index.search_breadth() == [{"images": {"nlist": 3, "nprobe": 3}, "captions": {"nlist": 3, "nprobe": 3}}] * 2
+    d = as_json(run("bench", "--index", out, "--topk", "12", "--nprobe", "3", "--json"))
+    assert d["search_breadth"] == index.search_breadth()
+    assert d["t2i"]["candidates_found"] == 24  # every list of both shards probed: 12 from each
+    with pytest.raises(HeiindexError, match=r"^nprobe 4 exceeds the 3 lists of the index of the images of .*shard-000"):
+        index.set_search_breadth(nprobe=4)
+    assert index.search_breadth()[1]["images"]["nprobe"] == 3  # nothing set by the refused call
+    ok(build(pipe, tmp_path / "f", "--shards", "2", "--index", "flat"))
+    with pytest.warns(UnusedSettingWarning, match=r"^--nprobe 2 not used: the index searches exactly \(flat\)") as seen:
+        ShardedIndex.open(tmp_path / "f", nprobe=2)
+    assert len(seen) == 1
