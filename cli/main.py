@@ -319,8 +319,9 @@ def train(
         val_images=val_images,
     )
     if resuming:  # the run's own settings, where the command line gives none (not the defaults)
-        settings.update(_resumed_settings(out / "last", settings))
-    tcfg = TrainConfig(**settings)
+        tcfg = _resumed_config(out, settings)
+    else:
+        tcfg = TrainConfig(**settings)
     res = run_train(root, out, mcfg, tcfg, resume=resume, progress=True, log=click.echo)
     click.echo(f"best dev rsum {res.best_rsum:.1f} at epoch {res.best_epoch + 1}; model in {out / 'best'}")
 
@@ -340,26 +341,27 @@ def _check_resumed_shape(last: Path) -> None:
         raise HeiindexError(f"--resume continues the model in {last}, which cannot change: " + "; ".join(diff))
 
 
-def _resumed_settings(last: Path, settings: dict) -> dict:
-    """The training settings of the run in ``last`` for those of ``settings`` not given on the
-    command line, said in a line where they differ from the defaults: a resumed run went on with
-    the defaults (batch 128 where it had trained with 16) without a word."""
-    from heiindex.checkpoint import read_model_config
+def _resumed_config(out: Path, settings: dict):
+    """The training settings of the run in ``out`` (``TrainConfig.of_run``), with those of
+    ``settings`` given on the command line; the run's own that differ from the defaults are said
+    in a line: a resumed run went on with the defaults (batch 128 where it had trained with 16)
+    without a word."""
+    from dataclasses import replace
 
-    _, raw = read_model_config(last)
-    saved = raw.get("info", {}).get("train", {})
-    given = {p.name for p in _given(*settings)}
-    kept = {name: saved[name] for name in settings if name not in given and name in saved}
+    from heiindex.train import TrainConfig
+
+    run = TrainConfig.of_run(out)
+    given = {p.name: settings[p.name] for p in _given(*settings)}
     params = {p.name: p for p in click.get_current_context().command.params}
 
     def shown(name: str, value) -> str:  # a boolean flag by its on or off form
         p = params[name]
         return (p.opts[0] if value else p.secondary_opts[0]) if isinstance(value, bool) else f"{p.opts[0]} {value}"
 
-    changed = [shown(n, v) for n, v in kept.items() if v != settings[n]]
-    if changed:
-        click.echo(f"resuming with the run's own {', '.join(changed)} (give an option to change it)")
-    return kept
+    kept = [shown(n, getattr(run, n)) for n in settings if n not in given and getattr(run, n) != settings[n]]
+    if kept:
+        click.echo(f"resuming with the run's own {', '.join(kept)} (give an option to change it)")
+    return replace(run, **given)
 
 
 def _given(*names: str) -> list[click.Parameter]:
@@ -411,9 +413,9 @@ def _given(*names: str) -> list[click.Parameter]:
 @click.option(
     "--val-candidates",
     type=int,
-    default=100,
-    show_default=True,
-    help="N of the dev candidate recall@N that picks the best epoch.",
+    default=None,
+    help="N of the dev candidate recall@N that picks the best epoch.  [default: 100, or a tenth of the dev "
+    "images where it has no more than 100]",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
 @handle_errors
@@ -427,13 +429,6 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight
     matcher = load_model(model_dir or default_model_dir())
     hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
     root = _store_root(store)
-    if not _given("val_candidates"):  # the default, 100, selects nothing on a dev split of <= 100 images
-        from heiindex.store import SplitStore
-
-        n_dev = SplitStore.open(root, "dev").n_images
-        if val_candidates >= n_dev:
-            val_candidates = max(1, n_dev // 10)
-            click.echo(f"--val-candidates {val_candidates}: a tenth of the {n_dev} dev images (100 needs more)")
     tcfg = HashTrainConfig(
         epochs=epochs, lr=lr, rank_weight=rank_weight, rounds=rounds, val_candidates=val_candidates, seed=seed
     )

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .atomic import atomic_file, clear_leftovers, set_aside
-from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, save_model
+from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, read_model_config, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError
 from .model import ScanConfig, ScanModel
@@ -65,6 +65,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_run(cls, out: str | Path) -> TrainConfig:
+        """The settings the run in ``out`` trained with (recorded in ``out/last``), for what a
+        resumed run should go on with; settings it did not record take the defaults. A run
+        resumed with other settings takes them (``dataclasses.replace(TrainConfig.of_run(out),
+        batch_size=16)``)."""
+        path = Path(out) / "last"
+        _, raw = read_model_config(path)
+        saved = raw.get("info", {}).get("train", {})
+        if not isinstance(saved, dict):
+            raise DataError(path / "config.json", f'field "info.train" must be an object, got {type(saved).__name__}')
+        known = {f.name for f in fields(cls)} - {"threads"}  # threads: this machine's, not the run's
+        try:
+            return cls(**{name: value for name, value in saved.items() if name in known})
+        except ValueError as exc:  # a setting out of range: named, with the file
+            raise DataError(path / "config.json", f"info.train: {exc}") from None
 
 
 def require_loop_settings(config) -> None:
@@ -183,14 +200,16 @@ def train(
     store_root: str | Path,
     out: str | Path,
     model_config: ScanConfig | None = None,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     train_split: str = "train",
     val_split: str = "dev",
     resume: bool = False,
     progress: bool = False,
     log=print,
 ) -> TrainResult:
-    """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``."""
+    """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``.
+    ``resume``: go on from ``out/last`` where it holds a run (``resumable``). ``config`` None: the
+    settings that run trained with where it resumes one (``TrainConfig.of_run``), else the defaults."""
     store_root, out = Path(store_root), Path(out)
     # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
     # the hidden leftovers of their swaps); a file or any other folder is not written into
@@ -198,6 +217,9 @@ def train(
     check_output(out, "a training run", run_files, whole=False)  # written inside, never swapped whole
     for folder in (out / "best", out / "last"):
         check_output(folder, *MODEL_OUTPUT)
+    resuming = resume and resumable(out)
+    if config is None:
+        config = TrainConfig.of_run(out) if resuming else TrainConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
     tr = SplitStore.open(store_root, train_split)
@@ -212,7 +234,7 @@ def train(
 
     torch.manual_seed(config.seed)
     start_epoch, history, best_rsum, best_epoch = 0, [], -1.0, -1
-    if resume and resumable(out):
+    if resuming:
         loaded = load_model(out / "last")
         model = loaded.model
         if model_config is not None and model_config != model.config:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ __all__ = [
 
 HASH_FORMAT_VERSION = 1
 HASH_OUTPUT = ("a hash module", ("hash.safetensors", "config.json"))  # kind and entries (atomic_dir)
+DEFAULT_VAL_CANDIDATES = 100  # N of the dev candidate recall@N that picks the best epoch (the issue's N)
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,42 @@ class HashTrainConfig:
     lr: float = 3e-3
     rank_weight: float = 1.0  # weight of code_ranking_loss beside the HEI loss (0: the paper's loss alone)
     rounds: int = 4  # passes over the training captions with fresh batches, each scored by the matcher
-    val_candidates: int = 100
+    val_candidates: int | None = None  # None: DEFAULT_VAL_CANDIDATES, or fewer on a small dev split (resolved)
     seed: int = 0
     buffer_row_groups: int = 8
 
     def __post_init__(self) -> None:
         require_loop_settings(self)
-        for name in ("rounds", "val_candidates"):
-            settle(self, name, at_least=1, integer=True)
+        settle(self, "rounds", at_least=1, integer=True)
+        if self.val_candidates is not None:
+            settle(self, "val_candidates", at_least=1, integer=True)
         settle(self, "rank_weight", at_least=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, n_val_images: int, split: str = "dev", log=None) -> HashTrainConfig:
+        """This config with ``val_candidates`` a number, for a validation split of ``n_val_images``:
+        as given; or, where None, DEFAULT_VAL_CANDIDATES, or a tenth of the images where the split
+        has no more than that (recall@N over N or more images is 100% t2i: it would choose
+        nothing), said through ``log``. A number given that is not below ``n_val_images`` is
+        refused (``HeiindexError``)."""
+        n = self.val_candidates
+        if n is None:
+            n = DEFAULT_VAL_CANDIDATES
+            if n >= n_val_images:
+                n = max(1, n_val_images // 10)
+                if log is not None:
+                    log(
+                        f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
+                        f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
+                    )
+        elif n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
+            raise HeiindexError(
+                f"--val-candidates {n} must be below the {n_val_images} images of the "
+                f"{split} split it validates on (at {n_val_images} every image is a candidate)"
+            )
+        return replace(self, val_candidates=n)
 
 
 @dataclass
@@ -257,7 +282,10 @@ def collect_batches(
 def fit_hash(
     records: HashRecords, val_enc, hash_config: HashConfig, config: HashTrainConfig, progress: bool = False, log=print
 ) -> tuple[HashModule, dict]:
-    """Train hash layers on collected batches; return the best module on ``val_enc`` and its record."""
+    """Train hash layers on collected batches; return the best module on ``val_enc`` and its record.
+    ``config.val_candidates`` None: resolved for ``val_enc``'s images (``HashTrainConfig.resolved``)."""
+    if config.val_candidates is None and val_enc is not None:
+        config = config.resolved(len(val_enc.regions), log=log)
     torch.manual_seed(config.seed)
     module = HashModule(hash_config)
     opt = torch.optim.Adam(module.parameters(), lr=config.lr)
@@ -318,11 +346,7 @@ def train_hash(
         matcher.check_store(store)
     check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
     _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
-    if config.val_candidates >= va.n_images:  # every image a candidate: t2i recall 100%, selecting nothing
-        raise HeiindexError(
-            f"--val-candidates {config.val_candidates} must be below the {va.n_images} images of the "
-            f"{val_split} split it validates on (at {va.n_images} every image is a candidate)"
-        )
+    config = config.resolved(va.n_images, val_split, log)  # what the module's info records
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
     module, result = fit_hash(
         records, encode_split(model, va, captions=val_captions), hash_config, config, progress, log

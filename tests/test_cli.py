@@ -489,8 +489,9 @@ def test_train_hash_fits_its_default_depth_to_a_small_dev_split(pipe, tmp_path):
     the user had not asked for; a value given is still refused there."""
     common = ("train-hash", "--model", pipe.model_dir, "--store", pipe.root, "--bits", "16", "--epochs", "1")
     r = ok(run(*common, "--rounds", "1", "--out", tmp_path / "h"))
-    assert "--val-candidates 2: a tenth of the 24 dev images (100 needs more)" in r.output
+    assert "validating by candidate recall@2: a tenth of the 24 images of the dev split (the default, 100," in r.output
     assert "dev candidate recall@2 " in r.output
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["info"]["train"]["val_candidates"] == 2
     r = run(*common, "--val-candidates", "100", "--out", tmp_path / "g")
     clean_error(r, "--val-candidates 100 must be below the 24 images of the dev split")
 

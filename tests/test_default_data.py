@@ -62,7 +62,7 @@ def test_committed_hash_module_records_the_train_hash_defaults():
     matcher = load_model(default_model_dir())
     assert cfg["info"]["matcher_sha256"] == matcher.checksum
     assert cfg["hash"] == HashConfig(embed_size=matcher.model.config.embed_size).to_dict()
-    assert cfg["info"]["train"] == HashTrainConfig().to_dict()
+    assert cfg["info"]["train"] == HashTrainConfig().resolved(1000).to_dict()  # coco-sim dev: 1,000 images
 
 
 def test_a_damaged_coco_sim_stamp_means_regenerate(tmp_path):

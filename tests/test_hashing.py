@@ -490,6 +490,23 @@ def test_train_hash_refuses_validation_depths_that_take_every_dev_image(pipe, tm
     assert not (tmp_path / "h").exists()
 
 
+def test_the_default_validation_depth_fits_a_small_dev_split():
+    """The default N (100) is refused nowhere: on a dev split of 100 images or fewer it becomes a
+    tenth of them, said in a line; the module's info records the number used. This was done by
+    the CLI alone, so that train_hash from Python refused its own default on such a split."""
+    said = []
+    assert HashTrainConfig().val_candidates is None
+    assert HashTrainConfig().resolved(1000, log=said.append).val_candidates == 100 and said == []
+    assert HashTrainConfig().resolved(101).val_candidates == 100
+    assert HashTrainConfig().resolved(100, log=said.append).val_candidates == 10
+    assert said == [
+        "validating by candidate recall@10: a tenth of the 100 images of the dev split "
+        "(the default, 100, needs more; --val-candidates sets it)"
+    ]
+    assert HashTrainConfig().resolved(5).val_candidates == 1
+    assert HashTrainConfig(val_candidates=7).resolved(24).val_candidates == 7
+
+
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
     with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
         train_hash(

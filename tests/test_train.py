@@ -22,7 +22,7 @@ from heiindex.encode import encode_split
 from heiindex.errors import DataError, HeiindexError
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
-from heiindex.train import contrastive_loss, iter_training_batches, train
+from heiindex.train import TrainConfig, contrastive_loss, iter_training_batches, train
 from heiindex.vocab import Vocab
 
 
@@ -326,6 +326,14 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
         100,
         3,
     )
+    # The same from Python: without a config, a resumed run goes on with its own (3 epochs: done),
+    # not the defaults (8 epochs, batch 128); this was done by the CLI alone.
+    run_config = TrainConfig.of_run(out)
+    assert (run_config.batch_size, run_config.lr, run_config.epochs, run_config.threads) == (16, 0.005, 3, None)
+    said, before = [], load_model(out / "last").checksum
+    train(wide_store, out, resume=True, log=said.append)
+    assert said[-1] == "nothing left to train: the run has done 3 epochs, --epochs asks for 3 (raise it to go on)"
+    assert load_model(out / "last").checksum == before
 
 
 def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, tmp_path):
