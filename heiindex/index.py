@@ -693,14 +693,9 @@ class Index(BatchSearch):
     def encode_images(self, features: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
         """New images' raw region features ``(q, R, img_dim)``, as a store holds them, encoded by
         the matcher where this index runs: ``(regions, gram)`` for ``search_regions``."""
-        want = (self.regions.shape[1], self.model.config.img_dim)
         if isinstance(features, np.ndarray):
             features = torch.from_numpy(features)
-        if not isinstance(features, Tensor) or features.dim() != 3 or tuple(features.shape[1:]) != want:
-            shape = tuple(features.shape) if hasattr(features, "shape") else type(features).__name__
-            raise HeiindexError(f"features must be (images, {want[0]}, {want[1]}) region features, got {shape}")
-        if not features.is_floating_point() or not bool(torch.isfinite(features).all()):
-            raise HeiindexError("features must be finite floating-point numbers (NaN or inf found, or not floats)")
+        _check_image_tensor("features", features, (self.regions.shape[1], self.model.config.img_dim), "region features")
         regions = self.model.encode_images(features.to(self.regions.device, torch.float32))
         return regions.to(self.regions.dtype), region_gram(regions)
 
@@ -708,15 +703,9 @@ class Index(BatchSearch):
         """``HeiindexError`` unless ``regions`` (q, R, d) and ``gram`` (q, R, R) are finite float
         tensors of this index's region count and embedding size."""
         r, d = self.regions.shape[1], self.regions.shape[2]
-        for name, x, tail in (("regions", regions, (r, d)), ("gram", gram, (r, r))):
-            if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != tail:
-                shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-                raise HeiindexError(
-                    f"{name} must be a tensor (images, {', '.join(map(str, tail))}): encoded images "
-                    f"(Index.encode_images gives them from raw features), got {shape}"
-                )
-            if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
-                raise HeiindexError(f"{name} must hold finite floating-point numbers (NaN or inf found, or not floats)")
+        hint = "encoded images (Index.encode_images gives them from raw features)"
+        _check_image_tensor("regions", regions, (r, d), hint)
+        _check_image_tensor("gram", gram, (r, r), hint)
         if len(regions) != len(gram):
             raise HeiindexError(f"regions and gram must hold the same images, got {len(regions)} and {len(gram)}")
 
@@ -905,6 +894,16 @@ def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, co
         ),
         stacklevel=2,
     )
+
+
+def _check_image_tensor(name: str, x, tail: tuple[int, int], what: str) -> None:
+    """``HeiindexError`` naming ``name`` unless ``x`` is a finite floating-point tensor of shape
+    (images, *tail), ``what`` saying what it should hold."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != tail:
+        shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+        raise HeiindexError(f"{name} must be a tensor (images, {', '.join(map(str, tail))}): {what}, got {shape}")
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise HeiindexError(f"{name} must hold finite floating-point numbers (NaN or inf found, or not floats)")
 
 
 def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop: int) -> dict[str, int]:

@@ -1363,9 +1363,9 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
             index.search_regions(bad, gram, 3, 10)
     with pytest.raises(HeiindexError, match="regions and gram must hold the same images, got 2 and 1"):
         index.search_regions(regions, gram[:1], 3, 10)
-    with pytest.raises(HeiindexError, match=re.escape("features must be (images, ")):
+    with pytest.raises(HeiindexError, match=re.escape("features must be a tensor (images, ")):
         index.encode_images(feats[:, :, :-1])
-    with pytest.raises(HeiindexError, match="features must be finite floating-point numbers"):
+    with pytest.raises(HeiindexError, match="features must hold finite floating-point numbers"):
         index.encode_images(feats * np.nan)
 
 
