@@ -41,7 +41,7 @@ from .errors import HeiindexError, UnusedSettingWarning
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import pack_codes
 from .progress import progress_bar
-from .settings import SettingError, require
+from .settings import SettingError, require, settle
 from .store import SplitStore
 from .train_hash import LoadedHash
 
@@ -75,8 +75,8 @@ class PrototypeConfig:
         if not isinstance(self.split, str) or not self.split:
             raise HeiindexError(f"prototypes: split must name a store split, got {self.split!r}")
         # stored as Python numbers (a numpy one reached the manifest's JSON, failing the build at its end)
-        object.__setattr__(self, "k", require("prototype_k", self.k, at_least=1, integer=True))
-        object.__setattr__(self, "preselect", require("prototype_preselect", self.preselect, at_least=1, integer=True))
+        settle(self, "k", "prototype_k", at_least=1, integer=True)
+        settle(self, "preselect", "prototype_preselect", at_least=1, integer=True)
         if self.preselect < self.k:
             raise SettingError(
                 "prototype_k",
@@ -84,7 +84,7 @@ class PrototypeConfig:
                 "the top k captions are chosen among the preselected ones",
                 also=("prototype_preselect",),
             )
-        object.__setattr__(self, "weight", require("prototype_weight", self.weight, at_least=0.0))
+        settle(self, "weight", "prototype_weight", at_least=0.0)
         if not self.weight < 1.0:
             raise SettingError(
                 "prototype_weight",
