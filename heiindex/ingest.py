@@ -70,7 +70,8 @@ def resolve_vocab(
     """The vocabulary for a new split of ``out_root``.
 
     Given: used, and must agree with the root's ``vocab.json`` if one exists. Not given: the
-    root's ``vocab.json``; else one built from these captions (SCAN's count >= 4 rule). Where
+    root's ``vocab.json``; else one built from these captions (SCAN's count >= 4 rule), with a
+    ``VocabularyWarning`` where ``split`` is not train (SCAN builds it from train's). Where
     ``vocab.json`` is missing but other splits than ``split`` remain, the vocabulary must be the
     one they record: a new one would leave the root with splits of two vocabularies.
     """
@@ -85,7 +86,18 @@ def resolve_vocab(
                 f"{_one_of(recorded)}: pass that vocabulary (the model's vocab.json) with --vocab, or ingest "
                 "into a new --out folder",
             )
-        return existing if existing is not None else Vocab.build(captions)
+        if existing is not None:
+            return existing
+        built = Vocab.build(captions)
+        if split is not None and split != "train":  # a later train split is then tokenised with its words
+            warnings.warn(
+                VocabularyWarning(
+                    f"the store's vocabulary ({len(built)} words) was built from the {split} captions; SCAN builds "
+                    "it from train's: ingest train first, or give --vocab"
+                ),
+                stacklevel=3,
+            )
+        return built
     given = vocab if isinstance(vocab, Vocab) else Vocab.load(vocab)
     if recorded and set(recorded.values()) != {given.checksum}:
         raise DataError(
@@ -162,16 +174,7 @@ def ingest(
     check_store_root(out_root, split)
     src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)
-    built = vocab is None and not (out_root / "vocab.json").exists()
     voc = resolve_vocab(out_root, vocab, list(src.captions), split)
-    if built and split != "train":  # a later train split is then tokenised with this split's words
-        warnings.warn(
-            VocabularyWarning(
-                f"the store's vocabulary ({len(voc)} words) was built from the {split} captions; SCAN builds it "
-                "from train's: ingest train first, or give --vocab"
-            ),
-            stacklevel=2,
-        )
 
     encoded = [voc.encode(t) for t in src.captions]
     n_tokens = sum(len(e.tokens) for e in encoded)
