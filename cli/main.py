@@ -578,8 +578,7 @@ def build(
 
         prototypes = PrototypeConfig(split=prototype_split, **{f: v for f, v in tuning.items() if v is not None})
         check_describing_split(prototypes, split)  # before coco-sim may be generated
-    default_store = dd.coco_sim_dir() / "store"
-    if out is None and store is not None and store.resolve() != default_store.resolve():
+    if out is None and store is not None and store.resolve() != dd.default_store_dir().resolve():
         # the default folder is the default data's index, which query and bench then served
         raise click.UsageError(
             f"--store {store} needs --out INDEX: without it the index would replace the default data's, "

@@ -57,6 +57,11 @@ def coco_sim_dir() -> Path:
     return data_dir() / "coco-sim"
 
 
+def default_store_dir() -> Path:
+    """The default data's store root (``ensure_coco_sim`` writes it)."""
+    return coco_sim_dir() / "store"
+
+
 def default_model_dir() -> Path:
     return data_dir() / "models" / "scan-coco-sim"
 
@@ -119,8 +124,7 @@ def mark_last_built(path: Path) -> None:
 
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:
     """Generate and ingest coco-sim once; return its store root."""
-    root = coco_sim_dir()
-    store = root / "store"
+    root, store = coco_sim_dir(), default_store_dir()
     stamp = root / "VERSION.json"
     want = {"sim_version": SIM_VERSION, "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
     if _stamp(stamp) == want and all((store / s / "manifest.json").exists() for s in SPLITS):
