@@ -209,7 +209,7 @@ def test_bad_depths_are_refused_by_name_before_any_pass(index, monkeypatch):
     "candidates"; a string, a number or an array as the sweep were raw TypeErrors and ValueErrors."""
     import heiindex.bench
 
-    monkeypatch.setattr(heiindex.bench, "_hei", lambda *a, **k: pytest.fail("a pass ran"))
+    pf.forbid(monkeypatch, "a pass ran", (heiindex.bench, "_hei"))
     for kwargs, message in (
         ({"topk": 5, "sweep": [2, 4.5]}, "sweep must be a whole number, got 4.5"),
         ({"topk": 5.0}, "topk must be a whole number, got 5.0"),
@@ -457,8 +457,8 @@ def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_
     pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1]))
     Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")  # a gallery may hold such images
     build_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2)
-    monkeypatch.setattr(bench, "_hei", lambda *a: pytest.fail("a pass began"))
-    monkeypatch.setattr(ShardedIndex, "bench_captions", lambda *a: pytest.fail("a pass began"))
+    pf.forbid(monkeypatch, "a pass began", (bench, "_hei"))
+    pf.forbid(monkeypatch, "a pass began", (ShardedIndex, "bench_captions"))
     for go in (
         lambda: run_bench(Index.open(tmp_path / "i"), 5),
         lambda: run_sharded_bench(ShardedIndex.open(tmp_path / "s"), 5),

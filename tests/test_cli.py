@@ -394,7 +394,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     path asked for) or refuse (another suffix, a missing folder) is refused before the bench."""
     import heiindex.bench
 
-    monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    pf.forbid(monkeypatch, "the bench ran", (heiindex.bench, "run_bench"))
     notes = tmp_path / "notes.png"  # the user's file, named .png: not overwritten
     notes.write_text("my notes")
     for plot, message in (
@@ -423,7 +423,7 @@ def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkey
     """An install without the plot extra: told at once, not after the whole bench has run."""
     import heiindex.bench
 
-    monkeypatch.setattr(heiindex.bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    pf.forbid(monkeypatch, "the bench ran", (heiindex.bench, "run_bench"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then fails
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5")
     clean_error(
@@ -604,7 +604,7 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
         (heiindex.encode, "encode_images"),  # evaluate's first work after encode_split's check
         (heiindex.index, "ImageWriter"),
     ):
-        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+        pf.forbid(monkeypatch, f"{name} ran", (module, name))
 
     wide = pipeline_fixtures.get_wide_store(tmp_path_factory)  # its own vocabulary, 2048-d features
     for args in (
@@ -714,8 +714,8 @@ def test_options_that_would_go_unused_are_refused(pipe, monkeypatch, command, ar
     import heiindex.index
     import heiindex.ray_engine
 
-    monkeypatch.setattr(heiindex.index.Index, "open", lambda *a, **k: pytest.fail("opened"))
-    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
+    pf.forbid(monkeypatch, "opened", (heiindex.index.Index, "open"))
+    pf.forbid(monkeypatch, "Ray started", (heiindex.ray_engine, "RayShardedIndex"))
     r = run(command, *args, "--index", pipe.index_dir)
     clean_error(r, detail)
 
@@ -756,7 +756,7 @@ def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device,
     build checks the device before it resolves (on a fresh clone: generates) the default data."""
     import heiindex_cli.main  # the module the CLI runner calls
 
-    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
     for cmd in (["query", "a dog"], ["bench", "--topk", "5"], ["build", "--split", "test", "--out", tmp_path / "i"]):
         index = [] if cmd[0] == "build" else ["--index", pipe.index_dir]
         r = run(*cmd, *index, "--device", device)

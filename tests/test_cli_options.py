@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import as_json, bench_side, clean_error, ok, recall_row, run
 
@@ -100,7 +101,7 @@ def test_in_process_options_are_refused_with_ray(pipe, monkeypatch, command, arg
     given with --engine ray was accepted and did nothing."""
     import heiindex.ray_engine
 
-    monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started"))
+    pf.forbid(monkeypatch, "Ray started", (heiindex.ray_engine, "RayShardedIndex"))
     r = run(command, *args, "--engine", "ray", "--index", pipe.index_dir)
     clean_error(r, detail)
 
@@ -252,8 +253,8 @@ def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe,
     import heiindex.index
     import heiindex.shards
 
-    monkeypatch.setattr(heiindex.index.Index, "write", lambda *a, **k: pytest.fail("written"))
-    monkeypatch.setattr(heiindex.shards, "write_shards", lambda *a, **k: pytest.fail("written"))
+    pf.forbid(monkeypatch, "written", (heiindex.index.Index, "write"))
+    pf.forbid(monkeypatch, "written", (heiindex.shards, "write_shards"))
     common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
     r = run("build", *common, "--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1")
     clean_error(r, "--codes milvus is for an unsharded build")

@@ -761,7 +761,7 @@ def test_image_rows_of_ids_stored_out_of_order():
 
 
 def test_search_images_refuses_unknown_and_bad_ids_before_searching(index, monkeypatch):
-    monkeypatch.setattr(index, "search_regions", lambda *a: pytest.fail("searched before every id was checked"))
+    pf.forbid(monkeypatch, "searched before every id was checked", (index, "search_regions"))
     with pytest.raises(HeiindexError) as err:
         index.search_images([0, 77, 3, 99], k=3, candidates=5)  # not iterated
     assert str(err.value) == "2 of 4 image ids are not in this index (ids 0..23); nothing was searched: 77, 99"
@@ -1112,7 +1112,7 @@ def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, 
 
 def test_features_files_are_checked_from_their_footers_before_they_are_read(pipe, tmp_path, monkeypatch):
     out = pf.copy_index(pipe.index_dir, tmp_path)
-    monkeypatch.setattr("heiindex.index._read_images", lambda *a: pytest.fail("features read before the check"))
+    pf.forbid(monkeypatch, "features read before the check", "heiindex.index._read_images")
     table = pq.read_table(out / "image_features.parquet")
     pq.write_table(table.slice(0, 23), out / "image_features.parquet")
     with pytest.raises(DataError, match=r"copy/image_features.parquet: holds 23 images; manifest.json says 24"):

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import clean_error, run  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -108,11 +109,11 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     from heiindex.shards import write_shards
 
     cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not index_type 'hnsw'"))
-    monkeypatch.setattr(heiindex.index, "ImageWriter", lambda *a, **k: pytest.fail("encoding started"))
+    pf.forbid(monkeypatch, "encoding started", (heiindex.index, "ImageWriter"))
     for kind, nlist, message in cases:
         with pytest.raises(ValueError, match=message):
             Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i", index_type=kind, nlist=nlist)
-    monkeypatch.setattr(heiindex.shards.Index, "write", lambda *a, **k: pytest.fail("a shard was written"))
+    pf.forbid(monkeypatch, "a shard was written", (heiindex.shards.Index, "write"))
     for kind, nlist, message in cases:
         with pytest.raises(ValueError, match=message):
             write_shards(
@@ -127,7 +128,7 @@ def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_pat
     """build --index flat --nlist 7 on a fresh checkout generated coco-sim (minutes) before refusing."""
     import heiindex_cli.main  # the module the CLI runner calls (cli/ installs as heiindex_cli)
 
-    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
     r = run("build", "--split", "test", "--out", tmp_path / "i", "--index", "flat", "--nlist", "7")
     clean_error(r, "Error: --nlist sets up IVF indexes (--index ivf, or auto at scale), not --index 'flat'")
 
@@ -137,7 +138,7 @@ def test_build_refuses_unusable_milvus_options_before_the_default_data(monkeypat
     generated first); --milvus-index without Milvus codes was ignored."""
     import heiindex_cli.main
 
-    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: pytest.fail("the data was resolved first"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
     for args, detail in (
         (
             ("--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1"),

@@ -270,8 +270,8 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     assert set(d["t2i"]) == {"hei", "hamming", "candidate_recall", "candidate_slots", "candidates_found"}
     assert d["t2i"]["candidate_slots"] == d["t2i"]["candidates_found"] == 24  # 12 from each shard
     with monkeypatch.context() as m:  # refused before any shard is read, or any Ray actor started
-        m.setattr(ShardedIndex, "open", lambda *a, **k: pytest.fail("shards read before --sweep was refused"))
-        m.setattr(ray_engine, "RayShardedIndex", lambda *a, **k: pytest.fail("Ray started before --sweep was refused"))
+        pf.forbid(m, "shards read before --sweep was refused", (ShardedIndex, "open"))
+        pf.forbid(m, "Ray started before --sweep was refused", (ray_engine, "RayShardedIndex"))
         for engine in ("local", "ray"):
             r = run("bench", "--index", out, "--topk", "12", "--sweep", "5,10", "--engine", engine)
             clean_error(r, "--sweep runs on an unsharded build, in this process")

@@ -135,7 +135,7 @@ def test_training_batches_pair_captions_with_their_images_whatever_the_ids():
 def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypatch):
     import heiindex.train as tr
 
-    monkeypatch.setattr(tr, "iter_training_batches", lambda *a: pytest.fail("an epoch began"))
+    pf.forbid(monkeypatch, "an epoch began", (tr, "iter_training_batches"))
     root = pf.copy_store(pipe, tmp_path)
     ids = pf.edit_column(root / "train" / "captions.parquet", "caption_id", lambda ids: ids.__setitem__(5, ids[9]))
     cfg = pf.model_config(_vocab_size(pipe.root))
