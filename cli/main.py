@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
 from heiindex.errors import DataError, HeiindexError, HeiindexWarning
+from heiindex.settings import require_breadth
 
 
 def handle_errors(func):
@@ -759,6 +760,7 @@ def query(
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
         lines = _query_lines(queries_file, name)
     _check_engine_options(engine, "device", "dtype", "codes", "uri", "nprobe", "ef_search")
+    require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     if engine == "ray":
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
@@ -895,6 +897,7 @@ def bench(
 
         check_plot_path(plot)
     _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
+    require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded and sweep_list:
         raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read

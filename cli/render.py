@@ -45,7 +45,7 @@ def shortfall(result, k: int) -> str | None:
     return (
         f"{len(result.results)} of the {k} results asked for: the index's approximate search returned fewer "
         "candidates (a larger --nprobe probes more of IVF's lists, a larger --ef-search widens HNSW's "
-        "graph search; --index flat searches every item)"
+        "graph search; an index built with --index flat searches every item)"
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, SparseListsWarning, UnusedSettingWarning
-from .settings import SettingError, require
+from .settings import SettingError, require, require_breadth
 
 __all__ = [
     "INDEX_TYPES",
@@ -140,14 +140,17 @@ def search_breadth(index) -> dict:
     return {}
 
 
-def set_search_breadth(indexes: dict, nprobe: int | None = None, ef_search: int | None = None) -> None:
+def set_search_breadth(
+    indexes: dict, nprobe: int | None = None, ef_search: int | None = None, stacklevel: int = 2
+) -> None:
     """From now on, search each approximate index of ``indexes`` (what it holds -> index) with
     ``nprobe`` IVF lists probed per query and HNSW's ``ef_search``; None keeps the build's. A larger
     value finds more of the true Hamming neighbours, more slowly. Every value is checked before
     any is set: ``SettingError`` for one that is not a whole number >= 1, or an ``nprobe`` above an
     index's lists (naming it). A value that no index of ``indexes`` has a use for (an exact
-    index, or HNSW given ``nprobe``) is said in an ``UnusedSettingWarning``."""
-    nprobe, ef_search = check_breadth(nprobe, ef_search)
+    index, or HNSW given ``nprobe``) is said in an ``UnusedSettingWarning`` (``stacklevel`` as
+    ``warnings.warn``'s, counted from this function: 2 is its caller)."""
+    nprobe, ef_search = require_breadth(nprobe, ef_search)
     now = {name: search_breadth(index) for name, index in indexes.items()}
     for name, breadth in now.items():
         if nprobe is not None and "nlist" in breadth and nprobe > breadth["nlist"]:
@@ -171,16 +174,8 @@ def set_search_breadth(indexes: dict, nprobe: int | None = None, ef_search: int 
                 f"{' and '.join(unused)} not used: the index searches {' and '.join(kinds)} "
                 "(--nprobe sets how many IVF lists are probed, --ef-search HNSW's search breadth)"
             ),
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-
-
-def check_breadth(nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
-    """``nprobe`` / ``ef_search`` for ``set_search_breadth``: None, or a whole number >= 1
-    (``SettingError`` naming it); checked by ``Index.open`` before the index is read."""
-    nprobe = None if nprobe is None else require("nprobe", nprobe, at_least=1, integer=True)
-    ef_search = None if ef_search is None else require("ef_search", ef_search, at_least=1, integer=True)
-    return nprobe, ef_search
 
 
 def _kind_name(index) -> str:

@@ -43,7 +43,6 @@ from .encode import iter_caption_blocks
 from .errors import DataError, HeiindexError, ModelMismatchError, UnusedSettingWarning
 from .hamming import (
     AUTO_FLAT_MAX,
-    check_breadth,
     check_index_options,
     index_on_device,
     load_binary_index,
@@ -80,7 +79,7 @@ from .search import (
     rerank_images,
     top_k,
 )
-from .settings import SettingError, require, require_name, require_path
+from .settings import SettingError, require, require_breadth, require_name, require_path
 from .store import (
     MANIFEST_FILE,
     CaptionTable,
@@ -477,7 +476,7 @@ class Index(BatchSearch):
         of the next: refused as "changed since the index was built"); where the manifest changed
         meanwhile, the open is tried again, up to three times."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
-        nprobe, ef_search = check_breadth(nprobe, ef_search)  # before anything is read
+        nprobe, ef_search = require_breadth(nprobe, ef_search)  # before anything is read
         for _ in range(2):
             before = manifest_digest(path)
             try:
@@ -541,7 +540,7 @@ class Index(BatchSearch):
         what each index uses."""
         if nprobe is not None or ef_search is not None:
             named = {f"{what} of {self.path}": index for what, index in self.hamming_indexes().items()}
-            set_search_breadth(named, nprobe, ef_search)
+            set_search_breadth(named, nprobe, ef_search, stacklevel=3)
         return self
 
     def search_breadth(self) -> dict:

@@ -81,3 +81,21 @@ def settle(config, name: str, setting: str | None = None, **checks) -> None:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+MAX_BREADTH = 2**31 - 1  # FAISS keeps nprobe and efSearch in a C int
+
+
+def require_breadth(nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
+    """How widely an approximate index is to search (``heiindex.hamming.set_search_breadth``):
+    ``nprobe`` and ``ef_search`` each None or a whole number in [1, 2**31 - 1], else a
+    ``SettingError`` naming it. Here, beside the other checks, so that a command can refuse a bad
+    value before it reads an index (or imports FAISS)."""
+    out = []
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None:
+            value = require(name, value, at_least=1, integer=True)
+            if value > MAX_BREADTH:
+                raise SettingError(name, f"{name} must be at most {MAX_BREADTH:,}, got {value:,}")
+        out.append(value)
+    return out[0], out[1]

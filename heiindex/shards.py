@@ -33,7 +33,7 @@ from .bench import candidate_metrics
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
-from .hamming import check_breadth, check_index_options, set_search_breadth
+from .hamming import check_index_options, set_search_breadth
 from .index import (
     INDEX_OUTPUT,
     Hit,
@@ -58,7 +58,7 @@ from .search import (
     encode_queries,
     refuse_unknown_images,
 )
-from .settings import require
+from .settings import require, require_breadth
 from .store import SplitStore, atomic_dir, rows_of, sorted_ids, write_json
 from .train_hash import LoadedHash
 
@@ -212,7 +212,7 @@ class ShardedIndex(BatchSearch):
         """Open every shard of the build at ``path``; ``nprobe`` / ``ef_search`` as
         ``Index.open``'s, for every shard (``set_search_breadth``)."""
         path = Path(path)
-        nprobe, ef_search = check_breadth(nprobe, ef_search)  # before any shard is read
+        nprobe, ef_search = require_breadth(nprobe, ef_search)  # before any shard is read
         manifest = read_sharded_manifest(path)
         for e in manifest["shards"]:
             if shard_missing(path, e["path"]):
@@ -237,7 +237,7 @@ class ShardedIndex(BatchSearch):
                 for shard in self.shards
                 for what, index in shard.hamming_indexes().items()
             }
-            set_search_breadth(named, nprobe, ef_search)
+            set_search_breadth(named, nprobe, ef_search, stacklevel=3)
         return self
 
     def search_breadth(self) -> list[dict]:

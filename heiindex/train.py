@@ -73,6 +73,8 @@ class TrainConfig:
         resumed with other settings takes them (``dataclasses.replace(TrainConfig.of_run(out),
         batch_size=16)``)."""
         path = Path(out) / "last"
+        if not (path / CONFIG_FILE).exists():
+            raise DataError(Path(out), "no training run here (no last/ model that `heiindex train` saved)")
         _, raw = read_model_config(path)
         saved = raw.get("info", {}).get("train", {})
         if not isinstance(saved, dict):
@@ -82,6 +84,24 @@ class TrainConfig:
             return cls(**{name: value for name, value in saved.items() if name in known})
         except ValueError as exc:  # a setting out of range: named, with the file
             raise DataError(path / "config.json", f"info.train: {exc}") from None
+
+
+def _resumed_config(out: Path, given: TrainConfig | None, log) -> TrainConfig:
+    """The settings a resumed run goes on with: ``given``, or the run's own (``TrainConfig.of_run``)
+    where None; where ``given`` differs from the run's in anything but ``epochs`` (raised to go on)
+    and ``threads`` (this machine's), each difference is said through ``log``: a config made with
+    the defaults (batch 128) silently replaced a run's batch 8."""
+    run = TrainConfig.of_run(out)
+    if given is None:
+        return run
+    changed = [
+        f"{f.name} {getattr(given, f.name)} (it trained with {getattr(run, f.name)})"
+        for f in fields(TrainConfig)
+        if f.name not in ("epochs", "threads") and getattr(given, f.name) != getattr(run, f.name)
+    ]
+    if changed:
+        log(f"resuming with settings other than the run's: {', '.join(changed)}")
+    return given
 
 
 def require_loop_settings(config) -> None:
@@ -218,8 +238,10 @@ def train(
     for folder in (out / "best", out / "last"):
         check_output(folder, *MODEL_OUTPUT)
     resuming = resume and resumable(out)
-    if config is None:
-        config = TrainConfig.of_run(out) if resuming else TrainConfig()
+    if resuming:
+        config = _resumed_config(out, config, log)
+    elif config is None:
+        config = TrainConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
     tr = SplitStore.open(store_root, train_split)

@@ -32,7 +32,7 @@ from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
 from .progress import progress_bar
-from .settings import settle
+from .settings import require, settle
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
@@ -78,19 +78,25 @@ class HashTrainConfig:
         """This config with ``val_candidates`` a number, for a validation split of ``n_val_images``:
         as given; or, where None, DEFAULT_VAL_CANDIDATES, or a tenth of the images where the split
         has no more than that (recall@N over N or more images is 100% t2i: it would choose
-        nothing), said through ``log``. A number given that is not below ``n_val_images`` is
-        refused (``HeiindexError``)."""
+        nothing), said through ``log``. A number, given or so chosen, that is not below
+        ``n_val_images`` is refused (``HeiindexError``): a split of one image cannot choose."""
+        n_val_images = require("n_val_images", n_val_images, at_least=1, integer=True)
         n = self.val_candidates
-        if n is None:
+        if n is None and DEFAULT_VAL_CANDIDATES < n_val_images:
             n = DEFAULT_VAL_CANDIDATES
-            if n >= n_val_images:
-                n = max(1, n_val_images // 10)
-                if log is not None:
-                    log(
-                        f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
-                        f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
-                    )
-        elif n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
+        elif n is None:
+            n = max(1, n_val_images // 10)
+            if log is not None and n < n_val_images:
+                log(
+                    f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
+                    f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
+                )
+        if n >= n_val_images and self.val_candidates is None:
+            raise HeiindexError(
+                f"the {split} split has {n_val_images} image{'s' if n_val_images != 1 else ''}: too few to choose "
+                "the best epoch by candidate recall (every image would be a candidate); give a larger dev split"
+            )
+        if n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
             raise HeiindexError(
                 f"--val-candidates {n} must be below the {n_val_images} images of the "
                 f"{split} split it validates on (at {n_val_images} every image is a candidate)"

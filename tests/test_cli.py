@@ -132,10 +132,12 @@ def test_nprobe_at_query_time_searches_more_lists_without_a_rebuild(pipe, tmp_pa
     assert f"Error: --nprobe 9 exceeds the 8 lists of the index of the images of {tmp_path / 'ivf'}" in r.output
     r = ok(run("query", "a dog", "--index", pipe.index_dir, "--nprobe", "4", "--ef-search", "64"))
     assert "Warning: --nprobe 4 and --ef-search 64 not used: the index searches exactly (flat)" in r.output
-    for flag in ("--nprobe", "--ef-search"):
-        r = run("bench", "--index", tmp_path / "ivf", flag, "0")
+    for flag in ("--nprobe", "--ef-search"):  # before the index is looked for: not "no such folder"
+        r = run("bench", "--index", tmp_path / "nowhere", flag, "0")
         assert r.exit_code == 2 and f"Error: {flag} must be a whole number, at least 1, got 0" in r.output
-    with pytest.raises(SettingError, match="^ef_search must be"):  # before the index is read: not "no such folder"
+        r = run("query", "a dog", "--index", tmp_path / "nowhere", flag, "100000000000")  # FAISS's C int: a traceback
+        assert r.exit_code == 2 and f"Error: {flag} must be at most 2,147,483,647, got 100,000,000,000" in r.output
+    with pytest.raises(SettingError, match="^ef_search must be"):
         Index.open(tmp_path / "nowhere", ef_search=0)
 
 
@@ -149,6 +151,11 @@ def test_ef_search_sets_hnsw_search_breadth(pipe, tmp_path):
     assert index.search_breadth() == {"images": {"ef_search": 300}, "captions": {"ef_search": 300}}
     want = Index.open(pipe.index_dir).search("a dog", k=5, candidates=24)
     assert [h.id for h in index.search("a dog", k=5, candidates=24).results] == [h.id for h in want.results]
+    from heiindex.errors import UnusedSettingWarning
+
+    with pytest.warns(UnusedSettingWarning, match="^--nprobe 2 not used") as seen:
+        index.set_search_breadth(nprobe=2)
+    assert seen[0].filename == __file__  # the caller's line, not the library's
     r = ok(run("query", "a dog", "--index", tmp_path / "hnsw", "--nprobe", "2", "--ef-search", "40"))
     assert "Warning: --nprobe 2 not used: the index searches an HNSW graph" in r.output
     assert "--ef-search" not in r.output.split("not used")[0].split("Warning:")[-1]

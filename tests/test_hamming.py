@@ -346,6 +346,8 @@ def test_search_breadth_of_each_kind_and_its_checks():
     for bad in (0, True, 2.0, -1):  # checked before any is set
         with pytest.raises(SettingError, match=r"^nprobe must be a whole number"):
             set_search_breadth({"a": ivf}, nprobe=bad)
+    with pytest.raises(SettingError, match=r"^ef_search must be at most 2,147,483,647, got 2,147,483,648$"):
+        set_search_breadth({"b": hnsw}, ef_search=2**31)  # FAISS's C int overflowed: a raw OverflowError
     with pytest.raises(SettingError, match=r"^nprobe 11 exceeds the 10 lists of the index of the a$"):
         set_search_breadth({"a": ivf, "b": hnsw}, nprobe=11, ef_search=7)
     assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})

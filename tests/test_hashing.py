@@ -26,6 +26,7 @@ from heiindex.hashing import (
     pool_words,
     scale_scores,
 )
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
 
@@ -505,6 +506,12 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
     ]
     assert HashTrainConfig().resolved(5).val_candidates == 1
     assert HashTrainConfig(val_candidates=7).resolved(24).val_candidates == 7
+    # a split of one image cannot choose (recall@1 of 1 image is 100%); the split's size is checked
+    with pytest.raises(HeiindexError, match="^the dev split has 1 image: too few to choose the best epoch"):
+        HashTrainConfig().resolved(1)
+    for bad in (0, -5, True, 50.0, None, "100"):
+        with pytest.raises(SettingError, match="^n_val_images must be a whole number"):
+            HashTrainConfig().resolved(bad)
 
 
 def test_train_hash_refuses_another_embed_size(pipe, tmp_path):

@@ -334,6 +334,15 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     train(wide_store, out, resume=True, log=said.append)
     assert said[-1] == "nothing left to train: the run has done 3 epochs, --epochs asks for 3 (raise it to go on)"
     assert load_model(out / "last").checksum == before
+    # a config given replaces the run's settings: each one that differs is said (it was not)
+    said = []
+    train(wide_store, out, config=TrainConfig(epochs=3), resume=True, log=said.append)
+    assert said[0] == (
+        "resuming with settings other than the run's: batch_size 128 (it trained with 16), "
+        "lr 0.0002 (it trained with 0.005), val_images 1000 (it trained with 100)"
+    )
+    with pytest.raises(DataError, match="no training run here"):
+        TrainConfig.of_run(tmp_path / "nothing-here")
 
 
 def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, tmp_path):
