@@ -32,7 +32,7 @@ from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
 from .progress import progress_bar
-from .settings import require, settle
+from .settings import SettingError, require, settle
 from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
@@ -97,9 +97,10 @@ class HashTrainConfig:
                 "the best epoch by candidate recall (every image would be a candidate); give a larger dev split"
             )
         if n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
-            raise HeiindexError(
-                f"--val-candidates {n} must be below the {n_val_images} images of the "
-                f"{split} split it validates on (at {n_val_images} every image is a candidate)"
+            raise SettingError(  # the CLI names it --val-candidates
+                "val_candidates",
+                f"val_candidates {n} must be below the {n_val_images} images of the "
+                f"{split} split it validates on (at {n_val_images} every image is a candidate)",
             )
         return replace(self, val_candidates=n)
 

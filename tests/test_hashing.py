@@ -486,7 +486,7 @@ def test_train_hash_refuses_validation_depths_that_take_every_dev_image(pipe, tm
     the best epoch was chosen on that."""
     cfg = HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE)
     for n in (24, 200):
-        with pytest.raises(HeiindexError, match=f"^--val-candidates {n} must be below the 24 images of the dev split"):
+        with pytest.raises(SettingError, match=f"^val_candidates {n} must be below the 24 images of the dev split"):
             train_hash(load_model(pipe.model_dir), pipe.root, tmp_path / "h", cfg, HashTrainConfig(val_candidates=n))
     assert not (tmp_path / "h").exists()
 
