@@ -2,11 +2,10 @@
 
 ``make_binary_index`` builds an ``IndexBinaryFlat`` (exact), ``IndexBinaryIVF`` (inverted lists
 over a binary k-means, ``nlist``/``nprobe``) or ``IndexBinaryHNSW`` (graph), and
-``hamming_candidates`` returns the top-N ids and distances; ``set_search_breadth`` changes how widely
-an opened approximate index searches (IVF's ``nprobe``, HNSW's ``efSearch``), without a rebuild.
-``TorchBinaryIndex`` is the exact
-search on any torch device (the GPU path when no faiss-gpu is installed), with the same
-``search`` interface. What this module must not do: know about models or captions.
+``hamming_candidates`` returns the top-N ids and distances; ``set_search_breadth`` changes how
+widely an opened approximate index searches (IVF's ``nprobe``, HNSW's ``efSearch``), without a
+rebuild. ``TorchBinaryIndex`` is the exact search on any torch device (the GPU path when no
+faiss-gpu is installed), with the same ``search`` interface. What this module must not do: know about models or captions.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ class TrainConfig:
         if not (path / CONFIG_FILE).exists():
             raise DataError(Path(out), "no training run here (no last/ model that `heiindex train` saved)")
         _, raw = read_model_config(path)
-        saved = raw.get("info", {}).get("train", {})
+        info = raw.get("info")
+        saved = info.get("train", {}) if isinstance(info, dict) else {}
         if not isinstance(saved, dict):
             raise DataError(path / "config.json", f'field "info.train" must be an object, got {type(saved).__name__}')
         known = {f.name for f in fields(cls)} - {"threads"}  # threads: this machine's, not the run's
