@@ -114,6 +114,13 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
+        if "versus_exhaustive" in d:
+            v = d["versus_exhaustive"]
+            lost, gained = (" / ".join(f"{v[s][k]:.1f}" for k in ("r1", "r5", "r10")) for s in ("lost", "gained"))
+            extra += (
+                f"\nqueries HEI loses against exhaustive at R@1/5/10: {lost}% (ground truth outside the "
+                f"candidates); gains: {gained}%"
+            )
         if "candidates_found" in d and d["candidates_found"] < d["candidate_slots"]:
             extra += (
                 f"\n(an approximate index: {d['candidates_found']:.1f} of {d['candidate_slots']} candidate slots "

@@ -147,6 +147,21 @@ def _hei(index: Index, sub: _Sub, img_rows: np.ndarray, cap_rows: np.ndarray, n:
     return out
 
 
+def versus_exhaustive(hei_ranks: np.ndarray, exhaustive_ranks: np.ndarray) -> dict:
+    """What re-ranking only the candidates changed against scoring every item, per query:
+    ``{"lost": {"r1", "r5", "r10"}, "gained": {...}}``, the percent of queries whose ground truth
+    exhaustive scoring ranks within K and HEI does not ("lost": with the same scores, a ground
+    truth among the candidates can only rank higher, so these are ground truths the Hamming
+    search missed), and the reverse ("gained": items that outscored the ground truth and that the
+    Hamming search left out). HEI's R@K is exhaustive's minus lost plus gained."""
+    hei, ex = np.asarray(hei_ranks), np.asarray(exhaustive_ranks)
+    out: dict = {"lost": {}, "gained": {}}
+    for k in (1, 5, 10):
+        out["lost"][f"r{k}"] = 100 * int(np.count_nonzero((ex <= k) & (hei > k))) / hei.size
+        out["gained"][f"r{k}"] = 100 * int(np.count_nonzero((hei <= k) & (ex > k))) / hei.size
+    return out
+
+
 def _timed(fn, *args):
     """``(fn(*args), its wall seconds)``."""
     t0 = time.perf_counter()
@@ -196,16 +211,20 @@ def _protocol(
         if exhaustive:
             runs["exhaustive"].append(_timed(exhaustive_scores, index.model, sub)[1])
     ham, ham_seconds = _timed(_hamming_scores, cap_codes, img_codes)
+    ex_ranks = {}
+    if ex_scores is not None:
+        ex_ranks = {"t2i": t2i_ranks(ex_scores, gt), "i2t": i2t_ranks(ex_scores.T, gt)}
     for direction in ("t2i", "i2t"):
         d = {}
-        if ex_scores is not None:
-            ranks = t2i_ranks(ex_scores, gt) if direction == "t2i" else i2t_ranks(ex_scores.T, gt)
-            d["exhaustive"] = {**recall(ranks).to_dict(), **_seconds_of(runs["exhaustive"])}
+        if ex_ranks:
+            d["exhaustive"] = {**recall(ex_ranks[direction]).to_dict(), **_seconds_of(runs["exhaustive"])}
         d["hei"] = {**recall(hei[direction]["ranks"]).to_dict(), **_seconds_of(runs[direction])}
         hranks = t2i_ranks(ham, gt) if direction == "t2i" else i2t_ranks(ham.T, gt)
         d["hamming"] = {**recall(hranks).to_dict(), "seconds": ham_seconds}
         d["candidate_recall"] = hei[direction]["candidate_recall"]
         d.update({key: hei[direction][key] for key in ("candidate_slots", "candidates_found")})
+        if ex_ranks:
+            d["versus_exhaustive"] = versus_exhaustive(hei[direction]["ranks"], ex_ranks[direction])
         _settle_timing(d)
         res[direction] = d
     if sweep:
@@ -221,6 +240,8 @@ def _protocol(
                     "candidates_found": h[direction]["candidates_found"],
                     "seconds": h[direction]["seconds"],
                 }
+                if ex_ranks:
+                    row[direction]["versus_exhaustive"] = versus_exhaustive(h[direction]["ranks"], ex_ranks[direction])
             rows.append(row)
         res["sweep"] = rows
     return res

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import heiindex.bench as bench
-from heiindex.bench import run_bench
+from heiindex.bench import run_bench, versus_exhaustive
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import HeiindexError
@@ -73,7 +73,7 @@ def test_documented_keys(full_run, pipe):
     for direction in ("t2i", "i2t"):
         d = full_run[direction]
         assert d is full_run["full"][direction]
-        assert set(d) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup", *FOUND}
+        assert set(d) == {"exhaustive", "hei", "hamming", "candidate_recall", "speedup", "versus_exhaustive", *FOUND}
         assert d["candidate_slots"] == d["candidates_found"] == full_run["full"]["candidates"]  # flat: every slot
         for method in ("exhaustive", "hei", "hamming"):
             assert set(d[method]) == METRICS | {"seconds"}
@@ -85,6 +85,31 @@ def test_documented_keys(full_run, pipe):
         assert d["speedup"] == pytest.approx(d["exhaustive"]["seconds"] / max(d["hei"]["seconds"], 1e-9))
     f = full_run["full"]
     assert (f["images"], f["captions"], f["candidates"]) == (24, 120, 24)
+
+
+def test_versus_exhaustive_counts_what_hei_lost_and_gained():
+    """HEI's ranks against exhaustive's, 1-based (inf: the ground truth is not a candidate), for
+    five queries: 1 vs 1 (kept), inf vs 3 (lost at 5 and 10), 1 vs 2 (gained at 1), 7 vs 12
+    (gained at 10), 6 vs 4 (lost at 5)."""
+    got = versus_exhaustive(np.array([1, np.inf, 1, 7, 6]), np.array([1, 3, 2, 12, 4]))
+    assert got == {"lost": {"r1": 0.0, "r5": 40.0, "r10": 20.0}, "gained": {"r1": 20.0, "r5": 0.0, "r10": 20.0}}
+
+
+def test_hei_recall_is_exhaustives_minus_lost_plus_gained(top5_run, full_run):
+    """With 5 candidates HEI loses some queries exhaustive finds and gains others; with every
+    image a candidate (24: t2i) it loses and gains none."""
+    for res in (top5_run, full_run):
+        for direction in ("t2i", "i2t"):
+            d = res[direction]
+            v = d["versus_exhaustive"]
+            for k in ("r1", "r5", "r10"):
+                assert d["hei"][k] == pytest.approx(d["exhaustive"][k] - v["lost"][k] + v["gained"][k], abs=1e-9)
+    every = full_run["t2i"]["versus_exhaustive"]
+    assert every == {
+        "lost": dict.fromkeys(("r1", "r5", "r10"), 0.0),
+        "gained": dict.fromkeys(("r1", "r5", "r10"), 0.0),
+    }
+    assert sum(top5_run["t2i"]["versus_exhaustive"]["lost"].values()) > 0  # the case is not empty
 
 
 def test_exhaustive_is_the_exhaustive_evaluation(full_run, exhaustive):
@@ -125,7 +150,8 @@ def test_sweep_rows(full_run, top5_run):
     for r in rows:
         assert set(r) == {"candidates", "t2i", "i2t"}
         for direction in ("t2i", "i2t"):
-            assert set(r[direction]) == METRICS | {"candidate_recall", "candidates_found", "seconds"}
+            want = METRICS | {"candidate_recall", "candidates_found", "seconds", "versus_exhaustive"}
+            assert set(r[direction]) == want
             assert r[direction]["candidates_found"] == r["candidates"]
     one, five, every = rows
     for direction in ("t2i", "i2t"):
@@ -168,6 +194,7 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
     for direction in ("t2i", "i2t"):
         assert _metrics(res[direction]["hei"]) == _metrics(top5_run[direction]["hei"])
         assert res[direction]["candidate_recall"] == top5_run[direction]["candidate_recall"]
+        assert "versus_exhaustive" not in res[direction]  # nothing to compare with
     np.testing.assert_array_equal(real_captions(index, index.words), index.caption_codes())
     np.testing.assert_array_equal(real_images(index, index.regions), index.image_codes())
 
