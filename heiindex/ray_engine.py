@@ -25,6 +25,7 @@ What it must not do: build indexes or compute scores itself.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 import time
@@ -431,20 +432,17 @@ def stop_served(path: str | Path, address: str | None) -> int:
     manifest = read_sharded_manifest(path)
     ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
     stopped = []
-    i = 0
     # every shard the build records, and beyond them those of an earlier build of more shards
     # (a 3-shard build's shard 2 outlived a rebuild into 2 shards and its stop)
-    while True:
+    for i in itertools.count():
         name = _actor_name(path, i)
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except ValueError:
+        except ValueError:  # no such actor: past the recorded shards, the first gap ends the search
             if i >= len(manifest["shards"]):
                 break
-            i += 1
             continue
         stopped.append(name)
-        i += 1
     held = _wait_unnamed(ray, stopped)
     if held:
         warnings.warn(
