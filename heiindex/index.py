@@ -539,8 +539,7 @@ class Index(BatchSearch):
         GPU, searched exactly) is said in an ``UnusedSettingWarning``. ``search_breadth`` tells
         what each index uses."""
         if nprobe is not None or ef_search is not None:
-            named = {f"{what} of {self.path}": index for what, index in self.hamming_indexes().items()}
-            set_search_breadth(named, nprobe, ef_search, stacklevel=3)
+            set_search_breadth(self.hamming_indexes(named=True), nprobe, ef_search, stacklevel=3)
         return self
 
     def search_breadth(self) -> dict:
@@ -548,9 +547,11 @@ class Index(BatchSearch):
         ``{"nlist", "nprobe"}`` (IVF), ``{"ef_search"}`` (HNSW) or ``{}`` (exact)."""
         return {what: search_breadth(index) for what, index in self.hamming_indexes().items()}
 
-    def hamming_indexes(self) -> dict:
-        """What Hamming candidates are searched in: {"images": index, "captions": index}."""
-        return {"images": self.image_index, "captions": self.caption_index}
+    def hamming_indexes(self, named: bool = False) -> dict:
+        """What Hamming candidates are searched in: {"images": index, "captions": index}; where
+        ``named``, keyed "images of PATH" / "captions of PATH", as messages name them."""
+        where = f" of {self.path}" if named else ""
+        return {f"images{where}": self.image_index, f"captions{where}": self.caption_index}
 
     @property
     def lengths(self) -> Tensor:

@@ -232,11 +232,7 @@ class ShardedIndex(BatchSearch):
         """``Index.set_search_breadth`` for every shard: each value checked against every shard
         before any is set, and one ``UnusedSettingWarning`` where no shard has a use for it."""
         if nprobe is not None or ef_search is not None:
-            named = {
-                f"{what} of {shard.path}": index
-                for shard in self.shards
-                for what, index in shard.hamming_indexes().items()
-            }
+            named = {name: index for shard in self.shards for name, index in shard.hamming_indexes(named=True).items()}
             set_search_breadth(named, nprobe, ef_search, stacklevel=3)
         return self
 
