@@ -82,26 +82,27 @@ class HashTrainConfig:
         ``n_val_images`` is refused (``HeiindexError``): a split of one image cannot choose."""
         n_val_images = require("n_val_images", n_val_images, at_least=1, integer=True)
         n = self.val_candidates
-        if n is None and DEFAULT_VAL_CANDIDATES < n_val_images:
-            n = DEFAULT_VAL_CANDIDATES
-        elif n is None:
-            n = max(1, n_val_images // 10)
-            if log is not None and n < n_val_images:
-                log(
-                    f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
-                    f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
-                )
-        if n >= n_val_images and self.val_candidates is None:
-            raise HeiindexError(
-                f"the {split} split has {n_val_images} image{'s' if n_val_images != 1 else ''}: too few to choose "
-                "the best epoch by candidate recall (every image would be a candidate); give a larger dev split"
-            )
-        if n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
+        if n is not None and n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
             raise SettingError(  # the CLI names it --val-candidates
                 "val_candidates",
                 f"val_candidates {n} must be below the {n_val_images} images of the "
                 f"{split} split it validates on (at {n_val_images} every image is a candidate)",
             )
+        if n is None and DEFAULT_VAL_CANDIDATES < n_val_images:
+            n = DEFAULT_VAL_CANDIDATES
+        elif n is None:
+            n = max(1, n_val_images // 10)
+            if n >= n_val_images:  # one image
+                raise HeiindexError(
+                    f"the {split} split has {n_val_images} image{'s' if n_val_images != 1 else ''}: too few to "
+                    "choose the best epoch by candidate recall (every image would be a candidate); give a larger "
+                    "dev split"
+                )
+            if log is not None:
+                log(
+                    f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
+                    f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
+                )
         return replace(self, val_candidates=n)
 
 
