@@ -429,11 +429,10 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight
 
     matcher = load_model(model_dir or default_model_dir())
     hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
-    root = _store_root(store)
     tcfg = HashTrainConfig(
         epochs=epochs, lr=lr, rank_weight=rank_weight, rounds=rounds, val_candidates=val_candidates, seed=seed
     )
-    res = train_hash(matcher, root, out, hcfg, tcfg, progress=True, log=click.echo)
+    res = train_hash(matcher, _store_root(store), out, hcfg, tcfg, progress=True, log=click.echo)
     rec = res["dev_candidate_recall"]
     click.echo(
         f"best epoch {res['best_epoch']}: dev candidate recall@{rec['n']} t2i {100 * rec['t2i']:.1f}% "
