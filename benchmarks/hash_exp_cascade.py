@@ -27,26 +27,11 @@ import argparse
 
 import torch
 from hash_exp import load_split
-from hash_exp_ceiling import sign, split_scores
+from hash_exp_ceiling import sign, split_scores, word_features
 from hash_exp_proto import caption_outputs, train_caption_scores
 
 from heiindex.default_data import default_hash_dir
 from heiindex.train_hash import load_hash
-
-
-def features(tr: dict, db: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, split) caption features of one kind (``hash_exp_ceiling.py``'s)."""
-    if name == "wmean":
-        return tr["w_mean"], db["w_mean"]
-    if name == "wmean+wmax":
-        return torch.cat([tr["w_mean"], tr["w_max"]], 1), torch.cat([db["w_mean"], db["w_max"]], 1)
-    if name == "rff":
-        gen = torch.Generator().manual_seed(0)
-        d = tr["w_mean"].shape[1]
-        proj = torch.randn(d, 2048, generator=gen) * (8 / d**0.5)
-        phase = torch.rand(2048, generator=gen) * 2 * torch.pi
-        return torch.cos(tr["w_mean"] @ proj + phase), torch.cos(db["w_mean"] @ proj + phase)
-    raise SystemExit(f"unknown features {name!r}")
 
 
 def standardised(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +89,7 @@ def main() -> None:
     target = train_caption_scores(args.split, db, tr).T  # (training captions, images)
     target = target - target.mean(1, keepdim=True)
     for name in args.features.split(","):
-        x_tr, x_db = features(tr, db, name)
+        x_tr, x_db = word_features(tr, db, name)
         mu = x_tr.mean(0)
         x_tr, x_db = x_tr - mu, x_db - mu
         w = torch.linalg.solve(x_tr.T @ x_tr + args.ridge * torch.eye(x_tr.shape[1]), x_tr.T @ target)

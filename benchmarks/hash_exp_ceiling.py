@@ -58,6 +58,26 @@ def recall(scores: torch.Tensor, caption_image: torch.Tensor, n: int = 100) -> f
     return 100 * float(((scores > gt[:, None]).sum(1) < n).float().mean())
 
 
+WORD_FEATURES = {"wmean": "wmean", "wmean+wmax": "wmean+wmax", "rff": "rff(wmean)"}  # name -> printed label
+
+
+def word_features(tr: dict, db: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, split) caption features from the matcher's word embeddings: their mean
+    ("wmean"), mean and max ("wmean+wmax"), or 2,048 random Fourier features of the mean ("rff",
+    seed 0)."""
+    if name == "wmean":
+        return tr["w_mean"], db["w_mean"]
+    if name == "wmean+wmax":
+        return torch.cat([tr["w_mean"], tr["w_max"]], 1), torch.cat([db["w_mean"], db["w_max"]], 1)
+    if name == "rff":
+        gen = torch.Generator().manual_seed(0)
+        d = tr["w_mean"].shape[1]
+        proj = torch.randn(d, 2048, generator=gen) * (8 / d**0.5)
+        phase = torch.rand(2048, generator=gen) * 2 * torch.pi
+        return torch.cos(tr["w_mean"] @ proj + phase), torch.cos(db["w_mean"] @ proj + phase)
+    raise SystemExit(f"unknown features {name!r} (one of {', '.join(WORD_FEATURES)})")
+
+
 def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, 1.0, -1.0)
 
@@ -83,15 +103,10 @@ def main() -> None:
     img = mod.image_hash(mod.pool_images(db["regions"]))
     h_tr, h_db = caption_outputs(mod, tr), caption_outputs(mod, db)
     print(f"{args.split}: the module's codes (Hamming): {recall(sign(h_db) @ sign(img).T, ci):.1f}")
-    gen = torch.Generator().manual_seed(0)
-    proj = torch.randn(tr["w_mean"].shape[1], 2048, generator=gen) * (8 / tr["w_mean"].shape[1] ** 0.5)
-    phase = torch.rand(2048, generator=gen) * 2 * torch.pi
     feats = {
         "sign": (sign(h_tr), sign(h_db)),
         "tanh": (torch.tanh(h_tr), torch.tanh(h_db)),
-        "wmean": (tr["w_mean"], db["w_mean"]),
-        "wmean+wmax": (torch.cat([tr["w_mean"], tr["w_max"]], 1), torch.cat([db["w_mean"], db["w_max"]], 1)),
-        "rff(wmean)": (torch.cos(tr["w_mean"] @ proj + phase), torch.cos(db["w_mean"] @ proj + phase)),
+        **{label: word_features(tr, db, name) for name, label in WORD_FEATURES.items()},
     }
     target = train_caption_scores(args.split, db, tr).T  # (training captions, images)
     target = target - target.mean(1, keepdim=True)
