@@ -8,6 +8,7 @@ What this module must not do: train, encode with a model, or print (progress goe
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from . import __version__
+from .atomic import scratch
 from .errors import DataError, VocabularyWarning
 from .precomp import PrecompSplit
 from .progress import progress_bar
@@ -128,6 +130,36 @@ def _other_splits(out_root: Path, split: str | None, read: Callable[[dict], T]) 
         yield other, value
 
 
+def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
+    """Make ``voc`` the store root's ``vocab.json`` (``path``) unless the root has one, in one step:
+    it is saved beside ``path`` and hard-linked to it, which fails where ``path`` exists. A
+    ``DataError`` where the one there is another vocabulary: another ingest into this root,
+    started before this one saved its vocabulary, saved its own first. Two ingests into a new root
+    at once each built a vocabulary from their own captions and both wrote ``vocab.json``, leaving
+    one split tokenised with a vocabulary the root no longer had (``verify`` then failed)."""
+    if not path.exists():
+        tmp = scratch(path, folder=False)
+        try:
+            voc.save(tmp)
+            os.link(tmp, path)
+        except FileExistsError:  # saved meanwhile: compared below
+            pass
+        except OSError:  # no hard links on this file system: a plain save, as before
+            if not path.exists():
+                voc.save(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    there = Vocab.load(path)
+    if there.checksum != voc.checksum:
+        raise DataError(
+            path,
+            f"was written by another ingest into this store while this one ran ({len(there)} words, "
+            f"{there.checksum[:12]}...); the {split} captions were tokenised with another vocabulary "
+            f"({len(voc)} words, {voc.checksum[:12]}...), so {split} was not written: ingest it again to "
+            "use the store's vocabulary",
+        )
+
+
 def _recorded_vocabs(out_root: Path, split: str | None) -> dict[str, str]:
     """``{split name: vocabulary sha256}`` recorded by the store splits of ``out_root`` other than ``split``."""
     return {f.name: sha for f, sha in _other_splits(out_root, split, lambda m: str(m["vocab"]["sha256"]))}
@@ -237,7 +269,5 @@ def ingest(
         }
         manifest["files"] = {name: file_record(tmp / name) for name in (IMAGES_FILE, CAPTIONS_FILE)}
         write_json(tmp / MANIFEST_FILE, manifest)
-        voc_path = out_root / "vocab.json"
-        if not voc_path.exists():
-            voc.save(voc_path)
+        _claim_vocab(out_root / "vocab.json", voc, split)
     return IngestSummary(split, target, src.n_images, src.n_captions, len(voc), unknown_rate, unknown)

@@ -417,6 +417,62 @@ def test_a_root_that_lost_its_vocab_keeps_its_splits_vocabulary(make_precomp, tm
     assert Vocab.load(alone / "vocab.json") == Vocab.build(test_caps)
 
 
+def test_a_vocabulary_saved_meanwhile_by_another_ingest_is_not_overwritten(make_precomp, tmp_path, monkeypatch):
+    """Two ingests into a new root each built a vocabulary from their own captions, and each wrote
+    vocab.json: one split was left tokenised with a vocabulary the root no longer had. Another
+    ingest saving first (here: while this one writes its captions) now stops this one."""
+    import heiindex.ingest as ingest_module
+
+    test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
+    out = tmp_path / "O"
+    theirs = Vocab([*SPECIALS, "dog"])
+    real_write = ingest_module.write_captions
+
+    def another_ingest_saves_first(*args, **kwargs):
+        theirs.save(out / "vocab.json")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "write_captions", another_ingest_saves_first)
+    with pytest.raises(DataError, match=r"was written by another ingest into this store while this one ran") as info:
+        ingest(test_dir, "test", out, feature_dim=8)
+    assert info.value.path == out / "vocab.json"
+    assert "ingest it again to use the store's vocabulary" in str(info.value)
+    assert not (out / "test").exists() and Vocab.load(out / "vocab.json") == theirs
+    assert sorted(p.name for p in out.iterdir()) == ["vocab.json"]  # no scratch left
+    # the same vocabulary saved meanwhile is no conflict
+    (out / "vocab.json").unlink()
+    theirs = Vocab.build(test_caps)
+    ingest(test_dir, "test", out, feature_dim=8)
+    assert _manifest(out, "test")["vocab"]["sha256"] == theirs.checksum == Vocab.load(out / "vocab.json").checksum
+
+
+def test_concurrent_ingests_into_a_new_root_leave_one_vocabulary(make_precomp, tmp_path):
+    """Whatever the interleaving, every split written is tokenised with the root's vocab.json."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    test_dir, _, _ = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, _ = make_precomp("d", split="dev", n_images=7, first_line=35)
+    for attempt in range(3):
+        out = tmp_path / f"O{attempt}"
+        with ThreadPoolExecutor(2) as pool:
+            futures = [
+                pool.submit(ingest, folder, split, out, feature_dim=8)
+                for folder, split in ((test_dir, "test"), (dev_dir, "dev"))
+            ]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result().split)
+            except DataError as exc:
+                assert "was written by another ingest into this store" in str(exc)
+        assert outcomes  # at least one of them was written
+        root_vocab = Vocab.load(out / "vocab.json").checksum
+        for split in ("test", "dev"):
+            assert (out / split).exists() == (split in outcomes)
+            if split in outcomes:
+                assert _manifest(out, split)["vocab"]["sha256"] == root_vocab
+
+
 def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, testall_lines):
     test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
     dev_dir, _, dev_caps = make_precomp("d", split="dev", n_images=7, first_line=35)
