@@ -750,6 +750,8 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
+    from heiindex.search import per_shard_depth
+
     from .render import print_json_result, print_result
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
@@ -766,7 +768,10 @@ def query(
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
     candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
     # a sharded build: each shard's top N (capped at its size), all re-ranked
-    depth = f"Hamming top-{candidates}" + (" from each shard" if index.sharded else "")
+    depth = f"Hamming top-{candidates}"
+    if index.sharded:
+        image_query = bool(image_ids)
+        depth += per_shard_depth(candidates, index.shard_sizes(image_query), "captions" if image_query else "images")
     if queries_file is not None:
         where = lambda i: f"{name} line {i + 1}"  # noqa: E731
         _print_many(index.search_many(lines, k, candidates, where=where), len(lines), depth, k, as_json, False)

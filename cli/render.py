@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heiindex.errors import name_some, shown
+from heiindex.search import per_shard_depth
 
 console = Console(soft_wrap=False, width=160)
 
@@ -109,7 +110,10 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
     for direction, label in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
         d = res[direction]
         rows = [(k, d[k]) for k in ("exhaustive", "hei", "hamming") if k in d]
-        depth = f"N = {res['candidates']}" + (" from each shard" if "shards" in res else "")  # capped at its size
+        depth = f"N = {res['candidates']}"
+        if "shards" in res:  # each shard's N, capped at its size
+            held = res["shard_images" if direction == "t2i" else "shard_captions"]
+            depth += per_shard_depth(res["candidates"], held, "images" if direction == "t2i" else "captions")
         t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, {depth})", rows)
         extra = f"candidate recall@{res['candidates']}: {100 * d['candidate_recall']:.1f}%"
         if "speedup" in d:

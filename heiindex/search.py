@@ -234,6 +234,17 @@ def pooled_candidates(candidates: int, sizes: list[int]) -> int:
     return sum(min(candidates, n) for n in sizes)
 
 
+def per_shard_depth(candidates: int, sizes: list[int], what: str) -> str:
+    """How a sharded build's N reads after "top-N" or "N = N": " from each shard", and, where N
+    exceeds a shard's ``what`` (``sizes``: each shard's), the cap, so that an N larger than every
+    shard does not read as that many candidates."""
+    if candidates <= min(sizes):
+        return " from each shard"
+    lo, hi = min(sizes), max(sizes)
+    held = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    return f" from each shard, at most its size ({held} {what})"
+
+
 def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     """``candidates`` (N) and ``k`` of a query as ints: whole numbers (a numpy integer is one; a bool
     or 2.0 is not), at least 1."""

@@ -392,6 +392,8 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
         "images": int(len(image_ids)),
         "captions": int(len(caption_image)),
         "candidates": topk,
+        "shard_images": img_sizes,  # each shard's N is capped at its size, in each direction
+        "shard_captions": cap_sizes,
         "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
         "search_breadth": [m["search_breadth"] for m in metas],  # each shard's (Index.search_breadth)
     }

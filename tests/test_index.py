@@ -1395,3 +1395,12 @@ def test_an_open_that_a_rebuild_swaps_under_is_tried_again(pipe, tmp_path, monke
     pf.flip_bit(target / "images.faiss")  # damage with no rebuild is still refused at once
     with pytest.raises(DataError, match="images.faiss: changed since the index was built"):
         Index.open(target)
+
+
+def test_per_shard_depth_names_the_cap():
+    from heiindex.search import per_shard_depth
+
+    assert per_shard_depth(100, [333, 334, 333], "images") == " from each shard"
+    assert per_shard_depth(400, [333, 334, 333], "images") == " from each shard, at most its size (333-334 images)"
+    assert per_shard_depth(334, [333, 334], "images") == " from each shard, at most its size (333-334 images)"
+    assert per_shard_depth(13, [12, 12], "captions") == " from each shard, at most its size (12 captions)"

@@ -287,6 +287,14 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     assert len(hamming_rows) == 2 and all(line.rstrip(" │|").endswith("-") for line in hamming_rows), hamming_rows
     r = run("bench", "--index", out, "--topk", "121")
     clean_error(r, "--topk 121 must lie in [1, 120] for this index (its images or captions)")
+    # an N above a shard's size says so: it read as 13 candidates from each of two 12-image shards
+    r = ok(run("query", "a dog", "--index", out, "--candidates", "13"))
+    assert "(Hamming top-13 from each shard, at most its size (12 images), re-ranked by the matcher)" in r.output
+    d = as_json(run("bench", "--index", out, "--topk", "13", "--json"))
+    assert (d["shard_images"], d["shard_captions"]) == ([12, 12], [60, 60])
+    text = ok(run("bench", "--index", out, "--topk", "13")).output
+    assert "text-to-image (24 images, 120 captions, N = 13 from each shard, at most its size (12 images))" in text
+    assert "image-to-text (24 images, 120 captions, N = 13 from each shard)" in text
 
 
 def _no_seconds(res: dict) -> dict:
