@@ -62,9 +62,22 @@ def verify(path: str | Path) -> list[FileCheck]:
         return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     if not path.exists():
         raise DataError(path, "no such folder; give a store root or split, or an index")
+    if (found := _only_leftovers(path)) is not None:
+        # a new store root whose first ingest was killed: its scratch split is all it holds
+        missing = FileCheck(path, "missing", "no split or index here: a run writing into it was interrupted (below)")
+        return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     checks = _checks(path)
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+
+
+def _only_leftovers(folder: Path) -> list[Path] | None:
+    """The leftovers in ``folder`` where it holds nothing else of heiindex's (no manifest, no
+    split or index folder; at most a store root's ``vocab.json``), else None."""
+    if not folder.is_dir() or (folder / MANIFEST_FILE).exists() or manifest_folders(folder):
+        return None
+    found = leftovers_in(folder)
+    return found or None
 
 
 def _leftover_detail(path: Path) -> str:

@@ -70,6 +70,23 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     assert checks[0].detail == "no such folder: a run writing it was interrupted (leftovers below)"
     r = run("verify", index, "--json")
     assert r.exit_code == 2 and [f["status"] for f in json.loads(r.stdout)["files"]] == ["missing", "leftover"]
+    # a new store root whose first ingest was killed holds only its scratch split (verify said
+    # only "no manifest.json here"), with or without the vocab.json of an earlier run
+    new_root = tmp_path / "new-root"
+    new_root.mkdir()
+    first = new_root / ".train.partial-somehost-4026531836-12345-abcd"
+    first.mkdir()
+    for extra in (None, "vocab.json"):
+        if extra:
+            shutil.copy(root / extra, new_root / extra)
+        checks = verify(new_root)
+        assert [(c.path, c.status) for c in checks] == [(new_root, "missing"), (first, "leftover")]
+        assert checks[0].detail == "no split or index here: a run writing into it was interrupted (below)"
+        assert run("verify", new_root).exit_code == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no manifest.json here"):  # an empty folder is still no store
+        verify(empty)
 
 
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
