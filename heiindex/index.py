@@ -694,7 +694,9 @@ class Index(BatchSearch):
         """New images' raw region features ``(q, R, img_dim)``, as a store holds them, encoded by
         the matcher where this index runs: ``(regions, gram)`` for ``search_regions``."""
         if isinstance(features, np.ndarray):
-            features = torch.from_numpy(features)
+            # A read-only array (np.load(..., mmap_mode="r"), as the README reads features) is
+            # copied: torch warns on sharing one, since a tensor over it could be written.
+            features = torch.from_numpy(features if features.flags.writeable else features.copy())
         _check_image_tensor("features", features, (self.regions.shape[1], self.model.config.img_dim), "region features")
         regions = self.model.encode_images(features.to(self.regions.device, torch.float32))
         return regions.to(self.regions.dtype), region_gram(regions)

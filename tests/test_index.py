@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -1339,6 +1340,12 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
     regions, gram = index.encode_images(feats)  # numpy, as a store holds them
     rows = index.image_rows(list(ids))
     torch.testing.assert_close(regions, index.regions[torch.from_numpy(rows)])
+    read_only = feats.copy()
+    read_only.flags.writeable = False  # as np.load(..., mmap_mode="r") gives, the README's way
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned that the array is not writable
+        again, _ = index.encode_images(read_only)
+    torch.testing.assert_close(again, regions)
     got = index.search_regions(regions, gram, 3, 10)
     want = [index.search_image(int(i), k=3, candidates=10).results for i in ids]
     assert [[(h.id, h.hamming) for h in hits] for hits in got] == [[(h.id, h.hamming) for h in w] for w in want]
