@@ -55,7 +55,8 @@ def _warning_as_line(show):
 
     def shown(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, HeiindexWarning):
-            click.echo(f"Warning: {message}", err=True)
+            text = _flagged(str(message), getattr(message, "settings", ()))
+            click.echo(f"Warning: {text}", err=True)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -72,10 +73,23 @@ def _as_flag(exc: Exception) -> str:
     message = str(exc)
     if not isinstance(exc, SettingError) or ctx is None:
         return message
-    flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+    flags = _flags()
     if message.startswith(exc.setting) and exc.setting in flags:
         message = flags[exc.setting] + message[len(exc.setting) :]
-    for name in exc.also:
+    return _flagged(message, exc.also)
+
+
+def _flags() -> dict[str, str]:
+    """This command's flags by the names of the settings they set ({} outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    return {} if ctx is None else {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+
+
+def _flagged(message: str, names) -> str:
+    """``message`` with the settings ``names`` that it names ("nprobe 3 not used") named by this
+    command's flags for them ("--nprobe 3 not used"), wherever they stand."""
+    flags = _flags()
+    for name in names:
         if name in flags:
             message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
     return message
@@ -750,8 +764,6 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
-    from heiindex.search import per_shard_depth
-
     from .render import print_json_result, print_result
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
@@ -770,6 +782,8 @@ def query(
     # a sharded build: each shard's top N (capped at its size), all re-ranked
     depth = f"Hamming top-{candidates}"
     if index.sharded:
+        from heiindex.search import per_shard_depth
+
         image_query = bool(image_ids)
         depth += per_shard_depth(candidates, index.shard_sizes(image_query), "captions" if image_query else "images")
     if queries_file is not None:

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from heiindex.errors import name_some, shown
-from heiindex.search import per_shard_depth
 
 console = Console(soft_wrap=False, width=160)
 
@@ -106,6 +105,8 @@ def _seconds(r: dict) -> str:
 
 
 def bench_tables(proto_name: str, res: dict) -> list[Table]:
+    from heiindex.search import per_shard_depth  # imports torch: not before a command needs it
+
     tables = []
     for direction, label in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
         d = res[direction]

@@ -64,8 +64,13 @@ class SparseListsWarning(HeiindexWarning):
 
 
 class UnusedSettingWarning(HeiindexWarning):
-    """A setting given that the command had no use for (``--nlist`` where ``--index auto`` built
-    flat indexes); the message says which and why."""
+    """A setting given that the command had no use for (``nlist`` where ``index_type`` auto built
+    flat indexes); the message says which and why, naming settings as the library calls them, and
+    ``settings`` lists those names (the CLI names its flags for them instead)."""
+
+    def __init__(self, message: str, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = tuple(settings)
 
 
 class VocabularyWarning(HeiindexWarning):

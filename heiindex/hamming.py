@@ -165,13 +165,14 @@ def set_search_breadth(
             index.hnsw.efSearch = ef_search
             used.add("ef_search")
     given = {"nprobe": nprobe, "ef_search": ef_search}
-    unused = [f"--{n.replace('_', '-')} {v}" for n, v in given.items() if v is not None and n not in used]
+    unused = [f"{n} {v}" for n, v in given.items() if v is not None and n not in used]
     if unused:
         kinds = sorted({_kind_name(index) for index in indexes.values()})
         warnings.warn(
             UnusedSettingWarning(
                 f"{' and '.join(unused)} not used: the index searches {' and '.join(kinds)} "
-                "(--nprobe sets how many IVF lists are probed, --ef-search HNSW's search breadth)"
+                "(nprobe sets how many IVF lists are probed, ef_search HNSW's search breadth)",
+                settings=("nprobe", "ef_search"),
             ),
             stacklevel=stacklevel,
         )

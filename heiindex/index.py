@@ -883,16 +883,17 @@ def check_lists_filled(
 
 
 def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: Iterable[int]) -> None:
-    """``UnusedSettingWarning`` where ``--nlist`` / ``--nprobe`` were given to ``--index auto`` and
+    """``UnusedSettingWarning`` where ``nlist`` / ``nprobe`` were given to ``index_type`` auto and
     none of its indexes (``counts``: the items of each) is large enough to be IVF: they were
     recorded and built into nothing, without a word."""
-    given = [f"--{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
+    given = [f"{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
     if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts):
         return
     warnings.warn(
         UnusedSettingWarning(
-            f"{' and '.join(given)} not used: --index auto built flat indexes (exact; it builds IVF above "
-            f"{AUTO_FLAT_MAX:,} codes); --index ivf builds IVF indexes at any size"
+            f"{' and '.join(given)} not used: index_type auto built flat indexes (exact; it builds IVF above "
+            f"{AUTO_FLAT_MAX:,} codes); index_type ivf builds IVF indexes at any size",
+            settings=("nlist", "nprobe", "index_type"),
         ),
         stacklevel=2,
     )

@@ -137,13 +137,14 @@ def caption_bank(
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
     if config.preselect > len(captions):  # each image scores all of them, averages min(k, all)
-        capped = [f"--prototype-preselect {config.preselect}"]
-        capped += [f"--prototype-k {config.k}"] if config.k > len(captions) else []
+        capped = [f"prototype_preselect {config.preselect}"]
+        capped += [f"prototype_k {config.k}"] if config.k > len(captions) else []
         warnings.warn(
             UnusedSettingWarning(
                 f"{' and '.join(capped)} exceed{'s' if len(capped) == 1 else ''} the {len(captions)} captions of "
                 f"prototypes split {config.split!r}: the matcher scores all of them for each image"
-                + (f", and all {len(captions)} are averaged" if config.k > len(captions) else "")
+                + (f", and all {len(captions)} are averaged" if config.k > len(captions) else ""),
+                settings=("prototype_preselect", "prototype_k"),
             ),
             stacklevel=2,
         )

@@ -101,7 +101,7 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
     with pytest.warns(UnusedSettingWarning) as seen:
         over = caption_bank(pipe.root, cfg, *models, block=100)
     assert [str(w.message) for w in seen] == [
-        f"--prototype-preselect {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
+        f"prototype_preselect {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
         "'train': the matcher scores all of them for each image"
     ]
     exact = caption_bank(pipe.root, PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS), *models, block=100)
@@ -109,7 +109,7 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
         describe_images(over, *models, plain.regions, plain.gram),
         describe_images(exact, *models, plain.regions, plain.gram),
     )
-    with pytest.warns(UnusedSettingWarning, match=r"and --prototype-k 400 exceed the 320 captions .* all 320 are"):
+    with pytest.warns(UnusedSettingWarning, match=r"and prototype_k 400 exceed the 320 captions .* all 320 are"):
         caption_bank(pipe.root, PrototypeConfig(k=400, preselect=500), *models, block=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing said where the captions suffice
@@ -338,6 +338,9 @@ def test_cli_tunes_the_prototypes(pipe, built, tmp_path):
     np.testing.assert_array_equal(
         stored_codes(load_binary_index(out / "images.faiss")), stored_codes(load_binary_index(built / "images.faiss"))
     )
+    # the library's warning names its settings; the command's line, its flags
+    r = ok(build(pipe, tmp_path / "over", "--prototypes", "train", "--prototype-preselect", str(TRAIN_CAPTIONS + 1)))
+    assert f"Warning: --prototype-preselect {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions" in r.output
 
 
 @pytest.mark.parametrize(
