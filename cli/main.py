@@ -199,7 +199,8 @@ def exit_on_sigterm() -> None:
     "--split",
     required=True,
     type=click.Choice(["train", "dev", "test", "testall"]),
-    help="The precomp split to convert: SPLIT_ims.npy and SPLIT_caps.txt (image ids are the rows' numbers).",
+    help="The precomp split to convert: SPLIT_ims.npy and SPLIT_caps.txt (image ids number the images from 0 "
+    "in file order; a file with a row per caption, each image repeated, gives each image one id).",
 )
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store root to write into.")
 @click.option(
