@@ -23,6 +23,11 @@ def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:
     return sep.join(items[:limit]) + more
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 caption", "35 captions"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def shown(text: str, limit: int = 40) -> str:
     """``text`` as a message shows a piece of user input: with its invisible characters escaped
     (a zero-width space made "a\u200bdog" read as "adog") and cut at ``limit`` characters."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, counted
 from .settings import require
 from .textlines import text_lines
 
@@ -92,6 +92,10 @@ class PrecompSplit:
                 require(name, value, at_least=1, integer=True)
         if split not in SPLITS:
             raise DataError(directory, f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if directory.exists() and not directory.is_dir():
+            raise DataError(
+                directory, f"is a file, not a precomp folder (the folder holding {split}_ims.npy and {split}_caps.txt)"
+            )
         if not directory.is_dir():
             raise DataError(directory, "precomp folder not found")
         ims = directory / f"{split}_ims.npy"
@@ -113,11 +117,14 @@ class PrecompSplit:
         elif n_caps == n_rows and n_rows % captions_per_image == 0:
             rows_per_image = captions_per_image
         else:
+            # A lone carriage return (old Mac line ends) stays inside a line: the file reads as fewer lines.
+            returns = sum(c.count("\r") for c in captions)
+            hint = f"; its lines hold {returns} lone carriage returns (\\r, old Mac line ends)" if returns else ""
             raise DataError(
                 caps,
-                f"{n_caps} captions do not fit {n_rows} feature rows of {ims.name}: expected "
+                f"{counted(n_caps, 'caption')} {'does' if n_caps == 1 else 'do'} not fit {counted(n_rows, 'feature row')} of {ims.name}: expected "
                 f"{captions_per_image} captions per image ({n_rows * captions_per_image} lines), "
-                f"or one feature row per caption ({n_rows} lines)",
+                f"or one feature row per caption ({n_rows} lines){hint}",
             )
         return cls(split, ims, caps, tuple(captions), n_rows, r, d, dtype, header, rows_per_image, captions_per_image)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_file
-from .errors import DataError
+from .errors import DataError, counted, name_some
 from .tokenizer import tokenize
 
 __all__ = ["PAD", "START", "END", "UNK", "SPECIALS", "Encoded", "Vocab"]
@@ -86,7 +86,21 @@ class Vocab:
             raise DataError(path, 'field "word2idx": every value must be an integer id')
         n = len(w2i)
         if sorted(w2i.values()) != list(range(n)):
-            raise DataError(path, f'field "word2idx": ids must be exactly 0..{n - 1} with no gaps or repeats')
+            times = Counter(w2i.values())
+            wrong = [
+                f"{what} {name_some([str(i) for i in found])}"
+                for what, found in (
+                    ("missing:", sorted(set(range(n)) - set(times))),
+                    ("out of range:", sorted(i for i in times if not 0 <= i < n)),
+                    ("repeated:", sorted(i for i, c in times.items() if c > 1)),
+                )
+                if found
+            ]
+            raise DataError(
+                path,
+                f'field "word2idx": the ids of its {counted(n, "word")} must be 0 to {n - 1}, each once '
+                f"({'; '.join(wrong)})",
+            )
         if "idx" in raw and raw["idx"] != n:
             raise DataError(path, f'field "idx" is {raw["idx"]!r}, expected {n} (the number of words)')
         words = [""] * n

@@ -150,6 +150,26 @@ def _caps_too_few(folder: Path) -> BadCase:
     return BadCase("caps_too_few", folder, "test", _caps(folder), "34 captions do not fit 7 feature rows")
 
 
+def _lone_carriage_returns(folder: Path) -> BadCase:
+    """Old Mac line ends: the file reads as one line, which said only '1 captions do not fit'."""
+    _caps(folder).write_text("\r".join(_caps(folder).read_text().split("\n")[:-1]) + "\r")
+    return BadCase(
+        "lone_carriage_returns",
+        folder,
+        "test",
+        _caps(folder),
+        "1 caption does not fit 7 feature rows of test_ims.npy: expected 5 captions per image (35 lines), or one "
+        "feature row per caption (7 lines); its lines hold 34 lone carriage returns (\\r, old Mac line ends)",
+    )
+
+
+def _precomp_is_a_file(folder: Path) -> BadCase:
+    file = folder / "test_caps.txt"
+    return BadCase(
+        "precomp_is_a_file", file, "test", file, "is a file, not a precomp folder (the folder holding test_ims.npy and"
+    )
+
+
 def _rank2(folder: Path) -> BadCase:
     np.save(_ims(folder), np.zeros((7, 36 * 8), np.float32))
     return BadCase("rank2", folder, "test", _ims(folder), "must have rank 3")
@@ -254,6 +274,8 @@ BAD_CASES = {
         _missing_caps,
         _caps_not_multiple,
         _caps_too_few,
+        _lone_carriage_returns,
+        _precomp_is_a_file,
         _rank2,
         _rank4,
         _wrong_regions,

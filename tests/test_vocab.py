@@ -287,6 +287,27 @@ def test_malformed_vocab_raises_data_error_naming_file_and_field(tmp_path, make,
     assert field in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("make", "detail"),
+    [
+        (_gap, "the ids of its 6 words must be 0 to 5, each once (missing: 5; out of range: 7)"),
+        (_repeat, "the ids of its 6 words must be 0 to 5, each once (missing: 5; repeated: 4)"),
+        (
+            lambda: _json({"word2idx": {"a": 4}}),
+            "the ids of its 1 word must be 0 to 0, each once (missing: 0; out of range: 4)",
+        ),
+    ],
+    ids=["gap", "repeat", "one_word"],
+)
+def test_bad_word_ids_are_named(tmp_path, make, detail):
+    """It said 'ids must be exactly 0..0 with no gaps or repeats' of a one-word vocabulary with id 4."""
+    path = tmp_path / "bad_vocab.json"
+    path.write_bytes(make())
+    with pytest.raises(DataError) as info:
+        Vocab.load(path)
+    assert info.value.problem == f'field "word2idx": {detail}'
+
+
 def test_good_fixture_loads(tmp_path):
     (tmp_path / "v.json").write_bytes(_json(_good()))
     assert Vocab.load(tmp_path / "v.json").words == [*SPECIALS, "a", "dog"]
