@@ -231,11 +231,20 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
     return record
 
 
+def _data_folder_hint(path: Path) -> str:
+    """Where ``path`` lies under the folder ``HEIINDEX_DATA`` names, that the variable chose it: a
+    default model looked for in an empty data folder was named with no word of why there."""
+    env = os.environ.get("HEIINDEX_DATA")
+    if env and Path(env).resolve() in Path(path).resolve().parents:
+        return f" (HEIINDEX_DATA={env} sets the folder the default data and models are looked for in)"
+    return ""
+
+
 def read_json_object(path: Path, missing: str) -> dict:
     """The JSON object in ``path``; ``DataError`` naming it where it is missing (``missing`` says
     what to do), not valid JSON, or not an object."""
     if not path.exists():
-        raise DataError(path, missing)
+        raise DataError(path, missing + _data_folder_hint(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

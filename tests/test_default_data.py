@@ -139,6 +139,24 @@ def test_HEIINDEX_DATA_names_the_data_folder(tmp_path, monkeypatch):
     assert data_dir() == tmp_path
 
 
+def test_a_default_model_missing_under_HEIINDEX_DATA_names_the_variable(tmp_path, monkeypatch):
+    """It said only 'no model config here' of a folder the variable had chosen."""
+    from cli_helpers import clean_error, run
+
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "empty"))
+    r = run("evaluate", "--store", tmp_path / "no-store")
+    clean_error(
+        r,
+        f"{tmp_path / 'empty' / 'models' / 'scan-coco-sim' / 'config.json'}: no model config here; is this a "
+        f"heiindex model folder? (HEIINDEX_DATA={tmp_path / 'empty'} sets the folder the default data and models "
+        "are looked for in)",
+    )
+    elsewhere = tmp_path / "model"
+    r = run("evaluate", "--model", elsewhere, "--store", tmp_path / "no-store")
+    clean_error(r, f"{elsewhere / 'config.json'}: no model config here; is this a heiindex model folder?")
+    assert "HEIINDEX_DATA" not in r.output  # a folder the user named
+
+
 def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
