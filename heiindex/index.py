@@ -60,6 +60,7 @@ from .index_manifest import (
     check_index_manifest,
     read_index_manifest,
     refuse_shard_folder,
+    searched_type,
 )
 from .milvus_codes import check_server, collection_names, replaced_collections, upload_codes  # pymilvus: lazily
 from .model import ScanModel
@@ -749,11 +750,18 @@ class Index(BatchSearch):
         )
 
     def bench_meta(self) -> dict:
-        """What the sharded bench needs to know of this index: its items, and how widely it searches."""
+        """What the sharded bench needs to know of this index: its items, and how it searches
+        (as ``run_bench`` reports of one index: code bits, index type, breadth, threads, device,
+        dtype)."""
         return {
             "image_ids": self.image_ids,
             "caption_image_ids": self.caption_image_ids,
+            "bits": self.manifest["hash"]["bits"],
+            "index_type": searched_type(self.manifest["index"]),
             "search_breadth": self.search_breadth(),
+            "threads": torch.get_num_threads(),
+            "device": str(self.regions.device),
+            "dtype": self.dtype,
         }
 
     # -- codes of what is stored (for the bench) -----------------------------------------------

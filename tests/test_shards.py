@@ -292,6 +292,9 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     assert "(Hamming top-13 from each shard, at most its size (12 images), re-ranked by the matcher)" in r.output
     d = as_json(run("bench", "--index", out, "--topk", "13", "--json"))
     assert (d["shard_images"], d["shard_captions"]) == ([12, 12], [60, 60])
+    # how the shards searched, as an unsharded bench gives it of its one index
+    assert (d["bits"], d["index_type"], d["device"], d["dtype"]) == (32, ["flat"] * 2, ["cpu"] * 2, ["float32"] * 2)
+    assert len(d["threads"]) == 2 and all(t >= 1 for t in d["threads"])
     text = ok(run("bench", "--index", out, "--topk", "13")).output
     assert "text-to-image (24 images, 120 captions, N = 13 from each shard, at most its size (12 images))" in text
     assert "image-to-text (24 images, 120 captions, N = 13 from each shard)" in text
@@ -367,9 +370,10 @@ class _TwoShards:
     manifest, path = {"split": "test"}, "two-shards"
 
     def bench_metas(self):
+        how = {"bits": 16, "index_type": "flat", "search_breadth": {}, "threads": 1, "device": "cpu", "dtype": "float32"}
         return [
-            {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11]), "search_breadth": {}},
-            {"image_ids": np.array([12]), "caption_image_ids": np.array([12]), "search_breadth": {}},
+            {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11]), **how},
+            {"image_ids": np.array([12]), "caption_image_ids": np.array([12]), **how},
         ]
 
     def bench_captions(self, n):  # 5 caption queries, one candidate per shard (local rows)
