@@ -370,7 +370,14 @@ class _TwoShards:
     manifest, path = {"split": "test"}, "two-shards"
 
     def bench_metas(self):
-        how = {"bits": 16, "index_type": "flat", "search_breadth": {}, "threads": 1, "device": "cpu", "dtype": "float32"}
+        how = {
+            "bits": 16,
+            "index_type": "flat",
+            "search_breadth": {},
+            "threads": 1,
+            "device": "cpu",
+            "dtype": "float32",
+        }
         return [
             {"image_ids": np.array([10, 11]), "caption_image_ids": np.array([10, 10, 10, 11]), **how},
             {"image_ids": np.array([12]), "caption_image_ids": np.array([12]), **how},
