@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import warnings
@@ -130,13 +131,17 @@ def _renameat2():
 
 def swap_in(new: Path, target: Path) -> None:
     """Put the finished ``new`` (a scratch beside ``target``) in place of ``target``, replacing
-    what is there; ``new`` is gone afterwards. On any failure ``target`` is as it was."""
+    what is there; ``new`` is gone afterwards. A replaced folder's permissions are kept, as
+    ``atomic_file`` keeps a file's (a rebuilt read-only index came back writable). On any failure
+    ``target`` is as it was."""
     new, target = Path(new), Path(target)
     if target.is_symlink():  # replacing the link would leave what it points to as it was
         raise ValueError(f"swap_in takes the path a link points to, not the link {target}")
     if not target.exists():
         os.replace(new, target)
         return
+    if new.is_dir() and target.is_dir():
+        new.chmod(target.stat().st_mode & 0o7777)
     if exchange(new, target):  # `new` now holds the old target
         _remove_replaced(new, target)
         return
@@ -264,7 +269,30 @@ def _dead(path: Path) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Remove ``path``, ours to remove; where a folder's permissions refuse it (a read-only
+    index replaced: its folder now stands aside), each folder in it is made writable by its
+    owner and the removal tried again."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            _make_removable(path)
+            shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _make_removable(path: Path) -> None:
+    """Grant the owner every permission on ``path`` and each folder in it (not through links),
+    each before its entries are listed."""
+    try:
+        path.chmod(path.stat().st_mode | stat.S_IRWXU)
+    except OSError:
+        return
+    for folder, dirs, _ in os.walk(path):
+        for name in dirs:
+            sub = Path(folder, name)
+            if not sub.is_symlink():
+                try:
+                    sub.chmod(sub.stat().st_mode | stat.S_IRWXU)
+                except OSError:
+                    pass

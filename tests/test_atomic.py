@@ -314,3 +314,34 @@ def test_removing_a_symlinked_leftover_removes_the_link_only(tmp_path):
     link.symlink_to(real)
     assert clear_leftovers(tmp_path / "out") == [link]
     assert not link.is_symlink() and _contents(real) == {"keep": "1"}
+
+
+def test_a_replaced_folder_keeps_its_permissions(tmp_path):
+    """A read-only index rebuilt in place came back writable: the new folder took the umask's."""
+    target, new = tmp_path / "index", tmp_path / "built"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    target.chmod(0o555)
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    swap_in(new, target)
+    assert (target / "manifest.json").read_text() == "new" and not new.exists()
+    assert target.stat().st_mode & 0o7777 == 0o555
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]  # the replaced folder is gone too
+
+
+def test_a_read_only_tree_is_made_removable_by_its_owner(tmp_path):
+    """What a replaced read-only folder needs before it can be deleted by a user who is not root
+    (this test may run as root, whom permissions do not stop, so the modes are checked)."""
+    from heiindex.atomic import _make_removable
+
+    top = tmp_path / "old"
+    (top / "shard-0").mkdir(parents=True)
+    (top / "shard-0" / "images.faiss").write_text("x")
+    (top / "link").symlink_to(tmp_path)  # not followed
+    for folder in (top / "shard-0", top):
+        folder.chmod(0o500)
+    before = tmp_path.stat().st_mode
+    _make_removable(top)
+    assert all(f.stat().st_mode & 0o700 == 0o700 for f in (top, top / "shard-0"))
+    assert tmp_path.stat().st_mode == before
