@@ -41,6 +41,7 @@ def _spy_ray(monkeypatch, got: dict):
             actor_name=lambda i: f"actor-{i}",
             search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}, results=[None] * k),
             query_counts=lambda candidates, k, image_query: default_counts(candidates, k, [12]),
+            shard_sizes=lambda image_query: [12],
         )
 
     monkeypatch.setattr(heiindex.ray_engine, "RayShardedIndex", fake)
