@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from . import __version__
-from .atomic import scratch
+from .atomic import clear_leftovers, scratch
 from .errors import DataError, VocabularyWarning
 from .precomp import PrecompSplit
 from .progress import progress_bar
@@ -136,7 +136,12 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
     ``DataError`` where the one there is another vocabulary: another ingest into this root,
     started before this one saved its vocabulary, saved its own first. Two ingests into a new root
     at once each built a vocabulary from their own captions and both wrote ``vocab.json``, leaving
-    one split tokenised with a vocabulary the root no longer had (``verify`` then failed)."""
+    one split tokenised with a vocabulary the root no longer had (``verify`` then failed). On a
+    file system without hard links the save is a plain one, checked only afterwards: two
+    ingests there can still race. A ``vocab.json`` that is a link is written where it points."""
+    if path.is_symlink():
+        path = path.resolve()
+    clear_leftovers(path)  # a killed run's scratch of it
     if not path.exists():
         tmp = scratch(path, folder=False)
         try:
@@ -156,7 +161,8 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
             f"was written by another ingest into this store while this one ran ({len(there)} words, "
             f"{there.checksum[:12]}...); the {split} captions were tokenised with another vocabulary "
             f"({len(voc)} words, {voc.checksum[:12]}...), so {split} was not written: ingest it again to "
-            "use the store's vocabulary",
+            "use the store's vocabulary (or, for a vocabulary built from train's captions as SCAN's is, "
+            "ingest train first into a new root)",
         )
 
 

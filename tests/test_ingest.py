@@ -446,6 +446,23 @@ def test_a_vocabulary_saved_meanwhile_by_another_ingest_is_not_overwritten(make_
     assert _manifest(out, "test")["vocab"]["sha256"] == theirs.checksum == Vocab.load(out / "vocab.json").checksum
 
 
+def test_the_vocabulary_is_saved_through_a_link_and_a_dead_runs_scratch_of_it_is_cleared(make_precomp, tmp_path):
+    import pipeline_fixtures as pf
+
+    from heiindex import atomic
+
+    test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
+    out = tmp_path / "O"
+    out.mkdir()
+    left = out / f".vocab.json.partial-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd"
+    left.write_text("half")  # a killed ingest's scratch of vocab.json
+    kept = tmp_path / "shared-vocab.json"
+    (out / "vocab.json").symlink_to(kept)  # dangling: written where it points
+    ingest(test_dir, "test", out, feature_dim=8)
+    assert (out / "vocab.json").is_symlink() and Vocab.load(kept) == Vocab.build(test_caps)
+    assert sorted(p.name for p in out.iterdir()) == ["test", "vocab.json"]
+
+
 def test_concurrent_ingests_into_a_new_root_leave_one_vocabulary(make_precomp, tmp_path):
     """Whatever the interleaving, every split written is tokenised with the root's vocab.json."""
     from concurrent.futures import ThreadPoolExecutor
