@@ -77,7 +77,8 @@ def _only_leftovers(folder: Path) -> list[Path] | None:
     if not folder.is_dir() or (folder / MANIFEST_FILE).exists() or manifest_folders(folder):
         return None
     found = leftovers_in(folder)
-    return found or None
+    others = {p.name for p in folder.iterdir()} - {p.name for p in found} - {"vocab.json"}
+    return found if found and not others else None
 
 
 def _leftover_detail(path: Path) -> str:

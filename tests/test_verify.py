@@ -87,6 +87,9 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no manifest.json here"):  # an empty folder is still no store
         verify(empty)
+    (new_root / "notes.txt").write_text("mine")  # a folder of the user's own, with a leftover in it
+    with pytest.raises(DataError, match="no manifest.json here"):
+        verify(new_root)
 
 
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
