@@ -46,6 +46,7 @@ __all__ = [
     "is_scratch",
     "leftovers",
     "leftovers_in",
+    "remove",
     "scratch",
     "set_aside",
     "swap_in",
@@ -149,7 +150,7 @@ def swap_in(new: Path, target: Path) -> None:
     try:
         os.replace(target, old)
     except BaseException:
-        _remove(old)
+        remove(old)
         raise
     try:
         os.replace(new, target)
@@ -165,7 +166,7 @@ def _remove_replaced(old: Path, target: Path) -> None:
     ``clear_leftovers`` would put a set-aside one back as the output were ``target`` missing
     later; only where that rename fails too does it keep the set-aside name (the warning names
     it). Never raises: the new output is in place."""
-    _remove(old)
+    remove(old)
     if not (old.exists() or old.is_symlink()):
         return
     left = old
@@ -177,7 +178,7 @@ def _remove_replaced(old: Path, target: Path) -> None:
             left = named
         except OSError:
             if named is not None:
-                _remove(named)
+                remove(named)
     warnings.warn(
         LeftoverWarning(f"{target} was written, but what it replaced could not all be deleted: the rest is in {left}"),
         stacklevel=3,
@@ -245,7 +246,7 @@ def clear_leftovers(target: Path) -> list[Path]:
             stale.remove(newest)
             done.append(newest)
     for p in stale:
-        _remove(p)
+        remove(p)
         done.append(p)
     return done
 
@@ -268,7 +269,7 @@ def _dead(path: Path) -> bool:
     return False
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     """Remove ``path``, ours to remove; where a folder's permissions refuse it (a read-only
     index replaced: its folder now stands aside), each folder in it is made writable by its
     owner and the removal tried again."""

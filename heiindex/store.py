@@ -19,7 +19,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import clear_leftovers, is_scratch, scratch, swap_in
+from .atomic import clear_leftovers, is_scratch, remove, scratch, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
@@ -232,11 +231,15 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
 
 
 def _data_folder_hint(path: Path) -> str:
-    """Where ``path`` lies under the folder ``HEIINDEX_DATA`` names, that the variable chose it: a
+    """Where ``path`` lies where the default models and data are looked for (``models/`` and
+    ``coco-sim/`` of the folder ``HEIINDEX_DATA`` names), that the variable names that folder: a
     default model looked for in an empty data folder was named with no word of why there."""
     env = os.environ.get("HEIINDEX_DATA")
-    if env and Path(env).resolve() in Path(path).resolve().parents:
-        return f" (HEIINDEX_DATA={env} sets the folder the default data and models are looked for in)"
+    if not env:
+        return ""
+    parents, root = Path(path).resolve().parents, Path(env).resolve()
+    if root / "models" in parents or root / "coco-sim" in parents:
+        return f" (HEIINDEX_DATA={env} names the folder where the default models and data are looked for)"
     return ""
 
 
@@ -324,7 +327,7 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
         check_replaceable(target, kind, replaces)
         swap_in(tmp, target)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)  # made read-only by swap_in where the folder it replaces is
         for folder in made:
             try:
                 folder.rmdir()  # only if still empty

@@ -84,9 +84,9 @@ def test_swap_in_without_exchange_moves_the_old_aside_and_puts_it_back_on_failur
 
 
 def _keep_stuck(monkeypatch):
-    """Make atomic._remove delete all but files named "stuck" (and a folder only once empty);
+    """Make atomic.remove delete all but files named "stuck" (and a folder only once empty);
     returns the real one."""
-    real = atomic._remove
+    real = atomic.remove
 
     def keeps_stuck(path: Path) -> None:
         if path.is_dir():
@@ -98,7 +98,7 @@ def _keep_stuck(monkeypatch):
         elif path.name != "stuck":
             real(path)
 
-    monkeypatch.setattr(atomic, "_remove", keeps_stuck)
+    monkeypatch.setattr(atomic, "remove", keeps_stuck)
     return real
 
 

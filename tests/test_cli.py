@@ -642,7 +642,7 @@ def test_build_over_an_index_it_cannot_all_remove_warns_in_one_line(pipe, tmp_pa
 
     out = tmp_path / "idx"
     ok(build(pipe, out))
-    monkeypatch.setattr(atomic, "_remove", lambda path: None)  # nothing of the old index goes
+    monkeypatch.setattr(atomic, "remove", lambda path: None)  # nothing of the old index goes
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # as under python -W error: still a line, not a traceback
         r = ok(build(pipe, out))

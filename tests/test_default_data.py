@@ -148,13 +148,13 @@ def test_a_default_model_missing_under_HEIINDEX_DATA_names_the_variable(tmp_path
     clean_error(
         r,
         f"{tmp_path / 'empty' / 'models' / 'scan-coco-sim' / 'config.json'}: no model config here; is this a "
-        f"heiindex model folder? (HEIINDEX_DATA={tmp_path / 'empty'} sets the folder the default data and models "
-        "are looked for in)",
+        f"heiindex model folder? (HEIINDEX_DATA={tmp_path / 'empty'} names the folder where the default models "
+        "and data are looked for)",
     )
-    elsewhere = tmp_path / "model"
-    r = run("evaluate", "--model", elsewhere, "--store", tmp_path / "no-store")
-    clean_error(r, f"{elsewhere / 'config.json'}: no model config here; is this a heiindex model folder?")
-    assert "HEIINDEX_DATA" not in r.output  # a folder the user named
+    for elsewhere in (tmp_path / "model", tmp_path / "empty" / "mine"):  # outside models/ and coco-sim/
+        r = run("evaluate", "--model", elsewhere, "--store", tmp_path / "no-store")
+        clean_error(r, f"{elsewhere / 'config.json'}: no model config here; is this a heiindex model folder?")
+        assert "HEIINDEX_DATA" not in r.output
 
 
 def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
