@@ -119,7 +119,11 @@ class PrecompSplit:
         else:
             # A lone carriage return (old Mac line ends) stays inside a line: the file reads as fewer lines.
             returns = sum(c.count("\r") for c in captions)
-            hint = f"; its lines hold {returns} lone carriage returns (\\r, old Mac line ends)" if returns else ""
+            hint = (
+                f"; its lines hold {counted(returns, 'lone carriage return')} (\\r, old Mac line ends)"
+                if returns
+                else ""
+            )
             raise DataError(
                 caps,
                 f"{counted(n_caps, 'caption')} {'does' if n_caps == 1 else 'do'} not fit {counted(n_rows, 'feature row')} of {ims.name}: expected "

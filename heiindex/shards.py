@@ -395,9 +395,11 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
         "shard_images": img_sizes,  # each shard's N is capped at its size, in each direction
         "shard_captions": cap_sizes,
         "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
-        "bits": metas[0]["bits"],  # one hash module for every shard
+        # Every shard has one hash module. A key missing (None) is one that the actors of an older
+        # heiindex, still serving, do not report.
+        "bits": metas[0].get("bits"),
         # each shard's, as run_bench gives one index's (Index.search_breadth; on Ray, its actor's threads)
-        **{key: [m[key] for m in metas] for key in ("index_type", "search_breadth", "threads", "device", "dtype")},
+        **{key: [m.get(key) for m in metas] for key in ("index_type", "search_breadth", "threads", "device", "dtype")},
     }
     for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
         out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)
