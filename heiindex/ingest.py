@@ -139,9 +139,10 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
     one split tokenised with a vocabulary the root no longer had (``verify`` then failed). On a
     file system without hard links the save is a plain one, checked only afterwards: two
     ingests there can still race. A ``vocab.json`` that is a link is written where it points."""
+    clear_leftovers(path)  # a killed run's scratch of it
     if path.is_symlink():
         path = path.resolve()
-    clear_leftovers(path)  # a killed run's scratch of it
+        clear_leftovers(path)  # where the scratch is made for a link
     if not path.exists():
         tmp = scratch(path, folder=False)
         try:

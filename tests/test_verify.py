@@ -87,9 +87,12 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no manifest.json here"):  # an empty folder is still no store
         verify(empty)
-    (new_root / "notes.txt").write_text("mine")  # a folder of the user's own, with a leftover in it
+    mine = tmp_path / "mine"  # a folder of the user's own, with a leftover in it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / ".x.partial-somehost-4026531836-12345-abcd").mkdir()
     with pytest.raises(DataError, match="no manifest.json here"):
-        verify(new_root)
+        verify(mine)
 
 
 def test_an_index_kept_in_a_store_root_is_verified_with_it(pipe, tmp_path):
