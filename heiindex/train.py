@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from .atomic import atomic_file, clear_leftovers, set_aside
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, read_model_config, save_model
 from .encode import check_split, encode_split
-from .errors import DataError, HeiindexError
+from .errors import DataError, HeiindexError, HeiindexWarning
 from .model import ScanConfig, ScanModel
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
@@ -199,6 +200,51 @@ def resumable(out: str | Path) -> bool:
 _STATE_FIELDS = ("epoch", "optimizer", "best_rsum", "best_epoch", "torch_rng")
 
 
+def _check_resumed_data(out: Path, loaded, vocab: Vocab, store_root: Path, data_info: dict) -> None:
+    """A resumed run's store: refused where its vocabulary is not the run's (a same-sized one was
+    taken, and replaced the run's vocab.json); a ``HeiindexWarning`` where its train or dev split
+    is not the one the run trained on (its dev rsum then compares other data)."""
+    if loaded.vocab.checksum != vocab.checksum:
+        raise DataError(
+            store_root / "vocab.json",
+            f"is another vocabulary than the run's ({out / 'last' / 'vocab.json'}): this run cannot go on with "
+            "this store; resume it with the store it trained on",
+        )
+    had = loaded.info.get("data", {})
+    changed = [name for name in ("train", "dev") if name in had and had[name] != data_info[name]]
+    if changed:
+        warnings.warn(
+            HeiindexWarning(
+                f"the {' and '.join(changed)} split{'s' if len(changed) > 1 else ''} of {store_root} "
+                f"differ{'' if len(changed) > 1 else 's'} from what the run in {out} trained on "
+                f"({had.get('store', 'its store')}): its best dev rsum so far compares other data"
+            ),
+            stacklevel=3,
+        )
+
+
+def _check_best(best: Path, best_epoch: int, best_rsum: float) -> None:
+    """``best/`` must be the model that ``last/``'s state names as the run's best: a run started
+    in this folder without resuming replaces ``best/`` at its first epoch and ``last/`` only after
+    it, so one stopped between the two left another run's best; resuming then claimed the old
+    best and never replaced it."""
+    if best_epoch < 0:
+        return
+    try:
+        info = read_model_config(best)[1].get("info", {})
+    except DataError:
+        info = {}
+    epoch, rsum = info.get("epoch"), info.get("dev", {}).get("rsum")
+    if epoch != best_epoch + 1 or rsum != best_rsum:
+        held = f"holds epoch {epoch} (dev rsum {rsum:.2f})" if epoch is not None and rsum is not None else "is missing"
+        raise DataError(
+            best,
+            f"{held}, not the run's best that last/ records (epoch {best_epoch + 1}, dev rsum {best_rsum:.2f}): "
+            "a run started here without resuming saved it and stopped before its first last/; train without "
+            "resuming to start again",
+        )
+
+
 def read_state(last: Path) -> dict:
     """The training state kept in ``last/`` (``STATE_FILE``); ``DataError`` naming it where it is
     missing, unreadable or incomplete, since resuming without it would start again from the first
@@ -271,6 +317,8 @@ def train(
             saved = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
             history = [row for row in saved if row["epoch"] <= start_epoch]
         best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
+        _check_resumed_data(out, loaded, vocab, store_root, data_info)
+        _check_best(out / "best", best_epoch, best_rsum)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -283,6 +331,14 @@ def train(
     else:
         if resume:
             log(f"nothing to resume in {out / 'last'}: training from the first epoch")
+        elif (out / "last" / CONFIG_FILE).is_file():
+            warnings.warn(
+                HeiindexWarning(
+                    f"{out} holds a run, which this one replaces as it saves its first epoch "
+                    "(resume=True, --resume on the command line, goes on with it instead)"
+                ),
+                stacklevel=2,
+            )
         model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab)))
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     if model.config.vocab_size != len(vocab):

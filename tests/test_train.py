@@ -19,7 +19,7 @@ from cli_helpers import clean_error, ok, run  # tests/ is on sys.path (pytest ro
 from heiindex.attention import AttentionConfig
 from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
-from heiindex.errors import DataError, HeiindexError
+from heiindex.errors import DataError, HeiindexError, HeiindexWarning
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
 from heiindex.store import SplitStore
 from heiindex.train import TrainConfig, contrastive_loss, iter_training_batches, train
@@ -637,3 +637,52 @@ def test_a_split_tokenised_with_another_vocabulary_is_refused(pipe, tmp_path):
     vs = _vocab_size(root)
     with pytest.raises(DataError, match="split was encoded with another vocabulary than vocab.json"):
         train(root, tmp_path / "r", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+
+
+def test_resume_refuses_a_best_that_another_run_left(pipe, tmp_path, monkeypatch):
+    """A run started without resuming in a finished run's folder saves best/ before last/; stopped
+    between the two, it left the old last/ beside its own best/, and --resume went on with the old
+    run, claimed its best (epoch and rsum) and never replaced the best/ it did not hold."""
+    import heiindex.train as train_module
+
+    vs = _vocab_size(pipe.root)
+    out = tmp_path / "r"
+    train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=2, seed=5), log=pf.quiet)
+    real_save = train_module.save_model
+
+    def stopped_before_last(model, vocab, path, info, state=None):
+        if path.name == "last":
+            raise KeyboardInterrupt
+        real_save(model, vocab, path, info, state=state)
+
+    monkeypatch.setattr(train_module, "save_model", stopped_before_last)
+    with pytest.warns(HeiindexWarning, match=rf"^{re.escape(str(out))} holds a run, which this one replaces"):
+        with pytest.raises(KeyboardInterrupt):
+            train(pipe.root, out, pf.model_config(vs, embed_size=8), pf.train_config(epochs=2), log=pf.quiet)
+    monkeypatch.setattr(train_module, "save_model", real_save)
+    best = load_model(out / "best").info
+    with pytest.raises(DataError) as info:
+        train(pipe.root, out, None, pf.train_config(epochs=3, seed=5), resume=True, log=pf.quiet)
+    assert info.value.path == out / "best"
+    assert info.value.problem.startswith(f"holds epoch 1 (dev rsum {best['dev']['rsum']:.2f}), not the run's best")
+    assert "train without resuming to start again" in info.value.problem
+
+
+def test_resume_refuses_another_vocabulary_and_says_the_data_changed(pipe, tmp_path):
+    """A store of another vocabulary of the same size was taken (and replaced the run's
+    vocab.json); other train or dev data went on without a word."""
+    vs = _vocab_size(pipe.root)
+    out = tmp_path / "r"
+    train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1, seed=5), log=pf.quiet)
+    before = (out / "last" / "vocab.json").read_bytes()
+    other = pf.copy_store(pipe, tmp_path)
+    pf.swap_words(other / "vocab.json")
+    for split in ("train", "dev", "test"):
+        with pf.edited_json(other / split / "manifest.json") as m:
+            m["vocab"]["sha256"] = Vocab.load(other / "vocab.json").checksum
+    with pytest.raises(DataError, match=r"is another vocabulary than the run's .*resume it with the store") as info:
+        train(other, out, None, pf.train_config(epochs=2, seed=5), resume=True, log=pf.quiet)
+    assert info.value.path == other / "vocab.json"
+    assert (out / "last" / "vocab.json").read_bytes() == before
+    with pytest.warns(HeiindexWarning, match=r"^the dev split of .* differs from what the run in .* trained on"):
+        train(pipe.root, out, None, pf.train_config(epochs=2, seed=5), val_split="test", resume=True, log=pf.quiet)
