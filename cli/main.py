@@ -314,6 +314,12 @@ def train(
     from heiindex.vocab import Vocab
 
     root = _store_root(store)
+    if not root.is_dir():
+        raise DataError(root, "no such folder; --store names a store root (the --out of heiindex ingest)")
+    if not (root / "vocab.json").exists():
+        raise DataError(
+            root / "vocab.json", "missing: not a store root (the --out of heiindex ingest, holding vocab.json)"
+        )
     vocab = Vocab.load(root / "vocab.json")
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
@@ -400,7 +406,7 @@ def _given(*names: str) -> list[click.Parameter]:
     required=True,
     help="Hash module folder to write (give it to build --hash).",
 )
-@click.option("--bits", type=int, default=256, show_default=True, help="Code length k (multiple of 8).")
+@click.option("--bits", type=int, default=256, show_default=True, help="Code length k (a multiple of 8, 8 to 1024).")
 @click.option(
     "--pooling",
     type=click.Choice(["mean", "max", "attn", "query"]),

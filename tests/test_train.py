@@ -686,3 +686,13 @@ def test_resume_refuses_another_vocabulary_and_says_the_data_changed(pipe, tmp_p
     assert (out / "last" / "vocab.json").read_bytes() == before
     with pytest.warns(HeiindexWarning, match=r"^the dev split of .* differs from what the run in .* trained on"):
         train(pipe.root, out, None, pf.train_config(epochs=2, seed=5), val_split="test", resume=True, log=pf.quiet)
+
+
+def test_cli_train_names_a_store_that_is_not_one(tmp_path):
+    """It said '/nonexistent/vocab.json: vocab file not found'."""
+    r = run("train", "--store", tmp_path / "nonexistent", "--out", tmp_path / "r")
+    clean_error(r, f"{tmp_path / 'nonexistent'}: no such folder; --store names a store root")
+    (tmp_path / "precomp").mkdir()
+    r = run("train", "--store", tmp_path / "precomp", "--out", tmp_path / "r")
+    clean_error(r, f"{tmp_path / 'precomp' / 'vocab.json'}: missing: not a store root")
+    assert not (tmp_path / "r").exists()
