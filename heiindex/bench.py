@@ -19,7 +19,6 @@ from .errors import HeiindexError
 from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
-from .index_manifest import searched_type
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
@@ -316,16 +315,6 @@ def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
                 raise SettingError(option.lstrip("-"), f"{option} {n} must lie in [1, {limit}] for this index{why}")
 
 
-def _searched(index: Index) -> str:
-    """What the bench's Hamming searches go through: the Milvus index type where the codes are
-    searched on a Milvus server, else the FAISS type (``searched_type``)."""
-    from .milvus_codes import MilvusCodes  # pymilvus is imported only when a server is used
-
-    if isinstance(index.image_index, MilvusCodes):
-        return f"milvus {index.manifest['codes']['index_type']}"
-    return searched_type(index.manifest["index"])
-
-
 def run_bench(
     index: Index,
     topk: int | None = None,
@@ -357,13 +346,8 @@ def run_bench(
     out: dict = {
         "split": index.manifest["split"],
         "index": str(index.path),
-        "bits": index.manifest["hash"]["bits"],
-        "index_type": _searched(index),
-        "search_breadth": index.search_breadth(),  # what the IVF / HNSW searches used ({}: exact)
+        **index.how_searched(),
         "prototypes": index.manifest.get("prototypes"),  # None: each image's own code
-        "threads": torch.get_num_threads(),
-        "device": str(index.regions.device),
-        "dtype": getattr(index, "dtype", "float32"),
     }
     if full:
         name = "5k" if coco_5k else "full"

@@ -750,15 +750,24 @@ class Index(BatchSearch):
         )
 
     def bench_meta(self) -> dict:
-        """What the sharded bench needs to know of this index: its items, and how it searches
-        (as ``run_bench`` reports of one index: code bits, index type, breadth, threads, device,
-        dtype)."""
+        """What the sharded bench needs to know of this index: its items, and ``how_searched``."""
+        return {"image_ids": self.image_ids, "caption_image_ids": self.caption_image_ids, **self.how_searched()}
+
+    def how_searched(self) -> dict:
+        """What a bench reports of how this index searches: its code ``bits``; the ``index_type``
+        its Hamming searches go through (the Milvus index type where the codes are on a Milvus
+        server, else the FAISS type, ``searched_type``); ``search_breadth``; torch's ``threads``;
+        the ``device`` and ``dtype`` it scores on."""
+        from .milvus_codes import MilvusCodes  # pymilvus is imported only when a server is used
+
+        if isinstance(self.image_index, MilvusCodes):
+            index_type = f"milvus {self.manifest['codes']['index_type']}"
+        else:
+            index_type = searched_type(self.manifest["index"])
         return {
-            "image_ids": self.image_ids,
-            "caption_image_ids": self.caption_image_ids,
             "bits": self.manifest["hash"]["bits"],
-            "index_type": searched_type(self.manifest["index"]),
-            "search_breadth": self.search_breadth(),
+            "index_type": index_type,
+            "search_breadth": self.search_breadth(),  # what the IVF / HNSW searches use ({}: exact)
             "threads": torch.get_num_threads(),
             "device": str(self.regions.device),
             "dtype": self.dtype,
