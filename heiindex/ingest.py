@@ -144,9 +144,9 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
         path = path.resolve()
         clear_leftovers(path)  # where the scratch is made for a link
     if not path.exists():
-        tmp = scratch(path, folder=False)
+        tmp = scratch(path, folder=False)  # a new file of its own: written directly, then linked
         try:
-            voc.save(tmp)
+            tmp.write_text(voc.to_json())
             os.link(tmp, path)
         except FileExistsError:  # saved meanwhile: compared below
             pass

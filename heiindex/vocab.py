@@ -116,14 +116,17 @@ class Vocab:
 
     def save(self, path: str | Path) -> None:
         """Write SCAN's JSON format, atomically."""
-        path = Path(path)
+        with atomic_file(Path(path)) as tmp:
+            tmp.write_text(self.to_json())
+
+    def to_json(self) -> str:
+        """The vocabulary in SCAN's JSON format, as ``save`` writes it."""
         data = {
             "word2idx": self.word2idx,
             "idx2word": {str(i): w for i, w in enumerate(self.words)},
             "idx": len(self.words),
         }
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(data, ensure_ascii=False))
+        return json.dumps(data, ensure_ascii=False)
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
