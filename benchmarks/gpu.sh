@@ -15,7 +15,8 @@
 #      image codes built on the GPU against the CPU's), and
 #      tests/test_omp_threads.py (per-thread torch thread counts in the CUDA build);
 #   2. coco-sim test split (simulated image features; generated here, byte-identical to the
-#      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda`, and
+#      CPU one): `build --device cuda`, `query --device cuda`, `bench --device cuda` (and again
+#      with --no-warmup, in gpu.log only), and
 #      benchmarks/profile_rerank.py (first HEI pass against later ones, and where a warm one's
 #      time goes; in gpu.log only);
 #   3. benchmarks/scale.py (COCO-5K size, random features) in float32: every caption scored
@@ -109,6 +110,8 @@ step coco-sim-test-split 60 gen_test_split
 step build 90 hx build --store "$sim/store" --split test --out "$sim/index" --device $dev
 step query 30 hx query "a dog on grass" --index "$sim/index" --device $dev --json
 step bench-$dev 90 bench "$out/bench_$dev.json" --device $dev
+# the same without the bench's warm-up pass: what a cold process's first passes pay (in gpu.log only)
+step bench-$dev-cold 90 hx bench --index "$sim/index" --topk 100 --json --device $dev --no-warmup
 step profile-rerank 60 "$PY" benchmarks/profile_rerank.py --index "$sim/index" --device $dev "${prof_args[@]}"
 step scale-float32 150 "$PY" benchmarks/scale.py --device $dev --stages "${SCALE_STAGES:-reference,exhaustive,hei}" \
     --exhaustive-queries 25000 --reference-queries 100 \

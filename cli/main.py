@@ -876,6 +876,13 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
     show_default=True,
     help="Time HEI and exhaustive scoring R times, alternately, and report the medians (a noisy machine).",
 )
+@click.option(
+    "--warmup/--no-warmup",
+    default=True,
+    show_default=True,
+    help="Run a small untimed pass of each stage first, so that no timed pass pays the process's "
+    "one-off costs (on a GPU, loading kernels).",
+)
 @model_option("Matcher (must be the index's; for an index whose recorded folder has moved).")
 @hash_option("Hash module (must be the index's).")
 @device_option
@@ -894,6 +901,7 @@ def bench(
     plot,
     protocol,
     repeats,
+    warmup,
     model_dir,
     hash_dir,
     device,
@@ -929,6 +937,8 @@ def bench(
     require("repeats", repeats, at_least=1, integer=True)  # its range before the build's kind
     if sharded and repeats != 1:
         raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
+    if sharded and not warmup:
+        raise HeiindexError("--no-warmup runs on an unsharded build (a sharded bench has no warm-up pass to skip)")
     if sharded and protocol == "1k":
         raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
     if sweep_list:  # before the bench runs
@@ -958,7 +968,7 @@ def bench(
         from heiindex.plot import check_plot_path
 
         check_plot_path(default_plot, "the default sweep plot (give --plot PATH for another)")
-    res = run_bench(index, topk, sweep_list, protocol, repeats=repeats)
+    res = run_bench(index, topk, sweep_list, protocol, repeats=repeats, warmup=warmup)
     if sweep_list:
         from heiindex.plot import plot_sweep
 
@@ -975,6 +985,8 @@ def bench(
                 label = f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
             for t in bench_tables(label + _prototype_label(res), res[name]):
                 console.print(t)
+    if res["warmup_seconds"] is not None:
+        click.echo(f"before timing: an untimed warm-up pass of each stage, {res['warmup_seconds']:.2f} s")
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
 

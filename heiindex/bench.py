@@ -23,7 +23,7 @@ from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
 
-__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench"]
+__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench", "warm_up"]
 
 COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is benched as COCO 5K and 1K
 
@@ -159,6 +159,32 @@ def versus_exhaustive(hei_ranks: np.ndarray, exhaustive_ranks: np.ndarray) -> di
         out["lost"][f"r{k}"] = 100 * int(np.count_nonzero((ex <= k) & (hei > k))) / hei.size
         out["gained"][f"r{k}"] = 100 * int(np.count_nonzero((hei <= k) & (ex > k))) / hei.size
     return out
+
+
+WARMUP_QUERIES = 64  # queries per direction in the bench's untimed warm-up
+
+
+def warm_up(index: Index, n: int, exhaustive: bool = True) -> float:
+    """One small untimed pass of each stage the bench times, so that no timed pass pays what a
+    process pays once: CUDA loads each kernel on its first launch, and on an H200 the first HEI
+    text-to-image pass of a process took 0.79 s against 0.12 s for the next (benchmarks/RESULTS.md,
+    "GPU"); the bench's first timed pass is HEI's. The first ``WARMUP_QUERIES`` captions search
+    the stored image index and the first images the stored caption index, hashed and re-ranked
+    at depth ``n``, as the timed passes do; exhaustive scoring (where ``exhaustive``) scores those
+    images against their captions. Returns its wall seconds; its results are dropped."""
+    t0 = time.perf_counter()
+    images, captions = np.arange(index.n_images), np.arange(index.n_captions)
+    few_images, few_captions = images[:WARMUP_QUERIES], captions[:WARMUP_QUERIES]
+    img_codes, cap_codes = index.image_codes(), index.caption_codes()
+    sub = _Sub(index, images, few_captions)
+    index.hash_captions(sub.words)
+    rerank_direction("t2i", index, sub, img_codes, cap_codes[few_captions], n, True)
+    sub = _Sub(index, few_images, captions)
+    index.hash_images(sub.regions)
+    rerank_direction("i2t", index, sub, img_codes[few_images], cap_codes, n, True)
+    if exhaustive:
+        exhaustive_scores(index.model, _Sub(index, few_images, few_captions))
+    return time.perf_counter() - t0
 
 
 def _timed(fn, *args):
@@ -322,12 +348,15 @@ def run_bench(
     protocols: str = "auto",
     exhaustive: bool = True,
     repeats: int = 1,
+    warmup: bool = True,
 ) -> dict:
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k". ``repeats``: how many times HEI and
     exhaustive scoring are timed, alternately; each stage's ``seconds`` (and the speed-up) are
     then the median, and ``seconds_each`` lists every pass. ``topk``: N, the candidates HEI
-    re-ranks; by default 100, or the largest the index allows where that is smaller."""
+    re-ranks; by default 100, or the largest the index allows where that is smaller.
+    ``warmup``: first run ``warm_up`` (its seconds are ``"warmup_seconds"``; None without it), so
+    that the timed passes are those of a process that has scored before."""
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with heiindex.shards.run_sharded_bench")
     repeats = require("repeats", repeats, at_least=1, integer=True)
@@ -348,6 +377,7 @@ def run_bench(
         "index": str(index.path),
         **index.how_searched(),
         "prototypes": index.manifest.get("prototypes"),  # None: each image's own code
+        "warmup_seconds": warm_up(index, topk, exhaustive) if warmup else None,
     }
     if full:
         name = "5k" if coco_5k else "full"

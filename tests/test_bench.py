@@ -59,6 +59,7 @@ def test_documented_keys(full_run, pipe):
         "index_type",
         "search_breadth",
         "prototypes",
+        "warmup_seconds",
         "threads",
         "device",
         "dtype",
@@ -66,7 +67,7 @@ def test_documented_keys(full_run, pipe):
         "t2i",
         "i2t",
     }
-    assert set(full_run) == keys and full_run["prototypes"] is None
+    assert set(full_run) == keys and full_run["prototypes"] is None and full_run["warmup_seconds"] > 0
     assert full_run["device"] == "cpu" and full_run["dtype"] == "float32"
     assert full_run["split"] == "test" and full_run["bits"] == pf.BITS and full_run["index_type"] == "flat"
     assert full_run["index"] == str(pipe.index_dir)
@@ -188,7 +189,7 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
     monkeypatch.setattr(Index, "hash_captions", captions)
     monkeypatch.setattr(Index, "hash_images", images)
     monkeypatch.setattr(bench, "time", clock)
-    res = run_bench(index, topk=5, exhaustive=False)
+    res = run_bench(index, topk=5, exhaustive=False, warmup=False)
     assert jump == {"t2i": 100.0, "i2t": 1000.0}
     assert 100 <= res["t2i"]["hei"]["seconds"] < 1000 and 1000 <= res["i2t"]["hei"]["seconds"] < 1100
     for direction in ("t2i", "i2t"):
@@ -197,6 +198,49 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
         assert "versus_exhaustive" not in res[direction]  # nothing to compare with
     np.testing.assert_array_equal(real_captions(index, index.words), index.caption_codes())
     np.testing.assert_array_equal(real_images(index, index.regions), index.image_codes())
+
+
+def test_the_warm_up_runs_each_timed_stage_once_on_a_few_queries_before_any_timed_pass(index, top5_run, monkeypatch):
+    """A small untimed pass of each stage comes first (its results dropped, its seconds reported):
+    WARMUP_QUERIES captions and images searched in the stored indexes at the bench's depth, and an
+    exhaustive block of those images and captions; then the timed passes, whose figures it does not
+    change. ``warmup=False`` skips it."""
+    calls = []
+    real_rerank, real_exhaustive, real_hei = bench.rerank_direction, bench.exhaustive_scores, bench._hei
+
+    def rerank(direction, index_, sub, img_codes, cap_codes, n, use_stored):
+        calls.append((direction, len(sub.regions), len(sub.lengths), len(img_codes), len(cap_codes), n, use_stored))
+        return real_rerank(direction, index_, sub, img_codes, cap_codes, n, use_stored)
+
+    def exhaustive(model, sub):
+        calls.append(("exhaustive", len(sub.regions), len(sub.lengths)))
+        return real_exhaustive(model, sub)
+
+    def hei(*args):
+        calls.append("timed")
+        return real_hei(*args)
+
+    monkeypatch.setattr(bench, "WARMUP_QUERIES", 7)
+    for name, fn in (("rerank_direction", rerank), ("exhaustive_scores", exhaustive), ("_hei", hei)):
+        monkeypatch.setattr(bench, name, fn)
+    res = run_bench(index, topk=5)
+    n_img, n_cap = index.n_images, index.n_captions
+    assert calls[:4] == [
+        ("t2i", n_img, 7, n_img, 7, 5, True),  # 7 captions search every image
+        ("i2t", 7, n_cap, 7, n_cap, 5, True),  # 7 images search every caption
+        ("exhaustive", 7, 7),
+        "timed",
+    ]
+    assert res["warmup_seconds"] > 0
+    for direction in ("t2i", "i2t"):
+        for stage in ("exhaustive", "hei", "hamming"):
+            assert _metrics(res[direction][stage]) == _metrics(top5_run[direction][stage])
+    calls.clear()
+    res = run_bench(index, topk=5, exhaustive=False, warmup=False)
+    assert calls[0] == "timed" and res["warmup_seconds"] is None
+    calls.clear()
+    run_bench(index, topk=5, exhaustive=False)
+    assert [c if c == "timed" else c[0] for c in calls[:3]] == ["t2i", "i2t", "timed"]  # no exhaustive block
 
 
 def _assert_medians(d: dict, passes: int) -> None:

@@ -319,7 +319,7 @@ def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detai
 
 def test_bench_json(pipe):
     d = as_json(run("bench", "--index", pipe.index_dir, "--topk", "24", "--json"))
-    assert {"split", "index", "bits", "index_type", "threads", "full", "t2i", "i2t"} <= set(d)
+    assert {"split", "index", "bits", "index_type", "threads", "warmup_seconds", "full", "t2i", "i2t"} <= set(d)
     for direction in ("t2i", "i2t"):
         assert set(d[direction]) == {
             "exhaustive",
@@ -454,9 +454,12 @@ def test_bench_tables(pipe, tmp_path):
         "HEI speed-up over exhaustive:",
         "(mean rank '-': some ground truth is outside the N candidates)",
         "recall versus N",
+        "before timing: an untimed warm-up pass of each stage, ",
         "sweep plot:",
     ):
         assert text in r.output, text
+    r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--no-warmup"))
+    assert "HEI speed-up over exhaustive:" in r.output and "warm-up" not in r.output
 
 
 # -- train-hash and evaluate ------------------------------------------------------------------

@@ -94,6 +94,7 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
         ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
         ("bench", ["--repeats", "2"], "--repeats runs on an unsharded build"),
+        ("bench", ["--no-warmup"], "--no-warmup runs on an unsharded build"),
         ("bench", ["--repeats", "0"], "--repeats must be a whole number"),  # its range before the build's kind
     ],
 )
@@ -129,9 +130,9 @@ def test_query_opens_the_index_in_float32_and_with_the_codes_asked_for(pipe, mon
 def _spy_bench(monkeypatch, got: dict, res: dict):
     import heiindex.bench
 
-    def fake(index, topk, sweep, protocol, repeats):
-        got.update(topk=topk, sweep=sweep, protocol=protocol, repeats=repeats)
-        return res
+    def fake(index, topk, sweep, protocol, repeats, warmup):
+        got.update(topk=topk, sweep=sweep, protocol=protocol, repeats=repeats, warmup=warmup)
+        return {"warmup_seconds": None, **res}
 
     monkeypatch.setattr(heiindex.bench, "run_bench", fake)
 
@@ -141,10 +142,11 @@ def test_bench_runs_the_auto_protocol_by_default(pipe, monkeypatch):
     got: dict = {}
     _spy_bench(monkeypatch, got, {"split": "test"})
     ok(run("bench", "--index", pipe.index_dir, "--json"))
-    assert got == {"topk": None, "sweep": None, "protocol": "auto", "repeats": 1}  # None: run_bench's 100 at most
+    want = {"topk": None, "sweep": None, "protocol": "auto", "repeats": 1, "warmup": True}
+    assert got == want  # None: run_bench's 100 at most
     got.clear()
-    ok(run("bench", "--index", pipe.index_dir, "--repeats", "3", "--json"))
-    assert got["repeats"] == 3
+    ok(run("bench", "--index", pipe.index_dir, "--repeats", "3", "--no-warmup", "--json"))
+    assert (got["repeats"], got["warmup"]) == (3, False)
 
 
 def test_bench_repeats_below_one_is_refused_by_its_flag(pipe):
