@@ -230,18 +230,25 @@ def _check_best(best: Path, best_epoch: int, best_rsum: float) -> None:
     best and never replaced it."""
     if best_epoch < 0:
         return
+    recorded = f"the run's best that last/ records (epoch {best_epoch + 1}, dev rsum {best_rsum:.2f})"
+    again = "train without resuming to start again"
+    if not best.exists():
+        raise DataError(best, f"is missing, so {recorded} is lost; {again}")
     try:
         info = read_model_config(best)[1].get("info", {})
-    except DataError:
-        info = {}
+    except DataError as exc:
+        raise DataError(best, f"cannot be read as {recorded} ({exc}); {again}") from None
     epoch, rsum = info.get("epoch"), info.get("dev", {}).get("rsum")
     if epoch != best_epoch + 1 or rsum != best_rsum:
-        held = f"holds epoch {epoch} (dev rsum {rsum:.2f})" if epoch is not None and rsum is not None else "is missing"
+        held = (
+            f"holds epoch {epoch} (dev rsum {rsum:.2f})"
+            if epoch is not None and rsum is not None
+            else "holds no epoch and dev rsum"
+        )
         raise DataError(
             best,
-            f"{held}, not the run's best that last/ records (epoch {best_epoch + 1}, dev rsum {best_rsum:.2f}): "
-            "a run started here without resuming saved it and stopped before its first last/; train without "
-            "resuming to start again",
+            f"{held}, not {recorded}: a run started here without resuming saved it and stopped before "
+            f"its first last/; {again}",
         )
 
 

@@ -666,6 +666,17 @@ def test_resume_refuses_a_best_that_another_run_left(pipe, tmp_path, monkeypatch
     assert info.value.path == out / "best"
     assert info.value.problem.startswith(f"holds epoch 1 (dev rsum {best['dev']['rsum']:.2f}), not the run's best")
     assert "train without resuming to start again" in info.value.problem
+    # a best/ that is gone, or that cannot be read, is named as such (both said "is missing")
+    recorded = re.search(r"not (the run's best that last/ records \(epoch \d+, dev rsum [\d.]+\))", str(info.value))[1]
+    (out / "best" / "config.json").write_text("{not json")
+    with pytest.raises(DataError) as info:
+        train(pipe.root, out, None, pf.train_config(epochs=3, seed=5), resume=True, log=pf.quiet)
+    assert info.value.path == out / "best" and info.value.problem.startswith(f"cannot be read as {recorded}")
+    assert "config.json" in info.value.problem
+    shutil.rmtree(out / "best")
+    with pytest.raises(DataError) as info:
+        train(pipe.root, out, None, pf.train_config(epochs=3, seed=5), resume=True, log=pf.quiet)
+    assert info.value.problem.startswith(f"is missing, so {recorded}")
 
 
 def test_resume_refuses_another_vocabulary_and_says_the_data_changed(pipe, tmp_path):
