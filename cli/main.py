@@ -308,19 +308,12 @@ def train(
     """Train a SCAN matcher (hinge triplet loss, validation on dev, best kept)."""
     from heiindex.attention import AttentionConfig
     from heiindex.model import ScanConfig
-    from heiindex.store import SplitStore
+    from heiindex.store import SplitStore, store_vocab
     from heiindex.train import TrainConfig, resumable
     from heiindex.train import train as run_train
-    from heiindex.vocab import Vocab
 
     root = _store_root(store)
-    if not root.is_dir():
-        raise DataError(root, "no such folder; --store names a store root (the --out of heiindex ingest)")
-    if not (root / "vocab.json").exists():
-        raise DataError(
-            root / "vocab.json", "missing: not a store root (the --out of heiindex ingest, holding vocab.json)"
-        )
-    vocab = Vocab.load(root / "vocab.json")
+    vocab = store_vocab(root)
     att = AttentionConfig(cross_attn, raw_feature_norm, agg, lambda_lse, lambda_softmax)
     img_dim = SplitStore.open(root, "train").feature_dim
     resuming = resume and resumable(out)

@@ -34,6 +34,7 @@ from .atomic import clear_leftovers, is_scratch, remove, scratch, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
+from .vocab import Vocab
 
 __all__ = [
     "CAPTIONS_FILE",
@@ -66,6 +67,7 @@ __all__ = [
     "recorded_files",
     "rows_of",
     "sorted_ids",
+    "store_vocab",
     "write_captions",
     "write_json",
 ]
@@ -228,6 +230,20 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
     ):
         raise DataError(manifest_path, f'field "files.{name}" must hold "bytes" and "sha256", got {record!r}')
     return record
+
+
+def store_vocab(root: str | Path) -> Vocab:
+    """The vocabulary of the store root ``root`` (its ``vocab.json``); ``DataError`` naming the
+    root where it is no folder, and ``vocab.json`` where it is missing (then ``root`` is not a
+    store root) or malformed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "no such folder; a store root (the output folder of heiindex ingest) was expected")
+    if not (root / "vocab.json").exists():
+        raise DataError(
+            root / "vocab.json", "missing: not a store root (the output folder of heiindex ingest, holding vocab.json)"
+        )
+    return Vocab.load(root / "vocab.json")
 
 
 def _data_folder_hint(path: Path) -> str:

@@ -33,7 +33,7 @@ from .model import ScanConfig, ScanModel
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
 from .settings import settle
-from .store import SplitStore, check_output, rows_of, sorted_ids
+from .store import SplitStore, check_output, rows_of, sorted_ids, store_vocab
 from .vocab import Vocab
 
 __all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]
@@ -298,9 +298,9 @@ def train(
         config = TrainConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
+    vocab = store_vocab(store_root)
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
-    vocab = Vocab.load(store_root / "vocab.json")
     for s in (tr, va):
         if s.manifest["vocab"]["sha256"] != vocab.checksum:
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")

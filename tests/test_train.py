@@ -699,10 +699,24 @@ def test_resume_refuses_another_vocabulary_and_says_the_data_changed(pipe, tmp_p
         train(pipe.root, out, None, pf.train_config(epochs=2, seed=5), val_split="test", resume=True, log=pf.quiet)
 
 
+def test_train_names_a_store_that_is_not_one(tmp_path):
+    """The library as the CLI: a missing root, then a folder without vocab.json, each by name."""
+    with pytest.raises(DataError) as info:
+        train(tmp_path / "nonexistent", tmp_path / "r", log=pf.quiet)
+    assert info.value.path == tmp_path / "nonexistent" and info.value.problem.startswith("no such folder; a store root")
+    (tmp_path / "precomp").mkdir()
+    with pytest.raises(DataError) as info:
+        train(tmp_path / "precomp", tmp_path / "r", log=pf.quiet)
+    assert info.value.path == tmp_path / "precomp" / "vocab.json" and info.value.problem.startswith(
+        "missing: not a store root"
+    )
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_train_names_a_store_that_is_not_one(tmp_path):
     """It said '/nonexistent/vocab.json: vocab file not found'."""
     r = run("train", "--store", tmp_path / "nonexistent", "--out", tmp_path / "r")
-    clean_error(r, f"{tmp_path / 'nonexistent'}: no such folder; --store names a store root")
+    clean_error(r, f"{tmp_path / 'nonexistent'}: no such folder; a store root (the output folder of heiindex ingest)")
     (tmp_path / "precomp").mkdir()
     r = run("train", "--store", tmp_path / "precomp", "--out", tmp_path / "r")
     clean_error(r, f"{tmp_path / 'precomp' / 'vocab.json'}: missing: not a store root")
