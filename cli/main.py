@@ -874,7 +874,7 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
     default=True,
     show_default=True,
     help="Run a small untimed pass of each stage first, so that no timed pass pays the process's "
-    "one-off costs (on a GPU, loading kernels).",
+    "one-off costs (on a GPU, loading kernels); an unsharded build's bench only.",
 )
 @model_option("Matcher (must be the index's; for an index whose recorded folder has moved).")
 @hash_option("Hash module (must be the index's).")
@@ -930,8 +930,10 @@ def bench(
     require("repeats", repeats, at_least=1, integer=True)  # its range before the build's kind
     if sharded and repeats != 1:
         raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
-    if sharded and not warmup:
-        raise HeiindexError("--no-warmup runs on an unsharded build (a sharded bench has no warm-up pass to skip)")
+    if sharded and _given("warmup"):
+        raise HeiindexError(
+            "--warmup / --no-warmup run on an unsharded build (a sharded bench has no warm-up: it times its first pass)"
+        )
     if sharded and protocol == "1k":
         raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
     if sweep_list:  # before the bench runs
@@ -970,6 +972,8 @@ def bench(
     if as_json:
         echo_json(res)
         return
+    if res["warmup_seconds"] is not None:
+        click.echo(f"before timing: an untimed warm-up pass of each stage, {res['warmup_seconds']:.2f} s")
     for name in ("full", "5k", "1k"):
         if name in res:
             label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K"}.get(name)
@@ -978,8 +982,6 @@ def bench(
                 label = f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
             for t in bench_tables(label + _prototype_label(res), res[name]):
                 console.print(t)
-    if res["warmup_seconds"] is not None:
-        click.echo(f"before timing: an untimed warm-up pass of each stage, {res['warmup_seconds']:.2f} s")
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,9 @@ from .atomic import clear_leftovers, is_scratch, remove, scratch, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
-from .vocab import Vocab
+
+if TYPE_CHECKING:
+    from .vocab import Vocab
 
 __all__ = [
     "CAPTIONS_FILE",
@@ -236,12 +239,18 @@ def store_vocab(root: str | Path) -> Vocab:
     """The vocabulary of the store root ``root`` (its ``vocab.json``); ``DataError`` naming the
     root where it is no folder, and ``vocab.json`` where it is missing (then ``root`` is not a
     store root) or malformed."""
+    from .vocab import Vocab  # here: the tokenizer it brings (nltk) is not every store reader's
+
     root = Path(root)
+    expected = "a store root (the output folder of heiindex ingest) was expected"
+    if not root.exists():
+        raise DataError(root, f"no such folder; {expected}")
     if not root.is_dir():
-        raise DataError(root, "no such folder; a store root (the output folder of heiindex ingest) was expected")
-    if not (root / "vocab.json").exists():
+        raise DataError(root, f"is not a folder; {expected}")
+    if not (root / "vocab.json").is_file():
+        there = "missing" if not (root / "vocab.json").exists() else "not a file"
         raise DataError(
-            root / "vocab.json", "missing: not a store root (the output folder of heiindex ingest, holding vocab.json)"
+            root / "vocab.json", f"{there}: not a store root (the output folder of heiindex ingest, holding vocab.json)"
         )
     return Vocab.load(root / "vocab.json")
 

@@ -235,16 +235,23 @@ def _check_best(best: Path, best_epoch: int, best_rsum: float) -> None:
     if not best.exists():
         raise DataError(best, f"is missing, so {recorded} is lost; {again}")
     try:
-        info = read_model_config(best)[1].get("info", {})
+        info = read_model_config(best)[1].get("info")
     except DataError as exc:
         raise DataError(best, f"cannot be read as {recorded} ({exc}); {again}") from None
-    epoch, rsum = info.get("epoch"), info.get("dev", {}).get("rsum")
+    info = info if isinstance(info, dict) else {}
+    dev = info.get("dev") if isinstance(info.get("dev"), dict) else {}
+    epoch, rsum = info.get("epoch"), dev.get("rsum")
+    epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    rsum = rsum if isinstance(rsum, (int, float)) and not isinstance(rsum, bool) else None
     if epoch != best_epoch + 1 or rsum != best_rsum:
-        held = (
-            f"holds epoch {epoch} (dev rsum {rsum:.2f})"
-            if epoch is not None and rsum is not None
-            else "holds no epoch and dev rsum"
-        )
+        if epoch is not None and rsum is not None:
+            held = f"holds epoch {epoch} (dev rsum {rsum:.2f})"
+        elif epoch is not None:
+            held = f"holds epoch {epoch} but no dev rsum"
+        elif rsum is not None:
+            held = f"holds dev rsum {rsum:.2f} but no epoch"
+        else:
+            held = "holds no epoch or dev rsum"
         raise DataError(
             best,
             f"{held}, not {recorded}: a run started here without resuming saved it and stopped before "

@@ -77,6 +77,8 @@ class Vocab:
             raw = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise DataError(path, "vocab file not found") from None
+        except OSError as exc:  # a folder, an unreadable file
+            raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(path, f"not valid UTF-8 JSON ({exc})") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("word2idx"), dict):

@@ -201,46 +201,87 @@ def test_hei_hashes_its_queries_inside_its_timed_stage(index, top5_run, monkeypa
 
 
 def test_the_warm_up_runs_each_timed_stage_once_on_a_few_queries_before_any_timed_pass(index, top5_run, monkeypatch):
-    """A small untimed pass of each stage comes first (its results dropped, its seconds reported):
-    WARMUP_QUERIES captions and images searched in the stored indexes at the bench's depth, and an
-    exhaustive block of those images and captions; then the timed passes, whose figures it does not
-    change. ``warmup=False`` skips it."""
+    """A small untimed pass of each stage comes first (its results dropped, its seconds reported
+    and not counted in any stage's): the first captions searched in the stored image index and the
+    first images in the stored caption index, at the bench's depth, enough of them that their
+    pairs take the length-bucketed path the timed passes take (above ONE_CHUNK_PAIRS, where the
+    split has them), and an exhaustive block of WARMUP_QUERIES images and captions; then the timed
+    passes, whose figures it does not change. ``warmup=False`` skips it."""
+    import time
+
+    import heiindex.attention as attention
+
     calls = []
-    real_rerank, real_exhaustive, real_hei = bench.rerank_direction, bench.exhaustive_scores, bench._hei
+    real = bench.rerank_direction, bench.exhaustive_scores, bench._hei, attention._bucket_chunks
+    jump = [0.0]
 
     def rerank(direction, index_, sub, img_codes, cap_codes, n, use_stored):
         calls.append((direction, len(sub.regions), len(sub.lengths), len(img_codes), len(cap_codes), n, use_stored))
-        return real_rerank(direction, index_, sub, img_codes, cap_codes, n, use_stored)
+        jump[0] += 1000.0 if not any(c == "timed" for c in calls) else 0.0  # the warm-up's "time"
+        return real[0](direction, index_, sub, img_codes, cap_codes, n, use_stored)
 
     def exhaustive(model, sub):
         calls.append(("exhaustive", len(sub.regions), len(sub.lengths)))
-        return real_exhaustive(model, sub)
+        return real[1](model, sub)
 
     def hei(*args):
         calls.append("timed")
-        return real_hei(*args)
+        return real[2](*args)
 
+    def bucket_chunks(*args):
+        calls.append("bucketed")
+        return real[3](*args)
+
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: time.perf_counter() + jump[0])})
     monkeypatch.setattr(bench, "WARMUP_QUERIES", 7)
-    for name, fn in (("rerank_direction", rerank), ("exhaustive_scores", exhaustive), ("_hei", hei)):
+    for name, fn in (("rerank_direction", rerank), ("exhaustive_scores", exhaustive), ("_hei", hei), ("time", clock)):
         monkeypatch.setattr(bench, name, fn)
+    monkeypatch.setattr(attention, "_bucket_chunks", bucket_chunks)
     res = run_bench(index, topk=5)
-    n_img, n_cap = index.n_images, index.n_captions
+    n_img, n_cap = index.n_images, index.n_captions  # 24 images, 120 captions
+    queries = attention.ONE_CHUNK_PAIRS // 5 + 1  # 103 captions x 5 pairs: over one chunk
+    first_timed = calls.index("timed")
     assert calls[:4] == [
-        ("t2i", n_img, 7, n_img, 7, 5, True),  # 7 captions search every image
-        ("i2t", 7, n_cap, 7, n_cap, 5, True),  # 7 images search every caption
+        ("t2i", n_img, queries, n_img, queries, 5, True),  # the captions search every image
+        "bucketed",  # the length-bucketed path of score_pairs
+        ("i2t", n_img, n_cap, n_img, n_cap, 5, True),  # every image (fewer than 103) searches every caption
         ("exhaustive", 7, 7),
-        "timed",
     ]
-    assert res["warmup_seconds"] > 0
+    assert set(calls[4:first_timed]) <= {"bucketed"}  # exhaustive scoring buckets its captions too
+    assert 2000 <= res["warmup_seconds"] < 2100  # both warm-up re-rankings, and no timed stage's
+    calls.clear()
+    cold = run_bench(index, topk=5, warmup=False)
+    assert calls[0] == "timed" and cold["warmup_seconds"] is None
     for direction in ("t2i", "i2t"):
+        assert res[direction]["hei"]["seconds"] < 1000 and res[direction]["exhaustive"]["seconds"] < 1000
         for stage in ("exhaustive", "hei", "hamming"):
+            assert _metrics(res[direction][stage]) == _metrics(cold[direction][stage])
             assert _metrics(res[direction][stage]) == _metrics(top5_run[direction][stage])
+        assert res[direction]["candidate_recall"] == cold[direction]["candidate_recall"]
     calls.clear()
-    res = run_bench(index, topk=5, exhaustive=False, warmup=False)
-    assert calls[0] == "timed" and res["warmup_seconds"] is None
-    calls.clear()
-    run_bench(index, topk=5, exhaustive=False)
-    assert [c if c == "timed" else c[0] for c in calls[:3]] == ["t2i", "i2t", "timed"]  # no exhaustive block
+    run_bench(index, topk=20, exhaustive=False)
+    assert calls[:3] == [
+        ("t2i", n_img, 26, n_img, 26, 20, True),  # 7 captions' pairs would fit one chunk: 512 // 20 + 1 = 26
+        "bucketed",
+        ("i2t", n_img, n_cap, n_img, n_cap, 20, True),
+    ]
+    assert calls[3] != ("exhaustive", 7, 7)  # no exhaustive block where none is timed
+
+
+def test_the_warm_up_of_a_1k_only_bench_searches_flat_indexes_as_its_folds(index, monkeypatch):
+    """With only COCO 1K folds benched, the timed passes search flat indexes of the folds' codes,
+    never the stored ones: nor does the warm-up (a Milvus server would be called for nothing)."""
+    used = []
+    real = bench.rerank_direction
+
+    def rerank(direction, index_, sub, img_codes, cap_codes, n, use_stored):
+        used.append(use_stored)
+        return real(direction, index_, sub, img_codes, cap_codes, n, use_stored)
+
+    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(bench, "rerank_direction", rerank)
+    run_bench(index, topk=5, protocols="1k", exhaustive=False)
+    assert used and not any(used)
 
 
 def _assert_medians(d: dict, passes: int) -> None:

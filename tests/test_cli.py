@@ -458,6 +458,7 @@ def test_bench_tables(pipe, tmp_path):
         "sweep plot:",
     ):
         assert text in r.output, text
+    assert r.output.index("before timing:") < r.output.index("text-to-image")  # said first, as it ran
     r = ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--no-warmup"))
     assert "HEI speed-up over exhaustive:" in r.output and "warm-up" not in r.output
 

@@ -94,7 +94,8 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
         ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
         ("bench", ["--repeats", "2"], "--repeats runs on an unsharded build"),
-        ("bench", ["--no-warmup"], "--no-warmup runs on an unsharded build"),
+        ("bench", ["--no-warmup"], "--warmup / --no-warmup run on an unsharded build"),
+        ("bench", ["--warmup"], "--warmup / --no-warmup run on an unsharded build"),
         ("bench", ["--repeats", "0"], "--repeats must be a whole number"),  # its range before the build's kind
     ],
 )

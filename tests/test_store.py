@@ -686,3 +686,18 @@ def test_a_manifest_without_a_split_name_is_not_a_store_split(pipe, tmp_path, sp
     # not "is store split": a manifest that names no split is not one; the folder asked for is missing
     with pytest.raises(DataError, match=r"store/dev/x/manifest\.json: no store manifest here"):
         SplitStore.open(root / "dev", "x")
+
+
+def test_reading_stores_and_manifests_loads_no_tokenizer_torch_or_faiss():
+    """``index_manifest`` reads an index's manifest without torch (the README says so), and
+    ``verify`` checks files: neither needs the tokenizer, which brings nltk (0.2-0.3 s) since
+    ``store_vocab`` came to ``store``; it imports the vocabulary where it is called."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, heiindex.index_manifest, heiindex.store, heiindex.verify\n"
+        "print(sorted(m for m in ('torch', 'faiss', 'nltk', 'heiindex.vocab') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr

@@ -668,6 +668,17 @@ def test_resume_refuses_a_best_that_another_run_left(pipe, tmp_path, monkeypatch
     assert "train without resuming to start again" in info.value.problem
     # a best/ that is gone, or that cannot be read, is named as such (both said "is missing")
     recorded = re.search(r"not (the run's best that last/ records \(epoch \d+, dev rsum [\d.]+\))", str(info.value))[1]
+    config = json.loads((out / "best" / "config.json").read_text())
+    for info_field, held in (
+        (None, "holds no epoch or dev rsum"),
+        ({"epoch": 8, "dev": None}, "holds epoch 8 but no dev rsum"),
+        ({"epoch": "8", "dev": {"rsum": 12.5}}, "holds dev rsum 12.50 but no epoch"),
+        ({"epoch": 8, "dev": {"rsum": "x"}}, "holds epoch 8 but no dev rsum"),
+    ):  # a readable config that records no best: raw AttributeErrors and ValueErrors, or "holds no epoch"
+        (out / "best" / "config.json").write_text(json.dumps({**config, "info": info_field}))
+        with pytest.raises(DataError) as info:
+            train(pipe.root, out, None, pf.train_config(epochs=3, seed=5), resume=True, log=pf.quiet)
+        assert info.value.problem.startswith(f"{held}, not {recorded}"), info.value.problem
     (out / "best" / "config.json").write_text("{not json")
     with pytest.raises(DataError) as info:
         train(pipe.root, out, None, pf.train_config(epochs=3, seed=5), resume=True, log=pf.quiet)
@@ -710,6 +721,12 @@ def test_train_names_a_store_that_is_not_one(tmp_path):
     assert info.value.path == tmp_path / "precomp" / "vocab.json" and info.value.problem.startswith(
         "missing: not a store root"
     )
+    (tmp_path / "precomp" / "vocab.json").mkdir()
+    with pytest.raises(DataError, match=r"vocab\.json: not a file: not a store root"):
+        train(tmp_path / "precomp", tmp_path / "r", log=pf.quiet)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match="a_file: is not a folder; a store root"):
+        train(tmp_path / "a_file", tmp_path / "r", log=pf.quiet)
     assert not (tmp_path / "r").exists()
 
 

@@ -333,3 +333,10 @@ def test_vocab_checksum_tells_where_words_split():
 def test_saved_vocab_keeps_non_ascii_words_as_text(tmp_path):
     Vocab([*SPECIALS, "café"]).save(tmp_path / "v.json")
     assert '"café"' in (tmp_path / "v.json").read_text(encoding="utf-8")
+
+
+def test_a_vocab_path_that_is_a_folder_is_named(tmp_path):
+    """It escaped as a raw IsADirectoryError."""
+    (tmp_path / "vocab.json").mkdir()
+    with pytest.raises(DataError, match=r"vocab\.json: cannot be read \(Is a directory\)"):
+        Vocab.load(tmp_path / "vocab.json")
