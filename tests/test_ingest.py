@@ -298,7 +298,7 @@ def test_cli_a_folder_where_a_file_is_expected_is_a_clear_error(make_precomp, tm
     (tmp_path / "vocab").mkdir()
     args = ("--precomp", precomp, "--split", "test", "--feature-dim", "8")
     r = _run(*args, "--out", tmp_path / "O", "--vocab", tmp_path / "vocab")
-    clean_error(r, f"{tmp_path / 'vocab'}: Is a directory")
+    clean_error(r, f"{tmp_path / 'vocab'}: cannot be read (Is a directory)")  # Vocab.load's DataError
     (tmp_path / "file").write_text("")
     r = _run(*args, "--out", tmp_path / "file")
     clean_error(r, f"{tmp_path / 'file'}: exists and is not a folder; a store root is a folder")
