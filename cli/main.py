@@ -874,7 +874,7 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
     default=True,
     show_default=True,
     help="Run a small untimed pass of each stage first, so that no timed pass pays the process's "
-    "one-off costs (on a GPU, loading kernels); an unsharded build's bench only.",
+    "one-off costs (on a GPU, loading kernels).",
 )
 @model_option("Matcher (must be the index's; for an index whose recorded folder has moved).")
 @hash_option("Hash module (must be the index's).")
@@ -930,10 +930,6 @@ def bench(
     require("repeats", repeats, at_least=1, integer=True)  # its range before the build's kind
     if sharded and repeats != 1:
         raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
-    if sharded and _given("warmup"):
-        raise HeiindexError(
-            "--warmup / --no-warmup run on an unsharded build (a sharded bench has no warm-up: it times its first pass)"
-        )
     if sharded and protocol == "1k":
         raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
     if sweep_list:  # before the bench runs
@@ -950,10 +946,11 @@ def bench(
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
         from heiindex.shards import run_sharded_bench
 
-        res = run_sharded_bench(index, topk)
+        res = run_sharded_bench(index, topk, warmup=warmup)
         if as_json:
             echo_json(res)
             return
+        _say_warmup(res)
         label = f"{res['split']} ({res['shards']} shards, {res['engine']})" + _prototype_label(res)
         for t in bench_tables(label, res):
             console.print(t)
@@ -972,8 +969,7 @@ def bench(
     if as_json:
         echo_json(res)
         return
-    if res["warmup_seconds"] is not None:
-        click.echo(f"before timing: an untimed warm-up pass of each stage, {res['warmup_seconds']:.2f} s")
+    _say_warmup(res)
     for name in ("full", "5k", "1k"):
         if name in res:
             label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K"}.get(name)
@@ -984,6 +980,12 @@ def bench(
                 console.print(t)
     if "plot" in res:
         click.echo(f"sweep plot: {res['plot']}")
+
+
+def _say_warmup(res: dict) -> None:
+    """The bench's line on its warm-up, before the tables (where it ran)."""
+    if res["warmup_seconds"] is not None:
+        click.echo(f"before timing: an untimed warm-up pass of each stage, {res['warmup_seconds']:.2f} s")
 
 
 def _prototype_label(res: dict) -> str:

@@ -165,20 +165,25 @@ def versus_exhaustive(hei_ranks: np.ndarray, exhaustive_ranks: np.ndarray) -> di
 WARMUP_QUERIES = 64  # queries per direction in the bench's untimed warm-up, at least
 
 
+def warmup_queries(n: int) -> int:
+    """How many queries a direction the warm-up searches at depth ``n``: ``WARMUP_QUERIES``, or
+    more where their pairs would fit the one chunk that re-ranking scores without sorting by
+    length (``attention.ONE_CHUNK_PAIRS``), a path the timed passes do not take."""
+    return max(WARMUP_QUERIES, attention.ONE_CHUNK_PAIRS // n + 1)
+
+
 def warm_up(index: Index, n: int, exhaustive: bool = True, use_stored: bool = True) -> float:
     """One small untimed pass of each stage the bench times, so that no timed pass pays what a
     process pays once: CUDA loads each kernel on its first launch, and on an H200 the first HEI
     text-to-image pass of a process took 0.79 s against 0.12 s for the next (benchmarks/RESULTS.md,
     "GPU"); the bench's first timed pass is HEI's. The first captions search every image's codes
     and the first images every caption's, hashed and re-ranked at depth ``n`` as the timed passes
-    are: ``WARMUP_QUERIES`` of each, or more where that many queries' pairs would fit the one
-    chunk that re-ranking scores without sorting by length (``attention.ONE_CHUNK_PAIRS``), a path
-    the timed passes do not take. They search the stored indexes where ``use_stored``, else flat
+    are (``warmup_queries(n)`` of each). They search the stored indexes where ``use_stored``, else flat
     indexes of the codes, as the COCO 1K folds do. Exhaustive scoring (where ``exhaustive``)
     scores the first ``WARMUP_QUERIES`` images against the first as many captions. Returns its
     wall seconds; its results are dropped."""
     t0 = time.perf_counter()
-    queries = max(WARMUP_QUERIES, attention.ONE_CHUNK_PAIRS // n + 1)
+    queries = warmup_queries(n)
     few_images, few_captions = np.arange(min(queries, index.n_images)), np.arange(min(queries, index.n_captions))
     img_codes, cap_codes = index.image_codes(), index.caption_codes()
     sub = _Sub(index, None, few_captions)

@@ -280,26 +280,28 @@ class RayShardedIndex(BatchSearch):
     def bench_metas(self) -> list[dict]:
         return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
 
-    def bench_captions(self, n: int) -> list:
+    # ``queries``: only the first that many (the bench's warm-up), else all.
+    def bench_captions(self, n: int, queries: int | None = None) -> list:
         import numpy as np
 
         ray = _ray()
         feats = self._gather([a.caption_features.remote() for a in self.actors], "the bench")
-        words = ray.put(np.concatenate([f[0] for f in feats]))  # packed: no padding travels
-        lengths = ray.put(np.concatenate([f[1] for f in feats]))
-        codes = ray.put(np.concatenate([f[2] for f in feats]))  # each shard hashed its own, once
+        words, lengths, codes = (np.concatenate([f[i] for f in feats]) for i in range(3))
+        if queries is not None:
+            lengths, codes = lengths[:queries], codes[:queries]
+            words = words[: int(lengths.sum())]  # packed: the first captions' words come first
+        # packed words: no padding travels; the codes are those each shard hashed, once
+        words, lengths, codes = ray.put(words), ray.put(lengths), ray.put(codes)
         return self._gather(
             [a.candidates_for_captions.remote(words, lengths, codes, n) for a in self.actors], "the bench"
         )
 
-    def bench_images(self, n: int) -> list:
+    def bench_images(self, n: int, queries: int | None = None) -> list:
         import numpy as np
 
         ray = _ray()
         feats = self._gather([a.features.remote() for a in self.actors], "the bench")
-        regions = ray.put(np.concatenate([f[0] for f in feats]))
-        gram = ray.put(np.concatenate([f[1] for f in feats]))
-        codes = ray.put(np.concatenate([f[2] for f in feats]))
+        regions, gram, codes = (ray.put(np.concatenate([f[i] for f in feats])[:queries]) for i in range(3))
         return self._gather([a.candidates_for_images.remote(regions, gram, codes, n) for a in self.actors], "the bench")
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:

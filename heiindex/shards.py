@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .bench import candidate_metrics
+from .bench import candidate_metrics, warmup_queries
 from .checkpoint import LoadedModel
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
@@ -257,15 +257,20 @@ class ShardedIndex(BatchSearch):
 
     # Every shard answers every query: the queries' codes are the shards' own (cached), hashed
     # once, not once per shard.
-    def bench_captions(self, n: int) -> list:
+    # ``queries``: only the first that many (the bench's warm-up), else all.
+    def bench_captions(self, n: int, queries: int | None = None) -> list:
         words = PackedWords.cat([s.words for s in self.shards])
         codes = np.concatenate([s.caption_codes() for s in self.shards])
+        if queries is not None:
+            words, codes = words.select(torch.arange(min(queries, len(codes)), device=words.device)), codes[:queries]
         return [s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards]
 
-    def bench_images(self, n: int) -> list:
+    def bench_images(self, n: int, queries: int | None = None) -> list:
         regions = torch.cat([s.regions for s in self.shards])
         gram = torch.cat([s.gram for s in self.shards])
         codes = np.concatenate([s.image_codes() for s in self.shards])
+        if queries is not None:
+            regions, gram, codes = regions[:queries], gram[:queries], codes[:queries]
         return [s.candidates_for_images(regions, gram, n, codes) for s in self.shards]
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
@@ -352,7 +357,7 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, c
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sharded_bench(engine, topk: int | None = None) -> dict:
+def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> dict:
     """HEI and Hamming-alone R@K, both directions, over a sharded build.
 
     ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``. The queries are
@@ -361,7 +366,9 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
     top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
     ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
     index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
-    ``topk`` by default: 100, or the largest the build allows where that is smaller.
+    ``topk`` by default: 100, or the largest the build allows where that is smaller. ``warmup``:
+    first an untimed pass of a few queries a direction, as ``heiindex.bench.warm_up`` (its
+    seconds are ``"warmup_seconds"``; None without it).
     """
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
@@ -375,6 +382,12 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
     check_captioned(caption_image, len(image_ids))  # before any pass, not after the first
     img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
 
+    warmup_seconds = None
+    if warmup:  # each shard's depth is capped at its size: the smallest shard's sets the queries
+        t0 = time.perf_counter()
+        engine.bench_captions(topk, warmup_queries(min(topk, *img_sizes)))
+        engine.bench_images(topk, warmup_queries(min(topk, *cap_sizes)))
+        warmup_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     per_shard = engine.bench_captions(topk)
     t2i = _merge_candidates(per_shard, img_off)
@@ -395,6 +408,7 @@ def run_sharded_bench(engine, topk: int | None = None) -> dict:
         "shard_images": img_sizes,  # each shard's N is capped at its size, in each direction
         "shard_captions": cap_sizes,
         "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
+        "warmup_seconds": warmup_seconds,
         # Every shard has one hash module. A key missing (None) is one that the actors of an older
         # heiindex, still serving, do not report.
         "bits": metas[0].get("bits"),

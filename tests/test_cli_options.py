@@ -58,8 +58,9 @@ def test_query_and_bench_on_ray_pass_address_and_threads_to_the_actors(pipe, mon
     assert as_json(run("query", "a dog", *ray, "--json")) == {"query": "a dog"}
     assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
     got.clear()
-    monkeypatch.setattr(heiindex.shards, "run_sharded_bench", lambda index, topk: {"topk": topk})
-    assert as_json(run("bench", "--topk", "7", *ray, "--json")) == {"topk": 7}
+    monkeypatch.setattr(heiindex.shards, "run_sharded_bench", lambda index, topk, warmup: {"topk": topk, "w": warmup})
+    assert as_json(run("bench", "--topk", "7", *ray, "--json")) == {"topk": 7, "w": True}
+    assert as_json(run("bench", "--topk", "7", "--no-warmup", *ray, "--json")) == {"topk": 7, "w": False}
     assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
     assert got["models"] == (None, None)
     # moved models: the folders go to the actors
@@ -94,8 +95,6 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
         ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
         ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
         ("bench", ["--repeats", "2"], "--repeats runs on an unsharded build"),
-        ("bench", ["--no-warmup"], "--warmup / --no-warmup run on an unsharded build"),
-        ("bench", ["--warmup"], "--warmup / --no-warmup run on an unsharded build"),
         ("bench", ["--repeats", "0"], "--repeats must be a whole number"),  # its range before the build's kind
     ],
 )

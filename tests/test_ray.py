@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -228,6 +229,19 @@ def test_bench_on_ray_equals_in_process(served, sharded):
             a = {k: v for k, v in got[direction][method].items() if k != "seconds"}
             b = {k: v for k, v in want[direction][method].items() if k != "seconds"}
             assert a == b, (direction, method)
+
+
+def test_the_bench_warm_up_on_ray_answers_the_first_queries_as_in_process(served, sharded):
+    """The warm-up's first queries (a cut of the packed words on Ray, a select in process) get
+    the same candidates and scores from each shard."""
+    for name, queries in (("bench_captions", 7), ("bench_images", 5)):
+        got, want = getattr(served, name)(6, queries), getattr(sharded, name)(6, queries)
+        assert len(got) == len(want) > 1  # one per shard
+        for (g_ids, g_scores, g_ham), w in zip(got, want, strict=True):
+            assert len(g_ids) == queries, name
+            np.testing.assert_array_equal(g_ids, w.ids)
+            np.testing.assert_allclose(g_scores, w.scores, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(g_ham, w.hamming)
 
 
 def test_bench_actors_send_their_cached_codes(served, sharded):

@@ -302,6 +302,7 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
 
 def _no_seconds(res: dict) -> dict:
     res = json.loads(json.dumps(res))
+    res["warmup_seconds"] = None
     for direction in ("t2i", "i2t"):
         for method in ("hei", "hamming"):
             res[direction][method]["seconds"] = None
@@ -345,6 +346,37 @@ def test_sharded_bench_hashes_no_stored_item(sharded, monkeypatch):
     run_sharded_bench(fresh, topk=5)
     run_sharded_bench(fresh, topk=6)
     assert calls == {"caption_codes": [], "image_codes": []}
+
+
+def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch):
+    """As the unsharded bench: an untimed pass of the first queries of each direction (enough
+    that each shard's pairs take the timed passes' scoring path), then the timed passes, whose
+    figures it does not change; ``warmup=False`` skips it."""
+    from heiindex.bench import warmup_queries
+
+    calls = []
+    for name in ("bench_captions", "bench_images"):
+        real = getattr(ShardedIndex, name)
+
+        def spy(self, n, queries=None, _real=real, _name=name):
+            got = _real(self, n, queries)
+            calls.append((_name, n, queries, len(got[0].ids)))  # the queries the first shard answered
+            return got
+
+        monkeypatch.setattr(ShardedIndex, name, spy)
+    res = run_sharded_bench(sharded, topk=5)  # 2 shards of 12 images, 60 captions: 120 captions, 24 images
+    want = warmup_queries(5)  # 103
+    assert calls == [
+        ("bench_captions", 5, want, want),
+        ("bench_images", 5, want, 24),  # every image: fewer than asked
+        ("bench_captions", 5, None, 120),
+        ("bench_images", 5, None, 24),
+    ]
+    assert res["warmup_seconds"] > 0
+    calls.clear()
+    cold = run_sharded_bench(sharded, topk=5, warmup=False)
+    assert [c[2] for c in calls] == [None, None] and cold["warmup_seconds"] is None
+    assert _no_seconds(res) == _no_seconds(cold)
 
 
 def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
@@ -400,7 +432,7 @@ def test_sharded_bench_offsets_rows_by_each_shards_own_counts_and_times_each_dir
     import heiindex.shards as shards_module
 
     monkeypatch.setattr(shards_module, "time", pf.fake_clock(0, 1, 10, 13))
-    out = run_sharded_bench(_TwoShards(), topk=1)
+    out = run_sharded_bench(_TwoShards(), topk=1, warmup=False)  # the fake clock's readings are the timed passes'
     for direction in ("t2i", "i2t"):
         assert out[direction]["candidate_recall"] == 1.0 and out[direction]["hei"]["r1"] == 100.0, direction
     assert (out["t2i"]["hei"]["seconds"], out["i2t"]["hei"]["seconds"]) == (1, 3)
