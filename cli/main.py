@@ -1052,11 +1052,12 @@ def verify(path, as_json) -> None:
         echo_json({"path": str(path), "files": [c.to_dict() for c in checks]})
     else:
         console.print(verify_table(path, checks))
-    bad = [c for c in checks if c.status in ("changed", "missing", "invalid")]
+    bad = [c.status for c in checks if c.status in ("changed", "missing", "invalid")]
     if bad:  # handle_errors prints it and exits with status 2
+        counts = ", ".join(f"{bad.count(s)} {s}" for s in ("changed", "missing", "invalid") if s in bad)
         raise HeiindexError(
-            f"{len(bad)} of {len(checks)} files differ from what their manifests record, or are manifests "
-            "heiindex cannot read"
+            f"{counts} of {len(checks)} listed: files that differ from what their manifests record or are not "
+            "there, or manifests heiindex cannot read"
         )
 
 

@@ -83,8 +83,9 @@ def _only_leftovers(folder: Path) -> list[Path] | None:
 
 def _leftover_detail(path: Path) -> str:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    shown = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
     return (
-        f"left by an interrupted run or a replaced output that could not all be deleted ({size / 1e6:,.1f} MB), "
+        f"left by an interrupted run or a replaced output that could not all be deleted ({shown}), "
         "not part of the data; delete it (the next write of the same output also tries)"
     )
 
@@ -101,11 +102,17 @@ def _checks(path: Path) -> list[FileCheck]:
         splits = manifest_folders(path)
         if not splits:
             raise DataError(path, "a store root without splits: nothing to verify")
-        manifests = {folder: _read_manifest(folder / MANIFEST_FILE) for folder in splits}
-        checks = [check for folder, manifest in manifests.items() for check in _folder_checks(folder, manifest)]
+        checks, manifests = [], {}
+        for folder in splits:  # one split's unreadable manifest is reported, and the others checked
+            manifest, unread = _readable_manifest(folder / MANIFEST_FILE)
+            checks += unread if manifest is None else _folder_checks(folder, manifest)
+            if manifest is not None:
+                manifests[folder] = manifest
         tokenised = {folder.name: m for folder, m in manifests.items() if "vocab" in m}  # not an index beside them
         return checks + ([_vocab_check(path, tokenised)] if tokenised else [])
-    manifest = _read_manifest(manifest_path)
+    manifest, unread = _readable_manifest(manifest_path)
+    if manifest is None:
+        return unread
     checks = _folder_checks(path, manifest)
     if "vocab" in manifest:  # a store split: its ids are read through the root's vocab.json
         checks.append(_vocab_check(path.parent, {path.name: manifest}))
@@ -139,8 +146,8 @@ def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:
         ]
     mpath = build / shard / MANIFEST_FILE
     shard_manifest = manifest_object(build / shard)
-    if shard_manifest is None:  # unreadable: the shard's own check says so
-        return verify(build / shard)
+    if shard_manifest is None or _invalid(lambda: _check_manifest(shard_manifest, mpath), mpath):
+        return verify(build / shard)  # unreadable or invalid: the shard's own check says why, once
     return _invalid(lambda: check_shard_entry(build, entry, shard_manifest), mpath) + verify(build / shard)
 
 
@@ -170,8 +177,15 @@ def _check_manifest(manifest: dict, manifest_path: Path) -> None:
         raise DataError(manifest_path, 'neither an index\'s nor a store split\'s: no "matcher", "images" or "captions"')
 
 
-def _read_manifest(path: Path) -> dict:
-    return read_json_object(path, "no manifest.json here: not a store, a store split or an index")
+def _readable_manifest(path: Path) -> tuple[dict | None, list[FileCheck]]:
+    """``(the manifest at path, [])``, or ``(None, [its "invalid" row])`` where it is there but not
+    a JSON object; ``DataError`` where there is none (then the folder is not one verify checks)."""
+    if not path.exists():
+        read_json_object(path, "no manifest.json here: not a store, a store split or an index")  # raises
+    try:
+        return read_json_object(path, ""), []
+    except DataError as exc:
+        return None, [FileCheck(path, "invalid", exc.problem)]
 
 
 def _recorded_files(folder: Path, manifest: dict) -> list[FileCheck]:
@@ -192,7 +206,10 @@ def _vocab_check(root: Path, manifests: dict[str, dict]) -> FileCheck:
     path = root / "vocab.json"
     if not path.is_file():
         return FileCheck(path, "missing", "the vocabulary the splits were tokenised with")
-    have = Vocab.load(path).checksum
+    try:
+        have = Vocab.load(path).checksum
+    except DataError as exc:  # as every command reading the store would refuse it
+        return FileCheck(path, "invalid", exc.problem)
     for name, manifest in manifests.items():
         want = manifest.get("vocab", {}).get("sha256")
         if want != have:

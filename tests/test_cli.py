@@ -872,7 +872,7 @@ def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     (root / "test" / "captions.parquet").unlink()
     r = run("verify", root / "test")
-    clean_error(r, "files differ from what their manifests record")
+    clean_error(r, "1 missing of 3 listed: files that differ from what their manifests record or are not there")
 
 
 def test_query_and_bench_counts_are_left_to_the_library():

@@ -240,7 +240,7 @@ def test_cli(pipe, tmp_path):
     assert "ok" in ok(run("verify", root / "test")).output
     _flip_a_byte(root / "test" / "images.parquet")
     r = run("verify", root)
-    clean_error(r, "1 of 7 files differ from what their manifests record")
+    clean_error(r, "1 changed of 7 listed: files that differ from what their manifests record")
     assert "changed" in r.output
 
 
@@ -301,7 +301,10 @@ def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path
     assert got[("dev", "manifest.json")].status == "invalid"
     assert 'field "vocab.sha256" is missing' in got[("dev", "manifest.json")].detail
     r = run("verify", root)
-    clean_error(r, "files differ from what their manifests record, or are manifests heiindex cannot read")
+    clean_error(
+        r,
+        "1 invalid of 6 listed: files that differ from what their manifests record or are not there, or manifests heiindex cannot read",
+    )
 
 
 def test_a_folder_of_indexes_is_not_a_store_root(pipe, tmp_path):
@@ -319,3 +322,44 @@ def test_a_store_root_that_lost_its_vocabulary_is_still_verified(tmp_path):
     checks = verify(root)
     assert [(c.path.name, c.status) for c in checks][-1] == ("vocab.json", "missing")
     assert {c.status for c in checks[:-1]} == {"ok"} and len(checks) == 5
+
+
+def test_an_unreadable_manifest_is_listed_invalid_and_the_rest_still_checked(pipe, tmp_path):
+    """A split's or a shard's manifest that is not JSON, and a vocab.json that does not load, were
+    one error ("not valid JSON") and nothing else checked; the README promises an "invalid" row
+    and the other splits or shards checked."""
+    root = small_store(tmp_path / "s", ("dev", "test"))
+    (root / "dev" / "manifest.json").write_text("garbage")
+    got = {(c.path.parent.name, c.path.name): c for c in verify(root)}
+    assert (
+        got[("dev", "manifest.json")].status == "invalid" and "not valid JSON" in got[("dev", "manifest.json")].detail
+    )
+    assert got[("test", "images.parquet")].status == "ok" and got[(root.name, "vocab.json")].status == "ok"
+    with pf.edited_json(root / "vocab.json") as v:
+        v["word2idx"] = "not an object"
+    got = {(c.path.parent.name, c.path.name): c for c in verify(root)}
+    assert got[(root.name, "vocab.json")].status == "invalid" and "word2idx" in got[(root.name, "vocab.json")].detail
+    [only] = verify(root / "dev")  # the split itself: one row, not an error
+    assert (only.path, only.status) == (root / "dev" / "manifest.json", "invalid")
+
+    sharded = tmp_path / "sharded"
+    ok(build(pipe, sharded, "--shards", "2"))
+    (sharded / "shard-000" / "manifest.json").write_text("garbage")
+    checks = verify(sharded)
+    bad = [c for c in checks if c.status != "ok"]
+    assert [(c.path, c.status) for c in bad] == [(sharded / "shard-000" / "manifest.json", "invalid")]
+    assert any(c.path.parent.name == "shard-001" and c.status == "ok" for c in checks)
+    with pf.edited_json(sharded / "shard-001" / "manifest.json") as m:  # parses, but is no index's
+        del m["matcher"]
+    rows = [c for c in verify(sharded) if c.path.parent.name == "shard-001" and c.status == "invalid"]
+    assert len(rows) == 1  # its own reason once, not also "is not the shard the build records"
+    clean_error(run("verify", sharded), "2 invalid of")
+
+
+def test_a_small_leftover_is_sized_in_bytes(tmp_path):
+    from heiindex.verify import _leftover_detail
+
+    (tmp_path / "f").write_bytes(b"x" * 5000)
+    assert "(5,000 bytes)" in _leftover_detail(tmp_path / "f")
+    (tmp_path / "g").write_bytes(b"x" * 2_500_000)
+    assert "(2.5 MB)" in _leftover_detail(tmp_path / "g")
