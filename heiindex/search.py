@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # heiindex.index imports this module
 __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_K",
+    "MAX_QUERY_WORDS",
     "QUERY_BATCH",
     "BatchSearch",
     "Candidates",
@@ -64,6 +65,10 @@ __all__ = [
 # Queries searched together by search_many (encoded, hashed and re-ranked: 256 captions' words and
 # 256 x N candidate pairs at a time) and by search_images (256 images' regions).
 QUERY_BATCH = 256
+# Words (tokens) a query may have: a batch is padded to its longest query, so one line of
+# thousands of words in a query file took 4.5 GB where 256 short ones take 0.6 (COCO's captions
+# have at most 51 tokens).
+MAX_QUERY_WORDS = 128
 DEFAULT_CANDIDATES = 100  # N, Hamming candidates re-ranked, where a query does not say
 DEFAULT_K = 10  # results returned, where a query does not say
 _INT64 = (-(2**63), 2**63 - 1)  # image ids are stored as int64
@@ -163,7 +168,8 @@ class Ranked:
 
 def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | None], list[tuple[int, str]]]:
     """Each text as ids (None where it is not a non-empty string), and ``(position, problem)`` for
-    each text that cannot be a query: empty, no words, or no word in ``vocab``."""
+    each text that cannot be a query: empty, no words, no word in ``vocab``, or more than
+    ``MAX_QUERY_WORDS`` words."""
     encoded, problems = [], []
     for i, text in enumerate(texts):
         enc = vocab.encode(text) if isinstance(text, str) and text.strip() else None
@@ -176,6 +182,13 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
         elif len(enc.unknown) == len(enc.tokens):
             words = name_some([shown(w) for w in enc.unknown])
             problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
+        elif len(enc.tokens) > MAX_QUERY_WORDS:
+            problems.append(
+                (
+                    i,
+                    f"the query has {len(enc.tokens):,} words; a query may have at most {MAX_QUERY_WORDS} (a caption's length)",
+                )
+            )
         encoded.append(enc)
     return encoded, problems
 

@@ -303,8 +303,21 @@ def test_query_file_leaves_out_blank_lines_at_its_end(pipe, tmp_path):
         (b"\n", "QUERIES holds no queries: give one query per line"),  # blank lines at the end are left out
         (b"  \n\t\r\n", "QUERIES holds no queries: give one query per line"),
         (b"xyzzyq qwplk", "QUERIES line 1: no word of the query is in the model's vocabulary: xyzzyq, qwplk"),
+        (  # a batch is padded to its longest query: one line of 3,000 words took 4.5 GB
+            b"a dog\n" + b"dog " * 3000 + b"\n",
+            "QUERIES line 2: the query has 3,000 words; a query may have at most 128 (a caption's length)",
+        ),
     ],
-    ids=["blank_line", "all_unknown", "empty_file", "not_utf8", "one_blank_line", "blank_lines", "one_unknown_line"],
+    ids=[
+        "blank_line",
+        "all_unknown",
+        "empty_file",
+        "not_utf8",
+        "one_blank_line",
+        "blank_lines",
+        "one_unknown_line",
+        "too_long",
+    ],
 )
 def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detail):
     queries = tmp_path / "queries.txt"

@@ -690,6 +690,18 @@ def test_query_of_unknown_words_only(index):
         index.search("qa qb qc qd qe qf qg", k=3, candidates=5)
 
 
+def test_a_query_may_have_at_most_max_query_words(index):
+    """A batch is padded to its longest query: one query of thousands of words cost GBs."""
+    from heiindex.search import MAX_QUERY_WORDS
+
+    assert MAX_QUERY_WORDS == 128
+    assert len(index.search(" ".join(["dog"] * MAX_QUERY_WORDS), k=3, candidates=5).results) == 3
+    with pytest.raises(HeiindexError, match=r"^the query has 129 words; a query may have at most 128 \(a caption's"):
+        index.search(" ".join(["dog"] * 129), k=3, candidates=5)
+    with pytest.raises(HeiindexError, match=r"query 2: the query has 200 words"):
+        index.search_many(["a dog", "dog " * 200], k=3, candidates=5)
+
+
 @pytest.mark.parametrize("bad", [True, 2.0, "3"])  # None is the default (search's docstring)
 def test_counts_and_image_ids_must_be_whole_numbers(index, bad):
     with pytest.raises(HeiindexError, match=r"--k must be a whole number, got"):
