@@ -615,9 +615,12 @@ def build(
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     what += _prototype_label(m)
+    note = ""
     if store is None:
         dd.mark_last_built(out)
-    click.echo(f"built {split}: {what} -> {out}")
+        if Path(out).resolve() != dd.default_index_dir(split).resolve():  # named by --out: say what changed
+            note = " (query and bench without --index now use it)"
+    click.echo(f"built {split}: {what} -> {out}{note}")
 
 
 def _index_kinds(spec: dict) -> str:

@@ -282,8 +282,13 @@ def test_a_default_sharded_build_becomes_the_last_built(pipe, tmp_path, monkeypa
     monkeypatch.setattr(heiindex.default_data, "mark_last_built", marked.append)
     out = tmp_path / "i"
     for extra in ((), ("--shards", "2")):
-        ok(run("build", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", out, *extra))
+        r = ok(run("build", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", out, *extra))
+        # a build elsewhere changed what a plain query searches, and the build line did not say so
+        assert r.output.rstrip().endswith(f"-> {out} (query and bench without --index now use it)")
     assert marked == [out, out]
+    monkeypatch.setattr(heiindex.default_data, "default_index_dir", lambda split: out)
+    r = ok(run("build", "--model", pipe.model_dir, "--hash", pipe.hash_dir))  # the default place: nothing to add
+    assert r.output.rstrip().endswith(f"-> {out}")
 
 
 def test_auto_names_each_modalitys_index_where_they_differ():
