@@ -255,6 +255,7 @@ def per_shard_depth(candidates: int, sizes: list[int], what: str) -> str:
         return " from each shard"
     lo, hi = min(sizes), max(sizes)
     held = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    what = what[:-1] if hi == 1 else what  # "(1 image)": every shard holds one
     return f" from each shard, at most its size ({held} {what})"
 
 

@@ -1423,3 +1423,4 @@ def test_per_shard_depth_names_the_cap():
     assert per_shard_depth(400, [333, 334, 333], "images") == " from each shard, at most its size (333-334 images)"
     assert per_shard_depth(334, [333, 334], "images") == " from each shard, at most its size (333-334 images)"
     assert per_shard_depth(13, [12, 12], "captions") == " from each shard, at most its size (12 captions)"
+    assert per_shard_depth(3, [1, 1, 1], "images") == " from each shard, at most its size (1 image)"  # not "1 images"
