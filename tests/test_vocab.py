@@ -340,3 +340,12 @@ def test_a_vocab_path_that_is_a_folder_is_named(tmp_path):
     (tmp_path / "vocab.json").mkdir()
     with pytest.raises(DataError, match=r"vocab\.json: cannot be read \(Is a directory\)"):
         Vocab.load(tmp_path / "vocab.json")
+
+
+def test_a_vocab_file_that_is_not_json_or_not_utf8_is_named_for_which(tmp_path):
+    (tmp_path / "v.json").write_text("a dog\n")
+    with pytest.raises(DataError, match=r"v\.json: not valid JSON \(Expecting value"):
+        Vocab.load(tmp_path / "v.json")
+    (tmp_path / "v.json").write_bytes(b'{"word2idx": "\xff"}')
+    with pytest.raises(DataError, match=r"v\.json: not valid UTF-8 \(invalid start byte at byte 14\)"):
+        Vocab.load(tmp_path / "v.json")
