@@ -837,6 +837,11 @@ def _query_lines(file, name: str) -> list[str]:
         lines.pop()
     if not lines:
         raise HeiindexError(f"{name} holds no queries: give one query per line")
+    if returns := [i for i, line in enumerate(lines) if "\r" in line]:  # read as one query of all the lines
+        raise HeiindexError(
+            f"{name} line {returns[0] + 1}: holds a carriage return (\\r) inside the line: old Mac line ends? "
+            "give one query per line, ended by \\n or \\r\\n"
+        )
     return lines
 
 

@@ -20,7 +20,9 @@ def text_lines(data: bytes, name: str | Path) -> list[str]:
     line N: UTF-8, a leading byte-order mark dropped, split at "\\n" only (not at "\\f", "\\v"
     or U+2028, which may stand inside a line), one "\\r" before each line end dropped, and no
     empty line after the file's final line end. ``DataError`` naming ``name`` and the line where
-    the bytes are not UTF-8."""
+    the bytes are not UTF-8, or naming ``name`` where a byte-order mark says it is UTF-16."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # else "line 1: ... invalid start byte"
+        raise DataError(name, "is UTF-16 (its byte-order mark says so); save it as UTF-8")
     data = data.removeprefix(codecs.BOM_UTF8)  # here, not by decoding "utf-8-sig": error offsets count from it
     try:
         text = data.decode("utf-8")

@@ -307,6 +307,11 @@ def test_query_file_leaves_out_blank_lines_at_its_end(pipe, tmp_path):
             b"a dog\n" + b"dog " * 3000 + b"\n",
             "QUERIES line 2: the query has 3,000 words; a query may have at most 128 (a caption's length)",
         ),
+        (  # old Mac line ends: searched as one query, "a dog\rtwo cats"
+            b"a dog\rtwo cats\r",
+            "QUERIES line 1: holds a carriage return (\\r) inside the line: old Mac line ends?",
+        ),
+        (b"\xff\xfea\x00 \x00d\x00o\x00g\x00", "QUERIES is UTF-16 (its byte-order mark says so); save it as UTF-8"),
     ],
     ids=[
         "blank_line",
@@ -317,6 +322,8 @@ def test_query_file_leaves_out_blank_lines_at_its_end(pipe, tmp_path):
         "blank_lines",
         "one_unknown_line",
         "too_long",
+        "old_mac_line_ends",
+        "utf16",
     ],
 )
 def test_query_file_errors_name_the_file_and_line(pipe, tmp_path, content, detail):

@@ -33,3 +33,12 @@ def test_bad_bytes_are_named_by_line_with_or_without_a_byte_order_mark(mark):
     the line end before it (line 1 for line 2 here)."""
     with pytest.raises(DataError, match=r"f.txt: line 2: bytes are not valid UTF-8 \(invalid start byte\)"):
         text_lines(mark + b"a\n\xff\n", "f.txt")
+
+
+def test_a_utf16_file_is_named_as_such():
+    """It read "line 1: bytes are not valid UTF-8 (invalid start byte)"."""
+    import codecs
+
+    for bom in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        with pytest.raises(DataError, match=r"^f\.txt: is UTF-16 \(its byte-order mark says so\); save it as UTF-8$"):
+            text_lines(bom + "a dog\n".encode("utf-16-le" if bom == codecs.BOM_UTF16_LE else "utf-16-be"), "f.txt")
