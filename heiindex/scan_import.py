@@ -106,7 +106,7 @@ def read_scan_checkpoint(checkpoint: Path) -> tuple[ScanModel, dict]:
     model.load_state_dict({k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in state.items()})
     model.eval()
     info = {
-        "imported_from": str(checkpoint),
+        "imported_from": str(Path(checkpoint).resolve()),  # a relative path named nothing once moved from
         "scan_epoch": _json_number(raw.get("epoch")),
         "scan_best_rsum": _json_number(raw.get("best_rsum")),
         "scan_opt": {k: opt[k] for k in sorted(k for k in opt if isinstance(k, str)) if _json_scalar(opt[k])},

@@ -140,6 +140,16 @@ def assert_same_model(imported: ScanModel, reference: ScanModel) -> None:
     assert torch.equal(scores(imported), scores(reference))
 
 
+def test_a_relative_checkpoint_path_is_recorded_whole(files, monkeypatch):
+    """``imported_from`` named "model_best.pth.tar", which says nothing once the model moves."""
+    ckpt, vocab, out = files
+    opt = scan_opt()
+    torch.save(scan_checkpoint(reference_model(opt), opt), ckpt)
+    monkeypatch.chdir(ckpt.parent)
+    import_scan_checkpoint(ckpt.name, vocab, out)
+    assert load_model(out).info["imported_from"] == str(ckpt.resolve())
+
+
 @pytest.mark.parametrize("agg_func", sorted(AGG_FUNCS))
 @pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
 @pytest.mark.parametrize("bi_gru", [True, False])
@@ -156,7 +166,7 @@ def test_import_scores_like_the_same_weights(files, bi_gru, cross_attn, agg_func
     assert loaded.model.config.attention.agg == AGG_FUNCS[agg_func]
     assert_same_model(loaded.model, ref)
     assert loaded.vocab == Vocab.load(vocab)
-    assert loaded.info["imported_from"] == str(ckpt)
+    assert loaded.info["imported_from"] == str(ckpt.resolve())
     assert loaded.info["scan_epoch"] == 17
     assert loaded.info["scan_best_rsum"] == 447.25
 
