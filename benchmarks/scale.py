@@ -107,13 +107,13 @@ def run_stage(args) -> dict:
     import torch
 
     from heiindex.attention import (
-        ONE_CHUNK_PAIRS,
         AttentionConfig,
         region_gram,
         score_block,
         score_caption_candidates,
         score_image_candidates,
     )
+    from heiindex.bench import warmup_queries
     from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
     from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
 
@@ -186,13 +186,12 @@ def run_stage(args) -> dict:
                     return TorchBinaryIndex(img_codes, device), TorchBinaryIndex(cap_codes, device)
                 return make_binary_index(img_codes), make_binary_index(cap_codes)
 
-            # Warm-up: the whole path on 64 queries a direction (more where their pairs would be
-            # one chunk, scored without the length buckets the timed pass uses), so that
-            # first-call costs (on a GPU, loading each kernel: 0.67 s of the coco-sim bench's first
-            # pass on an H200) are not HEI's; a 2-pair score_pairs call before 2026-11-28 missed
-            # most of them.
+            # Warm-up: the whole path on as many queries a direction as the bench's warm-up
+            # (heiindex.bench.warmup_queries), so that first-call costs (on a GPU, loading each
+            # kernel: 0.67 s of the coco-sim bench's first pass on an H200) are not HEI's; a 2-pair
+            # score_pairs call before 2026-11-28 missed most of them.
             img_index, cap_index = binary_indexes()
-            few = torch.arange(min(max(64, ONE_CHUNK_PAIRS // args.topk + 1), n_caps, n_imgs), device=device)
+            few = torch.arange(min(warmup_queries(args.topk), n_caps, n_imgs), device=device)
             _, c = hamming_candidates(img_index, cap_codes[: len(few)], args.topk)
             few_words = words.select(few)
             score_image_candidates(att, few_words, lengths[few], regions, torch.from_numpy(c).to(device), gram)
