@@ -285,15 +285,19 @@ def remove(path: Path) -> None:
 def _make_removable(path: Path) -> None:
     """Grant the owner every permission on ``path`` and each folder in it (not through links),
     each before its entries are listed."""
-    try:
-        path.chmod(path.stat().st_mode | stat.S_IRWXU)
-    except OSError:
+    if not _grant_owner(path):
         return
     for folder, dirs, _ in os.walk(path):
         for name in dirs:
             sub = Path(folder, name)
             if not sub.is_symlink():
-                try:
-                    sub.chmod(sub.stat().st_mode | stat.S_IRWXU)
-                except OSError:
-                    pass
+                _grant_owner(sub)
+
+
+def _grant_owner(path: Path) -> bool:
+    """Give ``path``'s owner every permission on it; False where that fails."""
+    try:
+        path.chmod(path.stat().st_mode | stat.S_IRWXU)
+    except OSError:
+        return False
+    return True

@@ -180,11 +180,11 @@ def _check_manifest(manifest: dict, manifest_path: Path) -> None:
 def _readable_manifest(path: Path) -> tuple[dict | None, list[FileCheck]]:
     """``(the manifest at path, [])``, or ``(None, [its "invalid" row])`` where it is there but not
     a JSON object; ``DataError`` where there is none (then the folder is not one verify checks)."""
-    if not path.exists():
-        read_json_object(path, "no manifest.json here: not a store, a store split or an index")  # raises
     try:
-        return read_json_object(path, ""), []
+        return read_json_object(path, "no manifest.json here: not a store, a store split or an index"), []
     except DataError as exc:
+        if not path.exists():
+            raise
         return None, [FileCheck(path, "invalid", exc.problem)]
 
 
