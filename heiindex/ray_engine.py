@@ -40,6 +40,7 @@ from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
     batch_results,
+    first_counts,
     locate_images,
     shard_search_regions,
     shard_search_text,
@@ -137,15 +138,24 @@ class _ShardServer:
         packed = PackedWords(torch.from_numpy(words), torch.from_numpy(lengths))
         return self.index.candidates_for_captions(packed, packed.lengths, n, codes)
 
-    def features(self):
-        """This shard's images: regions, Gram matrices (float32) and their codes."""
+    def features(self, count: int | None = None):
+        """This shard's images (the first ``count``, or all): regions, Gram matrices (float32) and
+        their codes."""
         index = self.index
-        return index.regions.float().cpu().numpy(), index.gram.float().cpu().numpy(), index.image_codes()
+        cut = slice(count)
+        return (
+            index.regions[cut].float().cpu().numpy(),
+            index.gram[cut].float().cpu().numpy(),
+            index.image_codes()[cut],
+        )
 
-    def caption_features(self):
-        """This shard's captions: words packed ((total_words, d) float32), lengths and codes."""
+    def caption_features(self, count: int | None = None):
+        """This shard's captions (the first ``count``, or all): words packed ((total_words, d)
+        float32; the first captions' words come first), lengths and codes."""
         index = self.index
-        return index.words.flat.float().cpu().numpy(), index.lengths.cpu().numpy(), index.caption_codes()
+        lengths = index.lengths[slice(count)].cpu().numpy()
+        words = index.words.flat[: int(lengths.sum())]
+        return words.float().cpu().numpy(), lengths, index.caption_codes()[slice(count)]
 
     def candidates_for_images(self, regions, gram, codes, n: int):
         import torch
@@ -280,18 +290,15 @@ class RayShardedIndex(BatchSearch):
     def bench_metas(self) -> list[dict]:
         return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
 
-    # ``queries``: only the first that many (the bench's warm-up), else all.
+    # ``queries``: only the first that many (the bench's warm-up), sent by the first shards only,
+    # else all.
     def bench_captions(self, n: int, queries: int | None = None) -> list:
         import numpy as np
 
         ray = _ray()
-        feats = self._gather([a.caption_features.remote() for a in self.actors], "the bench")
-        words, lengths, codes = (np.concatenate([f[i] for f in feats]) for i in range(3))
-        if queries is not None:
-            lengths, codes = lengths[:queries], codes[:queries]
-            words = words[: int(lengths.sum())]  # packed: the first captions' words come first
+        feats = self._first(queries, image_query=True, method="caption_features")
         # packed words: no padding travels; the codes are those each shard hashed, once
-        words, lengths, codes = ray.put(words), ray.put(lengths), ray.put(codes)
+        words, lengths, codes = (ray.put(np.concatenate([f[i] for f in feats])) for i in range(3))
         return self._gather(
             [a.candidates_for_captions.remote(words, lengths, codes, n) for a in self.actors], "the bench"
         )
@@ -300,9 +307,20 @@ class RayShardedIndex(BatchSearch):
         import numpy as np
 
         ray = _ray()
-        feats = self._gather([a.features.remote() for a in self.actors], "the bench")
-        regions, gram, codes = (ray.put(np.concatenate([f[i] for f in feats])[:queries]) for i in range(3))
+        feats = self._first(queries, image_query=False, method="features")
+        regions, gram, codes = (ray.put(np.concatenate([f[i] for f in feats])) for i in range(3))
         return self._gather([a.candidates_for_images.remote(regions, gram, codes, n) for a in self.actors], "the bench")
+
+    def _first(self, queries: int | None, image_query: bool, method: str) -> list:
+        """The features (actor ``method``) of the first ``queries`` captions (``image_query``:
+        those the images search) or images, from the shards holding them, or of all."""
+        counts = first_counts(self.shard_sizes(image_query), queries)
+        calls = [
+            getattr(a, method).remote(None if queries is None else c)
+            for a, c in zip(self.actors, counts, strict=True)
+            if c
+        ]
+        return self._gather(calls, "the bench")
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Every text is checked before any is searched, then each batch goes to all shards at once

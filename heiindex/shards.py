@@ -256,22 +256,26 @@ class ShardedIndex(BatchSearch):
         return [s.bench_meta() for s in self.shards]
 
     # Every shard answers every query: the queries' codes are the shards' own (cached), hashed
-    # once, not once per shard.
-    # ``queries``: only the first that many (the bench's warm-up), else all.
+    # once, not once per shard. ``queries``: only the first that many (the bench's warm-up), taken
+    # from the first shards only, else all.
     def bench_captions(self, n: int, queries: int | None = None) -> list:
-        words = PackedWords.cat([s.words for s in self.shards])
-        codes = np.concatenate([s.caption_codes() for s in self.shards])
-        if queries is not None:
-            words, codes = words.select(torch.arange(min(queries, len(codes)), device=words.device)), codes[:queries]
+        take = self._first(queries, image_query=True)
+        words = PackedWords.cat([_first_captions(s.words, c) for s, c in take])
+        codes = np.concatenate([s.caption_codes()[:c] for s, c in take])
         return [s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards]
 
     def bench_images(self, n: int, queries: int | None = None) -> list:
-        regions = torch.cat([s.regions for s in self.shards])
-        gram = torch.cat([s.gram for s in self.shards])
-        codes = np.concatenate([s.image_codes() for s in self.shards])
-        if queries is not None:
-            regions, gram, codes = regions[:queries], gram[:queries], codes[:queries]
+        take = self._first(queries, image_query=False)
+        regions = torch.cat([s.regions[:c] for s, c in take])
+        gram = torch.cat([s.gram[:c] for s, c in take])
+        codes = np.concatenate([s.image_codes()[:c] for s, c in take])
         return [s.candidates_for_images(regions, gram, n, codes) for s in self.shards]
+
+    def _first(self, queries: int | None, image_query: bool) -> list[tuple[Index, int]]:
+        """The shards holding the first ``queries`` captions (``image_query``: those the images
+        search) or images, and how many of each (``first_counts``)."""
+        counts = first_counts(self.shard_sizes(image_query), queries)
+        return [(s, c) for s, c in zip(self.shards, counts, strict=True) if c]
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
         """Each batch is encoded once and searched by every shard (its own Hamming top-``candidates``,
@@ -313,6 +317,24 @@ class ShardedIndex(BatchSearch):
         back = torch.from_numpy(np.argsort(np.concatenate(at)))  # listed by shard -> in the batch's order
         regions, gram = (torch.cat([p[i] for p in parts])[back.to(parts[0][i].device)] for i in (0, 1))
         return regions, gram, np.concatenate([p[2] for p in parts])[back.numpy()]
+
+
+def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:
+    """How many items of each part, in order, make up the first ``queries`` items of all the parts
+    together (every item where ``queries`` is None): the bench's warm-up takes its queries from
+    the first shards only."""
+    if queries is None:
+        return [int(n) for n in sizes]
+    left, counts = max(int(queries), 0), []
+    for n in sizes:
+        counts.append(min(int(n), left))
+        left -= counts[-1]
+    return counts
+
+
+def _first_captions(words: PackedWords, count: int) -> PackedWords:
+    """The first ``count`` captions of ``words`` (all of them without a copy)."""
+    return words if count == len(words) else words.select(torch.arange(count, device=words.device))
 
 
 def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:

@@ -275,9 +275,9 @@ def test_bench_driver_hands_every_actor_all_shards_codes(local_ray, sharded):
     class StandIn:
         def __init__(self, shard):
             self.caption_features = Method(
-                lambda: (shard.words.flat.numpy(), shard.lengths.numpy(), shard.caption_codes())
+                lambda count: (shard.words.flat.numpy(), shard.lengths.numpy(), shard.caption_codes())
             )
-            self.features = Method(lambda: (shard.regions.numpy(), shard.gram.numpy(), shard.image_codes()))
+            self.features = Method(lambda count: (shard.regions.numpy(), shard.gram.numpy(), shard.image_codes()))
             self.candidates_for_captions = Method(lambda w, n_, codes, n: got.append(("t2i", ray.get(codes))))
             self.candidates_for_images = Method(lambda r, g, codes, n: got.append(("i2t", ray.get(codes))))
 

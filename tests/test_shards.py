@@ -364,7 +364,7 @@ def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch)
             return got
 
         monkeypatch.setattr(ShardedIndex, name, spy)
-    res = run_sharded_bench(sharded, topk=5)  # 2 shards of 12 images, 60 captions: 120 captions, 24 images
+    res = run_sharded_bench(sharded, topk=5)  # 3 shards of 8 images, 40 captions: 120 captions, 24 images
     want = warmup_queries(5)  # 103
     assert calls == [
         ("bench_captions", 5, want, want),
@@ -377,6 +377,43 @@ def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch)
     cold = run_sharded_bench(sharded, topk=5, warmup=False)
     assert [c[2] for c in calls] == [None, None] and cold["warmup_seconds"] is None
     assert _no_seconds(res) == _no_seconds(cold)
+
+
+def test_first_counts_takes_the_first_items_from_the_first_parts():
+    from heiindex.shards import first_counts
+
+    assert first_counts([12, 12], 7) == [7, 0]
+    assert first_counts([12, 12], 12) == [12, 0]
+    assert first_counts([12, 12], 13) == [12, 1]
+    assert first_counts([5, 0, 4], 8) == [5, 0, 3]
+    assert first_counts([12, 12], 103) == [12, 12]
+    assert first_counts([12, 12], None) == [12, 12]
+    assert first_counts([12, 12], 0) == [0, 0]
+
+
+@pytest.mark.parametrize("queries", [7, 70])
+def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, monkeypatch, queries):
+    """The warm-up's first queries come from the first shards only (7 captions: 7 of shard 0's
+    40; 70: all of shard 0's and 30 of shard 1's, none of shard 2's), and every shard answers
+    them as it answers the same queries in the full pass."""
+    full = {name: getattr(sharded, name)(5) for name in ("bench_captions", "bench_images")}
+    selected = []
+    real = PackedWords.select
+
+    def spy(self, rows):
+        selected.append(len(rows))
+        return real(self, rows)
+
+    monkeypatch.setattr(PackedWords, "select", spy)
+    for name, n_items in (("bench_captions", 120), ("bench_images", 24)):
+        want = min(queries, n_items)
+        got = getattr(sharded, name)(5, queries)
+        for g, f in zip(got, full[name], strict=True):
+            assert len(g.ids) == want
+            np.testing.assert_array_equal(g.ids, f.ids[:want])
+            np.testing.assert_allclose(g.scores, f.scores[:want], rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(g.hamming, f.hamming[:want])
+    assert selected == ([7] if queries == 7 else [30])  # a whole shard is taken as it is
 
 
 def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
