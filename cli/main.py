@@ -781,7 +781,9 @@ def query(
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     if engine == "ray":
         if not image_ids:
-            _check_texts_before_ray(index_dir, model_dir, lines if queries_file is not None else [text], where)
+            from heiindex.ray_engine import check_texts
+
+            check_texts(_index_path(index_dir), lines if queries_file is not None else [text], where, model_dir)
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
@@ -805,23 +807,6 @@ def query(
         return
     print_result(res, bool(image_ids), k)
     click.echo(f"{res.seconds * 1000:.1f} ms ({depth}, re-ranked by the matcher)")
-
-
-def _check_texts_before_ray(index_dir: Path | None, model_dir: Path | None, texts: list[str], where) -> None:
-    """Text queries checked against the matcher's vocabulary before Ray is started, as the shard
-    actors would check them: a refused query file cost a Ray start first (13 s against 4 s in
-    process). Where that vocabulary cannot be read here (the index's manifest or the recorded
-    matcher folder), the actors check them, as before."""
-    from heiindex.index_manifest import read_index_manifest
-    from heiindex.search import check_queries
-    from heiindex.vocab import Vocab
-
-    try:
-        folder = model_dir or Path(read_index_manifest(_index_path(index_dir))["matcher"]["path"])
-        vocab = Vocab.load(Path(folder) / "vocab.json")
-    except (HeiindexError, KeyError, TypeError):
-        return
-    check_queries(vocab, texts, where)
 
 
 def _query_lines(file, name: str) -> list[str]:

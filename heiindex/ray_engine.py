@@ -30,12 +30,12 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import HeiindexError, HeiindexWarning, name_some
 from .index import Hit, SearchResult
-from .index_manifest import read_sharded_manifest
+from .index_manifest import read_index_manifest, read_sharded_manifest
 from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
@@ -165,6 +165,30 @@ class _ShardServer:
     def crash(self) -> None:
         """End this actor's process at once (fault tests: Ray restarts it)."""
         os._exit(1)
+
+
+def check_texts(
+    path: str | Path,
+    texts: list[str],
+    where: Callable[[int], str] | None = None,
+    model_dir: str | Path | None = None,
+) -> None:
+    """Text queries checked against the matcher's vocabulary in this process, as the shard actors
+    would check them (``heiindex.search.check_queries``; ``where(position)`` names a query in a
+    message), so that a refused query file costs no Ray start first (13 s against 4 s in
+    process, for the CLI). The vocabulary is that of
+    ``model_dir``, else of the matcher the build at ``path`` records; where neither can be read
+    here (a moved folder, a damaged manifest), this checks nothing and the actors check the texts
+    as they search them."""
+    from .search import check_queries
+    from .vocab import Vocab
+
+    try:
+        folder = model_dir or read_index_manifest(Path(path))["matcher"]["path"]
+        vocab = Vocab.load(Path(folder) / "vocab.json")
+    except (HeiindexError, KeyError, TypeError):
+        return
+    check_queries(vocab, texts, where)
 
 
 class RayShardedIndex(BatchSearch):

@@ -416,6 +416,29 @@ def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, 
     assert selected == ([7] if queries == 7 else [30])  # a whole shard is taken as it is
 
 
+def test_ray_texts_are_checked_in_this_process_where_the_vocabulary_can_be_read(pipe, sharded, tmp_path):
+    """heiindex.ray_engine.check_texts refuses what the actors would refuse, before Ray starts;
+    with the recorded matcher gone and no model_dir it checks nothing (the actors will)."""
+    import shutil
+
+    from heiindex.ray_engine import check_texts
+
+    with pytest.raises(
+        HeiindexError, match=r"q\.txt line 2: no word of the query is in the model's vocabulary: xyzzyq"
+    ):
+        check_texts(sharded.path, ["a dog", "xyzzyq"], lambda i: f"q.txt line {i + 1}")
+    check_texts(sharded.path, ["a dog"])
+    moved = tmp_path / "moved"
+    shutil.copytree(sharded.path, moved / "test")
+    manifest_path = moved / "test" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["matcher"]["path"] = str(tmp_path / "gone")
+    manifest_path.write_text(json.dumps(manifest))
+    check_texts(moved / "test", ["xyzzyq"])  # nothing to check against here
+    with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: xyzzyq"):
+        check_texts(moved / "test", ["xyzzyq"], model_dir=pipe.model_dir)
+
+
 def test_an_unsharded_index_is_refused_before_ray_is_needed(pipe, monkeypatch):
     """Where Ray is not installed (so outside test_ray.py, which skips then), an unsharded index
     is still refused as such: the manifest is read before Ray is imported."""
