@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS, resolve_device
-from heiindex.errors import DataError, HeiindexError, HeiindexWarning
+from heiindex.errors import HeiindexError, HeiindexWarning
 from heiindex.settings import require_breadth
 
 
@@ -775,7 +775,9 @@ def query(
     if queries_file is not None:
         name = getattr(queries_file, "name", None)
         name = "standard input" if not isinstance(name, str) or name == "<stdin>" else name
-        lines = _query_lines(queries_file, name)
+        from heiindex.search import query_file_lines
+
+        lines = query_file_lines(queries_file.read(), name)
         where = lambda i: f"{name} line {i + 1}"  # noqa: E731
     _check_engine_options(engine, "device", "dtype", "codes", "uri", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
@@ -807,27 +809,6 @@ def query(
         return
     print_result(res, bool(image_ids), k)
     click.echo(f"{res.seconds * 1000:.1f} ms ({depth}, re-ranked by the matcher)")
-
-
-def _query_lines(file, name: str) -> list[str]:
-    """The lines of a --file of queries (``heiindex.textlines``), so that "line N" in a message
-    is the file's line N, without blank lines at the end (one answer a line before them)."""
-    from heiindex.textlines import text_lines
-
-    try:
-        lines = text_lines(file.read(), name)
-    except DataError as exc:  # named as the queries' own errors are: "FILE line N: ...", the name as given
-        raise HeiindexError(f"{name} {exc.problem}") from None
-    while lines and not lines[-1].strip():  # blank lines an editor left at the end: no queries, nothing moved
-        lines.pop()
-    if not lines:
-        raise HeiindexError(f"{name} holds no queries: give one query per line")
-    if returns := [i for i, line in enumerate(lines) if "\r" in line]:  # read as one query of all the lines
-        raise HeiindexError(
-            f"{name} line {returns[0] + 1}: holds a carriage return (\\r) inside the line: old Mac line ends? "
-            "give one query per line, ended by \\n or \\r\\n"
-        )
-    return lines
 
 
 def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query: bool) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .attention import score_pairs
-from .errors import HeiindexError, name_some, shown
+from .errors import DataError, HeiindexError, name_some, shown
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
@@ -53,6 +53,7 @@ __all__ = [
     "id_span",
     "images_for_text",
     "pooled_candidates",
+    "query_file_lines",
     "query_problems",
     "refuse_queries",
     "refuse_unknown_images",
@@ -191,6 +192,31 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
             )
         encoded.append(enc)
     return encoded, problems
+
+
+def query_file_lines(data: bytes, name: str) -> list[str]:
+    """The queries of a file of one query per line (its bytes; ``name`` names it in a message),
+    split by ``heiindex.textlines.text_lines`` so that "line N" in a message is the file's line
+    N, without the blank lines at the end (one answer a line before them). ``HeiindexError``
+    names ``name`` and the line where the bytes are not UTF-8, where the file holds no query, or
+    where a line holds a carriage return (old Mac line ends would read as one query of all the
+    lines). What each line holds is checked by ``check_queries``, as for any query."""
+    from .textlines import text_lines
+
+    try:
+        lines = text_lines(data, name)
+    except DataError as exc:  # named as the queries' own errors are: "FILE line N: ...", the name as given
+        raise HeiindexError(f"{name} {exc.problem}") from None
+    while lines and not lines[-1].strip():  # blank lines an editor left at the end: no queries, nothing moved
+        lines.pop()
+    if not lines:
+        raise HeiindexError(f"{name} holds no queries: give one query per line")
+    if returns := [i for i, line in enumerate(lines) if "\r" in line]:
+        raise HeiindexError(
+            f"{name} line {returns[0] + 1}: holds a carriage return (\\r) inside the line: old Mac line ends? "
+            "give one query per line, ended by \\n or \\r\\n"
+        )
+    return lines
 
 
 def refuse_queries(problems: list[tuple[int, str]], n: int, where: Callable[[int], str] | None = None) -> None:

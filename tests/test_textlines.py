@@ -42,3 +42,19 @@ def test_a_utf16_file_is_named_as_such():
     for bom in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
         with pytest.raises(DataError, match=r"^f\.txt: is UTF-16 \(its byte-order mark says so\); save it as UTF-8$"):
             text_lines(bom + "a dog\n".encode("utf-16-le" if bom == codecs.BOM_UTF16_LE else "utf-16-be"), "f.txt")
+
+
+def test_a_query_file_is_its_lines_without_the_blank_ones_at_the_end():
+    """heiindex.search.query_file_lines, the lines ``query --file`` searches (the CLI's tests
+    give its refusals through the command)."""
+    from heiindex.errors import HeiindexError
+    from heiindex.search import query_file_lines
+
+    assert query_file_lines(b"\xef\xbb\xbfa dog\r\n\ntwo cats\n \n\n", "q.txt") == ["a dog", "", "two cats"]
+    for data, message in (
+        (b"a dog\rtwo cats\r\n", r"^q\.txt line 1: holds a carriage return \(\\r\) inside the line"),
+        (b" \n\n", r"^q\.txt holds no queries: give one query per line$"),
+        (b"a dog\n\xff\n", r"^q\.txt line 2: bytes are not valid UTF-8 \(invalid start byte\)$"),
+    ):
+        with pytest.raises(HeiindexError, match=message):
+            query_file_lines(data, "q.txt")
