@@ -490,6 +490,41 @@ def test_concurrent_ingests_into_a_new_root_leave_one_vocabulary(make_precomp, t
                 assert _manifest(out, split)["vocab"]["sha256"] == root_vocab
 
 
+def test_two_ingests_that_both_built_a_vocabulary_leave_one_split_and_a_refusal(make_precomp, tmp_path, monkeypatch):
+    """The race forced: both ingests into a new root have built their vocabulary (test's and
+    dev's, which differ) before either saves it. Exactly one saves vocab.json and writes its split;
+    the other is refused by name and writes nothing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import heiindex.ingest
+
+    test_dir, _, _ = make_precomp("t", split="test", n_images=7)
+    dev_dir, _, _ = make_precomp("d", split="dev", n_images=7, first_line=35)
+    both_built = threading.Barrier(2, timeout=120)
+    real = heiindex.ingest._claim_vocab
+
+    def claim_together(path, voc, split):
+        both_built.wait()
+        return real(path, voc, split)
+
+    monkeypatch.setattr(heiindex.ingest, "_claim_vocab", claim_together)
+    out = tmp_path / "O"
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            split: pool.submit(ingest, folder, split, out, feature_dim=8)
+            for folder, split in ((test_dir, "test"), (dev_dir, "dev"))
+        }
+    written = [split for split, f in futures.items() if f.exception() is None]
+    refused = [split for split, f in futures.items() if f.exception() is not None]
+    assert len(written) == len(refused) == 1
+    exc = futures[refused[0]].exception()
+    assert isinstance(exc, DataError) and "was written by another ingest into this store" in str(exc)
+    assert f"so {refused[0]} was not written" in str(exc)
+    assert sorted(p.name for p in out.iterdir()) == sorted([written[0], "vocab.json"])
+    assert _manifest(out, written[0])["vocab"]["sha256"] == Vocab.load(out / "vocab.json").checksum
+
+
 def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, testall_lines):
     test_dir, _, test_caps = make_precomp("t", split="test", n_images=7)
     dev_dir, _, dev_caps = make_precomp("d", split="dev", n_images=7, first_line=35)
