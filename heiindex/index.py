@@ -693,14 +693,16 @@ class Index(BatchSearch):
     @torch.no_grad()
     def encode_images(self, features: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
         """New images' raw region features ``(q, R, img_dim)``, as a store holds them, encoded by
-        the matcher where this index runs: ``(regions, gram)`` for ``search_regions``."""
+        the matcher where this index runs: ``(regions, gram)`` for ``search_regions``, in float32
+        whatever the index's dtype, so that a new image is hashed as the build hashed the stored
+        ones (before any cast to bfloat16; ``search_regions`` casts them for scoring)."""
         if isinstance(features, np.ndarray):
             # A read-only array (np.load(..., mmap_mode="r"), as the README reads features) is
             # copied: torch warns on sharing one, since a tensor over it could be written.
             features = torch.from_numpy(features if features.flags.writeable else features.copy())
         _check_image_tensor("features", features, (self.regions.shape[1], self.model.config.img_dim), "region features")
         regions = self.model.encode_images(features.to(self.regions.device, torch.float32))
-        return regions.to(self.regions.dtype), region_gram(regions)
+        return regions, region_gram(regions)
 
     def _check_encoded_images(self, regions, gram) -> None:
         """``HeiindexError`` unless ``regions`` (q, R, d) and ``gram`` (q, R, R) are finite float
@@ -723,9 +725,10 @@ class Index(BatchSearch):
         where already computed (else hashed here)."""
         n = min(n, self.n_images)
         dev = self.regions.device
-        words, lengths = words.to(dev, self.regions.dtype), lengths.to(dev)
-        if codes is None:
-            codes = self.hasher.module.caption_codes(words, lengths)
+        words, lengths = words.to(dev), lengths.to(dev)
+        if codes is None:  # from the words as given: a cast to bfloat16 first could change a bit
+            codes = self.hasher.module.caption_codes(words.to(torch.float32), lengths)
+        words = words.to(dtype=self.regions.dtype)
         return rerank_images(
             self.model, self.image_index, codes, words=words, lengths=lengths, regions=self.regions, gram=self.gram, n=n
         )
@@ -735,9 +738,10 @@ class Index(BatchSearch):
         """For each encoded image (regions (q, R, d), gram (q, R, R)): this index's Hamming
         top-``n`` captions (at most all of them), re-ranked; as ``candidates_for_captions``."""
         n = min(n, self.n_captions)
-        regions, gram = regions.to(self.regions.device, self.regions.dtype), gram.to(self.gram.device)
-        if codes is None:
+        regions, gram = regions.to(self.regions.device), gram.to(self.gram.device)
+        if codes is None:  # from the regions as given: a cast to bfloat16 first could change a bit
             codes = self.hasher.module.image_codes(regions.float())
+        regions = regions.to(self.regions.dtype)
         return rerank_captions(
             self.model,
             self.caption_index,

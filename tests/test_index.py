@@ -764,6 +764,29 @@ def test_an_image_query_searches_with_the_stored_image_code(pipe):
         assert [h.hamming for h in res.results] == _hamming_of_hits(half, half.image_codes()[row], res)
 
 
+def test_a_new_image_on_a_bfloat16_index_is_hashed_as_the_stored_ones(pipe):
+    """On an index held in bfloat16, a new image's regions were rounded before they were hashed
+    (encode_images cast them, candidates_for_images hashed the cast), where the build hashed the
+    float32 ones: 1 of the 24 test images got another code, and searched by its features it found
+    other captions than searched by its id. encode_images now gives float32, hashed before the
+    cast; so do candidates_for_captions' words."""
+    half = Index.open(pipe.index_dir, dtype="bfloat16")
+    store = SplitStore.open(pipe.root, "test")
+    feats = np.concatenate([f for _, f in store.iter_image_blocks(8)])
+    regions, gram = half.encode_images(feats)
+    assert regions.dtype == torch.float32
+    np.testing.assert_array_equal(half.hasher.module.image_codes(regions), half.image_codes())
+    by_features = half.search_regions(regions, gram, 6, 12)
+    by_id = [r.results for r in half.search_images([int(i) for i in half.image_ids], 6, 12)]
+    assert [[(h.id, h.hamming) for h in hits] for hits in by_features] == [
+        [(h.id, h.hamming) for h in hits] for hits in by_id
+    ]
+    words = Index.open(pipe.index_dir).words  # float32, as a new caption is encoded
+    got = half.candidates_for_captions(words, words.lengths, 5)
+    want = half.candidates_for_captions(words, words.lengths, 5, half.caption_codes())
+    np.testing.assert_array_equal(got.ids, want.ids)
+
+
 def test_image_rows_of_ids_stored_out_of_order():
     """image_rows searches the ids sorted (the pipeline's are stored in order, so its indexes
     cannot tell)."""
