@@ -1032,7 +1032,7 @@ def _packed_words(path: Path, lengths: np.ndarray, d: int, pf: pq.ParquetFile | 
                     f'column "words": caption row {i} holds {sizes[bad[0]]} floats, expected {want[bad[0]]} '
                     f"({lengths[i]} tokens x d = {d})",
                 )
-            values = chunk.flatten().to_numpy()  # flatten: this chunk's own words
+            values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own words (a null: NaN)
             check_column_finite(path, "words", values)
             out[pos : pos + len(values) // d] = values.reshape(-1, d)
             caption, pos = caption + len(chunk), pos + len(values) // d

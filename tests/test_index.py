@@ -1203,20 +1203,22 @@ def _both_builds_refuse(pipe, root, tmp_path, detail: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-def _rewrite_floats(path, column: str, at: int) -> None:
+def _rewrite_floats(path, column: str, at: int, null: bool = False) -> None:
     """``path`` written again with value ``at`` of the float list ``column`` set to NaN (as a
-    damaged page can decode without an error), its row groups kept."""
+    damaged page can decode without an error), or with ``null`` to a null value, its row groups
+    kept."""
     pfile = pq.ParquetFile(path)
     groups = [pfile.metadata.row_group(i).num_rows for i in range(pfile.num_row_groups)]
     table = pq.read_table(path)
     chunk = table.column(column).combine_chunks()
     values = chunk.flatten().to_numpy(zero_copy_only=False).copy()
     values[at] = np.nan
+    values = pa.array(values, mask=np.arange(len(values)) == at) if null else pa.array(values)
     offsets = chunk.offsets if hasattr(chunk, "offsets") else None
     if offsets is None:
-        fixed = pa.FixedSizeListArray.from_arrays(pa.array(values), chunk.type.list_size)
+        fixed = pa.FixedSizeListArray.from_arrays(values, chunk.type.list_size)
     else:
-        fixed = pa.ListArray.from_arrays(offsets, pa.array(values))
+        fixed = pa.ListArray.from_arrays(offsets, values)
     table = table.set_column(table.schema.get_field_index(column), column, fixed)
     pq.write_table(table, path, row_group_size=groups[0])
 
@@ -1270,6 +1272,12 @@ def test_non_finite_or_undecodable_features_are_refused_by_file(pipe, tmp_path):
     _rewrite_floats(index / "caption_features.parquet", "words", 11)
     with pytest.raises(DataError, match=r'caption_features\.parquet: column "words" holds NaN or infinite values'):
         Index.open(index)
+    for name, column in (("caption_features.parquet", "words"), ("image_features.parquet", "gram")):
+        shutil.rmtree(index)
+        shutil.copytree(pipe.index_dir, index)
+        _rewrite_floats(index / name, column, 11, null=True)  # was a raw pyarrow ArrowInvalid for the words
+        with pytest.raises(DataError, match=rf'{name}: column "{column}" holds NaN or infinite values'):
+            Index.open(index)
 
 
 def test_top_k_keeps_the_nearer_of_tied_candidates_and_drops_empty_slots():
