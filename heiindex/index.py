@@ -199,6 +199,10 @@ def _recorded_folder(manifest: dict, key: str, option: str, mpath: Path | None) 
     return folder
 
 
+# Milvus codes are searched by the server, from this process's CPU side
+_MILVUS_ON_CPU = "Milvus codes are searched by the server; use --device cpu with --codes milvus"
+
+
 def _hash_checksum(h: LoadedHash) -> str:
     sha = hashlib.sha256()
     for name, t in sorted(h.module.state_dict().items()):
@@ -228,6 +232,8 @@ class Index(BatchSearch):
             code_indexes = tuple(_load_code_file(path, what, manifest, counts[what], bits) for what in counts)
         if len(code_indexes) != 2:
             raise ValueError(f"code_indexes must be (images, captions), got {len(code_indexes)} items")
+        # as opened (FAISS, on the CPU, or Milvus): ``to`` derives each device's searched indexes from them
+        self._code_indexes = tuple(code_indexes)
         self.image_index, self.caption_index = code_indexes
         # The stored items' codes as the build wrote them, whichever device hashed them: the
         # bench's queries and a query by a stored image search with the codes the index holds
@@ -521,7 +527,7 @@ class Index(BatchSearch):
         resolve_device(device)  # before the features are read
         check_precision(dtype)
         if source == "milvus" and device != "cpu":
-            raise HeiindexError("Milvus codes are searched by the server; use --device cpu with --codes milvus")
+            raise HeiindexError(_MILVUS_ON_CPU)
         code_indexes = None  # the FAISS files
         if source == "milvus":  # the FAISS files are not read
             from .milvus_codes import MilvusCodes
@@ -568,17 +574,22 @@ class Index(BatchSearch):
         float32; the float32 features are not kept, so going back to float32 needs ``Index.open``
         again, and is refused here). Hamming search moves to the device too
         (``heiindex.hamming.index_on_device``)."""
+        from .milvus_codes import MilvusCodes  # pymilvus is imported only when a server is used
+
         dev = resolve_device(device)
         dtype = self.dtype if dtype is None else dtype
         check_precision(dtype)
-        if dev.type == "cuda":
-            set_precision(dtype)
         store = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        # every refusal before anything moves or the process's precision switches change
         if self.regions.dtype == torch.bfloat16 and store != torch.bfloat16:
             raise HeiindexError(
                 f"this index's features are held in bfloat16 (rounded when opened or moved with that dtype); "
                 f"for {dtype} open it again (Index.open({str(self.path)!r}, dtype={dtype!r}))"
             )
+        if dev.type != "cpu" and any(isinstance(i, MilvusCodes) for i in self._code_indexes):
+            raise HeiindexError(_MILVUS_ON_CPU)
+        if dev.type == "cuda":
+            set_precision(dtype)
         self.matcher.model.to(dev)
         self.hasher.module.to(dev)
         if store != self.regions.dtype:  # Milvus-searched: hash the stored items before a cast rounds them
@@ -587,8 +598,9 @@ class Index(BatchSearch):
         self.regions = self.regions.to(dev, store)
         self.gram = self.gram.to(dev)
         self.words = self.words.to(dev, store)
-        self.image_index = index_on_device(self.image_index, dev, self._image_codes)  # read when opened
-        self.caption_index = index_on_device(self.caption_index, dev, self._caption_codes)
+        # from the indexes as opened: back on the CPU, an IVF or HNSW index is itself again
+        self.image_index = index_on_device(self._code_indexes[0], dev, self._image_codes)  # codes read when opened
+        self.caption_index = index_on_device(self._code_indexes[1], dev, self._caption_codes)
         self.device, self.dtype = dev, dtype
         return self
 

@@ -984,6 +984,60 @@ def test_cuda_bfloat16_scores_within_1e_2(pipe, index):
         _assert_same_hits(index.search(text, k=10, candidates=24), half.search(text, k=10, candidates=24), 1e-2)
 
 
+def test_to_derives_the_searched_indexes_from_those_opened(ivf):
+    """``to`` made each device's Hamming indexes from the current ones, so after a GPU (an exact
+    copy of the codes) a move back to the CPU kept searching the GPU copy, and the IVF index with
+    its nprobe was gone for good. It now starts from the indexes as opened (the GPU half of this
+    is test_cuda_round_trip_comes_back_to_the_opened_indexes)."""
+    import faiss
+
+    opened = ivf.image_index, ivf.caption_index
+    ivf.image_index = ivf.caption_index = "a GPU's copy"  # what a move to a GPU leaves
+    ivf.to("cpu")
+    assert (ivf.image_index, ivf.caption_index) == opened
+    assert isinstance(faiss.downcast_IndexBinary(ivf.image_index), faiss.IndexBinaryIVF)
+    assert ivf.search_breadth()["images"]["nprobe"] == 1
+
+
+@pf.needs_cuda
+def test_cuda_round_trip_comes_back_to_the_opened_indexes(pipe, ivf):
+    """To a GPU and back: the CPU's IVF index again, with the answers it gave before."""
+    from heiindex.hamming import TorchBinaryIndex
+
+    index = Index.open(ivf.path)
+    before = index.search("a dog on the grass", k=5, candidates=8)
+    index.to("cuda")
+    assert not isinstance(index.image_index, type(ivf.image_index))
+    index.to("cpu")
+    assert type(index.image_index) is type(ivf.image_index) and not isinstance(index.image_index, TorchBinaryIndex)
+    assert index.search_breadth() == ivf.search_breadth()
+    after = index.search("a dog on the grass", k=5, candidates=8)
+    assert [(h.id, h.hamming) for h in after.results] == [(h.id, h.hamming) for h in before.results]
+
+
+@pf.needs_cuda
+def test_cuda_refusals_of_to_change_nothing(pipe):
+    """A refused move leaves the index where it was and the process's TF32 switches as they were:
+    bfloat16 features cannot go back to tf32 (the switches were set before that refusal), and
+    Milvus codes, refused on a GPU by ``Index.open``, were not refused by ``to`` (it failed half
+    way, with the features already on the GPU)."""
+    from heiindex.milvus_codes import MilvusCodes
+
+    half = Index.open(pipe.index_dir, dtype="bfloat16")
+    with pf.kept_tf32_switches():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with pytest.raises(HeiindexError, match="features are held in bfloat16"):
+            half.to("cuda", "tf32")
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert half.regions.device.type == "cpu"
+    served = Index.open(pipe.index_dir)
+    stand_in = MilvusCodes.__new__(MilvusCodes)  # not connected: nothing may reach it
+    served._code_indexes = (stand_in, stand_in)
+    with pytest.raises(HeiindexError, match="^Milvus codes are searched by the server; use --device cpu"):
+        served.to("cuda")
+    assert served.regions.device.type == "cpu" and next(served.matcher.model.parameters()).device.type == "cpu"
+
+
 def test_manifest_records_what_auto_chose(pipe, tmp_path):
     built = Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "auto", index_type="auto")
     spec = built.manifest["index"]
