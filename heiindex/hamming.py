@@ -270,7 +270,9 @@ def index_on_device(
         return index
     codes = stored_codes(index) if codes is None else codes
     if device.type == "cuda" and hasattr(faiss, "GpuIndexBinaryFlat") and faiss.get_num_gpus() > 0:
-        gpu = faiss.GpuIndexBinaryFlat(faiss.StandardGpuResources(), index.d)
+        config = faiss.GpuIndexBinaryFlatConfig()  # on the GPU asked for: faiss's default is GPU 0
+        config.device = device.index if device.index is not None else torch.cuda.current_device()
+        gpu = faiss.GpuIndexBinaryFlat(faiss.StandardGpuResources(), index.d, config)
         gpu.add(codes)
         return gpu
     return TorchBinaryIndex(codes, device)
