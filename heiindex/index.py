@@ -816,10 +816,11 @@ class Index(BatchSearch):
     def hash_captions(self, words: PackedWords) -> np.ndarray:
         """Codes of encoded captions (packed words, wherever they are), with this index's hash module."""
         module = self.hasher.module
+        if words.device == next(module.parameters()).device:  # caption_codes takes 512 captions at a time itself
+            return module.caption_codes(words, words.lengths)
 
-        def block(s: int, e: int, dev: torch.device) -> np.ndarray:
-            whole = s == 0 and e == len(words)  # no copy where one block is the whole set (a query batch)
-            part = (words if whole else words.select(torch.arange(s, e, device=words.device))).to(dev)
+        def block(s: int, e: int, dev: torch.device) -> np.ndarray:  # a block at a time to the module's device
+            part = words.select(torch.arange(s, e, device=words.device)).to(dev)
             return module.caption_codes(part, part.lengths)
 
         return self._hash_in_blocks(len(words), block)

@@ -131,8 +131,11 @@ class PackedWords:
         return out.view(*index.shape, -1)
 
     def select(self, rows: Tensor) -> PackedWords:
-        """The captions ``rows``, in that order, as a new ``PackedWords`` (their words copied)."""
+        """The captions ``rows``, in that order, as a new ``PackedWords`` (their words copied), or
+        these words themselves, not copied, where ``rows`` is every caption in order."""
         rows = torch.as_tensor(rows, device=self.device).long()
+        if len(rows) == len(self) and torch.equal(rows, torch.arange(len(self), device=self.device)):
+            return self
         lens = self.lengths.index_select(0, rows)
         starts = self.offsets.index_select(0, rows)
         first_of_row = torch.cumsum(lens, 0) - lens  # where each caption starts in the selection

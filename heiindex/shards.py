@@ -260,7 +260,7 @@ class ShardedIndex(BatchSearch):
     # from the first shards only, else all.
     def bench_captions(self, n: int, queries: int | None = None) -> list:
         take = self._first(queries, image_query=True)
-        words = PackedWords.cat([_first_captions(s.words, c) for s, c in take])
+        words = PackedWords.cat([s.words.select(torch.arange(c, device=s.words.device)) for s, c in take])
         codes = np.concatenate([s.caption_codes()[:c] for s, c in take])
         return [s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards]
 
@@ -330,11 +330,6 @@ def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:
         counts.append(min(int(n), left))
         left -= counts[-1]
     return counts
-
-
-def _first_captions(words: PackedWords, count: int) -> PackedWords:
-    """The first ``count`` captions of ``words`` (all of them without a copy)."""
-    return words if count == len(words) else words.select(torch.arange(count, device=words.device))
 
 
 def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:

@@ -876,9 +876,12 @@ def test_bfloat16_scores_within_1e_2_and_recall_within_one_query(pipe, index):
 
 
 def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, index, monkeypatch):
-    """Searched elsewhere (Milvus: FAISS files not read), the stored items are hashed a block of
+    """Searched elsewhere (Milvus: FAISS files not read), the stored images are hashed a block of
     items at a time (so a GPU never holds all the features in full precision): blocks of 5 give
-    the codes the build stored; cached ones stay."""
+    the codes the build stored; cached ones stay. The captions' words, already on the hash
+    module's device, go to caption_codes in one call, which pads 512 of them at a time itself
+    (they were copied a block at a time first: on coco-sim test's 5,000 captions, 0.19 s against
+    0.11 s, medians of 10 alternated calls)."""
     import heiindex.index as index_module
 
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 5)
@@ -890,7 +893,7 @@ def test_stored_items_hashed_a_block_at_a_time_keep_their_codes(pipe, index, mon
     monkeypatch.setattr(module, "caption_codes", lambda w, n: sizes["text"].append(len(w)) or real_text(w, n))
     np.testing.assert_array_equal(opened.image_codes(), stored_codes(opened.image_index))
     np.testing.assert_array_equal(opened.caption_codes(), stored_codes(opened.caption_index))
-    assert sizes == {"image": [5, 5, 5, 5, 4], "text": [5] * 24}  # 24 images, 120 captions
+    assert sizes == {"image": [5, 5, 5, 5, 4], "text": [120]}  # 24 images, 120 captions
     cached = opened.image_codes()
     monkeypatch.setattr(index_module, "_HASH_BLOCK", 3)
     assert opened.image_codes() is cached

@@ -401,8 +401,9 @@ def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, 
     real = PackedWords.select
 
     def spy(self, rows):
-        selected.append(len(rows))
-        return real(self, rows)
+        got = real(self, rows)
+        selected.append((len(rows), got is self))
+        return got
 
     monkeypatch.setattr(PackedWords, "select", spy)
     for name, n_items in (("bench_captions", 120), ("bench_images", 24)):
@@ -413,7 +414,7 @@ def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, 
             np.testing.assert_array_equal(g.ids, f.ids[:want])
             np.testing.assert_allclose(g.scores, f.scores[:want], rtol=0, atol=1e-6)
             np.testing.assert_array_equal(g.hamming, f.hamming[:want])
-    assert selected == ([7] if queries == 7 else [30])  # a whole shard is taken as it is
+    assert selected == ([(7, False)] if queries == 7 else [(40, True), (30, False)])  # a whole shard is not copied
 
 
 def test_ray_texts_are_checked_in_this_process_where_the_vocabulary_can_be_read(pipe, sharded, tmp_path):
