@@ -237,7 +237,11 @@ def _protocol(
     gt = hei["gt"]
     img_codes, cap_codes = hei["codes"]
     res: dict = {"images": int(len(img_rows)), "captions": int(len(cap_rows)), "candidates": n}
-    ex_scores, ex_seconds = _timed(exhaustive_scores, index.model, sub) if exhaustive else (None, None)
+    ex_ranks, ex_seconds = {}, None
+    if exhaustive:  # ranked at once: one score matrix (captions x images) alive at a time
+        ex_scores, ex_seconds = _timed(exhaustive_scores, index.model, sub)
+        ex_ranks = {"t2i": t2i_ranks(ex_scores, gt), "i2t": i2t_ranks(ex_scores.T, gt)}
+        del ex_scores
     # The seconds of every pass of each stage; _settle_timing turns them into the figures.
     runs = {"exhaustive": [ex_seconds], "t2i": [hei["t2i"]["seconds"]], "i2t": [hei["i2t"]["seconds"]]}
     for _ in range(repeats - 1):  # timed again, alternately, on a noisy machine (the ranks are the first pass's)
@@ -247,16 +251,14 @@ def _protocol(
         if exhaustive:
             runs["exhaustive"].append(_timed(exhaustive_scores, index.model, sub)[1])
     ham, ham_seconds = _timed(_hamming_scores, cap_codes, img_codes)
-    ex_ranks = {}
-    if ex_scores is not None:
-        ex_ranks = {"t2i": t2i_ranks(ex_scores, gt), "i2t": i2t_ranks(ex_scores.T, gt)}
+    ham_ranks = {"t2i": t2i_ranks(ham, gt), "i2t": i2t_ranks(ham.T, gt)}
+    del ham
     for direction in ("t2i", "i2t"):
         d = {}
         if ex_ranks:
             d["exhaustive"] = {**recall(ex_ranks[direction]).to_dict(), **_seconds_of(runs["exhaustive"])}
         d["hei"] = {**recall(hei[direction]["ranks"]).to_dict(), **_seconds_of(runs[direction])}
-        hranks = t2i_ranks(ham, gt) if direction == "t2i" else i2t_ranks(ham.T, gt)
-        d["hamming"] = {**recall(hranks).to_dict(), "seconds": ham_seconds}
+        d["hamming"] = {**recall(ham_ranks[direction]).to_dict(), "seconds": ham_seconds}
         d["candidate_recall"] = hei[direction]["candidate_recall"]
         d.update({key: hei[direction][key] for key in ("candidate_slots", "candidates_found")})
         if ex_ranks:

@@ -26,11 +26,18 @@ __all__ = [
 ]
 
 
-def check_finite(scores: np.ndarray) -> None:
+def check_finite(scores: np.ndarray, block: int = 1024) -> None:
     """``HeiindexError`` unless every score is finite. A NaN compares false with everything, so
     a NaN score matrix ranked every text-to-image ground truth first (R@1 100) and a diverged
-    model looked perfect."""
-    bad = scores.size - int(np.count_nonzero(np.isfinite(scores)))
+    model looked perfect. Checked ``block`` rows at a time: no mask as large as the matrix."""
+    scores = np.asarray(scores)
+    if scores.size == 0:
+        return
+    rows = scores.reshape(len(scores), -1) if scores.ndim else scores.reshape(1, 1)
+    bad = sum(
+        rows[s : s + block].size - int(np.count_nonzero(np.isfinite(rows[s : s + block])))
+        for s in range(0, len(rows), block)
+    )
     if bad:
         raise HeiindexError(
             f"{bad} of {scores.size} matcher scores are NaN or infinite: the model's weights or the "
@@ -67,10 +74,11 @@ def recall(ranks: np.ndarray) -> Recall:
     return Recall(pct[0], pct[1], pct[2], float(np.floor(np.median(ranks))), float(np.mean(ranks)))
 
 
-def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def t2i_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarray:
     """scores (n_caps, n_imgs), gt (n_caps,) image index per caption -> (n_caps,) ranks.
 
-    Ties count against the ground truth (an equal score ranks above it).
+    Ties count against the ground truth (an equal score ranks above it). Rows are compared
+    ``block`` captions at a time (no comparison matrix as large as the scores).
     """
     scores, gt = np.asarray(scores), np.asarray(gt)
     if scores.ndim != 2 or gt.shape != (scores.shape[0],):
@@ -78,8 +86,11 @@ def t2i_ranks(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
     if len(gt) and (gt.min() < 0 or gt.max() >= scores.shape[1]):
         raise ValueError(f"gt must hold image indices in [0, {scores.shape[1]}), got {gt.min()}..{gt.max()}")
     check_finite(scores)
-    gt_score = scores[np.arange(len(gt)), gt]
-    return (scores >= gt_score[:, None]).sum(axis=1).astype(np.float64)
+    ranks = np.empty(len(gt))
+    for s in range(0, len(gt), block):
+        rows = scores[s : s + block]
+        ranks[s : s + block] = (rows >= rows[np.arange(len(rows)), gt[s : s + block], None]).sum(axis=1)
+    return ranks
 
 
 def check_captioned(gt: np.ndarray, n_imgs: int) -> None:

@@ -79,6 +79,26 @@ def test_t2i_small_matrix_by_hand():
 # -- image to text ----------------------------------------------------------------------------
 
 
+def test_t2i_ranks_a_block_of_captions_at_a_time_as_all_at_once():
+    """Ranked 7 captions at a time (the bench ranks 1,024 at a time, so that no comparison matrix
+    is as large as the scores), with ties, as one comparison of the whole matrix gives them; a
+    NaN in a later block is still found and counted."""
+    from heiindex.evaluation import check_finite
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, (300, 40)).astype(np.float32)  # many ties
+    gt = rng.integers(0, 40, 300)
+    whole = (scores >= scores[np.arange(300), gt][:, None]).sum(axis=1)
+    np.testing.assert_array_equal(t2i_ranks(scores, gt, block=7), whole)
+    np.testing.assert_array_equal(t2i_ranks(scores, gt), whole)
+    scores[299, 3], scores[150, 0] = np.nan, np.inf
+    with pytest.raises(HeiindexError, match=r"^2 of 12000 matcher scores are NaN or infinite"):
+        t2i_ranks(scores, gt, block=7)
+    with pytest.raises(HeiindexError, match=r"^2 of 12000 matcher scores are NaN or infinite"):
+        check_finite(scores.T, block=7)
+    check_finite(np.zeros((0, 4)))
+
+
 def test_i2t_best_rank_of_the_images_captions():
     gt = np.array([0, 0, 1, 1])  # captions 0, 1 of image 0; 2, 3 of image 1
     scores = np.array(
