@@ -149,9 +149,8 @@ def caption_bank(
             stacklevel=2,
         )
     order = np.argsort(captions.lengths, kind="stable")
-    # int32 token ids (half the store's int64): with the codes and tanh outputs, what is kept;
-    # narrowed before the reordering copy, so that no second int64 array is made
-    tokens = captions.tokens.astype(np.int32)[order]
+    # int32 token ids, as the store's: with the codes and tanh outputs, what is kept
+    tokens = captions.tokens[order]
     lengths = np.asarray(captions.lengths[order], dtype=np.int64)
     del captions  # texts and ids are not needed
     module, bits = hasher.module, hasher.module.config.bits

@@ -78,7 +78,7 @@ def test_the_bank_holds_every_training_caption_hashed_as_the_index_hashes_captio
     with torch.no_grad():
         pre = hasher.module.text_hash(hasher.module.pool_captions(words, lengths))
     torch.testing.assert_close(bank.outputs, torch.tanh(pre))
-    assert bank.tokens.dtype == np.int32  # half the store's int64, as the memory figures assume
+    assert bank.tokens.dtype == np.int32  # as the store holds them, as the memory figures assume
     entry = bank.manifest_entry()
     assert entry == {"split": "train", "k": 3, "weight": 0.6, "preselect": 40, "captions": TRAIN_CAPTIONS,
                      "store_checksum": bank.store.checksum}  # fmt: skip
