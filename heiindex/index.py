@@ -772,12 +772,15 @@ class Index(BatchSearch):
     def how_searched(self) -> dict:
         """What a bench reports of how this index searches: its code ``bits``; the ``index_type``
         its Hamming searches go through (the Milvus index type where the codes are on a Milvus
-        server, else the FAISS type, ``searched_type``); ``search_breadth``; torch's ``threads``;
+        server, else the FAISS type, ``searched_type``, or "flat" on a GPU, which searches every
+        code whatever the build's type); ``search_breadth``; torch's ``threads``;
         the ``device`` and ``dtype`` it scores on."""
         from .milvus_codes import MilvusCodes  # pymilvus is imported only when a server is used
 
         if isinstance(self.image_index, MilvusCodes):
             index_type = f"milvus {self.manifest['codes']['index_type']}"
+        elif self.image_index is not self._code_indexes[0]:  # moved to a GPU: an exact search of the same codes
+            index_type = "flat"
         else:
             index_type = searched_type(self.manifest["index"])
         return {

@@ -994,12 +994,18 @@ def test_to_derives_the_searched_indexes_from_those_opened(ivf):
     is test_cuda_round_trip_comes_back_to_the_opened_indexes)."""
     import faiss
 
+    from heiindex.hamming import TorchBinaryIndex
+
     opened = ivf.image_index, ivf.caption_index
-    ivf.image_index = ivf.caption_index = "a GPU's copy"  # what a move to a GPU leaves
+    assert ivf.how_searched()["index_type"] == "ivf"
+    ivf.image_index = TorchBinaryIndex(ivf.image_codes())  # what a move to a GPU leaves (on the CPU here)
+    ivf.caption_index = TorchBinaryIndex(ivf.caption_codes())
+    got = ivf.how_searched()  # said "ivf" on a GPU, which searches every code
+    assert (got["index_type"], got["search_breadth"]) == ("flat", {"images": {}, "captions": {}})
     ivf.to("cpu")
     assert (ivf.image_index, ivf.caption_index) == opened
     assert isinstance(faiss.downcast_IndexBinary(ivf.image_index), faiss.IndexBinaryIVF)
-    assert ivf.search_breadth()["images"]["nprobe"] == 1
+    assert ivf.search_breadth()["images"]["nprobe"] == 1 and ivf.how_searched()["index_type"] == "ivf"
 
 
 @pf.needs_cuda
