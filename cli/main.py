@@ -442,7 +442,7 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight
     from heiindex.train_hash import HashTrainConfig, train_hash
 
     matcher = load_model(model_dir or default_model_dir())
-    hcfg = HashConfig(bits=bits, embed_size=matcher.model.config.embed_size, pooling=pooling)
+    hcfg = HashConfig(bits=bits, pooling=pooling)  # embed_size: the matcher's
     tcfg = HashTrainConfig(
         epochs=epochs, lr=lr, rank_weight=rank_weight, rounds=rounds, val_candidates=val_candidates, seed=seed
     )

@@ -46,12 +46,13 @@ __all__ = [
 @dataclass(frozen=True)
 class HashConfig:
     bits: int = 256
-    embed_size: int = 256
+    embed_size: int | None = None  # the matcher's embedding size: None lets train_hash take the matcher's
     pooling: str = "query"  # coco-sim: +0.5 / +0.1 test candidate recall over mean pooling (benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:
         settle(self, "bits", integer=True)  # a numpy int: an int
-        settle(self, "embed_size", at_least=1, integer=True)
+        if self.embed_size is not None:
+            settle(self, "embed_size", at_least=1, integer=True)
         if self.bits % 8 or not 8 <= self.bits <= 1024:
             raise SettingError(
                 "bits", f"bits (the code length k) must be a multiple of 8 between 8 and 1024, got {self.bits}"
@@ -103,6 +104,10 @@ class HashModule(nn.Module):
 
     def __init__(self, config: HashConfig) -> None:
         super().__init__()
+        if config.embed_size is None:
+            raise SettingError(
+                "embed_size", "a hash module needs embed_size, its matcher's embedding size (train_hash fills it in)"
+            )
         self.config = config
         self.image_hash = nn.Linear(config.embed_size, config.bits)
         self.text_hash = nn.Linear(config.embed_size, config.bits)

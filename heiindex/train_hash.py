@@ -345,9 +345,15 @@ def train_hash(
     """Train hash layers on ``train_split`` next to the frozen ``matcher``; keep the best on ``val_split``."""
     store_root = Path(store_root)
     model = matcher.model.eval()
-    hash_config = hash_config or HashConfig(embed_size=model.config.embed_size)
+    hash_config = hash_config or HashConfig()
+    if hash_config.embed_size is None:  # the matcher's: the hash layers read its embeddings
+        hash_config = replace(hash_config, embed_size=model.config.embed_size)
     if hash_config.embed_size != model.config.embed_size:
-        raise ValueError(f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}")
+        raise SettingError(
+            "embed_size",
+            f"hash embed_size {hash_config.embed_size} != matcher embed_size {model.config.embed_size}: "
+            "leave embed_size unset (None) to take the matcher's",
+        )
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
     for store in (tr, va):

@@ -133,6 +133,9 @@ def test_hash_config_accepts_multiples_of_8_only():
         HashConfig(pooling="median")
     assert HashConfig(pooling="max").pooling == "max"
     assert HashConfig(bits=16, embed_size=24).to_dict() == {"bits": 16, "embed_size": 24, "pooling": "query"}
+    assert HashConfig().embed_size is None  # the matcher's, filled in by train_hash
+    with pytest.raises(SettingError, match="^a hash module needs embed_size, its matcher's embedding size"):
+        HashModule(HashConfig())
 
 
 def test_max_and_attn_pooling_exact_on_a_tiny_example():
@@ -514,8 +517,21 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
             HashTrainConfig().resolved(bad)
 
 
-def test_train_hash_refuses_another_embed_size(pipe, tmp_path):
-    with pytest.raises(ValueError, match="hash embed_size 8 != matcher embed_size 24"):
+def test_train_hash_takes_the_matchers_embed_size_and_refuses_another(pipe, tmp_path):
+    """HashConfig(bits=16) alone, as a Python user writes it, trains next to a matcher of
+    embed_size 24 (the default embed_size was 256, refused as another); one given that differs
+    is refused."""
+    got = train_hash(
+        load_model(pipe.model_dir),
+        pipe.root,
+        tmp_path / "ok",
+        HashConfig(bits=16),
+        HashTrainConfig(epochs=1),
+        log=pf.quiet,
+    )
+    assert load_hash(tmp_path / "ok").module.config == HashConfig(bits=16, embed_size=24)
+    assert got["best_epoch"] == 1  # of 1
+    with pytest.raises(SettingError, match="hash embed_size 8 != matcher embed_size 24: leave embed_size unset"):
         train_hash(
             load_model(pipe.model_dir),
             pipe.root,
