@@ -289,8 +289,10 @@ def train(
     log=print,
 ) -> TrainResult:
     """Train on ``store_root/train_split``, validate on ``val_split``; write ``out/best``, ``out/last``.
-    ``resume``: go on from ``out/last`` where it holds a run (``resumable``). ``config`` None: the
-    settings that run trained with where it resumes one (``TrainConfig.of_run``), else the defaults."""
+    ``model_config`` None: ``ScanConfig``'s defaults with the store's vocabulary size and region
+    feature size. ``resume``: go on from ``out/last`` where it holds a run (``resumable``).
+    ``config`` None: the settings that run trained with where it resumes one
+    (``TrainConfig.of_run``), else the defaults."""
     store_root, out = Path(store_root), Path(out)
     # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
     # the hidden leftovers of their swaps); a file or any other folder is not written into
@@ -353,7 +355,8 @@ def train(
                 ),
                 stacklevel=2,
             )
-        model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab)))
+        # by default the store's vocabulary and feature size (ScanConfig's img_dim is SCAN's 2048)
+        model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab), img_dim=tr.feature_dim))
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     if model.config.vocab_size != len(vocab):
         raise DataError(store_root / "vocab.json", f"{len(vocab)} words, the model expects {model.config.vocab_size}")

@@ -403,6 +403,14 @@ def test_cli_train_uses_the_feature_size_of_the_store(pipe, tmp_path):
     assert load_model(out / "best").model.config.img_dim == pf.FEATURE_DIM
 
 
+def test_train_without_a_model_config_uses_the_stores_sizes(pipe, tmp_path):
+    """The library as the CLI: train(root, out) with no model config took SCAN's img_dim 2048 and
+    refused the store ("features have size 32, the model expects img_dim 2048")."""
+    train(pipe.root, tmp_path / "run", None, pf.train_config(epochs=1), log=pf.quiet)
+    config = load_model(tmp_path / "run" / "best").model.config
+    assert (config.img_dim, config.vocab_size) == (pf.FEATURE_DIM, len(Vocab.load(pipe.root / "vocab.json")))
+
+
 def test_cli_train_is_deterministic(wide_store, tmp_path):
     a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
     b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
