@@ -1037,6 +1037,7 @@ def verify(path, as_json) -> None:
     """Check a store (root or split) or an index (sharded or not) against the file sizes and
     SHA-256s its manifests record; exit status 2 where a file changed or is missing, or a manifest
     is one the commands reading it would refuse ("invalid")."""
+    from heiindex.verify import failures
     from heiindex.verify import verify as run_verify
 
     from .render import console, echo_json, verify_table
@@ -1046,13 +1047,8 @@ def verify(path, as_json) -> None:
         echo_json({"path": str(path), "files": [c.to_dict() for c in checks]})
     else:
         console.print(verify_table(path, checks))
-    bad = [c.status for c in checks if c.status in ("changed", "missing", "invalid")]
-    if bad:  # handle_errors prints it and exits with status 2
-        counts = ", ".join(f"{bad.count(s)} {s}" for s in ("changed", "missing", "invalid") if s in bad)
-        raise HeiindexError(
-            f"{counts} of {len(checks)} listed: files that differ from what their manifests record or are not "
-            "there, or manifests heiindex cannot read"
-        )
+    if problem := failures(checks):  # handle_errors prints it and exits with status 2
+        raise HeiindexError(problem)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ from .store import (
     store_splits,
 )
 
-__all__ = ["FileCheck", "verify"]
+__all__ = ["FAILED", "FileCheck", "failures", "verify"]
+
+
+# The statuses that mean the data is not what its manifests record ("unrecorded" and "leftover" do not).
+FAILED = ("changed", "missing", "invalid")
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,26 @@ class FileCheck:
     status: str
     detail: str
 
+    @property
+    def failed(self) -> bool:
+        """Whether this file is one of the ``FAILED`` statuses."""
+        return self.status in FAILED
+
     def to_dict(self) -> dict:
         return {"path": str(self.path), "status": self.status, "detail": self.detail}
+
+
+def failures(checks: list[FileCheck]) -> str | None:
+    """What ``verify``'s ``checks`` found wrong, in one line ("1 changed, 2 missing of 9 listed:
+    ..."), or None where no file failed (``FileCheck.failed``)."""
+    bad = [c.status for c in checks if c.failed]
+    if not bad:
+        return None
+    counts = ", ".join(f"{bad.count(s)} {s}" for s in FAILED if s in bad)
+    return (
+        f"{counts} of {len(checks)} listed: files that differ from what their manifests record or are not "
+        "there, or manifests heiindex cannot read"
+    )
 
 
 def verify(path: str | Path) -> list[FileCheck]:

@@ -14,7 +14,7 @@ from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.shards import ShardedIndex
-from heiindex.verify import verify
+from heiindex.verify import failures, verify
 
 
 def _flip_a_byte(path) -> None:
@@ -26,6 +26,7 @@ def _flip_a_byte(path) -> None:
 def test_a_store_split_and_root(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     checks = verify(root)
+    assert failures(checks) is None and not any(c.failed for c in checks)
     assert [(c.path.parent.name, c.path.name, c.status) for c in checks] == [
         (split, name, "ok") for split in ("dev", "test", "train") for name in ("captions.parquet", "images.parquet")
     ] + [("store", "vocab.json", "ok")]
@@ -38,6 +39,10 @@ def test_a_store_split_and_root(pipe, tmp_path):
     assert got[("dev", "captions.parquet")][0] == "changed" and "bytes" in got[("dev", "captions.parquet")][1]
     assert got[("train", "images.parquet")][0] == "missing"
     assert got[("test", "captions.parquet")][0] == "ok"
+    assert failures(verify(root)) == (  # what `heiindex verify` exits with, for a script of its own
+        "2 changed, 1 missing of 7 listed: files that differ from what their manifests record or are not there, "
+        "or manifests heiindex cannot read"
+    )
     assert [c.status for c in verify(root / "test")] == ["ok", "changed", "ok"]  # and the root's vocab.json
     assert verify(root / "test")[-1].detail == "the vocabulary split test records"
 
