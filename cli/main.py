@@ -954,12 +954,15 @@ def bench(
         from heiindex.plot import check_plot_path
 
         check_plot_path(default_plot, "the default sweep plot (give --plot PATH for another)")
-    res = run_bench(index, topk, sweep_list, protocol, repeats=repeats, warmup=warmup)
-    if sweep_list:
-        from heiindex.plot import plot_sweep
-
-        primary = res.get("5k") or res.get("full") or res.get("1k")
-        res["plot"] = str(plot_sweep(primary["sweep"], plot or default_plot))
+    res = run_bench(
+        index,
+        topk,
+        sweep_list,
+        protocol,
+        repeats=repeats,
+        warmup=warmup,
+        plot=(plot or default_plot) if sweep_list else None,
+    )
     if as_json:
         echo_json(res)
         return

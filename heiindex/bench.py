@@ -11,6 +11,7 @@ What this module must not do: print (the CLI renders the returned dict).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,11 +21,20 @@ from .errors import HeiindexError
 from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
+from .plot import check_plot_path, plot_sweep, require_matplotlib
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
 
-__all__ = ["COCO_5K_IMAGES", "candidate_metrics", "candidate_ranks", "rerank_direction", "run_bench", "warm_up"]
+__all__ = [
+    "COCO_5K_IMAGES",
+    "candidate_metrics",
+    "candidate_ranks",
+    "main_protocol",
+    "rerank_direction",
+    "run_bench",
+    "warm_up",
+]
 
 COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is benched as COCO 5K and 1K
 
@@ -374,6 +384,7 @@ def run_bench(
     exhaustive: bool = True,
     repeats: int = 1,
     warmup: bool = True,
+    plot: str | Path | None = None,
 ) -> dict:
     """Benchmark an opened index. ``protocols``: "auto" (whole split; plus COCO 1K folds when the
     split has 5,000 images, as ``testall``), "full" or "1k". ``repeats``: how many times HEI and
@@ -381,7 +392,9 @@ def run_bench(
     then the median, and ``seconds_each`` lists every pass. ``topk``: N, the candidates HEI
     re-ranks; by default 100, or the largest the index allows where that is smaller.
     ``warmup``: first run ``warm_up`` (its seconds are ``"warmup_seconds"``; None without it), so
-    that the timed passes are those of a process that has scored before."""
+    that the timed passes are those of a process that has scored before. ``plot``: with
+    ``sweep``, a .png path to draw the main protocol's sweep in (checked before any pass; its
+    path is ``"plot"``; needs matplotlib)."""
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with heiindex.shards.run_sharded_bench")
     repeats = require("repeats", repeats, at_least=1, integer=True)
@@ -390,6 +403,11 @@ def run_bench(
     # checked before any pass: a float sweep value failed after the whole bench, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)
     sweep = sorted(set(_sweep_values(sweep)))
+    if plot is not None:  # before any pass: a bad path failed after the whole bench
+        if not sweep:
+            raise SettingError("plot", "the plot draws the sweep table; give sweep too", also=("sweep",))
+        plot = check_plot_path(plot, "plot")
+        require_matplotlib()
     full = protocols in ("auto", "full")
     coco_5k = index.n_images == COCO_5K_IMAGES
     folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
@@ -421,7 +439,15 @@ def run_bench(
         out["1k"]["index_type"] = "flat"
         for direction in ("t2i", "i2t"):  # from the summed seconds, not the mean of the folds' ratios
             _settle_timing(out["1k"][direction])
-    primary = out.get("5k") or out.get("full") or out["1k"]
+    primary = main_protocol(out)
     for direction in ("t2i", "i2t"):
         out[direction] = primary[direction]
+    if plot is not None:
+        out["plot"] = str(plot_sweep(primary["sweep"], plot))
     return out
+
+
+def main_protocol(res: dict) -> dict:
+    """The protocol of a ``run_bench`` result whose figures are also its top-level ``"t2i"`` and
+    ``"i2t"``: COCO 5K, else the whole split, else COCO 1K (the folds' mean)."""
+    return res.get("5k") or res.get("full") or res["1k"]

@@ -336,6 +336,26 @@ def test_bad_depths_are_refused_by_name_before_any_pass(index, monkeypatch):
     assert got["full"]["candidates"] == 5 and [r["candidates"] for r in got["full"]["sweep"]] == [2, 4]
 
 
+def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index, tmp_path, monkeypatch):
+    """A Python user got no plot (the CLI drew it from the main protocol's sweep); a bad path is
+    refused before the bench runs."""
+    import heiindex.bench
+
+    with monkeypatch.context() as m:
+        pf.forbid(m, "a pass ran", (heiindex.bench, "_hei"))
+        for kwargs, message in (
+            ({"plot": tmp_path / "p.png"}, "the plot draws the sweep table; give sweep too"),
+            ({"sweep": [2], "plot": tmp_path / "p.txt"}, "the plot is a PNG; give a path ending in .png"),
+            ({"sweep": [2], "plot": tmp_path / "gone" / "p.png"}, "no folder"),
+        ):
+            with pytest.raises(HeiindexError, match=re.escape(message)):
+                run_bench(index, topk=5, exhaustive=False, **kwargs)
+    res = run_bench(index, topk=5, sweep=np.array([2, 4]), exhaustive=False, plot=tmp_path / "p.png")
+    assert res["plot"] == str(tmp_path / "p.png") and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert heiindex.bench.main_protocol(res) is res["full"]
+    assert "plot" not in run_bench(index, topk=5, sweep=[2], exhaustive=False)
+
+
 def test_without_exhaustive_there_is_no_speedup(index):
     res = run_bench(index, topk=5, exhaustive=False)
     for direction in ("t2i", "i2t"):

@@ -143,9 +143,11 @@ def test_query_opens_the_index_in_float32_and_with_the_codes_asked_for(pipe, mon
 def _spy_bench(monkeypatch, got: dict, res: dict):
     import heiindex.bench
 
-    def fake(index, topk, sweep, protocol, repeats, warmup):
+    def fake(index, topk, sweep, protocol, repeats, warmup, plot=None):
         got.update(topk=topk, sweep=sweep, protocol=protocol, repeats=repeats, warmup=warmup)
-        return {"warmup_seconds": None, **res}
+        if plot is not None:  # drawn by run_bench, which records its path
+            got["plot"] = plot
+        return {"warmup_seconds": None, **res, **({"plot": str(plot)} if plot is not None else {})}
 
     monkeypatch.setattr(heiindex.bench, "run_bench", fake)
 
@@ -169,16 +171,16 @@ def test_bench_repeats_below_one_is_refused_by_its_flag(pipe):
 def test_bench_sweep_plot_goes_in_the_index_folder_by_default(pipe, monkeypatch):
     """Without --plot the sweep's PNG is the index's bench_sweep.png (as --plot's help says), not
     a file in whatever folder the command ran from."""
-    import heiindex.plot
     from heiindex.index import Index
 
-    sweep = [{"candidates": 5}]
-    _spy_bench(monkeypatch, {}, {"split": "test", "full": {"sweep": sweep}})
-    drawn: dict = {}
-    monkeypatch.setattr(heiindex.plot, "plot_sweep", lambda rows, path: drawn.update(rows=rows, path=path) or path)
+    got: dict = {}
+    _spy_bench(monkeypatch, got, {"split": "test", "full": {"sweep": [{"candidates": 5}]}})
     d = as_json(run("bench", "--index", pipe.index_dir, "--sweep", "5", "--json"))
     want = Index.open(pipe.index_dir).path / "bench_sweep.png"
-    assert drawn == {"rows": sweep, "path": want} and d["plot"] == str(want)
+    assert got["plot"] == want and d["plot"] == str(want)
+    got.clear()
+    ok(run("bench", "--index", pipe.index_dir, "--json"))
+    assert "plot" not in got  # no sweep: nothing to draw
 
 
 _ROW = {"r1": 1.0, "r5": 2.0, "r10": 3.0, "meanr": 2.0, "seconds": 0.5}  # recall_row's fields but rsum
