@@ -686,19 +686,10 @@ def _open_index(
     from heiindex.index_manifest import sharded_manifest
 
     path = _index_path(index_dir)
-    if sharded_manifest(path) is not None:  # a missing index is told before torch and FAISS are imported
-        if codes == "milvus" or uri is not None:
-            raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
-        from heiindex.shards import ShardedIndex
+    sharded_manifest(path)  # a missing index is told before torch and FAISS are imported
+    from heiindex.shards import open_index
 
-        return ShardedIndex.open(
-            path, model_dir, hash_dir, device=device, dtype=dtype, nprobe=nprobe, ef_search=ef_search
-        )
-    from heiindex.index import Index
-
-    return Index.open(
-        path, model_dir, hash_dir, device=device, dtype=dtype, codes=codes, uri=uri, nprobe=nprobe, ef_search=ef_search
-    )
+    return open_index(path, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
 
 
 @cli.command()

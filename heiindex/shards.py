@@ -47,7 +47,13 @@ from .index import (
     timed_results,
     warn_unused_lists,
 )
-from .index_manifest import SHARDED_FORMAT_VERSION, check_shard_entry, read_sharded_manifest, shard_missing
+from .index_manifest import (
+    SHARDED_FORMAT_VERSION,
+    check_shard_entry,
+    read_sharded_manifest,
+    shard_missing,
+    sharded_manifest,
+)
 from .packed import PackedWords
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
@@ -68,6 +74,7 @@ __all__ = [
     "build_shards",
     "locate_images",
     "merge_hits",
+    "open_index",
     "run_sharded_bench",
     "shard_bounds",
     "shard_search_regions",
@@ -317,6 +324,36 @@ class ShardedIndex(BatchSearch):
         back = torch.from_numpy(np.argsort(np.concatenate(at)))  # listed by shard -> in the batch's order
         regions, gram = (torch.cat([p[i] for p in parts])[back.to(parts[0][i].device)] for i in (0, 1))
         return regions, gram, np.concatenate([p[2] for p in parts])[back.numpy()]
+
+
+def open_index(
+    path: str | Path | None = None,
+    matcher: LoadedModel | str | Path | None = None,
+    hasher: LoadedHash | str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    codes: str | None = None,
+    uri: str | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> Index | ShardedIndex:
+    """The build at ``path`` opened, whichever kind it is: a sharded one as ``ShardedIndex.open``
+    opens it, else as ``Index.open`` (the arguments are theirs; ``codes`` / ``uri``, Milvus
+    codes, only for an unsharded build). ``path`` None: the index the last build on the default
+    data wrote (``heiindex.default_data.last_built_index``), as ``heiindex query`` and ``bench``
+    search without ``--index``."""
+    if path is None:
+        from .default_data import last_built_index
+
+        path = last_built_index()
+    path = Path(path)
+    if sharded_manifest(path) is None:
+        return Index.open(
+            path, matcher, hasher, device=device, dtype=dtype, codes=codes, uri=uri, nprobe=nprobe, ef_search=ef_search
+        )
+    if codes == "milvus" or uri is not None:
+        raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
+    return ShardedIndex.open(path, matcher, hasher, device=device, dtype=dtype, nprobe=nprobe, ef_search=ef_search)
 
 
 def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:

@@ -442,7 +442,8 @@ def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
 
     got: dict = {}
 
-    monkeypatch.setattr(heiindex.index_manifest, "sharded_manifest", lambda path: {"shards": []})
+    for module in (heiindex.index_manifest, heiindex.shards):  # the CLI's early check, open_index's
+        monkeypatch.setattr(module, "sharded_manifest", lambda path: {"shards": []})
     monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", _spy_open(got))
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")
     assert isinstance(r.exception, _Opened)

@@ -379,6 +379,21 @@ def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch)
     assert _no_seconds(res) == _no_seconds(cold)
 
 
+def test_open_index_opens_either_kind_and_the_last_build_by_default(pipe, sharded, monkeypatch):
+    """What `heiindex query` / `bench` open, for a Python user: Index.open(sharded) is refused
+    ("open it with ShardedIndex"), and Index.open(None) was the only way to ask for the last build."""
+    import heiindex.default_data
+    from heiindex.shards import open_index
+
+    assert isinstance(open_index(pipe.index_dir), Index)
+    got = open_index(sharded.path, nprobe=None)
+    assert isinstance(got, ShardedIndex) and got.n_images == sharded.n_images
+    with pytest.raises(HeiindexError, match="is a sharded build: its shards keep their codes in FAISS files"):
+        open_index(sharded.path, codes="milvus", uri="http://127.0.0.1:1")
+    monkeypatch.setattr(heiindex.default_data, "last_built_index", lambda: sharded.path)
+    assert isinstance(open_index(), ShardedIndex)
+
+
 def test_first_counts_takes_the_first_items_from_the_first_parts():
     from heiindex.shards import first_counts
 
