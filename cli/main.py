@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from heiindex.device import PRECISIONS, resolve_device
+from heiindex.device import PRECISIONS
 from heiindex.errors import HeiindexError, HeiindexWarning
 from heiindex.settings import require_breadth
 
@@ -573,14 +573,8 @@ def build(
 ) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
-    from heiindex.hamming import check_index_options
-    from heiindex.index import Index, check_codes_options
+    from heiindex.shards import build_index
 
-    check_index_options(index_type, nlist, nprobe)  # before coco-sim may be generated
-    resolve_device(device)
-    check_codes_options(codes or "faiss", uri)
-    if shards is not None and codes == "milvus":
-        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
     if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
         raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
     prototypes = None
@@ -588,38 +582,37 @@ def build(
     if prototype_split is None and (given := _given("prototype_k", "prototype_weight", "prototype_preselect")):
         raise click.UsageError(f"{given[0].opts[0]} tunes the codes of --prototypes SPLIT; give --prototypes too")
     if prototype_split is not None:
-        from heiindex.prototypes import PrototypeConfig, check_describing_split
+        from heiindex.prototypes import PrototypeConfig
 
         prototypes = PrototypeConfig(split=prototype_split, **{f: v for f, v in tuning.items() if v is not None})
-        check_describing_split(prototypes, split)  # before coco-sim may be generated
-    if out is None and store is not None and store.resolve() != dd.default_store_dir().resolve():
-        # the default folder is the default data's index, which query and bench then served
-        raise click.UsageError(
-            f"--store {store} needs --out INDEX: without it the index would replace the default data's, "
-            f"{dd.default_index_dir(split)}"
-        )
-    root = _store_root(store)
-    out = out or dd.default_index_dir(split)
-    models = (model_dir or dd.default_model_dir(), hash_dir or dd.default_hash_dir())
-    common = dict(
-        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=True, device=device, prototypes=prototypes
+    out, m = build_index(
+        split,
+        store,
+        model_dir,
+        hash_dir,
+        out,
+        shards,
+        codes=codes or "faiss",
+        uri=uri,
+        milvus_index=milvus_index,
+        prototypes=prototypes,
+        index_type=index_type,
+        nlist=nlist,
+        nprobe=nprobe,
+        device=device,
+        progress=True,
+        log=lambda message: click.echo(message, err=True),
     )
     if shards is not None:
-        from heiindex.shards import write_shards
-
-        m = write_shards(root, split, *models, out, shards, **common)
         sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
         what = f"{m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards ({sizes} images)"
     else:
-        m = Index.write(root, split, *models, out, codes=codes or "faiss", uri=uri, milvus_index=milvus_index, **common)
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     what += _prototype_label(m)
     note = ""
-    if store is None:
-        dd.mark_last_built(out)
-        if Path(out).resolve() != dd.default_index_dir(split).resolve():  # named by --out: say what changed
-            note = " (query and bench without --index now use it)"
+    if store is None and out.resolve() != dd.default_index_dir(split).resolve():  # named by --out: say what changed
+        note = " (query and bench without --index now use it)"
     click.echo(f"built {split}: {what} -> {out}{note}")
 
 

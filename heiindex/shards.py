@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .bench import candidate_metrics, warmup_queries
 from .checkpoint import LoadedModel
+from .device import resolve_device
 from .errors import DataError, HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options, set_search_breadth
@@ -71,6 +72,7 @@ from .train_hash import LoadedHash
 __all__ = [
     "ShardedIndex",
     "batch_results",
+    "build_index",
     "build_shards",
     "locate_images",
     "merge_hits",
@@ -324,6 +326,65 @@ class ShardedIndex(BatchSearch):
         back = torch.from_numpy(np.argsort(np.concatenate(at)))  # listed by shard -> in the batch's order
         regions, gram = (torch.cat([p[i] for p in parts])[back.to(parts[0][i].device)] for i in (0, 1))
         return regions, gram, np.concatenate([p[2] for p in parts])[back.numpy()]
+
+
+def build_index(
+    split: str = "test",
+    store_root: str | Path | None = None,
+    matcher: LoadedModel | str | Path | None = None,
+    hasher: LoadedHash | str | Path | None = None,
+    out: str | Path | None = None,
+    shards: int | None = None,
+    *,
+    codes: str = "faiss",
+    uri: str | None = None,
+    milvus_index: str = "BIN_FLAT",
+    prototypes: PrototypeConfig | None = None,
+    index_type: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    log=print,
+) -> tuple[Path, dict]:
+    """What ``heiindex build`` does: ``split`` of ``store_root`` built into ``out``, as ``shards``
+    shards (``write_shards``) or one index (``Index.write``, the only kind whose codes can go to
+    Milvus: ``codes`` / ``uri`` / ``milvus_index``); the other arguments are theirs. Every setting
+    is checked before anything is generated or encoded. ``store_root`` None: the default data
+    (coco-sim, generated on first use, ``log`` saying so), the default matcher and hash module
+    where none are given, ``out`` by default its split's index folder, and the build recorded as
+    the last one (``heiindex.default_data.mark_last_built``: what ``open_index()`` and the CLI
+    search without a path). Another store needs ``out``. Returns the folder written and its
+    manifest."""
+    from . import default_data as dd
+    from .index import check_codes_options
+
+    check_index_options(index_type, nlist, nprobe)
+    resolve_device(device)
+    check_codes_options(codes, uri)
+    if shards is not None and codes != "faiss":
+        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
+    if prototypes is not None:
+        check_describing_split(prototypes, split)
+    default_data = store_root is None or Path(store_root).resolve() == dd.default_store_dir().resolve()
+    if out is None and not default_data:  # the default folder is the default data's index
+        raise HeiindexError(
+            f"--store {store_root} needs --out INDEX: without it the index would replace the default data's, "
+            f"{dd.default_index_dir(split)}"
+        )
+    root = Path(store_root) if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
+    out = Path(out) if out is not None else dd.default_index_dir(split)
+    models = (matcher or dd.default_model_dir(), hasher or dd.default_hash_dir())
+    common = dict(
+        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=progress, device=device, prototypes=prototypes
+    )
+    if shards is not None:
+        manifest = write_shards(root, split, *models, out, shards, **common)
+    else:
+        manifest = Index.write(root, split, *models, out, codes=codes, uri=uri, milvus_index=milvus_index, **common)
+    if store_root is None:
+        dd.mark_last_built(out)
+    return out, manifest
 
 
 def open_index(

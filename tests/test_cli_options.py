@@ -223,8 +223,6 @@ def test_evaluate_tables_each_direction_in_its_row_and_defaults_to_the_test_spli
 
 def _spy_build(monkeypatch, got: dict):
     """Index.write and write_shards replaced by recorders; any device accepted."""
-    import heiindex_cli.main
-
     import heiindex.index
     import heiindex.shards
 
@@ -237,7 +235,7 @@ def _spy_build(monkeypatch, got: dict):
         got.update(kw, split=split, shards=shards)
         return {"n_images": 2, "n_captions": 10, "shards": [{"n_images": 1}, {"n_images": 1}]}
 
-    monkeypatch.setattr(heiindex_cli.main, "resolve_device", lambda device: device)
+    monkeypatch.setattr(heiindex.shards, "resolve_device", lambda device: device)  # build_index's check
     monkeypatch.setattr(heiindex.index.Index, "write", staticmethod(fake_write))
     monkeypatch.setattr(heiindex.shards, "write_shards", fake_shards)
 

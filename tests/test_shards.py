@@ -20,6 +20,7 @@ from heiindex.shards import (
     ShardedIndex,
     _merge_candidates,
     build_shards,
+    open_index,
     run_sharded_bench,
     shard_bounds,
     write_shards,
@@ -379,11 +380,34 @@ def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch)
     assert _no_seconds(res) == _no_seconds(cold)
 
 
+def test_build_index_writes_either_kind_and_checks_every_setting_first(pipe, tmp_path, monkeypatch):
+    """What `heiindex build` does, for a Python user: a sharded or a single build, every refusal
+    before anything is written (and before the default data could be generated)."""
+    import heiindex.default_data
+    import heiindex.shards
+    from heiindex.shards import build_index
+
+    models = (pipe.model_dir, pipe.hash_dir)
+    out, manifest = build_index("test", pipe.root, *models, tmp_path / "two", 2, index_type="flat")
+    assert out == tmp_path / "two" and len(manifest["shards"]) == 2
+    assert isinstance(open_index(out), ShardedIndex)
+    with monkeypatch.context() as m:
+        pf.forbid(m, "written", (Index, "write"), (heiindex.shards, "write_shards"))
+        pf.forbid(m, "generated", (heiindex.default_data, "ensure_coco_sim"))
+        for kwargs, message in (
+            ({"store_root": pipe.root}, "needs --out INDEX: without it the index would replace the default data's"),
+            ({"shards": 2, "codes": "milvus", "uri": "http://127.0.0.1:1"}, "--codes milvus is for an unsharded build"),
+            ({"index_type": "ivf", "nlist": 0}, "nlist"),
+            ({"device": "tpu"}, "device"),
+        ):
+            with pytest.raises(HeiindexError, match=re.escape(message)):
+                build_index("test", matcher=pipe.model_dir, hasher=pipe.hash_dir, **kwargs)
+
+
 def test_open_index_opens_either_kind_and_the_last_build_by_default(pipe, sharded, monkeypatch):
     """What `heiindex query` / `bench` open, for a Python user: Index.open(sharded) is refused
     ("open it with ShardedIndex"), and Index.open(None) was the only way to ask for the last build."""
     import heiindex.default_data
-    from heiindex.shards import open_index
 
     assert isinstance(open_index(pipe.index_dir), Index)
     got = open_index(sharded.path, nprobe=None)
