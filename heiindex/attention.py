@@ -60,6 +60,7 @@ RAW_FEATURE_NORMS = (
 AGGREGATIONS = ("lse", "mean", "max", "sum")
 CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
+_TINY = 1e-30  # below any real sum of squared similarities, above float32's smallest normal
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
 DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 cores of 250K..8M
 # GPU re-ranking: gathered features per chunk of pairs. An H200 re-ranked 2.5M COCO-5K t2i pairs
@@ -242,7 +243,10 @@ def _scaled_raw_norm(cfg: AttentionConfig, sims: Tensor, mask: Tensor | None, di
     else:
         x = sims
     if norm in ("clipped_l2norm", "l2norm"):
-        return x * (scale / ((x * x).sum(dim=dim, keepdim=True).sqrt() + _EPS))
+        # A padded word's column (i2t: the norm runs over the regions) sums to exactly 0, where
+        # sqrt's gradient is inf and inf x 0 is NaN: training i2t diverged at its first batch.
+        # Clamped at _TINY, the sum has no gradient there; any real column's is far above it.
+        return x * (scale / ((x * x).sum(dim=dim, keepdim=True).clamp_min(_TINY).sqrt() + _EPS))
     if norm in ("clipped_l1norm", "l1norm"):
         return x * (scale / (x.abs().sum(dim=dim, keepdim=True) + _EPS))
     if norm == "softmax":

@@ -411,6 +411,18 @@ def test_train_without_a_model_config_uses_the_stores_sizes(pipe, tmp_path):
     assert (config.img_dim, config.vocab_size) == (pf.FEATURE_DIM, len(Vocab.load(pipe.root / "vocab.json")))
 
 
+@pytest.mark.parametrize("norm", ["clipped_l2norm", "l2norm"])
+def test_an_i2t_matcher_trains(pipe, tmp_path, norm):
+    """Regions attending over words, with an l2 norm over the regions: a padded word's column of
+    similarities sums to 0, where sqrt's gradient is inf, and every i2t run diverged at its first
+    batch ("the gradient norm is nan"), whatever the learning rate."""
+    from heiindex.attention import AttentionConfig
+
+    config = pf.model_config(_vocab_size(pipe.root), attention=AttentionConfig("i2t", norm, "mean", 5.0, 4.0))
+    res = train(pipe.root, tmp_path / "run", config, pf.train_config(epochs=2), log=pf.quiet)
+    assert all(np.isfinite(row["loss"]) for row in res.history) and len(res.history) == 2
+
+
 def test_cli_train_is_deterministic(wide_store, tmp_path):
     a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
     b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
