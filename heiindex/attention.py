@@ -60,7 +60,9 @@ RAW_FEATURE_NORMS = (
 AGGREGATIONS = ("lse", "mean", "max", "sum")
 CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
-_TINY = 1e-30  # below any real sum of squared similarities, above float32's smallest normal
+# Squared norms are clamped at _TINY before a sqrt, whose gradient at an exact 0 is inf (and
+# inf x 0 is NaN); far below any real one, above float32's smallest normal.
+_TINY = 1e-30
 # Elements of one L x R similarity block batch; ~6 live tensors of this size at peak.
 DEFAULT_MAX_ELEMENTS = 500_000  # CPU: small blocks stay in cache: fastest on 2 cores of 250K..8M
 # GPU re-ranking: gathered features per chunk of pairs. An H200 re-ranked 2.5M COCO-5K t2i pairs
@@ -201,7 +203,7 @@ def _t2i_core(
         quad = torch.bmm(prob.reshape(b, c * length, r), gram).view(b, c, length, r)  # P G (G symmetric)
     ctx_sq = _rowdot(quad, prob)  # (B, C, L) = |c_l|^2
     del quad, prob
-    rel = dot / (word_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(_EPS)
+    rel = dot / (word_norm * ctx_sq.clamp_min(_TINY).sqrt()).clamp_min(_EPS)
     return _aggregate(cfg, rel, word_mask.expand_as(rel))
 
 
@@ -222,7 +224,7 @@ def _i2t_core(cfg: AttentionConfig, sims: Tensor, word_mask: Tensor, region_norm
     quad = torch.bmm(prob.reshape(c, b * r, length), word_gram).view(c, b, r, length)
     ctx_sq = _rowdot(quad, prob)  # (C, B, R)
     del quad, prob
-    rel = dot / (region_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(_EPS)
+    rel = dot / (region_norm * ctx_sq.clamp_min(_TINY).sqrt()).clamp_min(_EPS)
     return _aggregate(cfg, rel, None)
 
 

@@ -411,14 +411,18 @@ def test_train_without_a_model_config_uses_the_stores_sizes(pipe, tmp_path):
     assert (config.img_dim, config.vocab_size) == (pf.FEATURE_DIM, len(Vocab.load(pipe.root / "vocab.json")))
 
 
-@pytest.mark.parametrize("norm", ["clipped_l2norm", "l2norm"])
-def test_an_i2t_matcher_trains(pipe, tmp_path, norm):
+@pytest.mark.parametrize(
+    "cross_attn, norm, embed_size", [("i2t", "clipped_l2norm", 16), ("i2t", "l2norm", 16), ("t2i", "clipped_l2norm", 1)]
+)
+def test_matchers_whose_norms_can_be_exactly_zero_train(pipe, tmp_path, cross_attn, norm, embed_size):
     """Regions attending over words, with an l2 norm over the regions: a padded word's column of
     similarities sums to 0, where sqrt's gradient is inf, and every i2t run diverged at its first
-    batch ("the gradient norm is nan"), whatever the learning rate."""
+    batch ("the gradient norm is nan"), whatever the learning rate. With 1-d embeddings an
+    attended context can be exactly 0 (+1 and -1 regions weighed alike): the same."""
     from heiindex.attention import AttentionConfig
 
-    config = pf.model_config(_vocab_size(pipe.root), attention=AttentionConfig("i2t", norm, "mean", 5.0, 4.0))
+    attention = AttentionConfig(cross_attn, norm, "mean", 5.0, 4.0)
+    config = pf.model_config(_vocab_size(pipe.root), attention=attention, embed_size=embed_size)
     res = train(pipe.root, tmp_path / "run", config, pf.train_config(epochs=2), log=pf.quiet)
     assert all(np.isfinite(row["loss"]) for row in res.history) and len(res.history) == 2
 
