@@ -197,6 +197,26 @@ def resumable(out: str | Path) -> bool:
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 
+def _refuse_a_run_without_last(out: Path) -> None:
+    """``resume`` where ``out/last`` holds no model: fine for a folder without a run (training
+    starts at the first epoch; an empty ``last/`` too), refused where the run's other files are
+    there, which training from the first epoch would replace (a ``best/`` of a better model among
+    them)."""
+    held = [name for name in ("best", "last", "history.json") if _holds_something(out / name)]
+    if held:
+        raise DataError(
+            out / "last",
+            f"holds no model to resume ({CONFIG_FILE} is missing), but {out} holds a run "
+            f"({', '.join(held)}): training from the first epoch would replace it; put its last/ back, or "
+            "train without --resume to start again",
+        )
+
+
+def _holds_something(path: Path) -> bool:
+    """A file, or a folder with anything in it (an empty folder has nothing to lose)."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
 _STATE_FIELDS = ("epoch", "optimizer", "best_rsum", "best_epoch", "torch_rng")
 
 
@@ -301,6 +321,8 @@ def train(
     for folder in (out / "best", out / "last"):
         check_output(folder, *MODEL_OUTPUT)
     resuming = resume and resumable(out)
+    if resume and not resuming:
+        _refuse_a_run_without_last(out)
     if resuming:
         config = _resumed_config(out, config, log)
     elif config is None:

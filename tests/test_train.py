@@ -355,6 +355,28 @@ def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, 
     assert load_model(tmp_path / "run" / "last").model.config.embed_size == 16
 
 
+@pytest.mark.parametrize("damage", ["last_config", "last_folder", "last_emptied"])
+def test_resume_refuses_a_run_whose_last_holds_no_model(wide_store, tmp_path, damage):
+    """--resume where last/ lost its config.json, or was removed or emptied, but best/ and
+    history.json are there: it said "nothing to resume", trained from the first epoch with the
+    default settings and replaced a better best/. Refused now, by name, with nothing changed."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    ok(_cli_train(wide_store, run_dir, "--epochs", "1"))
+    if damage == "last_config":
+        (run_dir / "last" / "config.json").unlink()
+    else:
+        shutil.rmtree(run_dir / "last")
+        if damage == "last_emptied":
+            (run_dir / "last").mkdir()
+    before = (run_dir / "best" / "model.safetensors").read_bytes(), (run_dir / "history.json").read_text()
+    r = _cli_train(wide_store, run_dir, "--epochs", "2", "--resume")
+    clean_error(r, "last: holds no model to resume (config.json is missing), but")
+    assert "epoch 1" not in r.output
+    assert ((run_dir / "best" / "model.safetensors").read_bytes(), (run_dir / "history.json").read_text()) == before
+
+
 def test_train_refuses_an_out_it_would_destroy(wide_store, tmp_path):
     a_file = tmp_path / "run.txt"
     a_file.write_text("keep")
