@@ -197,6 +197,21 @@ def resumable(out: str | Path) -> bool:
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 
+def _warn_of_other_dev_images(out: Path, config: TrainConfig, n_dev: int) -> None:
+    """A ``HeiindexWarning`` where a resumed run validates on another number of dev images than
+    it did (``val_images``): its best dev rsum so far was measured on the others, and an epoch
+    measured on a few images (rsum 580 on 5 against 334 on 60) replaced a better ``best/``."""
+    before, now = min(TrainConfig.of_run(out).val_images, n_dev), min(config.val_images, n_dev)
+    if before != now:
+        warnings.warn(
+            HeiindexWarning(
+                f"the run in {out} chose its best epoch on {before} dev images and now validates on {now} "
+                f"(--val-images): the best dev rsum so far compares other data"
+            ),
+            stacklevel=3,
+        )
+
+
 def _refuse_a_run_without_last(out: Path) -> None:
     """``resume`` where ``out/last`` holds no model: fine for a folder without a run (training
     starts at the first epoch; an empty ``last/`` too), refused where the run's other files are
@@ -335,6 +350,8 @@ def train(
     for s in (tr, va):
         if s.manifest["vocab"]["sha256"] != vocab.checksum:
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
+    if resuming:
+        _warn_of_other_dev_images(out, config, va.n_images)
     caps = tr.captions()
     tr.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}

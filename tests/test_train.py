@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -754,6 +755,21 @@ def test_resume_refuses_another_vocabulary_and_says_the_data_changed(pipe, tmp_p
     assert (out / "last" / "vocab.json").read_bytes() == before
     with pytest.warns(HeiindexWarning, match=r"^the dev split of .* differs from what the run in .* trained on"):
         train(pipe.root, out, None, pf.train_config(epochs=2, seed=5), val_split="test", resume=True, log=pf.quiet)
+
+
+def test_resume_says_the_best_epoch_was_chosen_on_other_dev_images(pipe, tmp_path):
+    """--val-images changed on resume compared rsums of other dev subsets without a word (rsum 580
+    on 5 images replaced a best/ of 334 on 60). The run then records 5, and resuming with 5 says
+    nothing."""
+    out = tmp_path / "r"
+    train(pipe.root, out, pf.model_config(_vocab_size(pipe.root)), pf.train_config(epochs=1), log=pf.quiet)
+    with pytest.warns(HeiindexWarning, match=r"chose its best epoch on 24 dev images and now validates on 5 "):
+        train(pipe.root, out, None, pf.train_config(epochs=2, val_images=5), resume=True, log=pf.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(
+            pipe.root, out, None, pf.train_config(epochs=3, val_images=5), resume=True, log=pf.quiet
+        )  # as recorded now
 
 
 def test_train_names_a_store_that_is_not_one(tmp_path):
