@@ -242,7 +242,7 @@ def prepare() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the training split.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Image-caption pairs per step.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate, in (0, 1].")
 @click.option("--lr-decay-epochs", type=int, default=5, show_default=True, help="Divide lr by 10 every N epochs.")
 @click.option(
     "--embed-size", type=int, default=256, show_default=True, help="Joint embedding size of regions and words."
@@ -416,7 +416,7 @@ def _given(*names: str) -> list[click.Parameter]:
     help="Passes over the scored batches; the best dev epoch is kept (coco-sim: query pooling's best was 64, "
     "mean pooling's 120 of 160).",
 )
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate, in (0, 1].")
 @click.option(
     "--rank-weight",
     type=float,

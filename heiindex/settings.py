@@ -37,20 +37,31 @@ def is_whole(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def require(name: str, value, *, at_least: float | None = None, above: float | None = None, integer: bool = False):
+def require(
+    name: str,
+    value,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    integer: bool = False,
+):
     """A ``SettingError`` naming ``name`` unless ``value`` is a finite number (a whole number where
-    ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least`` and greater
-    than ``above`` where given. Returns ``value`` as a Python ``int`` (what FAISS and Python's
-    slicing take) or ``float``."""
+    ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least``, greater
+    than ``above`` and at most ``at_most`` where given. Returns ``value`` as a Python ``int`` (what
+    FAISS and Python's slicing take) or ``float``."""
     ok = is_whole(value) if integer else isinstance(value, Real) and not isinstance(value, bool)
     ok = ok and math.isfinite(value)
     ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
+    ok = ok and (at_most is None or value <= at_most)
     if not ok:
         want = ["a whole number" if integer else "a finite number"]
         if at_least is not None:
             want.append(f"at least {_num(at_least)}")
         if above is not None:
             want.append(f"greater than {_num(above)}")
+        if at_most is not None:
+            want.append(f"at most {_num(at_most)}")
         raise SettingError(name, f"{name} must be {', '.join(want)}, got {value!r}")
     return int(value) if integer else float(value)
 

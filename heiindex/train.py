@@ -109,12 +109,14 @@ def _resumed_config(out: Path, given: TrainConfig | None, log) -> TrainConfig:
 def require_loop_settings(config) -> None:
     """The settings every training loop here shares (``TrainConfig``, ``HashTrainConfig``):
     epochs and buffered row groups >= 1, batches of >= 2 captions (a caption needs a negative),
-    a seed >= 0, a learning rate > 0."""
+    a seed >= 0, a learning rate in (0, 1]."""
     for name in ("epochs", "buffer_row_groups"):
         settle(config, name, at_least=1, integer=True)
     settle(config, "batch_size", at_least=2, integer=True)
     settle(config, "seed", at_least=0, integer=True)
-    settle(config, "lr", above=0)
+    # Adam's step is about lr per weight: above 1 it is no learning rate (1e38 overflowed inside
+    # torch's Adam with a traceback; 1e20 trained hash codes to chance without a word)
+    settle(config, "lr", above=0, at_most=1)
 
 
 def contrastive_loss(scores: torch.Tensor, image_ids: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:

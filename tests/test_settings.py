@@ -33,6 +33,7 @@ def test_require():
         (0.0, {"above": 0}, "n must be a finite number, greater than 0, got 0.0"),
         ("3", {}, "n must be a finite number, got '3'"),
         (-0.5, {"at_least": 0.25}, "n must be a finite number, at least 0.25, got -0.5"),
+        (1.5, {"above": 0, "at_most": 1}, "n must be a finite number, greater than 0, at most 1, got 1.5"),
     ):
         with pytest.raises(ValueError, match=f"^{message}$"):
             require("n", value, **kw)
@@ -54,6 +55,13 @@ def test_require():
         (HashTrainConfig, "val_candidates", 0, "val_candidates must be a whole number, at least 1"),
         (HashTrainConfig, "rank_weight", math.nan, "rank_weight must be a finite number, at least 0"),
         (HashTrainConfig, "lr", -1.0, "lr must be a finite number, greater than 0"),
+        (
+            TrainConfig,
+            "lr",
+            1e38,
+            "lr must be a finite number, greater than 0, at most 1, got 1e",
+        ),  # a traceback in Adam
+        (HashTrainConfig, "lr", 1e20, "lr must be a finite number, greater than 0, at most 1, got 1e"),
         (
             lambda **kw: ScanConfig(vocab_size=10, **kw),
             "embed_size",
