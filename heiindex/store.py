@@ -235,6 +235,10 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
     return record
 
 
+# What a store root is, where a command was given another folder
+_INGESTED = "give the folder heiindex ingest wrote (its --out); a SCAN precomp folder is ingested into one"
+
+
 def store_vocab(root: str | Path) -> Vocab:
     """The vocabulary of the store root ``root`` (its ``vocab.json``); ``DataError`` naming the
     root where it is no folder, and ``vocab.json`` where it is missing (then ``root`` is not a
@@ -670,8 +674,15 @@ class SplitStore:
             return cls(root / split)
         if (given := store_split_manifest(root)) is not None:
             raise DataError(root, f"is store split {given['split']!r}, not a store root: give the folder that holds it")
-        if root.is_dir() and not (root / MANIFEST_FILE).exists():
+        if root.is_dir() and (root / MANIFEST_FILE).exists():  # an index, say: "no store manifest in its split"
+            raise DataError(
+                root,
+                f"holds a {MANIFEST_FILE} that is not a store split's (an index?), so it is not a store root: {_INGESTED}",
+            )
+        if root.is_dir():
             held = [p.name for p, _ in store_splits(root)]
+            if not held and not (root / "vocab.json").exists() and any(root.iterdir()):  # a precomp folder, say
+                raise DataError(root, f"is not a store root (no vocab.json, no split): {_INGESTED}")
             hint = (
                 f"; from a SCAN precomp folder that has it, `heiindex ingest --precomp DIR --split {split} --out {root}` "
                 "writes it"

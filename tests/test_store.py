@@ -673,6 +673,16 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"foo: no such split in this store \(it holds: none\)$"):
         SplitStore.open(tmp_path / "empty", "foo")
+    # a precomp folder or an index given as the store: the hint to ingest into it, which ingest
+    # refuses, or "no store manifest here" in a split folder the index never had
+    (tmp_path / "precomp").mkdir()
+    (tmp_path / "precomp" / "test_caps.txt").write_text("a dog\n")
+    with pytest.raises(DataError, match=r"precomp: is not a store root \(no vocab\.json, no split\): give the folder"):
+        SplitStore.open(tmp_path / "precomp", "train")
+    with pytest.raises(
+        DataError, match=r"index-test: holds a manifest\.json that is not a store split's \(an index\?\)"
+    ):
+        SplitStore.open(tmp_path / "index-test", "train")
 
 
 @pytest.mark.parametrize("split", [None, "absent"])
@@ -687,8 +697,8 @@ def test_a_manifest_without_a_split_name_is_not_a_store_split(pipe, tmp_path, sp
             del m["split"]
     with pytest.raises(DataError, match=r"no such split in this store \(it holds: test, train\)"):
         SplitStore.open(root, "nope")
-    # not "is store split": a manifest that names no split is not one; the folder asked for is missing
-    with pytest.raises(DataError, match=r"store/dev/x/manifest\.json: no store manifest here"):
+    # not "is store split": a manifest that names no split is not one, so its folder is no store root
+    with pytest.raises(DataError, match=r"store/dev: holds a manifest\.json that is not a store split's"):
         SplitStore.open(root / "dev", "x")
 
 
