@@ -43,8 +43,8 @@ AUTO_NPROBE = 64
 
 def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> tuple[int | None, int | None]:
     """What a build asks for, checked before any encoding: a known ``kind``, and ``nlist`` /
-    ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale).
-    Returns ``(nlist, nprobe)`` as Python ints (a manifest records them as JSON), None where not given."""
+    ``nprobe`` (whole numbers >= 1) only where an IVF index may be built (ivf, or auto at scale),
+    ``nprobe`` at most ``nlist`` where both are given (a query refuses it too). Returns ``(nlist, nprobe)`` as Python ints (a manifest records them as JSON), None where not given."""
     nlist, nprobe = _check_kind_and_sizes(kind, nlist, nprobe)
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and kind not in ("ivf", "auto"):
@@ -53,6 +53,12 @@ def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> tup
                 f"{name} sets up IVF indexes (index_type ivf, or auto at scale), not index_type {kind!r}",
                 also=("index_type",),
             )
+    if nlist is not None and nprobe is not None and nprobe > nlist:  # was capped at nlist without a word
+        raise SettingError(
+            "nprobe",
+            f"nprobe {nprobe} exceeds nlist {nlist}: a search probes at most the lists there are",
+            also=("nlist",),
+        )
     return nlist, nprobe
 
 

@@ -789,9 +789,9 @@ def test_query_and_bench_take_device_and_dtype(pipe):
 def test_a_device_torch_does_not_run_on_is_a_clear_error(pipe, tmp_path, device, monkeypatch):
     """These were RuntimeError tracebacks from torch.device (or, for "meta", a failure later);
     build checks the device before it resolves (on a fresh clone: generates) the default data."""
-    import heiindex_cli.main  # the module the CLI runner calls
+    import heiindex.default_data
 
-    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex.default_data, "ensure_coco_sim"))
     for cmd in (["query", "a dog"], ["bench", "--topk", "5"], ["build", "--split", "test", "--out", tmp_path / "i"]):
         index = [] if cmd[0] == "build" else ["--index", pipe.index_dir]
         r = run(*cmd, *index, "--device", device)

@@ -285,13 +285,11 @@ def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe,
 def test_a_default_sharded_build_becomes_the_last_built(pipe, tmp_path, monkeypatch):
     """`heiindex build --shards 2` on the default data must be what a later `heiindex query`
     (no --index) searches, as an unsharded build is."""
-    import heiindex_cli.main
-
     import heiindex.default_data
 
     marked: list = []
     _spy_build(monkeypatch, {})
-    monkeypatch.setattr(heiindex_cli.main, "_store_root", lambda store: store or pipe.root)
+    monkeypatch.setattr(heiindex.default_data, "ensure_coco_sim", lambda **kw: pipe.root)
     monkeypatch.setattr(heiindex.default_data, "mark_last_built", marked.append)
     out = tmp_path / "i"
     for extra in ((), ("--shards", "2")):

@@ -129,14 +129,18 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
             )
     with pytest.raises(ValueError, match="index type must be one of"):
         check_index_options("ivff", None, None)
+    # a build capped it at nlist without a word (the manifest recording 5, the index 4); a query refuses it
+    with pytest.raises(SettingError, match=r"^nprobe 5 exceeds nlist 4: a search probes at most the lists there are$"):
+        check_index_options("ivf", 4, 5)
+    assert check_index_options("ivf", 4, 4) == (4, 4)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_path):
     """build --index flat --nlist 7 on a fresh checkout generated coco-sim (minutes) before refusing."""
-    import heiindex_cli.main  # the module the CLI runner calls (cli/ installs as heiindex_cli)
+    import heiindex.default_data
 
-    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex.default_data, "ensure_coco_sim"))
     r = run("build", "--split", "test", "--out", tmp_path / "i", "--index", "flat", "--nlist", "7")
     clean_error(r, "Error: --nlist sets up IVF indexes (--index ivf, or auto at scale), not --index 'flat'")
 
@@ -144,9 +148,9 @@ def test_build_checks_index_options_before_the_default_data(monkeypatch, tmp_pat
 def test_build_refuses_unusable_milvus_options_before_the_default_data(monkeypatch, tmp_path):
     """--shards with --codes milvus was refused only after the data (on a fresh checkout, coco-sim
     generated first); --milvus-index without Milvus codes was ignored."""
-    import heiindex_cli.main
+    import heiindex.default_data
 
-    pf.forbid(monkeypatch, "the data was resolved first", (heiindex_cli.main, "_store_root"))
+    pf.forbid(monkeypatch, "the data was resolved first", (heiindex.default_data, "ensure_coco_sim"))
     for args, detail in (
         (
             ("--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1"),
