@@ -23,6 +23,8 @@ def check_plot_path(path: str | Path, label: str = "--plot") -> Path:
         raise HeiindexError(f"{label} {path}: no folder {path.parent} to write it in")
     if path.is_dir():
         raise HeiindexError(f"{label} {path}: is a folder; give a file path ending in .png")
+    if path.exists() and not path.is_file():  # a FIFO's read for the PNG signature waited for ever
+        raise HeiindexError(f"{label} {path}: is not a regular file; give a file path ending in .png")
     if path.exists() and not _is_png(path):  # an earlier plot is replaced; anything else is the user's
         raise HeiindexError(f"{label} {path}: exists and is not a PNG; the plot would replace it (choose another path)")
     try:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -428,17 +429,21 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     pf.forbid(monkeypatch, "the bench ran", (heiindex.bench, "run_bench"))
     notes = tmp_path / "notes.png"  # the user's file, named .png: not overwritten
     notes.write_text("my notes")
+    fifo = tmp_path / "fifo.png"  # reading its first bytes for the PNG signature waited for ever
+    os.mkfifo(fifo)
     for plot, message in (
         (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "nodir" / "p.png", f"no folder {tmp_path / 'nodir'} to write it in"),
         (Path("/proc/p.png"), "cannot be written in /proc"),
         (notes, "exists and is not a PNG; the plot would replace it (choose another path)"),
+        (fifo, "is not a regular file; give a file path ending in .png"),
     ):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         clean_error(r, f"--plot {plot}: {message}")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
     clean_error(r, "--plot draws the --sweep table; give --sweep too")
+    fifo.unlink()
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
     # Without --plot, the default path in the index folder is checked before the bench too (a
     # read-only shared index threw the results away after the whole bench).
