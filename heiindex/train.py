@@ -199,6 +199,22 @@ def resumable(out: str | Path) -> bool:
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 
+def _check_enough_images(n_train: int, n_val: int, train_split: str, val_split: str) -> None:
+    """At least 2 training images (a caption's negatives are the batch's other images: with one,
+    every epoch trained on a loss of 0) and 2 validation images (R@K over one image is 100, so
+    every epoch scored rsum 600 and the first stayed the best)."""
+    if n_train < 2:
+        raise HeiindexError(
+            f"the {train_split} split has {n_train} image: a caption needs another image as its negative; "
+            "give a larger train split"
+        )
+    if n_val < 2:
+        raise HeiindexError(
+            f"validating on {n_val} image of the {val_split} split scores every epoch R@K 100: too few to "
+            "choose the best epoch; give a larger dev split, or a --val-images of at least 2"
+        )
+
+
 def _warn_of_other_dev_images(out: Path, config: TrainConfig, n_dev: int) -> None:
     """A ``HeiindexWarning`` where a resumed run validates on another number of dev images than
     it did (``val_images``): its best dev rsum so far was measured on the others, and an epoch
@@ -408,6 +424,7 @@ def train(
         )
     # the dev split, read and checked once (not after the first epoch, nor again each epoch)
     _, val_captions = check_split(model, va, config.val_images)
+    _check_enough_images(tr.n_images, min(config.val_images, va.n_images), train_split, val_split)
     # out/ itself is made by the first save (a run that fails in its first epoch leaves nothing)
     for epoch in range(start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))

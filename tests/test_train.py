@@ -450,6 +450,21 @@ def test_matchers_whose_norms_can_be_exactly_zero_train(pipe, tmp_path, cross_at
     assert all(np.isfinite(row["loss"]) for row in res.history) and len(res.history) == 2
 
 
+def test_train_refuses_too_few_images_to_train_or_choose_on(pipe, tmp_path):
+    """A 1-image train split trained on a loss of 0 every epoch; validating on 1 image (a
+    1-image dev split, or val_images 1) scored rsum 600 every epoch. Both refused before any
+    epoch, nothing written."""
+    vs = _vocab_size(pipe.root)
+    with pytest.raises(HeiindexError, match="^validating on 1 image of the dev split scores every epoch R@K 100"):
+        train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(val_images=1), log=pf.quiet)
+    one = tmp_path / "one"
+    captions = pf.write_learnable_precomp(one / "precomp", {"train": 1, "dev": 3})
+    root = pf.ingest_all(one / "precomp", one / "store", captions)
+    with pytest.raises(HeiindexError, match="^the train split has 1 image: a caption needs another image"):
+        train(root, tmp_path / "r", None, pf.train_config(), log=pf.quiet)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_train_is_deterministic(wide_store, tmp_path):
     a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
     b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
