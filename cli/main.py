@@ -241,7 +241,13 @@ def prepare() -> None:
 @store_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the training split.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Image-caption pairs per step.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Image-caption pairs per step. Memory grows with its square (every caption is scored against every image).",
+)
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate, in (0, 1].")
 @click.option("--lr-decay-epochs", type=int, default=5, show_default=True, help="Divide lr by 10 every N epochs.")
 @click.option(
