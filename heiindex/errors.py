@@ -28,6 +28,14 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
+def sized(n_bytes: int) -> str:
+    """A size as a message gives it: "2.5 GB", "3.1 MB", or exact bytes below 100 kB (a 1 MB need
+    read "0.0 GB")."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:,.1f} GB"
+    return f"{n_bytes / 1e6:,.1f} MB" if n_bytes >= 100_000 else f"{n_bytes:,} bytes"
+
+
 def shown(text: str, limit: int = 40) -> str:
     """``text`` as a message shows a piece of user input: with its invisible characters escaped
     (a zero-width space made "a\u200bdog" read as "adog") and cut at ``limit`` characters."""

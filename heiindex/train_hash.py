@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
 from .encode import check_split, encode_split
-from .errors import DataError, HeiindexError, ModelMismatchError
+from .errors import DataError, HeiindexError, ModelMismatchError, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
@@ -225,7 +225,7 @@ def _word_file(lengths: np.ndarray, d: int) -> PackedWords:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else a file system that cannot reserve: as is
             file.close()
             raise HeiindexError(
-                f"cannot reserve {nbytes / 1e9:.1f} GB for the training captions' words in "
+                f"cannot reserve {sized(nbytes)} for the training captions' words in "
                 f"{tempfile.gettempdir()} ({exc.strerror}): set TMPDIR to a disk with that much free space"
             ) from None
     rows = np.memmap(file, np.float32, "w+", shape=shape)

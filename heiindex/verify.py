@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import leftovers, leftovers_in
-from .errors import DataError
+from .errors import DataError, sized
 from .index_manifest import check_index_manifest, check_shard_entry, check_sharded_manifest, shard_missing
 from .settings import require_path
 from .store import (
@@ -105,9 +105,8 @@ def _only_leftovers(folder: Path) -> list[Path] | None:
 
 def _leftover_detail(path: Path) -> str:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-    shown = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
     return (
-        f"left by an interrupted run or a replaced output that could not all be deleted ({shown}), "
+        f"left by an interrupted run or a replaced output that could not all be deleted ({sized(size)}), "
         "not part of the data; delete it (the next write of the same output also tries)"
     )
 
