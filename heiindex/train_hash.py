@@ -130,7 +130,8 @@ def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) ->
         raise ModelMismatchError(
             f"hash module {path} was trained next to matcher {(trained or '?')[:12]}, not {matcher.checksum[:12]} "
             f"({matcher.path}): give the matcher it was trained next to with --model, or train a hash module "
-            f"next to this one (`heiindex train-hash --model {matcher.path} --out DIR`) and give it with --hash"
+            f"next to this one (`heiindex train-hash --model {matcher.path} --store STORE --out DIR`, STORE the "
+            "store it trained on) and give it with --hash"
         )
 
 

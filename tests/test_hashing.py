@@ -305,7 +305,8 @@ def test_save_load_round_trip(tmp_path, pipe):
         load_hash(tmp_path / "h", load_model(pipe.model_dir))
     assert str(info.value).endswith(
         f"({pipe.model_dir}): give the matcher it was trained next to with --model, or train a hash module next "
-        f"to this one (`heiindex train-hash --model {pipe.model_dir} --out DIR`) and give it with --hash"
+        f"to this one (`heiindex train-hash --model {pipe.model_dir} --store STORE --out DIR`, STORE the store it "
+        "trained on) and give it with --hash"
     )
 
 
