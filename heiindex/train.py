@@ -19,6 +19,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def _warn_of_other_dev_images(out: Path, config: TrainConfig, n_dev: int) -> Non
                 f"the run in {out} chose its best epoch on {before} dev images and now validates on {now} "
                 f"(--val-images): the best dev rsum so far compares other data"
             ),
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -272,7 +273,7 @@ def _check_resumed_data(out: Path, loaded, vocab: Vocab, store_root: Path, data_
                 f"differ{'' if len(changed) > 1 else 's'} from what the run in {out} trained on "
                 f"({had.get('store', 'its store')}): its best dev rsum so far compares other data"
             ),
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -330,6 +331,39 @@ def read_state(last: Path) -> dict:
     return state
 
 
+_LOCK_FILE = ".train.lock"  # in a run folder while a train writes it
+
+
+@contextmanager
+def _run_lock(out: Path):
+    """Hold ``out`` (made here where it is new) for this process: two trains writing one run
+    folder at once each reported its own best while ``best/`` held the other's model. An
+    exclusive ``flock`` on ``out/.train.lock``, which the system releases if the process dies
+    (a file left by a SIGKILL is taken by the next run). Where this run made ``out`` and wrote
+    nothing in it (refused, or failed in its first epoch), ``out`` is removed again."""
+    import fcntl
+
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / _LOCK_FILE
+    handle = open(path, "a")  # noqa: SIM115  (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DataError(
+            out,
+            "another train is writing this run folder now (it holds .train.lock): wait for it, or give another --out",
+        ) from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+        if made and not any(out.iterdir()):
+            out.rmdir()
+
+
 def train(
     store_root: str | Path,
     out: str | Path,
@@ -349,10 +383,26 @@ def train(
     store_root, out = Path(store_root), Path(out)
     # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
     # the hidden leftovers of their swaps); a file or any other folder is not written into
-    run_files = ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*")
+    run_files = ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*", _LOCK_FILE)
     check_output(out, "a training run", run_files, whole=False)  # written inside, never swapped whole
     for folder in (out / "best", out / "last"):
         check_output(folder, *MODEL_OUTPUT)
+    with _run_lock(out):  # one train at a time in a run folder
+        return _train(store_root, out, model_config, config, train_split, val_split, resume, progress, log)
+
+
+def _train(
+    store_root: Path,
+    out: Path,
+    model_config: ScanConfig | None,
+    config: TrainConfig | None,
+    train_split: str,
+    val_split: str,
+    resume: bool,
+    progress: bool,
+    log,
+) -> TrainResult:
+    """``train`` in a run folder this process holds (``_run_lock``)."""
     resuming = resume and resumable(out)
     if resume and not resuming:
         _refuse_a_run_without_last(out)
@@ -410,7 +460,7 @@ def train(
                     f"{out} holds a run, which this one replaces as it saves its first epoch "
                     "(resume=True, --resume on the command line, goes on with it instead)"
                 ),
-                stacklevel=2,
+                stacklevel=3,
             )
         # by default the store's vocabulary and feature size (ScanConfig's img_dim is SCAN's 2048)
         model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab), img_dim=tr.feature_dim))

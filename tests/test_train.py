@@ -465,6 +465,26 @@ def test_train_refuses_too_few_images_to_train_or_choose_on(pipe, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_one_train_at_a_time_writes_a_run_folder(pipe, tmp_path):
+    """Two trains into one --out at once both finished, each reporting its own best while best/
+    held the other's model. The second is refused while the first holds the folder's lock; a
+    lock file a killed run left is taken (the system released its lock), and a finished run
+    leaves none."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    vs = _vocab_size(pipe.root)
+    with open(out / ".train.lock", "a") as held:  # another train, running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataError, match="another train is writing this run folder now"):
+            train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+        assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing written
+    # the lock file of a run killed with SIGKILL stays; its lock does not
+    train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
+
+
 def test_cli_train_is_deterministic(wide_store, tmp_path):
     a = _cli_train(wide_store, tmp_path / "a", "--epochs", "1", "--seed", "2")
     b = _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--seed", "2")
