@@ -167,8 +167,10 @@ def test_a_file_or_a_split_given_for_a_folder_or_a_root_is_named_as_such(pipe, t
         DataError, match=r"test: is store split 'test', not a store root: give the folder that holds it"
     ):
         SplitStore.open(pipe.root / "test", "test")
-    with pytest.raises(DataError, match=r"no store manifest here"):  # an index's folder is no split
-        SplitStore.open(pipe.index_dir, "test")
+    with pytest.raises(
+        DataError, match=r"index-test: holds a manifest\.json that is not a store split's \(an index\?\)"
+    ):
+        SplitStore.open(pipe.index_dir, "test")  # an index's folder is no store root
 
 
 def test_what_cannot_be_verified_is_said(pipe, tmp_path):
