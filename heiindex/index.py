@@ -618,11 +618,13 @@ class Index(BatchSearch):
             yield from timed_results(texts[start : start + batch], hits, queries.unknown, t0)
 
     @torch.no_grad()
-    def search_encoded(self, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
-        """``search`` for captions already encoded (``heiindex.search.encode_queries``): each
-        query's hits."""
+    def search_encoded(
+        self, queries: EncodedQueries, k: int, candidates: int, codes: np.ndarray | None = None
+    ) -> list[list[Hit]]:
+        """``search`` for captions already encoded (``heiindex.search.encode_queries``), and
+        hashed where ``codes`` are given: each query's hits."""
         ranked = images_for_text(
-            self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates
+            self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates, codes
         )
         return [
             [

@@ -421,10 +421,13 @@ def images_for_text(
     queries: EncodedQueries,
     k: int,
     candidates: int,
+    codes: np.ndarray | None = None,
 ) -> list[Ranked]:
     """Text to image for each query: Hamming top-``candidates`` over the image codes,
-    re-ranked, top ``k``."""
-    codes = hasher.caption_codes(queries.words, queries.lengths)
+    re-ranked, top ``k``. ``codes``: the queries' codes where hashed already (a sharded build
+    hashes a batch once for all its shards)."""
+    if codes is None:
+        codes = hasher.caption_codes(queries.words, queries.lengths)
     words = queries.words.to(regions.dtype)  # the stored features' precision (see Index.to)
     found = rerank_images(
         model, image_index, codes, words=words, lengths=queries.lengths, regions=regions, gram=gram, n=candidates

@@ -296,7 +296,8 @@ class ShardedIndex(BatchSearch):
         for start in range(0, len(encoded), batch):
             t0 = time.perf_counter()
             queries = encode_queries(self.shards[0].model, encoded[start : start + batch])
-            per_shard = [shard_search_text(s, queries, k, candidates) for s in self.shards]
+            codes = self.shards[0].hasher.module.caption_codes(queries.words, queries.lengths)  # once, not per shard
+            per_shard = [shard_search_text(s, queries, k, candidates, codes) for s in self.shards]
             yield from batch_results(texts[start : start + batch], per_shard, queries.unknown, k, t0)
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
@@ -430,11 +431,14 @@ def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:
     return counts
 
 
-def shard_search_text(shard: Index, queries: EncodedQueries, k: int, candidates: int) -> list[list[Hit]]:
+def shard_search_text(
+    shard: Index, queries: EncodedQueries, k: int, candidates: int, codes: np.ndarray | None = None
+) -> list[list[Hit]]:
     """One shard's part of a batch of text queries (each query's hits): N and k capped at the
-    shard's size."""
+    shard's size. ``codes``: the batch's codes, hashed once for every shard (they share one hash
+    module), else hashed here."""
     n = min(candidates, shard.n_images)
-    return shard.search_encoded(queries, min(k, n), n)
+    return shard.search_encoded(queries, min(k, n), n, codes)
 
 
 def batch_results(

@@ -418,6 +418,22 @@ def test_open_index_opens_either_kind_and_the_last_build_by_default(pipe, sharde
     assert isinstance(open_index(), ShardedIndex)
 
 
+def test_a_batch_of_text_queries_is_hashed_once_for_every_shard(sharded, monkeypatch):
+    """The shards share one hash module: each of the 3 hashed the same batch again."""
+    from heiindex.hashing import HashModule
+
+    calls = []
+    real = HashModule.caption_codes
+
+    def counted(self, words, lengths, *args):
+        calls.append(len(lengths))
+        return real(self, words, lengths, *args)
+
+    monkeypatch.setattr(HashModule, "caption_codes", counted)
+    got = list(sharded.search_many(QUERIES, k=3, candidates=5, batch=3))
+    assert calls == [3, 1] and len(got) == len(QUERIES)  # two batches, each hashed once
+
+
 def test_first_counts_takes_the_first_items_from_the_first_parts():
     from heiindex.shards import first_counts
 
