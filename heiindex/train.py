@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import torch
 from .atomic import atomic_file, clear_leftovers, set_aside
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, read_model_config, save_model
 from .encode import check_split, encode_split
-from .errors import DataError, HeiindexError, HeiindexWarning
+from .errors import DataError, HeiindexError, HeiindexWarning, counted
 from .model import ScanConfig, ScanModel
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
@@ -206,13 +207,13 @@ def _check_enough_images(n_train: int, n_val: int, train_split: str, val_split: 
     every epoch scored rsum 600 and the first stayed the best)."""
     if n_train < 2:
         raise HeiindexError(
-            f"the {train_split} split has {n_train} image: a caption needs another image as its negative; "
-            "give a larger train split"
+            f"the {train_split} split has {counted(n_train, 'image')}: a caption needs another image as its "
+            "negative; give a larger train split"
         )
     if n_val < 2:
         raise HeiindexError(
-            f"validating on {n_val} image of the {val_split} split scores every epoch R@K 100: too few to "
-            "choose the best epoch; give a larger dev split, or a --val-images of at least 2"
+            f"validating on {counted(n_val, 'image')} of the {val_split} split scores every epoch R@K 100: too few "
+            "to choose the best epoch; give a larger dev split, or a --val-images of at least 2"
         )
 
 
@@ -236,7 +237,8 @@ def _refuse_a_run_without_last(out: Path) -> None:
     starts at the first epoch; an empty ``last/`` too), refused where the run's other files are
     there, which training from the first epoch would replace (a ``best/`` of a better model among
     them)."""
-    held = [name for name in ("best", "last", "history.json") if _holds_something(out / name)]
+    # best/ alone is a run killed in its first epoch between saving best/ and last/: nothing to lose
+    held = [name for name in ("last", "history.json") if _holds_something(out / name)]
     if held:
         raise DataError(
             out / "last",
@@ -339,29 +341,40 @@ def _run_lock(out: Path):
     """Hold ``out`` (made here where it is new) for this process: two trains writing one run
     folder at once each reported its own best while ``best/`` held the other's model. An
     exclusive ``flock`` on ``out/.train.lock``, which the system releases if the process dies
-    (a file left by a SIGKILL is taken by the next run). Where this run made ``out`` and wrote
-    nothing in it (refused, or failed in its first epoch), ``out`` is removed again."""
-    import fcntl
-
-    made = not out.exists()
+    (a file left by a SIGKILL is taken by the next run). The folders this run made (``out``,
+    and any missing parents) are removed again where nothing was saved in them (refused, or
+    failed in its first epoch). Where ``fcntl`` is missing (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: removed in this order
     out.mkdir(parents=True, exist_ok=True)
-    path = out / _LOCK_FILE
-    handle = open(path, "a")  # noqa: SIM115  (held for the whole run)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise DataError(
-            out,
-            "another train is writing this run folder now (it holds .train.lock): wait for it, or give another --out",
-        ) from None
-    try:
-        yield
+        if fcntl is None:
+            yield
+            return
+        path = out / _LOCK_FILE
+        with open(path, "a") as handle:  # held for the whole run
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # a run that finished meanwhile unlinked the file this one locked: its lock is no one's
+                if os.fstat(handle.fileno()).st_ino != os.stat(path).st_ino:
+                    raise BlockingIOError
+            except (BlockingIOError, FileNotFoundError):
+                raise DataError(
+                    out,
+                    "another train is writing this run folder now (it holds .train.lock): wait for it, or give "
+                    "another --out",
+                ) from None
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # while still locked: a run waiting on it sees another file
     finally:
-        path.unlink(missing_ok=True)
-        handle.close()
-        if made and not any(out.iterdir()):
-            out.rmdir()
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def train(
@@ -475,7 +488,7 @@ def _train(
     # the dev split, read and checked once (not after the first epoch, nor again each epoch)
     _, val_captions = check_split(model, va, config.val_images)
     _check_enough_images(tr.n_images, min(config.val_images, va.n_images), train_split, val_split)
-    # out/ itself is made by the first save (a run that fails in its first epoch leaves nothing)
+    # out/ is made by _run_lock, and removed again where no epoch was saved in it
     for epoch in range(start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
         for g in opt.param_groups:

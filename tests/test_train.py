@@ -356,6 +356,29 @@ def test_resume_without_a_saved_state_starts_with_the_options_given(wide_store, 
     assert load_model(tmp_path / "run" / "last").model.config.embed_size == 16
 
 
+def test_resume_after_a_kill_between_the_first_best_and_last_starts_again(pipe, tmp_path, monkeypatch):
+    """Epoch 1 saves best/ and then last/: a kill between the two leaves best/ alone, which is no
+    run to keep (the README: --resume after a kill at any moment goes on from the last epoch
+    saved, here none), so --resume starts at the first epoch."""
+    import heiindex.train as train_module
+
+    real = train_module.save_model
+
+    def killed_at_last(model, vocab, folder, *args, **kwargs):
+        if Path(folder).name == "last":
+            raise KeyboardInterrupt
+        return real(model, vocab, folder, *args, **kwargs)
+
+    out, vs = tmp_path / "run", _vocab_size(pipe.root)
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "save_model", killed_at_last)
+        with pytest.raises(KeyboardInterrupt):
+            train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["best"]
+    res = train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1), resume=True, log=pf.quiet)
+    assert len(res.history) == 1 and (out / "last" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("damage", ["last_config", "last_folder", "last_emptied"])
 def test_resume_refuses_a_run_whose_last_holds_no_model(wide_store, tmp_path, damage):
     """--resume where last/ lost its config.json, or was removed or emptied, but best/ and
@@ -483,6 +506,20 @@ def test_one_train_at_a_time_writes_a_run_folder(pipe, tmp_path):
     # the lock file of a run killed with SIGKILL stays; its lock does not
     train(pipe.root, out, pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
     assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
+
+
+def test_a_refused_train_leaves_no_folder_it_made_and_runs_without_fcntl(pipe, tmp_path, monkeypatch):
+    """The run folder and its missing parents are made for the lock and removed again where
+    nothing was saved; where fcntl is missing (Windows) a run takes no lock but still runs."""
+    import sys
+
+    vs = _vocab_size(pipe.root)
+    with pytest.raises(HeiindexError, match="validating on 1 image"):
+        train(pipe.root, tmp_path / "a" / "b" / "run", pf.model_config(vs), pf.train_config(val_images=1), log=pf.quiet)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl: ImportError
+    train(pipe.root, tmp_path / "run", pf.model_config(vs), pf.train_config(epochs=1), log=pf.quiet)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "history.json", "last"]
 
 
 def test_cli_train_is_deterministic(wide_store, tmp_path):
