@@ -681,7 +681,9 @@ class SplitStore:
             )
         if root.is_dir():
             held = [p.name for p, _ in store_splits(root)]
-            if not held and not (root / "vocab.json").exists() and any(root.iterdir()):  # a precomp folder, say
+            # a precomp folder, say; hidden files and lost+found are no sign of one (ingest writes beside them)
+            own = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "lost+found"]
+            if not held and not (root / "vocab.json").exists() and own:
                 raise DataError(root, f"is not a store root (no vocab.json, no split): {_INGESTED}")
             hint = (
                 f"; from a SCAN precomp folder that has it, `heiindex ingest --precomp DIR --split {split} --out {root}` "

@@ -683,6 +683,10 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
         DataError, match=r"index-test: holds a manifest\.json that is not a store split's \(an index\?\)"
     ):
         SplitStore.open(tmp_path / "index-test", "train")
+    (tmp_path / "mount" / "lost+found").mkdir(parents=True)  # a new disk: ingest writes a store root here
+    (tmp_path / "mount" / ".gitkeep").write_text("")
+    with pytest.raises(DataError, match=r"no such split in this store \(it holds: none\); from a SCAN precomp"):
+        SplitStore.open(tmp_path / "mount", "train")
 
 
 @pytest.mark.parametrize("split", [None, "absent"])
