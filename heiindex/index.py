@@ -741,7 +741,7 @@ class Index(BatchSearch):
         dev = self.regions.device
         words, lengths = words.to(dev), lengths.to(dev)
         if codes is None:  # from the words as given: a cast to bfloat16 first could change a bit
-            codes = self.hasher.module.caption_codes(words.to(torch.float32), lengths)
+            codes = self.hasher.module.caption_codes(words, lengths)  # in float32 a block at a time
         words = words.to(dtype=self.regions.dtype)
         return rerank_images(
             self.model, self.image_index, codes, words=words, lengths=lengths, regions=self.regions, gram=self.gram, n=n
@@ -974,7 +974,7 @@ def _write_caption_features(
                     "caption_id": pa.array(caps.caption_ids[rows], type=pa.int64()),
                     "image_id": pa.array(caps.image_ids[rows], type=pa.int64()),
                     "text": pa.array(caps.texts[rows], type=pa.string()),
-                    "tokens": _lists(tokens[a:b][real[a:b]].astype(np.int32), lens[a:b]),
+                    "tokens": _lists(np.asarray(tokens[a:b][real[a:b]], np.int32), lens[a:b]),
                     "words": _lists(words[a:b][real[a:b]].reshape(-1), lens[a:b] * words.shape[2]),
                 }
                 writer.write_table(pa.table(columns, schema=_CAPTION_SCHEMA))
