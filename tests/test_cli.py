@@ -431,6 +431,10 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
     notes.write_text("my notes")
     fifo = tmp_path / "fifo.png"  # reading its first bytes for the PNG signature waited for ever
     os.mkfifo(fifo)
+    # held open with 8 bytes in it, so that a reader gets them at once: a regression then fails
+    # on its message instead of hanging the suite
+    held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    os.write(held, b"notapng!")
     for plot, message in (
         (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
@@ -443,6 +447,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         clean_error(r, f"--plot {plot}: {message}")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
     clean_error(r, "--plot draws the --sweep table; give --sweep too")
+    os.close(held)
     fifo.unlink()
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
     # Without --plot, the default path in the index folder is checked before the bench too (a
