@@ -179,24 +179,28 @@ def load_models(
 ) -> tuple[LoadedModel, LoadedHash]:
     """The matcher and hash module given (loaded from a folder if given as one), else the ones
     the manifest of a build (at ``mpath``) names: a ``DataError`` naming the manifest where such
-    a folder is not there (an index copied to another machine, a model moved)."""
-    if not isinstance(matcher, LoadedModel):
-        matcher = load_model(matcher or _recorded_folder(manifest, "matcher", "--model DIR", mpath))
-    if not isinstance(hasher, LoadedHash):
-        hasher = load_hash(hasher or _recorded_folder(manifest, "hash", "--hash DIR", mpath))
-    return matcher, hasher
-
-
-def _recorded_folder(manifest: dict, key: str, option: str, mpath: Path | None) -> str:
-    folder = manifest[key]["path"]
-    if mpath is not None and not Path(folder).exists():
-        what = "matcher" if key == "matcher" else "hash module"
+    a folder is not there (an index copied to another machine, a model moved), both at once
+    where both are missing (they were named one command at a time)."""
+    wanted = {"matcher": (matcher, "--model DIR"), "hash": (hasher, "--hash DIR")}
+    missing = [
+        (key, manifest[key]["path"], option)
+        for key, (given, option) in wanted.items()
+        if not given and mpath is not None and not Path(manifest[key]["path"]).exists()
+    ]
+    if missing:
+        what = {"matcher": "matcher", "hash": "hash module"}
         raise DataError(
             mpath,
-            f"records its {what} at {folder}, which is not there (moved, or the build was made elsewhere): "
-            f"give the folder with {option}",
+            "records "
+            + " and ".join(f"its {what[key]} at {folder}" for key, folder, _ in missing)
+            + f", {'which is' if len(missing) == 1 else 'which are'} not there (moved, or the build was made "
+            + f"elsewhere): give {' and '.join(f'the folder with {option}' for _, _, option in missing)}",
         )
-    return folder
+    if not isinstance(matcher, LoadedModel):
+        matcher = load_model(matcher or manifest["matcher"]["path"])
+    if not isinstance(hasher, LoadedHash):
+        hasher = load_hash(hasher or manifest["hash"]["path"])
+    return matcher, hasher
 
 
 # Milvus codes are searched by the server, from this process's CPU side

@@ -367,7 +367,11 @@ def test_bench_json(pipe):
 def test_bench_takes_the_models_of_an_index_whose_recorded_folders_moved(pipe, tmp_path):
     """The refusal told `bench` to give --model DIR, an option only `query` had."""
     moved = pf.index_with_moved_models(pipe, tmp_path)
-    clean_error(run("bench", "--index", moved, "--topk", "5"), "which is not there", "give the folder with --model DIR")
+    clean_error(
+        run("bench", "--index", moved, "--topk", "5"),
+        "which are not there",
+        "give the folder with --model DIR and the folder with --hash DIR",
+    )
     given = as_json(
         run("bench", "--index", moved, "--topk", "5", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--json")
     )
