@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
 from .encode import check_split, encode_split
-from .errors import DataError, HeiindexError, ModelMismatchError, sized
+from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
@@ -159,6 +159,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     check_finite_weights(weights, state)
     module.eval()
     info = raw.get("info", {})
+    if not isinstance(info, dict):  # read as one below (a list raised a raw AttributeError)
+        raise DataError(cfg_path, f'field "info" must be an object, got {type(info).__name__}')
     if matcher is not None:
         check_trained_next_to(info, path, matcher)
     return LoadedHash(module, info, path)
@@ -221,7 +223,8 @@ def _word_file(lengths: np.ndarray, d: int) -> PackedWords:
     nbytes = shape[0] * d * 4
     file = tempfile.TemporaryFile(prefix="heiindex-words-")
     try:
-        os.posix_fallocate(file.fileno(), 0, nbytes)
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere (macOS, Windows) the file grows as written
+            os.posix_fallocate(file.fileno(), 0, nbytes)
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else a file system that cannot reserve: as is
             file.close()
@@ -357,12 +360,20 @@ def train_hash(
         )
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
-    for store in (tr, va):
-        matcher.check_store(store)
+    matcher.check_store(tr)  # the dev split's by check_split below
+    if tr.n_images < 2:  # every pair of a batch a positive: no negative to train on (train refuses it too)
+        raise HeiindexError(
+            f"the {train_split} split has {counted(tr.n_images, 'image')}: the hash loss needs unmatched pairs; "
+            "give a larger train split"
+        )
     check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
     _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
     config = config.resolved(va.n_images, val_split, log)  # what the module's info records
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
+    if not records.batches:  # buffers of one caption each are skipped: there was nothing to score
+        raise HeiindexError(
+            f"the {train_split} split gave no batch of 2 or more captions to train on; give a larger train split"
+        )
     module, result = fit_hash(
         records, encode_split(model, va, captions=val_captions), hash_config, config, progress, log
     )

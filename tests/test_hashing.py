@@ -322,6 +322,11 @@ def test_load_hash_refusals(tmp_path, pipe):
         cfg["kind"] = "vse"
     with pytest.raises(DataError, match="expected kind 'hei-hash'"):
         load_hash(tmp_path / "vse")
+    shutil.copytree(pipe.hash_dir, tmp_path / "listed")
+    with pf.edited_json(tmp_path / "listed" / "config.json") as cfg:
+        cfg["info"] = []  # read as an object: a raw AttributeError
+    with pytest.raises(DataError, match=r'listed/config.json: field "info" must be an object, got list'):
+        load_hash(tmp_path / "listed", load_model(pipe.model_dir))
     for text, detail in (("{", "not valid JSON"), ("[1]", "must hold a JSON object, got list")):
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)
@@ -474,6 +479,28 @@ def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkey
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)  # a file system that cannot reserve: mapped anyway
     assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS, Windows: an AttributeError, with the default pooling
+    assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
+
+
+def test_train_hash_refuses_a_train_split_without_negatives(pipe, tmp_path, monkeypatch):
+    """One training image: every pair of a batch matched, no unmatched pair for the loss (a module
+    was written all the same). No batch at all (buffers of one caption are skipped): a
+    ZeroDivisionError after the whole scoring pass."""
+    from heiindex.ingest import ingest
+
+    one = tmp_path / "one"
+    pf.write_learnable_precomp(one / "precomp", {"train": 1, "dev": 3})
+    matcher = load_model(pipe.model_dir)
+    root = one / "store"
+    for split in ("train", "dev"):  # tokenised with the matcher's vocabulary
+        ingest(one / "precomp", split, root, vocab=matcher.vocab, regions=None, feature_dim=None)
+    with pytest.raises(HeiindexError, match="^the train split has 1 image: the hash loss needs unmatched pairs"):
+        train_hash(matcher, root, tmp_path / "h", None, HashTrainConfig(epochs=1), log=pf.quiet)
+    monkeypatch.setattr(th, "collect_batches", lambda *a, **k: th.HashRecords([], {}, {}))
+    with pytest.raises(HeiindexError, match="^the train split gave no batch of 2 or more captions to train on"):
+        train_hash(matcher, pipe.root, tmp_path / "h", None, HashTrainConfig(epochs=1), log=pf.quiet)
+    assert not (tmp_path / "h").exists()
 
 
 def test_train_hash_stops_when_the_loss_is_not_finite(pipe, tmp_path, monkeypatch):
