@@ -27,6 +27,7 @@ from .store import CaptionTable, SplitStore, rows_of, sorted_ids
 
 __all__ = [
     "EncodedSplit",
+    "encode_caption_block",
     "encode_captions",
     "encode_captions_packed",
     "encode_images",

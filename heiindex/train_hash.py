@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
-from .encode import check_split, encode_split
+from .encode import check_split, encode_caption_block, encode_split
 from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
@@ -256,20 +256,22 @@ def collect_batches(
     batches = []
     total = config.rounds * -(-store.n_captions // config.batch_size)
     bar = progress_bar(total, "score training batches", progress)
+    dev = next(model.parameters()).device  # encoded and scored there; what is kept, on the CPU
     with torch.no_grad():
         for r in range(config.rounds):
             rng = np.random.default_rng([config.seed, 1000 + r])
             for feats, tok, lens, img_ids, cap_rows in iter_training_batches(
                 store, caps, config.batch_size, rng, config.buffer_row_groups
             ):
-                lens_t = torch.from_numpy(lens)
-                regions = model.encode_images(torch.from_numpy(feats))
-                encoded = model.encode_captions(torch.from_numpy(tok), lens_t)
+                regions = model.encode_images(torch.from_numpy(feats).to(dev))
+                encoded, lens_d = encode_caption_block(model, tok, lens)
+                scores = model.score(encoded, lens_d, regions).T.contiguous().cpu()
+                regions, encoded, lens_t = regions.cpu(), encoded.cpu(), torch.from_numpy(lens)
                 img_rows = np.searchsorted(image_ids, img_ids)
                 batches.append(
                     {
                         "ids": torch.from_numpy(img_ids),
-                        "scores": model.score(encoded, lens_t, regions).T.contiguous(),
+                        "scores": scores,
                         "images": img_rows,
                         "captions": cap_rows,
                     }

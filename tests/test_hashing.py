@@ -582,3 +582,18 @@ def test_code_ranking_loss_exact():
     assert code_ranking_loss(IMG, TXT, POS).item() == loss.item()  # 0.2 is the default fit_hash relies on
     # same-image pairs are never negatives
     assert code_ranking_loss(IMG, TXT, torch.ones(2, 2, dtype=torch.bool)).item() == 0.0
+
+
+@pf.needs_cuda
+def test_cuda_collect_batches_scores_where_the_matcher_is(pipe):
+    """A matcher on a GPU was handed the batches' CPU tensors (a device error at its first layer);
+    its scores and pooled features now come back to the CPU, as the CPU's within float32 noise."""
+    store = SplitStore.open(pipe.root, "train")
+    config = HashTrainConfig(rounds=1, batch_size=32)
+    cpu = th.collect_batches(load_model(pipe.model_dir).model.eval(), store, config, ("query", "mean"))
+    gpu = th.collect_batches(load_model(pipe.model_dir).model.cuda().eval(), store, config, ("query", "mean"))
+    for a, b in zip(cpu.batches, gpu.batches, strict=True):
+        assert b["scores"].device.type == "cpu"
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.images["mean"], cpu.images["mean"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.words.flat, cpu.words.flat, rtol=1e-4, atol=1e-5)
