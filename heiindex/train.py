@@ -90,12 +90,11 @@ class TrainConfig:
             raise DataError(path / "config.json", f"info.train: {exc}") from None
 
 
-def _resumed_config(out: Path, given: TrainConfig | None, log) -> TrainConfig:
-    """The settings a resumed run goes on with: ``given``, or the run's own (``TrainConfig.of_run``)
-    where None; where ``given`` differs from the run's in anything but ``epochs`` (raised to go on)
-    and ``threads`` (this machine's), each difference is said through ``log``: a config made with
-    the defaults (batch 128) silently replaced a run's batch 8."""
-    run = TrainConfig.of_run(out)
+def _resumed_config(run: TrainConfig, given: TrainConfig | None, log) -> TrainConfig:
+    """The settings a resumed run goes on with: ``given``, or the run's own (``run``, its
+    ``TrainConfig.of_run``) where None; where ``given`` differs from the run's in anything but
+    ``epochs`` (raised to go on) and ``threads`` (this machine's), each difference is said through
+    ``log``: a config made with the defaults (batch 128) silently replaced a run's batch 8."""
     if given is None:
         return run
     changed = [
@@ -217,11 +216,12 @@ def _check_enough_images(n_train: int, n_val: int, train_split: str, val_split: 
         )
 
 
-def _warn_of_other_dev_images(out: Path, config: TrainConfig, n_dev: int) -> None:
-    """A ``HeiindexWarning`` where a resumed run validates on another number of dev images than
-    it did (``val_images``): its best dev rsum so far was measured on the others, and an epoch
-    measured on a few images (rsum 580 on 5 against 334 on 60) replaced a better ``best/``."""
-    before, now = min(TrainConfig.of_run(out).val_images, n_dev), min(config.val_images, n_dev)
+def _warn_of_other_dev_images(out: Path, run: TrainConfig, config: TrainConfig, n_dev: int) -> None:
+    """A ``HeiindexWarning`` where a resumed run (its settings ``run``) validates on another
+    number of dev images than it did (``val_images``): its best dev rsum so far was measured on
+    the others, and an epoch measured on a few images (rsum 580 on 5 against 334 on 60) replaced
+    a better ``best/``."""
+    before, now = min(run.val_images, n_dev), min(config.val_images, n_dev)
     if before != now:
         warnings.warn(
             HeiindexWarning(
@@ -419,8 +419,9 @@ def _train(
     resuming = resume and resumable(out)
     if resume and not resuming:
         _refuse_a_run_without_last(out)
+    run = TrainConfig.of_run(out) if resuming else None  # the resumed run's own settings, read once
     if resuming:
-        config = _resumed_config(out, config, log)
+        config = _resumed_config(run, config, log)
     elif config is None:
         config = TrainConfig()
     if config.threads:
@@ -432,7 +433,7 @@ def _train(
         if s.manifest["vocab"]["sha256"] != vocab.checksum:
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")
     if resuming:
-        _warn_of_other_dev_images(out, config, va.n_images)
+        _warn_of_other_dev_images(out, run, config, va.n_images)
     caps = tr.captions()
     tr.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
