@@ -176,10 +176,9 @@ def check_texts(
     """Text queries checked against the matcher's vocabulary in this process, as the shard actors
     would check them (``heiindex.search.check_queries``; ``where(position)`` names a query in a
     message), so that a refused query file costs no Ray start first (13 s against 4 s in
-    process, for the CLI). The vocabulary is that of
-    ``model_dir``, else of the matcher the build at ``path`` records; where neither can be read
-    here (a moved folder, a damaged manifest), this checks nothing and the actors check the texts
-    as they search them."""
+    process, for the CLI). The vocabulary is that of ``model_dir``, else of the matcher the build
+    at ``path`` records; where neither can be read here (a moved folder, a damaged manifest),
+    this checks nothing and the actors check the texts as they search them."""
     from .search import check_queries
     from .vocab import Vocab
 
@@ -339,11 +338,7 @@ class RayShardedIndex(BatchSearch):
         """The features (actor ``method``) of the first ``queries`` captions (``image_query``:
         those the images search) or images, from the shards holding them, or of all."""
         counts = first_counts(self.shard_sizes(image_query), queries)
-        calls = [
-            getattr(a, method).remote(None if queries is None else c)
-            for a, c in zip(self.actors, counts, strict=True)
-            if c
-        ]
+        calls = [getattr(a, method).remote(c) for a, c in zip(self.actors, counts, strict=True) if c]
         return self._gather(calls, "the bench")
 
     def _search_texts(self, texts: list[str], k, candidates, batch: int, where) -> Iterator[SearchResult]:
