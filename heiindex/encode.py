@@ -116,11 +116,19 @@ def encode_captions(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, b
 
 
 @torch.no_grad()
-def encode_captions_packed(model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024) -> PackedWords:
+def encode_captions_packed(
+    model: ScanModel, tokens: np.ndarray, lengths: np.ndarray, block: int = 1024, rows: Tensor | None = None
+) -> PackedWords:
     """``encode_captions``, packed: each block's real words are copied into one tensor of the
-    split's real words (on the CPU), so the padded ``(n_caps, L, d)`` tensor never exists."""
+    split's real words (on the CPU), so the padded ``(n_caps, L, d)`` tensor never exists.
+    ``rows``: that tensor, ``(total words + 1, d)`` zeroed, where the caller keeps it elsewhere
+    than in memory (``heiindex.train_hash`` maps a temporary file); by default a new one."""
     lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
-    rows = torch.zeros((int(lens.sum()) + 1, model.config.embed_size))  # and the zero row
+    shape = (int(lens.sum()) + 1, model.config.embed_size)  # and the zero row
+    if rows is None:
+        rows = torch.zeros(shape)
+    elif tuple(rows.shape) != shape:
+        raise ValueError(f"rows must have shape {shape} (the words and a zero row), got {tuple(rows.shape)}")
     pos = 0
     for _, w, block_lens in iter_caption_blocks(model, tokens, lengths, block):
         real = w[word_mask(block_lens, w.shape[1])].cpu()

@@ -26,20 +26,21 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
-from .encode import check_split, encode_caption_block, encode_split
+from .encode import EncodedSplit, check_split, encode_caption_block, encode_captions_packed, iter_caption_blocks
 from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
 from .packed import PackedWords
 from .progress import progress_bar
 from .settings import SettingError, require, settle
-from .store import SplitStore, atomic_dir, check_output, read_json_object, write_json
+from .store import SplitStore, atomic_dir, check_output, read_json_object, rows_of, sorted_ids, write_json
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
 __all__ = [
     "HashRecords",
     "HashTrainConfig",
     "LoadedHash",
+    "PooledSplit",
     "candidate_recall",
     "collect_batches",
     "fit_hash",
@@ -51,6 +52,7 @@ __all__ = [
 HASH_FORMAT_VERSION = 1
 HASH_OUTPUT = ("a hash module", ("hash.safetensors", "config.json"))  # kind and entries (atomic_dir)
 DEFAULT_VAL_CANDIDATES = 100  # N of the dev candidate recall@N that picks the best epoch (the issue's N)
+_CAPTION_BLOCK = 1024  # captions encoded (and pooled) at a time
 
 
 @dataclass(frozen=True)
@@ -167,15 +169,17 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
 
 
 @torch.no_grad()
-def candidate_recall(module: HashModule, enc, n: int) -> dict[str, float]:
-    """Fraction of queries whose ground truth is among the ``n`` nearest codes, per direction."""
-    img_codes = module.image_codes(enc.regions)
-    cap_codes = module.caption_codes(enc.words, enc.lengths)
+def candidate_recall(module: HashModule, split: PooledSplit | EncodedSplit, n: int) -> dict[str, float]:
+    """Fraction of queries whose ground truth is among the ``n`` nearest codes, per direction.
+    ``split``: pooled for ``module`` (``PooledSplit``), or encoded (pooled here)."""
+    if isinstance(split, EncodedSplit):
+        split = PooledSplit.of(split, module.config.pooling)
+    img_codes, cap_codes = split.codes(module)
     n = min(n, len(img_codes))
     _, ids = hamming_candidates(make_binary_index(img_codes), cap_codes, n)
-    t2i = float(np.mean((ids == enc.caption_image[:, None]).any(axis=1)))
+    t2i = float(np.mean((ids == split.caption_image[:, None]).any(axis=1)))
     _, cids = hamming_candidates(make_binary_index(cap_codes), img_codes, min(n, len(cap_codes)))
-    hit = enc.caption_image[cids] == np.arange(len(img_codes))[:, None]
+    hit = split.caption_image[cids] == np.arange(len(img_codes))[:, None]
     i2t = float(np.mean(hit.any(axis=1)))
     return {"t2i": t2i, "i2t": i2t, "n": n}
 
@@ -188,13 +192,13 @@ class HashRecords:
     "images": rows of ``images`` (B,), "captions": caption rows (B,)}``. Features are kept once per
     image and caption, not once per batch and round: ``images[pooling]`` (n_images, d) pooled
     regions; ``captions[pooling]`` (n_captions, d) pooled words for the parameter-free poolings;
-    ``words``, for the learned ``query`` pooling, every caption's encoded words, packed, in a
-    memory-mapped temporary file (``TMPDIR``, which should be on disk, not tmpfs): real COCO's
-    566K training captions (13.3 tokens each on average) at d = 1024 are about 31 GB of words,
-    which the operating system pages in and out as training reads them. The batches' score
-    matrices stay in memory: rounds x captions x batch size x 4 bytes, about 1.2 GB for COCO
-    train at the defaults (4 rounds of batches of 128), 4.6 GB at batches of 512 (a reviewer's
-    arithmetic).
+    ``words``, for the learned ``query`` pooling, every caption's encoded words, packed. What
+    grows with the split (the pooled features, the words, the batches' score matrices) lies in
+    memory-mapped temporary files (``TMPDIR``, which should be on disk, not tmpfs), which the
+    operating system pages in and out as training reads them: for real COCO's 566K training
+    captions (13.3 tokens each on average) at d = 1024, about 31 GB of words, 2.3 GB of pooled
+    captions (mean pooling) and 1.2 GB of scores (4 rounds of batches of 128; 4.6 GB at batches
+    of 512), by arithmetic, not measured. In memory: each batch's three rows of ids (B x 24 bytes).
     """
 
     batches: list[dict]
@@ -219,12 +223,14 @@ class HashRecords:
         return img, module.pool_captions(self.words.gather(rows, int(lengths.max())), lengths)
 
 
-def _word_file(lengths: np.ndarray, d: int) -> PackedWords:
-    """Zeroed packed words for captions of ``lengths`` over an unlinked temporary file, mapped.
-    Its space is reserved first: a full disk is an error here, not a crash (SIGBUS) mid-training."""
-    shape = (int(lengths.sum()) + 1, d)
-    nbytes = shape[0] * d * 4
-    file = tempfile.TemporaryFile(prefix="heiindex-words-")
+def _scratch(shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A zeroed float32 tensor of ``shape`` over an unlinked temporary file, mapped: what grows
+    with a split stays out of memory (the operating system pages it in and out). Its space is
+    reserved first: a full disk is an error here, naming ``what``, not a crash (SIGBUS) later."""
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes == 0:  # nothing to map (mmap refuses an empty file)
+        return torch.zeros(shape)
+    file = tempfile.TemporaryFile(prefix="heiindex-hash-")
     try:
         if hasattr(os, "posix_fallocate"):  # Linux; elsewhere (macOS, Windows) the file grows as written
             os.posix_fallocate(file.fileno(), 0, nbytes)
@@ -232,11 +238,90 @@ def _word_file(lengths: np.ndarray, d: int) -> PackedWords:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else a file system that cannot reserve: as is
             file.close()
             raise HeiindexError(
-                f"cannot reserve {sized(nbytes)} for the training captions' words in "
-                f"{tempfile.gettempdir()} ({exc.strerror}): set TMPDIR to a disk with that much free space"
+                f"cannot reserve {sized(nbytes)} for {what} in {tempfile.gettempdir()} ({exc.strerror}): "
+                "set TMPDIR to a disk with that much free space"
             ) from None
-    rows = np.memmap(file, np.float32, "w+", shape=shape)
-    return PackedWords._wrap(torch.from_numpy(rows), torch.from_numpy(lengths.astype(np.int64)))
+    with file:  # the mapping keeps its own descriptor
+        return torch.from_numpy(np.memmap(file, np.float32, "w+", shape=shape))
+
+
+def _word_file(lengths: np.ndarray, d: int, what: str = "the training captions' words") -> PackedWords:
+    """Zeroed packed words for captions of ``lengths`` over a mapped temporary file (``_scratch``)."""
+    rows = _scratch((int(lengths.sum()) + 1, d), what)
+    return PackedWords._wrap(rows, torch.from_numpy(np.asarray(lengths, dtype=np.int64)))
+
+
+@dataclass
+class PooledSplit:
+    """What candidate recall reads of a split for one hash pooling, made once, not once per
+    epoch: every image's pooled regions (each pooling of regions is parameter-free: a 36th of
+    the regions' memory at 36 regions an image), and every caption's pooled words or, for the
+    learned ``query`` pooling, its words, packed (pooled by the module at each call; in a mapped
+    temporary file where ``encode`` made them). ``caption_image``: each caption's image row."""
+
+    pooling: str
+    images: torch.Tensor
+    caption_image: np.ndarray
+    captions: torch.Tensor | None = None
+    words: PackedWords | None = None
+
+    @classmethod
+    def of(cls, enc: EncodedSplit, pooling: str) -> PooledSplit:
+        """From an encoded split (``heiindex.encode.encode_split``); the same figures as ``encode``."""
+        images = pool_regions(enc.regions, pooling)
+        if pooling == "query":
+            return cls(pooling, images, enc.caption_image, words=enc.words)
+        captions = torch.empty((len(enc.words), images.shape[1]))
+        lengths = enc.words.own_lengths(enc.lengths)
+        for s in range(0, len(captions), _CAPTION_BLOCK):  # encode's blocks: the same padded tensors
+            rows = torch.arange(s, min(s + _CAPTION_BLOCK, len(captions)))
+            lens = lengths[rows]
+            captions[rows] = pool_words(enc.words.gather(rows, int(lens.max())), lens, pooling)
+        return cls(pooling, images, enc.caption_image, captions=captions)
+
+    @classmethod
+    @torch.no_grad()
+    def encode(
+        cls, model, store: SplitStore, captions, pooling: str, progress: bool = False, block_images: int = 256
+    ) -> PooledSplit:
+        """Encode ``store`` with ``model`` and pool it, a block at a time: the split's regions are
+        never all in memory. ``captions``: the store's, as ``heiindex.encode.check_split``
+        returned them (checked: each caption's image is in the split)."""
+        d = model.config.embed_size
+        dev = next(model.parameters()).device
+        images = torch.empty((store.n_images, d))
+        ids = np.empty(store.n_images, dtype=np.int64)
+        pos = 0
+        bar = progress_bar(store.n_images, f"encode {store.split} images", progress, unit="img")
+        for block_ids, feats in store.iter_image_blocks(block_images):
+            regions = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
+            images[pos : pos + len(block_ids)] = pool_regions(regions, pooling)
+            ids[pos : pos + len(block_ids)] = block_ids
+            pos += len(block_ids)
+            bar.update(len(block_ids))
+        bar.close()
+        caption_image = rows_of(sorted_ids(ids), captions.image_ids)
+        if (caption_image < 0).any():  # check_split refuses this: a caller's own captions
+            raise ValueError(f"captions of images not in the {store.split} split")
+        if pooling == "query":
+            rows = _scratch((int(captions.lengths.sum()) + 1, d), f"the {store.split} captions' words")
+            words = encode_captions_packed(model, captions.tokens, captions.lengths, _CAPTION_BLOCK, rows)
+            return cls(pooling, images, caption_image, words=words)
+        pooled = torch.empty((len(captions), d))
+        for s, w, lens in iter_caption_blocks(model, captions.tokens, captions.lengths, _CAPTION_BLOCK):
+            pooled[s : s + len(w)] = pool_words(w, lens, pooling).cpu()
+        return cls(pooling, images, caption_image, captions=pooled)
+
+    @torch.no_grad()
+    def codes(self, module: HashModule) -> tuple[np.ndarray, np.ndarray]:
+        """Packed (image codes, caption codes) of this split under ``module``."""
+        if module.config.pooling != self.pooling:
+            raise ValueError(
+                f"this split was pooled for {self.pooling!r}, the module pools by {module.config.pooling!r}"
+            )
+        if self.words is not None:
+            return module.codes(self.images, "image"), module.caption_codes(self.words, self.words.lengths)
+        return module.codes(self.images, "image"), module.codes(self.captions, "text")
 
 
 def collect_batches(
@@ -252,9 +337,12 @@ def collect_batches(
     store.check_ids(caps)  # distinct ids, and every caption's image in the split: batches pair them by id
     image_ids = np.unique(caps.image_ids)
     d = model.config.embed_size
-    images = {p: torch.zeros((len(image_ids), d)) for p in poolings}
-    captions = {p: torch.zeros((len(caps), d)) for p in poolings if p != "query"}
+    images = {p: _scratch((len(image_ids), d), "the training images' pooled features") for p in poolings}
+    captions = {p: _scratch((len(caps), d), "the training captions' pooled features") for p in poolings if p != "query"}
     words = _word_file(caps.lengths, d) if "query" in poolings else None
+    # a round's batches hold each caption once, at most batch_size + 1 of them (iter_training_batches)
+    scores = _scratch((config.rounds * (config.batch_size + 1) * len(caps),), "the training batches' scores")
+    used = 0
     image_seen, caption_seen = np.zeros(len(image_ids), bool), np.zeros(len(caps), bool)
     batches = []
     total = config.rounds * -(-store.n_captions // config.batch_size)
@@ -268,13 +356,16 @@ def collect_batches(
             ):
                 regions = model.encode_images(torch.from_numpy(feats).to(dev))
                 encoded, lens_d = encode_caption_block(model, tok, lens)
-                scores = model.score(encoded, lens_d, regions).T.contiguous().cpu()
+                b = len(img_ids)
+                batch_scores = scores[used : used + b * b].view(b, b)
+                batch_scores.copy_(model.score(encoded, lens_d, regions).T)
+                used += b * b
                 regions, encoded, lens_t = regions.cpu(), encoded.cpu(), torch.from_numpy(lens)
                 img_rows = np.searchsorted(image_ids, img_ids)
                 batches.append(
                     {
                         "ids": torch.from_numpy(img_ids),
-                        "scores": scores,
+                        "scores": batch_scores,
                         "images": img_rows,
                         "captions": cap_rows,
                     }
@@ -297,12 +388,19 @@ def collect_batches(
 
 
 def fit_hash(
-    records: HashRecords, val_enc, hash_config: HashConfig, config: HashTrainConfig, progress: bool = False, log=print
+    records: HashRecords,
+    val_enc: PooledSplit | EncodedSplit | None,
+    hash_config: HashConfig,
+    config: HashTrainConfig,
+    progress: bool = False,
+    log=print,
 ) -> tuple[HashModule, dict]:
     """Train hash layers on collected batches; return the best module on ``val_enc`` and its record.
     ``config.val_candidates`` None: resolved for ``val_enc``'s images (``HashTrainConfig.resolved``)."""
+    if isinstance(val_enc, EncodedSplit):  # pooled once, not once per epoch
+        val_enc = PooledSplit.of(val_enc, hash_config.pooling)
     if config.val_candidates is None and val_enc is not None:
-        config = config.resolved(len(val_enc.regions), log=log)
+        config = config.resolved(len(val_enc.images), log=log)
     torch.manual_seed(config.seed)
     module = HashModule(hash_config)
     opt = torch.optim.Adam(module.parameters(), lr=config.lr)
@@ -379,9 +477,8 @@ def train_hash(
         raise HeiindexError(
             f"the {train_split} split gave no batch of 2 or more captions to train on; give a larger train split"
         )
-    module, result = fit_hash(
-        records, encode_split(model, va, captions=val_captions), hash_config, config, progress, log
-    )
+    val = PooledSplit.encode(model, va, val_captions, hash_config.pooling, progress)
+    module, result = fit_hash(records, val, hash_config, config, progress, log)
     info = {
         "matcher_sha256": matcher.checksum,
         "matcher_path": str(matcher.path),

@@ -4,7 +4,9 @@ scaling, configs, hash folders and training next to a frozen matcher."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 
 import faiss
 import numpy as np
@@ -481,6 +483,66 @@ def test_caption_words_file_reserves_its_space_and_names_tmpdir_when_full(monkey
     assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
     monkeypatch.delattr(os, "posix_fallocate")  # macOS, Windows: an AttributeError, with the default pooling
     assert _word_file(np.array([2, 3]), 4).flat.shape == (5, 4)
+
+
+def _mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files of this process's mappings that hold ``tensor``'s first byte (Linux)."""
+    address = tensor.data_ptr()
+    names = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi and len(fields) > 5:
+                names.append(" ".join(fields[5:]))
+    return names
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_training_records_keep_what_grows_with_the_split_in_mapped_files(pipe):
+    """The batches' score matrices, the pooled features and the words lie in unlinked temporary
+    files, mapped (they were ~1.2 GB of scores in memory at COCO train): one file of scores for
+    every batch, each batch a view of its own stretch of it, in order."""
+    store = SplitStore.open(pipe.root, "train")
+    recs = th.collect_batches(
+        load_model(pipe.model_dir).model.eval(), store, HashTrainConfig(batch_size=32, rounds=2), ("mean", "query")
+    )
+    for tensor in (recs.batches[0]["scores"], recs.images["mean"], recs.captions["mean"], recs.words.flat):
+        (name,) = _mapped_files(tensor)
+        assert name.startswith(tempfile.gettempdir()) and name.endswith("(deleted)")  # not the heap
+    base = recs.batches[0]["scores"].untyped_storage().data_ptr()
+    ends = [b["scores"].data_ptr() - base for b in recs.batches]
+    sizes = [4 * b["scores"].numel() for b in recs.batches]
+    assert ends == list(np.cumsum([0, *sizes[:-1]]))  # one buffer, batch after batch
+    assert all(b["scores"].untyped_storage().data_ptr() == base for b in recs.batches)
+
+
+def test_pooled_split_pools_each_image_once_as_encoding_the_split_does(pipe):
+    """Validation keeps each dev image's pooled regions, not its regions, and pools them once;
+    encoded a block at a time (the regions never all in memory) it gives exactly what pooling an
+    encoded split gives, and so exactly the same candidate recall."""
+    matcher = load_model(pipe.model_dir)
+    store = SplitStore.open(pipe.root, "dev")
+    enc = encode_split(matcher.model, store)
+    for pooling in ("query", "mean", "attn"):
+        module = HashModule(HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling=pooling))
+        blockwise = th.PooledSplit.encode(matcher.model, store, store.captions(), pooling, block_images=5)
+        whole = th.PooledSplit.of(enc, pooling)
+        assert blockwise.images.shape == (store.n_images, pf.EMBED_SIZE)
+        assert torch.equal(blockwise.images, whole.images)
+        np.testing.assert_array_equal(blockwise.caption_image, enc.caption_image)
+        if pooling == "query":
+            assert blockwise.captions is None and torch.equal(blockwise.words.flat, enc.words.flat)
+        else:
+            assert blockwise.words is None and torch.equal(blockwise.captions, whole.captions)
+            want = pool_words(enc.words.padded(), enc.lengths, pooling)
+            torch.testing.assert_close(blockwise.captions, want, rtol=1e-5, atol=1e-6)
+        assert candidate_recall(module, blockwise, 5) == candidate_recall(module, enc, 5)
+        img, cap = blockwise.codes(module)
+        np.testing.assert_array_equal(img, module.image_codes(enc.regions))
+    other = HashModule(HashConfig(bits=pf.BITS, embed_size=pf.EMBED_SIZE, pooling="mean"))
+    with pytest.raises(ValueError, match="pooled for 'query', the module pools by 'mean'"):
+        th.PooledSplit.of(enc, "query").codes(other)
 
 
 def test_train_hash_refuses_a_train_split_without_negatives(pipe, tmp_path, monkeypatch):
