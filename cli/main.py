@@ -367,22 +367,20 @@ def _resumed_config(out: Path, settings: dict):
     ``settings`` given on the command line; the run's own that differ from the defaults are said
     in a line: a resumed run went on with the defaults (batch 128 where it had trained with 16)
     without a word."""
-    from dataclasses import replace
-
     from heiindex.train import TrainConfig
 
-    run = TrainConfig.of_run(out)
     given = {p.name: settings[p.name] for p in _given(*settings)}
+    resumed = TrainConfig.of_run(out, **given)
     params = {p.name: p for p in click.get_current_context().command.params}
 
     def shown(name: str, value) -> str:  # a boolean flag by its on or off form
         p = params[name]
         return (p.opts[0] if value else p.secondary_opts[0]) if isinstance(value, bool) else f"{p.opts[0]} {value}"
 
-    kept = [shown(n, getattr(run, n)) for n in settings if n not in given and getattr(run, n) != settings[n]]
+    kept = [shown(n, getattr(resumed, n)) for n in settings if n not in given and getattr(resumed, n) != settings[n]]
     if kept:
         click.echo(f"resuming with the run's own {', '.join(kept)} (give an option to change it)")
-    return replace(run, **given)
+    return resumed
 
 
 def _given(*names: str) -> list[click.Parameter]:

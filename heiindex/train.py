@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +70,11 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def of_run(cls, out: str | Path) -> TrainConfig:
+    def of_run(cls, out: str | Path, **overrides) -> TrainConfig:
         """The settings the run in ``out`` trained with (recorded in ``out/last``), for what a
-        resumed run should go on with; settings it did not record take the defaults. A run
-        resumed with other settings takes them (``dataclasses.replace(TrainConfig.of_run(out),
-        batch_size=16)``)."""
+        resumed run should go on with; settings it did not record take the defaults; those in
+        ``overrides`` replace the run's (``TrainConfig.of_run(out, batch_size=16)``: the run's own
+        settings, but batches of 16)."""
         path = Path(out) / "last"
         if not (path / CONFIG_FILE).exists():
             raise DataError(Path(out), "no training run here (no last/ model that `heiindex train` saved)")
@@ -85,9 +85,10 @@ class TrainConfig:
             raise DataError(path / "config.json", f'field "info.train" must be an object, got {type(saved).__name__}')
         known = {f.name for f in fields(cls)} - {"threads"}  # threads: this machine's, not the run's
         try:
-            return cls(**{name: value for name, value in saved.items() if name in known})
+            run = cls(**{name: value for name, value in saved.items() if name in known})
         except ValueError as exc:  # a setting out of range: named, with the file
             raise DataError(path / "config.json", f"info.train: {exc}") from None
+        return replace(run, **overrides)  # an unknown name: a TypeError; out of range: a SettingError
 
 
 def _resumed_config(run: TrainConfig, given: TrainConfig | None, log) -> TrainConfig:

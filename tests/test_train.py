@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from heiindex.checkpoint import load_model, model_checksum
 from heiindex.encode import encode_split
 from heiindex.errors import DataError, HeiindexError, HeiindexWarning
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 from heiindex.train import TrainConfig, contrastive_loss, iter_training_batches, train
 from heiindex.vocab import Vocab
@@ -331,6 +333,10 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     # not the defaults (8 epochs, batch 128); this was done by the CLI alone.
     run_config = TrainConfig.of_run(out)
     assert (run_config.batch_size, run_config.lr, run_config.epochs, run_config.threads) == (16, 0.005, 3, None)
+    # overridden where given, the run's own elsewhere (what the CLI resumes with)
+    assert TrainConfig.of_run(out, epochs=5, lr=0.01) == replace(run_config, epochs=5, lr=0.01)
+    with pytest.raises(SettingError, match="lr must be .*at most 1, got 2.0"):
+        TrainConfig.of_run(out, lr=2.0)
     said, before = [], load_model(out / "last").checksum
     train(wide_store, out, resume=True, log=said.append)
     assert said[-1] == "nothing left to train: the run has done 3 epochs, --epochs asks for 3 (raise it to go on)"
