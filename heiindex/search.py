@@ -147,7 +147,8 @@ class BatchSearch:
 @dataclass
 class EncodedQueries:
     """A batch of encoded text queries: ``words`` (q, L, d), zero beyond ``lengths`` (q,);
-    ``unknown``: the out-of-vocabulary words of each query (mapped to ``<unk>``)."""
+    ``unknown``: the out-of-vocabulary words of each query (mapped to ``<unk>``), each named once,
+    in the order they first occur."""
 
     words: Tensor
     lengths: Tensor
@@ -181,7 +182,7 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
         elif not enc.tokens:
             problems.append((i, f"the query '{shown(text)}' has no words"))
         elif len(enc.unknown) == len(enc.tokens):
-            words = name_some([shown(w) for w in enc.unknown])
+            words = name_some([shown(w) for w in dict.fromkeys(enc.unknown)])  # each word once
             problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
         elif len(enc.tokens) > MAX_QUERY_WORDS:
             problems.append(
@@ -359,7 +360,7 @@ def encode_queries(model: ScanModel, encoded: Sequence[Encoded]) -> EncodedQueri
     for row, e in enumerate(encoded):
         tokens[row, : len(e.ids)] = torch.tensor(e.ids)
     words = model.encode_captions(tokens.to(device), lengths)
-    return EncodedQueries(words, lengths, [list(e.unknown) for e in encoded])
+    return EncodedQueries(words, lengths, [list(dict.fromkeys(e.unknown)) for e in encoded])  # each once, in order
 
 
 def encode_text(model: ScanModel, vocab: Vocab, text: str) -> EncodedQueries:

@@ -302,8 +302,8 @@ def test_with_every_image_a_candidate_hei_equals_exhaustive(index, text):
 
 
 def test_unknown_words_are_reported(index):
-    res = index.search("a man riding a xyzzyq motorcycle qwplk", k=3, candidates=24)
-    assert res.unknown_words == ["xyzzyq", "qwplk"]
+    res = index.search("a man riding a xyzzyq motorcycle qwplk xyzzyq", k=3, candidates=24)
+    assert res.unknown_words == ["xyzzyq", "qwplk"]  # each once, in order (it was each occurrence)
     assert res.to_dict()["unknown_words"] == ["xyzzyq", "qwplk"]
     assert len(res.results) == 3
 
@@ -682,7 +682,7 @@ def test_empty_query(index, text):
 
 def test_query_of_unknown_words_only(index):
     with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: xyzzyq, qwplk"):
-        index.search("xyzzyq qwplk", k=3, candidates=5)
+        index.search("xyzzyq qwplk xyzzyq", k=3, candidates=5)
     # A 100,000-character word was echoed whole; invisible characters printed raw ("a\u200bdog"
     # showed as "adog"); thousands of unknown words were all listed.
     with pytest.raises(HeiindexError) as info:
