@@ -211,12 +211,30 @@ def exit_on_sigterm() -> None:
 )
 @click.option("--regions", type=int, default=36, show_default=True, help="Expected regions per image.")
 @click.option("--feature-dim", type=int, default=2048, show_default=True, help="Expected feature size.")
+@click.option(
+    "--captions-per-image",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Captions per image in SPLIT_caps.txt, each image's in a row (COCO, Flickr30K: 5).",
+)
 @handle_errors
-def ingest(precomp: Path, split: str, out: Path, vocab: Path | None, regions: int, feature_dim: int) -> None:
+def ingest(
+    precomp: Path, split: str, out: Path, vocab: Path | None, regions: int, feature_dim: int, captions_per_image: int
+) -> None:
     """Convert a SCAN precomp split into heiindex's Parquet stores."""
     from heiindex.ingest import ingest as run_ingest
 
-    summary = run_ingest(precomp, split, out, vocab=vocab, regions=regions, feature_dim=feature_dim, progress=True)
+    summary = run_ingest(
+        precomp,
+        split,
+        out,
+        vocab=vocab,
+        regions=regions,
+        feature_dim=feature_dim,
+        progress=True,
+        captions_per_image=captions_per_image,
+    )
     click.echo(summary.line())
 
 

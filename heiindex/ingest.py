@@ -202,8 +202,10 @@ def ingest(
     feature_dim: int | None = 2048,
     block_images: int = 128,
     progress: bool = False,
+    captions_per_image: int = 5,
 ) -> IngestSummary:
     """Write ``out_root/{split}`` from ``precomp_dir``; return what was written.
+    ``captions_per_image``: 5 for COCO and Flickr30K (caption ``c`` is image ``c // 5``'s).
 
     Every input problem raises ``DataError`` before anything appears at ``out_root/{split}``.
     """
@@ -211,7 +213,7 @@ def ingest(
     out_root = require_path("out_root", out_root)
     precomp_dir = require_path("precomp_dir", precomp_dir)
     check_store_root(out_root, split)
-    src = PrecompSplit.open(precomp_dir, split, regions=regions, feature_dim=feature_dim)
+    src = PrecompSplit.open(precomp_dir, split, regions, feature_dim, captions_per_image)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)
     voc = resolve_vocab(out_root, vocab, list(src.captions), split)
 

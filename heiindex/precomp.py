@@ -85,11 +85,13 @@ class PrecompSplit:
         """Open ``directory/{split}_ims.npy`` and ``{split}_caps.txt``.
 
         ``regions``/``feature_dim``: the expected R and D (``None`` accepts any).
+        ``captions_per_image``: 5 for COCO and Flickr30K; 1 for data with one caption an image.
         """
         directory = Path(directory)
         for name, value in (("regions", regions), ("feature_dim", feature_dim)):
             if value is not None:
                 require(name, value, at_least=1, integer=True)
+        captions_per_image = require("captions_per_image", captions_per_image, at_least=1, integer=True)
         if split not in SPLITS:
             raise DataError(directory, f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if directory.exists() and not directory.is_dir():
@@ -102,7 +104,12 @@ class PrecompSplit:
         caps = directory / f"{split}_caps.txt"
         shape, dtype, header = _read_npy_header(ims)
         if len(shape) != 3:
-            raise DataError(ims, f"feature array must have rank 3 (images, regions, features), got shape {shape}")
+            hint = (
+                f" (one vector per image: save it as shape ({shape[0]}, 1, {shape[1]}) and ingest it with 1 region per image)"
+                if len(shape) == 2
+                else ""
+            )
+            raise DataError(ims, f"feature array must have rank 3 (images, regions, features), got shape {shape}{hint}")
         n_rows, r, d = shape
         if regions is not None and r != regions:
             raise DataError(ims, f"expected {regions} regions per image (axis 1), got {r}")
@@ -127,8 +134,14 @@ class PrecompSplit:
             raise DataError(
                 caps,
                 f"{counted(n_caps, 'caption')} {'does' if n_caps == 1 else 'do'} not fit {counted(n_rows, 'feature row')} of {ims.name}: expected "
-                f"{captions_per_image} captions per image ({n_rows * captions_per_image} lines), "
-                f"or one feature row per caption ({n_rows} lines){hint}",
+                f"{counted(captions_per_image, 'caption')} per image ({n_rows * captions_per_image} lines)"
+                + (
+                    f", or one feature row per caption ({n_rows} lines, each image's row repeated "
+                    f"{captions_per_image} times: a multiple of {captions_per_image} rows)"
+                    if captions_per_image > 1
+                    else ""
+                )
+                + f"{hint}; for another number of captions per image, set captions_per_image",
             )
         return cls(split, ims, caps, tuple(captions), n_rows, r, d, dtype, header, rows_per_image, captions_per_image)
 

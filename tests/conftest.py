@@ -159,7 +159,9 @@ def _lone_carriage_returns(folder: Path) -> BadCase:
         "test",
         _caps(folder),
         "1 caption does not fit 7 feature rows of test_ims.npy: expected 5 captions per image (35 lines), or one "
-        "feature row per caption (7 lines); its lines hold 34 lone carriage returns (\\r, old Mac line ends)",
+        "feature row per caption (7 lines, each image's row repeated 5 times: a multiple of 5 rows); its lines "
+        "hold 34 lone carriage returns (\\r, old Mac line ends); for another number of captions per image, set "
+        "captions_per_image",
     )
 
 
@@ -172,7 +174,14 @@ def _precomp_is_a_file(folder: Path) -> BadCase:
 
 def _rank2(folder: Path) -> BadCase:
     np.save(_ims(folder), np.zeros((7, 36 * 8), np.float32))
-    return BadCase("rank2", folder, "test", _ims(folder), "must have rank 3")
+    return BadCase(
+        "rank2",
+        folder,
+        "test",
+        _ims(folder),
+        "must have rank 3 (images, regions, features), got shape (7, 288) (one vector per image: save it as shape "
+        "(7, 1, 288) and ingest it with 1 region per image)",
+    )
 
 
 def _rank4(folder: Path) -> BadCase:

@@ -229,6 +229,25 @@ def test_failed_ingest_keeps_the_older_split(make_precomp, tmp_path):
 # -- CLI: bad input -----------------------------------------------------------------------
 
 
+def test_cli_ingests_one_caption_per_image(make_precomp, tmp_path):
+    """--captions-per-image 1: caption i is image i's (7 images, 7 captions were refused as 5 per image)."""
+    precomp, feats, caps = make_precomp(n_images=7, n_captions=7)
+    refused = _run("--precomp", precomp, "--split", "test", "--out", tmp_path / "five", "--feature-dim", "8")
+    assert refused.exit_code == 2 and "7 captions do not fit 7 feature rows" in refused.output
+    out = tmp_path / "O"
+    result = ok(
+        _run("--precomp", precomp, "--split", "test", "--out", out, "--feature-dim", "8", "--captions-per-image", "1")
+    )
+    assert "test: 7 images, 7 captions" in result.output
+    captions = pq.read_table(out / "test" / CAPTIONS_FILE)
+    assert captions.column("image_id").to_pylist() == list(range(7))
+    assert captions.column("text").to_pylist() == caps
+    assert _manifest(out)["captions"]["per_image"] == 1
+    store = SplitStore.open(out, "test")
+    store.check_ids(store.captions())  # every image captioned
+    assert (store.n_images, store.n_captions) == (7, 7)
+
+
 def test_cli_bad_input_exits_2_and_names_the_file(bad_precomp, tmp_path):
     out = tmp_path / "O"
     out.mkdir()

@@ -11,6 +11,7 @@ from conftest import write_precomp  # tests/ is on sys.path
 
 from heiindex.errors import DataError
 from heiindex.precomp import SPLITS, PrecompSplit, read_captions
+from heiindex.settings import SettingError
 
 
 def _open(folder, split="test", feature_dim=8, regions=36):
@@ -234,6 +235,20 @@ def test_distinct_rows_with_one_caption_each_are_refused_when_not_a_multiple_of_
     folder, _, _ = make_precomp(n_images=7, n_captions=7)
     with pytest.raises(DataError, match="7 captions do not fit 7 feature rows"):
         _open(folder)
+
+
+def test_one_caption_per_image_is_read_where_captions_per_image_says_so(make_precomp):
+    """Data with one caption an image could not be ingested: 7 images and 7 captions read as 5
+    captions per image, refused ("7 captions do not fit 7 feature rows")."""
+    folder, feats, caps = make_precomp(n_images=7, n_captions=7)
+    split = PrecompSplit.open(folder, "test", regions=None, feature_dim=None, captions_per_image=1)
+    assert (split.n_images, split.n_captions, split.rows_per_image, split.captions_per_image) == (7, 7, 1, 1)
+    ((_, block),) = split.iter_image_blocks()
+    np.testing.assert_array_equal(block, feats)
+    with pytest.raises(SettingError, match="captions_per_image must be"):
+        PrecompSplit.open(folder, "test", regions=None, feature_dim=None, captions_per_image=0)
+    with pytest.raises(DataError, match=r"7 captions do not fit 7 feature rows .* expected 2 captions per image"):
+        PrecompSplit.open(folder, "test", regions=None, feature_dim=None, captions_per_image=2)
 
 
 def test_rows_that_differ_in_a_later_block_are_named_by_their_file_rows(tmp_path):
