@@ -153,7 +153,61 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
         return invalid
-    return invalid + _recorded_files(folder, manifest)  # files may still be the bytes recorded
+    files = _recorded_files(folder, manifest)  # files may still be the bytes recorded
+    if invalid or any(check.status != "ok" for check in files):
+        return invalid + files
+    return _disagreements(folder, manifest) + files
+
+
+# What a manifest says of its Parquet files that the commands compare with the files' footers
+# when they read them: (file, manifest fields giving the rows, the features column, fields whose
+# product is its list size). The manifest itself has no checksum: an edited count passed here.
+_FOOTERS = {
+    "store": (
+        ("images.parquet", ("images", "count"), "features", (("images", "regions"), ("images", "feature_dim"))),
+        ("captions.parquet", ("captions", "count"), None, ()),
+    ),
+    "index": (
+        ("image_features.parquet", ("n_images",), "features", (("regions",), ("embed_size",))),
+        ("caption_features.parquet", ("n_captions",), None, ()),
+    ),
+}
+
+
+def _disagreements(folder: Path, manifest: dict) -> list[FileCheck]:
+    """The manifest "invalid" where its counts or feature shapes are not those of the files it
+    records (whose bytes are as recorded): each command reading them would refuse it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def field(path: tuple[str, ...]):
+        value = manifest
+        for key in path:
+            value = value[key]
+        return value
+
+    problems = []
+    for name, rows, column, shape in _FOOTERS["index" if "matcher" in manifest else "store"]:
+        if not (folder / name).is_file():
+            continue
+        try:
+            footer = pq.ParquetFile(folder / name)
+        except (OSError, pa.ArrowException):  # as recorded, yet unreadable: the commands say so
+            continue
+        said = ".".join(rows)
+        if footer.metadata.num_rows != field(rows):
+            problems.append(f"{said} is {field(rows)}, but {name} holds {footer.metadata.num_rows:,} rows")
+        if column is not None and column in footer.schema_arrow.names:
+            kind = footer.schema_arrow.field(column).type
+            want = 1
+            for path in shape:
+                want *= field(path)
+            if getattr(kind, "list_size", want) != want:
+                fields = " x ".join(f"{'.'.join(path)} {field(path)}" for path in shape)
+                problems.append(f"{fields} make {want:,} numbers an image, but {name} holds {kind.list_size:,}")
+    if not problems:
+        return []
+    return [FileCheck(folder / MANIFEST_FILE, "invalid", "; ".join(problems) + " (the commands refuse it)")]
 
 
 def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:

@@ -314,6 +314,43 @@ def test_a_manifest_the_commands_would_refuse_is_reported_invalid(pipe, tmp_path
     )
 
 
+def test_a_manifest_whose_counts_or_shapes_are_not_its_files_is_invalid(pipe, tmp_path):
+    """A manifest has no checksum: an edited count or feature shape passed verify ("ok", exit 0),
+    and every command then refused the store or index (the files' footers disagree)."""
+    from heiindex.store import SplitStore
+
+    root = small_store(tmp_path / "s", ("test",))
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["captions"]["count"] = 34
+        m["images"]["regions"] = 37
+    got = {(c.path.parent.name, c.path.name): c for c in verify(root)}
+    check = got[("test", "manifest.json")]
+    assert (check.status, check.detail) == (
+        "invalid",
+        "images.regions 37 x images.feature_dim 8 make 296 numbers an image, but images.parquet holds 288; "
+        "captions.count is 34, but captions.parquet holds 35 rows (the commands refuse it)",
+    )
+    assert got[("test", "images.parquet")].status == got[("test", "captions.parquet")].status == "ok"
+    with pytest.raises(DataError, match="holds 35 captions; the manifest's captions.count says 34"):
+        SplitStore.open(root, "test").captions()  # what a command says
+    index = tmp_path / "index"
+    shutil.copytree(pipe.index_dir, index)
+    with pf.edited_json(index / "manifest.json") as m:
+        m["n_images"] -= 1
+    [check] = [c for c in verify(index) if c.failed]
+    assert check.path.name == "manifest.json" and check.detail.startswith(
+        f"n_images is {pipe.n_test_images - 1}, but image_features.parquet holds {pipe.n_test_images} rows"
+    )
+    assert run("verify", index).exit_code == 2
+    _flip_a_byte(index / "image_features.parquet")  # a changed file is named, the footers are not read
+    assert {c.path.name: c.status for c in verify(index)} == {
+        "image_features.parquet": "changed",
+        "caption_features.parquet": "ok",
+        "captions.faiss": "ok",
+        "images.faiss": "ok",
+    }
+
+
 def test_a_folder_of_indexes_is_not_a_store_root(pipe, tmp_path):
     """A folder holding only indexes (data/coco-sim/index: test/ and LAST) was taken for a store root."""
     shutil.copytree(pipe.index_dir, tmp_path / "indexes" / "test")
