@@ -7,10 +7,13 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from heiindex.errors import name_some, shown
 
-console = Console(soft_wrap=False, width=160)
+# markup off: queries, captions and paths are printed as they are ("a dog [/b]" raised rich's
+# MarkupError, and "[sic]" vanished); the tables below hold them as Text for any console too
+console = Console(soft_wrap=False, width=160, markup=False)
 
 
 def echo_json(data, line: bool = False) -> None:
@@ -51,13 +54,13 @@ def shortfall(result, k: int) -> str | None:
 
 def search_table(result, image_query: bool) -> Table:
     title = f"query image {result.query}" if image_query else f"query: {result.query!r}"
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for col in ("rank", "id", "score", "hamming"):
         table.add_column(col, justify="right")
     table.add_column("caption" if image_query else "captions of the image")
     for h in result.results:
         text = h.text if image_query else "\n".join(h.captions or [])
-        table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", str(h.hamming), text)
+        table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", str(h.hamming), Text(text))
     return table
 
 
@@ -90,11 +93,11 @@ def _medr(medr: float | None) -> str:
 
 
 def verify_table(path, checks) -> Table:
-    table = Table(title=f"verify {path}")
+    table = Table(title=Text(f"verify {path}"))
     for col in ("file", "status", "detail"):
         table.add_column(col)
     for c in checks:
-        table.add_row(str(c.path), c.status, c.detail)
+        table.add_row(Text(str(c.path)), c.status, Text(c.detail))
     return table
 
 

@@ -188,6 +188,23 @@ def test_query_table(pipe):
     assert "unknown words" not in r.output
 
 
+def test_query_and_caption_text_is_printed_as_it_is_not_as_markup(pipe):
+    """rich read "[/b]" in a query as a closing tag (a raw MarkupError traceback) and dropped
+    "[sic]"; captions went the same way, and so did paths in verify's table."""
+    from heiindex_cli.render import search_table, verify_table
+
+    from heiindex.index import Hit, SearchResult
+    from heiindex.verify import FileCheck
+
+    r = ok(run("query", "a dog [/b] on [sic] grass", "--index", pipe.index_dir, "--k", "2", "--candidates", "10"))
+    assert "query: 'a dog [/b] on [sic] grass'" in r.output
+    table = search_table(SearchResult("q [b]", [Hit(1, 7, 0.5, 3, captions=["a [red]cat[/red] [/i]"])]), False)
+    out = _text(table)  # a console with markup on, as any caller's may be
+    assert "query: 'q [b]'" in out and "a [red]cat[/red] [/i]" in out
+    out = _text(verify_table("/x/[v]", [FileCheck(Path("/x/[v]/a.parquet"), "ok", "size [1]")]))
+    assert "verify /x/[v]" in out and "/x/[v]/a.parquet" in out and "size [1]" in out
+
+
 def test_query_reports_unknown_words(pipe):
     d = as_json(run("query", "a dog xyzzyq", "--index", pipe.index_dir, "--candidates", "10", "--json"))
     assert d["unknown_words"] == ["xyzzyq"]
