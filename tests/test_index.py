@@ -680,6 +680,15 @@ def test_empty_query(index, text):
         index.search(text, k=3, candidates=5)
 
 
+def test_a_query_of_punctuation_only_is_refused(index):
+    """'!!! ???' and '.' are in the vocabulary (captions end in '.') and were searched, with
+    nothing said; a query needs a word with a letter or digit."""
+    for text in ("!!! ???", ".", '""', ", . ;"):
+        with pytest.raises(HeiindexError, match="has no words, only punctuation"):
+            index.search(text, k=3, candidates=5)
+    assert index.search("12 .", k=3, candidates=5).results  # a digit is a word
+
+
 def test_query_of_unknown_words_only(index):
     with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: xyzzyq, qwplk"):
         index.search("xyzzyq qwplk xyzzyq", k=3, candidates=5)
