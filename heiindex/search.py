@@ -437,7 +437,10 @@ def images_for_text(
 
 
 def top_k(found: Candidates, k: int, q: int) -> Ranked:
-    """The best ``k`` of query ``q``'s candidates; empty slots are dropped."""
+    """The best ``k`` of query ``q``'s candidates; empty slots are dropped. Equal scores keep
+    the candidates' order: the smaller Hamming distance first, then the item's row in the index
+    (FAISS's and the torch search's order of equal distances; ``shards.merge_hits`` merges
+    shards the same way)."""
     keep = found.ids[q] >= 0
     scores, ids, dist = found.scores[q][keep], found.ids[q][keep], found.hamming[q][keep]
     order = np.argsort(-scores, kind="stable")[:k]

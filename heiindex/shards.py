@@ -187,12 +187,14 @@ def build_shards(
 
 
 def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
-    """The best ``k`` of the shards' hits by matcher score (ties: earlier shard, then its rank),
-    renumbered from 1."""
-    flat = [(-h.score, s, h.rank, h) for s, hits in enumerate(per_shard) for h in hits]
-    flat.sort(key=lambda t: t[:3])
+    """The best ``k`` of the shards' hits by matcher score, renumbered from 1. Ties as one
+    index breaks them (``top_k``): the smaller Hamming distance first, then the earlier shard,
+    then its rank there; shards hold consecutive images, so an equal pair of images comes in the
+    unsharded build's order (earlier shards broke ties first, whatever their distances)."""
+    flat = [(-h.score, h.hamming, s, h.rank, h) for s, hits in enumerate(per_shard) for h in hits]
+    flat.sort(key=lambda t: t[:4])
     out = []
-    for rank, (_, _, _, h) in enumerate(flat[:k]):
+    for rank, (*_, h) in enumerate(flat[:k]):
         out.append(Hit(rank + 1, h.id, h.score, h.hamming, captions=h.captions, text=h.text))
     return out
 

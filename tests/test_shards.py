@@ -554,6 +554,29 @@ def test_sharded_bench_offsets_rows_by_each_shards_own_counts_and_times_each_dir
     assert (out["t2i"]["hei"]["seconds"], out["i2t"]["hei"]["seconds"]) == (1, 3)
 
 
+def test_equal_scores_merge_as_one_index_orders_them():
+    """Ties: the smaller Hamming distance first, then the earlier shard; before, the earlier shard
+    first whatever the distances, so a sharded and an unsharded build cut a tie differently (a
+    review found 3005 and 758, equal to the last bit, swapped)."""
+    from heiindex.index import Hit
+    from heiindex.shards import merge_hits
+
+    first = [Hit(1, 10, 0.9, 40), Hit(2, 11, 0.5, 7), Hit(3, 12, 0.5, 7)]
+    second = [Hit(1, 20, 0.5, 3), Hit(2, 21, 0.5, 7), Hit(3, 22, 0.1, 1)]
+    merged = merge_hits([first, second], 6)
+    assert [h.id for h in merged] == [10, 20, 11, 12, 21, 22]
+    assert [h.rank for h in merged] == list(range(1, 7))
+    assert [h.id for h in merge_hits([first, second], 3)] == [10, 20, 11]
+
+
+def test_every_image_ranked_by_shards_comes_in_the_unsharded_order(sharded, index):
+    for text in QUERIES:
+        got = sharded.search(text, k=24, candidates=8)
+        want = index.search(text, k=24, candidates=24)
+        assert [h.id for h in got.results] == [h.id for h in want.results]
+        assert [h.hamming for h in got.results] == [h.hamming for h in want.results]
+
+
 def test_merged_candidates_keep_empty_slots_empty():
     """An IVF or HNSW shard may return fewer than N (-1): shifted by the shard's offset it would
     become the previous shard's last item and could count as a hit."""
