@@ -55,10 +55,10 @@ from .index_manifest import (
     shard_missing,
     sharded_manifest,
 )
-from .packed import PackedWords
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     BatchSearch,
+    Candidates,
     EncodedQueries,
     bench_depth,
     check_queries,
@@ -186,6 +186,14 @@ def build_shards(
     return ShardedIndex.open(out, matcher, hasher)
 
 
+def _stacked(per_source: list[list[Candidates]]) -> list[Candidates]:
+    """Each searched shard's candidates for the queries of every source shard, one after another."""
+    return [
+        Candidates(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
+        for found in zip(*per_source, strict=True)
+    ]
+
+
 def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
     """The best ``k`` of the shards' hits by matcher score, renumbered from 1. Ties as one
     index breaks them (``top_k``): the smaller Hamming distance first, then the earlier shard,
@@ -268,19 +276,23 @@ class ShardedIndex(BatchSearch):
 
     # Every shard answers every query: the queries' codes are the shards' own (cached), hashed
     # once, not once per shard. ``queries``: only the first that many (the bench's warm-up), taken
-    # from the first shards only, else all.
+    # from the first shards only, else all. The queries go one source shard at a time, as views
+    # of its features where it gives them all: the split's words (or regions) are not copied
+    # whole beside the shards'.
     def bench_captions(self, n: int, queries: int | None = None) -> list:
-        take = self._first(queries, image_query=True)
-        words = PackedWords.cat([s.words.select(torch.arange(c, device=s.words.device)) for s, c in take])
-        codes = np.concatenate([s.caption_codes()[:c] for s, c in take])
-        return [s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards]
+        per_source = []
+        for source, c in self._first(queries, image_query=True):
+            words = source.words if c == source.n_captions else source.words.select(torch.arange(c))
+            codes = source.caption_codes()[:c]
+            per_source.append([s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards])
+        return _stacked(per_source)
 
     def bench_images(self, n: int, queries: int | None = None) -> list:
-        take = self._first(queries, image_query=False)
-        regions = torch.cat([s.regions[:c] for s, c in take])
-        gram = torch.cat([s.gram[:c] for s, c in take])
-        codes = np.concatenate([s.image_codes()[:c] for s, c in take])
-        return [s.candidates_for_images(regions, gram, n, codes) for s in self.shards]
+        per_source = []
+        for source, c in self._first(queries, image_query=False):
+            regions, gram, codes = source.regions[:c], source.gram[:c], source.image_codes()[:c]
+            per_source.append([s.candidates_for_images(regions, gram, n, codes) for s in self.shards])
+        return _stacked(per_source)
 
     def _first(self, queries: int | None, image_query: bool) -> list[tuple[Index, int]]:
         """The shards holding the first ``queries`` captions (``image_query``: those the images

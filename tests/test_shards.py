@@ -450,8 +450,16 @@ def test_first_counts_takes_the_first_items_from_the_first_parts():
 def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, monkeypatch, queries):
     """The warm-up's first queries come from the first shards only (7 captions: 7 of shard 0's
     40; 70: all of shard 0's and 30 of shard 1's, none of shard 2's), and every shard answers
-    them as it answers the same queries in the full pass."""
+    them as it answers the same queries in the full pass. The full pass copies no shard's words
+    into one tensor of the split's (it did: twice the caption features' memory)."""
+
+    def no_copy(parts):
+        raise AssertionError("the shards' words were concatenated")
+
+    monkeypatch.setattr(PackedWords, "cat", no_copy)
     full = {name: getattr(sharded, name)(5) for name in ("bench_captions", "bench_images")}
+    for name, n_items in (("bench_captions", 120), ("bench_images", 24)):  # every query, per shard
+        assert [len(f.ids) for f in full[name]] == [n_items] * 3
     selected = []
     real = PackedWords.select
 
@@ -469,7 +477,7 @@ def test_the_sharded_warm_up_answers_its_queries_as_the_full_pass_does(sharded, 
             np.testing.assert_array_equal(g.ids, f.ids[:want])
             np.testing.assert_allclose(g.scores, f.scores[:want], rtol=0, atol=1e-6)
             np.testing.assert_array_equal(g.hamming, f.hamming[:want])
-    assert selected == ([(7, False)] if queries == 7 else [(40, True), (30, False)])  # a whole shard is not copied
+    assert selected == ([(7, False)] if queries == 7 else [(30, False)])  # a whole shard's words are its own
 
 
 def test_ray_texts_are_checked_in_this_process_where_the_vocabulary_can_be_read(pipe, sharded, tmp_path):
