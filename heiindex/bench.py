@@ -405,7 +405,7 @@ def run_bench(
     sweep = sorted(set(_sweep_values(sweep)))
     if plot is not None:  # before any pass: a bad path failed after the whole bench
         if not sweep:
-            raise SettingError("plot", "the plot draws the sweep table; give sweep too", also=("sweep",))
+            raise SettingError("plot", "plot draws the sweep table; give `sweep` too", also=("sweep",))
         plot = check_plot_path(plot, "plot")
         require_matplotlib()
     full = protocols in ("auto", "full")

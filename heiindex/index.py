@@ -144,7 +144,7 @@ def check_codes_options(codes: str, uri: str | None) -> None:
     server ``uri`` (a URI without Milvus codes would be ignored, so it is refused)."""
     if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
         raise SettingError(
-            "codes", f"codes must be 'faiss', or 'milvus' with a server URI (uri), got {codes!r}", also=("uri",)
+            "codes", f"codes must be 'faiss', or 'milvus' with a server URI (`uri`), got {codes!r}", also=("uri",)
         )
     if codes == "faiss" and uri is not None:
         raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
@@ -929,13 +929,13 @@ def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, co
     """``UnusedSettingWarning`` where ``nlist`` / ``nprobe`` were given to ``index_type`` auto and
     none of its indexes (``counts``: the items of each) is large enough to be IVF: they were
     recorded and built into nothing, without a word."""
-    given = [f"{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
+    given = [f"`{name}` {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
     if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts):
         return
     warnings.warn(
         UnusedSettingWarning(
-            f"{' and '.join(given)} not used: index_type auto built flat indexes (exact; it builds IVF above "
-            f"{AUTO_FLAT_MAX:,} codes); index_type ivf builds IVF indexes at any size",
+            f"{' and '.join(given)} not used: `index_type` auto built flat indexes (exact; it builds IVF above "
+            f"{AUTO_FLAT_MAX:,} codes); `index_type` ivf builds IVF indexes at any size",
             settings=("nlist", "nprobe", "index_type"),
         ),
         stacklevel=2,

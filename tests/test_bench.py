@@ -344,7 +344,7 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     with monkeypatch.context() as m:
         pf.forbid(m, "a pass ran", (heiindex.bench, "_hei"))
         for kwargs, message in (
-            ({"plot": tmp_path / "p.png"}, "the plot draws the sweep table; give sweep too"),
+            ({"plot": tmp_path / "p.png"}, "plot draws the sweep table; give `sweep` too"),
             ({"sweep": [2], "plot": tmp_path / "p.txt"}, "the plot is a PNG; give a path ending in .png"),
             ({"sweep": [2], "plot": tmp_path / "gone" / "p.png"}, "no folder"),
         ):

@@ -153,7 +153,7 @@ def test_ef_search_sets_hnsw_search_breadth(pipe, tmp_path):
     assert index.search_breadth() == {"images": {"ef_search": 300}, "captions": {"ef_search": 300}}
     want = Index.open(pipe.index_dir).search("a dog", k=5, candidates=24)
     assert [h.id for h in index.search("a dog", k=5, candidates=24).results] == [h.id for h in want.results]
-    with pytest.warns(UnusedSettingWarning, match="^nprobe 2 not used") as seen:
+    with pytest.warns(UnusedSettingWarning, match="^`nprobe` 2 not used") as seen:
         index.set_search_breadth(nprobe=2)
     assert seen[0].filename == __file__  # the caller's line, not the library's
     r = ok(run("query", "a dog", "--index", tmp_path / "hnsw", "--nprobe", "2", "--ef-search", "40"))

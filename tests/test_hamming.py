@@ -351,5 +351,5 @@ def test_search_breadth_of_each_kind_and_its_checks():
     with pytest.raises(SettingError, match=r"^nprobe 11 exceeds the 10 lists of the index of the a$"):
         set_search_breadth({"a": ivf, "b": hnsw}, nprobe=11, ef_search=7)
     assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})
-    with pytest.warns(UnusedSettingWarning, match=r"^ef_search 9 not used: the index searches exactly \(flat\)"):
+    with pytest.warns(UnusedSettingWarning, match=r"^`ef_search` 9 not used: the index searches exactly \(flat\)"):
         set_search_breadth({"flat": exact[0], "gpu-like": exact[1]}, ef_search=9)

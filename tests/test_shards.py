@@ -681,6 +681,6 @@ def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, 
         index.set_search_breadth(nprobe=4)
     assert index.search_breadth()[1]["images"]["nprobe"] == 3  # nothing set by the refused call
     ok(build(pipe, tmp_path / "f", "--shards", "2", "--index", "flat"))
-    with pytest.warns(UnusedSettingWarning, match=r"^nprobe 2 not used: the index searches exactly \(flat\)") as seen:
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used: the index searches exactly \(flat\)") as seen:
         ShardedIndex.open(tmp_path / "f").set_search_breadth(nprobe=2)
     assert len(seen) == 1 and seen[0].filename == __file__
