@@ -918,7 +918,7 @@ def bench(
     if plot is not None:  # before the index is read and the bench runs
         from heiindex.plot import check_plot_path
 
-        check_plot_path(plot)
+        check_plot_path(plot, "--plot")
     _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None

@@ -201,13 +201,14 @@ def _warn_sparse_lists(index, n_codes: int, name: str) -> None:
     if n_codes >= nlist * least:
         return
     most = n_codes // least
-    fix = "--index flat" if most < 1 else f"--nlist {most}{' or less' if most > 1 else ''}, or --index flat,"
+    fix = "`index_type` flat" if most < 1 else f"`nlist` {most}{' or less' if most > 1 else ''}, or `index_type` flat,"
     lists = f"{nlist} list" if nlist == 1 else f"{nlist} lists"
     warnings.warn(
         SparseListsWarning(
             f"IVF index of {n_codes} {name} in {lists}: {n_codes / nlist:.1f} per list, fewer than the "
             f"{least} FAISS advises for training their centroids, so queries may miss more candidates than "
-            f"they need to. {fix} avoids it"
+            f"they need to. {fix} avoids it",
+            settings=("nlist", "index_type"),
         ),
         stacklevel=3,
     )

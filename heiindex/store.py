@@ -421,8 +421,9 @@ def check_store_root(root: Path, split: str) -> None:
     if (root / MANIFEST_FILE).exists():
         raise DataError(
             root,
-            f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; --out names the folder "
-            "that holds a store's splits (or a new one)",
+            f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; `out_root` names the "
+            "folder that holds a store's splits (or a new one)",
+            settings=("out_root",),
         )
     allowed = {"vocab.json", "lost+found", split}
     other = sorted(

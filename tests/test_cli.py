@@ -370,7 +370,7 @@ def test_bench_takes_the_models_of_an_index_whose_recorded_folders_moved(pipe, t
     clean_error(
         run("bench", "--index", moved, "--topk", "5"),
         "which are not there",
-        "give the folder with --model DIR and the folder with --hash DIR",
+        "give the matcher folder as --model and the hash module folder as --hash",
     )
     given = as_json(
         run("bench", "--index", moved, "--topk", "5", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--json")
@@ -605,7 +605,7 @@ def test_a_build_of_another_store_needs_its_own_out(pipe, tmp_path, monkeypatch)
     r = run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
     clean_error(
         r,
-        f"--store {pipe.root} needs --out INDEX: without it the index would replace the default data's, "
+        f"--store {pipe.root} needs --out, an index folder: without it the index would replace the default data's, "
         f"{default_data.default_index_dir('test')}",
     )
     assert not (tmp_path / "data").exists()

@@ -292,7 +292,7 @@ def test_a_malformed_prototypes_record_is_named(built, tmp_path, field, value):
 
 def test_a_sharded_build_checks_its_lists_before_hashing_captions(pipe, models, tmp_path, monkeypatch):
     pf.forbid(monkeypatch, "the captions were hashed before --nlist was checked", (shards, "caption_bank"))
-    with pytest.raises(HeiindexError, match="--nlist 10 exceeds the 8 images to index in its shard"):
+    with pytest.raises(HeiindexError, match="^nlist 10 exceeds the 8 images to index in its shard"):
         write_shards(pipe.root, "test", *models, tmp_path / "s", 3, index_type="ivf", nlist=10, prototypes=SMALL)
 
 
