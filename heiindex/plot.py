@@ -45,7 +45,7 @@ def require_matplotlib():
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise HeiindexError(
-            f"the --sweep plot needs matplotlib, which cannot be imported ({exc}): pip install 'heiindex[plot]'"
+            f"the sweep plot needs matplotlib, which cannot be imported ({exc}): pip install 'heiindex[plot]'"
         ) from None
     return plt
 

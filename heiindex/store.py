@@ -236,7 +236,7 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
 
 
 # What a store root is, where a command was given another folder
-_INGESTED = "give the folder heiindex ingest wrote (its --out); a SCAN precomp folder is ingested into one"
+_INGESTED = "give the store root that ingest wrote; a SCAN precomp folder is ingested into one"
 
 
 def store_vocab(root: str | Path) -> Vocab:

@@ -368,8 +368,8 @@ def _run_lock(out: Path):
             except (BlockingIOError, FileNotFoundError):
                 raise DataError(
                     out,
-                    "another train is writing this run folder now (it holds .train.lock): wait for it, or give "
-                    "another --out",
+                    "another train is writing this run folder now (it holds .train.lock): wait for it, or train "
+                    "into another run folder",
                 ) from None
             try:
                 yield
@@ -467,7 +467,7 @@ def _train(
         if start_epoch >= config.epochs:
             done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}"
             log(
-                f"nothing left to train: the run has done {done}, --epochs asks for {config.epochs} (raise it to go on)"
+                f"nothing left to train: the run has done {done} of the {config.epochs} asked for (ask for more to go on)"
             )
     else:
         if resume:

@@ -471,9 +471,7 @@ def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkey
     pf.forbid(monkeypatch, "the bench ran", (heiindex.bench, "run_bench"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then fails
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5")
-    clean_error(
-        r, "Error: the --sweep plot needs matplotlib, which cannot be imported (", "pip install 'heiindex[plot]'"
-    )
+    clean_error(r, "Error: the sweep plot needs matplotlib, which cannot be imported (", "pip install 'heiindex[plot]'")
 
 
 def test_bench_tables(pipe, tmp_path):

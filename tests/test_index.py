@@ -585,7 +585,7 @@ def test_open_with_another_hash_module_is_a_mismatch(pipe, tmp_path):
 
 
 def test_build_refuses_a_hash_module_of_another_matcher(pipe, tmp_path):
-    with pytest.raises(ModelMismatchError, match="give the matcher it was trained next to with --model"):
+    with pytest.raises(ModelMismatchError, match="give the matcher it was trained next to, or train"):
         Index.build(pipe.root, "test", pipe.other_model_dir, pipe.hash_dir, tmp_path / "x")
     loaded = load_hash(pipe.hash_dir)  # loaded without its matcher: checked when bound to another
     with pytest.raises(

@@ -372,7 +372,7 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     assert (run_config.batch_size, run_config.lr, run_config.epochs, run_config.threads) == (16, 0.005, 3, None)
     said, before = [], load_model(out / "last").checksum
     train(wide_store, out, resume=True, log=said.append)
-    assert said[-1] == "nothing left to train: the run has done 3 epochs, --epochs asks for 3 (raise it to go on)"
+    assert said[-1] == "nothing left to train: the run has done 3 epochs of the 3 asked for (ask for more to go on)"
     assert load_model(out / "last").checksum == before
     # a config given replaces the run's settings: each one that differs is said (it was not)
     said = []
@@ -626,7 +626,7 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
         (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd")
         r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume"))  # nothing left to train
         assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
-        assert "nothing left to train: the run has done 1 epoch, --epochs asks for 1 (raise it to go on)" in r.output
+        assert "nothing left to train: the run has done 1 epoch of the 1 asked for (ask for more to go on)" in r.output
         assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
         assert load_model(out / "best").checksum == best
 
