@@ -208,8 +208,12 @@ def test_actors_of_an_earlier_build_are_refused_and_all_stopped(local_ray, shard
     ok(run("serve", "--index", copy))
     write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, copy, 2, index_type="flat")
     stale = f"the Ray actors serving shards 0, 1 of {copy.resolve()} opened an earlier build of it: stop them"
-    with pytest.raises(HeiindexError, match=re.escape(stale)):
+    with pytest.raises(HeiindexError, match=re.escape(stale)) as err:
         RayShardedIndex(copy)
+    # the command and the Python function that stop them
+    assert f"(heiindex serve --stop --index {copy.resolve()}; from Python, heiindex.ray_engine.stop_served(" in str(
+        err.value
+    )
     clean_error(run("query", "a dog", "--index", copy, "--engine", "ray"), stale)
     assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
     fresh = RayShardedIndex(copy)  # new actors, of the build now there
