@@ -64,34 +64,47 @@ def _warning_as_line(show):
 
 
 def _as_flag(exc: Exception) -> str:
-    """The message of ``exc``; the settings the library names ("epochs must be ...") named by
-    this command's flags for them ("--epochs must be ...") where it has them: the setting that
-    begins the message, and the others it names (``SettingError.also``) wherever they stand."""
-    from heiindex.settings import SettingError
+    """The message of ``exc``, with the settings it names (its ``settings``: a ``HeiindexError``'s,
+    a ``SettingError``'s setting and ``also``) named by this command's flags (``_flagged``)."""
+    return _flagged(str(exc), getattr(exc, "settings", ()))
 
-    ctx = click.get_current_context(silent=True)
-    message = str(exc)
-    if not isinstance(exc, SettingError) or ctx is None:
-        return message
-    flags = _flags()
-    if message.startswith(exc.setting) and exc.setting in flags:
-        message = flags[exc.setting] + message[len(exc.setting) :]
-    return _flagged(message, exc.also)
+
+# The library's names for settings whose flags set a parameter of another name in the command
+# (``matcher``: ``--model``, the command's ``model_dir``); used where the command has that flag.
+_ALIASES = {
+    "matcher": "model_dir",
+    "hasher": "hash_dir",
+    "store_root": "store",
+    "out_root": "out",
+    "protocols": "protocol",
+    "path": "index_dir",
+}
 
 
 def _flags() -> dict[str, str]:
-    """This command's flags by the names of the settings they set ({} outside a command)."""
+    """This command's flags by the names of the settings they set ({} outside a command), and by
+    the library's names for them (``_ALIASES``)."""
     ctx = click.get_current_context(silent=True)
-    return {} if ctx is None else {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+    if ctx is None:
+        return {}
+    flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+    return flags | {alias: flags[name] for alias, name in _ALIASES.items() if name in flags and alias not in flags}
 
 
 def _flagged(message: str, names) -> str:
-    """``message`` with the settings ``names`` that it names ("nprobe 3 not used") named by this
-    command's flags for them ("--nprobe 3 not used"), wherever they stand."""
+    """``message`` with the settings ``names`` that it names named by this command's flags for
+    them, in the two forms the library writes them (``heiindex.errors``): in backquotes anywhere
+    ("`nlist` 12 and `nprobe` 3 not used" -> "--nlist 12 and --nprobe 3 not used"), or bare as
+    the first word ("epochs must be ..." -> "--epochs must be ..."). Nothing else: an ordinary word
+    that is also a setting's name ("the 12 candidates", `vocab.json`) is left as it is, and so is
+    a name the command has no flag for."""
     flags = _flags()
-    for name in names:
-        if name in flags:
-            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
+    for name in dict.fromkeys(names):
+        if name not in flags:
+            continue
+        message = message.replace(f"`{name}`", flags[name])
+        if re.match(rf"{re.escape(name)}(?= )", message):
+            message = flags[name] + message[len(name) :]
     return message
 
 
@@ -921,7 +934,7 @@ def bench(
     if plot is not None:  # before the index is read and the bench runs
         from heiindex.plot import check_plot_path
 
-        check_plot_path(plot)
+        check_plot_path(plot, "--plot")
     _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None

@@ -354,7 +354,7 @@ def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tupl
         (min(e - s, int(np.isin(index.caption_image, np.arange(s, e)).sum())) for s, e in folds), default=None
     )
     if fold_limit is not None and (limit is None or fold_limit < limit):
-        return fold_limit, " (a COCO 1K fold's size; --protocol full benches only the whole split)"
+        return fold_limit, " (a COCO 1K fold's size; `protocols` full benches only the whole split)"
     return limit, ""
 
 
@@ -369,11 +369,14 @@ def _sweep_values(sweep) -> list[int]:
 
 
 def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
-    """``--topk`` and every ``--sweep`` value must lie in [1, ``limit``]."""
-    for option, values in (("--topk", [topk]), ("--sweep", sweep)):
+    """``topk`` and every ``sweep`` value must lie in [1, ``limit``]; ``why``: why the limit is
+    what it is, where a protocol sets it (naming ``protocols``)."""
+    for name, values in (("topk", [topk]), ("sweep", sweep)):
         for n in values:
             if n < 1 or n > limit:
-                raise SettingError(option.lstrip("-"), f"{option} {n} must lie in [1, {limit}] for this index{why}")
+                raise SettingError(
+                    name, f"{name} {n} must lie in [1, {limit}] for this index{why}", also=("protocols",)
+                )
 
 
 def run_bench(
@@ -405,7 +408,7 @@ def run_bench(
     sweep = sorted(set(_sweep_values(sweep)))
     if plot is not None:  # before any pass: a bad path failed after the whole bench
         if not sweep:
-            raise SettingError("plot", "the plot draws the sweep table; give sweep too", also=("sweep",))
+            raise SettingError("plot", "plot draws the sweep table; give `sweep` too", also=("sweep",))
         plot = check_plot_path(plot, "plot")
         require_matplotlib()
     full = protocols in ("auto", "full")

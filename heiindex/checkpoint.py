@@ -56,7 +56,8 @@ class LoadedModel:
         if store.manifest["vocab"]["sha256"] != self.vocab.checksum:
             raise ModelMismatchError(
                 f"store {store.path} was tokenised with another vocabulary than model {self.path}: ingest the "
-                f"precomp split into a new store with --vocab {self.path / VOCAB_FILE}, or train a model on this store"
+                f"precomp split into a new store with the model's vocabulary, {self.path / VOCAB_FILE}, or train a "
+                "model on this store"
             )
         check_encodable(self.model, store, f"model {self.path}")
 

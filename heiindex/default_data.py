@@ -90,15 +90,16 @@ def last_built_index() -> Path:
     if not text:  # "" would be the current folder
         raise DataError(
             marker,
-            "should name the index the last build on the default data wrote, and names none: give --index DIR, "
-            "or build again (which rewrites it)",
+            "should name the index the last build on the default data wrote, and names none: give the index's "
+            "folder, or build again (which rewrites it)",
         )
     path = Path(text)
     if not path.exists():  # else "no index here; run heiindex build first", as if none had been built
         default = default_index_dir("test")
         there = f" (the default one, {default}, is there)" if (default / "manifest.json").exists() else ""
         raise HeiindexError(
-            f"the last build on the default data wrote {path}, which is gone: give --index DIR{there}, or build again"
+            f"the last build on the default data wrote {path}, which is gone: give an index's folder{there}, or "
+            "build again"
         )
     return path
 
@@ -116,7 +117,7 @@ def mark_last_built(path: Path) -> None:
         warnings.warn(
             LastBuiltWarning(
                 f"{path} is built, but {marker} could not record it as the last build ({exc.strerror or exc}): "
-                "give query and bench --index"
+                "give its folder to query and bench"
             ),
             stacklevel=2,
         )

@@ -43,8 +43,21 @@ def shown(text: str, limit: int = 40) -> str:
     return out if len(out) <= limit else f"{out[: limit - 3]}... ({len(text):,} characters)"
 
 
+# How a message names a setting (a parameter of the library's functions and configs), so that
+# the command line can name its flag for it instead: the message carries the names it uses in
+# ``settings``, and writes each in backquotes (`nlist` 12, `index_type` flat; never nlist=12),
+# except that a setting may stand bare as the message's first word (``require``'s "epochs must be
+# ..."). The CLI (``cli.main._flagged``) replaces exactly those forms, where the command has a
+# flag for the name; other words, `vocab.json` or "the 12 candidates", stay as they are.
+
+
 class HeiindexError(Exception):
-    """Base class: a problem the user can fix, with a message that says how."""
+    """Base class: a problem the user can fix, with a message that says how. ``settings``: the
+    names of the settings the message names (as the comment above says), for the CLI."""
+
+    def __init__(self, *args, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.settings = tuple(settings)
 
 
 class DataError(HeiindexError):
@@ -53,13 +66,13 @@ class DataError(HeiindexError):
     The message names the file, the field (or line) and what was expected.
     """
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str, settings: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{self.path}: {problem}", settings=settings)
 
     def __reduce__(self):  # pickled as made (a Ray actor's refusal reaches the driver whole)
-        return type(self), (self.path, self.problem)
+        return type(self), (self.path, self.problem, self.settings)
 
 
 class ModelMismatchError(HeiindexError):
@@ -68,7 +81,12 @@ class ModelMismatchError(HeiindexError):
 
 class HeiindexWarning(UserWarning):
     """Something the user should know that does not stop the command (the command line prints
-    each as one "Warning: ..." line on standard error, even where warnings are made errors)."""
+    each as one "Warning: ..." line on standard error, even where warnings are made errors).
+    ``settings``: the settings the message names, as ``HeiindexError``'s."""
+
+    def __init__(self, message: str, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = tuple(settings)
 
 
 class SparseListsWarning(HeiindexWarning):
@@ -80,10 +98,6 @@ class UnusedSettingWarning(HeiindexWarning):
     """A setting given that the command had no use for (``nlist`` where ``index_type`` auto built
     flat indexes); the message says which and why, naming settings as the library calls them, and
     ``settings`` lists those names (the CLI names its flags for them instead)."""
-
-    def __init__(self, message: str, settings: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.settings = tuple(settings)
 
 
 class VocabularyWarning(HeiindexWarning):

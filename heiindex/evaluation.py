@@ -132,6 +132,6 @@ def coco_folds(n_images: int, fold_size: int = 1000) -> list[tuple[int, int]]:
     """Image ranges of COCO 1K evaluation: consecutive folds of 1,000 images of ``testall``."""
     if n_images % fold_size:
         raise SettingError(
-            "protocol", f"COCO 1K (--protocol 1k) needs whole folds of {fold_size} images; this split has {n_images}"
+            "protocols", f"COCO 1K (`protocols` 1k) needs whole folds of {fold_size} images; this split has {n_images}"
         )
     return [(s, s + fold_size) for s in range(0, n_images, fold_size)]

@@ -50,13 +50,13 @@ def check_index_options(kind: str, nlist: int | None, nprobe: int | None) -> tup
         if value is not None and kind not in ("ivf", "auto"):
             raise SettingError(
                 name,
-                f"{name} sets up IVF indexes (index_type ivf, or auto at scale), not index_type {kind!r}",
+                f"{name} sets up IVF indexes (`index_type` ivf, or auto at scale), not `index_type` {kind!r}",
                 also=("index_type",),
             )
     if nlist is not None and nprobe is not None and nprobe > nlist:  # was capped at nlist without a word
         raise SettingError(
             "nprobe",
-            f"nprobe {nprobe} exceeds nlist {nlist}: a search probes at most the lists there are",
+            f"nprobe {nprobe} exceeds `nlist` {nlist}: a search probes at most the lists there are",
             also=("nlist",),
         )
     return nlist, nprobe
@@ -171,13 +171,13 @@ def set_search_breadth(
             index.hnsw.efSearch = ef_search
             used.add("ef_search")
     given = {"nprobe": nprobe, "ef_search": ef_search}
-    unused = [f"{n} {v}" for n, v in given.items() if v is not None and n not in used]
+    unused = [f"`{n}` {v}" for n, v in given.items() if v is not None and n not in used]
     if unused:
         kinds = sorted({_kind_name(index) for index in indexes.values()})
         warnings.warn(
             UnusedSettingWarning(
                 f"{' and '.join(unused)} not used: the index searches {' and '.join(kinds)} "
-                "(nprobe sets how many IVF lists are probed, ef_search HNSW's search breadth)",
+                "(`nprobe` sets how many IVF lists are probed, `ef_search` HNSW's search breadth)",
                 settings=("nprobe", "ef_search"),
             ),
             stacklevel=stacklevel,
@@ -201,13 +201,14 @@ def _warn_sparse_lists(index, n_codes: int, name: str) -> None:
     if n_codes >= nlist * least:
         return
     most = n_codes // least
-    fix = "--index flat" if most < 1 else f"--nlist {most}{' or less' if most > 1 else ''}, or --index flat,"
+    fix = "`index_type` flat" if most < 1 else f"`nlist` {most}{' or less' if most > 1 else ''}, or `index_type` flat,"
     lists = f"{nlist} list" if nlist == 1 else f"{nlist} lists"
     warnings.warn(
         SparseListsWarning(
             f"IVF index of {n_codes} {name} in {lists}: {n_codes / nlist:.1f} per list, fewer than the "
             f"{least} FAISS advises for training their centroids, so queries may miss more candidates than "
-            f"they need to. {fix} avoids it"
+            f"they need to. {fix} avoids it",
+            settings=("nlist", "index_type"),
         ),
         stacklevel=3,
     )

@@ -144,10 +144,13 @@ def check_codes_options(codes: str, uri: str | None) -> None:
     server ``uri`` (a URI without Milvus codes would be ignored, so it is refused)."""
     if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
         raise SettingError(
-            "codes", f"codes must be 'faiss', or 'milvus' with a server URI (uri), got {codes!r}", also=("uri",)
+            "codes", f"codes must be 'faiss', or 'milvus' with a server URI (`uri`), got {codes!r}", also=("uri",)
         )
     if codes == "faiss" and uri is not None:
-        raise HeiindexError("--uri names the Milvus server of --codes milvus; without it the codes go to FAISS files")
+        raise HeiindexError(
+            "uri names the Milvus server of `codes` milvus; without it the codes go to FAISS files",
+            settings=("uri", "codes"),
+        )
 
 
 def timed_results(queries: list, hits: list[list[Hit]], unknown: list[list[str]] | None, t0: float):
@@ -181,10 +184,10 @@ def load_models(
     the manifest of a build (at ``mpath``) names: a ``DataError`` naming the manifest where such
     a folder is not there (an index copied to another machine, a model moved), both at once
     where both are missing (they were named one command at a time)."""
-    wanted = {"matcher": (matcher, "--model DIR"), "hash": (hasher, "--hash DIR")}
+    wanted = {"matcher": (matcher, "matcher"), "hash": (hasher, "hasher")}
     missing = [
-        (key, manifest[key]["path"], option)
-        for key, (given, option) in wanted.items()
+        (key, manifest[key]["path"], setting)
+        for key, (given, setting) in wanted.items()
         if not given and mpath is not None and not Path(manifest[key]["path"]).exists()
     ]
     if missing:
@@ -194,7 +197,8 @@ def load_models(
             "records "
             + " and ".join(f"its {what[key]} at {folder}" for key, folder, _ in missing)
             + f", {'which is' if len(missing) == 1 else 'which are'} not there (moved, or the build was made "
-            + f"elsewhere): give {' and '.join(f'the folder with {option}' for _, _, option in missing)}",
+            + f"elsewhere): give {' and '.join(f'the {what[key]} folder as `{s}`' for key, _, s in missing)}",
+            settings=tuple(setting for _, _, setting in missing),
         )
     if not isinstance(matcher, LoadedModel):
         matcher = load_model(matcher or manifest["matcher"]["path"])
@@ -204,7 +208,7 @@ def load_models(
 
 
 # Milvus codes are searched by the server, from this process's CPU side
-_MILVUS_ON_CPU = "Milvus codes are searched by the server; use --device cpu with --codes milvus"
+_MILVUS_ON_CPU = "Milvus codes are searched by the server; use `device` cpu with `codes` milvus"
 
 
 def _hash_checksum(h: LoadedHash) -> str:
@@ -525,13 +529,18 @@ class Index(BatchSearch):
         if source not in ("faiss", "milvus"):
             raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
         if source == "milvus" and built["store"] != "milvus":
-            raise HeiindexError(f"index {path} was built without Milvus codes (build with --codes milvus)")
+            raise HeiindexError(
+                f"index {path} was built without Milvus codes (build with `codes` milvus)", settings=("codes",)
+            )
         if uri is not None and source != "milvus":  # it would be ignored
-            raise HeiindexError(f"--uri names a Milvus server, but the codes of {path} are searched in its FAISS files")
+            raise HeiindexError(
+                f"uri names a Milvus server, but the codes of {path} are searched in its FAISS files",
+                settings=("uri",),
+            )
         resolve_device(device)  # before the features are read
         check_precision(dtype)
         if source == "milvus" and device != "cpu":
-            raise HeiindexError(_MILVUS_ON_CPU)
+            raise HeiindexError(_MILVUS_ON_CPU, settings=("device", "codes"))
         code_indexes = None  # the FAISS files
         if source == "milvus":  # the FAISS files are not read
             from .milvus_codes import MilvusCodes
@@ -591,7 +600,7 @@ class Index(BatchSearch):
                 f"for {dtype} open it again (Index.open({str(self.path)!r}, dtype={dtype!r}))"
             )
         if dev.type != "cpu" and any(isinstance(i, MilvusCodes) for i in self._code_indexes):
-            raise HeiindexError(_MILVUS_ON_CPU)
+            raise HeiindexError(_MILVUS_ON_CPU, settings=("device", "codes"))
         if dev.type == "cuda":
             set_precision(dtype)
         self.matcher.model.to(dev)
@@ -917,25 +926,27 @@ def check_lists_filled(
         if chosen["type"] != "ivf" or chosen["nlist"] <= n:
             continue
         shard = "" if rows is None else f" in its shard (image rows {rows[0]} to {rows[1] - 1}"
-        if n == 0:  # whatever --nlist is (or none was given): an IVF index needs a code per list
+        if n == 0:  # whatever nlist is (or none was given): an IVF index needs a code per list
             raise HeiindexError(
-                f"no {what} to index{shard and shard + ')'}: an IVF index needs some (--index flat, or fewer shards)"
+                f"no {what} to index{shard and shard + ')'}: an IVF index needs some (`index_type` flat, or fewer "
+                "shards)",
+                settings=("index_type",),
             )
-        where = shard and shard + "; --nlist applies to each shard)"
-        raise HeiindexError(f"--nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
+        where = shard and shard + "; `nlist` applies to each shard)"
+        raise HeiindexError(f"nlist {chosen['nlist']} exceeds the {n} {what} to index{where}", settings=("nlist",))
 
 
 def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: Iterable[int]) -> None:
     """``UnusedSettingWarning`` where ``nlist`` / ``nprobe`` were given to ``index_type`` auto and
     none of its indexes (``counts``: the items of each) is large enough to be IVF: they were
     recorded and built into nothing, without a word."""
-    given = [f"{name} {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
+    given = [f"`{name}` {value}" for name, value in (("nlist", nlist), ("nprobe", nprobe)) if value is not None]
     if not given or any(resolve_index_kind(index_type, n, nlist, nprobe)["type"] == "ivf" for n in counts):
         return
     warnings.warn(
         UnusedSettingWarning(
-            f"{' and '.join(given)} not used: index_type auto built flat indexes (exact; it builds IVF above "
-            f"{AUTO_FLAT_MAX:,} codes); index_type ivf builds IVF indexes at any size",
+            f"{' and '.join(given)} not used: `index_type` auto built flat indexes (exact; it builds IVF above "
+            f"{AUTO_FLAT_MAX:,} codes); `index_type` ivf builds IVF indexes at any size",
             settings=("nlist", "nprobe", "index_type"),
         ),
         stacklevel=2,

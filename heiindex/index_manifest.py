@@ -130,7 +130,7 @@ def refuse_shard_folder(out: Path) -> None:
         raise DataError(
             out,
             f"is shard {Path(out).name} of the sharded build {build}: build that again "
-            f"(heiindex build --shards S --out {build}), or give another --out",
+            f"(heiindex build --shards S --out {build}), or write the index to another folder",
         )
 
 

@@ -85,8 +85,9 @@ def resolve_vocab(
             raise DataError(
                 existing_path,
                 f"missing, but split(s) {', '.join(recorded)} of this store were tokenised with vocabulary "
-                f"{_one_of(recorded)}: pass that vocabulary (the model's vocab.json) with --vocab, or ingest "
-                "into a new --out folder",
+                f"{_one_of(recorded)}: pass that vocabulary (the model's vocab.json) as `vocab`, or ingest "
+                "into a new `out_root` folder",
+                settings=("vocab", "out_root"),
             )
         if existing is not None:
             return existing
@@ -95,7 +96,8 @@ def resolve_vocab(
             warnings.warn(
                 VocabularyWarning(
                     f"the store's vocabulary ({len(built)} words) was built from the {split} captions; SCAN builds "
-                    "it from train's: ingest train first, or give --vocab"
+                    "it from train's: ingest train first, or give `vocab`",
+                    settings=("vocab",),
                 ),
                 stacklevel=3,
             )
@@ -105,13 +107,15 @@ def resolve_vocab(
         raise DataError(
             existing_path,
             f"missing, and split(s) {', '.join(recorded)} of this store record vocabulary {_one_of(recorded)}, "
-            f"not the --vocab given ({given.checksum[:12]}...)",
+            f"not the `vocab` given ({given.checksum[:12]}...)",
+            settings=("vocab",),
         )
     if existing is not None and existing != given:
         raise DataError(
             existing_path,
-            "this store root already uses another vocabulary; ingest into a new --out folder "
-            "or pass no --vocab to reuse this one",
+            "this store root already uses another vocabulary; ingest into a new `out_root` folder "
+            "or pass no `vocab` to reuse this one",
+            settings=("out_root", "vocab"),
         )
     return given
 
@@ -189,7 +193,8 @@ def _check_same_shape(out_root: Path, split: str, regions: int, feature_dim: int
             raise DataError(
                 other / MANIFEST_FILE,
                 f"split {other.name} of this store has {shape[0]} x {shape[1]} region features; "
-                f"{split} has {regions} x {feature_dim} (ingest it into another --out, or remove {other.name})",
+                f"{split} has {regions} x {feature_dim} (ingest it into another `out_root`, or remove {other.name})",
+                settings=("out_root",),
             )
 
 

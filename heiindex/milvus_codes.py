@@ -153,7 +153,10 @@ class MilvusCodes:
         self.uri, self.name, self.kind = uri, name, kind
         alias = _connect(uri)
         if not pm.utility.has_collection(name, using=alias):
-            raise HeiindexError(f"Milvus at {uri} has no collection {name!r}; build with --codes milvus --uri {uri}")
+            raise HeiindexError(
+                f"Milvus at {uri} has no collection {name!r}; build with `codes` milvus and `uri` {uri}",
+                settings=("codes", "uri"),
+            )
         try:
             self._col = pm.Collection(name, using=alias)
             self._col.load()

@@ -11,11 +11,12 @@ from .store import check_writable
 __all__ = ["check_plot_path", "plot_sweep", "require_matplotlib"]
 
 
-def check_plot_path(path: str | Path, label: str = "--plot") -> Path:
+def check_plot_path(path: str | Path, label: str = "plot") -> Path:
     """``path`` if a PNG can be written there: it ends in .png, its folder exists, and it is new
     or a PNG already (an earlier plot, replaced; any other file is refused). Checked before a
     bench runs, not after it; matplotlib would add ".png" to a path without a suffix and refuse
-    other suffixes. ``label`` names the path in errors (the option, or the default's)."""
+    other suffixes. ``label`` names the path in errors (the setting, the CLI's option, or the
+    default's)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise HeiindexError(f"{label} {path}: the plot is a PNG; give a path ending in .png")
@@ -44,7 +45,7 @@ def require_matplotlib():
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise HeiindexError(
-            f"the --sweep plot needs matplotlib, which cannot be imported ({exc}): pip install 'heiindex[plot]'"
+            f"the sweep plot needs matplotlib, which cannot be imported ({exc}): pip install 'heiindex[plot]'"
         ) from None
     return plt
 

@@ -80,7 +80,7 @@ class PrototypeConfig:
         if self.preselect < self.k:
             raise SettingError(
                 "prototype_k",
-                f"prototype_k {self.k} exceeds prototype_preselect ({self.preselect}): "
+                f"prototype_k {self.k} exceeds `prototype_preselect` ({self.preselect}): "
                 "the top k captions are chosen among the preselected ones",
                 also=("prototype_preselect",),
             )
@@ -137,8 +137,8 @@ def caption_bank(
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
     if config.preselect > len(captions):  # each image scores all of them, averages min(k, all)
-        capped = [f"prototype_preselect {config.preselect}"]
-        capped += [f"prototype_k {config.k}"] if config.k > len(captions) else []
+        capped = [f"`prototype_preselect` {config.preselect}"]
+        capped += [f"`prototype_k` {config.k}"] if config.k > len(captions) else []
         warnings.warn(
             UnusedSettingWarning(
                 f"{' and '.join(capped)} exceed{'s' if len(capped) == 1 else ''} the {len(captions)} captions of "

@@ -264,8 +264,9 @@ class RayShardedIndex(BatchSearch):
             at = f" --address {address}" if address else ""
             raise HeiindexError(
                 f"the Ray actors serving shard{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} of "
-                f"{self.path} opened an earlier build of it: stop them (heiindex serve --stop --index {self.path}{at}) "
-                "and serve the build again"
+                f"{self.path} opened an earlier build of it: stop them (heiindex serve --stop --index {self.path}{at}; "
+                f"from Python, heiindex.ray_engine.stop_served({str(self.path)!r}, {address!r})) and serve the build "
+                "again"
             )
 
     def actor_name(self, i: int) -> str:

@@ -255,7 +255,7 @@ def default_counts(candidates: int | None, k: int | None, sizes: list[int], what
     total = sum(sizes)
     if candidates is None:
         if is_whole(k) and k > total:
-            raise HeiindexError(f"--k {k} is larger than the {total} {what} in this index")
+            raise HeiindexError(f"k {k} is larger than the {total} {what} in this index", settings=("k",))
         candidates = min(max(DEFAULT_CANDIDATES, k if is_whole(k) else 0), total)
     if k is None:
         k = min(DEFAULT_K, pooled_candidates(candidates, sizes)) if is_whole(candidates) else DEFAULT_K
@@ -289,12 +289,12 @@ def per_shard_depth(candidates: int, sizes: list[int], what: str) -> str:
 def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     """``candidates`` (N) and ``k`` of a query as ints: whole numbers (a numpy integer is one; a bool
     or 2.0 is not), at least 1."""
-    for name, value in (("--candidates", candidates), ("--k", k)):
+    for name, value in (("candidates", candidates), ("k", k)):
         if not is_whole(value):
-            raise HeiindexError(f"{name} must be a whole number, got {value!r}")
-    for name, value in (("--candidates", candidates), ("--k", k)):
+            raise HeiindexError(f"{name} must be a whole number, got {value!r}", settings=(name,))
+    for name, value in (("candidates", candidates), ("k", k)):
         if value < 1:
-            raise HeiindexError(f"{name} must be at least 1, got {value}")
+            raise HeiindexError(f"{name} must be at least 1, got {value}", settings=(name,))
     return int(candidates), int(k)
 
 
@@ -304,11 +304,13 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str, sharded: 
     its size), k at most the candidates the shards return together."""
     candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
-        raise HeiindexError(f"--candidates {candidates} is larger than the {sum(sizes)} {what} in this index")
+        raise HeiindexError(
+            f"candidates {candidates} is larger than the {sum(sizes)} {what} in this index", settings=("candidates",)
+        )
     pooled = pooled_candidates(candidates, sizes)  # N itself for an unsharded index
     if k > pooled:
-        limit = f"the {pooled} candidates the shards return together" if sharded else f"--candidates {candidates}"
-        raise HeiindexError(f"--k {k} is larger than {limit}")
+        limit = f"the {pooled} candidates the shards return together" if sharded else f"`candidates` {candidates}"
+        raise HeiindexError(f"k {k} is larger than {limit}", settings=("k", "candidates"))
     return candidates, k
 
 

@@ -20,11 +20,12 @@ __all__ = ["SettingError", "is_whole", "require", "require_name", "require_path"
 
 class SettingError(HeiindexError, ValueError):
     """A setting out of range; ``setting`` is its name, and ``also`` the names of other settings
-    the message names (the CLI names the flags that set them). A ``HeiindexError`` as every
-    refusal is, and a ``ValueError`` as it was before it was one."""
+    the message names; ``settings`` holds both (the CLI names the flags that set them: see
+    ``heiindex.errors``). A ``HeiindexError`` as every refusal is, and a ``ValueError`` as it was
+    before it was one."""
 
     def __init__(self, setting: str, message: str, also: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
+        super().__init__(message, settings=(setting, *also))
         self.setting = setting
         self.also = tuple(also)
 

@@ -89,7 +89,9 @@ def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of near-equal size, one per shard."""
     shards = require("shards", shards, integer=True)
     if not 1 <= shards <= n_images:
-        raise HeiindexError(f"--shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}")
+        raise HeiindexError(
+            f"shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}", settings=("shards",)
+        )
     edges = np.linspace(0, n_images, shards + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
@@ -378,14 +380,18 @@ def build_index(
     resolve_device(device)
     check_codes_options(codes, uri)
     if shards is not None and codes != "faiss":
-        raise HeiindexError("--codes milvus is for an unsharded build (the shards keep their codes in FAISS files)")
+        raise HeiindexError(
+            "`codes` milvus is for an unsharded build (the shards keep their codes in FAISS files)",
+            settings=("codes",),
+        )
     if prototypes is not None:
         check_describing_split(prototypes, split)
     default_data = store_root is None or Path(store_root).resolve() == dd.default_store_dir().resolve()
     if out is None and not default_data:  # the default folder is the default data's index
         raise HeiindexError(
-            f"--store {store_root} needs --out INDEX: without it the index would replace the default data's, "
-            f"{dd.default_index_dir(split)}"
+            f"`store_root` {store_root} needs `out`, an index folder: without it the index would replace the "
+            f"default data's, {dd.default_index_dir(split)}",
+            settings=("store_root", "out"),
         )
     root = Path(store_root) if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
     out = Path(out) if out is not None else dd.default_index_dir(split)
@@ -509,7 +515,9 @@ def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> d
     limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
     topk = bench_depth(topk, limit)
     if not 1 <= topk <= limit:
-        raise HeiindexError(f"--topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
+        raise HeiindexError(
+            f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)", settings=("topk",)
+        )
     image_ids = np.concatenate([m["image_ids"] for m in metas])
     caption_image = rows_of(sorted_ids(image_ids), np.concatenate([m["caption_image_ids"] for m in metas]))
     check_captioned(caption_image, len(image_ids))  # before any pass, not after the first

@@ -236,7 +236,7 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
 
 
 # What a store root is, where a command was given another folder
-_INGESTED = "give the folder heiindex ingest wrote (its --out); a SCAN precomp folder is ingested into one"
+_INGESTED = "give the store root that ingest wrote; a SCAN precomp folder is ingested into one"
 
 
 def store_vocab(root: str | Path) -> Vocab:
@@ -421,8 +421,9 @@ def check_store_root(root: Path, split: str) -> None:
     if (root / MANIFEST_FILE).exists():
         raise DataError(
             root,
-            f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; --out names the folder "
-            "that holds a store's splits (or a new one)",
+            f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; `out_root` names the "
+            "folder that holds a store's splits (or a new one)",
+            settings=("out_root",),
         )
     allowed = {"vocab.json", "lost+found", split}
     other = sorted(

@@ -178,7 +178,8 @@ def finite_loss(loss: torch.Tensor, epoch: int, step: int, kept: str, what: str 
     if not math.isfinite(value):
         raise HeiindexError(
             f"training diverged: {what} is {value} at epoch {epoch + 1}, batch {step + 1}; {kept} "
-            "(a lower --lr may help)"
+            "(a lower `lr` may help)",
+            settings=("lr",),
         )
     return value
 
@@ -213,7 +214,8 @@ def _check_enough_images(n_train: int, n_val: int, train_split: str, val_split: 
     if n_val < 2:
         raise HeiindexError(
             f"validating on {counted(n_val, 'image')} of the {val_split} split scores every epoch R@K 100: too few "
-            "to choose the best epoch; give a larger dev split, or a --val-images of at least 2"
+            "to choose the best epoch; give a larger dev split, or a `val_images` of at least 2",
+            settings=("val_images",),
         )
 
 
@@ -227,7 +229,8 @@ def _warn_of_other_dev_images(out: Path, run: TrainConfig, config: TrainConfig, 
         warnings.warn(
             HeiindexWarning(
                 f"the run in {out} chose its best epoch on {before} dev images and now validates on {now} "
-                f"(--val-images): the best dev rsum so far compares other data"
+                f"(`val_images`): the best dev rsum so far compares other data",
+                settings=("val_images",),
             ),
             stacklevel=4,
         )
@@ -245,7 +248,8 @@ def _refuse_a_run_without_last(out: Path) -> None:
             out / "last",
             f"holds no model to resume ({CONFIG_FILE} is missing), but {out} holds a run "
             f"({', '.join(held)}): training from the first epoch would replace it; put its last/ back, or "
-            "train without --resume to start again",
+            "train without `resume` to start again",
+            settings=("resume",),
         )
 
 
@@ -321,16 +325,16 @@ def read_state(last: Path) -> dict:
     missing, unreadable or incomplete, since resuming without it would start again from the first
     epoch and replace ``best/``."""
     path = Path(last) / STATE_FILE
-    again = "train without --resume to start again (best/ and last/ are then replaced)"
+    again = "train without `resume` to start again (best/ and last/ are then replaced)"
     if not path.is_file():
-        raise DataError(path, f"missing, so this run cannot be resumed; {again}")
+        raise DataError(path, f"missing, so this run cannot be resumed; {again}", settings=("resume",))
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises EOFError, RuntimeError, UnpicklingError, ... on a damaged file
-        raise DataError(path, f"cannot be read ({type(exc).__name__}: {exc}); {again}") from None
+        raise DataError(path, f"cannot be read ({type(exc).__name__}: {exc}); {again}", settings=("resume",)) from None
     missing = [f for f in _STATE_FIELDS if not isinstance(state, dict) or f not in state]
     if missing:
-        raise DataError(path, f"lacks {', '.join(missing)}; {again}")
+        raise DataError(path, f"lacks {', '.join(missing)}; {again}", settings=("resume",))
     return state
 
 
@@ -365,8 +369,8 @@ def _run_lock(out: Path):
             except (BlockingIOError, FileNotFoundError):
                 raise DataError(
                     out,
-                    "another train is writing this run folder now (it holds .train.lock): wait for it, or give "
-                    "another --out",
+                    "another train is writing this run folder now (it holds .train.lock): wait for it, or train "
+                    "into another run folder",
                 ) from None
             try:
                 yield
@@ -464,7 +468,7 @@ def _train(
         if start_epoch >= config.epochs:
             done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}"
             log(
-                f"nothing left to train: the run has done {done}, --epochs asks for {config.epochs} (raise it to go on)"
+                f"nothing left to train: the run has done {done} of the {config.epochs} asked for (ask for more to go on)"
             )
     else:
         if resume:

@@ -103,7 +103,7 @@ class HashTrainConfig:
             if log is not None:
                 log(
                     f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
-                    f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; --val-candidates sets it)"
+                    f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; a number given replaces it)"
                 )
         return replace(self, val_candidates=n)
 
@@ -131,9 +131,9 @@ def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) ->
     if trained != matcher.checksum:
         raise ModelMismatchError(
             f"hash module {path} was trained next to matcher {(trained or '?')[:12]}, not {matcher.checksum[:12]} "
-            f"({matcher.path}): give the matcher it was trained next to with --model, or train a hash module "
-            f"next to this one (`heiindex train-hash --model {matcher.path} --store STORE --out DIR`, STORE the "
-            "store it trained on) and give it with --hash"
+            f"({matcher.path}): give the matcher it was trained next to, or train a hash module next to this "
+            f"one (`heiindex train-hash --model {matcher.path} --store STORE --out DIR`, STORE the store it "
+            "trained on) and give that"
         )
 
 

@@ -344,7 +344,7 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     with monkeypatch.context() as m:
         pf.forbid(m, "a pass ran", (heiindex.bench, "_hei"))
         for kwargs, message in (
-            ({"plot": tmp_path / "p.png"}, "the plot draws the sweep table; give sweep too"),
+            ({"plot": tmp_path / "p.png"}, "plot draws the sweep table; give `sweep` too"),
             ({"sweep": [2], "plot": tmp_path / "p.txt"}, "the plot is a PNG; give a path ending in .png"),
             ({"sweep": [2], "plot": tmp_path / "gone" / "p.png"}, "no folder"),
         ):
@@ -400,7 +400,7 @@ def test_topk_defaults_to_the_largest_the_index_allows_below_100(index):
 
 @pytest.mark.parametrize("topk", [0, 25])
 def test_topk_out_of_range(index, topk):
-    with pytest.raises(HeiindexError, match=r"--topk .* must lie in \[1, 24\] for this index"):
+    with pytest.raises(HeiindexError, match=r"^topk .* must lie in \[1, 24\] for this index"):
         run_bench(index, topk=topk)
 
 
@@ -408,15 +408,15 @@ def test_topk_out_of_range(index, topk):
 def test_sweep_value_out_of_range(index, n):
     """A sweep value beyond the set is refused by name, as --topk is (it used to be left out of
     the table without a word, and 0 failed deep inside FAISS)."""
-    with pytest.raises(HeiindexError, match=rf"--sweep {n} must lie in \[1, 24\] for this index$"):
+    with pytest.raises(HeiindexError, match=rf"^sweep {n} must lie in \[1, 24\] for this index$"):
         run_bench(index, topk=5, sweep=[5, n])
 
 
 def test_depths_are_checked_against_the_1k_folds(index, monkeypatch):
     monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
-    with pytest.raises(ValueError, match=r"--sweep 13 must lie in \[1, 12\] for this index \(a COCO 1K fold"):
+    with pytest.raises(ValueError, match=r"^sweep 13 must lie in \[1, 12\] for this index \(a COCO 1K fold"):
         run_bench(index, topk=5, sweep=[13], protocols="1k")
-    with pytest.raises(ValueError, match=r"--topk 13 must lie in \[1, 12\]"):
+    with pytest.raises(ValueError, match=r"^topk 13 must lie in \[1, 12\]"):
         run_bench(index, topk=13, protocols="1k")
     with pytest.raises(HeiindexError, match='protocols must be "auto", "full" or "1k"'):
         run_bench(index, topk=5, protocols="5k")
@@ -438,7 +438,7 @@ def test_1k_protocol_averages_the_sweep_over_folds(index, monkeypatch):
 
 def test_1k_protocol_needs_whole_folds(index):
     with pytest.raises(
-        ValueError, match=r"COCO 1K \(--protocol 1k\) needs whole folds of 1000 images; this split has 24"
+        ValueError, match=r"COCO 1K \(`protocols` 1k\) needs whole folds of 1000 images; this split has 24"
     ):
         run_bench(index, topk=5, protocols="1k")
 
@@ -560,7 +560,9 @@ def test_a_5000_image_split_is_benched_as_coco_5k_and_1k(index, monkeypatch):
     res = run_bench(index, topk=5)
     assert "full" not in res and res["1k"]["folds"] == 2 and res["5k"]["images"] == 24
     assert res["t2i"] is res["5k"]["t2i"] and res["i2t"] is res["5k"]["i2t"]
-    with pytest.raises(ValueError, match=r"--topk 13 must lie in \[1, 12\] for this index \(a COCO 1K fold's size"):
+    with pytest.raises(
+        ValueError, match=r"^topk 13 must lie in \[1, 12\] for this index \(a COCO 1K fold's size; `protocols` full"
+    ):
         run_bench(index, topk=13)
 
 

@@ -265,7 +265,9 @@ def test_check_store_refuses_another_vocabulary_or_feature_size(saved):
         ModelMismatchError, match=r"store .*test was tokenised with another vocabulary than model .*m: "
     ) as info:
         loaded.check_store(store("0" * 64, 10))
-    assert str(info.value).endswith(f"with --vocab {loaded.path / 'vocab.json'}, or train a model on this store")
+    assert str(info.value).endswith(
+        f"with the model's vocabulary, {loaded.path / 'vocab.json'}, or train a model on this store"
+    )
     with pytest.raises(ModelMismatchError, match=r"test has region features of size 2048, model .*m takes 10$"):
         loaded.check_store(store(VOCAB.checksum, 2048))
 

@@ -153,7 +153,7 @@ def test_ef_search_sets_hnsw_search_breadth(pipe, tmp_path):
     assert index.search_breadth() == {"images": {"ef_search": 300}, "captions": {"ef_search": 300}}
     want = Index.open(pipe.index_dir).search("a dog", k=5, candidates=24)
     assert [h.id for h in index.search("a dog", k=5, candidates=24).results] == [h.id for h in want.results]
-    with pytest.warns(UnusedSettingWarning, match="^nprobe 2 not used") as seen:
+    with pytest.warns(UnusedSettingWarning, match="^`nprobe` 2 not used") as seen:
         index.set_search_breadth(nprobe=2)
     assert seen[0].filename == __file__  # the caller's line, not the library's
     r = ok(run("query", "a dog", "--index", tmp_path / "hnsw", "--nprobe", "2", "--ef-search", "40"))
@@ -387,7 +387,7 @@ def test_bench_takes_the_models_of_an_index_whose_recorded_folders_moved(pipe, t
     clean_error(
         run("bench", "--index", moved, "--topk", "5"),
         "which are not there",
-        "give the folder with --model DIR and the folder with --hash DIR",
+        "give the matcher folder as --model and the hash module folder as --hash",
     )
     given = as_json(
         run("bench", "--index", moved, "--topk", "5", "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--json")
@@ -488,9 +488,7 @@ def test_bench_sweep_without_matplotlib_is_refused_before_the_bench(pipe, monkey
     pf.forbid(monkeypatch, "the bench ran", (heiindex.bench, "run_bench"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then fails
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5")
-    clean_error(
-        r, "Error: the --sweep plot needs matplotlib, which cannot be imported (", "pip install 'heiindex[plot]'"
-    )
+    clean_error(r, "Error: the sweep plot needs matplotlib, which cannot be imported (", "pip install 'heiindex[plot]'")
 
 
 def test_bench_tables(pipe, tmp_path):
@@ -622,7 +620,7 @@ def test_a_build_of_another_store_needs_its_own_out(pipe, tmp_path, monkeypatch)
     r = run("build", "--split", "test", "--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir)
     clean_error(
         r,
-        f"--store {pipe.root} needs --out INDEX: without it the index would replace the default data's, "
+        f"--store {pipe.root} needs --out, an index folder: without it the index would replace the default data's, "
         f"{default_data.default_index_dir('test')}",
     )
     assert not (tmp_path / "data").exists()

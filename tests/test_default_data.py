@@ -103,7 +103,7 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
     assert dd.last_built_index() == dd.default_index_dir("test")  # no marker: the default
     (tmp_path / "index").mkdir()
     dd.mark_last_built(tmp_path / "mine")
-    gone = f"the last build on the default data wrote {tmp_path / 'mine'}, which is gone: give --index DIR"
+    gone = f"the last build on the default data wrote {tmp_path / 'mine'}, which is gone: give an index's folder"
     with pytest.raises(HeiindexError, match=f"{gone}, or build again$"):
         dd.last_built_index()
     default = dd.default_index_dir("test")  # the default place holds an index: named as one to give

@@ -94,7 +94,7 @@ def test_too_few_codes_per_list_warn_once_in_python_and_train_the_same_lists(eas
     assert [str(w.message) for w in caught] == [
         "IVF index of 300 images of test in 10 lists: 30.0 per list, fewer than the 39 FAISS advises for "
         "training their centroids, so queries may miss more candidates than they need to. "
-        "--nlist 7 or less, or --index flat, avoids it"
+        "`nlist` 7 or less, or `index_type` flat, avoids it"
     ]
     assert "WARNING" not in capfd.readouterr().err
     quantizer = faiss.IndexBinaryFlat(codes.shape[1] * 8)
@@ -106,11 +106,13 @@ def test_too_few_codes_per_list_warn_once_in_python_and_train_the_same_lists(eas
         warnings.simplefilter("error")
         assert make_binary_index(codes, "ivf", nlist=7).nlist == 7  # 42.9 per list: nothing to say
     with pytest.warns(
-        SparseListsWarning, match=r"IVF index of 20 codes in 1 list: 20\.0 per list, .* to\. --index flat avoids it$"
+        SparseListsWarning,
+        match=r"IVF index of 20 codes in 1 list: 20\.0 per list, .* to\. `index_type` flat avoids it$",
     ):
         make_binary_index(codes[:20], "ivf", nlist=1)  # no --nlist would do
     with pytest.warns(
-        SparseListsWarning, match=r"IVF index of 60 codes in 2 lists: .* to\. --nlist 1, or --index flat, avoids it$"
+        SparseListsWarning,
+        match=r"IVF index of 60 codes in 2 lists: .* to\. `nlist` 1, or `index_type` flat, avoids it$",
     ):
         make_binary_index(codes[:60], "ivf", nlist=2)
 
@@ -351,5 +353,5 @@ def test_search_breadth_of_each_kind_and_its_checks():
     with pytest.raises(SettingError, match=r"^nprobe 11 exceeds the 10 lists of the index of the a$"):
         set_search_breadth({"a": ivf, "b": hnsw}, nprobe=11, ef_search=7)
     assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})
-    with pytest.warns(UnusedSettingWarning, match=r"^ef_search 9 not used: the index searches exactly \(flat\)"):
+    with pytest.warns(UnusedSettingWarning, match=r"^`ef_search` 9 not used: the index searches exactly \(flat\)"):
         set_search_breadth({"flat": exact[0], "gpu-like": exact[1]}, ef_search=9)

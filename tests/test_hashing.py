@@ -306,9 +306,9 @@ def test_save_load_round_trip(tmp_path, pipe):
     with pytest.raises(ModelMismatchError, match="was trained next to matcher abc") as info:
         load_hash(tmp_path / "h", load_model(pipe.model_dir))
     assert str(info.value).endswith(
-        f"({pipe.model_dir}): give the matcher it was trained next to with --model, or train a hash module next "
-        f"to this one (`heiindex train-hash --model {pipe.model_dir} --store STORE --out DIR`, STORE the store it "
-        "trained on) and give it with --hash"
+        f"({pipe.model_dir}): give the matcher it was trained next to, or train a hash module next to this one "
+        f"(`heiindex train-hash --model {pipe.model_dir} --store STORE --out DIR`, STORE the store it trained on) "
+        "and give that"
     )
 
 
@@ -597,7 +597,7 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
     assert HashTrainConfig().resolved(100, log=said.append).val_candidates == 10
     assert said == [
         "validating by candidate recall@10: a tenth of the 100 images of the dev split "
-        "(the default, 100, needs more; --val-candidates sets it)"
+        "(the default, 100, needs more; a number given replaces it)"
     ]
     assert HashTrainConfig().resolved(5).val_candidates == 1
     assert HashTrainConfig(val_candidates=7).resolved(24).val_candidates == 7

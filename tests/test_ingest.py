@@ -424,7 +424,7 @@ def test_a_root_that_lost_its_vocab_keeps_its_splits_vocabulary(make_precomp, tm
     ) as info:
         ingest(dev_dir, "dev", out, feature_dim=8)
     assert info.value.path == out / "vocab.json" and not (out / "dev").exists()
-    with pytest.raises(DataError, match=r"record vocabulary .*, not the --vocab given"):
+    with pytest.raises(DataError, match=r"record vocabulary .*, not the `vocab` given \("):
         ingest(dev_dir, "dev", out, vocab=Vocab([*SPECIALS, "dog"]), feature_dim=8)
     ingest(dev_dir, "dev", out, vocab=saved, feature_dim=8)  # the recorded one is accepted
     assert _manifest(out, "dev")["vocab"]["sha256"] == built.checksum

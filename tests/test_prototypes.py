@@ -101,7 +101,7 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
     with pytest.warns(UnusedSettingWarning) as seen:
         over = caption_bank(pipe.root, cfg, *models, block=100)
     assert [str(w.message) for w in seen] == [
-        f"prototype_preselect {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
+        f"`prototype_preselect` {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
         "'train': the matcher scores all of them for each image"
     ]
     exact = caption_bank(pipe.root, PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS), *models, block=100)
@@ -109,7 +109,10 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
         describe_images(over, *models, plain.regions, plain.gram),
         describe_images(exact, *models, plain.regions, plain.gram),
     )
-    with pytest.warns(UnusedSettingWarning, match=r"and prototype_k 400 exceed the 320 captions .* all 320 are"):
+    with pytest.warns(
+        UnusedSettingWarning,
+        match=r"^`prototype_preselect` 500 and `prototype_k` 400 exceed the 320 captions .* all 320 are",
+    ):
         caption_bank(pipe.root, PrototypeConfig(k=400, preselect=500), *models, block=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing said where the captions suffice
@@ -192,7 +195,7 @@ def test_numpy_settings_are_taken_as_python_numbers(pipe, models, tmp_path):
     "kwargs, message",
     [
         ({"k": 0}, "prototype_k must be"),
-        ({"k": 5, "preselect": 4}, "prototype_k 5 exceeds prototype_preselect (4)"),
+        ({"k": 5, "preselect": 4}, "prototype_k 5 exceeds `prototype_preselect` (4)"),
         ({"weight": 1.0}, "prototype_weight must be below 1"),
         ({"weight": -0.1}, "prototype_weight must be"),
         ({"split": ""}, "split must name a store split"),
@@ -289,7 +292,7 @@ def test_a_malformed_prototypes_record_is_named(built, tmp_path, field, value):
 
 def test_a_sharded_build_checks_its_lists_before_hashing_captions(pipe, models, tmp_path, monkeypatch):
     pf.forbid(monkeypatch, "the captions were hashed before --nlist was checked", (shards, "caption_bank"))
-    with pytest.raises(HeiindexError, match="--nlist 10 exceeds the 8 images to index in its shard"):
+    with pytest.raises(HeiindexError, match="^nlist 10 exceeds the 8 images to index in its shard"):
         write_shards(pipe.root, "test", *models, tmp_path / "s", 3, index_type="ivf", nlist=10, prototypes=SMALL)
 
 

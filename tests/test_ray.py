@@ -208,8 +208,12 @@ def test_actors_of_an_earlier_build_are_refused_and_all_stopped(local_ray, shard
     ok(run("serve", "--index", copy))
     write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, copy, 2, index_type="flat")
     stale = f"the Ray actors serving shards 0, 1 of {copy.resolve()} opened an earlier build of it: stop them"
-    with pytest.raises(HeiindexError, match=re.escape(stale)):
+    with pytest.raises(HeiindexError, match=re.escape(stale)) as err:
         RayShardedIndex(copy)
+    # the command and the Python function that stop them
+    assert f"(heiindex serve --stop --index {copy.resolve()}; from Python, heiindex.ray_engine.stop_served(" in str(
+        err.value
+    )
     clean_error(run("query", "a dog", "--index", copy, "--engine", "ray"), stale)
     assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
     fresh = RayShardedIndex(copy)  # new actors, of the build now there
@@ -342,9 +346,12 @@ def test_moved_models_are_named_and_can_be_given(local_ray, sharded, pipe, tmp_p
     copy = pf.index_with_moved_models(pipe, tmp_path, sharded.path)
     # The actors' refusal comes back as theirs (it used to read "its actor died"), and fast.
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match="records its matcher at .*gone-model.*give the folder with --model DIR"):
+    gone = "give the matcher folder as {} and the hash module folder as {}"
+    with pytest.raises(DataError, match="records its matcher at .*gone-model.*" + gone.format("`matcher`", "`hasher`")):
         RayShardedIndex(copy, threads=1)
     assert time.perf_counter() - t0 < 60
+    # pickled back with the settings it names, which the command line names by its flags
+    clean_error(run("query", "--image", "0", "--index", copy, "--engine", "ray"), gone.format("--model", "--hash"))
     moved = RayShardedIndex(copy, threads=1, model_dir=pipe.model_dir, hash_dir=pipe.hash_dir)
     for text in QUERIES:
         assert _items(moved.search(text, 5, 4)) == _items(sharded.search(text, 5, 4))

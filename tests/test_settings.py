@@ -116,7 +116,7 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     from heiindex.index import Index
     from heiindex.shards import write_shards
 
-    cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not index_type 'hnsw'"))
+    cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not `index_type` 'hnsw'$"))
     pf.forbid(monkeypatch, "encoding started", (heiindex.index, "ImageWriter"))
     for kind, nlist, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -130,7 +130,9 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     with pytest.raises(ValueError, match="index type must be one of"):
         check_index_options("ivff", None, None)
     # a build capped it at nlist without a word (the manifest recording 5, the index 4); a query refuses it
-    with pytest.raises(SettingError, match=r"^nprobe 5 exceeds nlist 4: a search probes at most the lists there are$"):
+    with pytest.raises(
+        SettingError, match=r"^nprobe 5 exceeds `nlist` 4: a search probes at most the lists there are$"
+    ):
         check_index_options("ivf", 4, 5)
     assert check_index_options("ivf", 4, 4) == (4, 4)
     assert list(tmp_path.iterdir()) == []

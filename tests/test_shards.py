@@ -103,7 +103,7 @@ def test_search_many_over_shards_answers_each_query_as_search_does(sharded):
         pf.assert_same_answer(res, sharded.search(text, k=6, candidates=4))
     with pytest.raises(HeiindexError, match=r"^1 of 2 queries refused \(nothing was searched\): query 2: the query"):
         sharded.search_many(["a dog", " "], k=3, candidates=4)
-    with pytest.raises(HeiindexError, match="--k 13 is larger than the 12 candidates the shards return together"):
+    with pytest.raises(HeiindexError, match="^k 13 is larger than the 12 candidates the shards return together$"):
         sharded.search_many(QUERIES, k=13, candidates=4)
 
 
@@ -153,7 +153,7 @@ def test_search_image_over_shards_matches_exhaustive(pipe, sharded, index, image
 
 
 def test_errors(pipe, sharded, tmp_path):
-    with pytest.raises(HeiindexError, match=r"--shards must lie in \[1, 24\]"):
+    with pytest.raises(HeiindexError, match=r"^shards must lie in \[1, 24\]"):
         build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", 25)
     assert not (tmp_path / "x").exists()  # nothing written half-way
     with pytest.raises(HeiindexError, match=r"^image id 10000 is not in this index \(ids 0..23\)$"):
@@ -166,7 +166,7 @@ def test_errors(pipe, sharded, tmp_path):
     for bad in (True, 2.0):
         with pytest.raises(ValueError, match=f"shards must be a whole number, got {bad}"):
             shard_bounds(10, bad)
-    with pytest.raises(HeiindexError, match=r"--shards must lie in \[1, 10\]"):
+    with pytest.raises(HeiindexError, match=r"^shards must lie in \[1, 10\]"):
         shard_bounds(10, 0)
 
 
@@ -324,7 +324,7 @@ def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
     assert res["i2t"]["candidate_recall"] == 1.0
     for key in ("r1", "r5", "r10", "medr", "meanr"):
         assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
-    with pytest.raises(HeiindexError, match=r"--topk 0 must lie in \[1, 120\]"):
+    with pytest.raises(HeiindexError, match=r"^topk 0 must lie in \[1, 120\]"):
         run_sharded_bench(sharded, topk=0)
     assert run_sharded_bench(sharded)["candidates"] == 100  # the default: 100, within the 120 captions
 
@@ -395,8 +395,11 @@ def test_build_index_writes_either_kind_and_checks_every_setting_first(pipe, tmp
         pf.forbid(m, "written", (Index, "write"), (heiindex.shards, "write_shards"))
         pf.forbid(m, "generated", (heiindex.default_data, "ensure_coco_sim"))
         for kwargs, message in (
-            ({"store_root": pipe.root}, "needs --out INDEX: without it the index would replace the default data's"),
-            ({"shards": 2, "codes": "milvus", "uri": "http://127.0.0.1:1"}, "--codes milvus is for an unsharded build"),
+            (
+                {"store_root": pipe.root},
+                "needs `out`, an index folder: without it the index would replace the default data's",
+            ),
+            ({"shards": 2, "codes": "milvus", "uri": "http://127.0.0.1:1"}, "`codes` milvus is for an unsharded build"),
             ({"index_type": "ivf", "nlist": 0}, "nlist"),
             ({"device": "tpu"}, "device"),
         ):
@@ -606,7 +609,7 @@ def test_each_shard_manifest_records_its_store_rows(sharded):
 def test_one_shard_names_k_against_what_the_shards_return(pipe, tmp_path):
     # A build of one shard is still a sharded build: its k message is the shards', as with more.
     one = build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", 1, index_type="flat")
-    with pytest.raises(HeiindexError, match="--k 6 is larger than the 5 candidates the shards return together"):
+    with pytest.raises(HeiindexError, match="^k 6 is larger than the 5 candidates the shards return together$"):
         one.search("a dog", k=6, candidates=5)
 
 
@@ -619,7 +622,7 @@ def test_nlist_is_checked_for_every_shard_before_the_first_is_encoded(pipe, tmp_
     assert a > 0  # a shard that the old check reached only after others
     pf.forbid(monkeypatch, "a shard was encoded before --nlist was checked for all of them", (shards.Index, "write"))
     with pytest.raises(
-        HeiindexError, match=rf"--nlist 5 exceeds the 4 images to index in its shard \(image rows {a} to {b - 1};"
+        HeiindexError, match=rf"^nlist 5 exceeds the 4 images to index in its shard \(image rows {a} to {b - 1};"
     ):
         shards.write_shards(
             pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 5, index_type="ivf", nlist=5
@@ -647,12 +650,12 @@ def test_a_shard_whose_images_have_few_captions_is_refused_before_any_is_encoded
 
     pf.forbid(monkeypatch, "a shard was encoded before --nlist was checked for all of them", (shards.Index, "write"))
     with pytest.raises(
-        HeiindexError, match=rf"--nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
+        HeiindexError, match=rf"^nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
     ):
         shards.write_shards(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 4, index_type="ivf", nlist=5)
     monkeypatch.undo()
     with pytest.raises(
-        HeiindexError, match=rf"--nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
+        HeiindexError, match=rf"^nlist 5 exceeds the 2 captions to index in its shard \(image rows {a} to {b - 1};"
     ):
         Index.write(
             root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "one", index_type="ivf", nlist=5, image_rows=(a, b)
@@ -665,10 +668,10 @@ def test_a_shard_with_no_captions_is_named_as_such_without_an_nlist():
 
     with pytest.raises(
         HeiindexError,
-        match=r"^no captions to index in its shard \(image rows 6 to 11\): an IVF index needs some \(--index flat, or fewer shards\)$",
+        match=r"^no captions to index in its shard \(image rows 6 to 11\): an IVF index needs some \(`index_type` flat, or fewer shards\)$",
     ):
         check_lists_filled("ivf", None, None, {"images": 6, "captions": 0}, (6, 12))
-    with pytest.raises(HeiindexError, match=r"^--nlist 2 exceeds the 1 captions to index in its shard"):
+    with pytest.raises(HeiindexError, match=r"^nlist 2 exceeds the 1 captions to index in its shard"):
         check_lists_filled("ivf", 2, None, {"images": 6, "captions": 1}, (6, 12))
 
 
@@ -712,6 +715,6 @@ def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, 
         index.set_search_breadth(nprobe=4)
     assert index.search_breadth()[1]["images"]["nprobe"] == 3  # nothing set by the refused call
     ok(build(pipe, tmp_path / "f", "--shards", "2", "--index", "flat"))
-    with pytest.warns(UnusedSettingWarning, match=r"^nprobe 2 not used: the index searches exactly \(flat\)") as seen:
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used: the index searches exactly \(flat\)") as seen:
         ShardedIndex.open(tmp_path / "f").set_search_breadth(nprobe=2)
     assert len(seen) == 1 and seen[0].filename == __file__

@@ -677,7 +677,10 @@ def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
     # refuses, or "no store manifest here" in a split folder the index never had
     (tmp_path / "precomp").mkdir()
     (tmp_path / "precomp" / "test_caps.txt").write_text("a dog\n")
-    with pytest.raises(DataError, match=r"precomp: is not a store root \(no vocab\.json, no split\): give the folder"):
+    with pytest.raises(
+        DataError,
+        match=r"precomp: is not a store root \(no vocab\.json, no split\): give the store root that ingest wrote; a SCAN",
+    ):
         SplitStore.open(tmp_path / "precomp", "train")
     with pytest.raises(
         DataError, match=r"index-test: holds a manifest\.json that is not a store split's \(an index\?\)"

@@ -280,6 +280,45 @@ def _cli_train(store, out, *extra):
     return run("train", "--store", store, "--out", out, *small, *extra)
 
 
+def test_train_and_the_command_name_lr_val_images_and_resume_each_their_own_way(
+    pipe, wide_store, tmp_path, monkeypatch
+):
+    """A refusal or warning that points to a setting names it as ``train`` takes it (`lr`, a
+    ``TrainConfig`` field; `resume`), and the command line by its flag (--lr, --resume)."""
+    from dataclasses import replace
+
+    import heiindex.train as tr
+
+    real_loss, model = tr.contrastive_loss, pf.model_config(_vocab_size(pipe.root))
+    with monkeypatch.context() as m:
+        m.setattr(tr, "contrastive_loss", lambda *a: real_loss(*a) * float("nan"))
+        with pytest.raises(HeiindexError, match=r"^training diverged: .* \(a lower `lr` may help\)$"):
+            train(pipe.root, tmp_path / "a", model, pf.train_config(epochs=1), log=pf.quiet)
+        clean_error(_cli_train(wide_store, tmp_path / "a", "--epochs", "1"), "(a lower --lr may help)")
+    too_few = "too few to choose the best epoch; give a larger dev split, or a {} of at least 2"
+    with pytest.raises(HeiindexError, match=re.escape(too_few.format("`val_images`")) + "$"):
+        train(pipe.root, tmp_path / "b", model, pf.train_config(epochs=1, val_images=1), log=pf.quiet)
+    clean_error(
+        _cli_train(wide_store, tmp_path / "b", "--epochs", "1", "--val-images", "1"), too_few.format("--val-images")
+    )
+    held = tmp_path / "held"  # a run's history, no last/: resuming would start again over it
+    held.mkdir()
+    (held / "history.json").write_text("[]")
+    with pytest.raises(DataError, match=r"put its last/ back, or train without `resume` to start again$"):
+        train(pipe.root, held, model, pf.train_config(epochs=1), resume=True, log=pf.quiet)
+    r = _cli_train(wide_store, held, "--epochs", "1", "--resume")
+    clean_error(r, "put its last/ back, or train without --resume to start again")
+    with pytest.raises(DataError, match=r"cannot be resumed; train without `resume` to start again \(best/"):
+        tr.read_state(held)
+    # a resumed run validating on other dev images says so, naming the setting
+    out = tmp_path / "run"
+    ok(_cli_train(wide_store, out, "--epochs", "1"))
+    with pytest.warns(HeiindexWarning, match=r"now validates on 5 \(`val_images`\): the best dev rsum so far"):
+        train(wide_store, out, None, replace(TrainConfig.of_run(out), val_images=5), resume=True, log=pf.quiet)
+    r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume", "--val-images", "5"))
+    assert "Warning: the run in" in r.output and "now validates on 5 (--val-images): the best dev" in r.output
+
+
 def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
     out = tmp_path / "run"
     r = ok(_cli_train(wide_store, out, "--epochs", "1"))
@@ -339,7 +378,7 @@ def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
         TrainConfig.of_run(out, lr=2.0)
     said, before = [], load_model(out / "last").checksum
     train(wide_store, out, resume=True, log=said.append)
-    assert said[-1] == "nothing left to train: the run has done 3 epochs, --epochs asks for 3 (raise it to go on)"
+    assert said[-1] == "nothing left to train: the run has done 3 epochs of the 3 asked for (ask for more to go on)"
     assert load_model(out / "last").checksum == before
     # a config given replaces the run's settings: each one that differs is said (it was not)
     said = []
@@ -593,7 +632,7 @@ def test_resume_puts_back_a_last_that_a_kill_left_moved_aside(wide_store, tmp_pa
         (out / folder).rename(out / f".{folder}.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-abcd")
         r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume"))  # nothing left to train
         assert "resuming after epoch 1" in r.output and "epoch 1: loss" not in r.output
-        assert "nothing left to train: the run has done 1 epoch, --epochs asks for 1 (raise it to go on)" in r.output
+        assert "nothing left to train: the run has done 1 epoch of the 1 asked for (ask for more to go on)" in r.output
         assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last"]
         assert load_model(out / "best").checksum == best
 
