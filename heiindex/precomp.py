@@ -105,11 +105,15 @@ class PrecompSplit:
         shape, dtype, header = _read_npy_header(ims)
         if len(shape) != 3:
             hint = (
-                f" (one vector per image: save it as shape ({shape[0]}, 1, {shape[1]}) and ingest it with 1 region per image)"
+                f" (one vector per image: save it as shape ({shape[0]}, 1, {shape[1]}) and ingest it with `regions` 1)"
                 if len(shape) == 2
                 else ""
             )
-            raise DataError(ims, f"feature array must have rank 3 (images, regions, features), got shape {shape}{hint}")
+            raise DataError(
+                ims,
+                f"feature array must have rank 3 (images, regions, features), got shape {shape}{hint}",
+                settings=("regions",) if hint else (),
+            )
         n_rows, r, d = shape
         if regions is not None and r != regions:
             raise DataError(ims, f"expected {regions} regions per image (axis 1), got {r}")
@@ -141,7 +145,8 @@ class PrecompSplit:
                     if captions_per_image > 1
                     else ""
                 )
-                + f"{hint}; for another number of captions per image, set captions_per_image",
+                + f"{hint}; for another number of captions per image, set `captions_per_image`",
+                settings=("captions_per_image",),
             )
         return cls(split, ims, caps, tuple(captions), n_rows, r, d, dtype, header, rows_per_image, captions_per_image)
 

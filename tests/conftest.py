@@ -161,7 +161,7 @@ def _lone_carriage_returns(folder: Path) -> BadCase:
         "1 caption does not fit 7 feature rows of test_ims.npy: expected 5 captions per image (35 lines), or one "
         "feature row per caption (7 lines, each image's row repeated 5 times: a multiple of 5 rows); its lines "
         "hold 34 lone carriage returns (\\r, old Mac line ends); for another number of captions per image, set "
-        "captions_per_image",
+        "`captions_per_image`",
     )
 
 
@@ -180,7 +180,7 @@ def _rank2(folder: Path) -> BadCase:
         "test",
         _ims(folder),
         "must have rank 3 (images, regions, features), got shape (7, 288) (one vector per image: save it as shape "
-        "(7, 1, 288) and ingest it with 1 region per image)",
+        "(7, 1, 288) and ingest it with `regions` 1)",
     )
 
 

@@ -7,6 +7,7 @@ is the issue's acceptance test, verbatim.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -264,7 +265,9 @@ def test_cli_bad_input_exits_2_and_names_the_file(bad_precomp, tmp_path):
     if bad_precomp.name == "unknown_split":  # refused by click's choice before the library runs
         details = ("--split",)
     else:
-        details = (f"Error: {bad_precomp.named}: ", bad_precomp.detail)
+        # the library's `name` of a setting is the command's --flag (captions_per_image, regions)
+        flagged = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), bad_precomp.detail)
+        details = (f"Error: {bad_precomp.named}: ", flagged)
     clean_error(result, *details)
     _no_leftovers(out, bad_precomp.split)
 
