@@ -503,35 +503,53 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
 
 
 @cli.command()
-@model_option()
+@click.option(
+    "--model",
+    "model_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Matcher folder (default: the coco-sim model). Given twice or more: an ensemble, the mean of their scores "
+    "(SCAN's t2i + i2t ensembles).",
+)
 @store_option
 @click.option("--split", default="test", show_default=True, help="The store split to score exhaustively.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["auto", "full", "1k"]),
+    default="auto",
+    show_default=True,
+    help="auto: the whole split, plus COCO 1K (the mean of 5 folds) on a 5,000-image split (COCO 5K).",
+)
 @json_option
 @handle_errors
-def evaluate(model_dir, store, split, as_json) -> None:
-    """Exhaustive R@K of a matcher on a split (every caption against every image)."""
+def evaluate(model_dirs, store, split, protocol, as_json) -> None:
+    """Exhaustive R@K of a matcher (or an ensemble) on a split (every caption against every image)."""
     from heiindex.checkpoint import load_model
     from heiindex.default_data import default_model_dir
-    from heiindex.encode import encode_split
-    from heiindex.scoring import evaluate_exhaustive
+    from heiindex.protocols import evaluate_split
     from heiindex.store import SplitStore
 
     from .render import console, echo_json, recall_table
 
-    matcher = load_model(model_dir or default_model_dir())
+    matchers = [load_model(m) for m in model_dirs or (default_model_dir(),)]
     st = SplitStore.open(_store_root(store), split)
-    res = evaluate_exhaustive(matcher.model, encode_split(matcher, st, progress=True))  # checks the store first
-    out = {"split": split, "t2i": res.t2i.to_dict(), "i2t": res.i2t.to_dict(), "rsum": res.rsum, "seconds": res.seconds}
+    out = evaluate_split(matchers, st, protocol, progress=True)  # checks the store against each first
     if as_json:
         echo_json(out)
-    else:
-        console.print(
-            recall_table(
-                f"{split}: exhaustive ({st.n_images} images, {st.n_captions} captions)",
-                [("text-to-image", out["t2i"]), ("image-to-text", out["i2t"])],
+        return
+    what = "exhaustive" if len(matchers) == 1 else f"exhaustive, the mean of {len(matchers)} matchers"
+    for name, label in (("full", split), ("5k", "COCO 5K"), ("1k", "COCO 1K")):
+        if name in out:
+            res = out[name]
+            folds = f", the mean of {res['folds']} folds" if "folds" in res else ""
+            console.print(
+                recall_table(
+                    f"{label}: {what} ({res['images']} images, {res['captions']} captions{folds})",
+                    [("text-to-image", res["t2i"]), ("image-to-text", res["i2t"])],
+                )
             )
-        )
-        click.echo(f"rsum {res.rsum:.1f}, {res.seconds:.1f} s")
+            click.echo(f"{label} rsum {res['rsum']:.1f}")
+    click.echo(f"{out['seconds']:.1f} s of scoring")
 
 
 @cli.command()

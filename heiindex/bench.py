@@ -18,7 +18,7 @@ import torch
 
 from . import attention
 from .errors import HeiindexError
-from .evaluation import check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
+from .evaluation import COCO_5K_IMAGES, check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
 from .plot import check_plot_path, plot_sweep, require_matplotlib
@@ -35,8 +35,6 @@ __all__ = [
     "run_bench",
     "warm_up",
 ]
-
-COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is benched as COCO 5K and 1K
 
 
 def _hamming_scores(q_codes: np.ndarray, x_codes: np.ndarray, block: int = 2048) -> np.ndarray:

@@ -16,14 +16,19 @@ from .errors import HeiindexError, name_some
 from .settings import SettingError
 
 __all__ = [
+    "COCO_5K_IMAGES",
     "Recall",
     "check_captioned",
     "check_finite",
     "coco_folds",
+    "fold_recalls",
     "i2t_ranks",
+    "mean_recall",
     "recall",
     "t2i_ranks",
 ]
+
+COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is ranked as COCO 5K and 1K
 
 
 def check_finite(scores: np.ndarray, block: int = 1024) -> None:
@@ -113,10 +118,11 @@ def i2t_ranks(scores: np.ndarray, gt: np.ndarray, block: int = 1024) -> np.ndarr
     image's best-ranked caption: 1 + the captions of other images that score at least as high as
     its best one (ties count against the ground truth, as in ``t2i_ranks``). Every image must
     have a caption (``check_captioned``). Rows are compared ``block`` images at a time."""
-    scores = np.asarray(scores)
+    scores, gt = np.asarray(scores), np.asarray(gt)
+    if scores.ndim != 2 or gt.shape != (scores.shape[1],):
+        raise ValueError(f"scores must be (n_imgs, n_caps) and gt (n_caps,), got {scores.shape} and {gt.shape}")
     check_finite(scores)
     n_imgs, n_caps = scores.shape
-    gt = np.asarray(gt)
     check_captioned(gt, n_imgs)
     own = scores[gt, np.arange(n_caps)]  # each caption's score against its own image
     best = np.full(n_imgs, -np.inf)
@@ -135,3 +141,27 @@ def coco_folds(n_images: int, fold_size: int = 1000) -> list[tuple[int, int]]:
             "protocols", f"COCO 1K (`protocols` 1k) needs whole folds of {fold_size} images; this split has {n_images}"
         )
     return [(s, s + fold_size) for s in range(0, n_images, fold_size)]
+
+
+def mean_recall(recalls: list[Recall]) -> Recall:
+    """Each figure's mean over several rankings (COCO 1K: over its folds, R@K, median and mean
+    rank alike, as SCAN reports them); rounded at 10 decimals, as the bench's means are."""
+    if not recalls:
+        raise ValueError("no recalls to average")
+    return Recall(
+        *(round(float(np.mean([getattr(r, f) for r in recalls])), 10) for f in ("r1", "r5", "r10", "medr", "meanr"))
+    )
+
+
+def fold_recalls(scores: np.ndarray, gt: np.ndarray, folds: list[tuple[int, int]]) -> tuple[Recall, Recall]:
+    """(text to image, image to text) under COCO 1K from the whole split's ``scores`` (n_caps,
+    n_imgs): each fold ranks its images (``folds``: image ranges, ``coco_folds``) against their
+    captions only, a slice of the same matrix; the figures are the folds' means."""
+    scores, gt = np.asarray(scores), np.asarray(gt)
+    t2i, i2t = [], []
+    for start, stop in folds:
+        rows = np.flatnonzero((gt >= start) & (gt < stop))
+        sub, own = scores[rows, start:stop], gt[rows] - start
+        t2i.append(recall(t2i_ranks(sub, own)))
+        i2t.append(recall(i2t_ranks(sub.T, own)))
+    return mean_recall(t2i), mean_recall(i2t)

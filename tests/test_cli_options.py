@@ -200,14 +200,23 @@ def test_bench_on_a_5k_split_prints_the_5k_and_the_1k_tables(pipe, monkeypatch):
     assert "COCO 5K: text-to-image" in text and "COCO 1K (mean of 5 folds): text-to-image" in text
 
 
-def _spy_evaluate(monkeypatch):
-    import heiindex.scoring
+def _spy_evaluate(monkeypatch, protocols=("full",)):
+    """evaluate_split replaced: text-to-image R@1 11.0, image-to-text 44.0 in each of ``protocols``."""
+    import heiindex.protocols
 
-    def recalls(r1):
-        return SimpleNamespace(to_dict=lambda: {**recall_row(**_ROW, rsum=r1 * 3), "r1": r1})
+    def figures(images):
+        t2i, i2t = {**recall_row(**_ROW, rsum=33.0), "r1": 11.0}, {**recall_row(**_ROW, rsum=132.0), "r1": 44.0}
+        return {"images": images, "captions": 5 * images, "t2i": t2i, "i2t": i2t, "rsum": 165.0}
 
-    res = SimpleNamespace(t2i=recalls(11.0), i2t=recalls(44.0), rsum=165.0, seconds=0.25)
-    monkeypatch.setattr(heiindex.scoring, "evaluate_exhaustive", lambda model, enc: res)
+    def evaluate_split(models, store, protocols_given, progress=False):
+        out = {"split": store.split, "images": 24, "captions": 120, "models": len(models)}
+        out.update({name: figures(12 if name == "1k" else 24) for name in protocols})
+        if "1k" in out:
+            out["1k"]["folds"] = 2
+        main = out.get("5k") or out.get("full") or out["1k"]
+        return {**out, "t2i": main["t2i"], "i2t": main["i2t"], "rsum": main["rsum"], "seconds": 0.25}
+
+    monkeypatch.setattr(heiindex.protocols, "evaluate_split", evaluate_split)
 
 
 def test_evaluate_tables_each_direction_in_its_row_and_defaults_to_the_test_split(pipe, monkeypatch):
@@ -219,6 +228,15 @@ def test_evaluate_tables_each_direction_in_its_row_and_defaults_to_the_test_spli
     assert "11.0" in rows["text-to-image"] and "44.0" in rows["image-to-text"]
     assert "test: exhaustive (24 images, 120 captions)" in text
     assert as_json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--json"))["split"] == "test"
+
+
+def test_evaluate_tables_coco_5k_and_1k_and_names_an_ensemble(pipe, monkeypatch):
+    _spy_evaluate(monkeypatch, ("5k", "1k"))
+    args = ("evaluate", "--model", pipe.model_dir, "--model", pipe.other_model_dir, "--store", pipe.root)
+    text = ok(run(*args)).output
+    assert "COCO 5K: exhaustive, the mean of 2 matchers (24 images, 120 captions)" in text
+    assert "COCO 1K: exhaustive, the mean of 2 matchers (12 images, 60 captions, the mean of 2 folds)" in text
+    assert "COCO 5K rsum 165.0" in text and "COCO 1K rsum 165.0" in text
 
 
 def _spy_build(monkeypatch, got: dict):

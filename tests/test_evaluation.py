@@ -7,12 +7,16 @@ import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative
 import pytest
 import torch
 
+import heiindex.protocols
 from heiindex.attention import score_block
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import HeiindexError
-from heiindex.evaluation import Recall, coco_folds, i2t_ranks, recall, t2i_ranks
+from heiindex.evaluation import Recall, coco_folds, fold_recalls, i2t_ranks, mean_recall, recall, t2i_ranks
+from heiindex.model import Ensemble
+from heiindex.protocols import evaluate_split
 from heiindex.scoring import evaluate_exhaustive, exhaustive_scores
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 
 
@@ -248,3 +252,104 @@ def test_infinite_ranks_become_none_in_plain_json():
     assert d["medr"] == 3.0 and d["meanr"] is None
     assert d["r1"] == pytest.approx(100 / 3) and d["rsum"] == pytest.approx(100 / 3 + 2 * 200 / 3)
     json.loads(json.dumps(d, allow_nan=False))
+
+
+# -- a stored split under COCO's protocols, by one matcher or an ensemble (heiindex.protocols) ---
+
+
+def test_i2t_ranks_name_a_ground_truth_of_the_wrong_length():
+    """It raised numpy's IndexError about broadcasting; t2i_ranks already named the shapes."""
+    with pytest.raises(
+        ValueError, match=r"scores must be \(n_imgs, n_caps\) and gt \(n_caps,\), got \(2, 3\) and \(2,\)"
+    ):
+        i2t_ranks(np.zeros((2, 3)), np.array([0, 1]))
+
+
+def test_fold_recalls_are_the_means_of_each_fold_ranked_alone():
+    """COCO 1K: each fold's images against its own captions only; every figure averaged."""
+    rng = np.random.default_rng(3)
+    gt = np.repeat(np.arange(8), 2)  # 8 images, 2 captions each; folds of 4 images
+    scores = rng.normal(size=(16, 8))
+    folds = [(0, 4), (4, 8)]
+    t2i, i2t = fold_recalls(scores, gt, folds)
+    per_fold = [
+        (
+            recall(t2i_ranks(scores[2 * a : 2 * b, a:b], gt[2 * a : 2 * b] - a)),
+            recall(i2t_ranks(scores[2 * a : 2 * b, a:b].T, gt[2 * a : 2 * b] - a)),
+        )
+        for a, b in folds
+    ]
+    for got, which in ((t2i, 0), (i2t, 1)):
+        for field in ("r1", "r5", "r10", "medr", "meanr"):
+            assert getattr(got, field) == pytest.approx(np.mean([getattr(p[which], field) for p in per_fold]))
+    # a fold ranks fewer items than the whole split: no better than rank 1, no worse than its size
+    assert 1 <= t2i.medr <= 4 and t2i != recall(t2i_ranks(scores, gt))
+    assert mean_recall([Recall(10.0, 20.0, 30.0, 1.0, 2.0), Recall(20.0, 30.0, 40.0, 2.0, float("inf"))]) == Recall(
+        15.0, 25.0, 35.0, 1.5, float("inf")
+    )
+
+
+def test_evaluate_split_of_one_matcher_is_evaluate_exhaustive(pipe, enc_test):
+    m, enc = enc_test
+    want = evaluate_exhaustive(m.model, enc)
+    got = evaluate_split(m, SplitStore.open(pipe.root, "test"))
+    assert (got["split"], got["images"], got["captions"], got["models"]) == ("test", 24, 120, 1)
+    assert got["full"]["t2i"] == got["t2i"] == want.t2i.to_dict()
+    assert got["full"]["i2t"] == got["i2t"] == want.i2t.to_dict()
+    assert got["rsum"] == round(want.rsum, 10) and got["seconds"] > 0
+    assert set(got) == {"split", "images", "captions", "models", "full", "t2i", "i2t", "rsum", "seconds"}
+
+
+def test_an_ensemble_ranks_the_mean_of_its_members_scores(pipe):
+    """SCAN's ensembles average two matchers' scores; Ensemble.score_raw did, but nothing
+    evaluated one (evaluate_exhaustive refused an Ensemble)."""
+    store = SplitStore.open(pipe.root, "test")
+    a, b = load_model(pipe.model_dir), load_model(pipe.other_model_dir)
+    mean = (exhaustive_scores(a, encode_split(a, store)) + exhaustive_scores(b, encode_split(b, store))) / 2
+    gt = encode_split(a, store).caption_image
+    got = evaluate_split([a, b], store)
+    assert got["models"] == 2
+    assert got["t2i"] == recall(t2i_ranks(mean, gt)).to_dict()
+    assert got["i2t"] == recall(i2t_ranks(mean.T, gt)).to_dict()
+    assert got["t2i"] != evaluate_split(a, store)["t2i"]  # both members count
+    assert evaluate_split(Ensemble([a.model, b.model]), store)["t2i"] == got["t2i"]
+
+
+def test_a_5000_image_split_is_evaluated_as_coco_5k_and_1k_as_the_bench_does(pipe, monkeypatch):
+    """Exhaustive COCO 1K needed a built index and a hash module (bench); evaluate gives it from
+    the same score matrix, with the bench's exhaustive figures (here the 24-image split made
+    COCO-5K-sized, folds of 12)."""
+    import heiindex.bench as bench
+    import heiindex.protocols as protocols
+    from heiindex.index import Index
+
+    for module in (bench, protocols):
+        monkeypatch.setattr(module, "COCO_5K_IMAGES", 24)
+        monkeypatch.setattr(module, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    store = SplitStore.open(pipe.root, "test")
+    got = evaluate_split(load_model(pipe.model_dir), store)
+    ran = bench.run_bench(Index.open(pipe.index_dir), topk=5, warmup=False)
+    assert set(got) >= {"5k", "1k"} and "full" not in got and got["1k"]["folds"] == 2
+    assert (got["1k"]["images"], got["1k"]["captions"]) == (12, 60)
+    for name in ("5k", "1k"):
+        for direction in ("t2i", "i2t"):
+            want = {k: ran[name][direction]["exhaustive"][k] for k in ("r1", "r5", "r10", "medr", "meanr", "rsum")}
+            assert got[name][direction] == want
+    assert got["t2i"] == got["5k"]["t2i"]
+    assert set(evaluate_split(load_model(pipe.model_dir), store, "1k")) >= {"1k"}
+    assert "5k" not in evaluate_split(load_model(pipe.model_dir), store, "1k")
+
+
+def test_evaluate_split_refuses_what_it_cannot_rank_before_scoring(pipe, monkeypatch):
+    store = SplitStore.open(pipe.root, "test")
+    pf.forbid(monkeypatch, "scored", (heiindex.protocols, "exhaustive_scores"))
+    with pytest.raises(
+        SettingError, match=r"^COCO 1K \(`protocols` 1k\) needs whole folds of 1000 images; this split has 24"
+    ):
+        evaluate_split(load_model(pipe.model_dir), store, "1k")
+    with pytest.raises(SettingError, match="protocols must be one of auto, full, 1k, got '5k'"):
+        evaluate_split(load_model(pipe.model_dir), store, "5k")
+    with pytest.raises(SettingError, match="models must name at least one matcher"):
+        evaluate_split([], store)
+    with pytest.raises(SettingError, match="models must be matchers .* got str"):
+        evaluate_split([str(pipe.model_dir)], store)

@@ -1,0 +1,107 @@
+"""Exhaustive evaluation of a stored split under COCO's protocols, by one matcher or an ensemble
+(what ``heiindex evaluate`` prints).
+
+An ensemble's score of a pair is the mean of its members' scores, each member encoding the split
+with its own weights: SCAN's published ensembles average a text-to-image and an image-to-text
+model this way. On a split of 5,000 images (COCO's ``testall``) the protocol "auto" reports COCO
+5K (the whole split) and COCO 1K (each figure the mean over 5 folds of 1,000 images ranked
+against their own captions: slices of the same score matrix, nothing scored twice), as
+``heiindex bench`` does for its exhaustive rows.
+What this module must not do: hash, search codes or write anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .checkpoint import LoadedModel
+from .encode import encode_split
+from .evaluation import COCO_5K_IMAGES, Recall, coco_folds, fold_recalls, i2t_ranks, recall, t2i_ranks
+from .model import Ensemble, ScanModel
+from .scoring import exhaustive_scores
+from .settings import SettingError
+from .store import SplitStore
+
+__all__ = ["PROTOCOLS", "evaluate_split"]
+
+PROTOCOLS = ("auto", "full", "1k")
+
+
+def evaluate_split(
+    models: LoadedModel | ScanModel | Ensemble | Sequence[LoadedModel | ScanModel],
+    store: SplitStore,
+    protocols: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """R@K, median and mean rank, rsum of every caption against every image of ``store``, in
+    both directions, as one JSON-able dict: ``"full"`` (the whole split) or, on a 5,000-image
+    split, ``"5k"``; ``"1k"`` (the folds' means, with ``"folds"``) where ``protocols`` is "1k",
+    or "auto" on a 5,000-image split; the main one's figures also at the top level (``"t2i"``,
+    ``"i2t"``, ``"rsum"``), with ``"seconds"``, the scoring's (not the encoding's), summed over
+    the members. ``models``: a matcher (a ``LoadedModel`` is checked against the store), an
+    ``Ensemble``, or a list of them, whose scores are averaged."""
+    members = _members(models)
+    if protocols not in PROTOCOLS:
+        raise SettingError("protocols", f"protocols must be one of {', '.join(PROTOCOLS)}, got {protocols!r}")
+    coco_5k = store.n_images == COCO_5K_IMAGES
+    # refused before any scoring: a "1k" split must be whole folds
+    folds = coco_folds(store.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
+    total, gt, seconds = None, None, 0.0
+    for model in members:
+        enc = encode_split(model, store, progress=progress)  # checks the store against the model first
+        t0 = time.perf_counter()
+        scores = exhaustive_scores(model, enc)
+        seconds += time.perf_counter() - t0
+        if total is None:
+            total, gt = scores, enc.caption_image
+        else:
+            total += scores  # one matrix beside the sum at a time
+        del enc, scores
+    if len(members) > 1:
+        total /= len(members)
+    n_captions = len(gt)
+    out: dict = {"split": store.split, "images": store.n_images, "captions": n_captions, "models": len(members)}
+    if protocols in ("auto", "full"):
+        out["5k" if coco_5k else "full"] = _figures(
+            recall(t2i_ranks(total, gt)), recall(i2t_ranks(total.T, gt)), store.n_images, n_captions
+        )
+    if folds:
+        t2i, i2t = fold_recalls(total, gt, folds)
+        size = folds[0][1] - folds[0][0]
+        out["1k"] = {**_figures(t2i, i2t, size, int(np.mean(_fold_captions(gt, folds)))), "folds": len(folds)}
+    main = out.get("5k") or out.get("full") or out["1k"]
+    out.update(t2i=main["t2i"], i2t=main["i2t"], rsum=main["rsum"], seconds=seconds)
+    return out
+
+
+def _members(models) -> list[LoadedModel | ScanModel]:
+    if isinstance(models, Ensemble):
+        models = models.members
+    elif isinstance(models, (LoadedModel, ScanModel)):
+        models = [models]
+    members = list(models)
+    if not members:
+        raise SettingError("models", "models must name at least one matcher")
+    for m in members:
+        if not isinstance(m, (LoadedModel, ScanModel)):
+            raise SettingError(
+                "models", f"models must be matchers (load_model's LoadedModel, or ScanModel), got {type(m).__name__}"
+            )
+    return members
+
+
+def _figures(t2i: Recall, i2t: Recall, images: int, captions: int) -> dict:
+    return {
+        "images": images,
+        "captions": captions,
+        "t2i": t2i.to_dict(),
+        "i2t": i2t.to_dict(),
+        "rsum": round(t2i.rsum + i2t.rsum, 10),
+    }
+
+
+def _fold_captions(gt: np.ndarray, folds: list[tuple[int, int]]) -> list[int]:
+    return [int(np.count_nonzero((gt >= start) & (gt < stop))) for start, stop in folds]
