@@ -100,7 +100,8 @@ def _flagged(message: str, names) -> str:
     a name the command has no flag for."""
     flags = _flags()
     for name in dict.fromkeys(names):
-        if name not in flags:
+        if name not in flags:  # a setting this command does not take: its name, without the quotes
+            message = message.replace(f"`{name}`", name)
             continue
         message = message.replace(f"`{name}`", flags[name])
         if re.match(rf"{re.escape(name)}(?= )", message):

@@ -208,7 +208,7 @@ def load_models(
 
 
 # Milvus codes are searched by the server, from this process's CPU side
-_MILVUS_ON_CPU = "Milvus codes are searched by the server; use `device` cpu with `codes` milvus"
+_MILVUS_ON_CPU = "an index whose codes are in Milvus is searched by the server, from the CPU: use `device` cpu"
 
 
 def _hash_checksum(h: LoadedHash) -> str:
@@ -540,7 +540,7 @@ class Index(BatchSearch):
         resolve_device(device)  # before the features are read
         check_precision(dtype)
         if source == "milvus" and device != "cpu":
-            raise HeiindexError(_MILVUS_ON_CPU, settings=("device", "codes"))
+            raise HeiindexError(_MILVUS_ON_CPU, settings=("device",))
         code_indexes = None  # the FAISS files
         if source == "milvus":  # the FAISS files are not read
             from .milvus_codes import MilvusCodes
@@ -600,7 +600,7 @@ class Index(BatchSearch):
                 f"for {dtype} open it again (Index.open({str(self.path)!r}, dtype={dtype!r}))"
             )
         if dev.type != "cpu" and any(isinstance(i, MilvusCodes) for i in self._code_indexes):
-            raise HeiindexError(_MILVUS_ON_CPU, settings=("device", "codes"))
+            raise HeiindexError(_MILVUS_ON_CPU, settings=("device",))
         if dev.type == "cuda":
             set_precision(dtype)
         self.matcher.model.to(dev)

@@ -154,8 +154,8 @@ class MilvusCodes:
         alias = _connect(uri)
         if not pm.utility.has_collection(name, using=alias):
             raise HeiindexError(
-                f"Milvus at {uri} has no collection {name!r}; build with `codes` milvus and `uri` {uri}",
-                settings=("codes", "uri"),
+                f"Milvus at {uri} has no collection {name!r}: build the index again with its codes there "
+                f'(`heiindex build --codes milvus --uri {uri}`; from Python, codes="milvus", uri={uri!r})'
             )
         try:
             self._col = pm.Collection(name, using=alias)

@@ -132,7 +132,7 @@ def caption_bank(
         store = SplitStore.open(store_root, config.split)
         matcher.check_store(store)
     except HeiindexError as exc:  # named as the describing split, not the one indexed
-        raise HeiindexError(f"prototypes split {config.split!r}: {exc}") from None
+        raise HeiindexError(f"prototypes split {config.split!r}: {exc}", settings=exc.settings) from None
     captions = store.captions()
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")

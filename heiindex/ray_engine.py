@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import HeiindexError, HeiindexWarning, name_some
+from .errors import DataError, HeiindexError, HeiindexWarning, name_some
 from .index import Hit, SearchResult
 from .index_manifest import read_index_manifest, read_sharded_manifest
 from .search import BatchSearch, refuse_queries
@@ -244,11 +244,13 @@ class RayShardedIndex(BatchSearch):
         ]
         try:
             self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
-        except HeiindexError:  # a shard refused to open: its actors serve nothing, and would be found again by name
+        except (
+            HeiindexError
+        ) as exc:  # a shard refused to open: its actors serve nothing, and would be found again by name
             for actor in self.actors:
                 ray.kill(actor)
             _wait_unnamed(ray, [self.actor_name(i) for i in range(len(self.actors))])
-            raise
+            raise _as_given_here(exc) from None
         self._refuse_stale(address)
 
     def _refuse_stale(self, address: str | None) -> None:
@@ -510,6 +512,21 @@ def _connect(address: str | None):
     except ConnectionError as exc:
         raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
     return ray
+
+
+# The shard's Index.open names the folders as its own parameters; here they are model_dir and hash_dir.
+_HERE = {"matcher": "model_dir", "hasher": "hash_dir"}
+
+
+def _as_given_here(exc: HeiindexError) -> HeiindexError:
+    """``exc`` (an actor's refusal) naming the folders by this class's parameters (a moved matcher
+    read "give the matcher folder as `matcher`", which ``RayShardedIndex`` does not take)."""
+    if not isinstance(exc, DataError) or not set(exc.settings) & set(_HERE):
+        return exc
+    problem = exc.problem
+    for theirs, ours in _HERE.items():
+        problem = problem.replace(f"`{theirs}`", f"`{ours}`")
+    return DataError(exc.path, problem, settings=tuple(_HERE.get(s, s) for s in exc.settings))
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

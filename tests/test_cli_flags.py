@@ -65,7 +65,8 @@ def test_a_setting_is_flagged_where_it_is_marked_and_nowhere_else():
 
 def test_the_librarys_names_for_a_commands_parameters_are_flagged_where_the_command_has_them():
     """``matcher`` is set by --model (the command's ``model_dir``), ``protocols`` by --protocol; a
-    setting the command has no flag for (``hasher`` here) keeps the library's name."""
+    setting the command has no flag for (``hasher`` here) keeps the library's name, unquoted (a
+    review found bench printing `codes` milvus: it has no --codes)."""
     r = _say(
         DataError(
             "/x/manifest.json",
@@ -74,7 +75,7 @@ def test_the_librarys_names_for_a_commands_parameters_are_flagged_where_the_comm
         )
     )
     assert r.output == (
-        "Error: /x/manifest.json: give the matcher folder as --model and the hash module folder as `hasher`; "
+        "Error: /x/manifest.json: give the matcher folder as --model and the hash module folder as hasher; "
         "--protocol full\n"
     )
 

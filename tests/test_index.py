@@ -1059,7 +1059,7 @@ def test_cuda_refusals_of_to_change_nothing(pipe):
     stand_in = MilvusCodes.__new__(MilvusCodes)  # not connected: nothing may reach it
     served._code_indexes = (stand_in, stand_in)
     with pytest.raises(
-        HeiindexError, match="^Milvus codes are searched by the server; use `device` cpu with `codes` milvus$"
+        HeiindexError, match="^an index whose codes are in Milvus is searched by the server, from the CPU: use `device` cpu$"
     ):
         served.to("cuda")
     assert served.regions.device.type == "cpu" and next(served.matcher.model.parameters()).device.type == "cpu"

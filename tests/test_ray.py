@@ -347,7 +347,9 @@ def test_moved_models_are_named_and_can_be_given(local_ray, sharded, pipe, tmp_p
     # The actors' refusal comes back as theirs (it used to read "its actor died"), and fast.
     t0 = time.perf_counter()
     gone = "give the matcher folder as {} and the hash module folder as {}"
-    with pytest.raises(DataError, match="records its matcher at .*gone-model.*" + gone.format("`matcher`", "`hasher`")):
+    with pytest.raises(
+        DataError, match="records its matcher at .*gone-model.*" + gone.format("`model_dir`", "`hash_dir`")
+    ):
         RayShardedIndex(copy, threads=1)
     assert time.perf_counter() - t0 < 60
     # pickled back with the settings it names, which the command line names by its flags
