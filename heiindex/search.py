@@ -179,11 +179,11 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
             problems.append((i, f"a query must be a string, got {type(text).__name__}"))
         elif enc is None:
             problems.append((i, "the query is empty"))
-        elif not any(ch.isalnum() for token in enc.tokens for ch in token):  # "!!! ???" was searched
-            problems.append((i, f"the query '{shown(text)}' has no words, only punctuation"))
         elif len(enc.unknown) == len(enc.tokens):
             words = name_some([shown(w) for w in dict.fromkeys(enc.unknown)])  # each word once
             problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
+        elif not any(ch.isalnum() for token in enc.tokens for ch in token):  # "!!! ???" was searched
+            problems.append((i, f"the query '{shown(text)}' has no words, only punctuation or symbols"))
         elif len(enc.tokens) > MAX_QUERY_WORDS:
             problems.append(
                 (
