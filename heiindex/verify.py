@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .atomic import leftovers, leftovers_in
 from .errors import DataError, sized
 from .index_manifest import check_index_manifest, check_shard_entry, check_sharded_manifest, shard_missing
@@ -160,16 +162,28 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
 
 
 # What a manifest says of its Parquet files that the commands compare with the files' footers
-# when they read them: (file, manifest fields giving the rows, the features column, fields whose
-# product is its list size). The manifest itself has no checksum: an edited count passed here.
+# when they read them: (file, the manifest field giving its rows, {list column: the fields whose
+# product is its size}, {footer metadata key: the field it must equal}). The manifest itself has
+# no checksum: an edited count or shape passed here.
+_REGIONS, _FEATURES = ("images", "regions"), ("images", "feature_dim")
 _FOOTERS = {
     "store": (
-        ("images.parquet", ("images", "count"), "features", (("images", "regions"), ("images", "feature_dim"))),
-        ("captions.parquet", ("captions", "count"), None, ()),
+        (
+            "images.parquet",
+            ("images", "count"),
+            {"features": (_REGIONS, _FEATURES)},
+            {"regions": _REGIONS, "feature_dim": _FEATURES},
+        ),
+        ("captions.parquet", ("captions", "count"), {}, {}),
     ),
     "index": (
-        ("image_features.parquet", ("n_images",), "features", (("regions",), ("embed_size",))),
-        ("caption_features.parquet", ("n_captions",), None, ()),
+        (
+            "image_features.parquet",
+            ("n_images",),
+            {"features": (("regions",), ("embed_size",)), "gram": (("regions",), ("regions",))},
+            {"regions": ("regions",), "feature_dim": ("embed_size",)},
+        ),
+        ("caption_features.parquet", ("n_captions",), {}, {}),
     ),
 }
 
@@ -186,25 +200,33 @@ def _disagreements(folder: Path, manifest: dict) -> list[FileCheck]:
             value = value[key]
         return value
 
+    def named(path: tuple[str, ...]) -> str:
+        return f"{'.'.join(path)} {field(path):,}"
+
     problems = []
-    for name, rows, column, shape in _FOOTERS["index" if "matcher" in manifest else "store"]:
+    for name, rows, lists, meta in _FOOTERS["index" if "matcher" in manifest else "store"]:
         if not (folder / name).is_file():
             continue
         try:
-            footer = pq.ParquetFile(folder / name)
+            footer = pq.read_metadata(folder / name)
+            schema = footer.schema.to_arrow_schema()
         except (OSError, pa.ArrowException):  # as recorded, yet unreadable: the commands say so
             continue
-        said = ".".join(rows)
-        if footer.metadata.num_rows != field(rows):
-            problems.append(f"{said} is {field(rows)}, but {name} holds {footer.metadata.num_rows:,} rows")
-        if column is not None and column in footer.schema_arrow.names:
-            kind = footer.schema_arrow.field(column).type
-            want = 1
-            for path in shape:
-                want *= field(path)
-            if getattr(kind, "list_size", want) != want:
-                fields = " x ".join(f"{'.'.join(path)} {field(path)}" for path in shape)
-                problems.append(f"{fields} make {want:,} numbers an image, but {name} holds {kind.list_size:,}")
+        if footer.num_rows != field(rows):
+            problems.append(f"{named(rows)}, but {name} holds {footer.num_rows:,} rows")
+        for column, factors in lists.items():
+            size = getattr(schema.field(column).type, "list_size", None) if column in schema.names else None
+            want = int(np.prod([field(f) for f in factors]))
+            if size is not None and size != want:
+                problems.append(
+                    f"{' x '.join(named(f) for f in factors)} make {want:,} numbers an image in {column}, but "
+                    f"{name} holds {size:,}"
+                )
+        recorded = schema.metadata or {}
+        for key, path in meta.items():
+            value = recorded.get(key.encode())
+            if value is not None and value.decode() != str(field(path)):
+                problems.append(f"{named(path)}, but {name} records {key} {value.decode()}")
     if not problems:
         return []
     return [FileCheck(folder / MANIFEST_FILE, "invalid", "; ".join(problems) + " (the commands refuse it)")]

@@ -327,8 +327,9 @@ def test_a_manifest_whose_counts_or_shapes_are_not_its_files_is_invalid(pipe, tm
     check = got[("test", "manifest.json")]
     assert (check.status, check.detail) == (
         "invalid",
-        "images.regions 37 x images.feature_dim 8 make 296 numbers an image, but images.parquet holds 288; "
-        "captions.count is 34, but captions.parquet holds 35 rows (the commands refuse it)",
+        "images.regions 37 x images.feature_dim 8 make 296 numbers an image in features, but images.parquet holds "
+        "288; images.regions 37, but images.parquet records regions 36; captions.count 34, but captions.parquet "
+        "holds 35 rows (the commands refuse it)",
     )
     assert got[("test", "images.parquet")].status == got[("test", "captions.parquet")].status == "ok"
     with pytest.raises(DataError, match="holds 35 captions; the manifest's captions.count says 34"):
@@ -339,9 +340,22 @@ def test_a_manifest_whose_counts_or_shapes_are_not_its_files_is_invalid(pipe, tm
         m["n_images"] -= 1
     [check] = [c for c in verify(index) if c.failed]
     assert check.path.name == "manifest.json" and check.detail.startswith(
-        f"n_images is {pipe.n_test_images - 1}, but image_features.parquet holds {pipe.n_test_images} rows"
+        f"n_images {pipe.n_test_images - 1}, but image_features.parquet holds {pipe.n_test_images} rows"
     )
     assert run("verify", index).exit_code == 2
+    # a shape changed with the same product (regions halved, embed_size doubled) passed: the Gram
+    # column and the footer's own shape tell it
+    with pf.edited_json(index / "manifest.json") as m:
+        m["n_images"] += 1
+        regions, d = m["regions"], m["embed_size"]
+        m["regions"], m["embed_size"] = regions // 2, d * 2
+    [check] = [c for c in verify(index) if c.failed]
+    assert check.detail == (
+        f"regions {regions // 2} x regions {regions // 2} make {(regions // 2) ** 2} numbers an image in gram, but "
+        f"image_features.parquet holds {regions**2}; regions {regions // 2}, but image_features.parquet records "
+        f"regions {regions}; embed_size {2 * d}, but image_features.parquet records feature_dim {d} (the commands "
+        "refuse it)"
+    )
     _flip_a_byte(index / "image_features.parquet")  # a changed file is named, the footers are not read
     assert {c.path.name: c.status for c in verify(index)} == {
         "image_features.parquet": "changed",
