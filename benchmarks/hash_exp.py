@@ -555,14 +555,17 @@ def check_faiss(dev: dict) -> None:
         ic = (mod.image_hash(mod.pool_images(dev["regions"])) > 0).float() * 2 - 1
         tc = (mod.text_hash(mod.pool_captions(dev["words"], dev["lengths"])) > 0).float() * 2 - 1
     mine = recall_from_codes(ic[:, None], tc[:, None], dev["caption_image"])
-    from types import SimpleNamespace
+    from heiindex.hashing import pool_regions
+    from heiindex.packed import PackedWords
+    from heiindex.train_hash import PooledSplit, candidate_recall
 
-    from heiindex.train_hash import candidate_recall
-
-    enc = SimpleNamespace(
-        regions=dev["regions"], words=dev["words"], lengths=dev["lengths"], caption_image=dev["caption_image"].numpy()
+    pooled = PooledSplit(  # what candidate_recall reads: pooled regions, packed words (the learned query pools them)
+        mod.config.pooling,
+        pool_regions(dev["regions"], mod.config.pooling),
+        dev["caption_image"].numpy(),
+        words=PackedWords.from_padded(dev["words"], dev["lengths"]),
     )
-    ref = candidate_recall(mod, enc, 100)
+    ref = candidate_recall(mod, pooled, 100)
     print(f"evaluator check: torch {mine}, faiss {ref}", flush=True)
 
 
