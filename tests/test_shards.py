@@ -580,14 +580,6 @@ def test_equal_scores_merge_as_one_index_orders_them():
     assert [h.id for h in merge_hits([first, second], 3)] == [10, 20, 11]
 
 
-def test_every_image_ranked_by_shards_comes_in_the_unsharded_order(sharded, index):
-    for text in QUERIES:
-        got = sharded.search(text, k=24, candidates=8)
-        want = index.search(text, k=24, candidates=24)
-        assert [h.id for h in got.results] == [h.id for h in want.results]
-        assert [h.hamming for h in got.results] == [h.hamming for h in want.results]
-
-
 def test_merged_candidates_keep_empty_slots_empty():
     """An IVF or HNSW shard may return fewer than N (-1): shifted by the shard's offset it would
     become the previous shard's last item and could count as a hit."""
