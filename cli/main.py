@@ -117,6 +117,14 @@ def path_option(*names: str, help: str):
 store_option = path_option("--store", help="Store root (default: coco-sim).")
 index_dir_option = path_option("--index", "index_dir", help="Index folder (default: the last built).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+protocol_option = click.option(
+    "--protocol",
+    type=click.Choice(["auto", "full", "1k"]),
+    default="auto",
+    show_default=True,
+    help="auto: the whole split, plus COCO 1K (the mean of 5 folds of 1,000 images) on a 5,000-image split "
+    "(COCO 5K, as testall); full: the whole split; 1k: the folds.",
+)
 device_option = click.option(
     "--device", default="cpu", show_default=True, help="Where queries and scoring run: cpu, cuda, cuda:1, ..."
 )
@@ -514,13 +522,7 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
 )
 @store_option
 @click.option("--split", default="test", show_default=True, help="The store split to score exhaustively.")
-@click.option(
-    "--protocol",
-    type=click.Choice(["auto", "full", "1k"]),
-    default="auto",
-    show_default=True,
-    help="auto: the whole split, plus COCO 1K (the mean of 5 folds) on a 5,000-image split (COCO 5K).",
-)
+@protocol_option
 @json_option
 @handle_errors
 def evaluate(model_dirs, store, split, protocol, as_json) -> None:
@@ -887,13 +889,7 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
     default=None,
     help="PNG for the sweep (default: bench_sweep.png in the index folder, replaced by a later build there).",
 )
-@click.option(
-    "--protocol",
-    type=click.Choice(["auto", "full", "1k"]),
-    default="auto",
-    show_default=True,
-    help="auto: the whole split, plus COCO 1K folds on a 5,000-image split.",
-)
+@protocol_option
 @click.option(
     "--repeats",
     type=int,
