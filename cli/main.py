@@ -78,6 +78,10 @@ _ALIASES = {
     "out_root": "out",
     "protocols": "protocol",
     "path": "index_dir",
+    # PrototypeConfig's fields, build's --prototype-* flags
+    "k": "prototype_k",
+    "preselect": "prototype_preselect",
+    "weight": "prototype_weight",
 }
 
 

@@ -75,20 +75,20 @@ class PrototypeConfig:
         if not isinstance(self.split, str) or not self.split:
             raise HeiindexError(f"prototypes: split must name a store split, got {self.split!r}")
         # stored as Python numbers (a numpy one reached the manifest's JSON, failing the build at its end)
-        settle(self, "k", "prototype_k", at_least=1, integer=True)
-        settle(self, "preselect", "prototype_preselect", at_least=1, integer=True)
+        settle(self, "k", at_least=1, integer=True)
+        settle(self, "preselect", at_least=1, integer=True)
         if self.preselect < self.k:
             raise SettingError(
-                "prototype_k",
-                f"prototype_k {self.k} exceeds `prototype_preselect` ({self.preselect}): "
+                "k",
+                f"k {self.k} exceeds `preselect` ({self.preselect}): "
                 "the top k captions are chosen among the preselected ones",
-                also=("prototype_preselect",),
+                also=("preselect",),
             )
-        settle(self, "weight", "prototype_weight", at_least=0.0)
+        settle(self, "weight", at_least=0.0)
         if not self.weight < 1.0:
             raise SettingError(
-                "prototype_weight",
-                "prototype_weight must be below 1 (1 keeps each image's own code: build without prototypes), "
+                "weight",
+                "weight must be below 1 (1 keeps each image's own code: build without prototypes), "
                 f"got {self.weight}",
             )
 
@@ -137,14 +137,14 @@ def caption_bank(
     if not len(captions):
         raise HeiindexError(f"prototypes split {config.split!r}: {store.path} holds no captions")
     if config.preselect > len(captions):  # each image scores all of them, averages min(k, all)
-        capped = [f"`prototype_preselect` {config.preselect}"]
-        capped += [f"`prototype_k` {config.k}"] if config.k > len(captions) else []
+        capped = [f"`preselect` {config.preselect}"]
+        capped += [f"`k` {config.k}"] if config.k > len(captions) else []
         warnings.warn(
             UnusedSettingWarning(
                 f"{' and '.join(capped)} exceed{'s' if len(capped) == 1 else ''} the {len(captions)} captions of "
                 f"prototypes split {config.split!r}: the matcher scores all of them for each image"
                 + (f", and all {len(captions)} are averaged" if config.k > len(captions) else ""),
-                settings=("prototype_preselect", "prototype_k"),
+                settings=("preselect", "k"),
             ),
             stacklevel=2,
         )

@@ -86,8 +86,7 @@ def settle(config, name: str, setting: str | None = None, **checks) -> None:
     """``require`` for field ``name`` of the frozen dataclass ``config``, storing what it returns: a
     numpy number becomes a Python int or float, so that the config can be written as JSON (and
     torch, which takes no numpy integer for a layer size, is given an int). ``setting``: the name
-    an error gives the value, where it is not the field's (``PrototypeConfig.k`` is the setting
-    ``prototype_k``)."""
+    an error gives the value, where it is not the field's."""
     object.__setattr__(config, name, require(setting or name, getattr(config, name), **checks))
 
 

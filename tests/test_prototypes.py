@@ -101,7 +101,7 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
     with pytest.warns(UnusedSettingWarning) as seen:
         over = caption_bank(pipe.root, cfg, *models, block=100)
     assert [str(w.message) for w in seen] == [
-        f"`prototype_preselect` {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
+        f"`preselect` {TRAIN_CAPTIONS + 1} exceeds the {TRAIN_CAPTIONS} captions of prototypes split "
         "'train': the matcher scores all of them for each image"
     ]
     exact = caption_bank(pipe.root, PrototypeConfig(k=4, weight=0.8, preselect=TRAIN_CAPTIONS), *models, block=100)
@@ -111,7 +111,7 @@ def test_settings_beyond_the_describing_captions_are_said(pipe, models, plain):
     )
     with pytest.warns(
         UnusedSettingWarning,
-        match=r"^`prototype_preselect` 500 and `prototype_k` 400 exceed the 320 captions .* all 320 are",
+        match=r"^`preselect` 500 and `k` 400 exceed the 320 captions .* all 320 are",
     ):
         caption_bank(pipe.root, PrototypeConfig(k=400, preselect=500), *models, block=100)
     with warnings.catch_warnings():
@@ -194,10 +194,10 @@ def test_numpy_settings_are_taken_as_python_numbers(pipe, models, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, "prototype_k must be"),
-        ({"k": 5, "preselect": 4}, "prototype_k 5 exceeds `prototype_preselect` (4)"),
-        ({"weight": 1.0}, "prototype_weight must be below 1"),
-        ({"weight": -0.1}, "prototype_weight must be"),
+        ({"k": 0}, "k must be"),
+        ({"k": 5, "preselect": 4}, "k 5 exceeds `preselect` (4)"),
+        ({"weight": 1.0}, "weight must be below 1"),
+        ({"weight": -0.1}, "weight must be"),
         ({"split": ""}, "split must name a store split"),
     ],
 )
