@@ -664,7 +664,18 @@ class SplitStore:
         if self._images_pf is None:
             # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
             # ends, so reading a split held all of its features (benchmarks/build_memory.py)
-            self._images_pf = open_parquet(self.images_path, ("image_id", "features"), pre_buffer=False)
+            pf = open_parquet(self.images_path, ("image_id", "features"), pre_buffer=False)
+            # the footer records the shape the features were written in: a manifest edited to
+            # another of the same size (regions 4 x 4 for 2 x 8) reshaped them without a word
+            written = pf.schema_arrow.metadata or {}
+            for key, want in (("regions", self.regions), ("feature_dim", self.feature_dim)):
+                value = written.get(key.encode())
+                if value is not None and value.decode() != str(want):
+                    raise DataError(
+                        self.images_path,
+                        f"was written with {key} {value.decode()}; the manifest's images.{key} says {want}",
+                    )
+            self._images_pf = pf
         return self._images_pf
 
     @classmethod

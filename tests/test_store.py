@@ -543,6 +543,21 @@ def test_a_bool_count_in_a_store_manifest_is_refused(tmp_path):
         SplitStore.open(root, "test")
 
 
+def test_a_manifest_shape_the_features_were_not_written_in_is_refused(tmp_path):
+    """regions 36 x feature_dim 8 edited to 72 x 4 (the same size): the features were read
+    reshaped, and a model trained on them without a word (a review's find)."""
+    root = small_store(tmp_path)
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["images"]["regions"], m["images"]["feature_dim"] = 72, 4
+    store = SplitStore.open(root, "test")
+    with pytest.raises(
+        DataError, match=r"images.parquet: was written with regions 36; the manifest's images.regions says 72"
+    ):
+        next(store.iter_image_blocks())
+    with pytest.raises(DataError, match="was written with regions 36"):
+        store.read_row_group(0)
+
+
 def test_a_backslash_name_is_not_an_entry_name():
     from heiindex.store import entry_name
 
