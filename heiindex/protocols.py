@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .checkpoint import LoadedModel
-from .encode import encode_split
+from .encode import check_split, encode_split
 from .evaluation import COCO_5K_IMAGES, Recall, coco_folds, fold_recalls, i2t_ranks, recall, t2i_ranks
 from .model import Ensemble, ScanModel
 from .scoring import exhaustive_scores
@@ -49,9 +49,12 @@ def evaluate_split(
     coco_5k = store.n_images == COCO_5K_IMAGES
     # refused before any scoring: a "1k" split must be whole folds
     folds = coco_folds(store.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
+    # every member checked against the store before any is scored (a wrong second member was
+    # refused after the first had been encoded and scored)
+    checked = [check_split(model, store) for model in members]
     total, gt, seconds = None, None, 0.0
-    for model in members:
-        enc = encode_split(model, store, progress=progress)  # checks the store against the model first
+    for model, captions in checked:
+        enc = encode_split(model, store, progress=progress, captions=captions)
         t0 = time.perf_counter()
         scores = exhaustive_scores(model, enc)
         seconds += time.perf_counter() - t0
@@ -71,7 +74,9 @@ def evaluate_split(
     if folds:
         t2i, i2t = fold_recalls(total, gt, folds)
         size = folds[0][1] - folds[0][0]
-        out["1k"] = {**_figures(t2i, i2t, size, int(np.mean(_fold_captions(gt, folds)))), "folds": len(folds)}
+        counts = _fold_captions(gt, folds)  # a fold's captions; their mean where the folds differ, as the bench's
+        captions = counts[0] if len(set(counts)) == 1 else round(float(np.mean(counts)), 10)
+        out["1k"] = {**_figures(t2i, i2t, size, captions), "folds": len(folds)}
     main = out.get("5k") or out.get("full") or out["1k"]
     out.update(t2i=main["t2i"], i2t=main["i2t"], rsum=main["rsum"], seconds=seconds)
     return out
@@ -93,7 +98,7 @@ def _members(models) -> list[LoadedModel | ScanModel]:
     return members
 
 
-def _figures(t2i: Recall, i2t: Recall, images: int, captions: int) -> dict:
+def _figures(t2i: Recall, i2t: Recall, images: int, captions: int | float) -> dict:
     return {
         "images": images,
         "captions": captions,

@@ -341,8 +341,18 @@ def test_a_5000_image_split_is_evaluated_as_coco_5k_and_1k_as_the_bench_does(pip
 
 
 def test_evaluate_split_refuses_what_it_cannot_rank_before_scoring(pipe, monkeypatch):
+    from dataclasses import replace
+
+    from heiindex.errors import ModelMismatchError
+    from heiindex.vocab import Vocab
+
     store = SplitStore.open(pipe.root, "test")
     pf.forbid(monkeypatch, "scored", (heiindex.protocols, "exhaustive_scores"))
+    # an ensemble's second member of another vocabulary: refused before the first is scored (it
+    # was refused after, minutes of scoring at COCO 5K)
+    other = replace(load_model(pipe.other_model_dir), vocab=Vocab.build(["a b c"] * 4))
+    with pytest.raises(ModelMismatchError, match="tokenised with another vocabulary than model"):
+        evaluate_split([load_model(pipe.model_dir), other], store)
     with pytest.raises(
         SettingError, match=r"^COCO 1K \(`protocols` 1k\) needs whole folds of 1000 images; this split has 24"
     ):
