@@ -168,6 +168,12 @@ class Ranked:
     hamming: np.ndarray
 
 
+def _known(enc: Encoded) -> list[str]:
+    """The tokens of ``enc`` that are in the vocabulary (an unknown one is searched as ``<unk>``)."""
+    unknown = set(enc.unknown)
+    return [t for t in enc.tokens if t not in unknown]
+
+
 def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | None], list[tuple[int, str]]]:
     """Each text as ids (None where it is not a non-empty string), and ``(position, problem)`` for
     each text that cannot be a query: empty, no words, no word in ``vocab``, or more than
@@ -182,8 +188,15 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
         elif len(enc.unknown) == len(enc.tokens):
             words = name_some([shown(w) for w in dict.fromkeys(enc.unknown)])  # each word once
             problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
-        elif not any(ch.isalnum() for token in enc.tokens for ch in token):  # "!!! ???" was searched
-            problems.append((i, f"the query '{shown(text)}' has no words, only punctuation or symbols"))
+        elif not any(ch.isalnum() for token in _known(enc) for ch in token):  # "!!! ???" was searched
+            unknown = f" and unknown words ({name_some([shown(w) for w in dict.fromkeys(enc.unknown)])})"
+            problems.append(
+                (
+                    i,
+                    f"the query '{shown(text)}' has no word in the model's vocabulary but punctuation or symbols"
+                    + (unknown if enc.unknown else ""),
+                )
+            )
         elif len(enc.tokens) > MAX_QUERY_WORDS:
             problems.append(
                 (

@@ -685,14 +685,17 @@ def test_empty_query(index, text):
 
 def test_a_query_of_punctuation_only_is_refused(index):
     """'.' is in the vocabulary (captions end in '.'; coco-sim's has '!' and '?' too) and was
-    searched, with nothing said; a query needs a word with a letter or digit. Where no token is
-    in the vocabulary, the unknown words are named instead."""
-    for text in (".", ". . .", ". !!! ???", ". \U0001f436"):  # "!", "?" and the dog not in this vocabulary
-        with pytest.raises(HeiindexError, match="has no words, only punctuation or symbols"):
+    searched, with nothing said; a query needs a known word with a letter or digit ('. zzzqx' was
+    searched as '.' and <unk>). Where no token is in the vocabulary, the unknown words are named."""
+    for text in (".", ". . ."):
+        with pytest.raises(HeiindexError, match="has no word in the model's vocabulary but punctuation or symbols$"):
             index.search(text, k=3, candidates=5)
+    for text, unknown in ((". !!! ???", "!, ?"), (". \U0001f436", "\U0001f436"), (". zzzqx zzzqx", "zzzqx")):
+        with pytest.raises(HeiindexError, match=re.escape(f"but punctuation or symbols and unknown words ({unknown})")):
+            index.search(text, k=3, candidates=5)  # "!", "?", the dog and zzzqx are not in this vocabulary
     with pytest.raises(HeiindexError, match="no word of the query is in the model's vocabulary: \U0001f436$"):
         index.search("\U0001f436", k=3, candidates=5)  # an unknown symbol alone is named as unknown
-    assert index.search("12 .", k=3, candidates=5).results  # a digit is a word
+    assert index.search("dog .", k=3, candidates=5).results  # one known word is enough
 
 
 def test_query_of_unknown_words_only(index):
