@@ -88,8 +88,7 @@ class PrototypeConfig:
         if not self.weight < 1.0:
             raise SettingError(
                 "weight",
-                "weight must be below 1 (1 keeps each image's own code: build without prototypes), "
-                f"got {self.weight}",
+                f"weight must be below 1 (1 keeps each image's own code: build without prototypes), got {self.weight}",
             )
 
     def to_dict(self) -> dict:
