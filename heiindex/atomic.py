@@ -28,6 +28,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -46,6 +47,7 @@ __all__ = [
     "is_scratch",
     "leftovers",
     "leftovers_in",
+    "note_interrupt",
     "remove",
     "scratch",
     "set_aside",
@@ -130,11 +132,33 @@ def _renameat2():
     return renameat2
 
 
+# The signal a handler saw (``note_interrupt``): the exception it raised can be swallowed on the
+# way (pyarrow's lazy pandas import swallows KeyboardInterrupt and SystemExit), and a command
+# interrupted there went on to put its output in place and exit 0.
+_interrupted: int | None = None
+
+
+def note_interrupt(signum: int) -> None:
+    """Record that the process was asked to stop (SIGINT, SIGTERM): no ``swap_in`` after it puts
+    anything in place. For signal handlers (the CLI's), before they raise."""
+    global _interrupted
+    _interrupted = signum
+
+
+def _refuse_if_interrupted() -> None:
+    if _interrupted is None:
+        return
+    if _interrupted == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + _interrupted)
+
+
 def swap_in(new: Path, target: Path) -> None:
     """Put the finished ``new`` (a scratch beside ``target``) in place of ``target``, replacing
     what is there; ``new`` is gone afterwards. A replaced folder's permissions are kept, as
     ``atomic_file`` keeps a file's (a rebuilt read-only index came back writable). On any failure
-    ``target`` is as it was."""
+    ``target`` is as it was. After ``note_interrupt``, the interrupt again, and nothing moved."""
+    _refuse_if_interrupted()
     new, target = Path(new), Path(target)
     if target.is_symlink():  # replacing the link would leave what it points to as it was
         raise ValueError(f"swap_in takes the path a link points to, not the link {target}")
@@ -198,6 +222,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     tmp = scratch(target, folder=False)
     try:
         yield tmp
+        _refuse_if_interrupted()
         if target.exists():
             tmp.chmod(target.stat().st_mode & 0o7777)
         os.replace(tmp, target)

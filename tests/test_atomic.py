@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -345,3 +346,26 @@ def test_a_read_only_tree_is_made_removable_by_its_owner(tmp_path):
     _make_removable(top)
     assert all(f.stat().st_mode & 0o700 == 0o700 for f in (top, top / "shard-0"))
     assert tmp_path.stat().st_mode == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_nothing_is_put_in_place_after_an_interrupt_whose_exception_was_swallowed(tmp_path, monkeypatch, signum):
+    """A review's SIGTERM landed in pyarrow's lazy pandas import, which swallowed the SystemExit:
+    the build went on, replaced the index and exited 0. The handler now notes the signal first,
+    and no swap or file replacement follows it."""
+    monkeypatch.setattr(atomic, "_interrupted", None)
+    target = tmp_path / "index"
+    target.mkdir()
+    (target / "old").write_text("old")
+    new = atomic.scratch(target)
+    (new / "new").write_text("new")
+    atomic.note_interrupt(signum)  # the handler's first step; its exception then lost
+    want = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(want) as info:
+        atomic.swap_in(new, target)
+    if want is SystemExit:
+        assert info.value.code == 128 + signum
+    assert sorted(p.name for p in target.iterdir()) == ["old"]
+    with pytest.raises(want), atomic.atomic_file(tmp_path / "plot.png") as tmp:
+        tmp.write_bytes(b"png")
+    assert not (tmp_path / "plot.png").exists() and not tmp.exists()

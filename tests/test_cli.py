@@ -919,6 +919,34 @@ def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
     assert [p.name for p in target.iterdir()] == ["a.txt"]
 
 
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", -2)])  # -2: an uncaught KeyboardInterrupt
+def test_an_interrupt_swallowed_on_the_way_still_writes_nothing(tmp_path, signame, status):
+    """pyarrow's lazy pandas import swallows the exception a signal handler raises: a build
+    interrupted there went on, replaced its output and exited 0 (a review's find)."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    code = (
+        "import os, signal, sys, time\n"
+        "from heiindex_cli.main import cli\n"
+        "from heiindex.store import atomic_dir\n"
+        "try:\n"
+        "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)  # any command installs them\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
+        "    (tmp / 'a.txt').write_text('new')\n"
+        "    try:\n"
+        f"        os.kill(os.getpid(), signal.{signame})\n"
+        "        time.sleep(30)\n"
+        "    except BaseException:\n"
+        "        pass  # swallowed, as the import machinery did\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_verify_exits_2_where_a_recorded_file_is_missing(pipe, tmp_path):
     root = pf.copy_store(pipe, tmp_path)
     (root / "test" / "captions.parquet").unlink()
