@@ -134,7 +134,7 @@ def _other_splits(out_root: Path, split: str | None, read: Callable[[dict], T]) 
         yield other, value
 
 
-def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
+def _claim_vocab(path: Path, voc: Vocab, split: str) -> int | None:
     """Make ``voc`` the store root's ``vocab.json`` (``path``) unless the root has one, in one step:
     it is saved beside ``path`` and hard-linked to it, which fails where ``path`` exists. A
     ``DataError`` where the one there is another vocabulary: another ingest into this root,
@@ -142,21 +142,25 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
     at once each built a vocabulary from their own captions and both wrote ``vocab.json``, leaving
     one split tokenised with a vocabulary the root no longer had (``verify`` then failed). On a
     file system without hard links the save is a plain one, checked only afterwards: two
-    ingests there can still race. A ``vocab.json`` that is a link is written where it points."""
+    ingests there can still race. A ``vocab.json`` that is a link is written where it points.
+    Returns the inode of the file where this call made it (``_unclaim_vocab`` undoes it), else None."""
     clear_leftovers(path)  # a killed run's scratch of it
     if path.is_symlink():
         path = path.resolve()
         clear_leftovers(path)  # where the scratch is made for a link
+    made = None
     if not path.exists():
         tmp = scratch(path, folder=False)  # a new file of its own: written directly, then linked
         try:
             tmp.write_text(voc.to_json())
             os.link(tmp, path)
+            made = os.stat(path).st_ino
         except FileExistsError:  # saved meanwhile: compared below
             pass
         except OSError:  # no hard links on this file system: a plain save, as before
             if not path.exists():
                 voc.save(path)
+                made = os.stat(path).st_ino
         finally:
             tmp.unlink(missing_ok=True)
     there = Vocab.load(path)
@@ -169,6 +173,21 @@ def _claim_vocab(path: Path, voc: Vocab, split: str) -> None:
             "use the store's vocabulary (or, for a vocabulary built from train's captions as SCAN's is, "
             "ingest train first into a new root)",
         )
+    return made
+
+
+def _unclaim_vocab(path: Path, made: int | None, out_root: Path) -> None:
+    """Remove the ``vocab.json`` this ingest made (inode ``made``) where it failed before its split
+    was in place and no split of the root records a vocabulary: an interrupted first ingest into a
+    new root left it, and the next ingest was refused for another ``--vocab``, or tokenised with
+    the dead run's vocabulary without a word."""
+    if made is None or _recorded_vocabs(out_root, None):
+        return
+    try:
+        if os.stat(path).st_ino == made:
+            path.unlink()
+    except OSError:  # gone, or not to be removed: as it is
+        pass
 
 
 def _recorded_vocabs(out_root: Path, split: str | None) -> dict[str, str]:
@@ -239,49 +258,54 @@ def ingest(
         )
 
     target = out_root / split
-    with atomic_dir(target, "a store split", (IMAGES_FILE, CAPTIONS_FILE, MANIFEST_FILE)) as tmp:
-        writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
-        bar = progress_bar(src.n_images, f"ingest {split}", progress, unit="img")
-        try:
-            for start, block in src.iter_image_blocks(block_images):
-                writer.write(np.arange(start, start + len(block)), block)
-                bar.update(len(block))
-        finally:
-            images_sha = writer.close()
-            bar.close()
-        cap_ids = np.arange(src.n_captions)
-        captions_sha = write_captions(
-            tmp / CAPTIONS_FILE,
-            cap_ids,
-            cap_ids // src.captions_per_image,
-            list(src.captions),
-            [e.ids for e in encoded],
-        )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created_by": f"heiindex {__version__}",
-            "split": split,
-            "source": {
-                "images": {"path": str(src.images_path.resolve()), "dtype": str(src.dtype), "rows": src.n_rows},
-                "captions": {"path": str(src.captions_path.resolve()), "sha256": src.captions_sha256()},
-            },
-            "images": {
-                "count": src.n_images,
-                "regions": src.regions,
-                "feature_dim": src.feature_dim,
-                "dtype": "float32",
-                "rows_per_image": src.rows_per_image,
-                "sha256": images_sha,
-            },
-            "captions": {
-                "count": src.n_captions,
-                "per_image": src.captions_per_image,
-                "tokens": n_tokens,
-                "sha256": captions_sha,
-            },
-            "vocab": {"size": len(voc), "sha256": voc.checksum, "unknown_rate": unknown_rate},
-        }
-        manifest["files"] = {name: file_record(tmp / name) for name in (IMAGES_FILE, CAPTIONS_FILE)}
-        write_json(tmp / MANIFEST_FILE, manifest)
-        _claim_vocab(out_root / "vocab.json", voc, split)
+    made = None
+    try:
+        with atomic_dir(target, "a store split", (IMAGES_FILE, CAPTIONS_FILE, MANIFEST_FILE)) as tmp:
+            writer = ImageWriter(tmp / IMAGES_FILE, src.regions, src.feature_dim)
+            bar = progress_bar(src.n_images, f"ingest {split}", progress, unit="img")
+            try:
+                for start, block in src.iter_image_blocks(block_images):
+                    writer.write(np.arange(start, start + len(block)), block)
+                    bar.update(len(block))
+            finally:
+                images_sha = writer.close()
+                bar.close()
+            cap_ids = np.arange(src.n_captions)
+            captions_sha = write_captions(
+                tmp / CAPTIONS_FILE,
+                cap_ids,
+                cap_ids // src.captions_per_image,
+                list(src.captions),
+                [e.ids for e in encoded],
+            )
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "created_by": f"heiindex {__version__}",
+                "split": split,
+                "source": {
+                    "images": {"path": str(src.images_path.resolve()), "dtype": str(src.dtype), "rows": src.n_rows},
+                    "captions": {"path": str(src.captions_path.resolve()), "sha256": src.captions_sha256()},
+                },
+                "images": {
+                    "count": src.n_images,
+                    "regions": src.regions,
+                    "feature_dim": src.feature_dim,
+                    "dtype": "float32",
+                    "rows_per_image": src.rows_per_image,
+                    "sha256": images_sha,
+                },
+                "captions": {
+                    "count": src.n_captions,
+                    "per_image": src.captions_per_image,
+                    "tokens": n_tokens,
+                    "sha256": captions_sha,
+                },
+                "vocab": {"size": len(voc), "sha256": voc.checksum, "unknown_rate": unknown_rate},
+            }
+            manifest["files"] = {name: file_record(tmp / name) for name in (IMAGES_FILE, CAPTIONS_FILE)}
+            write_json(tmp / MANIFEST_FILE, manifest)
+            made = _claim_vocab(out_root / "vocab.json", voc, split)
+    except BaseException:  # the split not in place: a vocab.json this run made goes too
+        _unclaim_vocab(out_root / "vocab.json", made, out_root)
+        raise
     return IngestSummary(split, target, src.n_images, src.n_captions, len(voc), unknown_rate, unknown)

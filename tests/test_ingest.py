@@ -570,3 +570,27 @@ def test_first_split_builds_vocab_next_split_reuses_it(make_precomp, tmp_path, t
     dev_tokens = pq.read_table(out / "dev" / CAPTIONS_FILE).column("tokens").to_pylist()
     assert dev_tokens == [built.encode(c).ids for c in dev_caps]
     assert sorted(p.name for p in out.iterdir()) == ["dev", "test", "vocab.json"]
+
+
+def test_an_interrupted_first_ingest_leaves_no_vocabulary_in_the_new_root(make_precomp, tmp_path, monkeypatch):
+    """The vocabulary is claimed just before the split is put in place: interrupted there, the new
+    root kept a vocab.json built from that split's captions, and the next ingest with --vocab was
+    refused (without, tokenised with the dead run's vocabulary). A root's own vocabulary stays."""
+    import heiindex.store as store_module
+
+    precomp, _, _ = make_precomp(n_images=7)
+    out = tmp_path / "new"
+
+    def interrupted(new, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "swap_in", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(precomp, "test", out, feature_dim=8)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no split, no vocab.json
+    monkeypatch.undo()
+    ingest(precomp, "test", out, feature_dim=8)  # a store root with a split and its vocabulary
+    monkeypatch.setattr(store_module, "swap_in", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(precomp, "test", out, feature_dim=8)  # a re-ingest: the root's vocabulary was not this run's
+    assert (out / "vocab.json").exists() and SplitStore.open(out, "test").n_images == 7
