@@ -52,6 +52,7 @@ from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shard_entry,
     read_sharded_manifest,
+    refuse_shard_folder,
     shard_missing,
     sharded_manifest,
 )
@@ -115,6 +116,7 @@ def write_shards(
     ``Index.write``'s; the describing captions are hashed once for all shards, and each shard
     describes its images with them (a shard's image codes are those of the unsharded build)."""
     nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
+    refuse_shard_folder(Path(out))  # a sharded build written over another build's shard destroyed it
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)

@@ -680,6 +680,11 @@ def test_an_index_written_over_a_shard_is_refused(pipe, sharded, tmp_path):
         Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, build_dir / "shard-001")
     r = build(pipe, build_dir / "shard-001")
     clean_error(r, "is shard shard-001 of the sharded build")
+    # a sharded build there too: it replaced the shard, and verify passed the nested build
+    with pytest.raises(DataError, match=f"is shard shard-001 of the sharded build {build_dir}: build that again"):
+        write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, build_dir / "shard-001", 2)
+    clean_error(build(pipe, build_dir / "shard-001", "--shards", "2"), "is shard shard-001 of the sharded build")
+    assert ShardedIndex.open(build_dir).search("a dog", 3, 4).results  # as it was
     # as an older heiindex, or a copy by hand, would have left it
     shutil.rmtree(build_dir / "shard-001")
     shutil.copytree(pipe.index_dir, build_dir / "shard-001")
