@@ -9,6 +9,7 @@ What this module must not do: train or score.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +106,10 @@ def save_model(
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
     with atomic_dir(path, *MODEL_OUTPUT) as tmp:
-        if state is not None:
-            torch.save(state, tmp / STATE_FILE)
+        if state is not None:  # serialised first, then written: a full disk is an OSError (ENOSPC),
+            buffer = io.BytesIO()  # where torch.save's own writer raised a RuntimeError (a traceback)
+            torch.save(state, buffer)
+            (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
         write_weights(model.state_dict(), tmp / WEIGHTS_FILE)
         vocab.save(tmp / VOCAB_FILE)
         info = dict(extra or {})

@@ -129,6 +129,32 @@ def test_save_replaces_an_older_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_a_full_disk_while_saving_the_training_state_is_a_clear_error(tmp_path, monkeypatch):
+    """torch.save's own writer raised a RuntimeError ("unexpected pos ...") on a full disk: a
+    traceback from train. The state is now written as bytes, so a full disk is an OSError that
+    the atomic write names; the folder there is kept."""
+    import errno
+    from pathlib import Path
+
+    path = tmp_path / "m"
+    save_model(_model(0), VOCAB, path, state={"epoch": 1})
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == "train_state.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DataError, match="could not be written: no space left on its disk"):
+        save_model(_model(1), VOCAB, path, state={"epoch": 2, "weights": torch.zeros(10)})
+    assert load_model(path).checksum == model_checksum(_model(0))
+    monkeypatch.undo()
+    save_model(_model(1), VOCAB, path, state={"epoch": 2, "weights": torch.arange(3.0)})
+    got = torch.load(path / "train_state.pt", weights_only=True)
+    assert got["epoch"] == 2 and torch.equal(got["weights"], torch.arange(3.0))
+
+
 def test_save_refuses_a_vocab_of_another_size(tmp_path):
     with pytest.raises(ValueError, match="vocab has 14 words, the model 15"):
         save_model(_model(vocab_size=15), VOCAB, tmp_path / "m")
