@@ -11,13 +11,14 @@ What this module must not do: print (the CLI renders the returned dict).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import attention
-from .errors import HeiindexError
+from .errors import HeiindexError, HeiindexWarning
 from .evaluation import COCO_5K_IMAGES, check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
 from .hamming import make_binary_index
 from .index import Index
@@ -444,7 +445,16 @@ def run_bench(
     for direction in ("t2i", "i2t"):
         out[direction] = primary[direction]
     if plot is not None:
-        out["plot"] = str(plot_sweep(primary["sweep"], plot))
+        try:
+            out["plot"] = str(plot_sweep(primary["sweep"], plot))
+        except OSError as exc:  # a full disk, say: the figures are kept and returned, the plot named
+            warnings.warn(
+                HeiindexWarning(
+                    f"the sweep plot {plot} could not be written ({exc.strerror or exc}); the bench's figures "
+                    "are complete without it"
+                ),
+                stacklevel=2,
+            )
     return out
 
 

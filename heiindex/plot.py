@@ -73,9 +73,11 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:  # a kill while writing leaves the earlier plot, not half a PNG
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:  # a kill while writing leaves the earlier plot, not half a PNG
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -14,7 +14,7 @@ import heiindex.bench as bench
 from heiindex.bench import run_bench, versus_exhaustive
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
-from heiindex.errors import HeiindexError
+from heiindex.errors import HeiindexError, HeiindexWarning
 from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
 from heiindex.index import Index
 from heiindex.index_manifest import searched_type
@@ -354,6 +354,27 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     assert res["plot"] == str(tmp_path / "p.png") and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert heiindex.bench.main_protocol(res) is res["full"]
     assert "plot" not in run_bench(index, topk=5, sweep=[2], exhaustive=False)
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_benchs_figures(index, tmp_path, monkeypatch):
+    """A full disk at the end of a sweep threw the whole bench away with 'Error: No space left on
+    device', naming no file (a review's find): the figures now come back, the plot named in a warning."""
+    import errno
+
+    import matplotlib.figure
+    from cli_helpers import run
+
+    def full(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    plot = tmp_path / "p.png"
+    with pytest.warns(HeiindexWarning, match=re.escape(f"the sweep plot {plot} could not be written (No space left")):
+        res = run_bench(index, topk=5, sweep=[2, 4], exhaustive=False, plot=plot)
+    assert "plot" not in res and [row["candidates"] for row in res["full"]["sweep"]] == [2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written PNG, no scratch
+    r = run("bench", "--index", index.path, "--topk", "5", "--sweep", "2,4", "--plot", plot)
+    assert r.exit_code == 0 and "Warning: the sweep plot" in r.output and "recall versus N" in r.output
 
 
 def test_without_exhaustive_there_is_no_speedup(index):
