@@ -894,9 +894,10 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     assert (done.returncode, done.stderr) == (1, "")
 
 
-def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
-    """`kill PID`, `docker stop` or a job scheduler's limit left the output's scratch folder for
-    the next run to clear; any command now exits 143 as Ctrl-C would, writing nothing."""
+def _interrupted_write(tmp_path, body: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run, in a new process with the CLI's signal handlers installed (any command installs
+    them), ``body`` inside an ``atomic_dir`` block (``tmp``) replacing ``tmp_path / "out"``,
+    which holds a.txt "old"."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "a.txt").write_text("old")
@@ -905,15 +906,20 @@ def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
         "from heiindex_cli.main import cli\n"
         "from heiindex.store import atomic_dir\n"
         "try:\n"
-        "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)  # any command installs it\n"
+        "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)\n"
         "except SystemExit:\n"
         "    pass\n"
         "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
-        "    (tmp / 'a.txt').write_text('half')\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(30)\n"
+        "    (tmp / 'a.txt').write_text('new')\n" + body
     )
     done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    return done, target
+
+
+def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
+    """`kill PID`, `docker stop` or a job scheduler's limit left the output's scratch folder for
+    the next run to clear; any command now exits 143 as Ctrl-C would, writing nothing."""
+    done, target = _interrupted_write(tmp_path, "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
     assert done.returncode == 143, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "a.txt").read_text() == "old"
     assert [p.name for p in target.iterdir()] == ["a.txt"]
@@ -923,26 +929,14 @@ def test_sigterm_ends_a_command_with_its_output_removed(tmp_path):
 def test_an_interrupt_swallowed_on_the_way_still_writes_nothing(tmp_path, signame, status):
     """pyarrow's lazy pandas import swallows the exception a signal handler raises: a build
     interrupted there went on, replaced its output and exited 0 (a review's find)."""
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "a.txt").write_text("old")
-    code = (
-        "import os, signal, sys, time\n"
-        "from heiindex_cli.main import cli\n"
-        "from heiindex.store import atomic_dir\n"
-        "try:\n"
-        "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)  # any command installs them\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "with atomic_dir(sys.argv[1], 'a test output', ('*.txt',)) as tmp:\n"
-        "    (tmp / 'a.txt').write_text('new')\n"
+    body = (
         "    try:\n"
         f"        os.kill(os.getpid(), signal.{signame})\n"
         "        time.sleep(30)\n"
         "    except BaseException:\n"
         "        pass  # swallowed, as the import machinery did\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    done, target = _interrupted_write(tmp_path, body)
     assert done.returncode == status, done.stderr
     assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
