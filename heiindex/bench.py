@@ -19,7 +19,16 @@ import torch
 
 from . import attention
 from .errors import HeiindexError, HeiindexWarning
-from .evaluation import COCO_5K_IMAGES, check_captioned, check_finite, coco_folds, i2t_ranks, recall, t2i_ranks
+from .evaluation import (
+    check_captioned,
+    check_finite,
+    check_protocols,
+    i2t_ranks,
+    main_protocol,
+    protocol_plan,
+    recall,
+    t2i_ranks,
+)
 from .hamming import make_binary_index
 from .index import Index
 from .plot import check_plot_path, plot_sweep, require_matplotlib
@@ -28,7 +37,6 @@ from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
 
 __all__ = [
-    "COCO_5K_IMAGES",
     "candidate_metrics",
     "candidate_ranks",
     "main_protocol",
@@ -400,8 +408,7 @@ def run_bench(
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with heiindex.shards.run_sharded_bench")
     repeats = require("repeats", repeats, at_least=1, integer=True)
-    if protocols not in ("auto", "full", "1k"):
-        raise SettingError("protocols", f'protocols must be "auto", "full" or "1k", got {protocols!r}')
+    check_protocols(protocols)
     # checked before any pass: a float sweep value failed after the whole bench, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)
     sweep = sorted(set(_sweep_values(sweep)))
@@ -410,9 +417,8 @@ def run_bench(
             raise SettingError("plot", "plot draws the sweep table; give `sweep` too", also=("sweep",))
         plot = check_plot_path(plot, "plot")
         require_matplotlib()
-    full = protocols in ("auto", "full")
-    coco_5k = index.n_images == COCO_5K_IMAGES
-    folds = coco_folds(index.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
+    whole, folds = protocol_plan(index.n_images, protocols)
+    full = whole is not None
     limit, why = _depth_limit(index, full, folds)
     topk = bench_depth(topk, limit)
     _check_depths(topk, sweep, limit, why)
@@ -426,8 +432,7 @@ def run_bench(
         "warmup_seconds": warm_up(index, topk, exhaustive, use_stored=full) if warmup else None,
     }
     if full:
-        name = "5k" if coco_5k else "full"
-        out[name] = _protocol(
+        out[whole] = _protocol(
             index, np.arange(index.n_images), topk, sweep, use_stored=True, exhaustive=exhaustive, repeats=repeats
         )
     if folds:
@@ -458,7 +463,3 @@ def run_bench(
     return out
 
 
-def main_protocol(res: dict) -> dict:
-    """The protocol of a ``run_bench`` result whose figures are also its top-level ``"t2i"`` and
-    ``"i2t"``: COCO 5K, else the whole split, else COCO 1K (the folds' mean)."""
-    return res.get("5k") or res.get("full") or res["1k"]

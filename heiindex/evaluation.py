@@ -17,18 +17,22 @@ from .settings import SettingError
 
 __all__ = [
     "COCO_5K_IMAGES",
+    "PROTOCOLS",
     "Recall",
     "check_captioned",
     "check_finite",
     "coco_folds",
     "fold_recalls",
     "i2t_ranks",
+    "main_protocol",
     "mean_recall",
+    "protocol_plan",
     "recall",
     "t2i_ranks",
 ]
 
 COCO_5K_IMAGES = 5000  # a split of this many images (COCO's testall) is ranked as COCO 5K and 1K
+PROTOCOLS = ("auto", "full", "1k")
 
 
 def check_finite(scores: np.ndarray, block: int = 1024) -> None:
@@ -165,3 +169,26 @@ def fold_recalls(scores: np.ndarray, gt: np.ndarray, folds: list[tuple[int, int]
         t2i.append(recall(t2i_ranks(sub, own)))
         i2t.append(recall(i2t_ranks(sub.T, own)))
     return mean_recall(t2i), mean_recall(i2t)
+
+
+def check_protocols(protocols: str) -> None:
+    if protocols not in PROTOCOLS:
+        raise SettingError("protocols", f'protocols must be "auto", "full" or "1k", got {protocols!r}')
+
+
+def protocol_plan(n_images: int, protocols: str) -> tuple[str | None, list[tuple[int, int]]]:
+    """What a split of ``n_images`` is ranked under (``bench`` and ``evaluate`` alike): the name of
+    the whole-split protocol ("5k" on a COCO-5K-sized split, else "full"; None for "1k" alone)
+    and the COCO 1K folds ("1k", or "auto" on a COCO-5K-sized split; refused where the split is
+    not whole folds)."""
+    check_protocols(protocols)
+    coco_5k = n_images == COCO_5K_IMAGES
+    folds = coco_folds(n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
+    whole = ("5k" if coco_5k else "full") if protocols in ("auto", "full") else None
+    return whole, folds
+
+
+def main_protocol(res: dict) -> dict:
+    """The protocol of a result whose figures are also its top-level ``"t2i"`` and ``"i2t"``:
+    COCO 5K, else the whole split, else COCO 1K (the folds' mean)."""
+    return res.get("5k") or res.get("full") or res["1k"]

@@ -19,15 +19,13 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .encode import check_split, encode_split
-from .evaluation import COCO_5K_IMAGES, Recall, coco_folds, fold_recalls, i2t_ranks, recall, t2i_ranks
+from .evaluation import PROTOCOLS, Recall, fold_recalls, i2t_ranks, main_protocol, protocol_plan, recall, t2i_ranks
 from .model import Ensemble, ScanModel
 from .scoring import exhaustive_scores
 from .settings import SettingError
 from .store import SplitStore
 
 __all__ = ["PROTOCOLS", "evaluate_split"]
-
-PROTOCOLS = ("auto", "full", "1k")
 
 
 def evaluate_split(
@@ -44,11 +42,7 @@ def evaluate_split(
     the members. ``models``: a matcher (a ``LoadedModel`` is checked against the store), an
     ``Ensemble``, or a list of them, whose scores are averaged."""
     members = _members(models)
-    if protocols not in PROTOCOLS:
-        raise SettingError("protocols", f"protocols must be one of {', '.join(PROTOCOLS)}, got {protocols!r}")
-    coco_5k = store.n_images == COCO_5K_IMAGES
-    # refused before any scoring: a "1k" split must be whole folds
-    folds = coco_folds(store.n_images) if protocols == "1k" or (protocols == "auto" and coco_5k) else []
+    whole, folds = protocol_plan(store.n_images, protocols)  # before any scoring: "1k" needs whole folds
     # every member checked against the store before any is scored (a wrong second member was
     # refused after the first had been encoded and scored)
     checked = [check_split(model, store) for model in members]
@@ -67,8 +61,8 @@ def evaluate_split(
         total /= len(members)
     n_captions = len(gt)
     out: dict = {"split": store.split, "images": store.n_images, "captions": n_captions, "models": len(members)}
-    if protocols in ("auto", "full"):
-        out["5k" if coco_5k else "full"] = _figures(
+    if whole is not None:
+        out[whole] = _figures(
             recall(t2i_ranks(total, gt)), recall(i2t_ranks(total.T, gt)), store.n_images, n_captions
         )
     if folds:
@@ -77,7 +71,7 @@ def evaluate_split(
         counts = _fold_captions(gt, folds)  # a fold's captions; their mean where the folds differ, as the bench's
         captions = counts[0] if len(set(counts)) == 1 else round(float(np.mean(counts)), 10)
         out["1k"] = {**_figures(t2i, i2t, size, captions), "folds": len(folds)}
-    main = out.get("5k") or out.get("full") or out["1k"]
+    main = main_protocol(out)
     out.update(t2i=main["t2i"], i2t=main["i2t"], rsum=main["rsum"], seconds=seconds)
     return out
 

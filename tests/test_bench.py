@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import heiindex.bench as bench
+import heiindex.evaluation
 from heiindex.bench import run_bench, versus_exhaustive
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
@@ -278,7 +279,7 @@ def test_the_warm_up_of_a_1k_only_bench_searches_flat_indexes_as_its_folds(index
         used.append(use_stored)
         return real(direction, index_, sub, img_codes, cap_codes, n, use_stored)
 
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     monkeypatch.setattr(bench, "rerank_direction", rerank)
     run_bench(index, topk=5, protocols="1k", exhaustive=False)
     assert used and not any(used)
@@ -294,7 +295,7 @@ def _assert_medians(d: dict, passes: int) -> None:
 
 
 def test_repeats_over_1k_folds_report_the_median_of_the_passes_summed_over_folds(index, monkeypatch):
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     res = run_bench(index, topk=5, protocols="1k", repeats=3)
     for direction in ("t2i", "i2t"):
         _assert_medians(res["1k"][direction], 3)
@@ -385,7 +386,7 @@ def test_without_exhaustive_there_is_no_speedup(index):
 
 def test_1k_protocol_averages_folds(index, monkeypatch):
     """COCO 1K is the mean over folds; with folds of 12 images, the mean of two 12-image runs."""
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     res = run_bench(index, topk=5, protocols="1k")
     assert "full" not in res and res["1k"]["folds"] == 2
     a = bench._protocol(index, np.arange(0, 12), 5, [], use_stored=False)
@@ -434,7 +435,7 @@ def test_sweep_value_out_of_range(index, n):
 
 
 def test_depths_are_checked_against_the_1k_folds(index, monkeypatch):
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     with pytest.raises(ValueError, match=r"^sweep 13 must lie in \[1, 12\] for this index \(a COCO 1K fold"):
         run_bench(index, topk=5, sweep=[13], protocols="1k")
     with pytest.raises(ValueError, match=r"^topk 13 must lie in \[1, 12\]"):
@@ -445,7 +446,7 @@ def test_depths_are_checked_against_the_1k_folds(index, monkeypatch):
 
 def test_1k_protocol_averages_the_sweep_over_folds(index, monkeypatch):
     """--protocol 1k --sweep failed with a KeyError: the folds ran no sweep."""
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     rows = run_bench(index, topk=5, sweep=[3, 12], protocols="1k")["1k"]["sweep"]
     a = bench._protocol(index, np.arange(0, 12), 5, [3, 12], use_stored=False)["sweep"]
     b = bench._protocol(index, np.arange(12, 24), 5, [3, 12], use_stored=False)["sweep"]
@@ -576,8 +577,8 @@ def test_a_5000_image_split_is_benched_as_coco_5k_and_1k(index, monkeypatch):
     """--protocol auto on a COCO-5K-sized split (here the 24-image set made that size) runs the
     whole split as "5k" and the 1K folds, reports the 5K figures at the top, and checks --topk
     against a fold's size."""
-    monkeypatch.setattr(bench, "COCO_5K_IMAGES", 24)
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "COCO_5K_IMAGES", 24)
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     res = run_bench(index, topk=5)
     assert "full" not in res and res["1k"]["folds"] == 2 and res["5k"]["images"] == 24
     assert res["t2i"] is res["5k"]["t2i"] and res["i2t"] is res["5k"]["i2t"]

@@ -417,14 +417,14 @@ def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monke
     """--protocol 1k --sweep ended in a KeyError traceback: the folds ran no sweep."""
     import heiindex.bench
 
-    monkeypatch.setattr(heiindex.bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     png = tmp_path / "folds.png"
     args = ("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "3,12", "--protocol", "1k", "--plot", png)
     d = as_json(run(*args, "--json"))
     assert [row["candidates"] for row in d["1k"]["sweep"]] == [3, 12] and d["plot"] == str(png)
     text = ok(run(*args)).output
     assert "recall versus N" in text and "COCO 1K (mean of 2 folds)" in text  # the folds run, not always 5
-    monkeypatch.setattr(heiindex.bench, "coco_folds", lambda n: [(0, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 24)])
     assert "COCO 1K (one fold)" in ok(run("bench", "--index", pipe.index_dir, "--topk", "5", "--protocol", "1k")).output
 
 

@@ -13,6 +13,7 @@ import pytest
 from cli_helpers import build, clean_error, ok, run
 from click.testing import CliRunner
 
+import heiindex.evaluation
 from cli.main import handle_errors
 from heiindex.errors import DataError, HeiindexError, HeiindexWarning, UnusedSettingWarning
 from heiindex.settings import SettingError
@@ -203,7 +204,7 @@ def test_the_bench_protocols_named_as_run_bench_and_bench_name_them(pipe, monkey
         bench.run_bench(index, topk=5, protocols="1k")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--protocol", "1k")
     clean_error(r, "Error: COCO 1K (--protocol 1k) needs whole folds of 1000 images; this split has 24")
-    monkeypatch.setattr(bench, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     why = "for this index (a COCO 1K fold's size; {} full benches only the whole split)"
     with pytest.raises(SettingError, match=r"^topk 13 must lie in \[1, 12\] " + re.escape(why.format("`protocols`"))):
         bench.run_bench(index, topk=13, protocols="1k")

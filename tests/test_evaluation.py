@@ -320,12 +320,11 @@ def test_a_5000_image_split_is_evaluated_as_coco_5k_and_1k_as_the_bench_does(pip
     the same score matrix, with the bench's exhaustive figures (here the 24-image split made
     COCO-5K-sized, folds of 12)."""
     import heiindex.bench as bench
-    import heiindex.protocols as protocols
+    import heiindex.evaluation
     from heiindex.index import Index
 
-    for module in (bench, protocols):
-        monkeypatch.setattr(module, "COCO_5K_IMAGES", 24)
-        monkeypatch.setattr(module, "coco_folds", lambda n: [(0, 12), (12, 24)])
+    monkeypatch.setattr(heiindex.evaluation, "COCO_5K_IMAGES", 24)  # bench and evaluate share protocol_plan
+    monkeypatch.setattr(heiindex.evaluation, "coco_folds", lambda n: [(0, 12), (12, 24)])
     store = SplitStore.open(pipe.root, "test")
     got = evaluate_split(load_model(pipe.model_dir), store)
     ran = bench.run_bench(Index.open(pipe.index_dir), topk=5, warmup=False)
@@ -357,7 +356,7 @@ def test_evaluate_split_refuses_what_it_cannot_rank_before_scoring(pipe, monkeyp
         SettingError, match=r"^COCO 1K \(`protocols` 1k\) needs whole folds of 1000 images; this split has 24"
     ):
         evaluate_split(load_model(pipe.model_dir), store, "1k")
-    with pytest.raises(SettingError, match="protocols must be one of auto, full, 1k, got '5k'"):
+    with pytest.raises(SettingError, match='protocols must be "auto", "full" or "1k", got \'5k\''):
         evaluate_split(load_model(pipe.model_dir), store, "5k")
     with pytest.raises(SettingError, match="models must name at least one matcher"):
         evaluate_split([], store)
