@@ -174,10 +174,15 @@ def _known(enc: Encoded) -> list[str]:
     return [t for t in enc.tokens if t not in unknown]
 
 
+def _unknown_named(enc: Encoded) -> str:
+    """The unknown words of ``enc`` as a message names them: each once, in order, a few at most."""
+    return name_some([shown(w) for w in dict.fromkeys(enc.unknown)])
+
+
 def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | None], list[tuple[int, str]]]:
     """Each text as ids (None where it is not a non-empty string), and ``(position, problem)`` for
-    each text that cannot be a query: empty, no words, no word in ``vocab``, or more than
-    ``MAX_QUERY_WORDS`` words."""
+    each text that cannot be a query: empty, no word in ``vocab``, no known word with a letter or
+    digit (punctuation or symbols only), or more than ``MAX_QUERY_WORDS`` words."""
     encoded, problems = [], []
     for i, text in enumerate(texts):
         enc = vocab.encode(text) if isinstance(text, str) and text.strip() else None
@@ -186,10 +191,9 @@ def query_problems(vocab: Vocab, texts: Sequence[str]) -> tuple[list[Encoded | N
         elif enc is None:
             problems.append((i, "the query is empty"))
         elif len(enc.unknown) == len(enc.tokens):
-            words = name_some([shown(w) for w in dict.fromkeys(enc.unknown)])  # each word once
-            problems.append((i, f"no word of the query is in the model's vocabulary: {words}"))
+            problems.append((i, f"no word of the query is in the model's vocabulary: {_unknown_named(enc)}"))
         elif not any(ch.isalnum() for token in _known(enc) for ch in token):  # "!!! ???" was searched
-            unknown = f" and unknown words ({name_some([shown(w) for w in dict.fromkeys(enc.unknown)])})"
+            unknown = f" and unknown words ({_unknown_named(enc)})"
             problems.append(
                 (
                     i,
