@@ -77,7 +77,6 @@ _ALIASES = {
     "store_root": "store",
     "out_root": "out",
     "protocols": "protocol",
-    "path": "index_dir",
     # PrototypeConfig's fields, build's --prototype-* flags
     "k": "prototype_k",
     "preselect": "prototype_preselect",
