@@ -461,5 +461,3 @@ def run_bench(
                 stacklevel=2,
             )
     return out
-
-

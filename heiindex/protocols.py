@@ -62,9 +62,7 @@ def evaluate_split(
     n_captions = len(gt)
     out: dict = {"split": store.split, "images": store.n_images, "captions": n_captions, "models": len(members)}
     if whole is not None:
-        out[whole] = _figures(
-            recall(t2i_ranks(total, gt)), recall(i2t_ranks(total.T, gt)), store.n_images, n_captions
-        )
+        out[whole] = _figures(recall(t2i_ranks(total, gt)), recall(i2t_ranks(total.T, gt)), store.n_images, n_captions)
     if folds:
         t2i, i2t = fold_recalls(total, gt, folds)
         size = folds[0][1] - folds[0][0]
