@@ -667,14 +667,11 @@ class SplitStore:
             pf = open_parquet(self.images_path, ("image_id", "features"), pre_buffer=False)
             # the footer records the shape the features were written in: a manifest edited to
             # another of the same size (regions 4 x 4 for 2 x 8) reshaped them without a word
-            written = pf.schema_arrow.metadata or {}
-            for key, want in (("regions", self.regions), ("feature_dim", self.feature_dim)):
-                value = written.get(key.encode())
-                if value is not None and value.decode() != str(want):
-                    raise DataError(
-                        self.images_path,
-                        f"was written with {key} {value.decode()}; the manifest's images.{key} says {want}",
-                    )
+            wanted = {"regions": self.regions, "feature_dim": self.feature_dim}
+            for key, written, want in footer_shape_disagreements(pf.schema_arrow.metadata, wanted):
+                raise DataError(
+                    self.images_path, f"was written with {key} {written}; the manifest's images.{key} says {want}"
+                )
             self._images_pf = pf
         return self._images_pf
 
@@ -853,6 +850,22 @@ class SplitStore:
             lengths=lengths,
             source=self.manifest["captions"]["sha256"],
         )
+
+
+def footer_shape_disagreements(
+    metadata: dict[bytes, bytes] | None, wanted: dict[str, int]
+) -> list[tuple[str, str, int]]:
+    """``(key, recorded, wanted)`` for each shape key (``regions``, ``feature_dim``) whose value in a
+    Parquet footer's metadata, as the image writer records it, is not the one wanted. A footer
+    without the key (a file another tool wrote) disagrees with nothing. The store refuses the first
+    when it opens its images file; ``verify`` lists them all."""
+    metadata = metadata or {}
+    found = []
+    for key, want in wanted.items():
+        value = metadata.get(key.encode())
+        if value is not None and value.decode() != str(want):
+            found.append((key, value.decode(), want))
+    return found
 
 
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:

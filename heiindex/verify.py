@@ -24,6 +24,7 @@ from .store import (
     check_store_manifest,
     entry_name,
     file_sha256,
+    footer_shape_disagreements,
     manifest_folders,
     manifest_object,
     read_json_object,
@@ -222,11 +223,9 @@ def _disagreements(folder: Path, manifest: dict) -> list[FileCheck]:
                     f"{' x '.join(named(f) for f in factors)} make {want:,} numbers an image in {column}, but "
                     f"{name} holds {size:,}"
                 )
-        recorded = schema.metadata or {}
-        for key, path in meta.items():
-            value = recorded.get(key.encode())
-            if value is not None and value.decode() != str(field(path)):
-                problems.append(f"{named(path)}, but {name} records {key} {value.decode()}")
+        wanted = {key: field(path) for key, path in meta.items()}
+        for key, written, _ in footer_shape_disagreements(schema.metadata, wanted):
+            problems.append(f"{named(meta[key])}, but {name} records {key} {written}")
     if not problems:
         return []
     return [FileCheck(folder / MANIFEST_FILE, "invalid", "; ".join(problems) + " (the commands refuse it)")]
