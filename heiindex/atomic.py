@@ -44,6 +44,7 @@ __all__ = [
     "atomic_file",
     "clear_leftovers",
     "exchange",
+    "interrupted_hint",
     "is_scratch",
     "leftovers",
     "leftovers_in",
@@ -247,6 +248,23 @@ def leftovers(target: Path) -> list[Path]:
 def set_aside(target: Path) -> list[Path]:
     """The leftovers of ``target`` that are an old ``target`` moved aside by a killed swap."""
     return [p for p in leftovers(target) if _LEFTOVER.match(p.name)["role"] == "old"]
+
+
+def interrupted_hint(target: Path) -> str:
+    """For a message about a missing ``target``: what a killed run left beside it, or ``""``. An
+    old ``target`` set aside by a swap killed between its two renames is named as the way back."""
+    target = Path(target)
+    left = leftovers(target)
+    if not left:
+        return ""
+    old = set_aside(target)
+    if old:
+        newest = max(old, key=lambda p: p.stat().st_mtime)
+        return (
+            f" (a run replacing it was interrupted between two renames: the previous {target.name} is "
+            f"{newest.name}, beside it; rename it back to {target.name})"
+        )
+    return f" (a run writing it was interrupted: {left[0].name} is left beside it)"
 
 
 def leftovers_in(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import leftovers
+from .atomic import interrupted_hint
 from .errors import DataError
 from .settings import require_path
 from .store import (
@@ -65,8 +65,7 @@ def read_index_manifest(path: str | Path) -> dict:
     if path.is_file():
         raise DataError(path, "is a file; give the index folder that holds it")
     if not path.exists():
-        left = leftovers(path)
-        why = f" (a build writing it was interrupted: {left[0].name} is left beside it)" if left else ""
+        why = interrupted_hint(path)
         raise DataError(path, f"no such folder{why}; give a folder `heiindex build` wrote, or build it")
     return read_json_object(path / "manifest.json", "no index here; run `heiindex build` first")
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import clear_leftovers, is_scratch, remove, scratch, swap_in
+from .atomic import clear_leftovers, interrupted_hint, is_scratch, remove, scratch, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
@@ -276,7 +276,9 @@ def read_json_object(path: Path, missing: str) -> dict:
     """The JSON object in ``path``; ``DataError`` naming it where it is missing (``missing`` says
     what to do), not valid JSON, or not an object."""
     if not path.exists():
-        raise DataError(path, missing + _data_folder_hint(path))
+        folder = path.parent  # a folder a killed run was writing, or replacing: name what it left
+        left = "" if folder.exists() else interrupted_hint(folder)
+        raise DataError(path, missing + left + _data_folder_hint(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

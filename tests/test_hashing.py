@@ -337,6 +337,25 @@ def test_load_hash_refusals(tmp_path, pipe):
             load_hash(bad)
 
 
+def test_a_missing_folder_names_what_a_killed_run_left_beside_it(tmp_path, pipe):
+    # a swap killed between its two renames (where the one-step exchange is refused): the old
+    # module was moved aside and the new one not yet put in place
+    shutil.copytree(pipe.hash_dir, tmp_path / ".h.old-host-1-2-abcd")
+    with pytest.raises(DataError, match="no hash module config here") as e:
+        load_hash(tmp_path / "h")
+    assert (
+        "(a run replacing it was interrupted between two renames: the previous h is .h.old-host-1-2-abcd, "
+        "beside it; rename it back to h)"
+    ) in str(e.value)
+    assert load_hash(tmp_path / ".h.old-host-1-2-abcd").module is not None  # the way back works
+    # a first write killed before its output was put in place: its scratch only
+    (tmp_path / ".m.partial-host-1-2-abcd").mkdir()
+    with pytest.raises(DataError, match=r"no model config here.* \(a run writing it was interrupted: "):
+        load_model(tmp_path / "m")
+    with pytest.raises(DataError, match="no hash module config here$"):  # nothing left: nothing said
+        load_hash(tmp_path / "none")
+
+
 def test_load_hash_refuses_weights_holding_inf(tmp_path):
     mod = HashModule(HashConfig(bits=16, embed_size=4))
     with torch.no_grad():

@@ -543,9 +543,7 @@ def test_open_without_an_index_folder(tmp_path):
     assert e.value.path == tmp_path / "empty" / "manifest.json"
     # a build killed before its output was put in place left only its scratch folder: named
     (tmp_path / ".nothing.partial-host-1-2-abcd").mkdir()
-    with pytest.raises(
-        DataError, match=r"no such folder \(a build writing it was interrupted: \.nothing\.partial-host"
-    ):
+    with pytest.raises(DataError, match=r"no such folder \(a run writing it was interrupted: \.nothing\.partial-host"):
         Index.open(tmp_path / "nothing")
 
 
