@@ -51,6 +51,7 @@ __all__ = [
     "note_interrupt",
     "remove",
     "scratch",
+    "scratch_target",
     "set_aside",
     "swap_in",
 ]
@@ -76,6 +77,12 @@ _AT_FDCWD = -100
 def is_scratch(name: str) -> bool:
     """Whether ``name`` is that of a scratch or set-aside path (``scratch``), whoever made it."""
     return _LEFTOVER.match(name) is not None
+
+
+def scratch_target(name: str) -> str | None:
+    """The name of the target a scratch or set-aside path named ``name`` is for, else ``None``."""
+    m = _LEFTOVER.match(name)
+    return m["name"] if m else None
 
 
 def scratch(target: Path, folder: bool = True, role: str = "partial") -> Path:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import clear_leftovers, interrupted_hint, is_scratch, remove, scratch, swap_in
+from .atomic import clear_leftovers, interrupted_hint, is_scratch, remove, scratch, scratch_target, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require
@@ -368,7 +368,16 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
             raise DataError(
                 target, f"could not be written: no space left on its disk ({_arrow_message(exc)}); nothing was replaced"
             ) from exc
+        if isinstance(exc, DataError) and exc.path.is_relative_to(tmp):  # a nested write's (a shard's):
+            raise DataError(_in_place(exc.path, tmp, target), exc.problem, exc.settings) from exc  # named in place
         raise
+
+
+def _in_place(path: Path, tmp: Path, target: Path) -> Path:
+    """Where ``path``, inside the scratch folder ``tmp`` of ``target`` (and perhaps inside nested
+    scratch folders), would have been once put in place: the scratch it names is gone."""
+    parts = [scratch_target(part) or part for part in path.relative_to(tmp).parts]
+    return target.joinpath(*parts)
 
 
 def _out_of_space(exc: OSError) -> bool:

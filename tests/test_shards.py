@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 
@@ -168,6 +169,21 @@ def test_errors(pipe, sharded, tmp_path):
             shard_bounds(10, bad)
     with pytest.raises(HeiindexError, match=r"^shards must lie in \[1, 10\]"):
         shard_bounds(10, 0)
+
+
+def test_a_full_disk_in_a_shard_names_the_shard_under_out(pipe, tmp_path, monkeypatch):
+    """Each shard is written inside the build's scratch folder: a full disk named that scratch."""
+    import heiindex.index as index_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(index_module, "_write_caption_features", full)
+    out = tmp_path / "s"
+    with pytest.raises(DataError) as info:
+        write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, SHARDS, index_type="flat")
+    assert str(info.value).startswith(f"{out / 'shard-000'}: could not be written: no space left on its disk")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text", QUERIES[:2])

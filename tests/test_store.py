@@ -437,6 +437,29 @@ def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, error):
     assert type(info.value) is PermissionError and info.value.errno == 13
 
 
+def test_a_nested_write_failing_is_named_where_it_would_have_been(tmp_path):
+    """A sharded build writes each shard with its own atomic_dir inside the build's scratch
+    folder: a full disk there named the scratch path (``.out.partial-.../shard-001``)."""
+    target = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        with atomic_dir(target, "a test output", ("*",)) as tmp:
+            with atomic_dir(tmp / "shard-001", "a test output", ("*.txt",)) as inner:
+                raise DataError(inner / "a.txt", "some problem", ("out",))
+    assert info.value.path == target / "shard-001" / "a.txt"
+    assert str(info.value) == f"{target / 'shard-001' / 'a.txt'}: some problem" and info.value.settings == ("out",)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError) as info:
+        with atomic_dir(target, "a test output", ("*",)) as tmp:
+            with atomic_dir(tmp / "shard-001", "a test output", ("*.txt",)):
+                raise OSError(28, "No space left on device")
+    assert str(info.value).startswith(f"{target / 'shard-001'}: could not be written: no space left on its disk")
+    elsewhere = tmp_path / "input.txt"
+    with pytest.raises(DataError) as info:  # a file outside the output stays named as it is
+        with atomic_dir(target, "a test output", ("*",)):
+            raise DataError(elsewhere, "bad")
+    assert info.value.path == elsewhere
+
+
 def test_atomic_dir_refuses_what_it_would_not_write(tmp_path):
     """An --out naming a file, an input or someone's folder was replaced (and deleted) without a
     word; now it is refused before the work starts, and left as it was."""
