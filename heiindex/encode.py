@@ -144,14 +144,20 @@ def check_split(
     ``LoadedModel`` against the store by ``LoadedModel.check_store`` (the same vocabulary, the same
     feature size), a bare ``ScanModel`` by ``check_encodable`` (feature size, vocabulary size);
     distinct ids, and a caption for each of the first ``max_images`` images (``check_ids``)."""
-    if isinstance(model, LoadedModel):
-        model.check_store(store)
-        model = model.model
-    else:
-        check_encodable(model, store)
+    model = check_model(model, store)
     captions = store.captions()
     store.check_ids(captions, captioned=store.n_images if max_images is None else max_images)
     return model, captions
+
+
+def check_model(model: ScanModel | LoadedModel, store: SplitStore) -> ScanModel:
+    """The bare model, once checked against ``store`` as ``check_split`` checks it (without reading
+    the captions: an ensemble's members share them)."""
+    if isinstance(model, LoadedModel):
+        model.check_store(store)
+        return model.model
+    check_encodable(model, store)
+    return model
 
 
 def encode_split(

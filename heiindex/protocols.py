@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .checkpoint import LoadedModel
-from .encode import check_split, encode_split
+from .encode import check_model, check_split, encode_split
 from .evaluation import PROTOCOLS, Recall, fold_recalls, i2t_ranks, main_protocol, protocol_plan, recall, t2i_ranks
 from .model import Ensemble, ScanModel
 from .scoring import exhaustive_scores
@@ -44,10 +44,11 @@ def evaluate_split(
     members = _members(models)
     whole, folds = protocol_plan(store.n_images, protocols)  # before any scoring: "1k" needs whole folds
     # every member checked against the store before any is scored (a wrong second member was
-    # refused after the first had been encoded and scored)
-    checked = [check_split(model, store) for model in members]
+    # refused after the first had been encoded and scored); the captions read once for all
+    first, captions = check_split(members[0], store)
+    bare = [first] + [check_model(model, store) for model in members[1:]]
     total, gt, seconds = None, None, 0.0
-    for model, captions in checked:
+    for model in bare:
         enc = encode_split(model, store, progress=progress, captions=captions)
         t0 = time.perf_counter()
         scores = exhaustive_scores(model, enc)

@@ -300,14 +300,18 @@ def test_evaluate_split_of_one_matcher_is_evaluate_exhaustive(pipe, enc_test):
     assert set(got) == {"split", "images", "captions", "models", "full", "t2i", "i2t", "rsum", "seconds"}
 
 
-def test_an_ensemble_ranks_the_mean_of_its_members_scores(pipe):
+def test_an_ensemble_ranks_the_mean_of_its_members_scores(pipe, monkeypatch):
     """SCAN's ensembles average two matchers' scores; Ensemble.score_raw did, but nothing
     evaluated one (evaluate_exhaustive refused an Ensemble)."""
     store = SplitStore.open(pipe.root, "test")
     a, b = load_model(pipe.model_dir), load_model(pipe.other_model_dir)
     mean = (exhaustive_scores(a, encode_split(a, store)) + exhaustive_scores(b, encode_split(b, store))) / 2
     gt = encode_split(a, store).caption_image
+    reads = []
+    read = SplitStore.captions
+    monkeypatch.setattr(SplitStore, "captions", lambda self, *a, **k: reads.append(1) or read(self, *a, **k))
     got = evaluate_split([a, b], store)
+    assert len(reads) == 1  # the members share the store's captions: read once, not once each
     assert got["models"] == 2
     assert got["t2i"] == recall(t2i_ranks(mean, gt)).to_dict()
     assert got["i2t"] == recall(i2t_ranks(mean.T, gt)).to_dict()
