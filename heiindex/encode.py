@@ -10,7 +10,7 @@ What this module must not do: score pairs or write files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,24 +62,32 @@ def encode_images(
     block_images: int = 256,
     progress: bool = False,
     limit: int | None = None,
+    pool: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[np.ndarray, Tensor]:
-    """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``."""
+    """Encoded regions of the first ``limit`` (default all) images: ``(ids, (n, R, d))``.
+    ``pool``: applied to each block's regions ``(b, R, d)`` (on the CPU), whose ``(b, ...)``
+    results are kept instead: the split's regions are then never all in memory."""
     if isinstance(model, LoadedModel):  # as encode_split takes one
         model = model.model
     block_images = require("block_images", block_images, at_least=1, integer=True)
     n = store.n_images if limit is None else min(require("limit", limit, at_least=1, integer=True), store.n_images)
     dev = next(model.parameters()).device  # encoding runs where the model is; the result is on the CPU
-    out = torch.empty((n, store.regions, model.config.embed_size))
+    d = model.config.embed_size
+    out = torch.empty((n, store.regions, d)) if pool is None else None  # pooled: shaped by the first block
     ids = np.empty(n, dtype=np.int64)
     pos = 0
-    bar = progress_bar(n, "encode images", progress, unit="img")
+    bar = progress_bar(n, f"encode {store.split} images", progress, unit="img")
     for block_ids, feats in store.iter_image_blocks(block_images, 0, n):
-        out[pos : pos + len(block_ids)] = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
+        part = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
+        if pool is not None:
+            part = pool(part)
+            out = part.new_empty((n, *part.shape[1:])) if out is None else out
+        out[pos : pos + len(block_ids)] = part
         ids[pos : pos + len(block_ids)] = block_ids
         pos += len(block_ids)
         bar.update(len(block_ids))
     bar.close()
-    return ids, out
+    return ids, (torch.empty((0, d)) if out is None else out)
 
 
 @torch.no_grad()

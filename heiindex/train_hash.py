@@ -19,6 +19,7 @@ import errno
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,14 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import LoadedModel, check_finite_weights, write_weights
-from .encode import EncodedSplit, check_split, encode_caption_block, encode_captions_packed, iter_caption_blocks
+from .encode import (
+    EncodedSplit,
+    check_split,
+    encode_caption_block,
+    encode_captions_packed,
+    encode_images,
+    iter_caption_blocks,
+)
 from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
@@ -288,18 +296,8 @@ class PooledSplit:
         never all in memory. ``captions``: the store's, as ``heiindex.encode.check_split``
         returned them (checked: each caption's image is in the split)."""
         d = model.config.embed_size
-        dev = next(model.parameters()).device
-        images = torch.empty((store.n_images, d))
-        ids = np.empty(store.n_images, dtype=np.int64)
-        pos = 0
-        bar = progress_bar(store.n_images, f"encode {store.split} images", progress, unit="img")
-        for block_ids, feats in store.iter_image_blocks(block_images):
-            regions = model.encode_images(torch.from_numpy(feats).to(dev)).cpu()
-            images[pos : pos + len(block_ids)] = pool_regions(regions, pooling)
-            ids[pos : pos + len(block_ids)] = block_ids
-            pos += len(block_ids)
-            bar.update(len(block_ids))
-        bar.close()
+        pool = partial(pool_regions, pooling=pooling)
+        ids, images = encode_images(model, store, block_images, progress, pool=pool)
         caption_image = rows_of(sorted_ids(ids), captions.image_ids)
         if (caption_image < 0).any():  # check_split refuses this: a caller's own captions
             raise ValueError(f"captions of images not in the {store.split} split")
