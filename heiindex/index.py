@@ -101,7 +101,7 @@ from .store import (
     sorted_ids,
     write_json,
 )
-from .train_hash import LoadedHash, check_trained_next_to, load_hash
+from .train_hash import LoadedHash, check_trained_next_to, hash_checksum, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
 
@@ -209,14 +209,6 @@ def load_models(
 
 # Milvus codes are searched by the server, from this process's CPU side
 _MILVUS_ON_CPU = "an index whose codes are in Milvus is searched by the server, from the CPU: use `device` cpu"
-
-
-def _hash_checksum(h: LoadedHash) -> str:
-    sha = hashlib.sha256()
-    for name, t in sorted(h.module.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(t.detach().float().cpu().numpy().tobytes())
-    return sha.hexdigest()
 
 
 class Index(BatchSearch):
@@ -435,7 +427,7 @@ class Index(BatchSearch):
                 "matcher": {"path": str(matcher.path.resolve()), "sha256": matcher.checksum},
                 "hash": {
                     "path": str(hasher.path.resolve()),
-                    "sha256": _hash_checksum(hasher),
+                    "sha256": hash_checksum(hasher.module),
                     "bits": hasher.module.config.bits,
                 },
                 "index": {
@@ -515,7 +507,7 @@ class Index(BatchSearch):
                 f"({manifest['matcher']['path']}), not with {matcher.checksum[:12]} ({matcher.path}); "
                 "rebuild the index with this model"
             )
-        if _hash_checksum(hasher) != manifest["hash"]["sha256"]:
+        if hash_checksum(hasher.module) != manifest["hash"]["sha256"]:
             raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
         built = manifest.get("codes", {"store": "faiss"})
         check_fields(mpath, {"codes": built}, {"codes.store": str})

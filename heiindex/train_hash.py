@@ -16,6 +16,7 @@ What this module must not do: change the matcher.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -123,7 +124,19 @@ class LoadedHash:
     path: Path
 
 
+def hash_checksum(module: HashModule) -> str:
+    """SHA-256 of a hash module's weights (names and float32 bytes, in name order): what an index
+    records of the module it was built with, and a hash folder of its own weights."""
+    sha = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(t.detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
+    """Write a hash folder atomically; ``info`` (JSON) is stored with its weights' checksum."""
+    info = {**info, "weights_sha256": hash_checksum(module)}
     with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
         write_weights(module.state_dict(), tmp / "hash.safetensors")
         write_json(
@@ -171,6 +184,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
     info = raw.get("info", {})
     if not isinstance(info, dict):  # read as one below (a list raised a raw AttributeError)
         raise DataError(cfg_path, f'field "info" must be an object, got {type(info).__name__}')
+    if info.get("weights_sha256") not in (None, hash_checksum(module)):  # none: written before it was recorded
+        raise DataError(weights, "weights checksum differs from config.json; the folder was modified")
     if matcher is not None:
         check_trained_next_to(info, path, matcher)
     return LoadedHash(module, info, path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import heiindex.train_hash as th
-from heiindex.checkpoint import load_model
+from heiindex.checkpoint import load_model, write_weights
 from heiindex.encode import encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
 from heiindex.hashing import (
@@ -30,7 +30,14 @@ from heiindex.hashing import (
 )
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
-from heiindex.train_hash import HashTrainConfig, candidate_recall, load_hash, save_hash, train_hash
+from heiindex.train_hash import (
+    HashTrainConfig,
+    candidate_recall,
+    hash_checksum,
+    load_hash,
+    save_hash,
+    train_hash,
+)
 
 # -- packing ----------------------------------------------------------------------------------
 
@@ -296,7 +303,7 @@ def test_save_load_round_trip(tmp_path, pipe):
         "format_version": 1,
         "kind": "hei-hash",
         "hash": {"bits": 16, "embed_size": 4, "pooling": "query"},
-        "info": {"matcher_sha256": "abc"},
+        "info": {"matcher_sha256": "abc", "weights_sha256": hash_checksum(mod)},
     }
     loaded = load_hash(tmp_path / "h")
     assert torch.equal(loaded.module.word_query, mod.word_query)
@@ -354,6 +361,22 @@ def test_a_missing_folder_names_what_a_killed_run_left_beside_it(tmp_path, pipe)
         load_model(tmp_path / "m")
     with pytest.raises(DataError, match="no hash module config here$"):  # nothing left: nothing said
         load_hash(tmp_path / "none")
+
+
+def test_load_hash_refuses_weights_other_than_those_its_config_records(tmp_path, pipe):
+    """A hash folder recorded no checksum of its weights: replaced weights of the same shapes
+    loaded without a word (an index built with them refused them only by its own record)."""
+    shutil.copytree(pipe.hash_dir, tmp_path / "h")
+    other = load_hash(tmp_path / "h").module
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    write_weights(other.state_dict(), tmp_path / "h" / "hash.safetensors")
+    with pytest.raises(DataError, match=r"h/hash.safetensors: weights checksum differs from config.json; the folder"):
+        load_hash(tmp_path / "h")
+    with pf.edited_json(tmp_path / "h" / "config.json") as cfg:
+        del cfg["info"]["weights_sha256"]  # written by a heiindex that recorded none: loaded as it is
+    assert load_hash(tmp_path / "h").module is not None
 
 
 def test_load_hash_refuses_weights_holding_inf(tmp_path):
