@@ -1090,8 +1090,9 @@ def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> Non
 @handle_errors
 def verify(path, as_json) -> None:
     """Check a store (root or split) or an index (sharded or not) against the file sizes and
-    SHA-256s its manifests record; exit status 2 where a file changed or is missing, or a manifest
-    is one the commands reading it would refuse ("invalid")."""
+    SHA-256s its manifests record, or a model or hash module folder (or a `train` run's best/ and
+    last/) against the checksums its config.json records; exit status 2 where a file changed or is
+    missing, or a manifest or config is one the commands reading it would refuse ("invalid")."""
     from heiindex.verify import failures
     from heiindex.verify import verify as run_verify
 

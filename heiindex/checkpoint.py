@@ -155,14 +155,9 @@ def check_finite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
             raise DataError(path, f'tensor "{name}" holds NaN or inf values (saved by a run that diverged?)')
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
-    path = Path(path)
-    config, raw = read_model_config(path)
-    vocab = Vocab.load(path / VOCAB_FILE)
-    if len(vocab) != config.vocab_size:
-        raise DataError(path / VOCAB_FILE, f"{len(vocab)} words, the model config says {config.vocab_size}")
-    weights = path / WEIGHTS_FILE
+def read_weights(weights: Path, config: ScanConfig) -> ScanModel:
+    """The matcher of ``config`` with the weights file ``weights`` loaded (in eval mode);
+    ``DataError`` naming it where it is missing, unreadable, holds NaN or inf, or does not fit."""
     if not weights.exists():
         raise DataError(weights, "weights file missing")
     model = ScanModel(config)
@@ -175,7 +170,18 @@ def load_model(path: str | Path) -> LoadedModel:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise DataError(weights, f"weights do not fit the config ({exc})") from None
-    model.eval()
+    return model.eval()
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
+    path = Path(path)
+    config, raw = read_model_config(path)
+    vocab = Vocab.load(path / VOCAB_FILE)
+    if len(vocab) != config.vocab_size:
+        raise DataError(path / VOCAB_FILE, f"{len(vocab)} words, the model config says {config.vocab_size}")
+    weights = path / WEIGHTS_FILE
+    model = read_weights(weights, config)
     info = raw.get("info", {})
     actual = model_checksum(model)
     if info.get("weights_sha256") not in (None, actual):

@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 HASH_FORMAT_VERSION = 1
-HASH_OUTPUT = ("a hash module", ("hash.safetensors", "config.json"))  # kind and entries (atomic_dir)
+HASH_WEIGHTS = "hash.safetensors"
+HASH_OUTPUT = ("a hash module", (HASH_WEIGHTS, "config.json"))  # kind and entries (atomic_dir)
 DEFAULT_VAL_CANDIDATES = 100  # N of the dev candidate recall@N that picks the best epoch (the issue's N)
 _CAPTION_BLOCK = 1024  # captions encoded (and pooled) at a time
 
@@ -138,7 +139,7 @@ def save_hash(module: HashModule, path: Path, info: dict) -> None:
     """Write a hash folder atomically; ``info`` (JSON) is stored with its weights' checksum."""
     info = {**info, "weights_sha256": hash_checksum(module)}
     with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
-        write_weights(module.state_dict(), tmp / "hash.safetensors")
+        write_weights(module.state_dict(), tmp / HASH_WEIGHTS)
         write_json(
             tmp / "config.json",
             {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash", "hash": module.config.to_dict(), "info": info},
@@ -158,6 +159,27 @@ def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) ->
         )
 
 
+def hash_config(raw: dict, cfg_path: Path) -> HashConfig:
+    """The ``HashConfig`` of a hash folder's parsed config.json; ``DataError`` naming it."""
+    try:
+        return HashConfig(**raw["hash"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
+
+
+def read_hash_weights(weights: Path, config: HashConfig) -> HashModule:
+    """The hash module of ``config`` with ``weights`` loaded (in eval mode); ``DataError`` naming
+    the file where it is missing, unreadable, does not fit, or holds NaN or inf."""
+    module = HashModule(config)
+    try:
+        state = load_file(str(weights))
+        module.load_state_dict(state)
+    except Exception as exc:  # missing, corrupt (safetensors' own error) or wrong shapes
+        raise DataError(weights, f"cannot load hash weights ({exc})") from None
+    check_finite_weights(weights, state)
+    return module.eval()
+
+
 def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHash:
     """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
     path = Path(path)
@@ -169,18 +191,8 @@ def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHas
         )
     if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
         raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
-    try:
-        module = HashModule(HashConfig(**raw["hash"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
-    weights = path / "hash.safetensors"
-    try:
-        state = load_file(str(weights))
-        module.load_state_dict(state)
-    except Exception as exc:  # missing, corrupt (safetensors' own error) or wrong shapes
-        raise DataError(weights, f"cannot load hash weights ({exc})") from None
-    check_finite_weights(weights, state)
-    module.eval()
+    weights = path / HASH_WEIGHTS
+    module = read_hash_weights(weights, hash_config(raw, cfg_path))
     info = raw.get("info", {})
     if not isinstance(info, dict):  # read as one below (a list raised a raw AttributeError)
         raise DataError(cfg_path, f'field "info" must be an object, got {type(info).__name__}')

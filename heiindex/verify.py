@@ -42,7 +42,8 @@ FAILED = ("changed", "missing", "invalid")
 @dataclass(frozen=True)
 class FileCheck:
     """One recorded file: ``status`` is "ok", "changed", "missing" or "unrecorded" (a manifest
-    from a heiindex that recorded no checksums; ``path`` is then the manifest); "invalid", a
+    from a heiindex that recorded no checksums, ``path`` then the manifest; or a model's or hash
+    module's file whose config.json records no checksum of it); "invalid", a
     manifest the commands reading it would refuse (``detail`` says why, as they would); or
     "leftover", a scratch folder or file an interrupted run left (``heiindex.atomic``), not part
     of the data."""
@@ -74,8 +75,10 @@ def failures(checks: list[FileCheck]) -> str | None:
 
 
 def verify(path: str | Path) -> list[FileCheck]:
-    """Every recorded file under ``path``: a store root (each split), a store split, an index, or
-    a sharded index (each shard). ``DataError`` where ``path`` is none of these. What interrupted
+    """Every recorded file under ``path``: a store root (each split), a store split, an index, a
+    sharded index (each shard), a matcher or hash module folder (its weights and vocabulary
+    against the checksums its config.json records), or a ``train`` run (its ``best/`` and
+    ``last/`` models). ``DataError`` where ``path`` is none of these. What interrupted
     runs left beside ``path`` or in it (a store root's splits are written there) is listed last,
     as "leftover"."""
     path = require_path("path", path)
@@ -86,7 +89,7 @@ def verify(path: str | Path) -> list[FileCheck]:
         missing = FileCheck(path, "missing", "no such folder: a run writing it was interrupted (leftovers below)")
         return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     if not path.exists():
-        raise DataError(path, "no such folder; give a store root or split, or an index")
+        raise DataError(path, "no such folder; give a store root or split, an index, or a model or hash module folder")
     if (found := _only_leftovers(path)) is not None:
         # a new store root whose first ingest was killed: its scratch split is all it holds
         missing = FileCheck(path, "missing", "no split or index here: a run writing into it was interrupted (below)")
@@ -117,11 +120,10 @@ def _leftover_detail(path: Path) -> str:
 def _checks(path: Path) -> list[FileCheck]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists() and (path / "config.json").is_file():  # a model or hash module folder
-        raise DataError(
-            path,
-            "a model or hash module folder: verify checks stores and indexes (a matcher's weights and vocabulary are "
-            "checked against its config.json whenever it is loaded)",
-        )
+        return _weights_folder_checks(path)
+    runs = [path / name for name in ("best", "last") if (path / name / "config.json").is_file()]
+    if not manifest_path.exists() and runs:  # a `train` run: its best and last models
+        return [check for folder in runs for check in _weights_folder_checks(folder)]
     if not manifest_path.exists() and path.is_dir() and _store_root(path):
         splits = manifest_folders(path)
         if not splits:
@@ -247,6 +249,61 @@ def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:
     return _invalid(lambda: check_shard_entry(build, entry, shard_manifest), mpath) + verify(build / shard)
 
 
+def _weights_folder_checks(folder: Path) -> list[FileCheck]:
+    """A matcher's or a hash module's folder: its ``config.json``, its weights and (a matcher's)
+    ``vocab.json``, each as loading the folder would find it, the weights and vocabulary against
+    the checksums ``config.json`` records ("unrecorded" where it records none)."""
+    from .checkpoint import VOCAB_FILE, WEIGHTS_FILE, model_checksum, read_model_config, read_weights
+    from .train_hash import HASH_WEIGHTS, hash_checksum, hash_config, read_hash_weights
+    from .vocab import Vocab  # here: verify reads no torch unless a model or hash module is checked
+
+    cfg_path = folder / "config.json"
+    raw, unread = _readable_manifest(cfg_path)
+    if raw is None:
+        return unread
+    info = raw.get("info", {})
+    try:
+        if raw.get("kind") == "hei-hash":
+            what, config = "a hash module's config", hash_config(raw, cfg_path)
+            weights, read, checksum = folder / HASH_WEIGHTS, read_hash_weights, hash_checksum
+        else:  # a matcher's, or refused as neither
+            what, config = "a matcher's config", read_model_config(folder)[0]
+            weights, read, checksum = folder / WEIGHTS_FILE, read_weights, model_checksum
+        if not isinstance(info, dict):
+            raise DataError(cfg_path, f'field "info" must be an object, got {type(info).__name__}')
+    except DataError as exc:
+        return [FileCheck(cfg_path, "invalid", exc.problem)]
+    checks = [FileCheck(cfg_path, "ok", what)]
+
+    def recorded(path: Path, key: str, have: str) -> FileCheck:
+        want = info.get(key)
+        if want is None:
+            return FileCheck(path, "unrecorded", f"config.json records no checksum of it ({key})")
+        if want != have:
+            return FileCheck(path, "changed", f"checksum {have[:12]}..., config.json records {str(want)[:12]}...")
+        return FileCheck(path, "ok", "checksum as config.json records")
+
+    if not weights.is_file():
+        checks.append(FileCheck(weights, "missing", "the weights config.json describes"))
+    else:
+        try:
+            checks.append(recorded(weights, "weights_sha256", checksum(read(weights, config))))
+        except DataError as exc:
+            checks.append(FileCheck(weights, "invalid", exc.problem))
+    if raw.get("kind") == "hei-hash":
+        return checks
+    vocab = folder / VOCAB_FILE
+    if not vocab.is_file():
+        return checks + [FileCheck(vocab, "missing", "the matcher's vocabulary")]
+    try:
+        words = Vocab.load(vocab)
+    except DataError as exc:
+        return checks + [FileCheck(vocab, "invalid", exc.problem)]
+    if len(words) != config.vocab_size:
+        return checks + [FileCheck(vocab, "invalid", f"{len(words)} words, the model config says {config.vocab_size}")]
+    return checks + [recorded(vocab, "vocab_sha256", words.checksum)]
+
+
 def _store_root(path: Path) -> bool:
     """A store root: known by its vocabulary, or (vocab.json may be the file lost) by a split's
     manifest, which records the vocabulary (an index's does not)."""
@@ -277,7 +334,9 @@ def _readable_manifest(path: Path) -> tuple[dict | None, list[FileCheck]]:
     """``(the manifest at path, [])``, or ``(None, [its "invalid" row])`` where it is there but not
     a JSON object; ``DataError`` where there is none (then the folder is not one verify checks)."""
     try:
-        return read_json_object(path, "no manifest.json here: not a store, a store split or an index"), []
+        return read_json_object(
+            path, "no manifest.json here: not a store, a store split, an index, a model or a hash module"
+        ), []
     except DataError as exc:
         if not path.exists():
             raise

@@ -181,14 +181,11 @@ def test_what_cannot_be_verified_is_said(pipe, tmp_path):
     (old / "manifest.json").write_text(json.dumps(m))
     [check] = verify(old)
     assert (check.path.name, check.status) == ("manifest.json", "unrecorded")
-    with pytest.raises(DataError, match="nothing: no such folder; give a store root or split, or an index"):
+    with pytest.raises(DataError, match="nothing: no such folder; give a store root or split, an index, or a model"):
         verify(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split, an index, a model"):
         verify(tmp_path / "empty")
-    for folder in (pipe.model_dir, pipe.hash_dir):  # a model's vocab.json made it "a store root without splits"
-        with pytest.raises(DataError, match="a model or hash module folder: verify checks stores and indexes"):
-            verify(folder)
     m["files"] = {"images.faiss": {"bytes": "12"}}
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match=r'field "files.images.faiss" must hold "bytes" and "sha256"'):
@@ -369,7 +366,7 @@ def test_a_folder_of_indexes_is_not_a_store_root(pipe, tmp_path):
     """A folder holding only indexes (data/coco-sim/index: test/ and LAST) was taken for a store root."""
     shutil.copytree(pipe.index_dir, tmp_path / "indexes" / "test")
     (tmp_path / "indexes" / "LAST").write_text("x")
-    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split or an index"):
+    with pytest.raises(DataError, match="no manifest.json here: not a store, a store split, an index, a model"):
         verify(tmp_path / "indexes")
 
 
@@ -421,3 +418,60 @@ def test_a_small_leftover_is_sized_in_bytes(tmp_path):
     assert "(5,000 bytes)" in _leftover_detail(tmp_path / "f")
     (tmp_path / "g").write_bytes(b"x" * 2_500_000)
     assert "(2.5 MB)" in _leftover_detail(tmp_path / "g")
+
+
+def test_a_model_a_hash_module_and_a_training_run_are_checked_against_their_config(pipe, tmp_path):
+    """verify refused model and hash module folders ("loading checks them"), so it could not list
+    what an interrupted run left beside one, nor check a copied model without loading it."""
+    checks = verify(pipe.model_dir)
+    assert [(c.path.name, c.status) for c in checks] == [
+        ("config.json", "ok"),
+        ("model.safetensors", "ok"),
+        ("vocab.json", "ok"),
+    ]
+    assert checks[0].detail == "a matcher's config" and checks[1].detail == "checksum as config.json records"
+    assert [(c.path.name, c.status) for c in verify(pipe.hash_dir)] == [
+        ("config.json", "ok"),
+        ("hash.safetensors", "ok"),
+    ]
+    run_checks = verify(pipe.run_dir)  # a `train` run: best/ and last/
+    assert [(c.path.parent.name, c.path.name, c.status) for c in run_checks] == [
+        (folder, name, "ok")
+        for folder in ("best", "last")
+        for name in ("config.json", "model.safetensors", "vocab.json")
+    ]
+    assert failures(run_checks) is None
+
+    model, hasher = tmp_path / "model", tmp_path / "hash"
+    shutil.copytree(pipe.model_dir, model)
+    shutil.copytree(pipe.hash_dir, hasher)
+    pf.swap_words(model / "vocab.json")  # the same size, another mapping
+    [vocab] = [c for c in verify(model) if c.path.name == "vocab.json"]
+    assert vocab.status == "changed" and vocab.detail.startswith("checksum ") and "config.json records" in vocab.detail
+    assert failures(verify(model)).startswith("1 changed of 3 listed")
+    (model / "model.safetensors").unlink()
+    assert [(c.path.name, c.status) for c in verify(model)][1] == ("model.safetensors", "missing")
+    _flip_a_byte(hasher / "hash.safetensors")
+    assert verify(hasher)[1].status in ("changed", "invalid")  # a float changed, or made NaN, or the header
+    with pf.edited_json(hasher / "config.json") as cfg:
+        cfg["hash"]["bits"] = 12
+    [check] = verify(hasher)
+    assert (check.path.name, check.status) == ("config.json", "invalid") and "not a valid hash config" in check.detail
+    shutil.copy(pipe.hash_dir / "hash.safetensors", hasher / "hash.safetensors")
+    with pf.edited_json(hasher / "config.json") as cfg:
+        cfg["hash"]["bits"] = json.loads((pipe.hash_dir / "config.json").read_text())["hash"]["bits"]
+        del cfg["info"]["weights_sha256"]  # a hash folder written before its checksum was recorded
+    checks = verify(hasher)
+    assert [(c.path.name, c.status) for c in checks] == [("config.json", "ok"), ("hash.safetensors", "unrecorded")]
+    assert failures(checks) is None
+
+
+def test_what_a_killed_model_write_left_is_listed_beside_the_folder(pipe, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(pipe.model_dir, model)
+    (tmp_path / f".model.partial-host-1-{pf.dead_pid()}-abcd").mkdir()
+    checks = verify(model)
+    assert [c.status for c in checks] == ["ok", "ok", "ok", "leftover"]
+    assert checks[-1].path.name.startswith(".model.partial-host-1-")
+    out = ok(run("verify", str(model), "--json"))
+    assert [f["status"] for f in as_json(out)["files"]] == ["ok", "ok", "ok", "leftover"]
