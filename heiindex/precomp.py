@@ -204,7 +204,9 @@ class PrecompSplit:
                 self.images_path,
                 f"rows {image * k}..{image * k + k - 1} differ, but with {self.n_rows} rows and as many captions "
                 f"each image's row should stand {k} times in a row (one row per caption); for one image per row "
-                f"give {k} captions per image ({self.n_rows * k} lines)",
+                f"with one caption each set `captions_per_image` 1, or give {k} captions per image "
+                f"({self.n_rows * k} lines)",
+                settings=("captions_per_image",),
             )
 
     def captions_sha256(self) -> str:

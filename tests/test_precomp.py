@@ -71,8 +71,13 @@ def test_rows_that_are_not_repeated_are_not_read_as_one_per_caption(tmp_path, te
     np.save(tmp_path / "dev_ims.npy", rows)
     (tmp_path / "dev_caps.txt").write_text("\n".join(testall_lines[:10]) + "\n")
     s = PrecompSplit.open(tmp_path, "dev", feature_dim=4)
-    with pytest.raises(DataError, match=r"dev_ims.npy: rows 0..4 differ, but with 10 rows and as many captions"):
+    with pytest.raises(DataError, match=r"dev_ims.npy: rows 0..4 differ, but with 10 rows and as many captions") as e:
         list(s.iter_image_blocks())
+    # the fix for one caption per image is the setting, which the message names (it told only of 50 lines)
+    assert "for one image per row with one caption each set `captions_per_image` 1" in e.value.problem
+    assert e.value.settings == ("captions_per_image",)
+    s = PrecompSplit.open(tmp_path, "dev", feature_dim=4, captions_per_image=1)
+    assert (s.n_images, s.rows_per_image) == (10, 1)
 
 
 def test_five_rows_five_captions_is_one_image_repeated(tmp_path, testall_lines):
