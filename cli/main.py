@@ -559,13 +559,12 @@ def evaluate(model_dirs, store, split, protocol, as_json) -> None:
         echo_json(out)
         return
     what = "exhaustive" if len(matchers) == 1 else f"exhaustive, the mean of {len(matchers)} matchers"
-    for name, label in (("full", split), ("5k", "COCO 5K"), ("1k", "COCO 1K")):
+    for name in ("full", "5k", "1k"):
         if name in out:
-            res = out[name]
-            folds = f", the mean of {res['folds']} folds" if "folds" in res else ""
+            res, label = out[name], _protocol_label(name, out[name], split)
             console.print(
                 recall_table(
-                    f"{label}: {what} ({res['images']} images, {res['captions']} captions{folds})",
+                    f"{label}: {what} ({res['images']} images, {res['captions']} captions)",
                     [("text-to-image", res["t2i"]), ("image-to-text", res["i2t"])],
                 )
             )
@@ -1021,10 +1020,7 @@ def bench(
     _say_warmup(res)
     for name in ("full", "5k", "1k"):
         if name in res:
-            label = {"full": f"{res['split']} (all images)", "5k": "COCO 5K"}.get(name)
-            if label is None:  # COCO 1K
-                folds = res[name]["folds"]
-                label = f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
+            label = _protocol_label(name, res[name], res["split"])
             for t in bench_tables(label + _prototype_label(res), res[name]):
                 console.print(t)
     if "plot" in res:
@@ -1082,6 +1078,17 @@ def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> Non
         f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --index {index.path} "
         f"--address {address}"
     )
+
+
+def _protocol_label(name: str, res: dict, split: str) -> str:
+    """How bench and evaluate title a protocol's figures: the whole split, COCO 5K, or COCO 1K
+    with its number of folds (the figures are their mean)."""
+    if name == "full":
+        return f"{split} (all images)"
+    if name == "5k":
+        return "COCO 5K"
+    folds = res["folds"]
+    return f"COCO 1K (mean of {folds} folds)" if folds > 1 else "COCO 1K (one fold)"
 
 
 @cli.command()

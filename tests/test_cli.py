@@ -569,8 +569,8 @@ def test_evaluate(pipe):
     assert d["t2i"] == want.t2i.to_dict() and d["i2t"] == want.i2t.to_dict()
     assert d["rsum"] == round(want.rsum, 10) == d["full"]["rsum"]  # not 447.59999999999997
     r = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test"))
-    assert "test: exhaustive (24 images, 120 captions)" in r.output
-    assert f"test rsum {want.rsum:.1f}" in r.output
+    assert "test (all images): exhaustive (24 images, 120 captions)" in r.output
+    assert f"test (all images) rsum {want.rsum:.1f}" in r.output
     r = run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--split", "test", "--protocol", "1k")
     clean_error(r, "COCO 1K (--protocol 1k) needs whole folds of 1000 images; this split has 24")
     assert "seconds" not in r.output  # the one time is in the footer: no empty column

@@ -200,8 +200,9 @@ def test_bench_on_a_5k_split_prints_the_5k_and_the_1k_tables(pipe, monkeypatch):
     assert "COCO 5K: text-to-image" in text and "COCO 1K (mean of 5 folds): text-to-image" in text
 
 
-def _spy_evaluate(monkeypatch, protocols=("full",)):
-    """evaluate_split replaced: text-to-image R@1 11.0, image-to-text 44.0 in each of ``protocols``."""
+def _spy_evaluate(monkeypatch, protocols=("full",), folds=2):
+    """evaluate_split replaced: text-to-image R@1 11.0, image-to-text 44.0 in each of ``protocols``
+    (COCO 1K the mean of ``folds`` folds)."""
     import heiindex.protocols
 
     def figures(images):
@@ -212,7 +213,7 @@ def _spy_evaluate(monkeypatch, protocols=("full",)):
         out = {"split": store.split, "images": 24, "captions": 120, "models": len(models)}
         out.update({name: figures(12 if name == "1k" else 24) for name in protocols})
         if "1k" in out:
-            out["1k"]["folds"] = 2
+            out["1k"]["folds"] = folds
         main = out.get("5k") or out.get("full") or out["1k"]
         return {**out, "t2i": main["t2i"], "i2t": main["i2t"], "rsum": main["rsum"], "seconds": 0.25}
 
@@ -226,7 +227,7 @@ def test_evaluate_tables_each_direction_in_its_row_and_defaults_to_the_test_spli
     text = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root)).output
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "-to-" in line and "│" in line}
     assert "11.0" in rows["text-to-image"] and "44.0" in rows["image-to-text"]
-    assert "test: exhaustive (24 images, 120 captions)" in text
+    assert "test (all images): exhaustive (24 images, 120 captions)" in text
     assert as_json(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--json"))["split"] == "test"
 
 
@@ -235,8 +236,15 @@ def test_evaluate_tables_coco_5k_and_1k_and_names_an_ensemble(pipe, monkeypatch)
     args = ("evaluate", "--model", pipe.model_dir, "--model", pipe.other_model_dir, "--store", pipe.root)
     text = ok(run(*args)).output
     assert "COCO 5K: exhaustive, the mean of 2 matchers (24 images, 120 captions)" in text
-    assert "COCO 1K: exhaustive, the mean of 2 matchers (12 images, 60 captions, the mean of 2 folds)" in text
-    assert "COCO 5K rsum 165.0" in text and "COCO 1K rsum 165.0" in text
+    assert "COCO 1K (mean of 2 folds): exhaustive, the mean of 2 matchers (12 images, 60 captions)" in text
+    assert "COCO 5K rsum 165.0" in text and "COCO 1K (mean of 2 folds) rsum 165.0" in text
+
+
+def test_evaluate_titles_one_fold_as_the_bench_does(pipe, monkeypatch):
+    """A 1,000-image split under --protocol 1k was "the mean of 1 folds"."""
+    _spy_evaluate(monkeypatch, ("1k",), folds=1)
+    text = ok(run("evaluate", "--model", pipe.model_dir, "--store", pipe.root, "--protocol", "1k")).output
+    assert "COCO 1K (one fold): exhaustive (12 images, 60 captions)" in text and "folds" not in text
 
 
 def _spy_build(monkeypatch, got: dict):
