@@ -6,6 +6,12 @@ each sentence. We use the same word tokenizer (``NLTKWordTokenizer``, rules only
 files) and replace punkt by the one thing it does on captions: a period that ends a sentence
 inside the line becomes its own token. What this module must not do: map words to ids (that is
 ``heiindex.vocab``).
+
+SCAN's vocabulary files were built with the NLTK of 2017-2018, whose word tokenizer differs
+from today's in two rules that captions reach: it left a run of two periods on its word
+("table.." one token) and did not split a leading apostrophe ("'stop" one token). We follow
+today's rules, as SCAN's own code does when run with a current NLTK (``tests/test_tokenizer.py``
+pins both).
 """
 
 from __future__ import annotations
