@@ -348,7 +348,8 @@ def score_block(
                 block = _i2t_core(cfg, sims, m, region_norm[i0 : i0 + b].unsqueeze(0), wg)
             out[rows, i0 : i0 + b] = block
 
-    chunks = [order[c0:c1] for c0, c1 in _bucket_chunks(buckets, lambda bucket: 128)]
+    # At most 128 captions a chunk, fewer where one image's block of them would pass max_elements.
+    chunks = [order[c0:c1] for c0, c1 in _bucket_chunks(buckets, lambda b: max(1, min(128, max_elements // (b * r))))]
     _run_chunks(run, chunks, _scoring_graph(words, regions, gram))
     return out
 
@@ -413,10 +414,14 @@ def score_pairs(
             for p0, p1 in _bucket_chunks(bucket_sorted, lambda b: max(1, min(max_pairs, max_elements // (b * r))))
         ]
 
+    graph = _scoring_graph(words, regions, gram)
+    if graph and not isinstance(words, PackedWords):
+        # Padding is masked after the products, where gradients have already met it (0 x NaN is
+        # NaN): where autograd records, padded words are zeroed first, as score_block does.
+        words = words.masked_fill(~word_mask(lengths, words.shape[1]).unsqueeze(-1), 0.0)
     # Word norms (t2i) once per caption, not once per pair: a caption has N candidates.
     norms, slot = _word_norms(words, lengths, caption_index) if cfg.cross_attn == "t2i" else (None, None)
 
-    graph = _scoring_graph(words, regions, gram)
     scratch = None if graph else _Scratch(regions)  # reused buffers only where autograd records nothing
 
     def run(sel: Tensor) -> None:

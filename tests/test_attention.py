@@ -554,6 +554,51 @@ def test_score_pairs_gradients_equal_score_blocks_when_pairs_share_an_image(cros
     torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
+def test_score_pairs_gradients_ignore_nan_padding(cross_attn):
+    """The pair scorer masked padded words after their products, so the scores were right but
+    the gradients met the padding (0 x NaN is NaN): every gradient of a pair with a NaN-padded
+    caption, its image's too, was NaN. Now as with zero padding, and zero at padded positions."""
+    words, lengths, regions = _data()
+    cfg = _make_cfg(cross_attn, "clipped_l2norm", "lse")
+    mask = torch.arange(L_MAX)[None, :, None] < lengths[:, None, None]
+    caps = torch.arange(len(LENGTHS)).repeat(3)
+    imgs = torch.arange(len(caps)) % N_IMGS
+
+    def grads(padding: float):
+        w = torch.where(mask, words, torch.full_like(words, padding)).requires_grad_(True)
+        v = regions.clone().requires_grad_(True)
+        score_pairs(cfg, w, lengths, v, caps, imgs).sum().backward()
+        return w.grad, v.grad
+
+    (wn, vn), (wz, vz) = grads(float("nan")), grads(0.0)
+    torch.testing.assert_close(wn, wz, rtol=0, atol=0)
+    torch.testing.assert_close(vn, vz, rtol=0, atol=0)
+    assert not wn.isnan().any() and bool((wn[~mask.expand_as(wn)] == 0).all())
+
+
+def test_score_block_keeps_blocks_within_max_elements_below_a_full_chunk(monkeypatch):
+    """Caption chunks were 128 whatever max_elements said, so one chunk against one image could
+    hold 128 x L x R entries: 92,160 for max_elements 1,000 in a reviewer's run."""
+    import heiindex.attention as attention
+
+    words, lengths, regions = _data()
+    words, lengths = words.repeat(4, 1, 1), lengths.repeat(4)  # 8 captions of 7 words: one bucket
+    seen = []
+    real = attention._t2i_core
+
+    def spied(cfg, sims, *args):
+        seen.append(sims.numel())
+        return real(cfg, sims, *args)
+
+    monkeypatch.setattr(attention, "_t2i_core", spied)
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    most = int(lengths.max()) * regions.shape[1] * 2  # room for two captions of the longest length
+    got = score_block(cfg, words, lengths, regions, max_elements=most)
+    assert seen and max(seen) <= most
+    _assert_close(got, score_block(cfg, words, lengths, regions), "small blocks")
+
+
 @pf.needs_thread_local_setter
 def test_pool_workers_keep_the_callers_modes_and_thread_count(monkeypatch):
     """With two torch threads (the pool): a call under torch.inference_mode works (its output
