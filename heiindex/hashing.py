@@ -93,9 +93,14 @@ def pool_regions(regions: Tensor, pooling: str = "mean") -> Tensor:
 
 
 def pool_words(words: Tensor, lengths: Tensor, pooling: str = "mean") -> Tensor:
-    """(n, L, d) with real lengths (n,) -> (n, d) over the real words."""
+    """(n, L, d) with real lengths (n,) -> (n, d) over the real words (the padding may hold
+    anything: it is zeroed first, since a mask multiplied into NaN or inf is NaN)."""
     mask = word_mask(lengths.to(words.device), words.shape[1])
-    return _pool(words, mask, pooling)
+    return _pool(_zero_padding(words, mask), mask, pooling)
+
+
+def _zero_padding(words: Tensor, mask: Tensor) -> Tensor:
+    return words.masked_fill(~mask[..., None], 0.0)
 
 
 class HashModule(nn.Module):
@@ -127,6 +132,7 @@ class HashModule(nn.Module):
         if self.config.pooling != "query":
             return pool_words(words, lengths, self.config.pooling)
         mask = word_mask(lengths.to(words.device), words.shape[1])
+        words = _zero_padding(words, mask)  # as pool_words: NaN or inf padding times a zero weight is NaN
         logits = (words @ self.word_query.to(words.dtype)).masked_fill(~mask, float("-inf"))
         return (torch.softmax(logits, dim=1).unsqueeze(-1) * words).sum(dim=1)
 

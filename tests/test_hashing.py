@@ -28,6 +28,7 @@ from heiindex.hashing import (
     pool_words,
     scale_scores,
 )
+from heiindex.packed import PackedWords
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 from heiindex.train_hash import (
@@ -96,7 +97,6 @@ def test_hash_module_codes_are_signs_of_the_relaxed_codes():
 def test_caption_codes_of_packed_words_equal_the_padded_ones(pooling):
     """Packed captions are coded ``block`` at a time, in order of length: the codes of padded
     captions, in the captions' order."""
-    from heiindex.packed import PackedWords
 
     torch.manual_seed(1)
     mod = HashModule(HashConfig(bits=16, embed_size=6, pooling=pooling))
@@ -116,6 +116,21 @@ def test_caption_codes_of_packed_words_equal_the_padded_ones(pooling):
             mod.caption_codes(packed, other)
     with pytest.raises(ValueError, match="own lengths: caption 0 has 3 words, lengths say 1"):
         mod.caption_codes(packed, lengths.flip(0))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "attn", "query"])
+def test_caption_codes_ignore_nan_padding(pooling):
+    """Pooling multiplied the padding by a zero mask (0 x NaN is NaN): a NaN-padded caption got
+    the all-zero code without a word, where its packed words gave its real code."""
+    torch.manual_seed(0)
+    words, lengths = torch.randn(3, 5, 8), torch.tensor([2, 5, 3])
+    for i, n in enumerate(lengths.tolist()):
+        words[i, n:] = float("nan")
+    module = HashModule(HashConfig(bits=16, embed_size=8, pooling=pooling))
+    got = module.caption_codes(words, lengths)
+    np.testing.assert_array_equal(got, module.caption_codes(PackedWords.from_padded(words, lengths), lengths))
+    zeros = torch.nan_to_num(words, nan=0.0)
+    np.testing.assert_array_equal(got, module.caption_codes(zeros, lengths))
 
 
 def test_pooling_means_over_regions_and_real_words_only():
