@@ -112,9 +112,31 @@ def _flagged(message: str, names) -> str:
     return message
 
 
+class PathType(click.Path):
+    """A path argument as a ``Path``, refusing what no command can use: an empty value (``Path("")``
+    is the current folder, so ``--index "$UNSET"`` searched there) and one that is not valid UTF-8
+    (pyarrow and FAISS take UTF-8 paths: such a path ended in a bare codec error)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            if not value:
+                self.fail("is empty: give a path (an empty value is not the current folder)", param, ctx)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                self.fail(f"{value!r} is not valid UTF-8, which heiindex's files need: rename it", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = PathType()
+
+
 def path_option(*names: str, help: str):
     """An optional path flag (``None`` when not given)."""
-    return click.option(*names, type=click.Path(path_type=Path), default=None, help=help)
+    return click.option(*names, type=PATH, default=None, help=help)
 
 
 store_option = path_option("--store", help="Store root (default: coco-sim).")
@@ -234,7 +256,7 @@ def _on_sigint(signum, frame) -> None:
 
 
 @cli.command()
-@click.option("--precomp", "precomp", required=True, type=click.Path(path_type=Path), help="SCAN precomp folder.")
+@click.option("--precomp", "precomp", required=True, type=PATH, help="SCAN precomp folder.")
 @click.option(
     "--split",
     required=True,
@@ -242,10 +264,10 @@ def _on_sigint(signum, frame) -> None:
     help="The precomp split to convert: SPLIT_ims.npy and SPLIT_caps.txt (image ids number the images from 0 "
     "in file order; a file with a row per caption, each image repeated, gives each image one id).",
 )
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Store root to write into.")
+@click.option("--out", "out", required=True, type=PATH, help="Store root to write into.")
 @click.option(
     "--vocab",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="SCAN vocab JSON (default: the root's, else built from the captions).",
 )
@@ -297,7 +319,7 @@ def prepare() -> None:
 
 @cli.command()
 @store_option
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: best/, last/, history.json.")
+@click.option("--out", type=PATH, required=True, help="Run folder: best/, last/, history.json.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Passes over the training split.")
 @click.option(
     "--batch-size",
@@ -457,7 +479,7 @@ def _given(*names: str) -> list[click.Parameter]:
 @store_option
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=PATH,
     required=True,
     help="Hash module folder to write (give it to build --hash).",
 )
@@ -517,9 +539,9 @@ def train_hash_cmd(model_dir, store, out, bits, pooling, epochs, lr, rank_weight
 
 
 @cli.command("import-scan")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--vocab", type=click.Path(path_type=Path), required=True, help="SCAN vocab JSON of that model.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="heiindex model folder to write.")
+@click.argument("checkpoint", type=PATH)
+@click.option("--vocab", type=PATH, required=True, help="SCAN vocab JSON of that model.")
+@click.option("--out", type=PATH, required=True, help="heiindex model folder to write.")
 @handle_errors
 def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
     """Convert SCAN's model_best.pth.tar into a heiindex model folder (no arbitrary unpickling)."""
@@ -534,7 +556,7 @@ def import_scan(checkpoint: Path, vocab: Path, out: Path) -> None:
     "--model",
     "model_dirs",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Matcher folder (default: the coco-sim model). Given twice or more: an ensemble, the mean of their scores "
     "(SCAN's t2i + i2t ensembles).",
 )
@@ -577,9 +599,7 @@ def evaluate(model_dirs, store, split, protocol, as_json) -> None:
 @store_option
 @model_option()
 @hash_option()
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=None, help="Index folder (default: data/coco-sim/index/SPLIT)."
-)
+@click.option("--out", type=PATH, default=None, help="Index folder (default: data/coco-sim/index/SPLIT).")
 @click.option(
     "--index",
     "index_type",
@@ -902,7 +922,7 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
 )
 @click.option(
     "--plot",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="PNG for the sweep (default: bench_sweep.png in the index folder, replaced by a later build there).",
 )
@@ -1092,7 +1112,7 @@ def _protocol_label(name: str, res: dict, split: str) -> str:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @json_option
 @handle_errors
 def verify(path, as_json) -> None:

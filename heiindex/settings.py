@@ -69,8 +69,13 @@ def require(
 
 def require_path(name: str, value) -> Path:
     """``value`` as a ``Path``; a ``SettingError`` naming ``name`` unless it is a non-empty str or
-    path-like (None reached pathlib as a bare TypeError)."""
+    path-like (None reached pathlib as a bare TypeError) that is valid UTF-8 (pyarrow and FAISS
+    take UTF-8 paths: another ended in a bare codec error)."""
     if isinstance(value, (str, os.PathLike)) and str(value):
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise SettingError(name, f"{name} {str(value)!r} is not valid UTF-8, which heiindex's files need") from None
         return Path(value)
     raise SettingError(name, f"{name} must be a path (str or pathlib.Path), got {value!r}")
 

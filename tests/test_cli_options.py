@@ -498,3 +498,22 @@ def test_every_option_says_what_it_does():
         if isinstance(p, click.Option) and not p.help
     ]
     assert bare == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("query", "a dog", "--index", "{p}"),
+        ("verify", "{p}"),
+        ("build", "--out", "{p}"),
+        ("train-hash", "--out", "{p}"),
+        ("ingest", "--precomp", "{p}", "--split", "test", "--out", "/tmp/x"),
+    ],
+)
+def test_empty_and_non_utf8_paths_are_refused_by_their_flag(args):
+    """An empty --index searched the current folder ("manifest.json: no index here"), and a path
+    that is not valid UTF-8 ended in pyarrow's bare "'utf-8' codec can't encode character"."""
+    r = run(*(a.replace("{p}", "") for a in args))
+    clean_error(r, "is empty: give a path (an empty value is not the current folder)")
+    r = run(*(a.replace("{p}", "/tmp/idx\udce9bad") for a in args))
+    clean_error(r, "is not valid UTF-8, which heiindex's files need: rename it")

@@ -16,7 +16,7 @@ from heiindex.attention import AttentionConfig
 from heiindex.errors import HeiindexError
 from heiindex.hamming import check_index_options, resolve_index_kind
 from heiindex.model import ScanConfig
-from heiindex.settings import SettingError, require
+from heiindex.settings import SettingError, require, require_path
 from heiindex.train import TrainConfig
 from heiindex.train_hash import HashTrainConfig
 
@@ -285,3 +285,13 @@ def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path)
     with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
         Index.write(pipe.root, None, *models, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_require_path_refuses_what_no_file_can_be_opened_by():
+    assert str(require_path("out", "a/b")) == "a/b"
+    for bad in ("", None, 3):
+        with pytest.raises(SettingError, match="out must be a path"):
+            require_path("out", bad)
+    with pytest.raises(SettingError, match=r"^out '/tmp/idx\\udce9bad' is not valid UTF-8") as e:
+        require_path("out", "/tmp/idx\udce9bad")
+    assert e.value.settings == ("out",)
