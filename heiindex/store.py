@@ -398,7 +398,43 @@ def check_output(target: Path, kind: str, replaces: Collection[str], whole: bool
     check_writable(target)
     if whole:
         _check_swappable(target, kind)
+    check_not_inside_output(target, kind)
     check_replaceable(target, kind, replaces)
+
+
+def check_not_inside_output(target: Path, kind: str) -> None:
+    """``DataError`` naming ``target`` where it lies inside one of heiindex's outputs (an index, a
+    sharded build, a store split, a model or a hash module folder): written there, it would make
+    that folder hold what its command does not write, and so refuse to be written again (an
+    index built inside the store split it read, say). A store root holds its splits, and may."""
+    for folder in _resolved(target).parents:
+        what = output_kind(folder)
+        if what is not None:
+            raise DataError(
+                target,
+                f"lies inside {folder}, {what}: {kind} there would leave that folder holding what it does not "
+                "write, and unable to be written again; choose a folder outside it",
+            )
+
+
+def output_kind(folder: Path) -> str | None:
+    """Which of heiindex's outputs ``folder`` holds, by its manifest.json or config.json ("an
+    index", "a sharded build", "a store split", "a model", "a hash module"), else None (a JSON
+    file of another tool by either name is not one)."""
+    manifest = manifest_object(folder)
+    if manifest is not None:
+        if manifest.get("kind") == "sharded":
+            return "a sharded build"
+        if "matcher" in manifest:
+            return "an index"
+        if store_split_manifest(folder) is not None:
+            return "a store split"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = config.get("kind") if isinstance(config, dict) else None
+    return {"scan": "a model", "hei-hash": "a hash module"}.get(kind)
 
 
 def check_writable(target: Path) -> None:
@@ -426,6 +462,7 @@ def check_store_root(root: Path, split: str) -> None:
     if root.is_symlink() and not root.exists():
         raise DataError(root, f"is a link to {os.readlink(root)}, which does not exist; a store root is a folder")
     if not root.exists():
+        check_not_inside_output(root / split, "a store split")  # before the vocabulary is built
         return
     if not root.is_dir():
         raise DataError(root, "exists and is not a folder; a store root is a folder (choose another path)")
@@ -436,6 +473,7 @@ def check_store_root(root: Path, split: str) -> None:
             "folder that holds a store's splits (or a new one)",
             settings=("out_root",),
         )
+    check_not_inside_output(root / split, "a store split")
     allowed = {"vocab.json", "lost+found", split}
     other = sorted(
         p.name

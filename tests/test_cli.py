@@ -656,6 +656,42 @@ def test_build_refuses_an_out_it_would_destroy(pipe, tmp_path):
     ok(build(pipe, out))
 
 
+def test_outputs_inside_another_output_are_refused_before_any_work(pipe, tmp_path, monkeypatch):
+    """An index built inside another index, or inside the store split it read, was written (and
+    became the last build); the outer folder then could not be built or ingested again ("holds
+    what an index does not write (sub)"). train-hash, train and ingest wrote there too."""
+    import heiindex.index
+    import heiindex.ingest
+    import heiindex.train_hash
+
+    for module, name in ((heiindex.index, "ImageWriter"), (heiindex.train_hash, "collect_batches")):
+        pf.forbid(monkeypatch, f"{name} ran", (module, name))
+    pf.forbid(monkeypatch, "the vocabulary was resolved", (heiindex.ingest, "resolve_vocab"))
+    inside = [
+        (pipe.index_dir, "an index"),
+        (pipe.root / "test", "a store split"),
+        (pipe.model_dir, "a model"),
+        (pipe.hash_dir, "a hash module"),
+    ]
+    models = ("--store", pipe.root, "--model", pipe.model_dir)
+    for folder, what in inside:
+        for args, kind in (
+            (("build", *models, "--hash", pipe.hash_dir, "--out", folder / "sub"), "an index"),
+            (("train-hash", *models, "--out", folder / "sub", "--epochs", "1"), "a hash module"),
+            (("train", "--store", pipe.root, "--out", folder / "sub", "--epochs", "1"), "a training run"),
+            (("ingest", "--precomp", pipe.precomp, "--split", "dev", "--out", folder / "sub"), "a store split"),
+        ):
+            r = run(*args)
+            clean_error(r, f"lies inside {folder}, {what}: {kind} there would leave that folder holding")
+            assert not (folder / "sub").exists()
+    # a config.json or manifest.json of another tool is no output of heiindex's
+    (tmp_path / "config.json").write_text('{"kind": "webapp"}')
+    (tmp_path / "manifest.json").write_text('{"name": "x"}')
+    from heiindex.store import check_not_inside_output
+
+    check_not_inside_output(tmp_path / "sub", "an index")
+
+
 def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_path, monkeypatch):
     """evaluate and train-hash ran on a store tokenised with another vocabulary (numbers from
     the wrong words); build refused it. All three now refuse it, before any work."""
