@@ -1020,10 +1020,10 @@ def bench(
         for t in bench_tables(label, res):
             console.print(t)
         return
-    default_plot = index.path / "bench_sweep.png"
-    if sweep_list and plot is None:  # before the bench runs, as an explicit --plot is
-        from heiindex.plot import check_plot_path
+    from heiindex.plot import SWEEP_PLOT, check_plot_path
 
+    default_plot = index.path / SWEEP_PLOT
+    if sweep_list and plot is None:  # before the bench runs, as an explicit --plot is
         check_plot_path(default_plot, "the default sweep plot (give --plot PATH for another)")
     res = run_bench(
         index,

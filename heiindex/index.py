@@ -65,6 +65,7 @@ from .index_manifest import (
 from .milvus_codes import check_server, collection_names, replaced_collections, upload_codes  # pymilvus: lazily
 from .model import ScanModel
 from .packed import PackedWords, word_mask
+from .plot import SWEEP_PLOT
 from .progress import progress_bar
 from .prototypes import CaptionBank, PendingImages, PrototypeConfig, caption_bank, check_describing_split
 from .search import (
@@ -846,7 +847,7 @@ class Index(BatchSearch):
 
 # What an index folder holds, unsharded or sharded (so that either can be rebuilt over the other),
 # with the sweep plot ``heiindex bench`` writes beside it by default.
-INDEX_OUTPUT = ("an index", ("manifest.json", *INDEX_FILES, "shard-[0-9]*", "bench_sweep.png"))
+INDEX_OUTPUT = ("an index", ("manifest.json", *INDEX_FILES, "shard-[0-9]*", SWEEP_PLOT))
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
 _MAX_LIST_VALUES = 2**31 - 1  # the most items one Parquet list column of a table holds (int32 offsets)
 _CAPTION_SCHEMA = pa.schema(

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from .atomic import atomic_file
 from .errors import DataError, HeiindexError
-from .store import check_writable
+from .store import check_not_inside_output, check_writable, output_kind
+
+SWEEP_PLOT = "bench_sweep.png"  # the default plot, in the index folder (a rebuild there replaces it)
 
 __all__ = ["check_plot_path", "plot_sweep", "require_matplotlib"]
 
@@ -28,8 +30,11 @@ def check_plot_path(path: str | Path, label: str = "plot") -> Path:
         raise HeiindexError(f"{label} {path}: is not a regular file; give a file path ending in .png")
     if path.exists() and not _is_png(path):  # an earlier plot is replaced; anything else is the user's
         raise HeiindexError(f"{label} {path}: exists and is not a PNG; the plot would replace it (choose another path)")
+    own = path.name == SWEEP_PLOT and output_kind(path.parent) in ("an index", "a sharded build")
     try:
         check_writable(path)  # a folder that refuses new files (read-only, /proc, ...)
+        if not own:  # a rebuild replaces an index's own plot; any other file blocks it
+            check_not_inside_output(path, "the plot")
     except DataError as exc:
         raise HeiindexError(f"{label} {exc}") from None
     return path

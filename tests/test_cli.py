@@ -463,6 +463,9 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         (Path("/proc/p.png"), "cannot be written in /proc"),
         (notes, "exists and is not a PNG; the plot would replace it (choose another path)"),
         (fifo, "is not a regular file; give a file path ending in .png"),
+        # inside an output, a plot blocked its next write ("holds what an index does not write")
+        (pipe.index_dir / "mine.png", f"lies inside {pipe.index_dir}, an index: the plot there would leave"),
+        (pipe.root / "test" / "p.png", f"lies inside {pipe.root / 'test'}, a store split: the plot there"),
     ):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         clean_error(r, f"--plot {plot}: {message}")
