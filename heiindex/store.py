@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from .atomic import clear_leftovers, interrupted_hint, is_scratch, remove, scratch, scratch_target, swap_in
 from .errors import DataError, name_some, shown
 from .precomp import SPLITS as PRECOMP_SPLITS
-from .settings import require
+from .settings import require, require_name
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -239,6 +239,9 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
 _INGESTED = "give the store root that ingest wrote; a SCAN precomp folder is ingested into one"
 
 
+_ROOT_EXPECTED = "a store root (the output folder of heiindex ingest) was expected"
+
+
 def store_vocab(root: str | Path) -> Vocab:
     """The vocabulary of the store root ``root`` (its ``vocab.json``); ``DataError`` naming the
     root where it is no folder, and ``vocab.json`` where it is missing (then ``root`` is not a
@@ -246,11 +249,10 @@ def store_vocab(root: str | Path) -> Vocab:
     from .vocab import Vocab  # here: the tokenizer it brings (nltk) is not every store reader's
 
     root = Path(root)
-    expected = "a store root (the output folder of heiindex ingest) was expected"
     if not root.exists():
-        raise DataError(root, f"no such folder; {expected}")
+        raise DataError(root, f"no such folder; {_ROOT_EXPECTED}")
     if not root.is_dir():
-        raise DataError(root, f"is not a folder; {expected}")
+        raise DataError(root, f"is not a folder; {_ROOT_EXPECTED}")
     if not (root / "vocab.json").is_file():
         there = "missing" if not (root / "vocab.json").exists() else "not a file"
         raise DataError(
@@ -727,7 +729,11 @@ class SplitStore:
     @classmethod
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
-        root = Path(root)
+        root, split = Path(root), require_name("split", split)  # "" opened the root as a split
+        if not root.exists() and not root.is_symlink():  # as store_vocab says it, not its split's manifest
+            raise DataError(root, f"no such folder; {_ROOT_EXPECTED}")
+        if root.exists() and not root.is_dir():
+            raise DataError(root, f"is not a folder; {_ROOT_EXPECTED}")
         if (root / split).exists():
             return cls(root / split)
         if (given := store_split_manifest(root)) is not None:

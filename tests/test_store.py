@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
+from heiindex.settings import SettingError
 from heiindex.store import (
     CAPTIONS_FILE,
     FORMAT_VERSION,
@@ -690,6 +692,21 @@ def test_pyarrow_messages_are_quoted_on_one_line_with_raw_characters_escaped():
     exc = OSError("bad\x0fbyte\n  and\u200bspace")
     assert _arrow_message(exc) == "bad\\x0fbyte and\\u200bspace"
     assert _arrow_message(OSError("x" * 1000)).endswith("... (1,000 characters)")
+
+
+def test_a_missing_or_file_store_root_is_named_as_train_names_it(tmp_path):
+    """build, evaluate and train-hash said "ROOT/test/manifest.json: no store manifest here" for a
+    root that does not exist or is a file, where train named the root; an empty split opened the
+    root as a split."""
+    expected = "a store root (the output folder of heiindex ingest) was expected"
+    with pytest.raises(DataError, match=f"nothing: no such folder; {re.escape(expected)}$") as e:
+        SplitStore.open(tmp_path / "nothing", "test")
+    assert e.value.path == tmp_path / "nothing"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=f"file: is not a folder; {re.escape(expected)}$"):
+        SplitStore.open(tmp_path / "file", "test")
+    with pytest.raises(SettingError, match="split must be a non-empty string, got ''"):
+        SplitStore.open(tmp_path, "")
 
 
 def test_a_split_the_store_lacks_is_named_with_the_splits_it_holds(tmp_path):
