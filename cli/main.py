@@ -229,6 +229,9 @@ class IndexTypeChoice(click.Choice):
 def cli() -> None:
     """Fast cross-attention image-text retrieval (HEI hash codes + SCAN re-ranking)."""
     exit_on_sigterm()
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal: "caf\xe9" in a caption, not a codec error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def exit_on_sigterm() -> None:

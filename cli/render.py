@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -12,8 +13,10 @@ from rich.text import Text
 from heiindex.errors import name_some, shown
 
 # markup off: queries, captions and paths are printed as they are ("a dog [/b]" raised rich's
-# MarkupError, and "[sic]" vanished); the tables below hold them as Text for any console too
-console = Console(soft_wrap=False, width=160, markup=False)
+# MarkupError, and "[sic]" vanished); the tables below hold them as Text for any console too.
+# Width: a terminal's own (or COLUMNS), so that tables fit it; 160 where output goes to a file or
+# a pipe (rich's 80 there wrapped every caption).
+console = Console(soft_wrap=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160, markup=False)
 
 
 def echo_json(data, line: bool = False) -> None:

@@ -1089,3 +1089,14 @@ def test_bench_tables_show_each_figure_in_its_column():
     res["t2i"]["hei"]["seconds_each"] = [1.0, 2.0, 3.0]  # --repeats 3
     caption = bench_tables("p", res)[0].caption
     assert "(HEI and exhaustive seconds: the median of 3 passes, alternated; Hamming: one pass)" in caption
+
+
+def test_tables_fit_the_terminal_width_and_an_ascii_terminal(pipe):
+    """Tables were 160 columns wide whatever the terminal (rows wrapped on an 80-column one), and
+    an ASCII-only standard output ended a query naming a caption's "é" in a codec error."""
+    env = {**os.environ, "COLUMNS": "70", "PYTHONIOENCODING": "ascii"}
+    args = ["-m", "heiindex_cli.main", "query", "a dog café", "--index", str(pipe.index_dir), "--k", "2"]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "caf\\xe9" in done.stdout  # rich measured it as one column: its lines are 3 longer
+    assert max(len(line.replace("\\xe9", "é")) for line in done.stdout.splitlines()) <= 70
