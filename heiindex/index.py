@@ -520,7 +520,7 @@ class Index(BatchSearch):
             )
         source = codes or built["store"]
         if source not in ("faiss", "milvus"):
-            raise HeiindexError(f"codes must be 'faiss' or 'milvus', got {codes!r}")
+            raise SettingError("codes", f"codes must be 'faiss' or 'milvus', got {codes!r}")
         if source == "milvus" and built["store"] != "milvus":
             raise HeiindexError(
                 f"index {path} was built without Milvus codes (build with `codes` milvus)", settings=("codes",)
@@ -920,13 +920,13 @@ def check_lists_filled(
             continue
         shard = "" if rows is None else f" in its shard (image rows {rows[0]} to {rows[1] - 1}"
         if n == 0:  # whatever nlist is (or none was given): an IVF index needs a code per list
-            raise HeiindexError(
+            raise SettingError(
+                "index_type",
                 f"no {what} to index{shard and shard + ')'}: an IVF index needs some (`index_type` flat, or fewer "
                 "shards)",
-                settings=("index_type",),
             )
         where = shard and shard + "; `nlist` applies to each shard)"
-        raise HeiindexError(f"nlist {chosen['nlist']} exceeds the {n} {what} to index{where}", settings=("nlist",))
+        raise SettingError("nlist", f"nlist {chosen['nlist']} exceeds the {n} {what} to index{where}")
 
 
 def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, counts: Iterable[int]) -> None:

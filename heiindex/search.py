@@ -27,7 +27,7 @@ from .errors import DataError, HeiindexError, name_some, shown
 from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
-from .settings import is_whole, require
+from .settings import SettingError, is_whole, require
 from .vocab import Encoded, Vocab
 
 if TYPE_CHECKING:  # heiindex.index imports this module
@@ -272,7 +272,7 @@ def default_counts(candidates: int | None, k: int | None, sizes: list[int], what
     total = sum(sizes)
     if candidates is None:
         if is_whole(k) and k > total:
-            raise HeiindexError(f"k {k} is larger than the {total} {what} in this index", settings=("k",))
+            raise SettingError("k", f"k {k} is larger than the {total} {what} in this index")
         candidates = min(max(DEFAULT_CANDIDATES, k if is_whole(k) else 0), total)
     if k is None:
         k = min(DEFAULT_K, pooled_candidates(candidates, sizes)) if is_whole(candidates) else DEFAULT_K
@@ -308,10 +308,10 @@ def check_query_counts(candidates: int, k: int) -> tuple[int, int]:
     or 2.0 is not), at least 1."""
     for name, value in (("candidates", candidates), ("k", k)):
         if not is_whole(value):
-            raise HeiindexError(f"{name} must be a whole number, got {value!r}", settings=(name,))
+            raise SettingError(name, f"{name} must be a whole number, got {value!r}")
     for name, value in (("candidates", candidates), ("k", k)):
         if value < 1:
-            raise HeiindexError(f"{name} must be at least 1, got {value}", settings=(name,))
+            raise SettingError(name, f"{name} must be at least 1, got {value}")
     return int(candidates), int(k)
 
 
@@ -321,13 +321,13 @@ def check_counts(candidates: int, k: int, sizes: list[int], what: str, sharded: 
     its size), k at most the candidates the shards return together."""
     candidates, k = check_query_counts(candidates, k)
     if candidates > sum(sizes):
-        raise HeiindexError(
-            f"candidates {candidates} is larger than the {sum(sizes)} {what} in this index", settings=("candidates",)
+        raise SettingError(
+            "candidates", f"candidates {candidates} is larger than the {sum(sizes)} {what} in this index"
         )
     pooled = pooled_candidates(candidates, sizes)  # N itself for an unsharded index
     if k > pooled:
         limit = f"the {pooled} candidates the shards return together" if sharded else f"`candidates` {candidates}"
-        raise HeiindexError(f"k {k} is larger than {limit}", settings=("k", "candidates"))
+        raise SettingError("k", f"k {k} is larger than {limit}", also=("candidates",))
     return candidates, k
 
 

@@ -66,7 +66,7 @@ from .search import (
     encode_queries,
     refuse_unknown_images,
 )
-from .settings import require, require_breadth
+from .settings import SettingError, require, require_breadth
 from .store import SplitStore, atomic_dir, rows_of, sorted_ids, write_json
 from .train_hash import LoadedHash
 
@@ -90,8 +90,8 @@ def shard_bounds(n_images: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of near-equal size, one per shard."""
     shards = require("shards", shards, integer=True)
     if not 1 <= shards <= n_images:
-        raise HeiindexError(
-            f"shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}", settings=("shards",)
+        raise SettingError(
+            "shards", f"shards must lie in [1, {n_images}] (the split has {n_images} images), got {shards}"
         )
     edges = np.linspace(0, n_images, shards + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
@@ -517,9 +517,7 @@ def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> d
     limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
     topk = bench_depth(topk, limit)
     if not 1 <= topk <= limit:
-        raise HeiindexError(
-            f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)", settings=("topk",)
-        )
+        raise SettingError("topk", f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])
     caption_image = rows_of(sorted_ids(image_ids), np.concatenate([m["caption_image_ids"] for m in metas]))
     check_captioned(caption_image, len(image_ids))  # before any pass, not after the first

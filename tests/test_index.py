@@ -25,6 +25,7 @@ from heiindex.index import Index
 from heiindex.ingest import ingest
 from heiindex.packed import PackedWords
 from heiindex.search import default_counts
+from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 from heiindex.train_hash import load_hash, save_hash
 
@@ -666,8 +667,10 @@ def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
     ],
 )
 def test_bad_counts(index, kwargs, detail):
-    with pytest.raises(HeiindexError, match=detail):
+    # a SettingError, so a ValueError too, as the README says of every setting (a plain HeiindexError was not)
+    with pytest.raises(SettingError, match=detail) as e:
         index.search("a dog", **{"k": 5, "candidates": 10, **kwargs})
+    assert isinstance(e.value, ValueError) and e.value.setting in kwargs
 
 
 def test_too_many_caption_candidates(index):
