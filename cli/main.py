@@ -77,6 +77,7 @@ _ALIASES = {
     "store_root": "store",
     "out_root": "out",
     "protocols": "protocol",
+    "prototypes": "prototype_split",
     # PrototypeConfig's fields, build's --prototype-* flags
     "k": "prototype_k",
     "preselect": "prototype_preselect",

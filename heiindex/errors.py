@@ -9,9 +9,12 @@ __all__ = [
     "DataError",
     "HeiindexError",
     "HeiindexWarning",
+    "LastBuiltWarning",
     "LeftoverWarning",
     "ModelMismatchError",
     "SparseListsWarning",
+    "UnusedSettingWarning",
+    "VocabularyWarning",
     "name_some",
 ]
 

@@ -179,8 +179,9 @@ def check_describing_split(prototypes: PrototypeConfig | CaptionBank, split: str
         same = same or folder.resolve() == store.path.resolve()
     if same:
         raise HeiindexError(
-            f"prototypes: the captions of {split} would describe its own images, and the bench measures with "
-            f"them; describe the images with the captions of a split other than {split}"
+            f"`prototypes` {split}: the captions of {split} would describe its own images, and the bench measures "
+            f"with them; describe the images with the captions of a split other than {split}",
+            settings=("prototypes",),
         )
 
 

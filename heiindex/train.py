@@ -476,8 +476,9 @@ def _train(
         elif (out / "last" / CONFIG_FILE).is_file():
             warnings.warn(
                 HeiindexWarning(
-                    f"{out} holds a run, which this one replaces as it saves its first epoch "
-                    "(resume=True, --resume on the command line, goes on with it instead)"
+                    f"{out} holds a run, which this one replaces as it saves its first epoch (`resume` goes on "
+                    "with it instead)",
+                    settings=("resume",),
                 ),
                 stacklevel=3,
             )

@@ -224,7 +224,10 @@ def test_cli_build_and_bench_with_prototypes(pipe, tmp_path):
     [
         (
             "test",
-            "would describe its own images, and the bench measures with them; describe the images with the captions of a split other than test",
+            (
+                "Error: --prototypes test: the captions of test would describe its own images, and the bench "
+                "measures with them; describe the images with the captions of a split other than test",
+            ),
         ),
         ("nope", ("prototypes split 'nope': ", "no such split in this store (it holds: dev, test, train)")),
     ],

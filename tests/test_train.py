@@ -317,6 +317,12 @@ def test_train_and_the_command_name_lr_val_images_and_resume_each_their_own_way(
         train(wide_store, out, None, replace(TrainConfig.of_run(out), val_images=5), resume=True, log=pf.quiet)
     r = ok(_cli_train(wide_store, out, "--epochs", "1", "--resume", "--val-images", "5"))
     assert "Warning: the run in" in r.output and "now validates on 5 (--val-images): the best dev" in r.output
+    # training over a run without resuming: `resume` from Python, --resume on the command line (it
+    # said "resume=True, --resume on the command line" in both)
+    with pytest.warns(HeiindexWarning, match=r"as it saves its first epoch \(`resume` goes on with it instead\)$"):
+        train(wide_store, out, None, replace(TrainConfig.of_run(out), epochs=1), log=pf.quiet)
+    r = ok(_cli_train(wide_store, out, "--epochs", "1"))
+    assert "as it saves its first epoch (--resume goes on with it instead)" in r.output
 
 
 def test_cli_train_one_epoch_then_resume(wide_store, tmp_path):
