@@ -149,6 +149,34 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict) -> None:
         )
 
 
+def check_shards(build: Path, manifest: dict) -> None:
+    """Every shard the sharded build at ``build`` records (``manifest``, its top-level one), from
+    the shards' manifests alone, before any is opened: ``DataError`` naming a missing one, one
+    that is not the shard recorded (``check_shard_entry``), or one built with another matcher or
+    hash module than the build records (an index copied into a shard folder). Both engines check
+    this: the Ray actors open their shards with each shard's own models, and served a foreign one."""
+    build = Path(build)
+    for entry in manifest["shards"]:
+        if shard_missing(build, entry["path"]):
+            raise DataError(
+                build / MANIFEST_FILE,
+                f"records shard {entry['path']}, which is missing (no {build / entry['path'] / MANIFEST_FILE}): "
+                "build the sharded index again (heiindex build --shards S)",
+            )
+        shard = manifest_object(build / entry["path"]) or {}
+        check_shard_entry(build, entry, shard)
+        for part in ("matcher", "hash"):
+            want = (manifest.get(part) or {}).get("sha256")
+            held = (shard.get(part) or {}).get("sha256") if isinstance(shard.get(part), dict) else None
+            if want is not None and held != want:
+                raise DataError(
+                    build / entry["path"] / MANIFEST_FILE,
+                    f"was built with {part} {str(held)[:12]}, not the build's {want[:12]} "
+                    f"({build / MANIFEST_FILE}): was another index written here? build the sharded index again "
+                    "(heiindex build --shards S)",
+                )
+
+
 def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
     """``DataError`` naming the manifest and the field unless it is a sharded build's top-level
     manifest of this format (its shard entries included)."""

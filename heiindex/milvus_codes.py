@@ -188,4 +188,11 @@ class MilvusCodes:
         for i, hits in enumerate(res):
             for j, h in enumerate(hits):
                 ids[i, j], dist[i, j] = h.id, int(round(h.distance))
-        return dist, ids
+        return _in_faiss_order(dist, ids)
+
+
+def _in_faiss_order(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's results by distance, then row (empty slots last), as FAISS lists them: Milvus
+    returns equal distances in its own order, and re-ranking keeps a tie's Hamming order."""
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), dist), axis=-1)
+    return np.take_along_axis(dist, order, axis=-1), np.take_along_axis(ids, order, axis=-1)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import DataError, HeiindexError, HeiindexWarning, name_some
 from .index import Hit, SearchResult
-from .index_manifest import read_index_manifest, read_sharded_manifest
+from .index_manifest import check_shards, read_index_manifest, read_sharded_manifest
 from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
@@ -196,7 +196,9 @@ class RayShardedIndex(BatchSearch):
     ``address``: a running cluster ("auto", "ray://host:10001", ...); None starts a local Ray in
     this process. ``threads``: torch threads per actor (default: this process's count, so that
     products are summed in the same order and scores match in-process ones to the last bit). ``detached``: actors outlive this driver
-    (``heiindex serve``); later drivers with the same index path find them by name.
+    (``heiindex serve``); later drivers with the same index path find them by name and use them
+    (their threads stay as started). Otherwise, where none serves a shard, its actor is this
+    driver's own, unnamed, and ends with it.
     ``model_dir`` / ``hash_dir``: the matcher and hash module folders for every actor to open
     where the ones the build recorded have moved (the same path on every node); they must be
     the recorded ones by checksum. Actors already serving the index keep what they opened.
@@ -219,6 +221,8 @@ class RayShardedIndex(BatchSearch):
 
         self.path = Path(path).resolve()
         self.manifest = read_sharded_manifest(self.path)  # before Ray: an unsharded index is refused as such
+        check_shards(self.path, self.manifest)  # as in-process: each actor opens its shard with its own models
+        asked = threads
         if threads is not None:  # checked here: an actor that fails on it reads as "actor died"
             require("threads", threads, at_least=1, integer=True)
         threads = threads or torch.get_num_threads()
@@ -232,26 +236,51 @@ class RayShardedIndex(BatchSearch):
             "max_restarts": max_restarts,
             "max_task_retries": 0,  # a task on a dying actor fails loudly, it is not re-run
             "namespace": NAMESPACE,
-            "get_if_exists": True,
         }
-        if detached:
-            options["lifetime"] = "detached"
         # Folders for the actors to open, absolute: an actor's working directory is not this one's.
         models = [None if f is None else str(Path(f).resolve()) for f in (model_dir, hash_dir)]
-        self.actors = [
-            actor_cls.options(name=self.actor_name(i), **options).remote(str(self.path / e["path"]), threads, *models)
-            for i, e in enumerate(self.manifest["shards"])
-        ]
-        try:
-            self.infos = self._gather([a.info.remote() for a in self.actors], "start", timeout=start_timeout)
-        except (
-            HeiindexError
-        ) as exc:  # a shard refused to open: its actors serve nothing, and would be found again by name
-            for actor in self.actors:
-                ray.kill(actor)
-            _wait_unnamed(ray, [self.actor_name(i) for i in range(len(self.actors))])
-            raise _as_given_here(exc) from None
+        # Actors `serve` started (detached, named by the path) are used where there are; other
+        # actors are this driver's own, unnamed: named, a second driver borrowed the first's, and
+        # they died with it under the second's queries.
+        self.actors, created = [], []
+        for i, e in enumerate(self.manifest["shards"]):
+            name, args = self.actor_name(i), (str(self.path / e["path"]), threads, *models)
+            try:
+                self.actors.append(ray.get_actor(name, namespace=NAMESPACE))
+                created.append(False)
+                continue
+            except ValueError:
+                pass
+            named = {"name": name, "lifetime": "detached", "get_if_exists": True} if detached else {}
+            self.actors.append(actor_cls.options(**options, **named).remote(*args))
+            created.append(True)
+        self.infos, refusing = [], None
+        futures = [a.info.remote() for a in self.actors]
+        for i, future in enumerate(futures):
+            try:
+                self.infos += self._gather([future], "start", timeout=start_timeout, shards=[i])
+            except HeiindexError as exc:  # a shard refused to open: its actor serves nothing
+                refusing, refusal = i, exc
+                _settle(futures[i + 1 :])
+                break
+        if refusing is not None:  # the actors started here, and the refusing shard's, are ended
+            ended = [j for j in range(len(self.actors)) if created[j] or j == refusing]
+            for j in ended:
+                ray.kill(self.actors[j])
+            _wait_unnamed(ray, [self.actor_name(j) for j in ended if detached or not created[j]])
+            raise _as_given_here(refusal) from None
         self._refuse_stale(address)
+        kept = [i for i, info in enumerate(self.infos) if not created[i] and info.get("threads") != threads]
+        if asked is not None and kept:
+            warnings.warn(
+                HeiindexWarning(
+                    f"`threads` {asked}: the actors `heiindex serve` started for shard{'s' if len(kept) > 1 else ''} "
+                    f"{', '.join(map(str, kept))} keep the threads they were started with "
+                    f"({', '.join(str(self.infos[i]['threads']) for i in kept)}); serve again to change them",
+                    settings=("threads",),
+                ),
+                stacklevel=2,
+            )
 
     def _refuse_stale(self, address: str | None) -> None:
         """``HeiindexError`` where actors found by name (``heiindex serve``'s) opened another build
@@ -471,7 +500,10 @@ def stop_served(path: str | Path, address: str | None) -> int:
     free (at most ~10 s), so that a ``serve`` right after it starts new actors instead of finding
     the dying ones."""
     path = Path(path).resolve()
-    manifest = read_sharded_manifest(path)
+    try:
+        recorded = len(read_sharded_manifest(path)["shards"])
+    except DataError:  # the folder is gone, or holds an unsharded build now: its actors still run
+        recorded = 0
     ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
     stopped = []
     # every shard the build records, and beyond them those of an earlier build of more shards
@@ -481,7 +513,7 @@ def stop_served(path: str | Path, address: str | None) -> int:
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
         except ValueError:  # no such actor: past the recorded shards, the first gap ends the search
-            if i >= len(manifest["shards"]):
+            if i >= recorded:
                 break
             continue
         stopped.append(name)
@@ -503,10 +535,21 @@ def _connect(address: str | None):
     ray = _ray()
     if ray.is_initialized():
         return ray
-    if address is None:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    if address is None:  # "local": a new Ray for this process, even where a cluster runs on this machine
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace=NAMESPACE
+        )
         return ray
     _check_reachable(address)
+    if (found := _resolved_auto(address)) != address:
+        try:
+            _check_reachable(found)
+        except HeiindexError as exc:
+            raise HeiindexError(
+                f"cannot reach a Ray cluster at {address!r}, here {found} (RAY_ADDRESS, or the cluster the last "
+                f"`ray start` on this machine recorded: if it has ended, `ray stop` clears it): "
+                f"{str(exc).split(': ', 1)[-1]}"
+            ) from None
     try:
         ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
     except ConnectionError as exc:
@@ -527,6 +570,23 @@ def _as_given_here(exc: HeiindexError) -> HeiindexError:
     for theirs, ours in _HERE.items():
         problem = problem.replace(f"`{theirs}`", f"`{ours}`")
     return DataError(exc.path, problem, settings=tuple(_HERE.get(s, s) for s in exc.settings))
+
+
+def _resolved_auto(address: str) -> str:
+    """The ``host:port`` Ray's "auto" stands for here (``RAY_ADDRESS``, else the cluster the last
+    ``ray start`` on this machine recorded, else one running here), found as Ray finds it but
+    without connecting, so that ``_check_reachable`` can try it: a cluster whose processes ended
+    without ``ray stop`` left its address recorded, and Ray retried it for over 10 minutes.
+    Other addresses, and "auto" where Ray's lookup is not there to call or finds nothing, are
+    returned as given (``ray.init`` then says there is no cluster)."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment(address, None) or address
+    except (ImportError, TypeError, ConnectionError):  # another Ray, or no cluster: Ray says so itself
+        return address
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -32,7 +32,7 @@ from . import __version__
 from .bench import candidate_metrics, warmup_queries
 from .checkpoint import LoadedModel
 from .device import resolve_device
-from .errors import DataError, HeiindexError
+from .errors import HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options, set_search_breadth
 from .index import (
@@ -51,11 +51,12 @@ from .index import (
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shard_entry,
+    check_shards,
     read_sharded_manifest,
     refuse_shard_folder,
-    shard_missing,
     sharded_manifest,
 )
+from .milvus_codes import replaced_collections  # pymilvus: lazily
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     BatchSearch,
@@ -136,7 +137,8 @@ def write_shards(
         prototypes = caption_bank(store_root, prototypes, matcher, hasher, progress=progress)
     out = Path(out)
     entries, manifests = [], []
-    with atomic_dir(out, *INDEX_OUTPUT) as tmp:
+    # the Milvus collections of an unsharded build this replaces are dropped once it is replaced
+    with replaced_collections(out), atomic_dir(out, *INDEX_OUTPUT) as tmp:
         for i, (a, b) in enumerate(bounds):
             name = f"shard-{i:03d}"
             m = Index.write(
@@ -237,13 +239,7 @@ class ShardedIndex(BatchSearch):
         path = Path(path)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before any shard is read
         manifest = read_sharded_manifest(path)
-        for e in manifest["shards"]:
-            if shard_missing(path, e["path"]):
-                raise DataError(
-                    path / "manifest.json",
-                    f"records shard {e['path']}, which is missing (no {path / e['path'] / 'manifest.json'}): "
-                    "build the sharded index again (heiindex build --shards S)",
-                )
+        check_shards(path, manifest)  # from their manifests, before any shard or model is read
         matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
         shards = []
         for entry in manifest["shards"]:  # each checked as it opens: a wrong one before the rest are read

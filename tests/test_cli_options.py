@@ -517,3 +517,18 @@ def test_empty_and_non_utf8_paths_are_refused_by_their_flag(args):
     clean_error(r, "is empty: give a path (an empty value is not the current folder)")
     r = run(*(a.replace("{p}", "/tmp/idx\udce9bad") for a in args))
     clean_error(r, "is not valid UTF-8, which heiindex's files need: rename it")
+
+
+def test_a_recall_one_short_of_the_whole_never_reads_100_percent():
+    """bench printed "candidate recall@400: 100.0%" for 0.9998 beside "some ground truth is outside
+    the N candidates"."""
+    from heiindex_cli.render import percent
+
+    assert [percent(x) for x in (1.0, 0.9998, 0.99996, 0.947, 0.9995, 0.0)] == [
+        "100.0%",
+        "99.98%",
+        "99.996%",
+        "94.7%",
+        "99.95%",
+        "0.0%",
+    ]

@@ -136,3 +136,32 @@ def test_a_rebuild_writes_new_collections_and_drops_the_old_ones(pipe, server, t
     kept = Index.open(out)  # the index there still searches its own collections
     assert kept.manifest["codes"]["collections"] == second and len(kept.search("a dog", 5, 10).results) == 5
     connections.disconnect("t")
+
+
+def test_milvus_ties_come_in_faiss_order():
+    """Milvus returned equal distances in its own order (captions 3008, 369, 2979 of one image);
+    FAISS lists them by row, the order re-ranking keeps for a tie."""
+    from heiindex.milvus_codes import _in_faiss_order
+
+    dist = np.array([[3, 1, 1, 2, 2**31 - 1], [0, 0, 0, 5, 5]], dtype=np.int32)
+    ids = np.array([[9, 3008, 369, 7, -1], [2979, 369, 3008, 4, 1]], dtype=np.int64)
+    d, i = _in_faiss_order(dist, ids)
+    assert d.tolist() == [[1, 1, 2, 3, 2**31 - 1], [0, 0, 0, 5, 5]]
+    assert i.tolist() == [[369, 3008, 7, 9, -1], [369, 2979, 3008, 1, 4]]
+
+
+def test_a_sharded_rebuild_drops_the_replaced_builds_collections(pipe, server, tmp_path):
+    """write_shards replaced an index whose codes were in Milvus and left its collections there,
+    recorded nowhere any more."""
+    from pymilvus import connections, utility
+
+    from heiindex.shards import write_shards
+
+    out = tmp_path / "m"
+    built = Index.write(
+        pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, index_type="flat", codes="milvus", uri=server
+    )
+    write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, 2, index_type="flat")
+    connections.connect(alias="s", uri=server)
+    assert not any(utility.has_collection(n, using="s") for n in built["codes"]["collections"].values())
+    connections.disconnect("s")

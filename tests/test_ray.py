@@ -398,3 +398,110 @@ def test_wait_unnamed_returns_the_names_still_held_when_time_runs_out(local_ray)
     finally:
         ray.kill(live)
     assert ray_engine._wait_unnamed(ray, ["held-name"], timeout=10) == []
+
+
+def test_a_foreign_index_in_a_shard_folder_is_refused_on_ray_as_in_process(local_ray, sharded, pipe, tmp_path):
+    """The actors opened each shard folder with its own models and no check against the build:
+    an unsharded index copied into shard-001 was served, every image twice."""
+    import shutil
+
+    from heiindex.shards import ShardedIndex
+
+    copy = tmp_path / "foreign"
+    shutil.copytree(sharded.path, copy)
+    shutil.rmtree(copy / "shard-001")
+    shutil.copytree(pipe.index_dir, copy / "shard-001")
+    for open_it in (lambda: ShardedIndex.open(copy), lambda: RayShardedIndex(copy)):
+        with pytest.raises(DataError, match="is not the shard .* records") as e:
+            open_it()
+        assert e.value.path == copy / "shard-001" / "manifest.json"
+    shutil.rmtree(copy / "shard-001")
+    shutil.copytree(sharded.path / "shard-001", copy / "shard-001")
+    with pf.edited_json(copy / "shard-001" / "manifest.json") as m:
+        m["matcher"]["sha256"] = "0" * 64  # built with another matcher
+    for open_it in (lambda: ShardedIndex.open(copy), lambda: RayShardedIndex(copy)):
+        with pytest.raises(DataError, match=r"was built with matcher 000000000000, not the build's"):
+            open_it()
+
+
+def test_drivers_own_their_actors_and_a_refusal_ends_only_its_own(local_ray, sharded, pipe, tmp_path):
+    """A driver's actors were named by the index path, so a second driver borrowed the first's and
+    they died with it under its queries; and a refusal killed every actor it had found, those
+    that `serve` started for the other shards too. Served actors ignored a driver's --threads
+    without a word."""
+    import shutil
+    import warnings
+
+    from heiindex import ray_engine
+
+    own = RayShardedIndex(sharded.path, threads=1)  # nothing served: actors of its own, unnamed
+    for i in range(3):
+        with pytest.raises(ValueError):
+            ray.get_actor(own.actor_name(i), namespace="heiindex")
+    for actor in own.actors:
+        ray.kill(actor)
+    copy = tmp_path / "served"
+    shutil.copytree(sharded.path, copy)
+    ok(run("serve", "--index", copy, "--threads", "1"))
+    names = [ray_engine._actor_name(copy.resolve(), i) for i in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = RayShardedIndex(copy, threads=2)  # the served actors, with their one thread
+    assert [i["threads"] for i in found.infos] == [1, 1, 1]
+    assert [str(w.message) for w in caught] == [
+        "`threads` 2: the actors `heiindex serve` started for shards 0, 1, 2 keep the threads they were started "
+        "with (1, 1, 1); serve again to change them"
+    ]
+    ray.kill(ray.get_actor(names[1], namespace="heiindex"), no_restart=True)  # shard 1's served actor is lost
+    assert ray_engine._wait_unnamed(ray, [names[1]]) == []
+    with pytest.raises(HeiindexError):  # shard 1's new actor refuses the hash module given
+        RayShardedIndex(copy, hash_dir=pipe.model_dir)
+    assert ray.get_actor(names[0], namespace="heiindex") and ray.get_actor(names[2], namespace="heiindex")
+    assert ray_engine.stop_served(copy, None) == 2
+
+
+def test_stop_ends_the_actors_of_a_folder_deleted_or_rebuilt_unsharded(local_ray, sharded, pipe, tmp_path):
+    """serve --stop read the build's manifest first: once the folder was gone, or held an
+    unsharded index, the served actors (~0.5 GB each) could not be stopped."""
+    import shutil
+
+    from heiindex import ray_engine
+
+    copy = tmp_path / "served"
+    for unsharded in (False, True):
+        shutil.copytree(sharded.path, copy)
+        ok(run("serve", "--index", copy))
+        shutil.rmtree(copy)
+        if unsharded:
+            shutil.copytree(pipe.index_dir, copy)
+        assert "stopped 3 shard actors" in ok(run("serve", "--index", copy, "--stop")).output
+        for i in range(3):
+            with pytest.raises(ValueError):
+                ray.get_actor(ray_engine._actor_name(copy.resolve(), i), namespace="heiindex")
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_auto_names_a_recorded_cluster_that_is_gone_at_once(monkeypatch):
+    """With the address of a cluster whose processes ended without `ray stop` still recorded,
+    --address auto retried it inside Ray for over 10 minutes."""
+    import socket
+
+    from heiindex import ray_engine
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class NotYet:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise AssertionError("ray.init was reached")
+
+    monkeypatch.setattr(ray_engine, "_ray", lambda: NotYet)
+    monkeypatch.setattr(ray_engine, "_resolved_auto", lambda a: f"127.0.0.1:{port}" if a == "auto" else a)
+    with pytest.raises(HeiindexError, match=rf"^cannot reach a Ray cluster at 'auto', here 127.0.0.1:{port} \("):
+        ray_engine._connect("auto")
