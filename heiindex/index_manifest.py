@@ -163,7 +163,9 @@ def check_shards(build: Path, manifest: dict) -> None:
                 f"records shard {entry['path']}, which is missing (no {build / entry['path'] / MANIFEST_FILE}): "
                 "build the sharded index again (heiindex build --shards S)",
             )
-        shard = manifest_object(build / entry["path"]) or {}
+        shard = manifest_object(build / entry["path"])
+        if shard is None:  # not a JSON object: opening the shard says so, naming the file and why
+            continue
         check_shard_entry(build, entry, shard)
         for part in ("matcher", "hash"):
             want = (manifest.get(part) or {}).get("sha256")
