@@ -1,4 +1,5 @@
-"""Check the files of a store or an index against the sizes and SHA-256s their manifests record.
+"""Check the files of a store or an index against the sizes and SHA-256s their manifests record,
+and those of a model or hash module folder against the checksums its config.json records.
 
 What this module is for: telling whether multi-GB features copied between machines, or kept on
 a disk for months, are still the bytes that were ingested or built; a changed byte in a
