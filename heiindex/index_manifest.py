@@ -133,10 +133,11 @@ def refuse_shard_folder(out: Path) -> None:
         )
 
 
-def check_shard_entry(build: Path, entry: dict, shard_manifest: dict) -> None:
+def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_manifest: dict | None = None) -> None:
     """``DataError`` naming the shard's manifest unless it is the shard the build's ``entry``
     records: the same store rows and counts (a plain build written over a shard folder was served
-    as that shard, its images twice, and verify passed it)."""
+    as that shard, its images twice, and verify passed it), and, with the build's own manifest,
+    the matcher and hash module it records."""
     held = {"store_rows": shard_manifest.get("store_rows")}
     held.update({k: shard_manifest.get(k) for k in ("n_images", "n_captions")})
     want = {k: entry.get(k) for k in held if k in entry}
@@ -147,6 +148,16 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict) -> None:
             f"is not the shard {build / MANIFEST_FILE} records ({shown(want)}; it holds {shown(held)}): "
             "was another index written here? build the sharded index again (heiindex build --shards S)",
         )
+    for part in ("matcher", "hash") if build_manifest is not None else ():
+        want = (build_manifest.get(part) or {}).get("sha256")
+        held = (shard_manifest.get(part) or {}).get("sha256") if isinstance(shard_manifest.get(part), dict) else None
+        if want is not None and held != want:
+            raise DataError(
+                Path(build) / entry["path"] / MANIFEST_FILE,
+                f"was built with {part} {str(held)[:12]}, not the build's {want[:12]} "
+                f"({Path(build) / MANIFEST_FILE}): was another index written here? build the sharded index again "
+                "(heiindex build --shards S)",
+            )
 
 
 def check_shards(build: Path, manifest: dict) -> None:
@@ -166,17 +177,7 @@ def check_shards(build: Path, manifest: dict) -> None:
         shard = manifest_object(build / entry["path"])
         if shard is None:  # not a JSON object: opening the shard says so, naming the file and why
             continue
-        check_shard_entry(build, entry, shard)
-        for part in ("matcher", "hash"):
-            want = (manifest.get(part) or {}).get("sha256")
-            held = (shard.get(part) or {}).get("sha256") if isinstance(shard.get(part), dict) else None
-            if want is not None and held != want:
-                raise DataError(
-                    build / entry["path"] / MANIFEST_FILE,
-                    f"was built with {part} {str(held)[:12]}, not the build's {want[:12]} "
-                    f"({build / MANIFEST_FILE}): was another index written here? build the sharded index again "
-                    "(heiindex build --shards S)",
-                )
+        check_shard_entry(build, entry, shard, manifest)
 
 
 def check_sharded_manifest(manifest: dict, mpath: Path) -> None:

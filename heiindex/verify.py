@@ -155,7 +155,7 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         invalid = _invalid(lambda: check_sharded_manifest(manifest, manifest_path), manifest_path)
-        return invalid + [check for shard in shards for check in _shard_checks(folder, shard)]
+        return invalid + [check for shard in shards for check in _shard_checks(folder, shard, manifest)]
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
         return invalid
@@ -234,10 +234,10 @@ def _disagreements(folder: Path, manifest: dict) -> list[FileCheck]:
     return [FileCheck(folder / MANIFEST_FILE, "invalid", "; ".join(problems) + " (the commands refuse it)")]
 
 
-def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:
+def _shard_checks(build: Path, entry: dict, build_manifest: dict) -> list[FileCheck]:
     """A shard's files, or "missing" for a shard the build records whose manifest is not there
     (the other shards are still checked); its manifest "invalid" where it is not the shard the
-    build records (``check_shard_entry``)."""
+    build records, or was built with other models than the build's (``check_shard_entry``)."""
     shard = entry["path"]
     if shard_missing(build, shard):
         return [
@@ -247,7 +247,8 @@ def _shard_checks(build: Path, entry: dict) -> list[FileCheck]:
     shard_manifest = manifest_object(build / shard)
     if shard_manifest is None or _invalid(lambda: _check_manifest(shard_manifest, mpath), mpath):
         return verify(build / shard)  # unreadable or invalid: the shard's own check says why, once
-    return _invalid(lambda: check_shard_entry(build, entry, shard_manifest), mpath) + verify(build / shard)
+    checked = _invalid(lambda: check_shard_entry(build, entry, shard_manifest, build_manifest), mpath)
+    return checked + verify(build / shard)
 
 
 def _weights_folder_checks(folder: Path) -> list[FileCheck]:

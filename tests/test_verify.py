@@ -475,3 +475,15 @@ def test_what_a_killed_model_write_left_is_listed_beside_the_folder(pipe, tmp_pa
     assert checks[-1].path.name.startswith(".model.partial-host-1-")
     out = ok(run("verify", str(model), "--json"))
     assert [f["status"] for f in as_json(out)["files"]] == ["ok", "ok", "ok", "leftover"]
+
+
+def test_a_shard_built_with_other_models_than_its_build_is_invalid(pipe, tmp_path):
+    """Opening a sharded build refuses a shard whose manifest records another matcher or hash
+    module than the build's (check_shards); verify passed it."""
+    sharded = tmp_path / "sharded"
+    ok(build(pipe, sharded, "--shards", "2"))
+    with pf.edited_json(sharded / "shard-001" / "manifest.json") as m:
+        m["hash"]["sha256"] = "0" * 64
+    [bad] = [c for c in verify(sharded) if c.status != "ok"]
+    assert (bad.path, bad.status) == (sharded / "shard-001" / "manifest.json", "invalid")
+    assert bad.detail.startswith("was built with hash 000000000000, not the build's")
