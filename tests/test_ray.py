@@ -505,3 +505,25 @@ def test_auto_names_a_recorded_cluster_that_is_gone_at_once(monkeypatch):
     monkeypatch.setattr(ray_engine, "_resolved_auto", lambda a: f"127.0.0.1:{port}" if a == "auto" else a)
     with pytest.raises(HeiindexError, match=rf"^cannot reach a Ray cluster at 'auto', here 127.0.0.1:{port} \("):
         ray_engine._connect("auto")
+
+
+def test_no_address_starts_a_local_ray_of_its_own(monkeypatch):
+    """With no --address, ray.init joined a cluster running on this machine and refused the
+    num_cpus it was given ("When connecting to an existing cluster, num_cpus ... must not be
+    provided"); "local" starts a new one, as the README says."""
+    from heiindex import ray_engine
+
+    got = {}
+
+    class Fresh:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            got.update(kwargs)
+
+    monkeypatch.setattr(ray_engine, "_ray", lambda: Fresh)
+    ray_engine._connect(None)
+    assert got["address"] == "local" and got["num_cpus"] >= 1

@@ -295,3 +295,11 @@ def test_require_path_refuses_what_no_file_can_be_opened_by():
     with pytest.raises(SettingError, match=r"^out '/tmp/idx\\udce9bad' is not valid UTF-8") as e:
         require_path("out", "/tmp/idx\udce9bad")
     assert e.value.settings == ("out",)
+
+
+def test_the_documented_warnings_are_exported_by_heiindex_errors():
+    """The README names UnusedSettingWarning and VocabularyWarning; heiindex.errors did not export them."""
+    import heiindex.errors as errors
+
+    for name in ("UnusedSettingWarning", "VocabularyWarning", "LastBuiltWarning", "LeftoverWarning"):
+        assert name in errors.__all__ and issubclass(getattr(errors, name), errors.HeiindexWarning)
