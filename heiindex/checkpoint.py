@@ -155,6 +155,15 @@ def check_finite_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
             raise DataError(path, f'tensor "{name}" holds NaN or inf values (saved by a run that diverged?)')
 
 
+def read_vocab(path: Path, config: ScanConfig) -> Vocab:
+    """A model folder's vocabulary; ``DataError`` naming it where it does not load or holds another
+    number of words than ``config`` says."""
+    vocab = Vocab.load(path)
+    if len(vocab) != config.vocab_size:
+        raise DataError(path, f"{len(vocab)} words, the model config says {config.vocab_size}")
+    return vocab
+
+
 def read_weights(weights: Path, config: ScanConfig) -> ScanModel:
     """The matcher of ``config`` with the weights file ``weights`` loaded (in eval mode);
     ``DataError`` naming it where it is missing, unreadable, holds NaN or inf, or does not fit."""
@@ -177,9 +186,7 @@ def load_model(path: str | Path) -> LoadedModel:
     """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
     path = Path(path)
     config, raw = read_model_config(path)
-    vocab = Vocab.load(path / VOCAB_FILE)
-    if len(vocab) != config.vocab_size:
-        raise DataError(path / VOCAB_FILE, f"{len(vocab)} words, the model config says {config.vocab_size}")
+    vocab = read_vocab(path / VOCAB_FILE, config)
     weights = path / WEIGHTS_FILE
     model = read_weights(weights, config)
     info = raw.get("info", {})

@@ -50,7 +50,6 @@ from .index import (
 )
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
-    check_shard_entry,
     check_shards,
     read_sharded_manifest,
     refuse_shard_folder,
@@ -242,9 +241,8 @@ class ShardedIndex(BatchSearch):
         check_shards(path, manifest)  # from their manifests, before any shard or model is read
         matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
         shards = []
-        for entry in manifest["shards"]:  # each checked as it opens: a wrong one before the rest are read
+        for entry in manifest["shards"]:  # each the shard the build records: check_shards, above
             shards.append(Index.open(path / entry["path"], matcher, hasher, device=device, dtype=dtype))
-            check_shard_entry(path, entry, shards[-1].manifest)
         return cls(path, manifest, shards).set_search_breadth(nprobe, ef_search)
 
     def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> ShardedIndex:
