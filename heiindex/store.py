@@ -242,6 +242,14 @@ _INGESTED = "give the store root that ingest wrote; a SCAN precomp folder is ing
 _ROOT_EXPECTED = "a store root (the output folder of heiindex ingest) was expected"
 
 
+def _check_root_folder(root: Path) -> None:
+    """``DataError`` naming ``root`` where it does not exist or is not a folder (a store root read)."""
+    if not root.exists():
+        raise DataError(root, f"no such folder; {_ROOT_EXPECTED}")
+    if not root.is_dir():
+        raise DataError(root, f"is not a folder; {_ROOT_EXPECTED}")
+
+
 def store_vocab(root: str | Path) -> Vocab:
     """The vocabulary of the store root ``root`` (its ``vocab.json``); ``DataError`` naming the
     root where it is no folder, and ``vocab.json`` where it is missing (then ``root`` is not a
@@ -249,10 +257,7 @@ def store_vocab(root: str | Path) -> Vocab:
     from .vocab import Vocab  # here: the tokenizer it brings (nltk) is not every store reader's
 
     root = Path(root)
-    if not root.exists():
-        raise DataError(root, f"no such folder; {_ROOT_EXPECTED}")
-    if not root.is_dir():
-        raise DataError(root, f"is not a folder; {_ROOT_EXPECTED}")
+    _check_root_folder(root)
     if not (root / "vocab.json").is_file():
         there = "missing" if not (root / "vocab.json").exists() else "not a file"
         raise DataError(
@@ -463,19 +468,19 @@ def check_store_root(root: Path, split: str) -> None:
     root = Path(root)
     if root.is_symlink() and not root.exists():
         raise DataError(root, f"is a link to {os.readlink(root)}, which does not exist; a store root is a folder")
-    if not root.exists():
-        check_not_inside_output(root / split, "a store split")  # before the vocabulary is built
-        return
-    if not root.is_dir():
+    exists = root.exists()
+    if exists and not root.is_dir():
         raise DataError(root, "exists and is not a folder; a store root is a folder (choose another path)")
-    if (root / MANIFEST_FILE).exists():
+    if exists and (root / MANIFEST_FILE).exists():
         raise DataError(
             root,
             f"holds a {MANIFEST_FILE}, so it is a store split or an index, not a store root; `out_root` names the "
             "folder that holds a store's splits (or a new one)",
             settings=("out_root",),
         )
-    check_not_inside_output(root / split, "a store split")
+    check_not_inside_output(root / split, "a store split")  # before the vocabulary is built
+    if not exists:
+        return
     allowed = {"vocab.json", "lost+found", split}
     other = sorted(
         p.name
@@ -730,10 +735,8 @@ class SplitStore:
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
         root, split = Path(root), require_name("split", split)  # "" opened the root as a split
-        if not root.exists() and not root.is_symlink():  # as store_vocab says it, not its split's manifest
-            raise DataError(root, f"no such folder; {_ROOT_EXPECTED}")
-        if root.exists() and not root.is_dir():
-            raise DataError(root, f"is not a folder; {_ROOT_EXPECTED}")
+        if root.exists() or not root.is_symlink():  # as store_vocab says it, not its split's manifest
+            _check_root_folder(root)
         if (root / split).exists():
             return cls(root / split)
         if (given := store_split_manifest(root)) is not None:
