@@ -19,13 +19,13 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .encode import check_model, check_split, encode_split
-from .evaluation import PROTOCOLS, Recall, fold_recalls, i2t_ranks, main_protocol, protocol_plan, recall, t2i_ranks
+from .evaluation import Recall, fold_recalls, i2t_ranks, main_protocol, protocol_plan, recall, t2i_ranks
 from .model import Ensemble, ScanModel
 from .scoring import exhaustive_scores
 from .settings import SettingError
 from .store import SplitStore
 
-__all__ = ["PROTOCOLS", "evaluate_split"]
+__all__ = ["evaluate_split"]
 
 
 def evaluate_split(

@@ -87,12 +87,11 @@ def require_name(name: str, value) -> str:
     raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
 
 
-def settle(config, name: str, setting: str | None = None, **checks) -> None:
+def settle(config, name: str, **checks) -> None:
     """``require`` for field ``name`` of the frozen dataclass ``config``, storing what it returns: a
     numpy number becomes a Python int or float, so that the config can be written as JSON (and
-    torch, which takes no numpy integer for a layer size, is given an int). ``setting``: the name
-    an error gives the value, where it is not the field's."""
-    object.__setattr__(config, name, require(setting or name, getattr(config, name), **checks))
+    torch, which takes no numpy integer for a layer size, is given an int)."""
+    object.__setattr__(config, name, require(name, getattr(config, name), **checks))
 
 
 def _num(x: float) -> str:

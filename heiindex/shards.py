@@ -280,7 +280,7 @@ class ShardedIndex(BatchSearch):
     def bench_captions(self, n: int, queries: int | None = None) -> list:
         per_source = []
         for source, c in self._first(queries, image_query=True):
-            words = source.words if c == source.n_captions else source.words.select(torch.arange(c))
+            words = source.words.select(torch.arange(c))  # the words themselves where c is all of them
             codes = source.caption_codes()[:c]
             per_source.append([s.candidates_for_captions(words, words.lengths, n, codes) for s in self.shards])
         return _stacked(per_source)
