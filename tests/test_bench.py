@@ -476,7 +476,8 @@ def test_bench_of_an_ivf_index_that_returns_fewer_candidates(pipe, tmp_path):
     res = run_bench(ivf, topk=24)
     want = float(np.mean((ids == ivf.caption_image[:, None]).any(axis=1)))
     assert res["t2i"]["candidate_recall"] == want
-    assert res["t2i"]["hei"]["r10"] <= 100 * want
+    # R@10 counts 4 of 24 as 100 * 4 / 24 = 16.666666666666668, above 100 * (1/6): one float step
+    assert res["t2i"]["hei"]["r10"] <= 100 * want + 1e-9
     # the batched pipeline the bench, Index.candidates_* and the shards share: empty slots are
     # -1 with score -inf, the others the matcher's scores of the ids found
     first = ivf.words.select(torch.arange(40))
