@@ -25,6 +25,7 @@ from .evaluation import (
     check_protocols,
     i2t_ranks,
     main_protocol,
+    mean_of_folds,
     protocol_plan,
     recall,
     t2i_ranks,
@@ -326,33 +327,6 @@ def _every_row(rows: np.ndarray | None, n: int) -> bool:
     return rows is None or (len(rows) == n and bool(np.array_equal(rows, np.arange(n))))
 
 
-def _mean_of(results: list[dict]) -> dict:
-    """Average numeric leaves of several protocol results (COCO 1K: mean over folds); seconds
-    are summed (``seconds_each`` pass by pass), a count every fold shares (images, candidates)
-    is kept as it is, and sweep rows are averaged row by row (every fold has the same rows). A
-    ratio of summed seconds (the speed-up) is the caller's to compute again."""
-    first = results[0]
-    out: dict = {}
-    for k, v in first.items():
-        if isinstance(v, dict):
-            out[k] = _mean_of([r[k] for r in results])
-        elif k == "sweep":
-            out[k] = [_mean_of([r[k][i] for r in results]) for i in range(len(v))]
-        elif k == "seconds_each":  # pass by pass, summed over the folds as seconds are
-            out[k] = [sum(passes) for passes in zip(*(r[k] for r in results), strict=True)]
-        elif any(r[k] is None for r in results):
-            out[k] = None  # an infinite rank in some fold
-        elif isinstance(v, int) and not isinstance(v, bool) and all(r[k] == v for r in results):
-            out[k] = v
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            vals = [r[k] for r in results]
-            # rounded: the folds' rounded figures (rsum) must not come back as 249.12000000000003
-            out[k] = sum(vals) if k in ("seconds",) else round(float(np.mean(vals)), 10)
-        else:
-            out[k] = v
-    return out
-
-
 def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tuple[int, str]:
     """The largest N the bench can rank: the smallest set a protocol ranks, the whole split
     (``full``) and / or each COCO 1K fold (its images, its captions); and why, where a fold sets it."""
@@ -440,7 +414,7 @@ def run_bench(
             _protocol(index, np.arange(s, e), topk, sweep, use_stored=False, exhaustive=exhaustive, repeats=repeats)
             for s, e in folds
         ]
-        out["1k"] = _mean_of(runs)
+        out["1k"] = mean_of_folds(runs)
         out["1k"]["folds"] = len(runs)
         # The folds search flat indexes of their own codes, whatever the stored index's type.
         out["1k"]["index_type"] = "flat"

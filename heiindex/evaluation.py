@@ -25,7 +25,7 @@ __all__ = [
     "fold_recalls",
     "i2t_ranks",
     "main_protocol",
-    "mean_recall",
+    "mean_of_folds",
     "protocol_plan",
     "recall",
     "t2i_ranks",
@@ -147,28 +147,48 @@ def coco_folds(n_images: int, fold_size: int = 1000) -> list[tuple[int, int]]:
     return [(s, s + fold_size) for s in range(0, n_images, fold_size)]
 
 
-def mean_recall(recalls: list[Recall]) -> Recall:
-    """Each figure's mean over several rankings (COCO 1K: over its folds, R@K, median and mean
-    rank alike, as SCAN reports them); rounded at 10 decimals, as the bench's means are."""
-    if not recalls:
-        raise ValueError("no recalls to average")
-    return Recall(
-        *(round(float(np.mean([getattr(r, f) for r in recalls])), 10) for f in ("r1", "r5", "r10", "medr", "meanr"))
-    )
-
-
-def fold_recalls(scores: np.ndarray, gt: np.ndarray, folds: list[tuple[int, int]]) -> tuple[Recall, Recall]:
-    """(text to image, image to text) under COCO 1K from the whole split's ``scores`` (n_caps,
-    n_imgs): each fold ranks its images (``folds``: image ranges, ``coco_folds``) against their
-    captions only, a slice of the same matrix; the figures are the folds' means."""
+def fold_recalls(scores: np.ndarray, gt: np.ndarray, folds: list[tuple[int, int]]) -> list[tuple[Recall, Recall]]:
+    """(text to image, image to text) of each COCO 1K fold from the whole split's ``scores``
+    (n_caps, n_imgs): each fold ranks its images (``folds``: image ranges, ``coco_folds``)
+    against their captions only, a slice of the same matrix. ``mean_of_folds`` averages them."""
     scores, gt = np.asarray(scores), np.asarray(gt)
-    t2i, i2t = [], []
+    out = []
     for start, stop in folds:
         rows = np.flatnonzero((gt >= start) & (gt < stop))
         sub, own = scores[rows, start:stop], gt[rows] - start
-        t2i.append(recall(t2i_ranks(sub, own)))
-        i2t.append(recall(i2t_ranks(sub.T, own)))
-    return mean_recall(t2i), mean_recall(i2t)
+        out.append((recall(t2i_ranks(sub, own)), recall(i2t_ranks(sub.T, own))))
+    return out
+
+
+def mean_of_folds(results: list[dict]) -> dict:
+    """COCO 1K's figures from its folds' results (JSON-able dicts of the same shape, as
+    ``evaluate`` and ``bench`` make them): every number is the folds' mean (R@K, median and mean
+    rank alike, as SCAN reports them; rounded at 10 decimals, so that the folds' rsums do not come
+    back as 249.12000000000003), except that seconds are summed (``seconds_each`` pass by pass),
+    a count every fold shares (images, candidates) is kept as the same int, a rank that is None
+    (infinite) in any fold stays None, and lists of rows (a sweep) are averaged row by row. A
+    ratio of summed seconds (a speed-up) is the caller's to compute again."""
+    if not results:
+        raise ValueError("no fold results to average")
+    first = results[0]
+    out: dict = {}
+    for k, v in first.items():
+        if isinstance(v, dict):
+            out[k] = mean_of_folds([r[k] for r in results])
+        elif isinstance(v, list) and all(isinstance(row, dict) for row in v):  # sweep rows; [] stays []
+            out[k] = [mean_of_folds([r[k][i] for r in results]) for i in range(len(v))]
+        elif k == "seconds_each":  # pass by pass, summed over the folds as seconds are
+            out[k] = [sum(passes) for passes in zip(*(r[k] for r in results), strict=True)]
+        elif any(r[k] is None for r in results):
+            out[k] = None  # an infinite rank in some fold
+        elif isinstance(v, int) and not isinstance(v, bool) and all(r[k] == v for r in results):
+            out[k] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [r[k] for r in results]
+            out[k] = sum(vals) if k == "seconds" else round(float(np.mean(vals)), 10)
+        else:
+            out[k] = v
+    return out
 
 
 def check_protocols(protocols: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .encode import check_model, check_split, encode_split
-from .evaluation import Recall, fold_recalls, i2t_ranks, main_protocol, protocol_plan, recall, t2i_ranks
+from .evaluation import Recall, fold_recalls, i2t_ranks, main_protocol, mean_of_folds, protocol_plan, recall, t2i_ranks
 from .model import Ensemble, ScanModel
 from .scoring import exhaustive_scores
 from .settings import SettingError
@@ -65,11 +65,11 @@ def evaluate_split(
     if whole is not None:
         out[whole] = _figures(recall(t2i_ranks(total, gt)), recall(i2t_ranks(total.T, gt)), store.n_images, n_captions)
     if folds:
-        t2i, i2t = fold_recalls(total, gt, folds)
-        size = folds[0][1] - folds[0][0]
-        counts = _fold_captions(gt, folds)  # a fold's captions; their mean where the folds differ, as the bench's
-        captions = counts[0] if len(set(counts)) == 1 else round(float(np.mean(counts)), 10)
-        out["1k"] = {**_figures(t2i, i2t, size, captions), "folds": len(folds)}
+        per_fold = [
+            _figures(t2i, i2t, stop - start, int(np.count_nonzero((gt >= start) & (gt < stop))))
+            for (t2i, i2t), (start, stop) in zip(fold_recalls(total, gt, folds), folds, strict=True)
+        ]
+        out["1k"] = {**mean_of_folds(per_fold), "folds": len(folds)}  # as the bench averages its folds
     main = main_protocol(out)
     out.update(t2i=main["t2i"], i2t=main["i2t"], rsum=main["rsum"], seconds=seconds)
     return out
@@ -99,7 +99,3 @@ def _figures(t2i: Recall, i2t: Recall, images: int, captions: int | float) -> di
         "i2t": i2t.to_dict(),
         "rsum": round(t2i.rsum + i2t.rsum, 10),
     }
-
-
-def _fold_captions(gt: np.ndarray, folds: list[tuple[int, int]]) -> list[int]:
-    return [int(np.count_nonzero((gt >= start) & (gt < stop))) for start, stop in folds]

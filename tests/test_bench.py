@@ -525,7 +525,7 @@ def test_folds_are_averaged_but_their_seconds_summed():
     95.47999999999999), seconds their sum, a count every fold shares is kept, an infinite rank in
     any fold stays None, sweep rows row by row. (run_bench computes the speed-up again from the
     summed seconds: test_1k_protocol_averages_folds.)"""
-    from heiindex.bench import _mean_of
+    from heiindex.evaluation import mean_of_folds
 
     fold = [
         {
@@ -561,7 +561,7 @@ def test_folds_are_averaged_but_their_seconds_summed():
             "dtype": "float32",
         },
     ]
-    mean = _mean_of(fold)
+    mean = mean_of_folds(fold)
     assert mean == {
         "images": 1000,
         "t2i": {
