@@ -24,6 +24,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from . import simulate
 from .atomic import atomic_file
 from .errors import DataError, HeiindexError, LastBuiltWarning
 from .ingest import ingest
@@ -38,11 +39,10 @@ __all__ = [
     "default_model_dir",
     "ensure_coco_sim",
     "last_built_index",
+    "wanted_stamp",
 ]
 
 SPLITS = ("train", "dev", "test")
-# Bump when the simulator's output changes, so cached data is regenerated.
-SIM_VERSION = 1
 
 
 def data_dir() -> Path:
@@ -123,11 +123,20 @@ def mark_last_built(path: Path) -> None:
         )
 
 
+def wanted_stamp(config: SimConfig) -> dict:
+    """What coco-sim's ``VERSION.json`` must hold for its data to be reused: the simulator's
+    version (``simulate.SIMULATOR_VERSION``, bumped when its output changes) and its settings."""
+    return {
+        "sim_version": simulate.SIMULATOR_VERSION,
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+    }
+
+
 def ensure_coco_sim(config: SimConfig = SimConfig(), progress: bool = False, log=print) -> Path:
     """Generate and ingest coco-sim once; return its store root."""
     root, store = coco_sim_dir(), default_store_dir()
     stamp = root / "VERSION.json"
-    want = {"sim_version": SIM_VERSION, "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+    want = wanted_stamp(config)
     if _stamp(stamp) == want and all((store / s / "manifest.json").exists() for s in SPLITS):
         return store
     captions = data_dir() / "coco-captions"

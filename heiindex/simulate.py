@@ -64,7 +64,8 @@ __all__ = [
     "write_coco_sim_precomp",
 ]
 
-# Bumped whenever a change alters the bytes produced for the same config and captions.
+# Bumped whenever a change alters the bytes produced for the same config and captions: coco-sim's
+# stamp records it, so that a checkout's cached data is generated again (default_data).
 SIMULATOR_VERSION = 1
 
 # The split of the bundled data: the first TEST_IMAGES images of testall are the test split,

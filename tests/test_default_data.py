@@ -187,3 +187,14 @@ def test_a_missing_split_is_generated_again_despite_the_stamp(tmp_path, monkeypa
     shutil.rmtree(tmp_path / "coco-sim" / "store" / "dev")
     dd.ensure_coco_sim(SimConfig(), log=pf.quiet)
     assert calls == ["precomp", "train", "dev", "test"]
+
+
+def test_the_stamp_follows_the_simulators_version(monkeypatch):
+    """default_data had its own SIM_VERSION beside simulate.SIMULATOR_VERSION: bumping the
+    simulator's alone would have reused the old cached features."""
+    from heiindex import default_data, simulate
+
+    before = default_data.wanted_stamp(simulate.SimConfig())
+    monkeypatch.setattr(simulate, "SIMULATOR_VERSION", simulate.SIMULATOR_VERSION + 1)
+    after = default_data.wanted_stamp(simulate.SimConfig())
+    assert after["sim_version"] == before["sim_version"] + 1 and after["config"] == before["config"]
