@@ -509,7 +509,8 @@ def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> d
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]
     limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
-    topk = bench_depth(topk, limit)
+    # a float topk passed the range check and failed in the warm-up's search, named "candidates"
+    topk = bench_depth(None if topk is None else require("topk", topk, integer=True), limit)
     if not 1 <= topk <= limit:
         raise SettingError("topk", f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
     image_ids = np.concatenate([m["image_ids"] for m in metas])

@@ -342,6 +342,8 @@ def test_sharded_bench_with_every_item_a_candidate_is_exhaustive(pipe, sharded):
         assert res["i2t"]["hei"][key] == pytest.approx(full["i2t"]["exhaustive"][key])
     with pytest.raises(HeiindexError, match=r"^topk 0 must lie in \[1, 120\]"):
         run_sharded_bench(sharded, topk=0)
+    with pytest.raises(HeiindexError, match=r"^topk must be a whole number, got 2\.5"):
+        run_sharded_bench(sharded, topk=2.5)
     assert run_sharded_bench(sharded)["candidates"] == 100  # the default: 100, within the 120 captions
 
 
