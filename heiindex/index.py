@@ -62,7 +62,13 @@ from .index_manifest import (
     refuse_shard_folder,
     searched_type,
 )
-from .milvus_codes import check_server, collection_names, replaced_collections, upload_codes  # pymilvus: lazily
+from .milvus_codes import (  # pymilvus: lazily
+    MILVUS_INDEX_TYPES,
+    check_server,
+    collection_names,
+    replaced_collections,
+    upload_codes,
+)
 from .model import ScanModel
 from .packed import PackedWords, word_mask
 from .plot import SWEEP_PLOT
@@ -140,9 +146,10 @@ class SearchResult:
         }
 
 
-def check_codes_options(codes: str, uri: str | None) -> None:
+def check_codes_options(codes: str, uri: str | None, milvus_index: str = "BIN_FLAT") -> None:
     """Where a build writes its codes: "faiss" (the index's files only), or "milvus" with the
-    server ``uri`` (a URI without Milvus codes would be ignored, so it is refused)."""
+    server ``uri`` (a URI without Milvus codes would be ignored, so it is refused) and the
+    Milvus index type ``milvus_index`` (checked here, before any encoding)."""
     if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
         raise SettingError(
             "codes", f"codes must be 'faiss', or 'milvus' with a server URI (`uri`), got {codes!r}", also=("uri",)
@@ -152,6 +159,8 @@ def check_codes_options(codes: str, uri: str | None) -> None:
             "uri names the Milvus server of `codes` milvus; without it the codes go to FAISS files",
             settings=("uri", "codes"),
         )
+    if milvus_index not in MILVUS_INDEX_TYPES:  # it was refused only after the whole encoding
+        raise SettingError("milvus_index", f"milvus_index must be one of {MILVUS_INDEX_TYPES}, got {milvus_index!r}")
 
 
 def timed_results(queries: list, hits: list[list[Hit]], unknown: list[list[str]] | None, t0: float):
@@ -341,7 +350,7 @@ class Index(BatchSearch):
         (``heiindex.prototypes``; a ``CaptionBank`` already made, so that shards make it once);
         images are then described ``describe_images_block`` at a time, each block one more
         encoding pass over that split's captions."""
-        check_codes_options(codes, uri)
+        check_codes_options(codes, uri, milvus_index)
         if codes == "milvus":  # a server that is down: said before the encoding, not after it
             check_server(uri)
         nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding

@@ -374,7 +374,7 @@ def build_index(
 
     check_index_options(index_type, nlist, nprobe)
     resolve_device(device)
-    check_codes_options(codes, uri)
+    check_codes_options(codes, uri, milvus_index)
     if shards is not None and codes != "faiss":
         raise HeiindexError(
             "`codes` milvus is for an unsharded build (the shards keep their codes in FAISS files)",

@@ -420,6 +420,10 @@ def test_build_index_writes_either_kind_and_checks_every_setting_first(pipe, tmp
             ({"shards": 2, "codes": "milvus", "uri": "http://127.0.0.1:1"}, "`codes` milvus is for an unsharded build"),
             ({"index_type": "ivf", "nlist": 0}, "nlist"),
             ({"device": "tpu"}, "device"),
+            (  # was refused by upload_codes, after the whole encoding
+                {"codes": "milvus", "uri": "http://127.0.0.1:1", "milvus_index": "HNSW"},
+                "milvus_index must be one of ('BIN_FLAT', 'BIN_IVF_FLAT'), got 'HNSW'",
+            ),
         ):
             with pytest.raises(HeiindexError, match=re.escape(message)):
                 build_index("test", matcher=pipe.model_dir, hasher=pipe.hash_dir, **kwargs)
