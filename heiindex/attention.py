@@ -3,13 +3,14 @@
 What this module is for: the SCAN pair score (Lee et al., ECCV 2018) of captions against
 images, computed for a block of captions x a block of images (exhaustive evaluation) or for
 each query against its own candidate list (re-ranking), without ever materialising the
-attended context vectors. It relies on two identities (see ``shared/notes/method.md``):
+attended context vectors. Word l's context is ``c_l = sum_r p_lr v_r`` (attention weights
+``p_lr`` over region features ``v_r``), so it relies on two identities:
 
-* ``w_l . c_l = sum_r p_lr s_lr``: the numerator of the relevance is a weighted sum of the raw
-  similarities already computed;
-* ``|c_l|^2 = p_l^T G p_l`` with ``G = V V^T``: the context norm needs only the R x R Gram
-  matrix of the image's regions (or the L x L Gram matrix of the caption's words for
-  image-to-text attention).
+* ``w_l . c_l = sum_r p_lr (w_l . v_r) = sum_r p_lr s_lr``: the numerator of the relevance is a
+  weighted sum of the raw similarities already computed;
+* ``|c_l|^2 = sum_r sum_r' p_lr p_lr' (v_r . v_r') = p_l^T G p_l`` with ``G = V V^T``: the
+  context norm needs only the R x R Gram matrix of the image's regions (or the L x L Gram
+  matrix of the caption's words for image-to-text attention).
 
 So a pair costs one L x R block of a matrix product plus O(L R^2) work, instead of L context
 vectors of size d. Padding words (beyond ``lengths``) are ignored exactly as SCAN ignores them
@@ -39,6 +40,7 @@ from .settings import SettingError, require, settle
 
 __all__ = [
     "AGGREGATIONS",
+    "CROSS_ATTN",
     "RAW_FEATURE_NORMS",
     "AttentionConfig",
     "region_gram",

@@ -40,7 +40,6 @@ from .settings import SettingError, require
 __all__ = [
     "candidate_metrics",
     "candidate_ranks",
-    "main_protocol",
     "rerank_direction",
     "run_bench",
     "warm_up",

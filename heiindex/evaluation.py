@@ -1,4 +1,6 @@
-"""Retrieval metrics: ranks of the ground truth, R@K, median/mean rank, rsum, COCO protocols.
+"""Retrieval metrics: ranks of the ground truth, R@K, median/mean rank, rsum, COCO protocols
+(which protocols a split is ranked under, and the mean of COCO 1K's folds: of ``evaluate``'s
+figures and of ``bench``'s, whose timings the folds sum).
 
 Conventions: a caption ``j`` belongs to image ``gt[j]``. Text-to-image ranks the images for each
 caption; image-to-text ranks the captions for each image and counts the best-ranked of its

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .attention import RAW_FEATURE_NORMS, AttentionConfig
+from .attention import CROSS_ATTN, RAW_FEATURE_NORMS, AttentionConfig
 from .checkpoint import save_model
 from .errors import DataError
 from .model import ScanConfig, ScanModel
@@ -33,7 +33,6 @@ __all__ = ["AGG_FUNCS", "import_scan_checkpoint", "read_scan_checkpoint"]
 
 # SCAN's --agg_func values -> heiindex's AttentionConfig.agg.
 AGG_FUNCS = {"LogSumExp": "lse", "Mean": "mean", "Max": "max", "Sum": "sum"}
-_CROSS_ATTN = ("t2i", "i2t")
 _GRU_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _ENCODERS = ("image encoder", "text encoder")
 # Options that decide the score and cannot be read off the tensors: the checkpoint must say.
@@ -182,8 +181,8 @@ def _config(checkpoint: Path, opt: dict, img: dict, txt: dict) -> ScanConfig:
         )
 
     cross_attn = opt["cross_attn"]
-    if cross_attn not in _CROSS_ATTN:
-        raise fail(f"opt.cross_attn is {cross_attn!r}, expected one of {list(_CROSS_ATTN)}")
+    if cross_attn not in CROSS_ATTN:
+        raise fail(f"opt.cross_attn is {cross_attn!r}, expected one of {list(CROSS_ATTN)}")
     agg_func = opt["agg_func"]
     if agg_func not in AGG_FUNCS:
         raise fail(f"opt.agg_func is {agg_func!r}, expected one of {list(AGG_FUNCS)}")

@@ -353,7 +353,7 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
                 run_bench(index, topk=5, exhaustive=False, **kwargs)
     res = run_bench(index, topk=5, sweep=np.array([2, 4]), exhaustive=False, plot=tmp_path / "p.png")
     assert res["plot"] == str(tmp_path / "p.png") and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    assert heiindex.bench.main_protocol(res) is res["full"]
+    assert heiindex.evaluation.main_protocol(res) is res["full"]
     assert "plot" not in run_bench(index, topk=5, sweep=[2], exhaustive=False)
 
 
