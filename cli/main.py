@@ -241,22 +241,17 @@ def exit_on_sigterm() -> None:
     left its scratch folder for the next run to clear. Exit status 143, the signal's own. Only
     the command line does this: a library user's process keeps its own handlers."""
     if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
 
 
-def _on_sigterm(signum, frame) -> None:
+def _on_signal(signum, frame) -> None:
     from heiindex.atomic import note_interrupt
 
     note_interrupt(signum)  # should the exit below be swallowed on the way, nothing is put in place
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as before
     sys.exit(128 + signum)
-
-
-def _on_sigint(signum, frame) -> None:
-    from heiindex.atomic import note_interrupt
-
-    note_interrupt(signum)
-    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as before
 
 
 @cli.command()
