@@ -24,6 +24,7 @@ __all__ = [
     "INDEX_TYPES",
     "TorchBinaryIndex",
     "hamming_candidates",
+    "hamming_distances",
     "load_binary_index",
     "make_binary_index",
     "packed_codes",
@@ -297,6 +298,22 @@ def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
     bits = (codes.unsqueeze(-1) >> shifts) & 1  # bit i of byte j is code bit 8 j + i
     return bits.reshape(codes.shape[0], codes.shape[1] * 8).to(dtype) * 2 - 1
+
+
+def hamming_distances(query_codes: np.ndarray, codes: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Every query's Hamming distance to every code, (q, n) float32 (exact: small integers), as
+    ``TorchBinaryIndex`` computes them, ``block`` queries at a time: what ranking every item by
+    its code alone needs (the bench's "Hamming alone")."""
+    query_codes = packed_codes("query codes", query_codes)
+    codes = packed_codes("codes", codes, query_codes.shape[1])
+    block = require("block", block, at_least=1, integer=True)
+    bits = codes.shape[1] * 8
+    signs = _signs(torch.from_numpy(codes), torch.float32)
+    out = np.empty((len(query_codes), len(codes)), dtype=np.float32)
+    for s in range(0, len(query_codes), block):
+        q = _signs(torch.from_numpy(query_codes[s : s + block]), torch.float32)
+        out[s : s + block] = ((bits - q @ signs.T) / 2).numpy()
+    return out
 
 
 def hamming_candidates(

@@ -589,13 +589,20 @@ def test_a_5000_image_split_is_benched_as_coco_5k_and_1k(index, monkeypatch):
         run_bench(index, topk=13)
 
 
-def test_hamming_scores_over_several_blocks():
-    """Negative Hamming distances of 8-bit codes, computed 2 queries at a time (COCO 5K's 25,000
-    captions are 13 blocks of the default 2,048)."""
+def test_hamming_distances_over_several_blocks():
+    """Hamming distances of 8-bit codes, computed 2 queries at a time (COCO 5K's 25,000 captions
+    are 13 blocks of the default 2,048), and the bench's scores, their negatives."""
+    from heiindex.hamming import hamming_distances
+
     q = np.array([[0], [255], [15], [1], [3]], dtype=np.uint8)
     x = np.array([[0], [255]], dtype=np.uint8)
-    want = np.array([[0, -8], [-8, 0], [-4, -4], [-1, -7], [-2, -6]], dtype=np.float32)
-    np.testing.assert_array_equal(bench._hamming_scores(q, x, block=2), want)
+    want = np.array([[0, 8], [8, 0], [4, 4], [1, 7], [2, 6]], dtype=np.float32)
+    got = hamming_distances(q, x, block=2)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(bench._negative_hamming(q, x), -want)
+    with pytest.raises(ValueError, match="codes are 16-bit, the index holds 8-bit codes"):
+        hamming_distances(q, np.zeros((2, 2), dtype=np.uint8))
 
 
 def test_candidate_ranks_refuse_an_uncaptioned_image_query():
