@@ -99,6 +99,7 @@ from .store import (
     check_distinct,
     check_fields,
     file_record,
+    fixed_list_values,
     manifest_digest,
     open_parquet,
     read_guarded,
@@ -1034,13 +1035,7 @@ def _read_images(
         for column, array in out.items():
             flat, at = array.reshape(n, int(np.prod(array.shape[1:]))), pos
             for chunk in table.column(column).chunks:
-                t = chunk.type  # fixed-size lists of the width expected: rows can't hide a short one
-                values = chunk.flatten().to_numpy(zero_copy_only=False)  # flatten: this chunk's own rows
-                fixed = pa.types.is_fixed_size_list(t) and t.list_size == flat.shape[1]
-                if not fixed or values.size != len(chunk) * flat.shape[1]:  # the size: null rows
-                    raise DataError(
-                        path, f'column "{column}" does not hold {flat.shape[1]} floats for each of its rows ({t})'
-                    )
+                values = fixed_list_values(path, column, chunk, flat.shape[1])
                 check_column_finite(path, column, values)
                 flat[at : at + len(chunk)] = values.reshape(len(chunk), flat.shape[1])
                 at += len(chunk)

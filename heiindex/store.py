@@ -50,6 +50,7 @@ __all__ = [
     "atomic_dir",
     "check_caption_image_ids",
     "check_column_finite",
+    "fixed_list_values",
     "check_distinct",
     "check_file_record",
     "check_fields",
@@ -144,6 +145,18 @@ def read_guarded(items: Iterable, path: Path) -> Iterator:
             except StopIteration:
                 return
         yield item
+
+
+def fixed_list_values(path: Path, column: str, array: pa.Array, width: int) -> np.ndarray:
+    """The values of ``array`` (one chunk or batch of ``column`` of ``path``), flat: a column of
+    fixed-size lists of ``width`` numbers each. ``DataError`` naming the file and the column where
+    it holds another list type or width, or null rows (which ``flatten`` skips: the values would
+    be too few for the rows)."""
+    t = array.type
+    values = array.flatten().to_numpy(zero_copy_only=False)  # flatten: this slice's own values
+    if not (pa.types.is_fixed_size_list(t) and t.list_size == width) or values.size != len(array) * width:
+        raise DataError(path, f'column "{column}" does not hold {width} floats for each of its rows ({t})')
+    return values
 
 
 def check_column_finite(path: Path, column: str, values: np.ndarray, ids: np.ndarray | None = None) -> None:
@@ -928,7 +941,7 @@ def footer_shape_disagreements(
 
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
     ids = batch.column("image_id").to_numpy()
-    feats = batch.column("features").flatten().to_numpy(zero_copy_only=False)  # flatten: a slice's own values
+    feats = fixed_list_values(path, "features", batch.column("features"), regions * feature_dim)
     check_column_finite(path, "features", feats, ids)
     if not feats.flags.writeable:
         feats = feats.copy()  # torch wants writable memory

@@ -1547,3 +1547,26 @@ def test_per_shard_depth_names_the_cap():
     assert per_shard_depth(13, [12, 12], "captions") == " from each shard, at most its size (12 captions)"
     assert per_shard_depth(3, [1, 1, 1], "images") == " from each shard, at most its size (1 image)"  # not "1 images"
 
+
+def test_a_store_image_row_of_null_features_is_refused_by_file_and_column(pipe, tmp_path):
+    """A null row of the fixed-size features column: flatten skips it, so the block's values were
+    too few and numpy's bare reshape error came out. The store now names the file and the column,
+    as an index's images file already did."""
+    root = pf.copy_store(pipe, tmp_path)
+    images = root / "test" / "images.parquet"
+    table = pq.read_table(images)
+    features = table.column("features").combine_chunks()
+    null_row = pa.FixedSizeListArray.from_arrays(
+        features.flatten(), features.type.list_size, mask=pa.array(np.arange(len(features)) == 3)
+    )
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("features"), "features", null_row),
+        images,
+        row_group_size=pq.ParquetFile(images).metadata.row_group(0).num_rows,
+    )
+    store = SplitStore.open(root, "test")
+    per_image = store.regions * store.feature_dim
+    with pytest.raises(
+        DataError, match=rf'images\.parquet: column "features" does not hold {per_image} floats for each of its rows'
+    ):
+        list(store.iter_image_blocks())
