@@ -210,3 +210,26 @@ def test_the_bench_protocols_named_as_run_bench_and_bench_name_them(pipe, monkey
         bench.run_bench(index, topk=13, protocols="1k")
     r = run("bench", "--index", pipe.index_dir, "--topk", "13", "--protocol", "1k")
     clean_error(r, "Error: --topk 13 must lie in [1, 12] " + why.format("--protocol"))
+
+
+def test_the_clis_choices_are_the_librarys():
+    """The CLI lists its choices itself (it starts without importing torch or FAISS): they must not
+    drift from the values the library accepts."""
+    from heiindex_cli.main import cli
+
+    from heiindex import attention, evaluation, hamming, hashing, milvus_codes, precomp
+
+    def choices(command: str, option: str) -> tuple:
+        (param,) = [p for p in cli.commands[command].params if p.name == option]
+        return tuple(param.type.choices)
+
+    assert choices("evaluate", "protocol") == choices("bench", "protocol") == evaluation.PROTOCOLS
+    assert choices("ingest", "split") == precomp.SPLITS
+    assert choices("train", "cross_attn") == attention.CROSS_ATTN
+    assert choices("train", "agg") == attention.AGGREGATIONS
+    assert choices("train-hash", "pooling") == hashing.POOLINGS
+    assert choices("build", "index_type") == ("auto", *hamming.INDEX_TYPES)
+    assert choices("build", "milvus_index") == milvus_codes.MILVUS_INDEX_TYPES
+    # --raw-feature-norm takes any text (the library names the values it refuses); its help lists them
+    help_text = " ".join(cli.commands["train"].get_help(click.Context(cli.commands["train"])).split())
+    assert all(norm in help_text for norm in attention.RAW_FEATURE_NORMS)
