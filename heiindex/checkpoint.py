@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import DataError, ModelMismatchError
+from .manifests import read_json_object, write_json
 from .model import ScanConfig, ScanModel
-from .store import SplitStore, atomic_dir, read_json_object, write_json
+from .outputs import atomic_dir
+from .store import SplitStore
 from .vocab import Vocab
 
 __all__ = [

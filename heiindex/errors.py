@@ -46,6 +46,13 @@ def shown(text: str, limit: int = 40) -> str:
     return out if len(out) <= limit else f"{out[: limit - 3]}... ({len(text):,} characters)"
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message (pyarrow's, an OS error's) on one line, as a message quotes it: the
+    raw bytes a damaged file puts in it escaped as ``shown`` escapes user input (``\\x0f``,
+    ``\\u200b``), cut at ``limit`` characters (pyarrow's run to about 150)."""
+    return shown(" ".join(str(exc).split()), limit=limit)
+
+
 # How a message names a setting (a parameter of the library's functions and configs), so that
 # the command line can name its flag for it instead: the message carries the names it uses in
 # ``settings``, and writes each in backquotes (`nlist` 12, `index_type` flat; never nlist=12),

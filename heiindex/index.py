@@ -62,6 +62,7 @@ from .index_manifest import (
     refuse_shard_folder,
     searched_type,
 )
+from .manifests import MANIFEST_FILE, check_fields, file_record, manifest_digest, recorded_file, write_json
 from .milvus_codes import (  # pymilvus: lazily
     MILVUS_INDEX_TYPES,
     check_server,
@@ -70,6 +71,7 @@ from .milvus_codes import (  # pymilvus: lazily
     upload_codes,
 )
 from .model import ScanModel
+from .outputs import atomic_dir
 from .packed import PackedWords, word_mask
 from .plot import SWEEP_PLOT
 from .progress import progress_bar
@@ -89,25 +91,18 @@ from .search import (
 )
 from .settings import SettingError, require, require_breadth, require_name, require_path
 from .store import (
-    MANIFEST_FILE,
     CaptionTable,
     ImageWriter,
     SplitStore,
-    atomic_dir,
     check_caption_image_ids,
     check_column_finite,
     check_distinct,
-    check_fields,
-    file_record,
     fixed_list_values,
-    manifest_digest,
     open_parquet,
     read_guarded,
     reading,
-    recorded_file,
     rows_of,
     sorted_ids,
-    write_json,
 )
 from .train_hash import LoadedHash, check_trained_next_to, hash_checksum, load_hash
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from .atomic import interrupted_hint
 from .errors import DataError
-from .settings import require_path
-from .store import (
+from .manifests import (
     MANIFEST_FILE,
     check_fields,
-    check_shard_entries,
+    entry_name,
     manifest_object,
     read_json_object,
     recorded_files,
 )
+from .settings import require_path
 
 __all__ = [
     "INDEX_FILES",
@@ -31,6 +31,7 @@ __all__ = [
     "SHARDED_FORMAT_VERSION",
     "check_index_manifest",
     "check_prototypes_entry",
+    "check_shard_entries",
     "check_sharded_manifest",
     "read_index_manifest",
     "read_sharded_manifest",
@@ -209,3 +210,23 @@ def searched_type(spec: dict) -> str:
     ``auto`` chose ("flat"), or each modality's where they differ ("ivf (images), flat (captions)")."""
     images, captions = (spec.get(m, {}).get("type", spec["type"]) for m in ("images", "captions"))
     return images if images == captions else f"{images} (images), {captions} (captions)"
+
+
+def check_shard_entries(mpath: Path, entries: list, counts: bool = False) -> None:
+    """A sharded manifest's ``shards``: at least one ``{"path": NAME}``, each NAME a distinct folder
+    directly inside the build (what ``heiindex.shards.write_shards`` writes); with ``counts``, each
+    also with whole-number ``n_images`` and ``n_captions``."""
+    if not entries:
+        raise DataError(mpath, 'field "shards" lists no shard')
+    seen = set()
+    for i, entry in enumerate(entries):
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not entry_name(name):
+            raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
+        if name in seen:
+            raise DataError(mpath, f'field "shards[{i}].path" names shard {name!r} a second time')
+        seen.add(name)
+        for field in ("n_images", "n_captions") if counts else ():
+            value = entry.get(field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DataError(mpath, f'field "shards[{i}].{field}" is missing or not of type int (got {value!r})')

@@ -20,23 +20,12 @@ import numpy as np
 from . import __version__
 from .atomic import clear_leftovers, scratch
 from .errors import DataError, VocabularyWarning
+from .manifests import MANIFEST_FILE, file_record, manifest_folders, manifest_object, write_json
+from .outputs import atomic_dir
 from .precomp import PrecompSplit
 from .progress import progress_bar
 from .settings import require, require_path
-from .store import (
-    CAPTIONS_FILE,
-    FORMAT_VERSION,
-    IMAGES_FILE,
-    MANIFEST_FILE,
-    ImageWriter,
-    atomic_dir,
-    check_store_root,
-    file_record,
-    manifest_folders,
-    manifest_object,
-    write_captions,
-    write_json,
-)
+from .store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, ImageWriter, check_store_root, write_captions
 from .vocab import Vocab
 
 __all__ = ["IngestSummary", "ingest", "resolve_vocab"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HeiindexError, LeftoverWarning
-from .store import manifest_object
+from .manifests import manifest_object
 
 __all__ = [
     "MILVUS_INDEX_TYPES",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .atomic import atomic_file
 from .errors import DataError, HeiindexError
-from .store import check_not_inside_output, check_writable, output_kind
+from .outputs import check_not_inside_output, check_writable, output_kind
 
 SWEEP_PLOT = "bench_sweep.png"  # the default plot, in the index folder (a rebuild there replaces it)
 

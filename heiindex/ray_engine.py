@@ -36,6 +36,7 @@ from pathlib import Path
 from .errors import DataError, HeiindexError, HeiindexWarning, name_some
 from .index import Hit, SearchResult
 from .index_manifest import check_shards, read_index_manifest, read_sharded_manifest
+from .manifests import manifest_digest
 from .search import BatchSearch, refuse_queries
 from .settings import require
 from .shards import (
@@ -45,7 +46,6 @@ from .shards import (
     shard_search_regions,
     shard_search_text,
 )
-from .store import manifest_digest
 
 __all__ = ["NAMESPACE", "RayShardedIndex", "stop_served"]
 

@@ -55,7 +55,9 @@ from .index_manifest import (
     refuse_shard_folder,
     sharded_manifest,
 )
+from .manifests import write_json
 from .milvus_codes import replaced_collections  # pymilvus: lazily
+from .outputs import atomic_dir
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split
 from .search import (
     BatchSearch,
@@ -67,7 +69,7 @@ from .search import (
     refuse_unknown_images,
 )
 from .settings import SettingError, require, require_breadth
-from .store import SplitStore, atomic_dir, rows_of, sorted_ids, write_json
+from .store import SplitStore, rows_of, sorted_ids
 from .train_hash import LoadedHash
 
 __all__ = [

@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .outputs import atomic_dir
 from .precomp import read_captions
-from .store import atomic_dir
 from .tokenizer import tokenize
 
 __all__ = [
@@ -565,7 +565,7 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
     Splits: ``test`` = the first 1,000 images of testall, ``train`` = the rest of testall,
     ``dev`` = dev. Writes ``{split}_caps.txt`` (the caption lines, copied), ``{split}_ims.npy``
     and ``coco_sim.json`` (the config and simulator version) into a scratch folder beside
-    ``out_dir``, then swaps it in (``heiindex.store.atomic_dir``: a symlinked ``out_dir`` is
+    ``out_dir``, then swaps it in (``heiindex.outputs.atomic_dir``: a symlinked ``out_dir`` is
     written where it points, and an existing one is replaced only if it holds nothing but these
     files). Returns ``{split: n_images}``.
     """

@@ -15,15 +15,11 @@ What this module must not do: parse precomp files or tokenise text.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import os
-import tempfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import clear_leftovers, interrupted_hint, is_scratch, remove, scratch, scratch_target, swap_in
-from .errors import DataError, name_some, shown
+from .errors import DataError, name_some, one_line
+from .manifests import MANIFEST_FILE, check_fields, manifest_folders, read_json_object, store_split_manifest
+from .outputs import check_not_inside_output
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require, require_name
 
@@ -43,59 +40,28 @@ __all__ = [
     "CAPTIONS_FILE",
     "FORMAT_VERSION",
     "IMAGES_FILE",
-    "MANIFEST_FILE",
     "CaptionTable",
     "ImageWriter",
     "SplitStore",
-    "atomic_dir",
     "check_caption_image_ids",
     "check_column_finite",
     "fixed_list_values",
     "check_distinct",
-    "check_file_record",
-    "check_fields",
-    "check_output",
-    "check_replaceable",
-    "check_shard_entries",
     "check_store_manifest",
     "check_store_root",
-    "check_writable",
-    "entry_name",
-    "file_record",
-    "file_sha256",
-    "manifest_folders",
     "open_parquet",
     "read_guarded",
     "reading",
-    "recorded_file",
-    "recorded_files",
     "rows_of",
     "sorted_ids",
     "store_vocab",
     "write_captions",
-    "write_json",
 ]
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"
-MANIFEST_FILE = "manifest.json"
 _COMPRESSION = "zstd"
-_ARROW_MESSAGE_LIMIT = 300  # characters of a pyarrow message an error quotes (they run to about 150)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
-
-
-def manifest_folders(root: Path) -> list[Path]:
-    """The folders of ``root`` that hold a manifest (store splits, indexes kept beside them), by
-    name; hidden ones (the leftovers of atomic swaps) are not listed."""
-    return sorted(p for p in Path(root).iterdir() if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
 
 
 def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetFile:
@@ -107,7 +73,7 @@ def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetF
     except (pa.ArrowException, OSError) as exc:  # a damaged footer is an OSError ("Couldn't deserialize thrift")
         if isinstance(exc, FileNotFoundError):
             raise DataError(path, "missing") from exc
-        raise DataError(path, f"not a readable Parquet file ({_arrow_message(exc)})") from exc
+        raise DataError(path, f"not a readable Parquet file ({one_line(exc)})") from exc
     names = pf.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -123,14 +89,8 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
-            path, f"cannot be read ({_arrow_message(exc)}); `heiindex verify` compares it with its checksum"
+            path, f"cannot be read ({one_line(exc)}); `heiindex verify` compares it with its checksum"
         ) from exc
-
-
-def _arrow_message(exc: BaseException) -> str:
-    """pyarrow's message on one line, with the raw bytes a damaged file puts in it escaped as
-    ``shown`` escapes user input (``\\x0f``, ``\\u200b``)."""
-    return shown(" ".join(str(exc).split()), limit=_ARROW_MESSAGE_LIMIT)
 
 
 def read_guarded(items: Iterable, path: Path) -> Iterator:
@@ -216,38 +176,6 @@ def check_caption_image_ids(path: Path, caption_image_ids: np.ndarray, image_ids
         )
 
 
-def file_record(path: Path) -> dict:
-    """``{"bytes", "sha256"}`` of a file, as manifests record the files they describe
-    (``heiindex verify`` checks them)."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def recorded_files(manifest_path: Path, manifest: dict) -> dict | None:
-    """``manifest``'s ``"files"`` (name -> ``file_record``), or None where it records none (written
-    by an older heiindex); ``DataError`` naming ``manifest_path`` where it is not an object."""
-    files = manifest.get("files")
-    if files is not None and not isinstance(files, dict):
-        raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
-    return files
-
-
-def recorded_file(manifest_path: Path, manifest: dict, name: str) -> dict | None:
-    """``manifest``'s record ``{"bytes", "sha256"}`` of the file ``name`` (``file_record``), or
-    None where the manifest records no files at all. ``DataError`` naming ``manifest_path`` where
-    "files" is not an object or this record is missing or malformed."""
-    files = recorded_files(manifest_path, manifest)
-    return None if files is None else check_file_record(manifest_path, name, files.get(name))
-
-
-def check_file_record(manifest_path: Path, name: str, record) -> dict:
-    """``record`` where it is a ``file_record``; else ``DataError`` naming the manifest's field."""
-    if not (
-        isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
-    ):
-        raise DataError(manifest_path, f'field "files.{name}" must hold "bytes" and "sha256", got {record!r}')
-    return record
-
-
 # What a store root is, where a command was given another folder
 _INGESTED = "give the store root that ingest wrote; a SCAN precomp folder is ingested into one"
 
@@ -277,199 +205,6 @@ def store_vocab(root: str | Path) -> Vocab:
             root / "vocab.json", f"{there}: not a store root (the output folder of heiindex ingest, holding vocab.json)"
         )
     return Vocab.load(root / "vocab.json")
-
-
-def _data_folder_hint(path: Path) -> str:
-    """Where ``path`` lies where the default models and data are looked for (``models/`` and
-    ``coco-sim/`` of the folder ``HEIINDEX_DATA`` names), that the variable names that folder: a
-    default model looked for in an empty data folder was named with no word of why there."""
-    env = os.environ.get("HEIINDEX_DATA")
-    if not env:
-        return ""
-    parents, root = Path(path).resolve().parents, Path(env).resolve()
-    if root / "models" in parents or root / "coco-sim" in parents:
-        return f" (HEIINDEX_DATA={env} names the folder where the default models and data are looked for)"
-    return ""
-
-
-def read_json_object(path: Path, missing: str) -> dict:
-    """The JSON object in ``path``; ``DataError`` naming it where it is missing (``missing`` says
-    what to do), not valid JSON, or not an object."""
-    if not path.exists():
-        folder = path.parent  # a folder a killed run was writing, or replacing: name what it left
-        left = "" if folder.exists() else interrupted_hint(folder)
-        raise DataError(path, missing + left + _data_folder_hint(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(path, f"must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def check_fields(path: Path, data: dict, spec: dict[str, type | tuple[type, ...]]) -> None:
-    """``DataError`` naming ``path`` and the first field of ``spec`` (dotted paths into nested
-    objects, e.g. ``"images.count"``) that ``data`` lacks or holds with another type (a bool is
-    not an int)."""
-    for name, kind in spec.items():
-        value = data
-        for part in name.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind) or isinstance(value, bool):
-            names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-            raise DataError(path, f'field "{name}" is missing or not of type {names} (got {value!r})')
-
-
-def entry_name(name) -> bool:
-    """Whether ``name`` names one entry directly inside a folder (not "", "." or "..", no path
-    separator, not absolute): what a manifest may name, so that nothing outside is read."""
-    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
-
-
-def check_shard_entries(mpath: Path, entries: list, counts: bool = False) -> None:
-    """A sharded manifest's ``shards``: at least one ``{"path": NAME}``, each NAME a distinct folder
-    directly inside the build (what ``heiindex.shards.write_shards`` writes); with ``counts``, each
-    also with whole-number ``n_images`` and ``n_captions``."""
-    if not entries:
-        raise DataError(mpath, 'field "shards" lists no shard')
-    seen = set()
-    for i, entry in enumerate(entries):
-        name = entry.get("path") if isinstance(entry, dict) else None
-        if not entry_name(name):
-            raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
-        if name in seen:
-            raise DataError(mpath, f'field "shards[{i}].path" names shard {name!r} a second time')
-        seen.add(name)
-        for field in ("n_images", "n_captions") if counts else ():
-            value = entry.get(field)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise DataError(mpath, f'field "shards[{i}].{field}" is missing or not of type int (got {value!r})')
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-@contextmanager
-def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str] = ()) -> Iterator[Path]:
-    """Yield a fresh scratch folder beside ``target``; on success it replaces ``target`` in one
-    step (``heiindex.atomic.swap_in``).
-
-    On any exception the scratch folder is removed and ``target`` is left as it was; what a
-    killed earlier run left beside ``target`` is cleared first (``heiindex.atomic.clear_leftovers``).
-    An existing ``target`` is replaced only if ``check_replaceable`` allows it (a folder holding
-    nothing but what ``kind`` writes, the ``replaces`` patterns), checked before the work and
-    again before the swap: an ``--out`` that names an input, a file or an unrelated folder is
-    refused, not deleted.
-    """
-    target = Path(target)
-    if target.is_symlink():  # write where it points: swapping the link itself would leave it dangling beside
-        target = _resolved(target)
-    clear_leftovers(target)
-    check_output(target, kind, replaces)
-    made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = scratch(target)
-    try:
-        yield tmp
-        check_replaceable(target, kind, replaces)
-        swap_in(tmp, target)
-    except BaseException as exc:
-        remove(tmp)  # made read-only by swap_in where the folder it replaces is
-        for folder in made:
-            try:
-                folder.rmdir()  # only if still empty
-            except OSError:
-                break
-        if isinstance(exc, OSError) and _out_of_space(exc):  # pyarrow's message names no file
-            raise DataError(
-                target, f"could not be written: no space left on its disk ({_arrow_message(exc)}); nothing was replaced"
-            ) from exc
-        if isinstance(exc, DataError) and exc.path.is_relative_to(tmp):  # a nested write's (a shard's):
-            raise DataError(_in_place(exc.path, tmp, target), exc.problem, exc.settings) from exc  # named in place
-        raise
-
-
-def _in_place(path: Path, tmp: Path, target: Path) -> Path:
-    """Where ``path``, inside the scratch folder ``tmp`` of ``target`` (and perhaps inside nested
-    scratch folders), would have been once put in place: the scratch it names is gone."""
-    parts = [scratch_target(part) or part for part in path.relative_to(tmp).parts]
-    return target.joinpath(*parts)
-
-
-def _out_of_space(exc: OSError) -> bool:
-    """A full disk or quota, as Python raises it (errno) or pyarrow does (errno in the text)."""
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
-        f"[errno {code}]" in str(exc).lower() for code in (errno.ENOSPC, errno.EDQUOT)
-    )
-
-
-def check_output(target: Path, kind: str, replaces: Collection[str], whole: bool = True) -> None:
-    """Where a command will write ``kind`` as a folder: ``DataError`` naming ``target`` unless it
-    can be written (``check_writable``) and replaced (``check_replaceable``). Commands that
-    work for long before writing call it first, so that a bad ``--out`` fails at once.
-    ``whole``: the folder is swapped in whole (``atomic_dir``), so it may be neither the current
-    folder (``--out .``: its scratch folder would be made inside it), nor one holding it, nor a
-    mount point (the rename fails, after the work, with "Device or resource busy"); paths are
-    compared as resolved. A training run, which writes inside its folder, may be any of them."""
-    check_writable(target)
-    if whole:
-        _check_swappable(target, kind)
-    check_not_inside_output(target, kind)
-    check_replaceable(target, kind, replaces)
-
-
-def check_not_inside_output(target: Path, kind: str) -> None:
-    """``DataError`` naming ``target`` where it lies inside one of heiindex's outputs (an index, a
-    sharded build, a store split, a model or a hash module folder): written there, it would make
-    that folder hold what its command does not write, and so refuse to be written again (an
-    index built inside the store split it read, say). A store root holds its splits, and may."""
-    for folder in _resolved(target).parents:
-        what = output_kind(folder)
-        if what is not None:
-            raise DataError(
-                target,
-                f"lies inside {folder}, {what}: {kind} there would leave that folder holding what it does not "
-                "write, and unable to be written again; choose a folder outside it",
-            )
-
-
-def output_kind(folder: Path) -> str | None:
-    """Which of heiindex's outputs ``folder`` holds, by its manifest.json or config.json ("an
-    index", "a sharded build", "a store split", "a model", "a hash module"), else None (a JSON
-    file of another tool by either name is not one)."""
-    manifest = manifest_object(folder)
-    if manifest is not None:
-        if manifest.get("kind") == "sharded":
-            return "a sharded build"
-        if "matcher" in manifest:
-            return "an index"
-        if store_split_manifest(folder) is not None:
-            return "a store split"
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    kind = config.get("kind") if isinstance(config, dict) else None
-    return {"scan": "a model", "hei-hash": "a hash module"}.get(kind)
-
-
-def check_writable(target: Path) -> None:
-    """``DataError`` naming ``target`` unless a folder can be made there: its nearest existing
-    ancestor is a folder that accepts new entries (probed with a temporary folder, removed at
-    once; nothing is left behind)."""
-    parent = Path(target).absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise DataError(target, f"cannot be written: {parent} is not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".heiindex-probe-", dir=parent))
-    except OSError as exc:
-        raise DataError(target, f"cannot be written in {parent} ({exc.strerror or exc})") from None
 
 
 def check_store_root(root: Path, split: str) -> None:
@@ -505,47 +240,6 @@ def check_store_root(root: Path, split: str) -> None:
             root,
             f"holds what a store root does not ({name_some(other)}); a store root holds vocab.json and its "
             "splits' folders: choose a new folder or a store root",
-        )
-
-
-def check_replaceable(target: Path, kind: str, replaces: Collection[str]) -> None:
-    """A ``DataError`` unless ``target`` is absent, or a folder whose entries all match one of the
-    ``replaces`` patterns (``fnmatch``: the files ``kind`` itself writes there)."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if not target.is_dir():
-        raise DataError(target, f"exists and is not a folder; {kind} is written as a folder (choose another path)")
-    other = sorted(
-        p.name
-        for p in target.iterdir()
-        if not is_scratch(p.name)  # what a killed write inside it left (a plot): replaced with it
-        and not any(fnmatch(p.name, pat) for pat in replaces)
-    )
-    if other:
-        raise DataError(
-            target,
-            f"exists and holds what {kind} does not write ({name_some(other)}); remove them or choose another folder",
-        )
-
-
-def _resolved(target: Path) -> Path:
-    """``target`` with its symlinks resolved; a ``DataError`` naming it for a symlink loop (Python
-    raises RuntimeError or OSError there, by version)."""
-    try:
-        return Path(target).resolve()
-    except (RuntimeError, OSError) as exc:
-        raise DataError(target, f"cannot be resolved ({exc}): a symlink loop? Give another path") from None
-
-
-def _check_swappable(target: Path, kind: str) -> None:
-    """``check_output``'s refusal of the current folder, a folder holding it and a mount point."""
-    where, cwd = _resolved(target), Path.cwd().resolve()
-    if where == cwd or where in cwd.parents:
-        what = "the current folder" if where == cwd else f"a folder holding the current folder ({cwd})"
-        raise DataError(target, f"is {what}; {kind} replaces its folder whole: give a new folder inside it")
-    if os.path.ismount(where):
-        raise DataError(
-            target, f"is a mount point, which cannot be replaced as {kind} replaces its folder: give a folder inside it"
         )
 
 
@@ -677,32 +371,6 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     if version != FORMAT_VERSION:
         raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")
     check_fields(manifest_path, manifest, _STORE_FIELDS)
-
-
-def manifest_digest(folder: Path) -> str | None:
-    """The SHA-256 of ``folder``'s manifest (which build is there: a rebuild changes it), None
-    where it cannot be read."""
-    try:
-        return file_sha256(Path(folder) / MANIFEST_FILE)
-    except OSError:
-        return None
-
-
-def manifest_object(folder: Path) -> dict | None:
-    """The manifest in ``folder`` where it is a JSON object, else None."""
-    try:
-        found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def store_split_manifest(folder: Path) -> dict | None:
-    """The manifest of the store split in ``folder``; None where there is none, it is not a JSON
-    object, or it names no split or records no vocabulary (an index's manifest names a split too,
-    but no vocabulary)."""
-    found = manifest_object(folder)
-    return found if found is not None and "vocab" in found and isinstance(found.get("split"), str) else None
 
 
 def store_splits(root: Path) -> list[tuple[Path, dict]]:

@@ -32,10 +32,11 @@ from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, read_
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError, HeiindexWarning, counted
 from .model import ScanConfig, ScanModel
+from .outputs import check_output
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
 from .settings import settle
-from .store import SplitStore, check_output, rows_of, sorted_ids, store_vocab
+from .store import SplitStore, rows_of, sorted_ids, store_vocab
 from .vocab import Vocab
 
 __all__ = ["TrainConfig", "contrastive_loss", "iter_training_batches", "train"]

@@ -39,10 +39,12 @@ from .encode import (
 from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
+from .manifests import read_json_object, write_json
+from .outputs import atomic_dir, check_output
 from .packed import PackedWords
 from .progress import progress_bar
 from .settings import SettingError, require, settle
-from .store import SplitStore, atomic_dir, check_output, read_json_object, rows_of, sorted_ids, write_json
+from .store import SplitStore, rows_of, sorted_ids
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
 __all__ = [

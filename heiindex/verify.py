@@ -16,22 +16,25 @@ import numpy as np
 
 from .atomic import leftovers, leftovers_in
 from .errors import DataError, sized
-from .index_manifest import check_index_manifest, check_shard_entry, check_sharded_manifest, shard_missing
-from .settings import require_path
-from .store import (
+from .index_manifest import (
+    check_index_manifest,
+    check_shard_entries,
+    check_shard_entry,
+    check_sharded_manifest,
+    shard_missing,
+)
+from .manifests import (
     MANIFEST_FILE,
     check_file_record,
-    check_shard_entries,
-    check_store_manifest,
     entry_name,
     file_sha256,
-    footer_shape_disagreements,
     manifest_folders,
     manifest_object,
     read_json_object,
     recorded_files,
-    store_splits,
 )
+from .settings import require_path
+from .store import check_store_manifest, footer_shape_disagreements, store_splits
 
 __all__ = ["FAILED", "FileCheck", "failures", "verify"]
 

@@ -15,7 +15,7 @@ import pytest
 import heiindex.atomic as atomic
 from heiindex.atomic import atomic_file, clear_leftovers, exchange, leftovers, scratch, swap_in
 from heiindex.errors import LeftoverWarning
-from heiindex.store import atomic_dir
+from heiindex.outputs import atomic_dir
 
 
 def _folder(path: Path, **files: str) -> Path:
@@ -37,7 +37,7 @@ def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, ns: str =
 def _killed(target: Path, body: str) -> None:
     """Run ``body`` in a new Python process (``import os, signal, sys`` done, the target as
     ``sys.argv[1]``, ``atomic_dir`` imported) and check that it ended by SIGKILL."""
-    code = "import os, signal, sys\nfrom heiindex.store import atomic_dir\n" + body
+    code = "import os, signal, sys\nfrom heiindex.outputs import atomic_dir\n" + body
     done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr
 

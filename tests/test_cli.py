@@ -691,7 +691,7 @@ def test_outputs_inside_another_output_are_refused_before_any_work(pipe, tmp_pat
     # a config.json or manifest.json of another tool is no output of heiindex's
     (tmp_path / "config.json").write_text('{"kind": "webapp"}')
     (tmp_path / "manifest.json").write_text('{"name": "x"}')
-    from heiindex.store import check_not_inside_output
+    from heiindex.outputs import check_not_inside_output
 
     check_not_inside_output(tmp_path / "sub", "an index")
 
@@ -944,7 +944,7 @@ def _interrupted_write(tmp_path, body: str) -> tuple[subprocess.CompletedProcess
     code = (
         "import os, signal, sys, time\n"
         "from heiindex_cli.main import cli\n"
-        "from heiindex.store import atomic_dir\n"
+        "from heiindex.outputs import atomic_dir\n"
         "try:\n"
         "    cli.main(['verify', sys.argv[1] + '-none'], standalone_mode=False)\n"
         "except SystemExit:\n"

@@ -1102,7 +1102,7 @@ def test_precision_sets_both_tf32_switches_and_refuses_unknown_dtypes():
 
 def _record_files(folder, *names):
     """Record ``names``' current checksums in ``folder``'s manifest, as a build that wrote them would."""
-    from heiindex.store import file_record
+    from heiindex.manifests import file_record
 
     with pf.edited_json(folder / "manifest.json") as m:
         m["files"].update({name: file_record(folder / name) for name in names})

@@ -18,7 +18,8 @@ from cli_helpers import clean_error, ok, run  # tests/ is on sys.path (pytest ro
 from heiindex import __version__
 from heiindex.errors import DataError, VocabularyWarning
 from heiindex.ingest import ingest
-from heiindex.store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, MANIFEST_FILE, SplitStore, file_sha256
+from heiindex.manifests import MANIFEST_FILE, file_sha256
+from heiindex.store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, SplitStore
 from heiindex.vocab import SPECIALS, Vocab
 
 
@@ -576,7 +577,7 @@ def test_an_interrupted_first_ingest_leaves_no_vocabulary_in_the_new_root(make_p
     """The vocabulary is claimed just before the split is put in place: interrupted there, the new
     root kept a vocab.json built from that split's captions, and the next ingest with --vocab was
     refused (without, tokenised with the dead run's vocabulary). A root's own vocabulary stays."""
-    import heiindex.store as store_module
+    import heiindex.outputs as outputs_module
 
     precomp, _, _ = make_precomp(n_images=7)
     out = tmp_path / "new"
@@ -584,13 +585,13 @@ def test_an_interrupted_first_ingest_leaves_no_vocabulary_in_the_new_root(make_p
     def interrupted(new, target):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module, "swap_in", interrupted)
+    monkeypatch.setattr(outputs_module, "swap_in", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ingest(precomp, "test", out, feature_dim=8)
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []  # no split, no vocab.json
     monkeypatch.undo()
     ingest(precomp, "test", out, feature_dim=8)  # a store root with a split and its vocabulary
-    monkeypatch.setattr(store_module, "swap_in", interrupted)
+    monkeypatch.setattr(outputs_module, "swap_in", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ingest(precomp, "test", out, feature_dim=8)  # a re-ingest: the root's vocabulary was not this run's
     assert (out / "vocab.json").exists() and SplitStore.open(out, "test").n_images == 7

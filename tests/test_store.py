@@ -16,23 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import small_store  # tests/ is on sys.path
 
-from heiindex.errors import DataError
+from heiindex.errors import DataError, one_line
+from heiindex.manifests import MANIFEST_FILE, file_sha256, write_json
+from heiindex.outputs import atomic_dir, check_output, check_replaceable, check_writable
 from heiindex.settings import SettingError
 from heiindex.store import (
     CAPTIONS_FILE,
     FORMAT_VERSION,
     IMAGES_FILE,
-    MANIFEST_FILE,
     ImageWriter,
     SplitStore,
-    _arrow_message,
-    atomic_dir,
-    check_output,
-    check_replaceable,
-    check_writable,
-    file_sha256,
     write_captions,
-    write_json,
 )
 
 R, D = 4, 3
@@ -584,7 +578,7 @@ def test_a_manifest_shape_the_features_were_not_written_in_is_refused(tmp_path):
 
 
 def test_a_backslash_name_is_not_an_entry_name():
-    from heiindex.store import entry_name
+    from heiindex.manifests import entry_name
 
     assert entry_name("shard-0") is True
     assert entry_name("..\\outside") is False
@@ -592,7 +586,7 @@ def test_a_backslash_name_is_not_an_entry_name():
 
 
 def test_shard_counts_must_not_be_bools(tmp_path):
-    from heiindex.store import check_shard_entries
+    from heiindex.index_manifest import check_shard_entries
 
     with pytest.raises(DataError, match=r'field "shards\[0\].n_images" is missing or not of type int \(got True\)'):
         check_shard_entries(tmp_path / "manifest.json", [{"path": "s0", "n_images": True, "n_captions": 5}], True)
@@ -678,7 +672,7 @@ def test_captions_without_tokens_pad_to_one_column(tmp_path):
 
 
 def test_hidden_folders_are_not_manifest_folders(tmp_path):
-    from heiindex.store import manifest_folders
+    from heiindex.manifests import manifest_folders
 
     for name in ("test", ".test.partial-otherhost-1-x1y2"):
         (tmp_path / name).mkdir()
@@ -690,8 +684,8 @@ def test_pyarrow_messages_are_quoted_on_one_line_with_raw_characters_escaped():
     """A damaged file's bytes reach pyarrow's message; the error quotes it the way it quotes user
     input (a character above U+00FF used to read as '\\x200b', which is not its code)."""
     exc = OSError("bad\x0fbyte\n  and\u200bspace")
-    assert _arrow_message(exc) == "bad\\x0fbyte and\\u200bspace"
-    assert _arrow_message(OSError("x" * 1000)).endswith("... (1,000 characters)")
+    assert one_line(exc) == "bad\\x0fbyte and\\u200bspace"
+    assert one_line(OSError("x" * 1000)).endswith("... (1,000 characters)")
 
 
 def test_a_missing_or_file_store_root_is_named_as_train_names_it(tmp_path):
