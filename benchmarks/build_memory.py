@@ -44,10 +44,10 @@ def prepare(work: Path, images: int, d: int, bank_images: int = 0) -> None:
     from ingest_memory import write_split  # benchmarks/ is on sys.path when this script runs
 
     from heiindex.checkpoint import load_model, save_model
+    from heiindex.hash_folder import save_hash
     from heiindex.hashing import HashConfig, HashModule
     from heiindex.ingest import ingest
     from heiindex.model import ScanConfig, ScanModel
-    from heiindex.train_hash import save_hash
     from heiindex.vocab import Vocab
 
     write_split(work / "precomp", images, 36, 2048)

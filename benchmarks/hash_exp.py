@@ -548,7 +548,7 @@ def main() -> None:
 def check_faiss(dev: dict) -> None:
     """Evaluator vs heiindex's FAISS candidate_recall on the committed default module."""
     from heiindex.default_data import default_hash_dir
-    from heiindex.train_hash import load_hash
+    from heiindex.hash_folder import load_hash
 
     mod = load_hash(default_hash_dir()).module
     with torch.no_grad():  # the module's own pooling (the default's words: a learned query)

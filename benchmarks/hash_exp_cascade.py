@@ -46,7 +46,7 @@ from hash_exp_proto import caption_outputs, train_caption_scores
 from torch.nn.functional import normalize
 
 from heiindex.default_data import default_hash_dir
-from heiindex.train_hash import load_hash
+from heiindex.hash_folder import load_hash
 
 
 def standardised(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from hash_exp_proto import caption_outputs, train_caption_scores
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_hash_dir, default_model_dir
-from heiindex.train_hash import load_hash
+from heiindex.hash_folder import load_hash
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from hash_exp import load_split, recall_from_codes
 from hash_exp_proto import caption_outputs, train_caption_scores
 
 from heiindex.default_data import default_hash_dir
-from heiindex.train_hash import load_hash
+from heiindex.hash_folder import load_hash
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ from hash_exp import CACHE, load_split, recall_from_codes
 
 from heiindex.checkpoint import load_model
 from heiindex.default_data import default_hash_dir, default_model_dir
+from heiindex.hash_folder import load_hash
 from heiindex.prototypes import unit
-from heiindex.train_hash import load_hash
 
 
 @torch.no_grad()

@@ -84,9 +84,9 @@ def precomp_features(args):
     from heiindex.checkpoint import load_model
     from heiindex.default_data import default_hash_dir, default_model_dir
     from heiindex.encode import encode_split
+    from heiindex.hash_folder import load_hash
     from heiindex.ingest import ingest
     from heiindex.store import SplitStore
-    from heiindex.train_hash import load_hash
 
     matcher = load_model(args.model or default_model_dir())
     hasher = load_hash(args.hash or default_hash_dir(), matcher)

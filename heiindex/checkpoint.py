@@ -12,6 +12,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save
@@ -28,10 +29,13 @@ __all__ = [
     "LoadedModel",
     "check_encodable",
     "load_model",
+    "load_weights",
     "model_checksum",
     "read_model_config",
     "save_model",
 ]
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -166,22 +170,27 @@ def read_vocab(path: Path, config: ScanConfig) -> Vocab:
     return vocab
 
 
-def read_weights(weights: Path, config: ScanConfig) -> ScanModel:
-    """The matcher of ``config`` with the weights file ``weights`` loaded (in eval mode);
-    ``DataError`` naming it where it is missing, unreadable, holds NaN or inf, or does not fit."""
+def load_weights(module: M, weights: Path) -> M:
+    """``module`` with the safetensors file ``weights`` loaded, in eval mode (a matcher, a hash
+    module); ``DataError`` naming the file where it is missing, unreadable, holds NaN or inf, or
+    does not fit ``module``'s config."""
     if not weights.exists():
         raise DataError(weights, "weights file missing")
-    model = ScanModel(config)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise DataError(weights, f"not a readable safetensors file ({exc})") from None
     check_finite_weights(weights, state)
     try:
-        model.load_state_dict(state)
+        module.load_state_dict(state)
     except RuntimeError as exc:
         raise DataError(weights, f"weights do not fit the config ({exc})") from None
-    return model.eval()
+    return module.eval()
+
+
+def read_weights(weights: Path, config: ScanConfig) -> ScanModel:
+    """The matcher of ``config`` with the weights file ``weights`` loaded (``load_weights``)."""
+    return load_weights(ScanModel(config), weights)
 
 
 def load_model(path: str | Path) -> LoadedModel:

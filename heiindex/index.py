@@ -53,6 +53,7 @@ from .hamming import (
     set_search_breadth,
     stored_codes,
 )
+from .hash_folder import LoadedHash, check_trained_next_to, hash_checksum, load_hash
 from .hashing import HashModule
 from .index_manifest import (
     INDEX_FILES,
@@ -104,7 +105,6 @@ from .store import (
     rows_of,
     sorted_ids,
 )
-from .train_hash import LoadedHash, check_trained_next_to, hash_checksum, load_hash
 
 __all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
 

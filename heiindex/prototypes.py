@@ -39,11 +39,11 @@ from .checkpoint import LoadedModel
 from .encode import encode_caption_block, iter_caption_blocks
 from .errors import HeiindexError, UnusedSettingWarning
 from .hamming import hamming_candidates, make_binary_index
+from .hash_folder import LoadedHash
 from .hashing import pack_codes
 from .progress import progress_bar
 from .settings import SettingError, require, settle
 from .store import SplitStore
-from .train_hash import LoadedHash
 
 __all__ = [
     "CaptionBank",

@@ -35,6 +35,7 @@ from .device import resolve_device
 from .errors import HeiindexError
 from .evaluation import check_captioned
 from .hamming import check_index_options, set_search_breadth
+from .hash_folder import LoadedHash
 from .index import (
     INDEX_OUTPUT,
     Hit,
@@ -70,7 +71,6 @@ from .search import (
 )
 from .settings import SettingError, require, require_breadth
 from .store import SplitStore, rows_of, sorted_ids
-from .train_hash import LoadedHash
 
 __all__ = [
     "ShardedIndex",

@@ -16,7 +16,6 @@ What this module must not do: change the matcher.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from .checkpoint import LoadedModel, check_finite_weights, write_weights
+from .checkpoint import LoadedModel
 from .encode import (
     EncodedSplit,
     check_split,
@@ -36,11 +34,11 @@ from .encode import (
     encode_images,
     iter_caption_blocks,
 )
-from .errors import DataError, HeiindexError, ModelMismatchError, counted, sized
+from .errors import HeiindexError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
+from .hash_folder import HASH_OUTPUT, save_hash
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
-from .manifests import read_json_object, write_json
-from .outputs import atomic_dir, check_output
+from .outputs import check_output
 from .packed import PackedWords
 from .progress import progress_bar
 from .settings import SettingError, require, settle
@@ -50,19 +48,13 @@ from .train import finite_loss, iter_training_batches, require_loop_settings
 __all__ = [
     "HashRecords",
     "HashTrainConfig",
-    "LoadedHash",
     "PooledSplit",
     "candidate_recall",
     "collect_batches",
     "fit_hash",
-    "load_hash",
-    "save_hash",
     "train_hash",
 ]
 
-HASH_FORMAT_VERSION = 1
-HASH_WEIGHTS = "hash.safetensors"
-HASH_OUTPUT = ("a hash module", (HASH_WEIGHTS, "config.json"))  # kind and entries (atomic_dir)
 DEFAULT_VAL_CANDIDATES = 100  # N of the dev candidate recall@N that picks the best epoch (the issue's N)
 _CAPTION_BLOCK = 1024  # captions encoded (and pooled) at a time
 
@@ -118,91 +110,6 @@ class HashTrainConfig:
                     f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; a number given replaces it)"
                 )
         return replace(self, val_candidates=n)
-
-
-@dataclass
-class LoadedHash:
-    module: HashModule
-    info: dict
-    path: Path
-
-
-def hash_checksum(module: HashModule) -> str:
-    """SHA-256 of a hash module's weights (names and float32 bytes, in name order): what an index
-    records of the module it was built with, and a hash folder of its own weights."""
-    sha = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(t.detach().float().cpu().numpy().tobytes())
-    return sha.hexdigest()
-
-
-def save_hash(module: HashModule, path: Path, info: dict) -> None:
-    """Write a hash folder atomically; ``info`` (JSON) is stored with its weights' checksum."""
-    info = {**info, "weights_sha256": hash_checksum(module)}
-    with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
-        write_weights(module.state_dict(), tmp / HASH_WEIGHTS)
-        write_json(
-            tmp / "config.json",
-            {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash", "hash": module.config.to_dict(), "info": info},
-        )
-
-
-def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) -> None:
-    """``ModelMismatchError`` unless the hash module at ``path`` (its recorded ``info``) was trained
-    next to ``matcher``, saying the two ways out."""
-    trained = info.get("matcher_sha256")
-    if trained != matcher.checksum:
-        raise ModelMismatchError(
-            f"hash module {path} was trained next to matcher {(trained or '?')[:12]}, not {matcher.checksum[:12]} "
-            f"({matcher.path}): give the matcher it was trained next to, or train a hash module next to this "
-            f"one (`heiindex train-hash --model {matcher.path} --store STORE --out DIR`, STORE the store it "
-            "trained on) and give that"
-        )
-
-
-def hash_config(raw: dict, cfg_path: Path) -> HashConfig:
-    """The ``HashConfig`` of a hash folder's parsed config.json; ``DataError`` naming it."""
-    try:
-        return HashConfig(**raw["hash"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
-
-
-def read_hash_weights(weights: Path, config: HashConfig) -> HashModule:
-    """The hash module of ``config`` with ``weights`` loaded (in eval mode); ``DataError`` naming
-    the file where it is missing, unreadable, does not fit, or holds NaN or inf."""
-    module = HashModule(config)
-    try:
-        state = load_file(str(weights))
-        module.load_state_dict(state)
-    except Exception as exc:  # missing, corrupt (safetensors' own error) or wrong shapes
-        raise DataError(weights, f"cannot load hash weights ({exc})") from None
-    check_finite_weights(weights, state)
-    return module.eval()
-
-
-def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHash:
-    """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
-    path = Path(path)
-    cfg_path = path / "config.json"
-    raw = read_json_object(cfg_path, "no hash module config here")
-    if raw.get("kind") == "scan":
-        raise DataError(
-            cfg_path, "is a matcher's config (kind 'scan'), not a hash module's: give the hash module's folder"
-        )
-    if raw.get("kind") != "hei-hash" or raw.get("format_version") != HASH_FORMAT_VERSION:
-        raise DataError(cfg_path, f"expected kind 'hei-hash' and format_version {HASH_FORMAT_VERSION}")
-    weights = path / HASH_WEIGHTS
-    module = read_hash_weights(weights, hash_config(raw, cfg_path))
-    info = raw.get("info", {})
-    if not isinstance(info, dict):  # read as one below (a list raised a raw AttributeError)
-        raise DataError(cfg_path, f'field "info" must be an object, got {type(info).__name__}')
-    if info.get("weights_sha256") not in (None, hash_checksum(module)):  # none: written before it was recorded
-        raise DataError(weights, "weights checksum differs from config.json; the folder was modified")
-    if matcher is not None:
-        check_trained_next_to(info, path, matcher)
-    return LoadedHash(module, info, path)
 
 
 @torch.no_grad()

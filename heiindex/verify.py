@@ -259,7 +259,7 @@ def _weights_folder_checks(folder: Path) -> list[FileCheck]:
     ``vocab.json``, each as loading the folder would find it, the weights and vocabulary against
     the checksums ``config.json`` records ("unrecorded" where it records none)."""
     from .checkpoint import VOCAB_FILE, WEIGHTS_FILE, model_checksum, read_model_config, read_vocab, read_weights
-    from .train_hash import HASH_WEIGHTS, hash_checksum, hash_config, read_hash_weights
+    from .hash_folder import HASH_WEIGHTS, hash_checksum, hash_config, read_hash_weights
 
     cfg_path = folder / "config.json"
     raw, unread = _readable_manifest(cfg_path)

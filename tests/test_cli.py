@@ -33,11 +33,11 @@ from heiindex import default_data
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import UnusedSettingWarning
+from heiindex.hash_folder import load_hash
 from heiindex.index import Index
 from heiindex.scoring import evaluate_exhaustive
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
-from heiindex.train_hash import load_hash
 
 # -- build ------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import heiindex.train_hash as th
 from heiindex.checkpoint import load_model, write_weights
 from heiindex.encode import encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
+from heiindex.hash_folder import hash_checksum, load_hash, save_hash
 from heiindex.hashing import (
     HashConfig,
     HashModule,
@@ -31,14 +32,7 @@ from heiindex.hashing import (
 from heiindex.packed import PackedWords
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
-from heiindex.train_hash import (
-    HashTrainConfig,
-    candidate_recall,
-    hash_checksum,
-    load_hash,
-    save_hash,
-    train_hash,
-)
+from heiindex.train_hash import HashTrainConfig, candidate_recall, train_hash
 
 # -- packing ----------------------------------------------------------------------------------
 

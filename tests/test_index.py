@@ -20,6 +20,7 @@ from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions, encode_images, encode_split
 from heiindex.errors import DataError, HeiindexError, ModelMismatchError
 from heiindex.hamming import stored_codes
+from heiindex.hash_folder import load_hash, save_hash
 from heiindex.hashing import HashConfig
 from heiindex.index import Index
 from heiindex.ingest import ingest
@@ -27,7 +28,6 @@ from heiindex.packed import PackedWords
 from heiindex.search import default_counts
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
-from heiindex.train_hash import load_hash, save_hash
 
 
 @pytest.fixture(scope="module")

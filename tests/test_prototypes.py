@@ -19,11 +19,11 @@ from heiindex.checkpoint import load_model
 from heiindex.encode import encode_captions
 from heiindex.errors import DataError, HeiindexError, UnusedSettingWarning
 from heiindex.hamming import load_binary_index, stored_codes
+from heiindex.hash_folder import load_hash
 from heiindex.hashing import pack_codes
 from heiindex.index import Index
 from heiindex.prototypes import PendingImages, PrototypeConfig, caption_bank, describe_images
 from heiindex.shards import write_shards
-from heiindex.train_hash import load_hash
 
 TRAIN_CAPTIONS = 5 * pf.SPLIT_IMAGES["train"]  # 320
 SMALL = PrototypeConfig(k=3, weight=0.6, preselect=40)
