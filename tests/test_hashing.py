@@ -397,6 +397,25 @@ def test_load_hash_refuses_weights_holding_inf(tmp_path):
         load_hash(tmp_path / "h")
 
 
+def test_load_hash_names_missing_unreadable_and_misfitting_weights(tmp_path):
+    """As a matcher's folder names them (checkpoint.load_weights); all three were "cannot load
+    hash weights", with safetensors' or torch's message."""
+    save_hash(HashModule(HashConfig(bits=16, embed_size=4)), tmp_path / "h", {})
+    weights = tmp_path / "h" / "hash.safetensors"
+    saved = weights.read_bytes()
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match=r"h/hash.safetensors: not a readable safetensors file"):
+        load_hash(tmp_path / "h")
+    write_weights(HashModule(HashConfig(bits=24, embed_size=4)).state_dict(), weights)
+    with pytest.raises(DataError, match=r"h/hash.safetensors: weights do not fit the config"):
+        load_hash(tmp_path / "h")
+    weights.unlink()
+    with pytest.raises(DataError, match=r"h/hash.safetensors: weights file missing"):
+        load_hash(tmp_path / "h")
+    weights.write_bytes(saved)
+    assert load_hash(tmp_path / "h").module.config.bits == 16
+
+
 # -- training next to the matcher -------------------------------------------------------------
 
 
