@@ -665,7 +665,7 @@ def build(
 ) -> None:
     """Encode a split, hash it and write FAISS binary indexes plus re-ranking features."""
     from heiindex import default_data as dd
-    from heiindex.shards import build_index
+    from heiindex.builds import build_index
 
     if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
         raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
@@ -772,7 +772,7 @@ def _open_index(
 
     path = _index_path(index_dir)
     sharded_manifest(path)  # a missing index is told before torch and FAISS are imported
-    from heiindex.shards import open_index
+    from heiindex.builds import open_index
 
     return open_index(path, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
 
@@ -1008,7 +1008,7 @@ def bench(
     from heiindex.index import Index
 
     if not isinstance(index, Index):  # a sharded build, in process or on Ray
-        from heiindex.shards import run_sharded_bench
+        from heiindex.bench import run_sharded_bench
 
         res = run_sharded_bench(index, topk, warmup=warmup)
         if as_json:

@@ -36,12 +36,14 @@ from .plot import check_plot_path, plot_sweep, require_matplotlib
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
+from .store import rows_of, sorted_ids
 
 __all__ = [
     "candidate_metrics",
     "candidate_ranks",
     "rerank_direction",
     "run_bench",
+    "run_sharded_bench",
     "warm_up",
 ]
 
@@ -374,7 +376,7 @@ def run_bench(
     ``sweep``, a .png path to draw the main protocol's sweep in (checked before any pass; its
     path is ``"plot"``; needs matplotlib)."""
     if getattr(index, "sharded", False):
-        raise HeiindexError("run_bench benches one index; bench a sharded build with heiindex.shards.run_sharded_bench")
+        raise HeiindexError("run_bench benches one index; bench a sharded build with run_sharded_bench")
     repeats = require("repeats", repeats, at_least=1, integer=True)
     check_protocols(protocols)
     # checked before any pass: a float sweep value failed after the whole bench, named "candidates"
@@ -429,3 +431,77 @@ def run_bench(
                 stacklevel=2,
             )
     return out
+
+
+def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> dict:
+    """HEI and Hamming-alone R@K, both directions, over a sharded build.
+
+    ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``. The queries are
+    the stored encoded captions and images of all shards (as ``heiindex bench`` uses one index's);
+    each shard answers every query of a direction in one batch (on Ray, all shards at once), with its own Hamming
+    top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
+    ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
+    index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
+    ``topk`` by default: 100, or the largest the build allows where that is smaller. ``warmup``:
+    first an untimed pass of a few queries a direction, as ``heiindex.bench.warm_up`` (its
+    seconds are ``"warmup_seconds"``; None without it).
+    """
+    metas = engine.bench_metas()
+    img_sizes = [len(m["image_ids"]) for m in metas]
+    cap_sizes = [len(m["caption_image_ids"]) for m in metas]
+    limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
+    # a float topk passed the range check and failed in the warm-up's search, named "candidates"
+    topk = bench_depth(None if topk is None else require("topk", topk, integer=True), limit)
+    if not 1 <= topk <= limit:
+        raise SettingError("topk", f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
+    image_ids = np.concatenate([m["image_ids"] for m in metas])
+    caption_image = rows_of(sorted_ids(image_ids), np.concatenate([m["caption_image_ids"] for m in metas]))
+    check_captioned(caption_image, len(image_ids))  # before any pass, not after the first
+    img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
+
+    warmup_seconds = None
+    if warmup:  # each shard's depth is capped at its size: the smallest shard's sets the queries
+        t0 = time.perf_counter()
+        engine.bench_captions(topk, warmup_queries(min(topk, *img_sizes)))
+        engine.bench_images(topk, warmup_queries(min(topk, *cap_sizes)))
+        warmup_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_shard = engine.bench_captions(topk)
+    t2i = _merge_candidates(per_shard, img_off)
+    t_t2i = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_shard = engine.bench_images(topk)
+    i2t = _merge_candidates(per_shard, cap_off)
+    t_i2t = time.perf_counter() - t0
+
+    out = {
+        "split": engine.manifest["split"],
+        "index": str(engine.path),
+        "shards": len(metas),
+        "engine": type(engine).__name__,
+        "images": int(len(image_ids)),
+        "captions": int(len(caption_image)),
+        "candidates": topk,
+        "shard_images": img_sizes,  # each shard's N is capped at its size, in each direction
+        "shard_captions": cap_sizes,
+        "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
+        "warmup_seconds": warmup_seconds,
+        # Every shard has one hash module. A key missing (None) is one that the actors of an older
+        # heiindex, still serving, do not report.
+        "bits": metas[0].get("bits"),
+        # each shard's, as run_bench gives one index's (Index.search_breadth; on Ray, its actor's threads)
+        **{key: [m.get(key) for m in metas] for key in ("index_type", "search_breadth", "threads", "device", "dtype")},
+    }
+    for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
+        out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)
+    return out
+
+
+def _merge_candidates(per_shard: list, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shard-local (rows, scores, hamming) per shard -> global rows side by side (-1 kept)."""
+    rows = [np.where(ids >= 0, ids + offsets[s], -1) for s, (ids, _, _) in enumerate(per_shard)]
+    return (
+        np.concatenate(rows, 1),
+        np.concatenate([p[1] for p in per_shard], 1),
+        np.concatenate([p[2] for p in per_shard], 1),
+    )

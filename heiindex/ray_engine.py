@@ -341,7 +341,7 @@ class RayShardedIndex(BatchSearch):
     def shard_sizes(self, image_query: bool) -> list[int]:
         return [int(e["n_captions" if image_query else "n_images"]) for e in self.manifest["shards"]]
 
-    # -- the sharded bench (heiindex.shards.run_sharded_bench): every shard at once -------------
+    # -- the sharded bench (heiindex.bench.run_sharded_bench): every shard at once -------------
     def bench_metas(self) -> list[dict]:
         return self._gather([a.bench_meta.remote() for a in self.actors], "the bench")
 

@@ -29,11 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .bench import candidate_metrics, warmup_queries
 from .checkpoint import LoadedModel
-from .device import resolve_device
-from .errors import HeiindexError
-from .evaluation import check_captioned
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
 from .index import (
@@ -54,7 +50,6 @@ from .index_manifest import (
     check_shards,
     read_sharded_manifest,
     refuse_shard_folder,
-    sharded_manifest,
 )
 from .manifests import write_json
 from .milvus_codes import replaced_collections  # pymilvus: lazily
@@ -64,23 +59,19 @@ from .search import (
     BatchSearch,
     Candidates,
     EncodedQueries,
-    bench_depth,
     check_queries,
     encode_queries,
     refuse_unknown_images,
 )
 from .settings import SettingError, require, require_breadth
-from .store import SplitStore, rows_of, sorted_ids
+from .store import SplitStore
 
 __all__ = [
     "ShardedIndex",
     "batch_results",
-    "build_index",
     "build_shards",
     "locate_images",
     "merge_hits",
-    "open_index",
-    "run_sharded_bench",
     "shard_bounds",
     "shard_search_regions",
     "shard_search_text",
@@ -343,99 +334,6 @@ class ShardedIndex(BatchSearch):
         return regions, gram, np.concatenate([p[2] for p in parts])[back.numpy()]
 
 
-def build_index(
-    split: str = "test",
-    store_root: str | Path | None = None,
-    matcher: LoadedModel | str | Path | None = None,
-    hasher: LoadedHash | str | Path | None = None,
-    out: str | Path | None = None,
-    shards: int | None = None,
-    *,
-    codes: str = "faiss",
-    uri: str | None = None,
-    milvus_index: str = "BIN_FLAT",
-    prototypes: PrototypeConfig | None = None,
-    index_type: str = "auto",
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    device: str = "cpu",
-    progress: bool = False,
-    log=print,
-) -> tuple[Path, dict]:
-    """What ``heiindex build`` does: ``split`` of ``store_root`` built into ``out``, as ``shards``
-    shards (``write_shards``) or one index (``Index.write``, the only kind whose codes can go to
-    Milvus: ``codes`` / ``uri`` / ``milvus_index``); the other arguments are theirs. Every setting
-    is checked before anything is generated or encoded. ``store_root`` None: the default data
-    (coco-sim, generated on first use, ``log`` saying so), the default matcher and hash module
-    where none are given, ``out`` by default its split's index folder, and the build recorded as
-    the last one (``heiindex.default_data.mark_last_built``: what ``open_index()`` and the CLI
-    search without a path). Another store needs ``out``. Returns the folder written and its
-    manifest."""
-    from . import default_data as dd
-    from .index import check_codes_options
-
-    check_index_options(index_type, nlist, nprobe)
-    resolve_device(device)
-    check_codes_options(codes, uri, milvus_index)
-    if shards is not None and codes != "faiss":
-        raise HeiindexError(
-            "`codes` milvus is for an unsharded build (the shards keep their codes in FAISS files)",
-            settings=("codes",),
-        )
-    if prototypes is not None:
-        check_describing_split(prototypes, split)
-    default_data = store_root is None or Path(store_root).resolve() == dd.default_store_dir().resolve()
-    if out is None and not default_data:  # the default folder is the default data's index
-        raise HeiindexError(
-            f"`store_root` {store_root} needs `out`, an index folder: without it the index would replace the "
-            f"default data's, {dd.default_index_dir(split)}",
-            settings=("store_root", "out"),
-        )
-    root = Path(store_root) if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
-    out = Path(out) if out is not None else dd.default_index_dir(split)
-    models = (matcher or dd.default_model_dir(), hasher or dd.default_hash_dir())
-    common = dict(
-        index_type=index_type, nlist=nlist, nprobe=nprobe, progress=progress, device=device, prototypes=prototypes
-    )
-    if shards is not None:
-        manifest = write_shards(root, split, *models, out, shards, **common)
-    else:
-        manifest = Index.write(root, split, *models, out, codes=codes, uri=uri, milvus_index=milvus_index, **common)
-    if store_root is None:
-        dd.mark_last_built(out)
-    return out, manifest
-
-
-def open_index(
-    path: str | Path | None = None,
-    matcher: LoadedModel | str | Path | None = None,
-    hasher: LoadedHash | str | Path | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    codes: str | None = None,
-    uri: str | None = None,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-) -> Index | ShardedIndex:
-    """The build at ``path`` opened, whichever kind it is: a sharded one as ``ShardedIndex.open``
-    opens it, else as ``Index.open`` (the arguments are theirs; ``codes`` / ``uri``, Milvus
-    codes, only for an unsharded build). ``path`` None: the index the last build on the default
-    data wrote (``heiindex.default_data.last_built_index``), as ``heiindex query`` and ``bench``
-    search without ``--index``."""
-    if path is None:
-        from .default_data import last_built_index
-
-        path = last_built_index()
-    path = Path(path)
-    if sharded_manifest(path) is None:
-        return Index.open(
-            path, matcher, hasher, device=device, dtype=dtype, codes=codes, uri=uri, nprobe=nprobe, ef_search=ef_search
-        )
-    if codes == "milvus" or uri is not None:
-        raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
-    return ShardedIndex.open(path, matcher, hasher, device=device, dtype=dtype, nprobe=nprobe, ef_search=ef_search)
-
-
 def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:
     """How many items of each part, in order, make up the first ``queries`` items of all the parts
     together (every item where ``queries`` is None): the bench's warm-up takes its queries from
@@ -492,77 +390,3 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, c
 # ---------------------------------------------------------------------------------------------
 # The bench of a sharded build (in process or on Ray: both give per-shard batches)
 # ---------------------------------------------------------------------------------------------
-
-
-def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> dict:
-    """HEI and Hamming-alone R@K, both directions, over a sharded build.
-
-    ``engine``: a ``ShardedIndex`` or ``heiindex.ray_engine.RayShardedIndex``. The queries are
-    the stored encoded captions and images of all shards (as ``heiindex bench`` uses one index's);
-    each shard answers every query of a direction in one batch (on Ray, all shards at once), with its own Hamming
-    top-``topk`` (capped at the shard's size) re-ranked by the matcher; the candidates of all shards are merged per query and
-    ranked by score (HEI) or by Hamming distance (Hamming alone), as ``heiindex bench`` ranks one
-    index's candidates. Exhaustive scoring is not part of it (bench the unsharded build for it).
-    ``topk`` by default: 100, or the largest the build allows where that is smaller. ``warmup``:
-    first an untimed pass of a few queries a direction, as ``heiindex.bench.warm_up`` (its
-    seconds are ``"warmup_seconds"``; None without it).
-    """
-    metas = engine.bench_metas()
-    img_sizes = [len(m["image_ids"]) for m in metas]
-    cap_sizes = [len(m["caption_image_ids"]) for m in metas]
-    limit = max(sum(img_sizes), sum(cap_sizes))  # each direction's shards are capped at their own size
-    # a float topk passed the range check and failed in the warm-up's search, named "candidates"
-    topk = bench_depth(None if topk is None else require("topk", topk, integer=True), limit)
-    if not 1 <= topk <= limit:
-        raise SettingError("topk", f"topk {topk} must lie in [1, {limit}] for this index (its images or captions)")
-    image_ids = np.concatenate([m["image_ids"] for m in metas])
-    caption_image = rows_of(sorted_ids(image_ids), np.concatenate([m["caption_image_ids"] for m in metas]))
-    check_captioned(caption_image, len(image_ids))  # before any pass, not after the first
-    img_off, cap_off = np.cumsum([0, *img_sizes]), np.cumsum([0, *cap_sizes])
-
-    warmup_seconds = None
-    if warmup:  # each shard's depth is capped at its size: the smallest shard's sets the queries
-        t0 = time.perf_counter()
-        engine.bench_captions(topk, warmup_queries(min(topk, *img_sizes)))
-        engine.bench_images(topk, warmup_queries(min(topk, *cap_sizes)))
-        warmup_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    per_shard = engine.bench_captions(topk)
-    t2i = _merge_candidates(per_shard, img_off)
-    t_t2i = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    per_shard = engine.bench_images(topk)
-    i2t = _merge_candidates(per_shard, cap_off)
-    t_i2t = time.perf_counter() - t0
-
-    out = {
-        "split": engine.manifest["split"],
-        "index": str(engine.path),
-        "shards": len(metas),
-        "engine": type(engine).__name__,
-        "images": int(len(image_ids)),
-        "captions": int(len(caption_image)),
-        "candidates": topk,
-        "shard_images": img_sizes,  # each shard's N is capped at its size, in each direction
-        "shard_captions": cap_sizes,
-        "prototypes": engine.manifest.get("prototypes"),  # None: each image's own code
-        "warmup_seconds": warmup_seconds,
-        # Every shard has one hash module. A key missing (None) is one that the actors of an older
-        # heiindex, still serving, do not report.
-        "bits": metas[0].get("bits"),
-        # each shard's, as run_bench gives one index's (Index.search_breadth; on Ray, its actor's threads)
-        **{key: [m.get(key) for m in metas] for key in ("index_type", "search_breadth", "threads", "device", "dtype")},
-    }
-    for direction, (cand, scores, dist), seconds in (("t2i", t2i, t_t2i), ("i2t", i2t, t_i2t)):
-        out[direction] = candidate_metrics(direction, cand, scores, dist, caption_image, seconds)
-    return out
-
-
-def _merge_candidates(per_shard: list, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shard-local (rows, scores, hamming) per shard -> global rows side by side (-1 kept)."""
-    rows = [np.where(ids >= 0, ids + offsets[s], -1) for s, (ids, _, _) in enumerate(per_shard)]
-    return (
-        np.concatenate(rows, 1),
-        np.concatenate([p[1] for p in per_shard], 1),
-        np.concatenate([p[2] for p in per_shard], 1),
-    )

@@ -615,7 +615,8 @@ def test_candidate_ranks_refuse_an_uncaptioned_image_query():
 def test_a_build_with_an_uncaptioned_image_is_refused_before_any_pass(pipe, tmp_path, monkeypatch):
     """Such a build serves queries, but i2t recall would count the image a miss: the bench refused
     it only after the text-to-image pass (and the sharded bench after both directions' searches)."""
-    from heiindex.shards import ShardedIndex, build_shards, run_sharded_bench
+    from heiindex.bench import run_sharded_bench
+    from heiindex.shards import ShardedIndex, build_shards
 
     root = pf.copy_store(pipe, tmp_path)
     pf.edit_column(root / "test" / "captions.parquet", "image_id", lambda ids: ids.__setitem__(ids == ids[0], ids[-1]))

@@ -50,7 +50,7 @@ def _spy_ray(monkeypatch, got: dict):
 def test_query_and_bench_on_ray_pass_address_and_threads_to_the_actors(pipe, monkeypatch):
     """`--engine ray --address ... --threads N` would otherwise start a local Ray, or actors with
     another thread count (scores summed in another order), and say nothing."""
-    import heiindex.shards
+    import heiindex.bench
 
     got: dict = {}
     _spy_ray(monkeypatch, got)
@@ -58,7 +58,7 @@ def test_query_and_bench_on_ray_pass_address_and_threads_to_the_actors(pipe, mon
     assert as_json(run("query", "a dog", *ray, "--json")) == {"query": "a dog"}
     assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
     got.clear()
-    monkeypatch.setattr(heiindex.shards, "run_sharded_bench", lambda index, topk, warmup: {"topk": topk, "w": warmup})
+    monkeypatch.setattr(heiindex.bench, "run_sharded_bench", lambda index, topk, warmup: {"topk": topk, "w": warmup})
     assert as_json(run("bench", "--topk", "7", *ray, "--json")) == {"topk": 7, "w": True}
     assert as_json(run("bench", "--topk", "7", "--no-warmup", *ray, "--json")) == {"topk": 7, "w": False}
     assert (got["address"], got["threads"], got["detached"]) == ("10.0.0.1:6379", 3, False)
@@ -249,8 +249,8 @@ def test_evaluate_titles_one_fold_as_the_bench_does(pipe, monkeypatch):
 
 def _spy_build(monkeypatch, got: dict):
     """Index.write and write_shards replaced by recorders; any device accepted."""
+    import heiindex.builds
     import heiindex.index
-    import heiindex.shards
 
     def fake_write(root, split, matcher, hasher, out, **kw):
         got.update(kw, split=split)
@@ -261,9 +261,9 @@ def _spy_build(monkeypatch, got: dict):
         got.update(kw, split=split, shards=shards)
         return {"n_images": 2, "n_captions": 10, "shards": [{"n_images": 1}, {"n_images": 1}]}
 
-    monkeypatch.setattr(heiindex.shards, "resolve_device", lambda device: device)  # build_index's check
+    monkeypatch.setattr(heiindex.builds, "resolve_device", lambda device: device)  # build_index's check
     monkeypatch.setattr(heiindex.index.Index, "write", staticmethod(fake_write))
-    monkeypatch.setattr(heiindex.shards, "write_shards", fake_shards)
+    monkeypatch.setattr(heiindex.builds, "write_shards", fake_shards)
 
 
 def test_build_passes_its_options_to_the_writer(pipe, tmp_path, monkeypatch):
@@ -292,11 +292,11 @@ def test_build_passes_its_options_to_the_writer(pipe, tmp_path, monkeypatch):
 def test_build_refuses_milvus_codes_or_a_milvus_index_that_would_go_unused(pipe, tmp_path, monkeypatch):
     """A sharded build keeps its codes in FAISS files: --codes milvus with --shards, or a
     --milvus-index without --codes milvus, was written as FAISS files without a word."""
+    import heiindex.builds
     import heiindex.index
-    import heiindex.shards
 
     pf.forbid(monkeypatch, "written", (heiindex.index.Index, "write"))
-    pf.forbid(monkeypatch, "written", (heiindex.shards, "write_shards"))
+    pf.forbid(monkeypatch, "written", (heiindex.builds, "write_shards"))
     common = ("--store", pipe.root, "--model", pipe.model_dir, "--hash", pipe.hash_dir, "--out", tmp_path / "i")
     r = run("build", *common, "--shards", "2", "--codes", "milvus", "--uri", "http://127.0.0.1:1")
     clean_error(r, "--codes milvus is for an unsharded build")
@@ -459,12 +459,12 @@ def test_resume_checks_only_the_shape_options_given(pipe, tmp_path, monkeypatch)
 
 def test_a_sharded_build_is_opened_with_the_dtype_asked_for(pipe, monkeypatch):
     """`heiindex query --dtype bfloat16` on a sharded build scored in float32 without a word."""
+    import heiindex.builds
     import heiindex.index_manifest
-    import heiindex.shards
 
     got: dict = {}
 
-    for module in (heiindex.index_manifest, heiindex.shards):  # the CLI's early check, open_index's
+    for module in (heiindex.index_manifest, heiindex.builds):  # the CLI's early check, open_index's
         monkeypatch.setattr(module, "sharded_manifest", lambda path: {"shards": []})
     monkeypatch.setattr(heiindex.shards.ShardedIndex, "open", _spy_open(got))
     r = run("query", "a dog", "--index", pipe.index_dir, "--dtype", "bfloat16", "--device", "cpu")

@@ -223,7 +223,7 @@ def test_actors_of_an_earlier_build_are_refused_and_all_stopped(local_ray, shard
 
 
 def test_bench_on_ray_equals_in_process(served, sharded):
-    from heiindex.shards import run_sharded_bench
+    from heiindex.bench import run_sharded_bench
 
     got, want = run_sharded_bench(served, topk=6), run_sharded_bench(sharded, topk=6)
     assert got["engine"] == "RayShardedIndex" and want["engine"] == "ShardedIndex"

@@ -12,20 +12,14 @@ import pytest
 import torch
 from cli_helpers import as_json, build, clean_error, json_lines, ok, run
 
+from heiindex.bench import _merge_candidates, run_sharded_bench
+from heiindex.builds import open_index
 from heiindex.errors import DataError, HeiindexError
 from heiindex.hamming import hamming_candidates
 from heiindex.index import Index
 from heiindex.index_manifest import read_sharded_manifest, sharded_manifest
 from heiindex.packed import PackedWords
-from heiindex.shards import (
-    ShardedIndex,
-    _merge_candidates,
-    build_shards,
-    open_index,
-    run_sharded_bench,
-    shard_bounds,
-    write_shards,
-)
+from heiindex.shards import ShardedIndex, build_shards, shard_bounds, write_shards
 from heiindex.store import SplitStore
 
 QUERIES = ["a dog on the grass", "a man riding a motorcycle", "a red bus on the street", "two cats"]
@@ -46,7 +40,7 @@ def sharded(pipe, tmp_path_factory):
 def test_the_unsharded_bench_points_to_the_sharded_one(sharded):
     from heiindex.bench import run_bench
 
-    with pytest.raises(HeiindexError, match="bench a sharded build with heiindex.shards.run_sharded_bench"):
+    with pytest.raises(HeiindexError, match="bench a sharded build with run_sharded_bench"):
         run_bench(sharded)  # an AttributeError on caption_image
 
 
@@ -401,16 +395,16 @@ def test_the_sharded_bench_warms_up_on_a_few_queries_first(sharded, monkeypatch)
 def test_build_index_writes_either_kind_and_checks_every_setting_first(pipe, tmp_path, monkeypatch):
     """What `heiindex build` does, for a Python user: a sharded or a single build, every refusal
     before anything is written (and before the default data could be generated)."""
+    import heiindex.builds
     import heiindex.default_data
-    import heiindex.shards
-    from heiindex.shards import build_index
+    from heiindex.builds import build_index
 
     models = (pipe.model_dir, pipe.hash_dir)
     out, manifest = build_index("test", pipe.root, *models, tmp_path / "two", 2, index_type="flat")
     assert out == tmp_path / "two" and len(manifest["shards"]) == 2
     assert isinstance(open_index(out), ShardedIndex)
     with monkeypatch.context() as m:
-        pf.forbid(m, "written", (Index, "write"), (heiindex.shards, "write_shards"))
+        pf.forbid(m, "written", (Index, "write"), (heiindex.builds, "write_shards"))
         pf.forbid(m, "generated", (heiindex.default_data, "ensure_coco_sim"))
         for kwargs, message in (
             (
@@ -581,9 +575,9 @@ class _TwoShards:
 def test_sharded_bench_offsets_rows_by_each_shards_own_counts_and_times_each_direction(monkeypatch):
     """Shard 1's caption rows start after shard 0's 4 captions (not 2 images x 5), and each
     direction is timed by its own clock readings."""
-    import heiindex.shards as shards_module
+    import heiindex.bench as bench_module
 
-    monkeypatch.setattr(shards_module, "time", pf.fake_clock(0, 1, 10, 13))
+    monkeypatch.setattr(bench_module, "time", pf.fake_clock(0, 1, 10, 13))
     out = run_sharded_bench(_TwoShards(), topk=1, warmup=False)  # the fake clock's readings are the timed passes'
     for direction in ("t2i", "i2t"):
         assert out[direction]["candidate_recall"] == 1.0 and out[direction]["hei"]["r1"] == 100.0, direction
