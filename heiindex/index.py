@@ -25,9 +25,10 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -106,7 +107,7 @@ from .store import (
     sorted_ids,
 )
 
-__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
+__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "read_unswapped", "timed_results"]
 
 
 @dataclass
@@ -140,6 +141,33 @@ class SearchResult:
             "unknown_words": self.unknown_words,
             "results": [h.to_dict() for h in self.results],
         }
+
+
+T = TypeVar("T")
+
+
+def read_unswapped(folder: Path, read: Callable[[], T], tries: int = 3) -> T:
+    """``read()`` of a build's ``folder`` (an index, a sharded build) as one build wrote it. A
+    rebuild swaps the folder whole, and may do so while it is read: the manifest of one build
+    and a code file of the next were refused as "changed since the index was built", and, where
+    the swap fell between the checked files and the rest, old codes were opened beside the new
+    build's features without a word (a sharded build: shards of two builds). So the manifest's
+    digest is compared before and after: where it changed, the read is done again, up to
+    ``tries`` times in all, whether it failed (``DataError``) or not."""
+    for attempt in range(tries):
+        before = manifest_digest(folder)
+        try:
+            result = read()
+        except DataError:
+            if before is None or manifest_digest(folder) == before or attempt == tries - 1:  # not a swap
+                raise
+            continue
+        if before is not None and manifest_digest(folder) == before:
+            return result
+    raise DataError(
+        Path(folder) / MANIFEST_FILE,
+        f"changed while it was read, {tries} times: another command is rebuilding it; try again when it is done",
+    )
 
 
 def check_codes_options(codes: str, uri: str | None, milvus_index: str = "BIN_FLAT") -> None:
@@ -485,19 +513,11 @@ class Index(BatchSearch):
         built. ``nprobe`` / ``ef_search``: how widely an IVF / HNSW index searches, in place of
         the build's (``set_search_breadth``).
 
-        A rebuild may swap the folder while it is read (the manifest of one build, a code file
-        of the next: refused as "changed since the index was built"); where the manifest changed
-        meanwhile, the open is tried again, up to three times."""
+        A rebuild may swap the folder while it is read (``read_unswapped``): the open is tried
+        again, up to three times, where the manifest changed meanwhile."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before anything is read
-        for _ in range(2):
-            before = manifest_digest(path)
-            try:
-                return cls._open_once(path, *args).set_search_breadth(nprobe, ef_search)
-            except DataError:
-                if before is None or manifest_digest(path) == before:  # not a swap: the error stands
-                    raise
-        return cls._open_once(path, *args).set_search_breadth(nprobe, ef_search)
+        return read_unswapped(path, lambda: cls._open_once(path, *args)).set_search_breadth(nprobe, ef_search)
 
     @classmethod
     def _open_once(cls, path: Path, matcher, hasher, device: str, dtype: str, codes, uri) -> Index:

@@ -41,6 +41,7 @@ from .index import (
     load_bound_models,
     load_models,
     models_on,
+    read_unswapped,
     shard_counts,
     timed_results,
     warn_unused_lists,
@@ -230,13 +231,17 @@ class ShardedIndex(BatchSearch):
         ``Index.open``'s, for every shard (``set_search_breadth``)."""
         path = Path(path)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before any shard is read
-        manifest = read_sharded_manifest(path)
-        check_shards(path, manifest)  # from their manifests, before any shard or model is read
-        matcher, hasher = load_models(manifest, matcher, hasher, path / "manifest.json")
-        shards = []
-        for entry in manifest["shards"]:  # each the shard the build records: check_shards, above
-            shards.append(Index.open(path / entry["path"], matcher, hasher, device=device, dtype=dtype))
-        return cls(path, manifest, shards).set_search_breadth(nprobe, ef_search)
+
+        def read() -> ShardedIndex:  # whole, again, where a rebuild swapped the build meanwhile
+            manifest = read_sharded_manifest(path)
+            check_shards(path, manifest)  # from their manifests, before any shard or model is read
+            models = load_models(manifest, matcher, hasher, path / "manifest.json")
+            shards = []
+            for entry in manifest["shards"]:  # each the shard the build records: check_shards, above
+                shards.append(Index.open(path / entry["path"], *models, device=device, dtype=dtype))
+            return cls(path, manifest, shards)
+
+        return read_unswapped(path, read).set_search_breadth(nprobe, ef_search)
 
     def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> ShardedIndex:
         """``Index.set_search_breadth`` for every shard: each value checked against every shard
