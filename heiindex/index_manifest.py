@@ -138,7 +138,8 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_mani
     """``DataError`` naming the shard's manifest unless it is the shard the build's ``entry``
     records: the same store rows and counts (a plain build written over a shard folder was served
     as that shard, its images twice, and verify passed it), and, with the build's own manifest,
-    the matcher and hash module it records."""
+    the store data, matcher and hash module it records (a split ingested again during a sharded
+    build gave shards of two contents, which verify passed)."""
     held = {"store_rows": shard_manifest.get("store_rows")}
     held.update({k: shard_manifest.get(k) for k in ("n_images", "n_captions")})
     want = {k: entry.get(k) for k in held if k in entry}
@@ -149,15 +150,24 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_mani
             f"is not the shard {build / MANIFEST_FILE} records ({shown(want)}; it holds {shown(held)}): "
             "was another index written here? build the sharded index again (heiindex build --shards S)",
         )
-    for part in ("matcher", "hash") if build_manifest is not None else ():
-        want = (build_manifest.get(part) or {}).get("sha256")
-        held = (shard_manifest.get(part) or {}).get("sha256") if isinstance(shard_manifest.get(part), dict) else None
+    recorded = (
+        ("store", "checksum", "from store data"),
+        ("matcher", "sha256", "with matcher"),
+        ("hash", "sha256", "with hash"),
+    )
+    for part, key, built in recorded if build_manifest is not None else ():
+        want = (build_manifest.get(part) or {}).get(key) if isinstance(build_manifest.get(part), dict) else None
+        held = (shard_manifest.get(part) or {}).get(key) if isinstance(shard_manifest.get(part), dict) else None
         if want is not None and held != want:
+            why = (  # every shard reads the split again: an ingest in between gave shards of two contents
+                "was the store split ingested again while the build ran?"
+                if part == "store"
+                else "was another index written here?"
+            )
             raise DataError(
                 Path(build) / entry["path"] / MANIFEST_FILE,
-                f"was built with {part} {str(held)[:12]}, not the build's {want[:12]} "
-                f"({Path(build) / MANIFEST_FILE}): was another index written here? build the sharded index again "
-                "(heiindex build --shards S)",
+                f"was built {built} {str(held)[:12]}, not the build's {str(want)[:12]} "
+                f"({Path(build) / MANIFEST_FILE}): {why} build the sharded index again (heiindex build --shards S)",
             )
 
 

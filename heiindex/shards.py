@@ -30,6 +30,7 @@ import torch
 
 from . import __version__
 from .checkpoint import LoadedModel
+from .errors import DataError, name_some
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
 from .index import (
@@ -152,6 +153,13 @@ def write_shards(
             manifests.append(m)
             entries.append(
                 {"path": name, "store_rows": [a, b], "n_images": m["n_images"], "n_captions": m["n_captions"]}
+            )
+        changed = [e["path"] for e, m in zip(entries, manifests, strict=True) if m["store"] != manifests[0]["store"]]
+        if changed or manifests[0]["store"]["checksum"] != store.checksum:  # each shard reads the split again
+            raise DataError(
+                store.path,
+                f"was replaced while the sharded build read it (shards {name_some(changed or [entries[0]['path']])} "
+                "read other data than the build began with): nothing was written; build again once it is ingested",
             )
         manifest = {
             "format_version": SHARDED_FORMAT_VERSION,

@@ -734,3 +734,25 @@ def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, 
     with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used: the index searches exactly \(flat\)") as seen:
         ShardedIndex.open(tmp_path / "f").set_search_breadth(nprobe=2)
     assert len(seen) == 1 and seen[0].filename == __file__
+
+
+def test_a_split_ingested_again_during_a_sharded_build_is_refused(pipe, tmp_path, monkeypatch):
+    """Each shard reads the split again: an ingest between two shards built them from two contents,
+    and the build, open and verify passed it (a reviewer's query for image 900 got image 99's
+    captions). The build now compares every shard's store data with what it began with."""
+    import heiindex.shards
+
+    real, built = heiindex.shards.Index.write, []
+
+    def second_reads_other_data(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        built.append(1)
+        if len(built) == 2:  # as if the split had been ingested again before this shard read it
+            manifest["store"] = {**manifest["store"], "checksum": "1" * 64}
+        return manifest
+
+    monkeypatch.setattr(heiindex.shards.Index, "write", second_reads_other_data)
+    out = tmp_path / "sharded"
+    with pytest.raises(HeiindexError, match=r"test: was replaced while the sharded build read it \(shards shard-001 "):
+        write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, 2, index_type="flat")
+    assert built == [1, 1] and not out.exists() and not list(tmp_path.iterdir())

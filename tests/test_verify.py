@@ -478,12 +478,21 @@ def test_what_a_killed_model_write_left_is_listed_beside_the_folder(pipe, tmp_pa
 
 
 def test_a_shard_built_with_other_models_than_its_build_is_invalid(pipe, tmp_path):
-    """Opening a sharded build refuses a shard whose manifest records another matcher or hash
-    module than the build's (check_shards); verify passed it."""
+    """Opening a sharded build refuses a shard whose manifest records another matcher, hash module
+    or store data than the build's (check_shards); verify passed it."""
     sharded = tmp_path / "sharded"
     ok(build(pipe, sharded, "--shards", "2"))
-    with pf.edited_json(sharded / "shard-001" / "manifest.json") as m:
-        m["hash"]["sha256"] = "0" * 64
-    [bad] = [c for c in verify(sharded) if c.status != "ok"]
-    assert (bad.path, bad.status) == (sharded / "shard-001" / "manifest.json", "invalid")
-    assert bad.detail.startswith("was built with hash 000000000000, not the build's")
+    shard = sharded / "shard-001" / "manifest.json"
+    saved = shard.read_bytes()
+    for part, key, edit, said in (
+        ("hash", "sha256", "0" * 64, "was built with hash 000000000000, not the build's"),
+        ("matcher", "sha256", "0" * 64, "was built with matcher 000000000000, not the build's"),
+        # each shard reads the split again: one ingested again during the build held other data
+        ("store", "checksum", "1" * 64, "was built from store data 111111111111, not the build's"),
+    ):
+        shard.write_bytes(saved)
+        with pf.edited_json(shard) as m:
+            m[part][key] = edit
+        [bad] = [c for c in verify(sharded) if c.status != "ok"]
+        assert (bad.path, bad.status) == (shard, "invalid")
+        assert bad.detail.startswith(said), bad.detail
