@@ -283,7 +283,8 @@ class Index(BatchSearch):
         for name, file in (("images", "image_features.parquet"), ("captions", "caption_features.parquet")):
             if not (path / file).is_file():  # before either is read
                 raise DataError(path / file, "missing: this index is incomplete (build it again)")
-            pf = opened[name] = open_parquet(path / file, _INDEX_COLUMNS[name], pre_buffer=False)
+            record = recorded_file(path / MANIFEST_FILE, manifest, file)  # None: a manifest that records no files
+            pf = opened[name] = open_parquet(path / file, _INDEX_COLUMNS[name], pre_buffer=False, record=record)
             if pf.metadata.num_rows != counts[name]:  # from the footer: before any feature is read
                 raise DataError(path / file, f"holds {pf.metadata.num_rows} {name}; manifest.json says {counts[name]}")
         r, d = manifest["regions"], manifest["embed_size"]
@@ -993,7 +994,7 @@ def _write_caption_features(
     """Encode and hash ``caps`` ``block`` captions at a time, appending each block's real words
     (flattened, ``len * d`` floats a caption) to ``path``; returns the packed codes."""
     codes = [np.zeros((0, hasher.config.bits // 8), dtype=np.uint8)]
-    with pq.ParquetWriter(path, _CAPTION_SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(path, _CAPTION_SCHEMA, compression="zstd", write_page_checksum=True) as writer:
         for s, words, lens_t in iter_caption_blocks(model, caps.tokens, caps.lengths, block):
             lens = caps.lengths[s : s + block]
             tokens = caps.tokens[s : s + block, : words.shape[1]]

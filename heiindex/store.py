@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import DataError, name_some, one_line
-from .manifests import MANIFEST_FILE, check_fields, manifest_folders, read_json_object, store_split_manifest
+from .manifests import (
+    MANIFEST_FILE,
+    check_fields,
+    manifest_folders,
+    read_json_object,
+    recorded_file,
+    store_split_manifest,
+)
 from .outputs import check_not_inside_output
 from .precomp import SPLITS as PRECOMP_SPLITS
 from .settings import require, require_name
@@ -64,12 +71,24 @@ CAPTIONS_FILE = "captions.parquet"
 _COMPRESSION = "zstd"
 
 
-def open_parquet(path: Path, columns=(), pre_buffer: bool = True) -> pq.ParquetFile:
+def open_parquet(path: Path, columns=(), pre_buffer: bool = True, record: dict | None = None) -> pq.ParquetFile:
     """``path`` opened as Parquet (its footer read, nothing else). A ``DataError`` names ``path``
     where it is not Parquet or is cut short (pyarrow's own message names no file), and the first
-    of ``columns`` its schema lacks."""
+    of ``columns`` its schema lacks. ``record``: the manifest's ``file_record`` of it, whose size
+    it must have (another split's file, or one written again, passed every other check and was
+    read without a word; the whole checksum is ``heiindex verify``'s). Pages written with
+    checksums (heiindex writes them) are checked as they are read: bytes flipped inside a
+    compressed page could decode to other numbers without an error."""
+    if record is not None:
+        size = path.stat().st_size if path.is_file() else None
+        if size is not None and size != record["bytes"]:
+            raise DataError(
+                path,
+                f"is {size:,} bytes, where its manifest records {record['bytes']:,}: it is not the file that was "
+                "written here (`heiindex verify` compares every file with its checksum)",
+            )
     try:
-        pf = pq.ParquetFile(path, pre_buffer=pre_buffer)
+        pf = pq.ParquetFile(path, pre_buffer=pre_buffer, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:  # a damaged footer is an OSError ("Couldn't deserialize thrift")
         if isinstance(exc, FileNotFoundError):
             raise DataError(path, "missing") from exc
@@ -261,7 +280,7 @@ class ImageWriter:
         ]
         fields += [pa.field(k, t) for k, t in (extra or {}).items()]
         self.schema = pa.schema(fields, metadata={"regions": str(regions), "feature_dim": str(feature_dim)})
-        self._writer = pq.ParquetWriter(path, self.schema, compression=_COMPRESSION)
+        self._writer = pq.ParquetWriter(path, self.schema, compression=_COMPRESSION, write_page_checksum=True)
         self._sha_ids = hashlib.sha256()
         self._sha_features = hashlib.sha256()
 
@@ -299,7 +318,7 @@ def write_captions(path: Path, caption_ids, image_ids, texts: list[str], tokens:
             "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
         }
     )
-    pq.write_table(table, path, compression=_COMPRESSION, row_group_size=65536)
+    pq.write_table(table, path, compression=_COMPRESSION, row_group_size=65536, write_page_checksum=True)
     return _captions_sha(table)
 
 
@@ -396,12 +415,18 @@ class SplitStore:
                 raise DataError(p, "store file missing")
         self._images_pf: pq.ParquetFile | None = None
 
+    def _record(self, name: str) -> dict | None:
+        """The manifest's record of the store file ``name`` (None where it records no files)."""
+        return recorded_file(self.path / MANIFEST_FILE, self.manifest, name)
+
     def _images_file(self) -> pq.ParquetFile:
         """The images file, opened (footer parsed) once: training reads it row group by row group."""
         if self._images_pf is None:
             # pre_buffer off: with it, pyarrow caches every row group a pass reads until the pass
             # ends, so reading a split held all of its features (benchmarks/build_memory.py)
-            pf = open_parquet(self.images_path, ("image_id", "features"), pre_buffer=False)
+            pf = open_parquet(
+                self.images_path, ("image_id", "features"), pre_buffer=False, record=self._record(IMAGES_FILE)
+            )
             # the footer records the shape the features were written in: a manifest edited to
             # another of the same size (regions 4 x 4 for 2 x 8) reshaped them without a word
             wanted = {"regions": self.regions, "feature_dim": self.feature_dim}
@@ -560,7 +585,7 @@ class SplitStore:
     def captions(self) -> CaptionTable:
         """The split's captions; ``DataError`` naming the file where a column is missing, the row
         count is not the manifest's, or a token id lies outside the split's vocabulary."""
-        pf = open_parquet(self.captions_path, _CAPTION_COLUMNS)  # one footer parse for the schema and the read
+        pf = open_parquet(self.captions_path, _CAPTION_COLUMNS, record=self._record(CAPTIONS_FILE))  # one footer parse
         if pf.metadata.num_rows != self.n_captions:  # before the read
             raise DataError(
                 self.captions_path,

@@ -407,7 +407,19 @@ def edit_column(path: Path, column: str, edit) -> np.ndarray:
     values = table.column(column).to_numpy().copy()
     edit(values)
     pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), path)
+    record_again(path)
     return values
+
+
+def record_again(path: Path) -> None:
+    """The manifest beside ``path`` records the file as it is now (its size and checksum), where it
+    records it at all: a test that rewrites a store or index file on purpose, to reach a check
+    of its content beyond the size the manifest records (``store.open_parquet``)."""
+    from heiindex.manifests import file_record
+
+    with edited_json(path.parent / "manifest.json") as manifest:
+        if path.name in manifest.get("files", {}):
+            manifest["files"][path.name] = file_record(path)
 
 
 def hamming_of_hits(caption_ids: np.ndarray, caption_codes: np.ndarray, code: np.ndarray, result) -> list[int]:

@@ -169,6 +169,7 @@ def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, t
     i = table.schema.get_field_index("gram")
     table = table.set_column(i, "gram", pa.array(short, type=pa.list_(pa.float32(), r * r - 1)))
     pq.write_table(table, bad / "image_features.parquet")
+    pf.record_again(bad / "image_features.parquet")
     with pytest.raises(
         DataError, match=rf'image_features.parquet: column "gram" does not hold {r * r} floats for each of its rows'
     ):
@@ -222,6 +223,7 @@ def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
     i = table.schema.get_field_index("words")
     table = table.set_column(i, "words", pa.array(words, type=pa.list_(pa.float32())))
     pq.write_table(table, bad / "caption_features.parquet")
+    pf.record_again(bad / "caption_features.parquet")
     tokens = n3 // pf.EMBED_SIZE
     with pytest.raises(
         DataError,
@@ -1231,6 +1233,7 @@ def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, 
         Index.open(out)
     table = pq.read_table(out / "caption_features.parquet")
     pq.write_table(table.slice(0, 119), out / "caption_features.parquet")  # one caption short of the manifest
+    pf.record_again(out / "caption_features.parquet")
     with pf.edited_json(out / "manifest.json") as m:
         m["n_images"] = 24
     with pytest.raises(DataError, match=r"copy/caption_features.parquet: holds 119 captions; manifest.json says 120"):
@@ -1242,9 +1245,11 @@ def test_features_files_are_checked_from_their_footers_before_they_are_read(pipe
     pf.forbid(monkeypatch, "features read before the check", "heiindex.index._read_images")
     table = pq.read_table(out / "image_features.parquet")
     pq.write_table(table.slice(0, 23), out / "image_features.parquet")
+    pf.record_again(out / "image_features.parquet")
     with pytest.raises(DataError, match=r"copy/image_features.parquet: holds 23 images; manifest.json says 24"):
         Index.open(out)
     (out / "image_features.parquet").write_bytes(b"not parquet at all")
+    pf.record_again(out / "image_features.parquet")
     with pytest.raises(DataError, match=r"copy/image_features.parquet: not a readable Parquet file \(Parquet magic"):
         Index.open(out)
 
@@ -1312,6 +1317,7 @@ def _rewrite_floats(path, column: str, at: int, null: bool = False) -> None:
         fixed = pa.ListArray.from_arrays(offsets, values)
     table = table.set_column(table.schema.get_field_index(column), column, fixed)
     pq.write_table(table, path, row_group_size=groups[0])
+    pf.record_again(path)
 
 
 def _damage_a_page_header(path) -> None:
@@ -1616,9 +1622,44 @@ def test_a_store_image_row_of_null_features_is_refused_by_file_and_column(pipe, 
         images,
         row_group_size=pq.ParquetFile(images).metadata.row_group(0).num_rows,
     )
+    pf.record_again(images)
     store = SplitStore.open(root, "test")
     per_image = store.regions * store.feature_dim
     with pytest.raises(
         DataError, match=rf'images\.parquet: column "features" does not hold {per_image} floats for each of its rows'
     ):
         list(store.iter_image_blocks())
+
+
+def test_store_and_index_files_that_are_not_those_written_are_refused(pipe, tmp_path):
+    """build and evaluate read another split's captions file, and bytes flipped inside a compressed
+    page of images.parquet, without a word (a reviewer's build and evaluate exited 0; the index's
+    features scaled by 2 answered queries with scores of 1.4): each file's size is compared with
+    its manifest's record, and its pages with the checksums written beside them."""
+    from heiindex.protocols import evaluate_split
+
+    root = pf.copy_store(pipe, tmp_path)
+    captions = root / "test" / "captions.parquet"
+    saved = captions.read_bytes()
+    shutil.copy(root / "dev" / "captions.parquet", captions)
+    said = rf"test/captions.parquet: is [\d,]+ bytes, where its manifest records {len(saved):,}: it is not the file"
+    with pytest.raises(DataError, match=said):
+        Index.write(root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i")
+    with pytest.raises(DataError, match=said):
+        evaluate_split(load_model(pipe.model_dir), SplitStore.open(root, "test"))
+    captions.write_bytes(saved)
+
+    images = root / "test" / "images.parquet"
+    raw = bytearray(images.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])  # the same size
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"test/images.parquet: cannot be read \(.*(CRC|checksum)"):
+        list(SplitStore.open(root, "test").iter_image_blocks())
+    assert not (tmp_path / "i").exists()
+
+    out = pf.copy_index(pipe.index_dir, tmp_path)
+    table = pq.read_table(out / "image_features.parquet")
+    pq.write_table(table, out / "image_features.parquet", compression="snappy")  # the same rows, rewritten
+    with pytest.raises(DataError, match=r"copy/image_features.parquet: is [\d,]+ bytes, where its manifest records"):
+        Index.open(out)

@@ -650,6 +650,7 @@ def _rewrite_tokens(root: Path, edit) -> None:
     write_captions(
         path, t.column("caption_id").to_numpy(), t.column("image_id").to_numpy(), t.column("text").to_pylist(), tokens
     )
+    pf.record_again(path)
 
 
 def test_a_negative_token_id_is_refused(tmp_path):

@@ -145,11 +145,13 @@ def test_training_refuses_repeated_ids_before_any_epoch(pipe, tmp_path, monkeypa
     with pytest.raises(DataError, match=rf'train/captions.parquet: column "caption_id" repeats 1 ids \({ids[9]}\)'):
         train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     shutil.copy(pipe.root / "train" / "captions.parquet", root / "train" / "captions.parquet")
+    pf.record_again(root / "train" / "captions.parquet")
     # the dev split: a repeated image id left one row without captions, refused only after an epoch
     ids = pf.edit_column(root / "dev" / "images.parquet", "image_id", lambda ids: ids.__setitem__(1, ids[0]))
     with pytest.raises(DataError, match=rf'dev/images.parquet: column "image_id" repeats 1 ids \({ids[0]}\)'):
         train(root, tmp_path / "r", cfg, pf.train_config(epochs=1), log=pf.quiet)
     shutil.copy(pipe.root / "dev" / "images.parquet", root / "dev" / "images.parquet")
+    pf.record_again(root / "dev" / "images.parquet")
     # a dev image without a caption: recall would count it a miss (unless --val-images leaves it out)
     dev_ids = pq.read_table(root / "dev" / "images.parquet", columns=["image_id"]).column("image_id").to_numpy()
     path = root / "dev" / "captions.parquet"
