@@ -169,5 +169,5 @@ def _stamp(path: Path) -> dict | None:
     only means the generated data is regenerated)."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None

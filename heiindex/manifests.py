@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .atomic import interrupted_hint
-from .errors import DataError
+from .errors import DataError, one_line
 
 __all__ = [
     "MANIFEST_FILE",
@@ -106,8 +106,10 @@ def read_json_object(path: Path, missing: str) -> dict:
         raise DataError(path, missing + left + _data_folder_hint(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"not valid JSON ({exc})") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
+        raise DataError(path, f"not valid JSON ({one_line(exc)})") from None
+    except RecursionError:  # arrays nested 100,000 deep: a traceback
+        raise DataError(path, "not valid JSON (nested too deeply to read)") from None
     except OSError as exc:
         raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
@@ -151,7 +153,7 @@ def manifest_object(folder: Path) -> dict | None:
     """The manifest in ``folder`` where it is a JSON object, else None."""
     try:
         found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return found if isinstance(found, dict) else None
 

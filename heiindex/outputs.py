@@ -132,7 +132,7 @@ def output_kind(folder: Path) -> str | None:
             return "a store split"
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     kind = config.get("kind") if isinstance(config, dict) else None
     return {"scan": "a model", "hei-hash": "a hash module"}.get(kind)

@@ -81,8 +81,10 @@ class Vocab:
             raise DataError(path, f"cannot be read ({exc.strerror or exc})") from None
         except UnicodeDecodeError as exc:
             raise DataError(path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        except json.JSONDecodeError as exc:  # a text file given for the vocabulary said "not valid UTF-8 JSON"
-            raise DataError(path, f"not valid JSON ({exc})") from None
+        except ValueError as exc:  # a text file given for the vocabulary said "not valid UTF-8 JSON"
+            raise DataError(path, f"not valid JSON ({exc})") from None  # (or an integer of 4,300+ digits)
+        except RecursionError:  # arrays nested 100,000 deep: a traceback
+            raise DataError(path, "not valid JSON (nested too deeply to read)") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("word2idx"), dict):
             raise DataError(path, 'expected an object with a "word2idx" object (SCAN vocab format)')
         w2i = raw["word2idx"]

@@ -772,3 +772,21 @@ def test_reading_stores_and_manifests_loads_no_tokenizer_torch_or_faiss():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+
+
+def test_json_nested_too_deeply_or_holding_a_huge_integer_is_named(tmp_path):
+    """Arrays nested 100,000 deep raised RecursionError (a traceback), and an integer of 5,000
+    digits Python's bare "Exceeds the limit (4300 digits)", naming no file."""
+    from heiindex.manifests import read_json_object
+    from heiindex.vocab import Vocab
+
+    for text, said in (
+        ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply to read\)"),
+        ('{"count": 1' + "0" * 5000 + "}", r"not valid JSON \(Exceeds the limit"),
+    ):
+        path = tmp_path / "manifest.json"
+        path.write_text(text)
+        with pytest.raises(DataError, match=rf"manifest.json: {said}"):
+            read_json_object(path, "missing")
+        with pytest.raises(DataError, match=rf"manifest.json: {said}"):
+            Vocab.load(path)
