@@ -390,6 +390,10 @@ def check_store_manifest(manifest: dict, manifest_path: Path) -> None:
     if version != FORMAT_VERSION:
         raise DataError(manifest_path, f"field format_version is {version!r}; this heiindex reads {FORMAT_VERSION}")
     check_fields(manifest_path, manifest, _STORE_FIELDS)
+    for field in ("images.count", "images.regions", "images.feature_dim", "captions.count", "vocab.size"):
+        part, key = field.split(".")
+        if manifest[part][key] < 1:  # a negative count reached torch ("negative dimension -5")
+            raise DataError(manifest_path, f'field "{field}" must be at least 1, got {manifest[part][key]}')
 
 
 def store_splits(root: Path) -> list[tuple[Path, dict]]:
@@ -593,6 +597,7 @@ class SplitStore:
             )
         with reading(self.captions_path):
             table = pf.read(columns=list(_CAPTION_COLUMNS))
+        _check_caption_columns(self.captions_path, table)
         tok = table.column("tokens").combine_chunks()
         offsets = tok.offsets.to_numpy()
         values = tok.values.to_numpy()
@@ -603,6 +608,12 @@ class SplitStore:
                 self.captions_path, f'column "tokens" holds id {bad}, outside the vocabulary of {size} words'
             )
         lengths = np.diff(offsets).astype(np.int64)
+        if len(empty := np.flatnonzero(lengths == 0)):  # the encoder's GRU refused it with a traceback
+            raise DataError(
+                self.captions_path,
+                f'column "tokens": caption row {name_some([str(r) for r in empty])} holds no token '
+                "(ingest writes at least <start> and <end>)",
+            )
         padded = np.zeros((len(lengths), int(lengths.max(initial=1))), dtype=np.int32)
         mask = np.arange(padded.shape[1])[None, :] < lengths[:, None]
         padded[mask] = values
@@ -614,6 +625,24 @@ class SplitStore:
             lengths=lengths,
             source=self.manifest["captions"]["sha256"],
         )
+
+
+def _check_caption_columns(path: Path, table: pa.Table) -> None:
+    """``DataError`` naming ``path`` and the column where a captions table's ids are not integers
+    or hold nulls (a null id read as "cannot convert float NaN to integer"), its texts are not
+    strings (pyarrow's "Expected bytes, got a 'int' object"), or its tokens not lists of integers."""
+    for column in ("caption_id", "image_id"):
+        t = table.schema.field(column).type
+        if not pa.types.is_integer(t):
+            raise DataError(path, f'column "{column}" must hold integer ids, got {t}')
+        if table.column(column).null_count:
+            raise DataError(path, f'column "{column}" has empty (null) ids')
+    t = table.schema.field("text").type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(path, f'column "text" must hold strings, got {t}')
+    t = table.schema.field("tokens").type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+        raise DataError(path, f'column "tokens" must hold lists of integer token ids, got {t}')
 
 
 def footer_shape_disagreements(
@@ -635,6 +664,8 @@ def footer_shape_disagreements(
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
     ids = batch.column("image_id").to_numpy()
     feats = fixed_list_values(path, "features", batch.column("features"), regions * feature_dim)
+    if feats.dtype != np.float32:  # written by another tool as float16 or float64: torch met two dtypes
+        feats = feats.astype(np.float32)
     check_column_finite(path, "features", feats, ids)
     if not feats.flags.writeable:
         feats = feats.copy()  # torch wants writable memory

@@ -665,11 +665,64 @@ def test_a_negative_token_id_is_refused(tmp_path):
         SplitStore.open(root, "test").captions()
 
 
-def test_captions_without_tokens_pad_to_one_column(tmp_path):
+def test_captions_without_tokens_are_refused_by_row(tmp_path):
+    """The encoder's GRU refused an empty caption with a traceback ("Length of all samples has to
+    be greater than 0"); ingest always writes <start> and <end>."""
     root = small_store(tmp_path)
-    _rewrite_tokens(root, lambda tokens: [[] for _ in tokens])
-    caps = SplitStore.open(root, "test").captions()
-    assert caps.tokens.shape == (35, 1)
+    _rewrite_tokens(root, lambda tokens: [[] if i in (3, 7) else t for i, t in enumerate(tokens)])
+    with pytest.raises(DataError, match=r'captions.parquet: column "tokens": caption row 3, 7 holds no token'):
+        SplitStore.open(root, "test").captions()
+
+
+def test_caption_columns_of_other_types_or_with_null_ids_are_named(tmp_path):
+    """A null image_id read as "cannot convert float NaN to integer", an int text column as
+    pyarrow's "Expected bytes, got a 'int' object": neither named the file or the column."""
+    root = small_store(tmp_path)
+    path = root / "test" / CAPTIONS_FILE
+    saved = path.read_bytes()
+    table = pq.read_table(path)
+    ids = table.column("image_id").to_pylist()
+    for column, values, said in (
+        ("image_id", pa.array([None, *ids[1:]], type=pa.int64()), 'column "image_id" has empty \\(null\\) ids'),
+        ("text", pa.array(range(len(table)), type=pa.int64()), 'column "text" must hold strings, got int64'),
+        ("caption_id", pa.array([str(i) for i in ids]), 'column "caption_id" must hold integer ids, got string'),
+    ):
+        path.write_bytes(saved)
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
+        pf.record_again(path)
+        with pytest.raises(DataError, match=rf"captions.parquet: {said}"):
+            SplitStore.open(root, "test").captions()
+
+
+def test_a_store_manifest_count_below_one_is_named(tmp_path):
+    """images.count -5 reached torch ("Trying to create tensor with negative dimension -5")."""
+    root = small_store(tmp_path)
+    for field in ("images.count", "images.regions", "captions.count", "vocab.size"):
+        part, key = field.split(".")
+        saved = (root / "test" / MANIFEST_FILE).read_bytes()
+        with pf.edited_json(root / "test" / MANIFEST_FILE) as m:
+            m[part][key] = -5
+        with pytest.raises(DataError, match=rf'manifest.json: field "{field}" must be at least 1, got -5'):
+            SplitStore.open(root, "test")
+        (root / "test" / MANIFEST_FILE).write_bytes(saved)
+
+
+def test_features_of_another_float_width_are_read_as_float32(tmp_path):
+    """float16 features (another tool's) met the float32 model: "mat1 and mat2 must have the same
+    dtype"."""
+    import pyarrow.compute as pc
+
+    root = small_store(tmp_path)
+    path = root / "test" / IMAGES_FILE
+    want = np.concatenate([f for _, f in SplitStore.open(root, "test").iter_image_blocks()])
+    table = pq.read_table(path)
+    f = table.column("features").combine_chunks()
+    half = pa.FixedSizeListArray.from_arrays(pc.cast(f.flatten(), pa.float16()), f.type.list_size)
+    pq.write_table(table.set_column(table.schema.get_field_index("features"), "features", half), path)
+    pf.record_again(path)
+    got = np.concatenate([f for _, f in SplitStore.open(root, "test").iter_image_blocks()])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32))
 
 
 def test_hidden_folders_are_not_manifest_folders(tmp_path):
