@@ -199,8 +199,10 @@ def load_model(path: str | Path) -> LoadedModel:
     config, raw = read_model_config(path)
     vocab = read_vocab(path / VOCAB_FILE, config)
     weights = path / WEIGHTS_FILE
-    model = read_weights(weights, config)
     info = raw.get("info", {})
+    if not isinstance(info, dict):  # read as one below (a string raised a raw AttributeError)
+        raise DataError(path / CONFIG_FILE, f'field "info" must be an object, got {type(info).__name__}')
+    model = read_weights(weights, config)
     actual = model_checksum(model)
     if info.get("weights_sha256") not in (None, actual):
         raise DataError(weights, "weights checksum differs from config.json; the folder was modified")

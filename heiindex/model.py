@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import AttentionConfig, region_gram, score_block, score_caption_candidates, score_image_candidates
-from .settings import settle
+from .settings import SettingError, settle
 
 __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
 
@@ -28,6 +28,9 @@ __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder",
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """SCAN's l2 normalisation: ``x / (|x| + eps)``."""
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+_SIZE_LIMITS = {"vocab_size": 1 << 24, "embed_size": 1 << 16, "word_dim": 1 << 16, "img_dim": 1 << 16, "num_layers": 32}
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,13 @@ class ScanConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "embed_size", "word_dim", "img_dim", "num_layers"):
-            settle(self, name, at_least=1, integer=True)
+        # Upper bounds far above any SCAN model, below sizes that only exhaust memory: a config.json
+        # saying embed_size 10**12 failed in torch's allocator, num_layers 10**9 built layers for ever.
+        for name, most in _SIZE_LIMITS.items():
+            settle(self, name, at_least=1, at_most=most, integer=True)
+        for name in ("bi_gru", "no_imgnorm", "no_txtnorm"):  # "yes" reached the GRU's own TypeError
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

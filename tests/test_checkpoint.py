@@ -228,8 +228,25 @@ def test_weights_of_another_shape_are_refused(saved):
         (lambda c: c["model"].pop("vocab_size"), "config.json", 'field "model" is not a valid SCAN config'),
         (lambda c: c.update(format_version=2), "config.json", "expected format_version 1 and kind 'scan'"),
         (lambda c: c.update(kind="vse"), "config.json", "expected format_version 1 and kind 'scan'"),
+        # each reached torch: the GRU's TypeError, the allocator's "can't allocate memory", a
+        # billion layers built; and a raw AttributeError for "info"
+        (lambda c: c["model"].update(bi_gru="yes"), "config.json", "bi_gru must be true or false, got 'yes'"),
+        (lambda c: c["model"].update(embed_size=10**12), "config.json", "embed_size must be .*at most 65536"),
+        (lambda c: c["model"].update(num_layers=10**9), "config.json", "num_layers must be .*at most 32"),
+        (lambda c: c.update(info="x"), "config.json", 'field "info" must be an object, got str'),
     ],
-    ids=["vocab_size", "unknown_field", "bad_attention", "missing_field", "format_version", "kind"],
+    ids=[
+        "vocab_size",
+        "unknown_field",
+        "bad_attention",
+        "missing_field",
+        "format_version",
+        "kind",
+        "bool_field",
+        "huge_embed",
+        "huge_layers",
+        "info",
+    ],
 )
 def test_wrong_config_is_a_data_error(saved, edit, file, detail):
     _, path = saved
