@@ -96,6 +96,7 @@ from .store import (
     CaptionTable,
     ImageWriter,
     SplitStore,
+    check_caption_columns,
     check_caption_image_ids,
     check_column_finite,
     check_distinct,
@@ -296,6 +297,7 @@ class Index(BatchSearch):
         captions = path / "caption_features.parquet"
         with reading(captions):
             c = opened["captions"].read(columns=["caption_id", "image_id", "text", "tokens"])
+        check_caption_columns(captions, c)
         self.caption_ids = c.column("caption_id").to_numpy()
         self.caption_image_ids = c.column("image_id").to_numpy()
         self.texts = c.column("text").to_pylist()

@@ -51,6 +51,7 @@ __all__ = [
     "ImageWriter",
     "SplitStore",
     "check_caption_image_ids",
+    "check_caption_columns",
     "check_column_finite",
     "fixed_list_values",
     "check_distinct",
@@ -597,7 +598,7 @@ class SplitStore:
             )
         with reading(self.captions_path):
             table = pf.read(columns=list(_CAPTION_COLUMNS))
-        _check_caption_columns(self.captions_path, table)
+        check_caption_columns(self.captions_path, table)
         tok = table.column("tokens").combine_chunks()
         offsets = tok.offsets.to_numpy()
         values = tok.values.to_numpy()
@@ -627,7 +628,7 @@ class SplitStore:
         )
 
 
-def _check_caption_columns(path: Path, table: pa.Table) -> None:
+def check_caption_columns(path: Path, table: pa.Table) -> None:
     """``DataError`` naming ``path`` and the column where a captions table's ids are not integers
     or hold nulls (a null id read as "cannot convert float NaN to integer"), its texts are not
     strings (pyarrow's "Expected bytes, got a 'int' object"), or its tokens not lists of integers."""
@@ -640,6 +641,8 @@ def _check_caption_columns(path: Path, table: pa.Table) -> None:
     t = table.schema.field("text").type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(path, f'column "text" must hold strings, got {t}')
+    if table.column("text").null_count:  # a query's table printed None's caption with a traceback
+        raise DataError(path, 'column "text" has empty (null) captions')
     t = table.schema.field("tokens").type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
         raise DataError(path, f'column "tokens" must hold lists of integer token ids, got {t}')

@@ -1663,3 +1663,16 @@ def test_store_and_index_files_that_are_not_those_written_are_refused(pipe, tmp_
     pq.write_table(table, out / "image_features.parquet", compression="snappy")  # the same rows, rewritten
     with pytest.raises(DataError, match=r"copy/image_features.parquet: is [\d,]+ bytes, where its manifest records"):
         Index.open(out)
+
+
+def test_an_index_caption_of_null_text_is_named(pipe, tmp_path):
+    """`query --image` printed its table through rich, which failed on None with an AttributeError."""
+    out = pf.copy_index(pipe.index_dir, tmp_path)
+    path = out / "caption_features.parquet"
+    table = pq.read_table(path)
+    texts = table.column("text").to_pylist()
+    texts[4] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)), path)
+    pf.record_again(path)
+    with pytest.raises(DataError, match=r'caption_features.parquet: column "text" has empty \(null\) captions'):
+        Index.open(out)
