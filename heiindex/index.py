@@ -289,6 +289,11 @@ class Index(BatchSearch):
             if pf.metadata.num_rows != counts[name]:  # from the footer: before any feature is read
                 raise DataError(path / file, f"holds {pf.metadata.num_rows} {name}; manifest.json says {counts[name]}")
         r, d = manifest["regions"], manifest["embed_size"]
+        if d != matcher.model.config.embed_size:  # else named as a features file too short for its rows
+            raise DataError(
+                path / MANIFEST_FILE,
+                f'field "embed_size" is {d}, but the matcher it records embeds in {matcher.model.config.embed_size}',
+            )
         # Features are copied a row group at a time into the tensors kept, never held whole as
         # Arrow columns beside them.
         ids, regions, gram = _read_images(path / "image_features.parquet", r, d, opened["images"])

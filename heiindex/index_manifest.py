@@ -79,6 +79,11 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
+    for field, most in (("regions", 1 << 16), ("embed_size", 1 << 16), ("n_images", None), ("n_captions", None)):
+        value = manifest[field]  # -36 reached numpy ("negative dimensions"), 10**15 its "array is too big"
+        if value < 1 or (most is not None and value > most):
+            within = f"between 1 and {most:,}" if most is not None else "at least 1"
+            raise DataError(mpath, f'field "{field}" must be {within}, got {value}')
     check_prototypes_entry(manifest, mpath)
     files = recorded_files(mpath, manifest)  # None: written by a heiindex that recorded none
     missing = [name for name in INDEX_FILES if files is not None and name not in files]

@@ -1676,3 +1676,21 @@ def test_an_index_caption_of_null_text_is_named(pipe, tmp_path):
     pf.record_again(path)
     with pytest.raises(DataError, match=r'caption_features.parquet: column "text" has empty \(null\) captions'):
         Index.open(out)
+
+
+def test_index_manifest_sizes_out_of_range_or_not_the_matchers_are_named(pipe, tmp_path):
+    """regions -36 reached numpy ("negative dimensions are not allowed"), 10**15 its "array is too
+    big", and an embed_size other than the matcher's was named as a features file too short."""
+    out = pf.copy_index(pipe.index_dir, tmp_path)
+    saved = (out / "manifest.json").read_bytes()
+    for field, value, said in (
+        ("regions", -36, 'field "regions" must be between 1 and 65,536, got -36'),
+        ("embed_size", 10**15, 'field "embed_size" must be between 1 and 65,536, got 1000000000000000'),
+        ("n_captions", 0, 'field "n_captions" must be at least 1, got 0'),
+        ("embed_size", 128, f'field "embed_size" is 128, but the matcher it records embeds in {pf.EMBED_SIZE}'),
+    ):
+        (out / "manifest.json").write_bytes(saved)
+        with pf.edited_json(out / "manifest.json") as m:
+            m[field] = value
+        with pytest.raises(DataError, match=rf"copy/manifest.json: {re.escape(said)}"):
+            Index.open(out)
