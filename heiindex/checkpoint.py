@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import DataError, ModelMismatchError
+from .errors import DataError, ModelMismatchError, one_line
 from .manifests import read_json_object, write_json
 from .model import ScanConfig, ScanModel
 from .outputs import atomic_dir
@@ -179,12 +179,12 @@ def load_weights(module: M, weights: Path) -> M:
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for corrupt files
-        raise DataError(weights, f"not a readable safetensors file ({exc})") from None
+        raise DataError(weights, f"not a readable safetensors file ({one_line(exc)})") from None
     check_finite_weights(weights, state)
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise DataError(weights, f"weights do not fit the config ({exc})") from None
+        raise DataError(weights, f"weights do not fit the config ({one_line(exc, limit=600)})") from None
     return module.eval()
 
 
