@@ -264,6 +264,9 @@ def interrupted_hint(target: Path) -> str:
     left = leftovers(target)
     if not left:
         return ""
+    live = [(p, pid) for p in left if (pid := writer_pid(p)) is not None]
+    if live:  # a build under way is no interrupted one (its scratch was called so, and deleted)
+        return f" (process {live[0][1]} on this machine is writing it now, into {live[0][0].name}: try again when it is done)"
     old = set_aside(target)
     if old:
         newest = max(old, key=lambda p: p.stat().st_mtime)
@@ -299,6 +302,25 @@ def clear_leftovers(target: Path) -> list[Path]:
         remove(p)
         done.append(p)
     return done
+
+
+def writer_pid(path: Path) -> int | None:
+    """The PID of the process writing the scratch ``path`` where it runs on this host, in this PID
+    namespace, and is still alive (the write is under way, not interrupted); else None. Never on
+    Windows, where ``os.kill(pid, 0)`` would end the process."""
+    m = _LEFTOVER.match(Path(path).name)
+    if m is None or m["role"] != "partial" or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
+        return None
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
 
 
 def _dead(path: Path) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import leftovers, leftovers_in
+from .atomic import leftovers, leftovers_in, writer_pid
 from .errors import DataError, sized
 from .index_manifest import (
     check_index_manifest,
@@ -90,8 +90,13 @@ def verify(path: str | Path) -> list[FileCheck]:
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
     if not path.exists() and not path.is_symlink() and (found := leftovers(path)):
         # an output a killed run never finished: its scratch folder is all there is to list
-        missing = FileCheck(path, "missing", "no such folder: a run writing it was interrupted (leftovers below)")
-        return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+        live = [pid for p in found if (pid := writer_pid(p)) is not None]
+        detail = (
+            f"no such folder yet: process {live[0]} on this machine is writing it (below)"
+            if live
+            else "no such folder: a run writing it was interrupted (leftovers below)"
+        )
+        return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     if not path.exists():
         raise DataError(path, "no such folder; give a store root or split, an index, or a model or hash module folder")
     if (found := _only_leftovers(path)) is not None:
@@ -114,6 +119,11 @@ def _only_leftovers(folder: Path) -> list[Path] | None:
 
 
 def _leftover_detail(path: Path) -> str:
+    if (pid := writer_pid(path)) is not None:  # deleting it, as the line below advises, killed a live build
+        return (
+            f"being written by process {pid} on this machine, which is still running: not part of the data; "
+            "leave it (that run puts it in place, or removes it, when it ends)"
+        )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     return (
         f"left by an interrupted run or a replaced output that could not all be deleted ({sized(size)}), "

@@ -496,3 +496,23 @@ def test_a_shard_built_with_other_models_than_its_build_is_invalid(pipe, tmp_pat
         [bad] = [c for c in verify(sharded) if c.status != "ok"]
         assert (bad.path, bad.status) == (shard, "invalid")
         assert bad.detail.startswith(said), bad.detail
+
+
+def test_a_write_under_way_is_not_called_interrupted(tmp_path):
+    """A live build's scratch folder was reported as left by an interrupted run, and verify said
+    to delete it: a reviewer who did killed the build."""
+    import os
+
+    from heiindex.atomic import interrupted_hint, scratch
+
+    target = tmp_path / "index"
+    made = scratch(target)  # as a build of this process names it: running
+    assert interrupted_hint(target) == (
+        f" (process {os.getpid()} on this machine is writing it now, into {made.name}: try again when it is done)"
+    )
+    missing, left = verify(target)
+    assert (missing.status, missing.detail) == (
+        "missing",
+        f"no such folder yet: process {os.getpid()} on this machine is writing it (below)",
+    )
+    assert left.status == "leftover" and "still running" in left.detail and "delete" not in left.detail
