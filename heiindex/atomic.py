@@ -41,13 +41,16 @@ from pathlib import Path
 from .errors import LeftoverWarning
 
 __all__ = [
+    "LockHeld",
     "atomic_file",
     "clear_leftovers",
     "exchange",
+    "exclusive",
     "interrupted_hint",
     "is_scratch",
     "leftovers",
     "leftovers_in",
+    "lock_file",
     "note_interrupt",
     "remove",
     "scratch",
@@ -72,6 +75,42 @@ _LEFTOVER = re.compile(
 )
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+class LockHeld(Exception):
+    """``exclusive``'s lock file is held by another process (its ``args[0]``: the file)."""
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold the file ``lock`` (made where missing) with an exclusive ``flock`` for the ``with``
+    body, then remove it (still locked: a process waiting on it then sees another file).
+    ``LockHeld`` where another process holds it. The system releases a lock when its process dies,
+    so a file a SIGKILL left is taken by the next run. Where ``fcntl`` is missing (Windows),
+    nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = Path(lock)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a holder that finished meanwhile removed the file this one locked: its lock is no one's
+            if os.fstat(handle.fileno()).st_ino != os.stat(lock).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise LockHeld(lock) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def lock_file(target: Path) -> Path:
+    """The lock file a write of ``target`` holds beside it (``exclusive``): ``.NAME.lock``."""
+    return Path(target).parent / f".{Path(target).name}.lock"
 
 
 def is_scratch(name: str) -> bool:

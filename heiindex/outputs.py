@@ -16,11 +16,21 @@ import json
 import os
 import tempfile
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .atomic import clear_leftovers, is_scratch, remove, scratch, scratch_target, swap_in
+from .atomic import (
+    LockHeld,
+    clear_leftovers,
+    exclusive,
+    is_scratch,
+    lock_file,
+    remove,
+    scratch,
+    scratch_target,
+    swap_in,
+)
 from .errors import DataError, name_some, one_line
 from .manifests import manifest_object, store_split_manifest
 
@@ -53,6 +63,28 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
     check_output(target, kind, replaces)
     made = [p for p in target.parents if not p.exists()]  # deepest first: removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with ExitStack() as held:
+            try:  # one writer of a target at a time: two builds of one --out both said they wrote it
+                held.enter_context(exclusive(lock_file(target)))
+            except LockHeld:
+                raise DataError(
+                    target,
+                    f"another heiindex command is writing it now (it holds {lock_file(target).name} beside it): "
+                    "wait for it to finish, or write to another folder",
+                ) from None
+            yield from _written(target, kind, replaces)
+    except BaseException:
+        for folder in made:  # after the lock file beside the target is gone
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
+
+
+def _written(target: Path, kind: str, replaces: Collection[str]) -> Iterator[Path]:
+    """``atomic_dir``'s scratch folder, swapped in where the body succeeds (its lock held)."""
     tmp = scratch(target)
     try:
         yield tmp
@@ -60,11 +92,6 @@ def atomic_dir(target: Path, kind: str = "this output", replaces: Collection[str
         swap_in(tmp, target)
     except BaseException as exc:
         remove(tmp)  # made read-only by swap_in where the folder it replaces is
-        for folder in made:
-            try:
-                folder.rmdir()  # only if still empty
-            except OSError:
-                break
         if isinstance(exc, OSError) and _out_of_space(exc):  # pyarrow's message names no file
             raise DataError(
                 target, f"could not be written: no space left on its disk ({one_line(exc)}); nothing was replaced"

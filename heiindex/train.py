@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_file, clear_leftovers, set_aside
+from .atomic import LockHeld, atomic_file, clear_leftovers, exclusive, set_aside
 from .checkpoint import CONFIG_FILE, MODEL_OUTPUT, STATE_FILE, load_model, read_model_config, save_model
 from .encode import check_split, encode_split
 from .errors import DataError, HeiindexError, HeiindexWarning, counted
@@ -350,33 +349,19 @@ def _run_lock(out: Path):
     (a file left by a SIGKILL is taken by the next run). The folders this run made (``out``,
     and any missing parents) are removed again where nothing was saved in them (refused, or
     failed in its first epoch). Where ``fcntl`` is missing (Windows) no lock is taken."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: removed in this order
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if fcntl is None:
-            yield
-            return
-        path = out / _LOCK_FILE
-        with open(path, "a") as handle:  # held for the whole run
+        with ExitStack() as held:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # a run that finished meanwhile unlinked the file this one locked: its lock is no one's
-                if os.fstat(handle.fileno()).st_ino != os.stat(path).st_ino:
-                    raise BlockingIOError
-            except (BlockingIOError, FileNotFoundError):
+                held.enter_context(exclusive(out / _LOCK_FILE))  # held for the whole run
+            except LockHeld:
                 raise DataError(
                     out,
                     "another train is writing this run folder now (it holds .train.lock): wait for it, or train "
                     "into another run folder",
                 ) from None
-            try:
-                yield
-            finally:
-                path.unlink(missing_ok=True)  # while still locked: a run waiting on it sees another file
+            yield
     finally:
         for folder in made:
             if folder.is_dir() and not any(folder.iterdir()):

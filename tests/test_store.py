@@ -843,3 +843,23 @@ def test_json_nested_too_deeply_or_holding_a_huge_integer_is_named(tmp_path):
             read_json_object(path, "missing")
         with pytest.raises(DataError, match=rf"manifest.json: {said}"):
             Vocab.load(path)
+
+
+def test_a_second_writer_of_one_output_is_refused_while_the_first_writes(tmp_path):
+    """Two builds of one --out both said they wrote it, and the one to finish last won: each write
+    now holds a lock file beside its target (removed when it ends, as the folders it made)."""
+    from heiindex.atomic import lock_file
+
+    target = tmp_path / "new" / "out"
+    with atomic_dir(target, "an index", ("*",)) as tmp:
+        (tmp / "a").write_text("first")
+        assert lock_file(target).exists()
+        with pytest.raises(
+            DataError, match=r"new/out: another heiindex command is writing it now \(it holds \.out\.lock beside it\)"
+        ):
+            with atomic_dir(target, "an index", ("*",)) as second:
+                (second / "a").write_text("second")
+    assert (target / "a").read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "gone" / "out", "an index", ("*",)):
+        raise RuntimeError  # a failed first write leaves neither its lock nor the folders it made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
