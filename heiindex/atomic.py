@@ -86,8 +86,8 @@ def exclusive(lock: Path) -> Iterator[None]:
     """Hold the file ``lock`` (made where missing) with an exclusive ``flock`` for the ``with``
     body, then remove it (still locked: a process waiting on it then sees another file).
     ``LockHeld`` where another process holds it. The system releases a lock when its process dies,
-    so a file a SIGKILL left is taken by the next run. Where ``fcntl`` is missing (Windows),
-    nothing is locked."""
+    so a file a SIGKILL left is taken by the next run. Where ``fcntl`` is missing (Windows) or the
+    file system takes no locks, nothing is locked."""
     try:
         import fcntl
     except ImportError:
@@ -102,6 +102,10 @@ def exclusive(lock: Path) -> Iterator[None]:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
             raise LockHeld(lock) from None
+        except OSError:  # a file system without locks (ENOLCK, EOPNOTSUPP): written unlocked, as before
+            lock.unlink(missing_ok=True)
+            yield
+            return
         try:
             yield
         finally:

@@ -369,3 +369,19 @@ def test_nothing_is_put_in_place_after_an_interrupt_whose_exception_was_swallowe
     with pytest.raises(want), atomic.atomic_file(tmp_path / "plot.png") as tmp:
         tmp.write_bytes(b"png")
     assert not (tmp_path / "plot.png").exists() and not tmp.exists()
+
+
+def test_a_file_system_without_locks_writes_unlocked(tmp_path, monkeypatch):
+    """flock on some network file systems fails with ENOLCK: the write goes on, as before locks."""
+    import errno
+    import fcntl
+
+    from heiindex.atomic import exclusive
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with exclusive(tmp_path / ".x.lock"):
+        (tmp_path / "x").write_text("written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
