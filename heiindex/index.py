@@ -25,10 +25,9 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +63,7 @@ from .index_manifest import (
     refuse_shard_folder,
     searched_type,
 )
-from .manifests import MANIFEST_FILE, check_fields, file_record, manifest_digest, recorded_file, write_json
+from .manifests import MANIFEST_FILE, check_fields, file_record, read_unswapped, recorded_file, write_json
 from .milvus_codes import (  # pymilvus: lazily
     MILVUS_INDEX_TYPES,
     check_server,
@@ -108,7 +107,7 @@ from .store import (
     sorted_ids,
 )
 
-__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "read_unswapped", "timed_results"]
+__all__ = ["Hit", "Index", "SearchResult", "check_codes_options", "timed_results"]
 
 
 @dataclass
@@ -142,33 +141,6 @@ class SearchResult:
             "unknown_words": self.unknown_words,
             "results": [h.to_dict() for h in self.results],
         }
-
-
-T = TypeVar("T")
-
-
-def read_unswapped(folder: Path, read: Callable[[], T], tries: int = 3) -> T:
-    """``read()`` of a build's ``folder`` (an index, a sharded build) as one build wrote it. A
-    rebuild swaps the folder whole, and may do so while it is read: the manifest of one build
-    and a code file of the next were refused as "changed since the index was built", and, where
-    the swap fell between the checked files and the rest, old codes were opened beside the new
-    build's features without a word (a sharded build: shards of two builds). So the manifest's
-    digest is compared before and after: where it changed, the read is done again, up to
-    ``tries`` times in all, whether it failed (``DataError``) or not."""
-    for attempt in range(tries):
-        before = manifest_digest(folder)
-        try:
-            result = read()
-        except DataError:
-            if before is None or manifest_digest(folder) == before or attempt == tries - 1:  # not a swap
-                raise
-            continue
-        if before is not None and manifest_digest(folder) == before:
-            return result
-    raise DataError(
-        Path(folder) / MANIFEST_FILE,
-        f"changed while it was read, {tries} times: another command is rebuilding it; try again when it is done",
-    )
 
 
 def check_codes_options(codes: str, uri: str | None, milvus_index: str = "BIN_FLAT") -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .atomic import interrupted_hint
 from .errors import DataError, one_line
@@ -29,6 +31,7 @@ __all__ = [
     "manifest_folders",
     "manifest_object",
     "read_json_object",
+    "read_unswapped",
     "recorded_file",
     "recorded_files",
     "store_split_manifest",
@@ -164,3 +167,30 @@ def store_split_manifest(folder: Path) -> dict | None:
     but no vocabulary)."""
     found = manifest_object(folder)
     return found if found is not None and "vocab" in found and isinstance(found.get("split"), str) else None
+
+
+T = TypeVar("T")
+
+
+def read_unswapped(folder: Path, read: Callable[[], T], tries: int = 3) -> T:
+    """``read()`` of a build's ``folder`` (an index, a sharded build) as one build wrote it. A
+    rebuild swaps the folder whole, and may do so while it is read: the manifest of one build
+    and a code file of the next were refused as "changed since the index was built", and, where
+    the swap fell between the checked files and the rest, old codes were opened beside the new
+    build's features without a word (a sharded build: shards of two builds). So the manifest's
+    digest is compared before and after: where it changed, the read is done again, up to
+    ``tries`` times in all, whether it failed (``DataError``) or not."""
+    for attempt in range(tries):
+        before = manifest_digest(folder)
+        try:
+            result = read()
+        except DataError:
+            if before is None or manifest_digest(folder) == before or attempt == tries - 1:  # not a swap
+                raise
+            continue
+        if before is not None and manifest_digest(folder) == before:
+            return result
+    raise DataError(
+        Path(folder) / MANIFEST_FILE,
+        f"changed while it was read, {tries} times: another command is rebuilding it; try again when it is done",
+    )

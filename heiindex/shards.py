@@ -42,7 +42,6 @@ from .index import (
     load_bound_models,
     load_models,
     models_on,
-    read_unswapped,
     shard_counts,
     timed_results,
     warn_unused_lists,
@@ -53,7 +52,7 @@ from .index_manifest import (
     read_sharded_manifest,
     refuse_shard_folder,
 )
-from .manifests import write_json
+from .manifests import read_unswapped, write_json
 from .milvus_codes import replaced_collections  # pymilvus: lazily
 from .outputs import atomic_dir
 from .prototypes import PrototypeConfig, caption_bank, check_describing_split

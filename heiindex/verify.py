@@ -31,6 +31,7 @@ from .manifests import (
     manifest_folders,
     manifest_object,
     read_json_object,
+    read_unswapped,
     recorded_files,
 )
 from .settings import require_path
@@ -103,7 +104,8 @@ def verify(path: str | Path) -> list[FileCheck]:
         # a new store root whose first ingest was killed: its scratch split is all it holds
         missing = FileCheck(path, "missing", "no split or index here: a run writing into it was interrupted (below)")
         return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
-    checks = _checks(path)
+    # a rebuild that swapped the folder while it was checked read as damage ("changed"): checked again
+    checks = read_unswapped(path, lambda: _checks(path)) if (path / MANIFEST_FILE).is_file() else _checks(path)
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
 

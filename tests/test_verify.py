@@ -13,6 +13,7 @@ from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys
 from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
+from heiindex.index import Index
 from heiindex.shards import ShardedIndex
 from heiindex.verify import failures, verify
 
@@ -516,3 +517,26 @@ def test_a_write_under_way_is_not_called_interrupted(tmp_path):
         f"no such folder yet: process {os.getpid()} on this machine is writing it (below)",
     )
     assert left.status == "leftover" and "still running" in left.detail and "delete" not in left.detail
+
+
+def test_a_rebuild_swapped_in_while_verify_reads_is_checked_again(pipe, tmp_path, monkeypatch):
+    """verify read the manifest of one build and files of the next, and reported them "changed"
+    (3 of 229 runs during rebuilds, in a review): where the manifest changed meanwhile it checks
+    the folder again."""
+    import heiindex.verify
+
+    target, other = tmp_path / "t", tmp_path / "hnsw"
+    shutil.copytree(pipe.index_dir, target)
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
+    real, swaps = heiindex.verify.file_sha256, []
+
+    def swap_first(path, *args, **kwargs):
+        if not swaps:  # the manifest is read: the rebuild lands now
+            swaps.append(1)
+            shutil.rmtree(target)
+            shutil.copytree(other, target)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(heiindex.verify, "file_sha256", swap_first)
+    checks = verify(target)
+    assert swaps == [1] and {c.status for c in checks} == {"ok"}
