@@ -507,14 +507,20 @@ class Index(BatchSearch):
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         check_index_manifest(manifest, mpath)
         matcher, hasher = load_models(manifest, matcher, hasher, mpath)
-        if matcher.checksum != manifest["matcher"]["sha256"]:
-            raise ModelMismatchError(
-                f"index {path} was built with matcher {manifest['matcher']['sha256'][:12]} "
-                f"({manifest['matcher']['path']}), not with {matcher.checksum[:12]} ({matcher.path}); "
-                "rebuild the index with this model"
-            )
-        if hash_checksum(hasher.module) != manifest["hash"]["sha256"]:
-            raise ModelMismatchError(f"index {path} was built with another hash module than {hasher.path}")
+        for part, loaded, held in (
+            ("matcher", matcher, matcher.checksum),
+            ("hash module", hasher, hash_checksum(hasher.module)),
+        ):
+            recorded = manifest["matcher" if part == "matcher" else "hash"]
+            if held != recorded["sha256"]:
+                # the folder the build recorded, trained again since: say so (no way out was named)
+                rewritten = Path(recorded["path"]).resolve() == Path(loaded.path).resolve()
+                raise ModelMismatchError(
+                    f"index {path} was built with {part} {recorded['sha256'][:12]} ({recorded['path']}), not with "
+                    f"{held[:12]} ({loaded.path})"
+                    + ("; that folder was written again after the build" if rewritten else "")
+                    + f": rebuild the index with this {part}, or give the {part} it was built with"
+                )
         built = manifest.get("codes", {"store": "faiss"})
         check_fields(mpath, {"codes": built}, {"codes.store": str})
         if built["store"] == "milvus":

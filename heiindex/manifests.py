@@ -152,10 +152,11 @@ def manifest_digest(folder: Path) -> str | None:
         return None
 
 
-def manifest_object(folder: Path) -> dict | None:
-    """The manifest in ``folder`` where it is a JSON object, else None."""
+def manifest_object(folder: Path, name: str = MANIFEST_FILE) -> dict | None:
+    """The manifest in ``folder`` (or its JSON file ``name``, a model's ``config.json``) where it
+    is a JSON object, else None."""
     try:
-        found = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        found = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return found if isinstance(found, dict) else None

@@ -12,7 +12,6 @@ What this module must not do: know what any one output holds beyond recognising 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import tempfile
 from collections.abc import Collection, Iterator
@@ -157,11 +156,8 @@ def output_kind(folder: Path) -> str | None:
             return "an index"
         if store_split_manifest(folder) is not None:
             return "a store split"
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    kind = config.get("kind") if isinstance(config, dict) else None
+    config = manifest_object(folder, "config.json")
+    kind = config.get("kind") if config is not None else None
     return {"scan": "a model", "hei-hash": "a hash module"}.get(kind)
 
 

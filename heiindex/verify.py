@@ -79,13 +79,15 @@ def failures(checks: list[FileCheck]) -> str | None:
     )
 
 
-def verify(path: str | Path) -> list[FileCheck]:
+def verify(path: str | Path, models: bool = True) -> list[FileCheck]:
     """Every recorded file under ``path``: a store root (each split), a store split, an index, a
     sharded index (each shard), a matcher or hash module folder (its weights and vocabulary
     against the checksums its config.json records), or a ``train`` run (its ``best/`` and
     ``last/`` models). ``DataError`` where ``path`` is none of these. What interrupted
     runs left beside ``path`` or in it (a store root's splits are written there) is listed last,
-    as "leftover"."""
+    as "leftover". An index's matcher and hash module folders (as its manifest records them) are
+    listed "changed" where they hold other weights than it was built with; ``models`` False:
+    not looked at."""
     path = require_path("path", path)
     if path.is_file():
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
@@ -105,7 +107,8 @@ def verify(path: str | Path) -> list[FileCheck]:
         missing = FileCheck(path, "missing", "no split or index here: a run writing into it was interrupted (below)")
         return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     # a rebuild that swapped the folder while it was checked read as damage ("changed"): checked again
-    checks = read_unswapped(path, lambda: _checks(path)) if (path / MANIFEST_FILE).is_file() else _checks(path)
+    read = lambda: _checks(path, models)  # noqa: E731
+    checks = read_unswapped(path, read) if (path / MANIFEST_FILE).is_file() else read()
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
 
@@ -133,7 +136,7 @@ def _leftover_detail(path: Path) -> str:
     )
 
 
-def _checks(path: Path) -> list[FileCheck]:
+def _checks(path: Path, models: bool = True) -> list[FileCheck]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists() and (path / "config.json").is_file():  # a model or hash module folder
         return _weights_folder_checks(path)
@@ -155,14 +158,16 @@ def _checks(path: Path) -> list[FileCheck]:
     manifest, unread = _readable_manifest(manifest_path)
     if manifest is None:
         return unread
-    checks = _folder_checks(path, manifest)
+    checks = _folder_checks(path, manifest, models)
     if "vocab" in manifest:  # a store split: its ids are read through the root's vocab.json
         checks.append(_vocab_check(path.parent, {path.name: manifest}))
     return checks
 
 
-def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
-    """The files ``manifest`` (of ``folder``) records, or each shard's for a sharded build."""
+def _folder_checks(folder: Path, manifest: dict, models: bool = True) -> list[FileCheck]:
+    """The files ``manifest`` (of ``folder``) records, or each shard's for a sharded build; with
+    ``models``, an index's matcher and hash module folders where they hold other weights now
+    (``_bound_models``: a sharded build's once, not again for each shard)."""
     manifest_path = folder / MANIFEST_FILE
     if manifest.get("kind") == "sharded":
         shards = manifest.get("shards")
@@ -170,14 +175,42 @@ def _folder_checks(folder: Path, manifest: dict) -> list[FileCheck]:
             raise DataError(manifest_path, 'field "shards" is not a list of {"path": ...} entries')
         check_shard_entries(manifest_path, shards)  # folders inside the build: nothing else is read
         invalid = _invalid(lambda: check_sharded_manifest(manifest, manifest_path), manifest_path)
-        return invalid + [check for shard in shards for check in _shard_checks(folder, shard, manifest)]
+        shard_checks = [check for shard in shards for check in _shard_checks(folder, shard, manifest)]
+        return invalid + shard_checks + ([] if invalid or not models else _bound_models(folder, manifest))
     invalid = _invalid(lambda: _check_manifest(manifest, manifest_path), manifest_path)
     if invalid and "files" not in manifest:
         return invalid
     files = _recorded_files(folder, manifest)  # files may still be the bytes recorded
     if invalid or any(check.status != "ok" for check in files):
         return invalid + files
-    return _disagreements(folder, manifest) + files
+    bound = _bound_models(folder, manifest) if models and "matcher" in manifest else []
+    return _disagreements(folder, manifest) + files + bound
+
+
+def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
+    """The matcher and hash module folders an index's manifest records, where they still hold
+    other weights than it was built with (a hash module trained again into its folder after the
+    build): query and bench then refuse the index, which verify passed. A folder that is gone is
+    no failure (the commands take ``--model`` / ``--hash`` for a moved one)."""
+    found = []
+    for part, what, option in (("matcher", "a matcher", "--model"), ("hash", "a hash module", "--hash")):
+        recorded = manifest.get(part)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+            continue
+        config = manifest_object(Path(recorded["path"]), "config.json")
+        info = config.get("info") if config is not None else None
+        held = info.get("weights_sha256") if isinstance(info, dict) else None
+        if isinstance(held, str) and held != recorded.get("sha256"):
+            found.append(
+                FileCheck(
+                    Path(recorded["path"]) / "config.json",
+                    "changed",
+                    f"holds {what} of weights {held[:12]} now, where {folder} was built with "
+                    f"{str(recorded.get('sha256'))[:12]}: rebuild the index, or give {option} the folder it was "
+                    "built with",
+                )
+            )
+    return found
 
 
 # What a manifest says of its Parquet files that the commands compare with the files' footers
@@ -261,9 +294,9 @@ def _shard_checks(build: Path, entry: dict, build_manifest: dict) -> list[FileCh
     mpath = build / shard / MANIFEST_FILE
     shard_manifest = manifest_object(build / shard)
     if shard_manifest is None or _invalid(lambda: _check_manifest(shard_manifest, mpath), mpath):
-        return verify(build / shard)  # unreadable or invalid: the shard's own check says why, once
+        return verify(build / shard, models=False)  # unreadable or invalid: the shard's own check says why, once
     checked = _invalid(lambda: check_shard_entry(build, entry, shard_manifest, build_manifest), mpath)
-    return checked + verify(build / shard)
+    return checked + verify(build / shard, models=False)
 
 
 def _weights_folder_checks(folder: Path) -> list[FileCheck]:

@@ -614,7 +614,7 @@ def test_a_missing_index_is_told_before_torch_and_faiss_are_imported(tmp_path):
 
 def test_query_with_another_model(pipe):
     r = run("query", "a dog", "--index", pipe.index_dir, "--model", pipe.other_model_dir, "--candidates", "10")
-    clean_error(r, "rebuild the index with this model")
+    clean_error(r, "rebuild the index with this matcher")
 
 
 def test_a_build_of_another_store_needs_its_own_out(pipe, tmp_path, monkeypatch):

@@ -573,7 +573,7 @@ def test_an_index_whose_recorded_models_moved_says_so_and_opens_with_them_given(
 
 
 def test_open_with_a_retrained_model_is_a_mismatch(pipe):
-    with pytest.raises(ModelMismatchError, match="rebuild the index with this model"):
+    with pytest.raises(ModelMismatchError, match="rebuild the index with this matcher"):
         Index.open(pipe.index_dir, pipe.other_model_dir)
     Index.open(pipe.index_dir, pipe.model_dir, pipe.hash_dir)  # the right ones are accepted
 
@@ -583,8 +583,36 @@ def test_open_with_another_hash_module_is_a_mismatch(pipe, tmp_path):
     with torch.no_grad():
         h.module.text_hash.bias += 0.01
     save_hash(h.module, tmp_path / "h2", h.info)
-    with pytest.raises(ModelMismatchError, match="another hash module"):
+    with pytest.raises(
+        ModelMismatchError, match=r"was built with hash module \w{12} \(.*\), not with \w{12} \(.*h2\): "
+    ):
         Index.open(pipe.index_dir, hasher=tmp_path / "h2")
+
+
+def test_a_hash_module_trained_again_into_its_folder_after_the_build_is_named_so(pipe, tmp_path):
+    """query said only "built with another hash module than X" (no way out), and verify passed the
+    index (a hash module trained again into the folder the build recorded)."""
+    from heiindex.verify import verify
+
+    hasher = tmp_path / "h"
+    shutil.copytree(pipe.hash_dir, hasher)
+    out = tmp_path / "index"
+    Index.write(pipe.root, "test", pipe.model_dir, hasher, out)
+    h = load_hash(hasher)
+    with torch.no_grad():
+        h.module.text_hash.bias += 0.01
+    save_hash(h.module, hasher, h.info)  # trained again, into the same folder
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"; that folder was written again after the build: rebuild the index with this hash module, or give "
+        r"the hash module it was built with$",
+    ):
+        Index.open(out)
+    [changed] = [c for c in verify(out) if c.status != "ok"]
+    assert (changed.path, changed.status) == (hasher / "config.json", "changed")
+    assert changed.detail.startswith(
+        f"holds a hash module of weights {load_hash(hasher).info['weights_sha256'][:12]} now"
+    )
 
 
 def test_build_refuses_a_hash_module_of_another_matcher(pipe, tmp_path):
