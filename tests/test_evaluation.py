@@ -377,3 +377,44 @@ def test_evaluate_split_refuses_what_it_cannot_rank_before_scoring(pipe, monkeyp
         evaluate_split([], store)
     with pytest.raises(SettingError, match="models must be matchers .* got str"):
         evaluate_split([str(pipe.model_dir)], store)
+
+
+def test_i2t_ranks_an_image_whose_captions_all_score_below_zero():
+    """Each image's best caption score started at 0, not -inf: an image whose own captions all
+    scored below 0 was ranked by 0 (image 1 here came out first, not second)."""
+    scores = np.array([[-0.5, -0.1, -0.3], [-0.2, -0.9, -0.4]])  # (images, captions)
+    assert i2t_ranks(scores, np.array([0, 0, 1])).tolist() == [1, 2]
+
+
+def test_protocol_plan_of_each_protocol():
+    """Which protocols a split is ranked under: "full" alone on a COCO-5K-sized split is COCO 5K
+    with no folds, "1k" the folds alone, "auto" both there and the whole split elsewhere."""
+    from heiindex.evaluation import protocol_plan
+
+    folds = [(0, 1000), (1000, 2000), (2000, 3000), (3000, 4000), (4000, 5000)]
+    assert protocol_plan(5000, "full") == ("5k", [])
+    assert protocol_plan(24, "full") == ("full", [])
+    assert protocol_plan(24, "auto") == ("full", [])
+    assert protocol_plan(5000, "1k") == (None, folds)
+    assert protocol_plan(5000, "auto") == ("5k", folds)
+
+
+def test_an_ensembles_seconds_are_its_members_summed(pipe, monkeypatch):
+    """Only the last member's scoring time was reported (seconds = ... for +=), unnoticed: the
+    tests asserted seconds > 0."""
+    from types import SimpleNamespace
+
+    store = SplitStore.open(pipe.root, "test")
+    a, b = load_model(pipe.model_dir), load_model(pipe.other_model_dir)
+    clock = iter([0.0, 1.0, 10.0, 12.0])  # member a scored in 1 s, member b in 2 s
+    monkeypatch.setattr(heiindex.protocols, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert evaluate_split([a, b], store)["seconds"] == 3.0
+
+
+def test_check_finite_finds_a_nan_in_the_last_row_of_a_block():
+    from heiindex.evaluation import check_finite
+
+    scores = np.zeros((14, 3))
+    scores[6, 2] = np.nan  # the last row of the first block of 7
+    with pytest.raises(HeiindexError, match=r"^1 of 42 matcher scores are NaN or infinite"):
+        check_finite(scores, block=7)

@@ -355,3 +355,10 @@ def test_search_breadth_of_each_kind_and_its_checks():
     assert (search_breadth(ivf), search_breadth(hnsw)) == ({"nlist": 10, "nprobe": 10}, {"ef_search": 400})
     with pytest.warns(UnusedSettingWarning, match=r"^`ef_search` 9 not used: the index searches exactly \(flat\)"):
         set_search_breadth({"flat": exact[0], "gpu-like": exact[1]}, ef_search=9)
+
+
+def test_an_ivf_probes_no_more_lists_than_it_has():
+    """The manifest recorded nprobe 8 where the index searched its 3 lists (min dropped)."""
+    from heiindex.hamming import resolve_index_kind
+
+    assert resolve_index_kind("ivf", 10) == {"type": "ivf", "nlist": 3, "nprobe": 3}

@@ -385,7 +385,8 @@ def test_load_hash_refuses_weights_other_than_those_its_config_records(tmp_path,
         load_hash(tmp_path / "h")
     with pf.edited_json(tmp_path / "h" / "config.json") as cfg:
         del cfg["info"]["weights_sha256"]  # written by a heiindex that recorded none: loaded as it is
-    assert load_hash(tmp_path / "h").module is not None
+    loaded = load_hash(tmp_path / "h").module.state_dict()
+    assert all(torch.equal(loaded[name], t) for name, t in other.state_dict().items())  # the weights written
 
 
 def test_load_hash_refuses_weights_holding_inf(tmp_path):
@@ -729,3 +730,28 @@ def test_cuda_collect_batches_scores_where_the_matcher_is(pipe):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.images["mean"], cpu.images["mean"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.words.flat, cpu.words.flat, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_hash_losses_of_a_small_set_are_pinned(monkeypatch):
+    """The real HEI loss (no stubs): matcher scores scaled, the image layer on images, the text
+    layer on captions, the ranking term weighted. Values from this code (a mutation review found
+    four changes to the loss that no test noticed: 1.07406, 1.45942, 1.43284 instead of 1.47753)."""
+    history = _fit(monkeypatch, _records([[0, 1, 2, 3], [4, 5, 6, 7]]), epochs=2, rank_weight=0.0)["history"]
+    assert [h["loss"] for h in history] == pytest.approx([1.4775251150131226, 1.4519118070602417], rel=1e-5)
+    history = _fit(monkeypatch, _records([[0, 1, 2, 3], [4, 5, 6, 7]]), epochs=2, rank_weight=1.0)["history"]
+    assert [h["loss"] for h in history] == pytest.approx([2.875141978263855, 2.792022228240967], rel=1e-5)
+
+
+def test_fit_hash_keeps_the_epoch_of_the_best_summed_recall_of_both_directions(monkeypatch):
+    """Epoch 2 (0.4 + 0.4) beats epoch 1 (0.5 + 0.1): not picked by text-to-image alone."""
+    recalls = iter([{"t2i": 0.5, "i2t": 0.1, "n": 5}, {"t2i": 0.4, "i2t": 0.4, "n": 5}])
+    monkeypatch.setattr(th, "candidate_recall", lambda module, enc, n: next(recalls))
+    config = HashTrainConfig(epochs=2, batch_size=4)
+    got = th.fit_hash(_records([[0, 1]]), None, HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet)
+    assert got[1]["best_epoch"] == 2
+
+
+def test_the_hash_training_defaults_are_those_documented():
+    """README and train_hash's docstring: 80 epochs, ranking weight 1, 4 rounds, lr 3e-3."""
+    config = HashTrainConfig()
+    assert (config.epochs, config.rank_weight, config.rounds, config.lr) == (80, 1.0, 4, 3e-3)
