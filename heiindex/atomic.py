@@ -347,41 +347,40 @@ def clear_leftovers(target: Path) -> list[Path]:
     return done
 
 
-def writer_pid(path: Path) -> int | None:
-    """The PID of the process writing the scratch ``path`` where it runs on this host, in this PID
-    namespace, and is still alive (the write is under way, not interrupted); else None. Never on
-    Windows, where ``os.kill(pid, 0)`` would end the process."""
+def _local_pid(path: Path, roles: tuple[str, ...] = ("partial", "old")) -> int | None:
+    """The PID in the scratch name ``path`` (of one of ``roles``) where it was made on this host,
+    in this PID namespace; else None. Never on Windows, where ``os.kill(pid, 0)`` would end the
+    process that ``_alive`` asks about."""
     m = _LEFTOVER.match(Path(path).name)
-    if m is None or m["role"] != "partial" or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
+    if m is None or m["role"] not in roles or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
         return None
-    pid = int(m["pid"])
+    return int(m["pid"])
+
+
+def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return pid
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:  # alive, another user's
-        return pid
-    return pid
+        return True
+    return True
+
+
+def writer_pid(path: Path) -> int | None:
+    """The PID of the process writing the scratch ``path`` where it runs on this host, in this PID
+    namespace, and is still alive (the write is under way, not interrupted); else None."""
+    pid = _local_pid(path, ("partial",))
+    return pid if pid is not None and _alive(pid) else None
 
 
 def _dead(path: Path) -> bool:
     """Whether the run that named ``path`` was on this host, in this PID namespace, and its
-    process is gone. Never on Windows, where ``os.kill(pid, 0)`` would end the process."""
-    m = _LEFTOVER.match(path.name)
-    if m is None or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
-        return False
-    pid = int(m["pid"])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    process is gone."""
+    pid = _local_pid(path)
+    return pid is not None and not _alive(pid)
 
 
 def remove(path: Path) -> None:
