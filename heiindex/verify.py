@@ -409,13 +409,21 @@ def _vocab_check(root: Path, manifests: dict[str, dict]) -> FileCheck:
     if not path.is_file():
         return FileCheck(path, "missing", "the vocabulary the splits were tokenised with")
     try:
-        have = Vocab.load(path).checksum
+        vocab = Vocab.load(path)
     except DataError as exc:  # as every command reading the store would refuse it
         return FileCheck(path, "invalid", exc.problem)
+    have = vocab.checksum
     for name, manifest in manifests.items():
         want = manifest.get("vocab", {}).get("sha256")
         if want != have:
             return FileCheck(path, "changed", f"vocabulary {have[:12]}..., split {name} records {str(want)[:12]}...")
+        size = manifest.get("vocab", {}).get("size")
+        if size != len(vocab):  # the captions' token ids were then refused as outside it, blaming their file
+            return FileCheck(
+                root / name / MANIFEST_FILE,
+                "invalid",
+                f'field "vocab.size" is {size}, where {path} holds {len(vocab):,} words',
+            )
     # By name: nothing records which splits a root had, so a deleted split shows only by its absence here.
     names = sorted(manifests)
     splits = (

@@ -120,6 +120,17 @@ def test_a_changed_store_vocabulary_is_reported(pipe, tmp_path):
         assert {c.status for c in verify(target) if c.path.name != "vocab.json"} == {"ok"}
 
 
+def test_a_split_recording_another_vocabulary_size_than_its_vocab_is_invalid(pipe, tmp_path):
+    """verify said ok; build then refused the captions' token ids as outside a vocabulary of 100
+    words, blaming captions.parquet."""
+    root = pf.copy_store(pipe, tmp_path)
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["vocab"]["size"] = 100
+    [bad] = [c for c in verify(root) if c.status != "ok"]
+    assert (bad.path, bad.status) == (root / "test" / "manifest.json", "invalid")
+    assert bad.detail.startswith('field "vocab.size" is 100, where ') and bad.detail.endswith(" words")
+
+
 def test_an_index_and_a_sharded_build(pipe, tmp_path):
     out = tmp_path / "copy"
     ok(build(pipe, out))
