@@ -1,4 +1,5 @@
-"""Rendering library results as rich tables (the CLI's only formatting code)."""
+"""Rendering library results as rich tables and JSON (the CLI's tables; main.py keeps the few
+one-line summaries its commands print after them)."""
 
 from __future__ import annotations
 
