@@ -84,11 +84,37 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
         if value < 1 or (most is not None and value > most):
             within = f"between 1 and {most:,}" if most is not None else "at least 1"
             raise DataError(mpath, f'field "{field}" must be {within}, got {value}')
+    _check_index_spec(manifest["index"], mpath)
     check_prototypes_entry(manifest, mpath)
     files = recorded_files(mpath, manifest)  # None: written by a heiindex that recorded none
     missing = [name for name in INDEX_FILES if files is not None and name not in files]
     if missing:
         raise DataError(mpath, f'field "files" records no {", ".join(missing)} (a build records all four)')
+
+
+# What a build records of its FAISS indexes (hamming.INDEX_TYPES and "auto"; spelled out here, which
+# reads no FAISS: a test keeps the two equal)
+INDEX_SPEC_TYPES = ("auto", "flat", "ivf", "hnsw")
+
+
+def _check_index_spec(spec: dict, mpath: Path) -> None:
+    """``DataError`` naming the field where the manifest's ``"index"`` (and each modality's) records
+    a type that is none of the builds', or lists (``nlist``, ``nprobe``) that are not null or whole
+    numbers >= 1: shown by query and bench, and accepted as "bogus" or -3."""
+    for where, part in (
+        ("index", spec),
+        ("index.images", spec.get("images")),
+        ("index.captions", spec.get("captions")),
+    ):
+        if part is None and where != "index":
+            continue
+        if not isinstance(part, dict) or part.get("type") not in INDEX_SPEC_TYPES:
+            got = part.get("type") if isinstance(part, dict) else part
+            raise DataError(mpath, f'field "{where}.type" must be one of {", ".join(INDEX_SPEC_TYPES)}, got {got!r}')
+        for key in ("nlist", "nprobe"):
+            value = part.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise DataError(mpath, f'field "{where}.{key}" must be null or a whole number >= 1, got {value!r}')
 
 
 # An index's record of its prototype image codes (heiindex.prototypes), where it has one.

@@ -217,7 +217,7 @@ def test_the_clis_choices_are_the_librarys():
     drift from the values the library accepts."""
     from heiindex_cli.main import cli
 
-    from heiindex import attention, evaluation, hamming, hashing, milvus_codes, precomp
+    from heiindex import attention, evaluation, hamming, hashing, index_manifest, milvus_codes, precomp
 
     def choices(command: str, option: str) -> tuple:
         (param,) = [p for p in cli.commands[command].params if p.name == option]
@@ -228,7 +228,7 @@ def test_the_clis_choices_are_the_librarys():
     assert choices("train", "cross_attn") == attention.CROSS_ATTN
     assert choices("train", "agg") == attention.AGGREGATIONS
     assert choices("train-hash", "pooling") == hashing.POOLINGS
-    assert choices("build", "index_type") == ("auto", *hamming.INDEX_TYPES)
+    assert choices("build", "index_type") == ("auto", *hamming.INDEX_TYPES) == index_manifest.INDEX_SPEC_TYPES
     assert choices("build", "milvus_index") == milvus_codes.MILVUS_INDEX_TYPES
     # --raw-feature-norm takes any text (the library names the values it refuses); its help lists them
     help_text = " ".join(cli.commands["train"].get_help(click.Context(cli.commands["train"])).split())

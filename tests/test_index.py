@@ -1722,3 +1722,22 @@ def test_index_manifest_sizes_out_of_range_or_not_the_matchers_are_named(pipe, t
             m[field] = value
         with pytest.raises(DataError, match=rf"copy/manifest.json: {re.escape(said)}"):
             Index.open(out)
+
+
+def test_an_index_manifests_record_of_its_faiss_indexes_is_checked(pipe, tmp_path):
+    """index.type "bogus" and nprobe "x" or -3 were accepted, and shown by query and bench."""
+    out = pf.copy_index(pipe.index_dir, tmp_path)
+    saved = (out / "manifest.json").read_bytes()
+    for edit, said in (
+        (
+            lambda spec: spec.update(type="bogus"),
+            "field \"index.type\" must be one of auto, flat, ivf, hnsw, got 'bogus'",
+        ),
+        (lambda spec: spec["images"].update(nprobe="x"), 'field "index.images.nprobe" must be null or a whole number'),
+        (lambda spec: spec["captions"].update(nlist=-3), 'field "index.captions.nlist" must be null or a whole number'),
+    ):
+        (out / "manifest.json").write_bytes(saved)
+        with pf.edited_json(out / "manifest.json") as m:
+            edit(m["index"])
+        with pytest.raises(DataError, match=re.escape(said)):
+            Index.open(out)
