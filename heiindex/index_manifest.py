@@ -79,10 +79,12 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
-    for field, most in (("regions", 1 << 16), ("embed_size", 1 << 16), ("n_images", None), ("n_captions", None)):
+    # a shard may hold images without captions (their captions are another shard's images')
+    limits = (("regions", 1, 1 << 16), ("embed_size", 1, 1 << 16), ("n_images", 1, None), ("n_captions", 0, None))
+    for field, least, most in limits:
         value = manifest[field]  # -36 reached numpy ("negative dimensions"), 10**15 its "array is too big"
-        if value < 1 or (most is not None and value > most):
-            within = f"between 1 and {most:,}" if most is not None else "at least 1"
+        if value < least or (most is not None and value > most):
+            within = f"between {least} and {most:,}" if most is not None else f"at least {least}"
             raise DataError(mpath, f'field "{field}" must be {within}, got {value}')
     _check_index_spec(manifest["index"], mpath)
     check_prototypes_entry(manifest, mpath)

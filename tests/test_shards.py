@@ -756,3 +756,23 @@ def test_a_split_ingested_again_during_a_sharded_build_is_refused(pipe, tmp_path
     with pytest.raises(HeiindexError, match=r"test: was replaced while the sharded build read it \(shards shard-001 "):
         write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, 2, index_type="flat")
     assert built == [1, 1] and not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_shard_whose_images_have_no_caption_is_built_opened_and_verified(pipe, tmp_path):
+    """The store may hold images no caption describes: a shard of only such images has no captions,
+    and was written, then refused at open and by verify ("n_captions must be at least 1")."""
+    from heiindex import shards
+    from heiindex.verify import verify
+
+    root = pf.copy_store(pipe, tmp_path)
+    ids = SplitStore.open(root, "test").image_id_column()
+    a, b = shards.shard_bounds(24, 4)[1]
+    pf.edit_column(
+        root / "test" / "captions.parquet", "image_id", lambda i: i.__setitem__(np.isin(i, ids[a:b]), ids[0])
+    )
+    out = tmp_path / "s"
+    manifest = shards.write_shards(root, "test", pipe.model_dir, pipe.hash_dir, out, 4, index_type="flat")
+    assert manifest["shards"][1]["n_captions"] == 0
+    opened = ShardedIndex.open(out)
+    assert opened.n_images == 24 and len(opened.search("a dog", k=3).results) == 3
+    assert {c.status for c in verify(out)} == {"ok"}
