@@ -189,7 +189,7 @@ def read_unswapped(folder: Path, read: Callable[[], T], tries: int = 3) -> T:
             if before is None or manifest_digest(folder) == before or attempt == tries - 1:  # not a swap
                 raise
             continue
-        if before is not None and manifest_digest(folder) == before:
+        if manifest_digest(folder) == before:  # None both times: unreadable, as the read reported it
             return result
     raise DataError(
         Path(folder) / MANIFEST_FILE,

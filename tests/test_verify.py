@@ -551,3 +551,30 @@ def test_a_rebuild_swapped_in_while_verify_reads_is_checked_again(pipe, tmp_path
     monkeypatch.setattr(heiindex.verify, "file_sha256", swap_first)
     checks = verify(target)
     assert swaps == [1] and {c.status for c in checks} == {"ok"}
+
+
+def test_verify_of_a_split_whose_manifest_cannot_be_read_says_so(tmp_path, monkeypatch):
+    """With the manifest unreadable (permissions), verify said "changed while it was read, 3
+    times: another command is rebuilding it": its digest was None before and after each read."""
+    from pathlib import Path
+
+    root = small_store(tmp_path)
+    manifest = root / "test" / "manifest.json"
+    real = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self == manifest:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    real_open = open
+
+    def no_open(file, *args, **kwargs):
+        if Path(file) == manifest:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    monkeypatch.setattr("builtins.open", no_open)
+    [bad] = [c for c in verify(root / "test") if c.status != "ok"]
+    assert (bad.path, bad.status) == (manifest, "invalid") and "Permission denied" in bad.detail
