@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import leftovers, leftovers_in, writer_pid
+from .atomic import leftovers, leftovers_in, lock_file, scratch_target, writer_pid
 from .errors import DataError, sized
 from .index_manifest import (
     check_index_manifest,
@@ -104,8 +104,13 @@ def verify(path: str | Path, models: bool = True) -> list[FileCheck]:
         raise DataError(path, "no such folder; give a store root or split, an index, or a model or hash module folder")
     if (found := _only_leftovers(path)) is not None:
         # a new store root whose first ingest was killed: its scratch split is all it holds
-        missing = FileCheck(path, "missing", "no split or index here: a run writing into it was interrupted (below)")
-        return [missing] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+        live = [pid for p in found if (pid := writer_pid(p)) is not None]
+        detail = (
+            f"no split or index here yet: process {live[0]} on this machine is writing into it (below)"
+            if live
+            else "no split or index here: a run writing into it was interrupted (below)"
+        )
+        return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
     # a rebuild that swapped the folder while it was checked read as damage ("changed"): checked again
     read = lambda: _checks(path, models)  # noqa: E731
     checks = read_unswapped(path, read) if (path / MANIFEST_FILE).is_file() else read()
@@ -119,7 +124,8 @@ def _only_leftovers(folder: Path) -> list[Path] | None:
     if not folder.is_dir() or (folder / MANIFEST_FILE).exists() or manifest_folders(folder):
         return None
     found = leftovers_in(folder)
-    others = {p.name for p in folder.iterdir()} - {p.name for p in found} - {"vocab.json"}
+    locks = {lock_file(folder / target).name for p in found if (target := scratch_target(p.name))}  # their writers'
+    others = {p.name for p in folder.iterdir()} - {p.name for p in found} - locks - {"vocab.json"}
     return found if found and not others else None
 
 

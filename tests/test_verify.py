@@ -82,6 +82,7 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     new_root.mkdir()
     first = new_root / ".train.partial-somehost-4026531836-12345-abcd"
     first.mkdir()
+    (new_root / ".train.lock").touch()  # what a killed ingest leaves beside its scratch split too
     for extra in (None, "vocab.json"):
         if extra:
             shutil.copy(root / extra, new_root / extra)
