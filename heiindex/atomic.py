@@ -94,18 +94,28 @@ def exclusive(lock: Path) -> Iterator[None]:
         yield
         return
     lock = Path(lock)
-    with open(lock, "a") as handle:
+    for _ in range(5):
+        handle = open(lock, "a")  # noqa: SIM115 (closed below, or by the with at the end)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # a holder that finished meanwhile removed the file this one locked: its lock is no one's
-            if os.fstat(handle.fileno()).st_ino != os.stat(lock).st_ino:
-                raise BlockingIOError
-        except (BlockingIOError, FileNotFoundError):
+        except BlockingIOError:
+            handle.close()
             raise LockHeld(lock) from None
         except OSError:  # a file system without locks (ENOLCK, EOPNOTSUPP): written unlocked, as before
+            handle.close()
             lock.unlink(missing_ok=True)
             yield
             return
+        try:  # a holder that finished meanwhile removed the file this one locked: lock the new one
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    else:
+        raise LockHeld(lock)
+    with handle:
         try:
             yield
         finally:

@@ -385,3 +385,22 @@ def test_a_file_system_without_locks_writes_unlocked(tmp_path, monkeypatch):
     with exclusive(tmp_path / ".x.lock"):
         (tmp_path / "x").write_text("written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_lock_file_removed_by_its_finishing_holder_is_taken_again(tmp_path, monkeypatch):
+    """A writer that finished removed the lock file between this one's open and lock: the lock
+    taken was on a file no longer there, and the write was refused as held by another command."""
+    import heiindex.atomic as atomic
+
+    real, gone = atomic.os.stat, []
+
+    def removed_once(path, *args, **kwargs):
+        if str(path).endswith(".x.lock") and not gone:
+            gone.append(1)
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "stat", removed_once)
+    with atomic.exclusive(tmp_path / ".x.lock"):
+        assert (tmp_path / ".x.lock").exists()
+    assert gone == [1] and not (tmp_path / ".x.lock").exists()
