@@ -153,12 +153,15 @@ def write_shards(
             entries.append(
                 {"path": name, "store_rows": [a, b], "n_images": m["n_images"], "n_captions": m["n_captions"]}
             )
-        changed = [e["path"] for e, m in zip(entries, manifests, strict=True) if m["store"] != manifests[0]["store"]]
-        if changed or manifests[0]["store"]["checksum"] != store.checksum:  # each shard reads the split again
+        # each shard reads the split again: every one must have read what the build began with
+        changed = [
+            e["path"] for e, m in zip(entries, manifests, strict=True) if m["store"]["checksum"] != store.checksum
+        ]
+        if changed:
             raise DataError(
                 store.path,
-                f"was replaced while the sharded build read it (shards {name_some(changed or [entries[0]['path']])} "
-                "read other data than the build began with): nothing was written; build again once it is ingested",
+                f"was replaced while the sharded build read it (shards {name_some(changed)} read other data than "
+                "the build began with): nothing was written; build again once it is ingested",
             )
         manifest = {
             "format_version": SHARDED_FORMAT_VERSION,
