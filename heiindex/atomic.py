@@ -94,8 +94,13 @@ def exclusive(lock: Path) -> Iterator[None]:
         yield
         return
     lock = Path(lock)
-    for _ in range(5):
-        handle = open(lock, "a")  # noqa: SIM115 (closed below, or by the with at the end)
+    for attempt in range(5):
+        try:
+            handle = open(lock, "a")  # noqa: SIM115 (closed below, or by the with at the end)
+        except FileNotFoundError:  # a holder's cleanup removed the folder too, after the file: as held
+            if attempt:
+                raise LockHeld(lock) from None
+            raise
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

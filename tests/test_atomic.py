@@ -404,3 +404,26 @@ def test_a_lock_file_removed_by_its_finishing_holder_is_taken_again(tmp_path, mo
     with atomic.exclusive(tmp_path / ".x.lock"):
         assert (tmp_path / ".x.lock").exists()
     assert gone == [1] and not (tmp_path / ".x.lock").exists()
+
+
+def test_a_lock_whose_folder_its_finishing_holder_removed_is_refused_as_held(tmp_path, monkeypatch):
+    """A failed holder removes its lock file and then the folder it made: the second open of the
+    lock raised a raw FileNotFoundError instead of naming the other writer."""
+    import shutil
+
+    import heiindex.atomic as atomic
+
+    folder = tmp_path / "made"
+    folder.mkdir()
+    real, gone = atomic.os.stat, []
+
+    def removed_with_its_folder(path, *args, **kwargs):
+        if str(path).endswith(".x.lock") and not gone:
+            gone.append(1)
+            shutil.rmtree(folder)
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "stat", removed_with_its_folder)
+    with pytest.raises(atomic.LockHeld), atomic.exclusive(folder / ".x.lock"):
+        pass
