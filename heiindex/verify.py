@@ -93,29 +93,28 @@ def verify(path: str | Path, models: bool = True) -> list[FileCheck]:
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
     if not path.exists() and not path.is_symlink() and (found := leftovers(path)):
         # an output a killed run never finished: its scratch folder is all there is to list
-        live = [pid for p in found if (pid := writer_pid(p)) is not None]
-        detail = (
-            f"no such folder yet: process {live[0]} on this machine is writing it (below)"
-            if live
-            else "no such folder: a run writing it was interrupted (leftovers below)"
-        )
-        return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+        return _missing_beside(path, found, "no such folder", "writing it", "leftovers below")
     if not path.exists():
         raise DataError(path, "no such folder; give a store root or split, an index, or a model or hash module folder")
     if (found := _only_leftovers(path)) is not None:
         # a new store root whose first ingest was killed: its scratch split is all it holds
-        live = [pid for p in found if (pid := writer_pid(p)) is not None]
-        detail = (
-            f"no split or index here yet: process {live[0]} on this machine is writing into it (below)"
-            if live
-            else "no split or index here: a run writing into it was interrupted (below)"
-        )
-        return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+        return _missing_beside(path, found, "no split or index here", "writing into it", "below")
     # a rebuild that swapped the folder while it was checked read as damage ("changed"): checked again
     read = lambda: _checks(path, models)  # noqa: E731
     checks = read_unswapped(path, read) if (path / MANIFEST_FILE).is_file() else read()
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
     return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+
+
+def _missing_beside(path: Path, found: list[Path], missing: str, writing: str, below: str) -> list[FileCheck]:
+    """``path`` "missing", and the scratch ``found`` that is all there is of it, "leftover": of a
+    run still writing it (named), or of one interrupted."""
+    live = [pid for p in found if (pid := writer_pid(p)) is not None]
+    if live:
+        detail = f"{missing} yet: process {live[0]} on this machine is {writing} (below)"
+    else:
+        detail = f"{missing}: a run {writing} was interrupted ({below})"
+    return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
 
 
 def _only_leftovers(folder: Path) -> list[Path] | None:
