@@ -411,6 +411,30 @@ def edit_column(path: Path, column: str, edit) -> np.ndarray:
     return values
 
 
+def rebuilt_on_first_call(monkeypatch, module, name: str, pipe, tmp_path: Path) -> tuple[Path, list]:
+    """A copy of the pipeline's index at ``tmp_path / "t"``, replaced by an HNSW build of the same
+    split (as a rebuild swaps it in) at the first call of ``module.name``, made while something
+    reads it; returns the folder and the list of swaps made (``[1]`` once it happened)."""
+    import shutil
+
+    from heiindex.index import Index
+
+    target, other = tmp_path / "t", tmp_path / "hnsw"
+    shutil.copytree(pipe.index_dir, target)
+    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
+    real, swaps = getattr(module, name), []
+
+    def swap_first(*args, **kwargs):
+        if not swaps:  # the rebuild lands now, while the folder is read
+            swaps.append(1)
+            shutil.rmtree(target)
+            shutil.copytree(other, target)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, swap_first)
+    return target, swaps
+
+
 def record_again(path: Path) -> None:
     """The manifest beside ``path`` records the file as it is now (its size and checksum), where it
     records it at all: a test that rewrites a store or index file on purpose, to reach a check

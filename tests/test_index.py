@@ -1548,23 +1548,10 @@ def test_an_open_that_a_rebuild_swaps_under_is_tried_again(pipe, tmp_path, monke
     """A rebuild swapped the folder between the open's reading of the manifest and of a code file:
     the open refused the index as damaged ("changed since the index was built"); one of 89 opens
     in a loop during rebuilds did."""
-    import shutil
-
     import heiindex.index
 
-    target, other = tmp_path / "t", tmp_path / "hnsw"
-    shutil.copytree(pipe.index_dir, target)
-    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
-    real, swaps = heiindex.index.load_binary_index, []
-
-    def swap_first(*args, **kwargs):
-        if not swaps:  # the rebuild lands now: the manifest already read is the old build's
-            swaps.append(1)
-            shutil.rmtree(target)
-            shutil.copytree(other, target)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(heiindex.index, "load_binary_index", swap_first)
+    # the manifest already read is the old build's when the first code file is read
+    target, swaps = pf.rebuilt_on_first_call(monkeypatch, heiindex.index, "load_binary_index", pipe, tmp_path)
     opened = Index.open(target)
     assert swaps == [1] and opened.manifest["index"]["type"] == "hnsw"  # the new build, whole
     pf.flip_bit(target / "images.faiss")  # damage with no rebuild is still refused at once
@@ -1576,23 +1563,10 @@ def test_an_open_that_a_rebuild_swaps_under_after_the_code_files_is_tried_again(
     """A swap after the code files were checked and before the features were read opened the old
     build's manifest, matcher and codes beside the new build's features, without an error (a
     reviewer's run: 1.7 ms of a 1.2 s open). The manifest's digest is compared after the open too."""
-    import shutil
-
     import heiindex.index
 
-    target, other = tmp_path / "t", tmp_path / "hnsw"
-    shutil.copytree(pipe.index_dir, target)
-    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
-    real, swaps = heiindex.index.open_parquet, []
-
-    def swap_first(*args, **kwargs):
-        if not swaps:  # the code files are read and checked: the rebuild lands now
-            swaps.append(1)
-            shutil.rmtree(target)
-            shutil.copytree(other, target)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(heiindex.index, "open_parquet", swap_first)
+    # the code files are read and checked when the first features file is opened
+    target, swaps = pf.rebuilt_on_first_call(monkeypatch, heiindex.index, "open_parquet", pipe, tmp_path)
     opened = Index.open(target)
     assert swaps == [1] and opened.manifest["index"]["type"] == "hnsw"  # the new build, whole
 

@@ -13,7 +13,6 @@ from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys
 from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
-from heiindex.index import Index
 from heiindex.shards import ShardedIndex
 from heiindex.verify import failures, verify
 
@@ -537,19 +536,8 @@ def test_a_rebuild_swapped_in_while_verify_reads_is_checked_again(pipe, tmp_path
     the folder again."""
     import heiindex.verify
 
-    target, other = tmp_path / "t", tmp_path / "hnsw"
-    shutil.copytree(pipe.index_dir, target)
-    Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, other, index_type="hnsw")
-    real, swaps = heiindex.verify.file_sha256, []
-
-    def swap_first(path, *args, **kwargs):
-        if not swaps:  # the manifest is read: the rebuild lands now
-            swaps.append(1)
-            shutil.rmtree(target)
-            shutil.copytree(other, target)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(heiindex.verify, "file_sha256", swap_first)
+    # the manifest is read when the first file is hashed
+    target, swaps = pf.rebuilt_on_first_call(monkeypatch, heiindex.verify, "file_sha256", pipe, tmp_path)
     checks = verify(target)
     assert swaps == [1] and {c.status for c in checks} == {"ok"}
 
