@@ -109,6 +109,8 @@ def exclusive(lock: Path) -> Iterator[None]:
         except OSError:  # a file system without locks (ENOLCK, EOPNOTSUPP): written unlocked, as before
             handle.close()
             lock.unlink(missing_ok=True)
+            handle = None
+        if handle is None:  # outside the except: an error of the body is not chained to ENOLCK
             yield
             return
         try:  # a holder that finished meanwhile removed the file this one locked: lock the new one
