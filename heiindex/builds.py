@@ -14,8 +14,9 @@ from .device import resolve_device
 from .errors import HeiindexError
 from .hamming import check_index_options
 from .hash_folder import LoadedHash
-from .index import Index, check_codes_options
+from .index import Index
 from .index_manifest import sharded_manifest
+from .index_write import check_codes_options
 from .prototypes import PrototypeConfig, check_describing_split
 from .shards import ShardedIndex, write_shards
 

@@ -21,7 +21,7 @@ packed codes and tanh outputs (``4 * bits`` bytes a caption: 1 KB at 256 bits); 
 features are encoded a block at a time, never held whole. Images are described ``block`` at a
 time; each such block is one more encoding pass over the captions.
 
-What this module must not do: write files (``heiindex.index`` does), or train.
+What this module must not do: write files (``heiindex.index_write`` does), or train.
 """
 
 from __future__ import annotations

@@ -33,24 +33,20 @@ from .checkpoint import LoadedModel
 from .errors import DataError, name_some
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
-from .index import (
-    INDEX_OUTPUT,
-    Hit,
-    Index,
-    SearchResult,
-    check_lists_filled,
-    load_bound_models,
-    load_models,
-    models_on,
-    shard_counts,
-    timed_results,
-    warn_unused_lists,
-)
+from .index import Hit, Index, SearchResult, load_models, timed_results
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shards,
     read_sharded_manifest,
     refuse_shard_folder,
+)
+from .index_write import (
+    INDEX_OUTPUT,
+    check_lists_filled,
+    load_bound_models,
+    models_on,
+    shard_counts,
+    warn_unused_lists,
 )
 from .manifests import read_unswapped, write_json
 from .milvus_codes import replaced_collections  # pymilvus: lazily

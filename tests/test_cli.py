@@ -668,7 +668,7 @@ def test_outputs_inside_another_output_are_refused_before_any_work(pipe, tmp_pat
     import heiindex.ingest
     import heiindex.train_hash
 
-    for module, name in ((heiindex.index, "ImageWriter"), (heiindex.train_hash, "collect_batches")):
+    for module, name in ((heiindex.index_write, "ImageWriter"), (heiindex.train_hash, "collect_batches")):
         pf.forbid(monkeypatch, f"{name} ran", (module, name))
     pf.forbid(monkeypatch, "the vocabulary was resolved", (heiindex.ingest, "resolve_vocab"))
     inside = [
@@ -708,7 +708,7 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
     for module, name in (
         (heiindex.train_hash, "collect_batches"),
         (heiindex.encode, "encode_images"),  # evaluate's first work after encode_split's check
-        (heiindex.index, "ImageWriter"),
+        (heiindex.index_write, "ImageWriter"),
     ):
         pf.forbid(monkeypatch, f"{name} ran", (module, name))
 

@@ -129,7 +129,7 @@ def test_codes_and_uri_an_index_was_not_built_for(pipe):
 
 
 def test_shards_and_nlist_beyond_the_images(pipe, tmp_path):
-    from heiindex.index import check_lists_filled
+    from heiindex.index_write import check_lists_filled
     from heiindex.shards import shard_bounds
 
     with pytest.raises(HeiindexError, match=r"^shards must lie in \[1, 24\]"):

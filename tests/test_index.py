@@ -147,11 +147,9 @@ def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, t
     """Ids, features and Gram matrices come from one pass over the images file, a row group at a
     time; a Gram column that does not hold r x r floats a row is named, not reshaped."""
 
-    import heiindex.index as index_module
-
     opened = []
     real = pq.ParquetFile
-    monkeypatch.setattr(index_module.pq, "ParquetFile", lambda p, **kw: opened.append(str(p)) or real(p, **kw))
+    monkeypatch.setattr(pq, "ParquetFile", lambda p, **kw: opened.append(str(p)) or real(p, **kw))
     built = Index.open(pipe.index_dir)
     monkeypatch.undo()
     assert [p for p in opened if p.endswith("image_features.parquet")] == [
@@ -177,10 +175,10 @@ def test_open_reads_the_images_file_in_one_pass_and_names_a_short_column(pipe, t
 
 
 def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(tmp_path):
-    """_read_images on crafted files (r = 1, d = 2): an empty file gives empty arrays; rows of
+    """read_images on crafted files (r = 1, d = 2): an empty file gives empty arrays; rows of
     varying length (even when their total fits), a missing column or null ids are DataErrors."""
 
-    from heiindex.index import _read_images
+    from heiindex.index_files import read_images
 
     def write(name, ids, features, gram, feature_type=pa.list_(pa.float32(), 2)):
         columns = {"image_id": pa.array(ids, pa.int64()), "features": pa.array(features, feature_type)}
@@ -189,25 +187,25 @@ def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(
         pq.write_table(pa.table(columns), tmp_path / name)
         return tmp_path / name
 
-    ids, feats, gram = _read_images(write("empty.parquet", [], [], []), 1, 2)
+    ids, feats, gram = read_images(write("empty.parquet", [], [], []), 1, 2)
     assert ids.shape == (0,) and feats.shape == (0, 1, 2) and gram.shape == (0, 1, 1)
     ok = write("ok.parquet", [7, 9, 4], [[1, 2], [3, 4], [5, 6]], [[5], [6], [7]])
     pq.write_table(pq.read_table(ok), ok, row_group_size=1)  # three row groups
     assert pq.ParquetFile(ok).num_row_groups == 3
-    ids, feats, gram = _read_images(ok, 1, 2)
+    ids, feats, gram = read_images(ok, 1, 2)
     np.testing.assert_array_equal(ids, [7, 9, 4])
     np.testing.assert_array_equal(feats.reshape(3, 2), [[1, 2], [3, 4], [5, 6]])
     np.testing.assert_array_equal(gram.reshape(3), [5, 6, 7])
     null_row = write("nullrow.parquet", [7, 9], [[1, 2], None], [[5], [6]])  # flatten() would skip it
     with pytest.raises(DataError, match='nullrow.parquet: column "features" does not hold 2 floats'):
-        _read_images(null_row, 1, 2)
+        read_images(null_row, 1, 2)
     ragged = write("ragged.parquet", [7, 9], [[1, 2, 3], [4]], [[5], [6]], pa.list_(pa.float32()))  # 3 + 1 = 2 x 2
     with pytest.raises(DataError, match='ragged.parquet: column "features" does not hold 2 floats for each'):
-        _read_images(ragged, 1, 2)
+        read_images(ragged, 1, 2)
     with pytest.raises(DataError, match='nogram.parquet: no column "gram"'):
-        _read_images(write("nogram.parquet", [7], [[1, 2]], None), 1, 2)
+        read_images(write("nogram.parquet", [7], [[1, 2]], None), 1, 2)
     with pytest.raises(DataError, match='nullid.parquet: column "image_id" has empty'):
-        _read_images(write("nullid.parquet", [7, None], [[1, 2], [3, 4]], [[5], [6]]), 1, 2)
+        read_images(write("nullid.parquet", [7, None], [[1, 2], [3, 4]], [[5], [6]]), 1, 2)
 
 
 def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):
@@ -237,12 +235,12 @@ def test_caption_tables_stay_under_the_list_offsets_limit(pipe, tmp_path, monkey
     """A block whose words would overflow a list column's int32 offsets is written as several
     tables: with a limit of 3 x (the split's longest caption) x d, a block of 7 captions whose
     longest is L goes in tables of (3 x longest) // L captions each."""
-    import heiindex.index as index_module
+    import heiindex.index_write as index_write
 
     d = load_model(pipe.model_dir).model.config.embed_size
     lengths = SplitStore.open(pipe.root, "test").captions().lengths
     longest = int(lengths.max())
-    monkeypatch.setattr(index_module, "_MAX_LIST_VALUES", 3 * longest * d)
+    monkeypatch.setattr(index_write, "_MAX_LIST_VALUES", 3 * longest * d)
     want = []  # rows of each table written
     for s in range(0, len(lengths), 7):
         n, step = len(lengths[s : s + 7]), (3 * longest) // int(lengths[s : s + 7].max())
@@ -1270,7 +1268,7 @@ def test_features_files_holding_another_count_than_the_manifest_are_named(pipe, 
 
 def test_features_files_are_checked_from_their_footers_before_they_are_read(pipe, tmp_path, monkeypatch):
     out = pf.copy_index(pipe.index_dir, tmp_path)
-    pf.forbid(monkeypatch, "features read before the check", "heiindex.index._read_images")
+    pf.forbid(monkeypatch, "features read before the check", "heiindex.index.read_images")
     table = pq.read_table(out / "image_features.parquet")
     pq.write_table(table.slice(0, 23), out / "image_features.parquet")
     pf.record_again(out / "image_features.parquet")
@@ -1548,10 +1546,10 @@ def test_an_open_that_a_rebuild_swaps_under_is_tried_again(pipe, tmp_path, monke
     """A rebuild swapped the folder between the open's reading of the manifest and of a code file:
     the open refused the index as damaged ("changed since the index was built"); one of 89 opens
     in a loop during rebuilds did."""
-    import heiindex.index
+    import heiindex.index_files
 
     # the manifest already read is the old build's when the first code file is read
-    target, swaps = pf.rebuilt_on_first_call(monkeypatch, heiindex.index, "load_binary_index", pipe, tmp_path)
+    target, swaps = pf.rebuilt_on_first_call(monkeypatch, heiindex.index_files, "load_binary_index", pipe, tmp_path)
     opened = Index.open(target)
     assert swaps == [1] and opened.manifest["index"]["type"] == "hnsw"  # the new build, whole
     pf.flip_bit(target / "images.faiss")  # damage with no rebuild is still refused at once

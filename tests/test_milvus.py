@@ -99,7 +99,7 @@ def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path, monkeypat
     with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1"):
         Index.open(built.path, codes="milvus", uri=down)
     with monkeypatch.context() as m, pytest.raises(HeiindexError, match="cannot reach the Milvus server at"):
-        pf.forbid(m, "the split was encoded before the server was tried", (heiindex.index, "ImageWriter"))
+        pf.forbid(m, "the split was encoded before the server was tried", (heiindex.index_write, "ImageWriter"))
         Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", codes="milvus", uri=down)
     assert not (tmp_path / "x").exists()  # nothing written half-way
     with pytest.raises(HeiindexError, match="built without Milvus codes"):
@@ -129,7 +129,7 @@ def test_a_rebuild_writes_new_collections_and_drops_the_old_ones(pipe, server, t
 
     before = set(utility.list_collections(using="t"))
     with monkeypatch.context() as m:  # a build that fails after its upload
-        m.setattr(heiindex.index, "write_json", fail)
+        m.setattr(heiindex.index_write, "write_json", fail)
         with pytest.raises(RuntimeError, match="interrupted after the upload"):
             Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, **build)
     assert set(utility.list_collections(using="t")) == before  # its own collections dropped again

@@ -313,7 +313,7 @@ def test_a_split_is_not_described_by_its_own_captions(pipe, models, tmp_path, mo
     pf.forbid(
         monkeypatch,
         "the captions were hashed before the folder was compared",
-        (heiindex.index, "caption_bank"),
+        (heiindex.index_write, "caption_bank"),
         (shards, "caption_bank"),
     )
     with pytest.raises(HeiindexError, match="captions of test would describe its own images"):

@@ -117,7 +117,7 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
     from heiindex.shards import write_shards
 
     cases = (("ivf", 0, "nlist must be a whole number, at least 1, got 0"), ("hnsw", 4, "not `index_type` 'hnsw'$"))
-    pf.forbid(monkeypatch, "encoding started", (heiindex.index, "ImageWriter"))
+    pf.forbid(monkeypatch, "encoding started", (heiindex.index_write, "ImageWriter"))
     for kind, nlist, message in cases:
         with pytest.raises(ValueError, match=message):
             Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "i", index_type=kind, nlist=nlist)

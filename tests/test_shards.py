@@ -167,12 +167,12 @@ def test_errors(pipe, sharded, tmp_path):
 
 def test_a_full_disk_in_a_shard_names_the_shard_under_out(pipe, tmp_path, monkeypatch):
     """Each shard is written inside the build's scratch folder: a full disk named that scratch."""
-    import heiindex.index as index_module
+    import heiindex.index_write as index_write
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(index_module, "_write_caption_features", full)
+    monkeypatch.setattr(index_write, "write_caption_features", full)
     out = tmp_path / "s"
     with pytest.raises(DataError) as info:
         write_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, SHARDS, index_type="flat")
@@ -675,7 +675,7 @@ def test_a_shard_whose_images_have_few_captions_is_refused_before_any_is_encoded
 
 def test_a_shard_with_no_captions_is_named_as_such_without_an_nlist():
     """With no --nlist given, the message said '--nlist 1 exceeds the 0 captions'."""
-    from heiindex.index import check_lists_filled
+    from heiindex.index_write import check_lists_filled
 
     with pytest.raises(
         HeiindexError,
