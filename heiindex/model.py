@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .attention import AttentionConfig, region_gram, score_block, score_caption_candidates, score_image_candidates
+from .attention import AttentionConfig, score_block
 from .settings import SettingError, settle
 
 __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
@@ -154,16 +154,6 @@ class ScanModel(nn.Module):
     def score(self, words: Tensor, lengths: Tensor, regions: Tensor, gram: Tensor | None = None) -> Tensor:
         """(n_caps, n_imgs) scores of encoded captions against encoded images."""
         return score_block(self.attention, words, lengths, regions, gram)
-
-    def score_image_candidates(self, words, lengths, regions, candidates, gram=None) -> Tensor:
-        return score_image_candidates(self.attention, words, lengths, regions, candidates, gram)
-
-    def score_caption_candidates(self, regions, words, lengths, candidates, gram=None) -> Tensor:
-        return score_caption_candidates(self.attention, regions, words, lengths, candidates, gram)
-
-    @staticmethod
-    def gram(regions: Tensor) -> Tensor:
-        return region_gram(regions)
 
 
 class Ensemble:
