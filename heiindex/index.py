@@ -70,6 +70,7 @@ from .store import (
     check_caption_columns,
     check_caption_image_ids,
     check_distinct,
+    check_row_count,
     open_parquet,
     reading,
     rows_of,
@@ -197,8 +198,7 @@ class Index(BatchSearch):
                 raise DataError(path / file, "missing: this index is incomplete (build it again)")
             record = recorded_file(path / MANIFEST_FILE, manifest, file)  # None: a manifest that records no files
             pf = opened[name] = open_parquet(path / file, INDEX_COLUMNS[name], pre_buffer=False, record=record)
-            if pf.metadata.num_rows != counts[name]:  # from the footer: before any feature is read
-                raise DataError(path / file, f"holds {pf.metadata.num_rows} {name}; manifest.json says {counts[name]}")
+            check_row_count(path / file, pf, counts[name], name, MANIFEST_FILE)  # before any feature is read
         r, d = manifest["regions"], manifest["embed_size"]
         if d != matcher.model.config.embed_size:  # else named as a features file too short for its rows
             raise DataError(

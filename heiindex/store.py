@@ -53,6 +53,7 @@ __all__ = [
     "check_caption_image_ids",
     "check_caption_columns",
     "check_column_finite",
+    "check_row_count",
     "fixed_list_values",
     "check_distinct",
     "check_store_manifest",
@@ -70,6 +71,15 @@ FORMAT_VERSION = 1
 IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"
 _COMPRESSION = "zstd"
+
+
+def check_row_count(path: Path, pf: pq.ParquetFile, count: int, what: str, recorded_as: str) -> None:
+    """``DataError`` naming ``path`` where its footer (``pf``, opened) counts other than ``count``
+    rows, which ``recorded_as`` records: said before any row is read, since a reader of a file
+    with more rows would leave the rest out without a word."""
+    rows = pf.metadata.num_rows
+    if rows != count:
+        raise DataError(path, f"holds {rows} {what}; {recorded_as} says {count}")
 
 
 def open_parquet(path: Path, columns=(), pre_buffer: bool = True, record: dict | None = None) -> pq.ParquetFile:
@@ -518,12 +528,8 @@ class SplitStore:
         if start == stop:
             return
         pf = self._images_file()
+        check_row_count(self.images_path, pf, self.n_images, "image rows", "the manifest's images.count")
         ends = np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-        if (int(ends[-1]) if len(ends) else 0) != self.n_images:  # more rows would be left out without a word
-            raise DataError(
-                self.images_path,
-                f"holds {int(ends[-1]) if len(ends) else 0} image rows; the manifest's images.count says {self.n_images}",
-            )
         first = int(np.searchsorted(ends, start, side="right"))  # the row group holding row `start`
         last = int(np.searchsorted(ends, stop - 1, side="right"))  # the one holding row `stop - 1`
         skip = start - (int(ends[first - 1]) if first else 0)  # its rows before `start`
@@ -591,11 +597,7 @@ class SplitStore:
         """The split's captions; ``DataError`` naming the file where a column is missing, the row
         count is not the manifest's, or a token id lies outside the split's vocabulary."""
         pf = open_parquet(self.captions_path, _CAPTION_COLUMNS, record=self._record(CAPTIONS_FILE))  # one footer parse
-        if pf.metadata.num_rows != self.n_captions:  # before the read
-            raise DataError(
-                self.captions_path,
-                f"holds {pf.metadata.num_rows} captions; the manifest's captions.count says {self.n_captions}",
-            )
+        check_row_count(self.captions_path, pf, self.n_captions, "captions", "the manifest's captions.count")
         with reading(self.captions_path):
             table = pf.read(columns=list(_CAPTION_COLUMNS))
         check_caption_columns(self.captions_path, table)
