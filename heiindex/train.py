@@ -395,6 +395,19 @@ def train(
         return _train(store_root, out, model_config, config, train_split, val_split, resume, progress, log)
 
 
+@dataclass
+class _RunState:
+    """Where a run stands: the model and optimizer, the first epoch still to train, the rows of
+    history so far, and the best dev rsum and its epoch (-1 before any)."""
+
+    model: ScanModel
+    opt: torch.optim.Optimizer
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_rsum: float = -1.0
+    best_epoch: int = -1
+
+
 def _train(
     store_root: Path,
     out: Path,
@@ -430,47 +443,11 @@ def _train(
     data_info = {"train": tr.checksum, "dev": va.checksum, "store": str(store_root)}
 
     torch.manual_seed(config.seed)
-    start_epoch, history, best_rsum, best_epoch = 0, [], -1.0, -1
     if resuming:
-        loaded = load_model(out / "last")
-        model = loaded.model
-        if model_config is not None and model_config != model.config:
-            changes = "; ".join(model_config.changes_from(model.config, "it has"))
-            raise DataError(out / "last", f"cannot resume: its model config differs from the one given: {changes}")
-        state = read_state(out / "last")
-        start_epoch = int(state["epoch"]) + 1
-        if "history" in state:
-            history = json.loads(state["history"])
-        else:  # a run saved before the state kept its history: the epochs up to the state's
-            saved = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
-            history = [row for row in saved if row["epoch"] <= start_epoch]
-        best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
-        _check_resumed_data(out, loaded, vocab, store_root, data_info)
-        _check_best(out / "best", best_epoch, best_rsum)
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        log(f"resuming after epoch {start_epoch} (best rsum {best_rsum:.2f} at epoch {best_epoch + 1})")
-        if start_epoch >= config.epochs:
-            done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}"
-            log(
-                f"nothing left to train: the run has done {done} of the {config.epochs} asked for (ask for more to go on)"
-            )
+        at = _resume_from_last(out, model_config, config, vocab, store_root, data_info, log)
     else:
-        if resume:
-            log(f"nothing to resume in {out / 'last'}: training from the first epoch")
-        elif (out / "last" / CONFIG_FILE).is_file():
-            warnings.warn(
-                HeiindexWarning(
-                    f"{out} holds a run, which this one replaces as it saves its first epoch (`resume` goes on "
-                    "with it instead)",
-                    settings=("resume",),
-                ),
-                stacklevel=3,
-            )
-        # by default the store's vocabulary and feature size (ScanConfig's img_dim is SCAN's 2048)
-        model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab), img_dim=tr.feature_dim))
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        at = _start_run(out, model_config, config, vocab, tr, resume, log)
+    model = at.model
     if model.config.vocab_size != len(vocab):
         raise DataError(store_root / "vocab.json", f"{len(vocab)} words, the model expects {model.config.vocab_size}")
     if model.config.img_dim != tr.feature_dim:
@@ -482,53 +459,26 @@ def _train(
     _, val_captions = check_split(model, va, config.val_images)
     _check_enough_images(tr.n_images, min(config.val_images, va.n_images), train_split, val_split)
     # out/ is made by _run_lock, and removed again where no epoch was saved in it
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(at.start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
-        for g in opt.param_groups:
+        for g in at.opt.param_groups:
             g["lr"] = lr
-        model.train()
-        rng = np.random.default_rng([config.seed, epoch])
-        n_batches = -(-tr.n_captions // config.batch_size)
-        bar = progress_bar(n_batches, f"epoch {epoch + 1}/{config.epochs}", progress)
-        t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for feats, tok, lens, img_ids, _ in iter_training_batches(
-            tr, caps, config.batch_size, rng, config.buffer_row_groups
-        ):
-            lens_t = torch.from_numpy(lens)
-            regions = model.encode_images(torch.from_numpy(feats))
-            words = model.encode_captions(torch.from_numpy(tok), lens_t)
-            scores = model.score(words, lens_t, regions)
-            hardest = config.max_violation and epoch >= config.warmup_sum_epochs
-            loss = contrastive_loss(scores, torch.from_numpy(img_ids), config.margin, hardest)
-            kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
-            value = finite_loss(loss, epoch, steps, kept)
-            opt.zero_grad()
-            loss.backward()
-            # the gradients' norm (clipped to grad_clip where set): a finite loss can still give inf
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-            finite_loss(norm, epoch, steps, kept, "the gradient norm")
-            opt.step()
-            pairs += len(lens) ** 2
-            loss_sum += value
-            steps += 1
-            bar.set_postfix(loss=f"{value:.3f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-        bar.close()
-        train_seconds = time.perf_counter() - t0
+        kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
+        loss, pairs, train_seconds = _train_epoch(at, tr, caps, config, epoch, kept, progress)
         model.eval()
         res = evaluate_exhaustive(model, encode_split(model, va, config.val_images, captions=val_captions))
         rsum = res.rsum
         row = {
             "epoch": epoch + 1,
             "lr": lr,
-            "loss": loss_sum / max(1, steps),
+            "loss": loss,
             "train_seconds": train_seconds,
             "pairs_per_second": pairs / max(train_seconds, 1e-9),
             "dev_t2i": res.t2i.to_dict(),
             "dev_i2t": res.i2t.to_dict(),
             "dev_rsum": rsum,
         }
-        history.append(row)
+        at.history.append(row)
         log(
             f"epoch {epoch + 1}: loss {row['loss']:.3f}, dev t2i R@1 {res.t2i.r1:.1f} R@5 {res.t2i.r5:.1f} "
             f"R@10 {res.t2i.r10:.1f} | i2t R@1 {res.i2t.r1:.1f} R@5 {res.i2t.r5:.1f} R@10 {res.i2t.r10:.1f} "
@@ -545,21 +495,115 @@ def _train(
                 "images": min(config.val_images, va.n_images),
             },
         }
-        # best/ first, then last/ with the state to resume from (the history included) in the
-        # same swap: a run killed between any two steps resumes from a consistent last/, and
-        # redoing an epoch that already reached best/ gives the same model again
-        if rsum > best_rsum:
-            best_rsum, best_epoch = rsum, epoch
-            save_model(model, vocab, out / "best", info)
-        state = {
-            "epoch": epoch,
-            "optimizer": opt.state_dict(),
-            "best_rsum": best_rsum,
-            "best_epoch": best_epoch,
-            "torch_rng": torch.get_rng_state(),
-            "history": json.dumps(history),
-        }
-        save_model(model, vocab, out / "last", info, state=state)
-        with atomic_file(out / "history.json") as tmp:  # a copy to read; the state's is the one resumed
-            tmp.write_text(json.dumps(history, indent=2) + "\n")
-    return TrainResult(best_rsum, best_epoch, history, out)
+        _save_epoch(out, at, vocab, epoch, rsum, info)
+    return TrainResult(at.best_rsum, at.best_epoch, at.history, out)
+
+
+def _resume_from_last(
+    out: Path, model_config: ScanConfig | None, config: TrainConfig, vocab: Vocab, store_root: Path, data_info, log
+) -> _RunState:
+    """The run of ``out/last``, its optimizer and torch RNG restored, after checking that it was
+    trained on this data and with ``model_config`` (where given), and that ``out/best`` is the
+    epoch its state names."""
+    loaded = load_model(out / "last")
+    model = loaded.model
+    if model_config is not None and model_config != model.config:
+        changes = "; ".join(model_config.changes_from(model.config, "it has"))
+        raise DataError(out / "last", f"cannot resume: its model config differs from the one given: {changes}")
+    state = read_state(out / "last")
+    start_epoch = int(state["epoch"]) + 1
+    if "history" in state:
+        history = json.loads(state["history"])
+    else:  # a run saved before the state kept its history: the epochs up to the state's
+        saved = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        history = [row for row in saved if row["epoch"] <= start_epoch]
+    best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
+    _check_resumed_data(out, loaded, vocab, store_root, data_info)
+    _check_best(out / "best", best_epoch, best_rsum)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    log(f"resuming after epoch {start_epoch} (best rsum {best_rsum:.2f} at epoch {best_epoch + 1})")
+    if start_epoch >= config.epochs:
+        done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}"
+        log(f"nothing left to train: the run has done {done} of the {config.epochs} asked for (ask for more to go on)")
+    return _RunState(model, opt, start_epoch, history, best_rsum, best_epoch)
+
+
+def _start_run(
+    out: Path, model_config: ScanConfig | None, config: TrainConfig, vocab: Vocab, tr: SplitStore, resume: bool, log
+) -> _RunState:
+    """A new model (``model_config``, by default the store's vocabulary and feature size) and
+    optimizer; said where ``resume`` found nothing to resume, warned where ``out`` holds a run
+    that this one replaces."""
+    if resume:
+        log(f"nothing to resume in {out / 'last'}: training from the first epoch")
+    elif (out / "last" / CONFIG_FILE).is_file():
+        warnings.warn(
+            HeiindexWarning(
+                f"{out} holds a run, which this one replaces as it saves its first epoch (`resume` goes on "
+                "with it instead)",
+                settings=("resume",),
+            ),
+            stacklevel=4,
+        )
+    # by default the store's vocabulary and feature size (ScanConfig's img_dim is SCAN's 2048)
+    model = ScanModel(model_config or ScanConfig(vocab_size=len(vocab), img_dim=tr.feature_dim))
+    return _RunState(model, torch.optim.Adam(model.parameters(), lr=config.lr))
+
+
+def _train_epoch(
+    at: _RunState, tr: SplitStore, caps, config: TrainConfig, epoch: int, kept: str, progress: bool
+) -> tuple[float, int, float]:
+    """One epoch over ``tr``'s captions (``caps``): ``(mean loss, pairs scored, seconds)``. A
+    loss or gradient norm that is not finite stops the run, saying what ``kept`` holds."""
+    model, opt = at.model, at.opt
+    model.train()
+    rng = np.random.default_rng([config.seed, epoch])
+    n_batches = -(-tr.n_captions // config.batch_size)
+    bar = progress_bar(n_batches, f"epoch {epoch + 1}/{config.epochs}", progress)
+    t0, pairs, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+    for feats, tok, lens, img_ids, _ in iter_training_batches(
+        tr, caps, config.batch_size, rng, config.buffer_row_groups
+    ):
+        lens_t = torch.from_numpy(lens)
+        regions = model.encode_images(torch.from_numpy(feats))
+        words = model.encode_captions(torch.from_numpy(tok), lens_t)
+        scores = model.score(words, lens_t, regions)
+        hardest = config.max_violation and epoch >= config.warmup_sum_epochs
+        loss = contrastive_loss(scores, torch.from_numpy(img_ids), config.margin, hardest)
+        value = finite_loss(loss, epoch, steps, kept)
+        opt.zero_grad()
+        loss.backward()
+        # the gradients' norm (clipped to grad_clip where set): a finite loss can still give inf
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        finite_loss(norm, epoch, steps, kept, "the gradient norm")
+        opt.step()
+        pairs += len(lens) ** 2
+        loss_sum += value
+        steps += 1
+        bar.set_postfix(loss=f"{value:.3f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
+        bar.update(1)
+    bar.close()
+    return loss_sum / max(1, steps), pairs, time.perf_counter() - t0
+
+
+def _save_epoch(out: Path, at: _RunState, vocab: Vocab, epoch: int, rsum: float, info: dict) -> None:
+    """``out/best`` where ``rsum`` beats the best so far, then ``out/last`` with the state to
+    resume from (the history included) in the same swap: a run killed between any two steps
+    resumes from a consistent last/, and redoing an epoch that already reached best/ gives the
+    same model again. ``history.json`` is a copy to read; the state's is the one resumed."""
+    if rsum > at.best_rsum:
+        at.best_rsum, at.best_epoch = rsum, epoch
+        save_model(at.model, vocab, out / "best", info)
+    state = {
+        "epoch": epoch,
+        "optimizer": at.opt.state_dict(),
+        "best_rsum": at.best_rsum,
+        "best_epoch": at.best_epoch,
+        "torch_rng": torch.get_rng_state(),
+        "history": json.dumps(at.history),
+    }
+    save_model(at.model, vocab, out / "last", info, state=state)
+    with atomic_file(out / "history.json") as tmp:
+        tmp.write_text(json.dumps(at.history, indent=2) + "\n")
