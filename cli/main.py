@@ -974,29 +974,18 @@ def bench(
 
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
+    from heiindex.bench_settings import check_bench_settings
     from heiindex.index_manifest import sharded_manifest
-    from heiindex.settings import require
 
     from .render import bench_tables, console, echo_json
 
     sweep_list = _sweep_values(sweep) if sweep is not None else None  # --sweep '' is refused, not ignored
-    if plot is not None and not sweep_list:
-        raise HeiindexError("--plot draws the --sweep table; give --sweep too")
-    if plot is not None:  # before the index is read and the bench runs
-        from heiindex.plot import check_plot_path
-
-        check_plot_path(plot, "--plot")
+    check_bench_settings(sweep_list, plot, repeats, protocol)  # before the index is read and the bench runs
     _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
-    if sharded and sweep_list:
-        raise HeiindexError("--sweep runs on an unsharded build, in this process")  # before shards are read
-    require("repeats", repeats, at_least=1, integer=True)  # its range before the build's kind
-    if sharded and repeats != 1:
-        raise HeiindexError("--repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)")
-    if sharded and protocol == "1k":
-        raise HeiindexError("--protocol 1k runs on an unsharded build; a sharded one is benched over the whole split")
-    if sweep_list:  # before the bench runs
+    check_bench_settings(sweep_list, None, repeats, protocol, sharded)  # before shards are read
+    if sweep_list:  # it draws the default plot, whose path needs the index: matplotlib now
         from heiindex.plot import require_matplotlib
 
         require_matplotlib()

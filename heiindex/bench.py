@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from . import attention
+from .bench_settings import check_bench_settings
 from .errors import HeiindexError, HeiindexWarning
 from .evaluation import (
     check_captioned,
     check_finite,
-    check_protocols,
     i2t_ranks,
     main_protocol,
     mean_of_folds,
@@ -32,7 +32,7 @@ from .evaluation import (
 )
 from .hamming import hamming_distances, make_binary_index
 from .index import Index
-from .plot import check_plot_path, plot_sweep, require_matplotlib
+from .plot import plot_sweep
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
 from .settings import SettingError, require
@@ -335,16 +335,6 @@ def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tupl
     return limit, ""
 
 
-def _sweep_values(sweep) -> list[int]:
-    """The N values of ``sweep`` (None: none) as Python ints; ``SettingError`` naming "sweep"
-    where it is not a collection of whole numbers."""
-    if sweep is None:
-        return []
-    if isinstance(sweep, (str, bytes)) or not hasattr(sweep, "__iter__"):
-        raise SettingError("sweep", f"sweep must be a list of whole numbers (the N values), got {sweep!r}")
-    return [require("sweep", n, integer=True) for n in sweep]
-
-
 def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
     """``topk`` and every ``sweep`` value must lie in [1, ``limit``]; ``why``: why the limit is
     what it is, where a protocol sets it (naming ``protocols``)."""
@@ -377,16 +367,9 @@ def run_bench(
     path is ``"plot"``; needs matplotlib)."""
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with run_sharded_bench")
-    repeats = require("repeats", repeats, at_least=1, integer=True)
-    check_protocols(protocols)
-    # checked before any pass: a float sweep value failed after the whole bench, named "candidates"
+    sweep, plot, repeats = check_bench_settings(sweep, plot, repeats, protocols)
+    # checked before any pass: a float value failed after the whole bench, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)
-    sweep = sorted(set(_sweep_values(sweep)))
-    if plot is not None:  # before any pass: a bad path failed after the whole bench
-        if not sweep:
-            raise SettingError("plot", "plot draws the sweep table; give `sweep` too", also=("sweep",))
-        plot = check_plot_path(plot, "plot")
-        require_matplotlib()
     whole, folds = protocol_plan(index.n_images, protocols)
     full = whole is not None
     limit, why = _depth_limit(index, full, folds)

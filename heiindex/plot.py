@@ -18,25 +18,29 @@ def check_plot_path(path: str | Path, label: str = "plot") -> Path:
     or a PNG already (an earlier plot, replaced; any other file is refused). Checked before a
     bench runs, not after it; matplotlib would add ".png" to a path without a suffix and refuse
     other suffixes. ``label`` names the path in errors (the setting, the CLI's option, or the
-    default's)."""
+    default's), and is the setting the errors name (a command line names it by its flag)."""
     path = Path(path)
+
+    def refuse(why: str) -> HeiindexError:
+        return HeiindexError(f"{label} {path}: {why}", settings=(label,))
+
     if path.suffix.lower() != ".png":
-        raise HeiindexError(f"{label} {path}: the plot is a PNG; give a path ending in .png")
+        raise refuse("the plot is a PNG; give a path ending in .png")
     if not path.parent.is_dir():
-        raise HeiindexError(f"{label} {path}: no folder {path.parent} to write it in")
+        raise refuse(f"no folder {path.parent} to write it in")
     if path.is_dir():
-        raise HeiindexError(f"{label} {path}: is a folder; give a file path ending in .png")
+        raise refuse("is a folder; give a file path ending in .png")
     if path.exists() and not path.is_file():  # a FIFO's read for the PNG signature waited for ever
-        raise HeiindexError(f"{label} {path}: is not a regular file; give a file path ending in .png")
+        raise refuse("is not a regular file; give a file path ending in .png")
     if path.exists() and not _is_png(path):  # an earlier plot is replaced; anything else is the user's
-        raise HeiindexError(f"{label} {path}: exists and is not a PNG; the plot would replace it (choose another path)")
+        raise refuse("exists and is not a PNG; the plot would replace it (choose another path)")
     own = path.name == SWEEP_PLOT and output_kind(path.parent) in ("an index", "a sharded build")
     try:
         check_writable(path)  # a folder that refuses new files (read-only, /proc, ...)
         if not own:  # a rebuild replaces an index's own plot; any other file blocks it
             check_not_inside_output(path, "the plot")
     except DataError as exc:
-        raise HeiindexError(f"{label} {exc}") from None
+        raise HeiindexError(f"{label} {exc}", settings=(label,)) from None
     return path
 
 

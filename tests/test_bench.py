@@ -357,6 +357,25 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     assert "plot" not in run_bench(index, topk=5, sweep=[2], exhaustive=False)
 
 
+def test_bench_settings_are_checked_before_an_index_is_opened():
+    """check_bench_settings: what the command line checks before it opens an index (and run_bench
+    before any pass); a sharded build's bench has no sweep, repeats or 1K folds."""
+    from heiindex.bench_settings import check_bench_settings
+
+    assert check_bench_settings([50, 10, 50], None, 3, "full") == ([10, 50], None, 3)
+    assert check_bench_settings(None, None, 1, "full", sharded=True) == ([], None, 1)
+    for kwargs, message in (
+        ({"sweep": [10], "sharded": True}, "sweep runs on an unsharded build, in this process"),
+        ({"repeats": 2, "sharded": True}, "repeats runs on an unsharded build"),
+        ({"protocols": "1k", "sharded": True}, "protocols 1k runs on an unsharded build"),
+        ({"repeats": 0}, "repeats"),
+        ({"protocols": "2k"}, "protocols must be"),
+        ({"sweep": [2.5]}, "sweep"),
+    ):
+        with pytest.raises(HeiindexError, match=re.escape(message)):
+            check_bench_settings(**kwargs)
+
+
 def test_a_plot_that_cannot_be_written_keeps_the_benchs_figures(index, tmp_path, monkeypatch):
     """A full disk at the end of a sweep threw the whole bench away with 'Error: No space left on
     device', naming no file (a review's find): the figures now come back, the plot named in a warning."""

@@ -471,7 +471,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         clean_error(r, f"--plot {plot}: {message}")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
-    clean_error(r, "--plot draws the --sweep table; give --sweep too")
+    clean_error(r, "--plot draws the sweep table; give --sweep too")
     os.close(held)
     fifo.unlink()
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
