@@ -19,7 +19,7 @@ import torch
 
 from . import attention
 from .bench_settings import check_bench_settings
-from .errors import HeiindexError, HeiindexWarning
+from .errors import DataError, HeiindexError, HeiindexWarning
 from .evaluation import (
     check_captioned,
     check_finite,
@@ -32,6 +32,7 @@ from .evaluation import (
 )
 from .hamming import hamming_distances, make_binary_index
 from .index import Index
+from .manifests import MANIFEST_FILE, read_json_object
 from .plot import plot_sweep
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
@@ -402,7 +403,16 @@ def run_bench(
     primary = main_protocol(out)
     for direction in ("t2i", "i2t"):
         out[direction] = primary[direction]
-    if plot is not None:
+    if plot is not None and _rebuilt_under(index, plot):
+        warnings.warn(
+            HeiindexWarning(
+                f"the sweep plot {plot} was not written: {index.path} was rebuilt while the bench ran, and the "
+                "plot would have stood beside another build's files; the bench's figures are those of the build "
+                "opened"
+            ),
+            stacklevel=2,
+        )
+    elif plot is not None:
         try:
             out["plot"] = str(plot_sweep(primary["sweep"], plot))
         except OSError as exc:  # a full disk, say: the figures are kept and returned, the plot named
@@ -414,6 +424,17 @@ def run_bench(
                 stacklevel=2,
             )
     return out
+
+
+def _rebuilt_under(index: Index, plot: Path) -> bool:
+    """Whether ``plot`` goes into ``index``'s own folder and that folder no longer holds the build
+    opened (a rebuild swapped it in during the bench): its manifest on disk is not the one read."""
+    if Path(plot).resolve().parent != index.path.resolve():
+        return False
+    try:
+        return read_json_object(index.path / MANIFEST_FILE, "") != index.manifest
+    except DataError:  # gone or unreadable: not the build opened either
+        return True
 
 
 def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> dict:

@@ -397,6 +397,30 @@ def test_a_plot_that_cannot_be_written_keeps_the_benchs_figures(index, tmp_path,
     assert r.exit_code == 0 and "Warning: the sweep plot" in r.output and "recall versus N" in r.output
 
 
+def test_the_sweep_plot_is_not_written_into_a_build_that_replaced_the_one_benched(pipe, tmp_path):
+    """A rebuild that landed while a bench ran got the old build's sweep plot in its folder (a
+    review's find): the plot is left out, with a warning, and the figures still come back."""
+    import json
+    import shutil
+
+    from heiindex.plot import SWEEP_PLOT
+
+    folder = tmp_path / "idx"
+    shutil.copytree(pipe.index_dir, folder)
+    opened = Index.open(folder)
+    plot = folder / SWEEP_PLOT  # where the command line draws it
+    res = run_bench(opened, topk=5, sweep=[2, 4], exhaustive=False, plot=plot)  # the build opened: written
+    assert res["plot"] == str(plot) and plot.read_bytes()[:4] == b"\x89PNG"
+    plot.unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "created_by": "another build"}))
+    with pytest.warns(HeiindexWarning, match=re.escape(f"the sweep plot {plot} was not written: {folder} was rebuilt")):
+        res = run_bench(opened, topk=5, sweep=[2, 4], exhaustive=False, plot=plot)
+    assert "plot" not in res and not plot.exists() and [r["candidates"] for r in res["full"]["sweep"]] == [2, 4]
+    elsewhere = tmp_path / "p.png"  # a plot outside the folder is the user's to write
+    assert run_bench(opened, topk=5, sweep=[2], exhaustive=False, plot=elsewhere)["plot"] == str(elsewhere)
+
+
 def test_without_exhaustive_there_is_no_speedup(index):
     res = run_bench(index, topk=5, exhaustive=False)
     for direction in ("t2i", "i2t"):
