@@ -365,11 +365,13 @@ def run_bench(
     ``warmup``: first run ``warm_up`` (its seconds are ``"warmup_seconds"``; None without it), so
     that the timed passes are those of a process that has scored before. ``plot``: with
     ``sweep``, a .png path to draw the main protocol's sweep in (checked before any pass; its
-    path is ``"plot"``; needs matplotlib)."""
+    path is ``"plot"``; needs matplotlib). A plot that cannot be written, or that would go into
+    the index's own folder after a rebuild replaced the build benched, is left out with a
+    ``HeiindexWarning`` (no ``"plot"`` key); the figures come back all the same."""
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with run_sharded_bench")
     sweep, plot, repeats = check_bench_settings(sweep, plot, repeats, protocols)
-    # checked before any pass: a float value failed after the whole bench, named "candidates"
+    # before any pass: a float topk failed in the warm-up's search, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)
     whole, folds = protocol_plan(index.n_images, protocols)
     full = whole is not None
@@ -406,9 +408,9 @@ def run_bench(
     if plot is not None and _rebuilt_under(index, plot):
         warnings.warn(
             HeiindexWarning(
-                f"the sweep plot {plot} was not written: {index.path} was rebuilt while the bench ran, and the "
-                "plot would have stood beside another build's files; the bench's figures are those of the build "
-                "opened"
+                f"the sweep plot {plot} was not written: {index.path} no longer holds the build benched (rebuilt "
+                "or removed while the bench ran), and the plot would have stood beside another build's files; the "
+                "bench's figures are those of the build opened"
             ),
             stacklevel=2,
         )

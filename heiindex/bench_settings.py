@@ -39,7 +39,7 @@ def check_bench_settings(
     sweep = sorted(set(sweep_values(sweep)))
     if plot is not None:
         if not sweep:
-            raise SettingError("plot", "plot draws the sweep table; give `sweep` too", also=("sweep",))
+            raise SettingError("plot", "plot draws the `sweep` table; give `sweep` too", also=("sweep",))
         plot = check_plot_path(plot, "plot")
         require_matplotlib()
     if sharded and sweep:

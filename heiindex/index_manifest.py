@@ -5,7 +5,7 @@ missing index, a sharded build and a malformed top-level manifest apart. Reading
 file takes milliseconds; importing the matcher's and FAISS's modules takes seconds, and a user
 who named the wrong folder should not wait for them to be told so.
 ``heiindex.verify`` checks manifests with the same functions the loaders use.
-What it must not do: read an index's other files (``heiindex.index`` does, on open) or open
+What it must not do: read an index's other files (``heiindex.index_files`` does, on open) or open
 shards (``heiindex.shards``).
 """
 

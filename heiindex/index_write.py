@@ -8,7 +8,7 @@ folder that replaces ``out`` only once complete (``heiindex.outputs.atomic_dir``
 ``heiindex.index.Index.write`` is this function; ``Index.build`` writes and opens.
 
 What this module must not do: open or search an index (``heiindex.index``), or shard a build
-(``heiindex.shards``, which calls ``write_index`` once per shard).
+(``heiindex.shards``, which calls it, as ``Index.write``, once per shard).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and are the one implementation that the bench, ``Index.candidates_for_*`` (shard
 ``benchmarks/latency.py`` times the same calls, so the latency measured is the latency served. Queries are checked here, all of a request before
 any is searched (``check_queries``: empty or all-unknown texts; ``check_image_ids``), and texts
 are encoded together (``encode_queries``).
-What it must not do: read files, or format results for people (``heiindex.index``, the CLI).
+What it must not do: read files (``heiindex.index_files``), or format results for people (the CLI).
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     with monkeypatch.context() as m:
         pf.forbid(m, "a pass ran", (heiindex.bench, "_hei"))
         for kwargs, message in (
-            ({"plot": tmp_path / "p.png"}, "plot draws the sweep table; give `sweep` too"),
+            ({"plot": tmp_path / "p.png"}, "plot draws the `sweep` table; give `sweep` too"),
             ({"sweep": [2], "plot": tmp_path / "p.txt"}, "the plot is a PNG; give a path ending in .png"),
             ({"sweep": [2], "plot": tmp_path / "gone" / "p.png"}, "no folder"),
         ):
@@ -357,9 +357,10 @@ def test_the_sweep_plot_is_drawn_by_run_bench_and_checked_before_any_pass(index,
     assert "plot" not in run_bench(index, topk=5, sweep=[2], exhaustive=False)
 
 
-def test_bench_settings_are_checked_before_an_index_is_opened():
-    """check_bench_settings: what the command line checks before it opens an index (and run_bench
-    before any pass); a sharded build's bench has no sweep, repeats or 1K folds."""
+def test_check_bench_settings_refuses_what_no_index_allows():
+    """check_bench_settings, which the command line calls before it opens an index (its order is
+    tested in test_cli_options) and run_bench before any pass; a sharded build's bench has no
+    sweep, repeats or 1K folds."""
     from heiindex.bench_settings import check_bench_settings
 
     assert check_bench_settings([50, 10, 50], None, 3, "full") == ([10, 50], None, 3)
@@ -368,7 +369,7 @@ def test_bench_settings_are_checked_before_an_index_is_opened():
         ({"sweep": [10], "sharded": True}, "sweep runs on an unsharded build, in this process"),
         ({"repeats": 2, "sharded": True}, "repeats runs on an unsharded build"),
         ({"protocols": "1k", "sharded": True}, "protocols 1k runs on an unsharded build"),
-        ({"repeats": 0}, "repeats"),
+        ({"repeats": 0}, "repeats must be a whole number"),
         ({"protocols": "2k"}, "protocols must be"),
         ({"sweep": [2.5]}, "sweep"),
     ):
@@ -414,7 +415,10 @@ def test_the_sweep_plot_is_not_written_into_a_build_that_replaced_the_one_benche
     plot.unlink()
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "created_by": "another build"}))
-    with pytest.warns(HeiindexWarning, match=re.escape(f"the sweep plot {plot} was not written: {folder} was rebuilt")):
+    with pytest.warns(
+        HeiindexWarning,
+        match=re.escape(f"the sweep plot {plot} was not written: {folder} no longer holds the build benched"),
+    ):
         res = run_bench(opened, topk=5, sweep=[2, 4], exhaustive=False, plot=plot)
     assert "plot" not in res and not plot.exists() and [r["candidates"] for r in res["full"]["sweep"]] == [2, 4]
     elsewhere = tmp_path / "p.png"  # a plot outside the folder is the user's to write

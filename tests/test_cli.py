@@ -471,7 +471,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", "5", "--plot", plot)
         clean_error(r, f"--plot {plot}: {message}")
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--plot", tmp_path / "p.png")
-    clean_error(r, "--plot draws the sweep table; give --sweep too")
+    clean_error(r, "--plot draws the --sweep table; give --sweep too")
     os.close(held)
     fifo.unlink()
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "my notes"
@@ -664,7 +664,7 @@ def test_outputs_inside_another_output_are_refused_before_any_work(pipe, tmp_pat
     """An index built inside another index, or inside the store split it read, was written (and
     became the last build); the outer folder then could not be built or ingested again ("holds
     what an index does not write (sub)"). train-hash, train and ingest wrote there too."""
-    import heiindex.index
+    import heiindex.index_write
     import heiindex.ingest
     import heiindex.train_hash
 
@@ -702,7 +702,7 @@ def test_a_store_the_model_cannot_encode_is_refused(pipe, tmp_path_factory, tmp_
     import pipeline_fixtures
 
     import heiindex.encode
-    import heiindex.index
+    import heiindex.index_write
     import heiindex.train_hash
 
     for module, name in (

@@ -93,7 +93,7 @@ def test_cli_build_and_query_with_milvus(pipe, server, tmp_path):
 
 
 def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path, monkeypatch):
-    import heiindex.index
+    import heiindex.index_write
 
     down = "http://127.0.0.1:1"
     with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1"):
@@ -113,7 +113,7 @@ def test_a_rebuild_writes_new_collections_and_drops_the_old_ones(pipe, server, t
     seconds during any rebuild. The replaced build's collections were never dropped either."""
     from pymilvus import connections, utility
 
-    import heiindex.index
+    import heiindex.index_write
 
     out = tmp_path / "m"
     build = dict(index_type="flat", codes="milvus", uri=server)

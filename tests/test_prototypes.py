@@ -308,7 +308,7 @@ def test_the_record_names_the_split_as_the_store_does(pipe, models, tmp_path):
 
 @pytest.mark.parametrize("split", ["test", "./test", "test/"])  # by name, or the same folder by another
 def test_a_split_is_not_described_by_its_own_captions(pipe, models, tmp_path, monkeypatch, split):
-    import heiindex.index
+    import heiindex.index_write
 
     pf.forbid(
         monkeypatch,

@@ -111,7 +111,7 @@ def test_ivf_settings():
 
 def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypatch):
     """A bad nlist failed only when the FAISS index was made, after the whole split was encoded."""
-    import heiindex.index
+    import heiindex.index_write
     import heiindex.shards
     from heiindex.index import Index
     from heiindex.shards import write_shards
