@@ -42,6 +42,12 @@ def evaluate_split(
     the members. ``models``: a matcher (a ``LoadedModel`` is checked against the store), an
     ``Ensemble``, or a list of them, whose scores are averaged."""
     members = _members(models)
+    if not isinstance(store, SplitStore):  # a path failed on an attribute ("'str' object has no ...")
+        raise SettingError(
+            "store",
+            f"store must be an opened split, SplitStore.open(store_root, split) (heiindex.store), got "
+            f"{type(store).__name__} {store!r}",
+        )
     whole, folds = protocol_plan(store.n_images, protocols)  # before any scoring: "1k" needs whole folds
     # every member checked against the store before any is scored (a wrong second member was
     # refused after the first had been encoded and scored); the captions read once for all

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
@@ -309,6 +311,11 @@ def test_evaluate_split_of_one_matcher_is_evaluate_exhaustive(pipe, enc_test):
     assert got["full"]["i2t"] == got["i2t"] == want.i2t.to_dict()
     assert got["rsum"] == round(want.rsum, 10) and got["seconds"] > 0
     assert set(got) == {"split", "images", "captions", "models", "full", "t2i", "i2t", "rsum", "seconds"}
+
+    with pytest.raises(
+        SettingError, match=re.escape("store must be an opened split, SplitStore.open(store_root, split)")
+    ):
+        evaluate_split(m, str(pipe.root))  # a path failed on "'str' object has no attribute 'n_images'"
 
 
 def test_an_ensemble_ranks_the_mean_of_its_members_scores(pipe, monkeypatch):
