@@ -702,6 +702,8 @@ def build(
         what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     what += _prototype_label(m)
+    if m.get("codes", {}).get("store") == "milvus":  # the FAISS files are written too
+        what += f", codes also in Milvus at {m['codes']['uri']} (queries search there)"
     note = ""
     if store is None and out.resolve() != dd.default_index_dir(split).resolve():  # named by --out: say what changed
         note = " (query and bench without --index now use it)"

@@ -135,7 +135,10 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
             held = res["shard_images" if direction == "t2i" else "shard_captions"]
             depth += per_shard_depth(res["candidates"], held, "images" if direction == "t2i" else "captions")
         t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, {depth})", rows)
-        extra = f"candidate recall@{res['candidates']}: {percent(d['candidate_recall'])}"
+        merged = res["candidates"]
+        if "shards" in res:  # every shard's candidates, merged: N from each, at most its size
+            merged = sum(min(res["candidates"], n) for n in held)
+        extra = f"candidate recall@{merged}: {percent(d['candidate_recall'])}"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
         if "versus_exhaustive" in d:
@@ -155,6 +158,8 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
             extra += f"\n(HEI and exhaustive seconds: the median of {passes} passes, alternated; Hamming: one pass)"
         if d["hei"]["meanr"] is None:
             extra += "\n(mean rank '-': some ground truth is outside the N candidates)"
+        if "shards" in res:
+            extra += "\n(Hamming: the merged candidates ranked by distance, searched in HEI's time)"
         t.caption = extra
         tables.append(_fitted(t))
     if res.get("sweep"):

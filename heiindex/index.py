@@ -338,9 +338,15 @@ class Index(BatchSearch):
             from .milvus_codes import MilvusCodes
 
             server = uri or built["uri"]
-            code_indexes = tuple(
-                MilvusCodes(server, built["collections"][m], built["index_type"]) for m in ("images", "captions")
-            )
+            try:
+                code_indexes = tuple(
+                    MilvusCodes(server, built["collections"][m], built["index_type"]) for m in ("images", "captions")
+                )
+            except HeiindexError as exc:  # a server that is down: the FAISS files hold the same codes
+                raise HeiindexError(
+                    f"{exc}; the index's FAISS files hold the same codes: `codes` faiss searches them",
+                    settings=(*exc.settings, "codes"),
+                ) from None
         return cls(path, manifest, matcher, hasher, code_indexes).to(device, dtype)
 
     def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> Index:

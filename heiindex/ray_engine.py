@@ -553,7 +553,10 @@ def _connect(address: str | None):
     try:
         ray.init(address=address, log_to_driver=False, namespace=NAMESPACE)
     except ConnectionError as exc:
-        raise HeiindexError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+        raise HeiindexError(
+            f"cannot reach a Ray cluster at {address!r}: {str(exc).rstrip('.')}; to start one on this machine: "
+            "`ray start --head`"
+        ) from None
     return ray
 
 

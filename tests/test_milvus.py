@@ -81,7 +81,8 @@ def test_queries_equal_the_faiss_backed_index(built, text):
 
 def test_cli_build_and_query_with_milvus(pipe, server, tmp_path):
     out = tmp_path / "cli-milvus"
-    ok(build(pipe, out, "--codes", "milvus", "--uri", server, "--milvus-index", "BIN_IVF_FLAT"))
+    r = ok(build(pipe, out, "--codes", "milvus", "--uri", server, "--milvus-index", "BIN_IVF_FLAT"))
+    assert f", codes also in Milvus at {server} (queries search there) -> {out}" in r.output  # it read as FAISS only
     assert Index.open(out).manifest["codes"]["index_type"] == "BIN_IVF_FLAT"
     got = as_json(run("query", "a dog", "--index", out, "--candidates", "24", "--json"))
     assert got == Index.open(out, codes="faiss").search("a dog", 10, 24).to_dict()
@@ -96,8 +97,13 @@ def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path, monkeypat
     import heiindex.index_write
 
     down = "http://127.0.0.1:1"
-    with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1"):
+    with pytest.raises(HeiindexError, match="cannot reach the Milvus server at http://127.0.0.1:1") as info:
         Index.open(built.path, codes="milvus", uri=down)
+    assert str(info.value).endswith("; the index's FAISS files hold the same codes: `codes` faiss searches them")
+    r = run("query", "a dog", "--index", built.path, "--uri", down)  # the way out, by its flag
+    assert r.exit_code == 2 and r.output.rstrip().endswith(
+        "FAISS files hold the same codes: --codes faiss searches them"
+    )
     with monkeypatch.context() as m, pytest.raises(HeiindexError, match="cannot reach the Milvus server at"):
         pf.forbid(m, "the split was encoded before the server was tried", (heiindex.index_write, "ImageWriter"))
         Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", codes="milvus", uri=down)

@@ -319,8 +319,9 @@ def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
         lambda: engine.stop_served(sharded.path, None),  # the cluster running here, not a fresh local Ray
         lambda: RayShardedIndex(sharded.path, "auto"),
     ):
-        with pytest.raises(HeiindexError, match="cannot reach a Ray cluster at 'auto': no cluster at auto"):
+        with pytest.raises(HeiindexError, match="cannot reach a Ray cluster at 'auto': no cluster at auto") as info:
             call()
+        assert str(info.value).endswith("; to start one on this machine: `ray start --head`")
 
 
 def test_an_address_nothing_answers_on_fails_fast():

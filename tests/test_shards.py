@@ -293,7 +293,9 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     # the tables (they failed on the Hamming row, which has no seconds of its own here)
     text = ok(run("bench", "--index", out, "--topk", "12")).output
     assert "test (2 shards, ShardedIndex): text-to-image (24 images, 120 captions, N = 12 from each shard)" in text
-    assert "image-to-text" in text and "candidate recall@12" in text
+    # the merged candidates: 12 from each of the 2 shards (it read @12, beside 24 re-ranked)
+    assert "image-to-text" in text and text.count("candidate recall@24: ") == 2 and "candidate recall@12" not in text
+    assert text.count("(Hamming: the merged candidates ranked by distance, searched in HEI's time)") == 2
     hamming_rows = [line for line in text.splitlines() if "hamming" in line]
     assert len(hamming_rows) == 2 and all(line.rstrip(" │|").endswith("-") for line in hamming_rows), hamming_rows
     r = run("bench", "--index", out, "--topk", "121")
