@@ -135,10 +135,9 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
             held = res["shard_images" if direction == "t2i" else "shard_captions"]
             depth += per_shard_depth(res["candidates"], held, "images" if direction == "t2i" else "captions")
         t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, {depth})", rows)
-        merged = res["candidates"]
-        if "shards" in res:  # every shard's candidates, merged: N from each, at most its size
-            merged = sum(min(res["candidates"], n) for n in held)
-        extra = f"candidate recall@{merged}: {percent(d['candidate_recall'])}"
+        # a sharded build's: every shard's candidates, merged (N from each, at most its size)
+        slots = d["candidate_slots"] if "shards" in res else res["candidates"]
+        extra = f"candidate recall@{slots}: {percent(d['candidate_recall'])}"
         if "speedup" in d:
             extra += f"   HEI speed-up over exhaustive: {d['speedup']:.1f}x"
         if "versus_exhaustive" in d:

@@ -295,11 +295,10 @@ class Index(BatchSearch):
             raise HeiindexError(f"{path} is a sharded build: open it with heiindex.shards.ShardedIndex")
         check_index_manifest(manifest, mpath)
         matcher, hasher = load_models(manifest, matcher, hasher, mpath)
-        for part, loaded, held in (
-            ("matcher", matcher, matcher.checksum),
-            ("hash module", hasher, hash_checksum(hasher.module)),
+        for part, recorded, loaded, held in (
+            ("matcher", manifest["matcher"], matcher, matcher.checksum),
+            ("hash module", manifest["hash"], hasher, hash_checksum(hasher.module)),
         ):
-            recorded = manifest["matcher" if part == "matcher" else "hash"]
             if held != recorded["sha256"]:
                 # the folder the build recorded, trained again since: say so (no way out was named)
                 rewritten = Path(recorded["path"]).resolve() == Path(loaded.path).resolve()

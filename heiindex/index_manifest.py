@@ -189,8 +189,9 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_mani
         ("hash", "sha256", "with hash"),
     )
     for part, key, built in recorded if build_manifest is not None else ():
-        want = (build_manifest.get(part) or {}).get(key) if isinstance(build_manifest.get(part), dict) else None
-        held = (shard_manifest.get(part) or {}).get(key) if isinstance(shard_manifest.get(part), dict) else None
+        want, held = (
+            m[part].get(key) if isinstance(m.get(part), dict) else None for m in (build_manifest, shard_manifest)
+        )
         if want is not None and held != want:
             why = (  # every shard reads the split again: an ingest in between gave shards of two contents
                 "was the store split ingested again while the build ran?"
