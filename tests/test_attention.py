@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import itertools
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -438,6 +439,48 @@ def test_a_small_pair_set_is_one_chunk_and_larger_ones_keep_their_budgets(monkey
     many = attention.ONE_CHUNK_PAIRS + 1
     score_pairs(cfg, words, lengths, regions, torch.arange(many) % len(LENGTHS), torch.arange(many) % N_IMGS)
     assert len(chunks) == len(set(_length_bucket_of(LENGTHS))) and sum(n for n, _ in chunks) == many
+
+
+def test_a_common_caption_length_is_a_bucket_of_its_own(monkeypatch):
+    """In a large pair set, a length with at least exact_run pairs per image gets chunks padded
+    to itself, where the coarse buckets padded it to 14 (13 and 14 words share a bucket); rarer lengths keep
+    the coarse buckets. The scores are the block scorer's either way. coco-sim test's text-to-image
+    bench padded 6.5% more words than its captions hold before (attention._pair_buckets)."""
+    import heiindex.attention as attention
+
+    lens = (13, 14, 9, 13, 11)  # coarse buckets: 15, 15, 10, 15, 12
+    gen = torch.Generator().manual_seed(SEED)
+    words = _make_words(gen, lens, 15, DIM)
+    lengths = torch.tensor(lens)
+    regions = _make_regions(gen, 2, N_REGIONS, DIM)
+    n_pairs = attention.ONE_CHUNK_PAIRS + 88  # past the one-chunk path
+    caps = torch.tensor([0, 3, 0, 3, 1, 2, 4, 0]).repeat(n_pairs // 8)  # 13 words: 5/8; 14: 1/8
+    imgs = torch.arange(len(caps)) % 2
+
+    pair_len = lengths[caps]
+    assert attention._length_bucket(pair_len).unique().tolist() == [10, 12, 15]
+    exact = attention._pair_buckets(pair_len, 2, exact_run=100)  # 187 pairs of 13 words an image, 37 of 14
+    assert dict(zip(pair_len.tolist(), exact.tolist(), strict=False)) == {13: 13, 14: 15, 9: 10, 11: 12}
+    assert torch.equal(attention._pair_buckets(pair_len, 2, float("inf")), attention._length_bucket(pair_len))
+    assert attention._POLICIES["cuda"].exact_run == float("inf")  # more buckets, more launches
+
+    chunks = []
+    real = attention._score_pair_chunk
+
+    def counted(cfg, words, lengths, regions, gram, ci, ii, length, *rest):
+        chunks.append((sorted(set(lengths[ci].tolist())), length))
+        return real(cfg, words, lengths, regions, gram, ci, ii, length, *rest)
+
+    monkeypatch.setattr(attention, "_score_pair_chunk", counted)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks in this thread, in order
+    cfg = _make_cfg("t2i", "clipped_l2norm", "lse")
+    want = score_block(cfg, words, lengths, regions)[caps, imgs]
+    for exact_run, padded_13 in ((float("inf"), 14), (100, 13)):
+        monkeypatch.setitem(attention._POLICIES, "cpu", replace(attention._POLICIES["cpu"], exact_run=exact_run))
+        chunks.clear()
+        torch.testing.assert_close(score_pairs(cfg, words, lengths, regions, caps, imgs), want, rtol=RTOL, atol=0)
+        assert {length for held, length in chunks if 13 in held} == {padded_13}
+        assert all(held == [13] for held, length in chunks if length == 13)
 
 
 def _spy_chunks(monkeypatch, *names: str) -> list[tuple[bool, int]]:
