@@ -665,9 +665,8 @@ def _pair_buckets(pair_len: Tensor, n_images: int, exact_run: float) -> Tensor:
     coarse = _length_bucket(pair_len)
     if exact_run == float("inf"):
         return coarse
-    lengths, counts = torch.unique(pair_len, return_counts=True)
-    common = lengths[counts >= exact_run * n_images]
-    return torch.where(torch.isin(pair_len, common), pair_len, coarse)
+    common = torch.bincount(pair_len) >= exact_run * n_images  # by length; no sort of the pairs
+    return torch.where(common.index_select(0, pair_len), pair_len, coarse)
 
 
 def _gather_words_only(words: Tensor | PackedWords, rows: Tensor, length: int, out: Tensor | None = None) -> Tensor:
