@@ -4,6 +4,7 @@ one-line summaries its commands print after them)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -139,8 +140,9 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         slots = d["candidate_slots"] if "shards" in res else res["candidates"]
         extra = f"candidate recall@{slots}: {percent(d['candidate_recall'])}"
         if "speedup" in d:
-            # two decimals: one would print 4.96 as "5.0x", on the right side of a 5x target
-            extra += f"   HEI speed-up over exhaustive: {d['speedup']:.2f}x"
+            # cut, not rounded, to two decimals: rounding printed 4.96 as "5.0x" (one decimal), on
+            # the wrong side of a 5x target; the JSON keeps every digit
+            extra += f"   HEI speed-up over exhaustive: {math.floor(d['speedup'] * 100 + 1e-9) / 100:.2f}x"
         if "versus_exhaustive" in d:
             v = d["versus_exhaustive"]
             lost, gained = (" / ".join(f"{v[s][k]:.1f}" for k in ("r1", "r5", "r10")) for s in ("lost", "gained"))

@@ -1087,8 +1087,9 @@ def test_bench_tables_show_each_figure_in_its_column():
     assert "(mean rank '-': some ground truth is outside the N candidates)" in tables[0].caption
     assert _row_cells(tables[2], "5") == ["5", "1.0", "6.0", "50.0%", "2.0", "7.0", "25.0%"]
     assert "median" not in tables[0].caption
-    res["t2i"]["speedup"] = 4.958  # printed "5.0x" with one decimal
-    assert "HEI speed-up over exhaustive: 4.96x" in bench_tables("p", res)[0].caption
+    for speedup, shown in ((4.958, "4.95x"), (4.9999, "4.99x"), (5.0, "5.00x"), (21.942, "21.94x")):
+        res["t2i"]["speedup"] = speedup  # 4.958 printed "5.0x" with one decimal, rounded
+        assert f"HEI speed-up over exhaustive: {shown}" in bench_tables("p", res)[0].caption
     res["t2i"]["hei"]["seconds_each"] = [1.0, 2.0, 3.0]  # --repeats 3
     caption = bench_tables("p", res)[0].caption
     assert "(HEI and exhaustive seconds: the median of 3 passes, alternated; Hamming: one pass)" in caption
