@@ -23,7 +23,13 @@ from pathlib import Path
 
 def passes(bench: dict, direction: str, name: str) -> list[float]:
     """The speed-up of each timed pass of ``direction``: exhaustive seconds over HEI seconds."""
+    if direction not in bench:
+        raise SystemExit(f"{name}: no {direction!r} figures at its top level (a bench of the whole split is needed)")
     d = bench[direction]
+    if "exhaustive" not in d:
+        raise SystemExit(
+            f"{name}: {direction} has no exhaustive figures (a sharded bench, or run_bench(exhaustive=False))"
+        )
     try:
         ex, hei = d["exhaustive"]["seconds_each"], d["hei"]["seconds_each"]
     except KeyError:
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("files", nargs="+", type=Path, help="bench JSON files written with --repeats")
     p.add_argument("--target", type=float, default=5.0, help="speed-up to count passes under (default 5)")
     args = p.parse_args(argv)
-    benches = {str(f): json.loads(f.read_text()) for f in args.files}
+    benches = {str(f.resolve()): json.loads(f.read_text()) for f in args.files}  # each file once
     for direction in ("t2i", "i2t"):
         each = [passes(b, direction, name) for name, b in benches.items()]
         flat = [v for run in each for v in run]
