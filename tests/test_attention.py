@@ -459,7 +459,7 @@ def test_a_common_caption_length_is_a_bucket_of_its_own(monkeypatch):
 
     pair_len = lengths[caps]
     assert attention._length_bucket(pair_len).unique().tolist() == [10, 12, 15]
-    exact = attention._pair_buckets(pair_len, 2, exact_run=100)  # 187 pairs of 13 words an image, 37 of 14
+    exact = attention._pair_buckets(pair_len, 2, exact_run=100)  # 187.5 pairs of 13 words an image, 37.5 of 14
     assert dict(zip(pair_len.tolist(), exact.tolist(), strict=False)) == {13: 13, 14: 15, 9: 10, 11: 12}
     assert torch.equal(attention._pair_buckets(pair_len, 2, float("inf")), attention._length_bucket(pair_len))
     assert attention._POLICIES["cuda"].exact_run == float("inf")  # more buckets, more launches
