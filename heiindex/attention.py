@@ -98,8 +98,8 @@ _POLICIES = {
     # A common caption length is its own bucket where its pairs average 32 per image, so that
     # its image runs stay long: coco-sim test's t2i re-ranking (lengths 11-15 at 44-101 pairs per
     # image) took 5-10% less single-threaded CPU time on the best of ten passes (the medians
-    # are as noisy as that: RESULTS.md, "CPU threads"). Its i2t pairs
-    # (about 20 per image and length) keep the coarse buckets: split, they measured no faster.
+    # are as noisy as that: RESULTS.md, "CPU threads"). Its i2t pairs (about 20 per image and
+    # length) keep the coarse buckets: split, they measured no faster.
     "cpu": _Policy(DEFAULT_MAX_ELEMENTS, 4, 64, float("inf"), 32),
     # GPU: kernel launches, not bytes, are the cost: big blocks, and every chunk of pairs is one
     # gathered batched product (a few GB/s of gather is nothing next to HBM bandwidth). Its
