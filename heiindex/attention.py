@@ -407,23 +407,9 @@ def score_pairs(
         _check_gram(gram, regions)
     policy = _policy(regions.device)
     max_elements = _max_elements(max_elements, policy)
-    pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
-    max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
     pair_len = lengths.index_select(0, caption_index)
-    if n_pairs <= min(max_pairs, ONE_CHUNK_PAIRS) and n_pairs * int(pair_len.max()) * r <= max_elements:
-        # Few pairs (one query's candidates): one chunk padded to the longest caption. Each chunk
-        # costs a few dozen small kernels, more than the padding saves here.
-        # Batches of queries keep one chunk per length bucket, where padding would cost more.
-        chunks = [torch.argsort(image_index, stable=True)]
-    else:
-        bucket = _pair_buckets(pair_len, regions.shape[0], policy.exact_run)
-        order = torch.argsort(bucket * regions.shape[0] + image_index, stable=True)
-        bucket_sorted = bucket.index_select(0, order).tolist()
-        # A chunk: pairs of one length bucket, small enough for max_elements and gather_bytes.
-        chunks = [
-            order[p0:p1]
-            for p0, p1 in _bucket_chunks(bucket_sorted, lambda b: max(1, min(max_pairs, max_elements // (b * r))))
-        ]
+    pair_bytes = (r + words.shape[1]) * regions.shape[2] * regions.element_size()
+    chunks = _pair_chunks(pair_len, image_index, regions.shape[0], r, max_elements, pair_bytes, policy)
 
     graph = _scoring_graph(words, regions, gram)
     if graph and not isinstance(words, PackedWords):
@@ -443,6 +429,33 @@ def score_pairs(
 
     _run_chunks(run, chunks, graph)
     return out
+
+
+def _pair_chunks(
+    pair_len: Tensor,
+    image_index: Tensor,
+    n_images: int,
+    r: int,
+    max_elements: int,
+    pair_bytes: int,
+    policy: _Policy,
+) -> list[Tensor]:
+    """How ``score_pairs`` cuts its pairs: a list of index tensors into them, each chunk sorted by
+    image (``benchmarks/pair_padding.py`` replays it to count the padding). ``pair_len``: each
+    pair's caption length; ``r``: regions per image; ``pair_bytes``: one pair's gathered features."""
+    n_pairs = len(pair_len)
+    max_pairs = max(1, int(min(float(n_pairs), policy.gather_bytes // pair_bytes)))
+    if n_pairs <= min(max_pairs, ONE_CHUNK_PAIRS) and n_pairs * int(pair_len.max()) * r <= max_elements:
+        # Few pairs (one query's candidates): one chunk padded to the longest caption. Each chunk
+        # costs a few dozen small kernels, more than the padding saves here.
+        # Batches of queries keep one chunk per length bucket, where padding would cost more.
+        return [torch.argsort(image_index, stable=True)]
+    bucket = _pair_buckets(pair_len, n_images, policy.exact_run)
+    order = torch.argsort(bucket * n_images + image_index, stable=True)
+    bucket_sorted = bucket.index_select(0, order).tolist()
+    # A chunk: pairs of one length bucket, small enough for max_elements and gather_bytes.
+    step = lambda b: max(1, min(max_pairs, max_elements // (b * r)))  # noqa: E731
+    return [order[p0:p1] for p0, p1 in _bucket_chunks(bucket_sorted, step)]
 
 
 def _word_tensor(words: Tensor | PackedWords) -> Tensor:
