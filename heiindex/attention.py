@@ -672,10 +672,11 @@ def _pair_buckets(pair_len: Tensor, n_images: int, exact_run: float) -> Tensor:
 
     The pair scorer's chunks are sorted by image within a bucket, so a chunk mixes the bucket's
     lengths and is padded to its longest: on coco-sim test's text-to-image bench (lengths 9 to 40,
-    most 11 to 15) the coarse buckets padded 6.5% more words than the captions hold. A common
-    length on its own wastes nothing and still gives each image a long run of pairs; rare lengths
-    share the coarse buckets, where a bucket of their own would leave images a pair or two each.
-    (The block scorer sorts its captions by length: its chunks padded 0.8% there.)"""
+    most 11 to 15) the coarse buckets padded 6.5% more words than the captions hold
+    (``benchmarks/pair_padding.py``). A common length on its own wastes nothing and still gives
+    each image a long run of pairs; rare lengths share the coarse buckets, where a bucket of their
+    own would leave images a pair or two each.
+    (The block scorer sorts its captions by length, so its chunks of 128 span a length or two.)"""
     coarse = _length_bucket(pair_len)
     if exact_run == float("inf"):
         return coarse
