@@ -976,7 +976,7 @@ def bench(
 
     On a sharded build: HEI and Hamming alone over the merged shards (in this process, or with
     --engine ray one batch per shard actor, all shards at once); no exhaustive pass."""
-    from heiindex.bench_settings import check_bench_settings
+    from heiindex.bench_settings import check_bench_settings, refuse_for_sharded
     from heiindex.index_manifest import sharded_manifest
 
     from .render import bench_tables, console, echo_json
@@ -986,7 +986,8 @@ def bench(
     _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
-    check_bench_settings(sweep_list, None, repeats, protocol, sharded)  # before shards are read
+    if sharded:
+        refuse_for_sharded(sweep_list, repeats, protocol)  # before shards are read
     if sweep_list:  # it draws the default plot, whose path needs the index: matplotlib now
         from heiindex.plot import require_matplotlib
 

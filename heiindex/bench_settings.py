@@ -13,7 +13,7 @@ from .evaluation import check_protocols
 from .plot import check_plot_path, require_matplotlib
 from .settings import SettingError, require
 
-__all__ = ["check_bench_settings", "sweep_values"]
+__all__ = ["check_bench_settings", "refuse_for_sharded", "sweep_values"]
 
 
 def sweep_values(sweep) -> list[int]:
@@ -27,13 +27,12 @@ def sweep_values(sweep) -> list[int]:
 
 
 def check_bench_settings(
-    sweep=None, plot: str | Path | None = None, repeats: int = 1, protocols: str = "auto", sharded: bool = False
+    sweep=None, plot: str | Path | None = None, repeats: int = 1, protocols: str = "auto"
 ) -> tuple[list[int], Path | None, int]:
     """The bench settings that do not depend on the index, checked before one is opened (the
     command line) or any pass runs (``run_bench``): a bad one used to fail after the whole bench.
     Returns the ``sweep`` values sorted and distinct, the ``plot`` path checked (it draws the sweep,
-    so it needs one, and matplotlib) and ``repeats``. ``sharded``: for a sharded build, whose
-    bench (``run_sharded_bench``) has no sweep, no exhaustive pass to repeat, and no 1K folds."""
+    so it needs one, and matplotlib) and ``repeats``."""
     repeats = require("repeats", repeats, at_least=1, integer=True)
     check_protocols(protocols)
     sweep = sorted(set(sweep_values(sweep)))
@@ -42,14 +41,20 @@ def check_bench_settings(
             raise SettingError("plot", "plot draws the `sweep` table; give `sweep` too", also=("sweep",))
         plot = check_plot_path(plot, "plot")
         require_matplotlib()
-    if sharded and sweep:
+    return sweep, plot, repeats
+
+
+def refuse_for_sharded(sweep: list[int], repeats: int, protocols: str) -> None:
+    """Settings, as ``check_bench_settings`` returns them, that a sharded build's bench
+    (``run_sharded_bench``) cannot honour: it has no sweep, no exhaustive pass to repeat, and no
+    1K folds. The command line calls it once it knows the build is sharded, before shards are read."""
+    if sweep:
         raise SettingError("sweep", "sweep runs on an unsharded build, in this process")
-    if sharded and repeats != 1:
+    if repeats != 1:
         raise SettingError(
             "repeats", "repeats runs on an unsharded build (a sharded one has no exhaustive pass to compare)"
         )
-    if sharded and protocols == "1k":
+    if protocols == "1k":
         raise SettingError(
             "protocols", "protocols 1k runs on an unsharded build; a sharded one is benched over the whole split"
         )
-    return sweep, plot, repeats

@@ -361,20 +361,20 @@ def test_check_bench_settings_refuses_what_no_index_allows():
     """check_bench_settings, which the command line calls before it opens an index (its order is
     tested in test_cli_options) and run_bench before any pass; a sharded build's bench has no
     sweep, repeats or 1K folds."""
-    from heiindex.bench_settings import check_bench_settings
+    from heiindex.bench_settings import check_bench_settings, refuse_for_sharded
 
     assert check_bench_settings([50, 10, 50], None, 3, "full") == ([10, 50], None, 3)
-    assert check_bench_settings(None, None, 1, "full", sharded=True) == ([], None, 1)
-    for kwargs, message in (
-        ({"sweep": [10], "sharded": True}, "sweep runs on an unsharded build, in this process"),
-        ({"repeats": 2, "sharded": True}, "repeats runs on an unsharded build"),
-        ({"protocols": "1k", "sharded": True}, "protocols 1k runs on an unsharded build"),
-        ({"repeats": 0}, "repeats must be a whole number"),
-        ({"protocols": "2k"}, "protocols must be"),
-        ({"sweep": [2.5]}, "sweep"),
+    refuse_for_sharded([], 1, "full")  # what a sharded build's bench can do
+    for check, kwargs, message in (
+        (refuse_for_sharded, {"sweep": [10], "repeats": 1, "protocols": "auto"}, "sweep runs on an unsharded build"),
+        (refuse_for_sharded, {"sweep": [], "repeats": 2, "protocols": "auto"}, "repeats runs on an unsharded build"),
+        (refuse_for_sharded, {"sweep": [], "repeats": 1, "protocols": "1k"}, "protocols 1k runs on an unsharded build"),
+        (check_bench_settings, {"repeats": 0}, "repeats must be a whole number"),
+        (check_bench_settings, {"protocols": "2k"}, "protocols must be"),
+        (check_bench_settings, {"sweep": [2.5]}, "sweep"),
     ):
         with pytest.raises(HeiindexError, match=re.escape(message)):
-            check_bench_settings(**kwargs)
+            check(**kwargs)
 
 
 def test_a_plot_that_cannot_be_written_keeps_the_benchs_figures(index, tmp_path, monkeypatch):
