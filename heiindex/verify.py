@@ -103,7 +103,7 @@ def verify(path: str | Path, models: bool = True) -> list[FileCheck]:
     read = lambda: _checks(path, models)  # noqa: E731
     checks = read_unswapped(path, read) if (path / MANIFEST_FILE).is_file() else read()
     found = sorted(set(leftovers(path)) | set(leftovers_in(path)))
-    return checks + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+    return checks + _leftover_checks(found)
 
 
 def _missing_beside(path: Path, found: list[Path], missing: str, writing: str, below: str) -> list[FileCheck]:
@@ -114,7 +114,12 @@ def _missing_beside(path: Path, found: list[Path], missing: str, writing: str, b
         detail = f"{missing} yet: process {live[0]} on this machine is {writing} (below)"
     else:
         detail = f"{missing}: a run {writing} was interrupted ({below})"
-    return [FileCheck(path, "missing", detail)] + [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
+    return [FileCheck(path, "missing", detail)] + _leftover_checks(found)
+
+
+def _leftover_checks(found: list[Path]) -> list[FileCheck]:
+    """One "leftover" line per scratch folder ``found``."""
+    return [FileCheck(p, "leftover", _leftover_detail(p)) for p in found]
 
 
 def _only_leftovers(folder: Path) -> list[Path] | None:
