@@ -459,11 +459,11 @@ def _train(
     _, val_captions = check_split(model, va, config.val_images)
     _check_enough_images(tr.n_images, min(config.val_images, va.n_images), train_split, val_split)
     # out/ is made by _run_lock, and removed again where no epoch was saved in it
+    kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"  # said where a loss is not finite
     for epoch in range(at.start_epoch, config.epochs):
         lr = config.lr * (0.1 ** (epoch // config.lr_decay_epochs))
         for g in at.opt.param_groups:
             g["lr"] = lr
-        kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"
         loss, pairs, train_seconds = _train_epoch(at, tr, caps, config, epoch, kept, progress)
         model.eval()
         res = evaluate_exhaustive(model, encode_split(model, va, config.val_images, captions=val_captions))
