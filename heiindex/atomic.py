@@ -1,8 +1,10 @@
 """Putting a finished output in place in one step, and clearing what killed runs left behind.
 
 Every command writes its output (a store split, a model, an index, coco-sim, a plot) into a
-scratch folder or file beside the target, named ``.NAME.partial-HOST-NS-PID-XXXX`` (NS: the
-process's PID namespace, so that containers sharing a host name and a volume are told apart).
+scratch folder or file beside the target, named ``.NAME.partial-HOST-NS-PID_START-XXXX`` (NS: the
+process's PID namespace, so that containers sharing a host name and a volume are told apart;
+START: when the process started, in clock ticks since boot, so that a later process given the
+same PID is not taken for it; on a system without Linux's /proc, ``PID`` alone).
 When it is complete, ``swap_in`` puts it in place: a new target is one rename; on Linux an
 existing one is exchanged with it by one ``renameat2(RENAME_EXCHANGE)``, so that at no moment
 is there no target, then the old one is removed. Where the exchange is refused (another OS, a
@@ -11,7 +13,8 @@ file system or sandbox without it) the old target is first moved aside as
 
 A run killed mid-way (SIGKILL, power loss) cannot remove its scratch. ``clear_leftovers``, called
 before the next write of the same target, removes the leftovers of runs whose process is gone
-(same host, same PID namespace, no such process), and, where such a run was killed between
+(same host, same PID namespace, no such process, or one that started at another time), and,
+where such a run was killed between
 moving the old target aside and putting the new one in place, moves the old one back first.
 Leftovers of live processes, of other hosts or namespaces, and every leftover on Windows (where
 a process cannot be probed safely) are left alone. ``leftovers`` lists them (``heiindex verify``
@@ -69,9 +72,11 @@ def _pid_namespace() -> str:
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _NS = _pid_namespace()
-# .NAME.partial-HOST-NS-PID-XXXX or .NAME.old-HOST-NS-PID-XXXX (XXXX from tempfile: no "-")
+# .NAME.partial-HOST-NS-PID_START-XXXX or .NAME.old-HOST-NS-PID_START-XXXX (XXXX from tempfile:
+# no "-"); names without _START, as heiindex wrote them before, are read too
 _LEFTOVER = re.compile(
-    r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<ns>\d+)-(?P<pid>\d+)-[^-]+$"
+    r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<ns>\d+)"
+    r"-(?P<pid>\d+)(?:_(?P<start>\d+))?-[^-]+$"
 )
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -150,7 +155,7 @@ def scratch(target: Path, folder: bool = True, role: str = "partial") -> Path:
     ``clear_leftovers`` can tell whose it is; readable as any new file or folder (the umask's
     permissions, where ``tempfile`` makes them owner-only)."""
     target = Path(target)
-    prefix = f".{target.name}.{role}-{_HOST}-{_NS}-{os.getpid()}-"
+    prefix = f".{target.name}.{role}-{_HOST}-{_NS}-{_process_id(os.getpid())}-"
     if folder:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         path.chmod(0o777 & ~_umask())
@@ -364,40 +369,63 @@ def clear_leftovers(target: Path) -> list[Path]:
     return done
 
 
-def _local_pid(path: Path, roles: tuple[str, ...] = ("partial", "old")) -> int | None:
-    """The PID in the scratch name ``path`` (of one of ``roles``) where it was made on this host,
-    in this PID namespace; else None. Never on Windows, where ``os.kill(pid, 0)`` would end the
-    process that ``_alive`` asks about."""
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of Linux's
+    /proc/PID/stat), or None where that cannot be read (no such process, no /proc)."""
+    try:
+        line = Path(f"/proc/{pid}/stat").read_text()
+        # the fields after the command name, which is in parentheses and may hold spaces
+        return int(line[line.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.cache
+def _process_id(pid: int) -> str:
+    """``PID_START`` for the scratch names of process ``pid``, ``PID`` where its start is unknown."""
+    start = _start_ticks(pid)
+    return str(pid) if start is None else f"{pid}_{start}"
+
+
+def _local_pid(path: Path, roles: tuple[str, ...] = ("partial", "old")) -> tuple[int, int | None] | None:
+    """``(PID, START)`` from the scratch name ``path`` (of one of ``roles``; START None in a name
+    without it) where it was made on this host, in this PID namespace; else None. Never on
+    Windows, where ``os.kill(pid, 0)`` would end the process that ``_alive`` asks about."""
     m = _LEFTOVER.match(Path(path).name)
     if m is None or m["role"] not in roles or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
         return None
-    return int(m["pid"])
+    return int(m["pid"]), None if m["start"] is None else int(m["start"])
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` exists and, where ``start`` is given and its start can be read, started
+    then (a process started at another time holds the PID of one that is gone)."""
     if pid == os.getpid():
-        return True
+        return start is None or start == _start_ticks(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
+        pass
+    if start is None:
         return True
-    return True
+    now = _start_ticks(pid)
+    return now is None or now == start
 
 
 def writer_pid(path: Path) -> int | None:
     """The PID of the process writing the scratch ``path`` where it runs on this host, in this PID
     namespace, and is still alive (the write is under way, not interrupted); else None."""
-    pid = _local_pid(path, ("partial",))
-    return pid if pid is not None and _alive(pid) else None
+    found = _local_pid(path, ("partial",))
+    return found[0] if found is not None and _alive(*found) else None
 
 
 def _dead(path: Path) -> bool:
     """Whether the run that named ``path`` was on this host, in this PID namespace, and its
-    process is gone."""
-    pid = _local_pid(path)
-    return pid is not None and not _alive(pid)
+    process is gone (no process has its PID, or one that started at another time has it)."""
+    found = _local_pid(path)
+    return found is not None and not _alive(*found)
 
 
 def remove(path: Path) -> None:

@@ -29,7 +29,9 @@ def _contents(path: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(path.iterdir())}
 
 
-def _left(target: Path, role: str, pid: int, host: str = atomic._HOST, ns: str = atomic._NS, **files: str) -> Path:
+def _left(
+    target: Path, role: str, pid: int | str, host: str = atomic._HOST, ns: str = atomic._NS, **files: str
+) -> Path:
     """A folder named as ``scratch`` names them, of ``pid`` on ``host`` in PID namespace ``ns``."""
     return _folder(target.with_name(f".{target.name}.{role}-{host}-{ns}-{pid}-x1y2"), **files)
 
@@ -81,7 +83,9 @@ def test_swap_in_without_exchange_moves_the_old_aside_and_puts_it_back_on_failur
     with pytest.raises(OSError, match="disk went away"):
         swap_in(new, target)
     assert _contents(target) == {"new": "2"}  # the old one is back
-    assert calls[0][0] == "out" and calls[0][1].startswith(f".out.old-{atomic._HOST}-{atomic._NS}-{os.getpid()}-")
+    assert calls[0][0] == "out" and calls[0][1].startswith(
+        f".out.old-{atomic._HOST}-{atomic._NS}-{atomic._process_id(os.getpid())}-"
+    )
 
 
 def _keep_stuck(monkeypatch):
@@ -307,6 +311,56 @@ def test_a_run_of_another_user_is_alive(tmp_path, monkeypatch):
     assert atomic._dead(_left(tmp_path / "out", "partial", 999999)) is False
     monkeypatch.setattr(atomic.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
     assert atomic._dead(_left(tmp_path / "out", "partial", 999998)) is True  # the same name, gone: dead
+
+
+@pytest.fixture
+def live_child():
+    """A live process of this host (a sleeping one) and when it started, in clock ticks since boot."""
+    if atomic._start_ticks(os.getpid()) is None:
+        pytest.skip("no /proc/PID/stat here: scratch names carry no start time")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        yield child.pid, atomic._start_ticks(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_scratch_names_carry_the_writers_pid_and_start(tmp_path):
+    if atomic._start_ticks(os.getpid()) is None:
+        pytest.skip("no /proc/PID/stat here: scratch names carry no start time")
+    path = scratch(tmp_path / "out")
+    assert atomic._local_pid(path) == (os.getpid(), atomic._start_ticks(os.getpid()))
+    assert atomic.writer_pid(path) == os.getpid() and not atomic._dead(path)
+
+
+def test_a_pid_taken_by_a_later_process_is_not_the_writer(tmp_path, live_child):
+    """A killed run's PID given to a process started at another time: its scratch is a dead run's,
+    cleared by the next write, not a live build's (which it was, for as long as the PID stayed taken)."""
+    pid, start = live_child
+    mine = _left(tmp_path / "out", "partial", f"{pid}_{start}")
+    assert atomic.writer_pid(mine) == pid and not atomic._dead(mine)
+    mine.rename(mine.with_name(mine.name.replace(f"_{start}-", f"_{start - 1}-")))
+    reused = leftovers(tmp_path / "out")[0]
+    assert atomic.writer_pid(reused) is None and atomic._dead(reused)
+    assert "interrupted" in atomic.interrupted_hint(tmp_path / "out")
+    assert clear_leftovers(tmp_path / "out") == [reused] and leftovers(tmp_path / "out") == []
+
+
+def test_a_name_without_a_start_is_judged_by_its_pid_alone(tmp_path, live_child):
+    """Scratch named before names carried a start time: a live PID is taken for the writer."""
+    pid, _ = live_child
+    assert atomic.writer_pid(_left(tmp_path / "out", "partial", pid)) == pid
+
+
+def test_another_users_process_started_at_another_time_is_not_the_writer(tmp_path, monkeypatch):
+    """os.kill refused (another user's process), /proc still readable: the start time decides."""
+    monkeypatch.setattr(atomic.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "no")))
+    monkeypatch.setattr(atomic, "_start_ticks", lambda pid: 500)
+    assert atomic._dead(_left(tmp_path / "a", "partial", "999999_500")) is False
+    assert atomic._dead(_left(tmp_path / "b", "partial", "999999_400")) is True
+    monkeypatch.setattr(atomic, "_start_ticks", lambda pid: None)  # /proc hidden: alive, as before
+    assert atomic._dead(_left(tmp_path / "c", "partial", "999999_400")) is False
 
 
 def test_removing_a_symlinked_leftover_removes_the_link_only(tmp_path):
