@@ -424,10 +424,17 @@ def _vocab_check(root: Path, manifests: dict[str, dict]) -> FileCheck:
         return FileCheck(path, "invalid", exc.problem)
     have = vocab.checksum
     for name, manifest in manifests.items():
-        want = manifest.get("vocab", {}).get("sha256")
+        record = manifest.get("vocab")
+        if not isinstance(record, dict):  # as the loaders refuse it, not a traceback from .get
+            return FileCheck(
+                root / name / MANIFEST_FILE,
+                "invalid",
+                f'field "vocab" is {record!r}, where an object with the vocabulary\'s "sha256" and "size" belongs',
+            )
+        want = record.get("sha256")
         if want != have:
             return FileCheck(path, "changed", f"vocabulary {have[:12]}..., split {name} records {str(want)[:12]}...")
-        size = manifest.get("vocab", {}).get("size")
+        size = record.get("size")
         if size != len(vocab):  # the captions' token ids were then refused as outside it, blaming their file
             return FileCheck(
                 root / name / MANIFEST_FILE,

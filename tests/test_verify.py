@@ -131,6 +131,18 @@ def test_a_split_recording_another_vocabulary_size_than_its_vocab_is_invalid(pip
     assert bad.detail.startswith('field "vocab.size" is 100, where ') and bad.detail.endswith(" words")
 
 
+@pytest.mark.parametrize("vocab", ["x", None, 3, []])
+def test_a_split_whose_vocab_field_is_not_an_object_is_invalid_not_a_traceback(pipe, tmp_path, vocab):
+    """verify of the root or the split ended in AttributeError ('str' object has no attribute 'get')."""
+    root = pf.copy_store(pipe, tmp_path)
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        m["vocab"] = vocab
+    for target in (root, root / "test"):
+        bad = [c for c in verify(target) if c.status != "ok"]
+        assert bad and {(c.path, c.status) for c in bad} == {(root / "test" / "manifest.json", "invalid")}
+        assert any(c.detail.startswith('field "vocab') for c in bad)
+
+
 def test_an_index_and_a_sharded_build(pipe, tmp_path):
     out = tmp_path / "copy"
     ok(build(pipe, out))
