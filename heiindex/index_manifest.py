@@ -233,9 +233,40 @@ def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
             mpath,
             f"sharded build of format_version {manifest.get('format_version')!r}, expected {SHARDED_FORMAT_VERSION}",
         )
-    check_fields(mpath, manifest, {"split": str, "matcher.path": str, "hash.path": str, "shards": list})
+    check_fields(
+        mpath,
+        manifest,
+        {"split": str, "matcher.path": str, "hash.path": str, "shards": list, "n_images": int, "n_captions": int},
+    )
     check_prototypes_entry(manifest, mpath)
     check_shard_entries(mpath, manifest["shards"], counts=True)
+    _check_shards_cover(mpath, manifest)
+
+
+def _check_shards_cover(mpath: Path, manifest: dict) -> None:
+    """``DataError`` unless the shard entries' store rows follow each other from row 0 to the
+    build's ``n_images``, each as many as its ``n_images``, and their captions add up to
+    ``n_captions``: a shard entry deleted from the manifest was served as a build of the rest."""
+    shards, start = manifest["shards"], 0
+    for i, entry in enumerate(shards):
+        rows = entry.get("store_rows")
+        whole = isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows)
+        if not whole or rows[0] != start or rows[1] - rows[0] != entry["n_images"]:
+            raise DataError(
+                mpath,
+                f'field "shards[{i}].store_rows" is {rows!r}, where [{start}, {start + entry["n_images"]}] '
+                f"belongs (the rows after the shards before it, as many as its n_images {entry['n_images']}): "
+                "build the sharded index again (heiindex build --shards S)",
+            )
+        start = rows[1]
+    captions = sum(entry["n_captions"] for entry in shards)
+    for field, total in (("n_images", start), ("n_captions", captions)):
+        if manifest[field] != total:
+            raise DataError(
+                mpath,
+                f'field "{field}" is {manifest[field]}, where its {len(shards)} shards hold {total}: '
+                "is a shard entry missing? build the sharded index again (heiindex build --shards S)",
+            )
 
 
 def read_sharded_manifest(path: str | Path) -> dict:

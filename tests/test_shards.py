@@ -778,3 +778,30 @@ def test_a_shard_whose_images_have_no_caption_is_built_opened_and_verified(pipe,
     opened = ShardedIndex.open(out)
     assert opened.n_images == 24 and len(opened.search("a dog", k=3).results) == 3
     assert {c.status for c in verify(out)} == {"ok"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["shards"].pop(0), r'"shards\[0\]\.store_rows" is \[8, 16\], where \[0, 8\] belongs'),
+        (lambda m: m["shards"].pop(), r'"n_images" is 24, where its 2 shards hold 16: is a shard entry missing\?'),
+        (lambda m: m["shards"][1].pop("store_rows"), r'"shards\[1\]\.store_rows" is None, where \[8, 16\] belongs'),
+        (lambda m: m.update(n_captions=100), r'"n_captions" is 100, where its 3 shards hold 120'),
+        (lambda m: m.update(n_images="x"), r'"n_images" is missing or not of type int'),
+    ],
+)
+def test_shard_entries_that_do_not_cover_the_build_are_refused(sharded, tmp_path, edit, message):
+    """A build whose manifest lost its first shard entry was served as the other two shards'
+    images, and verify passed it; its n_images and n_captions were never compared."""
+    import shutil
+
+    from heiindex.verify import verify
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded.path, copy)
+    with pf.edited_json(copy / "manifest.json") as m:
+        edit(m)
+    with pytest.raises(DataError, match=message):
+        ShardedIndex.open(copy)
+    [bad] = [c for c in verify(copy) if c.status != "ok"]
+    assert bad.path == copy / "manifest.json" and bad.status == "invalid" and re.search(message, bad.detail)
