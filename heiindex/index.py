@@ -45,6 +45,7 @@ from .hamming import (
 from .hash_folder import LoadedHash, hash_checksum, load_hash
 from .index_files import INDEX_COLUMNS, load_code_file, packed_words, read_images
 from .index_manifest import (
+    attention_changes,
     check_index_manifest,
     read_index_manifest,
     searched_type,
@@ -308,6 +309,12 @@ class Index(BatchSearch):
                     + ("; that folder was written again after the build" if rewritten else "")
                     + f": rebuild the index with this {part}, or give the {part} it was built with"
                 )
+        changed = attention_changes(manifest["matcher"].get("attention"), matcher.model.attention.to_dict())
+        if changed:  # the same weights scoring another way: not the scores the build and its hash module used
+            raise ModelMismatchError(
+                f"index {path} was built with other attention settings of matcher {matcher.path} than its "
+                f"config.json gives now ({changed}): rebuild the index with this matcher, or restore its settings"
+            )
         built = manifest.get("codes", {"store": "faiss"})
         check_fields(mpath, {"codes": built}, {"codes.store": str})
         if built["store"] == "milvus":

@@ -29,6 +29,7 @@ __all__ = [
     "INDEX_FILES",
     "INDEX_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
+    "attention_changes",
     "check_index_manifest",
     "check_prototypes_entry",
     "check_shard_entries",
@@ -88,10 +89,22 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
             raise DataError(mpath, f'field "{field}" must be {within}, got {value}')
     _check_index_spec(manifest["index"], mpath)
     check_prototypes_entry(manifest, mpath)
+    if not isinstance(manifest["matcher"].get("attention", {}), dict):
+        raise DataError(mpath, f'field "matcher.attention" must be an object, got {manifest["matcher"]["attention"]!r}')
     files = recorded_files(mpath, manifest)  # None: written by a heiindex that recorded none
     missing = [name for name in INDEX_FILES if files is not None and name not in files]
     if missing:
         raise DataError(mpath, f'field "files" records no {", ".join(missing)} (a build records all four)')
+
+
+def attention_changes(recorded: dict | None, held: dict) -> str:
+    """How the matcher attention settings ``held`` (``AttentionConfig.to_dict``, or a config.json's
+    ``model.attention``) differ from those a build ``recorded`` ("agg lse -> mean, lambda_lse 6.0
+    -> 1.5"); "" where they agree, or where the build recorded none (written before builds did)."""
+    if recorded is None:
+        return ""
+    keys = sorted(set(recorded) | set(held))
+    return ", ".join(f"{k} {recorded.get(k)} -> {held.get(k)}" for k in keys if recorded.get(k) != held.get(k))
 
 
 # What a build records of its FAISS indexes (hamming.INDEX_TYPES and "auto"; spelled out here, which

@@ -313,7 +313,11 @@ def write_index(
             "created_by": f"heiindex {__version__}",
             "split": split,
             "store": {"path": str(store.path.resolve()), "checksum": store.checksum},
-            "matcher": {"path": str(matcher.path.resolve()), "sha256": matcher.checksum},
+            "matcher": {
+                "path": str(matcher.path.resolve()),
+                "sha256": matcher.checksum,
+                "attention": matcher.model.attention.to_dict(),
+            },
             "hash": {
                 "path": str(hasher.path.resolve()),
                 "sha256": hash_checksum(hasher.module),

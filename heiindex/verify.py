@@ -17,6 +17,7 @@ import numpy as np
 from .atomic import leftovers, leftovers_in, lock_file, scratch_target, writer_pid
 from .errors import DataError, sized
 from .index_manifest import (
+    attention_changes,
     check_index_manifest,
     check_shard_entries,
     check_shard_entry,
@@ -210,6 +211,18 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
         config = manifest_object(Path(recorded["path"]), "config.json")
         info = config.get("info") if config is not None else None
         held = info.get("weights_sha256") if isinstance(info, dict) else None
+        settings = config.get("model") if config is not None else None
+        settings = settings.get("attention") if isinstance(settings, dict) else None
+        changed = attention_changes(recorded.get("attention"), settings) if isinstance(settings, dict) else ""
+        if part == "matcher" and changed and held == recorded.get("sha256"):
+            found.append(
+                FileCheck(
+                    Path(recorded["path"]) / "config.json",
+                    "changed",
+                    f"gives other attention settings than {folder} was built with ({changed}): rebuild the "
+                    "index, or restore the settings",
+                )
+            )
         if isinstance(held, str) and held != recorded.get("sha256"):
             found.append(
                 FileCheck(

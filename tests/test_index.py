@@ -576,6 +576,43 @@ def test_open_with_a_retrained_model_is_a_mismatch(pipe):
     Index.open(pipe.index_dir, pipe.model_dir, pipe.hash_dir)  # the right ones are accepted
 
 
+def test_a_matcher_whose_attention_settings_changed_since_the_build_is_a_mismatch(pipe, tmp_path):
+    """An audit set agg "mean" and lambda_lse 1.5 in the matcher's config.json: its weights were
+    unchanged, so queries ran and scored another way (the top score fell from 0.69 to 0.36), and
+    verify passed the index."""
+    from heiindex.verify import verify
+
+    matcher = tmp_path / "m"
+    shutil.copytree(pipe.model_dir, matcher)
+    out = tmp_path / "index"
+    Index.write(pipe.root, "test", matcher, pipe.hash_dir, out)
+    recorded = json.loads((out / "manifest.json").read_text())["matcher"]["attention"]
+    assert recorded == load_model(matcher).model.attention.to_dict()
+    with pf.edited_json(matcher / "config.json") as m:
+        m["model"]["attention"].update(agg="mean", lambda_lse=1.5)
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"^index .* was built with other attention settings of matcher .*m than its config.json gives now "
+        r"\(agg lse -> mean, lambda_lse 6.0 -> 1.5\): rebuild the index with this matcher, or restore its settings$",
+    ):
+        Index.open(out)
+    [changed] = [c for c in verify(out) if c.status != "ok"]
+    assert (changed.path, changed.status) == (matcher / "config.json", "changed")
+    assert "(agg lse -> mean, lambda_lse 6.0 -> 1.5)" in changed.detail
+    with pf.edited_json(matcher / "config.json") as m:
+        m["model"]["attention"].update(agg="lse", lambda_lse=6)  # the same settings, written as an int
+    assert Index.open(out).n_images == pipe.n_test_images and {c.status for c in verify(out)} == {"ok"}
+    with pf.edited_json(out / "manifest.json") as m:
+        del m["matcher"]["attention"]  # a build made before builds recorded them: not compared
+    with pf.edited_json(matcher / "config.json") as m:
+        m["model"]["attention"]["agg"] = "mean"
+    assert Index.open(out).n_images == pipe.n_test_images
+    with pf.edited_json(out / "manifest.json") as m:
+        m["matcher"]["attention"] = "lse"
+    with pytest.raises(DataError, match=r'field "matcher.attention" must be an object, got \'lse\''):
+        Index.open(out)
+
+
 def test_open_with_another_hash_module_is_a_mismatch(pipe, tmp_path):
     h = load_hash(pipe.hash_dir)
     with torch.no_grad():
