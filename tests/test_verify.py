@@ -120,6 +120,21 @@ def test_a_changed_store_vocabulary_is_reported(pipe, tmp_path):
         assert {c.status for c in verify(target) if c.path.name != "vocab.json"} == {"ok"}
 
 
+def test_a_split_whose_record_leaves_out_a_file_is_invalid(pipe, tmp_path):
+    """With images.parquet's entry deleted from "files", a damaged images.parquet went unchecked:
+    verify listed captions.parquet "ok" and passed the split (an index's manifest is refused so)."""
+    from heiindex.store import SplitStore
+
+    root = pf.copy_store(pipe, tmp_path)
+    with pf.edited_json(root / "test" / "manifest.json") as m:
+        del m["files"]["images.parquet"]
+    [bad] = [c for c in verify(root / "test") if c.status != "ok"]
+    assert (bad.path, bad.status) == (root / "test" / "manifest.json", "invalid")
+    assert bad.detail == 'field "files" records no images.parquet (an ingest records both)'
+    with pytest.raises(DataError, match="records no images.parquet"):
+        SplitStore.open(root, "test")
+
+
 def test_a_split_recording_another_vocabulary_size_than_its_vocab_is_invalid(pipe, tmp_path):
     """verify said ok; build then refused the captions' token ids as outside a vocabulary of 100
     words, blaming captions.parquet."""
