@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import DataError, ModelMismatchError, one_line
-from .manifests import read_json_object, write_json
-from .model import ScanConfig, ScanModel
+from .manifests import config_section, read_json_object, write_json
+from .model import ATTENTION_FIELDS, ScanConfig, ScanModel
 from .outputs import atomic_dir
 from .store import SplitStore
 from .vocab import Vocab
@@ -146,9 +146,16 @@ def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
             cfg_path, "is a hash module's config (kind 'hei-hash'), not a matcher's: give the matcher's folder"
         )
     if raw.get("format_version") != MODEL_FORMAT_VERSION or raw.get("kind") != "scan":
-        raise DataError(cfg_path, f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan'")
+        raise DataError(
+            cfg_path,
+            f"expected format_version {MODEL_FORMAT_VERSION} and kind 'scan', got format_version "
+            f"{raw.get('format_version')!r} and kind {raw.get('kind')!r}",
+        )
+    model = config_section(cfg_path, raw, "model", tuple(ScanConfig.__dataclass_fields__), ("vocab_size",))
+    if "attention" in model:
+        config_section(cfg_path, {"model.attention": model["attention"]}, "model.attention", ATTENTION_FIELDS)
     try:
-        return ScanConfig.from_dict(raw["model"]), raw
+        return ScanConfig.from_dict(model), raw
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(cfg_path, f'field "model" is not a valid SCAN config ({exc})') from None
 

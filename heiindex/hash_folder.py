@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint import LoadedModel, load_weights, write_weights
 from .errors import DataError, ModelMismatchError
 from .hashing import HashConfig, HashModule
-from .manifests import read_json_object, write_json
+from .manifests import config_section, read_json_object, write_json
 from .outputs import atomic_dir
 
 __all__ = [
@@ -78,8 +78,10 @@ def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) ->
 
 def hash_config(raw: dict, cfg_path: Path) -> HashConfig:
     """The ``HashConfig`` of a hash folder's parsed config.json; ``DataError`` naming it."""
+    fields = tuple(HashConfig.__dataclass_fields__)
+    section = config_section(cfg_path, raw, "hash", fields, ("embed_size",))  # None: train_hash fills it in
     try:
-        return HashConfig(**raw["hash"])
+        return HashConfig(**section)
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(cfg_path, f'field "hash" is not a valid hash config ({exc})') from None
 

@@ -24,6 +24,7 @@ __all__ = [
     "MANIFEST_FILE",
     "check_fields",
     "check_file_record",
+    "config_section",
     "entry_name",
     "file_record",
     "file_sha256",
@@ -131,6 +132,23 @@ def check_fields(path: Path, data: dict, spec: dict[str, type | tuple[type, ...]
         if not isinstance(value, kind) or isinstance(value, bool):
             names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
             raise DataError(path, f'field "{name}" is missing or not of type {names} (got {value!r})')
+
+
+def config_section(path: Path, data: dict, name: str, fields: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+    """The object ``data[name]`` of the config file ``path``, its keys among ``fields`` and holding
+    each of ``required``; else ``DataError`` naming the file and the field (where the dataclass
+    built from it raised a message about its own ``__init__``)."""
+    section = data.get(name)
+    if not isinstance(section, dict):
+        got = "missing" if name not in data else f"not an object (got {section!r})"
+        raise DataError(path, f'field "{name}" is {got}')
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise DataError(path, f'field "{name}" holds unknown fields {unknown}; known: {", ".join(fields)}')
+    for key in required:
+        if section.get(key) is None:
+            raise DataError(path, f'field "{name}.{key}" is missing')
+    return section
 
 
 def entry_name(name) -> bool:

@@ -220,15 +220,32 @@ def test_weights_of_another_shape_are_refused(saved):
     "edit, file, detail",
     [
         (lambda c: c["model"].update(vocab_size=99), "vocab.json", "14 words, the model config says 99"),
-        (lambda c: c["model"].update(bogus=1), "config.json", 'field "model" is not a valid SCAN config'),
+        (
+            lambda c: c["model"].update(bogus=1),
+            "config.json",
+            r"field \"model\" holds unknown fields \['bogus'\]; known: ",
+        ),
         (
             lambda c: c["model"]["attention"].update(agg="median"),
             "config.json",
             'field "model" is not a valid SCAN config',
         ),
-        (lambda c: c["model"].pop("vocab_size"), "config.json", 'field "model" is not a valid SCAN config'),
-        (lambda c: c.update(format_version=2), "config.json", "expected format_version 1 and kind 'scan'"),
-        (lambda c: c.update(kind="vse"), "config.json", "expected format_version 1 and kind 'scan'"),
+        (lambda c: c["model"].pop("vocab_size"), "config.json", ': field "model.vocab_size" is missing$'),
+        # these named ScanConfig.__init__, a dict update or a bare key instead of the field
+        (lambda c: c.pop("model"), "config.json", ': field "model" is missing$'),
+        (lambda c: c.update(model="x"), "config.json", ": field \"model\" is not an object \\(got 'x'\\)$"),
+        (lambda c: c["model"].update(attention="x"), "config.json", ': field "model.attention" is not an object'),
+        (
+            lambda c: c["model"]["attention"].update(k=1),
+            "config.json",
+            r"\"model.attention\" holds unknown fields \['k'\]",
+        ),
+        (
+            lambda c: c.update(format_version=2),
+            "config.json",
+            "expected format_version 1 and kind 'scan', got format_version 2 and kind 'scan'",
+        ),
+        (lambda c: c.update(kind="vse"), "config.json", "expected format_version 1 and kind 'scan', got .* kind 'vse'"),
         # each reached torch: the GRU's TypeError, the allocator's "can't allocate memory", a
         # billion layers built; and a raw AttributeError for "info"
         (lambda c: c["model"].update(bi_gru="yes"), "config.json", "bi_gru must be true or false, got 'yes'"),
@@ -241,6 +258,10 @@ def test_weights_of_another_shape_are_refused(saved):
         "unknown_field",
         "bad_attention",
         "missing_field",
+        "no_model",
+        "model_not_object",
+        "attention_not_object",
+        "unknown_attention_field",
         "format_version",
         "kind",
         "bool_field",

@@ -389,6 +389,27 @@ def test_load_hash_refuses_weights_other_than_those_its_config_records(tmp_path,
     assert all(torch.equal(loaded[name], t) for name, t in other.state_dict().items())  # the weights written
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.pop("hash"), r': field "hash" is missing$'),
+        (lambda c: c.update(hash="x"), r": field \"hash\" is not an object \(got 'x'\)$"),
+        (lambda c: c["hash"].pop("embed_size"), r': field "hash.embed_size" is missing$'),
+        (lambda c: c["hash"].update(depth=2), r": field \"hash\" holds unknown fields \['depth'\]; known: bits, "),
+        (lambda c: c["hash"].update(bits=12), r': field "hash" is not a valid hash config \(bits \(the code length'),
+    ],
+    ids=["missing", "not_object", "no_embed_size", "unknown_field", "bits"],
+)
+def test_a_hash_config_is_refused_by_file_and_field(tmp_path, edit, message):
+    """These named a bare key ('hash'), HashConfig's own ** or __init__, or (embed_size) no file."""
+    save_hash(HashModule(HashConfig(bits=16, embed_size=4)), tmp_path / "h", {})
+    with pf.edited_json(tmp_path / "h" / "config.json") as cfg:
+        edit(cfg)
+    with pytest.raises(DataError, match=message) as e:
+        load_hash(tmp_path / "h")
+    assert e.value.path == tmp_path / "h" / "config.json"
+
+
 def test_load_hash_refuses_weights_holding_inf(tmp_path):
     mod = HashModule(HashConfig(bits=16, embed_size=4))
     with torch.no_grad():
