@@ -18,6 +18,7 @@ from .errors import DataError
 from .manifests import (
     MANIFEST_FILE,
     check_fields,
+    data_folder_hint,
     entry_name,
     manifest_object,
     read_json_object,
@@ -67,7 +68,7 @@ def read_index_manifest(path: str | Path) -> dict:
     if path.is_file():
         raise DataError(path, "is a file; give the index folder that holds it")
     if not path.exists():
-        why = interrupted_hint(path)
+        why = interrupted_hint(path) + data_folder_hint(path)
         raise DataError(path, f"no such folder{why}; give a folder `heiindex build` wrote, or build it")
     return read_json_object(path / "manifest.json", "no index here; run `heiindex build` first")
 

@@ -25,6 +25,7 @@ __all__ = [
     "check_fields",
     "check_file_record",
     "config_section",
+    "data_folder_hint",
     "entry_name",
     "file_record",
     "file_sha256",
@@ -88,17 +89,19 @@ def check_file_record(manifest_path: Path, name: str, record) -> dict:
     return record
 
 
-def _data_folder_hint(path: Path) -> str:
-    """Where ``path`` lies where the default models and data are looked for (``models/`` and
-    ``coco-sim/`` of the folder ``HEIINDEX_DATA`` names), that the variable names that folder: a
-    default model looked for in an empty data folder was named with no word of why there."""
+def data_folder_hint(path: Path) -> str:
+    """Where ``path`` lies where the default models and data are looked for (``models/``,
+    ``coco-sim/`` and ``coco-captions/`` of the folder ``HEIINDEX_DATA`` names), that the variable
+    names that folder (and where it is not one, that too): a default model looked for in an empty
+    data folder was named with no word of why there."""
     env = os.environ.get("HEIINDEX_DATA")
     if not env:
         return ""
     parents, root = Path(path).resolve().parents, Path(env).resolve()
-    if root / "models" in parents or root / "coco-sim" in parents:
-        return f" (HEIINDEX_DATA={env} names the folder where the default models and data are looked for)"
-    return ""
+    if not any(root / part in parents for part in ("models", "coco-sim", "coco-captions")):
+        return ""
+    where = "" if root.is_dir() else (", but it is a file" if root.exists() else ", which does not exist")
+    return f" (HEIINDEX_DATA={env} names the folder where the default models and data are looked for{where})"
 
 
 def read_json_object(path: Path, missing: str) -> dict:
@@ -107,7 +110,7 @@ def read_json_object(path: Path, missing: str) -> dict:
     if not path.exists():
         folder = path.parent  # a folder a killed run was writing, or replacing: name what it left
         left = "" if folder.exists() else interrupted_hint(folder)
-        raise DataError(path, missing + left + _data_folder_hint(path))
+        raise DataError(path, missing + left + data_folder_hint(path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits

@@ -26,6 +26,8 @@ def check_plot_path(path: str | Path, label: str = "plot") -> Path:
 
     if path.suffix.lower() != ".png":
         raise refuse("the plot is a PNG; give a path ending in .png")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise refuse(f"{path.parent} is not a folder; give a path in a folder")
     if not path.parent.is_dir():
         raise refuse(f"no folder {path.parent} to write it in")
     if path.is_dir():

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, counted
+from .manifests import data_folder_hint
 from .settings import require
 from .textlines import text_lines
 
@@ -35,7 +36,7 @@ def read_captions(path: Path) -> list[str]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(path, "caption file not found") from None
+        raise DataError(path, "caption file not found" + data_folder_hint(path)) from None
     lines = text_lines(raw, path)
     while lines and not lines[-1].strip():
         lines.pop()

@@ -461,6 +461,7 @@ def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
         (tmp_path / "plot", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "plot.txt", "the plot is a PNG; give a path ending in .png"),
         (tmp_path / "nodir" / "p.png", f"no folder {tmp_path / 'nodir'} to write it in"),
+        (notes / "p.png", f"{notes} is not a folder; give a path in a folder"),  # said "no folder ... to write it in"
         (Path("/proc/p.png"), "cannot be written in /proc"),
         (notes, "exists and is not a PNG; the plot would replace it (choose another path)"),
         (fifo, "is not a regular file; give a file path ending in .png"),

@@ -149,12 +149,36 @@ def test_a_default_model_missing_under_HEIINDEX_DATA_names_the_variable(tmp_path
         r,
         f"{tmp_path / 'empty' / 'models' / 'scan-coco-sim' / 'config.json'}: no model config here; is this a "
         f"heiindex model folder? (HEIINDEX_DATA={tmp_path / 'empty'} names the folder where the default models "
-        "and data are looked for)",
+        "and data are looked for, which does not exist)",
     )
     for elsewhere in (tmp_path / "model", tmp_path / "empty" / "mine"):  # outside models/ and coco-sim/
         r = run("evaluate", "--model", elsewhere, "--store", tmp_path / "no-store")
         clean_error(r, f"{elsewhere / 'config.json'}: no model config here; is this a heiindex model folder?")
         assert "HEIINDEX_DATA" not in r.output
+
+
+def test_the_default_captions_and_index_missing_under_HEIINDEX_DATA_name_the_variable(tmp_path, monkeypatch):
+    """prepare (the caption file) and query (the default index) did not say the variable chose
+    the folder, nor, where it named a file, that it did."""
+    from cli_helpers import clean_error, run
+
+    hint = "names the folder where the default models and data are looked for"
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    r = run("prepare")
+    captions = tmp_path / "empty" / "coco-captions" / "testall_caps.txt"
+    assert (
+        r.exit_code == 2
+        and f"{captions}: caption file not found (HEIINDEX_DATA={tmp_path / 'empty'} {hint})" in r.output
+    )
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("HEIINDEX_DATA", str(tmp_path / "afile"))
+    r = run("query", "a dog")
+    clean_error(
+        r,
+        f"{tmp_path / 'afile' / 'coco-sim' / 'index' / 'test'}: no such folder (HEIINDEX_DATA={tmp_path / 'afile'} "
+        f"{hint}, but it is a file); give a folder `heiindex build` wrote, or build it",
+    )
 
 
 def test_the_last_build_marker_holds_an_absolute_path(tmp_path, monkeypatch):
