@@ -69,6 +69,9 @@ def recorded_files(manifest_path: Path, manifest: dict) -> dict | None:
     files = manifest.get("files")
     if files is not None and not isinstance(files, dict):
         raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
+    for name in files or ():  # nothing outside the folder (a query read on, where verify refused it)
+        if not entry_name(name):
+            raise DataError(manifest_path, f'field "files" must name files in this folder, got {name!r}')
     return files
 
 

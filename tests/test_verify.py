@@ -13,6 +13,7 @@ from cli_helpers import as_json, build, clean_error, ok, run  # tests/ is on sys
 from conftest import small_store  # tests/ is on sys.path
 
 from heiindex.errors import DataError
+from heiindex.index import Index
 from heiindex.shards import ShardedIndex
 from heiindex.verify import failures, verify
 
@@ -235,6 +236,8 @@ def test_what_cannot_be_verified_is_said(pipe, tmp_path):
         (old / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(DataError, match=f'field "files" must name files in this folder, got {name!r}'):
             verify(old)
+        with pytest.raises(DataError, match=f'field "files" must name files in this folder, got {name!r}'):
+            Index.open(old)  # it opened, where verify refused the same manifest
 
 
 def test_a_sharded_manifest_names_its_own_distinct_shard_folders(pipe, tmp_path):
