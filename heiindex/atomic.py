@@ -1,15 +1,21 @@
 """Putting a finished output in place in one step, and clearing what killed runs left behind.
 
 Every command writes its output (a store split, a model, an index, coco-sim, a plot) into a
-scratch folder or file beside the target, named ``.NAME.partial-HOST-NS-PID_START-XXXX`` (NS: the
-process's PID namespace, so that containers sharing a host name and a volume are told apart;
-START: when the process started, in clock ticks since boot, so that a later process given the
-same PID is not taken for it; on a system without Linux's /proc, ``PID`` alone).
+scratch folder or file beside the target, named ``.NAME.partial-HOST-NS-PID_START_BOOT-XXXX`` (NS:
+the process's PID namespace, so that containers sharing a host name and a volume are told apart;
+START: when the process started, in clock ticks since boot, and BOOT: the first 8 digits of
+Linux's boot id, so that a later process given the same PID is not taken for it; ``PID`` alone
+where /proc cannot tell these, as on macOS and Windows). START is compared only where BOOT is
+this boot's (not, say, a machine of the same host name writing to a shared folder, nor a run
+before a reboot) and /proc shows this process's own PID namespace (``unshare -p`` without
+remounting /proc shows another's); elsewhere the PID alone decides, as it did before. START is
+as the writer's time namespace shows it: a process of another time namespace, in the same PID
+namespace (rare outside checkpoint-restore tools), would judge a live writer gone.
 When it is complete, ``swap_in`` puts it in place: a new target is one rename; on Linux an
 existing one is exchanged with it by one ``renameat2(RENAME_EXCHANGE)``, so that at no moment
 is there no target, then the old one is removed. Where the exchange is refused (another OS, a
 file system or sandbox without it) the old target is first moved aside as
-``.NAME.old-HOST-NS-PID-XXXX``: between the two renames there is no target.
+``.NAME.old-HOST-NS-PID_START_BOOT-XXXX``: between the two renames there is no target.
 
 A run killed mid-way (SIGKILL, power loss) cannot remove its scratch. ``clear_leftovers``, called
 before the next write of the same target, removes the leftovers of runs whose process is gone
@@ -72,11 +78,11 @@ def _pid_namespace() -> str:
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _NS = _pid_namespace()
-# .NAME.partial-HOST-NS-PID_START-XXXX or .NAME.old-HOST-NS-PID_START-XXXX (XXXX from tempfile:
-# no "-"); names without _START, as heiindex wrote them before, are read too
+# .NAME.partial-HOST-NS-PID_START_BOOT-XXXX or .NAME.old-HOST-NS-PID_START_BOOT-XXXX (XXXX from
+# tempfile: no "-"); names with PID alone, as heiindex wrote them before, are read too
 _LEFTOVER = re.compile(
     r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<ns>\d+)"
-    r"-(?P<pid>\d+)(?:_(?P<start>\d+))?-[^-]+$"
+    r"-(?P<pid>\d+)(?:_(?P<start>\d+)_(?P<boot>[0-9a-f]{8}))?-[^-]+$"
 )
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -380,28 +386,59 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+def _boot_id() -> str | None:
+    """The first 8 hex digits of this boot's id (Linux), or None."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        return None
+    return boot if re.fullmatch(r"[0-9a-f]{8}", boot) else None
+
+
+def _proc_is_ours() -> bool:
+    """Whether /proc shows this process's PID namespace (``/proc/self`` names its PID)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
+_BOOT = _boot_id()
+
+
 @functools.cache
+def _own_start(pid: int) -> int | None:
+    """This process's start (``pid``: its PID, the cache's key, new in a forked child), read once;
+    None where /proc cannot tell it."""
+    return _start_ticks(pid) if _BOOT is not None and _proc_is_ours() else None
+
+
 def _process_id(pid: int) -> str:
-    """``PID_START`` for the scratch names of process ``pid``, ``PID`` where its start is unknown."""
-    start = _start_ticks(pid)
-    return str(pid) if start is None else f"{pid}_{start}"
+    """``PID_START_BOOT`` for the scratch names of this process (``pid``: its PID), ``PID`` where
+    /proc cannot tell its start."""
+    start = _own_start(pid)
+    return str(pid) if start is None else f"{pid}_{start}_{_BOOT}"
 
 
 def _local_pid(path: Path, roles: tuple[str, ...] = ("partial", "old")) -> tuple[int, int | None] | None:
-    """``(PID, START)`` from the scratch name ``path`` (of one of ``roles``; START None in a name
-    without it) where it was made on this host, in this PID namespace; else None. Never on
-    Windows, where ``os.kill(pid, 0)`` would end the process that ``_alive`` asks about."""
+    """``(PID, START)`` from the scratch name ``path`` (of one of ``roles``) where it was made on
+    this host, in this PID namespace; else None. START is None where the name holds none, or
+    one of another boot than this (another machine of this host name, or before a reboot), or
+    where /proc does not show this PID namespace: the PID alone then decides. Never on Windows,
+    where ``os.kill(pid, 0)`` would end the process that ``_alive`` asks about."""
     m = _LEFTOVER.match(Path(path).name)
     if m is None or m["role"] not in roles or m["host"] != _HOST or m["ns"] != _NS or os.name == "nt":
         return None
-    return int(m["pid"]), None if m["start"] is None else int(m["start"])
+    comparable = m["start"] is not None and m["boot"] == _BOOT and _proc_is_ours()
+    return int(m["pid"]), int(m["start"]) if comparable else None
 
 
 def _alive(pid: int, start: int | None = None) -> bool:
     """Whether process ``pid`` exists and, where ``start`` is given and its start can be read, started
     then (a process started at another time holds the PID of one that is gone)."""
-    if pid == os.getpid():
-        return start is None or start == _start_ticks(pid)
+    if pid == os.getpid():  # its start as read when it named its first scratch
+        own = _own_start(pid)
+        return start is None or own is None or start == own
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -313,11 +313,15 @@ def test_a_run_of_another_user_is_alive(tmp_path, monkeypatch):
     assert atomic._dead(_left(tmp_path / "out", "partial", 999998)) is True  # the same name, gone: dead
 
 
+def _needs_start_times():
+    if atomic._own_start(os.getpid()) is None:
+        pytest.skip("no boot id or /proc/PID/stat of this PID namespace here: scratch names carry no start time")
+
+
 @pytest.fixture
 def live_child():
     """A live process of this host (a sleeping one) and when it started, in clock ticks since boot."""
-    if atomic._start_ticks(os.getpid()) is None:
-        pytest.skip("no /proc/PID/stat here: scratch names carry no start time")
+    _needs_start_times()
     child = subprocess.Popen(["sleep", "60"])
     try:
         yield child.pid, atomic._start_ticks(child.pid)
@@ -326,10 +330,10 @@ def live_child():
         child.wait()
 
 
-def test_scratch_names_carry_the_writers_pid_and_start(tmp_path):
-    if atomic._start_ticks(os.getpid()) is None:
-        pytest.skip("no /proc/PID/stat here: scratch names carry no start time")
+def test_scratch_names_carry_the_writers_pid_start_and_boot(tmp_path):
+    _needs_start_times()
     path = scratch(tmp_path / "out")
+    assert f"-{os.getpid()}_{atomic._start_ticks(os.getpid())}_{atomic._BOOT}-" in path.name
     assert atomic._local_pid(path) == (os.getpid(), atomic._start_ticks(os.getpid()))
     assert atomic.writer_pid(path) == os.getpid() and not atomic._dead(path)
 
@@ -338,29 +342,51 @@ def test_a_pid_taken_by_a_later_process_is_not_the_writer(tmp_path, live_child):
     """A killed run's PID given to a process started at another time: its scratch is a dead run's,
     cleared by the next write, not a live build's (which it was, for as long as the PID stayed taken)."""
     pid, start = live_child
-    mine = _left(tmp_path / "out", "partial", f"{pid}_{start}")
+    mine = _left(tmp_path / "out", "partial", f"{pid}_{start}_{atomic._BOOT}")
     assert atomic.writer_pid(mine) == pid and not atomic._dead(mine)
-    mine.rename(mine.with_name(mine.name.replace(f"_{start}-", f"_{start - 1}-")))
+    mine.rename(mine.with_name(mine.name.replace(f"_{start}_", f"_{start - 1}_")))
     reused = leftovers(tmp_path / "out")[0]
     assert atomic.writer_pid(reused) is None and atomic._dead(reused)
     assert "interrupted" in atomic.interrupted_hint(tmp_path / "out")
     assert clear_leftovers(tmp_path / "out") == [reused] and leftovers(tmp_path / "out") == []
 
 
-def test_a_name_without_a_start_is_judged_by_its_pid_alone(tmp_path, live_child):
-    """Scratch named before names carried a start time: a live PID is taken for the writer."""
-    pid, _ = live_child
-    assert atomic.writer_pid(_left(tmp_path / "out", "partial", pid)) == pid
+def test_names_without_a_start_or_of_another_boot_are_judged_by_the_pid_alone(tmp_path, live_child):
+    """Scratch named before names carried a start time, and scratch of another boot (a machine of
+    the same host name writing to a shared folder, whose start times mean nothing here): a live PID
+    is taken for the writer, as before."""
+    pid, start = live_child
+    other_boot = "0" * 8 if atomic._BOOT != "0" * 8 else "1" * 8
+    assert atomic.writer_pid(_left(tmp_path / "a", "partial", pid)) == pid
+    assert atomic.writer_pid(_left(tmp_path / "b", "partial", f"{pid}_{start - 1}_{other_boot}")) == pid
+
+
+def test_a_pid_namespace_that_proc_does_not_show_compares_no_start(tmp_path, monkeypatch, live_child):
+    """``unshare -p`` without remounting /proc: /proc/PID is another namespace's process."""
+    pid, start = live_child
+    monkeypatch.setattr(atomic, "_proc_is_ours", lambda: False)
+    assert atomic.writer_pid(_left(tmp_path / "out", "partial", f"{pid}_{start - 1}_{atomic._BOOT}")) == pid
+
+
+def test_this_processs_own_scratch_stays_live_where_proc_cannot_be_read_again(tmp_path, monkeypatch):
+    """Its own start was read again on each check, and a failed read (out of file handles) made
+    its live scratch dead, for another of its threads to clear."""
+    _needs_start_times()
+    path = scratch(tmp_path / "out")
+    monkeypatch.setattr(atomic, "_start_ticks", lambda pid: None)
+    assert atomic.writer_pid(path) == os.getpid() and not atomic._dead(path)
 
 
 def test_another_users_process_started_at_another_time_is_not_the_writer(tmp_path, monkeypatch):
     """os.kill refused (another user's process), /proc still readable: the start time decides."""
+    _needs_start_times()
     monkeypatch.setattr(atomic.os, "kill", lambda pid, sig: (_ for _ in ()).throw(PermissionError(1, "no")))
     monkeypatch.setattr(atomic, "_start_ticks", lambda pid: 500)
-    assert atomic._dead(_left(tmp_path / "a", "partial", "999999_500")) is False
-    assert atomic._dead(_left(tmp_path / "b", "partial", "999999_400")) is True
+    boot = atomic._BOOT
+    assert atomic._dead(_left(tmp_path / "a", "partial", f"999999_500_{boot}")) is False
+    assert atomic._dead(_left(tmp_path / "b", "partial", f"999999_400_{boot}")) is True
     monkeypatch.setattr(atomic, "_start_ticks", lambda pid: None)  # /proc hidden: alive, as before
-    assert atomic._dead(_left(tmp_path / "c", "partial", "999999_400")) is False
+    assert atomic._dead(_left(tmp_path / "c", "partial", f"999999_400_{boot}")) is False
 
 
 def test_removing_a_symlinked_leftover_removes_the_link_only(tmp_path):
