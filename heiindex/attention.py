@@ -28,15 +28,16 @@ import threading
 from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from . import omp_threads
+from .attention_config import AGGREGATIONS, CROSS_ATTN, RAW_FEATURE_NORMS, AttentionConfig
 from .packed import PackedWords, integer_tensor, word_mask
-from .settings import SettingError, require, settle
+from .settings import require
 
 __all__ = [
     "AGGREGATIONS",
@@ -50,17 +51,6 @@ __all__ = [
     "score_pairs",
 ]
 
-RAW_FEATURE_NORMS = (
-    "clipped_l2norm",
-    "l2norm",
-    "softmax",
-    "clipped_l1norm",
-    "l1norm",
-    "clipped",
-    "no_norm",
-)
-AGGREGATIONS = ("lse", "mean", "max", "sum")
-CROSS_ATTN = ("t2i", "i2t")
 _EPS = 1e-8
 # Squared norms are clamped at _TINY before a sqrt, whose gradient at an exact 0 is inf (and
 # inf x 0 is NaN); far below any real one, above float32's smallest normal.
@@ -145,38 +135,6 @@ def _cuda_policy(index: int) -> _Policy:
 def gpu_gather_bytes(total_memory: int, most: float = GPU_GATHER_BYTES) -> float:
     """Bytes of gathered pair features one re-ranking chunk may hold on a GPU with ``total_memory``."""
     return float(min(most, total_memory // 8))
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """One SCAN cross-attention scoring function.
-
-    ``cross_attn``: ``"t2i"`` (words attend over regions, aggregate over words) or ``"i2t"``
-    (regions attend over words, aggregate over regions). This is a property of the model, not
-    of the retrieval direction: either can rank images for a caption or captions for an image.
-    """
-
-    cross_attn: str = "t2i"
-    raw_feature_norm: str = "clipped_l2norm"
-    agg: str = "lse"
-    lambda_lse: float = 6.0
-    lambda_softmax: float = 9.0
-
-    def __post_init__(self) -> None:
-        if self.cross_attn not in CROSS_ATTN:
-            raise SettingError("cross_attn", f"cross_attn must be one of {CROSS_ATTN}, got {self.cross_attn!r}")
-        if self.raw_feature_norm not in RAW_FEATURE_NORMS:
-            raise SettingError(
-                "raw_feature_norm",
-                f"raw_feature_norm must be one of {RAW_FEATURE_NORMS}, got {self.raw_feature_norm!r}",
-            )
-        if self.agg not in AGGREGATIONS:
-            raise SettingError("agg", f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
-        settle(self, "lambda_softmax", above=0)
-        settle(self, "lambda_lse", above=0 if self.agg == "lse" else None)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def region_gram(regions: Tensor) -> Tensor:

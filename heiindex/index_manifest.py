@@ -90,8 +90,7 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
             raise DataError(mpath, f'field "{field}" must be {within}, got {value}')
     _check_index_spec(manifest["index"], mpath)
     check_prototypes_entry(manifest, mpath)
-    if not isinstance(manifest["matcher"].get("attention", {}), dict):
-        raise DataError(mpath, f'field "matcher.attention" must be an object, got {manifest["matcher"]["attention"]!r}')
+    check_matcher_attention(manifest, mpath)
     files = recorded_files(mpath, manifest)  # None: written by a heiindex that recorded none
     missing = [name for name in INDEX_FILES if files is not None and name not in files]
     if missing:
@@ -99,13 +98,21 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
 
 
 def attention_changes(recorded: dict | None, held: dict) -> str:
-    """How the matcher attention settings ``held`` (``AttentionConfig.to_dict``, or a config.json's
-    ``model.attention``) differ from those a build ``recorded`` ("agg lse -> mean, lambda_lse 6.0
-    -> 1.5"); "" where they agree, or where the build recorded none (written before builds did)."""
-    if recorded is None:
+    """How the matcher attention settings ``held`` (``AttentionConfig.to_dict``) differ from those
+    a build ``recorded`` ("agg lse -> mean, lambda_lse 6.0 -> 1.5"), over the settings the build
+    recorded (one added to heiindex later is no change); "" where they agree, or where the build
+    recorded none (written before builds did) or no object (its manifest check says so)."""
+    if not isinstance(recorded, dict):
         return ""
-    keys = sorted(set(recorded) | set(held))
-    return ", ".join(f"{k} {recorded.get(k)} -> {held.get(k)}" for k in keys if recorded.get(k) != held.get(k))
+    return ", ".join(f"{k} {recorded[k]} -> {held.get(k)}" for k in sorted(recorded) if recorded[k] != held.get(k))
+
+
+def check_matcher_attention(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the field where the manifest's ``matcher.attention`` is there but not
+    an object."""
+    matcher = manifest.get("matcher")
+    if isinstance(matcher, dict) and not isinstance(matcher.get("attention", {}), dict):
+        raise DataError(mpath, f'field "matcher.attention" must be an object, got {matcher["attention"]!r}')
 
 
 # What a build records of its FAISS indexes (hamming.INDEX_TYPES and "auto"; spelled out here, which
@@ -253,6 +260,7 @@ def check_sharded_manifest(manifest: dict, mpath: Path) -> None:
         {"split": str, "matcher.path": str, "hash.path": str, "shards": list, "n_images": int, "n_captions": int},
     )
     check_prototypes_entry(manifest, mpath)
+    check_matcher_attention(manifest, mpath)
     check_shard_entries(mpath, manifest["shards"], counts=True)
     _check_shards_cover(mpath, manifest)
 

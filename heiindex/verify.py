@@ -210,10 +210,8 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
         config = manifest_object(Path(recorded["path"]), "config.json")
         info = config.get("info") if config is not None else None
         held = info.get("weights_sha256") if isinstance(info, dict) else None
-        settings = config.get("model") if config is not None else None
-        settings = settings.get("attention") if isinstance(settings, dict) else None
-        changed = attention_changes(recorded.get("attention"), settings) if isinstance(settings, dict) else ""
-        if part == "matcher" and changed and held == recorded.get("sha256"):
+        changed = _attention_changed(recorded, config) if part == "matcher" else ""
+        if changed and held == recorded.get("sha256"):
             found.append(
                 FileCheck(
                     Path(recorded["path"]) / "config.json",
@@ -233,6 +231,21 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
                 )
             )
     return found
+
+
+def _attention_changed(recorded: dict, config: dict | None) -> str:
+    """``attention_changes`` between the attention settings an index recorded of its matcher and
+    those the matcher's ``config`` (its parsed config.json) gives, defaults filled in as the
+    loaders fill them; "" where the config cannot be read as a matcher's (the loaders name why)."""
+    from .attention_config import AttentionConfig  # torch-free: verify reads no torch
+
+    model = config.get("model") if isinstance(config, dict) else None
+    settings = model.get("attention", {}) if isinstance(model, dict) else None
+    try:
+        held = AttentionConfig(**settings).to_dict()
+    except (TypeError, ValueError):
+        return ""
+    return attention_changes(recorded.get("attention"), held)
 
 
 # What a manifest says of its Parquet files that the commands compare with the files' footers

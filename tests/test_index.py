@@ -602,6 +602,28 @@ def test_a_matcher_whose_attention_settings_changed_since_the_build_is_a_mismatc
     with pf.edited_json(matcher / "config.json") as m:
         m["model"]["attention"].update(agg="lse", lambda_lse=6)  # the same settings, written as an int
     assert Index.open(out).n_images == pipe.n_test_images and {c.status for c in verify(out)} == {"ok"}
+    with pf.edited_json(matcher / "config.json") as m:
+        del m["model"]["attention"]["lambda_softmax"]  # its default, 9.0, as the loaders fill it in
+    assert Index.open(out).n_images == pipe.n_test_images and {c.status for c in verify(out)} == {"ok"}
+    with pf.edited_json(matcher / "config.json") as m:
+        del m["model"]["attention"]  # every setting its default: those recorded
+    assert Index.open(out).n_images == pipe.n_test_images and {c.status for c in verify(out)} == {"ok"}
+    with pf.edited_json(matcher / "config.json") as m:
+        m["model"]["attention"] = {"lambda_lse": 5.0}  # verify compared the raw JSON: agg "lse -> None", ...
+    [changed] = [c for c in verify(out) if c.status != "ok"]
+    assert changed.status == "changed" and "(lambda_lse 6.0 -> 5.0)" in changed.detail
+    with pytest.raises(ModelMismatchError, match=r"\(lambda_lse 6.0 -> 5.0\)"):
+        Index.open(out)
+    with pf.edited_json(matcher / "config.json") as m:
+        m["model"]["attention"] = {}
+    with pf.edited_json(out / "manifest.json") as m:
+        m["matcher"]["attention"]["added_later"] = 1  # a setting heiindex records once it exists
+        del m["matcher"]["attention"]["agg"]  # a setting this build did not record: not compared
+    with pytest.raises(ModelMismatchError, match=r"\(added_later 1 -> None\)"):
+        Index.open(out)
+    with pf.edited_json(out / "manifest.json") as m:
+        del m["matcher"]["attention"]["added_later"]
+    assert Index.open(out).n_images == pipe.n_test_images and {c.status for c in verify(out)} == {"ok"}
     with pf.edited_json(out / "manifest.json") as m:
         del m["matcher"]["attention"]  # a build made before builds recorded them: not compared
     with pf.edited_json(matcher / "config.json") as m:

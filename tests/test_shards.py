@@ -805,3 +805,21 @@ def test_shard_entries_that_do_not_cover_the_build_are_refused(sharded, tmp_path
         ShardedIndex.open(copy)
     [bad] = [c for c in verify(copy) if c.status != "ok"]
     assert bad.path == copy / "manifest.json" and bad.status == "invalid" and re.search(message, bad.detail)
+
+
+def test_a_sharded_manifests_matcher_attention_that_is_no_object_is_invalid(sharded, tmp_path):
+    """verify ended in AttributeError ('str' object has no attribute 'get'); the shards' own
+    manifests were fine, so ShardedIndex.open read on."""
+    import shutil
+
+    from heiindex.verify import verify
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded.path, copy)
+    with pf.edited_json(copy / "manifest.json") as m:
+        m["matcher"]["attention"] = "lse"
+    message = "field \"matcher.attention\" must be an object, got 'lse'"
+    with pytest.raises(DataError, match=re.escape(message)):
+        ShardedIndex.open(copy)
+    [bad] = [c for c in verify(copy) if c.status != "ok"]
+    assert (bad.path, bad.status, bad.detail) == (copy / "manifest.json", "invalid", message)
