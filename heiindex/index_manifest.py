@@ -78,6 +78,11 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
     split's manifest.json, an easy folder to give by mistake, is named as such)."""
     if "images" in manifest and "captions" in manifest and "matcher" not in manifest:
         raise DataError(mpath, "is a store split's manifest, not an index's: give the folder `heiindex build` wrote")
+    if "shards" in manifest and "index" not in manifest:  # read as one index, it named "index" missing
+        raise DataError(
+            mpath,
+            f'field "kind" is {manifest.get("kind")!r}, where a sharded build\'s manifest (it lists "shards") says "sharded"',
+        )
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise DataError(mpath, f"format_version {manifest.get('format_version')!r}, expected {INDEX_FORMAT_VERSION}")
     check_fields(mpath, manifest, _INDEX_FIELDS)
@@ -317,7 +322,9 @@ def check_shard_entries(mpath: Path, entries: list, counts: bool = False) -> Non
         raise DataError(mpath, 'field "shards" lists no shard')
     seen = set()
     for i, entry in enumerate(entries):
-        name = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise DataError(mpath, f'field "shards[{i}]" must be an object {{"path": ...}}, got {entry!r}')
+        name = entry.get("path")
         if not entry_name(name):
             raise DataError(mpath, f'field "shards[{i}].path" must name a folder inside the build, got {name!r}')
         if name in seen:

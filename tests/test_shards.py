@@ -823,3 +823,16 @@ def test_a_sharded_manifests_matcher_attention_that_is_no_object_is_invalid(shar
         ShardedIndex.open(copy)
     [bad] = [c for c in verify(copy) if c.status != "ok"]
     assert (bad.path, bad.status, bad.detail) == (copy / "manifest.json", "invalid", message)
+
+
+def test_a_sharded_manifest_without_its_kind_is_named_by_that_field(sharded, tmp_path):
+    """Read as one index's, it was refused for a missing "index" field."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded.path, copy)
+    with pf.edited_json(copy / "manifest.json") as m:
+        del m["kind"]
+    message = 'field "kind" is None, where a sharded build\'s manifest (it lists "shards") says "sharded"'
+    with pytest.raises(DataError, match=re.escape(message)):
+        open_index(copy)

@@ -258,6 +258,7 @@ def test_a_sharded_manifest_names_its_own_distinct_shard_folders(pipe, tmp_path)
     cases += [
         ([good["shards"][0], good["shards"][0]], r'field "shards\[1\].path" names shard \'shard-000\' a second time'),
         ([], 'field "shards" lists no shard'),
+        (["x"], r'field "shards\[0\]" must be an object \{"path": ...\}, got \'x\''),  # said shards[0].path, got None
     ]
     for shards, detail in cases:
         (sharded / "manifest.json").write_text(json.dumps({**good, "shards": shards}))
