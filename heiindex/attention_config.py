@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from .settings import SettingError, settle
 
-__all__ = ["AGGREGATIONS", "CROSS_ATTN", "RAW_FEATURE_NORMS", "AttentionConfig"]
+__all__ = ["AGGREGATIONS", "ATTENTION_FIELDS", "CROSS_ATTN", "RAW_FEATURE_NORMS", "AttentionConfig"]
 
 RAW_FEATURE_NORMS = (
     "clipped_l2norm",
@@ -57,3 +57,6 @@ class AttentionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+ATTENTION_FIELDS = tuple(AttentionConfig.__dataclass_fields__)  # what config.json's model.attention may hold

@@ -17,9 +17,10 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save
 
+from .attention_config import ATTENTION_FIELDS
 from .errors import DataError, ModelMismatchError, one_line
 from .manifests import config_section, read_json_object, write_json
-from .model import ATTENTION_FIELDS, ScanConfig, ScanModel
+from .model import ScanConfig, ScanModel
 from .outputs import atomic_dir
 from .store import SplitStore
 from .vocab import Vocab

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .attention import AttentionConfig, score_block
 from .settings import SettingError, settle
 
-__all__ = ["ATTENTION_FIELDS", "Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
+__all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
@@ -81,9 +81,6 @@ class ScanConfig:
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
         return cls(attention=AttentionConfig(**att), **d)
-
-
-ATTENTION_FIELDS = tuple(AttentionConfig.__dataclass_fields__)  # what config.json's model.attention may hold
 
 
 class ImageEncoder(nn.Module):
