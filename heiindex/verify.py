@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import leftovers, leftovers_in, lock_file, scratch_target, writer_pid
+from .attention_config import AttentionConfig  # torch-free, as all verify reads
 from .errors import DataError, sized
 from .index_manifest import (
     attention_changes,
@@ -237,8 +238,6 @@ def _attention_changed(recorded: dict, config: dict | None) -> str:
     """``attention_changes`` between the attention settings an index recorded of its matcher and
     those the matcher's ``config`` (its parsed config.json) gives, defaults filled in as the
     loaders fill them; "" where the config cannot be read as a matcher's (the loaders name why)."""
-    from .attention_config import AttentionConfig  # torch-free: verify reads no torch
-
     model = config.get("model") if isinstance(config, dict) else None
     settings = model.get("attention", {}) if isinstance(model, dict) else None
     try:
