@@ -154,7 +154,7 @@ def read_model_config(path: str | Path) -> tuple[ScanConfig, dict]:
         )
     model = config_section(cfg_path, raw, "model", tuple(ScanConfig.__dataclass_fields__), ("vocab_size",))
     if "attention" in model:
-        config_section(cfg_path, {"model.attention": model["attention"]}, "model.attention", ATTENTION_FIELDS)
+        config_section(cfg_path, raw, "model.attention", ATTENTION_FIELDS)
     try:
         return ScanConfig.from_dict(model), raw
     except (KeyError, TypeError, ValueError) as exc:

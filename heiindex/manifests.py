@@ -141,12 +141,17 @@ def check_fields(path: Path, data: dict, spec: dict[str, type | tuple[type, ...]
 
 
 def config_section(path: Path, data: dict, name: str, fields: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-    """The object ``data[name]`` of the config file ``path``, its keys among ``fields`` and holding
-    each of ``required``; else ``DataError`` naming the file and the field (where the dataclass
-    built from it raised a message about its own ``__init__``)."""
-    section = data.get(name)
+    """The object ``data[name]`` of the config file ``path`` (``name`` dotted into nested objects,
+    as ``check_fields`` takes it: "model.attention"), its keys among ``fields`` and holding each of
+    ``required``; else ``DataError`` naming the file and the field (where the dataclass built from
+    it raised a message about its own ``__init__``)."""
+    *outer, last = name.split(".")
+    parent = data
+    for part in outer:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    section = parent.get(last) if isinstance(parent, dict) else None
     if not isinstance(section, dict):
-        got = "missing" if name not in data else f"not an object (got {section!r})"
+        got = "missing" if not isinstance(parent, dict) or last not in parent else f"not an object (got {section!r})"
         raise DataError(path, f'field "{name}" is {got}')
     unknown = sorted(set(section) - set(fields))
     if unknown:
