@@ -1064,7 +1064,9 @@ def _sweep_values(text: str) -> list[int]:
 
 @cli.command()
 @index_dir_option
-@click.option("--engine", type=click.Choice(["ray"]), default="ray", show_default=True, help="What serves the shards.")
+@click.option(
+    "--engine", type=click.Choice(["ray"]), default="ray", show_default=True, help="What serves the shards (Ray only)."
+)
 @click.option("--address", default="auto", show_default=True, help="The running Ray cluster (ray start --head).")
 @threads_option
 @click.option("--stop", is_flag=True, help="Stop the actors serving this index instead.")
@@ -1077,7 +1079,7 @@ def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> Non
     if stop:
         from heiindex.ray_engine import stop_served
 
-        if given := _given("model_dir", "hash_dir"):
+        if given := _given("model_dir", "hash_dir", "threads"):
             raise click.UsageError(f"{given[0].opts[0]}: not used with --stop")
         n = stop_served(_index_path(index_dir), address)
         click.echo(f"stopped {n} shard actors")

@@ -86,6 +86,7 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
     r = ok(run("serve", "--stop", "--index", pipe.index_dir, "--address", "10.0.0.1:6379"))
     assert stopped == {"address": "10.0.0.1:6379"} and "stopped 2 shard actors" in r.output
     clean_error(run("serve", "--stop", "--index", pipe.index_dir, "--model", "/m"), "--model: not used with --stop")
+    clean_error(run("serve", "--stop", "--index", pipe.index_dir, "--threads", "1"), "--threads: not used with --stop")
 
 
 @pytest.mark.parametrize(
