@@ -323,7 +323,7 @@ def collect_batches(
 
 def fit_hash(
     records: HashRecords,
-    val_enc: PooledSplit | EncodedSplit | None,
+    val_enc: PooledSplit | EncodedSplit,
     hash_config: HashConfig,
     config: HashTrainConfig,
     progress: bool = False,
@@ -333,7 +333,7 @@ def fit_hash(
     ``config.val_candidates`` None: resolved for ``val_enc``'s images (``HashTrainConfig.resolved``)."""
     if isinstance(val_enc, EncodedSplit):  # pooled once, not once per epoch
         val_enc = PooledSplit.of(val_enc, hash_config.pooling)
-    if config.val_candidates is None and val_enc is not None:
+    if config.val_candidates is None:
         config = config.resolved(len(val_enc.images), log=log)
     torch.manual_seed(config.seed)
     module = HashModule(hash_config)

@@ -270,11 +270,17 @@ def _records(ids_per_batch: list[list[int]], d: int = 8) -> th.HashRecords:
     )
 
 
+def _val_split() -> th.PooledSplit:
+    """A validation split of 10 images for fit_hash where candidate_recall is replaced (read only
+    for its image count)."""
+    return th.PooledSplit("mean", torch.zeros(10, 8), np.repeat(np.arange(10), 5), captions=torch.zeros(50, 8))
+
+
 def _fit(monkeypatch, records: th.HashRecords, epochs: int = 1, rank_weight: float = 1.0) -> dict:
     """fit_hash with a dev recall that is the same every epoch."""
     monkeypatch.setattr(th, "candidate_recall", lambda module, enc, n: {"t2i": 0.5, "i2t": 0.5, "n": 5})
     config = HashTrainConfig(epochs=epochs, rank_weight=rank_weight, batch_size=4)
-    return th.fit_hash(records, None, HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet)[1]
+    return th.fit_hash(records, _val_split(), HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet)[1]
 
 
 def test_fit_hash_pairs_every_caption_with_every_entry_of_its_image(monkeypatch):
@@ -768,7 +774,9 @@ def test_fit_hash_keeps_the_epoch_of_the_best_summed_recall_of_both_directions(m
     recalls = iter([{"t2i": 0.5, "i2t": 0.1, "n": 5}, {"t2i": 0.4, "i2t": 0.4, "n": 5}])
     monkeypatch.setattr(th, "candidate_recall", lambda module, enc, n: next(recalls))
     config = HashTrainConfig(epochs=2, batch_size=4)
-    got = th.fit_hash(_records([[0, 1]]), None, HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet)
+    got = th.fit_hash(
+        _records([[0, 1]]), _val_split(), HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet
+    )
     assert got[1]["best_epoch"] == 2
 
 
