@@ -686,7 +686,7 @@ def build(
         shards,
         codes=codes or "faiss",
         uri=uri,
-        milvus_index=milvus_index,
+        milvus_index=milvus_index if codes == "milvus" else None,  # its default otherwise: refused as unused
         prototypes=prototypes,
         index_type=index_type,
         nlist=nlist,

@@ -33,7 +33,7 @@ def build_index(
     *,
     codes: str = "faiss",
     uri: str | None = None,
-    milvus_index: str = "BIN_FLAT",
+    milvus_index: str | None = None,
     prototypes: PrototypeConfig | None = None,
     index_type: str = "auto",
     nlist: int | None = None,

@@ -78,10 +78,11 @@ _CAPTION_SCHEMA = pa.schema(
 )
 
 
-def check_codes_options(codes: str, uri: str | None, milvus_index: str = "BIN_FLAT") -> None:
+def check_codes_options(codes: str, uri: str | None, milvus_index: str | None = None) -> str | None:
     """Where a build writes its codes: "faiss" (the index's files only), or "milvus" with the
-    server ``uri`` (a URI without Milvus codes would be ignored, so it is refused) and the
-    Milvus index type ``milvus_index`` (checked here, before any encoding)."""
+    server ``uri`` and the Milvus index type ``milvus_index`` (None: BIN_FLAT), checked here,
+    before any encoding. A URI or an index type without Milvus codes would be ignored, so either
+    is refused. Returns the Milvus index type (None for FAISS codes)."""
     if codes not in ("faiss", "milvus") or (codes == "milvus" and not uri):
         raise SettingError(
             "codes", f"codes must be 'faiss', or 'milvus' with a server URI (`uri`), got {codes!r}", also=("uri",)
@@ -91,8 +92,17 @@ def check_codes_options(codes: str, uri: str | None, milvus_index: str = "BIN_FL
             "uri names the Milvus server of `codes` milvus; without it the codes go to FAISS files",
             settings=("uri", "codes"),
         )
+    if codes == "faiss":
+        if milvus_index is not None:
+            raise HeiindexError(
+                f"milvus_index {milvus_index!r} sets the index type of `codes` milvus; the codes go to FAISS files",
+                settings=("milvus_index", "codes"),
+            )
+        return None
+    milvus_index = MILVUS_INDEX_TYPES[0] if milvus_index is None else milvus_index
     if milvus_index not in MILVUS_INDEX_TYPES:  # it was refused only after the whole encoding
         raise SettingError("milvus_index", f"milvus_index must be one of {MILVUS_INDEX_TYPES}, got {milvus_index!r}")
+    return milvus_index
 
 
 def load_bound_models(
@@ -211,7 +221,7 @@ def write_index(
     image_rows: tuple[int, int] | None = None,
     codes: str = "faiss",
     uri: str | None = None,
-    milvus_index: str = "BIN_FLAT",
+    milvus_index: str | None = None,
     captions: CaptionTable | None = None,
     prototypes: PrototypeConfig | CaptionBank | None = None,
     describe_images_block: int = 2048,
@@ -222,14 +232,14 @@ def write_index(
     ``block_captions``): memory holds one block of features plus the codes.
     ``device`` is where the encoding and hashing run. ``image_rows = (a, b)`` indexes only the
     store's images a..b-1 and their captions (one shard of a sharded build). ``codes="milvus"``
-    also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``); the
-    FAISS files are written either way. ``captions``: the split's captions already read
+    also writes the codes to the Milvus server at ``uri`` (``heiindex.milvus_codes``), indexed
+    there as ``milvus_index`` (None: BIN_FLAT); the FAISS files are written either way. ``captions``: the split's captions already read
     (``SplitStore.captions``), so that the shards of one build read them once.
     ``prototypes``: give the images prototype codes made from another split's captions
     (``heiindex.prototypes``; a ``CaptionBank`` already made, so that shards make it once);
     images are then described ``describe_images_block`` at a time, each block one more
     encoding pass over that split's captions."""
-    check_codes_options(codes, uri, milvus_index)
+    milvus_index = check_codes_options(codes, uri, milvus_index)
     if codes == "milvus":  # a server that is down: said before the encoding, not after it
         check_server(uri)
     nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding

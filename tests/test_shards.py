@@ -420,6 +420,11 @@ def test_build_index_writes_either_kind_and_checks_every_setting_first(pipe, tmp
                 {"codes": "milvus", "uri": "http://127.0.0.1:1", "milvus_index": "HNSW"},
                 "milvus_index must be one of ('BIN_FLAT', 'BIN_IVF_FLAT'), got 'HNSW'",
             ),
+            (  # was accepted and ignored: the codes went to FAISS files (the CLI refused it)
+                {"milvus_index": "BIN_IVF_FLAT"},
+                "milvus_index 'BIN_IVF_FLAT' sets the index type of `codes` milvus; the codes go to FAISS files",
+            ),
+            ({"shards": 2, "milvus_index": "BIN_FLAT"}, "sets the index type of `codes` milvus"),
         ):
             with pytest.raises(HeiindexError, match=re.escape(message)):
                 build_index("test", matcher=pipe.model_dir, hasher=pipe.hash_dir, **kwargs)
