@@ -949,6 +949,8 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
 @engine_option
 @address_option
 @threads_option
+@codes_option
+@uri_option
 @search_nprobe_option
 @ef_search_option
 @json_option
@@ -968,6 +970,8 @@ def bench(
     engine,
     address,
     threads,
+    codes,
+    uri,
     nprobe,
     ef_search,
     as_json,
@@ -983,7 +987,7 @@ def bench(
 
     sweep_list = _sweep_values(sweep) if sweep is not None else None  # --sweep '' is refused, not ignored
     check_bench_settings(sweep_list, plot, repeats, protocol)  # before the index is read and the bench runs
-    _check_engine_options(engine, "device", "dtype", "nprobe", "ef_search")
+    _check_engine_options(engine, "device", "dtype", "codes", "uri", "nprobe", "ef_search")
     require_breadth(nprobe, ef_search)  # before the index is looked for, as Index.open checks them
     sharded = engine == "ray" or sharded_manifest(_index_path(index_dir)) is not None
     if sharded:
@@ -995,7 +999,7 @@ def bench(
     if engine == "ray":
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
-        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, nprobe=nprobe, ef_search=ef_search)
+        index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
     from heiindex.bench import run_bench
     from heiindex.index import Index
 

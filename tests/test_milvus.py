@@ -104,6 +104,11 @@ def test_a_server_that_is_down_is_a_clear_error(built, pipe, tmp_path, monkeypat
     assert r.exit_code == 2 and r.output.rstrip().endswith(
         "FAISS files hold the same codes: --codes faiss searches them"
     )
+    # bench named a --codes it did not have; it takes both flags now, as query does
+    r = run("bench", "--topk", "5", "--index", built.path, "--uri", down)
+    assert r.exit_code == 2 and r.output.rstrip().endswith("--codes faiss searches them")
+    got = as_json(run("bench", "--topk", "5", "--index", built.path, "--codes", "faiss", "--json"))
+    assert got["index_type"] == "flat" and got["t2i"]["hei"]["r1"] >= 0
     with monkeypatch.context() as m, pytest.raises(HeiindexError, match="cannot reach the Milvus server at"):
         pf.forbid(m, "the split was encoded before the server was tried", (heiindex.index_write, "ImageWriter"))
         Index.build(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "x", codes="milvus", uri=down)
