@@ -26,7 +26,7 @@ Leftovers of live processes, of other hosts or namespaces, and every leftover on
 a process cannot be probed safely) are left alone. ``leftovers`` lists them (``heiindex verify``
 reports them).
 
-What this module must not do: decide whether a target may be replaced (``heiindex.store``'s
+What this module must not do: decide whether a target may be replaced (``heiindex.outputs``'s
 ``check_replaceable``) or know what the files hold.
 """
 

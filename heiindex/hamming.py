@@ -35,7 +35,7 @@ __all__ = [
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 # ``--index auto``, from benchmarks/hamming.py on the 2-core machine (benchmarks/RESULTS.md):
-# exact flat search costs ~1-2 ms per query per million codes and needs no training, so it is
+# exact flat search costs ~0.7-2 ms per query per million codes and needs no training, so it is
 # used up to AUTO_FLAT_MAX codes; above, IVF with AUTO_NLIST lists probed AUTO_NPROBE at a time.
 AUTO_FLAT_MAX = 2_000_000
 AUTO_NLIST = 4096

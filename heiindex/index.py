@@ -1,9 +1,9 @@
 """The HEI index of one split: hash codes in FAISS binary indexes plus what re-ranking needs.
 
-``Index.build`` encodes a stored split with the matcher, writes the projected region features
+``Index.write`` (``heiindex.index_write``) encodes a stored split with the matcher, writes the projected region features
 and their Gram matrices (images) and the word features (captions) to Parquet, hashes both
-modalities and writes a FAISS binary index for each (``heiindex.index_write``; the files are
-read back by ``heiindex.index_files``). ``Index.open(path).search("a dog")``
+modalities and writes a FAISS binary index for each (the files are read back by
+``heiindex.index_files``; ``Index.build`` writes and opens one). ``Index.open(path).search("a dog")``
 codes the query, takes the top-N images by Hamming distance and re-ranks them with the
 matcher; ``search_image`` does the same from an image to captions, and ``search_many`` /
 ``search_images`` do either for many queries, a batch at a time (``heiindex.search.BatchSearch``).
@@ -282,8 +282,8 @@ class Index(BatchSearch):
         built. ``nprobe`` / ``ef_search``: how widely an IVF / HNSW index searches, in place of
         the build's (``set_search_breadth``).
 
-        A rebuild may swap the folder while it is read (``read_unswapped``): the open is tried
-        again, up to three times, where the manifest changed meanwhile."""
+        A rebuild may swap the folder while it is read (``read_unswapped``): the open is read
+        again where the manifest changed meanwhile, up to three reads in all."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before anything is read
         return read_unswapped(path, lambda: cls._open_once(path, *args)).set_search_breadth(nprobe, ef_search)

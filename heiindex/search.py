@@ -68,7 +68,7 @@ __all__ = [
 QUERY_BATCH = 256
 # Words (tokens) a query may have: a batch is padded to its longest query, so one line of
 # thousands of words in a query file took 4.5 GB where 256 short ones take 0.6 (COCO's captions
-# have at most 51 tokens).
+# have at most 51 words: 53 tokens with <start> and <end>, in its dev split).
 MAX_QUERY_WORDS = 128
 DEFAULT_CANDIDATES = 100  # N, Hamming candidates re-ranked, where a query does not say
 DEFAULT_K = 10  # results returned, where a query does not say

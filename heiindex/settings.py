@@ -1,9 +1,10 @@
-"""Range checks for numeric settings (training and model configs).
+"""Checks of settings: numeric ranges (training and model configs, search breadths), paths and names.
 
 What this module is for: one message shape for a setting out of range, so that a NaN learning
 rate, a batch of one or zero epochs is refused by name when a config is made (by the library
 or by the CLI's flags) instead of training on garbage or failing deep inside torch.
-What it must not do: know any particular config.
+What it must not do: know any particular config (``require_breadth`` knows FAISS's C int limit
+on ``nprobe`` and ``ef_search``, which every index type and the CLI check alike).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Sharded HEI indexes: S self-contained shards of one split, searched and merged by score.
 
-What this module is for: ``build_shards`` cuts a split's images into S contiguous ranges and
-builds one ordinary index per range (its FAISS binary indexes, Parquet features and manifest;
-each image's captions live in the image's shard), plus a top-level manifest. ``ShardedIndex``
+What this module is for: ``write_shards`` cuts a split's images into S contiguous ranges and
+writes one ordinary index per range (its FAISS binary indexes, Parquet features and manifest;
+each image's captions live in the image's shard), plus a top-level manifest (``build_shards`` writes and opens one). ``ShardedIndex``
 answers a query by asking every shard for its own Hamming top-N, re-ranked by the matcher,
 and merging the shards' top-k by matcher score.
 
@@ -16,7 +16,9 @@ candidates (items the global top-N cut off) score higher, and then the sharded a
 better one. With N at least the shard size every shard is scored exhaustively and the merged
 top-k equals exhaustive attention's top-k.
 
-What it must not do: start processes or talk to a cluster (``heiindex.ray_engine`` does).
+What it must not do: start processes or talk to a Ray cluster (``heiindex.ray_engine`` does). (A
+rebuild over an unsharded build whose codes were in Milvus drops its collections, through
+``heiindex.milvus_codes.replaced_collections``, as any rebuild does.)
 """
 
 from __future__ import annotations
@@ -396,8 +398,3 @@ def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, c
     (``Index.image_features``)."""
     n = min(candidates, shard.n_captions)
     return shard.rank_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
-
-
-# ---------------------------------------------------------------------------------------------
-# The bench of a sharded build (in process or on Ray: both give per-shard batches)
-# ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ byte-identical in ``test_ims.npy``). The output is written block by block: memor
 block of images.
 
 What this module must not do: train or score anything, or change the caption text (caption
-files are copied line for line).
+files are copied a line per caption, each stripped of its surrounding whitespace; blank lines at
+the end are dropped).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ _CAPTION_BLOCK = 1024  # captions encoded (and pooled) at a time
 
 @dataclass(frozen=True)
 class HashTrainConfig:
-    epochs: int = 80  # coco-sim, query pooling: best dev epoch 64 (mean pooling needed 160; benchmarks/RESULTS.md)
+    epochs: int = 80  # coco-sim, query pooling: best dev epoch 64 (mean pooling's: 120 of 160; benchmarks/RESULTS.md)
     batch_size: int = 128
     lr: float = 3e-3
     rank_weight: float = 1.0  # weight of code_ranking_loss beside the HEI loss (0: the paper's loss alone)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import leftovers, leftovers_in, lock_file, scratch_target, writer_pid
-from .attention_config import AttentionConfig  # torch-free, as all verify reads
+from .attention_config import AttentionConfig  # torch-free, as all verify reads of stores and indexes
 from .errors import DataError, sized
 from .index_manifest import (
     attention_changes,
