@@ -126,7 +126,7 @@ def load_models(
     manifest: dict,
     matcher: LoadedModel | str | Path | None,
     hasher: LoadedHash | str | Path | None,
-    mpath: Path | None = None,
+    mpath: Path,
 ) -> tuple[LoadedModel, LoadedHash]:
     """The matcher and hash module given (loaded from a folder if given as one), else the ones
     the manifest of a build (at ``mpath``) names: a ``DataError`` naming the manifest where such
@@ -136,7 +136,7 @@ def load_models(
     missing = [
         (key, manifest[key]["path"], setting)
         for key, (given, setting) in wanted.items()
-        if not given and mpath is not None and not Path(manifest[key]["path"]).exists()
+        if not given and not Path(manifest[key]["path"]).exists()
     ]
     if missing:
         what = {"matcher": "matcher", "hash": "hash module"}

@@ -193,10 +193,10 @@ def refuse_shard_folder(out: Path) -> None:
         )
 
 
-def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_manifest: dict | None = None) -> None:
+def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_manifest: dict) -> None:
     """``DataError`` naming the shard's manifest unless it is the shard the build's ``entry``
     records: the same store rows and counts (a plain build written over a shard folder was served
-    as that shard, its images twice, and verify passed it), and, with the build's own manifest,
+    as that shard, its images twice, and verify passed it), and, against the build's own manifest,
     the store data, matcher and hash module it records (a split ingested again during a sharded
     build gave shards of two contents, which verify passed)."""
     held = {"store_rows": shard_manifest.get("store_rows")}
@@ -214,7 +214,7 @@ def check_shard_entry(build: Path, entry: dict, shard_manifest: dict, build_mani
         ("matcher", "sha256", "with matcher"),
         ("hash", "sha256", "with hash"),
     )
-    for part, key, built in recorded if build_manifest is not None else ():
+    for part, key, built in recorded:
         want, held = (
             m[part].get(key) if isinstance(m.get(part), dict) else None for m in (build_manifest, shard_manifest)
         )
