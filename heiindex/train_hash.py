@@ -419,7 +419,8 @@ def train_hash(
         "train": config.to_dict(),
         "best_epoch": result["best_epoch"],
         "dev_candidate_recall": result["dev_candidate_recall"],
-        "data": {"train": tr.checksum, "dev": va.checksum},
+        "data": {"train": tr.checksum, "dev": va.checksum},  # by role: trained on, validated on
+        "splits": {"train": train_split, "dev": val_split},  # and by name
     }
     save_hash(module, Path(out), info)
     return result

@@ -710,16 +710,20 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
 def test_train_hash_takes_the_matchers_embed_size_and_refuses_another(pipe, tmp_path):
     """HashConfig(bits=16) alone, as a Python user writes it, trains next to a matcher of
     embed_size 24 (the default embed_size was 256, refused as another); one given that differs
-    is refused."""
+    is refused. The validation split given is the one recorded (the record named no split)."""
     got = train_hash(
         load_model(pipe.model_dir),
         pipe.root,
         tmp_path / "ok",
         HashConfig(bits=16),
         HashTrainConfig(epochs=1),
+        val_split="test",
         log=pf.quiet,
     )
-    assert load_hash(tmp_path / "ok").module.config == HashConfig(bits=16, embed_size=24)
+    kept = load_hash(tmp_path / "ok")
+    assert kept.module.config == HashConfig(bits=16, embed_size=24)
+    assert kept.info["splits"] == {"train": "train", "dev": "test"}
+    assert kept.info["data"]["dev"] == SplitStore.open(pipe.root, "test").checksum
     assert got["best_epoch"] == 1  # of 1
     with pytest.raises(SettingError, match="hash embed_size 8 != matcher embed_size 24: leave embed_size unset"):
         train_hash(
