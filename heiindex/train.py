@@ -202,21 +202,26 @@ def resumable(out: str | Path) -> bool:
     return (Path(out) / "last" / CONFIG_FILE).is_file()
 
 
-def _check_enough_images(n_train: int, n_val: int, train_split: str, val_split: str) -> None:
+def _check_enough_images(n_train: int, n_split_val: int, val_images: int, train_split: str, val_split: str) -> None:
     """At least 2 training images (a caption's negatives are the batch's other images: with one,
-    every epoch trained on a loss of 0) and 2 validation images (R@K over one image is 100, so
-    every epoch scored rsum 600 and the first stayed the best)."""
+    every epoch trained on a loss of 0) and 2 validation images, of the ``n_split_val`` the
+    validation split has and at most ``val_images`` of them (R@K over one image is 100, so every
+    epoch scored rsum 600 and the first stayed the best). Where the split itself is too small,
+    ``val_images`` is no way out (it only caps the images used), so the message does not offer it."""
     if n_train < 2:
         raise HeiindexError(
             f"the {train_split} split has {counted(n_train, 'image')}: a caption needs another image as its "
             "negative; give a larger train split"
         )
+    n_val = min(n_split_val, val_images)
     if n_val < 2:
-        raise HeiindexError(
+        why = (
             f"validating on {counted(n_val, 'image')} of the {val_split} split scores every epoch R@K 100: too few "
-            "to choose the best epoch; give a larger dev split, or a `val_images` of at least 2",
-            settings=("val_images",),
+            "to choose the best epoch; "
         )
+        if n_split_val < 2:
+            raise HeiindexError(why + f"give a larger {val_split} split")
+        raise HeiindexError(why + "give a `val_images` of at least 2", settings=("val_images",))
 
 
 def _warn_of_other_dev_images(out: Path, run: TrainConfig, config: TrainConfig, n_dev: int) -> None:
@@ -457,7 +462,7 @@ def _train(
         )
     # the dev split, read and checked once (not after the first epoch, nor again each epoch)
     _, val_captions = check_split(model, va, config.val_images)
-    _check_enough_images(tr.n_images, min(config.val_images, va.n_images), train_split, val_split)
+    _check_enough_images(tr.n_images, va.n_images, config.val_images, train_split, val_split)
     # out/ is made by _run_lock, and removed again where no epoch was saved in it
     kept = f"{out / 'best'} and {out / 'last'} hold the epochs before it, if any"  # said where a loss is not finite
     for epoch in range(at.start_epoch, config.epochs):

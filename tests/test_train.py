@@ -531,13 +531,19 @@ def test_train_refuses_too_few_images_to_train_or_choose_on(pipe, tmp_path):
     1-image dev split, or val_images 1) scored rsum 600 every epoch. Both refused before any
     epoch, nothing written."""
     vs = _vocab_size(pipe.root)
-    with pytest.raises(HeiindexError, match="^validating on 1 image of the dev split scores every epoch R@K 100"):
+    too_few = "^validating on 1 image of the dev split scores every epoch R@K 100: too few to choose the best epoch; "
+    with pytest.raises(HeiindexError, match=too_few + "give a `val_images` of at least 2$"):
         train(pipe.root, tmp_path / "r", pf.model_config(vs), pf.train_config(val_images=1), log=pf.quiet)
     one = tmp_path / "one"
     captions = pf.write_learnable_precomp(one / "precomp", {"train": 1, "dev": 3})
     root = pf.ingest_all(one / "precomp", one / "store", captions)
     with pytest.raises(HeiindexError, match="^the train split has 1 image: a caption needs another image"):
         train(root, tmp_path / "r", None, pf.train_config(), log=pf.quiet)
+    # a 1-image dev split: val_images cannot raise it, so the message offered it in vain
+    captions = pf.write_learnable_precomp(one / "precomp1", {"train": 3, "dev": 1})
+    root = pf.ingest_all(one / "precomp1", one / "store1", captions)
+    with pytest.raises(HeiindexError, match=too_few + "give a larger dev split$"):
+        train(root, tmp_path / "r", None, pf.train_config(val_images=2), log=pf.quiet)
     assert not (tmp_path / "r").exists()
 
 
