@@ -155,6 +155,12 @@ def test_the_sparse_lists_warning_names_what_avoids_it(pipe, tmp_path):
         make_binary_index(codes, "ivf", nlist=2)
     r = ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "3"))
     assert "they need to. --index flat avoids it\n" in r.output  # 24 images: not one list of 39
+    # an --nprobe above the default lists (sqrt of 24 images: 5) was lowered without a word
+    r = ok(build(pipe, tmp_path / "ivf2", "--index", "ivf", "--nprobe", "6"))
+    assert (
+        "Warning: --nprobe 6 exceeds the 5 lists (--nlist left to its default) of the IVF index of 24 images of test: "
+        "it probes all 5, so every code is searched\n"
+    ) in r.output
 
 
 def test_the_vocabulary_given_or_not_and_the_store_root(make_precomp, tmp_path):
