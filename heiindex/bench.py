@@ -338,13 +338,14 @@ def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tupl
 
 def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
     """``topk`` and every ``sweep`` value must lie in [1, ``limit``]; ``why``: why the limit is
-    what it is, where a protocol sets it (naming ``protocols``)."""
+    what it is, where a protocol sets it (naming ``protocols``). The sweep's values out of range
+    are named all at once, in the order given (one a time took the README's example three tries
+    on a small index)."""
     for name, values in (("topk", [topk]), ("sweep", sweep)):
-        for n in values:
-            if n < 1 or n > limit:
-                raise SettingError(
-                    name, f"{name} {n} must lie in [1, {limit}] for this index{why}", also=("protocols",)
-                )
+        bad = [n for n in values if n < 1 or n > limit]
+        if bad:
+            what = f"{name} {bad[0]}" if len(bad) == 1 else f"{name} values {', '.join(map(str, bad))}"
+            raise SettingError(name, f"{what} must lie in [1, {limit}] for this index{why}", also=("protocols",))
 
 
 def run_bench(

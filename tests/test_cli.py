@@ -436,6 +436,7 @@ def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monke
         ("5,", "--sweep '5,': '' is not a whole number"),
         ("", "--sweep '': '' is not a whole number"),  # was ignored: a bench without the sweep asked for
         ("0,5", "--sweep 0 must lie in [1, 24] for this index"),
+        ("10,50,2,100", "--sweep values 50, 100 must lie in [1, 24] for this index"),  # was 50 alone, then 100
     ],
 )
 def test_bench_bad_sweep(pipe, sweep, message):
