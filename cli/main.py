@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from heiindex.device import PRECISIONS
-from heiindex.errors import HeiindexError, HeiindexWarning
+from heiindex.errors import HeiindexError, HeiindexWarning, counted
 from heiindex.settings import require_breadth
 
 
@@ -696,10 +696,10 @@ def build(
         log=lambda message: click.echo(message, err=True),
     )
     if shards is not None:
-        sizes = ", ".join(str(e["n_images"]) for e in m["shards"])
-        what = f"{m['n_images']} images, {m['n_captions']} captions in {len(m['shards'])} shards ({sizes} images)"
+        sizes = ", ".join(f"{e['n_images']:,}" for e in m["shards"])
+        what = f"{_counts(m)} in {counted(len(m['shards']), 'shard')} ({sizes} images)"
     else:
-        what = f"{m['n_images']} images, {m['n_captions']} captions, {m['hash']['bits']}-bit codes, "
+        what = f"{_counts(m)}, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     what += _prototype_label(m)
     if m.get("codes", {}).get("store") == "milvus":  # the FAISS files are written too
@@ -1051,6 +1051,11 @@ def _say_warmup(res: dict) -> None:
 def _prototype_label(res: dict) -> str:
     """The bench tables' note of an index whose images have prototype codes (else empty)."""
     return f", image codes with {res['prototypes']['split']} prototypes" if res.get("prototypes") else ""
+
+
+def _counts(manifest: dict) -> str:
+    """A build's images and captions, as its line says them: "1,000 images, 5,000 captions"."""
+    return f"{counted(manifest['n_images'], 'image')}, {counted(manifest['n_captions'], 'caption')}"
 
 
 def _sweep_values(text: str) -> list[int]:

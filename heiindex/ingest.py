@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import clear_leftovers, scratch
-from .errors import DataError, VocabularyWarning
+from .errors import DataError, VocabularyWarning, counted
 from .manifests import MANIFEST_FILE, file_record, manifest_folders, manifest_object, write_json
 from .outputs import atomic_dir
 from .precomp import PrecompSplit
@@ -50,7 +50,7 @@ class IngestSummary:
 
     def line(self) -> str:
         return (
-            f"{self.split}: {self.n_images} images, {self.n_captions} captions, "
+            f"{self.split}: {counted(self.n_images, 'image')}, {counted(self.n_captions, 'caption')}, "
             f"vocab {self.vocab_size}, unknown-word rate {100 * self.unknown_rate:.2f}% -> {self.path}"
         )
 

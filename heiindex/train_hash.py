@@ -91,7 +91,7 @@ class HashTrainConfig:
         if n is not None and n >= n_val_images:  # every image a candidate: t2i recall 100%, selecting nothing
             raise SettingError(  # the CLI names it --val-candidates
                 "val_candidates",
-                f"val_candidates {n} must be below the {n_val_images} images of the "
+                f"val_candidates {n} must be below the {counted(n_val_images, 'image')} of the "
                 f"{split} split it validates on (at {n_val_images} every image is a candidate)",
             )
         if n is None and DEFAULT_VAL_CANDIDATES < n_val_images:

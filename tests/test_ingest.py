@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -595,3 +596,13 @@ def test_an_interrupted_first_ingest_leaves_no_vocabulary_in_the_new_root(make_p
     with pytest.raises(KeyboardInterrupt):
         ingest(precomp, "test", out, feature_dim=8)  # a re-ingest: the root's vocabulary was not this run's
     assert (out / "vocab.json").exists() and SplitStore.open(out, "test").n_images == 7
+
+
+def test_the_summary_line_counts_in_the_singular_and_with_thousands():
+    """A 1-image split printed "1 images"."""
+    from heiindex.ingest import IngestSummary
+
+    one = IngestSummary("dev", Path("/s/dev"), 1, 1, 30, 0.0, {})
+    assert one.line() == "dev: 1 image, 1 caption, vocab 30, unknown-word rate 0.00% -> /s/dev"
+    many = IngestSummary("test", Path("/s/test"), 5000, 25000, 30, 0.5, {})
+    assert many.line().startswith("test: 5,000 images, 25,000 captions, vocab 30, unknown-word rate 50.00%")
