@@ -41,7 +41,8 @@ from .store import check_store_manifest, footer_shape_disagreements, store_split
 __all__ = ["FAILED", "FileCheck", "failures", "verify"]
 
 
-# The statuses that mean the data is not what its manifests record ("unrecorded" and "leftover" do not).
+# The statuses that mean the data is not what its manifests record ("unrecorded", "leftover" and
+# "moved" do not).
 FAILED = ("changed", "missing", "invalid")
 
 
@@ -52,7 +53,8 @@ class FileCheck:
     module's file whose config.json records no checksum of it); "invalid", a
     manifest the commands reading it would refuse (``detail`` says why, as they would); or
     "leftover", a scratch folder or file an interrupted run left (``heiindex.atomic``), not part
-    of the data."""
+    of the data; or "moved", a matcher or hash module folder an index records that is not there
+    (the commands need it given: ``detail`` says how)."""
 
     path: Path
     status: str
@@ -202,11 +204,23 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
     """The matcher and hash module folders an index's manifest records, where they still hold
     other weights than it was built with (a hash module trained again into its folder after the
     build): query and bench then refuse the index, which verify passed. A folder that is gone is
-    no failure (the commands take ``--model`` / ``--hash`` for a moved one)."""
+    no failure (the commands take ``--model`` / ``--hash`` for a moved one), but it is listed as
+    "moved": verify said all was well of an index copied to another machine, which query then
+    refused until given the folders."""
     found = []
     for part, what, option in (("matcher", "a matcher", "--model"), ("hash", "a hash module", "--hash")):
         recorded = manifest.get(part)
         if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+            continue
+        if not Path(recorded["path"]).exists():
+            found.append(
+                FileCheck(
+                    Path(recorded["path"]),
+                    "moved",
+                    f"{what} folder {folder} records is not there: query and bench need {option} and the folder it "
+                    f"was built with (weights {str(recorded.get('sha256'))[:12]})",
+                )
+            )
             continue
         config = manifest_object(Path(recorded["path"]), "config.json")
         info = config.get("info") if config is not None else None

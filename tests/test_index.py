@@ -672,6 +672,34 @@ def test_a_hash_module_trained_again_into_its_folder_after_the_build_is_named_so
     )
 
 
+def test_verify_lists_recorded_model_folders_that_are_gone_as_moved(pipe, tmp_path):
+    """verify said every file was "ok" of an index whose matcher and hash module had moved, which
+    query then refused until given them. Listed "moved" (no failure: exit status 0)."""
+    from cli_helpers import run
+
+    from heiindex.verify import failures, verify
+
+    matcher, hasher, out = tmp_path / "m", tmp_path / "h", tmp_path / "index"
+    shutil.copytree(pipe.model_dir, matcher)
+    shutil.copytree(pipe.hash_dir, hasher)
+    Index.write(pipe.root, "test", matcher, hasher, out)
+    shutil.move(matcher, tmp_path / "m2")
+    shutil.move(hasher, tmp_path / "h2")
+    checks = verify(out)
+    moved = [c for c in checks if c.status != "ok"]
+    sha = load_model(tmp_path / "m2").checksum[:12]
+    assert [(c.path, c.status) for c in moved] == [(matcher, "moved"), (hasher, "moved")]
+    assert moved[0].detail == (
+        f"a matcher folder {out} records is not there: query and bench need --model and the folder it was built "
+        f"with (weights {sha})"
+    )
+    assert moved[1].detail.startswith(f"a hash module folder {out} records is not there: query and bench need --hash")
+    assert failures(checks) is None
+    r = run("verify", out)
+    assert r.exit_code == 0 and "moved" in r.output
+    assert Index.open(out, tmp_path / "m2", tmp_path / "h2").n_images == pipe.n_test_images  # the way out
+
+
 def test_build_refuses_a_hash_module_of_another_matcher(pipe, tmp_path):
     with pytest.raises(ModelMismatchError, match="give the matcher it was trained next to, or train"):
         Index.build(pipe.root, "test", pipe.other_model_dir, pipe.hash_dir, tmp_path / "x")
