@@ -297,7 +297,7 @@ def test_train_and_the_command_name_lr_val_images_and_resume_each_their_own_way(
         with pytest.raises(HeiindexError, match=r"^training diverged: .* \(a lower `lr` may help\)$"):
             train(pipe.root, tmp_path / "a", model, pf.train_config(epochs=1), log=pf.quiet)
         clean_error(_cli_train(wide_store, tmp_path / "a", "--epochs", "1"), "(a lower --lr may help)")
-    too_few = "too few to choose the best epoch; give a larger dev split, or a {} of at least 2"
+    too_few = "too few to choose the best epoch; give a {} of at least 2"
     with pytest.raises(HeiindexError, match=re.escape(too_few.format("`val_images`")) + "$"):
         train(pipe.root, tmp_path / "b", model, pf.train_config(epochs=1, val_images=1), log=pf.quiet)
     clean_error(
