@@ -113,8 +113,6 @@ def make_binary_index(
         ef_search = require("ef_search", ef_search, at_least=1, integer=True)
     bits = codes.shape[1] * 8
     chosen = resolve_index_kind(kind, len(codes), nlist, nprobe)  # the defaults live there
-    if chosen["type"] == "ivf" and nprobe is not None and nprobe > chosen["nlist"]:
-        _warn_nprobe_lowered(nprobe, chosen["nlist"], nlist is None, len(codes), name)
     kind, nlist, nprobe = chosen["type"], chosen["nlist"], chosen["nprobe"]
     if kind == "flat":
         index = faiss.IndexBinaryFlat(bits)
@@ -193,22 +191,6 @@ def _kind_name(index) -> str:
     if "nlist" in breadth:
         return "IVF lists"
     return "an HNSW graph" if breadth else "exactly (flat)"
-
-
-def _warn_nprobe_lowered(nprobe: int, nlist: int, default_nlist: bool, n_codes: int, name: str) -> None:
-    """Warn (``UnusedSettingWarning``) where an ``nprobe`` given exceeds the ``nlist`` lists of
-    the index (``default_nlist``: left to its default; a build checks one given against it before
-    any work, ``check_index_options``): the index probes all its lists, and records that, where
-    the user was told nothing and a query with the same ``nprobe`` is refused."""
-    lists = f"the {nlist} lists" + (" (`nlist` left to its default)" if default_nlist else f" (`nlist` {nlist})")
-    warnings.warn(
-        UnusedSettingWarning(
-            f"`nprobe` {nprobe} exceeds {lists} of the IVF index of {n_codes} {name}: it probes all {nlist}, so "
-            "every code is searched",
-            settings=("nprobe", "nlist"),
-        ),
-        stacklevel=3,
-    )
 
 
 def _warn_sparse_lists(index, n_codes: int, name: str) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "load_bound_models",
     "models_on",
     "shard_counts",
+    "warn_nprobe_lowered",
     "warn_unused_lists",
     "write_caption_features",
     "write_index",
@@ -164,6 +165,35 @@ def warn_unused_lists(index_type: str, nlist: int | None, nprobe: int | None, co
         ),
         stacklevel=2,
     )
+
+
+def warn_nprobe_lowered(index_type: str, nlist: int | None, nprobe: int | None, counts: list[dict[str, int]]) -> None:
+    """``UnusedSettingWarning``, once per modality and before any encoding, where an ``nprobe``
+    given exceeds the lists of IVF indexes whose ``nlist`` was left to its default (``counts``:
+    each index's items, ``{"images": n, "captions": m}``, one dict per shard): each such index
+    probes all its lists and records that, where a query's ``nprobe`` above them is refused (a
+    build given both, ``nprobe`` above ``nlist``, is refused by ``check_index_options``)."""
+    if nprobe is None or nlist is not None:
+        return
+    for what in ("images", "captions"):
+        lists = [resolve_index_kind(index_type, c[what], None, None) for c in counts]
+        lower = sorted({c["nlist"] for c in lists if c["type"] == "ivf" and c["nlist"] < nprobe})
+        if not lower:
+            continue
+        span = f"{lower[0]}" if len(lower) == 1 else f"{lower[0]} to {lower[-1]}"
+        if len(counts) == 1:
+            whose = f"the IVF index of the {counts[0][what]:,} {what}: it probes all its lists"
+        else:
+            shards = "each shard" if all(c["type"] == "ivf" and c["nlist"] < nprobe for c in lists) else "some shards"
+            whose = f"the IVF indexes of the {what} of {shards}: each probes all its lists"
+        warnings.warn(
+            UnusedSettingWarning(
+                f"`nprobe` {nprobe} exceeds the {span} lists (`nlist` left to its default) of {whose}, so every "
+                "code is searched (a query's `nprobe` above them is refused)",
+                settings=("nprobe", "nlist"),
+            ),
+            stacklevel=2,
+        )
 
 
 def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop: int) -> dict[str, int]:
@@ -279,6 +309,7 @@ def write_index(
         counts = {"images": stop, "captions": len(captions)}
         check_lists_filled(index_type, nlist, nprobe, counts, None)
         warn_unused_lists(index_type, nlist, nprobe, counts.values())
+        warn_nprobe_lowered(index_type, nlist, nprobe, [counts])
     else:  # a shard's captions and lists: checked, and said once for all shards, by write_shards
         counts = shard_counts(captions, store.image_id_column(), first, stop)
         check_lists_filled(index_type, nlist, nprobe, counts, (first, stop))

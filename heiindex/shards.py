@@ -48,6 +48,7 @@ from .index_write import (
     load_bound_models,
     models_on,
     shard_counts,
+    warn_nprobe_lowered,
     warn_unused_lists,
 )
 from .manifests import read_unswapped, write_json
@@ -122,6 +123,7 @@ def write_shards(
     for (a, b), shard in zip(bounds, counts, strict=True):
         check_lists_filled(index_type, nlist, nprobe, shard, (a, b))
     warn_unused_lists(index_type, nlist, nprobe, [n for shard in counts for n in shard.values()])
+    warn_nprobe_lowered(index_type, nlist, nprobe, counts)
     if prototypes is not None:  # the describing captions hashed once, where the shards encode
         check_describing_split(prototypes, split, store)  # by folder too, before any caption is read
         models_on(matcher, hasher, device)  # where and as Index.write encodes

@@ -155,12 +155,24 @@ def test_the_sparse_lists_warning_names_what_avoids_it(pipe, tmp_path):
         make_binary_index(codes, "ivf", nlist=2)
     r = ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "3"))
     assert "they need to. --index flat avoids it\n" in r.output  # 24 images: not one list of 39
-    # an --nprobe above the default lists (sqrt of 24 images: 5) was lowered without a word
+    # an --nprobe above the default lists (sqrt of 24 images: 5; of 120 captions: 11) was lowered
+    # without a word; said once per modality, before the encoding (not once per shard after it)
     r = ok(build(pipe, tmp_path / "ivf2", "--index", "ivf", "--nprobe", "6"))
+    said = (
+        "Warning: --nprobe 6 exceeds the 5 lists (--nlist left to its default) of the IVF index of the 24 images: "
+        "it probes all its lists, so every code is searched (a query's --nprobe above them is refused)\n"
+    )
+    assert said in r.output and r.output.count("--nprobe 6 exceeds") == 1
+    assert r.output.index(said) < r.output.index("built test")
+    r = ok(build(pipe, tmp_path / "ivf3", "--index", "ivf", "--nprobe", "4", "--shards", "2"))
     assert (
-        "Warning: --nprobe 6 exceeds the 5 lists (--nlist left to its default) of the IVF index of 24 images of test: "
-        "it probes all 5, so every code is searched\n"
-    ) in r.output
+        r.output.count("Warning: --nprobe 4 exceeds the 3 lists (--nlist left to its default) of the IVF indexes of ")
+        == 1
+    )
+    assert "the images of each shard: each probes all its lists, so every code is searched" in r.output
+    r = ok(build(pipe, tmp_path / "ivf4", "--index", "ivf", "--nprobe", "11"))
+    assert "of the IVF index of the 120 captions: it probes all its lists" not in r.output  # 11 lists: not above
+    assert "exceeds the 5 lists (--nlist left to its default) of the IVF index of the 24 images" in r.output
 
 
 def test_the_vocabulary_given_or_not_and_the_store_root(make_precomp, tmp_path):

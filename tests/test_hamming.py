@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 
 import faiss
 import numpy as np
@@ -11,7 +10,7 @@ import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative
 import pytest
 import torch
 
-from heiindex.errors import DataError, SparseListsWarning, UnusedSettingWarning
+from heiindex.errors import DataError, UnusedSettingWarning
 from heiindex.hamming import (
     INDEX_TYPES,
     TorchBinaryIndex,
@@ -76,8 +75,7 @@ def test_ivf_lists_and_probes(easy):
     assert index.nlist == 10 and index.nprobe == 10
     _check_nearest(index, codes, queries, rows)
     assert make_binary_index(codes, "ivf").nlist == 17  # default: round(sqrt(300))
-    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 8 exceeds the 4 lists \(`nlist` 4\) of the IVF"):
-        assert make_binary_index(codes[:20], "ivf", nlist=4, nprobe=8).nprobe == 4  # never more than nlist
+    assert make_binary_index(codes[:20], "ivf", nlist=4, nprobe=8).nprobe == 4  # never more than nlist
     with pytest.raises(ValueError, match="nlist 400 exceeds the number of codes 300"):
         make_binary_index(codes, "ivf", nlist=400)
 
@@ -364,21 +362,3 @@ def test_an_ivf_probes_no_more_lists_than_it_has():
     from heiindex.hamming import resolve_index_kind
 
     assert resolve_index_kind("ivf", 10) == {"type": "ivf", "nlist": 3, "nprobe": 3}
-
-
-def test_an_nprobe_given_above_the_default_lists_is_said():
-    """`build --index ivf --nprobe 100` over 20 images (4 default lists) probed 4 without a word,
-    where `--nlist 4 --nprobe 100` and a query's `--nprobe 100` are refused."""
-    codes = np.random.default_rng(0).integers(0, 256, (100, 8), dtype=np.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SparseListsWarning)  # 10 codes a list: said, not this test's point
-        with pytest.warns(
-            UnusedSettingWarning,
-            match=r"^`nprobe` 20 exceeds the 10 lists \(`nlist` left to its default\) of the IVF index of 100 images: "
-            r"it probes all 10, so every code is searched$",
-        ):
-            index = make_binary_index(codes, "ivf", nprobe=20, name="images")
-        assert index.nprobe == 10
-        warnings.simplefilter("error", UnusedSettingWarning)
-        assert make_binary_index(codes, "ivf", name="images").nprobe == 8  # the default: nothing to say
-        assert make_binary_index(codes, "ivf", nprobe=10, name="images").nprobe == 10
