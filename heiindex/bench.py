@@ -338,14 +338,22 @@ def _depth_limit(index: Index, full: bool, folds: list[tuple[int, int]]) -> tupl
 
 def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
     """``topk`` and every ``sweep`` value must lie in [1, ``limit``]; ``why``: why the limit is
-    what it is, where a protocol sets it (naming ``protocols``). The sweep's values out of range
-    are named all at once, in the order given (one a time took the README's example three tries
-    on a small index)."""
+    what it is, where a protocol sets it (naming ``protocols``). Every value out of range is named
+    in one message, ``topk``'s first, the sweep's in ascending order (``check_bench_settings`` sorts
+    them): one at a time, the README's example took four tries on a small index."""
+    named = []
     for name, values in (("topk", [topk]), ("sweep", sweep)):
         bad = [n for n in values if n < 1 or n > limit]
         if bad:
-            what = f"{name} {bad[0]}" if len(bad) == 1 else f"{name} values {', '.join(map(str, bad))}"
-            raise SettingError(name, f"{what} must lie in [1, {limit}] for this index{why}", also=("protocols",))
+            label = name if not named else f"`{name}`"  # the first bare, others quoted (heiindex.errors)
+            values = f"{bad[0]}" if len(bad) == 1 else f"values {', '.join(map(str, bad))}"
+            named.append((name, f"{label} {values}"))
+    if named:
+        raise SettingError(
+            named[0][0],
+            f"{' and '.join(text for _, text in named)} must lie in [1, {limit}] for this index{why}",
+            also=(*(name for name, _ in named[1:]), "protocols"),
+        )
 
 
 def run_bench(

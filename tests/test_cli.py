@@ -436,12 +436,18 @@ def test_bench_sweep_of_the_1k_folds_is_tabled_and_plotted(pipe, tmp_path, monke
         ("5,", "--sweep '5,': '' is not a whole number"),
         ("", "--sweep '': '' is not a whole number"),  # was ignored: a bench without the sweep asked for
         ("0,5", "--sweep 0 must lie in [1, 24] for this index"),
-        ("10,50,2,100", "--sweep values 50, 100 must lie in [1, 24] for this index"),  # was 50 alone, then 100
+        ("100,2,50,10", "--sweep values 50, 100 must lie in [1, 24] for this index"),  # was 50 alone, then 100
     ],
 )
 def test_bench_bad_sweep(pipe, sweep, message):
     r = run("bench", "--index", pipe.index_dir, "--topk", "5", "--sweep", sweep)
     clean_error(r, message)
+
+
+def test_bench_names_a_bad_topk_and_sweep_in_one_message(pipe):
+    """The README's example on the 24-image test index named --topk 100 first, then the sweep."""
+    r = run("bench", "--index", pipe.index_dir, "--topk", "100", "--sweep", "10,20,50,100,200")
+    clean_error(r, "--topk 100 and --sweep values 50, 100, 200 must lie in [1, 24] for this index")
 
 
 def test_bench_bad_plot_path(pipe, tmp_path, monkeypatch):
