@@ -200,6 +200,13 @@ def _folder_checks(folder: Path, manifest: dict, models: bool = True) -> list[Fi
     return _disagreements(folder, manifest) + files + bound
 
 
+def _weights(recorded: dict) -> str:
+    """`` (weights 1a2b3c4d5e6f)`` for a matcher or hash entry of a manifest; "" where it records
+    no checksum."""
+    sha = recorded.get("sha256")
+    return f" (weights {sha[:12]})" if isinstance(sha, str) else ""
+
+
 def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
     """The matcher and hash module folders an index's manifest records, where they still hold
     other weights than it was built with (a hash module trained again into its folder after the
@@ -217,8 +224,8 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
                 FileCheck(
                     Path(recorded["path"]),
                     "moved",
-                    f"{what} folder {folder} records is not there: query and bench need {option} and the folder it "
-                    f"was built with (weights {str(recorded.get('sha256'))[:12]})",
+                    f"{what} folder {folder} records is not there: searching it (query, bench, serve) needs {option} "
+                    f"naming the folder it was built with{_weights(recorded)}",
                 )
             )
             continue
