@@ -207,7 +207,8 @@ def _check_enough_images(n_train: int, n_split_val: int, val_images: int, train_
     every epoch trained on a loss of 0) and 2 validation images, of the ``n_split_val`` the
     validation split has and at most ``val_images`` of them (R@K over one image is 100, so every
     epoch scored rsum 600 and the first stayed the best). Where the split itself is too small,
-    ``val_images`` is no way out (it only caps the images used), so the message does not offer it."""
+    ``val_images`` is no way out (it only caps the images used), so the message offers it only where
+    it is too small as well (both are then named, not one after the other)."""
     if n_train < 2:
         raise HeiindexError(
             f"the {train_split} split has {counted(n_train, 'image')}: a caption needs another image as its "
@@ -219,9 +220,13 @@ def _check_enough_images(n_train: int, n_split_val: int, val_images: int, train_
             f"validating on {counted(n_val, 'image')} of the {val_split} split scores every epoch R@K 100: too few "
             "to choose the best epoch; "
         )
-        if n_split_val < 2:
+        if n_split_val >= 2:
+            raise HeiindexError(why + "give a `val_images` of at least 2", settings=("val_images",))
+        if val_images >= 2:
             raise HeiindexError(why + f"give a larger {val_split} split")
-        raise HeiindexError(why + "give a `val_images` of at least 2", settings=("val_images",))
+        raise HeiindexError(
+            why + f"give a larger {val_split} split, and a `val_images` of at least 2", settings=("val_images",)
+        )
 
 
 def _warn_of_other_dev_images(out: Path, run: TrainConfig, config: TrainConfig, n_dev: int) -> None:

@@ -544,6 +544,8 @@ def test_train_refuses_too_few_images_to_train_or_choose_on(pipe, tmp_path):
     root = pf.ingest_all(one / "precomp1", one / "store1", captions)
     with pytest.raises(HeiindexError, match=too_few + "give a larger dev split$"):
         train(root, tmp_path / "r", None, pf.train_config(val_images=2), log=pf.quiet)
+    with pytest.raises(HeiindexError, match=too_few + "give a larger dev split, and a `val_images` of at least 2$"):
+        train(root, tmp_path / "r", None, pf.train_config(val_images=1), log=pf.quiet)  # both: said at once
     assert not (tmp_path / "r").exists()
 
 
