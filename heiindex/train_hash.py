@@ -92,7 +92,7 @@ class HashTrainConfig:
             raise SettingError(  # the CLI names it --val-candidates
                 "val_candidates",
                 f"val_candidates {n} must be below the {counted(n_val_images, 'image')} of the "
-                f"{split} split it validates on (at {n_val_images} every image is a candidate)",
+                f"{split} split it validates on (at {n_val_images:,} every image is a candidate)",
             )
         if n is None and DEFAULT_VAL_CANDIDATES < n_val_images:
             n = DEFAULT_VAL_CANDIDATES
@@ -100,13 +100,12 @@ class HashTrainConfig:
             n = max(1, n_val_images // 10)
             if n >= n_val_images:  # one image
                 raise HeiindexError(
-                    f"the {split} split has {n_val_images} image{'s' if n_val_images != 1 else ''}: too few to "
-                    "choose the best epoch by candidate recall (every image would be a candidate); give a larger "
-                    "dev split"
+                    f"the {split} split has {counted(n_val_images, 'image')}: too few to choose the best epoch by "
+                    f"candidate recall (every image would be a candidate); give a larger {split} split"
                 )
             if log is not None:
                 log(
-                    f"validating by candidate recall@{n}: a tenth of the {n_val_images} images of the {split} "
+                    f"validating by candidate recall@{n}: a tenth of the {n_val_images:,} images of the {split} "
                     f"split (the default, {DEFAULT_VAL_CANDIDATES}, needs more; a number given replaces it)"
                 )
         return replace(self, val_candidates=n)

@@ -702,6 +702,11 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
     # a split of one image cannot choose (recall@1 of 1 image is 100%); the split's size is checked
     with pytest.raises(HeiindexError, match="^the dev split has 1 image: too few to choose the best epoch"):
         HashTrainConfig().resolved(1)
+    # the split validated on is the one named (it said "give a larger dev split" of any)
+    with pytest.raises(HeiindexError, match=r"^the val split has 1 image: .*; give a larger val split$"):
+        HashTrainConfig().resolved(1, "val")
+    with pytest.raises(SettingError, match=r"^val_candidates 5000 must be below the 5,000 images of the dev split it "):
+        HashTrainConfig(val_candidates=5000).resolved(5000)
     for bad in (0, -5, True, 50.0, None, "100"):
         with pytest.raises(SettingError, match="^n_val_images must be a whole number"):
             HashTrainConfig().resolved(bad)
