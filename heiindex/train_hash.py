@@ -330,6 +330,11 @@ def fit_hash(
 ) -> tuple[HashModule, dict]:
     """Train hash layers on collected batches; return the best module on ``val_enc`` and its record.
     ``config.val_candidates`` None: resolved for ``val_enc``'s images (``HashTrainConfig.resolved``)."""
+    if not isinstance(val_enc, (PooledSplit, EncodedSplit)):  # None crashed in candidate_recall, after an epoch
+        raise HeiindexError(
+            f"val_enc must be the validation split (a PooledSplit or an EncodedSplit), got {type(val_enc).__name__}: "
+            "its candidate recall picks the best epoch"
+        )
     if isinstance(val_enc, EncodedSplit):  # pooled once, not once per epoch
         val_enc = PooledSplit.of(val_enc, hash_config.pooling)
     if config.val_candidates is None:

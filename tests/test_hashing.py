@@ -787,6 +787,8 @@ def test_fit_hash_keeps_the_epoch_of_the_best_summed_recall_of_both_directions(m
         _records([[0, 1]]), _val_split(), HashConfig(bits=8, embed_size=8, pooling="mean"), config, log=pf.quiet
     )
     assert got[1]["best_epoch"] == 2
+    with pytest.raises(HeiindexError, match=r"^val_enc must be the validation split .*, got NoneType: its candidate"):
+        th.fit_hash(_records([[0, 1]]), None, HashConfig(bits=8, embed_size=8, pooling="mean"), config)
 
 
 def test_the_hash_training_defaults_are_those_documented():
