@@ -735,7 +735,7 @@ def _check_engine_options(engine: str, *local: str) -> None:
         flags = ", ".join(p.opts[0] for p in given)
         raise click.UsageError(
             f"{flags}: not used with --engine ray (each actor opens its shard as built: on the CPU, in float32, "
-            "searching as the build set)"
+            "searching its FAISS files as the build set them up)"
         )
 
 

@@ -94,7 +94,7 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
     [
         ("query", ["a dog", "--uri", "http://127.0.0.1:1"], "--uri: not used with --engine ray"),
         ("bench", ["--dtype", "bfloat16"], "--dtype: not used with --engine ray"),
-        ("bench", ["--codes", "faiss"], "--codes: not used with --engine ray"),
+        ("bench", ["--codes", "faiss"], "in float32, searching its FAISS files as the build set them up)"),
         ("bench", ["--sweep", "5"], "--sweep runs on an unsharded build, in this process"),
         ("bench", ["--repeats", "2"], "--repeats runs on an unsharded build"),
         ("bench", ["--repeats", "0"], "--repeats must be a whole number"),  # its range before the build's kind
