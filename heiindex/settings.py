@@ -46,16 +46,17 @@ def require(
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
+    below: float | None = None,
     integer: bool = False,
 ):
     """A ``SettingError`` naming ``name`` unless ``value`` is a finite number (a whole number where
     ``integer``: a bool or 3.0 is refused, a numpy integer taken), at least ``at_least``, greater
-    than ``above`` and at most ``at_most`` where given. Returns ``value`` as a Python ``int`` (what
+    than ``above``, at most ``at_most`` and less than ``below`` where given. Returns ``value`` as a Python ``int`` (what
     FAISS and Python's slicing take) or ``float``."""
     ok = is_whole(value) if integer else isinstance(value, Real) and not isinstance(value, bool)
     ok = ok and math.isfinite(value)
     ok = ok and (at_least is None or value >= at_least) and (above is None or value > above)
-    ok = ok and (at_most is None or value <= at_most)
+    ok = ok and (at_most is None or value <= at_most) and (below is None or value < below)
     if not ok:
         want = ["a whole number" if integer else "a finite number"]
         if at_least is not None:
@@ -64,6 +65,8 @@ def require(
             want.append(f"greater than {_num(above)}")
         if at_most is not None:
             want.append(f"at most {_num(at_most)}")
+        if below is not None:
+            want.append(f"less than {_num(below)}")
         raise SettingError(name, f"{name} must be {', '.join(want)}, got {value!r}")
     return int(value) if integer else float(value)
 

@@ -51,6 +51,7 @@ import numpy as np
 from .errors import DataError
 from .outputs import atomic_dir
 from .precomp import read_captions
+from .settings import SettingError, settle
 from .tokenizer import tokenize
 
 __all__ = [
@@ -126,41 +127,27 @@ class SimConfig:
     feature_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        def bad(field: str, need: str) -> ValueError:
-            return ValueError(f"SimConfig.{field} = {getattr(self, field)!r}: must be {need}")
-
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed", "a non-negative integer")
-        if self.regions < 1:
-            raise bad("regions", ">= 1")
-        if self.feature_dim < 1:
-            raise bad("feature_dim", ">= 1")
-        if not self.noise >= 0:
-            raise bad("noise", ">= 0")
-        if not 0 <= self.drop_prob < 1:
-            raise bad("drop_prob", "in [0, 1)")
-        if self.clutter_regions < 0:
-            raise bad("clutter_regions", ">= 0")
-        if self.clutter_regions > len(CLUTTER_CONCEPTS) // 2:
-            raise bad("clutter_regions", f"<= {len(CLUTTER_CONCEPTS) // 2}")
-        if self.background_regions < 0:
-            raise bad("background_regions", ">= 0")
+        # By the settings' checks (``heiindex.settings``): a numpy integer is stored as an int (one
+        # in feature_dim wrote a .npy header numpy could not read back), a bool, a float count or an
+        # infinite noise (all-NaN features) refused by name.
+        whole = {"regions": 1, "feature_dim": 1, "clutter_regions": 0, "background_regions": 0}
+        settle(self, "seed", integer=True, at_least=0)
+        for name, least in (*whole.items(), ("background_prototypes", 1)):
+            settle(self, name, integer=True, at_least=least)
+        settle(self, "clutter_regions", integer=True, at_most=len(CLUTTER_CONCEPTS) // 2)
+        settle(self, "noise", at_least=0)
+        settle(self, "drop_prob", at_least=0, below=1)
+        settle(self, "mix", at_least=0, at_most=1)
+        settle(self, "concept_density", above=0, at_most=1)
+        settle(self, "region_scale_jitter", at_least=0)
+        settle(self, "feature_scale", above=0)
         if self.clutter_regions + self.background_regions >= self.regions:
-            raise ValueError(
-                f"SimConfig: clutter_regions + background_regions = "
-                f"{self.clutter_regions + self.background_regions} must leave at least one of the "
-                f"{self.regions} regions for the mentioned concepts"
+            raise SettingError(
+                "clutter_regions",
+                f"clutter_regions + `background_regions` = {self.clutter_regions + self.background_regions} must "
+                f"leave at least one of the {self.regions} `regions` for the mentioned concepts",
+                also=("background_regions", "regions"),
             )
-        if not 0 <= self.mix <= 1:
-            raise bad("mix", "in [0, 1]")
-        if not 0 < self.concept_density <= 1:
-            raise bad("concept_density", "in (0, 1]")
-        if not self.region_scale_jitter >= 0:
-            raise bad("region_scale_jitter", ">= 0")
-        if self.background_prototypes < 1:
-            raise bad("background_prototypes", ">= 1")
-        if not self.feature_scale > 0:
-            raise bad("feature_scale", "> 0")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from heiindex import simulate as sim
 from heiindex.errors import DataError
 from heiindex.precomp import PrecompSplit, read_captions
+from heiindex.settings import SettingError
 from heiindex.simulate import (
     CLUTTER_CONCEPTS,
     STOP_WORDS,
@@ -229,6 +231,14 @@ def test_fast_tokens_give_the_same_concepts_as_tokenize(testall, monkeypatch):
     assert fast == [caption_concepts(line) for line in lines]
 
 
+def test_a_numpy_integer_setting_writes_a_readable_file(captions, tmp_path):
+    """feature_dim=np.int64(64) wrote the header shape (5, 36, np.int64(64)), which np.load refused."""
+    config = SimConfig(feature_dim=np.int64(64))
+    assert type(config.feature_dim) is int and config == SMALL
+    simulate_images(captions[:10], tmp_path / "a.npy", config)
+    assert np.load(tmp_path / "a.npy").shape == (2, 36, 64)
+
+
 def test_bad_input_is_refused(captions, tmp_path):
     with pytest.raises(ValueError, match="multiple of captions_per_image"):
         simulate_images(captions[:7], tmp_path / "a.npy", SMALL)
@@ -294,6 +304,17 @@ def test_normalize_word(word, want):
 def test_sim_config_bounds():
     with pytest.raises(ValueError, match="concept_density"):
         SimConfig(concept_density=0)
+    # refused by name; each was accepted and failed later, or wrote NaN features
+    for kw, message in (
+        ({"seed": True}, "seed must be a whole number, at least 0, got True"),
+        ({"regions": 36.0}, "regions must be a whole number, at least 1, got 36.0"),
+        ({"clutter_regions": 1.5}, "clutter_regions must be a whole number"),
+        ({"noise": float("inf")}, "noise must be a finite number, at least 0, got inf"),
+        ({"noise": "1"}, "noise must be a finite number"),
+        ({"drop_prob": 1.0}, "drop_prob must be a finite number, at least 0, less than 1, got 1.0"),
+    ):
+        with pytest.raises(SettingError, match="^" + re.escape(message)):
+            SimConfig(**kw)
     too_many = len(CLUTTER_CONCEPTS) // 2 + 1
     with pytest.raises(ValueError, match="clutter_regions"):
         SimConfig(clutter_regions=too_many, regions=too_many + 20)
