@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import AttentionConfig, score_block
-from .settings import SettingError, settle
+from .settings import settle, settle_flag
 
 __all__ = ["Ensemble", "ImageEncoder", "ScanConfig", "ScanModel", "TextEncoder", "l2norm"]
 
@@ -53,8 +53,7 @@ class ScanConfig:
         for name, most in _SIZE_LIMITS.items():
             settle(self, name, at_least=1, at_most=most, integer=True)
         for name in ("bi_gru", "no_imgnorm", "no_txtnorm"):  # "yes" reached the GRU's own TypeError
-            if not isinstance(getattr(self, name), bool):
-                raise SettingError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+            settle_flag(self, name)
 
     def to_dict(self) -> dict:
         d = asdict(self)

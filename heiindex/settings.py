@@ -14,9 +14,11 @@ import os
 from numbers import Integral, Real
 from pathlib import Path
 
+import numpy as np
+
 from .errors import HeiindexError
 
-__all__ = ["SettingError", "is_whole", "require", "require_name", "require_path", "settle"]
+__all__ = ["SettingError", "is_whole", "require", "require_name", "require_path", "settle", "settle_flag"]
 
 
 class SettingError(HeiindexError, ValueError):
@@ -89,6 +91,15 @@ def require_name(name: str, value) -> str:
     if isinstance(value, str) and value:
         return value
     raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
+
+
+def settle_flag(config, name: str) -> None:
+    """Field ``name`` of the frozen dataclass ``config`` must be true or false (a numpy bool is
+    stored as a Python one): a string such as "no" is truthy, and was taken as true."""
+    value = getattr(config, name)
+    if not isinstance(value, (bool, np.bool_)):
+        raise SettingError(name, f"{name} must be true or false, got {value!r}")
+    object.__setattr__(config, name, bool(value))
 
 
 def settle(config, name: str, **checks) -> None:

@@ -34,7 +34,7 @@ from .model import ScanConfig, ScanModel
 from .outputs import check_output
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
-from .settings import settle
+from .settings import settle, settle_flag
 from .store import SplitStore, rows_of, sorted_ids, store_vocab
 from .vocab import Vocab
 
@@ -63,6 +63,7 @@ class TrainConfig:
         settle(self, "warmup_sum_epochs", at_least=0, integer=True)
         settle(self, "grad_clip", at_least=0)  # 0: no clipping
         settle(self, "margin", at_least=0)
+        settle_flag(self, "max_violation")  # "no" is truthy: it trained with hardest negatives
         if self.threads is not None:
             settle(self, "threads", at_least=1, integer=True)
 
@@ -111,11 +112,12 @@ def _resumed_config(run: TrainConfig, given: TrainConfig | None, log) -> TrainCo
 def require_loop_settings(config) -> None:
     """The settings every training loop here shares (``TrainConfig``, ``HashTrainConfig``):
     epochs and buffered row groups >= 1, batches of >= 2 captions (a caption needs a negative),
-    a seed >= 0, a learning rate in (0, 1]."""
+    a seed in [0, 2**64 - 1] (torch takes no larger one, and failed after the data was read), a
+    learning rate in (0, 1]."""
     for name in ("epochs", "buffer_row_groups"):
         settle(config, name, at_least=1, integer=True)
     settle(config, "batch_size", at_least=2, integer=True)
-    settle(config, "seed", at_least=0, integer=True)
+    settle(config, "seed", at_least=0, at_most=2**64 - 1, integer=True)  # torch's seed is 64 bits
     # Adam's step is about lr per weight: above 1 it is no learning rate (1e38 overflowed inside
     # torch's Adam with a traceback; 1e20 trained hash codes to chance without a word)
     settle(config, "lr", above=0, at_most=1)

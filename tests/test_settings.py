@@ -50,6 +50,14 @@ def test_require():
         (TrainConfig, "val_images", -3, "val_images must be a whole number, at least 1"),
         (TrainConfig, "threads", 0, "threads must be a whole number, at least 1"),
         (TrainConfig, "seed", -1, "seed must be a whole number, at least 0"),
+        (
+            TrainConfig,
+            "seed",
+            2**64,
+            "seed must be a whole number, at least 0, at most 18446744073709551615",
+        ),  # torch's
+        (HashTrainConfig, "seed", 2**64, "at most 18446744073709551615, got 18446744073709551616"),
+        (TrainConfig, "max_violation", "no", "max_violation must be true or false, got 'no'"),  # "no" trained with it
         (HashTrainConfig, "epochs", 0, "epochs must be a whole number, at least 1"),
         (HashTrainConfig, "rounds", 0, "rounds must be a whole number, at least 1"),
         (HashTrainConfig, "val_candidates", 0, "val_candidates must be a whole number, at least 1"),
@@ -81,7 +89,9 @@ def test_numpy_numbers_in_configs_are_stored_as_python_numbers():
     """A numpy int or float was checked and kept as it was: writing the config at the end of a
     training run failed ("int64 is not JSON serializable"), and a numpy layer size failed in torch."""
     configs = (
-        TrainConfig(epochs=np.int64(2), lr=np.float32(1e-3), margin=np.float64(0.1), threads=np.int32(1)),
+        TrainConfig(
+            epochs=np.int64(2), lr=np.float32(1e-3), margin=np.float64(0.1), threads=np.int32(1), max_violation=np.True_
+        ),
         HashTrainConfig(epochs=np.int64(1), seed=np.int64(0), lr=np.float32(3e-3), rank_weight=np.float16(1)),
         ScanConfig(vocab_size=np.int64(10), embed_size=np.int64(32)),
         AttentionConfig(lambda_softmax=np.float32(9), lambda_lse=np.int64(6)),
