@@ -38,6 +38,7 @@ from .device import check_precision, resolve_device, set_precision
 from .errors import DataError, HeiindexError, ModelMismatchError
 from .hamming import (
     index_on_device,
+    packed_codes,
     search_breadth,
     set_search_breadth,
     stored_codes,
@@ -503,6 +504,10 @@ class Index(BatchSearch):
         gives them), else hashed from ``regions``."""
         candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
         self._check_encoded_images(regions, gram)
+        if codes is not None:  # a row short failed in top_k, a row over was named image_index in the scorer
+            codes = packed_codes("codes", codes, self.hasher.module.config.bits // 8)
+            if len(codes) != len(regions):
+                raise HeiindexError(f"codes must hold one row per image of regions ({len(regions)}), got {len(codes)}")
         return self.rank_regions(regions, gram, k, candidates, codes)
 
     @torch.no_grad()

@@ -1623,6 +1623,16 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
             index.search_regions(bad, gram, 3, 10)
     with pytest.raises(HeiindexError, match="regions and gram must hold the same images, got 2 and 1"):
         index.search_regions(regions, gram[:1], 3, 10)
+    codes = index.image_features(rows)[2]
+    assert index.search_regions(regions, gram, 3, 10, codes) == got  # the stored codes, given
+    for bad, error, message in (
+        (codes[:1], HeiindexError, "codes must hold one row per image of regions (2), got 1"),  # an IndexError
+        (np.vstack([codes, codes[:1]]), HeiindexError, "got 3"),  # image_index must lie in [0, 2)
+        (codes[:, :-1], ValueError, f"codes are {codes.shape[1] * 8 - 8}-bit, the index holds {codes.shape[1] * 8}"),
+        (codes.astype(np.int64), ValueError, "codes must be packed bits, an (n, k/8) uint8 array"),
+    ):
+        with pytest.raises(error, match=re.escape(message)):
+            index.search_regions(regions, gram, 3, 10, bad)
     with pytest.raises(HeiindexError, match=re.escape("features must be a tensor (images, ")):
         index.encode_images(feats[:, :, :-1])
     with pytest.raises(HeiindexError, match="features must hold finite floating-point numbers"):
