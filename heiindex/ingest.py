@@ -24,7 +24,7 @@ from .manifests import MANIFEST_FILE, file_record, manifest_folders, manifest_ob
 from .outputs import atomic_dir
 from .precomp import PrecompSplit
 from .progress import progress_bar
-from .settings import require, require_path
+from .settings import require, require_name, require_path
 from .store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, ImageWriter, check_store_root, write_captions
 from .vocab import Vocab
 
@@ -225,6 +225,7 @@ def ingest(
     block_images = require("block_images", block_images, at_least=1, integer=True)
     out_root = require_path("out_root", out_root)
     precomp_dir = require_path("precomp_dir", precomp_dir)
+    split = require_name("split", split)  # None failed joining it to out_root
     check_store_root(out_root, split)
     src = PrecompSplit.open(precomp_dir, split, regions, feature_dim, captions_per_image)
     _check_same_shape(out_root, split, src.regions, src.feature_dim)

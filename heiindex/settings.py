@@ -87,10 +87,13 @@ def require_path(name: str, value) -> Path:
 
 
 def require_name(name: str, value) -> str:
-    """``value`` where it is a non-empty str (a split's name), else a ``SettingError`` naming ``name``."""
-    if isinstance(value, str) and value:
-        return value
-    raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
+    """``value`` where it is a non-empty str that names one folder (a split's name: "../s/test"
+    opened a split of another store root), else a ``SettingError`` naming ``name``."""
+    if not isinstance(value, str) or not value:
+        raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
+    if value in (".", "..") or "/" in value or os.sep in value or (os.altsep and os.altsep in value) or "\0" in value:
+        raise SettingError(name, f"{name} must name one folder (no path separators, '.' or '..'), got {value!r}")
+    return value
 
 
 def settle_flag(config, name: str) -> None:

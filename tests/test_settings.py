@@ -279,6 +279,7 @@ def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path)
     object"), and None as a split as "unsupported operand type(s) for /"."""
     from heiindex.index import Index
     from heiindex.ingest import ingest
+    from heiindex.store import SplitStore
     from heiindex.verify import verify
 
     models = (pipe.model_dir, pipe.hash_dir)
@@ -294,6 +295,11 @@ def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path)
             call()
     with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
         Index.write(pipe.root, None, *models, tmp_path / "x")
+    with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
+        ingest(tmp_path, None, tmp_path / "s")  # it failed joining None to the root
+    for name in ("../store/test", "a/b", ".", ".."):  # "../store/test" opened another root's split
+        with pytest.raises(SettingError, match=r"^split must name one folder \(no path separators, '.' or '..'\)"):
+            SplitStore.open(pipe.root, name)
     assert list(tmp_path.iterdir()) == []
 
 
