@@ -72,7 +72,10 @@ def build_index(
         )
     root = Path(store_root) if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
     out = Path(out) if out is not None else dd.default_index_dir(split)
-    models = (matcher or dd.default_model_dir(), hasher or dd.default_hash_dir())
+    models = (  # only None means the default ("" or 0 built with the default model)
+        dd.default_model_dir() if matcher is None else matcher,
+        dd.default_hash_dir() if hasher is None else hasher,
+    )
     common = dict(
         index_type=index_type, nlist=nlist, nprobe=nprobe, progress=progress, device=device, prototypes=prototypes
     )

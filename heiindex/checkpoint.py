@@ -22,6 +22,7 @@ from .errors import DataError, ModelMismatchError, one_line
 from .manifests import config_section, read_json_object, write_json
 from .model import ScanConfig, ScanModel
 from .outputs import atomic_dir
+from .settings import require_path
 from .store import SplitStore
 from .vocab import Vocab
 
@@ -203,7 +204,7 @@ def read_weights(weights: Path, config: ScanConfig) -> ScanModel:
 
 def load_model(path: str | Path) -> LoadedModel:
     """Read a model folder written by ``save_model`` (or ``heiindex import-scan``)."""
-    path = Path(path)
+    path = require_path("path", path)  # "" read the current folder, None failed in pathlib
     config, raw = read_model_config(path)
     vocab = read_vocab(path / VOCAB_FILE, config)
     weights = path / WEIGHTS_FILE

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import LoadedModel, load_weights, write_weights
-from .errors import DataError, ModelMismatchError
+from .errors import DataError, HeiindexError, ModelMismatchError
 from .hashing import HashConfig, HashModule
 from .manifests import config_section, read_json_object, write_json
 from .outputs import atomic_dir
+from .settings import require_path
 
 __all__ = [
     "HASH_FORMAT_VERSION",
@@ -94,8 +95,12 @@ def read_hash_weights(weights: Path, config: HashConfig) -> HashModule:
 
 
 def load_hash(path: str | Path, matcher: LoadedModel | None = None) -> LoadedHash:
-    """Load a hash folder; with ``matcher``, refuse one trained next to another matcher."""
-    path = Path(path)
+    """Load a hash folder; with ``matcher`` (a ``LoadedModel``), refuse one trained next to another matcher."""
+    path = require_path("path", path)  # "" read the current folder, None failed in pathlib
+    if matcher is not None and not isinstance(matcher, LoadedModel):  # a path failed on its .checksum
+        raise HeiindexError(
+            f"matcher must be a LoadedModel (heiindex.checkpoint.load_model(folder)), got {type(matcher).__name__}"
+        )
     cfg_path = path / "config.json"
     raw = read_json_object(cfg_path, "no hash module config here")
     if raw.get("kind") == "scan":

@@ -137,7 +137,7 @@ def load_models(
     missing = [
         (key, manifest[key]["path"], setting)
         for key, (given, setting) in wanted.items()
-        if not given and not Path(manifest[key]["path"]).exists()
+        if given is None and not Path(manifest[key]["path"]).exists()
     ]
     if missing:
         what = {"matcher": "matcher", "hash": "hash module"}
@@ -150,9 +150,9 @@ def load_models(
             settings=tuple(setting for _, _, setting in missing),
         )
     if not isinstance(matcher, LoadedModel):
-        matcher = load_model(matcher or manifest["matcher"]["path"])
+        matcher = load_model(manifest["matcher"]["path"] if matcher is None else require_path("matcher", matcher))
     if not isinstance(hasher, LoadedHash):
-        hasher = load_hash(hasher or manifest["hash"]["path"])
+        hasher = load_hash(manifest["hash"]["path"] if hasher is None else require_path("hasher", hasher))
     return matcher, hasher
 
 
@@ -324,7 +324,7 @@ class Index(BatchSearch):
                 manifest,
                 {f"codes.{f}": str for f in ("uri", "index_type", "collections.images", "collections.captions")},
             )
-        source = codes or built["store"]
+        source = built["store"] if codes is None else codes  # "" was taken as "as built"
         if source not in ("faiss", "milvus"):
             raise SettingError("codes", f"codes must be 'faiss' or 'milvus', got {codes!r}")
         if source == "milvus" and built["store"] != "milvus":

@@ -111,9 +111,9 @@ def load_bound_models(
 ) -> tuple[LoadedModel, LoadedHash]:
     """For a build: the matcher and the hash module trained next to it, loaded where given as
     folders (a hash module of another matcher is refused)."""
-    matcher = matcher if isinstance(matcher, LoadedModel) else load_model(matcher)
+    matcher = matcher if isinstance(matcher, LoadedModel) else load_model(require_path("matcher", matcher))
     if not isinstance(hasher, LoadedHash):
-        hasher = load_hash(hasher, matcher)
+        hasher = load_hash(require_path("hasher", hasher), matcher)
     else:
         check_trained_next_to(hasher.info, hasher.path, matcher)
     return matcher, hasher

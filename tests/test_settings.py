@@ -274,9 +274,13 @@ def test_refusals_pickle_as_made():
         assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
 
 
-def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path):
+def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_path):
     """None as a folder reached pathlib as a bare TypeError ("expected str, bytes or os.PathLike
-    object"), and None as a split as "unsupported operand type(s) for /"."""
+    object"), and None as a split as "unsupported operand type(s) for /". "" and other falsy
+    values given for a model folder or the codes' source were taken as their defaults."""
+    from heiindex.builds import build_index
+    from heiindex.checkpoint import load_model
+    from heiindex.hash_folder import load_hash
     from heiindex.index import Index
     from heiindex.ingest import ingest
     from heiindex.store import SplitStore
@@ -284,6 +288,11 @@ def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path)
 
     models = (pipe.model_dir, pipe.hash_dir)
     for call, name in (
+        (lambda: load_model(""), "path"),  # "" read the current folder
+        (lambda: load_hash(None), "path"),
+        (lambda: Index.open(pipe.index_dir, matcher=""), "matcher"),  # "" was the recorded matcher
+        (lambda: Index.open(pipe.index_dir, hasher=3), "hasher"),
+        (lambda: Index.write(pipe.root, "test", "", pipe.hash_dir, tmp_path / "x"), "matcher"),
         (lambda: Index.open(None), "path"),
         (lambda: verify(None), "path"),
         (lambda: Index.write(pipe.root, "test", *models, None), "out"),
@@ -297,6 +306,12 @@ def test_paths_and_split_names_given_as_none_are_refused_by_name(pipe, tmp_path)
         Index.write(pipe.root, None, *models, tmp_path / "x")
     with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
         ingest(tmp_path, None, tmp_path / "s")  # it failed joining None to the root
+    with pytest.raises(HeiindexError, match=r"^matcher must be a LoadedModel \(heiindex.checkpoint.load_model"):
+        load_hash(pipe.hash_dir, matcher=str(pipe.model_dir))  # it failed on the str's .checksum
+    with pytest.raises(SettingError, match="^codes must be 'faiss' or 'milvus', got ''"):
+        Index.open(pipe.index_dir, codes="")  # taken as "as built"
+    with pytest.raises(SettingError, match="^matcher must be a path"):
+        build_index("test", pipe.root, "", pipe.hash_dir, tmp_path / "x")  # "" built with the default model
     for name in ("../store/test", "a/b", ".", ".."):  # "../store/test" opened another root's split
         with pytest.raises(SettingError, match=r"^split must name one folder \(no path separators, '.' or '..'\)"):
             SplitStore.open(pipe.root, name)
