@@ -18,6 +18,7 @@ from .index import Index
 from .index_manifest import sharded_manifest
 from .index_write import check_codes_options
 from .prototypes import PrototypeConfig, check_describing_split
+from .settings import SettingError, require_path
 from .shards import ShardedIndex, write_shards
 
 __all__ = ["build_index", "open_index"]
@@ -108,11 +109,13 @@ def open_index(
         from .default_data import last_built_index
 
         path = last_built_index()
-    path = Path(path)
+    path = require_path("path", path)
     if sharded_manifest(path) is None:
         return Index.open(
             path, matcher, hasher, device=device, dtype=dtype, codes=codes, uri=uri, nprobe=nprobe, ef_search=ef_search
         )
+    if codes not in (None, "faiss", "milvus"):  # "bogus" was accepted here, refused by Index.open
+        raise SettingError("codes", f"codes must be 'faiss' or 'milvus', got {codes!r}")
     if codes == "milvus" or uri is not None:
         raise HeiindexError(f"{path} is a sharded build: its shards keep their codes in FAISS files")
     return ShardedIndex.open(path, matcher, hasher, device=device, dtype=dtype, nprobe=nprobe, ef_search=ef_search)

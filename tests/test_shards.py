@@ -442,6 +442,10 @@ def test_open_index_opens_either_kind_and_the_last_build_by_default(pipe, sharde
     assert isinstance(got, ShardedIndex) and got.n_images == sharded.n_images
     with pytest.raises(HeiindexError, match="is a sharded build: its shards keep their codes in FAISS files"):
         open_index(sharded.path, codes="milvus", uri="http://127.0.0.1:1")
+    with pytest.raises(HeiindexError, match="^codes must be 'faiss' or 'milvus', got 'bogus'"):
+        open_index(sharded.path, codes="bogus")  # accepted, where Index.open refuses it
+    with pytest.raises(HeiindexError, match="^path must be a path"):
+        open_index("")  # "" opened the current folder
     monkeypatch.setattr(heiindex.default_data, "last_built_index", lambda: sharded.path)
     assert isinstance(open_index(), ShardedIndex)
 
