@@ -38,7 +38,7 @@ from .index import Hit, SearchResult
 from .index_manifest import check_shards, read_index_manifest, read_sharded_manifest
 from .manifests import manifest_digest
 from .search import BatchSearch, refuse_queries
-from .settings import require
+from .settings import SettingError, require, require_path
 from .shards import (
     batch_results,
     first_counts,
@@ -219,7 +219,12 @@ class RayShardedIndex(BatchSearch):
     ) -> None:
         import torch
 
-        self.path = Path(path).resolve()
+        self.path = require_path("path", path).resolve()
+        # Before Ray starts (a bad one failed inside Ray, after a local cluster had started)
+        max_restarts = require("max_restarts", max_restarts, at_least=-1, integer=True)  # -1: Ray's "for ever"
+        start_timeout = require("start_timeout", start_timeout, above=0)
+        if address is not None and not isinstance(address, str):
+            raise SettingError("address", f"address must be a string such as 'auto', got {address!r}")
         self.manifest = read_sharded_manifest(self.path)  # before Ray: an unsharded index is refused as such
         check_shards(self.path, self.manifest)  # as in-process: each actor opens its shard with its own models
         asked = threads

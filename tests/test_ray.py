@@ -313,6 +313,16 @@ def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
 
     with pytest.raises(ValueError, match="threads must be a whole number, at least 1, got -2"):
         RayShardedIndex(sharded.path, address="auto", threads=-2)
+    with monkeypatch.context() as m:  # each failed inside Ray, after a local cluster had started
+        m.setattr(engine, "_connect", lambda address: pytest.fail("Ray was started"))
+        for kwargs, message in (
+            ({"max_restarts": "x"}, "max_restarts must be a whole number, at least -1, got 'x'"),
+            ({"start_timeout": -1}, "start_timeout must be a finite number, greater than 0, got -1"),
+            ({"address": 5}, "address must be a string such as 'auto', got 5"),
+            ({"path": ""}, "path must be a path"),
+        ):
+            with pytest.raises(HeiindexError, match="^" + re.escape(message)):
+                RayShardedIndex(**{"path": sharded.path, **kwargs})
     monkeypatch.setattr(engine, "_ray", lambda: NoCluster)
     for call in (
         lambda: engine.stop_served(sharded.path, "auto"),
