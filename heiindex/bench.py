@@ -379,6 +379,8 @@ def run_bench(
     ``HeiindexWarning`` (no ``"plot"`` key); the figures come back all the same."""
     if getattr(index, "sharded", False):
         raise HeiindexError("run_bench benches one index; bench a sharded build with run_sharded_bench")
+    if not isinstance(index, Index):  # a path failed on its .n_images
+        raise HeiindexError(f"index must be an opened Index (Index.open(path)), got {type(index).__name__}")
     sweep, plot, repeats = check_bench_settings(sweep, plot, repeats, protocols)
     # before any pass: a float topk failed in the warm-up's search, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)
@@ -461,6 +463,11 @@ def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> d
     first an untimed pass of a few queries a direction, as ``heiindex.bench.warm_up`` (its
     seconds are ``"warmup_seconds"``; None without it).
     """
+    if not getattr(engine, "sharded", False):  # an Index failed on its .bench_metas
+        raise HeiindexError(
+            f"run_sharded_bench benches a sharded build (ShardedIndex, RayShardedIndex), got {type(engine).__name__}; "
+            "bench one index with run_bench"
+        )
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]

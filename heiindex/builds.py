@@ -18,7 +18,7 @@ from .index import Index
 from .index_manifest import sharded_manifest
 from .index_write import check_codes_options
 from .prototypes import PrototypeConfig, check_describing_split
-from .settings import SettingError, require_path
+from .settings import SettingError, require_config, require_path
 from .shards import ShardedIndex, write_shards
 
 __all__ = ["build_index", "open_index"]
@@ -62,8 +62,8 @@ def build_index(
             "`codes` milvus is for an unsharded build (the shards keep their codes in FAISS files)",
             settings=("codes",),
         )
-    if prototypes is not None:
-        check_describing_split(prototypes, split)
+    if prototypes is not None:  # a split's name ("train") failed on its .config
+        check_describing_split(require_config("prototypes", prototypes, PrototypeConfig), split)
     default_data = store_root is None or Path(store_root).resolve() == dd.default_store_dir().resolve()
     if out is None and not default_data:  # the default folder is the default data's index
         raise HeiindexError(

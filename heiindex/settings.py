@@ -18,7 +18,16 @@ import numpy as np
 
 from .errors import HeiindexError
 
-__all__ = ["SettingError", "is_whole", "require", "require_name", "require_path", "settle", "settle_flag"]
+__all__ = [
+    "SettingError",
+    "is_whole",
+    "require",
+    "require_name",
+    "require_config",
+    "require_path",
+    "settle",
+    "settle_flag",
+]
 
 
 class SettingError(HeiindexError, ValueError):
@@ -93,6 +102,14 @@ def require_name(name: str, value) -> str:
         raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
     if value in (".", "..") or "/" in value or os.sep in value or (os.altsep and os.altsep in value) or "\0" in value:
         raise SettingError(name, f"{name} must name one folder (no path separators, '.' or '..'), got {value!r}")
+    return value
+
+
+def require_config(name: str, value, kind: type):
+    """``value`` where it is a ``kind`` (a config class), else a ``HeiindexError`` naming ``name``
+    (a dict given for a config failed on its first attribute, far from the call)."""
+    if not isinstance(value, kind):
+        raise HeiindexError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
     return value
 
 

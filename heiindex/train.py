@@ -34,7 +34,7 @@ from .model import ScanConfig, ScanModel
 from .outputs import check_output
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
-from .settings import settle, settle_flag
+from .settings import require_config, require_path, settle, settle_flag
 from .store import SplitStore, rows_of, sorted_ids, store_vocab
 from .vocab import Vocab
 
@@ -396,7 +396,11 @@ def train(
     feature size. ``resume``: go on from ``out/last`` where it holds a run (``resumable``).
     ``config`` None: the settings that run trained with where it resumes one
     (``TrainConfig.of_run``), else the defaults."""
-    store_root, out = Path(store_root), Path(out)
+    store_root, out = require_path("store_root", store_root), require_path("out", out)
+    if model_config is not None:
+        require_config("model_config", model_config, ScanConfig)
+    if config is not None:
+        require_config("config", config, TrainConfig)
     # refused now, not after the first epoch: a run folder holds best/, last/, history.json (and
     # the hidden leftovers of their swaps); a file or any other folder is not written into
     run_files = ("best", "last", "history.json", ".best.*", ".last.*", ".history.json.*", _LOCK_FILE)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, load_model
 from .encode import (
     EncodedSplit,
     check_split,
@@ -41,7 +41,7 @@ from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_
 from .outputs import check_output
 from .packed import PackedWords
 from .progress import progress_bar
-from .settings import SettingError, require, settle
+from .settings import SettingError, require, require_config, require_path, settle
 from .store import SplitStore, rows_of, sorted_ids
 from .train import finite_loss, iter_training_batches, require_loop_settings
 
@@ -377,20 +377,24 @@ def fit_hash(
 
 
 def train_hash(
-    matcher: LoadedModel,
+    matcher: LoadedModel | str | Path,
     store_root: str | Path,
     out: str | Path,
     hash_config: HashConfig | None = None,
-    config: HashTrainConfig = HashTrainConfig(),
+    config: HashTrainConfig | None = None,
     train_split: str = "train",
     val_split: str = "dev",
     progress: bool = False,
     log=print,
 ) -> dict:
-    """Train hash layers on ``train_split`` next to the frozen ``matcher``; keep the best on ``val_split``."""
-    store_root = Path(store_root)
+    """Train hash layers on ``train_split`` next to the frozen ``matcher`` (loaded where given as
+    a folder); keep the best on ``val_split``. ``hash_config`` / ``config`` None: the defaults."""
+    store_root = require_path("store_root", store_root)
+    if not isinstance(matcher, LoadedModel):  # a folder failed on its .model
+        matcher = load_model(require_path("matcher", matcher))
+    hash_config = require_config("hash_config", HashConfig() if hash_config is None else hash_config, HashConfig)
+    config = require_config("config", HashTrainConfig() if config is None else config, HashTrainConfig)
     model = matcher.model.eval()
-    hash_config = hash_config or HashConfig()
     if hash_config.embed_size is None:  # the matcher's: the hash layers read its embeddings
         hash_config = replace(hash_config, embed_size=model.config.embed_size)
     if hash_config.embed_size != model.config.embed_size:

@@ -715,9 +715,10 @@ def test_the_default_validation_depth_fits_a_small_dev_split():
 def test_train_hash_takes_the_matchers_embed_size_and_refuses_another(pipe, tmp_path):
     """HashConfig(bits=16) alone, as a Python user writes it, trains next to a matcher of
     embed_size 24 (the default embed_size was 256, refused as another); one given that differs
-    is refused. The validation split given is the one recorded (the record named no split)."""
+    is refused. The validation split given is the one recorded (the record named no split). The
+    matcher may be given as its folder (it failed on the path's .model)."""
     got = train_hash(
-        load_model(pipe.model_dir),
+        pipe.model_dir,
         pipe.root,
         tmp_path / "ok",
         HashConfig(bits=16),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -315,6 +316,35 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
     for name in ("../store/test", "a/b", ".", ".."):  # "../store/test" opened another root's split
         with pytest.raises(SettingError, match=r"^split must name one folder \(no path separators, '.' or '..'\)"):
             SplitStore.open(pipe.root, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_calls_name_an_argument_of_the_wrong_kind(pipe, tmp_path):
+    """Each failed on an attribute of what it was given (AttributeError: 'str' object has no
+    attribute 'n_images', 'dict' object has no attribute 'threads', ...), far from the call."""
+    from heiindex.bench import run_bench, run_sharded_bench
+    from heiindex.builds import build_index
+    from heiindex.index import Index
+    from heiindex.train import train
+    from heiindex.train_hash import train_hash
+
+    index = Index.open(pipe.index_dir)
+    for call, message in (
+        (lambda: run_bench(str(pipe.index_dir)), "index must be an opened Index (Index.open(path)), got str"),
+        (lambda: run_sharded_bench(index), "run_sharded_bench benches a sharded build (ShardedIndex, Ray"),
+        (lambda: train(pipe.root, tmp_path / "r", config={"epochs": 1}), "config must be a TrainConfig, got dict"),
+        (lambda: train(pipe.root, tmp_path / "r", {"embed_size": 8}), "model_config must be a ScanConfig, got dict"),
+        (
+            lambda: train_hash(pipe.model_dir, pipe.root, tmp_path / "h", {"bits": 8}),
+            "hash_config must be a HashConfig, got dict",
+        ),
+        (
+            lambda: build_index("test", pipe.root, pipe.model_dir, pipe.hash_dir, tmp_path / "x", prototypes="train"),
+            "prototypes must be a PrototypeConfig, got str",
+        ),
+    ):
+        with pytest.raises(HeiindexError, match="^" + re.escape(message)):
+            call()
     assert list(tmp_path.iterdir()) == []
 
 
