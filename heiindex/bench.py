@@ -36,7 +36,7 @@ from .manifests import MANIFEST_FILE, read_json_object
 from .plot import plot_sweep
 from .scoring import exhaustive_scores
 from .search import bench_depth, rerank_captions, rerank_images
-from .settings import SettingError, require
+from .settings import SettingError, require, require_flag
 from .store import rows_of, sorted_ids
 
 __all__ = [
@@ -381,6 +381,7 @@ def run_bench(
         raise HeiindexError("run_bench benches one index; bench a sharded build with run_sharded_bench")
     if not isinstance(index, Index):  # a path failed on its .n_images
         raise HeiindexError(f"index must be an opened Index (Index.open(path)), got {type(index).__name__}")
+    exhaustive, warmup = require_flag("exhaustive", exhaustive), require_flag("warmup", warmup)  # "no" ran them
     sweep, plot, repeats = check_bench_settings(sweep, plot, repeats, protocols)
     # before any pass: a float topk failed in the warm-up's search, named "candidates"
     topk = None if topk is None else require("topk", topk, integer=True)

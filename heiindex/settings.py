@@ -22,8 +22,9 @@ __all__ = [
     "SettingError",
     "is_whole",
     "require",
-    "require_name",
     "require_config",
+    "require_flag",
+    "require_name",
     "require_path",
     "settle",
     "settle_flag",
@@ -113,13 +114,17 @@ def require_config(name: str, value, kind: type):
     return value
 
 
-def settle_flag(config, name: str) -> None:
-    """Field ``name`` of the frozen dataclass ``config`` must be true or false (a numpy bool is
-    stored as a Python one): a string such as "no" is truthy, and was taken as true."""
-    value = getattr(config, name)
+def require_flag(name: str, value) -> bool:
+    """``value`` as a Python bool where it is true or false (a numpy bool too), else a
+    ``SettingError`` naming ``name``: a string such as "no" is truthy, and was taken as true."""
     if not isinstance(value, (bool, np.bool_)):
         raise SettingError(name, f"{name} must be true or false, got {value!r}")
-    object.__setattr__(config, name, bool(value))
+    return bool(value)
+
+
+def settle_flag(config, name: str) -> None:
+    """``require_flag`` for field ``name`` of the frozen dataclass ``config``, storing a Python bool."""
+    object.__setattr__(config, name, require_flag(name, getattr(config, name)))
 
 
 def settle(config, name: str, **checks) -> None:

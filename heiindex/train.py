@@ -34,7 +34,7 @@ from .model import ScanConfig, ScanModel
 from .outputs import check_output
 from .progress import progress_bar
 from .scoring import evaluate_exhaustive
-from .settings import require_config, require_path, settle, settle_flag
+from .settings import require_config, require_flag, require_path, settle, settle_flag
 from .store import SplitStore, rows_of, sorted_ids, store_vocab
 from .vocab import Vocab
 
@@ -397,6 +397,7 @@ def train(
     ``config`` None: the settings that run trained with where it resumes one
     (``TrainConfig.of_run``), else the defaults."""
     store_root, out = require_path("store_root", store_root), require_path("out", out)
+    resume = require_flag("resume", resume)  # "no" is truthy: it resumed the run
     if model_config is not None:
         require_config("model_config", model_config, ScanConfig)
     if config is not None:

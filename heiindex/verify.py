@@ -35,7 +35,7 @@ from .manifests import (
     read_unswapped,
     recorded_files,
 )
-from .settings import require_path
+from .settings import require_flag, require_path
 from .store import check_store_manifest, footer_shape_disagreements, store_splits
 
 __all__ = ["FAILED", "FileCheck", "failures", "verify"]
@@ -91,7 +91,7 @@ def verify(path: str | Path, models: bool = True) -> list[FileCheck]:
     as "leftover". An index's matcher and hash module folders (as its manifest records them) are
     listed "changed" where they hold other weights than it was built with; ``models`` False:
     not looked at."""
-    path = require_path("path", path)
+    path, models = require_path("path", path), require_flag("models", models)
     if path.is_file():
         raise DataError(path, "is a file; give the folder that holds it (a store root or split, an index)")
     if not path.exists() and not path.is_symlink() and (found := leftovers(path)):

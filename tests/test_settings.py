@@ -327,6 +327,7 @@ def test_library_calls_name_an_argument_of_the_wrong_kind(pipe, tmp_path):
     from heiindex.index import Index
     from heiindex.train import train
     from heiindex.train_hash import train_hash
+    from heiindex.verify import verify
 
     index = Index.open(pipe.index_dir)
     for call, message in (
@@ -342,6 +343,10 @@ def test_library_calls_name_an_argument_of_the_wrong_kind(pipe, tmp_path):
             lambda: build_index("test", pipe.root, pipe.model_dir, pipe.hash_dir, tmp_path / "x", prototypes="train"),
             "prototypes must be a PrototypeConfig, got str",
         ),
+        # flags: "no" is truthy, and ran the exhaustive pass, resumed a run, read the models
+        (lambda: run_bench(index, exhaustive="no"), "exhaustive must be true or false, got 'no'"),
+        (lambda: train(pipe.root, tmp_path / "r", resume="no"), "resume must be true or false, got 'no'"),
+        (lambda: verify(pipe.index_dir, models="yes"), "models must be true or false, got 'yes'"),
     ):
         with pytest.raises(HeiindexError, match="^" + re.escape(message)):
             call()
