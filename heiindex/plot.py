@@ -7,6 +7,7 @@ from pathlib import Path
 from .atomic import atomic_file
 from .errors import DataError, HeiindexError
 from .outputs import check_not_inside_output, check_writable, output_kind
+from .settings import require_path
 
 SWEEP_PLOT = "bench_sweep.png"  # the default plot, in the index folder (a rebuild there replaces it)
 
@@ -19,7 +20,7 @@ def check_plot_path(path: str | Path, label: str = "plot") -> Path:
     bench runs, not after it; matplotlib would add ".png" to a path without a suffix and refuse
     other suffixes. ``label`` names the path in errors (the setting, the CLI's option, or the
     default's), and is the setting the errors name (a command line names it by its flag)."""
-    path = Path(path)
+    path = require_path(label, path)
 
     def refuse(why: str) -> HeiindexError:
         return HeiindexError(f"{label} {path}: {why}", settings=(label,))

@@ -63,7 +63,7 @@ from .search import (
     encode_queries,
     refuse_unknown_images,
 )
-from .settings import SettingError, require, require_breadth
+from .settings import SettingError, require, require_breadth, require_path
 from .store import SplitStore
 
 __all__ = [
@@ -239,7 +239,7 @@ class ShardedIndex(BatchSearch):
     ) -> ShardedIndex:
         """Open every shard of the build at ``path``; ``nprobe`` / ``ef_search`` as
         ``Index.open``'s, for every shard (``set_search_breadth``)."""
-        path = Path(path)
+        path = require_path("path", path)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before any shard is read
 
         def read() -> ShardedIndex:  # whole, again, where a rebuild swapped the build meanwhile

@@ -51,7 +51,7 @@ import numpy as np
 from .errors import DataError
 from .outputs import atomic_dir
 from .precomp import read_captions
-from .settings import SettingError, settle
+from .settings import SettingError, require_path, settle
 from .tokenizer import tokenize
 
 __all__ = [
@@ -499,7 +499,9 @@ def simulate_images(
     (``block_images * regions * feature_dim * 4`` bytes, 75 MB at the defaults) plus the block's
     concept vectors, and the bytes do not depend on ``block_images``.
     """
-    _simulate_images(captions, Path(out_path), config, captions_per_image, block_images, _ConceptTable(config))
+    _simulate_images(
+        captions, require_path("out_path", out_path), config, captions_per_image, block_images, _ConceptTable(config)
+    )
 
 
 def _simulate_images(
@@ -557,7 +559,7 @@ def write_coco_sim_precomp(captions_dir: Path, out_dir: Path, config: SimConfig 
     written where it points, and an existing one is replaced only if it holds nothing but these
     files). Returns ``{split: n_images}``.
     """
-    captions_dir, out_dir = Path(captions_dir), Path(out_dir)
+    captions_dir, out_dir = require_path("captions_dir", captions_dir), require_path("out_dir", out_dir)
     testall_path, dev_path = captions_dir / "testall_caps.txt", captions_dir / "dev_caps.txt"
     testall, dev = read_captions(testall_path), read_captions(dev_path)
     cpi = CAPTIONS_PER_IMAGE

@@ -39,7 +39,7 @@ from .manifests import (
 )
 from .outputs import check_not_inside_output
 from .precomp import SPLITS as PRECOMP_SPLITS
-from .settings import require, require_name
+from .settings import require, require_name, require_path
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -460,7 +460,7 @@ class SplitStore:
     @classmethod
     def open(cls, root: str | Path, split: str) -> SplitStore:
         """Split ``split`` of the store root ``root`` (a split folder given as the root is named as such)."""
-        root, split = Path(root), require_name("split", split)  # "" opened the root as a split
+        root, split = require_path("root", root), require_name("split", split)  # "" opened the root as a split
         if root.exists() or not root.is_symlink():  # as store_vocab says it, not its split's manifest
             _check_root_folder(root)
         if (root / split).exists():

@@ -279,11 +279,14 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
     """None as a folder reached pathlib as a bare TypeError ("expected str, bytes or os.PathLike
     object"), and None as a split as "unsupported operand type(s) for /". "" and other falsy
     values given for a model folder or the codes' source were taken as their defaults."""
-    from heiindex.builds import build_index
+    from heiindex.builds import build_index, open_index
     from heiindex.checkpoint import load_model
     from heiindex.hash_folder import load_hash
     from heiindex.index import Index
     from heiindex.ingest import ingest
+    from heiindex.plot import check_plot_path
+    from heiindex.shards import ShardedIndex
+    from heiindex.simulate import simulate_images, write_coco_sim_precomp
     from heiindex.store import SplitStore
     from heiindex.verify import verify
 
@@ -300,6 +303,12 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
         (lambda: Index.write(None, "test", *models, tmp_path / "x"), "store_root"),
         (lambda: ingest(None, "test", tmp_path / "s"), "precomp_dir"),
         (lambda: ingest(tmp_path, "test", ""), "out_root"),
+        (lambda: ShardedIndex.open(None), "path"),
+        (lambda: open_index(""), "path"),
+        (lambda: SplitStore.open(None, "test"), "root"),
+        (lambda: check_plot_path(3), "plot"),
+        (lambda: simulate_images(["a dog"] * 5, None), "out_path"),
+        (lambda: write_coco_sim_precomp(None, tmp_path / "p"), "captions_dir"),
     ):
         with pytest.raises(SettingError, match=f"^{name} must be a path \\(str or pathlib.Path\\), got "):
             call()
