@@ -558,7 +558,7 @@ class _TwoShards:
     and 11 (caption 3), shard 1 image 12 (caption 4). Its candidates are made up: each caption's
     own image and each image's own caption come first, from the shard holding it."""
 
-    manifest, path = {"split": "test"}, "two-shards"
+    manifest, path, sharded = {"split": "test"}, "two-shards", True
 
     def bench_metas(self):
         how = {
