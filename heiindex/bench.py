@@ -469,6 +469,7 @@ def run_sharded_bench(engine, topk: int | None = None, warmup: bool = True) -> d
             f"run_sharded_bench benches a sharded build (ShardedIndex, RayShardedIndex), got {type(engine).__name__}; "
             "bench one index with run_bench"
         )
+    warmup = require_flag("warmup", warmup)  # "no" ran the warm-up
     metas = engine.bench_metas()
     img_sizes = [len(m["image_ids"]) for m in metas]
     cap_sizes = [len(m["caption_image_ids"]) for m in metas]

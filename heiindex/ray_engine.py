@@ -38,7 +38,7 @@ from .index import Hit, SearchResult
 from .index_manifest import check_shards, read_index_manifest, read_sharded_manifest
 from .manifests import manifest_digest
 from .search import BatchSearch, refuse_queries
-from .settings import SettingError, require, require_path
+from .settings import SettingError, require, require_flag, require_path
 from .shards import (
     batch_results,
     first_counts,
@@ -183,7 +183,7 @@ def check_texts(
     from .vocab import Vocab
 
     try:
-        folder = model_dir or read_index_manifest(Path(path))["matcher"]["path"]
+        folder = read_index_manifest(Path(path))["matcher"]["path"] if model_dir is None else model_dir
         vocab = Vocab.load(Path(folder) / "vocab.json")
     except (HeiindexError, KeyError, TypeError):
         return
@@ -223,8 +223,11 @@ class RayShardedIndex(BatchSearch):
         # Before Ray starts (a bad one failed inside Ray, after a local cluster had started)
         max_restarts = require("max_restarts", max_restarts, at_least=-1, integer=True)  # -1: Ray's "for ever"
         start_timeout = require("start_timeout", start_timeout, above=0)
-        if address is not None and not isinstance(address, str):
-            raise SettingError("address", f"address must be a string such as 'auto', got {address!r}")
+        _check_address(address)
+        detached = require_flag("detached", detached)  # "no" started actors that outlive this driver
+        model_dir, hash_dir = (
+            None if f is None else require_path(n, f) for n, f in (("model_dir", model_dir), ("hash_dir", hash_dir))
+        )
         self.manifest = read_sharded_manifest(self.path)  # before Ray: an unsharded index is refused as such
         check_shards(self.path, self.manifest)  # as in-process: each actor opens its shard with its own models
         asked = threads
@@ -499,17 +502,25 @@ def _settle(futures: list) -> None:
             pass
 
 
+def _check_address(address) -> None:
+    """A Ray cluster's address: None (the one running here) or a non-empty string such as "auto";
+    anything else failed inside Ray, after a local cluster had started."""
+    if address is not None and (not isinstance(address, str) or not address):
+        raise SettingError("address", f"address must be a non-empty string such as 'auto', got {address!r}")
+
+
 def stop_served(path: str | Path, address: str | None) -> int:
     """Kill the detached actors ``heiindex serve`` started for ``path`` on the cluster at ``address``
     (None: the one running here, as Ray's "auto"); returns how many. Returns once their names are
     free (at most ~10 s), so that a ``serve`` right after it starts new actors instead of finding
     the dying ones."""
-    path = Path(path).resolve()
+    path = require_path("path", path).resolve()
+    _check_address(address)  # "" was taken as "auto"
     try:
         recorded = len(read_sharded_manifest(path)["shards"])
     except DataError:  # the folder is gone, or holds an unsharded build now: its actors still run
         recorded = 0
-    ray = _connect(address or "auto")  # the running cluster: a fresh local Ray would serve nothing
+    ray = _connect("auto" if address is None else address)  # the running cluster: a fresh local Ray would serve nothing
     stopped = []
     # every shard the build records, and beyond them those of an earlier build of more shards
     # (a 3-shard build's shard 2 outlived a rebuild into 2 shards and its stop)

@@ -318,11 +318,15 @@ def test_bad_threads_and_an_unreachable_cluster_are_named(sharded, monkeypatch):
         for kwargs, message in (
             ({"max_restarts": "x"}, "max_restarts must be a whole number, at least -1, got 'x'"),
             ({"start_timeout": -1}, "start_timeout must be a finite number, greater than 0, got -1"),
-            ({"address": 5}, "address must be a string such as 'auto', got 5"),
+            ({"address": 5}, "address must be a non-empty string such as 'auto', got 5"),
+            ({"detached": "no"}, "detached must be true or false, got 'no'"),
+            ({"model_dir": ""}, "model_dir must be a path"),
             ({"path": ""}, "path must be a path"),
         ):
             with pytest.raises(HeiindexError, match="^" + re.escape(message)):
                 RayShardedIndex(**{"path": sharded.path, **kwargs})
+        with pytest.raises(HeiindexError, match="^address must be a non-empty string such as 'auto', got ''"):
+            engine.stop_served(sharded.path, "")  # taken as "auto"
     monkeypatch.setattr(engine, "_ray", lambda: NoCluster)
     for call in (
         lambda: engine.stop_served(sharded.path, "auto"),

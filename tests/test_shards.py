@@ -591,6 +591,8 @@ def test_sharded_bench_offsets_rows_by_each_shards_own_counts_and_times_each_dir
     import heiindex.bench as bench_module
 
     monkeypatch.setattr(bench_module, "time", pf.fake_clock(0, 1, 10, 13))
+    with pytest.raises(HeiindexError, match="^warmup must be true or false, got 'no'"):
+        run_sharded_bench(_TwoShards(), topk=1, warmup="no")  # "no" ran the warm-up
     out = run_sharded_bench(_TwoShards(), topk=1, warmup=False)  # the fake clock's readings are the timed passes'
     for direction in ("t2i", "i2t"):
         assert out[direction]["candidate_recall"] == 1.0 and out[direction]["hei"]["r1"] == 100.0, direction
