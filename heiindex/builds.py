@@ -18,7 +18,7 @@ from .index import Index
 from .index_manifest import sharded_manifest
 from .index_write import check_codes_options
 from .prototypes import PrototypeConfig, check_describing_split
-from .settings import SettingError, require_config, require_path
+from .settings import SettingError, require_config, require_name, require_path
 from .shards import ShardedIndex, write_shards
 
 __all__ = ["build_index", "open_index"]
@@ -54,6 +54,9 @@ def build_index(
     manifest."""
     from . import default_data as dd
 
+    split = require_name("split", split)  # None failed joining it to the default index folder
+    store_root = None if store_root is None else require_path("store_root", store_root)  # "": the current folder
+    out = None if out is None else require_path("out", out)
     check_index_options(index_type, nlist, nprobe)
     resolve_device(device)
     check_codes_options(codes, uri, milvus_index)

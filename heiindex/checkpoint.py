@@ -110,7 +110,7 @@ def save_model(
     """Write a model folder atomically; ``extra`` (JSON) is stored under ``"info"``. ``state``:
     the training state to keep beside the weights (``STATE_FILE``, ``torch.save``), swapped in
     with them, so a folder never holds weights of one epoch and the state of another."""
-    path = Path(path)
+    path = require_path("path", path)
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.config.vocab_size}")
     with atomic_dir(path, *MODEL_OUTPUT) as tmp:

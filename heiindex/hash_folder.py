@@ -55,8 +55,9 @@ def hash_checksum(module: HashModule) -> str:
 
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
     """Write a hash folder atomically; ``info`` (JSON) is stored with its weights' checksum."""
+    path = require_path("path", path)
     info = {**info, "weights_sha256": hash_checksum(module)}
-    with atomic_dir(Path(path), *HASH_OUTPUT) as tmp:
+    with atomic_dir(path, *HASH_OUTPUT) as tmp:
         write_weights(module.state_dict(), tmp / HASH_WEIGHTS)
         write_json(
             tmp / "config.json",

@@ -99,13 +99,14 @@ def require_path(name: str, value) -> Path:
 def require_name(name: str, value) -> str:
     """``value`` where it is a non-empty str that names one folder, written as such ("test") or
     another way ("./test", "test/"), else a ``SettingError`` naming ``name`` (a split's name:
-    "../s/test" opened a split of another store root). Returned as given: callers compare folders."""
+    "../s/test" opened a split of another store root). Returned as the folder's name ("test"):
+    callers compare names (ingest took "./train" for a split other than train)."""
     if not isinstance(value, str) or not value:
         raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
     parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
     if len(parts) != 1 or parts[0] == ".." or "\0" in value or os.path.isabs(value):
         raise SettingError(name, f"{name} must name one folder of the store root, got {value!r}")
-    return value
+    return parts[0]
 
 
 def require_config(name: str, value, kind: type):

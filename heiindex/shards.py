@@ -109,7 +109,8 @@ def write_shards(
     ``Index.write``'s; the describing captions are hashed once for all shards, and each shard
     describes its images with them (a shard's image codes are those of the unsharded build)."""
     nlist, nprobe = check_index_options(index_type, nlist, nprobe)  # before any encoding
-    refuse_shard_folder(Path(out))  # a sharded build written over another build's shard destroyed it
+    store_root, out = require_path("store_root", store_root), require_path("out", out)
+    refuse_shard_folder(out)  # a sharded build written over another build's shard destroyed it
     matcher, hasher = load_bound_models(matcher, hasher)
     store = SplitStore.open(store_root, split)
     bounds = shard_bounds(store.n_images, shards)

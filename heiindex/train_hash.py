@@ -411,7 +411,8 @@ def train_hash(
             f"the {train_split} split has {counted(tr.n_images, 'image')}: the hash loss needs unmatched pairs; "
             "give a larger train split"
         )
-    check_output(Path(out), *HASH_OUTPUT)  # before the work, not after it
+    out = require_path("out", out)  # None failed in pathlib after the splits were opened
+    check_output(out, *HASH_OUTPUT)  # before the work, not after it
     _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
     config = config.resolved(va.n_images, val_split, log)  # what the module's info records
     records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
@@ -430,5 +431,5 @@ def train_hash(
         "data": {"train": tr.checksum, "dev": va.checksum},  # by role: trained on, validated on
         "splits": {"train": train_split, "dev": val_split},  # and by name
     }
-    save_hash(module, Path(out), info)
+    save_hash(module, out, info)
     return result

@@ -17,7 +17,7 @@ from heiindex.attention import AttentionConfig
 from heiindex.errors import HeiindexError
 from heiindex.hamming import check_index_options, resolve_index_kind
 from heiindex.model import ScanConfig
-from heiindex.settings import SettingError, require, require_path
+from heiindex.settings import SettingError, require, require_name, require_path
 from heiindex.train import TrainConfig
 from heiindex.train_hash import HashTrainConfig
 
@@ -285,9 +285,10 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
     from heiindex.index import Index
     from heiindex.ingest import ingest
     from heiindex.plot import check_plot_path
-    from heiindex.shards import ShardedIndex
+    from heiindex.shards import ShardedIndex, write_shards
     from heiindex.simulate import simulate_images, write_coco_sim_precomp
     from heiindex.store import SplitStore
+    from heiindex.train_hash import train_hash
     from heiindex.verify import verify
 
     models = (pipe.model_dir, pipe.hash_dir)
@@ -309,6 +310,10 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
         (lambda: check_plot_path(3), "plot"),
         (lambda: simulate_images(["a dog"] * 5, None), "out_path"),
         (lambda: write_coco_sim_precomp(None, tmp_path / "p"), "captions_dir"),
+        (lambda: train_hash(pipe.model_dir, pipe.root, None), "out"),  # after the splits were opened
+        (lambda: write_shards(pipe.root, "test", *models, None, 2), "out"),
+        (lambda: build_index("test", "", *models, tmp_path / "x"), "store_root"),  # "": the current folder
+        (lambda: build_index("test", pipe.root, *models, ""), "out"),
     ):
         with pytest.raises(SettingError, match=f"^{name} must be a path \\(str or pathlib.Path\\), got "):
             call()
@@ -326,6 +331,9 @@ def test_paths_split_names_and_falsy_values_given_are_refused_by_name(pipe, tmp_
         with pytest.raises(SettingError, match=r"^split must name one folder of the store root, got "):
             SplitStore.open(pipe.root, name)
     assert SplitStore.open(pipe.root, "./test/").path == SplitStore.open(pipe.root, "test").path  # the same folder
+    assert require_name("split", "./train/") == "train"  # ingest took "./train" for another split than train
+    with pytest.raises(SettingError, match="^split must be a non-empty string, got None"):
+        build_index(None, pipe.root, *models, tmp_path / "x")  # it failed joining None to the index folder
     assert list(tmp_path.iterdir()) == []
 
 
