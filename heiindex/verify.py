@@ -200,11 +200,11 @@ def _folder_checks(folder: Path, manifest: dict, models: bool = True) -> list[Fi
     return _disagreements(folder, manifest) + files + bound
 
 
-def _weights(recorded: dict) -> str:
-    """`` (weights 1a2b3c4d5e6f)`` for a matcher or hash entry of a manifest; "" where it records
-    no checksum."""
+def _weights(recorded: dict) -> str | None:
+    """ "weights 1a2b3c4d5e6f" for a matcher or hash entry of a manifest; None where it records no
+    checksum (the details said "built with None")."""
     sha = recorded.get("sha256")
-    return f" (weights {sha[:12]})" if isinstance(sha, str) else ""
+    return f"weights {sha[:12]}" if isinstance(sha, str) else None
 
 
 def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
@@ -215,6 +215,7 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
     "moved": verify said all was well of an index copied to another machine, which query then
     refused until given the folders."""
     found = []
+    commands = "query, bench, serve" if "shards" in manifest else "query, bench"  # serve takes sharded builds
     for part, what, option in (("matcher", "a matcher", "--model"), ("hash", "a hash module", "--hash")):
         recorded = manifest.get(part)
         if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
@@ -224,8 +225,8 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
                 FileCheck(
                     Path(recorded["path"]),
                     "moved",
-                    f"{what} folder {folder} records is not there: searching it (query, bench, serve) needs {option} "
-                    f"naming the folder it was built with{_weights(recorded)}",
+                    f"{what} folder {folder} records is not there: searching it ({commands}) needs {option} "
+                    f"naming the folder it was built with" + (f" ({w})" if (w := _weights(recorded)) else ""),
                 )
             )
             continue
@@ -243,13 +244,13 @@ def _bound_models(folder: Path, manifest: dict) -> list[FileCheck]:
                 )
             )
         if isinstance(held, str) and held != recorded.get("sha256"):
+            built = _weights(recorded) or "weights it records no checksum of"
             found.append(
                 FileCheck(
                     Path(recorded["path"]) / "config.json",
                     "changed",
-                    f"holds {what} of weights {held[:12]} now, where {folder} was built with "
-                    f"{str(recorded.get('sha256'))[:12]}: rebuild the index, or give {option} the folder it was "
-                    "built with",
+                    f"holds {what} of weights {held[:12]} now, where {folder} was built with {built}: rebuild the "
+                    f"index, or give {option} the folder it was built with",
                 )
             )
     return found

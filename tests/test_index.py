@@ -690,7 +690,7 @@ def test_verify_lists_recorded_model_folders_that_are_gone_as_moved(pipe, tmp_pa
     sha = load_model(tmp_path / "m2").checksum[:12]
     assert [(c.path, c.status) for c in moved] == [(matcher, "moved"), (hasher, "moved")]
     assert moved[0].detail == (
-        f"a matcher folder {out} records is not there: searching it (query, bench, serve) needs --model naming the "
+        f"a matcher folder {out} records is not there: searching it (query, bench) needs --model naming the "
         f"folder it was built with (weights {sha})"
     )
     assert moved[1].detail.startswith(f"a hash module folder {out} records is not there: searching it (query, bench")

@@ -849,3 +849,20 @@ def test_a_sharded_manifest_without_its_kind_is_named_by_that_field(sharded, tmp
     message = 'field "kind" is None, where a sharded build\'s manifest (it lists "shards") says "sharded"'
     with pytest.raises(DataError, match=re.escape(message)):
         open_index(copy)
+
+
+def test_verify_names_serve_where_a_sharded_builds_models_have_moved(pipe, tmp_path):
+    """A moved matcher of a sharded build needs --model for serve too; one unsharded index's
+    row names query and bench only (serve refuses those)."""
+    import shutil
+
+    from heiindex.verify import verify
+
+    matcher, hasher = tmp_path / "m", tmp_path / "h"
+    shutil.copytree(pipe.model_dir, matcher)
+    shutil.copytree(pipe.hash_dir, hasher)
+    write_shards(pipe.root, "test", matcher, hasher, tmp_path / "s", 2, index_type="flat")
+    shutil.move(matcher, tmp_path / "m2")
+    moved = [c for c in verify(tmp_path / "s") if c.status == "moved"]
+    assert [c.path for c in moved] == [matcher]  # once for the build, not once per shard
+    assert "searching it (query, bench, serve) needs --model naming the folder" in moved[0].detail
