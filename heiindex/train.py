@@ -231,6 +231,21 @@ def _check_enough_images(n_train: int, n_split_val: int, val_images: int, train_
         )
 
 
+def warn_validating_on_training(tr: SplitStore, va: SplitStore) -> None:
+    """A ``HeiindexWarning`` where the validation split is the training split (by folder): the
+    best epoch is then the one that fits its own training data best, which the library took
+    without a word (prototypes refuse a split describing itself; here it can be meant, on tiny data)."""
+    if tr.path.resolve() == va.path.resolve():
+        warnings.warn(
+            HeiindexWarning(
+                f"validating on the split trained on, {tr.path}: the best epoch is the one that fits its own "
+                "training data best; give another `val_split` (such as dev) to choose by unseen data",
+                settings=("val_split",),
+            ),
+            stacklevel=3,
+        )
+
+
 def _warn_of_other_dev_images(out: Path, run: TrainConfig, config: TrainConfig, n_dev: int) -> None:
     """A ``HeiindexWarning`` where a resumed run (its settings ``run``) validates on another
     number of dev images than it did (``val_images``): its best dev rsum so far was measured on
@@ -450,6 +465,7 @@ def _train(
     vocab = store_vocab(store_root)
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
+    warn_validating_on_training(tr, va)
     for s in (tr, va):
         if s.manifest["vocab"]["sha256"] != vocab.checksum:
             raise DataError(s.path / "manifest.json", "split was encoded with another vocabulary than vocab.json")

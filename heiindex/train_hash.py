@@ -43,7 +43,7 @@ from .packed import PackedWords
 from .progress import progress_bar
 from .settings import SettingError, require, require_config, require_path, settle
 from .store import SplitStore, rows_of, sorted_ids
-from .train import finite_loss, iter_training_batches, require_loop_settings
+from .train import finite_loss, iter_training_batches, require_loop_settings, warn_validating_on_training
 
 __all__ = [
     "HashRecords",
@@ -405,6 +405,7 @@ def train_hash(
         )
     tr = SplitStore.open(store_root, train_split)
     va = SplitStore.open(store_root, val_split)
+    warn_validating_on_training(tr, va)
     matcher.check_store(tr)  # the dev split's by check_split below
     if tr.n_images < 2:  # every pair of a batch a positive: no negative to train on (train refuses it too)
         raise HeiindexError(

@@ -933,3 +933,13 @@ def test_cli_train_names_a_store_that_is_not_one(tmp_path):
     r = run("train", "--store", tmp_path / "precomp", "--out", tmp_path / "r")
     clean_error(r, f"{tmp_path / 'precomp' / 'vocab.json'}: missing: not a store root")
     assert not (tmp_path / "r").exists()
+
+
+def test_validating_on_the_training_split_is_said(pipe, tmp_path):
+    """train(val_split="train") chose its best epoch on its own training data without a word."""
+    from heiindex.errors import HeiindexWarning
+
+    with pytest.warns(
+        HeiindexWarning, match=r"^validating on the split trained on, .*train: the best epoch is the one"
+    ):
+        train(pipe.root, tmp_path / "r", None, pf.train_config(epochs=1), val_split="./train/", log=pf.quiet)
