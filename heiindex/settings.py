@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HeiindexError
+from .manifests import entry_name
 
 __all__ = [
     "SettingError",
@@ -103,10 +104,10 @@ def require_name(name: str, value) -> str:
     callers compare names (ingest took "./train" for a split other than train)."""
     if not isinstance(value, str) or not value:
         raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
-    parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
-    if len(parts) != 1 or parts[0] == ".." or "\0" in value or os.path.isabs(value):
+    folder = os.path.normpath(value)
+    if not entry_name(folder) or "\0" in folder:  # what a manifest may name, once normalised
         raise SettingError(name, f"{name} must name one folder of the store root, got {value!r}")
-    return parts[0]
+    return folder
 
 
 def require_config(name: str, value, kind: type):
