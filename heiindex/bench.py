@@ -346,8 +346,8 @@ def _check_depths(topk: int, sweep: list[int], limit: int, why: str) -> None:
         bad = [n for n in values if n < 1 or n > limit]
         if bad:
             label = name if not named else f"`{name}`"  # the first bare, others quoted (heiindex.errors)
-            values = f"{bad[0]}" if len(bad) == 1 else f"values {', '.join(map(str, bad))}"
-            named.append((name, f"{label} {values}"))
+            shown = f"{bad[0]}" if len(bad) == 1 else f"values {', '.join(map(str, bad))}"
+            named.append((name, f"{label} {shown}"))
     if named:
         raise SettingError(
             named[0][0],

@@ -176,15 +176,15 @@ def warn_nprobe_lowered(index_type: str, nlist: int | None, nprobe: int | None, 
     if nprobe is None or nlist is not None:
         return
     for what in ("images", "captions"):
-        lists = [resolve_index_kind(index_type, c[what], None, None) for c in counts]
-        lower = sorted({c["nlist"] for c in lists if c["type"] == "ivf" and c["nlist"] < nprobe})
-        if not lower:
+        chosen = [resolve_index_kind(index_type, c[what], None, None) for c in counts]
+        fewer = [c["nlist"] for c in chosen if c["type"] == "ivf" and c["nlist"] < nprobe]  # lists of each such index
+        if not fewer:
             continue
-        span = f"{lower[0]}" if len(lower) == 1 else f"{lower[0]} to {lower[-1]}"
+        span = f"{min(fewer)}" if min(fewer) == max(fewer) else f"{min(fewer)} to {max(fewer)}"
         if len(counts) == 1:
             whose = f"the IVF index of the {counts[0][what]:,} {what}: it probes all its lists"
         else:
-            shards = "each shard" if all(c["type"] == "ivf" and c["nlist"] < nprobe for c in lists) else "some shards"
+            shards = "each shard" if len(fewer) == len(chosen) else "some shards"
             whose = f"the IVF indexes of the {what} of {shards}: each probes all its lists"
         warnings.warn(
             UnusedSettingWarning(
