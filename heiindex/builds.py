@@ -67,15 +67,15 @@ def build_index(
         )
     if prototypes is not None:  # a split's name ("train") failed on its .config
         check_describing_split(require_config("prototypes", prototypes, PrototypeConfig), split)
-    default_data = store_root is None or Path(store_root).resolve() == dd.default_store_dir().resolve()
+    default_data = store_root is None or store_root.resolve() == dd.default_store_dir().resolve()
     if out is None and not default_data:  # the default folder is the default data's index
         raise HeiindexError(
             f"`store_root` {store_root} needs `out`, an index folder: without it the index would replace the "
             f"default data's, {dd.default_index_dir(split)}",
             settings=("store_root", "out"),
         )
-    root = Path(store_root) if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
-    out = Path(out) if out is not None else dd.default_index_dir(split)
+    root = store_root if store_root is not None else dd.ensure_coco_sim(progress=progress, log=log)
+    out = out if out is not None else dd.default_index_dir(split)
     models = (  # only None means the default ("" or 0 built with the default model)
         dd.default_model_dir() if matcher is None else matcher,
         dd.default_hash_dir() if hasher is None else hasher,
