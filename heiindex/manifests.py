@@ -63,15 +63,20 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def recorded_files(manifest_path: Path, manifest: dict) -> dict | None:
+def recorded_files(manifest_path: Path, manifest: dict, required: tuple[str, ...] = (), why: str = "") -> dict | None:
     """``manifest``'s ``"files"`` (name -> ``file_record``), or None where it records none (written
-    by an older heiindex); ``DataError`` naming ``manifest_path`` where it is not an object."""
+    by an older heiindex); ``DataError`` naming ``manifest_path`` where it is not an object, or
+    where it records files but not each of ``required`` (``why``: who records them all; a file
+    left out went unchecked, and verify listed the others "ok" over a damaged one)."""
     files = manifest.get("files")
     if files is not None and not isinstance(files, dict):
         raise DataError(manifest_path, f'field "files" must be an object, got {type(files).__name__}')
     for name in files or ():  # nothing outside the folder (a query read on, where verify refused it)
         if not entry_name(name):
             raise DataError(manifest_path, f'field "files" must name files in this folder, got {name!r}')
+    missing = [name for name in required if files is not None and name not in files]
+    if missing:
+        raise DataError(manifest_path, f'field "files" records no {", ".join(missing)} ({why})')
     return files
 
 
