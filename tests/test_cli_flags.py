@@ -9,6 +9,7 @@ import re
 import warnings
 
 import click
+import pipeline_fixtures as pf  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from cli_helpers import build, clean_error, ok, run
 from click.testing import CliRunner
@@ -144,7 +145,7 @@ def test_shards_and_nlist_beyond_the_images(pipe, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_the_sparse_lists_warning_names_what_avoids_it(pipe, tmp_path):
+def test_the_sparse_lists_warning_names_what_avoids_it(pipe, tmp_path, monkeypatch):
     import numpy as np
 
     from heiindex.errors import SparseListsWarning
@@ -163,7 +164,13 @@ def test_the_sparse_lists_warning_names_what_avoids_it(pipe, tmp_path):
         "it probes all its lists, so every code is searched (a query's --nprobe above them is refused)\n"
     )
     assert said in r.output and r.output.count("--nprobe 6 exceeds") == 1
-    assert r.output.index(said) < r.output.index("built test")
+    import heiindex.index_write
+    from heiindex.index import Index
+
+    with monkeypatch.context() as m:  # said before the encoding: it came after, from make_binary_index
+        pf.forbid(m, "encoding began", (heiindex.index_write, "ImageWriter"))
+        with pytest.warns(UnusedSettingWarning, match="^`nprobe` 6 exceeds"), pytest.raises(pytest.fail.Exception):
+            Index.write(pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "ivf5", index_type="ivf", nprobe=6)
     r = ok(build(pipe, tmp_path / "ivf3", "--index", "ivf", "--nprobe", "4", "--shards", "2"))
     assert (
         r.output.count("Warning: --nprobe 4 exceeds the 3 lists (--nlist left to its default) of the IVF indexes of ")
