@@ -14,10 +14,7 @@ import os
 from numbers import Integral, Real
 from pathlib import Path
 
-import numpy as np
-
 from .errors import HeiindexError
-from .manifests import entry_name
 
 __all__ = [
     "SettingError",
@@ -104,6 +101,8 @@ def require_name(name: str, value) -> str:
     callers compare names (ingest took "./train" for a split other than train)."""
     if not isinstance(value, str) or not value:
         raise SettingError(name, f"{name} must be a non-empty string, got {value!r}")
+    from .manifests import entry_name  # here, not at the top: the CLI imports this module at start-up
+
     folder = os.path.normpath(value)
     if not entry_name(folder) or "\0" in folder:  # what a manifest may name, once normalised
         raise SettingError(name, f"{name} must name one folder of the store root, got {value!r}")
@@ -121,7 +120,11 @@ def require_config(name: str, value, kind: type):
 def require_flag(name: str, value) -> bool:
     """``value`` as a Python bool where it is true or false (a numpy bool too), else a
     ``SettingError`` naming ``name``: a string such as "no" is truthy, and was taken as true."""
-    if not isinstance(value, (bool, np.bool_)):
+    if isinstance(value, bool):
+        return value
+    import numpy as np  # only for what is not a bool: the CLI imports this module at start-up, numpy-free
+
+    if not isinstance(value, np.bool_):
         raise SettingError(name, f"{name} must be true or false, got {value!r}")
     return bool(value)
 
