@@ -845,7 +845,7 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
-    from .render import print_json_result, print_result
+    from .render import found_depth, print_json_result, print_result
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
         raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
@@ -867,38 +867,46 @@ def query(
         index = _ray_index(index_dir, address, threads, model_dir=model_dir, hash_dir=hash_dir)
     else:
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
-    candidates, k = index.query_counts(candidates, k, image_query=bool(image_ids))
+    image_query = bool(image_ids)
+    candidates, k = index.query_counts(candidates, k, image_query=image_query)
     # a sharded build: each shard's top N (capped at its size), all re-ranked
-    depth = f"Hamming top-{candidates}"
+    depth, expected = f"Hamming top-{candidates}", candidates
     if index.sharded:
         from heiindex.search import per_shard_depth
 
-        image_query = bool(image_ids)
-        depth += per_shard_depth(candidates, index.shard_sizes(image_query), "captions" if image_query else "images")
+        sizes = index.shard_sizes(image_query)
+        depth += per_shard_depth(candidates, sizes, "captions" if image_query else "images")
+        expected = sum(min(candidates, n) for n in sizes)
     if queries_file is not None:
-        _print_many(index.search_many(lines, k, candidates, where=where), len(lines), depth, k, as_json, False)
+        results = index.search_many(lines, k, candidates, where=where)
+        _print_many(results, len(lines), depth, expected, k, as_json, False)
         return
     if len(image_ids) > 1:
-        _print_many(index.search_images(list(image_ids), k, candidates), len(image_ids), depth, k, as_json, True)
+        results = index.search_images(list(image_ids), k, candidates)
+        _print_many(results, len(image_ids), depth, expected, k, as_json, True)
         return
     res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
         print_json_result(res, k)
         return
-    print_result(res, bool(image_ids), k)
-    click.echo(f"{res.seconds * 1000:.1f} ms ({depth}, re-ranked by the matcher)")
+    print_result(res, image_query, k)
+    click.echo(
+        f"{res.seconds * 1000:.1f} ms ({found_depth(depth, [res.candidates], expected)}, re-ranked by the matcher)"
+    )
 
 
-def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query: bool) -> None:
+def _print_many(results, n: int, depth: str, expected: int, k: int, as_json: bool, image_query: bool) -> None:
     """Results of several queries (all checked before the first came), each printed as its batch
-    ends: a table each, or one JSON object a line."""
+    ends: a table each, or one JSON object a line. ``depth``: how the search depth reads;
+    ``expected``: the candidates each query should find (``render.found_depth``)."""
     from heiindex.progress import progress_bar
 
-    from .render import print_json_result, print_result
+    from .render import found_depth, print_json_result, print_result
 
-    t0, searched = time.perf_counter(), 0.0
+    t0, searched, found = time.perf_counter(), 0.0, []
     for res in progress_bar(n, "search", True, unit="query", iterable=results):
         searched += res.seconds  # the search alone, not the printing
+        found.append(res.candidates)
         if as_json:
             print_json_result(res, k, line=True)
         else:
@@ -906,7 +914,7 @@ def _print_many(results, n: int, depth: str, k: int, as_json: bool, image_query:
     if not as_json:
         click.echo(
             f"{n} quer{'y' if n == 1 else 'ies'} in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
-            f"a query ({depth}, re-ranked by the matcher, in batches)"
+            f"a query ({found_depth(depth, found, expected)}, re-ranked by the matcher, in batches)"
         )
 
 

@@ -57,6 +57,18 @@ def shortfall(result, k: int) -> str | None:
     )
 
 
+def found_depth(depth: str, found: list[int | None], expected: int) -> str:
+    """``depth`` ("Hamming top-N", "... from each shard"), followed where an approximate index's
+    search found fewer than the ``expected`` candidates (N, or N from each shard capped at its
+    size, summed) by how many it found: for one query, or on average over ``found``."""
+    known = [f for f in found if f is not None]
+    if not known or min(known) >= expected:
+        return depth
+    if len(found) == 1:
+        return f"{depth}: {known[0]:,} of {expected:,} found by the approximate search"
+    return f"{depth}: {sum(known) / len(known):,.1f} of {expected:,} found on average by the approximate search"
+
+
 def search_table(result, image_query: bool) -> Table:
     title = f"query image {result.query}" if image_query else f"query: {result.query!r}"
     table = Table(title=Text(title))

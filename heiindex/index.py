@@ -79,7 +79,7 @@ from .store import (
     sorted_ids,
 )
 
-__all__ = ["Hit", "Index", "SearchResult", "timed_results"]
+__all__ = ["Hit", "Hits", "Index", "SearchResult", "timed_results"]
 
 
 @dataclass
@@ -100,12 +100,31 @@ class Hit:
         return d
 
 
+class Hits(list):
+    """One query's hits, best first (a list of ``Hit``), with ``candidates``: how many Hamming
+    candidates the matcher re-ranked to find them, summed over a sharded build's shards. That is
+    N (capped at each searched set's size) unless an approximate index's search (IVF, HNSW) came
+    back with fewer."""
+
+    def __init__(self, hits=(), candidates: int = 0) -> None:
+        super().__init__(hits)
+        self.candidates = int(candidates)
+
+    def __repr__(self) -> str:
+        return f"Hits({list.__repr__(self)}, candidates={self.candidates})"
+
+
 @dataclass
 class SearchResult:
+    """One query's answer: the query (text, or an image id), its hits best first, its unknown
+    words, its share of its batch's seconds, and ``candidates``, the Hamming candidates re-ranked
+    (``Hits.candidates``; None where not known)."""
+
     query: str | int
     results: list[Hit]
     unknown_words: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    candidates: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -115,12 +134,12 @@ class SearchResult:
         }
 
 
-def timed_results(queries: list, hits: list[list[Hit]], unknown: list[list[str]] | None, t0: float):
+def timed_results(queries: list, hits: list[Hits], unknown: list[list[str]] | None, t0: float):
     """One batch's ``SearchResult``s (text queries with their unknown words, or image ids), each
     with the batch's time since ``t0`` shared equally."""
     seconds = (time.perf_counter() - t0) / max(1, len(queries))
     for q, (query, found) in enumerate(zip(queries, hits, strict=True)):
-        yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds)
+        yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds, found.candidates)
 
 
 def load_models(
@@ -438,23 +457,26 @@ class Index(BatchSearch):
     @torch.no_grad()
     def search_encoded(
         self, queries: EncodedQueries, k: int, candidates: int, codes: np.ndarray | None = None
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """``search`` for captions already encoded (``heiindex.search.encode_queries``), and
         hashed where ``codes`` are given: each query's hits."""
         ranked = images_for_text(
             self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates, codes
         )
         return [
-            [
-                Hit(
-                    rank + 1,
-                    int(self.image_ids[row]),
-                    float(score),
-                    int(dist),
-                    captions=[self.texts[c] for c in self.image_captions[row]],
-                )
-                for rank, (row, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
-            ]
+            Hits(
+                (
+                    Hit(
+                        rank + 1,
+                        int(self.image_ids[row]),
+                        float(score),
+                        int(dist),
+                        captions=[self.texts[c] for c in self.image_captions[row]],
+                    )
+                    for rank, (row, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
+                ),
+                r.found,
+            )
             for r in ranked
         ]
 
@@ -496,7 +518,7 @@ class Index(BatchSearch):
     @torch.no_grad()
     def search_regions(
         self, regions: Tensor, gram: Tensor, k: int, candidates: int, codes: np.ndarray | None = None
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
         (q, R, R), which may be stored elsewhere (e.g. in another shard), or a new image's
         (``encode_images``): Hamming top-``candidates`` over the caption codes, re-ranked, top
@@ -513,16 +535,19 @@ class Index(BatchSearch):
     @torch.no_grad()
     def rank_regions(
         self, regions: Tensor, gram: Tensor, k: int, candidates: int, codes: np.ndarray | None = None
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """``search_regions`` without its checks, for callers whose inputs are checked already
         (stored features, counts checked once per query batch, not once per batch and shard)."""
         found = self.candidates_for_images(regions, gram, candidates, codes)
         ranked = [top_k(found, k, q) for q in range(len(regions))]
         return [
-            [
-                Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
-                for rank, (c, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
-            ]
+            Hits(
+                (
+                    Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
+                    for rank, (c, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
+                ),
+                r.found,
+            )
             for r in ranked
         ]
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DataError, HeiindexError, HeiindexWarning, name_some
-from .index import Hit, SearchResult
+from .index import Hits, SearchResult
 from .index_manifest import check_shards, read_index_manifest, read_sharded_manifest
 from .manifests import manifest_digest
 from .search import BatchSearch, refuse_queries
@@ -102,7 +102,7 @@ class _ShardServer:
 
         return query_problems(self.index.matcher.vocab, texts)[1]
 
-    def search_many(self, texts: list[str], k: int, candidates: int) -> tuple[list[list[Hit]], list[list[str]]]:
+    def search_many(self, texts: list[str], k: int, candidates: int) -> tuple[list[Hits], list[list[str]]]:
         """This shard's hits for each of a batch of text queries, and their unknown words."""
         from .search import check_queries, encode_queries
 
@@ -122,7 +122,7 @@ class _ShardServer:
         regions, gram, codes = self.index.image_features(rows)
         return regions.float().cpu().numpy(), gram.float().cpu().numpy(), codes
 
-    def search_regions(self, regions, gram, k: int, candidates: int, codes=None) -> list[list[Hit]]:
+    def search_regions(self, regions, gram, k: int, candidates: int, codes=None) -> list[Hits]:
         import torch
 
         return shard_search_regions(self.index, torch.from_numpy(regions), torch.from_numpy(gram), k, candidates, codes)

@@ -161,11 +161,13 @@ class EncodedQueries:
 @dataclass
 class Ranked:
     """Top-k items of one query, best first: rows into the searched set, matcher scores,
-    Hamming distances of their codes to the query's code."""
+    Hamming distances of their codes to the query's code; ``found``: the candidates they were
+    ranked from (fewer than N where an approximate index's search came back short)."""
 
     rows: np.ndarray
     scores: np.ndarray
     hamming: np.ndarray
+    found: int
 
 
 def _known(enc: Encoded) -> list[str]:
@@ -463,4 +465,4 @@ def top_k(found: Candidates, k: int, q: int) -> Ranked:
     keep = found.ids[q] >= 0
     scores, ids, dist = found.scores[q][keep], found.ids[q][keep], found.hamming[q][keep]
     order = np.argsort(-scores, kind="stable")[:k]
-    return Ranked(ids[order], scores[order], dist[order])
+    return Ranked(ids[order], scores[order], dist[order], int(keep.sum()))

@@ -35,7 +35,7 @@ from .checkpoint import LoadedModel
 from .errors import DataError, name_some
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
-from .index import Hit, Index, SearchResult, load_models, timed_results
+from .index import Hit, Hits, Index, SearchResult, load_models, timed_results
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shards,
@@ -204,17 +204,20 @@ def _stacked(per_source: list[list[Candidates]]) -> list[Candidates]:
     ]
 
 
-def merge_hits(per_shard: Iterable[list[Hit]], k: int) -> list[Hit]:
-    """The best ``k`` of the shards' hits by matcher score, renumbered from 1. Ties as one
-    index breaks them (``top_k``): the smaller Hamming distance first, then the earlier shard,
-    then its rank there; shards hold consecutive images, so an equal pair of images comes in the
-    unsharded build's order (earlier shards broke ties first, whatever their distances)."""
+def merge_hits(per_shard: Iterable[Hits], k: int) -> Hits:
+    """The best ``k`` of the shards' hits by matcher score, renumbered from 1, with the shards'
+    candidates summed. Ties as one index breaks them (``top_k``): the smaller Hamming distance
+    first, then the earlier shard, then its rank there; shards hold consecutive images, so an
+    equal pair of images comes in the unsharded build's order (earlier shards broke ties first,
+    whatever their distances)."""
+    per_shard = list(per_shard)
     flat = [(-h.score, h.hamming, s, h.rank, h) for s, hits in enumerate(per_shard) for h in hits]
     flat.sort(key=lambda t: t[:4])
-    out = []
-    for rank, (*_, h) in enumerate(flat[:k]):
-        out.append(Hit(rank + 1, h.id, h.score, h.hamming, captions=h.captions, text=h.text))
-    return out
+    merged = (
+        Hit(rank + 1, h.id, h.score, h.hamming, captions=h.captions, text=h.text)
+        for rank, (*_, h) in enumerate(flat[:k])
+    )
+    return Hits(merged, sum(hits.candidates for hits in per_shard))
 
 
 class ShardedIndex(BatchSearch):
@@ -365,7 +368,7 @@ def first_counts(sizes: Sequence[int], queries: int | None) -> list[int]:
 
 def shard_search_text(
     shard: Index, queries: EncodedQueries, k: int, candidates: int, codes: np.ndarray | None = None
-) -> list[list[Hit]]:
+) -> list[Hits]:
     """One shard's part of a batch of text queries (each query's hits): N and k capped at the
     shard's size. ``codes``: the batch's codes, hashed once for every shard (they share one hash
     module), else hashed here."""
@@ -374,7 +377,7 @@ def shard_search_text(
 
 
 def batch_results(
-    queries: list, per_shard: list[list[list[Hit]]], unknown: list[list[str]] | None, k: int, t0: float
+    queries: list, per_shard: list[list[Hits]], unknown: list[list[str]] | None, k: int, t0: float
 ) -> Iterator[SearchResult]:
     """Each query's (text or image id) shard hits merged by score (``merge_hits``), as results
     (``heiindex.index.timed_results``)."""
@@ -395,9 +398,9 @@ def locate_images(
     return shard_of, rows[shard_of, np.arange(len(image_ids))]
 
 
-def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, codes=None) -> list[list[Hit]]:
+def shard_search_regions(shard: Index, regions, gram, k: int, candidates: int, codes=None) -> list[Hits]:
     """One shard's part of a batch of image queries (each image's hits; a shard without captions
     has nothing to add): N and k capped at the shard's size. ``codes``: the images' own codes
     (``Index.image_features``)."""
     n = min(candidates, shard.n_captions)
-    return shard.rank_regions(regions, gram, min(k, n), n, codes) if n else [[] for _ in range(len(regions))]
+    return shard.rank_regions(regions, gram, min(k, n), n, codes) if n else [Hits() for _ in range(len(regions))]

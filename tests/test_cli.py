@@ -112,6 +112,44 @@ def test_a_query_that_comes_back_short_says_so(pipe, tmp_path):
     assert "an approximate index" not in ok(run("bench", "--index", pipe.index_dir, "--topk", "20")).output
 
 
+def test_the_query_footer_says_how_many_candidates_an_approximate_search_found(pipe, tmp_path):
+    """An IVF search that found its 2 results but fewer than its 20 candidates: the footer said
+    "Hamming top-20" all the same (only a result count short of --k was said)."""
+    ok(build(pipe, tmp_path / "ivf", "--index", "ivf", "--nlist", "4", "--nprobe", "1"))
+    ivf = Index.open(tmp_path / "ivf")
+    res = ivf.search("a dog", k=2, candidates=20)
+    assert len(res.results) == 2 and 2 <= res.candidates < 20
+    r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "2", "--candidates", "20"))
+    assert f"ms (Hamming top-20: {res.candidates} of 20 found by the approximate search, re-ranked" in r.output
+    assert "results asked for" not in r.output  # both came back
+    texts = ["a dog", "two cats", "a red bus"]
+    found = [x.candidates for x in ivf.search_many(texts, k=2, candidates=20)]
+    r = ok(
+        run(
+            "query",
+            "--file",
+            "-",
+            "--index",
+            tmp_path / "ivf",
+            "--k",
+            "2",
+            "--candidates",
+            "20",
+            input="\n".join(texts),
+        )
+    )
+    assert (
+        f"(Hamming top-20: {sum(found) / 3:.1f} of 20 found on average by the approximate search, re-ranked" in r.output
+    )
+    # a flat index finds every candidate, in either direction, and its footer says nothing more
+    flat = Index.open(pipe.index_dir)
+    assert flat.search("a dog", k=3, candidates=20).candidates == 20
+    assert flat.search_image(int(flat.image_ids[0]), k=2, candidates=30).candidates == 30
+    assert (
+        "found by" not in ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "2", "--candidates", "20")).output
+    )
+
+
 def test_nprobe_at_query_time_searches_more_lists_without_a_rebuild(pipe, tmp_path):
     """--nprobe was a build setting only: an IVF index that came back short had to be rebuilt.
     query and bench now take it (and --ef-search for HNSW) for the searches they make."""

@@ -22,7 +22,7 @@ from heiindex.errors import DataError, HeiindexError, ModelMismatchError
 from heiindex.hamming import stored_codes
 from heiindex.hash_folder import load_hash, save_hash
 from heiindex.hashing import HashConfig
-from heiindex.index import Index
+from heiindex.index import Hits, Index
 from heiindex.ingest import ingest
 from heiindex.packed import PackedWords
 from heiindex.search import default_counts
@@ -375,7 +375,7 @@ def test_a_batch_shares_its_time_equally(index, monkeypatch):
     got = list(index.search_images([0, 1, 2], k=2, candidates=5, batch=2))
     assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
     monkeypatch.setattr(index_module, "time", pf.fake_clock(30))  # a sharded batch of 3 that began at 24
-    got = shards_module.batch_results(["a", "b", "c"], [[[], [], []]], [[], [], []], 2, t0=24)
+    got = shards_module.batch_results(["a", "b", "c"], [[Hits(), Hits(), Hits()]], [[], [], []], 2, t0=24)
     assert [r.seconds for r in got] == [2.0, 2.0, 2.0]
 
 

@@ -68,6 +68,7 @@ def test_candidates_at_least_the_shard_size_give_the_exhaustive_top_k(sharded, i
     got = sharded.search(text, k=10, candidates=8)  # 8 = every image of a shard
     want = index.search(text, k=10, candidates=24)  # every image: exhaustive
     assert _pairs(got) == _pairs(want)
+    assert got.candidates == want.candidates == 24  # 8 from each of 3 shards
     assert [h.rank for h in got.results] == list(range(1, 11))
     assert got.results[0].captions == want.results[0].captions
 
@@ -76,6 +77,7 @@ def test_candidates_at_least_the_shard_size_give_the_exhaustive_top_k(sharded, i
 def test_fewer_candidates_merge_the_union_and_are_never_worse(sharded, index, text):
     n, k = 4, 4
     got, want = sharded.search(text, k=k, candidates=n), index.search(text, k=k, candidates=n)
+    assert (got.candidates, want.candidates) == (3 * n, n)  # flat shards: n each, all re-ranked
     # rank by rank, the merged scores are at least the unsharded ones (superset of candidates)
     for a, b in zip(got.results, want.results, strict=True):
         assert a.score >= b.score - 1e-6
@@ -603,15 +605,28 @@ def test_equal_scores_merge_as_one_index_orders_them():
     """Ties: the smaller Hamming distance first, then the earlier shard; before, the earlier shard
     first whatever the distances, so a sharded and an unsharded build cut a tie differently (a
     review found 3005 and 758, equal to the last bit, swapped)."""
-    from heiindex.index import Hit
+    from heiindex.index import Hit, Hits
     from heiindex.shards import merge_hits
 
-    first = [Hit(1, 10, 0.9, 40), Hit(2, 11, 0.5, 7), Hit(3, 12, 0.5, 7)]
-    second = [Hit(1, 20, 0.5, 3), Hit(2, 21, 0.5, 7), Hit(3, 22, 0.1, 1)]
+    first = Hits([Hit(1, 10, 0.9, 40), Hit(2, 11, 0.5, 7), Hit(3, 12, 0.5, 7)], candidates=5)
+    second = Hits([Hit(1, 20, 0.5, 3), Hit(2, 21, 0.5, 7), Hit(3, 22, 0.1, 1)], candidates=4)
     merged = merge_hits([first, second], 6)
     assert [h.id for h in merged] == [10, 20, 11, 12, 21, 22]
     assert [h.rank for h in merged] == list(range(1, 7))
     assert [h.id for h in merge_hits([first, second], 3)] == [10, 20, 11]
+    assert merged.candidates == 9  # the shards' candidates, summed (as many were re-ranked)
+
+
+def test_hits_keep_their_candidate_count_through_pickling():
+    """Ray sends each shard's hits to the driver pickled: a count lost on the way would read as 0."""
+    import pickle
+
+    from heiindex.index import Hit, Hits
+
+    hits = Hits([Hit(1, 10, 0.9, 40, text="a dog")], candidates=37)
+    back = pickle.loads(pickle.dumps(hits))
+    assert isinstance(back, Hits) and back == hits and back.candidates == 37
+    assert repr(back) == "Hits([Hit(rank=1, id=10, score=0.9, hamming=40, captions=None, text='a dog')], candidates=37)"
 
 
 def test_merged_candidates_keep_empty_slots_empty():
