@@ -56,6 +56,7 @@ def test_text_queries_equal_in_process_item_for_item(served, sharded, text, cand
     got, want = served.search(text, 10, candidates), sharded.search(text, 10, candidates)
     assert _items(got) == _items(want)
     assert got.unknown_words == want.unknown_words
+    assert got.candidates == want.candidates == 3 * candidates  # the shards' counts, sent back with their hits
 
 
 @pytest.mark.parametrize("image_id", [0, 11, 23])
@@ -100,6 +101,7 @@ def test_search_images_equals_in_process_item_for_item(served, sharded, batch):
     want = list(sharded.search_images(ids, 5, 10, batch=batch))
     assert [r.query for r in got] == ids
     assert [_items(r) for r in got] == [_items(r) for r in want]
+    assert [r.candidates for r in got] == [r.candidates for r in want] == [30] * len(ids)  # 10 from each shard
     with pytest.raises(
         HeiindexError, match=r"^1 of 2 image ids are not in this index \(ids 0..23\); nothing was searched: 10000$"
     ):
