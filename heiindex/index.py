@@ -695,5 +695,7 @@ def _check_image_tensor(name: str, x, tail: tuple[int, int], what: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != tail:
         shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
         raise HeiindexError(f"{name} must be a tensor (images, {', '.join(map(str, tail))}): {what}, got {shape}")
+    if x.is_meta:  # torch's own error ("Tensor.item() cannot be called on meta tensors") named no argument
+        raise HeiindexError(f"{name} is on the meta device, which holds shapes but no values: give it real numbers")
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
         raise HeiindexError(f"{name} must hold finite floating-point numbers (NaN or inf found, or not floats)")

@@ -1617,6 +1617,10 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
         (regions * float("nan"), "regions must hold finite floating-point numbers"),
         (torch.from_numpy(feats), f"regions must be a tensor (images, {regions.shape[1]}, {regions.shape[2]})"),
         (regions.numpy(), "regions must be a tensor"),
+        (
+            regions.to("meta"),
+            "regions is on the meta device, which holds shapes but no values",
+        ),  # torch's .item() error
     )
     for bad, message in bad_regions:
         with pytest.raises(HeiindexError, match=re.escape(message)):
@@ -1637,6 +1641,8 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
         index.encode_images(feats[:, :, :-1])
     with pytest.raises(HeiindexError, match="features must hold finite floating-point numbers"):
         index.encode_images(feats * np.nan)
+    with pytest.raises(HeiindexError, match="features is on the meta device"):
+        index.encode_images(torch.from_numpy(feats).to("meta"))
 
 
 def test_an_open_that_a_rebuild_swaps_under_is_tried_again(pipe, tmp_path, monkeypatch):
