@@ -585,7 +585,7 @@ def evaluate(model_dirs, store, split, protocol, as_json) -> None:
             res, label = out[name], _protocol_label(name, out[name], split)
             console.print(
                 recall_table(
-                    f"{label}: {what} ({res['images']} images, {res['captions']} captions)",
+                    f"{label}: {what} ({counted(res['images'], 'image')}, {counted(res['captions'], 'caption')})",
                     [("text-to-image", res["t2i"]), ("image-to-text", res["i2t"])],
                 )
             )
@@ -1019,7 +1019,7 @@ def bench(
             echo_json(res)
             return
         _say_warmup(res)
-        label = f"{res['split']} ({res['shards']} shards, {res['engine']})" + _prototype_label(res)
+        label = f"{res['split']} ({counted(res['shards'], 'shard')}, {res['engine']})" + _prototype_label(res)
         for t in bench_tables(label, res):
             console.print(t)
         return
@@ -1099,11 +1099,11 @@ def serve(index_dir, engine, address, threads, stop, model_dir, hash_dir) -> Non
         if given := _given("model_dir", "hash_dir", "threads"):
             raise click.UsageError(f"{given[0].opts[0]}: not used with --stop")
         n = stop_served(_index_path(index_dir), address)
-        click.echo(f"stopped {n} shard actors")
+        click.echo(f"stopped {counted(n, 'shard actor')}")
         return
     index = _ray_index(index_dir, address, threads, detached=True, model_dir=model_dir, hash_dir=hash_dir)
     for i, info in enumerate(index.infos):
-        click.echo(f"shard {i}: actor {index.actor_name(i)} (pid {info['pid']}, {info['n_images']} images)")
+        click.echo(f"shard {i}: actor {index.actor_name(i)} (pid {info['pid']}, {counted(info['n_images'], 'image')})")
     click.echo(
         f"serving {index.path} on Ray at {address}; stop with: heiindex serve --stop --index {index.path} "
         f"--address {address}"

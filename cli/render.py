@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from heiindex.errors import name_some, shown
+from heiindex.errors import counted, name_some, shown
 
 # markup off: queries, captions and paths are printed as they are ("a dog [/b]" raised rich's
 # MarkupError, and "[sic]" vanished); the tables below hold them as Text for any console too.
@@ -147,7 +147,10 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
         if "shards" in res:  # each shard's N, capped at its size
             held = res["shard_images" if direction == "t2i" else "shard_captions"]
             depth += per_shard_depth(res["candidates"], held, "images" if direction == "t2i" else "captions")
-        t = recall_table(f"{proto_name}: {label} ({res['images']} images, {res['captions']} captions, {depth})", rows)
+        t = recall_table(
+            f"{proto_name}: {label} ({counted(res['images'], 'image')}, {counted(res['captions'], 'caption')}, {depth})",
+            rows,
+        )
         # a sharded build's: every shard's candidates, merged (N from each, at most its size)
         slots = d["candidate_slots"] if "shards" in res else res["candidates"]
         extra = f"candidate recall@{slots}: {percent(d['candidate_recall'])}"

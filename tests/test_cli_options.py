@@ -85,6 +85,8 @@ def test_serve_starts_detached_actors_on_the_running_cluster_and_stop_names_it(p
     monkeypatch.setattr(heiindex.ray_engine, "stop_served", lambda path, address: stopped.update(address=address) or 2)
     r = ok(run("serve", "--stop", "--index", pipe.index_dir, "--address", "10.0.0.1:6379"))
     assert stopped == {"address": "10.0.0.1:6379"} and "stopped 2 shard actors" in r.output
+    monkeypatch.setattr(heiindex.ray_engine, "stop_served", lambda path, address: 1)
+    assert "stopped 1 shard actor\n" in ok(run("serve", "--stop", "--index", pipe.index_dir)).output  # "1 shard actors"
     clean_error(run("serve", "--stop", "--index", pipe.index_dir, "--model", "/m"), "--model: not used with --stop")
     clean_error(run("serve", "--stop", "--index", pipe.index_dir, "--threads", "1"), "--threads: not used with --stop")
 
