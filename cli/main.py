@@ -697,7 +697,8 @@ def build(
     )
     if shards is not None:
         sizes = ", ".join(f"{e['n_images']:,}" for e in m["shards"])
-        what = f"{_counts(m)} in {counted(len(m['shards']), 'shard')} ({sizes} images)"
+        what = f"{_counts(m)} in {counted(len(m['shards']), 'shard')} ({sizes} image"
+        what += ")" if all(e["n_images"] == 1 for e in m["shards"]) else "s)"
     else:
         what = f"{_counts(m)}, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
@@ -845,7 +846,7 @@ def query(
 ) -> None:
     """Text-to-image search for TEXT, image-to-text search with --image ID (repeatable), or
     text-to-image search for every line of --file."""
-    from .render import found_depth, print_json_result, print_result
+    from .render import found_depth, print_json_result, print_result, warn_found
 
     if sum((text is not None, bool(image_ids), queries_file is not None)) != 1:
         raise click.UsageError("give a TEXT query, --image ID or --file FILE (one of them)")
@@ -888,6 +889,8 @@ def query(
     res = index.search_image(image_ids[0], k, candidates) if image_ids else index.search(text, k, candidates)
     if as_json:
         print_json_result(res, k)
+        if len(res.results) >= k:  # else print_json_result's warning has said the search came back short
+            warn_found(depth, [res.candidates], expected)
         return
     print_result(res, image_query, k)
     click.echo(
@@ -901,7 +904,7 @@ def _print_many(results, n: int, depth: str, expected: int, k: int, as_json: boo
     ``expected``: the candidates each query should find (``render.found_depth``)."""
     from heiindex.progress import progress_bar
 
-    from .render import found_depth, print_json_result, print_result
+    from .render import found_depth, print_json_result, print_result, warn_found
 
     t0, searched, found = time.perf_counter(), 0.0, []
     for res in progress_bar(n, "search", True, unit="query", iterable=results):
@@ -911,7 +914,9 @@ def _print_many(results, n: int, depth: str, expected: int, k: int, as_json: boo
             print_json_result(res, k, line=True)
         else:
             print_result(res, image_query, k)
-    if not as_json:
+    if as_json:
+        warn_found(depth, found, expected)
+    else:
         click.echo(
             f"{n} quer{'y' if n == 1 else 'ies'} in {time.perf_counter() - t0:.2f} s with printing; the search {searched * 1000 / n:.1f} ms "
             f"a query ({found_depth(depth, found, expected)}, re-ranked by the matcher, in batches)"

@@ -51,22 +51,41 @@ def shortfall(result, k: int) -> str | None:
     if len(result.results) >= k:
         return None
     return (
-        f"{len(result.results)} of the {k} results asked for: the index's approximate search returned fewer "
+        f"{len(result.results)} of the {counted(k, 'result')} asked for: the index's approximate search returned fewer "
         "candidates (a larger --nprobe probes more of IVF's lists, a larger --ef-search widens HNSW's "
         "graph search; an index built with --index flat searches every item)"
     )
 
 
-def found_depth(depth: str, found: list[int | None], expected: int) -> str:
-    """``depth`` ("Hamming top-N", "... from each shard"), followed where an approximate index's
-    search found fewer than the ``expected`` candidates (N, or N from each shard capped at its
-    size, summed) by how many it found: for one query, or on average over ``found``."""
+def found_count(found: list[int | None], expected: int) -> str | None:
+    """How many candidates the search found, where fewer than ``expected`` (N, or N from each
+    shard capped at its size, summed): for one query, or on average over ``found`` (cut, not
+    rounded, to one decimal, so that a shortfall never reads as all of them); None where every
+    query found them all, or no count is known."""
     known = [f for f in found if f is not None]
     if not known or min(known) >= expected:
-        return depth
+        return None
     if len(found) == 1:
-        return f"{depth}: {known[0]:,} of {expected:,} found by the approximate search"
-    return f"{depth}: {sum(known) / len(known):,.1f} of {expected:,} found on average by the approximate search"
+        return f"{known[0]:,} of {expected:,} found"
+    return f"{math.floor(sum(known) / len(known) * 10) / 10:,.1f} of {expected:,} found on average"
+
+
+def found_depth(depth: str, found: list[int | None], expected: int) -> str:
+    """``depth`` ("Hamming top-N", "... from each shard") as a query's last line gives it,
+    followed by ``found_count`` where the search came back short."""
+    note = found_count(found, expected)
+    return depth if note is None else f"{depth}: {note}"
+
+
+def warn_found(depth: str, found: list[int | None], expected: int) -> None:
+    """With ``--json``, where the search came back short, ``found_depth`` in a ``Warning:`` line
+    on standard error (the JSON keeps its documented shape)."""
+    if found_count(found, expected) is not None:
+        print(
+            f"Warning: {found_depth(depth, found, expected)}; only those were re-ranked "
+            "(an approximate index: a larger --nprobe or --ef-search searches more widely)",
+            file=sys.stderr,
+        )
 
 
 def search_table(result, image_query: bool) -> Table:

@@ -103,12 +103,13 @@ class Hit:
 class Hits(list):
     """One query's hits, best first (a list of ``Hit``), with ``candidates``: how many Hamming
     candidates the matcher re-ranked to find them, summed over a sharded build's shards. That is
-    N (capped at each searched set's size) unless an approximate index's search (IVF, HNSW) came
-    back with fewer."""
+    N (capped at each searched set's size) unless the search came back with fewer (an
+    approximate index: IVF, HNSW); None where not known (a shard served by an older heiindex's
+    actor). A slice or a copy is a plain list, without the count."""
 
-    def __init__(self, hits=(), candidates: int = 0) -> None:
+    def __init__(self, hits=(), candidates: int | None = None) -> None:
         super().__init__(hits)
-        self.candidates = int(candidates)
+        self.candidates = None if candidates is None else int(candidates)
 
     def __repr__(self) -> str:
         return f"Hits({list.__repr__(self)}, candidates={self.candidates})"
@@ -139,7 +140,8 @@ def timed_results(queries: list, hits: list[Hits], unknown: list[list[str]] | No
     with the batch's time since ``t0`` shared equally."""
     seconds = (time.perf_counter() - t0) / max(1, len(queries))
     for q, (query, found) in enumerate(zip(queries, hits, strict=True)):
-        yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds, found.candidates)
+        candidates = getattr(found, "candidates", None)  # a plain list: an older heiindex's actor
+        yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds, candidates)
 
 
 def load_models(
@@ -522,8 +524,9 @@ class Index(BatchSearch):
         """Captions of this index for each encoded image of ``regions`` (q, R, d) with its ``gram``
         (q, R, R), which may be stored elsewhere (e.g. in another shard), or a new image's
         (``encode_images``): Hamming top-``candidates`` over the caption codes, re-ranked, top
-        ``k``; each image's hits. ``codes``: the images' codes where known (``image_features``
-        gives them), else hashed from ``regions``."""
+        ``k``; each image's hits (``Hits``, a list, with the candidates re-ranked as
+        ``.candidates``). ``codes``: the images' codes where known (``image_features`` gives
+        them), else hashed from ``regions``."""
         candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
         self._check_encoded_images(regions, gram)
         if codes is not None:  # a row short failed in top_k, a row over was named image_index in the scorer

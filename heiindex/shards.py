@@ -206,7 +206,8 @@ def _stacked(per_source: list[list[Candidates]]) -> list[Candidates]:
 
 def merge_hits(per_shard: Iterable[Hits], k: int) -> Hits:
     """The best ``k`` of the shards' hits by matcher score, renumbered from 1, with the shards'
-    candidates summed. Ties as one index breaks them (``top_k``): the smaller Hamming distance
+    candidates summed (None where a shard's are not known: a plain list, from the actor of an
+    older heiindex that ``heiindex serve`` started). Ties as one index breaks them (``top_k``): the smaller Hamming distance
     first, then the earlier shard, then its rank there; shards hold consecutive images, so an
     equal pair of images comes in the unsharded build's order (earlier shards broke ties first,
     whatever their distances)."""
@@ -217,7 +218,8 @@ def merge_hits(per_shard: Iterable[Hits], k: int) -> Hits:
         Hit(rank + 1, h.id, h.score, h.hamming, captions=h.captions, text=h.text)
         for rank, (*_, h) in enumerate(flat[:k])
     )
-    return Hits(merged, sum(hits.candidates for hits in per_shard))
+    counts = [getattr(hits, "candidates", None) for hits in per_shard]
+    return Hits(merged, None if None in counts else sum(counts))
 
 
 class ShardedIndex(BatchSearch):

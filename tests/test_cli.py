@@ -30,6 +30,7 @@ from cli_helpers import (  # tests/ is on sys.path (pytest rootdir-relative impo
 from rich.console import Console
 
 from heiindex import default_data
+from heiindex.builds import open_index
 from heiindex.checkpoint import load_model
 from heiindex.encode import encode_split
 from heiindex.errors import UnusedSettingWarning
@@ -119,35 +120,38 @@ def test_the_query_footer_says_how_many_candidates_an_approximate_search_found(p
     ivf = Index.open(tmp_path / "ivf")
     res = ivf.search("a dog", k=2, candidates=20)
     assert len(res.results) == 2 and 2 <= res.candidates < 20
-    r = ok(run("query", "a dog", "--index", tmp_path / "ivf", "--k", "2", "--candidates", "20"))
-    assert f"ms (Hamming top-20: {res.candidates} of 20 found by the approximate search, re-ranked" in r.output
+    one = ("--index", tmp_path / "ivf", "--k", "2", "--candidates", "20")
+    r = ok(run("query", "a dog", *one))
+    assert f"ms (Hamming top-20: {res.candidates} of 20 found, re-ranked by the matcher)" in r.output
     assert "results asked for" not in r.output  # both came back
+    # --json keeps its shape and says it on standard error
+    r = ok(run("query", "a dog", *one, "--json"))
+    assert json.loads(r.stdout) == res.to_dict()
+    assert r.stderr == f"Warning: Hamming top-20: {res.candidates} of 20 found; only those were re-ranked " + (
+        "(an approximate index: a larger --nprobe or --ef-search searches more widely)\n"
+    )
     texts = ["a dog", "two cats", "a red bus"]
     found = [x.candidates for x in ivf.search_many(texts, k=2, candidates=20)]
-    r = ok(
-        run(
-            "query",
-            "--file",
-            "-",
-            "--index",
-            tmp_path / "ivf",
-            "--k",
-            "2",
-            "--candidates",
-            "20",
-            input="\n".join(texts),
-        )
-    )
-    assert (
-        f"(Hamming top-20: {sum(found) / 3:.1f} of 20 found on average by the approximate search, re-ranked" in r.output
-    )
-    # a flat index finds every candidate, in either direction, and its footer says nothing more
+    mean = f"{int(sum(found) / 3 * 10) / 10:.1f}"  # cut, not rounded
+    r = ok(run("query", "--file", "-", *one, input="\n".join(texts)))
+    assert f"(Hamming top-20: {mean} of 20 found on average, re-ranked by the matcher, in batches)" in r.output
+    r = ok(run("query", "--file", "-", *one, "--json", input="\n".join(texts)))  # one line for them all
+    assert r.stderr.startswith(f"Warning: Hamming top-20: {mean} of 20 found on average;") and r.stderr.count("\n") == 1
+    image = int(ivf.image_ids[0])  # an image query's count is its caption search's
+    got = ivf.search_image(image, k=2, candidates=60).candidates
+    r = ok(run("query", "--image", str(image), "--index", tmp_path / "ivf", "--k", "2", "--candidates", "60"))
+    assert got < 60 and f"(Hamming top-60: {got} of 60 found, re-ranked" in r.output
+    # a flat index finds every candidate, in either direction, and says nothing more
     flat = Index.open(pipe.index_dir)
     assert flat.search("a dog", k=3, candidates=20).candidates == 20
     assert flat.search_image(int(flat.image_ids[0]), k=2, candidates=30).candidates == 30
-    assert (
-        "found by" not in ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "2", "--candidates", "20")).output
-    )
+    r = ok(run("query", "a dog", "--index", pipe.index_dir, "--k", "2", "--candidates", "20", "--json"))
+    assert "found" not in r.output and r.stderr == ""
+    # a sharded IVF build: the shards' found candidates against N from each, capped at its size (12 images)
+    ok(build(pipe, tmp_path / "s", "--shards", "2", "--index", "ivf", "--nlist", "3", "--nprobe", "1"))
+    got = open_index(tmp_path / "s").search("a dog", k=2, candidates=15).candidates
+    r = ok(run("query", "a dog", "--index", tmp_path / "s", "--k", "2", "--candidates", "15"))
+    assert got < 24 and f"at most its size (12 images): {got} of 24 found, re-ranked" in r.output
 
 
 def test_nprobe_at_query_time_searches_more_lists_without_a_rebuild(pipe, tmp_path):

@@ -39,7 +39,9 @@ def _spy_ray(monkeypatch, got: dict):
             sharded=True,
             infos=[{"pid": 11, "n_images": 12}],
             actor_name=lambda i: f"actor-{i}",
-            search=lambda text, k, candidates: SimpleNamespace(to_dict=lambda: {"query": text}, results=[None] * k),
+            search=lambda text, k, candidates: SimpleNamespace(
+                to_dict=lambda: {"query": text}, results=[None] * k, candidates=candidates
+            ),
             query_counts=lambda candidates, k, image_query: default_counts(candidates, k, [12]),
             shard_sizes=lambda image_query: [12],
         )

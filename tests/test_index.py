@@ -375,8 +375,9 @@ def test_a_batch_shares_its_time_equally(index, monkeypatch):
     got = list(index.search_images([0, 1, 2], k=2, candidates=5, batch=2))
     assert [r.seconds for r in got] == [3.0, 3.0, 6.0]
     monkeypatch.setattr(index_module, "time", pf.fake_clock(30))  # a sharded batch of 3 that began at 24
-    got = shards_module.batch_results(["a", "b", "c"], [[Hits(), Hits(), Hits()]], [[], [], []], 2, t0=24)
+    got = list(shards_module.batch_results(["a", "b", "c"], [[Hits(), Hits(), Hits()]], [[], [], []], 2, t0=24))
     assert [r.seconds for r in got] == [2.0, 2.0, 2.0]
+    assert [r.candidates for r in got] == [None] * 3  # counts not given are not known (not 0)
 
 
 def test_search_many_of_no_queries_is_empty(index):

@@ -615,6 +615,9 @@ def test_equal_scores_merge_as_one_index_orders_them():
     assert [h.rank for h in merged] == list(range(1, 7))
     assert [h.id for h in merge_hits([first, second], 3)] == [10, 20, 11]
     assert merged.candidates == 9  # the shards' candidates, summed (as many were re-ranked)
+    # an actor that an older heiindex's `serve` started sends plain lists: no count, not a crash
+    old = merge_hits([first, list(second)], 6)
+    assert [h.id for h in old] == [10, 20, 11, 12, 21, 22] and old.candidates is None
 
 
 def test_hits_keep_their_candidate_count_through_pickling():
