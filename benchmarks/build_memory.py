@@ -78,10 +78,12 @@ def child(step: str, work: Path, out: Path) -> None:
 
     t0 = time.perf_counter()
     if step in ("write", "write-proto"):
-        from heiindex.prototypes import PrototypeConfig
+        options = {}
+        if step == "write-proto":  # a revision before bab23a4 (--compare) has neither the module nor the keyword
+            from heiindex.prototypes import PrototypeConfig
 
-        prototypes = PrototypeConfig(split="train") if step == "write-proto" else None
-        Index.write(work / "store", "test", work / "model", work / "hash", out, prototypes=prototypes)
+            options["prototypes"] = PrototypeConfig(split="train")
+        Index.write(work / "store", "test", work / "model", work / "hash", out, **options)
         extra = {}
     else:
         index = Index.open(out)

@@ -113,8 +113,8 @@ def run_stage(args) -> dict:
         score_caption_candidates,
         score_image_candidates,
     )
-    from heiindex.bench import warmup_queries
-    from heiindex.evaluation import i2t_ranks, recall, t2i_ranks
+    from heiindex.bench import candidate_ranks, warmup_queries
+    from heiindex.evaluation import recall
     from heiindex.hamming import TorchBinaryIndex, hamming_candidates, make_binary_index
 
     if args.gpu_gather_gb:
@@ -220,14 +220,12 @@ def run_stage(args) -> dict:
                 extrapolated=False,
             )
             if args.precomp:  # real codes: the recall of HEI means something
-                full_t2i = np.full((n_caps, n_imgs), -np.inf, dtype=np.float32)
-                np.put_along_axis(full_t2i, cand_t2i, s_t2i.float().cpu().numpy(), axis=1)
-                full_i2t = np.full((n_imgs, n_caps), -np.inf, dtype=np.float32)
-                np.put_along_axis(full_i2t, cand_i2t, s_i2t.float().cpu().numpy(), axis=1)
-                out["hei_recall"] = {
-                    "t2i": recall(t2i_ranks(full_t2i, caption_image)).to_dict(),
-                    "i2t": recall(i2t_ranks(full_i2t, caption_image)).to_dict(),
-                }
+                # ranked within the candidates, as the bench ranks them (a ground truth outside
+                # them: rank inf, meanr null); a full matrix with -inf for the rest is refused by
+                # evaluation's finite-score check since 9abb354
+                r_t2i, _ = candidate_ranks("t2i", cand_t2i, s_t2i.float().cpu().numpy(), caption_image)
+                r_i2t, _ = candidate_ranks("i2t", cand_i2t, s_i2t.float().cpu().numpy(), caption_image)
+                out["hei_recall"] = {"t2i": recall(r_t2i).to_dict(), "i2t": recall(r_i2t).to_dict()}
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return out
 
