@@ -140,7 +140,7 @@ def timed_results(queries: list, hits: list[Hits], unknown: list[list[str]] | No
     with the batch's time since ``t0`` shared equally."""
     seconds = (time.perf_counter() - t0) / max(1, len(queries))
     for q, (query, found) in enumerate(zip(queries, hits, strict=True)):
-        candidates = getattr(found, "candidates", None)  # a plain list: an older heiindex's actor
+        candidates = getattr(found, "candidates", None)  # a plain list, from a caller of its own: not known
         yield SearchResult(query, found, [] if unknown is None else unknown[q], seconds, candidates)
 
 
