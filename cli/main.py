@@ -870,14 +870,13 @@ def query(
         index = _open_index(index_dir, model_dir, hash_dir, device, dtype, codes, uri, nprobe, ef_search)
     image_query = bool(image_ids)
     candidates, k = index.query_counts(candidates, k, image_query=image_query)
-    # a sharded build: each shard's top N (capped at its size), all re-ranked
-    depth, expected = f"Hamming top-{candidates}", candidates
-    if index.sharded:
-        from heiindex.search import per_shard_depth
+    from heiindex.search import per_shard_depth, pooled_candidates
 
-        sizes = index.shard_sizes(image_query)
+    # a sharded build: each shard's top N (capped at its size), all re-ranked
+    sizes = index.shard_sizes(image_query)
+    depth, expected = f"Hamming top-{candidates}", pooled_candidates(candidates, sizes)
+    if index.sharded:
         depth += per_shard_depth(candidates, sizes, "captions" if image_query else "images")
-        expected = sum(min(candidates, n) for n in sizes)
     if queries_file is not None:
         results = index.search_many(lines, k, candidates, where=where)
         _print_many(results, len(lines), depth, expected, k, as_json, False)
