@@ -57,6 +57,7 @@ from .packed import PackedWords
 from .search import (
     BatchSearch,
     EncodedQueries,
+    Ranked,
     check_counts,
     check_queries,
     encode_queries,
@@ -133,6 +134,15 @@ class SearchResult:
             "unknown_words": self.unknown_words,
             "results": [h.to_dict() for h in self.results],
         }
+
+
+def _ranked_hits(ranked: Ranked, hit) -> Hits:
+    """One query's ``Ranked`` as ``Hits``, ranked from 1: ``hit(rank, row, score, distance)``
+    makes each (the row's id and text are the searched side's)."""
+    rows = zip(ranked.rows, ranked.scores, ranked.hamming, strict=True)
+    return Hits(
+        (hit(rank + 1, row, float(score), int(dist)) for rank, (row, score, dist) in enumerate(rows)), ranked.found
+    )
 
 
 def timed_results(queries: list, hits: list[Hits], unknown: list[list[str]] | None, t0: float):
@@ -465,22 +475,12 @@ class Index(BatchSearch):
         ranked = images_for_text(
             self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates, codes
         )
-        return [
-            Hits(
-                (
-                    Hit(
-                        rank + 1,
-                        int(self.image_ids[row]),
-                        float(score),
-                        int(dist),
-                        captions=[self.texts[c] for c in self.image_captions[row]],
-                    )
-                    for rank, (row, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
-                ),
-                r.found,
-            )
-            for r in ranked
-        ]
+
+        def hit(rank: int, row: int, score: float, dist: int) -> Hit:
+            captions = [self.texts[c] for c in self.image_captions[row]]
+            return Hit(rank, int(self.image_ids[row]), score, dist, captions=captions)
+
+        return [_ranked_hits(r, hit) for r in ranked]
 
     def _search_images(self, image_ids: list[int], k, candidates, batch: int) -> Iterator[SearchResult]:
         rows = self.image_rows(image_ids)
@@ -543,16 +543,11 @@ class Index(BatchSearch):
         (stored features, counts checked once per query batch, not once per batch and shard)."""
         found = self.candidates_for_images(regions, gram, candidates, codes)
         ranked = [top_k(found, k, q) for q in range(len(regions))]
-        return [
-            Hits(
-                (
-                    Hit(rank + 1, int(self.caption_ids[c]), float(score), int(dist), text=self.texts[c])
-                    for rank, (c, score, dist) in enumerate(zip(r.rows, r.scores, r.hamming, strict=True))
-                ),
-                r.found,
-            )
-            for r in ranked
-        ]
+
+        def hit(rank: int, row: int, score: float, dist: int) -> Hit:
+            return Hit(rank, int(self.caption_ids[row]), score, dist, text=self.texts[row])
+
+        return [_ranked_hits(r, hit) for r in ranked]
 
     @torch.no_grad()
     def encode_images(self, features: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
