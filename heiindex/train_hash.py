@@ -389,7 +389,7 @@ def train_hash(
 ) -> dict:
     """Train hash layers on ``train_split`` next to the frozen ``matcher`` (loaded where given as
     a folder); keep the best on ``val_split``. ``hash_config`` / ``config`` None: the defaults."""
-    store_root = require_path("store_root", store_root)
+    store_root, out = require_path("store_root", store_root), require_path("out", out)  # before any work
     if not isinstance(matcher, LoadedModel):  # a folder failed on its .model
         matcher = load_model(require_path("matcher", matcher))
     hash_config = require_config("hash_config", HashConfig() if hash_config is None else hash_config, HashConfig)
@@ -412,7 +412,6 @@ def train_hash(
             f"the {train_split} split has {counted(tr.n_images, 'image')}: the hash loss needs unmatched pairs; "
             "give a larger train split"
         )
-    out = require_path("out", out)  # None failed in pathlib after the splits were opened
     check_output(out, *HASH_OUTPUT)  # before the work, not after it
     _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
     config = config.resolved(va.n_images, val_split, log)  # what the module's info records
