@@ -130,11 +130,10 @@ class SimConfig:
         # By the settings' checks (``heiindex.settings``): a numpy integer is stored as an int (one
         # in feature_dim wrote a .npy header numpy could not read back), a bool, a float count or an
         # infinite noise (all-NaN features) refused by name.
-        whole = {"regions": 1, "feature_dim": 1, "clutter_regions": 0, "background_regions": 0}
-        settle(self, "seed", integer=True, at_least=0)
-        for name, least in (*whole.items(), ("background_prototypes", 1)):
+        counts = {"seed": 0, "regions": 1, "feature_dim": 1, "background_regions": 0, "background_prototypes": 1}
+        for name, least in counts.items():
             settle(self, name, integer=True, at_least=least)
-        settle(self, "clutter_regions", integer=True, at_most=len(CLUTTER_CONCEPTS) // 2)
+        settle(self, "clutter_regions", integer=True, at_least=0, at_most=len(CLUTTER_CONCEPTS) // 2)
         settle(self, "noise", at_least=0)
         settle(self, "drop_prob", at_least=0, below=1)
         settle(self, "mix", at_least=0, at_most=1)
