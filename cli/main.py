@@ -571,7 +571,7 @@ def evaluate(model_dirs, store, split, protocol, as_json) -> None:
     from heiindex.protocols import evaluate_split
     from heiindex.store import SplitStore
 
-    from .render import console, echo_json, recall_table
+    from .render import console, echo_json, items_counted, recall_table
 
     matchers = [load_model(m) for m in model_dirs or (default_model_dir(),)]
     st = SplitStore.open(_store_root(store), split)
@@ -585,7 +585,7 @@ def evaluate(model_dirs, store, split, protocol, as_json) -> None:
             res, label = out[name], _protocol_label(name, out[name], split)
             console.print(
                 recall_table(
-                    f"{label}: {what} ({counted(res['images'], 'image')}, {counted(res['captions'], 'caption')})",
+                    f"{label}: {what} ({items_counted(res['images'], res['captions'])})",
                     [("text-to-image", res["t2i"]), ("image-to-text", res["i2t"])],
                 )
             )
@@ -667,6 +667,8 @@ def build(
     from heiindex import default_data as dd
     from heiindex.builds import build_index
 
+    from .render import items_counted
+
     if (shards is not None or codes != "milvus") and _given("milvus_index"):  # it would be ignored
         raise click.UsageError("--milvus-index sets the Milvus index of --codes milvus (an unsharded build)")
     prototypes = None
@@ -697,10 +699,10 @@ def build(
     )
     if shards is not None:
         sizes = ", ".join(f"{e['n_images']:,}" for e in m["shards"])
-        what = f"{_counts(m)} in {counted(len(m['shards']), 'shard')} ({sizes} image"
+        what = f"{items_counted(m['n_images'], m['n_captions'])} in {counted(len(m['shards']), 'shard')} ({sizes} image"
         what += ")" if all(e["n_images"] == 1 for e in m["shards"]) else "s)"
     else:
-        what = f"{_counts(m)}, {m['hash']['bits']}-bit codes, "
+        what = f"{items_counted(m['n_images'], m['n_captions'])}, {m['hash']['bits']}-bit codes, "
         what += _index_kinds(m["index"])
     what += _prototype_label(m)
     if m.get("codes", {}).get("store") == "milvus":  # the FAISS files are written too
@@ -1063,11 +1065,6 @@ def _say_warmup(res: dict) -> None:
 def _prototype_label(res: dict) -> str:
     """The bench tables' note of an index whose images have prototype codes (else empty)."""
     return f", image codes with {res['prototypes']['split']} prototypes" if res.get("prototypes") else ""
-
-
-def _counts(manifest: dict) -> str:
-    """A build's images and captions, as its line says them: "1,000 images, 5,000 captions"."""
-    return f"{counted(manifest['n_images'], 'image')}, {counted(manifest['n_captions'], 'caption')}"
 
 
 def _sweep_values(text: str) -> list[int]:

@@ -57,6 +57,11 @@ def shortfall(result, k: int) -> str | None:
     )
 
 
+def items_counted(images: int, captions: int) -> str:
+    """A set's images and captions, as titles and summary lines say them: "1,000 images, 5,000 captions"."""
+    return f"{counted(images, 'image')}, {counted(captions, 'caption')}"
+
+
 def found_count(found: list[int | None], expected: int) -> str | None:
     """How many candidates the search found, where fewer than ``expected`` (N, or N from each
     shard capped at its size, summed): for one query, or on average over ``found`` (cut, not
@@ -167,7 +172,7 @@ def bench_tables(proto_name: str, res: dict) -> list[Table]:
             held = res["shard_images" if direction == "t2i" else "shard_captions"]
             depth += per_shard_depth(res["candidates"], held, "images" if direction == "t2i" else "captions")
         t = recall_table(
-            f"{proto_name}: {label} ({counted(res['images'], 'image')}, {counted(res['captions'], 'caption')}, {depth})",
+            f"{proto_name}: {label} ({items_counted(res['images'], res['captions'])}, {depth})",
             rows,
         )
         # a sharded build's: every shard's candidates, merged (N from each, at most its size)
