@@ -272,6 +272,9 @@ def test_cli_build_and_query_sharded(pipe, sharded, index, tmp_path, monkeypatch
     assert f"built test: 24 images, 120 captions in 2 shards (12, 12 images) -> {out}" in r.output
     r = ok(build(pipe, tmp_path / "one-shard", "--shards", "1"))  # it said "in 1 shards"
     assert f"built test: 24 images, 120 captions in 1 shard (24 images) -> {tmp_path / 'one-shard'}" in r.output
+    r = ok(build(pipe, tmp_path / "one-image-shards", "--shards", "24"))  # each shard's size read "1 images"
+    sizes = ", ".join(["1"] * 24)
+    assert f"in 24 shards ({sizes} image) -> {tmp_path / 'one-image-shards'}" in r.output
     r = ok(run("query", "a dog", "--index", out, "--candidates", "12"))  # its footer said "Hamming top-12"
     assert "ms (Hamming top-12 from each shard, re-ranked by the matcher)" in r.output
     got = as_json(run("query", "a dog", "--index", out, "--candidates", "12", "--json"))
