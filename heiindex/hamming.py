@@ -325,8 +325,31 @@ def hamming_candidates(
     if n > index.ntotal:
         raise ValueError(f"asked for {n} candidates, but the index holds only {index.ntotal} items")
     query_codes = packed_codes("query codes", query_codes, index.d // 8)
+    if isinstance(index, faiss.IndexBinaryFlat):
+        # Per call, since n varies. Two threads may set it for different n at once: the two
+        # searches return the same answer, so only the speed of the other call can change.
+        index.use_heap = not counting_search(index, n)
     dist, ids = index.search(query_codes, n)
     return dist, ids
+
+
+# FAISS's flat binary search keeps each query's n nearest in a heap by default. Where n is a large
+# share of the codes (HEI's 100 candidates of coco-sim's 1,000 images), most distances displace
+# the heap's top. Its counting search (``use_heap = False``: the ids in one bucket per distance)
+# returns the same distances and ids, in the same order (distance, then id), and was 2-7x faster
+# there (``benchmarks/flat_counting.py``; benchmarks/RESULTS.md). It holds (bits + 1) x n ids of 8
+# bytes for each query of a batch of ``query_batch_size`` (32), so it is used only where they fit
+# COUNTING_BYTES, and only where n is at least 1 / COUNTING_SHARE of the codes: with a smaller n,
+# few distances reach the heap and neither way was faster.
+COUNTING_BYTES = 64 << 20
+COUNTING_SHARE = 200
+
+
+def counting_search(index: faiss.IndexBinaryFlat, n: int) -> bool:
+    """Whether ``hamming_candidates`` searches the flat ``index`` for ``n`` candidates by FAISS's
+    counting search rather than its heap (the same answer either way)."""
+    held = index.query_batch_size * (index.d + 1) * n * 8
+    return held <= COUNTING_BYTES and n * COUNTING_SHARE >= index.ntotal
 
 
 def packed_codes(name: str, codes: np.ndarray, width: int | None = None) -> np.ndarray:

@@ -12,8 +12,11 @@ import torch
 
 from heiindex.errors import DataError, UnusedSettingWarning
 from heiindex.hamming import (
+    COUNTING_BYTES,
+    COUNTING_SHARE,
     INDEX_TYPES,
     TorchBinaryIndex,
+    counting_search,
     hamming_candidates,
     load_binary_index,
     make_binary_index,
@@ -66,6 +69,43 @@ def test_flat_is_exact(easy):
     for q in range(len(queries)):
         assert sorted(ids[q]) == list(range(N))
         np.testing.assert_array_equal(dist[q], np.sort(by_hand[q]))
+
+
+@pytest.mark.parametrize("n_bytes", [1, 2, 3, 4, 8, 16, 24, 32])
+def test_flat_counting_search_answers_as_the_heap_does(n_bytes):
+    """Flat search takes FAISS's counting search where n is a large share of the codes: the same
+    distances and ids as its heap, in its order (distance, then id), ties at the cut included."""
+    rng = np.random.default_rng(n_bytes)
+    # 400 codes that differ in their first byte only: many items at each distance, so the n-th
+    # and the (n + 1)-th are often tied and the cut must keep the lower ids
+    codes = np.zeros((400, n_bytes), dtype=np.uint8)
+    codes[:, 0] = rng.integers(0, 256, 400)
+    queries = np.concatenate([codes[:3], rng.integers(0, 256, (40, n_bytes), dtype=np.uint8)])
+    index = make_binary_index(codes, "flat")
+    by_hand = pf.hamming_by_hand(queries, codes)
+    for n in (2, 37, 100, 400):
+        assert counting_search(index, n)  # at least 1/COUNTING_SHARE of 400 codes, a few MB
+        dist, ids = hamming_candidates(index, queries, n)
+        assert index.use_heap is False
+        order = np.lexsort((np.broadcast_to(np.arange(400), by_hand.shape), by_hand), axis=1)[:, :n]
+        np.testing.assert_array_equal(ids, order)  # distance, then id
+        np.testing.assert_array_equal(dist, np.take_along_axis(by_hand, order, 1))
+        index.use_heap = True
+        heap = index.search(queries, n)
+        np.testing.assert_array_equal(dist, heap[0])
+        np.testing.assert_array_equal(ids, heap[1])
+
+
+def test_flat_search_keeps_the_heap_for_a_few_of_many_codes_or_a_large_n():
+    index = make_binary_index(np.zeros((COUNTING_SHARE * 10, 32), dtype=np.uint8), "flat")  # 2,000 256-bit codes
+    assert counting_search(index, 10) and not counting_search(index, 9)  # n: at least 1/200 of the codes
+    hamming_candidates(index, np.zeros((1, 32), dtype=np.uint8), 9)
+    assert index.use_heap is True
+    # counting holds 32 queries x 257 distances x n ids of 8 bytes
+    most = COUNTING_BYTES // (32 * 257 * 8)
+    assert most == 1020
+    index = make_binary_index(np.zeros((1500, 32), dtype=np.uint8), "flat")
+    assert counting_search(index, most) and not counting_search(index, most + 1)
 
 
 def test_ivf_lists_and_probes(easy):
