@@ -23,6 +23,7 @@ from heiindex import omp_threads
 from heiindex.attention import (
     DEFAULT_MAX_ELEMENTS,
     AttentionConfig,
+    _word_norms,
     region_gram,
     score_block,
     score_caption_candidates,
@@ -745,6 +746,25 @@ def test_score_pairs_matches_reference(cross_attn, raw_feature_norm, agg, max_el
         torch.gather(full.T, 1, cand),
         "score_caption_candidates",
     )
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_word_norms_once_per_caption_in_any_pair_order(packed):
+    """t2i word norms, once per caption of the pairs: each real word's norm, bit for bit, and
+    zero beyond a packed caption's end (padded words' norms there are never read). Pairs in
+    caption order (a batch of text queries) take the path without a sort."""
+    words, lengths, _, caps, _ = _pair_data()
+    given = PackedWords.from_padded(words, lengths) if packed else words
+    for caption_index in (caps, torch.sort(caps).values, torch.tensor([5]), torch.tensor([9, 9, 2])):
+        norms, slot = _word_norms(given, lengths, caption_index)
+        uniq = torch.unique(caption_index)
+        assert torch.equal(uniq[slot], caption_index)
+        assert norms.shape == (len(uniq), int(lengths[uniq].max()))
+        for u, c in enumerate(uniq.tolist()):
+            n = int(lengths[c])
+            assert torch.equal(norms[u, :n], words[c, :n].norm(dim=-1))
+            if packed:
+                assert bool((norms[u, n:] == 0).all())
 
 
 def test_packed_padding_is_the_exact_zero_row_for_every_way_of_making_packed_words():
