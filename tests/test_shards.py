@@ -770,6 +770,13 @@ def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, 
     with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used: the index searches exactly \(flat\)") as seen:
         ShardedIndex.open(tmp_path / "f").set_search_breadth(nprobe=2)
     assert len(seen) == 1 and seen[0].filename == __file__
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used") as seen:
+        ShardedIndex.open(tmp_path / "f", nprobe=2)  # pointed at heiindex/shards.py
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used") as more:
+        Index.open(tmp_path / "f" / "shard-000", nprobe=2)  # and heiindex/index.py
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used") as more2:
+        Index.open(tmp_path / "f" / "shard-000").set_search_breadth(nprobe=2)
+    assert [w.filename for w in (*seen, *more, *more2)] == [__file__] * 3
 
 
 def test_a_split_ingested_again_during_a_sharded_build_is_refused(pipe, tmp_path, monkeypatch):
