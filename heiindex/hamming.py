@@ -67,7 +67,9 @@ def _check_kind_and_sizes(kind: str, nlist: int | None, nprobe: int | None) -> t
     """A known index ``kind`` (or auto); ``nlist`` / ``nprobe``, where given, whole numbers >= 1
     (returned as ints: FAISS takes no numpy integer)."""
     if kind != "auto" and kind not in INDEX_TYPES:
-        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size")
+        raise SettingError(
+            "index_type", f"`index_type` must be one of {INDEX_TYPES}, got {kind!r}; or 'auto' to choose by size"
+        )
     return tuple(
         None if value is None else require(name, value, at_least=1, integer=True)
         for name, value in (("nlist", nlist), ("nprobe", nprobe))

@@ -190,7 +190,10 @@ def test_more_candidates_than_items_is_an_error(easy):
 
 
 def test_unknown_index_type(easy):
-    with pytest.raises(ValueError, match=r"index type must be one of \('flat', 'ivf', 'hnsw'\), got 'lsh'"):
+    # a SettingError, so a HeiindexError as every refusal is (it was a plain ValueError)
+    with pytest.raises(
+        SettingError, match=r"^`index_type` must be one of \('flat', 'ivf', 'hnsw'\), got 'lsh'; or 'auto'"
+    ):
         make_binary_index(easy[0], "lsh")
 
 
@@ -333,7 +336,7 @@ def test_auto_is_flat_up_to_the_threshold_and_ivf_above():
     assert resolve_index_kind("auto", AUTO_FLAT_MAX + 1, nlist=64, nprobe=4)["nlist"] == 64
     assert resolve_index_kind("ivf", 10_000) == {"type": "ivf", "nlist": 100, "nprobe": 8}
     assert resolve_index_kind("hnsw", 10)["type"] == "hnsw"
-    with pytest.raises(ValueError, match="index type must be one of"):
+    with pytest.raises(SettingError, match="`index_type` must be one of"):
         resolve_index_kind("lsh", 10)
 
 

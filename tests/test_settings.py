@@ -138,7 +138,7 @@ def test_index_options_are_checked_before_any_encoding(pipe, tmp_path, monkeypat
             write_shards(
                 pipe.root, "test", pipe.model_dir, pipe.hash_dir, tmp_path / "s", 2, index_type=kind, nlist=nlist
             )
-    with pytest.raises(ValueError, match="index type must be one of"):
+    with pytest.raises(SettingError, match="`index_type` must be one of"):
         check_index_options("ivff", None, None)
     # a build capped it at nlist without a word (the manifest recording 5, the index 4); a query refuses it
     with pytest.raises(
