@@ -35,7 +35,7 @@ from torch import Tensor
 from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import check_precision, resolve_device, set_precision
-from .errors import DataError, HeiindexError, ModelMismatchError
+from .errors import DataError, HeiindexError, ModelMismatchError, counted
 from .hamming import (
     index_on_device,
     packed_codes,
@@ -262,6 +262,17 @@ class Index(BatchSearch):
         ends = np.cumsum(np.bincount(self.caption_image, minlength=len(self.image_ids)))
         self.image_captions: list[list[int]] = [part.tolist() for part in np.split(by_image, ends[:-1])]
 
+    def __repr__(self) -> str:
+        where = f"{self.device.type if self.device.index is None else self.device}, {self.dtype}"
+        return (
+            f"<Index {str(self.path)!r}: split {self.manifest.get('split')!r}, "
+            f"{counted(self.n_images, 'image')}, {counted(self.n_captions, 'caption')}, "
+            f"{self.hasher.module.config.bits}-bit codes, {where}>"
+        )
+
+    def __reduce__(self):
+        raise TypeError(_NOT_PICKLED.format(kind="Index", path=str(self.path)))
+
     # -- properties ---------------------------------------------------------------------------
     @property
     def n_images(self) -> int:
@@ -476,7 +487,11 @@ class Index(BatchSearch):
         self, queries: EncodedQueries, k: int, candidates: int, codes: np.ndarray | None = None
     ) -> list[Hits]:
         """``search`` for captions already encoded (``heiindex.search.encode_queries``), and
-        hashed where ``codes`` are given: each query's hits."""
+        hashed where ``codes`` are given (packed bits, one row per query): each query's hits.
+        ``k`` and ``candidates`` are checked as ``search`` checks them."""
+        candidates, k = check_counts(candidates, k, [self.n_images], "images", sharded=False)
+        if codes is not None:
+            codes = self._query_codes(codes, len(queries), "query")
         ranked = images_for_text(
             self.model, self.hasher.module, self.image_index, self.regions, self.gram, queries, k, candidates, codes
         )
@@ -531,14 +546,26 @@ class Index(BatchSearch):
         (``encode_images``): Hamming top-``candidates`` over the caption codes, re-ranked, top
         ``k``; each image's hits (``Hits``, a list, with the candidates re-ranked as
         ``.candidates``). ``codes``: the images' codes where known (``image_features`` gives
-        them), else hashed from ``regions``."""
+        them), else hashed from ``regions``. ``regions`` and ``gram`` may be numpy arrays, as
+        ``encode_images``' input may."""
         candidates, k = check_counts(candidates, k, [self.n_captions], "captions", sharded=False)
+        regions, gram = _tensor_of(regions), _tensor_of(gram)
         self._check_encoded_images(regions, gram)
-        if codes is not None:  # a row short failed in top_k, a row over was named image_index in the scorer
-            codes = packed_codes("codes", codes, self.hasher.module.config.bits // 8)
-            if len(codes) != len(regions):
-                raise HeiindexError(f"codes must hold one row per image of regions ({len(regions)}), got {len(codes)}")
+        if codes is not None:
+            codes = self._query_codes(codes, len(regions), "image of regions")
         return self.rank_regions(regions, gram, k, candidates, codes)
+
+    def _query_codes(self, codes, n: int, each: str) -> np.ndarray:
+        """A search's ``codes`` argument as packed bits as wide as this index's, one row per query
+        (``n``, ``each`` naming what a row codes); else ``SettingError``. A row short used to fail
+        in ``top_k``, a row over was named image_index in the scorer."""
+        try:
+            codes = packed_codes("codes", codes, self.hasher.module.config.bits // 8)
+        except ValueError as exc:
+            raise SettingError("codes", str(exc)) from None
+        if len(codes) != n:
+            raise SettingError("codes", f"codes must hold one row per {each} ({n}), got {len(codes)}")
+        return codes
 
     @torch.no_grad()
     def rank_regions(
@@ -560,10 +587,7 @@ class Index(BatchSearch):
         the matcher where this index runs: ``(regions, gram)`` for ``search_regions``, in float32
         whatever the index's dtype, so that a new image is hashed as the build hashed the stored
         ones (before any cast to bfloat16; ``search_regions`` casts them for scoring)."""
-        if isinstance(features, np.ndarray):
-            # A read-only array (np.load(..., mmap_mode="r"), as the README reads features) is
-            # copied: torch warns on sharing one, since a tensor over it could be written.
-            features = torch.from_numpy(features if features.flags.writeable else features.copy())
+        features = _tensor_of(features)
         _check_image_tensor("features", features, (self.regions.shape[1], self.model.config.img_dim), "region features")
         regions = self.model.encode_images(features.to(self.regions.device, torch.float32))
         return regions, region_gram(regions)
@@ -689,15 +713,31 @@ class Index(BatchSearch):
         return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
 
 
+# An opened index holds FAISS objects (SWIG, not picklable) and the models: a process that needs
+# one (multiprocessing, joblib) opens it from its folder, as Ray's actors do.
+_NOT_PICKLED = (
+    "an opened {kind} cannot be pickled or copied (it holds FAISS indexes and the models): open it again where it "
+    "is needed, {kind}.open({path!r})"
+)
+
 _HASH_BLOCK = 4096  # stored items hashed at a time (Index.image_codes / caption_codes)
+
+
+def _tensor_of(x):
+    """A numpy array as a tensor, anything else as given. A read-only array (np.load(...,
+    mmap_mode="r"), as the README reads features) is copied: torch warns on sharing one, since a
+    tensor over it could be written."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x if x.flags.writeable else x.copy())
+    return x
 
 
 def _check_image_tensor(name: str, x, tail: tuple[int, int], what: str) -> None:
     """``HeiindexError`` naming ``name`` unless ``x`` is a finite floating-point tensor of shape
     (images, *tail), ``what`` saying what it should hold."""
     if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != tail:
-        shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise HeiindexError(f"{name} must be a tensor (images, {', '.join(map(str, tail))}): {what}, got {shape}")
+        got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+        raise HeiindexError(f"{name} must be a tensor (images, {', '.join(map(str, tail))}): {what}, got {got}")
     if x.is_meta:  # torch's own error ("Tensor.item() cannot be called on meta tensors") named no argument
         raise HeiindexError(f"{name} is on the meta device, which holds shapes but no values: give it real numbers")
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):

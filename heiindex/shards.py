@@ -32,10 +32,10 @@ import torch
 
 from . import __version__
 from .checkpoint import LoadedModel
-from .errors import DataError, name_some
+from .errors import DataError, counted, name_some
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
-from .index import Hit, Hits, Index, SearchResult, load_models, timed_results
+from .index import _NOT_PICKLED, Hit, Hits, Index, SearchResult, load_models, timed_results
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shards,
@@ -270,6 +270,18 @@ class ShardedIndex(BatchSearch):
             named = {name: index for shard in self.shards for name, index in shard.hamming_indexes(named=True).items()}
             set_search_breadth(named, nprobe, ef_search, stacklevel=stacklevel)
         return self
+
+    def __repr__(self) -> str:
+        first = self.shards[0]
+        return (
+            f"<ShardedIndex {str(self.path)!r}: split {self.manifest.get('split')!r}, "
+            f"{counted(self.n_images, 'image')}, {counted(self.n_captions, 'caption')} in "
+            f"{counted(len(self.shards), 'shard')}, {first.hasher.module.config.bits}-bit codes, "
+            f"{first.device.type if first.device.index is None else first.device}, {first.dtype}>"
+        )
+
+    def __reduce__(self):
+        raise TypeError(_NOT_PICKLED.format(kind="ShardedIndex", path=str(self.path)))
 
     def search_breadth(self) -> list[dict]:
         """``Index.search_breadth`` of each shard, in shard order."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -25,7 +27,7 @@ from heiindex.hashing import HashConfig
 from heiindex.index import Hits, Index
 from heiindex.ingest import ingest
 from heiindex.packed import PackedWords
-from heiindex.search import default_counts
+from heiindex.search import check_queries, default_counts, encode_queries
 from heiindex.settings import SettingError
 from heiindex.store import SplitStore
 
@@ -1587,6 +1589,67 @@ def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
         default_counts(None, 121, [30, 40, 50], "captions")
 
 
+def test_one_index_searched_from_several_threads_answers_as_one_after_another(index):
+    """What the README promises a server with worker threads: concurrent searches of one opened
+    index (text and image queries mixed, different N, so that flat search switches between
+    FAISS's heap and counting ways) give exactly the answers of the same searches in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image_id = int(index.image_ids[3])
+    jobs = [(text, candidates) for text in QUERIES for candidates in (2, 24)] * 3
+    jobs += [(image_id, 40), (image_id, 120)] * 3
+
+    def run(job):
+        query, candidates = job
+        if isinstance(query, str):
+            return index.search(query, k=2, candidates=candidates).to_dict()["results"]
+        return index.search_image(query, k=2, candidates=candidates).to_dict()["results"]
+
+    serial = [run(job) for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, jobs)) == serial
+
+
+def test_an_index_says_what_it_is_and_refuses_pickling_by_name(index):
+    assert repr(index) == (
+        f"<Index {str(index.path)!r}: split 'test', 24 images, 120 captions, {index.hasher.module.config.bits}-bit "
+        "codes, cpu, float32>"
+    )
+    for copy_it in (pickle.dumps, copy.copy):  # the FAISS objects' own error named SwigPyObject
+        with pytest.raises(
+            TypeError,
+            match=rf"^an opened Index cannot be pickled or copied .*Index.open\('{re.escape(str(index.path))}'\)$",
+        ):
+            copy_it(index)
+
+
+def test_search_encoded_checks_its_counts_and_codes_as_search_does(index):
+    """search_encoded checked nothing: k -1 gave N - 1 hits, k 0 none, k above N N, 1,001
+    candidates a plain ValueError."""
+    texts = ["a dog on grass", "a man riding a horse"]
+    queries = encode_queries(index.model, check_queries(index.matcher.vocab, texts))
+    got = index.search_encoded(queries, 3, 10)
+    assert got == [r.results for r in index.search_many(texts, k=3, candidates=10)]  # one batch, as search_many
+    codes = index.hash_captions(PackedWords.from_padded(queries.words, queries.lengths))
+    assert index.search_encoded(queries, 3, 10, codes) == got
+    for k, candidates, message in (
+        (-1, 10, "k must be at least 1, got -1"),
+        (0, 10, "k must be at least 1, got 0"),
+        (11, 10, "k 11 is larger than `candidates` 10"),
+        (
+            3,
+            index.n_images + 1,
+            f"candidates {index.n_images + 1} is larger than the {index.n_images} images in this index",
+        ),
+    ):
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
+            index.search_encoded(queries, k, candidates)
+    with pytest.raises(SettingError, match=re.escape("codes must hold one row per query (2), got 1")):
+        index.search_encoded(queries, 3, 10, codes[:1])
+    with pytest.raises(SettingError, match=re.escape("codes must be packed bits")):
+        index.search_encoded(queries, 3, 10, codes.astype(np.int64))
+
+
 def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
     """search_regions is how a new image is queried: nothing public encoded raw features for it,
     and it checked none of its arguments (k -1 returned N - 1 hits, NaN features ranked silently)."""
@@ -1616,8 +1679,16 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
             index.search_regions(regions, gram, k, candidates)
     bad_regions = (
         (regions * float("nan"), "regions must hold finite floating-point numbers"),
-        (torch.from_numpy(feats), f"regions must be a tensor (images, {regions.shape[1]}, {regions.shape[2]})"),
-        (regions.numpy(), "regions must be a tensor"),
+        (
+            torch.from_numpy(feats),
+            f"regions must be a tensor (images, {regions.shape[1]}, {regions.shape[2]}): encoded images "
+            f"(Index.encode_images gives them from raw features), got a tensor of shape {feats.shape}",
+        ),
+        (
+            regions.tolist(),
+            "regions must be a tensor (images, 6, 24): encoded images (Index.encode_images gives them from raw features), got a list",
+        ),
+        (regions.numpy()[:, :, :-1], "got a tensor of shape (2, 6, 23)"),  # a numpy array is taken as a tensor
         (
             regions.to("meta"),
             "regions is on the meta device, which holds shapes but no values",
@@ -1628,15 +1699,17 @@ def test_a_new_image_is_encoded_and_searched_as_a_stored_one(pipe, index):
             index.search_regions(bad, gram, 3, 10)
     with pytest.raises(HeiindexError, match="regions and gram must hold the same images, got 2 and 1"):
         index.search_regions(regions, gram[:1], 3, 10)
+    # numpy arrays, as encode_images takes (they said "must be a tensor ..., got (2, 36, 16)")
+    assert index.search_regions(regions.numpy(), gram.numpy(), 3, 10) == got
     codes = index.image_features(rows)[2]
     assert index.search_regions(regions, gram, 3, 10, codes) == got  # the stored codes, given
-    for bad, error, message in (
-        (codes[:1], HeiindexError, "codes must hold one row per image of regions (2), got 1"),  # an IndexError
-        (np.vstack([codes, codes[:1]]), HeiindexError, "got 3"),  # image_index must lie in [0, 2)
-        (codes[:, :-1], ValueError, f"codes are {codes.shape[1] * 8 - 8}-bit, the index holds {codes.shape[1] * 8}"),
-        (codes.astype(np.int64), ValueError, "codes must be packed bits, an (n, k/8) uint8 array"),
+    for bad, message in (
+        (codes[:1], "codes must hold one row per image of regions (2), got 1"),  # an IndexError
+        (np.vstack([codes, codes[:1]]), "got 3"),  # image_index must lie in [0, 2)
+        (codes[:, :-1], f"codes are {codes.shape[1] * 8 - 8}-bit, the index holds {codes.shape[1] * 8}"),
+        (codes.astype(np.int64), "codes must be packed bits, an (n, k/8) uint8 array"),
     ):
-        with pytest.raises(error, match=re.escape(message)):
+        with pytest.raises(SettingError, match=re.escape(message)):  # every one a HeiindexError (some were not)
             index.search_regions(regions, gram, 3, 10, bad)
     with pytest.raises(HeiindexError, match=re.escape("features must be a tensor (images, ")):
         index.encode_images(feats[:, :, :-1])

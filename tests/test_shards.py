@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import re
 
 import numpy as np
@@ -35,6 +36,16 @@ def index(pipe):
 def sharded(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "test"
     return build_shards(pipe.root, "test", pipe.model_dir, pipe.hash_dir, out, SHARDS, index_type="flat")
+
+
+def test_a_sharded_index_says_what_it_is_and_refuses_pickling_by_name(sharded):
+    index = sharded  # as build_shards opens it
+    bits = index.shards[0].hasher.module.config.bits
+    assert repr(index) == (
+        f"<ShardedIndex {str(index.path)!r}: split 'test', 24 images, 120 captions in 3 shards, {bits}-bit codes, cpu, float32>"
+    )
+    with pytest.raises(TypeError, match=r"^an opened ShardedIndex cannot be pickled or copied .*ShardedIndex.open\("):
+        pickle.dumps(index)
 
 
 def test_the_unsharded_bench_points_to_the_sharded_one(sharded):
