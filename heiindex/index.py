@@ -106,7 +106,8 @@ class Hits(list):
     candidates the matcher re-ranked to find them, summed over a sharded build's shards. That is
     N (capped at each searched set's size) unless the search came back with fewer (an
     approximate index: IVF, HNSW); None where not known (a shard served by an older heiindex's
-    actor). A slice or a copy is a plain list, without the count."""
+    actor). A slice, ``.copy()`` or ``+`` gives a plain list, without the count; ``copy.copy``
+    and pickling keep both."""
 
     def __init__(self, hits=(), candidates: int | None = None) -> None:
         super().__init__(hits)
