@@ -29,6 +29,7 @@ __all__ = [
     "load_hash",
     "read_hash_weights",
     "save_hash",
+    "write_hash",
 ]
 
 HASH_FORMAT_VERSION = 1
@@ -56,13 +57,19 @@ def hash_checksum(module: HashModule) -> str:
 def save_hash(module: HashModule, path: Path, info: dict) -> None:
     """Write a hash folder atomically; ``info`` (JSON) is stored with its weights' checksum."""
     path = require_path("path", path)
-    info = {**info, "weights_sha256": hash_checksum(module)}
     with atomic_dir(path, *HASH_OUTPUT) as tmp:
-        write_weights(module.state_dict(), tmp / HASH_WEIGHTS)
-        write_json(
-            tmp / "config.json",
-            {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash", "hash": module.config.to_dict(), "info": info},
-        )
+        write_hash(module, tmp, info)
+
+
+def write_hash(module: HashModule, folder: Path, info: dict) -> None:
+    """A hash folder's files, written into ``folder``: the scratch folder of an ``atomic_dir`` of
+    ``HASH_OUTPUT`` that the caller holds (``save_hash``, or ``train_hash`` for the whole run)."""
+    info = {**info, "weights_sha256": hash_checksum(module)}
+    write_weights(module.state_dict(), folder / HASH_WEIGHTS)
+    write_json(
+        folder / "config.json",
+        {"format_version": HASH_FORMAT_VERSION, "kind": "hei-hash", "hash": module.config.to_dict(), "info": info},
+    )
 
 
 def check_trained_next_to(info: dict, path: str | Path, matcher: LoadedModel) -> None:

@@ -36,9 +36,9 @@ from .encode import (
 )
 from .errors import HeiindexError, counted, sized
 from .hamming import hamming_candidates, make_binary_index
-from .hash_folder import HASH_OUTPUT, save_hash
+from .hash_folder import HASH_OUTPUT, write_hash
 from .hashing import HashConfig, HashModule, code_ranking_loss, hash_loss, pool_regions, pool_words, scale_scores
-from .outputs import check_output
+from .outputs import atomic_dir
 from .packed import PackedWords
 from .progress import progress_bar
 from .settings import SettingError, require, require_config, require_path, settle
@@ -412,24 +412,26 @@ def train_hash(
             f"the {train_split} split has {counted(tr.n_images, 'image')}: the hash loss needs unmatched pairs; "
             "give a larger train split"
         )
-    check_output(out, *HASH_OUTPUT)  # before the work, not after it
-    _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
-    config = config.resolved(va.n_images, val_split, log)  # what the module's info records
-    records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
-    if not records.batches:  # buffers of one caption each are skipped: there was nothing to score
-        raise HeiindexError(
-            f"the {train_split} split gave no batch of 2 or more captions to train on; give a larger train split"
-        )
-    val = PooledSplit.encode(model, va, val_captions, hash_config.pooling, progress)
-    module, result = fit_hash(records, val, hash_config, config, progress, log)
-    info = {
-        "matcher_sha256": matcher.checksum,
-        "matcher_path": str(matcher.path),
-        "train": config.to_dict(),
-        "best_epoch": result["best_epoch"],
-        "dev_candidate_recall": result["dev_candidate_recall"],
-        "data": {"train": tr.checksum, "dev": va.checksum},  # by role: trained on, validated on
-        "splits": {"train": train_split, "dev": val_split},  # and by name
-    }
-    save_hash(module, out, info)
+    # The output is checked and held (its lock) before the work, for the whole run: two runs of
+    # one --out both trained and said they wrote it, and the one that finished first was lost.
+    with atomic_dir(out, *HASH_OUTPUT) as tmp:
+        _, val_captions = check_split(matcher, va)  # its recall picks the best epoch: checked before the work
+        config = config.resolved(va.n_images, val_split, log)  # what the module's info records
+        records = collect_batches(model, tr, config, (hash_config.pooling,), progress)
+        if not records.batches:  # buffers of one caption each are skipped: there was nothing to score
+            raise HeiindexError(
+                f"the {train_split} split gave no batch of 2 or more captions to train on; give a larger train split"
+            )
+        val = PooledSplit.encode(model, va, val_captions, hash_config.pooling, progress)
+        module, result = fit_hash(records, val, hash_config, config, progress, log)
+        info = {
+            "matcher_sha256": matcher.checksum,
+            "matcher_path": str(matcher.path),
+            "train": config.to_dict(),
+            "best_epoch": result["best_epoch"],
+            "dev_candidate_recall": result["dev_candidate_recall"],
+            "data": {"train": tr.checksum, "dev": va.checksum},  # by role: trained on, validated on
+            "splits": {"train": train_split, "dev": val_split},  # and by name
+        }
+        write_hash(module, tmp, info)
     return result

@@ -743,6 +743,33 @@ def test_train_hash_takes_the_matchers_embed_size_and_refuses_another(pipe, tmp_
     assert not (tmp_path / "h").exists()
 
 
+def test_train_hash_holds_its_output_for_the_whole_run(pipe, tmp_path, monkeypatch):
+    """Two train-hash runs of one --out both trained and both said they wrote it; the one that
+    finished first was lost. The output's lock is now held from before the work to the save: a
+    second writer is refused while the first trains, and a held lock refuses a run before it
+    collects a batch."""
+    from heiindex.atomic import LockHeld, exclusive, lock_file
+
+    out = tmp_path / "h"
+    real, held = th.fit_hash, []
+
+    def fit(*args, **kwargs):  # the first run, training: another writer of its output is refused
+        with pytest.raises(LockHeld), exclusive(lock_file(out)):
+            pass
+        held.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(th, "fit_hash", fit)
+    train_hash(pipe.model_dir, pipe.root, out, HashConfig(bits=16), HashTrainConfig(epochs=1), log=pf.quiet)
+    assert held and load_hash(out).module.config.bits == 16
+    assert not lock_file(out).exists()
+    pf.forbid(monkeypatch, "no batch is collected for a refused run", (th, "collect_batches"))
+    with exclusive(lock_file(out)):  # another command writes it now
+        with pytest.raises(DataError, match=r"another heiindex command is writing it now \(it holds \.h\.lock"):
+            train_hash(pipe.model_dir, pipe.root, out, HashConfig(bits=8), HashTrainConfig(epochs=1), log=pf.quiet)
+    assert load_hash(out).module.config.bits == 16  # the first run's module stands
+
+
 def test_code_ranking_loss_exact():
     # h = IMG @ TXT.T / 2 = [[0.75, -0.25], [0.25, -0.5]], diagonal (0.75, -0.5), margin 0.2
     # image 0 vs caption 1: 0.2 - 0.25 - 0.75 < 0 -> 0; image 1 vs caption 0: 0.2 + 0.25 + 0.5 = 0.95
