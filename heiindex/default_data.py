@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from . import simulate
-from .atomic import atomic_file
+from .atomic import atomic_file, interrupted_hint
 from .errors import DataError, HeiindexError, LastBuiltWarning
 from .ingest import ingest
 from .simulate import SimConfig, write_coco_sim_precomp
@@ -97,9 +97,9 @@ def last_built_index() -> Path:
     if not path.exists():  # else "no index here; run heiindex build first", as if none had been built
         default = default_index_dir("test")
         there = f" (the default one, {default}, is there)" if (default / "manifest.json").exists() else ""
-        raise HeiindexError(
-            f"the last build on the default data wrote {path}, which is gone: give an index's folder{there}, or "
-            "build again"
+        raise HeiindexError(  # where a replace of it was killed between two renames, the hint says how back
+            f"the last build on the default data wrote {path}, which is gone{interrupted_hint(path)}: give an "
+            f"index's folder{there}, or build again"
         )
     return path
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import leftovers, leftovers_in, lock_file, scratch_target, writer_pid
+from .atomic import leftovers, leftovers_in, lock_file, scratch_target, set_aside, writer_pid
 from .attention_config import AttentionConfig  # torch-free, as all verify reads of stores and indexes
 from .errors import DataError, sized
 from .index_manifest import (
@@ -115,6 +115,8 @@ def _missing_beside(path: Path, found: list[Path], missing: str, writing: str, b
     live = [pid for p in found if (pid := writer_pid(p)) is not None]
     if live:
         detail = f"{missing} yet: process {live[0]} on this machine is {writing} (below)"
+    elif set(set_aside(path)) & set(found):
+        detail = f"{missing}: a run replacing it was interrupted between two renames (its previous copy is below)"
     else:
         detail = f"{missing}: a run {writing} was interrupted ({below})"
     return [FileCheck(path, "missing", detail)] + _leftover_checks(found)
@@ -143,6 +145,14 @@ def _leftover_detail(path: Path) -> str:
             "leave it (that run puts it in place, or removes it, when it ends)"
         )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    target = path.parent / (scratch_target(path.name) or "")
+    if path in set_aside(target) and not target.exists() and not target.is_symlink():
+        # deleting it, as the line below advises, deleted the only copy of the output
+        return (
+            f"the previous {target.name} ({sized(size)}), set aside by a run replacing it that was interrupted "
+            f"between two renames: rename it back to {target.name} (the next write of {target.name} puts it back "
+            "first)"
+        )
     return (
         f"left by an interrupted run or a replaced output that could not all be deleted ({sized(size)}), "
         "not part of the data; delete it (the next write of the same output also tries)"

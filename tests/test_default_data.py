@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +112,16 @@ def test_the_last_build_marker_naming_a_removed_index_is_said(tmp_path, monkeypa
     (default / "manifest.json").write_text("{}")
     with pytest.raises(HeiindexError, match=rf"{gone} \(the default one, {default}, is there\), or build again$"):
         dd.last_built_index()
-    (tmp_path / "mine").mkdir()
+    set_aside = tmp_path / ".mine.old-somehost-4026531836-12345-abcd"  # a replace killed between its renames
+    set_aside.mkdir()
+    with pytest.raises(
+        HeiindexError,
+        match=re.escape(
+            f"{tmp_path / 'mine'}, which is gone (a run replacing it was interrupted between two renames: the previous mine is {set_aside.name}, beside it; rename it back to mine): give"
+        ),
+    ):
+        dd.last_built_index()
+    set_aside.rename(tmp_path / "mine")
     assert dd.last_built_index() == tmp_path / "mine"
     marker = tmp_path / "index" / "LAST"
     for damaged in (b"", b"\n", b"\xff\xfe"):  # "" was the current folder; bad bytes a codec error naming no file

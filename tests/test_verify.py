@@ -71,11 +71,26 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     # a build killed before it put its output in place: the folder is missing, its scratch listed
     # (verify said only "no manifest.json here")
     shutil.rmtree(index)
+    partial = index_scratch.rename(tmp_path / ".index.partial-somehost-4026531836-12345-efgh")
     checks = verify(index)
-    assert [(c.path, c.status) for c in checks] == [(index, "missing"), (index_scratch, "leftover")]
+    assert [(c.path, c.status) for c in checks] == [(index, "missing"), (partial, "leftover")]
     assert checks[0].detail == "no such folder: a run writing it was interrupted (leftovers below)"
     r = run("verify", index, "--json")
     assert r.exit_code == 2 and [f["status"] for f in json.loads(r.stdout)["files"]] == ["missing", "leftover"]
+    # the previous index, set aside by a replace killed between its two renames (no exchange on
+    # this file system): verify said to delete it, the only copy, as any leftover
+    partial.rename(index_scratch)
+    checks = verify(index)
+    assert [(c.path, c.status) for c in checks] == [(index, "missing"), (index_scratch, "leftover")]
+    assert checks[0].detail == (
+        "no such folder: a run replacing it was interrupted between two renames (its previous copy is below)"
+    )
+    assert checks[1].detail == (
+        "the previous index (0 bytes), set aside by a run replacing it that was interrupted between two renames: "
+        "rename it back to index (the next write of index puts it back first)"
+    )
+    shutil.copytree(pipe.index_dir, index)  # an index in place again: the set-aside copy is a leftover as any other
+    assert verify(index)[-1].detail.startswith("left by an interrupted run or a replaced output")
     # a new store root whose first ingest was killed holds only its scratch split (verify said
     # only "no manifest.json here"), with or without the vocab.json of an earlier run
     new_root = tmp_path / "new-root"
