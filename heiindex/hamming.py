@@ -340,7 +340,7 @@ def hamming_candidates(
 # the heap's top. Its counting search (``use_heap = False``: the ids in one bucket per distance)
 # returns the same distances and ids, in the same order (distance, then id), and was 2-3x faster
 # there (``benchmarks/flat_counting.py``; benchmarks/RESULTS.md, "Hamming search"). It is used
-# where n is at least 1 / COUNTING_SHARE of the codes (with fewer, the heap took 0.91-1.45x the
+# where n is at least 1 / COUNTING_SHARE of the codes (with fewer, the heap took 0.85-1.42x the
 # time of counting, single-threaded, in the cases measured: FAISS's default is left alone there),
 # and where its counters fit COUNTING_BYTES: (bits + 1) x n ids of 8 bytes for each query of a
 # batch of ``query_batch_size`` (32), allocated per batch (66 MB at 256 bits and n = 1,000).
