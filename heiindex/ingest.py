@@ -19,14 +19,14 @@ import numpy as np
 
 from . import __version__
 from .atomic import clear_leftovers, scratch
-from .errors import DataError, VocabularyWarning, counted
+from .errors import DataError, VocabularyWarning, counted, name_some
 from .manifests import MANIFEST_FILE, file_record, manifest_folders, manifest_object, write_json
 from .outputs import atomic_dir
 from .precomp import PrecompSplit
 from .progress import progress_bar
 from .settings import require, require_name, require_path
 from .store import CAPTIONS_FILE, FORMAT_VERSION, IMAGES_FILE, ImageWriter, check_store_root, write_captions
-from .vocab import Vocab
+from .vocab import MAX_CAPTION_WORDS, Vocab
 
 __all__ = ["IngestSummary", "ingest", "resolve_vocab"]
 
@@ -232,6 +232,17 @@ def ingest(
     voc = resolve_vocab(out_root, vocab, list(src.captions), split)
 
     encoded = [voc.encode(t) for t in src.captions]
+    if long := [(line, len(e.tokens)) for line, e in enumerate(encoded, 1) if len(e.tokens) > MAX_CAPTION_WORDS]:
+        raise DataError(  # before anything is written: build, evaluate and train padded to it and ran out of memory
+            src.captions_path,
+            f"line {long[0][0]}: the caption has {long[0][1]:,} words; a caption may have at most "
+            f"{MAX_CAPTION_WORDS} (COCO's longest has 51)"
+            + (
+                f" ({counted(len(long) - 1, 'other line')} too: {name_some([str(n) for n, _ in long[1:]])})"
+                if len(long) > 1
+                else ""
+            ),
+        )
     n_tokens = sum(len(e.tokens) for e in encoded)
     unknown: dict[str, int] = {}
     for e in encoded:

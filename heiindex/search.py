@@ -28,7 +28,7 @@ from .hamming import hamming_candidates
 from .hashing import HashModule
 from .model import ScanModel
 from .settings import SettingError, is_whole, require
-from .vocab import Encoded, Vocab
+from .vocab import MAX_CAPTION_WORDS, Encoded, Vocab
 
 if TYPE_CHECKING:  # heiindex.index imports this module
     from .index import SearchResult
@@ -66,10 +66,7 @@ __all__ = [
 # Queries searched together by search_many (encoded, hashed and re-ranked: 256 captions' words and
 # 256 x N candidate pairs at a time) and by search_images (256 images' regions).
 QUERY_BATCH = 256
-# Words (tokens) a query may have: a batch is padded to its longest query, so one line of
-# thousands of words in a query file took 4.5 GB where 256 short ones take 0.6 (COCO's captions
-# have at most 51 words: 53 tokens with <start> and <end>, in its dev split).
-MAX_QUERY_WORDS = 128
+MAX_QUERY_WORDS = MAX_CAPTION_WORDS  # words (tokens) a query may have, as a stored caption
 DEFAULT_CANDIDATES = 100  # N, Hamming candidates re-ranked, where a query does not say
 DEFAULT_K = 10  # results returned, where a query does not say
 _INT64 = (-(2**63), 2**63 - 1)  # image ids are stored as int64

@@ -19,10 +19,15 @@ from .atomic import atomic_file
 from .errors import DataError, counted, name_some
 from .tokenizer import tokenize
 
-__all__ = ["PAD", "START", "END", "UNK", "SPECIALS", "Encoded", "Vocab"]
+__all__ = ["END", "MAX_CAPTION_WORDS", "PAD", "SPECIALS", "START", "UNK", "Encoded", "Vocab"]
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+# Words (tokens) a caption may have, stored or asked: captions are encoded in batches padded to
+# the longest, so one line of thousands of words took gigabytes (a query file: 4.5 GB where 256
+# short lines take 0.6; an ingested one made build run out of memory). COCO's captions have at
+# most 51 words (53 tokens with <start> and <end>, in its dev split).
+MAX_CAPTION_WORDS = 128
 
 
 @dataclass

@@ -117,6 +117,27 @@ def test_acceptance_36_caption_lines_fails_and_writes_nothing(make_precomp, tmp_
     assert list(out.iterdir()) == []
 
 
+def test_a_caption_too_long_to_encode_is_refused_by_line(make_precomp, tmp_path):
+    """A line of 100,000 words was ingested, and build then asked for 12 GB (every caption of a
+    block is padded to the longest) and died with a traceback, or the OOM killer."""
+    precomp, _, caps = make_precomp(n_images=7, feature_dim=2048)
+    lines = list(caps)
+    lines[4] = " ".join(["dog"] * 129)
+    lines[20] = " ".join(["dog"] * 100_000)
+    (precomp / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "O"
+    result = _run("--precomp", precomp, "--split", "test", "--out", out)
+    clean_error(
+        result,
+        f"{precomp / 'test_caps.txt'}: line 5: the caption has 129 words; a caption may have at most 128 "
+        "(COCO's longest has 51) (1 other line too: 21)",
+    )
+    assert not out.exists()
+    lines[4], lines[20] = " ".join(["dog"] * 128), caps[20]  # 128 words: taken
+    (precomp / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    ok(_run("--precomp", precomp, "--split", "test", "--out", out))
+
+
 def test_acceptance_36_caption_lines_into_missing_out(make_precomp, tmp_path):
     precomp, _, _ = make_precomp(n_images=7, feature_dim=2048, n_captions=36)
     out = tmp_path / "O"
