@@ -45,8 +45,29 @@ def handle_errors(func):
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
+        except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeErrors
+            if not _out_of_memory(exc):
+                raise
+            click.echo(f"Error: out of memory: {_allocation(exc)}", err=True)  # was a traceback
+            sys.exit(2)
 
     return wrapper
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: Python's ``MemoryError``, torch's CPU allocator
+    ("DefaultCPUAllocator: can't allocate memory") or CUDA's ("CUDA out of memory")."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _allocation(exc: BaseException) -> str:
+    """What could not be allocated, as far as ``exc`` says, on one line."""
+    from heiindex.errors import one_line, sized
+
+    if m := re.search(r"tried to allocate (\d+) bytes", str(exc)):
+        return f"a block of {sized(int(m[1]))} was asked for and the system refused it"
+    return one_line(exc) or type(exc).__name__
 
 
 def _warning_as_line(show):

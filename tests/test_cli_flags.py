@@ -258,3 +258,21 @@ def test_the_clis_choices_are_the_librarys():
     # --raw-feature-norm takes any text (the library names the values it refuses); its help lists them
     help_text = " ".join(cli.commands["train"].get_help(click.Context(cli.commands["train"])).split())
     assert all(norm in help_text for norm in attention.RAW_FEATURE_NORMS)
+
+
+def test_running_out_of_memory_is_one_line_and_other_runtime_errors_stay_tracebacks():
+    """A build of a store with a caption of 100,000 words died with torch's allocator's traceback
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 12000240000 bytes")."""
+    torch_cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 12000240000 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    r = _say(torch_cpu)
+    assert r.exit_code == 2
+    assert r.output == "Error: out of memory: a block of 12.0 GB was asked for and the system refused it\n"
+    r = _say(MemoryError())
+    assert (r.exit_code, r.output) == (2, "Error: out of memory: MemoryError\n")
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
+    assert _say(cuda).output == f"Error: out of memory: {cuda}\n"
+    r = _say(RuntimeError("a bug"))  # not ours to dress up
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
