@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -21,7 +22,7 @@ from .errors import DataError
 from .hamming import load_binary_index
 from .manifests import MANIFEST_FILE, recorded_file
 from .packed import PackedWords
-from .store import check_column_finite, fixed_list_values, open_parquet, read_guarded
+from .store import check_column_finite, check_id_column, fixed_list_values, open_parquet, read_guarded
 
 __all__ = ["INDEX_COLUMNS", "load_code_file", "packed_words", "read_images"]
 
@@ -87,8 +88,7 @@ def read_images(
     ids, out = [], {"features": np.empty((n, r, d), np.float32), "gram": np.empty((n, r, r), np.float32)}
     pos = 0
     for table in tables:
-        if table.column("image_id").null_count:
-            raise DataError(path, 'column "image_id" has empty (null) ids')
+        check_id_column(path, table, "image_id")
         ids.append(table.column("image_id").to_numpy())
         for column, array in out.items():
             flat, at = array.reshape(n, int(np.prod(array.shape[1:]))), pos
@@ -108,6 +108,9 @@ def packed_words(path: Path, lengths: np.ndarray, d: int, pf: pq.ParquetFile | N
     out, caption, pos = rows.numpy(), 0, 0
     for table in _row_groups(path, ["words"], pf)[1]:
         for chunk in table.column("words").chunks:
+            t = chunk.type  # another kind of column (strings have offsets too) failed in flatten
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_floating(t.value_type):
+                raise DataError(path, f'column "words" must hold lists of floats, got {t}')
             sizes = np.diff(chunk.offsets.to_numpy())
             want = lengths[caption : caption + len(chunk)] * d
             if len(want) < len(chunk):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import DataError, name_some, one_line
@@ -55,6 +56,7 @@ __all__ = [
     "check_caption_columns",
     "check_column_finite",
     "check_row_count",
+    "check_id_column",
     "fixed_list_values",
     "check_distinct",
     "check_store_manifest",
@@ -144,8 +146,11 @@ def fixed_list_values(path: Path, column: str, array: pa.Array, width: int) -> n
     it holds another list type or width, or null rows (which ``flatten`` skips: the values would
     be too few for the rows)."""
     t = array.type
+    # the type first: a column of another kind (bytes, as other tools save arrays) has no flatten
+    if not (pa.types.is_fixed_size_list(t) and t.list_size == width and pa.types.is_floating(t.value_type)):
+        raise DataError(path, f'column "{column}" does not hold {width} floats for each of its rows ({t})')
     values = array.flatten().to_numpy(zero_copy_only=False)  # flatten: this slice's own values
-    if not (pa.types.is_fixed_size_list(t) and t.list_size == width) or values.size != len(array) * width:
+    if values.size != len(array) * width:
         raise DataError(path, f'column "{column}" does not hold {width} floats for each of its rows ({t})')
     return values
 
@@ -564,7 +569,9 @@ class SplitStore:
     def image_id_column(self) -> np.ndarray:
         """Every image's id, in row order (the one column read)."""
         with reading(self.images_path):
-            return self._images_file().read(columns=["image_id"]).column("image_id").to_numpy()
+            table = self._images_file().read(columns=["image_id"])
+        check_id_column(self.images_path, table, "image_id")  # a null or float id was blamed on captions.parquet
+        return table.column("image_id").to_numpy()
 
     def check_ids(self, captions: CaptionTable, captioned: int = 0) -> None:
         """``DataError`` naming the file unless image ids and caption ids are each distinct and
@@ -637,19 +644,36 @@ def check_caption_columns(path: Path, table: pa.Table) -> None:
     or hold nulls (a null id read as "cannot convert float NaN to integer"), its texts are not
     strings (pyarrow's "Expected bytes, got a 'int' object"), or its tokens not lists of integers."""
     for column in ("caption_id", "image_id"):
-        t = table.schema.field(column).type
-        if not pa.types.is_integer(t):
-            raise DataError(path, f'column "{column}" must hold integer ids, got {t}')
-        if table.column(column).null_count:
-            raise DataError(path, f'column "{column}" has empty (null) ids')
+        check_id_column(path, table, column)
     t = table.schema.field("text").type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(path, f'column "text" must hold strings, got {t}')
     if table.column("text").null_count:  # a query's table printed None's caption with a traceback
         raise DataError(path, 'column "text" has empty (null) captions')
+    try:  # else Python's bare "'utf-8' codec can't decode byte 0xff", naming no file
+        table.column("text").validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise DataError(path, f'column "text" holds a caption that is not valid UTF-8 ({one_line(exc)})') from None
     t = table.schema.field("tokens").type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
         raise DataError(path, f'column "tokens" must hold lists of integer token ids, got {t}')
+    tokens = table.column("tokens")
+    if tokens.null_count or pc.list_flatten(tokens).null_count:  # pyarrow's "... zero_copy_only was True"
+        raise DataError(path, 'column "tokens" has empty (null) captions or token ids')
+
+
+def check_id_column(path: Path, table: pa.Table | pa.RecordBatch, column: str) -> None:
+    """``DataError`` naming ``path`` and ``column`` unless its ids are integers without nulls that
+    fit int64 (a null read as "cannot convert float NaN to integer", a float id was taken as one,
+    and an unsigned id above 2**63 - 1 failed in pyarrow's words, naming no file)."""
+    t = table.schema.field(column).type
+    if not pa.types.is_integer(t):
+        raise DataError(path, f'column "{column}" must hold integer ids, got {t}')
+    values = table.column(column)
+    if values.null_count:
+        raise DataError(path, f'column "{column}" has empty (null) ids')
+    if t == pa.uint64() and len(values) and (top := pc.max(values).as_py()) > np.iinfo(np.int64).max:
+        raise DataError(path, f'column "{column}" holds id {top}, above the largest id heiindex keeps (2**63 - 1)')
 
 
 def footer_shape_disagreements(
@@ -669,6 +693,7 @@ def footer_shape_disagreements(
 
 
 def _image_batch(batch: pa.RecordBatch, regions: int, feature_dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    check_id_column(path, batch, "image_id")
     ids = batch.column("image_id").to_numpy()
     feats = fixed_list_values(path, "features", batch.column("features"), regions * feature_dim)
     if feats.dtype != np.float32:  # written by another tool as float16 or float64: torch met two dtypes

@@ -208,6 +208,25 @@ def test_images_reader_takes_an_empty_file_and_refuses_lists_that_are_not_fixed(
         read_images(write("nogram.parquet", [7], [[1, 2]], None), 1, 2)
     with pytest.raises(DataError, match='nullid.parquet: column "image_id" has empty'):
         read_images(write("nullid.parquet", [7, None], [[1, 2], [3, 4]], [[5], [6]]), 1, 2)
+    # bytes or strings, as other tools save arrays: AttributeError ('BinaryArray' object has no attribute 'flatten')
+    with pytest.raises(DataError, match=r'bytes.parquet: column "features" does not hold 2 floats .* \(binary\)'):
+        read_images(write("bytes.parquet", [7], [b"xy"], [[5]], pa.binary()), 1, 2)
+    with pytest.raises(DataError, match=r'ints.parquet: column "features" does not hold 2 floats .* \(fixed_size_list'):
+        read_images(write("ints.parquet", [7], [[1, 2]], [[5]], pa.list_(pa.int64(), 2)), 1, 2)
+
+
+def test_a_words_column_of_strings_is_named(pipe, tmp_path):
+    """A string words column has offsets too, and failed in flatten with an AttributeError."""
+    bad = pf.copy_index(pipe.index_dir, tmp_path)
+    path = bad / "caption_features.parquet"
+    table = pq.read_table(path)
+    words = pa.array(["x"] * len(table))
+    pq.write_table(table.set_column(table.schema.get_field_index("words"), "words", words), path)
+    pf.record_again(path)
+    with pytest.raises(
+        DataError, match=r'caption_features.parquet: column "words" must hold lists of floats, got string'
+    ):
+        Index.open(bad)
 
 
 def test_open_refuses_words_that_do_not_match_their_tokens(pipe, tmp_path):

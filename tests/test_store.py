@@ -686,12 +686,57 @@ def test_caption_columns_of_other_types_or_with_null_ids_are_named(tmp_path):
         ("image_id", pa.array([None, *ids[1:]], type=pa.int64()), 'column "image_id" has empty \\(null\\) ids'),
         ("text", pa.array(range(len(table)), type=pa.int64()), 'column "text" must hold strings, got int64'),
         ("caption_id", pa.array([str(i) for i in ids]), 'column "caption_id" must hold integer ids, got string'),
+        # the next three were pyarrow's or Python's words alone, naming neither file nor column
+        (
+            "caption_id",
+            pa.array([2**63 + i for i in range(len(table))], type=pa.uint64()),
+            r'column "caption_id" holds id 9223372036854775\d+, above the largest id heiindex keeps',
+        ),
+        (
+            "text",
+            pa.array([b"\xff"] * len(table)).cast(pa.string(), safe=False),
+            'column "text" holds a caption that is not valid UTF-8',
+        ),
+        (
+            "tokens",
+            pa.array([[1, None, 2]] * len(table), type=pa.list_(pa.int32())),
+            'column "tokens" has empty \\(null\\) captions or token ids',
+        ),
     ):
         path.write_bytes(saved)
         pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
         pf.record_again(path)
         with pytest.raises(DataError, match=rf"captions.parquet: {said}"):
             SplitStore.open(root, "test").captions()
+
+
+def test_image_columns_of_other_types_are_named(tmp_path):
+    """features saved as bytes (as other tools save arrays) raised AttributeError ('BinaryArray'
+    object has no attribute 'flatten'); a null or float image_id was blamed on captions.parquet,
+    or taken."""
+    root = small_store(tmp_path)
+    path = root / "test" / IMAGES_FILE
+    saved = path.read_bytes()
+    table = pq.read_table(path)
+    n = len(table)
+    for column, values, said in (
+        (
+            "features",
+            pa.array([b"x"] * n),
+            r'column "features" does not hold \d+ floats for each of its rows \(binary\)',
+        ),
+        ("image_id", pa.array([None, *range(1, n)], type=pa.int64()), 'column "image_id" has empty \\(null\\) ids'),
+        ("image_id", pa.array([float(i) for i in range(n)]), 'column "image_id" must hold integer ids, got double'),
+    ):
+        path.write_bytes(saved)
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
+        pf.record_again(path)
+        store = SplitStore.open(root, "test")
+        if column == "image_id":  # what a build checks first (SplitStore.check_ids)
+            with pytest.raises(DataError, match=rf"images.parquet: {said}"):
+                store.image_id_column()
+        with pytest.raises(DataError, match=rf"images.parquet: {said}"):
+            list(store.iter_image_blocks())
 
 
 def test_a_store_manifest_count_below_one_is_named(tmp_path):
