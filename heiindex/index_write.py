@@ -24,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor
 
 from . import __version__
 from .attention import region_gram
 from .checkpoint import LoadedModel, load_model
 from .device import resolve_device, set_precision
 from .encode import iter_caption_blocks
-from .errors import HeiindexError, UnusedSettingWarning
+from .errors import DataError, HeiindexError, UnusedSettingWarning, name_some
 from .hamming import AUTO_FLAT_MAX, check_index_options, make_binary_index, resolve_index_kind, save_binary_index
 from .hash_folder import LoadedHash, check_trained_next_to, hash_checksum, load_hash
 from .hashing import HashModule
@@ -202,6 +203,20 @@ def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop
     return {"images": stop - first, "captions": captions.count_of(image_ids[first:stop])}
 
 
+def check_encoded_finite(path: Path, ids: np.ndarray, regions: Tensor, gram: Tensor) -> None:
+    """``DataError`` naming the store's images file and the first image whose finite features
+    the matcher encodes to NaN or inf (values near float32's largest overflow): such a build
+    exited 0 and replaced a good index with one every query then refused."""
+    bad = ~(torch.isfinite(regions).flatten(1).all(1) & torch.isfinite(gram).flatten(1).all(1))
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().cpu().numpy()
+        raise DataError(
+            path,
+            f"image_id {name_some([str(int(ids[r])) for r in rows])}: the matcher encodes its features to NaN or "
+            "infinite values (features too large for float32 arithmetic?); nothing was written",
+        )
+
+
 def write_caption_features(
     path: Path, model: ScanModel, hasher: HashModule, caps: CaptionTable, block: int
 ) -> np.ndarray:
@@ -329,6 +344,7 @@ def write_index(
             kept_ids.append(ids)
             regions = model.encode_images(torch.from_numpy(feats).to(dev))
             gram = region_gram(regions)
+            check_encoded_finite(store.images_path, ids, regions, gram)
             writer.write(ids, regions.cpu().numpy(), gram=gram.cpu().numpy())
             if pending is None:
                 code_blocks.append(hasher.module.image_codes(regions))

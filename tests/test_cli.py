@@ -57,6 +57,36 @@ def test_build(pipe, tmp_path):
     assert (marker.read_text() if marker.exists() else None) == before
 
 
+def test_a_build_whose_features_encode_to_inf_is_refused_and_keeps_the_old_index(pipe, tmp_path):
+    """Finite features near float32's largest (3e38) encode to inf: the build exited 0 and
+    replaced a good index with one every query refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "index"
+    ok(build(pipe, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    root = pf.copy_store(pipe, tmp_path)
+    path = root / "test" / "images.parquet"
+    table = pq.read_table(path)
+    feats = table.column("features").combine_chunks()
+    values = feats.flatten().to_numpy().copy()
+    width = feats.type.list_size
+    values[3 * width : 4 * width] = 3e38  # the fourth image
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), width)
+    pq.write_table(table.set_column(table.schema.get_field_index("features"), "features", column), path)
+    pf.record_again(path)
+    image_id = int(table.column("image_id")[3].as_py())
+    common = ("--split", "test", "--model", pipe.model_dir, "--hash", pipe.hash_dir)
+    r = run("build", "--store", root, *common, "--out", out)
+    clean_error(
+        r,
+        f"{path}: image_id {image_id}: the matcher encodes its features to NaN or infinite values",
+        "nothing was written",
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good index stands
+
+
 def test_build_ivf(pipe, tmp_path, capfd):
     import warnings
 
