@@ -52,7 +52,7 @@ from .index_manifest import (
     searched_type,
 )
 from .index_write import load_bound_models, write_index
-from .manifests import MANIFEST_FILE, check_fields, read_unswapped, recorded_file
+from .manifests import MANIFEST_FILE, read_unswapped, recorded_file
 from .packed import PackedWords
 from .search import (
     BatchSearch,
@@ -359,14 +359,7 @@ class Index(BatchSearch):
                 f"index {path} was built with other attention settings of matcher {matcher.path} than its "
                 f"config.json gives now ({changed}): rebuild the index with this matcher, or restore its settings"
             )
-        built = manifest.get("codes", {"store": "faiss"})
-        check_fields(mpath, {"codes": built}, {"codes.store": str})
-        if built["store"] == "milvus":
-            check_fields(
-                mpath,
-                manifest,
-                {f"codes.{f}": str for f in ("uri", "index_type", "collections.images", "collections.captions")},
-            )
+        built = manifest.get("codes", {"store": "faiss"})  # checked with the manifest (check_codes_entry)
         source = built["store"] if codes is None else codes  # "" was taken as "as built"
         if source not in ("faiss", "milvus"):
             raise SettingError("codes", f"codes must be 'faiss' or 'milvus', got {codes!r}")

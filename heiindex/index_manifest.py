@@ -96,7 +96,27 @@ def check_index_manifest(manifest: dict, mpath: Path) -> None:
     _check_index_spec(manifest["index"], mpath)
     check_prototypes_entry(manifest, mpath)
     check_matcher_attention(manifest, mpath)
+    check_codes_entry(manifest, mpath)
     recorded_files(mpath, manifest, INDEX_FILES, "a build records all four")  # or none, as older builds
+
+
+def check_codes_entry(manifest: dict, mpath: Path) -> None:
+    """``DataError`` naming the field unless the manifest's ``codes`` (where the build put its
+    codes; none: the FAISS files) says "faiss", or "milvus" with the server's URI, index type and
+    collections. A hand-edited store was refused as if the user had given `--codes`, with None
+    as its value, and verify passed it."""
+    if "codes" not in manifest:
+        return
+    built = manifest["codes"]
+    check_fields(mpath, {"codes": built}, {"codes.store": str})
+    if built["store"] not in ("faiss", "milvus"):
+        raise DataError(mpath, f'field "codes.store" must be "faiss" or "milvus", got {built["store"]!r}')
+    if built["store"] == "milvus":
+        check_fields(
+            mpath,
+            manifest,
+            {f"codes.{f}": str for f in ("uri", "index_type", "collections.images", "collections.captions")},
+        )
 
 
 def attention_changes(recorded: dict | None, held: dict) -> str:

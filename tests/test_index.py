@@ -763,6 +763,10 @@ def test_a_milvus_uri_without_milvus_codes_is_refused(pipe, tmp_path):
 
 
 def test_a_malformed_codes_field_is_named(pipe, tmp_path):
+    from cli_helpers import run
+
+    from heiindex.verify import verify
+
     out = pf.copy_index(pipe.index_dir, tmp_path)
     m = json.loads((out / "manifest.json").read_text())
     for codes, field in (
@@ -777,6 +781,15 @@ def test_a_malformed_codes_field_is_named(pipe, tmp_path):
         (out / "manifest.json").write_text(json.dumps({**m, "codes": codes}))
         with pytest.raises(DataError, match=f'manifest.json: field "{field}" is missing or not of type str'):
             Index.open(out)
+        assert [c.status for c in verify(out)][0] == "invalid"  # verify passed all of these
+    # it said "--codes must be 'faiss' or 'milvus', got None" where no --codes was given
+    (out / "manifest.json").write_text(json.dumps({**m, "codes": {"store": "weird"}}))
+    with pytest.raises(
+        DataError, match='manifest.json: field "codes.store" must be "faiss" or "milvus", got \'weird\''
+    ):
+        Index.open(out)
+    r = run("query", "a dog", "--index", out)
+    assert "--codes" not in r.output and 'field "codes.store"' in r.output
 
 
 def test_code_length_must_be_a_multiple_of_8(pipe, tmp_path):
