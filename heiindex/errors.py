@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,18 @@ def name_some(items: Sequence[str], sep: str = ", ", limit: int = 5) -> str:
     error names a long list of bad entries ("a, b, c, d, e and 7 more")."""
     more = f"{'; and' if sep == '; ' else ' and'} {len(items) - limit} more" if len(items) > limit else ""
     return sep.join(items[:limit]) + more
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one, pointing at
+    the first frame outside the heiindex package: the user's own line, however many of
+    heiindex's functions lie between (``open_index`` -> ``Index.open`` -> ...; a fixed level
+    pointed inside the package from all but one of them)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2  # the caller of the function that warns: stacklevel 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def counted(n: int, noun: str) -> str:

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import torch
 
-from .errors import DataError, SparseListsWarning, UnusedSettingWarning
+from .errors import DataError, SparseListsWarning, UnusedSettingWarning, caller_stacklevel
 from .settings import SettingError, require, require_breadth
 
 __all__ = [
@@ -149,7 +149,7 @@ def search_breadth(index) -> dict:
 
 
 def set_search_breadth(
-    indexes: dict, nprobe: int | None = None, ef_search: int | None = None, stacklevel: int = 2
+    indexes: dict, nprobe: int | None = None, ef_search: int | None = None, stacklevel: int | None = None
 ) -> None:
     """From now on, search each approximate index of ``indexes`` (what it holds -> index) with
     ``nprobe`` IVF lists probed per query and HNSW's ``ef_search``; None keeps the build's. A larger
@@ -157,7 +157,8 @@ def set_search_breadth(
     any is set: ``SettingError`` for one that is not a whole number >= 1, or an ``nprobe`` above an
     index's lists (naming it). A value that no index of ``indexes`` has a use for (an exact
     index, or HNSW given ``nprobe``) is said in an ``UnusedSettingWarning`` (``stacklevel`` as
-    ``warnings.warn``'s, counted from this function: 2 is its caller)."""
+    ``warnings.warn``'s, counted from this function: 2 is its caller; None: the first caller
+    outside heiindex)."""
     nprobe, ef_search = require_breadth(nprobe, ef_search)
     now = {name: search_breadth(index) for name, index in indexes.items()}
     for name, breadth in now.items():
@@ -183,7 +184,7 @@ def set_search_breadth(
                 "(`nprobe` sets how many IVF lists are probed, `ef_search` HNSW's search breadth)",
                 settings=("nprobe", "ef_search"),
             ),
-            stacklevel=stacklevel,
+            stacklevel=caller_stacklevel() if stacklevel is None else stacklevel,
         )
 
 

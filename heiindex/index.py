@@ -330,7 +330,7 @@ class Index(BatchSearch):
         again where the manifest changed meanwhile, up to three reads in all."""
         path, args = require_path("path", path), (matcher, hasher, device, dtype, codes, uri)
         nprobe, ef_search = require_breadth(nprobe, ef_search)  # before anything is read
-        return read_unswapped(path, lambda: cls._open_once(path, *args))._set_breadth(nprobe, ef_search, stacklevel=4)
+        return read_unswapped(path, lambda: cls._open_once(path, *args)).set_search_breadth(nprobe, ef_search)
 
     @classmethod
     def _open_once(cls, path: Path, matcher, hasher, device: str, dtype: str, codes, uri) -> Index:
@@ -399,13 +399,8 @@ class Index(BatchSearch):
         keeps the build's. A setting neither index has a use for (flat indexes; any index on a
         GPU, searched exactly) is said in an ``UnusedSettingWarning``. ``search_breadth`` tells
         what each index uses."""
-        return self._set_breadth(nprobe, ef_search, stacklevel=4)
-
-    def _set_breadth(self, nprobe: int | None, ef_search: int | None, stacklevel: int) -> Index:
-        """``set_search_breadth``, its warning pointed ``stacklevel`` frames up from
-        ``hamming.set_search_breadth`` (4: the caller of ``open`` or ``set_search_breadth``)."""
-        if nprobe is not None or ef_search is not None:
-            set_search_breadth(self.hamming_indexes(named=True), nprobe, ef_search, stacklevel=stacklevel)
+        if nprobe is not None or ef_search is not None:  # its warning names the caller's line, outside heiindex
+            set_search_breadth(self.hamming_indexes(named=True), nprobe, ef_search)
         return self
 
     def search_breadth(self) -> dict:

@@ -257,18 +257,14 @@ class ShardedIndex(BatchSearch):
                 shards.append(Index.open(path / entry["path"], *models, device=device, dtype=dtype))
             return cls(path, manifest, shards)
 
-        return read_unswapped(path, read)._set_breadth(nprobe, ef_search, stacklevel=4)
+        return read_unswapped(path, read).set_search_breadth(nprobe, ef_search)
 
     def set_search_breadth(self, nprobe: int | None = None, ef_search: int | None = None) -> ShardedIndex:
         """``Index.set_search_breadth`` for every shard: each value checked against every shard
         before any is set, and one ``UnusedSettingWarning`` where no shard has a use for it."""
-        return self._set_breadth(nprobe, ef_search, stacklevel=4)
-
-    def _set_breadth(self, nprobe: int | None, ef_search: int | None, stacklevel: int) -> ShardedIndex:
-        """As ``Index._set_breadth``, over every shard's indexes at once."""
         if nprobe is not None or ef_search is not None:
             named = {name: index for shard in self.shards for name, index in shard.hamming_indexes(named=True).items()}
-            set_search_breadth(named, nprobe, ef_search, stacklevel=stacklevel)
+            set_search_breadth(named, nprobe, ef_search)
         return self
 
     def __repr__(self) -> str:

@@ -787,7 +787,9 @@ def test_search_breadth_is_set_on_every_shard_and_an_unused_one_said_once(pipe, 
         Index.open(tmp_path / "f" / "shard-000", nprobe=2)  # and heiindex/index.py
     with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used") as more2:
         Index.open(tmp_path / "f" / "shard-000").set_search_breadth(nprobe=2)
-    assert [w.filename for w in (*seen, *more, *more2)] == [__file__] * 3
+    with pytest.warns(UnusedSettingWarning, match=r"^`nprobe` 2 not used") as more3:
+        open_index(tmp_path / "f", nprobe=2)  # the README's entry point: it pointed at heiindex/builds.py
+    assert [w.filename for w in (*seen, *more, *more2, *more3)] == [__file__] * 4
 
 
 def test_a_split_ingested_again_during_a_sharded_build_is_refused(pipe, tmp_path, monkeypatch):
