@@ -465,6 +465,12 @@ def _dead(path: Path) -> bool:
     return found is not None and not _alive(*found)
 
 
+def cleared_by_next_write(path: Path) -> bool:
+    """Whether the next write of its target on this machine clears the leftover ``path``
+    (``clear_leftovers``: a set-aside old target put back first): its run was here and is gone."""
+    return _dead(Path(path))
+
+
 def remove(path: Path) -> None:
     """Remove ``path``, ours to remove; where a folder's permissions refuse it (a read-only
     index replaced: its folder now stands aside), each folder in it is made writable by its

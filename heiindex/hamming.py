@@ -10,6 +10,7 @@ faiss-gpu is installed), with the same ``search`` interface. What this module mu
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -329,11 +330,25 @@ def hamming_candidates(
         raise ValueError(f"asked for {n} candidates, but the index holds only {index.ntotal} items")
     query_codes = packed_codes("query codes", query_codes, index.d // 8)
     if isinstance(index, faiss.IndexBinaryFlat):
-        # Per call, since n varies. Two threads may set it for different n at once: the two
-        # searches return the same answer, so only the speed of the other call can change.
-        index.use_heap = not counting_search(index, n)
+        with flat_search_lock(index):  # the way, per call (n varies), and the search that reads it
+            index.use_heap = not counting_search(index, n)
+            return index.search(query_codes, n)
     dist, ids = index.search(query_codes, n)
     return dist, ids
+
+
+# FAISS reads ``use_heap`` again for every batch of 32 queries, with the GIL released: a search
+# that chose the heap (its counters too large for COUNTING_BYTES) counted where another thread set
+# the flag meanwhile (a review measured 0.7 GB more address space; up to ~13 GB per batch at
+# worst). The answers are the same either way; the memory bound is not. So the flag and the search
+# hold one of these locks, picked by the index: searches of one flat index take turns at the
+# Hamming step (milliseconds at coco-sim's size), while re-ranking, the long part, runs side by side.
+_FLAT_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def flat_search_lock(index: faiss.IndexBinaryFlat) -> threading.Lock:
+    """The lock ``hamming_candidates`` holds while it sets ``index.use_heap`` and searches."""
+    return _FLAT_LOCKS[(id(index) >> 4) % len(_FLAT_LOCKS)]
 
 
 # FAISS's flat binary search keeps each query's n nearest in a heap by default. Where n is a large

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import leftovers, leftovers_in, lock_file, scratch_target, set_aside, writer_pid
+from .atomic import cleared_by_next_write, leftovers, leftovers_in, lock_file, scratch_target, set_aside, writer_pid
 from .attention_config import AttentionConfig  # torch-free, as all verify reads of stores and indexes
 from .errors import DataError, sized
 from .index_manifest import (
@@ -148,10 +148,14 @@ def _leftover_detail(path: Path) -> str:
     target = path.parent / (scratch_target(path.name) or "")
     if path in set_aside(target) and not target.exists() and not target.is_symlink():
         # deleting it, as the line below advises, deleted the only copy of the output
+        back = (
+            f" (the next write of {target.name} on this machine puts it back first)"
+            if cleared_by_next_write(path)
+            else ""
+        )
         return (
             f"the previous {target.name} ({sized(size)}), set aside by a run replacing it that was interrupted "
-            f"between two renames: rename it back to {target.name} (the next write of {target.name} puts it back "
-            "first)"
+            f"between two renames: rename it back to {target.name}{back}"
         )
     return (
         f"left by an interrupted run or a replaced output that could not all be deleted ({sized(size)}), "

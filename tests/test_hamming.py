@@ -96,6 +96,27 @@ def test_flat_counting_search_answers_as_the_heap_does(n_bytes):
         np.testing.assert_array_equal(ids, heap[1])
 
 
+def test_the_way_a_flat_index_is_searched_is_set_and_read_under_its_lock():
+    """FAISS reads use_heap for every batch of 32 queries with the GIL released: another thread
+    setting it meanwhile made a search that chose the heap (its counters above COUNTING_BYTES)
+    count. The flag is set and the search made under the index's lock."""
+    from heiindex.hamming import flat_search_lock
+
+    seen = []
+
+    class Probe(faiss.IndexBinaryFlat):
+        def search(self, x, k):
+            seen.append((self.use_heap, flat_search_lock(self).locked()))
+            return super().search(x, k)
+
+    index = Probe(64)
+    index.add(np.zeros((COUNTING_SHARE * 10, 8), dtype=np.uint8))
+    hamming_candidates(index, np.zeros((1, 8), dtype=np.uint8), 9)
+    hamming_candidates(index, np.zeros((1, 8), dtype=np.uint8), 10)
+    assert seen == [(True, True), (False, True)]
+    assert not flat_search_lock(index).locked()
+
+
 def test_flat_search_keeps_the_heap_for_a_few_of_many_codes_or_a_large_n():
     index = make_binary_index(np.zeros((COUNTING_SHARE * 10, 32), dtype=np.uint8), "flat")  # 2,000 256-bit codes
     assert counting_search(index, 10) and not counting_search(index, 9)  # n: at least 1/200 of the codes

@@ -1621,15 +1621,19 @@ def test_a_k_given_alone_is_refused_by_the_items_it_cannot_fill():
         default_counts(None, 121, [30, 40, 50], "captions")
 
 
-def test_one_index_searched_from_several_threads_answers_as_one_after_another(index):
+def test_one_index_searched_from_several_threads_answers_as_one_after_another(index, monkeypatch):
     """What the README promises a server with worker threads: concurrent searches of one opened
     index (text and image queries mixed, different N, so that flat search switches between
     FAISS's heap and counting ways) give exactly the answers of the same searches in turn."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import heiindex.hamming
+
+    # 24 images and 120 captions: at 1/10 of the codes N 2 and 5 keep the heap, 24 and 40 count
+    monkeypatch.setattr(heiindex.hamming, "COUNTING_SHARE", 10)
     image_id = int(index.image_ids[3])
     jobs = [(text, candidates) for text in QUERIES for candidates in (2, 24)] * 3
-    jobs += [(image_id, 40), (image_id, 120)] * 3
+    jobs += [(image_id, 5), (image_id, 40)] * 3
 
     def run(job):
         query, candidates = job

@@ -85,10 +85,18 @@ def test_what_interrupted_runs_left_is_listed_as_leftover(pipe, tmp_path):
     assert checks[0].detail == (
         "no such folder: a run replacing it was interrupted between two renames (its previous copy is below)"
     )
-    assert checks[1].detail == (
+    assert checks[1].detail == (  # of another host: no write here puts it back (verify said the next one would)
         "the previous index (0 bytes), set aside by a run replacing it that was interrupted between two renames: "
-        "rename it back to index (the next write of index puts it back first)"
+        "rename it back to index"
     )
+    from heiindex import atomic
+
+    dead = tmp_path / f".index.old-{atomic._HOST}-{atomic._NS}-{pf.dead_pid()}-efgh"  # a dead run of this host's
+    index_scratch.rename(dead)
+    assert verify(index)[1].detail.endswith(
+        "rename it back to index (the next write of index on this machine puts it back first)"
+    )
+    dead.rename(index_scratch)
     shutil.copytree(pipe.index_dir, index)  # an index in place again: the set-aside copy is a leftover as any other
     assert verify(index)[-1].detail.startswith("left by an interrupted run or a replaced output")
     # a new store root whose first ingest was killed holds only its scratch split (verify said
