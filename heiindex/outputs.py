@@ -91,7 +91,9 @@ def _written(target: Path, kind: str, replaces: Collection[str]) -> Iterator[Pat
         swap_in(tmp, target)
     except BaseException as exc:
         remove(tmp)  # made read-only by swap_in where the folder it replaces is
-        if isinstance(exc, OSError) and _out_of_space(exc):  # pyarrow's message names no file
+        # pyarrow's message names no file; one that names a file elsewhere (a full TMPDIR while a
+        # command works inside atomic_dir, as train-hash trains) is not this output's disk
+        if isinstance(exc, OSError) and _out_of_space(exc) and _written_here(exc, tmp):
             raise DataError(
                 target, f"could not be written: no space left on its disk ({one_line(exc)}); nothing was replaced"
             ) from exc
@@ -105,6 +107,11 @@ def _in_place(path: Path, tmp: Path, target: Path) -> Path:
     scratch folders), would have been once put in place: the scratch it names is gone."""
     parts = [scratch_target(part) or part for part in path.relative_to(tmp).parts]
     return target.joinpath(*parts)
+
+
+def _written_here(exc: OSError, tmp: Path) -> bool:
+    """Whether ``exc`` names no file, or one inside the scratch folder ``tmp``."""
+    return exc.filename is None or Path(os.path.abspath(exc.filename)).is_relative_to(os.path.abspath(tmp))
 
 
 def _out_of_space(exc: OSError) -> bool:

@@ -431,6 +431,17 @@ def test_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path, error):
         with atomic_dir(target, "a test output", ("*.txt",)):
             raise PermissionError(13, "Permission denied")
     assert type(info.value) is PermissionError and info.value.errno == 13
+    # a full disk elsewhere (train-hash's TMPDIR, while it trains inside atomic_dir) is not blamed
+    # on the output's disk: the error names its own file
+    elsewhere = tmp_path / "tmpdir" / "scratch.bin"
+    with pytest.raises(OSError) as info:
+        with atomic_dir(target, "a test output", ("*.txt",)):
+            raise OSError(28, "No space left on device", str(elsewhere))
+    assert type(info.value) is OSError and info.value.filename == str(elsewhere)
+    with pytest.raises(DataError, match="out: could not be written: no space left on its disk"):
+        with atomic_dir(target, "a test output", ("*.txt",)) as tmp:  # a file of the output's: blamed on it
+            raise OSError(28, "No space left on device", str(tmp / "a.txt"))
+    assert (target / "a.txt").read_text() == "old"
 
 
 def test_a_nested_write_failing_is_named_where_it_would_have_been(tmp_path):
