@@ -204,9 +204,10 @@ def shard_counts(captions: CaptionTable, image_ids: np.ndarray, first: int, stop
 
 
 def check_encoded_finite(path: Path, ids: np.ndarray, regions: Tensor, gram: Tensor) -> None:
-    """``DataError`` naming the store's images file and the first image whose finite features
-    the matcher encodes to NaN or inf (values near float32's largest overflow): such a build
-    exited 0 and replaced a good index with one every query then refused."""
+    """``DataError`` naming the store's images file and the images of this block (the first five,
+    then how many more) whose finite features the matcher encodes to NaN or inf (values near
+    float32's largest overflow): such a build exited 0 and replaced a good index with one every
+    query then refused."""
     bad = ~(torch.isfinite(regions).flatten(1).all(1) & torch.isfinite(gram).flatten(1).all(1))
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten().cpu().numpy()

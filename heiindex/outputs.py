@@ -110,8 +110,12 @@ def _in_place(path: Path, tmp: Path, target: Path) -> Path:
 
 
 def _written_here(exc: OSError, tmp: Path) -> bool:
-    """Whether ``exc`` names no file, or one inside the scratch folder ``tmp``."""
-    return exc.filename is None or Path(os.path.abspath(exc.filename)).is_relative_to(os.path.abspath(tmp))
+    """Whether ``exc`` names no file path (None, or a descriptor), or one inside the scratch
+    folder ``tmp``."""
+    name = exc.filename
+    if not isinstance(name, str | bytes | os.PathLike):
+        return True
+    return Path(os.path.abspath(os.fsdecode(name))).is_relative_to(os.path.abspath(tmp))
 
 
 def _out_of_space(exc: OSError) -> bool:
