@@ -64,6 +64,7 @@ __all__ = [
     "remove",
     "scratch",
     "scratch_target",
+    "is_set_aside",
     "set_aside",
     "swap_in",
 ]
@@ -325,7 +326,13 @@ def leftovers(target: Path) -> list[Path]:
 
 def set_aside(target: Path) -> list[Path]:
     """The leftovers of ``target`` that are an old ``target`` moved aside by a killed swap."""
-    return [p for p in leftovers(target) if _LEFTOVER.match(p.name)["role"] == "old"]
+    return [p for p in leftovers(target) if is_set_aside(p)]
+
+
+def is_set_aside(path: Path) -> bool:
+    """Whether ``path`` is named as an old target moved aside by a swap (``.NAME.old-...``)."""
+    m = _LEFTOVER.match(Path(path).name)
+    return m is not None and m["role"] == "old"
 
 
 def interrupted_hint(target: Path) -> str:

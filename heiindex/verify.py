@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import cleared_by_next_write, leftovers, leftovers_in, lock_file, scratch_target, set_aside, writer_pid
+from .atomic import cleared_by_next_write, is_set_aside, leftovers, leftovers_in, lock_file, scratch_target, writer_pid
 from .attention_config import AttentionConfig  # torch-free, as all verify reads of stores and indexes
 from .errors import DataError, sized
 from .index_manifest import (
@@ -115,7 +115,7 @@ def _missing_beside(path: Path, found: list[Path], missing: str, writing: str, b
     live = [pid for p in found if (pid := writer_pid(p)) is not None]
     if live:
         detail = f"{missing} yet: process {live[0]} on this machine is {writing} (below)"
-    elif set(set_aside(path)) & set(found):
+    elif any(is_set_aside(p) for p in found):
         detail = f"{missing}: a run replacing it was interrupted between two renames (its previous copy is below)"
     else:
         detail = f"{missing}: a run {writing} was interrupted ({below})"
@@ -146,7 +146,7 @@ def _leftover_detail(path: Path) -> str:
         )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     target = path.parent / (scratch_target(path.name) or "")
-    if path in set_aside(target) and not target.exists() and not target.is_symlink():
+    if is_set_aside(path) and not target.exists() and not target.is_symlink():
         # deleting it, as the line below advises, deleted the only copy of the output
         back = (
             f" (the next write of {target.name} on this machine puts it back first)"
