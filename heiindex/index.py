@@ -264,12 +264,7 @@ class Index(BatchSearch):
         self.image_captions: list[list[int]] = [part.tolist() for part in np.split(by_image, ends[:-1])]
 
     def __repr__(self) -> str:
-        where = f"{self.device.type if self.device.index is None else self.device}, {self.dtype}"
-        return (
-            f"<Index {str(self.path)!r}: split {self.manifest.get('split')!r}, "
-            f"{counted(self.n_images, 'image')}, {counted(self.n_captions, 'caption')}, "
-            f"{self.hasher.module.config.bits}-bit codes, {where}>"
-        )
+        return f"<Index {str(self.path)!r}: {described(self, self.hasher.module.config.bits, self.device, self.dtype)}>"
 
     def __reduce__(self):
         raise TypeError(_NOT_PICKLED.format(kind="Index", path=str(self.path)))
@@ -700,6 +695,16 @@ class Index(BatchSearch):
         dev, block = next(self.hasher.module.parameters()).device, _HASH_BLOCK
         parts = [codes_of(s, min(s + block, n), dev) for s in range(0, n, block)]
         return np.concatenate(parts) if parts else np.zeros((0, self.hasher.module.config.bits // 8), np.uint8)
+
+
+def described(index, bits: int, device: torch.device, dtype: str, shards: str = "") -> str:
+    """An opened index (or sharded build, ``shards`` " in 3 shards") as its ``repr`` describes it
+    after its folder: "split 'test', 1,000 images, 5,000 captions, 256-bit codes, cpu, float32"."""
+    where = device.type if device.index is None else str(device)
+    return (
+        f"split {index.manifest.get('split')!r}, {counted(index.n_images, 'image')}, "
+        f"{counted(index.n_captions, 'caption')}{shards}, {bits}-bit codes, {where}, {dtype}"
+    )
 
 
 # An opened index holds FAISS objects (SWIG, not picklable) and the models: a process that needs

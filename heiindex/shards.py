@@ -35,7 +35,7 @@ from .checkpoint import LoadedModel
 from .errors import DataError, counted, name_some
 from .hamming import check_index_options, set_search_breadth
 from .hash_folder import LoadedHash
-from .index import _NOT_PICKLED, Hit, Hits, Index, SearchResult, load_models, timed_results
+from .index import _NOT_PICKLED, Hit, Hits, Index, SearchResult, described, load_models, timed_results
 from .index_manifest import (
     SHARDED_FORMAT_VERSION,
     check_shards,
@@ -268,13 +268,8 @@ class ShardedIndex(BatchSearch):
         return self
 
     def __repr__(self) -> str:
-        first = self.shards[0]
-        return (
-            f"<ShardedIndex {str(self.path)!r}: split {self.manifest.get('split')!r}, "
-            f"{counted(self.n_images, 'image')}, {counted(self.n_captions, 'caption')} in "
-            f"{counted(len(self.shards), 'shard')}, {first.hasher.module.config.bits}-bit codes, "
-            f"{first.device.type if first.device.index is None else first.device}, {first.dtype}>"
-        )
+        first, shards = self.shards[0], f" in {counted(len(self.shards), 'shard')}"
+        return f"<ShardedIndex {str(self.path)!r}: {described(self, first.hasher.module.config.bits, first.device, first.dtype, shards)}>"
 
     def __reduce__(self):
         raise TypeError(_NOT_PICKLED.format(kind="ShardedIndex", path=str(self.path)))
