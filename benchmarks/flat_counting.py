@@ -26,8 +26,7 @@ import time
 
 import numpy as np
 
-import heiindex  # noqa: F401  (first: heiindex's OpenMP settings, as in the CLI)
-from heiindex.hamming import counting_search, hamming_candidates, make_binary_index, stored_codes
+from heiindex.hamming import counting_search, make_binary_index, stored_codes  # heiindex first: its OpenMP settings
 
 
 def clustered_codes(rng: np.random.Generator, n: int, bits: int, centres: np.ndarray) -> np.ndarray:
@@ -48,7 +47,6 @@ def compare(index, queries: np.ndarray, topk: int, repeats: int) -> dict:
     same = all(np.array_equal(a, b) for a, b in zip(answers["heap"], answers["counting"], strict=True))
     if not same:
         raise SystemExit(f"the two searches disagree at top-{topk} over {index.ntotal} codes")
-    hamming_candidates(index, queries[:1], topk)  # sets use_heap as heiindex would
     return {
         "codes": int(index.ntotal),
         "queries": len(queries),

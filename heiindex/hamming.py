@@ -333,8 +333,7 @@ def hamming_candidates(
         with flat_search_lock(index):  # the way, per call (n varies), and the search that reads it
             index.use_heap = not counting_search(index, n)
             return index.search(query_codes, n)
-    dist, ids = index.search(query_codes, n)
-    return dist, ids
+    return index.search(query_codes, n)
 
 
 # FAISS reads ``use_heap`` again for every batch of 32 queries, with the GIL released: a search
